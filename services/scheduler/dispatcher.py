@@ -1,0 +1,260 @@
+"""The scheduler's core: admits jobs, asks the policy what to run where, and applies worker reports.
+
+Every state change goes through JobStore (Redis, atomic); this class keeps only caches that can be
+rebuilt from Redis (job records, token counts) plus the live worker sessions.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from alise.v1 import generate_pb2 as pb
+from alise.v1 import worker_pb2 as wpb
+
+from services.scheduler import metrics
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.exec_time import ExecTimeModel
+from services.scheduler.job_events import JobEventHub
+from services.scheduler.job_store import JobRecord, JobStore
+from services.scheduler.policies import make_policy
+from services.scheduler.policies.base import JobView, Snapshot, WorkerView
+from services.scheduler.predictor_client import PredictorClient
+from services.scheduler.validation import ValidRequest
+from services.scheduler.worker_sessions import WorkerSession
+
+log = logging.getLogger("alise.scheduler")
+FINISH_NAMES = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
+                pb.FINISH_REASON_ABORTED: "aborted", pb.FINISH_REASON_ERROR: "error"}
+PREEMPT_MODES = {"recompute": wpb.PREEMPT_MODE_RECOMPUTE, "swap": wpb.PREEMPT_MODE_SWAP}
+QUEUE_LOOKAHEAD = 256
+
+
+class Dispatcher:
+    def __init__(self, cfg: SchedulerConfig, store: JobStore, predictor: PredictorClient, hub: JobEventHub):
+        self.cfg = cfg
+        self.store = store
+        self.predictor = predictor
+        self.hub = hub
+        self.policy = make_policy(cfg.policy)
+        self.cost = ExecTimeModel()
+        self.sessions: dict[str, WorkerSession] = {}
+        self.records: dict[str, JobRecord] = {}      # cache of live jobs' records
+        self.generated: dict[str, int] = {}          # tokens generated so far, per live job
+        self.swapped_on: dict[str, str] = {}         # job -> worker holding its swapped-out KV
+        self._wake = asyncio.Event()
+
+    # -- admission -------------------------------------------------------------------------------
+    async def submit(self, v: ValidRequest) -> bool:
+        """Predict, score and queue a validated request; False if its request_id is taken."""
+        pred = await self.predictor.predict(v.prompt_text)
+        mean = pred.mean if pred else self.cfg.prior_output_tokens
+        rec = JobRecord(job_id=v.request_id, prompt_ids=v.prompt_ids, prompt_text=v.prompt_text,
+                        sampling=v.sampling, priority=v.priority, pred_len=mean,
+                        pred_p90=pred.p90 if pred else 3 * mean, predicted=pred is not None)
+        rec.pred_time = self.cost.total(len(rec.prompt_ids), min(mean, v.sampling["max_tokens"]))
+        if not await self.store.create(rec, self.policy.queue_score(self._view(rec), self.cost)):
+            return False
+        self.records[rec.job_id] = rec
+        self.wake()
+        return True
+
+    def _view(self, rec: JobRecord, running: bool = False) -> JobView:
+        return JobView(job_id=rec.job_id, priority=rec.priority, created=rec.created,
+                       prompt_len=len(rec.prompt_ids), max_tokens=rec.sampling["max_tokens"],
+                       pred_len=rec.pred_len, pred_p90=rec.pred_p90, predicted=rec.predicted,
+                       generated=self.generated.get(rec.job_id, 0), running=running,
+                       swapped_on=self.swapped_on.get(rec.job_id, ""))
+
+    async def _record(self, job_id: str) -> JobRecord | None:
+        rec = self.records.get(job_id)
+        if rec is None and (rec := await self.store.record(job_id)) is not None:
+            self.records[job_id] = rec
+            self.generated[job_id] = len((await self.store.output(job_id))[0])
+        return rec
+
+    # -- the dispatch loop -----------------------------------------------------------------------
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.cfg.tick_s * 10)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.tick()
+            except Exception:  # noqa: BLE001 - one bad tick must not stop scheduling
+                log.exception("dispatch tick failed")
+                await asyncio.sleep(self.cfg.tick_s)
+
+    async def tick(self) -> None:
+        snap = await self.snapshot()
+        plan = self.policy.plan(snap, self.cost)
+        for job_id, worker_id in plan.preempt:
+            self._preempt(job_id, self.sessions[worker_id])
+        for job_id, worker_id in plan.assign:
+            await self._assign(job_id, self.sessions[worker_id])
+        metrics.REQUESTS_WAITING.set(len(snap.queued))
+        metrics.REQUESTS_RUNNING.set(sum(len(s.jobs) for s in self.sessions.values()))
+
+    async def snapshot(self) -> Snapshot:
+        queued = []
+        for job_id in await self.store.queue_head(QUEUE_LOOKAHEAD):
+            if (rec := await self._record(job_id)) is not None:
+                queued.append(self._view(rec))
+        workers = tuple(
+            WorkerView(worker_id=s.worker_id, max_batch=s.max_batch, free_blocks=s.free_blocks,
+                       block_size=s.block_size, draining=s.draining, preempting=bool(s.preempting),
+                       running=tuple(self._view(self.records[j], running=True) for j in s.jobs if j in self.records))
+            for s in self.sessions.values())
+        return Snapshot(now=time.time(), queued=tuple(queued), workers=workers)
+
+    async def _assign(self, job_id: str, s: WorkerSession) -> None:
+        if not await self.store.claim(job_id, s.worker_id):
+            return                                       # aborted or taken meanwhile
+        rec = self.records[job_id]
+        tokens, text = await self.store.output(job_id)
+        self.generated[job_id] = len(tokens)
+        holder = self.swapped_on.pop(job_id, "")
+        if holder and holder != s.worker_id and holder in self.sessions:
+            self.sessions[holder].send(abort=wpb.AbortJob(job_id=job_id))   # drop the stale host copy
+        s.jobs.add(job_id)
+        s.reserved_blocks += -(-(len(rec.prompt_ids) + len(tokens) + 1) // s.block_size)
+        sp = rec.sampling
+        s.send(assign=wpb.AssignJob(
+            job_id=job_id, prompt_token_ids=rec.prompt_ids, output_token_ids=tokens, output_text=text,
+            sampling=pb.SamplingParams(temperature=sp["temperature"], top_p=sp["top_p"], top_k=sp["top_k"],
+                                       max_tokens=sp["max_tokens"], stop=sp["stop"], seed=sp["seed"],
+                                       ignore_eos=sp["ignore_eos"])))
+
+    def _preempt(self, job_id: str, s: WorkerSession) -> None:
+        s.preempting.add(job_id)
+        metrics.PREEMPTIONS.inc()
+        s.send(preempt=wpb.PreemptJob(job_id=job_id, mode=PREEMPT_MODES[self.cfg.preempt_mode]))
+
+    async def _requeue(self, job_id: str, worker_id: str, swapped: bool) -> None:
+        rec = await self._record(job_id)
+        if rec is None:
+            return
+        if swapped:
+            self.swapped_on[job_id] = worker_id
+        score = self.policy.queue_score(self._view(rec), self.cost)
+        await self.store.requeue(job_id, worker_id, score, worker_id if swapped else "")
+
+    # -- worker sessions -------------------------------------------------------------------------
+    async def worker_joined(self, s: WorkerSession) -> None:
+        self.sessions[s.worker_id] = s
+        await self.store.register_worker(s.worker_id, {"model": s.model, "num_blocks": str(s.num_blocks),
+                                                       "max_batch": str(s.max_batch)}, self.cfg.worker_ttl_s)
+        log.info("worker %s joined (%d blocks of %d, batch %d)", s.worker_id, s.num_blocks, s.block_size, s.max_batch)
+        self.wake()
+
+    async def worker_lost(self, s: WorkerSession) -> None:
+        if self.sessions.get(s.worker_id) is s:
+            del self.sessions[s.worker_id]
+        for job_id in list(s.jobs):
+            metrics.REQUEUED_LOST.inc()
+            await self._requeue(job_id, s.worker_id, swapped=False)
+        for job_id, holder in list(self.swapped_on.items()):
+            if holder == s.worker_id:
+                del self.swapped_on[job_id]
+        await self.store.forget_worker(s.worker_id)
+        log.warning("worker %s left; %d jobs requeued", s.worker_id, len(s.jobs))
+        self.wake()
+
+    async def recover_orphans(self) -> int:
+        """At startup: jobs left running on workers no longer connected go back to the queue."""
+        n = 0
+        for worker_id in await self.store.known_workers():
+            if worker_id in self.sessions:
+                continue
+            for job_id in await self.store.worker_job_ids(worker_id):
+                await self._requeue(job_id, worker_id, swapped=False)
+                n += 1
+            await self.store.forget_worker(worker_id)
+        return n
+
+    async def on_worker_message(self, s: WorkerSession, msg: wpb.WorkerMessage) -> None:
+        kind = msg.WhichOneof("kind")
+        if kind == "tokens":
+            await self._on_tokens(s, msg.tokens)
+        elif kind == "finished":
+            await self._on_finished(s, msg.finished)
+        elif kind == "preempted":
+            s.preempting.discard(msg.preempted.job_id)
+            s.jobs.discard(msg.preempted.job_id)
+            await self._requeue(msg.preempted.job_id, s.worker_id, msg.preempted.mode == wpb.PREEMPT_MODE_SWAP)
+        elif kind == "load":
+            s.load, s.reserved_blocks, s.draining = msg.load, 0, msg.load.draining
+            await self.store.heartbeat(s.worker_id, self.cfg.worker_ttl_s)
+        self.wake()
+
+    async def _on_tokens(self, s: WorkerSession, ev: wpb.TokenEvents) -> None:
+        deltas = [(d.job_id, list(d.token_ids), d.text) for d in ev.deltas]
+        accepted = await self.store.append_many(s.worker_id, deltas)
+        for (job_id, token_ids, text), ok in zip(deltas, accepted):
+            if ok:
+                self.generated[job_id] = self.generated.get(job_id, 0) + len(token_ids)
+                self.hub.publish(job_id, pb.GenerateResponse(chunk=pb.GenerateChunk(text=text, token_ids=token_ids)))
+
+    async def _on_finished(self, s: WorkerSession, ev: wpb.JobFinished) -> None:
+        s.jobs.discard(ev.job_id)
+        s.preempting.discard(ev.job_id)                   # it finished before our preempt arrived
+        if ev.finish_reason == pb.FINISH_REASON_ABORTED:
+            return                                        # we asked for it; abort() already recorded it
+        if await self.store.finish(ev.job_id, s.worker_id, FINISH_NAMES[ev.finish_reason]):
+            await self._complete(ev.job_id)
+
+    async def _complete(self, job_id: str) -> None:
+        state = await self.store.state(job_id)
+        rec = self.records.pop(job_id, None) or state.record
+        self.generated.pop(job_id, None)
+        self.swapped_on.pop(job_id, None)
+        done = complete_message(state)
+        if done.timings.ttft_seconds:
+            metrics.TTFT.observe(done.timings.ttft_seconds)
+        metrics.E2E.observe(done.timings.e2e_seconds)
+        if state.finish_reason == "stop" and not rec.sampling["ignore_eos"]:
+            self.predictor.observe(rec.prompt_text, len(state.token_ids))   # a true, uncensored length
+        self.hub.publish(job_id, pb.GenerateResponse(complete=done))
+
+    async def abort(self, job_id: str) -> tuple[bool, str]:
+        ok, previous, worker, holder = await self.store.abort(job_id)
+        if not ok:
+            return False, previous
+        for w in {worker, holder} - {""}:
+            if (s := self.sessions.get(w)) is not None:
+                s.jobs.discard(job_id)
+                s.preempting.discard(job_id)
+                s.send(abort=wpb.AbortJob(job_id=job_id))
+        await self._complete(job_id)
+        self.wake()
+        return True, previous
+
+
+REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
+           "aborted": pb.FINISH_REASON_ABORTED, "error": pb.FINISH_REASON_ERROR}
+
+
+def timings(state) -> pb.Timings:
+    rec, created = state.record, state.record.created
+    end = state.finished or time.time()
+    ttft = (state.first_token - created) if state.first_token else 0.0
+    decode_s = end - (state.first_token or end)
+    n = len(state.token_ids)
+    return pb.Timings(
+        queue_seconds=(state.first_scheduled - created) if state.first_scheduled else end - created,
+        ttft_seconds=ttft, e2e_seconds=end - created,
+        tokens_per_second=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+        predicted_output_tokens=round(rec.pred_len), predicted_seconds=rec.pred_time,
+        num_preemptions=state.num_preemptions)
+
+
+def complete_message(state) -> pb.GenerateComplete:
+    return pb.GenerateComplete(
+        request_id=state.record.job_id, finish_reason=REASONS.get(state.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+        usage=pb.Usage(prompt_tokens=len(state.record.prompt_ids), completion_tokens=len(state.token_ids)),
+        timings=timings(state), text=state.text)

@@ -1,0 +1,38 @@
+"""The ALISE execution-time model and the expected remaining work of a job.
+
+Prefill of s prompt tokens costs s*T0; each decode step of a job with context c costs a*c + b, so n
+output tokens after a prompt of s cost about n*(a*s + b). Defaults are rough CPU numbers for SmolLM2;
+only the *ordering* of jobs depends on them, and a (later) profiler fits them per worker.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ExecTimeModel:
+    t0: float = 1.0e-3      # seconds per prefill token
+    a: float = 2.0e-6       # decode seconds per token of context, per step
+    b: float = 3.0e-2       # decode seconds per step, fixed part
+
+    def total(self, prompt_len: int, output_len: float) -> float:
+        return prompt_len * self.t0 + output_len * (self.a * prompt_len + self.b)
+
+    def remaining(self, context_len: int, remaining_tokens: float, needs_prefill: bool) -> float:
+        prefill = context_len * self.t0 if needs_prefill else 0.0
+        return prefill + remaining_tokens * (self.a * context_len + self.b)
+
+
+def expected_remaining_tokens(pred_len: float, pred_p90: float, generated: int, max_tokens: int) -> float:
+    """E[L - g | L > g], approximated from the predicted mean and p90.
+
+    A job that has outlived its prediction is not "about to finish": past the mean we expect it to
+    reach the p90, and past the p90 (a heavy tail) to run about as long again.
+    """
+    if generated < pred_len:
+        est = pred_len - generated
+    elif generated < pred_p90:
+        est = pred_p90 - generated
+    else:
+        est = float(generated)
+    return max(1.0, min(est, max_tokens - generated))

@@ -1,0 +1,174 @@
+"""Job state in Redis: the queue (sorted set) and each job's hash, changed only by atomic Lua scripts.
+
+Status transitions (anything else is refused by the scripts):
+
+    create -> queued --claim--> running --finish--> finished
+                ^                  |
+                +----requeue-------+      (preempted, or its worker was lost)
+    queued | running --abort--> aborted
+
+A job is never both queued and running, and only the worker that holds it can append tokens or
+finish it, so it is never run twice at once.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from services.scheduler import keys
+
+LUA_DIR = Path(__file__).parent / "lua"
+FINAL_STATUSES = {"finished", "aborted", "failed"}
+
+
+@dataclass
+class JobRecord:
+    """What the scheduler knows about a job that does not change while it runs."""
+    job_id: str
+    prompt_ids: list[int]
+    prompt_text: str
+    sampling: dict                     # SamplingParams fields, normalised by validation
+    priority: int = 0
+    created: float = field(default_factory=time.time)
+    pred_len: float = 0.0              # predicted output tokens (mean)
+    pred_p90: float = 0.0
+    pred_time: float = 0.0             # execution-time model estimate at admission, seconds
+    predicted: bool = False            # False when the predictor was unavailable
+
+    def to_fields(self) -> dict[str, str]:
+        out = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in asdict(self).items()}
+        out["predicted"] = "1" if self.predicted else "0"
+        return out
+
+    @classmethod
+    def from_fields(cls, f: dict[str, str]) -> "JobRecord":
+        return cls(
+            job_id=f["job_id"], prompt_ids=json.loads(f["prompt_ids"]), prompt_text=f["prompt_text"],
+            sampling=json.loads(f["sampling"]), priority=int(f["priority"]), created=float(f["created"]),
+            pred_len=float(f["pred_len"]), pred_p90=float(f["pred_p90"]), pred_time=float(f["pred_time"]),
+            predicted=f["predicted"] == "1",
+        )
+
+
+@dataclass
+class JobState:
+    """A job's record plus its live fields, as GetJob and recovery read it."""
+    record: JobRecord
+    status: str
+    worker: str
+    swapped_on: str
+    finish_reason: str
+    num_preemptions: int
+    first_scheduled: float | None
+    first_token: float | None
+    finished: float | None
+    token_ids: list[int]
+    text: str
+
+
+def _opt_float(v: str | None) -> float | None:
+    return float(v) if v else None
+
+
+class JobStore:
+    def __init__(self, client: aioredis.Redis, finished_ttl_s: int = 3600):
+        self.r = client
+        self.ttl = finished_ttl_s
+        self._scripts = {p.stem: client.register_script(p.read_text()) for p in LUA_DIR.glob("*.lua")}
+
+    async def create(self, rec: JobRecord, score: float) -> bool:
+        flat = [x for kv in rec.to_fields().items() for x in kv]
+        return bool(await self._scripts["create"](keys=[keys.job(rec.job_id), keys.QUEUE],
+                                                  args=[rec.job_id, score, *flat]))
+
+    async def claim(self, job_id: str, worker_id: str) -> bool:
+        return bool(await self._scripts["claim"](
+            keys=[keys.job(job_id), keys.QUEUE, keys.worker_jobs(worker_id)],
+            args=[job_id, worker_id, time.time()]))
+
+    async def append_many(self, worker_id: str, deltas: list[tuple[str, list[int], str]]) -> list[bool]:
+        """Record one engine step's tokens for many jobs in a single round trip."""
+        now = time.time()
+        async with self.r.pipeline(transaction=False) as pipe:
+            for job_id, token_ids, text in deltas:
+                await self._scripts["append"](
+                    keys=[keys.job(job_id), keys.job_tokens(job_id), keys.job_text(job_id)],
+                    args=[worker_id, now, text, *token_ids], client=pipe)
+            return [bool(x) for x in await pipe.execute()]
+
+    async def requeue(self, job_id: str, worker_id: str, score: float, swapped_on: str = "") -> bool:
+        return bool(await self._scripts["requeue"](
+            keys=[keys.job(job_id), keys.QUEUE, keys.worker_jobs(worker_id)],
+            args=[job_id, worker_id, score, swapped_on]))
+
+    async def finish(self, job_id: str, worker_id: str, reason: str) -> bool:
+        return bool(await self._scripts["finish"](
+            keys=[keys.job(job_id), keys.worker_jobs(worker_id), keys.job_tokens(job_id), keys.job_text(job_id)],
+            args=[job_id, worker_id, reason, time.time(), self.ttl]))
+
+    async def abort(self, job_id: str) -> tuple[bool, str, str, str]:
+        """Returns (aborted, previous status, worker, worker holding swapped KV)."""
+        res = await self._scripts["abort"](
+            keys=[keys.job(job_id), keys.QUEUE, keys.job_tokens(job_id), keys.job_text(job_id)],
+            args=[job_id, time.time(), self.ttl, keys.WORKER_JOBS_PREFIX])
+        res = [x.decode() if isinstance(x, bytes) else x for x in res] + ["", "", ""]
+        return bool(res[0]), res[1], res[2], res[3]
+
+    # -- reads -----------------------------------------------------------------------------------
+    async def queue_head(self, n: int) -> list[str]:
+        return [m.decode() for m in await self.r.zrange(keys.QUEUE, 0, n - 1)]
+
+    async def queue_length(self) -> int:
+        return await self.r.zcard(keys.QUEUE)
+
+    async def record(self, job_id: str) -> JobRecord | None:
+        f = await self._hash(job_id)
+        return JobRecord.from_fields(f) if f else None
+
+    async def output(self, job_id: str) -> tuple[list[int], str]:
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.lrange(keys.job_tokens(job_id), 0, -1)
+            pipe.get(keys.job_text(job_id))
+            tokens, text = await pipe.execute()
+        return [int(t) for t in tokens], (text or b"").decode("utf-8", errors="replace")
+
+    async def state(self, job_id: str) -> JobState | None:
+        f = await self._hash(job_id)
+        if not f:
+            return None
+        tokens, text = await self.output(job_id)
+        return JobState(
+            record=JobRecord.from_fields(f), status=f["status"], worker=f.get("worker", ""),
+            swapped_on=f.get("swapped_on", ""), finish_reason=f.get("finish_reason", ""),
+            num_preemptions=int(f.get("num_preemptions", 0)),
+            first_scheduled=_opt_float(f.get("first_scheduled")), first_token=_opt_float(f.get("first_token")),
+            finished=_opt_float(f.get("finished")), token_ids=tokens, text=text)
+
+    async def _hash(self, job_id: str) -> dict[str, str]:
+        raw = await self.r.hgetall(keys.job(job_id))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    # -- workers ---------------------------------------------------------------------------------
+    async def register_worker(self, worker_id: str, info: dict[str, str], ttl_s: int) -> None:
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.sadd(keys.WORKERS, worker_id)
+            pipe.hset(keys.worker(worker_id), mapping=info)
+            pipe.expire(keys.worker(worker_id), ttl_s)
+            await pipe.execute()
+
+    async def heartbeat(self, worker_id: str, ttl_s: int) -> None:
+        await self.r.expire(keys.worker(worker_id), ttl_s)
+
+    async def known_workers(self) -> list[str]:
+        return [w.decode() for w in await self.r.smembers(keys.WORKERS)]
+
+    async def worker_job_ids(self, worker_id: str) -> list[str]:
+        return [j.decode() for j in await self.r.smembers(keys.worker_jobs(worker_id))]
+
+    async def forget_worker(self, worker_id: str) -> None:
+        await self.r.srem(keys.WORKERS, worker_id)
+        await self.r.delete(keys.worker(worker_id))

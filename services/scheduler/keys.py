@@ -1,0 +1,29 @@
+"""Every Redis key ALISE uses, built in one place under the `alise:` prefix."""
+from __future__ import annotations
+
+PREFIX = "alise:"
+QUEUE = PREFIX + "queue"            # sorted set: job id -> score of the active policy (lowest first)
+WORKERS = PREFIX + "workers"        # set of worker ids ever registered (for orphan recovery)
+
+
+def job(job_id: str) -> str:        # hash: status, request, predictions, timestamps
+    return f"{PREFIX}job:{job_id}"
+
+
+def job_tokens(job_id: str) -> str:  # list: generated token ids, in order
+    return f"{PREFIX}job:{job_id}:tokens"
+
+
+def job_text(job_id: str) -> str:    # string: generated text (stop strings cut off)
+    return f"{PREFIX}job:{job_id}:text"
+
+
+def worker(worker_id: str) -> str:   # hash with a TTL: the worker's registration, refreshed by heartbeats
+    return f"{PREFIX}worker:{worker_id}"
+
+
+def worker_jobs(worker_id: str) -> str:  # set: jobs placed on the worker
+    return f"{PREFIX}worker:{worker_id}:jobs"
+
+
+WORKER_JOBS_PREFIX = f"{PREFIX}worker:"   # + id + ":jobs", for Lua scripts that find a job's worker

@@ -1,0 +1,108 @@
+"""What a scheduling policy sees and decides. Policies are pure functions of a Snapshot, so the live
+dispatcher and an offline simulator run the same code."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from services.scheduler.exec_time import ExecTimeModel, expected_remaining_tokens
+
+# Queue scores are ordered lowest first; a priority class outranks any amount of predicted work.
+PRIORITY_CLASS_SPAN = 1.0e12
+SCORE_EPOCH = 1.7e9            # keeps arrival times small, so scores stay precise in a float64
+
+
+@dataclass(frozen=True)
+class JobView:
+    job_id: str
+    priority: int              # higher = more important
+    created: float
+    prompt_len: int
+    max_tokens: int
+    pred_len: float
+    pred_p90: float
+    predicted: bool
+    generated: int = 0
+    running: bool = False      # holds KV on its worker right now
+    swapped_on: str = ""       # worker that holds its swapped-out KV
+
+    @property
+    def remaining_tokens(self) -> float:
+        return expected_remaining_tokens(self.pred_len, self.pred_p90, self.generated, self.max_tokens)
+
+    def remaining_seconds(self, cost: ExecTimeModel) -> float:
+        return cost.remaining(self.prompt_len + self.generated, self.remaining_tokens, not self.running)
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    worker_id: str
+    max_batch: int
+    free_blocks: int
+    block_size: int
+    running: tuple[JobView, ...] = ()
+    draining: bool = False
+    preempting: bool = False   # a preemption is in flight: its slot is about to free up
+
+    def blocks_needed(self, job: JobView) -> int:
+        return -(-(job.prompt_len + job.generated + 1) // self.block_size)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    now: float
+    queued: tuple[JobView, ...]        # in queue order (lowest score first)
+    workers: tuple[WorkerView, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    assign: tuple[tuple[str, str], ...] = ()     # (job id, worker id)
+    preempt: tuple[tuple[str, str], ...] = ()    # (job id, worker id)
+
+
+class Policy(Protocol):
+    name: str
+    preemptive: bool
+
+    def queue_score(self, job: JobView, cost: ExecTimeModel) -> float: ...
+
+    def plan(self, snap: Snapshot, cost: ExecTimeModel) -> Plan: ...
+
+
+@dataclass
+class _Room:
+    slots: int
+    blocks: int
+
+
+@dataclass
+class Placement:
+    """Greedy placement of queued jobs, in order, on workers with a free slot and enough KV blocks."""
+    assign: list[tuple[str, str]] = field(default_factory=list)
+    unplaced: list[JobView] = field(default_factory=list)
+
+    @classmethod
+    def greedy(cls, snap: Snapshot) -> "Placement":
+        room = {w.worker_id: _Room(w.max_batch - len(w.running), w.free_blocks)
+                for w in snap.workers if not w.draining}
+        by_id = {w.worker_id: w for w in snap.workers}
+        out = cls()
+        for job in snap.queued:
+            target = _pick_worker(job, room, by_id)
+            if target is None:
+                out.unplaced.append(job)
+                continue
+            room[target].slots -= 1
+            room[target].blocks -= by_id[target].blocks_needed(job)
+            out.assign.append((job.job_id, target))
+        return out
+
+
+def _pick_worker(job: JobView, room: dict[str, _Room], workers: dict[str, WorkerView]) -> str | None:
+    fits = [w for w, r in room.items() if r.slots > 0 and r.blocks >= workers[w].blocks_needed(job)]
+    if not fits:
+        return None
+    if job.swapped_on in fits:          # its KV is already there: resume without recompute
+        return job.swapped_on
+    return max(fits, key=lambda w: (room[w].slots, room[w].blocks))

@@ -1,0 +1,92 @@
+"""One bidirectional session per connected worker: its registration, live load and the jobs placed on it.
+
+The worker dials in and registers; from then on the scheduler sends commands through `send` and the
+worker's reports are handed to the dispatcher. When the stream ends, for whatever reason, every job
+placed on that worker goes back to the queue (they continue from the tokens already recorded).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import grpc
+from alise.v1 import worker_pb2 as wpb
+from alise.v1 import worker_pb2_grpc as wpb_grpc
+
+if TYPE_CHECKING:
+    from services.scheduler.dispatcher import Dispatcher
+
+log = logging.getLogger("alise.scheduler.sessions")
+_CLOSE = object()
+
+
+@dataclass
+class WorkerSession:
+    worker_id: str
+    model: str
+    block_size: int
+    num_blocks: int
+    max_batch: int
+    max_model_len: int
+    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    jobs: set[str] = field(default_factory=set)          # placed here by this scheduler
+    preempting: set[str] = field(default_factory=set)    # preempt sent, not yet acknowledged
+    load: wpb.LoadReport = field(default_factory=wpb.LoadReport)
+    reserved_blocks: int = 0       # blocks promised to jobs assigned since the last load report
+    draining: bool = False
+
+    @property
+    def free_blocks(self) -> int:
+        used = self.load.used_blocks if self.load.total_blocks else 0
+        return self.num_blocks - used - self.reserved_blocks
+
+    def send(self, **command) -> None:
+        self.outbox.put_nowait(wpb.SchedulerCommand(**command))
+
+    def close(self) -> None:
+        self.outbox.put_nowait(_CLOSE)
+
+
+class WorkerGateway(wpb_grpc.WorkerGatewayServicer):
+    def __init__(self, dispatcher: "Dispatcher"):
+        self.d = dispatcher
+
+    async def Connect(self, request_iterator, context: grpc.aio.ServicerContext):
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("register"):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "register: the first message must register")
+        session = self._open(first.register)
+        if isinstance(session, str):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, session)
+        reader = asyncio.create_task(self._read(session, request_iterator))
+        await self.d.worker_joined(session)
+        try:
+            while (cmd := await session.outbox.get()) is not _CLOSE:
+                yield cmd
+        finally:
+            reader.cancel()
+            await self.d.worker_lost(session)
+
+    def _open(self, reg: wpb.WorkerRegister) -> WorkerSession | str:
+        if not reg.worker_id:
+            return "register.worker_id: must not be empty"
+        if reg.model != self.d.cfg.model_name:
+            return f"register.model: scheduler serves {self.d.cfg.model_name!r}, worker has {reg.model!r}"
+        if reg.worker_id in self.d.sessions:
+            return f"register.worker_id: {reg.worker_id!r} is already connected"
+        if min(reg.block_size, reg.num_blocks, reg.max_batch, reg.max_model_len) <= 0:
+            return "register: block_size, num_blocks, max_batch and max_model_len must be > 0"
+        return WorkerSession(reg.worker_id, reg.model, reg.block_size, reg.num_blocks, reg.max_batch,
+                             reg.max_model_len)
+
+    async def _read(self, session: WorkerSession, request_iterator) -> None:
+        try:
+            async for msg in request_iterator:
+                await self.d.on_worker_message(session, msg)
+        except Exception as e:  # noqa: BLE001 - any failure of the stream ends the session
+            if not isinstance(e, asyncio.CancelledError):
+                log.warning("worker %s stream failed: %r", session.worker_id, e)
+        finally:
+            session.close()

@@ -1,0 +1,54 @@
+"""Worker settings: one validated dataclass, from flags or ALISE_WORKER_* environment variables."""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from dataclasses import dataclass
+
+from services.common.model_paths import DEFAULT_MODEL_NAME, default_model_dir
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    scheduler: str = "127.0.0.1:50051"
+    listen: str = "127.0.0.1:0"          # health + reflection
+    worker_id: str = ""                  # default: hostname-pid
+    model_name: str = DEFAULT_MODEL_NAME
+    model_dir: str = str(default_model_dir())
+    device: str = "cpu"
+    dtype: str = "float32"
+    random_weights: bool = False
+    block_size: int = 16
+    num_blocks: int = 512                # KV pool size (SmolLM2 fp32: ~0.74 MB per block of 16 tokens)
+    num_host_blocks: int = 512           # swap space in host memory
+    max_batch: int = 16
+    token_budget: int = 512              # tokens per engine step (prefill chunks + decodes)
+    max_model_len: int = 0               # 0: the model's context, capped by the KV pool
+    load_report_s: float = 0.2
+    drain_timeout_s: float = 30.0
+
+    def __post_init__(self):
+        for name in ("block_size", "num_blocks", "max_batch", "token_budget"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.num_host_blocks < 0:
+            raise ValueError("num_host_blocks must be >= 0")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+    @property
+    def resolved_worker_id(self) -> str:
+        return self.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> "WorkerConfig":
+        p = argparse.ArgumentParser(description="ALISE worker")
+        for name, default in cls().__dict__.items():
+            env = os.environ.get("ALISE_WORKER_" + name.upper())
+            flag = "--" + name.replace("_", "-")
+            if isinstance(default, bool):
+                p.add_argument(flag, action="store_true", default=(env or "").lower() in ("1", "true", "yes"))
+            else:
+                p.add_argument(flag, type=type(default), default=type(default)(env) if env is not None else default)
+        return cls(**vars(p.parse_args(argv)))

@@ -1,0 +1,137 @@
+"""Runs the engine on its own thread: applies scheduler commands between steps, emits reports.
+
+The model step is blocking compute, so it lives off the asyncio loop; commands arrive through a
+thread-safe queue and messages go back via `loop.call_soon_threadsafe` into the current session's outbox.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+
+from alise.v1 import generate_pb2 as pb
+from alise.v1 import worker_pb2 as wpb
+
+from services.worker.engine import RECOMPUTE, SWAP, Engine, StepOutput
+from services.worker.sequence import Finish, Sampling
+
+log = logging.getLogger("alise.worker.loop")
+RESET = "reset"     # the session ended: drop every job (the scheduler requeues them)
+FINISH_CODES = {Finish.STOP: pb.FINISH_REASON_STOP, Finish.LENGTH: pb.FINISH_REASON_LENGTH,
+                Finish.ABORTED: pb.FINISH_REASON_ABORTED}
+
+
+def sampling_from_proto(sp: pb.SamplingParams) -> Sampling:
+    return Sampling(temperature=sp.temperature, top_p=sp.top_p or 1.0, top_k=sp.top_k,
+                    max_tokens=sp.max_tokens, stop=tuple(sp.stop),
+                    seed=sp.seed if sp.HasField("seed") else None, ignore_eos=sp.ignore_eos)
+
+
+class EngineLoop(threading.Thread):
+    def __init__(self, engine: Engine, report_interval_s: float):
+        super().__init__(name="engine", daemon=True)
+        self.engine = engine
+        self.report_interval_s = report_interval_s
+        self.commands: queue.Queue = queue.Queue()
+        self.stopped = threading.Event()
+        self.draining = False
+        self._sink: tuple[asyncio.AbstractEventLoop, asyncio.Queue] | None = None
+        self._last_report: tuple | None = None
+        self._last_report_at = 0.0
+        self._step_seconds = 0.0
+
+    # -- called from the asyncio side --------------------------------------------------------------
+    def attach(self, loop: asyncio.AbstractEventLoop, outbox: asyncio.Queue) -> None:
+        self._sink = (loop, outbox)
+        self._last_report = None
+
+    def detach(self) -> None:
+        self._sink = None
+        self.commands.put(RESET)
+
+    def submit(self, command) -> None:
+        self.commands.put(command)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.commands.put(None)
+
+    # -- the thread ------------------------------------------------------------------------------
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            self._apply_commands(block=not self.engine.has_work)
+            if self.engine.has_work:
+                try:
+                    self._emit_step(self.engine.step())
+                except Exception:  # noqa: BLE001 - a failed step must not kill the worker silently
+                    log.exception("engine step failed; dropping all jobs so the scheduler requeues them")
+                    self._reset()
+            self._report()
+
+    def _apply_commands(self, block: bool) -> None:
+        try:
+            cmd = self.commands.get(timeout=self.report_interval_s) if block else self.commands.get_nowait()
+        except queue.Empty:
+            return
+        while cmd is not None:
+            try:
+                self._apply(cmd)
+            except Exception:  # noqa: BLE001 - a bad command is logged, the worker keeps serving
+                log.exception("command failed: %s", cmd)
+            try:
+                cmd = self.commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, cmd) -> None:
+        if cmd == RESET:
+            self._reset()
+            return
+        kind = cmd.WhichOneof("kind")
+        if kind == "assign":
+            a = cmd.assign
+            self.engine.add(a.job_id, list(a.prompt_token_ids), sampling_from_proto(a.sampling),
+                            list(a.output_token_ids), a.output_text)
+        elif kind == "preempt":
+            mode = self.engine.preempt(cmd.preempt.job_id, SWAP if cmd.preempt.mode == wpb.PREEMPT_MODE_SWAP else RECOMPUTE)
+            if mode is not None:
+                done = wpb.PREEMPT_MODE_SWAP if mode == SWAP else wpb.PREEMPT_MODE_RECOMPUTE
+                self._send(wpb.WorkerMessage(preempted=wpb.JobPreempted(job_id=cmd.preempt.job_id, mode=done)))
+        elif kind == "abort":
+            self.engine.abort(cmd.abort.job_id)
+        elif kind == "drain":
+            self.draining = True
+            self._last_report = None
+
+    def _reset(self) -> None:
+        for job_id in list(self.engine.seqs):
+            self.engine.abort(job_id)
+
+    def _emit_step(self, out: StepOutput) -> None:
+        self._step_seconds = 0.8 * self._step_seconds + 0.2 * out.seconds if self._step_seconds else out.seconds
+        if out.deltas:
+            self._send(wpb.WorkerMessage(tokens=wpb.TokenEvents(deltas=[
+                wpb.TokenDelta(job_id=d.job_id, token_ids=d.token_ids, text=d.text) for d in out.deltas])))
+        for job_id, finish in out.finished:
+            self._send(wpb.WorkerMessage(finished=wpb.JobFinished(job_id=job_id, finish_reason=FINISH_CODES[finish])))
+
+    def _report(self) -> None:
+        load = self.engine.load()
+        key = (load, self.draining)
+        now = time.monotonic()
+        if key == self._last_report or now - self._last_report_at < self.report_interval_s and self.engine.has_work:
+            return
+        self._last_report, self._last_report_at = key, now
+        self._send(wpb.WorkerMessage(load=wpb.LoadReport(
+            running=load.running, waiting=load.waiting, used_blocks=load.used_blocks,
+            total_blocks=load.total_blocks, swapped_blocks=load.swapped_blocks,
+            running_tokens=load.running_tokens, waiting_tokens=load.waiting_tokens,
+            iteration_seconds=self._step_seconds, num_preemptions=load.num_preemptions, draining=self.draining)))
+
+    def _send(self, msg: wpb.WorkerMessage) -> None:
+        sink = self._sink
+        if sink is not None:
+            loop, outbox = sink
+            loop.call_soon_threadsafe(outbox.put_nowait, msg)

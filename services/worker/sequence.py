@@ -1,0 +1,70 @@
+"""Per-request state inside a worker: tokens, progress and finish condition. No torch, no grpc."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"      # assigned, not (or no longer) holding KV
+    RUNNING = "running"      # holds KV blocks, scheduled every step
+    SWAPPED = "swapped"      # KV copied out to host memory, paused until the scheduler resumes it
+    FINISHED = "finished"
+
+
+class Finish(enum.Enum):
+    STOP = "stop"            # EOS or stop string
+    LENGTH = "length"        # max_tokens
+    ABORTED = "aborted"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class Sequence:
+    """A job on this worker. Scheduling is token-centric: `num_computed` catches up to `num_tokens`.
+
+    A fresh job, a job resumed after recompute-preemption and a job recovered from a lost worker are
+    the same thing: prompt + output tokens of which nothing is computed yet.
+    """
+
+    job_id: str
+    prompt_ids: list[int]
+    sampling: Sampling
+    output_ids: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    num_computed: int = 0                  # tokens whose KV is in the cache
+    finish: Finish | None = None
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        n_prompt = len(self.prompt_ids)
+        if stop <= n_prompt:
+            return self.prompt_ids[start:stop]
+        return (self.prompt_ids + self.output_ids)[start:stop]
+
+    def reset_for_recompute(self) -> None:
+        self.num_computed = 0
+        self.status = SeqStatus.WAITING
+        self.num_preemptions += 1

@@ -1,0 +1,95 @@
+"""Worker service: loads the model, then holds a session with the scheduler (reconnecting with backoff).
+
+On SIGTERM it turns NOT_SERVING, tells the scheduler it is draining, lets running jobs finish until the
+drain deadline, then closes the session; the scheduler requeues whatever was left.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+from alise.v1 import worker_pb2 as wpb
+from alise.v1 import worker_pb2_grpc as wpb_grpc
+
+from services.common.grpc_server import (NOT_SERVING, SERVING, build_server, configure_logging,
+                                         install_stop_signals, set_health)
+from services.worker.config import WorkerConfig
+from services.worker.engine_loop import EngineLoop
+from services.worker.factory import build_engine
+
+log = logging.getLogger("alise.worker")
+_END = object()
+
+
+async def _outgoing(register: wpb.WorkerMessage, outbox: asyncio.Queue):
+    yield register
+    while (msg := await outbox.get()) is not _END:
+        yield msg
+
+
+async def hold_session(cfg: WorkerConfig, loop_thread: EngineLoop, register: wpb.WorkerMessage,
+                       stop: asyncio.Event) -> None:
+    backoff = 0.2
+    while not stop.is_set():
+        outbox: asyncio.Queue = asyncio.Queue()
+        loop_thread.attach(asyncio.get_running_loop(), outbox)
+        try:
+            async with grpc.aio.insecure_channel(cfg.scheduler) as channel:
+                call = wpb_grpc.WorkerGatewayStub(channel).Connect(_outgoing(register, outbox))
+                log.info("connected to scheduler %s as %s", cfg.scheduler, register.register.worker_id)
+                async for command in call:
+                    loop_thread.submit(command)
+                    backoff = 0.2
+        except grpc.aio.AioRpcError as e:
+            log.warning("scheduler session ended: %s %s", e.code().name, e.details())
+        finally:
+            outbox.put_nowait(_END)
+            loop_thread.detach()          # drop our jobs: the scheduler requeues them
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=backoff)
+        except asyncio.TimeoutError:
+            backoff = min(backoff * 2, 5.0)
+
+
+async def drain(loop_thread: EngineLoop, deadline_s: float) -> None:
+    loop_thread.submit(wpb.SchedulerCommand(drain=wpb.Drain(deadline_seconds=deadline_s)))
+    end = time.monotonic() + deadline_s
+    await asyncio.sleep(0.3)              # let the draining report reach the scheduler
+    while loop_thread.engine.has_work and time.monotonic() < end:
+        await asyncio.sleep(0.1)
+
+
+async def serve(cfg: WorkerConfig, stop: asyncio.Event | None = None) -> None:
+    server, health, port = build_server([], cfg.listen)
+    await server.start()                  # health answers NOT_SERVING while the model loads
+    engine = await asyncio.to_thread(build_engine, cfg)
+    loop_thread = EngineLoop(engine, cfg.load_report_s)
+    loop_thread.start()
+    register = wpb.WorkerMessage(register=wpb.WorkerRegister(
+        worker_id=cfg.resolved_worker_id, model=cfg.model_name, block_size=cfg.block_size,
+        num_blocks=cfg.num_blocks, max_batch=cfg.max_batch, max_model_len=engine.max_model_len))
+    if stop is None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+    session_stop = asyncio.Event()
+    session = asyncio.create_task(hold_session(cfg, loop_thread, register, session_stop))
+    await set_health(health, [], SERVING)
+    log.info("worker %s ready (health on port %d)", cfg.resolved_worker_id, port)
+    await stop.wait()
+    await set_health(health, [], NOT_SERVING)
+    await drain(loop_thread, cfg.drain_timeout_s)
+    session_stop.set()
+    session.cancel()
+    loop_thread.stop()
+    await server.stop(grace=1)
+
+
+def main() -> None:
+    configure_logging()
+    asyncio.run(serve(WorkerConfig.from_args()))
+
+
+if __name__ == "__main__":
+    main()

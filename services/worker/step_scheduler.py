@@ -1,0 +1,95 @@
+"""Iteration-level batching inside one worker: which sequences run this step and with how many tokens.
+
+Token-centric: each running sequence gets its uncomputed tokens (1 for decode, a chunk for a prompt),
+decodes first, then prefill chunks under the token budget, so a long prompt never stalls running
+decodes. When the KV pool cannot grow, the most recently admitted sequence is preempted by recompute
+(its blocks freed; it waits at the front) until the others fit. Pure Python over the BlockManager.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from services.worker.block_manager import BlockManager
+from services.worker.sequence import Sequence, SeqStatus
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    chunks: list[ScheduledChunk]
+    preempted: list[Sequence]          # sequences that lost their KV this step (recompute later)
+
+    @property
+    def empty(self) -> bool:
+        return not self.chunks
+
+
+class StepScheduler:
+    def __init__(self, blocks: BlockManager, max_batch: int, token_budget: int):
+        self.blocks = blocks
+        self.max_batch = max_batch
+        self.token_budget = token_budget
+        self.running: list[Sequence] = []        # admission order: the last one is preempted first
+        self.waiting: deque[Sequence] = deque()
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def schedule(self) -> StepPlan:
+        budget = self.token_budget
+        chunks: list[ScheduledChunk] = []
+        preempted: list[Sequence] = []
+        for seq in list(self.running):
+            if seq not in self.running:          # preempted by an earlier iteration of this loop
+                continue
+            n = min(seq.num_uncomputed, budget)
+            if n == 0:
+                continue
+            while not self.blocks.can_grow(seq.job_id, seq.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq in self.running:
+                self.blocks.grow(seq.job_id, seq.num_computed + n)
+                chunks.append(ScheduledChunk(seq, n))
+                budget -= n
+        if not preempted:                        # a step that had to preempt admits nobody new
+            chunks += self._admit(budget)
+        assert sum(c.num_tokens for c in chunks) <= self.token_budget
+        return StepPlan(chunks, preempted)
+
+    def _admit(self, budget: int) -> list[ScheduledChunk]:
+        admitted = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_batch:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed, budget)
+            if not self.blocks.can_grow(seq.job_id, seq.num_computed + n):
+                break
+            self.waiting.popleft()
+            self.blocks.grow(seq.job_id, seq.num_computed + n)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            admitted.append(ScheduledChunk(seq, n))
+            budget -= n
+        return admitted
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.job_id)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
