@@ -22,7 +22,7 @@ class InvalidRequest(ValueError):
 @dataclass(frozen=True)
 class ValidRequest:
     request_id: str
-    prompt_text: str
+    prompt_text: str          # what the predictor embeds: the user's words, without the chat template
     prompt_ids: list[int]
     sampling: dict
     priority: int
@@ -34,17 +34,23 @@ def validate(req: pb.GenerateRequest, cfg: SchedulerConfig, tok: PromptTokenizer
         raise InvalidRequest("model", f"unknown model {req.model!r}; this server serves {cfg.model_name!r}")
     if abs(req.priority) > MAX_PRIORITY:
         raise InvalidRequest("priority", f"must be within [-{MAX_PRIORITY}, {MAX_PRIORITY}]")
-    prompt_text = _prompt_text(req, tok)
-    prompt_ids = tok.encode(prompt_text)
+    model_text = _model_text(req, tok)
+    prompt_ids = tok.encode(model_text)
     if not prompt_ids:
         raise InvalidRequest("prompt", "tokenizes to zero tokens")
     if len(prompt_ids) >= max_model_len:
         raise InvalidRequest("prompt", f"{len(prompt_ids)} tokens; the model's context is {max_model_len}")
     sampling = _sampling(req.sampling, cfg, max_model_len - len(prompt_ids))
-    return ValidRequest(req.request_id or uuid.uuid4().hex, prompt_text, prompt_ids, sampling, req.priority)
+    return ValidRequest(req.request_id or uuid.uuid4().hex, _predictor_text(req), prompt_ids, sampling, req.priority)
 
 
-def _prompt_text(req: pb.GenerateRequest, tok: PromptTokenizer) -> str:
+def _predictor_text(req: pb.GenerateRequest) -> str:
+    if req.WhichOneof("input") == "chat":
+        return "\n".join(m.content for m in req.chat.messages)
+    return req.prompt
+
+
+def _model_text(req: pb.GenerateRequest, tok: PromptTokenizer) -> str:
     kind = req.WhichOneof("input")
     if kind == "prompt":
         if not req.prompt.strip():

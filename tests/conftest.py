@@ -1,0 +1,56 @@
+"""Shared fixtures: the real SmolLM2 model (converted once, cached), a real Redis server on a free
+loopback port, and whole stacks of real service processes."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from services.common.local_stack import LocalStack, RedisServer  # noqa: E402
+from services.worker.prepare_model import ensure_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    return ensure_model()
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def stack_factory(tmp_path, model_dir):
+    """Start stacks of real processes; every one is stopped at the end of the test."""
+    stacks: list[LocalStack] = []
+
+    def start(**kwargs) -> LocalStack:
+        stack = LocalStack(log_dir=tmp_path / f"stack{len(stacks)}", **kwargs)
+        stacks.append(stack)
+        return stack.start()
+
+    yield start
+    for s in stacks:
+        s.stop()

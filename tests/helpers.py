@@ -1,0 +1,44 @@
+"""Small client-side helpers for the end-to-end tests."""
+from __future__ import annotations
+
+import time
+
+import grpc
+from alise.v1 import generate_pb2 as pb
+from alise.v1 import generate_pb2_grpc as pb_grpc
+
+
+def stub_for(address: str) -> pb_grpc.AliseStub:
+    return pb_grpc.AliseStub(grpc.insecure_channel(address))
+
+
+def request(prompt: str, request_id: str = "", max_tokens: int = 16, **sampling) -> pb.GenerateRequest:
+    return pb.GenerateRequest(request_id=request_id, prompt=prompt,
+                              sampling=pb.SamplingParams(max_tokens=max_tokens, **sampling))
+
+
+def generate(stub, req: pb.GenerateRequest, timeout: float = 120) -> tuple[list[int], str, pb.GenerateComplete]:
+    """Run a streamed generation; returns (streamed token ids, streamed text, final message)."""
+    tokens, text, final = [], "", None
+    for resp in stub.Generate(req, timeout=timeout):
+        if resp.HasField("chunk"):
+            tokens += list(resp.chunk.token_ids)
+            text += resp.chunk.text
+        else:
+            final = resp.complete
+    return tokens, text, final
+
+
+def wait_until(predicate, timeout: float = 30, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError("condition not met")
+
+
+def kv_idle(stub) -> bool:
+    load = stub.GetLoad(pb.LoadRequest())
+    return all(w.used_blocks == 0 and w.running == 0 for w in load.workers) and load.running == 0

@@ -1,0 +1,58 @@
+"""Job state transitions against a real Redis server: the Lua scripts refuse every illegal move."""
+import pytest
+import redis.asyncio as aioredis
+
+from services.scheduler import keys
+from services.scheduler.job_store import JobRecord, JobStore
+
+
+@pytest.fixture
+async def store(redis_server):
+    client = aioredis.from_url(redis_server.url)
+    await client.flushdb()
+    yield JobStore(client)
+    await client.aclose()
+
+
+def record(job_id="j1"):
+    return JobRecord(job_id=job_id, prompt_ids=[1, 2, 3], prompt_text="hi", sampling={"max_tokens": 8},
+                     pred_len=10, pred_p90=20, predicted=True)
+
+
+async def test_lifecycle_queued_running_finished(store):
+    assert await store.create(record(), score=1.0)
+    assert not await store.create(record(), score=1.0)                 # id taken
+    assert await store.queue_head(10) == ["j1"]
+    assert await store.claim("j1", "w1")
+    assert not await store.claim("j1", "w2")                           # never run twice
+    assert await store.queue_head(10) == []
+    assert await store.append_many("w1", [("j1", [5, 6], "ab")]) == [True]
+    assert await store.append_many("w2", [("j1", [7], "c")]) == [False]  # not its worker
+    assert await store.finish("j1", "w1", "stop")
+    state = await store.state("j1")
+    assert (state.status, state.token_ids, state.text, state.finish_reason) == ("finished", [5, 6], "ab", "stop")
+    assert state.first_token is not None and await store.r.ttl(keys.job("j1")) > 0
+
+
+async def test_requeue_keeps_tokens_and_is_only_allowed_for_the_holder(store):
+    await store.create(record(), score=5.0)
+    await store.claim("j1", "w1")
+    await store.append_many("w1", [("j1", [9], "x")])
+    assert not await store.requeue("j1", "w2", score=2.0)
+    assert await store.requeue("j1", "w1", score=2.0, swapped_on="w1")
+    state = await store.state("j1")
+    assert state.status == "queued" and state.token_ids == [9] and state.num_preemptions == 1
+    assert state.swapped_on == "w1" and await store.worker_job_ids("w1") == []
+    assert await store.claim("j1", "w2")
+
+
+async def test_abort_from_queue_and_from_running(store):
+    await store.create(record("a"), 1.0)
+    await store.create(record("b"), 2.0)
+    await store.claim("b", "w1")
+    assert await store.abort("a") == (True, "queued", "", "")
+    assert await store.abort("b") == (True, "running", "w1", "")
+    assert await store.queue_head(10) == [] and await store.worker_job_ids("w1") == []
+    assert (await store.abort("b"))[:2] == (False, "aborted")
+    assert (await store.abort("nope"))[:2] == (False, "missing")
+    assert not await store.finish("b", "w1", "stop")                    # aborted stays aborted

@@ -1,0 +1,72 @@
+"""Policies are pure functions of a snapshot: tested without Redis, gRPC or a model."""
+from services.scheduler.exec_time import ExecTimeModel, expected_remaining_tokens
+from services.scheduler.policies import make_policy
+from services.scheduler.policies.base import JobView, Snapshot, WorkerView
+
+COST = ExecTimeModel()
+
+
+def job(jid, pred, created=0.0, priority=0, generated=0, running=False, max_tokens=4096, swapped_on=""):
+    return JobView(job_id=jid, priority=priority, created=1.7e9 + created, prompt_len=20, max_tokens=max_tokens,
+                   pred_len=pred, pred_p90=pred * 2, predicted=True, generated=generated, running=running,
+                   swapped_on=swapped_on)
+
+
+def worker(wid="w", slots=1, running=(), free_blocks=100, preempting=False):
+    return WorkerView(worker_id=wid, max_batch=slots, free_blocks=free_blocks, block_size=16,
+                      running=tuple(running), preempting=preempting)
+
+
+def ordered(policy_name, jobs):
+    policy = make_policy(policy_name)
+    return [j.job_id for j in sorted(jobs, key=lambda j: policy.queue_score(j, COST))]
+
+
+def test_fcfs_orders_by_arrival_and_alise_by_predicted_work():
+    jobs = [job("long", 500, created=0), job("short", 5, created=1), job("mid", 50, created=2)]
+    assert ordered("fcfs", jobs) == ["long", "short", "mid"]
+    assert ordered("alise", jobs) == ["short", "mid", "long"]
+
+
+def test_priority_class_outranks_predicted_work():
+    jobs = [job("short-low", 5, priority=0), job("long-high", 500, priority=5)]
+    assert ordered("alise", jobs) == ["long-high", "short-low"]
+    assert ordered("priority", [job("a", 5, created=0), job("b", 5, created=1, priority=1)]) == ["b", "a"]
+
+
+def test_aging_lets_an_old_long_job_overtake_new_short_ones():
+    old_long = job("old-long", 100, created=0)
+    new_short = job("new-short", 5, created=10_000)
+    assert ordered("alise", [old_long, new_short]) == ["old-long", "new-short"]
+
+
+def test_remaining_tokens_past_the_prediction():
+    assert expected_remaining_tokens(100, 200, 10, 1000) == 90
+    assert expected_remaining_tokens(100, 200, 150, 1000) == 50     # past the mean: expect p90
+    assert expected_remaining_tokens(100, 200, 300, 1000) == 300    # past p90: as long again
+    assert expected_remaining_tokens(100, 200, 300, 310) == 10      # never beyond max_tokens
+
+
+def test_alise_preempts_the_long_running_job_for_a_much_shorter_one():
+    running = job("long", 1000, generated=10, running=True)
+    snap = Snapshot(now=0, queued=(job("short", 5),), workers=(worker(running=[running]),))
+    plan = make_policy("alise").plan(snap, COST)
+    assert plan.assign == () and plan.preempt == (("long", "w"),)
+    assert make_policy("fcfs").plan(snap, COST).preempt == ()
+
+
+def test_alise_does_not_preempt_for_similar_work_or_higher_priority_or_twice():
+    policy = make_policy("alise")
+    similar = Snapshot(0, (job("b", 400),), (worker(running=[job("a", 500, running=True)]),))
+    assert policy.plan(similar, COST).preempt == ()
+    higher = Snapshot(0, (job("b", 5),), (worker(running=[job("a", 900, priority=1, running=True)]),))
+    assert policy.plan(higher, COST).preempt == ()
+    busy = Snapshot(0, (job("b", 5),), (worker(running=[job("a", 900, running=True)], preempting=True),))
+    assert policy.plan(busy, COST).preempt == ()
+
+
+def test_placement_respects_slots_blocks_and_swap_affinity():
+    snap = Snapshot(0, (job("a", 5), job("b", 5, swapped_on="w2"), job("c", 5)),
+                    (worker("w1", slots=2), worker("w2", slots=1), worker("w3", slots=1, free_blocks=1)))
+    plan = make_policy("fcfs").plan(snap, COST)
+    assert dict(plan.assign) == {"a": "w1", "b": "w2", "c": "w1"}
