@@ -41,13 +41,13 @@ def redis_server():
     server.stop()
 
 
-@pytest.fixture
-def stack_factory(tmp_path, model_dir):
-    """Start stacks of real processes; every one is stopped at the end of the test."""
+@pytest.fixture(scope="module")
+def stack_factory(tmp_path_factory, model_dir):
+    """Start stacks of real processes; every one is stopped at the end of the test module."""
     stacks: list[LocalStack] = []
 
     def start(**kwargs) -> LocalStack:
-        stack = LocalStack(log_dir=tmp_path / f"stack{len(stacks)}", **kwargs)
+        stack = LocalStack(log_dir=tmp_path_factory.mktemp("stack"), **kwargs)
         stacks.append(stack)
         return stack.start()
 

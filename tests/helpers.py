@@ -42,3 +42,13 @@ def wait_until(predicate, timeout: float = 30, interval: float = 0.1):
 def kv_idle(stub) -> bool:
     load = stub.GetLoad(pb.LoadRequest())
     return all(w.used_blocks == 0 and w.running == 0 for w in load.workers) and load.running == 0
+
+
+def job_status(stub, request_id: str):
+    """The job's status, or None while the scheduler has not created it yet."""
+    try:
+        return stub.GetJob(pb.GetJobRequest(request_id=request_id)).status
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.NOT_FOUND:
+            return None
+        raise

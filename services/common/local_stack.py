@@ -163,6 +163,12 @@ class LocalStack:
     def _add(self, name: str, args: list[str]) -> None:
         self.services[name] = Service(name, args, self.log_dir / f"{name}.log")
 
+    def add_worker(self) -> str:
+        name = f"worker-{sum(n.startswith('worker-') for n in self.services)}"
+        self._add(name, self.worker_command(int(name.split("-")[1])))
+        self.services[name].start(self._env)
+        return name
+
     def restart(self, name: str, kill: bool = True) -> None:
         svc = self.services[name]
         svc.kill() if kill else svc.stop()

@@ -1,0 +1,168 @@
+"""Through the whole stack (Redis, predictor, scheduler, worker as real processes) like a client."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import uuid
+
+import grpc
+import pytest
+import torch
+from alise.v1 import generate_pb2 as pb
+
+from tests.helpers import generate, job_status, kv_idle, request, stub_for, wait_until
+
+PROMPTS = ["The capital of France is", "def add(a, b):", "My favourite fruit is", "The three primary colours are"]
+N = 24
+
+
+@pytest.fixture(scope="module")
+def stack(stack_factory):
+    return stack_factory(worker_args=["--max-batch", "16"])
+
+
+@pytest.fixture(scope="module")
+def stub(stack):
+    return stub_for(stack.address)
+
+
+@pytest.fixture(scope="module")
+def references(hf_model, tokenizer):
+    refs = {}
+    for p in PROMPTS:
+        ids = tokenizer.encode(p, add_special_tokens=False)
+        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=N, min_new_tokens=N, do_sample=False)
+        refs[p] = out[0, len(ids):].tolist()
+    return refs
+
+
+def test_stream_equals_transformers_greedy(stub, references, tokenizer):
+    tokens, text, final = generate(stub, request(PROMPTS[0], max_tokens=N, ignore_eos=True))
+    assert tokens == references[PROMPTS[0]]
+    assert text == final.text == tokenizer.decode(tokens, skip_special_tokens=True)
+    assert final.finish_reason == pb.FINISH_REASON_LENGTH
+    assert final.usage.completion_tokens == N
+    assert final.usage.prompt_tokens == len(tokenizer.encode(PROMPTS[0], add_special_tokens=False))
+    assert 0 < final.timings.ttft_seconds <= final.timings.e2e_seconds
+    assert final.timings.predicted_output_tokens > 0
+
+
+def test_chat_answer_is_sensible(stub):
+    req = pb.GenerateRequest(chat=pb.ChatConversation(messages=[
+        pb.ChatMessage(role="user", content="What is the capital of France?")]),
+        sampling=pb.SamplingParams(max_tokens=32))
+    _, text, final = generate(stub, req)
+    assert "Paris" in text
+    assert final.finish_reason == pb.FINISH_REASON_STOP       # the model ended its answer itself
+
+
+def test_sixteen_concurrent_requests_all_correct_and_kv_pool_drains(stub, references):
+    results: dict[int, tuple] = {}
+
+    def one(i: int) -> None:
+        results[i] = generate(stub, request(PROMPTS[i % 4], max_tokens=N, ignore_eos=True))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert len(results) == 16
+    for i, (tokens, _, final) in results.items():
+        assert tokens == references[PROMPTS[i % 4]], i
+    wait_until(lambda: kv_idle(stub), timeout=10)
+
+
+def test_stop_string_and_max_tokens(stub, references, tokenizer):
+    full = tokenizer.decode(references[PROMPTS[3]], skip_special_tokens=True)
+    stop = full.strip().split()[2]
+    _, text, final = generate(stub, request(PROMPTS[3], max_tokens=N, ignore_eos=True, stop=[stop]))
+    assert final.finish_reason == pb.FINISH_REASON_STOP and stop not in text and full.startswith(text)
+    tokens, _, final = generate(stub, request(PROMPTS[3], max_tokens=3, ignore_eos=True))
+    assert len(tokens) == 3 and final.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+BAD = [
+    ("prompt", request("")),
+    ("prompt", request("word " * 9000)),
+    ("sampling.max_tokens", request("hi", max_tokens=-1)),
+    ("sampling.max_tokens", request("hi", max_tokens=10**6)),
+    ("sampling.temperature", request("hi", temperature=-0.5)),
+    ("sampling.top_p", request("hi", top_p=1.5)),
+    ("sampling.top_p", request("hi", top_p=-0.1)),
+    ("model", pb.GenerateRequest(prompt="hi", model="gpt-17")),
+    ("chat.messages", pb.GenerateRequest(chat=pb.ChatConversation())),
+    ("priority", pb.GenerateRequest(prompt="hi", priority=10**6)),
+]
+
+
+@pytest.mark.parametrize("field,req", BAD, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD)])
+def test_bad_input_is_rejected_naming_the_field(stub, field, req):
+    req.request_id = f"bad-{uuid.uuid4().hex}"
+    with pytest.raises(grpc.RpcError) as err:
+        generate(stub, req)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(field + ":")
+    with pytest.raises(grpc.RpcError) as missing:
+        stub.GetJob(pb.GetJobRequest(request_id=req.request_id))
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND          # nothing was queued
+
+
+def test_invalid_utf8_is_rejected_naming_the_field(stack):
+    good = pb.GenerateRequest(request_id="utf8", chat=pb.ChatConversation(messages=[
+        pb.ChatMessage(role="user", content="AAAA")])).SerializeToString()
+    raw = good.replace(b"AAAA", b"\xff\xfe\xfd\xfc")
+    with grpc.insecure_channel(stack.address) as ch:
+        call = ch.unary_stream("/alise.v1.Alise/Generate", request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as err:
+            list(call(raw))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "chat.messages[0].content" in err.value.details()
+
+
+def test_duplicate_request_id_is_refused(stub):
+    rid = f"dup-{uuid.uuid4().hex}"
+    generate(stub, request("Hello", request_id=rid, max_tokens=2))
+    with pytest.raises(grpc.RpcError) as err:
+        generate(stub, request("Hello", request_id=rid, max_tokens=2))
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_cancel_aborts_the_job_and_frees_its_blocks(stub):
+    rid = f"cancel-{uuid.uuid4().hex}"
+    call = stub.Generate(request("Tell me a very long story.", request_id=rid, max_tokens=1000, ignore_eos=True))
+    for i, _ in enumerate(call):
+        if i == 3:
+            break
+    assert stub.GetLoad(pb.LoadRequest()).workers[0].used_blocks > 0
+    call.cancel()
+    wait_until(lambda: stub.GetJob(pb.GetJobRequest(request_id=rid)).status == pb.JOB_STATUS_ABORTED, 10)
+    wait_until(lambda: kv_idle(stub), timeout=10)
+    assert len(stub.GetJob(pb.GetJobRequest(request_id=rid)).token_ids) < 1000
+
+
+def test_abort_rpc_and_get_job(stub):
+    rid = f"abort-{uuid.uuid4().hex}"
+    results = {}
+    t = threading.Thread(target=lambda: results.update(out=generate(
+        stub, request("Count to one thousand:", request_id=rid, max_tokens=1000, ignore_eos=True))))
+    t.start()
+    wait_until(lambda: job_status(stub, rid) == pb.JOB_STATUS_RUNNING, 30)
+    assert stub.Abort(pb.AbortRequest(request_id=rid)).aborted
+    t.join(30)
+    assert results["out"][2].finish_reason == pb.FINISH_REASON_ABORTED
+    job = stub.GetJob(pb.GetJobRequest(request_id=rid))
+    assert job.status == pb.JOB_STATUS_ABORTED and job.finish_reason == pb.FINISH_REASON_ABORTED
+    wait_until(lambda: kv_idle(stub), timeout=10)
+
+
+def test_cli_streams_and_prints_json(stack):
+    out = subprocess.run([sys.executable, "-m", "client.cli", "--address", stack.address, "generate", "--chat",
+                          "What is the capital of France?", "--max-tokens", "24", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert '"completion_tokens"' in out.stdout and "Paris" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "client.cli", "--address", stack.address, "generate", "hi",
+                          "--top-p", "2"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "sampling.top_p" in bad.stderr
