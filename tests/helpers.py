@@ -52,3 +52,20 @@ def job_status(stub, request_id: str):
         if e.code() == grpc.StatusCode.NOT_FOUND:
             return None
         raise
+
+
+def hf_greedy(hf_model, tokenizer, prompt: str, n: int) -> list[int]:
+    """Reference: transformers' own forward with its KV cache, greedy, n tokens, EOS not special
+    (like ignore_eos; `generate(min_new_tokens=...)` would instead forbid EOS and change the argmax)."""
+    import torch
+
+    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)])
+    out, past = [], None
+    with torch.inference_mode():
+        for _ in range(n):
+            res = hf_model(input_ids=ids, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            nxt = int(res.logits[0, -1].argmax())
+            out.append(nxt)
+            ids = torch.tensor([[nxt]])
+    return out

@@ -11,7 +11,7 @@ import pytest
 import torch
 from alise.v1 import generate_pb2 as pb
 
-from tests.helpers import generate, job_status, kv_idle, request, stub_for, wait_until
+from tests.helpers import generate, hf_greedy, job_status, kv_idle, request, stub_for, wait_until
 
 PROMPTS = ["The capital of France is", "def add(a, b):", "My favourite fruit is", "The three primary colours are"]
 N = 24
@@ -29,12 +29,7 @@ def stub(stack):
 
 @pytest.fixture(scope="module")
 def references(hf_model, tokenizer):
-    refs = {}
-    for p in PROMPTS:
-        ids = tokenizer.encode(p, add_special_tokens=False)
-        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=N, min_new_tokens=N, do_sample=False)
-        refs[p] = out[0, len(ids):].tolist()
-    return refs
+    return {p: hf_greedy(hf_model, tokenizer, p, N) for p in PROMPTS}
 
 
 def test_stream_equals_transformers_greedy(stub, references, tokenizer):
@@ -48,11 +43,15 @@ def test_stream_equals_transformers_greedy(stub, references, tokenizer):
     assert final.timings.predicted_output_tokens > 0
 
 
-def test_chat_answer_is_sensible(stub):
-    req = pb.GenerateRequest(chat=pb.ChatConversation(messages=[
-        pb.ChatMessage(role="user", content="What is the capital of France?")]),
-        sampling=pb.SamplingParams(max_tokens=32))
-    _, text, final = generate(stub, req)
+def test_chat_answer_equals_transformers_generate(stub, hf_model, tokenizer):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    req = pb.GenerateRequest(chat=pb.ChatConversation(messages=[pb.ChatMessage(**m) for m in messages]),
+                             sampling=pb.SamplingParams(max_tokens=32))
+    tokens, text, final = generate(stub, req)
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+    assert tokens == ref                                       # EOS included, as generate returns it
     assert "Paris" in text
     assert final.finish_reason == pb.FINISH_REASON_STOP       # the model ended its answer itself
 

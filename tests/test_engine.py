@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from services.worker.config import WorkerConfig
 from services.worker.engine import RECOMPUTE, SWAP, Engine
 from services.worker.factory import build_engine
 from services.worker.sequence import Finish, Sampling
+from tests.helpers import hf_greedy
 
 PROMPTS = [
     "The capital of France is",
@@ -36,12 +36,6 @@ def run_to_end(engine: Engine, max_steps: int = 10_000) -> dict[str, tuple[list[
         for job_id, finish in out.finished:
             done[job_id] = (tokens[job_id], texts[job_id], finish)
     return done
-
-
-def hf_greedy(hf_model, tokenizer, prompt: str, n: int) -> list[int]:
-    ids = tokenizer.encode(prompt, add_special_tokens=False)
-    out = hf_model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n)
-    return out[0, len(ids):].tolist()
 
 
 @pytest.fixture(scope="module")

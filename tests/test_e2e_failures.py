@@ -1,0 +1,93 @@
+"""Failures through the live stack: scheduler restart, a lost worker, an unreachable predictor."""
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+from alise.v1 import generate_pb2 as pb
+from alise.v1 import predictor_pb2 as ppb
+from alise.v1 import predictor_pb2_grpc as ppb_grpc
+
+from services.common.local_stack import wait_healthy
+from tests.helpers import generate, hf_greedy, job_status, kv_idle, request, stub_for, wait_until
+
+PROMPT = "Explain why the sky is blue."
+
+
+def submit_in_background(stub, req) -> threading.Thread:
+    def run():
+        try:
+            generate(stub, req, timeout=300)
+        except grpc.RpcError:
+            pass                                  # the scheduler went away under this stream
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_scheduler_restart_keeps_the_queue(stack_factory, hf_model, tokenizer):
+    stack = stack_factory(num_workers=0)
+    stub = stub_for(stack.address)
+    ids = [f"restart-{i}-{time.time_ns()}" for i in range(3)]
+    for rid in ids:
+        submit_in_background(stub, request(PROMPT, rid, max_tokens=8, ignore_eos=True))
+    wait_until(lambda: all(job_status(stub, r) == pb.JOB_STATUS_QUEUED for r in ids), 30)
+    stack.restart("scheduler", kill=True)          # SIGKILL: nothing is flushed on the way out
+    wait_healthy(stack.address, 60)
+    stub = stub_for(stack.address)
+    assert stub.GetLoad(pb.LoadRequest()).queued == 3
+    stack.add_worker()
+    wait_until(lambda: all(job_status(stub, r) == pb.JOB_STATUS_FINISHED for r in ids), 120)
+    expected = hf_greedy(hf_model, tokenizer, PROMPT, 8)
+    for rid in ids:
+        assert list(stub.GetJob(pb.GetJobRequest(request_id=rid)).token_ids) == expected
+
+
+def test_lost_worker_jobs_are_requeued_and_continue(stack_factory, hf_model, tokenizer):
+    stack = stack_factory(num_workers=1)
+    stub = stub_for(stack.address)
+    rid = f"lost-{time.time_ns()}"
+    result = {}
+    t = threading.Thread(target=lambda: result.update(out=generate(
+        stub, request(PROMPT, rid, max_tokens=64, ignore_eos=True), timeout=300)))
+    t.start()
+    wait_until(lambda: len(stub.GetJob(pb.GetJobRequest(request_id=rid)).token_ids) >= 8
+               if job_status(stub, rid) else False, 60, 0.05)
+    stack.services["worker-0"].kill()
+    wait_until(lambda: len(stub.GetLoad(pb.LoadRequest()).workers) == 0, 30)
+    assert job_status(stub, rid) == pb.JOB_STATUS_QUEUED
+    stack.restart("worker-0")
+    t.join(300)
+    tokens, _, final = result["out"]
+    assert final.finish_reason == pb.FINISH_REASON_LENGTH and final.timings.num_preemptions >= 1
+    assert tokens == hf_greedy(hf_model, tokenizer, PROMPT, 64)    # the client saw one seamless stream
+    wait_until(lambda: kv_idle(stub), timeout=10)
+
+
+def test_predictor_down_scheduler_keeps_serving(stack_factory):
+    stack = stack_factory(with_predictor=False, scheduler_args=["--predictor-timeout-s", "0.2"])
+    stub = stub_for(stack.address)
+    tokens, text, final = generate(stub, request("Hello there", max_tokens=4, ignore_eos=True))
+    assert len(tokens) == 4 and final.finish_reason == pb.FINISH_REASON_LENGTH
+    assert not stub.GetLoad(pb.LoadRequest()).predictor_available
+
+
+def test_predictor_learns_from_observations(stack_factory):
+    stack = stack_factory(num_workers=0)
+    with grpc.insecure_channel(f"127.0.0.1:{stack.predictor_port}") as ch:
+        p = ppb_grpc.PredictorStub(ch)
+        prior = p.Predict(ppb.PredictRequest(prompts=["Write a long essay about rivers."])).predictions[0]
+        assert prior.neighbours == 0
+        p.Observe(ppb.ObserveRequest(observations=[
+            ppb.Observation(prompt="Write a long essay about mountains.", output_tokens=900),
+            ppb.Observation(prompt="Say yes or no.", output_tokens=2)]))
+        long_, short = p.Predict(ppb.PredictRequest(prompts=["Write a long essay about rivers.",
+                                                              "Say yes."])).predictions
+        assert long_.neighbours >= 1 and long_.mean > 500
+        assert short.mean < 50
+        assert long_.p10 <= long_.p50 <= long_.p90
+        with pytest.raises(grpc.RpcError) as err:
+            p.Predict(ppb.PredictRequest())
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
