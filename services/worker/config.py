@@ -20,7 +20,9 @@ class WorkerConfig:
     dtype: str = "float32"
     random_weights: bool = False
     block_size: int = 16
-    num_blocks: int = 512                # KV pool size (SmolLM2 fp32: ~0.74 MB per block of 16 tokens)
+    num_blocks: int = 0                  # KV pool size; 0 = auto (CPU: 512, GPU: gpu_memory_utilization)
+    gpu_memory_utilization: float = 0.90 # share of GPU memory for weights + activations + KV pool
+    enforce_eager: bool = False          # GPU: no CUDA graphs for decode steps
     num_host_blocks: int = 512           # swap space in host memory
     max_batch: int = 16
     token_budget: int = 512              # tokens per engine step (prefill chunks + decodes)
@@ -29,9 +31,13 @@ class WorkerConfig:
     drain_timeout_s: float = 30.0
 
     def __post_init__(self):
-        for name in ("block_size", "num_blocks", "max_batch", "token_budget"):
+        for name in ("block_size", "max_batch", "token_budget"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        if self.num_blocks < 0:
+            raise ValueError("num_blocks must be >= 0 (0 = auto)")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.num_host_blocks < 0:
             raise ValueError("num_host_blocks must be >= 0")
         if self.dtype not in ("float32", "bfloat16", "float16"):

@@ -22,6 +22,8 @@ class IncrementalDetokenizer:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:        # token ids only (benchmarks with random-weight models)
+            return ""
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def add(self, output_ids: list[int]) -> None:

@@ -1,8 +1,9 @@
 """The KV tensors: one preallocated device pool plus a host pool for swapped-out blocks.
 
-Layout per pool: [num_layers, num_blocks * block_size, num_kv_heads, head_dim] for K and for V, so a
-token's *slot* (block_id * block_size + offset) indexes its row directly. Which blocks belong to which
-sequence is the BlockManager's business; this class only stores and copies bytes.
+Layout per pool: [num_layers, (num_blocks + 1) * block_size, num_kv_heads, head_dim] for K and for V, so
+a token's *slot* (block_id * block_size + offset) indexes its row directly. Block `num_blocks` is a
+scratch block the allocator never hands out: padded rows of a CUDA-graph batch write there. Which
+blocks belong to which sequence is the BlockManager's business; this class only stores and copies bytes.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ class PagedKVCache:
     def __init__(self, *, num_layers: int, num_blocks: int, num_host_blocks: int, block_size: int,
                  num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
         self.block_size = block_size
-        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        self.scratch_block = num_blocks
+        shape = (num_layers, (num_blocks + 1) * block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         host_shape = (num_layers, num_host_blocks * block_size, num_kv_heads, head_dim)
