@@ -79,42 +79,73 @@ def check_kernel() -> dict:
     return res
 
 
-def check_logits(engine, hf, prompts: list[int], steps: int) -> dict:
-    """Our runner (prefill + CUDA-graph decode) vs transformers' forward with its own KV cache."""
+def check_logits(engine, hf, prompts: list[int], steps: int, late: int = 100, join_at: int = 8) -> dict:
+    """Our runner vs transformers' forward (its own KV cache), same weights, same tokens fed to both.
+
+    `prompts` prefill together; then `steps` decode steps (CUDA graphs). At step `join_at` another
+    sequence joins with a `late`-token prompt in two chunks, so two steps mix decodes with prefill
+    chunks (one of them continuing from cached context)."""
     from transformers import DynamicCache
 
     runner, bm = engine.runner, engine.blocks
     gen = torch.Generator().manual_seed(1)
-    ids = [torch.randint(0, hf.config.vocab_size, (n,), generator=gen).tolist() for n in prompts]
-    errs, agree, total = [], 0, 0
-    seqs = [f"check{i}" for i in range(len(ids))]
-    for s, x in zip(seqs, ids):
-        bm.grow(s, len(x))
-    ours = runner.forward([SeqChunk(x, 0, bm.table(s), True) for s, x in zip(seqs, ids)])
-    caches = [DynamicCache() for _ in ids]
+    ids = {f"c{i}": torch.randint(0, hf.config.vocab_size, (n,), generator=gen).tolist()
+           for i, n in enumerate(prompts + [late])}
+    late_id = f"c{len(prompts)}"
+    caches = {s: DynamicCache() for s in ids}
+    errs, agree = [], []
+
+    def hf_logits(s, tokens):
+        x = torch.tensor([tokens], device=runner.device)
+        return hf(input_ids=x, past_key_values=caches[s], use_cache=True).logits[0, -1].float()
+
+    def run(chunk_list):                 # chunk_list: [(seq, tokens, start, wants_logits)]
+        for s, toks, start, _ in chunk_list:
+            bm.grow(s, start + len(toks))
+        out = runner.forward([SeqChunk(t, st, bm.table(s), w) for s, t, st, w in chunk_list])
+        return dict(zip([s for s, _, _, w in chunk_list if w], out))
+
     with torch.inference_mode():
-        refs = [hf(input_ids=torch.tensor([x], device="cuda"), past_key_values=c, use_cache=True).logits[0, -1].float()
-                for x, c in zip(ids, caches)]
+        ours = run([(s, ids[s], 0, True) for s in ids if s != late_id])
+        refs = {s: hf_logits(s, ids[s]) for s in ours}
         for step in range(steps + 1):
-            for i, (o, r) in enumerate(zip(ours, refs)):
-                errs.append(((o - r).norm() / r.norm()).item())
-                agree += int(o.argmax() == r.argmax())
-                total += 1
+            for s in ours:
+                errs.append(((ours[s] - refs[s]).norm() / refs[s].norm()).item())
+                agree.append(int(ours[s].argmax() == refs[s].argmax()))
             if step == steps:
                 break
-            nxt = [int(r.argmax()) for r in refs]       # both sides continue with the same tokens
-            chunks = []
-            for s, x, t in zip(seqs, ids, nxt):
-                x.append(t)
-                bm.grow(s, len(x))
-                chunks.append(SeqChunk([t], len(x) - 1, bm.table(s), True))
-            ours = runner.forward(chunks)
-            refs = [hf(input_ids=torch.tensor([[t]], device="cuda"), past_key_values=c, use_cache=True).logits[0, -1].float()
-                    for t, c in zip(nxt, caches)]
-    for s in seqs:
+            work = []
+            for s in ours:               # every sequence with logits decodes its argmax next
+                token = int(refs[s].argmax())
+                ids[s].append(token)
+                work.append((s, [token], len(ids[s]) - 1, True))
+            cut = late * 3 // 5
+            if step == join_at:
+                work.append((late_id, ids[late_id][:cut], 0, False))
+            if step == join_at + 1:
+                work.append((late_id, ids[late_id][cut:], cut, True))
+            ours = run(work)
+            # the late sequence's reference sees its whole prompt at once, when our second chunk lands
+            refs = {s: hf_logits(s, ids[s] if st == cut else toks) if s == late_id else hf_logits(s, toks)
+                    for s, toks, st, w in work if w}
+    for s in ids:
         bm.free(s)
-    return {"max_rel_err": max(errs), "mean_rel_err": statistics.mean(errs), "argmax_agree": agree / total,
-            "positions": total, "nan": any(e != e for e in errs)}
+    return {"max_rel_err": max(errs), "mean_rel_err": statistics.mean(errs), "argmax_agree": statistics.mean(agree),
+            "positions": len(errs), "nan": any(e != e for e in errs)}
+
+
+def fp32_check(layers: int = 4) -> dict:
+    """The same check in fp32 on a shallow model of Llama-3-8B widths: rounding cannot hide a bug here."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": layers})
+    hf = load_hf_model(None, torch.float32, torch.device("cuda"), random_weights=True, config=cfg)
+    engine = build_engine(WorkerConfig(device="cuda", dtype="float32", max_batch=8, num_blocks=512,
+                                       num_host_blocks=0, max_model_len=4096), model=hf)
+    res = check_logits(engine, hf, [37, 200, 513], steps=16)
+    del engine, hf
+    torch.cuda.empty_cache()
+    return res
 
 
 def decode_step_times(engine, weight_bytes: int, kv_bytes_per_token: int, bw: float, batches, contexts) -> list:
@@ -205,6 +236,9 @@ def main() -> None:
     log(f"device {res['device']}: copy {ceil['copy_bw'] / 1e12:.2f} TB/s, bf16 matmul {ceil['matmul_flops'] / 1e12:.0f} TFLOP/s")
     res["kernel_check"] = check_kernel()
     log("kernel check", res["kernel_check"])
+    if "logits" not in a.skip:
+        res["logits_check_fp32_4layers"] = fp32_check()
+        log("logits check fp32 (4 layers)", res["logits_check_fp32_4layers"])
 
     cfg = LlamaConfig(**LLAMA3_8B)
     t = time.perf_counter()
@@ -220,8 +254,8 @@ def main() -> None:
                     "build_and_capture_s": time.perf_counter() - t}
     log("model", res["model"])
     if "logits" not in a.skip:
-        res["logits_check"] = check_logits(engine, hf, [37, 200, 513], steps=64)
-        log("logits check", res["logits_check"])
+        res["logits_check_bf16"] = check_logits(engine, hf, [37, 200, 513], steps=64)
+        log("logits check bf16 (32 layers)", res["logits_check_bf16"])
     if "decode" not in a.skip:
         res["decode"] = decode_step_times(engine, weight_bytes, kv_per_token, ceil["copy_bw"],
                                           (1, 8, 32, 64, 128), (512, 2048))

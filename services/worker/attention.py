@@ -87,7 +87,20 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, block_s
     return out
 
 
+def paged_decode_gather(q, k_cache, v_cache, block_tables, context_lens, block_size: int, scale: float):
+    """Vectorised torch version (CPU): gather every sequence's context, mask past its length."""
+    width = block_tables.shape[1] * block_size
+    pos = torch.arange(width, device=q.device)
+    slots = block_tables.long()[:, pos // block_size] * block_size + pos % block_size      # [B, W]
+    valid = pos[None, :] < context_lens[:, None]
+    keys, values = k_cache[slots], v_cache[slots]                                           # [B, W, KVH, D]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=valid[:, None, None, :],
+        scale=scale, enable_gqa=q.shape[1] != k_cache.shape[1])
+    return out[:, :, 0, :]
+
+
 def paged_decode(q, k_cache, v_cache, block_tables, context_lens, block_size: int, scale: float):
     if triton is not None and q.is_cuda:
         return paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, block_size, scale)
-    return paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, block_size, scale)
+    return paged_decode_gather(q, k_cache, v_cache, block_tables, context_lens, block_size, scale)

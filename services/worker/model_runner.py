@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from services.worker.attention import paged_decode
+from services.worker.fused_ops import rmsnorm, rope_, silu_mul
 from services.worker.kv_cache import PagedKVCache
 
 log = logging.getLogger("alise.worker.runner")
@@ -33,14 +34,22 @@ class SeqChunk:
 
 
 @dataclass
+class PrefillGroup:
+    """A sequence computing several tokens this step (a prompt chunk or a recompute)."""
+    rows: slice                     # its tokens in the flat batch
+    key_slots: torch.Tensor | None  # [start + n] cache rows of its whole context; None: fresh prompt
+    mask: torch.Tensor | None       # [1, 1, n, start + n] causal mask with the cached offset
+
+
+@dataclass
 class MixedInputs:
     input_ids: torch.Tensor     # [T] new tokens of all sequences, concatenated
     positions: torch.Tensor     # [T]
     slots: torch.Tensor         # [T] cache row for each new token's K/V
-    query_index: torch.Tensor   # [B, Nmax] row of each (seq, query) in the flat batch; padding -> 0
-    query_valid: torch.Tensor   # [B, Nmax]
-    key_slots: torch.Tensor     # [B, Lmax] cache rows of each sequence's context; padding -> 0
-    attn_mask: torch.Tensor | None  # [B, 1, Nmax, Lmax] True = may attend; None = one fresh prompt (causal)
+    decode_rows: torch.Tensor   # [Bd] rows of single-token sequences: paged decode attention
+    block_tables: torch.Tensor  # [Bd, max_blocks] int32
+    context_lens: torch.Tensor  # [Bd] int32
+    prefills: list[PrefillGroup]
     logits_index: torch.Tensor  # [S] rows whose logits are returned
 
 
@@ -68,9 +77,32 @@ def load_hf_model(model_dir: str | None, dtype: torch.dtype, device: torch.devic
     return model.eval()
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def fuse_projections(layers) -> tuple[list, list, list]:
+    """One [q; k; v] and one [gate; up] weight per layer: one matmul instead of three (two).
+
+    The original modules' weights become views into the fused tensors, so memory is not doubled and
+    the transformers model still runs on exactly the same weights (the reference in checks)."""
+    qkv_w, qkv_b, gate_up_w = [], [], []
+    for layer in layers:
+        a, m = layer.self_attn, layer.mlp
+        projs = (a.q_proj, a.k_proj, a.v_proj)
+        w = torch.cat([p.weight.data for p in projs])
+        b = torch.cat([p.bias.data for p in projs]) if a.q_proj.bias is not None else None
+        gu = torch.cat([m.gate_proj.weight.data, m.up_proj.weight.data])
+        row = 0
+        for p in projs:
+            n = p.weight.shape[0]
+            p.weight = torch.nn.Parameter(w[row:row + n], requires_grad=False)
+            if b is not None:
+                p.bias = torch.nn.Parameter(b[row:row + n], requires_grad=False)
+            row += n
+        inter = m.gate_proj.weight.shape[0]
+        m.gate_proj.weight = torch.nn.Parameter(gu[:inter], requires_grad=False)
+        m.up_proj.weight = torch.nn.Parameter(gu[inter:], requires_grad=False)
+        qkv_w.append(w)
+        qkv_b.append(b)
+        gate_up_w.append(gu)
+    return qkv_w, qkv_b, gate_up_w
 
 
 class ModelRunner:
@@ -85,13 +117,24 @@ class ModelRunner:
         self.scale = self.head_dim ** -0.5
         self.block_size = cache.block_size
         self.vocab_size = cfg.vocab_size
-        self.graphs = None          # a DecodeGraphs, set by enable_cuda_graphs()
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.layers = hf_model.model.layers
+        self.eps = self.layers[0].input_layernorm.variance_epsilon
+        # norm weights in order: before attention (layer 0), after attention, before the next layer / final
+        self.norm_weights = [self.layers[0].input_layernorm.weight]
+        for i, layer in enumerate(self.layers):
+            following = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else hf_model.model.norm
+            self.norm_weights += [layer.post_attention_layernorm.weight, following.weight]
+        with torch.no_grad():
+            self.qkv_w, self.qkv_b, self.gate_up_w = fuse_projections(self.layers)
+        self.graphs = None          # a DecodeGraphs (cuda_graphs.py) when CUDA graphs are on
 
     # -- entry point -----------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, chunks: list[SeqChunk]) -> torch.Tensor:
         """Run one step; returns fp32 logits [S, vocab] for the chunks with wants_logits, in order."""
-        if self.device.type == "cuda" and all(len(c.token_ids) == 1 and c.wants_logits for c in chunks):
+        if all(len(c.token_ids) == 1 and c.wants_logits for c in chunks):
             if self.graphs is not None and self.graphs.fits(len(chunks)):
                 return self.graphs.run(self.prepare_decode(chunks, on_device=False))
             return self.forward_decode(self.prepare_decode(chunks))
@@ -103,45 +146,45 @@ class ModelRunner:
         return torch.tensor(table, dtype=torch.long)[pos // self.block_size] * self.block_size + pos % self.block_size
 
     def prepare_mixed(self, chunks: list[SeqChunk]) -> MixedInputs:
-        ids, pos, slots, logit_rows = [], [], [], []
-        n_max = max(len(c.token_ids) for c in chunks)
-        l_max = max(c.start + len(c.token_ids) for c in chunks)
-        query_index = torch.zeros(len(chunks), n_max, dtype=torch.long)
-        query_valid = torch.zeros(len(chunks), n_max, dtype=torch.bool)
-        query_pos = torch.zeros(len(chunks), n_max, dtype=torch.long)
-        key_slots = torch.zeros(len(chunks), l_max, dtype=torch.long)
-        ctx_len = torch.zeros(len(chunks), 1, dtype=torch.long)
-        for b, c in enumerate(chunks):
+        dev, row = self.device, 0
+        ids, pos, slots, logit_rows, decode, prefills = [], [], [], [], [], []
+        for c in chunks:
             n, end = len(c.token_ids), c.start + len(c.token_ids)
-            row_slots = self._slots(c.block_table, 0, end)
-            key_slots[b, :end] = row_slots
-            ctx_len[b, 0] = end
-            query_index[b, :n] = torch.arange(len(ids), len(ids) + n)
-            query_valid[b, :n] = True
-            query_pos[b, :n] = torch.arange(c.start, end)
+            ctx_slots = self._slots(c.block_table, 0, end)
+            if n == 1:
+                decode.append((row, c))
+            elif c.start == 0:
+                prefills.append(PrefillGroup(slice(row, row + n), None, None))
+            else:
+                key_pos, q_pos = torch.arange(end), torch.arange(c.start, end)
+                mask = (key_pos[None, :] <= q_pos[:, None])[None, None].to(dev)
+                prefills.append(PrefillGroup(slice(row, row + n), ctx_slots.to(dev), mask))
             ids.extend(c.token_ids)
             pos.extend(range(c.start, end))
-            slots.append(row_slots[c.start:])
+            slots.append(ctx_slots[c.start:])
+            row += n
             if c.wants_logits:
-                logit_rows.append(len(ids) - 1)
-        mask = None
-        if len(chunks) > 1 or chunks[0].start > 0:
-            key_pos = torch.arange(l_max)
-            mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < ctx_len[:, :, None])
-            mask = mask[:, None].to(self.device)
-        dev = self.device
+                logit_rows.append(row - 1)
+        tables = self._decode_tables([c for _, c in decode]) if decode else torch.zeros(0, 1, dtype=torch.int32)
         return MixedInputs(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
             positions=torch.tensor(pos, dtype=torch.long, device=dev),
-            slots=torch.cat(slots).to(dev), query_index=query_index.to(dev), query_valid=query_valid.to(dev),
-            key_slots=key_slots.to(dev), attn_mask=mask,
+            slots=torch.cat(slots).to(dev),
+            decode_rows=torch.tensor([r for r, _ in decode], dtype=torch.long, device=dev),
+            block_tables=tables.to(dev),
+            context_lens=torch.tensor([c.start + 1 for _, c in decode], dtype=torch.int32, device=dev),
+            prefills=prefills,
             logits_index=torch.tensor(logit_rows, dtype=torch.long, device=dev))
 
-    def prepare_decode(self, chunks: list[SeqChunk], on_device: bool = True) -> DecodeInputs:
+    def _decode_tables(self, chunks: list[SeqChunk]) -> torch.Tensor:
         width = max(len(c.block_table) for c in chunks)
         tables = torch.full((len(chunks), width), self.cache.scratch_block, dtype=torch.int32)
         for b, c in enumerate(chunks):
             tables[b, :len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.int32)
+        return tables
+
+    def prepare_decode(self, chunks: list[SeqChunk], on_device: bool = True) -> DecodeInputs:
+        tables = self._decode_tables(chunks)
         pos = [c.start for c in chunks]
         inputs = DecodeInputs(
             input_ids=torch.tensor([c.token_ids[0] for c in chunks], dtype=torch.long),
@@ -158,49 +201,64 @@ class ModelRunner:
         core = self.hf.model
         h = core.embed_tokens(input_ids)
         cos, sin = core.rotary_emb(h[None], positions[None])
-        return h, cos[0][:, None, :], sin[0][:, None, :]           # cos/sin: [T, 1, head_dim]
+        return h, cos[0], sin[0]                                    # cos / sin: [T, head_dim]
 
-    def _qkv(self, layer, x, cos, sin):
-        attn, t = layer.self_attn, x.shape[0]
-        q = attn.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = attn.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = attn.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+    def _qkv(self, i: int, x, cos, sin):
+        t = x.shape[0]
+        qkv = F.linear(x, self.qkv_w[i], self.qkv_b[i])
+        q = qkv[:, :self.q_size].view(t, self.num_heads, self.head_dim)
+        k = qkv[:, self.q_size:self.q_size + self.kv_size].view(t, self.num_kv_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
+        return rope_(q, cos, sin), rope_(k, cos, sin), v
 
-    def _logits(self, h):
-        return self.hf.lm_head(self.hf.model.norm(h)).float()
+    def _logits(self, x):
+        return self.hf.lm_head(x).float()
+
+    def _layers(self, h, cos, sin, slots, attend) -> torch.Tensor:
+        """All decoder layers; returns the final-normed hidden states. The residual add is fused into
+        the next norm: x = norm(residual + sublayer output)."""
+        w = self.norm_weights
+        x, residual = rmsnorm(h, w[0], self.eps)
+        residual = h
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(i, x, cos, sin)
+            self.cache.write(i, slots, k, v)
+            attn_out = layer.self_attn.o_proj(attend(i, q, k, v).reshape(h.shape[0], -1))
+            x, residual = rmsnorm(attn_out, w[2 * i + 1], self.eps, residual)
+            mlp_out = layer.mlp.down_proj(silu_mul(F.linear(x, self.gate_up_w[i])))
+            x, residual = rmsnorm(mlp_out, w[2 * i + 2], self.eps, residual)
+        return x
 
     def forward_mixed(self, batch: MixedInputs) -> torch.Tensor:
         h, cos, sin = self._embed(batch.input_ids, batch.positions)
-        for i, layer in enumerate(self.hf.model.layers):
-            q, k, v = self._qkv(layer, layer.input_layernorm(h), cos, sin)
-            self.cache.write(i, batch.slots, k, v)
-            o = self._attend_mixed(i, q, k, v, batch)
-            h = h + layer.self_attn.o_proj(o.reshape(h.shape[0], -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = self._layers(h, cos, sin, batch.slots, lambda i, q, k, v: self._attend_mixed(i, q, k, v, batch))
         if batch.logits_index.numel() == 0:
             return torch.empty(0, self.vocab_size, device=self.device)
         return self._logits(h[batch.logits_index])
 
     def _attend_mixed(self, layer_idx, q, k, v, batch: MixedInputs) -> torch.Tensor:
+        out = torch.empty_like(q)
+        if batch.decode_rows.numel():
+            out[batch.decode_rows] = paged_decode(q[batch.decode_rows], self.cache.k[layer_idx], self.cache.v[layer_idx],
+                                                  batch.block_tables, batch.context_lens, self.block_size, self.scale)
         gqa = self.num_kv_heads != self.num_heads
-        if batch.attn_mask is None:       # one fresh prompt: plain causal attention on its own K/V
-            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                                 v.transpose(0, 1)[None], is_causal=True, enable_gqa=gqa)
-            return out[0].transpose(0, 1)
-        keys, values = self.cache.gather(layer_idx, batch.key_slots)          # [B, L, KVH, D]
-        queries = q[batch.query_index]                                        # [B, N, H, D]
-        out = F.scaled_dot_product_attention(queries.transpose(1, 2), keys.transpose(1, 2),
-                                             values.transpose(1, 2), attn_mask=batch.attn_mask, enable_gqa=gqa)
-        return out.transpose(1, 2)[batch.query_valid]                         # [T, H, D]
+        for g in batch.prefills:
+            if g.key_slots is None:       # fresh prompt: causal attention over its own new K/V
+                keys, values = k[g.rows], v[g.rows]
+            else:                         # a later chunk: its whole context comes from the cache
+                keys, values = self.cache.gather(layer_idx, g.key_slots)
+            o = F.scaled_dot_product_attention(q[g.rows].transpose(0, 1)[None], keys.transpose(0, 1)[None],
+                                               values.transpose(0, 1)[None], attn_mask=g.mask,
+                                               is_causal=g.mask is None, scale=self.scale, enable_gqa=gqa)
+            out[g.rows] = o[0].transpose(0, 1)
+        return out
 
     def forward_decode(self, batch: DecodeInputs) -> torch.Tensor:
+        """One token per sequence, no host syncs: the function CUDA graphs capture."""
         h, cos, sin = self._embed(batch.input_ids, batch.positions)
-        for i, layer in enumerate(self.hf.model.layers):
-            q, k, v = self._qkv(layer, layer.input_layernorm(h), cos, sin)
-            self.cache.write(i, batch.slots, k, v)
-            o = paged_decode(q, self.cache.k[i], self.cache.v[i], batch.block_tables, batch.context_lens,
-                             self.block_size, self.scale)
-            h = h + layer.self_attn.o_proj(o.reshape(h.shape[0], -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self._logits(h)
+
+        def attend(i, q, k, v):
+            return paged_decode(q, self.cache.k[i], self.cache.v[i], batch.block_tables, batch.context_lens,
+                                self.block_size, self.scale)
+
+        return self._logits(self._layers(h, cos, sin, batch.slots, attend))

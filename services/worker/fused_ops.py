@@ -1,0 +1,124 @@
+"""Fused elementwise kernels for the decode hot path (Triton on CUDA, plain torch elsewhere).
+
+A Llama layer's elementwise work (residual add + RMSNorm, rotary embedding, SiLU-and-mul) is a dozen
+tiny kernels in eager PyTorch; at small batches their launches and extra passes over memory cost as
+much as the matmuls. Each function here is one kernel on CUDA and numerically follows transformers:
+residual sums are rounded to the model dtype, norms are computed in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return triton is not None and x.is_cuda
+
+
+# -- RMSNorm with an optional residual add ------------------------------------------------------------
+def rmsnorm_torch(x, weight, eps, residual=None):
+    if residual is not None:
+        x = x + residual
+        residual = x
+    var = x.float().pow(2).mean(-1, keepdim=True)
+    normed = weight * (x.float() * torch.rsqrt(var + eps)).to(x.dtype)
+    return normed, residual
+
+
+if triton is not None:
+    @triton.jit
+    def _rmsnorm_kernel(X, R, W, OUT, ROUT, stride, n_cols, eps,
+                        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < n_cols
+        x = tl.load(X + row * stride + cols, mask=ok, other=0.0)
+        if HAS_RESIDUAL:
+            x = (x.to(tl.float32) + tl.load(R + row * stride + cols, mask=ok, other=0.0).to(tl.float32)).to(x.dtype)
+            tl.store(ROUT + row * stride + cols, x, mask=ok)
+        xf = x.to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / n_cols + eps)
+        w = tl.load(W + cols, mask=ok, other=0.0)
+        y = (w.to(tl.float32) * (xf * inv).to(x.dtype).to(tl.float32)).to(x.dtype)
+        tl.store(OUT + row * stride + cols, y, mask=ok)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """Returns (norm(x + residual), x + residual) -- or (norm(x), None) without a residual."""
+    if not _use_triton(x):
+        return rmsnorm_torch(x, weight, eps, residual)
+    out = torch.empty_like(x)
+    rout = torch.empty_like(x) if residual is not None else None
+    _rmsnorm_kernel[(x.shape[0],)](x, residual if residual is not None else x, weight, out,
+                                   rout if rout is not None else out, x.stride(0), x.shape[1], eps,
+                                   HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(x.shape[1]))
+    return out, rout
+
+
+# -- SiLU(gate) * up -----------------------------------------------------------------------------------
+if triton is not None:
+    @triton.jit
+    def _silu_mul_kernel(GU, OUT, n_cols, stride_in, stride_out, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < n_cols
+        gate = tl.load(GU + row * stride_in + cols, mask=ok, other=0.0).to(tl.float32)
+        up = tl.load(GU + row * stride_in + n_cols + cols, mask=ok, other=0.0)
+        act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
+        tl.store(OUT + row * stride_out + cols, (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype), mask=ok)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2I] (gate then up) -> silu(gate) * up [T, I]."""
+    half = gate_up.shape[1] // 2
+    if not _use_triton(gate_up):
+        return F.silu(gate_up[:, :half]) * gate_up[:, half:]
+    out = torch.empty(gate_up.shape[0], half, dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    _silu_mul_kernel[(gate_up.shape[0], triton.cdiv(half, block))](gate_up, out, half, gate_up.stride(0),
+                                                                   out.stride(0), BLOCK=block)
+    return out
+
+
+# -- rotary embedding, in place on q and k -------------------------------------------------------------
+def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+if triton is not None:
+    @triton.jit
+    def _rope_kernel(X, COS, SIN, stride_t, stride_h, stride_c, HALF: tl.constexpr):
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        d = tl.arange(0, HALF)
+        base = X + t * stride_t + h * stride_h
+        x1 = tl.load(base + d)
+        x2 = tl.load(base + HALF + d)
+        c1 = tl.load(COS + t * stride_c + d)
+        s1 = tl.load(SIN + t * stride_c + d)
+        c2 = tl.load(COS + t * stride_c + HALF + d)
+        s2 = tl.load(SIN + t * stride_c + HALF + d)
+        # rounded like transformers: each product in the model dtype, then the sum
+        a = (x1.to(tl.float32) * c1.to(tl.float32)).to(x1.dtype).to(tl.float32)
+        b = ((-x2.to(tl.float32)) * s1.to(tl.float32)).to(x1.dtype).to(tl.float32)
+        c = (x2.to(tl.float32) * c2.to(tl.float32)).to(x1.dtype).to(tl.float32)
+        e = (x1.to(tl.float32) * s2.to(tl.float32)).to(x1.dtype).to(tl.float32)
+        tl.store(base + d, (a + b).to(x1.dtype))
+        tl.store(base + HALF + d, (c + e).to(x1.dtype))
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] rotated in place (a new tensor on CPU); cos / sin [T, D] in x's dtype."""
+    if not _use_triton(x):
+        return rope_torch(x, cos, sin)
+    _rope_kernel[(x.shape[0], x.shape[1])](x, cos, sin, x.stride(0), x.stride(1), cos.stride(0),
+                                           HALF=x.shape[2] // 2)
+    return x
