@@ -134,16 +134,43 @@ def check_logits(engine, hf, prompts: list[int], steps: int, late: int = 100, jo
             "positions": len(errs), "nan": any(e != e for e in errs)}
 
 
-def fp32_check(layers: int = 4) -> dict:
-    """The same check in fp32 on a shallow model of Llama-3-8B widths: rounding cannot hide a bug here."""
+def hf_drift(ref, other, prompts: list[int], steps: int) -> dict:
+    """How far transformers itself drifts between two dtypes on the same tokens: the yardstick for ours."""
+    from transformers import DynamicCache
+
+    gen = torch.Generator().manual_seed(1)
+    errs, agree = [], []
+    with torch.inference_mode():
+        for n in prompts:
+            ids = torch.randint(0, ref.config.vocab_size, (1, n), generator=gen).cuda()
+            caches = DynamicCache(), DynamicCache()
+            for _ in range(steps + 1):
+                a, b = (m(input_ids=ids, past_key_values=c, use_cache=True).logits[0, -1].float()
+                        for m, c in zip((ref, other), caches))
+                errs.append(((b - a).norm() / a.norm()).item())
+                agree.append(int(a.argmax() == b.argmax()))
+                ids = a.argmax().view(1, 1)
+    return {"max_rel_err": max(errs), "mean_rel_err": statistics.mean(errs), "argmax_agree": statistics.mean(agree)}
+
+
+def shallow_checks(layers: int = 4) -> dict:
+    """On a shallow model of Llama-3-8B widths: ours in fp32 against transformers in fp32 (rounding cannot
+    hide a bug there), and ours in bf16 against fp32 next to transformers' own bf16 against fp32."""
+    import copy
+
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": layers})
-    hf = load_hf_model(None, torch.float32, torch.device("cuda"), random_weights=True, config=cfg)
-    engine = build_engine(WorkerConfig(device="cuda", dtype="float32", max_batch=8, num_blocks=512,
-                                       num_host_blocks=0, max_model_len=4096), model=hf)
-    res = check_logits(engine, hf, [37, 200, 513], steps=16)
-    del engine, hf
+    hf32 = load_hf_model(None, torch.float32, torch.device("cuda"), random_weights=True, config=cfg)
+    hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
+    res = {}
+    for name, model, dtype in (("ours_fp32_vs_hf_fp32", hf32, "float32"), ("ours_bf16_vs_hf_fp32", hf16, "bfloat16")):
+        engine = build_engine(WorkerConfig(device="cuda", dtype=dtype, max_batch=8, num_blocks=512,
+                                           num_host_blocks=0, max_model_len=4096), model=model)
+        res[name] = check_logits(engine, hf32, [37, 200, 513], steps=16)
+        del engine
+    res["hf_bf16_vs_hf_fp32"] = hf_drift(hf32, hf16, [37, 200, 513], steps=16)
+    del hf32, hf16
     torch.cuda.empty_cache()
     return res
 
@@ -237,8 +264,9 @@ def main() -> None:
     res["kernel_check"] = check_kernel()
     log("kernel check", res["kernel_check"])
     if "logits" not in a.skip:
-        res["logits_check_fp32_4layers"] = fp32_check()
-        log("logits check fp32 (4 layers)", res["logits_check_fp32_4layers"])
+        res["logits_check_4layers"] = shallow_checks()
+        for k, v in res["logits_check_4layers"].items():
+            log(f"logits check (4 layers) {k}: {v}")
 
     cfg = LlamaConfig(**LLAMA3_8B)
     t = time.perf_counter()

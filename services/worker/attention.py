@@ -38,7 +38,7 @@ if triton is not None:
     def _paged_decode_kernel(Q, K, V, BT, LENS, O, scale,
                              stride_qb, stride_qh, stride_ks, stride_kh, stride_btb, stride_ob, stride_oh,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-                             BLOCK_SIZE: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr):
+                             BLOCK_SIZE: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr, PRECISION: tl.constexpr):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         heads = kvh * GROUP + tl.arange(0, GROUP_PAD)
@@ -57,13 +57,13 @@ if triton is not None:
             block = tl.load(BT + b * stride_btb + pos // BLOCK_SIZE, mask=ok, other=0)
             slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
             k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale                             # [GROUP_PAD, TOK]
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale                             # [GROUP_PAD, TOK]
             s = tl.where(ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m - m_new)
             v = tl.load(V + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             l = l * alpha + tl.sum(p, 1)
             m = m_new
         out = acc / l[:, None]
@@ -83,7 +83,8 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, block_s
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim,
-        BLOCK_SIZE=block_size, BLOCKS_PER_ITER=per_iter)
+        BLOCK_SIZE=block_size, BLOCKS_PER_ITER=per_iter,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")   # fp32 models get true fp32 dots
     return out
 
 

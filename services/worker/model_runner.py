@@ -177,20 +177,16 @@ class ModelRunner:
             logits_index=torch.tensor(logit_rows, dtype=torch.long, device=dev))
 
     def _decode_tables(self, chunks: list[SeqChunk]) -> torch.Tensor:
-        width = max(len(c.block_table) for c in chunks)
-        tables = torch.full((len(chunks), width), self.cache.scratch_block, dtype=torch.int32)
-        for b, c in enumerate(chunks):
-            tables[b, :len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.int32)
-        return tables
+        width, pad = max(len(c.block_table) for c in chunks), self.cache.scratch_block
+        return torch.tensor([c.block_table + [pad] * (width - len(c.block_table)) for c in chunks], dtype=torch.int32)
 
     def prepare_decode(self, chunks: list[SeqChunk], on_device: bool = True) -> DecodeInputs:
         tables = self._decode_tables(chunks)
-        pos = [c.start for c in chunks]
+        pos, bs = [c.start for c in chunks], self.block_size
         inputs = DecodeInputs(
             input_ids=torch.tensor([c.token_ids[0] for c in chunks], dtype=torch.long),
             positions=torch.tensor(pos, dtype=torch.long),
-            slots=torch.tensor([c.block_table[p // self.block_size] * self.block_size + p % self.block_size
-                                for c, p in zip(chunks, pos)], dtype=torch.long),
+            slots=torch.tensor([c.block_table[p // bs] * bs + p % bs for c, p in zip(chunks, pos)], dtype=torch.long),
             block_tables=tables, context_lens=torch.tensor([p + 1 for p in pos], dtype=torch.int32))
         if on_device:
             inputs = DecodeInputs(*(t.to(self.device) for t in vars(inputs).values()))

@@ -60,9 +60,11 @@ class Sequence:
 
     def token_slice(self, start: int, stop: int) -> list[int]:
         n_prompt = len(self.prompt_ids)
+        if start >= n_prompt:                      # decode: only output tokens (no list concatenation)
+            return self.output_ids[start - n_prompt:stop - n_prompt]
         if stop <= n_prompt:
             return self.prompt_ids[start:stop]
-        return (self.prompt_ids + self.output_ids)[start:stop]
+        return self.prompt_ids[start:] + self.output_ids[:stop - n_prompt]
 
     def reset_for_recompute(self) -> None:
         self.num_computed = 0
