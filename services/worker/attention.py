@@ -95,6 +95,9 @@ def paged_decode_gather(q, k_cache, v_cache, block_tables, context_lens, block_s
     slots = block_tables.long()[:, pos // block_size] * block_size + pos % block_size      # [B, W]
     valid = pos[None, :] < context_lens[:, None]
     keys, values = k_cache[slots], v_cache[slots]                                           # [B, W, KVH, D]
+    # slots past a sequence's length hold stale data; zero them so even NaN garbage cannot leak in
+    keys = keys.masked_fill(~valid[:, :, None, None], 0)
+    values = values.masked_fill(~valid[:, :, None, None], 0)
     out = torch.nn.functional.scaled_dot_product_attention(
         q[:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=valid[:, None, None, :],
         scale=scale, enable_gqa=q.shape[1] != k_cache.shape[1])
