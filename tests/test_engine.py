@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from services.worker.config import WorkerConfig
 from services.worker.engine import RECOMPUTE, SWAP, Engine
@@ -125,3 +126,16 @@ def test_abort_frees_blocks(engine, tokenizer):
     assert engine.blocks.num_used > 0
     assert engine.abort("x")
     assert engine.blocks.num_used == 0 and not engine.has_work
+
+
+def test_logits_match_transformers_through_prefill_decode_and_mixed_steps(model_dir):
+    """The GPU benchmark's check, on CPU with the real SmolLM2 in fp32: 3 prompts prefilled together,
+    64 decode steps, and a 4th prompt joining in two chunks while the others decode."""
+    from bench.engine_bench import check_logits
+    from services.worker.model_runner import load_hf_model
+
+    hf = load_hf_model(str(model_dir), torch.float32, torch.device("cpu"))
+    engine = build_engine(WorkerConfig(model_dir=str(model_dir), num_blocks=256, max_batch=8), model=hf)
+    res = check_logits(engine, hf, [37, 200, 513], steps=64, late=100, join_at=8)
+    assert res["positions"] == 3 * 65 + (64 - 9)
+    assert res["max_rel_err"] < 1e-4 and res["argmax_agree"] == 1 and not res["nan"]
