@@ -91,3 +91,41 @@ def test_predictor_learns_from_observations(stack_factory):
         with pytest.raises(grpc.RpcError) as err:
             p.Predict(ppb.PredictRequest())
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_worker_sigterm_drains_running_jobs(stack_factory):
+    stack = stack_factory(num_workers=1)
+    stub = stub_for(stack.address)
+    rid = f"drain-{time.time_ns()}"
+    result = {}
+    t = threading.Thread(target=lambda: result.update(out=generate(
+        stub, request(PROMPT, rid, max_tokens=40, ignore_eos=True), timeout=120)))
+    t.start()
+    wait_until(lambda: job_status(stub, rid) == pb.JOB_STATUS_RUNNING, 60, 0.02)
+    worker = stack.services["worker-0"]
+    worker.stop(timeout_s=60)                       # SIGTERM: NOT_SERVING, drain, then leave
+    assert worker.proc.returncode == 0
+    t.join(60)
+    tokens, _, final = result["out"]
+    assert len(tokens) == 40 and final.timings.num_preemptions == 0   # finished, not handed back
+    wait_until(lambda: len(stub.GetLoad(pb.LoadRequest()).workers) == 0, 10)
+
+
+def test_prometheus_metrics(stack_factory):
+    import urllib.request
+
+    from services.common.local_stack import free_port
+
+    sched_port, worker_port = free_port(), free_port()
+    stack = stack_factory(scheduler_args=["--metrics-port", str(sched_port)],
+                          worker_args=["--metrics-port", str(worker_port)])
+    generate(stub_for(stack.address), request("Hello", max_tokens=5, ignore_eos=True))
+
+    def scrape(port):
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+    sched = scrape(sched_port)
+    assert "vllm:e2e_request_latency_seconds_count 1.0" in sched
+    assert "alise:predictor_available 1.0" in sched
+    wait_until(lambda: "vllm:kv_cache_usage_perc 0.0" in scrape(worker_port), 10)
+    assert "vllm:generation_tokens_total 5.0" in scrape(worker_port)

@@ -12,6 +12,7 @@ from services.scheduler.policies import POLICIES
 @dataclass(frozen=True)
 class SchedulerConfig:
     listen: str = "127.0.0.1:50051"            # client API and worker gateway
+    metrics_port: int = 0                       # Prometheus /metrics on this port; 0 = off
     redis_url: str = "redis://127.0.0.1:6379/0"
     predictor_address: str = "127.0.0.1:50052"
     predictor_timeout_s: float = 0.5

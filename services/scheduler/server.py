@@ -5,6 +5,7 @@ import asyncio
 import logging
 
 import redis.asyncio as aioredis
+from prometheus_client import start_http_server
 from alise.v1 import generate_pb2, worker_pb2
 from alise.v1 import worker_pb2_grpc
 
@@ -35,6 +36,8 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
     if recovered:
         log.info("requeued %d jobs left running by a previous scheduler", recovered)
 
+    if cfg.metrics_port:
+        start_http_server(cfg.metrics_port, addr=cfg.listen.rsplit(":", 1)[0])
     server, health, port = build_server(SERVICES, cfg.listen)
     add_to_server(AliseServicer(dispatcher, store, tokenizer, tokenizer.max_model_len), server)
     worker_pb2_grpc.add_WorkerGatewayServicer_to_server(WorkerGateway(dispatcher), server)

@@ -13,6 +13,7 @@ from services.common.model_paths import DEFAULT_MODEL_NAME, default_model_dir
 class WorkerConfig:
     scheduler: str = "127.0.0.1:50051"
     listen: str = "127.0.0.1:0"          # health + reflection
+    metrics_port: int = 0                # Prometheus /metrics on this port; 0 = off
     worker_id: str = ""                  # default: hostname-pid
     model_name: str = DEFAULT_MODEL_NAME
     model_dir: str = str(default_model_dir())

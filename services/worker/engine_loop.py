@@ -14,6 +14,7 @@ import time
 from alise.v1 import generate_pb2 as pb
 from alise.v1 import worker_pb2 as wpb
 
+from services.worker import metrics
 from services.worker.engine import RECOMPUTE, SWAP, Engine, StepOutput
 from services.worker.sequence import Finish, Sampling
 
@@ -111,6 +112,8 @@ class EngineLoop(threading.Thread):
 
     def _emit_step(self, out: StepOutput) -> None:
         self._step_seconds = 0.8 * self._step_seconds + 0.2 * out.seconds if self._step_seconds else out.seconds
+        metrics.STEP.observe(out.seconds)
+        metrics.GENERATED.inc(sum(len(d.token_ids) for d in out.deltas))
         if out.deltas:
             self._send(wpb.WorkerMessage(tokens=wpb.TokenEvents(deltas=[
                 wpb.TokenDelta(job_id=d.job_id, token_ids=d.token_ids, text=d.text) for d in out.deltas])))
@@ -124,6 +127,7 @@ class EngineLoop(threading.Thread):
         if key == self._last_report or now - self._last_report_at < self.report_interval_s and self.engine.has_work:
             return
         self._last_report, self._last_report_at = key, now
+        metrics.observe_load(load)
         self._send(wpb.WorkerMessage(load=wpb.LoadReport(
             running=load.running, waiting=load.waiting, used_blocks=load.used_blocks,
             total_blocks=load.total_blocks, swapped_blocks=load.swapped_blocks,

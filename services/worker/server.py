@@ -10,6 +10,7 @@ import logging
 import time
 
 import grpc
+from prometheus_client import start_http_server
 from alise.v1 import worker_pb2 as wpb
 from alise.v1 import worker_pb2_grpc as wpb_grpc
 
@@ -62,6 +63,8 @@ async def drain(loop_thread: EngineLoop, deadline_s: float) -> None:
 
 
 async def serve(cfg: WorkerConfig, stop: asyncio.Event | None = None) -> None:
+    if cfg.metrics_port:
+        start_http_server(cfg.metrics_port, addr=cfg.listen.rsplit(":", 1)[0])
     server, health, port = build_server([], cfg.listen)
     await server.start()                  # health answers NOT_SERVING while the model loads
     engine = await asyncio.to_thread(build_engine, cfg)

@@ -1,0 +1,29 @@
+"""Worker metrics (Prometheus), with vLLM's names so endpoint pickers, KEDA and dashboards work unchanged."""
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.worker.engine import EngineLoad
+
+RUNNING = Gauge("vllm:num_requests_running", "Sequences holding KV and scheduled every step")
+WAITING = Gauge("vllm:num_requests_waiting", "Sequences assigned to this worker but not running")
+SWAPPED = Gauge("alise:num_requests_swapped", "Preempted sequences whose KV is in host memory")
+KV_USAGE = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1)")
+KV_SWAPPED_BLOCKS = Gauge("alise:kv_swapped_blocks", "KV blocks held in host swap space")
+PREEMPTIONS = Counter("vllm:num_preemptions", "Preemptions (scheduler-ordered and local)")
+GENERATED = Counter("vllm:generation_tokens", "Tokens generated")
+STEP = Histogram("alise:engine_step_seconds", "Wall time of one engine step",
+                 buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2))
+
+_last_preemptions = 0
+
+
+def observe_load(load: EngineLoad) -> None:
+    global _last_preemptions
+    RUNNING.set(load.running)
+    WAITING.set(load.waiting)
+    SWAPPED.set(load.swapped)
+    KV_USAGE.set(load.used_blocks / load.total_blocks if load.total_blocks else 0.0)
+    KV_SWAPPED_BLOCKS.set(load.swapped_blocks)
+    PREEMPTIONS.inc(max(0, load.num_preemptions - _last_preemptions))
+    _last_preemptions = load.num_preemptions
