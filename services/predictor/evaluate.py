@@ -1,0 +1,154 @@
+"""Evaluate the length predictor on real datasets, next to baselines; optionally an online replay.
+
+    python -m services.predictor.evaluate ../shared/data/alpaca_5000.json ../shared/data/sharegpt_sample_1000.json \
+        --out docs/results/predictor_eval.json --plot-dir docs/results
+
+Per dataset: a held-out split by prompt (20%), our predictor trained on the rest (its k, similarity threshold
+and kNN/MLP blend tuned on a validation part of the training data), and the baselines: global mean,
+prompt-length regression, kNN only, MLP only. Output lengths use the served model's tokenizer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from services.common.model_paths import default_model_dir
+from services.predictor.datasets import count_tokens, load_examples
+from services.predictor.encoder import Encoder
+from services.predictor.evaluation import (Split, baseline_mean, baseline_prompt_length, evaluate_predictor,
+                                           metrics, split_by_prompt, tune)
+from services.predictor.length_predictor import LengthPredictor, PredictorParams, prompt_key
+
+log = logging.getLogger("alise.predictor.evaluate")
+
+
+def embed_dataset(path: Path, encoder: Encoder, tokenizer, limit: int | None) -> tuple[Split, list[str]]:
+    examples = load_examples(path)[:limit]
+    prompts = [e.prompt for e in examples]
+    lengths = np.array(count_tokens(tokenizer, [e.response for e in examples]), dtype=np.float32)
+    vecs = encoder.encode(prompts)
+    return Split(vecs, np.array([len(p) for p in prompts], np.float32), lengths, [prompt_key(p) for p in prompts]), prompts
+
+
+def train_tuned(encoder: Encoder, train: Split, val_frac: float = 0.2) -> tuple[LengthPredictor, dict]:
+    """Fit on part of `train`, tune on the rest, then refit the index on all of `train`."""
+    fit_idx, val_idx = split_by_prompt(train.keys, val_frac, seed=1)
+    fit_part, val = train.take(fit_idx), train.take(val_idx)
+    pred = LengthPredictor(encoder)
+    pred.fit(fit_part.vecs, fit_part.chars, fit_part.lengths, fit_part.keys, val=(val.vecs, val.chars, val.lengths))
+    chosen = tune(pred, val)
+    pred.index.add(val.vecs, val.lengths, val.keys)           # the final index knows every training prompt
+    return pred, chosen
+
+
+def variant(pred: LengthPredictor, **overrides) -> LengthPredictor:
+    """The same trained parts under other parameters (the kNN-only and MLP-only baselines)."""
+    other = LengthPredictor(pred.encoder, PredictorParams(**{**vars(pred.params), **overrides}))
+    other.index, other.mlp = pred.index, pred.mlp
+    return other
+
+
+def evaluate_dataset(path: Path, encoder: Encoder, tokenizer, test_frac: float, limit: int | None,
+                     plot_dir: Path | None) -> dict:
+    started = time.perf_counter()
+    data, _ = embed_dataset(path, encoder, tokenizer, limit)
+    train_idx, test_idx = split_by_prompt(data.keys, test_frac)
+    train, test = data.take(train_idx), data.take(test_idx)
+    pred, chosen = train_tuned(encoder, train)
+    ours, mu = evaluate_predictor(pred, test)
+    knn_only = variant(pred, knn_weight=1.0, min_similarity=-1.0)
+    knn_only.mlp = None
+    res = {
+        "dataset": path.name, "examples": len(data.lengths), "train": len(train.lengths), "test": len(test.lengths),
+        "mean_output_tokens": float(data.lengths.mean()), "chosen": chosen,
+        "alise": ours,
+        "baseline_global_mean": baseline_mean(train, test),
+        "baseline_prompt_length": baseline_prompt_length(train, test),
+        "baseline_knn_only": evaluate_predictor(knn_only, test)[0],
+        "baseline_mlp_only": evaluate_predictor(variant(pred, knn_weight=0.0), test)[0],
+        "seconds": time.perf_counter() - started,
+    }
+    if plot_dir is not None:
+        res["plot"] = str(scatter(plot_dir, path.stem, np.exp(mu), test.lengths, ours["kendall_tau"]))
+    return res
+
+
+def online(path: Path, encoder: Encoder, tokenizer, limit: int | None, chunk: int = 50, window: int = 500) -> dict:
+    """Stream the dataset in order: predict each chunk, then learn its true lengths. Tau per window."""
+    data, prompts = embed_dataset(path, encoder, tokenizer, limit)
+    pred = LengthPredictor(encoder, retrain_every=256)
+    mus = []
+    for i in range(0, len(prompts), chunk):
+        batch = prompts[i:i + chunk]
+        mus += [np.log(p.p50) for p in pred.predict(batch)]
+        pred.observe(batch, [int(x) for x in data.lengths[i:i + chunk]])
+    mus = np.array(mus)
+    windows = [metrics(mus[i:i + window], None, data.lengths[i:i + window])["kendall_tau"]
+               for i in range(0, len(mus) - window + 1, window)]
+    return {"dataset": path.name, "window": window, "kendall_tau_by_window": windows}
+
+
+def scatter(plot_dir: Path, name: str, pred: np.ndarray, true: np.ndarray, tau: float) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.scatter(true, pred, s=4, alpha=0.4)
+    lo, hi = 1, max(true.max(), pred.max())
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    ax.set(xscale="log", yscale="log", xlabel="true output tokens", ylabel="predicted p50",
+           title=f"{name}: Kendall tau {tau:.3f}")
+    fig.tight_layout()
+    out = plot_dir / f"predictor_scatter_{name}.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("datasets", nargs="+", type=Path)
+    p.add_argument("--tokenizer", default=str(default_model_dir()), help="the served model's tokenizer")
+    p.add_argument("--test-frac", type=float, default=0.2)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--online", action="store_true", help="also replay each dataset online")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--plot-dir", type=Path, default=None)
+    a = p.parse_args()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(a.tokenizer)
+    encoder = Encoder()
+    results = [evaluate_dataset(d, encoder, tokenizer, a.test_frac, a.limit, a.plot_dir) for d in a.datasets]
+    report = {"offline": results}
+    if a.online:
+        report["online"] = [online(d, encoder, tokenizer, a.limit) for d in a.datasets]
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(report, indent=2))
+    print_table(report)
+
+
+def print_table(report: dict) -> None:
+    rows = ("alise", "baseline_knn_only", "baseline_mlp_only", "baseline_prompt_length", "baseline_global_mean")
+    print(f"\n{'dataset':<34} {'predictor':<24} {'tau':>6} {'spear':>6} {'MAE':>7} {'MAElog':>6} {'bucket':>6} {'p90cov':>6}")
+    for r in report["offline"]:
+        for name in rows:
+            m = r[name]
+            cov = "" if m["p90_coverage"] is None else f"{m['p90_coverage']:.2f}"
+            print(f"{r['dataset']:<34} {name:<24} {m['kendall_tau']:>6.3f} {m['spearman']:>6.3f} "
+                  f"{m['mae_tokens']:>7.1f} {m['mae_log']:>6.2f} {m['bucket_accuracy']:>6.2f} {cov:>6}")
+    for r in report.get("online", []):
+        print(f"online {r['dataset']}: tau per {r['window']} " + " ".join(f"{t:.2f}" for t in r["kendall_tau_by_window"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""A bounded vector index of past prompts with their true output lengths.
+
+Exact inner product (faiss IndexFlatIP over unit vectors = cosine similarity) up to `exact_limit` entries,
+8-bit scalar-quantized vectors beyond (a quarter of the memory: 1M prompts in ~0.4 GB). Entries are
+de-duplicated by prompt hash (a repeated prompt updates its length to the running mean) and the oldest are
+evicted in batches when the index is full.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class KnnIndex:
+    def __init__(self, dim: int, max_entries: int = 1_000_000, exact_limit: int = 200_000):
+        self.dim = dim
+        self.max_entries = max_entries
+        self.exact_limit = exact_limit
+        self.vectors = np.zeros((0, dim), dtype=np.float32)
+        self.log_lengths = np.zeros(0, dtype=np.float32)
+        self.counts = np.zeros(0, dtype=np.float32)
+        self.keys: list[str] = []
+        self._pos: dict[str, int] = {}
+        self._faiss = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def add(self, vecs: np.ndarray, lengths, keys: list[str]) -> None:
+        fresh_v, fresh_l, fresh_k = [], [], []
+        for v, n, k in zip(vecs, lengths, keys):
+            if k in self._pos:                    # seen before: running mean of its log length
+                i = self._pos[k]
+                self.counts[i] += 1
+                self.log_lengths[i] += (np.log(n) - self.log_lengths[i]) / self.counts[i]
+            elif k not in fresh_k:
+                fresh_v.append(v), fresh_l.append(np.log(n)), fresh_k.append(k)
+        if fresh_k:
+            self.vectors = np.concatenate([self.vectors, np.asarray(fresh_v, dtype=np.float32)])
+            self.log_lengths = np.concatenate([self.log_lengths, np.asarray(fresh_l, dtype=np.float32)])
+            self.counts = np.concatenate([self.counts, np.ones(len(fresh_k), dtype=np.float32)])
+            self.keys += fresh_k
+            self._evict()
+            self._pos = {k: i for i, k in enumerate(self.keys)}
+        self._faiss = None                        # rebuilt lazily on the next search
+
+    def _evict(self) -> None:
+        if len(self.keys) <= self.max_entries:
+            return
+        drop = len(self.keys) - int(self.max_entries * 0.9)   # evict in batches, oldest first
+        self.vectors, self.log_lengths, self.counts = self.vectors[drop:], self.log_lengths[drop:], self.counts[drop:]
+        self.keys = self.keys[drop:]
+
+    def _index(self):
+        import faiss
+
+        if self._faiss is None:
+            if len(self) <= self.exact_limit:
+                index = faiss.IndexFlatIP(self.dim)
+            else:
+                index = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+                index.train(self.vectors[:100_000])
+            index.add(self.vectors)
+            self._faiss = index
+        return self._faiss
+
+    def search(self, vecs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities [n, k], log lengths [n, k]); missing neighbours have similarity -inf."""
+        if len(self) == 0:
+            return np.full((len(vecs), k), -np.inf, np.float32), np.zeros((len(vecs), k), np.float32)
+        sims, ids = self._index().search(vecs, min(k, len(self)))
+        if sims.shape[1] < k:
+            pad = k - sims.shape[1]
+            sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf)
+            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+        sims = np.where(ids >= 0, sims, -np.inf)
+        return sims.astype(np.float32), self.log_lengths[np.maximum(ids, 0)]
+
+    def state(self) -> dict:
+        return {"vectors": self.vectors.astype(np.float16), "log_lengths": self.log_lengths,
+                "counts": self.counts, "keys": np.asarray(self.keys)}
+
+    def load_state(self, s: dict) -> None:
+        self.vectors = s["vectors"].astype(np.float32)
+        self.log_lengths, self.counts = s["log_lengths"].astype(np.float32), s["counts"].astype(np.float32)
+        self.keys = [str(k) for k in s["keys"]]
+        if not (len(self.vectors) == len(self.log_lengths) == len(self.counts) == len(self.keys)):
+            raise ValueError("index arrays disagree in length")
+        self._pos = {k: i for i, k in enumerate(self.keys)}
+        self._faiss = None

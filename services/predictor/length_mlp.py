@@ -1,0 +1,60 @@
+"""The MLP fallback: prompt embedding (+ log prompt size) -> quantiles 10/50/90 of log output length.
+
+Quantile (pinball) loss gives a distribution, not just a point; the heads are monotone by construction
+(p10 = p50 - softplus, p90 = p50 + softplus).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+QUANTILES = torch.tensor([0.1, 0.5, 0.9])
+
+
+def features(vecs: np.ndarray, prompt_chars: np.ndarray) -> torch.Tensor:
+    size = np.log1p(np.asarray(prompt_chars, dtype=np.float32))[:, None] / 8.0
+    return torch.from_numpy(np.concatenate([vecs, size], axis=1).astype(np.float32))
+
+
+class LengthMLP(torch.nn.Module):
+    def __init__(self, dim: int = 385, hidden: int = 256, dropout: float = 0.1):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.GELU(), torch.nn.Dropout(dropout),
+                                       torch.nn.Linear(hidden, 3))
+        self.net[-1].bias.data[0] = float(np.log(128))     # start near a typical length
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[n, 3] log-length quantiles (p10, p50, p90)."""
+        o = self.net(x)
+        mid = o[:, 0]
+        return torch.stack([mid - F.softplus(o[:, 1]), mid, mid + F.softplus(o[:, 2])], dim=1)
+
+
+def pinball(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    diff = target[:, None] - pred
+    return torch.maximum(QUANTILES * diff, (QUANTILES - 1) * diff).mean()
+
+
+def fit(model: LengthMLP, x: torch.Tensor, y_log: torch.Tensor, x_val=None, y_val=None,
+        epochs: int = 300, lr: float = 3e-3, weight_decay: float = 1e-4, batch: int = 512) -> LengthMLP:
+    """Adam on the pinball loss; keeps the epoch with the best validation loss when one is given."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    best, best_state = float("inf"), None
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(x), generator=gen).split(batch):
+            opt.zero_grad()
+            pinball(model(x[idx]), y_log[idx]).backward()
+            opt.step()
+        if x_val is not None:
+            model.eval()
+            with torch.no_grad():
+                loss = pinball(model(x_val), y_val).item()
+            if loss < best:
+                best, best_state = loss, {k: v.clone() for k, v in model.state_dict().items()}
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return model
