@@ -70,3 +70,10 @@ def test_placement_respects_slots_blocks_and_swap_affinity():
                     (worker("w1", slots=2), worker("w2", slots=1), worker("w3", slots=1, free_blocks=1)))
     plan = make_policy("fcfs").plan(snap, COST)
     assert dict(plan.assign) == {"a": "w1", "b": "w2", "c": "w1"}
+
+
+def test_remaining_tokens_from_deciles():
+    deciles = (10, 20, 30, 40, 50, 60, 70, 80, 90, 100)
+    assert expected_remaining_tokens(0, 0, 0, 1000, deciles) == 55            # the mean of the deciles
+    assert expected_remaining_tokens(0, 0, 75, 1000, deciles) == 15           # mean excess of 80, 90, 100
+    assert expected_remaining_tokens(0, 0, 150, 1000, deciles) == 150         # beyond all of them

@@ -42,15 +42,19 @@ class Encoder:
 
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         keys = [hashlib.sha1(t.encode()).hexdigest() for t in texts]
-        missing = [i for i, k in enumerate(keys) if k not in self._cache]
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        missing = []
+        for i, k in enumerate(keys):
+            if k in self._cache:
+                out[i] = self._cache[k]
+                self._cache.move_to_end(k)
+            else:
+                missing.append(i)
         if missing:
-            vecs = self.model.encode([texts[i] for i in missing], batch_size=batch_size,
-                                     normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
-            for i, v in zip(missing, vecs):
-                self._remember(keys[i], v)
-        out = np.stack([self._cache[k] for k in keys])
-        for k in keys:
-            self._cache.move_to_end(k)
+            out[missing] = self.model.encode([texts[i] for i in missing], batch_size=batch_size,
+                                             normalize_embeddings=True, convert_to_numpy=True)
+            for i in missing:
+                self._remember(keys[i], out[i])
         return out
 
     def _remember(self, key: str, vec: np.ndarray) -> None:

@@ -1,17 +1,25 @@
-"""Predictor service: gRPC wiring over LengthPredictor (batched Predict, online Observe)."""
+"""Predictor service: gRPC wiring over LengthPredictor (batched Predict, online Observe, persistence).
+
+`--model-dir` holds a predictor trained by `python -m services.predictor.train`; online learning is saved
+back to it every `--save-every-s` and on shutdown. A missing directory is a clean empty start; an
+unreadable one is logged as an error and also starts empty (it is never a crash loop), and the next
+save replaces it.
+"""
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+from pathlib import Path
 
 import grpc
 from alise.v1 import predictor_pb2 as pb
-from alise.v1 import predictor_pb2_grpc as pb_grpc
 
 from services.common.grpc_server import (SERVING, build_server, configure_logging, install_stop_signals,
                                          set_health)
-from services.predictor.length_predictor import Encoder, LengthPredictor
+from services.common.lenient import add_lenient_service, reject_bad
+from services.predictor.encoder import Encoder
+from services.predictor.length_predictor import LengthPredictor, PredictorParams
 
 log = logging.getLogger("alise.predictor")
 SERVICE = pb.DESCRIPTOR.services_by_name["Predictor"].full_name
@@ -19,11 +27,12 @@ MAX_BATCH = 1024
 MAX_PROMPT_CHARS = 200_000
 
 
-class PredictorServicer(pb_grpc.PredictorServicer):
+class PredictorServicer:
     def __init__(self, predictor: LengthPredictor):
         self.p = predictor
 
-    async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+    async def Predict(self, request, context):
+        await reject_bad(request, context)
         prompts = list(request.prompts)
         if not prompts:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompts: must not be empty")
@@ -34,10 +43,11 @@ class PredictorServicer(pb_grpc.PredictorServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompts[{i}]: over {MAX_PROMPT_CHARS} chars")
         preds = await asyncio.to_thread(self.p.predict, prompts)
         return pb.PredictResponse(predictions=[
-            pb.LengthPrediction(mean=x.mean, p10=x.p10, p50=x.p50, p90=x.p90, neighbours=x.neighbours)
-            for x in preds])
+            pb.LengthPrediction(mean=x.mean, p10=x.p10, p50=x.p50, p90=x.p90, neighbours=x.neighbours,
+                                deciles=x.deciles, source=x.source) for x in preds])
 
-    async def Observe(self, request: pb.ObserveRequest, context: grpc.aio.ServicerContext) -> pb.ObserveResponse:
+    async def Observe(self, request, context):
+        await reject_bad(request, context)
         obs = list(request.observations)
         for i, o in enumerate(obs):
             if o.output_tokens <= 0:
@@ -50,11 +60,33 @@ class PredictorServicer(pb_grpc.PredictorServicer):
         return pb.ObserveResponse(index_size=size)
 
 
-async def serve(listen: str, k: int, min_similarity: float, prior: float) -> None:
-    server, health, port = build_server([SERVICE], listen)
-    predictor = LengthPredictor(Encoder(), k=k, min_similarity=min_similarity, prior_mean=prior)
-    pb_grpc.add_PredictorServicer_to_server(PredictorServicer(predictor), server)
+def load_or_empty(predictor: LengthPredictor, model_dir: Path | None) -> None:
+    if model_dir is None or not model_dir.exists():
+        log.info("no trained predictor at %s: starting empty (prior until jobs are observed)", model_dir)
+        return
+    try:
+        predictor.load(model_dir)
+        log.info("loaded predictor from %s: %d prompts, params %s", model_dir, predictor.size, predictor.params)
+    except Exception as e:  # noqa: BLE001 - a corrupt file must not become a crash loop
+        log.error("cannot read predictor at %s (%r): starting empty; the next save replaces it", model_dir, e)
+        predictor.params = PredictorParams()
+
+
+async def save_periodically(predictor: LengthPredictor, model_dir: Path, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        if predictor.dirty:
+            await asyncio.to_thread(predictor.save, model_dir)
+
+
+async def serve(a: argparse.Namespace) -> None:
+    server, health, port = build_server([SERVICE], a.listen)
+    encoder = Encoder(max_tokens=a.max_prompt_tokens, quantize=a.quantize)
+    predictor = LengthPredictor(encoder, PredictorParams(prior_log_mean=float(__import__("math").log(a.prior))))
+    load_or_empty(predictor, a.model_dir)
+    add_lenient_service(server, PredictorServicer(predictor), pb, "Predictor")
     await server.start()
+    saver = asyncio.create_task(save_periodically(predictor, a.model_dir, a.save_every_s)) if a.model_dir else None
     await set_health(health, [SERVICE], SERVING)
     log.info("predictor listening on port %d", port)
     stop = asyncio.Event()
@@ -62,17 +94,22 @@ async def serve(listen: str, k: int, min_similarity: float, prior: float) -> Non
     await stop.wait()
     await health.enter_graceful_shutdown()
     await server.stop(grace=5)
+    if saver is not None:
+        saver.cancel()
+        if predictor.dirty:
+            predictor.save(a.model_dir)
 
 
 def main() -> None:
     configure_logging()
     p = argparse.ArgumentParser(description="ALISE output-length predictor")
     p.add_argument("--listen", default="127.0.0.1:50052")
-    p.add_argument("--k", type=int, default=8)
-    p.add_argument("--min-similarity", type=float, default=0.5)
-    p.add_argument("--prior", type=float, default=128.0)
-    a = p.parse_args()
-    asyncio.run(serve(a.listen, a.k, a.min_similarity, a.prior))
+    p.add_argument("--model-dir", type=Path, default=None, help="trained predictor; online learning is saved here")
+    p.add_argument("--save-every-s", type=float, default=30.0)
+    p.add_argument("--prior", type=float, default=128.0, help="output tokens assumed before anything is learned")
+    p.add_argument("--max-prompt-tokens", type=int, default=256, help="encoder truncation")
+    p.add_argument("--quantize", action="store_true", help="int8 dynamic quantization of the encoder")
+    asyncio.run(serve(p.parse_args()))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import grpc
 from alise.v1 import generate_pb2 as pb
 from alise.v1 import generate_pb2_grpc as pb_grpc
 
-from services.common.wire import invalid_utf8_field
+from services.common.lenient import BadMessage, add_lenient_service, reject_bad
 from services.scheduler import metrics
 from services.scheduler.dispatcher import Dispatcher, complete_message
 from services.scheduler.job_store import JobStore
@@ -21,22 +21,6 @@ STATUSES = {"queued": pb.JOB_STATUS_QUEUED, "running": pb.JOB_STATUS_RUNNING, "f
 VERSION = "0.1.0"
 
 
-class BadMessage:
-    """Stands in for a request the protobuf runtime refused, so the handler can name the bad field."""
-
-    def __init__(self, field: str):
-        self.field = field
-
-
-def lenient_deserializer(message_cls):
-    def parse(data: bytes):
-        try:
-            return message_cls.FromString(data)
-        except Exception:  # noqa: BLE001 - DecodeError; anything unparseable is the client's error
-            return BadMessage(invalid_utf8_field(message_cls.DESCRIPTOR, data) or "<message>")
-    return parse
-
-
 class AliseServicer(pb_grpc.AliseServicer):
     def __init__(self, dispatcher: Dispatcher, store: JobStore, tokenizer: PromptTokenizer, max_model_len: int):
         self.d = dispatcher
@@ -47,7 +31,7 @@ class AliseServicer(pb_grpc.AliseServicer):
     async def _check_decoded(self, request, context) -> None:
         if isinstance(request, BadMessage):
             metrics.REJECTED.labels(field=request.field).inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.field}: invalid UTF-8")
+        await reject_bad(request, context)
 
     async def Generate(self, request, context):
         await self._check_decoded(request, context)
@@ -108,12 +92,4 @@ class AliseServicer(pb_grpc.AliseServicer):
 
 
 def add_to_server(servicer: AliseServicer, server: grpc.aio.Server) -> None:
-    """Like the generated add_AliseServicer_to_server, but with lenient request parsing."""
-    handlers = {}
-    for method in pb.DESCRIPTOR.services_by_name["Alise"].methods:
-        req_cls = getattr(pb, method.input_type.name)
-        factory = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
-        handlers[method.name] = factory(getattr(servicer, method.name),
-                                        request_deserializer=lenient_deserializer(req_cls),
-                                        response_serializer=lambda m: m.SerializeToString())
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("alise.v1.Alise", handlers),))
+    add_lenient_service(server, servicer, pb, "Alise")

@@ -51,7 +51,8 @@ class Dispatcher:
         mean = pred.mean if pred else self.cfg.prior_output_tokens
         rec = JobRecord(job_id=v.request_id, prompt_ids=v.prompt_ids, prompt_text=v.prompt_text,
                         sampling=v.sampling, priority=v.priority, pred_len=mean,
-                        pred_p90=pred.p90 if pred else 3 * mean, predicted=pred is not None)
+                        pred_p90=pred.p90 if pred else 3 * mean, predicted=pred is not None,
+                        pred_deciles=list(pred.deciles) if pred else [])
         rec.pred_time = self.cost.total(len(rec.prompt_ids), min(mean, v.sampling["max_tokens"]))
         if not await self.store.create(rec, self.policy.queue_score(self._view(rec), self.cost)):
             return False
@@ -64,7 +65,7 @@ class Dispatcher:
                        prompt_len=len(rec.prompt_ids), max_tokens=rec.sampling["max_tokens"],
                        pred_len=rec.pred_len, pred_p90=rec.pred_p90, predicted=rec.predicted,
                        generated=self.generated.get(rec.job_id, 0), running=running,
-                       swapped_on=self.swapped_on.get(rec.job_id, ""))
+                       swapped_on=self.swapped_on.get(rec.job_id, ""), pred_deciles=tuple(rec.pred_deciles))
 
     async def _record(self, job_id: str) -> JobRecord | None:
         rec = self.records.get(job_id)

@@ -23,13 +23,19 @@ class ExecTimeModel:
         return prefill + remaining_tokens * (self.a * context_len + self.b)
 
 
-def expected_remaining_tokens(pred_len: float, pred_p90: float, generated: int, max_tokens: int) -> float:
-    """E[L - g | L > g], approximated from the predicted mean and p90.
+def expected_remaining_tokens(pred_len: float, pred_p90: float, generated: int, max_tokens: int,
+                              deciles: tuple[float, ...] = ()) -> float:
+    """E[L - g | L > g] for a job that has generated g tokens.
 
-    A job that has outlived its prediction is not "about to finish": past the mean we expect it to
-    reach the p90, and past the p90 (a heavy tail) to run about as long again.
+    With the predictor's deciles (quantiles at 0.05 ... 0.95, 10% of the mass each) the expectation is the
+    mean excess of the deciles above g. Without them, from the mean and p90. Either way a job that has
+    outlived its whole predicted distribution is not "about to finish": it is expected to run about as
+    long again (a heavy tail).
     """
-    if generated < pred_len:
+    if deciles:
+        above = [q - generated for q in deciles if q > generated]
+        est = sum(above) / len(above) if above else float(generated)
+    elif generated < pred_len:
         est = pred_len - generated
     elif generated < pred_p90:
         est = pred_p90 - generated

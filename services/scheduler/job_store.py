@@ -36,6 +36,7 @@ class JobRecord:
     created: float = field(default_factory=time.time)
     pred_len: float = 0.0              # predicted output tokens (mean)
     pred_p90: float = 0.0
+    pred_deciles: list[float] = field(default_factory=list)
     pred_time: float = 0.0             # execution-time model estimate at admission, seconds
     predicted: bool = False            # False when the predictor was unavailable
 
@@ -50,6 +51,7 @@ class JobRecord:
             job_id=f["job_id"], prompt_ids=json.loads(f["prompt_ids"]), prompt_text=f["prompt_text"],
             sampling=json.loads(f["sampling"]), priority=int(f["priority"]), created=float(f["created"]),
             pred_len=float(f["pred_len"]), pred_p90=float(f["pred_p90"]), pred_time=float(f["pred_time"]),
+            pred_deciles=json.loads(f.get("pred_deciles", "[]")),
             predicted=f["predicted"] == "1",
         )
 

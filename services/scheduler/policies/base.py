@@ -25,10 +25,12 @@ class JobView:
     generated: int = 0
     running: bool = False      # holds KV on its worker right now
     swapped_on: str = ""       # worker that holds its swapped-out KV
+    pred_deciles: tuple[float, ...] = ()
 
     @property
     def remaining_tokens(self) -> float:
-        return expected_remaining_tokens(self.pred_len, self.pred_p90, self.generated, self.max_tokens)
+        return expected_remaining_tokens(self.pred_len, self.pred_p90, self.generated, self.max_tokens,
+                                         self.pred_deciles)
 
     def remaining_seconds(self, cost: ExecTimeModel) -> float:
         return cost.remaining(self.prompt_len + self.generated, self.remaining_tokens, not self.running)

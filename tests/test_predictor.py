@@ -1,0 +1,88 @@
+"""The length predictor: dataset readers, learning, distribution, persistence, and its gRPC service."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import grpc
+import pytest
+from alise.v1 import predictor_pb2 as ppb
+from alise.v1 import predictor_pb2_grpc as ppb_grpc
+
+from services.common.local_stack import free_port, wait_healthy
+from services.predictor.datasets import load_examples
+from services.predictor.encoder import Encoder
+from services.predictor.length_predictor import LengthPredictor
+
+
+def test_dataset_formats(tmp_path):
+    (tmp_path / "alpaca.json").write_text(json.dumps([{"instruction": "Add", "input": "1 and 2", "output": "3"}]))
+    (tmp_path / "eval.json").write_text(json.dumps([{"instruction": "Hi", "output": "Hello!", "generator": "m1"}]))
+    (tmp_path / "sg.json").write_text(json.dumps([{"id": "a", "conversations": [
+        {"from": "human", "value": "Q1"}, {"from": "gpt", "value": "A1"},
+        {"from": "human", "value": "Q2"}, {"from": "gpt", "value": "A2"}]}]))
+    (tmp_path / "plain.jsonl").write_text('{"prompt": "p", "response": "r"}\n')
+    assert [(e.prompt, e.response) for e in load_examples(tmp_path / "alpaca.json")] == [("Add\n1 and 2", "3")]
+    assert load_examples(tmp_path / "eval.json")[0].source == "m1"
+    sg = load_examples(tmp_path / "sg.json")
+    assert [(e.prompt, e.response) for e in sg] == [("Q1", "A1"), ("Q1\nA1\nQ2", "A2")]   # with history
+    assert load_examples(tmp_path / "plain.jsonl")[0].response == "r"
+    (tmp_path / "bad.json").write_text(json.dumps([{"foo": 1}]))
+    with pytest.raises(ValueError, match="unknown format"):
+        load_examples(tmp_path / "bad.json")
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return Encoder()
+
+
+def test_learns_ranks_and_persists(encoder, tmp_path):
+    pred = LengthPredictor(encoder)
+    first = pred.predict(["Write a detailed essay about the history of Rome."])[0]
+    assert first.source == "prior" and first.neighbours == 0
+    pred.observe(["Write a detailed essay about the history of Greece.", "Answer yes or no: is water wet?"], [800, 3])
+    long_, short = pred.predict(["Write a detailed essay about the history of Rome.", "Answer yes or no: is water cold?"])
+    assert long_.neighbours >= 1 and long_.p50 > 300 and short.p50 < 30
+    assert long_.p10 <= long_.p50 <= long_.p90 and list(long_.deciles) == sorted(long_.deciles)
+    pred.save(tmp_path / "model")
+    again = LengthPredictor(encoder)
+    again.load(tmp_path / "model")
+    assert again.size == 2
+    assert again.predict(["Answer yes or no: is water cold?"])[0].p50 == pytest.approx(short.p50, rel=1e-3)
+
+
+def test_service_persists_online_learning_and_survives_a_corrupt_file(tmp_path):
+    model_dir = tmp_path / "predictor"
+
+    def start():
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "services.predictor.server", "--listen", f"127.0.0.1:{port}",
+                                 "--model-dir", str(model_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_healthy(f"127.0.0.1:{port}", 90)
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        return proc, ppb_grpc.PredictorStub(channel), channel
+
+    proc, stub, channel = start()
+    stub.Observe(ppb.ObserveRequest(observations=[ppb.Observation(prompt="Tell me a long story.", output_tokens=700)]))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Predict(ppb.PredictRequest())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompts" in err.value.details()
+    raw = ppb.PredictRequest(prompts=["AAAA"]).SerializeToString().replace(b"AAAA", b"\xff\xfe\xfd\xfc")
+    with pytest.raises(grpc.RpcError) as err:
+        channel.unary_unary("/alise.v1.Predictor/Predict")(raw)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompts[0]: invalid UTF-8" in err.value.details()
+    proc.terminate()
+    proc.wait(30)                                     # SIGTERM saves what was learned
+    proc, stub, _ = start()
+    p = stub.Predict(ppb.PredictRequest(prompts=["Tell me a long story, please."])).predictions[0]
+    assert p.neighbours == 1 and p.p50 > 300
+    proc.terminate()
+    proc.wait(30)
+    (model_dir / "index.npz").write_bytes(b"garbage")  # corrupt: an error in the log and a clean empty start
+    proc, stub, _ = start()
+    p = stub.Predict(ppb.PredictRequest(prompts=["Tell me a long story."])).predictions[0]
+    assert p.source == "prior"
+    proc.terminate()
+    assert b"cannot read predictor" in proc.communicate(timeout=30)[1]
