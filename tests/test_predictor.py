@@ -86,3 +86,28 @@ def test_service_persists_online_learning_and_survives_a_corrupt_file(tmp_path):
     assert p.source == "prior"
     proc.terminate()
     assert b"cannot read predictor" in proc.communicate(timeout=30)[1]
+
+
+def test_train_cli_with_finetuning_then_serve(tmp_path):
+    topics = ["rivers", "cats", "taxes", "stars", "bread", "chess", "rain", "music", "trains", "glass"]
+    rows = [{"instruction": f"Write {n} sentences about {t}.", "input": "", "output": " ".join(["Word."] * (8 * n))}
+            for n in (1, 2, 4, 8, 16, 32) for t in topics]
+    (tmp_path / "tiny.json").write_text(json.dumps(rows))
+    out = tmp_path / "model"
+    done = subprocess.run([sys.executable, "-m", "services.predictor.train", str(tmp_path / "tiny.json"),
+                           "--out", str(out), "--finetune", "--epochs", "1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    assert summary["prompts"] == 60 and (out / "encoder").is_dir()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "services.predictor.server", "--listen", f"127.0.0.1:{port}",
+                             "--model-dir", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_healthy(f"127.0.0.1:{port}", 90)
+        stub = ppb_grpc.PredictorStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        short, long_ = stub.Predict(ppb.PredictRequest(prompts=["Write 1 sentences about snow.",
+                                                                 "Write 32 sentences about snow."])).predictions
+        assert short.source != "prior" and long_.p50 > short.p50
+    finally:
+        proc.terminate()
+        proc.wait(30)

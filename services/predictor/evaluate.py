@@ -53,9 +53,28 @@ def variant(pred: LengthPredictor, **overrides) -> LengthPredictor:
     return other
 
 
+def finetuned_encoder(path: Path, base: Encoder, tokenizer, test_frac: float, limit: int | None,
+                      work_dir: Path) -> tuple[Encoder, dict]:
+    """Fine-tune the encoder on this dataset's training part only (its own validation split inside)."""
+    from services.predictor.finetune import finetune
+
+    data, prompts = embed_dataset(path, base, tokenizer, limit)
+    train_idx, _ = split_by_prompt(data.keys, test_frac)
+    train = data.take(train_idx)
+    fit_idx, val_idx = split_by_prompt(train.keys, 0.2, seed=1)
+    train_prompts = [prompts[i] for i in train_idx]
+    out = work_dir / f"encoder-{path.stem}"
+    info = finetune([train_prompts[i] for i in fit_idx], train.lengths[fit_idx],
+                    [train_prompts[i] for i in val_idx], train.lengths[val_idx], out)
+    return Encoder(model_path=str(out), max_tokens=128), info
+
+
 def evaluate_dataset(path: Path, encoder: Encoder, tokenizer, test_frac: float, limit: int | None,
-                     plot_dir: Path | None) -> dict:
+                     plot_dir: Path | None, finetune_dir: Path | None = None) -> dict:
     started = time.perf_counter()
+    ft_info = None
+    if finetune_dir is not None:
+        encoder, ft_info = finetuned_encoder(path, encoder, tokenizer, test_frac, limit, finetune_dir)
     data, _ = embed_dataset(path, encoder, tokenizer, limit)
     train_idx, test_idx = split_by_prompt(data.keys, test_frac)
     train, test = data.take(train_idx), data.take(test_idx)
@@ -73,6 +92,8 @@ def evaluate_dataset(path: Path, encoder: Encoder, tokenizer, test_frac: float, 
         "baseline_mlp_only": evaluate_predictor(variant(pred, knn_weight=0.0), test)[0],
         "seconds": time.perf_counter() - started,
     }
+    if ft_info is not None:
+        res["finetune"] = ft_info
     if plot_dir is not None:
         res["plot"] = str(scatter(plot_dir, path.stem, np.exp(mu), test.lengths, ours["kendall_tau"]))
     return res
@@ -122,12 +143,15 @@ def main() -> None:
     p.add_argument("--online", action="store_true", help="also replay each dataset online")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot-dir", type=Path, default=None)
+    p.add_argument("--finetune-dir", type=Path, default=None,
+                   help="fine-tune the encoder for ranking on each training split, saving it here")
     a = p.parse_args()
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(a.tokenizer)
     encoder = Encoder()
-    results = [evaluate_dataset(d, encoder, tokenizer, a.test_frac, a.limit, a.plot_dir) for d in a.datasets]
+    results = [evaluate_dataset(d, encoder, tokenizer, a.test_frac, a.limit, a.plot_dir, a.finetune_dir)
+               for d in a.datasets]
     report = {"offline": results}
     if a.online:
         report["online"] = [online(d, encoder, tokenizer, a.limit) for d in a.datasets]

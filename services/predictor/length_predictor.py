@@ -162,21 +162,23 @@ class LengthPredictor:
         fit(self.mlp, features(vecs, chars), torch.from_numpy(ys.astype(np.float32)), epochs=5 if len(ys) > 2000 else 30)
 
     # -- persistence -----------------------------------------------------------------------------------
+    STATE_FILES = ("index.npz", "mlp.pt", "params.json")
+
     def save(self, directory: Path) -> None:
+        """Write the learned state next to (never over) a fine-tuned `encoder/` the directory may hold."""
         directory = Path(directory)
-        tmp = directory.with_name(directory.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(parents=True, exist_ok=True)
         with self._lock:
-            np.savez(tmp / "index.npz", **self.index.state())
+            np.savez(directory / "index.npz.tmp.npz", **self.index.state())
             if self.mlp is not None:
-                torch.save(self.mlp.state_dict(), tmp / "mlp.pt")
-            (tmp / "params.json").write_text(json.dumps(asdict(self.params), indent=2))
+                torch.save(self.mlp.state_dict(), directory / "mlp.pt.tmp")
+            (directory / "params.json.tmp").write_text(json.dumps(asdict(self.params), indent=2))
             self.dirty = False
-        if directory.exists():
-            for f in directory.iterdir():
-                f.unlink()
-            directory.rmdir()
-        tmp.rename(directory)             # a crash mid-save never leaves a half-written model behind
+        # renames are atomic: a crash mid-save leaves the previous files, never half-written ones
+        (directory / "index.npz.tmp.npz").replace(directory / "index.npz")
+        if self.mlp is not None:
+            (directory / "mlp.pt.tmp").replace(directory / "mlp.pt")
+        (directory / "params.json.tmp").replace(directory / "params.json")
 
     def load(self, directory: Path) -> None:
         directory = Path(directory)

@@ -81,7 +81,12 @@ async def save_periodically(predictor: LengthPredictor, model_dir: Path, every_s
 
 async def serve(a: argparse.Namespace) -> None:
     server, health, port = build_server([SERVICE], a.listen)
-    encoder = Encoder(max_tokens=a.max_prompt_tokens, quantize=a.quantize)
+    finetuned = a.model_dir / "encoder" if a.model_dir else None
+    if finetuned is not None and finetuned.exists():
+        log.info("using the fine-tuned encoder in %s", finetuned)
+        encoder = Encoder(model_path=str(finetuned), max_tokens=min(a.max_prompt_tokens, 128), quantize=a.quantize)
+    else:
+        encoder = Encoder(max_tokens=a.max_prompt_tokens, quantize=a.quantize)
     predictor = LengthPredictor(encoder, PredictorParams(prior_log_mean=float(__import__("math").log(a.prior))))
     load_or_empty(predictor, a.model_dir)
     add_lenient_service(server, PredictorServicer(predictor), pb, "Predictor")

@@ -5,12 +5,15 @@
 
 Formats: see services/predictor/datasets.py. Output lengths are counted with the served model's tokenizer
 (`--tokenizer`). k, the similarity threshold and the kNN/MLP blend are chosen on a validation split.
+With `--finetune` the encoder is first fine-tuned to rank prompts by output length (finetune.py) and saved
+as `<out>/encoder`, which the predictor service then loads instead of the stock MiniLM.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,8 @@ import numpy as np
 from services.common.model_paths import cache_root, default_model_dir
 from services.predictor.encoder import Encoder
 from services.predictor.evaluate import embed_dataset, train_tuned
-from services.predictor.evaluation import Split
+from services.predictor.evaluation import Split, split_by_prompt
+from services.predictor.finetune import finetune
 
 
 def main() -> None:
@@ -28,17 +32,35 @@ def main() -> None:
     p.add_argument("--tokenizer", default=str(default_model_dir()))
     p.add_argument("--out", type=Path, default=cache_root() / "predictor")
     p.add_argument("--limit", type=int, default=None, help="examples per dataset")
+    p.add_argument("--finetune", action="store_true", help="fine-tune the encoder for ranking first")
+    p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs")
     a = p.parse_args()
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(a.tokenizer)
     encoder = Encoder()
-    parts = [embed_dataset(d, encoder, tokenizer, a.limit)[0] for d in a.datasets]
-    data = Split(np.concatenate([s.vecs for s in parts]), np.concatenate([s.chars for s in parts]),
-                 np.concatenate([s.lengths for s in parts]), [k for s in parts for k in s.keys])
+    data, prompts = embed_all(a.datasets, encoder, tokenizer, a.limit)
+    extra = {}
+    if a.finetune:
+        encoder_dir = a.out.with_name(a.out.name + ".encoder")
+        fit_idx, val_idx = split_by_prompt(data.keys, 0.2, seed=1)
+        extra = finetune([prompts[i] for i in fit_idx], data.lengths[fit_idx],
+                         [prompts[i] for i in val_idx], data.lengths[val_idx], encoder_dir, epochs=a.epochs)
+        encoder = Encoder(model_path=str(encoder_dir), max_tokens=128)
+        data, _ = embed_all(a.datasets, encoder, tokenizer, a.limit)
     predictor, chosen = train_tuned(encoder, data)
     predictor.save(a.out)
-    print(json.dumps({"saved": str(a.out), "prompts": predictor.size, **chosen}, indent=2))
+    if a.finetune:
+        shutil.rmtree(a.out / "encoder", ignore_errors=True)
+        encoder_dir.rename(a.out / "encoder")
+    print(json.dumps({"saved": str(a.out), "prompts": predictor.size, **chosen, **extra}, indent=2))
+
+
+def embed_all(paths, encoder, tokenizer, limit) -> tuple[Split, list[str]]:
+    parts = [embed_dataset(d, encoder, tokenizer, limit) for d in paths]
+    data = Split(np.concatenate([s.vecs for s, _ in parts]), np.concatenate([s.chars for s, _ in parts]),
+                 np.concatenate([s.lengths for s, _ in parts]), [k for s, _ in parts for k in s.keys])
+    return data, [p for _, ps in parts for p in ps]
 
 
 if __name__ == "__main__":
