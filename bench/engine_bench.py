@@ -71,11 +71,12 @@ def check_kernel() -> dict:
             vc[slots] = torch.randn(n, kv, dim, dtype=torch.bfloat16, device="cuda")
         q = torch.randn(bsz, heads, dim, dtype=torch.bfloat16, device="cuda")
         lens_t = torch.tensor(lens, dtype=torch.int32, device="cuda")
-        out = torch.full_like(q, float("nan"))
-        paged_decode_triton(q, kc, vc, tables, lens_t, bs, dim**-0.5, out=out)
         ref = paged_decode_reference(q.double(), kc.double(), vc.double(), tables, lens_t, bs, dim**-0.5)
-        err = ((out.double() - ref).norm() / ref.norm()).item()
-        res[f"heads{heads}_kv{kv}"] = {"rel_err": err, "nan": bool(torch.isnan(out).any())}
+        for splits in (1, None):                     # one pass per sequence, and flash-decoding slices
+            out = torch.full_like(q, float("nan"))
+            paged_decode_triton(q, kc, vc, tables, lens_t, bs, dim**-0.5, out=out, splits=splits)
+            err = ((out.double() - ref).norm() / ref.norm()).item()
+            res[f"heads{heads}_kv{kv}_splits{splits or 'auto'}"] = {"rel_err": err, "nan": bool(torch.isnan(out).any())}
     return res
 
 

@@ -71,20 +71,106 @@ if triton is not None:
                  mask=head_ok[:, None])
 
 
+if triton is not None:
+    @triton.jit
+    def _paged_decode_split_kernel(Q, K, V, BT, LENS, M_OUT, L_OUT, ACC_OUT, scale,
+                                   stride_qb, stride_qh, stride_ks, stride_kh, stride_btb,
+                                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
+                                   BLOCK_SIZE: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr, SPLITS: tl.constexpr,
+                                   PRECISION: tl.constexpr):
+        """Flash-decoding: program (b, kv head, split) covers one slice of the context and writes its
+        partial softmax state (max, sum, weighted values); _combine_splits_kernel merges the slices."""
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        TOK: tl.constexpr = BLOCK_SIZE * BLOCKS_PER_ITER
+        heads = kvh * GROUP + tl.arange(0, GROUP_PAD)
+        head_ok = tl.arange(0, GROUP_PAD) < GROUP
+        d = tl.arange(0, D)
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=head_ok[:, None], other=0.0)
+        n = tl.load(LENS + b)
+        per = tl.cdiv(tl.cdiv(n, SPLITS), TOK) * TOK
+        lo = split * per
+        hi = tl.minimum(n, lo + per)
+        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, D], tl.float32)
+        t = tl.arange(0, TOK)
+        for start in range(lo, hi, TOK):
+            pos = start + t
+            ok = pos < hi
+            block = tl.load(BT + b * stride_btb + pos // BLOCK_SIZE, mask=ok, other=0)
+            slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
+            k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=ok[:, None], other=0.0)
+            sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            sc = tl.where(ok[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m, tl.max(sc, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(sc - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
+            v = tl.load(V + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            l = l * alpha + tl.sum(p, 1)
+            m = m_new
+        row = (b * (GROUP * tl.num_programs(1)) + heads) * SPLITS + split      # [B, H, SPLITS]
+        tl.store(M_OUT + row, m, mask=head_ok)
+        tl.store(L_OUT + row, l, mask=head_ok)
+        tl.store(ACC_OUT + row[:, None] * D + d[None, :], acc, mask=head_ok[:, None])
+
+    @triton.jit
+    def _combine_splits_kernel(M_IN, L_IN, ACC_IN, O, stride_ob, stride_oh, num_heads,
+                               SPLITS: tl.constexpr, D: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        s = tl.arange(0, SPLITS)
+        d = tl.arange(0, D)
+        row = (b * num_heads + h) * SPLITS + s
+        m = tl.load(M_IN + row)
+        l = tl.load(L_IN + row)
+        acc = tl.load(ACC_IN + row[:, None] * D + d[None, :])
+        top = tl.max(m, 0)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))          # empty slices weigh nothing
+        out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+        tl.store(O + b * stride_ob + h * stride_oh + d, out.to(O.dtype.element_ty))
+
+
+def num_splits(batch: int, num_kv_heads: int, num_sms: int = 132) -> int:
+    """Context slices per (sequence, KV head): enough programs to fill the GPU at small batch."""
+    programs = batch * num_kv_heads
+    if programs >= num_sms:
+        return 1
+    return min(16, triton.next_power_of_2(-(-2 * num_sms // programs)))
+
+
 def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, block_size: int, scale: float,
-                        out: torch.Tensor | None = None, blocks_per_iter: int | None = None):
+                        out: torch.Tensor | None = None, blocks_per_iter: int | None = None,
+                        splits: int | None = None):
     bsz, num_heads, dim = q.shape
     num_kv = k_cache.shape[1]
     group = num_heads // num_kv
     out = torch.empty_like(q) if out is None else out
     per_iter = blocks_per_iter or max(1, 64 // block_size)
+    splits = splits or num_splits(bsz, num_kv)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"   # fp32 models get true fp32 dots
+    group_pad = max(16, triton.next_power_of_2(group))
+    if splits > 1:
+        m = torch.empty(bsz, num_heads, splits, dtype=torch.float32, device=q.device)
+        l = torch.empty_like(m)
+        acc = torch.empty(bsz, num_heads, splits, dim, dtype=torch.float32, device=q.device)
+        _paged_decode_split_kernel[(bsz, num_kv, splits)](
+            q, k_cache, v_cache, block_tables, context_lens, m, l, acc, scale,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
+            GROUP=group, GROUP_PAD=group_pad, D=dim, BLOCK_SIZE=block_size, BLOCKS_PER_ITER=per_iter,
+            SPLITS=splits, PRECISION=precision)
+        _combine_splits_kernel[(bsz, num_heads)](m, l, acc, out, out.stride(0), out.stride(1), num_heads,
+                                                 SPLITS=splits, D=dim)
+        return out
     _paged_decode_kernel[(bsz, num_kv)](
         q, k_cache, v_cache, block_tables, context_lens, out, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
         out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim,
-        BLOCK_SIZE=block_size, BLOCKS_PER_ITER=per_iter,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")   # fp32 models get true fp32 dots
+        GROUP=group, GROUP_PAD=group_pad, D=dim, BLOCK_SIZE=block_size, BLOCKS_PER_ITER=per_iter,
+        PRECISION=precision)
     return out
 
 
