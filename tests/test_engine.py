@@ -139,3 +139,27 @@ def test_logits_match_transformers_through_prefill_decode_and_mixed_steps(model_
     res = check_logits(engine, hf, [37, 200, 513], steps=64, late=100, join_at=8)
     assert res["positions"] == 3 * 65 + (64 - 9)
     assert res["max_rel_err"] < 1e-4 and res["argmax_agree"] == 1 and not res["nan"]
+
+
+def test_other_architectures_fall_back_to_transformers(tmp_path):
+    """A GPT-2-shaped model (not Llama family) runs through transformers' own forward, with the same
+    greedy output as `generate`, also across a swap and a recompute preemption."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300, n_positions=256)).eval()
+    engine = build_engine(WorkerConfig(num_blocks=64, num_host_blocks=16, max_batch=4), model=model)
+    prompt = [5, 17, 42, 7, 99]
+    ref = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    engine.add("a", prompt, Sampling(max_tokens=20, ignore_eos=True))
+    engine.add("b", prompt, Sampling(max_tokens=20, ignore_eos=True))
+    for _ in range(5):
+        engine.step()
+    a_first, b_first = engine.seqs["a"].output_ids[:], engine.seqs["b"].output_ids[:]
+    assert engine.preempt("a", SWAP) == SWAP and engine.preempt("b", RECOMPUTE) == RECOMPUTE
+    engine.add("a", prompt, Sampling(max_tokens=20, ignore_eos=True))            # swapped: resumes in place
+    engine.add("b", prompt, Sampling(max_tokens=20, ignore_eos=True), b_first)   # recompute from its tokens
+    done = run_to_end(engine)
+    assert a_first + done["a"][0] == ref and b_first + done["b"][0] == ref
+    assert not engine.runner._caches                                             # released when finished

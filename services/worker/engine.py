@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from services.worker.block_manager import BlockManager
 from services.worker.detokenizer import IncrementalDetokenizer
-from services.worker.model_runner import ModelRunner, SeqChunk
+from services.worker.model_runner import SeqChunk
 from services.worker.sampler import sample
 from services.worker.sequence import Finish, Sampling, Sequence, SeqStatus
 from services.worker.step_scheduler import ScheduledChunk, StepScheduler
@@ -47,7 +47,7 @@ class EngineLoad:
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, blocks: BlockManager, tokenizer, *, eos_ids: set[int],
+    def __init__(self, runner, blocks: BlockManager, tokenizer, *, eos_ids: set[int],
                  max_batch: int, token_budget: int, max_model_len: int):
         self.runner = runner
         self.blocks = blocks
@@ -109,6 +109,7 @@ class Engine:
     def _drop(self, seq: Sequence) -> None:
         self.sched.remove(seq)
         self.blocks.free(seq.job_id)
+        self.runner.release(seq.job_id)
         self.seqs.pop(seq.job_id, None)
         self.detok.pop(seq.job_id, None)
 
@@ -142,6 +143,7 @@ class Engine:
             start=start,
             block_table=self.blocks.table(seq.job_id),
             wants_logits=start + c.num_tokens == seq.num_tokens,
+            seq_id=seq.job_id,
         )
 
     def _append_token(self, seq: Sequence, token: int, out: StepOutput) -> None:

@@ -10,7 +10,7 @@ from services.worker.block_manager import BlockManager
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
 from services.worker.kv_cache import PagedKVCache
-from services.worker.model_runner import ModelRunner, load_hf_model
+from services.worker.model_runner import SUPPORTED_MODEL_TYPES, ModelRunner, load_hf_model
 
 log = logging.getLogger("alise.worker")
 CPU_DEFAULT_BLOCKS = 512
@@ -50,6 +50,8 @@ def build_engine(cfg: WorkerConfig, model=None, tokenizer=None) -> Engine:
         model = load_hf_model(cfg.model_dir, dtype, device, random_weights=cfg.random_weights)
         tokenizer = AutoTokenizer.from_pretrained(cfg.model_dir)
     mc = model.config
+    if mc.model_type not in SUPPORTED_MODEL_TYPES:
+        return _fallback_engine(cfg, model, tokenizer)
     head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
     shape = dict(num_layers=mc.num_hidden_layers, block_size=cfg.block_size, num_kv_heads=mc.num_key_value_heads,
                  head_dim=head_dim)
@@ -67,5 +69,18 @@ def build_engine(cfg: WorkerConfig, model=None, tokenizer=None) -> Engine:
     log.info("engine: %s on %s/%s, KV pool %d blocks x %d tokens, max_model_len %d",
              mc.model_type, cfg.device, cfg.dtype, num_blocks, cfg.block_size, max_len)
     return Engine(runner, BlockManager(num_blocks, cfg.block_size, cfg.num_host_blocks), tokenizer,
+                  eos_ids=eos_token_ids(model, tokenizer), max_batch=cfg.max_batch,
+                  token_budget=cfg.token_budget, max_model_len=max_len)
+
+
+def _fallback_engine(cfg: WorkerConfig, model, tokenizer) -> Engine:
+    """Other architectures: transformers' forward, slowly but correctly (fallback_runner.py)."""
+    from services.worker.fallback_runner import FallbackRunner
+
+    num_blocks = cfg.num_blocks or CPU_DEFAULT_BLOCKS
+    max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
+    max_len = min(cfg.max_model_len or max_positions, max_positions, num_blocks * cfg.block_size)
+    return Engine(FallbackRunner(model, cfg.block_size, num_blocks),
+                  BlockManager(num_blocks, cfg.block_size, cfg.num_host_blocks), tokenizer,
                   eos_ids=eos_token_ids(model, tokenizer), max_batch=cfg.max_batch,
                   token_budget=cfg.token_budget, max_model_len=max_len)

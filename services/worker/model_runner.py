@@ -31,6 +31,7 @@ class SeqChunk:
     start: int
     block_table: list[int]
     wants_logits: bool          # the chunk reaches the end of the sequence: sample a next token
+    seq_id: str = ""            # only the transformers fallback runner needs it (its caches are per sequence)
 
 
 @dataclass
@@ -67,8 +68,6 @@ def load_hf_model(model_dir: str | None, dtype: torch.dtype, device: torch.devic
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = config or AutoConfig.from_pretrained(model_dir)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model_type {config.model_type!r} is not supported (have {sorted(SUPPORTED_MODEL_TYPES)})")
     if random_weights:
         with device:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -129,6 +128,9 @@ class ModelRunner:
         with torch.no_grad():
             self.qkv_w, self.qkv_b, self.gate_up_w = fuse_projections(self.layers)
         self.graphs = None          # a DecodeGraphs (cuda_graphs.py) when CUDA graphs are on
+
+    def release(self, seq_id: str) -> None:
+        """A sequence left: nothing to do, its KV lives in pool blocks the BlockManager frees."""
 
     # -- entry point -----------------------------------------------------------------------------
     @torch.inference_mode()
