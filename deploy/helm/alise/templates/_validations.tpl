@@ -1,0 +1,22 @@
+{{/* Refuse values that would deploy a broken system, with a message saying which value. */}}
+{{- define "alise.validate" -}}
+{{- $w := .Values.worker -}}
+{{- if not (has .Values.scheduler.policy (list "fcfs" "priority" "alise")) -}}
+{{- fail (printf "scheduler.policy must be fcfs, priority or alise (got %q)" .Values.scheduler.policy) -}}
+{{- end -}}
+{{- if not (has .Values.scheduler.preemptMode (list "recompute" "swap")) -}}
+{{- fail "scheduler.preemptMode must be recompute or swap" -}}
+{{- end -}}
+{{- if lt (int $w.replicas) 0 -}}
+{{- fail "worker.replicas must be >= 0" -}}
+{{- end -}}
+{{- if le (int $w.terminationGracePeriodSeconds) (add (int $w.drainTimeoutSeconds) (int $w.preStopSleepSeconds)) -}}
+{{- fail "worker.terminationGracePeriodSeconds must exceed worker.drainTimeoutSeconds + worker.preStopSleepSeconds, or in-flight jobs are killed mid-drain" -}}
+{{- end -}}
+{{- if and (not .Values.redis.enabled) (not .Values.redis.externalUrl) -}}
+{{- fail "set redis.externalUrl when redis.enabled is false" -}}
+{{- end -}}
+{{- if ne .Values.scheduler.modelName $w.modelName -}}
+{{- fail "scheduler.modelName and worker.modelName must match" -}}
+{{- end -}}
+{{- end -}}
