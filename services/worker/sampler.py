@@ -1,7 +1,9 @@
-"""Next-token choice: greedy in one argmax for the batch; temperature / top-k / top-p per sequence.
+"""Next-token choice for a batch: greedy rows by one argmax; sampled rows filtered together on the device.
 
-A seeded request draws each token from a generator seeded with (seed, token index), so its output does
-not depend on batching, preemption or which worker resumes it.
+Temperature, top-k and top-p are applied to all sampled rows at once over one sort of their logits, so a
+batch costs a few kernels rather than a Python loop. A seeded request draws from a generator seeded with
+(seed, token index), so its output does not depend on batching, preemption or which worker resumes it;
+unseeded rows share one multinomial call.
 """
 from __future__ import annotations
 
@@ -10,33 +12,41 @@ import torch
 from services.worker.sequence import Sampling
 
 
-def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    if top_k > 0 and top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p   # keep the smallest set reaching top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return logits
-
-
-def _generator(sampling: Sampling, token_index: int, device: torch.device) -> torch.Generator | None:
-    if sampling.seed is None:
-        return None
+def _generator(seed: int, token_index: int, device: torch.device) -> torch.Generator:
     gen = torch.Generator(device=device)
-    gen.manual_seed((sampling.seed * 1_000_003 + token_index) % (2**63))
+    gen.manual_seed((seed * 1_000_003 + token_index) % (2**63))
     return gen
+
+
+def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                   top_p: torch.Tensor) -> torch.Tensor:
+    """logits [S, V]; per-row temperature (> 0), top_k (0 = off) and top_p -> probabilities [S, V]."""
+    scaled = logits / temperature[:, None]
+    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+    rank = torch.arange(scaled.shape[-1], device=scaled.device)[None, :]
+    drop = (top_k[:, None] > 0) & (rank >= top_k[:, None])
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+    drop |= probs.cumsum(-1) - probs >= top_p[:, None]          # keep the smallest set reaching top_p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.zeros_like(scaled).scatter(-1, order, sorted_logits.softmax(-1))
 
 
 def sample(logits: torch.Tensor, samplings: list[Sampling], token_indices: list[int]) -> list[int]:
     """logits [S, vocab] fp32 -> one token id per row."""
-    chosen = logits.argmax(dim=-1).tolist()
-    for row, (sp, idx) in enumerate(zip(samplings, token_indices)):
-        if sp.greedy:
-            continue
-        filtered = _filter_top_k_top_p(logits[row] / sp.temperature, sp.top_k, sp.top_p)
-        probs = filtered.softmax(-1)
-        chosen[row] = int(torch.multinomial(probs, 1, generator=_generator(sp, idx, logits.device)))
-    return chosen
+    chosen = logits.argmax(dim=-1)
+    rows = [i for i, sp in enumerate(samplings) if not sp.greedy]
+    if rows:
+        dev = logits.device
+        sp = [samplings[i] for i in rows]
+        probs = filtered_probs(logits[rows],
+                               torch.tensor([s.temperature for s in sp], device=dev),
+                               torch.tensor([s.top_k for s in sp], device=dev),
+                               torch.tensor([s.top_p for s in sp], device=dev))
+        unseeded = [j for j, s in enumerate(sp) if s.seed is None]
+        if unseeded:
+            chosen[[rows[j] for j in unseeded]] = torch.multinomial(probs[unseeded], 1)[:, 0]
+        for j, s in enumerate(sp):
+            if s.seed is not None:
+                gen = _generator(s.seed, token_indices[rows[j]], dev)
+                chosen[rows[j]] = torch.multinomial(probs[j], 1, generator=gen)[0]
+    return chosen.tolist()

@@ -1,0 +1,24 @@
+import torch
+
+from services.worker.sampler import filtered_probs, sample
+from services.worker.sequence import Sampling
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]]))
+    probs = filtered_probs(logits, torch.ones(3), torch.tensor([2, 0, 0]), torch.tensor([1.0, 0.7, 1.0]))
+    assert torch.allclose(probs[0], torch.tensor([0.625, 0.375, 0, 0]))          # top-2
+    assert torch.allclose(probs[1], torch.tensor([0.625, 0.375, 0, 0]))          # 0.5 + 0.3 >= 0.7
+    assert torch.allclose(probs[2], torch.tensor([0.1, 0.2, 0.3, 0.4]))          # untouched
+
+
+def test_greedy_seeded_and_mixed_batches():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    sp = [Sampling(), Sampling(temperature=1.0, seed=3), Sampling(temperature=0.7, top_p=0.9),
+          Sampling(temperature=1.0, seed=3)]
+    a = sample(logits, sp, [0, 5, 5, 5])
+    b = sample(logits, sp, [0, 5, 5, 5])
+    assert a[0] == b[0] == int(logits[0].argmax())
+    assert a[1] == b[1]                                 # same seed and token index: same draw
+    assert sample(logits[[1]], [sp[1]], [5]) == [a[1]]  # independent of the rest of the batch
