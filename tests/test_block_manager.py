@@ -37,6 +37,20 @@ def test_swap_out_and_in_moves_blocks_between_pools():
     assert bm.num_swapped == 0 and len(bm.table("a")) == 3
 
 
+def test_shared_prefix_blocks_are_refcounted():
+    bm = BlockManager(num_blocks=8, block_size=4, num_host_blocks=8)
+    bm.grow("a", 10)                                   # 3 blocks, 2 of them full
+    assert bm.share("a", "b", 10) == bm.table("a")[:2]
+    bm.grow("b", 12)                                   # b's own third block
+    assert bm.num_used == 4
+    bm.free("a")
+    assert bm.num_used == 3                            # the shared two stay for b
+    bm.swap_out("b")
+    assert bm.num_used == 0 and bm.num_swapped == 3
+    bm.free("b")
+    assert bm.num_free == 8 and bm.num_swapped == 0
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_random_operations_never_leak_or_share_blocks(seed):
     rng = random.Random(seed)
@@ -45,7 +59,12 @@ def test_random_operations_never_leak_or_share_blocks(seed):
     for _ in range(500):
         sid = f"s{rng.randrange(8)}"
         op = rng.random()
-        if op < 0.5:
+        if op < 0.1 and sid not in sizes and not bm.is_swapped(sid) and sizes:
+            src = rng.choice([s for s in sizes if not bm.is_swapped(s)] or [None])
+            if src is not None:
+                bm.share(src, sid, sizes[src])
+                sizes[sid] = (sizes[src] // 4) * 4
+        elif op < 0.5:
             n = sizes.get(sid, 0) + rng.randrange(1, 9)
             if not bm.is_swapped(sid) and bm.can_grow(sid, n):
                 bm.grow(sid, n)
@@ -59,5 +78,6 @@ def test_random_operations_never_leak_or_share_blocks(seed):
             sizes.pop(sid, None)
         tables = [bm.table(s) for s in sizes if not bm.is_swapped(s)]
         used = [b for t in tables for b in t]
-        assert len(used) == len(set(used)) == bm.num_used
+        assert len(set(used)) == bm.num_used                          # shared blocks counted once
+        assert all(bm._refs[b] == used.count(b) for b in set(used))
         assert bm.num_free + bm.num_used == bm.num_total

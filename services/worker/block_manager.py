@@ -6,8 +6,12 @@ Pure Python (no torch): it decides *which* blocks; the model runner moves the by
     seq "a":      table [b3, b0]        -> token t lives in block table[t // block_size], slot t % block_size
     host pool:    [h0][h1] ...          swapped-out copies, same block size
 
-Invariants (asserted): every device block is either free or in exactly one table;
-free + used == total, for the device and the host pool alike.
+Device blocks are reference-counted: `share` lets a sequence start with another's full prefix blocks (a
+common system prompt, a forked sequence) without copying; a block returns to the free list when the last
+table holding it lets go.
+
+Invariants (asserted): a device block is free exactly when its reference count is 0, and its count equals
+the number of tables holding it; free + used == total, for the device and the host pool alike.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ class BlockManager:
         self.block_size = block_size
         self.device = BlockPool(num_blocks)
         self.host = BlockPool(num_host_blocks)
+        self._refs = [0] * num_blocks
         self._tables: dict[str, list[int]] = {}
         self._swapped: dict[str, list[int]] = {}
 
@@ -78,12 +83,31 @@ class BlockManager:
     def grow(self, seq_id: str, num_tokens: int) -> list[int]:
         """Extend the sequence's table to cover `num_tokens`; call can_grow first."""
         table = self._tables.setdefault(seq_id, [])
-        table.extend(self.device.take(self.extra_blocks(seq_id, num_tokens)))
+        fresh = self.device.take(self.extra_blocks(seq_id, num_tokens))
+        for b in fresh:
+            self._refs[b] = 1
+        table.extend(fresh)
         return table
+
+    def share(self, src_id: str, dst_id: str, num_tokens: int) -> list[int]:
+        """Start `dst_id` with the full blocks of `src_id` covering its first `num_tokens` tokens."""
+        assert dst_id not in self._tables and dst_id not in self._swapped, "share into a fresh sequence only"
+        shared = self.table(src_id)[: num_tokens // self.block_size]
+        for b in shared:
+            self._refs[b] += 1
+        self._tables[dst_id] = list(shared)
+        return self._tables[dst_id]
+
+    def _release(self, device_ids: list[int]) -> None:
+        for b in device_ids:
+            assert self._refs[b] > 0
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                self.device.give_back([b])
 
     def free(self, seq_id: str) -> None:
         """Release everything the sequence holds, on the device and in host swap space."""
-        self.device.give_back(self._tables.pop(seq_id, []))
+        self._release(self._tables.pop(seq_id, []))
         self.host.give_back(self._swapped.pop(seq_id, []))
 
     # -- swapping: return (src, dst) block mappings for the runner to copy ------------------------
@@ -94,7 +118,7 @@ class BlockManager:
         device_ids = self._tables.pop(seq_id)
         host_ids = self.host.take(len(device_ids))
         self._swapped[seq_id] = host_ids
-        self.device.give_back(device_ids)
+        self._release(device_ids)           # shared blocks stay on the device for their other holders
         return list(zip(device_ids, host_ids))
 
     def can_swap_in(self, seq_id: str) -> bool:
@@ -103,6 +127,8 @@ class BlockManager:
     def swap_in(self, seq_id: str) -> list[tuple[int, int]]:
         host_ids = self._swapped.pop(seq_id)
         device_ids = self.device.take(len(host_ids))
+        for b in device_ids:
+            self._refs[b] = 1
         self._tables[seq_id] = device_ids
         self.host.give_back(host_ids)
         return list(zip(host_ids, device_ids))
