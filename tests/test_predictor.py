@@ -69,6 +69,9 @@ def test_service_persists_online_learning_and_survives_a_corrupt_file(tmp_path):
     with pytest.raises(grpc.RpcError) as err:
         stub.Predict(ppb.PredictRequest())
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompts" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Predict(ppb.PredictRequest(prompts=["ok", "x" * 300_000]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("prompts[1]")
     raw = ppb.PredictRequest(prompts=["AAAA"]).SerializeToString().replace(b"AAAA", b"\xff\xfe\xfd\xfc")
     with pytest.raises(grpc.RpcError) as err:
         channel.unary_unary("/alise.v1.Predictor/Predict")(raw)

@@ -148,7 +148,7 @@ class LengthPredictor:
             self._replay += list(zip(vecs, chars, np.log(np.asarray(lengths, np.float32))))
             self._replay = self._replay[-self.replay_size:]
             self._since_retrain += len(prompts)
-            if self._since_retrain >= self.retrain_every and len(self._replay) >= 1000:
+            if self._since_retrain >= self.retrain_every and len(self._replay) >= 200:
                 self._refresh_mlp()
             self.dirty = True
             return self.size
