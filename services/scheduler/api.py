@@ -10,7 +10,8 @@ from alise.v1 import generate_pb2_grpc as pb_grpc
 
 from services.common.lenient import BadMessage, add_lenient_service, reject_bad
 from services.scheduler import metrics
-from services.scheduler.dispatcher import Dispatcher, complete_message
+from services.scheduler.dispatcher import Dispatcher
+from services.scheduler.job_messages import complete_message
 from services.scheduler.job_store import JobStore
 from services.scheduler.tokenizer import PromptTokenizer
 from services.scheduler.validation import InvalidRequest, validate

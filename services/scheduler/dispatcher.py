@@ -16,6 +16,7 @@ from services.scheduler import metrics
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.exec_time import ExecTimeModel
 from services.scheduler.job_events import JobEventHub
+from services.scheduler.job_messages import FINISH_NAMES, complete_message
 from services.scheduler.job_store import JobRecord, JobStore
 from services.scheduler.policies import make_policy
 from services.scheduler.policies.base import JobView, Snapshot, WorkerView
@@ -24,8 +25,6 @@ from services.scheduler.validation import ValidRequest
 from services.scheduler.worker_sessions import WorkerSession
 
 log = logging.getLogger("alise.scheduler")
-FINISH_NAMES = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
-                pb.FINISH_REASON_ABORTED: "aborted", pb.FINISH_REASON_ERROR: "error"}
 PREEMPT_MODES = {"recompute": wpb.PREEMPT_MODE_RECOMPUTE, "swap": wpb.PREEMPT_MODE_SWAP}
 QUEUE_LOOKAHEAD = 256
 
@@ -234,28 +233,3 @@ class Dispatcher:
         await self._complete(job_id)
         self.wake()
         return True, previous
-
-
-REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
-           "aborted": pb.FINISH_REASON_ABORTED, "error": pb.FINISH_REASON_ERROR}
-
-
-def timings(state) -> pb.Timings:
-    rec, created = state.record, state.record.created
-    end = state.finished or time.time()
-    ttft = (state.first_token - created) if state.first_token else 0.0
-    decode_s = end - (state.first_token or end)
-    n = len(state.token_ids)
-    return pb.Timings(
-        queue_seconds=(state.first_scheduled - created) if state.first_scheduled else end - created,
-        ttft_seconds=ttft, e2e_seconds=end - created,
-        tokens_per_second=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
-        predicted_output_tokens=round(rec.pred_len), predicted_seconds=rec.pred_time,
-        num_preemptions=state.num_preemptions)
-
-
-def complete_message(state) -> pb.GenerateComplete:
-    return pb.GenerateComplete(
-        request_id=state.record.job_id, finish_reason=REASONS.get(state.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
-        usage=pb.Usage(prompt_tokens=len(state.record.prompt_ids), completion_tokens=len(state.token_ids)),
-        timings=timings(state), text=state.text)
