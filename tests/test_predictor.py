@@ -26,7 +26,7 @@ def test_dataset_formats(tmp_path):
     assert [(e.prompt, e.response) for e in load_examples(tmp_path / "alpaca.json")] == [("Add\n1 and 2", "3")]
     assert load_examples(tmp_path / "eval.json")[0].source == "m1"
     sg = load_examples(tmp_path / "sg.json")
-    assert [(e.prompt, e.response) for e in sg] == [("Q1", "A1"), ("Q1\nA1\nQ2", "A2")]   # with history
+    assert [(e.prompt, e.response) for e in sg] == [("Q1", "A1"), ("Q2\nA1\nQ1", "A2")]   # newest turn first
     assert load_examples(tmp_path / "plain.jsonl")[0].response == "r"
     (tmp_path / "bad.json").write_text(json.dumps([{"foo": 1}]))
     with pytest.raises(ValueError, match="unknown format"):

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from services.common.predictor_text import predictor_text
+
 USER_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bard", "bing"}
-HISTORY_CHARS = 2000     # context kept before the newest user turn (most recent first)
 
 
 @dataclass(frozen=True)
@@ -36,14 +37,8 @@ def _sharegpt(records, source: str) -> Iterator[Example]:
         for turn in rec.get("conversations", []):
             role, text = turn.get("from", "").lower(), turn.get("value", "")
             if role in ASSISTANT_ROLES and history and text.strip():
-                yield Example(_with_history(history), text, source)
+                yield Example(predictor_text(history), text, source)
             history.append(text)
-
-
-def _with_history(turns: list[str]) -> str:
-    """The newest user turn, preceded by as much earlier context as fits in HISTORY_CHARS."""
-    newest, earlier = turns[-1], "\n".join(turns[:-1])
-    return (earlier[-HISTORY_CHARS:] + "\n" + newest).strip() if earlier else newest
 
 
 def _instruction(records, source: str) -> Iterator[Example]:

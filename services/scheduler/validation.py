@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from alise.v1 import generate_pb2 as pb
 
+from services.common.predictor_text import predictor_text
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.tokenizer import PromptTokenizer
 
@@ -46,7 +47,7 @@ def validate(req: pb.GenerateRequest, cfg: SchedulerConfig, tok: PromptTokenizer
 
 def _predictor_text(req: pb.GenerateRequest) -> str:
     if req.WhichOneof("input") == "chat":
-        return "\n".join(m.content for m in req.chat.messages)
+        return predictor_text([m.content for m in req.chat.messages])
     return req.prompt
 
 

@@ -1,0 +1,14 @@
+"""The text the length predictor sees for a request: the newest user message first, then earlier turns,
+most recent first. Encoders truncate (128-256 tokens), and the newest turn says most about the answer's
+length, so it must never be the part cut off. Shared by the scheduler (live requests) and the predictor's
+dataset readers (training), so both see requests the same way."""
+from __future__ import annotations
+
+HISTORY_CHARS = 2000
+
+
+def predictor_text(turns: list[str]) -> str:
+    """turns: the conversation so far, oldest first, ending with the user's newest message."""
+    newest, earlier = turns[-1], [t for t in turns[:-1] if t.strip()]
+    history = "\n".join(reversed(earlier))[:HISTORY_CHARS]
+    return (newest + "\n" + history).strip() if history else newest
