@@ -12,3 +12,10 @@ def predictor_text(turns: list[str]) -> str:
     newest, earlier = turns[-1], [t for t in turns[:-1] if t.strip()]
     history = "\n".join(reversed(earlier))[:HISTORY_CHARS]
     return (newest + "\n" + history).strip() if history else newest
+
+
+def prompt_key(prompt: str) -> str:
+    """Identity of a prompt for de-duplication and train/test splits (case and outer spaces ignored)."""
+    import hashlib
+
+    return hashlib.sha1(prompt.strip().lower().encode()).hexdigest()

@@ -7,13 +7,12 @@ with the served model's tokenizer, since that is what the scheduler will see.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from services.common.predictor_text import predictor_text
+from services.common.predictor_text import predictor_text, prompt_key
 
 USER_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bard", "bing"}
@@ -28,7 +27,7 @@ class Example:
     @property
     def group(self) -> str:
         """Split key: the same prompt never lands in both train and test."""
-        return hashlib.sha1(self.prompt.strip().lower().encode()).hexdigest()
+        return prompt_key(self.prompt)
 
 
 def _sharegpt(records, source: str) -> Iterator[Example]:

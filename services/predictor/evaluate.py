@@ -22,7 +22,8 @@ from services.predictor.datasets import count_tokens, load_examples
 from services.predictor.encoder import Encoder
 from services.predictor.evaluation import (Split, baseline_mean, baseline_prompt_length, evaluate_predictor,
                                            metrics, split_by_prompt, tune)
-from services.predictor.length_predictor import LengthPredictor, PredictorParams, prompt_key
+from services.common.predictor_text import prompt_key
+from services.predictor.length_predictor import LengthPredictor, PredictorParams
 
 log = logging.getLogger("alise.predictor.evaluate")
 

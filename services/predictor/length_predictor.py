@@ -12,7 +12,6 @@ few steps on a replay buffer. `save` / `load` persist both, so a restarted predi
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from services.common.predictor_text import prompt_key
 from services.predictor.encoder import Encoder
 from services.predictor.knn_index import KnnIndex
 from services.predictor.length_mlp import LengthMLP, features, fit
@@ -50,10 +50,6 @@ class PredictorParams:
     sigma_scale: float = 1.0
     prior_log_mean: float = float(np.log(128))
     prior_log_std: float = 1.0
-
-
-def prompt_key(prompt: str) -> str:
-    return hashlib.sha1(prompt.strip().lower().encode()).hexdigest()
 
 
 class LengthPredictor:
