@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import grpc
+import numpy as np
 import pytest
 from alise.v1 import predictor_pb2 as ppb
 from alise.v1 import predictor_pb2_grpc as ppb_grpc
@@ -101,7 +102,8 @@ def test_train_cli_with_finetuning_then_serve(tmp_path):
                            "--out", str(out), "--finetune", "--epochs", "1"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout[done.stdout.index("{"):])
-    assert summary["prompts"] == 60 and (out / "encoder").is_dir()
+    assert summary["prompts"] == 60
+    assert (out / "encoder").is_dir() == summary["kept_finetuned_encoder"]      # kept only if it ranks better
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "services.predictor.server", "--listen", f"127.0.0.1:{port}",
                              "--model-dir", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -114,3 +116,17 @@ def test_train_cli_with_finetuning_then_serve(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_index_deduplicates_and_evicts_oldest_first():
+    from services.predictor.knn_index import KnnIndex
+
+    idx = KnnIndex(4, max_entries=10)
+    v = np.eye(4, dtype=np.float32)
+    idx.add(v[:2], [10, 20], ["a", "b"])
+    idx.add(v[:1], [40], ["a"])                                   # same prompt again: running mean in log space
+    assert len(idx) == 2 and np.exp(idx.log_lengths[0]) == pytest.approx(20.0)
+    idx.add(np.tile(v, (3, 1)), list(range(1, 13)), [f"k{i}" for i in range(12)])
+    assert len(idx) <= 10 and "a" not in idx.keys and idx.keys[-1] == "k11"
+    sims, logs = idx.search(v[3:4], 2)
+    assert sims[0, 0] == pytest.approx(1.0) and np.exp(logs[0, 0]) in (4, 8, 12)

@@ -29,21 +29,23 @@ class KnnIndex:
         return len(self.keys)
 
     def add(self, vecs: np.ndarray, lengths, keys: list[str]) -> None:
-        fresh_v, fresh_l, fresh_k = [], [], []
-        for v, n, k in zip(vecs, lengths, keys):
+        fresh: dict[str, int] = {}                 # key -> row in this batch
+        for row, (n, k) in enumerate(zip(lengths, keys)):
             if k in self._pos:                    # seen before: running mean of its log length
                 i = self._pos[k]
                 self.counts[i] += 1
                 self.log_lengths[i] += (np.log(n) - self.log_lengths[i]) / self.counts[i]
-            elif k not in fresh_k:
-                fresh_v.append(v), fresh_l.append(np.log(n)), fresh_k.append(k)
-        if fresh_k:
-            self.vectors = np.concatenate([self.vectors, np.asarray(fresh_v, dtype=np.float16)])
-            self.log_lengths = np.concatenate([self.log_lengths, np.asarray(fresh_l, dtype=np.float32)])
-            self.counts = np.concatenate([self.counts, np.ones(len(fresh_k), dtype=np.float32)])
-            self.keys += fresh_k
+            else:
+                fresh.setdefault(k, row)
+        if fresh:
+            rows = list(fresh.values())
+            start = len(self.keys)
+            self.vectors = np.concatenate([self.vectors, np.asarray(vecs, dtype=np.float16)[rows]])
+            self.log_lengths = np.concatenate([self.log_lengths, np.log(np.asarray(lengths, np.float32)[rows])])
+            self.counts = np.concatenate([self.counts, np.ones(len(rows), dtype=np.float32)])
+            self.keys += list(fresh)
+            self._pos.update({k: start + j for j, k in enumerate(fresh)})
             self._evict()
-            self._pos = {k: i for i, k in enumerate(self.keys)}
         self._faiss = None                        # rebuilt lazily on the next search
 
     def _evict(self) -> None:
@@ -52,6 +54,7 @@ class KnnIndex:
         drop = len(self.keys) - int(self.max_entries * 0.9)   # evict in batches, oldest first
         self.vectors, self.log_lengths, self.counts = self.vectors[drop:], self.log_lengths[drop:], self.counts[drop:]
         self.keys = self.keys[drop:]
+        self._pos = {k: i for i, k in enumerate(self.keys)}
 
     def _index(self):
         import faiss

@@ -40,19 +40,27 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(a.tokenizer)
     encoder = Encoder()
     data, prompts = embed_all(a.datasets, encoder, tokenizer, a.limit)
-    extra = {}
+    predictor, chosen = train_tuned(encoder, data)
+    extra: dict = {}
     if a.finetune:
         encoder_dir = a.out.with_name(a.out.name + ".encoder")
         fit_idx, val_idx = split_by_prompt(data.keys, 0.2, seed=1)
         extra = finetune([prompts[i] for i in fit_idx], data.lengths[fit_idx],
                          [prompts[i] for i in val_idx], data.lengths[val_idx], encoder_dir, epochs=a.epochs)
-        encoder = Encoder(model_path=str(encoder_dir), max_tokens=128)
-        data, _ = embed_all(a.datasets, encoder, tokenizer, a.limit)
-    predictor, chosen = train_tuned(encoder, data)
+        tuned_encoder = Encoder(model_path=str(encoder_dir), max_tokens=128)
+        tuned_data, _ = embed_all(a.datasets, tuned_encoder, tokenizer, a.limit)
+        tuned, tuned_chosen = train_tuned(tuned_encoder, tuned_data)
+        # keep the fine-tuned encoder only if it ranks the validation split better (not on every data set)
+        extra["frozen_val_kendall_tau"] = chosen["val_kendall_tau"]
+        extra["kept_finetuned_encoder"] = tuned_chosen["val_kendall_tau"] > chosen["val_kendall_tau"]
+        if extra["kept_finetuned_encoder"]:
+            predictor, chosen = tuned, tuned_chosen
+    shutil.rmtree(a.out / "encoder", ignore_errors=True)
     predictor.save(a.out)
-    if a.finetune:
-        shutil.rmtree(a.out / "encoder", ignore_errors=True)
+    if extra.get("kept_finetuned_encoder"):
         encoder_dir.rename(a.out / "encoder")
+    elif a.finetune:
+        shutil.rmtree(encoder_dir, ignore_errors=True)
     print(json.dumps({"saved": str(a.out), "prompts": predictor.size, **chosen, **extra}, indent=2))
 
 
