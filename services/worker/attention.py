@@ -35,51 +35,15 @@ def paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, bloc
 
 if triton is not None:
     @triton.jit
-    def _paged_decode_kernel(Q, K, V, BT, LENS, O, scale,
+    def _paged_decode_kernel(Q, K, V, BT, LENS, O, M_OUT, L_OUT, ACC_OUT, scale,
                              stride_qb, stride_qh, stride_ks, stride_kh, stride_btb, stride_ob, stride_oh,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-                             BLOCK_SIZE: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr, PRECISION: tl.constexpr):
-        b = tl.program_id(0)
-        kvh = tl.program_id(1)
-        heads = kvh * GROUP + tl.arange(0, GROUP_PAD)
-        head_ok = tl.arange(0, GROUP_PAD) < GROUP
-        d = tl.arange(0, D)
-        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=head_ok[:, None], other=0.0)
-        n = tl.load(LENS + b)
-        TOK: tl.constexpr = BLOCK_SIZE * BLOCKS_PER_ITER
-        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        l = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, D], tl.float32)
-        t = tl.arange(0, TOK)
-        for start in range(0, n, TOK):
-            pos = start + t
-            ok = pos < n
-            block = tl.load(BT + b * stride_btb + pos // BLOCK_SIZE, mask=ok, other=0)
-            slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
-            k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale                             # [GROUP_PAD, TOK]
-            s = tl.where(ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m - m_new)
-            v = tl.load(V + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            l = l * alpha + tl.sum(p, 1)
-            m = m_new
-        out = acc / l[:, None]
-        tl.store(O + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(O.dtype.element_ty),
-                 mask=head_ok[:, None])
-
-
-if triton is not None:
-    @triton.jit
-    def _paged_decode_split_kernel(Q, K, V, BT, LENS, M_OUT, L_OUT, ACC_OUT, scale,
-                                   stride_qb, stride_qh, stride_ks, stride_kh, stride_btb,
-                                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-                                   BLOCK_SIZE: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr, SPLITS: tl.constexpr,
-                                   PRECISION: tl.constexpr):
-        """Flash-decoding: program (b, kv head, split) covers one slice of the context and writes its
-        partial softmax state (max, sum, weighted values); _combine_splits_kernel merges the slices."""
+                             BLOCK_SIZE: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr, SPLITS: tl.constexpr,
+                             PRECISION: tl.constexpr):
+        """Program (b, kv head, split): the query heads of one KV-head group against one slice of the
+        context, online softmax over TOK-token chunks. With SPLITS == 1 the slice is the whole context and
+        the output is written directly; otherwise (flash-decoding, for small batches) the partial softmax
+        state (max, sum, weighted values) is written and _combine_splits_kernel merges the slices."""
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -112,10 +76,14 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             l = l * alpha + tl.sum(p, 1)
             m = m_new
-        row = (b * (GROUP * tl.num_programs(1)) + heads) * SPLITS + split      # [B, H, SPLITS]
-        tl.store(M_OUT + row, m, mask=head_ok)
-        tl.store(L_OUT + row, l, mask=head_ok)
-        tl.store(ACC_OUT + row[:, None] * D + d[None, :], acc, mask=head_ok[:, None])
+        if SPLITS == 1:
+            tl.store(O + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                     (acc / l[:, None]).to(O.dtype.element_ty), mask=head_ok[:, None])
+        else:
+            row = (b * (GROUP * tl.num_programs(1)) + heads) * SPLITS + split      # [B, H, SPLITS]
+            tl.store(M_OUT + row, m, mask=head_ok)
+            tl.store(L_OUT + row, l, mask=head_ok)
+            tl.store(ACC_OUT + row[:, None] * D + d[None, :], acc, mask=head_ok[:, None])
 
     @triton.jit
     def _combine_splits_kernel(M_IN, L_IN, ACC_IN, O, stride_ob, stride_oh, num_heads,
@@ -157,20 +125,17 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, block_s
         m = torch.empty(bsz, num_heads, splits, dtype=torch.float32, device=q.device)
         l = torch.empty_like(m)
         acc = torch.empty(bsz, num_heads, splits, dim, dtype=torch.float32, device=q.device)
-        _paged_decode_split_kernel[(bsz, num_kv, splits)](
-            q, k_cache, v_cache, block_tables, context_lens, m, l, acc, scale,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
-            GROUP=group, GROUP_PAD=group_pad, D=dim, BLOCK_SIZE=block_size, BLOCKS_PER_ITER=per_iter,
-            SPLITS=splits, PRECISION=precision)
-        _combine_splits_kernel[(bsz, num_heads)](m, l, acc, out, out.stride(0), out.stride(1), num_heads,
-                                                 SPLITS=splits, D=dim)
-        return out
-    _paged_decode_kernel[(bsz, num_kv)](
-        q, k_cache, v_cache, block_tables, context_lens, out, scale,
+    else:                                                       # unused: the kernel writes `out` directly
+        m = l = acc = out
+    _paged_decode_kernel[(bsz, num_kv, splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, m, l, acc, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, D=dim, BLOCK_SIZE=block_size, BLOCKS_PER_ITER=per_iter,
-        PRECISION=precision)
+        SPLITS=splits, PRECISION=precision)
+    if splits > 1:
+        _combine_splits_kernel[(bsz, num_heads)](m, l, acc, out, out.stride(0), out.stride(1), num_heads,
+                                                 SPLITS=splits, D=dim)
     return out
 
 
