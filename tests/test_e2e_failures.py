@@ -57,7 +57,8 @@ def test_lost_worker_jobs_are_requeued_and_continue(stack_factory, hf_model, tok
                if job_status(stub, rid) else False, 60, 0.05)
     stack.services["worker-0"].kill()
     wait_until(lambda: len(stub.GetLoad(pb.LoadRequest()).workers) == 0, 30)
-    assert job_status(stub, rid) == pb.JOB_STATUS_QUEUED
+    wait_until(lambda: job_status(stub, rid) == pb.JOB_STATUS_QUEUED, 10)    # requeued, tokens kept
+    assert len(stub.GetJob(pb.GetJobRequest(request_id=rid)).token_ids) >= 8
     stack.restart("worker-0")
     t.join(300)
     tokens, _, final = result["out"]
