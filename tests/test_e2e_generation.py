@@ -134,7 +134,7 @@ def test_cancel_aborts_the_job_and_frees_its_blocks(stub):
     for i, _ in enumerate(call):
         if i == 3:
             break
-    assert stub.GetLoad(pb.LoadRequest()).workers[0].used_blocks > 0
+    wait_until(lambda: stub.GetLoad(pb.LoadRequest()).workers[0].used_blocks > 0, 10)  # load reports lag a bit
     call.cancel()
     wait_until(lambda: stub.GetJob(pb.GetJobRequest(request_id=rid)).status == pb.JOB_STATUS_ABORTED, 10)
     wait_until(lambda: kv_idle(stub), timeout=10)
