@@ -69,3 +69,13 @@ def hf_greedy(hf_model, tokenizer, prompt: str, n: int) -> list[int]:
             out.append(nxt)
             ids = torch.tensor([[nxt]])
     return out
+
+
+def generate_in_background(stub, req: pb.GenerateRequest, timeout: float = 300):
+    """Start a streamed generation on a thread; returns (thread, result dict that gets key "out")."""
+    import threading
+
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(out=generate(stub, req, timeout=timeout)))
+    thread.start()
+    return thread, result

@@ -11,7 +11,8 @@ from alise.v1 import predictor_pb2 as ppb
 from alise.v1 import predictor_pb2_grpc as ppb_grpc
 
 from services.common.local_stack import wait_healthy
-from tests.helpers import generate, hf_greedy, job_status, kv_idle, request, stub_for, wait_until
+from tests.helpers import (generate, generate_in_background, hf_greedy, job_status, kv_idle, request, stub_for,
+                           wait_until)
 
 PROMPT = "Explain why the sky is blue."
 
@@ -49,10 +50,7 @@ def test_lost_worker_jobs_are_requeued_and_continue(stack_factory, hf_model, tok
     stack = stack_factory(num_workers=1)
     stub = stub_for(stack.address)
     rid = f"lost-{time.time_ns()}"
-    result = {}
-    t = threading.Thread(target=lambda: result.update(out=generate(
-        stub, request(PROMPT, rid, max_tokens=64, ignore_eos=True), timeout=300)))
-    t.start()
+    t, result = generate_in_background(stub, request(PROMPT, rid, max_tokens=64, ignore_eos=True))
     wait_until(lambda: len(stub.GetJob(pb.GetJobRequest(request_id=rid)).token_ids) >= 8
                if job_status(stub, rid) else False, 60, 0.05)
     stack.services["worker-0"].kill()
@@ -98,10 +96,7 @@ def test_worker_sigterm_drains_running_jobs(stack_factory):
     stack = stack_factory(num_workers=1)
     stub = stub_for(stack.address)
     rid = f"drain-{time.time_ns()}"
-    result = {}
-    t = threading.Thread(target=lambda: result.update(out=generate(
-        stub, request(PROMPT, rid, max_tokens=40, ignore_eos=True), timeout=120)))
-    t.start()
+    t, result = generate_in_background(stub, request(PROMPT, rid, max_tokens=40, ignore_eos=True), timeout=120)
     wait_until(lambda: job_status(stub, rid) == pb.JOB_STATUS_RUNNING, 60, 0.02)
     worker = stack.services["worker-0"]
     worker.stop(timeout_s=60)                       # SIGTERM: NOT_SERVING, drain, then leave

@@ -11,7 +11,8 @@ import pytest
 import torch
 from alise.v1 import generate_pb2 as pb
 
-from tests.helpers import generate, hf_greedy, job_status, kv_idle, request, stub_for, wait_until
+from tests.helpers import (generate, generate_in_background, hf_greedy, job_status, kv_idle, request, stub_for,
+                           wait_until)
 
 PROMPTS = ["The capital of France is", "def add(a, b):", "My favourite fruit is", "The three primary colours are"]
 N = 24
@@ -143,10 +144,8 @@ def test_cancel_aborts_the_job_and_frees_its_blocks(stub):
 
 def test_abort_rpc_and_get_job(stub):
     rid = f"abort-{uuid.uuid4().hex}"
-    results = {}
-    t = threading.Thread(target=lambda: results.update(out=generate(
-        stub, request("Count to one thousand:", request_id=rid, max_tokens=1000, ignore_eos=True))))
-    t.start()
+    t, results = generate_in_background(stub, request("Count to one thousand:", request_id=rid, max_tokens=1000,
+                                                      ignore_eos=True))
     wait_until(lambda: job_status(stub, rid) == pb.JOB_STATUS_RUNNING, 30)
     assert stub.Abort(pb.AbortRequest(request_id=rid)).aborted
     t.join(30)
