@@ -25,6 +25,7 @@ async def test_lifecycle_queued_running_finished(store):
     assert await store.queue_head(10) == ["j1"]
     assert await store.claim("j1", "w1")
     assert not await store.claim("j1", "w2")                           # never run twice
+    assert await store.known_workers() == ["w1"]                       # found by the orphan sweep
     assert await store.queue_head(10) == []
     assert await store.append_many("w1", [("j1", [5, 6], "ab")]) == [True]
     assert await store.append_many("w2", [("j1", [7], "c")]) == [False]  # not its worker

@@ -27,6 +27,7 @@ from services.scheduler.worker_sessions import WorkerSession
 log = logging.getLogger("alise.scheduler")
 PREEMPT_MODES = {"recompute": wpb.PREEMPT_MODE_RECOMPUTE, "swap": wpb.PREEMPT_MODE_SWAP}
 QUEUE_LOOKAHEAD = 256
+ORPHAN_SWEEP_S = 10.0
 
 
 class Dispatcher:
@@ -78,6 +79,7 @@ class Dispatcher:
         self._wake.set()
 
     async def run(self) -> None:
+        last_sweep = time.monotonic()
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.cfg.tick_s * 10)
@@ -86,6 +88,10 @@ class Dispatcher:
             self._wake.clear()
             try:
                 await self.tick()
+                if time.monotonic() - last_sweep > ORPHAN_SWEEP_S:   # defence in depth, see recover_orphans
+                    last_sweep = time.monotonic()
+                    if n := await self.recover_orphans():
+                        log.warning("requeued %d jobs left on workers that are gone", n)
             except Exception:  # noqa: BLE001 - one bad tick must not stop scheduling
                 log.exception("dispatch tick failed")
                 await asyncio.sleep(self.cfg.tick_s)
@@ -94,9 +100,11 @@ class Dispatcher:
         snap = await self.snapshot()
         plan = self.policy.plan(snap, self.cost)
         for job_id, worker_id in plan.preempt:
-            self._preempt(job_id, self.sessions[worker_id])
+            if (s := self.sessions.get(worker_id)) is not None:     # it may have left since the snapshot
+                self._preempt(job_id, s)
         for job_id, worker_id in plan.assign:
-            await self._assign(job_id, self.sessions[worker_id])
+            if (s := self.sessions.get(worker_id)) is not None:
+                await self._assign(job_id, s)
         metrics.REQUESTS_WAITING.set(len(snap.queued))
         metrics.REQUESTS_RUNNING.set(sum(len(s.jobs) for s in self.sessions.values()))
 
@@ -118,6 +126,10 @@ class Dispatcher:
         rec = self.records[job_id]
         tokens, text = await self.store.output(job_id)
         self.generated[job_id] = len(tokens)
+        if self.sessions.get(s.worker_id) is not s:      # the worker left while we awaited Redis
+            await self._requeue(job_id, s.worker_id, swapped=False)
+            return
+        # no await from here on: worker_lost() either ran before (caught above) or will see this job
         holder = self.swapped_on.pop(job_id, "")
         if holder and holder != s.worker_id and holder in self.sessions:
             self.sessions[holder].send(abort=wpb.AbortJob(job_id=job_id))   # drop the stale host copy
@@ -166,7 +178,8 @@ class Dispatcher:
         self.wake()
 
     async def recover_orphans(self) -> int:
-        """At startup: jobs left running on workers no longer connected go back to the queue."""
+        """Jobs recorded as running on workers that are not connected go back to the queue: at startup
+        (workers of a previous scheduler) and periodically (anything a lost session left behind)."""
         n = 0
         for worker_id in await self.store.known_workers():
             if worker_id in self.sessions:

@@ -89,7 +89,7 @@ class JobStore:
 
     async def claim(self, job_id: str, worker_id: str) -> bool:
         return bool(await self._scripts["claim"](
-            keys=[keys.job(job_id), keys.QUEUE, keys.worker_jobs(worker_id)],
+            keys=[keys.job(job_id), keys.QUEUE, keys.worker_jobs(worker_id), keys.WORKERS],
             args=[job_id, worker_id, time.time()]))
 
     async def append_many(self, worker_id: str, deltas: list[tuple[str, list[int], str]]) -> list[bool]:
