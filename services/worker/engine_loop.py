@@ -52,6 +52,11 @@ class EngineLoop(threading.Thread):
         self._sink = None
         self.commands.put(RESET)
 
+    def unsent(self) -> int:
+        """Messages waiting in the current session's outbox (0 without a session)."""
+        sink = self._sink
+        return sink[1].qsize() if sink is not None else 0
+
     def submit(self, command) -> None:
         self.commands.put(command)
 

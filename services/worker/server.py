@@ -58,8 +58,10 @@ async def drain(loop_thread: EngineLoop, deadline_s: float) -> None:
     loop_thread.submit(wpb.SchedulerCommand(drain=wpb.Drain(deadline_seconds=deadline_s)))
     end = time.monotonic() + deadline_s
     await asyncio.sleep(0.3)              # let the draining report reach the scheduler
-    while loop_thread.engine.has_work and time.monotonic() < end:
-        await asyncio.sleep(0.1)
+    # finished means reported: wait for the engine to go idle *and* its last messages to leave the outbox
+    while (loop_thread.engine.has_work or loop_thread.unsent()) and time.monotonic() < end:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)              # the last write on the stream
 
 
 async def serve(cfg: WorkerConfig, stop: asyncio.Event | None = None) -> None:
@@ -85,7 +87,10 @@ async def serve(cfg: WorkerConfig, stop: asyncio.Event | None = None) -> None:
     await drain(loop_thread, cfg.drain_timeout_s)
     session_stop.set()
     session.cancel()
+    await asyncio.gather(session, return_exceptions=True)
     loop_thread.stop()
+    # join the engine thread: exiting while it is inside torch aborts the process (std::terminate)
+    await asyncio.to_thread(loop_thread.join, 10)
     await server.stop(grace=1)
 
 
