@@ -7,8 +7,6 @@ import time
 import grpc
 import pytest
 from alise.v1 import generate_pb2 as pb
-from alise.v1 import predictor_pb2 as ppb
-from alise.v1 import predictor_pb2_grpc as ppb_grpc
 
 from services.common.local_stack import wait_healthy
 from tests.helpers import (generate, generate_in_background, hf_greedy, job_status, kv_idle, request, stub_for,
@@ -71,25 +69,6 @@ def test_predictor_down_scheduler_keeps_serving(stack_factory):
     tokens, text, final = generate(stub, request("Hello there", max_tokens=4, ignore_eos=True))
     assert len(tokens) == 4 and final.finish_reason == pb.FINISH_REASON_LENGTH
     assert not stub.GetLoad(pb.LoadRequest()).predictor_available
-
-
-def test_predictor_learns_from_observations(stack_factory):
-    stack = stack_factory(num_workers=0)
-    with grpc.insecure_channel(f"127.0.0.1:{stack.predictor_port}") as ch:
-        p = ppb_grpc.PredictorStub(ch)
-        prior = p.Predict(ppb.PredictRequest(prompts=["Write a long essay about rivers."])).predictions[0]
-        assert prior.neighbours == 0
-        p.Observe(ppb.ObserveRequest(observations=[
-            ppb.Observation(prompt="Write a long essay about mountains.", output_tokens=900),
-            ppb.Observation(prompt="Say yes or no.", output_tokens=2)]))
-        long_, short = p.Predict(ppb.PredictRequest(prompts=["Write a long essay about rivers.",
-                                                              "Say yes."])).predictions
-        assert long_.neighbours >= 1 and long_.mean > 500
-        assert short.mean < 50
-        assert long_.p10 <= long_.p50 <= long_.p90
-        with pytest.raises(grpc.RpcError) as err:
-            p.Predict(ppb.PredictRequest())
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_worker_sigterm_drains_running_jobs(stack_factory):

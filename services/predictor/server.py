@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 from pathlib import Path
 
 import grpc
@@ -87,7 +88,7 @@ async def serve(a: argparse.Namespace) -> None:
         encoder = Encoder(model_path=str(finetuned), max_tokens=min(a.max_prompt_tokens, 128), quantize=a.quantize)
     else:
         encoder = Encoder(max_tokens=a.max_prompt_tokens, quantize=a.quantize)
-    predictor = LengthPredictor(encoder, PredictorParams(prior_log_mean=float(__import__("math").log(a.prior))))
+    predictor = LengthPredictor(encoder, PredictorParams(prior_log_mean=math.log(a.prior)))
     load_or_empty(predictor, a.model_dir)
     add_lenient_service(server, PredictorServicer(predictor), pb, "Predictor")
     await server.start()

@@ -71,7 +71,7 @@ class Dispatcher:
         rec = self.records.get(job_id)
         if rec is None and (rec := await self.store.record(job_id)) is not None:
             self.records[job_id] = rec
-            self.generated[job_id] = len((await self.store.output(job_id))[0])
+            self.generated[job_id] = await self.store.token_count(job_id)
         return rec
 
     # -- the dispatch loop -----------------------------------------------------------------------
@@ -193,8 +193,11 @@ class Dispatcher:
     async def on_worker_message(self, s: WorkerSession, msg: wpb.WorkerMessage) -> None:
         kind = msg.WhichOneof("kind")
         if kind == "tokens":
+            # No tick per engine step: token counts only refine remaining-time estimates, which the
+            # periodic tick picks up; placement changes come with the messages below.
             await self._on_tokens(s, msg.tokens)
-        elif kind == "finished":
+            return
+        if kind == "finished":
             await self._on_finished(s, msg.finished)
         elif kind == "preempted":
             s.preempting.discard(msg.preempted.job_id)

@@ -131,6 +131,9 @@ class JobStore:
         f = await self._hash(job_id)
         return JobRecord.from_fields(f) if f else None
 
+    async def token_count(self, job_id: str) -> int:
+        return await self.r.llen(keys.job_tokens(job_id))
+
     async def output(self, job_id: str) -> tuple[list[int], str]:
         async with self.r.pipeline(transaction=False) as pipe:
             pipe.lrange(keys.job_tokens(job_id), 0, -1)

@@ -126,10 +126,12 @@ class EngineLoop(threading.Thread):
             self._send(wpb.WorkerMessage(finished=wpb.JobFinished(job_id=job_id, finish_reason=FINISH_CODES[finish])))
 
     def _report(self) -> None:
+        now = time.monotonic()
+        if self.engine.has_work and now - self._last_report_at < self.report_interval_s:
+            return                         # rate-limited while busy: skip even computing the load
         load = self.engine.load()
         key = (load, self.draining)
-        now = time.monotonic()
-        if key == self._last_report or now - self._last_report_at < self.report_interval_s and self.engine.has_work:
+        if key == self._last_report:
             return
         self._last_report, self._last_report_at = key, now
         metrics.observe_load(load)
