@@ -5,7 +5,6 @@ import threading
 import time
 
 import grpc
-import pytest
 from alise.v1 import generate_pb2 as pb
 
 from services.common.local_stack import wait_healthy
