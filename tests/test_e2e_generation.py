@@ -57,6 +57,22 @@ def test_chat_answer_equals_transformers_generate(stub, hf_model, tokenizer):
     assert final.finish_reason == pb.FINISH_REASON_STOP       # the model ended its answer itself
 
 
+def test_chat_history_gives_the_predictor_the_previous_reply_length(stack, stub, tokenizer):
+    import redis
+
+    from services.scheduler import keys
+
+    reply = "Paris is the capital of France, and it is also its largest city."
+    messages = [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": reply},
+                {"role": "user", "content": "And of Italy?"}]
+    req = pb.GenerateRequest(request_id=f"chat-{uuid.uuid4().hex}", sampling=pb.SamplingParams(max_tokens=8),
+                             chat=pb.ChatConversation(messages=[pb.ChatMessage(**m) for m in messages]))
+    generate(stub, req)
+    job = redis.Redis.from_url(stack.redis_url, decode_responses=True).hgetall(keys.job(req.request_id))
+    assert int(job["previous_reply_tokens"]) == len(tokenizer.encode(reply, add_special_tokens=False))
+    assert job["prompt_text"].startswith("And of Italy?")                    # newest turn first
+
+
 def test_sixteen_concurrent_requests_all_correct_and_kv_pool_drains(stub, references):
     results: dict[int, tuple] = {}
 

@@ -28,6 +28,8 @@ def test_dataset_formats(tmp_path):
     assert load_examples(tmp_path / "eval.json")[0].source == "m1"
     sg = load_examples(tmp_path / "sg.json")
     assert [(e.prompt, e.response) for e in sg] == [("Q1", "A1"), ("Q2\nA1\nQ1", "A2")]   # newest turn first
+    assert [e.previous_reply for e in sg] == ["", "A1"]
+    assert sg[0].group == sg[1].group != load_examples(tmp_path / "alpaca.json")[0].group  # split by conversation
     assert load_examples(tmp_path / "plain.jsonl")[0].response == "r"
     (tmp_path / "bad.json").write_text(json.dumps([{"foo": 1}]))
     with pytest.raises(ValueError, match="unknown format"):
@@ -54,6 +56,18 @@ def test_learns_ranks_and_persists(encoder, tmp_path):
     assert again.predict(["Answer yes or no: is water cold?"])[0].p50 == pytest.approx(short.p50, rel=1e-3)
 
 
+def test_previous_reply_length_is_learned_as_a_feature(encoder):
+    """In a conversation the assistant's previous reply length is a request feature: with the same words,
+    a conversation of long replies must be predicted longer than one of short replies."""
+    rng = np.random.default_rng(0)
+    pred = LengthPredictor(encoder, retrain_every=256)
+    prev = rng.integers(5, 1000, size=400)
+    pred.observe([f"Please go on with part {i} of the story." for i in range(400)],
+                 [int(p * rng.uniform(0.8, 1.25)) + 1 for p in prev], prev.tolist())
+    short, long_ = pred.predict(["Please go on with the next part of the story."] * 2, [10, 800])
+    assert long_.p50 > 3 * short.p50
+
+
 def test_service_persists_online_learning_and_survives_a_corrupt_file(tmp_path):
     model_dir = tmp_path / "predictor"
 
@@ -73,6 +87,13 @@ def test_service_persists_online_learning_and_survives_a_corrupt_file(tmp_path):
     with pytest.raises(grpc.RpcError) as err:
         stub.Predict(ppb.PredictRequest(prompts=["ok", "x" * 300_000]))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("prompts[1]")
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Predict(ppb.PredictRequest(prompts=["a", "b"], previous_reply_tokens=[3]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "previous_reply_tokens" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Observe(ppb.ObserveRequest(observations=[ppb.Observation(prompt="a", output_tokens=3,
+                                                                      previous_reply_tokens=-1)]))
+    assert err.value.details().startswith("observations[0].previous_reply_tokens")
     raw = ppb.PredictRequest(prompts=["AAAA"]).SerializeToString().replace(b"AAAA", b"\xff\xfe\xfd\xfc")
     with pytest.raises(grpc.RpcError) as err:
         channel.unary_unary("/alise.v1.Predictor/Predict")(raw)
@@ -92,18 +113,23 @@ def test_service_persists_online_learning_and_survives_a_corrupt_file(tmp_path):
     assert b"cannot read predictor" in proc.communicate(timeout=30)[1]
 
 
-def test_train_cli_with_finetuning_then_serve(tmp_path):
+@pytest.mark.parametrize("encoder_args", [["--finetune", "--epochs", "1"], ["--encoder", "static"]],
+                         ids=["minilm-finetuned", "static"])
+def test_train_cli_then_serve(tmp_path, encoder_args):
     topics = ["rivers", "cats", "taxes", "stars", "bread", "chess", "rain", "music", "trains", "glass"]
     rows = [{"instruction": f"Write {n} sentences about {t}.", "input": "", "output": " ".join(["Word."] * (8 * n))}
             for n in (1, 2, 4, 8, 16, 32) for t in topics]
     (tmp_path / "tiny.json").write_text(json.dumps(rows))
     out = tmp_path / "model"
     done = subprocess.run([sys.executable, "-m", "services.predictor.train", str(tmp_path / "tiny.json"),
-                           "--out", str(out), "--finetune", "--epochs", "1"], capture_output=True, text=True, timeout=600)
+                           "--out", str(out), *encoder_args], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout[done.stdout.index("{"):])
     assert summary["prompts"] == 60
-    assert (out / "encoder").is_dir() == summary["kept_finetuned_encoder"]      # kept only if it ranks better
+    if summary["encoder"] == "static":                                         # always kept, always static
+        assert (out / "encoder" / "static_encoder.npz").exists() and summary["encoder_val_kendall_tau"] > 0.5
+    else:
+        assert (out / "encoder").is_dir() == summary["kept_finetuned_encoder"]  # kept only if it ranks better
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "services.predictor.server", "--listen", f"127.0.0.1:{port}",
                              "--model-dir", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -130,3 +156,19 @@ def test_index_deduplicates_and_evicts_oldest_first():
     assert len(idx) <= 10 and "a" not in idx.keys and idx.keys[-1] == "k11"
     sims, logs = idx.search(v[3:4], 2)
     assert sims[0, 0] == pytest.approx(1.0) and np.exp(logs[0, 0]) in (4, 8, 12)
+
+
+def test_static_encoder_is_a_faithful_fast_copy_of_minilm(encoder, tmp_path):
+    from services.predictor.static_encoder import StaticEncoder, base_static_dir
+
+    static = StaticEncoder(base_static_dir())
+    texts = ["Write a long essay about the French revolution.", "Compose an extended essay on the French revolution.",
+             "What is 2 + 2?", "Add two and two."]
+    vecs = static.encode(texts)
+    assert vecs.shape == (4, encoder.dim) and np.allclose(np.linalg.norm(vecs, axis=1), 1, atol=1e-5)
+    sims = vecs @ vecs.T
+    assert sims[0, 1] > sims[0, 2] and sims[2, 3] > sims[2, 1]          # paraphrases closer than other topics
+    teacher = encoder.encode(texts)
+    assert np.corrcoef((vecs @ vecs.T).ravel(), (teacher @ teacher.T).ravel())[0, 1] > 0.8
+    static.save(tmp_path / "copy")
+    assert np.allclose(StaticEncoder(tmp_path / "copy").encode(texts), vecs, atol=1e-6)

@@ -23,20 +23,27 @@ class Example:
     prompt: str          # the text the predictor embeds
     response: str
     source: str
+    previous_reply: str = ""     # the assistant's reply before this request, in a conversation
+    conversation: str = ""       # id of the conversation the request belongs to, if any
 
     @property
     def group(self) -> str:
-        """Split key: the same prompt never lands in both train and test."""
-        return prompt_key(self.prompt)
+        """Split key: a conversation (or a prompt) never lands in both train and test; turns of one
+        conversation share history and reply style, so splitting them would leak."""
+        return self.conversation or prompt_key(self.prompt)
 
 
 def _sharegpt(records, source: str) -> Iterator[Example]:
-    for rec in records:
+    for n, rec in enumerate(records):
         history: list[str] = []
+        previous_reply = ""
+        conversation = f"{source}:{rec.get('id', n)}"
         for turn in rec.get("conversations", []):
             role, text = turn.get("from", "").lower(), turn.get("value", "")
             if role in ASSISTANT_ROLES and history and text.strip():
-                yield Example(predictor_text(history), text, source)
+                yield Example(predictor_text(history), text, source, previous_reply, conversation)
+            if role in ASSISTANT_ROLES:
+                previous_reply = text
             history.append(text)
 
 
@@ -63,9 +70,10 @@ def load_examples(path: Path) -> list[Example]:
     raise ValueError(f"{path}: unknown format (keys {sorted(first)})")
 
 
-def count_tokens(tokenizer, texts: list[str], batch: int = 256) -> list[int]:
+def count_tokens(tokenizer, texts: list[str], batch: int = 256, empty: int = 1) -> list[int]:
+    """Token counts; an empty text counts as `empty` (1 for output lengths, 0 for "no previous reply")."""
     out: list[int] = []
     for i in range(0, len(texts), batch):
         enc = tokenizer(texts[i:i + batch], add_special_tokens=False)["input_ids"]
-        out += [max(1, len(x)) for x in enc]
+        out += [len(x) if x else empty for x in enc]
     return out

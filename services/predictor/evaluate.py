@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,10 +20,11 @@ import numpy as np
 
 from services.common.model_paths import default_model_dir
 from services.predictor.datasets import count_tokens, load_examples
-from services.predictor.encoder import Encoder
+from services.predictor.encoder import Encoder, load_encoder
 from services.predictor.evaluation import (Split, baseline_mean, baseline_prompt_length, evaluate_predictor,
                                            metrics, split_by_prompt, tune)
 from services.common.predictor_text import prompt_key
+from services.predictor.length_mlp import side_features
 from services.predictor.length_predictor import LengthPredictor, PredictorParams
 
 log = logging.getLogger("alise.predictor.evaluate")
@@ -32,16 +34,18 @@ def embed_dataset(path: Path, encoder: Encoder, tokenizer, limit: int | None) ->
     examples = load_examples(path)[:limit]
     prompts = [e.prompt for e in examples]
     lengths = np.array(count_tokens(tokenizer, [e.response for e in examples]), dtype=np.float32)
+    previous = count_tokens(tokenizer, [e.previous_reply for e in examples], empty=0)
     vecs = encoder.encode(prompts)
-    return Split(vecs, np.array([len(p) for p in prompts], np.float32), lengths, [prompt_key(p) for p in prompts]), prompts
+    side = side_features([len(p) for p in prompts], previous)
+    return Split(vecs, side, lengths, [prompt_key(p) for p in prompts], [e.group for e in examples]), prompts
 
 
 def train_tuned(encoder: Encoder, train: Split, val_frac: float = 0.2) -> tuple[LengthPredictor, dict]:
     """Fit on part of `train`, tune on the rest, then refit the index on all of `train`."""
-    fit_idx, val_idx = split_by_prompt(train.keys, val_frac, seed=1)
+    fit_idx, val_idx = split_by_prompt(train.groups, val_frac, seed=1)
     fit_part, val = train.take(fit_idx), train.take(val_idx)
     pred = LengthPredictor(encoder)
-    pred.fit(fit_part.vecs, fit_part.chars, fit_part.lengths, fit_part.keys, val=(val.vecs, val.chars, val.lengths))
+    pred.fit(fit_part.vecs, fit_part.side, fit_part.lengths, fit_part.keys, val=(val.vecs, val.side, val.lengths))
     chosen = tune(pred, val)
     pred.index.add(val.vecs, val.lengths, val.keys)           # the final index knows every training prompt
     return pred, chosen
@@ -56,15 +60,20 @@ def variant(pred: LengthPredictor, **overrides) -> LengthPredictor:
 
 def finetuned_encoder(path: Path, base: Encoder, tokenizer, test_frac: float, limit: int | None,
                       work_dir: Path) -> tuple[Encoder, dict]:
-    """Fine-tune the encoder on this dataset's training part only (its own validation split inside)."""
-    from services.predictor.finetune import finetune
+    """Fine-tune the encoder (MiniLM or static, like `base`) on this dataset's training part only (its own
+    validation split inside)."""
+    from services.predictor.finetune import finetune, train_static_encoder
+    from services.predictor.static_encoder import StaticEncoder
 
     data, prompts = embed_dataset(path, base, tokenizer, limit)
-    train_idx, _ = split_by_prompt(data.keys, test_frac)
+    train_idx, _ = split_by_prompt(data.groups, test_frac)
     train = data.take(train_idx)
-    fit_idx, val_idx = split_by_prompt(train.keys, 0.2, seed=1)
     train_prompts = [prompts[i] for i in train_idx]
     out = work_dir / f"encoder-{path.stem}"
+    if isinstance(base, StaticEncoder):
+        info = train_static_encoder(train_prompts, train.lengths, train.groups, out)
+        return StaticEncoder(out), info
+    fit_idx, val_idx = split_by_prompt(train.groups, 0.2, seed=1)
     info = finetune([train_prompts[i] for i in fit_idx], train.lengths[fit_idx],
                     [train_prompts[i] for i in val_idx], train.lengths[val_idx], out)
     return Encoder(model_path=str(out), max_tokens=128), info
@@ -77,7 +86,7 @@ def evaluate_dataset(path: Path, encoder: Encoder, tokenizer, test_frac: float, 
     if finetune_dir is not None:
         encoder, ft_info = finetuned_encoder(path, encoder, tokenizer, test_frac, limit, finetune_dir)
     data, _ = embed_dataset(path, encoder, tokenizer, limit)
-    train_idx, test_idx = split_by_prompt(data.keys, test_frac)
+    train_idx, test_idx = split_by_prompt(data.groups, test_frac)
     train, test = data.take(train_idx), data.take(test_idx)
     pred, chosen = train_tuned(encoder, train)
     ours, mu = evaluate_predictor(pred, test)
@@ -103,12 +112,13 @@ def evaluate_dataset(path: Path, encoder: Encoder, tokenizer, test_frac: float, 
 def online(path: Path, encoder: Encoder, tokenizer, limit: int | None, chunk: int = 50, window: int = 500) -> dict:
     """Stream the dataset in order: predict each chunk, then learn its true lengths. Tau per window."""
     data, prompts = embed_dataset(path, encoder, tokenizer, limit)
+    previous = count_tokens(tokenizer, [e.previous_reply for e in load_examples(path)[:limit]], empty=0)
     pred = LengthPredictor(encoder, retrain_every=256)
     mus = []
     for i in range(0, len(prompts), chunk):
-        batch = prompts[i:i + chunk]
-        mus += [np.log(p.p50) for p in pred.predict(batch)]
-        pred.observe(batch, [int(x) for x in data.lengths[i:i + chunk]])
+        batch, prev = prompts[i:i + chunk], previous[i:i + chunk]
+        mus += [np.log(p.p50) for p in pred.predict(batch, prev)]
+        pred.observe(batch, [int(x) for x in data.lengths[i:i + chunk]], prev)
     mus = np.array(mus)
     windows = [metrics(mus[i:i + window], None, data.lengths[i:i + window])["kendall_tau"]
                for i in range(0, len(mus) - window + 1, window)]
@@ -146,11 +156,15 @@ def main() -> None:
     p.add_argument("--plot-dir", type=Path, default=None)
     p.add_argument("--finetune-dir", type=Path, default=None,
                    help="fine-tune the encoder for ranking on each training split, saving it here")
+    p.add_argument("--encoder", choices=("minilm", "static"), default="minilm",
+                   help="static: the fast static encoder, always fine-tuned on each training split")
     a = p.parse_args()
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(a.tokenizer)
-    encoder = Encoder()
+    encoder = load_encoder(a.encoder)
+    if a.encoder == "static" and a.finetune_dir is None:
+        a.finetune_dir = Path(tempfile.mkdtemp(prefix="alise-static-"))
     results = [evaluate_dataset(d, encoder, tokenizer, a.test_frac, a.limit, a.plot_dir, a.finetune_dir)
                for d in a.datasets]
     report = {"offline": results}

@@ -19,16 +19,24 @@ BUCKETS = np.array([32, 128, 512])     # <32, 32-127, 128-511, >=512 tokens
 @dataclass
 class Split:
     vecs: np.ndarray
-    chars: np.ndarray
+    side: np.ndarray           # length_mlp.side_features: prompt size, previous reply
     lengths: np.ndarray
-    keys: list[str]
+    keys: list[str]            # prompt identity (index de-duplication)
+    groups: list[str]          # split unit: a conversation, or the prompt itself
 
     def take(self, idx) -> "Split":
-        return Split(self.vecs[idx], self.chars[idx], self.lengths[idx], [self.keys[i] for i in idx])
+        return Split(self.vecs[idx], self.side[idx], self.lengths[idx], [self.keys[i] for i in idx],
+                     [self.groups[i] for i in idx])
+
+    @staticmethod
+    def concat(parts: list["Split"]) -> "Split":
+        return Split(np.concatenate([p.vecs for p in parts]), np.concatenate([p.side for p in parts]),
+                     np.concatenate([p.lengths for p in parts]), [k for p in parts for k in p.keys],
+                     [g for p in parts for g in p.groups])
 
 
 def split_by_prompt(keys: list[str], test_frac: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of train and test, grouping by prompt so no prompt is on both sides."""
+    """Indices of train and test, grouping by `keys` (prompt or conversation) so none is on both sides."""
     groups = sorted(set(keys))
     rng = np.random.default_rng(seed)
     test_groups = set(rng.choice(groups, size=int(len(groups) * test_frac), replace=False))
@@ -55,17 +63,17 @@ def tune(pred: LengthPredictor, val: Split, ks=(4, 8, 16, 32), sims=(-1.0, 0.3, 
     """Choose k, similarity threshold and kNN weight by Kendall's tau on `val`, then scale sigma so that
     the p90 covers 90% of `val`. `pred` must already hold the training examples."""
     all_sims, all_logs = pred.index.search(val.vecs, max(ks))
-    mlp_q = pred.mlp_quantiles(val.vecs, val.chars)
+    mlp_q = pred.mlp_quantiles(val.vecs, val.side)
     best = (-2.0, None)
     for k, thr, beta in itertools.product(ks, sims, betas):
         pred.params.k, pred.params.min_similarity, pred.params.knn_weight = k, thr, beta
-        mu, _, _, _ = pred.log_distribution(val.vecs, val.chars, all_sims, all_logs, mlp_q)
+        mu, _, _, _ = pred.log_distribution(val.vecs, val.side, all_sims, all_logs, mlp_q)
         tau = kendalltau(mu, val.lengths).statistic
         if tau > best[0]:
             best = (tau, (k, thr, beta))
     pred.params.k, pred.params.min_similarity, pred.params.knn_weight = best[1]
     pred.params.sigma_scale = 1.0
-    mu, sd, _, _ = pred.log_distribution(val.vecs, val.chars, all_sims, all_logs, mlp_q)
+    mu, sd, _, _ = pred.log_distribution(val.vecs, val.side, all_sims, all_logs, mlp_q)
     z = (np.log(val.lengths) - mu) / sd                         # sigma_scale s: P(z <= 1.2816 s) = 0.9
     pred.params.sigma_scale = float(max(np.quantile(z, 0.9) / Z10, 0.2))
     return {"val_kendall_tau": float(best[0]), "k": best[1][0], "min_similarity": best[1][1],
@@ -73,7 +81,7 @@ def tune(pred: LengthPredictor, val: Split, ks=(4, 8, 16, 32), sims=(-1.0, 0.3, 
 
 
 def evaluate_predictor(pred: LengthPredictor, test: Split) -> tuple[dict, np.ndarray]:
-    mu, sd, _, _ = pred.log_distribution(test.vecs, test.chars)
+    mu, sd, _, _ = pred.log_distribution(test.vecs, test.side)
     return metrics(mu, np.exp(mu + Z10 * sd), test.lengths), mu
 
 
@@ -83,5 +91,5 @@ def baseline_mean(train: Split, test: Split) -> dict:
 
 
 def baseline_prompt_length(train: Split, test: Split) -> dict:
-    a, b = np.polyfit(np.log1p(train.chars), np.log(train.lengths), 1)
-    return metrics(a * np.log1p(test.chars) + b, None, test.lengths)
+    a, b = np.polyfit(train.side[:, 0], np.log(train.lengths), 1)       # side[:, 0]: log prompt size
+    return metrics(a * test.side[:, 0] + b, None, test.lengths)

@@ -73,3 +73,67 @@ def validation_tau(model, head, prompts: list[str], lengths: np.ndarray) -> floa
     model.eval()
     emb = model.encode(prompts, batch_size=64, convert_to_tensor=True)
     return float(kendalltau(head(emb).squeeze(-1).numpy(), lengths).statistic)
+
+
+def finetune_static(model, tokenizer, max_tokens: int, prompts: list[str], lengths: np.ndarray,
+                    val_prompts: list[str], val_lengths: np.ndarray, epochs: int = 30, batch: int = 64,
+                    lr: float = 5e-4, patience: int = 5, train_vectors: bool = True, hidden: int = 128):
+    """The same ranking objective for the static encoder (static_encoder.py); cheap enough for many epochs.
+    Returns the model at its best validation tau (in place) and the training history.
+    Defaults chosen on alpaca_5000's validation split (lr 5e-4, MLP head of 128: val tau 0.509; a linear
+    head 0.506; token weights only, vectors frozen, 0.502)."""
+    from services.predictor.static_encoder import StaticEncoderView
+
+    torch.manual_seed(0)
+    view = StaticEncoderView(model, tokenizer, max_tokens)
+    head = (torch.nn.Sequential(torch.nn.Linear(view.dim, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, 1))
+            if hidden else torch.nn.Linear(view.dim, 1))
+    logs = np.log(lengths)
+    y = torch.tensor((logs - logs.mean()) / (logs.std() + 1e-6), dtype=torch.float32)
+    bags = [view.bag([p]) for p in prompts]             # tokenize once
+    model.vectors.requires_grad_(train_vectors)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam([*params, *head.parameters()], lr=lr)
+    best_tau, best_state, history, stale = -1.0, None, [], 0
+    started = time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        order = np.random.default_rng(epoch).permutation(len(prompts))
+        for i in range(0, len(order), batch):
+            idx = order[i:i + batch]
+            ids = torch.cat([bags[j][0] for j in idx])
+            offsets = torch.tensor(np.cumsum([0] + [len(bags[j][0]) for j in idx[:-1]]), dtype=torch.long)
+            loss = ranking_loss(head(model(ids, offsets)).squeeze(-1), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            scores = head(torch.from_numpy(view.encode(val_prompts))).squeeze(-1).numpy()
+        tau = float(kendalltau(scores, val_lengths).statistic)
+        history.append({"epoch": epoch, "val_kendall_tau": tau, "seconds": time.perf_counter() - started})
+        if tau > best_tau:
+            best_tau, stale = tau, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    model.load_state_dict(best_state)
+    log.info("static fine-tune: best val tau %.3f after %d epochs", best_tau, len(history))
+    return model, {"best_val_kendall_tau": best_tau, "history": history}
+
+
+def train_static_encoder(prompts: list[str], lengths: np.ndarray, groups: list[str], out_dir: Path) -> dict:
+    """Fine-tune the distilled static encoder for ranking on (prompts, lengths), validating on a held-out
+    part by group, and save it to `out_dir` (static_encoder.py format)."""
+    from services.predictor.evaluation import split_by_prompt
+    from services.predictor.static_encoder import StaticEncoder, base_static_dir, save_static
+
+    base = StaticEncoder(base_static_dir())
+    fit_idx, val_idx = split_by_prompt(groups, 0.2, seed=1)
+    model, info = finetune_static(base.model, base.tokenizer, base.max_tokens,
+                                  [prompts[i] for i in fit_idx], lengths[fit_idx],
+                                  [prompts[i] for i in val_idx], lengths[val_idx])
+    save_static(out_dir, model, base.tokenizer, base.max_tokens)
+    return info

@@ -1,4 +1,7 @@
-"""The MLP fallback: prompt embedding (+ log prompt size) -> quantiles 10/50/90 of log output length.
+"""The MLP fallback: prompt embedding + request side features -> quantiles 10/50/90 of log output length.
+
+Side features are what a request says besides its words: its size, and in a conversation the length of the
+assistant's previous reply (a strong hint: replies in one conversation tend to be alike in length).
 
 Quantile (pinball) loss gives a distribution, not just a point; the heads are monotone by construction
 (p10 = p50 - softplus, p90 = p50 + softplus).
@@ -12,13 +15,22 @@ import torch.nn.functional as F
 QUANTILES = torch.tensor([0.1, 0.5, 0.9])
 
 
-def features(vecs: np.ndarray, prompt_chars: np.ndarray) -> torch.Tensor:
-    size = np.log1p(np.asarray(prompt_chars, dtype=np.float32))[:, None] / 8.0
-    return torch.from_numpy(np.concatenate([vecs, size], axis=1).astype(np.float32))
+SIDE_DIM = 3
+
+
+def side_features(prompt_chars, previous_reply_tokens=None) -> np.ndarray:
+    """[n, 3]: log prompt size, log previous reply tokens, whether there was a previous reply (0 = none)."""
+    chars = np.asarray(prompt_chars, dtype=np.float32)
+    prev = np.zeros_like(chars) if previous_reply_tokens is None else np.asarray(previous_reply_tokens, np.float32)
+    return np.stack([np.log1p(chars) / 8.0, np.log1p(prev) / 6.0, (prev > 0).astype(np.float32)], axis=1)
+
+
+def features(vecs: np.ndarray, side: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate([vecs, side], axis=1).astype(np.float32))
 
 
 class LengthMLP(torch.nn.Module):
-    def __init__(self, dim: int = 385, hidden: int = 256, dropout: float = 0.1):
+    def __init__(self, dim: int = 384 + SIDE_DIM, hidden: int = 256, dropout: float = 0.1):
         super().__init__()
         self.net = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.GELU(), torch.nn.Dropout(dropout),
                                        torch.nn.Linear(hidden, 3))

@@ -24,7 +24,7 @@ import torch
 from services.common.predictor_text import prompt_key
 from services.predictor.encoder import Encoder
 from services.predictor.knn_index import KnnIndex
-from services.predictor.length_mlp import LengthMLP, features, fit
+from services.predictor.length_mlp import SIDE_DIM, LengthMLP, features, fit, side_features
 
 log = logging.getLogger("alise.predictor")
 Z10 = 1.2815516                                    # standard normal 90th percentile
@@ -61,7 +61,7 @@ class LengthPredictor:
         self.mlp: LengthMLP | None = None
         self.replay_size = replay_size
         self.retrain_every = retrain_every
-        self._replay: list[tuple[np.ndarray, float, float]] = []   # (embedding, prompt chars, log length)
+        self._replay: list[tuple[np.ndarray, np.ndarray, float]] = []   # (embedding, side features, log length)
         self._since_retrain = 0
         self._lock = threading.Lock()
         self.dirty = False
@@ -71,16 +71,17 @@ class LengthPredictor:
         return len(self.index)
 
     # -- prediction ----------------------------------------------------------------------------------
-    def predict(self, prompts: list[str]) -> list[Prediction]:
+    def predict(self, prompts: list[str], previous_reply_tokens=None) -> list[Prediction]:
         vecs = self.encoder.encode(prompts)
+        side = side_features([len(p) for p in prompts], previous_reply_tokens)
         with self._lock:
-            return self.predict_embedded(vecs, np.array([len(p) for p in prompts]))
+            return self.predict_embedded(vecs, side)
 
-    def predict_embedded(self, vecs: np.ndarray, chars: np.ndarray) -> list[Prediction]:
-        mu, sigma, n_neigh, source = self.log_distribution(vecs, chars)
+    def predict_embedded(self, vecs: np.ndarray, side: np.ndarray) -> list[Prediction]:
+        mu, sigma, n_neigh, source = self.log_distribution(vecs, side)
         return [self._prediction(m, s, n, src) for m, s, n, src in zip(mu, sigma, n_neigh, source)]
 
-    def log_distribution(self, vecs, chars, sims=None, neigh_logs=None, mlp_q=None):
+    def log_distribution(self, vecs, side, sims=None, neigh_logs=None, mlp_q=None):
         """Per prompt: (mu, sigma) of log length, neighbour count and source. Precomputed neighbours and
         MLP outputs may be passed (hyper-parameter search evaluates many settings on the same ones)."""
         p = self.params
@@ -88,7 +89,7 @@ class LengthPredictor:
             sims, neigh_logs = self.index.search(vecs, p.k)
         sims, neigh_logs = sims[:, :p.k], neigh_logs[:, :p.k]
         if mlp_q is None:
-            mlp_q = self.mlp_quantiles(vecs, chars)
+            mlp_q = self.mlp_quantiles(vecs, side)
         use = sims >= p.min_similarity
         n_neigh = use.sum(1)
         w = np.where(use, np.maximum(sims, 1e-3), 0.0)
@@ -109,11 +110,11 @@ class LengthPredictor:
         source = np.where(has, blend, base_src)
         return mu, sd, n_neigh, source
 
-    def mlp_quantiles(self, vecs, chars) -> np.ndarray | None:
+    def mlp_quantiles(self, vecs, side) -> np.ndarray | None:
         if self.mlp is None:
             return None
         with torch.no_grad():
-            return self.mlp(features(vecs, chars)).numpy()
+            return self.mlp(features(vecs, side)).numpy()
 
     @staticmethod
     def _prediction(mu: float, sigma: float, neighbours: int, source: str) -> Prediction:
@@ -123,25 +124,25 @@ class LengthPredictor:
                           neighbours=int(neighbours), source=str(source))
 
     # -- learning --------------------------------------------------------------------------------------
-    def fit(self, vecs, chars, lengths, keys, val=None) -> None:
+    def fit(self, vecs, side, lengths, keys, val=None) -> None:
         """Offline: build the index from all examples and train the MLP (early stopping on `val`)."""
         log_len = np.log(np.asarray(lengths, dtype=np.float32))
         with self._lock:
             self.index.add(vecs, lengths, keys)
-            self.mlp = LengthMLP()
+            self.mlp = self._new_mlp()
             x_val = y_val = None
             if val is not None:
                 x_val, y_val = features(val[0], val[1]), torch.from_numpy(np.log(np.asarray(val[2], np.float32)))
-            fit(self.mlp, features(vecs, chars), torch.from_numpy(log_len), x_val, y_val)
-            self._replay = list(zip(vecs, np.asarray(chars, np.float32), log_len))[-self.replay_size:]
+            fit(self.mlp, features(vecs, side), torch.from_numpy(log_len), x_val, y_val)
+            self._replay = list(zip(vecs, np.asarray(side, np.float32), log_len))[-self.replay_size:]
             self.dirty = True
 
-    def observe(self, prompts: list[str], lengths: list[int]) -> int:
+    def observe(self, prompts: list[str], lengths: list[int], previous_reply_tokens=None) -> int:
         vecs = self.encoder.encode(prompts)
-        chars = np.array([len(p) for p in prompts], dtype=np.float32)
+        side = side_features([len(p) for p in prompts], previous_reply_tokens)
         with self._lock:
             self.index.add(vecs, lengths, [prompt_key(p) for p in prompts])
-            self._replay += list(zip(vecs, chars, np.log(np.asarray(lengths, np.float32))))
+            self._replay += list(zip(vecs, side, np.log(np.asarray(lengths, np.float32))))
             self._replay = self._replay[-self.replay_size:]
             self._since_retrain += len(prompts)
             if self._since_retrain >= self.retrain_every and len(self._replay) >= 200:
@@ -152,10 +153,15 @@ class LengthPredictor:
     def _refresh_mlp(self) -> None:
         """A few epochs on the replay buffer: the MLP follows the served model's real lengths."""
         self._since_retrain = 0
-        vecs, chars, ys = map(np.asarray, zip(*self._replay))
+        vecs, side, ys = map(np.asarray, zip(*self._replay))
         if self.mlp is None:
-            self.mlp = LengthMLP()
-        fit(self.mlp, features(vecs, chars), torch.from_numpy(ys.astype(np.float32)), epochs=5 if len(ys) > 2000 else 30)
+            self.mlp = self._new_mlp()
+        # enough gradient steps to learn from a small buffer, few passes over a large one
+        epochs = max(5, min(300, 300 * 512 // len(ys)))
+        fit(self.mlp, features(vecs, side), torch.from_numpy(ys.astype(np.float32)), epochs=epochs)
+
+    def _new_mlp(self) -> LengthMLP:
+        return LengthMLP(dim=self.encoder.dim + SIDE_DIM)
 
     # -- persistence -----------------------------------------------------------------------------------
     STATE_FILES = ("index.npz", "mlp.pt", "params.json")
@@ -183,7 +189,7 @@ class LengthPredictor:
             state = {k: z[k] for k in z.files}
         mlp = None
         if (directory / "mlp.pt").exists():
-            mlp = LengthMLP()
+            mlp = self._new_mlp()
             mlp.load_state_dict(torch.load(directory / "mlp.pt", weights_only=True))
             mlp.eval()
         with self._lock:

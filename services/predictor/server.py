@@ -19,7 +19,7 @@ from alise.v1 import predictor_pb2 as pb
 from services.common.grpc_server import (SERVING, build_server, configure_logging, install_stop_signals,
                                          set_health)
 from services.common.lenient import add_lenient_service, reject_bad
-from services.predictor.encoder import Encoder
+from services.predictor.encoder import ENCODER_KINDS, load_encoder
 from services.predictor.length_predictor import LengthPredictor, PredictorParams
 
 log = logging.getLogger("alise.predictor")
@@ -42,7 +42,14 @@ class PredictorServicer:
         for i, p in enumerate(prompts):
             if len(p) > MAX_PROMPT_CHARS:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompts[{i}]: over {MAX_PROMPT_CHARS} chars")
-        preds = await asyncio.to_thread(self.p.predict, prompts)
+        previous = list(request.previous_reply_tokens) or [0] * len(prompts)
+        if len(previous) != len(prompts):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"previous_reply_tokens: {len(previous)} values for {len(prompts)} prompts (one each, or none)")
+        for i, n in enumerate(previous):
+            if n < 0:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"previous_reply_tokens[{i}]: must be >= 0")
+        preds = await asyncio.to_thread(self.p.predict, prompts, previous)
         return pb.PredictResponse(predictions=[
             pb.LengthPrediction(mean=x.mean, p10=x.p10, p50=x.p50, p90=x.p90, neighbours=x.neighbours,
                                 deciles=x.deciles, source=x.source) for x in preds])
@@ -55,9 +62,13 @@ class PredictorServicer:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"observations[{i}].output_tokens: must be > 0")
             if not o.prompt:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"observations[{i}].prompt: must not be empty")
+            if o.previous_reply_tokens < 0:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"observations[{i}].previous_reply_tokens: must be >= 0")
         if not obs:
             return pb.ObserveResponse(index_size=self.p.size)
-        size = await asyncio.to_thread(self.p.observe, [o.prompt for o in obs], [o.output_tokens for o in obs])
+        size = await asyncio.to_thread(self.p.observe, [o.prompt for o in obs], [o.output_tokens for o in obs],
+                                       [o.previous_reply_tokens for o in obs])
         return pb.ObserveResponse(index_size=size)
 
 
@@ -82,12 +93,9 @@ async def save_periodically(predictor: LengthPredictor, model_dir: Path, every_s
 
 async def serve(a: argparse.Namespace) -> None:
     server, health, port = build_server([SERVICE], a.listen)
-    finetuned = a.model_dir / "encoder" if a.model_dir else None
-    if finetuned is not None and finetuned.exists():
-        log.info("using the fine-tuned encoder in %s", finetuned)
-        encoder = Encoder(model_path=str(finetuned), max_tokens=min(a.max_prompt_tokens, 128), quantize=a.quantize)
-    else:
-        encoder = Encoder(max_tokens=a.max_prompt_tokens, quantize=a.quantize)
+    trained = a.model_dir / "encoder" if a.model_dir else None
+    encoder = load_encoder(a.encoder, trained, a.max_prompt_tokens, a.quantize)
+    log.info("encoder: %s (%d dims)", type(encoder).__name__, encoder.dim)
     predictor = LengthPredictor(encoder, PredictorParams(prior_log_mean=math.log(a.prior)))
     load_or_empty(predictor, a.model_dir)
     add_lenient_service(server, PredictorServicer(predictor), pb, "Predictor")
@@ -113,8 +121,12 @@ def main() -> None:
     p.add_argument("--model-dir", type=Path, default=None, help="trained predictor; online learning is saved here")
     p.add_argument("--save-every-s", type=float, default=30.0)
     p.add_argument("--prior", type=float, default=128.0, help="output tokens assumed before anything is learned")
-    p.add_argument("--max-prompt-tokens", type=int, default=256, help="encoder truncation")
-    p.add_argument("--quantize", action="store_true", help="int8 dynamic quantization of the encoder")
+    p.add_argument("--encoder", choices=ENCODER_KINDS, default="auto",
+                   help="auto: what train.py saved in --model-dir/encoder, else stock MiniLM; static: the fast "
+                        "static encoder (thousands of prompts/s on 2 cores)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="encoder truncation (default: 256 MiniLM, 128 fine-tuned MiniLM, 512 static)")
+    p.add_argument("--quantize", action="store_true", help="int8 dynamic quantization of a MiniLM encoder")
     asyncio.run(serve(p.parse_args()))
 
 

@@ -47,12 +47,13 @@ class Dispatcher:
     # -- admission -------------------------------------------------------------------------------
     async def submit(self, v: ValidRequest) -> bool:
         """Predict, score and queue a validated request; False if its request_id is taken."""
-        pred = await self.predictor.predict(v.prompt_text)
+        pred = await self.predictor.predict(v.prompt_text, v.previous_reply_tokens)
         mean = pred.mean if pred else self.cfg.prior_output_tokens
         rec = JobRecord(job_id=v.request_id, prompt_ids=v.prompt_ids, prompt_text=v.prompt_text,
                         sampling=v.sampling, priority=v.priority, pred_len=mean,
                         pred_p90=pred.p90 if pred else 3 * mean, predicted=pred is not None,
-                        pred_deciles=list(pred.deciles) if pred else [])
+                        pred_deciles=list(pred.deciles) if pred else [],
+                        previous_reply_tokens=v.previous_reply_tokens)
         rec.pred_time = self.cost.total(len(rec.prompt_ids), min(mean, v.sampling["max_tokens"]))
         if not await self.store.create(rec, self.policy.queue_score(self._view(rec), self.cost)):
             return False
@@ -234,7 +235,7 @@ class Dispatcher:
             metrics.TTFT.observe(done.timings.ttft_seconds)
         metrics.E2E.observe(done.timings.e2e_seconds)
         if state.finish_reason == "stop" and not rec.sampling["ignore_eos"]:
-            self.predictor.observe(rec.prompt_text, len(state.token_ids))   # a true, uncensored length
+            self.predictor.observe(rec.prompt_text, len(state.token_ids), rec.previous_reply_tokens)   # a true, uncensored length
         self.hub.publish(job_id, pb.GenerateResponse(complete=done))
 
     async def abort(self, job_id: str) -> tuple[bool, str]:

@@ -33,6 +33,7 @@ class JobRecord:
     prompt_text: str
     sampling: dict                     # SamplingParams fields, normalised by validation
     priority: int = 0
+    previous_reply_tokens: int = 0     # chat: the assistant's previous reply (a predictor feature)
     created: float = field(default_factory=time.time)
     pred_len: float = 0.0              # predicted output tokens (mean)
     pred_p90: float = 0.0
@@ -52,6 +53,7 @@ class JobRecord:
             sampling=json.loads(f["sampling"]), priority=int(f["priority"]), created=float(f["created"]),
             pred_len=float(f["pred_len"]), pred_p90=float(f["pred_p90"]), pred_time=float(f["pred_time"]),
             pred_deciles=json.loads(f.get("pred_deciles", "[]")),
+            previous_reply_tokens=int(f.get("previous_reply_tokens", 0)),
             predicted=f["predicted"] == "1",
         )
 

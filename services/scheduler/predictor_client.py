@@ -25,9 +25,10 @@ class PredictorClient:
         self.available = True
         self._tasks: set[asyncio.Task] = set()
 
-    async def predict(self, prompt: str) -> pb.LengthPrediction | None:
+    async def predict(self, prompt: str, previous_reply_tokens: int = 0) -> pb.LengthPrediction | None:
+        req = pb.PredictRequest(prompts=[prompt], previous_reply_tokens=[previous_reply_tokens])
         try:
-            resp = await self.stub.Predict(pb.PredictRequest(prompts=[prompt]), timeout=self.timeout_s)
+            resp = await self.stub.Predict(req, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as e:
             metrics.PREDICTOR_FAILURES.inc()
             metrics.PREDICTOR_UP.set(0)
@@ -41,14 +42,15 @@ class PredictorClient:
         metrics.PREDICTOR_UP.set(1)
         return resp.predictions[0]
 
-    def observe(self, prompt: str, output_tokens: int) -> None:
+    def observe(self, prompt: str, output_tokens: int, previous_reply_tokens: int = 0) -> None:
         """Teach the predictor a finished job's true length, in the background."""
-        task = asyncio.create_task(self._observe(prompt, output_tokens))
+        task = asyncio.create_task(self._observe(prompt, output_tokens, previous_reply_tokens))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _observe(self, prompt: str, output_tokens: int) -> None:
-        req = pb.ObserveRequest(observations=[pb.Observation(prompt=prompt, output_tokens=output_tokens)])
+    async def _observe(self, prompt: str, output_tokens: int, previous_reply_tokens: int) -> None:
+        req = pb.ObserveRequest(observations=[pb.Observation(prompt=prompt, output_tokens=output_tokens,
+                                                             previous_reply_tokens=previous_reply_tokens)])
         try:
             await self.stub.Observe(req, timeout=10 * self.timeout_s)
         except grpc.aio.AioRpcError as e:

@@ -27,6 +27,7 @@ class ValidRequest:
     prompt_ids: list[int]
     sampling: dict
     priority: int
+    previous_reply_tokens: int = 0    # chat: tokens of the assistant's last reply (predictor feature)
 
 
 def validate(req: pb.GenerateRequest, cfg: SchedulerConfig, tok: PromptTokenizer,
@@ -42,13 +43,22 @@ def validate(req: pb.GenerateRequest, cfg: SchedulerConfig, tok: PromptTokenizer
     if len(prompt_ids) >= max_model_len:
         raise InvalidRequest("prompt", f"{len(prompt_ids)} tokens; the model's context is {max_model_len}")
     sampling = _sampling(req.sampling, cfg, max_model_len - len(prompt_ids))
-    return ValidRequest(req.request_id or uuid.uuid4().hex, _predictor_text(req), prompt_ids, sampling, req.priority)
+    return ValidRequest(req.request_id or uuid.uuid4().hex, _predictor_text(req), prompt_ids, sampling, req.priority,
+                        _previous_reply_tokens(req, tok))
 
 
 def _predictor_text(req: pb.GenerateRequest) -> str:
     if req.WhichOneof("input") == "chat":
         return predictor_text([m.content for m in req.chat.messages])
     return req.prompt
+
+
+def _previous_reply_tokens(req: pb.GenerateRequest, tok: PromptTokenizer) -> int:
+    """Replies in one conversation tend to be alike in length: the last one is a strong predictor hint."""
+    if req.WhichOneof("input") != "chat":
+        return 0
+    replies = [m.content for m in req.chat.messages if m.role == "assistant" and m.content.strip()]
+    return len(tok.encode(replies[-1])) if replies else 0
 
 
 def _model_text(req: pb.GenerateRequest, tok: PromptTokenizer) -> str:
