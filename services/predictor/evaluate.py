@@ -10,6 +10,7 @@ prompt-length regression, kNN only, MLP only. Output lengths use the served mode
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import tempfile
@@ -30,14 +31,18 @@ from services.predictor.length_predictor import LengthPredictor, PredictorParams
 log = logging.getLogger("alise.predictor.evaluate")
 
 
-def embed_dataset(path: Path, encoder: Encoder, tokenizer, limit: int | None) -> tuple[Split, list[str]]:
+def embed_dataset(path: Path, encoder: Encoder, tokenizer, limit: int | None,
+                  split_by: str = "conversation") -> tuple[Split, list[str]]:
+    """split_by: "conversation" (turns of one conversation stay on one side: new conversations only) or
+    "prompt" (later turns of a conversation may be tested after earlier ones were learned, as online)."""
     examples = load_examples(path)[:limit]
     prompts = [e.prompt for e in examples]
     lengths = np.array(count_tokens(tokenizer, [e.response for e in examples]), dtype=np.float32)
     previous = count_tokens(tokenizer, [e.previous_reply for e in examples], empty=0)
     vecs = encoder.encode(prompts)
     side = side_features([len(p) for p in prompts], previous)
-    return Split(vecs, side, lengths, [prompt_key(p) for p in prompts], [e.group for e in examples]), prompts
+    keys = [prompt_key(p) for p in prompts]
+    return Split(vecs, side, lengths, keys, [e.group for e in examples] if split_by == "conversation" else keys), prompts
 
 
 def train_tuned(encoder: Encoder, train: Split, val_frac: float = 0.2) -> tuple[LengthPredictor, dict]:
@@ -58,34 +63,34 @@ def variant(pred: LengthPredictor, **overrides) -> LengthPredictor:
     return other
 
 
+def without_previous_reply(split: Split) -> Split:
+    return dataclasses.replace(split, side=split.side * np.array([1.0, 0.0, 0.0], np.float32))
+
+
 def finetuned_encoder(path: Path, base: Encoder, tokenizer, test_frac: float, limit: int | None,
-                      work_dir: Path) -> tuple[Encoder, dict]:
+                      work_dir: Path, split_by: str) -> tuple[Encoder, dict]:
     """Fine-tune the encoder (MiniLM or static, like `base`) on this dataset's training part only (its own
     validation split inside)."""
-    from services.predictor.finetune import finetune, train_static_encoder
+    from services.predictor.finetune import RankingData, train_minilm_encoder, train_static_encoder
     from services.predictor.static_encoder import StaticEncoder
 
-    data, prompts = embed_dataset(path, base, tokenizer, limit)
+    data, prompts = embed_dataset(path, base, tokenizer, limit, split_by)
     train_idx, _ = split_by_prompt(data.groups, test_frac)
     train = data.take(train_idx)
-    train_prompts = [prompts[i] for i in train_idx]
+    ranking = RankingData([prompts[i] for i in train_idx], train.side, train.lengths)
     out = work_dir / f"encoder-{path.stem}"
     if isinstance(base, StaticEncoder):
-        info = train_static_encoder(train_prompts, train.lengths, train.groups, out)
-        return StaticEncoder(out), info
-    fit_idx, val_idx = split_by_prompt(train.groups, 0.2, seed=1)
-    info = finetune([train_prompts[i] for i in fit_idx], train.lengths[fit_idx],
-                    [train_prompts[i] for i in val_idx], train.lengths[val_idx], out)
-    return Encoder(model_path=str(out), max_tokens=128), info
+        return StaticEncoder(out), train_static_encoder(ranking, train.groups, out)
+    return Encoder(model_path=str(out), max_tokens=128), train_minilm_encoder(ranking, train.groups, out)
 
 
 def evaluate_dataset(path: Path, encoder: Encoder, tokenizer, test_frac: float, limit: int | None,
-                     plot_dir: Path | None, finetune_dir: Path | None = None) -> dict:
+                     plot_dir: Path | None, finetune_dir: Path | None = None, split_by: str = "conversation") -> dict:
     started = time.perf_counter()
     ft_info = None
     if finetune_dir is not None:
-        encoder, ft_info = finetuned_encoder(path, encoder, tokenizer, test_frac, limit, finetune_dir)
-    data, _ = embed_dataset(path, encoder, tokenizer, limit)
+        encoder, ft_info = finetuned_encoder(path, encoder, tokenizer, test_frac, limit, finetune_dir, split_by)
+    data, _ = embed_dataset(path, encoder, tokenizer, limit, split_by)
     train_idx, test_idx = split_by_prompt(data.groups, test_frac)
     train, test = data.take(train_idx), data.take(test_idx)
     pred, chosen = train_tuned(encoder, train)
@@ -93,15 +98,18 @@ def evaluate_dataset(path: Path, encoder: Encoder, tokenizer, test_frac: float, 
     knn_only = variant(pred, knn_weight=1.0, min_similarity=-1.0)
     knn_only.mlp = None
     res = {
-        "dataset": path.name, "examples": len(data.lengths), "train": len(train.lengths), "test": len(test.lengths),
+        "dataset": path.name, "split_by": split_by, "examples": len(data.lengths), "train": len(train.lengths), "test": len(test.lengths),
         "mean_output_tokens": float(data.lengths.mean()), "chosen": chosen,
         "alise": ours,
         "baseline_global_mean": baseline_mean(train, test),
         "baseline_prompt_length": baseline_prompt_length(train, test),
         "baseline_knn_only": evaluate_predictor(knn_only, test)[0],
         "baseline_mlp_only": evaluate_predictor(variant(pred, knn_weight=0.0), test)[0],
-        "seconds": time.perf_counter() - started,
     }
+    if train.side[:, 2].any():       # conversations: what the previous-reply feature adds
+        res["ablation_no_previous_reply"] = evaluate_predictor(
+            train_tuned(encoder, without_previous_reply(train))[0], without_previous_reply(test))[0]
+    res["seconds"] = time.perf_counter() - started
     if ft_info is not None:
         res["finetune"] = ft_info
     if plot_dir is not None:
@@ -156,6 +164,8 @@ def main() -> None:
     p.add_argument("--plot-dir", type=Path, default=None)
     p.add_argument("--finetune-dir", type=Path, default=None,
                    help="fine-tune the encoder for ranking on each training split, saving it here")
+    p.add_argument("--split-by", choices=("conversation", "prompt"), default="conversation",
+                   help="held-out unit; conversation: turns of one conversation never on both sides")
     p.add_argument("--encoder", choices=("minilm", "static"), default="minilm",
                    help="static: the fast static encoder, always fine-tuned on each training split")
     a = p.parse_args()
@@ -165,7 +175,7 @@ def main() -> None:
     encoder = load_encoder(a.encoder)
     if a.encoder == "static" and a.finetune_dir is None:
         a.finetune_dir = Path(tempfile.mkdtemp(prefix="alise-static-"))
-    results = [evaluate_dataset(d, encoder, tokenizer, a.test_frac, a.limit, a.plot_dir, a.finetune_dir)
+    results = [evaluate_dataset(d, encoder, tokenizer, a.test_frac, a.limit, a.plot_dir, a.finetune_dir, a.split_by)
                for d in a.datasets]
     report = {"offline": results}
     if a.online:
@@ -177,13 +187,14 @@ def main() -> None:
 
 
 def print_table(report: dict) -> None:
-    rows = ("alise", "baseline_knn_only", "baseline_mlp_only", "baseline_prompt_length", "baseline_global_mean")
-    print(f"\n{'dataset':<34} {'predictor':<24} {'tau':>6} {'spear':>6} {'MAE':>7} {'MAElog':>6} {'bucket':>6} {'p90cov':>6}")
+    rows = ("alise", "ablation_no_previous_reply", "baseline_knn_only", "baseline_mlp_only", "baseline_prompt_length",
+            "baseline_global_mean")
+    print(f"\n{'dataset':<34} {'predictor':<28} {'tau':>6} {'spear':>6} {'MAE':>7} {'MAElog':>6} {'bucket':>6} {'p90cov':>6}")
     for r in report["offline"]:
-        for name in rows:
+        for name in (n for n in rows if n in r):
             m = r[name]
             cov = "" if m["p90_coverage"] is None else f"{m['p90_coverage']:.2f}"
-            print(f"{r['dataset']:<34} {name:<24} {m['kendall_tau']:>6.3f} {m['spearman']:>6.3f} "
+            print(f"{r['dataset']:<34} {name:<28} {m['kendall_tau']:>6.3f} {m['spearman']:>6.3f} "
                   f"{m['mae_tokens']:>7.1f} {m['mae_log']:>6.2f} {m['bucket_accuracy']:>6.2f} {cov:>6}")
     for r in report.get("online", []):
         print(f"online {r['dataset']}: tau per {r['window']} " + " ".join(f"{t:.2f}" for t in r["kendall_tau_by_window"]))

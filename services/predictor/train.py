@@ -21,8 +21,8 @@ from pathlib import Path
 from services.common.model_paths import cache_root, default_model_dir
 from services.predictor.encoder import Encoder, load_encoder
 from services.predictor.evaluate import embed_dataset, train_tuned
-from services.predictor.evaluation import Split, split_by_prompt
-from services.predictor.finetune import finetune, train_static_encoder
+from services.predictor.evaluation import Split
+from services.predictor.finetune import RankingData, train_minilm_encoder, train_static_encoder
 from services.predictor.static_encoder import StaticEncoder
 
 
@@ -59,7 +59,7 @@ def train_static(a, tokenizer, encoder_dir: Path):
     """Fine-tune the static encoder for ranking, then fit index + MLP on its embeddings."""
     base = load_encoder("static")
     data, prompts = embed_all(a.datasets, base, tokenizer, a.limit)
-    info = train_static_encoder(prompts, data.lengths, data.groups, encoder_dir)
+    info = train_static_encoder(RankingData(prompts, data.side, data.lengths), data.groups, encoder_dir)
     encoder = StaticEncoder(encoder_dir)
     predictor, chosen = train_tuned(encoder, embed_all(a.datasets, encoder, tokenizer, a.limit)[0])
     return predictor, {**chosen, "encoder_val_kendall_tau": info["best_val_kendall_tau"]}, True
@@ -72,9 +72,7 @@ def train_minilm(a, tokenizer, encoder_dir: Path):
     predictor, chosen = train_tuned(encoder, data)
     if not a.finetune:
         return predictor, chosen, False
-    fit_idx, val_idx = split_by_prompt(data.groups, 0.2, seed=1)
-    extra = finetune([prompts[i] for i in fit_idx], data.lengths[fit_idx],
-                     [prompts[i] for i in val_idx], data.lengths[val_idx], encoder_dir, epochs=a.epochs)
+    extra = train_minilm_encoder(RankingData(prompts, data.side, data.lengths), data.groups, encoder_dir, a.epochs)
     tuned_encoder = Encoder(model_path=str(encoder_dir), max_tokens=128)
     tuned_data, _ = embed_all(a.datasets, tuned_encoder, tokenizer, a.limit)
     tuned, tuned_chosen = train_tuned(tuned_encoder, tuned_data)
