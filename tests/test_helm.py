@@ -50,11 +50,17 @@ def test_workers_scale_and_wire_to_the_scheduler():
     assert "--redis-url=redis://demo-alise-redis:6379/0" in scheduler["args"]
 
 
+def test_predictor_encoder_is_passed_through():
+    predictor = by_name(render({"predictor": {"encoder": "static"}}), "Deployment", "demo-alise-predictor")
+    assert "--encoder=static" in predictor["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
 @pytest.mark.parametrize("values,message", [
     ({"worker": {"terminationGracePeriodSeconds": 30}}, "worker.terminationGracePeriodSeconds"),
     ({"scheduler": {"policy": "random"}}, "scheduler.policy"),
     ({"redis": {"enabled": False}}, "redis.externalUrl"),
     ({"scheduler": {"modelName": "other"}}, "modelName"),
+    ({"predictor": {"encoder": "bert"}}, "predictor.encoder"),
 ])
 def test_bad_values_fail_with_the_value_named(values, message):
     with pytest.raises(helm.HelmError, match=message):

@@ -7,6 +7,9 @@
 {{- if not (has .Values.scheduler.preemptMode (list "recompute" "swap")) -}}
 {{- fail "scheduler.preemptMode must be recompute or swap" -}}
 {{- end -}}
+{{- if not (has .Values.predictor.encoder (list "auto" "minilm" "static")) -}}
+{{- fail (printf "predictor.encoder must be auto, minilm or static (got %q)" .Values.predictor.encoder) -}}
+{{- end -}}
 {{- if lt (int $w.replicas) 0 -}}
 {{- fail "worker.replicas must be >= 0" -}}
 {{- end -}}
