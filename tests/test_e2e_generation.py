@@ -57,20 +57,37 @@ def test_chat_answer_equals_transformers_generate(stub, hf_model, tokenizer):
     assert final.finish_reason == pb.FINISH_REASON_STOP       # the model ended its answer itself
 
 
-def test_chat_history_gives_the_predictor_the_previous_reply_length(stack, stub, tokenizer):
+def test_finished_chat_turn_teaches_the_predictor_through_the_stream(stack, stub, tokenizer):
+    """A chat turn's previous reply length reaches the predictor as a feature, and the finished job's true
+    length reaches it through the Redis stream (appended with the finish, read by the predictor)."""
     import redis
+    from alise.v1 import predictor_pb2 as ppb
+    from alise.v1 import predictor_pb2_grpc as ppb_grpc
 
+    from services.common.observations import STREAM
     from services.scheduler import keys
 
     reply = "Paris is the capital of France, and it is also its largest city."
     messages = [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": reply},
                 {"role": "user", "content": "And of Italy?"}]
-    req = pb.GenerateRequest(request_id=f"chat-{uuid.uuid4().hex}", sampling=pb.SamplingParams(max_tokens=8),
+    req = pb.GenerateRequest(request_id=f"chat-{uuid.uuid4().hex}", sampling=pb.SamplingParams(max_tokens=64),
                              chat=pb.ChatConversation(messages=[pb.ChatMessage(**m) for m in messages]))
-    generate(stub, req)
-    job = redis.Redis.from_url(stack.redis_url, decode_responses=True).hgetall(keys.job(req.request_id))
-    assert int(job["previous_reply_tokens"]) == len(tokenizer.encode(reply, add_special_tokens=False))
-    assert job["prompt_text"].startswith("And of Italy?")                    # newest turn first
+    cut = pb.GenerateRequest(request_id=f"cut-{uuid.uuid4().hex}", prompt="Once upon a time",
+                             sampling=pb.SamplingParams(max_tokens=2, ignore_eos=True))
+    tokens, _, final = generate(stub, req)
+    generate(stub, cut)
+    assert final.finish_reason == pb.FINISH_REASON_STOP
+    r = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    job = r.hgetall(keys.job(req.request_id))
+    prev = len(tokenizer.encode(reply, add_special_tokens=False))
+    assert int(job["previous_reply_tokens"]) == prev and job["prompt_text"].startswith("And of Italy?")
+    entries = {f["job_id"]: f for _, f in r.xrange(STREAM)}
+    assert cut.request_id not in entries                                    # cut at max_tokens: not a true length
+    seen = entries[req.request_id]
+    assert int(seen["output_tokens"]) == len(tokens) and int(seen["previous_reply_tokens"]) == prev
+    predictor = ppb_grpc.PredictorStub(grpc.insecure_channel(f"127.0.0.1:{stack.predictor_port}"))
+    ask = ppb.PredictRequest(prompts=[job["prompt_text"]], previous_reply_tokens=[prev])
+    wait_until(lambda: predictor.Predict(ask).predictions[0].neighbours >= 1, timeout=30)
 
 
 def test_sixteen_concurrent_requests_all_correct_and_kv_pool_drains(stub, references):

@@ -50,9 +50,10 @@ def test_workers_scale_and_wire_to_the_scheduler():
     assert "--redis-url=redis://demo-alise-redis:6379/0" in scheduler["args"]
 
 
-def test_predictor_encoder_is_passed_through():
+def test_predictor_encoder_and_observation_stream_are_wired():
     predictor = by_name(render({"predictor": {"encoder": "static"}}), "Deployment", "demo-alise-predictor")
-    assert "--encoder=static" in predictor["spec"]["template"]["spec"]["containers"][0]["args"]
+    args = predictor["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--encoder=static" in args and "--redis-url=redis://demo-alise-redis:6379/0" in args   # learns from the stream
 
 
 @pytest.mark.parametrize("values,message", [

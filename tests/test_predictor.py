@@ -12,6 +12,7 @@ from alise.v1 import predictor_pb2 as ppb
 from alise.v1 import predictor_pb2_grpc as ppb_grpc
 
 from services.common.local_stack import free_port, wait_healthy
+from tests.helpers import wait_until
 from services.predictor.datasets import load_examples
 from services.predictor.encoder import Encoder
 from services.predictor.length_predictor import LengthPredictor
@@ -111,6 +112,50 @@ def test_service_persists_online_learning_and_survives_a_corrupt_file(tmp_path):
     assert p.source == "prior"
     proc.terminate()
     assert b"cannot read predictor" in proc.communicate(timeout=30)[1]
+
+
+def test_learns_from_the_observation_stream_and_resumes_where_it_saved(redis_server, tmp_path):
+    import redis
+
+    from services.common.observations import STREAM
+
+    r = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    r.delete(STREAM)
+    model_dir = tmp_path / "predictor"
+    r.xadd(STREAM, {"job_id": "a", "prompt": "Write a very long story about dragons.", "output_tokens": 900,
+                    "previous_reply_tokens": 0})
+    r.xadd(STREAM, {"job_id": "bad", "prompt": "", "output_tokens": "x"})          # skipped, not fatal
+    last = r.xadd(STREAM, {"job_id": "b", "prompt": "Say hi.", "output_tokens": 2, "previous_reply_tokens": 0})
+
+    def start():
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "services.predictor.server", "--listen", f"127.0.0.1:{port}",
+                                 "--model-dir", str(model_dir), "--redis-url", redis_server.url],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_healthy(f"127.0.0.1:{port}", 90)
+        return proc, ppb_grpc.PredictorStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+
+    def size(stub):
+        return stub.Observe(ppb.ObserveRequest()).index_size
+
+    def learned(stub, prompt):
+        return stub.Predict(ppb.PredictRequest(prompts=[prompt])).predictions[0]
+
+    proc, stub = start()
+    wait_until(lambda: size(stub) == 2, 30)
+    assert learned(stub, "Write a very long story about knights.").p50 > learned(stub, "Say hello.").p50
+    proc.terminate()
+    proc.wait(30)
+    assert json.loads((model_dir / "feed.json").read_text())["stream_position"] == last   # saved with the index
+    r.xadd(STREAM, {"job_id": "c", "prompt": "List three colours.", "output_tokens": 12, "previous_reply_tokens": 0})
+    proc, stub = start()
+    try:
+        wait_until(lambda: size(stub) == 3, 30)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    with np.load(model_dir / "index.npz") as index:                  # resumed after its saved position:
+        assert index["counts"].tolist() == [1.0, 1.0, 1.0]            # nothing learned twice, nothing lost
 
 
 @pytest.mark.parametrize("encoder_args", [["--finetune", "--epochs", "1"], ["--encoder", "static"]],

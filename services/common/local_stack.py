@@ -123,6 +123,7 @@ class LocalStack:
     worker_args: list[str] = field(default_factory=list)
     redis_url: str | None = None
     with_predictor: bool = True
+    predictor_args: list[str] = field(default_factory=list)
     redis: RedisServer | None = None
     services: dict[str, Service] = field(default_factory=dict)
 
@@ -139,7 +140,8 @@ class LocalStack:
         self.predictor_port = free_port()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         if self.with_predictor:
-            self._add("predictor", ["services.predictor.server", "--listen", f"127.0.0.1:{self.predictor_port}"])
+            self._add("predictor", ["services.predictor.server", "--listen", f"127.0.0.1:{self.predictor_port}",
+                                    "--redis-url", self.redis_url, *self.predictor_args])
         self._add("scheduler", self.scheduler_command())
         for i in range(self.num_workers):
             self._add(f"worker-{i}", self.worker_command(i))

@@ -65,6 +65,7 @@ class LengthPredictor:
         self._since_retrain = 0
         self._lock = threading.Lock()
         self.dirty = False
+        self.stream_position = "0"     # last observation-stream entry learned (observation_feed.py)
 
     @property
     def size(self) -> int:
@@ -137,10 +138,16 @@ class LengthPredictor:
             self._replay = list(zip(vecs, np.asarray(side, np.float32), log_len))[-self.replay_size:]
             self.dirty = True
 
-    def observe(self, prompts: list[str], lengths: list[int], previous_reply_tokens=None) -> int:
+    def observe(self, prompts: list[str], lengths: list[int], previous_reply_tokens=None,
+                stream_position: str | None = None) -> int:
+        """Learn true lengths. `stream_position`: the stream entry these end at, saved with what was learned."""
+        if not prompts:
+            return self._advance(stream_position)
         vecs = self.encoder.encode(prompts)
         side = side_features([len(p) for p in prompts], previous_reply_tokens)
         with self._lock:
+            if stream_position is not None:
+                self.stream_position = stream_position
             self.index.add(vecs, lengths, [prompt_key(p) for p in prompts])
             self._replay += list(zip(vecs, side, np.log(np.asarray(lengths, np.float32))))
             self._replay = self._replay[-self.replay_size:]
@@ -148,6 +155,12 @@ class LengthPredictor:
             if self._since_retrain >= self.retrain_every and len(self._replay) >= 200:
                 self._refresh_mlp()
             self.dirty = True
+            return self.size
+
+    def _advance(self, stream_position: str | None) -> int:
+        with self._lock:
+            if stream_position is not None:
+                self.stream_position, self.dirty = stream_position, True
             return self.size
 
     def _refresh_mlp(self) -> None:
@@ -164,7 +177,7 @@ class LengthPredictor:
         return LengthMLP(dim=self.encoder.dim + SIDE_DIM)
 
     # -- persistence -----------------------------------------------------------------------------------
-    STATE_FILES = ("index.npz", "mlp.pt", "params.json")
+    STATE_FILES = ("index.npz", "mlp.pt", "params.json", "feed.json")
 
     def save(self, directory: Path) -> None:
         """Write the learned state next to (never over) a fine-tuned `encoder/` the directory may hold."""
@@ -175,16 +188,20 @@ class LengthPredictor:
             if self.mlp is not None:
                 torch.save(self.mlp.state_dict(), directory / "mlp.pt.tmp")
             (directory / "params.json.tmp").write_text(json.dumps(asdict(self.params), indent=2))
+            (directory / "feed.json.tmp").write_text(json.dumps({"stream_position": self.stream_position}))
             self.dirty = False
         # renames are atomic: a crash mid-save leaves the previous files, never half-written ones
         (directory / "index.npz.tmp.npz").replace(directory / "index.npz")
         if self.mlp is not None:
             (directory / "mlp.pt.tmp").replace(directory / "mlp.pt")
         (directory / "params.json.tmp").replace(directory / "params.json")
+        (directory / "feed.json.tmp").replace(directory / "feed.json")
 
     def load(self, directory: Path) -> None:
         directory = Path(directory)
         params = PredictorParams(**json.loads((directory / "params.json").read_text()))
+        feed = directory / "feed.json"
+        position = json.loads(feed.read_text())["stream_position"] if feed.exists() else "0"
         with np.load(directory / "index.npz", allow_pickle=False) as z:
             state = {k: z[k] for k in z.files}
         mlp = None
@@ -194,5 +211,5 @@ class LengthPredictor:
             mlp.eval()
         with self._lock:
             self.index.load_state(state)
-            self.params, self.mlp = params, mlp
+            self.params, self.mlp, self.stream_position = params, mlp, position
             self._replay = []

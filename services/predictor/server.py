@@ -21,6 +21,7 @@ from services.common.grpc_server import (SERVING, build_server, configure_loggin
 from services.common.lenient import add_lenient_service, reject_bad
 from services.predictor.encoder import ENCODER_KINDS, load_encoder
 from services.predictor.length_predictor import LengthPredictor, PredictorParams
+from services.predictor.observation_feed import ObservationFeed
 
 log = logging.getLogger("alise.predictor")
 SERVICE = pb.DESCRIPTOR.services_by_name["Predictor"].full_name
@@ -101,6 +102,8 @@ async def serve(a: argparse.Namespace) -> None:
     add_lenient_service(server, PredictorServicer(predictor), pb, "Predictor")
     await server.start()
     saver = asyncio.create_task(save_periodically(predictor, a.model_dir, a.save_every_s)) if a.model_dir else None
+    feed = ObservationFeed(predictor, a.redis_url) if a.redis_url else None
+    feeder = asyncio.create_task(feed.run()) if feed else None
     await set_health(health, [SERVICE], SERVING)
     log.info("predictor listening on port %d", port)
     stop = asyncio.Event()
@@ -108,6 +111,9 @@ async def serve(a: argparse.Namespace) -> None:
     await stop.wait()
     await health.enter_graceful_shutdown()
     await server.stop(grace=5)
+    if feeder is not None:
+        feeder.cancel()
+        await feed.close()
     if saver is not None:
         saver.cancel()
         if predictor.dirty:
@@ -119,6 +125,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description="ALISE output-length predictor")
     p.add_argument("--listen", default="127.0.0.1:50052")
     p.add_argument("--model-dir", type=Path, default=None, help="trained predictor; online learning is saved here")
+    p.add_argument("--redis-url", default=None,
+                   help="learn from the scheduler's stream of finished jobs in this Redis (else only via Observe)")
     p.add_argument("--save-every-s", type=float, default=30.0)
     p.add_argument("--prior", type=float, default=128.0, help="output tokens assumed before anything is learned")
     p.add_argument("--encoder", choices=ENCODER_KINDS, default="auto",

@@ -222,20 +222,22 @@ class Dispatcher:
         s.preempting.discard(ev.job_id)                   # it finished before our preempt arrived
         if ev.finish_reason == pb.FINISH_REASON_ABORTED:
             return                                        # we asked for it; abort() already recorded it
-        if await self.store.finish(ev.job_id, s.worker_id, FINISH_NAMES[ev.finish_reason]):
+        reason = FINISH_NAMES[ev.finish_reason]
+        rec = await self._record(ev.job_id)
+        # only a length the model chose itself teaches the predictor (not max_tokens, not ignore_eos)
+        observable = reason == "stop" and rec is not None and not rec.sampling["ignore_eos"]
+        if await self.store.finish(ev.job_id, s.worker_id, reason, observable):
             await self._complete(ev.job_id)
 
     async def _complete(self, job_id: str) -> None:
         state = await self.store.state(job_id)
-        rec = self.records.pop(job_id, None) or state.record
+        self.records.pop(job_id, None)
         self.generated.pop(job_id, None)
         self.swapped_on.pop(job_id, None)
         done = complete_message(state)
         if done.timings.ttft_seconds:
             metrics.TTFT.observe(done.timings.ttft_seconds)
         metrics.E2E.observe(done.timings.e2e_seconds)
-        if state.finish_reason == "stop" and not rec.sampling["ignore_eos"]:
-            self.predictor.observe(rec.prompt_text, len(state.token_ids), rec.previous_reply_tokens)   # a true, uncensored length
         self.hub.publish(job_id, pb.GenerateResponse(complete=done))
 
     async def abort(self, job_id: str) -> tuple[bool, str]:

@@ -1,11 +1,11 @@
 """The scheduler's view of the predictor: a prediction or None, never an exception.
 
 When the predictor is down or slow the scheduler keeps serving (those jobs fall back to arrival order),
-and says so once in the log and continuously in a metric.
+and says so once in the log and continuously in a metric. True lengths of finished jobs do not go through
+here: the job store appends them to a Redis stream the predictor reads (services/common/observations.py).
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import grpc
@@ -23,7 +23,6 @@ class PredictorClient:
         self.stub = pb_grpc.PredictorStub(self.channel)
         self.timeout_s = timeout_s
         self.available = True
-        self._tasks: set[asyncio.Task] = set()
 
     async def predict(self, prompt: str, previous_reply_tokens: int = 0) -> pb.LengthPrediction | None:
         req = pb.PredictRequest(prompts=[prompt], previous_reply_tokens=[previous_reply_tokens])
@@ -41,20 +40,6 @@ class PredictorClient:
         self.available = True
         metrics.PREDICTOR_UP.set(1)
         return resp.predictions[0]
-
-    def observe(self, prompt: str, output_tokens: int, previous_reply_tokens: int = 0) -> None:
-        """Teach the predictor a finished job's true length, in the background."""
-        task = asyncio.create_task(self._observe(prompt, output_tokens, previous_reply_tokens))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _observe(self, prompt: str, output_tokens: int, previous_reply_tokens: int) -> None:
-        req = pb.ObserveRequest(observations=[pb.Observation(prompt=prompt, output_tokens=output_tokens,
-                                                             previous_reply_tokens=previous_reply_tokens)])
-        try:
-            await self.stub.Observe(req, timeout=10 * self.timeout_s)
-        except grpc.aio.AioRpcError as e:
-            log.debug("observe failed: %s", e.code().name)
 
     async def close(self) -> None:
         await self.channel.close()

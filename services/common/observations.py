@@ -1,0 +1,33 @@
+"""The stream of finished jobs' true output lengths, from the scheduler to the predictor (Redis).
+
+The scheduler appends an entry in the same Lua transaction that marks a job finished, so a learned length
+is never lost, even when the predictor is down or restarting. Each predictor replica reads the whole stream
+on its own from the position it saved with its model (no consumer group: every replica learns everything),
+so a restarted predictor resumes exactly where its saved state ends, and a new one starts from what the
+stream still retains. Only uncensored lengths are appended: the model stopped by itself (EOS or a stop
+string), not at max_tokens and not with ignore_eos.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STREAM = "alise:observations"
+MAX_ENTRIES = 100_000          # approximate trim (XADD MAXLEN ~): what a new predictor replica can learn from
+
+
+@dataclass(frozen=True)
+class Observation:
+    prompt: str
+    output_tokens: int
+    previous_reply_tokens: int
+
+
+def parse(fields: dict) -> Observation | None:
+    """An entry's fields (bytes or str); None for an entry that is not a usable observation."""
+    f = {(k.decode() if isinstance(k, bytes) else k): (v.decode(errors="replace") if isinstance(v, bytes) else v)
+         for k, v in fields.items()}
+    try:
+        obs = Observation(f["prompt"], int(f["output_tokens"]), int(f.get("previous_reply_tokens", 0)))
+    except (KeyError, ValueError):
+        return None
+    return obs if obs.prompt and obs.output_tokens > 0 and obs.previous_reply_tokens >= 0 else None
