@@ -217,3 +217,22 @@ def test_static_encoder_is_a_faithful_fast_copy_of_minilm(encoder, tmp_path):
     assert np.corrcoef((vecs @ vecs.T).ravel(), (teacher @ teacher.T).ravel())[0, 1] > 0.8
     static.save(tmp_path / "copy")
     assert np.allclose(StaticEncoder(tmp_path / "copy").encode(texts), vecs, atol=1e-6)
+
+
+def test_concurrent_calls_are_served_in_one_batch_with_the_same_answers(encoder):
+    import asyncio
+
+    from services.predictor.batcher import PredictBatcher
+
+    pred = LengthPredictor(encoder)
+    pred.observe(["Write a long poem about the sea.", "Reply with one word."], [400, 1])
+    prompts = [f"Write a poem about the sea, version {i}." for i in range(10)] + ["Reply with one word: yes?"]
+    alone = [pred.predict([p], [i])[0] for i, p in enumerate(prompts)]
+    batcher = PredictBatcher(pred)
+
+    async def many():
+        return await asyncio.gather(*(batcher.predict([p], [i]) for i, p in enumerate(prompts)))
+
+    together = [r[0] for r in asyncio.run(many())]
+    assert batcher.calls == len(prompts) and batcher.batches < len(prompts)       # coalesced
+    assert [t.p50 for t in together] == pytest.approx([a.p50 for a in alone], rel=1e-4)

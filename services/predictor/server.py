@@ -19,6 +19,7 @@ from alise.v1 import predictor_pb2 as pb
 from services.common.grpc_server import (SERVING, build_server, configure_logging, install_stop_signals,
                                          set_health)
 from services.common.lenient import add_lenient_service, reject_bad
+from services.predictor.batcher import PredictBatcher
 from services.predictor.encoder import ENCODER_KINDS, load_encoder
 from services.predictor.length_predictor import LengthPredictor, PredictorParams
 from services.predictor.observation_feed import ObservationFeed
@@ -32,6 +33,7 @@ MAX_PROMPT_CHARS = 200_000
 class PredictorServicer:
     def __init__(self, predictor: LengthPredictor):
         self.p = predictor
+        self.batcher = PredictBatcher(predictor, MAX_BATCH)
 
     async def Predict(self, request, context):
         await reject_bad(request, context)
@@ -50,7 +52,7 @@ class PredictorServicer:
         for i, n in enumerate(previous):
             if n < 0:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"previous_reply_tokens[{i}]: must be >= 0")
-        preds = await asyncio.to_thread(self.p.predict, prompts, previous)
+        preds = await self.batcher.predict(prompts, previous)
         return pb.PredictResponse(predictions=[
             pb.LengthPrediction(mean=x.mean, p10=x.p10, p50=x.p50, p90=x.p90, neighbours=x.neighbours,
                                 deciles=x.deciles, source=x.source) for x in preds])
