@@ -80,8 +80,10 @@ def finetuned_encoder(path: Path, base: Encoder, tokenizer, test_frac: float, li
     ranking = RankingData([prompts[i] for i in train_idx], train.side, train.lengths)
     out = work_dir / f"encoder-{path.stem}"
     if isinstance(base, StaticEncoder):
-        return StaticEncoder(out), train_static_encoder(ranking, train.groups, out)
-    return Encoder(model_path=str(out), max_tokens=128), train_minilm_encoder(ranking, train.groups, out)
+        info = train_static_encoder(ranking, train.groups, out)
+        return StaticEncoder(out), info
+    info = train_minilm_encoder(ranking, train.groups, out)
+    return Encoder(model_path=str(out), max_tokens=128), info
 
 
 def evaluate_dataset(path: Path, encoder: Encoder, tokenizer, test_frac: float, limit: int | None,
