@@ -167,11 +167,13 @@ class LengthPredictor:
         """A few epochs on the replay buffer: the MLP follows the served model's real lengths."""
         self._since_retrain = 0
         vecs, side, ys = map(np.asarray, zip(*self._replay))
+        x, y = features(vecs, side), torch.from_numpy(ys.astype(np.float32))
         if self.mlp is None:
             self.mlp = self._new_mlp()
-        # enough gradient steps to learn from a small buffer, few passes over a large one
-        epochs = max(5, min(300, 300 * 512 // len(ys)))
-        fit(self.mlp, features(vecs, side), torch.from_numpy(ys.astype(np.float32)), epochs=epochs)
+        # every 10th example validates: early stopping picks how far to fit (small buffers overfit fast)
+        val = np.arange(len(ys)) % 10 == 0
+        epochs = max(5, min(300, 300 * 512 // len(ys)))       # a few hundred steps at most, few passes when large
+        fit(self.mlp, x[~val], y[~val], x[val], y[val], epochs=epochs)
 
     def _new_mlp(self) -> LengthMLP:
         return LengthMLP(dim=self.encoder.dim + SIDE_DIM)
