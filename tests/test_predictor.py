@@ -55,6 +55,10 @@ def test_learns_ranks_and_persists(encoder, tmp_path):
     again.load(tmp_path / "model")
     assert again.size == 2
     assert again.predict(["Answer yes or no: is water cold?"])[0].p50 == pytest.approx(short.p50, rel=1e-3)
+    from services.predictor.static_encoder import StaticEncoder, base_static_dir
+
+    with pytest.raises(ValueError, match="built with encoder minilm"):      # another embedding space: refused
+        LengthPredictor(StaticEncoder(base_static_dir())).load(tmp_path / "model")
 
 
 def test_previous_reply_length_is_learned_as_a_feature(encoder):
@@ -112,6 +116,7 @@ def test_service_persists_online_learning_and_survives_a_corrupt_file(tmp_path):
     assert p.source == "prior"
     proc.terminate()
     assert b"cannot read predictor" in proc.communicate(timeout=30)[1]
+    assert (model_dir / "index.npz.unreadable").read_bytes() == b"garbage"     # kept aside, not overwritten
 
 
 def test_learns_from_the_observation_stream_and_resumes_where_it_saved(redis_server, tmp_path):
@@ -146,7 +151,7 @@ def test_learns_from_the_observation_stream_and_resumes_where_it_saved(redis_ser
     assert learned(stub, "Write a very long story about knights.").p50 > learned(stub, "Say hello.").p50
     proc.terminate()
     proc.wait(30)
-    assert json.loads((model_dir / "feed.json").read_text())["stream_position"] == last   # saved with the index
+    assert json.loads((model_dir / "meta.json").read_text())["stream_position"] == last   # saved with the index
     r.xadd(STREAM, {"job_id": "c", "prompt": "List three colours.", "output_tokens": 12, "previous_reply_tokens": 0})
     proc, stub = start()
     try:

@@ -25,6 +25,11 @@ def minilm_path() -> str:
     return str(min(candidates, key=lambda p: len(p.parts)))
 
 
+def weights_fingerprint(kind: str, weights: np.ndarray) -> str:
+    """Identity of an embedding space: an index built in one is meaningless in another."""
+    return f"{kind}:{hashlib.sha1(np.ascontiguousarray(weights, dtype=np.float32).tobytes()).hexdigest()[:16]}"
+
+
 class EmbeddingCache:
     """Recently embedded prompts (by hash): repeated prompts and retries cost nothing."""
 
@@ -70,6 +75,8 @@ class Encoder:
             self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
         self.dim = 384
         self._cache = EmbeddingCache(cache_size)
+        emb = self.model[0].auto_model.embeddings.word_embeddings.weight
+        self.fingerprint = weights_fingerprint("minilm", emb.detach()[:1000].numpy())
 
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         return self._cache.encode(texts, lambda missing: self.model.encode(

@@ -179,7 +179,7 @@ class LengthPredictor:
         return LengthMLP(dim=self.encoder.dim + SIDE_DIM)
 
     # -- persistence -----------------------------------------------------------------------------------
-    STATE_FILES = ("index.npz", "mlp.pt", "params.json", "feed.json")
+    STATE_FILES = ("index.npz", "mlp.pt", "params.json", "meta.json")
 
     def save(self, directory: Path) -> None:
         """Write the learned state next to (never over) a fine-tuned `encoder/` the directory may hold."""
@@ -190,20 +190,24 @@ class LengthPredictor:
             if self.mlp is not None:
                 torch.save(self.mlp.state_dict(), directory / "mlp.pt.tmp")
             (directory / "params.json.tmp").write_text(json.dumps(asdict(self.params), indent=2))
-            (directory / "feed.json.tmp").write_text(json.dumps({"stream_position": self.stream_position}))
+            meta = {"stream_position": self.stream_position, "encoder": self.encoder.fingerprint}
+            (directory / "meta.json.tmp").write_text(json.dumps(meta))
             self.dirty = False
         # renames are atomic: a crash mid-save leaves the previous files, never half-written ones
         (directory / "index.npz.tmp.npz").replace(directory / "index.npz")
         if self.mlp is not None:
             (directory / "mlp.pt.tmp").replace(directory / "mlp.pt")
         (directory / "params.json.tmp").replace(directory / "params.json")
-        (directory / "feed.json.tmp").replace(directory / "feed.json")
+        (directory / "meta.json.tmp").replace(directory / "meta.json")
 
     def load(self, directory: Path) -> None:
         directory = Path(directory)
         params = PredictorParams(**json.loads((directory / "params.json").read_text()))
-        feed = directory / "feed.json"
-        position = json.loads(feed.read_text())["stream_position"] if feed.exists() else "0"
+        meta = json.loads((directory / "meta.json").read_text()) if (directory / "meta.json").exists() else {}
+        if meta.get("encoder", self.encoder.fingerprint) != self.encoder.fingerprint:
+            raise ValueError(f"the index was built with encoder {meta['encoder']}, this predictor encodes with "
+                             f"{self.encoder.fingerprint}: its neighbours would be meaningless")
+        position = meta.get("stream_position", "0")
         with np.load(directory / "index.npz", allow_pickle=False) as z:
             state = {k: z[k] for k in z.files}
         mlp = None

@@ -83,8 +83,20 @@ def load_or_empty(predictor: LengthPredictor, model_dir: Path | None) -> None:
         predictor.load(model_dir)
         log.info("loaded predictor from %s: %d prompts, params %s", model_dir, predictor.size, predictor.params)
     except Exception as e:  # noqa: BLE001 - a corrupt file must not become a crash loop
-        log.error("cannot read predictor at %s (%r): starting empty; the next save replaces it", model_dir, e)
+        kept = set_aside(model_dir)
+        log.error("cannot read predictor at %s (%r): starting empty; the unreadable files are kept as %s",
+                  model_dir, e, kept)
         predictor.params = PredictorParams()
+
+
+def set_aside(model_dir: Path) -> list[str]:
+    """Rename unreadable state files (never overwrite what may still be recovered by hand)."""
+    kept = []
+    for name in LengthPredictor.STATE_FILES:
+        if (model_dir / name).exists():
+            (model_dir / name).replace(model_dir / f"{name}.unreadable")
+            kept.append(f"{name}.unreadable")
+    return kept
 
 
 async def save_periodically(predictor: LengthPredictor, model_dir: Path, every_s: float) -> None:
@@ -97,7 +109,11 @@ async def save_periodically(predictor: LengthPredictor, model_dir: Path, every_s
 async def serve(a: argparse.Namespace) -> None:
     server, health, port = build_server([SERVICE], a.listen)
     trained = a.model_dir / "encoder" if a.model_dir else None
-    encoder = load_encoder(a.encoder, trained, a.max_prompt_tokens, a.quantize)
+    try:
+        encoder = load_encoder(a.encoder, trained, a.max_prompt_tokens, a.quantize)
+    except Exception as e:  # noqa: BLE001 - a corrupt encoder must not become a crash loop
+        log.error("cannot load the encoder in %s (%r): using stock MiniLM", trained, e)
+        encoder = load_encoder("minilm", None, a.max_prompt_tokens, a.quantize)
     log.info("encoder: %s (%d dims)", type(encoder).__name__, encoder.dim)
     predictor = LengthPredictor(encoder, PredictorParams(prior_log_mean=math.log(a.prior)))
     load_or_empty(predictor, a.model_dir)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from services.predictor.encoder import EmbeddingCache, minilm_path
+from services.predictor.encoder import EmbeddingCache, minilm_path, weights_fingerprint
 
 log = logging.getLogger("alise.predictor.static")
 FILE = "static_encoder.npz"
@@ -52,6 +52,7 @@ class StaticEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.dim = vectors.shape[1]
         self._cache = EmbeddingCache(cache_size)
+        self.fingerprint = weights_fingerprint("static", vectors[:1000].numpy())
 
     def bag(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         cap = self.max_tokens * CHARS_PER_TOKEN_CAP
