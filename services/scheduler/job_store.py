@@ -19,7 +19,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from services.common import observations
+from services.common.observations import MAX_ENTRIES
 from services.scheduler import keys
 
 LUA_DIR = Path(__file__).parent / "lua"
@@ -114,9 +114,9 @@ class JobStore:
         """observable: also append the true output length to the predictor's stream (same transaction)."""
         return bool(await self._scripts["finish"](
             keys=[keys.job(job_id), keys.worker_jobs(worker_id), keys.job_tokens(job_id), keys.job_text(job_id),
-                  observations.STREAM],
+                  keys.OBSERVATIONS],
             args=[job_id, worker_id, reason, time.time(), self.ttl, "1" if observable else "0",
-                  observations.MAX_ENTRIES]))
+                  MAX_ENTRIES]))
 
     async def abort(self, job_id: str) -> tuple[bool, str, str, str]:
         """Returns (aborted, previous status, worker, worker holding swapped KV)."""

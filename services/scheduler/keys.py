@@ -1,9 +1,12 @@
 """Every Redis key ALISE uses, built in one place under the `alise:` prefix."""
 from __future__ import annotations
 
+from services.common.observations import STREAM
+
 PREFIX = "alise:"
 QUEUE = PREFIX + "queue"            # sorted set: job id -> score of the active policy (lowest first)
 WORKERS = PREFIX + "workers"        # set of worker ids ever registered (for orphan recovery)
+OBSERVATIONS = STREAM               # stream: finished jobs' true lengths, read by the predictor
 
 
 def job(job_id: str) -> str:        # hash: status, request, predictions, timestamps
