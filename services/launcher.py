@@ -22,7 +22,11 @@ def main() -> None:
     log_dir = Path(tempfile.mkdtemp(prefix="alise-logs-"))
     stack = LocalStack(log_dir=log_dir, scheduler_port=port, redis_url=os.environ.get("REDIS_URL"),
                        num_workers=int(os.environ.get("ALISE_WORKERS", 1)),
-                       scheduler_args=os.environ.get("ALISE_SCHEDULER_FLAGS", "").split())
+                       scheduler_args=os.environ.get("ALISE_SCHEDULER_FLAGS", "").split(),
+                       # what the predictor learns is kept across runs (and a trained one, if
+                       # `services.predictor.train` wrote it there, is used)
+                       predictor_args=["--model-dir", str(cache_root() / "predictor"),
+                                       *os.environ.get("ALISE_PREDICTOR_FLAGS", "").split()])
     log.info("starting redis, predictor, scheduler and worker (logs in %s)", log_dir)
     try:
         stack.start()
