@@ -89,18 +89,26 @@ def finetuned_encoder(path: Path, base: Encoder, tokenizer, test_frac: float, li
 def evaluate_dataset(path: Path, encoder: Encoder, tokenizer, test_frac: float, limit: int | None,
                      plot_dir: Path | None, finetune_dir: Path | None = None, split_by: str = "conversation") -> dict:
     started = time.perf_counter()
-    ft_info = None
+
+    def prepare(enc):
+        data = embed_dataset(path, enc, tokenizer, limit, split_by)[0]
+        train_idx, test_idx = split_by_prompt(data.groups, test_frac)
+        train = data.take(train_idx)
+        return (data, train, data.take(test_idx), *train_tuned(enc, train))
+
+    data, train, test, pred, chosen = prepare(encoder)
+    ft_info, encoder_used = None, "stock"
     if finetune_dir is not None:
-        encoder, ft_info = finetuned_encoder(path, encoder, tokenizer, test_frac, limit, finetune_dir, split_by)
-    data, _ = embed_dataset(path, encoder, tokenizer, limit, split_by)
-    train_idx, test_idx = split_by_prompt(data.groups, test_frac)
-    train, test = data.take(train_idx), data.take(test_idx)
-    pred, chosen = train_tuned(encoder, train)
+        tuned_encoder, ft_info = finetuned_encoder(path, encoder, tokenizer, test_frac, limit, finetune_dir, split_by)
+        tuned = prepare(tuned_encoder)
+        ft_info["stock_val_kendall_tau"] = chosen["val_kendall_tau"]
+        if tuned[4]["val_kendall_tau"] > chosen["val_kendall_tau"]:     # as train.py: only if it validates better
+            encoder, (data, train, test, pred, chosen), encoder_used = tuned_encoder, tuned, "finetuned"
     ours, mu = evaluate_predictor(pred, test)
     knn_only = variant(pred, knn_weight=1.0, min_similarity=-1.0)
     knn_only.mlp = None
     res = {
-        "dataset": path.name, "split_by": split_by, "examples": len(data.lengths), "train": len(train.lengths), "test": len(test.lengths),
+        "dataset": path.name, "split_by": split_by, "encoder_used": encoder_used, "examples": len(data.lengths), "train": len(train.lengths), "test": len(test.lengths),
         "mean_output_tokens": float(data.lengths.mean()), "chosen": chosen,
         "alise": ours,
         "baseline_global_mean": baseline_mean(train, test),

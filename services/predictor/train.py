@@ -56,13 +56,21 @@ def main() -> None:
 
 
 def train_static(a, tokenizer, encoder_dir: Path):
-    """Fine-tune the static encoder for ranking, then fit index + MLP on its embeddings."""
+    """Fine-tune the static encoder for ranking, then fit index + MLP on its embeddings. The distilled base
+    encoder is kept instead when it validates better (small data sets can overfit the token table)."""
     base = load_encoder("static")
     data, prompts = embed_all(a.datasets, base, tokenizer, a.limit)
     info = train_static_encoder(RankingData(prompts, data.side, data.lengths), data.groups, encoder_dir)
-    encoder = StaticEncoder(encoder_dir)
-    predictor, chosen = train_tuned(encoder, embed_all(a.datasets, encoder, tokenizer, a.limit)[0])
-    return predictor, {**chosen, "encoder_val_kendall_tau": info["best_val_kendall_tau"]}, True
+    tuned_encoder = StaticEncoder(encoder_dir)
+    tuned, chosen = train_tuned(tuned_encoder, embed_all(a.datasets, tuned_encoder, tokenizer, a.limit)[0])
+    stock, stock_chosen = train_tuned(base, data)
+    summary = {**chosen, "encoder_val_kendall_tau": info["best_val_kendall_tau"],
+               "base_val_kendall_tau": stock_chosen["val_kendall_tau"],
+               "kept_finetuned_encoder": chosen["val_kendall_tau"] >= stock_chosen["val_kendall_tau"]}
+    if not summary["kept_finetuned_encoder"]:
+        base.save(encoder_dir)                  # the served encoder must be the one the index was built with
+        tuned, summary = stock, {**summary, **stock_chosen}
+    return tuned, summary, True
 
 
 def train_minilm(a, tokenizer, encoder_dir: Path):
