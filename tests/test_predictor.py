@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.request
 
 import grpc
 import numpy as np
@@ -132,10 +133,13 @@ def test_learns_from_the_observation_stream_and_resumes_where_it_saved(redis_ser
     r.xadd(STREAM, {"job_id": "bad", "prompt": "", "output_tokens": "x"})          # skipped, not fatal
     last = r.xadd(STREAM, {"job_id": "b", "prompt": "Say hi.", "output_tokens": 2, "previous_reply_tokens": 0})
 
+    metrics_port = free_port()
+
     def start():
         port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "services.predictor.server", "--listen", f"127.0.0.1:{port}",
-                                 "--model-dir", str(model_dir), "--redis-url", redis_server.url],
+                                 "--model-dir", str(model_dir), "--redis-url", redis_server.url,
+                                 "--metrics-port", str(metrics_port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_healthy(f"127.0.0.1:{port}", 90)
         return proc, ppb_grpc.PredictorStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
@@ -149,6 +153,9 @@ def test_learns_from_the_observation_stream_and_resumes_where_it_saved(redis_ser
     proc, stub = start()
     wait_until(lambda: size(stub) == 2, 30)
     assert learned(stub, "Write a very long story about knights.").p50 > learned(stub, "Say hello.").p50
+    scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    assert 'alise:predictor_observations_total{source="stream"} 2.0' in scraped
+    assert "alise:predictor_index_entries 2.0" in scraped and "alise:predictor_batch_prompts_count" in scraped
     proc.terminate()
     proc.wait(30)
     assert json.loads((model_dir / "meta.json").read_text())["stream_position"] == last   # saved with the index

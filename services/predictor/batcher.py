@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from services.predictor import metrics
 from services.predictor.length_predictor import LengthPredictor, Prediction
 
 
@@ -41,9 +42,12 @@ class PredictBatcher:
         try:
             while self._pending:
                 batch = self._take()
+                prompts = [p for c in batch for p in c.prompts]
+                metrics.BATCH_PROMPTS.observe(len(prompts))
                 try:
-                    preds = await asyncio.to_thread(self.predictor.predict, [p for c in batch for p in c.prompts],
-                                                    [n for c in batch for n in c.previous])
+                    with metrics.BATCH_SECONDS.time():
+                        preds = await asyncio.to_thread(self.predictor.predict, prompts,
+                                                        [n for c in batch for n in c.previous])
                 except Exception as e:  # noqa: BLE001 - every waiting call gets the error, none hangs
                     for c in batch:
                         c.done.set_exception(e)

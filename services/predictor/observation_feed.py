@@ -15,6 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.common.observations import STREAM, parse
+from services.predictor import metrics
 from services.predictor.length_predictor import LengthPredictor
 
 log = logging.getLogger("alise.predictor.feed")
@@ -54,6 +55,7 @@ class ObservationFeed:
                                [o.previous_reply_tokens for o in obs],
                                stream_position=last.decode() if isinstance(last, bytes) else last)
         self.learned += len(obs)
+        metrics.LEARNED.labels("stream").inc(len(obs))
 
     async def close(self) -> None:
         await self.redis.aclose()

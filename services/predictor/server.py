@@ -14,11 +14,13 @@ import math
 from pathlib import Path
 
 import grpc
+from prometheus_client import start_http_server
 from alise.v1 import predictor_pb2 as pb
 
 from services.common.grpc_server import (SERVING, build_server, configure_logging, install_stop_signals,
                                          set_health)
 from services.common.lenient import add_lenient_service, reject_bad
+from services.predictor import metrics
 from services.predictor.batcher import PredictBatcher
 from services.predictor.encoder import ENCODER_KINDS, load_encoder
 from services.predictor.length_predictor import LengthPredictor, PredictorParams
@@ -72,6 +74,7 @@ class PredictorServicer:
             return pb.ObserveResponse(index_size=self.p.size)
         size = await asyncio.to_thread(self.p.observe, [o.prompt for o in obs], [o.output_tokens for o in obs],
                                        [o.previous_reply_tokens for o in obs])
+        metrics.LEARNED.labels("observe").inc(len(obs))
         return pb.ObserveResponse(index_size=size)
 
 
@@ -117,6 +120,9 @@ async def serve(a: argparse.Namespace) -> None:
     log.info("encoder: %s (%d dims)", type(encoder).__name__, encoder.dim)
     predictor = LengthPredictor(encoder, PredictorParams(prior_log_mean=math.log(a.prior)))
     load_or_empty(predictor, a.model_dir)
+    metrics.INDEX_ENTRIES.set_function(lambda: predictor.size)
+    if a.metrics_port:
+        start_http_server(a.metrics_port, addr=a.listen.rsplit(":", 1)[0])
     add_lenient_service(server, PredictorServicer(predictor), pb, "Predictor")
     await server.start()
     saver = asyncio.create_task(save_periodically(predictor, a.model_dir, a.save_every_s)) if a.model_dir else None
@@ -145,6 +151,7 @@ def main() -> None:
     p.add_argument("--model-dir", type=Path, default=None, help="trained predictor; online learning is saved here")
     p.add_argument("--redis-url", default=None,
                    help="learn from the scheduler's stream of finished jobs in this Redis (else only via Observe)")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics on this port; 0 = off")
     p.add_argument("--save-every-s", type=float, default=30.0)
     p.add_argument("--prior", type=float, default=128.0, help="output tokens assumed before anything is learned")
     p.add_argument("--encoder", choices=ENCODER_KINDS, default="auto",
