@@ -50,7 +50,14 @@ def pinball(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def fit(model: LengthMLP, x: torch.Tensor, y_log: torch.Tensor, x_val=None, y_val=None,
         epochs: int = 300, lr: float = 3e-3, weight_decay: float = 1e-4, batch: int = 512) -> LengthMLP:
-    """Adam on the pinball loss; keeps the epoch with the best validation loss when one is given."""
+    """Adam on the pinball loss; keeps the epoch with the best validation loss when one is given.
+    Seeded (batch order and dropout), so the same data gives the same model."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return _fit(model, x, y_log, x_val, y_val, epochs, lr, weight_decay, batch)
+
+
+def _fit(model, x, y_log, x_val, y_val, epochs, lr, weight_decay, batch) -> LengthMLP:
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     best, best_state = float("inf"), None
     gen = torch.Generator().manual_seed(0)

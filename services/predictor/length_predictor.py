@@ -176,7 +176,9 @@ class LengthPredictor:
         fit(self.mlp, x[~val], y[~val], x[val], y[val], epochs=epochs)
 
     def _new_mlp(self) -> LengthMLP:
-        return LengthMLP(dim=self.encoder.dim + SIDE_DIM)
+        with torch.random.fork_rng():          # the same data gives the same model (reproducible evaluations)
+            torch.manual_seed(0)
+            return LengthMLP(dim=self.encoder.dim + SIDE_DIM)
 
     # -- persistence -----------------------------------------------------------------------------------
     STATE_FILES = ("index.npz", "mlp.pt", "params.json", "meta.json")
