@@ -107,7 +107,7 @@ class LengthPredictor:
         beta = p.knn_weight if mlp_q is not None else 1.0
         mu = np.where(has, beta * knn_mu + (1 - beta) * base_mu, base_mu)
         sd = np.where(has, beta * knn_sd + (1 - beta) * base_sd, base_sd) * p.sigma_scale
-        blend = "knn" if beta == 1.0 else "blend"
+        blend = "knn" if beta == 1.0 else base_src if beta == 0.0 else "blend"
         source = np.where(has, blend, base_src)
         return mu, sd, n_neigh, source
 
