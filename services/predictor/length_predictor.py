@@ -12,6 +12,7 @@ few steps on a replay buffer. `save` / `load` persist both, so a restarted predi
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import threading
@@ -66,6 +67,7 @@ class LengthPredictor:
         self._lock = threading.Lock()
         self.dirty = False
         self.stream_position = "0"     # last observation-stream entry learned (observation_feed.py)
+        self._training = False         # an MLP refresh is running (at most one at a time)
 
     @property
     def size(self) -> int:
@@ -152,10 +154,15 @@ class LengthPredictor:
             self._replay += list(zip(vecs, side, np.log(np.asarray(lengths, np.float32))))
             self._replay = self._replay[-self.replay_size:]
             self._since_retrain += len(prompts)
-            if self._since_retrain >= self.retrain_every and len(self._replay) >= 200:
-                self._refresh_mlp()
             self.dirty = True
-            return self.size
+            size = self.size
+            due = self._since_retrain >= self.retrain_every and len(self._replay) >= 200 and not self._training
+            if due:
+                self._since_retrain, self._training = 0, True
+                replay, mlp = list(self._replay), copy.deepcopy(self.mlp) if self.mlp is not None else self._new_mlp()
+        if due:
+            self._refresh_mlp(mlp, replay)
+        return size
 
     def _advance(self, stream_position: str | None) -> int:
         with self._lock:
@@ -163,17 +170,20 @@ class LengthPredictor:
                 self.stream_position, self.dirty = stream_position, True
             return self.size
 
-    def _refresh_mlp(self) -> None:
-        """A few epochs on the replay buffer: the MLP follows the served model's real lengths."""
-        self._since_retrain = 0
-        vecs, side, ys = map(np.asarray, zip(*self._replay))
-        x, y = features(vecs, side), torch.from_numpy(ys.astype(np.float32))
-        if self.mlp is None:
-            self.mlp = self._new_mlp()
-        # every 10th example validates: early stopping picks how far to fit (small buffers overfit fast)
-        val = np.arange(len(ys)) % 10 == 0
-        epochs = max(5, min(300, 300 * 512 // len(ys)))       # a few hundred steps at most, few passes when large
-        fit(self.mlp, x[~val], y[~val], x[val], y[val], epochs=epochs)
+    def _refresh_mlp(self, mlp: LengthMLP, replay: list) -> None:
+        """A few epochs on the replay buffer: the MLP follows the served model's real lengths. Trains a copy
+        outside the lock (seconds on a large buffer) and swaps it in, so Predict never waits for it."""
+        try:
+            vecs, side, ys = map(np.asarray, zip(*replay))
+            x, y = features(vecs, side), torch.from_numpy(ys.astype(np.float32))
+            # every 10th example validates: early stopping picks how far to fit (small buffers overfit fast)
+            val = np.arange(len(ys)) % 10 == 0
+            epochs = max(5, min(300, 300 * 512 // len(ys)))   # a few hundred steps at most, few passes when large
+            fit(mlp, x[~val], y[~val], x[val], y[val], epochs=epochs)
+            with self._lock:
+                self.mlp, self.dirty = mlp, True
+        finally:
+            self._training = False
 
     def _new_mlp(self) -> LengthMLP:
         with torch.random.fork_rng():          # the same data gives the same model (reproducible evaluations)
