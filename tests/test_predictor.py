@@ -248,3 +248,19 @@ def test_concurrent_calls_are_served_in_one_batch_with_the_same_answers(encoder)
     together = [r[0] for r in asyncio.run(many())]
     assert batcher.calls == len(prompts) and batcher.batches < len(prompts)       # coalesced
     assert [t.p50 for t in together] == pytest.approx([a.p50 for a in alone], rel=1e-4)
+
+
+def test_predict_does_not_wait_for_an_online_mlp_refresh(encoder):
+    import threading
+
+    rng = np.random.default_rng(1)
+    pred = LengthPredictor(encoder, retrain_every=1)
+    vecs = rng.standard_normal((40_000, encoder.dim)).astype(np.float32)
+    pred._replay = [(v, np.zeros(3, np.float32), 4.0) for v in vecs]          # a large buffer: a slow refresh
+    learner = threading.Thread(target=pred.observe, args=(["Tell me a story."], [300]))
+    learner.start()
+    wait_until(lambda: pred._training, 30, interval=0.001)
+    assert pred.predict(["Tell me a story, please."])[0].p50 > 0
+    assert pred._training                      # answered while the refresh was still running, not after it
+    learner.join(120)
+    assert not pred._training and pred.mlp is not None
