@@ -15,6 +15,7 @@ import json
 import logging
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -86,44 +87,59 @@ def finetuned_encoder(path: Path, base: Encoder, tokenizer, test_frac: float, li
     return Encoder(model_path=str(out), max_tokens=128), info
 
 
+@dataclass
+class Trained:
+    """One dataset split and the predictor trained (and tuned) on its training part."""
+    data: Split
+    train: Split
+    test: Split
+    pred: LengthPredictor
+    chosen: dict
+
+    @property
+    def val_tau(self) -> float:
+        return self.chosen["val_kendall_tau"]
+
+
+def train_on_split(path: Path, encoder, tokenizer, test_frac: float, limit: int | None, split_by: str) -> Trained:
+    data = embed_dataset(path, encoder, tokenizer, limit, split_by)[0]
+    train_idx, test_idx = split_by_prompt(data.groups, test_frac)
+    train = data.take(train_idx)
+    return Trained(data, train, data.take(test_idx), *train_tuned(encoder, train))
+
+
 def evaluate_dataset(path: Path, encoder: Encoder, tokenizer, test_frac: float, limit: int | None,
                      plot_dir: Path | None, finetune_dir: Path | None = None, split_by: str = "conversation") -> dict:
     started = time.perf_counter()
-
-    def prepare(enc):
-        data = embed_dataset(path, enc, tokenizer, limit, split_by)[0]
-        train_idx, test_idx = split_by_prompt(data.groups, test_frac)
-        train = data.take(train_idx)
-        return (data, train, data.take(test_idx), *train_tuned(enc, train))
-
-    data, train, test, pred, chosen = prepare(encoder)
+    t = train_on_split(path, encoder, tokenizer, test_frac, limit, split_by)
     ft_info, encoder_used = None, "stock"
     if finetune_dir is not None:
         tuned_encoder, ft_info = finetuned_encoder(path, encoder, tokenizer, test_frac, limit, finetune_dir, split_by)
-        tuned = prepare(tuned_encoder)
-        ft_info["stock_val_kendall_tau"] = chosen["val_kendall_tau"]
-        if tuned[4]["val_kendall_tau"] > chosen["val_kendall_tau"]:     # as train.py: only if it validates better
-            encoder, (data, train, test, pred, chosen), encoder_used = tuned_encoder, tuned, "finetuned"
-    ours, mu = evaluate_predictor(pred, test)
-    knn_only = variant(pred, knn_weight=1.0, min_similarity=-1.0)
+        tuned = train_on_split(path, tuned_encoder, tokenizer, test_frac, limit, split_by)
+        ft_info["stock_val_kendall_tau"] = t.val_tau
+        if tuned.val_tau > t.val_tau:                      # as train.py: only if it validates better
+            t, encoder, encoder_used = tuned, tuned_encoder, "finetuned"
+    ours, mu = evaluate_predictor(t.pred, t.test)
+    knn_only = variant(t.pred, knn_weight=1.0, min_similarity=-1.0)
     knn_only.mlp = None
     res = {
-        "dataset": path.name, "split_by": split_by, "encoder_used": encoder_used, "examples": len(data.lengths), "train": len(train.lengths), "test": len(test.lengths),
-        "mean_output_tokens": float(data.lengths.mean()), "chosen": chosen,
+        "dataset": path.name, "split_by": split_by, "encoder_used": encoder_used, "examples": len(t.data.lengths),
+        "train": len(t.train.lengths), "test": len(t.test.lengths),
+        "mean_output_tokens": float(t.data.lengths.mean()), "chosen": t.chosen,
         "alise": ours,
-        "baseline_global_mean": baseline_mean(train, test),
-        "baseline_prompt_length": baseline_prompt_length(train, test),
-        "baseline_knn_only": evaluate_predictor(knn_only, test)[0],
-        "baseline_mlp_only": evaluate_predictor(variant(pred, knn_weight=0.0), test)[0],
+        "baseline_global_mean": baseline_mean(t.train, t.test),
+        "baseline_prompt_length": baseline_prompt_length(t.train, t.test),
+        "baseline_knn_only": evaluate_predictor(knn_only, t.test)[0],
+        "baseline_mlp_only": evaluate_predictor(variant(t.pred, knn_weight=0.0), t.test)[0],
     }
-    if train.side[:, 2].any():       # conversations: what the previous-reply feature adds
+    if t.train.side[:, 2].any():       # conversations: what the previous-reply feature adds
         res["ablation_no_previous_reply"] = evaluate_predictor(
-            train_tuned(encoder, without_previous_reply(train))[0], without_previous_reply(test))[0]
+            train_tuned(encoder, without_previous_reply(t.train))[0], without_previous_reply(t.test))[0]
     res["seconds"] = time.perf_counter() - started
     if ft_info is not None:
         res["finetune"] = ft_info
     if plot_dir is not None:
-        res["plot"] = str(scatter(plot_dir, path.stem, np.exp(mu), test.lengths, ours["kendall_tau"]))
+        res["plot"] = str(scatter(plot_dir, path.stem, np.exp(mu), t.test.lengths, ours["kendall_tau"]))
     return res
 
 
