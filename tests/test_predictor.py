@@ -264,3 +264,27 @@ def test_predict_does_not_wait_for_an_online_mlp_refresh(encoder):
     assert pred._training                      # answered while the refresh was still running, not after it
     learner.join(120)
     assert not pred._training and pred.mlp is not None
+
+
+def test_evaluate_cli_splits_by_conversation_and_reports_every_baseline(tmp_path):
+    topics = ["rivers", "cats", "taxes", "stars", "bread", "chess", "rain", "music", "trains", "glass"]
+    convs = []
+    for i in range(60):                    # each conversation is either terse or verbose, turn after turn
+        words = 4 if i % 2 else 150
+        turns = []
+        for j in range(3):
+            turns += [{"from": "human", "value": f"Tell me about {topics[(i + j) % 10]}, part {j}."},
+                      {"from": "gpt", "value": " ".join(["word"] * (words + j))}]
+        convs.append({"id": f"c{i}", "conversations": turns})
+    (tmp_path / "chats.json").write_text(json.dumps(convs))
+    out = tmp_path / "eval.json"
+    done = subprocess.run([sys.executable, "-m", "services.predictor.evaluate", str(tmp_path / "chats.json"),
+                           "--out", str(out), "--plot-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    r = json.loads(out.read_text())["offline"][0]
+    assert r["split_by"] == "conversation" and r["test"] % 3 == 0 and r["examples"] == 180   # whole conversations
+    for name in ("alise", "ablation_no_previous_reply", "baseline_knn_only", "baseline_mlp_only",
+                 "baseline_prompt_length", "baseline_global_mean"):
+        assert {"kendall_tau", "spearman", "mae_tokens", "bucket_accuracy"} <= set(r[name])
+    assert r["alise"]["kendall_tau"] > 0.5 and 0.85 <= r["alise"]["p90_coverage"] <= 1.0   # learnable from history
+    assert (tmp_path / "predictor_scatter_chats.png").stat().st_size > 1000
