@@ -279,9 +279,13 @@ def test_evaluate_cli_splits_by_conversation_and_reports_every_baseline(tmp_path
     (tmp_path / "chats.json").write_text(json.dumps(convs))
     out = tmp_path / "eval.json"
     done = subprocess.run([sys.executable, "-m", "services.predictor.evaluate", str(tmp_path / "chats.json"),
-                           "--out", str(out), "--plot-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+                           "--out", str(out), "--plot-dir", str(tmp_path), "--repeats", "2"],
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    r = json.loads(out.read_text())["offline"][0]
+    report = json.loads(out.read_text())
+    r = report["offline"][0]
+    spread = report["repeats"][0]["kendall_tau"]["alise"]                    # two different held-out splits
+    assert len(spread["values"]) == 2 and spread["mean"] == pytest.approx(np.mean(spread["values"]))
     assert r["split_by"] == "conversation" and r["test"] % 3 == 0 and r["examples"] == 180   # whole conversations
     for name in ("alise", "ablation_no_previous_reply", "baseline_knn_only", "baseline_mlp_only",
                  "baseline_prompt_length", "baseline_global_mean"):

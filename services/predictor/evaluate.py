@@ -68,18 +68,34 @@ def without_previous_reply(split: Split) -> Split:
     return dataclasses.replace(split, side=split.side * np.array([1.0, 0.0, 0.0], np.float32))
 
 
-def finetuned_encoder(path: Path, base: Encoder, tokenizer, test_frac: float, limit: int | None,
-                      work_dir: Path, split_by: str) -> tuple[Encoder, dict]:
+@dataclass
+class Protocol:
+    """How a dataset is held out: the served model's tokenizer, the test fraction, the split unit and which
+    random split (`seed`; --repeats evaluates several)."""
+    tokenizer: object
+    test_frac: float = 0.2
+    limit: int | None = None
+    split_by: str = "conversation"
+    seed: int = 0
+
+    def embed(self, path: Path, encoder) -> tuple[Split, list[str]]:
+        return embed_dataset(path, encoder, self.tokenizer, self.limit, self.split_by)
+
+    def split(self, data: Split) -> tuple[np.ndarray, np.ndarray]:
+        return split_by_prompt(data.groups, self.test_frac, seed=self.seed)
+
+
+def finetuned_encoder(path: Path, base: Encoder, proto: Protocol, work_dir: Path) -> tuple[Encoder, dict]:
     """Fine-tune the encoder (MiniLM or static, like `base`) on this dataset's training part only (its own
     validation split inside)."""
     from services.predictor.finetune import RankingData, train_minilm_encoder, train_static_encoder
     from services.predictor.static_encoder import StaticEncoder
 
-    data, prompts = embed_dataset(path, base, tokenizer, limit, split_by)
-    train_idx, _ = split_by_prompt(data.groups, test_frac)
+    data, prompts = proto.embed(path, base)
+    train_idx, _ = proto.split(data)
     train = data.take(train_idx)
     ranking = RankingData([prompts[i] for i in train_idx], train.side, train.lengths)
-    out = work_dir / f"encoder-{path.stem}"
+    out = work_dir / f"encoder-{path.stem}-{proto.seed}"
     if isinstance(base, StaticEncoder):
         info = train_static_encoder(ranking, train.groups, out)
         return StaticEncoder(out), info
@@ -101,21 +117,21 @@ class Trained:
         return self.chosen["val_kendall_tau"]
 
 
-def train_on_split(path: Path, encoder, tokenizer, test_frac: float, limit: int | None, split_by: str) -> Trained:
-    data = embed_dataset(path, encoder, tokenizer, limit, split_by)[0]
-    train_idx, test_idx = split_by_prompt(data.groups, test_frac)
+def train_on_split(path: Path, encoder, proto: Protocol) -> Trained:
+    data = proto.embed(path, encoder)[0]
+    train_idx, test_idx = proto.split(data)
     train = data.take(train_idx)
     return Trained(data, train, data.take(test_idx), *train_tuned(encoder, train))
 
 
-def evaluate_dataset(path: Path, encoder: Encoder, tokenizer, test_frac: float, limit: int | None,
-                     plot_dir: Path | None, finetune_dir: Path | None = None, split_by: str = "conversation") -> dict:
+def evaluate_dataset(path: Path, encoder: Encoder, proto: Protocol, plot_dir: Path | None = None,
+                     finetune_dir: Path | None = None) -> dict:
     started = time.perf_counter()
-    t = train_on_split(path, encoder, tokenizer, test_frac, limit, split_by)
+    t = train_on_split(path, encoder, proto)
     ft_info, encoder_used = None, "stock"
     if finetune_dir is not None:
-        tuned_encoder, ft_info = finetuned_encoder(path, encoder, tokenizer, test_frac, limit, finetune_dir, split_by)
-        tuned = train_on_split(path, tuned_encoder, tokenizer, test_frac, limit, split_by)
+        tuned_encoder, ft_info = finetuned_encoder(path, encoder, proto, finetune_dir)
+        tuned = train_on_split(path, tuned_encoder, proto)
         ft_info["stock_val_kendall_tau"] = t.val_tau
         if tuned.val_tau > t.val_tau:                      # as train.py: only if it validates better
             t, encoder, encoder_used = tuned, tuned_encoder, "finetuned"
@@ -123,7 +139,7 @@ def evaluate_dataset(path: Path, encoder: Encoder, tokenizer, test_frac: float, 
     knn_only = variant(t.pred, knn_weight=1.0, min_similarity=-1.0)
     knn_only.mlp = None
     res = {
-        "dataset": path.name, "split_by": split_by, "encoder_used": encoder_used, "examples": len(t.data.lengths),
+        "dataset": path.name, "split_by": proto.split_by, "split_seed": proto.seed, "encoder_used": encoder_used, "examples": len(t.data.lengths),
         "train": len(t.train.lengths), "test": len(t.test.lengths),
         "mean_output_tokens": float(t.data.lengths.mean()), "chosen": t.chosen,
         "alise": ours,
@@ -138,7 +154,7 @@ def evaluate_dataset(path: Path, encoder: Encoder, tokenizer, test_frac: float, 
     res["seconds"] = time.perf_counter() - started
     if ft_info is not None:
         res["finetune"] = ft_info
-    if plot_dir is not None:
+    if plot_dir is not None and proto.seed == 0:
         res["plot"] = str(scatter(plot_dir, path.stem, np.exp(mu), t.test.lengths, ours["kendall_tau"]))
     return res
 
@@ -193,7 +209,9 @@ def main() -> None:
     p.add_argument("--split-by", choices=("conversation", "prompt"), default="conversation",
                    help="held-out unit; conversation: turns of one conversation never on both sides")
     p.add_argument("--encoder", choices=("minilm", "static"), default="minilm",
-                   help="static: the fast static encoder, always fine-tuned on each training split")
+                   help="static: the fast static encoder, fine-tuned on each training split (used if it validates better)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="evaluate on this many different random held-out splits; report tau's mean and spread")
     a = p.parse_args()
     from transformers import AutoTokenizer
 
@@ -201,15 +219,27 @@ def main() -> None:
     encoder = load_encoder(a.encoder)
     if a.encoder == "static" and a.finetune_dir is None:
         a.finetune_dir = Path(tempfile.mkdtemp(prefix="alise-static-"))
-    results = [evaluate_dataset(d, encoder, tokenizer, a.test_frac, a.limit, a.plot_dir, a.finetune_dir, a.split_by)
-               for d in a.datasets]
-    report = {"offline": results}
+    report: dict = {"offline": [], "repeats": []}
+    for d in a.datasets:
+        runs = [evaluate_dataset(d, encoder, Protocol(tokenizer, a.test_frac, a.limit, a.split_by, seed), a.plot_dir,
+                                 a.finetune_dir) for seed in range(a.repeats)]
+        report["offline"].append(runs[0])
+        if a.repeats > 1:
+            report["repeats"].append(spread(runs))
     if a.online:
         report["online"] = [online(d, encoder, tokenizer, a.limit) for d in a.datasets]
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(report, indent=2))
     print_table(report)
+
+
+def spread(runs: list[dict]) -> dict:
+    """Kendall's tau of each predictor over several held-out splits: mean, standard deviation, values."""
+    names = [k for k in runs[0] if isinstance(runs[0][k], dict) and "kendall_tau" in runs[0][k]]
+    taus = {n: [r[n]["kendall_tau"] for r in runs] for n in names}
+    return {"dataset": runs[0]["dataset"], "splits": len(runs),
+            "kendall_tau": {n: {"mean": float(np.mean(v)), "std": float(np.std(v)), "values": v} for n, v in taus.items()}}
 
 
 def print_table(report: dict) -> None:
@@ -222,6 +252,9 @@ def print_table(report: dict) -> None:
             cov = "" if m["p90_coverage"] is None else f"{m['p90_coverage']:.2f}"
             print(f"{r['dataset']:<34} {name:<28} {m['kendall_tau']:>6.3f} {m['spearman']:>6.3f} "
                   f"{m['mae_tokens']:>7.1f} {m['mae_log']:>6.2f} {m['bucket_accuracy']:>6.2f} {cov:>6}")
+    for r in report.get("repeats", []):
+        print(f"{r['dataset']}: tau over {r['splits']} held-out splits: " + ", ".join(
+            f"{n} {t['mean']:.3f} +- {t['std']:.3f}" for n, t in r["kendall_tau"].items()))
     for r in report.get("online", []):
         print(f"online {r['dataset']}: tau per {r['window']} " + " ".join(f"{t:.2f}" for t in r["kendall_tau_by_window"]))
 
