@@ -74,7 +74,7 @@ def finetune(train: RankingData, val: RankingData, out_dir: Path, epochs: int = 
     torch.manual_seed(0)
     model = SentenceTransformer(minilm_path(), device="cpu")
     model.max_seq_length = max_tokens
-    head = RankHead(model.get_sentence_embedding_dimension())
+    head = RankHead(model.get_embedding_dimension())
     y = train.targets()
     opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=lr, weight_decay=0.01)
     best_tau, history, started = -1.0, [], time.perf_counter()

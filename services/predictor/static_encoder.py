@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,6 @@ class StaticEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.dim = vectors.shape[1]
         self._cache = EmbeddingCache(cache_size)
-        self.fingerprint = weights_fingerprint("static", vectors[:1000].numpy())
 
     def bag(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         cap = self.max_tokens * CHARS_PER_TOKEN_CAP
@@ -61,6 +61,10 @@ class StaticEncoder:
         enc = [x or [self.tokenizer.unk_token_id] for x in enc]
         offsets = torch.tensor(np.cumsum([0] + [len(x) for x in enc[:-1]]), dtype=torch.long)
         return torch.tensor([t for x in enc for t in x], dtype=torch.long), offsets
+
+    @property
+    def fingerprint(self) -> str:
+        return weights_fingerprint("static", self.model.vectors.detach()[:1000].numpy())
 
     @torch.no_grad()
     def _embed(self, texts: list[str]) -> np.ndarray:
@@ -91,7 +95,7 @@ def is_static(model_dir: str | Path) -> bool:
 def token_vectors(teacher, tokenizer, batch: int = 1024) -> torch.Tensor:
     """MiniLM's embedding of every vocabulary token on its own ([CLS] token [SEP], mean-pooled)."""
     vocab = tokenizer.vocab_size
-    out = torch.empty(vocab, teacher.get_sentence_embedding_dimension())
+    out = torch.empty(vocab, teacher.get_embedding_dimension())
     for start in range(0, vocab, batch):
         ids = torch.arange(start, min(start + batch, vocab))[:, None]
         cls = torch.full_like(ids, tokenizer.cls_token_id)
@@ -101,7 +105,7 @@ def token_vectors(teacher, tokenizer, batch: int = 1024) -> torch.Tensor:
     return out
 
 
-def distill(max_tokens: int = 512) -> tuple[StaticModel, object]:
+def distill() -> tuple[StaticModel, object]:
     """The untrained static model: MiniLM's vector for every vocabulary token, equal token weights.
     (Also fitting the table to MiniLM's sentence embeddings of training prompts was tried: it lowered
     Kendall's tau on alpaca_5000 from 0.480 to 0.456, so the ranking fine-tune starts from here.)"""
@@ -114,19 +118,27 @@ def distill(max_tokens: int = 512) -> tuple[StaticModel, object]:
 
 
 def base_static_dir(max_tokens: int = 512) -> Path:
-    """The distilled, not yet fine-tuned static encoder, built once (about a minute on 2 cores) and cached."""
+    """The distilled, not yet fine-tuned static encoder, built once (about 15 s on 2 cores) and cached.
+    Built in a private directory and renamed into place, so concurrent starters never read half a file."""
     from services.common.model_paths import cache_root
 
     out = cache_root() / "static-minilm"
     if not is_static(out):
         log.info("distilling MiniLM into a static encoder at %s", out)
-        model, tokenizer = distill(max_tokens)
-        save_static(out, model, tokenizer, max_tokens)
+        model, tokenizer = distill()
+        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+        save_static(tmp, model, tokenizer, max_tokens)
+        if not is_static(out):
+            shutil.rmtree(out, ignore_errors=True)      # a stale, incomplete one
+        try:
+            tmp.rename(out)
+        except OSError:                                 # another process got there first: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 class StaticEncoderView(StaticEncoder):
-    """A StaticEncoder over an in-memory model (during distillation and fine-tuning)."""
+    """A StaticEncoder over an in-memory model (while fine-tuning it)."""
 
     def __init__(self, model: StaticModel, tokenizer, max_tokens: int):
         self.model, self.tokenizer, self.max_tokens = model, tokenizer, max_tokens
