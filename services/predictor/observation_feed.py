@@ -26,7 +26,6 @@ class ObservationFeed:
         self.predictor = predictor
         self.redis = aioredis.from_url(redis_url)
         self.batch, self.block_ms = batch, block_ms
-        self.learned = 0
 
     async def run(self) -> None:
         connected = True
@@ -54,7 +53,6 @@ class ObservationFeed:
         self.predictor.observe([o.prompt for o in obs], [o.output_tokens for o in obs],
                                [o.previous_reply_tokens for o in obs],
                                stream_position=last.decode() if isinstance(last, bytes) else last)
-        self.learned += len(obs)
         metrics.LEARNED.labels("stream").inc(len(obs))
 
     async def close(self) -> None:
