@@ -57,3 +57,18 @@ async def test_abort_from_queue_and_from_running(store):
     assert (await store.abort("b"))[:2] == (False, "aborted")
     assert (await store.abort("nope"))[:2] == (False, "missing")
     assert not await store.finish("b", "w1", "stop")                    # aborted stays aborted
+
+
+async def test_only_uncensored_lengths_reach_the_predictor_stream(store):
+    def chat(job_id, ignore_eos):
+        return JobRecord(job_id=job_id, prompt_ids=[1], prompt_text=f"prompt {job_id}", previous_reply_tokens=7,
+                         sampling={"max_tokens": 8, "ignore_eos": ignore_eos})
+
+    for job_id, ignore_eos, reason in [("eos", False, "stop"), ("cut", False, "length"), ("forced", True, "stop")]:
+        await store.create(chat(job_id, ignore_eos), 1.0)
+        await store.claim(job_id, "w1")
+        await store.append_many("w1", [(job_id, [5, 6, 7], "abc")])
+        assert await store.finish(job_id, "w1", reason)
+    entries = [fields for _, fields in await store.r.xrange(keys.OBSERVATIONS)]
+    assert entries == [{b"job_id": b"eos", b"prompt": b"prompt eos", b"output_tokens": b"3",
+                        b"previous_reply_tokens": b"7"}]

@@ -222,11 +222,7 @@ class Dispatcher:
         s.preempting.discard(ev.job_id)                   # it finished before our preempt arrived
         if ev.finish_reason == pb.FINISH_REASON_ABORTED:
             return                                        # we asked for it; abort() already recorded it
-        reason = FINISH_NAMES[ev.finish_reason]
-        rec = await self._record(ev.job_id)
-        # only a length the model chose itself teaches the predictor (not max_tokens, not ignore_eos)
-        observable = reason == "stop" and rec is not None and not rec.sampling["ignore_eos"]
-        if await self.store.finish(ev.job_id, s.worker_id, reason, observable):
+        if await self.store.finish(ev.job_id, s.worker_id, FINISH_NAMES[ev.finish_reason]):
             await self._complete(ev.job_id)
 
     async def _complete(self, job_id: str) -> None:

@@ -110,13 +110,12 @@ class JobStore:
             keys=[keys.job(job_id), keys.QUEUE, keys.worker_jobs(worker_id)],
             args=[job_id, worker_id, score, swapped_on]))
 
-    async def finish(self, job_id: str, worker_id: str, reason: str, observable: bool = False) -> bool:
-        """observable: also append the true output length to the predictor's stream (same transaction)."""
+    async def finish(self, job_id: str, worker_id: str, reason: str) -> bool:
+        """A true (uncensored) output length also goes to the predictor's stream, atomically (finish.lua)."""
         return bool(await self._scripts["finish"](
             keys=[keys.job(job_id), keys.worker_jobs(worker_id), keys.job_tokens(job_id), keys.job_text(job_id),
                   keys.OBSERVATIONS],
-            args=[job_id, worker_id, reason, time.time(), self.ttl, "1" if observable else "0",
-                  MAX_ENTRIES]))
+            args=[job_id, worker_id, reason, time.time(), self.ttl, MAX_ENTRIES]))
 
     async def abort(self, job_id: str) -> tuple[bool, str, str, str]:
         """Returns (aborted, previous status, worker, worker holding swapped KV)."""
