@@ -80,7 +80,8 @@ def test_service_persists_online_learning_and_survives_a_corrupt_file(tmp_path):
     def start():
         port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "services.predictor.server", "--listen", f"127.0.0.1:{port}",
-                                 "--model-dir", str(model_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                 "--model-dir", str(model_dir), "--prior", "40"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_healthy(f"127.0.0.1:{port}", 90)
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         return proc, ppb_grpc.PredictorStub(channel), channel
@@ -114,7 +115,7 @@ def test_service_persists_online_learning_and_survives_a_corrupt_file(tmp_path):
     (model_dir / "index.npz").write_bytes(b"garbage")  # corrupt: an error in the log and a clean empty start
     proc, stub, _ = start()
     p = stub.Predict(ppb.PredictRequest(prompts=["Tell me a long story."])).predictions[0]
-    assert p.source == "prior"
+    assert p.source == "prior" and p.p50 == pytest.approx(40)          # the configured prior, not a default
     proc.terminate()
     assert b"cannot read predictor" in proc.communicate(timeout=30)[1]
     assert (model_dir / "index.npz.unreadable").read_bytes() == b"garbage"     # kept aside, not overwritten

@@ -1,9 +1,10 @@
 """Predictor service: gRPC wiring over LengthPredictor (batched Predict, online Observe, persistence).
 
 `--model-dir` holds a predictor trained by `python -m services.predictor.train`; online learning is saved
-back to it every `--save-every-s` and on shutdown. A missing directory is a clean empty start; an
-unreadable one is logged as an error and also starts empty (it is never a crash loop), and the next
-save replaces it.
+back to it every `--save-every-s` and on shutdown. A missing directory is a clean empty start; unreadable
+state (or state built with another encoder) is logged as an error, renamed `*.unreadable` and the service
+starts empty: never a crash loop, never an overwrite of what might be recovered. With `--redis-url` it
+learns from the scheduler's stream of finished jobs (observation_feed.py).
 """
 from __future__ import annotations
 
@@ -88,8 +89,7 @@ def load_or_empty(predictor: LengthPredictor, model_dir: Path | None) -> None:
     except Exception as e:  # noqa: BLE001 - a corrupt file must not become a crash loop
         kept = set_aside(model_dir)
         log.error("cannot read predictor at %s (%r): starting empty; the unreadable files are kept as %s",
-                  model_dir, e, kept)
-        predictor.params = PredictorParams()
+                  model_dir, e, kept)              # load() changes nothing until everything has been read
 
 
 def set_aside(model_dir: Path) -> list[str]:
