@@ -26,6 +26,7 @@ from services.predictor.encoder import Encoder, load_encoder
 from services.predictor.evaluation import (Split, baseline_mean, baseline_prompt_length, evaluate_predictor,
                                            metrics, split_by_prompt, tune)
 from services.common.predictor_text import prompt_key
+from services.predictor import length_mlp
 from services.predictor.length_mlp import side_features
 from services.predictor.length_predictor import LengthPredictor, PredictorParams
 
@@ -65,7 +66,7 @@ def variant(pred: LengthPredictor, **overrides) -> LengthPredictor:
 
 
 def without_previous_reply(split: Split) -> Split:
-    return dataclasses.replace(split, side=split.side * np.array([1.0, 0.0, 0.0], np.float32))
+    return dataclasses.replace(split, side=length_mlp.without_previous_reply(split.side))
 
 
 @dataclass

@@ -25,6 +25,11 @@ def side_features(prompt_chars, previous_reply_tokens=None) -> np.ndarray:
     return np.stack([np.log1p(chars) / 8.0, np.log1p(prev) / 6.0, (prev > 0).astype(np.float32)], axis=1)
 
 
+def without_previous_reply(side: np.ndarray) -> np.ndarray:
+    """The same requests as if none had a previous reply (the ablation in evaluate.py)."""
+    return side * np.array([1.0, 0.0, 0.0], np.float32)
+
+
 def features(vecs: np.ndarray, side: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([vecs, side], axis=1).astype(np.float32))
 
