@@ -12,6 +12,7 @@ from alise.v1 import generate_pb2 as pb
 from alise.v1 import generate_pb2_grpc as pb_grpc
 from google.protobuf.json_format import MessageToDict
 
+from services.common.auth import with_bearer
 from services.common.model_paths import cache_root
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -25,6 +26,16 @@ def resolve_address(flag: str | None) -> str:
         return os.environ["ALISE_ADDRESS"]
     written = cache_root() / "address"
     return written.read_text().strip() if written.exists() else DEFAULT_ADDRESS
+
+
+def resolve_api_key(flag: str | None) -> str | None:
+    """--api-key, then $ALISE_API_KEY, then the local tenant's key `make run` wrote."""
+    if flag:
+        return flag
+    if os.environ.get("ALISE_API_KEY"):
+        return os.environ["ALISE_API_KEY"]
+    written = cache_root() / "local" / "api-key"
+    return written.read_text().strip() if written.exists() else None
 
 
 def build_request(a: argparse.Namespace) -> pb.GenerateRequest:
@@ -89,6 +100,7 @@ def cmd_info(stub, a) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alise", description=__doc__)
     p.add_argument("--address", help="scheduler host:port (default: $ALISE_ADDRESS or what `make run` wrote)")
+    p.add_argument("--api-key", help="client API key (default: $ALISE_API_KEY or the key `make run` wrote)")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="stream a completion")
     g.add_argument("prompt")
@@ -119,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     with grpc.insecure_channel(resolve_address(a.address)) as channel:
         try:
-            return a.fn(pb_grpc.AliseStub(channel), a)
+            return a.fn(pb_grpc.AliseStub(with_bearer(channel, resolve_api_key(a.api_key))), a)
         except grpc.RpcError as e:
             print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1

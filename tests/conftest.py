@@ -9,6 +9,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The internal service token for services the tests start one by one (a LocalStack makes its own).
+os.environ.setdefault("ALISE_SERVICE_TOKEN", "test-suite-service-token-" + os.urandom(8).hex())
 
 from services.common.local_stack import LocalStack, RedisServer  # noqa: E402
 from services.worker.prepare_model import ensure_model  # noqa: E402

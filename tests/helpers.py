@@ -7,9 +7,24 @@ import grpc
 from alise.v1 import generate_pb2 as pb
 from alise.v1 import generate_pb2_grpc as pb_grpc
 
+from services.common.auth import with_bearer
+from services.common.local_stack import LOCAL_TENANT
 
-def stub_for(address: str) -> pb_grpc.AliseStub:
-    return pb_grpc.AliseStub(grpc.insecure_channel(address))
+
+def stub_for(stack, tenant: str = LOCAL_TENANT, api_key: str | None = None) -> pb_grpc.AliseStub:
+    """A client of the stack's scheduler, authenticated as `tenant` (or with an explicit api_key)."""
+    key = api_key if api_key is not None else stack.api_keys[tenant]
+    return pb_grpc.AliseStub(with_bearer(grpc.insecure_channel(stack.address), key))
+
+
+def predictor_stub(address: str, token: str | None = None):
+    """A client of a predictor, presenting the internal service token (the tests' own by default)."""
+    import os
+
+    from alise.v1 import predictor_pb2_grpc as ppb_grpc
+
+    token = token if token is not None else os.environ["ALISE_SERVICE_TOKEN"]
+    return ppb_grpc.PredictorStub(with_bearer(grpc.insecure_channel(address), token))
 
 
 def request(prompt: str, request_id: str = "", max_tokens: int = 16, **sampling) -> pb.GenerateRequest:

@@ -27,14 +27,14 @@ def submit_in_background(stub, req) -> threading.Thread:
 
 def test_scheduler_restart_keeps_the_queue(stack_factory, hf_model, tokenizer):
     stack = stack_factory(num_workers=0)
-    stub = stub_for(stack.address)
+    stub = stub_for(stack)
     ids = [f"restart-{i}-{time.time_ns()}" for i in range(3)]
     for rid in ids:
         submit_in_background(stub, request(PROMPT, rid, max_tokens=8, ignore_eos=True))
     wait_until(lambda: all(job_status(stub, r) == pb.JOB_STATUS_QUEUED for r in ids), 30)
     stack.restart("scheduler", kill=True)          # SIGKILL: nothing is flushed on the way out
     wait_healthy(stack.address, 60)
-    stub = stub_for(stack.address)
+    stub = stub_for(stack)
     assert stub.GetLoad(pb.LoadRequest()).queued == 3
     stack.add_worker()
     wait_until(lambda: all(job_status(stub, r) == pb.JOB_STATUS_FINISHED for r in ids), 120)
@@ -45,7 +45,7 @@ def test_scheduler_restart_keeps_the_queue(stack_factory, hf_model, tokenizer):
 
 def test_lost_worker_jobs_are_requeued_and_continue(stack_factory, hf_model, tokenizer):
     stack = stack_factory(num_workers=1)
-    stub = stub_for(stack.address)
+    stub = stub_for(stack)
     rid = f"lost-{time.time_ns()}"
     t, result = generate_in_background(stub, request(PROMPT, rid, max_tokens=64, ignore_eos=True))
     wait_until(lambda: len(stub.GetJob(pb.GetJobRequest(request_id=rid)).token_ids) >= 8
@@ -64,7 +64,7 @@ def test_lost_worker_jobs_are_requeued_and_continue(stack_factory, hf_model, tok
 
 def test_predictor_down_scheduler_keeps_serving(stack_factory):
     stack = stack_factory(with_predictor=False, scheduler_args=["--predictor-timeout-s", "0.2"])
-    stub = stub_for(stack.address)
+    stub = stub_for(stack)
     tokens, text, final = generate(stub, request("Hello there", max_tokens=4, ignore_eos=True))
     assert len(tokens) == 4 and final.finish_reason == pb.FINISH_REASON_LENGTH
     assert not stub.GetLoad(pb.LoadRequest()).predictor_available
@@ -72,7 +72,7 @@ def test_predictor_down_scheduler_keeps_serving(stack_factory):
 
 def test_worker_sigterm_drains_running_jobs(stack_factory):
     stack = stack_factory(num_workers=1)
-    stub = stub_for(stack.address)
+    stub = stub_for(stack)
     rid = f"drain-{time.time_ns()}"
     t, result = generate_in_background(stub, request(PROMPT, rid, max_tokens=40, ignore_eos=True), timeout=120)
     wait_until(lambda: job_status(stub, rid) == pb.JOB_STATUS_RUNNING, 60, 0.02)
@@ -93,7 +93,7 @@ def test_prometheus_metrics(stack_factory):
     sched_port, worker_port = free_port(), free_port()
     stack = stack_factory(scheduler_args=["--metrics-port", str(sched_port)],
                           worker_args=["--metrics-port", str(worker_port)])
-    generate(stub_for(stack.address), request("Hello", max_tokens=5, ignore_eos=True))
+    generate(stub_for(stack), request("Hello", max_tokens=5, ignore_eos=True))
 
     def scrape(port):
         return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()

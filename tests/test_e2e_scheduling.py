@@ -51,7 +51,7 @@ def run_mix(stub) -> tuple[list[str], dict[str, tuple]]:
 def test_completion_order_by_policy(stack_factory, long_reference, policy, preempt_mode):
     stack = stack_factory(scheduler_args=["--policy", policy, "--preempt-mode", preempt_mode],
                           worker_args=["--max-batch", "1"])
-    stub = stub_for(stack.address)
+    stub = stub_for(stack)
     order, results = run_mix(stub)
     assert len(order) == 4
     if policy == "fcfs":

@@ -3,7 +3,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.scheduler import keys
-from services.scheduler.job_store import JobRecord, JobStore
+from services.scheduler.job_store import CreateOutcome, JobRecord, JobStore, StepFailureOutcome
 
 
 @pytest.fixture
@@ -14,21 +14,25 @@ async def store(redis_server):
     await client.aclose()
 
 
-def record(job_id="j1"):
+def record(job_id="j1", fingerprint="f1"):
     return JobRecord(job_id=job_id, prompt_ids=[1, 2, 3], prompt_text="hi", sampling={"max_tokens": 8},
-                     pred_len=10, pred_p90=20, predicted=True)
+                     pred_len=10, pred_p90=20, predicted=True, fingerprint=fingerprint)
+
+
+async def create(store, rec, score, tenant_live_limit=100, queue_limit=100) -> CreateOutcome:
+    return await store.create(rec, score, tenant_live_limit, queue_limit)
 
 
 async def test_lifecycle_queued_running_finished(store):
-    assert await store.create(record(), score=1.0)
-    assert not await store.create(record(), score=1.0)                 # id taken
+    assert await create(store, record(), 1.0) is CreateOutcome.CREATED
+    assert await create(store, record(fingerprint="f2"), 1.0) is CreateOutcome.ID_IN_USE   # id taken
     assert await store.queue_head(10) == ["j1"]
     assert await store.claim("j1", "w1")
     assert not await store.claim("j1", "w2")                           # never run twice
     assert await store.known_workers() == ["w1"]                       # found by the orphan sweep
     assert await store.queue_head(10) == []
-    assert await store.append_many("w1", [("j1", [5, 6], "ab")]) == [True]
-    assert await store.append_many("w2", [("j1", [7], "c")]) == [False]  # not its worker
+    assert await store.append_many("w1", [("j1", [5, 6], "ab")]) == [2]
+    assert await store.append_many("w2", [("j1", [7], "c")]) == [0]  # not its worker
     assert await store.finish("j1", "w1", "stop")
     state = await store.state("j1")
     assert (state.status, state.token_ids, state.text, state.finish_reason) == ("finished", [5, 6], "ab", "stop")
@@ -36,7 +40,7 @@ async def test_lifecycle_queued_running_finished(store):
 
 
 async def test_requeue_keeps_tokens_and_is_only_allowed_for_the_holder(store):
-    await store.create(record(), score=5.0)
+    await create(store, record(), 5.0)
     await store.claim("j1", "w1")
     await store.append_many("w1", [("j1", [9], "x")])
     assert not await store.requeue("j1", "w2", score=2.0)
@@ -48,8 +52,8 @@ async def test_requeue_keeps_tokens_and_is_only_allowed_for_the_holder(store):
 
 
 async def test_abort_from_queue_and_from_running(store):
-    await store.create(record("a"), 1.0)
-    await store.create(record("b"), 2.0)
+    await create(store, record("a"), 1.0)
+    await create(store, record("b"), 2.0)
     await store.claim("b", "w1")
     assert await store.abort("a") == (True, "queued", "", "")
     assert await store.abort("b") == (True, "running", "w1", "")
@@ -65,10 +69,43 @@ async def test_only_uncensored_lengths_reach_the_predictor_stream(store):
                          sampling={"max_tokens": 8, "ignore_eos": ignore_eos})
 
     for job_id, ignore_eos, reason in [("eos", False, "stop"), ("cut", False, "length"), ("forced", True, "stop")]:
-        await store.create(chat(job_id, ignore_eos), 1.0)
+        await create(store, chat(job_id, ignore_eos), 1.0)
         await store.claim(job_id, "w1")
         await store.append_many("w1", [(job_id, [5, 6, 7], "abc")])
         assert await store.finish(job_id, "w1", reason)
     entries = [fields for _, fields in await store.r.xrange(keys.OBSERVATIONS)]
     assert entries == [{b"job_id": b"eos", b"prompt": b"prompt eos", b"output_tokens": b"3",
                         b"previous_reply_tokens": b"7"}]
+
+
+async def test_create_admits_within_limits_and_recognises_a_retry(store):
+    assert await create(store, record("t/a"), 1.0, tenant_live_limit=2) is CreateOutcome.CREATED
+    assert await create(store, record("t/a"), 1.0) is CreateOutcome.SAME_REQUEST          # re-attach
+    assert await create(store, record("t/a", "other"), 1.0) is CreateOutcome.ID_IN_USE    # live: held
+    assert await create(store, record("t/b"), 1.0, tenant_live_limit=2) is CreateOutcome.CREATED
+    assert await create(store, record("t/c"), 1.0, tenant_live_limit=2) is CreateOutcome.TENANT_FULL
+    assert await create(store, record("u/c"), 1.0, tenant_live_limit=2, queue_limit=2) is CreateOutcome.QUEUE_FULL
+    assert await create(store, record("u/c"), 1.0, tenant_live_limit=2) is CreateOutcome.CREATED   # other tenant
+    await store.claim("t/a", "w1")
+    assert await store.append_many("w1", [("t/a", [5, 6], "ab")]) == [2]                # the count after it
+    assert await store.append_many("w1", [("t/a", [7], "c")]) == [3]
+    assert await store.finish("t/a", "w1", "length")
+    assert await create(store, record("t/c"), 1.0, tenant_live_limit=2) is CreateOutcome.CREATED   # a slot freed
+    assert await create(store, record("t/a", "new"), 1.0, tenant_live_limit=3) is CreateOutcome.CREATED  # id free
+    state = await store.state("t/a")
+    assert state.status == "queued" and state.token_ids == [] and state.text == ""        # nothing of the old job
+
+
+async def test_fail_step_requeues_then_fails(store):
+    await create(store, record("t/a"), 1.0)
+    await store.claim("t/a", "w1")
+    await store.append_many("w1", [("t/a", [5], "a")])
+    assert await store.fail_step("t/a", "w2", 1.0, 2) is StepFailureOutcome.NOT_HELD
+    assert await store.fail_step("t/a", "w1", 1.0, 2) is StepFailureOutcome.REQUEUED
+    state = await store.state("t/a")
+    assert state.status == "queued" and state.token_ids == [5] and await store.queue_head(5) == ["t/a"]
+    await store.claim("t/a", "w1")
+    assert await store.fail_step("t/a", "w1", 1.0, 2) is StepFailureOutcome.FAILED
+    state = await store.state("t/a")
+    assert (state.status, state.finish_reason) == ("failed", "error") and await store.queue_head(5) == []
+    assert await store.r.scard(keys.tenant_live("t")) == 0

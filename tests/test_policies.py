@@ -6,9 +6,10 @@ from services.scheduler.policies.base import JobView, Snapshot, WorkerView
 COST = ExecTimeModel()
 
 
-def job(jid, pred, created=0.0, priority=0, generated=0, running=False, max_tokens=4096, swapped_on=""):
+def job(jid, pred, created=0.0, priority=0, generated=0, running=False, max_tokens=4096, swapped_on="",
+        predicted=True):
     return JobView(job_id=jid, priority=priority, created=1.7e9 + created, prompt_len=20, max_tokens=max_tokens,
-                   pred_len=pred, pred_p90=pred * 2, predicted=True, generated=generated, running=running,
+                   pred_len=pred, pred_p90=pred * 2, predicted=predicted, generated=generated, running=running,
                    swapped_on=swapped_on)
 
 
@@ -63,6 +64,16 @@ def test_alise_does_not_preempt_for_similar_work_or_higher_priority_or_twice():
     assert policy.plan(higher, COST).preempt == ()
     busy = Snapshot(0, (job("b", 5),), (worker(running=[job("a", 900, running=True)], preempting=True),))
     assert policy.plan(busy, COST).preempt == ()
+
+
+def test_alise_never_preempts_on_prior_guesses():
+    """Regression (issue 8.6): without predictions the queue is in arrival order, yet preemption compared
+    prior-based times, so the same long jobs were preempted again and again."""
+    policy = make_policy("alise")
+    for waiting_predicted, running_predicted in ((False, False), (False, True), (True, False)):
+        running = job("long", 1000, generated=10, running=True, predicted=running_predicted)
+        snap = Snapshot(0, (job("short", 5, predicted=waiting_predicted),), (worker(running=[running]),))
+        assert policy.plan(snap, COST).preempt == ()
 
 
 def test_placement_respects_slots_blocks_and_swap_affinity():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import urllib.request
@@ -12,8 +13,9 @@ import pytest
 from alise.v1 import predictor_pb2 as ppb
 from alise.v1 import predictor_pb2_grpc as ppb_grpc
 
+from services.common.auth import with_bearer
 from services.common.local_stack import free_port, wait_healthy
-from tests.helpers import wait_until
+from tests.helpers import predictor_stub, wait_until
 from services.predictor.datasets import load_examples
 from services.predictor.encoder import Encoder
 from services.predictor.length_predictor import LengthPredictor
@@ -76,6 +78,7 @@ def test_previous_reply_length_is_learned_as_a_feature(encoder):
 
 def test_service_persists_online_learning_and_survives_a_corrupt_file(tmp_path):
     model_dir = tmp_path / "predictor"
+    started = {}
 
     def start():
         port = free_port()
@@ -83,7 +86,8 @@ def test_service_persists_online_learning_and_survives_a_corrupt_file(tmp_path):
                                  "--model-dir", str(model_dir), "--prior", "40"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_healthy(f"127.0.0.1:{port}", 90)
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        channel = with_bearer(grpc.insecure_channel(f"127.0.0.1:{port}"), os.environ["ALISE_SERVICE_TOKEN"])
+        started["address"] = f"127.0.0.1:{port}"
         return proc, ppb_grpc.PredictorStub(channel), channel
 
     proc, stub, channel = start()
@@ -105,6 +109,19 @@ def test_service_persists_online_learning_and_survives_a_corrupt_file(tmp_path):
     with pytest.raises(grpc.RpcError) as err:
         channel.unary_unary("/alise.v1.Predictor/Predict")(raw)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompts[0]: invalid UTF-8" in err.value.details()
+    # issue 8.8: nobody without the service token may predict or teach (1,000 fake observations used to move
+    # a prediction from 211 to 2e9 tokens), and no observation may claim an impossible length
+    for wrong in (ppb_grpc.PredictorStub(grpc.insecure_channel(started["address"])),
+                  predictor_stub(started["address"], token="not-the-service-token")):
+        for call in (lambda: wrong.Predict(ppb.PredictRequest(prompts=["hi"])),
+                     lambda: wrong.Observe(ppb.ObserveRequest(observations=[ppb.Observation(prompt="hi",
+                                                                                            output_tokens=2_000_000_000)]))):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Observe(ppb.ObserveRequest(observations=[ppb.Observation(prompt="hi", output_tokens=2_000_000_000)]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "observations[0].output_tokens" in err.value.details()
     proc.terminate()
     proc.wait(30)                                     # SIGTERM saves what was learned
     proc, stub, _ = start()
@@ -143,7 +160,7 @@ def test_learns_from_the_observation_stream_and_resumes_where_it_saved(redis_ser
                                  "--metrics-port", str(metrics_port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_healthy(f"127.0.0.1:{port}", 90)
-        return proc, ppb_grpc.PredictorStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        return proc, predictor_stub(f"127.0.0.1:{port}")
 
     def size(stub):
         return stub.Observe(ppb.ObserveRequest()).index_size
@@ -193,7 +210,7 @@ def test_train_cli_then_serve(tmp_path, encoder_args):
                              "--model-dir", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_healthy(f"127.0.0.1:{port}", 90)
-        stub = ppb_grpc.PredictorStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        stub = predictor_stub(f"127.0.0.1:{port}")
         short, long_ = stub.Predict(ppb.PredictRequest(prompts=["Write 1 sentences about snow.",
                                                                  "Write 32 sentences about snow."])).predictions
         assert short.source != "prior" and long_.p50 > short.p50
@@ -249,6 +266,34 @@ def test_concurrent_calls_are_served_in_one_batch_with_the_same_answers(encoder)
     together = [r[0] for r in asyncio.run(many())]
     assert batcher.calls == len(prompts) and batcher.batches < len(prompts)       # coalesced
     assert [t.p50 for t in together] == pytest.approx([a.p50 for a in alone], rel=1e-4)
+
+
+def test_a_caller_that_gives_up_does_not_hang_the_others_in_its_batch(encoder):
+    """Regression (issue 8.10): set_result on a cancelled caller's future raised, so the rest of its
+    batch never got an answer."""
+    import asyncio
+    import threading
+
+    from services.predictor.batcher import PredictBatcher
+
+    gate = threading.Event()
+    pred = LengthPredictor(encoder)
+    slow_predict = pred.predict
+    pred.predict = lambda prompts, prev=None: (gate.wait(30), slow_predict(prompts, prev))[1]
+    batcher = PredictBatcher(pred)
+
+    async def scenario():
+        first = asyncio.ensure_future(batcher.predict(["warm the batcher up"], [0]))   # holds the encoder
+        await asyncio.sleep(0.05)
+        quitter = asyncio.ensure_future(batcher.predict(["I give up early"], [0]))
+        stayer = asyncio.ensure_future(batcher.predict(["I wait for my answer"], [0]))
+        await asyncio.sleep(0.05)
+        quitter.cancel()                              # its deadline passed while queued behind `first`
+        gate.set()
+        return await asyncio.wait_for(asyncio.gather(first, stayer), 60)
+
+    first, stayer = asyncio.run(scenario())
+    assert first[0].p50 > 0 and stayer[0].p50 > 0
 
 
 def test_predict_does_not_wait_for_an_online_mlp_refresh(encoder):

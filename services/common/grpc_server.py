@@ -14,9 +14,15 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def build_server(service_names: list[str], listen: str) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
-    """An asyncio server with health (starting NOT_SERVING) and reflection; returns the bound port."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024    # far above any prompt that fits a context; bounds what one call can send
+
+
+def build_server(service_names: list[str], listen: str, max_concurrent_rpcs: int | None = None,
+                 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    """An asyncio server with health (starting NOT_SERVING) and reflection; returns the bound port.
+    Calls beyond max_concurrent_rpcs get RESOURCE_EXHAUSTED from gRPC itself."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+                             maximum_concurrent_rpcs=max_concurrent_rpcs)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

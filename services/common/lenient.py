@@ -9,8 +9,9 @@ from services.common.wire import invalid_utf8_field
 
 
 class BadMessage:
-    def __init__(self, field: str):
+    def __init__(self, field: str, problem: str):
         self.field = field
+        self.problem = problem
 
 
 def lenient_deserializer(message_cls):
@@ -18,13 +19,19 @@ def lenient_deserializer(message_cls):
         try:
             return message_cls.FromString(data)
         except Exception:  # noqa: BLE001 - DecodeError; anything unparseable is the client's error
-            return BadMessage(invalid_utf8_field(message_cls.DESCRIPTOR, data) or "<message>")
+            try:
+                field = invalid_utf8_field(message_cls.DESCRIPTOR, data)
+            except Exception:  # noqa: BLE001 - truncated or garbled wire bytes: no field to name
+                field = None
+            if field is None:
+                return BadMessage("<message>", "malformed protobuf bytes")
+            return BadMessage(field, "invalid UTF-8")
     return parse
 
 
 async def reject_bad(request, context) -> None:
     if isinstance(request, BadMessage):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.field}: invalid UTF-8")
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.field}: {request.problem}")
 
 
 def add_lenient_service(server: grpc.aio.Server, servicer, pb_module, service: str) -> None:

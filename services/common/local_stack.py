@@ -52,17 +52,39 @@ def wait_healthy(address: str, timeout_s: float, service: str = "") -> None:
 
 
 class RedisServer:
-    """A private redis-server on a free loopback port, no persistence, in a temp dir."""
+    """A private redis-server on a free loopback port, in its own directory, with the append-only file on
+    (fsync every second, as in production): a restarted Redis comes back with every job. `restart` keeps the
+    port and directory, so services reconnect to the same address."""
 
-    def __init__(self, port: int | None = None):
-        binary = shutil.which("redis-server")
-        if binary is None:
+    def __init__(self, port: int | None = None, persist: bool = True, data_dir: str | None = None):
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
             raise RuntimeError("redis-server not found: `apt-get install redis-server` (make does this)")
         self.port = port or free_port()
-        self.dir = tempfile.mkdtemp(prefix="alise-redis-")
-        self.proc = subprocess.Popen(
-            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+        self.persist = persist
+        self.dir = data_dir or tempfile.mkdtemp(prefix="alise-redis-")
+        self._owns_dir = data_dir is None
+        self.proc = self._launch()
+        self._wait()
+
+    def _launch(self) -> subprocess.Popen:
+        persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persist else ["--appendonly", "no"]
+        return subprocess.Popen(
+            [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", *persistence,
              "--dir", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def restart(self, kill: bool = True) -> None:
+        """SIGKILL (or SIGTERM) and start again on the same port and data."""
+        if kill:
+            self.kill()
+        else:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = self._launch()
         self._wait()
 
     @property
@@ -82,7 +104,8 @@ class RedisServer:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self._owns_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @dataclass
@@ -113,9 +136,37 @@ class Service:
             self.proc.wait()
 
 
+LOCAL_TENANT = "local"
+# Tenants of a local stack: `local` (what `make run` and most tests use) may do anything; `other` is a
+# second tenant with default limits (isolation tests). Tests can pass their own.
+DEFAULT_TENANTS = {LOCAL_TENANT: {"max_priority": 1000, "requests_per_s": 1000.0, "burst": 1000,
+                                  "max_live_jobs": 10_000},
+                   "other": {}}
+
+
+def write_credentials(secrets_dir: Path, tenants: dict[str, dict]) -> tuple[str, dict[str, str]]:
+    """A fresh internal service token and one API key per tenant, in files only this user can read.
+    Returns (service token, {tenant: API key})."""
+    from services.common.auth import new_secret
+    from services.scheduler.tenants import add_tenant
+
+    secrets_dir.mkdir(parents=True, exist_ok=True)
+    secrets_dir.chmod(0o700)
+    keys_file = secrets_dir / "api-keys.json"
+    keys_file.unlink(missing_ok=True)
+    api_keys = {name: add_tenant(keys_file, name, **limits) for name, limits in tenants.items()}
+    token = new_secret()
+    (secrets_dir / "service-token").write_text(token)
+    (secrets_dir / "service-token").chmod(0o600)
+    return token, api_keys
+
+
 @dataclass
 class LocalStack:
-    """Redis + predictor + scheduler + N workers. `scheduler_args` / `worker_args` add flags."""
+    """Redis + predictor + scheduler + N workers. `scheduler_args` / `worker_args` add flags.
+
+    Credentials are made fresh for each stack under `secrets_dir` (default: log_dir/secrets): the internal
+    service token and an API key per tenant (`api_keys`, `api_key` for the `local` tenant)."""
     log_dir: Path
     scheduler_port: int = 0
     num_workers: int = 1
@@ -126,19 +177,34 @@ class LocalStack:
     predictor_args: list[str] = field(default_factory=list)
     redis: RedisServer | None = None
     services: dict[str, Service] = field(default_factory=dict)
+    tenants: dict[str, dict] = field(default_factory=lambda: dict(DEFAULT_TENANTS))
+    secrets_dir: Path | None = None
+    api_keys: dict[str, str] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.scheduler_port}"
 
+    @property
+    def gateway_address(self) -> str:
+        return f"127.0.0.1:{self.gateway_port}"
+
+    @property
+    def api_key(self) -> str:
+        return self.api_keys[LOCAL_TENANT]
+
     def start(self, timeout_s: float = 180) -> "LocalStack":
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.secrets_dir = self.secrets_dir or self.log_dir / "secrets"
+        self.service_token, self.api_keys = write_credentials(self.secrets_dir, self.tenants)
         if self.redis_url is None:
             self.redis = RedisServer()
             self.redis_url = self.redis.url
         self.scheduler_port = self.scheduler_port or free_port()
+        self.gateway_port = free_port()
         self.predictor_port = free_port()
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "ALISE_SERVICE_TOKEN": self.service_token}
         if self.with_predictor:
             self._add("predictor", ["services.predictor.server", "--listen", f"127.0.0.1:{self.predictor_port}",
                                     "--redis-url", self.redis_url, *self.predictor_args])
@@ -149,17 +215,19 @@ class LocalStack:
             svc.start(env)
         self._env = env
         wait_healthy(self.address, timeout_s)
+        wait_healthy(self.gateway_address, timeout_s)
         if self.with_predictor:
             wait_healthy(f"127.0.0.1:{self.predictor_port}", timeout_s)
         self.wait_workers(self.num_workers, timeout_s)
         return self
 
     def scheduler_command(self) -> list[str]:
-        return ["services.scheduler.server", "--listen", self.address, "--redis-url", self.redis_url,
+        return ["services.scheduler.server", "--listen", self.address, "--worker-listen", self.gateway_address,
+                "--api-keys-file", str(self.secrets_dir / "api-keys.json"), "--redis-url", self.redis_url,
                 "--predictor-address", f"127.0.0.1:{self.predictor_port}", *self.scheduler_args]
 
     def worker_command(self, i: int) -> list[str]:
-        return ["services.worker.server", "--scheduler", self.address, "--worker-id", f"worker-{i}",
+        return ["services.worker.server", "--scheduler", self.gateway_address, "--worker-id", f"worker-{i}",
                 *self.worker_args]
 
     def _add(self, name: str, args: list[str]) -> None:
@@ -180,9 +248,11 @@ class LocalStack:
         from alise.v1 import generate_pb2 as pb
         from alise.v1 import generate_pb2_grpc as pb_grpc
 
+        from services.common.auth import with_bearer
+
         deadline = time.monotonic() + timeout_s
         with grpc.insecure_channel(self.address) as ch:
-            stub = pb_grpc.AliseStub(ch)
+            stub = pb_grpc.AliseStub(with_bearer(ch, self.api_key))
             while time.monotonic() < deadline:
                 try:
                     if len(stub.GetLoad(pb.LoadRequest(), timeout=1).workers) >= n:

@@ -12,6 +12,7 @@ _WIRE_VARINT, _WIRE_I64, _WIRE_LEN, _WIRE_I32 = 0, 1, 2, 5
 
 
 def invalid_utf8_field(desc: Descriptor, data: bytes, prefix: str = "") -> str | None:
+    """The first string field holding invalid UTF-8, or None; raises on bytes that are not protobuf at all."""
     pos, counts = 0, {}
     while pos < len(data):
         tag, pos = _DecodeVarint(data, pos)
@@ -23,7 +24,7 @@ def invalid_utf8_field(desc: Descriptor, data: bytes, prefix: str = "") -> str |
             pos += 8 if wire == _WIRE_I64 else 4
             continue
         if wire != _WIRE_LEN:
-            return prefix or "<message>"
+            raise ValueError(f"wire type {wire} at byte {pos}: not a valid protobuf message")
         size, pos = _DecodeVarint(data, pos)
         payload, pos = data[pos:pos + size], pos + size
         field = desc.fields_by_number.get(number)

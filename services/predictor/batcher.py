@@ -50,13 +50,16 @@ class PredictBatcher:
                                                         [n for c in batch for n in c.previous])
                 except Exception as e:  # noqa: BLE001 - every waiting call gets the error, none hangs
                     for c in batch:
-                        c.done.set_exception(e)
+                        if not c.done.done():
+                            c.done.set_exception(e)
                     continue
                 self.batches += 1
                 self.calls += len(batch)
                 start = 0
                 for c in batch:
-                    c.done.set_result(preds[start:start + len(c.prompts)])
+                    # a caller whose deadline passed has cancelled its future: skip it, serve the rest
+                    if not c.done.done():
+                        c.done.set_result(preds[start:start + len(c.prompts)])
                     start += len(c.prompts)
         finally:
             self._running = False

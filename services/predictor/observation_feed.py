@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.common.observations import STREAM, parse
+from services.common.redis_client import connect
 from services.predictor import metrics
 from services.predictor.length_predictor import LengthPredictor
 
@@ -24,7 +24,7 @@ log = logging.getLogger("alise.predictor.feed")
 class ObservationFeed:
     def __init__(self, predictor: LengthPredictor, redis_url: str, batch: int = 256, block_ms: int = 1000):
         self.predictor = predictor
-        self.redis = aioredis.from_url(redis_url)
+        self.redis = connect(redis_url)
         self.batch, self.block_ms = batch, block_ms
 
     async def run(self) -> None:

@@ -18,6 +18,7 @@ import grpc
 from prometheus_client import start_http_server
 from alise.v1 import predictor_pb2 as pb
 
+from services.common.auth import ServiceTokenCheck, read_service_token
 from services.common.grpc_server import (SERVING, build_server, configure_logging, install_stop_signals,
                                          set_health)
 from services.common.lenient import add_lenient_service, reject_bad
@@ -31,14 +32,20 @@ log = logging.getLogger("alise.predictor")
 SERVICE = pb.DESCRIPTOR.services_by_name["Predictor"].full_name
 MAX_BATCH = 1024
 MAX_PROMPT_CHARS = 200_000
+MAX_OUTPUT_TOKENS = 1 << 17      # longer than any served context: an observation beyond it is not real
 
 
 class PredictorServicer:
-    def __init__(self, predictor: LengthPredictor):
+    """Predict and Observe are for ALISE's own services only: both need the internal service token, so
+    no outsider can read predictions or teach (poison) the predictor."""
+
+    def __init__(self, predictor: LengthPredictor, auth: ServiceTokenCheck):
         self.p = predictor
+        self.auth = auth
         self.batcher = PredictBatcher(predictor, MAX_BATCH)
 
     async def Predict(self, request, context):
+        await self.auth.require(context)
         await reject_bad(request, context)
         prompts = list(request.prompts)
         if not prompts:
@@ -61,11 +68,18 @@ class PredictorServicer:
                                 deciles=x.deciles, source=x.source) for x in preds])
 
     async def Observe(self, request, context):
+        await self.auth.require(context)
         await reject_bad(request, context)
         obs = list(request.observations)
+        if len(obs) > MAX_BATCH:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"observations: at most {MAX_BATCH} per call")
         for i, o in enumerate(obs):
-            if o.output_tokens <= 0:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"observations[{i}].output_tokens: must be > 0")
+            if not 0 < o.output_tokens <= MAX_OUTPUT_TOKENS:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"observations[{i}].output_tokens: must be in [1, {MAX_OUTPUT_TOKENS}]")
+            if len(o.prompt) > MAX_PROMPT_CHARS:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"observations[{i}].prompt: over {MAX_PROMPT_CHARS} chars")
             if not o.prompt:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"observations[{i}].prompt: must not be empty")
             if o.previous_reply_tokens < 0:
@@ -110,6 +124,7 @@ async def save_periodically(predictor: LengthPredictor, model_dir: Path, every_s
 
 
 async def serve(a: argparse.Namespace) -> None:
+    service_token = read_service_token(a.service_token_file)
     server, health, port = build_server([SERVICE], a.listen)
     trained = a.model_dir / "encoder" if a.model_dir else None
     try:
@@ -123,7 +138,7 @@ async def serve(a: argparse.Namespace) -> None:
     metrics.INDEX_ENTRIES.set_function(lambda: predictor.size)
     if a.metrics_port:
         start_http_server(a.metrics_port, addr=a.listen.rsplit(":", 1)[0])
-    add_lenient_service(server, PredictorServicer(predictor), pb, "Predictor")
+    add_lenient_service(server, PredictorServicer(predictor, ServiceTokenCheck(service_token)), pb, "Predictor")
     await server.start()
     saver = asyncio.create_task(save_periodically(predictor, a.model_dir, a.save_every_s)) if a.model_dir else None
     feed = ObservationFeed(predictor, a.redis_url) if a.redis_url else None
@@ -151,6 +166,8 @@ def main() -> None:
     p.add_argument("--model-dir", type=Path, default=None, help="trained predictor; online learning is saved here")
     p.add_argument("--redis-url", default=None,
                    help="learn from the scheduler's stream of finished jobs in this Redis (else only via Observe)")
+    p.add_argument("--service-token-file", default=None,
+                   help="the internal token callers must present (else $ALISE_SERVICE_TOKEN)")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics on this port; 0 = off")
     p.add_argument("--save-every-s", type=float, default=30.0)
     p.add_argument("--prior", type=float, default=128.0, help="output tokens assumed before anything is learned")

@@ -1,94 +1,218 @@
-"""The client-facing gRPC API (alise.v1.Alise): Generate, Abort, GetJob, GetServerInfo, GetLoad."""
+"""The client-facing gRPC API (alise.v1.Alise): Generate, Abort, GetJob, GetServerInfo, GetLoad.
+
+Every call needs a client API key (`authorization: Bearer <key>`), which names the caller's tenant; a
+tenant sees and changes only its own jobs (job ids are scoped by tenant in keys.job_id). Generate admits
+within the tenant's rate and live-job limits and the scheduler's queue bound (RESOURCE_EXHAUSTED with a
+`retry-after-ms` hint beyond them). A retried Generate with the same request_id and the same request
+re-attaches to its job, whether it is queued, running or already done: the stream continues where the
+job is (after a disconnect, or a scheduler restart) and nothing is generated twice.
+"""
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+from collections.abc import AsyncIterator
 
 import grpc
 from alise.v1 import generate_pb2 as pb
 from alise.v1 import generate_pb2_grpc as pb_grpc
 
+from services.common.auth import presented_secret
+from services.common.redis_client import UNREACHABLE
 from services.common.lenient import BadMessage, add_lenient_service, reject_bad
-from services.scheduler import metrics
+from services.scheduler import keys, metrics
 from services.scheduler.dispatcher import Dispatcher
 from services.scheduler.job_messages import complete_message
-from services.scheduler.job_store import JobStore
+from services.scheduler.job_store import FINAL_STATUSES, CreateOutcome, JobStore
+from services.scheduler.tenants import Tenant, TenantRegistry, TokenBucket
 from services.scheduler.tokenizer import PromptTokenizer
-from services.scheduler.validation import InvalidRequest, validate
+from services.scheduler.validation import InvalidRequest, ValidRequest, clip, validate
 
 log = logging.getLogger("alise.scheduler.api")
 STATUSES = {"queued": pb.JOB_STATUS_QUEUED, "running": pb.JOB_STATUS_RUNNING, "finished": pb.JOB_STATUS_FINISHED,
             "aborted": pb.JOB_STATUS_ABORTED, "failed": pb.JOB_STATUS_FAILED}
-VERSION = "0.1.0"
+VERSION = "0.2.0"
+LIVENESS_S = 15.0          # a stream with no event this long checks its job in Redis (never waits forever)
+STORE_ERRORS = UNREACHABLE
 
 
 class AliseServicer(pb_grpc.AliseServicer):
-    def __init__(self, dispatcher: Dispatcher, store: JobStore, tokenizer: PromptTokenizer, max_model_len: int):
+    def __init__(self, dispatcher: Dispatcher, store: JobStore, tokenizer: PromptTokenizer, max_model_len: int,
+                 tenants: TenantRegistry):
         self.d = dispatcher
         self.store = store
         self.tok = tokenizer
         self.max_model_len = max_model_len
+        self.tenants = tenants
+        self.buckets: dict[str, TokenBucket] = {}
 
-    async def _check_decoded(self, request, context) -> None:
+    # -- checks shared by every call ---------------------------------------------------------------
+    async def _tenant(self, request, context) -> Tenant:
+        tenant = self.tenants.find(presented_secret(context))
+        if tenant is None:
+            metrics.REJECTED.labels(field="authorization").inc()
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "authorization: a valid API key is required "
+                                                                 "(metadata 'authorization: Bearer <key>')")
         if isinstance(request, BadMessage):
             metrics.REJECTED.labels(field=request.field).inc()
         await reject_bad(request, context)
+        return tenant
 
-    async def Generate(self, request, context):
-        await self._check_decoded(request, context)
+    async def _request_id(self, request, context) -> str:
+        if not request.request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
+        return request.request_id
+
+    async def _validate(self, request, tenant: Tenant, context) -> ValidRequest:
         try:
-            v = validate(request, self.d.cfg, self.tok, self.max_model_len)
+            # tokenizing (and rendering a chat template) is CPU work: keep the event loop free for others
+            v = await asyncio.to_thread(validate, request, self.d.cfg, self.tok, self.max_model_len)
         except InvalidRequest as e:
             metrics.REJECTED.labels(field=e.field).inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        events = self.d.hub.subscribe(v.request_id)
-        done = False
-        try:
-            if not await self.d.submit(v):
-                done = True                               # not ours: never abort someone else's job
-                await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {v.request_id!r} is already in use")
-            while not done:
-                event = await events.get()
-                done = event.HasField("complete")
-                yield event
-        finally:
-            self.d.hub.unsubscribe(v.request_id, events)
-            if not done:
-                # The client went away (cancel, disconnect, deadline): free its slot and KV blocks.
-                await asyncio.shield(self.d.abort(v.request_id))
+        if v.priority > tenant.max_priority:
+            metrics.REJECTED.labels(field="priority").inc()
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"priority: at most {tenant.max_priority} for tenant {tenant.name}")
+        return v
 
+    async def _rate_limit(self, tenant: Tenant, context) -> None:
+        bucket = self.buckets.setdefault(tenant.name, TokenBucket(tenant.requests_per_s, tenant.burst))
+        wait_s = bucket.take()
+        if wait_s > 0:
+            await self._exhausted(context, "rate", f"tenant {tenant.name} may start {tenant.requests_per_s:g} "
+                                                   f"requests/s (burst {tenant.burst})", wait_s)
+
+    async def _exhausted(self, context, field: str, why: str, retry_s: float) -> None:
+        metrics.REJECTED.labels(field=field).inc()
+        ms = max(1, math.ceil(retry_s * 1000))
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{field}: {why}; retry in {ms} ms",
+                            trailing_metadata=(("retry-after-ms", str(ms)),))
+
+    # -- Generate ------------------------------------------------------------------------------------
+    async def Generate(self, request, context):
+        tenant = await self._tenant(request, context)
+        v = await self._validate(request, tenant, context)
+        job_id = keys.job_id(tenant.name, v.request_id)
+        events = self.d.hub.subscribe(job_id)      # before anything is read, so no event is missed
+        owner, done = False, False
+        try:
+            state = await self.store.state(job_id)
+            if state is None or state.record.fingerprint != v.fingerprint:
+                if state is not None and state.status not in FINAL_STATUSES:
+                    await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                        f"request_id: {v.request_id!r} is in use by another live request")
+                await self._rate_limit(tenant, context)
+                outcome = await self.d.submit(v, tenant)
+                await self._refuse(outcome, v, tenant, context)
+                state = await self.store.state(job_id) if outcome is CreateOutcome.SAME_REQUEST else None
+            owner = True
+            seen, chars = 0, 0
+            if state is not None:                  # re-attach: what the job has so far, then the rest
+                seen, chars = len(state.token_ids), len(state.text)
+                if seen or state.text:
+                    yield pb.GenerateResponse(chunk=pb.GenerateChunk(text=state.text, token_ids=state.token_ids))
+                if state.status in FINAL_STATUSES:
+                    done = True
+                    yield pb.GenerateResponse(complete=complete_message(state))
+            async for response in self._follow(job_id, events, seen, chars, context):
+                done = response.HasField("complete")
+                yield response
+        except STORE_ERRORS as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"job store unavailable ({type(e).__name__}); retry")
+        finally:
+            self.d.hub.unsubscribe(job_id, events)
+            if owner and not done:
+                # The client went away (cancel, disconnect, deadline): free its slot and KV blocks.
+                await asyncio.shield(self._abort_quietly(job_id))
+
+    async def _refuse(self, outcome: CreateOutcome, v: ValidRequest, tenant: Tenant, context) -> None:
+        if outcome is CreateOutcome.ID_IN_USE:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"request_id: {v.request_id!r} is in use by another live request")
+        if outcome is CreateOutcome.TENANT_FULL:
+            await self._exhausted(context, "max_live_jobs", f"tenant {tenant.name} has {tenant.max_live_jobs} "
+                                                            f"queued or running jobs", 1.0)
+        if outcome is CreateOutcome.QUEUE_FULL:
+            await self._exhausted(context, "queue", f"{self.d.cfg.max_queued_jobs} jobs are waiting", 1.0)
+
+    async def _follow(self, job_id: str, events: asyncio.Queue, seen: int, chars: int, context) -> AsyncIterator:
+        """The job's events from token `seen` (text character `chars`) on, until its completion. Checks Redis
+        whenever the stream has been quiet for LIVENESS_S, so a completion this scheduler never saw (or
+        tokens recorded while it was not watching) still reach the client."""
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), LIVENESS_S)
+            except asyncio.TimeoutError:
+                state = await self.store.state(job_id)
+                if state is None:
+                    await context.abort(grpc.StatusCode.DATA_LOSS, "job: its record is gone from the job store")
+                if state.status in FINAL_STATUSES:
+                    if len(state.token_ids) > seen or len(state.text) > chars:
+                        yield pb.GenerateResponse(chunk=pb.GenerateChunk(text=state.text[chars:],
+                                                                         token_ids=state.token_ids[seen:]))
+                    yield pb.GenerateResponse(complete=complete_message(state))
+                    return
+                continue
+            if event.first_token < 0:
+                yield event.response
+                return
+            if event.first_token >= seen:          # a re-attached stream already has earlier tokens
+                seen = event.first_token + len(event.response.chunk.token_ids)
+                chars += len(event.response.chunk.text)
+                yield event.response
+
+    async def _abort_quietly(self, job_id: str) -> None:
+        try:
+            await self.d.abort(job_id)
+        except STORE_ERRORS:
+            log.warning("could not abort %s: job store unavailable (the orphan sweep frees it later)", job_id)
+
+    # -- the other calls -----------------------------------------------------------------------------
     async def Abort(self, request, context):
-        await self._check_decoded(request, context)
-        if not request.request_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
-        ok, previous = await self.d.abort(request.request_id)
+        tenant = await self._tenant(request, context)
+        request_id = await self._request_id(request, context)
+        try:
+            ok, previous = await self.d.abort(keys.job_id(tenant.name, request_id))
+        except STORE_ERRORS as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"job store unavailable ({type(e).__name__}); retry")
         if previous == "missing":
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no job {request.request_id!r}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no job {clip(request_id)!r}")
         return pb.AbortResponse(aborted=ok, previous_status=previous)
 
     async def GetJob(self, request, context):
-        await self._check_decoded(request, context)
-        state = await self.store.state(request.request_id) if request.request_id else None
+        tenant = await self._tenant(request, context)
+        request_id = await self._request_id(request, context)
+        try:
+            state = await self.store.state(keys.job_id(tenant.name, request_id))
+        except STORE_ERRORS as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"job store unavailable ({type(e).__name__}); retry")
         if state is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no job {request.request_id!r}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no job {clip(request_id)!r}")
         done = complete_message(state)
-        return pb.Job(request_id=state.record.job_id, status=STATUSES.get(state.status, pb.JOB_STATUS_UNSPECIFIED),
+        return pb.Job(request_id=request_id, status=STATUSES.get(state.status, pb.JOB_STATUS_UNSPECIFIED),
                       worker_id=state.worker, priority=state.record.priority, usage=done.usage,
                       timings=done.timings, finish_reason=done.finish_reason, text=state.text,
                       token_ids=state.token_ids)
 
     async def GetServerInfo(self, request, context):
+        await self._tenant(request, context)
         return pb.ServerInfo(model=self.d.cfg.model_name, max_model_len=self.max_model_len,
                              max_tokens_cap=self.d.cfg.max_tokens_cap, policy=self.d.cfg.policy, version=VERSION)
 
     async def GetLoad(self, request, context):
+        await self._tenant(request, context)
         workers = [pb.WorkerLoadView(worker_id=s.worker_id, running=s.load.running, waiting=s.load.waiting,
                                      used_blocks=s.load.used_blocks, total_blocks=s.num_blocks,
                                      swapped_blocks=s.load.swapped_blocks, max_batch=s.max_batch,
                                      draining=s.draining)
                    for s in self.d.sessions.values()]
-        return pb.LoadResponse(queued=await self.store.queue_length(),
-                               running=sum(len(s.jobs) for s in self.d.sessions.values()),
+        try:
+            queued = await self.store.queue_length()
+        except STORE_ERRORS as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"job store unavailable ({type(e).__name__}); retry")
+        return pb.LoadResponse(queued=queued, running=sum(len(s.jobs) for s in self.d.sessions.values()),
                                workers=workers, predictor_available=self.d.predictor.available)
 
 

@@ -11,7 +11,10 @@ from services.scheduler.policies import POLICIES
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    listen: str = "127.0.0.1:50051"            # client API and worker gateway
+    listen: str = "127.0.0.1:50051"            # client API
+    worker_listen: str = "127.0.0.1:50061"     # worker gateway (its own port: never exposed to clients)
+    api_keys_file: str = ""                     # tenants and digests of their API keys (tenants.py); required
+    service_token_file: str = ""                # internal token workers and the predictor share; else $ALISE_SERVICE_TOKEN
     metrics_port: int = 0                       # Prometheus /metrics on this port; 0 = off
     redis_url: str = "redis://127.0.0.1:6379/0"
     predictor_address: str = "127.0.0.1:50052"
@@ -23,6 +26,9 @@ class SchedulerConfig:
     max_tokens_cap: int = 2048
     default_max_tokens: int = 256
     prior_output_tokens: float = 128.0          # used when the predictor is unreachable
+    max_queued_jobs: int = 10_000
+    max_concurrent_rpcs: int = 4096             # open client calls (streams included); RESOURCE_EXHAUSTED beyond               # queue bound: RESOURCE_EXHAUSTED beyond it
+    max_step_failures: int = 2                  # failed engine steps a job may be in before it fails
     worker_ttl_s: int = 15
     tick_s: float = 0.05
 

@@ -15,12 +15,15 @@ from alise.v1 import worker_pb2 as wpb
 from services.scheduler import metrics
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.exec_time import ExecTimeModel
-from services.scheduler.job_events import JobEventHub
+from services.common.redis_client import UNREACHABLE
+from services.scheduler import keys
+from services.scheduler.job_events import JobEvent, JobEventHub
 from services.scheduler.job_messages import FINISH_NAMES, complete_message
-from services.scheduler.job_store import JobRecord, JobStore
+from services.scheduler.job_store import CreateOutcome, JobRecord, JobStore, StepFailureOutcome
 from services.scheduler.policies import make_policy
 from services.scheduler.policies.base import JobView, Snapshot, WorkerView
 from services.scheduler.predictor_client import PredictorClient
+from services.scheduler.tenants import Tenant
 from services.scheduler.validation import ValidRequest
 from services.scheduler.worker_sessions import WorkerSession
 
@@ -45,21 +48,23 @@ class Dispatcher:
         self._wake = asyncio.Event()
 
     # -- admission -------------------------------------------------------------------------------
-    async def submit(self, v: ValidRequest) -> bool:
-        """Predict, score and queue a validated request; False if its request_id is taken."""
-        pred = await self.predictor.predict(v.prompt_text, v.previous_reply_tokens)
+    async def submit(self, v: ValidRequest, tenant: Tenant) -> CreateOutcome:
+        """Predict, score and queue a validated request, within the tenant's and the queue's limits."""
+        pred = await self.predictor.predict(v.prompt_text, v.previous_reply_tokens, v.sampling["max_tokens"])
         mean = pred.mean if pred else self.cfg.prior_output_tokens
-        rec = JobRecord(job_id=v.request_id, prompt_ids=v.prompt_ids, prompt_text=v.prompt_text,
+        rec = JobRecord(job_id=keys.job_id(tenant.name, v.request_id), request_id=v.request_id,
+                        fingerprint=v.fingerprint, prompt_ids=v.prompt_ids, prompt_text=v.prompt_text,
                         sampling=v.sampling, priority=v.priority, pred_len=mean,
                         pred_p90=pred.p90 if pred else 3 * mean, predicted=pred is not None,
                         pred_deciles=list(pred.deciles) if pred else [],
                         previous_reply_tokens=v.previous_reply_tokens)
         rec.pred_time = self.cost.total(len(rec.prompt_ids), min(mean, v.sampling["max_tokens"]))
-        if not await self.store.create(rec, self.policy.queue_score(self._view(rec), self.cost)):
-            return False
-        self.records[rec.job_id] = rec
-        self.wake()
-        return True
+        outcome = await self.store.create(rec, self.policy.queue_score(self._view(rec), self.cost),
+                                          tenant.max_live_jobs, self.cfg.max_queued_jobs)
+        if outcome is CreateOutcome.CREATED:
+            self.records[rec.job_id] = rec
+            self.wake()
+        return outcome
 
     def _view(self, rec: JobRecord, running: bool = False) -> JobView:
         return JobView(job_id=rec.job_id, priority=rec.priority, created=rec.created,
@@ -159,23 +164,30 @@ class Dispatcher:
 
     # -- worker sessions -------------------------------------------------------------------------
     async def worker_joined(self, s: WorkerSession) -> None:
-        self.sessions[s.worker_id] = s
+        # A (re)connecting worker holds no jobs: whatever Redis still records on its id (a session lost
+        # while Redis was away) goes back to the queue before the new session can take work.
+        for job_id in await self.store.worker_job_ids(s.worker_id):
+            await self._requeue(job_id, s.worker_id, swapped=False)
         await self.store.register_worker(s.worker_id, {"model": s.model, "num_blocks": str(s.num_blocks),
                                                        "max_batch": str(s.max_batch)}, self.cfg.worker_ttl_s)
+        self.sessions[s.worker_id] = s
         log.info("worker %s joined (%d blocks of %d, batch %d)", s.worker_id, s.num_blocks, s.block_size, s.max_batch)
         self.wake()
 
     async def worker_lost(self, s: WorkerSession) -> None:
         if self.sessions.get(s.worker_id) is s:
             del self.sessions[s.worker_id]
-        for job_id in list(s.jobs):
-            metrics.REQUEUED_LOST.inc()
-            await self._requeue(job_id, s.worker_id, swapped=False)
         for job_id, holder in list(self.swapped_on.items()):
             if holder == s.worker_id:
                 del self.swapped_on[job_id]
-        await self.store.forget_worker(s.worker_id)
-        log.warning("worker %s left; %d jobs requeued", s.worker_id, len(s.jobs))
+        try:
+            for job_id in list(s.jobs):
+                metrics.REQUEUED_LOST.inc()
+                await self._requeue(job_id, s.worker_id, swapped=False)
+            await self.store.forget_worker(s.worker_id)      # only once its jobs are safely back in the queue
+            log.warning("worker %s left; %d jobs requeued", s.worker_id, len(s.jobs))
+        except UNREACHABLE:
+            log.warning("worker %s left while Redis is unreachable: the orphan sweep requeues its jobs", s.worker_id)
         self.wake()
 
     async def recover_orphans(self) -> int:
@@ -204,6 +216,8 @@ class Dispatcher:
             s.preempting.discard(msg.preempted.job_id)
             s.jobs.discard(msg.preempted.job_id)
             await self._requeue(msg.preempted.job_id, s.worker_id, msg.preempted.mode == wpb.PREEMPT_MODE_SWAP)
+        elif kind == "step_failed":
+            await self._on_step_failed(s, msg.step_failed)
         elif kind == "load":
             s.load, s.reserved_blocks, s.draining = msg.load, 0, msg.load.draining
             await self.store.heartbeat(s.worker_id, self.cfg.worker_ttl_s)
@@ -211,11 +225,12 @@ class Dispatcher:
 
     async def _on_tokens(self, s: WorkerSession, ev: wpb.TokenEvents) -> None:
         deltas = [(d.job_id, list(d.token_ids), d.text) for d in ev.deltas]
-        accepted = await self.store.append_many(s.worker_id, deltas)
-        for (job_id, token_ids, text), ok in zip(deltas, accepted):
-            if ok:
-                self.generated[job_id] = self.generated.get(job_id, 0) + len(token_ids)
-                self.hub.publish(job_id, pb.GenerateResponse(chunk=pb.GenerateChunk(text=text, token_ids=token_ids)))
+        counts = await self.store.append_many(s.worker_id, deltas)
+        for (job_id, token_ids, text), count in zip(deltas, counts):
+            if count:
+                self.generated[job_id] = count
+                self.hub.publish(job_id, JobEvent(pb.GenerateResponse(chunk=pb.GenerateChunk(
+                    text=text, token_ids=token_ids)), first_token=count - len(token_ids)))
 
     async def _on_finished(self, s: WorkerSession, ev: wpb.JobFinished) -> None:
         s.jobs.discard(ev.job_id)
@@ -224,6 +239,24 @@ class Dispatcher:
             return                                        # we asked for it; abort() already recorded it
         if await self.store.finish(ev.job_id, s.worker_id, FINISH_NAMES[ev.finish_reason]):
             await self._complete(ev.job_id)
+
+    async def _on_step_failed(self, s: WorkerSession, ev: wpb.StepFailed) -> None:
+        """The worker dropped these jobs. Each goes back to the queue (it keeps its tokens) unless it has
+        been in too many failed steps, which points at the job itself: then it fails with a clear status."""
+        log.error("worker %s: engine step failed with %d jobs: %s", s.worker_id, len(ev.job_ids), ev.error)
+        for job_id in ev.job_ids:
+            s.jobs.discard(job_id)
+            s.preempting.discard(job_id)
+            if self.swapped_on.get(job_id) == s.worker_id:
+                del self.swapped_on[job_id]               # the worker dropped the host copy too
+            rec = await self._record(job_id)
+            if rec is None:
+                continue
+            score = self.policy.queue_score(self._view(rec), self.cost)
+            outcome = await self.store.fail_step(job_id, s.worker_id, score, self.cfg.max_step_failures)
+            if outcome is StepFailureOutcome.FAILED:
+                metrics.FAILED.inc()
+                await self._complete(job_id)
 
     async def _complete(self, job_id: str) -> None:
         state = await self.store.state(job_id)
@@ -234,7 +267,7 @@ class Dispatcher:
         if done.timings.ttft_seconds:
             metrics.TTFT.observe(done.timings.ttft_seconds)
         metrics.E2E.observe(done.timings.e2e_seconds)
-        self.hub.publish(job_id, pb.GenerateResponse(complete=done))
+        self.hub.publish(job_id, JobEvent(pb.GenerateResponse(complete=done)))
 
     async def abort(self, job_id: str) -> tuple[bool, str]:
         ok, previous, worker, holder = await self.store.abort(job_id)

@@ -1,10 +1,21 @@
-"""Fan-out of job events (chunks, completion) from worker sessions to client streams."""
+"""Fan-out of job events (chunks, completion) from worker sessions to client streams.
+
+Each chunk carries the index of its first token in the job's output, so a stream that joins a running job
+(a client re-attaching after a disconnect or a scheduler restart) can skip what it already read from Redis.
+"""
 from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from dataclasses import dataclass
 
 from alise.v1 import generate_pb2 as pb
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    response: pb.GenerateResponse
+    first_token: int = -1          # chunks: index of the first token in the job's output; -1 for completion
 
 
 class JobEventHub:
@@ -23,6 +34,6 @@ class JobEventHub:
         if not subs:
             self._subs.pop(job_id, None)
 
-    def publish(self, job_id: str, event: pb.GenerateResponse) -> None:
+    def publish(self, job_id: str, event: JobEvent) -> None:
         for q in self._subs.get(job_id, []):
             q.put_nowait(event)

@@ -28,6 +28,6 @@ def timings(state: JobState) -> pb.Timings:
 
 def complete_message(state: JobState) -> pb.GenerateComplete:
     return pb.GenerateComplete(
-        request_id=state.record.job_id, finish_reason=REASONS.get(state.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+        request_id=state.record.request_id or state.record.job_id, finish_reason=REASONS.get(state.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
         usage=pb.Usage(prompt_tokens=len(state.record.prompt_ids), completion_tokens=len(state.token_ids)),
         timings=timings(state), text=state.text)

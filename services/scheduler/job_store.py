@@ -6,12 +6,14 @@ Status transitions (anything else is refused by the scripts):
                 ^                  |
                 +----requeue-------+      (preempted, or its worker was lost)
     queued | running --abort--> aborted
+    running --fail_step--> queued, or failed after too many failed engine steps
 
 A job is never both queued and running, and only the worker that holds it can append tokens or
 finish it, so it is never run twice at once.
 """
 from __future__ import annotations
 
+import enum
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,11 +31,13 @@ FINAL_STATUSES = {"finished", "aborted", "failed"}
 @dataclass
 class JobRecord:
     """What the scheduler knows about a job that does not change while it runs."""
-    job_id: str
+    job_id: str                        # keys.job_id(tenant, request_id)
     prompt_ids: list[int]
     prompt_text: str
     sampling: dict                     # SamplingParams fields, normalised by validation
     priority: int = 0
+    request_id: str = ""               # the client's id (job_id without the tenant)
+    fingerprint: str = ""              # digest of the request: a retry with the same id re-attaches
     previous_reply_tokens: int = 0     # chat: the assistant's previous reply (a predictor feature)
     created: float = field(default_factory=time.time)
     pred_len: float = 0.0              # predicted output tokens (mean)
@@ -55,7 +59,7 @@ class JobRecord:
             pred_len=float(f["pred_len"]), pred_p90=float(f["pred_p90"]), pred_time=float(f["pred_time"]),
             pred_deciles=json.loads(f.get("pred_deciles", "[]")),
             previous_reply_tokens=int(f.get("previous_reply_tokens", 0)),
-            predicted=f["predicted"] == "1",
+            predicted=f["predicted"] == "1", request_id=f.get("request_id", ""), fingerprint=f.get("fingerprint", ""),
         )
 
 
@@ -75,6 +79,22 @@ class JobState:
     text: str
 
 
+class CreateOutcome(enum.IntEnum):
+    """What create.lua did (the values are the script's return codes)."""
+    CREATED = 1
+    SAME_REQUEST = 2        # this request exists already: re-attach to it
+    ID_IN_USE = 0           # a different live job of the tenant has this id
+    TENANT_FULL = -1        # the tenant's live-job limit is reached
+    QUEUE_FULL = -2         # the scheduler's queue bound is reached
+
+
+class StepFailureOutcome(enum.IntEnum):
+    """What fail_step.lua did with a job whose engine step failed."""
+    NOT_HELD = 0          # not running on that worker (finished, aborted or moved meanwhile)
+    REQUEUED = 1
+    FAILED = 2
+
+
 def _opt_float(v: str | None) -> float | None:
     return float(v) if v else None
 
@@ -85,42 +105,56 @@ class JobStore:
         self.ttl = finished_ttl_s
         self._scripts = {p.stem: client.register_script(p.read_text()) for p in LUA_DIR.glob("*.lua")}
 
-    async def create(self, rec: JobRecord, score: float) -> bool:
-        flat = [x for kv in rec.to_fields().items() for x in kv]
-        return bool(await self._scripts["create"](keys=[keys.job(rec.job_id), keys.QUEUE],
-                                                  args=[rec.job_id, score, *flat]))
+    async def create(self, rec: JobRecord, score: float, tenant_live_limit: int, queue_limit: int) -> CreateOutcome:
+        fields = rec.to_fields()
+        fields.pop("fingerprint")
+        flat = [x for kv in fields.items() for x in kv]
+        jid = rec.job_id
+        return CreateOutcome(int(await self._scripts["create"](
+            keys=[keys.job(jid), keys.QUEUE, keys.job_tokens(jid), keys.job_text(jid), keys.tenant_live(keys.tenant_of(jid))],
+            args=[jid, score, rec.fingerprint, tenant_live_limit, queue_limit, *flat])))
 
     async def claim(self, job_id: str, worker_id: str) -> bool:
         return bool(await self._scripts["claim"](
             keys=[keys.job(job_id), keys.QUEUE, keys.worker_jobs(worker_id), keys.WORKERS],
             args=[job_id, worker_id, time.time()]))
 
-    async def append_many(self, worker_id: str, deltas: list[tuple[str, list[int], str]]) -> list[bool]:
-        """Record one engine step's tokens for many jobs in a single round trip."""
+    async def append_many(self, worker_id: str, deltas: list[tuple[str, list[int], str]]) -> list[int]:
+        """Record one engine step's tokens for many jobs in a single round trip. Per job: its token count
+        after the append, or 0 where refused (not running on this worker)."""
         now = time.time()
         async with self.r.pipeline(transaction=False) as pipe:
             for job_id, token_ids, text in deltas:
                 await self._scripts["append"](
                     keys=[keys.job(job_id), keys.job_tokens(job_id), keys.job_text(job_id)],
                     args=[worker_id, now, text, *token_ids], client=pipe)
-            return [bool(x) for x in await pipe.execute()]
+            return [int(x) for x in await pipe.execute()]
 
     async def requeue(self, job_id: str, worker_id: str, score: float, swapped_on: str = "") -> bool:
         return bool(await self._scripts["requeue"](
             keys=[keys.job(job_id), keys.QUEUE, keys.worker_jobs(worker_id)],
             args=[job_id, worker_id, score, swapped_on]))
 
+    async def fail_step(self, job_id: str, worker_id: str, score: float, max_failures: int) -> StepFailureOutcome:
+        """Its worker's engine step failed: requeue the job, or fail it after `max_failures` such steps."""
+        res = await self._scripts["fail_step"](
+            keys=[keys.job(job_id), keys.QUEUE, keys.worker_jobs(worker_id), keys.job_tokens(job_id),
+                  keys.job_text(job_id), keys.tenant_live(keys.tenant_of(job_id))],
+            args=[job_id, worker_id, score, max_failures, time.time(), self.ttl])
+        return StepFailureOutcome(int(res))
+
     async def finish(self, job_id: str, worker_id: str, reason: str) -> bool:
         """A true (uncensored) output length also goes to the predictor's stream, atomically (finish.lua)."""
         return bool(await self._scripts["finish"](
             keys=[keys.job(job_id), keys.worker_jobs(worker_id), keys.job_tokens(job_id), keys.job_text(job_id),
-                  keys.OBSERVATIONS],
+                  keys.OBSERVATIONS, keys.tenant_live(keys.tenant_of(job_id))],
             args=[job_id, worker_id, reason, time.time(), self.ttl, MAX_ENTRIES]))
 
     async def abort(self, job_id: str) -> tuple[bool, str, str, str]:
         """Returns (aborted, previous status, worker, worker holding swapped KV)."""
         res = await self._scripts["abort"](
-            keys=[keys.job(job_id), keys.QUEUE, keys.job_tokens(job_id), keys.job_text(job_id)],
+            keys=[keys.job(job_id), keys.QUEUE, keys.job_tokens(job_id), keys.job_text(job_id),
+                  keys.tenant_live(keys.tenant_of(job_id))],
             args=[job_id, time.time(), self.ttl, keys.WORKER_JOBS_PREFIX])
         res = [x.decode() if isinstance(x, bytes) else x for x in res] + ["", "", ""]
         return bool(res[0]), res[1], res[2], res[3]

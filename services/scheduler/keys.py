@@ -9,6 +9,20 @@ WORKERS = PREFIX + "workers"        # set of worker ids ever registered (for orp
 OBSERVATIONS = STREAM               # stream: finished jobs' true lengths, read by the predictor
 
 
+def job_id(tenant: str, request_id: str) -> str:
+    """A job's id inside ALISE: its tenant's name and the client's request id (neither may contain '/'
+    or ':'), so two tenants never share an id and no id can name another job's key."""
+    return f"{tenant}/{request_id}"
+
+
+def tenant_of(job_id: str) -> str:
+    return job_id.split("/", 1)[0]
+
+
+def tenant_live(tenant: str) -> str:  # set: the tenant's queued and running jobs (admission limit)
+    return f"{PREFIX}tenant:{tenant}:live"
+
+
 def job(job_id: str) -> str:        # hash: status, request, predictions, timestamps
     return f"{PREFIX}job:{job_id}"
 

@@ -7,27 +7,31 @@ here: the job store appends them to a Redis stream the predictor reads (services
 from __future__ import annotations
 
 import logging
+import math
 
 import grpc
 from alise.v1 import predictor_pb2 as pb
 from alise.v1 import predictor_pb2_grpc as pb_grpc
 
+from services.common.auth import bearer_metadata
 from services.scheduler import metrics
 
 log = logging.getLogger("alise.scheduler.predictor")
 
 
 class PredictorClient:
-    def __init__(self, address: str, timeout_s: float):
+    def __init__(self, address: str, timeout_s: float, service_token: str):
         self.channel = grpc.aio.insecure_channel(address)
         self.stub = pb_grpc.PredictorStub(self.channel)
         self.timeout_s = timeout_s
+        self.metadata = bearer_metadata(service_token)
         self.available = True
 
-    async def predict(self, prompt: str, previous_reply_tokens: int = 0) -> pb.LengthPrediction | None:
+    async def predict(self, prompt: str, previous_reply_tokens: int, max_tokens: int) -> pb.LengthPrediction | None:
+        """The predicted length, bounded to [1, max_tokens] (a job cannot run longer), or None."""
         req = pb.PredictRequest(prompts=[prompt], previous_reply_tokens=[previous_reply_tokens])
         try:
-            resp = await self.stub.Predict(req, timeout=self.timeout_s)
+            resp = await self.stub.Predict(req, timeout=self.timeout_s, metadata=self.metadata)
         except grpc.aio.AioRpcError as e:
             metrics.PREDICTOR_FAILURES.inc()
             metrics.PREDICTOR_UP.set(0)
@@ -39,7 +43,20 @@ class PredictorClient:
             log.info("predictor is back")
         self.available = True
         metrics.PREDICTOR_UP.set(1)
-        return resp.predictions[0]
+        return bounded(resp.predictions[0], max_tokens)
 
     async def close(self) -> None:
         await self.channel.close()
+
+
+def bounded(p: pb.LengthPrediction, max_tokens: int) -> pb.LengthPrediction | None:
+    """Never trust a number blindly: a non-finite prediction is no prediction, and none exceeds max_tokens."""
+    values = [p.mean, p.p10, p.p50, p.p90, *p.deciles]
+    if not all(math.isfinite(v) for v in values):
+        return None
+
+    def clip(v: float) -> float:
+        return min(max(v, 1.0), float(max_tokens))
+
+    return pb.LengthPrediction(mean=clip(p.mean), p10=clip(p.p10), p50=clip(p.p50), p90=clip(p.p90),
+                               neighbours=p.neighbours, deciles=[clip(d) for d in p.deciles], source=p.source)

@@ -4,11 +4,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import redis.asyncio as aioredis
 from prometheus_client import start_http_server
 from alise.v1 import generate_pb2, worker_pb2
 from alise.v1 import worker_pb2_grpc
 
+from services.scheduler import metrics
+from services.common.auth import ServiceTokenCheck, read_service_token
+from services.common.redis_client import connect
 from services.common.grpc_server import (NOT_SERVING, SERVING, build_server, configure_logging,
                                          install_stop_signals, set_health)
 from services.scheduler.api import AliseServicer, add_to_server
@@ -17,43 +19,55 @@ from services.scheduler.dispatcher import Dispatcher
 from services.scheduler.job_events import JobEventHub
 from services.scheduler.job_store import JobStore
 from services.scheduler.predictor_client import PredictorClient
+from services.scheduler.tenants import TenantRegistry
 from services.scheduler.tokenizer import PromptTokenizer
 from services.scheduler.worker_sessions import WorkerGateway
 
 log = logging.getLogger("alise.scheduler")
-SERVICES = [generate_pb2.DESCRIPTOR.services_by_name["Alise"].full_name,
-            worker_pb2.DESCRIPTOR.services_by_name["WorkerGateway"].full_name]
+CLIENT_SERVICES = [generate_pb2.DESCRIPTOR.services_by_name["Alise"].full_name]
+WORKER_SERVICES = [worker_pb2.DESCRIPTOR.services_by_name["WorkerGateway"].full_name]
 
 
 async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: asyncio.Future | None = None) -> None:
+    if not cfg.api_keys_file:
+        raise SystemExit("--api-keys-file is required: clients are authenticated by API key "
+                         "(python -m services.scheduler.tenants add FILE NAME creates one)")
+    tenants = TenantRegistry.load(cfg.api_keys_file)
+    service_token = read_service_token(cfg.service_token_file or None)
     tokenizer = PromptTokenizer(cfg.model_dir)
-    redis_client = aioredis.from_url(cfg.redis_url)
+    redis_client = connect(cfg.redis_url)
     await redis_client.ping()
     store = JobStore(redis_client)
-    predictor = PredictorClient(cfg.predictor_address, cfg.predictor_timeout_s)
+    predictor = PredictorClient(cfg.predictor_address, cfg.predictor_timeout_s, service_token)
     dispatcher = Dispatcher(cfg, store, predictor, JobEventHub())
     recovered = await dispatcher.recover_orphans()
     if recovered:
         log.info("requeued %d jobs left running by a previous scheduler", recovered)
 
     if cfg.metrics_port:
-        start_http_server(cfg.metrics_port, addr=cfg.listen.rsplit(":", 1)[0])
-    server, health, port = build_server(SERVICES, cfg.listen)
-    add_to_server(AliseServicer(dispatcher, store, tokenizer, tokenizer.max_model_len), server)
-    worker_pb2_grpc.add_WorkerGatewayServicer_to_server(WorkerGateway(dispatcher), server)
+        start_http_server(cfg.metrics_port, addr=cfg.listen.rsplit(":", 1)[0], registry=metrics.REGISTRY)
+    server, health, port = build_server(CLIENT_SERVICES, cfg.listen, cfg.max_concurrent_rpcs)
+    add_to_server(AliseServicer(dispatcher, store, tokenizer, tokenizer.max_model_len, tenants), server)
+    gateway, gateway_health, gateway_port = build_server(WORKER_SERVICES, cfg.worker_listen)
+    worker_pb2_grpc.add_WorkerGatewayServicer_to_server(
+        WorkerGateway(dispatcher, ServiceTokenCheck(service_token)), gateway)
     await server.start()
+    await gateway.start()
     loop_task = asyncio.create_task(dispatcher.run())
-    await set_health(health, SERVICES, SERVING)
-    log.info("scheduler listening on port %d (policy %s, redis %s)", port, cfg.policy, cfg.redis_url)
+    await set_health(health, CLIENT_SERVICES, SERVING)
+    await set_health(gateway_health, WORKER_SERVICES, SERVING)
+    log.info("scheduler: clients on port %d (%d tenants), workers on port %d, policy %s", port, len(tenants),
+             gateway_port, cfg.policy)
     if ready is not None:
         ready.set_result(port)
     if stop is None:
         stop = asyncio.Event()
         install_stop_signals(stop)
     await stop.wait()
-    await set_health(health, SERVICES, NOT_SERVING)
+    await set_health(health, CLIENT_SERVICES, NOT_SERVING)
     loop_task.cancel()
     await server.stop(grace=2)
+    await gateway.stop(grace=1)
     await predictor.close()
     await redis_client.aclose()
 

@@ -1,6 +1,9 @@
 """Turn a GenerateRequest into a normalised job, or name the field that is wrong."""
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -12,6 +15,18 @@ from services.scheduler.tokenizer import PromptTokenizer
 
 MAX_PRIORITY = 1000
 CHAT_ROLES = {"system", "user", "assistant", "tool"}
+# Sampling bounds. A temperature below MIN_TEMPERATURE overflows logits / temperature to inf in fp32 (and
+# then NaN in softmax), which used to fail the whole engine step; above MAX_TEMPERATURE every token is
+# equally likely anyway. top_k beyond any real vocabulary means "off"; we refuse it rather than guess.
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 100.0
+MAX_TOP_K = 1 << 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_MESSAGES = 1024
+CHARS_PER_TOKEN_BOUND = 32
+# Request ids become part of Redis keys: no ':' or '/' (they separate key parts), bounded length.
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._~@+=-]{1,128}$")
 
 
 class InvalidRequest(ValueError):
@@ -28,14 +43,18 @@ class ValidRequest:
     sampling: dict
     priority: int
     previous_reply_tokens: int = 0    # chat: tokens of the assistant's last reply (predictor feature)
+    fingerprint: str = ""             # identity of the request: a retry with the same id and fingerprint re-attaches
 
 
 def validate(req: pb.GenerateRequest, cfg: SchedulerConfig, tok: PromptTokenizer,
              max_model_len: int) -> ValidRequest:
+    if req.request_id and not REQUEST_ID.match(req.request_id):
+        raise InvalidRequest("request_id", "1 to 128 characters from A-Z a-z 0-9 . _ ~ @ + = -")
     if req.model and req.model != cfg.model_name:
-        raise InvalidRequest("model", f"unknown model {req.model!r}; this server serves {cfg.model_name!r}")
+        raise InvalidRequest("model", f"unknown model {clip(req.model)!r}; this server serves {cfg.model_name!r}")
     if abs(req.priority) > MAX_PRIORITY:
         raise InvalidRequest("priority", f"must be within [-{MAX_PRIORITY}, {MAX_PRIORITY}]")
+    _check_size(req, max_model_len)
     model_text = _model_text(req, tok)
     prompt_ids = tok.encode(model_text)
     if not prompt_ids:
@@ -43,8 +62,28 @@ def validate(req: pb.GenerateRequest, cfg: SchedulerConfig, tok: PromptTokenizer
     if len(prompt_ids) >= max_model_len:
         raise InvalidRequest("prompt", f"{len(prompt_ids)} tokens; the model's context is {max_model_len}")
     sampling = _sampling(req.sampling, cfg, max_model_len - len(prompt_ids))
+    fingerprint = hashlib.sha256(json.dumps([prompt_ids, sampling, req.priority]).encode()).hexdigest()[:32]
     return ValidRequest(req.request_id or uuid.uuid4().hex, _predictor_text(req), prompt_ids, sampling, req.priority,
-                        _previous_reply_tokens(req, tok))
+                        _previous_reply_tokens(req, tok), fingerprint)
+
+
+def clip(text: str, limit: int = 64) -> str:
+    """A client's string as echoed in an error: bounded, so a huge field cannot overflow the status."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def _check_size(req: pb.GenerateRequest, max_model_len: int) -> None:
+    """Refuse oversized input before tokenizing it: no real token is longer than CHARS_PER_TOKEN_BOUND
+    characters, so a longer text cannot fit the context, and tokenizing megabytes would stall the server."""
+    limit = max_model_len * CHARS_PER_TOKEN_BOUND
+    if req.WhichOneof("input") == "chat":
+        if len(req.chat.messages) > MAX_MESSAGES:
+            raise InvalidRequest("chat.messages", f"at most {MAX_MESSAGES} messages")
+        size, field = sum(len(m.content) for m in req.chat.messages), "chat.messages"
+    else:
+        size, field = len(req.prompt), "prompt"
+    if size > limit:
+        raise InvalidRequest(field, f"{size} characters cannot fit the model's context of {max_model_len} tokens")
 
 
 def _predictor_text(req: pb.GenerateRequest) -> str:
@@ -74,6 +113,10 @@ def _model_text(req: pb.GenerateRequest, tok: PromptTokenizer) -> str:
         for i, m in enumerate(messages):
             if m.role not in CHAT_ROLES:
                 raise InvalidRequest(f"chat.messages[{i}].role", f"must be one of {sorted(CHAT_ROLES)}")
+            # The template's control tokens in a message would be tokenized as real ones: a user message
+            # could forge a system turn. A raw prompt is the client's own template, so it may use them.
+            if forged := tok.control_token_in(m.content):
+                raise InvalidRequest(f"chat.messages[{i}].content", f"must not contain the control token {forged!r}")
         if not any(m.content.strip() for m in messages):
             raise InvalidRequest("chat.messages", "all messages are empty")
         return tok.render_chat([{"role": m.role, "content": m.content} for m in messages])
@@ -81,20 +124,24 @@ def _model_text(req: pb.GenerateRequest, tok: PromptTokenizer) -> str:
 
 
 def _sampling(sp: pb.SamplingParams, cfg: SchedulerConfig, room: int) -> dict:
-    if sp.temperature < 0:
-        raise InvalidRequest("sampling.temperature", "must be >= 0")
+    # `not a <= x <= b` is also true for NaN, so NaN is refused with the same message
+    if sp.temperature != 0 and not MIN_TEMPERATURE <= sp.temperature <= MAX_TEMPERATURE:
+        raise InvalidRequest("sampling.temperature", f"must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]")
     top_p = sp.top_p if sp.top_p != 0 else 1.0
     if not 0 < top_p <= 1:
         raise InvalidRequest("sampling.top_p", "must be in (0, 1]")
-    if sp.top_k < 0:
-        raise InvalidRequest("sampling.top_k", "must be >= 0")
+    if not 0 <= sp.top_k <= MAX_TOP_K:
+        raise InvalidRequest("sampling.top_k", f"must be in [0, {MAX_TOP_K}] (0 = off)")
     if sp.max_tokens < 0 or sp.max_tokens > cfg.max_tokens_cap:
         raise InvalidRequest("sampling.max_tokens", f"must be in [1, {cfg.max_tokens_cap}] (0 = default)")
     max_tokens = sp.max_tokens or min(cfg.default_max_tokens, room)
     if max_tokens > room:
         raise InvalidRequest("sampling.max_tokens", f"prompt + max_tokens exceeds the context by {max_tokens - room}")
-    if any(not s for s in sp.stop):
-        raise InvalidRequest("sampling.stop", "stop strings must not be empty")
+    if len(sp.stop) > MAX_STOP_STRINGS:
+        raise InvalidRequest("sampling.stop", f"at most {MAX_STOP_STRINGS} stop strings")
+    for i, s in enumerate(sp.stop):
+        if not s or len(s) > MAX_STOP_CHARS:
+            raise InvalidRequest(f"sampling.stop[{i}]", f"must have 1 to {MAX_STOP_CHARS} characters")
     return {"temperature": sp.temperature, "top_p": top_p, "top_k": sp.top_k, "max_tokens": max_tokens,
             "stop": list(sp.stop), "seed": sp.seed if sp.HasField("seed") else None,
             "ignore_eos": sp.ignore_eos}

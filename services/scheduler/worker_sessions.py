@@ -16,6 +16,7 @@ from alise.v1 import worker_pb2 as wpb
 from alise.v1 import worker_pb2_grpc as wpb_grpc
 
 if TYPE_CHECKING:
+    from services.common.auth import ServiceTokenCheck
     from services.scheduler.dispatcher import Dispatcher
 
 log = logging.getLogger("alise.scheduler.sessions")
@@ -49,24 +50,36 @@ class WorkerSession:
         self.outbox.put_nowait(_CLOSE)
 
 
+MAX_BATCH_BOUND = 4096            # no engine runs more sequences at once; a larger claim is refused
+MAX_BLOCKS_BOUND = 1 << 26        # 2^26 blocks of 16 tokens: a billion tokens of KV
+
+
 class WorkerGateway(wpb_grpc.WorkerGatewayServicer):
-    def __init__(self, dispatcher: "Dispatcher"):
+    """Serves only workers presenting the internal service token, on a port of its own."""
+
+    def __init__(self, dispatcher: "Dispatcher", auth: "ServiceTokenCheck"):
         self.d = dispatcher
+        self.auth = auth
 
     async def Connect(self, request_iterator, context: grpc.aio.ServicerContext):
+        await self.auth.require(context)
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("register"):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "register: the first message must register")
         session = self._open(first.register)
         if isinstance(session, str):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, session)
-        reader = asyncio.create_task(self._read(session, request_iterator))
-        await self.d.worker_joined(session)
+        reader = None
         try:
+            # inside the try: if registering fails (Redis away), the session is dropped again, never left
+            # behind as a ghost that keeps the real worker out
+            await self.d.worker_joined(session)
+            reader = asyncio.create_task(self._read(session, request_iterator))
             while (cmd := await session.outbox.get()) is not _CLOSE:
                 yield cmd
         finally:
-            reader.cancel()
+            if reader is not None:
+                reader.cancel()
             await self.d.worker_lost(session)
 
     def _open(self, reg: wpb.WorkerRegister) -> WorkerSession | str:
@@ -78,6 +91,9 @@ class WorkerGateway(wpb_grpc.WorkerGatewayServicer):
             return f"register.worker_id: {reg.worker_id!r} is already connected"
         if min(reg.block_size, reg.num_blocks, reg.max_batch, reg.max_model_len) <= 0:
             return "register: block_size, num_blocks, max_batch and max_model_len must be > 0"
+        if reg.max_batch > MAX_BATCH_BOUND or reg.num_blocks > MAX_BLOCKS_BOUND or reg.block_size > 1024:
+            return (f"register: max_batch <= {MAX_BATCH_BOUND}, num_blocks <= {MAX_BLOCKS_BOUND} and "
+                    f"block_size <= 1024")
         return WorkerSession(reg.worker_id, reg.model, reg.block_size, reg.num_blocks, reg.max_batch,
                              reg.max_model_len)
 

@@ -11,7 +11,8 @@ from services.common.model_paths import DEFAULT_MODEL_NAME, default_model_dir
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    scheduler: str = "127.0.0.1:50051"
+    scheduler: str = "127.0.0.1:50061"   # the scheduler's worker gateway (not its client port)
+    service_token_file: str = ""         # the internal service token; else $ALISE_SERVICE_TOKEN
     listen: str = "127.0.0.1:0"          # health + reflection
     metrics_port: int = 0                # Prometheus /metrics on this port; 0 = off
     worker_id: str = ""                  # default: hostname-pid

@@ -8,18 +8,38 @@ from __future__ import annotations
 
 REPLACEMENT = "\ufffd"
 _CONTEXT = 6   # tokens re-decoded before the new ones, so merges at the boundary decode right
+_MAX_PARTIAL_TOKENS = 4   # a UTF-8 character spans at most 4 byte-level tokens
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: tuple[str, ...], output_ids: list[int], text: str = ""):
+    def __init__(self, tokenizer, stop: tuple[str, ...], output_ids: list[int], released: str = ""):
+        """output_ids / released: a resumed job's tokens so far and the text already sent to its client."""
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
         self.hold = max((len(s) for s in self.stop), default=1) - 1
-        self.text = text                 # all output text decoded so far (stop string cut off)
-        self.sent = len(text)            # characters already released to the client
+        self.text = released             # all output text decoded so far (stop string cut off)
+        self.sent = len(released)        # characters already released to the client
         self.read_offset = len(output_ids)
         self.prefix_offset = max(0, len(output_ids) - _CONTEXT)
         self.stopped = False
+        if output_ids and tokenizer is not None:
+            self._rebuild(output_ids, released)
+
+    def _rebuild(self, output_ids: list[int], released: str) -> None:
+        """A resumed job: only released text was recorded, not the characters held back for stop matching
+        (nor a half-decoded character), so the text is rebuilt from the tokens and the release point kept."""
+        end = len(output_ids)
+        while end > max(0, len(output_ids) - _MAX_PARTIAL_TOKENS):
+            text = self._decode(output_ids[:end])
+            if not text.endswith(REPLACEMENT):
+                break
+            end -= 1
+        else:
+            return                       # undecodable tail: keep the released text as the whole text
+        if not text.startswith(released):
+            return                       # cannot happen with a deterministic tokenizer; never resend text
+        self.text = text
+        self.read_offset, self.prefix_offset = end, max(0, end - _CONTEXT)
 
     def _decode(self, ids: list[int]) -> str:
         if self.tokenizer is None:        # token ids only (benchmarks with random-weight models)

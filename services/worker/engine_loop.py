@@ -71,9 +71,9 @@ class EngineLoop(threading.Thread):
             if self.engine.has_work:
                 try:
                     self._emit_step(self.engine.step())
-                except Exception:  # noqa: BLE001 - a failed step must not kill the worker silently
-                    log.exception("engine step failed; dropping all jobs so the scheduler requeues them")
-                    self._reset()
+                except Exception as e:  # noqa: BLE001 - a failed step must not kill the worker silently
+                    log.exception("engine step failed; dropping all jobs and telling the scheduler")
+                    self._step_failed(e)
             self._report()
 
     def _apply_commands(self, block: bool) -> None:
@@ -110,6 +110,12 @@ class EngineLoop(threading.Thread):
         elif kind == "drain":
             self.draining = True
             self._last_report = None
+
+    def _step_failed(self, error: Exception) -> None:
+        """Every job the engine held is dropped; the scheduler decides what happens to each of them."""
+        job_ids = list(self.engine.seqs)
+        self._reset()
+        self._send(wpb.WorkerMessage(step_failed=wpb.StepFailed(job_ids=job_ids, error=repr(error)[:500])))
 
     def _reset(self) -> None:
         for job_id in list(self.engine.seqs):

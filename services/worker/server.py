@@ -14,6 +14,8 @@ from prometheus_client import start_http_server
 from alise.v1 import worker_pb2 as wpb
 from alise.v1 import worker_pb2_grpc as wpb_grpc
 
+from services.common.auth import bearer_metadata, read_service_token
+from services.worker import metrics
 from services.common.grpc_server import (NOT_SERVING, SERVING, build_server, configure_logging,
                                          install_stop_signals, set_health)
 from services.worker.config import WorkerConfig
@@ -31,14 +33,15 @@ async def _outgoing(register: wpb.WorkerMessage, outbox: asyncio.Queue):
 
 
 async def hold_session(cfg: WorkerConfig, loop_thread: EngineLoop, register: wpb.WorkerMessage,
-                       stop: asyncio.Event) -> None:
+                       stop: asyncio.Event, service_token: str) -> None:
     backoff = 0.2
     while not stop.is_set():
         outbox: asyncio.Queue = asyncio.Queue()
         loop_thread.attach(asyncio.get_running_loop(), outbox)
         try:
             async with grpc.aio.insecure_channel(cfg.scheduler) as channel:
-                call = wpb_grpc.WorkerGatewayStub(channel).Connect(_outgoing(register, outbox))
+                call = wpb_grpc.WorkerGatewayStub(channel).Connect(_outgoing(register, outbox),
+                                                                   metadata=bearer_metadata(service_token))
                 log.info("connected to scheduler %s as %s", cfg.scheduler, register.register.worker_id)
                 async for command in call:
                     loop_thread.submit(command)
@@ -65,8 +68,9 @@ async def drain(loop_thread: EngineLoop, deadline_s: float) -> None:
 
 
 async def serve(cfg: WorkerConfig, stop: asyncio.Event | None = None) -> None:
+    service_token = read_service_token(cfg.service_token_file or None)
     if cfg.metrics_port:
-        start_http_server(cfg.metrics_port, addr=cfg.listen.rsplit(":", 1)[0])
+        start_http_server(cfg.metrics_port, addr=cfg.listen.rsplit(":", 1)[0], registry=metrics.REGISTRY)
     server, health, port = build_server([], cfg.listen)
     await server.start()                  # health answers NOT_SERVING while the model loads
     engine = await asyncio.to_thread(build_engine, cfg)
@@ -79,7 +83,7 @@ async def serve(cfg: WorkerConfig, stop: asyncio.Event | None = None) -> None:
         stop = asyncio.Event()
         install_stop_signals(stop)
     session_stop = asyncio.Event()
-    session = asyncio.create_task(hold_session(cfg, loop_thread, register, session_stop))
+    session = asyncio.create_task(hold_session(cfg, loop_thread, register, session_stop, service_token))
     await set_health(health, [], SERVING)
     log.info("worker %s ready (health on port %d)", cfg.resolved_worker_id, port)
     await stop.wait()

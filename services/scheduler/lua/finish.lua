@@ -2,13 +2,15 @@
 -- A job that stopped by itself (finish reason 'stop', ignore_eos off) also appends its true output length
 -- to the predictor's stream, in this same transaction: a learned length is never lost. Lengths cut at
 -- max_tokens or forced by ignore_eos are censored and would teach the predictor wrong lengths.
--- KEYS[1] job hash, KEYS[2] worker's job set, KEYS[3] token list, KEYS[4] text, KEYS[5] observation stream
+-- KEYS[1] job hash, KEYS[2] worker's job set, KEYS[3] token list, KEYS[4] text, KEYS[5] observation stream,
+-- KEYS[6] the tenant's live set
 -- ARGV[1] job id, ARGV[2] worker id, ARGV[3] finish reason, ARGV[4] now, ARGV[5] ttl seconds,
 -- ARGV[6] stream max entries
 local st = redis.call('HMGET', KEYS[1], 'status', 'worker')
 if st[1] ~= 'running' or st[2] ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'finished', 'finish_reason', ARGV[3], 'finished', ARGV[4])
 redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[6], ARGV[1])
 for i = 1, 4 do if i ~= 2 then redis.call('EXPIRE', KEYS[i], ARGV[5]) end end
 if ARGV[3] == 'stop' then
   local f = redis.call('HMGET', KEYS[1], 'prompt_text', 'previous_reply_tokens', 'sampling')

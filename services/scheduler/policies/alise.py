@@ -6,7 +6,8 @@ job waits: waiting longer lowers a job's effective score relative to newer ones 
 
 Preemption: when the best waiting job fits nowhere, the running job with the longest predicted
 remaining time on a full worker is preempted if it would take `preempt_ratio` times longer than the
-waiting one and is not in a higher priority class. One preemption per worker is in flight at a time.
+waiting one and is not in a higher priority class; both times must come from the predictor, never from the
+prior used while it is unreachable. One preemption per worker is in flight at a time.
 """
 from __future__ import annotations
 
@@ -43,9 +44,13 @@ class AlisePolicy:
 
     def _victim(self, waiting: JobView, workers: list[WorkerView],
                 cost: ExecTimeModel) -> tuple[JobView, WorkerView] | None:
+        # A prior is the same guess for every job: comparing two of them (or one with a prediction) says
+        # nothing about which is shorter, and preempting on it only thrashes (recompute for nothing).
+        if not waiting.predicted:
+            return None
         need = waiting.remaining_seconds(cost)
         candidates = [(job, w) for w in workers for job in w.running
-                      if job.priority <= waiting.priority
+                      if job.predicted and job.priority <= waiting.priority
                       and job.remaining_seconds(cost) > self.preempt_ratio * need]
         if not candidates:
             return None

@@ -1,0 +1,28 @@
+"""How ALISE services connect to Redis: a bounded pool that waits instead of failing under bursts, and
+retries with backoff across a short Redis restart.
+
+redis-py's default pool raises MaxConnectionsError when every connection is busy (300 concurrent clients
+got UNKNOWN errors that way); a BlockingConnectionPool makes the caller wait up to `timeout` for one. A
+command that meets a dropped connection is retried on a fresh one with exponential backoff; past that the
+caller gets ConnectionError, which the APIs turn into UNAVAILABLE. The password, when Redis has AUTH, comes
+in the URL (redis://:PASSWORD@host:port/0), which the chart builds from a Kubernetes Secret.
+"""
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+MAX_CONNECTIONS = 64
+# What Redis being away looks like to a caller (after the retries): APIs answer UNAVAILABLE.
+UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+WAIT_FOR_CONNECTION_S = 10.0
+
+
+def connect(url: str, max_connections: int = MAX_CONNECTIONS) -> aioredis.Redis:
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=WAIT_FOR_CONNECTION_S,
+        socket_timeout=10, socket_connect_timeout=2, health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=5))
+    return aioredis.Redis(connection_pool=pool)

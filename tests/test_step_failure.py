@@ -1,0 +1,113 @@
+"""A failed engine step is reported and every job it held is requeued, or failed after repeated failures
+(issue 8.2: one request used to stop a whole batch with no error while the scheduler kept its slots)."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+from alise.v1 import generate_pb2 as pb
+from alise.v1 import worker_pb2 as wpb
+
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.dispatcher import Dispatcher
+from services.scheduler.job_events import JobEventHub
+from services.scheduler.job_store import JobStore
+from services.scheduler.predictor_client import PredictorClient
+from services.scheduler.tenants import Tenant
+from services.scheduler.validation import ValidRequest
+from services.scheduler.worker_sessions import WorkerSession
+from services.common.local_stack import free_port
+from services.worker.config import WorkerConfig
+from services.worker.engine_loop import EngineLoop
+from services.worker.factory import build_engine
+
+
+def assign(job_id: str, prompt_ids: list[int], temperature: float) -> wpb.SchedulerCommand:
+    return wpb.SchedulerCommand(assign=wpb.AssignJob(job_id=job_id, prompt_token_ids=prompt_ids, sampling=pb.SamplingParams(
+        temperature=temperature, max_tokens=32, ignore_eos=True)))
+
+
+async def test_worker_reports_a_failed_step_with_every_job_it_held(model_dir, tokenizer):
+    engine = build_engine(WorkerConfig(model_dir=str(model_dir), num_blocks=64, max_batch=8, token_budget=128))
+    loop_thread = EngineLoop(engine, report_interval_s=0.1)
+    outbox: asyncio.Queue = asyncio.Queue()
+    loop_thread.attach(asyncio.get_running_loop(), outbox)
+    loop_thread.start()
+    try:
+        ids = tokenizer.encode("Tell me a story.", add_special_tokens=False)
+        loop_thread.submit(assign("innocent", ids, 0.0))
+        # NaN no longer passes the scheduler's validation; the worker must still survive it
+        loop_thread.submit(assign("poison", ids, float("nan")))
+        failed = None
+        while failed is None:
+            msg = await asyncio.wait_for(outbox.get(), 120)
+            if msg.WhichOneof("kind") == "step_failed":
+                failed = msg.step_failed
+        assert set(failed.job_ids) == {"innocent", "poison"} and failed.error
+        assert not engine.seqs and engine.blocks.num_used == 0            # nothing left behind
+        loop_thread.submit(assign("after", ids, 0.0))                     # and the worker still serves
+        while True:
+            msg = await asyncio.wait_for(outbox.get(), 120)
+            if msg.WhichOneof("kind") == "finished":
+                assert msg.finished.job_id == "after"
+                break
+    finally:
+        loop_thread.stop()
+        loop_thread.join(30)
+
+
+@pytest.fixture
+async def dispatcher(redis_server, model_dir):
+    client = aioredis.from_url(redis_server.url)
+    await client.flushdb()
+    cfg = SchedulerConfig(policy="fcfs", model_dir=str(model_dir), max_step_failures=2)
+    predictor = PredictorClient(f"127.0.0.1:{free_port()}", 0.2, "unused-service-token")          # nobody there: prior predictions
+    yield Dispatcher(cfg, JobStore(client), predictor, JobEventHub())
+    await predictor.close()
+    await client.aclose()
+
+
+def job(job_id: str) -> ValidRequest:
+    return ValidRequest(request_id=job_id, prompt_text="hi", prompt_ids=[1, 2, 3], priority=0,
+                        sampling={"temperature": 0.0, "top_p": 1.0, "top_k": 0, "max_tokens": 8, "stop": [],
+                                  "seed": None, "ignore_eos": True})
+
+
+def next_assign(session: WorkerSession) -> set[str]:
+    out = set()
+    while not session.outbox.empty():
+        cmd = session.outbox.get_nowait()
+        if cmd.WhichOneof("kind") == "assign":
+            out.add(cmd.assign.job_id)
+    return out
+
+
+async def test_scheduler_requeues_jobs_of_a_failed_step_then_fails_a_repeat_offender(dispatcher):
+    d = dispatcher
+    session = WorkerSession("w1", d.cfg.model_name, block_size=16, num_blocks=100, max_batch=4, max_model_len=2048)
+    await d.worker_joined(session)
+    tenant = Tenant("t", "0" * 64)
+    a, b = "t/a", "t/b"
+    events = d.hub.subscribe(a)
+    for j in ("a", "b"):
+        assert await d.submit(job(j), tenant)
+    await d.tick()
+    assert next_assign(session) == {a, b}
+    await d.on_worker_message(session, wpb.WorkerMessage(tokens=wpb.TokenEvents(deltas=[
+        wpb.TokenDelta(job_id=a, token_ids=[7], text="x")])))
+    await d.on_worker_message(session, wpb.WorkerMessage(step_failed=wpb.StepFailed(job_ids=[a, b], error="boom")))
+    assert not session.jobs                                            # the slots are free again
+    for j in (a, b):
+        assert (await d.store.state(j)).status == "queued"
+    assert (await d.store.state(a)).token_ids == [7]                  # resumes from its tokens
+    await d.tick()
+    assert next_assign(session) == {a, b}
+    await d.on_worker_message(session, wpb.WorkerMessage(step_failed=wpb.StepFailed(job_ids=[a], error="boom")))
+    state = await d.store.state(a)
+    assert (state.status, state.finish_reason) == ("failed", "error")
+    assert (await d.store.state(b)).status == "running"                # b was not in the second failure
+    chunk = await asyncio.wait_for(events.get(), 5)
+    done = await asyncio.wait_for(events.get(), 5)
+    assert chunk.response.chunk.token_ids == [7] and chunk.first_token == 0
+    assert done.response.complete.finish_reason == pb.FINISH_REASON_ERROR      # the client hears about it
