@@ -45,8 +45,18 @@ def references(hf_model, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def engine(model_dir):
+def shared_engine(model_dir):
     return make_engine(model_dir)
+
+
+@pytest.fixture
+def engine(shared_engine):
+    """The module's engine, emptied before each test: a test that failed or timed out half-way must not
+    leave jobs or KV blocks behind for the next one."""
+    for job_id in list(shared_engine.seqs):
+        shared_engine.abort(job_id)
+    assert shared_engine.blocks.num_used == 0 and not shared_engine.has_work
+    return shared_engine
 
 
 def add_all(engine, tokenizer, n=24, **sampling):
