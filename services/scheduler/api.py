@@ -46,7 +46,7 @@ class AliseServicer(pb_grpc.AliseServicer):
         self.max_model_len = max_model_len
         self.tenants = tenants
         self.buckets: dict[str, TokenBucket] = {}
-
+        self.closing = False       # set on shutdown: streams cut by it leave their jobs alone
     # -- checks shared by every call ---------------------------------------------------------------
     async def _tenant(self, request, context) -> Tenant:
         tenant = self.tenants.find(presented_secret(context))
@@ -123,8 +123,9 @@ class AliseServicer(pb_grpc.AliseServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"job store unavailable ({type(e).__name__}); retry")
         finally:
             self.d.hub.unsubscribe(job_id, events)
-            if owner and not done:
-                # The client went away (cancel, disconnect, deadline): free its slot and KV blocks.
+            if owner and not done and not self.closing:
+                # The client went away (cancel, disconnect, deadline): free its slot and KV blocks. Not
+                # when this scheduler is shutting down: the job lives on in Redis and the client re-attaches.
                 await asyncio.shield(self._abort_quietly(job_id))
 
     async def _refuse(self, outcome: CreateOutcome, v: ValidRequest, tenant: Tenant, context) -> None:

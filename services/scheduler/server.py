@@ -47,7 +47,8 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
     if cfg.metrics_port:
         start_http_server(cfg.metrics_port, addr=cfg.listen.rsplit(":", 1)[0], registry=metrics.REGISTRY)
     server, health, port = build_server(CLIENT_SERVICES, cfg.listen, cfg.max_concurrent_rpcs)
-    add_to_server(AliseServicer(dispatcher, store, tokenizer, tokenizer.max_model_len, tenants), server)
+    api = AliseServicer(dispatcher, store, tokenizer, tokenizer.max_model_len, tenants)
+    add_to_server(api, server)
     gateway, gateway_health, gateway_port = build_server(WORKER_SERVICES, cfg.worker_listen)
     worker_pb2_grpc.add_WorkerGatewayServicer_to_server(
         WorkerGateway(dispatcher, ServiceTokenCheck(service_token)), gateway)
@@ -65,6 +66,7 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
         install_stop_signals(stop)
     await stop.wait()
     await set_health(health, CLIENT_SERVICES, NOT_SERVING)
+    api.closing = True
     loop_task.cancel()
     await server.stop(grace=2)
     await gateway.stop(grace=1)

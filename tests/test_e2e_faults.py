@@ -1,0 +1,150 @@
+"""Fault injection with real processes (issue 8): SIGKILL Redis, the scheduler, a worker or the predictor in
+the middle of a workload, with and without stop strings. Every test ends with the counts that matter:
+accepted, completed, lost (0), duplicated tokens (0), and text identical to an undisturbed run."""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+from alise.v1 import generate_pb2 as pb
+
+from services.common.local_stack import wait_healthy
+from tests.helpers import job_status, request, stub_for, wait_until
+
+NEVER = "@@never-in-this-output@@"      # a stop string that never matches: text is held back all along
+PROMPTS = ["Explain why the sky is blue.", "Write a short poem about rivers.", "List five fruits and their colours.",
+           "Describe how a bicycle works."]
+TOKENS = 40
+
+
+@dataclass
+class Result:
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    final: pb.GenerateComplete | None = None
+    attempts: int = 0
+
+
+def workload(tag: str) -> list[pb.GenerateRequest]:
+    """Greedy requests, half of them with stop strings, so text and tokens are reproducible run to run."""
+    return [request(p, f"{tag}-{i}-{uuid.uuid4().hex[:8]}", max_tokens=TOKENS, ignore_eos=True,
+                    stop=[NEVER, "\n\n\n\n"] if i % 2 else [])
+            for i, p in enumerate(PROMPTS)]
+
+
+def stream(stack, req: pb.GenerateRequest, out: Result, retry: bool) -> None:
+    """One client. With `retry`, it sends the same request again when the stream breaks: the scheduler
+    re-attaches it, replaying the output so far in the first chunk, so each attempt starts from scratch."""
+    while True:
+        out.attempts += 1
+        out.tokens, out.text = [], ""
+        try:
+            for resp in stub_for(stack).Generate(req, timeout=600):
+                if resp.HasField("chunk"):
+                    out.tokens += resp.chunk.token_ids
+                    out.text += resp.chunk.text
+                else:
+                    out.final = resp.complete
+            return
+        except grpc.RpcError as e:
+            if not retry or e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                raise
+            wait_healthy(stack.address, 120)
+
+
+def run(stack, reqs, during=None, retry=False) -> list[Result]:
+    """Run the requests concurrently; `during(ids)` is the fault, injected once every job has tokens."""
+    results = [Result() for _ in reqs]
+    threads = [threading.Thread(target=stream, args=(stack, r, out, retry), daemon=True)
+               for r, out in zip(reqs, results)]
+    for t in threads:
+        t.start()
+    if during is not None:
+        stub = stub_for(stack)
+        wait_until(lambda: all(len(stub.GetJob(pb.GetJobRequest(request_id=r.request_id)).token_ids) >= 4
+                               if job_status(stub, r.request_id) else False for r in reqs), 180, 0.05)
+        during([r.request_id for r in reqs])
+    for t in threads:
+        t.join(600)
+    return results
+
+
+def check(reference: list[Result], results: list[Result], label: str) -> None:
+    completed = sum(r.final is not None and r.final.finish_reason == pb.FINISH_REASON_LENGTH for r in results)
+    duplicated = sum(max(0, len(r.tokens) - TOKENS) for r in results)
+    same_text = sum(r.text == ref.text and r.final is not None and r.final.text == ref.final.text
+                    for r, ref in zip(results, reference))
+    same_tokens = sum(r.tokens == ref.tokens for r, ref in zip(results, reference))
+    print(f"\n[{label}] accepted {len(results)}, completed {completed}, lost {len(results) - completed}, "
+          f"duplicated tokens {duplicated}, token-identical {same_tokens}, text-identical {same_text}, "
+          f"client attempts {sum(r.attempts for r in results)}")
+    assert completed == len(results) and duplicated == 0
+    assert same_tokens == len(results) and same_text == len(results)
+
+
+@pytest.fixture(scope="module")
+def stack(stack_factory):
+    return stack_factory(num_workers=1)
+
+
+@pytest.fixture
+def healthy(stack):
+    """Every test starts from a whole stack: whatever an earlier test killed and left dead is restarted."""
+    if stack.redis.proc.poll() is not None:
+        stack.redis.restart(kill=False)
+    for name, svc in stack.services.items():
+        if svc.proc.poll() is not None:
+            stack.restart(name)
+    wait_healthy(stack.address, 120)
+    stack.wait_workers(1, 180)
+    return stack
+
+
+@pytest.fixture(scope="module")
+def reference(stack):
+    return run(stack, workload("reference"))
+
+
+def test_redis_sigkill_loses_no_job_and_answers_unavailable_while_away(healthy, reference):
+    stack = healthy
+    seen_while_down = []
+
+    def kill_redis(ids):
+        time.sleep(1.5)                 # AOF is fsynced every second: what was accepted is on disk now
+        stack.redis.kill()
+        try:
+            stub_for(stack).GetJob(pb.GetJobRequest(request_id=ids[0]), timeout=30)
+        except grpc.RpcError as e:
+            seen_while_down.append(e.code())
+        stack.redis.restart(kill=False)
+
+    results = run(stack, workload("redis"), during=kill_redis)
+    assert seen_while_down == [grpc.StatusCode.UNAVAILABLE]
+    check(reference, results, "redis SIGKILL")
+
+
+def test_scheduler_sigkill_clients_re_attach_and_get_the_rest(healthy, reference):
+    stack = healthy
+    results = run(stack, workload("sched"), during=lambda ids: stack.restart("scheduler", kill=True), retry=True)
+    assert all(r.attempts >= 2 for r in results)           # every stream broke and was re-attached
+    check(reference, results, "scheduler SIGKILL")
+
+
+def test_worker_sigkill_jobs_continue_on_the_restarted_worker(healthy, reference):
+    stack = healthy
+    results = run(stack, workload("worker"), during=lambda ids: stack.restart("worker-0", kill=True))
+    assert all(r.final.timings.num_preemptions >= 1 for r in results)    # every job was moved
+    check(reference, results, "worker SIGKILL")
+
+
+def test_predictor_sigkill_jobs_are_still_admitted_and_served(healthy, reference):
+    stack = healthy
+    stack.services["predictor"].kill()
+    late = workload("nopredictor")
+    results = run(stack, late)                  # admitted with the prior while the predictor is gone
+    stack.restart("predictor")
+    check(reference, results, "predictor SIGKILL")
