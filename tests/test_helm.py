@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import helm_python as helm
 import kubernetes_validate
 import pytest
@@ -12,8 +14,12 @@ import yaml
 CHART = Path(__file__).resolve().parents[1] / "deploy" / "helm" / "alise"
 
 
-def render(values: dict | None = None) -> list[dict]:
-    out = helm.Chart.load(str(CHART)).render(values or {}, name="demo", namespace="llm")
+TENANT = {"name": "team-a", "key_sha256": "ab" * 32, "max_priority": 10}
+
+
+def render(values: dict | None = None, tenants: list | None = None) -> list[dict]:
+    values = {"auth": {"tenants": [TENANT] if tenants is None else tenants}, **(values or {})}
+    out = helm.Chart.load(str(CHART)).render(values, name="demo", namespace="llm")
     return [doc for text in out.values() for doc in yaml.safe_load_all(text) if doc]
 
 
@@ -22,7 +28,8 @@ def by_name(docs: list[dict], kind: str, name: str) -> dict:
 
 
 def test_lints_strictly():
-    assert helm.lint(str(CHART), strict=True, kube_version="v1.30.0")["errors"] == []
+    lint = helm.lint(str(CHART), strict=True, kube_version="v1.30.0", values={"auth": {"tenants": [TENANT]}})
+    assert lint["errors"] == []
 
 
 @pytest.mark.parametrize("values", [{}, {"worker": {"replicas": 4}, "redis": {"enabled": False,
@@ -43,17 +50,48 @@ def test_workers_scale_and_wire_to_the_scheduler():
     container = spec["containers"][0]
     assert worker["spec"]["replicas"] == 4
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert "--scheduler=demo-alise-scheduler:50051" in container["args"]
+    assert "--scheduler=demo-alise-scheduler:50061" in container["args"]         # the worker gateway port
     assert spec["terminationGracePeriodSeconds"] > 60 + 5                       # drain + preStop
     assert container["readinessProbe"]["grpc"]["service"] == "" and "tcpSocket" in container["livenessProbe"]
     scheduler = by_name(docs, "Deployment", "demo-alise-scheduler")["spec"]["template"]["spec"]["containers"][0]
-    assert "--redis-url=redis://demo-alise-redis:6379/0" in scheduler["args"]
+    assert "--redis-url=redis://:$(REDIS_PASSWORD)@demo-alise-redis:6379/0" in scheduler["args"]
 
 
 def test_predictor_encoder_and_observation_stream_are_wired():
     predictor = by_name(render({"predictor": {"encoder": "static"}}), "Deployment", "demo-alise-predictor")
     args = predictor["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--encoder=static" in args and "--redis-url=redis://demo-alise-redis:6379/0" in args   # learns from the stream
+    assert "--encoder=static" in args and "--redis-url=redis://:$(REDIS_PASSWORD)@demo-alise-redis:6379/0" in args
+
+
+def test_secure_by_default_credentials_persistence():
+    """Issue 8: Redis with AOF on a PVC and AUTH from a Secret; every service holds the service token;
+    clients are known only by key digests; the worker gateway is a port of its own."""
+    docs = render()
+    redis = by_name(docs, "Deployment", "demo-alise-redis")["spec"]["template"]["spec"]
+    args = redis["containers"][0]["args"]
+    assert args[args.index("--appendonly") + 1] == "yes" and args[args.index("--appendfsync") + 1] == "everysec"
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert redis["volumes"][0]["persistentVolumeClaim"]["claimName"] == "demo-alise-redis"
+    assert by_name(docs, "PersistentVolumeClaim", "demo-alise-redis")["spec"]["resources"]["requests"]["storage"]
+    secrets = by_name(docs, "Secret", "demo-alise-secrets")["data"]
+    assert len(secrets["service-token"]) > 40 and secrets["redis-password"]
+    keys = json.loads(by_name(docs, "Secret", "demo-alise-api-keys")["stringData"]["api-keys.json"])
+    assert keys == {"tenants": [TENANT]}
+    for name in ("scheduler", "worker", "predictor"):
+        spec = by_name(docs, "Deployment", f"demo-alise-{name}")["spec"]["template"]["spec"]
+        container = spec["containers"][0]
+        assert "--service-token-file=/etc/alise/service-token/service-token" in container["args"], name
+        assert any(v["name"] == "service-token" for v in spec["volumes"]), name
+    service = by_name(docs, "Service", "demo-alise-scheduler")
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]}["worker-gateway"] == 50061
+
+
+def test_refuses_to_install_without_client_credentials():
+    with pytest.raises(helm.HelmError, match="auth.tenants"):
+        render(tenants=[])
+    with pytest.raises(helm.HelmError, match="key_sha256"):
+        render(tenants=[{"name": "x", "key_sha256": "my-plain-key"}])
+    render({"auth": {"existingApiKeysSecret": "mine"}}, tenants=[])
 
 
 @pytest.mark.parametrize("values,message", [

@@ -20,10 +20,33 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s/alise-%s:%s" .root.Values.image.registry .component .root.Values.image.tag -}}
 {{- end -}}
 
+{{/* The in-cluster Redis URL carries $(REDIS_PASSWORD), which Kubernetes expands from the env below. */}}
 {{- define "alise.redisUrl" -}}
 {{- if .Values.redis.externalUrl -}}
 {{- .Values.redis.externalUrl -}}
 {{- else -}}
-{{- printf "redis://%s-redis:6379/0" (include "alise.fullname" .) -}}
+{{- printf "redis://:$(REDIS_PASSWORD)@%s-redis:6379/0" (include "alise.fullname" .) -}}
 {{- end -}}
+{{- end -}}
+
+{{- define "alise.redisPasswordEnv" -}}
+{{- if .Values.redis.enabled }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.existingPasswordSecret | default (printf "%s-secrets" (include "alise.fullname" .)) }}
+      key: redis-password
+{{- end }}
+{{- end -}}
+
+{{/* The internal service token, mounted as a file at /etc/alise/service-token/service-token. */}}
+{{- define "alise.serviceTokenVolume" -}}
+- name: service-token
+  secret:
+    secretName: {{ .Values.auth.existingServiceTokenSecret | default (printf "%s-secrets" (include "alise.fullname" .)) }}
+    items: [{key: service-token, path: service-token}]
+{{- end -}}
+
+{{- define "alise.serviceTokenMount" -}}
+- {name: service-token, mountPath: /etc/alise/service-token, readOnly: true}
 {{- end -}}

@@ -19,6 +19,14 @@
 {{- if and (not .Values.redis.enabled) (not .Values.redis.externalUrl) -}}
 {{- fail "set redis.externalUrl when redis.enabled is false" -}}
 {{- end -}}
+{{- if and (not .Values.auth.tenants) (not .Values.auth.existingApiKeysSecret) -}}
+{{- fail "auth.tenants (or auth.existingApiKeysSecret) is required: every client needs an API key. Make one with `python -m services.scheduler.tenants add keys.json NAME` and pass the tenants of keys.json as auth.tenants" -}}
+{{- end -}}
+{{- range .Values.auth.tenants -}}
+{{- if not (regexMatch "^[0-9a-f]{64}$" (.key_sha256 | default "")) -}}
+{{- fail (printf "auth.tenants: tenant %q needs key_sha256, the SHA-256 hex digest of its API key" (.name | default "")) -}}
+{{- end -}}
+{{- end -}}
 {{- if ne .Values.scheduler.modelName $w.modelName -}}
 {{- fail "scheduler.modelName and worker.modelName must match" -}}
 {{- end -}}
