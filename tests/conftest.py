@@ -56,3 +56,30 @@ def stack_factory(tmp_path_factory, model_dir):
     yield start
     for s in stacks:
         s.stop()
+
+
+@pytest.fixture
+async def dispatcher_factory(redis_server, model_dir):
+    """Dispatchers over an emptied real Redis, with config overrides; no predictor is reachable (prior)."""
+    import redis.asyncio as aioredis
+
+    from services.common.local_stack import free_port
+    from services.scheduler.config import SchedulerConfig
+    from services.scheduler.dispatcher import Dispatcher
+    from services.scheduler.job_events import JobEventHub
+    from services.scheduler.job_store import JobStore
+    from services.scheduler.predictor_client import PredictorClient
+
+    client = aioredis.from_url(redis_server.url)
+    await client.flushdb()
+    predictors = []
+
+    async def make(**overrides) -> Dispatcher:
+        cfg = SchedulerConfig(model_dir=str(model_dir), **overrides)
+        predictors.append(PredictorClient(f"127.0.0.1:{free_port()}", 0.2, "unused-service-token"))
+        return Dispatcher(cfg, JobStore(client), predictors[-1], JobEventHub())
+
+    yield make
+    for p in predictors:
+        await p.close()
+    await client.aclose()

@@ -94,3 +94,13 @@ def generate_in_background(stub, req: pb.GenerateRequest, timeout: float = 300):
     thread = threading.Thread(target=lambda: result.update(out=generate(stub, req, timeout=timeout)))
     thread.start()
     return thread, result
+
+
+def valid_request(request_id: str, max_tokens: int = 8):
+    """A request as validation hands it to the dispatcher (for tests that drive the dispatcher directly)."""
+    from services.scheduler.validation import ValidRequest
+
+    return ValidRequest(request_id=request_id, prompt_text="hi", prompt_ids=[1, 2, 3], priority=0,
+                        fingerprint=request_id,
+                        sampling={"temperature": 0.0, "top_p": 1.0, "top_k": 0, "max_tokens": max_tokens,
+                                  "stop": [], "seed": None, "ignore_eos": True})

@@ -5,20 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import redis.asyncio as aioredis
 from alise.v1 import generate_pb2 as pb
 from alise.v1 import worker_pb2 as wpb
 
-from services.scheduler.config import SchedulerConfig
-from services.scheduler.dispatcher import Dispatcher
-from services.scheduler.job_events import JobEventHub
-from services.scheduler.job_store import JobStore
-from services.scheduler.predictor_client import PredictorClient
 from services.scheduler.tenants import Tenant
-from services.scheduler.validation import ValidRequest
 from services.scheduler.worker_sessions import WorkerSession
-from services.common.local_stack import free_port
 from services.worker.config import WorkerConfig
+from tests.helpers import valid_request
 from services.worker.engine_loop import EngineLoop
 from services.worker.factory import build_engine
 
@@ -58,20 +51,8 @@ async def test_worker_reports_a_failed_step_with_every_job_it_held(model_dir, to
 
 
 @pytest.fixture
-async def dispatcher(redis_server, model_dir):
-    client = aioredis.from_url(redis_server.url)
-    await client.flushdb()
-    cfg = SchedulerConfig(policy="fcfs", model_dir=str(model_dir), max_step_failures=2)
-    predictor = PredictorClient(f"127.0.0.1:{free_port()}", 0.2, "unused-service-token")          # nobody there: prior predictions
-    yield Dispatcher(cfg, JobStore(client), predictor, JobEventHub())
-    await predictor.close()
-    await client.aclose()
-
-
-def job(job_id: str) -> ValidRequest:
-    return ValidRequest(request_id=job_id, prompt_text="hi", prompt_ids=[1, 2, 3], priority=0,
-                        sampling={"temperature": 0.0, "top_p": 1.0, "top_k": 0, "max_tokens": 8, "stop": [],
-                                  "seed": None, "ignore_eos": True})
+async def dispatcher(dispatcher_factory):
+    return await dispatcher_factory(policy="fcfs", max_step_failures=2)
 
 
 def next_assign(session: WorkerSession) -> set[str]:
@@ -91,7 +72,7 @@ async def test_scheduler_requeues_jobs_of_a_failed_step_then_fails_a_repeat_offe
     a, b = "t/a", "t/b"
     events = d.hub.subscribe(a)
     for j in ("a", "b"):
-        assert await d.submit(job(j), tenant)
+        assert await d.submit(valid_request(j), tenant)
     await d.tick()
     assert next_assign(session) == {a, b}
     await d.on_worker_message(session, wpb.WorkerMessage(tokens=wpb.TokenEvents(deltas=[

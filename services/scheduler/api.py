@@ -137,6 +137,10 @@ class AliseServicer(pb_grpc.AliseServicer):
                                                             f"queued or running jobs", 1.0)
         if outcome is CreateOutcome.QUEUE_FULL:
             await self._exhausted(context, "queue", f"{self.d.cfg.max_queued_jobs} jobs are waiting", 1.0)
+        if outcome is CreateOutcome.WORK_FULL:
+            excess = self.d.queued_work_s - self.d.cfg.max_queued_work_s
+            await self._exhausted(context, "queue", f"{self.d.queued_work_s:.0f} s of predicted work is waiting "
+                                                    f"(bound {self.d.cfg.max_queued_work_s:g} s)", max(1.0, excess))
 
     async def _follow(self, job_id: str, events: asyncio.Queue, seen: int, chars: int, context) -> AsyncIterator:
         """The job's events from token `seen` (text character `chars`) on, until its completion. Checks Redis

@@ -27,6 +27,7 @@ class SchedulerConfig:
     default_max_tokens: int = 256
     prior_output_tokens: float = 128.0          # used when the predictor is unreachable
     max_queued_jobs: int = 10_000
+    max_queued_work_s: float = 0.0              # bound on predicted seconds of queued work; 0 = no bound
     max_concurrent_rpcs: int = 4096             # open client calls (streams included); RESOURCE_EXHAUSTED beyond               # queue bound: RESOURCE_EXHAUSTED beyond it
     max_step_failures: int = 2                  # failed engine steps a job may be in before it fails
     worker_ttl_s: int = 15

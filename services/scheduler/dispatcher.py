@@ -45,11 +45,14 @@ class Dispatcher:
         self.records: dict[str, JobRecord] = {}      # cache of live jobs' records
         self.generated: dict[str, int] = {}          # tokens generated so far, per live job
         self.swapped_on: dict[str, str] = {}         # job -> worker holding its swapped-out KV
+        self.queued_work_s = 0.0                     # predicted seconds of queued work, as of the last tick
         self._wake = asyncio.Event()
 
     # -- admission -------------------------------------------------------------------------------
     async def submit(self, v: ValidRequest, tenant: Tenant) -> CreateOutcome:
         """Predict, score and queue a validated request, within the tenant's and the queue's limits."""
+        if self.cfg.max_queued_work_s and self.queued_work_s > self.cfg.max_queued_work_s:
+            return CreateOutcome.WORK_FULL
         pred = await self.predictor.predict(v.prompt_text, v.previous_reply_tokens, v.sampling["max_tokens"])
         mean = pred.mean if pred else self.cfg.prior_output_tokens
         rec = JobRecord(job_id=keys.job_id(tenant.name, v.request_id), request_id=v.request_id,
@@ -111,6 +114,9 @@ class Dispatcher:
         for job_id, worker_id in plan.assign:
             if (s := self.sessions.get(worker_id)) is not None:
                 await self._assign(job_id, s)
+        # The queue's head (QUEUE_LOOKAHEAD jobs) holds what will run next: its predicted work, spread over the
+        # workers, is a lower bound on how long a new job would wait, and what admission bounds.
+        self.queued_work_s = sum(j.remaining_seconds(self.cost) for j in snap.queued) / max(1, len(snap.workers))
         metrics.REQUESTS_WAITING.set(len(snap.queued))
         metrics.REQUESTS_RUNNING.set(sum(len(s.jobs) for s in self.sessions.values()))
 

@@ -86,6 +86,7 @@ class CreateOutcome(enum.IntEnum):
     ID_IN_USE = 0           # a different live job of the tenant has this id
     TENANT_FULL = -1        # the tenant's live-job limit is reached
     QUEUE_FULL = -2         # the scheduler's queue bound is reached
+    WORK_FULL = -3          # the predicted work already queued is over its bound (decided before create.lua)
 
 
 class StepFailureOutcome(enum.IntEnum):

@@ -1,0 +1,29 @@
+"""Admission bounds (issue 8.5): the queue is bounded by jobs and by predicted queued work; beyond either,
+a new job is refused (the API answers RESOURCE_EXHAUSTED with a retry hint), never queued without limit."""
+from __future__ import annotations
+
+from services.scheduler.job_store import CreateOutcome
+from services.scheduler.tenants import Tenant
+from tests.helpers import valid_request
+
+TENANT = Tenant("t", "0" * 64, max_live_jobs=10_000)
+
+
+async def test_queue_bound_by_jobs(dispatcher_factory):
+    d = await dispatcher_factory(max_queued_jobs=3)
+    outcomes = [await d.submit(valid_request(f"j{i}"), TENANT) for i in range(5)]
+    assert outcomes == [CreateOutcome.CREATED] * 3 + [CreateOutcome.QUEUE_FULL] * 2
+    assert await d.store.queue_length() == 3
+
+
+async def test_queue_bound_by_predicted_work(dispatcher_factory):
+    d = await dispatcher_factory(max_queued_work_s=2.0)
+    outcomes = []
+    for i in range(200):
+        outcomes.append(await d.submit(valid_request(f"j{i}", max_tokens=256), TENANT))
+        await d.tick()                                 # the tick measures what is queued
+        if outcomes[-1] is CreateOutcome.WORK_FULL:
+            break
+    assert outcomes[-1] is CreateOutcome.WORK_FULL and 1 < len(outcomes) < 200
+    assert d.queued_work_s > 2.0
+    assert await d.store.queue_length() == len(outcomes) - 1
