@@ -14,6 +14,8 @@ from google.protobuf.json_format import MessageToDict
 
 from services.common.auth import with_bearer
 from services.common.model_paths import cache_root
+from services.common.tls import TlsFiles
+from services.common.tls import channel as tls_channel
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -101,6 +103,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alise", description=__doc__)
     p.add_argument("--address", help="scheduler host:port (default: $ALISE_ADDRESS or what `make run` wrote)")
     p.add_argument("--api-key", help="client API key (default: $ALISE_API_KEY or the key `make run` wrote)")
+    p.add_argument("--tls-ca", help="connect over TLS, verifying the server with this CA (default: $ALISE_TLS_CA)")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="stream a completion")
     g.add_argument("prompt")
@@ -129,7 +132,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
-    with grpc.insecure_channel(resolve_address(a.address)) as channel:
+    ca = a.tls_ca or os.environ.get("ALISE_TLS_CA", "")
+    with tls_channel(resolve_address(a.address), TlsFiles(ca=ca)) as channel:
         try:
             return a.fn(pb_grpc.AliseStub(with_bearer(channel, resolve_api_key(a.api_key))), a)
         except grpc.RpcError as e:

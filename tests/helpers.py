@@ -14,7 +14,7 @@ from services.common.local_stack import LOCAL_TENANT
 def stub_for(stack, tenant: str = LOCAL_TENANT, api_key: str | None = None) -> pb_grpc.AliseStub:
     """A client of the stack's scheduler, authenticated as `tenant` (or with an explicit api_key)."""
     key = api_key if api_key is not None else stack.api_keys[tenant]
-    return pb_grpc.AliseStub(with_bearer(grpc.insecure_channel(stack.address), key))
+    return pb_grpc.AliseStub(with_bearer(stack.client_channel(), key))
 
 
 def predictor_stub(address: str, token: str | None = None):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import base64
 import json
+import subprocess
 
 import helm_python as helm
 import kubernetes_validate
@@ -84,6 +86,30 @@ def test_secure_by_default_credentials_persistence():
         assert any(v["name"] == "service-token" for v in spec["volumes"]), name
     service = by_name(docs, "Service", "demo-alise-scheduler")
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]}["worker-gateway"] == 50061
+
+
+def test_tls_on_every_link_with_mtls_between_services(tmp_path):
+    docs = render()
+    data = by_name(docs, "Secret", "demo-alise-tls")["data"]
+    for name in ("tls.crt", "tls.key", "ca.crt"):
+        (tmp_path / name).write_bytes(base64.b64decode(data[name]))
+    text = subprocess.run(["openssl", "x509", "-in", tmp_path / "tls.crt", "-noout", "-text"], check=True,
+                          capture_output=True, text=True).stdout
+    assert "DNS:demo-alise-scheduler.llm.svc" in text and "DNS:demo-alise-predictor" in text
+    assert "TLS Web Server Authentication" in text and "TLS Web Client Authentication" in text   # both roles
+    subprocess.run(["openssl", "verify", "-CAfile", tmp_path / "ca.crt", tmp_path / "tls.crt"], check=True,
+                   capture_output=True)
+    containers = {n: by_name(docs, "Deployment", f"demo-alise-{n}")["spec"]["template"]["spec"]["containers"][0]
+                  for n in ("scheduler", "predictor", "worker")}
+    assert {"--tls-cert=/etc/alise/tls/tls.crt", "--worker-mtls", "--health-listen=0.0.0.0:50071"} \
+        <= set(containers["scheduler"]["args"])
+    assert {"--mtls", "--health-listen=0.0.0.0:50072"} <= set(containers["predictor"]["args"])
+    assert {"--tls-ca=/etc/alise/tls/ca.crt", "--tls-cert=/etc/alise/tls/tls.crt"} <= set(containers["worker"]["args"])
+    assert containers["scheduler"]["readinessProbe"]["grpc"]["port"] == 50071      # probes cannot do TLS
+    plain = render({"tls": {"enabled": False}})
+    scheduler = by_name(plain, "Deployment", "demo-alise-scheduler")["spec"]["template"]["spec"]["containers"][0]
+    assert not any(a.startswith("--tls") for a in scheduler["args"]) and scheduler["readinessProbe"]["grpc"]["port"] == 50051
+    assert not any(d["kind"] == "Secret" and d["metadata"]["name"] == "demo-alise-tls" for d in plain)
 
 
 def test_refuses_to_install_without_client_credentials():

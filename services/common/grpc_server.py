@@ -9,6 +9,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.tls import TlsFiles, add_port
+
 log = logging.getLogger("alise.grpc")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -18,9 +20,11 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024    # far above any prompt that fits a contex
 
 
 def build_server(service_names: list[str], listen: str, max_concurrent_rpcs: int | None = None,
+                 tls: TlsFiles | None = None, require_client_cert: bool = False,
                  ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """An asyncio server with health (starting NOT_SERVING) and reflection; returns the bound port.
-    Calls beyond max_concurrent_rpcs get RESOURCE_EXHAUSTED from gRPC itself."""
+    Calls beyond max_concurrent_rpcs get RESOURCE_EXHAUSTED from gRPC itself. With `tls` holding a
+    certificate it serves TLS only (and with require_client_cert, mTLS)."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
                              maximum_concurrent_rpcs=max_concurrent_rpcs)
     health_servicer = health.aio.HealthServicer()
@@ -28,7 +32,7 @@ def build_server(service_names: list[str], listen: str, max_concurrent_rpcs: int
     reflection.enable_server_reflection(
         [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server)
-    port = server.add_insecure_port(listen)
+    port = add_port(server, listen, tls, require_client_cert)
     if port == 0:
         raise RuntimeError(f"could not bind {listen}")
     return server, health_servicer, port

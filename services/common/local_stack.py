@@ -19,6 +19,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.tls import TlsFiles, dev_pki
+from services.common.tls import channel as tls_channel
+
 log = logging.getLogger("alise.stack")
 
 
@@ -180,6 +183,9 @@ class LocalStack:
     tenants: dict[str, dict] = field(default_factory=lambda: dict(DEFAULT_TENANTS))
     secrets_dir: Path | None = None
     api_keys: dict[str, str] = field(default_factory=dict)
+    tls: bool = False               # TLS on every link (a throwaway CA under secrets_dir); probes on plain ports
+    mtls: bool = False              # and certificates required between services (worker gateway, predictor)
+    tls_files: TlsFiles | None = None
 
     @property
     def address(self) -> str:
@@ -193,10 +199,36 @@ class LocalStack:
     def api_key(self) -> str:
         return self.api_keys[LOCAL_TENANT]
 
+    def client_channel(self) -> grpc.Channel:
+        """A channel to the client API as a client would open it (TLS when the stack serves TLS)."""
+        return tls_channel(self.address, TlsFiles(ca=self.tls_files.ca) if self.tls_files else None)
+
+    def health_address(self, service: str) -> str:
+        """Where probes reach a service: its own port, or its plaintext health port under TLS."""
+        return f"127.0.0.1:{self.health_ports[service]}" if self.tls else {
+            "scheduler": self.address, "gateway": self.gateway_address,
+            "predictor": f"127.0.0.1:{self.predictor_port}"}[service]
+
+    def _tls_flags(self, serves: bool, require_client_cert_flag: str | None = None) -> list[str]:
+        if not self.tls:
+            return []
+        f = self.tls_files
+        flags = ["--tls-ca", f.ca]
+        if serves or self.mtls:
+            flags += ["--tls-cert", f.cert, "--tls-key", f.key]
+        if self.mtls and require_client_cert_flag:
+            flags.append(require_client_cert_flag)
+        return flags
+
     def start(self, timeout_s: float = 180) -> "LocalStack":
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.secrets_dir = self.secrets_dir or self.log_dir / "secrets"
         self.service_token, self.api_keys = write_credentials(self.secrets_dir, self.tenants)
+        if self.tls:
+            self.tls_files = dev_pki(self.secrets_dir / "tls")
+            port = free_port()
+            # one plaintext probe port per process: the scheduler's covers its client API and worker gateway
+            self.health_ports = {"scheduler": port, "gateway": port, "predictor": free_port()}
         if self.redis_url is None:
             self.redis = RedisServer()
             self.redis_url = self.redis.url
@@ -206,29 +238,34 @@ class LocalStack:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                "ALISE_SERVICE_TOKEN": self.service_token}
         if self.with_predictor:
+            probes = ["--health-listen", self.health_address("predictor")] if self.tls else []
             self._add("predictor", ["services.predictor.server", "--listen", f"127.0.0.1:{self.predictor_port}",
-                                    "--redis-url", self.redis_url, *self.predictor_args])
+                                    "--redis-url", self.redis_url, *self._tls_flags(True, "--mtls"), *probes,
+                                    *self.predictor_args])
         self._add("scheduler", self.scheduler_command())
         for i in range(self.num_workers):
             self._add(f"worker-{i}", self.worker_command(i))
         for svc in self.services.values():
             svc.start(env)
         self._env = env
-        wait_healthy(self.address, timeout_s)
-        wait_healthy(self.gateway_address, timeout_s)
+        wait_healthy(self.health_address("scheduler"), timeout_s)
+        if not self.tls:
+            wait_healthy(self.gateway_address, timeout_s)
         if self.with_predictor:
-            wait_healthy(f"127.0.0.1:{self.predictor_port}", timeout_s)
+            wait_healthy(self.health_address("predictor"), timeout_s)
         self.wait_workers(self.num_workers, timeout_s)
         return self
 
     def scheduler_command(self) -> list[str]:
+        probes = ["--health-listen", self.health_address("scheduler")] if self.tls else []
         return ["services.scheduler.server", "--listen", self.address, "--worker-listen", self.gateway_address,
                 "--api-keys-file", str(self.secrets_dir / "api-keys.json"), "--redis-url", self.redis_url,
-                "--predictor-address", f"127.0.0.1:{self.predictor_port}", *self.scheduler_args]
+                "--predictor-address", f"127.0.0.1:{self.predictor_port}", *self._tls_flags(True, "--worker-mtls"),
+                *probes, *self.scheduler_args]
 
     def worker_command(self, i: int) -> list[str]:
         return ["services.worker.server", "--scheduler", self.gateway_address, "--worker-id", f"worker-{i}",
-                *self.worker_args]
+                *self._tls_flags(False), *self.worker_args]
 
     def _add(self, name: str, args: list[str]) -> None:
         self.services[name] = Service(name, args, self.log_dir / f"{name}.log")
@@ -251,7 +288,7 @@ class LocalStack:
         from services.common.auth import with_bearer
 
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.address) as ch:
+        with self.client_channel() as ch:
             stub = pb_grpc.AliseStub(with_bearer(ch, self.api_key))
             while time.monotonic() < deadline:
                 try:

@@ -19,6 +19,7 @@ from prometheus_client import start_http_server
 from alise.v1 import predictor_pb2 as pb
 
 from services.common.auth import ServiceTokenCheck, read_service_token
+from services.common.tls import TlsFiles, health_only_server
 from services.common.grpc_server import (SERVING, build_server, configure_logging, install_stop_signals,
                                          set_health)
 from services.common.lenient import add_lenient_service, reject_bad
@@ -125,7 +126,9 @@ async def save_periodically(predictor: LengthPredictor, model_dir: Path, every_s
 
 async def serve(a: argparse.Namespace) -> None:
     service_token = read_service_token(a.service_token_file)
-    server, health, port = build_server([SERVICE], a.listen)
+    tls = TlsFiles(cert=a.tls_cert, key=a.tls_key, ca=a.tls_ca)
+    server, health, port = build_server([SERVICE], a.listen, tls=tls, require_client_cert=a.mtls)
+    probes = health_only_server(health, a.health_listen)[0] if a.health_listen else None
     trained = a.model_dir / "encoder" if a.model_dir else None
     try:
         encoder = load_encoder(a.encoder, trained, a.max_prompt_tokens, a.quantize)
@@ -140,6 +143,8 @@ async def serve(a: argparse.Namespace) -> None:
         start_http_server(a.metrics_port, addr=a.listen.rsplit(":", 1)[0])
     add_lenient_service(server, PredictorServicer(predictor, ServiceTokenCheck(service_token)), pb, "Predictor")
     await server.start()
+    if probes is not None:
+        await probes.start()
     saver = asyncio.create_task(save_periodically(predictor, a.model_dir, a.save_every_s)) if a.model_dir else None
     feed = ObservationFeed(predictor, a.redis_url) if a.redis_url else None
     feeder = asyncio.create_task(feed.run()) if feed else None
@@ -168,6 +173,11 @@ def main() -> None:
                    help="learn from the scheduler's stream of finished jobs in this Redis (else only via Observe)")
     p.add_argument("--service-token-file", default=None,
                    help="the internal token callers must present (else $ALISE_SERVICE_TOKEN)")
+    p.add_argument("--tls-cert", default="", help="serve TLS with this certificate (PEM) and --tls-key")
+    p.add_argument("--tls-key", default="")
+    p.add_argument("--tls-ca", default="", help="CA of client certificates (with --mtls)")
+    p.add_argument("--mtls", action="store_true", help="accept only callers with a certificate signed by --tls-ca")
+    p.add_argument("--health-listen", default="", help="plaintext health-only port for probes when serving TLS")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics on this port; 0 = off")
     p.add_argument("--save-every-s", type=float, default=30.0)
     p.add_argument("--prior", type=float, default=128.0, help="output tokens assumed before anything is learned")

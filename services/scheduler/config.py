@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 from services.common.model_paths import DEFAULT_MODEL_NAME, default_model_dir
+from services.common.tls import TlsFiles
 from services.scheduler.policies import POLICIES
 
 
@@ -15,6 +16,11 @@ class SchedulerConfig:
     worker_listen: str = "127.0.0.1:50061"     # worker gateway (its own port: never exposed to clients)
     api_keys_file: str = ""                     # tenants and digests of their API keys (tenants.py); required
     service_token_file: str = ""                # internal token workers and the predictor share; else $ALISE_SERVICE_TOKEN
+    tls_cert: str = ""                          # serve TLS on both ports (PEM certificate and key)
+    tls_key: str = ""
+    tls_ca: str = ""                            # verify the predictor with it (and worker certificates, worker_mtls)
+    worker_mtls: bool = False                   # the worker gateway accepts only workers with a certificate
+    health_listen: str = ""                     # plaintext health-only port for probes when serving TLS
     metrics_port: int = 0                       # Prometheus /metrics on this port; 0 = off
     redis_url: str = "redis://127.0.0.1:6379/0"
     predictor_address: str = "127.0.0.1:50052"
@@ -38,6 +44,8 @@ class SchedulerConfig:
             raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
         if self.preempt_mode not in ("recompute", "swap"):
             raise ValueError(f"preempt_mode must be recompute or swap, got {self.preempt_mode!r}")
+        if self.worker_mtls and not (self.tls_cert and self.tls_ca):
+            raise ValueError("worker_mtls needs tls_cert, tls_key and tls_ca")
         if not 0 < self.default_max_tokens <= self.max_tokens_cap:
             raise ValueError("default_max_tokens must be in (0, max_tokens_cap]")
 
@@ -46,6 +54,13 @@ class SchedulerConfig:
         p = argparse.ArgumentParser(description="ALISE scheduler")
         for name, default in cls().__dict__.items():
             env = os.environ.get("ALISE_SCHEDULER_" + name.upper())
-            p.add_argument("--" + name.replace("_", "-"), type=type(default),
-                           default=type(default)(env) if env is not None else default)
+            flag = "--" + name.replace("_", "-")
+            if isinstance(default, bool):
+                p.add_argument(flag, action="store_true", default=(env or "").lower() in ("1", "true", "yes"))
+            else:
+                p.add_argument(flag, type=type(default), default=type(default)(env) if env is not None else default)
         return cls(**vars(p.parse_args(argv)))
+
+    @property
+    def tls(self) -> TlsFiles:
+        return TlsFiles(cert=self.tls_cert, key=self.tls_key, ca=self.tls_ca)

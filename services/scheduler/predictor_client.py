@@ -14,14 +14,15 @@ from alise.v1 import predictor_pb2 as pb
 from alise.v1 import predictor_pb2_grpc as pb_grpc
 
 from services.common.auth import bearer_metadata
+from services.common.tls import TlsFiles, aio_channel
 from services.scheduler import metrics
 
 log = logging.getLogger("alise.scheduler.predictor")
 
 
 class PredictorClient:
-    def __init__(self, address: str, timeout_s: float, service_token: str):
-        self.channel = grpc.aio.insecure_channel(address)
+    def __init__(self, address: str, timeout_s: float, service_token: str, tls: TlsFiles | None = None):
+        self.channel = aio_channel(address, tls)
         self.stub = pb_grpc.PredictorStub(self.channel)
         self.timeout_s = timeout_s
         self.metadata = bearer_metadata(service_token)

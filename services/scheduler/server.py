@@ -11,6 +11,7 @@ from alise.v1 import worker_pb2_grpc
 from services.scheduler import metrics
 from services.common.auth import ServiceTokenCheck, read_service_token
 from services.common.redis_client import connect
+from services.common.tls import health_only_server
 from services.common.grpc_server import (NOT_SERVING, SERVING, build_server, configure_logging,
                                          install_stop_signals, set_health)
 from services.scheduler.api import AliseServicer, add_to_server
@@ -38,7 +39,7 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
     redis_client = connect(cfg.redis_url)
     await redis_client.ping()
     store = JobStore(redis_client)
-    predictor = PredictorClient(cfg.predictor_address, cfg.predictor_timeout_s, service_token)
+    predictor = PredictorClient(cfg.predictor_address, cfg.predictor_timeout_s, service_token, cfg.tls)
     dispatcher = Dispatcher(cfg, store, predictor, JobEventHub())
     recovered = await dispatcher.recover_orphans()
     if recovered:
@@ -46,14 +47,17 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
 
     if cfg.metrics_port:
         start_http_server(cfg.metrics_port, addr=cfg.listen.rsplit(":", 1)[0], registry=metrics.REGISTRY)
-    server, health, port = build_server(CLIENT_SERVICES, cfg.listen, cfg.max_concurrent_rpcs)
+    server, health, port = build_server(CLIENT_SERVICES, cfg.listen, cfg.max_concurrent_rpcs, tls=cfg.tls)
     api = AliseServicer(dispatcher, store, tokenizer, tokenizer.max_model_len, tenants)
     add_to_server(api, server)
-    gateway, gateway_health, gateway_port = build_server(WORKER_SERVICES, cfg.worker_listen)
+    gateway, gateway_health, gateway_port = build_server(WORKER_SERVICES, cfg.worker_listen, tls=cfg.tls,
+                                                         require_client_cert=cfg.worker_mtls)
+    probes = health_only_server(health, cfg.health_listen)[0] if cfg.health_listen else None
     worker_pb2_grpc.add_WorkerGatewayServicer_to_server(
         WorkerGateway(dispatcher, ServiceTokenCheck(service_token)), gateway)
-    await server.start()
-    await gateway.start()
+    for srv in (server, gateway, probes):
+        if srv is not None:
+            await srv.start()
     loop_task = asyncio.create_task(dispatcher.run())
     await set_health(health, CLIENT_SERVICES, SERVING)
     await set_health(gateway_health, WORKER_SERVICES, SERVING)
@@ -70,6 +74,8 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
     loop_task.cancel()
     await server.stop(grace=2)
     await gateway.stop(grace=1)
+    if probes is not None:
+        await probes.stop(grace=0)
     await predictor.close()
     await redis_client.aclose()
 

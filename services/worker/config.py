@@ -7,12 +7,16 @@ import socket
 from dataclasses import dataclass
 
 from services.common.model_paths import DEFAULT_MODEL_NAME, default_model_dir
+from services.common.tls import TlsFiles
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
     scheduler: str = "127.0.0.1:50061"   # the scheduler's worker gateway (not its client port)
     service_token_file: str = ""         # the internal service token; else $ALISE_SERVICE_TOKEN
+    tls_ca: str = ""                     # dial the scheduler over TLS, verifying it with this CA
+    tls_cert: str = ""                   # and present this certificate (mTLS gateway)
+    tls_key: str = ""
     listen: str = "127.0.0.1:0"          # health + reflection
     metrics_port: int = 0                # Prometheus /metrics on this port; 0 = off
     worker_id: str = ""                  # default: hostname-pid
@@ -44,6 +48,10 @@ class WorkerConfig:
             raise ValueError("num_host_blocks must be >= 0")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+    @property
+    def tls(self) -> TlsFiles:
+        return TlsFiles(cert=self.tls_cert, key=self.tls_key, ca=self.tls_ca)
 
     @property
     def resolved_worker_id(self) -> str:

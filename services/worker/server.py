@@ -15,6 +15,7 @@ from alise.v1 import worker_pb2 as wpb
 from alise.v1 import worker_pb2_grpc as wpb_grpc
 
 from services.common.auth import bearer_metadata, read_service_token
+from services.common.tls import aio_channel
 from services.worker import metrics
 from services.common.grpc_server import (NOT_SERVING, SERVING, build_server, configure_logging,
                                          install_stop_signals, set_health)
@@ -39,7 +40,7 @@ async def hold_session(cfg: WorkerConfig, loop_thread: EngineLoop, register: wpb
         outbox: asyncio.Queue = asyncio.Queue()
         loop_thread.attach(asyncio.get_running_loop(), outbox)
         try:
-            async with grpc.aio.insecure_channel(cfg.scheduler) as channel:
+            async with aio_channel(cfg.scheduler, cfg.tls) as channel:
                 call = wpb_grpc.WorkerGatewayStub(channel).Connect(_outgoing(register, outbox),
                                                                    metadata=bearer_metadata(service_token))
                 log.info("connected to scheduler %s as %s", cfg.scheduler, register.register.worker_id)

@@ -50,3 +50,35 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "alise.serviceTokenMount" -}}
 - {name: service-token, mountPath: /etc/alise/service-token, readOnly: true}
 {{- end -}}
+
+
+{{/* TLS: the Secret with tls.crt, tls.key and ca.crt, mounted at /etc/alise/tls. */}}
+{{- define "alise.tlsSecretName" -}}
+{{- .Values.tls.existingSecret | default (printf "%s-tls" (include "alise.fullname" .)) -}}
+{{- end -}}
+
+{{- define "alise.tlsVolume" -}}
+{{- if .Values.tls.enabled }}
+- name: tls
+  secret: {secretName: {{ include "alise.tlsSecretName" . }}}
+{{- end }}
+{{- end -}}
+
+{{- define "alise.tlsMount" -}}
+{{- if .Values.tls.enabled }}
+- {name: tls, mountPath: /etc/alise/tls, readOnly: true}
+{{- end }}
+{{- end -}}
+
+{{/* Flags of a service that serves TLS (scheduler, predictor); `mtlsFlag` turns on client certificates. */}}
+{{- define "alise.tlsServerArgs" -}}
+{{- if .root.Values.tls.enabled }}
+- --tls-cert=/etc/alise/tls/tls.crt
+- --tls-key=/etc/alise/tls/tls.key
+- --tls-ca=/etc/alise/tls/ca.crt
+- --health-listen=0.0.0.0:{{ .healthPort }}
+{{- if .root.Values.tls.mtls }}
+- {{ .mtlsFlag }}
+{{- end }}
+{{- end }}
+{{- end -}}

@@ -1,0 +1,106 @@
+"""TLS on ALISE's gRPC links, and mutual TLS between its services.
+
+Each service takes the same three files (PEM): its certificate and key, and the CA that signs its peers.
+- A server with a certificate serves TLS; with `require_client_cert` it accepts only callers presenting a
+  certificate signed by the CA (mTLS: the scheduler's worker gateway, the predictor).
+- A client with a CA verifies the server it dials; if it has a certificate and key too, it presents them.
+Kubernetes' gRPC probes cannot speak TLS, so a TLS service also serves plain health checks on a port of its
+own (`health_only_server`). `dev_pki` makes a throwaway CA and a certificate for loopback (make run, tests).
+"""
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    cert: str = ""           # this service's certificate chain
+    key: str = ""            # its private key
+    ca: str = ""             # the CA that signs the peers it talks to
+
+    def __post_init__(self):
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("TLS: give both a certificate and its key, or neither")
+
+    @property
+    def serves_tls(self) -> bool:
+        return bool(self.cert)
+
+    @property
+    def dials_tls(self) -> bool:
+        return bool(self.ca)
+
+    def server_credentials(self, require_client_cert: bool = False) -> grpc.ServerCredentials:
+        if require_client_cert and not self.ca:
+            raise ValueError("mTLS needs the CA that signs client certificates (--tls-ca)")
+        return grpc.ssl_server_credentials(
+            [(_read(self.key), _read(self.cert))], root_certificates=_read(self.ca) if self.ca else None,
+            require_client_auth=require_client_cert)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.ca), private_key=_read(self.key) if self.key else None,
+            certificate_chain=_read(self.cert) if self.cert else None)
+
+
+def _read(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+def add_port(server: grpc.aio.Server, listen: str, tls: TlsFiles | None, require_client_cert: bool = False) -> int:
+    if tls is not None and tls.serves_tls:
+        return server.add_secure_port(listen, tls.server_credentials(require_client_cert))
+    if require_client_cert:
+        raise ValueError("mTLS needs a server certificate (--tls-cert, --tls-key)")
+    return server.add_insecure_port(listen)
+
+
+def aio_channel(address: str, tls: TlsFiles | None) -> grpc.aio.Channel:
+    if tls is not None and tls.dials_tls:
+        return grpc.aio.secure_channel(address, tls.channel_credentials())
+    return grpc.aio.insecure_channel(address)
+
+
+def channel(address: str, tls: TlsFiles | None) -> grpc.Channel:
+    if tls is not None and tls.dials_tls:
+        return grpc.secure_channel(address, tls.channel_credentials())
+    return grpc.insecure_channel(address)
+
+
+def health_only_server(servicer: health.aio.HealthServicer, listen: str) -> tuple[grpc.aio.Server, int]:
+    """A plaintext server with nothing but grpc.health.v1, for probes that cannot do TLS."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise RuntimeError(f"could not bind {listen}")
+    return server, port
+
+
+def dev_pki(directory: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1")) -> TlsFiles:
+    """A throwaway CA and one certificate it signs, valid for `hosts` as a server and as a client (every
+    ALISE service on loopback uses it both ways). Made with the openssl command line: no Python crypto
+    dependency for a development convenience."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_cert = d / "ca.key", d / "ca.crt"
+    key, csr, cert, ext = d / "service.key", d / "service.csr", d / "service.crt", d / "service.ext"
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl("req", "-x509", *ec, "-keyout", ca_key, "-out", ca_cert, "-days", "30", "-subj", "/CN=alise-dev-ca")
+    san = ",".join(f"IP:{h}" if h.replace(".", "").isdigit() else f"DNS:{h}" for h in hosts)
+    _openssl("req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=alise-service")
+    ext.write_text(f"subjectAltName={san}\nextendedKeyUsage=serverAuth,clientAuth\n")
+    _openssl("x509", "-req", "-in", csr, "-CA", ca_cert, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+             "-days", "30", "-extfile", ext)
+    for private in (key, ca_key):
+        private.chmod(0o600)
+    return TlsFiles(cert=str(cert), key=str(key), ca=str(ca_cert))
+
+
+def _openssl(*args) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
