@@ -30,6 +30,17 @@ def resolve_address(flag: str | None) -> str:
     return written.read_text().strip() if written.exists() else DEFAULT_ADDRESS
 
 
+def resolve_tls_ca(flag: str | None, address: str) -> str:
+    """--tls-ca, then $ALISE_TLS_CA, then the CA of the stack `make run` started when talking to it; empty
+    (plaintext) otherwise."""
+    if flag or os.environ.get("ALISE_TLS_CA"):
+        return flag or os.environ["ALISE_TLS_CA"]
+    written, local_ca = cache_root() / "address", cache_root() / "local" / "tls" / "ca.crt"
+    if written.exists() and written.read_text().strip() == address and local_ca.exists():
+        return str(local_ca)
+    return ""
+
+
 def resolve_api_key(flag: str | None) -> str | None:
     """--api-key, then $ALISE_API_KEY, then the local tenant's key `make run` wrote."""
     if flag:
@@ -103,7 +114,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alise", description=__doc__)
     p.add_argument("--address", help="scheduler host:port (default: $ALISE_ADDRESS or what `make run` wrote)")
     p.add_argument("--api-key", help="client API key (default: $ALISE_API_KEY or the key `make run` wrote)")
-    p.add_argument("--tls-ca", help="connect over TLS, verifying the server with this CA (default: $ALISE_TLS_CA)")
+    p.add_argument("--tls-ca", help="connect over TLS, verifying the server with this CA (default: $ALISE_TLS_CA, or "
+                        "the CA of the stack `make run` started)")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="stream a completion")
     g.add_argument("prompt")
@@ -132,8 +144,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
-    ca = a.tls_ca or os.environ.get("ALISE_TLS_CA", "")
-    with tls_channel(resolve_address(a.address), TlsFiles(ca=ca)) as channel:
+    address = resolve_address(a.address)
+    with tls_channel(address, TlsFiles(ca=resolve_tls_ca(a.tls_ca, address))) as channel:
         try:
             return a.fn(pb_grpc.AliseStub(with_bearer(channel, resolve_api_key(a.api_key))), a)
         except grpc.RpcError as e:

@@ -20,7 +20,8 @@ def main() -> None:
     configure_logging()
     port = int(os.environ.get("ALISE_PORT", 0)) or (DEFAULT_PORT if port_is_free(DEFAULT_PORT) else 0)
     log_dir = Path(tempfile.mkdtemp(prefix="alise-logs-"))
-    stack = LocalStack(log_dir=log_dir, scheduler_port=port, secrets_dir=cache_root() / "local", redis_url=os.environ.get("REDIS_URL"),
+    # secure as in production: TLS on every link, mTLS between services, an API key for the client
+    stack = LocalStack(log_dir=log_dir, scheduler_port=port, secrets_dir=cache_root() / "local", tls=True, mtls=True, redis_url=os.environ.get("REDIS_URL"),
                        num_workers=int(os.environ.get("ALISE_WORKERS", 1)),
                        scheduler_args=os.environ.get("ALISE_SCHEDULER_FLAGS", "").split(),
                        # what the predictor learns is kept across runs (and a trained one, if
@@ -37,8 +38,9 @@ def main() -> None:
         key_file.chmod(0o600)
         print(f"\nALISE is serving {stack.address} (redis {stack.redis_url}, logs {log_dir})\n"
               f"try:  .venv/bin/alise generate --chat \"What is the capital of France?\"\n"
-              f"      (the CLI finds this address in {address_file} and its API key, tenant 'local', in\n"
-              f"      {key_file}; or set ALISE_ADDRESS and ALISE_API_KEY)\n"
+              f"      (the CLI finds this address in {address_file}, its API key (tenant 'local') in\n"
+              f"      {key_file} and the TLS CA in {stack.tls_files.ca};\n"
+              f"      other clients: ALISE_ADDRESS, ALISE_API_KEY, ALISE_TLS_CA)\n"
               f"Ctrl-C stops everything.\n", flush=True)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
