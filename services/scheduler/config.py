@@ -35,6 +35,7 @@ class SchedulerConfig:
     max_queued_jobs: int = 10_000
     max_queued_work_s: float = 0.0              # bound on predicted seconds of queued work; 0 = no bound
     max_concurrent_rpcs: int = 4096             # open client calls (streams included); RESOURCE_EXHAUSTED beyond               # queue bound: RESOURCE_EXHAUSTED beyond it
+    finished_ttl_s: int = 3600                  # how long a finished job stays readable (GetJob, re-attach)
     max_step_failures: int = 2                  # failed engine steps a job may be in before it fails
     worker_ttl_s: int = 15
     tick_s: float = 0.05

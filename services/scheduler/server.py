@@ -38,7 +38,7 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
     tokenizer = PromptTokenizer(cfg.model_dir)
     redis_client = connect(cfg.redis_url)
     await redis_client.ping()
-    store = JobStore(redis_client)
+    store = JobStore(redis_client, cfg.finished_ttl_s)
     predictor = PredictorClient(cfg.predictor_address, cfg.predictor_timeout_s, service_token, cfg.tls)
     dispatcher = Dispatcher(cfg, store, predictor, JobEventHub())
     recovered = await dispatcher.recover_orphans()
