@@ -30,6 +30,14 @@ def sampling_from_proto(sp: pb.SamplingParams) -> Sampling:
                     seed=sp.seed if sp.HasField("seed") else None, ignore_eos=sp.ignore_eos)
 
 
+def describe(cmd) -> str:
+    """A command as the log may show it: its kind and job, no prompt or output text."""
+    if not hasattr(cmd, "WhichOneof"):
+        return str(cmd)
+    kind = cmd.WhichOneof("kind")
+    return f"{kind} {getattr(getattr(cmd, kind), 'job_id', '')}".strip()
+
+
 class EngineLoop(threading.Thread):
     def __init__(self, engine: Engine, report_interval_s: float):
         super().__init__(name="engine", daemon=True)
@@ -85,7 +93,7 @@ class EngineLoop(threading.Thread):
             try:
                 self._apply(cmd)
             except Exception:  # noqa: BLE001 - a bad command is logged, the worker keeps serving
-                log.exception("command failed: %s", cmd)
+                log.exception("command failed: %s", describe(cmd))   # never the prompt or output itself
             try:
                 cmd = self.commands.get_nowait()
             except queue.Empty:
