@@ -6,6 +6,7 @@ import os
 import signal
 import tempfile
 import threading
+from urllib.parse import urlsplit
 from pathlib import Path
 
 from services.common.grpc_server import configure_logging
@@ -36,7 +37,8 @@ def main() -> None:
         key_file = stack.secrets_dir / "api-key"
         key_file.write_text(stack.api_key)
         key_file.chmod(0o600)
-        print(f"\nALISE is serving {stack.address} (redis {stack.redis_url}, logs {log_dir})\n"
+        redis_at = urlsplit(stack.redis_url).hostname, urlsplit(stack.redis_url).port   # not its password
+        print(f"\nALISE is serving {stack.address} (redis {redis_at[0]}:{redis_at[1]}, logs {log_dir})\n"
               f"try:  .venv/bin/alise generate --chat \"What is the capital of France?\"\n"
               f"      (the CLI finds this address in {address_file}, its API key (tenant 'local') in\n"
               f"      {key_file} and the TLS CA in {stack.tls_files.ca};\n"

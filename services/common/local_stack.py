@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -64,6 +65,7 @@ class RedisServer:
         if self.binary is None:
             raise RuntimeError("redis-server not found: `apt-get install redis-server` (make does this)")
         self.port = port or free_port()
+        self.password = secrets.token_hex(16)      # AUTH, as in production (the URL carries it)
         self.persist = persist
         self.dir = data_dir or tempfile.mkdtemp(prefix="alise-redis-")
         self._owns_dir = data_dir is None
@@ -74,7 +76,7 @@ class RedisServer:
         persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persist else ["--appendonly", "no"]
         return subprocess.Popen(
             [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", *persistence,
-             "--dir", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "--dir", self.dir, "--requirepass", self.password], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def kill(self) -> None:
         self.proc.kill()
@@ -92,7 +94,7 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
 
     def _wait(self) -> None:
         deadline = time.monotonic() + 10
