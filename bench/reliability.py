@@ -176,10 +176,10 @@ def run_soak(a) -> dict:
         stub = client_stub(stack)
         cap = capacity(stub, a.max_batch, TOKENS)
         r = redis.Redis.from_url(stack.redis_url)
-        samples, last = [], [-1e9]
+        samples, last, started = [], [-1e9], time.monotonic()
 
-        def sample(now: float) -> None:
-            if now - last[0] < a.sample_s:
+        def sample(now: float, force: bool = False) -> None:
+            if now - last[0] < a.sample_s and not force:
                 return
             last[0] = now
             procs = {name: svc.proc.pid for name, svc in stack.services.items()}
@@ -188,7 +188,7 @@ def run_soak(a) -> dict:
                             "redis_keys": r.dbsize(), "redis_used_mb": round(r.info("memory")["used_memory"] / 2**20, 1),
                             "live_job_keys": r.scard("alise:tenant:local:live"), "queued": r.zcard("alise:queue")})
         outcomes = open_loop(stub, a.load * cap, a.minutes * 60, TOKENS, on_tick=sample)
-        sample(1e9)
+        sample(time.monotonic() - started, force=True)              # the end of the run
         first, final = samples[0], samples[-1]
         return {"capacity_req_s": round(cap, 2), "offered_req_s": round(a.load * cap, 2), "minutes": a.minutes,
                 **summary(outcomes), "samples": samples,

@@ -41,6 +41,11 @@ def resolve_tls_ca(flag: str | None, address: str) -> str:
     return ""
 
 
+def is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def resolve_api_key(flag: str | None) -> str | None:
     """--api-key, then $ALISE_API_KEY, then the local tenant's key `make run` wrote."""
     if flag:
@@ -114,6 +119,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alise", description=__doc__)
     p.add_argument("--address", help="scheduler host:port (default: $ALISE_ADDRESS or what `make run` wrote)")
     p.add_argument("--api-key", help="client API key (default: $ALISE_API_KEY or the key `make run` wrote)")
+    p.add_argument("--insecure", action="store_true", help="allow plaintext to a non-loopback address")
     p.add_argument("--tls-ca", help="connect over TLS, verifying the server with this CA (default: $ALISE_TLS_CA, or "
                         "the CA of the stack `make run` started)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -145,7 +151,12 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     address = resolve_address(a.address)
-    with tls_channel(address, TlsFiles(ca=resolve_tls_ca(a.tls_ca, address))) as channel:
+    ca = resolve_tls_ca(a.tls_ca, address)
+    if not ca and not a.insecure and not is_loopback(address):
+        print(f"error: refusing to send an API key in plaintext to {address}: give --tls-ca (or ALISE_TLS_CA), "
+              f"or --insecure", file=sys.stderr)
+        return 2
+    with tls_channel(address, TlsFiles(ca=ca)) as channel:
         try:
             return a.fn(pb_grpc.AliseStub(with_bearer(channel, resolve_api_key(a.api_key))), a)
         except grpc.RpcError as e:

@@ -174,12 +174,16 @@ def test_invalid_utf8_is_rejected_naming_the_field(stack):
 
 
 def test_bad_request_ids_are_refused(stub):
-    """Issue 8.9: an id like '<victim>:tokens' named another job's Redis key; ids are bounded and plain."""
+    """Issue 8.9: an id like '<victim>:tokens' named another job's Redis key; ids are bounded and plain,
+    in every call that takes one (GetJob and Abort used to answer UNKNOWN from a Redis WRONGTYPE error)."""
     for rid in ("victim:tokens", "a/b", "x" * 129, "sp ace", "ünï"):
-        with pytest.raises(grpc.RpcError) as err:
-            generate(stub, request("Hello", request_id=rid, max_tokens=2))
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("request_id:")
-        assert len(err.value.details()) < 200                               # a long id is not echoed back
+        for call in (lambda: generate(stub, request("Hello", request_id=rid, max_tokens=2)),
+                     lambda: stub.GetJob(pb.GetJobRequest(request_id=rid)),
+                     lambda: stub.Abort(pb.AbortRequest(request_id=rid))):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert err.value.details().startswith("request_id:") and len(err.value.details()) < 200
 
 
 def test_a_request_id_is_held_by_one_live_request_and_a_retry_re_attaches(stub):
@@ -193,8 +197,26 @@ def test_a_request_id_is_held_by_one_live_request_and_a_retry_re_attaches(stub):
     assert stub.Abort(pb.AbortRequest(request_id=rid)).aborted
     t.join(60)
     first = generate(stub, request("Hello", request_id=rid, max_tokens=4, ignore_eos=True))  # a finished id is free
-    again = generate(stub, request("Hello", request_id=rid, max_tokens=4, ignore_eos=True))  # the same request: replay
-    assert again[0] == first[0] and again[1] == first[1] and again[2].finish_reason == pb.FINISH_REASON_LENGTH
+    replay = list(stub.Generate(request("Hello", request_id=rid, max_tokens=4, ignore_eos=True), timeout=10))
+    assert [r.WhichOneof("kind") for r in replay] == ["chunk", "complete"]   # the same request: replayed, ended
+    assert list(replay[0].chunk.token_ids) == first[0] and replay[0].chunk.text == first[1]
+    assert replay[1].complete.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_a_second_stream_on_a_job_keeps_it_alive_when_the_first_leaves(stub):
+    """A retry that re-attached while the first connection was still open: the first one leaving (a client
+    cancel) must not abort the job the retry follows."""
+    req = request("Count to one thousand:", request_id=f"two-{uuid.uuid4().hex}", max_tokens=60, ignore_eos=True)
+    first = stub.Generate(req, timeout=300)
+    next(first)                                                        # the job runs and streams
+    retry: list = []
+    t = threading.Thread(target=lambda: retry.extend(stub.Generate(req, timeout=300)))
+    t.start()                                                          # the retry re-attaches ...
+    wait_until(lambda: retry, 60, 0.01)                                # ... and has its replay chunk
+    first.cancel()
+    t.join(300)
+    tokens = [tok for r in retry if r.HasField("chunk") for tok in r.chunk.token_ids]
+    assert retry[-1].complete.finish_reason == pb.FINISH_REASON_LENGTH and len(tokens) == 60
 
 
 def test_cancel_aborts_the_job_and_frees_its_blocks(stub):
@@ -234,3 +256,6 @@ def test_cli_streams_and_prints_json(stack):
                           "generate", "hi",
                           "--top-p", "2"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "sampling.top_p" in bad.stderr
+    plain = subprocess.run([sys.executable, "-m", "client.cli", "--address", "10.255.255.1:1", "--api-key", "k", "info"],
+                           capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 2 and "plaintext" in plain.stderr             # an API key never goes out in clear

@@ -112,6 +112,14 @@ def test_tls_on_every_link_with_mtls_between_services(tmp_path):
     assert not any(d["kind"] == "Secret" and d["metadata"]["name"] == "demo-alise-tls" for d in plain)
 
 
+def test_a_changed_tenant_list_rolls_the_scheduler():
+    def checksum(tenants):
+        sched = by_name(render(tenants=tenants), "Deployment", "demo-alise-scheduler")
+        return sched["spec"]["template"]["metadata"]["annotations"]["checksum/api-keys"]
+    other = {**TENANT, "key_sha256": "cd" * 32}
+    assert checksum([TENANT]) == checksum([TENANT]) != checksum([TENANT, other]) != checksum([other])
+
+
 def test_refuses_to_install_without_client_credentials():
     with pytest.raises(helm.HelmError, match="auth.tenants"):
         render(tenants=[])

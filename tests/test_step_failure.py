@@ -21,6 +21,13 @@ def assign(job_id: str, prompt_ids: list[int], temperature: float) -> wpb.Schedu
         temperature=temperature, max_tokens=32, ignore_eos=True)))
 
 
+async def next_message(outbox: asyncio.Queue, kind: str, job_id: str | None = None):
+    while True:
+        msg = await asyncio.wait_for(outbox.get(), 120)
+        if msg.WhichOneof("kind") == kind and (job_id is None or getattr(msg, kind).job_id == job_id):
+            return getattr(msg, kind)
+
+
 async def test_worker_reports_a_failed_step_with_every_job_it_held(model_dir, tokenizer):
     engine = build_engine(WorkerConfig(model_dir=str(model_dir), num_blocks=64, max_batch=8, token_budget=128))
     loop_thread = EngineLoop(engine, report_interval_s=0.1)
@@ -29,22 +36,24 @@ async def test_worker_reports_a_failed_step_with_every_job_it_held(model_dir, to
     loop_thread.start()
     try:
         ids = tokenizer.encode("Tell me a story.", add_special_tokens=False)
+        # a job swapped out before the failure is back in the scheduler's queue already: not reported
+        loop_thread.submit(assign("swapped", ids, 0.0))
+        await next_message(outbox, "tokens")
+        loop_thread.submit(wpb.SchedulerCommand(preempt=wpb.PreemptJob(job_id="swapped", mode=wpb.PREEMPT_MODE_SWAP)))
+        assert (await next_message(outbox, "preempted", "swapped")).mode == wpb.PREEMPT_MODE_SWAP
         loop_thread.submit(assign("innocent", ids, 0.0))
         # NaN no longer passes the scheduler's validation; the worker must still survive it
         loop_thread.submit(assign("poison", ids, float("nan")))
-        failed = None
-        while failed is None:
-            msg = await asyncio.wait_for(outbox.get(), 120)
-            if msg.WhichOneof("kind") == "step_failed":
-                failed = msg.step_failed
+        failed = await next_message(outbox, "step_failed")
         assert set(failed.job_ids) == {"innocent", "poison"} and failed.error
-        assert not engine.seqs and engine.blocks.num_used == 0            # nothing left behind
+        assert not engine.seqs and engine.blocks.num_used == 0 and engine.blocks.num_swapped == 0   # nothing left
         loop_thread.submit(assign("after", ids, 0.0))                     # and the worker still serves
-        while True:
-            msg = await asyncio.wait_for(outbox.get(), 120)
-            if msg.WhichOneof("kind") == "finished":
-                assert msg.finished.job_id == "after"
-                break
+        assert (await next_message(outbox, "finished")).job_id == "after"
+        # an assignment the engine refuses (here: a job it holds already) is reported, and dropped
+        loop_thread.submit(assign("twice", ids, 0.0))
+        loop_thread.submit(assign("twice", ids, 0.0))
+        assert list((await next_message(outbox, "step_failed")).job_ids) == ["twice"]
+        assert "twice" not in engine.seqs
     finally:
         loop_thread.stop()
         loop_thread.join(30)

@@ -27,7 +27,7 @@ from services.scheduler.job_messages import complete_message
 from services.scheduler.job_store import FINAL_STATUSES, CreateOutcome, JobStore
 from services.scheduler.tenants import Tenant, TenantRegistry, TokenBucket
 from services.scheduler.tokenizer import PromptTokenizer
-from services.scheduler.validation import InvalidRequest, ValidRequest, clip, validate
+from services.scheduler.validation import REQUEST_ID, REQUEST_ID_RULE, InvalidRequest, ValidRequest, clip, validate
 
 log = logging.getLogger("alise.scheduler.api")
 STATUSES = {"queued": pb.JOB_STATUS_QUEUED, "running": pb.JOB_STATUS_RUNNING, "finished": pb.JOB_STATUS_FINISHED,
@@ -35,6 +35,10 @@ STATUSES = {"queued": pb.JOB_STATUS_QUEUED, "running": pb.JOB_STATUS_RUNNING, "f
 VERSION = "0.2.0"
 LIVENESS_S = 15.0          # a stream with no event this long checks its job in Redis (never waits forever)
 STORE_ERRORS = UNREACHABLE
+
+
+class JobLost(Exception):
+    """A followed job's record vanished or now belongs to another request."""
 
 
 class AliseServicer(pb_grpc.AliseServicer):
@@ -60,8 +64,8 @@ class AliseServicer(pb_grpc.AliseServicer):
         return tenant
 
     async def _request_id(self, request, context) -> str:
-        if not request.request_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
+        if not REQUEST_ID.match(request.request_id):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id: {REQUEST_ID_RULE}")
         return request.request_id
 
     async def _validate(self, request, tenant: Tenant, context) -> ValidRequest:
@@ -97,6 +101,7 @@ class AliseServicer(pb_grpc.AliseServicer):
         job_id = keys.job_id(tenant.name, v.request_id)
         events = self.d.hub.subscribe(job_id)      # before anything is read, so no event is missed
         owner, done = False, False
+        client_left = True                         # false when the stream ends by our doing (an error status)
         try:
             state = await self.store.state(job_id)
             if state is None or state.record.fingerprint != v.fingerprint:
@@ -116,16 +121,23 @@ class AliseServicer(pb_grpc.AliseServicer):
                 if state.status in FINAL_STATUSES:
                     done = True
                     yield pb.GenerateResponse(complete=complete_message(state))
-            async for response in self._follow(job_id, events, seen, chars, context):
+                    return
+            async for response in self._follow(job_id, v.fingerprint, events, seen, chars):
                 done = response.HasField("complete")
                 yield response
+        except JobLost:
+            client_left = False
+            await context.abort(grpc.StatusCode.DATA_LOSS, "job: its record is gone from the job store (or was "
+                                                           "replaced by another request with this id)")
         except STORE_ERRORS as e:
+            client_left = False                    # the client is told to retry: its job must still be there
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"job store unavailable ({type(e).__name__}); retry")
         finally:
             self.d.hub.unsubscribe(job_id, events)
-            if owner and not done and not self.closing:
-                # The client went away (cancel, disconnect, deadline): free its slot and KV blocks. Not
-                # when this scheduler is shutting down: the job lives on in Redis and the client re-attaches.
+            # The client went away (cancel, disconnect, deadline): free the job's slot and KV blocks, unless
+            # another stream still follows it (a retry re-attached), or this scheduler is shutting down (the
+            # job lives on in Redis and the client re-attaches).
+            if owner and not done and client_left and not self.closing and not self.d.hub.watched(job_id):
                 await asyncio.shield(self._abort_quietly(job_id))
 
     async def _refuse(self, outcome: CreateOutcome, v: ValidRequest, tenant: Tenant, context) -> None:
@@ -142,7 +154,8 @@ class AliseServicer(pb_grpc.AliseServicer):
             await self._exhausted(context, "queue", f"{self.d.queued_work_s:.0f} s of predicted work is waiting "
                                                     f"(bound {self.d.cfg.max_queued_work_s:g} s)", max(1.0, excess))
 
-    async def _follow(self, job_id: str, events: asyncio.Queue, seen: int, chars: int, context) -> AsyncIterator:
+    async def _follow(self, job_id: str, fingerprint: str, events: asyncio.Queue, seen: int,
+                      chars: int) -> AsyncIterator:
         """The job's events from token `seen` (text character `chars`) on, until its completion. Checks Redis
         whenever the stream has been quiet for LIVENESS_S, so a completion this scheduler never saw (or
         tokens recorded while it was not watching) still reach the client."""
@@ -151,8 +164,8 @@ class AliseServicer(pb_grpc.AliseServicer):
                 event = await asyncio.wait_for(events.get(), LIVENESS_S)
             except asyncio.TimeoutError:
                 state = await self.store.state(job_id)
-                if state is None:
-                    await context.abort(grpc.StatusCode.DATA_LOSS, "job: its record is gone from the job store")
+                if state is None or state.record.fingerprint != fingerprint:
+                    raise JobLost(job_id)
                 if state.status in FINAL_STATUSES:
                     if len(state.token_ids) > seen or len(state.text) > chars:
                         yield pb.GenerateResponse(chunk=pb.GenerateChunk(text=state.text[chars:],
@@ -160,6 +173,8 @@ class AliseServicer(pb_grpc.AliseServicer):
                     yield pb.GenerateResponse(complete=complete_message(state))
                     return
                 continue
+            if event.fingerprint and event.fingerprint != fingerprint:
+                continue                           # another request that reused this id after ours ended
             if event.first_token < 0:
                 yield event.response
                 return

@@ -19,7 +19,7 @@ from services.common.redis_client import UNREACHABLE
 from services.scheduler import keys
 from services.scheduler.job_events import JobEvent, JobEventHub
 from services.scheduler.job_messages import FINISH_NAMES, complete_message
-from services.scheduler.job_store import CreateOutcome, JobRecord, JobStore, StepFailureOutcome
+from services.scheduler.job_store import FINAL_STATUSES, CreateOutcome, JobRecord, JobStore, StepFailureOutcome
 from services.scheduler.policies import make_policy
 from services.scheduler.policies.base import JobView, Snapshot, WorkerView
 from services.scheduler.predictor_client import PredictorClient
@@ -235,8 +235,10 @@ class Dispatcher:
         for (job_id, token_ids, text), count in zip(deltas, counts):
             if count:
                 self.generated[job_id] = count
+                rec = self.records.get(job_id)
                 self.hub.publish(job_id, JobEvent(pb.GenerateResponse(chunk=pb.GenerateChunk(
-                    text=text, token_ids=token_ids)), first_token=count - len(token_ids)))
+                    text=text, token_ids=token_ids)), first_token=count - len(token_ids),
+                    fingerprint=rec.fingerprint if rec else ""))
 
     async def _on_finished(self, s: WorkerSession, ev: wpb.JobFinished) -> None:
         s.jobs.discard(ev.job_id)
@@ -265,15 +267,19 @@ class Dispatcher:
                 await self._complete(job_id)
 
     async def _complete(self, job_id: str) -> None:
-        state = await self.store.state(job_id)
-        self.records.pop(job_id, None)
+        rec = self.records.pop(job_id, None)
         self.generated.pop(job_id, None)
         self.swapped_on.pop(job_id, None)
+        state = await self.store.state(job_id)
+        # Between the final transition and this read, a new request may have taken the (now free) id:
+        # then this is its state, not the ended job's, and must not reach anyone as a completion.
+        if state is None or state.status not in FINAL_STATUSES or (rec and state.record.fingerprint != rec.fingerprint):
+            return
         done = complete_message(state)
         if done.timings.ttft_seconds:
             metrics.TTFT.observe(done.timings.ttft_seconds)
         metrics.E2E.observe(done.timings.e2e_seconds)
-        self.hub.publish(job_id, JobEvent(pb.GenerateResponse(complete=done)))
+        self.hub.publish(job_id, JobEvent(pb.GenerateResponse(complete=done), fingerprint=state.record.fingerprint))
 
     async def abort(self, job_id: str) -> tuple[bool, str]:
         ok, previous, worker, holder = await self.store.abort(job_id)

@@ -16,6 +16,7 @@ from alise.v1 import generate_pb2 as pb
 class JobEvent:
     response: pb.GenerateResponse
     first_token: int = -1          # chunks: index of the first token in the job's output; -1 for completion
+    fingerprint: str = ""          # the request's: a finished id reused by another request is another job
 
 
 class JobEventHub:
@@ -33,6 +34,9 @@ class JobEventHub:
             subs.remove(q)
         if not subs:
             self._subs.pop(job_id, None)
+
+    def watched(self, job_id: str) -> bool:
+        return bool(self._subs.get(job_id))
 
     def publish(self, job_id: str, event: JobEvent) -> None:
         for q in self._subs.get(job_id, []):

@@ -182,10 +182,16 @@ class JobStore:
         return [int(t) for t in tokens], (text or b"").decode("utf-8", errors="replace")
 
     async def state(self, job_id: str) -> JobState | None:
-        f = await self._hash(job_id)
+        # one transaction: record, tokens and text of the same instant (an append can land between reads)
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hgetall(keys.job(job_id))
+            pipe.lrange(keys.job_tokens(job_id), 0, -1)
+            pipe.get(keys.job_text(job_id))
+            raw, token_list, text_bytes = await pipe.execute()
+        f = {k.decode(): v.decode() for k, v in raw.items()}
         if not f:
             return None
-        tokens, text = await self.output(job_id)
+        tokens, text = [int(t) for t in token_list], (text_bytes or b"").decode("utf-8", errors="replace")
         return JobState(
             record=JobRecord.from_fields(f), status=f["status"], worker=f.get("worker", ""),
             swapped_on=f.get("swapped_on", ""), finish_reason=f.get("finish_reason", ""),

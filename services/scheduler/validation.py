@@ -27,6 +27,7 @@ MAX_MESSAGES = 1024
 CHARS_PER_TOKEN_BOUND = 32
 # Request ids become part of Redis keys: no ':' or '/' (they separate key parts), bounded length.
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._~@+=-]{1,128}$")
+REQUEST_ID_RULE = "1 to 128 characters from A-Z a-z 0-9 . _ ~ @ + = -"
 
 
 class InvalidRequest(ValueError):
@@ -49,7 +50,7 @@ class ValidRequest:
 def validate(req: pb.GenerateRequest, cfg: SchedulerConfig, tok: PromptTokenizer,
              max_model_len: int) -> ValidRequest:
     if req.request_id and not REQUEST_ID.match(req.request_id):
-        raise InvalidRequest("request_id", "1 to 128 characters from A-Z a-z 0-9 . _ ~ @ + = -")
+        raise InvalidRequest("request_id", REQUEST_ID_RULE)
     if req.model and req.model != cfg.model_name:
         raise InvalidRequest("model", f"unknown model {clip(req.model)!r}; this server serves {cfg.model_name!r}")
     if abs(req.priority) > MAX_PRIORITY:

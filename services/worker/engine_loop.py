@@ -16,7 +16,7 @@ from alise.v1 import worker_pb2 as wpb
 
 from services.worker import metrics
 from services.worker.engine import RECOMPUTE, SWAP, Engine, StepOutput
-from services.worker.sequence import Finish, Sampling
+from services.worker.sequence import Finish, Sampling, SeqStatus
 
 log = logging.getLogger("alise.worker.loop")
 RESET = "reset"     # the session ended: drop every job (the scheduler requeues them)
@@ -92,8 +92,12 @@ class EngineLoop(threading.Thread):
         while cmd is not None:
             try:
                 self._apply(cmd)
-            except Exception:  # noqa: BLE001 - a bad command is logged, the worker keeps serving
+            except Exception as e:  # noqa: BLE001 - a bad command is logged, the worker keeps serving
                 log.exception("command failed: %s", describe(cmd))   # never the prompt or output itself
+                if cmd != RESET and cmd.WhichOneof("kind") == "assign":
+                    # a job this worker could not take must not stay "running" here in the scheduler's eyes
+                    self.engine.abort(cmd.assign.job_id)
+                    self._report_failed([cmd.assign.job_id], e)
             try:
                 cmd = self.commands.get_nowait()
             except queue.Empty:
@@ -120,9 +124,14 @@ class EngineLoop(threading.Thread):
             self._last_report = None
 
     def _step_failed(self, error: Exception) -> None:
-        """Every job the engine held is dropped; the scheduler decides what happens to each of them."""
-        job_ids = list(self.engine.seqs)
+        """Every job the engine held is dropped; the scheduler decides what happens to each of them. Swapped
+        out jobs are not reported: the scheduler already put them back in its queue (it may even be assigning
+        one here again), and they simply resume by recompute."""
+        job_ids = [j for j, seq in self.engine.seqs.items() if seq.status is not SeqStatus.SWAPPED]
         self._reset()
+        self._report_failed(job_ids, error)
+
+    def _report_failed(self, job_ids: list[str], error: Exception) -> None:
         self._send(wpb.WorkerMessage(step_failed=wpb.StepFailed(job_ids=job_ids, error=repr(error)[:500])))
 
     def _reset(self) -> None:
