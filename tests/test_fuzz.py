@@ -143,3 +143,34 @@ def test_fuzz_predictor_requests_and_bytes(stack):
         one()
     print(f"\n[fuzz predictor] {sum(seen.values())} cases: {dict(seen)}")
     assert_still_serving(stack)
+
+
+def test_fuzz_worker_gateway_messages(stack):
+    """Only a worker with the service token gets this far; whatever it sends still gets a clean status."""
+    from alise.v1 import worker_pb2 as wpb
+
+    seen: Counter = Counter()
+    gateway_clean = CLEAN | {grpc.StatusCode.FAILED_PRECONDITION}
+    with grpc.insecure_channel(stack.gateway_address) as ch:
+        connect = ch.stream_stream("/alise.v1.WorkerGateway/Connect")
+        cases = iter(range(10**6))
+
+        @FUZZ
+        @given(st.booleans(), st.lists(st.binary(max_size=120), min_size=1, max_size=3))
+        def one(registered_first, messages):
+            register = wpb.WorkerMessage(register=wpb.WorkerRegister(
+                worker_id=f"fuzz-{next(cases)}", model="SmolLM2-135M-Instruct", block_size=16, num_blocks=64,
+                max_batch=4, max_model_len=2048)).SerializeToString()
+            sent = ([register] if registered_first else []) + messages
+            try:
+                for _ in connect(iter(sent), metadata=bearer_metadata(stack.service_token), timeout=60):
+                    pass                                          # commands sent to the fake worker, if any
+                seen["OK"] += 1
+            except grpc.RpcError as e:
+                assert e.code() in gateway_clean, (e.code(), e.details())
+                seen[e.code().name] += 1
+
+        one()
+    print(f"\n[fuzz worker gateway] {sum(seen.values())} cases: {dict(seen)}")
+    assert seen["INVALID_ARGUMENT"] > 0
+    assert_still_serving(stack)

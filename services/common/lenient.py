@@ -38,9 +38,11 @@ def add_lenient_service(server: grpc.aio.Server, servicer, pb_module, service: s
     """Like the generated add_<Service>Servicer_to_server, with lenient request parsing."""
     desc = pb_module.DESCRIPTOR.services_by_name[service]
     handlers = {}
+    factories = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+                 (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
     for method in desc.methods:
         req_cls = getattr(pb_module, method.input_type.name)
-        factory = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        factory = factories[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = factory(getattr(servicer, method.name),
                                         request_deserializer=lenient_deserializer(req_cls),
                                         response_serializer=lambda m: m.SerializeToString())

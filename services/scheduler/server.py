@@ -6,10 +6,10 @@ import logging
 
 from prometheus_client import start_http_server
 from alise.v1 import generate_pb2, worker_pb2
-from alise.v1 import worker_pb2_grpc
 
 from services.scheduler import metrics
 from services.common.auth import ServiceTokenCheck, read_service_token
+from services.common.lenient import add_lenient_service
 from services.common.redis_client import connect
 from services.common.tls import health_only_server
 from services.common.grpc_server import (NOT_SERVING, SERVING, build_server, configure_logging,
@@ -53,8 +53,7 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
     gateway, gateway_health, gateway_port = build_server(WORKER_SERVICES, cfg.worker_listen, tls=cfg.tls,
                                                          require_client_cert=cfg.worker_mtls)
     probes = health_only_server(health, cfg.health_listen)[0] if cfg.health_listen else None
-    worker_pb2_grpc.add_WorkerGatewayServicer_to_server(
-        WorkerGateway(dispatcher, ServiceTokenCheck(service_token)), gateway)
+    add_lenient_service(gateway, WorkerGateway(dispatcher, ServiceTokenCheck(service_token)), worker_pb2, "WorkerGateway")
     for srv in (server, gateway, probes):
         if srv is not None:
             await srv.start()

@@ -15,6 +15,8 @@ import grpc
 from alise.v1 import worker_pb2 as wpb
 from alise.v1 import worker_pb2_grpc as wpb_grpc
 
+from services.common.lenient import BadMessage, reject_bad
+
 if TYPE_CHECKING:
     from services.common.auth import ServiceTokenCheck
     from services.scheduler.dispatcher import Dispatcher
@@ -37,6 +39,7 @@ class WorkerSession:
     load: wpb.LoadReport = field(default_factory=wpb.LoadReport)
     reserved_blocks: int = 0       # blocks promised to jobs assigned since the last load report
     draining: bool = False
+    error: str = ""                # why the scheduler ended the session (sent to the worker as its status)
 
     @property
     def free_blocks(self) -> int:
@@ -64,6 +67,7 @@ class WorkerGateway(wpb_grpc.WorkerGatewayServicer):
     async def Connect(self, request_iterator, context: grpc.aio.ServicerContext):
         await self.auth.require(context)
         first = await anext(aiter(request_iterator), None)
+        await reject_bad(first, context)
         if first is None or not first.HasField("register"):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "register: the first message must register")
         session = self._open(first.register)
@@ -81,6 +85,8 @@ class WorkerGateway(wpb_grpc.WorkerGatewayServicer):
             if reader is not None:
                 reader.cancel()
             await self.d.worker_lost(session)
+        if session.error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, session.error)
 
     def _open(self, reg: wpb.WorkerRegister) -> WorkerSession | str:
         if not reg.worker_id:
@@ -100,6 +106,10 @@ class WorkerGateway(wpb_grpc.WorkerGatewayServicer):
     async def _read(self, session: WorkerSession, request_iterator) -> None:
         try:
             async for msg in request_iterator:
+                if isinstance(msg, BadMessage):
+                    session.error = f"{msg.field}: {msg.problem}"
+                    log.warning("worker %s sent a bad message (%s): session ended", session.worker_id, session.error)
+                    return
                 await self.d.on_worker_message(session, msg)
         except Exception as e:  # noqa: BLE001 - any failure of the stream ends the session
             if not isinstance(e, asyncio.CancelledError):
