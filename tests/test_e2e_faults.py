@@ -148,3 +148,21 @@ def test_predictor_sigkill_jobs_are_still_admitted_and_served(healthy, reference
     results = run(stack, late)                  # admitted with the prior while the predictor is gone
     stack.restart("predictor")
     check(reference, results, "predictor SIGKILL")
+
+
+def test_one_of_two_workers_sigkilled_under_load(stack_factory, reference):
+    """Two workers share the load; one is killed: its jobs move to the survivor and finish there, and the
+    others never notice. Same counts as above."""
+    pair = stack_factory(num_workers=2)
+    reqs = workload("pair")
+    stub = stub_for(pair)
+
+    def kill_busy_worker(ids):
+        load = stub.GetLoad(pb.LoadRequest())
+        busiest = max(load.workers, key=lambda w: w.running).worker_id
+        pair.services[busiest].kill()
+
+    results = run(pair, reqs, during=kill_busy_worker)
+    assert sum(r.final.timings.num_preemptions >= 1 for r in results) >= 1      # some jobs were moved
+    check(reference, results, "1 of 2 workers SIGKILL")
+    assert len(stub.GetLoad(pb.LoadRequest()).workers) == 1
