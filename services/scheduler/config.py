@@ -1,10 +1,9 @@
 """Scheduler settings: one validated dataclass, from flags or environment variables."""
 from __future__ import annotations
 
-import argparse
-import os
 from dataclasses import dataclass
 
+from services.common.config_args import config_from_args
 from services.common.model_paths import DEFAULT_MODEL_NAME, default_model_dir
 from services.common.tls import TlsFiles
 from services.scheduler.policies import POLICIES
@@ -32,9 +31,9 @@ class SchedulerConfig:
     max_tokens_cap: int = 2048
     default_max_tokens: int = 256
     prior_output_tokens: float = 128.0          # used when the predictor is unreachable
-    max_queued_jobs: int = 10_000
+    max_queued_jobs: int = 10_000               # queue bound: RESOURCE_EXHAUSTED beyond it
     max_queued_work_s: float = 0.0              # bound on predicted seconds of queued work; 0 = no bound
-    max_concurrent_rpcs: int = 4096             # open client calls (streams included); RESOURCE_EXHAUSTED beyond               # queue bound: RESOURCE_EXHAUSTED beyond it
+    max_concurrent_rpcs: int = 4096             # open client calls (streams included); RESOURCE_EXHAUSTED beyond
     finished_ttl_s: int = 3600                  # how long a finished job stays readable (GetJob, re-attach)
     max_step_failures: int = 2                  # failed engine steps a job may be in before it fails
     worker_ttl_s: int = 15
@@ -52,15 +51,7 @@ class SchedulerConfig:
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> "SchedulerConfig":
-        p = argparse.ArgumentParser(description="ALISE scheduler")
-        for name, default in cls().__dict__.items():
-            env = os.environ.get("ALISE_SCHEDULER_" + name.upper())
-            flag = "--" + name.replace("_", "-")
-            if isinstance(default, bool):
-                p.add_argument(flag, action="store_true", default=(env or "").lower() in ("1", "true", "yes"))
-            else:
-                p.add_argument(flag, type=type(default), default=type(default)(env) if env is not None else default)
-        return cls(**vars(p.parse_args(argv)))
+        return config_from_args(cls, "ALISE scheduler", "ALISE_SCHEDULER_", argv)
 
     @property
     def tls(self) -> TlsFiles:

@@ -1,11 +1,11 @@
 """Worker settings: one validated dataclass, from flags or ALISE_WORKER_* environment variables."""
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 from dataclasses import dataclass
 
+from services.common.config_args import config_from_args
 from services.common.model_paths import DEFAULT_MODEL_NAME, default_model_dir
 from services.common.tls import TlsFiles
 
@@ -59,12 +59,4 @@ class WorkerConfig:
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> "WorkerConfig":
-        p = argparse.ArgumentParser(description="ALISE worker")
-        for name, default in cls().__dict__.items():
-            env = os.environ.get("ALISE_WORKER_" + name.upper())
-            flag = "--" + name.replace("_", "-")
-            if isinstance(default, bool):
-                p.add_argument(flag, action="store_true", default=(env or "").lower() in ("1", "true", "yes"))
-            else:
-                p.add_argument(flag, type=type(default), default=type(default)(env) if env is not None else default)
-        return cls(**vars(p.parse_args(argv)))
+        return config_from_args(cls, "ALISE worker", "ALISE_WORKER_", argv)
