@@ -34,7 +34,6 @@ STATUSES = {"queued": pb.JOB_STATUS_QUEUED, "running": pb.JOB_STATUS_RUNNING, "f
             "aborted": pb.JOB_STATUS_ABORTED, "failed": pb.JOB_STATUS_FAILED}
 VERSION = "0.2.0"
 LIVENESS_S = 15.0          # a stream with no event this long checks its job in Redis (never waits forever)
-STORE_ERRORS = UNREACHABLE
 
 
 class JobLost(Exception):
@@ -103,15 +102,11 @@ class AliseServicer(pb_grpc.AliseServicer):
         owner, done = False, False
         client_left = True                         # false when the stream ends by our doing (an error status)
         try:
-            state = await self.store.state(job_id)
-            if state is None or state.record.fingerprint != v.fingerprint:
-                if state is not None and state.status not in FINAL_STATUSES:
-                    await context.abort(grpc.StatusCode.ALREADY_EXISTS,
-                                        f"request_id: {v.request_id!r} is in use by another live request")
-                await self._rate_limit(tenant, context)
-                outcome = await self.d.submit(v, tenant)
-                await self._refuse(outcome, v, tenant, context)
-                state = await self.store.state(job_id) if outcome is CreateOutcome.SAME_REQUEST else None
+            # create.lua decides in one round trip: a new job, the same request again (re-attach), or a refusal
+            await self._rate_limit(tenant, context)
+            outcome = await self.d.submit(v, tenant)
+            await self._refuse(outcome, v, tenant, context)
+            state = await self.store.state(job_id) if outcome is CreateOutcome.SAME_REQUEST else None
             owner = True
             seen, chars = 0, 0
             if state is not None:                  # re-attach: what the job has so far, then the rest
@@ -129,9 +124,9 @@ class AliseServicer(pb_grpc.AliseServicer):
             client_left = False
             await context.abort(grpc.StatusCode.DATA_LOSS, "job: its record is gone from the job store (or was "
                                                            "replaced by another request with this id)")
-        except STORE_ERRORS as e:
+        except UNREACHABLE as e:
             client_left = False                    # the client is told to retry: its job must still be there
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"job store unavailable ({type(e).__name__}); retry")
+            await store_unavailable(context, e)
         finally:
             self.d.hub.unsubscribe(job_id, events)
             # The client went away (cancel, disconnect, deadline): free the job's slot and KV blocks, unless
@@ -186,7 +181,7 @@ class AliseServicer(pb_grpc.AliseServicer):
     async def _abort_quietly(self, job_id: str) -> None:
         try:
             await self.d.abort(job_id)
-        except STORE_ERRORS:
+        except UNREACHABLE:
             log.warning("could not abort %s: job store unavailable (the orphan sweep frees it later)", job_id)
 
     # -- the other calls -----------------------------------------------------------------------------
@@ -195,8 +190,8 @@ class AliseServicer(pb_grpc.AliseServicer):
         request_id = await self._request_id(request, context)
         try:
             ok, previous = await self.d.abort(keys.job_id(tenant.name, request_id))
-        except STORE_ERRORS as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"job store unavailable ({type(e).__name__}); retry")
+        except UNREACHABLE as e:
+            await store_unavailable(context, e)
         if previous == "missing":
             await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no job {clip(request_id)!r}")
         return pb.AbortResponse(aborted=ok, previous_status=previous)
@@ -206,8 +201,8 @@ class AliseServicer(pb_grpc.AliseServicer):
         request_id = await self._request_id(request, context)
         try:
             state = await self.store.state(keys.job_id(tenant.name, request_id))
-        except STORE_ERRORS as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"job store unavailable ({type(e).__name__}); retry")
+        except UNREACHABLE as e:
+            await store_unavailable(context, e)
         if state is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no job {clip(request_id)!r}")
         done = complete_message(state)
@@ -230,10 +225,14 @@ class AliseServicer(pb_grpc.AliseServicer):
                    for s in self.d.sessions.values()]
         try:
             queued = await self.store.queue_length()
-        except STORE_ERRORS as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"job store unavailable ({type(e).__name__}); retry")
+        except UNREACHABLE as e:
+            await store_unavailable(context, e)
         return pb.LoadResponse(queued=queued, running=sum(len(s.jobs) for s in self.d.sessions.values()),
                                workers=workers, predictor_available=self.d.predictor.available)
+
+
+async def store_unavailable(context, error: Exception) -> None:
+    await context.abort(grpc.StatusCode.UNAVAILABLE, f"job store unavailable ({type(error).__name__}); retry")
 
 
 def add_to_server(servicer: AliseServicer, server: grpc.aio.Server) -> None:

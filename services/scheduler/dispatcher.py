@@ -55,9 +55,8 @@ class Dispatcher:
             return CreateOutcome.WORK_FULL
         pred = await self.predictor.predict(v.prompt_text, v.previous_reply_tokens, v.sampling["max_tokens"])
         mean = pred.mean if pred else self.cfg.prior_output_tokens
-        rec = JobRecord(job_id=keys.job_id(tenant.name, v.request_id), request_id=v.request_id,
-                        fingerprint=v.fingerprint, prompt_ids=v.prompt_ids, prompt_text=v.prompt_text,
-                        sampling=v.sampling, priority=v.priority, pred_len=mean,
+        rec = JobRecord(job_id=keys.job_id(tenant.name, v.request_id), fingerprint=v.fingerprint,
+                        prompt_ids=v.prompt_ids, prompt_text=v.prompt_text, sampling=v.sampling, priority=v.priority, pred_len=mean,
                         pred_p90=pred.p90 if pred else 3 * mean, predicted=pred is not None,
                         pred_deciles=list(pred.deciles) if pred else [],
                         previous_reply_tokens=v.previous_reply_tokens)

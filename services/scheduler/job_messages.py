@@ -5,6 +5,7 @@ import time
 
 from alise.v1 import generate_pb2 as pb
 
+from services.scheduler import keys
 from services.scheduler.job_store import JobState
 
 FINISH_NAMES = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
@@ -28,6 +29,6 @@ def timings(state: JobState) -> pb.Timings:
 
 def complete_message(state: JobState) -> pb.GenerateComplete:
     return pb.GenerateComplete(
-        request_id=state.record.request_id or state.record.job_id, finish_reason=REASONS.get(state.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+        request_id=keys.request_id_of(state.record.job_id), finish_reason=REASONS.get(state.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
         usage=pb.Usage(prompt_tokens=len(state.record.prompt_ids), completion_tokens=len(state.token_ids)),
         timings=timings(state), text=state.text)

@@ -36,7 +36,6 @@ class JobRecord:
     prompt_text: str
     sampling: dict                     # SamplingParams fields, normalised by validation
     priority: int = 0
-    request_id: str = ""               # the client's id (job_id without the tenant)
     fingerprint: str = ""              # digest of the request: a retry with the same id re-attaches
     previous_reply_tokens: int = 0     # chat: the assistant's previous reply (a predictor feature)
     created: float = field(default_factory=time.time)
@@ -59,7 +58,7 @@ class JobRecord:
             pred_len=float(f["pred_len"]), pred_p90=float(f["pred_p90"]), pred_time=float(f["pred_time"]),
             pred_deciles=json.loads(f.get("pred_deciles", "[]")),
             previous_reply_tokens=int(f.get("previous_reply_tokens", 0)),
-            predicted=f["predicted"] == "1", request_id=f.get("request_id", ""), fingerprint=f.get("fingerprint", ""),
+            predicted=f["predicted"] == "1", fingerprint=f.get("fingerprint", ""),
         )
 
 
@@ -107,9 +106,7 @@ class JobStore:
         self._scripts = {p.stem: client.register_script(p.read_text()) for p in LUA_DIR.glob("*.lua")}
 
     async def create(self, rec: JobRecord, score: float, tenant_live_limit: int, queue_limit: int) -> CreateOutcome:
-        fields = rec.to_fields()
-        fields.pop("fingerprint")
-        flat = [x for kv in fields.items() for x in kv]
+        flat = [x for kv in rec.to_fields().items() for x in kv]
         jid = rec.job_id
         return CreateOutcome(int(await self._scripts["create"](
             keys=[keys.job(jid), keys.QUEUE, keys.job_tokens(jid), keys.job_text(jid), keys.tenant_live(keys.tenant_of(jid))],

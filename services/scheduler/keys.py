@@ -19,6 +19,11 @@ def tenant_of(job_id: str) -> str:
     return job_id.split("/", 1)[0]
 
 
+def request_id_of(job_id: str) -> str:
+    """The client's id, as the client named it (the job id without its tenant)."""
+    return job_id.split("/", 1)[-1]
+
+
 def tenant_live(tenant: str) -> str:  # set: the tenant's queued and running jobs (admission limit)
     return f"{PREFIX}tenant:{tenant}:live"
 

@@ -56,8 +56,8 @@ def bounded(p: pb.LengthPrediction, max_tokens: int) -> pb.LengthPrediction | No
     if not all(math.isfinite(v) for v in values):
         return None
 
-    def clip(v: float) -> float:
+    def bound(v: float) -> float:
         return min(max(v, 1.0), float(max_tokens))
 
-    return pb.LengthPrediction(mean=clip(p.mean), p10=clip(p.p10), p50=clip(p.p50), p90=clip(p.p90),
-                               neighbours=p.neighbours, deciles=[clip(d) for d in p.deciles], source=p.source)
+    return pb.LengthPrediction(mean=bound(p.mean), p10=bound(p.p10), p50=bound(p.p50), p90=bound(p.p90),
+                               neighbours=p.neighbours, deciles=[bound(d) for d in p.deciles], source=p.source)

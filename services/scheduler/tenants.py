@@ -63,17 +63,18 @@ class TenantRegistry:
 
 @dataclass
 class TokenBucket:
-    """Admission rate per tenant: `rate` per second on average, `burst` at once."""
+    """Admission rate per tenant: `rate` per second on average, `burst` at once (starts full)."""
     rate: float
     burst: int
-    tokens: float = -1.0
+    tokens: float = field(init=False)
     stamp: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self):
+        self.tokens = float(self.burst)
 
     def take(self) -> float:
         """0 if admitted, else the seconds until a request would be."""
         now = time.monotonic()
-        if self.tokens < 0:
-            self.tokens = float(self.burst)
         self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
         if self.tokens >= 1:

@@ -3,7 +3,7 @@
 -- a different live job, -1 the tenant has too many live jobs, -2 the queue is full.
 -- A finished (or aborted, failed) job's id is free again: its old keys are replaced.
 -- KEYS[1] job hash, KEYS[2] queue zset, KEYS[3] token list, KEYS[4] text, KEYS[5] tenant's live set
--- ARGV[1] job id, ARGV[2] queue score, ARGV[3] fingerprint, ARGV[4] tenant live limit,
+-- ARGV[1] job id, ARGV[2] queue score, ARGV[3] fingerprint (also among the fields), ARGV[4] tenant live limit,
 -- ARGV[5] queue limit, ARGV[6..] field, value pairs
 local st = redis.call('HMGET', KEYS[1], 'status', 'fingerprint')
 if st[1] then
@@ -13,7 +13,7 @@ end
 if redis.call('SCARD', KEYS[5]) >= tonumber(ARGV[4]) then return -1 end
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then return -2 end
 redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
-redis.call('HSET', KEYS[1], 'status', 'queued', 'fingerprint', ARGV[3], unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], 'status', 'queued', unpack(ARGV, 6))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('SADD', KEYS[5], ARGV[1])
 return 1
