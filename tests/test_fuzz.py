@@ -56,18 +56,22 @@ def generate_requests(draw) -> pb.GenerateRequest:
     return req
 
 
-def first_status(call) -> grpc.StatusCode:
-    """The status of a streamed call after its first message (then cancelled: the job is aborted)."""
+def first_message(call) -> None:
+    """Read a streamed call's first message, then cancel it (an accepted job is aborted)."""
+    for _ in call:
+        call.cancel()
+        return
+
+
+def count_status(seen: Counter, attempt, clean=CLEAN) -> None:
+    """Run one fuzz case; its status must be clean (our own cancel counts as OK), and is counted."""
     try:
-        for _ in call:
-            call.cancel()
-            return grpc.StatusCode.OK
-        return grpc.StatusCode.OK
+        attempt()
+        status = grpc.StatusCode.OK
     except grpc.RpcError as e:
-        if e.code() == grpc.StatusCode.CANCELLED:
-            return grpc.StatusCode.OK
-        assert e.code() in CLEAN, (e.code(), e.details())
-        return e.code()
+        status = grpc.StatusCode.OK if e.code() == grpc.StatusCode.CANCELLED else e.code()
+        assert status in clean, (status, e.details())
+    seen[status.name] += 1
 
 
 def assert_still_serving(stack) -> None:
@@ -84,7 +88,7 @@ def test_fuzz_every_generate_field(stack):
     @FUZZ
     @given(generate_requests())
     def one(req):
-        seen[first_status(stub.Generate(req, timeout=120)).name] += 1
+        count_status(seen, lambda: first_message(stub.Generate(req, timeout=120)))
 
     one()
     print(f"\n[fuzz Generate fields] {sum(seen.values())} cases: {dict(seen)}")
@@ -103,13 +107,11 @@ def test_fuzz_wire_bytes_at_every_client_method(stack):
         @FUZZ
         @given(st.sampled_from(sorted(calls)), st.binary(max_size=256))
         def one(method, data):
-            try:
+            def attempt():
                 call = calls[method](data, metadata=bearer_metadata(stack.api_key), timeout=60)
-                status = first_status(call) if method == "Generate" else grpc.StatusCode.OK
-            except grpc.RpcError as e:                                       # unary calls raise at once
-                status = e.code()
-                assert status in CLEAN, (method, status, e.details())
-            seen[status.name] += 1
+                if method == "Generate":
+                    first_message(call)
+            count_status(seen, attempt)
 
         one()
     print(f"\n[fuzz client wire bytes] {sum(seen.values())} cases: {dict(seen)}")
@@ -133,12 +135,7 @@ def test_fuzz_predictor_requests_and_bytes(stack):
                             for p, n in zip(prompts, numbers)])),
                         lambda: raw[method](data, metadata=bearer_metadata(stack.service_token), timeout=60)]
             for attempt in attempts:
-                try:
-                    attempt()
-                    seen["OK"] += 1
-                except grpc.RpcError as e:
-                    assert e.code() in CLEAN, (e.code(), e.details())
-                    seen[e.code().name] += 1
+                count_status(seen, attempt)
 
         one()
     print(f"\n[fuzz predictor] {sum(seen.values())} cases: {dict(seen)}")
@@ -162,13 +159,9 @@ def test_fuzz_worker_gateway_messages(stack):
                 worker_id=f"fuzz-{next(cases)}", model="SmolLM2-135M-Instruct", block_size=16, num_blocks=64,
                 max_batch=4, max_model_len=2048)).SerializeToString()
             sent = ([register] if registered_first else []) + messages
-            try:
-                for _ in connect(iter(sent), metadata=bearer_metadata(stack.service_token), timeout=60):
-                    pass                                          # commands sent to the fake worker, if any
-                seen["OK"] += 1
-            except grpc.RpcError as e:
-                assert e.code() in gateway_clean, (e.code(), e.details())
-                seen[e.code().name] += 1
+            # read to the end: the commands sent to the fake worker, if any, then its status
+            count_status(seen, lambda: list(connect(iter(sent), metadata=bearer_metadata(stack.service_token),
+                                                    timeout=60)), gateway_clean)
 
         one()
     print(f"\n[fuzz worker gateway] {sum(seen.values())} cases: {dict(seen)}")

@@ -16,9 +16,9 @@ from services.worker.engine_loop import EngineLoop
 from services.worker.factory import build_engine
 
 
-def assign(job_id: str, prompt_ids: list[int], temperature: float) -> wpb.SchedulerCommand:
+def assign(job_id: str, prompt_ids: list[int], temperature: float, max_tokens: int = 32) -> wpb.SchedulerCommand:
     return wpb.SchedulerCommand(assign=wpb.AssignJob(job_id=job_id, prompt_token_ids=prompt_ids, sampling=pb.SamplingParams(
-        temperature=temperature, max_tokens=32, ignore_eos=True)))
+        temperature=temperature, max_tokens=max_tokens, ignore_eos=True)))
 
 
 async def next_message(outbox: asyncio.Queue, kind: str, job_id: str | None = None):
@@ -41,11 +41,22 @@ async def test_worker_reports_a_failed_step_with_every_job_it_held(model_dir, to
         await next_message(outbox, "tokens")
         loop_thread.submit(wpb.SchedulerCommand(preempt=wpb.PreemptJob(job_id="swapped", mode=wpb.PREEMPT_MODE_SWAP)))
         assert (await next_message(outbox, "preempted", "swapped")).mode == wpb.PREEMPT_MODE_SWAP
-        loop_thread.submit(assign("innocent", ids, 0.0))
-        # NaN no longer passes the scheduler's validation; the worker must still survive it
+        # a value that would fail sampling (NaN: the scheduler refuses it, the worker checks again) fails its
+        # own assignment only, never the batch it would have joined
+        loop_thread.submit(assign("innocent", ids, 0.0, max_tokens=600))        # still running at the fault
         loop_thread.submit(assign("poison", ids, float("nan")))
+        refused = await next_message(outbox, "step_failed")
+        assert list(refused.job_ids) == ["poison"] and "temperature" in refused.error
+        assert "innocent" in engine.seqs and "poison" not in engine.seqs
+        # a fault inside the step itself (as a device error would raise): every job it held is reported
+        forward = engine.runner.forward
+
+        def faulty(*args, **kwargs):
+            engine.runner.forward = forward                              # once
+            raise RuntimeError("simulated device fault")
+        engine.runner.forward = faulty
         failed = await next_message(outbox, "step_failed")
-        assert set(failed.job_ids) == {"innocent", "poison"} and failed.error
+        assert list(failed.job_ids) == ["innocent"] and "simulated device fault" in failed.error
         assert not engine.seqs and engine.blocks.num_used == 0 and engine.blocks.num_swapped == 0   # nothing left
         loop_thread.submit(assign("after", ids, 0.0))                     # and the worker still serves
         assert (await next_message(outbox, "finished")).job_id == "after"

@@ -10,17 +10,12 @@ from dataclasses import dataclass
 from alise.v1 import generate_pb2 as pb
 
 from services.common.predictor_text import predictor_text
+from services.common.sampling_limits import sampling_problem
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.tokenizer import PromptTokenizer
 
 MAX_PRIORITY = 1000
 CHAT_ROLES = {"system", "user", "assistant", "tool"}
-# Sampling bounds. A temperature below MIN_TEMPERATURE overflows logits / temperature to inf in fp32 (and
-# then NaN in softmax), which used to fail the whole engine step; above MAX_TEMPERATURE every token is
-# equally likely anyway. top_k beyond any real vocabulary means "off"; we refuse it rather than guess.
-MIN_TEMPERATURE = 1e-3
-MAX_TEMPERATURE = 100.0
-MAX_TOP_K = 1 << 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_MESSAGES = 1024
@@ -125,14 +120,9 @@ def _model_text(req: pb.GenerateRequest, tok: PromptTokenizer) -> str:
 
 
 def _sampling(sp: pb.SamplingParams, cfg: SchedulerConfig, room: int) -> dict:
-    # `not a <= x <= b` is also true for NaN, so NaN is refused with the same message
-    if sp.temperature != 0 and not MIN_TEMPERATURE <= sp.temperature <= MAX_TEMPERATURE:
-        raise InvalidRequest("sampling.temperature", f"must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]")
     top_p = sp.top_p if sp.top_p != 0 else 1.0
-    if not 0 < top_p <= 1:
-        raise InvalidRequest("sampling.top_p", "must be in (0, 1]")
-    if not 0 <= sp.top_k <= MAX_TOP_K:
-        raise InvalidRequest("sampling.top_k", f"must be in [0, {MAX_TOP_K}] (0 = off)")
+    if problem := sampling_problem(sp.temperature, top_p, sp.top_k):
+        raise InvalidRequest(f"sampling.{problem[0]}", problem[1])
     if sp.max_tokens < 0 or sp.max_tokens > cfg.max_tokens_cap:
         raise InvalidRequest("sampling.max_tokens", f"must be in [1, {cfg.max_tokens_cap}] (0 = default)")
     max_tokens = sp.max_tokens or min(cfg.default_max_tokens, room)

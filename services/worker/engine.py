@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from services.worker.block_manager import BlockManager
+from services.common.sampling_limits import sampling_problem
 from services.worker.detokenizer import IncrementalDetokenizer
 from services.worker.model_runner import SeqChunk
 from services.worker.sampler import sample
@@ -69,6 +70,9 @@ class Engine:
             return
         if seq is not None:
             raise ValueError(f"job {job_id} is already on this worker")
+        # the scheduler validated these; checked again here so one bad value fails its own job, not a batch
+        if problem := sampling_problem(sampling.temperature, sampling.top_p, sampling.top_k):
+            raise ValueError(f"job {job_id}: sampling.{problem[0]} {problem[1]}")
         seq = Sequence(job_id, list(prompt_ids), sampling, output_ids=list(output_ids))
         self.seqs[job_id] = seq
         self.detok[job_id] = IncrementalDetokenizer(self.tokenizer, sampling.stop, seq.output_ids, output_text)
