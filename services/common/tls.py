@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
 
 
 @dataclass(frozen=True)
@@ -72,8 +71,12 @@ def channel(address: str, tls: TlsFiles | None) -> grpc.Channel:
     return grpc.insecure_channel(address)
 
 
-def health_only_server(servicer: health.aio.HealthServicer, listen: str) -> tuple[grpc.aio.Server, int]:
-    """A plaintext server with nothing but grpc.health.v1, for probes that cannot do TLS."""
+def health_only_server(servicer, listen: str) -> tuple[grpc.aio.Server, int]:
+    """A plaintext server with nothing but grpc.health.v1, for probes that cannot do TLS.
+    `servicer`: a grpc_health HealthServicer (imported here, not at the top: the GPU benchmarks import the
+    worker's config, which needs TLS file settings but not the health package)."""
+    from grpc_health.v1 import health_pb2_grpc
+
     server = grpc.aio.server()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     port = server.add_insecure_port(listen)
