@@ -49,13 +49,17 @@ def shared_engine(model_dir):
     return make_engine(model_dir)
 
 
-@pytest.fixture
-def engine(shared_engine):
+@pytest.fixture(params=[False, True], ids=["serial", "overlap"])
+def engine(shared_engine, request):
     """The module's engine, emptied before each test: a test that failed or timed out half-way must not
-    leave jobs or KV blocks behind for the next one."""
+    leave jobs or KV blocks behind for the next one. Each test runs with steps serial and overlapped (the
+    GPU's mode: a step's tokens are collected while the next one runs; on CPU the order of work is the
+    same, so tokens must be too)."""
+    shared_engine.flush()
     for job_id in list(shared_engine.seqs):
         shared_engine.abort(job_id)
     assert shared_engine.blocks.num_used == 0 and not shared_engine.has_work
+    shared_engine.overlap = request.param
     return shared_engine
 
 
@@ -76,10 +80,12 @@ def test_batched_greedy_matches_transformers(engine, tokenizer, references):
     assert engine.blocks.num_used == 0
 
 
-def test_chunked_prefill_and_tiny_pool_give_same_tokens(model_dir, tokenizer, references):
-    # 8-token steps split every prompt; 12 blocks of 16 cannot hold all four jobs, so the engine
-    # preempts (recompute) and resumes them locally.
+@pytest.mark.parametrize("overlap", [False, True])
+def test_chunked_prefill_and_tiny_pool_give_same_tokens(model_dir, tokenizer, references, overlap):
+    # 8-token steps split every prompt; 6 blocks of 16 cannot hold all four jobs, so the engine
+    # preempts (recompute) and resumes them locally -- with overlap, also jobs whose last token is in flight.
     engine = make_engine(model_dir, token_budget=8, num_blocks=6)
+    engine.overlap = overlap
     add_all(engine, tokenizer)
     done = run_to_end(engine)
     assert engine.num_preemptions > 0
@@ -98,6 +104,9 @@ def test_preempt_then_resume_gives_same_output(engine, tokenizer, references, mo
         for d in engine.step().deltas:
             first += d.token_ids
             text += d.text
+    for d in engine.flush().deltas:     # what the worker's loop does before a preempt: emit the step in flight
+        first += d.token_ids
+        text += d.text
     assert engine.preempt("p", mode) == mode
     assert engine.blocks.num_used == 0
     assert engine.blocks.num_swapped > 0 if mode == SWAP else engine.blocks.num_swapped == 0

@@ -17,8 +17,8 @@ def test_greedy_seeded_and_mixed_batches():
     logits = torch.randn(4, 50)
     sp = [Sampling(), Sampling(temperature=1.0, seed=3), Sampling(temperature=0.7, top_p=0.9),
           Sampling(temperature=1.0, seed=3)]
-    a = sample(logits, sp, [0, 5, 5, 5])
-    b = sample(logits, sp, [0, 5, 5, 5])
+    a = sample(logits, sp, [0, 5, 5, 5]).tolist()
+    b = sample(logits, sp, [0, 5, 5, 5]).tolist()
     assert a[0] == b[0] == int(logits[0].argmax())
     assert a[1] == b[1]                                 # same seed and token index: same draw
-    assert sample(logits[[1]], [sp[1]], [5]) == [a[1]]  # independent of the rest of the batch
+    assert sample(logits[[1]], [sp[1]], [5]).tolist() == [a[1]]  # independent of the rest of the batch

@@ -29,6 +29,7 @@ class WorkerConfig:
     num_blocks: int = 0                  # KV pool size; 0 = auto (CPU: 512, GPU: gpu_memory_utilization)
     gpu_memory_utilization: float = 0.90 # share of GPU memory for weights + activations + KV pool
     enforce_eager: bool = False          # GPU: no CUDA graphs for decode steps
+    overlap_steps: bool = True           # GPU: plan and launch step N+1 while step N runs (engine.py)
     num_host_blocks: int = 512           # swap space in host memory
     max_batch: int = 16
     token_budget: int = 512              # tokens per engine step (prefill chunks + decodes)

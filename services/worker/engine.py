@@ -1,13 +1,19 @@
 """The worker's engine: jobs in, one batched model step at a time, token deltas and finishes out.
 
-`step()` is: plan the batch, run the model, sample, then account for the new tokens. Commands from the
-scheduler (add / abort / preempt) are plain method calls; the gRPC session (server.py) calls them
-from the engine thread between steps, so no lock is needed here.
+`step()` is: plan the batch, launch the model and the sampler on the device, then account for the new
+tokens. With `overlap` (on a GPU) the accounting is one step behind: step N+1 is planned and launched
+while step N still runs, and only then does the host wait for step N's sampled ids (one non-blocking
+copy) and turn them into deltas, so the GPU never waits for Python. A decode whose last token is still
+on the device takes it from there (Sequence.num_pending). Commands from the scheduler (add / abort /
+preempt) are plain method calls made from the engine thread between steps, so no lock is needed here;
+abort and preempt first settle the step in flight (`flush`), so they act on fully known sequences.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+
+import torch
 
 from services.worker.block_manager import BlockManager
 from services.common.sampling_limits import sampling_problem
@@ -15,7 +21,7 @@ from services.worker.detokenizer import IncrementalDetokenizer
 from services.worker.model_runner import SeqChunk
 from services.worker.sampler import sample
 from services.worker.sequence import Finish, Sampling, Sequence, SeqStatus
-from services.worker.step_scheduler import ScheduledChunk, StepScheduler
+from services.worker.step_scheduler import StepScheduler
 
 RECOMPUTE, SWAP = "recompute", "swap"
 
@@ -34,6 +40,20 @@ class StepOutput:
     seconds: float = 0.0
 
 
+@dataclass
+class LaunchedStep:
+    """A step whose sampled ids may still be on their way from the device."""
+    seqs: list[Sequence]          # the sequences that sampled a token, in row order
+    sampled: torch.Tensor         # [S] ids on the device: the next step's inputs for these sequences
+    host: torch.Tensor            # [S] host copy, complete once `ready` has fired
+    ready: object | None          # a torch.cuda.Event (None on CPU: already complete)
+
+    def token_ids(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
+
+
 @dataclass(frozen=True)
 class EngineLoad:
     running: int
@@ -49,16 +69,20 @@ class EngineLoad:
 
 class Engine:
     def __init__(self, runner, blocks: BlockManager, tokenizer, *, eos_ids: set[int],
-                 max_batch: int, token_budget: int, max_model_len: int):
+                 max_batch: int, token_budget: int, max_model_len: int, overlap: bool = False):
         self.runner = runner
         self.blocks = blocks
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_model_len = max_model_len
-        self.sched = StepScheduler(blocks, max_batch=max_batch, token_budget=token_budget)
+        self.overlap = overlap
+        self.sched = StepScheduler(blocks, max_batch=max_batch, token_budget=token_budget,
+                                   max_model_len=max_model_len)
         self.seqs: dict[str, Sequence] = {}          # every job this worker holds, in any state
         self.detok: dict[str, IncrementalDetokenizer] = {}
         self.num_preemptions = 0
+        self._in_flight: LaunchedStep | None = None
+        self._settled = StepOutput()                 # outputs of a step settled by a command, not yet returned
 
     # -- commands ------------------------------------------------------------------------------
     def add(self, job_id: str, prompt_ids: list[int], sampling: Sampling,
@@ -79,6 +103,7 @@ class Engine:
         self.sched.add(seq)
 
     def abort(self, job_id: str) -> bool:
+        self._settle()
         seq = self.seqs.get(job_id)
         if seq is None:
             return False
@@ -87,6 +112,7 @@ class Engine:
 
     def preempt(self, job_id: str, mode: str) -> str | None:
         """Stop running a job but remember it; returns what was done (swap or recompute)."""
+        self._settle()
         seq = self.seqs.get(job_id)
         if seq is None or seq.status is SeqStatus.SWAPPED:
             return None
@@ -100,11 +126,17 @@ class Engine:
         self._drop(seq)
         return RECOMPUTE
 
+    def reset(self) -> None:
+        """Drop every job and whatever the device was computing for them (the session ended, or a step
+        failed and the scheduler requeues them): nothing in flight is waited for."""
+        self._in_flight, self._settled = None, StepOutput()
+        for seq in list(self.seqs.values()):
+            self._drop(seq)
+
     def _resume_swapped(self, seq: Sequence) -> None:
         if self.blocks.can_swap_in(seq.job_id):
             self.runner.cache.copy_in(self.blocks.swap_in(seq.job_id))
-            seq.status = SeqStatus.RUNNING
-            self.sched.running.append(seq)
+            self.sched.resume(seq)
         else:                                   # no room to copy back: recompute instead
             self.blocks.free(seq.job_id)
             seq.reset_for_recompute()
@@ -120,35 +152,70 @@ class Engine:
     # -- the step --------------------------------------------------------------------------------
     @property
     def has_work(self) -> bool:
-        return bool(self.sched.running or self.sched.waiting)
+        return bool(self.sched.running or self.sched.waiting or self._in_flight)
 
     def step(self) -> StepOutput:
         started = time.perf_counter()
         plan = self.sched.schedule()
         self.num_preemptions += len(plan.preempted)
-        if plan.empty:
-            return StepOutput()
-        chunks = [self._chunk(c) for c in plan.chunks]
-        logits = self.runner.forward(chunks)
-        for c in plan.chunks:
-            c.seq.num_computed += c.num_tokens
-        sampled = [c.seq for c, chunk in zip(plan.chunks, chunks) if chunk.wants_logits]
-        tokens = sample(logits, [s.sampling for s in sampled], [len(s.output_ids) for s in sampled])
-        out = StepOutput()
-        for seq, token in zip(sampled, tokens):
-            self._append_token(seq, token, out)
+        launched = self._launch(plan) if not plan.empty else None
+        out, self._settled = self._settled, StepOutput()
+        if self._in_flight is not None:                 # overlap: step N+1 is on the device, collect step N
+            self._collect(self._in_flight, out)
+        self._in_flight = launched
+        if launched is not None and not self.overlap:
+            self._collect(launched, out)
+            self._in_flight = None
         out.seconds = time.perf_counter() - started
         return out
 
-    def _chunk(self, c: ScheduledChunk) -> SeqChunk:
-        seq, start = c.seq, c.seq.num_computed
-        return SeqChunk(
-            token_ids=seq.token_slice(start, start + c.num_tokens),
-            start=start,
-            block_table=self.blocks.table(seq.job_id),
-            wants_logits=start + c.num_tokens == seq.num_tokens,
-            seq_id=seq.job_id,
-        )
+    def flush(self) -> StepOutput:
+        """Collect the step in flight, launching nothing; returns everything not yet returned."""
+        self._settle()
+        out, self._settled = self._settled, StepOutput()
+        return out
+
+    def _settle(self) -> None:
+        if self._in_flight is not None:
+            launched, self._in_flight = self._in_flight, None
+            self._collect(launched, self._settled)
+
+    def _launch(self, plan) -> LaunchedStep:
+        prev = self._in_flight.sampled if self._in_flight is not None else None
+        chunks, sampled = [], []
+        for c in plan.chunks:
+            seq = c.seq
+            chunk = self._chunk(seq, c.num_tokens)
+            chunks.append(chunk)
+            seq.num_computed += c.num_tokens
+            if chunk.wants_logits:
+                sampled.append(seq)
+        logits = self.runner.forward(chunks, prev)
+        tokens = sample(logits, [s.sampling for s in sampled], [len(s.output_ids) + s.num_pending for s in sampled])
+        for row, seq in enumerate(sampled):
+            seq.num_pending += 1
+            seq.sample_row = row
+        if tokens.is_cuda:
+            ready = torch.cuda.Event()
+            host = tokens.to("cpu", non_blocking=True)      # pinned destination: the copy does not block
+            ready.record()
+            return LaunchedStep(sampled, tokens, host, ready)
+        return LaunchedStep(sampled, tokens, tokens, None)
+
+    def _chunk(self, seq: Sequence, n: int) -> SeqChunk:
+        start = seq.num_computed
+        wants_logits = start + n == seq.num_tokens
+        if seq.num_pending:           # its one uncomputed token was sampled by the step still in flight
+            assert n == 1 and wants_logits
+            return SeqChunk([0], start, self.blocks.table(seq.job_id), True, seq.job_id, prev_row=seq.sample_row)
+        return SeqChunk(seq.token_slice(start, start + n), start, self.blocks.table(seq.job_id), wants_logits,
+                        seq.job_id)
+
+    def _collect(self, launched: LaunchedStep, out: StepOutput) -> None:
+        for seq, token in zip(launched.seqs, launched.token_ids()):
+            seq.num_pending -= 1
+            if self.seqs.get(seq.job_id) is seq:        # else aborted or finished since it was launched
+                self._append_token(seq, token, out)
 
     def _append_token(self, seq: Sequence, token: int, out: StepOutput) -> None:
         seq.output_ids.append(token)
@@ -164,7 +231,8 @@ class Engine:
     def _finish_reason(self, seq: Sequence, token: int, detok: IncrementalDetokenizer) -> Finish | None:
         if detok.stopped or (token in self.eos_ids and not seq.sampling.ignore_eos):
             return Finish.STOP
-        if len(seq.output_ids) >= seq.sampling.max_tokens or seq.num_tokens >= self.max_model_len:
+        if (len(seq.output_ids) >= seq.sampling.max_tokens
+                or len(seq.prompt_ids) + len(seq.output_ids) >= self.max_model_len):
             return Finish.LENGTH
         return None
 

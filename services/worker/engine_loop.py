@@ -108,6 +108,9 @@ class EngineLoop(threading.Thread):
             self._reset()
             return
         kind = cmd.WhichOneof("kind")
+        if kind in ("preempt", "abort"):
+            # the step in flight first: its tokens must reach the scheduler before the job is preempted
+            self._emit_step(self.engine.flush())
         if kind == "assign":
             a = cmd.assign
             self.engine.add(a.job_id, list(a.prompt_token_ids), sampling_from_proto(a.sampling),
@@ -135,12 +138,12 @@ class EngineLoop(threading.Thread):
         self._send(wpb.WorkerMessage(step_failed=wpb.StepFailed(job_ids=job_ids, error=repr(error)[:500])))
 
     def _reset(self) -> None:
-        for job_id in list(self.engine.seqs):
-            self.engine.abort(job_id)
+        self.engine.reset()
 
     def _emit_step(self, out: StepOutput) -> None:
-        self._step_seconds = 0.8 * self._step_seconds + 0.2 * out.seconds if self._step_seconds else out.seconds
-        metrics.STEP.observe(out.seconds)
+        if out.seconds:                    # a flush (before a preempt or abort) ran no step of its own
+            self._step_seconds = 0.8 * self._step_seconds + 0.2 * out.seconds if self._step_seconds else out.seconds
+            metrics.STEP.observe(out.seconds)
         metrics.GENERATED.inc(sum(len(d.token_ids) for d in out.deltas))
         if out.deltas:
             self._send(wpb.WorkerMessage(tokens=wpb.TokenEvents(deltas=[

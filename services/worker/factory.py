@@ -70,7 +70,8 @@ def build_engine(cfg: WorkerConfig, model=None, tokenizer=None) -> Engine:
              mc.model_type, cfg.device, cfg.dtype, num_blocks, cfg.block_size, max_len)
     return Engine(runner, BlockManager(num_blocks, cfg.block_size, cfg.num_host_blocks), tokenizer,
                   eos_ids=eos_token_ids(model, tokenizer), max_batch=cfg.max_batch,
-                  token_budget=cfg.token_budget, max_model_len=max_len)
+                  token_budget=cfg.token_budget, max_model_len=max_len,
+                  overlap=cfg.overlap_steps and device.type == "cuda")
 
 
 def _fallback_engine(cfg: WorkerConfig, model, tokenizer) -> Engine:

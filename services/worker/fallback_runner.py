@@ -41,7 +41,8 @@ class FallbackRunner:
                     hf_model.config.model_type)
 
     @torch.inference_mode()
-    def forward(self, chunks: list[SeqChunk]) -> torch.Tensor:
+    def forward(self, chunks: list[SeqChunk], prev_sampled: torch.Tensor | None = None) -> torch.Tensor:
+        """`prev_sampled` is never needed: this runner's engine does not overlap steps."""
         from transformers import DynamicCache
 
         logits = []

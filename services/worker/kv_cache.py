@@ -55,4 +55,5 @@ class PagedKVCache:
         for src, dst in zip(src_pair, dst_pair):
             src_slots = self._slot_index(list(src_ids), src.device)
             dst_slots = self._slot_index(list(dst_ids), dst.device)
-            dst[:, dst_slots] = src[:, src_slots].to(dst.device, non_blocking=True)
+            # blocking: a non-blocking copy to the host would be read by the CPU before it had landed
+            dst[:, dst_slots] = src[:, src_slots].to(dst.device)

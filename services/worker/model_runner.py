@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from itertools import chain
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +34,7 @@ class SeqChunk:
     block_table: list[int]
     wants_logits: bool          # the chunk reaches the end of the sequence: sample a next token
     seq_id: str = ""            # only the transformers fallback runner needs it (its caches are per sequence)
+    prev_row: int = -1          # >= 0: a decode whose token is still on the device, row of the last step's ids
 
 
 @dataclass
@@ -39,7 +42,7 @@ class PrefillGroup:
     """A sequence computing several tokens this step (a prompt chunk or a recompute)."""
     rows: slice                     # its tokens in the flat batch
     key_slots: torch.Tensor | None  # [start + n] cache rows of its whole context; None: fresh prompt
-    mask: torch.Tensor | None       # [1, 1, n, start + n] causal mask with the cached offset
+    start: int                      # tokens already cached before this chunk
 
 
 @dataclass
@@ -134,65 +137,86 @@ class ModelRunner:
 
     # -- entry point -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, chunks: list[SeqChunk]) -> torch.Tensor:
-        """Run one step; returns fp32 logits [S, vocab] for the chunks with wants_logits, in order."""
+    def forward(self, chunks: list[SeqChunk], prev_sampled: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one step; returns fp32 logits [S, vocab] for the chunks with wants_logits, in order.
+
+        Nothing here waits for the device: inputs go over in one pinned, non-blocking copy, and a decode
+        whose token was sampled by the previous (maybe still running) step reads it from `prev_sampled`."""
         if all(len(c.token_ids) == 1 and c.wants_logits for c in chunks):
+            batch = self.prepare_decode(chunks, prev_sampled)
             if self.graphs is not None and self.graphs.fits(len(chunks)):
-                return self.graphs.run(self.prepare_decode(chunks, on_device=False))
-            return self.forward_decode(self.prepare_decode(chunks))
-        return self.forward_mixed(self.prepare_mixed(chunks))
+                return self.graphs.run(batch)
+            return self.forward_decode(batch)
+        return self.forward_mixed(self.prepare_mixed(chunks, prev_sampled))
 
-    # -- batch preparation (host side) -----------------------------------------------------------
-    def _slots(self, table: list[int], start: int, end: int) -> torch.Tensor:
-        pos = torch.arange(start, end)
-        return torch.tensor(table, dtype=torch.long)[pos // self.block_size] * self.block_size + pos % self.block_size
+    # -- batch preparation (host side, numpy; one transfer per step) -------------------------------
+    def _to_device(self, *arrays: np.ndarray) -> list[torch.Tensor]:
+        """int64 arrays -> device tensors of the same shapes, through one pinned buffer and one copy."""
+        flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]))
+        if self.device.type == "cuda":
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        out, at = [], 0
+        for a in arrays:
+            out.append(flat[at:at + a.size].view(a.shape))
+            at += a.size
+        return out
 
-    def prepare_mixed(self, chunks: list[SeqChunk]) -> MixedInputs:
-        dev, row = self.device, 0
-        ids, pos, slots, logit_rows, decode, prefills = [], [], [], [], [], []
-        for c in chunks:
-            n, end = len(c.token_ids), c.start + len(c.token_ids)
-            ctx_slots = self._slots(c.block_table, 0, end)
-            if n == 1:
-                decode.append((row, c))
-            elif c.start == 0:
-                prefills.append(PrefillGroup(slice(row, row + n), None, None))
-            else:
-                key_pos, q_pos = torch.arange(end), torch.arange(c.start, end)
-                mask = (key_pos[None, :] <= q_pos[:, None])[None, None].to(dev)
-                prefills.append(PrefillGroup(slice(row, row + n), ctx_slots.to(dev), mask))
-            ids.extend(c.token_ids)
-            pos.extend(range(c.start, end))
-            slots.append(ctx_slots[c.start:])
-            row += n
-            if c.wants_logits:
-                logit_rows.append(row - 1)
-        tables = self._decode_tables([c for _, c in decode]) if decode else torch.zeros(0, 1, dtype=torch.int32)
+    def _tables(self, tables: list[list[int]]) -> np.ndarray:
+        """Block tables padded with the scratch block to a width rounded up to 16 (fewer kernel variants)."""
+        lens = np.fromiter(map(len, tables), np.int64, len(tables))
+        width = max(16, -(-int(lens.max(initial=1)) // 16) * 16)
+        out = np.full((len(tables), width), self.cache.scratch_block, np.int64)
+        out[np.arange(width)[None, :] < lens[:, None]] = np.fromiter(chain.from_iterable(tables), np.int64,
+                                                                      int(lens.sum()))
+        return out
+
+    def _input_ids(self, host_ids: torch.Tensor, prev_rows: torch.Tensor, prev_sampled: torch.Tensor | None):
+        if prev_sampled is None or prev_sampled.numel() == 0:     # no decode can refer to it
+            return host_ids
+        return torch.where(prev_rows >= 0, prev_sampled[prev_rows.clamp(min=0)], host_ids)
+
+    def prepare_decode(self, chunks: list[SeqChunk], prev_sampled: torch.Tensor | None = None) -> DecodeInputs:
+        n, bs = len(chunks), self.block_size
+        pos = np.fromiter((c.start for c in chunks), np.int64, n)
+        ids = np.fromiter((c.token_ids[0] for c in chunks), np.int64, n)
+        prev = np.fromiter((c.prev_row for c in chunks), np.int64, n)
+        tables = self._tables([c.block_table for c in chunks])
+        slots = tables[np.arange(n), pos // bs] * bs + pos % bs
+        ids_t, prev_t, pos_t, slots_t, lens_t, tables_t = self._to_device(ids, prev, pos, slots, pos + 1, tables)
+        return DecodeInputs(input_ids=self._input_ids(ids_t, prev_t, prev_sampled), positions=pos_t, slots=slots_t,
+                            block_tables=tables_t.to(torch.int32), context_lens=lens_t.to(torch.int32))
+
+    def prepare_mixed(self, chunks: list[SeqChunk], prev_sampled: torch.Tensor | None = None) -> MixedInputs:
+        bs = self.block_size
+        sizes = np.fromiter((len(c.token_ids) for c in chunks), np.int64, len(chunks))
+        starts = np.fromiter((c.start for c in chunks), np.int64, len(chunks))
+        rows_end = np.cumsum(sizes)
+        rows_start = rows_end - sizes
+        total = int(rows_end[-1])
+        # per token: its sequence, position and (through the sequence's block table) cache slot
+        owner = np.repeat(np.arange(len(chunks)), sizes)
+        pos = starts[owner] + np.arange(total) - rows_start[owner]
+        tables = self._tables([c.block_table for c in chunks])
+        slots = tables[owner, pos // bs] * bs + pos % bs
+        ids = np.fromiter(chain.from_iterable(c.token_ids for c in chunks), np.int64, total)
+        prev = np.full(total, -1, np.int64)
+        decode = np.flatnonzero(sizes == 1)
+        prev[rows_start[decode]] = np.fromiter((chunks[i].prev_row for i in decode), np.int64, len(decode))
+        logit_rows = rows_end[np.fromiter((c.wants_logits for c in chunks), bool, len(chunks))] - 1
+        # a later prompt chunk attends to its whole context, read back from the cache through its slots
+        cont = [i for i in np.flatnonzero((sizes > 1) & (starts > 0))]
+        ctx = [tables[i, np.arange(starts[i] + sizes[i]) // bs] * bs + np.arange(starts[i] + sizes[i]) % bs
+               for i in cont]
+        dev = self._to_device(ids, prev, pos, slots, rows_start[decode], tables[decode], starts[decode] + 1,
+                              logit_rows, *ctx)
+        ids_t, prev_t, pos_t, slots_t, dec_rows, dec_tables, dec_lens, logit_t = dev[:8]
+        ctx_of = dict(zip(cont, dev[8:]))
+        prefills = [PrefillGroup(slice(int(rows_start[i]), int(rows_end[i])), ctx_of.get(i), int(starts[i]))
+                    for i in np.flatnonzero(sizes > 1)]
         return MixedInputs(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(pos, dtype=torch.long, device=dev),
-            slots=torch.cat(slots).to(dev),
-            decode_rows=torch.tensor([r for r, _ in decode], dtype=torch.long, device=dev),
-            block_tables=tables.to(dev),
-            context_lens=torch.tensor([c.start + 1 for _, c in decode], dtype=torch.int32, device=dev),
-            prefills=prefills,
-            logits_index=torch.tensor(logit_rows, dtype=torch.long, device=dev))
-
-    def _decode_tables(self, chunks: list[SeqChunk]) -> torch.Tensor:
-        width, pad = max(len(c.block_table) for c in chunks), self.cache.scratch_block
-        return torch.tensor([c.block_table + [pad] * (width - len(c.block_table)) for c in chunks], dtype=torch.int32)
-
-    def prepare_decode(self, chunks: list[SeqChunk], on_device: bool = True) -> DecodeInputs:
-        tables = self._decode_tables(chunks)
-        pos, bs = [c.start for c in chunks], self.block_size
-        inputs = DecodeInputs(
-            input_ids=torch.tensor([c.token_ids[0] for c in chunks], dtype=torch.long),
-            positions=torch.tensor(pos, dtype=torch.long),
-            slots=torch.tensor([c.block_table[p // bs] * bs + p % bs for c, p in zip(chunks, pos)], dtype=torch.long),
-            block_tables=tables, context_lens=torch.tensor([p + 1 for p in pos], dtype=torch.int32))
-        if on_device:
-            inputs = DecodeInputs(*(t.to(self.device) for t in vars(inputs).values()))
-        return inputs
+            input_ids=self._input_ids(ids_t, prev_t, prev_sampled), positions=pos_t, slots=slots_t,
+            decode_rows=dec_rows, block_tables=dec_tables.to(torch.int32), context_lens=dec_lens.to(torch.int32),
+            prefills=prefills, logits_index=logit_t)
 
     # -- forward passes --------------------------------------------------------------------------
     def _embed(self, input_ids, positions):
@@ -241,13 +265,17 @@ class ModelRunner:
                                                   batch.block_tables, batch.context_lens, self.block_size, self.scale)
         gqa = self.num_kv_heads != self.num_heads
         for g in batch.prefills:
+            mask = None
             if g.key_slots is None:       # fresh prompt: causal attention over its own new K/V
                 keys, values = k[g.rows], v[g.rows]
             else:                         # a later chunk: its whole context comes from the cache
                 keys, values = self.cache.gather(layer_idx, g.key_slots)
+                end = keys.shape[0]       # causal with the cached offset, built on the device (no host sync)
+                mask = (torch.arange(end, device=q.device)[None, :]
+                        <= torch.arange(g.start, end, device=q.device)[:, None])[None, None]
             o = F.scaled_dot_product_attention(q[g.rows].transpose(0, 1)[None], keys.transpose(0, 1)[None],
-                                               values.transpose(0, 1)[None], attn_mask=g.mask,
-                                               is_causal=g.mask is None, scale=self.scale, enable_gqa=gqa)
+                                               values.transpose(0, 1)[None], attn_mask=mask,
+                                               is_causal=mask is None, scale=self.scale, enable_gqa=gqa)
             out[g.rows] = o[0].transpose(0, 1)
         return out
 

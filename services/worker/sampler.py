@@ -18,6 +18,12 @@ def _generator(seed: int, token_index: int, device: torch.device) -> torch.Gener
     return gen
 
 
+def _on(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
+    """A small host list on the device without a stream sync (a pageable copy would wait for the GPU)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                    top_p: torch.Tensor) -> torch.Tensor:
     """logits [S, V]; per-row temperature (> 0), top_k (0 = off) and top_p -> probabilities [S, V]."""
@@ -31,22 +37,23 @@ def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
     return torch.zeros_like(scaled).scatter(-1, order, sorted_logits.softmax(-1))
 
 
-def sample(logits: torch.Tensor, samplings: list[Sampling], token_indices: list[int]) -> list[int]:
-    """logits [S, vocab] fp32 -> one token id per row."""
+def sample(logits: torch.Tensor, samplings: list[Sampling], token_indices: list[int]) -> torch.Tensor:
+    """logits [S, vocab] fp32 -> one token id per row [S] int64, on the logits' device (no host sync)."""
     chosen = logits.argmax(dim=-1)
     rows = [i for i, sp in enumerate(samplings) if not sp.greedy]
     if rows:
         dev = logits.device
         sp = [samplings[i] for i in rows]
-        probs = filtered_probs(logits[rows],
-                               torch.tensor([s.temperature for s in sp], device=dev),
-                               torch.tensor([s.top_k for s in sp], device=dev),
-                               torch.tensor([s.top_p for s in sp], device=dev))
+        probs = filtered_probs(logits[_on(dev, rows, torch.long)],
+                               _on(dev, [s.temperature for s in sp], torch.float32),
+                               _on(dev, [s.top_k for s in sp], torch.long),
+                               _on(dev, [s.top_p for s in sp], torch.float32))
         unseeded = [j for j, s in enumerate(sp) if s.seed is None]
         if unseeded:
-            chosen[[rows[j] for j in unseeded]] = torch.multinomial(probs[unseeded], 1)[:, 0]
+            chosen[_on(dev, [rows[j] for j in unseeded], torch.long)] = torch.multinomial(
+                probs[_on(dev, unseeded, torch.long)], 1)[:, 0]
         for j, s in enumerate(sp):
             if s.seed is not None:
                 gen = _generator(s.seed, token_indices[rows[j]], dev)
                 chosen[rows[j]] = torch.multinomial(probs[j], 1, generator=gen)[0]
-    return chosen.tolist()
+    return chosen

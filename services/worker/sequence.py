@@ -33,12 +33,16 @@ class Sampling:
         return self.temperature <= 0.0
 
 
-@dataclass
+@dataclass(eq=False)      # compared by identity: the step scheduler keeps sequences in sets and dicts
 class Sequence:
     """A job on this worker. Scheduling is token-centric: `num_computed` catches up to `num_tokens`.
 
     A fresh job, a job resumed after recompute-preemption and a job recovered from a lost worker are
     the same thing: prompt + output tokens of which nothing is computed yet.
+
+    With overlapped steps, a token sampled on the GPU is known to the host only a step later:
+    `num_pending` counts such tokens (0 or 1 when a step is planned); the next step feeds the pending
+    token to the model straight from the GPU (`sample_row`: its row in the last step's sampled ids).
     """
 
     job_id: str
@@ -49,10 +53,17 @@ class Sequence:
     num_computed: int = 0                  # tokens whose KV is in the cache
     finish: Finish | None = None
     num_preemptions: int = 0
+    num_pending: int = 0                   # sampled on the device, not yet appended to output_ids
+    sample_row: int = -1                   # row of the latest pending token in its step's sampled ids
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
+
+    def reaches_length(self, max_model_len: int) -> bool:
+        """Its pending tokens already end it by length: no further step for it."""
+        return (len(self.output_ids) + self.num_pending >= self.sampling.max_tokens
+                or self.num_tokens >= max_model_len)
 
     @property
     def num_uncomputed(self) -> int:

@@ -4,6 +4,11 @@ Token-centric: each running sequence gets its uncomputed tokens (1 for decode, a
 decodes first, then prefill chunks under the token budget, so a long prompt never stalls running
 decodes. When the KV pool cannot grow, the most recently admitted sequence is preempted by recompute
 (its blocks freed; it waits at the front) until the others fit. Pure Python over the BlockManager.
+
+`running` is an insertion-ordered dict used as an ordered set: membership and removal are O(1) (a list
+made every step O(batch^2), most of the host time at batch 128). A sequence whose pending token already
+ends it by length is skipped (the step that sampled that token finishes it); one with a pending token is
+never admitted from the waiting queue, since its tokens must all be known to prefill them.
 """
 from __future__ import annotations
 
@@ -31,21 +36,27 @@ class StepPlan:
 
 
 class StepScheduler:
-    def __init__(self, blocks: BlockManager, max_batch: int, token_budget: int):
+    def __init__(self, blocks: BlockManager, max_batch: int, token_budget: int, max_model_len: int):
         self.blocks = blocks
         self.max_batch = max_batch
         self.token_budget = token_budget
-        self.running: list[Sequence] = []        # admission order: the last one is preempted first
+        self.max_model_len = max_model_len
+        self.running: dict[Sequence, None] = {}  # admission order: the last one is preempted first
         self.waiting: deque[Sequence] = deque()
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
 
+    def resume(self, seq: Sequence) -> None:
+        """A sequence whose KV is back in place (swapped in) runs again from the next step."""
+        seq.status = SeqStatus.RUNNING
+        self.running[seq] = None
+
     def remove(self, seq: Sequence) -> None:
         if seq in self.running:
-            self.running.remove(seq)
-        if seq in self.waiting:
+            del self.running[seq]
+        elif seq in self.waiting:
             self.waiting.remove(seq)
 
     def schedule(self) -> StepPlan:
@@ -56,10 +67,10 @@ class StepScheduler:
             if seq not in self.running:          # preempted by an earlier iteration of this loop
                 continue
             n = min(seq.num_uncomputed, budget)
-            if n == 0:
+            if n == 0 or (seq.num_pending and seq.reaches_length(self.max_model_len)):
                 continue
             while not self.blocks.can_grow(seq.job_id, seq.num_computed + n):
-                victim = self.running[-1]
+                victim = next(reversed(self.running))
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is seq:
@@ -77,19 +88,21 @@ class StepScheduler:
         admitted = []
         while self.waiting and budget > 0 and len(self.running) < self.max_batch:
             seq = self.waiting[0]
+            if seq.num_pending:                  # preempted while its last token was in flight: next step
+                break
             n = min(seq.num_uncomputed, budget)
             if not self.blocks.can_grow(seq.job_id, seq.num_computed + n):
                 break
             self.waiting.popleft()
             self.blocks.grow(seq.job_id, seq.num_computed + n)
             seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
+            self.running[seq] = None
             admitted.append(ScheduledChunk(seq, n))
             budget -= n
         return admitted
 
     def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+        del self.running[seq]
         self.blocks.free(seq.job_id)
         seq.reset_for_recompute()
         self.waiting.appendleft(seq)
