@@ -31,16 +31,18 @@ class WorkerConfig:
     enforce_eager: bool = False          # GPU: no CUDA graphs for decode steps
     overlap_steps: bool = True           # GPU: plan and launch step N+1 while step N runs (engine.py)
     num_host_blocks: int = 512           # swap space in host memory
-    max_batch: int = 16
-    token_budget: int = 512              # tokens per engine step (prefill chunks + decodes)
+    max_batch: int = 0                   # sequences per step; 0 = auto (CPU 16; GPU from the KV pool's room)
+    token_budget: int = 0                # tokens per step (prefill chunks + decodes); 0 = auto (CPU 512, GPU 4096)
     max_model_len: int = 0               # 0: the model's context, capped by the KV pool
     load_report_s: float = 0.2
     drain_timeout_s: float = 30.0
 
     def __post_init__(self):
-        for name in ("block_size", "max_batch", "token_budget"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0")
+        if self.block_size <= 0:
+            raise ValueError("block_size must be > 0")
+        for name in ("max_batch", "token_budget"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = auto)")
         if self.num_blocks < 0:
             raise ValueError("num_blocks must be >= 0 (0 = auto)")
         if not 0 < self.gpu_memory_utilization <= 1:

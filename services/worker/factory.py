@@ -3,17 +3,27 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
-import torch
+# Set before CUDA starts: growing segments instead of fixed ones, so step shapes that vary every step do not
+# fragment the activation memory left beside the KV pool.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
 
 from services.worker.block_manager import BlockManager
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
 from services.worker.kv_cache import PagedKVCache
-from services.worker.model_runner import SUPPORTED_MODEL_TYPES, ModelRunner, load_hf_model
+from services.worker.model_runner import SUPPORTED_MODEL_TYPES, ModelRunner, SeqChunk, load_hf_model
+from services.worker.sampler import sample
+from services.worker.sequence import Sampling
 
 log = logging.getLogger("alise.worker")
 CPU_DEFAULT_BLOCKS = 512
+CPU_BATCH, CPU_TOKEN_BUDGET, GPU_TOKEN_BUDGET = 16, 512, 4096
+GPU_MAX_BATCH = 512                   # more buys little: past it a step is bound by reading the KV, not weights
+TOKENS_PER_SEQUENCE = 1024            # KV room reckoned per running sequence when sizing the batch
 GPU_ACTIVATION_RESERVE = 2 << 30      # bytes kept free for activations, logits and graph pools
 
 
@@ -40,6 +50,16 @@ def kv_block_count(cfg: WorkerConfig, device: torch.device, bytes_per_block: int
     return int(budget // bytes_per_block)
 
 
+def batch_limits(cfg: WorkerConfig, device: torch.device, kv_tokens: int) -> tuple[int, int]:
+    """(max sequences, max tokens) per step. On a GPU the batch grows with the KV room: the decode step's cost
+    is mostly reading the weights once, so throughput rises with the batch until the KV reads dominate
+    (docs/BENCHMARKS.md, the max-batch curve), as long as the running sequences' KV fits."""
+    if device.type != "cuda":
+        return cfg.max_batch or CPU_BATCH, cfg.token_budget or CPU_TOKEN_BUDGET
+    auto = max(16, min(GPU_MAX_BATCH, kv_tokens // TOKENS_PER_SEQUENCE // 16 * 16))
+    return cfg.max_batch or auto, cfg.token_budget or GPU_TOKEN_BUDGET
+
+
 def build_engine(cfg: WorkerConfig, model=None, tokenizer=None) -> Engine:
     """`model` / `tokenizer` may be given (benchmarks build random-weight models from a config)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -61,17 +81,48 @@ def build_engine(cfg: WorkerConfig, model=None, tokenizer=None) -> Engine:
     max_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings,
                   num_blocks * cfg.block_size)
     runner = ModelRunner(model, cache)
+    max_batch, token_budget = batch_limits(cfg, device, num_blocks * cfg.block_size)
     if device.type == "cuda" and not cfg.enforce_eager:
         from services.worker.cuda_graphs import DecodeGraphs
 
-        runner.graphs = DecodeGraphs(runner, cfg.max_batch, max_len)
+        runner.graphs = DecodeGraphs(runner, max_batch, max_len)
         runner.graphs.capture()
-    log.info("engine: %s on %s/%s, KV pool %d blocks x %d tokens, max_model_len %d",
-             mc.model_type, cfg.device, cfg.dtype, num_blocks, cfg.block_size, max_len)
-    return Engine(runner, BlockManager(num_blocks, cfg.block_size, cfg.num_host_blocks), tokenizer,
-                  eos_ids=eos_token_ids(model, tokenizer), max_batch=cfg.max_batch,
-                  token_budget=cfg.token_budget, max_model_len=max_len,
-                  overlap=cfg.overlap_steps and device.type == "cuda")
+    log.info("engine: %s on %s/%s, KV pool %d blocks x %d tokens, max_model_len %d, batch %d seqs / %d tokens",
+             mc.model_type, cfg.device, cfg.dtype, num_blocks, cfg.block_size, max_len, max_batch, token_budget)
+    engine = Engine(runner, BlockManager(num_blocks, cfg.block_size, cfg.num_host_blocks), tokenizer,
+                    eos_ids=eos_token_ids(model, tokenizer), max_batch=max_batch,
+                    token_budget=token_budget, max_model_len=max_len,
+                    overlap=cfg.overlap_steps and device.type == "cuda")
+    if device.type == "cuda":
+        warm_up(engine)
+    return engine
+
+
+def warm_up(engine: Engine) -> None:
+    """Run the kinds of mixed step a worker meets before it takes jobs, so Triton's kernel variants compile,
+    cuBLAS picks its algorithms and the caching allocator reserves the peak activation memory now. Before
+    this, the first requests after a start ran about half as fast per token as later ones."""
+    started = time.perf_counter()
+    runner, blocks = engine.runner, engine.blocks
+    budget = min(engine.sched.token_budget, engine.max_model_len)
+    decodes = min(engine.sched.max_batch, max(1, budget // 4))
+    shapes = [[(0, budget)],                                       # one long prompt chunk
+              [(0, 48)] * max(1, (budget - decodes) // 48) + [(32, 1)] * decodes,   # short prompts + decodes
+              [(min(128, budget // 2), budget // 2)] + [(32, 1)] * min(decodes, budget // 2)]  # a later chunk
+    for shape in shapes:
+        ids = [f"warm-up-{i}" for i in range(len(shape))]
+        needed = sum(blocks.extra_blocks("", start + n) for start, n in shape)
+        if needed > blocks.num_free:
+            continue
+        chunks = [SeqChunk([1] * n, start, blocks.grow(i, start + n), True, i) for i, (start, n) in zip(ids, shape)]
+        with torch.inference_mode():
+            logits = runner.forward(chunks)
+            sample(logits, [Sampling(), Sampling(temperature=0.8, top_p=0.9, top_k=20)] * (len(chunks) // 2)
+                   + [Sampling()] * (len(chunks) % 2), list(range(len(chunks))))
+        for i in ids:
+            blocks.free(i)
+    torch.cuda.synchronize()
+    log.info("warm-up steps ran in %.1f s", time.perf_counter() - started)
 
 
 def _fallback_engine(cfg: WorkerConfig, model, tokenizer) -> Engine:
@@ -83,5 +134,5 @@ def _fallback_engine(cfg: WorkerConfig, model, tokenizer) -> Engine:
     max_len = min(cfg.max_model_len or max_positions, max_positions, num_blocks * cfg.block_size)
     return Engine(FallbackRunner(model, cfg.block_size, num_blocks),
                   BlockManager(num_blocks, cfg.block_size, cfg.num_host_blocks), tokenizer,
-                  eos_ids=eos_token_ids(model, tokenizer), max_batch=cfg.max_batch,
-                  token_budget=cfg.token_budget, max_model_len=max_len)
+                  eos_ids=eos_token_ids(model, tokenizer), max_batch=cfg.max_batch or CPU_BATCH,
+                  token_budget=cfg.token_budget or CPU_TOKEN_BUDGET, max_model_len=max_len)

@@ -17,12 +17,14 @@ from itertools import chain
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from services.worker.attention import paged_decode
 from services.worker.fused_ops import rmsnorm, rope_, silu_mul
 from services.worker.kv_cache import PagedKVCache
 
 log = logging.getLogger("alise.worker.runner")
+PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}
 
 
@@ -253,7 +255,11 @@ class ModelRunner:
 
     def forward_mixed(self, batch: MixedInputs) -> torch.Tensor:
         h, cos, sin = self._embed(batch.input_ids, batch.positions)
-        h = self._layers(h, cos, sin, batch.slots, lambda i, q, k, v: self._attend_mixed(i, q, k, v, batch))
+        # cuDNN's attention builds a plan for every new sequence length it meets (tens of ms each): the first
+        # pass over a real mix of prompt lengths ran half as fast as later ones. Flash / memory-efficient
+        # kernels need no plan.
+        with sdpa_kernel(PREFILL_BACKENDS):
+            h = self._layers(h, cos, sin, batch.slots, lambda i, q, k, v: self._attend_mixed(i, q, k, v, batch))
         if batch.logits_index.numel() == 0:
             return torch.empty(0, self.vocab_size, device=self.device)
         return self._logits(h[batch.logits_index])
@@ -270,12 +276,16 @@ class ModelRunner:
                 keys, values = k[g.rows], v[g.rows]
             else:                         # a later chunk: its whole context comes from the cache
                 keys, values = self.cache.gather(layer_idx, g.key_slots)
+                if gqa:                   # the memory-efficient kernel (the one taking a mask) has no GQA
+                    group = self.num_heads // self.num_kv_heads
+                    keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
                 end = keys.shape[0]       # causal with the cached offset, built on the device (no host sync)
                 mask = (torch.arange(end, device=q.device)[None, :]
                         <= torch.arange(g.start, end, device=q.device)[:, None])[None, None]
             o = F.scaled_dot_product_attention(q[g.rows].transpose(0, 1)[None], keys.transpose(0, 1)[None],
                                                values.transpose(0, 1)[None], attn_mask=mask,
-                                               is_causal=mask is None, scale=self.scale, enable_gqa=gqa)
+                                               is_causal=mask is None, scale=self.scale,
+                                               enable_gqa=gqa and mask is None)
             out[g.rows] = o[0].transpose(0, 1)
         return out
 
