@@ -72,9 +72,13 @@ def job_status(stub, request_id: str):
 def hf_greedy(hf_model, tokenizer, prompt: str, n: int) -> list[int]:
     """Reference: transformers' own forward with its KV cache, greedy, n tokens, EOS not special
     (like ignore_eos; `generate(min_new_tokens=...)` would instead forbid EOS and change the argmax)."""
+    return hf_greedy_ids(hf_model, tokenizer.encode(prompt, add_special_tokens=False), n)
+
+
+def hf_greedy_ids(hf_model, prompt_ids: list[int], n: int) -> list[int]:
     import torch
 
-    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)])
+    ids = torch.tensor([prompt_ids])
     out, past = [], None
     with torch.inference_mode():
         for _ in range(n):

@@ -81,3 +81,83 @@ def test_random_operations_never_leak_or_share_blocks(seed):
         assert len(set(used)) == bm.num_used                          # shared blocks counted once
         assert all(bm._refs[b] == used.count(b) for b in set(used))
         assert bm.num_free + bm.num_used == bm.num_total
+
+
+def computed(bm: BlockManager, seq_id: str, tokens: list[int]) -> None:
+    """What the engine does: blocks for the tokens, then their KV is written and full blocks registered."""
+    bm.grow(seq_id, len(tokens))
+    bm.register_computed(seq_id, len(tokens), lambda a, b: tokens[a:b])
+
+
+def test_prefix_cache_shares_the_longest_registered_prefix():
+    bm = BlockManager(num_blocks=16, block_size=4, prefix_caching=True)
+    a = list(range(100, 110))                           # 2 full blocks + 2 tokens
+    computed(bm, "a", a)
+    assert bm.num_cached == 2
+    b = a[:9] + [7, 7, 7]                               # same first 2 blocks, then its own
+    assert bm.match_prefix("b", b) == 8
+    assert bm.table("b") == bm.table("a")[:2] and bm._refs[bm.table("a")[0]] == 2
+    assert bm.match_prefix("c", a[:5] + [1, 2, 3, 4]) == 4          # one block in common
+    assert bm.match_prefix("d", [9] + a[1:]) == 0                   # differs in the first token: no hit
+    assert bm.match_prefix("e", a[:8]) == 4             # fully cached: the last block is computed again
+
+
+def test_cached_blocks_outlive_their_sequence_until_evicted_lru():
+    bm = BlockManager(num_blocks=4, block_size=4, prefix_caching=True)
+    old, new = [1] * 8, [2] * 8
+    computed(bm, "old", old + [0])                      # 3 blocks, 2 registered
+    bm.free("old")
+    assert bm.num_used == 0 and bm.num_free == 4 and bm.num_cached == 2     # kept, yet free to take
+    computed(bm, "new", new + [0])                      # takes the never-used block and evicts old's first
+    bm.free("new")
+    assert bm.match_prefix("again", old + [5]) == 0     # its first block is gone, so no prefix hit
+    bm.free("again")
+    assert bm.match_prefix("n2", new + [5]) == 8        # the newer prefix is still there
+    assert bm.num_free + bm.num_used == bm.num_total
+
+
+def test_prefix_caching_off_never_matches():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    computed(bm, "a", list(range(9)))
+    assert bm.num_cached == 0 and bm.match_prefix("b", list(range(9))) == 0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_operations_with_prefix_cache_keep_accounting(seed):
+    rng = random.Random(seed)
+    bm = BlockManager(num_blocks=24, block_size=4, num_host_blocks=8, prefix_caching=True)
+    tokens: dict[str, list[int]] = {}
+    for _ in range(600):
+        sid = f"s{rng.randrange(6)}"
+        op = rng.random()
+        if op < 0.3 and sid not in tokens and not bm.is_swapped(sid):
+            toks = [rng.randrange(3) for _ in range(rng.randrange(1, 20))]   # few symbols: many shared prefixes
+            hit = bm.match_prefix(sid, toks)
+            assert hit % 4 == 0 and hit < len(toks)
+            if bm.can_grow(sid, len(toks)):
+                computed(bm, sid, toks)
+                tokens[sid] = toks
+            else:
+                bm.free(sid)
+        elif op < 0.6 and sid in tokens and not bm.is_swapped(sid):
+            toks = tokens[sid] + [rng.randrange(3) for _ in range(rng.randrange(1, 6))]
+            if bm.can_grow(sid, len(toks)):
+                computed(bm, sid, toks)
+                tokens[sid] = toks
+        elif op < 0.7 and sid in tokens and not bm.is_swapped(sid) and bm.can_swap_out(sid):
+            bm.swap_out(sid)
+        elif op < 0.8 and bm.is_swapped(sid) and bm.can_swap_in(sid):
+            bm.swap_in(sid)
+        else:
+            bm.free(sid)
+            tokens.pop(sid, None)
+        held = [b for s in tokens if not bm.is_swapped(s) for b in bm.table(s)]
+        assert len(set(held)) == bm.num_used
+        assert all(bm._refs[b] == held.count(b) for b in set(held))
+        assert bm.num_free + bm.num_used == bm.num_total
+        assert set(bm._evictable).isdisjoint(held) and set(bm._evictable) <= set(bm._key_of)
+        # a cached block holds the tokens its key names: every holder's matching block agrees
+        for s in tokens:
+            if not bm.is_swapped(s):
+                for i, key in enumerate(bm._seq_keys.get(s, [])):
+                    assert key[1] == tuple(tokens[s][4 * i:4 * i + 4])

@@ -8,7 +8,7 @@ from services.worker.config import WorkerConfig
 from services.worker.engine import RECOMPUTE, SWAP, Engine
 from services.worker.factory import build_engine
 from services.worker.sequence import Finish, Sampling
-from tests.helpers import hf_greedy
+from tests.helpers import hf_greedy, hf_greedy_ids
 
 PROMPTS = [
     "The capital of France is",
@@ -182,3 +182,19 @@ def test_other_architectures_fall_back_to_transformers(tmp_path):
     done = run_to_end(engine)
     assert a_first + done["a"][0] == ref and b_first + done["b"][0] == ref
     assert not engine.runner._caches                                             # released when finished
+
+
+def test_prefix_cache_hits_give_the_same_tokens(engine, tokenizer, hf_model):
+    """A second turn resends the first turn's prompt and answer: their full blocks come from the prefix
+    cache, and the tokens are still transformers' greedy ones (so are those of a recompute that hits)."""
+    first = " ".join(PROMPTS) + " " + PROMPTS[2]
+    ids = tokenizer.encode(first, add_special_tokens=False)
+    engine.add("t1", ids, Sampling(max_tokens=24, ignore_eos=True))
+    answer = run_to_end(engine)["t1"][0]
+    second = ids + answer + tokenizer.encode(" Tell me more.", add_special_tokens=False)
+    before = engine.sched.cached_tokens
+    engine.add("t2", second, Sampling(max_tokens=24, ignore_eos=True))
+    tokens = run_to_end(engine)["t2"][0]
+    hit = engine.sched.cached_tokens - before
+    assert hit >= (len(ids) + len(answer)) // 16 * 16 - 16 and hit % 16 == 0
+    assert tokens == hf_greedy_ids(hf_model, second, 24)

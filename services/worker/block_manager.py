@@ -10,10 +10,20 @@ Device blocks are reference-counted: `share` lets a sequence start with another'
 common system prompt, a forked sequence) without copying; a block returns to the free list when the last
 table holding it lets go.
 
-Invariants (asserted): a device block is free exactly when its reference count is 0, and its count equals
-the number of tables holding it; free + used == total, for the device and the host pool alike.
+Prefix caching: a *full* block whose tokens are computed is registered under a key of its token prefix
+(the previous block's key hash + its own 16 token ids). A new sequence starts with the cached blocks of its
+longest registered prefix (refcount + 1) and computes only the rest. A registered block whose count falls
+to 0 keeps its KV and waits, least recently used first, in `_evictable`; it is handed out again (and
+forgotten) only when the free list is empty. Multi-turn chats, which resend their history, and shared
+system prompts hit it.
+
+Invariants (asserted): a device block is unused exactly when its reference count is 0, and its count equals
+the number of tables holding it; free + evictable + used == total; host: free + swapped == total.
 """
 from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -41,13 +51,21 @@ class BlockPool:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0):
+    def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0, prefix_caching: bool = False):
         self.block_size = block_size
         self.device = BlockPool(num_blocks)
         self.host = BlockPool(num_host_blocks)
+        self.prefix_caching = prefix_caching
         self._refs = [0] * num_blocks
         self._tables: dict[str, list[int]] = {}
         self._swapped: dict[str, list[int]] = {}
+        # prefix cache: key -> block, block -> key, cached blocks nobody holds (LRU order), and per sequence
+        # the keys of its leading blocks registered so far. Key: (previous key's hash, the block's tokens):
+        # the tokens compare exactly, the chain by a 64-bit hash.
+        self._cached: dict[tuple, int] = {}
+        self._key_of: dict[int, tuple] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()
+        self._seq_keys: dict[str, list[tuple]] = {}
 
     # -- queries ------------------------------------------------------------------------------
     @property
@@ -56,11 +74,16 @@ class BlockManager:
 
     @property
     def num_free(self) -> int:
-        return self.device.num_free
+        """Blocks a sequence can take: never used, or cached with nobody holding them."""
+        return self.device.num_free + len(self._evictable)
 
     @property
     def num_used(self) -> int:
-        return self.device.num_blocks - self.device.num_free
+        return self.device.num_blocks - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._cached)
 
     @property
     def num_swapped(self) -> int:
@@ -78,16 +101,75 @@ class BlockManager:
         return max(0, blocks_for(num_tokens, self.block_size) - len(self.table(seq_id)))
 
     def can_grow(self, seq_id: str, num_tokens: int) -> bool:
-        return self.extra_blocks(seq_id, num_tokens) <= self.device.num_free
+        return self.extra_blocks(seq_id, num_tokens) <= self.num_free
 
     def grow(self, seq_id: str, num_tokens: int) -> list[int]:
         """Extend the sequence's table to cover `num_tokens`; call can_grow first."""
         table = self._tables.setdefault(seq_id, [])
-        fresh = self.device.take(self.extra_blocks(seq_id, num_tokens))
-        for b in fresh:
-            self._refs[b] = 1
-        table.extend(fresh)
+        extra = self.extra_blocks(seq_id, num_tokens)
+        if extra:
+            fresh = self._take(extra)
+            for b in fresh:
+                self._refs[b] = 1
+            table.extend(fresh)
         return table
+
+    def _take(self, n: int) -> list[int]:
+        """n unused blocks: never-used ones first, then the least recently used cached ones (forgotten)."""
+        short = n - self.device.num_free
+        evicted = []
+        for _ in range(max(0, short)):
+            block, _ = self._evictable.popitem(last=False)
+            del self._cached[self._key_of.pop(block)]
+            evicted.append(block)
+        return self.device.take(n - len(evicted)) + evicted
+
+    # -- prefix cache ------------------------------------------------------------------------------
+    def _key(self, parent: tuple | None, tokens: list[int]) -> tuple:
+        return (hash(parent) if parent is not None else 0, tuple(tokens))
+
+    def match_prefix(self, seq_id: str, token_ids: list[int]) -> int:
+        """A sequence about to be prefilled from scratch takes the cached blocks of its longest registered
+        prefix; returns how many tokens they hold. At least one token is always left to compute (the step
+        needs it for logits), so a fully cached prompt recomputes its last block into a fresh one."""
+        assert seq_id not in self._tables, "match_prefix is for a sequence holding no blocks"
+        if not self.prefix_caching:
+            return 0
+        bs, keys, blocks = self.block_size, [], []
+        parent = None
+        for i in range((len(token_ids) - 1) // bs):
+            key = self._key(parent, token_ids[i * bs:(i + 1) * bs])
+            block = self._cached.get(key)
+            if block is None:
+                break
+            keys.append(key)
+            blocks.append(block)
+            parent = key
+        for b in blocks:
+            if self._refs[b] == 0:
+                del self._evictable[b]
+            self._refs[b] += 1
+        self._tables[seq_id] = blocks
+        self._seq_keys[seq_id] = keys
+        return len(blocks) * bs
+
+    def register_computed(self, seq_id: str, num_computed: int, tokens: Callable[[int, int], list[int]]) -> None:
+        """The sequence's first `num_computed` tokens (`tokens(start, stop)` gives them) have their KV in its
+        blocks: register its newly full blocks. A prefix registered first by someone else keeps its block;
+        ours then stays private. Called every step, so the common case (no new full block) returns at once."""
+        keys = self._seq_keys.setdefault(seq_id, [])
+        full = num_computed // self.block_size
+        if full <= len(keys) or not self.prefix_caching:
+            return
+        table, bs = self._tables[seq_id], self.block_size
+        parent = keys[-1] if keys else None
+        for i in range(len(keys), full):
+            key = self._key(parent, tokens(i * bs, (i + 1) * bs))
+            if key not in self._cached and table[i] not in self._key_of:
+                self._cached[key] = table[i]
+                self._key_of[table[i]] = key
+            keys.append(key)
+            parent = key
 
     def share(self, src_id: str, dst_id: str, num_tokens: int) -> list[int]:
         """Start `dst_id` with the full blocks of `src_id` covering its first `num_tokens` tokens."""
@@ -103,11 +185,15 @@ class BlockManager:
             assert self._refs[b] > 0
             self._refs[b] -= 1
             if self._refs[b] == 0:
-                self.device.give_back([b])
+                if b in self._key_of:               # keeps its KV for a later hit until it is needed
+                    self._evictable[b] = None
+                else:
+                    self.device.give_back([b])
 
     def free(self, seq_id: str) -> None:
         """Release everything the sequence holds, on the device and in host swap space."""
         self._release(self._tables.pop(seq_id, []))
+        self._seq_keys.pop(seq_id, None)
         self.host.give_back(self._swapped.pop(seq_id, []))
 
     # -- swapping: return (src, dst) block mappings for the runner to copy ------------------------
@@ -116,17 +202,18 @@ class BlockManager:
 
     def swap_out(self, seq_id: str) -> list[tuple[int, int]]:
         device_ids = self._tables.pop(seq_id)
+        self._seq_keys.pop(seq_id, None)       # its blocks come back fresh: registered again as computed
         host_ids = self.host.take(len(device_ids))
         self._swapped[seq_id] = host_ids
         self._release(device_ids)           # shared blocks stay on the device for their other holders
         return list(zip(device_ids, host_ids))
 
     def can_swap_in(self, seq_id: str) -> bool:
-        return len(self._swapped[seq_id]) <= self.device.num_free
+        return len(self._swapped[seq_id]) <= self.num_free
 
     def swap_in(self, seq_id: str) -> list[tuple[int, int]]:
         host_ids = self._swapped.pop(seq_id)
-        device_ids = self.device.take(len(host_ids))
+        device_ids = self._take(len(host_ids))
         for b in device_ids:
             self._refs[b] = 1
         self._tables[seq_id] = device_ids

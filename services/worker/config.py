@@ -29,6 +29,7 @@ class WorkerConfig:
     num_blocks: int = 0                  # KV pool size; 0 = auto (CPU: 512, GPU: gpu_memory_utilization)
     gpu_memory_utilization: float = 0.90 # share of GPU memory for weights + activations + KV pool
     enforce_eager: bool = False          # GPU: no CUDA graphs for decode steps
+    prefix_caching: bool = True          # reuse the KV of full blocks whose token prefix was seen before
     overlap_steps: bool = True           # GPU: plan and launch step N+1 while step N runs (engine.py)
     num_host_blocks: int = 512           # swap space in host memory
     max_batch: int = 0                   # sequences per step; 0 = auto (CPU 16; GPU from the KV pool's room)

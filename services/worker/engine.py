@@ -188,6 +188,9 @@ class Engine:
             chunk = self._chunk(seq, c.num_tokens)
             chunks.append(chunk)
             seq.num_computed += c.num_tokens
+            # full blocks whose tokens the host knows (not a pending one) join the prefix cache
+            self.blocks.register_computed(seq.job_id, min(seq.num_computed, seq.num_tokens - seq.num_pending),
+                                          seq.token_slice)
             if chunk.wants_logits:
                 sampled.append(seq)
         logits = self.runner.forward(chunks, prev)

@@ -89,7 +89,7 @@ def build_engine(cfg: WorkerConfig, model=None, tokenizer=None) -> Engine:
         runner.graphs.capture()
     log.info("engine: %s on %s/%s, KV pool %d blocks x %d tokens, max_model_len %d, batch %d seqs / %d tokens",
              mc.model_type, cfg.device, cfg.dtype, num_blocks, cfg.block_size, max_len, max_batch, token_budget)
-    engine = Engine(runner, BlockManager(num_blocks, cfg.block_size, cfg.num_host_blocks), tokenizer,
+    engine = Engine(runner, BlockManager(num_blocks, cfg.block_size, cfg.num_host_blocks, cfg.prefix_caching), tokenizer,
                     eos_ids=eos_token_ids(model, tokenizer), max_batch=max_batch,
                     token_budget=token_budget, max_model_len=max_len,
                     overlap=cfg.overlap_steps and device.type == "cuda")

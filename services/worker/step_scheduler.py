@@ -43,6 +43,8 @@ class StepScheduler:
         self.max_model_len = max_model_len
         self.running: dict[Sequence, None] = {}  # admission order: the last one is preempted first
         self.waiting: deque[Sequence] = deque()
+        self.admitted_tokens = 0                 # tokens of admitted sequences to be computed from scratch
+        self.cached_tokens = 0                   # of which found in the prefix cache (no prefill)
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
@@ -90,9 +92,18 @@ class StepScheduler:
             seq = self.waiting[0]
             if seq.num_pending:                  # preempted while its last token was in flight: next step
                 break
+            fresh = seq.num_computed == 0 and not self.blocks.table(seq.job_id)
+            if fresh:
+                seq.num_computed = self.blocks.match_prefix(seq.job_id, seq.token_slice(0, seq.num_tokens))
             n = min(seq.num_uncomputed, budget)
             if not self.blocks.can_grow(seq.job_id, seq.num_computed + n):
+                if fresh:                        # give the cached prefix back while it waits
+                    self.blocks.free(seq.job_id)
+                    seq.num_computed = 0
                 break
+            if fresh:
+                self.admitted_tokens += seq.num_tokens
+                self.cached_tokens += seq.num_computed
             self.waiting.popleft()
             self.blocks.grow(seq.job_id, seq.num_computed + n)
             seq.status = SeqStatus.RUNNING
