@@ -250,8 +250,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--lengths", type=Path, required=True, help="JSON [[prompt, output], ...] (bench/make_lengths.py)")
     p.add_argument("--out", type=Path, default=Path("engine_bench.json"))
-    p.add_argument("--max-batch", type=int, default=128)
-    p.add_argument("--token-budget", type=int, default=2048)
+    p.add_argument("--max-batch", type=int, default=0, help="0: the worker's default (auto from KV room)")
+    p.add_argument("--token-budget", type=int, default=0, help="0: the worker's default")
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--hf-requests", type=int, default=32)
     p.add_argument("--skip", nargs="*", default=[], help="sections to skip: logits decode prefill offline hf")
@@ -278,6 +278,7 @@ def main() -> None:
     engine = build_engine(wcfg, model=hf)
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
     res["model"] = {"params": params, "weight_bytes": weight_bytes, "kv_blocks": engine.blocks.num_total,
+                    "max_batch": engine.sched.max_batch, "token_budget": engine.sched.token_budget,
                     "kv_capacity_tokens": engine.blocks.num_total * engine.blocks.block_size,
                     "build_and_capture_s": time.perf_counter() - t}
     log("model", res["model"])
@@ -286,7 +287,7 @@ def main() -> None:
         log("logits check bf16 (32 layers)", res["logits_check_bf16"])
     if "decode" not in a.skip:
         res["decode"] = decode_step_times(engine, weight_bytes, kv_per_token, ceil["copy_bw"],
-                                          (1, 8, 32, 64, 128), (512, 2048))
+                                          (1, 8, 32, 64, 128, 256, 512), (512, 2048))
     if "prefill" not in a.skip:
         res["prefill"] = prefill_throughput(engine, params, cfg, ceil["matmul_flops"], (512, 2048))
     pairs = json.loads(a.lengths.read_text())[: a.requests]
