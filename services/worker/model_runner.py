@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from services.worker.attention import paged_decode
 from services.worker.fused_ops import rmsnorm, rope_, silu_mul
@@ -44,7 +45,6 @@ class PrefillGroup:
     """A sequence computing several tokens this step (a prompt chunk or a recompute)."""
     rows: slice                     # its tokens in the flat batch
     key_slots: torch.Tensor | None  # [start + n] cache rows of its whole context; None: fresh prompt
-    start: int                      # tokens already cached before this chunk
 
 
 @dataclass
@@ -213,7 +213,7 @@ class ModelRunner:
                               logit_rows, *ctx)
         ids_t, prev_t, pos_t, slots_t, dec_rows, dec_tables, dec_lens, logit_t = dev[:8]
         ctx_of = dict(zip(cont, dev[8:]))
-        prefills = [PrefillGroup(slice(int(rows_start[i]), int(rows_end[i])), ctx_of.get(i), int(starts[i]))
+        prefills = [PrefillGroup(slice(int(rows_start[i]), int(rows_end[i])), ctx_of.get(i))
                     for i in np.flatnonzero(sizes > 1)]
         return MixedInputs(
             input_ids=self._input_ids(ids_t, prev_t, prev_sampled), positions=pos_t, slots=slots_t,
@@ -271,21 +271,14 @@ class ModelRunner:
                                                   batch.block_tables, batch.context_lens, self.block_size, self.scale)
         gqa = self.num_kv_heads != self.num_heads
         for g in batch.prefills:
-            mask = None
             if g.key_slots is None:       # fresh prompt: causal attention over its own new K/V
-                keys, values = k[g.rows], v[g.rows]
-            else:                         # a later chunk: its whole context comes from the cache
-                keys, values = self.cache.gather(layer_idx, g.key_slots)
-                if gqa:                   # the memory-efficient kernel (the one taking a mask) has no GQA
-                    group = self.num_heads // self.num_kv_heads
-                    keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
-                end = keys.shape[0]       # causal with the cached offset, built on the device (no host sync)
-                mask = (torch.arange(end, device=q.device)[None, :]
-                        <= torch.arange(g.start, end, device=q.device)[:, None])[None, None]
+                keys, values, mask = k[g.rows], v[g.rows], None
+            else:                         # a later chunk or a prefix-cache hit: its context comes from the cache,
+                keys, values = self.cache.gather(layer_idx, g.key_slots)   # causal aligned to the end
+                mask = causal_lower_right(g.rows.stop - g.rows.start, keys.shape[0])
             o = F.scaled_dot_product_attention(q[g.rows].transpose(0, 1)[None], keys.transpose(0, 1)[None],
                                                values.transpose(0, 1)[None], attn_mask=mask,
-                                               is_causal=mask is None, scale=self.scale,
-                                               enable_gqa=gqa and mask is None)
+                                               is_causal=mask is None, scale=self.scale, enable_gqa=gqa)
             out[g.rows] = o[0].transpose(0, 1)
         return out
 
