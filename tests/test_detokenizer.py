@@ -17,7 +17,7 @@ def run(tokenizer, ids: list[int], stop: tuple[str, ...], cut: int | None = None
     for i in range(1, len(ids) + 1):
         if i - 1 == cut:
             detok = IncrementalDetokenizer(tokenizer, stop, ids[:i - 1], sent)
-        detok.add(ids[:i])
+        detok.add(ids[i - 1])
         sent += detok.release(final=i == len(ids) or detok.stopped)
         if detok.stopped:
             break

@@ -223,7 +223,7 @@ class Engine:
     def _append_token(self, seq: Sequence, token: int, out: StepOutput) -> None:
         seq.output_ids.append(token)
         detok = self.detok[seq.job_id]
-        detok.add(seq.output_ids)
+        detok.add(token)
         finish = self._finish_reason(seq, token, detok)
         out.deltas.append(TokenDelta(seq.job_id, [token], detok.release(final=finish is not None)))
         if finish is not None:
