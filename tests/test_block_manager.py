@@ -156,8 +156,20 @@ def test_random_operations_with_prefix_cache_keep_accounting(seed):
         assert all(bm._refs[b] == held.count(b) for b in set(held))
         assert bm.num_free + bm.num_used == bm.num_total
         assert set(bm._evictable).isdisjoint(held) and set(bm._evictable) <= set(bm._key_of)
-        # a cached block holds the tokens its key names: every holder's matching block agrees
+        # a registered block's key names its holder's tokens up to it
         for s in tokens:
             if not bm.is_swapped(s):
+                parent = None
                 for i, key in enumerate(bm._seq_keys.get(s, [])):
-                    assert key[1] == tuple(tokens[s][4 * i:4 * i + 4])
+                    parent = BlockManager.prefix_key(parent, tokens[s][4 * i:4 * i + 4])
+                    assert key == parent
+
+
+def test_forget_cached_frees_unheld_blocks_and_stops_hits():
+    bm = BlockManager(num_blocks=8, block_size=4, prefix_caching=True)
+    computed(bm, "a", list(range(9)))
+    computed(bm, "b", [5] * 9)
+    bm.free("a")
+    bm.forget_cached()
+    assert bm.num_cached == 0 and bm.num_used == 3 and bm.device.num_free == 5
+    assert bm.match_prefix("c", list(range(9))) == 0

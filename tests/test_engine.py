@@ -144,7 +144,9 @@ def test_abort_frees_blocks(engine, tokenizer):
     engine.step()
     assert engine.blocks.num_used > 0
     assert engine.abort("x")
-    assert engine.blocks.num_used == 0 and not engine.has_work
+    assert engine.blocks.num_used == 0
+    engine.flush()                  # overlapped: the step in flight was settled, its output waits to be sent
+    assert not engine.has_work
 
 
 def test_logits_match_transformers_through_prefill_decode_and_mixed_steps(model_dir):
@@ -198,3 +200,13 @@ def test_prefix_cache_hits_give_the_same_tokens(engine, tokenizer, hf_model):
     hit = engine.sched.cached_tokens - before
     assert hit >= (len(ids) + len(answer)) // 16 * 16 - 16 and hit % 16 == 0
     assert tokens == hf_greedy_ids(hf_model, second, 24)
+
+
+def test_reset_forgets_the_prefix_cache(engine, tokenizer):
+    """After a failed step the worker resets; blocks registered by that step may hold no KV, so no later
+    request may hit them."""
+    engine.add("r", tokenizer.encode(" ".join(PROMPTS), add_special_tokens=False), Sampling(max_tokens=4))
+    engine.step()
+    assert engine.blocks.num_cached > 0
+    engine.reset()
+    assert engine.blocks.num_cached == 0 and engine.blocks.num_used == 0 and not engine.has_work

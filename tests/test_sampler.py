@@ -22,3 +22,12 @@ def test_greedy_seeded_and_mixed_batches():
     assert a[0] == b[0] == int(logits[0].argmax())
     assert a[1] == b[1]                                 # same seed and token index: same draw
     assert sample(logits[[1]], [sp[1]], [5]).tolist() == [a[1]]  # independent of the rest of the batch
+
+
+def test_sampled_frequencies_follow_the_filtered_distribution():
+    """The exponential race draws token i with probability p_i (top-k keeps only the first three here)."""
+    torch.manual_seed(1)
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).repeat(20_000, 1)
+    drawn = sample(logits, [Sampling(temperature=1.0, top_k=3)] * 20_000, [0] * 20_000)
+    freq = torch.bincount(drawn, minlength=4).float() / 20_000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0]) / 0.95, atol=0.015), freq

@@ -10,8 +10,9 @@ Device blocks are reference-counted: `share` lets a sequence start with another'
 common system prompt, a forked sequence) without copying; a block returns to the free list when the last
 table holding it lets go.
 
-Prefix caching: a *full* block whose tokens are computed is registered under a key of its token prefix
-(the previous block's key hash + its own 16 token ids). A new sequence starts with the cached blocks of its
+Prefix caching: a *full* block whose tokens are computed is registered under a key of its whole token
+prefix: a BLAKE2b digest chained over the blocks (previous block's digest + this block's token ids), so a
+crafted prompt cannot collide with another's prefix and read its KV (Python's hash() could). A new sequence starts with the cached blocks of its
 longest registered prefix (refcount + 1) and computes only the rest. A registered block whose count falls
 to 0 keeps its KV and waits, least recently used first, in `_evictable`; it is handed out again (and
 forgotten) only when the free list is empty. Multi-turn chats, which resend their history, and shared
@@ -22,8 +23,10 @@ the number of tables holding it; free + evictable + used == total; host: free + 
 """
 from __future__ import annotations
 
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable
+from hashlib import blake2b
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -60,12 +63,11 @@ class BlockManager:
         self._tables: dict[str, list[int]] = {}
         self._swapped: dict[str, list[int]] = {}
         # prefix cache: key -> block, block -> key, cached blocks nobody holds (LRU order), and per sequence
-        # the keys of its leading blocks registered so far. Key: (previous key's hash, the block's tokens):
-        # the tokens compare exactly, the chain by a 64-bit hash.
-        self._cached: dict[tuple, int] = {}
-        self._key_of: dict[int, tuple] = {}
+        # the keys of its leading blocks registered so far
+        self._cached: dict[bytes, int] = {}
+        self._key_of: dict[int, bytes] = {}
         self._evictable: OrderedDict[int, None] = OrderedDict()
-        self._seq_keys: dict[str, list[tuple]] = {}
+        self._seq_keys: dict[str, list[bytes]] = {}
 
     # -- queries ------------------------------------------------------------------------------
     @property
@@ -125,8 +127,19 @@ class BlockManager:
         return self.device.take(n - len(evicted)) + evicted
 
     # -- prefix cache ------------------------------------------------------------------------------
-    def _key(self, parent: tuple | None, tokens: list[int]) -> tuple:
-        return (hash(parent) if parent is not None else 0, tuple(tokens))
+    @staticmethod
+    def prefix_key(parent: bytes | None, tokens: list[int]) -> bytes:
+        """The key of a block holding `tokens` after the prefix whose last block's key is `parent`."""
+        return blake2b((parent or b"") + array("q", tokens).tobytes(), digest_size=16).digest()
+
+    def forget_cached(self) -> None:
+        """Drop every prefix-cache entry (their blocks stay with their holders or become free)."""
+        for block in self._evictable:
+            self.device.give_back([block])
+        self._evictable.clear()
+        self._cached.clear()
+        self._key_of.clear()
+        self._seq_keys.clear()
 
     def match_prefix(self, seq_id: str, token_ids: list[int]) -> int:
         """A sequence about to be prefilled from scratch takes the cached blocks of its longest registered
@@ -138,7 +151,7 @@ class BlockManager:
         bs, keys, blocks = self.block_size, [], []
         parent = None
         for i in range((len(token_ids) - 1) // bs):
-            key = self._key(parent, token_ids[i * bs:(i + 1) * bs])
+            key = self.prefix_key(parent, token_ids[i * bs:(i + 1) * bs])
             block = self._cached.get(key)
             if block is None:
                 break
@@ -164,7 +177,7 @@ class BlockManager:
         table, bs = self._tables[seq_id], self.block_size
         parent = keys[-1] if keys else None
         for i in range(len(keys), full):
-            key = self._key(parent, tokens(i * bs, (i + 1) * bs))
+            key = self.prefix_key(parent, tokens(i * bs, (i + 1) * bs))
             if key not in self._cached and table[i] not in self._key_of:
                 self._cached[key] = table[i]
                 self._key_of[table[i]] = key

@@ -37,7 +37,11 @@ class IncrementalDetokenizer:
         """Account for the newest token."""
         if self.backend is None:
             return
-        piece = self.stream.step(self.backend, token_id)
+        try:
+            piece = self.stream.step(self.backend, token_id)
+        except Exception:  # noqa: BLE001 - "invalid prefix": a token the stream cannot join; start a new one
+            self.stream = DecodeStream(skip_special_tokens=True)
+            piece = self.backend.decode([token_id], skip_special_tokens=True)
         if piece:
             start = len(self.text)
             self.text += piece

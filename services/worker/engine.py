@@ -132,6 +132,7 @@ class Engine:
         self._in_flight, self._settled = None, StepOutput()
         for seq in list(self.seqs.values()):
             self._drop(seq)
+        self.blocks.forget_cached()       # a failed step may have left blocks registered but never written
 
     def _resume_swapped(self, seq: Sequence) -> None:
         if self.blocks.can_swap_in(seq.job_id):
@@ -152,7 +153,8 @@ class Engine:
     # -- the step --------------------------------------------------------------------------------
     @property
     def has_work(self) -> bool:
-        return bool(self.sched.running or self.sched.waiting or self._in_flight)
+        return bool(self.sched.running or self.sched.waiting or self._in_flight
+                     or self._settled.deltas or self._settled.finished)
 
     def step(self) -> StepOutput:
         started = time.perf_counter()
@@ -188,13 +190,14 @@ class Engine:
             chunk = self._chunk(seq, c.num_tokens)
             chunks.append(chunk)
             seq.num_computed += c.num_tokens
-            # full blocks whose tokens the host knows (not a pending one) join the prefix cache
-            self.blocks.register_computed(seq.job_id, min(seq.num_computed, seq.num_tokens - seq.num_pending),
-                                          seq.token_slice)
             if chunk.wants_logits:
                 sampled.append(seq)
         logits = self.runner.forward(chunks, prev)
         tokens = sample(logits, [s.sampling for s in sampled], [len(s.output_ids) + s.num_pending for s in sampled])
+        for c in plan.chunks:         # the step is launched: its full blocks whose tokens the host knows join
+            seq = c.seq               # the prefix cache (not before: a launch that raised wrote no KV)
+            self.blocks.register_computed(seq.job_id, min(seq.num_computed, seq.num_tokens - seq.num_pending),
+                                          seq.token_slice)
         for row, seq in enumerate(sampled):
             seq.num_pending += 1
             seq.sample_row = row

@@ -96,6 +96,7 @@ class EngineLoop(threading.Thread):
                 log.exception("command failed: %s", describe(cmd))   # never the prompt or output itself
                 if cmd != RESET and cmd.WhichOneof("kind") == "assign":
                     # a job this worker could not take must not stay "running" here in the scheduler's eyes
+                    self._emit_step(self.engine.flush())
                     self.engine.abort(cmd.assign.job_id)
                     self._report_failed([cmd.assign.job_id], e)
             try:

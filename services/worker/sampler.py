@@ -1,9 +1,11 @@
 """Next-token choice for a batch: greedy rows by one argmax; sampled rows filtered together on the device.
 
 Temperature, top-k and top-p are applied to all sampled rows at once over one sort of their logits, so a
-batch costs a few kernels rather than a Python loop. A seeded request draws from a generator seeded with
-(seed, token index), so its output does not depend on batching, preemption or which worker resumes it;
-unseeded rows share one multinomial call.
+batch costs a few kernels rather than a Python loop. A row's token is argmax(p / E) with E ~ Exp(1) drawn per
+vocabulary entry (the exponential race: index i wins with probability p_i). Unlike torch.multinomial, which
+checks its input with `.item()` calls, nothing here waits for the GPU, so sampled rows keep the engine's
+steps overlapped. A seeded request draws its noise from a generator seeded with (seed, token index), so its
+output does not depend on batching, preemption or which worker resumes it; unseeded rows share one draw.
 """
 from __future__ import annotations
 
@@ -48,12 +50,9 @@ def sample(logits: torch.Tensor, samplings: list[Sampling], token_indices: list[
                                _on(dev, [s.temperature for s in sp], torch.float32),
                                _on(dev, [s.top_k for s in sp], torch.long),
                                _on(dev, [s.top_p for s in sp], torch.float32))
-        unseeded = [j for j, s in enumerate(sp) if s.seed is None]
-        if unseeded:
-            chosen[_on(dev, [rows[j] for j in unseeded], torch.long)] = torch.multinomial(
-                probs[_on(dev, unseeded, torch.long)], 1)[:, 0]
+        noise = torch.empty_like(probs).exponential_()
         for j, s in enumerate(sp):
             if s.seed is not None:
-                gen = _generator(s.seed, token_indices[rows[j]], dev)
-                chosen[rows[j]] = torch.multinomial(probs[j], 1, generator=gen)[0]
+                noise[j].exponential_(generator=_generator(s.seed, token_indices[rows[j]], dev))
+        chosen[_on(dev, rows, torch.long)] = (probs / noise).argmax(dim=-1)
     return chosen
