@@ -164,9 +164,12 @@ class ModelRunner:
         return out
 
     def _tables(self, tables: list[list[int]]) -> np.ndarray:
-        """Block tables padded with the scratch block to a width rounded up to 16 (fewer kernel variants)."""
+        """Block tables padded with the scratch block. On a GPU the width is rounded up to 16 (one Triton
+        variant for every width); on CPU the attention gathers the whole width, so it stays exact."""
         lens = np.fromiter(map(len, tables), np.int64, len(tables))
-        width = max(16, -(-int(lens.max(initial=1)) // 16) * 16)
+        width = max(1, int(lens.max(initial=1)))
+        if self.device.type == "cuda":
+            width = -(-width // 16) * 16
         out = np.full((len(tables), width), self.cache.scratch_block, np.int64)
         out[np.arange(width)[None, :] < lens[:, None]] = np.fromiter(chain.from_iterable(tables), np.int64,
                                                                       int(lens.sum()))
