@@ -173,3 +173,13 @@ def test_forget_cached_frees_unheld_blocks_and_stops_hits():
     bm.forget_cached()
     assert bm.num_cached == 0 and bm.num_used == 3 and bm.device.num_free == 5
     assert bm.match_prefix("c", list(range(9))) == 0
+
+
+def test_prefix_cache_is_not_shared_across_salts():
+    """Tenants (the engine's salt) never hit each other's blocks: a hit would show in time to first token."""
+    bm = BlockManager(num_blocks=16, block_size=4, prefix_caching=True)
+    toks = list(range(13))
+    bm.grow("a", 13)
+    bm.register_computed("a", 13, lambda x, y: toks[x:y], salt=b"tenant-a")
+    assert bm.match_prefix("b", toks, salt=b"tenant-b") == 0
+    assert bm.match_prefix("a2", toks, salt=b"tenant-a") == 12

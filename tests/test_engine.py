@@ -210,3 +210,14 @@ def test_reset_forgets_the_prefix_cache(engine, tokenizer):
     assert engine.blocks.num_cached > 0
     engine.reset()
     assert engine.blocks.num_cached == 0 and engine.blocks.num_used == 0 and not engine.has_work
+
+
+def test_tenants_do_not_share_prefix_cache_entries(engine, tokenizer):
+    ids = tokenizer.encode(" ".join(PROMPTS) * 2, add_special_tokens=False)
+    hits = []
+    for job in ("acme/1", "globex/1", "acme/2"):
+        before = engine.sched.cached_tokens
+        engine.add(job, ids, Sampling(max_tokens=2, ignore_eos=True))
+        run_to_end(engine)
+        hits.append(engine.sched.cached_tokens - before)
+    assert hits[0] == 0 and hits[1] == 0 and hits[2] >= len(ids) // 16 * 16 - 16

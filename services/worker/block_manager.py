@@ -12,7 +12,9 @@ table holding it lets go.
 
 Prefix caching: a *full* block whose tokens are computed is registered under a key of its whole token
 prefix: a BLAKE2b digest chained over the blocks (previous block's digest + this block's token ids), so a
-crafted prompt cannot collide with another's prefix and read its KV (Python's hash() could). A new sequence starts with the cached blocks of its
+crafted prompt cannot collide with another's prefix and read its KV (Python's hash() could). The chain
+starts from a per-sequence salt (the engine passes the tenant): tenants never share cached blocks, so one
+cannot learn from its time to first token whether another sent a given prompt. A new sequence starts with the cached blocks of its
 longest registered prefix (refcount + 1) and computes only the rest. A registered block whose count falls
 to 0 keeps its KV and waits, least recently used first, in `_evictable`; it is handed out again (and
 forgotten) only when the free list is empty. Multi-turn chats, which resend their history, and shared
@@ -141,7 +143,7 @@ class BlockManager:
         self._key_of.clear()
         self._seq_keys.clear()
 
-    def match_prefix(self, seq_id: str, token_ids: list[int]) -> int:
+    def match_prefix(self, seq_id: str, token_ids: list[int], salt: bytes = b"") -> int:
         """A sequence about to be prefilled from scratch takes the cached blocks of its longest registered
         prefix; returns how many tokens they hold. At least one token is always left to compute (the step
         needs it for logits), so a fully cached prompt recomputes its last block into a fresh one."""
@@ -149,7 +151,7 @@ class BlockManager:
         if not self.prefix_caching:
             return 0
         bs, keys, blocks = self.block_size, [], []
-        parent = None
+        parent = salt
         for i in range((len(token_ids) - 1) // bs):
             key = self.prefix_key(parent, token_ids[i * bs:(i + 1) * bs])
             block = self._cached.get(key)
@@ -166,7 +168,8 @@ class BlockManager:
         self._seq_keys[seq_id] = keys
         return len(blocks) * bs
 
-    def register_computed(self, seq_id: str, num_computed: int, tokens: Callable[[int, int], list[int]]) -> None:
+    def register_computed(self, seq_id: str, num_computed: int, tokens: Callable[[int, int], list[int]],
+                          salt: bytes = b"") -> None:
         """The sequence's first `num_computed` tokens (`tokens(start, stop)` gives them) have their KV in its
         blocks: register its newly full blocks. A prefix registered first by someone else keeps its block;
         ours then stays private. Called every step, so the common case (no new full block) returns at once."""
@@ -175,7 +178,7 @@ class BlockManager:
         if full <= len(keys) or not self.prefix_caching:
             return
         table, bs = self._tables[seq_id], self.block_size
-        parent = keys[-1] if keys else None
+        parent = keys[-1] if keys else salt
         for i in range(len(keys), full):
             key = self.prefix_key(parent, tokens(i * bs, (i + 1) * bs))
             if key not in self._cached and table[i] not in self._key_of:

@@ -197,7 +197,7 @@ class Engine:
         for c in plan.chunks:         # the step is launched: its full blocks whose tokens the host knows join
             seq = c.seq               # the prefix cache (not before: a launch that raised wrote no KV)
             self.blocks.register_computed(seq.job_id, min(seq.num_computed, seq.num_tokens - seq.num_pending),
-                                          seq.token_slice)
+                                          seq.token_slice, seq.cache_salt)
         for row, seq in enumerate(sampled):
             seq.num_pending += 1
             seq.sample_row = row

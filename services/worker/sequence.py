@@ -57,6 +57,13 @@ class Sequence:
     sample_row: int = -1                   # row of the latest pending token in its step's sampled ids
 
     @property
+    def cache_salt(self) -> bytes:
+        """Prefix-cache namespace: the tenant, the part of the job id before '/' (scheduler's keys.job_id);
+        none for a job id without one (benchmarks and tests drive the engine directly)."""
+        tenant, sep, _ = self.job_id.partition("/")
+        return tenant.encode() if sep else b""
+
+    @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
 

@@ -94,7 +94,8 @@ class StepScheduler:
                 break
             fresh = seq.num_computed == 0 and not self.blocks.table(seq.job_id)
             if fresh:
-                seq.num_computed = self.blocks.match_prefix(seq.job_id, seq.token_slice(0, seq.num_tokens))
+                seq.num_computed = self.blocks.match_prefix(seq.job_id, seq.token_slice(0, seq.num_tokens),
+                                                            seq.cache_salt)
             n = min(seq.num_uncomputed, budget)
             if not self.blocks.can_grow(seq.job_id, seq.num_computed + n):
                 if fresh:                        # give the cached prefix back while it waits
