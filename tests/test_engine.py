@@ -52,12 +52,10 @@ def shared_engine(model_dir):
 @pytest.fixture(params=[False, True], ids=["serial", "overlap"])
 def engine(shared_engine, request):
     """The module's engine, emptied before each test: a test that failed or timed out half-way must not
-    leave jobs or KV blocks behind for the next one. Each test runs with steps serial and overlapped (the
+    leave jobs, KV blocks or cached prefixes behind for the next one. Each test runs with steps serial and overlapped (the
     GPU's mode: a step's tokens are collected while the next one runs; on CPU the order of work is the
     same, so tokens must be too)."""
-    shared_engine.flush()
-    for job_id in list(shared_engine.seqs):
-        shared_engine.abort(job_id)
+    shared_engine.reset()             # jobs, the step in flight and the prefix cache
     assert shared_engine.blocks.num_used == 0 and not shared_engine.has_work
     shared_engine.overlap = request.param
     return shared_engine
