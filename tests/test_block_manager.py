@@ -51,6 +51,25 @@ def test_shared_prefix_blocks_are_refcounted():
     assert bm.num_free == 8 and bm.num_swapped == 0
 
 
+def swap_or_free(bm: BlockManager, u: float, sid: str, live: dict) -> None:
+    """u in [0, 1): swap out (first 30%), swap in (next 30%) when possible, else free the sequence."""
+    if u < 0.3 and sid in live and not bm.is_swapped(sid) and bm.can_swap_out(sid):
+        bm.swap_out(sid)
+    elif u < 0.6 and bm.is_swapped(sid) and bm.can_swap_in(sid):
+        bm.swap_in(sid)
+    else:
+        bm.free(sid)
+        live.pop(sid, None)
+
+
+def assert_refcounts(bm: BlockManager, live) -> list[int]:
+    """Every device block held by the live sequences is counted once as used, with one ref per holder."""
+    held = [b for s in live if not bm.is_swapped(s) for b in bm.table(s)]
+    assert len(set(held)) == bm.num_used                          # shared blocks counted once
+    assert all(bm._refs[b] == held.count(b) for b in set(held))
+    return held
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_random_operations_never_leak_or_share_blocks(seed):
     rng = random.Random(seed)
@@ -69,17 +88,9 @@ def test_random_operations_never_leak_or_share_blocks(seed):
             if not bm.is_swapped(sid) and bm.can_grow(sid, n):
                 bm.grow(sid, n)
                 sizes[sid] = n
-        elif op < 0.65 and sid in sizes and not bm.is_swapped(sid) and bm.can_swap_out(sid):
-            bm.swap_out(sid)
-        elif op < 0.8 and bm.is_swapped(sid) and bm.can_swap_in(sid):
-            bm.swap_in(sid)
         else:
-            bm.free(sid)
-            sizes.pop(sid, None)
-        tables = [bm.table(s) for s in sizes if not bm.is_swapped(s)]
-        used = [b for t in tables for b in t]
-        assert len(set(used)) == bm.num_used                          # shared blocks counted once
-        assert all(bm._refs[b] == used.count(b) for b in set(used))
+            swap_or_free(bm, (op - 0.5) / 0.5, sid, sizes)
+        assert_refcounts(bm, sizes)
         assert bm.num_free + bm.num_used == bm.num_total
 
 
@@ -144,16 +155,9 @@ def test_random_operations_with_prefix_cache_keep_accounting(seed):
             if bm.can_grow(sid, len(toks)):
                 computed(bm, sid, toks)
                 tokens[sid] = toks
-        elif op < 0.7 and sid in tokens and not bm.is_swapped(sid) and bm.can_swap_out(sid):
-            bm.swap_out(sid)
-        elif op < 0.8 and bm.is_swapped(sid) and bm.can_swap_in(sid):
-            bm.swap_in(sid)
         else:
-            bm.free(sid)
-            tokens.pop(sid, None)
-        held = [b for s in tokens if not bm.is_swapped(s) for b in bm.table(s)]
-        assert len(set(held)) == bm.num_used
-        assert all(bm._refs[b] == held.count(b) for b in set(held))
+            swap_or_free(bm, (op - 0.6) / 0.4, sid, tokens)
+        held = assert_refcounts(bm, tokens)
         assert bm.num_free + bm.num_used == bm.num_total
         assert set(bm._evictable).isdisjoint(held) and set(bm._evictable) <= set(bm._key_of)
         # a registered block's key names its holder's tokens up to it
