@@ -93,7 +93,8 @@ def test_prometheus_metrics(stack_factory):
     sched_port, worker_port = free_port(), free_port()
     stack = stack_factory(scheduler_args=["--metrics-port", str(sched_port)],
                           worker_args=["--metrics-port", str(worker_port)])
-    generate(stub_for(stack), request("Hello", max_tokens=5, ignore_eos=True))
+    prompt = "Tell me, in plain words and with one example each, what a hash map and a binary search tree are."
+    generate(stub_for(stack), request(prompt, max_tokens=5, ignore_eos=True))
 
     def scrape(port):
         return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -103,3 +104,11 @@ def test_prometheus_metrics(stack_factory):
     assert "alise:predictor_available 1.0" in sched
     wait_until(lambda: "vllm:kv_cache_usage_perc 0.0" in scrape(worker_port), 10)
     assert "vllm:generation_tokens_total 5.0" in scrape(worker_port)
+    # the same prompt again: its full blocks come from the prefix cache
+    generate(stub_for(stack), request(prompt, max_tokens=5, ignore_eos=True))
+
+    def counter(name):
+        lines = [ln for ln in scrape(worker_port).splitlines() if ln.startswith(name + " ")]
+        return float(lines[0].split()[1]) if lines else 0.0
+    wait_until(lambda: counter("vllm:prefix_cache_hits_total") >= 16, 10)
+    assert counter("vllm:prefix_cache_queries_total") > counter("vllm:prefix_cache_hits_total")

@@ -1,7 +1,8 @@
 """A service's settings dataclass from command-line flags, each defaulting to an environment variable.
 
 Every field `some_name` becomes `--some-name`, defaulting to `$<PREFIX>SOME_NAME` and then to the
-dataclass default; a bool field is a switch (its variable is true for 1 / true / yes).
+dataclass default; a bool field is a switch pair `--some-name` / `--no-some-name` (its variable is true for
+1 / true / yes).
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ def config_from_args(cls: type[T], description: str, env_prefix: str, argv: list
     for name, default in cls().__dict__.items():
         env = os.environ.get(env_prefix + name.upper())
         flag = "--" + name.replace("_", "-")
-        if isinstance(default, bool):
-            p.add_argument(flag, action="store_true", default=(env or "").lower() in ("1", "true", "yes"))
+        if isinstance(default, bool):         # --name / --no-name; a field that defaults to True stays True
+            value = env.lower() in ("1", "true", "yes") if env is not None else default
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
         else:
             p.add_argument(flag, type=type(default), default=type(default)(env) if env is not None else default)
     return cls(**vars(p.parse_args(argv)))

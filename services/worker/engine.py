@@ -65,6 +65,8 @@ class EngineLoad:
     running_tokens: int
     waiting_tokens: int
     num_preemptions: int
+    prefix_queried_tokens: int = 0     # tokens of sequences admitted from scratch, since start
+    prefix_hit_tokens: int = 0         # of which found in the prefix cache
 
 
 class Engine:
@@ -254,4 +256,6 @@ class Engine:
             running_tokens=sum(s.num_tokens for s in running),
             waiting_tokens=sum(s.num_tokens for s in waiting),
             num_preemptions=self.num_preemptions,
+            prefix_queried_tokens=self.sched.admitted_tokens,
+            prefix_hit_tokens=self.sched.cached_tokens,
         )

@@ -16,18 +16,28 @@ KV_USAGE = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1)
 KV_SWAPPED_BLOCKS = Gauge("alise:kv_swapped_blocks", "KV blocks held in host swap space", registry=REGISTRY)
 PREEMPTIONS = Counter("vllm:num_preemptions", "Preemptions (scheduler-ordered and local)", registry=REGISTRY)
 GENERATED = Counter("vllm:generation_tokens", "Tokens generated", registry=REGISTRY)
+PREFIX_QUERIES = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                         registry=REGISTRY)
+PREFIX_HITS = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache (prefill saved)",
+                      registry=REGISTRY)
 STEP = Histogram("alise:engine_step_seconds", "Wall time of one engine step",
                  buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2), registry=REGISTRY)
 
-_last_preemptions = 0
+_last_totals: dict[Counter, int] = {}
+
+
+def _advance(counter: Counter, total: int) -> None:
+    """The engine keeps running totals; the counter follows them."""
+    counter.inc(max(0, total - _last_totals.get(counter, 0)))
+    _last_totals[counter] = total
 
 
 def observe_load(load: EngineLoad) -> None:
-    global _last_preemptions
     RUNNING.set(load.running)
     WAITING.set(load.waiting)
     SWAPPED.set(load.swapped)
     KV_USAGE.set(load.used_blocks / load.total_blocks if load.total_blocks else 0.0)
     KV_SWAPPED_BLOCKS.set(load.swapped_blocks)
-    PREEMPTIONS.inc(max(0, load.num_preemptions - _last_preemptions))
-    _last_preemptions = load.num_preemptions
+    _advance(PREEMPTIONS, load.num_preemptions)
+    _advance(PREFIX_QUERIES, load.prefix_queried_tokens)
+    _advance(PREFIX_HITS, load.prefix_hit_tokens)

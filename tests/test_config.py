@@ -1,0 +1,25 @@
+"""Service settings from flags and environment variables (services/common/config_args.py)."""
+from __future__ import annotations
+
+from services.worker.config import WorkerConfig
+
+
+def test_a_switch_that_defaults_on_stays_on_and_can_be_turned_off(monkeypatch):
+    """Regression: every bool flag was a plain store_true defaulting to False, so prefix caching and
+    overlapped steps (dataclass default True) were off in every worker started from the command line."""
+    monkeypatch.delenv("ALISE_WORKER_PREFIX_CACHING", raising=False)
+    cfg = WorkerConfig.from_args([])
+    assert cfg.prefix_caching and cfg.overlap_steps and not cfg.enforce_eager
+    cfg = WorkerConfig.from_args(["--no-prefix-caching", "--enforce-eager"])
+    assert not cfg.prefix_caching and cfg.enforce_eager and cfg.overlap_steps
+    monkeypatch.setenv("ALISE_WORKER_PREFIX_CACHING", "0")
+    assert not WorkerConfig.from_args([]).prefix_caching
+    assert WorkerConfig.from_args(["--prefix-caching"]).prefix_caching
+
+
+def test_numbers_come_from_flags_then_environment_then_defaults(monkeypatch):
+    monkeypatch.setenv("ALISE_WORKER_MAX_BATCH", "24")
+    assert WorkerConfig.from_args([]).max_batch == 24
+    assert WorkerConfig.from_args(["--max-batch", "8"]).max_batch == 8
+    monkeypatch.delenv("ALISE_WORKER_MAX_BATCH")
+    assert WorkerConfig.from_args([]).max_batch == 0          # auto
