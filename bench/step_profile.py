@@ -56,13 +56,14 @@ class Phases:
     """Host seconds per phase (wrapped methods, no syncs) and CUDA events at each step's start and end."""
 
     def __init__(self, engine):
+        self._undo: list = []
         self.host = collections.defaultdict(float)
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []
         self._start = None
         runner = engine.runner
         self._wrap(engine.sched, "schedule", "plan")
         self._wrap(engine, "_collect", "collect (incl. wait)")
-        self._wrap(engine_mod.LaunchedStep, "token_ids", "wait for sampled ids", unbound=True)
+        self._wrap(engine_mod.LaunchedStep, "token_ids", "wait for sampled ids")
         forward, sample = runner.forward, engine_mod.sample
 
         def timed_forward(chunks, prev=None):
@@ -83,10 +84,22 @@ class Phases:
             self.events.append((self._start, end, self._rows))
             return out
 
-        runner.forward = timed_forward
-        engine_mod.sample = timed_sample
+        self._set(runner, "forward", timed_forward)
+        self._set(engine_mod, "sample", timed_sample)
 
-    def _wrap(self, obj, name, label, unbound=False):
+    def _set(self, obj, name, value) -> None:
+        self._undo.append((obj, name, obj.__dict__.get(name), name in obj.__dict__))
+        setattr(obj, name, value)
+
+    def restore(self) -> None:
+        """Put every wrapped method back (instance attributes removed, module / class ones reset)."""
+        for obj, name, old, had in reversed(self._undo):
+            if had:
+                setattr(obj, name, old)
+            else:
+                delattr(obj, name)
+
+    def _wrap(self, obj, name, label):
         f = getattr(obj, name)
 
         def g(*a, **k):
@@ -94,7 +107,7 @@ class Phases:
             r = f(*a, **k)
             self.host[label] += time.perf_counter() - t
             return r
-        setattr(obj, name, g)
+        self._set(obj, name, g)
 
     def summary(self, wall: float, steps: int) -> dict:
         torch.cuda.synchronize()
@@ -127,7 +140,7 @@ def main() -> None:
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(**LLAMA3_8B)
-    pairs = __import__("json").loads(a.lengths.read_text())[: a.requests]
+    pairs = json.loads(a.lengths.read_text())[: a.requests]
     t = time.perf_counter()
     hf = load_hf_model(None, torch.bfloat16, torch.device("cuda"), random_weights=True, config=cfg)
     engine = build_engine(WorkerConfig(device="cuda", dtype="bfloat16", max_batch=a.max_batch,
@@ -154,11 +167,7 @@ def main() -> None:
             steps += 1
         res["profile"][b] = phases.summary(time.perf_counter() - t, steps)
         log("profile", b, json.dumps(res["profile"][b]))
-        engine.runner.__dict__.pop("forward", None)          # unwrap for the next round
-        engine_mod.sample = phases_sample_original
-        for obj, name in ((engine.sched, "schedule"), (engine, "_collect")):
-            obj.__dict__.pop(name, None)
-        engine_mod.LaunchedStep.token_ids = token_ids_original
+        phases.restore()
     a.out.write_text(json.dumps(res, indent=2))
     log(f"\nfirst run {res['first_run']['output_tokens_per_s']:.0f} tok/s, second {res['second_run']['output_tokens_per_s']:.0f}")
     for b, r in res["by_max_batch"].items():
@@ -168,9 +177,6 @@ def main() -> None:
             + ", ".join(f"{k}: {100 * v:.1f}%" for k, v in r["unhidden_share_by_batch"].items())
             + "; host ms/step " + ", ".join(f"{k} {v:.2f}" for k, v in r["host_ms_per_step"].items()))
 
-
-phases_sample_original = engine_mod.sample
-token_ids_original = engine_mod.LaunchedStep.token_ids
 
 if __name__ == "__main__":
     main()
