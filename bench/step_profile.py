@@ -115,7 +115,7 @@ class Phases:
         gaps = [max(0.0, a[1].elapsed_time(b[0]) / 1e3) for a, b in zip(self.events, self.events[1:])]
         by_batch = collections.defaultdict(list)
         for (s, e, rows), gap in zip(self.events[1:], gaps):
-            by_batch[min((64, 128, 256, 512, 10**9), key=lambda b: (rows > b, b))].append((gap, s.elapsed_time(e) / 1e3))
+            by_batch[next((b for b in (64, 128, 256, 512) if rows <= b), 10**9)].append((gap, s.elapsed_time(e) / 1e3))
         return {
             "steps": steps, "wall_s": wall,
             "host_s_per_phase": {k: v for k, v in self.host.items()},

@@ -219,3 +219,28 @@ def test_tenants_do_not_share_prefix_cache_entries(engine, tokenizer):
         run_to_end(engine)
         hits.append(engine.sched.cached_tokens - before)
     assert hits[0] == 0 and hits[1] == 0 and hits[2] >= len(ids) // 16 * 16 - 16
+
+
+@pytest.mark.parametrize("prompt, problem", [([], "tokens"), ([10**9], "token ids"), ([-1], "token ids"),
+                                             ([5] * 100_000, "tokens")])
+def test_an_assignment_the_model_cannot_run_is_refused_alone(engine, tokenizer, references, prompt, problem):
+    """Before, an id outside the vocabulary was taken and failed the next step's embedding for the whole
+    batch (on a GPU a device assert that ends the process); an empty prompt never got a step at all."""
+    add_all(engine, tokenizer)
+    with pytest.raises(ValueError, match=problem):
+        engine.add("bad", prompt, Sampling(max_tokens=4))
+    assert "bad" not in engine.seqs
+    done = run_to_end(engine)
+    assert {p: done[f"j{i}"][0] for i, p in enumerate(PROMPTS)} == references
+
+
+def test_output_settled_by_a_command_keeps_the_engine_busy(engine, tokenizer):
+    """An abort settles the step in flight; its tokens (here the job's last) must still come out of the
+    next step, or the worker's loop would sleep on its command queue with a finished job unreported."""
+    engine.overlap = True
+    engine.add("last", tokenizer.encode(PROMPTS[0], add_special_tokens=False), Sampling(max_tokens=1))
+    engine.step()                              # launches the one step; its token is in flight
+    engine.abort("someone-else")               # settles it
+    assert engine.has_work
+    out = engine.step()
+    assert [j for j, _ in out.finished] == ["last"] and not engine.has_work

@@ -173,9 +173,11 @@ class BlockManager:
         """The sequence's first `num_computed` tokens (`tokens(start, stop)` gives them) have their KV in its
         blocks: register its newly full blocks. A prefix registered first by someone else keeps its block;
         ours then stays private. Called every step, so the common case (no new full block) returns at once."""
+        if not self.prefix_caching:
+            return
         keys = self._seq_keys.setdefault(seq_id, [])
         full = num_computed // self.block_size
-        if full <= len(keys) or not self.prefix_caching:
+        if full <= len(keys):
             return
         table, bs = self._tables[seq_id], self.block_size
         parent = keys[-1] if keys else salt

@@ -29,7 +29,7 @@ class IncrementalDetokenizer:
     def _rebuild(self, output_ids: list[int], released: str) -> None:
         """A resumed job: only released text was recorded, not the characters held back for stop matching
         (nor a half-decoded character), so the stream replays the tokens and the release point is kept."""
-        text = "".join(piece for t in output_ids if (piece := self.stream.step(self.backend, t)))
+        text = "".join(self._piece(t) for t in output_ids)
         if text.startswith(released):    # else (cannot happen with a deterministic tokenizer) never resend
             self.text = text
 
@@ -37,16 +37,19 @@ class IncrementalDetokenizer:
         """Account for the newest token."""
         if self.backend is None:
             return
-        try:
-            piece = self.stream.step(self.backend, token_id)
-        except Exception:  # noqa: BLE001 - "invalid prefix": a token the stream cannot join; start a new one
-            self.stream = DecodeStream(skip_special_tokens=True)
-            piece = self.backend.decode([token_id], skip_special_tokens=True)
-        if piece:
+        if piece := self._piece(token_id):
             start = len(self.text)
             self.text += piece
             if self.stop:
                 self._check_stop(max(0, start - self.hold))
+
+    def _piece(self, token_id: int) -> str:
+        """The text this token completes ('' while a character is still partial)."""
+        try:
+            return self.stream.step(self.backend, token_id) or ""
+        except Exception:  # noqa: BLE001 - "invalid prefix": a token the stream cannot join; start a new one
+            self.stream = DecodeStream(skip_special_tokens=True)
+            return self.backend.decode([token_id], skip_special_tokens=True)
 
     def _check_stop(self, search_from: int) -> None:
         hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]

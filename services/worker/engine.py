@@ -77,6 +77,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_model_len = max_model_len
+        self.vocab_size = runner.hf.config.vocab_size
         self.overlap = overlap
         self.sched = StepScheduler(blocks, max_batch=max_batch, token_budget=token_budget,
                                    max_model_len=max_model_len)
@@ -97,8 +98,14 @@ class Engine:
         if seq is not None:
             raise ValueError(f"job {job_id} is already on this worker")
         # the scheduler validated these; checked again here so one bad value fails its own job, not a batch
+        # (an id outside the vocabulary would fail the step's embedding, on a GPU as a fatal device assert)
         if problem := sampling_problem(sampling.temperature, sampling.top_p, sampling.top_k):
             raise ValueError(f"job {job_id}: sampling.{problem[0]} {problem[1]}")
+        tokens = len(prompt_ids) + len(output_ids)
+        if not prompt_ids or tokens >= self.max_model_len or sampling.max_tokens < 1:
+            raise ValueError(f"job {job_id}: needs 1 to {self.max_model_len - 1} tokens and max_tokens >= 1")
+        if not all(0 <= t < self.vocab_size for t in (*prompt_ids, *output_ids)):
+            raise ValueError(f"job {job_id}: token ids must be in [0, {self.vocab_size})")
         seq = Sequence(job_id, list(prompt_ids), sampling, output_ids=list(output_ids))
         self.seqs[job_id] = seq
         self.detok[job_id] = IncrementalDetokenizer(self.tokenizer, sampling.stop, seq.output_ids, output_text)

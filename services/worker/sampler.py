@@ -46,7 +46,8 @@ def sample(logits: torch.Tensor, samplings: list[Sampling], token_indices: list[
     if rows:
         dev = logits.device
         sp = [samplings[i] for i in rows]
-        probs = filtered_probs(logits[_on(dev, rows, torch.long)],
+        row_index = _on(dev, rows, torch.long)
+        probs = filtered_probs(logits[row_index],
                                _on(dev, [s.temperature for s in sp], torch.float32),
                                _on(dev, [s.top_k for s in sp], torch.long),
                                _on(dev, [s.top_p for s in sp], torch.float32))
@@ -54,5 +55,6 @@ def sample(logits: torch.Tensor, samplings: list[Sampling], token_indices: list[
         for j, s in enumerate(sp):
             if s.seed is not None:
                 noise[j].exponential_(generator=_generator(s.seed, token_indices[rows[j]], dev))
-        chosen[_on(dev, rows, torch.long)] = (probs / noise).argmax(dim=-1)
+        noise.clamp_(min=torch.finfo(noise.dtype).tiny)     # a draw of exactly 0 would make p / E inf or NaN
+        chosen[row_index] = (probs / noise).argmax(dim=-1)
     return chosen
