@@ -11,7 +11,8 @@ from alise.v1 import generate_pb2 as pb
 from tests.helpers import generate, hf_greedy, job_status, kv_idle, request, stub_for, wait_until
 
 LONG_PROMPT = "Write a long story about a lighthouse keeper."
-LONG_TOKENS = 96
+# Long enough that, even on a busy 2-core machine, the short jobs are admitted while it still decodes.
+LONG_TOKENS = 256
 SHORT_PROMPTS = ["Name a colour.", "Say hello.", "Pick a number."]
 
 
@@ -37,7 +38,8 @@ def run_mix(stub) -> tuple[list[str], dict[str, tuple]]:
                                                                      ignore_eos=True)))]
     threads[0].start()
     wait_until(lambda: job_status(stub, f"long-{tag}") == pb.JOB_STATUS_RUNNING, 60, 0.02)
-    time.sleep(0.5)                      # the long job is decoding when the short ones arrive
+    # the long job is decoding when the short ones arrive
+    wait_until(lambda: len(stub.GetJob(pb.GetJobRequest(request_id=f"long-{tag}")).token_ids) > 0, 120, 0.05)
     for i, p in enumerate(SHORT_PROMPTS):
         t = threading.Thread(target=one, args=(f"short{i}", request(p, f"short{i}-{tag}", 4, ignore_eos=True)))
         t.start()

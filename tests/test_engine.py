@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from services.worker.config import WorkerConfig
-from services.worker.engine import RECOMPUTE, SWAP, Engine
+from services.worker.engine import Engine, PreemptMode
 from services.worker.factory import build_engine
 from services.worker.sequence import Finish, Sampling
 from tests.helpers import hf_greedy, hf_greedy_ids
@@ -91,7 +91,7 @@ def test_chunked_prefill_and_tiny_pool_give_same_tokens(model_dir, tokenizer, re
     assert engine.blocks.num_used == 0
 
 
-@pytest.mark.parametrize("mode", [RECOMPUTE, SWAP])
+@pytest.mark.parametrize("mode", list(PreemptMode))
 def test_preempt_then_resume_gives_same_output(engine, tokenizer, references, mode):
     prompt = PROMPTS[2]
     ids = tokenizer.encode(prompt, add_special_tokens=False)
@@ -107,7 +107,7 @@ def test_preempt_then_resume_gives_same_output(engine, tokenizer, references, mo
         text += d.text
     assert engine.preempt("p", mode) == mode
     assert engine.blocks.num_used == 0
-    assert engine.blocks.num_swapped > 0 if mode == SWAP else engine.blocks.num_swapped == 0
+    assert engine.blocks.num_swapped > 0 if mode is PreemptMode.SWAP else engine.blocks.num_swapped == 0
     # what the scheduler does on resume: re-send the job with the tokens recorded so far
     engine.add("p", ids, Sampling(max_tokens=24, ignore_eos=True), first, text)
     tokens, rest_text, finish = run_to_end(engine)["p"]
@@ -176,7 +176,7 @@ def test_other_architectures_fall_back_to_transformers(tmp_path):
     for _ in range(5):
         engine.step()
     a_first, b_first = engine.seqs["a"].output_ids[:], engine.seqs["b"].output_ids[:]
-    assert engine.preempt("a", SWAP) == SWAP and engine.preempt("b", RECOMPUTE) == RECOMPUTE
+    assert engine.preempt("a", PreemptMode.SWAP) is PreemptMode.SWAP and engine.preempt("b", PreemptMode.RECOMPUTE) is PreemptMode.RECOMPUTE
     engine.add("a", prompt, Sampling(max_tokens=20, ignore_eos=True))            # swapped: resumes in place
     engine.add("b", prompt, Sampling(max_tokens=20, ignore_eos=True), b_first)   # recompute from its tokens
     done = run_to_end(engine)

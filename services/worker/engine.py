@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 
@@ -23,7 +24,11 @@ from services.worker.sampler import sample
 from services.worker.sequence import Finish, Sampling, Sequence, SeqStatus
 from services.worker.step_scheduler import StepScheduler
 
-RECOMPUTE, SWAP = "recompute", "swap"
+
+
+class PreemptMode(Enum):
+    RECOMPUTE = "recompute"     # drop the KV; the scheduler re-sends prompt + output when it resumes the job
+    SWAP = "swap"               # copy the KV to host memory; resumed on this worker
 
 
 @dataclass
@@ -119,7 +124,7 @@ class Engine:
         self._drop(seq)
         return True
 
-    def preempt(self, job_id: str, mode: str) -> str | None:
+    def preempt(self, job_id: str, mode: PreemptMode) -> PreemptMode | None:
         """Stop running a job but remember it; returns what was done (swap or recompute)."""
         self._settle()
         seq = self.seqs.get(job_id)
@@ -127,13 +132,13 @@ class Engine:
             return None
         self.num_preemptions += 1
         self.sched.remove(seq)
-        if mode == SWAP and seq.status is SeqStatus.RUNNING and self.blocks.can_swap_out(job_id):
+        if mode is PreemptMode.SWAP and seq.status is SeqStatus.RUNNING and self.blocks.can_swap_out(job_id):
             self.runner.cache.copy_out(self.blocks.swap_out(job_id))
             seq.status = SeqStatus.SWAPPED
-            return SWAP
+            return PreemptMode.SWAP
         # Recompute: the scheduler re-sends the job (prompt + output so far) when it resumes it.
         self._drop(seq)
-        return RECOMPUTE
+        return PreemptMode.RECOMPUTE
 
     def reset(self) -> None:
         """Drop every job and whatever the device was computing for them (the session ended, or a step
@@ -196,9 +201,8 @@ class Engine:
         chunks, sampled = [], []
         for c in plan.chunks:
             seq = c.seq
-            chunk = self._chunk(seq, c.num_tokens)
+            chunk = self._chunk(seq, c.start, c.num_tokens)
             chunks.append(chunk)
-            seq.num_computed += c.num_tokens
             if chunk.wants_logits:
                 sampled.append(seq)
         logits = self.runner.forward(chunks, prev)
@@ -217,8 +221,7 @@ class Engine:
             return LaunchedStep(sampled, tokens, host, ready)
         return LaunchedStep(sampled, tokens, tokens, None)
 
-    def _chunk(self, seq: Sequence, n: int) -> SeqChunk:
-        start = seq.num_computed
+    def _chunk(self, seq: Sequence, start: int, n: int) -> SeqChunk:
         wants_logits = start + n == seq.num_tokens
         if seq.num_pending:           # its one uncomputed token was sampled by the step still in flight
             assert n == 1 and wants_logits

@@ -15,10 +15,11 @@ from alise.v1 import generate_pb2 as pb
 from alise.v1 import worker_pb2 as wpb
 
 from services.worker import metrics
-from services.worker.engine import RECOMPUTE, SWAP, Engine, StepOutput
+from services.worker.engine import Engine, PreemptMode, StepOutput
 from services.worker.sequence import Finish, Sampling, SeqStatus
 
 log = logging.getLogger("alise.worker.loop")
+PREEMPT_MODE_WIRE = {PreemptMode.SWAP: wpb.PREEMPT_MODE_SWAP, PreemptMode.RECOMPUTE: wpb.PREEMPT_MODE_RECOMPUTE}
 RESET = "reset"     # the session ended: drop every job (the scheduler requeues them)
 FINISH_CODES = {Finish.STOP: pb.FINISH_REASON_STOP, Finish.LENGTH: pb.FINISH_REASON_LENGTH,
                 Finish.ABORTED: pb.FINISH_REASON_ABORTED}
@@ -117,10 +118,10 @@ class EngineLoop(threading.Thread):
             self.engine.add(a.job_id, list(a.prompt_token_ids), sampling_from_proto(a.sampling),
                             list(a.output_token_ids), a.output_text)
         elif kind == "preempt":
-            mode = self.engine.preempt(cmd.preempt.job_id, SWAP if cmd.preempt.mode == wpb.PREEMPT_MODE_SWAP else RECOMPUTE)
-            if mode is not None:
-                done = wpb.PREEMPT_MODE_SWAP if mode == SWAP else wpb.PREEMPT_MODE_RECOMPUTE
-                self._send(wpb.WorkerMessage(preempted=wpb.JobPreempted(job_id=cmd.preempt.job_id, mode=done)))
+            asked = PreemptMode.SWAP if cmd.preempt.mode == wpb.PREEMPT_MODE_SWAP else PreemptMode.RECOMPUTE
+            if (done := self.engine.preempt(cmd.preempt.job_id, asked)) is not None:
+                self._send(wpb.WorkerMessage(preempted=wpb.JobPreempted(job_id=cmd.preempt.job_id,
+                                                                        mode=PREEMPT_MODE_WIRE[done])))
         elif kind == "abort":
             self.engine.abort(cmd.abort.job_id)
         elif kind == "drain":

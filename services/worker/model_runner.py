@@ -22,6 +22,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from services.worker.attention import paged_decode
 from services.worker.fused_ops import rmsnorm, rope_, silu_mul
+from services.worker.host_copy import to_device
 from services.worker.kv_cache import PagedKVCache
 
 log = logging.getLogger("alise.worker.runner")
@@ -152,17 +153,6 @@ class ModelRunner:
         return self.forward_mixed(self.prepare_mixed(chunks, prev_sampled))
 
     # -- batch preparation (host side, numpy; one transfer per step) -------------------------------
-    def _to_device(self, *arrays: np.ndarray) -> list[torch.Tensor]:
-        """int64 arrays -> device tensors of the same shapes, through one pinned buffer and one copy."""
-        flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]))
-        if self.device.type == "cuda":
-            flat = flat.pin_memory().to(self.device, non_blocking=True)
-        out, at = [], 0
-        for a in arrays:
-            out.append(flat[at:at + a.size].view(a.shape))
-            at += a.size
-        return out
-
     def _tables(self, tables: list[list[int]]) -> np.ndarray:
         """Block tables padded with the scratch block. On a GPU the width is rounded up to 16 (one Triton
         variant for every width); on CPU the attention gathers the whole width, so it stays exact."""
@@ -187,7 +177,7 @@ class ModelRunner:
         prev = np.fromiter((c.prev_row for c in chunks), np.int64, n)
         tables = self._tables([c.block_table for c in chunks])
         slots = tables[np.arange(n), pos // bs] * bs + pos % bs
-        ids_t, prev_t, pos_t, slots_t, lens_t, tables_t = self._to_device(ids, prev, pos, slots, pos + 1, tables)
+        ids_t, prev_t, pos_t, slots_t, lens_t, tables_t = to_device(self.device, ids, prev, pos, slots, pos + 1, tables)
         return DecodeInputs(input_ids=self._input_ids(ids_t, prev_t, prev_sampled), positions=pos_t, slots=slots_t,
                             block_tables=tables_t.to(torch.int32), context_lens=lens_t.to(torch.int32))
 
@@ -212,7 +202,7 @@ class ModelRunner:
         cont = [i for i in np.flatnonzero((sizes > 1) & (starts > 0))]
         ctx = [tables[i, np.arange(starts[i] + sizes[i]) // bs] * bs + np.arange(starts[i] + sizes[i]) % bs
                for i in cont]
-        dev = self._to_device(ids, prev, pos, slots, rows_start[decode], tables[decode], starts[decode] + 1,
+        dev = to_device(self.device, ids, prev, pos, slots, rows_start[decode], tables[decode], starts[decode] + 1,
                               logit_rows, *ctx)
         ids_t, prev_t, pos_t, slots_t, dec_rows, dec_tables, dec_lens, logit_t = dev[:8]
         ctx_of = dict(zip(cont, dev[8:]))

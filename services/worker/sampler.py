@@ -9,8 +9,10 @@ output does not depend on batching, preemption or which worker resumes it; unsee
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from services.worker.host_copy import to_device
 from services.worker.sequence import Sampling
 
 
@@ -18,12 +20,6 @@ def _generator(seed: int, token_index: int, device: torch.device) -> torch.Gener
     gen = torch.Generator(device=device)
     gen.manual_seed((seed * 1_000_003 + token_index) % (2**63))
     return gen
-
-
-def _on(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
-    """A small host list on the device without a stream sync (a pageable copy would wait for the GPU)."""
-    t = torch.tensor(values, dtype=dtype)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
@@ -46,11 +42,10 @@ def sample(logits: torch.Tensor, samplings: list[Sampling], token_indices: list[
     if rows:
         dev = logits.device
         sp = [samplings[i] for i in rows]
-        row_index = _on(dev, rows, torch.long)
-        probs = filtered_probs(logits[row_index],
-                               _on(dev, [s.temperature for s in sp], torch.float32),
-                               _on(dev, [s.top_k for s in sp], torch.long),
-                               _on(dev, [s.top_p for s in sp], torch.float32))
+        row_index, top_k = to_device(dev, np.array(rows, np.int64), np.array([s.top_k for s in sp], np.int64))
+        temperature, top_p = to_device(dev, np.array([s.temperature for s in sp], np.float32),
+                                       np.array([s.top_p for s in sp], np.float32))
+        probs = filtered_probs(logits[row_index], temperature, top_k, top_p)
         noise = torch.empty_like(probs).exponential_()
         for j, s in enumerate(sp):
             if s.seed is not None:

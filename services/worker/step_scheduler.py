@@ -21,7 +21,10 @@ from services.worker.sequence import Sequence, SeqStatus
 
 @dataclass(frozen=True)
 class ScheduledChunk:
+    """`num_tokens` of `seq`'s tokens from `start` go into this step. Planning a chunk advances the sequence's
+    `num_computed` (this module is its only writer): a step that then fails drops every job it held."""
     seq: Sequence
+    start: int
     num_tokens: int
 
 
@@ -79,7 +82,7 @@ class StepScheduler:
                     break
             if seq in self.running:
                 self.blocks.grow(seq.job_id, seq.num_computed + n)
-                chunks.append(ScheduledChunk(seq, n))
+                chunks.append(self._plan_chunk(seq, n))
                 budget -= n
         if not preempted:                        # a step that had to preempt admits nobody new
             chunks += self._admit(budget)
@@ -109,9 +112,15 @@ class StepScheduler:
             self.blocks.grow(seq.job_id, seq.num_computed + n)
             seq.status = SeqStatus.RUNNING
             self.running[seq] = None
-            admitted.append(ScheduledChunk(seq, n))
+            admitted.append(self._plan_chunk(seq, n))
             budget -= n
         return admitted
+
+    @staticmethod
+    def _plan_chunk(seq: Sequence, n: int) -> ScheduledChunk:
+        chunk = ScheduledChunk(seq, seq.num_computed, n)
+        seq.num_computed += n
+        return chunk
 
     def _preempt(self, seq: Sequence) -> None:
         del self.running[seq]
