@@ -145,6 +145,12 @@ def parser() -> argparse.ArgumentParser:
         s.set_defaults(fn=fn)
     sub.add_parser("load", help="queue and worker load").set_defaults(fn=cmd_load)
     sub.add_parser("info", help="server info").set_defaults(fn=cmd_info)
+    bench = sub.add_parser("bench", help="benchmarks against a live stack").add_subparsers(dest="bench", required=True)
+    from bench.serve import add_arguments
+
+    serve = bench.add_parser("serve", help="load generator: a workload at a request rate, latency and throughput")
+    add_arguments(serve)
+    serve.set_defaults(fn=None)
     return p
 
 
@@ -156,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: refusing to send an API key in plaintext to {address}: give --tls-ca (or ALISE_TLS_CA), "
               f"or --insecure", file=sys.stderr)
         return 2
+    if a.command == "bench":
+        from bench.serve import Target, bench_serve
+
+        summary = bench_serve(a, Target(address, resolve_api_key(a.api_key), ca))
+        return 0 if summary["failed"] == 0 else 1
     with tls_channel(address, TlsFiles(ca=ca)) as channel:
         try:
             return a.fn(pb_grpc.AliseStub(with_bearer(channel, resolve_api_key(a.api_key))), a)

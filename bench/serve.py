@@ -1,0 +1,209 @@
+"""`alise bench serve`: a load generator against a live ALISE scheduler, modelled on `vllm bench serve`.
+
+Requests come from a workload (bench/workloads.py), leave at Poisson (or gamma, `--burstiness`) times at
+`--request-rate` (or all at once: `inf`), at most `--max-concurrency` in flight, and are streamed back; each
+one's TTFT, inter-token latencies, end-to-end and normalized latency (e2e / output tokens, the paper's
+metric), queue time, preemptions and predicted length are recorded. Prints a summary and writes it as JSON
+(`--save-result`) with one CSV row per request beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import math
+import random
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench.serve_metrics import RequestResult, format_summary, parse_goodput, summarize
+from bench.workloads import BenchRequest, Dataset, Limits, load
+from services.common.auth import bearer_metadata
+
+
+def arrival_offsets(n: int, rate: float, burstiness: float, seed: int) -> list[float]:
+    """Start times (s from the beginning) of n requests: gaps drawn from a gamma distribution with mean
+    1 / rate and shape `burstiness` (1 = Poisson; lower = burstier). rate = inf: everything at 0."""
+    if math.isinf(rate):
+        return [0.0] * n
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        out.append(t)
+        t += rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
+    return out
+
+
+@dataclass
+class Target:
+    """Where and as whom the requests go."""
+    address: str
+    api_key: str | None
+    tls_ca: str = ""
+    model: str = ""
+    priority: int = 0
+    timeout_s: float = 3600.0
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return bearer_metadata(self.api_key) if self.api_key else ()
+
+
+async def one_request(stub, req: BenchRequest, index: int, ignore_eos: bool, target: Target, label: str,
+                      started: float) -> RequestResult:
+    from alise.v1 import generate_pb2 as pb
+
+    max_tokens = req.output_tokens if ignore_eos or req.output_tokens else 0
+    sampling = pb.SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos and max_tokens > 0)
+    msg = pb.GenerateRequest(request_id=f"{label}-{index}-{uuid.uuid4().hex[:8]}", model=target.model,
+                             prompt=req.prompt, sampling=sampling, priority=target.priority)
+    res = RequestResult(index=index, expected_output_tokens=req.output_tokens, start_s=time.perf_counter() - started)
+    t0 = last = time.perf_counter()
+    try:
+        async for resp in stub.Generate(msg, timeout=target.timeout_s, metadata=target.metadata):
+            now = time.perf_counter()
+            if resp.HasField("chunk"):
+                n = len(resp.chunk.token_ids)
+                if n == 0:
+                    continue
+                if res.ttft_s is None:
+                    res.ttft_s = now - t0
+                else:                                  # a chunk of n tokens: n gaps of equal share
+                    res.itl_s.extend([(now - last) / n] * n)
+                last = now
+                res.output_tokens += n
+            else:
+                _record_complete(res, resp.complete)
+        res.e2e_s = time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001 - grpc.aio raises AioRpcError; any failure is this request's result
+        res.error = f"{getattr(e, 'code', lambda: type(e).__name__)()}: {getattr(e, 'details', lambda: str(e))()}"
+    return res
+
+
+def _record_complete(res: RequestResult, done) -> None:
+    from alise.v1 import generate_pb2 as pb
+
+    res.ok = True
+    res.prompt_tokens = done.usage.prompt_tokens
+    res.output_tokens = max(res.output_tokens, done.usage.completion_tokens)
+    res.finish_reason = pb.FinishReason.Name(done.finish_reason)
+    res.queue_s = done.timings.queue_seconds
+    res.preemptions = done.timings.num_preemptions
+    res.predicted_output_tokens = done.timings.predicted_output_tokens
+
+
+async def run(requests: list[BenchRequest], target: Target, *, rate: float, burstiness: float, seed: int,
+              max_concurrency: int, ignore_eos: bool, label: str, progress: bool = True,
+              use_trace_times: bool = False) -> tuple[list[RequestResult], float]:
+    """Send every request on its schedule; returns per-request results (in request order) and the duration."""
+    from alise.v1 import generate_pb2_grpc as pb_grpc
+
+    from services.common.tls import TlsFiles, aio_channel
+
+    offsets = ([r.arrival_s or 0.0 for r in requests] if use_trace_times
+               else arrival_offsets(len(requests), rate, burstiness, seed))
+    limit = asyncio.Semaphore(max_concurrency) if max_concurrency > 0 else None
+    done = 0
+    async with aio_channel(target.address, TlsFiles(ca=target.tls_ca)) as channel:
+        stub = pb_grpc.AliseStub(channel)
+        started = time.perf_counter()
+
+        async def send(i: int) -> RequestResult:
+            nonlocal done
+            await asyncio.sleep(max(0.0, offsets[i] - (time.perf_counter() - started)))
+            if limit is None:
+                res = await one_request(stub, requests[i], i, ignore_eos, target, label, started)
+            else:
+                async with limit:
+                    res = await one_request(stub, requests[i], i, ignore_eos, target, label, started)
+            done += 1
+            return res
+
+        ticker = asyncio.create_task(_progress(lambda: done, len(requests), started)) if progress else None
+        results = await asyncio.gather(*(send(i) for i in range(len(requests))))
+        duration = time.perf_counter() - started
+        if ticker:
+            ticker.cancel()
+            print(file=sys.stderr)
+    return list(results), duration
+
+
+async def _progress(done, total: int, started: float) -> None:
+    while True:
+        n = done()
+        width = 30
+        bar = "#" * (width * n // max(total, 1))
+        print(f"\r[{bar:<{width}}] {n}/{total} requests, {time.perf_counter() - started:6.1f} s",
+              end="", file=sys.stderr, flush=True)
+        await asyncio.sleep(1.0)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset-name", type=Dataset, choices=list(Dataset), default=Dataset.SHAREGPT)
+    p.add_argument("--dataset-path", type=Path, help="the dataset file (not needed for synthetic)")
+    p.add_argument("--num-prompts", type=int, default=1000)
+    p.add_argument("--input-len", type=int, default=256, help="synthetic: prompt tokens")
+    p.add_argument("--output-len", type=int, default=128, help="synthetic: output tokens")
+    p.add_argument("--request-rate", type=float, default=math.inf, help="requests/s (Poisson); inf = all at once")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps (1 = Poisson)")
+    p.add_argument("--trace-times", action="store_true", help="azure: send at the trace's own arrival times")
+    p.add_argument("--max-concurrency", type=int, default=0, help="at most this many requests in flight (0 = no cap)")
+    p.add_argument("--ignore-eos", action="store_true", help="generate exactly the dataset's output length")
+    p.add_argument("--goodput", nargs="*", default=[], metavar="METRIC:MS",
+                   help="SLOs for goodput, e.g. ttft:500 tpot:50 e2el:10000")
+    p.add_argument("--percentiles", default="50,90,99")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=0, help="send this many requests first and discard them")
+    p.add_argument("--label", default="bench")
+    p.add_argument("--priority", type=int, default=0)
+    p.add_argument("--tokenizer", help="tokenizer directory for counting lengths (default: the local model)")
+    p.add_argument("--save-result", type=Path, help="write the summary here as JSON, and per-request rows as CSV")
+
+
+def load_workload(a: argparse.Namespace, tokenizer) -> list[BenchRequest]:
+    if a.dataset_name is not Dataset.SYNTHETIC and a.dataset_path is None:
+        raise SystemExit(f"--dataset-path is needed for {a.dataset_name.value}")
+    return load(a.dataset_name, a.dataset_path, a.num_prompts + a.warmup, tokenizer, seed=a.seed,
+                limits=Limits(), input_len=a.input_len, output_len=a.output_len)
+
+
+def open_tokenizer(path: str | None):
+    from transformers import AutoTokenizer
+
+    from services.common.model_paths import default_model_dir
+
+    return AutoTokenizer.from_pretrained(path or str(default_model_dir()))
+
+
+def bench_serve(a: argparse.Namespace, target: Target) -> dict:
+    workload = load_workload(a, open_tokenizer(a.tokenizer))
+    warm, measured = workload[:a.warmup], workload[a.warmup:]
+    if warm:
+        asyncio.run(run(warm, target, rate=math.inf, burstiness=1.0, seed=a.seed, max_concurrency=a.max_concurrency,
+                        ignore_eos=a.ignore_eos, label=f"{a.label}-warmup", progress=False))
+    results, duration = asyncio.run(run(measured, target, rate=a.request_rate, burstiness=a.burstiness, seed=a.seed,
+                                        max_concurrency=a.max_concurrency, ignore_eos=a.ignore_eos, label=a.label,
+                                        use_trace_times=a.trace_times))
+    summary = summarize(results, duration, [float(x) for x in a.percentiles.split(",")], parse_goodput(a.goodput))
+    summary.update(label=a.label, dataset=a.dataset_name.value, request_rate=a.request_rate,
+                   burstiness=a.burstiness, max_concurrency=a.max_concurrency, address=target.address)
+    print(format_summary(summary))
+    if a.save_result:
+        save(a.save_result, summary, results)
+    return summary
+
+
+def save(path: Path, summary: dict, results: list[RequestResult]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2))
+    rows = [asdict(r) for r in results]
+    with open(path.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "itl_s"] if rows else [])
+        w.writeheader()
+        for r in rows:
+            r.pop("itl_s")
+            w.writerow(r)

@@ -1,0 +1,134 @@
+"""Benchmark workloads: the requests a load generator sends, read from real datasets on disk.
+
+Every loader returns `BenchRequest`s: a prompt text and the output length the dataset recorded (a load
+generator with `--ignore-eos` asks for exactly that many tokens, so a random-weight model produces the trace's
+lengths). Datasets whose records carry no text (the Azure LLM trace, length pairs) get prompts synthesised to
+the recorded token count, as `vllm bench serve`'s random dataset does. Datasets are read from paths and never
+copied into the repository (`../shared/data` has real ones with their provenance).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    prompt: str
+    output_tokens: int                 # the dataset's output length; 0 = let the model decide
+    prompt_tokens: int = 0             # as counted by the workload's tokenizer (0 = not counted)
+    arrival_s: float | None = None     # offset from the start, for traces with real arrival times
+
+
+class Dataset(str, Enum):
+    SHAREGPT = "sharegpt"              # {conversations: [{from, value}]}: each human turn with its reply
+    ALPACA = "alpaca"                  # [{instruction, input, output}] (also AlpacaEval's {instruction, output})
+    AZURE = "azure"                    # CSV TIMESTAMP, ContextTokens, GeneratedTokens: arrivals and lengths
+    LENGTHS = "lengths"                # JSON [[prompt tokens, output tokens], ...] (bench/make_lengths.py)
+    JSONL = "jsonl"                    # one {"prompt": ..., "output_tokens": ...} per line
+    SYNTHETIC = "synthetic"            # --input-len / --output-len, no file
+
+    def __str__(self) -> str:           # argparse shows choices as their values
+        return self.value
+
+
+@dataclass(frozen=True)
+class Limits:
+    """vLLM's ShareGPT benchmark rule: pairs with a prompt over 1024 or prompt + output over 2048 tokens are
+    dropped, and so are very short ones (under 4 tokens either side)."""
+    max_prompt: int = 1024
+    max_total: int = 2048
+    min_tokens: int = 4
+
+    def keep(self, n_in: int, n_out: int) -> bool:
+        return self.min_tokens <= n_in <= self.max_prompt and n_out >= self.min_tokens and n_in + n_out <= self.max_total
+
+
+def text_pairs(dataset: Dataset, path: Path):
+    """(prompt, reply) texts of a ShareGPT or Alpaca-style file, in file order."""
+    data = json.loads(Path(path).read_text())
+    for item in data:
+        if dataset is Dataset.SHAREGPT:
+            turns = item.get("conversations", [])
+            for a, b in zip(turns, turns[1:]):
+                if a.get("from") == "human" and b.get("from") == "gpt":
+                    yield a["value"], b["value"]
+        else:
+            prompt = (item["instruction"] + "\n" + item.get("input", "")).strip()
+            yield prompt, item.get("output", "")
+
+
+def synthetic_prompt(tokenizer, n: int, rng: random.Random) -> tuple[str, int]:
+    """Text that the tokenizer reads as about `n` tokens: random ordinary vocabulary entries, decoded, then
+    cut so that re-encoding gives n (decoding can merge neighbours, so it is checked, not assumed)."""
+    special = set(tokenizer.all_special_ids)
+    vocab = [i for i in range(len(tokenizer)) if i not in special]
+    ids = [rng.choice(vocab) for _ in range(n)]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    for _ in range(3):
+        got = tokenizer.encode(text, add_special_tokens=False)
+        if len(got) == n:
+            break
+        got = got[:n] + [rng.choice(vocab) for _ in range(n - len(got))]
+        text = tokenizer.decode(got, skip_special_tokens=True)
+    return text, len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def load(dataset: Dataset, path: Path | None, num: int, tokenizer, *, seed: int = 0, limits: Limits = Limits(),
+         input_len: int = 256, output_len: int = 128) -> list[BenchRequest]:
+    """Up to `num` requests of the dataset. Text datasets are kept in file order (the same file gives the same
+    workload); lengths are counted with `tokenizer`."""
+    rng = random.Random(seed)
+    out: list[BenchRequest] = []
+    if dataset in (Dataset.SHAREGPT, Dataset.ALPACA):
+        for prompt, reply in text_pairs(dataset, path):
+            n_in = len(tokenizer.encode(prompt, add_special_tokens=False))
+            n_out = len(tokenizer.encode(reply, add_special_tokens=False))
+            if limits.keep(n_in, n_out):
+                out.append(BenchRequest(prompt, n_out, n_in))
+            if len(out) >= num:
+                break
+    elif dataset is Dataset.JSONL:
+        for line in Path(path).read_text().splitlines():
+            if line.strip():
+                item = json.loads(line)
+                out.append(BenchRequest(item["prompt"], int(item.get("output_tokens", 0))))
+            if len(out) >= num:
+                break
+    else:
+        for n_in, n_out, arrival in length_records(dataset, path, num, input_len, output_len, limits):
+            text, counted = synthetic_prompt(tokenizer, n_in, rng)
+            out.append(BenchRequest(text, n_out, counted, arrival))
+    return out
+
+
+def length_records(dataset: Dataset, path: Path | None, num: int, input_len: int, output_len: int,
+                   limits: Limits) -> list[tuple[int, int, float | None]]:
+    """(prompt tokens, output tokens, arrival offset or None) of the datasets without text."""
+    if dataset is Dataset.SYNTHETIC:
+        return [(input_len, output_len, None)] * num
+    if dataset is Dataset.LENGTHS:
+        return [(int(a), int(b), None) for a, b in json.loads(Path(path).read_text())[:num]]
+    rows, start = [], None
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            t = _seconds(row["TIMESTAMP"])
+            start = t if start is None else start
+            n_in, n_out = int(row["ContextTokens"]), int(row["GeneratedTokens"])
+            if limits.keep(n_in, n_out):
+                rows.append((n_in, n_out, t - start))
+            if len(rows) >= num:
+                break
+    return rows
+
+
+def _seconds(timestamp: str) -> float:
+    """The Azure trace's '2023-11-16 18:15:46.6805900' -> seconds (sub-microsecond digits dropped)."""
+    from datetime import datetime
+
+    day, _, frac = timestamp.partition(".")
+    return datetime.fromisoformat(day).timestamp() + float("0." + (frac or "0"))

@@ -1,0 +1,97 @@
+"""`alise bench serve`: workloads from dataset files, arrival times, the summary's arithmetic, and a run against
+the live stack through the CLI."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from bench.serve import arrival_offsets
+from bench.serve_metrics import RequestResult, meets, parse_goodput, summarize
+from bench.workloads import Dataset, Limits, load
+from client.cli import main as cli_main
+
+
+def test_poisson_arrivals_have_the_asked_rate_and_inf_sends_everything_at_once():
+    offsets = arrival_offsets(4000, rate=20.0, burstiness=1.0, seed=1)
+    assert offsets == sorted(offsets) and offsets[0] == 0.0
+    assert 4000 / offsets[-1] == pytest.approx(20.0, rel=0.08)
+    bursty = arrival_offsets(4000, rate=20.0, burstiness=0.25, seed=1)
+    gaps = [b - a for a, b in zip(bursty, bursty[1:])]
+    mean = sum(gaps) / len(gaps)
+    cv = math.sqrt(sum((g - mean) ** 2 for g in gaps) / len(gaps)) / mean
+    assert cv > 1.5                     # gamma shape 0.25: coefficient of variation 2 (Poisson: 1)
+    assert arrival_offsets(5, math.inf, 1.0, 0) == [0.0] * 5
+
+
+def result(i, out, e2e, ttft, ok=True, predicted=0):
+    return RequestResult(index=i, expected_output_tokens=out, ok=ok, output_tokens=out, prompt_tokens=10,
+                         e2e_s=e2e, ttft_s=ttft, predicted_output_tokens=predicted)
+
+
+def test_summary_counts_throughput_latency_fairness_and_goodput():
+    results = [result(i, out=(i + 1) * 10, e2e=float(i + 1), ttft=0.1 * (i + 1), predicted=(i + 1) * 7)
+               for i in range(10)]
+    results.append(RequestResult(index=10, expected_output_tokens=5, error="UNAVAILABLE: gone"))
+    s = summarize(results, duration_s=10.0, percentiles=[50, 99], slo=parse_goodput(["ttft:450", "e2el:5000"]))
+    assert (s["completed"], s["failed"]) == (10, 1) and s["errors"] == ["UNAVAILABLE: gone"]
+    assert s["output_throughput"] == pytest.approx(sum(range(10, 101, 10)) / 10.0)
+    assert s["normalized_latency_s"]["mean"] == pytest.approx(0.1)        # e2e (i+1) s over 10 (i+1) tokens
+    assert s["ttft_s"]["p50"] == pytest.approx(0.55)
+    assert s["fairness"]["shortest_half_mean_e2e_s"] == pytest.approx(3.0)
+    assert s["fairness"]["longest_tenth_mean_e2e_s"] == pytest.approx(10.0)
+    assert s["predictor_kendall_tau"] == pytest.approx(1.0)                 # predictions in the true order
+    assert s["goodput"]["requests_meeting"] == 4                            # ttft <= 0.45 s and e2e <= 5 s
+
+
+def test_goodput_specs_are_checked():
+    with pytest.raises(ValueError, match="goodput"):
+        parse_goodput(["latency:5"])
+    one_token = RequestResult(index=0, expected_output_tokens=1, ok=True, output_tokens=1, e2e_s=0.2, ttft_s=0.2)
+    assert meets(one_token, {"tpot": 0.01})                                 # no TPOT with a single token
+
+
+def test_sharegpt_and_azure_workloads(tmp_path, tokenizer):
+    conv = [{"id": "a", "conversations": [
+        {"from": "human", "value": "Tell me about lighthouses and the people who keep them."},
+        {"from": "gpt", "value": "Lighthouses guide ships along dangerous coasts at night."},
+        {"from": "human", "value": "ok"},                                    # too short: dropped
+        {"from": "gpt", "value": "Glad to help with anything else you would like to know."}]}]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(conv))
+    reqs = load(Dataset.SHAREGPT, path, 10, tokenizer)
+    assert len(reqs) == 1 and reqs[0].prompt.startswith("Tell me")
+    assert reqs[0].output_tokens == len(tokenizer.encode(conv[0]["conversations"][1]["value"]))
+    trace = tmp_path / "azure.csv"
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.5000000,40,12\n"
+                     "2023-11-16 18:15:48.0000000,3000,10\n2023-11-16 18:15:49.2500000,24,7\n")
+    reqs = load(Dataset.AZURE, trace, 10, tokenizer, limits=Limits())
+    assert [r.output_tokens for r in reqs] == [12, 7]                       # the 3000-token prompt is over the limit
+    assert [r.arrival_s for r in reqs] == pytest.approx([0.0, 2.75])
+    for r, n in zip(reqs, (40, 24)):
+        assert abs(r.prompt_tokens - n) <= 1 and r.prompt_tokens == len(tokenizer.encode(r.prompt, add_special_tokens=False))
+
+
+def test_bench_serve_against_the_live_stack(stack_factory, tmp_path, capsys):
+    stack = stack_factory()
+    out = tmp_path / "result.json"
+    code = cli_main(["--address", stack.address, "--api-key", stack.api_key, *tls_args(stack),
+                     "bench", "serve", "--dataset-name", "synthetic", "--num-prompts", "6", "--input-len", "24",
+                     "--output-len", "8", "--ignore-eos", "--request-rate", "20", "--label", "t",
+                     "--goodput", "e2el:600000", "--save-result", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    summary = json.loads(out.read_text())
+    assert summary["completed"] == 6 and summary["total_output_tokens"] == 48     # ignore_eos: exactly 8 each
+    assert summary["goodput"]["requests_meeting"] == 6
+    assert 0 < summary["ttft_s"]["mean"] <= summary["e2e_s"]["mean"]
+    assert summary["predictor_kendall_tau"] is None or -1 <= summary["predictor_kendall_tau"] <= 1
+    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    assert len(rows) == 6 and all(r["ok"] == "True" and r["output_tokens"] == "8" for r in rows)
+    assert "Output token throughput" in printed
+
+
+def tls_args(stack) -> list[str]:
+    return ["--tls-ca", str(stack.tls_files.ca)] if stack.tls_files else []
