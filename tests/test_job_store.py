@@ -39,6 +39,17 @@ async def test_lifecycle_queued_running_finished(store):
     assert state.first_token is not None and await store.r.ttl(keys.job("j1")) > 0
 
 
+async def test_one_step_appends_for_many_jobs_in_one_call_each_checked_on_its_own(store):
+    for j in ("a", "b", "c"):
+        await create(store, record(j, fingerprint=j), 1.0)
+    assert await store.claim("a", "w1") and await store.claim("b", "w2") and await store.claim("c", "w1")
+    step = [("a", [5], "x"), ("b", [6, 7], "yz"), ("c", [], ""), ("missing", [1], "m"), ("a", [8, 9], "")]
+    assert await store.append_many("w1", step) == [1, 0, 0, 0, 3]       # b is w2's; c got nothing yet
+    assert (await store.state("a")).token_ids == [5, 8, 9] and (await store.state("a")).text == "x"
+    assert (await store.state("b")).token_ids == [] and await store.append_many("w1", []) == []
+    assert (await store.state("c")).first_token is not None             # an empty delta still marks it started
+
+
 async def test_requeue_keeps_tokens_and_is_only_allowed_for_the_holder(store):
     await create(store, record(), 5.0)
     await store.claim("j1", "w1")

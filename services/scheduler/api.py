@@ -23,6 +23,7 @@ from services.common.redis_client import UNREACHABLE
 from services.common.lenient import BadMessage, add_lenient_service, reject_bad
 from services.scheduler import keys, metrics
 from services.scheduler.dispatcher import Dispatcher
+from services.scheduler.job_events import coalesce
 from services.scheduler.job_messages import complete_message
 from services.scheduler.job_store import FINAL_STATUSES, CreateOutcome, JobStore
 from services.scheduler.tenants import Tenant, TenantRegistry, TokenBucket
@@ -154,29 +155,35 @@ class AliseServicer(pb_grpc.AliseServicer):
         """The job's events from token `seen` (text character `chars`) on, until its completion. Checks Redis
         whenever the stream has been quiet for LIVENESS_S, so a completion this scheduler never saw (or
         tokens recorded while it was not watching) still reach the client."""
+        held = None                                # a completion read while coalescing chunks
         while True:
-            try:
-                event = await asyncio.wait_for(events.get(), LIVENESS_S)
-            except asyncio.TimeoutError:
-                state = await self.store.state(job_id)
-                if state is None or state.record.fingerprint != fingerprint:
-                    raise JobLost(job_id)
-                if state.status in FINAL_STATUSES:
-                    if len(state.token_ids) > seen or len(state.text) > chars:
-                        yield pb.GenerateResponse(chunk=pb.GenerateChunk(text=state.text[chars:],
-                                                                         token_ids=state.token_ids[seen:]))
-                    yield pb.GenerateResponse(complete=complete_message(state))
-                    return
-                continue
+            if held is not None:
+                event, held = held, None
+            else:
+                try:
+                    event = await asyncio.wait_for(events.get(), LIVENESS_S)
+                except asyncio.TimeoutError:
+                    state = await self.store.state(job_id)
+                    if state is None or state.record.fingerprint != fingerprint:
+                        raise JobLost(job_id)
+                    if state.status in FINAL_STATUSES:
+                        if len(state.token_ids) > seen or len(state.text) > chars:
+                            yield pb.GenerateResponse(chunk=pb.GenerateChunk(text=state.text[chars:],
+                                                                             token_ids=state.token_ids[seen:]))
+                        yield pb.GenerateResponse(complete=complete_message(state))
+                        return
+                    continue
             if event.fingerprint and event.fingerprint != fingerprint:
                 continue                           # another request that reused this id after ours ended
             if event.first_token < 0:
                 yield event.response
                 return
-            if event.first_token >= seen:          # a re-attached stream already has earlier tokens
-                seen = event.first_token + len(event.response.chunk.token_ids)
-                chars += len(event.response.chunk.text)
-                yield event.response
+            if event.first_token < seen:           # a re-attached stream already has these tokens
+                continue
+            ids, text, held = coalesce(event, events, fingerprint)
+            seen = event.first_token + len(ids)
+            chars += len(text)
+            yield pb.GenerateResponse(chunk=pb.GenerateChunk(text=text, token_ids=ids))
 
     async def _abort_quietly(self, job_id: str) -> None:
         try:

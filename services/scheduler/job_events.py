@@ -41,3 +41,20 @@ class JobEventHub:
     def publish(self, job_id: str, event: JobEvent) -> None:
         for q in self._subs.get(job_id, []):
             q.put_nowait(event)
+
+
+def coalesce(event: JobEvent, events: asyncio.Queue, fingerprint: str) -> tuple[list[int], str, JobEvent | None]:
+    """`event`'s chunk joined with the chunks queued behind it (token ids, text), and a completion found
+    there (or None). Chunks that queued up while the client read the last message go out as one: a slow
+    reader gets fewer, larger messages instead of falling further behind."""
+    ids, text = list(event.response.chunk.token_ids), event.response.chunk.text
+    while not events.empty():
+        more = events.get_nowait()
+        if more.fingerprint and more.fingerprint != fingerprint:
+            continue
+        if more.first_token < 0:
+            return ids, text, more
+        if more.first_token >= event.first_token + len(ids):
+            ids += more.response.chunk.token_ids
+            text += more.response.chunk.text
+    return ids, text, None

@@ -118,15 +118,15 @@ class JobStore:
             args=[job_id, worker_id, time.time()]))
 
     async def append_many(self, worker_id: str, deltas: list[tuple[str, list[int], str]]) -> list[int]:
-        """Record one engine step's tokens for many jobs in a single round trip. Per job: its token count
-        after the append, or 0 where refused (not running on this worker)."""
-        now = time.time()
-        async with self.r.pipeline(transaction=False) as pipe:
-            for job_id, token_ids, text in deltas:
-                await self._scripts["append"](
-                    keys=[keys.job(job_id), keys.job_tokens(job_id), keys.job_text(job_id)],
-                    args=[worker_id, now, text, *token_ids], client=pipe)
-            return [int(x) for x in await pipe.execute()]
+        """Record one engine step's tokens for many jobs in one script call. Per job: its token count after
+        the append, or 0 where refused (not running on this worker)."""
+        if not deltas:
+            return []
+        keys_, args = [], [worker_id, time.time()]
+        for job_id, token_ids, text in deltas:
+            keys_ += [keys.job(job_id), keys.job_tokens(job_id), keys.job_text(job_id)]
+            args += [text, len(token_ids), *token_ids]
+        return [int(x) for x in await self._scripts["append"](keys=keys_, args=args)]
 
     async def requeue(self, job_id: str, worker_id: str, score: float, swapped_on: str = "") -> bool:
         return bool(await self._scripts["requeue"](

@@ -1,0 +1,139 @@
+"""Decode step against the memory-bandwidth floor at small batches, measured three ways, plus a kernel breakdown.
+
+For each (batch, context): the floor is the bytes a decode step must read (every weight matrix except the
+embedding table, of which one row per sequence is read, plus the KV of the context) over the measured copy
+bandwidth. Against it:
+- synced: `runner.forward` with a device sync around it (host preparation included, as engine_bench.py did);
+- gpu: the device time of the decode graph's replay alone (CUDA events);
+- served: the steady-state step of the overlapped engine decoding that batch (what a client sees per token).
+Then a torch.profiler trace of graph replays lists the kernels of one decode step by total time.
+
+    python -m bench.decode_floor --out decode_floor.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from bench.engine_bench import LLAMA3_8B, device_ceilings, timed
+from services.worker.config import WorkerConfig
+from services.worker.factory import build_engine
+from services.worker.model_runner import SeqChunk, load_hf_model
+from services.worker.sequence import Sampling
+
+
+def read_bytes_per_step(hf, batch: int, ctx: int, kv_per_token: int) -> int:
+    embed = hf.get_input_embeddings().weight
+    weights = sum(p.numel() * p.element_size() for p in hf.parameters()) - embed.numel() * embed.element_size()
+    return weights + batch * embed.shape[1] * embed.element_size() + batch * ctx * kv_per_token
+
+
+def gpu_replay_ms(runner, chunks, iters: int = 30) -> float:
+    """Device time of the decode graph's replay (inputs prepared and copied once, outside the timing)."""
+    inputs = runner.prepare_decode(chunks)
+    graphs = runner.graphs
+    graphs.run(inputs)
+    n = len(chunks)
+    bucket = next(b for b in graphs.buckets if b >= n)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(iters):
+        start.record()
+        graphs.graphs[bucket].replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def served_step_ms(engine, batch: int, ctx: int, steps: int = 40) -> float:
+    """Wall time per step of the overlapped engine once `batch` sequences of `ctx` tokens are all decoding."""
+    for i in range(batch):
+        engine.add(f"s{batch}_{ctx}_{i}", [7] * ctx, Sampling(max_tokens=steps + 20, ignore_eos=True))
+    while len(engine.sched.running) < batch or any(s.num_uncomputed > 1 for s in engine.sched.running):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - t) / steps * 1e3
+    for i in range(batch):
+        engine.abort(f"s{batch}_{ctx}_{i}")
+    return ms
+
+
+def kernel_breakdown(runner, chunks, replays: int = 10) -> dict:
+    """Kernels of one decode graph replay, by total device time (torch.profiler / CUPTI)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = runner.prepare_decode(chunks)
+    runner.graphs.run(inputs)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            runner.graphs.run(inputs)
+        torch.cuda.synchronize()
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            by_name[e.name][0] += e.device_time_total / replays / 1e3      # ms per step
+            by_name[e.name][1] += 1 / replays
+    rows = sorted(([name[:90], ms, round(count, 2)] for name, (ms, count) in by_name.items()), key=lambda r: -r[1])
+    return {"total_ms": sum(r[1] for r in rows), "kernels_per_step": round(sum(r[2] for r in rows)),
+            "top": rows[:25]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("decode_floor.json"))
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32, 64])
+    p.add_argument("--contexts", type=int, nargs="*", default=[512, 2048])
+    p.add_argument("--profile-batches", type=int, nargs="*", default=[1, 64])
+    a = p.parse_args()
+    from transformers import LlamaConfig
+
+    ceil = device_ceilings()
+    cfg = LlamaConfig(**LLAMA3_8B)
+    hf = load_hf_model(None, torch.bfloat16, torch.device("cuda"), random_weights=True, config=cfg)
+    engine = build_engine(WorkerConfig(device="cuda", dtype="bfloat16", num_host_blocks=0, max_model_len=4096),
+                          model=hf)
+    runner, bm = engine.runner, engine.blocks
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
+    res = {"device": torch.cuda.get_device_name(), "copy_bw": ceil["copy_bw"], "rows": [], "kernels": {}}
+    print(f"{'ctx':>5} {'batch':>5} {'floor':>7} {'synced':>7} {'gpu':>7} {'served':>7}   ratios synced/gpu/served")
+    for ctx in a.contexts:
+        for bsz in a.batches:
+            seqs = [f"d{ctx}_{i}" for i in range(bsz)]
+            for s in seqs:
+                bm.grow(s, ctx)
+            chunks = [SeqChunk([1], ctx - 1, bm.table(s), True) for s in seqs]
+            floor = read_bytes_per_step(hf, bsz, ctx, kv_per_token) / ceil["copy_bw"] * 1e3
+            synced = timed(lambda: runner.forward(chunks), iters=30) * 1e3
+            gpu = gpu_replay_ms(runner, chunks)
+            if ctx == a.contexts[0] and bsz in a.profile_batches:
+                res["kernels"][bsz] = kernel_breakdown(runner, chunks)
+            for s in seqs:
+                bm.free(s)
+            served = served_step_ms(engine, bsz, ctx)
+            row = {"ctx": ctx, "batch": bsz, "floor_ms": floor, "synced_ms": synced, "gpu_ms": gpu, "served_ms": served}
+            res["rows"].append(row)
+            print(f"{ctx:>5} {bsz:>5} {floor:7.3f} {synced:7.3f} {gpu:7.3f} {served:7.3f}   "
+                  f"{synced / floor:.3f} / {gpu / floor:.3f} / {served / floor:.3f}", flush=True)
+    for bsz, k in res["kernels"].items():
+        print(f"\nbatch {bsz}, ctx {a.contexts[0]}: {k['kernels_per_step']} kernels, {k['total_ms']:.3f} ms of kernel time")
+        for name, ms, count in k["top"][:14]:
+            print(f"  {ms:7.3f} ms  x{count:<6} {name}")
+    a.out.write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Live serving against the offline engine, on the same requests and the same machine.
+
+1. offline: the worker's engine in this process's child, fed the workload's prompts (tokenized as the
+   scheduler tokenizes them) with the dataset's output lengths; output tokens/s after a priming run.
+2. live: the whole stack as real processes (Redis, scheduler, one GPU worker; no predictor, so the scheduler
+   uses its prior), the same workload sent at once by `alise bench serve`'s load generator after a priming run.
+Prints both, and live / offline. The engine runs in a child process each time, so the two never share the GPU.
+
+    python -m bench.live_vs_offline --model-dir DIR --dataset-path sharegpt.json --out results/
+DIR holds a config.json (e.g. Llama-3-8B's shape) and a tokenizer; the worker builds random bf16 weights.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.serve import Target, run
+from bench.serve_metrics import format_summary, summarize
+from bench.workloads import Dataset, load
+
+
+def worker_flags(a: argparse.Namespace) -> list[str]:
+    """The worker's settings, as flags: the offline engine is built from the very same ones."""
+    gpu = a.device == "cuda"
+    flags = ["--device", a.device, "--dtype", "bfloat16" if gpu else "float32", "--model-dir", a.model_dir,
+             "--max-model-len", "4096", "--num-host-blocks", "0", "--max-batch", str(a.max_batch)]
+    return flags + (["--random-weights"] if gpu else [])
+
+
+def offline(a: argparse.Namespace) -> dict:
+    """Child process: the engine alone on the workload; prints one JSON line."""
+    import torch
+
+    from services.worker.factory import build_engine
+    from services.worker.sequence import Sampling
+
+    requests, tok = workload(a)
+    from services.worker.config import WorkerConfig
+
+    engine = build_engine(WorkerConfig.from_args(worker_flags(a)))
+    out = {}
+    for name, batch in (("prime", requests[:a.prime]), ("measured", requests)):
+        for i, r in enumerate(batch):
+            engine.add(f"{name}-{i}", tok.encode(r.prompt, add_special_tokens=False),
+                       Sampling(max_tokens=r.output_tokens, ignore_eos=True))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t, produced = time.perf_counter(), 0
+        while engine.has_work:
+            produced += sum(len(d.token_ids) for d in engine.step().deltas)
+        sec = time.perf_counter() - t
+        out[name] = {"requests": len(batch), "output_tokens": produced, "seconds": sec,
+                     "output_tokens_per_s": produced / sec}
+    print("OFFLINE " + json.dumps(out), flush=True)
+    return out
+
+
+def workload(a: argparse.Namespace):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(a.model_dir)
+    return load(Dataset(a.dataset_name), a.dataset_path, a.num_prompts, tok), tok
+
+
+def live(a: argparse.Namespace) -> dict:
+    from services.common.local_stack import LocalStack
+
+    requests, _ = workload(a)
+    stack = LocalStack(log_dir=a.out / "stack", with_predictor=False, worker_args=worker_flags(a),
+                       scheduler_args=["--model-dir", a.model_dir, "--policy", a.policy, "--max-tokens-cap", "4096"])
+    stack.start(timeout_s=900)
+    try:
+        target = Target(stack.address, stack.api_key)
+        res = {}
+        for name, batch in (("prime", requests[:a.prime]), ("measured", requests)):
+            results, duration = asyncio.run(run(batch, target, rate=math.inf, burstiness=1.0, seed=0,
+                                                max_concurrency=0, ignore_eos=True, label=f"{name}-{a.policy}",
+                                                progress=False))
+            res[name] = summarize(results, duration, [50, 90, 99])
+            res[name]["label"] = f"live {name} ({a.policy})"
+            print(format_summary(res[name]), flush=True)
+        return res
+    finally:
+        stack.stop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("phase", nargs="?", choices=["both", "offline"], default="both")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--dataset-name", default="sharegpt")
+    p.add_argument("--dataset-path", type=Path, required=True)
+    p.add_argument("--num-prompts", type=int, default=1000)
+    p.add_argument("--max-batch", type=int, default=0, help="0: the worker's default")
+    p.add_argument("--device", default="cuda", help="cuda: random bf16 weights; cpu: the model's own, fp32")
+    p.add_argument("--prime", type=int, default=100, help="requests of the priming run before each measurement")
+    p.add_argument("--policy", default="fcfs")
+    p.add_argument("--out", type=Path, default=Path("live_vs_offline"))
+    a = p.parse_args()
+    if a.phase == "offline":
+        offline(a)
+        return
+    a.out.mkdir(parents=True, exist_ok=True)
+    args = [x for x in sys.argv[1:] if x != "both"]
+    child = subprocess.run([sys.executable, "-m", "bench.live_vs_offline", "offline", *args],
+                           capture_output=True, text=True)
+    line = next((x for x in child.stdout.splitlines() if x.startswith("OFFLINE ")), None)
+    if line is None:
+        raise SystemExit(f"offline phase failed:\n{child.stdout[-3000:]}\n{child.stderr[-5000:]}")
+    off = json.loads(line[len("OFFLINE "):])
+    print(f"offline: {json.dumps(off)}", flush=True)
+    on = live(a)
+    ratio = on["measured"]["output_throughput"] / off["measured"]["output_tokens_per_s"]
+    result = {"offline": off, "live": on, "live_over_offline": ratio}
+    (a.out / "live_vs_offline.json").write_text(json.dumps(result, indent=2))
+    print(f"\noffline {off['measured']['output_tokens_per_s']:.0f} tok/s, live {on['measured']['output_throughput']:.0f} "
+          f"tok/s ({a.policy}): live / offline = {ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
