@@ -92,6 +92,30 @@ def kernel_breakdown(runner, chunks, replays: int = 10) -> dict:
             "top": rows[:25]}
 
 
+def check_fused_rope_cache(runner, bm) -> dict:
+    """Logits and KV of a mixed step (a prompt, a continuing chunk, decodes) with the fused rotary + KV-write
+    kernel against the separate kernels: they must agree to the last bit (same rounding by construction)."""
+    torch.manual_seed(0)
+    shapes = {"p": (0, 37), "c": (48, 16), "d1": (100, 1), "d2": (7, 1)}
+    for sid, (start, n) in shapes.items():
+        bm.grow(sid, start + n)
+    chunks = [SeqChunk(torch.randint(0, 1000, (n,)).tolist(), start, bm.table(sid), True, sid)
+              for sid, (start, n) in shapes.items()]
+    slots = torch.tensor([b * bm.block_size + o for sid in shapes for b in bm.table(sid) for o in range(bm.block_size)],
+                         device="cuda")
+    out = {}
+    for fused in (False, True):
+        runner.fuse_rope_cache = fused
+        with torch.inference_mode():
+            logits = runner.forward_mixed(runner.prepare_mixed(chunks))
+        out[fused] = (logits.clone(), runner.cache.k[:, slots].clone(), runner.cache.v[:, slots].clone())
+    for sid in shapes:
+        bm.free(sid)
+    return {"logits_max_abs_diff": (out[True][0] - out[False][0]).abs().max().item(),
+            "k_equal": bool(torch.equal(out[True][1], out[False][1])),
+            "v_equal": bool(torch.equal(out[True][2], out[False][2]))}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("decode_floor.json"))
@@ -108,8 +132,31 @@ def main() -> None:
                           model=hf)
     runner, bm = engine.runner, engine.blocks
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
-    res = {"device": torch.cuda.get_device_name(), "copy_bw": ceil["copy_bw"], "rows": [], "kernels": {}}
-    print(f"{'ctx':>5} {'batch':>5} {'floor':>7} {'synced':>7} {'gpu':>7} {'served':>7}   ratios synced/gpu/served")
+    res = {"device": torch.cuda.get_device_name(), "copy_bw": ceil["copy_bw"], "rows": [], "kernels": {},
+           "fused_check": check_fused_rope_cache(runner, bm), "unfused_gpu_ms": {}}
+    print("fused rotary + KV write against separate kernels:", res["fused_check"], flush=True)
+    runner.fuse_rope_cache = False                   # A/B: graph replay without the fused kernel, then with it
+    runner.graphs.capture()
+    for ctx in a.contexts:
+        for bsz in a.batches:
+            for s in (seqs := [f"u{ctx}_{i}" for i in range(bsz)]):
+                bm.grow(s, ctx)
+            res["unfused_gpu_ms"][f"{ctx}x{bsz}"] = gpu_replay_ms(runner, [SeqChunk([1], ctx - 1, bm.table(s), True)
+                                                                           for s in seqs])
+            for s in seqs:
+                bm.free(s)
+    if a.profile_batches:                            # the unfused step's kernels, at the first profiled batch
+        seqs = [f"k{i}" for i in range(a.profile_batches[0])]
+        for s in seqs:
+            bm.grow(s, a.contexts[0])
+        res["kernels"]["unfused"] = kernel_breakdown(runner, [SeqChunk([1], a.contexts[0] - 1, bm.table(s), True)
+                                                              for s in seqs])
+        for s in seqs:
+            bm.free(s)
+    runner.fuse_rope_cache = True
+    runner.graphs.capture()
+    print(f"{'ctx':>5} {'batch':>5} {'floor':>7} {'synced':>7} {'gpu':>7} {'served':>7} {'unfused':>7}   "
+          f"ratios synced/gpu/served/unfused-gpu")
     for ctx in a.contexts:
         for bsz in a.batches:
             seqs = [f"d{ctx}_{i}" for i in range(bsz)]
@@ -124,12 +171,14 @@ def main() -> None:
             for s in seqs:
                 bm.free(s)
             served = served_step_ms(engine, bsz, ctx)
-            row = {"ctx": ctx, "batch": bsz, "floor_ms": floor, "synced_ms": synced, "gpu_ms": gpu, "served_ms": served}
+            unfused = res["unfused_gpu_ms"][f"{ctx}x{bsz}"]
+            row = {"ctx": ctx, "batch": bsz, "floor_ms": floor, "synced_ms": synced, "gpu_ms": gpu, "served_ms": served,
+                   "unfused_gpu_ms": unfused}
             res["rows"].append(row)
-            print(f"{ctx:>5} {bsz:>5} {floor:7.3f} {synced:7.3f} {gpu:7.3f} {served:7.3f}   "
-                  f"{synced / floor:.3f} / {gpu / floor:.3f} / {served / floor:.3f}", flush=True)
+            print(f"{ctx:>5} {bsz:>5} {floor:7.3f} {synced:7.3f} {gpu:7.3f} {served:7.3f} {unfused:7.3f}   "
+                  f"{synced / floor:.3f} / {gpu / floor:.3f} / {served / floor:.3f} / {unfused / floor:.3f}", flush=True)
     for bsz, k in res["kernels"].items():
-        print(f"\nbatch {bsz}, ctx {a.contexts[0]}: {k['kernels_per_step']} kernels, {k['total_ms']:.3f} ms of kernel time")
+        print(f"\nbatch {bsz} (fused unless 'unfused'), ctx {a.contexts[0]}: {k['kernels_per_step']} kernels, {k['total_ms']:.3f} ms of kernel time")
         for name, ms, count in k["top"][:14]:
             print(f"  {ms:7.3f} ms  x{count:<6} {name}")
     a.out.write_text(json.dumps(res, indent=2))

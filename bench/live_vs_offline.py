@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -68,10 +69,30 @@ def workload(a: argparse.Namespace):
     return load(Dataset(a.dataset_name), a.dataset_path, a.num_prompts, tok), tok
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of a process so far (this one by default), threads included."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(stack) -> dict[str, float]:
+    pids = {name: svc.proc.pid for name, svc in stack.services.items()}
+    pids["redis"] = stack.redis.proc.pid
+    return {"client": cpu_seconds(), **{name: cpu_seconds(pid) for name, pid in pids.items()}}
+
+
 def live(a: argparse.Namespace) -> dict:
     from services.common.local_stack import LocalStack
 
     requests, _ = workload(a)
+    if a.profile_scheduler:                  # the scheduler under cProfile (it exits cleanly on SIGTERM)
+        class ProfiledStack(LocalStack):
+            def scheduler_command(self) -> list[str]:
+                return ["cProfile", "-o", str(a.out / "scheduler.prof"), "-m", *super().scheduler_command()]
+        LocalStack = ProfiledStack  # noqa: N806
     stack = LocalStack(log_dir=a.out / "stack", with_predictor=False, worker_args=worker_flags(a),
                        scheduler_args=["--model-dir", a.model_dir, "--policy", a.policy, "--max-tokens-cap", "4096"])
     stack.start(timeout_s=900)
@@ -79,15 +100,23 @@ def live(a: argparse.Namespace) -> dict:
         target = Target(stack.address, stack.api_key)
         res = {}
         for name, batch in (("prime", requests[:a.prime]), ("measured", requests)):
+            before = process_cpu(stack)
             results, duration = asyncio.run(run(batch, target, rate=math.inf, burstiness=1.0, seed=0,
                                                 max_concurrency=0, ignore_eos=True, label=f"{name}-{a.policy}",
                                                 progress=False))
             res[name] = summarize(results, duration, [50, 90, 99])
             res[name]["label"] = f"live {name} ({a.policy})"
+            # share of one core each process used during the run: a process near 1.0 is what limits it
+            res[name]["cpu_share"] = {k: (v - before[k]) / duration for k, v in process_cpu(stack).items()}
+            print("CPU share of one core:", {k: round(v, 2) for k, v in res[name]["cpu_share"].items()})
             print(format_summary(res[name]), flush=True)
         return res
     finally:
         stack.stop()
+        if a.profile_scheduler:
+            import pstats
+
+            pstats.Stats(str(a.out / "scheduler.prof")).sort_stats("tottime").print_stats(30)
 
 
 def main() -> None:
@@ -95,18 +124,23 @@ def main() -> None:
     p.add_argument("phase", nargs="?", choices=["both", "offline"], default="both")
     p.add_argument("--model-dir", required=True)
     p.add_argument("--dataset-name", default="sharegpt")
-    p.add_argument("--dataset-path", type=Path, required=True)
+    p.add_argument("--dataset-path", type=Path, help="not needed for synthetic")
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--max-batch", type=int, default=0, help="0: the worker's default")
     p.add_argument("--device", default="cuda", help="cuda: random bf16 weights; cpu: the model's own, fp32")
     p.add_argument("--prime", type=int, default=100, help="requests of the priming run before each measurement")
     p.add_argument("--policy", default="fcfs")
+    p.add_argument("--profile-scheduler", action="store_true", help="run the scheduler under cProfile, print its top")
+    p.add_argument("--skip-offline", action="store_true", help="live phase only")
     p.add_argument("--out", type=Path, default=Path("live_vs_offline"))
     a = p.parse_args()
     if a.phase == "offline":
         offline(a)
         return
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.skip_offline:
+        live(a)
+        return
     args = [x for x in sys.argv[1:] if x != "both"]
     child = subprocess.run([sys.executable, "-m", "bench.live_vs_offline", "offline", *args],
                            capture_output=True, text=True)

@@ -20,12 +20,13 @@ async def test_queued_chunks_go_out_as_one_message_and_the_completion_after_them
                JobEvent(pb.GenerateResponse(complete=pb.GenerateComplete(request_id="r")), -1, "f"),
                chunk(9, [1], "after")):
         q.put_nowait(ev)
-    ids, text, held = coalesce(chunk(0, [5], "a"), q, "f")
-    assert (ids, text) == ([5, 6, 7, 8], "abcd")
+    response, held = coalesce(chunk(0, [5], "a"), q, "f")
+    assert (list(response.chunk.token_ids), response.chunk.text) == ([5, 6, 7, 8], "abcd")
     assert held is not None and held.response.complete.request_id == "r"
     assert q.qsize() == 1                                            # nothing past the completion was read
 
 
 async def test_an_empty_queue_sends_the_chunk_as_it_is():
-    ids, text, held = coalesce(chunk(3, [4], "x"), asyncio.Queue(), "f")
-    assert (ids, text, held) == ([4], "x", None)
+    alone = chunk(3, [4], "x")
+    response, held = coalesce(alone, asyncio.Queue(), "f")
+    assert response is alone.response and held is None

@@ -180,10 +180,10 @@ class AliseServicer(pb_grpc.AliseServicer):
                 return
             if event.first_token < seen:           # a re-attached stream already has these tokens
                 continue
-            ids, text, held = coalesce(event, events, fingerprint)
-            seen = event.first_token + len(ids)
-            chars += len(text)
-            yield pb.GenerateResponse(chunk=pb.GenerateChunk(text=text, token_ids=ids))
+            response, held = coalesce(event, events, fingerprint)
+            seen = event.first_token + len(response.chunk.token_ids)
+            chars += len(response.chunk.text)
+            yield response
 
     async def _abort_quietly(self, job_id: str) -> None:
         try:

@@ -43,18 +43,25 @@ class JobEventHub:
             q.put_nowait(event)
 
 
-def coalesce(event: JobEvent, events: asyncio.Queue, fingerprint: str) -> tuple[list[int], str, JobEvent | None]:
-    """`event`'s chunk joined with the chunks queued behind it (token ids, text), and a completion found
-    there (or None). Chunks that queued up while the client read the last message go out as one: a slow
-    reader gets fewer, larger messages instead of falling further behind."""
-    ids, text = list(event.response.chunk.token_ids), event.response.chunk.text
+def coalesce(event: JobEvent, events: asyncio.Queue, fingerprint: str) -> tuple[pb.GenerateResponse, JobEvent | None]:
+    """`event`'s chunk joined with the chunks queued behind it, and a completion found there (or None).
+    Chunks that queued up while the client read the last message go out as one: a slow reader gets fewer,
+    larger messages instead of falling further behind. With nothing queued, `event`'s own message is reused."""
+    ids, text, merged = None, None, False
     while not events.empty():
         more = events.get_nowait()
         if more.fingerprint and more.fingerprint != fingerprint:
             continue
         if more.first_token < 0:
-            return ids, text, more
+            return _joined(event, ids, text) if merged else event.response, more
+        if ids is None:
+            ids, text = list(event.response.chunk.token_ids), event.response.chunk.text
         if more.first_token >= event.first_token + len(ids):
             ids += more.response.chunk.token_ids
             text += more.response.chunk.text
-    return ids, text, None
+            merged = True
+    return (_joined(event, ids, text) if merged else event.response), None
+
+
+def _joined(event: JobEvent, ids: list[int], text: str) -> pb.GenerateResponse:
+    return pb.GenerateResponse(chunk=pb.GenerateChunk(text=text, token_ids=ids))

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import enum
 import json
+import sys
 import time
+from array import array
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -95,6 +97,26 @@ class StepFailureOutcome(enum.IntEnum):
     FAILED = 2
 
 
+TOKEN_BYTES = 4
+assert array("I").itemsize == TOKEN_BYTES, "token ids are stored as 4-byte unsigned ints"
+
+
+def pack_tokens(token_ids) -> bytes:
+    """Token ids as stored in Redis: uint32 little-endian, 4 bytes each (append.lua appends them as is)."""
+    packed = array("I", token_ids)
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def unpack_tokens(packed: bytes | None) -> list[int]:
+    tokens = array("I")
+    tokens.frombytes((packed or b"")[:len(packed or b"") // TOKEN_BYTES * TOKEN_BYTES])
+    if sys.byteorder != "little":
+        tokens.byteswap()
+    return tokens.tolist()
+
+
 def _opt_float(v: str | None) -> float | None:
     return float(v) if v else None
 
@@ -125,7 +147,7 @@ class JobStore:
         keys_, args = [], [worker_id, time.time()]
         for job_id, token_ids, text in deltas:
             keys_ += [keys.job(job_id), keys.job_tokens(job_id), keys.job_text(job_id)]
-            args += [text, len(token_ids), *token_ids]
+            args += [text, pack_tokens(token_ids)]
         return [int(x) for x in await self._scripts["append"](keys=keys_, args=args)]
 
     async def requeue(self, job_id: str, worker_id: str, score: float, swapped_on: str = "") -> bool:
@@ -169,26 +191,26 @@ class JobStore:
         return JobRecord.from_fields(f) if f else None
 
     async def token_count(self, job_id: str) -> int:
-        return await self.r.llen(keys.job_tokens(job_id))
+        return await self.r.strlen(keys.job_tokens(job_id)) // TOKEN_BYTES
 
     async def output(self, job_id: str) -> tuple[list[int], str]:
         async with self.r.pipeline(transaction=False) as pipe:
-            pipe.lrange(keys.job_tokens(job_id), 0, -1)
+            pipe.get(keys.job_tokens(job_id))
             pipe.get(keys.job_text(job_id))
             tokens, text = await pipe.execute()
-        return [int(t) for t in tokens], (text or b"").decode("utf-8", errors="replace")
+        return unpack_tokens(tokens), (text or b"").decode("utf-8", errors="replace")
 
     async def state(self, job_id: str) -> JobState | None:
         # one transaction: record, tokens and text of the same instant (an append can land between reads)
         async with self.r.pipeline(transaction=True) as pipe:
             pipe.hgetall(keys.job(job_id))
-            pipe.lrange(keys.job_tokens(job_id), 0, -1)
+            pipe.get(keys.job_tokens(job_id))
             pipe.get(keys.job_text(job_id))
-            raw, token_list, text_bytes = await pipe.execute()
+            raw, packed, text_bytes = await pipe.execute()
         f = {k.decode(): v.decode() for k, v in raw.items()}
         if not f:
             return None
-        tokens, text = [int(t) for t in token_list], (text_bytes or b"").decode("utf-8", errors="replace")
+        tokens, text = unpack_tokens(packed), (text_bytes or b"").decode("utf-8", errors="replace")
         return JobState(
             record=JobRecord.from_fields(f), status=f["status"], worker=f.get("worker", ""),
             swapped_on=f.get("swapped_on", ""), finish_reason=f.get("finish_reason", ""),

@@ -32,7 +32,7 @@ def job(job_id: str) -> str:        # hash: status, request, predictions, timest
     return f"{PREFIX}job:{job_id}"
 
 
-def job_tokens(job_id: str) -> str:  # list: generated token ids, in order
+def job_tokens(job_id: str) -> str:  # string: generated token ids, in order, packed uint32 little-endian
     return f"{PREFIX}job:{job_id}:tokens"
 
 

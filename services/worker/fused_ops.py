@@ -21,6 +21,11 @@ def _use_triton(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda
 
 
+def fused_kernels_on(device: torch.device) -> bool:
+    """Whether this module's Triton kernels run on `device` (CUDA with Triton installed)."""
+    return triton is not None and device.type == "cuda"
+
+
 # -- RMSNorm with an optional residual add ------------------------------------------------------------
 def rmsnorm_torch(x, weight, eps, residual=None):
     if residual is not None:
@@ -122,3 +127,49 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     _rope_kernel[(x.shape[0], x.shape[1])](x, cos, sin, x.stride(0), x.stride(1), cos.stride(0),
                                            HALF=x.shape[2] // 2)
     return x
+
+
+# -- rotary embedding of q and k and the KV cache write, in one kernel ---------------------------------
+if triton is not None:
+    @triton.jit
+    def _rope_cache_kernel(QKV, COS, SIN, KC, VC, SLOTS, stride_t, stride_c, stride_slot, stride_head,
+                           NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
+        """Program (t, h): h < NUM_HEADS rotates query head h in place; otherwise kv head h - NUM_HEADS:
+        its key is rotated in place and written, with its value, to the token's cache slot."""
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        d = tl.arange(0, HALF)
+        base = QKV + t * stride_t + h * D
+        x1 = tl.load(base + d)
+        x2 = tl.load(base + HALF + d)
+        c1 = tl.load(COS + t * stride_c + d)
+        s1 = tl.load(SIN + t * stride_c + d)
+        c2 = tl.load(COS + t * stride_c + HALF + d)
+        s2 = tl.load(SIN + t * stride_c + HALF + d)
+        a = (x1.to(tl.float32) * c1.to(tl.float32)).to(x1.dtype).to(tl.float32)     # rounded as _rope_kernel
+        b = ((-x2.to(tl.float32)) * s1.to(tl.float32)).to(x1.dtype).to(tl.float32)
+        c = (x2.to(tl.float32) * c2.to(tl.float32)).to(x1.dtype).to(tl.float32)
+        e = (x1.to(tl.float32) * s2.to(tl.float32)).to(x1.dtype).to(tl.float32)
+        y1 = (a + b).to(x1.dtype)
+        y2 = (c + e).to(x1.dtype)
+        tl.store(base + d, y1)
+        tl.store(base + HALF + d, y2)
+        if h >= NUM_HEADS:
+            kv = h - NUM_HEADS
+            slot = tl.load(SLOTS + t)
+            dst = slot * stride_slot + kv * stride_head
+            tl.store(KC + dst + d, y1)
+            tl.store(KC + dst + HALF + d, y2)
+            full = tl.arange(0, D)
+            v = tl.load(QKV + t * stride_t + (NUM_HEADS + NUM_KV) * D + kv * D + full)
+            tl.store(VC + dst + full, v)
+
+
+def rope_and_cache_(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, cos: torch.Tensor,
+                    sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """qkv [T, (H + 2 KV) * D], contiguous rows: q and k rotated in place, k and v written to the caches
+    ([slots, KV, D]) at `slots`. Four kernels (two rotations, two cache copies) become one; CUDA only."""
+    assert k_cache.stride() == v_cache.stride() and qkv.stride(1) == 1 and k_cache.stride(2) == 1
+    _rope_cache_kernel[(qkv.shape[0], num_heads + num_kv_heads)](
+        qkv, cos, sin, k_cache, v_cache, slots, qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1),
+        NUM_HEADS=num_heads, NUM_KV=num_kv_heads, D=head_dim, HALF=head_dim // 2)

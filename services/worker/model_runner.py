@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from services.worker.attention import paged_decode
-from services.worker.fused_ops import rmsnorm, rope_, silu_mul
+from services.worker.fused_ops import fused_kernels_on, rmsnorm, rope_, rope_and_cache_, silu_mul
 from services.worker.host_copy import to_device
 from services.worker.kv_cache import PagedKVCache
 
@@ -134,6 +134,8 @@ class ModelRunner:
         with torch.no_grad():
             self.qkv_w, self.qkv_b, self.gate_up_w = fuse_projections(self.layers)
         self.graphs = None          # a DecodeGraphs (cuda_graphs.py) when CUDA graphs are on
+        # rotary embedding and the KV write in one kernel (fused_ops.rope_and_cache_): 3 fewer kernels a layer
+        self.fuse_rope_cache = fused_kernels_on(self.device)
 
     def release(self, seq_id: str) -> None:
         """A sequence left: nothing to do, its KV lives in pool blocks the BlockManager frees."""
@@ -220,13 +222,20 @@ class ModelRunner:
         cos, sin = core.rotary_emb(h[None], positions[None])
         return h, cos[0], sin[0]                                    # cos / sin: [T, head_dim]
 
-    def _qkv(self, i: int, x, cos, sin):
+    def _qkv(self, i: int, x, cos, sin, slots):
+        """Layer i's q, k, v for x, q and k rotated; k and v also written to the cache at `slots`."""
         t = x.shape[0]
         qkv = F.linear(x, self.qkv_w[i], self.qkv_b[i])
         q = qkv[:, :self.q_size].view(t, self.num_heads, self.head_dim)
         k = qkv[:, self.q_size:self.q_size + self.kv_size].view(t, self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
-        return rope_(q, cos, sin), rope_(k, cos, sin), v
+        if self.fuse_rope_cache:
+            rope_and_cache_(qkv, self.num_heads, self.num_kv_heads, self.head_dim, cos, sin, self.cache.k[i],
+                            self.cache.v[i], slots)
+            return q, k, v
+        q, k = rope_(q, cos, sin), rope_(k, cos, sin)
+        self.cache.write(i, slots, k, v)
+        return q, k, v
 
     def _logits(self, x):
         return self.hf.lm_head(x).float()
@@ -238,8 +247,7 @@ class ModelRunner:
         x, residual = rmsnorm(h, w[0], self.eps)
         residual = h
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(i, x, cos, sin)
-            self.cache.write(i, slots, k, v)
+            q, k, v = self._qkv(i, x, cos, sin, slots)
             attn_out = layer.self_attn.o_proj(attend(i, q, k, v).reshape(h.shape[0], -1))
             x, residual = rmsnorm(attn_out, w[2 * i + 1], self.eps, residual)
             mlp_out = layer.mlp.down_proj(silu_mul(F.linear(x, self.gate_up_w[i])))

@@ -1,5 +1,5 @@
 -- Any live state -> aborted. Returns {1, previous status, worker, swapped_on} or {0, status}.
--- KEYS[1] job hash, KEYS[2] queue zset, KEYS[3] token list, KEYS[4] text, KEYS[5] the tenant's live set
+-- KEYS[1] job hash, KEYS[2] queue zset, KEYS[3] packed token ids, KEYS[4] text, KEYS[5] the tenant's live set
 -- ARGV[1] job id, ARGV[2] now, ARGV[3] ttl seconds, ARGV[4] worker job-set key prefix
 local st = redis.call('HMGET', KEYS[1], 'status', 'worker', 'swapped_on')
 if not st[1] then return {0, 'missing'} end

@@ -2,7 +2,7 @@
 -- Returns 1 created, 2 the same request exists already (the client re-attaches to it), 0 the id is held by
 -- a different live job, -1 the tenant has too many live jobs, -2 the queue is full.
 -- A finished (or aborted, failed) job's id is free again: its old keys are replaced.
--- KEYS[1] job hash, KEYS[2] queue zset, KEYS[3] token list, KEYS[4] text, KEYS[5] tenant's live set
+-- KEYS[1] job hash, KEYS[2] queue zset, KEYS[3] packed token ids, KEYS[4] text, KEYS[5] tenant's live set
 -- ARGV[1] job id, ARGV[2] queue score, ARGV[3] fingerprint (also among the fields), ARGV[4] tenant live limit,
 -- ARGV[5] queue limit, ARGV[6..] field, value pairs
 local st = redis.call('HMGET', KEYS[1], 'status', 'fingerprint')

@@ -1,7 +1,7 @@
 -- A job was on a worker whose engine step failed: running -> queued again (keeps its tokens), unless it
 -- has now been in `max failures` failed steps: then running -> failed (finish reason 'error').
 -- Returns 0 (not this worker's running job), 1 (requeued) or 2 (failed).
--- KEYS[1] job hash, KEYS[2] queue zset, KEYS[3] worker's job set, KEYS[4] token list, KEYS[5] text,
+-- KEYS[1] job hash, KEYS[2] queue zset, KEYS[3] worker's job set, KEYS[4] packed token ids, KEYS[5] text,
 -- KEYS[6] the tenant's live set
 -- ARGV[1] job id, ARGV[2] worker id, ARGV[3] queue score, ARGV[4] max failures, ARGV[5] now, ARGV[6] ttl
 local st = redis.call('HMGET', KEYS[1], 'status', 'worker')

@@ -2,7 +2,7 @@
 -- A job that stopped by itself (finish reason 'stop', ignore_eos off) also appends its true output length
 -- to the predictor's stream, in this same transaction: a learned length is never lost. Lengths cut at
 -- max_tokens or forced by ignore_eos are censored and would teach the predictor wrong lengths.
--- KEYS[1] job hash, KEYS[2] worker's job set, KEYS[3] token list, KEYS[4] text, KEYS[5] observation stream,
+-- KEYS[1] job hash, KEYS[2] worker's job set, KEYS[3] packed token ids, KEYS[4] text, KEYS[5] observation stream,
 -- KEYS[6] the tenant's live set
 -- ARGV[1] job id, ARGV[2] worker id, ARGV[3] finish reason, ARGV[4] now, ARGV[5] ttl seconds,
 -- ARGV[6] stream max entries
@@ -17,7 +17,7 @@ if ARGV[3] == 'stop' then
   local ok, sampling = pcall(cjson.decode, f[3] or '{}')
   if ok and not sampling['ignore_eos'] then
     redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', 'job_id', ARGV[1], 'prompt', f[1],
-               'output_tokens', redis.call('LLEN', KEYS[3]), 'previous_reply_tokens', f[2] or '0')
+               'output_tokens', math.floor(redis.call('STRLEN', KEYS[3]) / 4), 'previous_reply_tokens', f[2] or '0')
   end
 end
 return 1
