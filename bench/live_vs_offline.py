@@ -31,7 +31,7 @@ def worker_flags(a: argparse.Namespace) -> list[str]:
     gpu = a.device == "cuda"
     flags = ["--device", a.device, "--dtype", "bfloat16" if gpu else "float32", "--model-dir", a.model_dir,
              "--max-model-len", "4096", "--num-host-blocks", "0", "--max-batch", str(a.max_batch)]
-    return flags + (["--random-weights"] if gpu else [])
+    return flags + (["--random-weights"] if gpu or a.random_weights else [])
 
 
 def offline(a: argparse.Namespace) -> dict:
@@ -93,7 +93,7 @@ def live(a: argparse.Namespace) -> dict:
             def scheduler_command(self) -> list[str]:
                 return ["cProfile", "-o", str(a.out / "scheduler.prof"), "-m", *super().scheduler_command()]
         LocalStack = ProfiledStack  # noqa: N806
-    stack = LocalStack(log_dir=a.out / "stack", with_predictor=False, worker_args=worker_flags(a),
+    stack = LocalStack(log_dir=a.out / "stack", with_predictor=False, worker_args=worker_flags(a) + a.worker_arg,
                        scheduler_args=["--model-dir", a.model_dir, "--policy", a.policy, "--max-tokens-cap", "4096"])
     stack.start(timeout_s=900)
     try:
@@ -128,9 +128,11 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--max-batch", type=int, default=0, help="0: the worker's default")
     p.add_argument("--device", default="cuda", help="cuda: random bf16 weights; cpu: the model's own, fp32")
+    p.add_argument("--random-weights", action="store_true", help="on CPU too (a tiny model stresses the serving path)")
     p.add_argument("--prime", type=int, default=100, help="requests of the priming run before each measurement")
     p.add_argument("--policy", default="fcfs")
     p.add_argument("--profile-scheduler", action="store_true", help="run the scheduler under cProfile, print its top")
+    p.add_argument("--worker-arg", action="append", default=[], help="extra worker flag for the live phase (repeat)")
     p.add_argument("--skip-offline", action="store_true", help="live phase only")
     p.add_argument("--out", type=Path, default=Path("live_vs_offline"))
     a = p.parse_args()

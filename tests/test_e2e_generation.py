@@ -22,7 +22,9 @@ N = 24
 
 @pytest.fixture(scope="module")
 def stack(stack_factory):
-    return stack_factory(worker_args=["--max-batch", "16"])
+    # with more than 4 jobs running, the worker sends each job's tokens every few steps (token_batcher.py):
+    # every test here must hold with that too
+    return stack_factory(worker_args=["--max-batch", "16", "--stream-updates-per-step", "4"])
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +96,18 @@ def test_finished_chat_turn_teaches_the_predictor_through_the_stream(stack, stub
 
 def test_sixteen_concurrent_requests_all_correct_and_kv_pool_drains(stub, references):
     results: dict[int, tuple] = {}
+    chunks: dict[int, int] = {}
 
     def one(i: int) -> None:
-        results[i] = generate(stub, request(PROMPTS[i % 4], max_tokens=N, ignore_eos=True))
+        tokens, text, final, n = [], "", None, 0
+        for resp in stub.Generate(request(PROMPTS[i % 4], max_tokens=N, ignore_eos=True), timeout=300):
+            if resp.HasField("chunk"):
+                tokens += resp.chunk.token_ids
+                text += resp.chunk.text
+                n += 1
+            else:
+                final = resp.complete
+        results[i], chunks[i] = (tokens, text, final), n
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
     for t in threads:
@@ -104,8 +115,10 @@ def test_sixteen_concurrent_requests_all_correct_and_kv_pool_drains(stub, refere
     for t in threads:
         t.join(300)
     assert len(results) == 16
-    for i, (tokens, _, final) in results.items():
+    for i, (tokens, text, final) in results.items():
         assert tokens == references[PROMPTS[i % 4]], i
+        assert text == final.text and final.usage.completion_tokens == N
+    assert min(chunks.values()) < N          # with 16 running, tokens arrived several to a message
     wait_until(lambda: kv_idle(stub), timeout=10)
 
 

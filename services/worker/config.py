@@ -35,12 +35,15 @@ class WorkerConfig:
     max_batch: int = 0                   # sequences per step; 0 = auto (CPU 16; GPU from the KV pool's room)
     token_budget: int = 0                # tokens per step (prefill chunks + decodes); 0 = auto (CPU 512, GPU 4096)
     max_model_len: int = 0               # 0: the model's context, capped by the KV pool
+    stream_updates_per_step: int = 256   # job token updates sent per step on average (token_batcher.py); 0 = all
     load_report_s: float = 0.2
     drain_timeout_s: float = 30.0
 
     def __post_init__(self):
         if self.block_size <= 0:
             raise ValueError("block_size must be > 0")
+        if self.stream_updates_per_step < 0:
+            raise ValueError("stream_updates_per_step must be >= 0 (0 = every step)")
         for name in ("max_batch", "token_budget"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = auto)")

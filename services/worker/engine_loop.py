@@ -17,6 +17,7 @@ from alise.v1 import worker_pb2 as wpb
 from services.worker import metrics
 from services.worker.engine import Engine, PreemptMode, StepOutput
 from services.worker.sequence import Finish, Sampling, SeqStatus
+from services.worker.token_batcher import TokenBatcher
 
 log = logging.getLogger("alise.worker.loop")
 PREEMPT_MODE_WIRE = {PreemptMode.SWAP: wpb.PREEMPT_MODE_SWAP, PreemptMode.RECOMPUTE: wpb.PREEMPT_MODE_RECOMPUTE}
@@ -40,9 +41,10 @@ def describe(cmd) -> str:
 
 
 class EngineLoop(threading.Thread):
-    def __init__(self, engine: Engine, report_interval_s: float):
+    def __init__(self, engine: Engine, report_interval_s: float, stream_updates_per_step: int = 0):
         super().__init__(name="engine", daemon=True)
         self.engine = engine
+        self.batcher = TokenBatcher(stream_updates_per_step)
         self.report_interval_s = report_interval_s
         self.commands: queue.Queue = queue.Queue()
         self.stopped = threading.Event()
@@ -83,6 +85,8 @@ class EngineLoop(threading.Thread):
                 except Exception as e:  # noqa: BLE001 - a failed step must not kill the worker silently
                     log.exception("engine step failed; dropping all jobs and telling the scheduler")
                     self._step_failed(e)
+            if not self.engine.has_work:
+                self._send_held()          # nothing runs: nothing may wait for a later step
             self._report()
 
     def _apply_commands(self, block: bool) -> None:
@@ -98,6 +102,7 @@ class EngineLoop(threading.Thread):
                 if cmd != RESET and cmd.WhichOneof("kind") == "assign":
                     # a job this worker could not take must not stay "running" here in the scheduler's eyes
                     self._emit_step(self.engine.flush())
+                    self._send_held()
                     self.engine.abort(cmd.assign.job_id)
                     self._report_failed([cmd.assign.job_id], e)
             try:
@@ -111,20 +116,25 @@ class EngineLoop(threading.Thread):
             return
         kind = cmd.WhichOneof("kind")
         if kind in ("preempt", "abort"):
-            # the step in flight first: its tokens must reach the scheduler before the job is preempted
+            # the step in flight first: its tokens (and any held back) must reach the scheduler before the
+            # job is preempted or aborted
             self._emit_step(self.engine.flush())
+            self._send_held()
         if kind == "assign":
             a = cmd.assign
             self.engine.add(a.job_id, list(a.prompt_token_ids), sampling_from_proto(a.sampling),
                             list(a.output_token_ids), a.output_text)
         elif kind == "preempt":
             asked = PreemptMode.SWAP if cmd.preempt.mode == wpb.PREEMPT_MODE_SWAP else PreemptMode.RECOMPUTE
+            self.batcher.forget(cmd.preempt.job_id)
             if (done := self.engine.preempt(cmd.preempt.job_id, asked)) is not None:
                 self._send(wpb.WorkerMessage(preempted=wpb.JobPreempted(job_id=cmd.preempt.job_id,
                                                                         mode=PREEMPT_MODE_WIRE[done])))
         elif kind == "abort":
+            self.batcher.forget(cmd.abort.job_id)
             self.engine.abort(cmd.abort.job_id)
         elif kind == "drain":
+            self._send_held()
             self.draining = True
             self._last_report = None
 
@@ -133,6 +143,7 @@ class EngineLoop(threading.Thread):
         out jobs are not reported: the scheduler already put them back in its queue (it may even be assigning
         one here again), and they simply resume by recompute."""
         job_ids = [j for j, seq in self.engine.seqs.items() if seq.status is not SeqStatus.SWAPPED]
+        self._send_held()                  # the tokens they made are real: the scheduler resumes after them
         self._reset()
         self._report_failed(job_ids, error)
 
@@ -141,17 +152,24 @@ class EngineLoop(threading.Thread):
 
     def _reset(self) -> None:
         self.engine.reset()
+        self.batcher.clear()
 
     def _emit_step(self, out: StepOutput) -> None:
         if out.seconds:                    # a flush (before a preempt or abort) ran no step of its own
             self._step_seconds = 0.8 * self._step_seconds + 0.2 * out.seconds if self._step_seconds else out.seconds
             metrics.STEP.observe(out.seconds)
         metrics.GENERATED.inc(sum(len(d.token_ids) for d in out.deltas))
-        if out.deltas:
-            self._send(wpb.WorkerMessage(tokens=wpb.TokenEvents(deltas=[
-                wpb.TokenDelta(job_id=d.job_id, token_ids=d.token_ids, text=d.text) for d in out.deltas])))
+        self._send_tokens(self.batcher.step(out.deltas, {j for j, _ in out.finished}, len(self.engine.sched.running)))
         for job_id, finish in out.finished:
             self._send(wpb.WorkerMessage(finished=wpb.JobFinished(job_id=job_id, finish_reason=FINISH_CODES[finish])))
+
+    def _send_held(self) -> None:
+        self._send_tokens(self.batcher.take_all())
+
+    def _send_tokens(self, deltas) -> None:
+        if deltas:
+            self._send(wpb.WorkerMessage(tokens=wpb.TokenEvents(deltas=[
+                wpb.TokenDelta(job_id=d.job_id, token_ids=d.token_ids, text=d.text) for d in deltas])))
 
     def _report(self) -> None:
         now = time.monotonic()
