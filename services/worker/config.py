@@ -35,7 +35,7 @@ class WorkerConfig:
     max_batch: int = 0                   # sequences per step; 0 = auto (CPU 16; GPU from the KV pool's room)
     token_budget: int = 0                # tokens per step (prefill chunks + decodes); 0 = auto (CPU 512, GPU 4096)
     max_model_len: int = 0               # 0: the model's context, capped by the KV pool
-    stream_updates_per_step: int = 256   # job token updates sent per step on average (token_batcher.py); 0 = all
+    stream_updates_per_step: int = 128   # job token updates sent per step on average (token_batcher.py); 0 = all
     load_report_s: float = 0.2
     drain_timeout_s: float = 30.0
 
