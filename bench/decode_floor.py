@@ -54,8 +54,10 @@ def gpu_replay_ms(runner, chunks, iters: int = 30) -> float:
 
 def served_step_ms(engine, batch: int, ctx: int, steps: int = 40) -> float:
     """Wall time per step of the overlapped engine once `batch` sequences of `ctx` tokens are all decoding."""
-    for i in range(batch):
-        engine.add(f"s{batch}_{ctx}_{i}", [7] * ctx, Sampling(max_tokens=steps + 20, ignore_eos=True))
+    gen = torch.Generator().manual_seed(batch * 100_003 + ctx)
+    for i in range(batch):      # distinct random prompts: shared (prefix-cached) blocks would be read from L2
+        prompt = torch.randint(1, engine.vocab_size, (ctx,), generator=gen).tolist()
+        engine.add(f"s{batch}_{ctx}_{i}", prompt, Sampling(max_tokens=steps + 20, ignore_eos=True))
     while len(engine.sched.running) < batch or any(s.num_uncomputed > 1 for s in engine.sched.running):
         engine.step()
     for _ in range(3):
