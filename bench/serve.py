@@ -79,6 +79,8 @@ async def one_request(stub, req: BenchRequest, index: int, ignore_eos: bool, tar
             else:
                 _record_complete(res, resp.complete)
         res.e2e_s = time.perf_counter() - t0
+        if not res.ok and not res.error:
+            res.error = res.finish_reason or "stream ended without a completion"
     except Exception as e:  # noqa: BLE001 - grpc.aio raises AioRpcError; any failure is this request's result
         res.error = f"{getattr(e, 'code', lambda: type(e).__name__)()}: {getattr(e, 'details', lambda: str(e))()}"
     return res
@@ -87,10 +89,11 @@ async def one_request(stub, req: BenchRequest, index: int, ignore_eos: bool, tar
 def _record_complete(res: RequestResult, done) -> None:
     from alise.v1 import generate_pb2 as pb
 
-    res.ok = True
+    res.finish_reason = pb.FinishReason.Name(done.finish_reason)
+    # only a job that ran to its end counts as served; a failed or aborted one is this request's error
+    res.ok = done.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
     res.prompt_tokens = done.usage.prompt_tokens
     res.output_tokens = max(res.output_tokens, done.usage.completion_tokens)
-    res.finish_reason = pb.FinishReason.Name(done.finish_reason)
     res.queue_s = done.timings.queue_seconds
     res.preemptions = done.timings.num_preemptions
     res.predicted_output_tokens = done.timings.predicted_output_tokens
@@ -142,32 +145,38 @@ async def _progress(done, total: int, started: float) -> None:
         await asyncio.sleep(1.0)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_workload_arguments(p: argparse.ArgumentParser) -> None:
+    """What is sent and how: shared by `bench serve` and `bench sweep`."""
     p.add_argument("--dataset-name", type=Dataset, choices=list(Dataset), default=Dataset.SHAREGPT)
     p.add_argument("--dataset-path", type=Path, help="the dataset file (not needed for synthetic)")
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--input-len", type=int, default=256, help="synthetic: prompt tokens")
     p.add_argument("--output-len", type=int, default=128, help="synthetic: output tokens")
-    p.add_argument("--request-rate", type=float, default=math.inf, help="requests/s (Poisson); inf = all at once")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps (1 = Poisson)")
-    p.add_argument("--trace-times", action="store_true", help="azure: send at the trace's own arrival times")
     p.add_argument("--max-concurrency", type=int, default=0, help="at most this many requests in flight (0 = no cap)")
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly the dataset's output length")
-    p.add_argument("--goodput", nargs="*", default=[], metavar="METRIC:MS",
-                   help="SLOs for goodput, e.g. ttft:500 tpot:50 e2el:10000")
     p.add_argument("--percentiles", default="50,90,99")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", help="tokenizer directory for counting lengths (default: the local model)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_workload_arguments(p)
+    p.add_argument("--request-rate", type=float, default=math.inf, help="requests/s (Poisson); inf = all at once")
+    p.add_argument("--trace-times", action="store_true", help="azure: send at the trace's own arrival times")
+    p.add_argument("--goodput", nargs="*", default=[], metavar="METRIC:MS",
+                   help="SLOs for goodput, e.g. ttft:500 tpot:50 e2el:10000")
     p.add_argument("--warmup", type=int, default=0, help="send this many requests first and discard them")
     p.add_argument("--label", default="bench")
     p.add_argument("--priority", type=int, default=0)
-    p.add_argument("--tokenizer", help="tokenizer directory for counting lengths (default: the local model)")
     p.add_argument("--save-result", type=Path, help="write the summary here as JSON, and per-request rows as CSV")
 
 
-def load_workload(a: argparse.Namespace, tokenizer) -> list[BenchRequest]:
+def load_workload(a: argparse.Namespace, tokenizer, extra: int = 0) -> list[BenchRequest]:
+    """The workload's requests (`extra` more for a warm-up taken from the front)."""
     if a.dataset_name is not Dataset.SYNTHETIC and a.dataset_path is None:
         raise SystemExit(f"--dataset-path is needed for {a.dataset_name.value}")
-    return load(a.dataset_name, a.dataset_path, a.num_prompts + a.warmup, tokenizer, seed=a.seed,
+    return load(a.dataset_name, a.dataset_path, a.num_prompts + extra, tokenizer, seed=a.seed,
                 limits=Limits(), input_len=a.input_len, output_len=a.output_len)
 
 
@@ -180,7 +189,7 @@ def open_tokenizer(path: str | None):
 
 
 def bench_serve(a: argparse.Namespace, target: Target) -> dict:
-    workload = load_workload(a, open_tokenizer(a.tokenizer))
+    workload = load_workload(a, open_tokenizer(a.tokenizer), extra=a.warmup)
     warm, measured = workload[:a.warmup], workload[a.warmup:]
     if warm:
         asyncio.run(run(warm, target, rate=math.inf, burstiness=1.0, seed=a.seed, max_concurrency=a.max_concurrency,

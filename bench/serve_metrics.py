@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
 # metric name in --goodput -> the per-request value it bounds (milliseconds)
 GOODPUT_METRICS = ("ttft", "tpot", "e2el")
 
@@ -68,6 +66,8 @@ def meets(r: RequestResult, slo: dict[str, float]) -> bool:
 def distribution(values: list[float], percentiles: list[float]) -> dict[str, float]:
     if not values:
         return {}
+    import numpy as np
+
     a = np.asarray(values, dtype=float)
     out = {"mean": float(a.mean()), "median": float(np.median(a)), "std": float(a.std())}
     out.update({f"p{p:g}": float(np.percentile(a, p)) for p in percentiles})
@@ -81,7 +81,7 @@ def kendall_tau(x: list[float], y: list[float]) -> float | None:
     from scipy.stats import kendalltau
 
     tau = kendalltau(x, y).statistic
-    return None if np.isnan(tau) else float(tau)
+    return None if tau != tau else float(tau)            # NaN when one side is constant
 
 
 def fairness(done: list[RequestResult]) -> dict[str, float]:
@@ -91,8 +91,8 @@ def fairness(done: list[RequestResult]) -> dict[str, float]:
         return {}
     by_len = sorted(done, key=lambda r: r.output_tokens)
     short, long_ = by_len[:max(1, len(by_len) // 2)], by_len[-max(1, len(by_len) // 10):]
-    return {"shortest_half_mean_e2e_s": float(np.mean([r.e2e_s for r in short])),
-            "longest_tenth_mean_e2e_s": float(np.mean([r.e2e_s for r in long_]))}
+    return {"shortest_half_mean_e2e_s": sum(r.e2e_s for r in short) / len(short),
+            "longest_tenth_mean_e2e_s": sum(r.e2e_s for r in long_) / len(long_)}
 
 
 def summarize(results: list[RequestResult], duration_s: float, percentiles: list[float],

@@ -62,11 +62,14 @@ def text_pairs(dataset: Dataset, path: Path):
             yield prompt, item.get("output", "")
 
 
-def synthetic_prompt(tokenizer, n: int, rng: random.Random) -> tuple[str, int]:
-    """Text that the tokenizer reads as about `n` tokens: random ordinary vocabulary entries, decoded, then
-    cut so that re-encoding gives n (decoding can merge neighbours, so it is checked, not assumed)."""
+def ordinary_vocab(tokenizer) -> list[int]:
     special = set(tokenizer.all_special_ids)
-    vocab = [i for i in range(len(tokenizer)) if i not in special]
+    return [i for i in range(len(tokenizer)) if i not in special]
+
+
+def synthetic_prompt(tokenizer, n: int, rng: random.Random, vocab: list[int]) -> tuple[str, int]:
+    """Text that the tokenizer reads as about `n` tokens: random ordinary vocabulary entries (`vocab`), decoded,
+    then cut so that re-encoding gives n (decoding can merge neighbours, so it is checked, not assumed)."""
     ids = [rng.choice(vocab) for _ in range(n)]
     text = tokenizer.decode(ids, skip_special_tokens=True)
     for _ in range(3):
@@ -100,8 +103,9 @@ def load(dataset: Dataset, path: Path | None, num: int, tokenizer, *, seed: int 
             if len(out) >= num:
                 break
     else:
+        vocab = ordinary_vocab(tokenizer)
         for n_in, n_out, arrival in length_records(dataset, path, num, input_len, output_len, limits):
-            text, counted = synthetic_prompt(tokenizer, n_in, rng)
+            text, counted = synthetic_prompt(tokenizer, n_in, rng, vocab)
             out.append(BenchRequest(text, n_out, counted, arrival))
     return out
 

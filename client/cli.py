@@ -146,26 +146,30 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("load", help="queue and worker load").set_defaults(fn=cmd_load)
     sub.add_parser("info", help="server info").set_defaults(fn=cmd_info)
     bench = sub.add_parser("bench", help="benchmarks against a live stack").add_subparsers(dest="bench", required=True)
-    from bench.serve import add_arguments
+    from bench import serve, sweep
 
-    serve = bench.add_parser("serve", help="load generator: a workload at a request rate, latency and throughput")
-    add_arguments(serve)
-    serve.set_defaults(fn=None)
+    serve.add_arguments(bench.add_parser("serve", help="load generator: a workload at a request rate against a stack"))
+    sweep.add_arguments(bench.add_parser("sweep", help="rates x policies on local stacks started here, with a report"))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
+    if a.command == "bench" and a.bench == "sweep":
+        from bench.sweep import sweep
+
+        runs = sweep(a)
+        return 0 if all(r.summary["failed"] == 0 for r in runs) else 1
     address = resolve_address(a.address)
     ca = resolve_tls_ca(a.tls_ca, address)
     if not ca and not a.insecure and not is_loopback(address):
         print(f"error: refusing to send an API key in plaintext to {address}: give --tls-ca (or ALISE_TLS_CA), "
               f"or --insecure", file=sys.stderr)
         return 2
-    if a.command == "bench":
+    if a.command == "bench":             # serve
         from bench.serve import Target, bench_serve
 
-        summary = bench_serve(a, Target(address, resolve_api_key(a.api_key), ca))
+        summary = bench_serve(a, Target(address, resolve_api_key(a.api_key), ca, priority=a.priority))
         return 0 if summary["failed"] == 0 else 1
     with tls_channel(address, TlsFiles(ca=ca)) as channel:
         try:

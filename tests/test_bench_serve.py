@@ -95,3 +95,16 @@ def test_bench_serve_against_the_live_stack(stack_factory, tmp_path, capsys):
 
 def tls_args(stack) -> list[str]:
     return ["--tls-ca", str(stack.tls_files.ca)] if stack.tls_files else []
+
+
+def test_only_jobs_that_ran_to_their_end_count_as_served():
+    """Regression (review): a job that failed or was aborted counted as completed in throughput and latency."""
+    from alise.v1 import generate_pb2 as pb
+
+    from bench.serve import _record_complete
+
+    for reason, ok in ((pb.FINISH_REASON_LENGTH, True), (pb.FINISH_REASON_STOP, True),
+                       (pb.FINISH_REASON_ERROR, False), (pb.FINISH_REASON_ABORTED, False)):
+        res = RequestResult(index=0, expected_output_tokens=4)
+        _record_complete(res, pb.GenerateComplete(finish_reason=reason, usage=pb.Usage(completion_tokens=4)))
+        assert res.ok is ok and res.finish_reason == pb.FinishReason.Name(reason)

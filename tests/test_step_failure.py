@@ -12,7 +12,7 @@ from services.scheduler.tenants import Tenant
 from services.scheduler.worker_sessions import WorkerSession
 from services.worker.config import WorkerConfig
 from tests.helpers import valid_request
-from services.worker.engine_loop import EngineLoop
+from services.worker.engine_loop import EngineLoop, outgoing_message
 from services.worker.factory import build_engine
 
 
@@ -23,7 +23,7 @@ def assign(job_id: str, prompt_ids: list[int], temperature: float, max_tokens: i
 
 async def next_message(outbox: asyncio.Queue, kind: str, job_id: str | None = None):
     while True:
-        msg = await asyncio.wait_for(outbox.get(), 120)
+        msg = outgoing_message(await asyncio.wait_for(outbox.get(), 120))
         if msg.WhichOneof("kind") == kind and (job_id is None or getattr(msg, kind).job_id == job_id):
             return getattr(msg, kind)
 

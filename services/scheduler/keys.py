@@ -33,7 +33,7 @@ def job(job_id: str) -> str:        # hash: status, request, predictions, timest
 
 
 def job_tokens(job_id: str) -> str:  # string: generated token ids, in order, packed uint32 little-endian
-    return f"{PREFIX}job:{job_id}:tokens"
+    return f"{PREFIX}job:{job_id}:tok32"         # was a list under ":tokens": a new name, so no WRONGTYPE
 
 
 def job_text(job_id: str) -> str:    # string: generated text (stop strings cut off)

@@ -10,6 +10,7 @@ import logging
 import queue
 import threading
 import time
+from functools import partial
 
 from alise.v1 import generate_pb2 as pb
 from alise.v1 import worker_pb2 as wpb
@@ -30,6 +31,17 @@ def sampling_from_proto(sp: pb.SamplingParams) -> Sampling:
     return Sampling(temperature=sp.temperature, top_p=sp.top_p or 1.0, top_k=sp.top_k,
                     max_tokens=sp.max_tokens, stop=tuple(sp.stop),
                     seed=sp.seed if sp.HasField("seed") else None, ignore_eos=sp.ignore_eos)
+
+
+def token_events(deltas) -> wpb.WorkerMessage:
+    return wpb.WorkerMessage(tokens=wpb.TokenEvents(deltas=[
+        wpb.TokenDelta(job_id=d.job_id, token_ids=d.token_ids, text=d.text) for d in deltas]))
+
+
+def outgoing_message(item) -> wpb.WorkerMessage:
+    """An outbox item as sent: a message, or a function that builds one (token events: hundreds of deltas
+    at large batches, so they are turned into protobuf off the engine thread)."""
+    return item() if callable(item) else item
 
 
 def describe(cmd) -> str:
@@ -168,8 +180,8 @@ class EngineLoop(threading.Thread):
 
     def _send_tokens(self, deltas) -> None:
         if deltas:
-            self._send(wpb.WorkerMessage(tokens=wpb.TokenEvents(deltas=[
-                wpb.TokenDelta(job_id=d.job_id, token_ids=d.token_ids, text=d.text) for d in deltas])))
+            # built by the asyncio thread (outgoing_message), which runs while this thread waits for the GPU
+            self._send(partial(token_events, deltas))
 
     def _report(self) -> None:
         now = time.monotonic()

@@ -20,7 +20,7 @@ from services.worker import metrics
 from services.common.grpc_server import (NOT_SERVING, SERVING, build_server, configure_logging,
                                          install_stop_signals, set_health)
 from services.worker.config import WorkerConfig
-from services.worker.engine_loop import EngineLoop
+from services.worker.engine_loop import EngineLoop, outgoing_message
 from services.worker.factory import build_engine
 
 log = logging.getLogger("alise.worker")
@@ -30,7 +30,7 @@ _END = object()
 async def _outgoing(register: wpb.WorkerMessage, outbox: asyncio.Queue):
     yield register
     while (msg := await outbox.get()) is not _END:
-        yield msg
+        yield outgoing_message(msg)
 
 
 async def hold_session(cfg: WorkerConfig, loop_thread: EngineLoop, register: wpb.WorkerMessage,

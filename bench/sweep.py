@@ -1,0 +1,79 @@
+"""`alise bench sweep`: request rates x scheduling policies on one machine in one run, with a report.
+
+For each (policy, rate) a fresh local stack is started (Redis, predictor, scheduler with that policy, worker(s);
+the worker flags choose CPU or GPU) and primed with a burst of other requests; every run gets the same workload
+with the same arrival times. Each run's summary (JSON) and per-request rows (CSV) are written under --out, then
+the figures (PNG) and a markdown report (bench/sweep_report.py).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+from pathlib import Path
+
+from bench.serve import Target, add_workload_arguments, load_workload, open_tokenizer, run, save
+from bench.serve_metrics import summarize
+from bench.sweep_report import Run, markdown, plot
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_workload_arguments(p)
+    p.add_argument("--policies", nargs="+", default=["fcfs", "alise"])
+    p.add_argument("--rates", nargs="+", type=float, required=True, help="request rates (req/s) to sweep")
+    p.add_argument("--prime", type=int, default=20, help="requests sent at once before a policy's runs")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--worker-arg", action="append", default=[], help="extra worker flag (repeat), e.g. --device=cuda")
+    p.add_argument("--scheduler-arg", action="append", default=[], help="extra scheduler flag (repeat)")
+    p.add_argument("--latency-bound", type=float, default=0.1, help="mean normalized latency bound (s/token)")
+    p.add_argument("--out", type=Path, default=Path("sweep"))
+
+
+def sweep(a: argparse.Namespace) -> list[Run]:
+    a.out.mkdir(parents=True, exist_ok=True)
+    workload = load_workload(a, open_tokenizer(a.tokenizer), extra=a.prime)
+    prime, measured = workload[:a.prime], workload[a.prime:]
+    percentiles = [float(x) for x in a.percentiles.split(",")]
+    runs = []
+    for policy in a.policies:
+        for rate in a.rates:
+            summary, normalized = one_run(a, policy, rate, prime, measured, percentiles)
+            runs.append(Run(policy, rate, summary, normalized))
+            print(f"{summary['label']}: {summary['completed']}/{summary['requests']} done, mean normalized "
+                  f"{summary['normalized_latency_s'].get('mean', float('nan')):.3f} s/token", flush=True)
+    report(runs, a.out, a.latency_bound)
+    return runs
+
+
+def one_run(a: argparse.Namespace, policy: str, rate: float, prime, measured, percentiles) -> tuple[dict, tuple]:
+    """One (policy, rate) on a stack of its own: the same prompts sent again to a running stack would hit its
+    prefix cache and teach its predictor their lengths, so later runs would be flattered."""
+    from services.common.local_stack import LocalStack
+
+    label = f"{policy}-r{rate:g}"
+    stack = LocalStack(log_dir=a.out / f"stack-{label}", num_workers=a.workers, worker_args=a.worker_arg,
+                       scheduler_args=["--policy", policy, *a.scheduler_arg]).start(timeout_s=900)
+    try:
+        target = Target(stack.address, stack.api_key, str(stack.tls_files.ca) if stack.tls_files else "")
+        if prime:
+            asyncio.run(run(prime, target, rate=math.inf, burstiness=1.0, seed=a.seed, max_concurrency=0,
+                            ignore_eos=a.ignore_eos, label=f"prime-{label}", progress=False))
+        results, duration = asyncio.run(run(measured, target, rate=rate, burstiness=a.burstiness, seed=a.seed,
+                                            max_concurrency=a.max_concurrency, ignore_eos=a.ignore_eos, label=label))
+    finally:
+        stack.stop()
+    summary = summarize(results, duration, percentiles)
+    summary.update(label=label, policy=policy, request_rate=rate, burstiness=a.burstiness)
+    save(a.out / f"{label}.json", summary, results)
+    return summary, tuple(r.normalized_s for r in results if r.ok and r.normalized_s is not None)
+
+
+def report(runs: list[Run], out: Path, bound_s: float) -> Path:
+    figures = plot(runs, out)
+    path = out / "report.md"
+    path.write_text(markdown(runs, bound_s, figures))
+    (out / "sweep.json").write_text(json.dumps([{"policy": r.policy, "rate": r.rate, "summary": r.summary}
+                                               for r in runs], indent=2))
+    print(f"report: {path}")
+    return path

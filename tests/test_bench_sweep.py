@@ -1,0 +1,46 @@
+"""`alise bench sweep`: the report's arithmetic (throughput at a latency bound, sustainable capacity), its figures,
+and a small sweep of 2 rates x 2 policies on live local stacks through the CLI."""
+from __future__ import annotations
+
+import csv
+import json
+
+from bench.serve_metrics import RequestResult, summarize
+from bench.sweep_report import Run, capacity, markdown, plot, throughput_at_bound
+from client.cli import main as cli_main
+
+
+def run_of(policy: str, rate: float, completed_per_s: float, norm: float) -> Run:
+    """A run of 10 requests over 10 / completed_per_s seconds, each with the given normalized latency."""
+    duration = 10 / completed_per_s
+    results = [RequestResult(index=i, expected_output_tokens=10, ok=True, output_tokens=10, e2e_s=norm * 10,
+                             ttft_s=norm) for i in range(10)]
+    return Run(policy, rate, summarize(results, duration, [50, 99]), tuple([norm] * 10))
+
+
+def test_throughput_at_a_latency_bound_and_capacity_per_policy(tmp_path):
+    runs = [run_of("fcfs", 1, 1.0, 0.05), run_of("fcfs", 2, 2.0, 0.2), run_of("fcfs", 4, 2.1, 0.9),
+            run_of("alise", 1, 1.0, 0.04), run_of("alise", 2, 2.0, 0.08), run_of("alise", 4, 3.7, 0.3)]
+    assert throughput_at_bound(runs, 0.1) == {"fcfs": 1, "alise": 2}
+    assert capacity(runs) == {"fcfs": 2, "alise": 4}              # 2.1 of 4 req/s is under 90%: backlog grows
+    figures = plot(runs, tmp_path)
+    assert len(figures) == 4 and all(f.stat().st_size > 1000 for f in figures)
+    text = markdown(runs, 0.1, figures)
+    assert "| alise | 2 | 2.00x | 4 |" in text and "| fcfs | 4 |" in text
+
+
+def test_a_small_sweep_on_live_stacks_writes_runs_figures_and_report(tmp_path, model_dir):
+    out = tmp_path / "sweep"
+    code = cli_main(["bench", "sweep", "--dataset-name", "synthetic", "--num-prompts", "4", "--input-len", "16",
+                     "--output-len", "6", "--ignore-eos", "--policies", "fcfs", "alise", "--rates", "2", "8",
+                     "--prime", "2", "--worker-arg=--max-batch=8", "--out", str(out)])
+    assert code == 0
+    for policy in ("fcfs", "alise"):
+        for rate in ("2", "8"):
+            summary = json.loads((out / f"{policy}-r{rate}.json").read_text())
+            assert summary["completed"] == 4 and summary["total_output_tokens"] == 24
+            assert len(list(csv.DictReader(open(out / f"{policy}-r{rate}.csv")))) == 4
+    assert len(json.loads((out / "sweep.json").read_text())) == 4
+    report = (out / "report.md").read_text()
+    assert "| alise | 8 |" in report and "normalized_latency_vs_rate.png" in report
+    assert (out / "normalized_latency_cdf.png").stat().st_size > 1000
