@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from services.worker.attention import paged_decode_gather, paged_decode_reference
-from services.worker.fused_ops import rmsnorm_torch, rope_torch
+from services.worker.fused_ops import rmsnorm_torch, rope_
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (9, 3), (4, 4)])
@@ -40,4 +40,4 @@ def test_fused_norm_and_rope_follow_transformers():
     freqs = torch.randn(5, 8)
     cos, sin = torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()
     ref, _ = apply_rotary_pos_emb(q.transpose(0, 1)[None], q.transpose(0, 1)[None], cos[None], sin[None])
-    assert torch.allclose(rope_torch(q, cos, sin), ref[0].transpose(0, 1), atol=1e-6)
+    assert torch.allclose(rope_(q, cos, sin), ref[0].transpose(0, 1), atol=1e-6)

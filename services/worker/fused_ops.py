@@ -91,42 +91,13 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# -- rotary embedding, in place on q and k -------------------------------------------------------------
-def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+# -- rotary embedding (CPU; on CUDA rope_and_cache_ below does it with the KV write) --------------------
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] rotated (a new tensor); cos / sin [T, D] in x's dtype. Each product is rounded to the
+    model dtype before the sum, as in transformers (and in _rope_cache_kernel)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]
-
-
-if triton is not None:
-    @triton.jit
-    def _rope_kernel(X, COS, SIN, stride_t, stride_h, stride_c, HALF: tl.constexpr):
-        t = tl.program_id(0)
-        h = tl.program_id(1)
-        d = tl.arange(0, HALF)
-        base = X + t * stride_t + h * stride_h
-        x1 = tl.load(base + d)
-        x2 = tl.load(base + HALF + d)
-        c1 = tl.load(COS + t * stride_c + d)
-        s1 = tl.load(SIN + t * stride_c + d)
-        c2 = tl.load(COS + t * stride_c + HALF + d)
-        s2 = tl.load(SIN + t * stride_c + HALF + d)
-        # rounded like transformers: each product in the model dtype, then the sum
-        a = (x1.to(tl.float32) * c1.to(tl.float32)).to(x1.dtype).to(tl.float32)
-        b = ((-x2.to(tl.float32)) * s1.to(tl.float32)).to(x1.dtype).to(tl.float32)
-        c = (x2.to(tl.float32) * c2.to(tl.float32)).to(x1.dtype).to(tl.float32)
-        e = (x1.to(tl.float32) * s2.to(tl.float32)).to(x1.dtype).to(tl.float32)
-        tl.store(base + d, (a + b).to(x1.dtype))
-        tl.store(base + HALF + d, (c + e).to(x1.dtype))
-
-
-def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D] rotated in place (a new tensor on CPU); cos / sin [T, D] in x's dtype."""
-    if not _use_triton(x):
-        return rope_torch(x, cos, sin)
-    _rope_kernel[(x.shape[0], x.shape[1])](x, cos, sin, x.stride(0), x.stride(1), cos.stride(0),
-                                           HALF=x.shape[2] // 2)
-    return x
 
 
 # -- rotary embedding of q and k and the KV cache write, in one kernel ---------------------------------
@@ -146,7 +117,7 @@ if triton is not None:
         s1 = tl.load(SIN + t * stride_c + d)
         c2 = tl.load(COS + t * stride_c + HALF + d)
         s2 = tl.load(SIN + t * stride_c + HALF + d)
-        a = (x1.to(tl.float32) * c1.to(tl.float32)).to(x1.dtype).to(tl.float32)     # rounded as _rope_kernel
+        a = (x1.to(tl.float32) * c1.to(tl.float32)).to(x1.dtype).to(tl.float32)     # rounded as rope_
         b = ((-x2.to(tl.float32)) * s1.to(tl.float32)).to(x1.dtype).to(tl.float32)
         c = (x2.to(tl.float32) * c2.to(tl.float32)).to(x1.dtype).to(tl.float32)
         e = (x1.to(tl.float32) * s2.to(tl.float32)).to(x1.dtype).to(tl.float32)
