@@ -19,13 +19,19 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024    # far above any prompt that fits a context; bounds what one call can send
 
 
+# gRPC sets SO_REUSEPORT by default, so a second server bound to a port already in use silently shares it and
+# the kernel splits connections between the two (a test stack whose ports collided sent client calls to the
+# worker gateway: "Method not found"). Without it, binding a used port fails loudly.
+NO_SHARED_PORT = ("grpc.so_reuseport", 0)
+
+
 def build_server(service_names: list[str], listen: str, max_concurrent_rpcs: int | None = None,
                  tls: TlsFiles | None = None, require_client_cert: bool = False,
                  ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """An asyncio server with health (starting NOT_SERVING) and reflection; returns the bound port.
     Calls beyond max_concurrent_rpcs get RESOURCE_EXHAUSTED from gRPC itself. With `tls` holding a
     certificate it serves TLS only (and with require_client_cert, mTLS)."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), NO_SHARED_PORT],
                              maximum_concurrent_rpcs=max_concurrent_rpcs)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -32,6 +32,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: all held open at once while chosen (closed and reopened one at a time, the
+    kernel may hand out the same port twice)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def port_is_free(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -226,17 +241,17 @@ class LocalStack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.secrets_dir = self.secrets_dir or self.log_dir / "secrets"
         self.service_token, self.api_keys = write_credentials(self.secrets_dir, self.tenants)
+        ports = free_ports(6)                      # distinct: no two services of this stack share one
         if self.tls:
             self.tls_files = dev_pki(self.secrets_dir / "tls")
-            port = free_port()
             # one plaintext probe port per process: the scheduler's covers its client API and worker gateway
-            self.health_ports = {"scheduler": port, "gateway": port, "predictor": free_port()}
+            self.health_ports = {"scheduler": ports[0], "gateway": ports[0], "predictor": ports[1]}
         if self.redis_url is None:
-            self.redis = RedisServer()
+            self.redis = RedisServer(port=ports[2])
             self.redis_url = self.redis.url
-        self.scheduler_port = self.scheduler_port or free_port()
-        self.gateway_port = free_port()
-        self.predictor_port = free_port()
+        self.scheduler_port = self.scheduler_port or ports[3]
+        self.gateway_port = ports[4]
+        self.predictor_port = ports[5]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                "ALISE_SERVICE_TOKEN": self.service_token}
         if self.with_predictor:

@@ -77,7 +77,7 @@ def health_only_server(servicer, listen: str) -> tuple[grpc.aio.Server, int]:
     worker's config, which needs TLS file settings but not the health package)."""
     from grpc_health.v1 import health_pb2_grpc
 
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])     # see grpc_server.NO_SHARED_PORT
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     port = server.add_insecure_port(listen)
     if port == 0:
