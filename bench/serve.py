@@ -57,8 +57,8 @@ async def one_request(stub, req: BenchRequest, index: int, ignore_eos: bool, tar
                       started: float) -> RequestResult:
     from alise.v1 import generate_pb2 as pb
 
-    max_tokens = req.output_tokens if ignore_eos or req.output_tokens else 0
-    sampling = pb.SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos and max_tokens > 0)
+    # the dataset's length as the cap (0 = the server's default), forced exactly with ignore_eos
+    sampling = pb.SamplingParams(max_tokens=req.output_tokens, ignore_eos=ignore_eos and req.output_tokens > 0)
     msg = pb.GenerateRequest(request_id=f"{label}-{index}-{uuid.uuid4().hex[:8]}", model=target.model,
                              prompt=req.prompt, sampling=sampling, priority=target.priority)
     res = RequestResult(index=index, expected_output_tokens=req.output_tokens, start_s=time.perf_counter() - started)

@@ -22,17 +22,16 @@ class TokenBatcher:
 
     def step(self, deltas: list[TokenDelta], finished: set[str], running: int) -> list[TokenDelta]:
         """One engine step's deltas in; the deltas to send now out (every job at most once)."""
-        urgent = []
+        urgent = {j for j in finished if j in self._held}      # the finished: their last tokens
         for d in deltas:
             if d.job_id not in self._started or d.job_id in finished:
-                urgent.append(d.job_id)
+                urgent.add(d.job_id)
             held = self._held.get(d.job_id)
             if held is None:
                 self._held[d.job_id] = TokenDelta(d.job_id, list(d.token_ids), d.text)
             else:
                 held.token_ids += d.token_ids
                 held.text += d.text
-        urgent += [j for j in finished if j in self._held and j not in urgent]
         self._steps_held += 1
         every = max(1, -(-running // self.updates_per_step)) if self.updates_per_step else 1
         out = self.take_all() if self._steps_held >= every else [self._held.pop(j) for j in urgent]
