@@ -98,7 +98,7 @@ async def test_scheduler_requeues_jobs_of_a_failed_step_then_fails_a_repeat_offe
     await d.on_worker_message(session, wpb.WorkerMessage(tokens=wpb.TokenEvents(deltas=[
         wpb.TokenDelta(job_id=a, token_ids=[7], text="x")])))
     await d.on_worker_message(session, wpb.WorkerMessage(step_failed=wpb.StepFailed(job_ids=[a, b], error="boom")))
-    assert not session.jobs                                            # the slots are free again
+    assert not d.state.workers["w1"].jobs                                            # the slots are free again
     for j in (a, b):
         assert (await d.store.state(j)).status == "queued"
     assert (await d.store.state(a)).token_ids == [7]                  # resumes from its tokens

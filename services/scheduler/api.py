@@ -228,13 +228,13 @@ class AliseServicer(pb_grpc.AliseServicer):
         workers = [pb.WorkerLoadView(worker_id=s.worker_id, running=s.load.running, waiting=s.load.waiting,
                                      used_blocks=s.load.used_blocks, total_blocks=s.num_blocks,
                                      swapped_blocks=s.load.swapped_blocks, max_batch=s.max_batch,
-                                     draining=s.draining)
+                                     draining=s.load.draining)
                    for s in self.d.sessions.values()]
         try:
             queued = await self.store.queue_length()
         except UNREACHABLE as e:
             await store_unavailable(context, e)
-        return pb.LoadResponse(queued=queued, running=sum(len(s.jobs) for s in self.d.sessions.values()),
+        return pb.LoadResponse(queued=queued, running=self.d.state.running(),
                                workers=workers, predictor_available=self.d.predictor.available)
 
 

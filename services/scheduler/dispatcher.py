@@ -1,7 +1,8 @@
 """The scheduler's core: admits jobs, asks the policy what to run where, and applies worker reports.
 
-Every state change goes through JobStore (Redis, atomic); this class keeps only caches that can be
-rebuilt from Redis (job records, token counts) plus the live worker sessions.
+Every state change of a job goes through JobStore (Redis, atomic). What the scheduler remembers between
+ticks (records, token counts, placements) is owned by LiveState, which also builds the policy's Snapshot;
+this class does the I/O: Redis, the predictor, and commands to the worker sessions.
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from services.scheduler import keys
 from services.scheduler.job_events import JobEvent, JobEventHub
 from services.scheduler.job_messages import FINISH_NAMES, complete_message
 from services.scheduler.job_store import FINAL_STATUSES, CreateOutcome, JobRecord, JobStore, StepFailureOutcome
+from services.scheduler.live_state import JobFacts, LiveState, WorkerState, job_view
 from services.scheduler.policies import make_policy
-from services.scheduler.policies.base import JobView, Snapshot, WorkerView
+from services.scheduler.policies.base import Snapshot
 from services.scheduler.predictor_client import PredictorClient
 from services.scheduler.tenants import Tenant
 from services.scheduler.validation import ValidRequest
@@ -42,9 +44,7 @@ class Dispatcher:
         self.policy = make_policy(cfg.policy)
         self.cost = ExecTimeModel()
         self.sessions: dict[str, WorkerSession] = {}
-        self.records: dict[str, JobRecord] = {}      # cache of live jobs' records
-        self.generated: dict[str, int] = {}          # tokens generated so far, per live job
-        self.swapped_on: dict[str, str] = {}         # job -> worker holding its swapped-out KV
+        self.state: LiveState[JobRecord] = LiveState()
         self.queued_work_s = 0.0                     # predicted seconds of queued work, as of the last tick
         self._wake = asyncio.Event()
 
@@ -61,25 +61,17 @@ class Dispatcher:
                         pred_deciles=list(pred.deciles) if pred else [],
                         previous_reply_tokens=v.previous_reply_tokens)
         rec.pred_time = self.cost.total(len(rec.prompt_ids), min(mean, v.sampling["max_tokens"]))
-        outcome = await self.store.create(rec, self.policy.queue_score(self._view(rec), self.cost),
-                                          tenant.max_live_jobs, self.cfg.max_queued_jobs)
+        score = self.policy.queue_score(job_view(job_facts(rec)), self.cost)
+        outcome = await self.store.create(rec, score, tenant.max_live_jobs, self.cfg.max_queued_jobs)
         if outcome is CreateOutcome.CREATED:
-            self.records[rec.job_id] = rec
+            self.state.track(job_facts(rec), rec)
             self.wake()
         return outcome
 
-    def _view(self, rec: JobRecord, running: bool = False) -> JobView:
-        return JobView(job_id=rec.job_id, priority=rec.priority, created=rec.created,
-                       prompt_len=len(rec.prompt_ids), max_tokens=rec.sampling["max_tokens"],
-                       pred_len=rec.pred_len, pred_p90=rec.pred_p90, predicted=rec.predicted,
-                       generated=self.generated.get(rec.job_id, 0), running=running,
-                       swapped_on=self.swapped_on.get(rec.job_id, ""), pred_deciles=tuple(rec.pred_deciles))
-
     async def _record(self, job_id: str) -> JobRecord | None:
-        rec = self.records.get(job_id)
-        if rec is None and (rec := await self.store.record(job_id)) is not None:
-            self.records[job_id] = rec
-            self.generated[job_id] = await self.store.token_count(job_id)
+        """The job's record, read from Redis into LiveState when this scheduler has not seen it yet."""
+        if (rec := self.state.payload(job_id)) is None and (rec := await self.store.record(job_id)) is not None:
+            self.state.track(job_facts(rec), rec, await self.store.token_count(job_id))
         return rec
 
     # -- the dispatch loop -----------------------------------------------------------------------
@@ -117,35 +109,25 @@ class Dispatcher:
         # workers, is a lower bound on how long a new job would wait, and what admission bounds.
         self.queued_work_s = sum(j.remaining_seconds(self.cost) for j in snap.queued) / max(1, len(snap.workers))
         metrics.REQUESTS_WAITING.set(len(snap.queued))
-        metrics.REQUESTS_RUNNING.set(sum(len(s.jobs) for s in self.sessions.values()))
+        metrics.REQUESTS_RUNNING.set(self.state.running())
 
     async def snapshot(self) -> Snapshot:
-        queued = []
-        for job_id in await self.store.queue_head(QUEUE_LOOKAHEAD):
-            if (rec := await self._record(job_id)) is not None:
-                queued.append(self._view(rec))
-        workers = tuple(
-            WorkerView(worker_id=s.worker_id, max_batch=s.max_batch, free_blocks=s.free_blocks,
-                       block_size=s.block_size, draining=s.draining, preempting=bool(s.preempting),
-                       running=tuple(self._view(self.records[j], running=True) for j in s.jobs if j in self.records))
-            for s in self.sessions.values())
-        return Snapshot(now=time.time(), queued=tuple(queued), workers=workers)
+        queued = [job_id for job_id in await self.store.queue_head(QUEUE_LOOKAHEAD)
+                  if await self._record(job_id) is not None]
+        return self.state.snapshot(time.time(), queued)
 
     async def _assign(self, job_id: str, s: WorkerSession) -> None:
         if not await self.store.claim(job_id, s.worker_id):
             return                                       # aborted or taken meanwhile
-        rec = self.records[job_id]
+        rec = self.state.payload(job_id)
         tokens, text = await self.store.output(job_id)
-        self.generated[job_id] = len(tokens)
-        if self.sessions.get(s.worker_id) is not s:      # the worker left while we awaited Redis
+        self.state.set_generated(job_id, len(tokens))
+        if rec is None or self.sessions.get(s.worker_id) is not s:   # the worker left while we awaited Redis
             await self._requeue(job_id, s.worker_id, swapped=False)
             return
         # no await from here on: worker_lost() either ran before (caught above) or will see this job
-        holder = self.swapped_on.pop(job_id, "")
-        if holder and holder != s.worker_id and holder in self.sessions:
+        if holder := self.state.placed(job_id, s.worker_id):
             self.sessions[holder].send(abort=wpb.AbortJob(job_id=job_id))   # drop the stale host copy
-        s.jobs.add(job_id)
-        s.reserved_blocks += -(-(len(rec.prompt_ids) + len(tokens) + 1) // s.block_size)
         sp = rec.sampling
         s.send(assign=wpb.AssignJob(
             job_id=job_id, prompt_token_ids=rec.prompt_ids, output_token_ids=tokens, output_text=text,
@@ -154,18 +136,18 @@ class Dispatcher:
                                        ignore_eos=sp["ignore_eos"])))
 
     def _preempt(self, job_id: str, s: WorkerSession) -> None:
-        s.preempting.add(job_id)
+        self.state.preempt_sent(job_id, s.worker_id)
         metrics.PREEMPTIONS.inc()
         s.send(preempt=wpb.PreemptJob(job_id=job_id, mode=PREEMPT_MODES[self.cfg.preempt_mode]))
 
     async def _requeue(self, job_id: str, worker_id: str, swapped: bool) -> None:
-        rec = await self._record(job_id)
-        if rec is None:
+        self.state.left_worker(job_id, worker_id)
+        if await self._record(job_id) is None:
             return
         if swapped:
-            self.swapped_on[job_id] = worker_id
-        score = self.policy.queue_score(self._view(rec), self.cost)
-        await self.store.requeue(job_id, worker_id, score, worker_id if swapped else "")
+            self.state.swapped_out(job_id, worker_id)
+        score = self.policy.queue_score(self.state.view(job_id), self.cost)
+        await self.store.requeue(job_id, worker_id, score, self.state.swapped_on(job_id))
 
     # -- worker sessions -------------------------------------------------------------------------
     async def worker_joined(self, s: WorkerSession) -> None:
@@ -176,21 +158,21 @@ class Dispatcher:
         await self.store.register_worker(s.worker_id, {"model": s.model, "num_blocks": str(s.num_blocks),
                                                        "max_batch": str(s.max_batch)}, self.cfg.worker_ttl_s)
         self.sessions[s.worker_id] = s
+        self.state.add_worker(WorkerState(s.worker_id, s.block_size, s.num_blocks, s.max_batch))
         log.info("worker %s joined (%d blocks of %d, batch %d)", s.worker_id, s.num_blocks, s.block_size, s.max_batch)
         self.wake()
 
     async def worker_lost(self, s: WorkerSession) -> None:
-        if self.sessions.get(s.worker_id) is s:
-            del self.sessions[s.worker_id]
-        for job_id, holder in list(self.swapped_on.items()):
-            if holder == s.worker_id:
-                del self.swapped_on[job_id]
+        if self.sessions.get(s.worker_id) is not s:
+            return                                           # never joined (registration failed)
+        del self.sessions[s.worker_id]
+        held = self.state.remove_worker(s.worker_id)
         try:
-            for job_id in list(s.jobs):
+            for job_id in held:
                 metrics.REQUEUED_LOST.inc()
                 await self._requeue(job_id, s.worker_id, swapped=False)
             await self.store.forget_worker(s.worker_id)      # only once its jobs are safely back in the queue
-            log.warning("worker %s left; %d jobs requeued", s.worker_id, len(s.jobs))
+            log.warning("worker %s left; %d jobs requeued", s.worker_id, len(held))
         except UNREACHABLE:
             log.warning("worker %s left while Redis is unreachable: the orphan sweep requeues its jobs", s.worker_id)
         self.wake()
@@ -218,13 +200,12 @@ class Dispatcher:
         if kind == "finished":
             await self._on_finished(s, msg.finished)
         elif kind == "preempted":
-            s.preempting.discard(msg.preempted.job_id)
-            s.jobs.discard(msg.preempted.job_id)
             await self._requeue(msg.preempted.job_id, s.worker_id, msg.preempted.mode == wpb.PREEMPT_MODE_SWAP)
         elif kind == "step_failed":
             await self._on_step_failed(s, msg.step_failed)
         elif kind == "load":
-            s.load, s.reserved_blocks, s.draining = msg.load, 0, msg.load.draining
+            s.load = msg.load
+            self.state.load_report(s.worker_id, msg.load.used_blocks, msg.load.draining)
             await self.store.heartbeat(s.worker_id, self.cfg.worker_ttl_s)
         self.wake()
 
@@ -233,15 +214,14 @@ class Dispatcher:
         counts = await self.store.append_many(s.worker_id, deltas)
         for (job_id, token_ids, text), count in zip(deltas, counts):
             if count:
-                self.generated[job_id] = count
-                rec = self.records.get(job_id)
+                self.state.set_generated(job_id, count)
+                rec = self.state.payload(job_id)
                 self.hub.publish(job_id, JobEvent(pb.GenerateResponse(chunk=pb.GenerateChunk(
                     text=text, token_ids=token_ids)), first_token=count - len(token_ids),
                     fingerprint=rec.fingerprint if rec else ""))
 
     async def _on_finished(self, s: WorkerSession, ev: wpb.JobFinished) -> None:
-        s.jobs.discard(ev.job_id)
-        s.preempting.discard(ev.job_id)                   # it finished before our preempt arrived
+        self.state.left_worker(ev.job_id, s.worker_id)   # also if it finished before our preempt arrived
         if ev.finish_reason == pb.FINISH_REASON_ABORTED:
             return                                        # we asked for it; abort() already recorded it
         if await self.store.finish(ev.job_id, s.worker_id, FINISH_NAMES[ev.finish_reason]):
@@ -252,23 +232,17 @@ class Dispatcher:
         been in too many failed steps, which points at the job itself: then it fails with a clear status."""
         log.error("worker %s: engine step failed with %d jobs: %s", s.worker_id, len(ev.job_ids), ev.error)
         for job_id in ev.job_ids:
-            s.jobs.discard(job_id)
-            s.preempting.discard(job_id)
-            if self.swapped_on.get(job_id) == s.worker_id:
-                del self.swapped_on[job_id]               # the worker dropped the host copy too
-            rec = await self._record(job_id)
-            if rec is None:
+            self.state.left_worker(job_id, s.worker_id)    # the worker dropped any host copy too
+            if await self._record(job_id) is None:
                 continue
-            score = self.policy.queue_score(self._view(rec), self.cost)
+            score = self.policy.queue_score(self.state.view(job_id), self.cost)
             outcome = await self.store.fail_step(job_id, s.worker_id, score, self.cfg.max_step_failures)
             if outcome is StepFailureOutcome.FAILED:
                 metrics.FAILED.inc()
                 await self._complete(job_id)
 
     async def _complete(self, job_id: str) -> None:
-        rec = self.records.pop(job_id, None)
-        self.generated.pop(job_id, None)
-        self.swapped_on.pop(job_id, None)
+        rec = self.state.forget(job_id)
         state = await self.store.state(job_id)
         # Between the final transition and this read, a new request may have taken the (now free) id:
         # then this is its state, not the ended job's, and must not reach anyone as a completion.
@@ -285,10 +259,15 @@ class Dispatcher:
         if not ok:
             return False, previous
         for w in {worker, holder} - {""}:
+            self.state.left_worker(job_id, w)
             if (s := self.sessions.get(w)) is not None:
-                s.jobs.discard(job_id)
-                s.preempting.discard(job_id)
                 s.send(abort=wpb.AbortJob(job_id=job_id))
         await self._complete(job_id)
         self.wake()
         return True, previous
+
+
+def job_facts(rec: JobRecord) -> JobFacts:
+    return JobFacts(job_id=rec.job_id, priority=rec.priority, created=rec.created, prompt_len=len(rec.prompt_ids),
+                    max_tokens=rec.sampling["max_tokens"], pred_len=rec.pred_len, pred_p90=rec.pred_p90,
+                    predicted=rec.predicted, pred_deciles=tuple(rec.pred_deciles))

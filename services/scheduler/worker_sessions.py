@@ -1,4 +1,5 @@
-"""One bidirectional session per connected worker: its registration, live load and the jobs placed on it.
+"""One bidirectional session per connected worker: its registration, its last load report and its command
+stream (the jobs placed on it are tracked by the dispatcher's LiveState).
 
 The worker dials in and registers; from then on the scheduler sends commands through `send` and the
 worker's reports are handed to the dispatcher. When the stream ends, for whatever reason, every job
@@ -34,17 +35,8 @@ class WorkerSession:
     max_batch: int
     max_model_len: int
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
-    jobs: set[str] = field(default_factory=set)          # placed here by this scheduler
-    preempting: set[str] = field(default_factory=set)    # preempt sent, not yet acknowledged
-    load: wpb.LoadReport = field(default_factory=wpb.LoadReport)
-    reserved_blocks: int = 0       # blocks promised to jobs assigned since the last load report
-    draining: bool = False
+    load: wpb.LoadReport = field(default_factory=wpb.LoadReport)   # the worker's last report, as sent
     error: str = ""                # why the scheduler ended the session (sent to the worker as its status)
-
-    @property
-    def free_blocks(self) -> int:
-        used = self.load.used_blocks if self.load.total_blocks else 0
-        return self.num_blocks - used - self.reserved_blocks
 
     def send(self, **command) -> None:
         self.outbox.put_nowait(wpb.SchedulerCommand(**command))

@@ -1,0 +1,163 @@
+"""The scheduler's in-memory view of live jobs and workers, and the Snapshot a policy decides on.
+
+One owner: this module is the only writer of what the scheduler remembers between ticks (which jobs run
+where, tokens generated, swapped-out KV, blocks promised, preemptions in flight). It does no I/O, so the
+live dispatcher (which mirrors Redis and worker reports into it) and the simulator (which drives it from
+simulated events) build their snapshots with the same code. Redis stays the source of truth for jobs;
+everything here can be rebuilt from it and from the workers' reports.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Generic, Iterable, TypeVar
+
+from services.scheduler.policies.base import JobView, Snapshot, WorkerView
+
+R = TypeVar("R")     # what the owner keeps with a job (the dispatcher: its JobRecord; the simulator: nothing)
+
+
+@dataclass(frozen=True)
+class JobFacts:
+    """What a policy may know about a job that does not change while it lives."""
+    job_id: str
+    priority: int
+    created: float
+    prompt_len: int
+    max_tokens: int
+    pred_len: float
+    pred_p90: float
+    predicted: bool
+    pred_deciles: tuple[float, ...] = ()
+
+
+def job_view(f: JobFacts, generated: int = 0, running: bool = False, swapped_on: str = "") -> JobView:
+    return JobView(job_id=f.job_id, priority=f.priority, created=f.created, prompt_len=f.prompt_len,
+                   max_tokens=f.max_tokens, pred_len=f.pred_len, pred_p90=f.pred_p90, predicted=f.predicted,
+                   generated=generated, running=running, swapped_on=swapped_on, pred_deciles=f.pred_deciles)
+
+
+@dataclass
+class WorkerState:
+    worker_id: str
+    block_size: int
+    num_blocks: int
+    max_batch: int
+    jobs: dict[str, None] = field(default_factory=dict)  # placed here and not yet back (ordered: deterministic)
+    preempting: set[str] = field(default_factory=set)    # preempt sent, not yet acknowledged
+    used_blocks: int = 0           # as of the worker's last load report
+    reserved_blocks: int = 0       # promised to jobs placed since that report
+    draining: bool = False
+
+    @property
+    def free_blocks(self) -> int:
+        return self.num_blocks - self.used_blocks - self.reserved_blocks
+
+    def blocks_for(self, context_len: int) -> int:
+        return -(-(context_len + 1) // self.block_size)
+
+
+@dataclass
+class _Job(Generic[R]):
+    facts: JobFacts
+    payload: R | None
+    generated: int = 0
+    swapped_on: str = ""
+
+
+class LiveState(Generic[R]):
+    def __init__(self) -> None:
+        self._jobs: dict[str, _Job[R]] = {}
+        self.workers: dict[str, WorkerState] = {}
+
+    # -- jobs ------------------------------------------------------------------------------------
+    def track(self, facts: JobFacts, payload: R | None = None, generated: int = 0) -> None:
+        self._jobs[facts.job_id] = _Job(facts, payload, generated)
+
+    def forget(self, job_id: str) -> R | None:
+        """The job ended: drop it everywhere; returns its payload."""
+        job = self._jobs.pop(job_id, None)
+        for w in self.workers.values():
+            w.jobs.pop(job_id, None)
+            w.preempting.discard(job_id)
+        return job.payload if job else None
+
+    def knows(self, job_id: str) -> bool:
+        return job_id in self._jobs
+
+    def payload(self, job_id: str) -> R | None:
+        job = self._jobs.get(job_id)
+        return job.payload if job else None
+
+    def facts(self, job_id: str) -> JobFacts:
+        return self._jobs[job_id].facts
+
+    def generated(self, job_id: str) -> int:
+        job = self._jobs.get(job_id)
+        return job.generated if job else 0
+
+    def set_generated(self, job_id: str, count: int) -> None:
+        if (job := self._jobs.get(job_id)) is not None:
+            job.generated = count
+
+    def swapped_on(self, job_id: str) -> str:
+        job = self._jobs.get(job_id)
+        return job.swapped_on if job else ""
+
+    def view(self, job_id: str, running: bool = False) -> JobView:
+        job = self._jobs[job_id]
+        return job_view(job.facts, job.generated, running, job.swapped_on)
+
+    # -- workers ---------------------------------------------------------------------------------
+    def add_worker(self, worker: WorkerState) -> None:
+        self.workers[worker.worker_id] = worker
+
+    def remove_worker(self, worker_id: str) -> list[str]:
+        """The worker is gone: its host copies of swapped KV are gone with it; returns the jobs it held."""
+        worker = self.workers.pop(worker_id, None)
+        for job in self._jobs.values():
+            if job.swapped_on == worker_id:
+                job.swapped_on = ""
+        return list(worker.jobs) if worker else []
+
+    def load_report(self, worker_id: str, used_blocks: int, draining: bool) -> None:
+        if (w := self.workers.get(worker_id)) is not None:
+            w.used_blocks, w.reserved_blocks, w.draining = used_blocks, 0, draining
+
+    # -- placement ---------------------------------------------------------------------------------
+    def placed(self, job_id: str, worker_id: str) -> str:
+        """The job now runs on the worker; returns another worker still holding a stale swapped copy, if any."""
+        job, worker = self._jobs[job_id], self.workers[worker_id]
+        holder, job.swapped_on = job.swapped_on, ""
+        worker.jobs[job_id] = None
+        worker.reserved_blocks += worker.blocks_for(job.facts.prompt_len + job.generated)
+        return holder if holder != worker_id and holder in self.workers else ""
+
+    def preempt_sent(self, job_id: str, worker_id: str) -> None:
+        self.workers[worker_id].preempting.add(job_id)
+
+    def left_worker(self, job_id: str, worker_id: str) -> None:
+        """The job no longer runs on the worker (preempted, finished, failed, aborted, requeued), and the
+        worker keeps no host copy of its KV (see swapped_out)."""
+        if (w := self.workers.get(worker_id)) is not None:
+            w.jobs.pop(job_id, None)
+            w.preempting.discard(job_id)
+        if (job := self._jobs.get(job_id)) is not None and job.swapped_on == worker_id:
+            job.swapped_on = ""
+
+    def swapped_out(self, job_id: str, worker_id: str) -> None:
+        """The worker keeps the job's KV in host memory: placing it there again resumes without recompute."""
+        if (job := self._jobs.get(job_id)) is not None and worker_id in self.workers:
+            job.swapped_on = worker_id
+
+    def running(self) -> int:
+        return sum(len(w.jobs) for w in self.workers.values())
+
+    # -- what a policy sees ------------------------------------------------------------------------
+    def snapshot(self, now: float, queued_ids: Iterable[str]) -> Snapshot:
+        queued = tuple(self.view(j) for j in queued_ids if j in self._jobs)
+        workers = tuple(
+            WorkerView(worker_id=w.worker_id, max_batch=w.max_batch, free_blocks=w.free_blocks,
+                       block_size=w.block_size, draining=w.draining, preempting=bool(w.preempting),
+                       running=tuple(self.view(j, running=True) for j in w.jobs if j in self._jobs))
+            for w in self.workers.values())
+        return Snapshot(now=now, queued=queued, workers=workers)

@@ -1,0 +1,57 @@
+"""LiveState: the scheduler's one owner of placements, tokens and swapped KV, and the Snapshot built from it."""
+from __future__ import annotations
+
+from services.scheduler.live_state import JobFacts, LiveState, WorkerState
+
+
+def facts(job_id: str, prompt_len: int = 30, pred: float = 10.0) -> JobFacts:
+    return JobFacts(job_id=job_id, priority=0, created=1.0, prompt_len=prompt_len, max_tokens=100, pred_len=pred,
+                    pred_p90=2 * pred, predicted=True)
+
+
+def state_with(*worker_ids: str) -> LiveState:
+    s: LiveState = LiveState()
+    for w in worker_ids:
+        s.add_worker(WorkerState(w, block_size=16, num_blocks=10, max_batch=2))
+    return s
+
+
+def test_placement_reserves_blocks_until_the_next_load_report():
+    s = state_with("w1")
+    s.track(facts("a", prompt_len=30))
+    s.set_generated("a", 2)
+    s.placed("a", "w1")
+    assert s.workers["w1"].free_blocks == 10 - 3           # 30 + 2 + 1 tokens -> 3 blocks of 16
+    s.load_report("w1", used_blocks=4, draining=False)     # the worker's own count replaces the promise
+    assert s.workers["w1"].free_blocks == 6
+    snap = s.snapshot(5.0, [])
+    assert [j.job_id for j in snap.workers[0].running] == ["a"] and snap.workers[0].running[0].generated == 2
+
+
+def test_swapped_copy_is_remembered_and_dropped_with_its_worker():
+    s = state_with("w1", "w2")
+    s.track(facts("a"))
+    s.placed("a", "w1")
+    s.left_worker("a", "w1")
+    s.swapped_out("a", "w1")
+    assert s.view("a").swapped_on == "w1"
+    assert s.placed("a", "w2") == "w1"                     # resumed elsewhere: w1's stale copy must go
+    assert s.swapped_on("a") == ""
+    s.left_worker("a", "w2")
+    s.swapped_out("a", "w2")
+    assert s.remove_worker("w2") == [] and s.swapped_on("a") == ""
+    s.swapped_out("a", "w2")                               # a late report from a worker that left: ignored
+    assert s.swapped_on("a") == ""
+
+
+def test_snapshot_keeps_queue_order_and_skips_unknown_jobs():
+    s = state_with("w1")
+    for j in ("a", "b", "c"):
+        s.track(facts(j))
+    s.placed("c", "w1")
+    s.preempt_sent("c", "w1")
+    snap = s.snapshot(0.0, ["b", "gone", "a"])
+    assert [j.job_id for j in snap.queued] == ["b", "a"]
+    assert snap.workers[0].preempting and snap.workers[0].running[0].running
+    assert s.forget("c") is None and not s.workers["w1"].jobs and not s.workers["w1"].preempting
+    assert s.running() == 0
