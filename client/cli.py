@@ -145,11 +145,12 @@ def parser() -> argparse.ArgumentParser:
         s.set_defaults(fn=fn)
     sub.add_parser("load", help="queue and worker load").set_defaults(fn=cmd_load)
     sub.add_parser("info", help="server info").set_defaults(fn=cmd_info)
-    bench = sub.add_parser("bench", help="benchmarks against a live stack").add_subparsers(dest="bench", required=True)
-    from bench import serve, sweep
+    bench = sub.add_parser("bench", help="benchmarks: live stacks and simulation").add_subparsers(dest="bench", required=True)
+    from bench import serve, simulate, sweep
 
     serve.add_arguments(bench.add_parser("serve", help="load generator: a workload at a request rate against a stack"))
     sweep.add_arguments(bench.add_parser("sweep", help="rates x policies on local stacks started here, with a report"))
+    simulate.add_arguments(bench.add_parser("simulate", help="rates x policies on a simulated cluster, with a report"))
     return p
 
 
@@ -160,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
 
         runs = sweep(a)
         return 0 if all(r.summary["failed"] == 0 for r in runs) else 1
+    if a.command == "bench" and a.bench == "simulate":
+        from bench.simulate import simulate_sweep
+
+        simulate_sweep(a)
+        return 0
     address = resolve_address(a.address)
     ca = resolve_tls_ca(a.tls_ca, address)
     if not ca and not a.insecure and not is_loopback(address):

@@ -31,9 +31,8 @@ class JobFacts:
 
 
 def job_view(f: JobFacts, generated: int = 0, running: bool = False, swapped_on: str = "") -> JobView:
-    return JobView(job_id=f.job_id, priority=f.priority, created=f.created, prompt_len=f.prompt_len,
-                   max_tokens=f.max_tokens, pred_len=f.pred_len, pred_p90=f.pred_p90, predicted=f.predicted,
-                   generated=generated, running=running, swapped_on=swapped_on, pred_deciles=f.pred_deciles)
+    return JobView(f.job_id, f.priority, f.created, f.prompt_len, f.max_tokens, f.pred_len, f.pred_p90, f.predicted,
+                   generated, running, swapped_on, f.pred_deciles)      # positional: the cheapest way to build one
 
 
 @dataclass
@@ -62,6 +61,7 @@ class _Job(Generic[R]):
     payload: R | None
     generated: int = 0
     swapped_on: str = ""
+    views: list = field(default_factory=lambda: [None, None])   # last views built (waiting, running)
 
 
 class LiveState(Generic[R]):
@@ -104,8 +104,12 @@ class LiveState(Generic[R]):
         return job.swapped_on if job else ""
 
     def view(self, job_id: str, running: bool = False) -> JobView:
+        # A waiting job's view stays valid across ticks (its tokens do not change while it waits): reuse it.
         job = self._jobs[job_id]
-        return job_view(job.facts, job.generated, running, job.swapped_on)
+        v = job.views[running]
+        if v is None or v.generated != job.generated or v.swapped_on != job.swapped_on:
+            v = job.views[running] = job_view(job.facts, job.generated, running, job.swapped_on)
+        return v
 
     # -- workers ---------------------------------------------------------------------------------
     def add_worker(self, worker: WorkerState) -> None:

@@ -49,9 +49,9 @@ class AlisePolicy:
         if not waiting.predicted:
             return None
         need = waiting.remaining_seconds(cost)
-        candidates = [(job, w) for w in workers for job in w.running
-                      if job.predicted and job.priority <= waiting.priority
-                      and job.remaining_seconds(cost) > self.preempt_ratio * need]
-        if not candidates:
-            return None
-        return max(candidates, key=lambda jw: jw[0].remaining_seconds(cost))
+        best, best_s = None, self.preempt_ratio * need
+        for w in workers:
+            for job in w.running:
+                if job.predicted and job.priority <= waiting.priority and (left := job.remaining_seconds(cost)) > best_s:
+                    best, best_s = (job, w), left
+        return best

@@ -3,7 +3,7 @@ dispatcher and an offline simulator run the same code."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from services.scheduler.exec_time import ExecTimeModel, expected_remaining_tokens
 
@@ -12,8 +12,9 @@ PRIORITY_CLASS_SPAN = 1.0e12
 SCORE_EPOCH = 1.7e9            # keeps arrival times small, so scores stay precise in a float64
 
 
-@dataclass(frozen=True)
-class JobView:
+class JobView(NamedTuple):
+    """A job as a policy sees it. A NamedTuple, not a frozen dataclass: snapshots build one per queued and running
+    job at every decision (thousands in the simulator), and a tuple is several times cheaper to make."""
     job_id: str
     priority: int              # higher = more important
     created: float
@@ -90,12 +91,17 @@ class Placement:
                 for w in snap.workers if not w.draining}
         by_id = {w.worker_id: w for w in snap.workers}
         out = cls()
+        slots = sum(r.slots for r in room.values() if r.slots > 0)
         for job in snap.queued:
+            if slots <= 0:                      # every worker is full: the rest waits
+                out.unplaced.append(job)
+                continue
             target = _pick_worker(job, room, by_id)
             if target is None:
                 out.unplaced.append(job)
                 continue
             room[target].slots -= 1
+            slots -= 1
             room[target].blocks -= by_id[target].blocks_needed(job)
             out.assign.append((job.job_id, target))
         return out

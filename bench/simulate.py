@@ -1,0 +1,143 @@
+"""`alise bench simulate`: request rates x policies on a simulated cluster (bench/simulator/), with the same
+summaries, figures and report as a live `alise bench sweep`.
+
+Workloads are lengths only: a text dataset is tokenized once (its prompt and reply lengths), a lengths JSON or an
+Azure trace is read as is; with more --num-prompts than the dataset has, requests are drawn from it at random
+(seeded). Every (policy, rate) gets the same requests, arrival times and predictions' noise.
+
+    python -m bench.simulate --dataset-name sharegpt --dataset-path ../shared/data/sharegpt_sample_1000.json \\
+        --rates 20 30 40 --policies fcfs alise oracle --cost h200-llama3-8b --out sim
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+from bench.serve import arrival_offsets, open_tokenizer
+from bench.serve_metrics import summarize
+from bench.simulator.cluster import PREEMPT_MODES, SIM_POLICIES, SimConfig, SimRequest, WorkerSpec, simulate
+from bench.simulator.cost import PRESETS, load_cost
+from bench.simulator.predictions import PredictorKind, SimPredictor, sigma_for_tau
+from bench.sweep_report import Run, markdown, plot
+from bench.workloads import Dataset, Limits, length_records, load
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset-name", type=Dataset, choices=list(Dataset), default=Dataset.SHAREGPT)
+    p.add_argument("--dataset-path", type=Path, help="the dataset file (not needed for synthetic)")
+    p.add_argument("--num-prompts", type=int, default=1000)
+    p.add_argument("--input-len", type=int, default=256, help="synthetic: prompt tokens")
+    p.add_argument("--output-len", type=int, default=128, help="synthetic: output tokens")
+    p.add_argument("--tokenizer", help="tokenizer directory for text datasets (default: the local model)")
+    p.add_argument("--rates", nargs="+", type=float, required=True, help="request rates (req/s); inf = all at once")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps (1 = Poisson)")
+    p.add_argument("--trace-times", action="store_true", help="azure: the trace's own arrival times (rates ignored)")
+    p.add_argument("--policies", nargs="+", default=["fcfs", "alise", "oracle"], choices=SIM_POLICIES)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--max-batch", type=int, default=128)
+    p.add_argument("--num-blocks", type=int, default=55_000, help="KV blocks per worker")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--token-budget", type=int, default=8192, help="tokens per iteration")
+    p.add_argument("--cost", default="h200-llama3-8b", help=f"iteration cost: a preset ({', '.join(PRESETS)}) or JSON")
+    p.add_argument("--preempt-mode", choices=PREEMPT_MODES, default="recompute")
+    p.add_argument("--max-tokens", type=int, default=4096, help="max_tokens of every request")
+    p.add_argument("--predictor", type=PredictorKind, choices=list(PredictorKind), default=PredictorKind.NOISY)
+    noise = p.add_mutually_exclusive_group()
+    noise.add_argument("--pred-sigma", type=float, help="noisy: log-normal sigma of the predictions")
+    noise.add_argument("--kendall-tau", type=float, default=0.25,
+                       help="noisy: the sigma giving this Kendall tau on the workload (default: 0.25, measured live)")
+    p.add_argument("--tick-s", type=float, default=0.0, help="scheduler decides at most once per tick (0 = every event)")
+    p.add_argument("--reconsider-s", type=float, default=0.1, help="with jobs waiting, decide at least this often")
+    p.add_argument("--latency-bound", type=float, default=0.1, help="mean normalized latency bound (s/token)")
+    p.add_argument("--percentiles", default="50,90,99")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("simulation"))
+
+
+def workload_lengths(a: argparse.Namespace) -> list[tuple[int, int, float | None]]:
+    """(prompt tokens, output tokens, trace arrival or None) of the dataset, in file order."""
+    if a.dataset_name in (Dataset.SYNTHETIC, Dataset.LENGTHS, Dataset.AZURE):
+        return length_records(a.dataset_name, a.dataset_path, a.num_prompts, a.input_len, a.output_len, Limits())
+    if a.dataset_path is None:
+        raise SystemExit(f"--dataset-path is needed for {a.dataset_name.value}")
+    reqs = load(a.dataset_name, a.dataset_path, a.num_prompts, open_tokenizer(a.tokenizer), seed=a.seed)
+    return [(r.prompt_tokens, r.output_tokens, r.arrival_s) for r in reqs if r.output_tokens > 0]
+
+
+def requests_at(lengths: list[tuple[int, int, float | None]], n: int, rate: float, a: argparse.Namespace) -> list[SimRequest]:
+    rng = random.Random(a.seed)
+    rows = lengths[:n] if len(lengths) >= n else lengths + [rng.choice(lengths) for _ in range(n - len(lengths))]
+    if a.trace_times:
+        times = [t or 0.0 for _, _, t in rows]
+    else:
+        times = arrival_offsets(len(rows), rate, a.burstiness, a.seed)
+    return [SimRequest(t, p, o) for t, (p, o, _) in zip(times, rows)]
+
+
+def predictor_for(a: argparse.Namespace, lengths: list[int]) -> SimPredictor:
+    sigma = 0.0
+    if a.predictor is PredictorKind.NOISY:
+        sigma = a.pred_sigma if a.pred_sigma is not None else sigma_for_tau(lengths, a.kendall_tau, a.seed)
+    return SimPredictor(a.predictor, sigma=sigma, seed=a.seed)
+
+
+def simulate_sweep(a: argparse.Namespace) -> list[Run]:
+    a.out.mkdir(parents=True, exist_ok=True)
+    lengths = workload_lengths(a)
+    if not lengths:
+        raise SystemExit("the workload is empty")
+    cost = load_cost(a.cost)
+    predictor = predictor_for(a, [o for _, o, _ in lengths])
+    spec = WorkerSpec(a.max_batch, a.num_blocks, a.block_size, a.token_budget)
+    percentiles = [float(x) for x in a.percentiles.split(",")]
+    runs = []
+    for policy in a.policies:
+        for rate in a.rates:
+            requests = requests_at(lengths, a.num_prompts, rate, a)
+            cfg = SimConfig(policy=policy, cost=cost, workers=a.workers, worker=spec, preempt_mode=a.preempt_mode,
+                            max_tokens=a.max_tokens, predictor=SimPredictor(predictor.kind, predictor.sigma, seed=a.seed),
+                            reconsider_s=a.reconsider_s, tick_s=a.tick_s)
+            started = time.perf_counter()
+            results, duration, decisions = simulate(cfg, requests)
+            wall = time.perf_counter() - started
+            summary = summarize(results, duration, percentiles)
+            label = f"{policy}-r{rate:g}"
+            summary.update(label=label, policy=policy, request_rate=rate, burstiness=a.burstiness, simulated=True,
+                           wall_s=wall, decisions=decisions, workers=a.workers, cost=cost.to_json(),
+                           predictor={"kind": predictor.kind.value, "sigma": predictor.sigma})
+            (a.out / f"{label}.json").write_text(json.dumps(summary, indent=2))
+            runs.append(Run(policy, rate, summary, tuple(r.normalized_s for r in results if r.normalized_s is not None)))
+            print(f"{label}: {len(results)} requests, mean normalized {summary['normalized_latency_s']['mean']:.4f} "
+                  f"s/token, p99 {summary['normalized_latency_s']['p99']:.4f}, {summary['output_throughput']:.0f} "
+                  f"tok/s, simulated {duration:.1f} s in {wall:.1f} s wall ({decisions} decisions)", flush=True)
+    write_report(runs, a, predictor, cost)
+    return runs
+
+
+def write_report(runs: list[Run], a: argparse.Namespace, predictor: SimPredictor, cost) -> Path:
+    figures = plot(runs, a.out)
+    tau = "" if predictor.kind is not PredictorKind.NOISY else f", log-normal sigma {predictor.sigma:.3f}"
+    header = (f"Simulated: {a.workers} worker(s), max batch {a.max_batch}, {a.num_blocks} KV blocks of {a.block_size}, "
+              f"token budget {a.token_budget}; iteration cost {cost.source or a.cost}; predictor {predictor.kind.value}"
+              f"{tau}; preempt by {a.preempt_mode}; {a.dataset_name.value} x {a.num_prompts}.\n\n")
+    path = a.out / "report.md"
+    path.write_text(header + markdown(runs, a.latency_bound, figures, title="Simulation"))
+    (a.out / "simulation.json").write_text(json.dumps([{"policy": r.policy, "rate": r.rate, "summary": r.summary}
+                                                       for r in runs], indent=2))
+    print(f"report: {path}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="alise bench simulate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    simulate_sweep(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,316 @@
+"""Discrete-event simulation of an ALISE cluster: arrivals, the scheduler's queue and policy, and workers that
+run iteration by iteration (continuous batching, chunked prefill, KV blocks), with preemption by recompute or swap.
+
+The scheduling is the live scheduler's own code: the same Policy objects, the same LiveState (placements,
+reserved blocks, swapped KV, preemptions in flight) and its Snapshot builder, the same ExecTimeModel. What the
+simulation replaces is I/O and the engine: Redis's queue is a sorted list, gRPC messages arrive at once, the
+predictor is bench/simulator/predictions.py and an engine iteration takes IterationCost.step() seconds.
+
+Engine model (the worker's step scheduler, simplified): each iteration runs every decoding sequence once, then
+prefill chunks in admission order until the token budget is spent; a sequence whose last token's KV is written
+samples a new one at the end of the iteration. Preemptions the scheduler asks for take effect between
+iterations. When decode growth would overflow the KV pool the worker preempts its newest sequence (recompute).
+"""
+from __future__ import annotations
+
+import bisect
+import heapq
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from bench.serve_metrics import RequestResult
+from bench.simulator.cost import IterationCost
+from bench.simulator.predictions import PredictorKind, SimPredictor
+from services.scheduler.exec_time import ExecTimeModel
+from services.scheduler.live_state import JobFacts, LiveState, WorkerState
+from services.scheduler.policies import POLICIES, make_policy
+
+QUEUE_LOOKAHEAD = 256                 # as the live dispatcher: the policy sees the queue's head
+PREEMPT_MODES = ("recompute", "swap")
+ORACLE = "oracle"                     # alise with true lengths for predictions: the ceiling
+SIM_POLICIES = (*POLICIES, ORACLE)
+
+
+@dataclass(frozen=True)
+class SimRequest:
+    arrival_s: float
+    prompt_len: int
+    output_len: int                   # true length: the job stops there (EOS) unless max_tokens comes first
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    max_batch: int = 128
+    num_blocks: int = 55_000          # an H200's ~885k-token KV pool for Llama-3-8B, in blocks of 16
+    block_size: int = 16
+    token_budget: int = 8192          # tokens per iteration (prefill chunks + decodes)
+
+
+@dataclass
+class SimConfig:
+    policy: str
+    cost: IterationCost
+    workers: int = 1
+    worker: WorkerSpec = field(default_factory=WorkerSpec)
+    preempt_mode: str = "recompute"
+    max_tokens: int = 4096            # every request's max_tokens (what a client would send)
+    predictor: SimPredictor = field(default_factory=lambda: SimPredictor(PredictorKind.NOISY, sigma=1.0))
+    reconsider_s: float = 0.1         # with jobs waiting, the scheduler decides at least this often (load reports)
+    tick_s: float = 0.0               # 0: decide at every event; > 0: at most once per tick (faster, coarser)
+
+    def __post_init__(self) -> None:
+        if self.policy not in SIM_POLICIES:
+            raise ValueError(f"policy {self.policy!r}: choose one of {', '.join(SIM_POLICIES)}")
+        if self.preempt_mode not in PREEMPT_MODES:
+            raise ValueError(f"preempt_mode {self.preempt_mode!r}: choose one of {', '.join(PREEMPT_MODES)}")
+
+
+class _Event(IntEnum):                # at equal times: arrivals first, then iteration ends, then decisions
+    ARRIVE = 0
+    STEP_END = 1
+    DECIDE = 2
+
+
+@dataclass(eq=False, slots=True)      # slots: the step loop reads these fields for every token simulated
+class _Job:
+    index: int
+    job_id: str
+    req: SimRequest
+    prompt_len: int
+    stop_at: int                      # min(true length, max_tokens)
+    pred_len: float
+    predicted: bool
+    generated: int = 0
+    computed: int = 0                 # tokens whose KV is on the GPU of the worker running it
+    first_token_s: float | None = None
+    first_placed_s: float | None = None
+    preemptions: int = 0
+
+    def blocks(self, block_size: int) -> int:
+        return -(-(self.prompt_len + self.generated + 1) // block_size)
+
+
+@dataclass(eq=False)
+class _Worker:
+    wid: str
+    spec: WorkerSpec
+    running: list[_Job] = field(default_factory=list)
+    to_preempt: set[str] = field(default_factory=set)     # asked by the scheduler, applied between iterations
+    host_kv: dict[str, int] = field(default_factory=dict)  # swapped-out jobs: tokens of KV held in host memory
+    decodes: list[_Job] = field(default_factory=list)               # this iteration: one token each
+    prefills: list[tuple[_Job, int]] = field(default_factory=list)  # this iteration: (job, chunk of tokens)
+    busy: bool = False
+    extra_s: float = 0.0              # swap time to add to the next iteration
+    used_blocks: int = 0              # KV blocks of the running jobs (prompt + generated + the next token)
+
+    def admit(self, job: _Job) -> None:
+        self.running.append(job)
+        self.used_blocks += job.blocks(self.spec.block_size)
+
+    def release(self, job: _Job) -> None:
+        self.running.remove(job)
+        self.used_blocks -= job.blocks(self.spec.block_size)
+
+
+class Simulation:
+    def __init__(self, cfg: SimConfig, requests: list[SimRequest]):
+        self.cfg = cfg
+        self.policy = make_policy("alise" if cfg.policy == ORACLE else cfg.policy)
+        self.predictor = SimPredictor(PredictorKind.ORACLE) if cfg.policy == ORACLE else cfg.predictor
+        self.exec_model = ExecTimeModel()
+        self.state: LiveState[None] = LiveState()
+        self.workers = {f"w{i}": _Worker(f"w{i}", cfg.worker) for i in range(cfg.workers)}
+        for w in self.workers.values():
+            self.state.add_worker(WorkerState(w.wid, cfg.worker.block_size, cfg.worker.num_blocks, cfg.worker.max_batch))
+        self.jobs: dict[str, _Job] = {}
+        self.queue: list[tuple[float, int, str]] = []     # (score, tie-break, job id), lowest first: Redis's ZSET
+        self.queued: dict[str, tuple[float, int, str]] = {}
+        self.results: list[RequestResult] = []
+        self.events: list[tuple[float, int, int, object]] = []
+        self.now = 0.0
+        self._seq = 0
+        self._dirty = False
+        self._decide_at: float | None = None      # when the pending decision is due
+        self._decide_token = 0                    # DECIDE events carrying an older token were superseded
+        self._last_decision = -float("inf")
+        self.decisions = 0
+        for i, r in enumerate(requests):
+            self._push(r.arrival_s, _Event.ARRIVE, (i, r))
+
+    # -- the event loop ------------------------------------------------------------------------------
+    def run(self) -> tuple[list[RequestResult], float]:
+        while self.events:
+            t, kind, _, obj = heapq.heappop(self.events)
+            self.now = t
+            if kind == _Event.ARRIVE:
+                self._arrive(*obj)
+            elif kind == _Event.STEP_END:
+                self._step_end(obj)
+            elif obj == self._decide_token:
+                self._decide_at = None
+                self._decide()
+            if self._dirty:
+                self._schedule_decision()
+        self.results.sort(key=lambda r: r.index)
+        return self.results, max((r.start_s + r.e2e_s for r in self.results), default=0.0)
+
+    def _push(self, t: float, kind: _Event, obj: object) -> None:
+        self._seq += 1
+        heapq.heappush(self.events, (t, kind, self._seq, obj))
+
+    def _schedule_decision(self) -> None:
+        """Events at the same instant are decided on together; with tick_s, at most once per tick."""
+        self._decide_no_later_than(max(self.now, self._last_decision + self.cfg.tick_s))
+
+    def _decide_no_later_than(self, at: float) -> None:
+        if self._decide_at is None or at < self._decide_at:
+            self._decide_at = at
+            self._decide_token += 1
+            self._push(at, _Event.DECIDE, self._decide_token)
+
+    # -- the scheduler -------------------------------------------------------------------------------
+    def _arrive(self, index: int, req: SimRequest) -> None:
+        job_id = f"sim/{index:07d}"
+        pred = self.predictor.predict(req.output_len)
+        facts = JobFacts(job_id=job_id, priority=req.priority, created=req.arrival_s, prompt_len=req.prompt_len,
+                         max_tokens=self.cfg.max_tokens, pred_len=pred.mean, pred_p90=pred.p90,
+                         predicted=pred.predicted, pred_deciles=pred.deciles)
+        job = _Job(index, job_id, req, req.prompt_len, min(req.output_len, self.cfg.max_tokens), pred.mean,
+                   pred.predicted)
+        self.jobs[job_id] = job
+        self.state.track(facts)
+        self._enqueue(job)
+
+    def _enqueue(self, job: _Job) -> None:
+        self._seq += 1
+        entry = (self.policy.queue_score(self.state.view(job.job_id), self.exec_model), self._seq, job.job_id)
+        bisect.insort(self.queue, entry)
+        self.queued[job.job_id] = entry
+        self._dirty = True
+
+    def _dequeue(self, job_id: str) -> None:
+        entry = self.queued.pop(job_id)
+        del self.queue[bisect.bisect_left(self.queue, entry)]
+
+    def _decide(self) -> None:
+        """One scheduler tick: what the workers reported, the policy's plan, its commands."""
+        self._dirty = False
+        self._last_decision = self.now
+        self.decisions += 1
+        for w in self.workers.values():
+            for job in w.running:
+                self.state.set_generated(job.job_id, job.generated)
+            self.state.load_report(w.wid, w.used_blocks, draining=False)
+        snap = self.state.snapshot(self.now, [e[2] for e in self.queue[:QUEUE_LOOKAHEAD]])
+        plan = self.policy.plan(snap, self.exec_model)
+        for job_id, wid in plan.preempt:
+            self.state.preempt_sent(job_id, wid)
+            self.workers[wid].to_preempt.add(job_id)
+        for job_id, wid in plan.assign:
+            self._assign(self.jobs[job_id], self.workers[wid])
+        for wid in {wid for _, wid in plan.assign}:     # an idle worker starts with everything it was given
+            if not self.workers[wid].busy:
+                self._start_step(self.workers[wid])
+        if self.queue and self.cfg.reconsider_s > 0:
+            self._decide_no_later_than(self.now + self.cfg.reconsider_s)
+
+    def _assign(self, job: _Job, w: _Worker) -> None:
+        self._dequeue(job.job_id)
+        if holder := self.state.placed(job.job_id, w.wid):
+            self.workers[holder].host_kv.pop(job.job_id, None)     # the stale host copy is dropped
+        if job.job_id in w.host_kv:                                # resumed where its KV was swapped out
+            job.computed = w.host_kv.pop(job.job_id)
+            w.extra_s += self.cfg.cost.swap_per_token_s * job.computed
+        else:
+            job.computed = 0
+        if job.first_placed_s is None:
+            job.first_placed_s = self.now
+        w.admit(job)
+
+    # -- the workers -------------------------------------------------------------------------------
+    def _start_step(self, w: _Worker) -> None:
+        for job in [j for j in w.running if j.job_id in w.to_preempt]:
+            self._preempt(w, job, self.cfg.preempt_mode)
+        w.to_preempt.clear()
+        while w.running and w.used_blocks > w.spec.num_blocks:
+            self._preempt(w, w.running[-1], "recompute")            # out of KV: the newest job goes back
+        if not w.running:
+            w.busy = False
+            return
+        # decodes first (one token each), then prefill chunks in admission order while the token budget lasts
+        decodes = [j for j in w.running if j.prompt_len + j.generated - j.computed == 1][:w.spec.token_budget]
+        budget, prefills, prefill = w.spec.token_budget - len(decodes), [], 0
+        if budget > 0 and len(decodes) < len(w.running):
+            for job in w.running:
+                need = job.prompt_len + job.generated - job.computed
+                if need > 1:
+                    n = min(need, budget)
+                    prefills.append((job, n))
+                    prefill += n
+                    budget -= n
+                    if budget <= 0:
+                        break
+        context = sum(j.computed for j in decodes) + len(decodes) + sum(j.computed + n for j, n in prefills)
+        w.decodes, w.prefills, w.busy = decodes, prefills, True
+        duration = self.cfg.cost.step(len(decodes) + len(prefills), prefill, context) + w.extra_s
+        w.extra_s = 0.0
+        self._push(self.now + duration, _Event.STEP_END, w)
+
+    def _step_end(self, w: _Worker) -> None:
+        done, bs = [], w.spec.block_size
+        for job in w.decodes:
+            job.computed += 1
+            job.generated += 1
+            if (job.prompt_len + job.generated) % bs == 0:
+                w.used_blocks += 1                                      # the next token starts a new block
+            if job.first_token_s is None:                               # a one-token prompt has no prefill
+                job.first_token_s = self.now
+            if job.generated >= job.stop_at:
+                done.append(job)
+        for job, n in w.prefills:
+            job.computed += n
+            if job.computed == job.prompt_len + job.generated:         # its last token's KV is in: sample one
+                job.generated += 1
+                if (job.prompt_len + job.generated) % bs == 0:
+                    w.used_blocks += 1
+                if job.first_token_s is None:
+                    job.first_token_s = self.now
+                if job.generated >= job.stop_at:
+                    done.append(job)
+        for job in done:
+            w.release(job)
+            w.to_preempt.discard(job.job_id)
+            self._finish(job)
+        self._start_step(w)
+
+    def _preempt(self, w: _Worker, job: _Job, mode: str) -> None:
+        w.release(job)
+        job.preemptions += 1
+        self.state.left_worker(job.job_id, w.wid)
+        if mode == "swap":
+            w.host_kv[job.job_id] = job.computed
+            w.extra_s += self.cfg.cost.swap_per_token_s * job.computed
+            self.state.swapped_out(job.job_id, w.wid)
+        job.computed = 0
+        self.state.set_generated(job.job_id, job.generated)
+        self._enqueue(job)
+
+    def _finish(self, job: _Job) -> None:
+        self.state.forget(job.job_id)
+        del self.jobs[job.job_id]
+        r = job.req
+        self.results.append(RequestResult(
+            index=job.index, expected_output_tokens=r.output_len, start_s=r.arrival_s, ok=True,
+            prompt_tokens=r.prompt_len, output_tokens=job.generated, ttft_s=job.first_token_s - r.arrival_s,
+            e2e_s=self.now - r.arrival_s, queue_s=job.first_placed_s - r.arrival_s, preemptions=job.preemptions,
+            predicted_output_tokens=round(job.pred_len) if job.predicted else 0,
+            finish_reason="stop" if job.generated == r.output_len else "length"))
+        self._dirty = True
+
+
+def simulate(cfg: SimConfig, requests: list[SimRequest]) -> tuple[list[RequestResult], float, int]:
+    """(per-request results, duration, number of scheduler decisions) of one simulated run."""
+    sim = Simulation(cfg, requests)
+    results, duration = sim.run()
+    return results, duration, sim.decisions

@@ -1,0 +1,56 @@
+"""How long one engine iteration takes in the simulator, and where its constants come from.
+
+An iteration runs every scheduled sequence once: decodes read their whole context (attention), prefill chunks
+are compute-bound per token, and every step pays a fixed part (weights read once, launches, sampling) plus a
+small part per sequence. So
+
+    step = base + per_seq * sequences + per_prefill_token * prefill tokens + per_context_token * context read
+
+Swapping a preempted job's KV to host memory (and back) costs `swap_per_token` per token each way.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class IterationCost:
+    base_s: float
+    per_seq_s: float = 0.0
+    per_prefill_token_s: float = 0.0
+    per_context_token_s: float = 0.0
+    swap_per_token_s: float = 0.0
+    source: str = ""                  # where the numbers come from
+
+    def step(self, seqs: int, prefill_tokens: int, context_tokens: int) -> float:
+        return (self.base_s + self.per_seq_s * seqs + self.per_prefill_token_s * prefill_tokens
+                + self.per_context_token_s * context_tokens)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# Fitted by hand to docs/BENCHMARKS.md's measurements (see there for the runs). The H200 numbers: the served decode
+# step at batch 1 / 64 and context 512 / 2048 (bench/decode_floor.py, 2026-12-02); prefill at ~33k tokens/s; KV
+# of Llama-3-8B is 128 KiB per token, moved at ~25 GB/s.
+PRESETS: dict[str, IterationCost] = {
+    "h200-llama3-8b": IterationCost(base_s=4.71e-3, per_seq_s=1.1e-5, per_prefill_token_s=3.0e-5,
+                                    per_context_token_s=2.6e-8, swap_per_token_s=5.2e-6,
+                                    source="H200 decode_floor 2026-12-02 (served step), prefill estimate"),
+    # The scheduler's default ExecTimeModel (rough CPU numbers for SmolLM2-135M) as an iteration cost.
+    "cpu-smollm2": IterationCost(base_s=3.0e-2, per_seq_s=2.0e-3, per_prefill_token_s=1.0e-3,
+                                 per_context_token_s=2.0e-6, swap_per_token_s=1.0e-6,
+                                 source="ExecTimeModel defaults (uncalibrated)"),
+}
+
+
+def load_cost(spec: str) -> IterationCost:
+    """A preset name, or a JSON file with IterationCost's fields (e.g. written by bench.simulator.calibrate)."""
+    if spec in PRESETS:
+        return PRESETS[spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise SystemExit(f"--cost: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON file")
+    return IterationCost(**json.loads(path.read_text()))

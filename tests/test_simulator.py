@@ -1,0 +1,83 @@
+"""The simulator on cases small enough to work out by hand (one worker, one second per iteration), and its
+invariants on a random workload: every job finishes exactly once, no KV block is left in use."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from bench.simulator.cluster import SimConfig, SimRequest, Simulation, WorkerSpec, simulate
+from bench.simulator.cost import IterationCost
+from bench.simulator.predictions import PredictorKind, SimPredictor, sigma_for_tau
+
+ONE_SECOND = IterationCost(base_s=1.0)          # every iteration takes 1 s, whatever it holds
+
+
+def run(policy: str, requests: list[SimRequest], max_batch: int = 1, **kw):
+    cfg = SimConfig(policy=policy, cost=ONE_SECOND, worker=WorkerSpec(max_batch=max_batch, num_blocks=100),
+                    predictor=SimPredictor(PredictorKind.ORACLE), reconsider_s=0.0, **kw)
+    results, duration, _ = simulate(cfg, requests)
+    return results, duration
+
+
+def test_fcfs_runs_in_arrival_order_and_srpt_runs_the_short_job_first():
+    # A (4-token prompt, 3 tokens) and B (1 token) both arrive at 0; one sequence at a time. Iterations:
+    # fcfs: A's prefill -> token 1 at 1 s, tokens 2, 3 at 2 s, 3 s; then B's prefill -> its only token at 4 s.
+    reqs = [SimRequest(0.0, 4, 3), SimRequest(0.0, 4, 1)]
+    fcfs, duration = run("fcfs", reqs)
+    assert [(r.ttft_s, r.e2e_s, r.queue_s) for r in fcfs] == [(1.0, 3.0, 0.0), (4.0, 4.0, 3.0)]
+    assert duration == 4.0
+    # oracle SRPT: B first (done at 1 s), then A: tokens at 2, 3, 4 s
+    srpt, _ = run("oracle", reqs)
+    assert [(r.ttft_s, r.e2e_s) for r in srpt] == [(2.0, 4.0), (1.0, 1.0)]
+
+
+@pytest.mark.parametrize("mode,a_end", [("recompute", 11.0), ("swap", 11.0)])
+def test_a_short_arrival_preempts_a_long_job_at_the_next_iteration(mode, a_end):
+    # A: 10 tokens from 0 s (token 1 at 1 s, token 2 at 2 s). B (1 token) arrives at 1.5 s: the scheduler asks for
+    # A's preemption, which takes effect when A's iteration ends at 2 s; B runs 2 -> 3 s. A resumes at 3 s: recompute
+    # redoes its 4 + 2 tokens in one prefill iteration (token 3 at 4 s), swap brings its KV back (swap time 0 here)
+    # and decodes token 3 at 4 s; tokens 4-10 follow, one a second.
+    reqs = [SimRequest(0.0, 4, 10), SimRequest(1.5, 4, 1)]
+    results, _ = run("oracle", reqs, preempt_mode=mode)
+    a, b = results
+    assert (b.ttft_s, b.e2e_s) == (1.5, 1.5)
+    assert (a.ttft_s, a.e2e_s, a.preemptions, a.output_tokens) == (1.0, a_end, 1, 10)
+    fcfs, _ = run("fcfs", reqs)
+    assert fcfs[1].e2e_s == 10.0 - 1.5 + 1 and fcfs[0].preemptions == 0
+
+
+def test_prefill_is_chunked_by_the_token_budget_and_decodes_go_first():
+    cost = IterationCost(base_s=0.0, per_prefill_token_s=0.01, per_seq_s=1.0)
+    cfg = SimConfig(policy="fcfs", cost=cost, worker=WorkerSpec(max_batch=4, num_blocks=100, token_budget=100),
+                    predictor=SimPredictor(PredictorKind.ORACLE), reconsider_s=0.0)
+    # a 250-token prompt takes three iterations (100, 100, 50 tokens): 2 s, 2 s, 1.5 s -> first token at 5.5 s
+    results, _, _ = simulate(cfg, [SimRequest(0.0, 250, 1)])
+    assert results[0].ttft_s == pytest.approx(5.5)
+
+
+def test_every_job_finishes_once_and_the_kv_pool_ends_empty():
+    rng = random.Random(1)
+    reqs = sorted((SimRequest(rng.uniform(0, 20), rng.randint(1, 300), rng.randint(1, 300),
+                              priority=rng.choice([0, 0, 1])) for _ in range(300)), key=lambda r: r.arrival_s)
+    for policy in ("fcfs", "priority", "alise", "oracle"):
+        for mode in ("recompute", "swap"):
+            cfg = SimConfig(policy=policy, cost=IterationCost(base_s=0.01, per_prefill_token_s=1e-4), workers=3,
+                            worker=WorkerSpec(max_batch=8, num_blocks=60, block_size=16, token_budget=256),
+                            preempt_mode=mode, predictor=SimPredictor(PredictorKind.NOISY, sigma=1.0, seed=2))
+            sim = Simulation(cfg, reqs)
+            results, _ = sim.run()
+            assert [r.index for r in results] == list(range(len(reqs)))
+            assert all(r.output_tokens == reqs[r.index].output_len for r in results)
+            assert not sim.jobs and not sim.queue and sim.state.running() == 0
+            assert all(not w.running and not w.host_kv and w.used_blocks == 0 for w in sim.workers.values())
+
+
+def test_noise_for_a_target_kendall_tau():
+    rng = random.Random(0)
+    lengths = [int(rng.lognormvariate(5, 1)) + 1 for _ in range(3000)]
+    sigma = sigma_for_tau(lengths, 0.5)
+    pred = SimPredictor(PredictorKind.NOISY, sigma=sigma, seed=3)
+    from bench.simulator.predictions import kendall_tau
+    tau = kendall_tau([pred.predict(n).mean for n in lengths], lengths)
+    assert abs(tau - 0.5) < 0.05
