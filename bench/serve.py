@@ -86,6 +86,19 @@ async def one_request(stub, req: BenchRequest, index: int, ignore_eos: bool, tar
     return res
 
 
+async def worker_loads(target: Target) -> list[dict]:
+    """The stack's workers as the scheduler sees them (GetLoad): KV, admission limit, learned step model."""
+    from alise.v1 import generate_pb2 as pb
+    from alise.v1 import generate_pb2_grpc as pb_grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from services.common.tls import TlsFiles, aio_channel
+
+    async with aio_channel(target.address, TlsFiles(ca=target.tls_ca)) as channel:
+        load = await pb_grpc.AliseStub(channel).GetLoad(pb.LoadRequest(), metadata=target.metadata, timeout=30)
+    return [MessageToDict(w, preserving_proto_field_name=True) for w in load.workers]
+
+
 def _record_complete(res: RequestResult, done) -> None:
     from alise.v1 import generate_pb2 as pb
 

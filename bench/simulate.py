@@ -24,6 +24,7 @@ from bench.simulator.cost import PRESETS, load_cost
 from bench.simulator.predictions import PredictorKind, SimPredictor, sigma_for_tau
 from bench.sweep_report import Run, markdown, plot
 from bench.workloads import Dataset, Limits, length_records, load
+from services.scheduler.config import SchedulerConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-budget", type=int, default=8192, help="tokens per iteration")
     p.add_argument("--cost", default="h200-llama3-8b", help=f"iteration cost: a preset ({', '.join(PRESETS)}) or JSON")
     p.add_argument("--preempt-mode", choices=PREEMPT_MODES, default="recompute")
+    p.add_argument("--knee-share", type=float, default=SchedulerConfig.knee_share,
+                   help="admit up to the batch within this share of max throughput (0 = up to max batch)")
+    p.add_argument("--max-preemptions", type=int, default=SchedulerConfig.max_preemptions)
     p.add_argument("--max-tokens", type=int, default=4096, help="max_tokens of every request")
     p.add_argument("--predictor", type=PredictorKind, choices=list(PredictorKind), default=PredictorKind.NOISY)
     noise = p.add_mutually_exclusive_group()
@@ -100,7 +104,8 @@ def simulate_sweep(a: argparse.Namespace) -> list[Run]:
             requests = requests_at(lengths, a.num_prompts, rate, a)
             cfg = SimConfig(policy=policy, cost=cost, workers=a.workers, worker=spec, preempt_mode=a.preempt_mode,
                             max_tokens=a.max_tokens, predictor=SimPredictor(predictor.kind, predictor.sigma, seed=a.seed),
-                            reconsider_s=a.reconsider_s, tick_s=a.tick_s)
+                            reconsider_s=a.reconsider_s, tick_s=a.tick_s, knee_share=a.knee_share,
+                            max_preemptions=a.max_preemptions)
             started = time.perf_counter()
             results, duration, decisions = simulate(cfg, requests)
             wall = time.perf_counter() - started
@@ -123,7 +128,8 @@ def write_report(runs: list[Run], a: argparse.Namespace, predictor: SimPredictor
     tau = "" if predictor.kind is not PredictorKind.NOISY else f", log-normal sigma {predictor.sigma:.3f}"
     header = (f"Simulated: {a.workers} worker(s), max batch {a.max_batch}, {a.num_blocks} KV blocks of {a.block_size}, "
               f"token budget {a.token_budget}; iteration cost {cost.source or a.cost}; predictor {predictor.kind.value}"
-              f"{tau}; preempt by {a.preempt_mode}; {a.dataset_name.value} x {a.num_prompts}.\n\n")
+              f"{tau}; preempt by {a.preempt_mode} (at most {a.max_preemptions} per job); knee share {a.knee_share}; "
+              f"{a.dataset_name.value} x {a.num_prompts}.\n\n")
     path = a.out / "report.md"
     path.write_text(header + markdown(runs, a.latency_bound, figures, title="Simulation"))
     (a.out / "simulation.json").write_text(json.dumps([{"policy": r.policy, "rate": r.rate, "summary": r.summary}

@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from bench.serve import Target, add_workload_arguments, load_workload, open_tokenizer, run, save
+from bench.serve import Target, add_workload_arguments, load_workload, open_tokenizer, run, save, worker_loads
 from bench.serve_metrics import summarize
 from bench.sweep_report import Run, markdown, plot
 
@@ -61,10 +61,11 @@ def one_run(a: argparse.Namespace, policy: str, rate: float, prime, measured, pe
                             ignore_eos=a.ignore_eos, label=f"prime-{label}", progress=False))
         results, duration = asyncio.run(run(measured, target, rate=rate, burstiness=a.burstiness, seed=a.seed,
                                             max_concurrency=a.max_concurrency, ignore_eos=a.ignore_eos, label=label))
+        workers = asyncio.run(worker_loads(target))     # what the scheduler learned of them (the simulator's cost)
     finally:
         stack.stop()
     summary = summarize(results, duration, percentiles)
-    summary.update(label=label, policy=policy, request_rate=rate, burstiness=a.burstiness)
+    summary.update(label=label, policy=policy, request_rate=rate, burstiness=a.burstiness, workers=workers)
     save(a.out / f"{label}.json", summary, results)
     return summary, tuple(r.normalized_s for r in results if r.ok and r.normalized_s is not None)
 

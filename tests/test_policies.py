@@ -7,10 +7,10 @@ COST = ExecTimeModel()
 
 
 def job(jid, pred, created=0.0, priority=0, generated=0, running=False, max_tokens=4096, swapped_on="",
-        predicted=True):
-    return JobView(job_id=jid, priority=priority, created=1.7e9 + created, prompt_len=20, max_tokens=max_tokens,
+        predicted=True, preemptions=0, prompt_len=20):
+    return JobView(job_id=jid, priority=priority, created=1.7e9 + created, prompt_len=prompt_len, max_tokens=max_tokens,
                    pred_len=pred, pred_p90=pred * 2, predicted=predicted, generated=generated, running=running,
-                   swapped_on=swapped_on)
+                   swapped_on=swapped_on, preemptions=preemptions)
 
 
 def worker(wid="w", slots=1, running=(), free_blocks=100, preempting=False):
@@ -23,10 +23,13 @@ def ordered(policy_name, jobs):
     return [j.job_id for j in sorted(jobs, key=lambda j: policy.queue_score(j, COST))]
 
 
-def test_fcfs_orders_by_arrival_and_alise_by_predicted_work():
+def test_fcfs_orders_by_arrival_and_alise_and_sjf_by_predicted_work():
     jobs = [job("long", 500, created=0), job("short", 5, created=1), job("mid", 50, created=2)]
     assert ordered("fcfs", jobs) == ["long", "short", "mid"]
     assert ordered("alise", jobs) == ["short", "mid", "long"]
+    assert ordered("sjf", jobs) == ["short", "mid", "long"]
+    unpredicted = [job("b", 5, created=2, predicted=False), job("a", 500, created=1, predicted=False)]
+    assert ordered("sjf", unpredicted) == ["a", "b"]                   # no predictions: arrival order
 
 
 def test_priority_class_outranks_predicted_work():
@@ -88,3 +91,31 @@ def test_remaining_tokens_from_deciles():
     assert expected_remaining_tokens(0, 0, 0, 1000, deciles) == 55            # the mean of the deciles
     assert expected_remaining_tokens(0, 0, 75, 1000, deciles) == 15           # mean excess of 80, 90, 100
     assert expected_remaining_tokens(0, 0, 150, 1000, deciles) == 150         # beyond all of them
+
+
+def test_alise_preempts_at_most_max_preemptions_times():
+    snap = lambda n: Snapshot(0, (job("short", 5),), (worker(running=[job("long", 1000, generated=10, running=True,
+                                                                          preemptions=n)]),))
+    assert make_policy("alise", max_preemptions=2).plan(snap(1), COST).preempt == (("long", "w"),)
+    assert make_policy("alise", max_preemptions=2).plan(snap(2), COST).preempt == ()
+    assert make_policy("alise", max_preemptions=0).plan(snap(0), COST).preempt == ()
+
+
+def test_alise_does_not_preempt_a_job_near_its_end():
+    # predicted 40 tokens, 30 generated: 10 left, under near_end_tokens (16), although 4x the waiting job's work
+    near_end = job("long", 40, generated=30, running=True, prompt_len=5)
+    snap = Snapshot(0, (job("short", 1, prompt_len=1),), (worker(running=[near_end]),))
+    assert make_policy("alise").plan(snap, COST).preempt == ()
+    assert make_policy("alise", near_end_tokens=4).plan(snap, COST).preempt == (("long", "w"),)
+
+
+def test_alise_preempts_only_when_the_wait_saved_pays_for_the_recompute():
+    # a 3000-token context costs 3 s to recompute; the worker's other job frees a slot in ~0.3 s anyway
+    victim = job("long", 2000, generated=10, running=True, prompt_len=3000)
+    soon_done = job("almost", 10, generated=0, running=True)
+    waiting = (job("short", 5),)
+    crowded = Snapshot(0, waiting, (worker(slots=2, running=[victim, soon_done]),))
+    assert make_policy("alise").plan(crowded, COST).preempt == ()
+    # alone on its worker, the long job would hold the slot for ~60 s: that wait is worth a 3 s recompute
+    alone = Snapshot(0, waiting, (worker(slots=1, running=[victim]),))
+    assert make_policy("alise").plan(alone, COST).preempt == (("long", "w"),)

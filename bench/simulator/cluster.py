@@ -21,9 +21,11 @@ from enum import IntEnum
 from bench.serve_metrics import RequestResult
 from bench.simulator.cost import IterationCost
 from bench.simulator.predictions import PredictorKind, SimPredictor
+from services.scheduler.config import SchedulerConfig
 from services.scheduler.exec_time import ExecTimeModel
 from services.scheduler.live_state import JobFacts, LiveState, WorkerState
 from services.scheduler.policies import POLICIES, make_policy
+from services.scheduler.worker_speed import StepSums
 
 QUEUE_LOOKAHEAD = 256                 # as the live dispatcher: the policy sees the queue's head
 PREEMPT_MODES = ("recompute", "swap")
@@ -58,6 +60,8 @@ class SimConfig:
     predictor: SimPredictor = field(default_factory=lambda: SimPredictor(PredictorKind.NOISY, sigma=1.0))
     reconsider_s: float = 0.1         # with jobs waiting, the scheduler decides at least this often (load reports)
     tick_s: float = 0.0               # 0: decide at every event; > 0: at most once per tick (faster, coarser)
+    knee_share: float = SchedulerConfig.knee_share       # admission by the throughput knee, as live; 0 = off
+    max_preemptions: int = SchedulerConfig.max_preemptions
 
     def __post_init__(self) -> None:
         if self.policy not in SIM_POLICIES:
@@ -103,6 +107,11 @@ class _Worker:
     busy: bool = False
     extra_s: float = 0.0              # swap time to add to the next iteration
     used_blocks: int = 0              # KV blocks of the running jobs (prompt + generated + the next token)
+    sums: list[float] = field(default_factory=lambda: [0, 0.0, 0, 0, 0])   # steps since the last report (StepSums)
+
+    def report(self) -> StepSums:
+        sums, self.sums = self.sums, [0, 0.0, 0, 0, 0]
+        return StepSums(*sums)
 
     def admit(self, job: _Job) -> None:
         self.running.append(job)
@@ -116,10 +125,10 @@ class _Worker:
 class Simulation:
     def __init__(self, cfg: SimConfig, requests: list[SimRequest]):
         self.cfg = cfg
-        self.policy = make_policy("alise" if cfg.policy == ORACLE else cfg.policy)
+        self.policy = make_policy("alise" if cfg.policy == ORACLE else cfg.policy, max_preemptions=cfg.max_preemptions)
         self.predictor = SimPredictor(PredictorKind.ORACLE) if cfg.policy == ORACLE else cfg.predictor
         self.exec_model = ExecTimeModel()
-        self.state: LiveState[None] = LiveState()
+        self.state: LiveState[None] = LiveState(knee_share=cfg.knee_share)
         self.workers = {f"w{i}": _Worker(f"w{i}", cfg.worker) for i in range(cfg.workers)}
         for w in self.workers.values():
             self.state.add_worker(WorkerState(w.wid, cfg.worker.block_size, cfg.worker.num_blocks, cfg.worker.max_batch))
@@ -201,7 +210,8 @@ class Simulation:
         for w in self.workers.values():
             for job in w.running:
                 self.state.set_generated(job.job_id, job.generated)
-            self.state.load_report(w.wid, w.used_blocks, draining=False)
+            context = sum(j.prompt_len + j.generated for j in w.running) / len(w.running) if w.running else 0.0
+            self.state.load_report(w.wid, w.used_blocks, False, w.report(), context)
         snap = self.state.snapshot(self.now, [e[2] for e in self.queue[:QUEUE_LOOKAHEAD]])
         plan = self.policy.plan(snap, self.exec_model)
         for job_id, wid in plan.preempt:
@@ -255,6 +265,12 @@ class Simulation:
         w.decodes, w.prefills, w.busy = decodes, prefills, True
         duration = self.cfg.cost.step(len(decodes) + len(prefills), prefill, context) + w.extra_s
         w.extra_s = 0.0
+        sums = w.sums
+        sums[0] += 1
+        sums[1] += duration
+        sums[2] += len(decodes) + len(prefills)
+        sums[3] += prefill
+        sums[4] += context
         self._push(self.now + duration, _Event.STEP_END, w)
 
     def _step_end(self, w: _Worker) -> None:
@@ -287,11 +303,10 @@ class Simulation:
     def _preempt(self, w: _Worker, job: _Job, mode: str) -> None:
         w.release(job)
         job.preemptions += 1
-        self.state.left_worker(job.job_id, w.wid)
         if mode == "swap":
             w.host_kv[job.job_id] = job.computed
             w.extra_s += self.cfg.cost.swap_per_token_s * job.computed
-            self.state.swapped_out(job.job_id, w.wid)
+        self.state.preempted(job.job_id, w.wid, swapped=mode == "swap")
         job.computed = 0
         self.state.set_generated(job.job_id, job.generated)
         self._enqueue(job)

@@ -47,10 +47,22 @@ PRESETS: dict[str, IterationCost] = {
 
 
 def load_cost(spec: str) -> IterationCost:
-    """A preset name, or a JSON file with IterationCost's fields (e.g. written by bench.simulator.calibrate)."""
+    """A preset name; a JSON file with IterationCost's fields (bench.simulator.calibrate writes one); or a live
+    sweep run's JSON (bench sweep), whose first worker's step model, as the scheduler learned it, is used."""
     if spec in PRESETS:
         return PRESETS[spec]
     path = Path(spec)
     if not path.is_file():
         raise SystemExit(f"--cost: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON file")
-    return IterationCost(**json.loads(path.read_text()))
+    data = json.loads(path.read_text())
+    if "workers" in data:
+        models = [w["step_model"] for w in data["workers"] if w.get("step_model")]
+        if not models:
+            raise SystemExit(f"--cost: {spec} has no learned step model (too few load reports?)")
+        m = models[0]
+        return IterationCost(base_s=m.get("base_s", 0.0), per_seq_s=m.get("per_seq_s", 0.0),
+                             per_prefill_token_s=m.get("per_prefill_token_s", 0.0),
+                             per_context_token_s=m.get("per_context_token_s", 0.0),
+                             swap_per_token_s=PRESETS["cpu-smollm2"].swap_per_token_s,
+                             source=f"learned live by the scheduler ({path.name})")
+    return IterationCost(**data)

@@ -223,13 +223,21 @@ class AliseServicer(pb_grpc.AliseServicer):
         return pb.ServerInfo(model=self.d.cfg.model_name, max_model_len=self.max_model_len,
                              max_tokens_cap=self.d.cfg.max_tokens_cap, policy=self.d.cfg.policy, version=VERSION)
 
+    def _worker_view(self, s) -> pb.WorkerLoadView:
+        view = pb.WorkerLoadView(worker_id=s.worker_id, running=s.load.running, waiting=s.load.waiting,
+                                 used_blocks=s.load.used_blocks, total_blocks=s.num_blocks,
+                                 swapped_blocks=s.load.swapped_blocks, max_batch=s.max_batch, draining=s.load.draining)
+        if (w := self.d.state.workers.get(s.worker_id)) is not None:
+            view.admit_limit = w.admit_limit
+            if (m := w.speed.model()) is not None:
+                view.step_model.CopyFrom(pb.StepModelView(base_s=m.base_s, per_seq_s=m.per_seq_s,
+                                                          per_prefill_token_s=m.per_prefill_token_s,
+                                                          per_context_token_s=m.per_context_token_s))
+        return view
+
     async def GetLoad(self, request, context):
         await self._tenant(request, context)
-        workers = [pb.WorkerLoadView(worker_id=s.worker_id, running=s.load.running, waiting=s.load.waiting,
-                                     used_blocks=s.load.used_blocks, total_blocks=s.num_blocks,
-                                     swapped_blocks=s.load.swapped_blocks, max_batch=s.max_batch,
-                                     draining=s.load.draining)
-                   for s in self.d.sessions.values()]
+        workers = [self._worker_view(s) for s in self.d.sessions.values()]
         try:
             queued = await self.store.queue_length()
         except UNREACHABLE as e:

@@ -28,6 +28,8 @@ class SchedulerConfig:
     model_dir: str = str(default_model_dir())   # tokenizer and chat template
     policy: str = "alise"
     preempt_mode: str = "recompute"             # or "swap"
+    max_preemptions: int = 2                    # alise: a job is preempted at most this many times
+    knee_share: float = 0.95                    # admit up to the batch within this share of max throughput; 0 = off
     max_tokens_cap: int = 2048
     default_max_tokens: int = 256
     prior_output_tokens: float = 128.0          # used when the predictor is unreachable
@@ -42,6 +44,10 @@ class SchedulerConfig:
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
+        if not 0 <= self.knee_share < 1:
+            raise ValueError("knee_share must be in [0, 1)")
+        if self.max_preemptions < 0:
+            raise ValueError("max_preemptions must be >= 0")
         if self.preempt_mode not in ("recompute", "swap"):
             raise ValueError(f"preempt_mode must be recompute or swap, got {self.preempt_mode!r}")
         if self.worker_mtls and not (self.tls_cert and self.tls_ca):

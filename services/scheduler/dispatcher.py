@@ -28,6 +28,7 @@ from services.scheduler.predictor_client import PredictorClient
 from services.scheduler.tenants import Tenant
 from services.scheduler.validation import ValidRequest
 from services.scheduler.worker_sessions import WorkerSession
+from services.scheduler.worker_speed import StepSums
 
 log = logging.getLogger("alise.scheduler")
 PREEMPT_MODES = {"recompute": wpb.PREEMPT_MODE_RECOMPUTE, "swap": wpb.PREEMPT_MODE_SWAP}
@@ -41,10 +42,10 @@ class Dispatcher:
         self.store = store
         self.predictor = predictor
         self.hub = hub
-        self.policy = make_policy(cfg.policy)
+        self.policy = make_policy(cfg.policy, max_preemptions=cfg.max_preemptions)
         self.cost = ExecTimeModel()
         self.sessions: dict[str, WorkerSession] = {}
-        self.state: LiveState[JobRecord] = LiveState()
+        self.state: LiveState[JobRecord] = LiveState(knee_share=cfg.knee_share)
         self.queued_work_s = 0.0                     # predicted seconds of queued work, as of the last tick
         self._wake = asyncio.Event()
 
@@ -140,12 +141,12 @@ class Dispatcher:
         metrics.PREEMPTIONS.inc()
         s.send(preempt=wpb.PreemptJob(job_id=job_id, mode=PREEMPT_MODES[self.cfg.preempt_mode]))
 
-    async def _requeue(self, job_id: str, worker_id: str, swapped: bool) -> None:
+    async def _requeue(self, job_id: str, worker_id: str, swapped: bool, preempted: bool = False) -> None:
         self.state.left_worker(job_id, worker_id)
         if await self._record(job_id) is None:
             return
-        if swapped:
-            self.state.swapped_out(job_id, worker_id)
+        if preempted:
+            self.state.preempted(job_id, worker_id, swapped)
         score = self.policy.queue_score(self.state.view(job_id), self.cost)
         await self.store.requeue(job_id, worker_id, score, self.state.swapped_on(job_id))
 
@@ -200,12 +201,16 @@ class Dispatcher:
         if kind == "finished":
             await self._on_finished(s, msg.finished)
         elif kind == "preempted":
-            await self._requeue(msg.preempted.job_id, s.worker_id, msg.preempted.mode == wpb.PREEMPT_MODE_SWAP)
+            await self._requeue(msg.preempted.job_id, s.worker_id, msg.preempted.mode == wpb.PREEMPT_MODE_SWAP,
+                                preempted=True)
         elif kind == "step_failed":
             await self._on_step_failed(s, msg.step_failed)
         elif kind == "load":
-            s.load = msg.load
-            self.state.load_report(s.worker_id, msg.load.used_blocks, msg.load.draining)
+            s.load = ld = msg.load
+            t = ld.steps
+            self.state.load_report(s.worker_id, ld.used_blocks, ld.draining,
+                                   StepSums(t.steps, t.seconds, t.seqs, t.prefill_tokens, t.context_tokens),
+                                   ld.running_tokens / ld.running if ld.running else 0.0)
             await self.store.heartbeat(s.worker_id, self.cfg.worker_ttl_s)
         self.wake()
 

@@ -18,6 +18,10 @@ class ExecTimeModel:
     def total(self, prompt_len: int, output_len: float) -> float:
         return prompt_len * self.t0 + output_len * (self.a * prompt_len + self.b)
 
+    def preemption(self, context_len: int) -> float:
+        """What preempting a job costs it: its context computed again on resume (swap costs less; this bounds it)."""
+        return context_len * self.t0
+
     def remaining(self, context_len: int, remaining_tokens: float, needs_prefill: bool) -> float:
         prefill = context_len * self.t0 if needs_prefill else 0.0
         return prefill + remaining_tokens * (self.a * context_len + self.b)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Generic, Iterable, TypeVar
 
 from services.scheduler.policies.base import JobView, Snapshot, WorkerView
+from services.scheduler.worker_speed import StepSums, WorkerSpeed
 
 R = TypeVar("R")     # what the owner keeps with a job (the dispatcher: its JobRecord; the simulator: nothing)
 
@@ -30,9 +31,10 @@ class JobFacts:
     pred_deciles: tuple[float, ...] = ()
 
 
-def job_view(f: JobFacts, generated: int = 0, running: bool = False, swapped_on: str = "") -> JobView:
+def job_view(f: JobFacts, generated: int = 0, running: bool = False, swapped_on: str = "",
+             preemptions: int = 0) -> JobView:
     return JobView(f.job_id, f.priority, f.created, f.prompt_len, f.max_tokens, f.pred_len, f.pred_p90, f.predicted,
-                   generated, running, swapped_on, f.pred_deciles)      # positional: the cheapest way to build one
+                   generated, running, swapped_on, f.pred_deciles, preemptions)   # positional: the cheapest way
 
 
 @dataclass
@@ -46,6 +48,11 @@ class WorkerState:
     used_blocks: int = 0           # as of the worker's last load report
     reserved_blocks: int = 0       # promised to jobs placed since that report
     draining: bool = False
+    admit_limit: int = 0           # sequences the policy may place here (the throughput knee); 0 = max_batch
+    speed: WorkerSpeed = field(default_factory=WorkerSpeed)
+
+    def __post_init__(self) -> None:
+        self.admit_limit = self.admit_limit or self.max_batch
 
     @property
     def free_blocks(self) -> int:
@@ -61,13 +68,15 @@ class _Job(Generic[R]):
     payload: R | None
     generated: int = 0
     swapped_on: str = ""
+    preemptions: int = 0
     views: list = field(default_factory=lambda: [None, None])   # last views built (waiting, running)
 
 
 class LiveState(Generic[R]):
-    def __init__(self) -> None:
+    def __init__(self, knee_share: float = 0.0) -> None:
         self._jobs: dict[str, _Job[R]] = {}
         self.workers: dict[str, WorkerState] = {}
+        self.knee_share = knee_share   # admission by the throughput knee (worker_speed.py); 0 = up to max_batch
 
     # -- jobs ------------------------------------------------------------------------------------
     def track(self, facts: JobFacts, payload: R | None = None, generated: int = 0) -> None:
@@ -107,8 +116,9 @@ class LiveState(Generic[R]):
         # A waiting job's view stays valid across ticks (its tokens do not change while it waits): reuse it.
         job = self._jobs[job_id]
         v = job.views[running]
-        if v is None or v.generated != job.generated or v.swapped_on != job.swapped_on:
-            v = job.views[running] = job_view(job.facts, job.generated, running, job.swapped_on)
+        if (v is None or v.generated != job.generated or v.swapped_on != job.swapped_on
+                or v.preemptions != job.preemptions):
+            v = job.views[running] = job_view(job.facts, job.generated, running, job.swapped_on, job.preemptions)
         return v
 
     # -- workers ---------------------------------------------------------------------------------
@@ -123,9 +133,17 @@ class LiveState(Generic[R]):
                 job.swapped_on = ""
         return list(worker.jobs) if worker else []
 
-    def load_report(self, worker_id: str, used_blocks: int, draining: bool) -> None:
-        if (w := self.workers.get(worker_id)) is not None:
-            w.used_blocks, w.reserved_blocks, w.draining = used_blocks, 0, draining
+    def load_report(self, worker_id: str, used_blocks: int, draining: bool, steps: StepSums | None = None,
+                    mean_context: float = 0.0) -> None:
+        """What the worker reported: KV in use, draining, and the steps it ran since its last report, which refit
+        its speed and so its admission limit (at the knee for the running jobs' mean context)."""
+        if (w := self.workers.get(worker_id)) is None:
+            return
+        w.used_blocks, w.reserved_blocks, w.draining = used_blocks, 0, draining
+        if steps is not None:
+            w.speed.observe(steps)
+        if self.knee_share > 0 and (model := w.speed.model()) is not None:
+            w.admit_limit = model.knee(w.max_batch, mean_context, self.knee_share)
 
     # -- placement ---------------------------------------------------------------------------------
     def placed(self, job_id: str, worker_id: str) -> str:
@@ -148,6 +166,14 @@ class LiveState(Generic[R]):
         if (job := self._jobs.get(job_id)) is not None and job.swapped_on == worker_id:
             job.swapped_on = ""
 
+    def preempted(self, job_id: str, worker_id: str, swapped: bool) -> None:
+        """The worker gave the job back as asked (its KV kept in host memory when `swapped`)."""
+        self.left_worker(job_id, worker_id)
+        if (job := self._jobs.get(job_id)) is not None:
+            job.preemptions += 1
+        if swapped:
+            self.swapped_out(job_id, worker_id)
+
     def swapped_out(self, job_id: str, worker_id: str) -> None:
         """The worker keeps the job's KV in host memory: placing it there again resumes without recompute."""
         if (job := self._jobs.get(job_id)) is not None and worker_id in self.workers:
@@ -160,7 +186,7 @@ class LiveState(Generic[R]):
     def snapshot(self, now: float, queued_ids: Iterable[str]) -> Snapshot:
         queued = tuple(self.view(j) for j in queued_ids if j in self._jobs)
         workers = tuple(
-            WorkerView(worker_id=w.worker_id, max_batch=w.max_batch, free_blocks=w.free_blocks,
+            WorkerView(worker_id=w.worker_id, max_batch=w.admit_limit, free_blocks=w.free_blocks,
                        block_size=w.block_size, draining=w.draining, preempting=bool(w.preempting),
                        running=tuple(self.view(j, running=True) for j in w.jobs if j in self._jobs))
             for w in self.workers.values())

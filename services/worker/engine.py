@@ -43,6 +43,20 @@ class StepOutput:
     deltas: list[TokenDelta] = field(default_factory=list)
     finished: list[tuple[str, Finish]] = field(default_factory=list)
     seconds: float = 0.0
+    shape: "StepShape | None" = None      # what this call launched (None: nothing)
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The make-up of one launched step: what its time depends on (the scheduler fits a speed model to it)."""
+    seqs: int
+    prefill_tokens: int
+    context_tokens: int
+
+    @classmethod
+    def of(cls, chunks) -> "StepShape":
+        return cls(len(chunks), sum(c.num_tokens for c in chunks if c.num_tokens > 1),
+                   sum(c.start + c.num_tokens for c in chunks))
 
 
 @dataclass
@@ -183,6 +197,7 @@ class Engine:
             self._collect(launched, out)
             self._in_flight = None
         out.seconds = time.perf_counter() - started
+        out.shape = StepShape.of(plan.chunks) if launched is not None else None
         return out
 
     def flush(self) -> StepOutput:

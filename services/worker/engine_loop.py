@@ -65,6 +65,7 @@ class EngineLoop(threading.Thread):
         self._last_report: tuple | None = None
         self._last_report_at = 0.0
         self._step_seconds = 0.0
+        self._totals = wpb.StepTotals()      # steps since the last load report
 
     # -- called from the asyncio side --------------------------------------------------------------
     def attach(self, loop: asyncio.AbstractEventLoop, outbox: asyncio.Queue) -> None:
@@ -170,6 +171,13 @@ class EngineLoop(threading.Thread):
         if out.seconds:                    # a flush (before a preempt or abort) ran no step of its own
             self._step_seconds = 0.8 * self._step_seconds + 0.2 * out.seconds if self._step_seconds else out.seconds
             metrics.STEP.observe(out.seconds)
+            if out.shape is not None:
+                t = self._totals
+                t.steps += 1
+                t.seconds += out.seconds
+                t.seqs += out.shape.seqs
+                t.prefill_tokens += out.shape.prefill_tokens
+                t.context_tokens += out.shape.context_tokens
         metrics.GENERATED.inc(sum(len(d.token_ids) for d in out.deltas))
         self._send_tokens(self.batcher.step(out.deltas, {j for j, _ in out.finished}, len(self.engine.sched.running)))
         for job_id, finish in out.finished:
@@ -193,11 +201,13 @@ class EngineLoop(threading.Thread):
             return
         self._last_report, self._last_report_at = key, now
         metrics.observe_load(load)
+        steps, self._totals = self._totals, wpb.StepTotals()
         self._send(wpb.WorkerMessage(load=wpb.LoadReport(
             running=load.running, waiting=load.waiting, used_blocks=load.used_blocks,
             total_blocks=load.total_blocks, swapped_blocks=load.swapped_blocks,
             running_tokens=load.running_tokens, waiting_tokens=load.waiting_tokens,
-            iteration_seconds=self._step_seconds, num_preemptions=load.num_preemptions, draining=self.draining)))
+            iteration_seconds=self._step_seconds, num_preemptions=load.num_preemptions, draining=self.draining,
+            steps=steps)))
 
     def _send(self, msg: wpb.WorkerMessage) -> None:
         sink = self._sink

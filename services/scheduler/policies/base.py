@@ -27,6 +27,7 @@ class JobView(NamedTuple):
     running: bool = False      # holds KV on its worker right now
     swapped_on: str = ""       # worker that holds its swapped-out KV
     pred_deciles: tuple[float, ...] = ()
+    preemptions: int = 0       # times this scheduler has preempted it
 
     @property
     def remaining_tokens(self) -> float:

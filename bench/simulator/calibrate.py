@@ -1,0 +1,124 @@
+"""Fit the simulator's IterationCost to a real engine: time its steps in runs whose make-up is known, then solve
+for the constants by non-negative least squares.
+
+    python -m bench.simulator.calibrate --out cpu_cost.json [--device cuda --model-dir DIR ...]
+
+Two kinds of runs, each on fresh random prompts (distinct, so the prefix cache cannot skip work):
+- prefill: one sequence with a P-token prompt; its first step computes P tokens (P within the token budget);
+- decode: B sequences with L-token prompts, timed once they all decode: B sequences, context ~ B x (L + generated).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.simulator.cost import IterationCost
+
+
+@dataclass(frozen=True)
+class StepSample:
+    seqs: int
+    prefill_tokens: int
+    context_tokens: int
+    seconds: float
+
+
+def _prompt(rng: random.Random, vocab: int, n: int) -> list[int]:
+    return [rng.randrange(100, vocab) for _ in range(n)]
+
+
+def prefill_samples(engine, rng, vocab: int, prompt_lens: list[int], reps: int) -> list[StepSample]:
+    from services.worker.sequence import Sampling
+
+    out = []
+    for p in prompt_lens:
+        for r in range(reps):
+            engine.add(f"prefill-{p}-{r}", _prompt(rng, vocab, p), Sampling(max_tokens=1, ignore_eos=True))
+            started = time.perf_counter()
+            while engine.has_work:
+                engine.step()
+            out.append(StepSample(1, p, p, time.perf_counter() - started))
+    return out
+
+
+def decode_samples(engine, rng, vocab: int, batches: list[int], prompt_lens: list[int], steps: int) -> list[StepSample]:
+    from services.worker.sequence import Sampling
+
+    out = []
+    for b in batches:
+        for p in prompt_lens:
+            ids = [f"decode-{b}-{p}-{i}" for i in range(b)]
+            for job in ids:
+                engine.add(job, _prompt(rng, vocab, p), Sampling(max_tokens=steps + 4, ignore_eos=True))
+            generated = {job: 0 for job in ids}
+            while min(generated.values()) < 2:                    # every prefill done, every sequence decoding
+                for d in engine.step().deltas:
+                    generated[d.job_id] += len(d.token_ids)
+            for _ in range(steps):
+                context = sum(p + g for g in generated.values())
+                started = time.perf_counter()
+                res = engine.step()
+                seconds = time.perf_counter() - started
+                if sum(len(d.token_ids) for d in res.deltas) == b:  # a full decode step (none finished or joined)
+                    out.append(StepSample(b, 0, context, seconds))
+                for d in res.deltas:
+                    generated[d.job_id] += len(d.token_ids)
+            while engine.has_work:
+                engine.step()
+    return out
+
+
+def fit(samples: list[StepSample], swap_per_token_s: float = 0.0, source: str = "") -> IterationCost:
+    """seconds ~ base + per_seq * seqs + per_prefill_token * prefill + per_context_token * context, all >= 0."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    a = np.array([[1.0, s.seqs, s.prefill_tokens, s.context_tokens] for s in samples])
+    y = np.array([s.seconds for s in samples])
+    scale = a.max(axis=0)                       # columns of similar size for a well-conditioned solve
+    coef, _ = nnls(a / scale, y)
+    coef = coef / scale
+    return IterationCost(base_s=float(coef[0]), per_seq_s=float(coef[1]), per_prefill_token_s=float(coef[2]),
+                         per_context_token_s=float(coef[3]), swap_per_token_s=swap_per_token_s, source=source)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", help="default: the local SmolLM2")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--worker-arg", action="append", default=[], help="WorkerConfig field=value (repeat)")
+    p.add_argument("--prefill-lens", nargs="+", type=int, default=[32, 128, 384])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 4, 8, 16])
+    p.add_argument("--decode-prompt-lens", nargs="+", type=int, default=[32, 256])
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--swap-per-token-s", type=float, default=1.0e-6)
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args(argv)
+
+    from services.common.model_paths import default_model_dir
+    from services.worker.config import WorkerConfig
+    from services.worker.factory import build_engine
+
+    fields = dict(kv.split("=", 1) for kv in a.worker_arg)
+    cfg = WorkerConfig(model_dir=a.model_dir or str(default_model_dir()), device=a.device,
+                       **{k: type(getattr(WorkerConfig, k, ""))(v) for k, v in fields.items()})
+    engine = build_engine(cfg)
+    vocab = engine.vocab_size
+    rng = random.Random(0)
+    prefill_samples(engine, rng, vocab, [16], 1)                 # warm-up, not fitted
+    samples = (prefill_samples(engine, rng, vocab, a.prefill_lens, a.reps)
+               + decode_samples(engine, rng, vocab, a.batches, a.decode_prompt_lens, a.steps))
+    cost = fit(samples, a.swap_per_token_s, source=f"fitted to {len(samples)} steps of {cfg.model_dir} on {a.device}")
+    a.out.write_text(json.dumps(cost.to_json(), indent=2))
+    worst = max(abs(cost.step(s.seqs, s.prefill_tokens, s.context_tokens) - s.seconds) / s.seconds for s in samples)
+    print(json.dumps(cost.to_json(), indent=2))
+    print(f"{len(samples)} steps fitted; worst relative error {worst:.0%} -> {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Each worker's speed, learned from its own step reports, and the throughput knee that admission uses.
+
+    step seconds ~ base + per_seq * sequences + per_prefill_token * prefill tokens + per_context_token * context read
+
+A load report carries the sums over the steps since the previous report: one linear equation in the four
+constants. The last WINDOW equations are solved by least squares (numpy), with every constant kept >= 0 (a
+negative one is dropped and the rest solved again). While the reports cannot tell the constants apart (every
+step the same size, too few reports), there is no model and admission uses the worker's max batch.
+
+The knee. A batch of B decoding sequences with mean context c takes base + B * k seconds per step, with
+k = per_seq + per_context_token * c, so its throughput B / (base + B * k) rises with B and flattens once B * k
+outweighs base. The knee is the smallest B whose throughput is within `share` of the max batch's; running more
+only slows every running job down for little extra throughput, so further jobs wait at the scheduler, where the
+policy orders them. When the engine gets faster per sequence (k falls) the knee moves up on its own.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+WINDOW = 64            # reports the model is fitted to
+MIN_REPORTS = 8
+MAX_CONDITION = 1e6    # of the scaled design matrix: beyond it the reports do not separate the constants
+MIN_ADMIT = 4          # never admit fewer than this many sequences (a noisy fit must not starve a worker)
+
+
+@dataclass(frozen=True)
+class StepSums:
+    """Steps since the previous load report, summed."""
+    steps: int
+    seconds: float
+    seqs: int
+    prefill_tokens: int
+    context_tokens: int
+
+
+@dataclass(frozen=True)
+class StepModel:
+    base_s: float
+    per_seq_s: float
+    per_prefill_token_s: float
+    per_context_token_s: float
+
+    def step(self, seqs: float, prefill_tokens: float, context_tokens: float) -> float:
+        return (self.base_s + self.per_seq_s * seqs + self.per_prefill_token_s * prefill_tokens
+                + self.per_context_token_s * context_tokens)
+
+    def knee(self, max_batch: int, mean_context: float, share: float) -> int:
+        """The smallest batch whose decode throughput is within `share` of max_batch's."""
+        k = self.per_seq_s + self.per_context_token_s * mean_context
+        if self.base_s <= 0 or k <= 0:
+            return max_batch                  # no fixed cost, or no cost per sequence: nothing to learn from
+        b = share * max_batch * self.base_s / (self.base_s + max_batch * k * (1 - share))
+        return max(min(MIN_ADMIT, max_batch), min(max_batch, math.ceil(b - 1e-9)))
+
+
+class WorkerSpeed:
+    def __init__(self, window: int = WINDOW):
+        self._rows: deque[StepSums] = deque(maxlen=window)
+        self._model: StepModel | None = None
+        self._stale = False
+
+    def observe(self, sums: StepSums) -> None:
+        if sums.steps > 0 and sums.seconds > 0:
+            self._rows.append(sums)
+            self._stale = True
+
+    def model(self) -> StepModel | None:
+        if self._stale:
+            self._stale = False
+            self._model = fit(list(self._rows))
+        return self._model
+
+
+def fit(rows: list[StepSums]) -> StepModel | None:
+    if len(rows) < MIN_REPORTS:
+        return None
+    import numpy as np     # the scheduler's only numeric dependency; imported where it is used
+
+    a = np.array([[r.steps, r.seqs, r.prefill_tokens, r.context_tokens] for r in rows], dtype=float)
+    y = np.array([r.seconds for r in rows])
+    active = [i for i in range(4) if a[:, i].any()]
+    while active:
+        sub = a[:, active]
+        scale = np.abs(sub).max(axis=0)
+        if np.linalg.cond(sub / scale) > MAX_CONDITION:
+            return None
+        coef = np.linalg.lstsq(sub / scale, y, rcond=None)[0] / scale
+        if (coef >= 0).all():
+            break
+        active.pop(int(np.argmin(coef)))      # a negative constant: drop it, solve for the rest
+    else:
+        return None
+    if 0 not in active:
+        return None                           # no fixed part: the knee would be meaningless
+    full = dict(zip(active, coef))
+    return StepModel(*(float(full.get(i, 0.0)) for i in range(4)))

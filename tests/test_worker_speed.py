@@ -1,0 +1,76 @@
+"""The scheduler learns each worker's step-time model from its load reports and admits up to the throughput knee."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from services.scheduler.live_state import LiveState, WorkerState
+from services.scheduler.worker_speed import StepModel, StepSums, WorkerSpeed, fit
+
+TRUE = StepModel(base_s=0.005, per_seq_s=1e-5, per_prefill_token_s=3e-5, per_context_token_s=2.5e-8)
+
+
+def reports(model: StepModel, n: int, seed: int = 0, noise: float = 0.02) -> list[StepSums]:
+    """Reports of a few steps each, of varied make-up, timed by `model` with a little noise."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        steps = rng.randint(1, 20)
+        seqs, prefill, context, seconds = 0, 0, 0, 0.0
+        for _ in range(steps):
+            b, p = rng.randint(1, 128), rng.choice([0, 0, 0, rng.randint(2, 2000)])
+            c = b * rng.randint(50, 2000)
+            seqs, prefill, context = seqs + b, prefill + p, context + c
+            seconds += model.step(b, p, c) * (1 + rng.uniform(-noise, noise))
+        out.append(StepSums(steps, seconds, seqs, prefill, context))
+    return out
+
+
+def test_fit_recovers_the_step_model_from_summed_reports():
+    got = fit(reports(TRUE, 64))
+    assert got is not None
+    assert got.base_s == pytest.approx(TRUE.base_s, rel=0.1)
+    for shape in ((1, 0, 500), (64, 0, 64 * 1000), (256, 0, 256 * 2000), (8, 2000, 8 * 300)):
+        assert got.step(*shape) == pytest.approx(TRUE.step(*shape), rel=0.05), shape
+
+
+def test_no_model_until_the_reports_separate_the_constants():
+    same = [StepSums(10, 0.1, 640, 0, 64_000)] * 30          # every report alike: base and per-seq inseparable
+    assert fit(same) is None
+    assert fit(reports(TRUE, 5)) is None                      # too few
+
+
+def test_knee_is_where_throughput_flattens():
+    # throughput B / (base + B k): with base 5 ms and k = 10 us + 25 ns x 1000 = 35 us per sequence,
+    # 95% of batch 256's throughput is reached at B = 0.95 * 256 * 5 / (5 + 256 * 0.035 * 0.05) = 223.2 -> 224
+    assert TRUE.knee(256, 1000, 0.95) == 224
+    slow_per_seq = StepModel(0.005, 2e-3, 0, 0)               # per-sequence work dominates: throughput flat early
+    assert slow_per_seq.knee(256, 0, 0.95) == 40              # 0.95 * 256 * 5 / (5 + 256 * 2 * 0.05) = 39.7
+    assert StepModel(0, 1e-3, 0, 0).knee(64, 0, 0.9) == 64    # no fixed cost: nothing to learn, keep max batch
+
+
+def test_live_state_admits_up_to_the_knee_once_it_knows_the_worker():
+    state: LiveState = LiveState(knee_share=0.8)
+    state.add_worker(WorkerState("w", block_size=16, num_blocks=1000, max_batch=128))
+    assert state.snapshot(0, []).workers[0].max_batch == 128  # nothing learned yet
+    slow = StepModel(0.005, 1e-3, 0, 0)
+    for r in reports(slow, 16):
+        state.load_report("w", 0, False, r, mean_context=100)
+    assert state.snapshot(0, []).workers[0].max_batch == slow.knee(128, 100, 0.8) < 128
+    off: LiveState = LiveState(knee_share=0.0)
+    off.add_worker(WorkerState("w", block_size=16, num_blocks=1000, max_batch=128))
+    for r in reports(slow, 16):
+        off.load_report("w", 0, False, r, mean_context=100)
+    assert off.snapshot(0, []).workers[0].max_batch == 128
+
+
+def test_worker_speed_refits_only_on_new_reports():
+    speed = WorkerSpeed(window=16)
+    assert speed.model() is None
+    for r in reports(TRUE, 16):
+        speed.observe(r)
+    first = speed.model()
+    assert first is not None and speed.model() is first
+    speed.observe(StepSums(0, 0.0, 0, 0, 0))                  # an empty report changes nothing
+    assert speed.model() is first
