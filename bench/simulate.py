@@ -48,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--knee-share", type=float, default=SchedulerConfig.knee_share,
                    help="admit up to the batch within this share of max throughput (0 = up to max batch)")
     p.add_argument("--max-preemptions", type=int, default=SchedulerConfig.max_preemptions)
+    p.add_argument("--aging-s", type=float, default=SchedulerConfig.aging_s,
+                   help="alise: waiting this long makes a job's predicted work count e times less")
     p.add_argument("--max-tokens", type=int, default=4096, help="max_tokens of every request")
     p.add_argument("--predictor", type=PredictorKind, choices=list(PredictorKind), default=PredictorKind.NOISY)
     noise = p.add_mutually_exclusive_group()
@@ -105,7 +107,7 @@ def simulate_sweep(a: argparse.Namespace) -> list[Run]:
             cfg = SimConfig(policy=policy, cost=cost, workers=a.workers, worker=spec, preempt_mode=a.preempt_mode,
                             max_tokens=a.max_tokens, predictor=SimPredictor(predictor.kind, predictor.sigma, seed=a.seed),
                             reconsider_s=a.reconsider_s, tick_s=a.tick_s, knee_share=a.knee_share,
-                            max_preemptions=a.max_preemptions)
+                            max_preemptions=a.max_preemptions, aging_s=a.aging_s)
             started = time.perf_counter()
             results, duration, decisions = simulate(cfg, requests)
             wall = time.perf_counter() - started

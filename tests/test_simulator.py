@@ -81,3 +81,21 @@ def test_noise_for_a_target_kendall_tau():
     from bench.simulator.predictions import kendall_tau
     tau = kendall_tau([pred.predict(n).mean for n in lengths], lengths)
     assert abs(tau - 0.5) < 0.05
+
+
+def test_aging_bounds_how_long_a_flood_of_short_jobs_can_hold_back_a_long_one():
+    """One long job (200 tokens) against short ones (2 tokens) arriving faster than one worker serves them, for
+    100 s. Without aging the long job waits for the whole flood; with it, only jobs arriving within
+    aging_s * ln(R_long / R_short) seconds of it (~22 s with the default time model) may overtake it."""
+    reqs = [SimRequest(0.0, 10, 200)] + [SimRequest(0.01 + 0.15 * i, 10, 2) for i in range(667)]
+
+    def long_e2e(aging_s: float) -> float:
+        cfg = SimConfig(policy="oracle", cost=IterationCost(base_s=0.1), worker=WorkerSpec(max_batch=1, num_blocks=100),
+                        predictor=SimPredictor(PredictorKind.ORACLE), reconsider_s=0.0, aging_s=aging_s)
+        results, _, _ = simulate(cfg, reqs)
+        return results[0].e2e_s
+
+    unbounded, bounded = long_e2e(1e9), long_e2e(5.0)
+    assert unbounded > 120.0                      # starved until the flood is over
+    # ~22 s of overtaking arrivals take ~30 s to serve (they come faster than they are served), plus its own 20 s
+    assert bounded < 60.0, bounded

@@ -62,6 +62,7 @@ class SimConfig:
     tick_s: float = 0.0               # 0: decide at every event; > 0: at most once per tick (faster, coarser)
     knee_share: float = SchedulerConfig.knee_share       # admission by the throughput knee, as live; 0 = off
     max_preemptions: int = SchedulerConfig.max_preemptions
+    aging_s: float = SchedulerConfig.aging_s
 
     def __post_init__(self) -> None:
         if self.policy not in SIM_POLICIES:
@@ -125,7 +126,8 @@ class _Worker:
 class Simulation:
     def __init__(self, cfg: SimConfig, requests: list[SimRequest]):
         self.cfg = cfg
-        self.policy = make_policy("alise" if cfg.policy == ORACLE else cfg.policy, max_preemptions=cfg.max_preemptions)
+        self.policy = make_policy("alise" if cfg.policy == ORACLE else cfg.policy, max_preemptions=cfg.max_preemptions,
+                                  aging_s=cfg.aging_s)
         self.predictor = SimPredictor(PredictorKind.ORACLE) if cfg.policy == ORACLE else cfg.predictor
         self.exec_model = ExecTimeModel()
         self.state: LiveState[None] = LiveState(knee_share=cfg.knee_share)

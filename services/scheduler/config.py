@@ -29,7 +29,8 @@ class SchedulerConfig:
     policy: str = "alise"
     preempt_mode: str = "recompute"             # or "swap"
     max_preemptions: int = 2                    # alise: a job is preempted at most this many times
-    knee_share: float = 0.95                    # admit up to the batch within this share of max throughput; 0 = off
+    aging_s: float = 5.0                        # alise: waiting this long makes predicted work count e times less
+    knee_share: float = 0.99                    # admit up to the batch within this share of max throughput; 0 = off
     max_tokens_cap: int = 2048
     default_max_tokens: int = 256
     prior_output_tokens: float = 128.0          # used when the predictor is unreachable

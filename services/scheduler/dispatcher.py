@@ -42,7 +42,7 @@ class Dispatcher:
         self.store = store
         self.predictor = predictor
         self.hub = hub
-        self.policy = make_policy(cfg.policy, max_preemptions=cfg.max_preemptions)
+        self.policy = make_policy(cfg.policy, max_preemptions=cfg.max_preemptions, aging_s=cfg.aging_s)
         self.cost = ExecTimeModel()
         self.sessions: dict[str, WorkerSession] = {}
         self.state: LiveState[JobRecord] = LiveState(knee_share=cfg.knee_share)

@@ -1,9 +1,11 @@
 """ALISE: shortest predicted remaining time first, preemptive, with aging, inside priority classes.
 
-Queue score = remaining_seconds - aging * (now - created). Because `now` is common to every job, ordering
-by remaining_seconds + aging * created is the same order, and that score never needs updating while a
-job waits: a job is never overtaken by one that arrives more than (its remaining time - the newcomer's) / aging
-seconds after it.
+Queue order: remaining_seconds * exp(-(now - created) / aging_s), lowest first: a job's predicted work counts
+e times less for every aging_s seconds it has waited. `now` is common to every job, so ordering by
+ln(remaining_seconds) + created / aging_s is the same order, and that score never changes while a job waits.
+The bound it gives is relative, so it holds whatever the scale of the time model: a job is overtaken only by
+jobs that are shorter by a factor exp(d / aging_s), d being how much later they arrived; e.g. with aging_s =
+5, a job that arrives 11.5 s later must be 10x shorter, one that arrives 23 s later 100x shorter.
 
 Preemption only where it pays. When the best waiting job fits nowhere, a running job (the victim) on a full
 worker is preempted only if all of these hold:
@@ -12,14 +14,17 @@ worker is preempted only if all of these hold:
 - the victim would take `preempt_ratio` times longer than the waiting job, and is not near its own end (at
   least `near_end_tokens` predicted tokens left);
 - the wait it saves pays for it: without a preemption the waiting job would get the worker's first slot to
-  free up, so the saving is the shortest remaining time among that worker's running jobs, and it must exceed
-  `preempt_margin` times the victim's preemption cost (recomputing its context, from the time model). In a
-  large batch some job finishes soon, so preemption is rare there; with a few long jobs it pays;
+  free up, so the saving is the shortest remaining time among that worker's running jobs. Recomputing the
+  victim's context later lengthens that step for every job in the batch, so the cost is the recompute time
+  (from the time model) times the batch size; the saving must exceed `preempt_margin` times it. In a large
+  batch some job finishes soon and a recompute delays many, so preemption is rare there; with a few long
+  jobs it pays;
 - the victim has been preempted fewer than `max_preemptions` times.
 One preemption per worker is in flight at a time; the longest qualifying victim goes first.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from services.scheduler.exec_time import ExecTimeModel
@@ -29,7 +34,7 @@ from services.scheduler.policies.base import (PRIORITY_CLASS_SPAN, SCORE_EPOCH, 
 
 @dataclass
 class AlisePolicy:
-    aging: float = 0.05            # seconds of predicted work forgiven per second waited
+    aging_s: float = 5.0           # waiting this long makes a job's predicted work count e times less
     preempt_ratio: float = 4.0     # preempt only when the running job is this many times longer
     preempt_margin: float = 2.0    # ... and the wait saved is this many times the victim's preemption cost
     max_preemptions: int = 2       # ... and it was preempted fewer times than this
@@ -38,8 +43,9 @@ class AlisePolicy:
     preemptive: bool = True
 
     def queue_score(self, job: JobView, cost: ExecTimeModel) -> float:
-        base = job.remaining_seconds(cost) if job.predicted else 0.0   # unpredicted: arrival order
-        return -job.priority * PRIORITY_CLASS_SPAN + base + self.aging * (job.created - SCORE_EPOCH)
+        # unpredicted: the same work for every job, so arrival order
+        work = job.remaining_seconds(cost) if job.predicted else 1.0
+        return -job.priority * PRIORITY_CLASS_SPAN + math.log(max(work, 1e-6)) + (job.created - SCORE_EPOCH) / self.aging_s
 
     def plan(self, snap: Snapshot, cost: ExecTimeModel) -> Plan:
         placement = Placement.greedy(snap)
@@ -70,6 +76,6 @@ class AlisePolicy:
             for s, job in left:
                 if (s > best_s and job.predicted and job.priority <= waiting.priority
                         and job.preemptions < self.max_preemptions and job.remaining_tokens >= self.near_end_tokens
-                        and saving > self.preempt_margin * cost.preemption(job.prompt_len + job.generated)):
+                        and saving > self.preempt_margin * len(left) * cost.preemption(job.prompt_len + job.generated)):
                     best, best_s = (job, w), s
         return best
