@@ -61,7 +61,10 @@ def one_run(a: argparse.Namespace, policy: str, rate: float, prime, measured, pe
                             ignore_eos=a.ignore_eos, label=f"prime-{label}", progress=False))
         results, duration = asyncio.run(run(measured, target, rate=rate, burstiness=a.burstiness, seed=a.seed,
                                             max_concurrency=a.max_concurrency, ignore_eos=a.ignore_eos, label=label))
-        workers = asyncio.run(worker_loads(target))     # what the scheduler learned of them (the simulator's cost)
+        try:
+            workers = asyncio.run(worker_loads(target))  # what the scheduler learned of them (the simulator's cost)
+        except Exception as e:  # noqa: BLE001 - the run's results matter more than this extra
+            workers = [{"error": repr(e)}]
     finally:
         stack.stop()
     summary = summarize(results, duration, percentiles)

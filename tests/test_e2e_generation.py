@@ -272,3 +272,19 @@ def test_cli_streams_and_prints_json(stack):
     plain = subprocess.run([sys.executable, "-m", "client.cli", "--address", "10.255.255.1:1", "--api-key", "k", "info"],
                            capture_output=True, text=True, timeout=60)
     assert plain.returncode == 2 and "plaintext" in plain.stderr             # an API key never goes out in clear
+
+
+def test_scheduler_learns_each_workers_step_model_from_its_load_reports(stub):
+    """Workers report their steps' time and make-up; the scheduler fits a step model per worker and sets the
+    worker's admission limit from it (the throughput knee), both visible in GetLoad."""
+    threads = [generate_in_background(stub, request(f"Write about the number {i}.", max_tokens=24 + 8 * i,
+                                                     ignore_eos=True))[0] for i in range(4)]
+    for t in threads:
+        t.join(300)
+
+    def learned():
+        w = stub.GetLoad(pb.LoadRequest()).workers[0]
+        return w if w.HasField("step_model") else None
+
+    w = wait_until(learned, 120)
+    assert w.step_model.base_s > 0 and 1 <= w.admit_limit <= w.max_batch

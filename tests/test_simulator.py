@@ -70,7 +70,8 @@ def test_every_job_finishes_once_and_the_kv_pool_ends_empty():
             assert [r.index for r in results] == list(range(len(reqs)))
             assert all(r.output_tokens == reqs[r.index].output_len for r in results)
             assert not sim.jobs and not sim.queue and sim.state.running() == 0
-            assert all(not w.running and not w.host_kv and w.used_blocks == 0 for w in sim.workers.values())
+            assert all(not w.running and not w.waiting and not w.host_kv and w.used_blocks == 0
+                       for w in sim.workers.values())
 
 
 def test_noise_for_a_target_kendall_tau():

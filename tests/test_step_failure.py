@@ -112,3 +112,28 @@ async def test_scheduler_requeues_jobs_of_a_failed_step_then_fails_a_repeat_offe
     done = await asyncio.wait_for(events.get(), 5)
     assert chunk.response.chunk.token_ids == [7] and chunk.first_token == 0
     assert done.response.complete.finish_reason == pb.FINISH_REASON_ERROR      # the client hears about it
+
+
+async def test_a_preemption_reported_after_an_abort_leaves_nothing_behind(dispatcher):
+    """Regression: a `preempted` report racing an abort used to bring the ended job back into the scheduler's
+    memory (and count a preemption) for good."""
+    d = dispatcher
+    session = WorkerSession("w1", d.cfg.model_name, block_size=16, num_blocks=100, max_batch=4, max_model_len=2048)
+    assert await d.worker_joined(session)
+    assert await d.submit(valid_request("a"), Tenant("t", "0" * 64))
+    await d.tick()
+    assert next_assign(session) == {"t/a"}
+    assert (await d.abort("t/a"))[0]
+    await d.on_worker_message(session, wpb.WorkerMessage(preempted=wpb.JobPreempted(
+        job_id="t/a", mode=wpb.PREEMPT_MODE_SWAP)))
+    assert not d.state.knows("t/a") and not d.state.workers["w1"].jobs
+    assert (await d.store.state("t/a")).status == "aborted"
+
+
+async def test_a_second_session_with_a_connected_workers_id_is_refused(dispatcher):
+    d = dispatcher
+    first = WorkerSession("w1", d.cfg.model_name, block_size=16, num_blocks=100, max_batch=4, max_model_len=2048)
+    second = WorkerSession("w1", d.cfg.model_name, block_size=16, num_blocks=100, max_batch=4, max_model_len=2048)
+    assert await d.worker_joined(first)
+    assert not await d.worker_joined(second)
+    assert d.sessions["w1"] is first

@@ -56,12 +56,12 @@ def test_live_state_admits_up_to_the_knee_once_it_knows_the_worker():
     assert state.snapshot(0, []).workers[0].max_batch == 128  # nothing learned yet
     slow = StepModel(0.005, 1e-3, 0, 0)
     for r in reports(slow, 16):
-        state.load_report("w", 0, False, r, mean_context=100)
+        state.load_report("w", 0, False, [r], mean_context=100)
     assert state.snapshot(0, []).workers[0].max_batch == slow.knee(128, 100, 0.8) < 128
     off: LiveState = LiveState(knee_share=0.0)
     off.add_worker(WorkerState("w", block_size=16, num_blocks=1000, max_batch=128))
     for r in reports(slow, 16):
-        off.load_report("w", 0, False, r, mean_context=100)
+        off.load_report("w", 0, False, [r], mean_context=100)
     assert off.snapshot(0, []).workers[0].max_batch == 128
 
 

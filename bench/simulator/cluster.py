@@ -28,6 +28,7 @@ from services.scheduler.policies import POLICIES, make_policy
 from services.scheduler.worker_speed import StepSums
 
 QUEUE_LOOKAHEAD = 256                 # as the live dispatcher: the policy sees the queue's head
+STEP_SAMPLES = 64                     # steps per load report, as a worker sends them (worker/engine_loop.py)
 PREEMPT_MODES = ("recompute", "swap")
 ORACLE = "oracle"                     # alise with true lengths for predictions: the ceiling
 SIM_POLICIES = (*POLICIES, ORACLE)
@@ -39,6 +40,10 @@ class SimRequest:
     prompt_len: int
     output_len: int                   # true length: the job stops there (EOS) unless max_tokens comes first
     priority: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prompt_len < 1 or self.output_len < 1:
+            raise ValueError(f"a request needs a prompt and an output of at least one token, got {self}")
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,7 @@ class _Worker:
     wid: str
     spec: WorkerSpec
     running: list[_Job] = field(default_factory=list)
+    waiting: list[_Job] = field(default_factory=list)      # put back by the engine itself when KV ran out
     to_preempt: set[str] = field(default_factory=set)     # asked by the scheduler, applied between iterations
     host_kv: dict[str, int] = field(default_factory=dict)  # swapped-out jobs: tokens of KV held in host memory
     decodes: list[_Job] = field(default_factory=list)               # this iteration: one token each
@@ -108,11 +114,11 @@ class _Worker:
     busy: bool = False
     extra_s: float = 0.0              # swap time to add to the next iteration
     used_blocks: int = 0              # KV blocks of the running jobs (prompt + generated + the next token)
-    sums: list[float] = field(default_factory=lambda: [0, 0.0, 0, 0, 0])   # steps since the last report (StepSums)
+    steps: list[StepSums] = field(default_factory=list)   # recent steps for the next load report, as a worker sends
 
-    def report(self) -> StepSums:
-        sums, self.sums = self.sums, [0, 0.0, 0, 0, 0]
-        return StepSums(*sums)
+    def report(self) -> list[StepSums]:
+        steps, self.steps = self.steps[-STEP_SAMPLES:], []
+        return steps
 
     def admit(self, job: _Job) -> None:
         self.running.append(job)
@@ -221,7 +227,7 @@ class Simulation:
             self.workers[wid].to_preempt.add(job_id)
         for job_id, wid in plan.assign:
             self._assign(self.jobs[job_id], self.workers[wid])
-        for wid in {wid for _, wid in plan.assign}:     # an idle worker starts with everything it was given
+        for wid in dict.fromkeys(wid for _, wid in plan.assign):   # an idle worker starts with all it was given
             if not self.workers[wid].busy:
                 self._start_step(self.workers[wid])
         if self.queue and self.cfg.reconsider_s > 0:
@@ -242,11 +248,19 @@ class Simulation:
 
     # -- the workers -------------------------------------------------------------------------------
     def _start_step(self, w: _Worker) -> None:
-        for job in [j for j in w.running if j.job_id in w.to_preempt]:
+        for job in [j for j in w.running + w.waiting if j.job_id in w.to_preempt]:
             self._preempt(w, job, self.cfg.preempt_mode)
         w.to_preempt.clear()
-        while w.running and w.used_blocks > w.spec.num_blocks:
-            self._preempt(w, w.running[-1], "recompute")            # out of KV: the newest job goes back
+        # Out of KV, the engine itself puts its newest job back in its own waiting line (recompute), as vLLM does;
+        # the scheduler is not told (it still counts the job as running there). They rejoin when blocks free up.
+        while w.waiting and w.used_blocks + w.waiting[0].blocks(w.spec.block_size) <= w.spec.num_blocks:
+            w.admit(w.waiting.pop(0))
+        while len(w.running) > 1 and w.used_blocks > w.spec.num_blocks:
+            job = w.running[-1]
+            w.release(job)
+            job.computed = 0
+            job.preemptions += 1
+            w.waiting.insert(0, job)
         if not w.running:
             w.busy = False
             return
@@ -267,12 +281,9 @@ class Simulation:
         w.decodes, w.prefills, w.busy = decodes, prefills, True
         duration = self.cfg.cost.step(len(decodes) + len(prefills), prefill, context) + w.extra_s
         w.extra_s = 0.0
-        sums = w.sums
-        sums[0] += 1
-        sums[1] += duration
-        sums[2] += len(decodes) + len(prefills)
-        sums[3] += prefill
-        sums[4] += context
+        w.steps.append(StepSums(1, duration, len(decodes) + len(prefills), prefill, context))
+        if len(w.steps) > 2 * STEP_SAMPLES:
+            del w.steps[:-STEP_SAMPLES]
         self._push(self.now + duration, _Event.STEP_END, w)
 
     def _step_end(self, w: _Worker) -> None:
@@ -303,7 +314,10 @@ class Simulation:
         self._start_step(w)
 
     def _preempt(self, w: _Worker, job: _Job, mode: str) -> None:
-        w.release(job)
+        if job in w.waiting:
+            w.waiting.remove(job)          # put back by the engine: holds no blocks
+        else:
+            w.release(job)
         job.preemptions += 1
         if mode == "swap":
             w.host_kv[job.job_id] = job.computed

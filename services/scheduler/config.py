@@ -47,6 +47,8 @@ class SchedulerConfig:
             raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
         if not 0 <= self.knee_share < 1:
             raise ValueError("knee_share must be in [0, 1)")
+        if self.aging_s <= 0:
+            raise ValueError("aging_s must be > 0")
         if self.max_preemptions < 0:
             raise ValueError("max_preemptions must be >= 0")
         if self.preempt_mode not in ("recompute", "swap"):

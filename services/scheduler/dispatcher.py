@@ -120,10 +120,11 @@ class Dispatcher:
     async def _assign(self, job_id: str, s: WorkerSession) -> None:
         if not await self.store.claim(job_id, s.worker_id):
             return                                       # aborted or taken meanwhile
-        rec = self.state.payload(job_id)
         tokens, text = await self.store.output(job_id)
+        if (rec := self.state.payload(job_id)) is None:
+            return                                       # aborted while we awaited Redis: abort() told the worker
         self.state.set_generated(job_id, len(tokens))
-        if rec is None or self.sessions.get(s.worker_id) is not s:   # the worker left while we awaited Redis
+        if self.sessions.get(s.worker_id) is not s:      # the worker left while we awaited Redis
             await self._requeue(job_id, s.worker_id, swapped=False)
             return
         # no await from here on: worker_lost() either ran before (caught above) or will see this job
@@ -143,25 +144,34 @@ class Dispatcher:
 
     async def _requeue(self, job_id: str, worker_id: str, swapped: bool, preempted: bool = False) -> None:
         self.state.left_worker(job_id, worker_id)
+        if preempted and not self.state.knows(job_id):
+            return                 # it ended (aborted) after we asked for the preemption: nothing to requeue
         if await self._record(job_id) is None:
             return
-        if preempted:
-            self.state.preempted(job_id, worker_id, swapped)
         score = self.policy.queue_score(self.state.view(job_id), self.cost)
-        await self.store.requeue(job_id, worker_id, score, self.state.swapped_on(job_id))
+        if not await self.store.requeue(job_id, worker_id, score, worker_id if swapped else ""):
+            if (st := await self.store.state(job_id)) is None or st.status in FINAL_STATUSES:
+                self.state.forget(job_id)        # it ended meanwhile: nothing left to remember
+            return
+        if preempted:
+            self.state.preempted(job_id, worker_id, swapped)    # counted, and its host copy remembered
 
     # -- worker sessions -------------------------------------------------------------------------
-    async def worker_joined(self, s: WorkerSession) -> None:
+    async def worker_joined(self, s: WorkerSession) -> bool:
+        """Register the session; False if another session took its worker id while we awaited Redis."""
         # A (re)connecting worker holds no jobs: whatever Redis still records on its id (a session lost
         # while Redis was away) goes back to the queue before the new session can take work.
         for job_id in await self.store.worker_job_ids(s.worker_id):
             await self._requeue(job_id, s.worker_id, swapped=False)
         await self.store.register_worker(s.worker_id, {"model": s.model, "num_blocks": str(s.num_blocks),
                                                        "max_batch": str(s.max_batch)}, self.cfg.worker_ttl_s)
+        if s.worker_id in self.sessions:
+            return False
         self.sessions[s.worker_id] = s
         self.state.add_worker(WorkerState(s.worker_id, s.block_size, s.num_blocks, s.max_batch))
         log.info("worker %s joined (%d blocks of %d, batch %d)", s.worker_id, s.num_blocks, s.block_size, s.max_batch)
         self.wake()
+        return True
 
     async def worker_lost(self, s: WorkerSession) -> None:
         if self.sessions.get(s.worker_id) is not s:
@@ -207,10 +217,9 @@ class Dispatcher:
             await self._on_step_failed(s, msg.step_failed)
         elif kind == "load":
             s.load = ld = msg.load
-            t = ld.steps
             self.state.load_report(s.worker_id, ld.used_blocks, ld.draining,
-                                   StepSums(t.steps, t.seconds, t.seqs, t.prefill_tokens, t.context_tokens),
-                                   ld.running_tokens / ld.running if ld.running else 0.0)
+                                   [StepSums(t.steps, t.seconds, t.seqs, t.prefill_tokens, t.context_tokens)
+                                    for t in ld.steps], ld.running_tokens / ld.running if ld.running else 0.0)
             await self.store.heartbeat(s.worker_id, self.cfg.worker_ttl_s)
         self.wake()
 

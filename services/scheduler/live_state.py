@@ -123,6 +123,8 @@ class LiveState(Generic[R]):
 
     # -- workers ---------------------------------------------------------------------------------
     def add_worker(self, worker: WorkerState) -> None:
+        if worker.worker_id in self.workers:
+            raise ValueError(f"worker {worker.worker_id!r} is already tracked")
         self.workers[worker.worker_id] = worker
 
     def remove_worker(self, worker_id: str) -> list[str]:
@@ -133,17 +135,18 @@ class LiveState(Generic[R]):
                 job.swapped_on = ""
         return list(worker.jobs) if worker else []
 
-    def load_report(self, worker_id: str, used_blocks: int, draining: bool, steps: StepSums | None = None,
+    def load_report(self, worker_id: str, used_blocks: int, draining: bool, steps: list[StepSums] = (),
                     mean_context: float = 0.0) -> None:
         """What the worker reported: KV in use, draining, and the steps it ran since its last report, which refit
         its speed and so its admission limit (at the knee for the running jobs' mean context)."""
         if (w := self.workers.get(worker_id)) is None:
             return
         w.used_blocks, w.reserved_blocks, w.draining = used_blocks, 0, draining
-        if steps is not None:
-            w.speed.observe(steps)
-        if self.knee_share > 0 and (model := w.speed.model()) is not None:
-            w.admit_limit = model.knee(w.max_batch, mean_context, self.knee_share)
+        for row in steps:
+            w.speed.observe(row)
+        if self.knee_share > 0:
+            model = w.speed.model()            # none while the reports cannot tell its constants apart
+            w.admit_limit = model.knee(w.max_batch, mean_context, self.knee_share) if model else w.max_batch
 
     # -- placement ---------------------------------------------------------------------------------
     def placed(self, job_id: str, worker_id: str) -> str:

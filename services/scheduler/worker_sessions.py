@@ -69,7 +69,9 @@ class WorkerGateway(wpb_grpc.WorkerGatewayServicer):
         try:
             # inside the try: if registering fails (Redis away), the session is dropped again, never left
             # behind as a ghost that keeps the real worker out
-            await self.d.worker_joined(session)
+            if not await self.d.worker_joined(session):
+                session.error = f"register.worker_id: {session.worker_id!r} is already connected"
+                return
             reader = asyncio.create_task(self._read(session, request_iterator))
             while (cmd := await session.outbox.get()) is not _CLOSE:
                 yield cmd

@@ -2,9 +2,10 @@
 
     step seconds ~ base + per_seq * sequences + per_prefill_token * prefill tokens + per_context_token * context read
 
-A load report carries the sums over the steps since the previous report: one linear equation in the four
-constants. The last WINDOW equations are solved by least squares (numpy), with every constant kept >= 0 (a
-negative one is dropped and the rest solved again). While the reports cannot tell the constants apart (every
+A load report carries the worker's recent steps one by one (a row may also sum several steps): each is one
+linear equation in the four constants. Single steps vary in size as jobs join, leave and prefill, which is what
+tells the terms apart (sums over many steps blur it). The last WINDOW rows are solved by least squares (numpy),
+with every constant kept >= 0 (a negative one is dropped and the rest solved again). While the reports cannot tell the constants apart (every
 step the same size, too few reports), there is no model and admission uses the worker's max batch.
 
 The knee. A batch of B decoding sequences with mean context c takes base + B * k seconds per step, with
@@ -19,7 +20,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-WINDOW = 64            # reports the model is fitted to
+WINDOW = 512           # step rows the model is fitted to
 MIN_REPORTS = 8
 MAX_CONDITION = 1e6    # of the scaled design matrix: beyond it the reports do not separate the constants
 MIN_ADMIT = 4          # never admit fewer than this many sequences (a noisy fit must not starve a worker)
@@ -27,7 +28,7 @@ MIN_ADMIT = 4          # never admit fewer than this many sequences (a noisy fit
 
 @dataclass(frozen=True)
 class StepSums:
-    """Steps since the previous load report, summed."""
+    """One engine step (steps = 1), or several summed."""
     steps: int
     seconds: float
     seqs: int

@@ -66,6 +66,7 @@ class LaunchedStep:
     sampled: torch.Tensor         # [S] ids on the device: the next step's inputs for these sequences
     host: torch.Tensor            # [S] host copy, complete once `ready` has fired
     ready: object | None          # a torch.cuda.Event (None on CPU: already complete)
+    shape: StepShape | None = None
 
     def token_ids(self) -> list[int]:
         if self.ready is not None:
@@ -190,14 +191,16 @@ class Engine:
         self.num_preemptions += len(plan.preempted)
         launched = self._launch(plan) if not plan.empty else None
         out, self._settled = self._settled, StepOutput()
-        if self._in_flight is not None:                 # overlap: step N+1 is on the device, collect step N
-            self._collect(self._in_flight, out)
+        collected = self._in_flight
+        if collected is not None:                       # overlap: step N+1 is on the device, collect step N
+            self._collect(collected, out)
         self._in_flight = launched
         if launched is not None and not self.overlap:
             self._collect(launched, out)
-            self._in_flight = None
+            self._in_flight, collected = None, launched
         out.seconds = time.perf_counter() - started
-        out.shape = StepShape.of(plan.chunks) if launched is not None else None
+        # this call's time is mostly the wait for the step it collected: report that step's make-up with it
+        out.shape = collected.shape if collected is not None else None
         return out
 
     def flush(self) -> StepOutput:
@@ -233,8 +236,8 @@ class Engine:
             ready = torch.cuda.Event()
             host = tokens.to("cpu", non_blocking=True)      # pinned destination: the copy does not block
             ready.record()
-            return LaunchedStep(sampled, tokens, host, ready)
-        return LaunchedStep(sampled, tokens, tokens, None)
+            return LaunchedStep(sampled, tokens, host, ready, StepShape.of(plan.chunks))
+        return LaunchedStep(sampled, tokens, tokens, None, StepShape.of(plan.chunks))
 
     def _chunk(self, seq: Sequence, start: int, n: int) -> SeqChunk:
         wants_logits = start + n == seq.num_tokens

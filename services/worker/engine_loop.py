@@ -10,6 +10,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from functools import partial
 
 from alise.v1 import generate_pb2 as pb
@@ -22,6 +23,7 @@ from services.worker.token_batcher import TokenBatcher
 
 log = logging.getLogger("alise.worker.loop")
 PREEMPT_MODE_WIRE = {PreemptMode.SWAP: wpb.PREEMPT_MODE_SWAP, PreemptMode.RECOMPUTE: wpb.PREEMPT_MODE_RECOMPUTE}
+STEP_SAMPLES = 64    # steps sent per load report: single steps, whose sizes vary, tell the step model's terms apart
 RESET = "reset"     # the session ended: drop every job (the scheduler requeues them)
 FINISH_CODES = {Finish.STOP: pb.FINISH_REASON_STOP, Finish.LENGTH: pb.FINISH_REASON_LENGTH,
                 Finish.ABORTED: pb.FINISH_REASON_ABORTED}
@@ -65,7 +67,7 @@ class EngineLoop(threading.Thread):
         self._last_report: tuple | None = None
         self._last_report_at = 0.0
         self._step_seconds = 0.0
-        self._totals = wpb.StepTotals()      # steps since the last load report
+        self._steps: deque[wpb.StepTotals] = deque(maxlen=STEP_SAMPLES)   # recent steps, for the next load report
 
     # -- called from the asyncio side --------------------------------------------------------------
     def attach(self, loop: asyncio.AbstractEventLoop, outbox: asyncio.Queue) -> None:
@@ -172,12 +174,9 @@ class EngineLoop(threading.Thread):
             self._step_seconds = 0.8 * self._step_seconds + 0.2 * out.seconds if self._step_seconds else out.seconds
             metrics.STEP.observe(out.seconds)
             if out.shape is not None:
-                t = self._totals
-                t.steps += 1
-                t.seconds += out.seconds
-                t.seqs += out.shape.seqs
-                t.prefill_tokens += out.shape.prefill_tokens
-                t.context_tokens += out.shape.context_tokens
+                self._steps.append(wpb.StepTotals(steps=1, seconds=out.seconds, seqs=out.shape.seqs,
+                                                  prefill_tokens=out.shape.prefill_tokens,
+                                                  context_tokens=out.shape.context_tokens))
         metrics.GENERATED.inc(sum(len(d.token_ids) for d in out.deltas))
         self._send_tokens(self.batcher.step(out.deltas, {j for j, _ in out.finished}, len(self.engine.sched.running)))
         for job_id, finish in out.finished:
@@ -201,7 +200,8 @@ class EngineLoop(threading.Thread):
             return
         self._last_report, self._last_report_at = key, now
         metrics.observe_load(load)
-        steps, self._totals = self._totals, wpb.StepTotals()
+        steps = list(self._steps)
+        self._steps.clear()
         self._send(wpb.WorkerMessage(load=wpb.LoadReport(
             running=load.running, waiting=load.waiting, used_blocks=load.used_blocks,
             total_blocks=load.total_blocks, swapped_blocks=load.swapped_blocks,

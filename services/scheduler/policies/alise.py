@@ -43,8 +43,8 @@ class AlisePolicy:
     preemptive: bool = True
 
     def queue_score(self, job: JobView, cost: ExecTimeModel) -> float:
-        # unpredicted: the same work for every job, so arrival order
-        work = job.remaining_seconds(cost) if job.predicted else 1.0
+        # an unpredicted job carries the scheduler's prior as its prediction: ranked as that much work
+        work = job.remaining_seconds(cost)
         return -job.priority * PRIORITY_CLASS_SPAN + math.log(max(work, 1e-6)) + (job.created - SCORE_EPOCH) / self.aging_s
 
     def plan(self, snap: Snapshot, cost: ExecTimeModel) -> Plan:
@@ -52,6 +52,8 @@ class AlisePolicy:
         preempt: list[tuple[str, str]] = []
         open_workers = [w for w in snap.workers if not (w.preempting or w.draining)]
         for waiting in placement.unplaced:
+            if not waiting.predicted:
+                continue    # never preempt for a prior guess (see _victim); a later, predicted job may
             victim = self._victim(waiting, open_workers, cost)
             if victim is None:
                 break       # later jobs in the queue are longer: they would not preempt either
