@@ -158,13 +158,18 @@ async def _progress(done, total: int, started: float) -> None:
         await asyncio.sleep(1.0)
 
 
-def add_workload_arguments(p: argparse.ArgumentParser) -> None:
-    """What is sent and how: shared by `bench serve` and `bench sweep`."""
+def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
+    """Which requests: shared by `bench serve`, `sweep` and `simulate`."""
     p.add_argument("--dataset-name", type=Dataset, choices=list(Dataset), default=Dataset.SHAREGPT)
     p.add_argument("--dataset-path", type=Path, help="the dataset file (not needed for synthetic)")
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--input-len", type=int, default=256, help="synthetic: prompt tokens")
     p.add_argument("--output-len", type=int, default=128, help="synthetic: output tokens")
+
+
+def add_workload_arguments(p: argparse.ArgumentParser) -> None:
+    """What is sent and how: shared by `bench serve` and `bench sweep`."""
+    add_dataset_arguments(p)
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps (1 = Poisson)")
     p.add_argument("--max-concurrency", type=int, default=0, help="at most this many requests in flight (0 = no cap)")
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly the dataset's output length")

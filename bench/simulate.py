@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.serve import arrival_offsets, open_tokenizer
+from bench.serve import add_dataset_arguments, arrival_offsets, open_tokenizer
 from bench.serve_metrics import summarize
 from bench.simulator.cluster import PREEMPT_MODES, SIM_POLICIES, SimConfig, SimRequest, WorkerSpec, simulate
 from bench.simulator.cost import PRESETS, load_cost
@@ -28,11 +28,7 @@ from services.scheduler.config import SchedulerConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset-name", type=Dataset, choices=list(Dataset), default=Dataset.SHAREGPT)
-    p.add_argument("--dataset-path", type=Path, help="the dataset file (not needed for synthetic)")
-    p.add_argument("--num-prompts", type=int, default=1000)
-    p.add_argument("--input-len", type=int, default=256, help="synthetic: prompt tokens")
-    p.add_argument("--output-len", type=int, default=128, help="synthetic: output tokens")
+    add_dataset_arguments(p)
     p.add_argument("--tokenizer", help="tokenizer directory for text datasets (default: the local model)")
     p.add_argument("--rates", nargs="+", type=float, required=True, help="request rates (req/s); inf = all at once")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps (1 = Poisson)")

@@ -100,3 +100,18 @@ def test_aging_bounds_how_long_a_flood_of_short_jobs_can_hold_back_a_long_one():
     assert unbounded > 120.0                      # starved until the flood is over
     # ~22 s of overtaking arrivals take ~30 s to serve (they come faster than they are served), plus its own 20 s
     assert bounded < 60.0, bounded
+
+
+def test_the_cli_writes_each_runs_json_and_the_report(tmp_path):
+    import json
+
+    from bench.simulate import main
+
+    main(["--dataset-name", "synthetic", "--input-len", "32", "--output-len", "16", "--num-prompts", "50",
+          "--rates", "5", "inf", "--policies", "fcfs", "alise", "--cost", "cpu-smollm2", "--max-batch", "8",
+          "--out", str(tmp_path)])
+    for label in ("fcfs-r5", "fcfs-rinf", "alise-r5", "alise-rinf"):
+        summary = json.loads((tmp_path / f"{label}.json").read_text())
+        assert summary["completed"] == 50 and summary["simulated"]
+    assert "Simulation" in (tmp_path / "report.md").read_text()
+    assert list(tmp_path.glob("*.png"))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 WINDOW = 512           # step rows the model is fitted to
 MIN_REPORTS = 8
+REFIT_EVERY = 64       # new rows before the model is solved again (a solve costs ~0.3 ms; steps come ~100/s)
 MAX_CONDITION = 1e6    # of the scaled design matrix: beyond it the reports do not separate the constants
 MIN_ADMIT = 4          # never admit fewer than this many sequences (a noisy fit must not starve a worker)
 
@@ -60,16 +61,16 @@ class WorkerSpeed:
     def __init__(self, window: int = WINDOW):
         self._rows: deque[StepSums] = deque(maxlen=window)
         self._model: StepModel | None = None
-        self._stale = False
+        self._new = 0                 # rows since the last solve
 
     def observe(self, sums: StepSums) -> None:
         if sums.steps > 0 and sums.seconds > 0:
             self._rows.append(sums)
-            self._stale = True
+            self._new += 1
 
     def model(self) -> StepModel | None:
-        if self._stale:
-            self._stale = False
+        if self._new >= REFIT_EVERY or (self._model is None and self._new >= MIN_REPORTS):
+            self._new = 0
             self._model = fit(list(self._rows))
         return self._model
 
