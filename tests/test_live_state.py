@@ -36,12 +36,12 @@ def test_swapped_copy_is_remembered_and_dropped_with_its_worker():
     s.swapped_out("a", "w1")
     assert s.view("a").swapped_on == "w1"
     assert s.placed("a", "w2") == "w1"                     # resumed elsewhere: w1's stale copy must go
-    assert s.swapped_on("a") == ""
+    assert s.view("a").swapped_on == ""
     s.left_worker("a", "w2")
     s.swapped_out("a", "w2")
-    assert s.remove_worker("w2") == [] and s.swapped_on("a") == ""
+    assert s.remove_worker("w2") == [] and s.view("a").swapped_on == ""
     s.swapped_out("a", "w2")                               # a late report from a worker that left: ignored
-    assert s.swapped_on("a") == ""
+    assert s.view("a").swapped_on == ""
 
 
 def test_snapshot_keeps_queue_order_and_skips_unknown_jobs():

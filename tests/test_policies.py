@@ -28,8 +28,10 @@ def test_fcfs_orders_by_arrival_and_alise_and_sjf_by_predicted_work():
     assert ordered("fcfs", jobs) == ["long", "short", "mid"]
     assert ordered("alise", jobs) == ["short", "mid", "long"]
     assert ordered("sjf", jobs) == ["short", "mid", "long"]
-    unpredicted = [job("b", 5, created=2, predicted=False), job("a", 500, created=1, predicted=False)]
-    assert ordered("sjf", unpredicted) == ["a", "b"]                   # no predictions: arrival order
+    # unpredicted jobs all carry the same prior: among them, arrival order; against predicted ones, the prior's work
+    prior = [job("b", 128, created=2, predicted=False), job("a", 128, created=1, predicted=False)]
+    assert ordered("sjf", prior) == ["a", "b"]
+    assert ordered("sjf", prior + [job("short", 5, created=3)])[0] == "short"   # regression: prior jobs went first
 
 
 def test_priority_class_outranks_predicted_work():

@@ -97,20 +97,9 @@ class LiveState(Generic[R]):
         job = self._jobs.get(job_id)
         return job.payload if job else None
 
-    def facts(self, job_id: str) -> JobFacts:
-        return self._jobs[job_id].facts
-
-    def generated(self, job_id: str) -> int:
-        job = self._jobs.get(job_id)
-        return job.generated if job else 0
-
     def set_generated(self, job_id: str, count: int) -> None:
         if (job := self._jobs.get(job_id)) is not None:
             job.generated = count
-
-    def swapped_on(self, job_id: str) -> str:
-        job = self._jobs.get(job_id)
-        return job.swapped_on if job else ""
 
     def view(self, job_id: str, running: bool = False) -> JobView:
         # A waiting job's view stays valid across ticks (its tokens do not change while it waits): reuse it.

@@ -1,5 +1,6 @@
 """Shortest (predicted) job first, non-preemptive, inside priority classes: the baseline a predictor alone
-buys without preemption. Unpredicted jobs keep arrival order among themselves."""
+buys without preemption. An unpredicted job carries the scheduler's prior as its prediction (as in alise), so it
+ranks as that much work, not ahead of every predicted job."""
 from __future__ import annotations
 
 from services.scheduler.exec_time import ExecTimeModel
@@ -11,8 +12,7 @@ class SjfPolicy:
     preemptive = False
 
     def queue_score(self, job: JobView, cost: ExecTimeModel) -> float:
-        base = job.remaining_seconds(cost) if job.predicted else 0.0
-        return -job.priority * PRIORITY_CLASS_SPAN + base + 1e-9 * (job.created - SCORE_EPOCH)
+        return -job.priority * PRIORITY_CLASS_SPAN + job.remaining_seconds(cost) + 1e-9 * (job.created - SCORE_EPOCH)
 
     def plan(self, snap: Snapshot, cost: ExecTimeModel) -> Plan:
         return Plan(assign=tuple(Placement.greedy(snap).assign))
