@@ -6,7 +6,9 @@ bandwidth. Against it:
 - synced: `runner.forward` with a device sync around it (host preparation included, as engine_bench.py did);
 - gpu: the device time of the decode graph's replay alone (CUDA events);
 - served: the steady-state step of the overlapped engine decoding that batch (what a client sees per token).
-Then a torch.profiler trace of graph replays lists the kernels of one decode step by total time.
+A/B in the same run: "plain" is the graph of the cuBLAS path (separate norm / SiLU kernels) where the others
+run the skinny-GEMM layers (skinny_gemm.py). Then a torch.profiler trace of graph replays lists the kernels of
+one decode step by total time.
 
     python -m bench.decode_floor --out decode_floor.json
 """
@@ -118,10 +120,28 @@ def check_fused_rope_cache(runner, bm) -> dict:
             "v_equal": bool(torch.equal(out[True][2], out[False][2]))}
 
 
+def check_skinny_path(runner, bm, rows: int, batch: int = 8, ctx: int = 300) -> dict:
+    """Logits of one decode step through the skinny-GEMM layers against the plain (cuBLAS) layers, eager."""
+    seqs = [f"chk{i}" for i in range(batch)]
+    for s in seqs:
+        bm.grow(s, ctx)
+    chunks = [SeqChunk([17 + i], ctx - 1, bm.table(s), True) for i, s in enumerate(seqs)]
+    out = {}
+    for skinny in (0, rows):
+        runner.skinny_rows = skinny
+        with torch.inference_mode():
+            out[skinny] = runner.forward_decode(runner.prepare_decode(chunks)).clone()
+    for s in seqs:
+        bm.free(s)
+    plain, fused = out[0], out[rows]
+    return {"rows": rows, "logits_rel_err": ((fused - plain).abs().max() / plain.abs().max()).item(),
+            "argmax_agree": (fused.argmax(-1) == plain.argmax(-1)).float().mean().item()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("decode_floor.json"))
-    p.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32, 64])
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 8, 16, 32, 64])
     p.add_argument("--contexts", type=int, nargs="*", default=[512, 2048])
     p.add_argument("--profile-batches", type=int, nargs="*", default=[1, 64])
     a = p.parse_args()
@@ -135,30 +155,27 @@ def main() -> None:
     runner, bm = engine.runner, engine.blocks
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
     res = {"device": torch.cuda.get_device_name(), "copy_bw": ceil["copy_bw"], "rows": [], "kernels": {},
-           "fused_check": check_fused_rope_cache(runner, bm), "unfused_gpu_ms": {}}
+           "fused_check": check_fused_rope_cache(runner, bm), "plain_gpu_ms": {}}
     print("fused rotary + KV write against separate kernels:", res["fused_check"], flush=True)
-    runner.fuse_rope_cache = False                   # A/B: graph replay without the fused kernel, then with it
+    skinny_rows = runner.skinny_rows
+    res["skinny_check"] = check_skinny_path(runner, bm, skinny_rows)
+    print("skinny-GEMM decode against the plain path:", res["skinny_check"], flush=True)
+    runner.skinny_rows = 0                           # A/B: graph replay of the plain (cuBLAS) path, then skinny
     runner.graphs.capture()
     for ctx in a.contexts:
         for bsz in a.batches:
             for s in (seqs := [f"u{ctx}_{i}" for i in range(bsz)]):
                 bm.grow(s, ctx)
-            res["unfused_gpu_ms"][f"{ctx}x{bsz}"] = gpu_replay_ms(runner, [SeqChunk([1], ctx - 1, bm.table(s), True)
-                                                                           for s in seqs])
+            chunks = [SeqChunk([1], ctx - 1, bm.table(s), True) for s in seqs]
+            res["plain_gpu_ms"][f"{ctx}x{bsz}"] = gpu_replay_ms(runner, chunks)
+            if ctx == a.contexts[0] and bsz in a.profile_batches:
+                res["kernels"][f"plain {bsz}"] = kernel_breakdown(runner, chunks)
             for s in seqs:
                 bm.free(s)
-    if a.profile_batches:                            # the unfused step's kernels, at the first profiled batch
-        seqs = [f"k{i}" for i in range(a.profile_batches[0])]
-        for s in seqs:
-            bm.grow(s, a.contexts[0])
-        res["kernels"]["unfused"] = kernel_breakdown(runner, [SeqChunk([1], a.contexts[0] - 1, bm.table(s), True)
-                                                              for s in seqs])
-        for s in seqs:
-            bm.free(s)
-    runner.fuse_rope_cache = True
+    runner.skinny_rows = skinny_rows
     runner.graphs.capture()
-    print(f"{'ctx':>5} {'batch':>5} {'floor':>7} {'synced':>7} {'gpu':>7} {'served':>7} {'unfused':>7}   "
-          f"ratios synced/gpu/served/unfused-gpu")
+    print(f"{'ctx':>5} {'batch':>5} {'floor':>7} {'synced':>7} {'gpu':>7} {'served':>7} {'plain':>7}   "
+          f"ratios synced/gpu/served/plain-gpu")
     for ctx in a.contexts:
         for bsz in a.batches:
             seqs = [f"d{ctx}_{i}" for i in range(bsz)]
@@ -173,14 +190,14 @@ def main() -> None:
             for s in seqs:
                 bm.free(s)
             served = served_step_ms(engine, bsz, ctx)
-            unfused = res["unfused_gpu_ms"][f"{ctx}x{bsz}"]
+            plain = res["plain_gpu_ms"][f"{ctx}x{bsz}"]
             row = {"ctx": ctx, "batch": bsz, "floor_ms": floor, "synced_ms": synced, "gpu_ms": gpu, "served_ms": served,
-                   "unfused_gpu_ms": unfused}
+                   "plain_gpu_ms": plain}
             res["rows"].append(row)
-            print(f"{ctx:>5} {bsz:>5} {floor:7.3f} {synced:7.3f} {gpu:7.3f} {served:7.3f} {unfused:7.3f}   "
-                  f"{synced / floor:.3f} / {gpu / floor:.3f} / {served / floor:.3f} / {unfused / floor:.3f}", flush=True)
+            print(f"{ctx:>5} {bsz:>5} {floor:7.3f} {synced:7.3f} {gpu:7.3f} {served:7.3f} {plain:7.3f}   "
+                  f"{synced / floor:.3f} / {gpu / floor:.3f} / {served / floor:.3f} / {plain / floor:.3f}", flush=True)
     for bsz, k in res["kernels"].items():
-        print(f"\nbatch {bsz} (fused unless 'unfused'), ctx {a.contexts[0]}: {k['kernels_per_step']} kernels, {k['total_ms']:.3f} ms of kernel time")
+        print(f"\nbatch {bsz} (skinny unless 'plain'), ctx {a.contexts[0]}: {k['kernels_per_step']} kernels, {k['total_ms']:.3f} ms of kernel time")
         for name, ms, count in k["top"][:14]:
             print(f"  {ms:7.3f} ms  x{count:<6} {name}")
     a.out.write_text(json.dumps(res, indent=2))

@@ -24,6 +24,8 @@ from services.worker.attention import paged_decode
 from services.worker.fused_ops import fused_kernels_on, rmsnorm, rope_, rope_and_cache_, silu_mul
 from services.worker.host_copy import to_device
 from services.worker.kv_cache import PagedKVCache
+from services.worker import skinny_gemm
+from services.worker.skinny_gemm import Epilogue, skinny_gemm_fits, skinny_gemm_on, skinny_linear
 
 log = logging.getLogger("alise.worker.runner")
 PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -136,6 +138,18 @@ class ModelRunner:
         self.graphs = None          # a DecodeGraphs (cuda_graphs.py) when CUDA graphs are on
         # rotary embedding and the KV write in one kernel (fused_ops.rope_and_cache_): 3 fewer kernels a layer
         self.fuse_rope_cache = fused_kernels_on(self.device)
+        # decode batches up to this many rows run the skinny-GEMM layers (skinny_gemm.py); 0 = never
+        self.skinny_rows = skinny_gemm.MAX_ROWS if self._skinny_eligible() else 0
+
+    def _skinny_eligible(self) -> bool:
+        """CUDA, bf16 / fp16 (the fp32 model that is checked against transformers keeps cuBLAS's exact fp32; tl.dot
+        would use TF32), no biases (the kernels add none), inner sizes in whole tensor-core chunks."""
+        if not skinny_gemm_on(self.device) or self.qkv_w[0].element_size() != 2:
+            return False
+        biases = [*self.qkv_b, getattr(self.hf.lm_head, "bias", None)]
+        biases += [m.bias for layer in self.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
+        return all(b is None for b in biases) and skinny_gemm_fits(
+            self.hf.config.hidden_size, self.gate_up_w[0].shape[0] // 2, self.q_size)
 
     def release(self, seq_id: str) -> None:
         """A sequence left: nothing to do, its KV lives in pool blocks the BlockManager frees."""
@@ -224,8 +238,10 @@ class ModelRunner:
 
     def _qkv(self, i: int, x, cos, sin, slots):
         """Layer i's q, k, v for x, q and k rotated; k and v also written to the cache at `slots`."""
-        t = x.shape[0]
-        qkv = F.linear(x, self.qkv_w[i], self.qkv_b[i])
+        return self._rotate_and_cache(i, F.linear(x, self.qkv_w[i], self.qkv_b[i]), cos, sin, slots)
+
+    def _rotate_and_cache(self, i: int, qkv, cos, sin, slots):
+        t = qkv.shape[0]
         q = qkv[:, :self.q_size].view(t, self.num_heads, self.head_dim)
         k = qkv[:, self.q_size:self.q_size + self.kv_size].view(t, self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
@@ -253,6 +269,28 @@ class ModelRunner:
             mlp_out = layer.mlp.down_proj(silu_mul(F.linear(x, self.gate_up_w[i])))
             x, residual = rmsnorm(mlp_out, w[2 * i + 2], self.eps, residual)
         return x
+
+    def _layers_skinny(self, h, cos, sin, slots, attend) -> torch.Tensor:
+        """_layers then the logits, for a few rows: one kernel per projection, the norms, residual adds and SiLU
+        fused into them (skinny_gemm.py). sumsq[0] / [1]: rows' sums of squares of the residual stream after
+        attention / after the MLP; each is zeroed by the projection before the one that accumulates into it."""
+        w, eps = self.norm_weights, self.eps
+        sumsq = torch.empty(2, h.shape[0], dtype=torch.float32, device=h.device)
+        residual = h
+        for i, layer in enumerate(self.layers):
+            if i == 0:
+                qkv = skinny_linear(rmsnorm(h, w[0], eps)[0], self.qkv_w[0], zero=sumsq[0])
+            else:
+                qkv = skinny_linear(residual, self.qkv_w[i], sumsq_in=sumsq[1], norm_w=w[2 * i], eps=eps, zero=sumsq[0])
+            q, k, v = self._rotate_and_cache(i, qkv, cos, sin, slots)
+            residual = skinny_linear(attend(i, q, k, v).reshape(h.shape[0], -1), layer.self_attn.o_proj.weight,
+                                     epilogue=Epilogue.RESIDUAL, residual=residual, sumsq_out=sumsq[0])
+            act = skinny_linear(residual, self.gate_up_w[i], epilogue=Epilogue.SILU_MUL, sumsq_in=sumsq[0],
+                                norm_w=w[2 * i + 1], eps=eps, zero=sumsq[1])
+            residual = skinny_linear(act, layer.mlp.down_proj.weight, epilogue=Epilogue.RESIDUAL, residual=residual,
+                                     sumsq_out=sumsq[1])
+        return skinny_linear(residual, self.hf.lm_head.weight, sumsq_in=sumsq[1], norm_w=w[-1], eps=eps,
+                             out_dtype=torch.float32)
 
     def forward_mixed(self, batch: MixedInputs) -> torch.Tensor:
         h, cos, sin = self._embed(batch.input_ids, batch.positions)
@@ -291,4 +329,6 @@ class ModelRunner:
             return paged_decode(q, self.cache.k[i], self.cache.v[i], batch.block_tables, batch.context_lens,
                                 self.block_size, self.scale)
 
+        if h.shape[0] <= self.skinny_rows:
+            return self._layers_skinny(h, cos, sin, batch.slots, attend)
         return self._logits(self._layers(h, cos, sin, batch.slots, attend))

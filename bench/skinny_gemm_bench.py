@@ -1,0 +1,161 @@
+"""Skinny-GEMM kernels (services/worker/skinny_gemm.py): check them, tune their tiles, time them against cuBLAS.
+
+For the Llama-3-8B projections (qkv, o, gate_up, down, lm_head) at decode row counts:
+- check: each prologue / epilogue against torch (the plain path's own ops) on random data;
+- tune: every tile config in a small grid, timed as the decode layers call it (with its prologue and epilogue),
+  inside a CUDA graph over enough weight copies that they cannot sit in L2 (as in a real step, where each
+  kernel reads a new weight); the best per (shape, row tile) is written to skinny_gemm_configs.json under this
+  device's name (--write) and printed beside the cuBLAS GEMM alone (without the norm / SiLU / residual
+  kernels the skinny kernel absorbs).
+
+    python -m bench.skinny_gemm_bench --tune --write --out skinny.json
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from services.worker.fused_ops import rmsnorm_torch
+from services.worker.skinny_gemm import (SHARED_MEMORY_BYTES, TUNED_CONFIGS, Epilogue, TileConfig,
+                                        block_m_for, shared_memory, skinny_linear)
+
+# output width N (for gate_up: the activation's, half the weight's rows) and K
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (14336, 4096), "down": (4096, 14336),
+          "lm_head": (128256, 4096)}
+ROWS = (1, 16)
+GRID = [(bn, bk, warps, stages) for bn, bk, warps, stages in
+        itertools.product((32, 64, 128), (128, 256, 512), (4, 8), (3, 4, 5)) if warps == 4 or bn >= 64]
+L2_FLUSH_BYTES = 400 << 20
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-30)).item()
+
+
+def check(device) -> dict:
+    """Max relative error of each variant against the plain torch ops, and of cuBLAS bf16 against fp32 (scale)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    out = {}
+    n, k, eps = 1024, 4096, 1e-5
+    for m in (1, 5, 16):
+        rnd = lambda *s: torch.randn(*s, generator=gen, device=device, dtype=torch.bfloat16)    # noqa: E731
+        w, x, r, nw = rnd(n, k) * 0.02, rnd(m, k), rnd(m, n), rnd(k) * 0.1 + 1
+        ref = F.linear(x, w)
+        row = {"plain": rel_err(skinny_linear(x, w), ref),
+               "cublas_vs_fp32": rel_err(ref, x.float() @ w.float().T)}
+        sumsq = x.float().pow(2).sum(1)
+        row["norm"] = rel_err(skinny_linear(x, w, sumsq_in=sumsq, norm_w=nw, eps=eps),
+                              F.linear(rmsnorm_torch(x, nw, eps)[0], w))
+        gate_up = F.linear(x, w)
+        row["silu_mul"] = rel_err(skinny_linear(x, w, epilogue=Epilogue.SILU_MUL),
+                                  F.silu(gate_up[:, :n // 2]) * gate_up[:, n // 2:])
+        acc, zero = torch.zeros(m, device=device), torch.full((m,), 7.0, device=device)
+        new = skinny_linear(x, w, epilogue=Epilogue.RESIDUAL, residual=r, sumsq_out=acc, zero=zero)
+        ref_new = ref + r
+        row["residual"] = rel_err(new, ref_new)
+        row["residual_sumsq"] = rel_err(acc, ref_new.float().pow(2).sum(1))
+        row["zeroed"] = bool((zero == 0).all())
+        out[m] = row
+        print(f"check m={m}: " + ", ".join(f"{key} {v:.2e}" if isinstance(v, float) else f"{key} {v}"
+                                             for key, v in row.items()), flush=True)
+    return out
+
+
+def graph_time_us(fn, copies: int, replays: int = 10) -> float:
+    """Median device time of fn(i) for i in range(copies), captured in one CUDA graph, per call."""
+    for i in range(copies):
+        fn(i)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for i in range(copies):
+                fn(i)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / copies)
+    return statistics.median(times)
+
+
+def as_in_a_layer(name: str, m: int, n: int, k: int, device):
+    """The call the decode layers make for projection `name` (model_runner._layers_skinny) on random data, and
+    the cuBLAS GEMM alone that it replaces: (skinny(w, cfg), cublas(w)). For gate_up, w has 2N rows."""
+    rnd = lambda *s: torch.randn(*s, device=device, dtype=torch.bfloat16)       # noqa: E731
+    x, sumsq, nw, buf = rnd(m, k), torch.rand(m, device=device) * k, rnd(k), torch.zeros(m, device=device)
+    norm = dict(sumsq_in=sumsq, norm_w=nw, eps=1e-5)
+    cublas = lambda w: F.linear(x, w)                                              # noqa: E731
+    if name == "qkv":
+        return lambda w, cfg: skinny_linear(x, w, **norm, zero=buf, config=cfg), cublas
+    if name == "gate_up":
+        return lambda w, cfg: skinny_linear(x, w, epilogue=Epilogue.SILU_MUL, **norm, zero=buf, config=cfg), cublas
+    if name == "lm_head":
+        return lambda w, cfg: skinny_linear(x, w, **norm, out_dtype=torch.float32, config=cfg), cublas
+    r = rnd(m, n)       # o, down: the residual epilogue
+    return lambda w, cfg: skinny_linear(x, w, epilogue=Epilogue.RESIDUAL, residual=r, sumsq_out=buf, config=cfg), cublas
+
+
+def tune(device) -> tuple[dict, list]:
+    best: dict[str, dict[str, list]] = {}
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        w_tiles = 2 if name == "gate_up" else 1
+        nbytes = w_tiles * n * k * 2
+        copies = max(2, -(-L2_FLUSH_BYTES // nbytes))
+        weights = [torch.randn(w_tiles * n, k, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        for m in ROWS:
+            skinny, cublas_call = as_in_a_layer(name, m, n, k, device)
+            cublas = graph_time_us(lambda i: cublas_call(weights[i]), copies)
+            timings = []
+            for bn, bk, warps, stages in GRID:
+                cfg = TileConfig(block_m_for(m), bn, bk, warps, stages)
+                if k % bk or shared_memory(cfg, w_tiles) > SHARED_MEMORY_BYTES:
+                    continue
+                try:
+                    us = graph_time_us(lambda i: skinny(weights[i], cfg), copies)
+                except Exception as e:      # out of shared memory / registers for this tile: skip it
+                    print(f"  {name} m={m} {cfg}: {type(e).__name__}", flush=True)
+                    continue
+                timings.append((us, cfg))
+            us, cfg = min(timings)
+            # all ROWS share one row tile (padding rows are masked, not read): the last, fullest one decides
+            best.setdefault(f"{n}x{k}", {})[str(cfg.block_m)] = list(cfg[1:])
+            row = {"shape": name, "n": n, "k": k, "m": m, "skinny_us": us, "config": list(cfg),
+                   "skinny_tb_s": nbytes / us / 1e6, "cublas_us": cublas, "cublas_tb_s": nbytes / cublas / 1e6}
+            rows.append(row)
+            print(f"{name:>8} m={m:<3} skinny {us:8.1f} us {row['skinny_tb_s']:.2f} TB/s {tuple(cfg)}   "
+                  f"cublas {cublas:8.1f} us {row['cublas_tb_s']:.2f} TB/s   ratio {us / cublas:.3f}", flush=True)
+        del weights
+    return best, rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tune", action="store_true")
+    p.add_argument("--write", action="store_true", help=f"merge the tuned tiles into {TUNED_CONFIGS.name}")
+    p.add_argument("--out", type=Path, default=Path("skinny_gemm_bench.json"))
+    a = p.parse_args()
+    device = torch.device("cuda")
+    res = {"device": torch.cuda.get_device_name(), "check": check(device)}
+    if a.tune:
+        res["tuned"], res["rows"] = tune(device)
+        if a.write:
+            table = json.loads(TUNED_CONFIGS.read_text()) if TUNED_CONFIGS.exists() else {}
+            table[res["device"]] = res["tuned"]
+            TUNED_CONFIGS.write_text(json.dumps(table, sort_keys=True).replace('}, "', '},\n "') + "\n")
+    a.out.write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Decode-step matmuls (a few rows against a large weight) with their neighbouring elementwise work fused in.
+
+At decode batch sizes each weight byte is read once per step and the step is bound by memory bandwidth.
+The plain path runs, per Llama layer, cuBLAS GEMMs (some with a split-K reduction kernel), two RMSNorms
+and a SiLU-and-mul: a dozen kernels, and at batch 1-64 their launches, gaps and extra passes cost ~20% of
+the step (docs/BENCHMARKS.md, "Decode step vs the memory-bandwidth floor"). Here one Triton kernel per
+projection streams the weight once, with no split-K, and absorbs the rest:
+
+- a **norm prologue**: the input is the residual stream; each row is RMS-normalised on the fly from its sum
+  of squares, which the kernel that wrote the stream accumulated (so no separate norm kernel or pass);
+- a **SiLU-and-mul epilogue**: the gate_up projection computes a tile's gate and up columns side by side and
+  writes silu(gate) * up, so the down projection reads the activation directly;
+- a **residual epilogue**: the output is added to the residual stream, written as the new stream, and each
+  row's sum of squares of it is accumulated (atomically, over the column tiles) for the next norm.
+
+Batches of at most 16 rows only (MAX_ROWS): every column tile recomputes the norm of its input rows, which
+is free at 16 rows but at 32-64 costs more than the norm kernel it replaces (a SiLU prologue on the down
+projection, tried first, was 5x slower than cuBLAS even at one row). A sum-of-squares buffer must be zero before the epilogue accumulates into it; the kernel two steps earlier
+zeroes it (`zero=`), which keeps every step one kernel and graph-capturable. Rounding follows transformers:
+matmul outputs and residual sums are rounded to the model dtype, norms are computed in fp32. The sums of
+squares are added in a varying order, so results can differ from the plain path in the last fp32 bit of a
+norm: within bf16 rounding, not bit-identical.
+"""
+from __future__ import annotations
+
+import json
+from enum import IntEnum
+from functools import lru_cache
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs never take this path (model_runner checks skinny_gemm_on)
+    triton = None
+
+
+MAX_ROWS = 16     # one tensor-core row tile: the norm prologue is recomputed by every column tile, which is
+                  # free at 16 rows and costs more than the kernels it saves at 32-64 (docs/BENCHMARKS.md)
+
+
+class Epilogue(IntEnum):
+    STORE = 0         # the product, in the output's dtype
+    RESIDUAL = 1      # residual + product, and its rows' sums of squares accumulated for the next norm
+    SILU_MUL = 2      # silu(gate) * up from a [gate; up] weight
+
+
+class TileConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def skinny_gemm_on(device: torch.device) -> bool:
+    return triton is not None and device.type == "cuda"
+
+
+def skinny_gemm_fits(*ks: int) -> bool:
+    """Whether inner dimensions `ks` split into chunks of at least 16 (the tensor-core minimum)."""
+    return all(k % 16 == 0 for k in ks)
+
+
+# Tile sizes measured best per device and shape by `python -m bench.skinny_gemm_bench --tune --write` (the way
+# vLLM keeps tuned MoE configs): {device name: {"NxK": {block_m: [block_n, block_k, num_warps, num_stages]}}}.
+# N is the output width (for SILU_MUL, the activation's: half the weight's rows).
+TUNED_CONFIGS = Path(__file__).with_name("skinny_gemm_configs.json")
+
+
+def block_m_for(m: int) -> int:
+    """Rows padded to a tensor-core tile (at least 16)."""
+    return max(16, 1 << (m - 1).bit_length())
+
+
+@lru_cache(maxsize=None)
+def _tuned(device_name: str) -> dict:
+    if not TUNED_CONFIGS.exists():
+        return {}
+    return json.loads(TUNED_CONFIGS.read_text()).get(device_name, {})
+
+
+def default_config(m: int, n: int, k: int) -> TileConfig:
+    """Enough column tiles to give every SM work, K chunks deep enough to keep loads in flight."""
+    return TileConfig(block_m_for(m), 32 if n <= 8192 else 64, 256, 4, 4)
+
+
+def config_for(m: int, n: int, k: int, device_name: str) -> TileConfig:
+    """The tuned tiles for this device and shape, else the default."""
+    block_m = block_m_for(m)
+    tuned = _tuned(device_name).get(f"{n}x{k}", {}).get(str(block_m))
+    return TileConfig(block_m, *tuned) if tuned else default_config(m, n, k)
+
+
+if triton is not None:
+    @triton.jit
+    def _skinny_kernel(A, W, OUT, R, SUMSQ_IN, NORM_W, SUMSQ_OUT, ZERO,
+                       M, N, K, stride_a, stride_w, stride_o, eps,
+                       NORM: tl.constexpr, EPILOGUE: tl.constexpr, ZEROES: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Program n: the n-th tile of columns of prologue(A) @ W^T over the whole K (no split-K), then the epilogue.
+        SILU_MUL: W is [gate; up] (2N rows); the tile's gate and up columns are both computed and combined."""
+        pid = tl.program_id(0)
+        rm = tl.arange(0, BLOCK_M)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        m_ok = rm < M
+        n_ok = rn < N
+        a_ptrs = A + rm[:, None] * stride_a + rk[None, :]
+        w_ptrs = W + rn[:, None] * stride_w + rk[None, :]
+        if NORM:
+            inv = 1.0 / tl.sqrt(tl.load(SUMSQ_IN + rm, mask=m_ok, other=0.0) / K + eps)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
+            if NORM:
+                nw = tl.load(NORM_W + k + rk).to(tl.float32)
+                a = (nw[None, :] * (a.to(tl.float32) * inv[:, None]).to(a.dtype).to(tl.float32)).to(a.dtype)
+            acc += tl.dot(a, tl.trans(tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)))
+            if EPILOGUE == 2:
+                acc_up += tl.dot(a, tl.trans(tl.load(w_ptrs + N * stride_w, mask=n_ok[:, None], other=0.0)))
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        out = acc.to(W.dtype.element_ty)                   # rounded like a bf16 GEMM's output
+        o_offs = rm[:, None] * stride_o + rn[None, :]
+        o_mask = m_ok[:, None] & n_ok[None, :]
+        if EPILOGUE == 1:
+            r = tl.load(R + o_offs, mask=o_mask, other=0.0)
+            s = (out.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
+            tl.store(OUT + o_offs, s, mask=o_mask)
+            sf = s.to(tl.float32)
+            tl.atomic_add(SUMSQ_OUT + rm, tl.sum(sf * sf, 1), mask=m_ok)
+        elif EPILOGUE == 2:
+            gate = out.to(tl.float32)
+            act = (gate / (1.0 + tl.exp(-gate))).to(out.dtype).to(tl.float32)
+            up = acc_up.to(out.dtype).to(tl.float32)
+            tl.store(OUT + o_offs, (act * up).to(out.dtype), mask=o_mask)
+        else:
+            tl.store(OUT + o_offs, out.to(OUT.dtype.element_ty), mask=o_mask)
+        if ZEROES:
+            if pid == 0:
+                tl.store(ZERO + rm, tl.zeros((BLOCK_M,), dtype=tl.float32), mask=m_ok)
+
+
+SHARED_MEMORY_BYTES = 232448      # per block on Hopper (H100 / H200)
+
+
+def shared_memory(cfg: TileConfig, w_tiles: int = 1, elem: int = 2) -> int:
+    """Bytes of the software pipeline's buffers (num_stages - 1 K chunks of A and W in flight); SiLU-and-mul
+    loads two W tiles (gate and up)."""
+    return (cfg.num_stages - 1) * (cfg.block_m + w_tiles * cfg.block_n) * cfg.block_k * elem
+
+
+def fit(cfg: TileConfig, k: int, w_tiles: int = 1) -> TileConfig:
+    """cfg with K chunks that divide K (skinny_gemm_fits checks >= 16) and buffers within shared memory."""
+    while k % cfg.block_k or (shared_memory(cfg, w_tiles) > SHARED_MEMORY_BYTES and cfg.block_k > 16):
+        cfg = cfg._replace(block_k=cfg.block_k // 2)
+    return cfg
+
+
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, *, epilogue: Epilogue = Epilogue.STORE,
+                  sumsq_in: torch.Tensor | None = None, norm_w: torch.Tensor | None = None, eps: float = 0.0,
+                  residual: torch.Tensor | None = None, sumsq_out: torch.Tensor | None = None,
+                  zero: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                  config: TileConfig | None = None) -> torch.Tensor:
+    """x @ w.T for x [M, K], w [N, K] row-major (M <= 16), with:
+
+    norm prologue when sumsq_in [M] is given: x is the residual stream, sumsq_in its rows' sums of squares,
+    and rmsnorm(x) * norm_w [K] is what multiplies w;
+    epilogue RESIDUAL: returns residual [M, N] + product (the new stream) and adds its rows' sums of squares to
+    sumsq_out [M], which must be zero; SILU_MUL: w is [gate; up] ([2N, K]) and the result silu(gate) * up;
+    zero [M]: a buffer the kernel sets to zero (for a later epilogue)."""
+    silu = epilogue == Epilogue.SILU_MUL
+    m, n, k = x.shape[0], w.shape[0] // (2 if silu else 1), w.shape[1]
+    assert x.stride(1) == 1 and w.stride(1) == 1 and x.shape[1] == k and m <= MAX_ROWS
+    cfg = fit(config or config_for(m, n, k, torch.cuda.get_device_name(x.device)), k, w_tiles=2 if silu else 1)
+    out = torch.empty(m, n, dtype=out_dtype or w.dtype, device=x.device)
+    if epilogue == Epilogue.RESIDUAL:
+        assert residual is not None and residual.is_contiguous() and residual.shape == (m, n) and sumsq_out is not None
+    dummy = out
+    _skinny_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x, w, out, residual if residual is not None else dummy,
+        sumsq_in if sumsq_in is not None else dummy, norm_w if norm_w is not None else dummy,
+        sumsq_out if sumsq_out is not None else dummy, zero if zero is not None else dummy,
+        m, n, k, x.stride(0), w.stride(0), out.stride(0), eps,
+        NORM=sumsq_in is not None, EPILOGUE=int(epilogue), ZEROES=zero is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out

@@ -1,0 +1,47 @@
+"""The skinny-GEMM kernels' host-side choices (the kernels themselves need CUDA: bench/skinny_gemm_bench.py checks
+them against torch on the GPU, and bench/decode_floor.py checks the decode layers against the cuBLAS path)."""
+import json
+
+from services.worker import skinny_gemm
+from services.worker.skinny_gemm import (SHARED_MEMORY_BYTES, TUNED_CONFIGS, TileConfig, block_m_for, config_for, fit,
+                                         shared_memory, skinny_gemm_fits)
+
+
+def test_rows_pad_to_a_tensor_core_tile():
+    assert [block_m_for(m) for m in (1, 5, 16, 17, 33)] == [16, 16, 16, 32, 64]
+
+
+def test_fit_splits_k_into_whole_chunks_within_shared_memory():
+    # SmolLM2's hidden size 576 = 9 x 64: a 256-wide chunk does not divide it
+    assert fit(TileConfig(16, 32, 256, 4, 4), 576).block_k == 64
+    big = TileConfig(16, 128, 512, 8, 5)            # 4 stages in flight x (16 + 2 x 128) x 512 x 2 bytes: too much
+    assert shared_memory(big, w_tiles=2) > SHARED_MEMORY_BYTES
+    fitted = fit(big, 4096, w_tiles=2)
+    assert shared_memory(fitted, w_tiles=2) <= SHARED_MEMORY_BYTES and 4096 % fitted.block_k == 0
+    assert fit(TileConfig(16, 32, 256, 4, 4), 4096) == TileConfig(16, 32, 256, 4, 4)   # a fitting one is kept
+
+
+def test_inner_sizes_must_be_whole_tensor_core_chunks():
+    assert skinny_gemm_fits(4096, 14336, 576)
+    assert not skinny_gemm_fits(4096, 100)
+
+
+def test_committed_tuned_configs_are_well_formed_and_fit():
+    table = json.loads(TUNED_CONFIGS.read_text())
+    assert table, "no tuned device"
+    for device, shapes in table.items():
+        for shape, by_rows in shapes.items():
+            n, k = map(int, shape.split("x"))
+            for rows, tiles in by_rows.items():
+                cfg = TileConfig(int(rows), *tiles)
+                assert len(tiles) == 4 and all(isinstance(t, int) and t > 0 for t in tiles), (device, shape)
+                assert k % cfg.block_k == 0, (device, shape, cfg)
+                assert shared_memory(cfg) <= SHARED_MEMORY_BYTES, (device, shape, cfg)   # SiLU's 2nd tile: fit()
+
+
+def test_tuned_tiles_are_used_on_their_device_and_the_default_elsewhere():
+    device, shapes = next(iter(json.loads(TUNED_CONFIGS.read_text()).items()))
+    shape, by_rows = next(iter(shapes.items()))
+    n, k = map(int, shape.split("x"))
+    assert config_for(1, n, k, device) == TileConfig(16, *by_rows["16"])
+    assert config_for(1, n, k, "some other GPU") == skinny_gemm.default_config(1, n, k)
