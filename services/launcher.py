@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 from pathlib import Path
 
 from services.common.grpc_server import configure_logging
-from services.common.local_stack import LocalStack, port_is_free
+from services.common.local_stack import LocalStack, free_port, port_is_free
 from services.common.model_paths import cache_root
 
 log = logging.getLogger("alise.launcher")
@@ -21,10 +21,12 @@ def main() -> None:
     configure_logging()
     port = int(os.environ.get("ALISE_PORT", 0)) or (DEFAULT_PORT if port_is_free(DEFAULT_PORT) else 0)
     log_dir = Path(tempfile.mkdtemp(prefix="alise-logs-"))
+    http_port = int(os.environ.get("ALISE_HTTP_PORT", 0)) or free_port()      # the OpenAI-compatible API
     # secure as in production: TLS on every link, mTLS between services, an API key for the client
     stack = LocalStack(log_dir=log_dir, scheduler_port=port, secrets_dir=cache_root() / "local", tls=True, mtls=True, redis_url=os.environ.get("REDIS_URL"),
                        num_workers=int(os.environ.get("ALISE_WORKERS", 1)),
-                       scheduler_args=os.environ.get("ALISE_SCHEDULER_FLAGS", "").split(),
+                       scheduler_args=["--http-listen", f"127.0.0.1:{http_port}",
+                                       *os.environ.get("ALISE_SCHEDULER_FLAGS", "").split()],
                        # what the predictor learns is kept across runs (and a trained one, if
                        # `services.predictor.train` wrote it there, is used)
                        predictor_args=["--model-dir", str(cache_root() / "predictor"),
@@ -43,6 +45,9 @@ def main() -> None:
               f"      (the CLI finds this address in {address_file}, its API key (tenant 'local') in\n"
               f"      {key_file} and the TLS CA in {stack.tls_files.ca};\n"
               f"      other clients: ALISE_ADDRESS, ALISE_API_KEY, ALISE_TLS_CA)\n"
+              f"OpenAI-compatible HTTP API: https://127.0.0.1:{http_port}/v1 (same API key and CA), e.g.\n"
+              f"  curl --cacert {stack.tls_files.ca} -H \"Authorization: Bearer $(cat {key_file})\" \\\n"
+              f"       https://127.0.0.1:{http_port}/v1/models\n"
               f"Ctrl-C stops everything.\n", flush=True)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):

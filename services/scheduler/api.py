@@ -63,6 +63,10 @@ class AliseServicer(pb_grpc.AliseServicer):
         await reject_bad(request, context)
         return tenant
 
+    async def authenticate(self, context) -> Tenant:
+        """The caller's tenant (for front doors that carry no gRPC request, as the HTTP one's /v1/models)."""
+        return await self._tenant(None, context)
+
     async def _request_id(self, request, context) -> str:
         if not REQUEST_ID.match(request.request_id):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id: {REQUEST_ID_RULE}")

@@ -21,6 +21,7 @@ class SchedulerConfig:
     worker_mtls: bool = False                   # the worker gateway accepts only workers with a certificate
     health_listen: str = ""                     # plaintext health-only port for probes when serving TLS
     metrics_port: int = 0                       # Prometheus /metrics on this port; 0 = off
+    http_listen: str = ""                       # OpenAI-compatible HTTP API (host:port, port 0 = free); "" = off
     redis_url: str = "redis://127.0.0.1:6379/0"
     predictor_address: str = "127.0.0.1:50052"
     predictor_timeout_s: float = 0.5

@@ -19,6 +19,7 @@ from services.scheduler.config import SchedulerConfig
 from services.scheduler.dispatcher import Dispatcher
 from services.scheduler.job_events import JobEventHub
 from services.scheduler.job_store import JobStore
+from services.scheduler.openai_http import OpenAIFrontDoor, start_http
 from services.scheduler.predictor_client import PredictorClient
 from services.scheduler.tenants import TenantRegistry
 from services.scheduler.tokenizer import PromptTokenizer
@@ -57,6 +58,11 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
     for srv in (server, gateway, probes):
         if srv is not None:
             await srv.start()
+    http = None
+    if cfg.http_listen:          # the OpenAI-compatible front door, in this event loop, on the same servicer
+        http = await start_http(OpenAIFrontDoor(api, cfg.model_name), cfg.http_listen, cfg.tls_cert, cfg.tls_key)
+        log.info("scheduler: OpenAI-compatible HTTP API on %s://%s:%d/v1", "https" if cfg.tls_cert else "http",
+                 cfg.http_listen.rsplit(":", 1)[0], http[2])
     loop_task = asyncio.create_task(dispatcher.run())
     await set_health(health, CLIENT_SERVICES, SERVING)
     await set_health(gateway_health, WORKER_SERVICES, SERVING)
@@ -71,6 +77,9 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
     await set_health(health, CLIENT_SERVICES, NOT_SERVING)
     api.closing = True
     loop_task.cancel()
+    if http is not None:
+        http[0].should_exit = True
+        await http[1]
     await server.stop(grace=2)
     await gateway.stop(grace=1)
     if probes is not None:

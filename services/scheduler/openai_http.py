@@ -1,0 +1,338 @@
+"""OpenAI-compatible HTTP front door: /v1/chat/completions, /v1/completions, /v1/models, /health.
+
+Every tool a platform team already runs (the openai SDK, LangChain, `vllm bench serve`, gateways) speaks this.
+A request is translated into the gRPC API's GenerateRequest and served by the same AliseServicer.Generate:
+the same API keys and tenants, validation, rate and queue limits, idempotent request ids and scheduling. The
+servicer reports refusals through `context.abort(code, message)`; here that raises CallAborted, which becomes
+an OpenAI-shaped error with the matching HTTP status. Streaming is server-sent events, usage in the last chunk.
+A client that disconnects aborts its job, as a cancelled gRPC stream does.
+
+Starlette (a well-kept ASGI toolkit) and uvicorn serve it inside the scheduler's own event loop.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import uvicorn
+from alise.v1 import generate_pb2 as pb
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from services.common.auth import HEADER
+from services.scheduler.api import AliseServicer
+from services.scheduler.validation import REQUEST_ID
+
+log = logging.getLogger("alise.scheduler.http")
+FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
+                  pb.FINISH_REASON_ABORTED: "abort", pb.FINISH_REASON_ERROR: "error"}
+# gRPC status -> (HTTP status, OpenAI error type)
+HTTP_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "conflict_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+}
+# the gRPC API's field names -> the OpenAI request's
+PARAMS = {"sampling.max_tokens": "max_tokens", "sampling.temperature": "temperature", "sampling.top_p": "top_p",
+          "sampling.top_k": "top_k", "sampling.stop": "stop", "sampling.seed": "seed", "chat.messages": "messages",
+          "chat": "messages", "authorization": None}
+
+
+class CallAborted(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_ms: str | None = None):
+        super().__init__(message)
+        self.code, self.message, self.retry_after_ms = code, message, retry_after_ms
+
+
+class HttpCallContext:
+    """What AliseServicer.Generate needs of a gRPC context, for an HTTP request."""
+
+    def __init__(self, authorization: str | None):
+        self._metadata = ((HEADER, authorization),) if authorization else ()
+
+    def invocation_metadata(self):
+        return self._metadata
+
+    async def abort(self, code: grpc.StatusCode, details: str, trailing_metadata=()):
+        raise CallAborted(code, details, dict(trailing_metadata).get("retry-after-ms"))
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What an OpenAI response needs of one request: its id, kind and the served model's name."""
+    id: str
+    chat: bool
+    model: str
+    created: int
+
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
+
+    def choice(self, text: str, finish_reason: str | None, delta: bool) -> dict:
+        if not self.chat:
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        if delta:
+            return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None,
+                    "finish_reason": finish_reason}
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish_reason}
+
+    def role_chunk(self) -> dict:
+        """A chat stream's first chunk, as OpenAI sends it: the assistant role, no content yet."""
+        return self.envelope([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                               "finish_reason": None}], chunk=True)
+
+    def envelope(self, choices: list, chunk: bool, usage: dict | None = None) -> dict:
+        obj = self.object + (".chunk" if chunk and self.chat else "")
+        out = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+        if usage is not None:
+            out["usage"] = usage
+        return out
+
+
+def openai_error(status: int, kind: str, message: str, param: str | None = None, headers: dict | None = None):
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
+                        status_code=status, headers=headers)
+
+
+def aborted_response(e: CallAborted) -> JSONResponse:
+    status, kind = HTTP_ERRORS.get(e.code, (500, "internal_error"))
+    field = e.message.split(":", 1)[0]
+    headers = {}
+    if e.retry_after_ms:
+        headers = {"retry-after-ms": e.retry_after_ms, "retry-after": str(max(1, -(-int(e.retry_after_ms) // 1000)))}
+    if e.code == grpc.StatusCode.INVALID_ARGUMENT and field == "model":
+        status, kind = 404, "not_found_error"          # as OpenAI / vLLM answer an unknown model
+    return openai_error(status, kind, e.message, PARAMS.get(field, field), headers)
+
+
+class BadField(ValueError):
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+def _typed(body: dict, name: str, types, what: str):
+    value = body.get(name)
+    if value is not None and (not isinstance(value, types) or isinstance(value, bool) and bool not in types):
+        raise BadField(name, f"must be {what}")
+    return value
+
+
+def _message_text(content, i: int) -> str:
+    """A message's content: a string, or a list of parts of which only text parts are served."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in content):
+            raise BadField(f"messages[{i}].content", "only text parts are supported")
+        return "".join(p["text"] for p in content)
+    raise BadField(f"messages[{i}].content", "must be a string or a list of text parts")
+
+
+def to_generate_request(body: dict, chat: bool, request_id: str) -> pb.GenerateRequest:
+    """The OpenAI request body as the gRPC API's request; type errors name the OpenAI parameter, value checks
+    are the gRPC API's own (validation.py)."""
+    if not isinstance(body, dict):
+        raise BadField("body", "must be a JSON object")
+    req = pb.GenerateRequest(request_id=request_id, model=_typed(body, "model", (str,), "a string") or "")
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadField("messages", "must be a non-empty list of {role, content} objects")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise BadField(f"messages[{i}]", "must be an object with a string role")
+            req.chat.messages.add(role=m["role"], content=_message_text(m.get("content", ""), i))
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise BadField("prompt", "must be a string (one prompt per request)")
+        req.prompt = prompt
+    if (_typed(body, "n", (int,), "an integer") or 1) != 1:
+        raise BadField("n", "only n=1 is supported")
+    s = req.sampling
+    max_tokens = _typed(body, "max_completion_tokens", (int,), "an integer")
+    if max_tokens is None:
+        max_tokens = _typed(body, "max_tokens", (int,), "an integer")
+    if max_tokens is not None:
+        if max_tokens <= 0:
+            raise BadField("max_tokens", "must be positive")
+        s.max_tokens = max_tokens
+    temperature = _typed(body, "temperature", (int, float), "a number")
+    s.temperature = 1.0 if temperature is None else temperature         # OpenAI's default is 1, not greedy
+    if (top_p := _typed(body, "top_p", (int, float), "a number")) is not None:
+        s.top_p = top_p
+    if (top_k := _typed(body, "top_k", (int,), "an integer")) is not None and top_k > 0:
+        s.top_k = top_k
+    if (seed := _typed(body, "seed", (int,), "an integer")) is not None:
+        if seed < 0:
+            raise BadField("seed", "must be >= 0")
+        s.seed = seed
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or not all(isinstance(x, str) for x in stop)):
+        raise BadField("stop", "must be a string or a list of strings")
+    s.stop.extend(stop or [])
+    s.ignore_eos = bool(_typed(body, "ignore_eos", (bool,), "a boolean"))       # vLLM's extension (benchmarks)
+    req.priority = _typed(body, "priority", (int,), "an integer") or 0          # ALISE's extension
+    return req
+
+
+class OpenAIFrontDoor:
+    def __init__(self, servicer: AliseServicer, model_name: str):
+        self.api = servicer
+        self.model = model_name
+        self.app = Starlette(routes=[
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+        ])
+
+    async def health(self, request: Request) -> Response:
+        if self.api.closing:
+            return Response(status_code=503)
+        return Response(status_code=200)
+
+    async def models(self, request: Request) -> Response:
+        try:
+            await self.api.authenticate(HttpCallContext(request.headers.get(HEADER)))
+        except CallAborted as e:
+            return aborted_response(e)
+        return JSONResponse({"object": "list", "data": [{"id": self.model, "object": "model", "created": 0,
+                                                          "owned_by": "alise"}]})
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._complete(request, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._complete(request, chat=False)
+
+    async def _complete(self, request: Request, chat: bool) -> Response:
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        if not REQUEST_ID.match(request_id):
+            return openai_error(400, "invalid_request_error", "x-request-id: letters, digits, '.', '_', '-', "
+                                                               "up to 128 characters", "x-request-id")
+        try:
+            body = json.loads(await request.body())
+            req = to_generate_request(body, chat, request_id)
+            stream = _typed(body, "stream", (bool,), "a boolean")
+            include_usage = bool(isinstance(body.get("stream_options"), dict)
+                                 and body["stream_options"].get("include_usage"))
+        except json.JSONDecodeError as e:
+            return openai_error(400, "invalid_request_error", f"body: not JSON ({e.msg})", "body")
+        except BadField as e:
+            return openai_error(400, "invalid_request_error", str(e), e.param)
+        out = Completion(("chatcmpl-" if chat else "cmpl-") + request_id, chat, self.model, int(time.time()))
+        events = self.api.Generate(req, HttpCallContext(request.headers.get(HEADER)))
+        try:
+            first = await anext(events)                 # admission's refusals come before the first event
+        except CallAborted as e:
+            await events.aclose()
+            return aborted_response(e)
+        except StopAsyncIteration:
+            return openai_error(500, "internal_error", "the job ended without a result")
+        if stream:
+            return StreamingResponse(self._sse(out, first, events, include_usage), media_type="text/event-stream",
+                                     headers={"x-request-id": request_id})
+        return await self._whole(out, first, events, request_id)
+
+    async def _whole(self, out: Completion, first, events, request_id: str) -> Response:
+        text, done = [], None
+        try:
+            async for response in _chain(first, events):
+                if response.HasField("complete"):
+                    done = response.complete
+                else:
+                    text.append(response.chunk.text)
+        except CallAborted as e:
+            return aborted_response(e)
+        finally:
+            await events.aclose()
+        if done is None:
+            return openai_error(500, "internal_error", "the job ended without a result")
+        finish = FINISH_REASONS.get(done.finish_reason, "stop")
+        return JSONResponse(out.envelope([out.choice(done.text or "".join(text), finish, delta=False)], chunk=False,
+                                         usage=_usage(done)), headers={"x-request-id": request_id})
+
+    async def _sse(self, out: Completion, first, events, include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events; the finish chunk carries the usage; cancelled with the client's connection, which
+        closes the Generate stream and so aborts the job."""
+        try:
+            if out.chat:
+                yield _event(out.role_chunk())
+            async for response in _chain(first, events):
+                if response.HasField("chunk"):
+                    if response.chunk.text:
+                        yield _event(out.envelope([out.choice(response.chunk.text, None, delta=True)], chunk=True))
+                    continue
+                done = response.complete
+                usage = _usage(done)
+                finish = FINISH_REASONS.get(done.finish_reason, "stop")
+                yield _event(out.envelope([out.choice("", finish, delta=True)], chunk=True, usage=usage))
+                if include_usage:
+                    yield _event(out.envelope([], chunk=True, usage=usage))
+            yield "data: [DONE]\n\n"
+        except CallAborted as e:
+            status, kind = HTTP_ERRORS.get(e.code, (500, "internal_error"))
+            yield _event({"error": {"message": e.message, "type": kind, "param": None, "code": status}})
+        finally:
+            await events.aclose()
+
+
+async def _chain(first, rest) -> AsyncIterator:
+    yield first
+    async for item in rest:
+        yield item
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+def _usage(done: pb.GenerateComplete) -> dict:
+    p, c = done.usage.prompt_tokens, done.usage.completion_tokens
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside the scheduler's event loop: the scheduler owns the signals and the shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+async def start_http(front: OpenAIFrontDoor, listen: str, certfile: str = "", keyfile: str = ""):
+    """Serve on host:port (port 0 = a free one); returns (server, its task, the bound port)."""
+    import asyncio
+
+    host, port = listen.rsplit(":", 1)
+    config = uvicorn.Config(front.app, host=host, port=int(port), log_level="warning", lifespan="off",
+                            ssl_certfile=certfile or None, ssl_keyfile=keyfile or None, access_log=False)
+    server = _EmbeddedServer(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()                                 # raises why it could not start (port in use, ...)
+            raise RuntimeError(f"HTTP server on {listen} stopped at start")
+        await asyncio.sleep(0.05)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    return server, task, bound
