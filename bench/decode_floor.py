@@ -6,8 +6,9 @@ bandwidth. Against it:
 - synced: `runner.forward` with a device sync around it (host preparation included, as engine_bench.py did);
 - gpu: the device time of the decode graph's replay alone (CUDA events);
 - served: the steady-state step of the overlapped engine decoding that batch (what a client sees per token).
-A/B in the same run: "plain" is the graph of the cuBLAS path (separate norm / SiLU kernels) where the others
-run the skinny-GEMM layers (skinny_gemm.py). Then a torch.profiler trace of graph replays lists the kernels of
+A/B in the same run: "plain" is the graph of the cuBLAS path (separate norm / SiLU kernels), "no-pdl" the
+skinny-GEMM layers (skinny_gemm.py) launched without programmatic dependent launch (pdl.py); the other
+columns run the default, skinny layers with PDL. Then a torch.profiler trace of graph replays lists the kernels of
 one decode step by total time.
 
     python -m bench.decode_floor --out decode_floor.json
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from bench.engine_bench import LLAMA3_8B, device_ceilings, timed
+from services.worker import pdl
 from services.worker.config import WorkerConfig
 from services.worker.factory import build_engine
 from services.worker.model_runner import SeqChunk, load_hf_model
@@ -155,27 +157,30 @@ def main() -> None:
     runner, bm = engine.runner, engine.blocks
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
     res = {"device": torch.cuda.get_device_name(), "copy_bw": ceil["copy_bw"], "rows": [], "kernels": {},
-           "fused_check": check_fused_rope_cache(runner, bm), "plain_gpu_ms": {}}
+           "fused_check": check_fused_rope_cache(runner, bm), "ab_gpu_ms": {}}
     print("fused rotary + KV write against separate kernels:", res["fused_check"], flush=True)
     skinny_rows = runner.skinny_rows
     res["skinny_check"] = check_skinny_path(runner, bm, skinny_rows)
     print("skinny-GEMM decode against the plain path:", res["skinny_check"], flush=True)
-    runner.skinny_rows = 0                           # A/B: graph replay of the plain (cuBLAS) path, then skinny
+    # A/B: the graphs of the plain (cuBLAS) layers and of the skinny ones without PDL, then (below) the default
+    for variant, rows, with_pdl in (("plain", 0, False), ("no-pdl", skinny_rows, False)):
+        runner.skinny_rows, pdl.ENABLED = rows, with_pdl
+        runner.graphs.capture()
+        res["ab_gpu_ms"][variant] = {}
+        for ctx in a.contexts:
+            for bsz in a.batches:
+                for s in (seqs := [f"u{ctx}_{i}" for i in range(bsz)]):
+                    bm.grow(s, ctx)
+                chunks = [SeqChunk([1], ctx - 1, bm.table(s), True) for s in seqs]
+                res["ab_gpu_ms"][variant][f"{ctx}x{bsz}"] = gpu_replay_ms(runner, chunks)
+                if ctx == a.contexts[0] and bsz in a.profile_batches:
+                    res["kernels"][f"{variant} {bsz}"] = kernel_breakdown(runner, chunks)
+                for s in seqs:
+                    bm.free(s)
+    runner.skinny_rows, pdl.ENABLED = skinny_rows, True
     runner.graphs.capture()
-    for ctx in a.contexts:
-        for bsz in a.batches:
-            for s in (seqs := [f"u{ctx}_{i}" for i in range(bsz)]):
-                bm.grow(s, ctx)
-            chunks = [SeqChunk([1], ctx - 1, bm.table(s), True) for s in seqs]
-            res["plain_gpu_ms"][f"{ctx}x{bsz}"] = gpu_replay_ms(runner, chunks)
-            if ctx == a.contexts[0] and bsz in a.profile_batches:
-                res["kernels"][f"plain {bsz}"] = kernel_breakdown(runner, chunks)
-            for s in seqs:
-                bm.free(s)
-    runner.skinny_rows = skinny_rows
-    runner.graphs.capture()
-    print(f"{'ctx':>5} {'batch':>5} {'floor':>7} {'synced':>7} {'gpu':>7} {'served':>7} {'plain':>7}   "
-          f"ratios synced/gpu/served/plain-gpu")
+    print(f"{'ctx':>5} {'batch':>5} {'floor':>7} {'synced':>7} {'gpu':>7} {'served':>7} {'plain':>7} {'no-pdl':>7}   "
+          f"ratios synced/gpu/served/plain-gpu/no-pdl-gpu")
     for ctx in a.contexts:
         for bsz in a.batches:
             seqs = [f"d{ctx}_{i}" for i in range(bsz)]
@@ -190,14 +195,15 @@ def main() -> None:
             for s in seqs:
                 bm.free(s)
             served = served_step_ms(engine, bsz, ctx)
-            plain = res["plain_gpu_ms"][f"{ctx}x{bsz}"]
+            plain, no_pdl = (res["ab_gpu_ms"][v][f"{ctx}x{bsz}"] for v in ("plain", "no-pdl"))
             row = {"ctx": ctx, "batch": bsz, "floor_ms": floor, "synced_ms": synced, "gpu_ms": gpu, "served_ms": served,
-                   "plain_gpu_ms": plain}
+                   "plain_gpu_ms": plain, "no_pdl_gpu_ms": no_pdl}
             res["rows"].append(row)
-            print(f"{ctx:>5} {bsz:>5} {floor:7.3f} {synced:7.3f} {gpu:7.3f} {served:7.3f} {plain:7.3f}   "
-                  f"{synced / floor:.3f} / {gpu / floor:.3f} / {served / floor:.3f} / {plain / floor:.3f}", flush=True)
+            print(f"{ctx:>5} {bsz:>5} {floor:7.3f} {synced:7.3f} {gpu:7.3f} {served:7.3f} {plain:7.3f} {no_pdl:7.3f}   "
+                  f"{synced / floor:.3f} / {gpu / floor:.3f} / {served / floor:.3f} / {plain / floor:.3f} / "
+                  f"{no_pdl / floor:.3f}", flush=True)
     for bsz, k in res["kernels"].items():
-        print(f"\nbatch {bsz} (skinny unless 'plain'), ctx {a.contexts[0]}: {k['kernels_per_step']} kernels, {k['total_ms']:.3f} ms of kernel time")
+        print(f"\nbatch {bsz} (skinny + PDL unless named), ctx {a.contexts[0]}: {k['kernels_per_step']} kernels, {k['total_ms']:.3f} ms of kernel time")
         for name, ms, count in k["top"][:14]:
             print(f"  {ms:7.3f} ms  x{count:<6} {name}")
     a.out.write_text(json.dumps(res, indent=2))

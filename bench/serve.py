@@ -3,7 +3,9 @@
 Requests come from a workload (bench/workloads.py), leave at Poisson (or gamma, `--burstiness`) times at
 `--request-rate` (or all at once: `inf`), at most `--max-concurrency` in flight, and are streamed back; each
 one's TTFT, inter-token latencies, end-to-end and normalized latency (e2e / output tokens, the paper's
-metric), queue time, preemptions and predicted length are recorded. Prints a summary and writes it as JSON
+metric), queue time, preemptions and predicted length are recorded (the last three through the ALISE gRPC
+backend only; `--backend openai` runs the same workload against any OpenAI-compatible server, ALISE's HTTP
+API or a vLLM / SGLang one, for a comparison). Prints a summary and writes it as JSON
 (`--save-result`) with one CSV row per request beside it.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
 
 from bench.serve_metrics import RequestResult, format_summary, parse_goodput, summarize
@@ -38,15 +41,24 @@ def arrival_offsets(n: int, rate: float, burstiness: float, seed: int) -> list[f
     return out
 
 
+class Backend(str, Enum):
+    ALISE = "alise"          # the ALISE gRPC API: per-token ids, queue time, preemptions, predicted length
+    OPENAI = "openai"        # any OpenAI-compatible HTTP server (ALISE's own, vLLM, SGLang, ...): /v1/completions
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class Target:
-    """Where and as whom the requests go."""
+    """Where and as whom the requests go. For OPENAI, `address` is the base URL (http(s)://host:port/v1)."""
     address: str
     api_key: str | None
     tls_ca: str = ""
     model: str = ""
     priority: int = 0
     timeout_s: float = 3600.0
+    backend: Backend = Backend.ALISE
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -84,6 +96,70 @@ async def one_request(stub, req: BenchRequest, index: int, ignore_eos: bool, tar
     except Exception as e:  # noqa: BLE001 - grpc.aio raises AioRpcError; any failure is this request's result
         res.error = f"{getattr(e, 'code', lambda: type(e).__name__)()}: {getattr(e, 'details', lambda: str(e))()}"
     return res
+
+
+async def one_http_request(http, req: BenchRequest, index: int, ignore_eos: bool, target: Target, label: str,
+                           started: float) -> RequestResult:
+    """One streamed /v1/completions request, timed the way `vllm bench serve` times it: TTFT at the first chunk
+    with text, one inter-token gap per later chunk, token counts from the usage the server reports last."""
+    body = {"model": target.model, "prompt": req.prompt, "stream": True, "temperature": 0.0,
+            "stream_options": {"include_usage": True}}
+    if req.output_tokens:
+        body.update(max_tokens=req.output_tokens, ignore_eos=ignore_eos)
+    if target.priority:
+        body["priority"] = target.priority
+    headers = {"x-request-id": f"{label}-{index}-{uuid.uuid4().hex[:8]}"}
+    res = RequestResult(index=index, expected_output_tokens=req.output_tokens, start_s=time.perf_counter() - started)
+    t0 = last = time.perf_counter()
+    chunks = 0
+    try:
+        async with http.stream("POST", "/completions", json=body, headers=headers) as r:
+            if r.status_code != 200:
+                error = json.loads(await r.aread() or b"{}").get("error", {})
+                res.error = f"HTTP {r.status_code}: {error.get('message', '')}"
+                return res
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                now = time.perf_counter()
+                if "error" in event:
+                    res.error = f"stream error: {event['error'].get('message', '')}"
+                    break
+                if event.get("usage"):
+                    res.prompt_tokens = event["usage"]["prompt_tokens"]
+                    res.output_tokens = event["usage"]["completion_tokens"]
+                for choice in event.get("choices") or ():
+                    if choice.get("text"):
+                        if res.ttft_s is None:
+                            res.ttft_s = now - t0
+                        else:
+                            res.itl_s.append(now - last)
+                        last = now
+                        chunks += 1
+                    if choice.get("finish_reason"):
+                        res.finish_reason = choice["finish_reason"]
+        res.e2e_s = time.perf_counter() - t0
+        res.output_tokens = res.output_tokens or chunks
+        res.ok = not res.error and res.finish_reason in ("stop", "length")
+        if not res.ok and not res.error:
+            res.error = res.finish_reason or "stream ended without a finish reason"
+    except Exception as e:  # noqa: BLE001 - any transport failure is this request's result
+        res.error = f"{type(e).__name__}: {e}"
+    return res
+
+
+def http_client(target: Target):
+    """An asyncio HTTP client for the OpenAI backend, verifying TLS with `tls_ca` when given."""
+    import ssl
+
+    import httpx2 as httpx       # the HTTP client the openai package itself uses
+
+    verify = ssl.create_default_context(cafile=target.tls_ca) if target.tls_ca else True
+    headers = {"authorization": f"Bearer {target.api_key}"} if target.api_key else {}
+    return httpx.AsyncClient(base_url=target.address.rstrip("/"), headers=headers, verify=verify,
+                             timeout=target.timeout_s, limits=httpx.Limits(max_connections=None,
+                                                                            max_keepalive_connections=None))
 
 
 async def worker_loads(target: Target) -> list[dict]:
@@ -124,18 +200,24 @@ async def run(requests: list[BenchRequest], target: Target, *, rate: float, burs
                else arrival_offsets(len(requests), rate, burstiness, seed))
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency > 0 else None
     done = 0
-    async with aio_channel(target.address, TlsFiles(ca=target.tls_ca)) as channel:
-        stub = pb_grpc.AliseStub(channel)
+    if target.backend is Backend.OPENAI:
+        connection = http_client(target)
+        one = one_http_request
+    else:
+        connection = aio_channel(target.address, TlsFiles(ca=target.tls_ca))
+        one = one_request
+    async with connection as conn:
+        client = conn if target.backend is Backend.OPENAI else pb_grpc.AliseStub(conn)
         started = time.perf_counter()
 
         async def send(i: int) -> RequestResult:
             nonlocal done
             await asyncio.sleep(max(0.0, offsets[i] - (time.perf_counter() - started)))
             if limit is None:
-                res = await one_request(stub, requests[i], i, ignore_eos, target, label, started)
+                res = await one(client, requests[i], i, ignore_eos, target, label, started)
             else:
                 async with limit:
-                    res = await one_request(stub, requests[i], i, ignore_eos, target, label, started)
+                    res = await one(client, requests[i], i, ignore_eos, target, label, started)
             done += 1
             return res
 
@@ -181,6 +263,10 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_workload_arguments(p)
     p.add_argument("--request-rate", type=float, default=math.inf, help="requests/s (Poisson); inf = all at once")
+    p.add_argument("--backend", type=Backend, choices=list(Backend), default=Backend.ALISE,
+                   help="alise: the gRPC API at --address; openai: an OpenAI-compatible server at --base-url")
+    p.add_argument("--base-url", help="openai: the server's base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model", default="", help="openai: the model name to send (default: the server's first)")
     p.add_argument("--trace-times", action="store_true", help="azure: send at the trace's own arrival times")
     p.add_argument("--goodput", nargs="*", default=[], metavar="METRIC:MS",
                    help="SLOs for goodput, e.g. ttft:500 tpot:50 e2el:10000")
@@ -206,7 +292,17 @@ def open_tokenizer(path: str | None):
     return AutoTokenizer.from_pretrained(path or str(default_model_dir()))
 
 
+async def served_model(target: Target) -> str:
+    """The first model an OpenAI-compatible server lists (what `vllm bench serve` sends when none is named)."""
+    async with http_client(target) as http:
+        r = await http.get("/models")
+        r.raise_for_status()
+        return r.json()["data"][0]["id"]
+
+
 def bench_serve(a: argparse.Namespace, target: Target) -> dict:
+    if target.backend is Backend.OPENAI and not target.model:
+        target.model = asyncio.run(served_model(target))
     workload = load_workload(a, open_tokenizer(a.tokenizer), extra=a.warmup)
     warm, measured = workload[:a.warmup], workload[a.warmup:]
     if warm:
@@ -217,7 +313,8 @@ def bench_serve(a: argparse.Namespace, target: Target) -> dict:
                                         use_trace_times=a.trace_times))
     summary = summarize(results, duration, [float(x) for x in a.percentiles.split(",")], parse_goodput(a.goodput))
     summary.update(label=a.label, dataset=a.dataset_name.value, request_rate=a.request_rate,
-                   burstiness=a.burstiness, max_concurrency=a.max_concurrency, address=target.address)
+                   burstiness=a.burstiness, max_concurrency=a.max_concurrency, address=target.address,
+                   backend=target.backend.value)
     print(format_summary(summary))
     if a.save_result:
         save(a.save_result, summary, results)

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import uuid
+from urllib.parse import urlsplit
 
 import grpc
 from alise.v1 import generate_pb2 as pb
@@ -154,6 +155,36 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def plaintext_allowed(address: str, ca: str, insecure: bool) -> bool:
+    """An API key goes in plaintext only to a loopback address, or with --insecure."""
+    if ca or insecure or is_loopback(address):
+        return True
+    print(f"error: refusing to send an API key in plaintext to {address}: give --tls-ca (or ALISE_TLS_CA), "
+          f"or --insecure", file=sys.stderr)
+    return False
+
+
+def bench_serve_command(a: argparse.Namespace) -> int:
+    from bench.serve import Backend, Target, bench_serve
+
+    if a.backend is Backend.OPENAI:      # any OpenAI-compatible server: ALISE's HTTP API, vLLM, SGLang, ...
+        if not a.base_url:
+            print("error: --backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)", file=sys.stderr)
+            return 2
+        url = urlsplit(a.base_url)
+        if url.scheme == "http" and not plaintext_allowed(f"{url.hostname}:{url.port or 80}", "", a.insecure):
+            return 2
+        target = Target(a.base_url, resolve_api_key(a.api_key), a.tls_ca or "", model=a.model, priority=a.priority,
+                        backend=Backend.OPENAI)
+    else:
+        address = resolve_address(a.address)
+        ca = resolve_tls_ca(a.tls_ca, address)
+        if not plaintext_allowed(address, ca, a.insecure):
+            return 2
+        target = Target(address, resolve_api_key(a.api_key), ca, priority=a.priority)
+    return 0 if bench_serve(a, target)["failed"] == 0 else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     if a.command == "bench" and a.bench == "sweep":
@@ -166,17 +197,12 @@ def main(argv: list[str] | None = None) -> int:
 
         simulate_sweep(a)
         return 0
+    if a.command == "bench":             # serve
+        return bench_serve_command(a)
     address = resolve_address(a.address)
     ca = resolve_tls_ca(a.tls_ca, address)
-    if not ca and not a.insecure and not is_loopback(address):
-        print(f"error: refusing to send an API key in plaintext to {address}: give --tls-ca (or ALISE_TLS_CA), "
-              f"or --insecure", file=sys.stderr)
+    if not plaintext_allowed(address, ca, a.insecure):
         return 2
-    if a.command == "bench":             # serve
-        from bench.serve import Target, bench_serve
-
-        summary = bench_serve(a, Target(address, resolve_api_key(a.api_key), ca, priority=a.priority))
-        return 0 if summary["failed"] == 0 else 1
     with tls_channel(address, TlsFiles(ca=ca)) as channel:
         try:
             return a.fn(pb_grpc.AliseStub(with_bearer(channel, resolve_api_key(a.api_key))), a)

@@ -138,3 +138,78 @@ def test_refuses_to_install_without_client_credentials():
 def test_bad_values_fail_with_the_value_named(values, message):
     with pytest.raises(helm.HelmError, match=message):
         render(values)
+
+
+def deployments(docs: list[dict]) -> dict[str, dict]:
+    return {d["metadata"]["name"].removeprefix("demo-alise-"): d["spec"]["template"]["spec"]
+            for d in docs if d["kind"] == "Deployment"}
+
+
+def test_every_pod_meets_pod_security_restricted():
+    """The checks of Kubernetes' Pod Security "restricted" level, on every pod the chart makes."""
+    pods = deployments(render())
+    assert set(pods) == {"scheduler", "worker", "predictor", "redis"}
+    for name, spec in pods.items():
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["seccompProfile"]["type"] == "RuntimeDefault", name
+        assert pod.get("runAsUser", 1) != 0, name
+        for c in spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"], name
+            assert sc["readOnlyRootFilesystem"] is True and not sc.get("privileged"), name
+            assert set(sc["capabilities"]).isdisjoint({"add"}), name
+        assert not any("hostPath" in v for v in spec.get("volumes", [])), name
+    assert pods["redis"]["securityContext"]["runAsUser"] == 999
+    for name in ("scheduler", "worker", "predictor"):     # read-only root: HOME and caches on the /tmp emptyDir
+        container = pods[name]["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["HOME"] == "/tmp" and env["TRITON_CACHE_DIR"].startswith("/tmp"), name
+        assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"], name
+
+
+def test_the_http_api_is_served_and_exposed():
+    docs = render()
+    scheduler = deployments(docs)["scheduler"]["containers"][0]
+    assert "--http-listen=0.0.0.0:8000" in scheduler["args"]
+    assert {"name": "http", "containerPort": 8000} in scheduler["ports"]
+    ports = {p["name"]: p["port"] for p in by_name(docs, "Service", "demo-alise-scheduler")["spec"]["ports"]}
+    assert ports["http"] == 8000 and ports["grpc"] == 50051
+    assert scheduler["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
+
+
+def test_network_policies_fence_redis_the_predictor_and_the_worker_gateway():
+    docs = render()
+    policies = {d["metadata"]["name"].removeprefix("demo-alise-"): d["spec"] for d in docs
+                if d["kind"] == "NetworkPolicy"}
+    assert set(policies) == {"scheduler", "predictor", "worker", "redis"}
+
+    def allowed(policy, port):
+        """Components allowed to reach `port` ("any" when the rule has no `from`)."""
+        out = set()
+        for rule in policy["ingress"]:
+            if any(p["port"] == port for p in rule["ports"]):
+                out |= ({f["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for f in rule["from"]}
+                        if "from" in rule else {"any"})
+        return out
+    assert allowed(policies["redis"], 6379) == {"scheduler", "predictor"}
+    assert allowed(policies["predictor"], 50052) == {"scheduler"}
+    assert allowed(policies["scheduler"], 50061) == {"worker"}
+    assert allowed(policies["scheduler"], 50051) == allowed(policies["scheduler"], 8000) == {"any"}
+    assert not any(d["kind"] == "NetworkPolicy" for d in render({"networkPolicy": {"enabled": False}}))
+
+
+def test_disruption_budgets_and_spread_for_replicated_components():
+    docs = render({"worker": {"replicas": 3}, "predictor": {"replicas": 2}})
+    budgets = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "PodDisruptionBudget"}
+    assert budgets["demo-alise-worker"]["maxUnavailable"] == 1 and "demo-alise-predictor" in budgets
+    assert budgets["demo-alise-worker"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "worker"
+    spread = deployments(docs)["worker"]["topologySpreadConstraints"][0]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "worker"
+    assert not any(d["kind"] == "PodDisruptionBudget" for d in render())      # one replica each: no budget
+
+
+def test_an_old_cluster_is_refused_at_install_not_at_apply():
+    assert helm.lint(str(CHART), strict=True, kube_version="v1.24.0", values={"auth": {"tenants": [TENANT]}})["errors"] == []
+    lint = helm.lint(str(CHART), strict=True, kube_version="v1.23.0", values={"auth": {"tenants": [TENANT]}})
+    assert any("kubeVersion" in e or "1.23" in e for e in lint["errors"]), lint

@@ -9,6 +9,7 @@ import openai
 import pytest
 from alise.v1 import generate_pb2 as pb
 
+from client.cli import main as cli_main
 from services.common.local_stack import free_port
 from tests.helpers import generate, job_status, request, stub_for, wait_until
 
@@ -138,3 +139,15 @@ def test_same_request_id_reattaches_instead_of_generating_twice(stack, model):
     again = httpx.post(stack.http_base + "/completions", json=body, headers=headers, timeout=120).json()
     assert again["choices"][0]["text"] == first["choices"][0]["text"]
     assert again["id"] == first["id"]
+
+
+def test_bench_serve_runs_a_workload_through_the_http_api(stack, tmp_path):
+    out = tmp_path / "http.json"
+    code = cli_main(["--api-key", stack.api_key, "bench", "serve", "--backend", "openai", "--base-url", stack.http_base,
+                     "--dataset-name", "synthetic", "--num-prompts", "4", "--input-len", "16", "--output-len", "6",
+                     "--ignore-eos", "--request-rate", "inf", "--label", "http", "--save-result", str(out)])
+    assert code == 0
+    summary = json.loads(out.read_text())
+    assert summary["backend"] == "openai" and summary["completed"] == 4 and summary["failed"] == 0
+    assert summary["total_output_tokens"] == 24                 # ignore_eos: exactly 6 each, from the usage
+    assert 0 < summary["ttft_s"]["mean"] <= summary["e2e_s"]["mean"]

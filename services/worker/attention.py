@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from services.worker.pdl import pdl_on
+
 try:
     import triton
     import triton.language as tl
@@ -39,11 +41,14 @@ if triton is not None:
                              stride_qb, stride_qh, stride_ks, stride_kh, stride_btb, stride_ob, stride_oh,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
                              BLOCK_SIZE: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr, SPLITS: tl.constexpr,
-                             PRECISION: tl.constexpr):
+                             PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
         """Program (b, kv head, split): the query heads of one KV-head group against one slice of the
         context, online softmax over TOK-token chunks. With SPLITS == 1 the slice is the whole context and
         the output is written directly; otherwise (flash-decoding, for small batches) the partial softmax
         state (max, sum, weighted values) is written and _combine_splits_kernel merges the slices."""
+        if USE_PDL:                          # pdl.py: wait for the kernel before, let the next one start
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -87,7 +92,10 @@ if triton is not None:
 
     @triton.jit
     def _combine_splits_kernel(M_IN, L_IN, ACC_IN, O, stride_ob, stride_oh, num_heads,
-                               SPLITS: tl.constexpr, D: tl.constexpr):
+                               SPLITS: tl.constexpr, D: tl.constexpr, USE_PDL: tl.constexpr):
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         b = tl.program_id(0)
         h = tl.program_id(1)
         s = tl.arange(0, SPLITS)
@@ -121,6 +129,7 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, block_s
     splits = splits or num_splits(bsz, num_kv)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"   # fp32 models get true fp32 dots
     group_pad = max(16, triton.next_power_of_2(group))
+    pdl = pdl_on(q.device)
     if splits > 1:
         m = torch.empty(bsz, num_heads, splits, dtype=torch.float32, device=q.device)
         l = torch.empty_like(m)
@@ -132,10 +141,10 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, block_s
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, D=dim, BLOCK_SIZE=block_size, BLOCKS_PER_ITER=per_iter,
-        SPLITS=splits, PRECISION=precision)
+        SPLITS=splits, PRECISION=precision, USE_PDL=pdl, launch_pdl=pdl)
     if splits > 1:
         _combine_splits_kernel[(bsz, num_heads)](m, l, acc, out, out.stride(0), out.stride(1), num_heads,
-                                                 SPLITS=splits, D=dim)
+                                                 SPLITS=splits, D=dim, USE_PDL=pdl, launch_pdl=pdl)
     return out
 
 

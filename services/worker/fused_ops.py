@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from services.worker.pdl import pdl_on
+
 try:
     import triton
     import triton.language as tl
@@ -104,9 +106,13 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 if triton is not None:
     @triton.jit
     def _rope_cache_kernel(QKV, COS, SIN, KC, VC, SLOTS, stride_t, stride_c, stride_slot, stride_head,
-                           NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
+                           NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+                           USE_PDL: tl.constexpr):
         """Program (t, h): h < NUM_HEADS rotates query head h in place; otherwise kv head h - NUM_HEADS:
         its key is rotated in place and written, with its value, to the token's cache slot."""
+        if USE_PDL:                          # pdl.py: wait for the kernel before, let the next one start
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         t = tl.program_id(0)
         h = tl.program_id(1)
         d = tl.arange(0, HALF)
@@ -141,6 +147,7 @@ def rope_and_cache_(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_d
     """qkv [T, (H + 2 KV) * D], contiguous rows: q and k rotated in place, k and v written to the caches
     ([slots, KV, D]) at `slots`. Four kernels (two rotations, two cache copies) become one; CUDA only."""
     assert k_cache.stride() == v_cache.stride() and qkv.stride(1) == 1 and k_cache.stride(2) == 1
+    pdl = pdl_on(qkv.device)
     _rope_cache_kernel[(qkv.shape[0], num_heads + num_kv_heads)](
         qkv, cos, sin, k_cache, v_cache, slots, qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1),
-        NUM_HEADS=num_heads, NUM_KV=num_kv_heads, D=head_dim, HALF=head_dim // 2)
+        NUM_HEADS=num_heads, NUM_KV=num_kv_heads, D=head_dim, HALF=head_dim // 2, USE_PDL=pdl, launch_pdl=pdl)

@@ -31,6 +31,8 @@ from typing import NamedTuple
 
 import torch
 
+from services.worker.pdl import pdl_on
+
 try:
     import triton
     import triton.language as tl
@@ -97,9 +99,19 @@ def config_for(m: int, n: int, k: int, device_name: str) -> TileConfig:
 
 if triton is not None:
     @triton.jit
+    def _input_tile(a_ptrs, m_ok, NORM_W, k, rk, inv, NORM: tl.constexpr):
+        """One K chunk of the input rows; with NORM, RMS-normalised (inv: 1 / rms per row) times the norm weight,
+        rounded as transformers rounds (normalised value, then the product, to the model dtype)."""
+        a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
+        if NORM:
+            nw = tl.load(NORM_W + k + rk).to(tl.float32)
+            a = (nw[None, :] * (a.to(tl.float32) * inv[:, None]).to(a.dtype).to(tl.float32)).to(a.dtype)
+        return a
+
+    @triton.jit
     def _skinny_kernel(A, W, OUT, R, SUMSQ_IN, NORM_W, SUMSQ_OUT, ZERO,
                        M, N, K, stride_a, stride_w, stride_o, eps,
-                       NORM: tl.constexpr, EPILOGUE: tl.constexpr, ZEROES: tl.constexpr,
+                       NORM: tl.constexpr, EPILOGUE: tl.constexpr, ZEROES: tl.constexpr, USE_PDL: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Program n: the n-th tile of columns of prologue(A) @ W^T over the whole K (no split-K), then the epilogue.
         SILU_MUL: W is [gate; up] (2N rows); the tile's gate and up columns are both computed and combined."""
@@ -111,20 +123,30 @@ if triton is not None:
         n_ok = rn < N
         a_ptrs = A + rm[:, None] * stride_a + rk[None, :]
         w_ptrs = W + rn[:, None] * stride_w + rk[None, :]
-        if NORM:
-            inv = 1.0 / tl.sqrt(tl.load(SUMSQ_IN + rm, mask=m_ok, other=0.0) / K + eps)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
-            if NORM:
-                nw = tl.load(NORM_W + k + rk).to(tl.float32)
-                a = (nw[None, :] * (a.to(tl.float32) * inv[:, None]).to(a.dtype).to(tl.float32)).to(a.dtype)
-            acc += tl.dot(a, tl.trans(tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)))
+        # the first K chunk of the weights is read before waiting on the previous kernel (weights never
+        # depend on it): with PDL, that overlaps the previous kernel's tail
+        w_mask = n_ok[:, None]
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        if EPILOGUE == 2:
+            w_up = tl.load(w_ptrs + N * stride_w, mask=w_mask, other=0.0)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+        inv = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        if NORM:
+            inv = 1.0 / tl.sqrt(tl.load(SUMSQ_IN + rm, mask=m_ok, other=0.0) / K + eps)
+        a = _input_tile(a_ptrs, m_ok, NORM_W, 0, rk, inv, NORM)
+        acc += tl.dot(a, tl.trans(w))
+        if EPILOGUE == 2:
+            acc_up += tl.dot(a, tl.trans(w_up))
+        for k in range(BLOCK_K, K, BLOCK_K):
+            a = _input_tile(a_ptrs + k, m_ok, NORM_W, k, rk, inv, NORM)
+            acc += tl.dot(a, tl.trans(tl.load(w_ptrs + k, mask=w_mask, other=0.0)))
             if EPILOGUE == 2:
-                acc_up += tl.dot(a, tl.trans(tl.load(w_ptrs + N * stride_w, mask=n_ok[:, None], other=0.0)))
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
+                acc_up += tl.dot(a, tl.trans(tl.load(w_ptrs + k + N * stride_w, mask=w_mask, other=0.0)))
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         out = acc.to(W.dtype.element_ty)                   # rounded like a bf16 GEMM's output
         o_offs = rm[:, None] * stride_o + rn[None, :]
         o_mask = m_ok[:, None] & n_ok[None, :]
@@ -182,12 +204,13 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, *, epilogue: Epilogue = Epil
     if epilogue == Epilogue.RESIDUAL:
         assert residual is not None and residual.is_contiguous() and residual.shape == (m, n) and sumsq_out is not None
     dummy = out
+    pdl = pdl_on(x.device)
     _skinny_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, w, out, residual if residual is not None else dummy,
         sumsq_in if sumsq_in is not None else dummy, norm_w if norm_w is not None else dummy,
         sumsq_out if sumsq_out is not None else dummy, zero if zero is not None else dummy,
         m, n, k, x.stride(0), w.stride(0), out.stride(0), eps,
-        NORM=sumsq_in is not None, EPILOGUE=int(epilogue), ZEROES=zero is not None,
+        NORM=sumsq_in is not None, EPILOGUE=int(epilogue), ZEROES=zero is not None, USE_PDL=pdl,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl)
     return out

@@ -82,3 +82,42 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 {{- end -}}
+
+
+{{/* Pod Security "restricted": the pod's and each container's securityContext (values.yaml). Redis runs as the
+redis image's own user. */}}
+{{- define "alise.podSecurity" -}}
+securityContext: {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- end -}}
+
+{{- define "alise.containerSecurity" -}}
+securityContext: {{- toYaml .Values.containerSecurityContext | nindent 2 }}
+{{- end -}}
+
+{{/* The root filesystem is read-only: HOME, the model / kernel caches and Python's temp files go to /tmp. */}}
+{{- define "alise.writableEnv" -}}
+- {name: HOME, value: /tmp}
+- {name: ALISE_CACHE, value: /tmp/alise}
+- {name: XDG_CACHE_HOME, value: /tmp/.cache}
+- {name: TRITON_CACHE_DIR, value: /tmp/triton}
+- {name: PYTHONDONTWRITEBYTECODE, value: "1"}
+{{- end -}}
+
+{{- define "alise.tmpVolume" -}}
+- name: tmp
+  emptyDir: {}
+{{- end -}}
+
+{{- define "alise.tmpMount" -}}
+- {name: tmp, mountPath: /tmp}
+{{- end -}}
+
+{{/* Spread a component's replicas over nodes where the cluster allows it. */}}
+{{- define "alise.spread" -}}
+topologySpreadConstraints:
+  - maxSkew: 1
+    topologyKey: kubernetes.io/hostname
+    whenUnsatisfiable: ScheduleAnyway
+    labelSelector:
+      matchLabels: {{- include "alise.selector" . | nindent 8 }}
+{{- end -}}
