@@ -6,9 +6,9 @@ bandwidth. Against it:
 - synced: `runner.forward` with a device sync around it (host preparation included, as engine_bench.py did);
 - gpu: the device time of the decode graph's replay alone (CUDA events);
 - served: the steady-state step of the overlapped engine decoding that batch (what a client sees per token).
-A/B in the same run: "plain" is the graph of the cuBLAS path (separate norm / SiLU kernels), "no-pdl" the
-skinny-GEMM layers (skinny_gemm.py) launched without programmatic dependent launch (pdl.py); the other
-columns run the default, skinny layers with PDL. Then a torch.profiler trace of graph replays lists the kernels of
+A/B in the same run: "plain" is the graph of the cuBLAS path (separate norm / SiLU kernels), "pdl" the
+skinny-GEMM layers (skinny_gemm.py) with programmatic dependent launch (pdl.py); the other columns run the
+default: skinny layers, PDL as pdl.ENABLED says (off). Then a torch.profiler trace of graph replays lists the kernels of
 one decode step by total time.
 
     python -m bench.decode_floor --out decode_floor.json
@@ -162,8 +162,9 @@ def main() -> None:
     skinny_rows = runner.skinny_rows
     res["skinny_check"] = check_skinny_path(runner, bm, skinny_rows)
     print("skinny-GEMM decode against the plain path:", res["skinny_check"], flush=True)
-    # A/B: the graphs of the plain (cuBLAS) layers and of the skinny ones without PDL, then (below) the default
-    for variant, rows, with_pdl in (("plain", 0, False), ("no-pdl", skinny_rows, False)):
+    # A/B: the graphs of the plain (cuBLAS) layers and of the skinny ones with PDL, then (below) the default
+    default_pdl = pdl.ENABLED
+    for variant, rows, with_pdl in (("plain", 0, False), ("pdl", skinny_rows, True)):
         runner.skinny_rows, pdl.ENABLED = rows, with_pdl
         runner.graphs.capture()
         res["ab_gpu_ms"][variant] = {}
@@ -177,10 +178,10 @@ def main() -> None:
                     res["kernels"][f"{variant} {bsz}"] = kernel_breakdown(runner, chunks)
                 for s in seqs:
                     bm.free(s)
-    runner.skinny_rows, pdl.ENABLED = skinny_rows, True
+    runner.skinny_rows, pdl.ENABLED = skinny_rows, default_pdl
     runner.graphs.capture()
-    print(f"{'ctx':>5} {'batch':>5} {'floor':>7} {'synced':>7} {'gpu':>7} {'served':>7} {'plain':>7} {'no-pdl':>7}   "
-          f"ratios synced/gpu/served/plain-gpu/no-pdl-gpu")
+    print(f"{'ctx':>5} {'batch':>5} {'floor':>7} {'synced':>7} {'gpu':>7} {'served':>7} {'plain':>7} {'pdl':>7}   "
+          f"ratios synced/gpu/served/plain-gpu/pdl-gpu")
     for ctx in a.contexts:
         for bsz in a.batches:
             seqs = [f"d{ctx}_{i}" for i in range(bsz)]
@@ -195,15 +196,15 @@ def main() -> None:
             for s in seqs:
                 bm.free(s)
             served = served_step_ms(engine, bsz, ctx)
-            plain, no_pdl = (res["ab_gpu_ms"][v][f"{ctx}x{bsz}"] for v in ("plain", "no-pdl"))
+            plain, with_pdl = (res["ab_gpu_ms"][v][f"{ctx}x{bsz}"] for v in ("plain", "pdl"))
             row = {"ctx": ctx, "batch": bsz, "floor_ms": floor, "synced_ms": synced, "gpu_ms": gpu, "served_ms": served,
-                   "plain_gpu_ms": plain, "no_pdl_gpu_ms": no_pdl}
+                   "plain_gpu_ms": plain, "pdl_gpu_ms": with_pdl}
             res["rows"].append(row)
-            print(f"{ctx:>5} {bsz:>5} {floor:7.3f} {synced:7.3f} {gpu:7.3f} {served:7.3f} {plain:7.3f} {no_pdl:7.3f}   "
+            print(f"{ctx:>5} {bsz:>5} {floor:7.3f} {synced:7.3f} {gpu:7.3f} {served:7.3f} {plain:7.3f} {with_pdl:7.3f}   "
                   f"{synced / floor:.3f} / {gpu / floor:.3f} / {served / floor:.3f} / {plain / floor:.3f} / "
-                  f"{no_pdl / floor:.3f}", flush=True)
+                  f"{with_pdl / floor:.3f}", flush=True)
     for bsz, k in res["kernels"].items():
-        print(f"\nbatch {bsz} (skinny + PDL unless named), ctx {a.contexts[0]}: {k['kernels_per_step']} kernels, {k['total_ms']:.3f} ms of kernel time")
+        print(f"\nbatch {bsz} (skinny layers unless named), ctx {a.contexts[0]}: {k['kernels_per_step']} kernels, {k['total_ms']:.3f} ms of kernel time")
         for name, ms, count in k["top"][:14]:
             print(f"  {ms:7.3f} ms  x{count:<6} {name}")
     a.out.write_text(json.dumps(res, indent=2))

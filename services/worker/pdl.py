@@ -19,7 +19,10 @@ try:
 except ImportError:
     tl = None
 
-ENABLED = True          # benchmarks switch it off for an A/B in one process (bench/decode_floor.py)
+# Off: measured neutral on the H200 (decode steps at batch 1-16 within +-2% of the same kernels without it,
+# docs/BENCHMARKS.md); kept, with its A/B in bench/decode_floor.py, as the base for prefetching more of the next
+# kernel's weights into L2 before its wait.
+ENABLED = False
 
 
 @lru_cache(maxsize=None)
