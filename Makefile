@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PROTOS := $(shell find protos -name '*.proto')
-GEN_STAMP := gen/.stamp
+GEN_STAMP := alise/v1/.stamp
 VENV_STAMP := $(VENV)/.installed
 
 .PHONY: run test protos venv redis model clean
@@ -28,14 +28,14 @@ $(VENV_STAMP): requirements/*.txt pyproject.toml $(GEN_STAMP)
 
 protos: $(GEN_STAMP)
 
-# Generated modules live in gen/ (git-ignored); grpcio-tools comes from a bootstrap venv step.
+# Generated modules live in alise/v1/ (git-ignored) inside the client package; grpcio-tools comes from a
+# bootstrap venv step. `pip install .` without make generates them the same way (setup.py).
 $(GEN_STAMP): $(PROTOS) requirements/base.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import grpc_tools" 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check -r requirements/base.txt
-	rm -rf gen && mkdir -p gen
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=gen --pyi_out=gen --grpc_python_out=gen $(PROTOS)
-	find gen -type d -exec touch {}/__init__.py \;
-	rm -f gen/__init__.py
+	rm -rf alise/v1
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	touch alise/v1/__init__.py
 	touch $@
 
 # A Redis server binary for the tests and `make run` (they start their own on a free loopback port).
@@ -50,4 +50,4 @@ model: $(VENV_STAMP)
 	$(PY) -m services.worker.prepare_model
 
 clean:
-	rm -rf gen $(VENV) .pytest_cache
+	rm -rf alise/v1 $(VENV) .pytest_cache

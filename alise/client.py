@@ -1,0 +1,249 @@
+"""The ALISE client SDK: typed, streaming, sync (`Client`) and asyncio (`AsyncClient`), over the gRPC API.
+
+Needs only grpcio and protobuf (`pip install alise`). A request is a prompt (tokenized as is) or chat
+`messages` (rendered with the served model's chat template); sampling follows the gRPC API's SamplingParams.
+Every call carries the API key as `authorization: Bearer <key>`. Failures raise AliseError with the gRPC
+status name and the server's message, which names the offending field (`sampling.top_p: must be in (0, 1]`).
+Leaving a stream early (break, close, Ctrl-C) cancels the request on the server and frees its KV blocks.
+"""
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import grpc
+
+from alise.v1 import generate_pb2 as pb
+from alise.v1 import generate_pb2_grpc as pb_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"            # EOS or a stop string
+    LENGTH = "length"        # max_tokens reached
+    ABORTED = "aborted"
+    ERROR = "error"
+
+
+_FINISH = {pb.FINISH_REASON_STOP: FinishReason.STOP, pb.FINISH_REASON_LENGTH: FinishReason.LENGTH,
+           pb.FINISH_REASON_ABORTED: FinishReason.ABORTED, pb.FINISH_REASON_ERROR: FinishReason.ERROR}
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What a stream delivers as the model generates: text and token ids since the previous chunk."""
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Timings:
+    queue_s: float              # accepted -> first placed on a worker
+    ttft_s: float               # accepted -> first token
+    e2e_s: float                # accepted -> finished
+    predicted_output_tokens: int
+    preemptions: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    request_id: str
+    text: str                   # the whole output
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+
+
+class AliseError(Exception):
+    """A refused or failed call: `code` is the gRPC status name (INVALID_ARGUMENT, UNAUTHENTICATED, ...)."""
+
+    def __init__(self, code: str, message: str, retry_after_s: float | None = None):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.retry_after_s = code, message, retry_after_s
+
+    @classmethod
+    def from_rpc(cls, e: grpc.RpcError) -> "AliseError":
+        trailers = dict(e.trailing_metadata() or ()) if hasattr(e, "trailing_metadata") else {}
+        retry = trailers.get("retry-after-ms")
+        return cls(e.code().name, e.details() or "", float(retry) / 1000 if retry else None)
+
+
+def build_request(prompt: str | None = None, *, messages: Sequence[dict] | None = None, max_tokens: int = 0,
+                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: Sequence[str] = (),
+                  seed: int | None = None, ignore_eos: bool = False, priority: int = 0,
+                  request_id: str | None = None, model: str = "") -> pb.GenerateRequest:
+    """A GenerateRequest from keyword arguments: exactly one of `prompt` and `messages` ({role, content})."""
+    if (prompt is None) == (messages is None):
+        raise ValueError("give exactly one of prompt and messages")
+    sampling = pb.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                 stop=list(stop), ignore_eos=ignore_eos)
+    if seed is not None:
+        sampling.seed = seed
+    req = pb.GenerateRequest(request_id=request_id or uuid.uuid4().hex, model=model, sampling=sampling,
+                             priority=priority)
+    if messages is not None:
+        req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+    else:
+        req.prompt = prompt
+    return req
+
+
+def _completion(done: pb.GenerateComplete, token_ids: list[int]) -> Completion:
+    t = done.timings
+    return Completion(request_id=done.request_id, text=done.text, token_ids=tuple(token_ids),
+                      finish_reason=_FINISH.get(done.finish_reason, FinishReason.ERROR),
+                      usage=Usage(done.usage.prompt_tokens, done.usage.completion_tokens),
+                      timings=Timings(t.queue_seconds, t.ttft_seconds, t.e2e_seconds, t.predicted_output_tokens,
+                                      t.num_preemptions))
+
+
+def _credentials(tls_ca: str | None) -> grpc.ChannelCredentials | None:
+    return grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes()) if tls_ca else None
+
+
+class Stream:
+    """Chunks as they come (iterate it); `completion` once the stream has ended. `cancel()` (or leaving the loop
+    and closing the client) aborts the request on the server."""
+
+    def __init__(self, call):
+        self._call = call
+        self._tokens: list[int] = []
+        self.completion: Completion | None = None
+
+    def __iter__(self) -> Iterator[Chunk]:
+        try:
+            for response in self._call:
+                if response.HasField("chunk"):
+                    self._tokens.extend(response.chunk.token_ids)
+                    yield Chunk(response.chunk.text, tuple(response.chunk.token_ids))
+                else:
+                    self.completion = _completion(response.complete, self._tokens)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.CANCELLED:
+                raise AliseError.from_rpc(e) from None
+        finally:
+            if self.completion is None:
+                self._call.cancel()
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class AsyncStream:
+    """As Stream, for asyncio: `async for chunk in stream`."""
+
+    def __init__(self, call):
+        self._call = call
+        self._tokens: list[int] = []
+        self.completion: Completion | None = None
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        try:
+            async for response in self._call:
+                if response.HasField("chunk"):
+                    self._tokens.extend(response.chunk.token_ids)
+                    yield Chunk(response.chunk.text, tuple(response.chunk.token_ids))
+                else:
+                    self.completion = _completion(response.complete, self._tokens)
+        except grpc.RpcError as e:
+            raise AliseError.from_rpc(e) from None
+        finally:
+            if self.completion is None:
+                self._call.cancel()
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class Client:
+    """A connection to an ALISE scheduler. `tls_ca`: verify the server with this CA (plaintext without it)."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, api_key: str | None = None, tls_ca: str | None = None,
+                 timeout_s: float = 3600.0):
+        creds = _credentials(tls_ca)
+        self._channel = grpc.secure_channel(address, creds) if creds else grpc.insecure_channel(address)
+        self._stub = pb_grpc.AliseStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self.timeout_s = timeout_s
+
+    def stream(self, prompt: str | None = None, **kwargs) -> Stream:
+        """Start a request (build_request's arguments); iterate the result for its chunks."""
+        req = build_request(prompt, **kwargs)
+        return Stream(self._stub.Generate(req, timeout=self.timeout_s, metadata=self._metadata))
+
+    def generate(self, prompt: str | None = None, **kwargs) -> Completion:
+        """Run a request to its end and return the whole result."""
+        stream = self.stream(prompt, **kwargs)
+        for _ in stream:
+            pass
+        if stream.completion is None:
+            raise AliseError("UNKNOWN", "the stream ended without a completion")
+        return stream.completion
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a queued or running request of this tenant; False if it had already ended."""
+        try:
+            return self._stub.Abort(pb.AbortRequest(request_id=request_id), timeout=60,
+                                    metadata=self._metadata).aborted
+        except grpc.RpcError as e:
+            raise AliseError.from_rpc(e) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """Client for asyncio: `await client.generate(...)`, `async for chunk in client.stream(...)`."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, api_key: str | None = None, tls_ca: str | None = None,
+                 timeout_s: float = 3600.0):
+        creds = _credentials(tls_ca)
+        self._channel = grpc.aio.secure_channel(address, creds) if creds else grpc.aio.insecure_channel(address)
+        self._stub = pb_grpc.AliseStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self.timeout_s = timeout_s
+
+    def stream(self, prompt: str | None = None, **kwargs) -> AsyncStream:
+        req = build_request(prompt, **kwargs)
+        return AsyncStream(self._stub.Generate(req, timeout=self.timeout_s, metadata=self._metadata))
+
+    async def generate(self, prompt: str | None = None, **kwargs) -> Completion:
+        stream = self.stream(prompt, **kwargs)
+        async for _ in stream:
+            pass
+        if stream.completion is None:
+            raise AliseError("UNKNOWN", "the stream ended without a completion")
+        return stream.completion
+
+    async def abort(self, request_id: str) -> bool:
+        try:
+            return (await self._stub.Abort(pb.AbortRequest(request_id=request_id), timeout=60,
+                                           metadata=self._metadata)).aborted
+        except grpc.RpcError as e:
+            raise AliseError.from_rpc(e) from None
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -1,0 +1,118 @@
+"""The client SDK (`alise.Client`, `alise.AsyncClient`) against a live stack, and the package as a user installs
+it: a wheel built from this checkout, installed into a fresh venv, gives a working `alise` CLI."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import uuid
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from alise import AliseError, AsyncClient, Client, FinishReason
+from tests.helpers import hf_greedy, job_status, stub_for, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def stack(stack_factory):
+    return stack_factory()
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    with Client(stack.address, api_key=stack.api_key) as c:
+        yield c
+
+
+def test_generate_equals_transformers_greedy(client, hf_model, tokenizer):
+    out = client.generate(PROMPT, max_tokens=12, ignore_eos=True)
+    assert list(out.token_ids) == hf_greedy(hf_model, tokenizer, PROMPT, 12)
+    assert out.finish_reason is FinishReason.LENGTH and out.usage.completion_tokens == 12
+    assert out.text == tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    assert 0 < out.timings.ttft_s <= out.timings.e2e_s
+
+
+def test_stream_chunks_add_up_to_the_completion(client):
+    stream = client.stream(messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=24)
+    chunks = list(stream)
+    assert len(chunks) >= 1 and stream.completion is not None
+    assert "".join(c.text for c in chunks) == stream.completion.text and "Paris" in stream.completion.text
+    assert sum(len(c.token_ids) for c in chunks) == stream.completion.usage.completion_tokens
+
+
+async def test_async_client_matches_the_sync_one(stack, client):
+    sync = client.generate(PROMPT, max_tokens=8)
+    async with AsyncClient(stack.address, api_key=stack.api_key) as ac:
+        out = await ac.generate(PROMPT, max_tokens=8)
+        parts = [c.text async for c in ac.stream(PROMPT, max_tokens=8)]
+    assert out.text == sync.text == "".join(parts)
+
+
+def test_errors_name_the_status_and_the_field(stack, client):
+    with pytest.raises(AliseError) as bad:
+        client.generate(PROMPT, top_p=1.5)
+    assert bad.value.code == "INVALID_ARGUMENT" and bad.value.message.startswith("sampling.top_p")
+    with Client(stack.address, api_key="not-a-key") as stranger:
+        with pytest.raises(AliseError) as denied:
+            stranger.generate(PROMPT, max_tokens=2)
+    assert denied.value.code == "UNAUTHENTICATED"
+    with pytest.raises(ValueError):
+        client.generate()                                # neither prompt nor messages
+
+
+def test_leaving_a_stream_early_aborts_the_request(stack, client):
+    request_id = "sdk-" + uuid.uuid4().hex[:8]
+    stream = client.stream(PROMPT, max_tokens=2000, ignore_eos=True, request_id=request_id)
+    for _ in stream:
+        break                                            # one chunk seen; the generator closes, the call is cancelled
+    stub = stub_for(stack)
+    from alise.v1 import generate_pb2 as pb
+    wait_until(lambda: job_status(stub, request_id) == pb.JOB_STATUS_ABORTED, timeout=120)
+
+
+def test_the_wheel_installs_into_a_fresh_venv_with_a_working_cli(stack, tmp_path):
+    """pip install of the built wheel pulls its declared dependencies (grpcio, protobuf) and nothing else is
+    needed for the SDK and the CLI; the generated gRPC modules are in the wheel."""
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+                    str(ROOT)], check=True, capture_output=True, timeout=600)
+    wheel = next(wheels.glob("alise-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "alise/v1/generate_pb2.py" in names and "alise/client.py" in names
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    # the dependencies come from the index as for a user; the installed versions must be the ones we test with
+    pins = [line for line in (ROOT / "requirements" / "base.txt").read_text().splitlines()
+            if line.startswith(("grpcio==", "protobuf=="))]
+    install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", str(wheel),
+                              *pins], capture_output=True, text=True, timeout=900)
+    assert install.returncode == 0, install.stderr[-3000:]
+    cli = venv / "bin" / "alise"
+    answer = subprocess.run([str(cli), "--address", stack.address, "--api-key", stack.api_key, "generate", PROMPT,
+                             "--max-tokens", "6"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr[-3000:]
+    sdk = subprocess.run([str(venv / "bin" / "python"), "-c",
+                          "import sys, alise; c = alise.Client(sys.argv[1], api_key=sys.argv[2]); "
+                          "print(c.generate('The capital of France is', max_tokens=4).usage.completion_tokens)",
+                          stack.address, stack.api_key], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert sdk.returncode == 0 and sdk.stdout.strip() == "4", sdk.stderr[-3000:]
+
+
+def test_a_clean_checkout_builds_a_wheel_with_the_generated_modules(tmp_path):
+    """No `make protos` before `pip install .`: setup.py generates alise/v1 from protos/."""
+    src = tmp_path / "src"
+    for part in ("alise", "protos", "services", "client", "bench"):
+        generated = ("v1",) if part == "alise" else ()
+        shutil.copytree(ROOT / part, src / part, ignore=shutil.ignore_patterns(*generated, "__pycache__", "*.pyc"))
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    assert not (src / "alise" / "v1").exists()
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "wheels"), str(src)], check=True, capture_output=True, timeout=600)
+    names = zipfile.ZipFile(next((tmp_path / "wheels").glob("alise-*.whl"))).namelist()
+    assert {"alise/v1/generate_pb2.py", "alise/v1/generate_pb2_grpc.py", "alise/v1/worker_pb2.py"} <= set(names)
