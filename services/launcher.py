@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import tempfile
 import threading
 from urllib.parse import urlsplit
@@ -15,6 +16,18 @@ from services.common.model_paths import cache_root
 
 log = logging.getLogger("alise.launcher")
 DEFAULT_PORT = 50051
+
+
+def other_stack_alive(address_file: Path, ours: str) -> bool:
+    """Whether the address `make run` wrote earlier is another stack that still answers (so keep it)."""
+    if not address_file.exists() or address_file.read_text().strip() == ours:
+        return False
+    host, port = address_file.read_text().strip().rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def main() -> None:
@@ -35,7 +48,11 @@ def main() -> None:
     try:
         stack.start()
         address_file = cache_root() / "address"
-        address_file.write_text(stack.address)
+        if other_stack_alive(address_file, stack.address):
+            print(f"note: another `make run` serves {address_file.read_text().strip()}; the CLI keeps talking to it "
+                  f"(give this one's address with --address)", flush=True)
+        else:
+            address_file.write_text(stack.address)
         key_file = stack.secrets_dir / "api-key"
         key_file.write_text(stack.api_key)
         key_file.chmod(0o600)

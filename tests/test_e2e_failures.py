@@ -8,6 +8,7 @@ import grpc
 from alise.v1 import generate_pb2 as pb
 
 from services.common.local_stack import wait_healthy
+from services.common.model_paths import DEFAULT_MODEL_NAME
 from tests.helpers import (generate, generate_in_background, hf_greedy, job_status, kv_idle, request, stub_for,
                            wait_until)
 
@@ -100,15 +101,21 @@ def test_prometheus_metrics(stack_factory):
         return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
 
     sched = scrape(sched_port)
-    assert "vllm:e2e_request_latency_seconds_count 1.0" in sched
-    assert "alise:predictor_available 1.0" in sched
-    wait_until(lambda: "vllm:kv_cache_usage_perc 0.0" in scrape(worker_port), 10)
-    assert "vllm:generation_tokens_total 5.0" in scrape(worker_port)
+    model = f'model_name="{DEFAULT_MODEL_NAME}"'            # every series carries the served model, as vLLM's do
+    assert f"vllm:e2e_request_latency_seconds_count{{{model}}} 1.0" in sched
+    assert f"alise:predictor_available{{{model}}} 1.0" in sched
+    assert f'vllm:request_success_total{{{model},finished_reason="length"}} 1.0' in sched
+    assert f"vllm:request_queue_time_seconds_count{{{model}}} 1.0" in sched
+    assert f'vllm:time_to_first_token_seconds_bucket{{{model},le="0.001"}}' in sched      # from 1 ms
+    # the scheduler's cluster-wide queue is not the engines' vllm:num_requests_waiting (a sum would double-count)
+    assert "vllm:num_requests_waiting" not in sched and "alise:num_requests_queued" in sched
+    wait_until(lambda: f"vllm:kv_cache_usage_perc{{{model}}} 0.0" in scrape(worker_port), 10)
+    assert f"vllm:generation_tokens_total{{{model}}} 5.0" in scrape(worker_port)
     # the same prompt again: its full blocks come from the prefix cache
     generate(stub_for(stack), request(prompt, max_tokens=5, ignore_eos=True))
 
     def counter(name):
-        lines = [ln for ln in scrape(worker_port).splitlines() if ln.startswith(name + " ")]
+        lines = [ln for ln in scrape(worker_port).splitlines() if ln.startswith(f"{name}{{{model}}} ")]
         return float(lines[0].split()[1]) if lines else 0.0
     wait_until(lambda: counter("vllm:prefix_cache_hits_total") >= 16, 10)
     assert counter("vllm:prefix_cache_queries_total") > counter("vllm:prefix_cache_hits_total")

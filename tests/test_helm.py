@@ -229,3 +229,34 @@ def test_install_notes_say_how_to_reach_both_apis():
     notes = next(text for name, text in files.items() if name.endswith("NOTES.txt"))
     assert "port 50051" in notes and "port 8000" in notes and "/v1/models" in notes
     assert "demo-alise-tls" in notes                                   # where clients get the CA
+
+
+def test_keda_scales_workers_on_queued_predicted_work_and_a_podmonitor_scrapes_every_pod():
+    docs = render({"autoscaling": {"enabled": True, "maxReplicas": 6, "targetQueuedWorkSeconds": 45},
+                   "podMonitor": {"enabled": True}})
+    scaled = by_name(docs, "ScaledObject", "demo-alise-worker")["spec"]
+    assert scaled["scaleTargetRef"]["name"] == "demo-alise-worker" and scaled["maxReplicaCount"] == 6
+    trigger = scaled["triggers"][0]
+    assert trigger["type"] == "prometheus" and trigger["metadata"]["threshold"] == "45"
+    assert trigger["metadata"]["query"] == 'sum(alise:queued_predicted_work_seconds{model_name="llama-3-8b"})'
+    assert "replicas" not in by_name(docs, "Deployment", "demo-alise-worker")["spec"]     # KEDA's to set
+    monitor = by_name(docs, "PodMonitor", "demo-alise")["spec"]
+    assert monitor["podMetricsEndpoints"][0]["port"] == "metrics"
+    for name, spec in deployments(docs).items():
+        if name != "redis":
+            assert any(p["name"] == "metrics" for p in spec["containers"][0]["ports"]), name
+    for doc in docs:                                   # the core objects stay valid (CRDs have no schema here)
+        if doc["apiVersion"].split("/")[0] not in ("keda.sh", "monitoring.coreos.com"):
+            kubernetes_validate.validate(doc, "1.30.0", strict=True)
+
+
+@pytest.mark.parametrize("values,path", [
+    ({"worker": {"replicas": "four"}}, "worker.replicas"),
+    ({"scheduler": {"httpPort": 70000}}, "scheduler.httpPort"),
+    ({"worker": {"dtype": "int4"}}, "worker.dtype"),
+    ({"workers": {"replicas": 2}}, "workers"),                       # a typo of a top-level key
+])
+def test_values_schema_rejects_wrong_types_and_unknown_keys(values, path):
+    lint = helm.lint(str(CHART), strict=True, kube_version="v1.30.0", values={"auth": {"tenants": [TENANT]}, **values})
+    assert any("schema" in e.lower() for e in lint["errors"]), lint
+    assert any(path.split(".")[-1] in e for e in lint["errors"]), lint

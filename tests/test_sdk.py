@@ -2,6 +2,7 @@
 it: a wheel built from this checkout, installed into a fresh venv, gives a working `alise` CLI."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -116,3 +117,17 @@ def test_a_clean_checkout_builds_a_wheel_with_the_generated_modules(tmp_path):
                     str(tmp_path / "wheels"), str(src)], check=True, capture_output=True, timeout=600)
     names = zipfile.ZipFile(next((tmp_path / "wheels").glob("alise-*.whl"))).namelist()
     assert {"alise/v1/generate_pb2.py", "alise/v1/generate_pb2_grpc.py", "alise/v1/worker_pb2.py"} <= set(names)
+
+
+def test_cli_prints_the_request_id_that_job_takes_and_shows_zero_fields(stack):
+    cli = [sys.executable, "-m", "client.cli", "--address", stack.address, "--api-key", stack.api_key]
+    out = subprocess.run([*cli, "generate", PROMPT, "--max-tokens", "4"], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    request_id = out.stderr.split("[request ", 1)[1].split("]", 1)[0]
+    job = subprocess.run([*cli, "job", request_id], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert job.returncode == 0 and json.loads(job.stdout)["status"] == "JOB_STATUS_FINISHED"
+    wait_until(lambda: json.loads(subprocess.run([*cli, "load"], capture_output=True, text=True, timeout=120,
+                                                 cwd=ROOT).stdout)["running"] == 0, timeout=60)
+    load = json.loads(subprocess.run([*cli, "load"], capture_output=True, text=True, timeout=120, cwd=ROOT).stdout)
+    assert load["queued"] == 0 and load["workers"][0]["running"] == 0        # zeros are shown, not dropped

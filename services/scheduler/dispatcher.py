@@ -36,6 +36,24 @@ QUEUE_LOOKAHEAD = 256
 ORPHAN_SWEEP_S = 10.0
 
 
+FINISHED_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
+                    pb.FINISH_REASON_ABORTED: "abort", pb.FINISH_REASON_ERROR: "error"}
+
+
+def record_finished(done: pb.GenerateComplete) -> None:
+    """A finished request's series (vLLM's request-level metrics)."""
+    t = done.timings
+    metrics.SUCCESS.labels(finished_reason=FINISHED_REASONS.get(done.finish_reason, "error")).inc()
+    metrics.PROMPT_TOKENS.inc(done.usage.prompt_tokens)
+    metrics.E2E.observe(t.e2e_seconds)
+    if t.queue_seconds:
+        metrics.QUEUE_TIME.observe(t.queue_seconds)
+    if t.ttft_seconds:
+        metrics.TTFT.observe(t.ttft_seconds)
+        if done.usage.completion_tokens > 1:
+            metrics.TPOT.observe((t.e2e_seconds - t.ttft_seconds) / (done.usage.completion_tokens - 1))
+
+
 class Dispatcher:
     def __init__(self, cfg: SchedulerConfig, store: JobStore, predictor: PredictorClient, hub: JobEventHub):
         self.cfg = cfg
@@ -109,8 +127,10 @@ class Dispatcher:
         # The queue's head (QUEUE_LOOKAHEAD jobs) holds what will run next: its predicted work, spread over the
         # workers, is a lower bound on how long a new job would wait, and what admission bounds.
         self.queued_work_s = sum(j.remaining_seconds(self.cost) for j in snap.queued) / max(1, len(snap.workers))
-        metrics.REQUESTS_WAITING.set(len(snap.queued))
-        metrics.REQUESTS_RUNNING.set(self.state.running())
+        metrics.QUEUED.set(len(snap.queued))
+        metrics.QUEUED_WORK.set(self.queued_work_s * max(1, len(snap.workers)))
+        metrics.WORKERS.set(len(snap.workers))
+        metrics.PLACED.set(self.state.running())
 
     async def snapshot(self) -> Snapshot:
         queued = [job_id for job_id in await self.store.queue_head(QUEUE_LOOKAHEAD)
@@ -263,9 +283,7 @@ class Dispatcher:
         if state is None or state.status not in FINAL_STATUSES or (rec and state.record.fingerprint != rec.fingerprint):
             return
         done = complete_message(state)
-        if done.timings.ttft_seconds:
-            metrics.TTFT.observe(done.timings.ttft_seconds)
-        metrics.E2E.observe(done.timings.e2e_seconds)
+        record_finished(done)
         self.hub.publish(job_id, JobEvent(pb.GenerateResponse(complete=done), fingerprint=state.record.fingerprint))
 
     async def abort(self, job_id: str) -> tuple[bool, str]:

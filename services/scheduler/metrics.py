@@ -1,21 +1,47 @@
-"""Scheduler metrics (Prometheus). vLLM's names where one exists, ours under `alise:`."""
+"""Scheduler metrics (Prometheus), labelled with `model_name`.
+
+Request-level series that mean what vLLM's mean (TTFT, end-to-end, queue time, prompt tokens, finished requests)
+keep vLLM's names: workers do not export them, so a sum over pods counts each request once. Series whose meaning
+differs from a worker's same-named one are `alise:`: the scheduler's queue and placed jobs are cluster-wide, the
+workers' `vllm:num_requests_waiting / running` are per engine.
+"""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-# This service's own registry (served by its /metrics): the worker and the scheduler share metric names
-# (vLLM's), and one process (the test suite) may load both.
-REGISTRY = CollectorRegistry()
+from services.common.model_metrics import Labelled, ModelLabel
 
-REQUESTS_WAITING = Gauge("vllm:num_requests_waiting", "Jobs queued in the scheduler", registry=REGISTRY)
-REQUESTS_RUNNING = Gauge("vllm:num_requests_running", "Jobs placed on workers", registry=REGISTRY)
-PREEMPTIONS = Counter("vllm:num_preemptions", "Preemptions ordered by the scheduler", registry=REGISTRY)
-TTFT = Histogram("vllm:time_to_first_token_seconds", "Accepted -> first token",
-                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=REGISTRY)
-E2E = Histogram("vllm:e2e_request_latency_seconds", "Accepted -> finished",
-                buckets=(0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=REGISTRY)
-PREDICTOR_FAILURES = Counter("alise:predictor_failures", "Predict calls that failed or timed out", registry=REGISTRY)
-PREDICTOR_UP = Gauge("alise:predictor_available", "1 if the last Predict call succeeded", registry=REGISTRY)
-REQUEUED_LOST = Counter("alise:jobs_requeued_worker_lost", "Jobs requeued because their worker went away", registry=REGISTRY)
-REJECTED = Counter("alise:requests_rejected", "Requests refused at admission", ["field"], registry=REGISTRY)
-FAILED = Counter("alise:jobs_failed", "Jobs failed after too many failed engine steps on their workers", registry=REGISTRY)
+# This service's own registry (served by its /metrics): one process (the test suite) may load several services.
+REGISTRY = CollectorRegistry()
+MODEL = ModelLabel()
+# vLLM's TTFT buckets start at 1 ms: a short prompt on a GPU answers in tens of ms
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                   40.0, 80.0, 160.0, 640.0, 2560.0)
+PER_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+                     0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+
+
+def _labelled(cls, name: str, doc: str, labels: tuple[str, ...] = (), **kwargs) -> Labelled:
+    return Labelled(cls(name, doc, ["model_name", *labels], registry=REGISTRY, **kwargs), MODEL)
+
+
+QUEUED = _labelled(Gauge, "alise:num_requests_queued", "Jobs waiting at the scheduler (all workers)")
+PLACED = _labelled(Gauge, "alise:num_requests_placed", "Jobs placed on workers (all workers)")
+# the autoscaling signal (chart: autoscaling.*): how long the head of the queue would keep one worker busy
+QUEUED_WORK = _labelled(Gauge, "alise:queued_predicted_work_seconds",
+                        "Predicted seconds of work at the head of the queue (all workers)")
+WORKERS = _labelled(Gauge, "alise:workers_connected", "Workers with a live session")
+PREEMPTIONS = _labelled(Counter, "alise:num_preemptions_ordered", "Preemptions the scheduler ordered")
+TTFT = _labelled(Histogram, "vllm:time_to_first_token_seconds", "Accepted -> first token", buckets=LATENCY_BUCKETS)
+E2E = _labelled(Histogram, "vllm:e2e_request_latency_seconds", "Accepted -> finished", buckets=LATENCY_BUCKETS)
+QUEUE_TIME = _labelled(Histogram, "vllm:request_queue_time_seconds", "Accepted -> first placed on a worker",
+                       buckets=LATENCY_BUCKETS)
+TPOT = _labelled(Histogram, "vllm:request_time_per_output_token_seconds",
+                 "Per request: (end-to-end - TTFT) / (output tokens - 1)", buckets=PER_TOKEN_BUCKETS)
+PROMPT_TOKENS = _labelled(Counter, "vllm:prompt_tokens", "Prompt tokens of finished requests")
+SUCCESS = _labelled(Counter, "vllm:request_success", "Requests that ended, by finish reason", ("finished_reason",))
+PREDICTOR_FAILURES = _labelled(Counter, "alise:predictor_failures", "Predict calls that failed or timed out")
+PREDICTOR_UP = _labelled(Gauge, "alise:predictor_available", "1 if the last Predict call succeeded")
+REQUEUED_LOST = _labelled(Counter, "alise:jobs_requeued_worker_lost", "Jobs requeued because their worker went away")
+REJECTED = _labelled(Counter, "alise:requests_rejected", "Requests refused at admission", ("field",))
+FAILED = _labelled(Counter, "alise:jobs_failed", "Jobs failed after too many failed engine steps on their workers")

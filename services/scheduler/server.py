@@ -46,6 +46,7 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
     if recovered:
         log.info("requeued %d jobs left running by a previous scheduler", recovered)
 
+    metrics.MODEL.name = cfg.model_name
     if cfg.metrics_port:
         start_http_server(cfg.metrics_port, addr=cfg.listen.rsplit(":", 1)[0], registry=metrics.REGISTRY)
     server, health, port = build_server(CLIENT_SERVICES, cfg.listen, cfg.max_concurrent_rpcs, tls=cfg.tls)

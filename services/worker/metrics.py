@@ -1,32 +1,37 @@
-"""Worker metrics (Prometheus), with vLLM's names so endpoint pickers, KEDA and dashboards work unchanged."""
+"""Worker metrics (Prometheus), with vLLM's names and its `model_name` label, so endpoint pickers, KEDA and
+dashboards work unchanged: each worker is one engine, as a vLLM pod is."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.common.model_metrics import Labelled, ModelLabel
 from services.worker.engine import EngineLoad
 
-# This service's own registry (served by its /metrics): the worker and the scheduler share metric names
-# (vLLM's), and one process (the test suite) may load both.
+# This service's own registry (served by its /metrics): one process (the test suite) may load several services.
 REGISTRY = CollectorRegistry()
-
-RUNNING = Gauge("vllm:num_requests_running", "Sequences holding KV and scheduled every step", registry=REGISTRY)
-WAITING = Gauge("vllm:num_requests_waiting", "Sequences assigned to this worker but not running", registry=REGISTRY)
-SWAPPED = Gauge("alise:num_requests_swapped", "Preempted sequences whose KV is in host memory", registry=REGISTRY)
-KV_USAGE = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1)", registry=REGISTRY)
-KV_SWAPPED_BLOCKS = Gauge("alise:kv_swapped_blocks", "KV blocks held in host swap space", registry=REGISTRY)
-PREEMPTIONS = Counter("vllm:num_preemptions", "Preemptions (scheduler-ordered and local)", registry=REGISTRY)
-GENERATED = Counter("vllm:generation_tokens", "Tokens generated", registry=REGISTRY)
-PREFIX_QUERIES = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
-                         registry=REGISTRY)
-PREFIX_HITS = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache (prefill saved)",
-                      registry=REGISTRY)
-STEP = Histogram("alise:engine_step_seconds", "Wall time of one engine step",
-                 buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2), registry=REGISTRY)
-
-_last_totals: dict[Counter, int] = {}
+MODEL = ModelLabel()
 
 
-def _advance(counter: Counter, total: int) -> None:
+def _labelled(cls, name: str, doc: str, **kwargs) -> Labelled:
+    return Labelled(cls(name, doc, ["model_name"], registry=REGISTRY, **kwargs), MODEL)
+
+
+RUNNING = _labelled(Gauge, "vllm:num_requests_running", "Sequences holding KV and scheduled every step")
+WAITING = _labelled(Gauge, "vllm:num_requests_waiting", "Sequences assigned to this worker but not running")
+SWAPPED = _labelled(Gauge, "alise:num_requests_swapped", "Preempted sequences whose KV is in host memory")
+KV_USAGE = _labelled(Gauge, "vllm:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1)")
+KV_SWAPPED_BLOCKS = _labelled(Gauge, "alise:kv_swapped_blocks", "KV blocks held in host swap space")
+PREEMPTIONS = _labelled(Counter, "vllm:num_preemptions", "Preemptions (scheduler-ordered and local)")
+GENERATED = _labelled(Counter, "vllm:generation_tokens", "Tokens generated")
+PREFIX_QUERIES = _labelled(Counter, "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
+PREFIX_HITS = _labelled(Counter, "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache (prefill saved)")
+STEP = _labelled(Histogram, "alise:engine_step_seconds", "Wall time of one engine step",
+                 buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2))
+
+_last_totals: dict[Labelled, int] = {}
+
+
+def _advance(counter: Labelled, total: int) -> None:
     """The engine keeps running totals; the counter follows them."""
     counter.inc(max(0, total - _last_totals.get(counter, 0)))
     _last_totals[counter] = total

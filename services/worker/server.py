@@ -70,6 +70,7 @@ async def drain(loop_thread: EngineLoop, deadline_s: float) -> None:
 
 async def serve(cfg: WorkerConfig, stop: asyncio.Event | None = None) -> None:
     service_token = read_service_token(cfg.service_token_file or None)
+    metrics.MODEL.name = cfg.model_name
     if cfg.metrics_port:
         start_http_server(cfg.metrics_port, addr=cfg.listen.rsplit(":", 1)[0], registry=metrics.REGISTRY)
     server, health, port = build_server([], cfg.listen)
