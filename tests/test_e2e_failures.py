@@ -86,6 +86,17 @@ def test_worker_sigterm_drains_running_jobs(stack_factory):
     wait_until(lambda: len(stub.GetLoad(pb.LoadRequest()).workers) == 0, 10)
 
 
+def sample(text: str, name: str, **labels) -> float | None:
+    """The value of the series `name` with exactly `labels` in a /metrics page, or None."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    return None
+
+
 def test_prometheus_metrics(stack_factory):
     import urllib.request
 
@@ -100,22 +111,21 @@ def test_prometheus_metrics(stack_factory):
     def scrape(port):
         return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
 
+    model = {"model_name": DEFAULT_MODEL_NAME}              # every series carries the served model, as vLLM's do
     sched = scrape(sched_port)
-    model = f'model_name="{DEFAULT_MODEL_NAME}"'            # every series carries the served model, as vLLM's do
-    assert f"vllm:e2e_request_latency_seconds_count{{{model}}} 1.0" in sched
-    assert f"alise:predictor_available{{{model}}} 1.0" in sched
-    assert f'vllm:request_success_total{{{model},finished_reason="length"}} 1.0' in sched
-    assert f"vllm:request_queue_time_seconds_count{{{model}}} 1.0" in sched
-    assert f'vllm:time_to_first_token_seconds_bucket{{{model},le="0.001"}}' in sched      # from 1 ms
+    assert sample(sched, "vllm:e2e_request_latency_seconds_count", **model) == 1.0
+    assert sample(sched, "alise:predictor_available", **model) == 1.0
+    assert sample(sched, "vllm:request_success_total", finished_reason="length", **model) == 1.0
+    assert sample(sched, "vllm:request_queue_time_seconds_count", **model) == 1.0
+    assert sample(sched, "vllm:time_to_first_token_seconds_bucket", le="0.001", **model) is not None   # from 1 ms
     # the scheduler's cluster-wide queue is not the engines' vllm:num_requests_waiting (a sum would double-count)
-    assert "vllm:num_requests_waiting" not in sched and "alise:num_requests_queued" in sched
-    wait_until(lambda: f"vllm:kv_cache_usage_perc{{{model}}} 0.0" in scrape(worker_port), 10)
-    assert f"vllm:generation_tokens_total{{{model}}} 5.0" in scrape(worker_port)
+    assert "vllm:num_requests_waiting" not in sched and sample(sched, "alise:num_requests_queued", **model) == 0.0
+    wait_until(lambda: sample(scrape(worker_port), "vllm:kv_cache_usage_perc", **model) == 0.0, 10)
+    assert sample(scrape(worker_port), "vllm:generation_tokens_total", **model) == 5.0
     # the same prompt again: its full blocks come from the prefix cache
     generate(stub_for(stack), request(prompt, max_tokens=5, ignore_eos=True))
 
     def counter(name):
-        lines = [ln for ln in scrape(worker_port).splitlines() if ln.startswith(f"{name}{{{model}}} ")]
-        return float(lines[0].split()[1]) if lines else 0.0
+        return sample(scrape(worker_port), name, **model) or 0.0
     wait_until(lambda: counter("vllm:prefix_cache_hits_total") >= 16, 10)
     assert counter("vllm:prefix_cache_queries_total") > counter("vllm:prefix_cache_hits_total")
