@@ -8,7 +8,7 @@ PROTOS := $(shell find protos -name '*.proto')
 GEN_STAMP := alise/v1/.stamp
 VENV_STAMP := $(VENV)/.installed
 
-.PHONY: run test protos venv redis model clean
+.PHONY: run test protos venv redis model clean images
 
 run: $(VENV_STAMP) redis model
 	$(PY) -m services.launcher
@@ -50,6 +50,16 @@ redis:
 # Convert the packaged SmolLM2 GGUF to a plain HF checkpoint once (cached under ~/.cache/alise).
 model: $(VENV_STAMP)
 	$(PY) -m services.worker.prepare_model
+
+# One image per service (deploy/docker/Dockerfile), with buildah where installed, else docker.
+IMAGE_REGISTRY ?= ghcr.io/alise
+IMAGE_TAG ?= 0.2.0
+CONTAINER_BUILD ?= $(shell command -v buildah >/dev/null 2>&1 && echo "buildah bud" || echo "docker build")
+images:
+	for s in scheduler predictor worker; do \
+	  $(CONTAINER_BUILD) --build-arg SERVICE=$$s -f deploy/docker/Dockerfile -t $(IMAGE_REGISTRY)/alise-$$s:$(IMAGE_TAG) . \
+	    || exit 1; \
+	done
 
 clean:
 	rm -rf alise/v1 $(VENV) .pytest_cache
