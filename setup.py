@@ -9,8 +9,13 @@ from setuptools import setup
 ROOT = Path(__file__).resolve().parent
 
 
+def generated_up_to_date() -> bool:
+    out = ROOT / "alise" / "v1" / "generate_pb2.py"
+    return out.exists() and all(p.stat().st_mtime <= out.stat().st_mtime for p in (ROOT / "protos").rglob("*.proto"))
+
+
 def generate_protos() -> None:
-    if (ROOT / "alise" / "v1" / "generate_pb2.py").exists():
+    if generated_up_to_date():
         return
     import grpc_tools
     from grpc_tools import protoc

@@ -8,6 +8,7 @@ Leaving a stream early (break, close, Ctrl-C) cancels the request on the server 
 """
 from __future__ import annotations
 
+import ipaddress
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
@@ -108,8 +109,22 @@ def _completion(done: pb.GenerateComplete, token_ids: list[int]) -> Completion:
                                       t.num_preemptions))
 
 
-def _credentials(tls_ca: str | None) -> grpc.ChannelCredentials | None:
-    return grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes()) if tls_ca else None
+def _credentials(address: str, api_key: str | None, tls_ca: str | None, insecure: bool) -> grpc.ChannelCredentials | None:
+    """TLS credentials verifying the server with `tls_ca`; None (plaintext) only where a key cannot leak: a
+    loopback address, no key, or an explicit insecure=True."""
+    if tls_ca:
+        return grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+    if api_key and not insecure and not _is_loopback(address):
+        raise ValueError(f"refusing to send an API key in plaintext to {address}: give tls_ca, or insecure=True")
+    return None
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Stream:
@@ -119,60 +134,65 @@ class Stream:
     def __init__(self, call):
         self._call = call
         self._tokens: list[int] = []
+        self._cancelled = False
         self.completion: Completion | None = None
+
+    def _take(self, response) -> Chunk | None:
+        """A chunk to hand out, or None once the completion is recorded."""
+        if response.HasField("chunk"):
+            self._tokens.extend(response.chunk.token_ids)
+            return Chunk(response.chunk.text, tuple(response.chunk.token_ids))
+        self.completion = _completion(response.complete, self._tokens)
+        return None
+
+    def _failed(self, e: grpc.RpcError) -> AliseError | None:
+        """The error to raise, or None for the CANCELLED our own cancel() caused."""
+        return None if self._cancelled and e.code() == grpc.StatusCode.CANCELLED else AliseError.from_rpc(e)
 
     def __iter__(self) -> Iterator[Chunk]:
         try:
             for response in self._call:
-                if response.HasField("chunk"):
-                    self._tokens.extend(response.chunk.token_ids)
-                    yield Chunk(response.chunk.text, tuple(response.chunk.token_ids))
-                else:
-                    self.completion = _completion(response.complete, self._tokens)
+                if (chunk := self._take(response)) is not None:
+                    yield chunk
         except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.CANCELLED:
-                raise AliseError.from_rpc(e) from None
+            if (error := self._failed(e)) is not None:
+                raise error from None
         finally:
             if self.completion is None:
-                self._call.cancel()
+                self.cancel()
 
     def cancel(self) -> None:
+        self._cancelled = True
         self._call.cancel()
 
 
-class AsyncStream:
+class AsyncStream(Stream):
     """As Stream, for asyncio: `async for chunk in stream`."""
-
-    def __init__(self, call):
-        self._call = call
-        self._tokens: list[int] = []
-        self.completion: Completion | None = None
 
     async def __aiter__(self) -> AsyncIterator[Chunk]:
         try:
             async for response in self._call:
-                if response.HasField("chunk"):
-                    self._tokens.extend(response.chunk.token_ids)
-                    yield Chunk(response.chunk.text, tuple(response.chunk.token_ids))
-                else:
-                    self.completion = _completion(response.complete, self._tokens)
+                if (chunk := self._take(response)) is not None:
+                    yield chunk
         except grpc.RpcError as e:
-            raise AliseError.from_rpc(e) from None
+            if (error := self._failed(e)) is not None:
+                raise error from None
         finally:
             if self.completion is None:
-                self._call.cancel()
-
-    def cancel(self) -> None:
-        self._call.cancel()
+                self.cancel()
 
 
 class Client:
-    """A connection to an ALISE scheduler. `tls_ca`: verify the server with this CA (plaintext without it)."""
+    """A connection to an ALISE scheduler. `tls_ca`: verify the server with this CA; without it the connection is
+    plaintext, which carries an API key only to a loopback address unless insecure=True."""
+
+    _grpc = grpc            # channel factories: grpc (blocking) or grpc.aio
 
     def __init__(self, address: str = DEFAULT_ADDRESS, api_key: str | None = None, tls_ca: str | None = None,
-                 timeout_s: float = 3600.0):
-        creds = _credentials(tls_ca)
-        self._channel = grpc.secure_channel(address, creds) if creds else grpc.insecure_channel(address)
+                 timeout_s: float = 3600.0, insecure: bool = False):
+        creds = _credentials(address, api_key, tls_ca, insecure)
+        self._channel = (self._grpc.secure_channel(address, creds) if creds
+                         else self._grpc.insecure_channel(address))
         self._stub = pb_grpc.AliseStub(self._channel)
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self.timeout_s = timeout_s
@@ -209,16 +229,10 @@ class Client:
         self.close()
 
 
-class AsyncClient:
+class AsyncClient(Client):
     """Client for asyncio: `await client.generate(...)`, `async for chunk in client.stream(...)`."""
+    _grpc = grpc.aio
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, api_key: str | None = None, tls_ca: str | None = None,
-                 timeout_s: float = 3600.0):
-        creds = _credentials(tls_ca)
-        self._channel = grpc.aio.secure_channel(address, creds) if creds else grpc.aio.insecure_channel(address)
-        self._stub = pb_grpc.AliseStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        self.timeout_s = timeout_s
 
     def stream(self, prompt: str | None = None, **kwargs) -> AsyncStream:
         req = build_request(prompt, **kwargs)

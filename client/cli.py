@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import sys
@@ -44,7 +45,12 @@ def resolve_tls_ca(flag: str | None, address: str) -> str:
 
 def is_loopback(address: str) -> bool:
     host = address.rsplit(":", 1)[0].strip("[]")
-    return host in ("localhost", "::1") or host.startswith("127.")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:                   # a name such as 127.example.com is not loopback
+        return False
 
 
 def resolve_api_key(flag: str | None) -> str | None:
@@ -181,8 +187,9 @@ def bench_serve_command(a: argparse.Namespace) -> int:
         url = urlsplit(a.base_url)
         if url.scheme == "http" and not plaintext_allowed(f"{url.hostname}:{url.port or 80}", "", a.insecure):
             return 2
-        target = Target(a.base_url, resolve_api_key(a.api_key), a.tls_ca or "", model=a.model, priority=a.priority,
-                        backend=Backend.OPENAI)
+        # another server's key: --api-key or $OPENAI_API_KEY only, never ALISE's own key files
+        target = Target(a.base_url, a.api_key or os.environ.get("OPENAI_API_KEY"), a.tls_ca or "", model=a.model,
+                        priority=a.priority, backend=Backend.OPENAI)
     else:
         address = resolve_address(a.address)
         ca = resolve_tls_ca(a.tls_ca, address)

@@ -18,12 +18,10 @@ log = logging.getLogger("alise.launcher")
 DEFAULT_PORT = 50051
 
 
-def other_stack_alive(address_file: Path, ours: str) -> bool:
-    """Whether the address `make run` wrote earlier is another stack that still answers (so keep it)."""
-    if not address_file.exists() or address_file.read_text().strip() == ours:
-        return False
-    host, port = address_file.read_text().strip().rsplit(":", 1)
+def other_stack_alive(address_file: Path) -> bool:
+    """Whether the address an earlier `make run` wrote still answers: then that stack keeps the shared files."""
     try:
+        host, port = address_file.read_text().strip().rsplit(":", 1)
         with socket.create_connection((host, int(port)), timeout=1.0):
             return True
     except (OSError, ValueError):
@@ -35,24 +33,30 @@ def main() -> None:
     port = int(os.environ.get("ALISE_PORT", 0)) or (DEFAULT_PORT if port_is_free(DEFAULT_PORT) else 0)
     log_dir = Path(tempfile.mkdtemp(prefix="alise-logs-"))
     http_port = int(os.environ.get("ALISE_HTTP_PORT", 0)) or free_port()      # the OpenAI-compatible API
+    address_file = cache_root() / "address"
+    # A second `make run` while the first is alive gets credentials and predictor state of its own and leaves
+    # the files the CLI reads (address, key, CA) to the first.
+    shared = not other_stack_alive(address_file)
+    state = cache_root() if shared else log_dir
     # secure as in production: TLS on every link, mTLS between services, an API key for the client
-    stack = LocalStack(log_dir=log_dir, scheduler_port=port, secrets_dir=cache_root() / "local", tls=True, mtls=True, redis_url=os.environ.get("REDIS_URL"),
+    stack = LocalStack(log_dir=log_dir, scheduler_port=port, secrets_dir=state / "local", tls=True, mtls=True,
+                       redis_url=os.environ.get("REDIS_URL"),
                        num_workers=int(os.environ.get("ALISE_WORKERS", 1)),
                        scheduler_args=["--http-listen", f"127.0.0.1:{http_port}",
                                        *os.environ.get("ALISE_SCHEDULER_FLAGS", "").split()],
                        # what the predictor learns is kept across runs (and a trained one, if
                        # `services.predictor.train` wrote it there, is used)
-                       predictor_args=["--model-dir", str(cache_root() / "predictor"),
+                       predictor_args=["--model-dir", str(state / "predictor"),
                                        *os.environ.get("ALISE_PREDICTOR_FLAGS", "").split()])
     log.info("starting redis, predictor, scheduler and worker (logs in %s)", log_dir)
     try:
         stack.start()
-        address_file = cache_root() / "address"
-        if other_stack_alive(address_file, stack.address):
-            print(f"note: another `make run` serves {address_file.read_text().strip()}; the CLI keeps talking to it "
-                  f"(give this one's address with --address)", flush=True)
-        else:
+        if shared:
             address_file.write_text(stack.address)
+        else:
+            print(f"note: another `make run` serves {address_file.read_text().strip()} and keeps the CLI's defaults; "
+                  f"reach this one with --address {stack.address} --api-key ... --tls-ca {stack.tls_files.ca}",
+                  flush=True)
         key_file = stack.secrets_dir / "api-key"
         key_file.write_text(stack.api_key)
         key_file.chmod(0o600)

@@ -68,7 +68,7 @@ def test_chat_completion_stream_equals_the_whole_answer(client, model):
     finish = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(finish) == 1 and finish[0].choices[0].finish_reason == whole.choices[0].finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
-    assert finish[0].usage.total_tokens == whole.usage.total_tokens
+    assert finish[0].usage is None and all(c.usage is None for c in chunks[:-1])      # usage only at the end
 
 
 def test_stop_string_and_seeded_sampling(client, model):
@@ -87,6 +87,9 @@ def test_stop_string_and_seeded_sampling(client, model):
     (dict(stop=[1, 2]), 400, "stop"),
     (dict(prompt="word " * 20000), 400, "prompt"),
     (dict(model="no-such-model"), 404, "model"),
+    (dict(max_tokens=1 << 40), 400, "max_tokens"),                 # beyond the gRPC field's int32
+    (dict(seed=-1), 400, "seed"),
+    (dict(priority=1 << 33), 400, "priority"),
 ])
 def test_bad_requests_get_openai_errors_naming_the_parameter(stack, model, kwargs, status, param):
     body = {"model": model, "prompt": PROMPT, "max_tokens": 4} | kwargs
@@ -101,6 +104,14 @@ def test_not_json_and_bad_messages(stack, model):
     auth = {"authorization": f"Bearer {stack.api_key}"}
     r = httpx.post(stack.http_base + "/chat/completions", content=b"{not json", headers=auth, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "body"
+    r = httpx.post(stack.http_base + "/completions", content=b'{"prompt": "\xff\xfe"}', headers=auth, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body"           # not UTF-8
+    r = httpx.post(stack.http_base + "/completions", content=b"[" * 100_000 + b"]" * 100_000, headers=auth, timeout=60)
+    assert r.status_code == 400                                                     # nested too deep
+    r = httpx.post(stack.http_base + "/completions", content=b" " * (5 << 20), headers=auth, timeout=60)
+    assert r.status_code == 413
+    r = httpx.post(stack.http_base + "/completions", content=b" " * (5 << 20), timeout=60)
+    assert r.status_code == 401                                                     # no key: refused before the body
     r = httpx.post(stack.http_base + "/chat/completions", json={"model": model, "messages": []}, headers=auth,
                    timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
@@ -151,3 +162,12 @@ def test_bench_serve_runs_a_workload_through_the_http_api(stack, tmp_path):
     assert summary["backend"] == "openai" and summary["completed"] == 4 and summary["failed"] == 0
     assert summary["total_output_tokens"] == 24                 # ignore_eos: exactly 6 each, from the usage
     assert 0 < summary["ttft_s"]["mean"] <= summary["e2e_s"]["mean"]
+
+
+def test_a_non_streaming_client_that_gives_up_aborts_its_job(stack, model, stub):
+    request_id = "http-whole-" + uuid.uuid4().hex[:8]
+    headers = {"authorization": f"Bearer {stack.api_key}", "x-request-id": request_id}
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 2000, "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(stack.http_base + "/completions", json=body, headers=headers, timeout=3)
+    wait_until(lambda: job_status(stub, request_id) == pb.JOB_STATUS_ABORTED, timeout=120)

@@ -85,6 +85,7 @@ def test_the_wheel_installs_into_a_fresh_venv_with_a_working_cli(stack, tmp_path
     wheel = next(wheels.glob("alise-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "alise/v1/generate_pb2.py" in names and "alise/client.py" in names
+    assert "services/scheduler/lua/create.lua" in names and "services/worker/skinny_gemm_configs.json" in names
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     # the dependencies come from the index as for a user; the installed versions must be the ones we test with
@@ -131,3 +132,12 @@ def test_cli_prints_the_request_id_that_job_takes_and_shows_zero_fields(stack):
                                                  cwd=ROOT).stdout)["running"] == 0, timeout=60)
     load = json.loads(subprocess.run([*cli, "load"], capture_output=True, text=True, timeout=120, cwd=ROOT).stdout)
     assert load["queued"] == 0 and load["workers"][0]["running"] == 0        # zeros are shown, not dropped
+
+
+def test_an_api_key_is_not_sent_in_plaintext_off_loopback():
+    with pytest.raises(ValueError, match="plaintext"):
+        Client("10.0.0.7:50051", api_key="k")
+    Client("10.0.0.7:50051", api_key="k", insecure=True).close()           # said explicitly
+    Client("127.0.0.1:50051", api_key="k").close()
+    with pytest.raises(ValueError, match="plaintext"):
+        Client("127.evil.example:50051", api_key="k")                      # a name, not a loopback address

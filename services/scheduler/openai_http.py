@@ -11,6 +11,7 @@ Starlette (a well-kept ASGI toolkit) and uvicorn serve it inside the scheduler's
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -48,6 +49,48 @@ HTTP_ERRORS = {
 PARAMS = {"sampling.max_tokens": "max_tokens", "sampling.temperature": "temperature", "sampling.top_p": "top_p",
           "sampling.top_k": "top_k", "sampling.stop": "stop", "sampling.seed": "seed", "chat.messages": "messages",
           "chat": "messages", "authorization": None}
+
+
+MAX_BODY_BYTES = 4 << 20          # gRPC's default message limit: the same requests fit through either door
+NO_USAGE: dict = {}               # sentinel: a stream chunk's `"usage": null`
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its answer was ready."""
+
+
+async def read_body(request: Request) -> bytes:
+    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+        raise BodyTooLarge
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > MAX_BODY_BYTES:
+            raise BodyTooLarge
+    return bytes(body)
+
+
+async def until_disconnect(request: Request, awaitable):
+    """awaitable's result, unless the client disconnects first: then it is cancelled and ClientGone raised.
+    (Starlette watches the connection only while a StreamingResponse streams.)"""
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, watch = asyncio.ensure_future(awaitable), asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    await asyncio.gather(work, return_exceptions=True)
+    raise ClientGone
 
 
 class CallAborted(Exception):
@@ -96,10 +139,11 @@ class Completion:
                                "finish_reason": None}], chunk=True)
 
     def envelope(self, choices: list, chunk: bool, usage: dict | None = None) -> dict:
+        """usage: None leaves the key out; NO_USAGE writes `"usage": null` (stream chunks before the last)."""
         obj = self.object + (".chunk" if chunk and self.chat else "")
         out = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
         if usage is not None:
-            out["usage"] = usage
+            out["usage"] = None if usage is NO_USAGE else usage
         return out
 
 
@@ -125,10 +169,16 @@ class BadField(ValueError):
         self.param = param
 
 
-def _typed(body: dict, name: str, types, what: str):
+INT32 = (-(1 << 31), (1 << 31) - 1)
+
+
+def _typed(body: dict, name: str, types, what: str, bounds: tuple[int, int] = INT32):
+    """body[name] if of `types` (an int also within `bounds`: the gRPC field's range), else BadField."""
     value = body.get(name)
     if value is not None and (not isinstance(value, types) or isinstance(value, bool) and bool not in types):
         raise BadField(name, f"must be {what}")
+    if isinstance(value, int) and not isinstance(value, bool) and not bounds[0] <= value <= bounds[1]:
+        raise BadField(name, f"must be within [{bounds[0]}, {bounds[1]}]")
     return value
 
 
@@ -180,9 +230,7 @@ def to_generate_request(body: dict, chat: bool, request_id: str) -> pb.GenerateR
         s.top_p = top_p
     if (top_k := _typed(body, "top_k", (int,), "an integer")) is not None and top_k > 0:
         s.top_k = top_k
-    if (seed := _typed(body, "seed", (int,), "an integer")) is not None:
-        if seed < 0:
-            raise BadField("seed", "must be >= 0")
+    if (seed := _typed(body, "seed", (int,), "an integer", (0, (1 << 64) - 1))) is not None:
         s.seed = seed
     stop = body.get("stop")
     if isinstance(stop, str):
@@ -230,29 +278,43 @@ class OpenAIFrontDoor:
         if not REQUEST_ID.match(request_id):
             return openai_error(400, "invalid_request_error", "x-request-id: letters, digits, '.', '_', '-', "
                                                                "up to 128 characters", "x-request-id")
+        context = HttpCallContext(request.headers.get(HEADER))
         try:
-            body = json.loads(await request.body())
+            await self.api.authenticate(context)        # before reading a body from anyone
+            body = json.loads(await read_body(request))
             req = to_generate_request(body, chat, request_id)
             stream = _typed(body, "stream", (bool,), "a boolean")
             include_usage = bool(isinstance(body.get("stream_options"), dict)
                                  and body["stream_options"].get("include_usage"))
-        except json.JSONDecodeError as e:
-            return openai_error(400, "invalid_request_error", f"body: not JSON ({e.msg})", "body")
+        except CallAborted as e:
+            return aborted_response(e)
+        except BodyTooLarge:
+            return openai_error(413, "invalid_request_error", f"body: larger than {MAX_BODY_BYTES} bytes", "body")
         except BadField as e:
             return openai_error(400, "invalid_request_error", str(e), e.param)
+        except (ValueError, RecursionError) as e:   # not JSON, not UTF-8, nested too deep
+            return openai_error(400, "invalid_request_error", f"body: not a JSON object ({type(e).__name__})", "body")
         out = Completion(("chatcmpl-" if chat else "cmpl-") + request_id, chat, self.model, int(time.time()))
-        events = self.api.Generate(req, HttpCallContext(request.headers.get(HEADER)))
+        events = self.api.Generate(req, context)
         try:
-            first = await anext(events)                 # admission's refusals come before the first event
+            # admission's refusals come before the first event; a client that leaves while its job waits for
+            # its first token aborts it (Generate's cleanup runs when the wait is cancelled)
+            first = await until_disconnect(request, anext(events))
         except CallAborted as e:
             await events.aclose()
             return aborted_response(e)
         except StopAsyncIteration:
             return openai_error(500, "internal_error", "the job ended without a result")
+        except ClientGone:
+            await events.aclose()
+            return Response(status_code=499)
         if stream:
             return StreamingResponse(self._sse(out, first, events, include_usage), media_type="text/event-stream",
                                      headers={"x-request-id": request_id})
-        return await self._whole(out, first, events, request_id)
+        try:
+            return await until_disconnect(request, self._whole(out, first, events, request_id))
+        except ClientGone:
+            return Response(status_code=499)
 
     async def _whole(self, out: Completion, first, events, request_id: str) -> Response:
         text, done = [], None
@@ -273,22 +335,23 @@ class OpenAIFrontDoor:
                                          usage=_usage(done)), headers={"x-request-id": request_id})
 
     async def _sse(self, out: Completion, first, events, include_usage: bool) -> AsyncIterator[str]:
-        """Server-sent events; the finish chunk carries the usage; cancelled with the client's connection, which
-        closes the Generate stream and so aborts the job."""
+        """Server-sent events (usage in a last chunk when stream_options.include_usage asks, as OpenAI sends it);
+        cancelled with the client's connection, which closes the Generate stream and so aborts the job."""
         try:
             if out.chat:
                 yield _event(out.role_chunk())
             async for response in _chain(first, events):
                 if response.HasField("chunk"):
                     if response.chunk.text:
-                        yield _event(out.envelope([out.choice(response.chunk.text, None, delta=True)], chunk=True))
+                        yield _event(out.envelope([out.choice(response.chunk.text, None, delta=True)], chunk=True,
+                                                  usage=NO_USAGE if include_usage else None))
                     continue
                 done = response.complete
-                usage = _usage(done)
                 finish = FINISH_REASONS.get(done.finish_reason, "stop")
-                yield _event(out.envelope([out.choice("", finish, delta=True)], chunk=True, usage=usage))
-                if include_usage:
-                    yield _event(out.envelope([], chunk=True, usage=usage))
+                yield _event(out.envelope([out.choice("", finish, delta=True)], chunk=True,
+                                          usage=NO_USAGE if include_usage else None))
+                if include_usage:               # as OpenAI: one last chunk with no choices, only the usage
+                    yield _event(out.envelope([], chunk=True, usage=_usage(done)))
             yield "data: [DONE]\n\n"
         except CallAborted as e:
             status, kind = HTTP_ERRORS.get(e.code, (500, "internal_error"))
@@ -320,13 +383,14 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
-async def start_http(front: OpenAIFrontDoor, listen: str, certfile: str = "", keyfile: str = ""):
+async def start_http(front: OpenAIFrontDoor, listen: str, certfile: str = "", keyfile: str = "",
+                     max_connections: int = 4096):
     """Serve on host:port (port 0 = a free one); returns (server, its task, the bound port)."""
-    import asyncio
-
     host, port = listen.rsplit(":", 1)
+    # a bounded shutdown (jobs of requests cut short stay in Redis, as for gRPC) and bounded concurrency (503 beyond)
     config = uvicorn.Config(front.app, host=host, port=int(port), log_level="warning", lifespan="off",
-                            ssl_certfile=certfile or None, ssl_keyfile=keyfile or None, access_log=False)
+                            ssl_certfile=certfile or None, ssl_keyfile=keyfile or None, access_log=False,
+                            timeout_graceful_shutdown=2, limit_concurrency=max_connections)
     server = _EmbeddedServer(config)
     task = asyncio.create_task(server.serve())
     while not server.started:
