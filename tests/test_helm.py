@@ -47,7 +47,7 @@ def test_manifests_are_valid_kubernetes(values):
         kubernetes_validate.validate(doc, "1.30.0", strict=True)
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
     assert ("Deployment", "demo-alise-worker") in kinds and ("Service", "demo-alise-scheduler") in kinds
-    assert (("Deployment", "demo-alise-redis") in kinds) == (not values)
+    assert (("StatefulSet", "demo-alise-redis") in kinds) == (not values)
 
 
 def test_workers_scale_and_wire_to_the_scheduler():
@@ -74,12 +74,15 @@ def test_secure_by_default_credentials_persistence():
     """Issue 8: Redis with AOF on a PVC and AUTH from a Secret; every service holds the service token;
     clients are known only by key digests; the worker gateway is a port of its own."""
     docs = render()
-    redis = by_name(docs, "Deployment", "demo-alise-redis")["spec"]["template"]["spec"]
+    redis_set = by_name(docs, "StatefulSet", "demo-alise-redis")["spec"]
+    redis = redis_set["template"]["spec"]
     args = redis["containers"][0]["args"]
     assert args[args.index("--appendonly") + 1] == "yes" and args[args.index("--appendfsync") + 1] == "everysec"
     assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
-    assert redis["volumes"][0]["persistentVolumeClaim"]["claimName"] == "demo-alise-redis"
-    assert by_name(docs, "PersistentVolumeClaim", "demo-alise-redis")["spec"]["resources"]["requests"]["storage"]
+    claim = redis_set["volumeClaimTemplates"][0]          # a StatefulSet: one Redis, its own volume, kept
+    assert claim["metadata"]["name"] == redis["containers"][0]["volumeMounts"][0]["name"] == "data"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "8Gi"
+    assert redis_set["persistentVolumeClaimRetentionPolicy"]["whenDeleted"] == "Retain"
     secrets = by_name(docs, "Secret", "demo-alise-secrets")["data"]
     assert len(secrets["service-token"]) > 40 and secrets["redis-password"]
     keys = json.loads(by_name(docs, "Secret", "demo-alise-api-keys")["stringData"]["api-keys.json"])
@@ -147,7 +150,7 @@ def test_bad_values_fail_with_the_value_named(values, message):
 
 def deployments(docs: list[dict]) -> dict[str, dict]:
     return {d["metadata"]["name"].removeprefix("demo-alise-"): d["spec"]["template"]["spec"]
-            for d in docs if d["kind"] == "Deployment"}
+            for d in docs if d["kind"] in ("Deployment", "StatefulSet")}
 
 
 def test_every_pod_meets_pod_security_restricted():
@@ -260,3 +263,26 @@ def test_values_schema_rejects_wrong_types_and_unknown_keys(values, path):
     lint = helm.lint(str(CHART), strict=True, kube_version="v1.30.0", values={"auth": {"tenants": [TENANT]}, **values})
     assert any("schema" in e.lower() for e in lint["errors"]), lint
     assert any(path.split(".")[-1] in e for e in lint["errors"]), lint
+
+
+def test_the_model_can_come_from_the_hub_through_an_init_container():
+    docs = render({"worker": {"modelSource": "hub", "hubModelId": "meta-llama/Meta-Llama-3-8B-Instruct",
+                              "hubTokenSecret": "hf-token"}})
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.30.0", strict=True)
+    pods = deployments(docs)
+    for name in ("worker", "scheduler"):
+        init = pods[name]["initContainers"][0]
+        assert "meta-llama/Meta-Llama-3-8B-Instruct" in init["command"] and "/models/llama-3-8b" in init["command"]
+        env = {e["name"]: e for e in init["env"]}
+        assert env["HF_HUB_OFFLINE"]["value"] == "0"
+        assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
+        volume = next(v for v in pods[name]["volumes"] if v["name"] == "models")
+        assert "emptyDir" in volume and "persistentVolumeClaim" not in volume
+        assert init["securityContext"]["allowPrivilegeEscalation"] is False          # restricted, as the pod
+    patterns = pods["scheduler"]["initContainers"][0]["command"][-1]
+    assert "tokenizer*" in patterns and "safetensors" not in patterns          # the scheduler needs the tokenizer
+    assert pods["worker"]["initContainers"][0]["command"][-1] == "[]"           # workers take everything
+    assert "initContainers" not in deployments(render())["worker"]             # default: the PVC
+    with pytest.raises(helm.HelmError, match="worker.hubModelId"):
+        render({"worker": {"modelSource": "hub"}})

@@ -121,3 +121,39 @@ topologySpreadConstraints:
     labelSelector:
       matchLabels: {{- include "alise.selector" . | nindent 8 }}
 {{- end -}}
+
+
+{{/* The model at worker.modelPath: a PVC, or an emptyDir the init container below fills from the Hub. */}}
+{{- define "alise.modelVolume" -}}
+- name: models
+  {{- if eq .Values.worker.modelSource "hub" }}
+  emptyDir: {sizeLimit: {{ .Values.worker.hubCacheSize }}}
+  {{- else }}
+  persistentVolumeClaim: {claimName: {{ .Values.worker.modelPvc }}}
+  {{- end }}
+{{- end -}}
+
+{{/* Downloads the model from the Hugging Face Hub before the service starts (worker.modelSource: hub).
+`patterns`: what to fetch (the scheduler needs the tokenizer only). */}}
+{{- define "alise.modelInit" -}}
+{{- $w := .root.Values.worker }}
+{{- if eq $w.modelSource "hub" }}
+initContainers:
+  - name: fetch-model
+    image: {{ include "alise.image" (dict "root" .root "component" .component) }}
+    imagePullPolicy: {{ .root.Values.image.pullPolicy }}
+    {{- include "alise.containerSecurity" .root | nindent 4 }}
+    command: ["python", "-c", "import sys, json; from huggingface_hub import snapshot_download; snapshot_download(sys.argv[1], revision=sys.argv[2], local_dir=sys.argv[3], allow_patterns=json.loads(sys.argv[4]) or None)",
+              {{ $w.hubModelId | quote }}, {{ $w.hubRevision | quote }}, {{ $w.modelPath | quote }}, {{ .patterns | toJson | quote }}]
+    env:
+      {{- include "alise.writableEnv" .root | nindent 6 }}
+      - {name: HF_HUB_OFFLINE, value: "0"}
+      {{- if $w.hubTokenSecret }}
+      - name: HF_TOKEN
+        valueFrom: {secretKeyRef: {name: {{ $w.hubTokenSecret }}, key: token}}
+      {{- end }}
+    volumeMounts:
+      {{- include "alise.tmpMount" .root | nindent 6 }}
+      - {name: models, mountPath: /models}
+{{- end }}
+{{- end -}}

@@ -27,6 +27,12 @@
 {{- fail (printf "auth.tenants: tenant %q needs key_sha256, the SHA-256 hex digest of its API key" (.name | default "")) -}}
 {{- end -}}
 {{- end -}}
+{{- if not (has $w.modelSource (list "pvc" "hub")) -}}
+{{- fail "worker.modelSource must be pvc or hub" -}}
+{{- end -}}
+{{- if and (eq $w.modelSource "hub") (not $w.hubModelId) -}}
+{{- fail "worker.hubModelId is required with worker.modelSource=hub (e.g. meta-llama/Meta-Llama-3-8B-Instruct)" -}}
+{{- end -}}
 {{- if ne .Values.scheduler.modelName $w.modelName -}}
 {{- fail "scheduler.modelName and worker.modelName must match" -}}
 {{- end -}}
