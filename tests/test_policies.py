@@ -121,3 +121,28 @@ def test_alise_preempts_only_when_the_wait_saved_pays_for_the_recompute():
     # alone on its worker, the long job would hold the slot for ~60 s: that wait is worth a 3 s recompute
     alone = Snapshot(0, waiting, (worker(slots=1, running=[victim]),))
     assert make_policy("alise").plan(alone, COST).preempt == (("long", "w"),)
+
+
+def test_mlfq_demotes_by_service_had_skips_long_prompts_down_and_ignores_predictions():
+    fresh = job("fresh", pred=5000, created=5)                               # its prediction is never read
+    served = job("served", pred=5, created=0, generated=100)                 # ~3 s of service: level 3
+    long_prompt = job("long-prompt", pred=5, created=1, prompt_len=2000)     # 2 s of prefill: joins at level 3
+    later_fresh = job("later-fresh", pred=1, created=6)
+    policy = make_policy("mlfq")
+    assert [policy.level(j, COST) for j in (fresh, served, long_prompt)] == [0, 3, 3]
+    assert ordered("mlfq", [served, later_fresh, long_prompt, fresh]) == ["fresh", "later-fresh", "served",
+                                                                         "long-prompt"]
+    assert ordered("mlfq", [fresh, job("vip", 5, created=9, generated=500, priority=1)])[0] == "vip"
+
+
+def test_mlfq_preempts_a_deeper_running_job_for_a_waiting_one_and_bounds_it():
+    deep = job("deep", 5, generated=400, running=True)
+    plan = make_policy("mlfq").plan(Snapshot(now=1.7e9 + 10, queued=(job("new", 5, created=9),),
+                                             workers=(worker(running=[deep]),)), COST)
+    assert plan.preempt == (("deep", "w"),) and plan.assign == ()
+    for running in (job("same-level", 5, created=1, running=True),          # not deeper: no preemption
+                    job("deep", 5, generated=400, running=True, preemptions=2),  # preempted enough
+                    job("deep", 5, generated=400, running=True, priority=1)):    # a higher class
+        plan = make_policy("mlfq").plan(Snapshot(now=1.7e9 + 10, queued=(job("new", 5, created=9),),
+                                                 workers=(worker(running=[running]),)), COST)
+        assert plan.preempt == (), running.job_id

@@ -60,7 +60,7 @@ def test_every_job_finishes_once_and_the_kv_pool_ends_empty():
     rng = random.Random(1)
     reqs = sorted((SimRequest(rng.uniform(0, 20), rng.randint(1, 300), rng.randint(1, 300),
                               priority=rng.choice([0, 0, 1])) for _ in range(300)), key=lambda r: r.arrival_s)
-    for policy in ("fcfs", "priority", "sjf", "alise", "oracle"):
+    for policy in ("fcfs", "priority", "sjf", "alise", "mlfq", "oracle"):
         for mode in ("recompute", "swap"):
             cfg = SimConfig(policy=policy, cost=IterationCost(base_s=0.01, per_prefill_token_s=1e-4), workers=3,
                             worker=WorkerSpec(max_batch=8, num_blocks=60, block_size=16, token_budget=256),

@@ -6,10 +6,12 @@ import dataclasses
 from services.scheduler.policies.alise import AlisePolicy
 from services.scheduler.policies.base import Policy
 from services.scheduler.policies.fcfs import FcfsPolicy
+from services.scheduler.policies.mlfq import MlfqPolicy
 from services.scheduler.policies.priority import PriorityPolicy
 from services.scheduler.policies.sjf import SjfPolicy
 
-POLICIES = {"fcfs": FcfsPolicy, "priority": PriorityPolicy, "sjf": SjfPolicy, "alise": AlisePolicy}
+POLICIES = {"fcfs": FcfsPolicy, "priority": PriorityPolicy, "sjf": SjfPolicy, "alise": AlisePolicy,
+            "mlfq": MlfqPolicy}
 
 
 def make_policy(name: str, **options) -> Policy:

@@ -1,8 +1,8 @@
 {{/* Refuse values that would deploy a broken system, with a message saying which value. */}}
 {{- define "alise.validate" -}}
 {{- $w := .Values.worker -}}
-{{- if not (has .Values.scheduler.policy (list "fcfs" "priority" "sjf" "alise")) -}}
-{{- fail (printf "scheduler.policy must be fcfs, priority, sjf or alise (got %q)" .Values.scheduler.policy) -}}
+{{- if not (has .Values.scheduler.policy (list "fcfs" "priority" "sjf" "mlfq" "alise")) -}}
+{{- fail (printf "scheduler.policy must be fcfs, priority, sjf, mlfq or alise (got %q)" .Values.scheduler.policy) -}}
 {{- end -}}
 {{- if not (has .Values.scheduler.preemptMode (list "recompute" "swap")) -}}
 {{- fail "scheduler.preemptMode must be recompute or swap" -}}
