@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from services.scheduler.exec_time import ExecTimeModel
 from services.scheduler.policies.base import (PRIORITY_CLASS_SPAN, SCORE_EPOCH, JobView, Placement, Plan,
-                                              Snapshot, WorkerView)
+                                              Snapshot, WorkerView, preempt_for_waiting)
 
 
 @dataclass
@@ -49,18 +49,11 @@ class AlisePolicy:
 
     def plan(self, snap: Snapshot, cost: ExecTimeModel) -> Plan:
         placement = Placement.greedy(snap)
-        preempt: list[tuple[str, str]] = []
-        open_workers = [w for w in snap.workers if not (w.preempting or w.draining)]
-        for waiting in placement.unplaced:
-            if not waiting.predicted:
-                continue    # never preempt for a prior guess (see _victim); a later, predicted job may
-            victim = self._victim(waiting, open_workers, cost)
-            if victim is None:
-                break       # later jobs in the queue are longer: they would not preempt either
-            job, worker = victim
-            preempt.append((job.job_id, worker.worker_id))
-            open_workers.remove(worker)
-        return Plan(assign=tuple(placement.assign), preempt=tuple(preempt))
+        # never preempt for a prior guess (see _victim); a later, predicted job may
+        preempt = preempt_for_waiting(placement.unplaced, list(snap.workers),
+                                      lambda waiting, workers: self._victim(waiting, workers, cost),
+                                      skip=lambda waiting: not waiting.predicted)
+        return Plan(assign=tuple(placement.assign), preempt=preempt)
 
     def _victim(self, waiting: JobView, workers: list[WorkerView],
                 cost: ExecTimeModel) -> tuple[JobView, WorkerView] | None:

@@ -108,6 +108,25 @@ class Placement:
         return out
 
 
+def preempt_for_waiting(unplaced: list[JobView], workers: list[WorkerView], victim,
+                        skip=lambda job: False) -> tuple[tuple[str, str], ...]:
+    """(job id, worker id) preemptions for waiting jobs, in queue order: `victim(waiting, open_workers)` names a
+    running job and its worker or None; one preemption per worker. Waiting jobs for which `skip` holds are passed
+    over; the first one with no victim ends the search (later ones rank lower and would find none either)."""
+    open_workers = [w for w in workers if not (w.preempting or w.draining)]
+    out = []
+    for waiting in unplaced:
+        if skip(waiting):
+            continue
+        found = victim(waiting, open_workers)
+        if found is None:
+            break
+        job, worker = found
+        out.append((job.job_id, worker.worker_id))
+        open_workers.remove(worker)
+    return tuple(out)
+
+
 def _pick_worker(job: JobView, room: dict[str, _Room], workers: dict[str, WorkerView]) -> str | None:
     fits = [w for w, r in room.items() if r.slots > 0 and r.blocks >= workers[w].blocks_needed(job)]
     if not fits:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from services.scheduler.exec_time import ExecTimeModel
 from services.scheduler.policies.base import (PRIORITY_CLASS_SPAN, SCORE_EPOCH, JobView, Placement, Plan,
-                                              Snapshot, WorkerView)
+                                              Snapshot, WorkerView, preempt_for_waiting)
 
 LEVEL_SPAN = 1.0e9          # a level outranks any arrival-time difference (seconds since SCORE_EPOCH)
 
@@ -39,16 +39,9 @@ class MlfqPolicy:
 
     def plan(self, snap: Snapshot, cost: ExecTimeModel) -> Plan:
         placement = Placement.greedy(snap)
-        preempt: list[tuple[str, str]] = []
-        open_workers = [w for w in snap.workers if not (w.preempting or w.draining) and w.running]
-        for waiting in placement.unplaced:
-            victim = self._victim(waiting, open_workers, cost)
-            if victim is None:
-                break           # later jobs wait at the same or a deeper level: they would not preempt either
-            job, worker = victim
-            preempt.append((job.job_id, worker.worker_id))
-            open_workers.remove(worker)
-        return Plan(assign=tuple(placement.assign), preempt=tuple(preempt))
+        preempt = preempt_for_waiting(placement.unplaced, list(snap.workers),
+                                      lambda waiting, workers: self._victim(waiting, workers, cost))
+        return Plan(assign=tuple(placement.assign), preempt=preempt)
 
     def _victim(self, waiting: JobView, workers: list[WorkerView],
                 cost: ExecTimeModel) -> tuple[JobView, WorkerView] | None:
