@@ -88,12 +88,14 @@ def test_stop_string_and_seeded_sampling(client, model):
     (dict(prompt="word " * 20000), 400, "prompt"),
     (dict(model="no-such-model"), 404, "model"),
     (dict(max_tokens=1 << 40), 400, "max_tokens"),                 # beyond the gRPC field's int32
+    (dict(temperature=float("nan")), 400, "temperature"),          # JSON's NaN / Infinity never reach a worker
+    (dict(top_p=float("inf")), 400, "top_p"),
     (dict(seed=-1), 400, "seed"),
     (dict(priority=1 << 33), 400, "priority"),
 ])
 def test_bad_requests_get_openai_errors_naming_the_parameter(stack, model, kwargs, status, param):
     body = {"model": model, "prompt": PROMPT, "max_tokens": 4} | kwargs
-    r = httpx.post(stack.http_base + "/completions", json=body, timeout=60,
+    r = httpx.post(stack.http_base + "/completions", content=json.dumps(body), timeout=60,   # NaN as JSON allows
                    headers={"authorization": f"Bearer {stack.api_key}"})
     assert r.status_code == status, r.text
     err = r.json()["error"]

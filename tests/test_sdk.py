@@ -141,3 +141,10 @@ def test_an_api_key_is_not_sent_in_plaintext_off_loopback():
     Client("127.0.0.1:50051", api_key="k").close()
     with pytest.raises(ValueError, match="plaintext"):
         Client("127.evil.example:50051", api_key="k")                      # a name, not a loopback address
+
+
+def test_the_cli_treats_only_loopback_addresses_as_loopback():
+    from client.cli import is_loopback
+
+    assert is_loopback("127.0.0.1:50051") and is_loopback("localhost:1") and is_loopback("[::1]:50051")
+    assert not is_loopback("127.evil.example:50051") and not is_loopback("10.0.0.1:50051")

@@ -36,14 +36,10 @@ QUEUE_LOOKAHEAD = 256
 ORPHAN_SWEEP_S = 10.0
 
 
-FINISHED_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
-                    pb.FINISH_REASON_ABORTED: "abort", pb.FINISH_REASON_ERROR: "error"}
-
-
 def record_finished(done: pb.GenerateComplete) -> None:
     """A finished request's series (vLLM's request-level metrics)."""
     t = done.timings
-    metrics.SUCCESS.labels(finished_reason=FINISHED_REASONS.get(done.finish_reason, "error")).inc()
+    metrics.SUCCESS.labels(finished_reason=FINISH_NAMES.get(done.finish_reason, "error")).inc()
     metrics.PROMPT_TOKENS.inc(done.usage.prompt_tokens)
     metrics.E2E.observe(t.e2e_seconds)
     if t.queue_seconds:
@@ -126,9 +122,10 @@ class Dispatcher:
                 await self._assign(job_id, s)
         # The queue's head (QUEUE_LOOKAHEAD jobs) holds what will run next: its predicted work, spread over the
         # workers, is a lower bound on how long a new job would wait, and what admission bounds.
-        self.queued_work_s = sum(j.remaining_seconds(self.cost) for j in snap.queued) / max(1, len(snap.workers))
+        queued_work = sum(j.remaining_seconds(self.cost) for j in snap.queued)
+        self.queued_work_s = queued_work / max(1, len(snap.workers))
         metrics.QUEUED.set(len(snap.queued))
-        metrics.QUEUED_WORK.set(self.queued_work_s * max(1, len(snap.workers)))
+        metrics.QUEUED_WORK.set(queued_work)
         metrics.WORKERS.set(len(snap.workers))
         metrics.PLACED.set(self.state.running())
 

@@ -4,7 +4,8 @@ Every tool a platform team already runs (the openai SDK, LangChain, `vllm bench 
 A request is translated into the gRPC API's GenerateRequest and served by the same AliseServicer.Generate:
 the same API keys and tenants, validation, rate and queue limits, idempotent request ids and scheduling. The
 servicer reports refusals through `context.abort(code, message)`; here that raises CallAborted, which becomes
-an OpenAI-shaped error with the matching HTTP status. Streaming is server-sent events, usage in the last chunk.
+an OpenAI-shaped error with the matching HTTP status. Streaming is server-sent events; the usage comes in a last
+chunk when `stream_options.include_usage` asks for it, as OpenAI sends it.
 A client that disconnects aborts its job, as a cancelled gRPC stream does.
 
 Starlette (a well-kept ASGI toolkit) and uvicorn serve it inside the scheduler's own event loop.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -30,11 +30,9 @@ from starlette.routing import Route
 
 from services.common.auth import HEADER
 from services.scheduler.api import AliseServicer
+from services.scheduler.job_messages import FINISH_NAMES
 from services.scheduler.validation import REQUEST_ID
 
-log = logging.getLogger("alise.scheduler.http")
-FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
-                  pb.FINISH_REASON_ABORTED: "abort", pb.FINISH_REASON_ERROR: "error"}
 # gRPC status -> (HTTP status, OpenAI error type)
 HTTP_ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
@@ -330,7 +328,7 @@ class OpenAIFrontDoor:
             await events.aclose()
         if done is None:
             return openai_error(500, "internal_error", "the job ended without a result")
-        finish = FINISH_REASONS.get(done.finish_reason, "stop")
+        finish = FINISH_NAMES.get(done.finish_reason, "stop")
         return JSONResponse(out.envelope([out.choice(done.text or "".join(text), finish, delta=False)], chunk=False,
                                          usage=_usage(done)), headers={"x-request-id": request_id})
 
@@ -347,7 +345,7 @@ class OpenAIFrontDoor:
                                                   usage=NO_USAGE if include_usage else None))
                     continue
                 done = response.complete
-                finish = FINISH_REASONS.get(done.finish_reason, "stop")
+                finish = FINISH_NAMES.get(done.finish_reason, "stop")
                 yield _event(out.envelope([out.choice("", finish, delta=True)], chunk=True,
                                           usage=NO_USAGE if include_usage else None))
                 if include_usage:               # as OpenAI: one last chunk with no choices, only the usage
