@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import json
 import math
 from pathlib import Path
@@ -26,6 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--worker-arg", action="append", default=[], help="extra worker flag (repeat), e.g. --device=cuda")
     p.add_argument("--scheduler-arg", action="append", default=[], help="extra scheduler flag (repeat)")
+    p.add_argument("--predictor-arg", action="append", default=[],
+                   help="extra predictor flag (repeat), e.g. --predictor-arg=--model-dir=DIR (a trained predictor)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs already saved under --out (same labels) and run only the missing ones: a "
+                        "sweep split over several sessions on one machine still makes one report")
     p.add_argument("--latency-bound", type=float, default=0.1, help="mean normalized latency bound (s/token)")
     p.add_argument("--out", type=Path, default=Path("sweep"))
 
@@ -38,7 +44,8 @@ def sweep(a: argparse.Namespace) -> list[Run]:
     runs = []
     for policy in a.policies:
         for rate in a.rates:
-            summary, normalized = one_run(a, policy, rate, prime, measured, percentiles)
+            saved = load_run(a.out, policy, rate) if a.resume else None
+            summary, normalized = saved or one_run(a, policy, rate, prime, measured, percentiles)
             runs.append(Run(policy, rate, summary, normalized))
             print(f"{summary['label']}: {summary['completed']}/{summary['requests']} done, mean normalized "
                   f"{summary['normalized_latency_s'].get('mean', float('nan')):.3f} s/token", flush=True)
@@ -46,14 +53,31 @@ def sweep(a: argparse.Namespace) -> list[Run]:
     return runs
 
 
+def run_label(policy: str, rate: float) -> str:
+    return f"{policy}-r{rate:g}"
+
+
+def load_run(out: Path, policy: str, rate: float) -> tuple[dict, tuple] | None:
+    """A run saved by an earlier sweep into `out`: its summary and every completed request's normalized latency
+    (e2e / output tokens, from the per-request CSV), or None when it is not there."""
+    path = out / f"{run_label(policy, rate)}.json"
+    if not path.is_file() or not path.with_suffix(".csv").is_file():
+        return None
+    with open(path.with_suffix(".csv"), newline="") as f:
+        normalized = tuple(float(r["e2e_s"]) / int(r["output_tokens"]) for r in csv.DictReader(f)
+                           if r["ok"] == "True" and r["e2e_s"] and int(r["output_tokens"]) > 0)
+    return json.loads(path.read_text()), normalized
+
+
 def one_run(a: argparse.Namespace, policy: str, rate: float, prime, measured, percentiles) -> tuple[dict, tuple]:
     """One (policy, rate) on a stack of its own: the same prompts sent again to a running stack would hit its
     prefix cache and teach its predictor their lengths, so later runs would be flattered."""
     from services.common.local_stack import LocalStack
 
-    label = f"{policy}-r{rate:g}"
+    label = run_label(policy, rate)
     stack = LocalStack(log_dir=a.out / f"stack-{label}", num_workers=a.workers, worker_args=a.worker_arg,
-                       scheduler_args=["--policy", policy, *a.scheduler_arg]).start(timeout_s=900)
+                       scheduler_args=["--policy", policy, *a.scheduler_arg],
+                       predictor_args=a.predictor_arg).start(timeout_s=900)
     try:
         target = Target(stack.address, stack.api_key, str(stack.tls_files.ca) if stack.tls_files else "")
         if prime:

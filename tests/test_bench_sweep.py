@@ -43,4 +43,15 @@ def test_a_small_sweep_on_live_stacks_writes_runs_figures_and_report(tmp_path, m
     assert len(json.loads((out / "sweep.json").read_text())) == 4
     report = (out / "report.md").read_text()
     assert "| alise | 8 |" in report and "normalized_latency_vs_rate.png" in report
+
+    # --resume keeps the saved runs (no stack is started for them) and rebuilds the same report from them
+    saved = {p.name: p.stat().st_mtime_ns for p in out.glob("*-r*.json")}
+    first = json.loads((out / "sweep.json").read_text())
+    (out / "report.md").unlink()
+    assert cli_main(["bench", "sweep", "--dataset-name", "synthetic", "--num-prompts", "4", "--input-len", "16",
+                     "--output-len", "6", "--ignore-eos", "--policies", "fcfs", "alise", "--rates", "2", "8",
+                     "--prime", "2", "--resume", "--out", str(out)]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*-r*.json")} == saved
+    assert json.loads((out / "sweep.json").read_text()) == first
+    assert "| alise | 8 |" in (out / "report.md").read_text()
     assert (out / "normalized_latency_cdf.png").stat().st_size > 1000
