@@ -1,4 +1,6 @@
 """Policies are pure functions of a snapshot: tested without Redis, gRPC or a model."""
+import pytest
+
 from services.scheduler.exec_time import ExecTimeModel, expected_remaining_tokens
 from services.scheduler.policies import make_policy
 from services.scheduler.policies.base import JobView, Snapshot, WorkerView
@@ -146,3 +148,12 @@ def test_mlfq_preempts_a_deeper_running_job_for_a_waiting_one_and_bounds_it():
         plan = make_policy("mlfq").plan(Snapshot(now=1.7e9 + 10, queued=(job("new", 5, created=9),),
                                                  workers=(worker(running=[running]),)), COST)
         assert plan.preempt == (), running.job_id
+
+
+def test_make_policy_sets_known_options_and_refuses_unknown_ones():
+    assert make_policy("alise", aging_s=7.0, max_preemptions=1).aging_s == 7.0
+    assert make_policy("fcfs", aging_s=7.0).name == "fcfs"          # an option of other policies: no effect here
+    with pytest.raises(ValueError, match="agng_s"):
+        make_policy("alise", agng_s=7.0)                            # misspelt: refused, not silently ignored
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("srtf")

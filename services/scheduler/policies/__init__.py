@@ -14,11 +14,20 @@ POLICIES = {"fcfs": FcfsPolicy, "priority": PriorityPolicy, "sjf": SjfPolicy, "a
             "mlfq": MlfqPolicy}
 
 
+def _fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+
+
 def make_policy(name: str, **options) -> Policy:
-    """The named policy; `options` set the fields of the policies that have them (others ignore them)."""
+    """The named policy. `options` are the scheduler's policy settings: each sets the field of that name on the
+    policies that have one (fcfs has no aging, say, and ignores it); an option no policy knows is a mistake
+    (a misspelt name would otherwise change nothing, silently), so it is refused."""
     try:
         cls = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}") from None
-    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    unknown = set(options) - set().union(*(_fields(c) for c in POLICIES.values()))
+    if unknown:
+        raise ValueError(f"unknown policy option(s) {sorted(unknown)}")
+    fields = _fields(cls)
     return cls(**{k: v for k, v in options.items() if k in fields})
