@@ -19,11 +19,12 @@ from pathlib import Path
 
 from bench.serve import add_dataset_arguments, arrival_offsets, open_tokenizer
 from bench.serve_metrics import summarize
-from bench.simulator.cluster import PREEMPT_MODES, SIM_POLICIES, SimConfig, SimRequest, WorkerSpec, simulate
+from bench.simulator.cluster import SIM_POLICIES, SimConfig, SimRequest, WorkerSpec, simulate
 from bench.simulator.cost import PRESETS, load_cost
 from bench.simulator.predictions import PredictorKind, SimPredictor, sigma_for_tau
 from bench.sweep_report import Run, markdown, plot
 from bench.workloads import Dataset, Limits, length_records, load
+from services.common.preempt_mode import PreemptMode
 from services.scheduler.config import SchedulerConfig
 
 
@@ -40,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--token-budget", type=int, default=8192, help="tokens per iteration")
     p.add_argument("--cost", default="h200-llama3-8b", help=f"iteration cost: a preset ({', '.join(PRESETS)}) or JSON")
-    p.add_argument("--preempt-mode", choices=PREEMPT_MODES, default="recompute")
+    p.add_argument("--preempt-mode", type=PreemptMode, choices=list(PreemptMode), default=PreemptMode.RECOMPUTE)
     p.add_argument("--knee-share", type=float, default=SchedulerConfig.knee_share,
                    help="admit up to the batch within this share of max throughput (0 = up to max batch)")
     p.add_argument("--max-preemptions", type=int, default=SchedulerConfig.max_preemptions)

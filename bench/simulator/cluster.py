@@ -21,6 +21,7 @@ from enum import IntEnum
 from bench.serve_metrics import RequestResult
 from bench.simulator.cost import IterationCost
 from bench.simulator.predictions import PredictorKind, SimPredictor
+from services.common.preempt_mode import PreemptMode
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.exec_time import ExecTimeModel
 from services.scheduler.live_state import JobFacts, LiveState, WorkerState
@@ -29,7 +30,6 @@ from services.scheduler.worker_speed import StepSums
 
 QUEUE_LOOKAHEAD = 256                 # as the live dispatcher: the policy sees the queue's head
 STEP_SAMPLES = 64                     # steps per load report, as a worker sends them (worker/engine_loop.py)
-PREEMPT_MODES = ("recompute", "swap")
 ORACLE = "oracle"                     # alise with true lengths for predictions: the ceiling
 SIM_POLICIES = (*POLICIES, ORACLE)
 
@@ -60,7 +60,7 @@ class SimConfig:
     cost: IterationCost
     workers: int = 1
     worker: WorkerSpec = field(default_factory=WorkerSpec)
-    preempt_mode: str = "recompute"
+    preempt_mode: PreemptMode = PreemptMode.RECOMPUTE
     max_tokens: int = 4096            # every request's max_tokens (what a client would send)
     predictor: SimPredictor = field(default_factory=lambda: SimPredictor(PredictorKind.NOISY, sigma=1.0))
     reconsider_s: float = 0.1         # with jobs waiting, the scheduler decides at least this often (load reports)
@@ -72,8 +72,7 @@ class SimConfig:
     def __post_init__(self) -> None:
         if self.policy not in SIM_POLICIES:
             raise ValueError(f"policy {self.policy!r}: choose one of {', '.join(SIM_POLICIES)}")
-        if self.preempt_mode not in PREEMPT_MODES:
-            raise ValueError(f"preempt_mode {self.preempt_mode!r}: choose one of {', '.join(PREEMPT_MODES)}")
+        self.preempt_mode = PreemptMode(self.preempt_mode)     # a name ("swap") is accepted too
 
 
 class _Event(IntEnum):                # at equal times: arrivals first, then iteration ends, then decisions
@@ -313,16 +312,16 @@ class Simulation:
             self._finish(job)
         self._start_step(w)
 
-    def _preempt(self, w: _Worker, job: _Job, mode: str) -> None:
+    def _preempt(self, w: _Worker, job: _Job, mode: PreemptMode) -> None:
         if job in w.waiting:
             w.waiting.remove(job)          # put back by the engine: holds no blocks
         else:
             w.release(job)
         job.preemptions += 1
-        if mode == "swap":
+        if mode is PreemptMode.SWAP:
             w.host_kv[job.job_id] = job.computed
             w.extra_s += self.cfg.cost.swap_per_token_s * job.computed
-        self.state.preempted(job.job_id, w.wid, swapped=mode == "swap")
+        self.state.preempted(job.job_id, w.wid, swapped=mode is PreemptMode.SWAP)
         job.computed = 0
         self.state.set_generated(job.job_id, job.generated)
         self._enqueue(job)

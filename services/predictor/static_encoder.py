@@ -47,7 +47,9 @@ class StaticEncoder:
         from transformers import AutoTokenizer
 
         with np.load(Path(model_dir) / FILE) as z:
-            vectors, weights = torch.from_numpy(z["vectors"]), torch.from_numpy(z["weights"])
+            # stored in half precision (save_static); computed in float32
+            vectors = torch.from_numpy(z["vectors"].astype(np.float32))
+            weights = torch.from_numpy(z["weights"].astype(np.float32))
             self.max_tokens = int(max_tokens or z["max_tokens"])
         self.model = StaticModel(vectors, weights).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -81,7 +83,9 @@ class StaticEncoder:
 def save_static(model_dir: str | Path, model: StaticModel, tokenizer, max_tokens: int) -> None:
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    np.savez(model_dir / FILE, vectors=model.vectors.detach().numpy().astype(np.float32),
+    # the vectors in half precision: half the size on disk and in the predictor's image (23 MB, not 47, for
+    # MiniLM's 30k-token vocabulary); the rounding (< 1e-3 relative) is far below what ranking can notice
+    np.savez(model_dir / FILE, vectors=model.vectors.detach().numpy().astype(np.float16),
              weights=model.raw_weights.detach().numpy().astype(np.float32), max_tokens=np.int64(max_tokens))
     tokenizer.save_pretrained(str(model_dir))
 

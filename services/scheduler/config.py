@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.config_args import config_from_args
+from services.common.preempt_mode import PreemptMode
 from services.common.model_paths import DEFAULT_MODEL_NAME, default_model_dir
 from services.common.tls import TlsFiles
 from services.scheduler.policies import POLICIES
@@ -28,7 +29,7 @@ class SchedulerConfig:
     model_name: str = DEFAULT_MODEL_NAME
     model_dir: str = str(default_model_dir())   # tokenizer and chat template
     policy: str = "alise"
-    preempt_mode: str = "recompute"             # or "swap"
+    preempt_mode: PreemptMode = PreemptMode.RECOMPUTE
     max_preemptions: int = 2                    # alise: a job is preempted at most this many times
     aging_s: float = 5.0                        # alise: waiting this long makes predicted work count e times less
     knee_share: float = 0.99                    # admit up to the batch within this share of max throughput; 0 = off
@@ -52,8 +53,7 @@ class SchedulerConfig:
             raise ValueError("aging_s must be > 0")
         if self.max_preemptions < 0:
             raise ValueError("max_preemptions must be >= 0")
-        if self.preempt_mode not in ("recompute", "swap"):
-            raise ValueError(f"preempt_mode must be recompute or swap, got {self.preempt_mode!r}")
+        object.__setattr__(self, "preempt_mode", PreemptMode(self.preempt_mode))   # a name ("swap") is accepted too
         if self.worker_mtls and not (self.tls_cert and self.tls_ca):
             raise ValueError("worker_mtls needs tls_cert, tls_key and tls_ca")
         if not 0 < self.default_max_tokens <= self.max_tokens_cap:

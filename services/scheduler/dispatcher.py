@@ -16,6 +16,7 @@ from alise.v1 import worker_pb2 as wpb
 from services.scheduler import metrics
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.exec_time import ExecTimeModel
+from services.common.preempt_mode import PreemptMode
 from services.common.redis_client import UNREACHABLE
 from services.scheduler import keys
 from services.scheduler.job_events import JobEvent, JobEventHub
@@ -31,7 +32,6 @@ from services.scheduler.worker_sessions import WorkerSession
 from services.scheduler.worker_speed import StepSums
 
 log = logging.getLogger("alise.scheduler")
-PREEMPT_MODES = {"recompute": wpb.PREEMPT_MODE_RECOMPUTE, "swap": wpb.PREEMPT_MODE_SWAP}
 QUEUE_LOOKAHEAD = 256
 ORPHAN_SWEEP_S = 10.0
 
@@ -157,7 +157,7 @@ class Dispatcher:
     def _preempt(self, job_id: str, s: WorkerSession) -> None:
         self.state.preempt_sent(job_id, s.worker_id)
         metrics.PREEMPTIONS.inc()
-        s.send(preempt=wpb.PreemptJob(job_id=job_id, mode=PREEMPT_MODES[self.cfg.preempt_mode]))
+        s.send(preempt=wpb.PreemptJob(job_id=job_id, mode=self.cfg.preempt_mode.wire))
 
     async def _requeue(self, job_id: str, worker_id: str, swapped: bool, preempted: bool = False) -> None:
         self.state.left_worker(job_id, worker_id)
@@ -228,7 +228,7 @@ class Dispatcher:
         if kind == "finished":
             await self._on_finished(s, msg.finished)
         elif kind == "preempted":
-            await self._requeue(msg.preempted.job_id, s.worker_id, msg.preempted.mode == wpb.PREEMPT_MODE_SWAP,
+            await self._requeue(msg.preempted.job_id, s.worker_id, PreemptMode.from_wire(msg.preempted.mode) is PreemptMode.SWAP,
                                 preempted=True)
         elif kind == "step_failed":
             await self._on_step_failed(s, msg.step_failed)

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from enum import Enum
 
 import torch
 
 from services.worker.block_manager import BlockManager
+from services.common.preempt_mode import PreemptMode
 from services.common.sampling_limits import sampling_problem
 from services.worker.detokenizer import IncrementalDetokenizer
 from services.worker.model_runner import SeqChunk
@@ -24,11 +24,6 @@ from services.worker.sampler import sample
 from services.worker.sequence import Finish, Sampling, Sequence, SeqStatus
 from services.worker.step_scheduler import StepScheduler
 
-
-
-class PreemptMode(Enum):
-    RECOMPUTE = "recompute"     # drop the KV; the scheduler re-sends prompt + output when it resumes the job
-    SWAP = "swap"               # copy the KV to host memory; resumed on this worker
 
 
 @dataclass

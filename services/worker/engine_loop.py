@@ -17,12 +17,12 @@ from alise.v1 import generate_pb2 as pb
 from alise.v1 import worker_pb2 as wpb
 
 from services.worker import metrics
-from services.worker.engine import Engine, PreemptMode, StepOutput
+from services.common.preempt_mode import PreemptMode
+from services.worker.engine import Engine, StepOutput
 from services.worker.sequence import Finish, Sampling, SeqStatus
 from services.worker.token_batcher import TokenBatcher
 
 log = logging.getLogger("alise.worker.loop")
-PREEMPT_MODE_WIRE = {PreemptMode.SWAP: wpb.PREEMPT_MODE_SWAP, PreemptMode.RECOMPUTE: wpb.PREEMPT_MODE_RECOMPUTE}
 STEP_SAMPLES = 64    # steps sent per load report: single steps, whose sizes vary, tell the step model's terms apart
 RESET = "reset"     # the session ended: drop every job (the scheduler requeues them)
 FINISH_CODES = {Finish.STOP: pb.FINISH_REASON_STOP, Finish.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -140,11 +140,11 @@ class EngineLoop(threading.Thread):
             self.engine.add(a.job_id, list(a.prompt_token_ids), sampling_from_proto(a.sampling),
                             list(a.output_token_ids), a.output_text)
         elif kind == "preempt":
-            asked = PreemptMode.SWAP if cmd.preempt.mode == wpb.PREEMPT_MODE_SWAP else PreemptMode.RECOMPUTE
+            asked = PreemptMode.from_wire(cmd.preempt.mode)
             self.batcher.forget(cmd.preempt.job_id)
             if (done := self.engine.preempt(cmd.preempt.job_id, asked)) is not None:
                 self._send(wpb.WorkerMessage(preempted=wpb.JobPreempted(job_id=cmd.preempt.job_id,
-                                                                        mode=PREEMPT_MODE_WIRE[done])))
+                                                                        mode=done.wire)))
         elif kind == "abort":
             self.batcher.forget(cmd.abort.job_id)
             self.engine.abort(cmd.abort.job_id)
