@@ -286,3 +286,12 @@ def test_the_model_can_come_from_the_hub_through_an_init_container():
     assert "initContainers" not in deployments(render())["worker"]             # default: the PVC
     with pytest.raises(helm.HelmError, match="worker.hubModelId"):
         render({"worker": {"modelSource": "hub"}})
+
+
+def test_a_release_named_for_the_chart_is_not_named_twice():
+    values = {"auth": {"tenants": [TENANT]}}
+    for release, prefix in (("alise", "alise"), ("alise-prod", "alise-prod"), ("prod", "prod-alise")):
+        out = helm.Chart.load(str(CHART)).render(values, name=release, namespace="llm")
+        names = {d["metadata"]["name"] for file, text in out.items() if not file.endswith("NOTES.txt")
+                 for d in yaml.safe_load_all(text) if d}
+        assert f"{prefix}-scheduler" in names and f"{prefix}-worker" in names, (release, sorted(names))

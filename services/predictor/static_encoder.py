@@ -47,8 +47,9 @@ class StaticEncoder:
         from transformers import AutoTokenizer
 
         with np.load(Path(model_dir) / FILE) as z:
-            # stored in half precision (save_static); computed in float32
-            vectors = torch.from_numpy(z["vectors"].astype(np.float32))
+            # stored in half precision (save_static) and computed in float32; a table saved in float32 by an older
+            # version is rounded the same way, so what is served, saved again and fingerprinted is one thing
+            vectors = torch.from_numpy(z["vectors"].astype(np.float16).astype(np.float32))
             weights = torch.from_numpy(z["weights"].astype(np.float32))
             self.max_tokens = int(max_tokens or z["max_tokens"])
         self.model = StaticModel(vectors, weights).eval()

@@ -1,6 +1,11 @@
 {{/* Names and labels shared by every ALISE object. */}}
+{{/* release "prod" -> "prod-alise"; a release already named for the chart ("alise", "alise-prod") keeps its name */}}
 {{- define "alise.fullname" -}}
+{{- if contains "alise" .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
 {{- printf "%s-alise" .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "alise.labels" -}}
