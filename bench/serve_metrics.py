@@ -95,6 +95,40 @@ def fairness(done: list[RequestResult]) -> dict[str, float]:
             "longest_tenth_mean_e2e_s": sum(r.e2e_s for r in long_) / len(long_)}
 
 
+PACE_MIN_ARRIVALS = 20     # fewer arrivals in the window say nothing about the backlog
+
+
+def work_pace(results: list[RequestResult]) -> float | None:
+    """Output tokens served per output token asked for, over the second half of the arrival window.
+
+    Asked for: the output lengths of the requests that arrive in the window. Served: every request's tokens,
+    spread evenly from its first token to its end, that fall in the window. While the server keeps up, its
+    backlog stays level and the two match (about 1); when it cannot, the backlog grows and the share falls
+    towards capacity / offered load. Tokens, not completions: a shortest-first policy finishes more requests
+    early and fewer late without serving more. The first half is left out: nothing completes until the first
+    requests have run; requests/s over the whole run against the offered rate would count the final drain
+    and call any finite run near capacity unsustained. None when the window is too short to tell (all at once).
+    """
+    if len(results) < 2:
+        return None
+    starts = sorted(r.start_s for r in results)
+    lo, hi = (starts[0] + starts[-1]) / 2, starts[-1]
+    arriving = [r for r in results if lo <= r.start_s <= hi]
+    asked = sum(r.expected_output_tokens for r in arriving)
+    if hi - lo < 1.0 or len(arriving) < PACE_MIN_ARRIVALS or asked <= 0:
+        return None
+    served = 0.0
+    for r in results:
+        if not r.ok or r.e2e_s is None:
+            continue
+        first, end = r.start_s + (r.ttft_s if r.ttft_s is not None else r.e2e_s), r.start_s + r.e2e_s
+        if end <= first:
+            served += r.output_tokens if lo <= end <= hi else 0
+        else:
+            served += r.output_tokens * max(0.0, min(end, hi) - max(first, lo)) / (end - first)
+    return served / asked
+
+
 def summarize(results: list[RequestResult], duration_s: float, percentiles: list[float],
               slo: dict[str, float] | None = None) -> dict:
     done = [r for r in results if r.ok]
@@ -118,6 +152,7 @@ def summarize(results: list[RequestResult], duration_s: float, percentiles: list
                          ("queue_s", [r.queue_s for r in done])):
         s[name] = distribution(values, percentiles)
     s["fairness"] = fairness(done)
+    s["work_pace"] = work_pace(results)
     predicted = [r for r in done if r.predicted_output_tokens > 0]
     s["predictor_kendall_tau"] = kendall_tau([r.predicted_output_tokens for r in predicted],
                                              [r.output_tokens for r in predicted])

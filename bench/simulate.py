@@ -58,16 +58,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latency-bound", type=float, default=0.1, help="mean normalized latency bound (s/token)")
     p.add_argument("--percentiles", default="50,90,99")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip", type=int, default=0,
+                   help="leave out the dataset's first N requests (a live sweep's --prime requests: the same workload)")
     p.add_argument("--out", type=Path, default=Path("simulation"))
 
 
 def workload_lengths(a: argparse.Namespace) -> list[tuple[int, int, float | None]]:
     """(prompt tokens, output tokens, trace arrival or None) of the dataset, in file order."""
     if a.dataset_name in (Dataset.SYNTHETIC, Dataset.LENGTHS, Dataset.AZURE):
-        return length_records(a.dataset_name, a.dataset_path, a.num_prompts, a.input_len, a.output_len, Limits())
+        return length_records(a.dataset_name, a.dataset_path, a.skip + a.num_prompts, a.input_len, a.output_len,
+                              Limits())[a.skip:]
     if a.dataset_path is None:
         raise SystemExit(f"--dataset-path is needed for {a.dataset_name.value}")
-    reqs = load(a.dataset_name, a.dataset_path, a.num_prompts, open_tokenizer(a.tokenizer), seed=a.seed)
+    reqs = load(a.dataset_name, a.dataset_path, a.skip + a.num_prompts, open_tokenizer(a.tokenizer), seed=a.seed)[a.skip:]
     return [(r.prompt_tokens, r.output_tokens, r.arrival_s) for r in reqs if r.output_tokens > 0]
 
 

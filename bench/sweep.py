@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from bench.serve import Target, add_workload_arguments, load_workload, open_tokenizer, run, save, worker_loads
-from bench.serve_metrics import summarize
+from bench.serve_metrics import RequestResult, summarize, work_pace
 from bench.sweep_report import Run, markdown, plot
 
 
@@ -64,9 +64,23 @@ def load_run(out: Path, policy: str, rate: float) -> tuple[dict, tuple] | None:
     if not path.is_file() or not path.with_suffix(".csv").is_file():
         return None
     with open(path.with_suffix(".csv"), newline="") as f:
-        normalized = tuple(float(r["e2e_s"]) / int(r["output_tokens"]) for r in csv.DictReader(f)
-                           if r["ok"] == "True" and r["e2e_s"] and int(r["output_tokens"]) > 0)
-    return json.loads(path.read_text()), normalized
+        results = [saved_result(row) for row in csv.DictReader(f)]
+    normalized = tuple(r.normalized_s for r in results if r.ok and r.normalized_s is not None)
+    summary = json.loads(path.read_text())
+    summary["work_pace"] = work_pace(results)     # added since some runs were saved: computed from their requests
+    return summary, normalized
+
+
+def saved_result(row: dict) -> RequestResult:
+    """A request as `save` wrote it to CSV (without its inter-token latencies)."""
+    def opt(v: str) -> float | None:
+        return float(v) if v not in ("", "None") else None
+    return RequestResult(index=int(row["index"]), expected_output_tokens=int(row["expected_output_tokens"]),
+                         start_s=float(row["start_s"]), ok=row["ok"] == "True", error=row["error"],
+                         prompt_tokens=int(row["prompt_tokens"]), output_tokens=int(row["output_tokens"]),
+                         ttft_s=opt(row["ttft_s"]), e2e_s=opt(row["e2e_s"]), queue_s=float(row["queue_s"]),
+                         preemptions=int(row["preemptions"]), predicted_output_tokens=int(row["predicted_output_tokens"]),
+                         finish_reason=row["finish_reason"])
 
 
 def one_run(a: argparse.Namespace, policy: str, rate: float, prime, measured, percentiles) -> tuple[dict, tuple]:

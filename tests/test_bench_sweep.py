@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
+
 from bench.serve_metrics import RequestResult, summarize
 from bench.sweep_report import Run, capacity, markdown, plot, throughput_at_bound
 from client.cli import main as cli_main
@@ -55,3 +57,19 @@ def test_a_small_sweep_on_live_stacks_writes_runs_figures_and_report(tmp_path, m
     assert json.loads((out / "sweep.json").read_text()) == first
     assert "| alise | 8 |" in (out / "report.md").read_text()
     assert (out / "normalized_latency_cdf.png").stat().st_size > 1000
+
+
+def test_work_pace_tells_a_level_backlog_from_a_growing_one():
+    from bench.serve_metrics import work_pace
+
+    def req(i: int, start: float, first: float, end: float, n: int = 10, ok: bool = True) -> RequestResult:
+        return RequestResult(index=i, expected_output_tokens=n, start_s=start, ok=ok, output_tokens=n if ok else 0,
+                             ttft_s=first - start if ok else None, e2e_s=end - start if ok else None)
+
+    # one 10-token request a second for 100 s, each served over 5 s: the server keeps up (the final drain aside)
+    assert work_pace([req(t, t, t + 0.5, t + 5.0) for t in range(100)]) == pytest.approx(1.0, abs=0.05)
+    # served one at a time, 2 s each, in arrival order: half the work asked for gets done, the backlog grows
+    assert work_pace([req(t, t, 2.0 * t, 2.0 * t + 2.0) for t in range(100)]) == pytest.approx(0.5, abs=0.05)
+    assert work_pace([req(i, 0.0, 0.5, 1.0) for i in range(50)]) is None         # all at once: nothing to tell
+    half_failed = [req(t, t, t + 0.5, t + 5.0, ok=t % 2 == 0) for t in range(100)]
+    assert work_pace(half_failed) == pytest.approx(0.5, abs=0.05)
