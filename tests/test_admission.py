@@ -2,6 +2,7 @@
 a new job is refused (the API answers RESOURCE_EXHAUSTED with a retry hint), never queued without limit."""
 from __future__ import annotations
 
+from services.scheduler import keys
 from services.scheduler.job_store import CreateOutcome
 from services.scheduler.tenants import Tenant
 from tests.helpers import valid_request
@@ -27,3 +28,15 @@ async def test_queue_bound_by_predicted_work(dispatcher_factory):
     assert outcomes[-1] is CreateOutcome.WORK_FULL and 1 < len(outcomes) < 200
     assert d.queued_work_s > 2.0
     assert await d.store.queue_length() == len(outcomes) - 1
+
+
+async def test_a_new_scheduler_keeps_the_preemption_count_of_jobs_it_takes_over(dispatcher_factory):
+    """The policies bound how often a job is preempted; the count lives in Redis, so a scheduler that restarts
+    (or takes over) must read it back, not start every job at zero."""
+    first = await dispatcher_factory()
+    assert await first.submit(valid_request("j0"), TENANT) is CreateOutcome.CREATED
+    job_id = next(iter(await first.store.queue_head(10)))
+    await first.store.r.hincrby(keys.job(job_id), "num_preemptions", 2)   # as requeue.lua counts them
+    restarted = await dispatcher_factory()
+    snap = await restarted.snapshot()
+    assert [j.preemptions for j in snap.queued] == [2]

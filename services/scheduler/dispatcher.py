@@ -85,8 +85,9 @@ class Dispatcher:
 
     async def _record(self, job_id: str) -> JobRecord | None:
         """The job's record, read from Redis into LiveState when this scheduler has not seen it yet."""
-        if (rec := self.state.payload(job_id)) is None and (rec := await self.store.record(job_id)) is not None:
-            self.state.track(job_facts(rec), rec, await self.store.token_count(job_id))
+        if (rec := self.state.payload(job_id)) is None and (found := await self.store.progress(job_id)) is not None:
+            rec, generated, preemptions = found
+            self.state.track(job_facts(rec), rec, generated, preemptions)
         return rec
 
     # -- the dispatch loop -----------------------------------------------------------------------

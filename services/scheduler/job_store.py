@@ -186,12 +186,17 @@ class JobStore:
     async def queue_length(self) -> int:
         return await self.r.zcard(keys.QUEUE)
 
-    async def record(self, job_id: str) -> JobRecord | None:
-        f = await self._hash(job_id)
-        return JobRecord.from_fields(f) if f else None
-
-    async def token_count(self, job_id: str) -> int:
-        return await self.r.strlen(keys.job_tokens(job_id)) // TOKEN_BYTES
+    async def progress(self, job_id: str) -> tuple[JobRecord, int, int] | None:
+        """The job's record, tokens generated and times preempted, read together (a scheduler that starts
+        takes over jobs it has not seen: their preemption count must survive it)."""
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hgetall(keys.job(job_id))
+            pipe.strlen(keys.job_tokens(job_id))
+            raw, token_bytes = await pipe.execute()
+        f = {k.decode(): v.decode() for k, v in raw.items()}
+        if not f:
+            return None
+        return JobRecord.from_fields(f), token_bytes // TOKEN_BYTES, int(f.get("num_preemptions", 0))
 
     async def output(self, job_id: str) -> tuple[list[int], str]:
         async with self.r.pipeline(transaction=False) as pipe:

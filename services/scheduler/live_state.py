@@ -79,8 +79,10 @@ class LiveState(Generic[R]):
         self.knee_share = knee_share   # admission by the throughput knee (worker_speed.py); 0 = up to max_batch
 
     # -- jobs ------------------------------------------------------------------------------------
-    def track(self, facts: JobFacts, payload: R | None = None, generated: int = 0) -> None:
-        self._jobs[facts.job_id] = _Job(facts, payload, generated)
+    def track(self, facts: JobFacts, payload: R | None = None, generated: int = 0, preemptions: int = 0) -> None:
+        """Start tracking a job; a job read back from Redis (another scheduler placed it before this one started)
+        comes with what it has generated and how often it was preempted (the policies bound that count)."""
+        self._jobs[facts.job_id] = _Job(facts, payload, generated, preemptions=preemptions)
 
     def forget(self, job_id: str) -> R | None:
         """The job ended: drop it everywhere; returns its payload."""
