@@ -223,10 +223,6 @@ class JobStore:
             first_scheduled=_opt_float(f.get("first_scheduled")), first_token=_opt_float(f.get("first_token")),
             finished=_opt_float(f.get("finished")), token_ids=tokens, text=text)
 
-    async def _hash(self, job_id: str) -> dict[str, str]:
-        raw = await self.r.hgetall(keys.job(job_id))
-        return {k.decode(): v.decode() for k, v in raw.items()}
-
     # -- workers ---------------------------------------------------------------------------------
     async def register_worker(self, worker_id: str, info: dict[str, str], ttl_s: int) -> None:
         async with self.r.pipeline(transaction=True) as pipe:
