@@ -122,5 +122,12 @@ def valid_request(request_id: str, max_tokens: int = 8):
 
     return ValidRequest(request_id=request_id, prompt_text="hi", prompt_ids=[1, 2, 3], priority=0,
                         fingerprint=request_id,
-                        sampling={"temperature": 0.0, "top_p": 1.0, "top_k": 0, "max_tokens": max_tokens,
-                                  "stop": [], "seed": None, "ignore_eos": True})
+                        sampling=job_sampling(max_tokens, ignore_eos=True))
+
+
+def job_sampling(max_tokens: int = 8, ignore_eos: bool = False):
+    """Greedy sampling as validation normalises it."""
+    from services.scheduler.job_sampling import JobSampling
+
+    return JobSampling(temperature=0.0, top_p=1.0, top_k=0, max_tokens=max_tokens, stop=(), seed=None,
+                       ignore_eos=ignore_eos)

@@ -4,6 +4,7 @@ import redis.asyncio as aioredis
 
 from services.scheduler import keys
 from services.scheduler.job_store import CreateOutcome, JobRecord, JobStore, StepFailureOutcome
+from tests.helpers import job_sampling
 
 
 @pytest.fixture
@@ -15,7 +16,7 @@ async def store(redis_server):
 
 
 def record(job_id="j1", fingerprint="f1"):
-    return JobRecord(job_id=job_id, prompt_ids=[1, 2, 3], prompt_text="hi", sampling={"max_tokens": 8},
+    return JobRecord(job_id=job_id, prompt_ids=[1, 2, 3], prompt_text="hi", sampling=job_sampling(8),
                      pred_len=10, pred_p90=20, predicted=True, fingerprint=fingerprint)
 
 
@@ -77,7 +78,7 @@ async def test_abort_from_queue_and_from_running(store):
 async def test_only_uncensored_lengths_reach_the_predictor_stream(store):
     def chat(job_id, ignore_eos):
         return JobRecord(job_id=job_id, prompt_ids=[1], prompt_text=f"prompt {job_id}", previous_reply_tokens=7,
-                         sampling={"max_tokens": 8, "ignore_eos": ignore_eos})
+                         sampling=job_sampling(8, ignore_eos))
 
     for job_id, ignore_eos, reason in [("eos", False, "stop"), ("cut", False, "length"), ("forced", True, "stop")]:
         await create(store, chat(job_id, ignore_eos), 1.0)

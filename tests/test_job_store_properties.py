@@ -14,6 +14,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule, 
 
 from services.scheduler import keys
 from services.scheduler.job_store import CreateOutcome, JobRecord, JobStore, StepFailureOutcome
+from tests.helpers import job_sampling
 
 TENANT = "t"
 WORKERS = ("w1", "w2", "w3")
@@ -50,7 +51,7 @@ class JobLifecycle(RuleBasedStateMachine):
     def arrive(self):
         job_id = f"{TENANT}/j{self.next_id}"
         self.next_id += 1
-        rec = JobRecord(job_id=job_id, prompt_ids=[1, 2, 3], prompt_text="hi", sampling={"max_tokens": 8},
+        rec = JobRecord(job_id=job_id, prompt_ids=[1, 2, 3], prompt_text="hi", sampling=job_sampling(8),
                         pred_len=10, pred_p90=20, predicted=True, fingerprint=job_id)
         assert self.run(self.store.create(rec, float(self.next_id), 1000, 1000)) is CreateOutcome.CREATED
         self.status[job_id], self.tokens[job_id], self.failures[job_id] = "queued", [], 0

@@ -68,14 +68,14 @@ class Dispatcher:
         """Predict, score and queue a validated request, within the tenant's and the queue's limits."""
         if self.cfg.max_queued_work_s and self.queued_work_s > self.cfg.max_queued_work_s:
             return CreateOutcome.WORK_FULL
-        pred = await self.predictor.predict(v.prompt_text, v.previous_reply_tokens, v.sampling["max_tokens"])
+        pred = await self.predictor.predict(v.prompt_text, v.previous_reply_tokens, v.sampling.max_tokens)
         mean = pred.mean if pred else self.cfg.prior_output_tokens
         rec = JobRecord(job_id=keys.job_id(tenant.name, v.request_id), fingerprint=v.fingerprint,
                         prompt_ids=v.prompt_ids, prompt_text=v.prompt_text, sampling=v.sampling, priority=v.priority, pred_len=mean,
                         pred_p90=pred.p90 if pred else 3 * mean, predicted=pred is not None,
                         pred_deciles=list(pred.deciles) if pred else [],
                         previous_reply_tokens=v.previous_reply_tokens)
-        rec.pred_time = self.cost.total(len(rec.prompt_ids), min(mean, v.sampling["max_tokens"]))
+        rec.pred_time = self.cost.total(len(rec.prompt_ids), min(mean, v.sampling.max_tokens))
         score = self.policy.queue_score(job_view(job_facts(rec)), self.cost)
         outcome = await self.store.create(rec, score, tenant.max_live_jobs, self.cfg.max_queued_jobs)
         if outcome is CreateOutcome.CREATED:
@@ -148,12 +148,9 @@ class Dispatcher:
         # no await from here on: worker_lost() either ran before (caught above) or will see this job
         if holder := self.state.placed(job_id, s.worker_id):
             self.sessions[holder].send(abort=wpb.AbortJob(job_id=job_id))   # drop the stale host copy
-        sp = rec.sampling
         s.send(assign=wpb.AssignJob(
             job_id=job_id, prompt_token_ids=rec.prompt_ids, output_token_ids=tokens, output_text=text,
-            sampling=pb.SamplingParams(temperature=sp["temperature"], top_p=sp["top_p"], top_k=sp["top_k"],
-                                       max_tokens=sp["max_tokens"], stop=sp["stop"], seed=sp["seed"],
-                                       ignore_eos=sp["ignore_eos"])))
+            sampling=rec.sampling.to_proto()))
 
     def _preempt(self, job_id: str, s: WorkerSession) -> None:
         self.state.preempt_sent(job_id, s.worker_id)
@@ -299,5 +296,5 @@ class Dispatcher:
 
 def job_facts(rec: JobRecord) -> JobFacts:
     return JobFacts(job_id=rec.job_id, priority=rec.priority, created=rec.created, prompt_len=len(rec.prompt_ids),
-                    max_tokens=rec.sampling["max_tokens"], pred_len=rec.pred_len, pred_p90=rec.pred_p90,
+                    max_tokens=rec.sampling.max_tokens, pred_len=rec.pred_len, pred_p90=rec.pred_p90,
                     predicted=rec.predicted, pred_deciles=tuple(rec.pred_deciles))

@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 
 from services.common.observations import MAX_ENTRIES
 from services.scheduler import keys
+from services.scheduler.job_sampling import JobSampling
 
 LUA_DIR = Path(__file__).parent / "lua"
 FINAL_STATUSES = {"finished", "aborted", "failed"}
@@ -36,7 +37,7 @@ class JobRecord:
     job_id: str                        # keys.job_id(tenant, request_id)
     prompt_ids: list[int]
     prompt_text: str
-    sampling: dict                     # SamplingParams fields, normalised by validation
+    sampling: JobSampling              # normalised by validation
     priority: int = 0
     fingerprint: str = ""              # digest of the request: a retry with the same id re-attaches
     previous_reply_tokens: int = 0     # chat: the assistant's previous reply (a predictor feature)
@@ -49,6 +50,7 @@ class JobRecord:
 
     def to_fields(self) -> dict[str, str]:
         out = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in asdict(self).items()}
+        out["sampling"] = self.sampling.to_json()
         out["predicted"] = "1" if self.predicted else "0"
         return out
 
@@ -56,7 +58,7 @@ class JobRecord:
     def from_fields(cls, f: dict[str, str]) -> "JobRecord":
         return cls(
             job_id=f["job_id"], prompt_ids=json.loads(f["prompt_ids"]), prompt_text=f["prompt_text"],
-            sampling=json.loads(f["sampling"]), priority=int(f["priority"]), created=float(f["created"]),
+            sampling=JobSampling.from_json(f["sampling"]), priority=int(f["priority"]), created=float(f["created"]),
             pred_len=float(f["pred_len"]), pred_p90=float(f["pred_p90"]), pred_time=float(f["pred_time"]),
             pred_deciles=json.loads(f.get("pred_deciles", "[]")),
             previous_reply_tokens=int(f.get("previous_reply_tokens", 0)),

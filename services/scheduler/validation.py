@@ -11,6 +11,7 @@ from alise.v1 import generate_pb2 as pb
 
 from services.common.predictor_text import predictor_text
 from services.common.sampling_limits import sampling_problem
+from services.scheduler.job_sampling import JobSampling
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.tokenizer import PromptTokenizer
 
@@ -36,7 +37,7 @@ class ValidRequest:
     request_id: str
     prompt_text: str          # what the predictor embeds: the user's words, without the chat template
     prompt_ids: list[int]
-    sampling: dict
+    sampling: JobSampling
     priority: int
     previous_reply_tokens: int = 0    # chat: tokens of the assistant's last reply (predictor feature)
     fingerprint: str = ""             # identity of the request: a retry with the same id and fingerprint re-attaches
@@ -58,7 +59,7 @@ def validate(req: pb.GenerateRequest, cfg: SchedulerConfig, tok: PromptTokenizer
     if len(prompt_ids) >= max_model_len:
         raise InvalidRequest("prompt", f"{len(prompt_ids)} tokens; the model's context is {max_model_len}")
     sampling = _sampling(req.sampling, cfg, max_model_len - len(prompt_ids))
-    fingerprint = hashlib.sha256(json.dumps([prompt_ids, sampling, req.priority]).encode()).hexdigest()[:32]
+    fingerprint = hashlib.sha256(json.dumps([prompt_ids, sampling.as_dict(), req.priority]).encode()).hexdigest()[:32]
     return ValidRequest(req.request_id or uuid.uuid4().hex, _predictor_text(req), prompt_ids, sampling, req.priority,
                         _previous_reply_tokens(req, tok), fingerprint)
 
@@ -119,7 +120,7 @@ def _model_text(req: pb.GenerateRequest, tok: PromptTokenizer) -> str:
     raise InvalidRequest("prompt", "set prompt or chat")
 
 
-def _sampling(sp: pb.SamplingParams, cfg: SchedulerConfig, room: int) -> dict:
+def _sampling(sp: pb.SamplingParams, cfg: SchedulerConfig, room: int) -> JobSampling:
     top_p = sp.top_p if sp.top_p != 0 else 1.0
     if problem := sampling_problem(sp.temperature, top_p, sp.top_k):
         raise InvalidRequest(f"sampling.{problem[0]}", problem[1])
@@ -133,6 +134,5 @@ def _sampling(sp: pb.SamplingParams, cfg: SchedulerConfig, room: int) -> dict:
     for i, s in enumerate(sp.stop):
         if not s or len(s) > MAX_STOP_CHARS:
             raise InvalidRequest(f"sampling.stop[{i}]", f"must have 1 to {MAX_STOP_CHARS} characters")
-    return {"temperature": sp.temperature, "top_p": top_p, "top_k": sp.top_k, "max_tokens": max_tokens,
-            "stop": list(sp.stop), "seed": sp.seed if sp.HasField("seed") else None,
-            "ignore_eos": sp.ignore_eos}
+    return JobSampling(temperature=sp.temperature, top_p=top_p, top_k=sp.top_k, max_tokens=max_tokens,
+                       stop=tuple(sp.stop), seed=sp.seed if sp.HasField("seed") else None, ignore_eos=sp.ignore_eos)
