@@ -141,10 +141,8 @@ class Engine:
         if seq is None or seq.status is SeqStatus.SWAPPED:
             return None
         self.num_preemptions += 1
-        self.sched.remove(seq)
-        if mode is PreemptMode.SWAP and seq.status is SeqStatus.RUNNING and self.blocks.can_swap_out(job_id):
-            self.runner.cache.copy_out(self.blocks.swap_out(job_id))
-            seq.status = SeqStatus.SWAPPED
+        if mode is PreemptMode.SWAP and (moves := self.sched.swap_out(seq)) is not None:
+            self.runner.cache.copy_out(moves)
             return PreemptMode.SWAP
         # Recompute: the scheduler re-sends the job (prompt + output so far) when it resumes it.
         self._drop(seq)
@@ -156,20 +154,14 @@ class Engine:
         self._in_flight, self._settled = None, StepOutput()
         for seq in list(self.seqs.values()):
             self._drop(seq)
-        self.blocks.forget_cached()       # a failed step may have left blocks registered but never written
+        self.sched.forget_cached()
 
     def _resume_swapped(self, seq: Sequence) -> None:
-        if self.blocks.can_swap_in(seq.job_id):
-            self.runner.cache.copy_in(self.blocks.swap_in(seq.job_id))
-            self.sched.resume(seq)
-        else:                                   # no room to copy back: recompute instead
-            self.blocks.free(seq.job_id)
-            seq.reset_for_recompute()
-            self.sched.add(seq)
+        if (moves := self.sched.swap_in(seq)) is not None:     # else no room: it is recomputed instead
+            self.runner.cache.copy_in(moves)
 
     def _drop(self, seq: Sequence) -> None:
-        self.sched.remove(seq)
-        self.blocks.free(seq.job_id)
+        self.sched.drop(seq)
         self.runner.release(seq.job_id)
         self.seqs.pop(seq.job_id, None)
         self.detok.pop(seq.job_id, None)
@@ -221,9 +213,7 @@ class Engine:
         logits = self.runner.forward(chunks, prev)
         tokens = sample(logits, [s.sampling for s in sampled], [len(s.output_ids) + s.num_pending for s in sampled])
         for c in plan.chunks:         # the step is launched: its full blocks whose tokens the host knows join
-            seq = c.seq               # the prefix cache (not before: a launch that raised wrote no KV)
-            self.blocks.register_computed(seq.job_id, min(seq.num_computed, seq.num_tokens - seq.num_pending),
-                                          seq.token_slice, seq.cache_salt)
+            self.sched.record_computed(c.seq)   # the prefix cache (not before: a launch that raised wrote no KV)
         for row, seq in enumerate(sampled):
             seq.num_pending += 1
             seq.sample_row = row
@@ -255,7 +245,7 @@ class Engine:
         finish = self._finish_reason(seq, token, detok)
         out.deltas.append(TokenDelta(seq.job_id, [token], detok.release(final=finish is not None)))
         if finish is not None:
-            seq.finish, seq.status = finish, SeqStatus.FINISHED
+            self.sched.finish(seq, finish)
             self._drop(seq)
             out.finished.append((seq.job_id, finish))
 

@@ -5,6 +5,10 @@ decodes first, then prefill chunks under the token budget, so a long prompt neve
 decodes. When the KV pool cannot grow, the most recently admitted sequence is preempted by recompute
 (its blocks freed; it waits at the front) until the others fit. Pure Python over the BlockManager.
 
+One owner: this module is the only writer of a sequence's status and the only one that changes the
+BlockManager (grow, free, swap, prefix cache); the engine asks it to (`swap_out`, `swap_in`, `finish`, `drop`,
+`record_computed`) and only moves the KV bytes the answers name.
+
 `running` is an insertion-ordered dict used as an ordered set: membership and removal are O(1) (a list
 made every step O(batch^2), most of the host time at batch 128). A sequence whose pending token already
 ends it by length is skipped (the step that sampled that token finishes it); one with a pending token is
@@ -16,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from services.worker.block_manager import BlockManager
-from services.worker.sequence import Sequence, SeqStatus
+from services.worker.sequence import Finish, Sequence, SeqStatus
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,45 @@ class StepScheduler:
             del self.running[seq]
         elif seq in self.waiting:
             self.waiting.remove(seq)
+
+    def drop(self, seq: Sequence) -> None:
+        """The sequence leaves this worker (finished, aborted, preempted by recompute): its blocks go back."""
+        self.remove(seq)
+        self.blocks.free(seq.job_id)
+
+    def finish(self, seq: Sequence, finish: Finish) -> None:
+        """It ended (the engine then drops it)."""
+        seq.finish, seq.status = finish, SeqStatus.FINISHED
+
+    def swap_out(self, seq: Sequence) -> list[tuple[int, int]] | None:
+        """Preempt a running sequence keeping its KV in host memory: the (device, host) block pairs to copy out,
+        or None when it cannot be swapped (not running, or no host room); it then stays as it was."""
+        if seq.status is not SeqStatus.RUNNING or not self.blocks.can_swap_out(seq.job_id):
+            return None
+        self.remove(seq)
+        seq.status = SeqStatus.SWAPPED
+        return self.blocks.swap_out(seq.job_id)
+
+    def swap_in(self, seq: Sequence) -> list[tuple[int, int]] | None:
+        """Resume a swapped sequence: the (host, device) block pairs to copy back, after which it runs from the
+        next step; or None when there is no device room: its copy is dropped and it is recomputed instead."""
+        if self.blocks.can_swap_in(seq.job_id):
+            moves = self.blocks.swap_in(seq.job_id)
+            self.resume(seq)
+            return moves
+        self.blocks.free(seq.job_id)
+        seq.reset_for_recompute()
+        self.add(seq)
+        return None
+
+    def record_computed(self, seq: Sequence) -> None:
+        """A launched step wrote this sequence's KV: its full blocks whose tokens are known join the prefix cache."""
+        self.blocks.register_computed(seq.job_id, min(seq.num_computed, seq.num_tokens - seq.num_pending),
+                                      seq.token_slice, seq.cache_salt)
+
+    def forget_cached(self) -> None:
+        """A failed step may have left blocks registered in the prefix cache but never written."""
+        self.blocks.forget_cached()
 
     def schedule(self) -> StepPlan:
         budget = self.token_budget
