@@ -101,7 +101,8 @@ PACE_MIN_ARRIVALS = 20     # fewer arrivals in the window say nothing about the 
 def work_pace(results: list[RequestResult]) -> float | None:
     """Output tokens served per output token asked for, over the second half of the arrival window.
 
-    Asked for: the output lengths of the requests that arrive in the window. Served: every request's tokens,
+    Asked for: the output lengths of the requests that arrive in the window (what each produced in the end, or
+    what it asked for if it failed: without ignore_eos a request may stop early). Served: every request's tokens,
     spread evenly from its first token to its end, that fall in the window. While the server keeps up, its
     backlog stays level and the two match (about 1); when it cannot, the backlog grows and the share falls
     towards capacity / offered load. Tokens, not completions: a shortest-first policy finishes more requests
@@ -114,7 +115,7 @@ def work_pace(results: list[RequestResult]) -> float | None:
     starts = sorted(r.start_s for r in results)
     lo, hi = (starts[0] + starts[-1]) / 2, starts[-1]
     arriving = [r for r in results if lo <= r.start_s <= hi]
-    asked = sum(r.expected_output_tokens for r in arriving)
+    asked = sum(r.output_tokens if r.ok else r.expected_output_tokens for r in arriving)
     if hi - lo < 1.0 or len(arriving) < PACE_MIN_ARRIVALS or asked <= 0:
         return None
     served = 0.0

@@ -24,7 +24,7 @@ def mean_normalized(run: Run) -> float:
 
 
 def sustained(run: Run) -> bool:
-    """Completions keep pace with arrivals: above this rate the backlog grows without bound. A run whose pace
+    """The server keeps pace with the work arriving: above this rate the backlog grows without bound. A run whose pace
     cannot be told (all requests at once) is judged by requests/s against the offered rate."""
     s = run.summary
     pace = s.get("work_pace")

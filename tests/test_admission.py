@@ -2,7 +2,6 @@
 a new job is refused (the API answers RESOURCE_EXHAUSTED with a retry hint), never queued without limit."""
 from __future__ import annotations
 
-from services.scheduler import keys
 from services.scheduler.job_store import CreateOutcome
 from services.scheduler.tenants import Tenant
 from tests.helpers import valid_request
@@ -36,7 +35,10 @@ async def test_a_new_scheduler_keeps_the_preemption_count_of_jobs_it_takes_over(
     first = await dispatcher_factory()
     assert await first.submit(valid_request("j0"), TENANT) is CreateOutcome.CREATED
     job_id = next(iter(await first.store.queue_head(10)))
-    await first.store.r.hincrby(keys.job(job_id), "num_preemptions", 2)   # as requeue.lua counts them
+    for _ in range(2):                                  # preempted twice, then its worker was lost once
+        assert await first.store.claim(job_id, "w1")
+        assert await first.store.requeue(job_id, "w1", 1.0, preempted=True)
+    assert await first.store.claim(job_id, "w1") and await first.store.requeue(job_id, "w1", 1.0)
     restarted = await dispatcher_factory()
     snap = await restarted.snapshot()
     assert [j.preemptions for j in snap.queued] == [2]

@@ -71,5 +71,9 @@ def test_work_pace_tells_a_level_backlog_from_a_growing_one():
     # served one at a time, 2 s each, in arrival order: half the work asked for gets done, the backlog grows
     assert work_pace([req(t, t, 2.0 * t, 2.0 * t + 2.0) for t in range(100)]) == pytest.approx(0.5, abs=0.05)
     assert work_pace([req(i, 0.0, 0.5, 1.0) for i in range(50)]) is None         # all at once: nothing to tell
+    # without ignore_eos requests stop before the length they asked for: a server that keeps up still does
+    early = [req(t, t, t + 0.5, t + 5.0) for t in range(100)]
+    early = [RequestResult(**{**r.__dict__, "expected_output_tokens": 40}) for r in early]
+    assert work_pace(early) == pytest.approx(1.0, abs=0.05)
     half_failed = [req(t, t, t + 0.5, t + 5.0, ok=t % 2 == 0) for t in range(100)]
     assert work_pace(half_failed) == pytest.approx(0.5, abs=0.05)

@@ -1,8 +1,9 @@
 """A property test of the job lifecycle against a real Redis (issue 11): random sequences of arrivals, claims,
 token appends, preemptions, failed steps, finishes, cancellations and lost workers, each checked against a
-plain model. Whatever the order: every accepted job ends exactly once (finished, failed or cancelled), is never
-held by two workers, keeps every token it was given, and the queue, the workers' job sets and the tenant's
-live set hold exactly the jobs the model says."""
+plain model. Whatever the order: every accepted job is always in exactly one place (queued, held by one worker,
+or ended), ends at most once and never changes after (finished, failed or cancelled), keeps every token it was
+given, and the count of preemptions the scheduler ordered (which the policies bound) leaves out lost workers;
+the queue, the workers' job sets and the tenant's live set hold exactly the jobs the model says."""
 from __future__ import annotations
 
 import asyncio
@@ -37,6 +38,7 @@ class JobLifecycle(RuleBasedStateMachine):
         self.holder: dict[str, str] = {}             # running job -> its worker
         self.tokens: dict[str, list[int]] = {}
         self.failures: dict[str, int] = {}
+        self.preemptions: dict[str, int] = {}
         self.next_id = 0
 
     def run(self, coro):
@@ -54,7 +56,7 @@ class JobLifecycle(RuleBasedStateMachine):
         rec = JobRecord(job_id=job_id, prompt_ids=[1, 2, 3], prompt_text="hi", sampling=job_sampling(8),
                         pred_len=10, pred_p90=20, predicted=True, fingerprint=job_id)
         assert self.run(self.store.create(rec, float(self.next_id), 1000, 1000)) is CreateOutcome.CREATED
-        self.status[job_id], self.tokens[job_id], self.failures[job_id] = "queued", [], 0
+        self.status[job_id], self.tokens[job_id], self.failures[job_id], self.preemptions[job_id] = "queued", [], 0, 0
         return job_id
 
     @rule(job=jobs, worker=st.sampled_from(WORKERS))
@@ -75,11 +77,12 @@ class JobLifecycle(RuleBasedStateMachine):
 
     @rule(job=jobs, worker=st.sampled_from(WORKERS))
     def preempt(self, job, worker):
-        ok = self.run(self.store.requeue(job, worker, 0.5))
+        ok = self.run(self.store.requeue(job, worker, 0.5, preempted=True))
         held = self.status[job] == "running" and self.holder[job] == worker
         assert ok == held
         if ok:
             self.status[job] = "queued"
+            self.preemptions[job] += 1
             del self.holder[job]
 
     @rule(job=jobs, worker=st.sampled_from(WORKERS))
@@ -135,6 +138,8 @@ class JobLifecycle(RuleBasedStateMachine):
         for job, status in self.status.items():
             state = self.run(self.store.state(job))
             assert state.status == status and state.token_ids == self.tokens[job]
+            ordered = self.run(self.client.hget(keys.job(job), "ordered_preemptions"))
+            assert int(ordered or 0) == self.preemptions[job]
             assert state.worker == self.holder.get(job, "") or status in FINAL
 
 

@@ -72,7 +72,7 @@ class SimConfig:
     def __post_init__(self) -> None:
         if self.policy not in SIM_POLICIES:
             raise ValueError(f"policy {self.policy!r}: choose one of {', '.join(SIM_POLICIES)}")
-        self.preempt_mode = PreemptMode(self.preempt_mode)     # a name ("swap") is accepted too
+        self.preempt_mode = PreemptMode(self.preempt_mode)     # its value ("swap") is accepted too
 
 
 class _Event(IntEnum):                # at equal times: arrivals first, then iteration ends, then decisions

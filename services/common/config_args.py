@@ -22,7 +22,7 @@ def config_from_args(cls: type[T], description: str, env_prefix: str, argv: list
         if isinstance(default, bool):         # --name / --no-name; a field that defaults to True stays True
             value = env.lower() in ("1", "true", "yes") if env is not None else default
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
-        elif isinstance(default, Enum):       # one of its values: argparse names them in its error
+        elif isinstance(default, Enum):       # one of its values (the usage line lists them)
             kind = type(default)
             p.add_argument(flag, type=kind, choices=list(kind), default=kind(env) if env is not None else default)
         else:

@@ -47,9 +47,11 @@ class StaticEncoder:
         from transformers import AutoTokenizer
 
         with np.load(Path(model_dir) / FILE) as z:
-            # stored in half precision (save_static) and computed in float32; a table saved in float32 by an older
-            # version is rounded the same way, so what is served, saved again and fingerprinted is one thing
-            vectors = torch.from_numpy(z["vectors"].astype(np.float16).astype(np.float32))
+            # computed in float32 from the stored table, half precision (save_static) or float32 (saved by an older
+            # version): kept exact, and saved again in the same precision (save), so the fingerprint a trained
+            # predictor's index was built with stays the same
+            self.stored_dtype = z["vectors"].dtype
+            vectors = torch.from_numpy(z["vectors"].astype(np.float32))
             weights = torch.from_numpy(z["weights"].astype(np.float32))
             self.max_tokens = int(max_tokens or z["max_tokens"])
         self.model = StaticModel(vectors, weights).eval()
@@ -78,15 +80,17 @@ class StaticEncoder:
             [self._embed(missing[i:i + batch_size]) for i in range(0, len(missing), batch_size)]), self.dim)
 
     def save(self, model_dir: str | Path) -> None:
-        save_static(model_dir, self.model, self.tokenizer, self.max_tokens)
+        save_static(model_dir, self.model, self.tokenizer, self.max_tokens, self.stored_dtype)
 
 
-def save_static(model_dir: str | Path, model: StaticModel, tokenizer, max_tokens: int) -> None:
+def save_static(model_dir: str | Path, model: StaticModel, tokenizer, max_tokens: int,
+                vectors_dtype=np.float16) -> None:
+    """A new table (distilled, fine-tuned) is stored in half precision: half the size on disk and in the
+    predictor's image (23 MB, not 47, for MiniLM's 30k-token vocabulary); the rounding (< 1e-3 relative) is far
+    below what ranking can notice. Whoever embeds with it afterwards must load it from here (train.py does)."""
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    # the vectors in half precision: half the size on disk and in the predictor's image (23 MB, not 47, for
-    # MiniLM's 30k-token vocabulary); the rounding (< 1e-3 relative) is far below what ranking can notice
-    np.savez(model_dir / FILE, vectors=model.vectors.detach().numpy().astype(np.float16),
+    np.savez(model_dir / FILE, vectors=model.vectors.detach().numpy().astype(vectors_dtype),
              weights=model.raw_weights.detach().numpy().astype(np.float32), max_tokens=np.int64(max_tokens))
     tokenizer.save_pretrained(str(model_dir))
 

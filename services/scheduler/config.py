@@ -53,7 +53,7 @@ class SchedulerConfig:
             raise ValueError("aging_s must be > 0")
         if self.max_preemptions < 0:
             raise ValueError("max_preemptions must be >= 0")
-        object.__setattr__(self, "preempt_mode", PreemptMode(self.preempt_mode))   # a name ("swap") is accepted too
+        object.__setattr__(self, "preempt_mode", PreemptMode(self.preempt_mode))   # its value ("swap") is accepted too
         if self.worker_mtls and not (self.tls_cert and self.tls_ca):
             raise ValueError("worker_mtls needs tls_cert, tls_key and tls_ca")
         if not 0 < self.default_max_tokens <= self.max_tokens_cap:

@@ -164,7 +164,7 @@ class Dispatcher:
         if await self._record(job_id) is None:
             return
         score = self.policy.queue_score(self.state.view(job_id), self.cost)
-        if not await self.store.requeue(job_id, worker_id, score, worker_id if swapped else ""):
+        if not await self.store.requeue(job_id, worker_id, score, worker_id if swapped else "", preempted):
             if (st := await self.store.state(job_id)) is None or st.status in FINAL_STATUSES:
                 self.state.forget(job_id)        # it ended meanwhile: nothing left to remember
             return

@@ -152,10 +152,13 @@ class JobStore:
             args += [text, pack_tokens(token_ids)]
         return [int(x) for x in await self._scripts["append"](keys=keys_, args=args)]
 
-    async def requeue(self, job_id: str, worker_id: str, score: float, swapped_on: str = "") -> bool:
+    async def requeue(self, job_id: str, worker_id: str, score: float, swapped_on: str = "",
+                      preempted: bool = False) -> bool:
+        """Running on `worker_id` -> queued again, its tokens kept. `preempted`: the scheduler ordered it (the
+        count the policies bound goes up too); else its worker was lost or restarted (requeue.lua)."""
         return bool(await self._scripts["requeue"](
             keys=[keys.job(job_id), keys.QUEUE, keys.worker_jobs(worker_id)],
-            args=[job_id, worker_id, score, swapped_on]))
+            args=[job_id, worker_id, score, swapped_on, "1" if preempted else "0"]))
 
     async def fail_step(self, job_id: str, worker_id: str, score: float, max_failures: int) -> StepFailureOutcome:
         """Its worker's engine step failed: requeue the job, or fail it after `max_failures` such steps."""
@@ -189,8 +192,8 @@ class JobStore:
         return await self.r.zcard(keys.QUEUE)
 
     async def progress(self, job_id: str) -> tuple[JobRecord, int, int] | None:
-        """The job's record, tokens generated and times preempted, read together (a scheduler that starts
-        takes over jobs it has not seen: their preemption count must survive it)."""
+        """The job's record, tokens generated and preemptions the scheduler ordered, read together (a scheduler
+        that starts takes over jobs it has not seen: the count the policies bound must survive it)."""
         async with self.r.pipeline(transaction=True) as pipe:
             pipe.hgetall(keys.job(job_id))
             pipe.strlen(keys.job_tokens(job_id))
@@ -198,7 +201,7 @@ class JobStore:
         f = {k.decode(): v.decode() for k, v in raw.items()}
         if not f:
             return None
-        return JobRecord.from_fields(f), token_bytes // TOKEN_BYTES, int(f.get("num_preemptions", 0))
+        return JobRecord.from_fields(f), token_bytes // TOKEN_BYTES, int(f.get("ordered_preemptions", 0))
 
     async def output(self, job_id: str) -> tuple[list[int], str]:
         async with self.r.pipeline(transaction=False) as pipe:

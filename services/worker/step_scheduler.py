@@ -7,7 +7,7 @@ decodes. When the KV pool cannot grow, the most recently admitted sequence is pr
 
 One owner: this module is the only writer of a sequence's status and the only one that changes the
 BlockManager (grow, free, swap, prefix cache); the engine asks it to (`swap_out`, `swap_in`, `finish`, `drop`,
-`record_computed`) and only moves the KV bytes the answers name.
+`record_computed`, `forget_cached`) and only moves the KV bytes the answers name.
 
 `running` is an insertion-ordered dict used as an ordered set: membership and removal are O(1) (a list
 made every step O(batch^2), most of the host time at batch 128). A sequence whose pending token already
