@@ -21,15 +21,10 @@ def test_launcher_serves_the_cli_and_keeps_what_the_predictor_learned(tmp_path):
     (cache / "models").symlink_to(cache_root() / "models")          # the converted model, not a copy
     http_port = free_port()
     env = {**os.environ, "ALISE_CACHE": str(cache), "ALISE_PORT": str(free_port()), "ALISE_HTTP_PORT": str(http_port)}
-    launcher = subprocess.Popen([sys.executable, "-m", "services.launcher"], env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    launcher = start_launcher(env)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = launcher.stdout.readline()
-            assert line, "launcher exited before serving"
-            if "ALISE is serving" in line:
-                break
+        read_until_serving(launcher)
+        second_make_run_keeps_to_its_own_files(env, cache)
         answer = subprocess.run([sys.executable, "-m", "client.cli", "generate", "--chat",
                                  "What is the capital of France?", "--max-tokens", "32"],
                                 env=env, capture_output=True, text=True, timeout=120)
@@ -46,3 +41,34 @@ def test_launcher_serves_the_cli_and_keeps_what_the_predictor_learned(tmp_path):
         launcher.wait(60)
     assert launcher.returncode == 0
     assert (cache / "predictor" / "index.npz").exists() and (cache / "predictor" / "meta.json").exists()
+
+
+def start_launcher(env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "services.launcher"], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def read_until_serving(launcher: subprocess.Popen, timeout_s: float = 240) -> list[str]:
+    lines, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = launcher.stdout.readline()
+        assert line, "launcher exited before serving:\n" + "".join(lines[-30:])
+        lines.append(line)
+        if "ALISE is serving" in line:
+            return lines
+    raise AssertionError("launcher not serving in time")
+
+
+def second_make_run_keeps_to_its_own_files(env: dict, cache):
+    """A second `make run` beside a live one serves with credentials of its own and leaves the files the CLI
+    reads (address, API key, CA) to the first (the CLI test after this one still reaches the first)."""
+    shared = {name: (cache / name).read_bytes() for name in ("address", "local/api-key", "local/tls/ca.crt")}
+    second = start_launcher({**env, "ALISE_PORT": str(free_port()), "ALISE_HTTP_PORT": str(free_port())})
+    try:
+        lines = read_until_serving(second)
+        assert any(line.startswith("note: another `make run` serves") for line in lines), "".join(lines)
+        assert {name: (cache / name).read_bytes() for name in shared} == shared
+    finally:
+        second.send_signal(signal.SIGINT)
+        second.wait(60)
+    assert second.returncode == 0
