@@ -89,8 +89,10 @@ def one_run(a: argparse.Namespace, policy: str, rate: float, prime, measured, pe
     from services.common.local_stack import LocalStack
 
     label = run_label(policy, rate)
+    # with ignore_eos each request's max_tokens is its true length: the scheduler must not predict with it
+    blind = ["--no-predict-within-max-tokens"] if a.ignore_eos else []
     stack = LocalStack(log_dir=a.out / f"stack-{label}", num_workers=a.workers, worker_args=a.worker_arg,
-                       scheduler_args=["--policy", policy, *a.scheduler_arg],
+                       scheduler_args=["--policy", policy, *blind, *a.scheduler_arg],
                        predictor_args=a.predictor_arg).start(timeout_s=900)
     try:
         target = Target(stack.address, stack.api_key, str(stack.tls_files.ca) if stack.tls_files else "")

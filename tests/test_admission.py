@@ -2,6 +2,8 @@
 a new job is refused (the API answers RESOURCE_EXHAUSTED with a retry hint), never queued without limit."""
 from __future__ import annotations
 
+import pytest
+
 from services.scheduler.job_store import CreateOutcome
 from services.scheduler.tenants import Tenant
 from tests.helpers import valid_request
@@ -42,3 +44,15 @@ async def test_a_new_scheduler_keeps_the_preemption_count_of_jobs_it_takes_over(
     restarted = await dispatcher_factory()
     snap = await restarted.snapshot()
     assert [j.preemptions for j in snap.queued] == [2]
+
+
+async def test_max_tokens_bounds_predictions_unless_a_benchmark_forces_lengths_with_it(dispatcher_factory):
+    """A request cannot run past max_tokens, so its predicted length is bounded by it. A benchmark that forces
+    every output's length through max_tokens (ignore_eos) would thereby tell the scheduler the true lengths;
+    with --no-predict-within-max-tokens the policies see the prediction (here the prior: no predictor runs)."""
+    for bounded, expected in ((True, 5), (False, 128)):
+        d = await dispatcher_factory(predict_within_max_tokens=bounded)
+        await d.store.r.flushdb()
+        assert await d.submit(valid_request(f"j{bounded}", max_tokens=5), TENANT) is CreateOutcome.CREATED
+        [job] = (await d.snapshot()).queued
+        assert job.remaining_tokens == pytest.approx(expected, rel=0.05), (bounded, job)

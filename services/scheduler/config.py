@@ -34,6 +34,9 @@ class SchedulerConfig:
     aging_s: float = 5.0                        # alise: waiting this long makes predicted work count e times less
     knee_share: float = 0.99                    # admit up to the batch within this share of max throughput; 0 = off
     max_tokens_cap: int = 2048
+    # a request's max_tokens bounds its predicted length (it cannot run longer). Off for benchmarks that force
+    # each output's length through max_tokens (ignore_eos): there it would tell the scheduler the true length
+    predict_within_max_tokens: bool = True
     default_max_tokens: int = 256
     prior_output_tokens: float = 128.0          # used when the predictor is unreachable
     max_queued_jobs: int = 10_000               # queue bound: RESOURCE_EXHAUSTED beyond it

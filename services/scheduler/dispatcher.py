@@ -68,26 +68,34 @@ class Dispatcher:
         """Predict, score and queue a validated request, within the tenant's and the queue's limits."""
         if self.cfg.max_queued_work_s and self.queued_work_s > self.cfg.max_queued_work_s:
             return CreateOutcome.WORK_FULL
-        pred = await self.predictor.predict(v.prompt_text, v.previous_reply_tokens, v.sampling.max_tokens)
+        bound = self._prediction_bound(v.sampling.max_tokens)
+        pred = await self.predictor.predict(v.prompt_text, v.previous_reply_tokens, bound)
         mean = pred.mean if pred else self.cfg.prior_output_tokens
         rec = JobRecord(job_id=keys.job_id(tenant.name, v.request_id), fingerprint=v.fingerprint,
                         prompt_ids=v.prompt_ids, prompt_text=v.prompt_text, sampling=v.sampling, priority=v.priority, pred_len=mean,
                         pred_p90=pred.p90 if pred else 3 * mean, predicted=pred is not None,
                         pred_deciles=list(pred.deciles) if pred else [],
                         previous_reply_tokens=v.previous_reply_tokens)
-        rec.pred_time = self.cost.total(len(rec.prompt_ids), min(mean, v.sampling.max_tokens))
-        score = self.policy.queue_score(job_view(job_facts(rec)), self.cost)
+        rec.pred_time = self.cost.total(len(rec.prompt_ids), min(mean, bound))
+        score = self.policy.queue_score(job_view(self._facts(rec)), self.cost)
         outcome = await self.store.create(rec, score, tenant.max_live_jobs, self.cfg.max_queued_jobs)
         if outcome is CreateOutcome.CREATED:
-            self.state.track(job_facts(rec), rec)
+            self.state.track(self._facts(rec), rec)
             self.wake()
         return outcome
+
+    def _prediction_bound(self, max_tokens: int) -> int:
+        return max_tokens if self.cfg.predict_within_max_tokens else self.cfg.max_tokens_cap
+
+    def _facts(self, rec: JobRecord) -> JobFacts:
+        """What the policies see of a job: its max_tokens only as far as predictions may use it."""
+        return job_facts(rec, self._prediction_bound(rec.sampling.max_tokens))
 
     async def _record(self, job_id: str) -> JobRecord | None:
         """The job's record, read from Redis into LiveState when this scheduler has not seen it yet."""
         if (rec := self.state.payload(job_id)) is None and (found := await self.store.progress(job_id)) is not None:
             rec, generated, preemptions = found
-            self.state.track(job_facts(rec), rec, generated, preemptions)
+            self.state.track(self._facts(rec), rec, generated, preemptions)
         return rec
 
     # -- the dispatch loop -----------------------------------------------------------------------
@@ -294,7 +302,7 @@ class Dispatcher:
         return True, previous
 
 
-def job_facts(rec: JobRecord) -> JobFacts:
+def job_facts(rec: JobRecord, max_tokens: int) -> JobFacts:
     return JobFacts(job_id=rec.job_id, priority=rec.priority, created=rec.created, prompt_len=len(rec.prompt_ids),
-                    max_tokens=rec.sampling.max_tokens, pred_len=rec.pred_len, pred_p90=rec.pred_p90,
+                    max_tokens=max_tokens, pred_len=rec.pred_len, pred_p90=rec.pred_p90,
                     predicted=rec.predicted, pred_deciles=tuple(rec.pred_deciles))
