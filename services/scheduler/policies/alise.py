@@ -57,10 +57,8 @@ class AlisePolicy:
 
     def _victim(self, waiting: JobView, workers: list[WorkerView],
                 cost: ExecTimeModel) -> tuple[JobView, WorkerView] | None:
-        # A prior is the same guess for every job: comparing two of them (or one with a prediction) says
-        # nothing about which is shorter, and preempting on it only thrashes (recompute for nothing).
-        if not waiting.predicted:
-            return None
+        # (plan passes over a waiting job with only a prior: a prior is the same guess for every job, so
+        # preempting on it only thrashes)
         need = waiting.remaining_seconds(cost)
         best, best_s = None, self.preempt_ratio * need
         for w in workers:
