@@ -57,6 +57,10 @@ def main() -> None:
             print(f"note: another `make run` serves {address_file.read_text().strip()} and keeps the CLI's defaults; "
                   f"reach this one with --address {stack.address} --api-key ... --tls-ca {stack.tls_files.ca}",
                   flush=True)
+        # Ctrl-C is handled from before "serving" is printed: a signal right after it stops cleanly too
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         key_file = stack.secrets_dir / "api-key"
         key_file.write_text(stack.api_key)
         key_file.chmod(0o600)
@@ -70,9 +74,6 @@ def main() -> None:
               f"  curl --cacert {stack.tls_files.ca} -H \"Authorization: Bearer $(cat {key_file})\" \\\n"
               f"       https://127.0.0.1:{http_port}/v1/models\n"
               f"Ctrl-C stops everything.\n", flush=True)
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
         while not stop.wait(1.0):
             for svc in stack.services.values():
                 if svc.proc.poll() is not None:
