@@ -27,7 +27,9 @@ def digest(secret: str) -> str:
 
 
 def new_secret() -> str:
-    return secrets.token_urlsafe(32)
+    # Hex, not urlsafe base64: a urlsafe secret starts with '-' one time in 64, and
+    # `alise --api-key -xyz` then reads it as an option (a CI run failed on exactly that).
+    return secrets.token_hex(32)
 
 
 def bearer_metadata(secret: str) -> tuple[tuple[str, str], ...]:

@@ -1,0 +1,23 @@
+"""Unit checks of the shared secret helpers (services/common/auth.py)."""
+from __future__ import annotations
+
+import string
+
+from client.cli import parser
+from services.common.auth import digest, matches, new_secret
+
+
+def test_new_secrets_are_hex_so_no_cli_reads_one_as_an_option():
+    # A urlsafe secret began with '-' one time in 64 and `alise --api-key <secret>` failed on it.
+    secrets_ = {new_secret() for _ in range(2000)}
+    assert len(secrets_) == 2000
+    assert all(len(s) == 64 and set(s) <= set(string.hexdigits.lower()) for s in secrets_)
+    for s in list(secrets_)[:50]:
+        assert parser().parse_args(["--api-key", s, "info"]).api_key == s
+
+
+def test_a_secret_matches_only_its_own_digest():
+    a, b = new_secret(), new_secret()
+    assert matches(a, digest(a))
+    assert not matches(b, digest(a))
+    assert not matches(None, digest(a))
