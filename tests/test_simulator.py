@@ -56,6 +56,19 @@ def test_prefill_is_chunked_by_the_token_budget_and_decodes_go_first():
     assert results[0].ttft_s == pytest.approx(5.5)
 
 
+def test_a_mixed_step_pays_its_fixed_extra_and_a_pure_decode_step_does_not():
+    # 1 s a step, +2 s when it holds a prefill chunk: A (4-token prompt, 3 tokens) alone: prefill step 3 s (token 1),
+    # two decode steps of 1 s: done at 5 s. B (2-token prompt, 1 token) arrives at 3.5 s, during A's first decode:
+    # it joins the next step (4 -> 7 s, mixed: A's token 3 and B's only token).
+    cost = IterationCost(base_s=1.0, per_mixed_step_s=2.0)
+    cfg = SimConfig(policy="fcfs", cost=cost, worker=WorkerSpec(max_batch=4, num_blocks=100),
+                    predictor=SimPredictor(PredictorKind.ORACLE), reconsider_s=0.0)
+    results, _, _ = simulate(cfg, [SimRequest(0.0, 4, 3)])
+    assert (results[0].ttft_s, results[0].e2e_s) == (3.0, 5.0)
+    results, _, _ = simulate(cfg, [SimRequest(0.0, 4, 3), SimRequest(3.5, 2, 1)])
+    assert [r.e2e_s for r in results] == [7.0, 3.5]
+
+
 def test_every_job_finishes_once_and_the_kv_pool_ends_empty():
     rng = random.Random(1)
     reqs = sorted((SimRequest(rng.uniform(0, 20), rng.randint(1, 300), rng.randint(1, 300),

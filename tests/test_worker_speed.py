@@ -35,6 +35,39 @@ def test_fit_recovers_the_step_model_from_summed_reports():
         assert got.step(*shape) == pytest.approx(TRUE.step(*shape), rel=0.05), shape
 
 
+MIXED = StepModel(base_s=0.005, per_seq_s=1e-5, per_prefill_token_s=3e-5, per_context_token_s=2.5e-8,
+                  per_mixed_step_s=0.004)
+
+
+def single_steps(model: StepModel, n: int, mixed_share: float, seed: int = 0) -> list[StepSums]:
+    """Single steps as a GPU worker reports them: mixed ones (with prefill chunks) pay the model's fixed extra."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        b, mixed = rng.randint(1, 512), rng.random() < mixed_share
+        p, c = (rng.randint(2, 4000) if mixed else 0), b * rng.randint(50, 2000)
+        out.append(StepSums(1, model.step(b, p, c, mixed) * (1 + rng.uniform(-0.02, 0.02)), b, p, c, int(mixed)))
+    return out
+
+
+def test_fit_separates_the_fixed_cost_of_a_mixed_step():
+    got = fit(single_steps(MIXED, 256, mixed_share=0.8))
+    assert got is not None
+    assert got.per_mixed_step_s == pytest.approx(MIXED.per_mixed_step_s, rel=0.15)
+    assert got.base_s == pytest.approx(MIXED.base_s, rel=0.15)
+    for shape in ((512, 0, 512 * 700, 0), (512, 60, 512 * 700, 1), (8, 2000, 8 * 300, 1)):
+        assert got.step(*shape) == pytest.approx(MIXED.step(*shape), rel=0.05), shape
+
+
+def test_when_every_step_is_mixed_the_extra_stays_in_the_base():
+    got = fit(single_steps(MIXED, 256, mixed_share=1.0))
+    assert got is not None and got.per_mixed_step_s == 0
+    assert got.step(64, 100, 64 * 500) == pytest.approx(MIXED.step(64, 100, 64 * 500, 1), rel=0.05)
+    almost = single_steps(MIXED, 256, mixed_share=1.0)
+    almost[0] = StepSums(1, MIXED.step(64, 0, 64 * 500), 64, 0, 64 * 500, 0)   # one pure decode step in 256
+    assert fit(almost) is not None                            # a shaky mixed term is dropped, not the whole model
+
+
 def test_no_model_until_the_reports_separate_the_constants():
     same = [StepSums(10, 0.1, 640, 0, 64_000)] * 30          # every report alike: base and per-seq inseparable
     assert fit(same) is None

@@ -73,17 +73,18 @@ def decode_samples(engine, rng, vocab: int, batches: list[int], prompt_lens: lis
 
 
 def fit(samples: list[StepSample], swap_per_token_s: float = 0.0, source: str = "") -> IterationCost:
-    """seconds ~ base + per_seq * seqs + per_prefill_token * prefill + per_context_token * context, all >= 0."""
+    """seconds ~ base + per_seq * seqs + per_prefill_token * prefill + per_context_token * context
+    + per_mixed_step * (prefill > 0), all >= 0."""
     import numpy as np
     from scipy.optimize import nnls
 
-    a = np.array([[1.0, s.seqs, s.prefill_tokens, s.context_tokens] for s in samples])
+    a = np.array([[1.0, s.seqs, s.prefill_tokens, s.context_tokens, float(s.prefill_tokens > 0)] for s in samples])
     y = np.array([s.seconds for s in samples])
     scale = a.max(axis=0)                       # columns of similar size for a well-conditioned solve
     coef, _ = nnls(a / scale, y)
     coef = coef / scale
     return IterationCost(base_s=float(coef[0]), per_seq_s=float(coef[1]), per_prefill_token_s=float(coef[2]),
-                         per_context_token_s=float(coef[3]), swap_per_token_s=swap_per_token_s, source=source)
+                         per_context_token_s=float(coef[3]), per_mixed_step_s=float(coef[4]), swap_per_token_s=swap_per_token_s, source=source)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
                + decode_samples(engine, rng, vocab, a.batches, a.decode_prompt_lens, a.steps))
     cost = fit(samples, a.swap_per_token_s, source=f"fitted to {len(samples)} steps of {cfg.model_dir} on {a.device}")
     a.out.write_text(json.dumps(cost.to_json(), indent=2))
-    worst = max(abs(cost.step(s.seqs, s.prefill_tokens, s.context_tokens) - s.seconds) / s.seconds for s in samples)
+    worst = max(abs(cost.step(s.seqs, s.prefill_tokens, s.context_tokens, s.prefill_tokens > 0) - s.seconds) / s.seconds for s in samples)
     print(json.dumps(cost.to_json(), indent=2))
     print(f"{len(samples)} steps fitted; worst relative error {worst:.0%} -> {a.out}")
 

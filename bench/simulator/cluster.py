@@ -278,9 +278,10 @@ class Simulation:
                         break
         context = sum(j.computed for j in decodes) + len(decodes) + sum(j.computed + n for j, n in prefills)
         w.decodes, w.prefills, w.busy = decodes, prefills, True
-        duration = self.cfg.cost.step(len(decodes) + len(prefills), prefill, context) + w.extra_s
+        mixed = bool(prefills)
+        duration = self.cfg.cost.step(len(decodes) + len(prefills), prefill, context, mixed) + w.extra_s
         w.extra_s = 0.0
-        w.steps.append(StepSums(1, duration, len(decodes) + len(prefills), prefill, context))
+        w.steps.append(StepSums(1, duration, len(decodes) + len(prefills), prefill, context, int(mixed)))
         if len(w.steps) > 2 * STEP_SAMPLES:
             del w.steps[:-STEP_SAMPLES]
         self._push(self.now + duration, _Event.STEP_END, w)

@@ -2,9 +2,11 @@
 
 An iteration runs every scheduled sequence once: decodes read their whole context (attention), prefill chunks
 are compute-bound per token, and every step pays a fixed part (weights read once, launches, sampling) plus a
-small part per sequence. So
+small part per sequence; a step with prefill chunks (mixed) pays a fixed extra: on a GPU a pure decode step
+replays a CUDA graph while a mixed one launches its kernels one by one. So
 
     step = base + per_seq * sequences + per_prefill_token * prefill tokens + per_context_token * context read
+           + per_mixed_step * (1 if the step has prefill chunks)
 
 Swapping a preempted job's KV to host memory (and back) costs `swap_per_token` per token each way.
 """
@@ -22,11 +24,12 @@ class IterationCost:
     per_prefill_token_s: float = 0.0
     per_context_token_s: float = 0.0
     swap_per_token_s: float = 0.0
+    per_mixed_step_s: float = 0.0
     source: str = ""                  # where the numbers come from
 
-    def step(self, seqs: int, prefill_tokens: int, context_tokens: int) -> float:
+    def step(self, seqs: int, prefill_tokens: int, context_tokens: int, mixed: bool = False) -> float:
         return (self.base_s + self.per_seq_s * seqs + self.per_prefill_token_s * prefill_tokens
-                + self.per_context_token_s * context_tokens)
+                + self.per_context_token_s * context_tokens + (self.per_mixed_step_s if mixed else 0.0))
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -63,6 +66,7 @@ def load_cost(spec: str) -> IterationCost:
         return IterationCost(base_s=m.get("base_s", 0.0), per_seq_s=m.get("per_seq_s", 0.0),
                              per_prefill_token_s=m.get("per_prefill_token_s", 0.0),
                              per_context_token_s=m.get("per_context_token_s", 0.0),
+                             per_mixed_step_s=m.get("per_mixed_step_s", 0.0),
                              swap_per_token_s=PRESETS["cpu-smollm2"].swap_per_token_s,
                              source=f"learned live by the scheduler ({path.name})")
     return IterationCost(**data)

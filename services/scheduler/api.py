@@ -236,7 +236,8 @@ class AliseServicer(pb_grpc.AliseServicer):
             if (m := w.speed.model()) is not None:
                 view.step_model.CopyFrom(pb.StepModelView(base_s=m.base_s, per_seq_s=m.per_seq_s,
                                                           per_prefill_token_s=m.per_prefill_token_s,
-                                                          per_context_token_s=m.per_context_token_s))
+                                                          per_context_token_s=m.per_context_token_s,
+                                                          per_mixed_step_s=m.per_mixed_step_s))
         return view
 
     async def GetLoad(self, request, context):

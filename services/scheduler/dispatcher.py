@@ -241,7 +241,7 @@ class Dispatcher:
         elif kind == "load":
             s.load = ld = msg.load
             self.state.load_report(s.worker_id, ld.used_blocks, ld.draining,
-                                   [StepSums(t.steps, t.seconds, t.seqs, t.prefill_tokens, t.context_tokens)
+                                   [StepSums(t.steps, t.seconds, t.seqs, t.prefill_tokens, t.context_tokens, t.mixed_steps)
                                     for t in ld.steps], ld.running_tokens / ld.running if ld.running else 0.0)
             await self.store.heartbeat(s.worker_id, self.cfg.worker_ttl_s)
         self.wake()

@@ -1,11 +1,18 @@
 """Each worker's speed, learned from its own step reports, and the throughput knee that admission uses.
 
     step seconds ~ base + per_seq * sequences + per_prefill_token * prefill tokens + per_context_token * context read
+                   + per_mixed_step * (1 if the step ran prefill chunks)
+
+The last term is the fixed price of a mixed step: on a GPU a pure decode step replays a CUDA graph, a step with
+prefill chunks launches its kernels one by one (hundreds of launches, a few ms of host and GPU time), whatever
+its size. Under steady arrivals most steps are mixed; without the term the fit spreads that cost over the others
+and the simulator, which uses the same model, ran an H200 twice as fast as it serves.
 
 A load report carries the worker's recent steps one by one (a row may also sum several steps): each is one
-linear equation in the four constants. Single steps vary in size as jobs join, leave and prefill, which is what
+linear equation in the five constants. Single steps vary in size as jobs join, leave and prefill, which is what
 tells the terms apart (sums over many steps blur it). The last WINDOW rows are solved by least squares (numpy),
-with every constant kept >= 0 (a negative one is dropped and the rest solved again). While the reports cannot tell the constants apart (every
+with every constant kept >= 0 (a negative one is dropped and the rest solved again); when every step is mixed
+(or none is) the mixed term cannot be told from the base and stays inside it. While the reports cannot tell the constants apart (every
 step the same size, too few reports), there is no model and admission uses the worker's max batch.
 
 The knee. A batch of B decoding sequences with mean context c takes base + B * k seconds per step, with
@@ -35,6 +42,7 @@ class StepSums:
     seqs: int
     prefill_tokens: int
     context_tokens: int
+    mixed_steps: int = 0          # of `steps`, those that ran prefill chunks
 
 
 @dataclass(frozen=True)
@@ -43,10 +51,12 @@ class StepModel:
     per_seq_s: float
     per_prefill_token_s: float
     per_context_token_s: float
+    per_mixed_step_s: float = 0.0
 
-    def step(self, seqs: float, prefill_tokens: float, context_tokens: float) -> float:
+    def step(self, seqs: float, prefill_tokens: float, context_tokens: float, mixed: float = 0.0) -> float:
+        """One step's seconds; `mixed` is 1 for a step with prefill chunks (or the share of such steps)."""
         return (self.base_s + self.per_seq_s * seqs + self.per_prefill_token_s * prefill_tokens
-                + self.per_context_token_s * context_tokens)
+                + self.per_context_token_s * context_tokens + self.per_mixed_step_s * mixed)
 
     def knee(self, max_batch: int, mean_context: float, share: float) -> int:
         """The smallest batch whose decode throughput is within `share` of max_batch's."""
@@ -80,14 +90,19 @@ def fit(rows: list[StepSums]) -> StepModel | None:
         return None
     import numpy as np     # the scheduler's only numeric dependency; imported where it is used
 
-    a = np.array([[r.steps, r.seqs, r.prefill_tokens, r.context_tokens] for r in rows], dtype=float)
+    a = np.array([[r.steps, r.seqs, r.prefill_tokens, r.context_tokens, r.mixed_steps] for r in rows], dtype=float)
     y = np.array([r.seconds for r in rows])
     active = [i for i in range(4) if a[:, i].any()]
+    if a[:, 4].any() and (a[:, 4] != a[:, 0]).any():
+        active.append(4)                      # some steps mixed, some not: the mixed term can be told apart
     while active:
         sub = a[:, active]
         scale = np.abs(sub).max(axis=0)
         if np.linalg.cond(sub / scale) > MAX_CONDITION:
-            return None
+            if 4 not in active:
+                return None
+            active.remove(4)                  # too few pure decode (or mixed) steps to tell it from the base
+            continue
         coef = np.linalg.lstsq(sub / scale, y, rcond=None)[0] / scale
         if (coef >= 0).all():
             break
@@ -97,4 +112,4 @@ def fit(rows: list[StepSums]) -> StepModel | None:
     if 0 not in active:
         return None                           # no fixed part: the knee would be meaningless
     full = dict(zip(active, coef))
-    return StepModel(*(float(full.get(i, 0.0)) for i in range(4)))
+    return StepModel(*(float(full.get(i, 0.0)) for i in range(5)))

@@ -176,7 +176,8 @@ class EngineLoop(threading.Thread):
             if out.shape is not None:
                 self._steps.append(wpb.StepTotals(steps=1, seconds=out.seconds, seqs=out.shape.seqs,
                                                   prefill_tokens=out.shape.prefill_tokens,
-                                                  context_tokens=out.shape.context_tokens))
+                                                  context_tokens=out.shape.context_tokens,
+                                                  mixed_steps=int(out.shape.prefill_tokens > 0)))
         metrics.GENERATED.inc(sum(len(d.token_ids) for d in out.deltas))
         self._send_tokens(self.batcher.step(out.deltas, {j for j, _ in out.finished}, len(self.engine.sched.running)))
         for job_id, finish in out.finished:
