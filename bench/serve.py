@@ -59,6 +59,15 @@ class Target:
     priority: int = 0
     timeout_s: float = 3600.0
     backend: Backend = Backend.ALISE
+    chat: bool = False                # send each prompt as one user message (the model's chat template applies)
+    max_tokens: int = 0               # every request's cap; 0 = the dataset's output length
+
+    def cap(self, req: "BenchRequest", ignore_eos: bool) -> tuple[int, bool]:
+        """(max_tokens, ignore_eos) of a request: the dataset's length as the cap (0 = the server's default),
+        forced exactly with ignore_eos; or the same cap for all, where the model stops by itself."""
+        if self.max_tokens:
+            return self.max_tokens, False
+        return req.output_tokens, ignore_eos and req.output_tokens > 0
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -69,10 +78,12 @@ async def one_request(stub, req: BenchRequest, index: int, ignore_eos: bool, tar
                       started: float) -> RequestResult:
     from alise.v1 import generate_pb2 as pb
 
-    # the dataset's length as the cap (0 = the server's default), forced exactly with ignore_eos
-    sampling = pb.SamplingParams(max_tokens=req.output_tokens, ignore_eos=ignore_eos and req.output_tokens > 0)
+    max_tokens, forced = target.cap(req, ignore_eos)
+    sampling = pb.SamplingParams(max_tokens=max_tokens, ignore_eos=forced)
+    text = (dict(chat=pb.ChatConversation(messages=[pb.ChatMessage(role="user", content=req.prompt)]))
+            if target.chat else dict(prompt=req.prompt))
     msg = pb.GenerateRequest(request_id=f"{label}-{index}-{uuid.uuid4().hex[:8]}", model=target.model,
-                             prompt=req.prompt, sampling=sampling, priority=target.priority)
+                             sampling=sampling, priority=target.priority, **text)
     res = RequestResult(index=index, expected_output_tokens=req.output_tokens, start_s=time.perf_counter() - started)
     t0 = last = time.perf_counter()
     try:
@@ -100,12 +111,14 @@ async def one_request(stub, req: BenchRequest, index: int, ignore_eos: bool, tar
 
 async def one_http_request(http, req: BenchRequest, index: int, ignore_eos: bool, target: Target, label: str,
                            started: float) -> RequestResult:
-    """One streamed /v1/completions request, timed the way `vllm bench serve` times it: TTFT at the first chunk
-    with text, one inter-token gap per later chunk, token counts from the usage the server reports last."""
-    body = {"model": target.model, "prompt": req.prompt, "stream": True, "temperature": 0.0,
-            "stream_options": {"include_usage": True}}
-    if req.output_tokens:
-        body.update(max_tokens=req.output_tokens, ignore_eos=ignore_eos)
+    """One streamed /v1/completions (or, with chat, /v1/chat/completions) request, timed the way `vllm bench serve`
+    times it: TTFT at the first chunk with text, one inter-token gap per later chunk, token counts from the usage
+    the server reports last."""
+    body = {"model": target.model, "stream": True, "temperature": 0.0, "stream_options": {"include_usage": True}}
+    body.update({"messages": [{"role": "user", "content": req.prompt}]} if target.chat else {"prompt": req.prompt})
+    max_tokens, forced = target.cap(req, ignore_eos)
+    if max_tokens:
+        body.update(max_tokens=max_tokens, ignore_eos=forced)
     if target.priority:
         body["priority"] = target.priority
     headers = {"x-request-id": f"{label}-{index}-{uuid.uuid4().hex[:8]}"}
@@ -113,7 +126,8 @@ async def one_http_request(http, req: BenchRequest, index: int, ignore_eos: bool
     t0 = last = time.perf_counter()
     chunks = 0
     try:
-        async with http.stream("POST", "/completions", json=body, headers=headers) as r:
+        async with http.stream("POST", "/chat/completions" if target.chat else "/completions", json=body,
+                               headers=headers) as r:
             if r.status_code != 200:
                 error = json.loads(await r.aread() or b"{}").get("error", {})
                 res.error = f"HTTP {r.status_code}: {error.get('message', '')}"
@@ -130,7 +144,7 @@ async def one_http_request(http, req: BenchRequest, index: int, ignore_eos: bool
                     res.prompt_tokens = event["usage"]["prompt_tokens"]
                     res.output_tokens = event["usage"]["completion_tokens"]
                 for choice in event.get("choices") or ():
-                    if choice.get("text"):
+                    if choice.get("text") or (choice.get("delta") or {}).get("content"):
                         if res.ttft_s is None:
                             res.ttft_s = now - t0
                         else:
@@ -186,6 +200,7 @@ def _record_complete(res: RequestResult, done) -> None:
     res.queue_s = done.timings.queue_seconds
     res.preemptions = done.timings.num_preemptions
     res.predicted_output_tokens = done.timings.predicted_output_tokens
+    res.repredicted_output_tokens = done.timings.repredicted_output_tokens
 
 
 async def run(requests: list[BenchRequest], target: Target, *, rate: float, burstiness: float, seed: int,
@@ -254,7 +269,12 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     add_dataset_arguments(p)
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps (1 = Poisson)")
     p.add_argument("--max-concurrency", type=int, default=0, help="at most this many requests in flight (0 = no cap)")
-    p.add_argument("--ignore-eos", action="store_true", help="generate exactly the dataset's output length")
+    lengths = p.add_mutually_exclusive_group()
+    lengths.add_argument("--ignore-eos", action="store_true", help="generate exactly the dataset's output length")
+    lengths.add_argument("--max-tokens", type=int, default=0,
+                   help="the same max_tokens for every request, the model stopping by itself (instead of the "
+                        "dataset's output length as the cap)")
+    p.add_argument("--chat", action="store_true", help="send each prompt as one user message of a chat")
     p.add_argument("--percentiles", default="50,90,99")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", help="tokenizer directory for counting lengths (default: the local model)")

@@ -23,6 +23,7 @@ class RequestResult:
     queue_s: float = 0.0                   # the scheduler's: accepted -> first placed on a worker
     preemptions: int = 0
     predicted_output_tokens: int = 0
+    repredicted_output_tokens: int = 0     # the worker's estimate from the model's hidden state (0: none)
     finish_reason: str = ""
 
     @property
@@ -157,6 +158,11 @@ def summarize(results: list[RequestResult], duration_s: float, percentiles: list
     predicted = [r for r in done if r.predicted_output_tokens > 0]
     s["predictor_kendall_tau"] = kendall_tau([r.predicted_output_tokens for r in predicted],
                                              [r.output_tokens for r in predicted])
+    # the same jobs ranked by what the scheduler last believed: the worker's re-estimate where it made one
+    s["repredicted_jobs"] = sum(r.repredicted_output_tokens > 0 for r in done)
+    s["repredicted_kendall_tau"] = kendall_tau(
+        [r.repredicted_output_tokens or r.predicted_output_tokens for r in predicted],
+        [r.output_tokens for r in predicted])
     if slo:
         good = sum(meets(r, slo) for r in done)
         s["goodput"] = {"slo_s": slo, "requests_meeting": good, "request_goodput": good / duration_s if duration_s else 0.0}

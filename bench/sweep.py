@@ -80,6 +80,7 @@ def saved_result(row: dict) -> RequestResult:
                          prompt_tokens=int(row["prompt_tokens"]), output_tokens=int(row["output_tokens"]),
                          ttft_s=opt(row["ttft_s"]), e2e_s=opt(row["e2e_s"]), queue_s=float(row["queue_s"]),
                          preemptions=int(row["preemptions"]), predicted_output_tokens=int(row["predicted_output_tokens"]),
+                         repredicted_output_tokens=int(row.get("repredicted_output_tokens") or 0),
                          finish_reason=row["finish_reason"])
 
 
@@ -91,11 +92,14 @@ def one_run(a: argparse.Namespace, policy: str, rate: float, prime, measured, pe
     label = run_label(policy, rate)
     # with ignore_eos each request's max_tokens is its true length: the scheduler must not predict with it
     blind = ["--no-predict-within-max-tokens"] if a.ignore_eos else []
-    stack = LocalStack(log_dir=a.out / f"stack-{label}", num_workers=a.workers, worker_args=a.worker_arg,
+    # predictor and length probe learn online within the run but never save it: runs must not teach each other
+    stack = LocalStack(log_dir=a.out / f"stack-{label}", num_workers=a.workers,
+                       worker_args=["--length-probe-read-only", *a.worker_arg],
                        scheduler_args=["--policy", policy, *blind, *a.scheduler_arg],
-                       predictor_args=a.predictor_arg).start(timeout_s=900)
+                       predictor_args=["--read-only", *a.predictor_arg]).start(timeout_s=900)
     try:
-        target = Target(stack.address, stack.api_key, str(stack.tls_files.ca) if stack.tls_files else "")
+        target = Target(stack.address, stack.api_key, str(stack.tls_files.ca) if stack.tls_files else "",
+                        chat=a.chat, max_tokens=a.max_tokens)
         if prime:
             asyncio.run(run(prime, target, rate=math.inf, burstiness=1.0, seed=a.seed, max_concurrency=0,
                             ignore_eos=a.ignore_eos, label=f"prime-{label}", progress=False))

@@ -189,13 +189,14 @@ def bench_serve_command(a: argparse.Namespace) -> int:
             return 2
         # another server's key: --api-key or $OPENAI_API_KEY only, never ALISE's own key files
         target = Target(a.base_url, a.api_key or os.environ.get("OPENAI_API_KEY"), a.tls_ca or "", model=a.model,
-                        priority=a.priority, backend=Backend.OPENAI)
+                        priority=a.priority, backend=Backend.OPENAI, chat=a.chat, max_tokens=a.max_tokens)
     else:
         address = resolve_address(a.address)
         ca = resolve_tls_ca(a.tls_ca, address)
         if not plaintext_allowed(address, ca, a.insecure):
             return 2
-        target = Target(address, resolve_api_key(a.api_key), ca, priority=a.priority)
+        target = Target(address, resolve_api_key(a.api_key), ca, priority=a.priority, chat=a.chat,
+                        max_tokens=a.max_tokens)
     return 0 if bench_serve(a, target)["failed"] == 0 else 1
 
 

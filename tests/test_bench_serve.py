@@ -91,6 +91,15 @@ def test_bench_serve_against_the_live_stack(stack_factory, tmp_path, capsys):
     rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
     assert len(rows) == 6 and all(r["ok"] == "True" and r["output_tokens"] == "8" for r in rows)
     assert "Output token throughput" in printed
+    # as a chat (the model's template wraps each prompt), one cap for all, the model stopping by itself
+    chat = tmp_path / "chat.json"
+    code = cli_main(["--address", stack.address, "--api-key", stack.api_key, *tls_args(stack),
+                     "bench", "serve", "--dataset-name", "synthetic", "--num-prompts", "3", "--input-len", "24",
+                     "--output-len", "8", "--chat", "--max-tokens", "5", "--label", "c", "--save-result", str(chat)])
+    assert code == 0, capsys.readouterr().out
+    rows = list(csv.DictReader(open(chat.with_suffix(".csv"))))
+    assert len(rows) == 3 and all(r["ok"] == "True" and 1 <= int(r["output_tokens"]) <= 5 for r in rows)
+    assert all(int(r["prompt_tokens"]) > 24 + 8 for r in rows)             # the template's own tokens
 
 
 def tls_args(stack) -> list[str]:

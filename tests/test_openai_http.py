@@ -164,6 +164,13 @@ def test_bench_serve_runs_a_workload_through_the_http_api(stack, tmp_path):
     assert summary["backend"] == "openai" and summary["completed"] == 4 and summary["failed"] == 0
     assert summary["total_output_tokens"] == 24                 # ignore_eos: exactly 6 each, from the usage
     assert 0 < summary["ttft_s"]["mean"] <= summary["e2e_s"]["mean"]
+    chat = tmp_path / "chat.json"                                # through /v1/chat/completions, one cap for all
+    code = cli_main(["--api-key", stack.api_key, "bench", "serve", "--backend", "openai", "--base-url", stack.http_base,
+                     "--dataset-name", "synthetic", "--num-prompts", "2", "--input-len", "16", "--output-len", "6",
+                     "--chat", "--max-tokens", "4", "--label", "http-chat", "--save-result", str(chat)])
+    summary = json.loads(chat.read_text())
+    assert code == 0 and summary["completed"] == 2 and 2 <= summary["total_output_tokens"] <= 8
+    assert summary["total_input_tokens"] > 2 * 16                # the chat template's own tokens
 
 
 def test_a_non_streaming_client_that_gives_up_aborts_its_job(stack, model, stub):

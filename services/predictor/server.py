@@ -145,7 +145,8 @@ async def serve(a: argparse.Namespace) -> None:
     await server.start()
     if probes is not None:
         await probes.start()
-    saver = asyncio.create_task(save_periodically(predictor, a.model_dir, a.save_every_s)) if a.model_dir else None
+    saves = a.model_dir is not None and not a.read_only
+    saver = asyncio.create_task(save_periodically(predictor, a.model_dir, a.save_every_s)) if saves else None
     feed = ObservationFeed(predictor, a.redis_url) if a.redis_url else None
     feeder = asyncio.create_task(feed.run()) if feed else None
     await set_health(health, [SERVICE], SERVING)
@@ -162,6 +163,8 @@ async def serve(a: argparse.Namespace) -> None:
         saver.cancel()
         if predictor.dirty:
             predictor.save(a.model_dir)
+    elif predictor.dirty:
+        log.info("read-only: what was learned online is not saved")
 
 
 def main() -> None:
@@ -180,6 +183,9 @@ def main() -> None:
     p.add_argument("--health-listen", default="", help="plaintext health-only port for probes when serving TLS")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics on this port; 0 = off")
     p.add_argument("--save-every-s", type=float, default=30.0)
+    p.add_argument("--read-only", action="store_true",
+                   help="never write --model-dir: learn online in memory only (benchmark runs must not teach the "
+                        "next run the lengths of the same prompts)")
     p.add_argument("--prior", type=float, default=128.0, help="output tokens assumed before anything is learned")
     p.add_argument("--encoder", choices=ENCODER_KINDS, default="auto",
                    help="auto: what train.py saved in --model-dir/encoder, else stock MiniLM; static: the fast "

@@ -7,6 +7,7 @@ this class does the I/O: Redis, the predictor, and commands to the worker sessio
 from __future__ import annotations
 
 import asyncio
+import math
 import logging
 import time
 
@@ -238,6 +239,8 @@ class Dispatcher:
                                 preempted=True)
         elif kind == "step_failed":
             await self._on_step_failed(s, msg.step_failed)
+        elif kind == "estimates":
+            await self._on_estimates(s, msg.estimates)
         elif kind == "load":
             s.load = ld = msg.load
             self.state.load_report(s.worker_id, ld.used_blocks, ld.draining,
@@ -245,6 +248,16 @@ class Dispatcher:
                                     for t in ld.steps], ld.running_tokens / ld.running if ld.running else 0.0)
             await self.store.heartbeat(s.worker_id, self.cfg.worker_ttl_s)
         self.wake()
+
+    async def _on_estimates(self, s: WorkerSession, ev: wpb.LengthEstimates) -> None:
+        """The worker re-estimated jobs' lengths from the model's hidden state: the policy ranks them by it from
+        now on, and the job keeps it in Redis (timings; a scheduler taking over ranks by it too)."""
+        valid = [(e.job_id, e.output_tokens) for e in ev.estimates
+                 if math.isfinite(e.output_tokens) and e.output_tokens > 0 and self.state.knows(e.job_id)]
+        if valid:
+            await self.store.repredict(s.worker_id, valid)
+            for job_id, tokens in valid:
+                self.state.repredict(job_id, tokens)
 
     async def _on_tokens(self, s: WorkerSession, ev: wpb.TokenEvents) -> None:
         deltas = [(d.job_id, list(d.token_ids), d.text) for d in ev.deltas]
@@ -303,6 +316,7 @@ class Dispatcher:
 
 
 def job_facts(rec: JobRecord, max_tokens: int) -> JobFacts:
-    return JobFacts(job_id=rec.job_id, priority=rec.priority, created=rec.created, prompt_len=len(rec.prompt_ids),
-                    max_tokens=max_tokens, pred_len=rec.pred_len, pred_p90=rec.pred_p90,
-                    predicted=rec.predicted, pred_deciles=tuple(rec.pred_deciles))
+    facts = JobFacts(job_id=rec.job_id, priority=rec.priority, created=rec.created, prompt_len=len(rec.prompt_ids),
+                     max_tokens=max_tokens, pred_len=rec.pred_len, pred_p90=rec.pred_p90,
+                     predicted=rec.predicted, pred_deciles=tuple(rec.pred_deciles))
+    return facts.repredicted(rec.repred_len) if rec.repred_len > 0 else facts

@@ -24,7 +24,7 @@ def timings(state: JobState) -> pb.Timings:
         ttft_seconds=ttft, e2e_seconds=end - created,
         tokens_per_second=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
         predicted_output_tokens=round(rec.pred_len), predicted_seconds=rec.pred_time,
-        num_preemptions=state.num_preemptions)
+        num_preemptions=state.num_preemptions, repredicted_output_tokens=round(rec.repred_len))
 
 
 def complete_message(state: JobState) -> pb.GenerateComplete:

@@ -47,6 +47,7 @@ class JobRecord:
     pred_deciles: list[float] = field(default_factory=list)
     pred_time: float = 0.0             # execution-time model estimate at admission, seconds
     predicted: bool = False            # False when the predictor was unavailable
+    repred_len: float = 0.0            # the worker's estimate from the model's hidden state (0: none yet)
 
     def to_fields(self) -> dict[str, str]:
         out = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in asdict(self).items()}
@@ -63,6 +64,7 @@ class JobRecord:
             pred_deciles=json.loads(f.get("pred_deciles", "[]")),
             previous_reply_tokens=int(f.get("previous_reply_tokens", 0)),
             predicted=f["predicted"] == "1", fingerprint=f.get("fingerprint", ""),
+            repred_len=float(f.get("repred_len", 0.0)),
         )
 
 
@@ -235,6 +237,11 @@ class JobStore:
             pipe.hset(keys.worker(worker_id), mapping=info)
             pipe.expire(keys.worker(worker_id), ttl_s)
             await pipe.execute()
+
+    async def repredict(self, worker_id: str, estimates: list[tuple[str, float]]) -> int:
+        """Keep the worker's length estimates on the jobs it still runs; returns how many were kept."""
+        return int(await self._scripts["repredict"](keys=[keys.job(j) for j, _ in estimates],
+                                                     args=[worker_id, *(repr(float(t)) for _, t in estimates)]))
 
     async def heartbeat(self, worker_id: str, ttl_s: int) -> None:
         await self.r.expire(keys.worker(worker_id), ttl_s)

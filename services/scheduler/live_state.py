@@ -8,7 +8,7 @@ everything here can be rebuilt from it and from the workers' reports.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Generic, Iterable, TypeVar
 
 from services.scheduler.policies.base import JobView, Snapshot, WorkerView
@@ -19,7 +19,8 @@ R = TypeVar("R")     # what the owner keeps with a job (the dispatcher: its JobR
 
 @dataclass(frozen=True)
 class JobFacts:
-    """What a policy may know about a job that does not change while it lives."""
+    """What a policy may know about a job that does not change while it lives, except its predicted length,
+    which the worker may re-estimate once it has read the prompt (`repredicted`)."""
     job_id: str
     priority: int
     created: float
@@ -29,6 +30,15 @@ class JobFacts:
     pred_p90: float
     predicted: bool
     pred_deciles: tuple[float, ...] = ()
+
+    def repredicted(self, output_tokens: float) -> "JobFacts":
+        """The worker's estimate of the whole output replaces the prompt predictor's mean; the predictor's spread
+        (p90, deciles) is kept in proportion, so E[L - g | L > g] still follows its shape."""
+        ratio = output_tokens / self.pred_len if self.predicted and self.pred_len > 0 else 0.0
+        if ratio > 0:
+            return replace(self, pred_len=output_tokens, pred_p90=self.pred_p90 * ratio,
+                           pred_deciles=tuple(q * ratio for q in self.pred_deciles))
+        return replace(self, pred_len=output_tokens, pred_p90=3 * output_tokens, predicted=True, pred_deciles=())
 
 
 def job_view(f: JobFacts, generated: int = 0, running: bool = False, swapped_on: str = "",
@@ -98,6 +108,14 @@ class LiveState(Generic[R]):
     def payload(self, job_id: str) -> R | None:
         job = self._jobs.get(job_id)
         return job.payload if job else None
+
+    def repredict(self, job_id: str, output_tokens: float) -> bool:
+        """A worker's new estimate of the job's whole output length; False for a job not tracked."""
+        if (job := self._jobs.get(job_id)) is None or output_tokens <= 0:
+            return False
+        job.facts = job.facts.repredicted(output_tokens)
+        job.views = [None, None]
+        return True
 
     def set_generated(self, job_id: str, count: int) -> None:
         if (job := self._jobs.get(job_id)) is not None:

@@ -36,6 +36,10 @@ class WorkerConfig:
     token_budget: int = 0                # tokens per step (prefill chunks + decodes); 0 = auto (CPU 512, GPU 4096)
     max_model_len: int = 0               # 0: the model's context, capped by the KV pool
     stream_updates_per_step: int = 128   # job token updates sent per step on average (token_batcher.py); 0 = all
+    length_probe_layer: int = -1         # layer whose hidden state estimates output lengths (length_probe.py);
+                                         # -1 = the middle layer, -2 = off
+    length_probe_path: str = ""          # where the probe keeps what it learned across restarts ("" = in memory)
+    length_probe_read_only: bool = False # load the path but never write it (benchmark runs must not teach each other)
     load_report_s: float = 0.2
     drain_timeout_s: float = 30.0
 
@@ -51,6 +55,8 @@ class WorkerConfig:
             raise ValueError("num_blocks must be >= 0 (0 = auto)")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.length_probe_layer < -2:
+            raise ValueError("length_probe_layer must be a layer index, -1 (the middle layer) or -2 (off)")
         if self.num_host_blocks < 0:
             raise ValueError("num_host_blocks must be >= 0")
         if self.dtype not in ("float32", "bfloat16", "float16"):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from services.worker.block_manager import BlockManager
+from services.worker.length_probe import LengthProbe
 from services.common.preempt_mode import PreemptMode
 from services.common.sampling_limits import sampling_problem
 from services.worker.detokenizer import IncrementalDetokenizer
@@ -33,10 +34,18 @@ class TokenDelta:
     text: str
 
 
+@dataclass(frozen=True)
+class LengthEstimate:
+    """The length probe's estimate of a job's whole output, made when its prompt was computed."""
+    job_id: str
+    output_tokens: float
+
+
 @dataclass
 class StepOutput:
     deltas: list[TokenDelta] = field(default_factory=list)
     finished: list[tuple[str, Finish]] = field(default_factory=list)
+    estimates: list[LengthEstimate] = field(default_factory=list)
     seconds: float = 0.0
     shape: "StepShape | None" = None      # what this call launched (None: nothing)
 
@@ -62,6 +71,8 @@ class LaunchedStep:
     host: torch.Tensor            # [S] host copy, complete once `ready` has fired
     ready: object | None          # a torch.cuda.Event (None on CPU: already complete)
     shape: StepShape | None = None
+    probed: list[Sequence] = field(default_factory=list)   # sequences whose prompt the length probe read...
+    probe_host: torch.Tensor | None = None                  # ...and its [P, dims] features, on the host
 
     def token_ids(self) -> list[int]:
         if self.ready is not None:
@@ -86,8 +97,11 @@ class EngineLoad:
 
 class Engine:
     def __init__(self, runner, blocks: BlockManager, tokenizer, *, eos_ids: set[int],
-                 max_batch: int, token_budget: int, max_model_len: int, overlap: bool = False):
+                 max_batch: int, token_budget: int, max_model_len: int, overlap: bool = False,
+                 probe: LengthProbe | None = None):
         self.runner = runner
+        self.probe = probe                           # learns from finished jobs; the runner takes its features
+        runner.probe = probe
         self.blocks = blocks
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
@@ -97,6 +111,7 @@ class Engine:
         self.sched = StepScheduler(blocks, max_batch=max_batch, token_budget=token_budget,
                                    max_model_len=max_model_len)
         self.seqs: dict[str, Sequence] = {}          # every job this worker holds, in any state
+        self.probe_features: dict[str, object] = {}  # job -> its length-probe features (numpy), until it finishes
         self.detok: dict[str, IncrementalDetokenizer] = {}
         self.num_preemptions = 0
         self._in_flight: LaunchedStep | None = None
@@ -165,6 +180,7 @@ class Engine:
         self.runner.release(seq.job_id)
         self.seqs.pop(seq.job_id, None)
         self.detok.pop(seq.job_id, None)
+        self.probe_features.pop(seq.job_id, None)
 
     # -- the step --------------------------------------------------------------------------------
     @property
@@ -203,40 +219,58 @@ class Engine:
 
     def _launch(self, plan) -> LaunchedStep:
         prev = self._in_flight.sampled if self._in_flight is not None else None
-        chunks, sampled = [], []
+        chunks, sampled, probed = [], [], []
         for c in plan.chunks:
             seq = c.seq
             chunk = self._chunk(seq, c.start, c.num_tokens)
             chunks.append(chunk)
             if chunk.wants_logits:
                 sampled.append(seq)
+            if chunk.probe:
+                probed.append(seq)
         logits = self.runner.forward(chunks, prev)
+        features = self.runner.take_probed() if probed else None
         tokens = sample(logits, [s.sampling for s in sampled], [len(s.output_ids) + s.num_pending for s in sampled])
         for c in plan.chunks:         # the step is launched: its full blocks whose tokens the host knows join
             self.sched.record_computed(c.seq)   # the prefix cache (not before: a launch that raised wrote no KV)
         for row, seq in enumerate(sampled):
             seq.num_pending += 1
             seq.sample_row = row
+        probed = probed if features is not None else []
         if tokens.is_cuda:
             ready = torch.cuda.Event()
             host = tokens.to("cpu", non_blocking=True)      # pinned destination: the copy does not block
+            features = features.to("cpu", non_blocking=True) if features is not None else None
             ready.record()
-            return LaunchedStep(sampled, tokens, host, ready, StepShape.of(plan.chunks))
-        return LaunchedStep(sampled, tokens, tokens, None, StepShape.of(plan.chunks))
+            return LaunchedStep(sampled, tokens, host, ready, StepShape.of(plan.chunks), probed, features)
+        return LaunchedStep(sampled, tokens, tokens, None, StepShape.of(plan.chunks), probed, features)
 
     def _chunk(self, seq: Sequence, start: int, n: int) -> SeqChunk:
         wants_logits = start + n == seq.num_tokens
         if seq.num_pending:           # its one uncomputed token was sampled by the step still in flight
             assert n == 1 and wants_logits
             return SeqChunk([0], start, self.blocks.table(seq.job_id), True, seq.job_id, prev_row=seq.sample_row)
+        # a fresh prompt's last chunk (not a resumed job's: its estimate was made when it first ran)
+        probe = self.probe is not None and wants_logits and n > 1 and not seq.output_ids
         return SeqChunk(seq.token_slice(start, start + n), start, self.blocks.table(seq.job_id), wants_logits,
-                        seq.job_id)
+                        seq.job_id, probe=probe)
 
     def _collect(self, launched: LaunchedStep, out: StepOutput) -> None:
-        for seq, token in zip(launched.seqs, launched.token_ids()):
+        tokens = launched.token_ids()                   # waits for the step: its probe features are in too
+        if launched.probed:
+            self._read_probe(launched.probed, launched.probe_host.numpy(), out)
+        for seq, token in zip(launched.seqs, tokens):
             seq.num_pending -= 1
             if self.seqs.get(seq.job_id) is seq:        # else aborted or finished since it was launched
                 self._append_token(seq, token, out)
+
+    def _read_probe(self, seqs: list[Sequence], features, out: StepOutput) -> None:
+        for seq, x in zip(seqs, features):
+            if self.seqs.get(seq.job_id) is not seq:
+                continue
+            self.probe_features[seq.job_id] = x
+            if (est := self.probe.estimate(x)) is not None:
+                out.estimates.append(LengthEstimate(seq.job_id, est))
 
     def _append_token(self, seq: Sequence, token: int, out: StepOutput) -> None:
         seq.output_ids.append(token)
@@ -245,6 +279,8 @@ class Engine:
         finish = self._finish_reason(seq, token, detok)
         out.deltas.append(TokenDelta(seq.job_id, [token], detok.release(final=finish is not None)))
         if finish is not None:
+            if finish is Finish.STOP and not seq.sampling.ignore_eos and seq.job_id in self.probe_features:
+                self.probe.observe(self.probe_features[seq.job_id], len(seq.output_ids))   # an uncensored length
             self.sched.finish(seq, finish)
             self._drop(seq)
             out.finished.append((seq.job_id, finish))

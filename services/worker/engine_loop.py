@@ -179,6 +179,9 @@ class EngineLoop(threading.Thread):
                                                   context_tokens=out.shape.context_tokens,
                                                   mixed_steps=int(out.shape.prefill_tokens > 0)))
         metrics.GENERATED.inc(sum(len(d.token_ids) for d in out.deltas))
+        if out.estimates:               # before the tokens: the scheduler re-ranks the job as its first token arrives
+            self._send(wpb.WorkerMessage(estimates=wpb.LengthEstimates(estimates=[
+                wpb.LengthEstimate(job_id=e.job_id, output_tokens=e.output_tokens) for e in out.estimates])))
         self._send_tokens(self.batcher.step(out.deltas, {j for j, _ in out.finished}, len(self.engine.sched.running)))
         for job_id, finish in out.finished:
             self._send(wpb.WorkerMessage(finished=wpb.JobFinished(job_id=job_id, finish_reason=FINISH_CODES[finish])))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 # Set before CUDA starts: growing segments instead of fixed ones, so step shapes that vary every step are less
 # likely to fragment the little activation memory left beside the KV pool into an out-of-memory error (a
@@ -16,6 +17,7 @@ from services.worker.block_manager import BlockManager
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
 from services.worker.kv_cache import PagedKVCache
+from services.worker.length_probe import LengthProbe
 from services.worker.model_runner import SUPPORTED_MODEL_TYPES, ModelRunner, SeqChunk, load_hf_model
 from services.worker.sampler import sample
 from services.worker.sequence import Sampling
@@ -93,10 +95,20 @@ def build_engine(cfg: WorkerConfig, model=None, tokenizer=None) -> Engine:
     engine = Engine(runner, BlockManager(num_blocks, cfg.block_size, cfg.num_host_blocks, cfg.prefix_caching), tokenizer,
                     eos_ids=eos_token_ids(model, tokenizer), max_batch=max_batch,
                     token_budget=token_budget, max_model_len=max_len,
-                    overlap=cfg.overlap_steps and device.type == "cuda")
+                    overlap=cfg.overlap_steps and device.type == "cuda", probe=length_probe(cfg, mc, device, dtype))
     if device.type == "cuda":
         warm_up(engine)
     return engine
+
+
+def length_probe(cfg: WorkerConfig, mc, device: torch.device, dtype: torch.dtype) -> LengthProbe | None:
+    if cfg.length_probe_layer == -2:
+        return None
+    layer = mc.num_hidden_layers // 2 if cfg.length_probe_layer == -1 else cfg.length_probe_layer
+    if layer >= mc.num_hidden_layers:
+        raise ValueError(f"length_probe_layer {layer}: the model has {mc.num_hidden_layers} layers")
+    return LengthProbe(mc.hidden_size, layer, device, dtype, read_only=cfg.length_probe_read_only,
+                       path=Path(cfg.length_probe_path) if cfg.length_probe_path else None)
 
 
 def warm_up(engine: Engine) -> None:

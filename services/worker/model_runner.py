@@ -41,6 +41,7 @@ class SeqChunk:
     wants_logits: bool          # the chunk reaches the end of the sequence: sample a next token
     seq_id: str = ""            # only the transformers fallback runner needs it (its caches are per sequence)
     prev_row: int = -1          # >= 0: a decode whose token is still on the device, row of the last step's ids
+    probe: bool = False         # it completes a fresh prompt: take the length probe's features at its last token
 
 
 @dataclass
@@ -60,6 +61,7 @@ class MixedInputs:
     context_lens: torch.Tensor  # [Bd] int32
     prefills: list[PrefillGroup]
     logits_index: torch.Tensor  # [S] rows whose logits are returned
+    probe_rows: torch.Tensor | None = None   # [P] rows whose hidden state the length probe reads
 
 
 @dataclass
@@ -136,6 +138,8 @@ class ModelRunner:
         with torch.no_grad():
             self.qkv_w, self.qkv_b, self.gate_up_w = fuse_projections(self.layers)
         self.graphs = None          # a DecodeGraphs (cuda_graphs.py) when CUDA graphs are on
+        self.probe = None           # a LengthProbe (length_probe.py): features of chunks marked `probe`
+        self._probed: torch.Tensor | None = None
         # rotary embedding and the KV write in one kernel (fused_ops.rope_and_cache_): 3 fewer kernels a layer
         self.fuse_rope_cache = fused_kernels_on(self.device)
         # decode batches up to this many rows run the skinny-GEMM layers (skinny_gemm.py); 0 = never
@@ -153,6 +157,11 @@ class ModelRunner:
 
     def release(self, seq_id: str) -> None:
         """A sequence left: nothing to do, its KV lives in pool blocks the BlockManager frees."""
+
+    def take_probed(self) -> torch.Tensor | None:
+        """[P, dims] length-probe features (on the device) of the last forward's chunks marked `probe`, in order."""
+        out, self._probed = self._probed, None
+        return out
 
     # -- entry point -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -214,20 +223,22 @@ class ModelRunner:
         decode = np.flatnonzero(sizes == 1)
         prev[rows_start[decode]] = np.fromiter((chunks[i].prev_row for i in decode), np.int64, len(decode))
         logit_rows = rows_end[np.fromiter((c.wants_logits for c in chunks), bool, len(chunks))] - 1
+        probe_rows = rows_end[np.fromiter((c.probe for c in chunks), bool, len(chunks))] - 1
         # a later prompt chunk attends to its whole context, read back from the cache through its slots
         cont = [i for i in np.flatnonzero((sizes > 1) & (starts > 0))]
         ctx = [tables[i, np.arange(starts[i] + sizes[i]) // bs] * bs + np.arange(starts[i] + sizes[i]) % bs
                for i in cont]
         dev = to_device(self.device, ids, prev, pos, slots, rows_start[decode], tables[decode], starts[decode] + 1,
-                              logit_rows, *ctx)
-        ids_t, prev_t, pos_t, slots_t, dec_rows, dec_tables, dec_lens, logit_t = dev[:8]
-        ctx_of = dict(zip(cont, dev[8:]))
+                        logit_rows, probe_rows, *ctx)
+        ids_t, prev_t, pos_t, slots_t, dec_rows, dec_tables, dec_lens, logit_t, probe_t = dev[:9]
+        ctx_of = dict(zip(cont, dev[9:]))
         prefills = [PrefillGroup(slice(int(rows_start[i]), int(rows_end[i])), ctx_of.get(i))
                     for i in np.flatnonzero(sizes > 1)]
         return MixedInputs(
             input_ids=self._input_ids(ids_t, prev_t, prev_sampled), positions=pos_t, slots=slots_t,
             decode_rows=dec_rows, block_tables=dec_tables.to(torch.int32), context_lens=dec_lens.to(torch.int32),
-            prefills=prefills, logits_index=logit_t)
+            prefills=prefills, logits_index=logit_t,
+            probe_rows=probe_t if len(probe_rows) and self.probe is not None else None)
 
     # -- forward passes --------------------------------------------------------------------------
     def _embed(self, input_ids, positions):
@@ -256,9 +267,10 @@ class ModelRunner:
     def _logits(self, x):
         return self.hf.lm_head(x).float()
 
-    def _layers(self, h, cos, sin, slots, attend) -> torch.Tensor:
+    def _layers(self, h, cos, sin, slots, attend, probe_rows: torch.Tensor | None = None) -> torch.Tensor:
         """All decoder layers; returns the final-normed hidden states. The residual add is fused into
-        the next norm: x = norm(residual + sublayer output)."""
+        the next norm: x = norm(residual + sublayer output). With probe_rows, the length probe's features of
+        those rows are taken from the normalised state after its layer."""
         w = self.norm_weights
         x, residual = rmsnorm(h, w[0], self.eps)
         residual = h
@@ -268,6 +280,8 @@ class ModelRunner:
             x, residual = rmsnorm(attn_out, w[2 * i + 1], self.eps, residual)
             mlp_out = layer.mlp.down_proj(silu_mul(F.linear(x, self.gate_up_w[i])))
             x, residual = rmsnorm(mlp_out, w[2 * i + 2], self.eps, residual)
+            if probe_rows is not None and i == self.probe.layer:
+                self._probed = self.probe.project(x[probe_rows])
         return x
 
     def _layers_skinny(self, h, cos, sin, slots, attend) -> torch.Tensor:
@@ -298,7 +312,8 @@ class ModelRunner:
         # pass over a real mix of prompt lengths ran half as fast as later ones. Flash / memory-efficient
         # kernels need no plan.
         with sdpa_kernel(PREFILL_BACKENDS):
-            h = self._layers(h, cos, sin, batch.slots, lambda i, q, k, v: self._attend_mixed(i, q, k, v, batch))
+            h = self._layers(h, cos, sin, batch.slots, lambda i, q, k, v: self._attend_mixed(i, q, k, v, batch),
+                             batch.probe_rows)
         if batch.logits_index.numel() == 0:
             return torch.empty(0, self.vocab_size, device=self.device)
         return self._logits(h[batch.logits_index])

@@ -1,0 +1,34 @@
+"""Re-prediction through the live stack: a worker whose length probe has learned (its state saved by an earlier
+run) estimates each job's length when it reads the prompt, and the scheduler keeps it with the job."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import AutoConfig
+
+from services.worker.length_probe import LengthProbe
+from tests.helpers import generate, request, stub_for
+
+
+def trained_probe_file(model_dir, path):
+    """A probe state as a worker saves it, for SmolLM2's middle layer (the worker's default)."""
+    cfg = AutoConfig.from_pretrained(model_dir)
+    probe = LengthProbe(cfg.hidden_size, cfg.num_hidden_layers // 2, torch.device("cpu"), torch.float32, path=path)
+    rng = np.random.default_rng(0)
+    for _ in range(48):
+        probe.observe(rng.normal(size=probe.dims), int(rng.integers(5, 400)))
+    probe.save(path)
+    return path
+
+
+def test_the_workers_estimate_reaches_the_job(stack_factory, model_dir, tmp_path):
+    state = trained_probe_file(model_dir, tmp_path / "probe.npz")
+    stack = stack_factory(worker_args=["--length-probe-path", str(state)])
+    stub = stub_for(stack)
+    _, _, done = generate(stub, request("Tell me about the sea.", "probe-1", 6, ignore_eos=True))
+    assert done.usage.completion_tokens == 6
+    assert done.timings.repredicted_output_tokens > 0
+    # a probe that has not learned yet estimates nothing: the job keeps its prompt prediction only
+    fresh = stack_factory(worker_args=["--length-probe-path", str(tmp_path / "new.npz")])
+    _, _, done = generate(stub_for(fresh), request("Tell me about the sea.", "probe-2", 6, ignore_eos=True))
+    assert done.timings.repredicted_output_tokens == 0

@@ -1,0 +1,115 @@
+"""The worker's length probe (services/worker/length_probe.py): its online ridge fit, and the engine taking the
+served model's hidden state at the end of each fresh prompt, learning from jobs that stopped by themselves."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import kendalltau
+
+from services.worker.length_probe import LengthProbe
+from services.worker.sequence import Finish, Sampling
+from tests.test_engine import PROMPTS, make_engine, run_to_end
+
+
+def synthetic(n: int, dims: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Features whose log-length is a linear function of them, plus noise."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, dims))
+    w = np.random.default_rng(99).normal(size=dims) / np.sqrt(dims)
+    return x, np.maximum(1, np.round(np.exp(4 + x @ w + rng.normal(scale=0.2, size=n)))).astype(int)
+
+
+def new_probe(tmp_path=None, **kw) -> LengthProbe:
+    return LengthProbe(64, layer=3, device=torch.device("cpu"), dtype=torch.float32, dims=16,
+                       path=tmp_path / "probe.npz" if tmp_path else None, **kw)
+
+
+def test_probe_estimates_nothing_until_it_has_learned_then_ranks_lengths(tmp_path):
+    probe = new_probe(min_observations=32)
+    x, lengths = synthetic(400, 16, seed=0)
+    for i in range(31):
+        probe.observe(x[i], lengths[i])
+        assert probe.estimate(x[0]) is None
+    for i in range(31, 300):
+        probe.observe(x[i], lengths[i])
+    est = [probe.estimate(f) for f in x[300:]]
+    assert kendalltau(est, lengths[300:]).statistic > 0.8
+    assert np.median(np.abs(np.log(est) - np.log(lengths[300:]))) < 0.3
+
+
+def test_probe_state_survives_a_restart_and_refuses_another_shape(tmp_path):
+    probe = new_probe(tmp_path, min_observations=8)
+    x, lengths = synthetic(128, 16, seed=1)
+    for f, n in zip(x, lengths):
+        probe.observe(f, n)                                    # saved every 64 observations
+    assert (tmp_path / "probe.npz").exists()
+    again = new_probe(tmp_path, min_observations=8)
+    assert again.count == 128 and again.estimate(x[0]) == pytest.approx(probe.estimate(x[0]))
+    reader = new_probe(tmp_path, min_observations=8, read_only=True)      # learns in memory, never writes
+    for f, n in zip(x, lengths):
+        reader.observe(f, n)
+    assert reader.count == 256 and new_probe(tmp_path, min_observations=8).count == 128
+    reader.learn = False                                                  # frozen
+    reader.observe(x[0], 5000)
+    assert reader.count == 256
+    with pytest.raises(ValueError, match="another layer"):
+        LengthProbe(64, layer=4, device=torch.device("cpu"), dtype=torch.float32, dims=16, path=tmp_path / "probe.npz")
+
+
+def test_projection_reads_the_hidden_state_rows_it_is_given():
+    probe = new_probe()
+    h = torch.randn(5, 64)
+    assert torch.allclose(probe.project(h)[2], probe.project(h[2:3])[0])
+    assert probe.project(h).dtype == torch.float32 and probe.project(h).shape == (5, 16)
+
+
+@pytest.fixture(scope="module")
+def probe_engine(model_dir):
+    return make_engine(model_dir)
+
+
+def estimates_of(engine, prompts: dict[str, str], sampling: Sampling) -> tuple[dict, dict]:
+    for job_id, text in prompts.items():
+        engine.add(job_id, engine.tokenizer.encode(text), sampling)
+    estimates, done, tokens = {}, {}, {}
+    while engine.has_work:
+        out = engine.step()
+        estimates.update({e.job_id: e.output_tokens for e in out.estimates})
+        for d in out.deltas:
+            tokens.setdefault(d.job_id, []).extend(d.token_ids)
+        done.update({j: (tokens[j], f) for j, f in out.finished})
+    return estimates, done
+
+
+def test_engine_learns_from_jobs_that_stopped_and_then_estimates_new_ones(probe_engine):
+    engine = probe_engine
+    engine.reset()
+    hidden = engine.runner.hf.config.hidden_size
+    engine.probe = engine.runner.probe = LengthProbe(hidden, layer=engine.probe.layer, device=torch.device("cpu"),
+                                                     dtype=torch.float32, dims=8, min_observations=4)
+    # cut at max_tokens or run with ignore_eos: their lengths are censored, nothing is learned
+    estimates, done = estimates_of(engine, {f"len-{i}": p for i, p in enumerate(PROMPTS)}, Sampling(max_tokens=3))
+    assert not estimates and engine.probe.count == 0 and all(f is Finish.LENGTH for _, f in done.values())
+    assert not engine.probe_features                            # forgotten with the jobs
+    # a stop string ends them by themselves: each teaches the probe its length
+    estimates, done = estimates_of(engine, {f"stop-{i}": p for i, p in enumerate(PROMPTS)},
+                                   Sampling(max_tokens=48, stop=(" ",)))
+    stopped = [j for j, (_, f) in done.items() if f is Finish.STOP]
+    assert len(stopped) >= 3 and engine.probe.count == len(stopped)
+    engine.probe.observe(np.zeros(8), 10)                       # make sure it has reached its minimum
+    estimates, done = estimates_of(engine, {f"new-{i}": p for i, p in enumerate(PROMPTS)}, Sampling(max_tokens=4))
+    assert set(estimates) == set(done) and all(v > 0 and np.isfinite(v) for v in estimates.values())
+    # a resumed job (recompute: prompt + output so far) is not estimated again
+    engine.add("resumed", engine.tokenizer.encode(PROMPTS[0]), Sampling(max_tokens=6), output_ids=[11, 12])
+    assert not estimates_of(engine, {}, Sampling())[0]
+
+
+def test_the_probe_does_not_change_the_tokens(model_dir, probe_engine):
+    off = make_engine(model_dir, length_probe_layer=-2)
+    assert off.probe is None
+    probe_engine.reset()
+    for engine in (probe_engine, off):
+        for i, p in enumerate(PROMPTS):
+            engine.add(f"p{i}", engine.tokenizer.encode(p), Sampling(max_tokens=12))
+    assert run_to_end(probe_engine) == run_to_end(off)
