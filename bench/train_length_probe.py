@@ -19,20 +19,19 @@ from bench.workloads import Dataset, Limits, load
 
 
 def generate(engine, prompts: list[list[int]], max_tokens: int, tag: str) -> tuple[dict, dict]:
-    """Runs the prompts to their end; (finish and length, estimate) by job id."""
+    """Runs the prompts to their end; ((stopped by itself, output tokens), estimate) by job id."""
     from services.worker.sequence import Finish, Sampling
 
     for i, ids in enumerate(prompts):
         engine.add(f"{tag}-{i}", ids, Sampling(max_tokens=max_tokens))
-    lengths, estimates = {}, {}
+    counts, lengths, estimates = {}, {}, {}
     while engine.has_work:
         out = engine.step()
         estimates.update({e.job_id: e.output_tokens for e in out.estimates})
-        for job_id, finish in out.finished:
-            lengths[job_id] = (finish is Finish.STOP, 0)
         for d in out.deltas:
-            stopped, n = lengths.get(d.job_id, (False, 0))
-            lengths[d.job_id] = (stopped, n + len(d.token_ids))
+            counts[d.job_id] = counts.get(d.job_id, 0) + len(d.token_ids)
+        for job_id, finish in out.finished:
+            lengths[job_id] = (finish is Finish.STOP, counts[job_id])
     return lengths, estimates
 
 
