@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     noise.add_argument("--pred-sigma", type=float, help="noisy: log-normal sigma of the predictions")
     noise.add_argument("--kendall-tau", type=float, default=0.25,
                        help="noisy: the sigma giving this Kendall tau on the workload (default: 0.25, measured live)")
+    p.add_argument("--repredict-tau", type=float, default=0.0,
+                   help="the worker's length probe: once a prompt is computed, its job is re-estimated with the "
+                        "noise giving this Kendall tau (0 = off; measured live on CPU: 0.46)")
     p.add_argument("--tick-s", type=float, default=0.0, help="scheduler decides at most once per tick (0 = every event)")
     p.add_argument("--reconsider-s", type=float, default=0.1, help="with jobs waiting, decide at least this often")
     p.add_argument("--latency-bound", type=float, default=0.1, help="mean normalized latency bound (s/token)")
@@ -98,6 +101,7 @@ def simulate_sweep(a: argparse.Namespace) -> list[Run]:
         raise SystemExit("the workload is empty")
     cost = load_cost(a.cost)
     predictor = predictor_for(a, [o for _, o, _ in lengths])
+    probe_sigma = sigma_for_tau([o for _, o, _ in lengths], a.repredict_tau, a.seed + 1) if a.repredict_tau else None
     spec = WorkerSpec(a.max_batch, a.num_blocks, a.block_size, a.token_budget)
     percentiles = [float(x) for x in a.percentiles.split(",")]
     runs = []
@@ -107,7 +111,9 @@ def simulate_sweep(a: argparse.Namespace) -> list[Run]:
             cfg = SimConfig(policy=policy, cost=cost, workers=a.workers, worker=spec, preempt_mode=a.preempt_mode,
                             max_tokens=a.max_tokens, predictor=SimPredictor(predictor.kind, predictor.sigma, seed=a.seed),
                             reconsider_s=a.reconsider_s, tick_s=a.tick_s, knee_share=a.knee_share,
-                            max_preemptions=a.max_preemptions, aging_s=a.aging_s)
+                            max_preemptions=a.max_preemptions, aging_s=a.aging_s,
+                            reestimate=SimPredictor(PredictorKind.NOISY, probe_sigma, seed=a.seed + 1)
+                            if probe_sigma is not None else None)
             started = time.perf_counter()
             results, duration, decisions = simulate(cfg, requests)
             wall = time.perf_counter() - started
@@ -115,7 +121,8 @@ def simulate_sweep(a: argparse.Namespace) -> list[Run]:
             label = f"{policy}-r{rate:g}"
             summary.update(label=label, policy=policy, request_rate=rate, burstiness=a.burstiness, simulated=True,
                            wall_s=wall, decisions=decisions, workers=a.workers, cost=cost.to_json(),
-                           predictor={"kind": predictor.kind.value, "sigma": predictor.sigma})
+                           predictor={"kind": predictor.kind.value, "sigma": predictor.sigma},
+                           repredict_sigma=probe_sigma)
             (a.out / f"{label}.json").write_text(json.dumps(summary, indent=2))
             runs.append(Run(policy, rate, summary, tuple(r.normalized_s for r in results if r.normalized_s is not None)))
             print(f"{label}: {len(results)} requests, mean normalized {summary['normalized_latency_s']['mean']:.4f} "

@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [tok.encode(tok.render_chat([{"role": "user", "content": r.prompt}])) for r in items]
     a.out.unlink(missing_ok=True)
     engine = build_engine(WorkerConfig(model_dir=model_dir, length_probe_path=str(a.out)))
+    if engine.probe is None:
+        raise SystemExit(f"{model_dir}: this architecture runs on the fallback runner, which has no length probe")
     train, held = prompts[:-a.held_out], prompts[-a.held_out:]
     lengths, _ = generate(engine, train, a.max_tokens, "train")
     engine.probe.save(a.out)

@@ -6,17 +6,17 @@ import numpy as np
 import torch
 from transformers import AutoConfig
 
-from services.worker.length_probe import LengthProbe
+from services.worker.length_probe import MIN_OBSERVATIONS, LengthProbe
 from tests.helpers import generate, request, stub_for
 
 
 def trained_probe_file(model_dir, path):
-    """A probe state as a worker saves it, for SmolLM2's middle layer (the worker's default)."""
+    """A probe state as a worker saves it, for SmolLM2's middle layer (the worker's default). It learned nothing
+    but the mean, so it estimates exactly 100 tokens for any prompt."""
     cfg = AutoConfig.from_pretrained(model_dir)
     probe = LengthProbe(cfg.hidden_size, cfg.num_hidden_layers // 2, torch.device("cpu"), torch.float32, path=path)
-    rng = np.random.default_rng(0)
-    for _ in range(48):
-        probe.observe(rng.normal(size=probe.dims), int(rng.integers(5, 400)))
+    for _ in range(MIN_OBSERVATIONS):
+        probe.observe(np.zeros(probe.dims), 100)
     probe.save(path)
     return path
 
@@ -27,7 +27,7 @@ def test_the_workers_estimate_reaches_the_job(stack_factory, model_dir, tmp_path
     stub = stub_for(stack)
     _, _, done = generate(stub, request("Tell me about the sea.", "probe-1", 6, ignore_eos=True))
     assert done.usage.completion_tokens == 6
-    assert done.timings.repredicted_output_tokens > 0
+    assert done.timings.repredicted_output_tokens == 100
     # a probe that has not learned yet estimates nothing: the job keeps its prompt prediction only
     fresh = stack_factory(worker_args=["--length-probe-path", str(tmp_path / "new.npz")])
     _, _, done = generate(stub_for(fresh), request("Tell me about the sea.", "probe-2", 6, ignore_eos=True))

@@ -128,8 +128,8 @@ async def test_a_length_reestimate_is_kept_only_on_a_job_the_worker_still_runs(s
         await create(store, record(job_id), 1.0)
     await store.claim("t/run", "w1")
     await store.claim("t/other", "w2")
-    kept = await store.repredict("w1", [("t/run", 321.5), ("t/queued", 5.0), ("t/other", 6.0), ("t/gone", 7.0)])
-    assert kept == 1
+    kept = await store.repredict("w1", [("t/queued", 5.0), ("t/run", 321.5), ("t/other", 6.0), ("t/gone", 7.0)])
+    assert kept == [("t/run", 321.5)]
     assert (await store.state("t/run")).record.repred_len == 321.5
     assert (await store.state("t/queued")).record.repred_len == 0.0
     assert (await store.state("t/other")).record.repred_len == 0.0

@@ -8,6 +8,7 @@ import torch
 from scipy.stats import kendalltau
 
 from services.worker.length_probe import LengthProbe
+from services.common.preempt_mode import PreemptMode
 from services.worker.sequence import Finish, Sampling
 from tests.test_engine import PROMPTS, make_engine, run_to_end
 
@@ -113,3 +114,32 @@ def test_the_probe_does_not_change_the_tokens(model_dir, probe_engine):
         for i, p in enumerate(PROMPTS):
             engine.add(f"p{i}", engine.tokenizer.encode(p), Sampling(max_tokens=12))
     assert run_to_end(probe_engine) == run_to_end(off)
+
+
+def test_estimates_stay_finite_and_bad_features_teach_nothing():
+    probe = new_probe(min_observations=8)
+    x, lengths = synthetic(64, 16, seed=2)
+    for f, n in zip(x, lengths):
+        probe.observe(f, n)
+    probe.observe(np.full(16, np.nan), 10)                      # e.g. a bf16 overflow upstream
+    assert probe.count == 64 and probe.estimate(x[0]) is not None
+    assert probe.estimate(np.full(16, np.nan)) is None
+    huge = probe.estimate(x[0] * 1e6)                           # far outside what it learned: clipped, no overflow
+    assert huge is None or 1 <= huge <= 2 ** 20
+
+
+def test_a_job_preempted_by_recompute_keeps_its_features_and_a_one_token_prompt_is_read(probe_engine):
+    engine = probe_engine
+    engine.reset()
+    engine.add("long", engine.tokenizer.encode(PROMPTS[2]), Sampling(max_tokens=40))
+    engine.add("one", [engine.tokenizer.encode("Hi")[0]], Sampling(max_tokens=40))   # a one-token prompt
+    for _ in range(4):
+        engine.step()
+    engine.flush()
+    assert {"long", "one"} <= set(engine.probe_features)
+    features = engine.probe_features["long"].copy()
+    engine.preempt("long", PreemptMode.RECOMPUTE)
+    assert "long" not in engine.probe_features
+    engine.add("long", engine.tokenizer.encode(PROMPTS[2]), Sampling(max_tokens=40), output_ids=[11, 12])
+    assert np.array_equal(engine.probe_features["long"], features)   # it can still teach the probe when it stops
+    engine.reset()

@@ -63,6 +63,8 @@ class SimConfig:
     preempt_mode: PreemptMode = PreemptMode.RECOMPUTE
     max_tokens: int = 4096            # every request's max_tokens (what a client would send)
     predictor: SimPredictor = field(default_factory=lambda: SimPredictor(PredictorKind.NOISY, sigma=1.0))
+    # the worker's length probe (worker/length_probe.py): a second estimate once the prompt is computed; None = off
+    reestimate: SimPredictor | None = None
     reconsider_s: float = 0.1         # with jobs waiting, the scheduler decides at least this often (load reports)
     tick_s: float = 0.0               # 0: decide at every event; > 0: at most once per tick (faster, coarser)
     knee_share: float = SchedulerConfig.knee_share       # admission by the throughput knee, as live; 0 = off
@@ -90,6 +92,7 @@ class _Job:
     stop_at: int                      # min(true length, max_tokens)
     pred_len: float
     predicted: bool
+    repred_len: float = 0.0           # the worker's re-estimate (0: none)
     generated: int = 0
     computed: int = 0                 # tokens whose KV is on the GPU of the worker running it
     first_token_s: float | None = None
@@ -300,6 +303,9 @@ class Simulation:
         for job, n in w.prefills:
             job.computed += n
             if job.computed == job.prompt_len + job.generated:         # its last token's KV is in: sample one
+                if job.generated == 0 and self.cfg.reestimate is not None:   # a fresh prompt: the probe reads it
+                    job.repred_len = self.cfg.reestimate.predict(job.req.output_len).mean
+                    self.state.repredict(job.job_id, job.repred_len)
                 job.generated += 1
                 if (job.prompt_len + job.generated) % bs == 0:
                     w.used_blocks += 1
@@ -336,6 +342,7 @@ class Simulation:
             prompt_tokens=r.prompt_len, output_tokens=job.generated, ttft_s=job.first_token_s - r.arrival_s,
             e2e_s=self.now - r.arrival_s, queue_s=job.first_placed_s - r.arrival_s, preemptions=job.preemptions,
             predicted_output_tokens=round(job.pred_len) if job.predicted else 0,
+            repredicted_output_tokens=round(job.repred_len),
             finish_reason="stop" if job.generated == r.output_len else "length"))
         self._dirty = True
 

@@ -255,8 +255,7 @@ class Dispatcher:
         valid = [(e.job_id, e.output_tokens) for e in ev.estimates
                  if math.isfinite(e.output_tokens) and e.output_tokens > 0 and self.state.knows(e.job_id)]
         if valid:
-            await self.store.repredict(s.worker_id, valid)
-            for job_id, tokens in valid:
+            for job_id, tokens in await self.store.repredict(s.worker_id, valid):
                 self.state.repredict(job_id, tokens)
 
     async def _on_tokens(self, s: WorkerSession, ev: wpb.TokenEvents) -> None:

@@ -238,10 +238,11 @@ class JobStore:
             pipe.expire(keys.worker(worker_id), ttl_s)
             await pipe.execute()
 
-    async def repredict(self, worker_id: str, estimates: list[tuple[str, float]]) -> int:
-        """Keep the worker's length estimates on the jobs it still runs; returns how many were kept."""
-        return int(await self._scripts["repredict"](keys=[keys.job(j) for j, _ in estimates],
-                                                     args=[worker_id, *(repr(float(t)) for _, t in estimates)]))
+    async def repredict(self, worker_id: str, estimates: list[tuple[str, float]]) -> list[tuple[str, float]]:
+        """Keep the worker's length estimates on the jobs it still runs; returns those kept."""
+        kept = await self._scripts["repredict"](keys=[keys.job(j) for j, _ in estimates],
+                                                args=[worker_id, *(repr(float(t)) for _, t in estimates)])
+        return [estimates[int(i) - 1] for i in kept]
 
     async def heartbeat(self, worker_id: str, ttl_s: int) -> None:
         await self.r.expire(keys.worker(worker_id), ttl_s)

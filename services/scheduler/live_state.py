@@ -111,9 +111,9 @@ class LiveState(Generic[R]):
 
     def repredict(self, job_id: str, output_tokens: float) -> bool:
         """A worker's new estimate of the job's whole output length; False for a job not tracked."""
-        if (job := self._jobs.get(job_id)) is None or output_tokens <= 0:
+        if (job := self._jobs.get(job_id)) is None or not 0 < output_tokens < float("inf"):
             return False
-        job.facts = job.facts.repredicted(output_tokens)
+        job.facts = job.facts.repredicted(min(output_tokens, job.facts.max_tokens))
         job.views = [None, None]
         return True
 

@@ -11,6 +11,7 @@ abort and preempt first settle the step in flight (`flush`), so they act on full
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,9 @@ from services.worker.sampler import sample
 from services.worker.sequence import Finish, Sampling, Sequence, SeqStatus
 from services.worker.step_scheduler import StepScheduler
 
+
+
+PREEMPTED_FEATURES_KEPT = 4096
 
 
 @dataclass
@@ -112,6 +116,9 @@ class Engine:
                                    max_model_len=max_model_len)
         self.seqs: dict[str, Sequence] = {}          # every job this worker holds, in any state
         self.probe_features: dict[str, object] = {}  # job -> its length-probe features (numpy), until it finishes
+        # features of jobs preempted by recompute, for when they come back (long jobs are preempted most: without
+        # this they would never teach the probe); the oldest are forgotten first
+        self._preempted_features: OrderedDict[str, object] = OrderedDict()
         self.detok: dict[str, IncrementalDetokenizer] = {}
         self.num_preemptions = 0
         self._in_flight: LaunchedStep | None = None
@@ -138,6 +145,8 @@ class Engine:
             raise ValueError(f"job {job_id}: token ids must be in [0, {self.vocab_size})")
         seq = Sequence(job_id, list(prompt_ids), sampling, output_ids=list(output_ids))
         self.seqs[job_id] = seq
+        if (kept := self._preempted_features.pop(job_id, None)) is not None:
+            self.probe_features[job_id] = kept
         self.detok[job_id] = IncrementalDetokenizer(self.tokenizer, sampling.stop, seq.output_ids, output_text)
         self.sched.add(seq)
 
@@ -160,6 +169,10 @@ class Engine:
             self.runner.cache.copy_out(moves)
             return PreemptMode.SWAP
         # Recompute: the scheduler re-sends the job (prompt + output so far) when it resumes it.
+        if (kept := self.probe_features.get(job_id)) is not None:
+            self._preempted_features[job_id] = kept
+            while len(self._preempted_features) > PREEMPTED_FEATURES_KEPT:
+                self._preempted_features.popitem(last=False)
         self._drop(seq)
         return PreemptMode.RECOMPUTE
 
@@ -251,7 +264,7 @@ class Engine:
             assert n == 1 and wants_logits
             return SeqChunk([0], start, self.blocks.table(seq.job_id), True, seq.job_id, prev_row=seq.sample_row)
         # a fresh prompt's last chunk (not a resumed job's: its estimate was made when it first ran)
-        probe = self.probe is not None and wants_logits and n > 1 and not seq.output_ids
+        probe = self.probe is not None and wants_logits and not seq.output_ids
         return SeqChunk(seq.token_slice(start, start + n), start, self.blocks.table(seq.job_id), wants_logits,
                         seq.job_id, probe=probe)
 
@@ -268,7 +281,7 @@ class Engine:
         for seq, x in zip(seqs, features):
             if self.seqs.get(seq.job_id) is not seq:
                 continue
-            self.probe_features[seq.job_id] = x
+            self.probe_features[seq.job_id] = x.copy()     # not a view pinning the step's whole buffer
             if (est := self.probe.estimate(x)) is not None:
                 out.estimates.append(LengthEstimate(seq.job_id, est))
 

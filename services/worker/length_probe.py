@@ -25,7 +25,8 @@ import torch
 
 DIMS = 128                 # random features kept from the hidden state
 RIDGE = 1.0                # L2 penalty, relative to the features' mean square
-MIN_OBSERVATIONS = 32      # finished jobs before it estimates anything
+MIN_OBSERVATIONS = 64      # finished jobs before it estimates anything (ridge keeps a fit on fewer than DIMS sane)
+MAX_ESTIMATE = 1 << 20     # tokens: an extrapolated exp() is clipped (no output is longer than a context)
 REFIT_EVERY = 16           # observations between solves
 SAVE_EVERY = 64            # observations between saves, when it has a path (a multiple of REFIT_EVERY)
 
@@ -62,9 +63,9 @@ class LengthProbe:
     # -- on the host --------------------------------------------------------------------------------
     def observe(self, features: np.ndarray, output_tokens: int) -> None:
         """A job that stopped by itself after `output_tokens` tokens, with the features taken at its prompt."""
-        if not self.learn:
-            return
         x, y = np.asarray(features, dtype=np.float64), math.log(max(1, output_tokens))
+        if not self.learn or not np.isfinite(x).all():      # a non-finite row would poison the sums for good
+            return
         self._xx += np.outer(x, x)
         self._x += x
         self._xy += x * y
@@ -80,7 +81,10 @@ class LengthProbe:
         if self._weights is None:
             return None
         w, intercept = self._weights
-        return math.exp(float(np.asarray(features, dtype=np.float64) @ w) + intercept)
+        z = float(np.asarray(features, dtype=np.float64) @ w) + intercept
+        if not math.isfinite(z):
+            return None
+        return math.exp(min(max(z, 0.0), math.log(MAX_ESTIMATE)))
 
     def _solve(self) -> tuple[np.ndarray, float] | None:
         if self.count < self.min_observations:
@@ -95,7 +99,7 @@ class LengthProbe:
 
     # -- persistence (a restarted worker keeps what it learned) --------------------------------------
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp.npz")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")     # workers sharing a path never share it
         np.savez(tmp, xx=self._xx, x=self._x, xy=self._xy, y=self._y, count=self.count,
                  meta=np.array([self.layer, self.dims, self._seed, self._hidden]))
         os.replace(tmp, path)

@@ -170,7 +170,7 @@ class ModelRunner:
 
         Nothing here waits for the device: inputs go over in one pinned, non-blocking copy, and a decode
         whose token was sampled by the previous (maybe still running) step reads it from `prev_sampled`."""
-        if all(len(c.token_ids) == 1 and c.wants_logits for c in chunks):
+        if all(len(c.token_ids) == 1 and c.wants_logits and not c.probe for c in chunks):
             batch = self.prepare_decode(chunks, prev_sampled)
             if self.graphs is not None and self.graphs.fits(len(chunks)):
                 return self.graphs.run(batch)
