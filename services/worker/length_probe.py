@@ -8,8 +8,10 @@ those features to log(output tokens) is fitted from this worker's own finished j
 themselves (EOS or a stop string) teach it, since a job cut at max_tokens or run with ignore_eos says nothing
 about where the model would have stopped. Until `min_observations` jobs have taught it, it estimates nothing.
 
-bench/hidden_state_length.py measured the idea offline (SmolLM2, Alpaca): Kendall tau 0.585 from layer 15's state
-against 0.355 from the prompt predictor's embedding, before the first token.
+bench/hidden_state_length.py measured the idea offline (SmolLM2, Alpaca): Kendall tau 0.585 from transformers'
+hidden_states[15] (layer 14's raw output, all 576 dims) against 0.355 from the prompt predictor's embedding, before
+the first token. These features differ (layer 15's output normalised, 128 random projections): measured live on
+CPU they gave 0.459 against the prompt predictor's 0.304 (docs/BENCHMARKS.md).
 
 Written here rather than taken from scikit-learn: the fit is a running sum of outer products and one small solve
 (no training set is kept), and the worker must not depend on scikit-learn.
