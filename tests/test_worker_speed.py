@@ -68,6 +68,17 @@ def test_when_every_step_is_mixed_the_extra_stays_in_the_base():
     assert fit(almost) is not None                            # a shaky mixed term is dropped, not the whole model
 
 
+def test_the_knee_counts_the_mixed_steps_fixed_cost_as_often_as_steps_are_mixed():
+    folded = StepModel(MIXED.base_s + MIXED.per_mixed_step_s, MIXED.per_seq_s, MIXED.per_prefill_token_s,
+                       MIXED.per_context_token_s)         # what the fit gives when every recent step was mixed
+    assert MIXED.knee(512, 700, 0.95, mixed_share=1.0) == folded.knee(512, 700, 0.95)
+    assert MIXED.knee(512, 700, 0.95, mixed_share=0.0) < MIXED.knee(512, 700, 0.95, mixed_share=1.0)
+    speed = WorkerSpeed()
+    for r in single_steps(MIXED, 100, mixed_share=0.25, seed=4):
+        speed.observe(r)
+    assert 0.1 < speed.mixed_share() < 0.4
+
+
 def test_no_model_until_the_reports_separate_the_constants():
     same = [StepSums(10, 0.1, 640, 0, 64_000)] * 30          # every report alike: base and per-seq inseparable
     assert fit(same) is None

@@ -155,7 +155,8 @@ class LiveState(Generic[R]):
             w.speed.observe(row)
         if self.knee_share > 0:
             model = w.speed.model()            # none while the reports cannot tell its constants apart
-            w.admit_limit = model.knee(w.max_batch, mean_context, self.knee_share) if model else w.max_batch
+            w.admit_limit = (model.knee(w.max_batch, mean_context, self.knee_share, w.speed.mixed_share()) if model
+                             else w.max_batch)
 
     # -- placement ---------------------------------------------------------------------------------
     def placed(self, job_id: str, worker_id: str) -> str:

@@ -58,12 +58,15 @@ class StepModel:
         return (self.base_s + self.per_seq_s * seqs + self.per_prefill_token_s * prefill_tokens
                 + self.per_context_token_s * context_tokens + self.per_mixed_step_s * mixed)
 
-    def knee(self, max_batch: int, mean_context: float, share: float) -> int:
-        """The smallest batch whose decode throughput is within `share` of max_batch's."""
+    def knee(self, max_batch: int, mean_context: float, share: float, mixed_share: float = 0.0) -> int:
+        """The smallest batch whose decode throughput is within `share` of max_batch's. The fixed cost of a step is
+        the base plus the mixed-step extra as often as steps are mixed: so the knee does not jump when the fit
+        folds that extra into the base (every recent step mixed) or separates it again."""
         k = self.per_seq_s + self.per_context_token_s * mean_context
-        if self.base_s <= 0 or k <= 0:
+        fixed = self.base_s + self.per_mixed_step_s * mixed_share
+        if fixed <= 0 or k <= 0:
             return max_batch                  # no fixed cost, or no cost per sequence: nothing to learn from
-        b = share * max_batch * self.base_s / (self.base_s + max_batch * k * (1 - share))
+        b = share * max_batch * fixed / (fixed + max_batch * k * (1 - share))
         return max(min(MIN_ADMIT, max_batch), min(max_batch, math.ceil(b - 1e-9)))
 
 
@@ -77,6 +80,11 @@ class WorkerSpeed:
         if sums.steps > 0 and sums.seconds > 0:
             self._rows.append(sums)
             self._new += 1
+
+    def mixed_share(self) -> float:
+        """The share of the recent steps that were mixed."""
+        steps = sum(r.steps for r in self._rows)
+        return sum(r.mixed_steps for r in self._rows) / steps if steps else 0.0
 
     def model(self) -> StepModel | None:
         if self._new >= REFIT_EVERY or (self._model is None and self._new >= MIN_REPORTS):
