@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from transformers import AutoConfig
 
+from services.worker.config import WorkerConfig
+from services.worker.factory import probe_model_key
 from services.worker.length_probe import MIN_OBSERVATIONS, LengthProbe
 from tests.helpers import generate, request, stub_for
 
@@ -14,7 +16,9 @@ def trained_probe_file(model_dir, path):
     """A probe state as a worker saves it, for SmolLM2's middle layer (the worker's default). It learned nothing
     but the mean, so it estimates exactly 100 tokens for any prompt."""
     cfg = AutoConfig.from_pretrained(model_dir)
-    probe = LengthProbe(cfg.hidden_size, cfg.num_hidden_layers // 2, torch.device("cpu"), torch.float32, path=path)
+    key = probe_model_key(WorkerConfig(model_dir=str(model_dir)), cfg)
+    probe = LengthProbe(cfg.hidden_size, cfg.num_hidden_layers // 2, torch.device("cpu"), torch.float32, path=path,
+                        model=key)
     for _ in range(MIN_OBSERVATIONS):
         probe.observe(np.zeros(probe.dims), 100)
     probe.save(path)

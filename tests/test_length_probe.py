@@ -54,6 +54,8 @@ def test_probe_state_survives_a_restart_and_refuses_another_shape(tmp_path):
     reader.learn = False                                                  # frozen
     reader.observe(x[0], 5000)
     assert reader.count == 256
+    with pytest.raises(ValueError, match="learned on model"):
+        new_probe(tmp_path, model="another-checkpoint")
     with pytest.raises(ValueError, match="another layer"):
         LengthProbe(64, layer=4, device=torch.device("cpu"), dtype=torch.float32, dims=16, path=tmp_path / "probe.npz")
 

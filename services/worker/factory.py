@@ -108,7 +108,14 @@ def length_probe(cfg: WorkerConfig, mc, device: torch.device, dtype: torch.dtype
     if layer >= mc.num_hidden_layers:
         raise ValueError(f"length_probe_layer {layer}: the model has {mc.num_hidden_layers} layers")
     return LengthProbe(mc.hidden_size, layer, device, dtype, read_only=cfg.length_probe_read_only,
-                       path=Path(cfg.length_probe_path) if cfg.length_probe_path else None)
+                       path=Path(cfg.length_probe_path) if cfg.length_probe_path else None, model=probe_model_key(cfg, mc))
+
+
+def probe_model_key(cfg: WorkerConfig, mc) -> str:
+    """What a saved length probe must have been learned on: the checkpoint (its directory's name), its shape and
+    vocabulary; random weights are another model each time."""
+    weights = "random" if cfg.random_weights else Path(cfg.model_dir).name
+    return f"{weights}/{mc.model_type}/{mc.num_hidden_layers}x{mc.hidden_size}/{mc.vocab_size}"
 
 
 def warm_up(engine: Engine) -> None:

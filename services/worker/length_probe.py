@@ -36,8 +36,9 @@ SAVE_EVERY = 64            # observations between saves, when it has a path (a m
 class LengthProbe:
     def __init__(self, hidden_size: int, layer: int, device: torch.device, dtype: torch.dtype, *,
                  dims: int = DIMS, seed: int = 0, path: Path | None = None,
-                 min_observations: int = MIN_OBSERVATIONS, read_only: bool = False):
+                 min_observations: int = MIN_OBSERVATIONS, read_only: bool = False, model: str = ""):
         self.layer = layer
+        self.model = model         # which model's states it learned from (a saved state of another is refused)
         self.learn = True          # False: frozen, it estimates from what it has learned so far
         self.read_only = read_only # loads `path` but never writes it
         self.dims = dims
@@ -103,7 +104,7 @@ class LengthProbe:
     def save(self, path: Path) -> None:
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")     # workers sharing a path never share it
         np.savez(tmp, xx=self._xx, x=self._x, xy=self._xy, y=self._y, count=self.count,
-                 meta=np.array([self.layer, self.dims, self._seed, self._hidden]))
+                 meta=np.array([self.layer, self.dims, self._seed, self._hidden]), model=np.array(self.model))
         os.replace(tmp, path)
 
     def _load(self, path: Path) -> None:
@@ -111,6 +112,8 @@ class LengthProbe:
             if tuple(z["meta"]) != (self.layer, self.dims, self._seed, self._hidden):
                 raise ValueError(f"{path}: a length probe of another layer, size or seed "
                                  f"(layer, dims, seed, hidden = {tuple(z['meta'])})")
+            if (saved := str(z["model"])) != self.model:       # same shape, another model: its states differ
+                raise ValueError(f"{path}: a length probe learned on model {saved!r}, not {self.model!r}")
             self._xx, self._x, self._xy = z["xx"], z["x"], z["xy"]
             self._y, self.count = float(z["y"]), int(z["count"])
         self._weights = self._solve()
