@@ -89,7 +89,7 @@ def test_engine_learns_from_jobs_that_stopped_and_then_estimates_new_ones(probe_
     engine = probe_engine
     engine.reset()
     hidden = engine.runner.hf.config.hidden_size
-    engine.probe = engine.runner.probe = LengthProbe(hidden, layer=engine.probe.layer, device=torch.device("cpu"),
+    engine.probe = LengthProbe(hidden, layer=engine.probe.layer, device=torch.device("cpu"),
                                                      dtype=torch.float32, dims=8, min_observations=4)
     # cut at max_tokens or run with ignore_eos: their lengths are censored, nothing is learned
     estimates, done = estimates_of(engine, {f"len-{i}": p for i, p in enumerate(PROMPTS)}, Sampling(max_tokens=3))

@@ -104,8 +104,7 @@ class Engine:
                  max_batch: int, token_budget: int, max_model_len: int, overlap: bool = False,
                  probe: LengthProbe | None = None):
         self.runner = runner
-        self.probe = probe                           # learns from finished jobs; the runner takes its features
-        runner.probe = probe
+        self.probe = probe                           # learns from finished jobs; each forward that needs it gets it
         self.blocks = blocks
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
@@ -241,7 +240,7 @@ class Engine:
                 sampled.append(seq)
             if chunk.probe:
                 probed.append(seq)
-        logits = self.runner.forward(chunks, prev)
+        logits = self.runner.forward(chunks, prev, self.probe if probed else None)
         features = self.runner.take_probed() if probed else None
         tokens = sample(logits, [s.sampling for s in sampled], [len(s.output_ids) + s.num_pending for s in sampled])
         for c in plan.chunks:         # the step is launched: its full blocks whose tokens the host knows join

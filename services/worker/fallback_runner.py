@@ -41,8 +41,9 @@ class FallbackRunner:
                     hf_model.config.model_type)
 
     @torch.inference_mode()
-    def forward(self, chunks: list[SeqChunk], prev_sampled: torch.Tensor | None = None) -> torch.Tensor:
-        """`prev_sampled` is never needed: this runner's engine does not overlap steps."""
+    def forward(self, chunks: list[SeqChunk], prev_sampled: torch.Tensor | None = None, probe=None) -> torch.Tensor:
+        """`prev_sampled` is never needed: this runner's engine does not overlap steps; `probe` never comes: the
+        factory gives a fallback engine no length probe."""
         from transformers import DynamicCache
 
         logits = []

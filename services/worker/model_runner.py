@@ -24,6 +24,7 @@ from services.worker.attention import paged_decode
 from services.worker.fused_ops import fused_kernels_on, rmsnorm, rope_, rope_and_cache_, silu_mul
 from services.worker.host_copy import to_device
 from services.worker.kv_cache import PagedKVCache
+from services.worker.length_probe import LengthProbe
 from services.worker import skinny_gemm
 from services.worker.skinny_gemm import Epilogue, skinny_gemm_fits, skinny_gemm_on, skinny_linear
 
@@ -138,8 +139,7 @@ class ModelRunner:
         with torch.no_grad():
             self.qkv_w, self.qkv_b, self.gate_up_w = fuse_projections(self.layers)
         self.graphs = None          # a DecodeGraphs (cuda_graphs.py) when CUDA graphs are on
-        self.probe = None           # a LengthProbe (length_probe.py): features of chunks marked `probe`
-        self._probed: torch.Tensor | None = None
+        self._probed: torch.Tensor | None = None    # the last forward's length-probe features (take_probed)
         # rotary embedding and the KV write in one kernel (fused_ops.rope_and_cache_): 3 fewer kernels a layer
         self.fuse_rope_cache = fused_kernels_on(self.device)
         # decode batches up to this many rows run the skinny-GEMM layers (skinny_gemm.py); 0 = never
@@ -165,17 +165,20 @@ class ModelRunner:
 
     # -- entry point -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, chunks: list[SeqChunk], prev_sampled: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, chunks: list[SeqChunk], prev_sampled: torch.Tensor | None = None,
+                probe: LengthProbe | None = None) -> torch.Tensor:
         """Run one step; returns fp32 logits [S, vocab] for the chunks with wants_logits, in order.
 
         Nothing here waits for the device: inputs go over in one pinned, non-blocking copy, and a decode
-        whose token was sampled by the previous (maybe still running) step reads it from `prev_sampled`."""
-        if all(len(c.token_ids) == 1 and c.wants_logits and not c.probe for c in chunks):
+        whose token was sampled by the previous (maybe still running) step reads it from `prev_sampled`.
+        With `probe` (given when some chunk is marked `probe`), that chunk's features wait in `take_probed`;
+        such a step runs the mixed path even when every chunk is one token (the graph captures no probe)."""
+        if probe is None and all(len(c.token_ids) == 1 and c.wants_logits for c in chunks):
             batch = self.prepare_decode(chunks, prev_sampled)
             if self.graphs is not None and self.graphs.fits(len(chunks)):
                 return self.graphs.run(batch)
             return self.forward_decode(batch)
-        return self.forward_mixed(self.prepare_mixed(chunks, prev_sampled))
+        return self.forward_mixed(self.prepare_mixed(chunks, prev_sampled, probe is not None), probe)
 
     # -- batch preparation (host side, numpy; one transfer per step) -------------------------------
     def _tables(self, tables: list[list[int]]) -> np.ndarray:
@@ -206,7 +209,8 @@ class ModelRunner:
         return DecodeInputs(input_ids=self._input_ids(ids_t, prev_t, prev_sampled), positions=pos_t, slots=slots_t,
                             block_tables=tables_t.to(torch.int32), context_lens=lens_t.to(torch.int32))
 
-    def prepare_mixed(self, chunks: list[SeqChunk], prev_sampled: torch.Tensor | None = None) -> MixedInputs:
+    def prepare_mixed(self, chunks: list[SeqChunk], prev_sampled: torch.Tensor | None = None,
+                      probe: bool = False) -> MixedInputs:
         bs = self.block_size
         sizes = np.fromiter((len(c.token_ids) for c in chunks), np.int64, len(chunks))
         starts = np.fromiter((c.start for c in chunks), np.int64, len(chunks))
@@ -223,13 +227,13 @@ class ModelRunner:
         decode = np.flatnonzero(sizes == 1)
         prev[rows_start[decode]] = np.fromiter((chunks[i].prev_row for i in decode), np.int64, len(decode))
         logit_rows = rows_end[np.fromiter((c.wants_logits for c in chunks), bool, len(chunks))] - 1
-        probe_rows = rows_end[np.fromiter((c.probe for c in chunks), bool, len(chunks))] - 1
+        probe_rows = rows_end[np.fromiter((c.probe for c in chunks), bool, len(chunks))] - 1 if probe else ()
         # a later prompt chunk attends to its whole context, read back from the cache through its slots
         cont = [i for i in np.flatnonzero((sizes > 1) & (starts > 0))]
         ctx = [tables[i, np.arange(starts[i] + sizes[i]) // bs] * bs + np.arange(starts[i] + sizes[i]) % bs
                for i in cont]
         dev = to_device(self.device, ids, prev, pos, slots, rows_start[decode], tables[decode], starts[decode] + 1,
-                        logit_rows, probe_rows, *ctx)
+                        logit_rows, np.asarray(probe_rows, np.int64), *ctx)
         ids_t, prev_t, pos_t, slots_t, dec_rows, dec_tables, dec_lens, logit_t, probe_t = dev[:9]
         ctx_of = dict(zip(cont, dev[9:]))
         prefills = [PrefillGroup(slice(int(rows_start[i]), int(rows_end[i])), ctx_of.get(i))
@@ -238,7 +242,7 @@ class ModelRunner:
             input_ids=self._input_ids(ids_t, prev_t, prev_sampled), positions=pos_t, slots=slots_t,
             decode_rows=dec_rows, block_tables=dec_tables.to(torch.int32), context_lens=dec_lens.to(torch.int32),
             prefills=prefills, logits_index=logit_t,
-            probe_rows=probe_t if len(probe_rows) and self.probe is not None else None)
+            probe_rows=probe_t if len(probe_rows) else None)
 
     # -- forward passes --------------------------------------------------------------------------
     def _embed(self, input_ids, positions):
@@ -267,7 +271,8 @@ class ModelRunner:
     def _logits(self, x):
         return self.hf.lm_head(x).float()
 
-    def _layers(self, h, cos, sin, slots, attend, probe_rows: torch.Tensor | None = None) -> torch.Tensor:
+    def _layers(self, h, cos, sin, slots, attend, probe_rows: torch.Tensor | None = None,
+                probe: LengthProbe | None = None) -> torch.Tensor:
         """All decoder layers; returns the final-normed hidden states. The residual add is fused into
         the next norm: x = norm(residual + sublayer output). With probe_rows, the length probe's features of
         those rows are taken from the normalised state after its layer."""
@@ -280,8 +285,8 @@ class ModelRunner:
             x, residual = rmsnorm(attn_out, w[2 * i + 1], self.eps, residual)
             mlp_out = layer.mlp.down_proj(silu_mul(F.linear(x, self.gate_up_w[i])))
             x, residual = rmsnorm(mlp_out, w[2 * i + 2], self.eps, residual)
-            if probe_rows is not None and i == self.probe.layer:
-                self._probed = self.probe.project(x[probe_rows])
+            if probe_rows is not None and i == probe.layer:
+                self._probed = probe.project(x[probe_rows])
         return x
 
     def _layers_skinny(self, h, cos, sin, slots, attend) -> torch.Tensor:
@@ -306,14 +311,14 @@ class ModelRunner:
         return skinny_linear(residual, self.hf.lm_head.weight, sumsq_in=sumsq[1], norm_w=w[-1], eps=eps,
                              out_dtype=torch.float32)
 
-    def forward_mixed(self, batch: MixedInputs) -> torch.Tensor:
+    def forward_mixed(self, batch: MixedInputs, probe: LengthProbe | None = None) -> torch.Tensor:
         h, cos, sin = self._embed(batch.input_ids, batch.positions)
         # cuDNN's attention builds a plan for every new sequence length it meets (tens of ms each): the first
         # pass over a real mix of prompt lengths ran half as fast as later ones. Flash / memory-efficient
         # kernels need no plan.
         with sdpa_kernel(PREFILL_BACKENDS):
             h = self._layers(h, cos, sin, batch.slots, lambda i, q, k, v: self._attend_mixed(i, q, k, v, batch),
-                             batch.probe_rows)
+                             batch.probe_rows, probe)
         if batch.logits_index.numel() == 0:
             return torch.empty(0, self.vocab_size, device=self.device)
         return self._logits(h[batch.logits_index])
