@@ -56,3 +56,26 @@ async def test_max_tokens_bounds_predictions_unless_a_benchmark_forces_lengths_w
         assert await d.submit(valid_request(f"j{bounded}", max_tokens=5), TENANT) is CreateOutcome.CREATED
         [job] = (await d.snapshot()).queued
         assert job.remaining_tokens == pytest.approx(expected, rel=0.05), (bounded, job)
+
+
+async def test_a_workers_length_estimate_is_bounded_and_kept_only_for_its_running_jobs(dispatcher_factory):
+    """Regression (review): an estimate of 1e300 tokens was stored as is, and building the job's timings
+    (an int32 field) then raised; NaN was stored too. Now it is bounded like any prediction (max_tokens)."""
+    from alise.v1 import worker_pb2 as wpb
+
+    from services.scheduler.job_messages import timings
+
+    d = await dispatcher_factory()
+    for i in range(2):
+        assert await d.submit(valid_request(f"r{i}", max_tokens=8), TENANT) is CreateOutcome.CREATED
+    running, queued = sorted(await d.store.queue_head(10))
+    assert await d.store.claim(running, "w1")
+    await d._on_estimates("w1", wpb.LengthEstimates(estimates=[
+        wpb.LengthEstimate(job_id=running, output_tokens=1e300), wpb.LengthEstimate(job_id=queued, output_tokens=3),
+        wpb.LengthEstimate(job_id="t/unknown", output_tokens=3)]))
+    state = await d.store.state(running)
+    assert state.record.repred_len == 8 and timings(state).repredicted_output_tokens == 8
+    assert (await d.store.state(queued)).record.repred_len == 0                 # not running on w1: not kept
+    await d._on_estimates("w1", wpb.LengthEstimates(estimates=[wpb.LengthEstimate(job_id=running,
+                                                                                  output_tokens=float("nan"))]))
+    assert (await d.store.state(running)).record.repred_len == 8              # NaN changes nothing

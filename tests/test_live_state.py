@@ -63,12 +63,17 @@ def test_a_worker_reestimate_replaces_the_mean_and_keeps_the_predictors_spread()
                      predicted=True, pred_deciles=(2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0, 18.0, 20.0)))
     before = s.view("j", running=True)
     assert before.remaining_tokens < 20
-    assert s.repredict("j", 400.0)
+    s.repredict("j", 400.0)
     after = s.view("j", running=True)                                       # the cached view was rebuilt
     assert after.pred_len == 400.0 and after.pred_p90 == 800.0
     assert after.pred_deciles == tuple(40.0 * q for q in before.pred_deciles)
     assert after.remaining_tokens > 300
-    assert not s.repredict("unknown", 5.0) and not s.repredict("j", 0.0)
+    assert s.usable_estimate("j", 5000.0) == 1000.0                        # bounded by max_tokens, as predictions
+    for bad in (0.0, -3.0, float("nan"), float("inf")):
+        assert s.usable_estimate("j", bad) is None
+    assert s.usable_estimate("unknown", 5.0) is None
+    s.repredict("j", 1e300)                                                 # bounded however it comes
+    assert s.view("j").pred_len == 1000.0
     s.track(JobFacts(job_id="p", priority=0, created=1.0, prompt_len=30, max_tokens=1000, pred_len=50.0,
                      pred_p90=150.0, predicted=False))
     s.repredict("p", 80.0)                                                  # no prompt prediction: it becomes one

@@ -7,7 +7,6 @@ this class does the I/O: Redis, the predictor, and commands to the worker sessio
 from __future__ import annotations
 
 import asyncio
-import math
 import logging
 import time
 
@@ -240,7 +239,7 @@ class Dispatcher:
         elif kind == "step_failed":
             await self._on_step_failed(s, msg.step_failed)
         elif kind == "estimates":
-            await self._on_estimates(s, msg.estimates)
+            await self._on_estimates(s.worker_id, msg.estimates)
         elif kind == "load":
             s.load = ld = msg.load
             self.state.load_report(s.worker_id, ld.used_blocks, ld.draining,
@@ -249,13 +248,14 @@ class Dispatcher:
             await self.store.heartbeat(s.worker_id, self.cfg.worker_ttl_s)
         self.wake()
 
-    async def _on_estimates(self, s: WorkerSession, ev: wpb.LengthEstimates) -> None:
+    async def _on_estimates(self, worker_id: str, ev: wpb.LengthEstimates) -> None:
         """The worker re-estimated jobs' lengths from the model's hidden state: the policy ranks them by it from
-        now on, and the job keeps it in Redis (timings; a scheduler taking over ranks by it too)."""
-        valid = [(e.job_id, e.output_tokens) for e in ev.estimates
-                 if math.isfinite(e.output_tokens) and e.output_tokens > 0 and self.state.knows(e.job_id)]
-        if valid:
-            for job_id, tokens in await self.store.repredict(s.worker_id, valid):
+        now on, and the job keeps it in Redis (timings; a scheduler taking over ranks by it too). Only values a
+        length can have are kept, bounded as any prediction, and only on jobs the worker still runs."""
+        usable = [(e.job_id, t) for e in ev.estimates
+                  if (t := self.state.usable_estimate(e.job_id, e.output_tokens)) is not None]
+        if usable:
+            for job_id, tokens in await self.store.repredict(worker_id, usable):
                 self.state.repredict(job_id, tokens)
 
     async def _on_tokens(self, s: WorkerSession, ev: wpb.TokenEvents) -> None:

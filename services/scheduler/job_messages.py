@@ -8,7 +8,6 @@ from alise.v1 import generate_pb2 as pb
 from services.scheduler import keys
 from services.scheduler.job_store import JobState
 
-INT32_MAX = 2**31 - 1
 
 FINISH_NAMES = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
                 pb.FINISH_REASON_ABORTED: "aborted", pb.FINISH_REASON_ERROR: "error"}
@@ -26,7 +25,7 @@ def timings(state: JobState) -> pb.Timings:
         ttft_seconds=ttft, e2e_seconds=end - created,
         tokens_per_second=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
         predicted_output_tokens=round(rec.pred_len), predicted_seconds=rec.pred_time,
-        num_preemptions=state.num_preemptions, repredicted_output_tokens=min(round(rec.repred_len), INT32_MAX))
+        num_preemptions=state.num_preemptions, repredicted_output_tokens=round(rec.repred_len))
 
 
 def complete_message(state: JobState) -> pb.GenerateComplete:

@@ -33,7 +33,9 @@ class JobFacts:
 
     def repredicted(self, output_tokens: float) -> "JobFacts":
         """The worker's estimate of the whole output replaces the prompt predictor's mean; the predictor's spread
-        (p90, deciles) is kept in proportion, so E[L - g | L > g] still follows its shape."""
+        (p90, deciles) is kept in proportion, so E[L - g | L > g] still follows its shape. Like any prediction it
+        is bounded by max_tokens (the job cannot run longer)."""
+        output_tokens = min(output_tokens, self.max_tokens)
         ratio = output_tokens / self.pred_len if self.predicted and self.pred_len > 0 else 0.0
         if ratio > 0:
             return replace(self, pred_len=output_tokens, pred_p90=self.pred_p90 * ratio,
@@ -109,13 +111,18 @@ class LiveState(Generic[R]):
         job = self._jobs.get(job_id)
         return job.payload if job else None
 
-    def repredict(self, job_id: str, output_tokens: float) -> bool:
-        """A worker's new estimate of the job's whole output length; False for a job not tracked."""
+    def usable_estimate(self, job_id: str, output_tokens: float) -> float | None:
+        """A worker's estimate of a job's whole output as the policies would use it (bounded by max_tokens), or
+        None for a job not tracked here or a value no length can have (NaN, infinite, <= 0)."""
         if (job := self._jobs.get(job_id)) is None or not 0 < output_tokens < float("inf"):
-            return False
-        job.facts = job.facts.repredicted(min(output_tokens, job.facts.max_tokens))
-        job.views = [None, None]
-        return True
+            return None
+        return min(output_tokens, job.facts.max_tokens)
+
+    def repredict(self, job_id: str, output_tokens: float) -> None:
+        """The job is ranked by this estimate of its whole output from now on (see usable_estimate)."""
+        if (job := self._jobs.get(job_id)) is not None:
+            job.facts = job.facts.repredicted(output_tokens)
+            job.views = [None, None]
 
     def set_generated(self, job_id: str, count: int) -> None:
         if (job := self._jobs.get(job_id)) is not None:
