@@ -11,6 +11,8 @@ import random
 from dataclasses import dataclass
 from enum import Enum
 
+from services.scheduler.exec_time import P90_OVER_GUESS
+
 # standard normal quantiles at 0.05, 0.15, ..., 0.95 (the real predictor's deciles)
 _Z = (-1.6449, -1.0364, -0.6745, -0.3853, -0.1257, 0.1257, 0.3853, 0.6745, 1.0364, 1.6449)
 _Z90 = 1.2816
@@ -45,7 +47,7 @@ class SimPredictor:
 
     def predict(self, true_len: int) -> Prediction:
         if self.kind is PredictorKind.NONE:
-            return Prediction(self.prior, 3 * self.prior, (), False)
+            return Prediction(self.prior, P90_OVER_GUESS * self.prior, (), False)
         if self.kind is PredictorKind.ORACLE or self.sigma == 0:
             return Prediction(float(true_len), float(true_len), (), True)
         median = true_len * math.exp(self._rng.gauss(0.0, self.sigma))

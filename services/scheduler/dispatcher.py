@@ -15,7 +15,7 @@ from alise.v1 import worker_pb2 as wpb
 
 from services.scheduler import metrics
 from services.scheduler.config import SchedulerConfig
-from services.scheduler.exec_time import ExecTimeModel
+from services.scheduler.exec_time import P90_OVER_GUESS, ExecTimeModel
 from services.common.preempt_mode import PreemptMode
 from services.common.redis_client import UNREACHABLE
 from services.scheduler import keys
@@ -73,7 +73,7 @@ class Dispatcher:
         mean = pred.mean if pred else self.cfg.prior_output_tokens
         rec = JobRecord(job_id=keys.job_id(tenant.name, v.request_id), fingerprint=v.fingerprint,
                         prompt_ids=v.prompt_ids, prompt_text=v.prompt_text, sampling=v.sampling, priority=v.priority, pred_len=mean,
-                        pred_p90=pred.p90 if pred else 3 * mean, predicted=pred is not None,
+                        pred_p90=pred.p90 if pred else P90_OVER_GUESS * mean, predicted=pred is not None,
                         pred_deciles=list(pred.deciles) if pred else [],
                         previous_reply_tokens=v.previous_reply_tokens)
         rec.pred_time = self.cost.total(len(rec.prompt_ids), min(mean, bound))

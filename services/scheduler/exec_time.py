@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# p90 of a length known only as one number (the scheduler's prior, a worker's point estimate): a heavy tail
+P90_OVER_GUESS = 3.0
+
 
 @dataclass(frozen=True)
 class ExecTimeModel:

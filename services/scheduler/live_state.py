@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Generic, Iterable, TypeVar
 
+from services.scheduler.exec_time import P90_OVER_GUESS
 from services.scheduler.policies.base import JobView, Snapshot, WorkerView
 from services.scheduler.worker_speed import StepSums, WorkerSpeed
 
@@ -40,7 +41,7 @@ class JobFacts:
         if ratio > 0:
             return replace(self, pred_len=output_tokens, pred_p90=self.pred_p90 * ratio,
                            pred_deciles=tuple(q * ratio for q in self.pred_deciles))
-        return replace(self, pred_len=output_tokens, pred_p90=3 * output_tokens, predicted=True, pred_deciles=())
+        return replace(self, pred_len=output_tokens, pred_p90=P90_OVER_GUESS * output_tokens, predicted=True, pred_deciles=())
 
 
 def job_view(f: JobFacts, generated: int = 0, running: bool = False, swapped_on: str = "",
