@@ -4,9 +4,9 @@
                    + per_mixed_step * (1 if the step ran prefill chunks)
 
 The last term is the fixed price of a mixed step: on a GPU a pure decode step replays a CUDA graph, a step with
-prefill chunks launches its kernels one by one (hundreds of launches, a few ms of host and GPU time), whatever
-its size. Under steady arrivals most steps are mixed; without the term the fit spreads that cost over the others
-and the simulator, which uses the same model, ran an H200 twice as fast as it serves.
+prefill chunks launches its kernels one by one, whatever its size (on the CPU worker it fits to ~12 ms; not yet
+measured on the H200). Under steady arrivals most steps are mixed; the simulator, which uses the same model, ran
+an H200 2-5x faster than it serves without the term (docs/BENCHMARKS.md), which is why it was added.
 
 A load report carries the worker's recent steps one by one (a row may also sum several steps): each is one
 linear equation in the five constants. Single steps vary in size as jobs join, leave and prefill, which is what
