@@ -80,10 +80,10 @@ def test_service_persists_online_learning_and_survives_a_corrupt_file(tmp_path):
     model_dir = tmp_path / "predictor"
     started = {}
 
-    def start():
+    def start(*extra: str):
         port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "services.predictor.server", "--listen", f"127.0.0.1:{port}",
-                                 "--model-dir", str(model_dir), "--prior", "40"],
+                                 "--model-dir", str(model_dir), "--prior", "40", *extra],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_healthy(f"127.0.0.1:{port}", 90)
         channel = with_bearer(grpc.insecure_channel(f"127.0.0.1:{port}"), os.environ["ALISE_SERVICE_TOKEN"])
@@ -127,6 +127,18 @@ def test_service_persists_online_learning_and_survives_a_corrupt_file(tmp_path):
     proc, stub, _ = start()
     p = stub.Predict(ppb.PredictRequest(prompts=["Tell me a long story, please."])).predictions[0]
     assert p.neighbours == 1 and p.p50 > 300
+    proc.terminate()
+    proc.wait(30)
+    # --read-only (benchmark sweeps): it learns in memory but never writes the model, so one run cannot teach
+    # the next the lengths of the same prompts
+    proc, stub, _ = start("--read-only")
+    stub.Observe(ppb.ObserveRequest(observations=[ppb.Observation(prompt="Name a colour.", output_tokens=3)]))
+    learned = stub.Predict(ppb.PredictRequest(prompts=["Name a colour."])).predictions[0]
+    assert learned.neighbours == 1 and learned.p50 < 10                       # learned in memory
+    proc.terminate()
+    proc.wait(30)
+    proc, stub, _ = start()
+    assert stub.Predict(ppb.PredictRequest(prompts=["Name a colour."])).predictions[0].neighbours == 0   # not saved
     proc.terminate()
     proc.wait(30)
     (model_dir / "index.npz").write_bytes(b"garbage")  # corrupt: an error in the log and a clean empty start
