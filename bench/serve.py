@@ -264,6 +264,13 @@ def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=128, help="synthetic: output tokens")
 
 
+def at_least_one(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     """What is sent and how: shared by `bench serve` and `bench sweep`."""
     add_dataset_arguments(p)
@@ -271,7 +278,7 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrency", type=int, default=0, help="at most this many requests in flight (0 = no cap)")
     lengths = p.add_mutually_exclusive_group()
     lengths.add_argument("--ignore-eos", action="store_true", help="generate exactly the dataset's output length")
-    lengths.add_argument("--max-tokens", type=int, default=0,
+    lengths.add_argument("--max-tokens", type=at_least_one, default=0,
                    help="the same max_tokens for every request, the model stopping by itself (instead of the "
                         "dataset's output length as the cap)")
     p.add_argument("--chat", action="store_true", help="send each prompt as one user message of a chat")

@@ -102,6 +102,14 @@ def test_bench_serve_against_the_live_stack(stack_factory, tmp_path, capsys):
     assert all(int(r["prompt_tokens"]) > 24 + 8 for r in rows)             # the template's own tokens
 
 
+def test_bench_options_that_would_fail_every_request_are_refused_at_once(capsys):
+    for bad in (["--max-tokens", "0"], ["--max-tokens", "-3"], ["--max-tokens", "5", "--ignore-eos"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(["bench", "serve", "--dataset-name", "synthetic", *bad])
+        assert exit_.value.code == 2
+    assert "--max-tokens" in capsys.readouterr().err
+
+
 def tls_args(stack) -> list[str]:
     return ["--tls-ca", str(stack.tls_files.ca)] if stack.tls_files else []
 
