@@ -145,3 +145,14 @@ def test_a_job_preempted_by_recompute_keeps_its_features_and_a_one_token_prompt_
     engine.add("long", engine.tokenizer.encode(PROMPTS[2]), Sampling(max_tokens=40), output_ids=[11, 12])
     assert np.array_equal(engine.probe_features["long"], features)   # it can still teach the probe when it stops
     engine.reset()
+
+
+def test_a_step_that_reads_a_one_token_prompt_reports_itself_mixed(probe_engine):
+    # the scheduler fits a fixed cost per mixed (eager) step: a probed one-token prompt forces that path
+    engine = probe_engine
+    engine.reset()
+    engine.add("solo", [engine.tokenizer.encode("Hi")[0]], Sampling(max_tokens=3, ignore_eos=True))
+    first = engine.step()
+    assert first.shape.prefill_tokens == 0 and first.shape.mixed and "solo" in engine.probe_features
+    assert not engine.step().shape.mixed                      # then a plain decode step
+    engine.reset()

@@ -60,11 +60,12 @@ class StepShape:
     seqs: int
     prefill_tokens: int
     context_tokens: int
+    mixed: bool               # ran the mixed (eager) path: prefill chunks, or a prompt the length probe read
 
     @classmethod
-    def of(cls, chunks) -> "StepShape":
-        return cls(len(chunks), sum(c.num_tokens for c in chunks if c.num_tokens > 1),
-                   sum(c.start + c.num_tokens for c in chunks))
+    def of(cls, chunks, probed: bool = False) -> "StepShape":
+        prefill = sum(c.num_tokens for c in chunks if c.num_tokens > 1)
+        return cls(len(chunks), prefill, sum(c.start + c.num_tokens for c in chunks), prefill > 0 or probed)
 
 
 @dataclass
@@ -248,14 +249,15 @@ class Engine:
         for row, seq in enumerate(sampled):
             seq.num_pending += 1
             seq.sample_row = row
+        shape = StepShape.of(plan.chunks, bool(probed))       # a probed step ran the mixed path
         probed = probed if features is not None else []
         if tokens.is_cuda:
             ready = torch.cuda.Event()
             host = tokens.to("cpu", non_blocking=True)      # pinned destination: the copy does not block
             features = features.to("cpu", non_blocking=True) if features is not None else None
             ready.record()
-            return LaunchedStep(sampled, tokens, host, ready, StepShape.of(plan.chunks), probed, features)
-        return LaunchedStep(sampled, tokens, tokens, None, StepShape.of(plan.chunks), probed, features)
+            return LaunchedStep(sampled, tokens, host, ready, shape, probed, features)
+        return LaunchedStep(sampled, tokens, tokens, None, shape, probed, features)
 
     def _chunk(self, seq: Sequence, start: int, n: int) -> SeqChunk:
         wants_logits = start + n == seq.num_tokens

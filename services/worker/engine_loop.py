@@ -177,7 +177,7 @@ class EngineLoop(threading.Thread):
                 self._steps.append(wpb.StepTotals(steps=1, seconds=out.seconds, seqs=out.shape.seqs,
                                                   prefill_tokens=out.shape.prefill_tokens,
                                                   context_tokens=out.shape.context_tokens,
-                                                  mixed_steps=int(out.shape.prefill_tokens > 0)))
+                                                  mixed_steps=int(out.shape.mixed)))
         metrics.GENERATED.inc(sum(len(d.token_ids) for d in out.deltas))
         if out.estimates:               # before the tokens: the scheduler re-ranks the job as its first token arrives
             self._send(wpb.WorkerMessage(estimates=wpb.LengthEstimates(estimates=[
