@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Builds, on the dev machine, what a device call needs and the device image lacks (the device has no network):
+#   .bench-data/   Llama-3-8B shape (config + SmolLM2 tokenizer), redis-server unpacked with a wrapper,
+#                  the ShareGPT / Alpaca workloads and a static predictor trained on the rest of each file
+#   .whl/          wheels for the packages the image lacks or has in other versions
+# and packs .bench-data into bench-data.tar.xz. All three are git-ignored; a device call carries
+#   ["bench-data.tar.xz", ".whl", "alise/v1"]   and runs bench/device/sweep.sh (or bench/device/env.sh first).
+# Steps already done are skipped, so a rerun only redoes what is missing. Needs the venv (`make venv`).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=.venv/bin/python
+D=.bench-data
+SMOL=$($PY -c 'from services.common.model_paths import default_model_dir; print(default_model_dir())')
+DATA=${ALISE_DATA:-../shared/data}
+mkdir -p "$D"
+
+# 1. The served model's shape: Llama-3-8B's config with SmolLM2's tokenizer (workers build random weights).
+if [ ! -f "$D/llama3-8b-shape/config.json" ]; then
+    mkdir -p "$D/llama3-8b-shape"
+    cp "$SMOL"/tokenizer* "$SMOL"/chat_template.jinja "$SMOL"/generation_config.json "$D/llama3-8b-shape/"
+    $PY - "$D/llama3-8b-shape/config.json" <<'PY'
+import json, sys
+from bench.engine_bench import LLAMA3_8B
+cfg = dict(LLAMA3_8B, model_type="llama", architectures=["LlamaForCausalLM"], torch_dtype="bfloat16",
+           hidden_act="silu", bos_token_id=1, eos_token_id=2)
+json.dump(cfg, open(sys.argv[1], "w"), indent=1)
+PY
+fi
+
+# 2. redis-server from this machine's Debian archive, unpacked, run through a wrapper that finds its libraries.
+if [ ! -x "$D/bin/redis-server" ]; then
+    tmp=$(mktemp -d)
+    (cd "$tmp" && apt-get download redis-server redis-tools libjemalloc2 liblzf1 >/dev/null)
+    for f in "$tmp"/*.deb; do dpkg -x "$f" "$D/redis"; done
+    mkdir -p "$D/bin"
+    cat > "$D/bin/redis-server" <<'SH'
+#!/bin/sh
+here=$(cd "$(dirname "$0")/../redis" && pwd)
+LD_LIBRARY_PATH="$here/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "$here/usr/bin/redis-server" "$@"   # redis picks its mode from argv[0]
+SH
+    chmod +x "$D/bin/redis-server"
+    rm -rf "$tmp"
+fi
+
+# 3. Workloads, and the rest of each file for training the predictor (never the measured prompts):
+#    ShareGPT: the first 628 conversations hold the 2,000 turns a sweep sends; Alpaca: the first 1,200 items.
+if [ ! -f "$D/alpaca_heldout_1200.json" ]; then
+    $PY - "$DATA" "$D" <<'PY'
+import json, sys
+data, out = sys.argv[1:]
+sg = json.load(open(f"{data}/sharegpt_sample_1000.json"))
+al = json.load(open(f"{data}/alpaca_5000.json"))
+json.dump(sg[:628], open(f"{out}/sharegpt_sample_1000.json", "w"))
+json.dump(sg[628:], open(f"{out}/sharegpt_rest.json", "w"))
+json.dump(al[:1200], open(f"{out}/alpaca_heldout_1200.json", "w"))
+json.dump(al[1200:], open(f"{out}/alpaca_rest.json", "w"))
+PY
+fi
+if [ ! -f "$D/predictor/meta.json" ]; then
+    $PY -m services.predictor.train "$D/sharegpt_rest.json" "$D/alpaca_rest.json" --encoder static --out "$D/predictor"
+fi
+
+# 4. Wheels for Python 3.12 on x86-64 (the image's grpcio and protobuf are older than the generated modules need).
+mkdir -p .whl
+for spec in grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2 \
+            redis==8.1.0 faiss-cpu==1.15.1 starlette==1.10.0 uvicorn==0.54.0; do
+    name=${spec%%==*}
+    ls .whl/ | grep -qi "^${name//-/_}-" && continue
+    $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d .whl "$spec"
+done
+
+tar cJf bench-data.tar.xz "$D"
+du -sh bench-data.tar.xz .whl
