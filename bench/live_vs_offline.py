@@ -5,6 +5,7 @@
 2. live: the whole stack as real processes (Redis, scheduler, one GPU worker; no predictor, so the scheduler
    uses its prior), the same workload sent at once by `alise bench serve`'s load generator after a priming run.
 Prints both, and live / offline. The engine runs in a child process each time, so the two never share the GPU.
+With ALISE_PROFILE_THREADS=FILE the worker samples its threads during the measured live run (thread_sampler.py).
 
     python -m bench.live_vs_offline --model-dir DIR --dataset-path sharegpt.json --out results/
 DIR holds a config.json (e.g. Llama-3-8B's shape) and a tokenizer; the worker builds random bf16 weights.
@@ -16,6 +17,7 @@ import asyncio
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +26,7 @@ from pathlib import Path
 from bench.serve import Target, run
 from bench.serve_metrics import format_summary, summarize
 from bench.workloads import Dataset, load
+from services.common import thread_sampler
 
 
 def worker_flags(a: argparse.Namespace) -> list[str]:
@@ -100,6 +103,8 @@ def live(a: argparse.Namespace) -> dict:
         target = Target(stack.address, stack.api_key)
         res = {}
         for name, batch in (("prime", requests[:a.prime]), ("measured", requests)):
+            if name == "measured" and os.environ.get(thread_sampler.ENV):
+                os.kill(stack.services["worker-0"].proc.pid, signal.SIGUSR2)   # its thread profile starts here
             before = process_cpu(stack)
             results, duration = asyncio.run(run(batch, target, rate=math.inf, burstiness=1.0, seed=0,
                                                 max_concurrency=0, ignore_eos=True, label=f"{name}-{a.policy}",

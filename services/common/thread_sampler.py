@@ -3,7 +3,7 @@
 cProfile sees one thread; a worker runs the engine thread, the asyncio (gRPC) thread and torch's own threads
 against one GIL, and what limits it is how they share that lock. Every `interval_s` this samples each thread's
 Python stack (`sys._current_frames`) and, at the end, reads each thread's CPU seconds from /proc. It also
-measures how long a thread that wants the GIL waits for it: a probe thread sleeps 1 ms and times how late it wakes.
+measures how long a thread that wants the GIL waits for it: a probe thread sleeps 5 ms and times how late it wakes.
 
     ALISE_PROFILE_THREADS=/tmp/worker_threads.json python -m services.worker.server ...
 
@@ -25,7 +25,8 @@ from pathlib import Path
 
 ENV = "ALISE_PROFILE_THREADS"
 TOP = 25              # functions kept per thread and kind
-PROBE_SLEEP_S = 0.001
+CPU_READ_S = 1.0      # how often threads' CPU seconds are read (the report uses the last read)
+PROBE_SLEEP_S = 0.005
 
 
 def frame_key(frame) -> str:
@@ -67,6 +68,8 @@ class ThreadSampler(threading.Thread):
         self.started_at = time.monotonic()
         self.process_cpu_start = sum(os.times()[:2])
         self.tasks_start = tasks_cpu()
+        self.cpu_seen: dict[str, float] = {}
+        self.tasks_seen, self.process_cpu_seen, self.seen_at = self.tasks_start, self.process_cpu_start, self.started_at
 
     def reset(self) -> None:
         """Forget everything so far (from a signal handler: only rebinds, never waits on a lock)."""
@@ -75,11 +78,25 @@ class ThreadSampler(threading.Thread):
         self.cpu_start = {t.name: cpu_seconds(t.native_id) or 0.0 for t in threading.enumerate() if t.native_id}
         self.started_at, self.process_cpu_start = time.monotonic(), sum(os.times()[:2])
         self.tasks_start = tasks_cpu()
+        self.cpu_seen = {}
+        self.tasks_seen, self.process_cpu_seen, self.seen_at = self.tasks_start, self.process_cpu_start, self.started_at
 
     def run(self) -> None:
         threading.Thread(target=self._probe, name="gil-probe", daemon=True).start()
+        last_cpu_read = 0.0
         while not self.stop_event.wait(self.interval_s):
             self._sample()
+            if time.monotonic() - last_cpu_read > CPU_READ_S:     # while the threads live (not at exit)
+                last_cpu_read = time.monotonic()
+                self._read_cpu()
+
+    def _read_cpu(self) -> None:
+        for t in threading.enumerate():
+            if t.native_id is not None and (cpu := cpu_seconds(t.native_id)) is not None:
+                self.cpu_seen[t.name] = cpu
+        self.tasks_seen = tasks_cpu()
+        self.process_cpu_seen = sum(os.times()[:2])
+        self.seen_at = time.monotonic()
 
     def _sample(self) -> None:
         names = {t.ident: t.name for t in threading.enumerate()}
@@ -104,21 +121,19 @@ class ThreadSampler(threading.Thread):
             self.probe_late.append(time.perf_counter() - t - PROBE_SLEEP_S)
 
     def report(self) -> dict:
-        threads = {}
-        for t in threading.enumerate():
-            if t.native_id is not None and (cpu := cpu_seconds(t.native_id)) is not None:
-                threads[t.name] = {"cpu_s": cpu - self.cpu_start.get(t.name, 0.0)}
+        threads = {name: {"cpu_s": round(cpu - self.cpu_start.get(name, 0.0), 3)} for name, cpu in self.cpu_seen.items()}
         for name, n in self.samples.items():
             threads.setdefault(name, {})
             threads[name].update(samples=n, inclusive=self.inclusive[name].most_common(TOP),
                                  exclusive=self.exclusive[name].most_common(TOP))
         late = sorted(self.probe_late) or [0.0]
         return {"seconds": time.monotonic() - self.started_at, "interval_s": self.interval_s,
-                "process_cpu_s": sum(os.times()[:2]) - self.process_cpu_start,
+                "cpu_read_at_s": self.seen_at - self.started_at,   # CPU figures below are as of then
+                "process_cpu_s": self.process_cpu_seen - self.process_cpu_start,
                 "gil_probe": {"wakeups": len(self.probe_late), "mean_late_ms": 1e3 * sum(late) / len(late),
                               "p50_late_ms": 1e3 * late[len(late) // 2], "p99_late_ms": 1e3 * late[int(0.99 * (len(late) - 1))]},
                 "threads": threads,
-                "os_threads_cpu_s": {k: round(v, 3) for k, v in (tasks_cpu() - self.tasks_start).most_common(20)}}
+                "os_threads_cpu_s": {k: round(v, 3) for k, v in (self.tasks_seen - self.tasks_start).most_common(20)}}
 
     def finish(self) -> None:
         self.stop_event.set()

@@ -16,6 +16,7 @@ from alise.v1 import worker_pb2_grpc as wpb_grpc
 
 from services.common.auth import bearer_metadata, read_service_token
 from services.common.tls import aio_channel
+from services.common import thread_sampler
 from services.worker import metrics
 from services.common.grpc_server import (NOT_SERVING, SERVING, build_server, configure_logging,
                                          install_stop_signals, set_health)
@@ -102,6 +103,7 @@ async def serve(cfg: WorkerConfig, stop: asyncio.Event | None = None) -> None:
 
 def main() -> None:
     configure_logging()
+    thread_sampler.start_from_env()       # benchmarks only: ALISE_PROFILE_THREADS=out.json (thread_sampler.py)
     asyncio.run(serve(WorkerConfig.from_args()))
 
 
