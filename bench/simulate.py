@@ -41,10 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--token-budget", type=int, default=8192, help="tokens per iteration")
     p.add_argument("--cost", default="h200-llama3-8b", help=f"iteration cost: a preset ({', '.join(PRESETS)}) or JSON")
-    p.add_argument("--preempt-mode", type=PreemptMode, choices=list(PreemptMode), default=PreemptMode.RECOMPUTE)
+    p.add_argument("--preempt-mode", type=PreemptMode, choices=list(PreemptMode), default=SchedulerConfig.preempt_mode)
     p.add_argument("--knee-share", type=float, default=SchedulerConfig.knee_share,
                    help="admit up to the batch within this share of max throughput (0 = up to max batch)")
     p.add_argument("--max-preemptions", type=int, default=SchedulerConfig.max_preemptions)
+    p.add_argument("--park-kv-share", type=float, default=SchedulerConfig.park_kv_share,
+                   help="alise: prefill waiting jobs early and park them while KV use is under this share (0 = off)")
     p.add_argument("--aging-s", type=float, default=SchedulerConfig.aging_s,
                    help="alise: waiting this long makes a job's predicted work count e times less")
     p.add_argument("--max-tokens", type=int, default=4096, help="max_tokens of every request")
@@ -111,7 +113,7 @@ def simulate_sweep(a: argparse.Namespace) -> list[Run]:
             cfg = SimConfig(policy=policy, cost=cost, workers=a.workers, worker=spec, preempt_mode=a.preempt_mode,
                             max_tokens=a.max_tokens, predictor=SimPredictor(predictor.kind, predictor.sigma, seed=a.seed),
                             reconsider_s=a.reconsider_s, tick_s=a.tick_s, knee_share=a.knee_share,
-                            max_preemptions=a.max_preemptions, aging_s=a.aging_s,
+                            max_preemptions=a.max_preemptions, aging_s=a.aging_s, park_kv_share=a.park_kv_share,
                             reestimate=SimPredictor(PredictorKind.NOISY, probe_sigma, seed=a.seed + 1)
                             if probe_sigma is not None else None)
             started = time.perf_counter()
@@ -138,6 +140,7 @@ def write_report(runs: list[Run], a: argparse.Namespace, predictor: SimPredictor
     header = (f"Simulated: {a.workers} worker(s), max batch {a.max_batch}, {a.num_blocks} KV blocks of {a.block_size}, "
               f"token budget {a.token_budget}; iteration cost {cost.source or a.cost}; predictor {predictor.kind.value}"
               f"{tau}; preempt by {a.preempt_mode} (at most {a.max_preemptions} per job); knee share {a.knee_share}; "
+              f"park KV share {a.park_kv_share}; "
               f"{a.dataset_name.value} x {a.num_prompts}.\n\n")
     path = a.out / "report.md"
     path.write_text(header + markdown(runs, a.latency_bound, figures, title="Simulation"))

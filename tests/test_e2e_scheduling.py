@@ -49,12 +49,15 @@ def run_mix(stub) -> tuple[list[str], dict[str, tuple]]:
     return order, results
 
 
-@pytest.mark.parametrize("policy,preempt_mode", [("fcfs", "recompute"), ("alise", "recompute"), ("alise", "swap")])
-def test_completion_order_by_policy(stack_factory, hf_model, tokenizer, long_reference, policy, preempt_mode):
+@pytest.mark.parametrize("policy,preempt_mode,park_share", [("fcfs", "recompute", "0"), ("alise", "recompute", "0"),
+                                                            ("alise", "swap", "0"), ("alise", "park", "0.8")])
+def test_completion_order_by_policy(stack_factory, hf_model, tokenizer, long_reference, policy, preempt_mode,
+                                    park_share):
     # A prediction that times out leaves a job unpredicted, and alise never preempts on a prior: on a busy
-    # 2-core machine the predictor can take longer than the default 0.5 s, so this test waits for it.
+    # 2-core machine the predictor can take longer than the default 0.5 s, so this test waits for it. With park
+    # (and prefill-early) the long job stops decoding but keeps its KV on the worker, and resumes from it.
     stack = stack_factory(scheduler_args=["--policy", policy, "--preempt-mode", preempt_mode,
-                                          "--predictor-timeout-s", "60"],
+                                          "--park-kv-share", park_share, "--predictor-timeout-s", "60"],
                           worker_args=["--max-batch", "1"])
     stub = stub_for(stack)
     order, results = run_mix(stub)

@@ -106,14 +106,73 @@ def test_preempt_then_resume_gives_same_output(engine, tokenizer, references, mo
         first += d.token_ids
         text += d.text
     assert engine.preempt("p", mode) == mode
-    assert engine.blocks.num_used == 0
+    assert (engine.blocks.num_used > 0) == (mode is PreemptMode.PARK)          # parked: its KV stays on the device
     assert engine.blocks.num_swapped > 0 if mode is PreemptMode.SWAP else engine.blocks.num_swapped == 0
+    assert not engine.has_work                                                  # nothing runs until it is resumed
     # what the scheduler does on resume: re-send the job with the tokens recorded so far
     engine.add("p", ids, Sampling(max_tokens=24, ignore_eos=True), first, text)
     tokens, rest_text, finish = run_to_end(engine)["p"]
     assert first + tokens == references[prompt]
     assert text + rest_text == tokenizer.decode(references[prompt], skip_special_tokens=True)
     assert engine.blocks.num_used == 0 and engine.blocks.num_swapped == 0
+
+
+def test_jobs_parked_after_their_first_token_resume_with_the_same_output(engine, tokenizer, references):
+    """What prefill-early does: two of four jobs are prefilled, send one token and park with their KV; the other two
+    run to the end meanwhile. Resumed (the scheduler re-sends them), the parked ones continue where they stopped."""
+    ids = {p: tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS}
+    for i, p in enumerate(PROMPTS):
+        engine.add(f"j{i}", ids[p], Sampling(max_tokens=24, ignore_eos=True), park_after_first_token=i % 2 == 0)
+    tokens: dict[str, list[int]] = {}
+    parked: list[str] = []
+    while engine.has_work:
+        out = engine.step()
+        for d in out.deltas:
+            tokens.setdefault(d.job_id, []).extend(d.token_ids)
+        parked += out.parked
+    assert sorted(parked) == ["j0", "j2"]
+    assert [len(tokens[j]) for j in ("j0", "j1", "j2", "j3")] == [1, 24, 1, 24]     # parked ones: one token only
+    assert engine.load().parked == 2 and engine.blocks.num_used > 0
+    for i in (0, 2):
+        p = PROMPTS[i]
+        engine.add(f"j{i}", ids[p], Sampling(max_tokens=24, ignore_eos=True), tokens[f"j{i}"],
+                   tokenizer.decode(tokens[f"j{i}"]))
+    done = run_to_end(engine)
+    for i, p in enumerate(PROMPTS):
+        assert tokens[f"j{i}"] + (done[f"j{i}"][0] if i % 2 == 0 else []) == references[p], p
+    assert engine.blocks.num_used == 0 and engine.load().parked == 0
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_parked_kv_is_given_up_before_running_jobs_are_preempted(model_dir, tokenizer, references, overlap):
+    """A pool of 4 blocks: a parked job holds one; the two running jobs need all four to grow. The engine drops the parked
+    job (it is forgotten: the scheduler recomputes it where it resumes it) instead of preempting a running one."""
+    engine = make_engine(model_dir, num_blocks=4)
+    engine.overlap = overlap
+    ids = {p: tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS}
+    engine.add("parked", ids[PROMPTS[2]], Sampling(max_tokens=24, ignore_eos=True), park_after_first_token=True)
+    first = run_until_parked(engine, "parked")
+    held = engine.blocks.num_used
+    for i in (0, 1):
+        engine.add(f"j{i}", ids[PROMPTS[i]], Sampling(max_tokens=24, ignore_eos=True))
+    done = run_to_end(engine)
+    assert "parked" not in engine.seqs and engine.load().parked == 0 and held > 0
+    assert engine.num_preemptions == 0                       # nobody running lost its KV
+    assert [done[f"j{i}"][0] for i in (0, 1)] == [references[PROMPTS[0]], references[PROMPTS[1]]]
+    # resumed by the scheduler: recomputed from its prompt and the token it sent, same output
+    engine.add("parked", ids[PROMPTS[2]], Sampling(max_tokens=24, ignore_eos=True), first, tokenizer.decode(first))
+    assert first + run_to_end(engine)["parked"][0] == references[PROMPTS[2]]
+    assert engine.blocks.num_used == 0
+
+
+def run_until_parked(engine: Engine, job_id: str) -> list[int]:
+    tokens: list[int] = []
+    for _ in range(1000):
+        out = engine.step()
+        tokens += [t for d in out.deltas if d.job_id == job_id for t in d.token_ids]
+        if job_id in out.parked:
+            return tokens
+    raise AssertionError(f"{job_id} never parked")
 
 
 def test_stop_string_ends_generation_and_is_not_returned(engine, tokenizer, references):

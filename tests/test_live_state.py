@@ -33,15 +33,15 @@ def test_swapped_copy_is_remembered_and_dropped_with_its_worker():
     s.track(facts("a"))
     s.placed("a", "w1")
     s.left_worker("a", "w1")
-    s.swapped_out("a", "w1")
-    assert s.view("a").swapped_on == "w1"
+    s.kept_kv("a", "w1", parked=False)
+    assert s.view("a").kv_on == "w1"
     assert s.placed("a", "w2") == "w1"                     # resumed elsewhere: w1's stale copy must go
-    assert s.view("a").swapped_on == ""
+    assert s.view("a").kv_on == ""
     s.left_worker("a", "w2")
-    s.swapped_out("a", "w2")
-    assert s.remove_worker("w2") == [] and s.view("a").swapped_on == ""
-    s.swapped_out("a", "w2")                               # a late report from a worker that left: ignored
-    assert s.view("a").swapped_on == ""
+    s.kept_kv("a", "w2", parked=False)
+    assert s.remove_worker("w2") == [] and s.view("a").kv_on == ""
+    s.kept_kv("a", "w2", parked=False)                               # a late report from a worker that left: ignored
+    assert s.view("a").kv_on == ""
 
 
 def test_snapshot_keeps_queue_order_and_skips_unknown_jobs():
@@ -78,3 +78,26 @@ def test_a_worker_reestimate_replaces_the_mean_and_keeps_the_predictors_spread()
                      pred_p90=150.0, predicted=False))
     s.repredict("p", 80.0)                                                  # no prompt prediction: it becomes one
     assert s.view("p").predicted and s.view("p").pred_len == 80.0
+
+
+def test_a_job_parked_after_its_first_token_is_not_running_nor_counted_as_preempted():
+    from services.common.preempt_mode import PreemptMode
+
+    s = state_with("w1", "w2")
+    s.track(facts("a", prompt_len=30))
+    s.placed("a", "w1", park=True)
+    assert s.parking_on("a", "w1") and s.workers["w1"].reserved_blocks == 2
+    snap = s.snapshot(0.0, [])
+    assert snap.workers[0].running == () and snap.workers[0].parking == 1          # no decode slot taken
+    s.set_generated("a", 1)
+    s.preempted("a", "w1", PreemptMode.PARK, counted=False)                          # parked as asked
+    v = s.view("a")
+    assert (v.kv_on, v.parked, v.preemptions) == ("w1", True, 0)
+    s.load_report("w1", used_blocks=2, draining=False)
+    assert s.snapshot(0.0, ["a"]).workers[0].parked_blocks == 2                      # 30 + 1 + 1 tokens
+    s.placed("a", "w1")                                                              # resumed where its KV is
+    assert s.workers["w1"].reserved_blocks == 0 and s.view("a").kv_on == ""
+    s.preempted("a", "w1", PreemptMode.PARK)                                         # a preemption by parking
+    assert s.view("a").preemptions == 1 and s.workers["w1"].parked == {"a"}
+    assert s.placed("a", "w2") == "w1"                                               # moved: w1's KV must go
+    assert s.workers["w1"].parked == set() and s.workers["w2"].reserved_blocks == 2

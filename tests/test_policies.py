@@ -1,4 +1,6 @@
 """Policies are pure functions of a snapshot: tested without Redis, gRPC or a model."""
+from dataclasses import replace
+
 import pytest
 
 from services.scheduler.exec_time import ExecTimeModel, expected_remaining_tokens
@@ -8,11 +10,11 @@ from services.scheduler.policies.base import JobView, Snapshot, WorkerView
 COST = ExecTimeModel()
 
 
-def job(jid, pred, created=0.0, priority=0, generated=0, running=False, max_tokens=4096, swapped_on="",
+def job(jid, pred, created=0.0, priority=0, generated=0, running=False, max_tokens=4096, kv_on="",
         predicted=True, preemptions=0, prompt_len=20):
     return JobView(job_id=jid, priority=priority, created=1.7e9 + created, prompt_len=prompt_len, max_tokens=max_tokens,
                    pred_len=pred, pred_p90=pred * 2, predicted=predicted, generated=generated, running=running,
-                   swapped_on=swapped_on, preemptions=preemptions)
+                   kv_on=kv_on, preemptions=preemptions)
 
 
 def worker(wid="w", slots=1, running=(), free_blocks=100, preempting=False):
@@ -84,7 +86,7 @@ def test_alise_never_preempts_on_prior_guesses():
 
 
 def test_placement_respects_slots_blocks_and_swap_affinity():
-    snap = Snapshot(0, (job("a", 5), job("b", 5, swapped_on="w2"), job("c", 5)),
+    snap = Snapshot(0, (job("a", 5), job("b", 5, kv_on="w2"), job("c", 5)),
                     (worker("w1", slots=2), worker("w2", slots=1), worker("w3", slots=1, free_blocks=1)))
     plan = make_policy("fcfs").plan(snap, COST)
     assert dict(plan.assign) == {"a": "w1", "b": "w2", "c": "w1"}
@@ -123,6 +125,41 @@ def test_alise_preempts_only_when_the_wait_saved_pays_for_the_recompute():
     # alone on its worker, the long job would hold the slot for ~60 s: that wait is worth a 3 s recompute
     alone = Snapshot(0, waiting, (worker(slots=1, running=[victim]),))
     assert make_policy("alise").plan(alone, COST).preempt == (("long", "w"),)
+
+
+def test_alise_preempts_by_parking_without_the_recompute_gate():
+    # the crowded case above: parking keeps the victim's KV, so nothing is recomputed and the gate does not apply
+    victim = job("long", 2000, generated=10, running=True, prompt_len=3000)
+    crowded = Snapshot(0, (job("short", 5),), (worker(slots=2, running=[victim, job("almost", 10, running=True)]),))
+    assert make_policy("alise", preempt_mode="park").plan(crowded, COST).preempt == (("long", "w"),)
+
+
+def test_alise_prefills_early_only_fresh_jobs_within_the_kv_share_and_the_parking_bound():
+    # one slot, taken; 100 blocks of 16, 40 in use. Jobs of 20-token prompts need 2 blocks each.
+    w = WorkerView(worker_id="w", max_batch=1, free_blocks=60, block_size=16, num_blocks=100,
+                   running=(job("r", 50, running=True),))
+    queued = (job("a", 5), job("b", 6, generated=3), job("c", 7, kv_on="w"), job("d", 8), job("e", 9),
+              job("f", 10, prompt_len=2000))
+    snap = Snapshot(0, queued, (w,), fresh=queued)
+    plan = make_policy("alise", park_kv_share=0.5).plan(snap, COST)
+    # b has had its first token, c waits with its KV kept; 40 + 2 + 2 blocks stay under 50; f needs 126
+    assert plan.assign == () and plan.prefill_early == (("a", "w"), ("d", "w"), ("e", "w"))
+    assert make_policy("alise", park_kv_share=0.43).plan(snap, COST).prefill_early == (("a", "w"),)
+    assert make_policy("alise", park_kv_share=0.9, max_parking=2).plan(
+        replace(snap, workers=(replace(w, parking=1),)), COST).prefill_early == (("a", "w"),)
+    assert make_policy("alise").plan(snap, COST).prefill_early == ()                           # off by default
+    assert make_policy("fcfs", park_kv_share=0.5).plan(snap, COST).prefill_early == ()
+    # oldest first, whatever the queue's order: the snapshot's `fresh` list decides who is prefilled first
+    by_age = replace(snap, fresh=(queued[4], queued[0]))
+    assert make_policy("alise", park_kv_share=0.5, max_parking=1).plan(by_age, COST).prefill_early == (("e", "w"),)
+
+
+def test_parked_kv_counts_as_room_for_placement():
+    # 2 free blocks, 6 parked: a 40-token job (3 blocks) is placed; the worker gives up parked KV for it
+    w = WorkerView(worker_id="w", max_batch=2, free_blocks=2, block_size=16, num_blocks=8, parked_blocks=6)
+    assert make_policy("fcfs").plan(Snapshot(0, (job("a", 5, prompt_len=40),), (w,)), COST).assign == (("a", "w"),)
+    assert make_policy("fcfs").plan(Snapshot(0, (job("a", 5, prompt_len=40),), (replace(w, parked_blocks=0),)),
+                                    COST).assign == ()
 
 
 def test_mlfq_demotes_by_service_had_skips_long_prompts_down_and_ignores_predictions():

@@ -14,6 +14,9 @@ ONE_SECOND = IterationCost(base_s=1.0)          # every iteration takes 1 s, wha
 
 
 def run(policy: str, requests: list[SimRequest], max_batch: int = 1, **kw):
+    """One worker, 1 s iterations, true lengths; prefill-early off unless asked (the hand-worked cases above
+    each test count iterations without it)."""
+    kw.setdefault("park_kv_share", 0.0)
     cfg = SimConfig(policy=policy, cost=ONE_SECOND, worker=WorkerSpec(max_batch=max_batch, num_blocks=100),
                     predictor=SimPredictor(PredictorKind.ORACLE), reconsider_s=0.0, **kw)
     results, duration, _ = simulate(cfg, requests)
@@ -47,6 +50,33 @@ def test_a_short_arrival_preempts_a_long_job_at_the_next_iteration(mode):
     assert fcfs[1].e2e_s == 40.0 - 1.5 + 1 and fcfs[0].preemptions == 0
 
 
+def test_a_job_prefilled_early_gets_its_first_token_at_once_and_resumes_from_its_parked_kv():
+    # One decode slot. A (4-token prompt, 3 tokens) and B (1 token) arrive at 0; SRPT gives the slot to B. With
+    # prefill early, A is prefilled in the same iteration as B and parked with its first token (1 s); it takes the
+    # freed slot and decodes tokens 2 and 3 from its kept KV (2 s, 3 s). Without it: A's prefill waits for B.
+    reqs = [SimRequest(0.0, 4, 3), SimRequest(0.0, 4, 1)]
+    early, _ = run("oracle", reqs, park_kv_share=0.5)
+    assert [(r.ttft_s, r.e2e_s, r.preemptions) for r in early] == [(1.0, 3.0, 0), (1.0, 1.0, 0)]
+    late, _ = run("oracle", reqs)
+    assert [(r.ttft_s, r.e2e_s) for r in late] == [(2.0, 4.0), (1.0, 1.0)]
+
+
+def test_a_parked_job_resumes_without_recompute_and_parked_kv_is_given_up_for_room():
+    # As the preemption case above, by parking: A stops at 2 s with 2 tokens and its KV kept; B runs 2 -> 3 s; A
+    # decodes token 3 at 4 s from its parked KV (no prefill), the rest one a second: done at 41 s, one preemption.
+    reqs = [SimRequest(0.0, 4, 40), SimRequest(1.5, 4, 1)]
+    (a, b), _ = run("oracle", reqs, preempt_mode="park")
+    assert (b.ttft_s, b.e2e_s) == (1.5, 1.5) and (a.e2e_s, a.preemptions, a.output_tokens) == (41.0, 1, 40)
+    # a pool of 5 blocks: A (48-token prompt) holds 4 when parked; B (40 + 1 tokens) needs 3: A's KV is dropped,
+    # and A is recomputed when it resumes (its 48 + 2 tokens again in one iteration: token 3 at 4 s, done at 41 s)
+    cfg = SimConfig(policy="oracle", cost=ONE_SECOND, worker=WorkerSpec(max_batch=1, num_blocks=5),
+                    predictor=SimPredictor(PredictorKind.ORACLE), reconsider_s=0.0, preempt_mode="park")
+    sim = Simulation(cfg, [SimRequest(0.0, 48, 40), SimRequest(1.5, 40, 1)])
+    (a, b), _ = sim.run()
+    assert (b.e2e_s, a.e2e_s, a.output_tokens) == (1.5, 41.0, 40)
+    assert sim.workers["w0"].used_blocks == 0 and not sim.workers["w0"].parked
+
+
 def test_prefill_is_chunked_by_the_token_budget_and_decodes_go_first():
     cost = IterationCost(base_s=0.0, per_prefill_token_s=0.01, per_seq_s=1.0)
     cfg = SimConfig(policy="fcfs", cost=cost, worker=WorkerSpec(max_batch=4, num_blocks=100, token_budget=100),
@@ -73,18 +103,20 @@ def test_every_job_finishes_once_and_the_kv_pool_ends_empty():
     rng = random.Random(1)
     reqs = sorted((SimRequest(rng.uniform(0, 20), rng.randint(1, 300), rng.randint(1, 300),
                               priority=rng.choice([0, 0, 1])) for _ in range(300)), key=lambda r: r.arrival_s)
+    variants = [(mode, 0.0) for mode in ("recompute", "swap", "park")] + [("park", 0.7)]   # 0.7: prefill early
     for policy in ("fcfs", "priority", "sjf", "alise", "mlfq", "oracle"):
-        for mode in ("recompute", "swap"):
+        for mode, park_share in variants:
             cfg = SimConfig(policy=policy, cost=IterationCost(base_s=0.01, per_prefill_token_s=1e-4), workers=3,
                             worker=WorkerSpec(max_batch=8, num_blocks=60, block_size=16, token_budget=256),
-                            preempt_mode=mode, predictor=SimPredictor(PredictorKind.NOISY, sigma=1.0, seed=2))
+                            preempt_mode=mode, park_kv_share=park_share,
+                            predictor=SimPredictor(PredictorKind.NOISY, sigma=1.0, seed=2))
             sim = Simulation(cfg, reqs)
             results, _ = sim.run()
             assert [r.index for r in results] == list(range(len(reqs)))
             assert all(r.output_tokens == reqs[r.index].output_len for r in results)
             assert not sim.jobs and not sim.queue and sim.state.running() == 0
-            assert all(not w.running and not w.waiting and not w.host_kv and w.used_blocks == 0
-                       for w in sim.workers.values())
+            assert all(not w.running and not w.waiting and not w.host_kv and not w.parked and w.used_blocks == 0
+                       for w in sim.workers.values()), (policy, mode, park_share)
 
 
 def test_noise_for_a_target_kendall_tau():

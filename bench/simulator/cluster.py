@@ -9,7 +9,9 @@ predictor is bench/simulator/predictions.py and an engine iteration takes Iterat
 Engine model (the worker's step scheduler, simplified): each iteration runs every decoding sequence once, then
 prefill chunks in admission order until the token budget is spent; a sequence whose last token's KV is written
 samples a new one at the end of the iteration. Preemptions the scheduler asks for take effect between
-iterations. When decode growth would overflow the KV pool the worker preempts its newest sequence (recompute).
+iterations. When decode growth would overflow the KV pool the worker first drops the KV of its most recently
+parked job (the scheduler, which holds it in its queue, recomputes it wherever it resumes it), then preempts its
+newest sequence (recompute). A job sent to be prefilled early is parked once its first token is sampled.
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ class SimConfig:
     cost: IterationCost
     workers: int = 1
     worker: WorkerSpec = field(default_factory=WorkerSpec)
-    preempt_mode: PreemptMode = PreemptMode.RECOMPUTE
+    preempt_mode: PreemptMode = SchedulerConfig.preempt_mode
     max_tokens: int = 4096            # every request's max_tokens (what a client would send)
     predictor: SimPredictor = field(default_factory=lambda: SimPredictor(PredictorKind.NOISY, sigma=1.0))
     # the worker's length probe (worker/length_probe.py): a second estimate once the prompt is computed; None = off
@@ -70,6 +72,7 @@ class SimConfig:
     knee_share: float = SchedulerConfig.knee_share       # admission by the throughput knee, as live; 0 = off
     max_preemptions: int = SchedulerConfig.max_preemptions
     aging_s: float = SchedulerConfig.aging_s
+    park_kv_share: float = SchedulerConfig.park_kv_share   # alise: prefill early and park (0 = off)
 
     def __post_init__(self) -> None:
         if self.policy not in SIM_POLICIES:
@@ -111,6 +114,8 @@ class _Worker:
     waiting: list[_Job] = field(default_factory=list)      # put back by the engine itself when KV ran out
     to_preempt: set[str] = field(default_factory=set)     # asked by the scheduler, applied between iterations
     host_kv: dict[str, int] = field(default_factory=dict)  # swapped-out jobs: tokens of KV held in host memory
+    parked: dict[str, _Job] = field(default_factory=dict)  # parked jobs: their KV blocks stay in used_blocks
+    park_after: set[str] = field(default_factory=set)      # jobs to park once their first token is sampled
     decodes: list[_Job] = field(default_factory=list)               # this iteration: one token each
     prefills: list[tuple[_Job, int]] = field(default_factory=list)  # this iteration: (job, chunk of tokens)
     busy: bool = False
@@ -130,12 +135,24 @@ class _Worker:
         self.running.remove(job)
         self.used_blocks -= job.blocks(self.spec.block_size)
 
+    def drop_parked(self, job_id: str) -> None:
+        """A parked job's KV is given back (for room, or the job resumes elsewhere)."""
+        if (job := self.parked.pop(job_id, None)) is not None:
+            self.used_blocks -= job.blocks(self.spec.block_size)
+            job.computed = 0
+
+    def room_for(self, blocks: int) -> bool:
+        """Whether `blocks` more fit, dropping parked KV (most recently parked first) if that makes them fit."""
+        while self.used_blocks + blocks > self.spec.num_blocks and self.parked:
+            self.drop_parked(next(reversed(self.parked)))
+        return self.used_blocks + blocks <= self.spec.num_blocks
+
 
 class Simulation:
     def __init__(self, cfg: SimConfig, requests: list[SimRequest]):
         self.cfg = cfg
         self.policy = make_policy("alise" if cfg.policy == ORACLE else cfg.policy, max_preemptions=cfg.max_preemptions,
-                                  aging_s=cfg.aging_s)
+                                  aging_s=cfg.aging_s, preempt_mode=cfg.preempt_mode, park_kv_share=cfg.park_kv_share)
         self.predictor = SimPredictor(PredictorKind.ORACLE) if cfg.policy == ORACLE else cfg.predictor
         self.exec_model = ExecTimeModel()
         self.state: LiveState[None] = LiveState(knee_share=cfg.knee_share)
@@ -229,16 +246,25 @@ class Simulation:
             self.workers[wid].to_preempt.add(job_id)
         for job_id, wid in plan.assign:
             self._assign(self.jobs[job_id], self.workers[wid])
-        for wid in dict.fromkeys(wid for _, wid in plan.assign):   # an idle worker starts with all it was given
+        for job_id, wid in plan.prefill_early:
+            self._assign(self.jobs[job_id], self.workers[wid], park=True)
+        for wid in dict.fromkeys(wid for _, wid in plan.assign + plan.prefill_early):   # an idle worker starts
             if not self.workers[wid].busy:
                 self._start_step(self.workers[wid])
         if self.queue and self.cfg.reconsider_s > 0:
             self._decide_no_later_than(self.now + self.cfg.reconsider_s)
 
-    def _assign(self, job: _Job, w: _Worker) -> None:
+    def _assign(self, job: _Job, w: _Worker, park: bool = False) -> None:
         self._dequeue(job.job_id)
-        if holder := self.state.placed(job.job_id, w.wid):
-            self.workers[holder].host_kv.pop(job.job_id, None)     # the stale host copy is dropped
+        if holder := self.state.placed(job.job_id, w.wid, park):
+            self.workers[holder].host_kv.pop(job.job_id, None)     # the stale copy of its KV is dropped
+            self.workers[holder].drop_parked(job.job_id)
+        if park:
+            w.park_after.add(job.job_id)
+        if job.job_id in w.parked:                                 # resumed where it was parked: KV in place
+            del w.parked[job.job_id]
+            w.running.append(job)
+            return
         if job.job_id in w.host_kv:                                # resumed where its KV was swapped out
             job.computed = w.host_kv.pop(job.job_id)
             w.extra_s += self.cfg.cost.swap_per_token_s * job.computed
@@ -255,8 +281,9 @@ class Simulation:
         w.to_preempt.clear()
         # Out of KV, the engine itself puts its newest job back in its own waiting line (recompute), as vLLM does;
         # the scheduler is not told (it still counts the job as running there). They rejoin when blocks free up.
-        while w.waiting and w.used_blocks + w.waiting[0].blocks(w.spec.block_size) <= w.spec.num_blocks:
+        while w.waiting and w.room_for(w.waiting[0].blocks(w.spec.block_size)):
             w.admit(w.waiting.pop(0))
+        w.room_for(0)                             # decode growth past the pool: parked KV goes first
         while len(w.running) > 1 and w.used_blocks > w.spec.num_blocks:
             job = w.running[-1]
             w.release(job)
@@ -316,10 +343,27 @@ class Simulation:
         for job in done:
             w.release(job)
             w.to_preempt.discard(job.job_id)
+            w.park_after.discard(job.job_id)
             self._finish(job)
+        if w.park_after:                          # sent to be parked after their first token: now they have it
+            for job in [j for j in w.running if j.job_id in w.park_after and j.generated > 0]:
+                w.park_after.discard(job.job_id)
+                self._park(w, job, counted=False)
         self._start_step(w)
 
+    def _park(self, w: _Worker, job: _Job, counted: bool) -> None:
+        """The job stops decoding and keeps its KV on the worker; it waits in the scheduler's queue."""
+        w.running.remove(job)
+        w.parked[job.job_id] = job
+        job.preemptions += counted
+        self.state.preempted(job.job_id, w.wid, PreemptMode.PARK, counted)
+        self.state.set_generated(job.job_id, job.generated)
+        self._enqueue(job)
+
     def _preempt(self, w: _Worker, job: _Job, mode: PreemptMode) -> None:
+        if mode is PreemptMode.PARK and job in w.running:
+            self._park(w, job, counted=True)
+            return
         if job in w.waiting:
             w.waiting.remove(job)          # put back by the engine: holds no blocks
         else:
@@ -328,7 +372,7 @@ class Simulation:
         if mode is PreemptMode.SWAP:
             w.host_kv[job.job_id] = job.computed
             w.extra_s += self.cfg.cost.swap_per_token_s * job.computed
-        self.state.preempted(job.job_id, w.wid, swapped=mode is PreemptMode.SWAP)
+        self.state.preempted(job.job_id, w.wid, PreemptMode.SWAP if mode is PreemptMode.SWAP else PreemptMode.RECOMPUTE)
         job.computed = 0
         self.state.set_generated(job.job_id, job.generated)
         self._enqueue(job)

@@ -29,10 +29,13 @@ class SchedulerConfig:
     model_name: str = DEFAULT_MODEL_NAME
     model_dir: str = str(default_model_dir())   # tokenizer and chat template
     policy: str = "alise"
-    preempt_mode: PreemptMode = PreemptMode.RECOMPUTE
+    preempt_mode: PreemptMode = PreemptMode.PARK  # park: KV kept on the GPU while room lasts, else recomputed
     max_preemptions: int = 2                    # alise: a job is preempted at most this many times
     aging_s: float = 5.0                        # alise: waiting this long makes predicted work count e times less
     knee_share: float = 0.99                    # admit up to the batch within this share of max throughput; 0 = off
+    # alise: a job that must wait for a decode slot is prefilled at once and parked on a worker (first token now,
+    # KV kept) while the worker's KV in use stays under this share of its pool; 0 = off (policies/alise.py)
+    park_kv_share: float = 0.8
     max_tokens_cap: int = 2048
     # a request's max_tokens bounds its predicted length (it cannot run longer). Off for benchmarks that force
     # each output's length through max_tokens (ignore_eos): there it would tell the scheduler the true length
@@ -52,6 +55,8 @@ class SchedulerConfig:
             raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
         if not 0 <= self.knee_share < 1:
             raise ValueError("knee_share must be in [0, 1)")
+        if not 0 <= self.park_kv_share < 1:
+            raise ValueError("park_kv_share must be in [0, 1)")
         if self.aging_s <= 0:
             raise ValueError("aging_s must be > 0")
         if self.max_preemptions < 0:

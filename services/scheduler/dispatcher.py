@@ -56,7 +56,8 @@ class Dispatcher:
         self.store = store
         self.predictor = predictor
         self.hub = hub
-        self.policy = make_policy(cfg.policy, max_preemptions=cfg.max_preemptions, aging_s=cfg.aging_s)
+        self.policy = make_policy(cfg.policy, max_preemptions=cfg.max_preemptions, aging_s=cfg.aging_s,
+                                  preempt_mode=cfg.preempt_mode, park_kv_share=cfg.park_kv_share)
         self.cost = ExecTimeModel()
         self.sessions: dict[str, WorkerSession] = {}
         self.state: LiveState[JobRecord] = LiveState(knee_share=cfg.knee_share)
@@ -129,6 +130,9 @@ class Dispatcher:
         for job_id, worker_id in plan.assign:
             if (s := self.sessions.get(worker_id)) is not None:
                 await self._assign(job_id, s)
+        for job_id, worker_id in plan.prefill_early:
+            if (s := self.sessions.get(worker_id)) is not None:
+                await self._assign(job_id, s, park=True)
         # The queue's head (QUEUE_LOOKAHEAD jobs) holds what will run next: its predicted work, spread over the
         # workers, is a lower bound on how long a new job would wait, and what admission bounds.
         queued_work = sum(j.remaining_seconds(self.cost) for j in snap.queued)
@@ -143,7 +147,8 @@ class Dispatcher:
                   if await self._record(job_id) is not None]
         return self.state.snapshot(time.time(), queued)
 
-    async def _assign(self, job_id: str, s: WorkerSession) -> None:
+    async def _assign(self, job_id: str, s: WorkerSession, park: bool = False) -> None:
+        """Send the job to the worker; with `park`, to be prefilled there and parked after its first token."""
         if not await self.store.claim(job_id, s.worker_id):
             return                                       # aborted or taken meanwhile
         tokens, text = await self.store.output(job_id)
@@ -151,33 +156,39 @@ class Dispatcher:
             return                                       # aborted while we awaited Redis: abort() told the worker
         self.state.set_generated(job_id, len(tokens))
         if self.sessions.get(s.worker_id) is not s:      # the worker left while we awaited Redis
-            await self._requeue(job_id, s.worker_id, swapped=False)
+            await self._requeue(job_id, s.worker_id)
             return
         # no await from here on: worker_lost() either ran before (caught above) or will see this job
-        if holder := self.state.placed(job_id, s.worker_id):
-            self.sessions[holder].send(abort=wpb.AbortJob(job_id=job_id))   # drop the stale host copy
+        if holder := self.state.placed(job_id, s.worker_id, park):
+            self.sessions[holder].send(abort=wpb.AbortJob(job_id=job_id))   # drop the stale copy of its KV
         s.send(assign=wpb.AssignJob(
             job_id=job_id, prompt_token_ids=rec.prompt_ids, output_token_ids=tokens, output_text=text,
-            sampling=rec.sampling.to_proto()))
+            sampling=rec.sampling.to_proto(), park_after_first_token=park))
 
     def _preempt(self, job_id: str, s: WorkerSession) -> None:
         self.state.preempt_sent(job_id, s.worker_id)
         metrics.PREEMPTIONS.inc()
         s.send(preempt=wpb.PreemptJob(job_id=job_id, mode=self.cfg.preempt_mode.wire))
 
-    async def _requeue(self, job_id: str, worker_id: str, swapped: bool, preempted: bool = False) -> None:
+    async def _requeue(self, job_id: str, worker_id: str, preempted: PreemptMode | None = None) -> None:
+        """Back to the queue from the worker: given back as `preempted` says (parked after its first token as asked,
+        or preempted), or (None) dropped there with its KV."""
+        counted = preempted is not None and not self.state.parking_on(job_id, worker_id)
+        keeps_kv = preempted is not None and preempted.keeps_kv
         self.state.left_worker(job_id, worker_id)
-        if preempted and not self.state.knows(job_id):
+        if preempted is not None and not self.state.knows(job_id):
             return                 # it ended (aborted) after we asked for the preemption: nothing to requeue
         if await self._record(job_id) is None:
             return
-        score = self.policy.queue_score(self.state.view(job_id), self.cost)
-        if not await self.store.requeue(job_id, worker_id, score, worker_id if swapped else "", preempted):
+        view = self.state.view(job_id)._replace(running=False, kv_on=worker_id if keeps_kv else "",
+                                                parked=preempted is PreemptMode.PARK)
+        score = self.policy.queue_score(view, self.cost)
+        if not await self.store.requeue(job_id, worker_id, score, worker_id if keeps_kv else "", counted):
             if (st := await self.store.state(job_id)) is None or st.status in FINAL_STATUSES:
                 self.state.forget(job_id)        # it ended meanwhile: nothing left to remember
             return
-        if preempted:
-            self.state.preempted(job_id, worker_id, swapped)    # counted, and its host copy remembered
+        if preempted is not None:
+            self.state.preempted(job_id, worker_id, preempted, counted)   # its kept KV remembered
 
     # -- worker sessions -------------------------------------------------------------------------
     async def worker_joined(self, s: WorkerSession) -> bool:
@@ -185,7 +196,7 @@ class Dispatcher:
         # A (re)connecting worker holds no jobs: whatever Redis still records on its id (a session lost
         # while Redis was away) goes back to the queue before the new session can take work.
         for job_id in await self.store.worker_job_ids(s.worker_id):
-            await self._requeue(job_id, s.worker_id, swapped=False)
+            await self._requeue(job_id, s.worker_id)
         await self.store.register_worker(s.worker_id, {"model": s.model, "num_blocks": str(s.num_blocks),
                                                        "max_batch": str(s.max_batch)}, self.cfg.worker_ttl_s)
         if s.worker_id in self.sessions:
@@ -204,7 +215,7 @@ class Dispatcher:
         try:
             for job_id in held:
                 metrics.REQUEUED_LOST.inc()
-                await self._requeue(job_id, s.worker_id, swapped=False)
+                await self._requeue(job_id, s.worker_id)
             await self.store.forget_worker(s.worker_id)      # only once its jobs are safely back in the queue
             log.warning("worker %s left; %d jobs requeued", s.worker_id, len(held))
         except UNREACHABLE:
@@ -219,7 +230,7 @@ class Dispatcher:
             if worker_id in self.sessions:
                 continue
             for job_id in await self.store.worker_job_ids(worker_id):
-                await self._requeue(job_id, worker_id, swapped=False)
+                await self._requeue(job_id, worker_id)
                 n += 1
             await self.store.forget_worker(worker_id)
         return n
@@ -234,8 +245,7 @@ class Dispatcher:
         if kind == "finished":
             await self._on_finished(s, msg.finished)
         elif kind == "preempted":
-            await self._requeue(msg.preempted.job_id, s.worker_id, PreemptMode.from_wire(msg.preempted.mode) is PreemptMode.SWAP,
-                                preempted=True)
+            await self._requeue(msg.preempted.job_id, s.worker_id, PreemptMode.from_wire(msg.preempted.mode))
         elif kind == "step_failed":
             await self._on_step_failed(s, msg.step_failed)
         elif kind == "estimates":

@@ -1,7 +1,8 @@
 """The scheduler's in-memory view of live jobs and workers, and the Snapshot a policy decides on.
 
 One owner: this module is the only writer of what the scheduler remembers between ticks (which jobs run
-where, tokens generated, swapped-out KV, blocks promised, preemptions in flight). It does no I/O, so the
+where, tokens generated, KV kept for waiting jobs (swapped out or parked), blocks promised, preemptions in
+flight). It does no I/O, so the
 live dispatcher (which mirrors Redis and worker reports into it) and the simulator (which drives it from
 simulated events) build their snapshots with the same code. Redis stays the source of truth for jobs;
 everything here can be rebuilt from it and from the workers' reports.
@@ -9,8 +10,10 @@ everything here can be rebuilt from it and from the workers' reports.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from itertools import islice
 from typing import Generic, Iterable, TypeVar
 
+from services.common.preempt_mode import PreemptMode
 from services.scheduler.exec_time import P90_OVER_GUESS
 from services.scheduler.policies.base import JobView, Snapshot, WorkerView
 from services.scheduler.worker_speed import StepSums, WorkerSpeed
@@ -44,10 +47,10 @@ class JobFacts:
         return replace(self, pred_len=output_tokens, pred_p90=P90_OVER_GUESS * output_tokens, predicted=True, pred_deciles=())
 
 
-def job_view(f: JobFacts, generated: int = 0, running: bool = False, swapped_on: str = "",
-             preemptions: int = 0) -> JobView:
+def job_view(f: JobFacts, generated: int = 0, running: bool = False, kv_on: str = "",
+             preemptions: int = 0, parked: bool = False) -> JobView:
     return JobView(f.job_id, f.priority, f.created, f.prompt_len, f.max_tokens, f.pred_len, f.pred_p90, f.predicted,
-                   generated, running, swapped_on, f.pred_deciles, preemptions)   # positional: the cheapest way
+                   generated, running, kv_on, f.pred_deciles, preemptions, parked)   # positional: the cheapest way
 
 
 @dataclass
@@ -57,6 +60,8 @@ class WorkerState:
     num_blocks: int
     max_batch: int
     jobs: dict[str, None] = field(default_factory=dict)  # placed here and not yet back (ordered: deterministic)
+    parking: set[str] = field(default_factory=set)       # sent here to be prefilled and parked, not yet back
+    parked: set[str] = field(default_factory=set)        # waiting at the scheduler with their KV parked here
     preempting: set[str] = field(default_factory=set)    # preempt sent, not yet acknowledged
     used_blocks: int = 0           # as of the worker's last load report
     reserved_blocks: int = 0       # promised to jobs placed since that report
@@ -80,7 +85,8 @@ class _Job(Generic[R]):
     facts: JobFacts
     payload: R | None
     generated: int = 0
-    swapped_on: str = ""
+    kv_on: str = ""                # the worker that keeps its KV while it waits...
+    parked: bool = False           # ... on its GPU (else swapped out to its host memory)
     preemptions: int = 0
     views: list = field(default_factory=lambda: [None, None])   # last views built (waiting, running)
 
@@ -88,6 +94,8 @@ class _Job(Generic[R]):
 class LiveState(Generic[R]):
     def __init__(self, knee_share: float = 0.0) -> None:
         self._jobs: dict[str, _Job[R]] = {}
+        # jobs waiting for their first token, in the order they came (what prefill-early serves first)
+        self._fresh: dict[str, None] = {}
         self.workers: dict[str, WorkerState] = {}
         self.knee_share = knee_share   # admission by the throughput knee (worker_speed.py); 0 = up to max_batch
 
@@ -96,12 +104,17 @@ class LiveState(Generic[R]):
         """Start tracking a job; a job read back from Redis (another scheduler placed it before this one started)
         comes with what it has generated and how often it was preempted (the policies bound that count)."""
         self._jobs[facts.job_id] = _Job(facts, payload, generated, preemptions=preemptions)
+        if generated == 0:
+            self._fresh[facts.job_id] = None
 
     def forget(self, job_id: str) -> R | None:
         """The job ended: drop it everywhere; returns its payload."""
         job = self._jobs.pop(job_id, None)
+        self._fresh.pop(job_id, None)
         for w in self.workers.values():
             w.jobs.pop(job_id, None)
+            w.parking.discard(job_id)
+            w.parked.discard(job_id)
             w.preempting.discard(job_id)
         return job.payload if job else None
 
@@ -128,14 +141,16 @@ class LiveState(Generic[R]):
     def set_generated(self, job_id: str, count: int) -> None:
         if (job := self._jobs.get(job_id)) is not None:
             job.generated = count
+            if count:
+                self._fresh.pop(job_id, None)
 
     def view(self, job_id: str, running: bool = False) -> JobView:
         # A waiting job's view stays valid across ticks (its tokens do not change while it waits): reuse it.
         job = self._jobs[job_id]
         v = job.views[running]
-        if (v is None or v.generated != job.generated or v.swapped_on != job.swapped_on
-                or v.preemptions != job.preemptions):
-            v = job.views[running] = job_view(job.facts, job.generated, running, job.swapped_on, job.preemptions)
+        if (v is None or v.generated != job.generated or v.kv_on != job.kv_on
+                or v.preemptions != job.preemptions or v.parked != job.parked):
+            v = job.views[running] = job_view(job.facts, job.generated, running, job.kv_on, job.preemptions, job.parked)
         return v
 
     # -- workers ---------------------------------------------------------------------------------
@@ -145,12 +160,12 @@ class LiveState(Generic[R]):
         self.workers[worker.worker_id] = worker
 
     def remove_worker(self, worker_id: str) -> list[str]:
-        """The worker is gone: its host copies of swapped KV are gone with it; returns the jobs it held."""
+        """The worker is gone: the KV it kept for waiting jobs is gone with it; returns the jobs it held."""
         worker = self.workers.pop(worker_id, None)
         for job in self._jobs.values():
-            if job.swapped_on == worker_id:
-                job.swapped_on = ""
-        return list(worker.jobs) if worker else []
+            if job.kv_on == worker_id:
+                job.kv_on, job.parked = "", False
+        return [*worker.jobs, *worker.parking] if worker else []
 
     def load_report(self, worker_id: str, used_blocks: int, draining: bool, steps: list[StepSums] = (),
                     mean_context: float = 0.0) -> None:
@@ -167,48 +182,81 @@ class LiveState(Generic[R]):
                              else w.max_batch)
 
     # -- placement ---------------------------------------------------------------------------------
-    def placed(self, job_id: str, worker_id: str) -> str:
-        """The job now runs on the worker; returns another worker still holding a stale swapped copy, if any."""
+    def placed(self, job_id: str, worker_id: str, park: bool = False) -> str:
+        """The job now runs on the worker (with `park`: is prefilled there, then parked); returns another worker
+        still holding a stale copy of its KV, if any."""
         job, worker = self._jobs[job_id], self.workers[worker_id]
-        holder, job.swapped_on = job.swapped_on, ""
-        worker.jobs[job_id] = None
-        worker.reserved_blocks += worker.blocks_for(job.facts.prompt_len + job.generated)
+        resumes_parked = job.parked and job.kv_on == worker_id
+        holder = job.kv_on
+        self._drop_kept(job)
+        self._fresh.pop(job_id, None)
+        if park:
+            worker.parking.add(job_id)
+        else:
+            worker.jobs[job_id] = None
+        if not resumes_parked:                           # a parked job's blocks are already in use there
+            worker.reserved_blocks += worker.blocks_for(job.facts.prompt_len + job.generated)
         return holder if holder != worker_id and holder in self.workers else ""
+
+    def parking_on(self, job_id: str, worker_id: str) -> bool:
+        """The job was sent to the worker to be prefilled and parked (its parking is not a preemption)."""
+        return (w := self.workers.get(worker_id)) is not None and job_id in w.parking
 
     def preempt_sent(self, job_id: str, worker_id: str) -> None:
         self.workers[worker_id].preempting.add(job_id)
 
     def left_worker(self, job_id: str, worker_id: str) -> None:
         """The job no longer runs on the worker (preempted, finished, failed, aborted, requeued), and the
-        worker keeps no host copy of its KV (see swapped_out)."""
+        worker keeps none of its KV (see kept_kv)."""
         if (w := self.workers.get(worker_id)) is not None:
             w.jobs.pop(job_id, None)
+            w.parking.discard(job_id)
             w.preempting.discard(job_id)
-        if (job := self._jobs.get(job_id)) is not None and job.swapped_on == worker_id:
-            job.swapped_on = ""
-
-    def preempted(self, job_id: str, worker_id: str, swapped: bool) -> None:
-        """The worker gave the job back as asked (its KV kept in host memory when `swapped`)."""
-        self.left_worker(job_id, worker_id)
         if (job := self._jobs.get(job_id)) is not None:
-            job.preemptions += 1
-        if swapped:
-            self.swapped_out(job_id, worker_id)
+            if job.kv_on == worker_id:
+                self._drop_kept(job)
+            if job.generated == 0:             # back without a first token (lost worker, early preemption)
+                self._fresh[job_id] = None
 
-    def swapped_out(self, job_id: str, worker_id: str) -> None:
-        """The worker keeps the job's KV in host memory: placing it there again resumes without recompute."""
-        if (job := self._jobs.get(job_id)) is not None and worker_id in self.workers:
-            job.swapped_on = worker_id
+    def _drop_kept(self, job: _Job) -> None:
+        if (w := self.workers.get(job.kv_on)) is not None:
+            w.parked.discard(job.facts.job_id)
+        job.kv_on, job.parked = "", False
+
+    def preempted(self, job_id: str, worker_id: str, mode: PreemptMode, counted: bool = True) -> None:
+        """The worker gave the job back as `mode` says; `counted`: it was a preemption, which counts against the
+        job's bound (not a park after its first token as asked: see parking_on, asked before left_worker)."""
+        self.left_worker(job_id, worker_id)
+        if (job := self._jobs.get(job_id)) is not None and counted:
+            job.preemptions += 1
+        if mode.keeps_kv:
+            self.kept_kv(job_id, worker_id, parked=mode is PreemptMode.PARK)
+
+    def kept_kv(self, job_id: str, worker_id: str, parked: bool) -> None:
+        """The worker keeps the job's KV (on its GPU when `parked`, else in host memory): placing it there again
+        resumes without recompute."""
+        if (job := self._jobs.get(job_id)) is not None and (w := self.workers.get(worker_id)) is not None:
+            self._drop_kept(job)
+            job.kv_on, job.parked = worker_id, parked
+            if parked:
+                w.parked.add(job_id)
 
     def running(self) -> int:
         return sum(len(w.jobs) for w in self.workers.values())
 
+    def _parked_blocks(self, w: WorkerState) -> int:
+        return sum(w.blocks_for(job.facts.prompt_len + job.generated) for j in w.parked if (job := self._jobs.get(j)))
+
     # -- what a policy sees ------------------------------------------------------------------------
-    def snapshot(self, now: float, queued_ids: Iterable[str]) -> Snapshot:
+    def snapshot(self, now: float, queued_ids: Iterable[str], fresh_limit: int = 256) -> Snapshot:
+        """The queue's head (`queued_ids`, in queue order) and, for prefill-early, up to `fresh_limit` waiting jobs
+        without a first token in the order they came (a job the queue ranks low is still among them)."""
         queued = tuple(self.view(j) for j in queued_ids if j in self._jobs)
+        fresh = tuple(self.view(j) for j in islice(self._fresh, fresh_limit))
         workers = tuple(
             WorkerView(worker_id=w.worker_id, max_batch=w.admit_limit, free_blocks=w.free_blocks,
                        block_size=w.block_size, draining=w.draining, preempting=bool(w.preempting),
+                       num_blocks=w.num_blocks, parking=len(w.parking), parked_blocks=self._parked_blocks(w),
                        running=tuple(self.view(j, running=True) for j in w.jobs if j in self._jobs))
             for w in self.workers.values())
-        return Snapshot(now=now, queued=queued, workers=workers)
+        return Snapshot(now=now, queued=queued, workers=workers, fresh=fresh)

@@ -50,6 +50,7 @@ class StepOutput:
     deltas: list[TokenDelta] = field(default_factory=list)
     finished: list[tuple[str, Finish]] = field(default_factory=list)
     estimates: list[LengthEstimate] = field(default_factory=list)
+    parked: list[str] = field(default_factory=list)       # jobs parked after their first token (park_after_first_token)
     seconds: float = 0.0
     shape: "StepShape | None" = None      # what this call launched (None: nothing)
 
@@ -90,6 +91,7 @@ class EngineLoad:
     running: int
     waiting: int
     swapped: int
+    parked: int
     used_blocks: int
     total_blocks: int
     swapped_blocks: int
@@ -126,11 +128,15 @@ class Engine:
 
     # -- commands ------------------------------------------------------------------------------
     def add(self, job_id: str, prompt_ids: list[int], sampling: Sampling,
-            output_ids: list[int] = (), output_text: str = "") -> None:
-        """Start a job, or resume one this worker swapped out earlier."""
+            output_ids: list[int] = (), output_text: str = "", park_after_first_token: bool = False) -> None:
+        """Start a job, or resume one this worker swapped out or parked earlier. With `park_after_first_token` the
+        job is parked (KV kept, no decoding) as soon as its next token is sampled, until it is added again."""
         seq = self.seqs.get(job_id)
         if seq is not None and seq.status is SeqStatus.SWAPPED:
             self._resume_swapped(seq)
+            return
+        if seq is not None and seq.status is SeqStatus.PARKED:
+            self.sched.unpark(seq)
             return
         if seq is not None:
             raise ValueError(f"job {job_id} is already on this worker")
@@ -143,7 +149,8 @@ class Engine:
             raise ValueError(f"job {job_id}: needs 1 to {self.max_model_len - 1} tokens and max_tokens >= 1")
         if not all(0 <= t < self.vocab_size for t in (*prompt_ids, *output_ids)):
             raise ValueError(f"job {job_id}: token ids must be in [0, {self.vocab_size})")
-        seq = Sequence(job_id, list(prompt_ids), sampling, output_ids=list(output_ids))
+        seq = Sequence(job_id, list(prompt_ids), sampling, output_ids=list(output_ids),
+                       park_on_sample=park_after_first_token)
         self.seqs[job_id] = seq
         if (kept := self._preempted_features.pop(job_id, None)) is not None:
             self.probe_features[job_id] = kept
@@ -159,22 +166,28 @@ class Engine:
         return True
 
     def preempt(self, job_id: str, mode: PreemptMode) -> PreemptMode | None:
-        """Stop running a job but remember it; returns what was done (swap or recompute)."""
+        """Stop running a job but remember it; returns what was done (park, swap or recompute)."""
         self._settle()
         seq = self.seqs.get(job_id)
-        if seq is None or seq.status is SeqStatus.SWAPPED:
+        if seq is None or seq.status in (SeqStatus.SWAPPED, SeqStatus.PARKED):
             return None
         self.num_preemptions += 1
+        if mode is PreemptMode.PARK and self.sched.park(seq):
+            return PreemptMode.PARK
         if mode is PreemptMode.SWAP and (moves := self.sched.swap_out(seq)) is not None:
             self.runner.cache.copy_out(moves)
             return PreemptMode.SWAP
         # Recompute: the scheduler re-sends the job (prompt + output so far) when it resumes it.
-        if (kept := self.probe_features.get(job_id)) is not None:
-            self._preempted_features[job_id] = kept
+        self._forget_for_recompute(seq)
+        return PreemptMode.RECOMPUTE
+
+    def _forget_for_recompute(self, seq: Sequence) -> None:
+        """The job leaves this worker to be recomputed later (here or elsewhere): its probe features are kept."""
+        if (kept := self.probe_features.get(seq.job_id)) is not None:
+            self._preempted_features[seq.job_id] = kept
             while len(self._preempted_features) > PREEMPTED_FEATURES_KEPT:
                 self._preempted_features.popitem(last=False)
         self._drop(seq)
-        return PreemptMode.RECOMPUTE
 
     def reset(self) -> None:
         """Drop every job and whatever the device was computing for them (the session ended, or a step
@@ -205,6 +218,8 @@ class Engine:
         started = time.perf_counter()
         plan = self.sched.schedule()
         self.num_preemptions += len(plan.preempted)
+        for seq in plan.evicted:                        # parked KV given up for room: the scheduler recomputes them
+            self._forget_for_recompute(seq)
         launched = self._launch(plan) if not plan.empty else None
         out, self._settled = self._settled, StepOutput()
         collected = self._in_flight
@@ -298,6 +313,8 @@ class Engine:
             self.sched.finish(seq, finish)
             self._drop(seq)
             out.finished.append((seq.job_id, finish))
+        elif seq.park_on_sample and self.sched.park(seq):
+            out.parked.append(seq.job_id)
 
     def _finish_reason(self, seq: Sequence, token: int, detok: IncrementalDetokenizer) -> Finish | None:
         if detok.stopped or (token in self.eos_ids and not seq.sampling.ignore_eos):
@@ -313,6 +330,7 @@ class Engine:
             running=len(running),
             waiting=len(waiting),
             swapped=sum(1 for s in self.seqs.values() if s.status is SeqStatus.SWAPPED),
+            parked=len(self.sched.parked),
             used_blocks=self.blocks.num_used,
             total_blocks=self.blocks.num_total,
             swapped_blocks=self.blocks.num_swapped,

@@ -138,7 +138,7 @@ class EngineLoop(threading.Thread):
         if kind == "assign":
             a = cmd.assign
             self.engine.add(a.job_id, list(a.prompt_token_ids), sampling_from_proto(a.sampling),
-                            list(a.output_token_ids), a.output_text)
+                            list(a.output_token_ids), a.output_text, a.park_after_first_token)
         elif kind == "preempt":
             asked = PreemptMode.from_wire(cmd.preempt.mode)
             self.batcher.forget(cmd.preempt.job_id)
@@ -155,9 +155,10 @@ class EngineLoop(threading.Thread):
 
     def _step_failed(self, error: Exception) -> None:
         """Every job the engine held is dropped; the scheduler decides what happens to each of them. Swapped
-        out jobs are not reported: the scheduler already put them back in its queue (it may even be assigning
-        one here again), and they simply resume by recompute."""
-        job_ids = [j for j, seq in self.engine.seqs.items() if seq.status is not SeqStatus.SWAPPED]
+        out and parked jobs are not reported: the scheduler already put them back in its queue (it may even be
+        assigning one here again), and they simply resume by recompute."""
+        job_ids = [j for j, seq in self.engine.seqs.items()
+                   if seq.status not in (SeqStatus.SWAPPED, SeqStatus.PARKED)]
         self._send_held()                  # the tokens they made are real: the scheduler resumes after them
         self._reset()
         self._report_failed(job_ids, error)
@@ -182,9 +183,13 @@ class EngineLoop(threading.Thread):
         if out.estimates:               # before the tokens: the scheduler re-ranks the job as its first token arrives
             self._send(wpb.WorkerMessage(estimates=wpb.LengthEstimates(estimates=[
                 wpb.LengthEstimate(job_id=e.job_id, output_tokens=e.output_tokens) for e in out.estimates])))
-        self._send_tokens(self.batcher.step(out.deltas, {j for j, _ in out.finished}, len(self.engine.sched.running)))
+        # a finished or parked job's tokens go out now, before the message that says it left the batch
+        leaving = {j for j, _ in out.finished} | set(out.parked)
+        self._send_tokens(self.batcher.step(out.deltas, leaving, len(self.engine.sched.running)))
         for job_id, finish in out.finished:
             self._send(wpb.WorkerMessage(finished=wpb.JobFinished(job_id=job_id, finish_reason=FINISH_CODES[finish])))
+        for job_id in out.parked:
+            self._send(wpb.WorkerMessage(preempted=wpb.JobPreempted(job_id=job_id, mode=PreemptMode.PARK.wire)))
 
     def _send_held(self) -> None:
         self._send_tokens(self.batcher.take_all())

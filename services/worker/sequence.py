@@ -9,6 +9,7 @@ class SeqStatus(enum.Enum):
     WAITING = "waiting"      # assigned, not (or no longer) holding KV
     RUNNING = "running"      # holds KV blocks, scheduled every step
     SWAPPED = "swapped"      # KV copied out to host memory, paused until the scheduler resumes it
+    PARKED = "parked"        # holds KV blocks but is not scheduled, until the scheduler resumes it
     FINISHED = "finished"
 
 
@@ -55,6 +56,7 @@ class Sequence:
     num_preemptions: int = 0
     num_pending: int = 0                   # sampled on the device, not yet appended to output_ids
     sample_row: int = -1                   # row of the latest pending token in its step's sampled ids
+    park_on_sample: bool = False           # park (keep the KV, stop decoding) once its next token is sampled
 
     @property
     def cache_salt(self) -> bytes:

@@ -2,8 +2,9 @@
 
 Token-centric: each running sequence gets its uncomputed tokens (1 for decode, a chunk for a prompt),
 decodes first, then prefill chunks under the token budget, so a long prompt never stalls running
-decodes. When the KV pool cannot grow, the most recently admitted sequence is preempted by recompute
-(its blocks freed; it waits at the front) until the others fit. Pure Python over the BlockManager.
+decodes. When the KV pool cannot grow, parked sequences (holding KV while the scheduler keeps them waiting)
+lose their KV first, newest first; then the most recently admitted sequence is preempted by recompute (its
+blocks freed; it waits at the front) until the others fit. Pure Python over the BlockManager.
 
 One owner: this module is the only writer of a sequence's status and the only one that changes the
 BlockManager (grow, free, swap, prefix cache); the engine asks it to (`swap_out`, `swap_in`, `finish`, `drop`,
@@ -12,7 +13,8 @@ BlockManager (grow, free, swap, prefix cache); the engine asks it to (`swap_out`
 `running` is an insertion-ordered dict used as an ordered set: membership and removal are O(1) (a list
 made every step O(batch^2), most of the host time at batch 128). A sequence whose pending token already
 ends it by length is skipped (the step that sampled that token finishes it); one with a pending token is
-never admitted from the waiting queue, since its tokens must all be known to prefill them.
+never admitted from the waiting queue, since its tokens must all be known to prefill them. A sequence to be
+parked once its pending token arrives is skipped the same way, so it never samples a second one.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ class ScheduledChunk:
 class StepPlan:
     chunks: list[ScheduledChunk]
     preempted: list[Sequence]          # sequences that lost their KV this step (recompute later)
+    evicted: list[Sequence] = ()       # parked sequences whose KV was dropped for room (the engine forgets them)
 
     @property
     def empty(self) -> bool:
@@ -49,6 +52,7 @@ class StepScheduler:
         self.token_budget = token_budget
         self.max_model_len = max_model_len
         self.running: dict[Sequence, None] = {}  # admission order: the last one is preempted first
+        self.parked: dict[Sequence, None] = {}   # holding KV, not scheduled; the last parked loses its KV first
         self.waiting: deque[Sequence] = deque()
         self.admitted_tokens = 0                 # tokens of admitted sequences to be computed from scratch
         self.cached_tokens = 0                   # of which found in the prefix cache (no prefill)
@@ -62,9 +66,25 @@ class StepScheduler:
         seq.status = SeqStatus.RUNNING
         self.running[seq] = None
 
+    def park(self, seq: Sequence) -> bool:
+        """Stop scheduling a running sequence but keep its KV (the scheduler resumes it with `unpark`); False if
+        it is not running (then nothing changes)."""
+        if seq.status is not SeqStatus.RUNNING:
+            return False
+        del self.running[seq]
+        seq.status, seq.park_on_sample = SeqStatus.PARKED, False
+        self.parked[seq] = None
+        return True
+
+    def unpark(self, seq: Sequence) -> None:
+        del self.parked[seq]
+        self.resume(seq)
+
     def remove(self, seq: Sequence) -> None:
         if seq in self.running:
             del self.running[seq]
+        elif seq in self.parked:
+            del self.parked[seq]
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
@@ -111,13 +131,17 @@ class StepScheduler:
         budget = self.token_budget
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
+        evicted: list[Sequence] = []
         for seq in list(self.running):
             if seq not in self.running:          # preempted by an earlier iteration of this loop
                 continue
             n = min(seq.num_uncomputed, budget)
-            if n == 0 or (seq.num_pending and seq.reaches_length(self.max_model_len)):
+            if n == 0 or (seq.num_pending and (seq.park_on_sample or seq.reaches_length(self.max_model_len))):
                 continue
             while not self.blocks.can_grow(seq.job_id, seq.num_computed + n):
+                if self.parked:
+                    evicted.append(self._evict_parked())
+                    continue
                 victim = next(reversed(self.running))
                 self._preempt(victim)
                 preempted.append(victim)
@@ -128,14 +152,19 @@ class StepScheduler:
                 chunks.append(self._plan_chunk(seq, n))
                 budget -= n
         if not preempted:                        # a step that had to preempt admits nobody new
-            chunks += self._admit(budget)
+            chunks += self._admit(budget, evicted)
         assert sum(c.num_tokens for c in chunks) <= self.token_budget
-        return StepPlan(chunks, preempted)
+        return StepPlan(chunks, preempted, evicted)
 
-    def _admit(self, budget: int) -> list[ScheduledChunk]:
+    def _admit(self, budget: int, evicted: list[Sequence]) -> list[ScheduledChunk]:
+        """Waiting sequences, in order, while the budget and the batch last. One to be parked after its first
+        token does not count against the batch (it leaves it after one prefill) and takes no parked KV."""
         admitted = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_batch:
+        parking = sum(1 for s in self.running if s.park_on_sample)
+        while self.waiting and budget > 0:
             seq = self.waiting[0]
+            if len(self.running) - parking >= self.max_batch and not seq.park_on_sample:
+                break
             if seq.num_pending:                  # preempted while its last token was in flight: next step
                 break
             fresh = seq.num_computed == 0 and not self.blocks.table(seq.job_id)
@@ -143,6 +172,8 @@ class StepScheduler:
                 seq.num_computed = self.blocks.match_prefix(seq.job_id, seq.token_slice(0, seq.num_tokens),
                                                             seq.cache_salt)
             n = min(seq.num_uncomputed, budget)
+            while not seq.park_on_sample and self.parked and not self.blocks.can_grow(seq.job_id, seq.num_computed + n):
+                evicted.append(self._evict_parked())
             if not self.blocks.can_grow(seq.job_id, seq.num_computed + n):
                 if fresh:                        # give the cached prefix back while it waits
                     self.blocks.free(seq.job_id)
@@ -152,6 +183,7 @@ class StepScheduler:
                 self.admitted_tokens += seq.num_tokens
                 self.cached_tokens += seq.num_computed
             self.waiting.popleft()
+            parking += seq.park_on_sample
             self.blocks.grow(seq.job_id, seq.num_computed + n)
             seq.status = SeqStatus.RUNNING
             self.running[seq] = None
@@ -164,6 +196,15 @@ class StepScheduler:
         chunk = ScheduledChunk(seq, seq.num_computed, n)
         seq.num_computed += n
         return chunk
+
+    def _evict_parked(self) -> Sequence:
+        """The most recently parked sequence gives its KV back; the engine forgets it (the scheduler, which
+        holds it in its queue, recomputes it wherever it resumes it)."""
+        seq = next(reversed(self.parked))
+        del self.parked[seq]
+        self.blocks.free(seq.job_id)
+        seq.reset_for_recompute()
+        return seq
 
     def _preempt(self, seq: Sequence) -> None:
         del self.running[seq]

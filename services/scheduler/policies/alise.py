@@ -20,13 +20,23 @@ worker is preempted only if all of these hold:
   batch some job finishes soon and a recompute delays many, so preemption is rare there; with a few long
   jobs it pays;
 - the victim has been preempted fewer than `max_preemptions` times.
-One preemption per worker is in flight at a time; the longest qualifying victim goes first.
+One preemption per worker is in flight at a time; the longest qualifying victim goes first. With preemption by
+parking (PreemptMode.PARK: the victim stops decoding but keeps its KV on the GPU, and resumes there at once) a
+preemption costs the victim no recompute, so only the ratio, the bound and the near-end rule limit it.
+
+Prefill early (`park_kv_share` > 0). KV room on a large GPU far exceeds what the decode slots (the throughput
+knee) use, so a job that must wait for a slot is prefilled at once and parked: it gets its first token now, and
+its decode waits, in queue order, for a slot. TTFT no longer depends on the rank a job's predicted length gives
+it, while decode slots still go to the shortest predicted work. Parked KV is bounded: a worker takes jobs to
+park while its KV in use (promised blocks included) stays under `park_kv_share` of its pool, at most
+`max_parking` in flight at a time; the worker gives parked KV back first when its pool runs short.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+from services.common.preempt_mode import PreemptMode
 from services.scheduler.exec_time import ExecTimeModel
 from services.scheduler.policies.base import (PRIORITY_CLASS_SPAN, SCORE_EPOCH, JobView, Placement, Plan,
                                               Snapshot, WorkerView, preempt_for_waiting)
@@ -39,8 +49,14 @@ class AlisePolicy:
     preempt_margin: float = 2.0    # ... and the wait saved is this many times the victim's preemption cost
     max_preemptions: int = 2       # ... and it was preempted fewer times than this
     near_end_tokens: float = 16.0  # ... and it has at least this many predicted tokens left
+    preempt_mode: PreemptMode = PreemptMode.RECOMPUTE   # what a preemption costs the victim (park: nothing)
+    park_kv_share: float = 0.0     # prefill waiting jobs early while KV use stays under this share; 0 = off
+    max_parking: int = 32          # ... at most this many on their way to be parked on a worker at once
     name: str = "alise"
     preemptive: bool = True
+
+    def __post_init__(self) -> None:
+        self.preempt_mode = PreemptMode(self.preempt_mode)     # its value ("park") is accepted too
 
     def queue_score(self, job: JobView, cost: ExecTimeModel) -> float:
         # an unpredicted job carries the scheduler's prior as its prediction: ranked as that much work
@@ -53,7 +69,28 @@ class AlisePolicy:
         preempt = preempt_for_waiting(placement.unplaced, list(snap.workers),
                                       lambda waiting, workers: self._victim(waiting, workers, cost),
                                       skip=lambda waiting: not waiting.predicted)
-        return Plan(assign=tuple(placement.assign), preempt=preempt)
+        early = self._prefill_early(snap, {j for j, _ in placement.assign}) if self.park_kv_share > 0 else ()
+        return Plan(assign=tuple(placement.assign), preempt=preempt, prefill_early=early)
+
+    def _prefill_early(self, snap: Snapshot, assigned: set[str]) -> tuple[tuple[str, str], ...]:
+        """Waiting jobs without a first token, oldest first (TTFT goes by arrival, whatever a job's rank), to be
+        prefilled and parked where KV room allows."""
+        workers = snap.workers
+        room = {w.worker_id: [self.park_kv_share * w.num_blocks - (w.num_blocks - w.free_blocks), self.max_parking - w.parking]
+                for w in workers if not w.draining}
+        by_id = {w.worker_id: w for w in workers}
+        out = []
+        for job in snap.fresh:
+            if job.generated or job.kv_on or job.job_id in assigned:   # has its first token or KV, or runs now
+                continue
+            fits = [wid for wid, (blocks, n) in room.items() if n > 0 and blocks >= by_id[wid].blocks_needed(job)]
+            if not fits:
+                continue                             # a shorter prompt further down may still fit
+            wid = max(fits, key=lambda w: room[w][0])
+            room[wid][0] -= by_id[wid].blocks_needed(job)
+            room[wid][1] -= 1
+            out.append((job.job_id, wid))
+        return tuple(out)
 
     def _victim(self, waiting: JobView, workers: list[WorkerView],
                 cost: ExecTimeModel) -> tuple[JobView, WorkerView] | None:
@@ -61,6 +98,7 @@ class AlisePolicy:
         # preempting on it only thrashes)
         need = waiting.remaining_seconds(cost)
         best, best_s = None, self.preempt_ratio * need
+        parks = self.preempt_mode is PreemptMode.PARK
         for w in workers:
             left = [(job.remaining_seconds(cost), job) for job in w.running]
             if not left:
@@ -69,6 +107,6 @@ class AlisePolicy:
             for s, job in left:
                 if (s > best_s and job.predicted and job.priority <= waiting.priority
                         and job.preemptions < self.max_preemptions and job.remaining_tokens >= self.near_end_tokens
-                        and saving > self.preempt_margin * len(left) * cost.preemption(job.prompt_len + job.generated)):
+                        and (parks or saving > self.preempt_margin * len(left) * cost.preemption(job.prompt_len + job.generated))):
                     best, best_s = (job, w), s
         return best

@@ -25,9 +25,10 @@ class JobView(NamedTuple):
     predicted: bool
     generated: int = 0
     running: bool = False      # holds KV on its worker right now
-    swapped_on: str = ""       # worker that holds its swapped-out KV
+    kv_on: str = ""            # worker that still holds its KV while it waits (swapped to host memory, or parked)
     pred_deciles: tuple[float, ...] = ()
     preemptions: int = 0       # times this scheduler has preempted it
+    parked: bool = False       # that KV is on kv_on's GPU: resuming there is immediate and needs no new blocks
 
     @property
     def remaining_tokens(self) -> float:
@@ -35,7 +36,8 @@ class JobView(NamedTuple):
                                          self.pred_deciles)
 
     def remaining_seconds(self, cost: ExecTimeModel) -> float:
-        return cost.remaining(self.prompt_len + self.generated, self.remaining_tokens, not self.running)
+        # a running or parked job has its context computed; any other needs it prefilled (again)
+        return cost.remaining(self.prompt_len + self.generated, self.remaining_tokens, not (self.running or self.parked))
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class WorkerView:
     running: tuple[JobView, ...] = ()
     draining: bool = False
     preempting: bool = False   # a preemption is in flight: its slot is about to free up
+    num_blocks: int = 0        # its whole KV pool
+    parking: int = 0           # jobs sent here to be prefilled and parked, not back yet
+    parked_blocks: int = 0     # KV of jobs parked here (in use, but the worker gives it up first when short)
 
     def blocks_needed(self, job: JobView) -> int:
         return -(-(job.prompt_len + job.generated + 1) // self.block_size)
@@ -57,12 +62,15 @@ class Snapshot:
     now: float
     queued: tuple[JobView, ...]        # in queue order (lowest score first)
     workers: tuple[WorkerView, ...]
+    fresh: tuple[JobView, ...] = ()    # waiting jobs without a first token, oldest first (for prefill-early)
 
 
 @dataclass(frozen=True)
 class Plan:
     assign: tuple[tuple[str, str], ...] = ()     # (job id, worker id)
     preempt: tuple[tuple[str, str], ...] = ()    # (job id, worker id)
+    # (job id, worker id): prefill now, send the first token, then park with the KV kept until assigned again
+    prefill_early: tuple[tuple[str, str], ...] = ()
 
 
 class Policy(Protocol):
@@ -88,7 +96,9 @@ class Placement:
 
     @classmethod
     def greedy(cls, snap: Snapshot) -> "Placement":
-        room = {w.worker_id: _Room(w.max_batch - len(w.running), w.free_blocks)
+        # parked KV counts as room: the worker gives it up for a job it runs (a parked job placed on its own
+        # worker takes its own blocks back out of that room)
+        room = {w.worker_id: _Room(w.max_batch - len(w.running), w.free_blocks + w.parked_blocks)
                 for w in snap.workers if not w.draining}
         by_id = {w.worker_id: w for w in snap.workers}
         out = cls()
@@ -131,6 +141,6 @@ def _pick_worker(job: JobView, room: dict[str, _Room], workers: dict[str, Worker
     fits = [w for w, r in room.items() if r.slots > 0 and r.blocks >= workers[w].blocks_needed(job)]
     if not fits:
         return None
-    if job.swapped_on in fits:          # its KV is already there: resume without recompute
-        return job.swapped_on
+    if job.kv_on in fits:               # its KV is already there: resume without recompute
+        return job.kv_on
     return max(fits, key=lambda w: (room[w].slots, room[w].blocks))

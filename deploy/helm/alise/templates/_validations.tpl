@@ -4,8 +4,8 @@
 {{- if not (has .Values.scheduler.policy (list "fcfs" "priority" "sjf" "mlfq" "alise")) -}}
 {{- fail (printf "scheduler.policy must be fcfs, priority, sjf, mlfq or alise (got %q)" .Values.scheduler.policy) -}}
 {{- end -}}
-{{- if not (has .Values.scheduler.preemptMode (list "recompute" "swap")) -}}
-{{- fail "scheduler.preemptMode must be recompute or swap" -}}
+{{- if not (has .Values.scheduler.preemptMode (list "park" "recompute" "swap")) -}}
+{{- fail "scheduler.preemptMode must be park, recompute or swap" -}}
 {{- end -}}
 {{- if not (has .Values.predictor.encoder (list "auto" "minilm" "static")) -}}
 {{- fail (printf "predictor.encoder must be auto, minilm or static (got %q)" .Values.predictor.encoder) -}}
