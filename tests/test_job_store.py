@@ -63,6 +63,16 @@ async def test_requeue_keeps_tokens_and_is_only_allowed_for_the_holder(store):
     assert await store.claim("j1", "w2")
 
 
+async def test_a_job_parked_after_its_first_token_is_not_counted_as_preempted(store):
+    await create(store, record(), 5.0)
+    await store.claim("j1", "w1")
+    assert await store.requeue("j1", "w1", score=2.0, swapped_on="w1", parked=True)
+    assert (await store.state("j1")).num_preemptions == 0 and (await store.progress("j1"))[2] == 0
+    await store.claim("j1", "w1")
+    assert await store.requeue("j1", "w1", score=2.0, swapped_on="w1", preempted=True)
+    assert (await store.state("j1")).num_preemptions == 1 and (await store.progress("j1"))[2] == 1
+
+
 async def test_abort_from_queue_and_from_running(store):
     await create(store, record("a"), 1.0)
     await create(store, record("b"), 2.0)

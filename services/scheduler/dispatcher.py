@@ -173,7 +173,8 @@ class Dispatcher:
     async def _requeue(self, job_id: str, worker_id: str, preempted: PreemptMode | None = None) -> None:
         """Back to the queue from the worker: given back as `preempted` says (parked after its first token as asked,
         or preempted), or (None) dropped there with its KV."""
-        counted = preempted is not None and not self.state.parking_on(job_id, worker_id)
+        early = preempted is not None and self.state.parking_on(job_id, worker_id)   # parked as asked, not preempted
+        counted = preempted is not None and not early
         keeps_kv = preempted is not None and preempted.keeps_kv
         self.state.left_worker(job_id, worker_id)
         if preempted is not None and not self.state.knows(job_id):
@@ -183,7 +184,7 @@ class Dispatcher:
         view = self.state.view(job_id)._replace(running=False, kv_on=worker_id if keeps_kv else "",
                                                 parked=preempted is PreemptMode.PARK)
         score = self.policy.queue_score(view, self.cost)
-        if not await self.store.requeue(job_id, worker_id, score, worker_id if keeps_kv else "", counted):
+        if not await self.store.requeue(job_id, worker_id, score, worker_id if keeps_kv else "", counted, early):
             if (st := await self.store.state(job_id)) is None or st.status in FINAL_STATUSES:
                 self.state.forget(job_id)        # it ended meanwhile: nothing left to remember
             return

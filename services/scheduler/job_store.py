@@ -155,12 +155,14 @@ class JobStore:
         return [int(x) for x in await self._scripts["append"](keys=keys_, args=args)]
 
     async def requeue(self, job_id: str, worker_id: str, score: float, swapped_on: str = "",
-                      preempted: bool = False) -> bool:
+                      preempted: bool = False, parked: bool = False) -> bool:
         """Running on `worker_id` -> queued again, its tokens kept. `preempted`: the scheduler ordered it (the
-        count the policies bound goes up too); else its worker was lost or restarted (requeue.lua)."""
+        count the policies bound goes up too); `parked`: parked after its first token as the scheduler asked
+        (prefill early; no count goes up); else its worker was lost or restarted (requeue.lua)."""
+        how = "park" if parked else "1" if preempted else "0"
         return bool(await self._scripts["requeue"](
             keys=[keys.job(job_id), keys.QUEUE, keys.worker_jobs(worker_id)],
-            args=[job_id, worker_id, score, swapped_on, "1" if preempted else "0"]))
+            args=[job_id, worker_id, score, swapped_on, how]))
 
     async def fail_step(self, job_id: str, worker_id: str, score: float, max_failures: int) -> StepFailureOutcome:
         """Its worker's engine step failed: requeue the job, or fail it after `max_failures` such steps."""
