@@ -1,0 +1,91 @@
+"""The worker's step scheduler under random commands (add, park after the first token, park, resume, abort) and
+KV pressure, without a model: a step's last chunk of a sequence samples one token, as the engine does. Whatever
+happens, every sequence is in exactly one place, the blocks in use are exactly the blocks the live sequences hold,
+and once everything is finished or dropped the pool is empty."""
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.worker.block_manager import BlockManager
+from services.worker.sequence import Finish, Sampling, Sequence, SeqStatus
+from services.worker.step_scheduler import StepScheduler
+
+OPS = st.lists(st.tuples(st.sampled_from(["add", "add_park", "step", "step", "step", "park", "resume", "abort"]),
+                         st.integers(0, 1000), st.integers(1, 40), st.integers(1, 12)), max_size=80)
+
+
+class Harness:
+    def __init__(self, num_blocks: int):
+        self.blocks = BlockManager(num_blocks=num_blocks, block_size=4)
+        # as the engine sizes it: a sequence alone always fits the pool
+        self.sched = StepScheduler(self.blocks, max_batch=3, token_budget=16, max_model_len=num_blocks * 4)
+        self.live: dict[str, Sequence] = {}
+        self.n = 0
+
+    def add(self, prompt_len: int, max_tokens: int, park: bool) -> None:
+        prompt_len = min(prompt_len, self.sched.max_model_len - 1)     # the engine refuses longer ones
+        self.n += 1
+        seq = Sequence(f"s{self.n}", [1] * prompt_len, Sampling(max_tokens=max_tokens, ignore_eos=True),
+                       park_on_sample=park)
+        self.live[seq.job_id] = seq
+        self.sched.add(seq)
+
+    def step(self) -> None:
+        plan = self.sched.schedule()
+        for seq in plan.evicted:                       # the engine forgets them (the scheduler recomputes them)
+            self.drop(seq)
+        for c in plan.chunks:
+            seq = c.seq
+            if seq.job_id not in self.live or c.start + c.num_tokens != seq.num_tokens:
+                continue
+            seq.output_ids.append(7)                   # its last token's KV is in: it samples one
+            if len(seq.output_ids) >= seq.sampling.max_tokens or seq.num_tokens >= self.sched.max_model_len:
+                self.sched.finish(seq, Finish.LENGTH)
+                self.drop(seq)
+            elif seq.park_on_sample:
+                assert self.sched.park(seq)
+
+    def drop(self, seq: Sequence) -> None:
+        self.sched.drop(seq)
+        self.live.pop(seq.job_id, None)
+
+    def pick(self, k: int, status: SeqStatus) -> Sequence | None:
+        seqs = [s for s in self.live.values() if s.status is status]
+        return seqs[k % len(seqs)] if seqs else None
+
+    def check(self) -> None:
+        places = [*self.sched.running, *self.sched.parked, *self.sched.waiting]
+        assert len(places) == len(set(map(id, places))) and {s.job_id for s in places} == set(self.live)
+        assert all(s.status is SeqStatus.PARKED for s in self.sched.parked)
+        assert all(s.status is SeqStatus.RUNNING for s in self.sched.running)
+        held = sum(len(self.blocks.table(s.job_id)) for s in self.live.values())
+        assert self.blocks.num_used == held
+
+
+@settings(max_examples=150, deadline=None)
+@given(OPS, st.integers(6, 40))
+def test_park_resume_and_eviction_keep_every_block_accounted_for(ops, num_blocks):
+    h = Harness(num_blocks)
+    for op, k, prompt_len, max_tokens in ops:
+        if op in ("add", "add_park"):
+            h.add(prompt_len, max_tokens, park=op == "add_park")
+        elif op == "step":
+            h.step()
+        elif op == "park" and (seq := h.pick(k, SeqStatus.RUNNING)) is not None:
+            h.sched.park(seq)
+        elif op == "resume" and (seq := h.pick(k, SeqStatus.PARKED)) is not None:
+            h.sched.unpark(seq)
+        elif op == "abort" and h.live:
+            h.drop(list(h.live.values())[k % len(h.live)])
+        h.check()
+    for seq in [s for s in h.live.values() if s.status is SeqStatus.PARKED]:
+        h.sched.unpark(seq)                            # the scheduler resumes everything parked...
+    for _ in range(10_000):                            # ...and every job runs to its end
+        if not (h.sched.running or h.sched.waiting):
+            break
+        h.step()
+        for seq in [s for s in h.live.values() if s.status is SeqStatus.PARKED]:
+            h.sched.unpark(seq)
+        h.check()
+    assert not h.live and h.blocks.num_used == 0
