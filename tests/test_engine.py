@@ -23,7 +23,7 @@ def make_engine(model_dir, **overrides) -> Engine:
     return build_engine(WorkerConfig(**{**cfg, **overrides}))
 
 
-def run_to_end(engine: Engine, max_steps: int = 10_000) -> dict[str, tuple[list[int], str, Finish]]:
+def run_to_end(engine: Engine, max_steps: int = 10_000, on_step=lambda out: None) -> dict[str, tuple[list[int], str, Finish]]:
     tokens: dict[str, list[int]] = {}
     texts: dict[str, str] = {}
     done = {}
@@ -31,6 +31,7 @@ def run_to_end(engine: Engine, max_steps: int = 10_000) -> dict[str, tuple[list[
         if not engine.has_work:
             break
         out = engine.step()
+        on_step(out)
         for d in out.deltas:
             tokens.setdefault(d.job_id, []).extend(d.token_ids)
             texts[d.job_id] = texts.get(d.job_id, "") + d.text
@@ -155,7 +156,9 @@ def test_parked_kv_is_given_up_before_running_jobs_are_preempted(model_dir, toke
     held = engine.blocks.num_used
     for i in (0, 1):
         engine.add(f"j{i}", ids[PROMPTS[i]], Sampling(max_tokens=24, ignore_eos=True))
-    done = run_to_end(engine)
+    dropped: list[str] = []
+    done = run_to_end(engine, on_step=lambda out: dropped.extend(out.kv_dropped))
+    assert dropped == ["parked"]                             # reported, so the scheduler stops counting on that KV
     assert "parked" not in engine.seqs and engine.load().parked == 0 and held > 0
     assert engine.num_preemptions == 0                       # nobody running lost its KV
     assert [done[f"j{i}"][0] for i in (0, 1)] == [references[PROMPTS[0]], references[PROMPTS[1]]]

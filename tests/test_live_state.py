@@ -101,3 +101,19 @@ def test_a_job_parked_after_its_first_token_is_not_running_nor_counted_as_preemp
     assert s.view("a").preemptions == 1 and s.workers["w1"].parked == {"a"}
     assert s.placed("a", "w2") == "w1"                                               # moved: w1's KV must go
     assert s.workers["w1"].parked == set() and s.workers["w2"].reserved_blocks == 2
+
+
+def test_parked_kv_the_worker_dropped_is_no_longer_counted_or_preferred():
+    from services.common.preempt_mode import PreemptMode
+
+    s = state_with("w1")
+    s.track(facts("a", prompt_len=30))
+    s.placed("a", "w1")
+    s.set_generated("a", 3)
+    s.preempted("a", "w1", PreemptMode.PARK)
+    assert s.snapshot(0.0, ["a"]).workers[0].parked_blocks == 3
+    s.kv_dropped("a", "w2")                                          # about another worker: ignored
+    assert s.view("a").parked
+    s.kv_dropped("a", "w1")
+    v = s.view("a")
+    assert (v.kv_on, v.parked) == ("", False) and s.snapshot(0.0, ["a"]).workers[0].parked_blocks == 0

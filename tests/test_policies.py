@@ -134,6 +134,14 @@ def test_alise_preempts_by_parking_without_the_recompute_gate():
     assert make_policy("alise", preempt_mode="park").plan(crowded, COST).preempt == (("long", "w"),)
 
 
+def test_a_park_that_would_cost_a_recompute_must_pay_like_one():
+    # the waiting job needs 2 blocks and 1 is free: the worker would drop parked KV (the victim's) for it
+    victim = job("long", 2000, generated=10, running=True, prompt_len=3000)
+    crowded = Snapshot(0, (job("short", 5),), (worker(slots=2, running=[victim, job("almost", 10, running=True)],
+                                                      free_blocks=1),))
+    assert make_policy("alise", preempt_mode="park").plan(crowded, COST).preempt == ()
+
+
 def test_alise_prefills_early_only_fresh_jobs_within_the_kv_share_and_the_parking_bound():
     # one slot, taken; 100 blocks of 16, 40 in use. Jobs of 20-token prompts need 2 blocks each.
     w = WorkerView(worker_id="w", max_batch=1, free_blocks=60, block_size=16, num_blocks=100,

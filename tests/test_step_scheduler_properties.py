@@ -89,3 +89,55 @@ def test_park_resume_and_eviction_keep_every_block_accounted_for(ops, num_blocks
             h.sched.unpark(seq)
         h.check()
     assert not h.live and h.blocks.num_used == 0
+
+
+def seq(job_id: str, prompt_len: int, park: bool = False) -> Sequence:
+    return Sequence(job_id, [1] * prompt_len, Sampling(max_tokens=8, ignore_eos=True), park_on_sample=park)
+
+
+def test_a_job_on_its_way_to_be_parked_takes_no_kv_from_running_or_parked_jobs():
+    blocks = BlockManager(num_blocks=6, block_size=4)
+    sched = StepScheduler(blocks, max_batch=4, token_budget=4, max_model_len=24)
+    decoding, parking = seq("d", 8), seq("p", 12, park=True)
+    sched.add(decoding)
+    sched.schedule(), sched.schedule()                   # d's 8 tokens: 2 blocks (+1 to grow)
+    sched.add(parking)
+    sched.schedule()                                     # p's first chunk
+    parked_one = seq("x", 4)
+    sched.add(parked_one)
+    plan = sched.schedule()
+    assert plan.preempted == [] and plan.evicted == []
+    assert decoding in sched.running                     # p waits for room instead of preempting d
+
+
+def test_a_parking_job_that_does_not_fit_does_not_hold_back_the_others():
+    blocks = BlockManager(num_blocks=4, block_size=4)
+    sched = StepScheduler(blocks, max_batch=4, token_budget=32, max_model_len=16)
+    held = seq("held", 12)
+    sched.add(held)
+    sched.schedule()
+    assert sched.park(held)                              # 3 blocks parked, 1 free
+    big, small = seq("big", 10, park=True), seq("small", 7)
+    sched.add(big), sched.add(small)
+    plan = sched.schedule()
+    # big (3 blocks) does not fit and may not evict; small may: held's KV goes, small runs, big keeps waiting
+    assert [c.seq.job_id for c in plan.chunks] == ["small"] and plan.evicted == [held]
+    assert list(sched.waiting) == [big]
+
+
+def test_parked_kv_is_dropped_only_when_that_makes_room():
+    def parked_and_free(running_tokens: int):
+        blocks = BlockManager(num_blocks=4, block_size=4)
+        sched = StepScheduler(blocks, max_batch=4, token_budget=32, max_model_len=16)
+        held = seq("held", 2)
+        sched.add(held)
+        if running_tokens:
+            sched.add(seq("r", running_tokens))
+        sched.schedule()
+        assert sched.park(held)                          # 1 block parked
+        sched.add(seq("w", 15))                          # needs all 4 blocks
+        return sched, held
+    sched, held = parked_and_free(0)                     # 3 free + 1 parked: dropping it makes room
+    assert sched.schedule().evicted == [held]
+    sched, held = parked_and_free(6)                     # r holds 2: 1 free + 1 parked is not enough
+    assert sched.schedule().evicted == [] and list(sched.parked) == [held]

@@ -141,10 +141,15 @@ class _Worker:
             self.used_blocks -= job.blocks(self.spec.block_size)
             job.computed = 0
 
-    def room_for(self, blocks: int) -> bool:
-        """Whether `blocks` more fit, dropping parked KV (most recently parked first) if that makes them fit."""
+    def room_for(self, blocks: int) -> list[str]:
+        """Drops parked KV (most recently parked first) while `blocks` more do not fit; returns the jobs dropped."""
+        dropped = []
         while self.used_blocks + blocks > self.spec.num_blocks and self.parked:
-            self.drop_parked(next(reversed(self.parked)))
+            dropped.append(job_id := next(reversed(self.parked)))
+            self.drop_parked(job_id)
+        return dropped
+
+    def fits(self, blocks: int) -> bool:
         return self.used_blocks + blocks <= self.spec.num_blocks
 
 
@@ -281,9 +286,12 @@ class Simulation:
         w.to_preempt.clear()
         # Out of KV, the engine itself puts its newest job back in its own waiting line (recompute), as vLLM does;
         # the scheduler is not told (it still counts the job as running there). They rejoin when blocks free up.
-        while w.waiting and w.room_for(w.waiting[0].blocks(w.spec.block_size)):
+        while w.waiting:
+            self._kv_dropped(w, w.room_for(need := w.waiting[0].blocks(w.spec.block_size)))
+            if not w.fits(need):
+                break
             w.admit(w.waiting.pop(0))
-        w.room_for(0)                             # decode growth past the pool: parked KV goes first
+        self._kv_dropped(w, w.room_for(0))       # decode growth past the pool: parked KV goes first
         while len(w.running) > 1 and w.used_blocks > w.spec.num_blocks:
             job = w.running[-1]
             w.release(job)
@@ -350,6 +358,10 @@ class Simulation:
                 w.park_after.discard(job.job_id)
                 self._park(w, job, counted=False)
         self._start_step(w)
+
+    def _kv_dropped(self, w: _Worker, job_ids: list[str]) -> None:
+        for job_id in job_ids:                    # the worker tells the scheduler (ParkedKvDropped)
+            self.state.kv_dropped(job_id, w.wid)
 
     def _park(self, w: _Worker, job: _Job, counted: bool) -> None:
         """The job stops decoding and keeps its KV on the worker; it waits in the scheduler's queue."""

@@ -251,6 +251,9 @@ class Dispatcher:
             await self._on_step_failed(s, msg.step_failed)
         elif kind == "estimates":
             await self._on_estimates(s.worker_id, msg.estimates)
+        elif kind == "parked_kv_dropped":
+            for job_id in msg.parked_kv_dropped.job_ids:      # recomputed wherever it resumes
+                self.state.kv_dropped(job_id, s.worker_id)
         elif kind == "load":
             s.load = ld = msg.load
             self.state.load_report(s.worker_id, ld.used_blocks, ld.draining,

@@ -218,6 +218,11 @@ class LiveState(Generic[R]):
             if job.generated == 0:             # back without a first token (lost worker, early preemption)
                 self._fresh[job_id] = None
 
+    def kv_dropped(self, job_id: str, worker_id: str) -> None:
+        """The worker gave up the KV it kept for the waiting job (a late report about an older copy changes nothing)."""
+        if (job := self._jobs.get(job_id)) is not None and job.kv_on == worker_id:
+            self._drop_kept(job)
+
     def _drop_kept(self, job: _Job) -> None:
         if (w := self.workers.get(job.kv_on)) is not None:
             w.parked.discard(job.facts.job_id)

@@ -51,6 +51,7 @@ class StepOutput:
     finished: list[tuple[str, Finish]] = field(default_factory=list)
     estimates: list[LengthEstimate] = field(default_factory=list)
     parked: list[str] = field(default_factory=list)       # jobs parked after their first token (park_after_first_token)
+    kv_dropped: list[str] = field(default_factory=list)   # parked jobs whose KV was given up for room
     seconds: float = 0.0
     shape: "StepShape | None" = None      # what this call launched (None: nothing)
 
@@ -218,10 +219,12 @@ class Engine:
         started = time.perf_counter()
         plan = self.sched.schedule()
         self.num_preemptions += len(plan.preempted)
+        evicted = [seq.job_id for seq in plan.evicted]
         for seq in plan.evicted:                        # parked KV given up for room: the scheduler recomputes them
             self._forget_for_recompute(seq)
         launched = self._launch(plan) if not plan.empty else None
         out, self._settled = self._settled, StepOutput()
+        out.kv_dropped += evicted
         collected = self._in_flight
         if collected is not None:                       # overlap: step N+1 is on the device, collect step N
             self._collect(collected, out)

@@ -159,9 +159,15 @@ class EngineLoop(threading.Thread):
         assigning one here again), and they simply resume by recompute."""
         job_ids = [j for j, seq in self.engine.seqs.items()
                    if seq.status not in (SeqStatus.SWAPPED, SeqStatus.PARKED)]
+        parked = [j for j, seq in self.engine.seqs.items() if seq.status is SeqStatus.PARKED]
         self._send_held()                  # the tokens they made are real: the scheduler resumes after them
         self._reset()
         self._report_failed(job_ids, error)
+        self._report_kv_dropped(parked)
+
+    def _report_kv_dropped(self, job_ids: list[str]) -> None:
+        if job_ids:
+            self._send(wpb.WorkerMessage(parked_kv_dropped=wpb.ParkedKvDropped(job_ids=job_ids)))
 
     def _report_failed(self, job_ids: list[str], error: Exception) -> None:
         self._send(wpb.WorkerMessage(step_failed=wpb.StepFailed(job_ids=job_ids, error=repr(error)[:500])))
@@ -190,6 +196,7 @@ class EngineLoop(threading.Thread):
             self._send(wpb.WorkerMessage(finished=wpb.JobFinished(job_id=job_id, finish_reason=FINISH_CODES[finish])))
         for job_id in out.parked:
             self._send(wpb.WorkerMessage(preempted=wpb.JobPreempted(job_id=job_id, mode=PreemptMode.PARK.wire)))
+        self._report_kv_dropped(out.kv_dropped)
 
     def _send_held(self) -> None:
         self._send_tokens(self.batcher.take_all())

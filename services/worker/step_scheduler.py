@@ -138,6 +138,8 @@ class StepScheduler:
             n = min(seq.num_uncomputed, budget)
             if n == 0 or (seq.num_pending and (seq.park_on_sample or seq.reaches_length(self.max_model_len))):
                 continue
+            if seq.park_on_sample and not self.blocks.can_grow(seq.job_id, seq.num_computed + n):
+                continue                         # on its way to be parked: it never takes KV from others, it waits
             while not self.blocks.can_grow(seq.job_id, seq.num_computed + n):
                 if self.parked:
                     evicted.append(self._evict_parked())
@@ -158,38 +160,54 @@ class StepScheduler:
 
     def _admit(self, budget: int, evicted: list[Sequence]) -> list[ScheduledChunk]:
         """Waiting sequences, in order, while the budget and the batch last. One to be parked after its first
-        token does not count against the batch (it leaves it after one prefill) and takes no parked KV."""
-        admitted = []
+        token does not count against the batch (it leaves it after one prefill), takes no parked KV, and is passed
+        over while it does not fit; the others keep their order (once one of them must wait, the rest do)."""
+        admitted: list[ScheduledChunk] = []
+        deferred: list[Sequence] = []
         parking = sum(1 for s in self.running if s.park_on_sample)
+        normal_blocked = False
         while self.waiting and budget > 0:
-            seq = self.waiting[0]
-            if len(self.running) - parking >= self.max_batch and not seq.park_on_sample:
-                break
+            seq = self.waiting.popleft()
             if seq.num_pending:                  # preempted while its last token was in flight: next step
+                self.waiting.appendleft(seq)
                 break
+            if not seq.park_on_sample and (normal_blocked or len(self.running) - parking >= self.max_batch):
+                normal_blocked = True
+                deferred.append(seq)
+                continue
             fresh = seq.num_computed == 0 and not self.blocks.table(seq.job_id)
             if fresh:
                 seq.num_computed = self.blocks.match_prefix(seq.job_id, seq.token_slice(0, seq.num_tokens),
                                                             seq.cache_salt)
             n = min(seq.num_uncomputed, budget)
-            while not seq.park_on_sample and self.parked and not self.blocks.can_grow(seq.job_id, seq.num_computed + n):
-                evicted.append(self._evict_parked())
+            if not seq.park_on_sample:
+                self._evict_for(seq, seq.num_computed + n, evicted)
             if not self.blocks.can_grow(seq.job_id, seq.num_computed + n):
                 if fresh:                        # give the cached prefix back while it waits
                     self.blocks.free(seq.job_id)
                     seq.num_computed = 0
-                break
+                normal_blocked = normal_blocked or not seq.park_on_sample
+                deferred.append(seq)
+                continue
             if fresh:
                 self.admitted_tokens += seq.num_tokens
                 self.cached_tokens += seq.num_computed
-            self.waiting.popleft()
             parking += seq.park_on_sample
             self.blocks.grow(seq.job_id, seq.num_computed + n)
             seq.status = SeqStatus.RUNNING
             self.running[seq] = None
             admitted.append(self._plan_chunk(seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(deferred))
         return admitted
+
+    def _evict_for(self, seq: Sequence, tokens: int, evicted: list[Sequence]) -> None:
+        """Parked KV is given up (newest first) to admit `seq`, but only when giving all of it up makes room."""
+        need = -(-tokens // self.blocks.block_size) - len(self.blocks.table(seq.job_id)) - self.blocks.num_free
+        if need <= 0 or need > sum(len(self.blocks.table(p.job_id)) for p in self.parked):
+            return
+        while self.parked and not self.blocks.can_grow(seq.job_id, tokens):
+            evicted.append(self._evict_parked())
 
     @staticmethod
     def _plan_chunk(seq: Sequence, n: int) -> ScheduledChunk:

@@ -104,9 +104,12 @@ class AlisePolicy:
             if not left:
                 continue
             saving = min(s for s, _ in left)          # when this worker's first slot would free up anyway
+            # parking costs nothing only if the waiting job fits without the worker dropping parked KV for it (the
+            # victim's own, first of all): else it may cost a recompute, which must pay like any other
+            free_park = parks and w.free_blocks >= w.blocks_needed(waiting)
             for s, job in left:
                 if (s > best_s and job.predicted and job.priority <= waiting.priority
                         and job.preemptions < self.max_preemptions and job.remaining_tokens >= self.near_end_tokens
-                        and (parks or saving > self.preempt_margin * len(left) * cost.preemption(job.prompt_len + job.generated))):
+                        and (free_park or saving > self.preempt_margin * len(left) * cost.preemption(job.prompt_len + job.generated))):
                     best, best_s = (job, w), s
         return best
