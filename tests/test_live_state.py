@@ -117,3 +117,14 @@ def test_parked_kv_the_worker_dropped_is_no_longer_counted_or_preferred():
     s.kv_dropped("a", "w1")
     v = s.view("a")
     assert (v.kv_on, v.parked) == ("", False) and s.snapshot(0.0, ["a"]).workers[0].parked_blocks == 0
+
+
+def test_a_job_back_without_a_first_token_keeps_its_arrival_place_for_prefill_early():
+    s = state_with("w1")
+    for i, j in enumerate("abc"):
+        s.track(JobFacts(job_id=j, priority=0, created=float(i), prompt_len=10, max_tokens=100, pred_len=10.0,
+                         pred_p90=20.0, predicted=True))
+    s.placed("a", "w1")
+    assert [v.job_id for v in s.snapshot(0.0, []).fresh] == ["b", "c"]
+    s.left_worker("a", "w1")                                         # its worker was lost before its first token
+    assert [v.job_id for v in s.snapshot(0.0, []).fresh] == ["a", "b", "c"]

@@ -215,8 +215,13 @@ class LiveState(Generic[R]):
         if (job := self._jobs.get(job_id)) is not None:
             if job.kv_on == worker_id:
                 self._drop_kept(job)
-            if job.generated == 0:             # back without a first token (lost worker, early preemption)
-                self._fresh[job_id] = None
+            if job.generated == 0 and job_id not in self._fresh:   # back without a first token (lost worker...)
+                self._refresh_in_order(job)
+
+    def _refresh_in_order(self, job: _Job) -> None:
+        """Back among the jobs without a first token at its arrival's place (rare: the whole order is rebuilt)."""
+        self._fresh[job.facts.job_id] = None
+        self._fresh = dict.fromkeys(sorted(self._fresh, key=lambda j: self._jobs[j].facts.created))
 
     def kv_dropped(self, job_id: str, worker_id: str) -> None:
         """The worker gave up the KV it kept for the waiting job (a late report about an older copy changes nothing)."""
