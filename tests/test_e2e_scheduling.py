@@ -65,6 +65,11 @@ def test_completion_order_by_policy(stack_factory, hf_model, tokenizer, long_ref
     if policy == "fcfs":
         assert order[0] == "long", order
         assert results["long"][2].timings.num_preemptions == 0
+    elif preempt_mode == "park":
+        # parking costs the long job no recompute, so a short job overtakes it at once; how many more do depends
+        # on the preemption bound and on when each short job's prediction lands (timing on a busy machine)
+        assert order[0] != "long", order
+        assert results["long"][2].timings.num_preemptions >= 1
     else:
         assert order[-1] == "long", order
         assert results["long"][2].timings.num_preemptions >= 1
