@@ -95,19 +95,24 @@ def seq(job_id: str, prompt_len: int, park: bool = False) -> Sequence:
     return Sequence(job_id, [1] * prompt_len, Sampling(max_tokens=8, ignore_eos=True), park_on_sample=park)
 
 
-def test_a_job_on_its_way_to_be_parked_takes_no_kv_from_running_or_parked_jobs():
-    blocks = BlockManager(num_blocks=6, block_size=4)
-    sched = StepScheduler(blocks, max_batch=4, token_budget=4, max_model_len=24)
-    decoding, parking = seq("d", 8), seq("p", 12, park=True)
-    sched.add(decoding)
-    sched.schedule(), sched.schedule()                   # d's 8 tokens: 2 blocks (+1 to grow)
-    sched.add(parking)
-    sched.schedule()                                     # p's first chunk
-    parked_one = seq("x", 4)
-    sched.add(parked_one)
+def test_a_job_on_its_way_to_be_parked_never_preempts_a_running_one():
+    # 3 blocks of 4: u (parked with 3 tokens, 1 block) is resumed after p (11-token prompt, its first 4 computed)
+    # was admitted to be parked, so u is the newest running job. p's last 7 tokens need 2 more blocks, 1 is free:
+    # p waits for room; it used to preempt u, a job that was decoding, to make it.
+    blocks = BlockManager(num_blocks=3, block_size=4)
+    sched = StepScheduler(blocks, max_batch=4, token_budget=4, max_model_len=12)
+    u = seq("u", 2)
+    sched.add(u)
+    sched.schedule()
+    u.output_ids.append(7)
+    assert sched.park(u)
+    p = seq("p", 11, park=True)
+    sched.add(p)
+    sched.schedule()
+    sched.unpark(u)
+    sched.token_budget = 16
     plan = sched.schedule()
-    assert plan.preempted == [] and plan.evicted == []
-    assert decoding in sched.running                     # p waits for room instead of preempting d
+    assert plan.preempted == [] and [(c.seq.job_id, c.num_tokens) for c in plan.chunks] == [("u", 1)]
 
 
 def test_a_parking_job_that_does_not_fit_does_not_hold_back_the_others():

@@ -1,0 +1,33 @@
+"""The benchmark's thread profiler: a busy thread shows up with its CPU time and the function it spends it in."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from services.common.thread_sampler import ThreadSampler
+
+
+def spin(stop: threading.Event) -> None:
+    while not stop.is_set():
+        sum(range(1000))
+
+
+def test_a_busy_thread_is_sampled_with_its_cpu_time_and_its_function(tmp_path):
+    out = tmp_path / "threads.json"
+    sampler = ThreadSampler(out, interval_s=0.005)
+    stop = threading.Event()
+    busy = threading.Thread(target=spin, args=(stop,), name="busy")
+    busy.start()
+    sampler.start()
+    deadline = time.monotonic() + 60
+    while (sampler.samples["busy"] < 20 or "busy" not in sampler.cpu_seen) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sampler.finish()
+    stop.set()
+    busy.join()
+    report = json.loads(out.read_text())
+    thread = report["threads"]["busy"]
+    assert thread["samples"] >= 20 and thread["cpu_s"] > 0
+    assert dict(thread["inclusive"])["test_thread_sampler.py:spin"] >= 20
+    assert report["gil_probe"]["wakeups"] > 0
