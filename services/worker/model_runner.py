@@ -4,7 +4,8 @@ Weights and submodules (projections, norms, MLP, rotary tables) come from the tr
 Llama / Mistral / Qwen2 checkpoint loads unchanged; the attention and the KV cache are ours. Two paths:
 
 - `forward_mixed`: any token-centric batch (prompt chunks, recomputes, decodes together). Each sequence's
-  new tokens attend to its cached context plus themselves, causally, through a gather of its slots.
+  new tokens attend to its cached context plus themselves, causally, straight from the pool: one paged
+  prefill launch for all multi-token chunks, one paged decode launch for the single tokens.
 - `forward_decode`: one new token per sequence, attention by the paged decode kernel straight from the
   pool. Static shapes, no host syncs: this is what CUDA graphs capture (cuda_graphs.py).
 """
@@ -18,13 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
 
 from services.worker.attention import paged_decode
 from services.worker.fused_ops import fused_kernels_on, rmsnorm, rope_, rope_and_cache_, silu_mul
 from services.worker.host_copy import to_device
 from services.worker.kv_cache import PagedKVCache
 from services.worker.length_probe import LengthProbe
+from services.worker.prefill_attention import PrefillChunks, paged_prefill, plan_tiles
 from services.worker import skinny_gemm
 from services.worker.skinny_gemm import Epilogue, skinny_gemm_fits, skinny_gemm_on, skinny_linear
 
@@ -46,13 +47,6 @@ class SeqChunk:
 
 
 @dataclass
-class PrefillGroup:
-    """A sequence computing several tokens this step (a prompt chunk or a recompute)."""
-    rows: slice                     # its tokens in the flat batch
-    key_slots: torch.Tensor | None  # [start + n] cache rows of its whole context; None: fresh prompt
-
-
-@dataclass
 class MixedInputs:
     input_ids: torch.Tensor     # [T] new tokens of all sequences, concatenated
     positions: torch.Tensor     # [T]
@@ -60,7 +54,7 @@ class MixedInputs:
     decode_rows: torch.Tensor   # [Bd] rows of single-token sequences: paged decode attention
     block_tables: torch.Tensor  # [Bd, max_blocks] int32
     context_lens: torch.Tensor  # [Bd] int32
-    prefills: list[PrefillGroup]
+    prefills: PrefillChunks     # the multi-token chunks: paged prefill attention, one launch per layer
     logits_index: torch.Tensor  # [S] rows whose logits are returned
     probe_rows: torch.Tensor | None = None   # [P] rows whose hidden state the length probe reads
 
@@ -228,20 +222,16 @@ class ModelRunner:
         prev[rows_start[decode]] = np.fromiter((chunks[i].prev_row for i in decode), np.int64, len(decode))
         logit_rows = rows_end[np.fromiter((c.wants_logits for c in chunks), bool, len(chunks))] - 1
         probe_rows = rows_end[np.fromiter((c.probe for c in chunks), bool, len(chunks))] - 1 if probe else ()
-        # a later prompt chunk attends to its whole context, read back from the cache through its slots
-        cont = [i for i in np.flatnonzero((sizes > 1) & (starts > 0))]
-        ctx = [tables[i, np.arange(starts[i] + sizes[i]) // bs] * bs + np.arange(starts[i] + sizes[i]) % bs
-               for i in cont]
+        multi = np.flatnonzero(sizes > 1)
+        tile_chunk, tile_q = plan_tiles(sizes[multi])
         dev = to_device(self.device, ids, prev, pos, slots, rows_start[decode], tables[decode], starts[decode] + 1,
-                        logit_rows, np.asarray(probe_rows, np.int64), *ctx)
+                        logit_rows, np.asarray(probe_rows, np.int64), rows_start[multi], sizes[multi], starts[multi],
+                        tables[multi], tile_chunk, tile_q)
         ids_t, prev_t, pos_t, slots_t, dec_rows, dec_tables, dec_lens, logit_t, probe_t = dev[:9]
-        ctx_of = dict(zip(cont, dev[9:]))
-        prefills = [PrefillGroup(slice(int(rows_start[i]), int(rows_end[i])), ctx_of.get(i))
-                    for i in np.flatnonzero(sizes > 1)]
         return MixedInputs(
             input_ids=self._input_ids(ids_t, prev_t, prev_sampled), positions=pos_t, slots=slots_t,
             decode_rows=dec_rows, block_tables=dec_tables.to(torch.int32), context_lens=dec_lens.to(torch.int32),
-            prefills=prefills, logits_index=logit_t,
+            prefills=PrefillChunks(*dev[9:]), logits_index=logit_t,
             probe_rows=probe_t if len(probe_rows) else None)
 
     # -- forward passes --------------------------------------------------------------------------
@@ -328,18 +318,8 @@ class ModelRunner:
         if batch.decode_rows.numel():
             out[batch.decode_rows] = paged_decode(q[batch.decode_rows], self.cache.k[layer_idx], self.cache.v[layer_idx],
                                                   batch.block_tables, batch.context_lens, self.block_size, self.scale)
-        gqa = self.num_kv_heads != self.num_heads
-        for g in batch.prefills:
-            if g.key_slots is None:       # fresh prompt: causal attention over its own new K/V
-                keys, values, mask = k[g.rows], v[g.rows], None
-            else:                         # a later chunk or a prefix-cache hit: its context comes from the cache,
-                keys, values = self.cache.gather(layer_idx, g.key_slots)   # causal aligned to the end
-                mask = causal_lower_right(g.rows.stop - g.rows.start, keys.shape[0])
-            o = F.scaled_dot_product_attention(q[g.rows].transpose(0, 1)[None], keys.transpose(0, 1)[None],
-                                               values.transpose(0, 1)[None], attn_mask=mask,
-                                               is_causal=mask is None, scale=self.scale, enable_gqa=gqa)
-            out[g.rows] = o[0].transpose(0, 1)
-        return out
+        return paged_prefill(q, self.cache.k[layer_idx], self.cache.v[layer_idx], batch.prefills, self.block_size,
+                             self.scale, out)
 
     def forward_decode(self, batch: DecodeInputs) -> torch.Tensor:
         """One token per sequence, no host syncs: the function CUDA graphs capture."""
