@@ -19,6 +19,7 @@ import torch
 from services.worker.attention import paged_decode_reference, paged_decode_triton
 from services.worker.config import WorkerConfig
 from services.worker.factory import build_engine
+from services.worker import prefill_attention
 from services.worker.model_runner import SeqChunk, load_hf_model
 from services.worker.sequence import Sampling
 
@@ -254,8 +255,11 @@ def main() -> None:
     p.add_argument("--token-budget", type=int, default=0, help="0: the worker's default")
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--hf-requests", type=int, default=32)
+    p.add_argument("--prefill-reference", action="store_true",
+                   help="prompt chunks through the per-chunk SDPA reference instead of the paged prefill kernel")
     p.add_argument("--skip", nargs="*", default=[], help="sections to skip: logits decode prefill offline hf")
     a = p.parse_args()
+    prefill_attention.KERNEL_ON = prefill_attention.KERNEL_ON and not a.prefill_reference
     from transformers import LlamaConfig
 
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}

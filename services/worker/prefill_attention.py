@@ -35,6 +35,7 @@ except ImportError:  # CPU-only installs: the torch reference serves
     triton = None
 
 BLOCK_Q = 16        # queries per tile; times the padded group size, the tile's rows
+KERNEL_ON = triton is not None   # benchmarks turn it off to time the reference on the GPU
 BLOCK_K = 64        # keys per step of the online softmax
 
 
@@ -150,6 +151,6 @@ def paged_prefill(q, k_cache, v_cache, chunks: PrefillChunks, block_size: int, s
     """Write the attention of every chunk's queries into `out`'s rows; returns `out`."""
     if chunks.tile_chunk.shape[0] == 0:
         return out
-    if triton is not None and q.is_cuda:
+    if KERNEL_ON and q.is_cuda:
         return paged_prefill_triton(q, k_cache, v_cache, chunks, block_size, scale, out)
     return paged_prefill_reference(q, k_cache, v_cache, chunks, block_size, scale, out)
