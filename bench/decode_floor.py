@@ -105,7 +105,7 @@ def check_fused_rope_cache(runner, bm) -> dict:
     shapes = {"p": (0, 37), "c": (48, 16), "d1": (100, 1), "d2": (7, 1)}
     for sid, (start, n) in shapes.items():
         bm.grow(sid, start + n)
-    chunks = [SeqChunk(torch.randint(0, 1000, (n,)).tolist(), start, bm.table(sid), True, sid)
+    chunks = [SeqChunk(torch.randint(0, 1000, (n,)).tolist(), start, bm.rows.row(sid), True, sid)
               for sid, (start, n) in shapes.items()]
     slots = torch.tensor([b * bm.block_size + o for sid in shapes for b in bm.table(sid) for o in range(bm.block_size)],
                          device="cuda")
@@ -127,7 +127,7 @@ def check_skinny_path(runner, bm, rows: int, batch: int = 8, ctx: int = 300) -> 
     seqs = [f"chk{i}" for i in range(batch)]
     for s in seqs:
         bm.grow(s, ctx)
-    chunks = [SeqChunk([17 + i], ctx - 1, bm.table(s), True) for i, s in enumerate(seqs)]
+    chunks = [SeqChunk([17 + i], ctx - 1, bm.rows.row(s), True) for i, s in enumerate(seqs)]
     out = {}
     for skinny in (0, rows):
         runner.skinny_rows = skinny
@@ -172,7 +172,7 @@ def main() -> None:
             for bsz in a.batches:
                 for s in (seqs := [f"u{ctx}_{i}" for i in range(bsz)]):
                     bm.grow(s, ctx)
-                chunks = [SeqChunk([1], ctx - 1, bm.table(s), True) for s in seqs]
+                chunks = [SeqChunk([1], ctx - 1, bm.rows.row(s), True) for s in seqs]
                 res["ab_gpu_ms"][variant][f"{ctx}x{bsz}"] = gpu_replay_ms(runner, chunks)
                 if ctx == a.contexts[0] and bsz in a.profile_batches:
                     res["kernels"][f"{variant} {bsz}"] = kernel_breakdown(runner, chunks)
@@ -187,7 +187,7 @@ def main() -> None:
             seqs = [f"d{ctx}_{i}" for i in range(bsz)]
             for s in seqs:
                 bm.grow(s, ctx)
-            chunks = [SeqChunk([1], ctx - 1, bm.table(s), True) for s in seqs]
+            chunks = [SeqChunk([1], ctx - 1, bm.rows.row(s), True) for s in seqs]
             floor = read_bytes_per_step(hf, bsz, ctx, kv_per_token) / ceil["copy_bw"] * 1e3
             synced = timed(lambda: runner.forward(chunks), iters=30) * 1e3
             gpu = gpu_replay_ms(runner, chunks)

@@ -103,7 +103,7 @@ def check_logits(engine, hf, prompts: list[int], steps: int, late: int = 100, jo
     def run(chunk_list):                 # chunk_list: [(seq, tokens, start, wants_logits)]
         for s, toks, start, _ in chunk_list:
             bm.grow(s, start + len(toks))
-        out = runner.forward([SeqChunk(t, st, bm.table(s), w) for s, t, st, w in chunk_list])
+        out = runner.forward([SeqChunk(t, st, bm.rows.row(s), w) for s, t, st, w in chunk_list])
         return dict(zip([s for s, _, _, w in chunk_list if w], out))
 
     with torch.inference_mode():
@@ -186,7 +186,7 @@ def decode_step_times(engine, weight_bytes: int, kv_bytes_per_token: int, bw: fl
             seqs = [f"d{ctx}_{i}" for i in range(bsz)]
             for s in seqs:
                 bm.grow(s, ctx)
-            chunks = [SeqChunk([1], ctx - 1, bm.table(s), True) for s in seqs]
+            chunks = [SeqChunk([1], ctx - 1, bm.rows.row(s), True) for s in seqs]
             step_s = timed(lambda: runner.forward(chunks), iters=30)
             floor = (weight_bytes + bsz * ctx * kv_bytes_per_token) / bw
             rows.append({"ctx": ctx, "batch": bsz, "step_ms": step_s * 1e3, "floor_ms": floor * 1e3,
@@ -201,7 +201,7 @@ def prefill_throughput(engine, params: int, cfg, peak: float, lengths) -> list:
     rows = []
     for n in lengths:
         bm.grow("pf", n)
-        chunk = [SeqChunk(list(range(1, n + 1)), 0, bm.table("pf"), True)]
+        chunk = [SeqChunk(list(range(1, n + 1)), 0, bm.rows.row("pf"), True)]
         sec = timed(lambda: runner.forward(chunk), iters=10)
         attn = 2 * 2 * cfg.num_hidden_layers * cfg.hidden_size * n * n / 2     # causal QK^T and PV
         flops = 2 * params * n + attn

@@ -69,7 +69,18 @@ def assert_refcounts(bm: BlockManager, live) -> list[int]:
     assert all(bm._refs[b] == held.count(b) for b in set(held))
     free = bm.device._free                                        # never handed out twice, never both held and free
     assert len(set(free)) == len(free) and set(free).isdisjoint(held) and set(free).isdisjoint(bm._evictable)
+    assert_rows_mirror_tables(bm, live)
     return held
+
+
+def assert_rows_mirror_tables(bm: BlockManager, live) -> None:
+    """The numpy rows the runner reads hold exactly each sequence's table, and only holders have a row."""
+    for s in live:
+        assert (s in bm.rows) == (not bm.is_swapped(s))
+        if s in bm.rows:
+            assert bm.rows.table(s) == bm.table(s)
+    rows = [bm.rows.row(s) for s in live if s in bm.rows]
+    assert len(set(rows)) == len(rows)
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -61,6 +61,8 @@ class Harness:
         assert all(s.status is SeqStatus.RUNNING for s in self.sched.running)
         held = sum(len(self.blocks.table(s.job_id)) for s in self.live.values())
         assert self.blocks.num_used == held
+        assert all(self.blocks.rows.table(s.job_id) == self.blocks.table(s.job_id)
+                   for s in self.live.values() if s.job_id in self.blocks.rows)
 
 
 @settings(max_examples=150, deadline=None)

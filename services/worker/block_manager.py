@@ -20,6 +20,9 @@ to 0 keeps its KV and waits, least recently used first, in `_evictable`; it is h
 forgotten) only when the free list is empty. Multi-turn chats, which resend their history, and shared
 system prompts hit it.
 
+Every table is mirrored in `rows` (table_rows.py), one numpy row per sequence holding blocks, which the model
+runner reads a step's tables from; this class is the only writer of both.
+
 Invariants (asserted): a device block is unused exactly when its reference count is 0, and its count equals
 the number of tables holding it; free + evictable + used == total; host: free + swapped == total.
 """
@@ -29,6 +32,8 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 from hashlib import blake2b
+
+from services.worker.table_rows import TableRows
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -63,6 +68,7 @@ class BlockManager:
         self.prefix_caching = prefix_caching
         self._refs = [0] * num_blocks
         self._tables: dict[str, list[int]] = {}
+        self.rows = TableRows()                     # the same tables as numpy rows, for the runner
         self._swapped: dict[str, list[int]] = {}
         # prefix cache: key -> block, block -> key, cached blocks nobody holds (LRU order), and per sequence
         # the keys of its leading blocks registered so far
@@ -109,14 +115,25 @@ class BlockManager:
 
     def grow(self, seq_id: str, num_tokens: int) -> list[int]:
         """Extend the sequence's table to cover `num_tokens`; call can_grow first."""
-        table = self._tables.setdefault(seq_id, [])
+        if seq_id not in self._tables:
+            self._set_table(seq_id, [])
+        table = self._tables[seq_id]
         extra = self.extra_blocks(seq_id, num_tokens)
         if extra:
             fresh = self._take(extra)
             for b in fresh:
                 self._refs[b] = 1
             table.extend(fresh)
+            self.rows.append(seq_id, fresh)
         return table
+
+    def _set_table(self, seq_id: str, table: list[int]) -> None:
+        self._tables[seq_id] = table
+        self.rows.assign(seq_id, table)
+
+    def _pop_table(self, seq_id: str) -> list[int]:
+        self.rows.release(seq_id)
+        return self._tables.pop(seq_id, [])
 
     def _take(self, n: int) -> list[int]:
         """n unused blocks: never-used ones first, then the least recently used cached ones (forgotten)."""
@@ -164,7 +181,7 @@ class BlockManager:
             if self._refs[b] == 0:
                 del self._evictable[b]
             self._refs[b] += 1
-        self._tables[seq_id] = blocks
+        self._set_table(seq_id, blocks)
         self._seq_keys[seq_id] = keys
         return len(blocks) * bs
 
@@ -195,7 +212,7 @@ class BlockManager:
         shared = self.table(src_id)[: num_tokens // self.block_size]
         for b in shared:
             self._refs[b] += 1
-        self._tables[dst_id] = list(shared)
+        self._set_table(dst_id, list(shared))
         return self._tables[dst_id]
 
     def _release(self, device_ids: list[int]) -> None:
@@ -210,7 +227,7 @@ class BlockManager:
 
     def free(self, seq_id: str) -> None:
         """Release everything the sequence holds, on the device and in host swap space."""
-        self._release(self._tables.pop(seq_id, []))
+        self._release(self._pop_table(seq_id))
         self._seq_keys.pop(seq_id, None)
         self.host.give_back(self._swapped.pop(seq_id, []))
 
@@ -219,7 +236,7 @@ class BlockManager:
         return len(self.table(seq_id)) <= self.host.num_free
 
     def swap_out(self, seq_id: str) -> list[tuple[int, int]]:
-        device_ids = self._tables.pop(seq_id)
+        device_ids = self._pop_table(seq_id)
         self._seq_keys.pop(seq_id, None)       # its blocks come back fresh: registered again as computed
         host_ids = self.host.take(len(device_ids))
         self._swapped[seq_id] = host_ids
@@ -234,6 +251,6 @@ class BlockManager:
         device_ids = self._take(len(host_ids))
         for b in device_ids:
             self._refs[b] = 1
-        self._tables[seq_id] = device_ids
+        self._set_table(seq_id, device_ids)
         self.host.give_back(host_ids)
         return list(zip(host_ids, device_ids))

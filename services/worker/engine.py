@@ -281,10 +281,10 @@ class Engine:
         wants_logits = start + n == seq.num_tokens
         if seq.num_pending:           # its one uncomputed token was sampled by the step still in flight
             assert n == 1 and wants_logits
-            return SeqChunk([0], start, self.blocks.table(seq.job_id), True, seq.job_id, prev_row=seq.sample_row)
+            return SeqChunk([0], start, self.blocks.rows.row(seq.job_id), True, seq.job_id, prev_row=seq.sample_row)
         # a fresh prompt's last chunk (not a resumed job's: its estimate was made when it first ran)
         probe = self.probe is not None and wants_logits and not seq.output_ids
-        return SeqChunk(seq.token_slice(start, start + n), start, self.blocks.table(seq.job_id), wants_logits,
+        return SeqChunk(seq.token_slice(start, start + n), start, self.blocks.rows.row(seq.job_id), wants_logits,
                         seq.job_id, probe=probe)
 
     def _collect(self, launched: LaunchedStep, out: StepOutput) -> None:

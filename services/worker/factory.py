@@ -83,7 +83,8 @@ def build_engine(cfg: WorkerConfig, model=None, tokenizer=None) -> Engine:
                          device=device)
     max_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings,
                   num_blocks * cfg.block_size)
-    runner = ModelRunner(model, cache)
+    blocks = BlockManager(num_blocks, cfg.block_size, cfg.num_host_blocks, cfg.prefix_caching)
+    runner = ModelRunner(model, cache, blocks.rows)
     max_batch, token_budget = batch_limits(cfg, device, num_blocks * cfg.block_size)
     if device.type == "cuda" and not cfg.enforce_eager:
         from services.worker.cuda_graphs import DecodeGraphs
@@ -92,7 +93,7 @@ def build_engine(cfg: WorkerConfig, model=None, tokenizer=None) -> Engine:
         runner.graphs.capture()
     log.info("engine: %s on %s/%s, KV pool %d blocks x %d tokens, max_model_len %d, batch %d seqs / %d tokens",
              mc.model_type, cfg.device, cfg.dtype, num_blocks, cfg.block_size, max_len, max_batch, token_budget)
-    engine = Engine(runner, BlockManager(num_blocks, cfg.block_size, cfg.num_host_blocks, cfg.prefix_caching), tokenizer,
+    engine = Engine(runner, blocks, tokenizer,
                     eos_ids=eos_token_ids(model, tokenizer), max_batch=max_batch,
                     token_budget=token_budget, max_model_len=max_len,
                     overlap=cfg.overlap_steps and device.type == "cuda", probe=length_probe(cfg, mc, device, dtype))
@@ -134,7 +135,9 @@ def warm_up(engine: Engine) -> None:
         needed = sum(blocks.extra_blocks("", start + n) for start, n in shape)
         if needed > blocks.num_free:
             continue
-        chunks = [SeqChunk([1] * n, start, blocks.grow(i, start + n), True, i) for i, (start, n) in zip(ids, shape)]
+        for i, (start, n) in zip(ids, shape):
+            blocks.grow(i, start + n)
+        chunks = [SeqChunk([1] * n, start, blocks.rows.row(i), True, i) for i, (start, n) in zip(ids, shape)]
         with torch.inference_mode():
             logits = runner.forward(chunks)
             sample(logits, [Sampling(), Sampling(temperature=0.8, top_p=0.9, top_k=20)] * (len(chunks) // 2)

@@ -28,6 +28,7 @@ from services.worker.length_probe import LengthProbe
 from services.worker.prefill_attention import PrefillChunks, paged_prefill, plan_tiles
 from services.worker import skinny_gemm
 from services.worker.skinny_gemm import Epilogue, skinny_gemm_fits, skinny_gemm_on, skinny_linear
+from services.worker.table_rows import TableRows
 
 log = logging.getLogger("alise.worker.runner")
 PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -39,7 +40,7 @@ class SeqChunk:
     """One sequence's share of a step: compute tokens [start, start + len(token_ids))."""
     token_ids: list[int]
     start: int
-    block_table: list[int]
+    table_row: int              # its block table's row in the runner's TableRows (table_rows.py)
     wants_logits: bool          # the chunk reaches the end of the sequence: sample a next token
     seq_id: str = ""            # only the transformers fallback runner needs it (its caches are per sequence)
     prev_row: int = -1          # >= 0: a decode whose token is still on the device, row of the last step's ids
@@ -110,9 +111,10 @@ def fuse_projections(layers) -> tuple[list, list, list]:
 
 
 class ModelRunner:
-    def __init__(self, hf_model, cache: PagedKVCache):
+    def __init__(self, hf_model, cache: PagedKVCache, tables: TableRows):
         self.hf = hf_model
         self.cache = cache
+        self.tables = tables        # the BlockManager's block tables (it writes them, we read)
         cfg = hf_model.config
         self.device = next(hf_model.parameters()).device
         self.num_heads = cfg.num_attention_heads
@@ -175,17 +177,11 @@ class ModelRunner:
         return self.forward_mixed(self.prepare_mixed(chunks, prev_sampled, probe is not None), probe)
 
     # -- batch preparation (host side, numpy; one transfer per step) -------------------------------
-    def _tables(self, tables: list[list[int]]) -> np.ndarray:
-        """Block tables padded with the scratch block. On a GPU the width is rounded up to 16 (one Triton
-        variant for every width); on CPU the attention gathers the whole width, so it stays exact."""
-        lens = np.fromiter(map(len, tables), np.int64, len(tables))
-        width = max(1, int(lens.max(initial=1)))
-        if self.device.type == "cuda":
-            width = -(-width // 16) * 16
-        out = np.full((len(tables), width), self.cache.scratch_block, np.int64)
-        out[np.arange(width)[None, :] < lens[:, None]] = np.fromiter(chain.from_iterable(tables), np.int64,
-                                                                      int(lens.sum()))
-        return out
+    def _tables(self, chunks: list[SeqChunk]) -> np.ndarray:
+        """The chunks' block tables padded with the scratch block. On a GPU the width is rounded up to 16 (one
+        Triton variant for every width); on CPU the attention gathers the whole width, so it stays exact."""
+        rows = np.fromiter((c.table_row for c in chunks), np.int64, len(chunks))
+        return self.tables.gather(rows, self.cache.scratch_block, 16 if self.device.type == "cuda" else 1)
 
     def _input_ids(self, host_ids: torch.Tensor, prev_rows: torch.Tensor, prev_sampled: torch.Tensor | None):
         if prev_sampled is None or prev_sampled.numel() == 0:     # no decode can refer to it
@@ -197,7 +193,7 @@ class ModelRunner:
         pos = np.fromiter((c.start for c in chunks), np.int64, n)
         ids = np.fromiter((c.token_ids[0] for c in chunks), np.int64, n)
         prev = np.fromiter((c.prev_row for c in chunks), np.int64, n)
-        tables = self._tables([c.block_table for c in chunks])
+        tables = self._tables(chunks)
         slots = tables[np.arange(n), pos // bs] * bs + pos % bs
         ids_t, prev_t, pos_t, slots_t, lens_t, tables_t = to_device(self.device, ids, prev, pos, slots, pos + 1, tables)
         return DecodeInputs(input_ids=self._input_ids(ids_t, prev_t, prev_sampled), positions=pos_t, slots=slots_t,
@@ -214,7 +210,7 @@ class ModelRunner:
         # per token: its sequence, position and (through the sequence's block table) cache slot
         owner = np.repeat(np.arange(len(chunks)), sizes)
         pos = starts[owner] + np.arange(total) - rows_start[owner]
-        tables = self._tables([c.block_table for c in chunks])
+        tables = self._tables(chunks)
         slots = tables[owner, pos // bs] * bs + pos % bs
         ids = np.fromiter(chain.from_iterable(c.token_ids for c in chunks), np.int64, total)
         prev = np.full(total, -1, np.int64)
