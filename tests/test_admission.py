@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.scheduler.job_store import CreateOutcome
+from services.scheduler.job_store import CreateOutcome, RequeueCause
 from services.scheduler.tenants import Tenant
 from tests.helpers import valid_request
 
@@ -39,7 +39,7 @@ async def test_a_new_scheduler_keeps_the_preemption_count_of_jobs_it_takes_over(
     job_id = next(iter(await first.store.queue_head(10)))
     for _ in range(2):                                  # preempted twice, then its worker was lost once
         assert await first.store.claim(job_id, "w1")
-        assert await first.store.requeue(job_id, "w1", 1.0, preempted=True)
+        assert await first.store.requeue(job_id, "w1", 1.0, cause=RequeueCause.PREEMPTED)
     assert await first.store.claim(job_id, "w1") and await first.store.requeue(job_id, "w1", 1.0)
     restarted = await dispatcher_factory()
     snap = await restarted.snapshot()

@@ -3,7 +3,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.scheduler import keys
-from services.scheduler.job_store import CreateOutcome, JobRecord, JobStore, StepFailureOutcome
+from services.scheduler.job_store import CreateOutcome, JobRecord, JobStore, RequeueCause, StepFailureOutcome
 from tests.helpers import job_sampling
 
 
@@ -66,10 +66,10 @@ async def test_requeue_keeps_tokens_and_is_only_allowed_for_the_holder(store):
 async def test_a_job_parked_after_its_first_token_is_not_counted_as_preempted(store):
     await create(store, record(), 5.0)
     await store.claim("j1", "w1")
-    assert await store.requeue("j1", "w1", score=2.0, swapped_on="w1", parked=True)
+    assert await store.requeue("j1", "w1", score=2.0, swapped_on="w1", cause=RequeueCause.PARKED)
     assert (await store.state("j1")).num_preemptions == 0 and (await store.progress("j1"))[2] == 0
     await store.claim("j1", "w1")
-    assert await store.requeue("j1", "w1", score=2.0, swapped_on="w1", preempted=True)
+    assert await store.requeue("j1", "w1", score=2.0, swapped_on="w1", cause=RequeueCause.PREEMPTED)
     assert (await store.state("j1")).num_preemptions == 1 and (await store.progress("j1"))[2] == 1
 
 

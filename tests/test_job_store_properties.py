@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from services.scheduler import keys
-from services.scheduler.job_store import CreateOutcome, JobRecord, JobStore, StepFailureOutcome
+from services.scheduler.job_store import CreateOutcome, JobRecord, JobStore, RequeueCause, StepFailureOutcome
 from tests.helpers import job_sampling
 
 TENANT = "t"
@@ -77,7 +77,7 @@ class JobLifecycle(RuleBasedStateMachine):
 
     @rule(job=jobs, worker=st.sampled_from(WORKERS))
     def preempt(self, job, worker):
-        ok = self.run(self.store.requeue(job, worker, 0.5, preempted=True))
+        ok = self.run(self.store.requeue(job, worker, 0.5, cause=RequeueCause.PREEMPTED))
         held = self.status[job] == "running" and self.holder[job] == worker
         assert ok == held
         if ok:

@@ -128,3 +128,18 @@ def test_a_job_back_without_a_first_token_keeps_its_arrival_place_for_prefill_ea
     assert [v.job_id for v in s.snapshot(0.0, []).fresh] == ["b", "c"]
     s.left_worker("a", "w1")                                         # its worker was lost before its first token
     assert [v.job_id for v in s.snapshot(0.0, []).fresh] == ["a", "b", "c"]
+
+
+def test_the_view_a_requeued_job_is_scored_by_is_the_one_it_will_have():
+    from services.common.preempt_mode import PreemptMode
+
+    s = state_with("w1")
+    s.track(facts("a"))
+    s.set_generated("a", 4)
+    s.placed("a", "w1")
+    s.left_worker("a", "w1")
+    view = s.requeued_view("a", "w1", PreemptMode.PARK, counted=True)
+    s.preempted("a", "w1", PreemptMode.PARK, counted=True)          # what the dispatcher records once Redis has it
+    assert view == s.view("a") and (view.kv_on, view.parked, view.preemptions, view.running) == ("w1", True, 1, False)
+    lost = s.requeued_view("a", "w1", None, counted=False)          # dropped with its worker: no KV, no count
+    assert (lost.kv_on, lost.parked, lost.preemptions) == ("", False, 1)

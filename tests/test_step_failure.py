@@ -36,7 +36,8 @@ async def test_worker_reports_a_failed_step_with_every_job_it_held(model_dir, to
     loop_thread.start()
     try:
         ids = tokenizer.encode("Tell me a story.", add_special_tokens=False)
-        # a job swapped out before the failure is back in the scheduler's queue already: not reported
+        # a job swapped out before the failure is back in the scheduler's queue already: not reported as failed,
+        # but its swapped KV, which the failure drops, is
         loop_thread.submit(assign("swapped", ids, 0.0))
         await next_message(outbox, "tokens")
         loop_thread.submit(wpb.SchedulerCommand(preempt=wpb.PreemptJob(job_id="swapped", mode=wpb.PREEMPT_MODE_SWAP)))
@@ -57,6 +58,7 @@ async def test_worker_reports_a_failed_step_with_every_job_it_held(model_dir, to
         engine.runner.forward = faulty
         failed = await next_message(outbox, "step_failed")
         assert list(failed.job_ids) == ["innocent"] and "simulated device fault" in failed.error
+        assert list((await next_message(outbox, "kept_kv_dropped")).job_ids) == ["swapped"]
         assert not engine.seqs and engine.blocks.num_used == 0 and engine.blocks.num_swapped == 0   # nothing left
         loop_thread.submit(assign("after", ids, 0.0))                     # and the worker still serves
         assert (await next_message(outbox, "finished")).job_id == "after"

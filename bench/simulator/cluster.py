@@ -360,7 +360,7 @@ class Simulation:
         self._start_step(w)
 
     def _kv_dropped(self, w: _Worker, job_ids: list[str]) -> None:
-        for job_id in job_ids:                    # the worker tells the scheduler (ParkedKvDropped)
+        for job_id in job_ids:                    # the worker tells the scheduler (KeptKvDropped)
             self.state.kv_dropped(job_id, w.wid)
 
     def _park(self, w: _Worker, job: _Job, counted: bool) -> None:

@@ -21,7 +21,8 @@ from services.common.redis_client import UNREACHABLE
 from services.scheduler import keys
 from services.scheduler.job_events import JobEvent, JobEventHub
 from services.scheduler.job_messages import FINISH_NAMES, complete_message
-from services.scheduler.job_store import FINAL_STATUSES, CreateOutcome, JobRecord, JobStore, StepFailureOutcome
+from services.scheduler.job_store import (FINAL_STATUSES, CreateOutcome, JobRecord, JobStore, RequeueCause,
+                                         StepFailureOutcome)
 from services.scheduler.live_state import JobFacts, LiveState, WorkerState, job_view
 from services.scheduler.policies import make_policy
 from services.scheduler.policies.base import Snapshot
@@ -181,10 +182,9 @@ class Dispatcher:
             return                 # it ended (aborted) after we asked for the preemption: nothing to requeue
         if await self._record(job_id) is None:
             return
-        view = self.state.view(job_id)._replace(running=False, kv_on=worker_id if keeps_kv else "",
-                                                parked=preempted is PreemptMode.PARK)
-        score = self.policy.queue_score(view, self.cost)
-        if not await self.store.requeue(job_id, worker_id, score, worker_id if keeps_kv else "", counted, early):
+        score = self.policy.queue_score(self.state.requeued_view(job_id, worker_id, preempted, counted), self.cost)
+        cause = RequeueCause.PARKED if early else RequeueCause.PREEMPTED if counted else RequeueCause.RETURNED
+        if not await self.store.requeue(job_id, worker_id, score, worker_id if keeps_kv else "", cause):
             if (st := await self.store.state(job_id)) is None or st.status in FINAL_STATUSES:
                 self.state.forget(job_id)        # it ended meanwhile: nothing left to remember
             return
@@ -251,8 +251,8 @@ class Dispatcher:
             await self._on_step_failed(s, msg.step_failed)
         elif kind == "estimates":
             await self._on_estimates(s.worker_id, msg.estimates)
-        elif kind == "parked_kv_dropped":
-            for job_id in msg.parked_kv_dropped.job_ids:      # recomputed wherever it resumes
+        elif kind == "kept_kv_dropped":
+            for job_id in msg.kept_kv_dropped.job_ids:      # recomputed wherever it resumes
                 self.state.kv_dropped(job_id, s.worker_id)
         elif kind == "load":
             s.load = ld = msg.load

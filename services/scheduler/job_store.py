@@ -94,6 +94,14 @@ class CreateOutcome(enum.IntEnum):
     WORK_FULL = -3          # the predicted work already queued is over its bound (decided before create.lua)
 
 
+class RequeueCause(str, enum.Enum):
+    """Why a running job goes back to the queue (requeue.lua reads the value)."""
+    PREEMPTED = "preempted"     # the scheduler ordered it: counts against the job's preemption bound
+    PARKED = "parked"           # parked after its first token as the scheduler asked (prefill early): no count
+    RETURNED = "returned"       # its worker was lost or restarted, or left before it started: counted for the
+                                # client (num_preemptions), not against the bound
+
+
 class StepFailureOutcome(enum.IntEnum):
     """What fail_step.lua did with a job whose engine step failed."""
     NOT_HELD = 0          # not running on that worker (finished, aborted or moved meanwhile)
@@ -155,14 +163,11 @@ class JobStore:
         return [int(x) for x in await self._scripts["append"](keys=keys_, args=args)]
 
     async def requeue(self, job_id: str, worker_id: str, score: float, swapped_on: str = "",
-                      preempted: bool = False, parked: bool = False) -> bool:
-        """Running on `worker_id` -> queued again, its tokens kept. `preempted`: the scheduler ordered it (the
-        count the policies bound goes up too); `parked`: parked after its first token as the scheduler asked
-        (prefill early; no count goes up); else its worker was lost or restarted (requeue.lua)."""
-        how = "park" if parked else "1" if preempted else "0"
+                      cause: RequeueCause = RequeueCause.RETURNED) -> bool:
+        """Running on `worker_id` -> queued again, its tokens kept, for `cause` (requeue.lua)."""
         return bool(await self._scripts["requeue"](
             keys=[keys.job(job_id), keys.QUEUE, keys.worker_jobs(worker_id)],
-            args=[job_id, worker_id, score, swapped_on, how]))
+            args=[job_id, worker_id, score, swapped_on, cause.value]))
 
     async def fail_step(self, job_id: str, worker_id: str, score: float, max_failures: int) -> StepFailureOutcome:
         """Its worker's engine step failed: requeue the job, or fail it after `max_failures` such steps."""

@@ -242,6 +242,15 @@ class LiveState(Generic[R]):
         if mode.keeps_kv:
             self.kept_kv(job_id, worker_id, parked=mode is PreemptMode.PARK)
 
+    def requeued_view(self, job_id: str, worker_id: str, mode: PreemptMode | None, counted: bool) -> JobView:
+        """The view the job will have once back in the queue from the worker (given back as `mode` says, counted
+        as a preemption or not; None: dropped there with its KV), for its queue score before the move is
+        recorded (preempted() records it once Redis has it)."""
+        job = self._jobs[job_id]
+        keeps = mode is not None and mode.keeps_kv
+        return job_view(job.facts, job.generated, False, worker_id if keeps else "", job.preemptions + counted,
+                        mode is PreemptMode.PARK)
+
     def kept_kv(self, job_id: str, worker_id: str, parked: bool) -> None:
         """The worker keeps the job's KV (on its GPU when `parked`, else in host memory): placing it there again
         resumes without recompute."""

@@ -155,19 +155,20 @@ class EngineLoop(threading.Thread):
 
     def _step_failed(self, error: Exception) -> None:
         """Every job the engine held is dropped; the scheduler decides what happens to each of them. Swapped
-        out and parked jobs are not reported: the scheduler already put them back in its queue (it may even be
-        assigning one here again), and they simply resume by recompute."""
-        job_ids = [j for j, seq in self.engine.seqs.items()
-                   if seq.status not in (SeqStatus.SWAPPED, SeqStatus.PARKED)]
-        parked = [j for j, seq in self.engine.seqs.items() if seq.status is SeqStatus.PARKED]
+        out and parked jobs are already back in the scheduler's queue (it may even be assigning one here again):
+        they are reported as having lost their kept KV, so the scheduler stops counting on it (placement and
+        preemption costs), and resume by recompute."""
+        kept = (SeqStatus.SWAPPED, SeqStatus.PARKED)
+        job_ids = [j for j, seq in self.engine.seqs.items() if seq.status not in kept]
+        kv_lost = [j for j, seq in self.engine.seqs.items() if seq.status in kept]
         self._send_held()                  # the tokens they made are real: the scheduler resumes after them
         self._reset()
         self._report_failed(job_ids, error)
-        self._report_kv_dropped(parked)
+        self._report_kv_dropped(kv_lost)
 
     def _report_kv_dropped(self, job_ids: list[str]) -> None:
         if job_ids:
-            self._send(wpb.WorkerMessage(parked_kv_dropped=wpb.ParkedKvDropped(job_ids=job_ids)))
+            self._send(wpb.WorkerMessage(kept_kv_dropped=wpb.KeptKvDropped(job_ids=job_ids)))
 
     def _report_failed(self, job_ids: list[str], error: Exception) -> None:
         self._send(wpb.WorkerMessage(step_failed=wpb.StepFailed(job_ids=job_ids, error=repr(error)[:500])))

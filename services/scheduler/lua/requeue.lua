@@ -1,15 +1,15 @@
 -- running on a worker -> queued again (preempted, or its worker was lost). Keeps generated tokens.
 -- KEYS[1] job hash, KEYS[2] queue zset, KEYS[3] worker's job set
 -- ARGV[1] job id, ARGV[2] worker id, ARGV[3] queue score, ARGV[4] worker holding its swapped KV ('' = none),
--- ARGV[5] '1' when the scheduler preempted it, 'park' when it was parked after its first token as asked
--- (prefill early: no preemption), '0' when it comes back for another reason (its worker was lost or restarted).
+-- ARGV[5] why (job_store.RequeueCause): 'preempted' by the scheduler, 'parked' after its first token as asked
+-- (prefill early: no preemption), 'returned' for another reason (its worker was lost or restarted).
 -- num_preemptions counts every time a job was handed back mid-way (what its client sees);
 -- ordered_preemptions only the scheduler's own preemptions: the count the policies bound
 local st = redis.call('HMGET', KEYS[1], 'status', 'worker')
 redis.call('SREM', KEYS[3], ARGV[1])
 if st[1] ~= 'running' or st[2] ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'queued', 'worker', '', 'swapped_on', ARGV[4])
-if ARGV[5] ~= 'park' then redis.call('HINCRBY', KEYS[1], 'num_preemptions', 1) end
-if ARGV[5] == '1' then redis.call('HINCRBY', KEYS[1], 'ordered_preemptions', 1) end
+if ARGV[5] ~= 'parked' then redis.call('HINCRBY', KEYS[1], 'num_preemptions', 1) end
+if ARGV[5] == 'preempted' then redis.call('HINCRBY', KEYS[1], 'ordered_preemptions', 1) end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return 1
