@@ -181,3 +181,14 @@ def test_the_workers_reestimate_replaces_the_prediction_once_the_prompt_is_compu
         means[probe is not None] = sum(r.normalized_s for r in results) / len(results)
     # it changes only which running job is preempted (the queue was ordered before any prompt was read): a small gain
     assert means[True] < means[False], means
+
+
+def test_parked_kv_is_kept_when_dropping_it_would_not_make_room():
+    from bench.simulator.cluster import _Job, _Worker
+
+    w = _Worker("w", WorkerSpec(num_blocks=10, block_size=4))
+    parked = _Job(0, "p", SimRequest(0.0, 7, 5), 7, 5, 5.0, True)         # (7 + 0 + 1) tokens: 2 blocks
+    w.parked["p"] = parked
+    w.used_blocks = 8                                                      # 6 running + 2 parked
+    assert w.room_for(5, only_if_enough=True) == [] and "p" in w.parked   # 8 - 2 + 5 > 10: nothing to gain
+    assert w.room_for(3, only_if_enough=True) == ["p"] and w.used_blocks == 6   # 8 + 3 > 10, 6 + 3 fits

@@ -141,8 +141,14 @@ class _Worker:
             self.used_blocks -= job.blocks(self.spec.block_size)
             job.computed = 0
 
-    def room_for(self, blocks: int) -> list[str]:
-        """Drops parked KV (most recently parked first) while `blocks` more do not fit; returns the jobs dropped."""
+    def room_for(self, blocks: int, only_if_enough: bool = False) -> list[str]:
+        """Drops parked KV (most recently parked first) while `blocks` more do not fit; returns the jobs dropped.
+        With `only_if_enough` (admitting a waiting job), none is dropped unless dropping all of it makes the room,
+        as the worker's step scheduler does (_evict_for): KV given up for a job that still cannot start is lost
+        for nothing. Decode growth (blocks=0) drops what it can: the alternative is preempting a running job."""
+        parked = sum(j.blocks(self.spec.block_size) for j in self.parked.values()) if only_if_enough else 0
+        if only_if_enough and self.used_blocks + blocks - parked > self.spec.num_blocks:
+            return []
         dropped = []
         while self.used_blocks + blocks > self.spec.num_blocks and self.parked:
             dropped.append(job_id := next(reversed(self.parked)))
@@ -287,7 +293,7 @@ class Simulation:
         # Out of KV, the engine itself puts its newest job back in its own waiting line (recompute), as vLLM does;
         # the scheduler is not told (it still counts the job as running there). They rejoin when blocks free up.
         while w.waiting:
-            self._kv_dropped(w, w.room_for(need := w.waiting[0].blocks(w.spec.block_size)))
+            self._kv_dropped(w, w.room_for(need := w.waiting[0].blocks(w.spec.block_size), only_if_enough=True))
             if not w.fits(need):
                 break
             w.admit(w.waiting.pop(0))
