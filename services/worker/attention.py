@@ -37,6 +37,21 @@ def paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, bloc
 
 if triton is not None:
     @triton.jit
+    def online_softmax_step(q, k, v, keep, m, l, acc, scale, PRECISION: tl.constexpr):
+        """One piece of keys into a running softmax (flash attention's update): q [rows, D], k / v [keys, D],
+        `keep` [rows, keys] (or broadcastable) which scores count; m, l [rows] running max and sum, acc [rows, D]
+        the weighted values. Returns the new (m, l, acc). A row that has kept no score yet stays at m = -inf,
+        l = 0 (the caller guards the division). Shared by the decode and prefill kernels."""
+        sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        sc = tl.where(keep, sc, float("-inf"))
+        m_new = tl.maximum(m, tl.max(sc, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(sc - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return m_new, l * alpha + tl.sum(p, 1), acc
+
+    @triton.jit
     def _paged_decode_kernel(Q, K, V, BT, LENS, O, M_OUT, L_OUT, ACC_OUT, scale,
                              stride_qb, stride_qh, stride_ks, stride_kh, stride_btb, stride_ob, stride_oh,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
@@ -71,16 +86,8 @@ if triton is not None:
             block = tl.load(BT + b * stride_btb + pos // BLOCK_SIZE, mask=ok, other=0)
             slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
             k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=ok[:, None], other=0.0)
-            sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            sc = tl.where(ok[None, :], sc, float("-inf"))
-            m_new = tl.maximum(m, tl.max(sc, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(sc - m_safe[:, None])
-            alpha = tl.exp(m - m_safe)
             v = tl.load(V + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            l = l * alpha + tl.sum(p, 1)
-            m = m_new
+            m, l, acc = online_softmax_step(q, k, v, ok[None, :], m, l, acc, scale, PRECISION)
         if SPLITS == 1:
             tl.store(O + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
                      (acc / l[:, None]).to(O.dtype.element_ty), mask=head_ok[:, None])

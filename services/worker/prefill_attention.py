@@ -33,6 +33,8 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: the torch reference serves
     triton = None
+else:
+    from services.worker.attention import online_softmax_step
 
 BLOCK_Q = 16        # queries per tile; times the padded group size, the tile's rows
 KERNEL_ON = triton is not None   # benchmarks turn it off to time the reference on the GPU
@@ -115,16 +117,9 @@ if triton is not None:
             block = tl.load(BT + g * stride_bt + kpos // BLOCK_SIZE, mask=k_ok, other=0)
             slot = block * BLOCK_SIZE + kpos % BLOCK_SIZE
             k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=k_ok[:, None], other=0.0)
-            sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            sc = tl.where((kpos[None, :] <= qpos[:, None]) & k_ok[None, :], sc, float("-inf"))
-            m_new = tl.maximum(m, tl.max(sc, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(sc - m_safe[:, None])
-            alpha = tl.exp(m - m_safe)
             v = tl.load(V + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=k_ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            l = l * alpha + tl.sum(p, 1)
-            m = m_new
+            causal = (kpos[None, :] <= qpos[:, None]) & k_ok[None, :]
+            m, l, acc = online_softmax_step(q, k, v, causal, m, l, acc, scale, PRECISION)
         l = tl.where(l == 0.0, 1.0, l)                   # rows past the chunk's end saw no key
         tl.store(O + (row0 + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
                  (acc / l[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
