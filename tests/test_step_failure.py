@@ -72,6 +72,45 @@ async def test_worker_reports_a_failed_step_with_every_job_it_held(model_dir, to
         loop_thread.join(30)
 
 
+async def test_what_a_failing_step_settled_before_it_raised_is_still_reported(model_dir, tokenizer):
+    """Regression (review): a job parked after its first token in the same collect where a later job's token
+    raised was dropped with no word: the scheduler kept it as running there for good."""
+    from services.worker.sequence import SeqStatus
+
+    engine = build_engine(WorkerConfig(model_dir=str(model_dir), num_blocks=64, max_batch=8, token_budget=128))
+    loop_thread = EngineLoop(engine, report_interval_s=0.1)
+    outbox: asyncio.Queue = asyncio.Queue()
+    loop_thread.attach(asyncio.get_running_loop(), outbox)
+    ids = tokenizer.encode("Tell me a story.", add_special_tokens=False)
+    park = assign("p", ids, 0.0)
+    park.assign.park_after_first_token = True
+    loop_thread.submit(park)                       # both before the thread starts: one prefill step, p first
+    loop_thread.submit(assign("x", ids, 0.0))
+    append = engine._append_token
+
+    def faulty(seq, token, out):
+        if seq.job_id == "x" and engine.seqs["p"].status is SeqStatus.PARKED:
+            raise RuntimeError("simulated fault while collecting")
+        append(seq, token, out)
+    engine._append_token = faulty
+    loop_thread.start()
+    try:
+        seen = []
+        while not seen or seen[-1][0] != "step_failed":
+            msg = outgoing_message(await asyncio.wait_for(outbox.get(), 120))
+            kind = msg.WhichOneof("kind")
+            seen.append((kind, getattr(msg, kind)))
+        parked = [m for k, m in seen if k == "preempted" and m.job_id == "p"]
+        assert parked and parked[0].mode == wpb.PREEMPT_MODE_PARK        # its park is reported, not lost
+        assert any(d.job_id == "p" and list(d.token_ids) for k, m in seen if k == "tokens" for d in m.deltas)
+        assert list(seen[-1][1].job_ids) == ["x"]
+        assert list((await next_message(outbox, "kept_kv_dropped")).job_ids) == ["p"]
+        assert not engine.seqs and engine.blocks.num_used == 0
+    finally:
+        loop_thread.stop()
+        loop_thread.join(30)
+
+
 @pytest.fixture
 async def dispatcher(dispatcher_factory):
     return await dispatcher_factory(policy="fcfs", max_step_failures=2)

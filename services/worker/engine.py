@@ -219,12 +219,13 @@ class Engine:
         started = time.perf_counter()
         plan = self.sched.schedule()
         self.num_preemptions += len(plan.preempted)
-        evicted = [seq.job_id for seq in plan.evicted]
+        # Everything below lands in self._settled until the step is done: if it raises half-way, what it had
+        # settled (tokens, finishes, parks, parked KV given up) is real, and salvage() hands it out.
+        out = self._settled
         for seq in plan.evicted:                        # parked KV given up for room: the scheduler recomputes them
             self._forget_for_recompute(seq)
+            out.kv_dropped.append(seq.job_id)
         launched = self._launch(plan) if not plan.empty else None
-        out, self._settled = self._settled, StepOutput()
-        out.kv_dropped += evicted
         collected = self._in_flight
         if collected is not None:                       # overlap: step N+1 is on the device, collect step N
             self._collect(collected, out)
@@ -232,9 +233,16 @@ class Engine:
         if launched is not None and not self.overlap:
             self._collect(launched, out)
             self._in_flight, collected = None, launched
+        self._settled = StepOutput()
         out.seconds = time.perf_counter() - started
         # this call's time is mostly the wait for the step it collected: report that step's make-up with it
         out.shape = collected.shape if collected is not None else None
+        return out
+
+    def salvage(self) -> StepOutput:
+        """After a step raised: what it had settled before (returned once), leaving the step in flight alone (the
+        device may be what failed)."""
+        out, self._settled = self._settled, StepOutput()
         return out
 
     def flush(self) -> StepOutput:

@@ -158,6 +158,7 @@ class EngineLoop(threading.Thread):
         out and parked jobs are already back in the scheduler's queue (it may even be assigning one here again):
         they are reported as having lost their kept KV, so the scheduler stops counting on it (placement and
         preemption costs), and resume by recompute."""
+        self._emit_step(self.engine.salvage())   # what the step settled before it raised (tokens, parks, ...)
         kept = (SeqStatus.SWAPPED, SeqStatus.PARKED)
         job_ids = [j for j, seq in self.engine.seqs.items() if seq.status not in kept]
         kv_lost = [j for j, seq in self.engine.seqs.items() if seq.status in kept]
