@@ -176,15 +176,14 @@ class Dispatcher:
         or preempted), or (None) dropped there with its KV."""
         early = preempted is not None and self.state.parking_on(job_id, worker_id)   # parked as asked, not preempted
         counted = preempted is not None and not early
-        keeps_kv = preempted is not None and preempted.keeps_kv
         self.state.left_worker(job_id, worker_id)
         if preempted is not None and not self.state.knows(job_id):
             return                 # it ended (aborted) after we asked for the preemption: nothing to requeue
         if await self._record(job_id) is None:
             return
-        score = self.policy.queue_score(self.state.requeued_view(job_id, worker_id, preempted, counted), self.cost)
+        view = self.state.requeued_view(job_id, worker_id, preempted, counted)   # kv_on: who keeps its KV, if any
         cause = RequeueCause.PARKED if early else RequeueCause.PREEMPTED if counted else RequeueCause.RETURNED
-        if not await self.store.requeue(job_id, worker_id, score, worker_id if keeps_kv else "", cause):
+        if not await self.store.requeue(job_id, worker_id, self.policy.queue_score(view, self.cost), view.kv_on, cause):
             if (st := await self.store.state(job_id)) is None or st.status in FINAL_STATUSES:
                 self.state.forget(job_id)        # it ended meanwhile: nothing left to remember
             return
