@@ -32,9 +32,6 @@ class PagedKVCache:
         self.k[layer].index_copy_(0, slots, k)
         self.v[layer].index_copy_(0, slots, v)
 
-    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[layer][slots], self.v[layer][slots]
-
     def _slot_index(self, block_ids: list[int], device: torch.device) -> torch.Tensor:
         blocks = torch.tensor(block_ids, dtype=torch.long, device=device)
         offsets = torch.arange(self.block_size, device=device)
