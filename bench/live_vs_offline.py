@@ -7,7 +7,8 @@
 Prints both, and live / offline. The engine runs in a child process each time, so the two never share the GPU.
 With ALISE_PROFILE_THREADS=FILE the worker samples its threads during the measured live run (thread_sampler.py).
 
-    python -m bench.live_vs_offline --model-dir DIR --dataset-path sharegpt.json --out results/
+    python -m bench.live_vs_offline --model-dir DIR --dataset-path sharegpt.json --out results/ [--repeats 3 --rounds 2]
+With repeats and rounds, live / offline is the median live run over the median offline run.
 DIR holds a config.json (e.g. Llama-3-8B's shape) and a tokenizer; the worker builds random bf16 weights.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -49,7 +51,7 @@ def offline(a: argparse.Namespace) -> dict:
 
     engine = build_engine(WorkerConfig.from_args(worker_flags(a)))
     out = {}
-    for name, batch in (("prime", requests[:a.prime]), ("measured", requests)):
+    for name, batch in runs(requests, a):
         for i, r in enumerate(batch):
             engine.add(f"{name}-{i}", tok.encode(r.prompt, add_special_tokens=False),
                        Sampling(max_tokens=r.output_tokens, ignore_eos=True))
@@ -63,6 +65,17 @@ def offline(a: argparse.Namespace) -> dict:
                      "output_tokens_per_s": produced / sec}
     print("OFFLINE " + json.dumps(out), flush=True)
     return out
+
+
+def runs(requests: list, a: argparse.Namespace) -> list[tuple[str, list]]:
+    """A priming run, then the measured run `--repeats` times ("measured", "measured-2", ...)."""
+    return [("prime", requests[:a.prime])] + [
+        ("measured" if i == 0 else f"measured-{i + 1}", requests) for i in range(a.repeats)]
+
+
+def measured(res: dict, key: str) -> list[float]:
+    """One phase's figure (tok/s) in each of its measured runs."""
+    return [v[key] for name, v in res.items() if name.startswith("measured")]
 
 
 def workload(a: argparse.Namespace):
@@ -102,7 +115,7 @@ def live(a: argparse.Namespace) -> dict:
     try:
         target = Target(stack.address, stack.api_key)
         res = {}
-        for name, batch in (("prime", requests[:a.prime]), ("measured", requests)):
+        for name, batch in runs(requests, a):
             if name == "measured" and os.environ.get(thread_sampler.ENV):
                 os.kill(stack.services["worker-0"].proc.pid, signal.SIGUSR2)   # its thread profile starts here
             before = process_cpu(stack)
@@ -135,6 +148,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda", help="cuda: random bf16 weights; cpu: the model's own, fp32")
     p.add_argument("--random-weights", action="store_true", help="on CPU too (a tiny model stresses the serving path)")
     p.add_argument("--prime", type=int, default=100, help="requests of the priming run before each measurement")
+    p.add_argument("--repeats", type=int, default=1, help="measured runs per phase, after one priming run")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="offline-then-live rounds, each phase in fresh processes (machines drift: alternate)")
     p.add_argument("--policy", default="fcfs")
     p.add_argument("--profile-scheduler", action="store_true", help="run the scheduler under cProfile, print its top")
     p.add_argument("--worker-arg", action="append", default=[], help="extra worker flag for the live phase (repeat)")
@@ -148,6 +164,22 @@ def main() -> None:
     if a.skip_offline:
         live(a)
         return
+    rounds = [one_round(a) for _ in range(a.rounds)]
+    off = [x for r in rounds for x in measured(r["offline"], "output_tokens_per_s")]
+    on = [x for r in rounds for x in measured(r["live"], "output_throughput")]
+    # the median of each side: one slow run (the host's neighbours, a GC pause) should not decide the ratio
+    ratio = statistics.median(on) / statistics.median(off)
+    result = {"rounds": rounds, "offline_tok_s": off, "live_tok_s": on, "live_over_offline": ratio,
+              "per_round": [r["live_over_offline"] for r in rounds]}
+    if a.rounds == 1:                          # the layout earlier results were saved in
+        result.update(offline=rounds[0]["offline"], live=rounds[0]["live"])
+    (a.out / "live_vs_offline.json").write_text(json.dumps(result, indent=2))
+    print(f"\noffline tok/s {[round(x) for x in off]}, live tok/s {[round(x) for x in on]} ({a.policy}): "
+          f"median live / median offline = {ratio:.3f}; per round {[round(x, 3) for x in result['per_round']]}")
+
+
+def one_round(a: argparse.Namespace) -> dict:
+    """Offline in a child process, then live: both on the same requests, each after its own priming run."""
     args = [x for x in sys.argv[1:] if x != "both"]
     child = subprocess.run([sys.executable, "-m", "bench.live_vs_offline", "offline", *args],
                            capture_output=True, text=True)
@@ -157,12 +189,10 @@ def main() -> None:
     off = json.loads(line[len("OFFLINE "):])
     print(f"offline: {json.dumps(off)}", flush=True)
     on = live(a)
-    ratio = on["measured"]["output_throughput"] / off["measured"]["output_tokens_per_s"]
-    result = {"offline": off, "live": on, "live_over_offline": ratio}
-    (a.out / "live_vs_offline.json").write_text(json.dumps(result, indent=2))
-    print(f"\noffline {off['measured']['output_tokens_per_s']:.0f} tok/s, live {on['measured']['output_throughput']:.0f} "
-          f"tok/s ({a.policy}): live / offline = {ratio:.3f}")
-
+    ratio = statistics.median(measured(on, "output_throughput")) / statistics.median(
+        measured(off, "output_tokens_per_s"))
+    print(f"round: live / offline = {ratio:.3f}", flush=True)
+    return {"offline": off, "live": on, "live_over_offline": ratio}
 
 if __name__ == "__main__":
     main()
