@@ -9,11 +9,21 @@ def test_blocks_for_rounds_up():
     assert [blocks_for(n, 16) for n in (0, 1, 16, 17, 32)] == [0, 1, 1, 2, 2]
 
 
+def test_grow_returns_the_blocks_it_added_and_the_table_keeps_them_in_order():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    first = bm.grow("a", 5)
+    added = bm.grow("a", 13)
+    assert len(first) == 2 and len(added) == 2 and bm.table("a") == first + added
+    assert bm.num_blocks_of("a") == 4 and bm.num_blocks_of("nobody") == 0 and bm.table("nobody") == []
+    bm.free("a")
+    assert bm.num_blocks_of("a") == 0 and bm.num_free == 8
+
+
 def test_grow_and_free_keep_accounting():
     bm = BlockManager(num_blocks=8, block_size=4)
     assert bm.can_grow("a", 10)
     assert len(bm.grow("a", 10)) == 3
-    assert bm.grow("a", 12) == bm.table("a") and len(bm.table("a")) == 3   # still fits in 3 blocks
+    assert bm.grow("a", 12) == [] and len(bm.table("a")) == 3               # still fits in 3 blocks
     assert not bm.can_grow("b", 4 * 6)                                      # 6 blocks > 5 free
     bm.grow("b", 20)
     assert bm.num_free == 0 and bm.num_used == 8

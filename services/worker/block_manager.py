@@ -20,8 +20,8 @@ to 0 keeps its KV and waits, least recently used first, in `_evictable`; it is h
 forgotten) only when the free list is empty. Multi-turn chats, which resend their history, and shared
 system prompts hit it.
 
-Every table is mirrored in `rows` (table_rows.py), one numpy row per sequence holding blocks, which the model
-runner reads a step's tables from; this class is the only writer of both.
+The tables live in `rows` (table_rows.py), one numpy row per sequence holding blocks, which the model runner
+reads a step's tables from; this class is their only writer.
 
 Invariants (asserted): a device block is unused exactly when its reference count is 0, and its count equals
 the number of tables holding it; free + evictable + used == total; host: free + swapped == total.
@@ -67,8 +67,7 @@ class BlockManager:
         self.host = BlockPool(num_host_blocks)
         self.prefix_caching = prefix_caching
         self._refs = [0] * num_blocks
-        self._tables: dict[str, list[int]] = {}
-        self.rows = TableRows()                     # the same tables as numpy rows, for the runner
+        self.rows = TableRows()                     # every sequence's block table, one numpy row each
         self._swapped: dict[str, list[int]] = {}
         # prefix cache: key -> block, block -> key, cached blocks nobody holds (LRU order), and per sequence
         # the keys of its leading blocks registered so far
@@ -100,7 +99,11 @@ class BlockManager:
         return self.host.num_blocks - self.host.num_free
 
     def table(self, seq_id: str) -> list[int]:
-        return self._tables.get(seq_id, [])
+        """The sequence's block ids (a copy; empty when it holds none)."""
+        return self.rows.table(seq_id)
+
+    def num_blocks_of(self, seq_id: str) -> int:
+        return self.rows.length(seq_id)
 
     def is_swapped(self, seq_id: str) -> bool:
         return seq_id in self._swapped
@@ -108,32 +111,22 @@ class BlockManager:
     # -- device blocks: check / commit pairs ----------------------------------------------------
     def extra_blocks(self, seq_id: str, num_tokens: int) -> int:
         """Blocks still needed for the sequence to hold `num_tokens` tokens."""
-        return max(0, blocks_for(num_tokens, self.block_size) - len(self.table(seq_id)))
+        return max(0, blocks_for(num_tokens, self.block_size) - self.rows.length(seq_id))
 
     def can_grow(self, seq_id: str, num_tokens: int) -> bool:
         return self.extra_blocks(seq_id, num_tokens) <= self.num_free
 
     def grow(self, seq_id: str, num_tokens: int) -> list[int]:
-        """Extend the sequence's table to cover `num_tokens`; call can_grow first."""
-        if seq_id not in self._tables:
-            self._set_table(seq_id, [])
-        table = self._tables[seq_id]
+        """Extend the sequence's table to cover `num_tokens`; call can_grow first. Returns the blocks added."""
+        if seq_id not in self.rows:
+            self.rows.assign(seq_id, [])
         extra = self.extra_blocks(seq_id, num_tokens)
-        if extra:
-            fresh = self._take(extra)
-            for b in fresh:
-                self._refs[b] = 1
-            table.extend(fresh)
+        fresh = self._take(extra) if extra else []
+        for b in fresh:
+            self._refs[b] = 1
+        if fresh:
             self.rows.append(seq_id, fresh)
-        return table
-
-    def _set_table(self, seq_id: str, table: list[int]) -> None:
-        self._tables[seq_id] = table
-        self.rows.assign(seq_id, table)
-
-    def _pop_table(self, seq_id: str) -> list[int]:
-        self.rows.release(seq_id)
-        return self._tables.pop(seq_id, [])
+        return fresh
 
     def _take(self, n: int) -> list[int]:
         """n unused blocks: never-used ones first, then the least recently used cached ones (forgotten)."""
@@ -164,7 +157,7 @@ class BlockManager:
         """A sequence about to be prefilled from scratch takes the cached blocks of its longest registered
         prefix; returns how many tokens they hold. At least one token is always left to compute (the step
         needs it for logits), so a fully cached prompt recomputes its last block into a fresh one."""
-        assert seq_id not in self._tables, "match_prefix is for a sequence holding no blocks"
+        assert seq_id not in self.rows, "match_prefix is for a sequence holding no blocks"
         if not self.prefix_caching:
             return 0
         bs, keys, blocks = self.block_size, [], []
@@ -181,7 +174,7 @@ class BlockManager:
             if self._refs[b] == 0:
                 del self._evictable[b]
             self._refs[b] += 1
-        self._set_table(seq_id, blocks)
+        self.rows.assign(seq_id, blocks)
         self._seq_keys[seq_id] = keys
         return len(blocks) * bs
 
@@ -196,24 +189,24 @@ class BlockManager:
         full = num_computed // self.block_size
         if full <= len(keys):
             return
-        table, bs = self._tables[seq_id], self.block_size
+        bs = self.block_size
         parent = keys[-1] if keys else salt
         for i in range(len(keys), full):
-            key = self.prefix_key(parent, tokens(i * bs, (i + 1) * bs))
-            if key not in self._cached and table[i] not in self._key_of:
-                self._cached[key] = table[i]
-                self._key_of[table[i]] = key
+            key, block = self.prefix_key(parent, tokens(i * bs, (i + 1) * bs)), self.rows.block(seq_id, i)
+            if key not in self._cached and block not in self._key_of:
+                self._cached[key] = block
+                self._key_of[block] = key
             keys.append(key)
             parent = key
 
     def share(self, src_id: str, dst_id: str, num_tokens: int) -> list[int]:
         """Start `dst_id` with the full blocks of `src_id` covering its first `num_tokens` tokens."""
-        assert dst_id not in self._tables and dst_id not in self._swapped, "share into a fresh sequence only"
+        assert dst_id not in self.rows and dst_id not in self._swapped, "share into a fresh sequence only"
         shared = self.table(src_id)[: num_tokens // self.block_size]
         for b in shared:
             self._refs[b] += 1
-        self._set_table(dst_id, list(shared))
-        return self._tables[dst_id]
+        self.rows.assign(dst_id, shared)
+        return shared
 
     def _release(self, device_ids: list[int]) -> None:
         for b in device_ids:
@@ -227,16 +220,16 @@ class BlockManager:
 
     def free(self, seq_id: str) -> None:
         """Release everything the sequence holds, on the device and in host swap space."""
-        self._release(self._pop_table(seq_id))
+        self._release(self.rows.release(seq_id))
         self._seq_keys.pop(seq_id, None)
         self.host.give_back(self._swapped.pop(seq_id, []))
 
     # -- swapping: return (src, dst) block mappings for the runner to copy ------------------------
     def can_swap_out(self, seq_id: str) -> bool:
-        return len(self.table(seq_id)) <= self.host.num_free
+        return self.rows.length(seq_id) <= self.host.num_free
 
     def swap_out(self, seq_id: str) -> list[tuple[int, int]]:
-        device_ids = self._pop_table(seq_id)
+        device_ids = self.rows.release(seq_id)
         self._seq_keys.pop(seq_id, None)       # its blocks come back fresh: registered again as computed
         host_ids = self.host.take(len(device_ids))
         self._swapped[seq_id] = host_ids
@@ -251,6 +244,6 @@ class BlockManager:
         device_ids = self._take(len(host_ids))
         for b in device_ids:
             self._refs[b] = 1
-        self._set_table(seq_id, device_ids)
+        self.rows.assign(seq_id, device_ids)
         self.host.give_back(host_ids)
         return list(zip(host_ids, device_ids))

@@ -175,7 +175,7 @@ class StepScheduler:
                 normal_blocked = True
                 deferred.append(seq)
                 continue
-            fresh = seq.num_computed == 0 and not self.blocks.table(seq.job_id)
+            fresh = seq.num_computed == 0 and not self.blocks.num_blocks_of(seq.job_id)
             if fresh:
                 seq.num_computed = self.blocks.match_prefix(seq.job_id, seq.token_slice(0, seq.num_tokens),
                                                             seq.cache_salt)
@@ -203,8 +203,8 @@ class StepScheduler:
 
     def _evict_for(self, seq: Sequence, tokens: int, evicted: list[Sequence]) -> None:
         """Parked KV is given up (newest first) to admit `seq`, but only when giving all of it up makes room."""
-        need = -(-tokens // self.blocks.block_size) - len(self.blocks.table(seq.job_id)) - self.blocks.num_free
-        if need <= 0 or need > sum(len(self.blocks.table(p.job_id)) for p in self.parked):
+        need = -(-tokens // self.blocks.block_size) - self.blocks.num_blocks_of(seq.job_id) - self.blocks.num_free
+        if need <= 0 or need > sum(self.blocks.num_blocks_of(p.job_id) for p in self.parked):
             return
         while self.parked and not self.blocks.can_grow(seq.job_id, tokens):
             evicted.append(self._evict_parked())

@@ -5,8 +5,9 @@ its time at a batch of 512 (tens of thousands of ints through the interpreter). 
 holds blocks keeps a row here for as long as it holds them, and the row changes only when its table does:
 a few appended ids per 16 generated tokens.
 
-The BlockManager is the only writer (it owns the tables; this is their mirror); the model runner reads.
-Rows and columns grow by doubling, so no limit on sequences or context is fixed here.
+This is the only store of block tables: the BlockManager is its only writer and answers every question about
+a table from it; the model runner reads whole steps' rows. Rows and columns grow by doubling, so no limit on
+sequences or context is fixed here.
 """
 from __future__ import annotations
 
@@ -27,8 +28,20 @@ class TableRows:
         return seq_id in self._row_of
 
     def table(self, seq_id: str) -> list[int]:
+        """The sequence's block ids (a copy); empty when it holds no row."""
+        r = self._row_of.get(seq_id)
+        return [] if r is None else self.blocks[r, :self.lens[r]].tolist()
+
+    def length(self, seq_id: str) -> int:
+        """How many blocks the sequence holds (0 when it holds no row)."""
+        r = self._row_of.get(seq_id)
+        return 0 if r is None else int(self.lens[r])
+
+    def block(self, seq_id: str, i: int) -> int:
+        """The sequence's i-th block id."""
         r = self._row_of[seq_id]
-        return self.blocks[r, :self.lens[r]].tolist()
+        assert i < self.lens[r]
+        return int(self.blocks[r, i])
 
     # -- writes (the BlockManager's) -------------------------------------------------------------
     def assign(self, seq_id: str, table: list[int]) -> None:
@@ -48,11 +61,15 @@ class TableRows:
         self.blocks[r, n:end] = block_ids
         self.lens[r] = end
 
-    def release(self, seq_id: str) -> None:
+    def release(self, seq_id: str) -> list[int]:
+        """The sequence stops holding its row; returns the blocks it held."""
         r = self._row_of.pop(seq_id, None)
-        if r is not None:
-            self.lens[r] = 0
-            self._free.append(r)
+        if r is None:
+            return []
+        held = self.blocks[r, :self.lens[r]].tolist()
+        self.lens[r] = 0
+        self._free.append(r)
+        return held
 
     def _grow_rows(self) -> None:
         old = len(self.lens)
