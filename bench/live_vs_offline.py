@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench.serve import Target, run
 from bench.serve_metrics import format_summary, summarize
-from bench.workloads import Dataset, load
+from bench.workloads import Dataset, load, rendered_chat
 from services.common import thread_sampler
 
 
@@ -53,7 +53,8 @@ def offline(a: argparse.Namespace) -> dict:
     out = {}
     for name, batch in runs(requests, a):
         for i, r in enumerate(batch):
-            engine.add(f"{name}-{i}", tok.encode(r.prompt, add_special_tokens=False),
+            text = rendered_chat(r, tok) if r.as_chat else r.prompt      # as the scheduler renders a chat
+            engine.add(f"{name}-{i}", tok.encode(text, add_special_tokens=False),
                        Sampling(max_tokens=r.output_tokens, ignore_eos=True))
         if torch.cuda.is_available():
             torch.cuda.synchronize()

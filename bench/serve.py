@@ -80,8 +80,8 @@ async def one_request(stub, req: BenchRequest, index: int, ignore_eos: bool, tar
 
     max_tokens, forced = target.cap(req, ignore_eos)
     sampling = pb.SamplingParams(max_tokens=max_tokens, ignore_eos=forced)
-    text = (dict(chat=pb.ChatConversation(messages=[pb.ChatMessage(role="user", content=req.prompt)]))
-            if target.chat else dict(prompt=req.prompt))
+    text = (dict(chat=pb.ChatConversation(messages=[pb.ChatMessage(**m) for m in req.messages()]))
+            if target.chat or req.as_chat else dict(prompt=req.prompt))
     msg = pb.GenerateRequest(request_id=f"{label}-{index}-{uuid.uuid4().hex[:8]}", model=target.model,
                              sampling=sampling, priority=target.priority, **text)
     res = RequestResult(index=index, expected_output_tokens=req.output_tokens, start_s=time.perf_counter() - started)
@@ -115,7 +115,8 @@ async def one_http_request(http, req: BenchRequest, index: int, ignore_eos: bool
     times it: TTFT at the first chunk with text, one inter-token gap per later chunk, token counts from the usage
     the server reports last."""
     body = {"model": target.model, "stream": True, "temperature": 0.0, "stream_options": {"include_usage": True}}
-    body.update({"messages": [{"role": "user", "content": req.prompt}]} if target.chat else {"prompt": req.prompt})
+    chat = target.chat or req.as_chat
+    body.update({"messages": req.messages()} if chat else {"prompt": req.prompt})
     max_tokens, forced = target.cap(req, ignore_eos)
     if max_tokens:
         body.update(max_tokens=max_tokens, ignore_eos=forced)
@@ -126,7 +127,7 @@ async def one_http_request(http, req: BenchRequest, index: int, ignore_eos: bool
     t0 = last = time.perf_counter()
     chunks = 0
     try:
-        async with http.stream("POST", "/chat/completions" if target.chat else "/completions", json=body,
+        async with http.stream("POST", "/chat/completions" if chat else "/completions", json=body,
                                headers=headers) as r:
             if r.status_code != 200:
                 error = json.loads(await r.aread() or b"{}").get("error", {})

@@ -18,14 +18,21 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class BenchRequest:
-    prompt: str
+    prompt: str                        # the text, or in a conversation the user's newest message
     output_tokens: int                 # the dataset's output length; 0 = let the model decide
     prompt_tokens: int = 0             # as counted by the workload's tokenizer (0 = not counted)
     arrival_s: float | None = None     # offset from the start, for traces with real arrival times
+    history: tuple[tuple[str, str], ...] = ()   # (role, content) of the conversation before it, oldest first
+    as_chat: bool = False              # sent as chat messages (the model's template applies), not as a prompt
+
+    def messages(self) -> list[dict[str, str]]:
+        """The request as chat messages: its history, then the prompt as the user's turn."""
+        return [{"role": r, "content": c} for r, c in self.history] + [{"role": "user", "content": self.prompt}]
 
 
 class Dataset(str, Enum):
     SHAREGPT = "sharegpt"              # {conversations: [{from, value}]}: each human turn with its reply
+    SHAREGPT_CHAT = "sharegpt-chat"    # the same turns, each sent as a chat with the conversation before it
     ALPACA = "alpaca"                  # [{instruction, input, output}] (also AlpacaEval's {instruction, output})
     AZURE = "azure"                    # CSV TIMESTAMP, ContextTokens, GeneratedTokens: arrivals and lengths
     LENGTHS = "lengths"                # JSON [[prompt tokens, output tokens], ...] (bench/make_lengths.py)
@@ -62,6 +69,46 @@ def text_pairs(dataset: Dataset, path: Path):
             yield prompt, item.get("output", "")
 
 
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant"}
+
+
+def chat_turns(path: Path, num: int, tokenizer, limits: Limits) -> list[BenchRequest]:
+    """Each human turn of a ShareGPT file with the conversation before it, the way a chat client resends its
+    history (so the predictor sees the previous reply, and the prefix cache sees the resent history). The
+    prompt is counted as the model's chat template renders it; a history too long for `limits.max_prompt`
+    loses its oldest exchanges first, as a client trimming to a context window does."""
+    out: list[BenchRequest] = []
+    for item in json.loads(Path(path).read_text()):
+        turns = [(ROLES.get(t.get("from", "").lower()), t.get("value", "")) for t in item.get("conversations", [])]
+        for i, ((role, text), (next_role, reply)) in enumerate(zip(turns, turns[1:])):
+            if role != "user" or next_role != "assistant":
+                continue
+            history = [t for t in turns[:i] if t[0] is not None]
+            req = _fit_history(text, history, tokenizer, limits.max_prompt)
+            n_out = len(tokenizer.encode(reply, add_special_tokens=False))
+            if limits.keep(req.prompt_tokens, n_out):
+                out.append(BenchRequest(text, n_out, req.prompt_tokens, history=req.history, as_chat=True))
+            if len(out) >= num:
+                return out
+    return out
+
+
+def _fit_history(text: str, history: list[tuple[str, str]], tokenizer, max_prompt: int) -> BenchRequest:
+    while True:
+        req = BenchRequest(text, 0, history=tuple(history), as_chat=True)
+        n_in = len(tokenizer.encode(rendered_chat(req, tokenizer), add_special_tokens=False))
+        if n_in <= max_prompt or not history:
+            return BenchRequest(text, 0, n_in, history=req.history, as_chat=True)
+        history = history[2:] if len(history) > 1 else []       # drop the oldest exchange (user + reply)
+        while history and history[0][0] != "user":
+            history = history[1:]
+
+
+def rendered_chat(req: BenchRequest, tokenizer) -> str:
+    """The text the model reads for a request sent as a chat (the scheduler renders it the same way)."""
+    return tokenizer.apply_chat_template(req.messages(), add_generation_prompt=True, tokenize=False)
+
+
 def ordinary_vocab(tokenizer) -> list[int]:
     special = set(tokenizer.all_special_ids)
     return [i for i in range(len(tokenizer)) if i not in special]
@@ -87,6 +134,8 @@ def load(dataset: Dataset, path: Path | None, num: int, tokenizer, *, seed: int 
     workload); lengths are counted with `tokenizer`."""
     rng = random.Random(seed)
     out: list[BenchRequest] = []
+    if dataset is Dataset.SHAREGPT_CHAT:
+        return chat_turns(path, num, tokenizer, limits)
     if dataset in (Dataset.SHAREGPT, Dataset.ALPACA):
         for prompt, reply in text_pairs(dataset, path):
             n_in = len(tokenizer.encode(prompt, add_special_tokens=False))

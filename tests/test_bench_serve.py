@@ -10,7 +10,7 @@ import pytest
 
 from bench.serve import arrival_offsets
 from bench.serve_metrics import RequestResult, meets, parse_goodput, summarize
-from bench.workloads import Dataset, Limits, load
+from bench.workloads import Dataset, Limits, load, rendered_chat
 from client.cli import main as cli_main
 
 
@@ -74,7 +74,33 @@ def test_sharegpt_and_azure_workloads(tmp_path, tokenizer):
         assert abs(r.prompt_tokens - n) <= 1 and r.prompt_tokens == len(tokenizer.encode(r.prompt, add_special_tokens=False))
 
 
-def test_bench_serve_against_the_live_stack(stack_factory, tmp_path, capsys):
+CHAT = [{"id": "c", "conversations": [
+    {"from": "human", "value": "Name three rivers in Europe, please."},
+    {"from": "gpt", "value": "The Danube, the Rhine and the Seine are three rivers in Europe."},
+    {"from": "human", "value": "Which of them is the longest, and by how much?"},
+    {"from": "gpt", "value": "The Danube is the longest of the three, at about 2,850 kilometres."},
+    {"from": "human", "value": "And which countries does it flow through on its way?"},
+    {"from": "gpt", "value": "Germany, Austria, Slovakia, Hungary, Croatia, Serbia, Romania, Bulgaria, Moldova and Ukraine."}]}]
+
+
+def test_sharegpt_chat_sends_each_turn_with_its_history_trimmed_oldest_first(tmp_path, tokenizer):
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps(CHAT))
+    reqs = load(Dataset.SHAREGPT_CHAT, path, 10, tokenizer)
+    assert [len(r.history) for r in reqs] == [0, 2, 4]
+    third = reqs[2]
+    assert third.prompt.startswith("And which") and third.history[-1] == ("assistant", CHAT[0]["conversations"][3]["value"])
+    assert third.messages()[-1] == {"role": "user", "content": third.prompt}
+    assert third.prompt_tokens == len(tokenizer.encode(rendered_chat(third, tokenizer), add_special_tokens=False))
+    assert reqs[0].prompt_tokens < reqs[1].prompt_tokens < third.prompt_tokens
+    # a context limit between the second and third turn's size: the third keeps only its newest exchange
+    trimmed = load(Dataset.SHAREGPT_CHAT, path, 10, tokenizer,
+                   limits=Limits(max_prompt=third.prompt_tokens - 1, max_total=4096))
+    assert [len(r.history) for r in trimmed] == [0, 2, 2]
+    assert trimmed[2].history[0] == ("user", CHAT[0]["conversations"][2]["value"])
+
+
+def test_bench_serve_against_the_live_stack(stack_factory, tmp_path, capsys, model_dir, tokenizer):
     stack = stack_factory()
     out = tmp_path / "result.json"
     code = cli_main(["--address", stack.address, "--api-key", stack.api_key, *tls_args(stack),
@@ -100,6 +126,17 @@ def test_bench_serve_against_the_live_stack(stack_factory, tmp_path, capsys):
     rows = list(csv.DictReader(open(chat.with_suffix(".csv"))))
     assert len(rows) == 3 and all(r["ok"] == "True" and 1 <= int(r["output_tokens"]) <= 5 for r in rows)
     assert all(int(r["prompt_tokens"]) > 24 + 8 for r in rows)             # the template's own tokens
+    # ShareGPT turns with their history: sent as chats, the server counts the prompt the loader counted
+    conv, turns = tmp_path / "conv.json", tmp_path / "turns.json"
+    conv.write_text(json.dumps(CHAT))
+    code = cli_main(["--address", stack.address, "--api-key", stack.api_key, *tls_args(stack),
+                     "bench", "serve", "--dataset-name", "sharegpt-chat", "--dataset-path", str(conv),
+                     "--tokenizer", str(model_dir), "--num-prompts", "3", "--max-tokens", "4", "--label", "h",
+                     "--save-result", str(turns)])
+    assert code == 0, capsys.readouterr().out
+    rows = sorted(csv.DictReader(open(turns.with_suffix(".csv"))), key=lambda r: int(r["index"]))
+    sent = load(Dataset.SHAREGPT_CHAT, conv, 3, tokenizer)
+    assert [int(r["prompt_tokens"]) for r in rows] == [r.prompt_tokens for r in sent]
 
 
 def test_bench_options_that_would_fail_every_request_are_refused_at_once(capsys):
