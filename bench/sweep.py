@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="keep the runs already saved under --out (same labels) and run only the missing ones: a "
                         "sweep split over several sessions on one machine still makes one report")
+    p.add_argument("--alternate", action="store_true",
+                   help="run rate by rate, the policies in turn and their order reversed at every other rate, so "
+                        "a machine that drifts (or a slow first run) does not favour one policy")
     p.add_argument("--latency-bound", type=float, default=0.1, help="mean normalized latency bound (s/token)")
     p.add_argument("--out", type=Path, default=Path("sweep"))
 
@@ -42,15 +45,21 @@ def sweep(a: argparse.Namespace) -> list[Run]:
     prime, measured = workload[:a.prime], workload[a.prime:]
     percentiles = [float(x) for x in a.percentiles.split(",")]
     runs = []
-    for policy in a.policies:
-        for rate in a.rates:
-            saved = load_run(a.out, policy, rate) if a.resume else None
-            summary, normalized = saved or one_run(a, policy, rate, prime, measured, percentiles)
-            runs.append(Run(policy, rate, summary, normalized))
-            print(f"{summary['label']}: {summary['completed']}/{summary['requests']} done, mean normalized "
-                  f"{summary['normalized_latency_s'].get('mean', float('nan')):.3f} s/token", flush=True)
+    for policy, rate in run_order(a.policies, a.rates, a.alternate):
+        saved = load_run(a.out, policy, rate) if a.resume else None
+        summary, normalized = saved or one_run(a, policy, rate, prime, measured, percentiles)
+        runs.append(Run(policy, rate, summary, normalized))
+        print(f"{summary['label']}: {summary['completed']}/{summary['requests']} done, mean normalized "
+              f"{summary['normalized_latency_s'].get('mean', float('nan')):.3f} s/token", flush=True)
     report(runs, a.out, a.latency_bound)
     return runs
+
+
+def run_order(policies: list[str], rates: list[float], alternate: bool) -> list[tuple[str, float]]:
+    """(policy, rate) in the order they run: policy by policy, or rate by rate with the policies alternating."""
+    if not alternate:
+        return [(p, r) for p in policies for r in rates]
+    return [(p, r) for i, r in enumerate(rates) for p in (policies if i % 2 == 0 else policies[::-1])]
 
 
 def run_label(policy: str, rate: float) -> str:

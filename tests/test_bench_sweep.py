@@ -77,3 +77,12 @@ def test_work_pace_tells_a_level_backlog_from_a_growing_one():
     assert work_pace(early) == pytest.approx(1.0, abs=0.05)
     half_failed = [req(t, t, t + 0.5, t + 5.0, ok=t % 2 == 0) for t in range(100)]
     assert work_pace(half_failed) == pytest.approx(0.5, abs=0.05)
+
+
+def test_alternate_order_runs_rate_by_rate_and_reverses_the_policies_every_other_rate():
+    from bench.sweep import run_order
+
+    assert run_order(["fcfs", "alise"], [1.0, 2.0], alternate=False) == [
+        ("fcfs", 1.0), ("fcfs", 2.0), ("alise", 1.0), ("alise", 2.0)]
+    assert run_order(["fcfs", "alise"], [1.0, 2.0, 3.0], alternate=True) == [
+        ("fcfs", 1.0), ("alise", 1.0), ("alise", 2.0), ("fcfs", 2.0), ("fcfs", 3.0), ("alise", 3.0)]
