@@ -1,25 +1,55 @@
 import numpy as np
+import torch
 
+from services.worker.device_tables import DeviceTables
 from services.worker.table_rows import TableRows
 
 
-def test_rows_grow_reuse_and_pad():
+def test_rows_grow_reuse_and_report_what_changed():
     rows = TableRows(rows=2, width=2)
     rows.assign("a", [5, 6, 7])                       # wider than the array: columns double
     rows.assign("b", [1])
     rows.assign("c", [])                              # more sequences than rows: rows double
     rows.append("c", [9, 8])
     assert rows.table("a") == [5, 6, 7] and rows.table("b") == [1] and rows.table("c") == [9, 8]
-    got = rows.gather(np.array([rows.row("b"), rows.row("a"), rows.row("c")]), pad=-1, round_to=4)
-    assert got.tolist() == [[1, -1, -1, -1], [5, 6, 7, -1], [9, 8, -1, -1]]
+    assert set(rows.take_changed().tolist()) == {rows.row("a"), rows.row("b"), rows.row("c")}
+    assert rows.take_changed().tolist() == []         # taken: nothing changed since
+    assert rows.width(np.array([rows.row("b"), rows.row("c")])) == 2
+    assert rows.width(np.array([rows.row("a")]), round_to=16) == 16
     freed = rows.row("a")
     rows.release("a")
     rows.assign("d", [3])                             # a released row is handed out again, cleared
-    assert rows.row("d") == freed and rows.table("d") == [3]
-    assert rows.gather(np.array([rows.row("d")]), pad=0).tolist() == [[3]]
+    assert rows.row("d") == freed and rows.table("d") == [3] and rows.take_changed().tolist() == [freed]
 
 
-def test_gather_past_the_array_width_pads():
-    rows = TableRows(rows=1, width=2)
-    rows.assign("a", [4])
-    assert rows.gather(np.array([0]), pad=-1, round_to=16).tolist() == [[4] + [-1] * 15]
+def test_the_device_copy_follows_every_change_through_growth_and_reuse():
+    """The tables a step gathers on the device equal the host tables in every column below each length,
+    after any mix of assigns, appends, releases and growth (rows and columns), with only changed rows sent."""
+    rng = np.random.default_rng(0)
+    host = TableRows(rows=2, width=2)
+    dev = DeviceTables(host, torch.device("cpu"))
+    live: dict[str, int] = {}
+    for step in range(300):
+        op = rng.integers(0, 3)
+        if op == 0 or not live:
+            sid = f"s{step}"
+            host.assign(sid, rng.integers(0, 1000, rng.integers(0, 4)).tolist())
+            live[sid] = 1
+        elif op == 1:
+            host.append(rng.choice(sorted(live)), rng.integers(0, 1000, rng.integers(1, 3)).tolist())
+        else:
+            sid = rng.choice(sorted(live))
+            host.release(sid)
+            del live[sid]
+        changed, rows = dev.changes()
+        assert len(changed) <= 1 or len(changed) == host.blocks.shape[0]     # one row, or all after growth
+        dev.apply(torch.from_numpy(changed), torch.from_numpy(rows))
+        if live:
+            ids = sorted(live)
+            row_ids = np.array([host.row(s) for s in ids])
+            width = host.width(row_ids)
+            got = dev.gather(torch.from_numpy(row_ids), width)
+            assert got.dtype == torch.int32 and got.shape == (len(ids), width)
+            for sid, line in zip(ids, got.tolist()):
+                table = host.table(sid)
+                assert line[:len(table)] == table

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from services.worker.attention import paged_decode
+from services.worker.device_tables import DeviceTables
 from services.worker.fused_ops import fused_kernels_on, rmsnorm, rope_, rope_and_cache_, silu_mul
 from services.worker.host_copy import to_device
 from services.worker.kv_cache import PagedKVCache
@@ -117,6 +118,7 @@ class ModelRunner:
         self.tables = tables        # the BlockManager's block tables (it writes them, we read)
         cfg = hf_model.config
         self.device = next(hf_model.parameters()).device
+        self.device_tables = DeviceTables(tables, self.device)   # their copy on the device, for the kernels
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -177,11 +179,13 @@ class ModelRunner:
         return self.forward_mixed(self.prepare_mixed(chunks, prev_sampled, probe is not None), probe)
 
     # -- batch preparation (host side, numpy; one transfer per step) -------------------------------
-    def _tables(self, chunks: list[SeqChunk]) -> np.ndarray:
-        """The chunks' block tables padded with the scratch block. On a GPU the width is rounded up to 16 (one
-        Triton variant for every width); on CPU the attention gathers the whole width, so it stays exact."""
-        rows = np.fromiter((c.table_row for c in chunks), np.int64, len(chunks))
-        return self.tables.gather(rows, self.cache.scratch_block, 16 if self.device.type == "cuda" else 1)
+    def _rows(self, chunks: list[SeqChunk]) -> np.ndarray:
+        return np.fromiter((c.table_row for c in chunks), np.int64, len(chunks))
+
+    def _width(self, rows: np.ndarray) -> int:
+        """The step's block-table width. On a GPU it is rounded up to 16 (one Triton variant for every width);
+        on CPU the attention gathers the whole width, so it stays exact."""
+        return self.tables.width(rows, 16 if self.device.type == "cuda" else 1)
 
     def _input_ids(self, host_ids: torch.Tensor, prev_rows: torch.Tensor, prev_sampled: torch.Tensor | None):
         if prev_sampled is None or prev_sampled.numel() == 0:     # no decode can refer to it
@@ -190,14 +194,17 @@ class ModelRunner:
 
     def prepare_decode(self, chunks: list[SeqChunk], prev_sampled: torch.Tensor | None = None) -> DecodeInputs:
         n, bs = len(chunks), self.block_size
+        rows = self._rows(chunks)
         pos = np.fromiter((c.start for c in chunks), np.int64, n)
         ids = np.fromiter((c.token_ids[0] for c in chunks), np.int64, n)
         prev = np.fromiter((c.prev_row for c in chunks), np.int64, n)
-        tables = self._tables(chunks)
-        slots = tables[np.arange(n), pos // bs] * bs + pos % bs
-        ids_t, prev_t, pos_t, slots_t, lens_t, tables_t = to_device(self.device, ids, prev, pos, slots, pos + 1, tables)
+        slots = self.tables.blocks[rows, pos // bs] * bs + pos % bs
+        ids_t, prev_t, pos_t, slots_t, lens_t, rows_t, *changes = to_device(
+            self.device, ids, prev, pos, slots, pos + 1, rows, *self.device_tables.changes())
+        self.device_tables.apply(*changes)
         return DecodeInputs(input_ids=self._input_ids(ids_t, prev_t, prev_sampled), positions=pos_t, slots=slots_t,
-                            block_tables=tables_t.to(torch.int32), context_lens=lens_t.to(torch.int32))
+                            block_tables=self.device_tables.gather(rows_t, self._width(rows)),
+                            context_lens=lens_t.to(torch.int32))
 
     def prepare_mixed(self, chunks: list[SeqChunk], prev_sampled: torch.Tensor | None = None,
                       probe: bool = False) -> MixedInputs:
@@ -210,8 +217,8 @@ class ModelRunner:
         # per token: its sequence, position and (through the sequence's block table) cache slot
         owner = np.repeat(np.arange(len(chunks)), sizes)
         pos = starts[owner] + np.arange(total) - rows_start[owner]
-        tables = self._tables(chunks)
-        slots = tables[owner, pos // bs] * bs + pos % bs
+        table_rows = self._rows(chunks)
+        slots = self.tables.blocks[table_rows[owner], pos // bs] * bs + pos % bs
         ids = np.fromiter(chain.from_iterable(c.token_ids for c in chunks), np.int64, total)
         prev = np.full(total, -1, np.int64)
         decode = np.flatnonzero(sizes == 1)
@@ -220,14 +227,19 @@ class ModelRunner:
         probe_rows = rows_end[np.fromiter((c.probe for c in chunks), bool, len(chunks))] - 1 if probe else ()
         multi = np.flatnonzero(sizes > 1)
         tile_chunk, tile_q = plan_tiles(sizes[multi])
-        dev = to_device(self.device, ids, prev, pos, slots, rows_start[decode], tables[decode], starts[decode] + 1,
-                        logit_rows, np.asarray(probe_rows, np.int64), rows_start[multi], sizes[multi], starts[multi],
-                        tables[multi], tile_chunk, tile_q)
-        ids_t, prev_t, pos_t, slots_t, dec_rows, dec_tables, dec_lens, logit_t, probe_t = dev[:9]
+        (ids_t, prev_t, pos_t, slots_t, dec_rows, dec_lens, logit_t, probe_t, q_start, q_len, ctx_start, tile_chunk_t,
+         tile_q_t, dec_table_rows, multi_table_rows, *changes) = to_device(
+            self.device, ids, prev, pos, slots, rows_start[decode], starts[decode] + 1, logit_rows,
+            np.asarray(probe_rows, np.int64), rows_start[multi], sizes[multi], starts[multi], tile_chunk, tile_q,
+            table_rows[decode], table_rows[multi], *self.device_tables.changes())
+        self.device_tables.apply(*changes)
+        width = self._width(table_rows)
+        prefills = PrefillChunks(q_start, q_len, ctx_start, self.device_tables.gather(multi_table_rows, width),
+                                 tile_chunk_t, tile_q_t)
         return MixedInputs(
             input_ids=self._input_ids(ids_t, prev_t, prev_sampled), positions=pos_t, slots=slots_t,
-            decode_rows=dec_rows, block_tables=dec_tables.to(torch.int32), context_lens=dec_lens.to(torch.int32),
-            prefills=PrefillChunks(*dev[9:]), logits_index=logit_t,
+            decode_rows=dec_rows, block_tables=self.device_tables.gather(dec_table_rows, width),
+            context_lens=dec_lens.to(torch.int32), prefills=prefills, logits_index=logit_t,
             probe_rows=probe_t if len(probe_rows) else None)
 
     # -- forward passes --------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""Block tables as rows of one numpy array: the runner takes a whole step's tables with one fancy index.
+"""Block tables as rows of one numpy array, with a record of the rows that changed.
 
 Rebuilding a [batch, width] array from per-sequence Python lists every step cost the engine thread ~15% of
 its time at a batch of 512 (tens of thousands of ints through the interpreter). Instead each sequence that
 holds blocks keeps a row here for as long as it holds them, and the row changes only when its table does:
-a few appended ids per 16 generated tokens.
+a few appended ids per 16 generated tokens. The runner keeps a copy on the device (device_tables.py) and
+sends it only the rows written since its last step (`take_changed`).
 
 This is the only store of block tables: the BlockManager is its only writer and answers every question about
 a table from it; the model runner reads whole steps' rows. Rows and columns grow by doubling, so no limit on
@@ -20,6 +21,7 @@ class TableRows:
         self.lens = np.zeros(rows, np.int64)               # [row]: how many of the row's entries are its blocks
         self._row_of: dict[str, int] = {}
         self._free: list[int] = list(range(rows - 1, -1, -1))
+        self._changed: set[int] = set()                    # rows written since the last take_changed()
 
     def row(self, seq_id: str) -> int:
         return self._row_of[seq_id]
@@ -60,6 +62,7 @@ class TableRows:
             self.blocks = np.concatenate([self.blocks, np.zeros_like(self.blocks)], axis=1)
         self.blocks[r, n:end] = block_ids
         self.lens[r] = end
+        self._changed.add(r)
 
     def release(self, seq_id: str) -> list[int]:
         """The sequence stops holding its row; returns the blocks it held."""
@@ -78,16 +81,14 @@ class TableRows:
         self._free.extend(range(2 * old - 1, old - 1, -1))
 
     # -- reads (the runner's) ------------------------------------------------------------------
-    def gather(self, rows: np.ndarray, pad: int, round_to: int = 1) -> np.ndarray:
-        """[len(rows), width] tables of these rows, padded with `pad` past each one's end; the width is the
-        longest table's, rounded up to a multiple of `round_to`."""
-        lens = self.lens[rows]
-        width = max(1, int(lens.max(initial=1)))
-        width = -(-width // round_to) * round_to
-        if width > self.blocks.shape[1]:
-            out = np.full((len(rows), width), pad, np.int64)
-            out[:, :self.blocks.shape[1]] = self.blocks[rows]
-        else:
-            out = self.blocks[rows, :width]
-        out[np.arange(width)[None, :] >= lens[:, None]] = pad
+    def width(self, rows: np.ndarray, round_to: int = 1) -> int:
+        """Columns that hold every one of these rows' tables (at least 1), rounded up to `round_to`."""
+        width = max(1, int(self.lens[rows].max(initial=1)))
+        return -(-width // round_to) * round_to
+
+    def take_changed(self) -> np.ndarray:
+        """The rows written since the last call (sorted), and forget them. Entries past a row's length are
+        left as they were: readers index a table only below its sequence's context."""
+        out = np.fromiter(sorted(self._changed), np.int64, len(self._changed))
+        self._changed.clear()
         return out
