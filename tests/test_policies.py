@@ -162,6 +162,17 @@ def test_alise_prefills_early_only_fresh_jobs_within_the_kv_share_and_the_parkin
     assert make_policy("alise", park_kv_share=0.5, max_parking=1).plan(by_age, COST).prefill_early == (("e", "w"),)
 
 
+def test_alise_prefills_early_only_jobs_that_have_waited_park_after_s():
+    w = WorkerView(worker_id="w", max_batch=1, free_blocks=90, block_size=16, num_blocks=100,
+                   running=(job("r", 50, running=True),))
+    fresh = (job("old", 9, created=0.0), job("mid", 8, created=3.0), job("new", 5, created=4.5))   # oldest first
+    snap = Snapshot(1.7e9 + 5.0, tuple(sorted(fresh, key=lambda j: j.pred_len)), (w,), fresh=fresh)
+    early = lambda after: make_policy("alise", park_kv_share=0.5, park_after_s=after).plan(snap, COST).prefill_early
+    assert early(0.0) == (("old", "w"), ("mid", "w"), ("new", "w"))
+    assert early(2.0) == (("old", "w"), ("mid", "w"))          # waited 5 and 2 s; "new" only 0.5 s
+    assert early(6.0) == ()
+
+
 def test_parked_kv_counts_as_room_for_placement():
     # 2 free blocks, 6 parked: a 40-token job (3 blocks) is placed; the worker gives up parked KV for it
     w = WorkerView(worker_id="w", max_batch=2, free_blocks=2, block_size=16, num_blocks=8, parked_blocks=6)

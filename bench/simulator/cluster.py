@@ -73,6 +73,7 @@ class SimConfig:
     max_preemptions: int = SchedulerConfig.max_preemptions
     aging_s: float = SchedulerConfig.aging_s
     park_kv_share: float = SchedulerConfig.park_kv_share   # alise: prefill early and park (0 = off)
+    park_after_s: float = SchedulerConfig.park_after_s     # ... only jobs that have waited this long
 
     def __post_init__(self) -> None:
         if self.policy not in SIM_POLICIES:
@@ -163,7 +164,8 @@ class Simulation:
     def __init__(self, cfg: SimConfig, requests: list[SimRequest]):
         self.cfg = cfg
         self.policy = make_policy("alise" if cfg.policy == ORACLE else cfg.policy, max_preemptions=cfg.max_preemptions,
-                                  aging_s=cfg.aging_s, preempt_mode=cfg.preempt_mode, park_kv_share=cfg.park_kv_share)
+                                  aging_s=cfg.aging_s, preempt_mode=cfg.preempt_mode, park_kv_share=cfg.park_kv_share,
+                                  park_after_s=cfg.park_after_s)
         self.predictor = SimPredictor(PredictorKind.ORACLE) if cfg.policy == ORACLE else cfg.predictor
         self.exec_model = ExecTimeModel()
         self.state: LiveState[None] = LiveState(knee_share=cfg.knee_share)

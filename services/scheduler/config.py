@@ -36,6 +36,7 @@ class SchedulerConfig:
     # alise: a job that must wait for a decode slot is prefilled at once and parked on a worker (first token now,
     # KV kept) while the worker's KV in use stays under this share of its pool; 0 = off (policies/alise.py)
     park_kv_share: float = 0.8
+    park_after_s: float = 0.0                   # alise: ... only jobs that have waited this long (0 = all)
     max_tokens_cap: int = 2048
     # a request's max_tokens bounds its predicted length (it cannot run longer). Off for benchmarks that force
     # each output's length through max_tokens (ignore_eos): there it would tell the scheduler the true length
@@ -57,6 +58,8 @@ class SchedulerConfig:
             raise ValueError("knee_share must be in [0, 1)")
         if not 0 <= self.park_kv_share < 1:
             raise ValueError("park_kv_share must be in [0, 1)")
+        if self.park_after_s < 0:
+            raise ValueError("park_after_s must be >= 0")
         if self.aging_s <= 0:
             raise ValueError("aging_s must be > 0")
         if self.max_preemptions < 0:

@@ -58,7 +58,8 @@ class Dispatcher:
         self.predictor = predictor
         self.hub = hub
         self.policy = make_policy(cfg.policy, max_preemptions=cfg.max_preemptions, aging_s=cfg.aging_s,
-                                  preempt_mode=cfg.preempt_mode, park_kv_share=cfg.park_kv_share)
+                                  preempt_mode=cfg.preempt_mode, park_kv_share=cfg.park_kv_share,
+                                  park_after_s=cfg.park_after_s)
         self.cost = ExecTimeModel()
         self.sessions: dict[str, WorkerSession] = {}
         self.state: LiveState[JobRecord] = LiveState(knee_share=cfg.knee_share)
