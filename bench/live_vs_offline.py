@@ -20,6 +20,7 @@ import math
 import os
 import signal
 import statistics
+from dataclasses import replace
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from bench.serve import Target, run
 from bench.serve_metrics import format_summary, summarize
-from bench.workloads import Dataset, load, rendered_chat
+from bench.workloads import BenchRequest, Dataset, load, rendered_chat
 from services.common import thread_sampler
 
 
@@ -69,9 +70,19 @@ def offline(a: argparse.Namespace) -> dict:
 
 
 def runs(requests: list, a: argparse.Namespace) -> list[tuple[str, list]]:
-    """A priming run, then the measured run `--repeats` times ("measured", "measured-2", ...)."""
-    return [("prime", requests[:a.prime])] + [
-        ("measured" if i == 0 else f"measured-{i + 1}", requests) for i in range(a.repeats)]
+    """A priming run, then the measured run `--repeats` times ("measured", "measured-2", ...). Each run's prompts
+    start with the run's name, so no run finds another's prompts in the prefix cache (a repeat of the same
+    prompts would skip most of its prefill, and the GPU-bound offline side would gain more from it than live)."""
+    names = ["prime"] + ["measured" if i == 0 else f"measured-{i + 1}" for i in range(a.repeats)]
+    return [(name, [tagged(r, name) for r in (requests[:a.prime] if name == "prime" else requests)]) for name in names]
+
+
+def tagged(req: BenchRequest, tag: str) -> BenchRequest:
+    """The request with `tag` in front of its first message."""
+    if req.history:
+        (role, text), *rest = req.history
+        return replace(req, history=((role, f"[{tag}] {text}"), *rest))
+    return replace(req, prompt=f"[{tag}] {req.prompt}")
 
 
 def measured(res: dict, key: str) -> list[float]:
@@ -138,6 +149,13 @@ def live(a: argparse.Namespace) -> dict:
             pstats.Stats(str(a.out / "scheduler.prof")).sort_stats("tottime").print_stats(30)
 
 
+def positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return n
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("phase", nargs="?", choices=["both", "offline"], default="both")
@@ -149,8 +167,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda", help="cuda: random bf16 weights; cpu: the model's own, fp32")
     p.add_argument("--random-weights", action="store_true", help="on CPU too (a tiny model stresses the serving path)")
     p.add_argument("--prime", type=int, default=100, help="requests of the priming run before each measurement")
-    p.add_argument("--repeats", type=int, default=1, help="measured runs per phase, after one priming run")
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--repeats", type=positive, default=1, help="measured runs per phase, after one priming run")
+    p.add_argument("--rounds", type=positive, default=1,
                    help="offline-then-live rounds, each phase in fresh processes (machines drift: alternate)")
     p.add_argument("--policy", default="fcfs")
     p.add_argument("--profile-scheduler", action="store_true", help="run the scheduler under cProfile, print its top")

@@ -78,13 +78,19 @@ def chat_turns(path: Path, num: int, tokenizer, limits: Limits) -> list[BenchReq
     prompt is counted as the model's chat template renders it; a history too long for `limits.max_prompt`
     loses its oldest exchanges first, as a client trimming to a context window does."""
     out: list[BenchRequest] = []
+    special = [t for t in tokenizer.all_special_tokens if t]
     for item in json.loads(Path(path).read_text()):
         turns = [(ROLES.get(t.get("from", "").lower()), t.get("value", "")) for t in item.get("conversations", [])]
         for i, ((role, text), (next_role, reply)) in enumerate(zip(turns, turns[1:])):
             if role != "user" or next_role != "assistant":
                 continue
-            history = [t for t in turns[:i] if t[0] is not None]
-            req = _fit_history(text, history, tokenizer, limits.max_prompt)
+            history = [t for t in turns[:i] if t[0] is not None]     # may start with a reply (mid-way)
+            if any(tok in c for _, c in [*history, (role, text)] for tok in special):
+                continue                 # the server refuses control tokens as text: this turn could never be sent
+            try:
+                req = _fit_history(text, history, tokenizer, limits.max_prompt)
+            except Exception:  # noqa: BLE001 - a template that refuses this conversation's shape (e.g. two user turns)
+                continue
             n_out = len(tokenizer.encode(reply, add_special_tokens=False))
             if limits.keep(req.prompt_tokens, n_out):
                 out.append(BenchRequest(text, n_out, req.prompt_tokens, history=req.history, as_chat=True))
@@ -99,9 +105,14 @@ def _fit_history(text: str, history: list[tuple[str, str]], tokenizer, max_promp
         n_in = len(tokenizer.encode(rendered_chat(req, tokenizer), add_special_tokens=False))
         if n_in <= max_prompt or not history:
             return BenchRequest(text, 0, n_in, history=req.history, as_chat=True)
-        history = history[2:] if len(history) > 1 else []       # drop the oldest exchange (user + reply)
-        while history and history[0][0] != "user":
-            history = history[1:]
+        history = _from_first_user(history[2:] if len(history) > 1 else [])   # drop the oldest exchange
+
+
+def _from_first_user(history: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The history from its first user message (after trimming, so it starts as an exchange does)."""
+    while history and history[0][0] != "user":
+        history = history[1:]
+    return history
 
 
 def rendered_chat(req: BenchRequest, tokenizer) -> str:

@@ -100,6 +100,22 @@ def test_sharegpt_chat_sends_each_turn_with_its_history_trimmed_oldest_first(tmp
     assert trimmed[2].history[0] == ("user", CHAT[0]["conversations"][2]["value"])
 
 
+def test_sharegpt_chat_keeps_a_history_that_starts_mid_way_and_skips_control_tokens(tmp_path, tokenizer):
+    special = tokenizer.all_special_tokens[0]
+    convs = [{"id": "mid", "conversations": [                                # starts mid-way, with a reply
+        {"from": "gpt", "value": "As I said before, lighthouses are tall."},
+        {"from": "human", "value": "Why are lighthouses usually painted in stripes?"},
+        {"from": "gpt", "value": "Stripes make them easy to tell apart from the sea by day."}]},
+        {"id": "ctl", "conversations": [
+        {"from": "human", "value": f"Please repeat {special} back to me verbatim."},
+        {"from": "gpt", "value": "I would rather not repeat control tokens back to anyone."}]}]
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps(convs))
+    reqs = load(Dataset.SHAREGPT_CHAT, path, 10, tokenizer)
+    assert len(reqs) == 1 and reqs[0].prompt.startswith("Why are")
+    assert reqs[0].history == (("assistant", convs[0]["conversations"][0]["value"]),)   # as the dataset has it
+
+
 def test_bench_serve_against_the_live_stack(stack_factory, tmp_path, capsys, model_dir, tokenizer):
     stack = stack_factory()
     out = tmp_path / "result.json"

@@ -22,6 +22,19 @@ def test_rows_grow_reuse_and_report_what_changed():
     assert rows.row("d") == freed and rows.table("d") == [3] and rows.take_changed().tolist() == [freed]
 
 
+def test_changes_that_never_reached_the_device_are_sent_again_in_full():
+    host = TableRows(rows=4, width=16)
+    dev = DeviceTables(host, torch.device("cpu"))
+    dev.apply(*(torch.from_numpy(x) for x in dev.changes()))
+    host.assign("a", [7, 8])
+    changed, _ = dev.changes()                        # handed out, then the step raised before apply()
+    assert changed.tolist() == [host.row("a")]
+    changed, rows = dev.changes()
+    assert changed.tolist() == list(range(4))          # everything again, so "a" is not lost
+    dev.apply(torch.from_numpy(changed), torch.from_numpy(rows))
+    assert dev.gather(torch.tensor([host.row("a")]), 2).tolist() == [[7, 8]]
+
+
 def test_the_device_copy_follows_every_change_through_growth_and_reuse():
     """The tables a step gathers on the device equal the host tables in every column below each length,
     after any mix of assigns, appends, releases and growth (rows and columns), with only changed rows sent."""

@@ -65,7 +65,7 @@ class DecodeGraphs:
         s.positions[:n].copy_(batch.positions)
         s.slots[:n].copy_(batch.slots)
         s.context_lens[:n].copy_(batch.context_lens)
-        width = min(batch.block_tables.shape[1], self.width)    # padded columns past it are scratch anyway
+        width = min(batch.block_tables.shape[1], self.width)    # columns past a table's end are never read
         s.block_tables[:n, :width].copy_(batch.block_tables[:, :width])
         if n < bucket:                                   # padding rows: scratch block only
             s.slots[n:bucket].fill_(scratch * self.runner.block_size)

@@ -25,23 +25,27 @@ class DeviceTables:
         self.tables = tables
         self.device = device
         self.blocks = torch.zeros(0, 0, dtype=torch.int32, device=device)   # [rows, columns]
+        self._unapplied = False     # changes() handed out rows that apply() has not written (e.g. a step raised)
 
     def changes(self) -> tuple[np.ndarray, np.ndarray]:
         """(changed row ids, their rows [k, columns] as int64), to go to the device with the step's inputs.
-        When TableRows grew, every row is sent once into a new copy of its new shape."""
+        When TableRows grew, or the rows handed out last time never reached `apply` (the step raised on the way),
+        every row is sent into a new copy."""
         host = self.tables.blocks
         changed = self.tables.take_changed()
         rows, cols = host.shape
-        if rows > self.blocks.shape[0] or cols > self.blocks.shape[1]:
+        if self._unapplied or rows > self.blocks.shape[0] or cols > self.blocks.shape[1]:
             width = -(-cols // COLUMN_MULTIPLE) * COLUMN_MULTIPLE
             self.blocks = torch.zeros(rows, width, dtype=torch.int32, device=self.device)
             changed = np.arange(rows, dtype=np.int64)
+        self._unapplied = True
         return changed, host[changed]
 
     def apply(self, changed: torch.Tensor, rows: torch.Tensor) -> None:
         """Write the changed rows (as sent by `changes`, now on the device) into the copy."""
         if changed.numel():
             self.blocks[changed, :rows.shape[1]] = rows.to(torch.int32)
+        self._unapplied = False
 
     def gather(self, rows: torch.Tensor, width: int) -> torch.Tensor:
         """[len(rows), width] int32 tables of these rows (device indices); entries past a table's length are

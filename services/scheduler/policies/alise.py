@@ -87,7 +87,7 @@ class AlisePolicy:
         out = []
         for job in snap.fresh:
             if self.park_after_s and snap.now - job.created < self.park_after_s:
-                break                                # oldest first: every job after it is younger still
+                continue                             # not yet (`fresh` is oldest first only roughly)
             if job.generated or job.kv_on or job.job_id in assigned:   # has its first token or KV, or runs now
                 continue
             fits = [wid for wid, (blocks, n) in room.items() if n > 0 and blocks >= by_id[wid].blocks_needed(job)]
