@@ -1,10 +1,11 @@
-"""Block tables as rows of one numpy array, with a record of the rows that changed.
+"""Block tables as rows of one numpy array, each row with a version that every write to it bumps.
 
 Rebuilding a [batch, width] array from per-sequence Python lists every step cost the engine thread ~15% of
 its time at a batch of 512 (tens of thousands of ints through the interpreter). Instead each sequence that
 holds blocks keeps a row here for as long as it holds them, and the row changes only when its table does:
 a few appended ids per 16 generated tokens. The runner keeps a copy on the device (device_tables.py) and
-sends it only the rows written since its last step (`take_changed`).
+sends it only the rows whose version moved since it last synced them; it keeps that record itself, so reading
+never changes anything here.
 
 This is the only store of block tables: the BlockManager is its only writer and answers every question about
 a table from it; the model runner reads whole steps' rows. Rows and columns grow by doubling, so no limit on
@@ -21,7 +22,7 @@ class TableRows:
         self.lens = np.zeros(rows, np.int64)               # [row]: how many of the row's entries are its blocks
         self._row_of: dict[str, int] = {}
         self._free: list[int] = list(range(rows - 1, -1, -1))
-        self._changed: set[int] = set()                    # rows written since the last take_changed()
+        self.version = np.zeros(rows, np.int64)            # [row]: bumped by every write to the row
 
     def row(self, seq_id: str) -> int:
         return self._row_of[seq_id]
@@ -62,7 +63,7 @@ class TableRows:
             self.blocks = np.concatenate([self.blocks, np.zeros_like(self.blocks)], axis=1)
         self.blocks[r, n:end] = block_ids
         self.lens[r] = end
-        self._changed.add(r)
+        self.version[r] += 1
 
     def release(self, seq_id: str) -> list[int]:
         """The sequence stops holding its row; returns the blocks it held."""
@@ -78,6 +79,7 @@ class TableRows:
         old = len(self.lens)
         self.blocks = np.concatenate([self.blocks, np.zeros_like(self.blocks)])
         self.lens = np.concatenate([self.lens, np.zeros_like(self.lens)])
+        self.version = np.concatenate([self.version, np.zeros_like(self.version)])
         self._free.extend(range(2 * old - 1, old - 1, -1))
 
     # -- reads (the runner's) ------------------------------------------------------------------
@@ -85,10 +87,3 @@ class TableRows:
         """Columns that hold every one of these rows' tables (at least 1), rounded up to `round_to`."""
         width = max(1, int(self.lens[rows].max(initial=1)))
         return -(-width // round_to) * round_to
-
-    def take_changed(self) -> np.ndarray:
-        """The rows written since the last call (sorted), and forget them. Entries past a row's length are
-        left as they were: readers index a table only below its sequence's context."""
-        out = np.fromiter(sorted(self._changed), np.int64, len(self._changed))
-        self._changed.clear()
-        return out
