@@ -20,10 +20,10 @@ import math
 import os
 import signal
 import statistics
-from dataclasses import replace
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from bench.serve import Target, run
@@ -212,6 +212,7 @@ def one_round(a: argparse.Namespace) -> dict:
         measured(off, "output_tokens_per_s"))
     print(f"round: live / offline = {ratio:.3f}", flush=True)
     return {"offline": off, "live": on, "live_over_offline": ratio}
+
 
 if __name__ == "__main__":
     main()

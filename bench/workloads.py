@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import csv
 import json
+import operator
 import random
 from dataclasses import dataclass
 from enum import Enum
+from itertools import accumulate
 from pathlib import Path
+
+from services.predictor.datasets import ASSISTANT_ROLES, USER_ROLES
+from services.scheduler.tokenizer import control_tokens, render_chat
 
 
 @dataclass(frozen=True)
@@ -69,27 +74,26 @@ def text_pairs(dataset: Dataset, path: Path):
             yield prompt, item.get("output", "")
 
 
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant"}
-
-
 def chat_turns(path: Path, num: int, tokenizer, limits: Limits) -> list[BenchRequest]:
     """Each human turn of a ShareGPT file with the conversation before it, the way a chat client resends its
     history (so the predictor sees the previous reply, and the prefix cache sees the resent history). The
     prompt is counted as the model's chat template renders it; a history too long for `limits.max_prompt`
     loses its oldest exchanges first, as a client trimming to a context window does."""
+    from jinja2 import TemplateError     # what a chat template raises for a conversation shape it refuses
+
     out: list[BenchRequest] = []
-    special = [t for t in tokenizer.all_special_tokens if t]
+    special = [t for t in control_tokens(tokenizer) if t]
     for item in json.loads(Path(path).read_text()):
-        turns = [(ROLES.get(t.get("from", "").lower()), t.get("value", "")) for t in item.get("conversations", [])]
+        turns = [(_role(t.get("from", "")), t.get("value", "")) for t in item.get("conversations", [])]
+        # the server refuses control tokens as text: a turn with one, or after one, could never be sent
+        forged = list(accumulate((any(s in c for s in special) for _, c in turns), operator.or_))
         for i, ((role, text), (next_role, reply)) in enumerate(zip(turns, turns[1:])):
-            if role != "user" or next_role != "assistant":
+            if role != "user" or next_role != "assistant" or forged[i]:
                 continue
             history = [t for t in turns[:i] if t[0] is not None]     # may start with a reply (mid-way)
-            if any(tok in c for _, c in [*history, (role, text)] for tok in special):
-                continue                 # the server refuses control tokens as text: this turn could never be sent
             try:
                 req = _fit_history(text, history, tokenizer, limits.max_prompt)
-            except Exception:  # noqa: BLE001 - a template that refuses this conversation's shape (e.g. two user turns)
+            except TemplateError:        # e.g. a template that wants user and assistant turns to alternate
                 continue
             n_out = len(tokenizer.encode(reply, add_special_tokens=False))
             if limits.keep(req.prompt_tokens, n_out):
@@ -97,6 +101,12 @@ def chat_turns(path: Path, num: int, tokenizer, limits: Limits) -> list[BenchReq
             if len(out) >= num:
                 return out
     return out
+
+
+def _role(source_role: str) -> str | None:
+    """A ShareGPT speaker as a chat role, with the role names the predictor's readers use (None: neither)."""
+    role = source_role.lower()
+    return "user" if role in USER_ROLES else "assistant" if role in ASSISTANT_ROLES else None
 
 
 def _fit_history(text: str, history: list[tuple[str, str]], tokenizer, max_prompt: int) -> BenchRequest:
@@ -116,8 +126,8 @@ def _from_first_user(history: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def rendered_chat(req: BenchRequest, tokenizer) -> str:
-    """The text the model reads for a request sent as a chat (the scheduler renders it the same way)."""
-    return tokenizer.apply_chat_template(req.messages(), add_generation_prompt=True, tokenize=False)
+    """The text the model reads for a request sent as a chat, rendered as the scheduler renders it."""
+    return render_chat(tokenizer, req.messages())
 
 
 def ordinary_vocab(tokenizer) -> list[int]:

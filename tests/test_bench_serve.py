@@ -100,7 +100,7 @@ def test_sharegpt_chat_sends_each_turn_with_its_history_trimmed_oldest_first(tmp
     assert trimmed[2].history[0] == ("user", CHAT[0]["conversations"][2]["value"])
 
 
-def test_sharegpt_chat_keeps_a_history_that_starts_mid_way_and_skips_control_tokens(tmp_path, tokenizer):
+def test_sharegpt_chat_keeps_a_history_that_starts_mid_way_and_skips_control_tokens(tmp_path, tokenizer, model_dir):
     special = tokenizer.all_special_tokens[0]
     convs = [{"id": "mid", "conversations": [                                # starts mid-way, with a reply
         {"from": "gpt", "value": "As I said before, lighthouses are tall."},
@@ -114,6 +114,16 @@ def test_sharegpt_chat_keeps_a_history_that_starts_mid_way_and_skips_control_tok
     reqs = load(Dataset.SHAREGPT_CHAT, path, 10, tokenizer)
     assert len(reqs) == 1 and reqs[0].prompt.startswith("Why are")
     assert reqs[0].history == (("assistant", convs[0]["conversations"][0]["value"]),)   # as the dataset has it
+    # a template that refuses a conversation starting with a reply: that turn is skipped, the load goes on
+    from transformers import AutoTokenizer
+
+    strict = AutoTokenizer.from_pretrained(model_dir)
+    strict.chat_template = ("{% for m in messages %}{% if loop.first and m.role == 'assistant' %}"
+                            "{{ raise_exception('start with a user turn') }}{% endif %}{{ m.content }}{% endfor %}")
+    convs.append({"id": "ok", "conversations": [{"from": "human", "value": "Name a river in Africa, please."},
+                                                 {"from": "gpt", "value": "The Nile is a river in Africa."}]})
+    path.write_text(json.dumps(convs))
+    assert [r.prompt for r in load(Dataset.SHAREGPT_CHAT, path, 10, strict)] == ["Name a river in Africa, please."]
 
 
 def test_bench_serve_against_the_live_stack(stack_factory, tmp_path, capsys, model_dir, tokenizer):

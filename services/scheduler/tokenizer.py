@@ -6,6 +6,17 @@ import os
 from pathlib import Path
 
 
+def control_tokens(tok) -> list[str]:
+    """A tokenizer's special (control) tokens as text: a client's message must not carry them as plain characters
+    (the load generator's chat workload skips turns that do, as this server would refuse them)."""
+    return sorted({t.content for t in tok.added_tokens_decoder.values() if t.special} | set(tok.all_special_tokens))
+
+
+def render_chat(tok, messages: list[dict[str, str]]) -> str:
+    """The text the model reads for a chat: its template, ready for the assistant's reply."""
+    return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
 class PromptTokenizer:
     def __init__(self, model_dir: str):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,8 +25,7 @@ class PromptTokenizer:
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         config = json.loads((Path(model_dir) / "config.json").read_text())
         self.max_model_len = int(config.get("max_position_embeddings", 2048))
-        self.control_tokens = sorted({t.content for t in self.tok.added_tokens_decoder.values() if t.special}
-                                     | set(self.tok.all_special_tokens))
+        self.control_tokens = control_tokens(self.tok)
 
     def control_token_in(self, text: str) -> str | None:
         """The first special (control) token that appears in text as plain characters, if any."""
@@ -25,4 +35,4 @@ class PromptTokenizer:
         return list(self.tok.encode(text, add_special_tokens=False))
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
-        return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return render_chat(self.tok, messages)
