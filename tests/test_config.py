@@ -23,3 +23,14 @@ def test_numbers_come_from_flags_then_environment_then_defaults(monkeypatch):
     assert WorkerConfig.from_args(["--max-batch", "8"]).max_batch == 8
     monkeypatch.delenv("ALISE_WORKER_MAX_BATCH")
     assert WorkerConfig.from_args([]).max_batch == 0          # auto
+
+
+def test_scheduler_times_refuse_negative_and_nan():
+    import pytest
+
+    from services.scheduler.config import SchedulerConfig
+
+    for flags in (["--park-after-s", "-1"], ["--park-after-s", "nan"], ["--aging-s", "0"], ["--aging-s", "nan"]):
+        with pytest.raises((ValueError, SystemExit)):
+            SchedulerConfig.from_args(flags)
+    assert SchedulerConfig.from_args(["--park-after-s", "2.5"]).park_after_s == 2.5

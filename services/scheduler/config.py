@@ -58,9 +58,9 @@ class SchedulerConfig:
             raise ValueError("knee_share must be in [0, 1)")
         if not 0 <= self.park_kv_share < 1:
             raise ValueError("park_kv_share must be in [0, 1)")
-        if self.park_after_s < 0:
+        if not self.park_after_s >= 0:             # (written so that NaN fails too)
             raise ValueError("park_after_s must be >= 0")
-        if self.aging_s <= 0:
+        if not self.aging_s > 0:
             raise ValueError("aging_s must be > 0")
         if self.max_preemptions < 0:
             raise ValueError("max_preemptions must be >= 0")
