@@ -143,3 +143,25 @@ def test_the_view_a_requeued_job_is_scored_by_is_the_one_it_will_have():
     assert view == s.view("a") and (view.kv_on, view.parked, view.preemptions, view.running) == ("w1", True, 1, False)
     lost = s.requeued_view("a", "w1", None, counted=False)          # dropped with its worker: no KV, no count
     assert (lost.kv_on, lost.parked, lost.preemptions) == ("", False, 1)
+
+
+def test_mean_wait_is_jobs_waiting_over_the_rate_they_get_slots():
+    s = state_with("w1")
+    for j in "abcdefgh":
+        s.track(facts(j))
+    assert s.snapshot(100.0, []).mean_wait_s == 0.0        # no history yet
+    s.placed("a", "w1")
+    s.placed("b", "w1")
+    s.placed("c", "w1", park=True)                         # sent to be parked: not a slot, and not waiting either
+    assert s.waiting() == 5
+    assert s.snapshot(104.0, []).mean_wait_s == 5 * 4.0 / 2   # 5 waiting, 2 slots given in 4 s
+    assert s.snapshot(110.0, []).mean_wait_s == 5 * 10.0 / 2
+    # nothing got a slot for a whole window: the wait is bounded below by the window, not infinite
+    s2 = state_with("w1")
+    s2.track(facts("x"))
+    s2.snapshot(0.0, [])
+    assert s2.snapshot(30.0, []).mean_wait_s == 1 * 30.0
+    # old history leaves the window: only the last WAIT_WINDOW_S count
+    for t in range(31, 80):
+        s2.snapshot(float(t), [])
+    assert s2.snapshot(80.0, []).mean_wait_s <= 1 * 21.0

@@ -173,6 +173,21 @@ def test_alise_prefills_early_only_jobs_that_have_waited_park_after_s():
     assert early(6.0) == ()
 
 
+def test_alise_park_threshold_follows_the_queues_mean_wait():
+    w = WorkerView(worker_id="w", max_batch=1, free_blocks=90, block_size=16, num_blocks=100,
+                   running=(job("r", 50, running=True),))
+    fresh = (job("old", 9, created=0.0), job("mid", 8, created=3.0), job("new", 5, created=4.5))   # waited 5, 2, 0.5 s
+    snap = Snapshot(1.7e9 + 5.0, tuple(sorted(fresh, key=lambda j: j.pred_len)), (w,), fresh=fresh, mean_wait_s=1.5)
+    early = lambda factor, after=0.0: make_policy("alise", park_kv_share=0.5, park_wait_factor=factor,
+                                                  park_after_s=after).plan(snap, COST).prefill_early
+    assert early(0.0) == (("old", "w"), ("mid", "w"), ("new", "w"))   # off
+    assert early(1.0) == (("old", "w"), ("mid", "w"))                 # waited over 1.5 s
+    assert early(2.0) == (("old", "w"),)                              # over 3 s
+    assert early(1.0, after=4.0) == (("old", "w"),)                   # the larger of the two thresholds
+    assert make_policy("alise", park_kv_share=0.5, park_wait_factor=1.0).plan(
+        replace(snap, mean_wait_s=0.0), COST).prefill_early == early(0.0)   # no wait known yet: every job
+
+
 def test_parked_kv_counts_as_room_for_placement():
     # 2 free blocks, 6 parked: a 40-token job (3 blocks) is placed; the worker gives up parked KV for it
     w = WorkerView(worker_id="w", max_batch=2, free_blocks=2, block_size=16, num_blocks=8, parked_blocks=6)

@@ -74,6 +74,7 @@ class SimConfig:
     aging_s: float = SchedulerConfig.aging_s
     park_kv_share: float = SchedulerConfig.park_kv_share   # alise: prefill early and park (0 = off)
     park_after_s: float = SchedulerConfig.park_after_s     # ... only jobs that have waited this long
+    park_wait_factor: float = SchedulerConfig.park_wait_factor   # ... and this many times the queue's mean wait
 
     def __post_init__(self) -> None:
         if self.policy not in SIM_POLICIES:
@@ -165,7 +166,7 @@ class Simulation:
         self.cfg = cfg
         self.policy = make_policy("alise" if cfg.policy == ORACLE else cfg.policy, max_preemptions=cfg.max_preemptions,
                                   aging_s=cfg.aging_s, preempt_mode=cfg.preempt_mode, park_kv_share=cfg.park_kv_share,
-                                  park_after_s=cfg.park_after_s)
+                                  park_after_s=cfg.park_after_s, park_wait_factor=cfg.park_wait_factor)
         self.predictor = SimPredictor(PredictorKind.ORACLE) if cfg.policy == ORACLE else cfg.predictor
         self.exec_model = ExecTimeModel()
         self.state: LiveState[None] = LiveState(knee_share=cfg.knee_share)

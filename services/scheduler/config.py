@@ -37,6 +37,9 @@ class SchedulerConfig:
     # KV kept) while the worker's KV in use stays under this share of its pool; 0 = off (policies/alise.py)
     park_kv_share: float = 0.8
     park_after_s: float = 0.0                   # alise: ... only jobs that have waited this long (0 = all)
+    # alise: ... and this many times the queue's mean wait now (0 = off): the threshold follows the load, so jobs
+    # SRPT serves soon are not prefilled ahead of the decodes it favours, while no job's TTFT strays far past FCFS's
+    park_wait_factor: float = 1.0
     max_tokens_cap: int = 2048
     # a request's max_tokens bounds its predicted length (it cannot run longer). Off for benchmarks that force
     # each output's length through max_tokens (ignore_eos): there it would tell the scheduler the true length
@@ -60,6 +63,8 @@ class SchedulerConfig:
             raise ValueError("park_kv_share must be in [0, 1)")
         if not self.park_after_s >= 0:             # (written so that NaN fails too)
             raise ValueError("park_after_s must be >= 0")
+        if not 0 <= self.park_wait_factor < float("inf"):
+            raise ValueError("park_wait_factor must be >= 0 and finite")
         if not self.aging_s > 0:
             raise ValueError("aging_s must be > 0")
         if self.max_preemptions < 0:

@@ -9,6 +9,7 @@ everything here can be rebuilt from it and from the workers' reports.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field, replace
 from itertools import islice
 from typing import Generic, Iterable, TypeVar
@@ -19,6 +20,11 @@ from services.scheduler.policies.base import JobView, Snapshot, WorkerView
 from services.scheduler.worker_speed import StepSums, WorkerSpeed
 
 R = TypeVar("R")     # what the owner keeps with a job (the dispatcher: its JobRecord; the simulator: nothing)
+
+# The queue's mean wait is measured over this much recent time: long enough to average many placements, short
+# enough to follow the load as it changes.
+WAIT_WINDOW_S = 20.0
+WAIT_MARK_S = 0.25     # at most one mark this often (a tick is 50 ms; the simulator decides far more often)
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,8 @@ class LiveState(Generic[R]):
         self._fresh: dict[str, None] = {}
         self.workers: dict[str, WorkerState] = {}
         self.knee_share = knee_share   # admission by the throughput knee (worker_speed.py); 0 = up to max_batch
+        self._slots_given = 0          # placements to run (not to park) so far: the queue's departures
+        self._departures: deque[tuple[float, int]] = deque()   # (snapshot time, _slots_given then), last WAIT_WINDOW_S
 
     # -- jobs ------------------------------------------------------------------------------------
     def track(self, facts: JobFacts, payload: R | None = None, generated: int = 0, preemptions: int = 0) -> None:
@@ -194,6 +202,7 @@ class LiveState(Generic[R]):
             worker.parking.add(job_id)
         else:
             worker.jobs[job_id] = None
+            self._slots_given += 1
         if not resumes_parked:                           # a parked job's blocks are already in use there
             worker.reserved_blocks += worker.blocks_for(job.facts.prompt_len + job.generated)
         return holder if holder != worker_id and holder in self.workers else ""
@@ -263,6 +272,24 @@ class LiveState(Generic[R]):
     def running(self) -> int:
         return sum(len(w.jobs) for w in self.workers.values())
 
+    def waiting(self) -> int:
+        """Jobs waiting at the scheduler for a decode slot (parked ones included)."""
+        return len(self._jobs) - sum(len(w.jobs) + len(w.parking) for w in self.workers.values())
+
+    def _mean_wait(self, now: float) -> float:
+        """How long a job waits in the queue now, on average, by Little's law: jobs waiting / the rate at which
+        they get decode slots, over the last WAIT_WINDOW_S. 0 until a second of history exists; with no slot
+        given in that time, the window itself times the jobs waiting (a bound that grows while nothing moves)."""
+        marks = self._departures
+        if not marks or now - marks[-1][0] >= WAIT_MARK_S:
+            marks.append((now, self._slots_given))
+        while len(marks) > 2 and now - marks[1][0] >= WAIT_WINDOW_S:
+            marks.popleft()
+        span, given = now - marks[0][0], self._slots_given - marks[0][1]
+        if span < 1.0:
+            return 0.0
+        return self.waiting() * span / max(given, 1)
+
     def _parked_blocks(self, w: WorkerState) -> int:
         return sum(w.blocks_for(job.facts.prompt_len + job.generated) for j in w.parked if (job := self._jobs.get(j)))
 
@@ -278,4 +305,4 @@ class LiveState(Generic[R]):
                        num_blocks=w.num_blocks, parking=len(w.parking), parked_blocks=self._parked_blocks(w),
                        running=tuple(self.view(j, running=True) for j in w.jobs if j in self._jobs))
             for w in self.workers.values())
-        return Snapshot(now=now, queued=queued, workers=workers, fresh=fresh)
+        return Snapshot(now=now, queued=queued, workers=workers, fresh=fresh, mean_wait_s=self._mean_wait(now))

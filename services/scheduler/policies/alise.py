@@ -34,6 +34,11 @@ Prefilling early is work done now for a job that decodes later: past capacity, p
 once puts the prompts of jobs SRPT serves last ahead of the decodes of those it serves first (with ~550-token
 chat prompts at 1.35x capacity it cost the shortest half 20% in e2e, live and simulated). `park_after_s` keeps
 it for jobs that have waited that long already: the ones a slot does not reach soon, whose TTFT it bounds.
+A fixed wait fits one load only: `park_wait_factor` follows it, prefilling early the jobs that have waited
+that many times the queue's current mean wait (Snapshot.mean_wait_s, by Little's law). Below capacity the mean
+wait is short and nearly every waiting job is prefilled soon; past it the mean wait grows with the backlog, so
+only the jobs SRPT leaves behind longer than FCFS would on average get their first token early, and their
+prompts no longer run ahead of the decodes of the jobs served first. The threshold is the larger of the two.
 """
 from __future__ import annotations
 
@@ -57,6 +62,7 @@ class AlisePolicy:
     park_kv_share: float = 0.0     # prefill waiting jobs early while KV use stays under this share; 0 = off
     max_parking: int = 32          # ... at most this many on their way to be parked on a worker at once
     park_after_s: float = 0.0      # ... only jobs that have waited this long (0: every waiting job)
+    park_wait_factor: float = 0.0  # ... and this many times the queue's mean wait (0: off)
     name: str = "alise"
     preemptive: bool = True
 
@@ -85,8 +91,9 @@ class AlisePolicy:
                 for w in workers if not w.draining}
         by_id = {w.worker_id: w for w in workers}
         out = []
+        wait = max(self.park_after_s, self.park_wait_factor * snap.mean_wait_s)
         for job in snap.fresh:
-            if self.park_after_s and snap.now - job.created < self.park_after_s:
+            if wait and snap.now - job.created < wait:
                 continue                             # not yet (`fresh` is oldest first only roughly)
             if job.generated or job.kv_on or job.job_id in assigned:   # has its first token or KV, or runs now
                 continue

@@ -63,6 +63,7 @@ class Snapshot:
     queued: tuple[JobView, ...]        # in queue order (lowest score first)
     workers: tuple[WorkerView, ...]
     fresh: tuple[JobView, ...] = ()    # waiting jobs without a first token, oldest first (for prefill-early)
+    mean_wait_s: float = 0.0           # how long a job waits for a decode slot now, on average (0: not known yet)
 
 
 @dataclass(frozen=True)
