@@ -199,6 +199,8 @@ def _record_complete(res: RequestResult, done) -> None:
     res.prompt_tokens = done.usage.prompt_tokens
     res.output_tokens = max(res.output_tokens, done.usage.completion_tokens)
     res.queue_s = done.timings.queue_seconds
+    if res.ttft_s is not None and done.timings.ttft_seconds > 0:   # the server counts from when it accepted the job
+        res.admit_s = max(0.0, res.ttft_s - done.timings.ttft_seconds)
     res.preemptions = done.timings.num_preemptions
     res.predicted_output_tokens = done.timings.predicted_output_tokens
     res.repredicted_output_tokens = done.timings.repredicted_output_tokens

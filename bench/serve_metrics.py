@@ -21,6 +21,7 @@ class RequestResult:
     e2e_s: float | None = None
     itl_s: list[float] = field(default_factory=list)
     queue_s: float = 0.0                   # the scheduler's: accepted -> first placed on a worker
+    admit_s: float = 0.0                   # sent -> accepted (validation, tokenizing, prediction): client TTFT - server's
     preemptions: int = 0
     predicted_output_tokens: int = 0
     repredicted_output_tokens: int = 0     # the worker's estimate from the model's hidden state (0: none)
@@ -151,7 +152,8 @@ def summarize(results: list[RequestResult], duration_s: float, percentiles: list
                          ("itl_s", [x for r in done for x in r.itl_s]),
                          ("e2e_s", [r.e2e_s for r in done]),
                          ("normalized_latency_s", [r.normalized_s for r in done if r.normalized_s is not None]),
-                         ("queue_s", [r.queue_s for r in done])):
+                         ("queue_s", [r.queue_s for r in done]),
+                         ("admit_s", [r.admit_s for r in done])):
         s[name] = distribution(values, percentiles)
     s["fairness"] = fairness(done)
     s["work_pace"] = work_pace(results)
@@ -184,7 +186,7 @@ def format_summary(s: dict) -> str:
     for name, title, scale in (("ttft_s", "Time to first token (ms)", 1e3), ("tpot_s", "Time per output token (ms)", 1e3),
                                ("itl_s", "Inter-token latency (ms)", 1e3), ("e2e_s", "End-to-end latency (s)", 1),
                                ("normalized_latency_s", "Normalized latency (s/token)", 1),
-                               ("queue_s", "Queue time (s)", 1)):
+                               ("queue_s", "Queue time (s)", 1), ("admit_s", "Admission (s)", 1)):
         d = s.get(name) or {}
         if d:
             cells = "  ".join(f"{k} {v * scale:.3f}" for k, v in d.items() if k != "std")

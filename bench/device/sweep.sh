@@ -20,6 +20,6 @@ timeout --signal=INT "${SWEEP_TIMEOUT:-540}" python3 -m client.cli bench sweep -
 # whatever finished comes back, also when a run failed or the sweep ran past SWEEP_TIMEOUT (seconds; the device
 # kills a whole call at 600 s, and this tar must run before that)
 if [ -n "${OUT:-}" ] && [ -d "out/$name" ]; then
-    tar cJf "$OUT/$name.tar.xz" --exclude='*.csv' -C out "$name"
+    tar cJf "$OUT/$name.tar.xz" -C out "$name"
 fi
 exit "${status:-0}"

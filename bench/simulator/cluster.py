@@ -75,11 +75,16 @@ class SimConfig:
     park_kv_share: float = SchedulerConfig.park_kv_share   # alise: prefill early and park (0 = off)
     park_after_s: float = SchedulerConfig.park_after_s     # ... only jobs that have waited this long
     park_wait_factor: float = SchedulerConfig.park_wait_factor   # ... and this many times the queue's mean wait
+    # the scheduler's admission (validate, tokenize, predict, write Redis) takes this long per request, one at a time
+    # in arrival order; a request reaches the queue only then (0: at once). Live it is a few ms (docs/BENCHMARKS.md)
+    admit_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.policy not in SIM_POLICIES:
             raise ValueError(f"policy {self.policy!r}: choose one of {', '.join(SIM_POLICIES)}")
         self.preempt_mode = PreemptMode(self.preempt_mode)     # its value ("swap") is accepted too
+        if not 0 <= self.admit_s < float("inf"):
+            raise ValueError("admit_s must be >= 0 and finite")
 
 
 class _Event(IntEnum):                # at equal times: arrivals first, then iteration ends, then decisions
@@ -103,6 +108,7 @@ class _Job:
     first_token_s: float | None = None
     first_placed_s: float | None = None
     preemptions: int = 0
+    admitted_s: float = 0.0           # when the scheduler accepted it (arrival + admission)
 
     def blocks(self, block_size: int) -> int:
         return -(-(self.prompt_len + self.generated + 1) // block_size)
@@ -185,8 +191,10 @@ class Simulation:
         self._decide_token = 0                    # DECIDE events carrying an older token were superseded
         self._last_decision = -float("inf")
         self.decisions = 0
-        for i, r in enumerate(requests):
-            self._push(r.arrival_s, _Event.ARRIVE, (i, r))
+        admitted = 0.0
+        for i, r in sorted(enumerate(requests), key=lambda ir: ir[1].arrival_s):
+            admitted = max(admitted, r.arrival_s) + cfg.admit_s
+            self._push(admitted, _Event.ARRIVE, (i, r))
 
     # -- the event loop ------------------------------------------------------------------------------
     def run(self) -> tuple[list[RequestResult], float]:
@@ -223,11 +231,11 @@ class Simulation:
     def _arrive(self, index: int, req: SimRequest) -> None:
         job_id = f"sim/{index:07d}"
         pred = self.predictor.predict(req.output_len)
-        facts = JobFacts(job_id=job_id, priority=req.priority, created=req.arrival_s, prompt_len=req.prompt_len,
+        facts = JobFacts(job_id=job_id, priority=req.priority, created=self.now, prompt_len=req.prompt_len,
                          max_tokens=self.cfg.max_tokens, pred_len=pred.mean, pred_p90=pred.p90,
                          predicted=pred.predicted, pred_deciles=pred.deciles)
         job = _Job(index, job_id, req, req.prompt_len, min(req.output_len, self.cfg.max_tokens), pred.mean,
-                   pred.predicted)
+                   pred.predicted, admitted_s=self.now)
         self.jobs[job_id] = job
         self.state.track(facts)
         self._enqueue(job)
@@ -405,7 +413,8 @@ class Simulation:
         self.results.append(RequestResult(
             index=job.index, expected_output_tokens=r.output_len, start_s=r.arrival_s, ok=True,
             prompt_tokens=r.prompt_len, output_tokens=job.generated, ttft_s=job.first_token_s - r.arrival_s,
-            e2e_s=self.now - r.arrival_s, queue_s=job.first_placed_s - r.arrival_s, preemptions=job.preemptions,
+            e2e_s=self.now - r.arrival_s, queue_s=job.first_placed_s - job.admitted_s, admit_s=job.admitted_s - r.arrival_s,
+            preemptions=job.preemptions,
             predicted_output_tokens=round(job.pred_len) if job.predicted else 0,
             repredicted_output_tokens=round(job.repred_len),
             finish_reason="stop" if job.generated == r.output_len else "length"))
