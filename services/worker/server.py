@@ -92,6 +92,9 @@ async def serve(cfg: WorkerConfig, stop: asyncio.Event | None = None) -> None:
     await stop.wait()
     await set_health(health, [], NOT_SERVING)
     await drain(loop_thread, cfg.drain_timeout_s)
+    sched = engine.sched               # what the prefix cache saved over this worker's life (benchmarks read it here)
+    log.info("prefix cache: %d of %d prompt tokens admitted from scratch were found cached",
+             sched.cached_tokens, sched.admitted_tokens)
     session_stop.set()
     session.cancel()
     await asyncio.gather(session, return_exceptions=True)
