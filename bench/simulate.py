@@ -3,7 +3,9 @@ summaries, figures and report as a live `alise bench sweep`.
 
 Workloads are lengths only: a text dataset is tokenized once (its prompt and reply lengths), a lengths JSON or an
 Azure trace is read as is; with more --num-prompts than the dataset has, requests are drawn from it at random
-(seeded). Every (policy, rate) gets the same requests, arrival times and predictions' noise.
+(seeded). Every (policy, rate) gets the same requests, arrival times and predictions' noise. Chat workloads
+(`sharegpt-chat`) also carry their prompts' block keys, so the simulated workers' prefix cache finds the history
+an earlier turn of the conversation left, as the live workers' does.
 
     python -m bench.simulate --dataset-name sharegpt --dataset-path ../shared/data/sharegpt_sample_1000.json \\
         --rates 20 30 40 --policies fcfs alise oracle --cost h200-llama3-8b --out sim
@@ -23,7 +25,7 @@ from bench.simulator.cluster import SIM_POLICIES, SimConfig, SimRequest, WorkerS
 from bench.simulator.cost import PRESETS, load_cost
 from bench.simulator.predictions import PredictorKind, SimPredictor, sigma_for_tau
 from bench.sweep_report import Run, markdown, plot
-from bench.workloads import Dataset, Limits, length_records, load
+from bench.workloads import BenchRequest, Dataset, Limits, length_records, load, rendered_chat
 from services.common.preempt_mode import PreemptMode
 from services.scheduler.config import SchedulerConfig
 
@@ -74,25 +76,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("simulation"))
 
 
-def workload_lengths(a: argparse.Namespace) -> list[tuple[int, int, float | None]]:
-    """(prompt tokens, output tokens, trace arrival or None) of the dataset, in file order."""
+Row = tuple[int, int, "float | None", tuple[int, ...]]     # prompt tokens, output tokens, trace arrival, block keys
+
+
+def workload_lengths(a: argparse.Namespace) -> list[Row]:
+    """(prompt tokens, output tokens, trace arrival or None, prompt block keys) of the dataset, in file order."""
     if a.dataset_name in (Dataset.SYNTHETIC, Dataset.LENGTHS, Dataset.AZURE):
-        return length_records(a.dataset_name, a.dataset_path, a.skip + a.num_prompts, a.input_len, a.output_len,
-                              Limits())[a.skip:]
+        return [(p, o, t, ()) for p, o, t in length_records(a.dataset_name, a.dataset_path, a.skip + a.num_prompts,
+                                                            a.input_len, a.output_len, Limits())[a.skip:]]
     if a.dataset_path is None:
         raise SystemExit(f"--dataset-path is needed for {a.dataset_name.value}")
-    reqs = load(a.dataset_name, a.dataset_path, a.skip + a.num_prompts, open_tokenizer(a.tokenizer), seed=a.seed)[a.skip:]
-    return [(r.prompt_tokens, r.output_tokens, r.arrival_s) for r in reqs if r.output_tokens > 0]
+    tokenizer = open_tokenizer(a.tokenizer)
+    reqs = load(a.dataset_name, a.dataset_path, a.skip + a.num_prompts, tokenizer, seed=a.seed)[a.skip:]
+    return [(r.prompt_tokens, r.output_tokens, r.arrival_s, chat_block_keys(r, tokenizer, a.block_size))
+            for r in reqs if r.output_tokens > 0]
 
 
-def requests_at(lengths: list[tuple[int, int, float | None]], n: int, rate: float, a: argparse.Namespace) -> list[SimRequest]:
+def chat_block_keys(req: BenchRequest, tokenizer, block_size: int) -> tuple[int, ...]:
+    """One key per full block of a chat request's rendered prompt, naming the prompt up to that block's end (as the
+    worker's prefix cache keys its blocks; here Python's hash of the token prefix, enough within one run); () for a
+    request sent as plain text, whose prompts share no history."""
+    if not req.as_chat:
+        return ()
+    ids = tokenizer.encode(rendered_chat(req, tokenizer), add_special_tokens=False)
+    keys, h = [], 0
+    for end in range(block_size, len(ids) + 1, block_size):
+        h = hash((h, tuple(ids[end - block_size:end])))
+        keys.append(h)
+    return tuple(keys)
+
+
+def requests_at(rows: list[Row], n: int, rate: float, a: argparse.Namespace) -> list[SimRequest]:
     rng = random.Random(a.seed)
-    rows = lengths[:n] if len(lengths) >= n else lengths + [rng.choice(lengths) for _ in range(n - len(lengths))]
+    rows = rows[:n] if len(rows) >= n else rows + [rng.choice(rows) for _ in range(n - len(rows))]
     if a.trace_times:
-        times = [t or 0.0 for _, _, t in rows]
+        times = [t or 0.0 for _, _, t, _ in rows]
     else:
         times = arrival_offsets(len(rows), rate, a.burstiness, a.seed)
-    return [SimRequest(t, p, o) for t, (p, o, _) in zip(times, rows)]
+    return [SimRequest(t, p, o, prefix_keys=keys) for t, (p, o, _, keys) in zip(times, rows)]
 
 
 def predictor_for(a: argparse.Namespace, lengths: list[int]) -> SimPredictor:
@@ -108,8 +129,8 @@ def simulate_sweep(a: argparse.Namespace) -> list[Run]:
     if not lengths:
         raise SystemExit("the workload is empty")
     cost = load_cost(a.cost)
-    predictor = predictor_for(a, [o for _, o, _ in lengths])
-    probe_sigma = sigma_for_tau([o for _, o, _ in lengths], a.repredict_tau, a.seed + 1) if a.repredict_tau else None
+    predictor = predictor_for(a, [row[1] for row in lengths])
+    probe_sigma = sigma_for_tau([row[1] for row in lengths], a.repredict_tau, a.seed + 1) if a.repredict_tau else None
     spec = WorkerSpec(a.max_batch, a.num_blocks, a.block_size, a.token_budget)
     percentiles = [float(x) for x in a.percentiles.split(",")]
     runs = []

@@ -203,3 +203,17 @@ def test_admission_takes_its_time_one_request_at_a_time():
     assert duration == 4.5
     with pytest.raises(ValueError):
         SimConfig(policy="fcfs", cost=ONE_SECOND, admit_s=-1.0)
+
+
+def test_a_prompt_whose_history_is_cached_prefills_only_the_rest():
+    # One sequence at a time, 16 tokens of prompt per 1 s iteration. A (48-token prompt: blocks k1 k2 k3) prefills
+    # in 3 iterations: token 1 at 3 s, token 2 at 4 s. B starts with A's first two blocks (k1 k2, then k4): placed
+    # at 4 s, it finds 32 tokens in the prefix cache and prefills the last 16 in one iteration: its token at 5 s.
+    # Without shared keys it would take 3 iterations (7 s).
+    cfg = SimConfig(policy="fcfs", cost=ONE_SECOND, worker=WorkerSpec(max_batch=1, num_blocks=100, token_budget=16),
+                    predictor=SimPredictor(PredictorKind.ORACLE), reconsider_s=0.0, park_kv_share=0.0)
+    shared = [SimRequest(0.0, 48, 2, prefix_keys=(1, 2, 3)), SimRequest(0.0, 48, 1, prefix_keys=(1, 2, 4))]
+    (a, b), _, _ = simulate(cfg, shared)
+    assert (a.ttft_s, a.e2e_s, b.ttft_s) == (3.0, 4.0, 5.0)
+    (_, b), _, _ = simulate(cfg, [shared[0], SimRequest(0.0, 48, 1, prefix_keys=(5, 2, 3))])   # differs from the start
+    assert b.ttft_s == 7.0
