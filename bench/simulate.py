@@ -52,7 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--park-after-s", type=float, default=SchedulerConfig.park_after_s,
                    help="alise: prefill early only jobs that have waited this long (0 = every waiting job)")
     p.add_argument("--admit-s", type=float, default=0.0,
-                   help="the scheduler's admission time per request, one at a time (live: a few ms; 0 = instant)")
+                   help="a request reaches the scheduler's queue this long after it arrives (live H200: 25-40 ms)")
+    p.add_argument("--admit-per-s", type=float, default=0.0,
+                   help="the scheduler admits at most this many requests a second (live H200: ~200; 0 = no bound)")
     p.add_argument("--park-wait-factor", type=float, default=SchedulerConfig.park_wait_factor,
                    help="alise: ... and this many times the queue's mean wait now (0 = off)")
     p.add_argument("--aging-s", type=float, default=SchedulerConfig.aging_s,
@@ -142,6 +144,7 @@ def simulate_sweep(a: argparse.Namespace) -> list[Run]:
                             reconsider_s=a.reconsider_s, tick_s=a.tick_s, knee_share=a.knee_share,
                             max_preemptions=a.max_preemptions, aging_s=a.aging_s, park_kv_share=a.park_kv_share,
                             park_after_s=a.park_after_s, park_wait_factor=a.park_wait_factor, admit_s=a.admit_s,
+                            admit_per_s=a.admit_per_s,
                             reestimate=SimPredictor(PredictorKind.NOISY, probe_sigma, seed=a.seed + 1)
                             if probe_sigma is not None else None)
             started = time.perf_counter()

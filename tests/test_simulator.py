@@ -194,15 +194,19 @@ def test_parked_kv_is_kept_when_dropping_it_would_not_make_room():
     assert w.room_for(3, only_if_enough=True) == ["p"] and w.used_blocks == 6   # 8 + 3 > 10, 6 + 3 fits
 
 
-def test_admission_takes_its_time_one_request_at_a_time():
-    # As the first case, with 0.5 s of admission per request: A is queued at 0.5 s (token 1 at 1.5 s, 2 and 3 at
-    # 2.5, 3.5 s), B at 1.0 s, placed when A ends at 3.5 s: its only token at 4.5 s. TTFT and e2e count from arrival,
-    # the queue time from acceptance, as live.
-    fcfs, duration = run("fcfs", [SimRequest(0.0, 4, 3), SimRequest(0.0, 4, 1)], admit_s=0.5)
-    assert [(r.admit_s, r.ttft_s, r.e2e_s, r.queue_s) for r in fcfs] == [(0.5, 1.5, 3.5, 0.0), (1.0, 4.5, 4.5, 2.5)]
-    assert duration == 4.5
-    with pytest.raises(ValueError):
-        SimConfig(policy="fcfs", cost=ONE_SECOND, admit_s=-1.0)
+def test_admission_takes_its_time_and_admits_so_many_a_second():
+    # As the first case, with 0.25 s of admission latency and at most 2 admissions a second: A is queued at 0.25 s
+    # (token 1 at 1.25 s, 2 and 3 at 2.25, 3.25 s), B at 0.75 s (0.5 s after A), placed when A ends at 3.25 s: its
+    # only token at 4.25 s. TTFT and e2e count from arrival, the queue time from acceptance, as live.
+    reqs = [SimRequest(0.0, 4, 3), SimRequest(0.0, 4, 1)]
+    fcfs, duration = run("fcfs", reqs, admit_s=0.25, admit_per_s=2.0)
+    assert [(r.admit_s, r.ttft_s, r.e2e_s, r.queue_s) for r in fcfs] == [(0.25, 1.25, 3.25, 0.0), (0.75, 4.25, 4.25, 2.5)]
+    assert duration == 4.25
+    fcfs, _ = run("fcfs", reqs, admit_s=0.25)                 # no bound on the rate: both queued at 0.25 s
+    assert [r.admit_s for r in fcfs] == [0.25, 0.25]
+    for bad in ({"admit_s": -1.0}, {"admit_per_s": float("inf")}):
+        with pytest.raises(ValueError):
+            SimConfig(policy="fcfs", cost=ONE_SECOND, **bad)
 
 
 def test_a_prompt_whose_history_is_cached_prefills_only_the_rest():

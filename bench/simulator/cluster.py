@@ -78,16 +78,18 @@ class SimConfig:
     park_kv_share: float = SchedulerConfig.park_kv_share   # alise: prefill early and park (0 = off)
     park_after_s: float = SchedulerConfig.park_after_s     # ... only jobs that have waited this long
     park_wait_factor: float = SchedulerConfig.park_wait_factor   # ... and this many times the queue's mean wait
-    # the scheduler's admission (validate, tokenize, predict, write Redis) takes this long per request, one at a time
-    # in arrival order; a request reaches the queue only then (0: at once). Live it is a few ms (docs/BENCHMARKS.md)
+    # the scheduler's admission (validate, tokenize, predict, write Redis): a request reaches the queue admit_s after
+    # it arrives, and at most admit_per_s requests a second get through, in arrival order (0: no bound). Live on the
+    # H200: ~25-40 ms, and about 200 a second (docs/BENCHMARKS.md)
     admit_s: float = 0.0
+    admit_per_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.policy not in SIM_POLICIES:
             raise ValueError(f"policy {self.policy!r}: choose one of {', '.join(SIM_POLICIES)}")
         self.preempt_mode = PreemptMode(self.preempt_mode)     # its value ("swap") is accepted too
-        if not 0 <= self.admit_s < float("inf"):
-            raise ValueError("admit_s must be >= 0 and finite")
+        if not (0 <= self.admit_s < float("inf") and 0 <= self.admit_per_s < float("inf")):
+            raise ValueError("admit_s and admit_per_s must be >= 0 and finite")
 
 
 class _Event(IntEnum):                # at equal times: arrivals first, then iteration ends, then decisions
@@ -211,9 +213,9 @@ class Simulation:
         self._decide_token = 0                    # DECIDE events carrying an older token were superseded
         self._last_decision = -float("inf")
         self.decisions = 0
-        admitted = 0.0
+        admitted, gap = -float("inf"), 1.0 / cfg.admit_per_s if cfg.admit_per_s else 0.0
         for i, r in sorted(enumerate(requests), key=lambda ir: ir[1].arrival_s):
-            admitted = max(admitted, r.arrival_s) + cfg.admit_s
+            admitted = max(r.arrival_s + cfg.admit_s, admitted + gap)
             self._push(admitted, _Event.ARRIVE, (i, r))
 
     # -- the event loop ------------------------------------------------------------------------------
