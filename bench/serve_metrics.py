@@ -21,7 +21,9 @@ class RequestResult:
     e2e_s: float | None = None
     itl_s: list[float] = field(default_factory=list)
     queue_s: float = 0.0                   # the scheduler's: accepted -> first placed on a worker
-    admit_s: float = 0.0                   # sent -> accepted (validation, tokenizing, prediction): client TTFT - server's
+    # sent -> accepted (validation, tokenizing, prediction), plus the first token's way back to the client: client
+    # TTFT minus the server's (counted from acceptance); None where not measured (the HTTP backend)
+    admit_s: float | None = None
     preemptions: int = 0
     predicted_output_tokens: int = 0
     repredicted_output_tokens: int = 0     # the worker's estimate from the model's hidden state (0: none)
@@ -153,7 +155,7 @@ def summarize(results: list[RequestResult], duration_s: float, percentiles: list
                          ("e2e_s", [r.e2e_s for r in done]),
                          ("normalized_latency_s", [r.normalized_s for r in done if r.normalized_s is not None]),
                          ("queue_s", [r.queue_s for r in done]),
-                         ("admit_s", [r.admit_s for r in done])):
+                         ("admit_s", [r.admit_s for r in done if r.admit_s is not None])):
         s[name] = distribution(values, percentiles)
     s["fairness"] = fairness(done)
     s["work_pace"] = work_pace(results)

@@ -88,7 +88,7 @@ def saved_result(row: dict) -> RequestResult:
                          start_s=float(row["start_s"]), ok=row["ok"] == "True", error=row["error"],
                          prompt_tokens=int(row["prompt_tokens"]), output_tokens=int(row["output_tokens"]),
                          ttft_s=opt(row["ttft_s"]), e2e_s=opt(row["e2e_s"]), queue_s=float(row["queue_s"]),
-                         admit_s=float(row.get("admit_s") or 0.0),     # (not in runs saved before it was measured)
+                         admit_s=opt(row.get("admit_s", "")),     # (not in runs saved before it was measured)
                          preemptions=int(row["preemptions"]), predicted_output_tokens=int(row["predicted_output_tokens"]),
                          repredicted_output_tokens=int(row.get("repredicted_output_tokens") or 0),
                          finish_reason=row["finish_reason"])

@@ -156,12 +156,15 @@ def test_mean_wait_is_jobs_waiting_over_the_rate_they_get_slots():
     assert s.waiting() == 5
     assert s.snapshot(104.0, []).mean_wait_s == 5 * 4.0 / 2   # 5 waiting, 2 slots given in 4 s
     assert s.snapshot(110.0, []).mean_wait_s == 5 * 10.0 / 2
-    # nothing got a slot for a whole window: the wait is bounded below by the window, not infinite
+    # nothing got a slot for a whole window: the wait is the window times the jobs waiting, not infinite, and a
+    # gap between snapshots longer than the window counts as the window
     s2 = state_with("w1")
     s2.track(facts("x"))
-    s2.snapshot(0.0, [])
-    assert s2.snapshot(30.0, []).mean_wait_s == 1 * 30.0
+    s2.snapshot(100.0, [])
+    assert s2.snapshot(130.0, []).mean_wait_s == 1 * 20.0
     # old history leaves the window: only the last WAIT_WINDOW_S count
-    for t in range(31, 80):
+    for t in range(131, 180):
         s2.snapshot(float(t), [])
-    assert s2.snapshot(80.0, []).mean_wait_s <= 1 * 21.0
+    assert 20.0 <= s2.snapshot(180.0, []).mean_wait_s <= 20.25
+    # the clock went back: start over rather than count a negative span
+    assert s2.snapshot(90.0, []).mean_wait_s == 1 * 20.0

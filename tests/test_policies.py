@@ -228,3 +228,11 @@ def test_make_policy_sets_known_options_and_refuses_unknown_ones():
         make_policy("alise", agng_s=7.0)                            # misspelt: refused, not silently ignored
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy("srtf")
+
+
+def test_alise_refuses_park_thresholds_that_are_negative_or_not_numbers():
+    import pytest
+
+    for bad in ({"park_wait_factor": -1.0}, {"park_wait_factor": float("nan")}, {"park_after_s": float("inf")}):
+        with pytest.raises(ValueError):
+            make_policy("alise", **bad)

@@ -100,8 +100,16 @@ def replay_samples(engine, rng, vocab: int, lengths: list[tuple[int, int]], rate
         res = engine.step()
         if res.seconds and res.shape is not None:
             s = res.shape
-            out.append(StepSample(s.seqs, s.prefill_tokens if s.mixed else 0, s.context_tokens, res.seconds))
+            out.append(StepSample(s.seqs, s.prefill_tokens, s.context_tokens, res.seconds))
     return out
+
+
+def replay_lengths(a: argparse.Namespace) -> list[tuple[int, int]]:
+    lengths = [(int(p), int(o)) for p, o in json.loads(a.replay.read_text())]
+    lengths = [(p, o) for p, o in lengths[:a.num_prompts or None] if p > 0 and o > 0]
+    if not lengths or not 0 < a.rate < float("inf"):
+        raise SystemExit("--replay needs at least one request with a prompt and an output, and a --rate > 0")
+    return lengths
 
 
 def fit(samples: list[StepSample], swap_per_token_s: float = 0.0, source: str = "") -> IterationCost:
@@ -136,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
+    lengths = replay_lengths(a) if a.replay else []       # checked before the model is built
 
     from services.common.model_paths import default_model_dir
     from services.worker.config import WorkerConfig
@@ -149,8 +158,6 @@ def main(argv: list[str] | None = None) -> None:
     rng = random.Random(0)
     prefill_samples(engine, rng, vocab, [16], 1)                 # warm-up, not fitted
     if a.replay:
-        lengths = [(int(p), int(o)) for p, o in json.loads(a.replay.read_text())]
-        lengths = [(p, o) for p, o in lengths[:a.num_prompts or None] if p > 0 and o > 0]
         samples = replay_samples(engine, rng, vocab, lengths, a.rate, a.seed)
     else:
         samples = (prefill_samples(engine, rng, vocab, a.prefill_lens, a.reps)

@@ -329,7 +329,9 @@ class Simulation:
             self._kv_dropped(w, w.room_for(need := w.waiting[0].blocks(w.spec.block_size), only_if_enough=True))
             if not w.fits(need):
                 break
-            w.admit(w.waiting.pop(0))
+            job = w.waiting.pop(0)
+            job.computed = w.cached_tokens(job)    # as live, its prompt is looked up in the prefix cache again
+            w.admit(job)
         self._kv_dropped(w, w.room_for(0))       # decode growth past the pool: parked KV goes first
         while len(w.running) > 1 and w.used_blocks > w.spec.num_blocks:
             job = w.running[-1]

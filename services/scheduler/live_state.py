@@ -281,6 +281,11 @@ class LiveState(Generic[R]):
         they get decode slots, over the last WAIT_WINDOW_S. 0 until a second of history exists; with no slot
         given in that time, the window itself times the jobs waiting (a bound that grows while nothing moves)."""
         marks = self._departures
+        if marks and not 0 <= now - marks[-1][0] <= WAIT_WINDOW_S:
+            # no snapshot for a whole window (or the clock went back): what the marks saw is no longer recent
+            marks.clear()
+            if now >= WAIT_WINDOW_S:
+                marks.append((now - WAIT_WINDOW_S, self._slots_given))
         if not marks or now - marks[-1][0] >= WAIT_MARK_S:
             marks.append((now, self._slots_given))
         while len(marks) > 2 and now - marks[1][0] >= WAIT_WINDOW_S:

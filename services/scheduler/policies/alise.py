@@ -68,6 +68,10 @@ class AlisePolicy:
 
     def __post_init__(self) -> None:
         self.preempt_mode = PreemptMode(self.preempt_mode)     # its value ("park") is accepted too
+        # the scheduler's config and the simulator both build this policy: one check for both (NaN fails too)
+        for name in ("park_after_s", "park_wait_factor"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be >= 0 and finite, got {getattr(self, name)}")
 
     def queue_score(self, job: JobView, cost: ExecTimeModel) -> float:
         # an unpredicted job carries the scheduler's prior as its prediction: ranked as that much work
