@@ -71,7 +71,10 @@ def test_completion_order_by_policy(stack_factory, hf_model, tokenizer, long_ref
         assert order[0] != "long", order
         assert results["long"][2].timings.num_preemptions >= 1
     else:
-        assert order[-1] == "long", order
+        # the short jobs overtake the long one by preempting it. One whose prediction lands late on a busy machine
+        # may find it preempted as often as the bound allows (--max-preemptions 2), or near its predicted end, and
+        # then rightly waits for it (seen once in CI): so at least two of the three go first, not all three
+        assert order.index("long") >= 2, order
         assert results["long"][2].timings.num_preemptions >= 1
     # preempted and resumed: the same greedy output
     assert_greedy_equal(hf_model, tokenizer.encode(LONG_PROMPT, add_special_tokens=False), results["long"][0],
