@@ -295,3 +295,16 @@ def test_a_release_named_for_the_chart_is_not_named_twice():
         names = {d["metadata"]["name"] for file, text in out.items() if not file.endswith("NOTES.txt")
                  for d in yaml.safe_load_all(text) if d}
         assert f"{prefix}-scheduler" in names and f"{prefix}-worker" in names, (release, sorted(names))
+
+
+def test_the_scheduler_and_worker_accept_every_flag_the_chart_gives_them():
+    # a flag the chart renders that the service does not know (a typo, a renamed option) would crash the pod at start
+    from services.scheduler.config import SchedulerConfig
+    from services.worker.config import WorkerConfig
+
+    docs = render({"scheduler": {"parkWaitFactor": 2.5, "parkAfterSeconds": 1}})
+    scheduler = by_name(docs, "Deployment", "demo-alise-scheduler")["spec"]["template"]["spec"]["containers"][0]
+    cfg = SchedulerConfig.from_args([a for a in scheduler["args"] if a.startswith("--")])
+    assert (cfg.park_wait_factor, cfg.park_after_s) == (2.5, 1.0)
+    worker = by_name(docs, "Deployment", "demo-alise-worker")["spec"]["template"]["spec"]["containers"][0]
+    WorkerConfig.from_args([a for a in worker["args"] if a.startswith("--")])
