@@ -26,6 +26,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from bench.process_cpu import cpu_share, process_cpu
 from bench.serve import Target, run
 from bench.serve_metrics import format_summary, summarize
 from bench.workloads import BenchRequest, Dataset, load, rendered_chat
@@ -97,21 +98,6 @@ def workload(a: argparse.Namespace):
     return load(Dataset(a.dataset_name), a.dataset_path, a.num_prompts, tok), tok
 
 
-def cpu_seconds(pid: int | None = None) -> float:
-    """User + system CPU seconds of a process so far (this one by default), threads included."""
-    if pid is None:
-        t = os.times()
-        return t.user + t.system
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu(stack) -> dict[str, float]:
-    pids = {name: svc.proc.pid for name, svc in stack.services.items()}
-    pids["redis"] = stack.redis.proc.pid
-    return {"client": cpu_seconds(), **{name: cpu_seconds(pid) for name, pid in pids.items()}}
-
-
 def live(a: argparse.Namespace) -> dict:
     from services.common.local_stack import LocalStack
 
@@ -137,7 +123,7 @@ def live(a: argparse.Namespace) -> dict:
             res[name] = summarize(results, duration, [50, 90, 99])
             res[name]["label"] = f"live {name} ({a.policy})"
             # share of one core each process used during the run: a process near 1.0 is what limits it
-            res[name]["cpu_share"] = {k: (v - before[k]) / duration for k, v in process_cpu(stack).items()}
+            res[name]["cpu_share"] = cpu_share(before, process_cpu(stack), duration)
             print("CPU share of one core:", {k: round(v, 2) for k, v in res[name]["cpu_share"].items()})
             print(format_summary(res[name]), flush=True)
         return res

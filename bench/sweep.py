@@ -14,6 +14,7 @@ import json
 import math
 from pathlib import Path
 
+from bench.process_cpu import cpu_share, process_cpu
 from bench.serve import Target, add_workload_arguments, load_workload, open_tokenizer, run, save, worker_loads
 from bench.serve_metrics import RequestResult, summarize, work_pace
 from bench.sweep_report import Run, markdown, plot
@@ -113,8 +114,10 @@ def one_run(a: argparse.Namespace, policy: str, rate: float, prime, measured, pe
         if prime:
             asyncio.run(run(prime, target, rate=math.inf, burstiness=1.0, seed=a.seed, max_concurrency=0,
                             ignore_eos=a.ignore_eos, label=f"prime-{label}", progress=False))
+        before = process_cpu(stack)
         results, duration = asyncio.run(run(measured, target, rate=rate, burstiness=a.burstiness, seed=a.seed,
                                             max_concurrency=a.max_concurrency, ignore_eos=a.ignore_eos, label=label))
+        cpu = cpu_share(before, process_cpu(stack), duration)   # a process at one core limits the run
         try:
             workers = asyncio.run(worker_loads(target))  # what the scheduler learned of them (the simulator's cost)
         except Exception as e:  # noqa: BLE001 - the run's results matter more than this extra
@@ -122,7 +125,8 @@ def one_run(a: argparse.Namespace, policy: str, rate: float, prime, measured, pe
     finally:
         stack.stop()
     summary = summarize(results, duration, percentiles)
-    summary.update(label=label, policy=policy, request_rate=rate, burstiness=a.burstiness, workers=workers)
+    summary.update(label=label, policy=policy, request_rate=rate, burstiness=a.burstiness, workers=workers,
+                   cpu_share=cpu)
     save(a.out / f"{label}.json", summary, results)
     return summary, tuple(r.normalized_s for r in results if r.ok and r.normalized_s is not None)
 

@@ -42,6 +42,8 @@ def test_a_small_sweep_on_live_stacks_writes_runs_figures_and_report(tmp_path, m
             summary = json.loads((out / f"{policy}-r{rate}.json").read_text())
             assert summary["completed"] == 4 and summary["total_output_tokens"] == 24
             assert len(list(csv.DictReader(open(out / f"{policy}-r{rate}.csv")))) == 4
+            # each process's share of a core over the measured run: the scheduler and the worker did work
+            assert summary["cpu_share"]["scheduler"] > 0 and summary["cpu_share"]["worker-0"] > 0
     assert len(json.loads((out / "sweep.json").read_text())) == 4
     report = (out / "report.md").read_text()
     assert "| alise | 8 |" in report and "normalized_latency_vs_rate.png" in report
