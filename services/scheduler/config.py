@@ -8,6 +8,7 @@ from services.common.preempt_mode import PreemptMode
 from services.common.model_paths import DEFAULT_MODEL_NAME, default_model_dir
 from services.common.tls import TlsFiles
 from services.scheduler.policies import POLICIES
+from services.scheduler.policies.alise import AlisePolicy
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,9 @@ class SchedulerConfig:
             raise ValueError("knee_share must be in [0, 1)")
         if not 0 <= self.park_kv_share < 1:
             raise ValueError("park_kv_share must be in [0, 1)")
-        if not self.park_after_s >= 0:             # (written so that NaN fails too)
-            raise ValueError("park_after_s must be >= 0")
-        if not 0 <= self.park_wait_factor < float("inf"):
-            raise ValueError("park_wait_factor must be >= 0 and finite")
+        # the park thresholds' rule lives with the policy that reads them (the simulator builds it too); checked
+        # here as well so that a bad flag fails at start, with the policy's own message
+        AlisePolicy(park_after_s=self.park_after_s, park_wait_factor=self.park_wait_factor)
         if not self.aging_s > 0:
             raise ValueError("aging_s must be > 0")
         if self.max_preemptions < 0:
