@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from services.worker.block_manager import BlockManager
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
+from services.worker.kernel_watch import watch_after_warm_up
 from services.worker.kv_cache import PagedKVCache
 from services.worker.length_probe import LengthProbe
 from services.worker.model_runner import SUPPORTED_MODEL_TYPES, ModelRunner, SeqChunk, load_hf_model
@@ -146,6 +147,8 @@ def warm_up(engine: Engine) -> None:
             blocks.free(i)
     torch.cuda.synchronize()
     log.info("warm-up steps ran in %.1f s", time.perf_counter() - started)
+    if not watch_after_warm_up():
+        log.info("this Triton has no post-compile hook: kernel variants met while serving are not logged")
 
 
 def _fallback_engine(cfg: WorkerConfig, model, tokenizer) -> Engine:
