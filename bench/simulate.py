@@ -13,6 +13,7 @@ an earlier turn of the conversation left, as the live workers' does.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import random
 import sys
@@ -23,7 +24,7 @@ from bench.serve import add_dataset_arguments, arrival_offsets, open_tokenizer
 from bench.serve_metrics import summarize
 from bench.simulator.cluster import SIM_POLICIES, SimConfig, SimRequest, WorkerSpec, simulate
 from bench.simulator.cost import PRESETS, load_cost
-from bench.simulator.predictions import PredictorKind, SimPredictor, sigma_for_tau
+from bench.simulator.predictions import PredictorKind, SimPredictor, log_error_sigma, sigma_for_tau
 from bench.sweep_report import Run, markdown, plot
 from bench.workloads import BenchRequest, Dataset, Limits, length_records, load, rendered_chat
 from services.common.preempt_mode import PreemptMode
@@ -65,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     noise.add_argument("--pred-sigma", type=float, help="noisy: log-normal sigma of the predictions")
     noise.add_argument("--kendall-tau", type=float, default=0.25,
                        help="noisy: the sigma giving this Kendall tau on the workload (default: 0.25, measured live)")
+    p.add_argument("--predictions", type=Path,
+                   help="replay: a live run's per-request CSV (`alise bench serve`/`sweep`) on the same workload and "
+                        "--skip; each request gets the prediction the live predictor made for it")
     p.add_argument("--repredict-tau", type=float, default=0.0,
                    help="the worker's length probe: once a prompt is computed, its job is re-estimated with the "
                         "noise giving this Kendall tau (0 = off; measured live on CPU: 0.46)")
@@ -108,20 +112,52 @@ def chat_block_keys(req: BenchRequest, tokenizer, block_size: int) -> tuple[int,
     return tuple(keys)
 
 
-def requests_at(rows: list[Row], n: int, rate: float, a: argparse.Namespace) -> list[SimRequest]:
+def requests_at(rows: list[Row], n: int, rate: float, a: argparse.Namespace,
+                recorded: list[float] | None = None) -> list[SimRequest]:
+    """n requests from the rows (drawn at random past the rows' end), each with its recorded prediction if any."""
     rng = random.Random(a.seed)
-    rows = rows[:n] if len(rows) >= n else rows + [rng.choice(rows) for _ in range(n - len(rows))]
+    picks = list(range(min(n, len(rows)))) + [rng.randrange(len(rows)) for _ in range(n - len(rows))]
     if a.trace_times:
-        times = [t or 0.0 for _, _, t, _ in rows]
+        times = [rows[i][2] or 0.0 for i in picks]
     else:
-        times = arrival_offsets(len(rows), rate, a.burstiness, a.seed)
-    return [SimRequest(t, p, o, prefix_keys=keys) for t, (p, o, _, keys) in zip(times, rows)]
+        times = arrival_offsets(len(picks), rate, a.burstiness, a.seed)
+    return [SimRequest(t, rows[i][0], rows[i][1], prefix_keys=rows[i][3],
+                       recorded_pred=recorded[i] if recorded else 0.0) for t, i in zip(times, picks)]
 
 
-def predictor_for(a: argparse.Namespace, lengths: list[int]) -> SimPredictor:
+def recorded_predictions(path: Path, rows: list[Row]) -> list[float]:
+    """The live predictor's estimate for each row, from a live run's per-request CSV of the same workload (its
+    `index` column is the request's place in the workload after --skip). Checked: every request the run sent asked
+    for the output length the row has, so a CSV of another workload or skip is refused."""
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"index", "expected_output_tokens", "predicted_output_tokens"} - set(reader.fieldnames or ())
+        if missing:
+            raise SystemExit(f"--predictions {path}: not a per-request CSV of a live run (no {', '.join(sorted(missing))})")
+        live = sorted(reader, key=lambda r: int(r["index"]))
+    if not live:
+        raise SystemExit(f"--predictions {path}: no requests in it")
+    if len(live) > len(rows):
+        raise SystemExit(f"--predictions {path}: {len(live)} requests, more than the workload's {len(rows)}")
+    recorded = [0.0] * len(rows)
+    for r in live:
+        i = int(r["index"])
+        if int(r["expected_output_tokens"]) != rows[i][1]:
+            raise SystemExit(f"--predictions {path}: request {i} asked {r['expected_output_tokens']} output tokens, "
+                             f"the workload's has {rows[i][1]}: another workload or --skip")
+        recorded[i] = float(r["predicted_output_tokens"] or 0)
+    if len(live) < len(rows):
+        print(f"--predictions: {len(live)} of {len(rows)} requests have a recorded prediction; the rest get the "
+              f"scheduler's prior", file=sys.stderr)
+    return recorded
+
+
+def predictor_for(a: argparse.Namespace, lengths: list[int], recorded: list[float] | None = None) -> SimPredictor:
     sigma = 0.0
     if a.predictor is PredictorKind.NOISY:
         sigma = a.pred_sigma if a.pred_sigma is not None else sigma_for_tau(lengths, a.kendall_tau, a.seed)
+    elif a.predictor is PredictorKind.REPLAY:
+        sigma = log_error_sigma(recorded or [], lengths)
     return SimPredictor(a.predictor, sigma=sigma, seed=a.seed)
 
 
@@ -131,14 +167,17 @@ def simulate_sweep(a: argparse.Namespace) -> list[Run]:
     if not lengths:
         raise SystemExit("the workload is empty")
     cost = load_cost(a.cost)
-    predictor = predictor_for(a, [row[1] for row in lengths])
+    if (a.predictor is PredictorKind.REPLAY) != (a.predictions is not None):
+        raise SystemExit("--predictor replay and --predictions go together")
+    recorded = recorded_predictions(a.predictions, lengths) if a.predictions else None
+    predictor = predictor_for(a, [row[1] for row in lengths], recorded)
     probe_sigma = sigma_for_tau([row[1] for row in lengths], a.repredict_tau, a.seed + 1) if a.repredict_tau else None
     spec = WorkerSpec(a.max_batch, a.num_blocks, a.block_size, a.token_budget)
     percentiles = [float(x) for x in a.percentiles.split(",")]
     runs = []
     for policy in a.policies:
         for rate in a.rates:
-            requests = requests_at(lengths, a.num_prompts, rate, a)
+            requests = requests_at(lengths, a.num_prompts, rate, a, recorded)
             cfg = SimConfig(policy=policy, cost=cost, workers=a.workers, worker=spec, preempt_mode=a.preempt_mode,
                             max_tokens=a.max_tokens, predictor=SimPredictor(predictor.kind, predictor.sigma, seed=a.seed),
                             reconsider_s=a.reconsider_s, tick_s=a.tick_s, knee_share=a.knee_share,
@@ -167,7 +206,8 @@ def simulate_sweep(a: argparse.Namespace) -> list[Run]:
 
 def write_report(runs: list[Run], a: argparse.Namespace, predictor: SimPredictor, cost) -> Path:
     figures = plot(runs, a.out)
-    tau = "" if predictor.kind is not PredictorKind.NOISY else f", log-normal sigma {predictor.sigma:.3f}"
+    tau = ("" if predictor.kind not in (PredictorKind.NOISY, PredictorKind.REPLAY)
+           else f", log-normal sigma {predictor.sigma:.3f}" + (f" (replayed from {a.predictions})" if a.predictions else ""))
     header = (f"Simulated: {a.workers} worker(s), max batch {a.max_batch}, {a.num_blocks} KV blocks of {a.block_size}, "
               f"token budget {a.token_budget}; iteration cost {cost.source or a.cost}; predictor {predictor.kind.value}"
               f"{tau}; preempt by {a.preempt_mode} (at most {a.max_preemptions} per job); knee share {a.knee_share}; "

@@ -2,13 +2,14 @@
 invariants on a random workload: every job finishes exactly once, no KV block is left in use."""
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 
 from bench.simulator.cluster import SimConfig, SimRequest, Simulation, WorkerSpec, simulate
 from bench.simulator.cost import IterationCost
-from bench.simulator.predictions import PredictorKind, SimPredictor, sigma_for_tau
+from bench.simulator.predictions import PredictorKind, SimPredictor, kendall_tau, sigma_for_tau
 
 ONE_SECOND = IterationCost(base_s=1.0)          # every iteration takes 1 s, whatever it holds
 
@@ -221,3 +222,59 @@ def test_a_prompt_whose_history_is_cached_prefills_only_the_rest():
     assert (a.ttft_s, a.e2e_s, b.ttft_s) == (3.0, 4.0, 5.0)
     (_, b), _, _ = simulate(cfg, [shared[0], SimRequest(0.0, 48, 1, prefix_keys=(5, 2, 3))])   # differs from the start
     assert b.ttft_s == 7.0
+
+
+def test_a_replayed_prediction_is_what_the_live_predictor_said_not_the_truth():
+    """A (3 tokens) and B (1 token) arrive together, as in the first case above, but the live predictor said A is
+    the short one: replaying its predictions, alise runs A first, as the live scheduler did; with the truth
+    recorded it runs B first, as the oracle does."""
+    def served(recorded: tuple[float, float]):
+        reqs = [SimRequest(0.0, 4, 3, recorded_pred=recorded[0]), SimRequest(0.0, 4, 1, recorded_pred=recorded[1])]
+        cfg = SimConfig(policy="alise", cost=ONE_SECOND, worker=WorkerSpec(max_batch=1, num_blocks=100),
+                        predictor=SimPredictor(PredictorKind.REPLAY, sigma=0.5), reconsider_s=0.0, park_kv_share=0.0)
+        results, _, _ = simulate(cfg, reqs)
+        return [(r.ttft_s, r.e2e_s) for r in results]
+
+    assert served((2.0, 50.0)) == [(1.0, 3.0), (4.0, 4.0)]            # fcfs's order: A believed shorter
+    assert served((3.0, 1.0)) == [(2.0, 4.0), (1.0, 1.0)]             # the oracle's order
+
+
+def test_a_replayed_prediction_keeps_its_value_and_gets_the_spread_of_the_live_errors():
+    from bench.simulator.predictions import log_error_sigma
+
+    pred = SimPredictor(PredictorKind.REPLAY, sigma=log_error_sigma([20.0, 5.0], [10, 10]))
+    assert pred.sigma == pytest.approx(math.log(4) / math.sqrt(2))     # errors +ln 2 and -ln 2
+    p = pred.predict(10, recorded=20.0)
+    assert p.predicted and p.mean == 20.0
+    assert p.p90 == pytest.approx(20.0 * math.exp(1.2816 * pred.sigma))
+    assert p.deciles[0] < 20.0 < p.deciles[-1]
+    nothing = pred.predict(10, recorded=0.0)                          # the live scheduler had no prediction
+    assert not nothing.predicted and nothing.mean == pred.prior
+
+
+def test_the_cli_replays_a_live_runs_predictions_and_refuses_another_workloads(tmp_path):
+    import csv
+    import json
+
+    from bench.simulate import main
+
+    lengths = tmp_path / "lengths.json"
+    lengths.write_text(json.dumps([[32, 4 + i % 7] for i in range(40)]))
+    live = tmp_path / "live.csv"
+    with live.open("w", newline="") as f:                     # as `alise bench serve` writes it (columns trimmed)
+        w = csv.writer(f)
+        w.writerow(["index", "expected_output_tokens", "predicted_output_tokens", "ttft_s"])
+        for i in range(30):
+            w.writerow([i, 4 + i % 7, 40 - i, 0.1])
+    common = ["--dataset-name", "lengths", "--dataset-path", str(lengths), "--num-prompts", "30", "--rates", "inf",
+              "--policies", "alise", "--cost", "cpu-smollm2", "--max-batch", "4", "--out", str(tmp_path / "sim")]
+    main(common + ["--predictor", "replay", "--predictions", str(live)])
+    summary = json.loads((tmp_path / "sim" / "alise-rinf.json").read_text())
+    assert summary["completed"] == 30 and summary["predictor"]["kind"] == "replay"
+    # the live predictions rank the jobs by index, not by length: the tau the summary reports is theirs
+    assert summary["predictor_kendall_tau"] == pytest.approx(
+        kendall_tau([40 - i for i in range(30)], [4 + i % 7 for i in range(30)]), abs=1e-9)
+    with pytest.raises(SystemExit, match="request 0 asked 4 output tokens"):
+        main(common + ["--predictor", "replay", "--predictions", str(live), "--skip", "1"])
+    with pytest.raises(SystemExit, match="go together"):
+        main(common + ["--predictions", str(live)])

@@ -45,6 +45,7 @@ class SimRequest:
     # one key per full KV block of the prompt, naming the prompt up to that block's end: blocks an earlier prompt
     # left in a worker's prefix cache need no prefill there (() = shares nothing)
     prefix_keys: tuple[int, ...] = ()
+    recorded_pred: float = 0.0        # a live run's prediction for this request (replay predictor; 0 = none)
 
     def __post_init__(self) -> None:
         if self.prompt_len < 1 or self.output_len < 1:
@@ -252,7 +253,7 @@ class Simulation:
     # -- the scheduler -------------------------------------------------------------------------------
     def _arrive(self, index: int, req: SimRequest) -> None:
         job_id = f"sim/{index:07d}"
-        pred = self.predictor.predict(req.output_len)
+        pred = self.predictor.predict(req.output_len, req.recorded_pred)
         facts = JobFacts(job_id=job_id, priority=req.priority, created=self.now, prompt_len=req.prompt_len,
                          max_tokens=self.cfg.max_tokens, pred_len=pred.mean, pred_p90=pred.p90,
                          predicted=pred.predicted, pred_deciles=pred.deciles)

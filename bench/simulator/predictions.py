@@ -1,5 +1,6 @@
 """What the simulated predictor says about a job: the truth (oracle), the truth with log-normal noise (a given
-sigma, or the sigma that gives a target Kendall tau on the workload), or nothing (the scheduler's prior).
+sigma, or the sigma that gives a target Kendall tau on the workload), what the real predictor said for the same
+request in a live run (replay: its errors, not a model of them), or nothing (the scheduler's prior).
 
 The noisy predictor also gives deciles, as the real one does, so the policies' E[L - g | L > g] re-estimate
 works the same way in simulation as live.
@@ -21,6 +22,7 @@ _Z90 = 1.2816
 class PredictorKind(str, Enum):
     ORACLE = "oracle"
     NOISY = "noisy"
+    REPLAY = "replay"
     NONE = "none"
 
     def __str__(self) -> str:
@@ -45,14 +47,31 @@ class SimPredictor:
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
 
-    def predict(self, true_len: int) -> Prediction:
-        if self.kind is PredictorKind.NONE:
+    def predict(self, true_len: int, recorded: float = 0.0) -> Prediction:
+        """`recorded`: the live predictor's estimate for this request (replay; 0 = it predicted nothing)."""
+        if self.kind is PredictorKind.NONE or (self.kind is PredictorKind.REPLAY and recorded <= 0):
             return Prediction(self.prior, P90_OVER_GUESS * self.prior, (), False)
-        if self.kind is PredictorKind.ORACLE or self.sigma == 0:
+        if self.kind is PredictorKind.ORACLE:
             return Prediction(float(true_len), float(true_len), (), True)
-        median = true_len * math.exp(self._rng.gauss(0.0, self.sigma))
+        if self.kind is PredictorKind.REPLAY:
+            median = float(recorded)
+        elif self.sigma == 0:
+            return Prediction(float(true_len), float(true_len), (), True)
+        else:
+            median = true_len * math.exp(self._rng.gauss(0.0, self.sigma))
+        # the spread (p90, deciles) of log-normal errors of this sigma around the estimate
         return Prediction(median, median * math.exp(_Z90 * self.sigma),
                           tuple(median * math.exp(z * self.sigma) for z in _Z), True)
+
+
+def log_error_sigma(predicted: list[float], true: list[int]) -> float:
+    """The standard deviation of log(predicted / true) over the requests with both: the spread a replayed
+    predictor's deciles are drawn with."""
+    errs = [math.log(p / t) for p, t in zip(predicted, true) if p > 0 and t > 0]
+    if len(errs) < 2:
+        return 0.0
+    mean = sum(errs) / len(errs)
+    return math.sqrt(sum((e - mean) ** 2 for e in errs) / (len(errs) - 1))
 
 
 def kendall_tau(x: list[float], y: list[float]) -> float:
