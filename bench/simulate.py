@@ -82,6 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("simulation"))
 
 
+# past this many requests a run keeps no inter-token gaps (one float a token: ~1 GB at 100,000 ShareGPT requests)
+ITL_MAX_REQUESTS = 20_000
+
 Row = tuple[int, int, "float | None", tuple[int, ...]]     # prompt tokens, output tokens, trace arrival, block keys
 
 
@@ -183,7 +186,7 @@ def simulate_sweep(a: argparse.Namespace) -> list[Run]:
                             reconsider_s=a.reconsider_s, tick_s=a.tick_s, knee_share=a.knee_share,
                             max_preemptions=a.max_preemptions, aging_s=a.aging_s, park_kv_share=a.park_kv_share,
                             park_after_s=a.park_after_s, park_wait_factor=a.park_wait_factor, admit_s=a.admit_s,
-                            admit_per_s=a.admit_per_s,
+                            admit_per_s=a.admit_per_s, record_itl=a.num_prompts <= ITL_MAX_REQUESTS,
                             reestimate=SimPredictor(PredictorKind.NOISY, probe_sigma, seed=a.seed + 1)
                             if probe_sigma is not None else None)
             started = time.perf_counter()

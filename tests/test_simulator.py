@@ -278,3 +278,15 @@ def test_the_cli_replays_a_live_runs_predictions_and_refuses_another_workloads(t
         main(common + ["--predictor", "replay", "--predictions", str(live), "--skip", "1"])
     with pytest.raises(SystemExit, match="go together"):
         main(common + ["--predictions", str(live)])
+
+
+def test_inter_token_gaps_are_recorded_and_a_preemption_shows_as_one_long_gap():
+    # the preemption case above: A's tokens at 1, 2 s, preempted (B runs 2 -> 3 s, recompute 3 -> 4 s), then one a second
+    reqs = [SimRequest(0.0, 4, 40), SimRequest(1.5, 4, 1)]
+    results, _ = run("oracle", reqs, preempt_mode="recompute")
+    a, b = results
+    assert a.itl_s == [1.0, 2.0] + [1.0] * 37 and b.itl_s == []
+    quiet, _, _ = simulate(SimConfig(policy="oracle", cost=ONE_SECOND, worker=WorkerSpec(max_batch=1, num_blocks=100),
+                                     predictor=SimPredictor(PredictorKind.ORACLE), reconsider_s=0.0,
+                                     park_kv_share=0.0, record_itl=False), reqs)
+    assert quiet[0].itl_s == [] and quiet[0].e2e_s == a.e2e_s

@@ -84,6 +84,8 @@ class SimConfig:
     # H200: ~25-40 ms, and about 200 a second (docs/BENCHMARKS.md)
     admit_s: float = 0.0
     admit_per_s: float = 0.0
+    # keep every job's inter-token gaps (one float a token: off for very large runs, where only ITL is lost)
+    record_itl: bool = True
 
     def __post_init__(self) -> None:
         if self.policy not in SIM_POLICIES:
@@ -115,6 +117,8 @@ class _Job:
     first_placed_s: float | None = None
     preemptions: int = 0
     admitted_s: float = 0.0           # when the scheduler accepted it (arrival + admission)
+    last_token_s: float = 0.0
+    itl: list[float] = field(default_factory=list)   # gaps between its tokens (SimConfig.record_itl)
 
     def blocks(self, block_size: int) -> int:
         return -(-(self.prompt_len + self.generated + 1) // block_size)
@@ -366,15 +370,22 @@ class Simulation:
             del w.steps[:-STEP_SAMPLES]
         self._push(self.now + duration, _Event.STEP_END, w)
 
+    def _token(self, job: _Job) -> None:
+        """A job's next token is out now."""
+        job.generated += 1
+        if job.first_token_s is None:
+            job.first_token_s = self.now
+        elif self.cfg.record_itl:
+            job.itl.append(self.now - job.last_token_s)
+        job.last_token_s = self.now
+
     def _step_end(self, w: _Worker) -> None:
         done, bs = [], w.spec.block_size
         for job in w.decodes:
             job.computed += 1
-            job.generated += 1
+            self._token(job)                                            # (a one-token prompt has no prefill)
             if (job.prompt_len + job.generated) % bs == 0:
                 w.used_blocks += 1                                      # the next token starts a new block
-            if job.first_token_s is None:                               # a one-token prompt has no prefill
-                job.first_token_s = self.now
             if job.generated >= job.stop_at:
                 done.append(job)
         for job, n in w.prefills:
@@ -384,11 +395,9 @@ class Simulation:
                 if job.generated == 0 and self.cfg.reestimate is not None:   # a fresh prompt: the probe reads it
                     job.repred_len = self.cfg.reestimate.predict(job.req.output_len).mean
                     self.state.repredict(job.job_id, job.repred_len)
-                job.generated += 1
+                self._token(job)
                 if (job.prompt_len + job.generated) % bs == 0:
                     w.used_blocks += 1
-                if job.first_token_s is None:
-                    job.first_token_s = self.now
                 if job.generated >= job.stop_at:
                     done.append(job)
         for job in done:
@@ -440,7 +449,7 @@ class Simulation:
             index=job.index, expected_output_tokens=r.output_len, start_s=r.arrival_s, ok=True,
             prompt_tokens=r.prompt_len, output_tokens=job.generated, ttft_s=job.first_token_s - r.arrival_s,
             e2e_s=self.now - r.arrival_s, queue_s=job.first_placed_s - job.admitted_s, admit_s=job.admitted_s - r.arrival_s,
-            preemptions=job.preemptions,
+            preemptions=job.preemptions, itl_s=job.itl,
             predicted_output_tokens=round(job.pred_len) if job.predicted else 0,
             repredicted_output_tokens=round(job.repred_len),
             finish_reason="stop" if job.generated == r.output_len else "length"))
