@@ -17,6 +17,7 @@ from pathlib import Path
 from bench.process_cpu import cpu_share, process_cpu
 from bench.serve import Target, add_workload_arguments, load_workload, open_tokenizer, run, save, worker_loads
 from bench.serve_metrics import RequestResult, summarize, work_pace
+from bench.step_times import StepHistogram, read_step_histogram
 from bench.sweep_report import Run, markdown, plot
 
 
@@ -107,17 +108,18 @@ def one_run(a: argparse.Namespace, policy: str, rate: float, prime, measured, pe
     stack = LocalStack(log_dir=a.out / f"stack-{label}", num_workers=a.workers,
                        worker_args=["--length-probe-read-only", *a.worker_arg],
                        scheduler_args=["--policy", policy, *blind, *a.scheduler_arg],
-                       predictor_args=["--read-only", *a.predictor_arg]).start(timeout_s=900)
+                       predictor_args=["--read-only", *a.predictor_arg], worker_metrics=True).start(timeout_s=900)
     try:
         target = Target(stack.address, stack.api_key, str(stack.tls_files.ca) if stack.tls_files else "",
                         chat=a.chat, max_tokens=a.max_tokens)
         if prime:
             asyncio.run(run(prime, target, rate=math.inf, burstiness=1.0, seed=a.seed, max_concurrency=0,
                             ignore_eos=a.ignore_eos, label=f"prime-{label}", progress=False))
-        before = process_cpu(stack)
+        before, steps_before = process_cpu(stack), worker_steps(stack)
         results, duration = asyncio.run(run(measured, target, rate=rate, burstiness=a.burstiness, seed=a.seed,
                                             max_concurrency=a.max_concurrency, ignore_eos=a.ignore_eos, label=label))
         cpu = cpu_share(before, process_cpu(stack), duration)   # a process at one core limits the run
+        steps = steps_during(steps_before, worker_steps(stack))
         try:
             workers = asyncio.run(worker_loads(target))  # what the scheduler learned of them (the simulator's cost)
         except Exception as e:  # noqa: BLE001 - the run's results matter more than this extra
@@ -126,9 +128,32 @@ def one_run(a: argparse.Namespace, policy: str, rate: float, prime, measured, pe
         stack.stop()
     summary = summarize(results, duration, percentiles)
     summary.update(label=label, policy=policy, request_rate=rate, burstiness=a.burstiness, workers=workers,
-                   cpu_share=cpu)
+                   cpu_share=cpu, step_times=steps)
     save(a.out / f"{label}.json", summary, results)
     return summary, tuple(r.normalized_s for r in results if r.ok and r.normalized_s is not None)
+
+
+def worker_steps(stack) -> dict[str, "StepHistogram | Exception"]:
+    """Each worker's step-time histogram now (an unreadable one as its error: the run matters more)."""
+    out: dict[str, StepHistogram | Exception] = {}
+    for name, port in stack.metrics_ports.items():
+        try:
+            out[name] = read_step_histogram(port)
+        except Exception as e:  # noqa: BLE001 - reported in the run's JSON instead
+            out[name] = e
+    return out
+
+
+def steps_during(before: dict, after: dict) -> dict[str, dict]:
+    """Per worker, the steps between two readings (bench/step_times.py), or what kept them from being read."""
+    out = {}
+    for name, h in after.items():
+        earlier = before.get(name)
+        if isinstance(h, StepHistogram) and isinstance(earlier, StepHistogram):
+            out[name] = h.minus(earlier).summary()
+        else:
+            out[name] = {"error": repr(h if not isinstance(h, StepHistogram) else earlier)}
+    return out
 
 
 def report(runs: list[Run], out: Path, bound_s: float) -> Path:

@@ -44,6 +44,10 @@ def test_a_small_sweep_on_live_stacks_writes_runs_figures_and_report(tmp_path, m
             assert len(list(csv.DictReader(open(out / f"{policy}-r{rate}.csv")))) == 4
             # each process's share of a core over the measured run: the scheduler and the worker did work
             assert summary["cpu_share"]["scheduler"] > 0 and summary["cpu_share"]["worker-0"] > 0
+            # the worker's engine steps during the measured run, from its /metrics (priming steps not counted)
+            steps = summary["step_times"]["worker-0"]
+            assert steps["steps"] >= 6 and steps["mean_s"] > 0, steps
+            assert 0 <= steps["share_over_s"]["0.05"] <= steps["share_over_s"]["0.002"] <= 1
     assert len(json.loads((out / "sweep.json").read_text())) == 4
     report = (out / "report.md").read_text()
     assert "| alise | 8 |" in report and "normalized_latency_vs_rate.png" in report
@@ -107,3 +111,20 @@ def test_a_saved_run_reads_back_as_it_was_measured(tmp_path):
         from bench.sweep import saved_result
         back = [saved_result(row) for row in csv.DictReader(f)]
     assert [(r.admit_s, r.queue_s, r.preemptions) for r in back] == [(r.admit_s, r.queue_s, r.preemptions) for r in results]
+
+
+def test_step_times_are_the_difference_of_two_readings_of_the_workers_histogram():
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from bench.step_times import STEP_METRIC, parse_step_histogram
+
+    registry = CollectorRegistry()
+    steps = Histogram(STEP_METRIC, "steps", ["model_name"], registry=registry, buckets=(0.01, 0.05))
+    steps.labels("m").observe(0.2)                                       # before the run: not counted
+    before = parse_step_histogram(generate_latest(registry).decode())
+    for seconds in (0.005, 0.02, 0.03, 0.07):
+        steps.labels("m").observe(seconds)
+    run = parse_step_histogram(generate_latest(registry).decode()).minus(before).summary()
+    assert run["steps"] == 4 and run["mean_s"] == pytest.approx(0.125 / 4)
+    assert run["share_over_s"] == {"0.01": pytest.approx(0.75), "0.05": pytest.approx(0.25)}
+    assert parse_step_histogram("# a page without the metric\n").summary() == {"steps": 0}

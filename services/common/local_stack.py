@@ -203,6 +203,8 @@ class LocalStack:
     tls: bool = False               # TLS on every link (a throwaway CA under secrets_dir); probes on plain ports
     mtls: bool = False              # and certificates required between services (worker gateway, predictor)
     tls_files: TlsFiles | None = None
+    worker_metrics: bool = False    # each worker serves Prometheus /metrics on a port of its own (metrics_ports)
+    metrics_ports: dict[str, int] = field(default_factory=dict)   # worker name -> its /metrics port
 
     @property
     def address(self) -> str:
@@ -281,8 +283,12 @@ class LocalStack:
                 *probes, *self.scheduler_args]
 
     def worker_command(self, i: int) -> list[str]:
+        metrics = []
+        if self.worker_metrics:
+            port = self.metrics_ports.setdefault(f"worker-{i}", free_ports(1)[0])
+            metrics = ["--metrics-port", str(port)]
         return ["services.worker.server", "--scheduler", self.gateway_address, "--worker-id", f"worker-{i}",
-                *self._tls_flags(False), *self.worker_args]
+                *self._tls_flags(False), *metrics, *self.worker_args]
 
     def _add(self, name: str, args: list[str]) -> None:
         self.services[name] = Service(name, args, self.log_dir / f"{name}.log")

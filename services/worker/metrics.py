@@ -26,7 +26,8 @@ GENERATED = _labelled(Counter, "vllm:generation_tokens", "Tokens generated")
 PREFIX_QUERIES = _labelled(Counter, "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
 PREFIX_HITS = _labelled(Counter, "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache (prefill saved)")
 STEP = _labelled(Histogram, "alise:engine_step_seconds", "Wall time of one engine step",
-                 buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2))
+                 # fine from 20 to 100 ms, where a GPU worker's steps under load fall (bench/step_times.py reads them)
+                 buckets=(0.002, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2, 0.5, 1, 2))
 
 _last_totals: dict[Labelled, int] = {}
 

@@ -1,0 +1,58 @@
+"""How long a worker's engine steps took during a measured run, from its Prometheus /metrics.
+
+The worker keeps a histogram of its step wall times (`alise:engine_step_seconds`, services/worker/metrics.py).
+A sweep reads it before and after each measured run; the difference is that run's steps: how many, their mean,
+and how they spread over the buckets. Two policies that serve the same requests at the same rate should differ
+here only in what they ask the engine to do (prefills early, preemptions), so this is where a policy that makes
+steps slower shows, apart from what the client sees.
+"""
+from __future__ import annotations
+
+import urllib.request
+from dataclasses import dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+
+STEP_METRIC = "alise:engine_step_seconds"
+
+
+@dataclass(frozen=True)
+class StepHistogram:
+    buckets: tuple[tuple[float, float], ...]     # (upper bound in seconds, steps at or under it: cumulative)
+    count: float
+    sum_s: float
+
+    def minus(self, earlier: "StepHistogram") -> "StepHistogram":
+        before = dict(earlier.buckets)
+        return StepHistogram(tuple((le, n - before.get(le, 0.0)) for le, n in self.buckets),
+                             self.count - earlier.count, self.sum_s - earlier.sum_s)
+
+    def summary(self) -> dict:
+        """Steps, their mean, and the share that took longer than each bucket's bound."""
+        if self.count <= 0:
+            return {"steps": 0}
+        return {"steps": int(self.count), "mean_s": self.sum_s / self.count,
+                "share_over_s": {f"{le:g}": 1.0 - n / self.count for le, n in self.buckets if le != float("inf")}}
+
+
+def parse_step_histogram(text: str) -> StepHistogram:
+    """The step histogram in a /metrics page (summed over label sets: one worker serves one model)."""
+    buckets: dict[float, float] = {}
+    count = total = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name != STEP_METRIC:
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                le = float(sample.labels["le"])
+                buckets[le] = buckets.get(le, 0.0) + sample.value
+            elif sample.name.endswith("_count"):
+                count += sample.value
+            elif sample.name.endswith("_sum"):
+                total += sample.value
+    return StepHistogram(tuple(sorted(buckets.items())), count, total)
+
+
+def read_step_histogram(port: int, host: str = "127.0.0.1", timeout_s: float = 10.0) -> StepHistogram:
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout_s) as r:
+        return parse_step_histogram(r.read().decode())
