@@ -31,8 +31,10 @@ def test_scheduler_times_refuse_negative_and_nan():
     from services.scheduler.config import SchedulerConfig
 
     for flags in (["--park-after-s", "-1"], ["--park-after-s", "nan"], ["--aging-s", "0"], ["--aging-s", "nan"],
-                  ["--park-wait-factor", "-1"], ["--park-wait-factor", "nan"], ["--park-wait-factor", "inf"]):
+                  ["--park-wait-factor", "-1"], ["--park-wait-factor", "nan"], ["--park-wait-factor", "inf"],
+                  ["--max-parking", "0"]):
         with pytest.raises((ValueError, SystemExit)):
             SchedulerConfig.from_args(flags)
     assert SchedulerConfig.from_args(["--park-after-s", "2.5"]).park_after_s == 2.5
     assert SchedulerConfig.from_args(["--park-wait-factor", "0"]).park_wait_factor == 0
+    assert SchedulerConfig.from_args(["--max-parking", "4"]).max_parking == 4

@@ -188,6 +188,19 @@ def test_alise_park_threshold_follows_the_queues_mean_wait():
         replace(snap, mean_wait_s=0.0), COST).prefill_early == early(0.0)   # no wait known yet: every job
 
 
+def test_alise_sends_at_most_max_parking_jobs_to_be_prefilled_early_at_once():
+    w = WorkerView(worker_id="w", max_batch=1, free_blocks=90, block_size=16, num_blocks=100,
+                   running=(job("r", 50, running=True),), parking=1)               # one already on its way
+    fresh = tuple(job(f"f{i}", 9, created=float(i)) for i in range(4))
+    snap = Snapshot(1.7e9 + 5.0, fresh, (w,), fresh=fresh)
+    early = lambda n: make_policy("alise", park_kv_share=0.5, max_parking=n).plan(snap, COST).prefill_early
+    assert early(32) == tuple((f"f{i}", "w") for i in range(4))
+    assert early(3) == (("f0", "w"), ("f1", "w"))                    # 3 in flight at most, one already is
+    assert early(1) == ()
+    with pytest.raises(ValueError, match="max_parking"):
+        make_policy("alise", max_parking=0)
+
+
 def test_parked_kv_counts_as_room_for_placement():
     # 2 free blocks, 6 parked: a 40-token job (3 blocks) is placed; the worker gives up parked KV for it
     w = WorkerView(worker_id="w", max_batch=2, free_blocks=2, block_size=16, num_blocks=8, parked_blocks=6)

@@ -79,6 +79,7 @@ class SimConfig:
     park_kv_share: float = SchedulerConfig.park_kv_share   # alise: prefill early and park (0 = off)
     park_after_s: float = SchedulerConfig.park_after_s     # ... only jobs that have waited this long
     park_wait_factor: float = SchedulerConfig.park_wait_factor   # ... and this many times the queue's mean wait
+    max_parking: int = SchedulerConfig.max_parking         # ... at most this many in flight to a worker at once
     # the scheduler's admission (validate, tokenize, predict, write Redis): a request reaches the queue admit_s after
     # it arrives, and at most admit_per_s requests a second get through, in arrival order (0: no bound). Live on the
     # H200: ~25-40 ms, and about 200 a second (docs/BENCHMARKS.md)
@@ -199,7 +200,8 @@ class Simulation:
         self.cfg = cfg
         self.policy = make_policy("alise" if cfg.policy == ORACLE else cfg.policy, max_preemptions=cfg.max_preemptions,
                                   aging_s=cfg.aging_s, preempt_mode=cfg.preempt_mode, park_kv_share=cfg.park_kv_share,
-                                  park_after_s=cfg.park_after_s, park_wait_factor=cfg.park_wait_factor)
+                                  park_after_s=cfg.park_after_s, park_wait_factor=cfg.park_wait_factor,
+                                  max_parking=cfg.max_parking)
         self.predictor = SimPredictor(PredictorKind.ORACLE) if cfg.policy == ORACLE else cfg.predictor
         self.exec_model = ExecTimeModel()
         self.state: LiveState[None] = LiveState(knee_share=cfg.knee_share)

@@ -41,6 +41,9 @@ class SchedulerConfig:
     # alise: ... and this many times the queue's mean wait now (0 = off): the threshold follows the load, so jobs
     # SRPT serves soon are not prefilled ahead of the decodes it favours, while no job's TTFT strays far past FCFS's
     park_wait_factor: float = 1.0
+    # alise: at most this many jobs on their way to be prefilled early on one worker at once: each brings a prompt
+    # whose chunks share the worker's steps with its decodes, so a burst of them stretches every running job's step
+    max_parking: int = 32
     max_tokens_cap: int = 2048
     # a request's max_tokens bounds its predicted length (it cannot run longer). Off for benchmarks that force
     # each output's length through max_tokens (ignore_eos): there it would tell the scheduler the true length
@@ -64,7 +67,7 @@ class SchedulerConfig:
             raise ValueError("park_kv_share must be in [0, 1)")
         # the park thresholds' rule lives with the policy that reads them (the simulator builds it too); checked
         # here as well so that a bad flag fails at start, with the policy's own message
-        AlisePolicy(park_after_s=self.park_after_s, park_wait_factor=self.park_wait_factor)
+        AlisePolicy(park_after_s=self.park_after_s, park_wait_factor=self.park_wait_factor, max_parking=self.max_parking)
         if not self.aging_s > 0:
             raise ValueError("aging_s must be > 0")
         if self.max_preemptions < 0:

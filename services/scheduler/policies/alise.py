@@ -72,6 +72,8 @@ class AlisePolicy:
         for name in ("park_after_s", "park_wait_factor"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be >= 0 and finite, got {getattr(self, name)}")
+        if self.max_parking < 1:
+            raise ValueError(f"max_parking must be >= 1 (park_kv_share 0 turns prefill-early off), got {self.max_parking}")
 
     def queue_score(self, job: JobView, cost: ExecTimeModel) -> float:
         # an unpredicted job carries the scheduler's prior as its prediction: ranked as that much work
