@@ -133,7 +133,9 @@ def requests_at(rows: list[Row], n: int, rate: float, a: argparse.Namespace,
 def recorded_predictions(path: Path, rows: list[Row]) -> list[float]:
     """The live predictor's estimate for each row, from a live run's per-request CSV of the same workload (its
     `index` column is the request's place in the workload after --skip). Checked: every request the run sent asked
-    for the output length the row has, so a CSV of another workload or skip is refused."""
+    for the output length the row has, so a CSV of another workload or skip is refused. A live job the predictor
+    did not answer for carries the scheduler's prior in the CSV and is replayed as that guess (the CSV cannot tell
+    it apart; none of the 2,000 in the H200 runs of 2026-12-03)."""
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         missing = {"index", "expected_output_tokens", "predicted_output_tokens"} - set(reader.fieldnames or ())
@@ -145,8 +147,12 @@ def recorded_predictions(path: Path, rows: list[Row]) -> list[float]:
     if len(live) > len(rows):
         raise SystemExit(f"--predictions {path}: {len(live)} requests, more than the workload's {len(rows)}")
     recorded = [0.0] * len(rows)
+    seen = set()
     for r in live:
         i = int(r["index"])
+        if not 0 <= i < len(rows) or i in seen:
+            raise SystemExit(f"--predictions {path}: index {i} is out of the workload's 0..{len(rows) - 1} or repeated")
+        seen.add(i)
         if int(r["expected_output_tokens"]) != rows[i][1]:
             raise SystemExit(f"--predictions {path}: request {i} asked {r['expected_output_tokens']} output tokens, "
                              f"the workload's has {rows[i][1]}: another workload or --skip")
@@ -172,6 +178,9 @@ def simulate_sweep(a: argparse.Namespace) -> list[Run]:
     if not lengths:
         raise SystemExit("the workload is empty")
     cost = load_cost(a.cost)
+    if a.num_prompts > ITL_MAX_REQUESTS:
+        print(f"more than {ITL_MAX_REQUESTS} requests: inter-token gaps are not kept (no ITL in the summaries)",
+              file=sys.stderr)
     if (a.predictor is PredictorKind.REPLAY) != (a.predictions is not None):
         raise SystemExit("--predictor replay and --predictions go together")
     recorded = recorded_predictions(a.predictions, lengths) if a.predictions else None

@@ -11,8 +11,6 @@ from __future__ import annotations
 import urllib.request
 from dataclasses import dataclass
 
-from prometheus_client.parser import text_string_to_metric_families
-
 STEP_METRIC = "alise:engine_step_seconds"
 
 
@@ -29,7 +27,9 @@ class StepHistogram:
 
     def summary(self) -> dict:
         """Steps, their mean, and the share that took longer than each bucket's bound."""
-        if self.count <= 0:
+        if self.count < 0:      # a difference of two readings across a worker restart: its counters began again
+            return {"error": "the worker's step counter went down between the readings (restarted?)"}
+        if self.count == 0:
             return {"steps": 0}
         return {"steps": int(self.count), "mean_s": self.sum_s / self.count,
                 "share_over_s": {f"{le:g}": 1.0 - n / self.count for le, n in self.buckets if le != float("inf")}}
@@ -37,6 +37,9 @@ class StepHistogram:
 
 def parse_step_histogram(text: str) -> StepHistogram:
     """The step histogram in a /metrics page (summed over label sets: one worker serves one model)."""
+    # imported here: the CLI loads bench.sweep for every command, and needs only grpc and protobuf itself
+    from prometheus_client.parser import text_string_to_metric_families
+
     buckets: dict[float, float] = {}
     count = total = 0.0
     for family in text_string_to_metric_families(text):

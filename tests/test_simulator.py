@@ -243,7 +243,8 @@ def test_a_replayed_prediction_keeps_its_value_and_gets_the_spread_of_the_live_e
     from bench.simulator.predictions import log_error_sigma
 
     pred = SimPredictor(PredictorKind.REPLAY, sigma=log_error_sigma([20.0, 5.0], [10, 10]))
-    assert pred.sigma == pytest.approx(math.log(4) / math.sqrt(2))     # errors +ln 2 and -ln 2
+    assert pred.sigma == pytest.approx(math.log(2))                    # errors +ln 2 and -ln 2
+    assert log_error_sigma([20.0, 20.0], [10, 10]) == pytest.approx(math.log(2))   # a steady bias is uncertainty too
     p = pred.predict(10, recorded=20.0)
     assert p.predicted and p.mean == 20.0
     assert p.p90 == pytest.approx(20.0 * math.exp(1.2816 * pred.sigma))
@@ -278,6 +279,10 @@ def test_the_cli_replays_a_live_runs_predictions_and_refuses_another_workloads(t
         main(common + ["--predictor", "replay", "--predictions", str(live), "--skip", "1"])
     with pytest.raises(SystemExit, match="go together"):
         main(common + ["--predictions", str(live)])
+    stray = tmp_path / "stray.csv"
+    stray.write_text("index,expected_output_tokens,predicted_output_tokens\n0,4,9\n0,4,9\n")
+    with pytest.raises(SystemExit, match="index 0 is out of the workload's 0..29 or repeated"):
+        main(common + ["--predictor", "replay", "--predictions", str(stray)])
 
 
 def test_inter_token_gaps_are_recorded_and_a_preemption_shows_as_one_long_gap():

@@ -65,13 +65,11 @@ class SimPredictor:
 
 
 def log_error_sigma(predicted: list[float], true: list[int]) -> float:
-    """The standard deviation of log(predicted / true) over the requests with both: the spread a replayed
-    predictor's deciles are drawn with."""
+    """The root mean square of log(predicted / true) over the requests with both: the spread a replayed
+    predictor's deciles are drawn with around each recorded value. Its bias is kept in (not the standard
+    deviation): a predictor that is off by 2x every time is uncertain by that much about each job."""
     errs = [math.log(p / t) for p, t in zip(predicted, true) if p > 0 and t > 0]
-    if len(errs) < 2:
-        return 0.0
-    mean = sum(errs) / len(errs)
-    return math.sqrt(sum((e - mean) ** 2 for e in errs) / (len(errs) - 1))
+    return math.sqrt(sum(e * e for e in errs) / len(errs)) if errs else 0.0
 
 
 def kendall_tau(x: list[float], y: list[float]) -> float:

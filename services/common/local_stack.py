@@ -243,7 +243,10 @@ class LocalStack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.secrets_dir = self.secrets_dir or self.log_dir / "secrets"
         self.service_token, self.api_keys = write_credentials(self.secrets_dir, self.tenants)
-        ports = free_ports(6)                      # distinct: no two services of this stack share one
+        # distinct: no two services of this stack share one (drawn at once: see free_ports)
+        ports = free_ports(6 + (self.num_workers if self.worker_metrics else 0))
+        if self.worker_metrics:
+            self.metrics_ports = {f"worker-{i}": port for i, port in enumerate(ports[6:])}
         if self.tls:
             self.tls_files = dev_pki(self.secrets_dir / "tls")
             # one plaintext probe port per process: the scheduler's covers its client API and worker gateway
@@ -283,10 +286,8 @@ class LocalStack:
                 *probes, *self.scheduler_args]
 
     def worker_command(self, i: int) -> list[str]:
-        metrics = []
-        if self.worker_metrics:
-            port = self.metrics_ports.setdefault(f"worker-{i}", free_ports(1)[0])
-            metrics = ["--metrics-port", str(port)]
+        port = self.metrics_ports.get(f"worker-{i}")
+        metrics = ["--metrics-port", str(port)] if port else []
         return ["services.worker.server", "--scheduler", self.gateway_address, "--worker-id", f"worker-{i}",
                 *self._tls_flags(False), *metrics, *self.worker_args]
 
@@ -295,9 +296,19 @@ class LocalStack:
 
     def add_worker(self) -> str:
         name = f"worker-{sum(n.startswith('worker-') for n in self.services)}"
+        if self.worker_metrics:
+            self.metrics_ports[name] = self._unused_port()
         self._add(name, self.worker_command(int(name.split("-")[1])))
         self.services[name].start(self._env)
         return name
+
+    def _unused_port(self) -> int:
+        """A free port that no service of this stack was given (they may not all be bound yet)."""
+        taken = {self.scheduler_port, self.gateway_port, self.predictor_port, *self.metrics_ports.values(),
+                 *getattr(self, "health_ports", {}).values()}
+        while (port := free_ports(1)[0]) in taken:
+            pass
+        return port
 
     def restart(self, name: str, kill: bool = True) -> None:
         svc = self.services[name]

@@ -16,18 +16,24 @@ log = logging.getLogger("alise.worker.kernels")
 
 _lock = threading.Lock()
 _late: dict[str, int] = {}
+_watching = False
 
 
 def _kernel_name(kwargs: dict) -> str:
     fn = kwargs.get("fn")
-    return str(getattr(fn, "name", None) or kwargs.get("repr") or "a Triton kernel")
+    return str(getattr(fn, "name", None) or "a Triton kernel")
 
 
-def _on_compile(*_args, **kwargs) -> None:
-    name = _kernel_name(kwargs)
-    with _lock:
-        _late[name] = _late.get(name, 0) + 1
-    log.warning("kernel variant first used after warm-up: %s (compiled or loaded on the serving path)", name)
+def _watcher(previous):
+    """The hook: count and log the variant, then call the hook that was there before (torch installs its own)."""
+    def on_compile(*args, **kwargs):
+        name = _kernel_name(kwargs)
+        with _lock:
+            _late[name] = _late.get(name, 0) + 1
+        log.warning("kernel variant first used after warm-up: %s (compiled or loaded on the serving path): %s",
+                    name, kwargs.get("repr", ""))
+        return previous(*args, **kwargs) if previous is not None else None
+    return on_compile
 
 
 def watch_after_warm_up() -> bool:
@@ -40,11 +46,17 @@ def watch_after_warm_up() -> bool:
     runtime = getattr(knobs, "runtime", None)
     if runtime is None or not hasattr(runtime, "jit_post_compile_hook"):
         return False
-    runtime.jit_post_compile_hook = _on_compile
+    global _watching
+    if not _watching:                      # once per process: a second watch would count every variant twice
+        runtime.jit_post_compile_hook = _watcher(runtime.jit_post_compile_hook)
+        _watching = True
     return True
 
 
-def late_variants() -> dict[str, int]:
-    """Kernel name -> variants first met after warm-up, so far."""
+def late_variants() -> dict[str, int] | None:
+    """Kernel name -> variants first met after warm-up, so far; None when nothing is watched (a CPU worker, or a
+    Triton without the hook)."""
+    if not _watching:
+        return None
     with _lock:
         return dict(_late)

@@ -96,9 +96,9 @@ async def serve(cfg: WorkerConfig, stop: asyncio.Event | None = None) -> None:
     sched = engine.sched               # what the prefix cache saved over this worker's life (benchmarks read it here)
     log.info("prefix cache: %d of %d prompt tokens admitted from scratch were found cached",
              sched.cached_tokens, sched.admitted_tokens)
-    late = late_variants()
-    log.info("kernel variants first used after warm-up: %d%s", sum(late.values()),
-             f" ({', '.join(f'{k} x{n}' for k, n in sorted(late.items()))})" if late else "")
+    if (late := late_variants()) is not None:
+        log.info("kernel variants first used after warm-up: %d%s", sum(late.values()),
+                 f" ({', '.join(f'{k} x{n}' for k, n in sorted(late.items()))})" if late else "")
     session_stop.set()
     session.cancel()
     await asyncio.gather(session, return_exceptions=True)
