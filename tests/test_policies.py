@@ -314,3 +314,14 @@ def test_an_alise_decision_estimates_each_running_job_once_however_many_workers_
     plan = make_policy("alise", preempt_margin=0.0).plan(snap, CountingCost())
     assert len(plan.preempt) == 8                                 # one per worker
     assert CountingCost.calls <= 8 * 64 + 10, CountingCost.calls
+
+
+def test_the_decision_cost_bench_times_full_workers_and_a_queue(capsys):
+    from bench.decision_cost import loaded_state, main
+
+    state, queue = loaded_state(workers=2, running=8, queued=4)
+    snap = state.snapshot(1100.0, queue)
+    assert [len(w.running) for w in snap.workers] == [8, 8] and len(snap.queued) == 4
+    main(["--workers", "1", "2", "--running", "8", "--queued", "4", "--repeats", "1", "--policies", "fcfs", "alise"])
+    out = capsys.readouterr().out
+    assert "| 1 | 8 |" in out and "| 2 | 16 |" in out and "alise plan ms" in out

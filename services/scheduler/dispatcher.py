@@ -57,10 +57,7 @@ class Dispatcher:
         self.store = store
         self.predictor = predictor
         self.hub = hub
-        self.policy = make_policy(cfg.policy, max_preemptions=cfg.max_preemptions, aging_s=cfg.aging_s,
-                                  preempt_mode=cfg.preempt_mode, park_kv_share=cfg.park_kv_share,
-                                  park_after_s=cfg.park_after_s, park_wait_factor=cfg.park_wait_factor,
-                                  max_parking=cfg.max_parking)
+        self.policy = make_policy(cfg.policy, **cfg.policy_options())
         self.cost = ExecTimeModel()
         self.sessions: dict[str, WorkerSession] = {}
         self.state: LiveState[JobRecord] = LiveState(knee_share=cfg.knee_share)
