@@ -39,18 +39,26 @@ class MlfqPolicy:
 
     def plan(self, snap: Snapshot, cost: ExecTimeModel) -> Plan:
         placement = Placement.greedy(snap)
+        ranked = {}                        # worker id -> its running jobs, deepest level first (built on demand)
         preempt = preempt_for_waiting(placement.unplaced, list(snap.workers),
-                                      lambda waiting, workers: self._victim(waiting, workers, cost))
+                                      lambda waiting, workers: self._victim(waiting, workers, cost, ranked))
         return Plan(assign=tuple(placement.assign), preempt=preempt)
 
-    def _victim(self, waiting: JobView, workers: list[WorkerView],
-                cost: ExecTimeModel) -> tuple[JobView, WorkerView] | None:
-        """The running job at the deepest level strictly below the waiting job's (and not of a higher class)."""
+    def _victim(self, waiting: JobView, workers: list[WorkerView], cost: ExecTimeModel,
+                ranked: dict[str, list[tuple[int, JobView]]]) -> tuple[JobView, WorkerView] | None:
+        """The running job at the deepest level strictly below the waiting job's (and not of a higher class).
+        `ranked` keeps each worker's jobs by level across the calls of one plan (as alise's search does: a plan
+        asks once per full worker, plus one)."""
         mine = self.level(waiting, cost)
         best, best_level = None, mine
         for w in workers:
-            for job in w.running:
-                lvl = self.level(job, cost)
-                if lvl > best_level and job.priority <= waiting.priority and job.preemptions < self.max_preemptions:
+            if (jobs := ranked.get(w.worker_id)) is None:
+                jobs = ranked[w.worker_id] = sorted(((self.level(job, cost), job) for job in w.running),
+                                                    key=lambda lj: -lj[0])
+            for lvl, job in jobs:
+                if lvl <= best_level:
+                    break                            # the rest are no deeper
+                if job.priority <= waiting.priority and job.preemptions < self.max_preemptions:
                     best, best_level = (job, w), lvl
+                    break                            # this worker's deepest qualifying job
         return best
