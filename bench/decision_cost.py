@@ -17,7 +17,7 @@ import time
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.exec_time import ExecTimeModel
 from services.scheduler.live_state import JobFacts, LiveState, WorkerState
-from services.scheduler.policies import make_policy
+from services.scheduler.policies import make_policy, policy_options
 
 DECILES = (0.2, 0.35, 0.5, 0.65, 0.8, 1.0, 1.3, 1.7, 2.3, 3.6)   # a predictor's spread around its mean
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         snap_ms = timed(lambda: state.snapshot(1100.0, queue), a.repeats)
         snap = state.snapshot(1100.0, queue)
         # each policy as the scheduler builds it with its default settings
-        policies = [make_policy(name, **SchedulerConfig(policy=name).policy_options()) for name in a.policies]
+        policies = [make_policy(name, **policy_options(SchedulerConfig(policy=name))) for name in a.policies]
         plans = [timed(lambda: policy.plan(snap, cost), a.repeats) for policy in policies]
         print(f"| {workers} | {workers * a.running} | {snap_ms:.1f} | " + " | ".join(f"{ms:.1f}" for ms in plans) + " |")
 

@@ -141,7 +141,7 @@ def recorded_predictions(path: Path, rows: list[Row]) -> list[float]:
         missing = {"index", "expected_output_tokens", "predicted_output_tokens"} - set(reader.fieldnames or ())
         if missing:
             raise SystemExit(f"--predictions {path}: not a per-request CSV of a live run (no {', '.join(sorted(missing))})")
-        live = sorted(reader, key=lambda r: int(r["index"]))
+        live = list(reader)
     if not live:
         raise SystemExit(f"--predictions {path}: no requests in it")
     if len(live) > len(rows):
@@ -149,14 +149,18 @@ def recorded_predictions(path: Path, rows: list[Row]) -> list[float]:
     recorded = [0.0] * len(rows)
     seen = set()
     for r in live:
-        i = int(r["index"])
+        try:
+            i, asked = int(r["index"]), int(r["expected_output_tokens"])
+            predicted = float(r["predicted_output_tokens"] or 0)
+        except ValueError as e:
+            raise SystemExit(f"--predictions {path}: a row that is not numbers ({e})") from None
         if not 0 <= i < len(rows) or i in seen:
             raise SystemExit(f"--predictions {path}: index {i} is out of the workload's 0..{len(rows) - 1} or repeated")
         seen.add(i)
-        if int(r["expected_output_tokens"]) != rows[i][1]:
+        if asked != rows[i][1]:
             raise SystemExit(f"--predictions {path}: request {i} asked {r['expected_output_tokens']} output tokens, "
                              f"the workload's has {rows[i][1]}: another workload or --skip")
-        recorded[i] = float(r["predicted_output_tokens"] or 0)
+        recorded[i] = predicted
     if len(live) < len(rows):
         print(f"--predictions: {len(live)} of {len(rows)} requests have a recorded prediction; the rest get the "
               f"scheduler's prior", file=sys.stderr)

@@ -350,4 +350,23 @@ def test_mlfq_picks_the_same_victims_as_the_plain_search(seed):
 
     expected = preempt_for_waiting(Placement.greedy(snap).unplaced, list(snap.workers), deepest)
     assert policy.plan(snap, COST).preempt == expected
-    assert seed % 3 or expected                  # some of the clusters do preempt
+    if seed in (0, 3, 6, 9):                     # clusters that do preempt (checked: the comparison is not all empty)
+        assert expected
+
+
+def test_the_scheduler_and_the_simulator_carry_every_policy_setting_with_the_same_default():
+    import dataclasses
+
+    from bench.simulator.cluster import SimConfig
+    from services.scheduler.config import SchedulerConfig
+    from services.scheduler.policies import POLICY_SETTINGS
+
+    sim = {f.name: f.default for f in dataclasses.fields(SimConfig)}
+    live = {f.name: f.default for f in dataclasses.fields(SchedulerConfig)}
+    for name in POLICY_SETTINGS:
+        assert name in sim and name in live, name
+        assert sim[name] == live[name], name
+    from services.scheduler.policies import POLICIES
+
+    fields = {f.name for cls in POLICIES.values() if dataclasses.is_dataclass(cls) for f in dataclasses.fields(cls)}
+    assert set(POLICY_SETTINGS) <= fields                          # each reaches some policy

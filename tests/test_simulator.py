@@ -283,6 +283,9 @@ def test_the_cli_replays_a_live_runs_predictions_and_refuses_another_workloads(t
     stray.write_text("index,expected_output_tokens,predicted_output_tokens\n0,4,9\n0,4,9\n")
     with pytest.raises(SystemExit, match="index 0 is out of the workload's 0..29 or repeated"):
         main(common + ["--predictor", "replay", "--predictions", str(stray)])
+    stray.write_text("index,expected_output_tokens,predicted_output_tokens\n0,4,lots\n")
+    with pytest.raises(SystemExit, match="not numbers"):
+        main(common + ["--predictor", "replay", "--predictions", str(stray)])
 
 
 def test_inter_token_gaps_are_recorded_and_a_preemption_shows_as_one_long_gap():

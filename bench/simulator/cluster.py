@@ -27,7 +27,7 @@ from services.common.preempt_mode import PreemptMode
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.exec_time import ExecTimeModel
 from services.scheduler.live_state import JobFacts, LiveState, WorkerState
-from services.scheduler.policies import POLICIES, make_policy
+from services.scheduler.policies import POLICIES, make_policy, policy_options
 from services.scheduler.worker_speed import StepSums
 
 QUEUE_LOOKAHEAD = 256                 # as the live dispatcher: the policy sees the queue's head
@@ -198,10 +198,7 @@ class _Worker:
 class Simulation:
     def __init__(self, cfg: SimConfig, requests: list[SimRequest]):
         self.cfg = cfg
-        self.policy = make_policy("alise" if cfg.policy == ORACLE else cfg.policy, max_preemptions=cfg.max_preemptions,
-                                  aging_s=cfg.aging_s, preempt_mode=cfg.preempt_mode, park_kv_share=cfg.park_kv_share,
-                                  park_after_s=cfg.park_after_s, park_wait_factor=cfg.park_wait_factor,
-                                  max_parking=cfg.max_parking)
+        self.policy = make_policy("alise" if cfg.policy == ORACLE else cfg.policy, **policy_options(cfg))
         self.predictor = SimPredictor(PredictorKind.ORACLE) if cfg.policy == ORACLE else cfg.predictor
         self.exec_model = ExecTimeModel()
         self.state: LiveState[None] = LiveState(knee_share=cfg.knee_share)

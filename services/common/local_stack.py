@@ -205,6 +205,7 @@ class LocalStack:
     tls_files: TlsFiles | None = None
     worker_metrics: bool = False    # each worker serves Prometheus /metrics on a port of its own (metrics_ports)
     metrics_ports: dict[str, int] = field(default_factory=dict)   # worker name -> its /metrics port
+    health_ports: dict[str, int] = field(default_factory=dict)    # under TLS: service -> its plaintext probe port
 
     @property
     def address(self) -> str:
@@ -305,7 +306,7 @@ class LocalStack:
     def _unused_port(self) -> int:
         """A free port that no service of this stack was given (they may not all be bound yet)."""
         taken = {self.scheduler_port, self.gateway_port, self.predictor_port, *self.metrics_ports.values(),
-                 *getattr(self, "health_ports", {}).values()}
+                 *self.health_ports.values()}
         while (port := free_ports(1)[0]) in taken:
             pass
         return port

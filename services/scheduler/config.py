@@ -58,12 +58,6 @@ class SchedulerConfig:
     worker_ttl_s: int = 15
     tick_s: float = 0.05
 
-    def policy_options(self) -> dict:
-        """The settings the policy takes (make_policy drops those a policy has no field for)."""
-        return dict(max_preemptions=self.max_preemptions, aging_s=self.aging_s, preempt_mode=self.preempt_mode,
-                    park_kv_share=self.park_kv_share, park_after_s=self.park_after_s,
-                    park_wait_factor=self.park_wait_factor, max_parking=self.max_parking)
-
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")

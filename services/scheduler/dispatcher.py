@@ -24,7 +24,7 @@ from services.scheduler.job_messages import FINISH_NAMES, complete_message
 from services.scheduler.job_store import (FINAL_STATUSES, CreateOutcome, JobRecord, JobStore, RequeueCause,
                                          StepFailureOutcome)
 from services.scheduler.live_state import JobFacts, LiveState, WorkerState, job_view
-from services.scheduler.policies import make_policy
+from services.scheduler.policies import make_policy, policy_options
 from services.scheduler.policies.base import Snapshot
 from services.scheduler.predictor_client import PredictorClient
 from services.scheduler.tenants import Tenant
@@ -57,7 +57,7 @@ class Dispatcher:
         self.store = store
         self.predictor = predictor
         self.hub = hub
-        self.policy = make_policy(cfg.policy, **cfg.policy_options())
+        self.policy = make_policy(cfg.policy, **policy_options(cfg))
         self.cost = ExecTimeModel()
         self.sessions: dict[str, WorkerSession] = {}
         self.state: LiveState[JobRecord] = LiveState(knee_share=cfg.knee_share)

@@ -34,7 +34,7 @@ def to_device(device: torch.device, *arrays: np.ndarray) -> list[torch.Tensor]:
     dtype = np.result_type(*arrays_np) if arrays_np else np.dtype(np.int64)
     sizes = [a.size for a in arrays_np]
     starts, total = aligned_offsets(sizes, dtype.itemsize)
-    packed = np.zeros(total, dtype)
+    packed = np.empty(total, dtype)            # (the padding between arrays is never read)
     for a, at in zip(arrays_np, starts):
         packed[at:at + a.size] = a.ravel()
     flat = torch.from_numpy(packed)

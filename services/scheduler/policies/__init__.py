@@ -13,6 +13,16 @@ from services.scheduler.policies.sjf import SjfPolicy
 POLICIES = {"fcfs": FcfsPolicy, "priority": PriorityPolicy, "sjf": SjfPolicy, "alise": AlisePolicy,
             "mlfq": MlfqPolicy}
 
+# The policy settings the scheduler's config and the simulator's both carry, under these same names: named once
+# here, so a new setting reaches the live scheduler and the simulator alike.
+POLICY_SETTINGS = ("max_preemptions", "aging_s", "preempt_mode", "park_kv_share", "park_after_s", "park_wait_factor",
+                   "max_parking")
+
+
+def policy_options(settings) -> dict:
+    """The policy settings of a SchedulerConfig or a SimConfig, for make_policy."""
+    return {name: getattr(settings, name) for name in POLICY_SETTINGS}
+
 
 def _fields(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
