@@ -42,6 +42,27 @@ def throughput_at_bound(runs: list[Run], bound_s: float) -> dict[str, float]:
     return best
 
 
+def crossing_rate(runs: list[Run], bound_s: float) -> dict[str, tuple[str, float]]:
+    """Per policy: where its mean normalized latency first crosses `bound_s` as the rate rises, read between the
+    swept rates by linear interpolation (the paper's metric, less coarse than the highest swept rate under the
+    bound). ("=", rate) when two swept rates bracket the crossing, (">=", highest rate) when no run went over the
+    bound, ("<", lowest rate) when none stayed under it."""
+    out: dict[str, tuple[str, float]] = {}
+    for policy in sorted({r.policy for r in runs}):
+        points = sorted((r.rate, mean_normalized(r)) for r in runs if r.policy == policy and r.rate != float("inf"))
+        if not points:
+            continue
+        if points[0][1] > bound_s:
+            out[policy] = ("<", points[0][0])
+            continue
+        out[policy] = (">=", points[-1][0])
+        for (r0, m0), (r1, m1) in zip(points, points[1:]):
+            if m0 <= bound_s < m1:
+                out[policy] = ("=", r0 + (r1 - r0) * (bound_s - m0) / (m1 - m0))
+                break
+    return out
+
+
 def capacity(runs: list[Run]) -> dict[str, float]:
     """Per policy: the highest rate it sustained."""
     out: dict[str, float] = {}
@@ -129,6 +150,14 @@ def markdown(runs: list[Run], bound_s: float, figures: list[Path], title: str = 
     for p in sorted(at_bound):
         ratio = f"{at_bound[p] / base:.2f}x" if base else "-"
         lines.append(f"| {p} | {at_bound[p]:g} | {ratio} | {cap[p]:g} |")
+    crossing = crossing_rate(runs, bound_s)
+    if crossing:
+        lines += ["", f"Where the mean normalized latency crosses {bound_s:g} s/token, between the swept rates "
+                      "(linear interpolation):", "", "| policy | crossing rate | vs fcfs |", "|---|---|---|"]
+        kind_base, rate_base = crossing.get("fcfs", ("", 0.0))
+        for p, (kind, rate) in crossing.items():
+            ratio = f"{rate / rate_base:.2f}x" if kind == kind_base == "=" and rate_base else "-"
+            lines.append(f"| {p} | {'' if kind == '=' else kind + ' '}{rate:.1f} | {ratio} |")
     lines += [""] + [f"![{f.stem}]({f.name})" for f in figures]
     return "\n".join(lines) + "\n"
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from bench.serve_metrics import RequestResult, summarize
-from bench.sweep_report import Run, capacity, markdown, plot, throughput_at_bound
+from bench.sweep_report import Run, capacity, crossing_rate, markdown, plot, throughput_at_bound
 from client.cli import main as cli_main
 
 
@@ -29,6 +29,18 @@ def test_throughput_at_a_latency_bound_and_capacity_per_policy(tmp_path):
     assert len(figures) == 4 and all(f.stat().st_size > 1000 for f in figures)
     text = markdown(runs, 0.1, figures)
     assert "| alise | 2 | 2.00x | 4 |" in text and "| fcfs | 4 |" in text
+
+
+def test_the_crossing_rate_is_read_between_the_swept_rates():
+    runs = [run_of("fcfs", 40, 1.0, 0.06), run_of("fcfs", 50, 1.0, 0.14),        # crosses 0.1 at 45
+            run_of("alise", 40, 1.0, 0.03), run_of("alise", 60, 1.0, 0.07), run_of("alise", 80, 1.0, 0.13),
+            run_of("sjf", 40, 1.0, 0.2), run_of("sjf", 50, 1.0, 0.3),           # over the bound everywhere
+            run_of("oracle", 40, 1.0, 0.02), run_of("oracle", float("inf"), 1.0, 0.5)]   # never over at a rate
+    got = crossing_rate(runs, 0.1)
+    assert got["fcfs"] == ("=", pytest.approx(45.0)) and got["alise"] == ("=", pytest.approx(70.0))
+    assert got["sjf"] == ("<", 40) and got["oracle"] == (">=", 40)
+    text = markdown(runs, 0.1, [])
+    assert "| alise | 70.0 | 1.56x |" in text and "| sjf | < 40.0 | - |" in text and "| oracle | >= 40.0 | - |" in text
 
 
 def test_a_small_sweep_on_live_stacks_writes_runs_figures_and_report(tmp_path, model_dir):

@@ -2,6 +2,8 @@
 # One policy sweep on the lent GPU with the Llama-3-8B shape (random bf16 weights) and the trained predictor:
 #   bash bench/device/sweep.sh NAME DATASET_NAME DATASET_PATH NUM_PROMPTS "POLICIES" "RATES" [more sweep flags]
 # e.g. bash bench/device/sweep.sh sg2000 sharegpt .bench-data/sharegpt_sample_1000.json 2000 "fcfs alise" "55 70"
+# PREDICTOR names the trained predictor under .bench-data (default `predictor`; `predictor_880` for the 3,000-request
+# held-out split of make_bundle.sh).
 # Runs are kept under out/NAME while the machine stays warm (--resume skips the ones done), so a sweep longer
 # than one call goes on in the next call. Summaries, report and figures come back as $OUT/NAME.tar.xz.
 set -euo pipefail
@@ -16,7 +18,7 @@ timeout --signal=INT "${SWEEP_TIMEOUT:-540}" python3 -m client.cli bench sweep -
     --worker-arg=--device=cuda --worker-arg=--dtype=bfloat16 --worker-arg=--model-dir="$D/llama3-8b-shape" \
     --worker-arg=--random-weights --worker-arg=--max-model-len=4096 --worker-arg=--num-host-blocks=0 \
     --scheduler-arg=--model-dir="$D/llama3-8b-shape" --scheduler-arg=--max-tokens-cap=4096 \
-    --predictor-arg=--model-dir="$D/predictor" "$@" || status=$?
+    --predictor-arg=--model-dir="$D/${PREDICTOR:-predictor}" "$@" || status=$?
 # whatever finished comes back, also when a run failed or the sweep ran past SWEEP_TIMEOUT (seconds; the device
 # kills a whole call at 600 s, and this tar must run before that)
 if [ -n "${OUT:-}" ] && [ -d "out/$name" ]; then
