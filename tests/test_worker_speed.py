@@ -79,6 +79,17 @@ def test_the_knee_counts_the_mixed_steps_fixed_cost_as_often_as_steps_are_mixed(
     assert 0.1 < speed.mixed_share() < 0.4
 
 
+def test_the_mixed_share_counts_only_the_rows_in_the_window():
+    speed = WorkerSpeed(window=16)
+    rows = [StepSums(steps=1 + i % 3, seconds=0.01, seqs=8, prefill_tokens=0, context_tokens=800,
+                     mixed_steps=(1 + i % 3) if i < 20 else 0) for i in range(40)]
+    for i, r in enumerate(rows):
+        speed.observe(r)
+        window = rows[max(0, i - 15):i + 1]
+        assert speed.mixed_share() == pytest.approx(sum(w.mixed_steps for w in window) / sum(w.steps for w in window))
+    assert speed.mixed_share() == 0.0                        # the mixed rows have all left the window
+
+
 def test_no_model_until_the_reports_separate_the_constants():
     same = [StepSums(10, 0.1, 640, 0, 64_000)] * 30          # every report alike: base and per-seq inseparable
     assert fit(same) is None

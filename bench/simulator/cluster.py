@@ -282,11 +282,13 @@ class Simulation:
         self._dirty = False
         self._last_decision = self.now
         self.decisions += 1
+        set_generated = self.state.set_generated
         for w in self.workers.values():
+            total = 0
             for job in w.running:
-                self.state.set_generated(job.job_id, job.generated)
-            context = sum(j.prompt_len + j.generated for j in w.running) / len(w.running) if w.running else 0.0
-            self.state.load_report(w.wid, w.used_blocks, False, w.report(), context)
+                set_generated(job.job_id, job.generated)
+                total += job.prompt_len + job.generated
+            self.state.load_report(w.wid, w.used_blocks, False, w.report(), total / len(w.running) if w.running else 0.0)
         snap = self.state.snapshot(self.now, [e[2] for e in self.queue[:QUEUE_LOOKAHEAD]])
         plan = self.policy.plan(snap, self.exec_model)
         for job_id, wid in plan.preempt:
@@ -324,9 +326,10 @@ class Simulation:
 
     # -- the workers -------------------------------------------------------------------------------
     def _start_step(self, w: _Worker) -> None:
-        for job in [j for j in w.running + w.waiting if j.job_id in w.to_preempt]:
-            self._preempt(w, job, self.cfg.preempt_mode)
-        w.to_preempt.clear()
+        if w.to_preempt:
+            for job in [j for j in w.running + w.waiting if j.job_id in w.to_preempt]:
+                self._preempt(w, job, self.cfg.preempt_mode)
+            w.to_preempt.clear()
         # Out of KV, the engine itself puts its newest job back in its own waiting line (recompute), as vLLM does;
         # the scheduler is not told (it still counts the job as running there). They rejoin when blocks free up.
         while w.waiting:
@@ -346,8 +349,16 @@ class Simulation:
         if not w.running:
             w.busy = False
             return
-        # decodes first (one token each), then prefill chunks in admission order while the token budget lasts
-        decodes = [j for j in w.running if j.prompt_len + j.generated - j.computed == 1][:w.spec.token_budget]
+        # decodes first (one token each), then prefill chunks in admission order while the token budget lasts.
+        # One pass over the running jobs finds the decodes and their context (this runs once per simulated step)
+        decodes, context = [], 0
+        for j in w.running:
+            if j.prompt_len + j.generated - j.computed == 1:
+                decodes.append(j)
+                context += j.computed + 1
+        if len(decodes) > w.spec.token_budget:
+            decodes = decodes[:w.spec.token_budget]
+            context = sum(j.computed + 1 for j in decodes)
         budget, prefills, prefill = w.spec.token_budget - len(decodes), [], 0
         if budget > 0 and len(decodes) < len(w.running):
             for job in w.running:
@@ -356,10 +367,10 @@ class Simulation:
                     n = min(need, budget)
                     prefills.append((job, n))
                     prefill += n
+                    context += job.computed + n
                     budget -= n
                     if budget <= 0:
                         break
-        context = sum(j.computed for j in decodes) + len(decodes) + sum(j.computed + n for j, n in prefills)
         w.decodes, w.prefills, w.busy = decodes, prefills, True
         mixed = bool(prefills)
         duration = self.cfg.cost.step(len(decodes) + len(prefills), prefill, context, mixed) + w.extra_s
@@ -379,14 +390,20 @@ class Simulation:
         job.last_token_s = self.now
 
     def _step_end(self, w: _Worker) -> None:
-        done, bs = [], w.spec.block_size
-        for job in w.decodes:
+        done, bs, now, record_itl, new_blocks = [], w.spec.block_size, self.now, self.cfg.record_itl, 0
+        for job in w.decodes:          # _token inlined: this loop runs once per simulated token
             job.computed += 1
-            self._token(job)                                            # (a one-token prompt has no prefill)
-            if (job.prompt_len + job.generated) % bs == 0:
-                w.used_blocks += 1                                      # the next token starts a new block
-            if job.generated >= job.stop_at:
+            generated = job.generated = job.generated + 1
+            if job.first_token_s is None:                              # (a one-token prompt has no prefill)
+                job.first_token_s = now
+            elif record_itl:
+                job.itl.append(now - job.last_token_s)
+            job.last_token_s = now
+            if (job.prompt_len + generated) % bs == 0:
+                new_blocks += 1                                         # the next token starts a new block
+            if generated >= job.stop_at:
                 done.append(job)
+        w.used_blocks += new_blocks
         for job, n in w.prefills:
             job.computed += n
             w.computed_prompt(job)

@@ -32,7 +32,7 @@ class SchedulerConfig:
     policy: str = "alise"
     preempt_mode: PreemptMode = PreemptMode.PARK  # park: KV kept on the GPU while room lasts, else recomputed
     max_preemptions: int = 2                    # alise: a job is preempted at most this many times
-    aging_s: float = 5.0                        # alise: waiting this long makes predicted work count e times less
+    aging_s: float = AlisePolicy.aging_s        # alise: waiting this long makes predicted work count e times less
     knee_share: float = 0.99                    # admit up to the batch within this share of max throughput; 0 = off
     # alise: a job that must wait for a decode slot is prefilled at once and parked on a worker (first token now,
     # KV kept) while the worker's KV in use stays under this share of its pool; 0 = off (policies/alise.py)

@@ -75,16 +75,24 @@ class WorkerSpeed:
         self._rows: deque[StepSums] = deque(maxlen=window)
         self._model: StepModel | None = None
         self._new = 0                 # rows since the last solve
+        # running totals over the rows, so that the share of mixed steps costs nothing per load report
+        self._steps = 0
+        self._mixed = 0
 
     def observe(self, sums: StepSums) -> None:
         if sums.steps > 0 and sums.seconds > 0:
+            if len(self._rows) == self._rows.maxlen:
+                old = self._rows[0]           # about to fall out of the window
+                self._steps -= old.steps
+                self._mixed -= old.mixed_steps
             self._rows.append(sums)
+            self._steps += sums.steps
+            self._mixed += sums.mixed_steps
             self._new += 1
 
     def mixed_share(self) -> float:
         """The share of the recent steps that were mixed."""
-        steps = sum(r.steps for r in self._rows)
-        return sum(r.mixed_steps for r in self._rows) / steps if steps else 0.0
+        return self._mixed / self._steps if self._steps else 0.0
 
     def model(self) -> StepModel | None:
         if self._new >= REFIT_EVERY or (self._model is None and self._new >= MIN_REPORTS):

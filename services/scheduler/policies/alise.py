@@ -5,7 +5,7 @@ e times less for every aging_s seconds it has waited. `now` is common to every j
 ln(remaining_seconds) + created / aging_s is the same order, and that score never changes while a job waits.
 The bound it gives is relative, so it holds whatever the scale of the time model: a job is overtaken only by
 jobs that are shorter by a factor exp(d / aging_s), d being how much later they arrived; e.g. with aging_s =
-5, a job that arrives 11.5 s later must be 10x shorter, one that arrives 23 s later 100x shorter.
+15 (the default), a job that arrives 35 s later must be 10x shorter, one that arrives 69 s later 100x shorter.
 
 Preemption only where it pays. When the best waiting job fits nowhere, a running job (the victim) on a full
 worker is preempted only if all of these hold:
@@ -53,7 +53,11 @@ from services.scheduler.policies.base import (PRIORITY_CLASS_SPAN, SCORE_EPOCH, 
 
 @dataclass
 class AlisePolicy:
-    aging_s: float = 5.0           # waiting this long makes a job's predicted work count e times less
+    # waiting this long makes a job's predicted work count e times less. 15 s, not the 5 s it was: since parking
+    # bounds TTFT on its own, weaker aging lets SRPT order a deep backlog (0.76-0.79x fcfs's mean instead of 0.86x
+    # at 1.4-1.7x capacity with 3,000 chat turns, simulated) while the longest tenth still waits at most 1.28x
+    # fcfs's (30 s: 1.32x). docs/BENCHMARKS.md, "How strong the aging"
+    aging_s: float = 15.0
     preempt_ratio: float = 4.0     # preempt only when the running job is this many times longer
     preempt_margin: float = 2.0    # ... and the wait saved is this many times the victim's preemption cost
     max_preemptions: int = 2       # ... and it was preempted fewer times than this
