@@ -19,20 +19,28 @@ import random
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from enum import Enum
+from itertools import accumulate
 from pathlib import Path
 
 from bench.serve_metrics import RequestResult, format_summary, parse_goodput, summarize
-from bench.workloads import BenchRequest, Dataset, Limits, load
+from bench.workloads import BenchRequest, Dataset, Limits, load, trace_gaps
 from services.common.auth import bearer_metadata
 
 
-def arrival_offsets(n: int, rate: float, burstiness: float, seed: int) -> list[float]:
+def arrival_offsets(n: int, rate: float, burstiness: float, seed: int, trace: Sequence[float] = ()) -> list[float]:
     """Start times (s from the beginning) of n requests: gaps drawn from a gamma distribution with mean
-    1 / rate and shape `burstiness` (1 = Poisson; lower = burstier). rate = inf: everything at 0."""
+    1 / rate and shape `burstiness` (1 = Poisson; lower = burstier), or, given a trace's gaps
+    (workloads.trace_gaps), its first n - 1 gaps (again from its start when it has fewer) scaled so that their
+    mean is 1 / rate: the trace's bursts and lulls at the asked load. rate = inf: everything at 0."""
     if math.isinf(rate):
         return [0.0] * n
+    if trace:
+        gaps = [trace[i % len(trace)] for i in range(max(n - 1, 0))]
+        scale = len(gaps) / (rate * sum(gaps)) if sum(gaps) > 0 else 0.0
+        return [0.0, *accumulate(g * scale for g in gaps)][:n]
     rng = random.Random(seed)
     t, out = 0.0, []
     for _ in range(n):
@@ -208,14 +216,14 @@ def _record_complete(res: RequestResult, done) -> None:
 
 async def run(requests: list[BenchRequest], target: Target, *, rate: float, burstiness: float, seed: int,
               max_concurrency: int, ignore_eos: bool, label: str, progress: bool = True,
-              use_trace_times: bool = False) -> tuple[list[RequestResult], float]:
+              use_trace_times: bool = False, trace: Sequence[float] = ()) -> tuple[list[RequestResult], float]:
     """Send every request on its schedule; returns per-request results (in request order) and the duration."""
     from alise.v1 import generate_pb2_grpc as pb_grpc
 
     from services.common.tls import TlsFiles, aio_channel
 
     offsets = ([r.arrival_s or 0.0 for r in requests] if use_trace_times
-               else arrival_offsets(len(requests), rate, burstiness, seed))
+               else arrival_offsets(len(requests), rate, burstiness, seed, trace))
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency > 0 else None
     done = 0
     if target.backend is Backend.OPENAI:
@@ -274,10 +282,23 @@ def at_least_one(text: str) -> int:
     return n
 
 
+def add_arrival_arguments(p: argparse.ArgumentParser) -> None:
+    """How requests arrive at a rate: shared by `bench serve`, `bench sweep` and `bench simulate`."""
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps (1 = Poisson)")
+    p.add_argument("--arrival-trace", type=Path, default=None,
+                   help="an Azure LLM trace CSV: requests arrive with its gaps, scaled to the rate (instead of "
+                        "Poisson / --burstiness), e.g. ../shared/data/azure_llm_trace_2023/AzureLLMInferenceTrace_code.csv")
+
+
+def arrival_trace(a: argparse.Namespace) -> list[float]:
+    """The gaps of --arrival-trace, or [] for Poisson / gamma arrivals."""
+    return trace_gaps(a.arrival_trace) if a.arrival_trace else []
+
+
 def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     """What is sent and how: shared by `bench serve` and `bench sweep`."""
     add_dataset_arguments(p)
-    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps (1 = Poisson)")
+    add_arrival_arguments(p)
     p.add_argument("--max-concurrency", type=int, default=0, help="at most this many requests in flight (0 = no cap)")
     lengths = p.add_mutually_exclusive_group()
     lengths.add_argument("--ignore-eos", action="store_true", help="generate exactly the dataset's output length")
@@ -340,10 +361,10 @@ def bench_serve(a: argparse.Namespace, target: Target) -> dict:
                         ignore_eos=a.ignore_eos, label=f"{a.label}-warmup", progress=False))
     results, duration = asyncio.run(run(measured, target, rate=a.request_rate, burstiness=a.burstiness, seed=a.seed,
                                         max_concurrency=a.max_concurrency, ignore_eos=a.ignore_eos, label=a.label,
-                                        use_trace_times=a.trace_times))
+                                        use_trace_times=a.trace_times, trace=arrival_trace(a)))
     summary = summarize(results, duration, [float(x) for x in a.percentiles.split(",")], parse_goodput(a.goodput))
     summary.update(label=a.label, dataset=a.dataset_name.value, request_rate=a.request_rate,
-                   burstiness=a.burstiness, max_concurrency=a.max_concurrency, address=target.address,
+                   burstiness=a.burstiness, arrival_trace=str(a.arrival_trace or ""), max_concurrency=a.max_concurrency, address=target.address,
                    backend=target.backend.value)
     print(format_summary(summary))
     if a.save_result:

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.serve import add_dataset_arguments, arrival_offsets, open_tokenizer
+from bench.serve import add_arrival_arguments, add_dataset_arguments, arrival_offsets, arrival_trace, open_tokenizer
 from bench.serve_metrics import summarize
 from bench.simulator.cluster import SIM_POLICIES, SimConfig, SimRequest, WorkerSpec, simulate
 from bench.simulator.cost import PRESETS, load_cost
@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_dataset_arguments(p)
     p.add_argument("--tokenizer", help="tokenizer directory for text datasets (default: the local model)")
     p.add_argument("--rates", nargs="+", type=float, required=True, help="request rates (req/s); inf = all at once")
-    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps (1 = Poisson)")
+    add_arrival_arguments(p)
     p.add_argument("--trace-times", action="store_true", help="azure: the trace's own arrival times (rates ignored)")
     p.add_argument("--policies", nargs="+", default=["fcfs", "alise", "oracle"], choices=SIM_POLICIES)
     p.add_argument("--workers", type=int, default=1)
@@ -118,14 +118,15 @@ def chat_block_keys(req: BenchRequest, tokenizer, block_size: int) -> tuple[int,
 
 
 def requests_at(rows: list[Row], n: int, rate: float, a: argparse.Namespace,
-                recorded: list[float] | None = None) -> list[SimRequest]:
-    """n requests from the rows (drawn at random past the rows' end), each with its recorded prediction if any."""
+                recorded: list[float] | None = None, trace: list[float] | None = None) -> list[SimRequest]:
+    """n requests from the rows (drawn at random past the rows' end), each with its recorded prediction if any;
+    `trace`: the gaps of --arrival-trace (arrival_trace(a), read once by the caller)."""
     rng = random.Random(a.seed)
     picks = list(range(min(n, len(rows)))) + [rng.randrange(len(rows)) for _ in range(n - len(rows))]
     if a.trace_times:
         times = [rows[i][2] or 0.0 for i in picks]
     else:
-        times = arrival_offsets(len(picks), rate, a.burstiness, a.seed)
+        times = arrival_offsets(len(picks), rate, a.burstiness, a.seed, trace or ())
     return [SimRequest(t, rows[i][0], rows[i][1], prefix_keys=rows[i][3],
                        recorded_pred=recorded[i] if recorded else 0.0) for t, i in zip(times, picks)]
 
@@ -192,10 +193,10 @@ def simulate_sweep(a: argparse.Namespace) -> list[Run]:
     probe_sigma = sigma_for_tau([row[1] for row in lengths], a.repredict_tau, a.seed + 1) if a.repredict_tau else None
     spec = WorkerSpec(a.max_batch, a.num_blocks, a.block_size, a.token_budget)
     percentiles = [float(x) for x in a.percentiles.split(",")]
-    runs = []
+    runs, trace = [], arrival_trace(a)
     for policy in a.policies:
         for rate in a.rates:
-            requests = requests_at(lengths, a.num_prompts, rate, a, recorded)
+            requests = requests_at(lengths, a.num_prompts, rate, a, recorded, trace)
             cfg = SimConfig(policy=policy, cost=cost, workers=a.workers, worker=spec, preempt_mode=a.preempt_mode,
                             max_tokens=a.max_tokens, predictor=SimPredictor(predictor.kind, predictor.sigma, seed=a.seed),
                             reconsider_s=a.reconsider_s, tick_s=a.tick_s, knee_share=a.knee_share,
@@ -210,7 +211,8 @@ def simulate_sweep(a: argparse.Namespace) -> list[Run]:
             wall = time.perf_counter() - started
             summary = summarize(results, duration, percentiles)
             label = f"{policy}-r{rate:g}"
-            summary.update(label=label, policy=policy, request_rate=rate, burstiness=a.burstiness, simulated=True,
+            summary.update(label=label, policy=policy, request_rate=rate, burstiness=a.burstiness,
+                           arrival_trace=str(a.arrival_trace or ""), simulated=True,
                            wall_s=wall, decisions=decisions, workers=a.workers, cost=cost.to_json(),
                            predictor={"kind": predictor.kind.value, "sigma": predictor.sigma},
                            repredict_sigma=probe_sigma)
@@ -223,6 +225,14 @@ def simulate_sweep(a: argparse.Namespace) -> list[Run]:
     return runs
 
 
+def arrivals_text(a: argparse.Namespace) -> str:
+    if a.trace_times:
+        return "at the trace's own times"
+    if a.arrival_trace:
+        return f"with the gaps of {a.arrival_trace} scaled to the rate"
+    return "Poisson" if a.burstiness == 1 else f"gamma gaps of shape {a.burstiness:g}"
+
+
 def write_report(runs: list[Run], a: argparse.Namespace, predictor: SimPredictor, cost) -> Path:
     figures = plot(runs, a.out)
     tau = ("" if predictor.kind not in (PredictorKind.NOISY, PredictorKind.REPLAY)
@@ -231,7 +241,7 @@ def write_report(runs: list[Run], a: argparse.Namespace, predictor: SimPredictor
               f"token budget {a.token_budget}; iteration cost {cost.source or a.cost}; predictor {predictor.kind.value}"
               f"{tau}; preempt by {a.preempt_mode} (at most {a.max_preemptions} per job); knee share {a.knee_share}; "
               f"park KV share {a.park_kv_share}; "
-              f"{a.dataset_name.value} x {a.num_prompts}.\n\n")
+              f"{a.dataset_name.value} x {a.num_prompts}; arrivals {arrivals_text(a)}.\n\n")
     path = a.out / "report.md"
     path.write_text(header + markdown(runs, a.latency_bound, figures, title="Simulation"))
     (a.out / "simulation.json").write_text(json.dumps([{"policy": r.policy, "rate": r.rate, "summary": r.summary}

@@ -117,7 +117,8 @@ def one_run(a: argparse.Namespace, policy: str, rate: float, prime, measured, pe
                             ignore_eos=a.ignore_eos, label=f"prime-{label}", progress=False))
         before, steps_before = process_cpu(stack), worker_steps(stack)
         results, duration = asyncio.run(run(measured, target, rate=rate, burstiness=a.burstiness, seed=a.seed,
-                                            max_concurrency=a.max_concurrency, ignore_eos=a.ignore_eos, label=label))
+                                            max_concurrency=a.max_concurrency, ignore_eos=a.ignore_eos, label=label,
+                                            trace=arrival_trace(a)))
         cpu = cpu_share(before, process_cpu(stack), duration)   # a process at one core limits the run
         steps = steps_during(steps_before, worker_steps(stack))
         try:
@@ -127,7 +128,8 @@ def one_run(a: argparse.Namespace, policy: str, rate: float, prime, measured, pe
     finally:
         stack.stop()
     summary = summarize(results, duration, percentiles)
-    summary.update(label=label, policy=policy, request_rate=rate, burstiness=a.burstiness, workers=workers,
+    summary.update(label=label, policy=policy, request_rate=rate, burstiness=a.burstiness,
+                   arrival_trace=str(a.arrival_trace or ""), workers=workers,
                    cpu_share=cpu, step_times=steps)
     save(a.out / f"{label}.json", summary, results)
     return summary, tuple(r.normalized_s for r in results if r.ok and r.normalized_s is not None)

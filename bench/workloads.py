@@ -200,6 +200,17 @@ def length_records(dataset: Dataset, path: Path | None, num: int, input_len: int
     return rows
 
 
+def trace_gaps(path: Path) -> list[float]:
+    """The gaps between consecutive arrivals of an Azure LLM trace CSV (its TIMESTAMP column), in trace order: the
+    shape of real arrivals (bursts, lulls), to be scaled to a benchmark's rate (bench/serve.py: arrival_offsets)."""
+    with open(path, newline="") as f:
+        times = [_seconds(row["TIMESTAMP"]) for row in csv.DictReader(f)]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    if not gaps or min(gaps) < 0 or sum(gaps) <= 0:
+        raise ValueError(f"{path}: an arrival trace needs at least two rows, in time order, not all at once")
+    return gaps
+
+
 def _seconds(timestamp: str) -> float:
     """The Azure trace's '2023-11-16 18:15:46.6805900' -> seconds (sub-microsecond digits dropped)."""
     from datetime import datetime

@@ -10,7 +10,7 @@ import pytest
 
 from bench.serve import arrival_offsets
 from bench.serve_metrics import RequestResult, meets, parse_goodput, summarize
-from bench.workloads import Dataset, Limits, load, rendered_chat
+from bench.workloads import Dataset, Limits, load, rendered_chat, trace_gaps
 from client.cli import main as cli_main
 
 
@@ -24,6 +24,32 @@ def test_poisson_arrivals_have_the_asked_rate_and_inf_sends_everything_at_once()
     cv = math.sqrt(sum((g - mean) ** 2 for g in gaps) / len(gaps)) / mean
     assert cv > 1.5                     # gamma shape 0.25: coefficient of variation 2 (Poisson: 1)
     assert arrival_offsets(5, math.inf, 1.0, 0) == [0.0] * 5
+
+
+AZURE_HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+
+
+def test_a_traces_gaps_keep_their_shape_at_the_asked_rate(tmp_path):
+    trace = tmp_path / "trace.csv"         # a burst of three 0.1 s apart, a 9.8 s lull, then two 0.1 s apart
+    trace.write_text(AZURE_HEADER + "".join(f"2023-11-16 18:15:{t},100,10\n"
+                                            for t in ("00.0", "00.1", "00.2", "10.0", "10.1")))
+    gaps = trace_gaps(trace)
+    assert gaps == pytest.approx([0.1, 0.1, 9.8, 0.1], rel=1e-5)    # (epoch seconds as floats: ~0.2 us)
+    offsets = arrival_offsets(5, rate=2.0, burstiness=1.0, seed=0, trace=gaps)
+    assert 4 / offsets[-1] == pytest.approx(2.0)                 # the asked rate, exactly
+    scaled = [b - a for a, b in zip(offsets, offsets[1:])]
+    assert scaled == pytest.approx([g * scaled[0] / gaps[0] for g in gaps])   # the same shape
+    longer = arrival_offsets(9, rate=2.0, burstiness=1.0, seed=0, trace=gaps)   # more requests: from the start again
+    assert len(longer) == 9 and [b - a for a, b in zip(longer, longer[1:])][4:] == pytest.approx(
+        [b - a for a, b in zip(longer, longer[1:])][:4])
+    assert arrival_offsets(3, math.inf, 1.0, 0, trace=gaps) == [0.0] * 3
+    backwards = tmp_path / "backwards.csv"
+    backwards.write_text(AZURE_HEADER + "2023-11-16 18:15:01.0,1,1\n2023-11-16 18:15:00.0,1,1\n")
+    for bad in (backwards, trace.with_name("one.csv")):
+        if bad.name == "one.csv":
+            bad.write_text(AZURE_HEADER + "2023-11-16 18:15:01.0,1,1\n")
+        with pytest.raises(ValueError, match="arrival trace"):
+            trace_gaps(bad)
 
 
 def result(i, out, e2e, ttft, ok=True, predicted=0):

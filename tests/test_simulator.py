@@ -163,6 +163,25 @@ def test_the_cli_writes_each_runs_json_and_the_report(tmp_path):
     assert list(tmp_path.glob("*.png"))
 
 
+def test_the_cli_sends_requests_with_an_arrival_traces_gaps(tmp_path):
+    import json
+
+    from bench.simulate import main
+
+    trace = tmp_path / "trace.csv"           # bursts of five 10 ms apart, each after a 2 s lull
+    times = [burst * 2.0 + k * 0.01 for burst in range(20) for k in range(5)]
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                     + "".join(f"2023-11-16 18:{int(t // 60):02d}:{t % 60:010.7f},10,10\n" for t in times))
+    common = ["--dataset-name", "synthetic", "--input-len", "32", "--output-len", "16", "--num-prompts", "100",
+              "--rates", "4", "--policies", "fcfs", "--cost", "cpu-smollm2", "--max-batch", "8"]
+    for name, extra in (("poisson", []), ("trace", ["--arrival-trace", str(trace)])):
+        main(common + extra + ["--out", str(tmp_path / name)])
+    poisson, bursty = (json.loads((tmp_path / name / "fcfs-r4.json").read_text()) for name in ("poisson", "trace"))
+    assert bursty["arrival_trace"] == str(trace) and "gaps of" in (tmp_path / "trace" / "report.md").read_text()
+    # the same load in bursts of five at once: requests queue behind each other, where Poisson spreads them out
+    assert bursty["ttft_s"]["mean"] > 1.5 * poisson["ttft_s"]["mean"]
+
+
 def test_the_workers_reestimate_replaces_the_prediction_once_the_prompt_is_computed():
     rng = random.Random(3)
     reqs = sorted((SimRequest(rng.uniform(0, 30), rng.randint(20, 200), rng.randint(1, 400)) for _ in range(300)),
