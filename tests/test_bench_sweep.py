@@ -40,7 +40,10 @@ def test_the_crossing_rate_is_read_between_the_swept_rates():
     assert got["fcfs"] == ("=", pytest.approx(45.0)) and got["alise"] == ("=", pytest.approx(70.0))
     assert got["sjf"] == ("<", 40) and got["oracle"] == (">=", 40)
     text = markdown(runs, 0.1, [])
-    assert "| alise | 70.0 | 1.56x |" in text and "| sjf | < 40.0 | - |" in text and "| oracle | >= 40.0 | - |" in text
+    assert "| alise | 70.0 | 1.56x |" in text and "| sjf | < 40.0 | - |" in text and "| oracle | >= 40.0 | >= 0.89x |" in text
+    nothing_done = Run("mlfq", 60, summarize([RequestResult(index=0, expected_output_tokens=10, error="gone")], 1.0,
+                                              [50]), ())
+    assert crossing_rate([run_of("mlfq", 40, 1.0, 0.05), nothing_done], 0.1)["mlfq"] == (">=", 40)
 
 
 def test_a_small_sweep_on_live_stacks_writes_runs_figures_and_report(tmp_path, model_dir):

@@ -3,7 +3,7 @@
 #   .bench-data/   Llama-3-8B shape (config + SmolLM2 tokenizer), redis-server unpacked with a wrapper,
 #                  the ShareGPT / Alpaca workloads and a static predictor trained on the rest of each file
 #   .whl/          wheels for the packages the image lacks or has in other versions
-# and packs .bench-data into bench-data.tar.xz (and the 3,000-request kit into bench-data-880.tar.xz). All are
+# and packs .bench-data into bench-data.tar.xz (and what 3,000-request runs need into bench-data-880.tar.xz). All are
 # git-ignored; a device call carries ["bench-data.tar.xz", ".whl", "alise/v1"] (or bench-data-880.tar.xz instead of
 # bench-data.tar.xz) and runs bench/device/sweep.sh (or bench/device/env.sh first).
 # Steps already done are skipped, so a rerun only redoes what is missing. Needs the venv (`make venv`).
@@ -62,8 +62,8 @@ if [ ! -f "$D/predictor/meta.json" ]; then
 fi
 # 3b. For 3,000-request runs (`sharegpt-chat`: 3,020 turns with the priming ones): the first 880 conversations
 #     (3,045 turns) are measured and the predictor learns from the other 120 and the Alpaca rest; a sweep picks it
-#     with PREDICTOR=predictor_880 (bench/device/sweep.sh).
-if [ ! -f "$D/sharegpt_heldout_880.json" ]; then
+#     with PREDICTOR=predictor_880 (bench/device/sweep.sh), carrying bench-data-880.tar.xz.
+if [ ! -f "$D/sharegpt_heldout_880.json" ] || [ ! -f "$D/sharegpt_rest_120.json" ]; then
     $PY - "$DATA" "$D" <<'PY'
 import json, sys
 data, out = sys.argv[1:]
@@ -87,8 +87,8 @@ for spec in grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.8
         --platform manylinux2014_x86_64 -d .whl "$spec"
 done
 
-# Two archives, so that each call carries what it needs within the 64 MiB a call may carry (each trained
-# predictor is ~28 MB): the usual kit, and the kit of 3,000-request runs. The training files stay here.
-tar cJf bench-data.tar.xz --exclude="*_rest*.json" --exclude="*_880*" "$D"
+# Two bundles, so that each call carries what it needs within the 64 MiB a call may carry (each trained
+# predictor is ~28 MB): the usual one, and the one for 3,000-request runs. The training files stay here.
+tar cJf bench-data.tar.xz --exclude="*_rest*.json" --exclude="*_880*" --exclude=".unpacked-*" "$D"
 tar cJf bench-data-880.tar.xz "$D/llama3-8b-shape" "$D/bin" "$D/redis" "$D/predictor_880" "$D/sharegpt_heldout_880.json"
 du -sh bench-data.tar.xz bench-data-880.tar.xz .whl

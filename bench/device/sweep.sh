@@ -12,13 +12,17 @@ source bench/device/env.sh
 name=$1 dataset=$2 path=$3 n=$4 policies=$5 rates=$6
 shift 6
 D=$PWD/.bench-data
+predictor=${PREDICTOR:-predictor}
+# the default predictor learnt from conversations 628-999, which the 880-conversation split measures
+case "$path" in *_880*) [ "$predictor" = predictor_880 ] || { echo "$path needs PREDICTOR=predictor_880" >&2; exit 2; } ;; esac
+[ -f "$D/$predictor/meta.json" ] || { echo "no trained predictor at $D/$predictor (was its bundle carried?)" >&2; exit 2; }
 # shellcheck disable=SC2086  # the policy and rate lists are meant to split
 timeout --signal=INT "${SWEEP_TIMEOUT:-540}" python3 -m client.cli bench sweep --dataset-name "$dataset" --dataset-path "$path" --tokenizer "$D/llama3-8b-shape" \
     --num-prompts "$n" --policies $policies --rates $rates --prime 20 --resume --out "out/$name" \
     --worker-arg=--device=cuda --worker-arg=--dtype=bfloat16 --worker-arg=--model-dir="$D/llama3-8b-shape" \
     --worker-arg=--random-weights --worker-arg=--max-model-len=4096 --worker-arg=--num-host-blocks=0 \
     --scheduler-arg=--model-dir="$D/llama3-8b-shape" --scheduler-arg=--max-tokens-cap=4096 \
-    --predictor-arg=--model-dir="$D/${PREDICTOR:-predictor}" "$@" || status=$?
+    --predictor-arg=--model-dir="$D/$predictor" "$@" || status=$?
 # whatever finished comes back, also when a run failed or the sweep ran past SWEEP_TIMEOUT (seconds; the device
 # kills a whole call at 600 s, and this tar must run before that)
 if [ -n "${OUT:-}" ] && [ -d "out/$name" ]; then

@@ -351,15 +351,14 @@ class Simulation:
             return
         # decodes first (one token each), then prefill chunks in admission order while the token budget lasts.
         # One pass over the running jobs finds the decodes and their context (this runs once per simulated step)
-        decodes, context = [], 0
+        decodes, context, budget = [], 0, w.spec.token_budget
         for j in w.running:
+            if len(decodes) >= budget:
+                break
             if j.prompt_len + j.generated - j.computed == 1:
                 decodes.append(j)
                 context += j.computed + 1
-        if len(decodes) > w.spec.token_budget:
-            decodes = decodes[:w.spec.token_budget]
-            context = sum(j.computed + 1 for j in decodes)
-        budget, prefills, prefill = w.spec.token_budget - len(decodes), [], 0
+        budget, prefills, prefill = budget - len(decodes), [], 0
         if budget > 0 and len(decodes) < len(w.running):
             for job in w.running:
                 need = job.prompt_len + job.generated - job.computed
@@ -381,7 +380,7 @@ class Simulation:
         self._push(self.now + duration, _Event.STEP_END, w)
 
     def _token(self, job: _Job) -> None:
-        """A job's next token is out now."""
+        """A job's next token is out now. (_step_end's decode loop does the same inline: change both.)"""
         job.generated += 1
         if job.first_token_s is None:
             job.first_token_s = self.now

@@ -72,6 +72,8 @@ class StepModel:
 
 class WorkerSpeed:
     def __init__(self, window: int = WINDOW):
+        if window < MIN_REPORTS:
+            raise ValueError(f"window must be at least {MIN_REPORTS} rows, got {window}")
         self._rows: deque[StepSums] = deque(maxlen=window)
         self._model: StepModel | None = None
         self._new = 0                 # rows since the last solve

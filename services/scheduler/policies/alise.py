@@ -53,10 +53,9 @@ from services.scheduler.policies.base import (PRIORITY_CLASS_SPAN, SCORE_EPOCH, 
 
 @dataclass
 class AlisePolicy:
-    # waiting this long makes a job's predicted work count e times less. 15 s, not the 5 s it was: since parking
-    # bounds TTFT on its own, weaker aging lets SRPT order a deep backlog (0.76-0.79x fcfs's mean instead of 0.86x
-    # at 1.4-1.7x capacity with 3,000 chat turns, simulated) while the longest tenth still waits at most 1.28x
-    # fcfs's (30 s: 1.32x). docs/BENCHMARKS.md, "How strong the aging"
+    # waiting this long makes a job's predicted work count e times less. Parking bounds TTFT by itself, so aging
+    # only has to keep long jobs from falling far behind FCFS: 15 s lets SRPT order a deep backlog while the
+    # longest tenth's mean e2e stays within 1.3x fcfs's in simulation (docs/BENCHMARKS.md, "How strong the aging")
     aging_s: float = 15.0
     preempt_ratio: float = 4.0     # preempt only when the running job is this many times longer
     preempt_margin: float = 2.0    # ... and the wait saved is this many times the victim's preemption cost
