@@ -154,11 +154,14 @@ def test_sharegpt_chat_keeps_a_history_that_starts_mid_way_and_skips_control_tok
 
 def test_bench_serve_against_the_live_stack(stack_factory, tmp_path, capsys, model_dir, tokenizer):
     stack = stack_factory()
-    out = tmp_path / "result.json"
+    out, trace = tmp_path / "result.json", tmp_path / "trace.csv"
+    # arrivals with a trace's gaps: a 10 s lull, then a burst; at 20 req/s the second request leaves at 0.249 s
+    trace.write_text(AZURE_HEADER + "".join(f"2023-11-16 18:15:{t},1,1\n" for t in ("00.00", "10.00", "10.01",
+                                                                                     "10.02", "10.03", "10.04")))
     code = cli_main(["--address", stack.address, "--api-key", stack.api_key, *tls_args(stack),
                      "bench", "serve", "--dataset-name", "synthetic", "--num-prompts", "6", "--input-len", "24",
                      "--output-len", "8", "--ignore-eos", "--request-rate", "20", "--label", "t",
-                     "--goodput", "e2el:600000", "--save-result", str(out)])
+                     "--arrival-trace", str(trace), "--goodput", "e2el:600000", "--save-result", str(out)])
     printed = capsys.readouterr().out
     assert code == 0, printed
     summary = json.loads(out.read_text())
@@ -168,6 +171,8 @@ def test_bench_serve_against_the_live_stack(stack_factory, tmp_path, capsys, mod
     assert summary["predictor_kendall_tau"] is None or -1 <= summary["predictor_kendall_tau"] <= 1
     rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
     assert len(rows) == 6 and all(r["ok"] == "True" and r["output_tokens"] == "8" for r in rows)
+    assert summary["arrival_trace"] == str(trace)
+    assert all(float(r["start_s"]) >= 0.24 for r in rows[1:])       # not before its time (Poisson: 0.09 s)
     assert "Output token throughput" in printed
     # as a chat (the model's template wraps each prompt), one cap for all, the model stopping by itself
     chat = tmp_path / "chat.json"
