@@ -76,6 +76,13 @@ if [ ! -f "$D/predictor_880/meta.json" ]; then
     $PY -m services.predictor.train "$D/sharegpt_rest_120.json" "$D/alpaca_rest.json" --encoder static --out "$D/predictor_880"
 fi
 
+# 3c. The Azure LLM trace, for arrivals with its gaps (`--arrival-trace .bench-data/azure/AzureLLMInferenceTrace_code.csv`):
+#     ../shared is not on the device.
+if [ ! -f "$D/azure/AzureLLMInferenceTrace_code.csv" ]; then
+    mkdir -p "$D/azure"
+    cp "$DATA"/azure_llm_trace_2023/AzureLLMInferenceTrace_{conv,code}.csv "$D/azure/"
+fi
+
 # 4. Wheels for Python 3.12 on x86-64 (the image's grpcio and protobuf are older than the generated modules need).
 mkdir -p .whl
 for spec in grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2 \
