@@ -3,6 +3,8 @@ only over TLS, and the worker gateway and the predictor accept only callers with
 cluster's CA, on top of the service token."""
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 from alise.v1 import generate_pb2 as pb
@@ -29,7 +31,14 @@ def test_generation_over_tls_with_mtls_between_services(stack):
     assert len(tokens) == 4 and final.finish_reason == pb.FINISH_REASON_LENGTH
     load = stub.GetLoad(pb.LoadRequest())
     assert [w.worker_id for w in load.workers] == ["worker-0"]         # the worker joined over mTLS
-    assert load.predictor_available                                     # the scheduler reached the predictor over mTLS
+    # the scheduler reached the predictor over mTLS. On a busy machine the first Predict (a new mTLS channel, the
+    # predictor's first encode) can outlast the scheduler's 0.5 s predictor timeout, so a few more requests may be
+    # needed; with mTLS broken none would ever get through
+    deadline = time.monotonic() + 120
+    while not load.predictor_available and time.monotonic() < deadline:
+        generate(stub, request("Hello again", max_tokens=1))
+        load = stub.GetLoad(pb.LoadRequest())
+    assert load.predictor_available
     for service in ("scheduler", "gateway", "predictor"):               # probes still work, on plain ports
         wait_healthy(stack.health_address(service), 10)
 
