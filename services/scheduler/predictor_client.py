@@ -6,6 +6,7 @@ here: the job store appends them to a Redis stream the predictor reads (services
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 
@@ -27,6 +28,12 @@ class PredictorClient:
         self.timeout_s = timeout_s
         self.metadata = bearer_metadata(service_token)
         self.available = True
+        self.connecting: asyncio.Task | None = None     # connect_in_background: done once the channel is ready
+
+    def connect_in_background(self) -> None:
+        """Open the channel now, not at the first job: its connection (a TLS handshake with mTLS) would otherwise
+        count against that job's predictor timeout and, on a busy host, make it miss its prediction."""
+        self.connecting = asyncio.get_running_loop().create_task(self.channel.channel_ready())
 
     async def predict(self, prompt: str, previous_reply_tokens: int, max_tokens: int) -> pb.LengthPrediction | None:
         """The predicted length, bounded to [1, max_tokens] (a job cannot run longer), or None."""
@@ -47,6 +54,8 @@ class PredictorClient:
         return bounded(resp.predictions[0], max_tokens)
 
     async def close(self) -> None:
+        if self.connecting is not None:
+            self.connecting.cancel()      # the predictor may never have come up
         await self.channel.close()
 
 

@@ -41,6 +41,7 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
     await redis_client.ping()
     store = JobStore(redis_client, cfg.finished_ttl_s)
     predictor = PredictorClient(cfg.predictor_address, cfg.predictor_timeout_s, service_token, cfg.tls)
+    predictor.connect_in_background()
     dispatcher = Dispatcher(cfg, store, predictor, JobEventHub())
     recovered = await dispatcher.recover_orphans()
     if recovered:

@@ -1,0 +1,34 @@
+"""The scheduler's predictor client opens its channel at start, so the first job's Predict does not pay for the
+connection (a TLS handshake with mTLS) out of its short timeout."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from services.common.local_stack import free_port
+from services.scheduler.predictor_client import PredictorClient
+
+
+async def test_the_channel_is_ready_before_the_first_prediction():
+    server = grpc.aio.server()
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    client = PredictorClient(f"127.0.0.1:{port}", 0.5, "token")
+    try:
+        assert client.channel.get_state() is grpc.ChannelConnectivity.IDLE     # gRPC connects lazily
+        client.connect_in_background()
+        await asyncio.wait_for(client.connecting, timeout=30)
+        assert client.channel.get_state() is grpc.ChannelConnectivity.READY
+    finally:
+        await client.close()
+        await server.stop(None)
+
+
+async def test_closing_while_the_predictor_is_still_down_is_clean():
+    client = PredictorClient(f"127.0.0.1:{free_port()}", 0.5, "token")      # nothing listens there
+    client.connect_in_background()
+    await asyncio.sleep(0.1)
+    await client.close()
+    await asyncio.sleep(0)
+    assert client.connecting.cancelled() or client.connecting.done()
