@@ -15,7 +15,8 @@ import math
 from pathlib import Path
 
 from bench.process_cpu import cpu_share, process_cpu
-from bench.serve import Target, add_workload_arguments, load_workload, open_tokenizer, run, save, worker_loads
+from bench.serve import (Target, add_workload_arguments, arrival_trace, load_workload, open_tokenizer, run, save,
+                         worker_loads)
 from bench.serve_metrics import RequestResult, summarize, work_pace
 from bench.step_times import StepHistogram, read_step_histogram
 from bench.sweep_report import Run, markdown, plot
