@@ -380,7 +380,7 @@ class Simulation:
         self._push(self.now + duration, _Event.STEP_END, w)
 
     def _token(self, job: _Job) -> None:
-        """A job's next token is out now. (_step_end's decode loop does the same inline: change both.)"""
+        """A job's next token is out now."""
         job.generated += 1
         if job.first_token_s is None:
             job.first_token_s = self.now
@@ -389,20 +389,14 @@ class Simulation:
         job.last_token_s = self.now
 
     def _step_end(self, w: _Worker) -> None:
-        done, bs, now, record_itl, new_blocks = [], w.spec.block_size, self.now, self.cfg.record_itl, 0
-        for job in w.decodes:          # _token inlined: this loop runs once per simulated token
+        done, bs = [], w.spec.block_size
+        for job in w.decodes:
             job.computed += 1
-            generated = job.generated = job.generated + 1
-            if job.first_token_s is None:                              # (a one-token prompt has no prefill)
-                job.first_token_s = now
-            elif record_itl:
-                job.itl.append(now - job.last_token_s)
-            job.last_token_s = now
-            if (job.prompt_len + generated) % bs == 0:
-                new_blocks += 1                                         # the next token starts a new block
-            if generated >= job.stop_at:
+            self._token(job)                                            # (a one-token prompt has no prefill)
+            if (job.prompt_len + job.generated) % bs == 0:
+                w.used_blocks += 1                                      # the next token starts a new block
+            if job.generated >= job.stop_at:
                 done.append(job)
-        w.used_blocks += new_blocks
         for job, n in w.prefills:
             job.computed += n
             w.computed_prompt(job)
