@@ -39,7 +39,9 @@ def arrival_offsets(n: int, rate: float, burstiness: float, seed: int, trace: Se
         return [0.0] * n
     if trace:
         gaps = [trace[i % len(trace)] for i in range(max(n - 1, 0))]
-        scale = len(gaps) / (rate * sum(gaps)) if sum(gaps) > 0 else 0.0
+        if gaps and sum(gaps) <= 0:
+            raise ValueError(f"the trace's first {len(gaps)} gaps are all 0: they cannot be scaled to a rate")
+        scale = len(gaps) / (rate * sum(gaps)) if gaps else 0.0
         return [0.0, *accumulate(g * scale for g in gaps)][:n]
     rng = random.Random(seed)
     t, out = 0.0, []
@@ -282,23 +284,36 @@ def at_least_one(text: str) -> int:
     return n
 
 
-def add_arrival_arguments(p: argparse.ArgumentParser) -> None:
-    """How requests arrive at a rate: shared by `bench serve`, `bench sweep` and `bench simulate`."""
-    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps (1 = Poisson)")
-    p.add_argument("--arrival-trace", type=Path, default=None,
-                   help="an Azure LLM trace CSV: requests arrive with its gaps, scaled to the rate (instead of "
-                        "Poisson / --burstiness), e.g. ../shared/data/azure_llm_trace_2023/AzureLLMInferenceTrace_code.csv")
+def add_arrival_arguments(p: argparse.ArgumentParser):
+    """How requests arrive at a rate: shared by `bench serve`, `bench sweep` and `bench simulate`. Returns the
+    group of arrival flags, which exclude each other (a command adds its own, e.g. --trace-times, to it)."""
+    arrivals = p.add_mutually_exclusive_group()
+    arrivals.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps (1 = Poisson)")
+    arrivals.add_argument("--arrival-trace", type=Path, default=None,
+                          help="an Azure LLM trace CSV: requests arrive with its gaps, scaled to the rate (instead "
+                               "of Poisson), e.g. ../shared/data/azure_llm_trace_2023/AzureLLMInferenceTrace_code.csv")
+    return arrivals
 
 
 def arrival_trace(a: argparse.Namespace) -> list[float]:
-    """The gaps of --arrival-trace, or [] for Poisson / gamma arrivals."""
-    return trace_gaps(a.arrival_trace) if a.arrival_trace else []
+    """The gaps of --arrival-trace, or [] for Poisson / gamma arrivals; a file that is not a trace is a clear exit."""
+    if not a.arrival_trace:
+        return []
+    try:
+        return trace_gaps(a.arrival_trace)
+    except (OSError, KeyError, ValueError) as e:
+        raise SystemExit(f"--arrival-trace {a.arrival_trace}: not a readable Azure LLM trace ({e!r})") from None
 
 
-def add_workload_arguments(p: argparse.ArgumentParser) -> None:
-    """What is sent and how: shared by `bench serve` and `bench sweep`."""
+def arrival_fields(a: argparse.Namespace) -> dict:
+    """How the run's requests arrived, for its summary."""
+    return {"burstiness": a.burstiness, "arrival_trace": str(a.arrival_trace or "")}
+
+
+def add_workload_arguments(p: argparse.ArgumentParser):
+    """What is sent and how: shared by `bench serve` and `bench sweep`. Returns the group of arrival flags."""
     add_dataset_arguments(p)
-    add_arrival_arguments(p)
+    arrivals = add_arrival_arguments(p)
     p.add_argument("--max-concurrency", type=int, default=0, help="at most this many requests in flight (0 = no cap)")
     lengths = p.add_mutually_exclusive_group()
     lengths.add_argument("--ignore-eos", action="store_true", help="generate exactly the dataset's output length")
@@ -309,16 +324,17 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--percentiles", default="50,90,99")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", help="tokenizer directory for counting lengths (default: the local model)")
+    return arrivals
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_workload_arguments(p)
+    arrivals = add_workload_arguments(p)
     p.add_argument("--request-rate", type=float, default=math.inf, help="requests/s (Poisson); inf = all at once")
     p.add_argument("--backend", type=Backend, choices=list(Backend), default=Backend.ALISE,
                    help="alise: the gRPC API at --address; openai: an OpenAI-compatible server at --base-url")
     p.add_argument("--base-url", help="openai: the server's base URL, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--model", default="", help="openai: the model name to send (default: the server's first)")
-    p.add_argument("--trace-times", action="store_true", help="azure: send at the trace's own arrival times")
+    arrivals.add_argument("--trace-times", action="store_true", help="azure: send at the trace's own arrival times")
     p.add_argument("--goodput", nargs="*", default=[], metavar="METRIC:MS",
                    help="SLOs for goodput, e.g. ttft:500 tpot:50 e2el:10000")
     p.add_argument("--warmup", type=int, default=0, help="send this many requests first and discard them")
@@ -352,6 +368,7 @@ async def served_model(target: Target) -> str:
 
 
 def bench_serve(a: argparse.Namespace, target: Target) -> dict:
+    trace = arrival_trace(a)           # checked before anything is sent
     if target.backend is Backend.OPENAI and not target.model:
         target.model = asyncio.run(served_model(target))
     workload = load_workload(a, open_tokenizer(a.tokenizer), extra=a.warmup)
@@ -361,10 +378,10 @@ def bench_serve(a: argparse.Namespace, target: Target) -> dict:
                         ignore_eos=a.ignore_eos, label=f"{a.label}-warmup", progress=False))
     results, duration = asyncio.run(run(measured, target, rate=a.request_rate, burstiness=a.burstiness, seed=a.seed,
                                         max_concurrency=a.max_concurrency, ignore_eos=a.ignore_eos, label=a.label,
-                                        use_trace_times=a.trace_times, trace=arrival_trace(a)))
+                                        use_trace_times=a.trace_times, trace=trace))
     summary = summarize(results, duration, [float(x) for x in a.percentiles.split(",")], parse_goodput(a.goodput))
     summary.update(label=a.label, dataset=a.dataset_name.value, request_rate=a.request_rate,
-                   burstiness=a.burstiness, arrival_trace=str(a.arrival_trace or ""), max_concurrency=a.max_concurrency, address=target.address,
+                   **arrival_fields(a), max_concurrency=a.max_concurrency, address=target.address,
                    backend=target.backend.value)
     print(format_summary(summary))
     if a.save_result:

@@ -18,9 +18,11 @@ import json
 import random
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-from bench.serve import add_arrival_arguments, add_dataset_arguments, arrival_offsets, arrival_trace, open_tokenizer
+from bench.serve import (add_arrival_arguments, add_dataset_arguments, arrival_fields, arrival_offsets, arrival_trace,
+                         open_tokenizer)
 from bench.serve_metrics import summarize
 from bench.simulator.cluster import SIM_POLICIES, SimConfig, SimRequest, WorkerSpec, simulate
 from bench.simulator.cost import PRESETS, load_cost
@@ -35,8 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_dataset_arguments(p)
     p.add_argument("--tokenizer", help="tokenizer directory for text datasets (default: the local model)")
     p.add_argument("--rates", nargs="+", type=float, required=True, help="request rates (req/s); inf = all at once")
-    add_arrival_arguments(p)
-    p.add_argument("--trace-times", action="store_true", help="azure: the trace's own arrival times (rates ignored)")
+    add_arrival_arguments(p).add_argument("--trace-times", action="store_true",
+                                          help="azure: the trace's own arrival times (rates ignored)")
     p.add_argument("--policies", nargs="+", default=["fcfs", "alise", "oracle"], choices=SIM_POLICIES)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--max-batch", type=int, default=128)
@@ -118,7 +120,7 @@ def chat_block_keys(req: BenchRequest, tokenizer, block_size: int) -> tuple[int,
 
 
 def requests_at(rows: list[Row], n: int, rate: float, a: argparse.Namespace,
-                recorded: list[float] | None = None, trace: list[float] | None = None) -> list[SimRequest]:
+                recorded: list[float] | None = None, trace: Sequence[float] = ()) -> list[SimRequest]:
     """n requests from the rows (drawn at random past the rows' end), each with its recorded prediction if any;
     `trace`: the gaps of --arrival-trace (arrival_trace(a), read once by the caller)."""
     rng = random.Random(a.seed)
@@ -126,7 +128,7 @@ def requests_at(rows: list[Row], n: int, rate: float, a: argparse.Namespace,
     if a.trace_times:
         times = [rows[i][2] or 0.0 for i in picks]
     else:
-        times = arrival_offsets(len(picks), rate, a.burstiness, a.seed, trace or ())
+        times = arrival_offsets(len(picks), rate, a.burstiness, a.seed, trace)
     return [SimRequest(t, rows[i][0], rows[i][1], prefix_keys=rows[i][3],
                        recorded_pred=recorded[i] if recorded else 0.0) for t, i in zip(times, picks)]
 
@@ -211,8 +213,7 @@ def simulate_sweep(a: argparse.Namespace) -> list[Run]:
             wall = time.perf_counter() - started
             summary = summarize(results, duration, percentiles)
             label = f"{policy}-r{rate:g}"
-            summary.update(label=label, policy=policy, request_rate=rate, burstiness=a.burstiness,
-                           arrival_trace=str(a.arrival_trace or ""), simulated=True,
+            summary.update(label=label, policy=policy, request_rate=rate, **arrival_fields(a), simulated=True,
                            wall_s=wall, decisions=decisions, workers=a.workers, cost=cost.to_json(),
                            predictor={"kind": predictor.kind.value, "sigma": predictor.sigma},
                            repredict_sigma=probe_sigma)

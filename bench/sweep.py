@@ -15,8 +15,8 @@ import math
 from pathlib import Path
 
 from bench.process_cpu import cpu_share, process_cpu
-from bench.serve import (Target, add_workload_arguments, arrival_trace, load_workload, open_tokenizer, run, save,
-                         worker_loads)
+from bench.serve import (Target, add_workload_arguments, arrival_fields, arrival_trace, load_workload, open_tokenizer,
+                         run, save, worker_loads)
 from bench.serve_metrics import RequestResult, summarize, work_pace
 from bench.step_times import StepHistogram, read_step_histogram
 from bench.sweep_report import Run, markdown, plot
@@ -47,10 +47,11 @@ def sweep(a: argparse.Namespace) -> list[Run]:
     workload = load_workload(a, open_tokenizer(a.tokenizer), extra=a.prime)
     prime, measured = workload[:a.prime], workload[a.prime:]
     percentiles = [float(x) for x in a.percentiles.split(",")]
+    trace = arrival_trace(a)           # read (and checked) once, before any stack starts
     runs = []
     for policy, rate in run_order(a.policies, a.rates, a.alternate):
         saved = load_run(a.out, policy, rate) if a.resume else None
-        summary, normalized = saved or one_run(a, policy, rate, prime, measured, percentiles)
+        summary, normalized = saved or one_run(a, policy, rate, prime, measured, percentiles, trace)
         runs.append(Run(policy, rate, summary, normalized))
         print(f"{summary['label']}: {summary['completed']}/{summary['requests']} done, mean normalized "
               f"{summary['normalized_latency_s'].get('mean', float('nan')):.3f} s/token", flush=True)
@@ -97,7 +98,8 @@ def saved_result(row: dict) -> RequestResult:
                          finish_reason=row["finish_reason"])
 
 
-def one_run(a: argparse.Namespace, policy: str, rate: float, prime, measured, percentiles) -> tuple[dict, tuple]:
+def one_run(a: argparse.Namespace, policy: str, rate: float, prime, measured, percentiles,
+            trace: list[float]) -> tuple[dict, tuple]:
     """One (policy, rate) on a stack of its own: the same prompts sent again to a running stack would hit its
     prefix cache and teach its predictor their lengths, so later runs would be flattered."""
     from services.common.local_stack import LocalStack
@@ -119,7 +121,7 @@ def one_run(a: argparse.Namespace, policy: str, rate: float, prime, measured, pe
         before, steps_before = process_cpu(stack), worker_steps(stack)
         results, duration = asyncio.run(run(measured, target, rate=rate, burstiness=a.burstiness, seed=a.seed,
                                             max_concurrency=a.max_concurrency, ignore_eos=a.ignore_eos, label=label,
-                                            trace=arrival_trace(a)))
+                                            trace=trace))
         cpu = cpu_share(before, process_cpu(stack), duration)   # a process at one core limits the run
         steps = steps_during(steps_before, worker_steps(stack))
         try:
@@ -129,8 +131,7 @@ def one_run(a: argparse.Namespace, policy: str, rate: float, prime, measured, pe
     finally:
         stack.stop()
     summary = summarize(results, duration, percentiles)
-    summary.update(label=label, policy=policy, request_rate=rate, burstiness=a.burstiness,
-                   arrival_trace=str(a.arrival_trace or ""), workers=workers,
+    summary.update(label=label, policy=policy, request_rate=rate, **arrival_fields(a), workers=workers,
                    cpu_share=cpu, step_times=steps)
     save(a.out / f"{label}.json", summary, results)
     return summary, tuple(r.normalized_s for r in results if r.ok and r.normalized_s is not None)

@@ -43,13 +43,28 @@ def test_a_traces_gaps_keep_their_shape_at_the_asked_rate(tmp_path):
     assert len(longer) == 9 and [b - a for a, b in zip(longer, longer[1:])][4:] == pytest.approx(
         [b - a for a, b in zip(longer, longer[1:])][:4])
     assert arrival_offsets(3, math.inf, 1.0, 0, trace=gaps) == [0.0] * 3
-    backwards = tmp_path / "backwards.csv"
-    backwards.write_text(AZURE_HEADER + "2023-11-16 18:15:01.0,1,1\n2023-11-16 18:15:00.0,1,1\n")
-    for bad in (backwards, trace.with_name("one.csv")):
-        if bad.name == "one.csv":
-            bad.write_text(AZURE_HEADER + "2023-11-16 18:15:01.0,1,1\n")
-        with pytest.raises(ValueError, match="arrival trace"):
-            trace_gaps(bad)
+    with pytest.raises(ValueError, match="all 0"):               # a burst at once has no rate to be scaled to
+        arrival_offsets(3, rate=2.0, burstiness=1.0, seed=0, trace=[0.0, 0.0, 1.0])
+
+
+@pytest.mark.parametrize("rows", ["2023-11-16 18:15:01.0,1,1\n2023-11-16 18:15:00.0,1,1\n",    # backwards
+                                  "2023-11-16 18:15:01.0,1,1\n"])                                # one arrival
+def test_a_file_that_is_not_an_arrival_trace_is_refused(tmp_path, rows):
+    bad = tmp_path / "bad.csv"
+    bad.write_text(AZURE_HEADER + rows)
+    with pytest.raises(ValueError, match="arrival trace"):
+        trace_gaps(bad)
+
+
+def test_the_arrival_flags_exclude_each_other_and_a_bad_trace_is_a_clear_exit(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["bench", "serve", "--dataset-name", "synthetic", "--burstiness", "0.5", "--arrival-trace", "x.csv"])
+    assert exit_.value.code == 2 and "not allowed with" in capsys.readouterr().err
+    not_a_trace = tmp_path / "lengths.json"
+    not_a_trace.write_text("[[10, 10]]")
+    with pytest.raises(SystemExit, match="--arrival-trace .*not a readable Azure LLM trace"):
+        cli_main(["--address", "127.0.0.1:1", "--api-key", "k", "bench", "serve", "--dataset-name", "synthetic",
+                  "--num-prompts", "2", "--request-rate", "5", "--arrival-trace", str(not_a_trace)])
 
 
 def result(i, out, e2e, ttft, ok=True, predicted=0):
