@@ -88,6 +88,8 @@ def test_the_mixed_share_counts_only_the_rows_in_the_window():
         window = rows[max(0, i - 15):i + 1]
         assert speed.mixed_share() == pytest.approx(sum(w.mixed_steps for w in window) / sum(w.steps for w in window))
     assert speed.mixed_share() == 0.0                        # the mixed rows have all left the window
+    with pytest.raises(ValueError, match="window"):            # too short to fit a model in
+        WorkerSpeed(window=0)
 
 
 def test_no_model_until_the_reports_separate_the_constants():
