@@ -5,7 +5,8 @@ Workloads are lengths only: a text dataset is tokenized once (its prompt and rep
 Azure trace is read as is; with more --num-prompts than the dataset has, requests are drawn from it at random
 (seeded). Every (policy, rate) gets the same requests, arrival times and predictions' noise. Chat workloads
 (`sharegpt-chat`) also carry their prompts' block keys, so the simulated workers' prefix cache finds the history
-an earlier turn of the conversation left, as the live workers' does.
+an earlier turn of the conversation left, as the live workers' does. Each (policy, rate) writes its summary JSON and
+a per-request CSV in the live runs' columns, so a simulated run can be set beside a live one request by request.
 
     python -m bench.simulate --dataset-name sharegpt --dataset-path ../shared/data/sharegpt_sample_1000.json \\
         --rates 20 30 40 --policies fcfs alise oracle --cost h200-llama3-8b --out sim
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.serve import (add_arrival_arguments, add_dataset_arguments, arrival_fields, arrival_offsets, arrival_trace,
-                         open_tokenizer)
+                         open_tokenizer, save)
 from bench.serve_metrics import summarize
 from bench.simulator.cluster import SIM_POLICIES, SimConfig, SimRequest, WorkerSpec, simulate
 from bench.simulator.cost import PRESETS, load_cost
@@ -217,7 +218,7 @@ def simulate_sweep(a: argparse.Namespace) -> list[Run]:
                            wall_s=wall, decisions=decisions, workers=a.workers, cost=cost.to_json(),
                            predictor={"kind": predictor.kind.value, "sigma": predictor.sigma},
                            repredict_sigma=probe_sigma)
-            (a.out / f"{label}.json").write_text(json.dumps(summary, indent=2))
+            save(a.out / f"{label}.json", summary, results)     # and the per-request CSV, as a live run keeps
             runs.append(Run(policy, rate, summary, tuple(r.normalized_s for r in results if r.normalized_s is not None)))
             print(f"{label}: {len(results)} requests, mean normalized {summary['normalized_latency_s']['mean']:.4f} "
                   f"s/token, p99 {summary['normalized_latency_s']['p99']:.4f}, {summary['output_throughput']:.0f} "

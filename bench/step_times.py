@@ -12,6 +12,7 @@ import urllib.request
 from dataclasses import dataclass
 
 STEP_METRIC = "alise:engine_step_seconds"
+THREAD_METRIC = "alise:engine_thread_seconds"     # the engine thread's wall time by activity (step, flush, idle, ...)
 
 
 @dataclass(frozen=True)
@@ -19,20 +20,25 @@ class StepHistogram:
     buckets: tuple[tuple[float, float], ...]     # (upper bound in seconds, steps at or under it: cumulative)
     count: float
     sum_s: float
+    thread_s: tuple[tuple[str, float], ...] = ()     # (activity, engine thread seconds spent on it: cumulative)
 
     def minus(self, earlier: "StepHistogram") -> "StepHistogram":
-        before = dict(earlier.buckets)
+        before, thread_before = dict(earlier.buckets), dict(earlier.thread_s)
         return StepHistogram(tuple((le, n - before.get(le, 0.0)) for le, n in self.buckets),
-                             self.count - earlier.count, self.sum_s - earlier.sum_s)
+                             self.count - earlier.count, self.sum_s - earlier.sum_s,
+                             tuple((a, s - thread_before.get(a, 0.0)) for a, s in self.thread_s))
 
     def summary(self) -> dict:
-        """Steps, their mean, and the share that took longer than each bucket's bound."""
+        """Steps, their mean, the share that took longer than each bucket's bound, and the engine thread's seconds
+        by activity (where a worker spent the time it was not stepping)."""
         if self.count < 0:      # a difference of two readings across a worker restart: its counters began again
             return {"error": "the worker's step counter went down between the readings (restarted?)"}
+        thread = {"engine_thread_s": dict(self.thread_s)} if self.thread_s else {}
         if self.count == 0:
-            return {"steps": 0}
+            return {"steps": 0, **thread}
         return {"steps": int(self.count), "mean_s": self.sum_s / self.count,
-                "share_over_s": {f"{le:g}": 1.0 - n / self.count for le, n in self.buckets if le != float("inf")}}
+                "share_over_s": {f"{le:g}": 1.0 - n / self.count for le, n in self.buckets if le != float("inf")},
+                **thread}
 
 
 def parse_step_histogram(text: str) -> StepHistogram:
@@ -41,8 +47,14 @@ def parse_step_histogram(text: str) -> StepHistogram:
     from prometheus_client.parser import text_string_to_metric_families
 
     buckets: dict[float, float] = {}
+    thread: dict[str, float] = {}
     count = total = 0.0
     for family in text_string_to_metric_families(text):
+        if family.name == THREAD_METRIC:
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    thread[sample.labels["activity"]] = thread.get(sample.labels["activity"], 0.0) + sample.value
+            continue
         if family.name != STEP_METRIC:
             continue
         for sample in family.samples:
@@ -53,7 +65,7 @@ def parse_step_histogram(text: str) -> StepHistogram:
                 count += sample.value
             elif sample.name.endswith("_sum"):
                 total += sample.value
-    return StepHistogram(tuple(sorted(buckets.items())), count, total)
+    return StepHistogram(tuple(sorted(buckets.items())), count, total, tuple(sorted(thread.items())))
 
 
 def read_step_histogram(port: int, host: str = "127.0.0.1", timeout_s: float = 10.0) -> StepHistogram:

@@ -63,6 +63,8 @@ def test_a_small_sweep_on_live_stacks_writes_runs_figures_and_report(tmp_path, m
             steps = summary["step_times"]["worker-0"]
             assert steps["steps"] >= 6 and steps["mean_s"] > 0, steps
             assert 0 <= steps["share_over_s"]["0.05"] <= steps["share_over_s"]["0.002"] <= 1
+            # and where the engine thread's time went, stepping or not (services/worker/metrics.EngineActivity)
+            assert steps["engine_thread_s"]["step"] >= steps["steps"] * steps["mean_s"] * 0.99, steps
     assert len(json.loads((out / "sweep.json").read_text())) == 4
     report = (out / "report.md").read_text()
     assert "| alise | 8 |" in report and "normalized_latency_vs_rate.png" in report
@@ -129,9 +131,9 @@ def test_a_saved_run_reads_back_as_it_was_measured(tmp_path):
 
 
 def test_step_times_are_the_difference_of_two_readings_of_the_workers_histogram():
-    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-    from bench.step_times import STEP_METRIC, parse_step_histogram
+    from bench.step_times import STEP_METRIC, THREAD_METRIC, parse_step_histogram
 
     registry = CollectorRegistry()
     steps = Histogram(STEP_METRIC, "steps", ["model_name"], registry=registry, buckets=(0.01, 0.05))
@@ -143,5 +145,13 @@ def test_step_times_are_the_difference_of_two_readings_of_the_workers_histogram(
     assert run["steps"] == 4 and run["mean_s"] == pytest.approx(0.125 / 4)
     assert run["share_over_s"] == {"0.01": pytest.approx(0.75), "0.05": pytest.approx(0.25)}
     assert parse_step_histogram("# a page without the metric\n").summary() == {"steps": 0}
+    # the engine thread's seconds by activity, as differences too
+    thread = Counter(THREAD_METRIC, "thread", ["model_name", "activity"], registry=registry)
+    thread.labels("m", "idle").inc(5.0)
+    first = parse_step_histogram(generate_latest(registry).decode())
+    thread.labels("m", "idle").inc(1.5)
+    thread.labels("m", "flush").inc(0.25)
+    spent = parse_step_histogram(generate_latest(registry).decode()).minus(first).summary()["engine_thread_s"]
+    assert spent == {"idle": pytest.approx(1.5), "flush": pytest.approx(0.25)}
     # read across a worker restart: the counters began again, so the difference means nothing
     assert "error" in before.minus(parse_step_histogram(generate_latest(registry).decode())).summary()

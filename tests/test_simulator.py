@@ -149,6 +149,7 @@ def test_aging_bounds_how_long_a_flood_of_short_jobs_can_hold_back_a_long_one():
 
 
 def test_the_cli_writes_each_runs_json_and_the_report(tmp_path):
+    import csv
     import json
 
     from bench.simulate import main
@@ -159,6 +160,10 @@ def test_the_cli_writes_each_runs_json_and_the_report(tmp_path):
     for label in ("fcfs-r5", "fcfs-rinf", "alise-r5", "alise-rinf"):
         summary = json.loads((tmp_path / f"{label}.json").read_text())
         assert summary["completed"] == 50 and summary["simulated"]
+        with open(tmp_path / f"{label}.csv", newline="") as f:      # per request, in the live runs' columns
+            rows = list(csv.DictReader(f))
+        assert sorted(int(r["index"]) for r in rows) == list(range(50))
+        assert all(r["ok"] == "True" and int(r["output_tokens"]) == 16 and float(r["e2e_s"]) > 0 for r in rows)
     assert "Simulation" in (tmp_path / "report.md").read_text()
     assert list(tmp_path.glob("*.png"))
 

@@ -17,6 +17,7 @@ from alise.v1 import generate_pb2 as pb
 from alise.v1 import worker_pb2 as wpb
 
 from services.worker import metrics
+from services.worker.metrics import EngineActivity
 from services.common.preempt_mode import PreemptMode
 from services.worker.engine import Engine, StepOutput
 from services.worker.sequence import Finish, Sampling, SeqStatus
@@ -68,6 +69,7 @@ class EngineLoop(threading.Thread):
         self._last_report_at = 0.0
         self._step_seconds = 0.0
         self._steps: deque[wpb.StepTotals] = deque(maxlen=STEP_SAMPLES)   # recent steps, for the next load report
+        self.clock = metrics.ActivityClock()
 
     # -- called from the asyncio side --------------------------------------------------------------
     def attach(self, loop: asyncio.AbstractEventLoop, outbox: asyncio.Queue) -> None:
@@ -92,26 +94,39 @@ class EngineLoop(threading.Thread):
 
     # -- the thread ------------------------------------------------------------------------------
     def run(self) -> None:
+        self.clock = metrics.ActivityClock()      # the thread's time starts now
         while not self.stopped.is_set():
             self._apply_commands(block=not self.engine.has_work)
             if self.engine.has_work:
                 try:
-                    self._emit_step(self.engine.step())
+                    out = self.engine.step()
+                    self.clock.charge(EngineActivity.STEP)
+                    self._emit_step(out)
+                    self.clock.charge(EngineActivity.EMIT)
                 except Exception as e:  # noqa: BLE001 - a failed step must not kill the worker silently
                     log.exception("engine step failed; dropping all jobs and telling the scheduler")
                     self._step_failed(e)
+                    self.clock.charge(EngineActivity.STEP)
             if not self.engine.has_work:
                 self._send_held()          # nothing runs: nothing may wait for a later step
             self._report()
+            self.clock.charge(EngineActivity.REPORT)
 
     def _apply_commands(self, block: bool) -> None:
         try:
-            cmd = self.commands.get(timeout=self.report_interval_s) if block else self.commands.get_nowait()
+            if block:
+                try:
+                    cmd = self.commands.get(timeout=self.report_interval_s)
+                finally:
+                    self.clock.charge(EngineActivity.IDLE)
+            else:
+                cmd = self.commands.get_nowait()
         except queue.Empty:
             return
         while cmd is not None:
             try:
                 self._apply(cmd)
+                self.clock.charge(EngineActivity.COMMANDS)
             except Exception as e:  # noqa: BLE001 - a bad command is logged, the worker keeps serving
                 log.exception("command failed: %s", describe(cmd))   # never the prompt or output itself
                 if cmd != RESET and cmd.WhichOneof("kind") == "assign":
@@ -133,8 +148,10 @@ class EngineLoop(threading.Thread):
         if kind in ("preempt", "abort"):
             # the step in flight first: its tokens (and any held back) must reach the scheduler before the
             # job is preempted or aborted
+            self.clock.charge(EngineActivity.COMMANDS)
             self._emit_step(self.engine.flush())
             self._send_held()
+            self.clock.charge(EngineActivity.FLUSH)
         if kind == "assign":
             a = cmd.assign
             self.engine.add(a.job_id, list(a.prompt_token_ids), sampling_from_proto(a.sampling),

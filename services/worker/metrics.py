@@ -2,6 +2,9 @@
 dashboards work unchanged: each worker is one engine, as a vLLM pod is."""
 from __future__ import annotations
 
+import time
+from enum import Enum
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.model_metrics import Labelled, ModelLabel
@@ -12,8 +15,8 @@ REGISTRY = CollectorRegistry()
 MODEL = ModelLabel()
 
 
-def _labelled(cls, name: str, doc: str, **kwargs) -> Labelled:
-    return Labelled(cls(name, doc, ["model_name"], registry=REGISTRY, **kwargs), MODEL)
+def _labelled(cls, name: str, doc: str, labels: tuple[str, ...] = (), **kwargs) -> Labelled:
+    return Labelled(cls(name, doc, ["model_name", *labels], registry=REGISTRY, **kwargs), MODEL)
 
 
 RUNNING = _labelled(Gauge, "vllm:num_requests_running", "Sequences holding KV and scheduled every step")
@@ -28,6 +31,38 @@ PREFIX_HITS = _labelled(Counter, "vllm:prefix_cache_hits", "Prompt tokens found 
 STEP = _labelled(Histogram, "alise:engine_step_seconds", "Wall time of one engine step",
                  # fine from 20 to 100 ms, where a GPU worker's steps under load fall (bench/step_times.py reads them)
                  buckets=(0.002, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2, 0.5, 1, 2))
+
+
+
+class EngineActivity(str, Enum):
+    """What the engine thread spends its wall time on (`alise:engine_thread_seconds`): the steps themselves, sending
+    their tokens and events, collecting the step in flight before a preempt or abort (`flush`: no step of its own,
+    and the next step starts with nothing in flight), applying the scheduler's other commands, waiting for a
+    command with no work (`idle`), and load reports."""
+    STEP = "step"
+    EMIT = "emit"
+    FLUSH = "flush"
+    COMMANDS = "commands"
+    IDLE = "idle"
+    REPORT = "report"
+
+
+ENGINE_THREAD = _labelled(Counter, "alise:engine_thread_seconds", "Engine thread wall time by activity",
+                          labels=("activity",))
+
+
+
+class ActivityClock:
+    """The engine thread's wall time, whole, split by activity: each charge gives the time since the last one."""
+
+    def __init__(self):
+        self._last = time.perf_counter()
+
+    def charge(self, activity: EngineActivity) -> None:
+        now = time.perf_counter()
+        ENGINE_THREAD.labels(activity=activity.value).inc(now - self._last)
+        self._last = now
+
 
 _last_totals: dict[Labelled, int] = {}
 
