@@ -144,6 +144,41 @@ def test_jobs_parked_after_their_first_token_resume_with_the_same_output(engine,
     assert engine.blocks.num_used == 0 and engine.load().parked == 0
 
 
+def test_a_job_parked_while_its_token_is_in_flight_parks_without_a_flush(engine, tokenizer, references):
+    """A preemption by parking does not wait for the step in flight (the worker's loop used to flush first, leaving
+    the GPU idle while the next step was prepared): the job leaves the next step's plan, parks once its token in
+    flight is collected, and resumed, continues with the same output; the other job never stops."""
+    ids = {p: tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS[:2]}
+    engine.add("p", ids[PROMPTS[0]], Sampling(max_tokens=24, ignore_eos=True))
+    engine.add("q", ids[PROMPTS[1]], Sampling(max_tokens=24, ignore_eos=True))
+    tokens: dict[str, list[int]] = {"p": [], "q": []}
+
+    def take(out):
+        for d in out.deltas:
+            tokens[d.job_id] += d.token_ids
+        return out
+    while len(tokens["p"]) < 8:
+        take(engine.step())
+    if not engine.overlap:                       # serial steps: nothing is in flight, preempt() parks it at once
+        assert not engine.park_when_sampled("p")
+        return
+    preemptions = engine.num_preemptions
+    assert engine.park_when_sampled("p") and engine.park_when_sampled("p")      # asked twice: counted once
+    assert engine.num_preemptions == preemptions + 1
+    before = len(tokens["p"])
+    out = take(engine.step())                    # launches q's next step, collects the one in flight
+    assert out.parked == ["p"] and len(tokens["p"]) == before + 1             # its token in flight, then parked
+    assert engine.load().parked == 1 and engine.blocks.num_used > 0
+    while engine.has_work:                       # q runs on alone, p gets nothing more
+        take(engine.step())
+    assert len(tokens["p"]) == before + 1 and tokens["q"] == references[PROMPTS[1]]
+    engine.add("p", ids[PROMPTS[0]], Sampling(max_tokens=24, ignore_eos=True), tokens["p"],
+               tokenizer.decode(tokens["p"]))
+    rest, _, _ = run_to_end(engine)["p"]
+    assert tokens["p"] + rest == references[PROMPTS[0]]
+    assert engine.blocks.num_used == 0 and engine.load().parked == 0
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_parked_kv_is_given_up_before_running_jobs_are_preempted(model_dir, tokenizer, references, overlap):
     """A pool of 4 blocks: a parked job holds one; the two running jobs need all four to grow. The engine drops the parked

@@ -166,6 +166,19 @@ class Engine:
         self._drop(seq)
         return True
 
+    def park_when_sampled(self, job_id: str) -> bool:
+        """Park a running job once the token now in flight for it is collected, without waiting for the step in
+        flight: the next step is planned without it and the collect that appends its token parks it (reported in
+        StepOutput.parked, after its tokens, as an early prefill's park is). False when no token of it is in
+        flight (not running, or steps are not overlapped): then `preempt` does it at once."""
+        seq = self.seqs.get(job_id)
+        if seq is None or seq.status is not SeqStatus.RUNNING or not seq.num_pending:
+            return False
+        if not seq.park_on_sample:          # an early prefill on its way to be parked is not preempted again
+            self.num_preemptions += 1
+            seq.park_on_sample = True
+        return True
+
     def preempt(self, job_id: str, mode: PreemptMode) -> PreemptMode | None:
         """Stop running a job but remember it; returns what was done (park, swap or recompute)."""
         self._settle()
