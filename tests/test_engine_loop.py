@@ -83,9 +83,10 @@ async def test_a_preemption_by_parking_follows_the_jobs_token_in_flight_without_
     loop_thread.start()
     ids = tokenizer.encode("Tell me a story.", add_special_tokens=False)
     try:
-        loop_thread.submit(assign("ref", ids, 0.0, max_tokens=24))            # the output with no preemption
+        # long enough that `a` cannot finish before the preemption reaches it on a busy machine
+        loop_thread.submit(assign("ref", ids, 0.0, max_tokens=160))           # the output with no preemption
         reference = tokens_of(await collect_until(outbox, "finished", "ref"), "ref")
-        loop_thread.submit(assign("a", ids, 0.0, max_tokens=24))
+        loop_thread.submit(assign("a", ids, 0.0, max_tokens=160))
         loop_thread.submit(assign("b", ids, 0.0, max_tokens=400))
         seen = await collect_until(outbox, "tokens", "a")
         flushed, _ = reading()
@@ -96,10 +97,10 @@ async def test_a_preemption_by_parking_follows_the_jobs_token_in_flight_without_
         assert dict(after.minus(flushed).thread_s).get("flush", 0.0) == 0.0      # it did not wait for the step
         assert engine.seqs["a"].status is SeqStatus.PARKED and engine.seqs["b"].status is SeqStatus.RUNNING
         first = tokens_of(seen, "a")          # every token it made came before the message saying it left
-        assert 0 < len(first) < 24 and first == engine.seqs["a"].output_ids
+        assert 0 < len(first) < 160 and first == engine.seqs["a"].output_ids
         # resumed as the scheduler does (the job again, with its tokens so far): the same output as uninterrupted
         loop_thread.submit(wpb.SchedulerCommand(assign=wpb.AssignJob(
-            job_id="a", prompt_token_ids=ids, output_token_ids=first, sampling=assign("a", ids, 0.0, 24).assign.sampling)))
+            job_id="a", prompt_token_ids=ids, output_token_ids=first, sampling=assign("a", ids, 0.0, 160).assign.sampling)))
         rest = tokens_of(await collect_until(outbox, "finished", "a"), "a")
         assert first + rest == reference
     finally:

@@ -148,3 +148,26 @@ def test_parked_kv_is_dropped_only_when_that_makes_room():
     assert sched.schedule().evicted == [held]
     sched, held = parked_and_free(6)                     # r holds 2: 1 free + 1 parked is not enough
     assert sched.schedule().evicted == [] and list(sched.parked) == [held]
+
+
+def test_a_job_parking_after_its_token_in_flight_is_not_recomputed_for_room():
+    """With overlapped steps a job ordered to park keeps running until its token in flight is collected. A job that
+    needs room meanwhile waits one step and then takes the parked KV; it used to recompute the parking job (the
+    newest running) at once, which then came back as a prefill nobody asked for."""
+    blocks = BlockManager(num_blocks=2, block_size=4)
+    sched = StepScheduler(blocks, max_batch=4, token_budget=16, max_model_len=8)
+    a, b = seq("a", 4), seq("b", 4)
+    sched.add(a), sched.add(b)
+    assert len(sched.schedule().chunks) == 2 and blocks.num_free == 0
+    for s in (a, b):                    # launched: each sampled a token, still on the device
+        s.num_pending = 1
+    b.park_on_sample = True             # the scheduler's preemption by parking (Engine.park_when_sampled)
+    plan = sched.schedule()             # a needs a second block for its next token: none is free
+    assert plan.chunks == [] and plan.preempted == [] and plan.evicted == []
+    assert list(sched.running) == [a, b] and blocks.num_blocks_of("b") == 1
+    for s in (a, b):                    # the step in flight is collected: b parks
+        s.num_pending = 0
+        s.output_ids.append(7)
+    assert sched.park(b)
+    plan = sched.schedule()
+    assert plan.evicted == [b] and plan.preempted == [] and [(c.seq, c.num_tokens) for c in plan.chunks] == [(a, 1)]

@@ -124,6 +124,7 @@ class Engine:
         self._preempted_features: OrderedDict[str, object] = OrderedDict()
         self.detok: dict[str, IncrementalDetokenizer] = {}
         self.num_preemptions = 0
+        self._parks_ordered: set[str] = set()        # jobs the scheduler preempted by parking, until they park
         self._in_flight: LaunchedStep | None = None
         self._settled = StepOutput()                 # outputs of a step settled by a command, not yet returned
 
@@ -175,7 +176,7 @@ class Engine:
         if seq is None or seq.status is not SeqStatus.RUNNING or not seq.num_pending:
             return False
         if not seq.park_on_sample:          # an early prefill on its way to be parked is not preempted again
-            self.num_preemptions += 1
+            self._parks_ordered.add(job_id)     # counted as a preemption when it parks (its token may finish it)
             seq.park_on_sample = True
         return True
 
@@ -207,6 +208,7 @@ class Engine:
         """Drop every job and whatever the device was computing for them (the session ended, or a step
         failed and the scheduler requeues them): nothing in flight is waited for."""
         self._in_flight, self._settled = None, StepOutput()
+        self._parks_ordered.clear()
         for seq in list(self.seqs.values()):
             self._drop(seq)
         self.sched.forget_cached()
@@ -216,6 +218,7 @@ class Engine:
             self.runner.cache.copy_in(moves)
 
     def _drop(self, seq: Sequence) -> None:
+        self._parks_ordered.discard(seq.job_id)
         self.sched.drop(seq)
         self.runner.release(seq.job_id)
         self.seqs.pop(seq.job_id, None)
@@ -339,6 +342,9 @@ class Engine:
             out.finished.append((seq.job_id, finish))
         elif seq.park_on_sample and self.sched.park(seq):
             out.parked.append(seq.job_id)
+            if seq.job_id in self._parks_ordered:
+                self._parks_ordered.discard(seq.job_id)
+                self.num_preemptions += 1
 
     def _finish_reason(self, seq: Sequence, token: int, detok: IncrementalDetokenizer) -> Finish | None:
         if detok.stopped or (token in self.eos_ids and not seq.sampling.ignore_eos):

@@ -140,16 +140,22 @@ class StepScheduler:
                 continue
             if seq.park_on_sample and not self.blocks.can_grow(seq.job_id, seq.num_computed + n):
                 continue                         # on its way to be parked: it never takes KV from others, it waits
+            waits = False
             while not self.blocks.can_grow(seq.job_id, seq.num_computed + n):
                 if self.parked:
                     evicted.append(self._evict_parked())
                     continue
+                if self._parking_soon():
+                    # one parks as its token in flight is collected: its KV becomes parked KV, given up first, next
+                    # step; recomputing it (or this one) now would throw away work a one-step wait saves
+                    waits = True
+                    break
                 victim = next(reversed(self.running))
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is seq:
                     break
-            if seq in self.running:
+            if seq in self.running and not waits:
                 self.blocks.grow(seq.job_id, seq.num_computed + n)
                 chunks.append(self._plan_chunk(seq, n))
                 budget -= n
@@ -223,6 +229,10 @@ class StepScheduler:
         self.blocks.free(seq.job_id)
         seq.reset_for_recompute()
         return seq
+
+    def _parking_soon(self) -> bool:
+        """A running sequence will park when the step in flight is collected (ordered to, or after its first token)."""
+        return any(s.park_on_sample and s.num_pending for s in self.running)
 
     def _preempt(self, seq: Sequence) -> None:
         del self.running[seq]
