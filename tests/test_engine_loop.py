@@ -13,12 +13,11 @@ from prometheus_client import generate_latest
 from bench.step_times import parse_step_histogram
 from services.worker import metrics
 from services.worker.config import WorkerConfig
-from services.worker.engine_loop import EngineLoop
 from services.worker.factory import build_engine
 from services.worker.metrics import EngineActivity
 from services.worker.sequence import SeqStatus
 from services.worker.engine_loop import outgoing_message
-from tests.test_step_failure import assign, next_message
+from tests.test_step_failure import assign, engine_loop_running, next_message
 
 
 def reading():
@@ -27,11 +26,7 @@ def reading():
 
 async def test_the_engine_threads_time_is_accounted_for_by_activity(model_dir, tokenizer):
     engine = build_engine(WorkerConfig(model_dir=str(model_dir), num_blocks=64, max_batch=8, token_budget=128))
-    loop_thread = EngineLoop(engine, report_interval_s=0.1)
-    outbox: asyncio.Queue = asyncio.Queue()
-    loop_thread.attach(asyncio.get_running_loop(), outbox)
-    loop_thread.start()
-    try:
+    async with engine_loop_running(engine) as (loop_thread, outbox):
         await asyncio.sleep(0.3)          # the thread is up and idle: its clock runs from its start
         before, t0 = reading()
         ids = tokenizer.encode("Tell me a story.", add_special_tokens=False)
@@ -43,9 +38,6 @@ async def test_the_engine_threads_time_is_accounted_for_by_activity(model_dir, t
         await next_message(outbox, "finished", "b")
         await asyncio.sleep(0.5)          # idle again
         after, t1 = reading()
-    finally:
-        loop_thread.stop()
-        loop_thread.join(30)
     run = after.minus(before)
     spent = dict(run.thread_s)
     assert set(spent) == {a.value for a in EngineActivity}, spent
@@ -77,12 +69,8 @@ def tokens_of(messages, job_id: str) -> list[int]:
 async def test_a_preemption_by_parking_follows_the_jobs_token_in_flight_without_a_flush(model_dir, tokenizer):
     engine = build_engine(WorkerConfig(model_dir=str(model_dir), num_blocks=64, max_batch=8, token_budget=128))
     engine.overlap = True                 # as on a GPU: step N+1 is launched before step N is collected
-    loop_thread = EngineLoop(engine, report_interval_s=0.1)
-    outbox: asyncio.Queue = asyncio.Queue()
-    loop_thread.attach(asyncio.get_running_loop(), outbox)
-    loop_thread.start()
     ids = tokenizer.encode("Tell me a story.", add_special_tokens=False)
-    try:
+    async with engine_loop_running(engine) as (loop_thread, outbox):
         # long enough that `a` cannot finish before the preemption reaches it on a busy machine
         loop_thread.submit(assign("ref", ids, 0.0, max_tokens=160))           # the output with no preemption
         reference = tokens_of(await collect_until(outbox, "finished", "ref"), "ref")
@@ -103,6 +91,3 @@ async def test_a_preemption_by_parking_follows_the_jobs_token_in_flight_without_
             job_id="a", prompt_token_ids=ids, output_token_ids=first, sampling=assign("a", ids, 0.0, 160).assign.sampling)))
         rest = tokens_of(await collect_until(outbox, "finished", "a"), "a")
         assert first + rest == reference
-    finally:
-        loop_thread.stop()
-        loop_thread.join(30)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from alise.v1 import generate_pb2 as pb
@@ -21,6 +22,20 @@ def assign(job_id: str, prompt_ids: list[int], temperature: float, max_tokens: i
         temperature=temperature, max_tokens=max_tokens, ignore_eos=True)))
 
 
+@contextlib.asynccontextmanager
+async def engine_loop_running(engine):
+    """The engine on its own thread, its messages arriving in the returned outbox, stopped at the end."""
+    loop_thread = EngineLoop(engine, report_interval_s=0.1)
+    outbox: asyncio.Queue = asyncio.Queue()
+    loop_thread.attach(asyncio.get_running_loop(), outbox)
+    loop_thread.start()
+    try:
+        yield loop_thread, outbox
+    finally:
+        loop_thread.stop()
+        loop_thread.join(30)
+
+
 async def next_message(outbox: asyncio.Queue, kind: str, job_id: str | None = None):
     while True:
         msg = outgoing_message(await asyncio.wait_for(outbox.get(), 120))
@@ -30,11 +45,7 @@ async def next_message(outbox: asyncio.Queue, kind: str, job_id: str | None = No
 
 async def test_worker_reports_a_failed_step_with_every_job_it_held(model_dir, tokenizer):
     engine = build_engine(WorkerConfig(model_dir=str(model_dir), num_blocks=64, max_batch=8, token_budget=128))
-    loop_thread = EngineLoop(engine, report_interval_s=0.1)
-    outbox: asyncio.Queue = asyncio.Queue()
-    loop_thread.attach(asyncio.get_running_loop(), outbox)
-    loop_thread.start()
-    try:
+    async with engine_loop_running(engine) as (loop_thread, outbox):
         ids = tokenizer.encode("Tell me a story.", add_special_tokens=False)
         # a job swapped out before the failure is back in the scheduler's queue already: not reported as failed,
         # but its swapped KV, which the failure drops, is
@@ -67,9 +78,6 @@ async def test_worker_reports_a_failed_step_with_every_job_it_held(model_dir, to
         loop_thread.submit(assign("twice", ids, 0.0))
         assert list((await next_message(outbox, "step_failed")).job_ids) == ["twice"]
         assert "twice" not in engine.seqs
-    finally:
-        loop_thread.stop()
-        loop_thread.join(30)
 
 
 async def test_what_a_failing_step_settled_before_it_raised_is_still_reported(model_dir, tokenizer):
