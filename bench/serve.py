@@ -39,9 +39,10 @@ def arrival_offsets(n: int, rate: float, burstiness: float, seed: int, trace: Se
         return [0.0] * n
     if trace:
         gaps = [trace[i % len(trace)] for i in range(max(n - 1, 0))]
-        if gaps and sum(gaps) <= 0:
+        total = sum(gaps)
+        if gaps and total <= 0:
             raise ValueError(f"the trace's first {len(gaps)} gaps are all 0: they cannot be scaled to a rate")
-        scale = len(gaps) / (rate * sum(gaps)) if gaps else 0.0
+        scale = len(gaps) / (rate * total) if gaps else 0.0
         return [0.0, *accumulate(g * scale for g in gaps)][:n]
     rng = random.Random(seed)
     t, out = 0.0, []

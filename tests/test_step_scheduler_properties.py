@@ -161,7 +161,7 @@ def test_a_job_parking_after_its_token_in_flight_is_not_recomputed_for_room():
     assert len(sched.schedule().chunks) == 2 and blocks.num_free == 0
     for s in (a, b):                    # launched: each sampled a token, still on the device
         s.num_pending = 1
-    b.park_on_sample = True             # the scheduler's preemption by parking (Engine.park_when_sampled)
+    assert sched.park_after_sample(b)   # the scheduler's preemption by parking (Engine.park_when_sampled)
     plan = sched.schedule()             # a needs a second block for its next token: none is free
     assert plan.chunks == [] and plan.preempted == [] and plan.evicted == []
     assert list(sched.running) == [a, b] and blocks.num_blocks_of("b") == 1

@@ -173,11 +173,11 @@ class Engine:
         StepOutput.parked, after its tokens, as an early prefill's park is). False when no token of it is in
         flight (not running, or steps are not overlapped): then `preempt` does it at once."""
         seq = self.seqs.get(job_id)
-        if seq is None or seq.status is not SeqStatus.RUNNING or not seq.num_pending:
+        early_prefill = seq is not None and seq.park_on_sample      # on its way to be parked already: not preempted
+        if seq is None or not self.sched.park_after_sample(seq):
             return False
-        if not seq.park_on_sample:          # an early prefill on its way to be parked is not preempted again
+        if not early_prefill:
             self._parks_ordered.add(job_id)     # counted as a preemption when it parks (its token may finish it)
-            seq.park_on_sample = True
         return True
 
     def preempt(self, job_id: str, mode: PreemptMode) -> PreemptMode | None:

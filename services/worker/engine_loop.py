@@ -94,7 +94,6 @@ class EngineLoop(threading.Thread):
 
     # -- the thread ------------------------------------------------------------------------------
     def run(self) -> None:
-        self.clock = metrics.ActivityClock()      # the thread's time starts now
         while not self.stopped.is_set():
             self._apply_commands(block=not self.engine.has_work)
             if self.engine.has_work:
@@ -131,8 +130,7 @@ class EngineLoop(threading.Thread):
                 log.exception("command failed: %s", describe(cmd))   # never the prompt or output itself
                 if cmd != RESET and cmd.WhichOneof("kind") == "assign":
                     # a job this worker could not take must not stay "running" here in the scheduler's eyes
-                    self._emit_step(self.engine.flush())
-                    self._send_held()
+                    self._flush()
                     self.engine.abort(cmd.assign.job_id)
                     self._report_failed([cmd.assign.job_id], e)
             try:
@@ -145,36 +143,40 @@ class EngineLoop(threading.Thread):
             self._reset()
             return
         kind = cmd.WhichOneof("kind")
-        if (kind == "preempt" and PreemptMode.from_wire(cmd.preempt.mode) is PreemptMode.PARK
-                and self.engine.park_when_sampled(cmd.preempt.job_id)):
-            # No flush: waiting for the step in flight would leave the GPU idle while the next step is prepared
-            # (once per preemption, ~2% of a busy H200 worker's time under alise). The job parks when its token in
-            # flight is collected, and its `preempted` message follows that token (_emit_step, out.parked).
-            return
-        if kind in ("preempt", "abort"):
-            # the step in flight first: its tokens (and any held back) must reach the scheduler before the
-            # job is preempted or aborted
-            self.clock.charge(EngineActivity.COMMANDS)
-            self._emit_step(self.engine.flush())
-            self._send_held()
-            self.clock.charge(EngineActivity.FLUSH)
         if kind == "assign":
             a = cmd.assign
             self.engine.add(a.job_id, list(a.prompt_token_ids), sampling_from_proto(a.sampling),
                             list(a.output_token_ids), a.output_text, a.park_after_first_token)
         elif kind == "preempt":
-            asked = PreemptMode.from_wire(cmd.preempt.mode)
-            self.batcher.forget(cmd.preempt.job_id)
-            if (done := self.engine.preempt(cmd.preempt.job_id, asked)) is not None:
-                self._send(wpb.WorkerMessage(preempted=wpb.JobPreempted(job_id=cmd.preempt.job_id,
-                                                                        mode=done.wire)))
+            self._preempt(cmd.preempt)
         elif kind == "abort":
+            self._flush()
             self.batcher.forget(cmd.abort.job_id)
             self.engine.abort(cmd.abort.job_id)
         elif kind == "drain":
             self._send_held()
             self.draining = True
             self._last_report = None
+
+    def _preempt(self, p: wpb.PreemptJob) -> None:
+        asked = PreemptMode.from_wire(p.mode)
+        if asked is PreemptMode.PARK and self.engine.park_when_sampled(p.job_id):
+            # No flush: waiting for the step in flight would leave the GPU idle while the next step is prepared
+            # (a step's host planning and launch, 5-8 ms on an H200, per preemption). The job parks when its token
+            # in flight is collected, and its `preempted` message follows that token (_emit_step, out.parked).
+            return
+        self._flush()
+        self.batcher.forget(p.job_id)
+        if (done := self.engine.preempt(p.job_id, asked)) is not None:
+            self._send(wpb.WorkerMessage(preempted=wpb.JobPreempted(job_id=p.job_id, mode=done.wire)))
+
+    def _flush(self) -> None:
+        """The step in flight first: its tokens (and any held back) must reach the scheduler before a job is
+        preempted, aborted or refused."""
+        self.clock.charge(EngineActivity.COMMANDS)
+        self._emit_step(self.engine.flush())
+        self._send_held()
+        self.clock.charge(EngineActivity.FLUSH)
 
     def _step_failed(self, error: Exception) -> None:
         """Every job the engine held is dropped; the scheduler decides what happens to each of them. Swapped

@@ -33,7 +33,6 @@ STEP = _labelled(Histogram, "alise:engine_step_seconds", "Wall time of one engin
                  buckets=(0.002, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2, 0.5, 1, 2))
 
 
-
 class EngineActivity(str, Enum):
     """What the engine thread spends its wall time on (`alise:engine_thread_seconds`): the steps themselves, sending
     their tokens and events, collecting the step in flight before a preempt or abort (`flush`: no step of its own,
@@ -49,7 +48,6 @@ class EngineActivity(str, Enum):
 
 ENGINE_THREAD = _labelled(Counter, "alise:engine_thread_seconds", "Engine thread wall time by activity",
                           labels=("activity",))
-
 
 
 class ActivityClock:

@@ -76,6 +76,14 @@ class StepScheduler:
         self.parked[seq] = None
         return True
 
+    def park_after_sample(self, seq: Sequence) -> bool:
+        """Park a running sequence once its token in flight is collected (planned without it until then); False if
+        it has no token in flight or is not running (then nothing changes)."""
+        if seq.status is not SeqStatus.RUNNING or not seq.num_pending:
+            return False
+        seq.park_on_sample = True
+        return True
+
     def unpark(self, seq: Sequence) -> None:
         del self.parked[seq]
         self.resume(seq)
@@ -132,6 +140,7 @@ class StepScheduler:
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
         evicted: list[Sequence] = []
+        parking_soon = None                      # found on the first need: nothing below changes it
         for seq in list(self.running):
             if seq not in self.running:          # preempted by an earlier iteration of this loop
                 continue
@@ -145,7 +154,9 @@ class StepScheduler:
                 if self.parked:
                     evicted.append(self._evict_parked())
                     continue
-                if self._parking_soon():
+                if parking_soon is None:
+                    parking_soon = self._parking_soon()
+                if parking_soon:
                     # one parks as its token in flight is collected: its KV becomes parked KV, given up first, next
                     # step; recomputing it (or this one) now would throw away work a one-step wait saves
                     waits = True
