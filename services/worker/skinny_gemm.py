@@ -40,6 +40,7 @@ except ImportError:  # CPU-only installs never take this path (model_runner chec
     triton = None
 
 
+MAX_TILE_ROWS = 64  # rows one program's tile holds (the decode layers use the kernel up to MAX_ROWS)
 MAX_ROWS = 16     # one tensor-core row tile: the norm prologue is recomputed by every column tile, which is
                   # free at 16 rows and costs more than the kernels it saves at 32-64 (docs/BENCHMARKS.md)
 
@@ -198,7 +199,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, *, epilogue: Epilogue = Epil
     zero [M]: a buffer the kernel sets to zero (for a later epilogue)."""
     silu = epilogue == Epilogue.SILU_MUL
     m, n, k = x.shape[0], w.shape[0] // (2 if silu else 1), w.shape[1]
-    assert x.stride(1) == 1 and w.stride(1) == 1 and x.shape[1] == k and m <= MAX_ROWS
+    assert x.stride(1) == 1 and w.stride(1) == 1 and x.shape[1] == k and m <= MAX_TILE_ROWS
     cfg = fit(config or config_for(m, n, k, torch.cuda.get_device_name(x.device)), k, w_tiles=2 if silu else 1)
     out = torch.empty(m, n, dtype=out_dtype or w.dtype, device=x.device)
     if epilogue == Epilogue.RESIDUAL:
