@@ -7,6 +7,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 import torch
 from alise.v1 import generate_pb2 as pb
 from transformers import AutoConfig
@@ -54,7 +55,7 @@ def probe_features(model_dir, prompts: list[str]) -> list[np.ndarray]:
     scheduler's tokenization: no special tokens added)."""
     engine = make_engine(model_dir)
     for i, p in enumerate(prompts):
-        engine.add(f"f{i}", engine.tokenizer.encode(p, add_special_tokens=False), Sampling(max_tokens=2))
+        engine.add(f"f{i}", engine.tokenizer.encode(p, add_special_tokens=False), Sampling(max_tokens=2, ignore_eos=True))
     engine.step()                                  # the prompts' step: their features are taken
     engine.flush()
     return [engine.probe_features[f"f{i}"].copy() for i in range(len(prompts))]
@@ -72,17 +73,18 @@ def probe_that_knows(model_dir, path, lengths: dict[str, int]):
     return path
 
 
-def test_a_running_job_the_probe_finds_long_is_parked_for_a_short_one(stack_factory, model_dir, tmp_path):
+@pytest.mark.parametrize("probe", [True, False])
+def test_a_running_job_the_probe_finds_long_is_parked_for_a_short_one(stack_factory, model_dir, tmp_path, probe):
     # One decode slot. The long job starts first; the short one arrives while it decodes. By their prompts alone
     # (the predictor's prior, bounded by max_tokens: 128 against 64) the long job is only 2x longer, under
-    # alise's preempt ratio (4): without re-estimation it would run to its end first. The probe estimates the
-    # long job at 128 and the short one at 3 once each prompt is read (the short one is prefilled early, as it
-    # must wait for a slot), so the long job is parked and the short one finishes first.
+    # alise's preempt ratio (4): without re-estimation it runs to its end first (probe=False, the control). The
+    # probe estimates the long job at 128 and the short one at 3 once each prompt is read (the short one is
+    # prefilled early, as it must wait for a slot), so the long job is parked and the short one finishes first.
     state = probe_that_knows(model_dir, tmp_path / "probe.npz", {LONG_PROMPT: 400, SHORT_PROMPT: 3})
+    probe_args = ["--length-probe-path", str(state), "--length-probe-read-only"] if probe else ["--length-probe-layer=-2"]
     stack = stack_factory(scheduler_args=["--policy", "alise", "--park-wait-factor", "0",
                                           "--predictor-timeout-s", "60"],
-                          worker_args=["--max-batch", "1", "--length-probe-path", str(state),
-                                       "--length-probe-read-only"])
+                          worker_args=["--max-batch", "1", *probe_args])
     stub = stub_for(stack)
     tag = str(time.time_ns())
     order, done = [], {}
@@ -103,9 +105,14 @@ def test_a_running_job_the_probe_finds_long_is_parked_for_a_short_one(stack_fact
     short_job.start()
     for t in (long_job, short_job):
         t.join(300)
-    assert order == ["short", "long"], order
-    assert done["long"].timings.repredicted_output_tokens == 128          # 400, bounded by max_tokens
-    assert 1 <= done["short"].timings.repredicted_output_tokens <= 6      # ~3
-    assert done["long"].timings.num_preemptions >= 1
     assert done["long"].usage.completion_tokens == 128 and done["short"].usage.completion_tokens == 64
+    if probe:
+        assert order == ["short", "long"], order
+        assert done["long"].timings.repredicted_output_tokens == 128          # 400, bounded by max_tokens
+        assert 1 <= done["short"].timings.repredicted_output_tokens <= 6      # ~3
+        assert done["long"].timings.num_preemptions >= 1
+    else:
+        assert order == ["long", "short"], order
+        assert done["long"].timings.num_preemptions == 0
+        assert done["long"].timings.repredicted_output_tokens == 0
     wait_until(lambda: kv_idle(stub), timeout=10)
