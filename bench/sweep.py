@@ -24,7 +24,12 @@ from bench.sweep_report import Run, markdown, plot
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_workload_arguments(p)
-    p.add_argument("--policies", nargs="+", default=["fcfs", "alise"])
+    p.add_argument("--policies", nargs="+", default=["fcfs", "alise"],
+                   help="policies to run; POLICY@VARIANT runs POLICY with VARIANT's --variant-worker-arg flags, as a "
+                        "run of its own (e.g. alise@noprobe), so variants alternate with the policies")
+    p.add_argument("--variant-worker-arg", action="append", default=[], metavar="VARIANT=FLAG",
+                   help="an extra worker flag for runs of POLICY@VARIANT only (repeat), e.g. "
+                        "--variant-worker-arg=noprobe=--length-probe-layer=-2")
     p.add_argument("--rates", nargs="+", type=float, required=True, help="request rates (req/s) to sweep")
     p.add_argument("--prime", type=int, default=20, help="requests sent at once before a policy's runs")
     p.add_argument("--workers", type=int, default=1)
@@ -48,6 +53,8 @@ def sweep(a: argparse.Namespace) -> list[Run]:
     prime, measured = workload[:a.prime], workload[a.prime:]
     percentiles = [float(x) for x in a.percentiles.split(",")]
     trace = arrival_trace(a)           # read (and checked) once, before any stack starts
+    for spec in a.policies:            # a variant without flags fails now, not after the runs before it
+        variant_flags(spec, a.variant_worker_arg)
     runs = []
     for policy, rate in run_order(a.policies, a.rates, a.alternate):
         saved = load_run(a.out, policy, rate) if a.resume else None
@@ -64,6 +71,18 @@ def run_order(policies: list[str], rates: list[float], alternate: bool) -> list[
     if not alternate:
         return [(p, r) for p in policies for r in rates]
     return [(p, r) for i, r in enumerate(rates) for p in (policies if i % 2 == 0 else policies[::-1])]
+
+
+def variant_flags(spec: str, variant_args: list[str]) -> tuple[str, list[str]]:
+    """'POLICY@VARIANT' -> (POLICY, the worker flags given for VARIANT); a plain 'POLICY' has none. A variant with
+    no flags is refused: it would run the plain policy under another name."""
+    policy, _, variant = spec.partition("@")
+    if not variant:
+        return policy, []
+    flags = [arg.partition("=")[2] for arg in variant_args if arg.partition("=")[0] == variant]
+    if not flags:
+        raise ValueError(f"policy {spec!r}: no --variant-worker-arg {variant}=FLAG given")
+    return policy, flags
 
 
 def run_label(policy: str, rate: float) -> str:
@@ -105,12 +124,13 @@ def one_run(a: argparse.Namespace, policy: str, rate: float, prime, measured, pe
     from services.common.local_stack import LocalStack
 
     label = run_label(policy, rate)
+    policy_name, variant_args = variant_flags(policy, a.variant_worker_arg)
     # with ignore_eos each request's max_tokens is its true length: the scheduler must not predict with it
     blind = ["--no-predict-within-max-tokens"] if a.ignore_eos else []
     # predictor and length probe learn online within the run but never save it: runs must not teach each other
     stack = LocalStack(log_dir=a.out / f"stack-{label}", num_workers=a.workers,
-                       worker_args=["--length-probe-read-only", *a.worker_arg],
-                       scheduler_args=["--policy", policy, *blind, *a.scheduler_arg],
+                       worker_args=["--length-probe-read-only", *a.worker_arg, *variant_args],
+                       scheduler_args=["--policy", policy_name, *blind, *a.scheduler_arg],
                        predictor_args=["--read-only", *a.predictor_arg], worker_metrics=True).start(timeout_s=900)
     try:
         target = Target(stack.address, stack.api_key, str(stack.tls_files.ca) if stack.tls_files else "",

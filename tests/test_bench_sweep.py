@@ -111,6 +111,17 @@ def test_alternate_order_runs_rate_by_rate_and_reverses_the_policies_every_other
         ("fcfs", 1.0), ("alise", 1.0), ("alise", 2.0), ("fcfs", 2.0), ("fcfs", 3.0), ("alise", 3.0)]
 
 
+def test_a_policy_variant_runs_the_policy_with_its_own_worker_flags():
+    from bench.sweep import variant_flags
+
+    args = ["noprobe=--length-probe-layer=-2", "big=--num-blocks=2048", "noprobe=--max-batch=8"]
+    assert variant_flags("alise", args) == ("alise", [])
+    assert variant_flags("alise@noprobe", args) == ("alise", ["--length-probe-layer=-2", "--max-batch=8"])
+    assert variant_flags("fcfs@big", args) == ("fcfs", ["--num-blocks=2048"])
+    with pytest.raises(ValueError, match="no --variant-worker-arg typo=FLAG"):
+        variant_flags("alise@typo", args)
+
+
 def test_a_saved_run_reads_back_as_it_was_measured(tmp_path):
     from bench.serve import save
     from bench.sweep import load_run
