@@ -43,7 +43,7 @@ def check(device) -> dict:
     gen = torch.Generator(device=device).manual_seed(0)
     out = {}
     n, k, eps = 1024, 4096, 1e-5
-    for m in (1, 5, 16):
+    for m in (1, 5, 16, 64):        # 64: the largest tile skinny_linear takes (MAX_TILE_ROWS)
         rnd = lambda *s: torch.randn(*s, generator=gen, device=device, dtype=torch.bfloat16)    # noqa: E731
         w, x, r, nw = rnd(n, k) * 0.02, rnd(m, k), rnd(m, n), rnd(k) * 0.1 + 1
         ref = F.linear(x, w)

@@ -87,8 +87,11 @@ def _tuned(device_name: str) -> dict:
 
 
 def default_config(m: int, n: int, k: int) -> TileConfig:
-    """Enough column tiles to give every SM work, K chunks deep enough to keep loads in flight."""
-    return TileConfig(block_m_for(m), 32 if n <= 8192 else 64, 256, 4, 4)
+    """Enough column tiles to give every SM work, K chunks deep enough to keep loads in flight. Row tiles past
+    MAX_ROWS take K chunks of 128 (what the tuner chose there on the H200): 256 overflows shared memory at 64 rows,
+    where Triton's pipeline holds one buffer more than `shared_memory` counts."""
+    block_m = block_m_for(m)
+    return TileConfig(block_m, 32 if n <= 8192 else 64, 256 if block_m <= MAX_ROWS else 128, 4, 4)
 
 
 def config_for(m: int, n: int, k: int, device_name: str) -> TileConfig:
