@@ -79,6 +79,8 @@ def variant_flags(spec: str, variant_args: list[str]) -> tuple[str, list[str]]:
     policy, _, variant = spec.partition("@")
     if not variant:
         return policy, []
+    if bad := [arg for arg in variant_args if not all(arg.partition("="))]:
+        raise ValueError(f"--variant-worker-arg {bad[0]!r}: expected VARIANT=FLAG")
     flags = [arg.partition("=")[2] for arg in variant_args if arg.partition("=")[0] == variant]
     if not flags:
         raise ValueError(f"policy {spec!r}: no --variant-worker-arg {variant}=FLAG given")

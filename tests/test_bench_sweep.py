@@ -120,6 +120,9 @@ def test_a_policy_variant_runs_the_policy_with_its_own_worker_flags():
     assert variant_flags("fcfs@big", args) == ("fcfs", ["--num-blocks=2048"])
     with pytest.raises(ValueError, match="no --variant-worker-arg typo=FLAG"):
         variant_flags("alise@typo", args)
+    for bad in ("noprobe", "noprobe=", "=--max-batch=8"):     # no flag, or no variant: refused, not passed on
+        with pytest.raises(ValueError, match="expected VARIANT=FLAG"):
+            variant_flags("alise@noprobe", [*args, bad])
 
 
 def test_a_saved_run_reads_back_as_it_was_measured(tmp_path):
