@@ -1,6 +1,7 @@
 """Small client-side helpers for the end-to-end tests."""
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -42,6 +43,33 @@ def generate(stub, req: pb.GenerateRequest, timeout: float = 120) -> tuple[list[
         else:
             final = resp.complete
     return tokens, text, final
+
+
+def first_then_others(stub, first: tuple[str, pb.GenerateRequest], others: list[tuple[str, pb.GenerateRequest]],
+                      timeout: float = 300) -> tuple[list[str], dict[str, tuple]]:
+    """Start `first`, wait until it decodes, then send `others` at once; returns the names in the order their
+    generations completed and each one's (token ids, text, final message)."""
+    order: list[str] = []
+    results: dict[str, tuple] = {}
+    lock = threading.Lock()
+
+    def one(name: str, req: pb.GenerateRequest) -> None:
+        out = generate(stub, req, timeout=timeout)
+        with lock:
+            order.append(name)
+            results[name] = out
+
+    threads = [threading.Thread(target=one, args=first)]
+    threads[0].start()
+    first_id = first[1].request_id
+    wait_until(lambda: job_status(stub, first_id) == pb.JOB_STATUS_RUNNING, 60, 0.02)
+    wait_until(lambda: len(stub.GetJob(pb.GetJobRequest(request_id=first_id)).token_ids) > 0, 120, 0.05)
+    for named in others:
+        threads.append(threading.Thread(target=one, args=named))
+        threads[-1].start()
+    for t in threads:
+        t.join(timeout)
+    return order, results
 
 
 def wait_until(predicate, timeout: float = 30, interval: float = 0.1):

@@ -3,38 +3,37 @@ run) estimates each job's length when it reads the prompt, the scheduler keeps i
 it: a running job the probe finds long is parked for a waiting one it finds short."""
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
 import pytest
 import torch
-from alise.v1 import generate_pb2 as pb
 from transformers import AutoConfig
 
 from services.worker.config import WorkerConfig
 from services.worker.factory import probe_model_key
-from services.worker.length_probe import MIN_OBSERVATIONS, LengthProbe
+from services.worker.length_probe import DIMS, MIN_OBSERVATIONS, LengthProbe
 from services.worker.sequence import Sampling
-from tests.helpers import generate, job_status, kv_idle, request, stub_for, wait_until
+from tests.helpers import first_then_others, generate, kv_idle, request, stub_for, wait_until
 from tests.test_engine import make_engine
 
 
-def trained_probe_file(model_dir, path):
-    """A probe state as a worker saves it, for SmolLM2's middle layer (the worker's default). It learned nothing
-    but the mean, so it estimates exactly 100 tokens for any prompt."""
+def saved_probe(model_dir, path, examples: list[tuple[np.ndarray, int]]):
+    """A probe state as a worker saves it, for SmolLM2's middle layer (the worker's default), that learned each
+    (features, output tokens) example as often as it must to start estimating."""
     cfg = AutoConfig.from_pretrained(model_dir)
     key = probe_model_key(WorkerConfig(model_dir=str(model_dir)), cfg)
     probe = LengthProbe(cfg.hidden_size, cfg.num_hidden_layers // 2, torch.device("cpu"), torch.float32, path=path,
                         model=key)
-    for _ in range(MIN_OBSERVATIONS):
-        probe.observe(np.zeros(probe.dims), 100)
+    for i in range(MIN_OBSERVATIONS):
+        probe.observe(*examples[i % len(examples)])
     probe.save(path)
     return path
 
 
 def test_the_workers_estimate_reaches_the_job(stack_factory, model_dir, tmp_path):
-    state = trained_probe_file(model_dir, tmp_path / "probe.npz")
+    # it learned nothing but the mean, so it estimates exactly 100 tokens for any prompt
+    state = saved_probe(model_dir, tmp_path / "probe.npz", [(np.zeros(DIMS), 100)])
     stack = stack_factory(worker_args=["--length-probe-path", str(state)])
     stub = stub_for(stack)
     _, _, done = generate(stub, request("Tell me about the sea.", "probe-1", 6, ignore_eos=True))
@@ -61,18 +60,6 @@ def probe_features(model_dir, prompts: list[str]) -> list[np.ndarray]:
     return [engine.probe_features[f"f{i}"].copy() for i in range(len(prompts))]
 
 
-def probe_that_knows(model_dir, path, lengths: dict[str, int]):
-    """A saved probe state that learned each prompt's output length (as if each had stopped there 32 times)."""
-    cfg = AutoConfig.from_pretrained(model_dir)
-    probe = LengthProbe(cfg.hidden_size, cfg.num_hidden_layers // 2, torch.device("cpu"), torch.float32, path=path,
-                        model=probe_model_key(WorkerConfig(model_dir=str(model_dir)), cfg))
-    for features, n in zip(probe_features(model_dir, list(lengths)), lengths.values()):
-        for _ in range(MIN_OBSERVATIONS // 2):
-            probe.observe(features, n)
-    probe.save(path)
-    return path
-
-
 @pytest.mark.parametrize("probe", [True, False])
 def test_a_running_job_the_probe_finds_long_is_parked_for_a_short_one(stack_factory, model_dir, tmp_path, probe):
     # One decode slot. The long job starts first; the short one arrives while it decodes. By their prompts alone
@@ -80,31 +67,19 @@ def test_a_running_job_the_probe_finds_long_is_parked_for_a_short_one(stack_fact
     # alise's preempt ratio (4): without re-estimation it runs to its end first (probe=False, the control). The
     # probe estimates the long job at 128 and the short one at 3 once each prompt is read (the short one is
     # prefilled early, as it must wait for a slot), so the long job is parked and the short one finishes first.
-    state = probe_that_knows(model_dir, tmp_path / "probe.npz", {LONG_PROMPT: 400, SHORT_PROMPT: 3})
-    probe_args = ["--length-probe-path", str(state), "--length-probe-read-only"] if probe else ["--length-probe-layer=-2"]
+    probe_args = ["--length-probe-layer=-2"]
+    if probe:
+        long_x, short_x = probe_features(model_dir, [LONG_PROMPT, SHORT_PROMPT])
+        state = saved_probe(model_dir, tmp_path / "probe.npz", [(long_x, 400), (short_x, 3)])
+        probe_args = ["--length-probe-path", str(state), "--length-probe-read-only"]
     stack = stack_factory(scheduler_args=["--policy", "alise", "--park-wait-factor", "0",
                                           "--predictor-timeout-s", "60"],
                           worker_args=["--max-batch", "1", *probe_args])
-    stub = stub_for(stack)
     tag = str(time.time_ns())
-    order, done = [], {}
-    lock = threading.Lock()
-
-    def one(name: str, req: pb.GenerateRequest) -> None:
-        final = generate(stub, req, timeout=300)[2]
-        with lock:
-            order.append(name)
-            done[name] = final
-
-    long_job = threading.Thread(target=one, args=("long", request(LONG_PROMPT, f"long-{tag}", 128, ignore_eos=True)))
-    long_job.start()
-    wait_until(lambda: job_status(stub, f"long-{tag}") == pb.JOB_STATUS_RUNNING, 60, 0.02)
-    wait_until(lambda: len(stub.GetJob(pb.GetJobRequest(request_id=f"long-{tag}")).token_ids) > 0, 120, 0.05)
-    short_job = threading.Thread(target=one, args=("short", request(SHORT_PROMPT, f"short-{tag}", 64,
-                                                                     ignore_eos=True)))
-    short_job.start()
-    for t in (long_job, short_job):
-        t.join(300)
+    order, results = first_then_others(stub_for(stack),
+                                       ("long", request(LONG_PROMPT, f"long-{tag}", 128, ignore_eos=True)),
+                                       [("short", request(SHORT_PROMPT, f"short-{tag}", 64, ignore_eos=True))])
+    done = {name: final for name, (_, _, final) in results.items()}
     assert done["long"].usage.completion_tokens == 128 and done["short"].usage.completion_tokens == 64
     if probe:
         assert order == ["short", "long"], order
@@ -115,4 +90,4 @@ def test_a_running_job_the_probe_finds_long_is_parked_for_a_short_one(stack_fact
         assert order == ["long", "short"], order
         assert done["long"].timings.num_preemptions == 0
         assert done["long"].timings.repredicted_output_tokens == 0
-    wait_until(lambda: kv_idle(stub), timeout=10)
+    wait_until(lambda: kv_idle(stub_for(stack)), timeout=10)

@@ -2,13 +2,12 @@
 first (preempting the long one, whose greedy output is unchanged), `fcfs` does not."""
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 from alise.v1 import generate_pb2 as pb
 
-from tests.helpers import assert_greedy_equal, generate, hf_greedy, job_status, kv_idle, request, stub_for, wait_until
+from tests.helpers import assert_greedy_equal, first_then_others, hf_greedy, kv_idle, request, stub_for, wait_until
 
 LONG_PROMPT = "Write a long story about a lighthouse keeper."
 # Long enough that, even on a busy 2-core machine, the short jobs are admitted while it still decodes.
@@ -22,31 +21,11 @@ def long_reference(hf_model, tokenizer):
 
 
 def run_mix(stub) -> tuple[list[str], dict[str, tuple]]:
-    """Start the long job, wait until it runs, then send three short ones; return completion order."""
-    order: list[str] = []
-    results: dict[str, tuple] = {}
-    lock = threading.Lock()
-
-    def one(name: str, req: pb.GenerateRequest) -> None:
-        out = generate(stub, req, timeout=300)
-        with lock:
-            order.append(name)
-            results[name] = out
-
+    """Start the long job, wait until it decodes, then send three short ones; return completion order."""
     tag = str(time.time_ns())
-    threads = [threading.Thread(target=one, args=("long", request(LONG_PROMPT, f"long-{tag}", LONG_TOKENS,
-                                                                     ignore_eos=True)))]
-    threads[0].start()
-    wait_until(lambda: job_status(stub, f"long-{tag}") == pb.JOB_STATUS_RUNNING, 60, 0.02)
-    # the long job is decoding when the short ones arrive
-    wait_until(lambda: len(stub.GetJob(pb.GetJobRequest(request_id=f"long-{tag}")).token_ids) > 0, 120, 0.05)
-    for i, p in enumerate(SHORT_PROMPTS):
-        t = threading.Thread(target=one, args=(f"short{i}", request(p, f"short{i}-{tag}", 4, ignore_eos=True)))
-        t.start()
-        threads.append(t)
-    for t in threads:
-        t.join(300)
-    return order, results
+    return first_then_others(stub, ("long", request(LONG_PROMPT, f"long-{tag}", LONG_TOKENS, ignore_eos=True)),
+                             [(f"short{i}", request(p, f"short{i}-{tag}", 4, ignore_eos=True))
+                              for i, p in enumerate(SHORT_PROMPTS)])
 
 
 @pytest.mark.parametrize("policy,preempt_mode,park_share", [("fcfs", "recompute", "0"), ("alise", "recompute", "0"),
