@@ -113,37 +113,30 @@ if triton is not None:
         return a
 
     @triton.jit
-    def _weight_chunk(W, tile, N, stride_w, k, EPILOGUE: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
-        """Column tile `tile`'s K chunk at k of W (and, for SILU_MUL, of its up half, else w again). Tiles past N
-        load nothing: a persistent program may ask for one it will not run."""
-        rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        w_ptrs = W + rn[:, None] * stride_w + k + tl.arange(0, BLOCK_K)[None, :]
-        w_mask = (rn < N)[:, None]
-        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
-        w_up = w
-        if EPILOGUE == 2:
-            w_up = tl.load(w_ptrs + N * stride_w, mask=w_mask, other=0.0)
-        return w, w_up
-
-    @triton.jit
-    def _tile(A, W, OUT, R, SUMSQ_IN, NORM_W, SUMSQ_OUT, tile, w, w_up, M, N, K, stride_a, stride_w, stride_o, eps,
-              NORM: tl.constexpr, EPILOGUE: tl.constexpr, USE_PDL: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr = None):
-        """Column tile `tile` of prologue(A) @ W^T over the whole K (no split-K), then the epilogue; (w, w_up) is
-        its first K chunk of weights, loaded by the caller (weights never depend on the kernel before, so the
-        caller may read them before waiting on it). SILU_MUL: W is [gate; up] (2N rows); the tile's gate and up
-        columns are both computed and combined. STAGES: K chunks in flight (None: the launch's num_stages)."""
+    def _skinny_kernel(A, W, OUT, R, SUMSQ_IN, NORM_W, SUMSQ_OUT, ZERO,
+                       M, N, K, stride_a, stride_w, stride_o, eps,
+                       NORM: tl.constexpr, EPILOGUE: tl.constexpr, ZEROES: tl.constexpr, USE_PDL: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Program n: the n-th tile of columns of prologue(A) @ W^T over the whole K (no split-K), then the epilogue.
+        SILU_MUL: W is [gate; up] (2N rows); the tile's gate and up columns are both computed and combined."""
+        pid = tl.program_id(0)
         rm = tl.arange(0, BLOCK_M)
-        rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         m_ok = rm < M
         n_ok = rn < N
         a_ptrs = A + rm[:, None] * stride_a + rk[None, :]
         w_ptrs = W + rn[:, None] * stride_w + rk[None, :]
-        w_mask = n_ok[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # the first K chunk of the weights is read before waiting on the previous kernel (weights never
+        # depend on it): with PDL, that overlaps the previous kernel's tail
+        w_mask = n_ok[:, None]
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        if EPILOGUE == 2:
+            w_up = tl.load(w_ptrs + N * stride_w, mask=w_mask, other=0.0)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
         inv = tl.zeros((BLOCK_M,), dtype=tl.float32)
         if NORM:
             inv = 1.0 / tl.sqrt(tl.load(SUMSQ_IN + rm, mask=m_ok, other=0.0) / K + eps)
@@ -151,7 +144,7 @@ if triton is not None:
         acc += tl.dot(a, tl.trans(w))
         if EPILOGUE == 2:
             acc_up += tl.dot(a, tl.trans(w_up))
-        for k in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):
+        for k in range(BLOCK_K, K, BLOCK_K):
             a = _input_tile(a_ptrs + k, m_ok, NORM_W, k, rk, inv, NORM)
             acc += tl.dot(a, tl.trans(tl.load(w_ptrs + k, mask=w_mask, other=0.0)))
             if EPILOGUE == 2:
@@ -174,25 +167,9 @@ if triton is not None:
             tl.store(OUT + o_offs, (act * up).to(out.dtype), mask=o_mask)
         else:
             tl.store(OUT + o_offs, out.to(OUT.dtype.element_ty), mask=o_mask)
-
-    @triton.jit
-    def _skinny_kernel(A, W, OUT, R, SUMSQ_IN, NORM_W, SUMSQ_OUT, ZERO,
-                       M, N, K, stride_a, stride_w, stride_o, eps,
-                       NORM: tl.constexpr, EPILOGUE: tl.constexpr, ZEROES: tl.constexpr, USE_PDL: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Program n computes the n-th column tile (_tile)."""
-        pid = tl.program_id(0)
-        # the first K chunk of the weights is read before waiting on the previous kernel: with PDL, that
-        # overlaps the previous kernel's tail
-        w, w_up = _weight_chunk(W, pid, N, stride_w, 0, EPILOGUE, BLOCK_N, BLOCK_K)
-        if USE_PDL:
-            tl.extra.cuda.gdc_wait()
-        _tile(A, W, OUT, R, SUMSQ_IN, NORM_W, SUMSQ_OUT, pid, w, w_up, M, N, K, stride_a, stride_w, stride_o, eps,
-              NORM, EPILOGUE, USE_PDL, BLOCK_M, BLOCK_N, BLOCK_K)
         if ZEROES:
             if pid == 0:
-                rm = tl.arange(0, BLOCK_M)
-                tl.store(ZERO + rm, tl.zeros((BLOCK_M,), dtype=tl.float32), mask=rm < M)
+                tl.store(ZERO + rm, tl.zeros((BLOCK_M,), dtype=tl.float32), mask=m_ok)
 
 
 SHARED_MEMORY_BYTES = 232448      # per block on Hopper (H100 / H200)
