@@ -7,8 +7,9 @@ bandwidth. Against it:
 - gpu: the device time of the decode graph's replay alone (CUDA events);
 - served: the steady-state step of the overlapped engine decoding that batch (what a client sees per token).
 A/B in the same run: "plain" is the graph of the cuBLAS path (separate norm / SiLU kernels), "pdl" the
-skinny-GEMM layers (skinny_gemm.py) with programmatic dependent launch (pdl.py); the other columns run the
-default: skinny layers, PDL as pdl.ENABLED says (off). Then a torch.profiler trace of graph replays lists the kernels of
+skinny-GEMM layers (skinny_gemm.py) with programmatic dependent launch (pdl.py), "sep-attn" the skinny layers
+with rotary + KV write, attention and the split merge as three kernels (before paged_decode_rope); the other
+columns run the default: skinny layers, one decode-attention kernel, PDL as pdl.ENABLED says (off). Then a torch.profiler trace of graph replays lists the kernels of
 one decode step by total time.
 
     python -m bench.decode_floor --out decode_floor.json
@@ -122,6 +123,39 @@ def check_fused_rope_cache(runner, bm) -> dict:
             "v_equal": bool(torch.equal(out[True][2], out[False][2]))}
 
 
+def check_fused_decode_attention(runner, bm, ctx: int = 300) -> dict:
+    """Logits and written KV of one eager decode step with paged_decode_rope (one kernel) against the separate
+    rotary + KV write, attention and split-merge kernels, at batch sizes with and without context splits. On the
+    plain (cuBLAS) layers: the skinny ones add sums of squares atomically in a varying order, so two runs of them
+    differ in the last bits whatever the attention kernels do."""
+    res, skinny_rows = {}, runner.skinny_rows
+    runner.skinny_rows = 0
+    for batch in (1, 8, 32):
+        seqs = [f"fda{i}" for i in range(batch)]
+        for s in seqs:
+            bm.grow(s, ctx)
+        chunks = [SeqChunk([17 + i], ctx - 1, bm.rows.row(s), True) for i, s in enumerate(seqs)]
+        slots = torch.tensor([bm.table(s)[(ctx - 1) // bm.block_size] * bm.block_size + (ctx - 1) % bm.block_size
+                              for s in seqs], device="cuda")
+        out = {}
+        for fused in (False, True):
+            runner.fuse_decode_attention = fused
+            runner.cache.k[:, slots] = float("nan")        # a path that wrote nothing cannot pass for one that did
+            runner.cache.v[:, slots] = float("nan")
+            with torch.inference_mode():
+                logits = runner.forward_decode(runner.prepare_decode(chunks)).clone()
+            out[fused] = (logits, runner.cache.k[:, slots].clone(), runner.cache.v[:, slots].clone())
+        for s in seqs:
+            bm.free(s)
+        res[batch] = {"logits_max_abs_diff": (out[True][0] - out[False][0]).abs().max().item(),
+                      "argmax_agree": (out[True][0].argmax(-1) == out[False][0].argmax(-1)).float().mean().item(),
+                      "k_equal": bool(torch.equal(out[True][1], out[False][1])),
+                      "v_equal": bool(torch.equal(out[True][2], out[False][2])),
+                      "counts_zero": not bool(runner.split_counts.any())}
+    runner.fuse_decode_attention, runner.skinny_rows = True, skinny_rows
+    return res
+
+
 def check_skinny_path(runner, bm, rows: int, batch: int = 8, ctx: int = 300) -> dict:
     """Logits of one decode step through the skinny-GEMM layers against the plain (cuBLAS) layers, eager."""
     seqs = [f"chk{i}" for i in range(batch)]
@@ -147,6 +181,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="*", default=[1, 8, 16, 32, 64])
     p.add_argument("--contexts", type=int, nargs="*", default=[512, 2048])
     p.add_argument("--profile-batches", type=int, nargs="*", default=[1, 64])
+    p.add_argument("--checks-only", action="store_true", help="the correctness checks, no timings")
     a = p.parse_args()
     from transformers import LlamaConfig
 
@@ -163,11 +198,17 @@ def main() -> None:
     skinny_rows = runner.skinny_rows
     res["skinny_check"] = check_skinny_path(runner, bm, skinny_rows)
     print("skinny-GEMM decode against the plain path:", res["skinny_check"], flush=True)
+    res["fused_attention_check"] = check_fused_decode_attention(runner, bm)
+    print("one decode-attention kernel against three:", res["fused_attention_check"], flush=True)
+    if a.checks_only:
+        a.out.write_text(json.dumps(res, indent=2))
+        return
     # A/B: the graphs of the plain (cuBLAS) layers and of the skinny ones with PDL, of the batch sizes measured
     # only (seconds, not a minute per variant); then (below) the default, every bucket
     default_pdl, all_buckets = pdl.ENABLED, runner.graphs.buckets
-    for variant, rows, with_pdl in (("plain", 0, False), ("pdl", skinny_rows, True)):
-        runner.skinny_rows, pdl.ENABLED = rows, with_pdl
+    for variant, rows, with_pdl, fused in (("plain", 0, False, True), ("pdl", skinny_rows, True, True),
+                                           ("sep-attn", skinny_rows, False, False)):
+        runner.skinny_rows, pdl.ENABLED, runner.fuse_decode_attention = rows, with_pdl, fused
         runner.graphs.buckets = sorted(set(a.batches))
         runner.graphs.capture()
         res["ab_gpu_ms"][variant] = {}
@@ -182,10 +223,10 @@ def main() -> None:
                 for s in seqs:
                     bm.free(s)
     runner.graphs.buckets = all_buckets
-    runner.skinny_rows, pdl.ENABLED = skinny_rows, default_pdl
+    runner.skinny_rows, pdl.ENABLED, runner.fuse_decode_attention = skinny_rows, default_pdl, True
     runner.graphs.capture()
-    print(f"{'ctx':>5} {'batch':>5} {'floor':>7} {'synced':>7} {'gpu':>7} {'served':>7} {'plain':>7} {'pdl':>7}   "
-          f"ratios synced/gpu/served/plain-gpu/pdl-gpu")
+    print(f"{'ctx':>5} {'batch':>5} {'floor':>7} {'synced':>7} {'gpu':>7} {'served':>7} {'plain':>7} {'pdl':>7} "
+          f"{'sep-att':>7}   ratios synced/gpu/served/plain-gpu/pdl-gpu/sep-attn-gpu")
     for ctx in a.contexts:
         for bsz in a.batches:
             seqs = [f"d{ctx}_{i}" for i in range(bsz)]
@@ -200,13 +241,13 @@ def main() -> None:
             for s in seqs:
                 bm.free(s)
             served = served_step_ms(engine, bsz, ctx)
-            plain, with_pdl = (res["ab_gpu_ms"][v][f"{ctx}x{bsz}"] for v in ("plain", "pdl"))
+            plain, with_pdl, sep = (res["ab_gpu_ms"][v][f"{ctx}x{bsz}"] for v in ("plain", "pdl", "sep-attn"))
             row = {"ctx": ctx, "batch": bsz, "floor_ms": floor, "synced_ms": synced, "gpu_ms": gpu, "served_ms": served,
-                   "plain_gpu_ms": plain, "pdl_gpu_ms": with_pdl}
+                   "plain_gpu_ms": plain, "pdl_gpu_ms": with_pdl, "sep_attn_gpu_ms": sep}
             res["rows"].append(row)
-            print(f"{ctx:>5} {bsz:>5} {floor:7.3f} {synced:7.3f} {gpu:7.3f} {served:7.3f} {plain:7.3f} {with_pdl:7.3f}   "
-                  f"{synced / floor:.3f} / {gpu / floor:.3f} / {served / floor:.3f} / {plain / floor:.3f} / "
-                  f"{with_pdl / floor:.3f}", flush=True)
+            print(f"{ctx:>5} {bsz:>5} {floor:7.3f} {synced:7.3f} {gpu:7.3f} {served:7.3f} {plain:7.3f} {with_pdl:7.3f} "
+                  f"{sep:7.3f}   {synced / floor:.3f} / {gpu / floor:.3f} / {served / floor:.3f} / {plain / floor:.3f} / "
+                  f"{with_pdl / floor:.3f} / {sep / floor:.3f}", flush=True)
     for bsz, k in res["kernels"].items():
         print(f"\nbatch {bsz} (skinny layers unless named), ctx {a.contexts[0]}: {k['kernels_per_step']} kernels, {k['total_ms']:.3f} ms of kernel time")
         for name, ms, count in k["top"][:14]:

@@ -52,30 +52,89 @@ if triton is not None:
         return m_new, l * alpha + tl.sum(p, 1), acc
 
     @triton.jit
+    def _rotated(x_ptrs, xp_ptrs, COS_ROW, SIN_ROW, d, mask, HALF: tl.constexpr):
+        """Rotary embedding of the vectors at x_ptrs (last axis d); xp_ptrs: the same vectors at the partner
+        index (d + HALF) % D. Each product rounded to the model dtype before the sum, as fused_ops.rope_ does."""
+        x = tl.load(x_ptrs, mask=mask, other=0.0)
+        xp = tl.load(xp_ptrs, mask=mask, other=0.0)
+        c = tl.load(COS_ROW + d).to(tl.float32)
+        s = tl.load(SIN_ROW + d).to(tl.float32)
+        rot = tl.where(d < HALF, -xp.to(tl.float32), xp.to(tl.float32))
+        a = (x.to(tl.float32) * c).to(x.dtype).to(tl.float32)
+        e = (rot * s).to(x.dtype).to(tl.float32)
+        return (a + e).to(x.dtype)
+
+    @triton.jit
+    def _combine_group(M_IN, L_IN, ACC_IN, O, b, kvh, stride_ob, stride_oh, num_heads,
+                       GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr):
+        """Merge the SPLITS partial softmax states (max, sum, weighted values) of the query heads of KV head kvh,
+        sequence b, into their output. Splits are added in order, one at a time: the separate merge kernel and the
+        decode kernel's own merge run this same code and give the same bits."""
+        heads = kvh * GROUP + tl.arange(0, GROUP_PAD)
+        head_ok = tl.arange(0, GROUP_PAD) < GROUP
+        d = tl.arange(0, D)
+        rows = (b * num_heads + heads) * SPLITS                                 # [GROUP_PAD]
+        m_all = tl.load(M_IN + rows[:, None] + tl.arange(0, SPLITS)[None, :], mask=head_ok[:, None],
+                        other=float("-inf"))
+        top = tl.max(m_all, 1)
+        out = tl.zeros([GROUP_PAD, D], tl.float32)
+        denom = tl.zeros([GROUP_PAD], tl.float32)
+        for sp in tl.static_range(SPLITS):
+            m = tl.load(M_IN + rows + sp, mask=head_ok, other=float("-inf"))
+            w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))             # empty slices weigh nothing
+            out += tl.load(ACC_IN + (rows + sp)[:, None] * D + d[None, :], mask=head_ok[:, None], other=0.0) * w[:, None]
+            denom += tl.load(L_IN + rows + sp, mask=head_ok, other=0.0) * w
+        tl.store(O + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                 (out / denom[:, None]).to(O.dtype.element_ty), mask=head_ok[:, None])
+
+    @triton.jit
     def _paged_decode_kernel(Q, K, V, BT, LENS, O, M_OUT, L_OUT, ACC_OUT, scale,
                              stride_qb, stride_qh, stride_ks, stride_kh, stride_btb, stride_ob, stride_oh,
+                             COS, SIN, SLOTS, stride_c, COUNT,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
                              BLOCK_SIZE: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr, SPLITS: tl.constexpr,
-                             PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+                             PRECISION: tl.constexpr, USE_PDL: tl.constexpr, ROPE: tl.constexpr,
+                             SELF_COMBINE: tl.constexpr):
         """Program (b, kv head, split): the query heads of one KV-head group against one slice of the
         context, online softmax over TOK-token chunks. With SPLITS == 1 the slice is the whole context and
         the output is written directly; otherwise (flash-decoding, for small batches) the partial softmax
-        state (max, sum, weighted values) is written and _combine_splits_kernel merges the slices."""
+        state (max, sum, weighted values) is written, and merged by _combine_splits_kernel or, with
+        SELF_COMBINE, by the group's last split program to finish (COUNT: one arrival counter per
+        (sequence, KV head), left at zero).
+
+        ROPE: Q is the qkv projection's output, unrotated (row b: H query heads, then the KV heads' keys, then
+        their values); each program rotates its query heads, and the program whose slice holds the new token
+        (the last position) rotates its key and writes key and value to the cache at SLOTS[b] before reading."""
         if USE_PDL:                          # pdl.py: wait for the kernel before, let the next one start
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
+        num_heads = GROUP * tl.num_programs(1)
         TOK: tl.constexpr = BLOCK_SIZE * BLOCKS_PER_ITER
         heads = kvh * GROUP + tl.arange(0, GROUP_PAD)
         head_ok = tl.arange(0, GROUP_PAD) < GROUP
         d = tl.arange(0, D)
-        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=head_ok[:, None], other=0.0)
+        q_rows = Q + b * stride_qb + heads[:, None] * stride_qh
         n = tl.load(LENS + b)
         per = tl.cdiv(tl.cdiv(n, SPLITS), TOK) * TOK
         lo = split * per
         hi = tl.minimum(n, lo + per)
+        if ROPE:
+            partner = (d + D // 2) % D
+            q = _rotated(q_rows + d[None, :], q_rows + partner[None, :], COS + b * stride_c, SIN + b * stride_c, d,
+                         head_ok[:, None], D // 2)
+            if (n - 1) // per == split:
+                k_row = Q + b * stride_qb + (num_heads + kvh) * D
+                k_new = _rotated(k_row + d, k_row + partner, COS + b * stride_c, SIN + b * stride_c, d, d < D, D // 2)
+                v_new = tl.load(Q + b * stride_qb + (num_heads + tl.num_programs(1) + kvh) * D + d)
+                dst = tl.load(SLOTS + b) * stride_ks + kvh * stride_kh + d
+                tl.store(K + dst, k_new)
+                tl.store(V + dst, v_new)
+            tl.debug_barrier()               # the program's reads below see its threads' cache writes
+        else:
+            q = tl.load(q_rows + d[None, :], mask=head_ok[:, None], other=0.0)
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, D], tl.float32)
@@ -92,29 +151,30 @@ if triton is not None:
             tl.store(O + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
                      (acc / l[:, None]).to(O.dtype.element_ty), mask=head_ok[:, None])
         else:
-            row = (b * (GROUP * tl.num_programs(1)) + heads) * SPLITS + split      # [B, H, SPLITS]
+            row = (b * num_heads + heads) * SPLITS + split      # [B, H, SPLITS]
             tl.store(M_OUT + row, m, mask=head_ok)
             tl.store(L_OUT + row, l, mask=head_ok)
             tl.store(ACC_OUT + row[:, None] * D + d[None, :], acc, mask=head_ok[:, None])
+            if SELF_COMBINE:
+                # one thread arrives for the program: the CTA barriers order its other threads' partial-state
+                # writes before the release, and their reads of the other splits' after the acquire
+                tl.debug_barrier()
+                arrived = tl.atomic_add(COUNT + b * tl.num_programs(1) + kvh, 1, sem="acq_rel")
+                if arrived == SPLITS - 1:
+                    tl.debug_barrier()
+                    _combine_group(M_OUT, L_OUT, ACC_OUT, O, b, kvh, stride_ob, stride_oh, num_heads, GROUP, GROUP_PAD,
+                                   SPLITS, D)
+                    tl.store(COUNT + b * tl.num_programs(1) + kvh, 0)
 
     @triton.jit
-    def _combine_splits_kernel(M_IN, L_IN, ACC_IN, O, stride_ob, stride_oh, num_heads,
-                               SPLITS: tl.constexpr, D: tl.constexpr, USE_PDL: tl.constexpr):
+    def _combine_splits_kernel(M_IN, L_IN, ACC_IN, O, stride_ob, stride_oh, num_heads, GROUP: tl.constexpr,
+                               GROUP_PAD: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr, USE_PDL: tl.constexpr):
+        """Program (b, kv head): the split merge of that group's query heads (_combine_group)."""
         if USE_PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        s = tl.arange(0, SPLITS)
-        d = tl.arange(0, D)
-        row = (b * num_heads + h) * SPLITS + s
-        m = tl.load(M_IN + row)
-        l = tl.load(L_IN + row)
-        acc = tl.load(ACC_IN + row[:, None] * D + d[None, :])
-        top = tl.max(m, 0)
-        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))          # empty slices weigh nothing
-        out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
-        tl.store(O + b * stride_ob + h * stride_oh + d, out.to(O.dtype.element_ty))
+        _combine_group(M_IN, L_IN, ACC_IN, O, tl.program_id(0), tl.program_id(1), stride_ob, stride_oh, num_heads,
+                       GROUP, GROUP_PAD, SPLITS, D)
 
 
 def num_splits(batch: int, num_kv_heads: int, num_sms: int = 132) -> int:
@@ -125,34 +185,67 @@ def num_splits(batch: int, num_kv_heads: int, num_sms: int = 132) -> int:
     return min(16, triton.next_power_of_2(-(-2 * num_sms // programs)))
 
 
+def _launch_decode(q_src, stride_qb, stride_qh, num_heads, dim, k_cache, v_cache, block_tables, context_lens,
+                   block_size, scale, out, blocks_per_iter, splits, rope=None, counts=None):
+    """The decode kernel over q_src (rope: (cos, sin, slots), q_src the qkv rows), then, without `counts`,
+    the split combine kernel."""
+    bsz = out.shape[0]
+    num_kv = k_cache.shape[1]
+    group = num_heads // num_kv
+    per_iter = blocks_per_iter or max(1, 64 // block_size)
+    splits = splits or num_splits(bsz, num_kv)
+    precision = "ieee" if out.dtype == torch.float32 else "tf32"   # fp32 models get true fp32 dots
+    group_pad = max(16, triton.next_power_of_2(group))
+    pdl = pdl_on(out.device)
+    if splits > 1:
+        m = torch.empty(bsz, num_heads, splits, dtype=torch.float32, device=out.device)
+        l = torch.empty_like(m)
+        acc = torch.empty(bsz, num_heads, splits, dim, dtype=torch.float32, device=out.device)
+    else:                                                       # unused: the kernel writes `out` directly
+        m = l = acc = out
+    self_combine = splits > 1 and counts is not None
+    if self_combine:
+        assert counts.dtype == torch.int32 and counts.numel() >= bsz * num_kv, "one arrival counter per (row, KV head)"
+    cos, sin, slots = rope if rope is not None else (out, out, context_lens)
+    _paged_decode_kernel[(bsz, num_kv, splits)](
+        q_src, k_cache, v_cache, block_tables, context_lens, out, m, l, acc, scale,
+        stride_qb, stride_qh, k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
+        out.stride(0), out.stride(1), cos, sin, slots, cos.stride(0), counts if self_combine else context_lens,
+        GROUP=group, GROUP_PAD=group_pad, D=dim, BLOCK_SIZE=block_size, BLOCKS_PER_ITER=per_iter,
+        SPLITS=splits, PRECISION=precision, USE_PDL=pdl, ROPE=rope is not None, SELF_COMBINE=self_combine,
+        launch_pdl=pdl)
+    if splits > 1 and not self_combine:
+        _combine_splits_kernel[(bsz, num_kv)](m, l, acc, out, out.stride(0), out.stride(1), num_heads, GROUP=group,
+                                              GROUP_PAD=group_pad, SPLITS=splits, D=dim, USE_PDL=pdl, launch_pdl=pdl)
+    return out
+
+
 def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, block_size: int, scale: float,
                         out: torch.Tensor | None = None, blocks_per_iter: int | None = None,
                         splits: int | None = None):
+    """q already rotated, the new token's K / V already in the cache; split slices merged by a second kernel."""
     bsz, num_heads, dim = q.shape
-    num_kv = k_cache.shape[1]
-    group = num_heads // num_kv
-    out = torch.empty_like(q) if out is None else out
-    per_iter = blocks_per_iter or max(1, 64 // block_size)
-    splits = splits or num_splits(bsz, num_kv)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"   # fp32 models get true fp32 dots
-    group_pad = max(16, triton.next_power_of_2(group))
-    pdl = pdl_on(q.device)
-    if splits > 1:
-        m = torch.empty(bsz, num_heads, splits, dtype=torch.float32, device=q.device)
-        l = torch.empty_like(m)
-        acc = torch.empty(bsz, num_heads, splits, dim, dtype=torch.float32, device=q.device)
-    else:                                                       # unused: the kernel writes `out` directly
-        m = l = acc = out
-    _paged_decode_kernel[(bsz, num_kv, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, m, l, acc, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=group_pad, D=dim, BLOCK_SIZE=block_size, BLOCKS_PER_ITER=per_iter,
-        SPLITS=splits, PRECISION=precision, USE_PDL=pdl, launch_pdl=pdl)
-    if splits > 1:
-        _combine_splits_kernel[(bsz, num_heads)](m, l, acc, out, out.stride(0), out.stride(1), num_heads,
-                                                 SPLITS=splits, D=dim, USE_PDL=pdl, launch_pdl=pdl)
-    return out
+    return _launch_decode(q, q.stride(0), q.stride(1), num_heads, dim, k_cache, v_cache, block_tables, context_lens,
+                          block_size, scale, torch.empty_like(q) if out is None else out, blocks_per_iter, splits)
+
+
+def paged_decode_rope(qkv, num_heads: int, cos, sin, slots, k_cache, v_cache, block_tables, context_lens,
+                      block_size: int, scale: float, counts: torch.Tensor, splits: int | None = None):
+    """Decode attention straight from the qkv projection's output [B, (H + 2 KV) * D] (contiguous rows,
+    unrotated): rotary of q and k, the new token's K / V written to the cache at `slots` [B], attention, and the
+    merge of split slices, in one kernel (three kernels a layer were: rotary + KV write, attention, combine).
+    counts: int32 zeros, at least B * KV (paged_decode_counts), left at zero. CUDA only. Returns [B, H, D]."""
+    num_kv, dim = k_cache.shape[1], k_cache.shape[2]
+    assert qkv.stride(1) == 1 and qkv.shape[1] == (num_heads + 2 * num_kv) * dim and cos.stride(1) == 1
+    out = torch.empty(qkv.shape[0], num_heads, dim, dtype=qkv.dtype, device=qkv.device)
+    return _launch_decode(qkv, qkv.stride(0), dim, num_heads, dim, k_cache, v_cache, block_tables, context_lens,
+                          block_size, scale, out, None, splits, rope=(cos, sin, slots), counts=counts)
+
+
+def paged_decode_counts(device: torch.device, num_sms: int = 132) -> torch.Tensor:
+    """paged_decode_rope's arrival counters: the kernel splits a context only while batch x KV heads < num_sms
+    (num_splits), so that many suffice."""
+    return torch.zeros(num_sms, dtype=torch.int32, device=device)
 
 
 def paged_decode_gather(q, k_cache, v_cache, block_tables, context_lens, block_size: int, scale: float):

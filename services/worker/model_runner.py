@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from services.worker.attention import paged_decode
+from services.worker.attention import paged_decode, paged_decode_counts, paged_decode_rope
 from services.worker.device_tables import DeviceTables
 from services.worker.fused_ops import fused_kernels_on, rmsnorm, rope_, rope_and_cache_, silu_mul
 from services.worker.host_copy import to_device
@@ -140,6 +140,9 @@ class ModelRunner:
         self._probed: torch.Tensor | None = None    # the last forward's length-probe features (take_probed)
         # rotary embedding and the KV write in one kernel (fused_ops.rope_and_cache_): 3 fewer kernels a layer
         self.fuse_rope_cache = fused_kernels_on(self.device)
+        # decode graphs: rotary, the KV write, attention and the split merge in one kernel (paged_decode_rope)
+        self.fuse_decode_attention = fused_kernels_on(self.device)
+        self.split_counts = paged_decode_counts(self.device) if self.fuse_decode_attention else None
         # decode batches up to this many rows run the skinny-GEMM layers (skinny_gemm.py); 0 = never
         self.skinny_rows = skinny_gemm.MAX_ROWS if self._skinny_eligible() else 0
 
@@ -249,11 +252,8 @@ class ModelRunner:
         cos, sin = core.rotary_emb(h[None], positions[None])
         return h, cos[0], sin[0]                                    # cos / sin: [T, head_dim]
 
-    def _qkv(self, i: int, x, cos, sin, slots):
-        """Layer i's q, k, v for x, q and k rotated; k and v also written to the cache at `slots`."""
-        return self._rotate_and_cache(i, F.linear(x, self.qkv_w[i], self.qkv_b[i]), cos, sin, slots)
-
     def _rotate_and_cache(self, i: int, qkv, cos, sin, slots):
+        """Layer i's q, k, v from its qkv projection, q and k rotated; k and v also written to the cache at `slots`."""
         t = qkv.shape[0]
         q = qkv[:, :self.q_size].view(t, self.num_heads, self.head_dim)
         k = qkv[:, self.q_size:self.q_size + self.kv_size].view(t, self.num_kv_heads, self.head_dim)
@@ -269,17 +269,18 @@ class ModelRunner:
     def _logits(self, x):
         return self.hf.lm_head(x).float()
 
-    def _layers(self, h, cos, sin, slots, attend, probe_rows: torch.Tensor | None = None,
+    def _layers(self, h, attend, probe_rows: torch.Tensor | None = None,
                 probe: LengthProbe | None = None) -> torch.Tensor:
-        """All decoder layers; returns the final-normed hidden states. The residual add is fused into
+        """All decoder layers; returns the final-normed hidden states. attend(i, qkv): layer i's attention
+        output from its qkv projection (rotary and the KV write are its business). The residual add is fused into
         the next norm: x = norm(residual + sublayer output). With probe_rows, the length probe's features of
         those rows are taken from the normalised state after its layer."""
         w = self.norm_weights
         x, residual = rmsnorm(h, w[0], self.eps)
         residual = h
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(i, x, cos, sin, slots)
-            attn_out = layer.self_attn.o_proj(attend(i, q, k, v).reshape(h.shape[0], -1))
+            qkv = F.linear(x, self.qkv_w[i], self.qkv_b[i])
+            attn_out = layer.self_attn.o_proj(attend(i, qkv).reshape(h.shape[0], -1))
             x, residual = rmsnorm(attn_out, w[2 * i + 1], self.eps, residual)
             mlp_out = layer.mlp.down_proj(silu_mul(F.linear(x, self.gate_up_w[i])))
             x, residual = rmsnorm(mlp_out, w[2 * i + 2], self.eps, residual)
@@ -287,7 +288,7 @@ class ModelRunner:
                 self._probed = probe.project(x[probe_rows])
         return x
 
-    def _layers_skinny(self, h, cos, sin, slots, attend) -> torch.Tensor:
+    def _layers_skinny(self, h, attend) -> torch.Tensor:
         """_layers then the logits, for a few rows: one kernel per projection, the norms, residual adds and SiLU
         fused into them (skinny_gemm.py). sumsq[0] / [1]: rows' sums of squares of the residual stream after
         attention / after the MLP; each is zeroed by the projection before the one that accumulates into it."""
@@ -299,8 +300,7 @@ class ModelRunner:
                 qkv = skinny_linear(rmsnorm(h, w[0], eps)[0], self.qkv_w[0], zero=sumsq[0])
             else:
                 qkv = skinny_linear(residual, self.qkv_w[i], sumsq_in=sumsq[1], norm_w=w[2 * i], eps=eps, zero=sumsq[0])
-            q, k, v = self._rotate_and_cache(i, qkv, cos, sin, slots)
-            residual = skinny_linear(attend(i, q, k, v).reshape(h.shape[0], -1), layer.self_attn.o_proj.weight,
+            residual = skinny_linear(attend(i, qkv).reshape(h.shape[0], -1), layer.self_attn.o_proj.weight,
                                      epilogue=Epilogue.RESIDUAL, residual=residual, sumsq_out=sumsq[0])
             act = skinny_linear(residual, self.gate_up_w[i], epilogue=Epilogue.SILU_MUL, sumsq_in=sumsq[0],
                                 norm_w=w[2 * i + 1], eps=eps, zero=sumsq[1])
@@ -315,7 +315,8 @@ class ModelRunner:
         # pass over a real mix of prompt lengths ran half as fast as later ones. Flash / memory-efficient
         # kernels need no plan.
         with sdpa_kernel(PREFILL_BACKENDS):
-            h = self._layers(h, cos, sin, batch.slots, lambda i, q, k, v: self._attend_mixed(i, q, k, v, batch),
+            h = self._layers(h, lambda i, qkv: self._attend_mixed(i, *self._rotate_and_cache(i, qkv, cos, sin, batch.slots),
+                                                                  batch),
                              batch.probe_rows, probe)
         if batch.logits_index.numel() == 0:
             return torch.empty(0, self.vocab_size, device=self.device)
@@ -333,10 +334,15 @@ class ModelRunner:
         """One token per sequence, no host syncs: the function CUDA graphs capture."""
         h, cos, sin = self._embed(batch.input_ids, batch.positions)
 
-        def attend(i, q, k, v):
+        def attend(i, qkv):
+            if self.fuse_decode_attention:
+                return paged_decode_rope(qkv, self.num_heads, cos, sin, batch.slots, self.cache.k[i], self.cache.v[i],
+                                         batch.block_tables, batch.context_lens, self.block_size, self.scale,
+                                         self.split_counts)
+            q, _, _ = self._rotate_and_cache(i, qkv, cos, sin, batch.slots)
             return paged_decode(q, self.cache.k[i], self.cache.v[i], batch.block_tables, batch.context_lens,
                                 self.block_size, self.scale)
 
         if h.shape[0] <= self.skinny_rows:
-            return self._layers_skinny(h, cos, sin, batch.slots, attend)
-        return self._logits(self._layers(h, cos, sin, batch.slots, attend))
+            return self._layers_skinny(h, attend)
+        return self._logits(self._layers(h, attend))
