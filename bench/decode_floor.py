@@ -6,10 +6,11 @@ bandwidth. Against it:
 - synced: `runner.forward` with a device sync around it (host preparation included, as engine_bench.py did);
 - gpu: the device time of the decode graph's replay alone (CUDA events);
 - served: the steady-state step of the overlapped engine decoding that batch (what a client sees per token).
-A/B in the same run: "plain" is the graph of the cuBLAS path (separate norm / SiLU kernels), "pdl" the
-skinny-GEMM layers (skinny_gemm.py) with programmatic dependent launch (pdl.py), "sep-attn" the skinny layers
-with rotary + KV write, attention and the split merge as three kernels (before paged_decode_rope); the other
-columns run the default: skinny layers, one decode-attention kernel, PDL as pdl.ENABLED says (off). Then a torch.profiler trace of graph replays lists the kernels of
+A/B in the same run: "plain" is the graph of the cuBLAS path (separate norm / SiLU kernels), "no-pdl" the
+skinny-GEMM layers (skinny_gemm.py) without programmatic dependent launch (pdl.py), "sep-attn" the skinny layers
+without PDL and with rotary + KV write, attention and the split merge as three kernels (before
+paged_decode_rope); the other columns run the default: skinny layers up to 16 rows with PDL, one
+decode-attention kernel. Then a torch.profiler trace of graph replays lists the kernels of
 one decode step by total time.
 
     python -m bench.decode_floor --out decode_floor.json
@@ -26,7 +27,6 @@ from pathlib import Path
 import torch
 
 from bench.engine_bench import LLAMA3_8B, device_ceilings, timed
-from services.worker import pdl
 from services.worker.config import WorkerConfig
 from services.worker.factory import build_engine
 from services.worker.model_runner import SeqChunk, load_hf_model
@@ -205,10 +205,10 @@ def main() -> None:
         return
     # A/B: the graphs of the plain (cuBLAS) layers and of the skinny ones with PDL, of the batch sizes measured
     # only (seconds, not a minute per variant); then (below) the default, every bucket
-    default_pdl, all_buckets = pdl.ENABLED, runner.graphs.buckets
-    for variant, rows, with_pdl, fused in (("plain", 0, False, True), ("pdl", skinny_rows, True, True),
+    all_buckets = runner.graphs.buckets
+    for variant, rows, with_pdl, fused in (("plain", 0, False, True), ("no-pdl", skinny_rows, False, True),
                                            ("sep-attn", skinny_rows, False, False)):
-        runner.skinny_rows, pdl.ENABLED, runner.fuse_decode_attention = rows, with_pdl, fused
+        runner.skinny_rows, runner.skinny_pdl, runner.fuse_decode_attention = rows, with_pdl, fused
         runner.graphs.buckets = sorted(set(a.batches))
         runner.graphs.capture()
         res["ab_gpu_ms"][variant] = {}
@@ -223,10 +223,10 @@ def main() -> None:
                 for s in seqs:
                     bm.free(s)
     runner.graphs.buckets = all_buckets
-    runner.skinny_rows, pdl.ENABLED, runner.fuse_decode_attention = skinny_rows, default_pdl, True
+    runner.skinny_rows, runner.skinny_pdl, runner.fuse_decode_attention = skinny_rows, True, True
     runner.graphs.capture()
-    print(f"{'ctx':>5} {'batch':>5} {'floor':>7} {'synced':>7} {'gpu':>7} {'served':>7} {'plain':>7} {'pdl':>7} "
-          f"{'sep-att':>7}   ratios synced/gpu/served/plain-gpu/pdl-gpu/sep-attn-gpu")
+    print(f"{'ctx':>5} {'batch':>5} {'floor':>7} {'synced':>7} {'gpu':>7} {'served':>7} {'plain':>7} {'no-pdl':>7} "
+          f"{'sep-att':>7}   ratios synced/gpu/served/plain-gpu/no-pdl-gpu/sep-attn-gpu")
     for ctx in a.contexts:
         for bsz in a.batches:
             seqs = [f"d{ctx}_{i}" for i in range(bsz)]
@@ -241,13 +241,13 @@ def main() -> None:
             for s in seqs:
                 bm.free(s)
             served = served_step_ms(engine, bsz, ctx)
-            plain, with_pdl, sep = (res["ab_gpu_ms"][v][f"{ctx}x{bsz}"] for v in ("plain", "pdl", "sep-attn"))
+            plain, no_pdl, sep = (res["ab_gpu_ms"][v][f"{ctx}x{bsz}"] for v in ("plain", "no-pdl", "sep-attn"))
             row = {"ctx": ctx, "batch": bsz, "floor_ms": floor, "synced_ms": synced, "gpu_ms": gpu, "served_ms": served,
-                   "plain_gpu_ms": plain, "pdl_gpu_ms": with_pdl, "sep_attn_gpu_ms": sep}
+                   "plain_gpu_ms": plain, "no_pdl_gpu_ms": no_pdl, "sep_attn_gpu_ms": sep}
             res["rows"].append(row)
-            print(f"{ctx:>5} {bsz:>5} {floor:7.3f} {synced:7.3f} {gpu:7.3f} {served:7.3f} {plain:7.3f} {with_pdl:7.3f} "
+            print(f"{ctx:>5} {bsz:>5} {floor:7.3f} {synced:7.3f} {gpu:7.3f} {served:7.3f} {plain:7.3f} {no_pdl:7.3f} "
                   f"{sep:7.3f}   {synced / floor:.3f} / {gpu / floor:.3f} / {served / floor:.3f} / {plain / floor:.3f} / "
-                  f"{with_pdl / floor:.3f} / {sep / floor:.3f}", flush=True)
+                  f"{no_pdl / floor:.3f} / {sep / floor:.3f}", flush=True)
     for bsz, k in res["kernels"].items():
         print(f"\nbatch {bsz} (skinny layers unless named), ctx {a.contexts[0]}: {k['kernels_per_step']} kernels, {k['total_ms']:.3f} ms of kernel time")
         for name, ms, count in k["top"][:14]:

@@ -1,15 +1,22 @@
 """Programmatic dependent launch (Hopper and later): a kernel starts while the one before it drains.
 
-At decode batch sizes a step is ~230 kernels of 2-60 us, and each one's launch, ramp-up and tail leave the
+At decode batch sizes a step is ~180-340 kernels of 2-60 us, and each one's launch, ramp-up and tail leave the
 memory system idle for a microsecond or more. With PDL the next kernel's programs become resident as soon as
 the previous kernel lets them (`gdc_launch_dependents`), start what does not depend on it (the skinny GEMMs
 load their first weight tile), and wait (`gdc_wait`) for it to finish and flush its writes before reading
 anything it may have produced. Every kernel launched with PDL here waits before its first dependent load and
 before its first store, so ordering stays what the stream gives; kernels launched without PDL (torch's) keep
 full stream order whatever runs before them.
+
+Where it is on: the skinny decode layers (batches of at most 16 rows), which the model runner runs inside
+`forced(True)`. There, with decode attention in one kernel, it made steps 1-3% faster in two runs on two lent
+H200s (docs/BENCHMARKS.md, "Decode attention in one kernel"). Elsewhere (ENABLED) it is off: on the cuBLAS layers
+of 32-64 rows it was 2% slower to 1% faster, and before the attention kernels were fused it was neutral.
 """
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from functools import lru_cache
 
 import torch
@@ -19,10 +26,8 @@ try:
 except ImportError:
     tl = None
 
-# Off: measured neutral on the H200 (decode steps at batch 1-16 within +-2% of the same kernels without it,
-# docs/BENCHMARKS.md); kept, with its A/B in bench/decode_floor.py, as the base for prefetching more of the next
-# kernel's weights into L2 before its wait.
 ENABLED = False
+_forced = threading.local()      # a per-thread override of ENABLED (forced), for the kernels launched inside it
 
 
 @lru_cache(maxsize=None)
@@ -32,6 +37,18 @@ def _supported(index: int) -> bool:
             and torch.cuda.get_device_capability(index)[0] >= 9)
 
 
+@contextmanager
+def forced(on: bool):
+    """Kernels launched (or captured) by this thread inside the block use PDL if `on` and the device can."""
+    before = getattr(_forced, "on", None)
+    _forced.on = on
+    try:
+        yield
+    finally:
+        _forced.on = before
+
+
 def pdl_on(device: torch.device) -> bool:
     """Whether kernels on `device` launch with PDL now."""
-    return ENABLED and tl is not None and device.type == "cuda" and _supported(device.index or 0)
+    on = getattr(_forced, "on", None)
+    return (ENABLED if on is None else on) and tl is not None and device.type == "cuda" and _supported(device.index or 0)
