@@ -9,8 +9,8 @@ bandwidth. Against it:
 A/B in the same run: "plain" is the graph of the cuBLAS path (separate norm / SiLU kernels), "no-pdl" the
 skinny-GEMM layers (skinny_gemm.py) without programmatic dependent launch (pdl.py), "sep-attn" the skinny layers
 without PDL and with rotary + KV write, attention and the split merge as three kernels (before
-paged_decode_rope); the other columns run the default: skinny layers up to 16 rows with PDL, one
-decode-attention kernel. Then a torch.profiler trace of graph replays lists the kernels of
+paged_decode_rope); the other columns run the default: skinny layers up to 32 rows (norm prologues up to 16)
+with PDL, one decode-attention kernel. Then a torch.profiler trace of graph replays lists the kernels of
 one decode step by total time.
 
     python -m bench.decode_floor --out decode_floor.json
@@ -196,7 +196,8 @@ def main() -> None:
            "fused_check": check_fused_rope_cache(runner, bm), "ab_gpu_ms": {}}
     print("fused rotary + KV write against separate kernels:", res["fused_check"], flush=True)
     skinny_rows = runner.skinny_rows
-    res["skinny_check"] = check_skinny_path(runner, bm, skinny_rows)
+    # 8 rows: norms as the projections' prologues; 24: as kernels of their own (skinny_gemm.MAX_ROWS)
+    res["skinny_check"] = [check_skinny_path(runner, bm, skinny_rows, batch) for batch in (8, 24)]
     print("skinny-GEMM decode against the plain path:", res["skinny_check"], flush=True)
     res["fused_attention_check"] = check_fused_decode_attention(runner, bm)
     print("one decode-attention kernel against three:", res["fused_attention_check"], flush=True)

@@ -144,7 +144,7 @@ class ModelRunner:
         self.fuse_decode_attention = fused_kernels_on(self.device)
         self.split_counts = paged_decode_counts(self.device) if self.fuse_decode_attention else None
         # decode batches up to this many rows run the skinny-GEMM layers (skinny_gemm.py); 0 = never
-        self.skinny_rows = skinny_gemm.MAX_ROWS if self._skinny_eligible() else 0
+        self.skinny_rows = skinny_gemm.LAYER_ROWS if self._skinny_eligible() else 0
         # the skinny layers' kernels launch with programmatic dependent launch (pdl.py: 1-3% faster there)
         self.skinny_pdl = True
 
@@ -291,25 +291,33 @@ class ModelRunner:
         return x
 
     def _layers_skinny(self, h, attend) -> torch.Tensor:
-        """_layers then the logits, for a few rows: one kernel per projection, the norms, residual adds and SiLU
-        fused into them (skinny_gemm.py). sumsq[0] / [1]: rows' sums of squares of the residual stream after
+        """_layers then the logits, for a few rows: one kernel per projection, the residual adds and SiLU fused into
+        them (skinny_gemm.py), and, up to skinny_gemm.MAX_ROWS rows, the norms too (each projection normalises its
+        input from the rows' sums of squares that the previous projection's epilogue accumulated); past it, the
+        norms are kernels of their own. sumsq[0] / [1]: rows' sums of squares of the residual stream after
         attention / after the MLP; each is zeroed by the projection before the one that accumulates into it."""
         w, eps = self.norm_weights, self.eps
         sumsq = torch.empty(2, h.shape[0], dtype=torch.float32, device=h.device)
+        prologue = h.shape[0] <= skinny_gemm.MAX_ROWS
+
+        def normed(x, j: int, sums: torch.Tensor):
+            """A projection's input and prologue arguments for norm j of stream x (whose sums of squares are sums)."""
+            if prologue:
+                return x, dict(sumsq_in=sums, norm_w=w[j], eps=eps)
+            return rmsnorm(x, w[j], eps)[0], {}
+
         residual = h
         for i, layer in enumerate(self.layers):
-            if i == 0:
-                qkv = skinny_linear(rmsnorm(h, w[0], eps)[0], self.qkv_w[0], zero=sumsq[0])
-            else:
-                qkv = skinny_linear(residual, self.qkv_w[i], sumsq_in=sumsq[1], norm_w=w[2 * i], eps=eps, zero=sumsq[0])
+            x, norm = (rmsnorm(h, w[0], eps)[0], {}) if i == 0 else normed(residual, 2 * i, sumsq[1])
+            qkv = skinny_linear(x, self.qkv_w[i], **norm, zero=sumsq[0])
             residual = skinny_linear(attend(i, qkv).reshape(h.shape[0], -1), layer.self_attn.o_proj.weight,
                                      epilogue=Epilogue.RESIDUAL, residual=residual, sumsq_out=sumsq[0])
-            act = skinny_linear(residual, self.gate_up_w[i], epilogue=Epilogue.SILU_MUL, sumsq_in=sumsq[0],
-                                norm_w=w[2 * i + 1], eps=eps, zero=sumsq[1])
+            x, norm = normed(residual, 2 * i + 1, sumsq[0])
+            act = skinny_linear(x, self.gate_up_w[i], epilogue=Epilogue.SILU_MUL, **norm, zero=sumsq[1])
             residual = skinny_linear(act, layer.mlp.down_proj.weight, epilogue=Epilogue.RESIDUAL, residual=residual,
                                      sumsq_out=sumsq[1])
-        return skinny_linear(residual, self.hf.lm_head.weight, sumsq_in=sumsq[1], norm_w=w[-1], eps=eps,
-                             out_dtype=torch.float32)
+        x, norm = normed(residual, -1, sumsq[1])
+        return skinny_linear(x, self.hf.lm_head.weight, **norm, out_dtype=torch.float32)
 
     def forward_mixed(self, batch: MixedInputs, probe: LengthProbe | None = None) -> torch.Tensor:
         h, cos, sin = self._embed(batch.input_ids, batch.positions)

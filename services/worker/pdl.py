@@ -8,8 +8,8 @@ anything it may have produced. Every kernel launched with PDL here waits before 
 before its first store, so ordering stays what the stream gives; kernels launched without PDL (torch's) keep
 full stream order whatever runs before them.
 
-Where it is on: the skinny decode layers (batches of at most 16 rows), which the model runner runs inside
-`forced(True)`. There, with decode attention in one kernel, it made steps 1-3% faster in two runs on two lent
+Where it is on: the skinny decode layers (batches of at most skinny_gemm.LAYER_ROWS rows), which the model runner
+runs inside `forced(True)`. There, with decode attention in one kernel, it made steps 1-3% faster in two runs on two lent
 H200s (docs/BENCHMARKS.md, "Decode attention in one kernel"). Elsewhere (ENABLED) it is off: on the cuBLAS layers
 of 32-64 rows it was 2% slower to 1% faster, and before the attention kernels were fused it was neutral.
 """

@@ -13,8 +13,9 @@ projection streams the weight once, with no split-K, and absorbs the rest:
 - a **residual epilogue**: the output is added to the residual stream, written as the new stream, and each
   row's sum of squares of it is accumulated (atomically, over the column tiles) for the next norm.
 
-Batches of at most 16 rows only (MAX_ROWS): every column tile recomputes the norm of its input rows, which
-is free at 16 rows but at 32-64 costs more than the norm kernel it replaces (a SiLU prologue on the down
+The norm prologue serves batches of at most 16 rows (MAX_ROWS): every column tile recomputes the norm of its
+input rows, which is free at 16 rows but at 32-64 costs more than the norm kernel it replaces (batches of 17-32
+rows, LAYER_ROWS, run the same kernels with a norm kernel before qkv and gate_up) (a SiLU prologue on the down
 projection, tried first, was 5x slower than cuBLAS even at one row). A sum-of-squares buffer must be zero before the epilogue accumulates into it; the kernel two steps earlier
 zeroes it (`zero=`), which keeps every step one kernel and graph-capturable. Rounding follows transformers:
 matmul outputs and residual sums are rounded to the model dtype, norms are computed in fp32. The sums of
@@ -40,9 +41,11 @@ except ImportError:  # CPU-only installs never take this path (model_runner chec
     triton = None
 
 
-MAX_TILE_ROWS = 64  # rows one program's tile holds (the decode layers use the kernel up to MAX_ROWS)
-MAX_ROWS = 16     # one tensor-core row tile: the norm prologue is recomputed by every column tile, which is
-                  # free at 16 rows and costs more than the kernels it saves at 32-64 (docs/BENCHMARKS.md)
+MAX_TILE_ROWS = 64  # rows one program's tile holds (the decode layers use the kernel up to LAYER_ROWS)
+MAX_ROWS = 16     # rows with the norm prologue: it is recomputed by every column tile, which is free at 16 rows
+                  # and costs more than the norm kernel it saves at 32-64 (docs/BENCHMARKS.md)
+LAYER_ROWS = 32   # decode batches up to this many rows run the skinny layers; past MAX_ROWS, with the norms as
+                  # kernels of their own (at 64 rows the gate_up tile is slower than cuBLAS: docs/BENCHMARKS.md)
 
 
 class Epilogue(IntEnum):
