@@ -9,7 +9,8 @@ bandwidth. Against it:
 A/B in the same run: "plain" is the graph of the cuBLAS path (separate norm / SiLU kernels), "no-pdl" the
 skinny-GEMM layers (skinny_gemm.py) without programmatic dependent launch (pdl.py), "sep-attn" the skinny layers
 without PDL and with rotary + KV write, attention and the split merge as three kernels (before
-paged_decode_rope); the other columns run the default: skinny layers up to 32 rows (norm prologues up to 16)
+paged_decode_rope), "split<132" the default but with contexts split only below 132 (sequence, KV head)
+programs, as before 2026-12-04; the other columns run the default: skinny layers up to 32 rows (norm prologues up to 16)
 with PDL, one decode-attention kernel. Then a torch.profiler trace of graph replays lists the kernels of
 one decode step by total time.
 
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from bench.engine_bench import LLAMA3_8B, device_ceilings, timed
+from services.worker import attention
 from services.worker.config import WorkerConfig
 from services.worker.factory import build_engine
 from services.worker.model_runner import SeqChunk, load_hf_model
@@ -206,10 +208,12 @@ def main() -> None:
         return
     # A/B: the graphs of the plain (cuBLAS) layers and of the skinny ones with PDL, of the batch sizes measured
     # only (seconds, not a minute per variant); then (below) the default, every bucket
-    all_buckets = runner.graphs.buckets
-    for variant, rows, with_pdl, fused in (("plain", 0, False, True), ("no-pdl", skinny_rows, False, True),
-                                           ("sep-attn", skinny_rows, False, False)):
+    all_buckets, default_split = runner.graphs.buckets, attention.SPLIT_BELOW
+    for variant, rows, with_pdl, fused, split_below in (
+            ("plain", 0, False, True, default_split), ("no-pdl", skinny_rows, False, True, default_split),
+            ("sep-attn", skinny_rows, False, False, default_split), ("split<132", skinny_rows, True, True, 132)):
         runner.skinny_rows, runner.skinny_pdl, runner.fuse_decode_attention = rows, with_pdl, fused
+        attention.SPLIT_BELOW = split_below
         runner.graphs.buckets = sorted(set(a.batches))
         runner.graphs.capture()
         res["ab_gpu_ms"][variant] = {}
@@ -225,9 +229,10 @@ def main() -> None:
                     bm.free(s)
     runner.graphs.buckets = all_buckets
     runner.skinny_rows, runner.skinny_pdl, runner.fuse_decode_attention = skinny_rows, True, True
+    attention.SPLIT_BELOW = default_split
     runner.graphs.capture()
     print(f"{'ctx':>5} {'batch':>5} {'floor':>7} {'synced':>7} {'gpu':>7} {'served':>7} {'plain':>7} {'no-pdl':>7} "
-          f"{'sep-att':>7}   ratios synced/gpu/served/plain-gpu/no-pdl-gpu/sep-attn-gpu")
+          f"{'sep-att':>7} {'spl132':>7}   ratios synced/gpu/served/plain-gpu/no-pdl-gpu/sep-attn-gpu/split<132-gpu")
     for ctx in a.contexts:
         for bsz in a.batches:
             seqs = [f"d{ctx}_{i}" for i in range(bsz)]
@@ -242,13 +247,15 @@ def main() -> None:
             for s in seqs:
                 bm.free(s)
             served = served_step_ms(engine, bsz, ctx)
-            plain, no_pdl, sep = (res["ab_gpu_ms"][v][f"{ctx}x{bsz}"] for v in ("plain", "no-pdl", "sep-attn"))
+            plain, no_pdl, sep, sp132 = (res["ab_gpu_ms"][v][f"{ctx}x{bsz}"]
+                                         for v in ("plain", "no-pdl", "sep-attn", "split<132"))
             row = {"ctx": ctx, "batch": bsz, "floor_ms": floor, "synced_ms": synced, "gpu_ms": gpu, "served_ms": served,
-                   "plain_gpu_ms": plain, "no_pdl_gpu_ms": no_pdl, "sep_attn_gpu_ms": sep}
+                   "plain_gpu_ms": plain, "no_pdl_gpu_ms": no_pdl, "sep_attn_gpu_ms": sep,
+                   "split_below_132_gpu_ms": sp132}
             res["rows"].append(row)
             print(f"{ctx:>5} {bsz:>5} {floor:7.3f} {synced:7.3f} {gpu:7.3f} {served:7.3f} {plain:7.3f} {no_pdl:7.3f} "
-                  f"{sep:7.3f}   {synced / floor:.3f} / {gpu / floor:.3f} / {served / floor:.3f} / {plain / floor:.3f} / "
-                  f"{no_pdl / floor:.3f} / {sep / floor:.3f}", flush=True)
+                  f"{sep:7.3f} {sp132:7.3f}   {synced / floor:.3f} / {gpu / floor:.3f} / {served / floor:.3f} / {plain / floor:.3f} / "
+                  f"{no_pdl / floor:.3f} / {sep / floor:.3f} / {sp132 / floor:.3f}", flush=True)
     for bsz, k in res["kernels"].items():
         print(f"\nbatch {bsz} (skinny layers unless named), ctx {a.contexts[0]}: {k['kernels_per_step']} kernels, {k['total_ms']:.3f} ms of kernel time")
         for name, ms, count in k["top"][:14]:
