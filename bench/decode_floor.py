@@ -125,37 +125,86 @@ def check_fused_rope_cache(runner, bm) -> dict:
             "v_equal": bool(torch.equal(out[True][2], out[False][2]))}
 
 
-def check_fused_decode_attention(runner, bm, ctx: int = 300) -> dict:
+GRAPH_CHECK_BATCHES = (1, 8, 24)     # split contexts with prologue norms, and norm kernels with two splits
+GRAPH_TOLERANCE = 0.1               # relative logits difference: the skinny layers' sums of squares are added in a
+                                    # varying order (last bits); a race or a wrong merge is of order 1 (or NaN)
+CHECK_LENGTHS = (300, 1, 64, 128, 17, 255, 200, 65)     # contexts of the attention checks: a whole number of
+                                                        # 64-token chunks, one token, several non-empty slices
+
+
+class DecodeCase:
+    """`batch` sequences of varied context lengths whose caches hold random K / V (seeded: the same every time it is
+    set up), and their new tokens' slots, poisoned with NaN, so that only a kernel that writes them reads them."""
+
+    def __init__(self, runner, bm, batch: int):
+        self.runner, self.bm = runner, bm
+        self.seqs = [f"case{batch}_{i}" for i in range(batch)]
+        lens = [CHECK_LENGTHS[i % len(CHECK_LENGTHS)] for i in range(batch)]
+        for s, n in zip(self.seqs, lens):
+            bm.grow(s, n)
+        self.chunks = [SeqChunk([17 + i], n - 1, bm.rows.row(s), True) for i, (s, n) in enumerate(zip(self.seqs, lens))]
+        bs = bm.block_size
+        slot = lambda s, pos: bm.table(s)[pos // bs] * bs + pos % bs        # noqa: E731
+        self.context = torch.tensor([slot(s, p) for s, n in zip(self.seqs, lens) for p in range(n - 1)], device="cuda")
+        self.new = torch.tensor([slot(s, n - 1) for s, n in zip(self.seqs, lens)], device="cuda")
+        self.seed = batch
+
+    def reset_cache(self):
+        cache = self.runner.cache
+        gen = torch.Generator(device="cuda").manual_seed(self.seed)
+        for pool in (cache.k, cache.v):
+            if len(self.context):
+                pool[:, self.context] = torch.randn(pool[:, self.context].shape, generator=gen, device="cuda",
+                                                    dtype=pool.dtype)
+            pool[:, self.new] = float("nan")
+
+    def written(self):
+        return self.runner.cache.k[:, self.new].clone(), self.runner.cache.v[:, self.new].clone()
+
+    def free(self):
+        for s in self.seqs:
+            self.bm.free(s)
+
+
+def check_fused_decode_attention(runner, bm) -> dict:
     """Logits and written KV of one eager decode step with paged_decode_rope (one kernel) against the separate
-    rotary + KV write, attention and split-merge kernels, at batch sizes with and without context splits. On the
-    plain (cuBLAS) layers: the skinny ones add sums of squares atomically in a varying order, so two runs of them
-    differ in the last bits whatever the attention kernels do."""
+    rotary + KV write, attention and split-merge kernels, at batch sizes with and without context splits (DecodeCase).
+    On the plain (cuBLAS) layers, so the two must agree bit for bit: the skinny ones add sums of squares atomically
+    in a varying order, so two runs of them differ in the last bits whatever the attention kernels do."""
     res, skinny_rows = {}, runner.skinny_rows
     runner.skinny_rows = 0
     for batch in (1, 8, 32):
-        seqs = [f"fda{i}" for i in range(batch)]
-        for s in seqs:
-            bm.grow(s, ctx)
-        chunks = [SeqChunk([17 + i], ctx - 1, bm.rows.row(s), True) for i, s in enumerate(seqs)]
-        slots = torch.tensor([bm.table(s)[(ctx - 1) // bm.block_size] * bm.block_size + (ctx - 1) % bm.block_size
-                              for s in seqs], device="cuda")
+        case = DecodeCase(runner, bm, batch)
         out = {}
         for fused in (False, True):
             runner.fuse_decode_attention = fused
-            runner.cache.k[:, slots] = float("nan")        # a path that wrote nothing cannot pass for one that did
-            runner.cache.v[:, slots] = float("nan")
+            case.reset_cache()
             with torch.inference_mode():
-                logits = runner.forward_decode(runner.prepare_decode(chunks)).clone()
-            out[fused] = (logits, runner.cache.k[:, slots].clone(), runner.cache.v[:, slots].clone())
-        for s in seqs:
-            bm.free(s)
+                logits = runner.forward_decode(runner.prepare_decode(case.chunks)).clone()
+            out[fused] = (logits, *case.written())
+        case.free()
         res[batch] = {"logits_max_abs_diff": (out[True][0] - out[False][0]).abs().max().item(),
                       "argmax_agree": (out[True][0].argmax(-1) == out[False][0].argmax(-1)).float().mean().item(),
                       "k_equal": bool(torch.equal(out[True][1], out[False][1])),
                       "v_equal": bool(torch.equal(out[True][2], out[False][2])),
                       "counts_zero": not bool(runner.split_counts.any())}
+        res[batch]["ok"] = (res[batch]["logits_max_abs_diff"] == 0 and res[batch]["k_equal"] and res[batch]["v_equal"]
+                            and res[batch]["counts_zero"])
     runner.fuse_decode_attention, runner.skinny_rows = True, skinny_rows
     return res
+
+
+def graph_logits(runner, bm, batch: int, replays: int = 3) -> torch.Tensor:
+    """The logits of a DecodeCase through the captured decode graphs, replayed `replays` times from the same cache
+    (the last replay's; every replay must leave the arrival counters at zero)."""
+    case = DecodeCase(runner, bm, batch)
+    for _ in range(replays):
+        case.reset_cache()
+        logits = runner.graphs.run(runner.prepare_decode(case.chunks)).clone()
+        torch.cuda.synchronize()
+        assert not runner.split_counts.any(), "arrival counters left non-zero after a graph replay"
+    case.free()
+    return logits
 
 
 def check_skinny_path(runner, bm, rows: int, batch: int = 8, ctx: int = 300) -> dict:
@@ -205,7 +254,7 @@ def main() -> None:
     print("one decode-attention kernel against three:", res["fused_attention_check"], flush=True)
     if a.checks_only:
         a.out.write_text(json.dumps(res, indent=2))
-        return
+        return exit_on_failed_checks(res)
     # A/B: the graphs of the plain (cuBLAS) layers and of the skinny ones with PDL, of the batch sizes measured
     # only (seconds, not a minute per variant); then (below) the default, every bucket
     all_buckets, default_split = runner.graphs.buckets, attention.SPLIT_BELOW
@@ -216,6 +265,8 @@ def main() -> None:
         attention.SPLIT_BELOW = split_below
         runner.graphs.buckets = sorted(set(a.batches))
         runner.graphs.capture()
+        if variant == "sep-attn":
+            sep_graph_logits = {b: graph_logits(runner, bm, b) for b in GRAPH_CHECK_BATCHES}
         res["ab_gpu_ms"][variant] = {}
         for ctx in a.contexts:
             for bsz in a.batches:
@@ -231,6 +282,13 @@ def main() -> None:
     runner.skinny_rows, runner.skinny_pdl, runner.fuse_decode_attention = skinny_rows, True, True
     attention.SPLIT_BELOW = default_split
     runner.graphs.capture()
+    res["graph_check"] = {}
+    for b in GRAPH_CHECK_BATCHES:      # the default graphs (skinny layers, PDL, one kernel) against three kernels
+        ours, ref = graph_logits(runner, bm, b), sep_graph_logits[b]
+        rel = ((ours - ref).abs().max() / ref.abs().max()).item()
+        res["graph_check"][b] = {"logits_rel_err": rel, "argmax_agree": (ours.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+                                 "ok": rel < GRAPH_TOLERANCE}
+    print("decode graphs, one attention kernel + PDL against three kernels:", res["graph_check"], flush=True)
     print(f"{'ctx':>5} {'batch':>5} {'floor':>7} {'synced':>7} {'gpu':>7} {'served':>7} {'plain':>7} {'no-pdl':>7} "
           f"{'sep-att':>7} {'spl132':>7}   ratios synced/gpu/served/plain-gpu/no-pdl-gpu/sep-attn-gpu/split<132-gpu")
     for ctx in a.contexts:
@@ -261,6 +319,15 @@ def main() -> None:
         for name, ms, count in k["top"][:14]:
             print(f"  {ms:7.3f} ms  x{count:<6} {name}")
     a.out.write_text(json.dumps(res, indent=2))
+    exit_on_failed_checks(res)
+
+
+def exit_on_failed_checks(res: dict) -> None:
+    """A non-zero exit (after the JSON is written) if a check of the decode-attention kernel failed."""
+    failed = [f"{name} {batch}" for name in ("fused_attention_check", "graph_check")
+              for batch, row in res.get(name, {}).items() if not row["ok"]]
+    if failed:
+        raise SystemExit(f"failed checks: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

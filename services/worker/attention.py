@@ -118,14 +118,14 @@ if triton is not None:
         d = tl.arange(0, D)
         q_rows = Q + b * stride_qb + heads[:, None] * stride_qh
         n = tl.load(LENS + b)
-        per = tl.cdiv(tl.cdiv(n, SPLITS), TOK) * TOK
+        per = tl.maximum(tl.cdiv(tl.cdiv(n, SPLITS), TOK), 1) * TOK     # never 0, even for an empty context
         lo = split * per
         hi = tl.minimum(n, lo + per)
         if ROPE:
             partner = (d + D // 2) % D
             q = _rotated(q_rows + d[None, :], q_rows + partner[None, :], COS + b * stride_c, SIN + b * stride_c, d,
                          head_ok[:, None], D // 2)
-            if (n - 1) // per == split:
+            if (n > 0) & ((n - 1) // per == split):
                 k_row = Q + b * stride_qb + (num_heads + kvh) * D
                 k_new = _rotated(k_row + d, k_row + partner, COS + b * stride_c, SIN + b * stride_c, d, d < D, D // 2)
                 v_new = tl.load(Q + b * stride_qb + (num_heads + tl.num_programs(1) + kvh) * D + d)
@@ -187,7 +187,7 @@ def num_splits(batch: int, num_kv_heads: int) -> int:
     programs = batch * num_kv_heads
     if programs >= SPLIT_BELOW:
         return 1
-    return min(16, triton.next_power_of_2(-(-264 // programs)))
+    return min(16, triton.next_power_of_2(-(-SPLIT_BELOW // programs)))
 
 
 def _launch_decode(q_src, stride_qb, stride_qh, num_heads, dim, k_cache, v_cache, block_tables, context_lens,
@@ -209,8 +209,10 @@ def _launch_decode(q_src, stride_qb, stride_qh, num_heads, dim, k_cache, v_cache
     else:                                                       # unused: the kernel writes `out` directly
         m = l = acc = out
     self_combine = splits > 1 and counts is not None
-    if self_combine:
-        assert counts.dtype == torch.int32 and counts.numel() >= bsz * num_kv, "one arrival counter per (row, KV head)"
+    if self_combine and (counts.dtype != torch.int32 or counts.numel() < bsz * num_kv):
+        # not an assert: a short buffer would be written past its end (atomics), and python -O drops asserts
+        raise ValueError(f"counts: {counts.numel()} {counts.dtype} counters for {bsz} x {num_kv} (row, KV head) "
+                         f"pairs; one int32 each is needed (paged_decode_counts)")
     cos, sin, slots = rope if rope is not None else (out, out, context_lens)
     _paged_decode_kernel[(bsz, num_kv, splits)](
         q_src, k_cache, v_cache, block_tables, context_lens, out, m, l, acc, scale,
@@ -242,6 +244,7 @@ def paged_decode_rope(qkv, num_heads: int, cos, sin, slots, k_cache, v_cache, bl
     counts: int32 zeros, at least B * KV (paged_decode_counts), left at zero. CUDA only. Returns [B, H, D]."""
     num_kv, dim = k_cache.shape[1], k_cache.shape[2]
     assert qkv.stride(1) == 1 and qkv.shape[1] == (num_heads + 2 * num_kv) * dim and cos.stride(1) == 1
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(2) == 1      # V is written with K's strides
     out = torch.empty(qkv.shape[0], num_heads, dim, dtype=qkv.dtype, device=qkv.device)
     return _launch_decode(qkv, qkv.stride(0), dim, num_heads, dim, k_cache, v_cache, block_tables, context_lens,
                           block_size, scale, out, None, splits, rope=(cos, sin, slots), counts=counts)
