@@ -82,7 +82,8 @@ if triton is not None:
         for sp in tl.static_range(SPLITS):
             m = tl.load(M_IN + rows + sp, mask=head_ok, other=float("-inf"))
             w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))             # empty slices weigh nothing
-            out += tl.load(ACC_IN + (rows + sp)[:, None] * D + d[None, :], mask=head_ok[:, None], other=0.0) * w[:, None]
+            acc = tl.load(ACC_IN + (rows + sp)[:, None] * D + d[None, :], mask=head_ok[:, None], other=0.0)
+            out += acc * w[:, None]
             denom += tl.load(L_IN + rows + sp, mask=head_ok, other=0.0) * w
         tl.store(O + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
                  (out / denom[:, None]).to(O.dtype.element_ty), mask=head_ok[:, None])

@@ -324,10 +324,11 @@ class ModelRunner:
         # cuDNN's attention builds a plan for every new sequence length it meets (tens of ms each): the first
         # pass over a real mix of prompt lengths ran half as fast as later ones. Flash / memory-efficient
         # kernels need no plan.
+        def attend(i, qkv):
+            return self._attend_mixed(i, *self._rotate_and_cache(i, qkv, cos, sin, batch.slots), batch)
+
         with sdpa_kernel(PREFILL_BACKENDS):
-            h = self._layers(h, lambda i, qkv: self._attend_mixed(i, *self._rotate_and_cache(i, qkv, cos, sin, batch.slots),
-                                                                  batch),
-                             batch.probe_rows, probe)
+            h = self._layers(h, attend, batch.probe_rows, probe)
         if batch.logits_index.numel() == 0:
             return torch.empty(0, self.vocab_size, device=self.device)
         return self._logits(h[batch.logits_index])
