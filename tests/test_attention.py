@@ -3,7 +3,8 @@ checked against the same reference on the GPU by bench/engine_bench.py)."""
 import pytest
 import torch
 
-from services.worker.attention import paged_decode_gather, paged_decode_reference
+from services.worker.attention import (num_splits, paged_decode_counts, paged_decode_gather,
+                                       paged_decode_reference)
 from services.worker.fused_ops import rmsnorm_torch, rope_
 
 
@@ -41,3 +42,16 @@ def test_fused_norm_and_rope_follow_transformers():
     cos, sin = torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()
     ref, _ = apply_rotary_pos_emb(q.transpose(0, 1)[None], q.transpose(0, 1)[None], cos[None], sin[None])
     assert torch.allclose(rope_(q, cos, sin), ref[0].transpose(0, 1), atol=1e-6)
+
+
+def test_split_contexts_always_have_an_arrival_counter_each():
+    """The decode kernel's own split merge counts arrivals per (row, KV head) in paged_decode_counts' buffer: every
+    batch whose contexts are split must fit in it (a short buffer would be written past its end)."""
+    counters = paged_decode_counts(torch.device("cpu")).numel()
+    for kv_heads in (1, 2, 4, 8, 16):
+        for batch in range(1, 600):
+            splits = num_splits(batch, kv_heads)
+            assert 1 <= splits <= 16 and splits & (splits - 1) == 0      # a power of two, as the kernel's arange needs
+            if splits > 1:
+                assert batch * kv_heads <= counters
+    assert num_splits(1, 8) == 16 and num_splits(32, 8) == 2 and num_splits(64, 8) == 1

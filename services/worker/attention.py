@@ -188,7 +188,7 @@ def num_splits(batch: int, num_kv_heads: int) -> int:
     programs = batch * num_kv_heads
     if programs >= SPLIT_BELOW:
         return 1
-    return min(16, triton.next_power_of_2(-(-SPLIT_BELOW // programs)))
+    return min(16, 1 << (-(-SPLIT_BELOW // programs) - 1).bit_length())    # the next power of two
 
 
 def _launch_decode(q_src, stride_qb, stride_qh, num_heads, dim, k_cache, v_cache, block_tables, context_lens,
