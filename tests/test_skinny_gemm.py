@@ -45,3 +45,10 @@ def test_tuned_tiles_are_used_on_their_device_and_the_default_elsewhere():
     n, k = map(int, shape.split("x"))
     assert config_for(1, n, k, device) == TileConfig(16, *by_rows["16"])
     assert config_for(1, n, k, "some other GPU") == skinny_gemm.default_config(1, n, k)
+
+
+def test_decode_layers_use_the_kernel_only_as_far_as_tiles_were_tuned():
+    llama_8b = [(6144, 4096), (4096, 4096), (14336, 4096), (4096, 14336), (128256, 4096)]
+    assert skinny_gemm.tuned_rows("NVIDIA H200", llama_8b) == skinny_gemm.LAYER_ROWS == 32
+    assert skinny_gemm.tuned_rows("NVIDIA A100-SXM4-80GB", llama_8b) == 0          # never tuned there: cuBLAS
+    assert skinny_gemm.tuned_rows("NVIDIA H200", llama_8b[:4] + [(151936, 4096)]) == 0   # another vocabulary

@@ -144,9 +144,19 @@ class ModelRunner:
         self.fuse_decode_attention = fused_kernels_on(self.device)
         self.split_counts = paged_decode_counts(self.device) if self.fuse_decode_attention else None
         # decode batches up to this many rows run the skinny-GEMM layers (skinny_gemm.py); 0 = never
-        self.skinny_rows = skinny_gemm.LAYER_ROWS if self._skinny_eligible() else 0
+        self.skinny_rows = self._skinny_layer_rows()
         # the skinny layers' kernels launch with programmatic dependent launch (pdl.py: 1-3% faster there)
         self.skinny_pdl = True
+
+    def _skinny_layer_rows(self) -> int:
+        """The most decode rows the skinny layers take here: as far as this device has tuned tiles for every
+        projection of this model (skinny_gemm.tuned_rows), 0 if the model cannot use them."""
+        if not self._skinny_eligible():
+            return 0
+        hidden, inter = self.hf.config.hidden_size, self.gate_up_w[0].shape[0] // 2
+        shapes = [(self.q_size + 2 * self.kv_size, hidden), (hidden, self.q_size), (inter, hidden), (hidden, inter),
+                  (self.vocab_size, hidden)]       # qkv, o, gate_up (its activation's width), down, lm_head: (N, K)
+        return skinny_gemm.tuned_rows(torch.cuda.get_device_name(self.device), shapes)
 
     def _skinny_eligible(self) -> bool:
         """CUDA, bf16 / fp16 (the fp32 model that is checked against transformers keeps cuBLAS's exact fp32; tl.dot

@@ -89,6 +89,20 @@ def _tuned(device_name: str) -> dict:
     return json.loads(TUNED_CONFIGS.read_text()).get(device_name, {})
 
 
+def tuned_rows(device_name: str, shapes: list[tuple[int, int]]) -> int:
+    """Up to how many rows (0, MAX_ROWS or LAYER_ROWS) every projection shape (N, K) has tiles tuned on this device
+    (TUNED_CONFIGS). The decode layers use the kernel only that far: the default tiles were never run on other
+    devices or shapes, and a tile over the device's shared memory fails at graph capture, which would stop the
+    worker at start; untuned batches take the cuBLAS path instead."""
+    table = _tuned(device_name)
+    rows = 0
+    for block_m in (MAX_ROWS, LAYER_ROWS):
+        if not all(str(block_m) in table.get(f"{n}x{k}", {}) for n, k in shapes):
+            break
+        rows = block_m
+    return rows
+
+
 def default_config(m: int, n: int, k: int) -> TileConfig:
     """Enough column tiles to give every SM work, K chunks deep enough to keep loads in flight. Row tiles past
     MAX_ROWS take K chunks of 128 (what the tuner chose there on the H200): 256 overflows shared memory at 64 rows,
