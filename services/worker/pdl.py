@@ -9,9 +9,10 @@ before its first store, so ordering stays what the stream gives; kernels launche
 full stream order whatever runs before them.
 
 Where it is on: the skinny decode layers (batches of at most skinny_gemm.LAYER_ROWS rows), which the model runner
-runs inside `forced(True)`. There, with decode attention in one kernel, it made steps 1-3% faster in two runs on two lent
-H200s (docs/BENCHMARKS.md, "Decode attention in one kernel"). Elsewhere (ENABLED) it is off: on the cuBLAS layers
-of 32-64 rows it was 2% slower to 1% faster, and before the attention kernels were fused it was neutral.
+runs inside `forced(True)`. There, with decode attention in one kernel, it made steps at batch 1-16 1-3% faster in 3
+of 4 runs on lent H200s, and was within +-1% in the fourth and at 17-32 rows (docs/BENCHMARKS.md, "Decode attention in one
+kernel" and the sections after it). Elsewhere (ENABLED) it is off: on the cuBLAS layers of 32-64 rows it was 2%
+slower to 1% faster, and before the attention kernels were fused it was neutral.
 """
 from __future__ import annotations
 
