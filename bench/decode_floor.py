@@ -9,9 +9,10 @@ bandwidth. Against it:
 A/B in the same run: "plain" is the graph of the cuBLAS path (separate norm / SiLU kernels), "no-pdl" the
 skinny-GEMM layers (skinny_gemm.py) without programmatic dependent launch (pdl.py), "sep-attn" the skinny layers
 without PDL and with rotary + KV write, attention and the split merge as three kernels (before
-paged_decode_rope), "split<132" the default but with contexts split only below 132 (sequence, KV head)
-programs, as before 2026-12-04; the other columns run the default: skinny layers up to 32 rows (norm prologues up to 16)
-with PDL, one decode-attention kernel. Then a torch.profiler trace of graph replays lists the kernels of
+paged_decode_rope), "no-prefetch" the default but with the decode-attention kernel reading its first context chunk
+only after waiting for the qkv projection (as before 2026-12-04, session 20); the other columns run the default: skinny
+layers up to 32 rows (norm prologues up to 16) with PDL, one decode-attention kernel that reads its first context chunk
+while the qkv projection drains. Then a torch.profiler trace of graph replays lists the kernels of
 one decode step by total time.
 
     python -m bench.decode_floor --out decode_floor.json
@@ -28,9 +29,9 @@ from pathlib import Path
 import torch
 
 from bench.engine_bench import LLAMA3_8B, device_ceilings, timed
-from services.worker import attention
 from services.worker.config import WorkerConfig
 from services.worker.factory import build_engine
+from services.worker.fused_ops import rope_, rope_and_cache_
 from services.worker.model_runner import SeqChunk, load_hf_model
 from services.worker.sequence import Sampling
 
@@ -101,28 +102,66 @@ def kernel_breakdown(runner, chunks, replays: int = 10) -> dict:
             "top": rows[:25]}
 
 
+def check_rope_rounding(runner, rows: int = 64) -> dict:
+    """rope_and_cache_ (the mixed steps' fused rotary + KV write) against torch's rope_ and a cache write, on random
+    qkv rows at random positions: both round through the same steps (rotary_mix), so q, K and V must be the same bits."""
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    h, kv, d = runner.num_heads, runner.num_kv_heads, runner.head_dim
+    qkv = torch.randn(rows, (h + 2 * kv) * d, generator=gen, device="cuda").to(runner.qkv_w[0].dtype)
+    pos = torch.randint(0, 4096, (rows,), generator=gen, device="cuda")
+    cos, sin = runner.hf.model.rotary_emb(qkv[None], pos[None])
+    cos, sin = cos[0], sin[0]
+    q, k, v = qkv.split([h * d, kv * d, kv * d], dim=1)
+    ref_q, ref_k = rope_(q.reshape(rows, h, d), cos, sin), rope_(k.reshape(rows, kv, d), cos, sin)
+    kc, vc = (torch.full((rows, kv, d), float("nan"), dtype=qkv.dtype, device="cuda") for _ in range(2))
+    fused = qkv.clone()
+    rope_and_cache_(fused, h, kv, d, cos, sin, kc, vc, torch.arange(rows, device="cuda"))
+    res = {"q_equal": bool(torch.equal(fused[:, :h * d].view(rows, h, d), ref_q)),
+           "k_equal": bool(torch.equal(kc, ref_k)), "v_equal": bool(torch.equal(vc, v.reshape(rows, kv, d)))}
+    res["ok"] = all(res.values())
+    return res
+
+
 def check_fused_rope_cache(runner, bm) -> dict:
-    """Logits and KV of a mixed step (a prompt, a continuing chunk, decodes) with the fused rotary + KV-write
-    kernel against the separate kernels: they must agree to the last bit (same rounding by construction)."""
+    """A mixed step (a fresh prompt, a chunk after 48 tokens of context, two decodes) with the fused rotary + KV-write
+    kernel and with torch's rotary and a cache write, over contexts of random K / V: the K and
+    V written in each layer, the first layer where they differ, and the logits. Layer 0's must be the same bits (the
+    same rotary rounding); past it, a difference can only come from the attention of the layers before. The new
+    tokens' slots hold NaN until written."""
     torch.manual_seed(0)
     shapes = {"p": (0, 37), "c": (48, 16), "d1": (100, 1), "d2": (7, 1)}
     for sid, (start, n) in shapes.items():
         bm.grow(sid, start + n)
+    bs = bm.block_size
+    slot = lambda sid, p: bm.table(sid)[p // bs] * bs + p % bs          # noqa: E731
+    context = torch.tensor([slot(sid, p) for sid, (start, _) in shapes.items() for p in range(start)], device="cuda")
+    new = torch.tensor([slot(sid, p) for sid, (start, n) in shapes.items() for p in range(start, start + n)],
+                       device="cuda")
     chunks = [SeqChunk(torch.randint(0, 1000, (n,)).tolist(), start, bm.rows.row(sid), True, sid)
               for sid, (start, n) in shapes.items()]
-    slots = torch.tensor([b * bm.block_size + o for sid in shapes for b in bm.table(sid) for o in range(bm.block_size)],
-                         device="cuda")
-    out = {}
+    cache, out = runner.cache, {}
     for fused in (False, True):
+        gen = torch.Generator(device="cuda").manual_seed(11)
+        for pool in (cache.k, cache.v):
+            pool[:, new] = float("nan")
+            pool[:, context] = torch.randn(pool[:, context].shape, generator=gen, device="cuda", dtype=pool.dtype)
         runner.fuse_rope_cache = fused
         with torch.inference_mode():
             logits = runner.forward_mixed(runner.prepare_mixed(chunks))
-        out[fused] = (logits.clone(), runner.cache.k[:, slots].clone(), runner.cache.v[:, slots].clone())
+        out[fused] = (logits.clone(), cache.k[:, new].clone(), cache.v[:, new].clone())
+    runner.fuse_rope_cache = True
     for sid in shapes:
         bm.free(sid)
-    return {"logits_max_abs_diff": (out[True][0] - out[False][0]).abs().max().item(),
-            "k_equal": bool(torch.equal(out[True][1], out[False][1])),
-            "v_equal": bool(torch.equal(out[True][2], out[False][2]))}
+    k_layers = [i for i in range(cache.k.shape[0]) if not torch.equal(out[True][1][i], out[False][1][i])]
+    v_layers = [i for i in range(cache.v.shape[0]) if not torch.equal(out[True][2][i], out[False][2][i])]
+    ref = out[False][0]
+    res = {"logits_rel_err": ((out[True][0] - ref).abs().max() / ref.abs().max()).item(),
+           "argmax_agree": (out[True][0].argmax(-1) == ref.argmax(-1)).float().mean().item(),
+           "k_differs_from_layer": k_layers[0] if k_layers else None,
+           "v_differs_from_layer": v_layers[0] if v_layers else None,
+           "layer0_k_max_abs_diff": (out[True][1][0].float() - out[False][1][0].float()).abs().max().item()}
+    res["ok"] = 0 not in k_layers and 0 not in v_layers and res["logits_rel_err"] < GRAPH_TOLERANCE
+    return res
 
 
 GRAPH_CHECK_BATCHES = (1, 8, 24)     # split contexts with prologue norms, and norm kernels with two splits
@@ -244,8 +283,9 @@ def main() -> None:
     runner, bm = engine.runner, engine.blocks
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
     res = {"device": torch.cuda.get_device_name(), "copy_bw": ceil["copy_bw"], "rows": [], "kernels": {},
-           "fused_check": check_fused_rope_cache(runner, bm), "ab_gpu_ms": {}}
-    print("fused rotary + KV write against separate kernels:", res["fused_check"], flush=True)
+           "rope_check": {"rows": check_rope_rounding(runner)}, "fused_check": check_fused_rope_cache(runner, bm),
+           "ab_gpu_ms": {}}
+    print("fused rotary + KV write against torch's rotary:", res["rope_check"], res["fused_check"], flush=True)
     skinny_rows = runner.skinny_rows
     # 8 rows: norms as the projections' prologues; 24: as kernels of their own (skinny_gemm.MAX_ROWS)
     res["skinny_check"] = [check_skinny_path(runner, bm, skinny_rows, batch) for batch in (8, 24)]
@@ -257,12 +297,12 @@ def main() -> None:
         return exit_on_failed_checks(res)
     # A/B: the graphs of the plain (cuBLAS) layers and of the skinny ones with PDL, of the batch sizes measured
     # only (seconds, not a minute per variant); then (below) the default, every bucket
-    all_buckets, default_split = runner.graphs.buckets, attention.SPLIT_BELOW
-    for variant, rows, with_pdl, fused, split_below in (
-            ("plain", 0, False, True, default_split), ("no-pdl", skinny_rows, False, True, default_split),
-            ("sep-attn", skinny_rows, False, False, default_split), ("split<132", skinny_rows, True, True, 132)):
+    all_buckets = runner.graphs.buckets
+    for variant, rows, with_pdl, fused, prefetch in (
+            ("plain", 0, False, True, True), ("no-pdl", skinny_rows, False, True, True),
+            ("sep-attn", skinny_rows, False, False, True), ("no-prefetch", skinny_rows, True, True, False)):
         runner.skinny_rows, runner.skinny_pdl, runner.fuse_decode_attention = rows, with_pdl, fused
-        attention.SPLIT_BELOW = split_below
+        runner.decode_prefetch = prefetch
         runner.graphs.buckets = sorted(set(a.batches))
         runner.graphs.capture()
         if variant == "sep-attn":
@@ -280,7 +320,7 @@ def main() -> None:
                     bm.free(s)
     runner.graphs.buckets = all_buckets
     runner.skinny_rows, runner.skinny_pdl, runner.fuse_decode_attention = skinny_rows, True, True
-    attention.SPLIT_BELOW = default_split
+    runner.decode_prefetch = True
     runner.graphs.capture()
     res["graph_check"] = {}
     for b in GRAPH_CHECK_BATCHES:      # the default graphs (skinny layers, PDL, one kernel) against three kernels
@@ -290,7 +330,7 @@ def main() -> None:
         res["graph_check"][b] = {"logits_rel_err": rel, "argmax_agree": agree, "ok": rel < GRAPH_TOLERANCE}
     print("decode graphs, one attention kernel + PDL against three kernels:", res["graph_check"], flush=True)
     print(f"{'ctx':>5} {'batch':>5} {'floor':>7} {'synced':>7} {'gpu':>7} {'served':>7} {'plain':>7} {'no-pdl':>7} "
-          f"{'sep-att':>7} {'spl132':>7}   ratios synced/gpu/served/plain-gpu/no-pdl-gpu/sep-attn-gpu/split<132-gpu")
+          f"{'sep-att':>7} {'no-pref':>7}   ratios synced/gpu/served/plain-gpu/no-pdl-gpu/sep-attn-gpu/no-prefetch-gpu")
     for ctx in a.contexts:
         for bsz in a.batches:
             seqs = [f"d{ctx}_{i}" for i in range(bsz)]
@@ -305,16 +345,16 @@ def main() -> None:
             for s in seqs:
                 bm.free(s)
             served = served_step_ms(engine, bsz, ctx)
-            plain, no_pdl, sep, sp132 = (res["ab_gpu_ms"][v][f"{ctx}x{bsz}"]
-                                         for v in ("plain", "no-pdl", "sep-attn", "split<132"))
+            plain, no_pdl, sep, no_pref = (res["ab_gpu_ms"][v][f"{ctx}x{bsz}"]
+                                           for v in ("plain", "no-pdl", "sep-attn", "no-prefetch"))
             row = {"ctx": ctx, "batch": bsz, "floor_ms": floor, "synced_ms": synced, "gpu_ms": gpu, "served_ms": served,
                    "plain_gpu_ms": plain, "no_pdl_gpu_ms": no_pdl, "sep_attn_gpu_ms": sep,
-                   "split_below_132_gpu_ms": sp132}
+                   "no_prefetch_gpu_ms": no_pref}
             res["rows"].append(row)
             print(f"{ctx:>5} {bsz:>5} {floor:7.3f} {synced:7.3f} {gpu:7.3f} {served:7.3f} {plain:7.3f} {no_pdl:7.3f} "
-                  f"{sep:7.3f} {sp132:7.3f}   {synced / floor:.3f} / {gpu / floor:.3f} / {served / floor:.3f} / "
+                  f"{sep:7.3f} {no_pref:7.3f}   {synced / floor:.3f} / {gpu / floor:.3f} / {served / floor:.3f} / "
                   f"{plain / floor:.3f} / "
-                  f"{no_pdl / floor:.3f} / {sep / floor:.3f} / {sp132 / floor:.3f}", flush=True)
+                  f"{no_pdl / floor:.3f} / {sep / floor:.3f} / {no_pref / floor:.3f}", flush=True)
     for bsz, k in res["kernels"].items():
         print(f"\nbatch {bsz} (skinny layers unless named), ctx {a.contexts[0]}: {k['kernels_per_step']} kernels, {k['total_ms']:.3f} ms of kernel time")
         for name, ms, count in k["top"][:14]:
@@ -324,9 +364,10 @@ def main() -> None:
 
 
 def exit_on_failed_checks(res: dict) -> None:
-    """A non-zero exit (after the JSON is written) if a check of the decode-attention kernel failed."""
-    failed = [f"{name} {batch}" for name in ("fused_attention_check", "graph_check")
+    """A non-zero exit (after the JSON is written) if a check of the attention or rotary kernels failed."""
+    failed = [f"{name} {batch}" for name in ("fused_attention_check", "graph_check", "rope_check")
               for batch, row in res.get(name, {}).items() if not row["ok"]]
+    failed += ["fused_check"] if not res["fused_check"]["ok"] else []
     if failed:
         raise SystemExit(f"failed checks: {', '.join(failed)}")
 

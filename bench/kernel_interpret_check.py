@@ -1,4 +1,4 @@
-"""The paged attention kernels (decode and prefill) checked on CPU under Triton's interpreter against their torch
+"""The paged attention kernels (decode and prefill) and the rotary + KV-write kernel checked on CPU under Triton's interpreter against their torch
 references, on small shapes: a way to test a kernel change before a GPU is at hand. Needs `triton` importable
 (pip install triton into any directory and put it on PYTHONPATH); the interpreter must be on before it is imported:
 
@@ -12,7 +12,7 @@ import torch
 
 from bench.paged_prefill_bench import BLOCK, make_case
 from services.worker.attention import paged_decode_reference, paged_decode_rope, paged_decode_triton
-from services.worker.fused_ops import rope_
+from services.worker.fused_ops import rope_, rope_and_cache_
 from services.worker.prefill_attention import paged_prefill_reference, paged_prefill_triton
 
 TOLERANCE = 1e-5
@@ -49,6 +49,24 @@ def check_decode_rope(heads: int, kv: int, dim: int = 32) -> float:
     return worst
 
 
+def check_rope_cache(dtype: torch.dtype, heads: int = 8, kv: int = 2, dim: int = 32, rows: int = 5) -> None:
+    """rope_and_cache_ against rope_ and a cache write: the same bits (both round through rotary_mix's steps).
+    fp16, not bf16: the interpreter's bf16 arithmetic is not the GPU's."""
+    gen = torch.Generator().manual_seed(3)
+    qkv = torch.randn(rows, (heads + 2 * kv) * dim, generator=gen).to(dtype)
+    angles = torch.rand(rows, 1, generator=gen) * 900 / 10000 ** (torch.arange(0, dim, 2).float() / dim)[None, :]
+    cos, sin = (f(torch.cat((angles, angles), -1)).to(dtype) for f in (torch.cos, torch.sin))
+    q, k, v = qkv.split([heads * dim, kv * dim, kv * dim], dim=1)
+    ref_q, ref_k = rope_(q.reshape(rows, heads, dim), cos, sin), rope_(k.reshape(rows, kv, dim), cos, sin)
+    kc, vc = (torch.full((rows + 3, kv, dim), float("nan"), dtype=dtype) for _ in range(2))
+    slots = torch.tensor([4, 0, 7, 2, 1][:rows])
+    fused = qkv.clone()
+    rope_and_cache_(fused, heads, kv, dim, cos, sin, kc, vc, slots)
+    assert torch.equal(fused[:, :heads * dim].view(rows, heads, dim), ref_q), f"{dtype}: q differs from rope_"
+    assert torch.equal(kc[slots], ref_k) and torch.equal(vc[slots], v.reshape(rows, kv, dim)), f"{dtype}: K / V differ"
+    print(f"rotary + KV write, {dtype}: the same bits as rope_ and a cache write")
+
+
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (see the docstring)"
     worst = 0.0
@@ -69,6 +87,8 @@ def main() -> None:
         print(f"decode group {heads // kv}: max abs err {err:.1e}")
         worst = max(worst, err)
         worst = max(worst, check_decode_rope(heads, kv))
+    for dtype in (torch.float32, torch.float16):
+        check_rope_cache(dtype)
     assert worst < TOLERANCE, f"a kernel disagrees with its reference: {worst:.1e}"
     print("all agree")
 

@@ -96,7 +96,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 # -- rotary embedding (CPU; on CUDA rope_and_cache_ below does it with the KV write) --------------------
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, heads, D] rotated (a new tensor); cos / sin [T, D] in x's dtype. Each product is rounded to the
-    model dtype before the sum, as in transformers (and in _rope_cache_kernel)."""
+    model dtype before the sum, as in transformers (and in the kernels' rotary_mix)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]
@@ -104,6 +104,15 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 # -- rotary embedding of q and k and the KV cache write, in one kernel ---------------------------------
 if triton is not None:
+    @triton.jit
+    def rotary_mix(x, rot, cos, sin):
+        """x * cos + rot * sin, rot being x's partner in the other half (negated in the first half): the rotary
+        embedding of x. Each product is rounded to x's dtype before the sum, as rope_ (and transformers) do; every
+        kernel that rotates calls this, so that they all round alike."""
+        a = (x.to(tl.float32) * cos.to(tl.float32)).to(x.dtype).to(tl.float32)
+        e = (rot.to(tl.float32) * sin.to(tl.float32)).to(x.dtype).to(tl.float32)
+        return (a + e).to(x.dtype)
+
     @triton.jit
     def _rope_cache_kernel(QKV, COS, SIN, KC, VC, SLOTS, stride_t, stride_c, stride_slot, stride_head,
                            NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
@@ -123,12 +132,8 @@ if triton is not None:
         s1 = tl.load(SIN + t * stride_c + d)
         c2 = tl.load(COS + t * stride_c + HALF + d)
         s2 = tl.load(SIN + t * stride_c + HALF + d)
-        a = (x1.to(tl.float32) * c1.to(tl.float32)).to(x1.dtype).to(tl.float32)     # rounded as rope_
-        b = ((-x2.to(tl.float32)) * s1.to(tl.float32)).to(x1.dtype).to(tl.float32)
-        c = (x2.to(tl.float32) * c2.to(tl.float32)).to(x1.dtype).to(tl.float32)
-        e = (x1.to(tl.float32) * s2.to(tl.float32)).to(x1.dtype).to(tl.float32)
-        y1 = (a + b).to(x1.dtype)
-        y2 = (c + e).to(x1.dtype)
+        y1 = rotary_mix(x1, -x2, c1, s1)
+        y2 = rotary_mix(x2, x1, c2, s2)
         tl.store(base + d, y1)
         tl.store(base + HALF + d, y2)
         if h >= NUM_HEADS:
