@@ -9,10 +9,8 @@ bandwidth. Against it:
 A/B in the same run: "plain" is the graph of the cuBLAS path (separate norm / SiLU kernels), "no-pdl" the
 skinny-GEMM layers (skinny_gemm.py) without programmatic dependent launch (pdl.py), "sep-attn" the skinny layers
 without PDL and with rotary + KV write, attention and the split merge as three kernels (before
-paged_decode_rope), "no-prefetch" the default but with the decode-attention kernel reading its first context chunk
-only after waiting for the qkv projection (as before 2026-12-04, session 20); the other columns run the default: skinny
-layers up to 32 rows (norm prologues up to 16) with PDL, one decode-attention kernel that reads its first context chunk
-while the qkv projection drains. Then a torch.profiler trace of graph replays lists the kernels of
+paged_decode_rope); the other columns run the default: skinny layers up to 32 rows (norm prologues up to 16) with
+PDL, one decode-attention kernel. Then a torch.profiler trace of graph replays lists the kernels of
 one decode step by total time.
 
     python -m bench.decode_floor --out decode_floor.json
@@ -298,11 +296,9 @@ def main() -> None:
     # A/B: the graphs of the plain (cuBLAS) layers and of the skinny ones with PDL, of the batch sizes measured
     # only (seconds, not a minute per variant); then (below) the default, every bucket
     all_buckets = runner.graphs.buckets
-    for variant, rows, with_pdl, fused, prefetch in (
-            ("plain", 0, False, True, True), ("no-pdl", skinny_rows, False, True, True),
-            ("sep-attn", skinny_rows, False, False, True), ("no-prefetch", skinny_rows, True, True, False)):
+    for variant, rows, with_pdl, fused in (("plain", 0, False, True), ("no-pdl", skinny_rows, False, True),
+                                           ("sep-attn", skinny_rows, False, False)):
         runner.skinny_rows, runner.skinny_pdl, runner.fuse_decode_attention = rows, with_pdl, fused
-        runner.decode_prefetch = prefetch
         runner.graphs.buckets = sorted(set(a.batches))
         runner.graphs.capture()
         if variant == "sep-attn":
@@ -320,7 +316,6 @@ def main() -> None:
                     bm.free(s)
     runner.graphs.buckets = all_buckets
     runner.skinny_rows, runner.skinny_pdl, runner.fuse_decode_attention = skinny_rows, True, True
-    runner.decode_prefetch = True
     runner.graphs.capture()
     res["graph_check"] = {}
     for b in GRAPH_CHECK_BATCHES:      # the default graphs (skinny layers, PDL, one kernel) against three kernels
@@ -330,7 +325,7 @@ def main() -> None:
         res["graph_check"][b] = {"logits_rel_err": rel, "argmax_agree": agree, "ok": rel < GRAPH_TOLERANCE}
     print("decode graphs, one attention kernel + PDL against three kernels:", res["graph_check"], flush=True)
     print(f"{'ctx':>5} {'batch':>5} {'floor':>7} {'synced':>7} {'gpu':>7} {'served':>7} {'plain':>7} {'no-pdl':>7} "
-          f"{'sep-att':>7} {'no-pref':>7}   ratios synced/gpu/served/plain-gpu/no-pdl-gpu/sep-attn-gpu/no-prefetch-gpu")
+          f"{'sep-att':>7}   ratios synced/gpu/served/plain-gpu/no-pdl-gpu/sep-attn-gpu")
     for ctx in a.contexts:
         for bsz in a.batches:
             seqs = [f"d{ctx}_{i}" for i in range(bsz)]
@@ -345,16 +340,14 @@ def main() -> None:
             for s in seqs:
                 bm.free(s)
             served = served_step_ms(engine, bsz, ctx)
-            plain, no_pdl, sep, no_pref = (res["ab_gpu_ms"][v][f"{ctx}x{bsz}"]
-                                           for v in ("plain", "no-pdl", "sep-attn", "no-prefetch"))
+            plain, no_pdl, sep = (res["ab_gpu_ms"][v][f"{ctx}x{bsz}"] for v in ("plain", "no-pdl", "sep-attn"))
             row = {"ctx": ctx, "batch": bsz, "floor_ms": floor, "synced_ms": synced, "gpu_ms": gpu, "served_ms": served,
-                   "plain_gpu_ms": plain, "no_pdl_gpu_ms": no_pdl, "sep_attn_gpu_ms": sep,
-                   "no_prefetch_gpu_ms": no_pref}
+                   "plain_gpu_ms": plain, "no_pdl_gpu_ms": no_pdl, "sep_attn_gpu_ms": sep}
             res["rows"].append(row)
             print(f"{ctx:>5} {bsz:>5} {floor:7.3f} {synced:7.3f} {gpu:7.3f} {served:7.3f} {plain:7.3f} {no_pdl:7.3f} "
-                  f"{sep:7.3f} {no_pref:7.3f}   {synced / floor:.3f} / {gpu / floor:.3f} / {served / floor:.3f} / "
+                  f"{sep:7.3f}   {synced / floor:.3f} / {gpu / floor:.3f} / {served / floor:.3f} / "
                   f"{plain / floor:.3f} / "
-                  f"{no_pdl / floor:.3f} / {sep / floor:.3f} / {no_pref / floor:.3f}", flush=True)
+                  f"{no_pdl / floor:.3f} / {sep / floor:.3f}", flush=True)
     for bsz, k in res["kernels"].items():
         print(f"\nbatch {bsz} (skinny layers unless named), ctx {a.contexts[0]}: {k['kernels_per_step']} kernels, {k['total_ms']:.3f} ms of kernel time")
         for name, ms, count in k["top"][:14]:

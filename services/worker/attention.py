@@ -54,14 +54,6 @@ if triton is not None:
         return m_new, l * alpha + tl.sum(p, 1), acc
 
     @triton.jit
-    def _context_chunk(K, V, BT_ROW, pos, ok, kvh, stride_ks, stride_kh, d, BLOCK_SIZE: tl.constexpr):
-        """K and V [chunk, D] of KV head kvh at context positions `pos` (masked by `ok`: zeros) of the sequence
-        whose block table row is BT_ROW."""
-        block = tl.load(BT_ROW + pos // BLOCK_SIZE, mask=ok, other=0)
-        rows = (block * BLOCK_SIZE + pos % BLOCK_SIZE)[:, None] * stride_ks + kvh * stride_kh + d[None, :]
-        return tl.load(K + rows, mask=ok[:, None], other=0.0), tl.load(V + rows, mask=ok[:, None], other=0.0)
-
-    @triton.jit
     def _rotated(x_ptrs, xp_ptrs, COS_ROW, SIN_ROW, d, mask, HALF: tl.constexpr):
         """Rotary embedding of the vectors at x_ptrs (last axis d); xp_ptrs: the same vectors at the partner
         index (d + HALF) % D. Rounded as fused_ops.rope_ rounds (rotary_mix)."""
@@ -100,7 +92,7 @@ if triton is not None:
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
                              BLOCK_SIZE: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr, SPLITS: tl.constexpr,
                              PRECISION: tl.constexpr, USE_PDL: tl.constexpr, ROPE: tl.constexpr,
-                             SELF_COMBINE: tl.constexpr, PREFETCH: tl.constexpr):
+                             SELF_COMBINE: tl.constexpr):
         """Program (b, kv head, split): the query heads of one KV-head group against one slice of the
         context, online softmax over TOK-token chunks. With SPLITS == 1 the slice is the whole context and
         the output is written directly; otherwise (flash-decoding, for small batches) the partial softmax
@@ -110,13 +102,8 @@ if triton is not None:
 
         ROPE: Q is the qkv projection's output, unrotated (row b: H query heads, then the KV heads' keys, then
         their values); each program rotates its query heads, and the program whose slice holds the new token
-        (the last position) rotates its key and writes key and value to the cache at SLOTS[b]; in the slice's first
-        chunk, read before that write, the new token's row is replaced by them.
-
-        PREFETCH (ROPE with PDL): the slice's first chunk of K / V is read before waiting for the kernel before (the
-        qkv projection), so that those reads overlap its tail. Only q and the new token's K / V come from that
-        kernel; the context was written by earlier steps, and LENS, BT and SLOTS before the step began."""
-        if USE_PDL and not PREFETCH:         # pdl.py: wait for the kernel before, let the next one start
+        (the last position) rotates its key and writes key and value to the cache at SLOTS[b] before reading."""
+        if USE_PDL:                          # pdl.py: wait for the kernel before, let the next one start
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         b = tl.program_id(0)
@@ -132,40 +119,31 @@ if triton is not None:
         per = tl.maximum(tl.cdiv(tl.cdiv(n, SPLITS), TOK), 1) * TOK     # never 0, even for an empty context
         lo = split * per
         hi = tl.minimum(n, lo + per)
-        t = tl.arange(0, TOK)
-        pos = lo + t
-        ok = pos < hi
-        k, v = _context_chunk(K, V, BT + b * stride_btb, pos, ok, kvh, stride_ks, stride_kh, d, BLOCK_SIZE)
-        if PREFETCH:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         if ROPE:
             partner = (d + D // 2) % D
             q = _rotated(q_rows + d[None, :], q_rows + partner[None, :], COS + b * stride_c, SIN + b * stride_c, d,
                          head_ok[:, None], D // 2)
-            k_row = Q + b * stride_qb + (num_heads + kvh) * D
-            k_new = _rotated(k_row + d, k_row + partner, COS + b * stride_c, SIN + b * stride_c, d, d < D, D // 2)
-            v_new = tl.load(Q + b * stride_qb + (num_heads + tl.num_programs(1) + kvh) * D + d)
-            dst = tl.load(SLOTS + b) * stride_ks + kvh * stride_kh + d
-            # stored by the program whose slice holds the new token (the last position) only
-            holds_new = d < tl.where((n > 0) & ((n - 1) // per == split), D, 0)
-            tl.store(K + dst, k_new, mask=holds_new)
-            tl.store(V + dst, v_new, mask=holds_new)
-            is_new = (pos == n - 1)[:, None]
-            k = tl.where(is_new, k_new[None, :], k)
-            v = tl.where(is_new, v_new[None, :], v)
-            tl.debug_barrier()               # the program's later chunks see its threads' cache writes
+            if (n > 0) & ((n - 1) // per == split):
+                k_row = Q + b * stride_qb + (num_heads + kvh) * D
+                k_new = _rotated(k_row + d, k_row + partner, COS + b * stride_c, SIN + b * stride_c, d, d < D, D // 2)
+                v_new = tl.load(Q + b * stride_qb + (num_heads + tl.num_programs(1) + kvh) * D + d)
+                dst = tl.load(SLOTS + b) * stride_ks + kvh * stride_kh + d
+                tl.store(K + dst, k_new)
+                tl.store(V + dst, v_new)
+            tl.debug_barrier()               # the program's reads below see its threads' cache writes
         else:
             q = tl.load(q_rows + d[None, :], mask=head_ok[:, None], other=0.0)
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, D], tl.float32)
-        # an empty slice masks every score: the state stays (-inf, 0, 0), as if the chunk were not there
-        m, l, acc = online_softmax_step(q, k, v, ok[None, :], m, l, acc, scale, PRECISION)
-        for start in range(lo + TOK, hi, TOK):
+        t = tl.arange(0, TOK)
+        for start in range(lo, hi, TOK):
             pos = start + t
             ok = pos < hi
-            k, v = _context_chunk(K, V, BT + b * stride_btb, pos, ok, kvh, stride_ks, stride_kh, d, BLOCK_SIZE)
+            block = tl.load(BT + b * stride_btb + pos // BLOCK_SIZE, mask=ok, other=0)
+            slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
+            k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=ok[:, None], other=0.0)
+            v = tl.load(V + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=ok[:, None], other=0.0)
             m, l, acc = online_softmax_step(q, k, v, ok[None, :], m, l, acc, scale, PRECISION)
         if SPLITS == 1:
             tl.store(O + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
@@ -211,9 +189,9 @@ def num_splits(batch: int, num_kv_heads: int) -> int:
 
 
 def _launch_decode(q_src, stride_qb, stride_qh, num_heads, dim, k_cache, v_cache, block_tables, context_lens,
-                   block_size, scale, out, blocks_per_iter, splits, rope=None, counts=None, prefetch=False):
+                   block_size, scale, out, blocks_per_iter, splits, rope=None, counts=None):
     """The decode kernel over q_src (rope: (cos, sin, slots), q_src the qkv rows), then, without `counts`,
-    the split combine kernel. prefetch: with rope and PDL, read the first context chunk before waiting."""
+    the split combine kernel."""
     bsz = out.shape[0]
     num_kv = k_cache.shape[1]
     group = num_heads // num_kv
@@ -240,7 +218,7 @@ def _launch_decode(q_src, stride_qb, stride_qh, num_heads, dim, k_cache, v_cache
         out.stride(0), out.stride(1), cos, sin, slots, cos.stride(0), counts if self_combine else context_lens,
         GROUP=group, GROUP_PAD=group_pad, D=dim, BLOCK_SIZE=block_size, BLOCKS_PER_ITER=per_iter,
         SPLITS=splits, PRECISION=precision, USE_PDL=pdl, ROPE=rope is not None, SELF_COMBINE=self_combine,
-        PREFETCH=prefetch and pdl and rope is not None, launch_pdl=pdl)
+        launch_pdl=pdl)
     if splits > 1 and not self_combine:
         _combine_splits_kernel[(bsz, num_kv)](m, l, acc, out, out.stride(0), out.stride(1), num_heads, GROUP=group,
                                               GROUP_PAD=group_pad, SPLITS=splits, D=dim, USE_PDL=pdl, launch_pdl=pdl)
@@ -257,20 +235,17 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, block_s
 
 
 def paged_decode_rope(qkv, num_heads: int, cos, sin, slots, k_cache, v_cache, block_tables, context_lens,
-                      block_size: int, scale: float, counts: torch.Tensor, splits: int | None = None,
-                      prefetch: bool = True):
+                      block_size: int, scale: float, counts: torch.Tensor, splits: int | None = None):
     """Decode attention straight from the qkv projection's output [B, (H + 2 KV) * D] (contiguous rows,
     unrotated): rotary of q and k, the new token's K / V written to the cache at `slots` [B], attention, and the
     merge of split slices, in one kernel (three kernels a layer were: rotary + KV write, attention, combine).
-    counts: int32 zeros, at least B * KV (paged_decode_counts), left at zero. prefetch: under PDL, read the first
-    chunk of each context slice before waiting for the kernel before (see the kernel). CUDA only. Returns [B, H, D]."""
+    counts: int32 zeros, at least B * KV (paged_decode_counts), left at zero. CUDA only. Returns [B, H, D]."""
     num_kv, dim = k_cache.shape[1], k_cache.shape[2]
     assert qkv.stride(1) == 1 and qkv.shape[1] == (num_heads + 2 * num_kv) * dim and cos.stride(1) == 1
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(2) == 1      # V is written with K's strides
     out = torch.empty(qkv.shape[0], num_heads, dim, dtype=qkv.dtype, device=qkv.device)
     return _launch_decode(qkv, qkv.stride(0), dim, num_heads, dim, k_cache, v_cache, block_tables, context_lens,
-                          block_size, scale, out, None, splits, rope=(cos, sin, slots), counts=counts,
-                          prefetch=prefetch)
+                          block_size, scale, out, None, splits, rope=(cos, sin, slots), counts=counts)
 
 
 def paged_decode_counts(device: torch.device) -> torch.Tensor:

@@ -108,10 +108,16 @@ if triton is not None:
     def rotary_mix(x, rot, cos, sin):
         """x * cos + rot * sin, rot being x's partner in the other half (negated in the first half): the rotary
         embedding of x. Each product is rounded to x's dtype before the sum, as rope_ (and transformers) do; every
-        kernel that rotates calls this, so that they all round alike."""
-        a = (x.to(tl.float32) * cos.to(tl.float32)).to(x.dtype).to(tl.float32)
-        e = (rot.to(tl.float32) * sin.to(tl.float32)).to(x.dtype).to(tl.float32)
-        return (a + e).to(x.dtype)
+        kernel that rotates calls this, so that they all round alike.
+
+        The selects are identities (x and rot are NaN only where a and e already are) that keep the compiler from
+        fusing the first product into the sum: without them the bf16 / fp16 code was a mul then an fma, which
+        skips one rounding, and 23-24% of the outputs were 1 ulp off torch's (docs/BENCHMARKS.md, session 20)."""
+        a = (x.to(tl.float32) * cos.to(tl.float32)).to(x.dtype)
+        e = (rot.to(tl.float32) * sin.to(tl.float32)).to(x.dtype)
+        a = tl.where(x != x, x, a)
+        e = tl.where(rot != rot, rot, e)
+        return (a.to(tl.float32) + e.to(tl.float32)).to(x.dtype)
 
     @triton.jit
     def _rope_cache_kernel(QKV, COS, SIN, KC, VC, SLOTS, stride_t, stride_c, stride_slot, stride_head,

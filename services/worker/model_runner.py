@@ -143,8 +143,6 @@ class ModelRunner:
         # decode graphs: rotary, the KV write, attention and the split merge in one kernel (paged_decode_rope)
         self.fuse_decode_attention = fused_kernels_on(self.device)
         self.split_counts = paged_decode_counts(self.device) if self.fuse_decode_attention else None
-        # under PDL that kernel reads its first context chunk while the qkv projection drains (attention.py)
-        self.decode_prefetch = True
         # decode batches up to this many rows run the skinny-GEMM layers (skinny_gemm.py); 0 = never
         self.skinny_rows = self._skinny_layer_rows()
         # the skinny layers' kernels launch with programmatic dependent launch (pdl.py: 1-3% faster there)
@@ -361,7 +359,7 @@ class ModelRunner:
             if self.fuse_decode_attention:
                 return paged_decode_rope(qkv, self.num_heads, cos, sin, batch.slots, self.cache.k[i], self.cache.v[i],
                                          batch.block_tables, batch.context_lens, self.block_size, self.scale,
-                                         self.split_counts, prefetch=self.decode_prefetch)
+                                         self.split_counts)
             q, _, _ = self._rotate_and_cache(i, qkv, cos, sin, batch.slots)
             return paged_decode(q, self.cache.k[i], self.cache.v[i], batch.block_tables, batch.context_lens,
                                 self.block_size, self.scale)
