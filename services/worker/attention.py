@@ -175,9 +175,15 @@ if triton is not None:
                        GROUP, GROUP_PAD, SPLITS, D)
 
 
-# Contexts are split while a decode launch has fewer (sequence, KV head) programs than this: two per SM of an
-# H100 / H200 (132 SMs). At batch 32 of Llama-3-8B (256 programs) one program per context read only 2.7 TB/s.
-SPLIT_BELOW = 264
+# Contexts are split while a decode launch has fewer (sequence, KV head) programs than this, one per SM of an
+# H100 / H200 (132 SMs), into at most MAX_SPLITS slices; and a program reads its slice in chunks of 128 tokens while
+# the launch has at most LONG_CHUNKS_UP_TO programs (two per SM), of 64 past that. Measured on an H200 for every
+# split count, chunk and warp count at batch 1-64 (bench/decode_attention_bench.py, docs/BENCHMARKS.md, session 20):
+# fewer, longer slices read in longer chunks were 0-20% faster at batch 1-32 than the 16 / 8 / 4 / 2 slices of 64-token
+# chunks used before; at batch 64 (512 programs) 64-token chunks are 11% faster than 128.
+SPLIT_BELOW = 132
+MAX_SPLITS = 8
+LONG_CHUNKS_UP_TO = 264
 
 
 def num_splits(batch: int, num_kv_heads: int) -> int:
@@ -185,18 +191,23 @@ def num_splits(batch: int, num_kv_heads: int) -> int:
     programs = batch * num_kv_heads
     if programs >= SPLIT_BELOW:
         return 1
-    return min(16, 1 << (-(-SPLIT_BELOW // programs) - 1).bit_length())    # the next power of two
+    return min(MAX_SPLITS, 1 << (-(-SPLIT_BELOW // programs) - 1).bit_length())    # the next power of two
+
+
+def chunk_tokens(programs: int) -> int:
+    """Context tokens per online-softmax step of a program, for a launch of `programs` programs."""
+    return 128 if programs <= LONG_CHUNKS_UP_TO else 64
 
 
 def _launch_decode(q_src, stride_qb, stride_qh, num_heads, dim, k_cache, v_cache, block_tables, context_lens,
-                   block_size, scale, out, blocks_per_iter, splits, rope=None, counts=None):
+                   block_size, scale, out, blocks_per_iter, splits, rope=None, counts=None, num_warps=4):
     """The decode kernel over q_src (rope: (cos, sin, slots), q_src the qkv rows), then, without `counts`,
     the split combine kernel."""
     bsz = out.shape[0]
     num_kv = k_cache.shape[1]
     group = num_heads // num_kv
-    per_iter = blocks_per_iter or max(1, 64 // block_size)
     splits = splits or num_splits(bsz, num_kv)
+    per_iter = blocks_per_iter or max(1, chunk_tokens(bsz * num_kv * splits) // block_size)
     precision = "ieee" if out.dtype == torch.float32 else "tf32"   # fp32 models get true fp32 dots
     group_pad = max(16, triton.next_power_of_2(group))
     pdl = pdl_on(out.device)
@@ -218,7 +229,7 @@ def _launch_decode(q_src, stride_qb, stride_qh, num_heads, dim, k_cache, v_cache
         out.stride(0), out.stride(1), cos, sin, slots, cos.stride(0), counts if self_combine else context_lens,
         GROUP=group, GROUP_PAD=group_pad, D=dim, BLOCK_SIZE=block_size, BLOCKS_PER_ITER=per_iter,
         SPLITS=splits, PRECISION=precision, USE_PDL=pdl, ROPE=rope is not None, SELF_COMBINE=self_combine,
-        launch_pdl=pdl)
+        num_warps=num_warps, launch_pdl=pdl)
     if splits > 1 and not self_combine:
         _combine_splits_kernel[(bsz, num_kv)](m, l, acc, out, out.stride(0), out.stride(1), num_heads, GROUP=group,
                                               GROUP_PAD=group_pad, SPLITS=splits, D=dim, USE_PDL=pdl, launch_pdl=pdl)
@@ -235,17 +246,21 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, block_s
 
 
 def paged_decode_rope(qkv, num_heads: int, cos, sin, slots, k_cache, v_cache, block_tables, context_lens,
-                      block_size: int, scale: float, counts: torch.Tensor, splits: int | None = None):
+                      block_size: int, scale: float, counts: torch.Tensor, splits: int | None = None,
+                      blocks_per_iter: int | None = None, num_warps: int = 4):
     """Decode attention straight from the qkv projection's output [B, (H + 2 KV) * D] (contiguous rows,
     unrotated): rotary of q and k, the new token's K / V written to the cache at `slots` [B], attention, and the
     merge of split slices, in one kernel (three kernels a layer were: rotary + KV write, attention, combine).
-    counts: int32 zeros, at least B * KV (paged_decode_counts), left at zero. CUDA only. Returns [B, H, D]."""
+    counts: int32 zeros, at least B * KV (paged_decode_counts), left at zero. splits, blocks_per_iter (cache blocks
+    per chunk of the online softmax) and num_warps: tuning overrides (bench/decode_attention_bench.py). CUDA only.
+    Returns [B, H, D]."""
     num_kv, dim = k_cache.shape[1], k_cache.shape[2]
     assert qkv.stride(1) == 1 and qkv.shape[1] == (num_heads + 2 * num_kv) * dim and cos.stride(1) == 1
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(2) == 1      # V is written with K's strides
     out = torch.empty(qkv.shape[0], num_heads, dim, dtype=qkv.dtype, device=qkv.device)
     return _launch_decode(qkv, qkv.stride(0), dim, num_heads, dim, k_cache, v_cache, block_tables, context_lens,
-                          block_size, scale, out, None, splits, rope=(cos, sin, slots), counts=counts)
+                          block_size, scale, out, blocks_per_iter, splits, rope=(cos, sin, slots), counts=counts,
+                          num_warps=num_warps)
 
 
 def paged_decode_counts(device: torch.device) -> torch.Tensor:
