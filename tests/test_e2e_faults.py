@@ -1,8 +1,10 @@
 """Fault injection with real processes (issue 8): SIGKILL Redis, the scheduler, a worker or the predictor in
-the middle of a workload, with and without stop strings. Every test ends with the counts that matter:
+the middle of a workload, or SIGSTOP a worker, with and without stop strings. Every test ends with the counts that matter:
 accepted, completed, lost (0), duplicated tokens (0), and text identical to an undisturbed run."""
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 import uuid
@@ -166,3 +168,28 @@ def test_one_of_two_workers_sigkilled_under_load(stack_factory, reference):
     assert sum(r.final.timings.num_preemptions >= 1 for r in results) >= 1      # some jobs were moved
     check(reference, results, "1 of 2 workers SIGKILL")
     assert len(stub.GetLoad(pb.LoadRequest()).workers) == 1
+
+
+def test_a_stopped_worker_loses_its_jobs_to_the_queue_and_finishes_them_when_it_answers_again(stack_factory, reference):
+    """A worker that stops answering but keeps its connection open (SIGSTOP: as a hung process or a cut-off node
+    looks) is taken for lost once it has been silent past the scheduler's limit: it leaves the worker list and its
+    jobs go back to the queue instead of staying "running" for ever. Resumed, it reconnects and finishes them,
+    token for token as an undisturbed run."""
+    quiet = stack_factory(num_workers=1, scheduler_args=["--worker-silence-s", "5"], worker_args=["--heartbeat-s", "0.5"])
+    stub = stub_for(quiet)
+    queued_while_stopped = []
+
+    def stop_worker(ids):
+        pid = quiet.services["worker-0"].proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            # within the silence limit and well before keepalive (~30 s) would end the connection anyway
+            wait_until(lambda: len(stub.GetLoad(pb.LoadRequest()).workers) == 0, 25, 0.2)
+            queued_while_stopped.extend(job_status(stub, i) == pb.JOB_STATUS_QUEUED for i in ids)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+    results = run(quiet, workload("stopped"), during=stop_worker)
+    assert queued_while_stopped and all(queued_while_stopped)
+    assert all(r.final.timings.num_preemptions >= 1 for r in results)     # every job was moved
+    check(reference, results, "worker SIGSTOP")

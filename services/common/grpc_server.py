@@ -9,6 +9,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.keepalive import SERVER_OPTIONS
 from services.common.tls import TlsFiles, add_port
 
 log = logging.getLogger("alise.grpc")
@@ -31,7 +32,8 @@ def build_server(service_names: list[str], listen: str, max_concurrent_rpcs: int
     """An asyncio server with health (starting NOT_SERVING) and reflection; returns the bound port.
     Calls beyond max_concurrent_rpcs get RESOURCE_EXHAUSTED from gRPC itself. With `tls` holding a
     certificate it serves TLS only (and with require_client_cert, mTLS)."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), NO_SHARED_PORT],
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), NO_SHARED_PORT,
+                                      *SERVER_OPTIONS],
                              maximum_concurrent_rpcs=max_concurrent_rpcs)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

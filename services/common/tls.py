@@ -15,6 +15,8 @@ from pathlib import Path
 
 import grpc
 
+from services.common.keepalive import CHANNEL_OPTIONS
+
 
 @dataclass(frozen=True)
 class TlsFiles:
@@ -60,9 +62,10 @@ def add_port(server: grpc.aio.Server, listen: str, tls: TlsFiles | None, require
 
 
 def aio_channel(address: str, tls: TlsFiles | None) -> grpc.aio.Channel:
+    """A channel between ALISE's own services, with keepalive (keepalive.py): their streams live long."""
     if tls is not None and tls.dials_tls:
-        return grpc.aio.secure_channel(address, tls.channel_credentials())
-    return grpc.aio.insecure_channel(address)
+        return grpc.aio.secure_channel(address, tls.channel_credentials(), options=CHANNEL_OPTIONS)
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 
 def channel(address: str, tls: TlsFiles | None) -> grpc.Channel:

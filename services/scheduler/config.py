@@ -56,6 +56,10 @@ class SchedulerConfig:
     finished_ttl_s: int = 3600                  # how long a finished job stays readable (GetJob, re-attach)
     max_step_failures: int = 2                  # failed engine steps a job may be in before it fails
     worker_ttl_s: int = 15
+    # a worker that sends nothing for this long (its engine loop sends a load report at least every few seconds,
+    # worker heartbeat_s) is taken for hung or cut off: its session ends and its jobs go back to the queue. Above
+    # the longest engine step a worker can take (a first step that compiles kernels: tens of seconds)
+    worker_silence_s: float = 60.0
     tick_s: float = 0.05
 
     def __post_init__(self):
@@ -70,6 +74,8 @@ class SchedulerConfig:
         AlisePolicy(park_after_s=self.park_after_s, park_wait_factor=self.park_wait_factor, max_parking=self.max_parking)
         if not self.aging_s > 0:
             raise ValueError("aging_s must be > 0")
+        if not self.worker_silence_s > 0:
+            raise ValueError("worker_silence_s must be > 0")
         if self.max_preemptions < 0:
             raise ValueError("max_preemptions must be >= 0")
         object.__setattr__(self, "preempt_mode", PreemptMode(self.preempt_mode))   # its value ("swap") is accepted too

@@ -3,12 +3,15 @@ stream (the jobs placed on it are tracked by the dispatcher's LiveState).
 
 The worker dials in and registers; from then on the scheduler sends commands through `send` and the
 worker's reports are handed to the dispatcher. When the stream ends, for whatever reason, every job
-placed on that worker goes back to the queue (they continue from the tokens already recorded).
+placed on that worker goes back to the queue (they continue from the tokens already recorded). A worker
+that goes silent for `worker_silence_s` (hung, stopped, or cut off behind a connection that stays open) is
+ended the same way: its engine loop reports at least every few seconds, so silence means it is not serving.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -37,6 +40,8 @@ class WorkerSession:
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     load: wpb.LoadReport = field(default_factory=wpb.LoadReport)   # the worker's last report, as sent
     error: str = ""                # why the scheduler ended the session (sent to the worker as its status)
+    error_code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT
+    last_heard: float = field(default_factory=time.monotonic)     # when its last message arrived
 
     def send(self, **command) -> None:
         self.outbox.put_nowait(wpb.SchedulerCommand(**command))
@@ -65,7 +70,7 @@ class WorkerGateway(wpb_grpc.WorkerGatewayServicer):
         session = self._open(first.register)
         if isinstance(session, str):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, session)
-        reader = None
+        reader = watchdog = None
         try:
             # inside the try: if registering fails (Redis away), the session is dropped again, never left
             # behind as a ghost that keeps the real worker out
@@ -73,14 +78,16 @@ class WorkerGateway(wpb_grpc.WorkerGatewayServicer):
                 session.error = f"register.worker_id: {session.worker_id!r} is already connected"
                 return
             reader = asyncio.create_task(self._read(session, request_iterator))
+            watchdog = asyncio.create_task(self._watch(session, self.d.cfg.worker_silence_s))
             while (cmd := await session.outbox.get()) is not _CLOSE:
                 yield cmd
         finally:
-            if reader is not None:
-                reader.cancel()
+            for task in (reader, watchdog):
+                if task is not None:
+                    task.cancel()
             await self.d.worker_lost(session)
         if session.error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, session.error)
+            await context.abort(session.error_code, session.error)
 
     def _open(self, reg: wpb.WorkerRegister) -> WorkerSession | str:
         if not reg.worker_id:
@@ -97,9 +104,20 @@ class WorkerGateway(wpb_grpc.WorkerGatewayServicer):
         return WorkerSession(reg.worker_id, reg.model, reg.block_size, reg.num_blocks, reg.max_batch,
                              reg.max_model_len)
 
+    @staticmethod
+    async def _watch(session: WorkerSession, limit_s: float) -> None:
+        """End the session once the worker has sent nothing for limit_s."""
+        while (silent := time.monotonic() - session.last_heard) <= limit_s:
+            await asyncio.sleep(min(limit_s - silent, limit_s / 4) + 0.01)
+        session.error = f"worker sent nothing for {silent:.0f} s (limit {limit_s:g} s): its jobs went back to the queue"
+        session.error_code = grpc.StatusCode.UNAVAILABLE
+        log.warning("worker %s: %s", session.worker_id, session.error)
+        session.close()
+
     async def _read(self, session: WorkerSession, request_iterator) -> None:
         try:
             async for msg in request_iterator:
+                session.last_heard = time.monotonic()
                 if isinstance(msg, BadMessage):
                     session.error = f"{msg.field}: {msg.problem}"
                     log.warning("worker %s sent a bad message (%s): session ended", session.worker_id, session.error)

@@ -41,11 +41,16 @@ class WorkerConfig:
     length_probe_path: str = ""          # where the probe keeps what it learned across restarts ("" = in memory)
     length_probe_read_only: bool = False # load the path but never write it (benchmark runs must not teach each other)
     load_report_s: float = 0.2
+    # a load report at least this often even when nothing changed: the scheduler takes a worker silent for longer
+    # than its worker_silence_s for hung or cut off (sent by the engine loop, so a stuck engine goes silent too)
+    heartbeat_s: float = 5.0
     drain_timeout_s: float = 30.0
 
     def __post_init__(self):
         if self.block_size <= 0:
             raise ValueError("block_size must be > 0")
+        if not self.heartbeat_s > 0:
+            raise ValueError("heartbeat_s must be > 0")
         if self.stream_updates_per_step < 0:
             raise ValueError("stream_updates_per_step must be >= 0 (0 = every step)")
         for name in ("max_batch", "token_budget"):

@@ -56,11 +56,13 @@ def describe(cmd) -> str:
 
 
 class EngineLoop(threading.Thread):
-    def __init__(self, engine: Engine, report_interval_s: float, stream_updates_per_step: int = 0):
+    def __init__(self, engine: Engine, report_interval_s: float, stream_updates_per_step: int = 0,
+                 heartbeat_s: float = 5.0):
         super().__init__(name="engine", daemon=True)
         self.engine = engine
         self.batcher = TokenBatcher(stream_updates_per_step)
         self.report_interval_s = report_interval_s
+        self.heartbeat_s = heartbeat_s     # an unchanged load is sent again after this long: the scheduler's liveness
         self.commands: queue.Queue = queue.Queue()
         self.stopped = threading.Event()
         self.draining = False
@@ -239,7 +241,7 @@ class EngineLoop(threading.Thread):
             return                         # rate-limited while busy: skip even computing the load
         load = self.engine.load()
         key = (load, self.draining)
-        if key == self._last_report:
+        if key == self._last_report and now - self._last_report_at < self.heartbeat_s:
             return
         self._last_report, self._last_report_at = key, now
         metrics.observe_load(load)

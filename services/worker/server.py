@@ -78,7 +78,7 @@ async def serve(cfg: WorkerConfig, stop: asyncio.Event | None = None) -> None:
     server, health, port = build_server([], cfg.listen)
     await server.start()                  # health answers NOT_SERVING while the model loads
     engine = await asyncio.to_thread(build_engine, cfg)
-    loop_thread = EngineLoop(engine, cfg.load_report_s, cfg.stream_updates_per_step)
+    loop_thread = EngineLoop(engine, cfg.load_report_s, cfg.stream_updates_per_step, cfg.heartbeat_s)
     loop_thread.start()
     register = wpb.WorkerMessage(register=wpb.WorkerRegister(
         worker_id=cfg.resolved_worker_id, model=cfg.model_name, block_size=engine.blocks.block_size,
