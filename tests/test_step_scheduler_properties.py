@@ -171,3 +171,24 @@ def test_a_job_parking_after_its_token_in_flight_is_not_recomputed_for_room():
     assert sched.park(b)
     plan = sched.schedule()
     assert plan.evicted == [b] and plan.preempted == [] and [(c.seq, c.num_tokens) for c in plan.chunks] == [(a, 1)]
+
+
+def test_a_resumed_decode_is_planned_before_a_long_prompt_still_being_prefilled():
+    # b is prefilled and parked after its first token; a (a prompt far longer than the step's budget) is admitted
+    # and prefilled chunk by chunk; b is resumed. b's decode goes first every step: it used to wait behind a's
+    # chunks, which took the whole budget, until a's prompt was done (docs: "a long prompt never stalls decodes")
+    blocks = BlockManager(num_blocks=64, block_size=16)
+    sched = StepScheduler(blocks, max_batch=4, token_budget=64, max_model_len=1024)
+    b = seq("b", 10)
+    sched.add(b)
+    sched.schedule()
+    b.output_ids.append(7)
+    assert sched.park(b)
+    a = seq("a", 600)
+    sched.add(a)
+    assert [(c.seq.job_id, c.num_tokens) for c in sched.schedule().chunks] == [("a", 64)]
+    sched.unpark(b)
+    for _ in range(3):
+        plan = sched.schedule()
+        assert [(c.seq.job_id, c.num_tokens) for c in plan.chunks] == [("b", 1), ("a", 63)]
+        b.output_ids.append(7)

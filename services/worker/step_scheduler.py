@@ -141,7 +141,7 @@ class StepScheduler:
         preempted: list[Sequence] = []
         evicted: list[Sequence] = []
         parking_soon = None                      # found on the first need: nothing below changes it
-        for seq in list(self.running):
+        for seq in self._decodes_first():
             if seq not in self.running:          # preempted by an earlier iteration of this loop
                 continue
             n = min(seq.num_uncomputed, budget)
@@ -174,6 +174,15 @@ class StepScheduler:
             chunks += self._admit(budget, evicted)
         assert sum(c.num_tokens for c in chunks) <= self.token_budget
         return StepPlan(chunks, preempted, evicted)
+
+    def _decodes_first(self) -> list[Sequence]:
+        """The running sequences, those with one token to compute (decodes) first, each group in admission order: a
+        sequence resumed (unparked, swapped in) joins the end of `running`, and behind a long prompt still being
+        prefilled it would otherwise get no budget until that prompt is done."""
+        decodes, chunks = [], []
+        for seq in self.running:
+            (decodes if seq.num_uncomputed <= 1 else chunks).append(seq)
+        return decodes + chunks
 
     def _admit(self, budget: int, evicted: list[Sequence]) -> list[ScheduledChunk]:
         """Waiting sequences, in order, while the budget and the batch last. One to be parked after its first
