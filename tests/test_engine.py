@@ -342,3 +342,28 @@ def test_output_settled_by_a_command_keeps_the_engine_busy(engine, tokenizer):
     assert engine.has_work
     out = engine.step()
     assert [j for j, _ in out.finished] == ["last"] and not engine.has_work
+
+
+def test_a_resumed_job_whose_recorded_output_already_ends_it_ends_without_another_token(engine, tokenizer, references):
+    """The scheduler can send a job out again with its whole output recorded (its finish was lost between the record
+    of its last tokens and the record of its end). It must end at once, by the rule that had ended it, with nothing
+    more generated: before, the worker ran it on (one token past max_tokens, past EOS, or past a stop string whose
+    text then reached the client)."""
+    prompt_ids = tokenizer.encode(PROMPTS[2], add_special_tokens=False)
+    ref = references[PROMPTS[2]]
+    full = tokenizer.decode(ref, skip_special_tokens=True)
+    cut = next(i for i in range(4, len(ref)) if len(tokenizer.decode(ref[:i], skip_special_tokens=True)) >= 8)
+    so_far = tokenizer.decode(ref[:cut], skip_special_tokens=True)
+    stop = so_far[-3:]                                       # completed by the recorded tokens, held back, unsent
+    eos = next(iter(engine.eos_ids))
+    engine.add("len", prompt_ids, Sampling(max_tokens=6, ignore_eos=True), output_ids=ref[:6],
+               output_text=tokenizer.decode(ref[:6], skip_special_tokens=True))
+    engine.add("eos", prompt_ids, Sampling(max_tokens=24), output_ids=[*ref[:3], eos],
+               output_text=tokenizer.decode(ref[:3], skip_special_tokens=True))
+    engine.add("stop", prompt_ids, Sampling(max_tokens=24, stop=(stop,)), output_ids=ref[:cut],
+               output_text=so_far[:-5])
+    done = run_to_end(engine)
+    assert {j: (tokens, finish) for j, (tokens, _, finish) in done.items()} == {
+        "len": ([], Finish.LENGTH), "eos": ([], Finish.STOP), "stop": ([], Finish.STOP)}
+    assert done["stop"][1] == so_far[-5:-3] and full.startswith(so_far)      # the text before the stop string only
+    assert engine.blocks.num_used == 0 and not engine.seqs

@@ -32,6 +32,8 @@ class IncrementalDetokenizer:
         text = "".join(self._piece(t) for t in output_ids)
         if text.startswith(released):    # else (cannot happen with a deterministic tokenizer) never resend
             self.text = text
+            if self.stop:                # the held-back text may hold a whole stop string: the job has ended
+                self._check_stop(len(released))
 
     def add(self, token_id: int) -> None:
         """Account for the newest token."""

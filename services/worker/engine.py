@@ -146,7 +146,7 @@ class Engine:
         # (an id outside the vocabulary would fail the step's embedding, on a GPU as a fatal device assert)
         if problem := sampling_problem(sampling.temperature, sampling.top_p, sampling.top_k):
             raise ValueError(f"job {job_id}: sampling.{problem[0]} {problem[1]}")
-        tokens = len(prompt_ids) + len(output_ids)
+        tokens = len(prompt_ids) + len(output_ids) - (1 if output_ids else 0)     # a resumed job may be at the end
         if not prompt_ids or tokens >= self.max_model_len or sampling.max_tokens < 1:
             raise ValueError(f"job {job_id}: needs 1 to {self.max_model_len - 1} tokens and max_tokens >= 1")
         if not all(0 <= t < self.vocab_size for t in (*prompt_ids, *output_ids)):
@@ -157,6 +157,13 @@ class Engine:
         if (kept := self._preempted_features.pop(job_id, None)) is not None:
             self.probe_features[job_id] = kept
         self.detok[job_id] = IncrementalDetokenizer(self.tokenizer, sampling.stop, seq.output_ids, output_text)
+        if output_ids and (finish := self._finish_reason(seq, seq.output_ids[-1], self.detok[job_id])) is not None:
+            # its recorded tokens already end it (its end was lost between the record of its last tokens and the
+            # record of its finish, and the scheduler sent it out again): it ends now, without another token
+            self._settled.deltas.append(TokenDelta(job_id, [], self.detok[job_id].release(final=True)))
+            self._settled.finished.append((job_id, finish))
+            self._drop(seq)
+            return
         self.sched.add(seq)
 
     def abort(self, job_id: str) -> bool:
