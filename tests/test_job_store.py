@@ -144,3 +144,28 @@ async def test_a_length_reestimate_is_kept_only_on_a_job_the_worker_still_runs(s
     assert (await store.state("t/queued")).record.repred_len == 0.0
     assert (await store.state("t/other")).record.repred_len == 0.0
     assert not await store.r.exists(keys.job("t/gone"))                      # not re-created
+
+
+async def test_an_ended_job_keeps_its_prompt_token_count_but_not_its_prompt(store):
+    """A finished, aborted or failed job stays readable for finished_ttl_s; its prompt (up to max_model_len * 32
+    characters, most of the record) leaves Redis at once, its token count stays for the usage figures. Before,
+    every ended prompt was kept an hour: a tenant sending giant prompts could fill Redis."""
+    big = JobRecord(job_id="x", prompt_ids=[1] * 4000, prompt_text="a " * 100_000, sampling=job_sampling(8))
+    for job_id in ("fin", "abo", "fail"):
+        await create(store, JobRecord(**{**big.__dict__, "job_id": job_id, "fingerprint": job_id}), 1.0)
+        await store.claim(job_id, "w1")
+    assert await store.finish("fin", "w1", "length")
+    assert (await store.abort("abo"))[0]
+    assert await store.fail_step("fail", "w1", 1.0, 1) is StepFailureOutcome.FAILED
+    for job_id in ("fin", "abo", "fail"):
+        assert not await store.r.hexists(keys.job(job_id), "prompt_text")
+        assert not await store.r.hexists(keys.job(job_id), "prompt_ids")
+        assert (await store.state(job_id)).record.prompt_tokens == 4000
+        assert await store.r.memory_usage(keys.job(job_id)) < 4096
+
+
+def test_the_predictor_reads_at_most_newest_chars_of_a_message():
+    from services.common.predictor_text import NEWEST_CHARS, predictor_text
+
+    assert predictor_text(["x" * (NEWEST_CHARS * 8)]) == "x" * NEWEST_CHARS
+    assert predictor_text(["earlier turn", "y" * (NEWEST_CHARS + 1)]) == "y" * NEWEST_CHARS + "\nearlier turn"

@@ -5,11 +5,14 @@ dataset readers (training), so both see requests the same way."""
 from __future__ import annotations
 
 HISTORY_CHARS = 2000
+# the newest message's bound: encoders read its first 128-512 tokens, and every finished job's text is kept in
+# the predictor's stream of observations, which a flood of near-empty giant prompts must not fill with gigabytes
+NEWEST_CHARS = 32_768
 
 
 def predictor_text(turns: list[str]) -> str:
     """turns: the conversation so far, oldest first, ending with the user's newest message."""
-    newest, earlier = turns[-1], [t for t in turns[:-1] if t.strip()]
+    newest, earlier = turns[-1][:NEWEST_CHARS], [t for t in turns[:-1] if t.strip()]
     history = "\n".join(reversed(earlier))[:HISTORY_CHARS]
     return (newest + "\n" + history).strip() if history else newest
 

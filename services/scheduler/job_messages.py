@@ -31,5 +31,5 @@ def timings(state: JobState) -> pb.Timings:
 def complete_message(state: JobState) -> pb.GenerateComplete:
     return pb.GenerateComplete(
         request_id=keys.request_id_of(state.record.job_id), finish_reason=REASONS.get(state.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
-        usage=pb.Usage(prompt_tokens=len(state.record.prompt_ids), completion_tokens=len(state.token_ids)),
+        usage=pb.Usage(prompt_tokens=state.record.prompt_tokens, completion_tokens=len(state.token_ids)),
         timings=timings(state), text=state.text)

@@ -48,6 +48,12 @@ class JobRecord:
     pred_time: float = 0.0             # execution-time model estimate at admission, seconds
     predicted: bool = False            # False when the predictor was unavailable
     repred_len: float = 0.0            # the worker's estimate from the model's hidden state (0: none yet)
+    # len(prompt_ids), kept on its own: a job that has ended loses its prompt ids and text (the bulk of its record,
+    # up to max_model_len * 32 characters) but is readable for finished_ttl_s, and its usage still counts them
+    prompt_tokens: int = 0
+
+    def __post_init__(self):
+        self.prompt_tokens = self.prompt_tokens or len(self.prompt_ids)
 
     def to_fields(self) -> dict[str, str]:
         out = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in asdict(self).items()}
@@ -58,13 +64,13 @@ class JobRecord:
     @classmethod
     def from_fields(cls, f: dict[str, str]) -> "JobRecord":
         return cls(
-            job_id=f["job_id"], prompt_ids=json.loads(f["prompt_ids"]), prompt_text=f["prompt_text"],
+            job_id=f["job_id"], prompt_ids=json.loads(f.get("prompt_ids", "[]")), prompt_text=f.get("prompt_text", ""),
             sampling=JobSampling.from_json(f["sampling"]), priority=int(f["priority"]), created=float(f["created"]),
             pred_len=float(f["pred_len"]), pred_p90=float(f["pred_p90"]), pred_time=float(f["pred_time"]),
             pred_deciles=json.loads(f.get("pred_deciles", "[]")),
             previous_reply_tokens=int(f.get("previous_reply_tokens", 0)),
             predicted=f["predicted"] == "1", fingerprint=f.get("fingerprint", ""),
-            repred_len=float(f.get("repred_len", 0.0)),
+            repred_len=float(f.get("repred_len", 0.0)), prompt_tokens=int(f.get("prompt_tokens", 0)),
         )
 
 

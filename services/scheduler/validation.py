@@ -86,7 +86,7 @@ def _check_size(req: pb.GenerateRequest, max_model_len: int) -> None:
 def _predictor_text(req: pb.GenerateRequest) -> str:
     if req.WhichOneof("input") == "chat":
         return predictor_text([m.content for m in req.chat.messages])
-    return req.prompt
+    return predictor_text([req.prompt])
 
 
 def _previous_reply_tokens(req: pb.GenerateRequest, tok: PromptTokenizer) -> int:

@@ -10,6 +10,7 @@ if st[1] ~= 'running' or st[2] ~= ARGV[2] then return 0 end
 local failures = redis.call('HINCRBY', KEYS[1], 'step_failures', 1)
 if failures >= tonumber(ARGV[4]) then
   redis.call('HSET', KEYS[1], 'status', 'failed', 'finish_reason', 'error', 'finished', ARGV[5], 'worker', '')
+  redis.call('HDEL', KEYS[1], 'prompt_ids', 'prompt_text')   -- as finish.lua: an ended job keeps no prompt
   redis.call('SREM', KEYS[6], ARGV[1])
   for i = 1, 5 do if i ~= 2 and i ~= 3 then redis.call('EXPIRE', KEYS[i], ARGV[6]) end end
   return 2

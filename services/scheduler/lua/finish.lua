@@ -1,7 +1,8 @@
 -- running on a worker -> finished. Only the job's current worker can finish it.
 -- A job that stopped by itself (finish reason 'stop', ignore_eos off) also appends its true output length
 -- to the predictor's stream, in this same transaction: a learned length is never lost. Lengths cut at
--- max_tokens or forced by ignore_eos are censored and would teach the predictor wrong lengths.
+-- max_tokens or forced by ignore_eos are censored and would teach the predictor wrong lengths. The prompt's ids and
+-- text then leave the record (prompt_tokens stays): they are most of its bytes, and it is kept ARGV[5] seconds.
 -- KEYS[1] job hash, KEYS[2] worker's job set, KEYS[3] packed token ids, KEYS[4] text, KEYS[5] observation stream,
 -- KEYS[6] the tenant's live set
 -- ARGV[1] job id, ARGV[2] worker id, ARGV[3] finish reason, ARGV[4] now, ARGV[5] ttl seconds,
@@ -20,4 +21,5 @@ if ARGV[3] == 'stop' then
                'output_tokens', math.floor(redis.call('STRLEN', KEYS[3]) / 4), 'previous_reply_tokens', f[2] or '0')
   end
 end
+redis.call('HDEL', KEYS[1], 'prompt_ids', 'prompt_text')   -- the bulk of an ended job: nobody reads them again
 return 1
