@@ -16,6 +16,7 @@ from tests.helpers import generate, generate_in_background, job_status, request,
 
 TENANTS = {**DEFAULT_TENANTS,
            "bursty": {"requests_per_s": 0.01, "burst": 2},       # two at once, then one per 100 s
+           "flooder": {"requests_per_s": 0.01, "burst": 2},
            "small": {"max_live_jobs": 1}}
 
 
@@ -69,6 +70,20 @@ def test_priority_is_capped_per_tenant(stack):
     _, _, final = generate(stub_for(stack, "local"), pb.GenerateRequest(prompt="hi", priority=5,
                                                                         sampling=pb.SamplingParams(max_tokens=2)))
     assert final.usage.completion_tokens == 2
+
+
+def test_refused_requests_spend_the_tenants_rate_allowance_too(stack):
+    """Validating (tokenizing a prompt up to max_model_len * 32 characters) is the costly part of a request: a
+    tenant's flood of requests that are then refused must spend its own allowance, not every tenant's CPU. Before,
+    the allowance was charged only after validation, so refused requests were free."""
+    flooder = stub_for(stack, "flooder")
+    for _ in range(2):
+        with pytest.raises(grpc.RpcError) as err:
+            generate(flooder, request("Hello", max_tokens=10**6))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        generate(flooder, request("Hello", max_tokens=1))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and err.value.details().startswith("rate:")
 
 
 def test_rate_and_live_job_limits_answer_resource_exhausted_with_a_retry_hint(stack):

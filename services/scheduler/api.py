@@ -22,6 +22,7 @@ from services.common.auth import presented_secret
 from services.common.redis_client import UNREACHABLE
 from services.common.lenient import BadMessage, add_lenient_service, reject_bad
 from services.scheduler import keys, metrics
+from services.scheduler.metrics import metric_field
 from services.scheduler.dispatcher import Dispatcher
 from services.scheduler.job_events import coalesce
 from services.scheduler.job_messages import complete_message
@@ -59,7 +60,7 @@ class AliseServicer(pb_grpc.AliseServicer):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "authorization: a valid API key is required "
                                                                  "(metadata 'authorization: Bearer <key>')")
         if isinstance(request, BadMessage):
-            metrics.REJECTED.labels(field=request.field).inc()
+            metrics.REJECTED.labels(field=metric_field(request.field)).inc()
         await reject_bad(request, context)
         return tenant
 
@@ -77,7 +78,7 @@ class AliseServicer(pb_grpc.AliseServicer):
             # tokenizing (and rendering a chat template) is CPU work: keep the event loop free for others
             v = await asyncio.to_thread(validate, request, self.d.cfg, self.tok, self.max_model_len)
         except InvalidRequest as e:
-            metrics.REJECTED.labels(field=e.field).inc()
+            metrics.REJECTED.labels(field=metric_field(e.field)).inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if v.priority > tenant.max_priority:
             metrics.REJECTED.labels(field="priority").inc()
@@ -101,6 +102,9 @@ class AliseServicer(pb_grpc.AliseServicer):
     # -- Generate ------------------------------------------------------------------------------------
     async def Generate(self, request, context):
         tenant = await self._tenant(request, context)
+        # charged before validating: tokenizing a prompt (and refusing it) is the costly part of a request, so a
+        # tenant's flood of bad or oversized requests spends its own allowance, not everyone's CPU
+        await self._rate_limit(tenant, context)
         v = await self._validate(request, tenant, context)
         job_id = keys.job_id(tenant.name, v.request_id)
         events = self.d.hub.subscribe(job_id)      # before anything is read, so no event is missed
@@ -108,7 +112,6 @@ class AliseServicer(pb_grpc.AliseServicer):
         client_left = True                         # false when the stream ends by our doing (an error status)
         try:
             # create.lua decides in one round trip: a new job, the same request again (re-attach), or a refusal
-            await self._rate_limit(tenant, context)
             outcome = await self.d.submit(v, tenant)
             await self._refuse(outcome, v, tenant, context)
             state = await self.store.state(job_id) if outcome is CreateOutcome.SAME_REQUEST else None

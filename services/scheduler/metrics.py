@@ -7,6 +7,8 @@ workers' `vllm:num_requests_waiting / running` are per engine.
 """
 from __future__ import annotations
 
+import re
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.model_metrics import Labelled, ModelLabel
@@ -44,4 +46,11 @@ PREDICTOR_FAILURES = _labelled(Counter, "alise:predictor_failures", "Predict cal
 PREDICTOR_UP = _labelled(Gauge, "alise:predictor_available", "1 if the last Predict call succeeded")
 REQUEUED_LOST = _labelled(Counter, "alise:jobs_requeued_worker_lost", "Jobs requeued because their worker went away")
 REJECTED = _labelled(Counter, "alise:requests_rejected", "Requests refused at admission", ("field",))
+_INDEX = re.compile(r"\[\d+\]")
+
+
+def metric_field(field: str) -> str:
+    """A refused field's name as a metric label: without list indexes ("chat.messages[5000].content" ->
+    "chat.messages[].content"), so that clients cannot add a label value, and a series, per request."""
+    return _INDEX.sub("[]", field)[:64]
 FAILED = _labelled(Counter, "alise:jobs_failed", "Jobs failed after too many failed engine steps on their workers")

@@ -116,7 +116,10 @@ def _model_text(req: pb.GenerateRequest, tok: PromptTokenizer) -> str:
                 raise InvalidRequest(f"chat.messages[{i}].content", f"must not contain the control token {forged!r}")
         if not any(m.content.strip() for m in messages):
             raise InvalidRequest("chat.messages", "all messages are empty")
-        return tok.render_chat([{"role": m.role, "content": m.content} for m in messages])
+        try:
+            return tok.render_chat([{"role": m.role, "content": m.content} for m in messages])
+        except Exception as e:  # noqa: BLE001 - a template's own refusal (raise_exception: roles must alternate...)
+            raise InvalidRequest("chat.messages", f"the model's chat template refused them: {e}") from e
     raise InvalidRequest("prompt", "set prompt or chat")
 
 
