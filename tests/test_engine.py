@@ -220,7 +220,7 @@ def test_stop_string_ends_generation_and_is_not_returned(engine, tokenizer, refe
     stop = full[len(full) // 2: len(full) // 2 + 3]
     engine.add("s", tokenizer.encode(prompt, add_special_tokens=False), Sampling(max_tokens=24, stop=(stop,)))
     tokens, text, finish = run_to_end(engine)["s"]
-    assert finish is Finish.STOP
+    assert finish is Finish.STOP_STRING
     assert stop not in text and full.startswith(text) and len(text) < len(full)
     assert len(tokens) < 24
 
@@ -364,6 +364,6 @@ def test_a_resumed_job_whose_recorded_output_already_ends_it_ends_without_anothe
                output_text=so_far[:-5])
     done = run_to_end(engine)
     assert {j: (tokens, finish) for j, (tokens, _, finish) in done.items()} == {
-        "len": ([], Finish.LENGTH), "eos": ([], Finish.STOP), "stop": ([], Finish.STOP)}
+        "len": ([], Finish.LENGTH), "eos": ([], Finish.STOP), "stop": ([], Finish.STOP_STRING)}
     assert done["stop"][1] == so_far[-5:-3] and full.startswith(so_far)      # the text before the stop string only
     assert engine.blocks.num_used == 0 and not engine.seqs

@@ -95,9 +95,16 @@ def test_engine_learns_from_jobs_that_stopped_and_then_estimates_new_ones(probe_
     estimates, done = estimates_of(engine, {f"len-{i}": p for i, p in enumerate(PROMPTS)}, Sampling(max_tokens=3))
     assert not estimates and engine.probe.count == 0 and all(f is Finish.LENGTH for _, f in done.values())
     assert not engine.probe_features                            # forgotten with the jobs
-    # a stop string ends them by themselves: each teaches the probe its length
-    estimates, done = estimates_of(engine, {f"stop-{i}": p for i, p in enumerate(PROMPTS)},
+    # a client's stop string cuts them: that length is the client's, not the model's, and teaches nothing
+    estimates, done = estimates_of(engine, {f"cut-{i}": p for i, p in enumerate(PROMPTS)},
                                    Sampling(max_tokens=48, stop=(" ",)))
+    assert all(f is Finish.STOP_STRING for _, f in done.values()) and engine.probe.count == 0
+    # the model ends them itself (EOS; here its full stop stands in for EOS): each teaches the probe its length
+    eos_ids, engine.eos_ids = engine.eos_ids, {*engine.eos_ids, *engine.tokenizer.encode(".")}
+    try:
+        estimates, done = estimates_of(engine, {f"stop-{i}": p for i, p in enumerate(PROMPTS)}, Sampling(max_tokens=48))
+    finally:
+        engine.eos_ids = eos_ids
     stopped = [j for j, (_, f) in done.items() if f is Finish.STOP]
     assert len(stopped) >= 3 and engine.probe.count == len(stopped)
     engine.probe.observe(np.zeros(8), 10)                       # make sure it has reached its minimum

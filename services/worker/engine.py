@@ -354,7 +354,9 @@ class Engine:
                 self.num_preemptions += 1
 
     def _finish_reason(self, seq: Sequence, token: int, detok: IncrementalDetokenizer) -> Finish | None:
-        if detok.stopped or (token in self.eos_ids and not seq.sampling.ignore_eos):
+        if detok.stopped:
+            return Finish.STOP_STRING
+        if token in self.eos_ids and not seq.sampling.ignore_eos:
             return Finish.STOP
         if (len(seq.output_ids) >= seq.sampling.max_tokens
                 or len(seq.prompt_ids) + len(seq.output_ids) >= self.max_model_len):

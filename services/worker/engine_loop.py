@@ -26,7 +26,8 @@ from services.worker.token_batcher import TokenBatcher
 log = logging.getLogger("alise.worker.loop")
 STEP_SAMPLES = 64    # steps sent per load report: single steps, whose sizes vary, tell the step model's terms apart
 RESET = "reset"     # the session ended: drop every job (the scheduler requeues them)
-FINISH_CODES = {Finish.STOP: pb.FINISH_REASON_STOP, Finish.LENGTH: pb.FINISH_REASON_LENGTH,
+FINISH_CODES = {Finish.STOP: pb.FINISH_REASON_STOP, Finish.STOP_STRING: pb.FINISH_REASON_STOP,
+                Finish.LENGTH: pb.FINISH_REASON_LENGTH,
                 Finish.ABORTED: pb.FINISH_REASON_ABORTED}
 
 
@@ -222,7 +223,8 @@ class EngineLoop(threading.Thread):
         leaving = {j for j, _ in out.finished} | set(out.parked)
         self._send_tokens(self.batcher.step(out.deltas, leaving, len(self.engine.sched.running)))
         for job_id, finish in out.finished:
-            self._send(wpb.WorkerMessage(finished=wpb.JobFinished(job_id=job_id, finish_reason=FINISH_CODES[finish])))
+            self._send(wpb.WorkerMessage(finished=wpb.JobFinished(job_id=job_id, finish_reason=FINISH_CODES[finish],
+                                                                  stop_string=finish is Finish.STOP_STRING)))
         for job_id in out.parked:
             self._send(wpb.WorkerMessage(preempted=wpb.JobPreempted(job_id=job_id, mode=PreemptMode.PARK.wire)))
         self._report_kv_dropped(out.kv_dropped)

@@ -14,7 +14,8 @@ class SeqStatus(enum.Enum):
 
 
 class Finish(enum.Enum):
-    STOP = "stop"            # EOS or stop string
+    STOP = "stop"            # EOS: the model ended it, a natural length the predictor and the probe learn from
+    STOP_STRING = "stop_string"   # a client's stop string: reported as "stop", but the length is the client's cut
     LENGTH = "length"        # max_tokens
     ABORTED = "aborted"
 
