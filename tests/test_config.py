@@ -38,3 +38,16 @@ def test_scheduler_times_refuse_negative_and_nan():
     assert SchedulerConfig.from_args(["--park-after-s", "2.5"]).park_after_s == 2.5
     assert SchedulerConfig.from_args(["--park-wait-factor", "0"]).park_wait_factor == 0
     assert SchedulerConfig.from_args(["--max-parking", "4"]).max_parking == 4
+
+
+def test_a_gpu_worker_refuses_a_block_size_its_kernels_cannot_read():
+    """The GPU kernels read whole blocks with power-of-two ranges: a block of 24 used to pass the config and fail
+    at the first graph capture with a compiler error."""
+    import pytest
+
+    from services.worker.config import WorkerConfig
+
+    with pytest.raises(ValueError, match="power of two"):
+        WorkerConfig(device="cuda", block_size=24)
+    assert WorkerConfig(device="cuda", block_size=32).block_size == 32
+    assert WorkerConfig(device="cpu", block_size=24).block_size == 24      # the CPU path reads any size

@@ -91,3 +91,32 @@ async def test_a_preemption_by_parking_follows_the_jobs_token_in_flight_without_
             job_id="a", prompt_token_ids=ids, output_token_ids=first, sampling=assign("a", ids, 0.0, 160).assign.sampling)))
         rest = tokens_of(await collect_until(outbox, "finished", "a"), "a")
         assert first + rest == reference
+
+
+async def test_the_worker_keeps_dialling_after_a_session_failure_that_is_no_grpc_status(model_dir, monkeypatch):
+    """Any failure while (re)connecting, not only a gRPC status (here a TLS file missing mid-rotation), is logged
+    and retried with backoff: it used to end the session task for good while health went on answering SERVING."""
+    from services.worker import server
+    from services.worker.engine_loop import EngineLoop
+
+    cfg = WorkerConfig(model_dir=str(model_dir), num_blocks=16, max_batch=2, token_budget=64, scheduler="127.0.0.1:9")
+    loop_thread = EngineLoop(build_engine(cfg), 0.05)
+    loop_thread.start()
+    dialled = []
+
+    def missing_ca_file(address, tls):
+        dialled.append(address)
+        raise FileNotFoundError("ca.pem")
+
+    monkeypatch.setattr(server, "aio_channel", missing_ca_file)
+    stop = asyncio.Event()
+    session = asyncio.create_task(server.hold_session(cfg, loop_thread, wpb.WorkerMessage(), stop, "token"))
+    try:
+        deadline = time.monotonic() + 60
+        while len(dialled) < 3 and not session.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert len(dialled) >= 3 and not session.done()
+    finally:
+        stop.set()
+        await asyncio.wait_for(session, 30)
+        loop_thread.stop()

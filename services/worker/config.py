@@ -49,6 +49,9 @@ class WorkerConfig:
     def __post_init__(self):
         if self.block_size <= 0:
             raise ValueError("block_size must be > 0")
+        if self.device.startswith("cuda") and self.block_size & (self.block_size - 1):
+            # the GPU kernels read the context in chunks of whole blocks, with power-of-two ranges
+            raise ValueError(f"block_size must be a power of two on a GPU, got {self.block_size}")
         if not self.heartbeat_s > 0:
             raise ValueError("heartbeat_s must be > 0")
         if self.stream_updates_per_step < 0:

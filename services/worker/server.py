@@ -51,6 +51,8 @@ async def hold_session(cfg: WorkerConfig, loop_thread: EngineLoop, register: wpb
                     backoff = 0.2
         except grpc.aio.AioRpcError as e:
             log.warning("scheduler session ended: %s %s", e.code().name, e.details())
+        except Exception:  # noqa: BLE001 - anything else (a TLS file mid-rotation...) must not end the retries
+            log.exception("scheduler session failed; retrying")
         finally:
             outbox.put_nowait(_END)
             loop_thread.detach()          # drop our jobs: the scheduler requeues them
