@@ -1,6 +1,8 @@
 """Service settings from flags and environment variables (services/common/config_args.py)."""
 from __future__ import annotations
 
+import pytest
+
 from services.worker.config import WorkerConfig
 
 
@@ -43,10 +45,6 @@ def test_scheduler_times_refuse_negative_and_nan():
 def test_a_gpu_worker_refuses_a_block_size_its_kernels_cannot_read():
     """The GPU kernels read whole blocks with power-of-two ranges: a block of 24 used to pass the config and fail
     at the first graph capture with a compiler error."""
-    import pytest
-
-    from services.worker.config import WorkerConfig
-
     with pytest.raises(ValueError, match="power of two"):
         WorkerConfig(device="cuda", block_size=24)
     assert WorkerConfig(device="cuda", block_size=32).block_size == 32
