@@ -120,3 +120,38 @@ async def test_the_worker_keeps_dialling_after_a_session_failure_that_is_no_grpc
         stop.set()
         await asyncio.wait_for(session, 30)
         loop_thread.stop()
+
+
+async def test_output_of_a_dropped_session_never_reaches_the_next_one(model_dir, tokenizer):
+    """The session ends while a step runs, and the worker dials again at once: the rest of that step (the old
+    session's jobs' tokens) used to go out on the new session, before the engine dropped those jobs, as if they
+    belonged there; the scheduler, which had requeued them and may have placed them here again, took them."""
+    from services.worker.engine_loop import EngineLoop
+
+    engine = build_engine(WorkerConfig(model_dir=str(model_dir), num_blocks=64, max_batch=8, token_budget=128))
+    real_step = engine.step
+
+    def slow_step():                                # long steps: the session ends in the middle of one
+        time.sleep(0.4)
+        return real_step()
+
+    engine.step = slow_step
+    loop_thread = EngineLoop(engine, report_interval_s=0.05)
+    ids = tokenizer.encode("Tell me a story.", add_special_tokens=False)
+    first: asyncio.Queue = asyncio.Queue()
+    loop_thread.attach(asyncio.get_running_loop(), first)
+    loop_thread.start()
+    try:
+        loop_thread.submit(assign("old", ids, 0.0, max_tokens=200))
+        await next_message(first, "tokens")
+        loop_thread.detach()
+        second: asyncio.Queue = asyncio.Queue()
+        loop_thread.attach(asyncio.get_running_loop(), second)
+        loop_thread.submit(assign("new", ids, 0.0, max_tokens=2))
+        seen = await collect_until(second, "finished", "new")
+    finally:
+        loop_thread.stop()
+        loop_thread.join(30)
+    assert not tokens_of(seen, "old") and tokens_of(seen, "new")
+    assert all(getattr(m, m.WhichOneof("kind")).job_id != "old" for m in seen
+               if m.WhichOneof("kind") in ("finished", "preempted", "failed"))

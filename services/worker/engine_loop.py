@@ -11,6 +11,7 @@ import queue
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from functools import partial
 
 from alise.v1 import generate_pb2 as pb
@@ -26,6 +27,15 @@ from services.worker.token_batcher import TokenBatcher
 log = logging.getLogger("alise.worker.loop")
 STEP_SAMPLES = 64    # steps sent per load report: single steps, whose sizes vary, tell the step model's terms apart
 RESET = "reset"     # the session ended: drop every job (the scheduler requeues them)
+
+
+@dataclass(frozen=True)
+class Attach:
+    """A new session's outbox. Applied on the engine thread, in command order, so after the RESET of the session
+    before it: what the engine produced for that session's jobs meanwhile (the rest of a step, their finishes) is
+    dropped, never sent on the new session as if it belonged there."""
+    loop: asyncio.AbstractEventLoop
+    outbox: asyncio.Queue
 FINISH_CODES = {Finish.STOP: pb.FINISH_REASON_STOP, Finish.STOP_STRING: pb.FINISH_REASON_STOP,
                 Finish.LENGTH: pb.FINISH_REASON_LENGTH,
                 Finish.ABORTED: pb.FINISH_REASON_ABORTED}
@@ -76,11 +86,10 @@ class EngineLoop(threading.Thread):
 
     # -- called from the asyncio side --------------------------------------------------------------
     def attach(self, loop: asyncio.AbstractEventLoop, outbox: asyncio.Queue) -> None:
-        self._sink = (loop, outbox)
-        self._last_report = None
+        self.commands.put(Attach(loop, outbox))
 
     def detach(self) -> None:
-        self._sink = None
+        self._sink = None                  # from now on nothing goes out until the next session's Attach
         self.commands.put(RESET)
 
     def unsent(self) -> int:
@@ -131,7 +140,7 @@ class EngineLoop(threading.Thread):
                 self.clock.charge(EngineActivity.COMMANDS)
             except Exception as e:  # noqa: BLE001 - a bad command is logged, the worker keeps serving
                 log.exception("command failed: %s", describe(cmd))   # never the prompt or output itself
-                if cmd != RESET and cmd.WhichOneof("kind") == "assign":
+                if isinstance(cmd, wpb.SchedulerCommand) and cmd.WhichOneof("kind") == "assign":
                     # a job this worker could not take must not stay "running" here in the scheduler's eyes
                     self._flush()
                     self.engine.abort(cmd.assign.job_id)
@@ -144,6 +153,9 @@ class EngineLoop(threading.Thread):
     def _apply(self, cmd) -> None:
         if cmd == RESET:
             self._reset()
+            return
+        if isinstance(cmd, Attach):
+            self._sink, self._last_report = (cmd.loop, cmd.outbox), None
             return
         kind = cmd.WhichOneof("kind")
         if kind == "assign":
