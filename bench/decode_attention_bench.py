@@ -5,7 +5,8 @@ per online-softmax chunk, warps.
 A chain of 32 launches (one per layer, each on its own cache layer and qkv rows, as in a decode step, so nothing is
 served from L2 that a step would not find there) is captured in a CUDA graph; the replay's device time / 32 is the
 time a layer. The floor is the layer's KV bytes (batch x context x KV heads x dim x 2 (K and V) x 2 bytes) over the
-copy bandwidth measured in the same run. Each variant's output is checked against the default's (same inputs).
+copy bandwidth measured in the same run. Each variant's output is checked against the default's (same inputs), and
+first a context whose blocks lie past 2^31 elements of a layer's pool against the torch reference (no int32 wrap).
 
     python -m bench.decode_attention_bench --out decode_attention.json
 """
@@ -69,16 +70,40 @@ class Case:
         return statistics.median(times), out[0].clone()
 
 
+def check_pool_past_int32() -> dict:
+    """A sequence whose blocks lie past 2^31 elements into a layer's pool (a small model given most of a large GPU):
+    the kernels' KV offsets must not wrap. Both decode paths against the torch reference, on one 4.3-GB layer."""
+    from services.worker.attention import paged_decode_reference, paged_decode_triton
+
+    slots = (1 << 31) // (KV * DIM) + 64 * BLOCK                          # 2^31 elements and 64 blocks more
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    k, v = (torch.empty(slots, KV, DIM, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    last = slots // BLOCK - 1
+    tables = torch.arange(last - 39, last + 1, device="cuda", dtype=torch.int32).flip(0).view(1, 40)   # 640 tokens
+    for pool in (k, v):
+        pool[tables[0, -1].item() * BLOCK:] = torch.randn(slots - tables[0, -1].item() * BLOCK, KV, DIM,
+                                                          generator=gen, device="cuda").to(torch.bfloat16)
+    lens = torch.tensor([640], dtype=torch.int32, device="cuda")
+    q = torch.randn(1, HEADS, DIM, generator=gen, device="cuda").to(torch.bfloat16)
+    ref = paged_decode_reference(q, k, v, tables, lens, BLOCK, DIM ** -0.5).float()
+    out = paged_decode_triton(q, k, v, tables, lens, BLOCK, DIM ** -0.5).float()
+    err = ((out - ref).abs().max() / ref.abs().max()).item()
+    return {"pool_elements": slots * KV * DIM, "rel_err": err, "ok": bool(err < 0.02)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("decode_attention.json"))
     p.add_argument("--batches", type=int, nargs="*", default=[1, 8, 16, 32, 64])
     p.add_argument("--contexts", type=int, nargs="*", default=[512, 2048])
+    p.add_argument("--check-only", action="store_true", help="the large-pool check, no timings")
     a = p.parse_args()
     bw = device_ceilings()["copy_bw"]
-    res = {"device": torch.cuda.get_device_name(), "copy_bw": bw, "cases": []}
+    res = {"device": torch.cuda.get_device_name(), "copy_bw": bw, "cases": [], "large_pool": check_pool_past_int32()}
+    print("a context past 2^31 elements of a layer's pool:", res["large_pool"], flush=True)
+    torch.cuda.empty_cache()
     with torch.inference_mode():
-        for ctx, batch in itertools.product(a.contexts, a.batches):
+        for ctx, batch in itertools.product([] if a.check_only else a.contexts, a.batches):
             case = Case(batch, ctx)
             floor_us = batch * ctx * KV * DIM * 2 * 2 / bw * 1e6
             auto = num_splits(batch, KV)
@@ -99,6 +124,8 @@ def main() -> None:
             del case
             torch.cuda.empty_cache()
     a.out.write_text(json.dumps(res, indent=2))
+    if not res["large_pool"]["ok"]:
+        raise SystemExit("the decode kernel read the wrong KV past 2^31 elements of the pool")
 
 
 if __name__ == "__main__":

@@ -141,7 +141,9 @@ if triton is not None:
             pos = start + t
             ok = pos < hi
             block = tl.load(BT + b * stride_btb + pos // BLOCK_SIZE, mask=ok, other=0)
-            slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
+            # int64: slot * stride_ks passes 2^31 in a layer's pool of more than 2^31 elements (a small model
+            # given most of a large GPU), and in int32 it would wrap to a read of somebody else's KV
+            slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
             k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=ok[:, None], other=0.0)
             v = tl.load(V + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=ok[:, None], other=0.0)
             m, l, acc = online_softmax_step(q, k, v, ok[None, :], m, l, acc, scale, PRECISION)

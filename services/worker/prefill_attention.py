@@ -115,7 +115,7 @@ if triton is not None:
             kpos = start + t
             k_ok = kpos < hi
             block = tl.load(BT + g * stride_bt + kpos // BLOCK_SIZE, mask=k_ok, other=0)
-            slot = block * BLOCK_SIZE + kpos % BLOCK_SIZE
+            slot = block.to(tl.int64) * BLOCK_SIZE + kpos % BLOCK_SIZE      # int64: see attention.py
             k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=k_ok[:, None], other=0.0)
             v = tl.load(V + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=k_ok[:, None], other=0.0)
             causal = (kpos[None, :] <= qpos[:, None]) & k_ok[None, :]
