@@ -3,7 +3,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.scheduler import keys
-from services.scheduler.job_store import CreateOutcome, JobRecord, JobStore, RequeueCause, StepFailureOutcome
+from services.scheduler.job_store import (CreateOutcome, JobRecord, JobStore, RequeueCause, StepFailureOutcome,
+                                          pack_tokens)
 from tests.helpers import job_sampling
 
 
@@ -170,3 +171,25 @@ def test_the_predictor_reads_at_most_newest_chars_of_a_message():
 
     assert predictor_text(["x" * (NEWEST_CHARS * 8)]) == "x" * NEWEST_CHARS
     assert predictor_text(["earlier turn", "y" * (NEWEST_CHARS + 1)]) == "y" * NEWEST_CHARS + "\nearlier turn"
+
+
+async def test_a_script_call_sent_twice_acts_once(store):
+    """redis-py sends a command again when its connection fails; a script whose reply was lost then ran twice:
+    the same tokens appended twice (a client saw them once, GetJob and resumes twice), a failed step counted twice.
+    A call's second run (the same call id, as a retry sends it) now replays the first run's reply."""
+    await create(store, record("a"), 1.0)
+    await store.claim("a", "w1")
+    append = store._scripts["append"].script
+    call = dict(keys=[keys.job("a"), keys.job_tokens("a"), keys.job_text("a")],
+                args=["w1", 1.0, "ab", pack_tokens([5, 6]), "call-1"])
+    assert await append(**call) == [2]
+    assert await append(**call) == [2]                                  # the retry: nothing appended again
+    state = await store.state("a")
+    assert (state.token_ids, state.text) == ([5, 6], "ab")
+    assert await append(**{**call, "args": [*call["args"][:-1], "call-2"]}) == [4]   # a new call does append
+    fail = store._scripts["fail_step"].script
+    call = dict(keys=[keys.job("a"), keys.QUEUE, keys.worker_jobs("w1"), keys.job_tokens("a"), keys.job_text("a"),
+                      keys.tenant_live("default")], args=["a", "w1", 1.0, 2, 2.0, 60, "call-3"])
+    assert await fail(**call) == StepFailureOutcome.REQUEUED
+    assert await fail(**call) == StepFailureOutcome.REQUEUED            # not counted as a second failure
+    assert await store.r.hget(keys.job("a"), "step_failures") == b"1"

@@ -17,6 +17,7 @@ import enum
 import json
 import sys
 import time
+import uuid
 from array import array
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -139,11 +140,45 @@ def _opt_float(v: str | None) -> float | None:
     return float(v) if v else None
 
 
+# Scripts that must act at most once per call. redis-py sends a command again when its connection fails
+# (redis_client.py), and a script whose reply was lost (Redis stalled past the socket timeout, a reset after the
+# request arrived) would then run twice: a step's tokens appended twice, a failure or a preemption counted twice, a
+# claim, finish or abort refused on the retry as if someone else had made it. Each call of one of these carries a
+# fresh id as its last argument; the script's first run keeps its reply under that id for ONCE_WINDOW_S (longer
+# than every retry together), and a run with the same id returns that reply without acting again.
+# (create and repredict need no guard: create answers a retry as "the same request", repredict sets a value.)
+ONCE = ("append", "claim", "requeue", "fail_step", "finish", "abort")
+ONCE_WINDOW_S = 300
+
+
+def run_once(body: str) -> str:
+    """A script's text wrapped so that a second run with the same last argument replays the first run's reply."""
+    return (f"local once = '{keys.ONCE_PREFIX}' .. ARGV[#ARGV]\n"
+            "local done = redis.call('GET', once)\n"
+            "if done then return cjson.decode(done) end\n"
+            f"local function body()\n{body}\nend\n"
+            "local result = body()\n"
+            f"redis.call('SET', once, cjson.encode(result), 'EX', {ONCE_WINDOW_S})\n"
+            "return result\n")
+
+
+class _Once:
+    """A registered script that gets a fresh call id as its last argument (run_once)."""
+
+    def __init__(self, script):
+        self.script = script
+
+    async def __call__(self, keys: list, args: list):
+        return await self.script(keys=keys, args=[*args, uuid.uuid4().hex])
+
+
 class JobStore:
     def __init__(self, client: aioredis.Redis, finished_ttl_s: int = 3600):
         self.r = client
         self.ttl = finished_ttl_s
-        self._scripts = {p.stem: client.register_script(p.read_text()) for p in LUA_DIR.glob("*.lua")}
+        texts = {p.stem: p.read_text() for p in LUA_DIR.glob("*.lua")}
+        self._scripts = {name: _Once(client.register_script(run_once(text))) if name in ONCE
+                         else client.register_script(text) for name, text in texts.items()}
 
     async def create(self, rec: JobRecord, score: float, tenant_live_limit: int, queue_limit: int) -> CreateOutcome:
         flat = [x for kv in rec.to_fields().items() for x in kv]

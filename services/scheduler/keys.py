@@ -7,6 +7,7 @@ PREFIX = "alise:"
 QUEUE = PREFIX + "queue"            # sorted set: job id -> score of the active policy (lowest first)
 WORKERS = PREFIX + "workers"        # set of worker ids ever registered (for orphan recovery)
 OBSERVATIONS = STREAM               # stream: finished jobs' true lengths, read by the predictor
+ONCE_PREFIX = PREFIX + "once:"      # + a script call's id: its reply, for a retried call (job_store.run_once)
 
 
 def job_id(tenant: str, request_id: str) -> str:
