@@ -8,6 +8,7 @@ Leaving a stream early (break, close, Ctrl-C) cancels the request on the server 
 """
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -131,8 +132,9 @@ class Stream:
     """Chunks as they come (iterate it); `completion` once the stream has ended. `cancel()` (or leaving the loop
     and closing the client) aborts the request on the server."""
 
-    def __init__(self, call):
+    def __init__(self, call, abort=None):
         self._call = call
+        self._abort = abort          # ends the job on the server at once (it would wait a few seconds for a retry)
         self._tokens: list[int] = []
         self._cancelled = False
         self.completion: Completion | None = None
@@ -156,14 +158,26 @@ class Stream:
                     yield chunk
         except grpc.RpcError as e:
             if (error := self._failed(e)) is not None:
+                self._abort = None       # the call failed (UNAVAILABLE...): the job stays for a retry to re-attach
                 raise error from None
         finally:
             if self.completion is None:
                 self.cancel()
 
     def cancel(self) -> None:
+        """Stop the stream and abort the request on the server (a stream that merely drops is kept there for a few
+        seconds for a retry to re-attach; a cancel means it is not wanted)."""
         self._cancelled = True
         self._call.cancel()
+        if self._abort is not None and self.completion is None:
+            abort, self._abort = self._abort, None
+            try:
+                done = abort()
+            except (AliseError, grpc.RpcError):
+                return                   # best effort: the server aborts it after its grace anyway
+            if asyncio.iscoroutine(done):
+                self._aborting = asyncio.ensure_future(done)
+                self._aborting.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 class AsyncStream(Stream):
@@ -176,6 +190,7 @@ class AsyncStream(Stream):
                     yield chunk
         except grpc.RpcError as e:
             if (error := self._failed(e)) is not None:
+                self._abort = None       # the call failed (UNAVAILABLE...): the job stays for a retry to re-attach
                 raise error from None
         finally:
             if self.completion is None:
@@ -200,7 +215,8 @@ class Client:
     def stream(self, prompt: str | None = None, **kwargs) -> Stream:
         """Start a request (build_request's arguments); iterate the result for its chunks."""
         req = build_request(prompt, **kwargs)
-        return Stream(self._stub.Generate(req, timeout=self.timeout_s, metadata=self._metadata))
+        return Stream(self._stub.Generate(req, timeout=self.timeout_s, metadata=self._metadata),
+                      abort=lambda: self.abort(req.request_id))
 
     def generate(self, prompt: str | None = None, **kwargs) -> Completion:
         """Run a request to its end and return the whole result."""
@@ -236,7 +252,8 @@ class AsyncClient(Client):
 
     def stream(self, prompt: str | None = None, **kwargs) -> AsyncStream:
         req = build_request(prompt, **kwargs)
-        return AsyncStream(self._stub.Generate(req, timeout=self.timeout_s, metadata=self._metadata))
+        return AsyncStream(self._stub.Generate(req, timeout=self.timeout_s, metadata=self._metadata),
+                           abort=lambda: self.abort(req.request_id))
 
     async def generate(self, prompt: str | None = None, **kwargs) -> Completion:
         stream = self.stream(prompt, **kwargs)

@@ -233,7 +233,21 @@ def test_a_second_stream_on_a_job_keeps_it_alive_when_the_first_leaves(stub):
     assert retry[-1].complete.finish_reason == pb.FINISH_REASON_LENGTH and len(tokens) == 60
 
 
+def test_a_dropped_stream_leaves_its_job_for_a_retry_to_re_attach(stub):
+    """The connection drops mid-stream (to the server a drop and a cancel look the same) and the client sends the
+    same request again, as the README says to: it re-attaches and gets the whole output. Before, the drop aborted
+    the job at once and every retry of that request replayed it as aborted for an hour."""
+    req = request("Count to one thousand:", request_id=f"drop-{uuid.uuid4().hex}", max_tokens=60, ignore_eos=True)
+    first = stub.Generate(req, timeout=300)
+    next(first), next(first)                                           # it streams ...
+    first.cancel()                                                     # ... and the connection drops
+    tokens, _, final = generate(stub, req)                             # the retry, at once
+    assert final.finish_reason == pb.FINISH_REASON_LENGTH and len(tokens) == 60
+
+
 def test_cancel_aborts_the_job_and_frees_its_blocks(stub):
+    """A stream that goes away without an Abort call is aborted once no retry has re-attached within the
+    scheduler's reattach_grace_s (5 s by default)."""
     rid = f"cancel-{uuid.uuid4().hex}"
     call = stub.Generate(request("Tell me a very long story.", request_id=rid, max_tokens=1000, ignore_eos=True))
     for i, _ in enumerate(call):
@@ -241,8 +255,8 @@ def test_cancel_aborts_the_job_and_frees_its_blocks(stub):
             break
     wait_until(lambda: stub.GetLoad(pb.LoadRequest()).workers[0].used_blocks > 0, 10)  # load reports lag a bit
     call.cancel()
-    wait_until(lambda: stub.GetJob(pb.GetJobRequest(request_id=rid)).status == pb.JOB_STATUS_ABORTED, 10)
-    wait_until(lambda: kv_idle(stub), timeout=10)
+    wait_until(lambda: stub.GetJob(pb.GetJobRequest(request_id=rid)).status == pb.JOB_STATUS_ABORTED, 60)
+    wait_until(lambda: kv_idle(stub), timeout=30)
     assert len(stub.GetJob(pb.GetJobRequest(request_id=rid)).token_ids) < 1000
 
 

@@ -52,6 +52,7 @@ class AliseServicer(pb_grpc.AliseServicer):
         self.tenants = tenants
         self.buckets: dict[str, TokenBucket] = {}
         self.closing = False       # set on shutdown: streams cut by it leave their jobs alone
+        self._pending_aborts: set[asyncio.Task] = set()   # jobs left by their last stream, aborted after the grace
     # -- checks shared by every call ---------------------------------------------------------------
     async def _tenant(self, request, context) -> Tenant:
         tenant = self.tenants.find(presented_secret(context))
@@ -141,7 +142,7 @@ class AliseServicer(pb_grpc.AliseServicer):
             # another stream still follows it (a retry re-attached), or this scheduler is shutting down (the
             # job lives on in Redis and the client re-attaches).
             if owner and not done and client_left and not self.closing and not self.d.hub.watched(job_id):
-                await asyncio.shield(self._abort_quietly(job_id))
+                self._abort_unless_reattached(job_id)
 
     async def _refuse(self, outcome: CreateOutcome, v: ValidRequest, tenant: Tenant, context) -> None:
         if outcome is CreateOutcome.ID_IN_USE:
@@ -191,6 +192,18 @@ class AliseServicer(pb_grpc.AliseServicer):
             seen = event.first_token + len(response.chunk.token_ids)
             chars += len(response.chunk.text)
             yield response
+
+    def _abort_unless_reattached(self, job_id: str) -> None:
+        """Abort the job once it has gone reattach_grace_s without a stream: a client whose connection dropped
+        retries the same request and re-attaches (README), and must not find its job aborted by the drop."""
+        async def later():
+            await asyncio.sleep(self.d.cfg.reattach_grace_s)
+            if not self.closing and not self.d.hub.watched(job_id):
+                await self._abort_quietly(job_id)
+
+        task = asyncio.create_task(later())
+        self._pending_aborts.add(task)                 # held: a task nobody references may be collected
+        task.add_done_callback(self._pending_aborts.discard)
 
     async def _abort_quietly(self, job_id: str) -> None:
         try:

@@ -60,6 +60,10 @@ class SchedulerConfig:
     # worker heartbeat_s) is taken for hung or cut off: its session ends and its jobs go back to the queue. Above
     # the longest engine step a worker can take (a first step that compiles kernels: tens of seconds)
     worker_silence_s: float = 60.0
+    # a job whose last client stream went away (a cancel, a dropped connection, a deadline: the server cannot tell
+    # which) waits this long for a retry of the same request to re-attach, then is aborted (its slot and KV freed).
+    # An Abort call, which the SDK sends when a stream is cancelled, ends it at once. 0 = abort at once
+    reattach_grace_s: float = 5.0
     tick_s: float = 0.05
 
     def __post_init__(self):
@@ -76,6 +80,8 @@ class SchedulerConfig:
             raise ValueError("aging_s must be > 0")
         if not self.worker_silence_s > 0:
             raise ValueError("worker_silence_s must be > 0")
+        if not self.reattach_grace_s >= 0:
+            raise ValueError("reattach_grace_s must be >= 0")
         if self.max_preemptions < 0:
             raise ValueError("max_preemptions must be >= 0")
         object.__setattr__(self, "preempt_mode", PreemptMode(self.preempt_mode))   # its value ("swap") is accepted too
