@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 from pathlib import Path
 
 import torch
 
 from bench.engine_bench import device_ceilings
-from services.worker.attention import num_splits, paged_decode_rope
+from bench.skinny_gemm_bench import graph_time_us
+from services.worker.attention import chunk_tokens, num_splits, paged_decode_rope
 
 LAYERS, HEADS, KV, DIM, BLOCK = 32, 32, 8, 128, 16
 
@@ -47,27 +47,14 @@ class Case:
         self.counts = torch.zeros(max(batch * KV, 1), dtype=torch.int32, device="cuda")   # splits forced at any batch
         self.batch, self.ctx = batch, ctx
 
-    def step(self, **knobs) -> list[torch.Tensor]:
-        return [paged_decode_rope(self.qkv[i], HEADS, self.cos, self.sin, self.slots,
-                                  self.k[i], self.v[i], self.tables, self.lens, BLOCK, DIM ** -0.5, self.counts, **knobs)
-                for i in range(LAYERS)]
+    def layer(self, i: int, **knobs) -> torch.Tensor:
+        return paged_decode_rope(self.qkv[i], HEADS, self.cos, self.sin, self.slots, self.k[i], self.v[i], self.tables,
+                                 self.lens, BLOCK, DIM ** -0.5, self.counts, **knobs)
 
     def time_us(self, replays: int = 20, **knobs) -> tuple[float, torch.Tensor]:
         """Per-layer device time of the 32-launch chain, and layer 0's output."""
-        out = self.step(**knobs)                   # compile, then capture
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self.step(**knobs)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(replays):
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3 / LAYERS)
-        return statistics.median(times), out[0].clone()
+        us = graph_time_us(lambda i: self.layer(i, **knobs), LAYERS, replays)
+        return us, self.layer(0, **knobs).clone()
 
 
 def check_pool_past_int32() -> dict:
@@ -117,7 +104,8 @@ def main() -> None:
                                         "rel_err": err})
             best = min(row["variants"], key=lambda v: v["us"])
             res["cases"].append(row)
-            print(f"ctx {ctx:5} batch {batch:3}: floor {floor_us:6.2f} us, default ({auto} splits, 4 blocks, 4 warps) "
+            print(f"ctx {ctx:5} batch {batch:3}: floor {floor_us:6.2f} us, default ({auto} splits, "
+                  f"{chunk_tokens(batch * KV * auto) // BLOCK} blocks, 4 warps) "
                   f"{base_us:6.2f} us ({base_us / floor_us:.2f}x); best {best['us']:6.2f} us ({best['us'] / floor_us:.2f}x) "
                   f"at {best['splits']} splits, {best['blocks_per_iter']} blocks, {best['num_warps']} warps; "
                   f"worst rel err {max(v['rel_err'] for v in row['variants']):.1e}", flush=True)
