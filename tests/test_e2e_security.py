@@ -86,6 +86,24 @@ def test_refused_requests_spend_the_tenants_rate_allowance_too(stack):
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and err.value.details().startswith("rate:")
 
 
+def test_one_job_is_followed_by_a_bounded_number_of_streams(stack):
+    """Re-sending the same request re-attaches another stream to its job, each one sent every token: a client doing
+    it in a loop held streams without bound (all of the server's, in minutes). At most max_streams_per_job (4)."""
+    stub = stub_for(stack)
+    req = request("Count to one thousand:", request_id=rid(), max_tokens=1000, ignore_eos=True)
+    streams = [stub.Generate(req, timeout=300) for _ in range(4)]
+    try:
+        for s in streams:
+            next(s)                                                    # each is attached (its first chunk)
+        with pytest.raises(grpc.RpcError) as err:
+            next(stub.Generate(req, timeout=60))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and err.value.details().startswith("streams:")
+    finally:
+        stub.Abort(pb.AbortRequest(request_id=req.request_id))
+        for s in streams:
+            s.cancel()
+
+
 def test_rate_and_live_job_limits_answer_resource_exhausted_with_a_retry_hint(stack):
     bursty = stub_for(stack, "bursty")
     for _ in range(2):

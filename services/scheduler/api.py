@@ -115,6 +115,9 @@ class AliseServicer(pb_grpc.AliseServicer):
             # create.lua decides in one round trip: a new job, the same request again (re-attach), or a refusal
             outcome = await self.d.submit(v, tenant)
             await self._refuse(outcome, v, tenant, context)
+            if outcome is CreateOutcome.SAME_REQUEST and self.d.hub.watchers(job_id) > self.d.cfg.max_streams_per_job:
+                await self._exhausted(context, "streams", f"{self.d.cfg.max_streams_per_job} streams already follow "
+                                                          f"request {v.request_id!r}", 1.0)
             state = await self.store.state(job_id) if outcome is CreateOutcome.SAME_REQUEST else None
             owner = True
             seen, chars = 0, 0

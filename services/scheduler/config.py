@@ -64,6 +64,9 @@ class SchedulerConfig:
     # which) waits this long for a retry of the same request to re-attach, then is aborted (its slot and KV freed).
     # An Abort call, which the SDK sends when a stream is cancelled, ends it at once. 0 = abort at once
     reattach_grace_s: float = 5.0
+    # streams that may follow one job at once (the first and its re-attached retries): each gets every token, and
+    # a client re-sending the same request must not open streams without bound (max_live_jobs bounds the jobs)
+    max_streams_per_job: int = 4
     tick_s: float = 0.05
 
     def __post_init__(self):
@@ -82,6 +85,8 @@ class SchedulerConfig:
             raise ValueError("worker_silence_s must be > 0")
         if not self.reattach_grace_s >= 0:
             raise ValueError("reattach_grace_s must be >= 0")
+        if self.max_streams_per_job < 1:
+            raise ValueError("max_streams_per_job must be >= 1")
         if self.max_preemptions < 0:
             raise ValueError("max_preemptions must be >= 0")
         object.__setattr__(self, "preempt_mode", PreemptMode(self.preempt_mode))   # its value ("swap") is accepted too

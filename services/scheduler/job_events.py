@@ -38,6 +38,9 @@ class JobEventHub:
     def watched(self, job_id: str) -> bool:
         return bool(self._subs.get(job_id))
 
+    def watchers(self, job_id: str) -> int:
+        return len(self._subs.get(job_id, ()))
+
     def publish(self, job_id: str, event: JobEvent) -> None:
         for q in self._subs.get(job_id, []):
             q.put_nowait(event)
