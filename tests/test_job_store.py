@@ -189,7 +189,7 @@ async def test_a_script_call_sent_twice_acts_once(store):
     assert await append(**{**call, "args": [*call["args"][:-1], "call-2"]}) == [4]   # a new call does append
     fail = store._scripts["fail_step"].script
     call = dict(keys=[keys.job("a"), keys.QUEUE, keys.worker_jobs("w1"), keys.job_tokens("a"), keys.job_text("a"),
-                      keys.tenant_live("default")], args=["a", "w1", 1.0, 2, 2.0, 60, "call-3"])
+                      keys.tenant_live("default")], args=["a", "w1", 1.0, 2, 2.0, 60, "1", "call-3"])
     assert await fail(**call) == StepFailureOutcome.REQUEUED
     assert await fail(**call) == StepFailureOutcome.REQUEUED            # not counted as a second failure
     assert await store.r.hget(keys.job("a"), "step_failures") == b"1"

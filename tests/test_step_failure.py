@@ -9,6 +9,7 @@ import pytest
 from alise.v1 import generate_pb2 as pb
 from alise.v1 import worker_pb2 as wpb
 
+from services.scheduler import keys
 from services.scheduler.tenants import Tenant
 from services.scheduler.worker_sessions import WorkerSession
 from services.worker.config import WorkerConfig
@@ -78,6 +79,48 @@ async def test_worker_reports_a_failed_step_with_every_job_it_held(model_dir, to
         loop_thread.submit(assign("twice", ids, 0.0))
         assert list((await next_message(outbox, "step_failed")).job_ids) == ["twice"]
         assert "twice" not in engine.seqs
+
+
+async def test_a_failed_step_is_charged_to_the_jobs_new_to_the_batch(model_dir, tokenizer):
+    """A request that breaks a step breaks the first one it joins: the failure is charged to the jobs that had not
+    yet sampled a token here, not to the decodes that shared the step (each charge brings a job nearer to failing)."""
+    from services.worker.sequence import SeqStatus
+
+    engine = build_engine(WorkerConfig(model_dir=str(model_dir), num_blocks=64, max_batch=8, token_budget=128))
+    async with engine_loop_running(engine) as (loop_thread, outbox):
+        ids = tokenizer.encode("Tell me a story.", add_special_tokens=False)
+        loop_thread.submit(assign("decoding", ids, 0.0, max_tokens=600))
+        await next_message(outbox, "tokens")
+        forward = engine.runner.forward
+
+        def fails_with_the_newcomer(*args, **kwargs):
+            newcomer = engine.seqs.get("new")
+            if newcomer is not None and newcomer.status is SeqStatus.RUNNING:
+                engine.runner.forward = forward                          # once
+                raise RuntimeError("simulated fault of a poisonous request")
+            return forward(*args, **kwargs)
+
+        engine.runner.forward = fails_with_the_newcomer
+        loop_thread.submit(assign("new", ids, 0.0))
+        failed = await next_message(outbox, "step_failed")
+    assert sorted(failed.job_ids) == ["decoding", "new"] and list(failed.charged_job_ids) == ["new"]
+
+
+async def test_scheduler_charges_a_failed_step_only_to_the_jobs_the_worker_names(dispatcher):
+    d = dispatcher
+    session = WorkerSession("w1", d.cfg.model_name, block_size=16, num_blocks=100, max_batch=4, max_model_len=2048)
+    await d.worker_joined(session)
+    tenant = Tenant("t", "0" * 64)
+    for j in ("a", "b"):
+        assert await d.submit(valid_request(j), tenant)
+    for _ in range(d.cfg.max_step_failures):
+        await d.tick()
+        assert next_assign(session) == {"t/a", "t/b"}
+        await d.on_worker_message(session, wpb.WorkerMessage(step_failed=wpb.StepFailed(
+            job_ids=["t/a", "t/b"], charged_job_ids=["t/b"], error="boom")))
+    assert (await d.store.state("t/b")).status == "failed"
+    assert (await d.store.state("t/a")).status == "queued"            # it only shared the steps: never charged
+    assert await d.store.r.hget(keys.job("t/a"), "step_failures") in (None, b"0")
 
 
 async def test_what_a_failing_step_settled_before_it_raised_is_still_reported(model_dir, tokenizer):

@@ -289,15 +289,19 @@ class Dispatcher:
             await self._complete(ev.job_id)
 
     async def _on_step_failed(self, s: WorkerSession, ev: wpb.StepFailed) -> None:
-        """The worker dropped these jobs. Each goes back to the queue (it keeps its tokens) unless it has
-        been in too many failed steps, which points at the job itself: then it fails with a clear status."""
+        """The worker dropped these jobs. Each goes back to the queue (it keeps its tokens); a job charged with the
+        failure (the worker names them: those new to the batch, else all in the step) fails with a clear status once
+        it has been charged --max-step-failures times, which points at the job itself. The others are not charged:
+        one request that breaks every step it joins must not fail the jobs that happened to share its steps."""
         log.error("worker %s: engine step failed with %d jobs: %s", s.worker_id, len(ev.job_ids), ev.error)
+        charged = set(ev.charged_job_ids or ev.job_ids)
         for job_id in ev.job_ids:
             self.state.left_worker(job_id, s.worker_id)    # the worker dropped any host copy too
             if await self._record(job_id) is None:
                 continue
             score = self.policy.queue_score(self.state.view(job_id), self.cost)
-            outcome = await self.store.fail_step(job_id, s.worker_id, score, self.cfg.max_step_failures)
+            outcome = await self.store.fail_step(job_id, s.worker_id, score, self.cfg.max_step_failures,
+                                                 charge=job_id in charged)
             if outcome is StepFailureOutcome.FAILED:
                 metrics.FAILED.inc()
                 await self._complete(job_id)

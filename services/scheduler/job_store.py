@@ -210,12 +210,14 @@ class JobStore:
             keys=[keys.job(job_id), keys.QUEUE, keys.worker_jobs(worker_id)],
             args=[job_id, worker_id, score, swapped_on, cause.value]))
 
-    async def fail_step(self, job_id: str, worker_id: str, score: float, max_failures: int) -> StepFailureOutcome:
-        """Its worker's engine step failed: requeue the job, or fail it after `max_failures` such steps."""
+    async def fail_step(self, job_id: str, worker_id: str, score: float, max_failures: int,
+                        charge: bool = True) -> StepFailureOutcome:
+        """Its worker's engine step failed: requeue the job, or fail it after `max_failures` charged failures
+        (charge=False: requeued, not counted)."""
         res = await self._scripts["fail_step"](
             keys=[keys.job(job_id), keys.QUEUE, keys.worker_jobs(worker_id), keys.job_tokens(job_id),
                   keys.job_text(job_id), keys.tenant_live(keys.tenant_of(job_id))],
-            args=[job_id, worker_id, score, max_failures, time.time(), self.ttl])
+            args=[job_id, worker_id, score, max_failures, time.time(), self.ttl, "1" if charge else "0"])
         return StepFailureOutcome(int(res))
 
     async def finish(self, job_id: str, worker_id: str, reason: str, natural: bool = True) -> bool:

@@ -337,6 +337,7 @@ class Engine:
 
     def _append_token(self, seq: Sequence, token: int, out: StepOutput) -> None:
         seq.output_ids.append(token)
+        seq.sampled_here = True
         detok = self.detok[seq.job_id]
         detok.add(token)
         finish = self._finish_reason(seq, token, detok)

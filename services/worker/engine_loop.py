@@ -202,17 +202,22 @@ class EngineLoop(threading.Thread):
         kept = (SeqStatus.SWAPPED, SeqStatus.PARKED)
         job_ids = [j for j, seq in self.engine.seqs.items() if seq.status not in kept]
         kv_lost = [j for j, seq in self.engine.seqs.items() if seq.status in kept]
+        # charged with the failure: the jobs new to the batch, if any (a request that breaks a step breaks its first);
+        # else every job that was in the step. Jobs that were only waiting here were in no step: never charged.
+        in_step = [j for j, seq in self.engine.seqs.items() if seq.status is SeqStatus.RUNNING]
+        charged = [j for j in in_step if not self.engine.seqs[j].sampled_here] or in_step
         self._send_held()                  # the tokens they made are real: the scheduler resumes after them
         self._reset()
-        self._report_failed(job_ids, error)
+        self._report_failed(job_ids, error, charged)
         self._report_kv_dropped(kv_lost)
 
     def _report_kv_dropped(self, job_ids: list[str]) -> None:
         if job_ids:
             self._send(wpb.WorkerMessage(kept_kv_dropped=wpb.KeptKvDropped(job_ids=job_ids)))
 
-    def _report_failed(self, job_ids: list[str], error: Exception) -> None:
-        self._send(wpb.WorkerMessage(step_failed=wpb.StepFailed(job_ids=job_ids, error=repr(error)[:500])))
+    def _report_failed(self, job_ids: list[str], error: Exception, charged: list[str] | None = None) -> None:
+        self._send(wpb.WorkerMessage(step_failed=wpb.StepFailed(job_ids=job_ids, error=repr(error)[:500],
+                                                                charged_job_ids=job_ids if charged is None else charged)))
 
     def _reset(self) -> None:
         self.engine.reset()

@@ -58,6 +58,7 @@ class Sequence:
     num_pending: int = 0                   # sampled on the device, not yet appended to output_ids
     sample_row: int = -1                   # row of the latest pending token in its step's sampled ids
     park_on_sample: bool = False           # park (keep the KV, stop decoding) once its next token is sampled
+    sampled_here: bool = False             # a token of it was sampled on this worker (it has run a whole step)
 
     @property
     def cache_salt(self) -> bytes:

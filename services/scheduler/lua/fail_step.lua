@@ -3,12 +3,14 @@
 -- Returns 0 (not this worker's running job), 1 (requeued) or 2 (failed).
 -- KEYS[1] job hash, KEYS[2] queue zset, KEYS[3] worker's job set, KEYS[4] packed token ids, KEYS[5] text,
 -- KEYS[6] the tenant's live set
--- ARGV[1] job id, ARGV[2] worker id, ARGV[3] queue score, ARGV[4] max failures, ARGV[5] now, ARGV[6] ttl
+-- ARGV[1] job id, ARGV[2] worker id, ARGV[3] queue score, ARGV[4] max failures, ARGV[5] now, ARGV[6] ttl,
+-- ARGV[7] '1' to count this failure against the job ('0': it only shared the step: requeued, not counted)
 local st = redis.call('HMGET', KEYS[1], 'status', 'worker')
 redis.call('SREM', KEYS[3], ARGV[1])
 if st[1] ~= 'running' or st[2] ~= ARGV[2] then return 0 end
-local failures = redis.call('HINCRBY', KEYS[1], 'step_failures', 1)
-if failures >= tonumber(ARGV[4]) then
+local failures = 0
+if ARGV[7] == '1' then failures = redis.call('HINCRBY', KEYS[1], 'step_failures', 1) end
+if ARGV[7] == '1' and failures >= tonumber(ARGV[4]) then
   redis.call('HSET', KEYS[1], 'status', 'failed', 'finish_reason', 'error', 'finished', ARGV[5], 'worker', '')
   redis.call('HDEL', KEYS[1], 'prompt_ids', 'prompt_text')   -- as finish.lua: an ended job keeps no prompt
   redis.call('SREM', KEYS[6], ARGV[1])
