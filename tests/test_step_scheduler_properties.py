@@ -33,6 +33,8 @@ class Harness:
 
     def step(self) -> None:
         plan = self.sched.schedule()
+        # a sequence preempted in a step is never also in its plan (its chunk would write blocks it no longer holds)
+        assert not {c.seq for c in plan.chunks} & set(plan.preempted)
         for seq in plan.evicted:                       # the engine forgets them (the scheduler recomputes them)
             self.drop(seq)
         for c in plan.chunks:
@@ -192,3 +194,23 @@ def test_a_resumed_decode_is_planned_before_a_long_prompt_still_being_prefilled(
         plan = sched.schedule()
         assert [(c.seq.job_id, c.num_tokens) for c in plan.chunks] == [("b", 1), ("a", 63)]
         b.output_ids.append(7)
+
+
+def test_a_resumed_decode_already_planned_is_not_the_one_preempted_for_a_prompts_room():
+    # found by review of the decodes-first order: d (resumed, so last in `running`) is planned first; p's next chunk
+    # then needs room and the victim was "the newest running", d, whose chunk was in the plan already: the step
+    # then failed on a sequence without blocks. Now the victim is the newest not yet planned: p itself waits.
+    blocks = BlockManager(num_blocks=6, block_size=4)
+    sched = StepScheduler(blocks, max_batch=4, token_budget=8, max_model_len=64)
+    d = seq("d", 3)
+    sched.add(d)
+    sched.schedule()
+    d.output_ids.append(7)
+    assert sched.park(d)
+    p = seq("p", 24)
+    sched.add(p)
+    sched.schedule(), sched.schedule()                  # p: 16 of its 24 tokens computed, 4 blocks
+    sched.unpark(d)
+    plan = sched.schedule()
+    assert [(c.seq.job_id, c.num_tokens) for c in plan.chunks] == [("d", 1)] and plan.preempted == [p]
+    assert blocks.rows.row("d") is not None

@@ -3,8 +3,8 @@
 Token-centric: each running sequence gets its uncomputed tokens (1 for decode, a chunk for a prompt),
 decodes first, then prefill chunks under the token budget, so a long prompt never stalls running
 decodes. When the KV pool cannot grow, parked sequences (holding KV while the scheduler keeps them waiting)
-lose their KV first, newest first; then the most recently admitted sequence is preempted by recompute (its
-blocks freed; it waits at the front) until the others fit. Pure Python over the BlockManager.
+lose their KV first, newest first; then the most recently admitted sequence not yet planned this step is
+preempted by recompute (its blocks freed; it waits at the front) until the others fit. Pure Python over the BlockManager.
 
 One owner: this module is the only writer of a sequence's status and the only one that changes the
 BlockManager (grow, free, swap, prefix cache); the engine asks it to (`swap_out`, `swap_in`, `finish`, `drop`,
@@ -141,6 +141,7 @@ class StepScheduler:
         preempted: list[Sequence] = []
         evicted: list[Sequence] = []
         parking_soon = None                      # found on the first need: nothing below changes it
+        planned: set[Sequence] = set()
         for seq in self._decodes_first():
             if seq not in self.running:          # preempted by an earlier iteration of this loop
                 continue
@@ -161,7 +162,10 @@ class StepScheduler:
                     # step; recomputing it (or this one) now would throw away work a one-step wait saves
                     waits = True
                     break
-                victim = next(reversed(self.running))
+                # the newest not planned this step (decodes go first, so a resumed decode at the end of `running`
+                # may already be in the plan: preempting it would free blocks its chunk is about to write); at worst
+                # `seq` itself, which then waits
+                victim = next(s for s in reversed(self.running) if s not in planned)
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is seq:
@@ -169,6 +173,7 @@ class StepScheduler:
             if seq in self.running and not waits:
                 self.blocks.grow(seq.job_id, seq.num_computed + n)
                 chunks.append(self._plan_chunk(seq, n))
+                planned.add(seq)
                 budget -= n
         if not preempted:                        # a step that had to preempt admits nobody new
             chunks += self._admit(budget, evicted)
