@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 import uuid
 
 import grpc
@@ -303,3 +304,27 @@ def test_scheduler_learns_each_workers_step_model_from_its_load_reports(stub):
 
     w = wait_until(learned, 120)
     assert w.step_model.base_s > 0 and 1 <= w.admit_limit <= w.max_batch
+
+
+def test_the_reattach_grace_runs_from_the_last_stream_leaving(stack_factory):
+    """A stream drops, a retry re-attaches, then that one drops too: the job must stay for a full grace after the
+    second drop. Before, each drop started its own timer and the first one, still running, aborted the job that the
+    retry had taken over (found by review)."""
+    slow = stack_factory(scheduler_args=["--reattach-grace-s", "20"])
+    stub = stub_for(slow)
+    req = request("Count to one thousand:", request_id=f"grace-{uuid.uuid4().hex}", max_tokens=2000, ignore_eos=True)
+    t0 = time.monotonic()
+    first = stub.Generate(req, timeout=300)
+    next(first)
+    first.cancel()                                                     # drop 1: a timer for t0 + 20 s
+    retry = stub.Generate(req, timeout=300)
+    next(retry)                                                        # re-attached: drop 1's timer is off
+    time.sleep(max(0.0, t0 + 12 - time.monotonic()))
+    retry.cancel()                                                     # drop 2: the job waits until ~t0 + 32 s
+    time.sleep(max(0.0, t0 + 24 - time.monotonic()))                   # past drop 1's old deadline
+    try:
+        # still going (or, on a fast machine, done with all its tokens): not aborted
+        assert job_status(stub, req.request_id) in (pb.JOB_STATUS_RUNNING, pb.JOB_STATUS_QUEUED,
+                                                    pb.JOB_STATUS_FINISHED)
+    finally:
+        stub.Abort(pb.AbortRequest(request_id=req.request_id))

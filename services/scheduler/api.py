@@ -52,7 +52,9 @@ class AliseServicer(pb_grpc.AliseServicer):
         self.tenants = tenants
         self.buckets: dict[str, TokenBucket] = {}
         self.closing = False       # set on shutdown: streams cut by it leave their jobs alone
-        self._pending_aborts: set[asyncio.Task] = set()   # jobs left by their last stream, aborted after the grace
+        # jobs left by their last stream: job id -> the task that aborts it after the grace (one per job; a retry
+        # that re-attaches cancels it)
+        self._pending_aborts: dict[str, asyncio.Task] = {}
     # -- checks shared by every call ---------------------------------------------------------------
     async def _tenant(self, request, context) -> Tenant:
         tenant = self.tenants.find(presented_secret(context))
@@ -115,6 +117,8 @@ class AliseServicer(pb_grpc.AliseServicer):
             # create.lua decides in one round trip: a new job, the same request again (re-attach), or a refusal
             outcome = await self.d.submit(v, tenant)
             await self._refuse(outcome, v, tenant, context)
+            if outcome is CreateOutcome.SAME_REQUEST and (pending := self._pending_aborts.pop(job_id, None)):
+                pending.cancel()                   # re-attached within the grace: the job goes on
             if outcome is CreateOutcome.SAME_REQUEST and self.d.hub.watchers(job_id) > self.d.cfg.max_streams_per_job:
                 await self._exhausted(context, "streams", f"{self.d.cfg.max_streams_per_job} streams already follow "
                                                           f"request {v.request_id!r}", 1.0)
@@ -145,7 +149,7 @@ class AliseServicer(pb_grpc.AliseServicer):
             # another stream still follows it (a retry re-attached), or this scheduler is shutting down (the
             # job lives on in Redis and the client re-attaches).
             if owner and not done and client_left and not self.closing and not self.d.hub.watched(job_id):
-                self._abort_unless_reattached(job_id)
+                self._abort_unless_reattached(job_id, v.fingerprint)
 
     async def _refuse(self, outcome: CreateOutcome, v: ValidRequest, tenant: Tenant, context) -> None:
         if outcome is CreateOutcome.ID_IN_USE:
@@ -196,17 +200,28 @@ class AliseServicer(pb_grpc.AliseServicer):
             chars += len(response.chunk.text)
             yield response
 
-    def _abort_unless_reattached(self, job_id: str) -> None:
+    def _abort_unless_reattached(self, job_id: str, fingerprint: str) -> None:
         """Abort the job once it has gone reattach_grace_s without a stream: a client whose connection dropped
-        retries the same request and re-attaches (README), and must not find its job aborted by the drop."""
+        retries the same request and re-attaches (README), and must not find its job aborted by the drop. The
+        grace runs from the job's last stream leaving (a re-attach cancels it), and only this request's job is
+        aborted (its id may be taken by a new request once it has ended)."""
         async def later():
             await asyncio.sleep(self.d.cfg.reattach_grace_s)
-            if not self.closing and not self.d.hub.watched(job_id):
+            if self._pending_aborts.get(job_id) is task:
+                del self._pending_aborts[job_id]
+            if self.closing or self.d.hub.watched(job_id):
+                return
+            try:
+                state = await self.store.state(job_id)
+            except UNREACHABLE:
+                return                             # the orphan sweep or the client's own Abort ends it later
+            if state is not None and state.record.fingerprint == fingerprint and state.status not in FINAL_STATUSES:
                 await self._abort_quietly(job_id)
 
+        if (earlier := self._pending_aborts.pop(job_id, None)) is not None:
+            earlier.cancel()                       # the grace runs from the last stream's leaving
         task = asyncio.create_task(later())
-        self._pending_aborts.add(task)                 # held: a task nobody references may be collected
-        task.add_done_callback(self._pending_aborts.discard)
+        self._pending_aborts[job_id] = task        # held: a task nobody references may be collected
 
     async def _abort_quietly(self, job_id: str) -> None:
         try:
