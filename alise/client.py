@@ -169,19 +169,37 @@ class Stream:
         seconds for a retry to re-attach; a cancel means it is not wanted)."""
         self._cancelled = True
         self._call.cancel()
-        if self._abort is not None and self.completion is None:
-            abort, self._abort = self._abort, None
+        if (abort := self._take_abort()) is not None:
             try:
-                done = abort()
-            except (AliseError, grpc.RpcError):
-                return                   # best effort: the server aborts it after its grace anyway
-            if asyncio.iscoroutine(done):
-                self._aborting = asyncio.ensure_future(done)
-                self._aborting.add_done_callback(lambda f: f.cancelled() or f.exception())
+                abort()
+            except (AliseError, grpc.RpcError, ValueError):   # ValueError: the client was closed first
+                pass                     # best effort: the server aborts it after its grace anyway
+
+    def _take_abort(self):
+        """The abort to send now, once: none after the completion, after a failed call, or a second time."""
+        abort, self._abort = self._abort, None
+        return abort if self.completion is None else None
 
 
 class AsyncStream(Stream):
-    """As Stream, for asyncio: `async for chunk in stream`."""
+    """As Stream, for asyncio: `async for chunk in stream`. Leaving the loop early awaits the Abort (up to 10 s);
+    `cancel()`, a plain method, sends it in the background."""
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()
+        if (abort := self._take_abort()) is not None:
+            self._aborting = asyncio.ensure_future(abort())
+            self._aborting.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    async def _cancel_and_abort(self) -> None:
+        self._cancelled = True
+        self._call.cancel()
+        if (abort := self._take_abort()) is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(abort()), 10)
+            except (AliseError, grpc.RpcError, ValueError, asyncio.TimeoutError):
+                pass                     # best effort: the server aborts it after its grace anyway
 
     async def __aiter__(self) -> AsyncIterator[Chunk]:
         try:
@@ -194,7 +212,7 @@ class AsyncStream(Stream):
                 raise error from None
         finally:
             if self.completion is None:
-                self.cancel()
+                await self._cancel_and_abort()
 
 
 class Client:

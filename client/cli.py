@@ -92,7 +92,11 @@ def cmd_generate(stub: pb_grpc.AliseStub, a: argparse.Namespace) -> int:
             else:
                 final = resp.complete
     except KeyboardInterrupt:
-        call.cancel()           # the scheduler aborts the job and frees its KV blocks
+        call.cancel()
+        try:                    # at once: a stream that merely drops is kept a few seconds for a retry to re-attach
+            stub.Abort(pb.AbortRequest(request_id=req.request_id), timeout=10)
+        except grpc.RpcError:
+            pass                # the scheduler aborts it after its grace anyway
         print("\n[cancelled]", file=sys.stderr)
         return 130
     if a.json:

@@ -193,3 +193,13 @@ async def test_a_script_call_sent_twice_acts_once(store):
     assert await fail(**call) == StepFailureOutcome.REQUEUED
     assert await fail(**call) == StepFailureOutcome.REQUEUED            # not counted as a second failure
     assert await store.r.hget(keys.job("a"), "step_failures") == b"1"
+
+
+async def test_a_record_from_before_prompt_tokens_still_counts_its_prompt_when_it_ends(store):
+    """A job admitted by an older scheduler has no prompt_tokens field; when it ends, its prompt ids leave the record,
+    so the count must be taken from them first (else its usage said 0 prompt tokens)."""
+    await create(store, record("old"), 1.0)
+    await store.r.hdel(keys.job("old"), "prompt_tokens")               # as an older scheduler wrote it
+    await store.claim("old", "w1")
+    assert await store.finish("old", "w1", "length")
+    assert (await store.state("old")).record.prompt_tokens == 3

@@ -149,3 +149,24 @@ def test_the_cli_treats_only_loopback_addresses_as_loopback():
 
     assert is_loopback("127.0.0.1:50051") and is_loopback("localhost:1") and is_loopback("[::1]:50051")
     assert not is_loopback("127.evil.example:50051") and not is_loopback("10.0.0.1:50051")
+
+
+def test_ctrl_c_in_the_cli_aborts_the_job_at_once(stack):
+    """The server keeps a job whose stream dropped for a few seconds (a retry may re-attach); a Ctrl-C means the
+    answer is not wanted: the CLI sends Abort, so the job's slot and KV are free as the CLI exits."""
+    import signal
+
+    cli = [sys.executable, "-m", "client.cli", "--address", stack.address, "--api-key", stack.api_key]
+    request_id = "cli-" + uuid.uuid4().hex[:8]
+    proc = subprocess.Popen([*cli, "generate", PROMPT, "--max-tokens", "2000", "--ignore-eos", "--request-id",
+                             request_id], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stub = stub_for(stack)
+    from alise.v1 import generate_pb2 as pb
+    try:
+        wait_until(lambda: job_status(stub, request_id) == pb.JOB_STATUS_RUNNING
+                   and len(stub.GetJob(pb.GetJobRequest(request_id=request_id)).token_ids) > 0, timeout=120)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130
+    finally:
+        proc.kill()
+    assert job_status(stub, request_id) == pb.JOB_STATUS_ABORTED

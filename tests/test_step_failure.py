@@ -117,9 +117,13 @@ async def test_scheduler_charges_a_failed_step_only_to_the_jobs_the_worker_names
         await d.tick()
         assert next_assign(session) == {"t/a", "t/b"}
         await d.on_worker_message(session, wpb.WorkerMessage(step_failed=wpb.StepFailed(
-            job_ids=["t/a", "t/b"], charged_job_ids=["t/b"], error="boom")))
+            job_ids=["t/a", "t/b"], charged_job_ids=["t/b"], charges_named=True, error="boom")))
     assert (await d.store.state("t/b")).status == "failed"
     assert (await d.store.state("t/a")).status == "queued"            # it only shared the steps: never charged
+    await d.tick()
+    assert next_assign(session) == {"t/a"}
+    await d.on_worker_message(session, wpb.WorkerMessage(step_failed=wpb.StepFailed(    # a failure in planning:
+        job_ids=["t/a"], charges_named=True, error="boom")))                            # the worker charges nobody
     assert await d.store.r.hget(keys.job("t/a"), "step_failures") in (None, b"0")
 
 

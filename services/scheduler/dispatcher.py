@@ -294,7 +294,7 @@ class Dispatcher:
         it has been charged --max-step-failures times, which points at the job itself. The others are not charged:
         one request that breaks every step it joins must not fail the jobs that happened to share its steps."""
         log.error("worker %s: engine step failed with %d jobs: %s", s.worker_id, len(ev.job_ids), ev.error)
-        charged = set(ev.charged_job_ids or ev.job_ids)
+        charged = set(ev.charged_job_ids if ev.charges_named else ev.job_ids)
         for job_id in ev.job_ids:
             self.state.left_worker(job_id, s.worker_id)    # the worker dropped any host copy too
             if await self._record(job_id) is None:

@@ -217,7 +217,8 @@ class EngineLoop(threading.Thread):
 
     def _report_failed(self, job_ids: list[str], error: Exception, charged: list[str] | None = None) -> None:
         self._send(wpb.WorkerMessage(step_failed=wpb.StepFailed(job_ids=job_ids, error=repr(error)[:500],
-                                                                charged_job_ids=job_ids if charged is None else charged)))
+                                                                charged_job_ids=job_ids if charged is None else charged,
+                                                                charges_named=True)))
 
     def _reset(self) -> None:
         self.engine.reset()
