@@ -175,42 +175,40 @@ def test_a_job_parking_after_its_token_in_flight_is_not_recomputed_for_room():
     assert plan.evicted == [b] and plan.preempted == [] and [(c.seq, c.num_tokens) for c in plan.chunks] == [(a, 1)]
 
 
-def test_a_resumed_decode_is_planned_before_a_long_prompt_still_being_prefilled():
-    # b is prefilled and parked after its first token; a (a prompt far longer than the step's budget) is admitted
-    # and prefilled chunk by chunk; b is resumed. b's decode goes first every step: it used to wait behind a's
-    # chunks, which took the whole budget, until a's prompt was done (docs: "a long prompt never stalls decodes")
-    blocks = BlockManager(num_blocks=64, block_size=16)
-    sched = StepScheduler(blocks, max_batch=4, token_budget=64, max_model_len=1024)
-    b = seq("b", 10)
-    sched.add(b)
-    sched.schedule()
-    b.output_ids.append(7)
-    assert sched.park(b)
-    a = seq("a", 600)
-    sched.add(a)
-    assert [(c.seq.job_id, c.num_tokens) for c in sched.schedule().chunks] == [("a", 64)]
-    sched.unpark(b)
-    for _ in range(3):
-        plan = sched.schedule()
-        assert [(c.seq.job_id, c.num_tokens) for c in plan.chunks] == [("b", 1), ("a", 63)]
-        b.output_ids.append(7)
-
-
-def test_a_resumed_decode_already_planned_is_not_the_one_preempted_for_a_prompts_room():
-    # found by review of the decodes-first order: d (resumed, so last in `running`) is planned first; p's next chunk
-    # then needs room and the victim was "the newest running", d, whose chunk was in the plan already: the step
-    # then failed on a sequence without blocks. Now the victim is the newest not yet planned: p itself waits.
-    blocks = BlockManager(num_blocks=6, block_size=4)
-    sched = StepScheduler(blocks, max_batch=4, token_budget=8, max_model_len=64)
-    d = seq("d", 3)
+def parked_then_a_long_prompt(num_blocks: int, block_size: int, budget: int, decode_len: int, prompt_len: int,
+                              prompt_steps: int):
+    """A job d prefilled and parked after its first token, then a long prompt p admitted and prefilled for
+    `prompt_steps` steps, then d resumed (so d is last in `running`): (scheduler, block manager, d, p)."""
+    blocks = BlockManager(num_blocks=num_blocks, block_size=block_size)
+    sched = StepScheduler(blocks, max_batch=4, token_budget=budget, max_model_len=1024)
+    d = seq("d", decode_len)
     sched.add(d)
     sched.schedule()
     d.output_ids.append(7)
     assert sched.park(d)
-    p = seq("p", 24)
+    p = seq("p", prompt_len)
     sched.add(p)
-    sched.schedule(), sched.schedule()                  # p: 16 of its 24 tokens computed, 4 blocks
+    for _ in range(prompt_steps):
+        assert [c.seq for c in sched.schedule().chunks] == [p]
     sched.unpark(d)
+    return sched, blocks, d, p
+
+
+def test_a_resumed_decode_is_planned_before_a_long_prompt_still_being_prefilled():
+    # d's decode goes first every step: it used to wait behind p's chunks, which took the whole budget, until p's
+    # prompt was done (docs: "a long prompt never stalls decodes")
+    sched, _, d, _ = parked_then_a_long_prompt(64, 16, budget=64, decode_len=10, prompt_len=600, prompt_steps=1)
+    for _ in range(3):
+        plan = sched.schedule()
+        assert [(c.seq.job_id, c.num_tokens) for c in plan.chunks] == [("d", 1), ("p", 63)]
+        d.output_ids.append(7)
+
+
+def test_a_resumed_decode_already_planned_is_not_the_one_preempted_for_a_prompts_room():
+    # found by review of the decodes-first order: d is planned first; p's next chunk then needs room and the victim
+    # was "the newest running", d, whose chunk was in the plan already: the step then failed on a sequence without
+    # blocks. Now the victim is the newest not yet planned: p itself waits.
+    sched, blocks, d, p = parked_then_a_long_prompt(6, 4, budget=8, decode_len=3, prompt_len=24, prompt_steps=2)
     plan = sched.schedule()
     assert [(c.seq.job_id, c.num_tokens) for c in plan.chunks] == [("d", 1)] and plan.preempted == [p]
     assert blocks.rows.row("d") is not None
