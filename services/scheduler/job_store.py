@@ -148,6 +148,7 @@ def _opt_float(v: str | None) -> float | None:
 # than every retry together), and a run with the same id returns that reply without acting again.
 # (create and repredict need no guard: create answers a retry as "the same request", repredict sets a value.)
 ONCE = ("append", "claim", "requeue", "fail_step", "finish", "abort")
+ENDING = ("finish", "abort", "fail_step")     # the scripts that may end a job: they call _ended_job.lua's drop_prompt
 ONCE_WINDOW_S = 300
 
 
@@ -176,7 +177,9 @@ class JobStore:
     def __init__(self, client: aioredis.Redis, finished_ttl_s: int = 3600):
         self.r = client
         self.ttl = finished_ttl_s
-        texts = {p.stem: p.read_text() for p in LUA_DIR.glob("*.lua")}
+        ended_job = (LUA_DIR / "_ended_job.lua").read_text()          # shared functions, not a script of its own
+        texts = {p.stem: (ended_job if p.stem in ENDING else "") + p.read_text()
+                 for p in LUA_DIR.glob("*.lua") if not p.stem.startswith("_")}
         self._scripts = {name: _Once(client.register_script(run_once(text))) if name in ONCE
                          else client.register_script(text) for name, text in texts.items()}
 

@@ -141,7 +141,6 @@ class StepScheduler:
         preempted: list[Sequence] = []
         evicted: list[Sequence] = []
         parking_soon = None                      # found on the first need: nothing below changes it
-        planned: set[Sequence] = set()
         for seq in self._decodes_first():
             if seq not in self.running:          # preempted by an earlier iteration of this loop
                 continue
@@ -165,6 +164,7 @@ class StepScheduler:
                 # the newest not planned this step (decodes go first, so a resumed decode at the end of `running`
                 # may already be in the plan: preempting it would free blocks its chunk is about to write); at worst
                 # `seq` itself, which then waits
+                planned = {c.seq for c in chunks}           # only here: preemption is rare, planning is not
                 victim = next(s for s in reversed(self.running) if s not in planned)
                 self._preempt(victim)
                 preempted.append(victim)
@@ -173,7 +173,6 @@ class StepScheduler:
             if seq in self.running and not waits:
                 self.blocks.grow(seq.job_id, seq.num_computed + n)
                 chunks.append(self._plan_chunk(seq, n))
-                planned.add(seq)
                 budget -= n
         if not preempted:                        # a step that had to preempt admits nobody new
             chunks += self._admit(budget, evicted)
@@ -184,10 +183,10 @@ class StepScheduler:
         """The running sequences, those with one token to compute (decodes) first, each group in admission order: a
         sequence resumed (unparked, swapped in) joins the end of `running`, and behind a long prompt still being
         prefilled it would otherwise get no budget until that prompt is done."""
-        decodes, chunks = [], []
-        for seq in self.running:
-            (decodes if seq.num_uncomputed <= 1 else chunks).append(seq)
-        return decodes + chunks
+        chunks = [seq for seq in self.running if seq.num_uncomputed > 1]
+        if not chunks:                           # the common case at large batch: every one decodes
+            return list(self.running)
+        return [seq for seq in self.running if seq.num_uncomputed <= 1] + chunks
 
     def _admit(self, budget: int, evicted: list[Sequence]) -> list[ScheduledChunk]:
         """Waiting sequences, in order, while the budget and the batch last. One to be parked after its first

@@ -8,10 +8,6 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('SREM', KEYS[5], ARGV[1])
 if st[2] and st[2] ~= '' then redis.call('SREM', ARGV[4] .. st[2] .. ':jobs', ARGV[1]) end
 redis.call('HSET', KEYS[1], 'status', 'aborted', 'finish_reason', 'aborted', 'finished', ARGV[2])
-if redis.call('HEXISTS', KEYS[1], 'prompt_tokens') == 0 then   -- a record from before prompt_tokens was kept
-  local ids = redis.call('HGET', KEYS[1], 'prompt_ids')
-  if ids then redis.call('HSET', KEYS[1], 'prompt_tokens', #cjson.decode(ids)) end
-end
-redis.call('HDEL', KEYS[1], 'prompt_ids', 'prompt_text')   -- as finish.lua: an ended job keeps no prompt
+drop_prompt(KEYS[1])                                      -- _ended_job.lua
 for i = 1, 4 do if i ~= 2 then redis.call('EXPIRE', KEYS[i], ARGV[3]) end end
 return {1, st[1], st[2] or '', st[3] or ''}

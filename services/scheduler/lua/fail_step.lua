@@ -12,11 +12,7 @@ local failures = 0
 if ARGV[7] == '1' then failures = redis.call('HINCRBY', KEYS[1], 'step_failures', 1) end
 if ARGV[7] == '1' and failures >= tonumber(ARGV[4]) then
   redis.call('HSET', KEYS[1], 'status', 'failed', 'finish_reason', 'error', 'finished', ARGV[5], 'worker', '')
-  if redis.call('HEXISTS', KEYS[1], 'prompt_tokens') == 0 then   -- a record from before prompt_tokens was kept
-    local ids = redis.call('HGET', KEYS[1], 'prompt_ids')
-    if ids then redis.call('HSET', KEYS[1], 'prompt_tokens', #cjson.decode(ids)) end
-  end
-  redis.call('HDEL', KEYS[1], 'prompt_ids', 'prompt_text')   -- as finish.lua: an ended job keeps no prompt
+  drop_prompt(KEYS[1])                                    -- _ended_job.lua
   redis.call('SREM', KEYS[6], ARGV[1])
   for i = 1, 5 do if i ~= 2 and i ~= 3 then redis.call('EXPIRE', KEYS[i], ARGV[6]) end end
   return 2

@@ -22,9 +22,5 @@ if ARGV[3] == 'stop' and ARGV[7] == '1' then
                'output_tokens', math.floor(redis.call('STRLEN', KEYS[3]) / 4), 'previous_reply_tokens', f[2] or '0')
   end
 end
-if redis.call('HEXISTS', KEYS[1], 'prompt_tokens') == 0 then   -- a record from before prompt_tokens was kept
-  local ids = redis.call('HGET', KEYS[1], 'prompt_ids')
-  if ids then redis.call('HSET', KEYS[1], 'prompt_tokens', #cjson.decode(ids)) end
-end
-redis.call('HDEL', KEYS[1], 'prompt_ids', 'prompt_text')   -- the bulk of an ended job: nobody reads them again
+drop_prompt(KEYS[1])                                      -- _ended_job.lua
 return 1
