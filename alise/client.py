@@ -167,16 +167,17 @@ class Stream:
     def cancel(self) -> None:
         """Stop the stream and abort the request on the server (a stream that merely drops is kept there for a few
         seconds for a retry to re-attach; a cancel means it is not wanted)."""
-        self._cancelled = True
-        self._call.cancel()
-        if (abort := self._take_abort()) is not None:
+        if (abort := self._stop()) is not None:
             try:
                 abort()
             except (AliseError, grpc.RpcError, ValueError):   # ValueError: the client was closed first
                 pass                     # best effort: the server aborts it after its grace anyway
 
-    def _take_abort(self):
-        """The abort to send now, once: none after the completion, after a failed call, or a second time."""
+    def _stop(self):
+        """Cancel the call; returns the abort to send now, once: none after the completion, after a failed call,
+        or a second time."""
+        self._cancelled = True
+        self._call.cancel()
         abort, self._abort = self._abort, None
         return abort if self.completion is None else None
 
@@ -186,16 +187,12 @@ class AsyncStream(Stream):
     `cancel()`, a plain method, sends it in the background."""
 
     def cancel(self) -> None:
-        self._cancelled = True
-        self._call.cancel()
-        if (abort := self._take_abort()) is not None:
+        if (abort := self._stop()) is not None:
             self._aborting = asyncio.ensure_future(abort())
             self._aborting.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def _cancel_and_abort(self) -> None:
-        self._cancelled = True
-        self._call.cancel()
-        if (abort := self._take_abort()) is not None:
+        if (abort := self._stop()) is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(abort()), 10)
             except (AliseError, grpc.RpcError, ValueError, asyncio.TimeoutError):

@@ -91,12 +91,12 @@ async def test_only_uncensored_lengths_reach_the_predictor_stream(store):
         return JobRecord(job_id=job_id, prompt_ids=[1], prompt_text=f"prompt {job_id}", previous_reply_tokens=7,
                          sampling=job_sampling(8, ignore_eos))
 
-    for job_id, ignore_eos, reason, natural in [("eos", False, "stop", True), ("cut", False, "length", True),
-                                                ("forced", True, "stop", True), ("stop-string", False, "stop", False)]:
+    for job_id, ignore_eos, reason, stop_string in [("eos", False, "stop", False), ("cut", False, "length", False),
+                                                    ("forced", True, "stop", False), ("stop-string", False, "stop", True)]:
         await create(store, chat(job_id, ignore_eos), 1.0)
         await store.claim(job_id, "w1")
         await store.append_many("w1", [(job_id, [5, 6, 7], "abc")])
-        assert await store.finish(job_id, "w1", reason, natural=natural)     # a client's stop string: a cut
+        assert await store.finish(job_id, "w1", reason, stop_string=stop_string)   # a client's stop string: a cut
     entries = [fields for _, fields in await store.r.xrange(keys.OBSERVATIONS)]
     assert entries == [{b"job_id": b"eos", b"prompt": b"prompt eos", b"output_tokens": b"3",
                         b"previous_reply_tokens": b"7"}]

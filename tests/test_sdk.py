@@ -86,7 +86,7 @@ def test_the_wheel_installs_into_a_fresh_venv_with_a_working_cli(stack, tmp_path
     wheel = next(wheels.glob("alise-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "alise/v1/generate_pb2.py" in names and "alise/client.py" in names
-    assert "services/scheduler/lua/create.lua" in names and "services/worker/skinny_gemm_configs.json" in names
+    assert {"services/scheduler/lua/create.lua", "services/scheduler/lua/_ended_job.lua"} <= set(names) and "services/worker/skinny_gemm_configs.json" in names
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     # the dependencies come from the index as for a user; the installed versions must be the ones we test with

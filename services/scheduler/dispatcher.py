@@ -285,7 +285,7 @@ class Dispatcher:
         self.state.left_worker(ev.job_id, s.worker_id)   # also if it finished before our preempt arrived
         if ev.finish_reason == pb.FINISH_REASON_ABORTED:
             return                                        # we asked for it; abort() already recorded it
-        if await self.store.finish(ev.job_id, s.worker_id, FINISH_NAMES[ev.finish_reason], natural=not ev.stop_string):
+        if await self.store.finish(ev.job_id, s.worker_id, FINISH_NAMES[ev.finish_reason], stop_string=ev.stop_string):
             await self._complete(ev.job_id)
 
     async def _on_step_failed(self, s: WorkerSession, ev: wpb.StepFailed) -> None:

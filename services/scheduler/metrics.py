@@ -46,6 +46,8 @@ PREDICTOR_FAILURES = _labelled(Counter, "alise:predictor_failures", "Predict cal
 PREDICTOR_UP = _labelled(Gauge, "alise:predictor_available", "1 if the last Predict call succeeded")
 REQUEUED_LOST = _labelled(Counter, "alise:jobs_requeued_worker_lost", "Jobs requeued because their worker went away")
 REJECTED = _labelled(Counter, "alise:requests_rejected", "Requests refused at admission", ("field",))
+FAILED = _labelled(Counter, "alise:jobs_failed", "Jobs failed after too many failed engine steps on their workers")
+
 _INDEX = re.compile(r"\[\d+\]")
 
 
@@ -53,4 +55,3 @@ def metric_field(field: str) -> str:
     """A refused field's name as a metric label: without list indexes ("chat.messages[5000].content" ->
     "chat.messages[].content"), so that clients cannot add a label value, and a series, per request."""
     return _INDEX.sub("[]", field)[:64]
-FAILED = _labelled(Counter, "alise:jobs_failed", "Jobs failed after too many failed engine steps on their workers")

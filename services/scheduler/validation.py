@@ -8,6 +8,7 @@ import uuid
 from dataclasses import dataclass
 
 from alise.v1 import generate_pb2 as pb
+from jinja2.exceptions import TemplateError
 
 from services.common.predictor_text import predictor_text
 from services.common.sampling_limits import sampling_problem
@@ -118,7 +119,7 @@ def _model_text(req: pb.GenerateRequest, tok: PromptTokenizer) -> str:
             raise InvalidRequest("chat.messages", "all messages are empty")
         try:
             return tok.render_chat([{"role": m.role, "content": m.content} for m in messages])
-        except Exception as e:  # noqa: BLE001 - a template's own refusal (raise_exception: roles must alternate...)
+        except TemplateError as e:      # the template's own refusal (raise_exception: roles must alternate...)
             raise InvalidRequest("chat.messages", f"the model's chat template refused them: {e}") from e
     raise InvalidRequest("prompt", "set prompt or chat")
 

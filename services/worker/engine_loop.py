@@ -36,6 +36,8 @@ class Attach:
     dropped, never sent on the new session as if it belonged there."""
     loop: asyncio.AbstractEventLoop
     outbox: asyncio.Queue
+
+
 FINISH_CODES = {Finish.STOP: pb.FINISH_REASON_STOP, Finish.STOP_STRING: pb.FINISH_REASON_STOP,
                 Finish.LENGTH: pb.FINISH_REASON_LENGTH,
                 Finish.ABORTED: pb.FINISH_REASON_ABORTED}

@@ -7,14 +7,14 @@
 -- KEYS[1] job hash, KEYS[2] worker's job set, KEYS[3] packed token ids, KEYS[4] text, KEYS[5] observation stream,
 -- KEYS[6] the tenant's live set
 -- ARGV[1] job id, ARGV[2] worker id, ARGV[3] finish reason, ARGV[4] now, ARGV[5] ttl seconds,
--- ARGV[6] stream max entries, ARGV[7] '1' if the model ended it ('0': a client's stop string did, a cut length)
+-- ARGV[6] stream max entries, ARGV[7] '1' if a client's stop string ended it (a cut length, not the model's)
 local st = redis.call('HMGET', KEYS[1], 'status', 'worker')
 if st[1] ~= 'running' or st[2] ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'finished', 'finish_reason', ARGV[3], 'finished', ARGV[4])
 redis.call('SREM', KEYS[2], ARGV[1])
 redis.call('SREM', KEYS[6], ARGV[1])
 for i = 1, 4 do if i ~= 2 then redis.call('EXPIRE', KEYS[i], ARGV[5]) end end
-if ARGV[3] == 'stop' and ARGV[7] == '1' then
+if ARGV[3] == 'stop' and ARGV[7] ~= '1' then
   local f = redis.call('HMGET', KEYS[1], 'prompt_text', 'previous_reply_tokens', 'sampling')
   local ok, sampling = pcall(cjson.decode, f[3] or '{}')
   if ok and not sampling['ignore_eos'] then
