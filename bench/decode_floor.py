@@ -122,71 +122,20 @@ def check_rope_rounding(runner, rows: int = 64) -> dict:
     return res
 
 
-def check_fused_rope_cache(runner, bm) -> dict:
-    """A mixed step (a fresh prompt, a chunk after 48 tokens of context, two decodes) with the fused rotary + KV-write
-    kernel and with torch's rotary and a cache write, over contexts of random K / V: the K and
-    V written in each layer, the first layer where they differ, and the logits. Layer 0's must be the same bits (the
-    same rotary rounding); past it, a difference can only come from the attention of the layers before. The new
-    tokens' slots hold NaN until written."""
-    torch.manual_seed(0)
-    shapes = {"p": (0, 37), "c": (48, 16), "d1": (100, 1), "d2": (7, 1)}
-    for sid, (start, n) in shapes.items():
-        bm.grow(sid, start + n)
-    bs = bm.block_size
-    slot = lambda sid, p: bm.table(sid)[p // bs] * bs + p % bs          # noqa: E731
-    context = torch.tensor([slot(sid, p) for sid, (start, _) in shapes.items() for p in range(start)], device="cuda")
-    new = torch.tensor([slot(sid, p) for sid, (start, n) in shapes.items() for p in range(start, start + n)],
-                       device="cuda")
-    chunks = [SeqChunk(torch.randint(0, 1000, (n,)).tolist(), start, bm.rows.row(sid), True, sid)
-              for sid, (start, n) in shapes.items()]
-    cache, out = runner.cache, {}
-    for fused in (False, True):
-        gen = torch.Generator(device="cuda").manual_seed(11)
-        for pool in (cache.k, cache.v):
-            pool[:, new] = float("nan")
-            pool[:, context] = torch.randn(pool[:, context].shape, generator=gen, device="cuda", dtype=pool.dtype)
-        runner.fuse_rope_cache = fused
-        with torch.inference_mode():
-            logits = runner.forward_mixed(runner.prepare_mixed(chunks))
-        out[fused] = (logits.clone(), cache.k[:, new].clone(), cache.v[:, new].clone())
-    runner.fuse_rope_cache = True
-    for sid in shapes:
-        bm.free(sid)
-    k_layers = [i for i in range(cache.k.shape[0]) if not torch.equal(out[True][1][i], out[False][1][i])]
-    v_layers = [i for i in range(cache.v.shape[0]) if not torch.equal(out[True][2][i], out[False][2][i])]
-    ref = out[False][0]
-    res = {"logits_rel_err": ((out[True][0] - ref).abs().max() / ref.abs().max()).item(),
-           "argmax_agree": (out[True][0].argmax(-1) == ref.argmax(-1)).float().mean().item(),
-           "k_differs_from_layer": k_layers[0] if k_layers else None,
-           "v_differs_from_layer": v_layers[0] if v_layers else None,
-           "layer0_k_max_abs_diff": (out[True][1][0].float() - out[False][1][0].float()).abs().max().item()}
-    res["ok"] = 0 not in k_layers and 0 not in v_layers and res["logits_rel_err"] < GRAPH_TOLERANCE
-    return res
+class CacheCase:
+    """Sequences (name -> (context tokens, new tokens)) whose context's K / V in the cache are random (seeded: the
+    same every time the cache is reset) and whose new tokens' slots are poisoned with NaN, so that only a kernel
+    that writes them reads them."""
 
-
-GRAPH_CHECK_BATCHES = (1, 8, 24)     # split contexts with prologue norms, and norm kernels with two splits
-GRAPH_TOLERANCE = 0.1               # relative logits difference: the skinny layers' sums of squares are added in a
-                                    # varying order (last bits); a race or a wrong merge is of order 1 (or NaN)
-CHECK_LENGTHS = (300, 1, 64, 128, 17, 255, 200, 65)     # contexts of the attention checks: a whole number of
-                                                        # 64-token chunks, one token, several non-empty slices
-
-
-class DecodeCase:
-    """`batch` sequences of varied context lengths whose caches hold random K / V (seeded: the same every time it is
-    set up), and their new tokens' slots, poisoned with NaN, so that only a kernel that writes them reads them."""
-
-    def __init__(self, runner, bm, batch: int):
-        self.runner, self.bm = runner, bm
-        self.seqs = [f"case{batch}_{i}" for i in range(batch)]
-        lens = [CHECK_LENGTHS[i % len(CHECK_LENGTHS)] for i in range(batch)]
-        for s, n in zip(self.seqs, lens):
-            bm.grow(s, n)
-        self.chunks = [SeqChunk([17 + i], n - 1, bm.rows.row(s), True) for i, (s, n) in enumerate(zip(self.seqs, lens))]
+    def __init__(self, runner, bm, shapes: dict[str, tuple[int, int]], seed: int):
+        self.runner, self.bm, self.shapes, self.seed = runner, bm, shapes, seed
+        for name, (ctx, n) in shapes.items():
+            bm.grow(name, ctx + n)
         bs = bm.block_size
-        slot = lambda s, pos: bm.table(s)[pos // bs] * bs + pos % bs        # noqa: E731
-        self.context = torch.tensor([slot(s, p) for s, n in zip(self.seqs, lens) for p in range(n - 1)], device="cuda")
-        self.new = torch.tensor([slot(s, n - 1) for s, n in zip(self.seqs, lens)], device="cuda")
-        self.seed = batch
+        slot = lambda name, pos: bm.table(name)[pos // bs] * bs + pos % bs        # noqa: E731
+        self.context = torch.tensor([slot(s, p) for s, (ctx, _) in shapes.items() for p in range(ctx)], device="cuda")
+        self.new = torch.tensor([slot(s, p) for s, (ctx, n) in shapes.items() for p in range(ctx, ctx + n)],
+                                device="cuda")
 
     def reset_cache(self):
         cache = self.runner.cache
@@ -201,8 +150,54 @@ class DecodeCase:
         return self.runner.cache.k[:, self.new].clone(), self.runner.cache.v[:, self.new].clone()
 
     def free(self):
-        for s in self.seqs:
-            self.bm.free(s)
+        for name in self.shapes:
+            self.bm.free(name)
+
+
+def check_fused_rope_cache(runner, bm) -> dict:
+    """A mixed step (a fresh prompt, a chunk after 48 tokens of context, two decodes) with the fused rotary + KV-write
+    kernel and with torch's rotary and a cache write, over contexts of random K / V (CacheCase): both round alike
+    (rotary_mix) and the mixed path has no atomics, so the K and V written in every layer and the logits must be the
+    same bits. Where they are not, the first layer that differs says where (layer 0: the rotary itself)."""
+    torch.manual_seed(0)
+    case = CacheCase(runner, bm, {"p": (0, 37), "c": (48, 16), "d1": (100, 1), "d2": (7, 1)}, seed=11)
+    chunks = [SeqChunk(torch.randint(0, 1000, (n,)).tolist(), ctx, bm.rows.row(name), True, name)
+              for name, (ctx, n) in case.shapes.items()]
+    out = {}
+    for fused in (False, True):
+        case.reset_cache()
+        runner.fuse_rope_cache = fused
+        with torch.inference_mode():
+            logits = runner.forward_mixed(runner.prepare_mixed(chunks))
+        out[fused] = (logits.clone(), *case.written())
+    runner.fuse_rope_cache = True
+    case.free()
+    layers = runner.cache.k.shape[0]
+    k_layers = [i for i in range(layers) if not torch.equal(out[True][1][i], out[False][1][i])]
+    v_layers = [i for i in range(layers) if not torch.equal(out[True][2][i], out[False][2][i])]
+    ref = out[False][0]
+    res = {"logits_rel_err": ((out[True][0] - ref).abs().max() / ref.abs().max()).item(),
+           "argmax_agree": (out[True][0].argmax(-1) == ref.argmax(-1)).float().mean().item(),
+           "k_differs_from_layer": k_layers[0] if k_layers else None,
+           "v_differs_from_layer": v_layers[0] if v_layers else None}
+    res["ok"] = not k_layers and not v_layers and res["logits_rel_err"] == 0
+    return res
+
+
+GRAPH_CHECK_BATCHES = (1, 8, 24)     # split contexts with prologue norms, and norm kernels with two splits
+GRAPH_TOLERANCE = 0.1               # relative logits difference: the skinny layers' sums of squares are added in a
+                                    # varying order (last bits); a race or a wrong merge is of order 1 (or NaN)
+CHECK_LENGTHS = (300, 1, 64, 128, 17, 255, 200, 65)     # contexts of the attention checks: a whole number of
+                                                        # 64-token chunks, one token, several non-empty slices
+
+
+class DecodeCase(CacheCase):
+    """`batch` decoding sequences of varied context lengths (CHECK_LENGTHS), one new token each."""
+
+    def __init__(self, runner, bm, batch: int):
+        lens = [CHECK_LENGTHS[i % len(CHECK_LENGTHS)] for i in range(batch)]
+        super().__init__(runner, bm, {f"case{batch}_{i}": (n - 1, 1) for i, n in enumerate(lens)}, seed=batch)
+        self.chunks = [SeqChunk([17 + i], n - 1, bm.rows.row(s), True) for i, (s, n) in enumerate(zip(self.shapes, lens))]
 
 
 def check_fused_decode_attention(runner, bm) -> dict:
