@@ -155,3 +155,21 @@ async def test_output_of_a_dropped_session_never_reaches_the_next_one(model_dir,
     assert not tokens_of(seen, "old") and tokens_of(seen, "new")
     assert all(getattr(m, m.WhichOneof("kind")).job_id != "old" for m in seen
                if m.WhichOneof("kind") in ("finished", "preempted", "failed"))
+
+
+async def test_an_idle_worker_reports_its_load_every_heartbeat(model_dir):
+    """The scheduler takes a worker silent for --worker-silence-s for hung or cut off; an idle worker whose load does
+    not change must still say so every heartbeat_s (before, it sent a load report only when the load changed)."""
+    from services.worker.engine_loop import EngineLoop
+
+    loop_thread = EngineLoop(build_engine(WorkerConfig(model_dir=str(model_dir), num_blocks=16, max_batch=2,
+                                                       token_budget=64)), 0.05, heartbeat_s=0.3)
+    outbox: asyncio.Queue = asyncio.Queue()
+    loop_thread.attach(asyncio.get_running_loop(), outbox)
+    loop_thread.start()
+    try:
+        reports = [await next_message(outbox, "load") for _ in range(4)]     # the first, then three unchanged ones
+    finally:
+        loop_thread.stop()
+        loop_thread.join(30)
+    assert len({r.SerializeToString() for r in reports}) == 1              # nothing changed between them
