@@ -170,26 +170,44 @@ def test_one_of_two_workers_sigkilled_under_load(stack_factory, reference):
     assert len(stub.GetLoad(pb.LoadRequest()).workers) == 1
 
 
-def test_a_stopped_worker_loses_its_jobs_to_the_queue_and_finishes_them_when_it_answers_again(stack_factory, reference):
-    """A worker that stops answering but keeps its connection open (SIGSTOP: as a hung process or a cut-off node
-    looks) is taken for lost once it has been silent past the scheduler's limit: it leaves the worker list and its
-    jobs go back to the queue instead of staying "running" for ever. Resumed, it reconnects and finishes them,
-    token for token as an undisturbed run."""
-    quiet = stack_factory(num_workers=1, scheduler_args=["--worker-silence-s", "5"], worker_args=["--heartbeat-s", "0.5"])
-    stub = stub_for(quiet)
-    queued_while_stopped = []
+def stop_the_worker_until_it_leaves(stack, within_s: float, queued: list[bool]):
+    """The fault: SIGSTOP the stack's only worker (it keeps its connection open, as a hung process or a cut-off node
+    looks), wait until the scheduler drops it from the worker list, note whether its jobs went back to the queue,
+    then SIGCONT it."""
+    stub = stub_for(stack)
 
-    def stop_worker(ids):
-        pid = quiet.services["worker-0"].proc.pid
+    def during(ids):
+        pid = stack.services["worker-0"].proc.pid
         os.kill(pid, signal.SIGSTOP)
         try:
-            # within the silence limit and well before keepalive (~30 s) would end the connection anyway
-            wait_until(lambda: len(stub.GetLoad(pb.LoadRequest()).workers) == 0, 25, 0.2)
-            queued_while_stopped.extend(job_status(stub, i) == pb.JOB_STATUS_QUEUED for i in ids)
+            wait_until(lambda: len(stub.GetLoad(pb.LoadRequest()).workers) == 0, within_s, 0.2)
+            queued.extend(job_status(stub, i) == pb.JOB_STATUS_QUEUED for i in ids)
         finally:
             os.kill(pid, signal.SIGCONT)
+    return during
 
-    results = run(quiet, workload("stopped"), during=stop_worker)
+
+def test_a_stopped_worker_loses_its_jobs_to_the_queue_and_finishes_them_when_it_answers_again(stack_factory, reference):
+    """A stopped worker is taken for lost once it has been silent past the scheduler's limit: it leaves the worker
+    list and its jobs go back to the queue instead of staying "running" for ever. Resumed, it reconnects and
+    finishes them, token for token as an undisturbed run."""
+    quiet = stack_factory(num_workers=1, scheduler_args=["--worker-silence-s", "5"], worker_args=["--heartbeat-s", "0.5"])
+    queued_while_stopped: list[bool] = []
+    # within the silence limit and well before keepalive (~30 s) would end the connection anyway
+    results = run(quiet, workload("stopped"), during=stop_the_worker_until_it_leaves(quiet, 25, queued_while_stopped))
     assert queued_while_stopped and all(queued_while_stopped)
     assert all(r.final.timings.num_preemptions >= 1 for r in results)     # every job was moved
     check(reference, results, "worker SIGSTOP")
+
+
+def test_keepalive_ends_the_connection_of_a_worker_that_stops_answering(stack_factory, reference):
+    """The same stopped worker with the silence watchdog out of the way (an hour): HTTP/2 keepalive alone must end
+    its connection (a ping every 20 s, unanswered for 10 s: keepalive.py), so its jobs go back to the queue and
+    finish after it resumes. Without keepalive the open TCP connection would keep them "running" for 15 minutes
+    or more."""
+    watchless = stack_factory(num_workers=1, scheduler_args=["--worker-silence-s", "3600"])
+    queued_while_stopped: list[bool] = []
+    results = run(watchless, workload("keepalive"),
+                  during=stop_the_worker_until_it_leaves(watchless, 90, queued_while_stopped))
+    assert queued_while_stopped and all(queued_while_stopped)
+    check(reference, results, "worker SIGSTOP, keepalive only")
