@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+import socket
 import uuid
+
+import grpc
+import redis
 
 import httpx2 as httpx           # the HTTP client the openai package uses
 import openai
@@ -10,7 +14,7 @@ import pytest
 from alise.v1 import generate_pb2 as pb
 
 from client.cli import main as cli_main
-from services.common.local_stack import free_port
+from services.common.local_stack import DEFAULT_TENANTS, free_port
 from tests.helpers import generate, job_status, request, stub_for, wait_until
 
 PROMPT = "The capital of France is"
@@ -92,6 +96,17 @@ def test_stop_string_and_seeded_sampling(client, model):
     (dict(top_p=float("inf")), 400, "top_p"),
     (dict(seed=-1), 400, "seed"),
     (dict(priority=1 << 33), 400, "priority"),
+    # found by review: the parameter's OpenAI name, not the gRPC field's or "body"
+    (dict(max_completion_tokens=0), 400, "max_completion_tokens"),
+    (dict(max_tokens=None, max_completion_tokens=1 << 20), 400, "max_completion_tokens"),
+    (dict(stop=[""]), 400, "stop"),
+    (dict(prompt="\ud800"), 400, "prompt"),                       # a lone surrogate: JSON carries it, UTF-8 cannot
+    # found by review: parameters that change the answer were served as if absent
+    (dict(logprobs=2), 400, "logprobs"),
+    (dict(echo=True), 400, "echo"),
+    (dict(presence_penalty=0.5), 400, "presence_penalty"),
+    (dict(response_format={"type": "json_object"}), 400, "response_format"),
+    (dict(logit_bias={"42": 100}), 400, "logit_bias"),
 ])
 def test_bad_requests_get_openai_errors_naming_the_parameter(stack, model, kwargs, status, param):
     body = {"model": model, "prompt": PROMPT, "max_tokens": 4} | kwargs
@@ -100,6 +115,19 @@ def test_bad_requests_get_openai_errors_naming_the_parameter(stack, model, kwarg
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["message"] and err["type"]
+
+
+def test_parameters_at_values_that_ask_for_nothing_are_accepted(client, model):
+    """What the openai client and others send by default (zero penalties, no logprobs, plain text) is served; the
+    role newer OpenAI clients give system messages ("developer") is the system role."""
+    out = client.chat.completions.create(
+        model=model, max_tokens=4, temperature=0, presence_penalty=0, frequency_penalty=0.0, logprobs=False,
+        logit_bias={}, response_format={"type": "text"},
+        messages=[{"role": "developer", "content": "Answer in one word."}] + CHAT)
+    assert out.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=model, max_tokens=4, messages=[{"role": "robot", "content": "Hi"}])
+    assert err.value.body["param"] == "messages[0].role"
 
 
 def test_not_json_and_bad_messages(stack, model):
@@ -180,3 +208,66 @@ def test_a_non_streaming_client_that_gives_up_aborts_its_job(stack, model, stub)
     with pytest.raises(httpx.TimeoutException):
         httpx.post(stack.http_base + "/completions", json=body, headers=headers, timeout=3)
     wait_until(lambda: job_status(stub, request_id) == pb.JOB_STATUS_ABORTED, timeout=120)
+
+
+FLOODER = "http-flooder"
+
+
+@pytest.fixture(scope="module")
+def tight(stack_factory):
+    """A stack of its own whose front door allows 8 connections and 1 s for a request's headers, with a tenant
+    allowed two requests and then one per 100 s."""
+    port = free_port()
+    s = stack_factory(scheduler_args=["--http-listen", f"127.0.0.1:{port}", "--max-concurrent-rpcs", "8",
+                                      "--http-header-timeout-s", "1"],
+                      tenants={**DEFAULT_TENANTS, FLOODER: {"requests_per_s": 0.01, "burst": 2}})
+    s.http_base = f"http://127.0.0.1:{port}/v1"
+    return s
+
+
+def test_bad_bodies_spend_the_tenants_rate_allowance_too(tight):
+    """Parsing a body is work: before, a body that failed to parse (or to convert) was refused before the tenant's
+    allowance was charged, so a tenant could send them without limit (found by review; gRPC had this mended)."""
+    auth = {"authorization": f"Bearer {tight.api_keys[FLOODER]}"}
+    for _ in range(2):
+        assert httpx.post(tight.http_base + "/completions", json={"prompt": 5}, headers=auth, timeout=60).status_code == 400
+    r = httpx.post(tight.http_base + "/completions", json={"prompt": PROMPT, "max_tokens": 2}, headers=auth, timeout=60)
+    assert r.status_code == 429 and r.json()["error"]["param"] == "rate" and int(r.headers["retry-after"]) >= 1
+
+
+def test_idle_connections_cannot_hold_the_front_doors_slots(tight):
+    """Connections that never send a request used to be held for good, and each counted against the connection
+    limit: eight idle sockets, no API key needed, made every later request a 503, /health included (found by
+    review). Now a connection must send a request's headers within --http-header-timeout-s."""
+    health = tight.http_base.removesuffix("/v1") + "/health"
+    host, port = tight.http_base.split("//")[1].split("/")[0].split(":")
+    idle = [socket.create_connection((host, int(port)), timeout=30) for _ in range(8)]
+    try:
+        idle[0].sendall(b"GET /health HTTP/1.1\r\n")          # and one that starts its headers but never ends them
+        wait_until(lambda: httpx.get(health, timeout=30).status_code == 200, 60, 0.5)
+        assert all(s.recv(1) == b"" for s in idle)              # each was closed by the server
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_a_job_store_that_refuses_writes_is_unavailable_not_an_internal_error(tight, model):
+    """Redis at maxmemory with no eviction (or a replica after a failover) refuses writes with an error that is not
+    a connection error: it escaped as UNKNOWN over gRPC and as a plain-text 500 over HTTP (found by review). Both
+    now say UNAVAILABLE (503), which clients retry."""
+    store = redis.Redis.from_url(tight.redis_url)
+    policy = store.config_get("maxmemory-policy")["maxmemory-policy"]
+    store.config_set("maxmemory-policy", "noeviction")
+    store.config_set("maxmemory", 1)
+    try:
+        r = httpx.post(tight.http_base + "/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 2},
+                       headers={"authorization": f"Bearer {tight.api_key}"}, timeout=60)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable", r.text
+        with pytest.raises(grpc.RpcError) as err:
+            generate(stub_for(tight), request(PROMPT, max_tokens=2))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+    finally:
+        store.config_set("maxmemory", 0)
+        store.config_set("maxmemory-policy", policy)
+        store.close()
+    generate(stub_for(tight), request(PROMPT, max_tokens=2))     # and served again once Redis takes writes

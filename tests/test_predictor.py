@@ -351,3 +351,15 @@ def test_evaluate_cli_splits_by_conversation_and_reports_every_baseline(tmp_path
         assert {"kendall_tau", "spearman", "mae_tokens", "bucket_accuracy"} <= set(r[name])
     assert r["alise"]["kendall_tau"] > 0.5 and 0.85 <= r["alise"]["p90_coverage"] <= 1.0   # learnable from history
     assert (tmp_path / "predictor_scatter_chats.png").stat().st_size > 1000
+
+
+def test_stream_entries_outside_a_real_observations_bounds_are_not_learned():
+    """Observe refuses lengths past MAX_OUTPUT_TOKENS; the stream did not: an entry of 10^40 tokens was learned as a
+    log length of inf, and the next MLP refresh turned every prediction into NaN (found by review)."""
+    from services.common.observations import MAX_OUTPUT_TOKENS, MAX_PROMPT_CHARS, parse
+
+    ok = {"prompt": "Say hi.", "output_tokens": "2", "previous_reply_tokens": "0"}
+    assert parse(ok) is not None
+    for bad in ({"output_tokens": "1" + "0" * 40}, {"output_tokens": str(MAX_OUTPUT_TOKENS + 1)},
+                {"previous_reply_tokens": "1" + "0" * 40}, {"prompt": "x" * (MAX_PROMPT_CHARS + 1)}):
+        assert parse({**ok, **bad}) is None, bad

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 
 STREAM = "alise:observations"
 MAX_ENTRIES = 100_000          # approximate trim (XADD MAXLEN ~): what a new predictor replica can learn from
+# Bounds of a real observation, the same for the stream and the predictor's Observe call: an entry outside them
+# is not learned (a length of 10^40 would turn the MLP's weights to NaN, and every prediction with them)
+MAX_PROMPT_CHARS = 200_000
+MAX_OUTPUT_TOKENS = 1 << 17    # longer than any served context
 
 
 @dataclass(frozen=True)
@@ -30,4 +34,6 @@ def parse(fields: dict) -> Observation | None:
         obs = Observation(f["prompt"], int(f["output_tokens"]), int(f.get("previous_reply_tokens", 0)))
     except (KeyError, ValueError):
         return None
-    return obs if obs.prompt and obs.output_tokens > 0 and obs.previous_reply_tokens >= 0 else None
+    usable = (0 < len(obs.prompt) <= MAX_PROMPT_CHARS and 0 < obs.output_tokens <= MAX_OUTPUT_TOKENS
+              and 0 <= obs.previous_reply_tokens <= MAX_OUTPUT_TOKENS)
+    return obs if usable else None

@@ -15,8 +15,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 MAX_CONNECTIONS = 64
-# What Redis being away looks like to a caller (after the retries): APIs answer UNAVAILABLE.
-UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+# What Redis being away (after the retries) or refusing every write looks like to a caller; APIs answer UNAVAILABLE
+# and the client retries. Refusals: a replica after a failover (READONLY), maxmemory reached with no eviction (OOM),
+# a cluster without a master (CLUSTERDOWN, MASTERDOWN, TRYAGAIN), an ACL that does not cover us (NOPERM). Redis
+# applied none of the refused writes, so nothing half-done is left behind.
+REDIS_UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ReadOnlyError,
+                     redis.exceptions.OutOfMemoryError, redis.exceptions.ClusterDownError,
+                     redis.exceptions.TryAgainError, redis.exceptions.NoPermissionError)
 WAIT_FOR_CONNECTION_S = 10.0
 
 

@@ -50,9 +50,14 @@ class ObservationFeed:
         if len(obs) < len(entries):
             log.warning("skipped %d malformed observation entries", len(entries) - len(obs))
         last = entries[-1][0]
-        self.predictor.observe([o.prompt for o in obs], [o.output_tokens for o in obs],
-                               [o.previous_reply_tokens for o in obs],
-                               stream_position=last.decode() if isinstance(last, bytes) else last)
+        position = last.decode() if isinstance(last, bytes) else last
+        try:
+            self.predictor.observe([o.prompt for o in obs], [o.output_tokens for o in obs],
+                                   [o.previous_reply_tokens for o in obs], stream_position=position)
+        except Exception:  # noqa: BLE001 - a batch that cannot be learned must not end learning for good
+            log.exception("could not learn from %d observations; skipped", len(obs))
+            self.predictor.observe([], [], stream_position=position)
+            return
         metrics.LEARNED.labels("stream").inc(len(obs))
 
     async def close(self) -> None:

@@ -23,6 +23,7 @@ from services.common.tls import TlsFiles, health_only_server
 from services.common.grpc_server import (SERVING, build_server, configure_logging, install_stop_signals,
                                          set_health)
 from services.common.lenient import add_lenient_service, reject_bad
+from services.common.observations import MAX_OUTPUT_TOKENS, MAX_PROMPT_CHARS
 from services.predictor import metrics
 from services.predictor.batcher import PredictBatcher
 from services.predictor.encoder import ENCODER_KINDS, load_encoder
@@ -32,8 +33,6 @@ from services.predictor.observation_feed import ObservationFeed
 log = logging.getLogger("alise.predictor")
 SERVICE = pb.DESCRIPTOR.services_by_name["Predictor"].full_name
 MAX_BATCH = 1024
-MAX_PROMPT_CHARS = 200_000
-MAX_OUTPUT_TOKENS = 1 << 17      # longer than any served context: an observation beyond it is not real
 
 
 class PredictorServicer:

@@ -19,7 +19,7 @@ from alise.v1 import generate_pb2 as pb
 from alise.v1 import generate_pb2_grpc as pb_grpc
 
 from services.common.auth import presented_secret
-from services.common.redis_client import UNREACHABLE
+from services.common.redis_client import REDIS_UNAVAILABLE
 from services.common.lenient import BadMessage, add_lenient_service, reject_bad
 from services.scheduler import keys, metrics
 from services.scheduler.metrics import metric_field
@@ -62,14 +62,28 @@ class AliseServicer(pb_grpc.AliseServicer):
             metrics.REJECTED.labels(field="authorization").inc()
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "authorization: a valid API key is required "
                                                                  "(metadata 'authorization: Bearer <key>')")
+        await self._refuse_malformed(request, context)
+        return tenant
+
+    @staticmethod
+    async def _refuse_malformed(request, context) -> None:
+        """A request the lenient decoder could not read is refused, naming its field (lenient.py)."""
         if isinstance(request, BadMessage):
             metrics.REJECTED.labels(field=metric_field(request.field)).inc()
         await reject_bad(request, context)
-        return tenant
 
     async def authenticate(self, context) -> Tenant:
         """The caller's tenant (for front doors that carry no gRPC request, as the HTTP one's /v1/models)."""
         return await self._tenant(None, context)
+
+    async def admit(self, context) -> Tenant:
+        """The caller's tenant, its rate allowance charged: what a generation request pays before anything in it
+        is looked at. Parsing, tokenizing and refusing a request are the costly part, so a tenant's flood of bad or
+        oversized requests spends its own allowance, not everyone's CPU (the HTTP front door calls this before it
+        reads a body)."""
+        tenant = await self.authenticate(context)
+        await self._rate_limit(tenant, context)
+        return tenant
 
     async def _request_id(self, request, context) -> str:
         if not REQUEST_ID.match(request.request_id):
@@ -104,10 +118,13 @@ class AliseServicer(pb_grpc.AliseServicer):
 
     # -- Generate ------------------------------------------------------------------------------------
     async def Generate(self, request, context):
-        tenant = await self._tenant(request, context)
-        # charged before validating: tokenizing a prompt (and refusing it) is the costly part of a request, so a
-        # tenant's flood of bad or oversized requests spends its own allowance, not everyone's CPU
-        await self._rate_limit(tenant, context)
+        tenant = await self.admit(context)
+        await self._refuse_malformed(request, context)
+        async for response in self.generate_for(tenant, request, context):
+            yield response
+
+    async def generate_for(self, tenant: Tenant, request, context) -> AsyncIterator:
+        """Generate for a tenant already admitted (`admit`): validation, the job, its stream."""
         v = await self._validate(request, tenant, context)
         job_id = keys.job_id(tenant.name, v.request_id)
         events = self.d.hub.subscribe(job_id)      # before anything is read, so no event is missed
@@ -140,7 +157,7 @@ class AliseServicer(pb_grpc.AliseServicer):
             client_left = False
             await context.abort(grpc.StatusCode.DATA_LOSS, "job: its record is gone from the job store (or was "
                                                            "replaced by another request with this id)")
-        except UNREACHABLE as e:
+        except REDIS_UNAVAILABLE as e:
             client_left = False                    # the client is told to retry: its job must still be there
             await store_unavailable(context, e)
         finally:
@@ -213,7 +230,7 @@ class AliseServicer(pb_grpc.AliseServicer):
                 return
             try:
                 state = await self.store.state(job_id)
-            except UNREACHABLE:
+            except REDIS_UNAVAILABLE:
                 return                             # the orphan sweep or the client's own Abort ends it later
             if state is not None and state.record.fingerprint == fingerprint and state.status not in FINAL_STATUSES:
                 await self._abort_quietly(job_id)
@@ -226,7 +243,7 @@ class AliseServicer(pb_grpc.AliseServicer):
     async def _abort_quietly(self, job_id: str) -> None:
         try:
             await self.d.abort(job_id)
-        except UNREACHABLE:
+        except REDIS_UNAVAILABLE:
             log.warning("could not abort %s: job store unavailable (the orphan sweep frees it later)", job_id)
 
     # -- the other calls -----------------------------------------------------------------------------
@@ -235,7 +252,7 @@ class AliseServicer(pb_grpc.AliseServicer):
         request_id = await self._request_id(request, context)
         try:
             ok, previous = await self.d.abort(keys.job_id(tenant.name, request_id))
-        except UNREACHABLE as e:
+        except REDIS_UNAVAILABLE as e:
             await store_unavailable(context, e)
         if previous == "missing":
             await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no job {clip(request_id)!r}")
@@ -246,7 +263,7 @@ class AliseServicer(pb_grpc.AliseServicer):
         request_id = await self._request_id(request, context)
         try:
             state = await self.store.state(keys.job_id(tenant.name, request_id))
-        except UNREACHABLE as e:
+        except REDIS_UNAVAILABLE as e:
             await store_unavailable(context, e)
         if state is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no job {clip(request_id)!r}")
@@ -279,7 +296,7 @@ class AliseServicer(pb_grpc.AliseServicer):
         workers = [self._worker_view(s) for s in self.d.sessions.values()]
         try:
             queued = await self.store.queue_length()
-        except UNREACHABLE as e:
+        except REDIS_UNAVAILABLE as e:
             await store_unavailable(context, e)
         return pb.LoadResponse(queued=queued, running=self.d.state.running(),
                                workers=workers, predictor_available=self.d.predictor.available)

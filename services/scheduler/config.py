@@ -24,6 +24,9 @@ class SchedulerConfig:
     health_listen: str = ""                     # plaintext health-only port for probes when serving TLS
     metrics_port: int = 0                       # Prometheus /metrics on this port; 0 = off
     http_listen: str = ""                       # OpenAI-compatible HTTP API (host:port, port 0 = free); "" = off
+    # a connection to the HTTP front door must send a request's headers within this long (of opening, or of its
+    # previous response), else it is closed: idle connections would otherwise hold max_concurrent_rpcs' slots
+    http_header_timeout_s: float = 10.0
     redis_url: str = "redis://127.0.0.1:6379/0"
     predictor_address: str = "127.0.0.1:50052"
     predictor_timeout_s: float = 0.5
@@ -81,6 +84,8 @@ class SchedulerConfig:
         AlisePolicy(park_after_s=self.park_after_s, park_wait_factor=self.park_wait_factor, max_parking=self.max_parking)
         if not self.aging_s > 0:
             raise ValueError("aging_s must be > 0")
+        if not self.http_header_timeout_s > 0:
+            raise ValueError("http_header_timeout_s must be > 0")
         if not self.worker_silence_s > 0:
             raise ValueError("worker_silence_s must be > 0")
         if not self.reattach_grace_s >= 0:

@@ -17,7 +17,7 @@ from services.scheduler import metrics
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.exec_time import P90_OVER_GUESS, ExecTimeModel
 from services.common.preempt_mode import PreemptMode
-from services.common.redis_client import UNREACHABLE
+from services.common.redis_client import REDIS_UNAVAILABLE
 from services.scheduler import keys
 from services.scheduler.job_events import JobEvent, JobEventHub
 from services.scheduler.job_messages import FINISH_NAMES, complete_message
@@ -217,7 +217,7 @@ class Dispatcher:
                 await self._requeue(job_id, s.worker_id)
             await self.store.forget_worker(s.worker_id)      # only once its jobs are safely back in the queue
             log.warning("worker %s left; %d jobs requeued", s.worker_id, len(held))
-        except UNREACHABLE:
+        except REDIS_UNAVAILABLE:
             log.warning("worker %s left while Redis is unreachable: the orphan sweep requeues its jobs", s.worker_id)
         self.wake()
 

@@ -27,6 +27,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from services.common.auth import HEADER
 from services.scheduler.api import AliseServicer
@@ -43,10 +44,31 @@ HTTP_ERRORS = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
 }
-# the gRPC API's field names -> the OpenAI request's
-PARAMS = {"sampling.max_tokens": "max_tokens", "sampling.temperature": "temperature", "sampling.top_p": "top_p",
-          "sampling.top_k": "top_k", "sampling.stop": "stop", "sampling.seed": "seed", "chat.messages": "messages",
-          "chat": "messages", "authorization": None}
+# OpenAI (and vLLM) parameters this server does not implement, each with the values that ask for nothing: any other
+# value is refused naming the parameter, rather than served as if it were absent (an answer without the logprobs,
+# JSON mode or penalties asked for looks like a good one)
+NOT_IMPLEMENTED = {
+    "logprobs": [False], "top_logprobs": [0], "echo": [False], "response_format": [{"type": "text"}],
+    "tools": [[]], "tool_choice": ["none", "auto"], "functions": [[]], "function_call": ["none", "auto"],
+    "presence_penalty": [0, 0.0], "frequency_penalty": [0, 0.0], "logit_bias": [{}], "best_of": [1],
+    "suffix": [""], "min_tokens": [0], "repetition_penalty": [1, 1.0], "min_p": [0, 0.0], "use_beam_search": [False],
+    "prompt_logprobs": [0], "guided_json": [], "guided_regex": [], "guided_choice": [], "guided_grammar": [],
+}
+# the role OpenAI's newer clients send for what chat templates call the system message
+ROLE_ALIASES = {"developer": "system"}
+
+
+def openai_param(field: str, max_tokens_param: str = "max_tokens") -> str | None:
+    """The OpenAI request's name for a field of the gRPC request that validation named (`chat.messages[2].role`
+    -> `messages[2].role`, `sampling.stop[0]` -> `stop`)."""
+    if field == "authorization":
+        return None
+    if field.startswith("chat"):
+        return "messages" + field.removeprefix("chat").removeprefix(".messages")
+    if field.startswith("sampling."):
+        name = field.removeprefix("sampling.").split("[", 1)[0]
+        return max_tokens_param if name == "max_tokens" else name
+    return field
 
 
 MAX_BODY_BYTES = 4 << 20          # gRPC's default message limit: the same requests fit through either door
@@ -150,15 +172,23 @@ def openai_error(status: int, kind: str, message: str, param: str | None = None,
                         status_code=status, headers=headers)
 
 
-def aborted_response(e: CallAborted) -> JSONResponse:
+def aborted_response(e: CallAborted, request_id: str | None = None, max_tokens_param: str = "max_tokens") -> JSONResponse:
+    """The OpenAI error for a refusal of the gRPC API. With the request's id (`x-request-id`), so that a client whose
+    job outlived the error (a 503 mid-job) can send the same request again and re-attach instead of starting over."""
     status, kind = HTTP_ERRORS.get(e.code, (500, "internal_error"))
     field = e.message.split(":", 1)[0]
-    headers = {}
+    headers = {"x-request-id": request_id} if request_id else {}
     if e.retry_after_ms:
-        headers = {"retry-after-ms": e.retry_after_ms, "retry-after": str(max(1, -(-int(e.retry_after_ms) // 1000)))}
+        headers |= {"retry-after-ms": e.retry_after_ms, "retry-after": str(max(1, -(-int(e.retry_after_ms) // 1000)))}
     if e.code == grpc.StatusCode.INVALID_ARGUMENT and field == "model":
         status, kind = 404, "not_found_error"          # as OpenAI / vLLM answer an unknown model
-    return openai_error(status, kind, e.message, PARAMS.get(field, field), headers)
+    return openai_error(status, kind, e.message, openai_param(field, max_tokens_param), headers)
+
+
+def failed_job_error(done: pb.GenerateComplete) -> tuple[int, str, str]:
+    """(HTTP status, type, message) for a job the engine failed on: an error, not a 200 with partial text."""
+    return 500, "server_error", (f"request {done.request_id}: the engine failed while serving it, after "
+                                 f"{done.usage.completion_tokens} tokens; sending it again starts it over")
 
 
 class BadField(ValueError):
@@ -180,15 +210,37 @@ def _typed(body: dict, name: str, types, what: str, bounds: tuple[int, int] = IN
     return value
 
 
+def _unicode(text: str, param: str) -> str:
+    """text, if protobuf can carry it (JSON may hold lone surrogates, "\\ud800", which UTF-8 cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadField(param, "not valid Unicode text (a lone surrogate)") from None
+    return text
+
+
 def _message_text(content, i: int) -> str:
     """A message's content: a string, or a list of parts of which only text parts are served."""
+    param = f"messages[{i}].content"
     if isinstance(content, str):
-        return content
+        return _unicode(content, param)
     if isinstance(content, list) and all(isinstance(p, dict) for p in content):
         if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in content):
-            raise BadField(f"messages[{i}].content", "only text parts are supported")
-        return "".join(p["text"] for p in content)
-    raise BadField(f"messages[{i}].content", "must be a string or a list of text parts")
+            raise BadField(param, "only text parts are supported")
+        return _unicode("".join(p["text"] for p in content), param)
+    raise BadField(param, "must be a string or a list of text parts")
+
+
+def _refuse_not_implemented(body: dict) -> None:
+    for name, idle in NOT_IMPLEMENTED.items():
+        value = body.get(name)
+        if value is not None and not any(type(value) is type(v) and value == v for v in idle):
+            raise BadField(name, "not supported by this server")
+
+
+def max_tokens_name(body: dict) -> str:
+    """Which of OpenAI's two names for the output bound the request used (the newer one wins, as at OpenAI)."""
+    return "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
 
 
 def to_generate_request(body: dict, chat: bool, request_id: str) -> pb.GenerateRequest:
@@ -196,7 +248,9 @@ def to_generate_request(body: dict, chat: bool, request_id: str) -> pb.GenerateR
     are the gRPC API's own (validation.py)."""
     if not isinstance(body, dict):
         raise BadField("body", "must be a JSON object")
-    req = pb.GenerateRequest(request_id=request_id, model=_typed(body, "model", (str,), "a string") or "")
+    _refuse_not_implemented(body)
+    model = _typed(body, "model", (str,), "a string") or ""
+    req = pb.GenerateRequest(request_id=request_id, model=_unicode(model, "model"))
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -204,23 +258,23 @@ def to_generate_request(body: dict, chat: bool, request_id: str) -> pb.GenerateR
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise BadField(f"messages[{i}]", "must be an object with a string role")
-            req.chat.messages.add(role=m["role"], content=_message_text(m.get("content", ""), i))
+            role = _unicode(ROLE_ALIASES.get(m["role"], m["role"]), f"messages[{i}].role")
+            req.chat.messages.add(role=role, content=_message_text(m.get("content", ""), i))
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise BadField("prompt", "must be a string (one prompt per request)")
-        req.prompt = prompt
+        req.prompt = _unicode(prompt, "prompt")
     if (_typed(body, "n", (int,), "an integer") or 1) != 1:
         raise BadField("n", "only n=1 is supported")
     s = req.sampling
-    max_tokens = _typed(body, "max_completion_tokens", (int,), "an integer")
-    if max_tokens is None:
-        max_tokens = _typed(body, "max_tokens", (int,), "an integer")
+    max_tokens_param = max_tokens_name(body)
+    max_tokens = _typed(body, max_tokens_param, (int,), "an integer")
     if max_tokens is not None:
         if max_tokens <= 0:
-            raise BadField("max_tokens", "must be positive")
+            raise BadField(max_tokens_param, "must be positive")
         s.max_tokens = max_tokens
     temperature = _typed(body, "temperature", (int, float), "a number")
     s.temperature = 1.0 if temperature is None else temperature         # OpenAI's default is 1, not greedy
@@ -235,10 +289,27 @@ def to_generate_request(body: dict, chat: bool, request_id: str) -> pb.GenerateR
         stop = [stop]
     if stop is not None and (not isinstance(stop, list) or not all(isinstance(x, str) for x in stop)):
         raise BadField("stop", "must be a string or a list of strings")
-    s.stop.extend(stop or [])
+    s.stop.extend(_unicode(x, "stop") for x in stop or [])
     s.ignore_eos = bool(_typed(body, "ignore_eos", (bool,), "a boolean"))       # vLLM's extension (benchmarks)
     req.priority = _typed(body, "priority", (int,), "an integer") or 0          # ALISE's extension
     return req
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    grpc: pb.GenerateRequest
+    stream: bool
+    include_usage: bool
+    max_tokens_param: str          # the name the client gave the output bound, for errors about it
+
+
+def parse_request(raw: bytes, chat: bool, request_id: str) -> ParsedRequest:
+    """A request body, parsed; BadField or ValueError when it is not one."""
+    body = json.loads(raw)
+    req = to_generate_request(body, chat, request_id)
+    stream = bool(_typed(body, "stream", (bool,), "a boolean"))
+    include_usage = bool(isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage"))
+    return ParsedRequest(req, stream, include_usage, max_tokens_name(body))
 
 
 class OpenAIFrontDoor:
@@ -278,12 +349,12 @@ class OpenAIFrontDoor:
                                                                "up to 128 characters", "x-request-id")
         context = HttpCallContext(request.headers.get(HEADER))
         try:
-            await self.api.authenticate(context)        # before reading a body from anyone
-            body = json.loads(await read_body(request))
-            req = to_generate_request(body, chat, request_id)
-            stream = _typed(body, "stream", (bool,), "a boolean")
-            include_usage = bool(isinstance(body.get("stream_options"), dict)
-                                 and body["stream_options"].get("include_usage"))
+            # authenticated and charged to the tenant's rate allowance before a body is read: parsing and refusing
+            # one is work a tenant's flood of bad requests must pay for, as over gRPC
+            tenant = await self.api.admit(context)
+            # parsed off the event loop, which the gRPC API and the workers' sessions share (4 MiB of JSON can
+            # take a good part of a second)
+            parsed = await asyncio.to_thread(parse_request, await read_body(request), chat, request_id)
         except CallAborted as e:
             return aborted_response(e)
         except BodyTooLarge:
@@ -293,22 +364,23 @@ class OpenAIFrontDoor:
         except (ValueError, RecursionError) as e:   # not JSON, not UTF-8, nested too deep
             return openai_error(400, "invalid_request_error", f"body: not a JSON object ({type(e).__name__})", "body")
         out = Completion(("chatcmpl-" if chat else "cmpl-") + request_id, chat, self.model, int(time.time()))
-        events = self.api.Generate(req, context)
+        events = self.api.generate_for(tenant, parsed.grpc, context)
+        job = {"x-request-id": request_id}
         try:
             # admission's refusals come before the first event; a client that leaves while its job waits for
             # its first token aborts it (Generate's cleanup runs when the wait is cancelled)
             first = await until_disconnect(request, anext(events))
         except CallAborted as e:
             await events.aclose()
-            return aborted_response(e)
+            return aborted_response(e, request_id, parsed.max_tokens_param)
         except StopAsyncIteration:
-            return openai_error(500, "internal_error", "the job ended without a result")
+            return openai_error(500, "internal_error", "the job ended without a result", headers=job)
         except ClientGone:
             await events.aclose()
             return Response(status_code=499)
-        if stream:
-            return StreamingResponse(self._sse(out, first, events, include_usage), media_type="text/event-stream",
-                                     headers={"x-request-id": request_id})
+        if parsed.stream:
+            return StreamingResponse(self._sse(out, first, events, parsed.include_usage),
+                                     media_type="text/event-stream", headers=job)
         try:
             return await until_disconnect(request, self._whole(out, first, events, request_id))
         except ClientGone:
@@ -316,6 +388,7 @@ class OpenAIFrontDoor:
 
     async def _whole(self, out: Completion, first, events, request_id: str) -> Response:
         text, done = [], None
+        job = {"x-request-id": request_id}
         try:
             async for response in _chain(first, events):
                 if response.HasField("complete"):
@@ -323,11 +396,13 @@ class OpenAIFrontDoor:
                 else:
                     text.append(response.chunk.text)
         except CallAborted as e:
-            return aborted_response(e)
+            return aborted_response(e, request_id)
         finally:
             await events.aclose()
         if done is None:
-            return openai_error(500, "internal_error", "the job ended without a result")
+            return openai_error(500, "internal_error", "the job ended without a result", headers=job)
+        if done.finish_reason == pb.FINISH_REASON_ERROR:
+            return openai_error(*failed_job_error(done), headers=job)
         finish = FINISH_NAMES.get(done.finish_reason, "stop")
         return JSONResponse(out.envelope([out.choice(done.text or "".join(text), finish, delta=False)], chunk=False,
                                          usage=_usage(done)), headers={"x-request-id": request_id})
@@ -345,6 +420,10 @@ class OpenAIFrontDoor:
                                                   usage=NO_USAGE if include_usage else None))
                     continue
                 done = response.complete
+                if done.finish_reason == pb.FINISH_REASON_ERROR:      # an error event, as for a refusal mid-stream
+                    status, kind, message = failed_job_error(done)
+                    yield _event({"error": {"message": message, "type": kind, "param": None, "code": status}})
+                    return
                 finish = FINISH_NAMES.get(done.finish_reason, "stop")
                 yield _event(out.envelope([out.choice("", finish, delta=True)], chunk=True,
                                           usage=NO_USAGE if include_usage else None))
@@ -373,6 +452,31 @@ def _usage(done: pb.GenerateComplete) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
+class _H11WithRequestDeadline(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline on each request's headers. uvicorn closes a kept-alive
+    connection that goes quiet, but holds a new connection that never sends a request (or dribbles its headers)
+    for good, and every held connection counts against `limit_concurrency`: a few idle sockets, no API key needed,
+    would turn every later request, /health included, into a 503. Here a connection must complete a request's
+    headers within `config.header_timeout_s` of opening or of its previous response, or it is closed (nginx's
+    client_header_timeout)."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._expect_request()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._expect_request()
+
+    def _expect_request(self) -> None:
+        self.loop.call_later(self.config.header_timeout_s, self._close_unless_new_request, self.cycle)
+
+    def _close_unless_new_request(self, cycle_then) -> None:
+        # a request whose headers arrived in time has a cycle of its own
+        if self.cycle is cycle_then and not self.transport.is_closing():
+            self.transport.close()
+
+
 class _EmbeddedServer(uvicorn.Server):
     """uvicorn inside the scheduler's event loop: the scheduler owns the signals and the shutdown."""
 
@@ -382,13 +486,15 @@ class _EmbeddedServer(uvicorn.Server):
 
 
 async def start_http(front: OpenAIFrontDoor, listen: str, certfile: str = "", keyfile: str = "",
-                     max_connections: int = 4096):
+                     max_connections: int = 4096, header_timeout_s: float = 10.0):
     """Serve on host:port (port 0 = a free one); returns (server, its task, the bound port)."""
     host, port = listen.rsplit(":", 1)
     # a bounded shutdown (jobs of requests cut short stay in Redis, as for gRPC) and bounded concurrency (503 beyond)
     config = uvicorn.Config(front.app, host=host, port=int(port), log_level="warning", lifespan="off",
                             ssl_certfile=certfile or None, ssl_keyfile=keyfile or None, access_log=False,
-                            timeout_graceful_shutdown=2, limit_concurrency=max_connections)
+                            timeout_graceful_shutdown=2, limit_concurrency=max_connections,
+                            http=_H11WithRequestDeadline)
+    config.header_timeout_s = header_timeout_s
     server = _EmbeddedServer(config)
     task = asyncio.create_task(server.serve())
     while not server.started:

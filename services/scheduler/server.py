@@ -63,7 +63,7 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
     http = None
     if cfg.http_listen:          # the OpenAI-compatible front door, in this event loop, on the same servicer
         http = await start_http(OpenAIFrontDoor(api, cfg.model_name), cfg.http_listen, cfg.tls_cert, cfg.tls_key,
-                                cfg.max_concurrent_rpcs)
+                                cfg.max_concurrent_rpcs, cfg.http_header_timeout_s)
         log.info("scheduler: OpenAI-compatible HTTP API on %s://%s:%d/v1", "https" if cfg.tls_cert else "http",
                  cfg.http_listen.rsplit(":", 1)[0], http[2])
     loop_task = asyncio.create_task(dispatcher.run())

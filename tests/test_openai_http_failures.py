@@ -1,0 +1,62 @@
+"""The HTTP front door over the real dispatcher, job store (a real Redis) and API servicer, in one process, with the
+worker's side of its session played by the test: what an HTTP client sees when the engine fails its job."""
+from __future__ import annotations
+
+import asyncio
+
+import httpx2 as httpx
+from alise.v1 import worker_pb2 as wpb
+
+from services.common.auth import digest, new_secret
+from services.scheduler import keys
+from services.scheduler.api import AliseServicer
+from services.scheduler.openai_http import OpenAIFrontDoor
+from services.scheduler.tenants import Tenant, TenantRegistry
+from services.scheduler.tokenizer import PromptTokenizer
+from services.scheduler.worker_sessions import WorkerSession
+
+
+async def assigned(d, session: WorkerSession, job_id: str, timeout_s: float = 30.0) -> None:
+    """Tick the dispatcher until it has sent job_id to the session."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        await d.tick()
+        while not session.outbox.empty():
+            cmd = session.outbox.get_nowait()
+            if cmd.WhichOneof("kind") == "assign" and cmd.assign.job_id == job_id:
+                return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"{job_id} was never assigned")
+
+
+async def test_a_job_the_engine_failed_is_an_http_error_not_a_200(dispatcher_factory, model_dir):
+    """Before, a job failed by repeated engine failures came back as 200 with the partial text and a finish_reason
+    ("error") that is no OpenAI value: clients took it for an answer and never retried (found by review). Now a
+    500 with an OpenAI error and the request's id; a stream ends with an error event, not a finish chunk."""
+    d = await dispatcher_factory(max_step_failures=1)
+    key = new_secret()
+    tok = PromptTokenizer(str(model_dir))
+    api = AliseServicer(d, d.store, tok, tok.max_model_len, TenantRegistry([Tenant("t", digest(key))]))
+    front = OpenAIFrontDoor(api, d.cfg.model_name)
+    session = WorkerSession("w1", d.cfg.model_name, block_size=16, num_blocks=100, max_batch=4, max_model_len=2048)
+    await d.worker_joined(session)
+    auth = {"authorization": f"Bearer {key}"}
+    body = {"model": d.cfg.model_name, "prompt": "Hello", "max_tokens": 8}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=front.app), base_url="http://alise") as client:
+        for request_id, stream in (("whole", False), ("streamed", True)):
+            post = asyncio.create_task(client.post("/v1/completions", json=body | {"stream": stream},
+                                                   headers=auth | {"x-request-id": request_id}, timeout=60))
+            job_id = keys.job_id("t", request_id)
+            await assigned(d, session, job_id)
+            await d.on_worker_message(session, wpb.WorkerMessage(tokens=wpb.TokenEvents(deltas=[
+                wpb.TokenDelta(job_id=job_id, token_ids=[7], text="x")])))
+            await d.on_worker_message(session, wpb.WorkerMessage(step_failed=wpb.StepFailed(
+                job_ids=[job_id], error="boom", charged_job_ids=[job_id], charges_named=True)))
+            r = await asyncio.wait_for(post, 60)
+            assert (await d.store.state(job_id)).status == "failed"
+            if not stream:
+                assert r.status_code == 500, r.text
+                assert r.json()["error"]["type"] == "server_error" and r.headers["x-request-id"] == request_id
+            else:
+                events = [line for line in r.text.splitlines() if line.startswith("data: ")]
+                assert '"error"' in events[-1] and '"finish_reason":"error"' not in r.text, r.text
