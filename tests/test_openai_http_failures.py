@@ -10,7 +10,7 @@ from alise.v1 import worker_pb2 as wpb
 from services.common.auth import digest, new_secret
 from services.scheduler import keys
 from services.scheduler.api import AliseServicer
-from services.scheduler.openai_http import OpenAIFrontDoor
+from services.scheduler.openai_http import HttpCallContext, OpenAIFrontDoor, to_generate_request
 from services.scheduler.tenants import Tenant, TenantRegistry
 from services.scheduler.tokenizer import PromptTokenizer
 from services.scheduler.worker_sessions import WorkerSession
@@ -60,3 +60,47 @@ async def test_a_job_the_engine_failed_is_an_http_error_not_a_200(dispatcher_fac
             else:
                 events = [line for line in r.text.splitlines() if line.startswith("data: ")]
                 assert '"error"' in events[-1] and '"finish_reason":"error"' not in r.text, r.text
+
+
+async def test_a_retry_that_leaves_while_re_attaching_still_leaves_its_job_to_be_aborted(dispatcher_factory, model_dir,
+                                                                                        monkeypatch):
+    """A stream drops (the job's abort is pending), a retry re-attaches (which cancels the pending abort) and leaves
+    while it reads the job's state: before, that retry was not yet counted as the job's follower, so its leaving
+    started no grace and the job ran on with no stream and no abort pending (found by review)."""
+    d = await dispatcher_factory(reattach_grace_s=1.0)
+    key = new_secret()
+    tok = PromptTokenizer(str(model_dir))
+    tenant = Tenant("t", digest(key))
+    api = AliseServicer(d, d.store, tok, tok.max_model_len, TenantRegistry([tenant]))
+    context = HttpCallContext(f"Bearer {key}")
+    req = to_generate_request({"prompt": "Hello", "max_tokens": 8}, chat=False, request_id="r")
+    job_id = keys.job_id("t", "r")
+
+    first = asyncio.create_task(anext(api.generate_for(tenant, req, context)))     # queued: no worker
+    await wait_for(lambda: d.hub.watched(job_id))
+    first.cancel()                                                                  # drop 1: an abort is pending
+    await asyncio.gather(first, return_exceptions=True)
+    read_state = d.store.state
+
+    async def slow_state(jid):
+        await asyncio.sleep(0.5)
+        return await read_state(jid)
+
+    monkeypatch.setattr(d.store, "state", slow_state)
+    retry = asyncio.create_task(anext(api.generate_for(tenant, req, context)))
+    await wait_for(lambda: job_id not in api._pending_aborts)                       # re-attached ...
+    retry.cancel()                                                                  # ... and gone while reading
+    await asyncio.gather(retry, return_exceptions=True)
+    for _ in range(600):                                                            # the grace is 1 s
+        if (await read_state(job_id)).status == "aborted":
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the job was left running with no stream and no abort pending")
+
+
+async def wait_for(condition, timeout_s: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError("condition not met")
+        await asyncio.sleep(0.01)

@@ -134,13 +134,16 @@ class AliseServicer(pb_grpc.AliseServicer):
             # create.lua decides in one round trip: a new job, the same request again (re-attach), or a refusal
             outcome = await self.d.submit(v, tenant)
             await self._refuse(outcome, v, tenant, context)
-            if outcome is CreateOutcome.SAME_REQUEST and (pending := self._pending_aborts.pop(job_id, None)):
-                pending.cancel()                   # re-attached within the grace: the job goes on
             if outcome is CreateOutcome.SAME_REQUEST and self.d.hub.watchers(job_id) > self.d.cfg.max_streams_per_job:
                 await self._exhausted(context, "streams", f"{self.d.cfg.max_streams_per_job} streams already follow "
                                                           f"request {v.request_id!r}", 1.0)
-            state = await self.store.state(job_id) if outcome is CreateOutcome.SAME_REQUEST else None
+            # this stream follows the job from here, before the pending abort it takes over is cancelled: leaving
+            # at any await below starts the grace again (before, leaving during the read of the job's state left
+            # the job running with no stream and no abort pending)
             owner = True
+            if outcome is CreateOutcome.SAME_REQUEST and (pending := self._pending_aborts.pop(job_id, None)):
+                pending.cancel()                   # re-attached within the grace: the job goes on
+            state = await self.store.state(job_id) if outcome is CreateOutcome.SAME_REQUEST else None
             seen, chars = 0, 0
             if state is not None:                  # re-attach: what the job has so far, then the rest
                 seen, chars = len(state.token_ids), len(state.text)
