@@ -245,6 +245,43 @@ def test_index_deduplicates_and_evicts_oldest_first():
     assert sims[0, 0] == pytest.approx(1.0) and np.exp(logs[0, 0]) in (4, 8, 12)
 
 
+def test_learning_adds_to_the_built_index_instead_of_rebuilding_it(monkeypatch):
+    """Every observation used to drop the faiss index, so the next search rebuilt it under the predictor's lock: past
+    exact_limit that is a k-means training of the IVF cells per observation, and predictions missed their deadline
+    (found by review). Now new entries join the built index, findable at once, with no rebuild."""
+    import faiss
+
+    from services.predictor.knn_index import KnnIndex
+
+    builds = []                                                   # every index faiss is asked to make
+    for name in ("IndexFlatIP", "index_factory"):
+        make = getattr(faiss, name)
+        monkeypatch.setattr(faiss, name, lambda *a, make=make, name=name: builds.append(name) or make(*a))
+    rng = np.random.default_rng(0)
+
+    def unit(n):
+        v = rng.normal(size=(n, 32)).astype(np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    exact, ivf = KnnIndex(32, exact_limit=10_000), KnnIndex(32, exact_limit=50, nlist=4, nprobe=4)
+    first = unit(200)
+    for idx in (exact, ivf):
+        idx.add(first, [10] * 200, [f"k{i}" for i in range(200)])
+        idx.search(first[:1], 3)
+    assert builds == ["IndexFlatIP", "index_factory"]
+    for i in range(20):
+        v = unit(1)
+        for idx in (exact, ivf):
+            idx.add(v, [5 + i], [f"new{i}"])
+            sims, logs = idx.search(v, 1)
+            assert sims[0, 0] == pytest.approx(1.0, abs=0.05) and np.exp(logs[0, 0]) == pytest.approx(5 + i)
+    assert builds == ["IndexFlatIP", "index_factory"]             # neither was rebuilt
+    rebuilt = KnnIndex(32, exact_limit=10_000)
+    rebuilt.load_state(exact.state())
+    q = unit(5)
+    np.testing.assert_allclose(exact.search(q, 4)[0], rebuilt.search(q, 4)[0], rtol=1e-6)   # as if built anew
+
+
 def test_static_encoder_is_a_faithful_fast_copy_of_minilm(encoder, tmp_path):
     from services.predictor.static_encoder import StaticEncoder, base_static_dir
 

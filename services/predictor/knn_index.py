@@ -5,6 +5,11 @@ beyond that an inverted-file index over 8-bit scalar-quantized vectors (IVF + SQ
 and a query scans only `nprobe` of `nlist` cells). The vectors themselves are kept in float16 (to rebuild
 and persist the index). Entries are de-duplicated by prompt hash (a repeated prompt updates its length to the
 running mean) and the oldest are evicted in batches when the index is full.
+
+The predictor learns about once a second under load, and searches hold the same lock, so learning must not cost
+a rebuild: new entries go into grown-by-doubling buffers and into the built faiss index as they come. The index is
+rebuilt only when rows move (an eviction), when the exact index outgrows `exact_limit`, or when the IVF index has
+doubled since its cells were trained (so the cells still fit the data).
 """
 from __future__ import annotations
 
@@ -18,15 +23,40 @@ class KnnIndex:
         self.max_entries = max_entries
         self.exact_limit = exact_limit
         self.nlist, self.nprobe = nlist, nprobe
-        self.vectors = np.zeros((0, dim), dtype=np.float16)
-        self.log_lengths = np.zeros(0, dtype=np.float32)
-        self.counts = np.zeros(0, dtype=np.float32)
+        # buffers whose first len(self) rows are the entries
+        self._vectors = np.zeros((0, dim), dtype=np.float16)
+        self._log_lengths = np.zeros(0, dtype=np.float32)
+        self._counts = np.zeros(0, dtype=np.float32)
         self.keys: list[str] = []
         self._pos: dict[str, int] = {}
         self._faiss = None
+        self._trained_at = 0                      # entries when the IVF cells were trained
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    @property
+    def vectors(self) -> np.ndarray:
+        return self._vectors[:len(self)]
+
+    @property
+    def log_lengths(self) -> np.ndarray:
+        return self._log_lengths[:len(self)]
+
+    @property
+    def counts(self) -> np.ndarray:
+        return self._counts[:len(self)]
+
+    def _reserve(self, n: int) -> None:
+        if n <= len(self._log_lengths):
+            return
+        cap = max(n, 2 * len(self._log_lengths), 1024)
+        used = len(self)
+        for name in ("_vectors", "_log_lengths", "_counts"):
+            old = getattr(self, name)
+            grown = np.zeros((cap, *old.shape[1:]), dtype=old.dtype)
+            grown[:used] = old[:used]
+            setattr(self, name, grown)
 
     def add(self, vecs: np.ndarray, lengths, keys: list[str]) -> None:
         fresh: dict[str, int] = {}                 # key -> row in this batch
@@ -37,41 +67,61 @@ class KnnIndex:
                 self.log_lengths[i] += (np.log(n) - self.log_lengths[i]) / self.counts[i]
             else:
                 fresh.setdefault(k, row)
-        if fresh:
-            rows = list(fresh.values())
-            start = len(self.keys)
-            self.vectors = np.concatenate([self.vectors, np.asarray(vecs, dtype=np.float16)[rows]])
-            self.log_lengths = np.concatenate([self.log_lengths, np.log(np.asarray(lengths, np.float32)[rows])])
-            self.counts = np.concatenate([self.counts, np.ones(len(rows), dtype=np.float32)])
-            self.keys += list(fresh)
-            self._pos.update({k: start + j for j, k in enumerate(fresh)})
-            self._evict()
-        self._faiss = None                        # rebuilt lazily on the next search
+        if not fresh:
+            return                                # lengths changed, vectors did not: the index stands
+        rows = list(fresh.values())
+        start, end = len(self), len(self) + len(rows)
+        self._reserve(end)
+        self._vectors[start:end] = np.asarray(vecs, dtype=np.float16)[rows]
+        self._log_lengths[start:end] = np.log(np.asarray(lengths, np.float32)[rows])
+        self._counts[start:end] = 1.0
+        self.keys += list(fresh)
+        self._pos.update({k: start + j for j, k in enumerate(fresh)})
+        if self._evict() or self._outgrown():
+            self._faiss = None                    # rebuilt on the next search
+        elif self._faiss is not None:
+            self._faiss.add(self._vectors[start:end].astype(np.float32))
 
-    def _evict(self) -> None:
+    def _evict(self) -> bool:
         if len(self.keys) <= self.max_entries:
-            return
+            return False
         drop = len(self.keys) - int(self.max_entries * 0.9)   # evict in batches, oldest first
-        self.vectors, self.log_lengths, self.counts = self.vectors[drop:], self.log_lengths[drop:], self.counts[drop:]
+        used = len(self)
+        self._vectors, self._log_lengths, self._counts = (
+            self._vectors[drop:used], self._log_lengths[drop:used], self._counts[drop:used])
         self.keys = self.keys[drop:]
         self._pos = {k: i for i, k in enumerate(self.keys)}
+        return True
+
+    def _outgrown(self) -> bool:
+        """The built index no longer suits the entries: exact past exact_limit, or IVF cells trained on half as many."""
+        if self._faiss is None:
+            return False
+        if self._trained_at == 0:
+            return len(self) > self.exact_limit
+        return len(self) > 2 * self._trained_at
 
     def _index(self):
+        if self._faiss is None:
+            self._faiss = self._build()
+        return self._faiss
+
+    def _build(self):
         import faiss
 
-        if self._faiss is None:
-            if len(self) <= self.exact_limit:
-                index = faiss.IndexFlatIP(self.dim)
-            else:
-                index = faiss.index_factory(self.dim, f"IVF{self.nlist},SQ8", faiss.METRIC_INNER_PRODUCT)
-                rng = np.random.default_rng(0)
-                sample = self.vectors[rng.choice(len(self), min(len(self), 64 * self.nlist), replace=False)]
-                index.train(sample.astype(np.float32))
-                index.nprobe = self.nprobe
-            for start in range(0, len(self), 100_000):          # fp16 -> fp32 a chunk at a time
-                index.add(self.vectors[start:start + 100_000].astype(np.float32))
-            self._faiss = index
-        return self._faiss
+        if len(self) <= self.exact_limit:
+            index = faiss.IndexFlatIP(self.dim)
+            self._trained_at = 0
+        else:
+            index = faiss.index_factory(self.dim, f"IVF{self.nlist},SQ8", faiss.METRIC_INNER_PRODUCT)
+            rng = np.random.default_rng(0)
+            sample = self.vectors[rng.choice(len(self), min(len(self), 64 * self.nlist), replace=False)]
+            index.train(sample.astype(np.float32))
+            index.nprobe = self.nprobe
+            self._trained_at = len(self)
+        for start in range(0, len(self), 100_000):          # fp16 -> fp32 a chunk at a time
+            index.add(self.vectors[start:start + 100_000].astype(np.float32))
+        return index
 
     def search(self, vecs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities [n, k], log lengths [n, k]); missing neighbours have similarity -inf."""
@@ -90,10 +140,11 @@ class KnnIndex:
                 "counts": self.counts, "keys": np.asarray(self.keys)}
 
     def load_state(self, s: dict) -> None:
-        self.vectors = s["vectors"].astype(np.float16)
-        self.log_lengths, self.counts = s["log_lengths"].astype(np.float32), s["counts"].astype(np.float32)
-        self.keys = [str(k) for k in s["keys"]]
-        if not (len(self.vectors) == len(self.log_lengths) == len(self.counts) == len(self.keys)):
+        vectors = s["vectors"].astype(np.float16)
+        log_lengths, counts = s["log_lengths"].astype(np.float32), s["counts"].astype(np.float32)
+        keys = [str(k) for k in s["keys"]]
+        if not (len(vectors) == len(log_lengths) == len(counts) == len(keys)):
             raise ValueError("index arrays disagree in length")
+        self._vectors, self._log_lengths, self._counts, self.keys = vectors, log_lengths, counts, keys
         self._pos = {k: i for i, k in enumerate(self.keys)}
         self._faiss = None
