@@ -3,14 +3,18 @@
 Needs only grpcio and protobuf (`pip install alise`). A request is a prompt (tokenized as is) or chat
 `messages` (rendered with the served model's chat template); sampling follows the gRPC API's SamplingParams.
 Every call carries the API key as `authorization: Bearer <key>`. Failures raise AliseError with the gRPC
-status name and the server's message, which names the offending field (`sampling.top_p: must be in (0, 1]`).
-Leaving a stream early (break, close, Ctrl-C) cancels the request on the server and frees its KV blocks.
+status name and the server's message, which names the offending field (`sampling.top_p: must be in (0, 1]`); a
+request that ends without its answer (the engine failed on it, or it was aborted) raises too, with what it had.
+Leaving a stream early (break, close, Ctrl-C) cancels the request on the server and frees its KV blocks. A stream
+that breaks (UNAVAILABLE: the scheduler restarted, the network dropped) leaves its job running on the server for a
+while: send the same request again with `request_id=err.request_id` and it re-attaches, replaying what was made.
 """
 from __future__ import annotations
 
 import asyncio
 import ipaddress
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -22,6 +26,11 @@ from alise.v1 import generate_pb2 as pb
 from alise.v1 import generate_pb2_grpc as pb_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+# HTTP/2 keepalive, as between ALISE's own services (services/common/keepalive.py; the SDK needs only grpcio): a
+# server that vanished without closing the connection (power loss, a partition) ends the stream within ~30 s
+# instead of at the call's deadline
+KEEPALIVE = [("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
+             ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
 
 
 class FinishReason(str, Enum):
@@ -68,17 +77,32 @@ class Completion:
 
 
 class AliseError(Exception):
-    """A refused or failed call: `code` is the gRPC status name (INVALID_ARGUMENT, UNAUTHENTICATED, ...)."""
+    """A refused or failed call: `code` is the gRPC status name (INVALID_ARGUMENT, UNAUTHENTICATED, ...).
+    `request_id`: the request's id where it had one (send the same request with it to re-attach after UNAVAILABLE);
+    `completion`: what a request that ended without its answer had made (INTERNAL: the engine failed on it;
+    ABORTED: it was aborted)."""
 
-    def __init__(self, code: str, message: str, retry_after_s: float | None = None):
+    def __init__(self, code: str, message: str, retry_after_s: float | None = None, request_id: str | None = None,
+                 completion: "Completion | None" = None):
         super().__init__(f"{code}: {message}")
         self.code, self.message, self.retry_after_s = code, message, retry_after_s
+        self.request_id, self.completion = request_id, completion
 
     @classmethod
-    def from_rpc(cls, e: grpc.RpcError) -> "AliseError":
+    def from_rpc(cls, e: grpc.RpcError, request_id: str | None = None) -> "AliseError":
         trailers = dict(e.trailing_metadata() or ()) if hasattr(e, "trailing_metadata") else {}
         retry = trailers.get("retry-after-ms")
-        return cls(e.code().name, e.details() or "", float(retry) / 1000 if retry else None)
+        return cls(e.code().name, e.details() or "", float(retry) / 1000 if retry else None, request_id)
+
+    @classmethod
+    def unanswered(cls, done: "Completion") -> "AliseError | None":
+        """The error for a request that ended without its answer; None for one that got it (stop, length)."""
+        why = {FinishReason.ERROR: ("INTERNAL", "the engine failed while serving it"),
+               FinishReason.ABORTED: ("ABORTED", "it was aborted")}.get(done.finish_reason)
+        if why is None:
+            return None
+        return cls(why[0], f"request {done.request_id}: {why[1]}, after {done.usage.completion_tokens} tokens",
+                   request_id=done.request_id, completion=done)
 
 
 def build_request(prompt: str | None = None, *, messages: Sequence[dict] | None = None, max_tokens: int = 0,
@@ -132,24 +156,29 @@ class Stream:
     """Chunks as they come (iterate it); `completion` once the stream has ended. `cancel()` (or leaving the loop
     and closing the client) aborts the request on the server."""
 
-    def __init__(self, call, abort=None):
+    def __init__(self, call, request_id: str = "", abort=None):
         self._call = call
+        self.request_id = request_id
         self._abort = abort          # ends the job on the server at once (it would wait a few seconds for a retry)
         self._tokens: list[int] = []
         self._cancelled = False
         self.completion: Completion | None = None
 
     def _take(self, response) -> Chunk | None:
-        """A chunk to hand out, or None once the completion is recorded."""
+        """A chunk to hand out, or None once the completion is recorded (AliseError if it ended unanswered)."""
         if response.HasField("chunk"):
             self._tokens.extend(response.chunk.token_ids)
             return Chunk(response.chunk.text, tuple(response.chunk.token_ids))
         self.completion = _completion(response.complete, self._tokens)
+        if (error := AliseError.unanswered(self.completion)) is not None:
+            raise error
         return None
 
     def _failed(self, e: grpc.RpcError) -> AliseError | None:
         """The error to raise, or None for the CANCELLED our own cancel() caused."""
-        return None if self._cancelled and e.code() == grpc.StatusCode.CANCELLED else AliseError.from_rpc(e)
+        if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
+            return None
+        return AliseError.from_rpc(e, self.request_id)
 
     def __iter__(self) -> Iterator[Chunk]:
         try:
@@ -221,8 +250,8 @@ class Client:
     def __init__(self, address: str = DEFAULT_ADDRESS, api_key: str | None = None, tls_ca: str | None = None,
                  timeout_s: float = 3600.0, insecure: bool = False):
         creds = _credentials(address, api_key, tls_ca, insecure)
-        self._channel = (self._grpc.secure_channel(address, creds) if creds
-                         else self._grpc.insecure_channel(address))
+        self._channel = (self._grpc.secure_channel(address, creds, options=KEEPALIVE) if creds
+                         else self._grpc.insecure_channel(address, options=KEEPALIVE))
         self._stub = pb_grpc.AliseStub(self._channel)
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self.timeout_s = timeout_s
@@ -230,7 +259,7 @@ class Client:
     def stream(self, prompt: str | None = None, **kwargs) -> Stream:
         """Start a request (build_request's arguments); iterate the result for its chunks."""
         req = build_request(prompt, **kwargs)
-        return Stream(self._stub.Generate(req, timeout=self.timeout_s, metadata=self._metadata),
+        return Stream(self._stub.Generate(req, timeout=self.timeout_s, metadata=self._metadata), req.request_id,
                       abort=lambda: self.abort(req.request_id))
 
     def generate(self, prompt: str | None = None, **kwargs) -> Completion:
@@ -248,7 +277,7 @@ class Client:
             return self._stub.Abort(pb.AbortRequest(request_id=request_id), timeout=60,
                                     metadata=self._metadata).aborted
         except grpc.RpcError as e:
-            raise AliseError.from_rpc(e) from None
+            raise AliseError.from_rpc(e, request_id) from None
 
     def close(self) -> None:
         self._channel.close()
@@ -264,11 +293,16 @@ class AsyncClient(Client):
     """Client for asyncio: `await client.generate(...)`, `async for chunk in client.stream(...)`."""
     _grpc = grpc.aio
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._streams: weakref.WeakSet[AsyncStream] = weakref.WeakSet()      # for close(): those left early
 
     def stream(self, prompt: str | None = None, **kwargs) -> AsyncStream:
         req = build_request(prompt, **kwargs)
-        return AsyncStream(self._stub.Generate(req, timeout=self.timeout_s, metadata=self._metadata),
-                           abort=lambda: self.abort(req.request_id))
+        stream = AsyncStream(self._stub.Generate(req, timeout=self.timeout_s, metadata=self._metadata),
+                             req.request_id, abort=lambda: self.abort(req.request_id))
+        self._streams.add(stream)
+        return stream
 
     async def generate(self, prompt: str | None = None, **kwargs) -> Completion:
         stream = self.stream(prompt, **kwargs)
@@ -283,9 +317,14 @@ class AsyncClient(Client):
             return (await self._stub.Abort(pb.AbortRequest(request_id=request_id), timeout=60,
                                            metadata=self._metadata)).aborted
         except grpc.RpcError as e:
-            raise AliseError.from_rpc(e) from None
+            raise AliseError.from_rpc(e, request_id) from None
 
     async def close(self) -> None:
+        """Abort the requests of streams left early, then close. Leaving `async for` early does not run the stream's
+        cleanup at once (asyncio closes an abandoned async generator later, in a task of its own): without this, the
+        channel was closed first and the Abort never went out."""
+        for stream in list(self._streams):
+            await stream._cancel_and_abort()
         await self._channel.close()
 
     async def __aenter__(self) -> "AsyncClient":

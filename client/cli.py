@@ -32,15 +32,19 @@ def resolve_address(flag: str | None) -> str:
     return written.read_text().strip() if written.exists() else DEFAULT_ADDRESS
 
 
+def is_local_stack(address: str) -> bool:
+    """Whether `address` is the one `make run` wrote: only then are its CA and API key the ones to use."""
+    written = cache_root() / "address"
+    return written.exists() and written.read_text().strip() == address
+
+
 def resolve_tls_ca(flag: str | None, address: str) -> str:
     """--tls-ca, then $ALISE_TLS_CA, then the CA of the stack `make run` started when talking to it; empty
     (plaintext) otherwise."""
     if flag or os.environ.get("ALISE_TLS_CA"):
         return flag or os.environ["ALISE_TLS_CA"]
-    written, local_ca = cache_root() / "address", cache_root() / "local" / "tls" / "ca.crt"
-    if written.exists() and written.read_text().strip() == address and local_ca.exists():
-        return str(local_ca)
-    return ""
+    local_ca = cache_root() / "local" / "tls" / "ca.crt"
+    return str(local_ca) if is_local_stack(address) and local_ca.exists() else ""
 
 
 def is_loopback(address: str) -> bool:
@@ -53,14 +57,15 @@ def is_loopback(address: str) -> bool:
         return False
 
 
-def resolve_api_key(flag: str | None) -> str | None:
-    """--api-key, then $ALISE_API_KEY, then the local tenant's key `make run` wrote."""
+def resolve_api_key(flag: str | None, address: str) -> str | None:
+    """--api-key, then $ALISE_API_KEY, then the local tenant's key `make run` wrote, only when talking to that
+    stack (before, any address got it: `--address remote:50051 --insecure` sent it there in clear)."""
     if flag:
         return flag
     if os.environ.get("ALISE_API_KEY"):
         return os.environ["ALISE_API_KEY"]
     written = cache_root() / "local" / "api-key"
-    return written.read_text().strip() if written.exists() else None
+    return written.read_text().strip() if is_local_stack(address) and written.exists() else None
 
 
 def build_request(a: argparse.Namespace) -> pb.GenerateRequest:
@@ -99,10 +104,24 @@ def cmd_generate(stub: pb_grpc.AliseStub, a: argparse.Namespace) -> int:
             pass                # the scheduler aborts it after its grace anyway
         print("\n[cancelled]", file=sys.stderr)
         return 130
-    if a.json:
+    if a.json and final is not None:
         print(json.dumps(MessageToDict(final, preserving_proto_field_name=True), indent=2))
-    else:
+    elif not a.json:
         print()
+    return generate_exit_code(req.request_id, final)
+
+
+def generate_exit_code(request_id: str, final: pb.GenerateComplete | None) -> int:
+    """0 for an answer (stop, length); 1, with why on stderr, for a request that ended without one: scripts must not
+    take a failed or aborted job's partial text for the answer."""
+    if final is None:
+        print(f"error: request {request_id}: the stream ended without a completion", file=sys.stderr)
+        return 1
+    why = {pb.FINISH_REASON_ERROR: "the engine failed while serving it",
+           pb.FINISH_REASON_ABORTED: "it was aborted"}.get(final.finish_reason)
+    if why is not None:
+        print(f"error: request {request_id}: {why}, after {final.usage.completion_tokens} tokens", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -199,7 +218,7 @@ def bench_serve_command(a: argparse.Namespace) -> int:
         ca = resolve_tls_ca(a.tls_ca, address)
         if not plaintext_allowed(address, ca, a.insecure):
             return 2
-        target = Target(address, resolve_api_key(a.api_key), ca, priority=a.priority, chat=a.chat,
+        target = Target(address, resolve_api_key(a.api_key, address), ca, priority=a.priority, chat=a.chat,
                         max_tokens=a.max_tokens)
     return 0 if bench_serve(a, target)["failed"] == 0 else 1
 
@@ -222,12 +241,19 @@ def main(argv: list[str] | None = None) -> int:
     ca = resolve_tls_ca(a.tls_ca, address)
     if not plaintext_allowed(address, ca, a.insecure):
         return 2
-    with tls_channel(address, TlsFiles(ca=ca)) as channel:
+    try:
+        channel = tls_channel(address, TlsFiles(ca=ca))
+    except OSError as e:                     # a --tls-ca / $ALISE_TLS_CA file that cannot be read
+        print(f"error: TLS CA {ca}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    with channel:
         try:
-            return a.fn(pb_grpc.AliseStub(with_bearer(channel, resolve_api_key(a.api_key))), a)
+            return a.fn(pb_grpc.AliseStub(with_bearer(channel, resolve_api_key(a.api_key, address))), a)
         except grpc.RpcError as e:
             print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:            # `generate` handles its own (it aborts its job)
+            return 130
 
 
 if __name__ == "__main__":

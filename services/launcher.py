@@ -1,14 +1,15 @@
 """`make run`: the whole stack on loopback with embedded defaults, until Ctrl-C."""
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
-import socket
 import tempfile
 import threading
-from urllib.parse import urlsplit
 from pathlib import Path
+from typing import IO
+from urllib.parse import urlsplit
 
 from services.common.grpc_server import configure_logging
 from services.common.local_stack import LocalStack, free_port, port_is_free
@@ -16,16 +17,28 @@ from services.common.model_paths import cache_root
 
 log = logging.getLogger("alise.launcher")
 DEFAULT_PORT = 50051
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def other_stack_alive(address_file: Path) -> bool:
-    """Whether the address an earlier `make run` wrote still answers: then that stack keeps the shared files."""
+def claim_shared_files(cache: Path) -> IO | None:
+    """The lock that makes this launcher the one whose files (address, API key, CA) the CLI reads, held while it
+    runs and released by the OS however it ends; None while another launcher holds it. (Before, a probe of the
+    written address decided, which two launches a few seconds apart both passed: each rewrote the other's keys.)"""
+    cache.mkdir(parents=True, exist_ok=True)
+    lock = open(cache / "launcher.lock", "w")
     try:
-        host, port = address_file.read_text().strip().rsplit(":", 1)
-        with socket.create_connection((host, int(port)), timeout=1.0):
-            return True
-    except (OSError, ValueError):
-        return False
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return None
+    return lock
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """A reader sees the old file or the new one, never a half-written one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def main() -> None:
@@ -36,7 +49,8 @@ def main() -> None:
     address_file = cache_root() / "address"
     # A second `make run` while the first is alive gets credentials and predictor state of its own and leaves
     # the files the CLI reads (address, key, CA) to the first.
-    shared = not other_stack_alive(address_file)
+    lock = claim_shared_files(cache_root())
+    shared = lock is not None
     state = cache_root() if shared else log_dir
     # secure as in production: TLS on every link, mTLS between services, an API key for the client
     stack = LocalStack(log_dir=log_dir, scheduler_port=port, secrets_dir=state / "local", tls=True, mtls=True,
@@ -49,21 +63,31 @@ def main() -> None:
                        predictor_args=["--model-dir", str(state / "predictor"),
                                        *os.environ.get("ALISE_PREDICTOR_FLAGS", "").split()])
     log.info("starting redis, predictor, scheduler and worker (logs in %s)", log_dir)
+    # Ctrl-C, `kill` or a closed terminal: while starting, leave start() at once; once serving, stop the loop
+    # below. Either way the finally stops every service (they run in sessions of their own, so no terminal
+    # signal reaches them: before, a signal during the minutes of starting left them running)
+    stop, serving = threading.Event(), threading.Event()
+
+    def on_signal(*_):
+        if not serving.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_signal)
     try:
         stack.start()
-        if shared:
-            address_file.write_text(stack.address)
+        key_file = stack.secrets_dir / "api-key"
+        key_file.touch(mode=0o600)
+        key_file.write_text(stack.api_key)
+        key_file.chmod(0o600)
+        if shared:                         # the address last: a CLI that reads it finds this stack's key already
+            write_atomically(address_file, stack.address)
         else:
             print(f"note: another `make run` serves {address_file.read_text().strip()} and keeps the CLI's defaults; "
                   f"reach this one with --address {stack.address} --api-key ... --tls-ca {stack.tls_files.ca}",
                   flush=True)
-        # Ctrl-C is handled from before "serving" is printed: a signal right after it stops cleanly too
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        key_file = stack.secrets_dir / "api-key"
-        key_file.write_text(stack.api_key)
-        key_file.chmod(0o600)
+        serving.set()                      # from here a signal stops the loop below
         redis_at = urlsplit(stack.redis_url).hostname, urlsplit(stack.redis_url).port   # not its password
         print(f"\nALISE is serving {stack.address} (redis {redis_at[0]}:{redis_at[1]}, logs {log_dir})\n"
               f"try:  .venv/bin/alise generate --chat \"What is the capital of France?\"\n"
@@ -79,7 +103,11 @@ def main() -> None:
                 if svc.proc.poll() is not None:
                     log.error("%s exited (%s); see %s", svc.name, svc.proc.returncode, svc.log_path)
                     stop.set()
+    except KeyboardInterrupt:
+        log.info("interrupted while starting")
     finally:
+        for sig in STOP_SIGNALS:           # a second Ctrl-C must not leave half the stack running
+            signal.signal(sig, signal.SIG_IGN)
         log.info("stopping")
         stack.stop()
 

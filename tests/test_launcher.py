@@ -2,17 +2,20 @@
 and what the predictor learned from the served job is kept for the next run."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import ssl
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx2 as httpx           # the HTTP client the openai package uses
 
 from services.common.local_stack import free_port
 from services.common.model_paths import cache_root
+from tests.helpers import wait_until
 
 
 def test_launcher_serves_the_cli_and_keeps_what_the_predictor_learned(tmp_path):
@@ -41,6 +44,52 @@ def test_launcher_serves_the_cli_and_keeps_what_the_predictor_learned(tmp_path):
         launcher.wait(60)
     assert launcher.returncode == 0
     assert (cache / "predictor" / "index.npz").exists() and (cache / "predictor" / "meta.json").exists()
+
+
+def test_a_launcher_stopped_while_starting_stops_what_it_started(tmp_path):
+    """`kill`, a closed terminal or Ctrl-C during the minutes of starting used to end the launcher before its
+    cleanup, and Redis, the predictor, the scheduler and the worker (in sessions of their own, so no terminal
+    signal reaches them) kept running (found by review)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "models").symlink_to(cache_root() / "models")
+    env = {**os.environ, "ALISE_CACHE": str(cache), "ALISE_PORT": str(free_port()), "ALISE_HTTP_PORT": str(free_port())}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        launcher = start_launcher(env)
+        try:
+            children = wait_until(lambda: kids if len(kids := child_pids(launcher.pid)) >= 4 else None, 240, 0.1)
+        finally:
+            launcher.send_signal(sig)                                 # still starting: not yet serving
+            launcher.wait(120)
+        wait_until(lambda: not any(alive(pid) for pid in children), 60, 0.2)
+
+
+def test_one_launcher_at_a_time_owns_the_files_the_cli_reads(tmp_path):
+    """Two `make run`s started a few seconds apart both found no live stack at the written address (the first was
+    still starting) and both rewrote the API key, the service token and the CA under each other (found by
+    review). A lock held for the launcher's life decides now; the OS releases it however the launcher ends."""
+    from services.launcher import claim_shared_files
+
+    first = claim_shared_files(tmp_path)
+    assert first is not None and claim_shared_files(tmp_path) is None
+    first.close()                                                     # the first launcher has ended
+    assert claim_shared_files(tmp_path) is not None
+
+
+def child_pids(pid: int) -> list[int]:
+    """The process's children (Redis and the three services, once started)."""
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"      # a zombie has stopped
+    except (OSError, IndexError):
+        return False
 
 
 def start_launcher(env: dict) -> subprocess.Popen:

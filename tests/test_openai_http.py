@@ -107,6 +107,9 @@ def test_stop_string_and_seeded_sampling(client, model):
     (dict(presence_penalty=0.5), 400, "presence_penalty"),
     (dict(response_format={"type": "json_object"}), 400, "response_format"),
     (dict(logit_bias={"42": 100}), 400, "logit_bias"),
+    # found by review: the gRPC field's "unset" (0) was served as top_p 1, the whole distribution
+    (dict(top_p=0), 400, "top_p"),
+    (dict(top_p=1e-50), 400, "top_p"),
 ])
 def test_bad_requests_get_openai_errors_naming_the_parameter(stack, model, kwargs, status, param):
     body = {"model": model, "prompt": PROMPT, "max_tokens": 4} | kwargs

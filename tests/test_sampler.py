@@ -31,3 +31,12 @@ def test_sampled_frequencies_follow_the_filtered_distribution():
     drawn = sample(logits, [Sampling(temperature=1.0, top_k=3)] * 20_000, [0] * 20_000)
     freq = torch.bincount(drawn, minlength=4).float() / 20_000
     assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0]) / 0.95, atol=0.015), freq
+
+
+def test_every_64_bit_seed_draws_its_own_tokens():
+    """Seeds s and s + 2^63 drew the same tokens (the generator was seeded with seed * 1_000_003 + index mod 2^63;
+    found by review)."""
+    logits = torch.zeros(1, 1000)
+    tokens = {seed: [sample(logits, [Sampling(temperature=1.0, seed=seed)], [i]).item() for i in range(16)]
+              for seed in (5, 5 + 2**63)}
+    assert tokens[5] != tokens[5 + 2**63]

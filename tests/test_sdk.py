@@ -170,3 +170,107 @@ def test_ctrl_c_in_the_cli_aborts_the_job_at_once(stack):
     finally:
         proc.kill()
     assert job_status(stub, request_id) == pb.JOB_STATUS_ABORTED
+
+
+def test_a_request_that_ends_without_its_answer_raises_and_the_cli_exits_non_zero(stack, client):
+    """An aborted (or failed) request came back from `generate` as a Completion and from the CLI with exit 0:
+    scripts took the partial text for the answer (found by review). Both now fail, with what was made."""
+    import threading
+
+    from alise.v1 import generate_pb2 as pb
+
+    stub = stub_for(stack)
+    request_id = "sdk-aborted-" + uuid.uuid4().hex[:8]
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["completion"] = client.generate(PROMPT, max_tokens=2000, ignore_eos=True, request_id=request_id)
+        except AliseError as e:
+            outcome["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    wait_until(lambda: made_tokens(stub, request_id), timeout=120)
+    stub.Abort(pb.AbortRequest(request_id=request_id))                    # as `alise abort` from elsewhere
+    t.join(120)
+    error = outcome.get("error")
+    assert error is not None and error.code == "ABORTED", outcome
+    assert error.request_id == request_id and error.completion.finish_reason is FinishReason.ABORTED
+
+    cli = [sys.executable, "-m", "client.cli", "--address", stack.address, "--api-key", stack.api_key]
+    request_id = "cli-aborted-" + uuid.uuid4().hex[:8]
+    proc = subprocess.Popen([*cli, "generate", PROMPT, "--max-tokens", "2000", "--ignore-eos", "--request-id",
+                             request_id], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: made_tokens(stub, request_id), timeout=120)
+        stub.Abort(pb.AbortRequest(request_id=request_id))
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "aborted" in err, err[-2000:]
+
+
+def made_tokens(stub, request_id: str) -> bool:
+    """Whether the request's job exists and has tokens."""
+    import grpc
+    from alise.v1 import generate_pb2 as pb
+
+    try:
+        return len(stub.GetJob(pb.GetJobRequest(request_id=request_id)).token_ids) > 0
+    except grpc.RpcError:
+        return False                                                  # not created yet
+
+
+async def test_an_async_stream_left_early_is_aborted_before_the_client_closes(stack):
+    """`async for ... break` does not close an async generator at once (asyncio does it later, in a task): the
+    client closed its channel first and the Abort never went out, so the job ran on for the grace (found by
+    review). Closing the client now aborts the streams left early."""
+    from alise.v1 import generate_pb2 as pb
+
+    request_id = "sdk-async-" + uuid.uuid4().hex[:8]
+    async with AsyncClient(stack.address, api_key=stack.api_key) as ac:
+        async for _ in ac.stream(PROMPT, max_tokens=2000, ignore_eos=True, request_id=request_id):
+            break
+    assert job_status(stub_for(stack), request_id) == pb.JOB_STATUS_ABORTED
+
+
+def test_the_cli_sends_the_local_stacks_key_only_to_that_stack(tmp_path, monkeypatch):
+    """`make run` writes the local tenant's key for the CLI; any address got it (with --insecure, in clear to a
+    remote host; found by review). Only the address `make run` wrote gets it now."""
+    from client.cli import resolve_api_key
+
+    monkeypatch.setenv("ALISE_CACHE", str(tmp_path))
+    monkeypatch.delenv("ALISE_API_KEY", raising=False)
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "api-key").write_text("local-key")
+    (tmp_path / "address").write_text("127.0.0.1:50999")
+    assert resolve_api_key(None, "127.0.0.1:50999") == "local-key"
+    assert resolve_api_key(None, "10.0.0.7:50051") is None
+    assert resolve_api_key("given", "10.0.0.7:50051") == "given"
+
+
+def test_a_client_stream_ends_when_the_scheduler_stops_answering(stack_factory):
+    """A scheduler that stops answering with its connection open (a hung process, a partitioned host): the client's
+    stream had no keepalive and waited for its deadline (an hour by default; found by review). HTTP/2 keepalive
+    ends it within ~30 s as UNAVAILABLE, with the request id to re-attach with."""
+    import os
+    import signal
+    import time
+
+    quiet = stack_factory(num_workers=1)
+    with Client(quiet.address, api_key=quiet.api_key, timeout_s=150) as c:
+        stream = c.stream(PROMPT, max_tokens=2000, ignore_eos=True)
+        chunks = iter(stream)
+        next(chunks)
+        pid = quiet.services["scheduler"].proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            with pytest.raises(AliseError) as err:
+                for _ in chunks:
+                    pass
+            waited = time.monotonic() - start
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    assert err.value.code == "UNAVAILABLE" and err.value.request_id == stream.request_id, (err.value, waited)

@@ -89,9 +89,13 @@ class RedisServer:
 
     def _launch(self) -> subprocess.Popen:
         persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persist else ["--appendonly", "no"]
+        # the password in a config file only its owner reads: a process's arguments are readable by every local user
+        auth = Path(self.dir) / "auth.conf"
+        auth.touch(mode=0o600)
+        auth.write_text(f"requirepass {self.password}\n")
         return subprocess.Popen(
-            [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", *persistence,
-             "--dir", self.dir, "--requirepass", self.password], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [self.binary, str(auth), "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", *persistence,
+             "--dir", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def kill(self) -> None:
         self.proc.kill()
@@ -258,12 +262,14 @@ class LocalStack:
         self.scheduler_port = self.scheduler_port or ports[3]
         self.gateway_port = ports[4]
         self.predictor_port = ports[5]
+        # secrets in the environment (readable by their owner only), not in arguments (readable by every local user)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "ALISE_SERVICE_TOKEN": self.service_token}
+               "ALISE_SERVICE_TOKEN": self.service_token, "ALISE_SCHEDULER_REDIS_URL": self.redis_url,
+               "ALISE_PREDICTOR_REDIS_URL": self.redis_url}
         if self.with_predictor:
             probes = ["--health-listen", self.health_address("predictor")] if self.tls else []
             self._add("predictor", ["services.predictor.server", "--listen", f"127.0.0.1:{self.predictor_port}",
-                                    "--redis-url", self.redis_url, *self._tls_flags(True, "--mtls"), *probes,
+                                    *self._tls_flags(True, "--mtls"), *probes,
                                     *self.predictor_args])
         self._add("scheduler", self.scheduler_command())
         for i in range(self.num_workers):
@@ -282,7 +288,7 @@ class LocalStack:
     def scheduler_command(self) -> list[str]:
         probes = ["--health-listen", self.health_address("scheduler")] if self.tls else []
         return ["services.scheduler.server", "--listen", self.address, "--worker-listen", self.gateway_address,
-                "--api-keys-file", str(self.secrets_dir / "api-keys.json"), "--redis-url", self.redis_url,
+                "--api-keys-file", str(self.secrets_dir / "api-keys.json"),
                 "--predictor-address", f"127.0.0.1:{self.predictor_port}", *self._tls_flags(True, "--worker-mtls"),
                 *probes, *self.scheduler_args]
 

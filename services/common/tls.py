@@ -69,9 +69,10 @@ def aio_channel(address: str, tls: TlsFiles | None) -> grpc.aio.Channel:
 
 
 def channel(address: str, tls: TlsFiles | None) -> grpc.Channel:
+    """A blocking channel (the CLI, tests), with keepalive too: a client's token stream lives long."""
     if tls is not None and tls.dials_tls:
-        return grpc.secure_channel(address, tls.channel_credentials())
-    return grpc.insecure_channel(address)
+        return grpc.secure_channel(address, tls.channel_credentials(), options=CHANNEL_OPTIONS)
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 
 def health_only_server(servicer, listen: str) -> tuple[grpc.aio.Server, int]:

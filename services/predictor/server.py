@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import math
+import os
 from pathlib import Path
 
 import grpc
@@ -171,8 +172,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description="ALISE output-length predictor")
     p.add_argument("--listen", default="127.0.0.1:50052")
     p.add_argument("--model-dir", type=Path, default=None, help="trained predictor; online learning is saved here")
-    p.add_argument("--redis-url", default=None,
-                   help="learn from the scheduler's stream of finished jobs in this Redis (else only via Observe)")
+    p.add_argument("--redis-url", default=os.environ.get("ALISE_PREDICTOR_REDIS_URL"),
+                   help="learn from the scheduler's stream of finished jobs in this Redis (else only via Observe); "
+                        "default $ALISE_PREDICTOR_REDIS_URL (an environment variable keeps a password out of `ps`)")
     p.add_argument("--service-token-file", default=None,
                    help="the internal token callers must present (else $ALISE_SERVICE_TOKEN)")
     p.add_argument("--tls-cert", default="", help="serve TLS with this certificate (PEM) and --tls-key")

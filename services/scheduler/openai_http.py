@@ -280,6 +280,8 @@ def to_generate_request(body: dict, chat: bool, request_id: str) -> pb.GenerateR
     s.temperature = 1.0 if temperature is None else temperature         # OpenAI's default is 1, not greedy
     if (top_p := _typed(body, "top_p", (int, float), "a number")) is not None:
         s.top_p = top_p
+        if not s.top_p > 0:      # 0 (or what float32 rounds to 0) is the gRPC field's "unset": it would mean 1.0
+            raise BadField("top_p", "must be in (0, 1]")
     if (top_k := _typed(body, "top_k", (int,), "an integer")) is not None and top_k > 0:
         s.top_k = top_k
     if (seed := _typed(body, "seed", (int,), "an integer", (0, (1 << 64) - 1))) is not None:

@@ -16,9 +16,22 @@ from services.worker.host_copy import to_device
 from services.worker.sequence import Sampling
 
 
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a bijection of 64-bit integers that scatters nearby inputs."""
+    x &= MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+MASK64 = (1 << 64) - 1
+
+
 def _generator(seed: int, token_index: int, device: torch.device) -> torch.Generator:
+    """The noise of a seeded row's token: from (seed, token index) through two mixing rounds, so every 64-bit seed
+    has a stream of its own (before, `seed * 1_000_003 + index mod 2^63` gave seeds s and s + 2^63 one stream)."""
     gen = torch.Generator(device=device)
-    gen.manual_seed((seed * 1_000_003 + token_index) % (2**63))
+    gen.manual_seed(_mix64(_mix64(seed) + token_index))
     return gen
 
 
