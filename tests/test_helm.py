@@ -61,13 +61,24 @@ def test_workers_scale_and_wire_to_the_scheduler():
     assert spec["terminationGracePeriodSeconds"] > 60 + 5                       # drain + preStop
     assert container["readinessProbe"]["grpc"]["service"] == "" and "tcpSocket" in container["livenessProbe"]
     scheduler = by_name(docs, "Deployment", "demo-alise-scheduler")["spec"]["template"]["spec"]["containers"][0]
-    assert "--redis-url=redis://:$(REDIS_PASSWORD)@demo-alise-redis:6379/0" in scheduler["args"]
+    assert redis_url_env(scheduler, "ALISE_SCHEDULER_REDIS_URL") == "redis://:$(REDIS_PASSWORD)@demo-alise-redis:6379/0"
+
+
+def redis_url_env(container: dict, name: str) -> str:
+    """The Redis URL a container gets: in its environment after REDIS_PASSWORD (which it expands), never in its
+    arguments, which every user of the node can read."""
+    env = [e["name"] for e in container["env"]]
+    assert env.index("REDIS_PASSWORD") < env.index(name)
+    assert not any("redis" in a.lower() and "password" in a.lower() for a in container["args"])
+    return next(e["value"] for e in container["env"] if e["name"] == name)
 
 
 def test_predictor_encoder_and_observation_stream_are_wired():
     predictor = by_name(render({"predictor": {"encoder": "static"}}), "Deployment", "demo-alise-predictor")
     args = predictor["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--encoder=static" in args and "--redis-url=redis://:$(REDIS_PASSWORD)@demo-alise-redis:6379/0" in args
+    assert "--encoder=static" in args
+    container = predictor["spec"]["template"]["spec"]["containers"][0]
+    assert redis_url_env(container, "ALISE_PREDICTOR_REDIS_URL") == "redis://:$(REDIS_PASSWORD)@demo-alise-redis:6379/0"
 
 
 def test_secure_by_default_credentials_persistence():

@@ -104,3 +104,36 @@ async def wait_for(condition, timeout_s: float = 30.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise TimeoutError("condition not met")
         await asyncio.sleep(0.01)
+
+
+async def test_a_client_that_leaves_while_its_job_is_created_leaves_it_to_the_grace(dispatcher_factory, model_dir,
+                                                                                   monkeypatch):
+    """A client that left during the Redis round trip that creates its job left a job nobody followed and nothing
+    would abort: it ran to its end, holding a live-job slot of its tenant (found by review). Once created, it is
+    left to the re-attach grace like a job whose stream left later."""
+    d = await dispatcher_factory(reattach_grace_s=1.0)
+    key = new_secret()
+    tok = PromptTokenizer(str(model_dir))
+    tenant = Tenant("t", digest(key))
+    api = AliseServicer(d, d.store, tok, tok.max_model_len, TenantRegistry([tenant]))
+    req = to_generate_request({"prompt": "Hello", "max_tokens": 8}, chat=False, request_id="r")
+    job_id = keys.job_id("t", "r")
+    submit, in_redis = d.submit, asyncio.Event()
+
+    async def slow_submit(v, t):
+        outcome = await submit(v, t)                               # created in Redis ...
+        in_redis.set()
+        await asyncio.sleep(0.5)                                   # ... its reply on the way when the client leaves
+        return outcome
+
+    monkeypatch.setattr(d, "submit", slow_submit)
+    stream = asyncio.create_task(anext(api.generate_for(tenant, req, HttpCallContext(f"Bearer {key}"))))
+    await asyncio.wait_for(in_redis.wait(), 30)
+    stream.cancel()
+    await asyncio.gather(stream, return_exceptions=True)
+    for _ in range(600):
+        state = await d.store.state(job_id)
+        if state is not None and state.status == "aborted":
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the job was left {state.status if state else 'uncreated'} with nobody to follow or abort it")

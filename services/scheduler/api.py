@@ -132,7 +132,7 @@ class AliseServicer(pb_grpc.AliseServicer):
         client_left = True                         # false when the stream ends by our doing (an error status)
         try:
             # create.lua decides in one round trip: a new job, the same request again (re-attach), or a refusal
-            outcome = await self.d.submit(v, tenant)
+            outcome = await self._submit(v, tenant, job_id)
             await self._refuse(outcome, v, tenant, context)
             if outcome is CreateOutcome.SAME_REQUEST and self.d.hub.watchers(job_id) > self.d.cfg.max_streams_per_job:
                 await self._exhausted(context, "streams", f"{self.d.cfg.max_streams_per_job} streams already follow "
@@ -170,6 +170,23 @@ class AliseServicer(pb_grpc.AliseServicer):
             # job lives on in Redis and the client re-attaches).
             if owner and not done and client_left and not self.closing and not self.d.hub.watched(job_id):
                 self._abort_unless_reattached(job_id, v.fingerprint)
+
+    async def _submit(self, v: ValidRequest, tenant: Tenant, job_id: str) -> CreateOutcome:
+        """The job's creation, which a client leaving cannot cut short: if it leaves while Redis creates the job,
+        the job is still left to the re-attach grace once it exists, as when a stream leaves later (before, it ran
+        to its end with no stream and no abort pending)."""
+        creating = asyncio.ensure_future(self.d.submit(v, tenant))
+        try:
+            return await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            def left(done: asyncio.Future) -> None:
+                if done.cancelled() or done.exception() is not None:
+                    return
+                if done.result() in (CreateOutcome.CREATED, CreateOutcome.SAME_REQUEST) \
+                        and not self.d.hub.watched(job_id) and not self.closing:
+                    self._abort_unless_reattached(job_id, v.fingerprint)
+            creating.add_done_callback(left)
+            raise
 
     async def _refuse(self, outcome: CreateOutcome, v: ValidRequest, tenant: Tenant, context) -> None:
         if outcome is CreateOutcome.ID_IN_USE:
