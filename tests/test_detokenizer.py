@@ -12,11 +12,14 @@ TEXT = ("Les élèves ont répondu: «très bien» — 東京は晴れ 🌤️. 
 def run(tokenizer, ids: list[int], stop: tuple[str, ...], cut: int | None = None) -> str:
     """Feed ids one at a time and collect what is released; at `cut`, rebuild the detokenizer the way a
     resumed job gets it: from its token ids and the text its client already received."""
-    detok = IncrementalDetokenizer(tokenizer, stop, [])
+    output: list[int] = []                  # the sequence's list, which its owner appends to before add()
+    detok = IncrementalDetokenizer(tokenizer, stop, output)
     sent = ""
     for i in range(1, len(ids) + 1):
         if i - 1 == cut:
-            detok = IncrementalDetokenizer(tokenizer, stop, ids[:i - 1], sent)
+            output = ids[:i - 1]
+            detok = IncrementalDetokenizer(tokenizer, stop, output, sent)
+        output.append(ids[i - 1])
         detok.add(ids[i - 1])
         sent += detok.release(final=i == len(ids) or detok.stopped)
         if detok.stopped:
@@ -46,7 +49,8 @@ def test_special_tokens_add_no_text_and_never_reach_the_stream(tokenizer):
     """A run of special tokens (a model emitting EOS under ignore_eos) grew the stream's buffer, and each one
     decoded the whole run again: 4,000 took 0.76 s on the dev VM (found by review). They add no text and never
     enter the stream now."""
-    detok = IncrementalDetokenizer(tokenizer, (), [])
+    output: list[int] = []
+    detok = IncrementalDetokenizer(tokenizer, (), output)
     stepped = []
 
     class Counting:                      # the stream, counting the tokens it is given
@@ -58,11 +62,10 @@ def test_special_tokens_add_no_text_and_never_reach_the_stream(tokenizer):
             return self.stream.step(backend, token_id)
 
     detok.stream = Counting(detok.stream)
-    for t in tokenizer.encode("Hello", add_special_tokens=False):
-        detok.add(t)
-    for _ in range(100):
-        detok.add(tokenizer.eos_token_id)
-    for t in tokenizer.encode(" world", add_special_tokens=False):
+    ids = (tokenizer.encode("Hello", add_special_tokens=False) + [tokenizer.eos_token_id] * 100
+           + tokenizer.encode(" world", add_special_tokens=False))
+    for t in ids:
+        output.append(t)
         detok.add(t)
     assert detok.release(final=True) == "Hello world"
     assert tokenizer.eos_token_id not in stepped

@@ -17,12 +17,14 @@ from tokenizers.decoders import DecodeStream
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, stop: tuple[str, ...], output_ids: list[int], released: str = ""):
-        """output_ids / released: a resumed job's tokens so far and the text already sent to its client."""
+        """output_ids: the sequence's own list of output tokens (not a copy: its owner appends each token before
+        `add`, and the final flush decodes it); a resumed job's holds its tokens so far. released: the text
+        already sent to its client."""
         # None: token ids only (benchmarks with random-weight models)
         self.backend = tokenizer.backend_tokenizer if tokenizer is not None else None
         self.special = frozenset(tokenizer.all_special_ids) if tokenizer is not None else frozenset()
         self.stream = DecodeStream(skip_special_tokens=True)
-        self.ids: list[int] = []         # every output token, for the final flush
+        self.ids = output_ids            # read only: the sequence owns it
         self.partial = False             # the newest text token's character is not complete yet
         self.stop = tuple(s for s in stop if s)
         self.hold = max((len(s) for s in self.stop), default=1) - 1
@@ -35,7 +37,6 @@ class IncrementalDetokenizer:
     def _rebuild(self, output_ids: list[int], released: str) -> None:
         """A resumed job: only released text was recorded, not the characters held back for stop matching
         (nor a half-decoded character), so the stream replays the tokens and the release point is kept."""
-        self.ids = list(output_ids)
         text = "".join(self._piece(t) for t in output_ids)
         if text.startswith(released):    # else (cannot happen with a deterministic tokenizer) never resend
             self.text = text
@@ -43,10 +44,9 @@ class IncrementalDetokenizer:
                 self._check_stop(len(released))
 
     def add(self, token_id: int) -> None:
-        """Account for the newest token."""
+        """Account for the newest token (already appended to output_ids)."""
         if self.backend is None:
             return
-        self.ids.append(token_id)
         if piece := self._piece(token_id):
             start = len(self.text)
             self.text += piece

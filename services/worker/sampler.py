@@ -16,15 +16,15 @@ from services.worker.host_copy import to_device
 from services.worker.sequence import Sampling
 
 
+MASK64 = (1 << 64) - 1
+
+
 def _mix64(x: int) -> int:
     """splitmix64's finaliser: a bijection of 64-bit integers that scatters nearby inputs."""
     x &= MASK64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
     return x ^ (x >> 31)
-
-
-MASK64 = (1 << 64) - 1
 
 
 def _generator(seed: int, token_index: int, device: torch.device) -> torch.Generator:
