@@ -168,3 +168,25 @@ def test_mean_wait_is_jobs_waiting_over_the_rate_they_get_slots():
     assert 20.0 <= s2.snapshot(180.0, []).mean_wait_s <= 20.25
     # the clock went back: start over rather than count a negative span
     assert s2.snapshot(90.0, []).mean_wait_s == 1 * 20.0
+
+
+def test_a_failure_shared_by_jobs_none_suspect_charges_none_and_makes_them_suspects():
+    """A request that breaks every step it decodes in looks, to its worker, like every job of those steps. The
+    first shared failure charges nobody; the jobs become suspects until each has decoded SUSPECT_CLEAR_TOKENS; the
+    next failure holds one suspect (they run apart), which alone is charged."""
+    from services.scheduler.live_state import SUSPECT_CLEAR_TOKENS
+    s = state_with("w1")
+    for j in ("a", "b", "p"):
+        s.track(facts(j))
+        s.set_generated(j, 5)
+    assert s.blame(["a"]) == {"a"}                          # one job named: it is charged, as before
+    assert s.blame(["a", "b", "p", "gone"]) == set()        # several and none suspect: none charged
+    assert all(s.view(j).suspect for j in ("a", "b", "p"))
+    s.set_generated("a", 5 + SUSPECT_CLEAR_TOKENS - 1)
+    assert s.view("a").suspect
+    s.set_generated("a", 5 + SUSPECT_CLEAR_TOKENS)          # decoded past the point: cleared
+    assert not s.view("a").suspect
+    s.track(facts("n"))
+    assert s.blame(["p", "n"]) == {"p"}                      # the suspect in the step is charged, not the others
+    assert not s.view("n").suspect
+    assert s.blame([]) == set()                              # a failure in planning: nobody

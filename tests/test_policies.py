@@ -11,10 +11,10 @@ COST = ExecTimeModel()
 
 
 def job(jid, pred, created=0.0, priority=0, generated=0, running=False, max_tokens=4096, kv_on="",
-        predicted=True, preemptions=0, prompt_len=20):
+        predicted=True, preemptions=0, prompt_len=20, suspect=False):
     return JobView(job_id=jid, priority=priority, created=1.7e9 + created, prompt_len=prompt_len, max_tokens=max_tokens,
                    pred_len=pred, pred_p90=pred * 2, predicted=predicted, generated=generated, running=running,
-                   kv_on=kv_on, preemptions=preemptions)
+                   kv_on=kv_on, preemptions=preemptions, suspect=suspect)
 
 
 def worker(wid="w", slots=1, running=(), free_blocks=100, preempting=False):
@@ -90,6 +90,35 @@ def test_placement_respects_slots_blocks_and_swap_affinity():
                     (worker("w1", slots=2), worker("w2", slots=1), worker("w3", slots=1, free_blocks=1)))
     plan = make_policy("fcfs").plan(snap, COST)
     assert dict(plan.assign) == {"a": "w1", "b": "w2", "c": "w1"}
+
+
+@pytest.mark.parametrize("name", ["fcfs", "priority", "sjf", "alise", "mlfq"])
+def test_no_policy_places_a_suspect_beside_another(name):
+    """Suspects (jobs of a failed step no one could be blamed for) run apart, so that a step failing again holds one
+    job to blame; other jobs are placed around them as usual."""
+    queued = (job("s1", 5, suspect=True), job("s2", 6, created=1, suspect=True), job("n", 7, created=2),
+              job("s3", 8, created=3, suspect=True))
+    snap = Snapshot(0, queued, (worker("w1", slots=4), worker("w2", slots=4)))
+    assign = make_policy(name).plan(snap, COST).assign
+    on = {jid: wid for jid, wid in assign}
+    assert set(on) == {"s1", "s2", "n"} and on["s1"] != on["s2"]        # s3 waits: both workers hold a suspect
+    busy = Snapshot(0, queued[1:], (worker("w1", slots=4, running=[job("r", 5, running=True, suspect=True)]),))
+    assert make_policy(name).plan(busy, COST).assign == (("n", "w1"),)
+
+
+def test_no_preemption_frees_a_slot_for_a_suspect_where_it_could_not_run():
+    long_suspect = job("long", 1000, generated=10, running=True, suspect=True)
+    waiting = job("short", 5, suspect=True)
+    beside = Snapshot(0, (waiting,), (worker(slots=2, running=[long_suspect, job("x", 1000, generated=10, running=True)]),))
+    assert make_policy("alise").plan(beside, COST).preempt == ()
+    assert make_policy("mlfq").plan(beside, COST).preempt == ()
+    alone = Snapshot(0, (waiting,), (worker(running=[job("long", 1000, generated=10, running=True)]),))
+    assert make_policy("alise").plan(alone, COST).preempt == (("long", "w"),)   # a worker with no suspect: as usual
+    w = WorkerView(worker_id="w", max_batch=1, free_blocks=90, block_size=16, num_blocks=100,
+                   running=(job("r", 50, running=True),))
+    fresh = (waiting, job("b", 6))
+    early = make_policy("alise", park_kv_share=0.5).plan(Snapshot(0, fresh, (w,), fresh=fresh), COST).prefill_early
+    assert early == (("b", "w"),)                                     # nor is a suspect prefilled early
 
 
 def test_remaining_tokens_from_deciles():

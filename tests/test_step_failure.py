@@ -193,7 +193,8 @@ async def test_scheduler_requeues_jobs_of_a_failed_step_then_fails_a_repeat_offe
     assert next_assign(session) == {a, b}
     await d.on_worker_message(session, wpb.WorkerMessage(tokens=wpb.TokenEvents(deltas=[
         wpb.TokenDelta(job_id=a, token_ids=[7], text="x")])))
-    await d.on_worker_message(session, wpb.WorkerMessage(step_failed=wpb.StepFailed(job_ids=[a, b], error="boom")))
+    await d.on_worker_message(session, wpb.WorkerMessage(step_failed=wpb.StepFailed(
+        job_ids=[a, b], charged_job_ids=[a], charges_named=True, error="boom")))
     assert not d.state.workers["w1"].jobs                                            # the slots are free again
     for j in (a, b):
         assert (await d.store.state(j)).status == "queued"
@@ -233,3 +234,52 @@ async def test_a_second_session_with_a_connected_workers_id_is_refused(dispatche
     assert await d.worker_joined(first)
     assert not await d.worker_joined(second)
     assert d.sessions["w1"] is first
+
+
+async def test_a_request_that_breaks_steps_while_decoding_fails_alone(dispatcher):
+    """Regression (session 21's open item): a request that broke every step once decoding (no job new to the batch:
+    the worker charges every job in the step) failed the jobs that shared its steps with it. Now such a failure
+    charges nobody, its jobs run apart, and the one that breaks a step again is charged alone."""
+    from services.scheduler.live_state import SUSPECT_CLEAR_TOKENS
+    d = dispatcher
+    session = WorkerSession("w1", d.cfg.model_name, block_size=16, num_blocks=100, max_batch=4, max_model_len=2048)
+    await d.worker_joined(session)
+    tenant = Tenant("t", "0" * 64)
+    a, b, p, n = "t/a", "t/b", "t/p", "t/n"
+
+    async def decoded(job_id: str, count: int) -> None:
+        await d.on_worker_message(session, wpb.WorkerMessage(tokens=wpb.TokenEvents(deltas=[
+            wpb.TokenDelta(job_id=job_id, token_ids=[7] * count, text="x" * count)])))
+
+    async def fails(*in_step: str) -> None:
+        await d.on_worker_message(session, wpb.WorkerMessage(step_failed=wpb.StepFailed(
+            job_ids=list(in_step), charged_job_ids=list(in_step), charges_named=True, error="boom")))
+
+    async def step_failures(job_id: str) -> int:
+        return int(await d.store.r.hget(keys.job(job_id), "step_failures") or 0)
+
+    for j in ("a", "b", "p"):
+        assert await d.submit(valid_request(j), tenant)
+    await d.tick()
+    assert next_assign(session) == {a, b, p}
+    for j in (a, b, p):
+        await decoded(j, 1)
+    await fails(a, b, p)                                    # p breaks the step; nothing tells it from a and b
+    assert [await step_failures(j) for j in (a, b, p)] == [0, 0, 0]
+    assert await d.submit(valid_request("n"), tenant)       # a job that was in no failure runs beside a suspect
+    await d.tick()
+    assert next_assign(session) == {a, n}                   # one suspect at a time
+    await d.tick()
+    assert next_assign(session) == set()
+    await decoded(a, SUSPECT_CLEAR_TOKENS)                  # a decodes well past the failure: no longer a suspect
+    await d.tick()
+    assert next_assign(session) == {b}
+    await decoded(b, SUSPECT_CLEAR_TOKENS)
+    for _ in range(d.cfg.max_step_failures):
+        await d.tick()
+        assert p in next_assign(session)
+        await fails(p, a, b, n)                             # p is the only suspect in the step: it alone is charged
+    state = await d.store.state(p)
+    assert (state.status, state.finish_reason) == ("failed", "error")
+    assert [await step_failures(j) for j in (a, b, n)] == [0, 0, 0]
+    assert {(await d.store.state(j)).status for j in (a, b, n)} == {"queued"}

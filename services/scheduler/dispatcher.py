@@ -290,15 +290,22 @@ class Dispatcher:
 
     async def _on_step_failed(self, s: WorkerSession, ev: wpb.StepFailed) -> None:
         """The worker dropped these jobs. Each goes back to the queue (it keeps its tokens); a job charged with the
-        failure (the worker names them: those new to the batch, else all in the step) fails with a clear status once
-        it has been charged --max-step-failures times, which points at the job itself. The others are not charged:
-        one request that breaks every step it joins must not fail the jobs that happened to share its steps."""
+        failure fails with a clear status once it has been charged --max-step-failures times, which points at the
+        job itself. The worker names whom to charge (those new to the batch, else all in the step) and LiveState.blame
+        narrows that down: one request that breaks every step it is in must not fail the jobs that shared its steps."""
         log.error("worker %s: engine step failed with %d jobs: %s", s.worker_id, len(ev.job_ids), ev.error)
-        charged = set(ev.charged_job_ids if ev.charges_named else ev.job_ids)
+        known = []
         for job_id in ev.job_ids:
             self.state.left_worker(job_id, s.worker_id)    # the worker dropped any host copy too
-            if await self._record(job_id) is None:
-                continue
+            if await self._record(job_id) is not None:
+                known.append(job_id)
+        named = list(ev.charged_job_ids if ev.charges_named else ev.job_ids)
+        charged = self.state.blame(named)
+        if len(named) > 1 and not charged:
+            metrics.SUSPECTED.inc(len(named))
+            log.warning("worker %s: no one job to blame for the failed step: its %d jobs are suspects and run apart "
+                        "until one breaks a step alone", s.worker_id, len(named))
+        for job_id in known:
             score = self.policy.queue_score(self.state.view(job_id), self.cost)
             outcome = await self.store.fail_step(job_id, s.worker_id, score, self.cfg.max_step_failures,
                                                  charge=job_id in charged)

@@ -25,6 +25,9 @@ R = TypeVar("R")     # what the owner keeps with a job (the dispatcher: its JobR
 # enough to follow the load as it changes.
 WAIT_WINDOW_S = 20.0
 WAIT_MARK_S = 0.25     # at most one mark this often (a tick is 50 ms; the simulator decides far more often)
+# A suspect (see LiveState.blame) is cleared once it has generated this many tokens past the failure: a request that
+# breaks steps while decoding breaks the next one it is in, so a job that decodes this far was not the cause.
+SUSPECT_CLEAR_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -54,9 +57,9 @@ class JobFacts:
 
 
 def job_view(f: JobFacts, generated: int = 0, running: bool = False, kv_on: str = "",
-             preemptions: int = 0, parked: bool = False) -> JobView:
+             preemptions: int = 0, parked: bool = False, suspect: bool = False) -> JobView:
     return JobView(f.job_id, f.priority, f.created, f.prompt_len, f.max_tokens, f.pred_len, f.pred_p90, f.predicted,
-                   generated, running, kv_on, f.pred_deciles, preemptions, parked)   # positional: the cheapest way
+                   generated, running, kv_on, f.pred_deciles, preemptions, parked, suspect)   # positional: the cheapest way
 
 
 @dataclass
@@ -94,7 +97,12 @@ class _Job(Generic[R]):
     kv_on: str = ""                # the worker that keeps its KV while it waits...
     parked: bool = False           # ... on its GPU (else swapped out to its host memory)
     preemptions: int = 0
+    suspect_until: int = 0         # a suspect until it has generated this many tokens (see LiveState.blame)
     views: list = field(default_factory=lambda: [None, None])   # last views built (waiting, running)
+
+    @property
+    def suspect(self) -> bool:
+        return self.generated < self.suspect_until
 
 
 class LiveState(Generic[R]):
@@ -157,9 +165,25 @@ class LiveState(Generic[R]):
         job = self._jobs[job_id]
         v = job.views[running]
         if (v is None or v.generated != job.generated or v.kv_on != job.kv_on
-                or v.preemptions != job.preemptions or v.parked != job.parked):
-            v = job.views[running] = job_view(job.facts, job.generated, running, job.kv_on, job.preemptions, job.parked)
+                or v.preemptions != job.preemptions or v.parked != job.parked or v.suspect != job.suspect):
+            v = job.views[running] = job_view(job.facts, job.generated, running, job.kv_on, job.preemptions, job.parked,
+                                              job.suspect)
         return v
+
+    def blame(self, charged: Iterable[str]) -> set[str]:
+        """Which of the jobs a worker charged with a failed step (those new to its batch, else all in the step)
+        are charged here. A worker cannot tell a request that breaks every step it decodes in from the jobs that
+        shared those steps, so a failure shared by several jobs, none of them suspect, charges none: they become
+        suspects, which run with no other suspect (Placement) until each has decoded SUSPECT_CLEAR_TOKENS past
+        this point. If one of them breaks a step again, it is the only suspect there, and it alone is charged.
+        (A failure that does not come from any one job charges one suspect at a time, so it still ends.)"""
+        jobs = {j: job for j in charged if (job := self._jobs.get(j)) is not None}
+        suspects = {j for j, job in jobs.items() if job.suspect}
+        if suspects or len(jobs) <= 1:
+            return suspects or set(jobs)
+        for job in jobs.values():
+            job.suspect_until = job.generated + SUSPECT_CLEAR_TOKENS
+        return set()
 
     # -- workers ---------------------------------------------------------------------------------
     def add_worker(self, worker: WorkerState) -> None:
@@ -258,7 +282,7 @@ class LiveState(Generic[R]):
         job = self._jobs[job_id]
         keeps = mode is not None and mode.keeps_kv
         return job_view(job.facts, job.generated, False, worker_id if keeps else "", job.preemptions + counted,
-                        mode is PreemptMode.PARK)
+                        mode is PreemptMode.PARK, job.suspect)
 
     def kept_kv(self, job_id: str, worker_id: str, parked: bool) -> None:
         """The worker keeps the job's KV (on its GPU when `parked`, else in host memory): placing it there again

@@ -47,6 +47,8 @@ PREDICTOR_UP = _labelled(Gauge, "alise:predictor_available", "1 if the last Pred
 REQUEUED_LOST = _labelled(Counter, "alise:jobs_requeued_worker_lost", "Jobs requeued because their worker went away")
 REJECTED = _labelled(Counter, "alise:requests_rejected", "Requests refused at admission", ("field",))
 FAILED = _labelled(Counter, "alise:jobs_failed", "Jobs failed after too many failed engine steps on their workers")
+SUSPECTED = _labelled(Counter, "alise:jobs_suspected",
+                      "Jobs of a failed engine step with no one job to blame, run apart until one breaks a step alone")
 
 _INDEX = re.compile(r"\[\d+\]")
 

@@ -105,8 +105,8 @@ class AlisePolicy:
         for job in snap.fresh:
             if wait and snap.now - job.created < wait:
                 continue                             # not yet (`fresh` is oldest first only roughly)
-            if job.generated or job.kv_on or job.job_id in assigned:   # has its first token or KV, or runs now
-                continue
+            if job.generated or job.kv_on or job.job_id in assigned or job.suspect:   # has its first token or KV,
+                continue                                                                 # runs now, or runs apart
             fits = [wid for wid, (blocks, n) in room.items() if n > 0 and blocks >= by_id[wid].blocks_needed(job)]
             if not fits:
                 continue                             # a shorter prompt further down may still fit

@@ -29,6 +29,7 @@ class JobView(NamedTuple):
     pred_deciles: tuple[float, ...] = ()
     preemptions: int = 0       # times this scheduler has preempted it
     parked: bool = False       # that KV is on kv_on's GPU: resuming there is immediate and needs no new blocks
+    suspect: bool = False      # was in a failed step with other jobs and no one to blame: runs with no other suspect
 
     @property
     def remaining_tokens(self) -> float:
@@ -55,6 +56,10 @@ class WorkerView:
 
     def blocks_needed(self, job: JobView) -> int:
         return -(-(job.prompt_len + job.generated + 1) // self.block_size)
+
+    @property
+    def holds_suspect(self) -> bool:
+        return any(job.suspect for job in self.running)
 
 
 @dataclass(frozen=True)
@@ -87,11 +92,13 @@ class Policy(Protocol):
 class _Room:
     slots: int
     blocks: int
+    suspect: bool = False      # a suspect runs (or was just placed) here: no second one may join it
 
 
 @dataclass
 class Placement:
-    """Greedy placement of queued jobs, in order, on workers with a free slot and enough KV blocks."""
+    """Greedy placement of queued jobs, in order, on workers with a free slot and enough KV blocks; at most one
+    suspect on a worker (LiveState.blame: if a step fails again, the worker's step holds one job to blame)."""
     assign: list[tuple[str, str]] = field(default_factory=list)
     unplaced: list[JobView] = field(default_factory=list)
 
@@ -99,7 +106,7 @@ class Placement:
     def greedy(cls, snap: Snapshot) -> "Placement":
         # parked KV counts as room: the worker gives it up for a job it runs (a parked job placed on its own
         # worker takes its own blocks back out of that room)
-        room = {w.worker_id: _Room(w.max_batch - len(w.running), w.free_blocks + w.parked_blocks)
+        room = {w.worker_id: _Room(w.max_batch - len(w.running), w.free_blocks + w.parked_blocks, w.holds_suspect)
                 for w in snap.workers if not w.draining}
         by_id = {w.worker_id: w for w in snap.workers}
         out = cls()
@@ -115,6 +122,7 @@ class Placement:
             room[target].slots -= 1
             slots -= 1
             room[target].blocks -= by_id[target].blocks_needed(job)
+            room[target].suspect |= job.suspect
             out.assign.append((job.job_id, target))
         return out
 
@@ -129,7 +137,8 @@ def preempt_for_waiting(unplaced: list[JobView], workers: list[WorkerView], vict
     for waiting in unplaced:
         if skip(waiting):
             continue
-        found = victim(waiting, open_workers)
+        # a suspect could not be placed beside another one: a slot freed there would go to someone else
+        found = victim(waiting, [w for w in open_workers if not w.holds_suspect] if waiting.suspect else open_workers)
         if found is None:
             break
         job, worker = found
@@ -139,7 +148,8 @@ def preempt_for_waiting(unplaced: list[JobView], workers: list[WorkerView], vict
 
 
 def _pick_worker(job: JobView, room: dict[str, _Room], workers: dict[str, WorkerView]) -> str | None:
-    fits = [w for w, r in room.items() if r.slots > 0 and r.blocks >= workers[w].blocks_needed(job)]
+    fits = [w for w, r in room.items()
+            if r.slots > 0 and r.blocks >= workers[w].blocks_needed(job) and not (job.suspect and r.suspect)]
     if not fits:
         return None
     if job.kv_on in fits:               # its KV is already there: resume without recompute
