@@ -75,6 +75,16 @@ class Completion:
     usage: Usage
     timings: Timings
 
+    @classmethod
+    def from_message(cls, done: pb.GenerateComplete, token_ids: Sequence[int] = ()) -> "Completion":
+        """The completion a stream's last message describes (its token ids come in the chunks before it)."""
+        t = done.timings
+        return cls(request_id=done.request_id, text=done.text, token_ids=tuple(token_ids),
+                   finish_reason=_FINISH.get(done.finish_reason, FinishReason.ERROR),
+                   usage=Usage(done.usage.prompt_tokens, done.usage.completion_tokens),
+                   timings=Timings(t.queue_seconds, t.ttft_seconds, t.e2e_seconds, t.predicted_output_tokens,
+                                   t.num_preemptions))
+
 
 class AliseError(Exception):
     """A refused or failed call: `code` is the gRPC status name (INVALID_ARGUMENT, UNAUTHENTICATED, ...).
@@ -125,15 +135,6 @@ def build_request(prompt: str | None = None, *, messages: Sequence[dict] | None 
     return req
 
 
-def _completion(done: pb.GenerateComplete, token_ids: list[int]) -> Completion:
-    t = done.timings
-    return Completion(request_id=done.request_id, text=done.text, token_ids=tuple(token_ids),
-                      finish_reason=_FINISH.get(done.finish_reason, FinishReason.ERROR),
-                      usage=Usage(done.usage.prompt_tokens, done.usage.completion_tokens),
-                      timings=Timings(t.queue_seconds, t.ttft_seconds, t.e2e_seconds, t.predicted_output_tokens,
-                                      t.num_preemptions))
-
-
 def _credentials(address: str, api_key: str | None, tls_ca: str | None, insecure: bool) -> grpc.ChannelCredentials | None:
     """TLS credentials verifying the server with `tls_ca`; None (plaintext) only where a key cannot leak: a
     loopback address, no key, or an explicit insecure=True."""
@@ -169,7 +170,7 @@ class Stream:
         if response.HasField("chunk"):
             self._tokens.extend(response.chunk.token_ids)
             return Chunk(response.chunk.text, tuple(response.chunk.token_ids))
-        self.completion = _completion(response.complete, self._tokens)
+        self.completion = Completion.from_message(response.complete, self._tokens)
         if (error := AliseError.unanswered(self.completion)) is not None:
             raise error
         return None

@@ -10,6 +10,7 @@ import uuid
 from urllib.parse import urlsplit
 
 import grpc
+from alise.client import AliseError, Completion
 from alise.v1 import generate_pb2 as pb
 from alise.v1 import generate_pb2_grpc as pb_grpc
 from google.protobuf.json_format import MessageToDict
@@ -117,10 +118,8 @@ def generate_exit_code(request_id: str, final: pb.GenerateComplete | None) -> in
     if final is None:
         print(f"error: request {request_id}: the stream ended without a completion", file=sys.stderr)
         return 1
-    why = {pb.FINISH_REASON_ERROR: "the engine failed while serving it",
-           pb.FINISH_REASON_ABORTED: "it was aborted"}.get(final.finish_reason)
-    if why is not None:
-        print(f"error: request {request_id}: {why}, after {final.usage.completion_tokens} tokens", file=sys.stderr)
+    if (error := AliseError.unanswered(Completion.from_message(final))) is not None:   # the SDK's words
+        print(f"error: {error.message}", file=sys.stderr)
         return 1
     return 0
 

@@ -165,11 +165,8 @@ class AliseServicer(pb_grpc.AliseServicer):
             await store_unavailable(context, e)
         finally:
             self.d.hub.unsubscribe(job_id, events)
-            # The client went away (cancel, disconnect, deadline): free the job's slot and KV blocks, unless
-            # another stream still follows it (a retry re-attached), or this scheduler is shutting down (the
-            # job lives on in Redis and the client re-attaches).
-            if owner and not done and client_left and not self.closing and not self.d.hub.watched(job_id):
-                self._abort_unless_reattached(job_id, v.fingerprint)
+            if owner and not done and client_left:    # the client went away (cancel, disconnect, deadline)
+                self._left(job_id, v.fingerprint)
 
     async def _submit(self, v: ValidRequest, tenant: Tenant, job_id: str) -> CreateOutcome:
         """The job's creation, which a client leaving cannot cut short: if it leaves while Redis creates the job,
@@ -180,11 +177,9 @@ class AliseServicer(pb_grpc.AliseServicer):
             return await asyncio.shield(creating)
         except asyncio.CancelledError:
             def left(done: asyncio.Future) -> None:
-                if done.cancelled() or done.exception() is not None:
-                    return
-                if done.result() in (CreateOutcome.CREATED, CreateOutcome.SAME_REQUEST) \
-                        and not self.d.hub.watched(job_id) and not self.closing:
-                    self._abort_unless_reattached(job_id, v.fingerprint)
+                if not done.cancelled() and done.exception() is None \
+                        and done.result() in (CreateOutcome.CREATED, CreateOutcome.SAME_REQUEST):
+                    self._left(job_id, v.fingerprint)
             creating.add_done_callback(left)
             raise
 
@@ -236,6 +231,13 @@ class AliseServicer(pb_grpc.AliseServicer):
             seen = event.first_token + len(response.chunk.token_ids)
             chars += len(response.chunk.text)
             yield response
+
+    def _left(self, job_id: str, fingerprint: str) -> None:
+        """A client's stream left its job: free the job's slot and KV blocks after the re-attach grace, unless
+        another stream still follows it (a retry re-attached), or this scheduler is shutting down (the job lives
+        on in Redis and the client re-attaches)."""
+        if not self.closing and not self.d.hub.watched(job_id):
+            self._abort_unless_reattached(job_id, fingerprint)
 
     def _abort_unless_reattached(self, job_id: str, fingerprint: str) -> None:
         """Abort the job once it has gone reattach_grace_s without a stream: a client whose connection dropped
