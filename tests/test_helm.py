@@ -89,7 +89,11 @@ def test_secure_by_default_credentials_persistence():
     redis = redis_set["template"]["spec"]
     args = redis["containers"][0]["args"]
     assert args[args.index("--appendonly") + 1] == "yes" and args[args.index("--appendfsync") + 1] == "everysec"
-    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    # the password in a file an init container writes from the environment, never in an argument (review, session 22)
+    assert args[0] == "/auth/redis.conf" and not any("PASSWORD" in a or "requirepass" in a for a in args)
+    init = redis["initContainers"][0]
+    assert "requirepass" in init["command"][-1] and "$REDIS_PASSWORD" in init["command"][-1]
+    assert [e["name"] for e in init["env"]] == ["REDIS_PASSWORD"] and "env" not in redis["containers"][0]
     claim = redis_set["volumeClaimTemplates"][0]          # a StatefulSet: one Redis, its own volume, kept
     assert claim["metadata"]["name"] == redis["containers"][0]["volumeMounts"][0]["name"] == "data"
     assert claim["spec"]["resources"]["requests"]["storage"] == "8Gi"
@@ -125,6 +129,10 @@ def test_tls_on_every_link_with_mtls_between_services(tmp_path):
     assert {"--mtls", "--health-listen=0.0.0.0:50072"} <= set(containers["predictor"]["args"])
     assert {"--tls-ca=/etc/alise/tls/ca.crt", "--tls-cert=/etc/alise/tls/tls.crt"} <= set(containers["worker"]["args"])
     assert containers["scheduler"]["readinessProbe"]["grpc"]["port"] == 50071      # probes cannot do TLS
+    worker_tls = next(v for v in deployments(docs)["worker"]["volumes"] if v["name"] == "tls")["secret"]
+    assert "items" not in worker_tls                                  # mTLS: the worker presents a certificate
+    one_way = next(v for v in deployments(render({"tls": {"mtls": False}}))["worker"]["volumes"] if v["name"] == "tls")
+    assert one_way["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]   # else the CA only: no key on a worker
     plain = render({"tls": {"enabled": False}})
     scheduler = by_name(plain, "Deployment", "demo-alise-scheduler")["spec"]["template"]["spec"]["containers"][0]
     assert not any(a.startswith("--tls") for a in scheduler["args"]) and scheduler["readinessProbe"]["grpc"]["port"] == 50051
@@ -153,6 +161,8 @@ def test_refuses_to_install_without_client_credentials():
     ({"redis": {"enabled": False}}, "redis.externalUrl"),
     ({"scheduler": {"modelName": "other"}}, "modelName"),
     ({"predictor": {"encoder": "bert"}}, "predictor.encoder"),
+    ({"predictor": {"replicas": 2, "modelPvc": "p"}}, "predictor.replicas"),      # two writers of one saved state
+    ({"worker": {"modelPath": "/mnt/llama"}}, "worker.modelPath"),                 # outside the model volume
 ])
 def test_bad_values_fail_with_the_value_named(values, message):
     with pytest.raises(helm.HelmError, match=message):
@@ -226,6 +236,19 @@ def test_disruption_budgets_and_spread_for_replicated_components():
     assert spread["topologyKey"] == "kubernetes.io/hostname"
     assert spread["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "worker"
     assert not any(d["kind"] == "PodDisruptionBudget" for d in render())      # one replica each: no budget
+    # under KEDA the worker count is its floor, not worker.replicas (review, session 22: no budget at all)
+    keda = render({"autoscaling": {"enabled": True, "minReplicas": 2}})
+    assert any(d["kind"] == "PodDisruptionBudget" and d["metadata"]["name"] == "demo-alise-worker" for d in keda)
+
+
+def test_workers_roll_without_a_spare_gpu_and_no_pod_gets_an_api_token():
+    """Review, session 22: the default rolling update adds a pod first, which waits for a GPU a full pool does not
+    have; and every pod got a service-account token though no ALISE service calls the Kubernetes API."""
+    docs = render()
+    rolling = by_name(docs, "Deployment", "demo-alise-worker")["spec"]["strategy"]
+    assert rolling == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    for name, spec in deployments(docs).items():
+        assert spec["automountServiceAccountToken"] is False, name
 
 
 def test_the_chart_declares_the_kubernetes_it_needs():
@@ -252,7 +275,10 @@ def test_keda_scales_workers_on_queued_predicted_work_and_a_podmonitor_scrapes_e
     assert scaled["scaleTargetRef"]["name"] == "demo-alise-worker" and scaled["maxReplicaCount"] == 6
     trigger = scaled["triggers"][0]
     assert trigger["type"] == "prometheus" and trigger["metadata"]["threshold"] == "45"
-    assert trigger["metadata"]["query"] == 'sum(alise:queued_predicted_work_seconds{model_name="llama-3-8b"})'
+    # this release's series only (the PodMonitor labels each with its release)
+    assert trigger["metadata"]["query"] == ('sum(alise:queued_predicted_work_seconds{model_name="llama-3-8b",'
+                                            'namespace="llm",app_kubernetes_io_instance="demo"})')
+    assert by_name(docs, "PodMonitor", "demo-alise")["spec"]["podTargetLabels"] == ["app.kubernetes.io/instance"]
     assert "replicas" not in by_name(docs, "Deployment", "demo-alise-worker")["spec"]     # KEDA's to set
     monitor = by_name(docs, "PodMonitor", "demo-alise")["spec"]
     assert monitor["podMetricsEndpoints"][0]["port"] == "metrics"
@@ -319,3 +345,7 @@ def test_the_scheduler_and_worker_accept_every_flag_the_chart_gives_them():
     assert (cfg.park_wait_factor, cfg.park_after_s, cfg.max_parking, cfg.aging_s) == (2.5, 1.0, 4, 40.0)
     worker = by_name(docs, "Deployment", "demo-alise-worker")["spec"]["template"]["spec"]["containers"][0]
     WorkerConfig.from_args([a for a in worker["args"] if a.startswith("--")])
+    # a cap the schema accepts starts the scheduler too (review, session 22: under 256 it crash-looped)
+    low = by_name(render({"scheduler": {"maxTokensCap": 128}}), "Deployment", "demo-alise-scheduler")
+    args = [a for a in low["spec"]["template"]["spec"]["containers"][0]["args"] if a.startswith("--")]
+    assert SchedulerConfig.from_args(args).default_max_tokens == 128

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import MISSING, fields
 from enum import Enum
 from typing import TypeVar
 
@@ -16,7 +17,10 @@ T = TypeVar("T")
 
 def config_from_args(cls: type[T], description: str, env_prefix: str, argv: list[str] | None = None) -> T:
     p = argparse.ArgumentParser(description=description)
-    for name, default in cls().__dict__.items():
+    # the fields' declared defaults, not a default instance's values: __post_init__ may derive a value from
+    # others (a 0 meaning "from max_tokens_cap"), and the derivation must see the flags given
+    for name, default in ((f.name, f.default if f.default is not MISSING else f.default_factory())
+                          for f in fields(cls) if f.init):
         env = os.environ.get(env_prefix + name.upper())
         flag = "--" + name.replace("_", "-")
         if isinstance(default, bool):         # --name / --no-name; a field that defaults to True stays True

@@ -51,7 +51,7 @@ class SchedulerConfig:
     # a request's max_tokens bounds its predicted length (it cannot run longer). Off for benchmarks that force
     # each output's length through max_tokens (ignore_eos): there it would tell the scheduler the true length
     predict_within_max_tokens: bool = True
-    default_max_tokens: int = 256
+    default_max_tokens: int = 0                 # a request without max_tokens; 0: min(256, max_tokens_cap)
     prior_output_tokens: float = 128.0          # used when the predictor is unreachable
     max_queued_jobs: int = 10_000               # queue bound: RESOURCE_EXHAUSTED beyond it
     max_queued_work_s: float = 0.0              # bound on predicted seconds of queued work; 0 = no bound
@@ -97,6 +97,8 @@ class SchedulerConfig:
         object.__setattr__(self, "preempt_mode", PreemptMode(self.preempt_mode))   # its value ("swap") is accepted too
         if self.worker_mtls and not (self.tls_cert and self.tls_ca):
             raise ValueError("worker_mtls needs tls_cert, tls_key and tls_ca")
+        if self.default_max_tokens == 0:      # a cap under 256 must not need this flag too (the chart sets only the cap)
+            object.__setattr__(self, "default_max_tokens", min(256, self.max_tokens_cap))
         if not 0 < self.default_max_tokens <= self.max_tokens_cap:
             raise ValueError("default_max_tokens must be in (0, max_tokens_cap]")
 

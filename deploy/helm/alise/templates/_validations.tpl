@@ -33,6 +33,12 @@
 {{- if and (eq $w.modelSource "hub") (not $w.hubModelId) -}}
 {{- fail "worker.hubModelId is required with worker.modelSource=hub (e.g. meta-llama/Meta-Llama-3-8B-Instruct)" -}}
 {{- end -}}
+{{- if and .Values.predictor.modelPvc (gt (int .Values.predictor.replicas) 1) -}}
+{{- fail "predictor.replicas must be 1 with predictor.modelPvc: each replica saves what it learned to that volume, and replicas would overwrite each other's files (a ReadWriteOnce volume cannot even attach to two nodes)" -}}
+{{- end -}}
+{{- if not (hasPrefix "/models/" $w.modelPath) -}}
+{{- fail (printf "worker.modelPath must be under /models/, where the model volume is mounted (got %q)" $w.modelPath) -}}
+{{- end -}}
 {{- if ne .Values.scheduler.modelName $w.modelName -}}
 {{- fail "scheduler.modelName and worker.modelName must match" -}}
 {{- end -}}
