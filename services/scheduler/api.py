@@ -36,6 +36,7 @@ STATUSES = {"queued": pb.JOB_STATUS_QUEUED, "running": pb.JOB_STATUS_RUNNING, "f
             "aborted": pb.JOB_STATUS_ABORTED, "failed": pb.JOB_STATUS_FAILED}
 VERSION = "0.2.0"
 LIVENESS_S = 15.0          # a stream with no event this long checks its job in Redis (never waits forever)
+RETRY_ABORT_MAX_S = 10.0   # the longest wait between tries to abort a left job while Redis is unavailable
 
 
 class JobLost(Exception):
@@ -93,7 +94,8 @@ class AliseServicer(pb_grpc.AliseServicer):
     async def _validate(self, request, tenant: Tenant, context) -> ValidRequest:
         try:
             # tokenizing (and rendering a chat template) is CPU work: keep the event loop free for others
-            v = await asyncio.to_thread(validate, request, self.d.cfg, self.tok, self.max_model_len)
+            v = await asyncio.to_thread(validate, request, self.d.cfg, self.tok,
+                                       self.d.context_limit(self.max_model_len))
         except InvalidRequest as e:
             metrics.REJECTED.labels(field=metric_field(e.field)).inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -245,28 +247,35 @@ class AliseServicer(pb_grpc.AliseServicer):
         grace runs from the job's last stream leaving (a re-attach cancels it), and only this request's job is
         aborted (its id may be taken by a new request once it has ended)."""
         async def later():
-            await asyncio.sleep(self.d.cfg.reattach_grace_s)
-            if self._pending_aborts.get(job_id) is task:
-                del self._pending_aborts[job_id]
-            if self.closing or self.d.hub.watched(job_id):
-                return
             try:
-                state = await self.store.state(job_id)
-            except REDIS_UNAVAILABLE:
-                return                             # the orphan sweep or the client's own Abort ends it later
-            if state is not None and state.record.fingerprint == fingerprint and state.status not in FINAL_STATUSES:
-                await self._abort_quietly(job_id)
+                await asyncio.sleep(self.d.cfg.reattach_grace_s)
+                await self._abort_left_job(job_id, fingerprint)
+            finally:
+                if self._pending_aborts.get(job_id) is task:
+                    del self._pending_aborts[job_id]
 
         if (earlier := self._pending_aborts.pop(job_id, None)) is not None:
             earlier.cancel()                       # the grace runs from the last stream's leaving
         task = asyncio.create_task(later())
-        self._pending_aborts[job_id] = task        # held: a task nobody references may be collected
+        self._pending_aborts[job_id] = task        # held: a task nobody references may be collected; a re-attach
+                                                   # cancels it, during the grace or the retries below
 
-    async def _abort_quietly(self, job_id: str) -> None:
-        try:
-            await self.d.abort(job_id)
-        except REDIS_UNAVAILABLE:
-            log.warning("could not abort %s: job store unavailable (the orphan sweep frees it later)", job_id)
+    async def _abort_left_job(self, job_id: str, fingerprint: str) -> None:
+        """Abort this request's job unless it has ended or a stream follows it again. While Redis is unavailable
+        it tries again, backing off up to RETRY_ABORT_MAX_S (before, the abort was dropped: nothing else aborts a
+        job left running, which ran to max_tokens holding its tenant's live-job slot)."""
+        delay = 0.5
+        while not self.closing and not self.d.hub.watched(job_id):
+            try:
+                state = await self.store.state(job_id)
+                if state is not None and state.record.fingerprint == fingerprint and state.status not in FINAL_STATUSES:
+                    await self.d.abort(job_id)
+                return
+            except REDIS_UNAVAILABLE as e:
+                log.warning("could not abort %s, left by its client: job store unavailable (%s); again in %.1f s",
+                            job_id, e, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, RETRY_ABORT_MAX_S)
 
     # -- the other calls -----------------------------------------------------------------------------
     async def Abort(self, request, context):
@@ -297,7 +306,7 @@ class AliseServicer(pb_grpc.AliseServicer):
 
     async def GetServerInfo(self, request, context):
         await self._tenant(request, context)
-        return pb.ServerInfo(model=self.d.cfg.model_name, max_model_len=self.max_model_len,
+        return pb.ServerInfo(model=self.d.cfg.model_name, max_model_len=self.d.context_limit(self.max_model_len),
                              max_tokens_cap=self.d.cfg.max_tokens_cap, policy=self.d.cfg.policy, version=VERSION)
 
     def _worker_view(self, s) -> pb.WorkerLoadView:

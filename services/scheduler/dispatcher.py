@@ -7,6 +7,7 @@ this class does the I/O: Redis, the predictor, and commands to the worker sessio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -23,6 +24,7 @@ from services.scheduler.job_events import JobEvent, JobEventHub
 from services.scheduler.job_messages import FINISH_NAMES, complete_message
 from services.scheduler.job_store import (FINAL_STATUSES, CreateOutcome, JobRecord, JobStore, RequeueCause,
                                          StepFailureOutcome)
+from services.scheduler.keyed_locks import KeyedLocks
 from services.scheduler.live_state import JobFacts, LiveState, WorkerState, job_view
 from services.scheduler.policies import make_policy, policy_options
 from services.scheduler.policies.base import Snapshot
@@ -60,6 +62,8 @@ class Dispatcher:
         self.policy = make_policy(cfg.policy, **policy_options(cfg))
         self.cost = ExecTimeModel()
         self.sessions: dict[str, WorkerSession] = {}
+        self._worker_turns = KeyedLocks()            # a worker id's sessions join, leave and are swept one at a time
+        self._strays: dict[str, set[str]] = {}       # worker id -> strays the last sweep found there
         self.state: LiveState[JobRecord] = LiveState(knee_share=cfg.knee_share)
         self.queued_work_s = 0.0                     # predicted seconds of queued work, as of the last tick
         self._wake = asyncio.Event()
@@ -84,6 +88,12 @@ class Dispatcher:
             self.state.track(self._facts(rec), rec)
             self.wake()
         return outcome
+
+    def context_limit(self, model_limit: int) -> int:
+        """The longest context a request may ask for now: the model's, within the largest that a connected worker
+        runs (a worker's is capped by its KV pool). Before, a longer prompt was accepted and waited for good for a
+        worker that could hold it. With no worker connected, the model's (requests wait for workers to come)."""
+        return min(model_limit, max((s.max_model_len for s in self.sessions.values()), default=model_limit))
 
     def _prediction_bound(self, max_tokens: int) -> int:
         return max_tokens if self.cfg.predict_within_max_tokens else self.cfg.max_tokens_cap
@@ -151,6 +161,16 @@ class Dispatcher:
         """Send the job to the worker; with `park`, to be prefilled there and parked after its first token."""
         if not await self.store.claim(job_id, s.worker_id):
             return                                       # aborted or taken meanwhile
+        try:
+            await self._send_claimed(job_id, s, park)
+        except Exception:
+            # claimed in Redis, never sent: it goes back to the queue (before, it stayed "running" on a worker that
+            # never had it, for good). If Redis fails here too, the sweep of strays does it (_requeue_strays).
+            with contextlib.suppress(Exception):
+                await self._requeue(job_id, s.worker_id)
+            raise
+
+    async def _send_claimed(self, job_id: str, s: WorkerSession, park: bool) -> None:
         tokens, text = await self.store.output(job_id)
         if (rec := self.state.payload(job_id)) is None:
             return                                       # aborted while we awaited Redis: abort() told the worker
@@ -191,25 +211,38 @@ class Dispatcher:
 
     # -- worker sessions -------------------------------------------------------------------------
     async def worker_joined(self, s: WorkerSession) -> bool:
-        """Register the session; False if another session took its worker id while we awaited Redis."""
+        """Register the session; False if another session holds its worker id. A worker id's sessions join and
+        leave one at a time (`_worker_turns`): a worker that redials at once waits for its lost session's jobs to
+        be requeued (before, the lost session's requeue went on over the new session's jobs, which the next tick
+        had placed on the same id: they were pulled from under the worker that ran them)."""
+        async with self._worker_turns.hold(s.worker_id):
+            return await self._join(s)
+
+    async def _join(self, s: WorkerSession) -> bool:
+        if s.worker_id in self.sessions:
+            return False
         # A (re)connecting worker holds no jobs: whatever Redis still records on its id (a session lost
         # while Redis was away) goes back to the queue before the new session can take work.
         for job_id in await self.store.worker_job_ids(s.worker_id):
             await self._requeue(job_id, s.worker_id)
         await self.store.register_worker(s.worker_id, {"model": s.model, "num_blocks": str(s.num_blocks),
                                                        "max_batch": str(s.max_batch)}, self.cfg.worker_ttl_s)
-        if s.worker_id in self.sessions:
-            return False
         self.sessions[s.worker_id] = s
-        self.state.add_worker(WorkerState(s.worker_id, s.block_size, s.num_blocks, s.max_batch))
+        self.state.add_worker(WorkerState(s.worker_id, s.block_size, s.num_blocks, s.max_batch,
+                                          max_model_len=s.max_model_len))
         log.info("worker %s joined (%d blocks of %d, batch %d)", s.worker_id, s.num_blocks, s.block_size, s.max_batch)
         self.wake()
         return True
 
     async def worker_lost(self, s: WorkerSession) -> None:
+        async with self._worker_turns.hold(s.worker_id):
+            await self._leave(s)
+
+    async def _leave(self, s: WorkerSession) -> None:
         if self.sessions.get(s.worker_id) is not s:
             return                                           # never joined (registration failed)
         del self.sessions[s.worker_id]
+        self._strays.pop(s.worker_id, None)
         held = self.state.remove_worker(s.worker_id)
         try:
             for job_id in held:
@@ -223,16 +256,40 @@ class Dispatcher:
 
     async def recover_orphans(self) -> int:
         """Jobs recorded as running on workers that are not connected go back to the queue: at startup
-        (workers of a previous scheduler) and periodically (anything a lost session left behind)."""
+        (workers of a previous scheduler) and periodically (anything a lost session left behind); so do the strays
+        of connected workers (_requeue_strays)."""
         n = 0
+        for worker_id in list(self.sessions):
+            async with self._worker_turns.hold(worker_id):
+                if worker_id in self.sessions:
+                    n += await self._requeue_strays(worker_id)
         for worker_id in await self.store.known_workers():
-            if worker_id in self.sessions:
-                continue
-            for job_id in await self.store.worker_job_ids(worker_id):
-                await self._requeue(job_id, worker_id)
-                n += 1
-            await self.store.forget_worker(worker_id)
+            async with self._worker_turns.hold(worker_id):   # not while a session of it joins or leaves
+                if worker_id in self.sessions:
+                    continue
+                for job_id in await self.store.worker_job_ids(worker_id):
+                    await self._requeue(job_id, worker_id)
+                    n += 1
+                await self.store.forget_worker(worker_id)
         return n
+
+    async def _requeue_strays(self, worker_id: str) -> int:
+        """Jobs Redis records as running on a connected worker that this scheduler has not placed there: a claim
+        whose job was never sent (Redis failed in between), or a report whose Redis update failed after LiveState
+        had already let the job go. Nothing else would ever move them. A stray is requeued when two sweeps in a row
+        find it (a message handler between its two updates is not one), and the worker is told to drop any copy."""
+        placed = self.state.placed_on(worker_id)
+        strays = {j for j in await self.store.worker_job_ids(worker_id) if j not in placed}
+        seen_before, self._strays[worker_id] = self._strays.get(worker_id, set()), strays
+        confirmed = strays & seen_before
+        for job_id in confirmed:
+            log.warning("job %s was recorded as running on worker %s, which was never sent it: requeued",
+                        job_id, worker_id)
+            if (s := self.sessions.get(worker_id)) is not None:
+                s.send(abort=wpb.AbortJob(job_id=job_id))
+            await self._requeue(job_id, worker_id)
+        self._strays[worker_id] -= confirmed
+        return len(confirmed)
 
     async def on_worker_message(self, s: WorkerSession, msg: wpb.WorkerMessage) -> None:
         kind = msg.WhichOneof("kind")

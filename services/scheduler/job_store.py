@@ -248,14 +248,15 @@ class JobStore:
         return await self.r.zcard(keys.QUEUE)
 
     async def progress(self, job_id: str) -> tuple[JobRecord, int, int] | None:
-        """The job's record, tokens generated and preemptions the scheduler ordered, read together (a scheduler
-        that starts takes over jobs it has not seen: the count the policies bound must survive it)."""
+        """The live job's record, tokens generated and preemptions the scheduler ordered, read together (a
+        scheduler that starts takes over jobs it has not seen: the count the policies bound must survive it).
+        None for an ended job too: a late worker message about it must not bring it back into LiveState."""
         async with self.r.pipeline(transaction=True) as pipe:
             pipe.hgetall(keys.job(job_id))
             pipe.strlen(keys.job_tokens(job_id))
             raw, token_bytes = await pipe.execute()
         f = {k.decode(): v.decode() for k, v in raw.items()}
-        if not f:
+        if not f or f.get("status") in FINAL_STATUSES:
             return None
         return JobRecord.from_fields(f), token_bytes // TOKEN_BYTES, int(f.get("ordered_preemptions", 0))
 

@@ -76,6 +76,7 @@ class WorkerState:
     reserved_blocks: int = 0       # promised to jobs placed since that report
     draining: bool = False
     admit_limit: int = 0           # sequences the policy may place here (the throughput knee); 0 = max_batch
+    max_model_len: int = 0         # the longest context it runs (0: no bound but its KV)
     speed: WorkerSpeed = field(default_factory=WorkerSpeed)
 
     def __post_init__(self) -> None:
@@ -231,6 +232,11 @@ class LiveState(Generic[R]):
             worker.reserved_blocks += worker.blocks_for(job.facts.prompt_len + job.generated)
         return holder if holder != worker_id and holder in self.workers else ""
 
+    def placed_on(self, worker_id: str) -> set[str]:
+        """The jobs placed on the worker (to run, or to be prefilled and parked) and not yet back."""
+        w = self.workers.get(worker_id)
+        return {*w.jobs, *w.parking} if w is not None else set()
+
     def parking_on(self, job_id: str, worker_id: str) -> bool:
         """The job was sent to the worker to be prefilled and parked (its parking is not a preemption)."""
         return (w := self.workers.get(worker_id)) is not None and job_id in w.parking
@@ -332,6 +338,7 @@ class LiveState(Generic[R]):
             WorkerView(worker_id=w.worker_id, max_batch=w.admit_limit, free_blocks=w.free_blocks,
                        block_size=w.block_size, draining=w.draining, preempting=bool(w.preempting),
                        num_blocks=w.num_blocks, parking=len(w.parking), parked_blocks=self._parked_blocks(w),
+                       max_model_len=w.max_model_len,
                        running=tuple(self.view(j, running=True) for j in w.jobs if j in self._jobs))
             for w in self.workers.values())
         return Snapshot(now=now, queued=queued, workers=workers, fresh=fresh, mean_wait_s=self._mean_wait(now))

@@ -58,7 +58,7 @@ def validate(req: pb.GenerateRequest, cfg: SchedulerConfig, tok: PromptTokenizer
     if not prompt_ids:
         raise InvalidRequest("prompt", "tokenizes to zero tokens")
     if len(prompt_ids) >= max_model_len:
-        raise InvalidRequest("prompt", f"{len(prompt_ids)} tokens; the model's context is {max_model_len}")
+        raise InvalidRequest("prompt", f"{len(prompt_ids)} tokens; the context served is {max_model_len} tokens")
     sampling = _sampling(req.sampling, cfg, max_model_len - len(prompt_ids))
     fingerprint = hashlib.sha256(json.dumps([prompt_ids, sampling.as_dict(), req.priority]).encode()).hexdigest()[:32]
     return ValidRequest(req.request_id or uuid.uuid4().hex, _predictor_text(req), prompt_ids, sampling, req.priority,

@@ -53,6 +53,10 @@ class WorkerView:
     num_blocks: int = 0        # its whole KV pool
     parking: int = 0           # jobs sent here to be prefilled and parked, not back yet
     parked_blocks: int = 0     # KV of jobs parked here (in use, but the worker gives it up first when short)
+    max_model_len: int = 0     # the longest context it runs (0: no bound but its KV)
+
+    def holds_context(self, job: JobView) -> bool:
+        return not self.max_model_len or job.prompt_len + job.generated < self.max_model_len
 
     def blocks_needed(self, job: JobView) -> int:
         return -(-(job.prompt_len + job.generated + 1) // self.block_size)
@@ -148,8 +152,8 @@ def preempt_for_waiting(unplaced: list[JobView], workers: list[WorkerView], vict
 
 
 def _pick_worker(job: JobView, room: dict[str, _Room], workers: dict[str, WorkerView]) -> str | None:
-    fits = [w for w, r in room.items()
-            if r.slots > 0 and r.blocks >= workers[w].blocks_needed(job) and not (job.suspect and r.suspect)]
+    fits = [w for w, r in room.items() if r.slots > 0 and r.blocks >= workers[w].blocks_needed(job)
+            and workers[w].holds_context(job) and not (job.suspect and r.suspect)]
     if not fits:
         return None
     if job.kv_on in fits:               # its KV is already there: resume without recompute

@@ -1,0 +1,206 @@
+"""The scheduler's job state across faults of its own making: a worker that redials at once, Redis failing between
+two updates of one move, late worker messages about ended jobs, requests no worker can hold, a left job's abort
+meeting a Redis outage. The dispatcher and API servicer run in-process over a real Redis; the worker's side of each
+session is played by the test (found by the session-22 review of the job state)."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+import redis.exceptions
+from alise.v1 import worker_pb2 as wpb
+
+from services.scheduler import keys
+from services.scheduler.api import AliseServicer
+from services.scheduler.openai_http import CallAborted, HttpCallContext, to_generate_request
+from services.scheduler.tenants import Tenant, TenantRegistry
+from services.scheduler.tokenizer import PromptTokenizer
+from services.scheduler.worker_sessions import WorkerSession
+from tests.helpers import valid_request
+from tests.test_openai_http_failures import wait_for
+
+TENANT = Tenant("t", "0" * 64)
+
+
+@pytest.fixture
+async def dispatcher(dispatcher_factory):
+    return await dispatcher_factory(policy="fcfs")
+
+
+def session(d, worker_id: str = "w1", max_model_len: int = 2048) -> WorkerSession:
+    return WorkerSession(worker_id, d.cfg.model_name, block_size=16, num_blocks=100, max_batch=4,
+                         max_model_len=max_model_len)
+
+
+def assigns(s: WorkerSession) -> list[str]:
+    out = []
+    while not s.outbox.empty():
+        cmd = s.outbox.get_nowait()
+        if cmd.WhichOneof("kind") == "assign":
+            out.append(cmd.assign.job_id)
+    return out
+
+
+async def submitted(d, *names: str) -> list[str]:
+    for name in names:
+        assert await d.submit(valid_request(name), TENANT)
+    return [keys.job_id(TENANT.name, name) for name in names]
+
+
+async def test_a_worker_that_redials_at_once_keeps_the_jobs_placed_on_its_new_session(dispatcher):
+    """Before, the lost session's requeue went on after the new session had joined under the same worker id and
+    been given the jobs again: they were pulled from under it (queued in Redis while it ran them, sent twice) and
+    its id was dropped from the worker list."""
+    d = dispatcher
+    old = session(d)
+    assert await d.worker_joined(old)
+    jobs = await submitted(d, "a", "b", "c")
+    await d.tick()
+    assert sorted(assigns(old)) == jobs
+    gate, gated = asyncio.Event(), asyncio.Event()
+    requeue = d.store.requeue
+
+    async def slow_requeue(*args, **kwargs):
+        if asyncio.current_task() is lost:          # only the lost session's requeues wait
+            gated.set()
+            await gate.wait()
+        return await requeue(*args, **kwargs)
+
+    d.store.requeue = slow_requeue
+    lost = asyncio.create_task(d.worker_lost(old))
+    await asyncio.wait_for(gated.wait(), 30)
+    new = session(d)
+    join = asyncio.create_task(d.worker_joined(new))
+    await asyncio.wait({join}, timeout=2)           # the old code joins here, and its tick places the jobs
+    if join.done():
+        await d.tick()
+    gate.set()
+    await asyncio.wait_for(lost, 30)
+    assert await asyncio.wait_for(join, 30)
+    await d.tick()
+    sent = assigns(new)
+    assert sorted(sent) == jobs, sent               # each sent once to the new session
+    for job_id in jobs:
+        state = await d.store.state(job_id)
+        assert (state.status, state.worker) == ("running", "w1"), job_id
+    assert "w1" in await d.store.known_workers()
+
+
+async def test_a_job_claimed_but_never_sent_goes_back_to_the_queue(dispatcher, monkeypatch):
+    """Before, Redis failing between the claim and the assignment left the job "running" on a connected worker that
+    never had it, for good: its client waited for ever."""
+    d = dispatcher
+    w = session(d)
+    assert await d.worker_joined(w)
+    [a] = await submitted(d, "a")
+    output = d.store.output
+
+    async def fails_once(job_id):
+        monkeypatch.setattr(d.store, "output", output)
+        raise redis.exceptions.ConnectionError("simulated outage")
+
+    monkeypatch.setattr(d.store, "output", fails_once)
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await d.tick()
+    assert (await d.store.state(a)).status == "queued"              # put back at once
+    await d.tick()
+    assert assigns(w) == [a]
+
+    # Redis failing for the requeue too: the sweep of strays finds it on its second pass, and the worker is told
+    [b] = await submitted(d, "b")
+    monkeypatch.setattr(d.store, "output", fails_once)
+    requeue = d.store.requeue
+
+    async def requeue_fails_once(*args, **kwargs):
+        monkeypatch.setattr(d.store, "requeue", requeue)
+        raise redis.exceptions.ConnectionError("simulated outage")
+
+    monkeypatch.setattr(d.store, "requeue", requeue_fails_once)
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await d.tick()
+    assert (await d.store.state(b)).status == "running"
+    assert await d.recover_orphans() == 0                           # seen once: it may be a move under way
+    assert (await d.store.state(b)).status == "running"
+    assert await d.recover_orphans() == 1                           # seen twice: a stray
+    assert (await d.store.state(b)).status == "queued"
+    assert any(cmd.WhichOneof("kind") == "abort" and cmd.abort.job_id == b for cmd in drain(w))
+    assert (await d.store.state(a)).status == "running"             # the placed job is no stray
+
+
+def drain(s: WorkerSession) -> list:
+    out = []
+    while not s.outbox.empty():
+        out.append(s.outbox.get_nowait())
+    return out
+
+
+async def test_a_step_failure_reported_after_an_abort_leaves_nothing_behind(dispatcher):
+    """Before, the failure's report read the ended job back into the scheduler's memory for good: counted as
+    waiting, and first in line for prefill-early, whose claims always failed."""
+    d = dispatcher
+    w = session(d)
+    assert await d.worker_joined(w)
+    [a] = await submitted(d, "a")
+    await d.tick()
+    assert assigns(w) == [a]
+    assert (await d.abort(a))[0]
+    await d.on_worker_message(w, wpb.WorkerMessage(step_failed=wpb.StepFailed(
+        job_ids=[a], charged_job_ids=[a], charges_named=True, error="boom")))
+    assert not d.state.knows(a) and d.state.waiting() == 0
+    assert (await d.store.state(a)).status == "aborted"
+
+
+async def test_a_prompt_longer_than_any_connected_worker_runs_is_refused(dispatcher, model_dir):
+    """Before, the scheduler never read the context a worker registers (capped by its KV pool): a longer prompt was
+    accepted and stayed queued for good. Now it is refused naming the prompt; a worker is given only jobs whose
+    context it holds."""
+    d = dispatcher
+    tok = PromptTokenizer(str(model_dir))
+    api = AliseServicer(d, d.store, tok, tok.max_model_len, TenantRegistry([TENANT]))
+    small = session(d, "small", max_model_len=128)
+    assert await d.worker_joined(small)
+    long_prompt = to_generate_request({"prompt": "hello " * 300, "max_tokens": 8}, chat=False, request_id="long")
+    context = HttpCallContext("unused")
+    with pytest.raises(CallAborted) as refused:
+        await anext(api.generate_for(TENANT, long_prompt, context))
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in refused.value.message
+    assert "128" in refused.value.message
+    assert await d.store.state(keys.job_id(TENANT.name, "long")) is None        # no job was made
+    # placement: a job read back with a longer context than a worker holds goes to one that holds it
+    big = session(d, "big", max_model_len=4096)
+    assert await d.worker_joined(big)
+    ok = to_generate_request({"prompt": "hello " * 300, "max_tokens": 8}, chat=False, request_id="fits")
+    stream = asyncio.create_task(anext(api.generate_for(TENANT, ok, context)))
+    job_id = keys.job_id(TENANT.name, "fits")
+    await wait_for(lambda: d.state.knows(job_id))
+    await d.tick()
+    assert assigns(small) == [] and assigns(big) == [job_id]
+    stream.cancel()
+    await asyncio.gather(stream, return_exceptions=True)
+
+
+async def test_a_left_job_is_aborted_once_redis_answers_again(dispatcher_factory, model_dir, monkeypatch):
+    """Before, the re-attach grace's abort met a Redis error and was dropped: nothing else aborts a left job, which
+    ran on to max_tokens holding one of its tenant's live-job slots."""
+    d = await dispatcher_factory(reattach_grace_s=0.1)
+    tok = PromptTokenizer(str(model_dir))
+    api = AliseServicer(d, d.store, tok, tok.max_model_len, TenantRegistry([TENANT]))
+    [a] = await submitted(d, "a")
+    read_state = d.store.state
+    failures = []
+
+    async def unavailable_twice(job_id):
+        if len(failures) < 2:
+            failures.append(job_id)
+            raise redis.exceptions.ConnectionError("simulated outage")
+        return await read_state(job_id)
+
+    monkeypatch.setattr(d.store, "state", unavailable_twice)
+    api._left(a, (await read_state(a)).record.fingerprint)
+    for _ in range(600):
+        if (await read_state(a)).status == "aborted":
+            break
+        await asyncio.sleep(0.05)
+    assert (await read_state(a)).status == "aborted" and len(failures) == 2
+    await wait_for(lambda: a not in api._pending_aborts)
