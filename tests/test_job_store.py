@@ -193,6 +193,10 @@ async def test_a_script_call_sent_twice_acts_once(store):
     assert await fail(**call) == StepFailureOutcome.REQUEUED
     assert await fail(**call) == StepFailureOutcome.REQUEUED            # not counted as a second failure
     assert await store.r.hget(keys.job("a"), "step_failures") == b"1"
+    # a reply is kept as long as retries last, and not much longer (review, session 22: 300 s of every step's
+    # reply, ~10 MB a busy worker)
+    from services.common.redis_client import RETRY_SPAN_S
+    assert RETRY_SPAN_S <= await store.r.ttl(keys.ONCE_PREFIX + "call-1") <= 2 * RETRY_SPAN_S
 
 
 async def test_a_record_from_before_prompt_tokens_still_counts_its_prompt_when_it_ends(store):

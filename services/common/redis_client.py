@@ -23,11 +23,17 @@ REDIS_UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutE
                      redis.exceptions.OutOfMemoryError, redis.exceptions.ClusterDownError,
                      redis.exceptions.TryAgainError, redis.exceptions.NoPermissionError)
 WAIT_FOR_CONNECTION_S = 10.0
+SOCKET_TIMEOUT_S = 10.0
+RETRIES = 5
+BACKOFF_CAP_S = 1.0
+# The longest a command and its retries can take: every try times out, each after a full backoff. A reply kept
+# for a retry to replay (job_store.run_once) is needed this long, and no longer.
+RETRY_SPAN_S = (RETRIES + 1) * (SOCKET_TIMEOUT_S + BACKOFF_CAP_S)
 
 
 def connect(url: str, max_connections: int = MAX_CONNECTIONS) -> aioredis.Redis:
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=WAIT_FOR_CONNECTION_S,
-        socket_timeout=10, socket_connect_timeout=2, health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=5))
+        socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=2, health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=BACKOFF_CAP_S, base=0.05), retries=RETRIES))
     return aioredis.Redis(connection_pool=pool)

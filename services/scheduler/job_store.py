@@ -25,6 +25,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from services.common.observations import MAX_ENTRIES
+from services.common.redis_client import RETRY_SPAN_S
 from services.scheduler import keys
 from services.scheduler.job_sampling import JobSampling
 
@@ -149,7 +150,9 @@ def _opt_float(v: str | None) -> float | None:
 # (create and repredict need no guard: create answers a retry as "the same request", repredict sets a value.)
 ONCE = ("append", "claim", "requeue", "fail_step", "finish", "abort")
 ENDING = ("finish", "abort", "fail_step")     # the scripts that may end a job: they call _ended_job.lua's drop_prompt
-ONCE_WINDOW_S = 300
+# Twice every retry together: a step's reply (a count per job) is kept this long for each busy worker's every step,
+# ~40 a second; 300 s kept ~10 MB a worker for retries that end within RETRY_SPAN_S (66 s).
+ONCE_WINDOW_S = int(2 * RETRY_SPAN_S)
 
 
 def run_once(body: str) -> str:
