@@ -71,6 +71,9 @@ class SchedulerConfig:
     # a client re-sending the same request must not open streams without bound (max_live_jobs bounds the jobs)
     max_streams_per_job: int = 4
     tick_s: float = 0.05
+    # one scheduler acts on a job store at a time: it holds a lease in Redis, renewed every third of this term. A
+    # successor waits at most this long after a scheduler that died (one that stops cleanly gives it back)
+    leader_lease_s: float = 15.0
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -86,6 +89,8 @@ class SchedulerConfig:
             raise ValueError("aging_s must be > 0")
         if not self.http_header_timeout_s > 0:
             raise ValueError("http_header_timeout_s must be > 0")
+        if not self.leader_lease_s > 0:
+            raise ValueError("leader_lease_s must be > 0")
         if not self.worker_silence_s > 0:
             raise ValueError("worker_silence_s must be > 0")
         if not self.reattach_grace_s >= 0:

@@ -8,6 +8,7 @@ QUEUE = PREFIX + "queue"            # sorted set: job id -> score of the active 
 WORKERS = PREFIX + "workers"        # set of worker ids ever registered (for orphan recovery)
 OBSERVATIONS = STREAM               # stream: finished jobs' true lengths, read by the predictor
 ONCE_PREFIX = PREFIX + "once:"      # + a script call's id: its reply, for a retried call (job_store.run_once)
+SCHEDULER_LEASE = PREFIX + "scheduler:lease"   # string: the scheduler that may act on this store (leader_lease.py)
 
 
 def job_id(tenant: str, request_id: str) -> str:

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import uuid
 
 from prometheus_client import start_http_server
 from alise.v1 import generate_pb2, worker_pb2
@@ -19,6 +22,7 @@ from services.scheduler.config import SchedulerConfig
 from services.scheduler.dispatcher import Dispatcher
 from services.scheduler.job_events import JobEventHub
 from services.scheduler.job_store import JobStore
+from services.scheduler.leader_lease import LeaderLease
 from services.scheduler.openai_http import OpenAIFrontDoor, start_http
 from services.scheduler.predictor_client import PredictorClient
 from services.scheduler.tenants import TenantRegistry
@@ -39,6 +43,8 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
     tokenizer = PromptTokenizer(cfg.model_dir)
     redis_client = connect(cfg.redis_url)
     await redis_client.ping()
+    lease = LeaderLease(redis_client, f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}", cfg.leader_lease_s)
+    await lease.acquire()            # before anything acts on the store: recovery first of all
     store = JobStore(redis_client, cfg.finished_ttl_s)
     predictor = PredictorClient(cfg.predictor_address, cfg.predictor_timeout_s, service_token, cfg.tls)
     predictor.connect_in_background()
@@ -67,15 +73,17 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
         log.info("scheduler: OpenAI-compatible HTTP API on %s://%s:%d/v1", "https" if cfg.tls_cert else "http",
                  cfg.http_listen.rsplit(":", 1)[0], http[2])
     loop_task = asyncio.create_task(dispatcher.run())
+    if stop is None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+    kept = asyncio.create_task(lease.keep())
+    kept.add_done_callback(lambda _: stop.set())       # lost: stop serving (and exit non-zero, below)
     await set_health(health, CLIENT_SERVICES, SERVING)
     await set_health(gateway_health, WORKER_SERVICES, SERVING)
     log.info("scheduler: clients on port %d (%d tenants), workers on port %d, policy %s", port, len(tenants),
              gateway_port, cfg.policy)
     if ready is not None:
         ready.set_result(port)
-    if stop is None:
-        stop = asyncio.Event()
-        install_stop_signals(stop)
     await stop.wait()
     await set_health(health, CLIENT_SERVICES, NOT_SERVING)
     api.closing = True
@@ -88,7 +96,13 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
     if probes is not None:
         await probes.stop(grace=0)
     await predictor.close()
+    lost = kept.done() and not kept.cancelled() and kept.exception()
+    kept.cancel()
+    if not lost:
+        await lease.release()        # the successor need not wait for the term to run out
     await redis_client.aclose()
+    if lost:
+        raise SystemExit(f"scheduler stopped: {lost}")
 
 
 def main() -> None:
