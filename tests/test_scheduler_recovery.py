@@ -204,3 +204,38 @@ async def test_a_left_job_is_aborted_once_redis_answers_again(dispatcher_factory
         await asyncio.sleep(0.05)
     assert (await read_state(a)).status == "aborted" and len(failures) == 2
     await wait_for(lambda: a not in api._pending_aborts)
+
+
+async def test_late_messages_about_an_aborted_job_never_reach_a_new_job_with_its_id(dispatcher):
+    """Before, an aborted job's late tokens and finish, sent by its worker before it read the abort, were recorded
+    on a new request that had taken the id meanwhile and been placed on the same worker. Now a worker acknowledges
+    each abort after everything it said about the job, and until then the scheduler sets aside what it says of it."""
+    from dataclasses import replace
+
+    from alise.v1 import generate_pb2 as pb
+
+    d = dispatcher
+    w = session(d)
+    assert await d.worker_joined(w)
+    [a] = await submitted(d, "a")
+    await d.tick()
+    assert assigns(w) == [a]
+    assert (await d.abort(a))[0]
+    assert any(cmd.WhichOneof("kind") == "abort" and cmd.abort.job_id == a for cmd in drain(w))
+    assert await d.submit(replace(valid_request("a"), fingerprint="another request"), TENANT)   # the id, reused
+    await d.tick()
+    assert assigns(w) == [a]
+
+    async def says(**message) -> None:
+        await d.on_worker_message(w, wpb.WorkerMessage(**message))
+
+    await says(tokens=wpb.TokenEvents(deltas=[wpb.TokenDelta(job_id=a, token_ids=[9], text="OLD")]))
+    await says(finished=wpb.JobFinished(job_id=a, finish_reason=pb.FINISH_REASON_STOP))
+    await says(preempted=wpb.JobPreempted(job_id=a, mode=wpb.PREEMPT_MODE_SWAP))
+    state = await d.store.state(a)
+    assert (state.status, state.token_ids, state.record.fingerprint) == ("running", [], "another request")
+    await says(finished=wpb.JobFinished(job_id=a, finish_reason=pb.FINISH_REASON_ABORTED))     # the acknowledgement
+    await says(tokens=wpb.TokenEvents(deltas=[wpb.TokenDelta(job_id=a, token_ids=[5], text="new")]))
+    state = await d.store.state(a)
+    assert (state.status, state.token_ids, state.text) == ("running", [5], "new")              # the new job's own
+    assert not w.unacked_aborts

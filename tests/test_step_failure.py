@@ -283,3 +283,24 @@ async def test_a_request_that_breaks_steps_while_decoding_fails_alone(dispatcher
     assert (state.status, state.finish_reason) == ("failed", "error")
     assert [await step_failures(j) for j in (a, b, n)] == [0, 0, 0]
     assert {(await d.store.state(j)).status for j in (a, b, n)} == {"queued"}
+
+
+async def test_a_worker_acknowledges_each_abort_after_all_it_said_about_the_job(model_dir, tokenizer):
+    """The scheduler sets aside what a worker says about a job it was told to abort until the worker acknowledges
+    the abort (a request may reuse the id meanwhile): the acknowledgement must come after the job's last token, and
+    for a job the worker no longer holds too, or the scheduler would wait for it for good."""
+    engine = build_engine(WorkerConfig(model_dir=str(model_dir), num_blocks=64, max_batch=8, token_budget=128))
+    async with engine_loop_running(engine) as (loop_thread, outbox):
+        ids = tokenizer.encode("Tell me a story.", add_special_tokens=False)
+        loop_thread.submit(assign("a", ids, 0.0, max_tokens=600))
+        await next_message(outbox, "tokens")
+        loop_thread.submit(wpb.SchedulerCommand(abort=wpb.AbortJob(job_id="a")))
+        loop_thread.submit(wpb.SchedulerCommand(abort=wpb.AbortJob(job_id="never-here")))
+        seen = []
+        while len([m for m in seen if m.WhichOneof("kind") == "finished"]) < 2:
+            seen.append(outgoing_message(await asyncio.wait_for(outbox.get(), 120)))
+        acks = [i for i, m in enumerate(seen) if m.WhichOneof("kind") == "finished"]
+        assert [seen[i].finished.job_id for i in acks] == ["a", "never-here"]
+        assert all(seen[i].finished.finish_reason == pb.FINISH_REASON_ABORTED for i in acks)
+        after = [d.job_id for m in seen[acks[0] + 1:] if m.WhichOneof("kind") == "tokens" for d in m.tokens.deltas]
+        assert "a" not in after and "a" not in engine.seqs

@@ -180,7 +180,7 @@ class Dispatcher:
             return
         # no await from here on: worker_lost() either ran before (caught above) or will see this job
         if holder := self.state.placed(job_id, s.worker_id, park):
-            self.sessions[holder].send(abort=wpb.AbortJob(job_id=job_id))   # drop the stale copy of its KV
+            self.sessions[holder].abort(job_id)          # drop the stale copy of its KV
         s.send(assign=wpb.AssignJob(
             job_id=job_id, prompt_token_ids=rec.prompt_ids, output_token_ids=tokens, output_text=text,
             sampling=rec.sampling.to_proto(), park_after_first_token=park))
@@ -286,12 +286,14 @@ class Dispatcher:
             log.warning("job %s was recorded as running on worker %s, which was never sent it: requeued",
                         job_id, worker_id)
             if (s := self.sessions.get(worker_id)) is not None:
-                s.send(abort=wpb.AbortJob(job_id=job_id))
+                s.abort(job_id)
             await self._requeue(job_id, worker_id)
         self._strays[worker_id] -= confirmed
         return len(confirmed)
 
     async def on_worker_message(self, s: WorkerSession, msg: wpb.WorkerMessage) -> None:
+        if (msg := s.current(msg)) is None:
+            return                                           # about jobs aborted there, or an abort's acknowledgement
         kind = msg.WhichOneof("kind")
         if kind == "tokens":
             # No tick per engine step: token counts only refine remaining-time estimates, which the
@@ -340,8 +342,6 @@ class Dispatcher:
 
     async def _on_finished(self, s: WorkerSession, ev: wpb.JobFinished) -> None:
         self.state.left_worker(ev.job_id, s.worker_id)   # also if it finished before our preempt arrived
-        if ev.finish_reason == pb.FINISH_REASON_ABORTED:
-            return                                        # we asked for it; abort() already recorded it
         if await self.store.finish(ev.job_id, s.worker_id, FINISH_NAMES[ev.finish_reason], stop_string=ev.stop_string):
             await self._complete(ev.job_id)
 
@@ -388,7 +388,7 @@ class Dispatcher:
         for w in {worker, holder} - {""}:
             self.state.left_worker(job_id, w)
             if (s := self.sessions.get(w)) is not None:
-                s.send(abort=wpb.AbortJob(job_id=job_id))
+                s.abort(job_id)
         await self._complete(job_id)
         self.wake()
         return True, previous

@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import grpc
+from alise.v1 import generate_pb2 as pb
 from alise.v1 import worker_pb2 as wpb
 from alise.v1 import worker_pb2_grpc as wpb_grpc
 
@@ -42,9 +44,52 @@ class WorkerSession:
     error: str = ""                # why the scheduler ended the session (sent to the worker as its status)
     error_code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT
     last_heard: float = field(default_factory=time.monotonic)     # when its last message arrived
+    # job ids this session was told to abort, not yet acknowledged (a count: an id may be aborted twice)
+    unacked_aborts: Counter = field(default_factory=Counter)
 
     def send(self, **command) -> None:
         self.outbox.put_nowait(wpb.SchedulerCommand(**command))
+
+    def abort(self, job_id: str) -> None:
+        """Tell the worker to drop the job. Until it acknowledges (a JobFinished ABORTED, which it sends after every
+        message about that job), what it says about this id is about the aborted job, not about a new request that
+        may take the id meanwhile and even be placed here again (before, such late tokens or a late finish were
+        recorded on the new job)."""
+        self.unacked_aborts[job_id] += 1
+        self.send(abort=wpb.AbortJob(job_id=job_id))
+
+    def current(self, msg: wpb.WorkerMessage) -> wpb.WorkerMessage | None:
+        """The message without what it says about aborted jobs (None if nothing is left); an acknowledgement is
+        taken in here and never passed on."""
+        kind = msg.WhichOneof("kind")
+        gone = self.unacked_aborts
+        if kind == "finished" and msg.finished.finish_reason == pb.FINISH_REASON_ABORTED:
+            if gone[job_id := msg.finished.job_id] > 1:
+                gone[job_id] -= 1
+            else:
+                gone.pop(job_id, None)
+            return None
+        if not gone:
+            return msg
+        if kind in ("finished", "preempted"):
+            return None if getattr(msg, kind).job_id in gone else msg
+        if kind == "tokens":
+            deltas = [d for d in msg.tokens.deltas if d.job_id not in gone]
+            return wpb.WorkerMessage(tokens=wpb.TokenEvents(deltas=deltas)) if deltas else None
+        if kind == "estimates":
+            kept = [e for e in msg.estimates.estimates if e.job_id not in gone]
+            return wpb.WorkerMessage(estimates=wpb.LengthEstimates(estimates=kept)) if kept else None
+        if kind == "kept_kv_dropped":
+            kept = [j for j in msg.kept_kv_dropped.job_ids if j not in gone]
+            return wpb.WorkerMessage(kept_kv_dropped=wpb.KeptKvDropped(job_ids=kept)) if kept else None
+        if kind == "step_failed":
+            ev = msg.step_failed
+            if not (job_ids := [j for j in ev.job_ids if j not in gone]):
+                return None
+            return wpb.WorkerMessage(step_failed=wpb.StepFailed(
+                job_ids=job_ids, error=ev.error, charges_named=ev.charges_named,
+                charged_job_ids=[j for j in (ev.charged_job_ids if ev.charges_named else ev.job_ids) if j not in gone]))
+        return msg
 
     def close(self) -> None:
         self.outbox.put_nowait(_CLOSE)

@@ -170,6 +170,10 @@ class EngineLoop(threading.Thread):
             self._flush()
             self.batcher.forget(cmd.abort.job_id)
             self.engine.abort(cmd.abort.job_id)
+            # acknowledged after everything said about the job (held tokens forgotten): the scheduler takes what
+            # follows about this id for a new job's, which may reuse it (a job not held here is acknowledged too)
+            self._send(wpb.WorkerMessage(finished=wpb.JobFinished(job_id=cmd.abort.job_id,
+                                                                  finish_reason=pb.FINISH_REASON_ABORTED)))
         elif kind == "drain":
             self._send_held()
             self.draining = True
