@@ -135,16 +135,30 @@ def drain(s: WorkerSession) -> list:
     return out
 
 
-async def test_a_step_failure_reported_after_an_abort_leaves_nothing_behind(dispatcher):
-    """Before, the failure's report read the ended job back into the scheduler's memory for good: counted as
-    waiting, and first in line for prefill-early, whose claims always failed."""
-    d = dispatcher
+async def placed_then_aborted(d) -> tuple[WorkerSession, str]:
+    """A worker, and a job placed on it, then aborted."""
     w = session(d)
     assert await d.worker_joined(w)
     [a] = await submitted(d, "a")
     await d.tick()
     assert assigns(w) == [a]
     assert (await d.abort(a))[0]
+    return w, a
+
+
+async def test_a_step_failure_reported_after_an_abort_leaves_nothing_behind(dispatcher):
+    """Before, the failure's report read the ended job back into the scheduler's memory for good: counted as
+    waiting, and first in line for prefill-early, whose claims always failed."""
+    from alise.v1 import generate_pb2 as pb
+
+    d = dispatcher
+    w, a = await placed_then_aborted(d)
+    assert await d.store.progress(a) is None                        # an ended job has no progress to take over
+    await d.on_worker_message(w, wpb.WorkerMessage(step_failed=wpb.StepFailed(
+        job_ids=[a], charged_job_ids=[a], charges_named=True, error="boom")))
+    # and after the abort's acknowledgement too (a worker of an older build sends none)
+    await d.on_worker_message(w, wpb.WorkerMessage(finished=wpb.JobFinished(job_id=a,
+                                                                            finish_reason=pb.FINISH_REASON_ABORTED)))
     await d.on_worker_message(w, wpb.WorkerMessage(step_failed=wpb.StepFailed(
         job_ids=[a], charged_job_ids=[a], charges_named=True, error="boom")))
     assert not d.state.knows(a) and d.state.waiting() == 0
@@ -215,12 +229,7 @@ async def test_late_messages_about_an_aborted_job_never_reach_a_new_job_with_its
     from alise.v1 import generate_pb2 as pb
 
     d = dispatcher
-    w = session(d)
-    assert await d.worker_joined(w)
-    [a] = await submitted(d, "a")
-    await d.tick()
-    assert assigns(w) == [a]
-    assert (await d.abort(a))[0]
+    w, a = await placed_then_aborted(d)
     assert any(cmd.WhichOneof("kind") == "abort" and cmd.abort.job_id == a for cmd in drain(w))
     assert await d.submit(replace(valid_request("a"), fingerprint="another request"), TENANT)   # the id, reused
     await d.tick()
