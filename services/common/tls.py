@@ -9,13 +9,17 @@ own (`health_only_server`). `dev_pki` makes a throwaway CA and a certificate for
 """
 from __future__ import annotations
 
+import logging
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from services.common.file_versions import file_versions
 from services.common.keepalive import CHANNEL_OPTIONS
+
+log = logging.getLogger("alise.tls")
 
 
 @dataclass(frozen=True)
@@ -37,11 +41,32 @@ class TlsFiles:
         return bool(self.ca)
 
     def server_credentials(self, require_client_cert: bool = False) -> grpc.ServerCredentials:
+        """Credentials that follow the files: each new connection's handshake first checks whether they changed
+        (a renewed certificate, as cert-manager writes it into a mounted Secret) and then uses the new ones;
+        connections already open keep theirs. Files that no longer load keep the last good ones."""
         if require_client_cert and not self.ca:
             raise ValueError("mTLS needs the CA that signs client certificates (--tls-ca)")
-        return grpc.ssl_server_credentials(
-            [(_read(self.key), _read(self.cert))], root_certificates=_read(self.ca) if self.ca else None,
-            require_client_auth=require_client_cert)
+        files = [p for p in (self.key, self.cert, self.ca) if p]
+        seen = [file_versions(files)]
+
+        def configuration() -> grpc.ServerCertificateConfiguration:
+            return grpc.ssl_server_certificate_configuration(
+                [(_read(self.key), _read(self.cert))], root_certificates=_read(self.ca) if self.ca else None)
+
+        def changed() -> grpc.ServerCertificateConfiguration | None:   # gRPC's fetcher: None keeps the last one
+            if (now := file_versions(files)) == seen[0]:
+                return None
+            seen[0] = now
+            try:
+                fresh = configuration()
+            except (OSError, ValueError) as e:
+                log.error("TLS files changed but do not load; the last good ones stay: %s", e)
+                return None
+            log.info("TLS certificate reloaded from %s", self.cert)
+            return fresh
+
+        return grpc.dynamic_ssl_server_credentials(configuration(), changed,
+                                                   require_client_authentication=require_client_cert)
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(

@@ -106,7 +106,9 @@ class AliseServicer(pb_grpc.AliseServicer):
         return v
 
     async def _rate_limit(self, tenant: Tenant, context) -> None:
-        bucket = self.buckets.setdefault(tenant.name, TokenBucket(tenant.requests_per_s, tenant.burst))
+        bucket = self.buckets.get(tenant.name)
+        if bucket is None or (bucket.rate, bucket.burst) != (tenant.requests_per_s, tenant.burst):   # new limits
+            bucket = self.buckets[tenant.name] = TokenBucket(tenant.requests_per_s, tenant.burst)
         wait_s = bucket.take()
         if wait_s > 0:
             await self._exhausted(context, "rate", f"tenant {tenant.name} may start {tenant.requests_per_s:g} "

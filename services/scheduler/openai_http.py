@@ -506,3 +506,9 @@ async def start_http(front: OpenAIFrontDoor, listen: str, certfile: str = "", ke
         await asyncio.sleep(0.05)
     bound = server.servers[0].sockets[0].getsockname()[1]
     return server, task, bound
+
+
+def reload_certificate(server, certfile: str, keyfile: str) -> None:
+    """New connections to the running front door get this certificate (open ones keep theirs): the listening
+    socket's TLS context is uvicorn's, loaded again in place."""
+    server.config.ssl.load_cert_chain(certfile, keyfile)

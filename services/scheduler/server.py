@@ -5,6 +5,7 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 import uuid
 
 from prometheus_client import start_http_server
@@ -13,6 +14,7 @@ from alise.v1 import generate_pb2, worker_pb2
 from services.scheduler import metrics
 from services.common.auth import ServiceTokenCheck, read_service_token
 from services.common.lenient import add_lenient_service
+from services.common.file_versions import file_versions
 from services.common.redis_client import connect
 from services.common.tls import health_only_server
 from services.common.grpc_server import (NOT_SERVING, SERVING, build_server, configure_logging,
@@ -23,13 +25,14 @@ from services.scheduler.dispatcher import Dispatcher
 from services.scheduler.job_events import JobEventHub
 from services.scheduler.job_store import JobStore
 from services.scheduler.leader_lease import LeaderLease
-from services.scheduler.openai_http import OpenAIFrontDoor, start_http
+from services.scheduler.openai_http import OpenAIFrontDoor, reload_certificate, start_http
 from services.scheduler.predictor_client import PredictorClient
 from services.scheduler.tenants import TenantRegistry
 from services.scheduler.tokenizer import PromptTokenizer
 from services.scheduler.worker_sessions import WorkerGateway
 
 log = logging.getLogger("alise.scheduler")
+FOLLOW_FILES_S = 5.0       # how often the API keys file and the HTTP certificate are checked for changes
 CLIENT_SERVICES = [generate_pb2.DESCRIPTOR.services_by_name["Alise"].full_name]
 WORKER_SERVICES = [worker_pb2.DESCRIPTOR.services_by_name["WorkerGateway"].full_name]
 
@@ -73,6 +76,7 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
         log.info("scheduler: OpenAI-compatible HTTP API on %s://%s:%d/v1", "https" if cfg.tls_cert else "http",
                  cfg.http_listen.rsplit(":", 1)[0], http[2])
     loop_task = asyncio.create_task(dispatcher.run())
+    following = asyncio.create_task(follow_files(tenants, http, cfg))
     if stop is None:
         stop = asyncio.Event()
         install_stop_signals(stop)
@@ -88,6 +92,7 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
     await set_health(health, CLIENT_SERVICES, NOT_SERVING)
     api.closing = True
     loop_task.cancel()
+    following.cancel()
     if http is not None:
         http[0].should_exit = True
         await http[1]
@@ -103,6 +108,25 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
     await redis_client.aclose()
     if lost:
         raise SystemExit(f"scheduler stopped: {lost}")
+
+
+async def follow_files(tenants: TenantRegistry, http, cfg: SchedulerConfig) -> None:
+    """Files rewritten while the scheduler runs take effect without a restart: the API keys file (a revoked key
+    stops working, a new one starts) and, for the HTTP front door, the TLS certificate (the gRPC ports follow it
+    by themselves: tls.TlsFiles.server_credentials). Checked every FOLLOW_FILES_S."""
+    certificate = [cfg.tls_cert, cfg.tls_key]
+    seen = file_versions(certificate)
+    while True:
+        await asyncio.sleep(FOLLOW_FILES_S)
+        await asyncio.to_thread(tenants.reload_if_changed)
+        if http is None or not cfg.tls_cert or (now := file_versions(certificate)) == seen:
+            continue
+        seen = now
+        try:
+            reload_certificate(http[0], cfg.tls_cert, cfg.tls_key)
+            log.info("scheduler: HTTP front door's TLS certificate reloaded from %s", cfg.tls_cert)
+        except (OSError, ssl.SSLError) as e:
+            log.error("scheduler: TLS files changed but do not load; the HTTP front door keeps the last good ones: %s", e)
 
 
 def main() -> None:

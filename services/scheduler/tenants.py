@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from services.common.auth import digest, new_secret
+from services.common.file_versions import file_versions
 
+log = logging.getLogger("alise.scheduler")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")     # also safe inside Redis keys and metric labels
 
 
@@ -40,18 +43,35 @@ class Tenant:
 
 
 class TenantRegistry:
-    """Looks tenants up by the digest of the key a client presents."""
+    """Looks tenants up by the digest of the key a client presents. One loaded from a file follows it
+    (`reload_if_changed`): a key revoked or added, or a limit changed, applies without a restart (Kubernetes updates
+    a mounted Secret's files in place)."""
 
-    def __init__(self, tenants: list[Tenant]):
-        names = [t.name for t in tenants]
-        if len(set(names)) != len(names):
-            raise ValueError("tenant names must be unique")
-        self._by_digest = {t.key_sha256: t for t in tenants}
+    def __init__(self, tenants: list[Tenant], path: Path | None = None):
+        self._by_digest = _by_digest(tenants)
+        self.path = path
+        self._seen = file_versions([path]) if path else None
 
     @classmethod
     def load(cls, path: str | Path) -> "TenantRegistry":
-        data = json.loads(Path(path).read_text())
-        return cls([Tenant(**t) for t in data["tenants"]])
+        path = Path(path)
+        return cls(_read(path), path)
+
+    def reload_if_changed(self) -> bool:
+        """Read the file again if it changed since it was last read; True if the tenants were replaced. A file
+        that no longer parses (a half-written edit) leaves the tenants as they were, and is read again once it
+        changes again."""
+        if self.path is None or (version := file_versions([self.path])) == self._seen:
+            return False
+        self._seen = version
+        try:
+            tenants = _by_digest(_read(self.path))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.error("API keys file %s not reloaded, the tenants stay as they were: %s", self.path, e)
+            return False
+        self._by_digest = tenants            # one assignment: a lookup sees the old tenants or the new ones
+        log.info("API keys file %s reloaded: %d tenants", self.path, len(tenants))
+        return True
 
     def find(self, key: str | None) -> Tenant | None:
         # Digests of random 256-bit keys: a dict lookup by digest leaks nothing useful about other keys.
@@ -59,6 +79,17 @@ class TenantRegistry:
 
     def __len__(self) -> int:
         return len(self._by_digest)
+
+
+def _read(path: Path) -> list[Tenant]:
+    return [Tenant(**t) for t in json.loads(path.read_text())["tenants"]]
+
+
+def _by_digest(tenants: list[Tenant]) -> dict[str, Tenant]:
+    names = [t.name for t in tenants]
+    if len(set(names)) != len(names):
+        raise ValueError("tenant names must be unique")
+    return {t.key_sha256: t for t in tenants}
 
 
 @dataclass
