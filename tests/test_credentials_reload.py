@@ -92,6 +92,12 @@ async def test_a_revoked_key_and_a_renewed_certificate_apply_without_a_restart(r
         await until(lambda: _is(info(port, old_ca, revoked), grpc.StatusCode.UNAUTHENTICATED))
         assert await info(port, old_ca, kept) == grpc.StatusCode.OK
 
+        replace_file(new.cert, live / "cert")                 # half a renewal: a certificate without its key
+        await asyncio.sleep(1.0)                              # five checks' time: the pair does not load
+        assert await info(port, old_ca, kept) == grpc.StatusCode.OK               # the last good pair still serves
+        async with httpx.AsyncClient(verify=ssl.create_default_context(cadata=old_ca.decode())) as client:
+            r = await client.get(f"https://127.0.0.1:{http_port}/v1/models", headers={"authorization": f"Bearer {kept}"})
+            assert r.status_code == 200
         for name in ("key", "cert", "ca"):
             replace_file(getattr(new, name), live / name)
         await until(lambda: _is(info(port, new_ca, kept), grpc.StatusCode.OK))        # new connections: new one

@@ -249,6 +249,9 @@ def test_workers_roll_without_a_spare_gpu_and_no_pod_gets_an_api_token():
     assert rolling == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
     for name, spec in deployments(docs).items():
         assert spec["automountServiceAccountToken"] is False, name
+    recreate = by_name(render({"worker": {"updateStrategy": {"type": "Recreate"}}}), "Deployment", "demo-alise-worker")
+    assert recreate["spec"]["strategy"] == {"type": "Recreate"}       # not merged with the default's rollingUpdate
+    kubernetes_validate.validate(recreate, "1.30.0", strict=True)
 
 
 def test_the_chart_declares_the_kubernetes_it_needs():

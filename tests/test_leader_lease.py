@@ -13,6 +13,7 @@ from services.scheduler.config import SchedulerConfig
 from services.scheduler.leader_lease import LeaderLease, LeaseLost
 from services.scheduler.server import serve
 from services.scheduler.tenants import add_tenant
+from tests.test_openai_http_failures import wait_for
 
 
 @pytest.fixture
@@ -46,6 +47,52 @@ async def test_a_holder_whose_lease_another_took_stops_and_one_whose_store_was_e
     await r.set(keys.SCHEDULER_LEASE, "b")                    # as if it had expired and "b" had taken it
     with pytest.raises(LeaseLost, match="b"):
         await asyncio.wait_for(keeping, 10)
+
+
+async def test_a_renewal_with_no_answer_lapses_the_lease_within_its_term_and_a_later_one_restores_it(r):
+    """Review, session 22: a renewal that got no answer (a Redis cut off) waited through redis-py's retries, about
+    a minute, while the lease stayed valid in this scheduler's eyes though another could take it after one term.
+    And a Redis that was away for everyone (a restart) made the scheduler exit, though no one else could have it."""
+    lease = LeaderLease(r, "a", 1.0)
+    await lease.acquire()
+    renew, answering = lease._renew, asyncio.Event()
+
+    async def silent(*args, **kwargs):
+        if not answering.is_set():
+            await asyncio.sleep(3600)
+        return await renew(*args, **kwargs)
+
+    lease._renew = silent
+    keeping = asyncio.create_task(lease.keep())
+    await wait_for(lambda: not lease.valid(), 3.0)                 # within about a term, not a minute
+    assert not keeping.done()
+    answering.set()                                            # Redis answers again; the lease is free: re-taken
+    await wait_for(lease.valid, 5.0)
+    assert not keeping.done() and await r.get(keys.SCHEDULER_LEASE) == b"a"
+    keeping.cancel()
+
+
+async def test_the_dispatcher_acts_only_while_the_lease_is_valid(dispatcher_factory):
+    from services.scheduler.tenants import Tenant
+    from services.scheduler.worker_sessions import WorkerSession
+    from tests.helpers import valid_request
+
+    d = await dispatcher_factory(policy="fcfs")
+    valid = [False]
+    d.may_act = lambda: valid[0]
+    w = WorkerSession("w1", d.cfg.model_name, block_size=16, num_blocks=100, max_batch=4, max_model_len=2048)
+    assert await d.worker_joined(w)
+    assert await d.submit(valid_request("a"), Tenant("t", "0" * 64))
+    running = asyncio.create_task(d.run())
+    try:
+        await asyncio.sleep(1.0)                               # twenty ticks' time: none may place the job
+        assert w.outbox.empty()
+        valid[0] = True
+        d.wake()
+        await wait_for(lambda: not w.outbox.empty())
+        assert w.outbox.get_nowait().assign.job_id == "t/a"
+    finally:
+        running.cancel()
 
 
 async def test_a_second_scheduler_on_the_same_store_serves_only_once_the_first_has_stopped(redis_server, model_dir,

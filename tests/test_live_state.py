@@ -190,3 +190,16 @@ def test_a_failure_shared_by_jobs_none_suspect_charges_none_and_makes_them_suspe
     assert s.blame(["p", "n"]) == {"p"}                      # the suspect in the step is charged, not the others
     assert not s.view("n").suspect
     assert s.blame([]) == set()                              # a failure in planning: nobody
+
+
+def test_a_failure_with_a_suspect_beside_newcomers_is_charged_to_the_suspect():
+    """A suspect that has sampled on its worker is not new there: when newcomers share the step that fails, the
+    worker charges them. The suspect is charged, and the newcomers become suspects instead (either may be the cause)."""
+    s = state_with("w1")
+    for j in ("s", "x", "n"):
+        s.track(facts(j))
+        s.set_generated(j, 5)
+    assert s.blame(["s", "x"]) == set()                      # both suspects now
+    s.set_generated("x", 100)                                # x decoded on: cleared
+    assert s.blame(["n"], dropped=["s", "n"]) == {"s"}
+    assert s.view("n").suspect and not s.view("x").suspect

@@ -106,6 +106,15 @@ def test_no_policy_places_a_suspect_beside_another(name):
     assert make_policy(name).plan(busy, COST).assign == (("n", "w1"),)
 
 
+def test_a_suspect_with_no_worker_to_preempt_on_does_not_stop_the_search_for_the_jobs_behind_it():
+    running = [job("long-s", 1000, generated=10, running=True, suspect=True),
+               job("long", 1000, generated=10, running=True)]
+    queued = (job("short-s", 5, suspect=True), job("short", 5, created=1))
+    snap = Snapshot(0, queued, (worker(slots=2, running=running),))
+    preempt = make_policy("alise").plan(snap, COST).preempt     # short-s finds none (w holds a suspect): short does
+    assert len(preempt) == 1 and preempt[0][1] == "w"
+
+
 def test_no_preemption_frees_a_slot_for_a_suspect_where_it_could_not_run():
     long_suspect = job("long", 1000, generated=10, running=True, suspect=True)
     waiting = job("short", 5, suspect=True)

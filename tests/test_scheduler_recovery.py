@@ -28,9 +28,9 @@ async def dispatcher(dispatcher_factory):
     return await dispatcher_factory(policy="fcfs")
 
 
-def session(d, worker_id: str = "w1", max_model_len: int = 2048) -> WorkerSession:
+def session(d, worker_id: str = "w1", max_model_len: int = 2048, acks_aborts: bool = True) -> WorkerSession:
     return WorkerSession(worker_id, d.cfg.model_name, block_size=16, num_blocks=100, max_batch=4,
-                         max_model_len=max_model_len)
+                         max_model_len=max_model_len, acks_aborts=acks_aborts)
 
 
 def assigns(s: WorkerSession) -> list[str]:
@@ -248,3 +248,20 @@ async def test_late_messages_about_an_aborted_job_never_reach_a_new_job_with_its
     state = await d.store.state(a)
     assert (state.status, state.token_ids, state.text) == ("running", [5], "new")              # the new job's own
     assert not w.unacked_aborts
+    # a worker of an older build acknowledges nothing: nothing is awaited from it, nothing of it set aside
+    old_build = session(d, "w2", acks_aborts=False)
+    old_build.abort(a)
+    assert not old_build.unacked_aborts
+    message = wpb.WorkerMessage(tokens=wpb.TokenEvents(deltas=[wpb.TokenDelta(job_id=a, token_ids=[1])]))
+    assert old_build.current(message) is message
+
+
+async def test_a_job_longer_than_every_serving_workers_context_is_placed_to_fail_clearly(dispatcher):
+    """A job validated while a worker with a longer context was connected (or none was) must not wait for good once
+    only shorter ones serve: it is placed, and the worker's refusal fails it with an error."""
+    d = dispatcher
+    [a] = await submitted(d, "a")                    # no worker yet: the model's context applied
+    short = session(d, "short", max_model_len=2)     # shorter than the job's 3 prompt tokens
+    assert await d.worker_joined(short)
+    await d.tick()
+    assert assigns(short) == [a]

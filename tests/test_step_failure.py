@@ -304,3 +304,26 @@ async def test_a_worker_acknowledges_each_abort_after_all_it_said_about_the_job(
         assert all(seen[i].finished.finish_reason == pb.FINISH_REASON_ABORTED for i in acks)
         after = [d.job_id for m in seen[acks[0] + 1:] if m.WhichOneof("kind") == "tokens" for d in m.tokens.deltas]
         assert "a" not in after and "a" not in engine.seqs
+
+
+async def test_an_abort_whose_flush_fails_drops_every_job_before_it_is_acknowledged(model_dir, tokenizer):
+    """Review, session 22: an abort whose flush of the step in flight raised was never acknowledged (the scheduler
+    set that id aside for good), and acknowledging it anyway would have let the job, still held, go on after."""
+    engine = build_engine(WorkerConfig(model_dir=str(model_dir), num_blocks=64, max_batch=8, token_budget=128))
+    async with engine_loop_running(engine) as (loop_thread, outbox):
+        ids = tokenizer.encode("Tell me a story.", add_special_tokens=False)
+        loop_thread.submit(assign("a", ids, 0.0, max_tokens=600))
+        loop_thread.submit(assign("b", ids, 0.0, max_tokens=600))
+        await next_message(outbox, "tokens")
+        flush = engine.flush
+
+        def fails_once():
+            engine.flush = flush
+            raise RuntimeError("simulated fault of the step in flight")
+        engine.flush = fails_once
+        loop_thread.submit(wpb.SchedulerCommand(abort=wpb.AbortJob(job_id="a")))
+        failed = await next_message(outbox, "step_failed")
+        assert sorted(failed.job_ids) == ["a", "b"] and "simulated fault" in failed.error
+        ack = await next_message(outbox, "finished")
+        assert (ack.job_id, ack.finish_reason) == ("a", pb.FINISH_REASON_ABORTED)
+        assert not engine.seqs

@@ -9,8 +9,12 @@ own (`health_only_server`). `dev_pki` makes a throwaway CA and a certificate for
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import ssl
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,8 +54,9 @@ class TlsFiles:
         seen = [file_versions(files)]
 
         def configuration() -> grpc.ServerCertificateConfiguration:
-            return grpc.ssl_server_certificate_configuration(
-                [(_read(self.key), _read(self.cert))], root_certificates=_read(self.ca) if self.ca else None)
+            with checked_copy(self.cert, self.key) as (cert, key):
+                pair = (key.read_bytes(), cert.read_bytes())
+            return grpc.ssl_server_certificate_configuration([pair], root_certificates=_read(self.ca) if self.ca else None)
 
         def changed() -> grpc.ServerCertificateConfiguration | None:   # gRPC's fetcher: None keeps the last one
             if (now := file_versions(files)) == seen[0]:
@@ -59,7 +64,7 @@ class TlsFiles:
             seen[0] = now
             try:
                 fresh = configuration()
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, ssl.SSLError) as e:
                 log.error("TLS files changed but do not load; the last good ones stay: %s", e)
                 return None
             log.info("TLS certificate reloaded from %s", self.cert)
@@ -76,6 +81,19 @@ class TlsFiles:
 
 def _read(path: str) -> bytes:
     return Path(path).read_bytes()
+
+
+@contextlib.contextmanager
+def checked_copy(cert: str, key: str) -> Iterator[tuple[Path, Path]]:
+    """A private copy of a certificate chain and its key, read once each and checked to load together (a renewal
+    caught half-written, or a key of another certificate, would fail every handshake); the copy is gone after."""
+    with tempfile.TemporaryDirectory(prefix="alise-tls-") as d:
+        cert_copy, key_copy = Path(d, "cert.pem"), Path(d, "key.pem")
+        key_copy.touch(mode=0o600)
+        key_copy.write_bytes(_read(key))
+        cert_copy.write_bytes(_read(cert))
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_copy, key_copy)   # ssl.SSLError if they differ
+        yield cert_copy, key_copy
 
 
 def add_port(server: grpc.aio.Server, listen: str, tls: TlsFiles | None, require_client_cert: bool = False) -> int:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from alise.v1 import generate_pb2 as pb
 from alise.v1 import worker_pb2 as wpb
@@ -64,6 +65,7 @@ class Dispatcher:
         self.sessions: dict[str, WorkerSession] = {}
         self._worker_turns = KeyedLocks()            # a worker id's sessions join, leave and are swept one at a time
         self._strays: dict[str, set[str]] = {}       # worker id -> strays the last sweep found there
+        self.may_act: Callable[[], bool] = lambda: True   # the server sets its lease's validity (leader_lease.py)
         self.state: LiveState[JobRecord] = LiveState(knee_share=cfg.knee_share)
         self.queued_work_s = 0.0                     # predicted seconds of queued work, as of the last tick
         self._wake = asyncio.Event()
@@ -115,12 +117,21 @@ class Dispatcher:
 
     async def run(self) -> None:
         last_sweep = time.monotonic()
+        paused = False
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.cfg.tick_s * 10)
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
+            if not self.may_act():
+                if not paused:
+                    log.error("dispatching paused: this scheduler's lease is not renewed (another may hold it)")
+                paused = True
+                continue
+            if paused:
+                paused = False
+                log.warning("dispatching again: the lease is renewed")
             try:
                 await self.tick()
                 if time.monotonic() - last_sweep > ORPHAN_SWEEP_S:   # defence in depth, see recover_orphans
@@ -357,7 +368,7 @@ class Dispatcher:
             if await self._record(job_id) is not None:
                 known.append(job_id)
         named = list(ev.charged_job_ids if ev.charges_named else ev.job_ids)
-        charged = self.state.blame(named)
+        charged = self.state.blame(named, ev.job_ids)
         if len(named) > 1 and not charged:
             metrics.SUSPECTED.inc(len(named))
             log.warning("worker %s: no one job to blame for the failed step: its %d jobs are suspects and run apart "

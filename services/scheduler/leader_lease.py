@@ -3,9 +3,11 @@
 The scheduler owns the queue, placements and recovery. Two of them on one Redis (a second replica by mistake, or a
 replacement Kubernetes starts while a partitioned pod still reaches Redis) would each take the other's workers for
 lost and requeue their jobs: the same job generated twice, placements thrashing. So a scheduler takes the lease
-before it recovers or serves anything, renews it every third of its term, and stops serving once it cannot show it
-still holds it (another holder, or no renewal for a whole term, after which another may hold it). A scheduler that
-stops cleanly gives the lease back, so its successor starts at once; one that died leaves it to expire.
+before it recovers or serves anything and renews it every third of its term. Its dispatcher acts only while the
+lease is valid (renewed within a term: after that another may hold it), and the scheduler stops once someone else
+holds it. A scheduler that stops cleanly gives the lease back, so its successor starts at once; one that died leaves
+it to expire. Not fenced: a command already sent when the term ran out (redis-py retries for up to a minute) can
+still land; the store's scripts do not check the lease.
 """
 from __future__ import annotations
 
@@ -69,22 +71,44 @@ class LeaderLease:
                 log.warning("scheduler %s waits for Redis to take the lease: %s", self.holder, e)
             await asyncio.sleep(self.term_s / 3)
 
+    def valid(self) -> bool:
+        """Whether no one else can hold the lease now: until a term after the last renewal Redis confirmed. The
+        dispatcher acts on the store only while this holds."""
+        return time.monotonic() < self._held_until
+
     async def keep(self) -> None:
-        """Renew every third of the term, for as long as this runs; raises LeaseLost once the lease may be
-        someone else's (never returns otherwise)."""
+        """Renew every third of the term, for as long as this runs; raises LeaseLost once someone else holds it
+        (never returns otherwise). Each renewal waits at most a third of the term (a Redis that does not answer
+        must not hold the term open: redis-py's own retries last a minute). A renewal that fails leaves the lease
+        lapsing (valid() turns false once the term is over) and the next one tries again: Redis away for everyone
+        (a restart) takes nothing from this scheduler, which goes on once Redis answers and the lease is still or
+        again its own."""
+        lapsed = False
         while True:
             await asyncio.sleep(self.term_s / 3)
             started = time.monotonic()
             try:
-                if not await self._renew(keys=[keys.SCHEDULER_LEASE], args=[self.holder, self._term_ms]):
-                    holder = await self.r.get(keys.SCHEDULER_LEASE)
-                    raise LeaseLost(f"scheduler {(holder or b'?').decode()} holds the lease now")
-                self._held_until = started + self.term_s
-            except REDIS_UNAVAILABLE as e:
-                if time.monotonic() >= self._held_until:
-                    raise LeaseLost(f"not renewed for a whole term ({self.term_s:g} s): Redis unavailable ({e})") from e
-                log.warning("scheduler %s could not renew its lease (%s); it still holds it for %.1f s",
-                            self.holder, e, self._held_until - time.monotonic())
+                renewed = await asyncio.wait_for(
+                    self._renew(keys=[keys.SCHEDULER_LEASE], args=[self.holder, self._term_ms]), self.term_s / 3)
+            except (asyncio.TimeoutError, *REDIS_UNAVAILABLE) as e:
+                if not self.valid() and not lapsed:
+                    lapsed = True
+                    log.error("scheduler %s: lease not renewed for a whole term (%s): not acting until it is",
+                              self.holder, e or "no answer")
+                continue
+            if not renewed:
+                raise LeaseLost(f"scheduler {await self._holder()} holds the lease now")
+            self._held_until = started + self.term_s
+            if lapsed:
+                lapsed = False
+                log.warning("scheduler %s holds the lease again", self.holder)
+
+    async def _holder(self) -> str:
+        try:
+            holder = await asyncio.wait_for(self.r.get(keys.SCHEDULER_LEASE), self.term_s / 3)
+        except (asyncio.TimeoutError, *REDIS_UNAVAILABLE):
+            return "?"
+        return holder.decode() if holder else "?"
 
     async def release(self) -> None:
         try:

@@ -26,8 +26,9 @@ R = TypeVar("R")     # what the owner keeps with a job (the dispatcher: its JobR
 WAIT_WINDOW_S = 20.0
 WAIT_MARK_S = 0.25     # at most one mark this often (a tick is 50 ms; the simulator decides far more often)
 # A suspect (see LiveState.blame) is cleared once it has generated this many tokens past the failure: a request that
-# breaks steps while decoding breaks the next one it is in, so a job that decodes this far was not the cause.
-SUSPECT_CLEAR_TOKENS = 16
+# breaks steps while decoding breaks the next one it is in, so a job that decodes this far was not the cause. Few:
+# suspects run one per worker, so a large batch's suspects take their turns (about 4 steps each) one by one.
+SUSPECT_CLEAR_TOKENS = 4
 
 
 @dataclass(frozen=True)
@@ -171,20 +172,31 @@ class LiveState(Generic[R]):
                                               job.suspect)
         return v
 
-    def blame(self, charged: Iterable[str]) -> set[str]:
-        """Which of the jobs a worker charged with a failed step (those new to its batch, else all in the step)
-        are charged here. A worker cannot tell a request that breaks every step it decodes in from the jobs that
-        shared those steps, so a failure shared by several jobs, none of them suspect, charges none: they become
-        suspects, which run with no other suspect (Placement) until each has decoded SUSPECT_CLEAR_TOKENS past
-        this point. If one of them breaks a step again, it is the only suspect there, and it alone is charged.
-        (A failure that does not come from any one job charges one suspect at a time, so it still ends.)"""
-        jobs = {j: job for j in charged if (job := self._jobs.get(j)) is not None}
-        suspects = {j for j, job in jobs.items() if job.suspect}
-        if suspects or len(jobs) <= 1:
-            return suspects or set(jobs)
-        for job in jobs.values():
-            job.suspect_until = job.generated + SUSPECT_CLEAR_TOKENS
+    def blame(self, charged: Iterable[str], dropped: Iterable[str] = ()) -> set[str]:
+        """Which jobs a failed step is charged to here, from those its worker charged (the jobs new to its batch,
+        else all in the step) and those it dropped (`dropped`: every job it held, the charged ones included).
+        A worker cannot tell a request that breaks every step it decodes in from the jobs that shared those steps,
+        so a failure shared by several jobs, none of them suspect, charges none: they become suspects, which run
+        with no other suspect (Placement) until each has decoded SUSPECT_CLEAR_TOKENS past this point. A failure
+        with a suspect among the jobs dropped is charged to that suspect, even when the worker charged newcomers
+        (a suspect decoding beside them is not new): those newcomers become suspects, in case one of them was
+        the cause. (A failure that comes from no one job charges one suspect at a time, so it still ends.)"""
+        named = {j: job for j in charged if (job := self._jobs.get(j)) is not None}
+        suspects = {j for j in {*named, *dropped} if (job := self._jobs.get(j)) is not None and job.suspect}
+        if suspects:
+            if not suspects & named.keys():          # the worker charged newcomers, beside a suspect
+                self._suspect(named.values())
+            return suspects
+        if len(named) <= 1:
+            return set(named)
+        self._suspect(named.values())
         return set()
+
+    @staticmethod
+    def _suspect(jobs: Iterable[_Job]) -> None:
+        for job in jobs:
+            job.suspect_until = job.generated + SUSPECT_CLEAR_TOKENS
+            job.views = [None, None]
 
     # -- workers ---------------------------------------------------------------------------------
     def add_worker(self, worker: WorkerState) -> None:

@@ -30,6 +30,7 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from services.common.auth import HEADER
+from services.common.tls import checked_copy
 from services.scheduler.api import AliseServicer
 from services.scheduler.job_messages import FINISH_NAMES
 from services.scheduler.validation import REQUEST_ID
@@ -510,5 +511,7 @@ async def start_http(front: OpenAIFrontDoor, listen: str, certfile: str = "", ke
 
 def reload_certificate(server, certfile: str, keyfile: str) -> None:
     """New connections to the running front door get this certificate (open ones keep theirs): the listening
-    socket's TLS context is uvicorn's, loaded again in place."""
-    server.config.ssl.load_cert_chain(certfile, keyfile)
+    socket's TLS context is uvicorn's, loaded again in place from a copy checked first (loading a key that does not
+    match into the live context would leave it serving no handshake at all)."""
+    with checked_copy(certfile, keyfile) as (cert, key):
+        server.config.ssl.load_cert_chain(cert, key)

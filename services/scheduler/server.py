@@ -48,10 +48,16 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
     await redis_client.ping()
     lease = LeaderLease(redis_client, f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}", cfg.leader_lease_s)
     await lease.acquire()            # before anything acts on the store: recovery first of all
+    if stop is None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+    kept = asyncio.create_task(lease.keep())            # from now on: recovery and start-up may take a while
+    kept.add_done_callback(lambda _: stop.set())       # lost: stop serving (and exit non-zero, below)
     store = JobStore(redis_client, cfg.finished_ttl_s)
     predictor = PredictorClient(cfg.predictor_address, cfg.predictor_timeout_s, service_token, cfg.tls)
     predictor.connect_in_background()
     dispatcher = Dispatcher(cfg, store, predictor, JobEventHub())
+    dispatcher.may_act = lease.valid
     recovered = await dispatcher.recover_orphans()
     if recovered:
         log.info("requeued %d jobs left running by a previous scheduler", recovered)
@@ -77,11 +83,8 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
                  cfg.http_listen.rsplit(":", 1)[0], http[2])
     loop_task = asyncio.create_task(dispatcher.run())
     following = asyncio.create_task(follow_files(tenants, http, cfg))
-    if stop is None:
-        stop = asyncio.Event()
-        install_stop_signals(stop)
-    kept = asyncio.create_task(lease.keep())
-    kept.add_done_callback(lambda _: stop.set())       # lost: stop serving (and exit non-zero, below)
+    dispatcher = Dispatcher(cfg, store, predictor, JobEventHub())
+    dispatcher.may_act = lease.valid
     await set_health(health, CLIENT_SERVICES, SERVING)
     await set_health(gateway_health, WORKER_SERVICES, SERVING)
     log.info("scheduler: clients on port %d (%d tenants), workers on port %d, policy %s", port, len(tenants),

@@ -44,6 +44,7 @@ class WorkerSession:
     error: str = ""                # why the scheduler ended the session (sent to the worker as its status)
     error_code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT
     last_heard: float = field(default_factory=time.monotonic)     # when its last message arrived
+    acks_aborts: bool = False      # the worker acknowledges aborts (an older build does not: nothing is awaited)
     # job ids this session was told to abort, not yet acknowledged (a count: an id may be aborted twice)
     unacked_aborts: Counter = field(default_factory=Counter)
 
@@ -55,7 +56,8 @@ class WorkerSession:
         message about that job), what it says about this id is about the aborted job, not about a new request that
         may take the id meanwhile and even be placed here again (before, such late tokens or a late finish were
         recorded on the new job)."""
-        self.unacked_aborts[job_id] += 1
+        if self.acks_aborts:
+            self.unacked_aborts[job_id] += 1
         self.send(abort=wpb.AbortJob(job_id=job_id))
 
     def current(self, msg: wpb.WorkerMessage) -> wpb.WorkerMessage | None:
@@ -147,7 +149,7 @@ class WorkerGateway(wpb_grpc.WorkerGatewayServicer):
             return (f"register: max_batch <= {MAX_BATCH_BOUND}, num_blocks <= {MAX_BLOCKS_BOUND} and "
                     f"block_size <= 1024")
         return WorkerSession(reg.worker_id, reg.model, reg.block_size, reg.num_blocks, reg.max_batch,
-                             reg.max_model_len)
+                             reg.max_model_len, acks_aborts=reg.acks_aborts)
 
     @staticmethod
     async def _watch(session: WorkerSession, limit_s: float) -> None:

@@ -167,17 +167,24 @@ class EngineLoop(threading.Thread):
         elif kind == "preempt":
             self._preempt(cmd.preempt)
         elif kind == "abort":
-            self._flush()
-            self.batcher.forget(cmd.abort.job_id)
-            self.engine.abort(cmd.abort.job_id)
-            # acknowledged after everything said about the job (held tokens forgotten): the scheduler takes what
-            # follows about this id for a new job's, which may reuse it (a job not held here is acknowledged too)
-            self._send(wpb.WorkerMessage(finished=wpb.JobFinished(job_id=cmd.abort.job_id,
-                                                                  finish_reason=pb.FINISH_REASON_ABORTED)))
+            self._abort(cmd.abort.job_id)
         elif kind == "drain":
             self._send_held()
             self.draining = True
             self._last_report = None
+
+    def _abort(self, job_id: str) -> None:
+        """Drop the job, then acknowledge (also for a job not held here): the scheduler takes what follows about
+        this id for a new job's, which may reuse it, so nothing of the aborted job may follow the acknowledgement.
+        If the step in flight fails on the way, every job is dropped as for any failed step (reported first)."""
+        try:
+            self._flush()
+            self.batcher.forget(job_id)
+            self.engine.abort(job_id)
+        except Exception as e:  # noqa: BLE001 - a failed step must not kill the worker silently
+            log.exception("engine step failed while aborting a job; dropping all jobs and telling the scheduler")
+            self._step_failed(e)
+        self._send(wpb.WorkerMessage(finished=wpb.JobFinished(job_id=job_id, finish_reason=pb.FINISH_REASON_ABORTED)))
 
     def _preempt(self, p: wpb.PreemptJob) -> None:
         asked = PreemptMode.from_wire(p.mode)

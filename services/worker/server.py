@@ -84,7 +84,8 @@ async def serve(cfg: WorkerConfig, stop: asyncio.Event | None = None) -> None:
     loop_thread.start()
     register = wpb.WorkerMessage(register=wpb.WorkerRegister(
         worker_id=cfg.resolved_worker_id, model=cfg.model_name, block_size=engine.blocks.block_size,
-        num_blocks=engine.blocks.num_total, max_batch=engine.sched.max_batch, max_model_len=engine.max_model_len))
+        num_blocks=engine.blocks.num_total, max_batch=engine.sched.max_batch, max_model_len=engine.max_model_len,
+        acks_aborts=True))
     if stop is None:
         stop = asyncio.Event()
         install_stop_signals(stop)

@@ -113,13 +113,14 @@ class Placement:
         room = {w.worker_id: _Room(w.max_batch - len(w.running), w.free_blocks + w.parked_blocks, w.holds_suspect)
                 for w in snap.workers if not w.draining}
         by_id = {w.worker_id: w for w in snap.workers}
+        contexts = [w for w in snap.workers if not w.draining]
         out = cls()
         slots = sum(r.slots for r in room.values() if r.slots > 0)
         for job in snap.queued:
             if slots <= 0:                      # every worker is full: the rest waits
                 out.unplaced.append(job)
                 continue
-            target = _pick_worker(job, room, by_id)
+            target = _pick_worker(job, room, by_id, contexts)
             if target is None:
                 out.unplaced.append(job)
                 continue
@@ -141,9 +142,12 @@ def preempt_for_waiting(unplaced: list[JobView], workers: list[WorkerView], vict
     for waiting in unplaced:
         if skip(waiting):
             continue
-        # a suspect could not be placed beside another one: a slot freed there would go to someone else
-        found = victim(waiting, [w for w in open_workers if not w.holds_suspect] if waiting.suspect else open_workers)
-        if found is None:
+        if waiting.suspect:
+            # it could not be placed beside another suspect, so a slot freed there would go to someone else; and
+            # its finding no victim says nothing of the jobs behind it
+            if (found := victim(waiting, [w for w in open_workers if not w.holds_suspect])) is None:
+                continue
+        elif (found := victim(waiting, open_workers)) is None:
             break
         job, worker = found
         out.append((job.job_id, worker.worker_id))
@@ -151,9 +155,14 @@ def preempt_for_waiting(unplaced: list[JobView], workers: list[WorkerView], vict
     return tuple(out)
 
 
-def _pick_worker(job: JobView, room: dict[str, _Room], workers: dict[str, WorkerView]) -> str | None:
+def _pick_worker(job: JobView, room: dict[str, _Room], workers: dict[str, WorkerView],
+                 serving: list[WorkerView]) -> str | None:
+    # a job longer than some workers' context goes to one that holds it; one longer than every serving worker's
+    # (validated while a larger one was connected, or none was) is placed all the same, so that the worker's
+    # refusal fails it with an error instead of leaving it queued for good
+    held = any(w.holds_context(job) for w in serving)
     fits = [w for w, r in room.items() if r.slots > 0 and r.blocks >= workers[w].blocks_needed(job)
-            and workers[w].holds_context(job) and not (job.suspect and r.suspect)]
+            and (workers[w].holds_context(job) or not held) and not (job.suspect and r.suspect)]
     if not fits:
         return None
     if job.kv_on in fits:               # its KV is already there: resume without recompute
