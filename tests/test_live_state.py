@@ -201,5 +201,9 @@ def test_a_failure_with_a_suspect_beside_newcomers_is_charged_to_the_suspect():
         s.set_generated(j, 5)
     assert s.blame(["s", "x"]) == set()                      # both suspects now
     s.set_generated("x", 100)                                # x decoded on: cleared
-    assert s.blame(["n"], dropped=["s", "n"]) == {"s"}
+    assert s.blame(["n"], in_step=["s", "n"]) == {"s"}
     assert s.view("n").suspect and not s.view("x").suspect
+    # a suspect only waiting on that worker was in no step: the newcomer that broke its first step is charged
+    # (review: the suspect was charged for it)
+    s.track(facts("m"))
+    assert s.blame(["m"], in_step=["m"]) == {"m"}

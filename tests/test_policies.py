@@ -115,6 +115,17 @@ def test_a_suspect_with_no_worker_to_preempt_on_does_not_stop_the_search_for_the
     assert len(preempt) == 1 and preempt[0][1] == "w"
 
 
+def test_a_job_no_serving_worker_can_hold_is_placed_for_the_worker_to_refuse():
+    """Review, session 22: where a worker's context is capped by its KV pool, a job longer than every serving
+    worker's context needs more blocks than any pool too, and was never placed (queued for good). It is placed, and
+    the worker's refusal fails it; a job some worker holds still goes only to one that holds it."""
+    capped = WorkerView(worker_id="w", max_batch=4, free_blocks=500, block_size=16, num_blocks=500, max_model_len=8000)
+    too_long = job("long", 10, prompt_len=9000)
+    assert make_policy("fcfs").plan(Snapshot(0, (too_long,), (capped,)), COST).assign == (("long", "w"),)
+    big = replace(capped, worker_id="big", free_blocks=1000, num_blocks=1000, max_model_len=16000)
+    assert make_policy("fcfs").plan(Snapshot(0, (too_long,), (capped, big)), COST).assign == (("long", "big"),)
+
+
 def test_no_preemption_frees_a_slot_for_a_suspect_where_it_could_not_run():
     long_suspect = job("long", 1000, generated=10, running=True, suspect=True)
     waiting = job("short", 5, suspect=True)

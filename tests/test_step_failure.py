@@ -327,3 +327,25 @@ async def test_an_abort_whose_flush_fails_drops_every_job_before_it_is_acknowled
         ack = await next_message(outbox, "finished")
         assert (ack.job_id, ack.finish_reason) == ("a", pb.FINISH_REASON_ABORTED)
         assert not engine.seqs
+
+
+async def test_a_refused_assignment_whose_flush_fails_leaves_the_engine_thread_serving(model_dir, tokenizer):
+    """Review, session 22: refusing an assignment flushes the step in flight; when that flush raised, the exception
+    left the engine thread, which died while the worker stayed registered, taking jobs it would never run."""
+    engine = build_engine(WorkerConfig(model_dir=str(model_dir), num_blocks=64, max_batch=8, token_budget=128))
+    async with engine_loop_running(engine) as (loop_thread, outbox):
+        ids = tokenizer.encode("Tell me a story.", add_special_tokens=False)
+        loop_thread.submit(assign("a", ids, 0.0, max_tokens=600))
+        await next_message(outbox, "tokens")
+        flush = engine.flush
+
+        def fails_once():
+            engine.flush = flush
+            raise RuntimeError("simulated fault of the step in flight")
+        engine.flush = fails_once
+        loop_thread.submit(assign("a", ids, 0.0))                       # refused: the worker holds "a" already
+        failed = await next_message(outbox, "step_failed")
+        assert "simulated fault" in failed.error and "a" in failed.job_ids
+        assert loop_thread.is_alive()
+        loop_thread.submit(assign("after", ids, 0.0))                     # and it still serves
+        assert (await next_message(outbox, "finished")).job_id == "after"

@@ -368,7 +368,8 @@ class Dispatcher:
             if await self._record(job_id) is not None:
                 known.append(job_id)
         named = list(ev.charged_job_ids if ev.charges_named else ev.job_ids)
-        charged = self.state.blame(named, ev.job_ids)
+        # the suspects that may be blamed: those in the step (an older worker does not say: those it charged)
+        charged = self.state.blame(named, ev.in_step_job_ids if ev.names_in_step else named)
         if len(named) > 1 and not charged:
             metrics.SUSPECTED.inc(len(named))
             log.warning("worker %s: no one job to blame for the failed step: its %d jobs are suspects and run apart "

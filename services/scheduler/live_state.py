@@ -172,17 +172,17 @@ class LiveState(Generic[R]):
                                               job.suspect)
         return v
 
-    def blame(self, charged: Iterable[str], dropped: Iterable[str] = ()) -> set[str]:
+    def blame(self, charged: Iterable[str], in_step: Iterable[str] = ()) -> set[str]:
         """Which jobs a failed step is charged to here, from those its worker charged (the jobs new to its batch,
-        else all in the step) and those it dropped (`dropped`: every job it held, the charged ones included).
+        else all in the step) and those that were in the step (`in_step`; jobs only waiting there were in none).
         A worker cannot tell a request that breaks every step it decodes in from the jobs that shared those steps,
         so a failure shared by several jobs, none of them suspect, charges none: they become suspects, which run
         with no other suspect (Placement) until each has decoded SUSPECT_CLEAR_TOKENS past this point. A failure
-        with a suspect among the jobs dropped is charged to that suspect, even when the worker charged newcomers
+        with a suspect in the step is charged to that suspect, even when the worker charged newcomers
         (a suspect decoding beside them is not new): those newcomers become suspects, in case one of them was
         the cause. (A failure that comes from no one job charges one suspect at a time, so it still ends.)"""
         named = {j: job for j in charged if (job := self._jobs.get(j)) is not None}
-        suspects = {j for j in {*named, *dropped} if (job := self._jobs.get(j)) is not None and job.suspect}
+        suspects = {j for j in {*named, *in_step} if (job := self._jobs.get(j)) is not None and job.suspect}
         if suspects:
             if not suspects & named.keys():          # the worker charged newcomers, beside a suspect
                 self._suspect(named.values())

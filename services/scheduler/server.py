@@ -83,8 +83,6 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
                  cfg.http_listen.rsplit(":", 1)[0], http[2])
     loop_task = asyncio.create_task(dispatcher.run())
     following = asyncio.create_task(follow_files(tenants, http, cfg))
-    dispatcher = Dispatcher(cfg, store, predictor, JobEventHub())
-    dispatcher.may_act = lease.valid
     await set_health(health, CLIENT_SERVICES, SERVING)
     await set_health(gateway_health, WORKER_SERVICES, SERVING)
     log.info("scheduler: clients on port %d (%d tenants), workers on port %d, policy %s", port, len(tenants),

@@ -90,7 +90,8 @@ class WorkerSession:
                 return None
             return wpb.WorkerMessage(step_failed=wpb.StepFailed(
                 job_ids=job_ids, error=ev.error, charges_named=ev.charges_named,
-                charged_job_ids=[j for j in (ev.charged_job_ids if ev.charges_named else ev.job_ids) if j not in gone]))
+                charged_job_ids=[j for j in (ev.charged_job_ids if ev.charges_named else ev.job_ids) if j not in gone],
+                names_in_step=ev.names_in_step, in_step_job_ids=[j for j in ev.in_step_job_ids if j not in gone]))
         return msg
 
     def close(self) -> None:

@@ -143,10 +143,7 @@ class EngineLoop(threading.Thread):
             except Exception as e:  # noqa: BLE001 - a bad command is logged, the worker keeps serving
                 log.exception("command failed: %s", describe(cmd))   # never the prompt or output itself
                 if isinstance(cmd, wpb.SchedulerCommand) and cmd.WhichOneof("kind") == "assign":
-                    # a job this worker could not take must not stay "running" here in the scheduler's eyes
-                    self._flush()
-                    self.engine.abort(cmd.assign.job_id)
-                    self._report_failed([cmd.assign.job_id], e)
+                    self._refused(cmd.assign.job_id, e)
             try:
                 cmd = self.commands.get_nowait()
             except queue.Empty:
@@ -173,6 +170,17 @@ class EngineLoop(threading.Thread):
             self.draining = True
             self._last_report = None
 
+    def _refused(self, job_id: str, error: Exception) -> None:
+        """A job this worker could not take must not stay "running" here in the scheduler's eyes. If the step in
+        flight fails on the way, every job is dropped as for any failed step (the engine thread must not die of it)."""
+        try:
+            self._flush()
+            self.engine.abort(job_id)
+            self._report_failed([job_id], error)
+        except Exception as e:  # noqa: BLE001 - a failed step must not kill the worker silently
+            log.exception("engine step failed while refusing a job; dropping all jobs and telling the scheduler")
+            self._step_failed(e)
+
     def _abort(self, job_id: str) -> None:
         """Drop the job, then acknowledge (also for a job not held here): the scheduler takes what follows about
         this id for a new job's, which may reuse it, so nothing of the aborted job may follow the acknowledgement.
@@ -183,7 +191,12 @@ class EngineLoop(threading.Thread):
             self.engine.abort(job_id)
         except Exception as e:  # noqa: BLE001 - a failed step must not kill the worker silently
             log.exception("engine step failed while aborting a job; dropping all jobs and telling the scheduler")
-            self._step_failed(e)
+            try:
+                self._step_failed(e)
+            finally:        # even if dropping everything failed too: the scheduler would set the id aside for good
+                self._send(wpb.WorkerMessage(finished=wpb.JobFinished(job_id=job_id,
+                                                                      finish_reason=pb.FINISH_REASON_ABORTED)))
+            return
         self._send(wpb.WorkerMessage(finished=wpb.JobFinished(job_id=job_id, finish_reason=pb.FINISH_REASON_ABORTED)))
 
     def _preempt(self, p: wpb.PreemptJob) -> None:
@@ -221,17 +234,18 @@ class EngineLoop(threading.Thread):
         charged = [j for j in in_step if not self.engine.seqs[j].sampled_here] or in_step
         self._send_held()                  # the tokens they made are real: the scheduler resumes after them
         self._reset()
-        self._report_failed(job_ids, error, charged)
+        self._report_failed(job_ids, error, charged, in_step)
         self._report_kv_dropped(kv_lost)
 
     def _report_kv_dropped(self, job_ids: list[str]) -> None:
         if job_ids:
             self._send(wpb.WorkerMessage(kept_kv_dropped=wpb.KeptKvDropped(job_ids=job_ids)))
 
-    def _report_failed(self, job_ids: list[str], error: Exception, charged: list[str] | None = None) -> None:
-        self._send(wpb.WorkerMessage(step_failed=wpb.StepFailed(job_ids=job_ids, error=repr(error)[:500],
-                                                                charged_job_ids=job_ids if charged is None else charged,
-                                                                charges_named=True)))
+    def _report_failed(self, job_ids: list[str], error: Exception, charged: list[str] | None = None,
+                       in_step: list[str] | None = None) -> None:
+        self._send(wpb.WorkerMessage(step_failed=wpb.StepFailed(
+            job_ids=job_ids, error=repr(error)[:500], charged_job_ids=job_ids if charged is None else charged,
+            charges_named=True, in_step_job_ids=job_ids if in_step is None else in_step, names_in_step=True)))
 
     def _reset(self) -> None:
         self.engine.reset()

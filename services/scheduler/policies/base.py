@@ -160,9 +160,11 @@ def _pick_worker(job: JobView, room: dict[str, _Room], workers: dict[str, Worker
     # a job longer than some workers' context goes to one that holds it; one longer than every serving worker's
     # (validated while a larger one was connected, or none was) is placed all the same, so that the worker's
     # refusal fails it with an error instead of leaving it queued for good
-    held = any(w.holds_context(job) for w in serving)
+    if not any(w.holds_context(job) for w in serving):       # nor its KV, where a pool caps the context
+        fits = [w for w, r in room.items() if r.slots > 0]
+        return max(fits, key=lambda w: room[w].slots) if fits else None
     fits = [w for w, r in room.items() if r.slots > 0 and r.blocks >= workers[w].blocks_needed(job)
-            and (workers[w].holds_context(job) or not held) and not (job.suspect and r.suspect)]
+            and workers[w].holds_context(job) and not (job.suspect and r.suspect)]
     if not fits:
         return None
     if job.kv_on in fits:               # its KV is already there: resume without recompute
