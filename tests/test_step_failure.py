@@ -306,21 +306,26 @@ async def test_a_worker_acknowledges_each_abort_after_all_it_said_about_the_job(
         assert "a" not in after and "a" not in engine.seqs
 
 
+async def decoding_then_the_next_flush_fails(engine, loop_thread, outbox, ids) -> None:
+    """Job "a" decoding; the next flush of the step in flight raises (once), as a device fault would."""
+    loop_thread.submit(assign("a", ids, 0.0, max_tokens=600))
+    await next_message(outbox, "tokens")
+    flush = engine.flush
+
+    def fails_once():
+        engine.flush = flush
+        raise RuntimeError("simulated fault of the step in flight")
+    engine.flush = fails_once
+
+
 async def test_an_abort_whose_flush_fails_drops_every_job_before_it_is_acknowledged(model_dir, tokenizer):
     """Review, session 22: an abort whose flush of the step in flight raised was never acknowledged (the scheduler
     set that id aside for good), and acknowledging it anyway would have let the job, still held, go on after."""
     engine = build_engine(WorkerConfig(model_dir=str(model_dir), num_blocks=64, max_batch=8, token_budget=128))
     async with engine_loop_running(engine) as (loop_thread, outbox):
         ids = tokenizer.encode("Tell me a story.", add_special_tokens=False)
-        loop_thread.submit(assign("a", ids, 0.0, max_tokens=600))
         loop_thread.submit(assign("b", ids, 0.0, max_tokens=600))
-        await next_message(outbox, "tokens")
-        flush = engine.flush
-
-        def fails_once():
-            engine.flush = flush
-            raise RuntimeError("simulated fault of the step in flight")
-        engine.flush = fails_once
+        await decoding_then_the_next_flush_fails(engine, loop_thread, outbox, ids)
         loop_thread.submit(wpb.SchedulerCommand(abort=wpb.AbortJob(job_id="a")))
         failed = await next_message(outbox, "step_failed")
         assert sorted(failed.job_ids) == ["a", "b"] and "simulated fault" in failed.error
@@ -335,14 +340,7 @@ async def test_a_refused_assignment_whose_flush_fails_leaves_the_engine_thread_s
     engine = build_engine(WorkerConfig(model_dir=str(model_dir), num_blocks=64, max_batch=8, token_budget=128))
     async with engine_loop_running(engine) as (loop_thread, outbox):
         ids = tokenizer.encode("Tell me a story.", add_special_tokens=False)
-        loop_thread.submit(assign("a", ids, 0.0, max_tokens=600))
-        await next_message(outbox, "tokens")
-        flush = engine.flush
-
-        def fails_once():
-            engine.flush = flush
-            raise RuntimeError("simulated fault of the step in flight")
-        engine.flush = fails_once
+        await decoding_then_the_next_flush_fails(engine, loop_thread, outbox, ids)
         loop_thread.submit(assign("a", ids, 0.0))                       # refused: the worker holds "a" already
         failed = await next_message(outbox, "step_failed")
         assert "simulated fault" in failed.error and "a" in failed.job_ids
