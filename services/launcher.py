@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from services.common.grpc_server import configure_logging
 from services.common.local_stack import LocalStack, free_port, port_is_free
 from services.common.model_paths import cache_root
+from services.common.private_files import write_private
 
 log = logging.getLogger("alise.launcher")
 DEFAULT_PORT = 50051
@@ -77,10 +78,7 @@ def main() -> None:
         signal.signal(sig, on_signal)
     try:
         stack.start()
-        key_file = stack.secrets_dir / "api-key"
-        key_file.touch(mode=0o600)
-        key_file.write_text(stack.api_key)
-        key_file.chmod(0o600)
+        write_private(stack.secrets_dir / "api-key", stack.api_key)
         if shared:                         # the address last: a CLI that reads it finds this stack's key already
             write_atomically(address_file, stack.address)
         else:

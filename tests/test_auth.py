@@ -21,3 +21,15 @@ def test_a_secret_matches_only_its_own_digest():
     assert matches(a, digest(a))
     assert not matches(b, digest(a))
     assert not matches(None, digest(a))
+
+
+def test_a_secret_file_is_private_from_its_first_byte_even_over_a_readable_one(tmp_path):
+    from services.common.private_files import write_private
+
+    path = tmp_path / "token"
+    path.write_text("old")
+    path.chmod(0o644)
+    write_private(path, "s3cret")
+    assert path.read_text() == "s3cret" and path.stat().st_mode & 0o777 == 0o600
+    write_private(tmp_path / "new", b"k")
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o600

@@ -16,3 +16,17 @@ def file_versions(paths) -> tuple:
         except OSError:
             out.append(None)
     return tuple(out)
+
+
+class FileWatch:
+    """Tells, each time it is asked, whether the files changed since it last looked (or since it was made)."""
+
+    def __init__(self, paths) -> None:
+        self.paths = [p for p in paths if p]
+        self._seen = file_versions(self.paths)
+
+    def changed(self) -> bool:
+        if (now := file_versions(self.paths)) == self._seen:
+            return False
+        self._seen = now
+        return True

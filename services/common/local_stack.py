@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.tls import TlsFiles, dev_pki
 from services.common.tls import channel as tls_channel
+from services.common.private_files import write_private
 
 log = logging.getLogger("alise.stack")
 
@@ -91,8 +92,7 @@ class RedisServer:
         persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persist else ["--appendonly", "no"]
         # the password in a config file only its owner reads: a process's arguments are readable by every local user
         auth = Path(self.dir) / "auth.conf"
-        auth.touch(mode=0o600)
-        auth.write_text(f"requirepass {self.password}\n")
+        write_private(auth, f"requirepass {self.password}\n")
         return subprocess.Popen(
             [self.binary, str(auth), "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", *persistence,
              "--dir", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -180,8 +180,7 @@ def write_credentials(secrets_dir: Path, tenants: dict[str, dict]) -> tuple[str,
     keys_file.unlink(missing_ok=True)
     api_keys = {name: add_tenant(keys_file, name, **limits) for name, limits in tenants.items()}
     token = new_secret()
-    (secrets_dir / "service-token").write_text(token)
-    (secrets_dir / "service-token").chmod(0o600)
+    write_private(secrets_dir / "service-token", token)
     return token, api_keys
 
 

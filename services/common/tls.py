@@ -20,8 +20,9 @@ from pathlib import Path
 
 import grpc
 
-from services.common.file_versions import file_versions
+from services.common.file_versions import FileWatch
 from services.common.keepalive import CHANNEL_OPTIONS
+from services.common.private_files import write_private
 
 log = logging.getLogger("alise.tls")
 
@@ -50,8 +51,7 @@ class TlsFiles:
         connections already open keep theirs. Files that no longer load keep the last good ones."""
         if require_client_cert and not self.ca:
             raise ValueError("mTLS needs the CA that signs client certificates (--tls-ca)")
-        files = [p for p in (self.key, self.cert, self.ca) if p]
-        seen = [file_versions(files)]
+        watch = FileWatch((self.key, self.cert, self.ca))
 
         def configuration() -> grpc.ServerCertificateConfiguration:
             with checked_copy(self.cert, self.key) as (cert, key):
@@ -59,9 +59,8 @@ class TlsFiles:
             return grpc.ssl_server_certificate_configuration([pair], root_certificates=_read(self.ca) if self.ca else None)
 
         def changed() -> grpc.ServerCertificateConfiguration | None:   # gRPC's fetcher: None keeps the last one
-            if (now := file_versions(files)) == seen[0]:
+            if not watch.changed():
                 return None
-            seen[0] = now
             try:
                 fresh = configuration()
             except (OSError, ValueError, ssl.SSLError) as e:
@@ -89,8 +88,7 @@ def checked_copy(cert: str, key: str) -> Iterator[tuple[Path, Path]]:
     caught half-written, or a key of another certificate, would fail every handshake); the copy is gone after."""
     with tempfile.TemporaryDirectory(prefix="alise-tls-") as d:
         cert_copy, key_copy = Path(d, "cert.pem"), Path(d, "key.pem")
-        key_copy.touch(mode=0o600)
-        key_copy.write_bytes(_read(key))
+        write_private(key_copy, _read(key))
         cert_copy.write_bytes(_read(cert))
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_copy, key_copy)   # ssl.SSLError if they differ
         yield cert_copy, key_copy

@@ -55,7 +55,8 @@ def record_finished(done: pb.GenerateComplete) -> None:
 
 
 class Dispatcher:
-    def __init__(self, cfg: SchedulerConfig, store: JobStore, predictor: PredictorClient, hub: JobEventHub):
+    def __init__(self, cfg: SchedulerConfig, store: JobStore, predictor: PredictorClient, hub: JobEventHub,
+                 may_act: Callable[[], bool] = lambda: True):
         self.cfg = cfg
         self.store = store
         self.predictor = predictor
@@ -65,7 +66,7 @@ class Dispatcher:
         self.sessions: dict[str, WorkerSession] = {}
         self._worker_turns = KeyedLocks()            # a worker id's sessions join, leave and are swept one at a time
         self._strays: dict[str, set[str]] = {}       # worker id -> strays the last sweep found there
-        self.may_act: Callable[[], bool] = lambda: True   # the server sets its lease's validity (leader_lease.py)
+        self.may_act = may_act                       # whether it may act on the store now (the server's lease)
         self.state: LiveState[JobRecord] = LiveState(knee_share=cfg.knee_share)
         self.queued_work_s = 0.0                     # predicted seconds of queued work, as of the last tick
         self._wake = asyncio.Event()

@@ -195,8 +195,7 @@ class LiveState(Generic[R]):
     @staticmethod
     def _suspect(jobs: Iterable[_Job]) -> None:
         for job in jobs:
-            job.suspect_until = job.generated + SUSPECT_CLEAR_TOKENS
-            job.views = [None, None]
+            job.suspect_until = job.generated + SUSPECT_CLEAR_TOKENS     # view() sees the change: no reset needed
 
     # -- workers ---------------------------------------------------------------------------------
     def add_worker(self, worker: WorkerState) -> None:

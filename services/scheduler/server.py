@@ -14,7 +14,7 @@ from alise.v1 import generate_pb2, worker_pb2
 from services.scheduler import metrics
 from services.common.auth import ServiceTokenCheck, read_service_token
 from services.common.lenient import add_lenient_service
-from services.common.file_versions import file_versions
+from services.common.file_versions import FileWatch
 from services.common.redis_client import connect
 from services.common.tls import health_only_server
 from services.common.grpc_server import (NOT_SERVING, SERVING, build_server, configure_logging,
@@ -56,8 +56,7 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
     store = JobStore(redis_client, cfg.finished_ttl_s)
     predictor = PredictorClient(cfg.predictor_address, cfg.predictor_timeout_s, service_token, cfg.tls)
     predictor.connect_in_background()
-    dispatcher = Dispatcher(cfg, store, predictor, JobEventHub())
-    dispatcher.may_act = lease.valid
+    dispatcher = Dispatcher(cfg, store, predictor, JobEventHub(), may_act=lease.valid)
     recovered = await dispatcher.recover_orphans()
     if recovered:
         log.info("requeued %d jobs left running by a previous scheduler", recovered)
@@ -115,14 +114,12 @@ async def follow_files(tenants: TenantRegistry, http, cfg: SchedulerConfig) -> N
     """Files rewritten while the scheduler runs take effect without a restart: the API keys file (a revoked key
     stops working, a new one starts) and, for the HTTP front door, the TLS certificate (the gRPC ports follow it
     by themselves: tls.TlsFiles.server_credentials). Checked every FOLLOW_FILES_S."""
-    certificate = [cfg.tls_cert, cfg.tls_key]
-    seen = file_versions(certificate)
+    certificate = FileWatch((cfg.tls_cert, cfg.tls_key))
     while True:
         await asyncio.sleep(FOLLOW_FILES_S)
         await asyncio.to_thread(tenants.reload_if_changed)
-        if http is None or not cfg.tls_cert or (now := file_versions(certificate)) == seen:
+        if http is None or not cfg.tls_cert or not certificate.changed():
             continue
-        seen = now
         try:
             reload_certificate(http[0], cfg.tls_cert, cfg.tls_key)
             log.info("scheduler: HTTP front door's TLS certificate reloaded from %s", cfg.tls_cert)

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from services.common.auth import digest, new_secret
-from services.common.file_versions import file_versions
+from services.common.file_versions import FileWatch
+from services.common.private_files import write_private
 
 log = logging.getLogger("alise.scheduler")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")     # also safe inside Redis keys and metric labels
@@ -50,7 +51,7 @@ class TenantRegistry:
     def __init__(self, tenants: list[Tenant], path: Path | None = None):
         self._by_digest = _by_digest(tenants)
         self.path = path
-        self._seen = file_versions([path]) if path else None
+        self._watch = FileWatch([path]) if path else None
 
     @classmethod
     def load(cls, path: str | Path) -> "TenantRegistry":
@@ -61,9 +62,8 @@ class TenantRegistry:
         """Read the file again if it changed since it was last read; True if the tenants were replaced. A file
         that no longer parses (a half-written edit) leaves the tenants as they were, and is read again once it
         changes again."""
-        if self.path is None or (version := file_versions([self.path])) == self._seen:
+        if self._watch is None or not self._watch.changed():
             return False
-        self._seen = version
         try:
             tenants = _by_digest(_read(self.path))
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -121,8 +121,7 @@ def add_tenant(path: Path, name: str, **limits) -> str:
         raise SystemExit(f"tenant {name!r} already exists in {path}")
     key = new_secret()
     data["tenants"].append(asdict(Tenant(name=name, key_sha256=digest(key), **limits)))
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    path.chmod(0o600)
+    write_private(path, json.dumps(data, indent=2) + "\n")
     return key
 
 

@@ -31,6 +31,12 @@ log = logging.getLogger("alise.scheduler.sessions")
 _CLOSE = object()
 
 
+# the lists of job ids (or of entries with a job_id) in each message that names several jobs; the first says
+# whether anything is left of it once aborted jobs are taken out
+_JOB_LISTS = {"tokens": ("deltas",), "estimates": ("estimates",), "kept_kv_dropped": ("job_ids",),
+              "step_failed": ("job_ids", "charged_job_ids", "in_step_job_ids")}
+
+
 @dataclass
 class WorkerSession:
     worker_id: str
@@ -75,24 +81,17 @@ class WorkerSession:
             return msg
         if kind in ("finished", "preempted"):
             return None if getattr(msg, kind).job_id in gone else msg
-        if kind == "tokens":
-            deltas = [d for d in msg.tokens.deltas if d.job_id not in gone]
-            return wpb.WorkerMessage(tokens=wpb.TokenEvents(deltas=deltas)) if deltas else None
-        if kind == "estimates":
-            kept = [e for e in msg.estimates.estimates if e.job_id not in gone]
-            return wpb.WorkerMessage(estimates=wpb.LengthEstimates(estimates=kept)) if kept else None
-        if kind == "kept_kv_dropped":
-            kept = [j for j in msg.kept_kv_dropped.job_ids if j not in gone]
-            return wpb.WorkerMessage(kept_kv_dropped=wpb.KeptKvDropped(job_ids=kept)) if kept else None
-        if kind == "step_failed":
-            ev = msg.step_failed
-            if not (job_ids := [j for j in ev.job_ids if j not in gone]):
-                return None
-            return wpb.WorkerMessage(step_failed=wpb.StepFailed(
-                job_ids=job_ids, error=ev.error, charges_named=ev.charges_named,
-                charged_job_ids=[j for j in (ev.charged_job_ids if ev.charges_named else ev.job_ids) if j not in gone],
-                names_in_step=ev.names_in_step, in_step_job_ids=[j for j in ev.in_step_job_ids if j not in gone]))
-        return msg
+        if kind not in _JOB_LISTS:
+            return msg
+        out = wpb.WorkerMessage()
+        out.CopyFrom(msg)
+        body = getattr(out, kind)
+        for name in _JOB_LISTS[kind]:
+            items = getattr(body, name)
+            kept = [x for x in items if (x if isinstance(x, str) else x.job_id) not in gone]
+            del items[:]
+            items.extend(kept)
+        return out if getattr(body, _JOB_LISTS[kind][0]) else None
 
     def close(self) -> None:
         self.outbox.put_nowait(_CLOSE)

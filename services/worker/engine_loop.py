@@ -171,33 +171,35 @@ class EngineLoop(threading.Thread):
             self._last_report = None
 
     def _refused(self, job_id: str, error: Exception) -> None:
-        """A job this worker could not take must not stay "running" here in the scheduler's eyes. If the step in
-        flight fails on the way, every job is dropped as for any failed step (the engine thread must not die of it)."""
-        try:
+        """A job this worker could not take must not stay "running" here in the scheduler's eyes."""
+        def refuse():
             self._flush()
             self.engine.abort(job_id)
             self._report_failed([job_id], error)
-        except Exception as e:  # noqa: BLE001 - a failed step must not kill the worker silently
-            log.exception("engine step failed while refusing a job; dropping all jobs and telling the scheduler")
-            self._step_failed(e)
+        self._or_drop_all(refuse, "refusing a job")
 
     def _abort(self, job_id: str) -> None:
         """Drop the job, then acknowledge (also for a job not held here): the scheduler takes what follows about
         this id for a new job's, which may reuse it, so nothing of the aborted job may follow the acknowledgement.
-        If the step in flight fails on the way, every job is dropped as for any failed step (reported first)."""
-        try:
+        It is sent whatever happens: without it the scheduler would set the id aside for good."""
+        def abort():
             self._flush()
             self.batcher.forget(job_id)
             self.engine.abort(job_id)
+        try:
+            self._or_drop_all(abort, "aborting a job")
+        finally:
+            self._send(wpb.WorkerMessage(finished=wpb.JobFinished(job_id=job_id,
+                                                                  finish_reason=pb.FINISH_REASON_ABORTED)))
+
+    def _or_drop_all(self, work, doing: str) -> None:
+        """`work`, which flushes the step in flight: if that step fails, every job is dropped and reported as for any
+        failed step (the engine thread must not die of it)."""
+        try:
+            work()
         except Exception as e:  # noqa: BLE001 - a failed step must not kill the worker silently
-            log.exception("engine step failed while aborting a job; dropping all jobs and telling the scheduler")
-            try:
-                self._step_failed(e)
-            finally:        # even if dropping everything failed too: the scheduler would set the id aside for good
-                self._send(wpb.WorkerMessage(finished=wpb.JobFinished(job_id=job_id,
-                                                                      finish_reason=pb.FINISH_REASON_ABORTED)))
-            return
-        self._send(wpb.WorkerMessage(finished=wpb.JobFinished(job_id=job_id, finish_reason=pb.FINISH_REASON_ABORTED)))
+            log.exception("engine step failed while %s; dropping all jobs and telling the scheduler", doing)
+            self._step_failed(e)
 
     def _preempt(self, p: wpb.PreemptJob) -> None:
         asked = PreemptMode.from_wire(p.mode)

@@ -2,6 +2,7 @@
 dispatcher and an offline simulator run the same code."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -113,14 +114,15 @@ class Placement:
         room = {w.worker_id: _Room(w.max_batch - len(w.running), w.free_blocks + w.parked_blocks, w.holds_suspect)
                 for w in snap.workers if not w.draining}
         by_id = {w.worker_id: w for w in snap.workers}
-        contexts = [w for w in snap.workers if not w.draining]
+        # the longest context a serving worker holds (0 where one has no bound but its KV): computed once a plan
+        longest = max((w.max_model_len or math.inf for w in snap.workers if not w.draining), default=0)
         out = cls()
         slots = sum(r.slots for r in room.values() if r.slots > 0)
         for job in snap.queued:
             if slots <= 0:                      # every worker is full: the rest waits
                 out.unplaced.append(job)
                 continue
-            target = _pick_worker(job, room, by_id, contexts)
+            target = _pick_worker(job, room, by_id, longest)
             if target is None:
                 out.unplaced.append(job)
                 continue
@@ -156,11 +158,11 @@ def preempt_for_waiting(unplaced: list[JobView], workers: list[WorkerView], vict
 
 
 def _pick_worker(job: JobView, room: dict[str, _Room], workers: dict[str, WorkerView],
-                 serving: list[WorkerView]) -> str | None:
+                 longest_context: float) -> str | None:
     # a job longer than some workers' context goes to one that holds it; one longer than every serving worker's
     # (validated while a larger one was connected, or none was) is placed all the same, so that the worker's
     # refusal fails it with an error instead of leaving it queued for good
-    if not any(w.holds_context(job) for w in serving):       # nor its KV, where a pool caps the context
+    if job.prompt_len + job.generated >= longest_context:    # nor its KV, where a pool caps the context
         fits = [w for w, r in room.items() if r.slots > 0]
         return max(fits, key=lambda w: room[w].slots) if fits else None
     fits = [w for w, r in room.items() if r.slots > 0 and r.blocks >= workers[w].blocks_needed(job)
