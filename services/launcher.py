@@ -78,7 +78,8 @@ def main() -> None:
         signal.signal(sig, on_signal)
     try:
         stack.start()
-        write_private(stack.secrets_dir / "api-key", stack.api_key)
+        key_file = stack.secrets_dir / "api-key"
+        write_private(key_file, stack.api_key)
         if shared:                         # the address last: a CLI that reads it finds this stack's key already
             write_atomically(address_file, stack.address)
         else:
