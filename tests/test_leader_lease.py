@@ -124,3 +124,68 @@ async def test_a_second_scheduler_on_the_same_store_serves_only_once_the_first_h
     await asyncio.wait_for(second, 60)
     assert await client.get(keys.SCHEDULER_LEASE) is None      # given back on a clean stop
     await client.aclose()
+
+
+async def test_the_store_places_takes_back_and_forgets_only_for_the_lease_holder(r):
+    """The lease is a fence (review, session 22: it was not): a command of a scheduler whose term ran out, still on its
+    way or sent by a process paused past its term, must change nothing once Redis names another holder. Also a call
+    retried after the lease passed on replays what its first run did (run_once) rather than acting again."""
+    from services.scheduler.job_store import JobStore, StoreFenced
+    from tests.test_job_store import create, record
+
+    old, new = JobStore(r, leader="a"), JobStore(r, leader="b")
+    await r.set(keys.SCHEDULER_LEASE, "a")
+    await create(old, record("j1", "f1"), 1.0)
+    await create(old, record("j2", "f2"), 2.0)
+    assert await old.claim("j1", "w1")
+    await r.set(keys.SCHEDULER_LEASE, "b")                      # "a"'s term ran out and "b" took the lease
+    with pytest.raises(StoreFenced, match="held by b"):
+        await old.requeue("j1", "w1", 1.0)                      # it would take back a job its successor keeps
+    with pytest.raises(StoreFenced):
+        await old.claim("j2", "w9")
+    with pytest.raises(StoreFenced):
+        await old.fail_step("j1", "w1", 1.0, max_failures=1)
+    with pytest.raises(StoreFenced):
+        await old.forget_worker("w1")
+    st1, st2 = await new.state("j1"), await new.state("j2")
+    assert (st1.status, st1.worker, st2.status) == ("running", "w1", "queued")
+    assert await new.worker_job_ids("w1") == ["j1"] and await new.known_workers() == ["w1"]
+    await r.delete(keys.SCHEDULER_LEASE)                        # lapsed, no one holds it: nobody acts
+    with pytest.raises(StoreFenced):
+        await new.claim("j2", "w2")
+    await r.set(keys.SCHEDULER_LEASE, "b")
+    assert await new.claim("j2", "w2") and await new.requeue("j1", "w1", 1.0)
+    await new.forget_worker("w1")
+    assert await new.known_workers() == ["w2"]
+    assert await create(old, record("j3", "f3"), 3.0) is not None   # clients' calls are not the holder's business
+    assert await old.append_many("w2", [("j2", [7], "x")]) == [1]  # nor a worker's report on the job it holds
+    # a claim whose reply was lost, retried by redis-py after the term: the retry reports what its first run did
+    claim = new._scripts["claim"].script
+    call = dict(keys=[keys.job("j3"), keys.QUEUE, keys.worker_jobs("w2"), keys.WORKERS, keys.SCHEDULER_LEASE],
+                args=["j3", "w2", 1.0, "b", "call-1"])
+    assert await claim(**call) == 1
+    await r.set(keys.SCHEDULER_LEASE, "c")
+    assert await claim(**call) == 1                               # replayed, not refused: it did happen
+    with pytest.raises(Exception, match="ALISE_FENCED"):
+        await claim(**{**call, "args": [*call["args"][:-1], "call-2"]})
+
+
+async def test_a_scheduler_whose_term_ran_out_cannot_requeue_its_successors_jobs(dispatcher_factory, r):
+    """The hazard the fence closes: the old scheduler's sweep takes the new one's worker for lost (it is not connected
+    here) and requeues its running job; before the fence this landed, and the job ran on two workers."""
+    from services.scheduler.job_store import JobStore, StoreFenced
+    from services.scheduler.tenants import Tenant
+    from tests.helpers import valid_request
+
+    d = await dispatcher_factory(policy="fcfs")
+    d.store = JobStore(d.store.r, leader="old")
+    await r.set(keys.SCHEDULER_LEASE, "old")
+    assert await d.submit(valid_request("a"), Tenant("t", "0" * 64))
+    await r.set(keys.SCHEDULER_LEASE, "new")
+    successor = JobStore(d.store.r, leader="new")
+    assert await successor.claim("t/a", "w-new")                # the successor placed it on its own worker
+    with pytest.raises(StoreFenced):
+        await d.recover_orphans()
+    state = await successor.state("t/a")
+    assert (state.status, state.worker) == ("running", "w-new")
+    assert await successor.worker_job_ids("w-new") == ["t/a"]

@@ -19,12 +19,11 @@ from services.scheduler import metrics
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.exec_time import P90_OVER_GUESS, ExecTimeModel
 from services.common.preempt_mode import PreemptMode
-from services.common.redis_client import REDIS_UNAVAILABLE
 from services.scheduler import keys
 from services.scheduler.job_events import JobEvent, JobEventHub
 from services.scheduler.job_messages import FINISH_NAMES, complete_message
-from services.scheduler.job_store import (FINAL_STATUSES, CreateOutcome, JobRecord, JobStore, RequeueCause,
-                                         StepFailureOutcome)
+from services.scheduler.job_store import (FINAL_STATUSES, STORE_UNAVAILABLE, CreateOutcome, JobRecord, JobStore,
+                                         RequeueCause, StepFailureOutcome, StoreFenced)
 from services.scheduler.keyed_locks import KeyedLocks
 from services.scheduler.live_state import JobFacts, LiveState, WorkerState, job_view
 from services.scheduler.policies import make_policy, policy_options
@@ -139,6 +138,9 @@ class Dispatcher:
                     last_sweep = time.monotonic()
                     if n := await self.recover_orphans():
                         log.warning("requeued %d jobs left on workers that are gone", n)
+            except StoreFenced as e:      # the lease is another's now: leader_lease.keep() stops this scheduler
+                log.error("dispatch tick refused by the job store: %s", e)
+                await asyncio.sleep(self.cfg.tick_s)
             except Exception:  # noqa: BLE001 - one bad tick must not stop scheduling
                 log.exception("dispatch tick failed")
                 await asyncio.sleep(self.cfg.tick_s)
@@ -262,8 +264,9 @@ class Dispatcher:
                 await self._requeue(job_id, s.worker_id)
             await self.store.forget_worker(s.worker_id)      # only once its jobs are safely back in the queue
             log.warning("worker %s left; %d jobs requeued", s.worker_id, len(held))
-        except REDIS_UNAVAILABLE:
-            log.warning("worker %s left while Redis is unreachable: the orphan sweep requeues its jobs", s.worker_id)
+        except STORE_UNAVAILABLE as e:
+            log.warning("worker %s left while the job store is unavailable (%s): the orphan sweep requeues its jobs",
+                        s.worker_id, e)
         self.wake()
 
     async def recover_orphans(self) -> int:

@@ -23,9 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from services.common.observations import MAX_ENTRIES
-from services.common.redis_client import RETRY_SPAN_S
+from services.common.redis_client import REDIS_UNAVAILABLE, RETRY_SPAN_S
 from services.scheduler import keys
 from services.scheduler.job_sampling import JobSampling
 
@@ -176,15 +177,58 @@ class _Once:
         return await self.script(keys=keys, args=[*args, uuid.uuid4().hex])
 
 
+# Scripts that only the scheduler holding the lease (leader_lease.py) may run: they place jobs, take them back, fail
+# them and forget workers. The lease alone does not stop a scheduler whose term ran out while one of these was on
+# its way (redis-py sends a command again for up to RETRY_SPAN_S; a process paused past its term sends what it had
+# begun): that scheduler would requeue the jobs of its successor's workers, which then run twice. So each of these
+# checks, when it runs, that Redis names its caller as the lease's holder, and refuses otherwise (a fencing token).
+# A call carries the lease's key as its last key and the holder as its last argument (before a run_once call id).
+FENCED = ("claim", "requeue", "fail_step", "forget_worker")
+FENCE_ERROR = "ALISE_FENCED"
+LEASE_KEY = keys.SCHEDULER_LEASE
+
+
+def fenced(body: str, after_holder: int) -> str:
+    """A script's text that first checks the lease (FENCED); `after_holder`: arguments that follow the holder's."""
+    return ("local holder = redis.call('GET', KEYS[#KEYS])\n"
+            f"if holder ~= ARGV[#ARGV - {after_holder}] then\n"
+            f"  return redis.error_reply('{FENCE_ERROR} the lease of this job store is held by ' .. tostring(holder))\n"
+            "end\n" + body)
+
+
+class StoreFenced(Exception):
+    """The job store refused a change: this scheduler does not hold the lease now (FENCED). Nothing was applied."""
+
+
+# What a caller of the store treats as "cannot act on the store now, try later": Redis away, or not ours to change.
+STORE_UNAVAILABLE = (*REDIS_UNAVAILABLE, StoreFenced)
+
+
 class JobStore:
-    def __init__(self, client: aioredis.Redis, finished_ttl_s: int = 3600):
+    def __init__(self, client: aioredis.Redis, finished_ttl_s: int = 3600, leader: str = ""):
+        """leader: the lease holder this scheduler is (server.py); the FENCED scripts then refuse to run for it once
+        Redis names another. "" (tests of the store alone): not fenced."""
         self.r = client
         self.ttl = finished_ttl_s
+        self.leader = leader
         ended_job = (LUA_DIR / "_ended_job.lua").read_text()          # shared functions, not a script of its own
         texts = {p.stem: (ended_job if p.stem in ENDING else "") + p.read_text()
                  for p in LUA_DIR.glob("*.lua") if not p.stem.startswith("_")}
+        if leader:
+            texts = {name: fenced(text, int(name in ONCE)) if name in FENCED else text for name, text in texts.items()}
         self._scripts = {name: _Once(client.register_script(run_once(text))) if name in ONCE
                          else client.register_script(text) for name, text in texts.items()}
+
+    async def _run(self, name: str, keys: list, args: list):
+        """Run a script; a FENCED one with the lease's key and this scheduler's name (StoreFenced if refused)."""
+        if self.leader and name in FENCED:
+            keys, args = [*keys, LEASE_KEY], [*args, self.leader]
+        try:
+            return await self._scripts[name](keys=keys, args=args)
+        except redis.exceptions.ResponseError as e:
+            if str(e).startswith(FENCE_ERROR):
+                raise StoreFenced(str(e)) from None
+            raise
 
     async def create(self, rec: JobRecord, score: float, tenant_live_limit: int, queue_limit: int) -> CreateOutcome:
         flat = [x for kv in rec.to_fields().items() for x in kv]
@@ -194,8 +238,8 @@ class JobStore:
             args=[jid, score, rec.fingerprint, tenant_live_limit, queue_limit, *flat])))
 
     async def claim(self, job_id: str, worker_id: str) -> bool:
-        return bool(await self._scripts["claim"](
-            keys=[keys.job(job_id), keys.QUEUE, keys.worker_jobs(worker_id), keys.WORKERS],
+        return bool(await self._run(
+            "claim", keys=[keys.job(job_id), keys.QUEUE, keys.worker_jobs(worker_id), keys.WORKERS],
             args=[job_id, worker_id, time.time()]))
 
     async def append_many(self, worker_id: str, deltas: list[tuple[str, list[int], str]]) -> list[int]:
@@ -212,17 +256,17 @@ class JobStore:
     async def requeue(self, job_id: str, worker_id: str, score: float, swapped_on: str = "",
                       cause: RequeueCause = RequeueCause.RETURNED) -> bool:
         """Running on `worker_id` -> queued again, its tokens kept, for `cause` (requeue.lua)."""
-        return bool(await self._scripts["requeue"](
-            keys=[keys.job(job_id), keys.QUEUE, keys.worker_jobs(worker_id)],
+        return bool(await self._run(
+            "requeue", keys=[keys.job(job_id), keys.QUEUE, keys.worker_jobs(worker_id)],
             args=[job_id, worker_id, score, swapped_on, cause.value]))
 
     async def fail_step(self, job_id: str, worker_id: str, score: float, max_failures: int,
                         charge: bool = True) -> StepFailureOutcome:
         """Its worker's engine step failed: requeue the job, or fail it after `max_failures` charged failures
         (charge=False: requeued, not counted)."""
-        res = await self._scripts["fail_step"](
-            keys=[keys.job(job_id), keys.QUEUE, keys.worker_jobs(worker_id), keys.job_tokens(job_id),
-                  keys.job_text(job_id), keys.tenant_live(keys.tenant_of(job_id))],
+        res = await self._run(
+            "fail_step", keys=[keys.job(job_id), keys.QUEUE, keys.worker_jobs(worker_id), keys.job_tokens(job_id),
+                               keys.job_text(job_id), keys.tenant_live(keys.tenant_of(job_id))],
             args=[job_id, worker_id, score, max_failures, time.time(), self.ttl, "1" if charge else "0"])
         return StepFailureOutcome(int(res))
 
@@ -312,5 +356,4 @@ class JobStore:
         return [j.decode() for j in await self.r.smembers(keys.worker_jobs(worker_id))]
 
     async def forget_worker(self, worker_id: str) -> None:
-        await self.r.srem(keys.WORKERS, worker_id)
-        await self.r.delete(keys.worker(worker_id))
+        await self._run("forget_worker", keys=[keys.WORKERS, keys.worker(worker_id)], args=[worker_id])

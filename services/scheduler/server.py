@@ -53,7 +53,7 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
         install_stop_signals(stop)
     kept = asyncio.create_task(lease.keep())            # from now on: recovery and start-up may take a while
     kept.add_done_callback(lambda _: stop.set())       # lost: stop serving (and exit non-zero, below)
-    store = JobStore(redis_client, cfg.finished_ttl_s)
+    store = JobStore(redis_client, cfg.finished_ttl_s, leader=lease.holder)     # fenced by the lease
     predictor = PredictorClient(cfg.predictor_address, cfg.predictor_timeout_s, service_token, cfg.tls)
     predictor.connect_in_background()
     dispatcher = Dispatcher(cfg, store, predictor, JobEventHub(), may_act=lease.valid)
