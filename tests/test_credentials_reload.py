@@ -117,3 +117,48 @@ async def test_a_revoked_key_and_a_renewed_certificate_apply_without_a_restart(r
 
 async def _is(call, code: grpc.StatusCode) -> bool:
     return await call == code
+
+
+async def test_the_predictor_channel_follows_renewed_client_credentials(tmp_path, monkeypatch):
+    """Review, session 22, left open then: the scheduler read its client certificate and CA for the predictor once,
+    at start, and gRPC reconnects with a channel's first credentials. After a renewal with a new CA, the predictor's
+    next start (or the old certificate's expiry) cut predictions off until the scheduler restarted. The predictor's
+    side is served here by the services' real server credentials (mTLS), on a bare gRPC server: what is tested is
+    the handshake."""
+    from services.common.tls import TlsFiles
+    from services.scheduler import predictor_client
+    from services.scheduler.predictor_client import PredictorClient
+
+    monkeypatch.setattr(predictor_client, "FOLLOW_FILES_S", 0.0)
+    old, new = dev_pki(tmp_path / "old"), dev_pki(tmp_path / "new")
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("cert", "key", "ca"):
+        shutil.copyfile(getattr(old, name), live / name)
+    files = TlsFiles(cert=str(live / "cert"), key=str(live / "key"), ca=str(live / "ca"))
+    port = free_port()
+
+    async def predictor() -> grpc.aio.Server:
+        srv = grpc.aio.server()
+        srv.add_secure_port(f"127.0.0.1:{port}", files.server_credentials(require_client_cert=True))
+        await srv.start()
+        return srv
+
+    srv = await predictor()
+    client = PredictorClient(f"127.0.0.1:{port}", 2.0, "token", files)
+    try:
+        await asyncio.wait_for(client.channel.channel_ready(), 30)
+        first = client.channel
+        replace_file(new.cert, live / "cert")                      # half a renewal: the pair does not load
+        await client.predict("hello", 0, 16)
+        assert client.channel is first                             # kept
+        for name in ("key", "ca"):
+            replace_file(getattr(new, name), live / name)
+        await srv.stop(None)                                       # the predictor restarts with the new files
+        srv = await predictor()
+        assert await client.predict("hello", 0, 16) is None        # (no Predictor service on this bare server)
+        await asyncio.wait_for(client.channel.channel_ready(), 30)  # a handshake with the new CA and certificate
+        assert client.channel is not first
+    finally:
+        await client.close()
+        await srv.stop(None)

@@ -51,7 +51,7 @@ class TlsFiles:
         connections already open keep theirs. Files that no longer load keep the last good ones."""
         if require_client_cert and not self.ca:
             raise ValueError("mTLS needs the CA that signs client certificates (--tls-ca)")
-        watch = FileWatch((self.key, self.cert, self.ca))
+        watch = FileWatch(self.paths)
 
         def configuration() -> grpc.ServerCertificateConfiguration:
             with checked_copy(self.cert, self.key) as (cert, key):
@@ -73,9 +73,17 @@ class TlsFiles:
                                                    require_client_authentication=require_client_cert)
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(
-            root_certificates=_read(self.ca), private_key=_read(self.key) if self.key else None,
-            certificate_chain=_read(self.cert) if self.cert else None)
+        """Read now, for the life of a channel (gRPC reconnects with them); a certificate and key that do not load
+        together fail here (ssl.SSLError), not at every handshake."""
+        if not self.cert:
+            return grpc.ssl_channel_credentials(root_certificates=_read(self.ca))
+        with checked_copy(self.cert, self.key) as (cert, key):
+            return grpc.ssl_channel_credentials(root_certificates=_read(self.ca), private_key=key.read_bytes(),
+                                                certificate_chain=cert.read_bytes())
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return self.cert, self.key, self.ca
 
 
 def _read(path: str) -> bytes:

@@ -9,26 +9,55 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import ssl
+import time
 
 import grpc
 from alise.v1 import predictor_pb2 as pb
 from alise.v1 import predictor_pb2_grpc as pb_grpc
 
 from services.common.auth import bearer_metadata
+from services.common.file_versions import FileWatch
 from services.common.tls import TlsFiles, aio_channel
 from services.scheduler import metrics
 
 log = logging.getLogger("alise.scheduler.predictor")
+FOLLOW_FILES_S = 5.0      # how often a prediction first checks whether the TLS files were renewed
 
 
 class PredictorClient:
     def __init__(self, address: str, timeout_s: float, service_token: str, tls: TlsFiles | None = None):
+        self.address, self.tls = address, tls
         self.channel = aio_channel(address, tls)
         self.stub = pb_grpc.PredictorStub(self.channel)
         self.timeout_s = timeout_s
         self.metadata = bearer_metadata(service_token)
         self.available = True
         self.connecting: asyncio.Task | None = None     # connect_in_background: done once the channel is ready
+        self._files = FileWatch(tls.paths if tls is not None and tls.dials_tls else ())
+        self._files_checked = time.monotonic()
+        self._closing: set[asyncio.Task] = set()        # channels replaced by _follow_files, closing gracefully
+
+    def _follow_files(self) -> None:
+        """A renewed certificate or CA (cert-manager rewrites the mounted Secret) is used from the next prediction on.
+        gRPC keeps a channel's credentials for its life and reconnects with them, so before, once the predictor
+        restarted with a certificate of a new CA, or this scheduler's own certificate had expired, no prediction
+        came back until the scheduler restarted. Files that do not load keep the channel there is."""
+        if not self._files.paths or time.monotonic() - self._files_checked < FOLLOW_FILES_S:
+            return
+        self._files_checked = time.monotonic()
+        if not self._files.changed():
+            return
+        try:
+            channel = aio_channel(self.address, self.tls)
+        except (OSError, ValueError, ssl.SSLError) as e:
+            log.error("TLS files changed but do not load; the predictor channel keeps the last good ones: %s", e)
+            return
+        old, self.channel, self.stub = self.channel, channel, pb_grpc.PredictorStub(channel)
+        closing = asyncio.get_running_loop().create_task(old.close(grace=self.timeout_s))   # calls on it finish
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+        log.info("predictor channel reopened with the renewed TLS files")
 
     def connect_in_background(self) -> None:
         """Open the channel now, not at the first job: its connection (a TLS handshake with mTLS) would otherwise
@@ -38,6 +67,7 @@ class PredictorClient:
     async def predict(self, prompt: str, previous_reply_tokens: int, max_tokens: int) -> pb.LengthPrediction | None:
         """The predicted length, bounded to [1, max_tokens] (a job cannot run longer), or None."""
         req = pb.PredictRequest(prompts=[prompt], previous_reply_tokens=[previous_reply_tokens])
+        self._follow_files()
         try:
             resp = await self.stub.Predict(req, timeout=self.timeout_s, metadata=self.metadata)
         except grpc.aio.AioRpcError as e:
@@ -57,6 +87,7 @@ class PredictorClient:
         if self.connecting is not None:
             self.connecting.cancel()      # the predictor may never have come up
         await self.channel.close()
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 def bounded(p: pb.LengthPrediction, max_tokens: int) -> pb.LengthPrediction | None:
