@@ -74,6 +74,29 @@ def test_services_need_a_certificate_from_the_cluster_ca(stack, tmp_path):
     assert [w.worker_id for w in stub_for(stack).GetLoad(pb.LoadRequest()).workers] == ["worker-0"]
 
 
+def test_a_service_accepts_only_the_certificates_of_the_services_that_call_it(stack):
+    """Every service's certificate comes from the one cluster CA, so the CA alone let a worker's certificate and key
+    (taken from its pod) call the predictor, and any service's join the worker gateway (review, session 22: mTLS
+    authenticated by CA only). Now each service has its own certificate, named for it, and the gateway accepts only
+    the workers', the predictor only the scheduler's; the service token alone does not open them."""
+    token = bearer_metadata(stack.service_token)
+    register = wpb.WorkerMessage(register=wpb.WorkerRegister(
+        worker_id="not-a-worker", model="SmolLM2-135M-Instruct", block_size=16, num_blocks=64, max_batch=4,
+        max_model_len=2048))
+    for service in ("predictor", "scheduler"):
+        gateway = wpb_grpc.WorkerGatewayStub(tls_channel(stack.gateway_address, stack.service_tls[service]))
+        assert refused(lambda: next(iter(gateway.Connect(iter([register]), metadata=token, timeout=10)))) \
+            == grpc.StatusCode.PERMISSION_DENIED
+    for service in ("worker", "predictor"):
+        predictor = ppb_grpc.PredictorStub(tls_channel(f"127.0.0.1:{stack.predictor_port}", stack.service_tls[service]))
+        with pytest.raises(grpc.RpcError) as err:
+            predictor.Predict(ppb.PredictRequest(prompts=["hi"]), metadata=token, timeout=10)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "alise-scheduler" in err.value.details()
+    as_scheduler = ppb_grpc.PredictorStub(tls_channel(f"127.0.0.1:{stack.predictor_port}", stack.service_tls["scheduler"]))
+    assert len(as_scheduler.Predict(ppb.PredictRequest(prompts=["hi"]), metadata=token, timeout=60).predictions) == 1
+    assert [w.worker_id for w in stub_for(stack).GetLoad(pb.LoadRequest()).workers] == ["worker-0"]
+
+
 def pb_grpc_stub(channel: grpc.Channel, key: str):
     from alise.v1 import generate_pb2_grpc as pb_grpc
 

@@ -111,32 +111,69 @@ def test_secure_by_default_credentials_persistence():
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]}["worker-gateway"] == 50061
 
 
+def certificate_text(tmp_path, data: dict, name: str) -> str:
+    """The certificate of a rendered TLS Secret, as openssl prints it, after checking it against the Secret's CA."""
+    for key in ("tls.crt", "ca.crt"):
+        (tmp_path / f"{name}-{key}").write_bytes(base64.b64decode(data[key]))
+    subprocess.run(["openssl", "verify", "-CAfile", tmp_path / f"{name}-ca.crt", tmp_path / f"{name}-tls.crt"],
+                   check=True, capture_output=True)
+    return subprocess.run(["openssl", "x509", "-in", tmp_path / f"{name}-tls.crt", "-noout", "-text"], check=True,
+                          capture_output=True, text=True).stdout
+
+
 def test_tls_on_every_link_with_mtls_between_services(tmp_path):
     docs = render()
-    data = by_name(docs, "Secret", "demo-alise-tls")["data"]
-    for name in ("tls.crt", "tls.key", "ca.crt"):
-        (tmp_path / name).write_bytes(base64.b64decode(data[name]))
-    text = subprocess.run(["openssl", "x509", "-in", tmp_path / "tls.crt", "-noout", "-text"], check=True,
-                          capture_output=True, text=True).stdout
-    assert "DNS:demo-alise-scheduler.llm.svc" in text and "DNS:demo-alise-predictor" in text
+    secrets = {n: by_name(docs, "Secret", f"demo-alise-tls{'' if n == 'scheduler' else '-' + n}")["data"]
+               for n in ("scheduler", "predictor", "worker")}
+    assert len({data["ca.crt"] for data in secrets.values()}) == 1          # one CA for all
+    texts = {n: certificate_text(tmp_path, data, n) for n, data in secrets.items()}
+    # a certificate of its own for each service, named for it, valid only for its own Service's names (a worker's
+    # key, taken from its pod, can neither serve as the scheduler nor call the predictor as it)
+    assert "Subject: CN = alise-scheduler" in texts["scheduler"] and "DNS:demo-alise-scheduler.llm.svc" in texts["scheduler"]
+    assert "demo-alise-predictor" not in texts["scheduler"]
+    assert "Subject: CN = alise-predictor" in texts["predictor"] and "DNS:demo-alise-predictor.llm.svc" in texts["predictor"]
+    assert "Subject: CN = alise-worker" in texts["worker"] and "DNS:" not in texts["worker"]
+    text = texts["scheduler"]
     assert "TLS Web Server Authentication" in text and "TLS Web Client Authentication" in text   # both roles
-    subprocess.run(["openssl", "verify", "-CAfile", tmp_path / "ca.crt", tmp_path / "tls.crt"], check=True,
-                   capture_output=True)
     containers = {n: by_name(docs, "Deployment", f"demo-alise-{n}")["spec"]["template"]["spec"]["containers"][0]
                   for n in ("scheduler", "predictor", "worker")}
-    assert {"--tls-cert=/etc/alise/tls/tls.crt", "--worker-mtls", "--health-listen=0.0.0.0:50071"} \
-        <= set(containers["scheduler"]["args"])
-    assert {"--mtls", "--health-listen=0.0.0.0:50072"} <= set(containers["predictor"]["args"])
+    assert {"--tls-cert=/etc/alise/tls/tls.crt", "--worker-mtls", "--health-listen=0.0.0.0:50071",
+            "--worker-cert-names=alise-worker"} <= set(containers["scheduler"]["args"])
+    assert {"--mtls", "--health-listen=0.0.0.0:50072", "--client-cert-names=alise-scheduler"} \
+        <= set(containers["predictor"]["args"])
     assert {"--tls-ca=/etc/alise/tls/ca.crt", "--tls-cert=/etc/alise/tls/tls.crt"} <= set(containers["worker"]["args"])
     assert containers["scheduler"]["readinessProbe"]["grpc"]["port"] == 50071      # probes cannot do TLS
     worker_tls = next(v for v in deployments(docs)["worker"]["volumes"] if v["name"] == "tls")["secret"]
-    assert "items" not in worker_tls                                  # mTLS: the worker presents a certificate
+    assert "items" not in worker_tls and worker_tls["secretName"] == "demo-alise-tls-worker"   # it presents its own
     one_way = next(v for v in deployments(render({"tls": {"mtls": False}}))["worker"]["volumes"] if v["name"] == "tls")
     assert one_way["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]   # else the CA only: no key on a worker
     plain = render({"tls": {"enabled": False}})
     scheduler = by_name(plain, "Deployment", "demo-alise-scheduler")["spec"]["template"]["spec"]["containers"][0]
     assert not any(a.startswith("--tls") for a in scheduler["args"]) and scheduler["readinessProbe"]["grpc"]["port"] == 50051
     assert not any(d["kind"] == "Secret" and d["metadata"]["name"] == "demo-alise-tls" for d in plain)
+
+
+def test_tls_from_existing_secrets_one_per_service_or_one_for_all():
+    own = render({"tls": {"existingSecrets": {"scheduler": "s-tls", "predictor": "p-tls", "worker": "w-tls"},
+                          "certNames": {"scheduler": "sched.example", "predictor": "pred", "worker": "gpu-worker"}}})
+    assert not any(d["kind"] == "Secret" and d["metadata"]["name"].startswith("demo-alise-tls") for d in own)
+    pods = deployments(own)
+    assert {n: next(v for v in pods[n]["volumes"] if v["name"] == "tls")["secret"]["secretName"]
+            for n in ("scheduler", "predictor", "worker")} == {"scheduler": "s-tls", "predictor": "p-tls", "worker": "w-tls"}
+    assert "--worker-cert-names=gpu-worker" in pods["scheduler"]["containers"][0]["args"]
+    assert "--client-cert-names=sched.example" in pods["predictor"]["containers"][0]["args"]
+    shared = deployments(render({"tls": {"existingSecret": "all-tls"}}))    # one certificate: no names to tell apart
+    for n in ("scheduler", "predictor", "worker"):
+        assert next(v for v in shared[n]["volumes"] if v["name"] == "tls")["secret"]["secretName"] == "all-tls"
+        assert not any("cert-names" in a for a in shared[n]["containers"][0]["args"]), n
+    notes = render_files({"auth": {"tenants": [TENANT]}, "tls": {"existingSecrets": {
+        "scheduler": "s-tls", "predictor": "p-tls", "worker": "w-tls"}}})
+    assert "get secret s-tls" in next(t for n, t in notes.items() if n.endswith("NOTES.txt"))   # clients' CA
+    with pytest.raises(helm.HelmError, match="tls.existingSecrets"):
+        render({"tls": {"existingSecrets": {"scheduler": "s-tls", "predictor": "", "worker": ""}}})
+    with pytest.raises(helm.HelmError, match="set one of them"):
+        render({"tls": {"existingSecret": "all-tls",
+                        "existingSecrets": {"scheduler": "s-tls", "predictor": "p-tls", "worker": "w-tls"}}})
 
 
 def test_a_changed_tenant_list_rolls_the_scheduler():

@@ -63,14 +63,32 @@ def read_service_token(path: str | None) -> str:
 
 
 class ServiceTokenCheck:
-    """Accepts only callers presenting the internal service token."""
+    """Accepts only callers presenting the internal service token and, given `cert_names` (a port with mTLS), a client
+    certificate named (its Common Name) as one of the services that may call this one. The CA alone does not tell
+    services apart: every service's certificate is signed by it, so without names a worker's certificate and key,
+    taken from its pod, would call the predictor as the scheduler does."""
 
-    def __init__(self, token: str):
+    def __init__(self, token: str, cert_names: tuple[str, ...] = ()):
         self._digest = digest(token)
+        self._names = frozenset(cert_names)
 
     async def require(self, context) -> None:
         if not matches(presented_secret(context), self._digest):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "authorization: a valid service token is required")
+        if self._names and not self._names.intersection(peer_cert_names(context)):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"client certificate: named {', '.join(peer_cert_names(context)) or 'nothing'}; "
+                                f"this service accepts {', '.join(sorted(self._names))}")
+
+
+def peer_cert_names(context) -> list[str]:
+    """The Common Name of the caller's verified client certificate (none without mTLS)."""
+    return [n.decode(errors="replace") for n in context.auth_context().get("x509_common_name", [])]
+
+
+def cert_names(value: str) -> tuple[str, ...]:
+    """A comma-separated list of certificate names, as flags give it."""
+    return tuple(n.strip() for n in value.split(",") if n.strip())
 
 
 class _BearerInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,

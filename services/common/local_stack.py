@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.tls import TlsFiles, dev_pki
+from services.common.tls import TlsFiles, dev_cert, dev_pki
 from services.common.tls import channel as tls_channel
 from services.common.private_files import write_private
 
@@ -161,6 +161,9 @@ class Service:
 
 
 LOCAL_TENANT = "local"
+# the name (Common Name) of each service's certificate under TLS; under mTLS the worker gateway accepts only the
+# worker's and the predictor only the scheduler's (the chart names them the same way: values.yaml, tls.certNames)
+CERT_NAMES = {"scheduler": "alise-scheduler", "predictor": "alise-predictor", "worker": "alise-worker"}
 # Tenants of a local stack: `local` (what `make run` and most tests use) may do anything; `other` is a
 # second tenant with default limits (isolation tests). Tests can pass their own.
 DEFAULT_TENANTS = {LOCAL_TENANT: {"max_priority": 1000, "requests_per_s": 1000.0, "burst": 1000,
@@ -205,7 +208,8 @@ class LocalStack:
     api_keys: dict[str, str] = field(default_factory=dict)
     tls: bool = False               # TLS on every link (a throwaway CA under secrets_dir); probes on plain ports
     mtls: bool = False              # and certificates required between services (worker gateway, predictor)
-    tls_files: TlsFiles | None = None
+    tls_files: TlsFiles | None = None   # the scheduler's (its CA is every service's)
+    service_tls: dict[str, TlsFiles] = field(default_factory=dict)   # under TLS: service -> its own certificate
     worker_metrics: bool = False    # each worker serves Prometheus /metrics on a port of its own (metrics_ports)
     metrics_ports: dict[str, int] = field(default_factory=dict)   # worker name -> its /metrics port
     health_ports: dict[str, int] = field(default_factory=dict)    # under TLS: service -> its plaintext probe port
@@ -232,15 +236,17 @@ class LocalStack:
             "scheduler": self.address, "gateway": self.gateway_address,
             "predictor": f"127.0.0.1:{self.predictor_port}"}[service]
 
-    def _tls_flags(self, serves: bool, require_client_cert_flag: str | None = None) -> list[str]:
+    def _tls_flags(self, service: str, serves: bool, *mtls_flags: str) -> list[str]:
+        """A service's TLS flags: the CA, its own certificate where it serves or presents one, and under mTLS
+        `mtls_flags` (requiring certificates, naming whose it accepts)."""
         if not self.tls:
             return []
-        f = self.tls_files
+        f = self.service_tls[service]
         flags = ["--tls-ca", f.ca]
         if serves or self.mtls:
             flags += ["--tls-cert", f.cert, "--tls-key", f.key]
-        if self.mtls and require_client_cert_flag:
-            flags.append(require_client_cert_flag)
+        if self.mtls:
+            flags += mtls_flags
         return flags
 
     def start(self, timeout_s: float = 180) -> "LocalStack":
@@ -252,7 +258,10 @@ class LocalStack:
         if self.worker_metrics:
             self.metrics_ports = {f"worker-{i}": port for i, port in enumerate(ports[6:])}
         if self.tls:
-            self.tls_files = dev_pki(self.secrets_dir / "tls")
+            # a certificate of its own for each service (its name is what the services it calls check), one CA
+            self.tls_files = dev_pki(self.secrets_dir / "tls", name=CERT_NAMES["scheduler"])
+            self.service_tls = {"scheduler": self.tls_files, **{
+                service: dev_cert(self.secrets_dir / "tls", CERT_NAMES[service]) for service in ("predictor", "worker")}}
             # one plaintext probe port per process: the scheduler's covers its client API and worker gateway
             self.health_ports = {"scheduler": ports[0], "gateway": ports[0], "predictor": ports[1]}
         if self.redis_url is None:
@@ -268,7 +277,8 @@ class LocalStack:
         if self.with_predictor:
             probes = ["--health-listen", self.health_address("predictor")] if self.tls else []
             self._add("predictor", ["services.predictor.server", "--listen", f"127.0.0.1:{self.predictor_port}",
-                                    *self._tls_flags(True, "--mtls"), *probes,
+                                    *self._tls_flags("predictor", True, "--mtls", "--client-cert-names",
+                                                     CERT_NAMES["scheduler"]), *probes,
                                     *self.predictor_args])
         self._add("scheduler", self.scheduler_command())
         for i in range(self.num_workers):
@@ -288,14 +298,15 @@ class LocalStack:
         probes = ["--health-listen", self.health_address("scheduler")] if self.tls else []
         return ["services.scheduler.server", "--listen", self.address, "--worker-listen", self.gateway_address,
                 "--api-keys-file", str(self.secrets_dir / "api-keys.json"),
-                "--predictor-address", f"127.0.0.1:{self.predictor_port}", *self._tls_flags(True, "--worker-mtls"),
+                "--predictor-address", f"127.0.0.1:{self.predictor_port}",
+                *self._tls_flags("scheduler", True, "--worker-mtls", "--worker-cert-names", CERT_NAMES["worker"]),
                 *probes, *self.scheduler_args]
 
     def worker_command(self, i: int) -> list[str]:
         port = self.metrics_ports.get(f"worker-{i}")
         metrics = ["--metrics-port", str(port)] if port else []
         return ["services.worker.server", "--scheduler", self.gateway_address, "--worker-id", f"worker-{i}",
-                *self._tls_flags(False), *metrics, *self.worker_args]
+                *self._tls_flags("worker", False), *metrics, *self.worker_args]
 
     def _add(self, name: str, args: list[str]) -> None:
         self.services[name] = Service(name, args, self.log_dir / f"{name}.log")

@@ -5,7 +5,8 @@ Each service takes the same three files (PEM): its certificate and key, and the 
   certificate signed by the CA (mTLS: the scheduler's worker gateway, the predictor).
 - A client with a CA verifies the server it dials; if it has a certificate and key too, it presents them.
 Kubernetes' gRPC probes cannot speak TLS, so a TLS service also serves plain health checks on a port of its
-own (`health_only_server`). `dev_pki` makes a throwaway CA and a certificate for loopback (make run, tests).
+own (`health_only_server`). `dev_pki` makes a throwaway CA and a certificate for loopback (make run, tests),
+`dev_cert` one more certificate from it for another service.
 """
 from __future__ import annotations
 
@@ -138,24 +139,32 @@ def health_only_server(servicer, listen: str) -> tuple[grpc.aio.Server, int]:
     return server, port
 
 
-def dev_pki(directory: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1")) -> TlsFiles:
-    """A throwaway CA and one certificate it signs, valid for `hosts` as a server and as a client (every
-    ALISE service on loopback uses it both ways). Made with the openssl command line: no Python crypto
-    dependency for a development convenience."""
+def dev_pki(directory: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"), name: str = "alise-service") -> TlsFiles:
+    """A throwaway CA and one certificate it signs, named `name`, valid for `hosts` as a server and as a client
+    (a service on loopback uses it both ways). Made with the openssl command line: no Python crypto dependency for a
+    development convenience."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    ca_key, ca_cert = d / "ca.key", d / "ca.crt"
-    key, csr, cert, ext = d / "service.key", d / "service.csr", d / "service.crt", d / "service.ext"
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    _openssl("req", "-x509", *ec, "-keyout", ca_key, "-out", ca_cert, "-days", "30", "-subj", "/CN=alise-dev-ca")
+    _openssl("req", "-x509", *ec, "-keyout", d / "ca.key", "-out", d / "ca.crt", "-days", "30",
+             "-subj", "/CN=alise-dev-ca")
+    (d / "ca.key").chmod(0o600)
+    return dev_cert(d, name, hosts)
+
+
+def dev_cert(directory: Path, name: str, hosts: tuple[str, ...] = ("localhost", "127.0.0.1")) -> TlsFiles:
+    """Another certificate from dev_pki's CA in `directory`, named `name` (its Common Name: the identity a service
+    checks, ServiceTokenCheck's cert_names), in files named after it."""
+    d = Path(directory)
+    key, csr, cert, ext = (d / f"{name}.{suffix}" for suffix in ("key", "csr", "crt", "ext"))
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
     san = ",".join(f"IP:{h}" if h.replace(".", "").isdigit() else f"DNS:{h}" for h in hosts)
-    _openssl("req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=alise-service")
+    _openssl("req", *ec, "-keyout", key, "-out", csr, "-subj", f"/CN={name}")
     ext.write_text(f"subjectAltName={san}\nextendedKeyUsage=serverAuth,clientAuth\n")
-    _openssl("x509", "-req", "-in", csr, "-CA", ca_cert, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+    _openssl("x509", "-req", "-in", csr, "-CA", d / "ca.crt", "-CAkey", d / "ca.key", "-CAcreateserial", "-out", cert,
              "-days", "30", "-extfile", ext)
-    for private in (key, ca_key):
-        private.chmod(0o600)
-    return TlsFiles(cert=str(cert), key=str(key), ca=str(ca_cert))
+    key.chmod(0o600)
+    return TlsFiles(cert=str(cert), key=str(key), ca=str(d / "ca.crt"))
 
 
 def _openssl(*args) -> None:

@@ -19,7 +19,7 @@ import grpc
 from prometheus_client import start_http_server
 from alise.v1 import predictor_pb2 as pb
 
-from services.common.auth import ServiceTokenCheck, read_service_token
+from services.common.auth import ServiceTokenCheck, cert_names, read_service_token
 from services.common.tls import TlsFiles, health_only_server
 from services.common.grpc_server import (SERVING, build_server, configure_logging, install_stop_signals,
                                          set_health)
@@ -126,6 +126,8 @@ async def save_periodically(predictor: LengthPredictor, model_dir: Path, every_s
 
 async def serve(a: argparse.Namespace) -> None:
     service_token = read_service_token(a.service_token_file)
+    if a.client_cert_names and not a.mtls:
+        raise SystemExit("--client-cert-names needs --mtls (without it, callers present no certificate)")
     tls = TlsFiles(cert=a.tls_cert, key=a.tls_key, ca=a.tls_ca)
     server, health, port = build_server([SERVICE], a.listen, tls=tls, require_client_cert=a.mtls)
     probes = health_only_server(health, a.health_listen)[0] if a.health_listen else None
@@ -141,7 +143,8 @@ async def serve(a: argparse.Namespace) -> None:
     metrics.INDEX_ENTRIES.set_function(lambda: predictor.size)
     if a.metrics_port:
         start_http_server(a.metrics_port, addr=a.listen.rsplit(":", 1)[0])
-    add_lenient_service(server, PredictorServicer(predictor, ServiceTokenCheck(service_token)), pb, "Predictor")
+    callers = ServiceTokenCheck(service_token, cert_names(a.client_cert_names))
+    add_lenient_service(server, PredictorServicer(predictor, callers), pb, "Predictor")
     await server.start()
     if probes is not None:
         await probes.start()
@@ -181,6 +184,9 @@ def main() -> None:
     p.add_argument("--tls-key", default="")
     p.add_argument("--tls-ca", default="", help="CA of client certificates (with --mtls)")
     p.add_argument("--mtls", action="store_true", help="accept only callers with a certificate signed by --tls-ca")
+    p.add_argument("--client-cert-names", default="",
+                   help="with --mtls: the names (Common Name) a caller's certificate may have, comma-separated "
+                        "(the scheduler's); empty: any certificate the CA signed")
     p.add_argument("--health-listen", default="", help="plaintext health-only port for probes when serving TLS")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics on this port; 0 = off")
     p.add_argument("--save-every-s", type=float, default=30.0)

@@ -21,6 +21,8 @@ class SchedulerConfig:
     tls_key: str = ""
     tls_ca: str = ""                            # verify the predictor with it (and worker certificates, worker_mtls)
     worker_mtls: bool = False                   # the worker gateway accepts only workers with a certificate
+    # with worker_mtls: the names (Common Name) a worker's certificate may have, comma-separated; "" = any the CA signed
+    worker_cert_names: str = ""
     health_listen: str = ""                     # plaintext health-only port for probes when serving TLS
     metrics_port: int = 0                       # Prometheus /metrics on this port; 0 = off
     http_listen: str = ""                       # OpenAI-compatible HTTP API (host:port, port 0 = free); "" = off
@@ -102,6 +104,8 @@ class SchedulerConfig:
         object.__setattr__(self, "preempt_mode", PreemptMode(self.preempt_mode))   # its value ("swap") is accepted too
         if self.worker_mtls and not (self.tls_cert and self.tls_ca):
             raise ValueError("worker_mtls needs tls_cert, tls_key and tls_ca")
+        if self.worker_cert_names and not self.worker_mtls:
+            raise ValueError("worker_cert_names needs worker_mtls (without it, workers present no certificate)")
         if self.default_max_tokens == 0:      # a cap under 256 must not need this flag too (the chart sets only the cap)
             object.__setattr__(self, "default_max_tokens", min(256, self.max_tokens_cap))
         if not 0 < self.default_max_tokens <= self.max_tokens_cap:

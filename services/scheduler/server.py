@@ -12,7 +12,7 @@ from prometheus_client import start_http_server
 from alise.v1 import generate_pb2, worker_pb2
 
 from services.scheduler import metrics
-from services.common.auth import ServiceTokenCheck, read_service_token
+from services.common.auth import ServiceTokenCheck, cert_names, read_service_token
 from services.common.lenient import add_lenient_service
 from services.common.file_versions import FileWatch
 from services.common.redis_client import connect
@@ -70,7 +70,8 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
     gateway, gateway_health, gateway_port = build_server(WORKER_SERVICES, cfg.worker_listen, tls=cfg.tls,
                                                          require_client_cert=cfg.worker_mtls)
     probes = health_only_server(health, cfg.health_listen)[0] if cfg.health_listen else None
-    add_lenient_service(gateway, WorkerGateway(dispatcher, ServiceTokenCheck(service_token)), worker_pb2, "WorkerGateway")
+    workers_only = ServiceTokenCheck(service_token, cert_names(cfg.worker_cert_names))
+    add_lenient_service(gateway, WorkerGateway(dispatcher, workers_only), worker_pb2, "WorkerGateway")
     for srv in (server, gateway, probes):
         if srv is not None:
             await srv.start()

@@ -57,13 +57,26 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 
-{{/* TLS: the Secret with tls.crt, tls.key and ca.crt, mounted at /etc/alise/tls. */}}
+{{/* TLS: each service's Secret with tls.crt, tls.key and ca.crt, mounted at /etc/alise/tls. Generated (one CA, a
+certificate named for each service), or tls.existingSecrets (one per service), or tls.existingSecret (one for all:
+then services are told apart by nothing but the service token). (dict "root" . "service" "scheduler"). The
+scheduler's generated one keeps the chart's first name, <fullname>-tls: clients read ca.crt from it. */}}
 {{- define "alise.tlsSecretName" -}}
-{{- .Values.tls.existingSecret | default (printf "%s-tls" (include "alise.fullname" .)) -}}
+{{- $v := .root.Values.tls -}}
+{{- if $v.existingSecret -}}{{ $v.existingSecret }}
+{{- else if (get $v.existingSecrets .service) -}}{{ get $v.existingSecrets .service }}
+{{- else -}}{{ include "alise.fullname" .root }}-tls{{ if ne .service "scheduler" }}-{{ .service }}{{ end }}
+{{- end -}}
+{{- end -}}
+
+{{/* Whether each service has a certificate of its own (generated, or tls.existingSecrets), so that under mTLS the
+worker gateway and the predictor can check whose certificate a caller presents. */}}
+{{- define "alise.tlsPerService" -}}
+{{- if not .Values.tls.existingSecret }}true{{ end -}}
 {{- end -}}
 
 {{- define "alise.tlsVolume" -}}
-{{- if .Values.tls.enabled }}
+{{- if .root.Values.tls.enabled }}
 - name: tls
   secret: {secretName: {{ include "alise.tlsSecretName" . }}}
 {{- end }}
@@ -75,7 +88,8 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end -}}
 
-{{/* Flags of a service that serves TLS (scheduler, predictor); `mtlsFlag` turns on client certificates. */}}
+{{/* Flags of a service that serves TLS (scheduler, predictor); `mtlsFlag` turns on client certificates and, with a
+certificate per service, `namesFlag` names the service whose certificate callers must present (`caller`). */}}
 {{- define "alise.tlsServerArgs" -}}
 {{- if .root.Values.tls.enabled }}
 - --tls-cert=/etc/alise/tls/tls.crt
@@ -84,6 +98,9 @@ app.kubernetes.io/component: {{ .component }}
 - --health-listen=0.0.0.0:{{ .healthPort }}
 {{- if .root.Values.tls.mtls }}
 - {{ .mtlsFlag }}
+{{- if include "alise.tlsPerService" .root }}
+- {{ .namesFlag }}={{ get .root.Values.tls.certNames .caller }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end -}}

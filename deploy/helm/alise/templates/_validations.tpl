@@ -36,6 +36,13 @@
 {{- if and .Values.predictor.modelPvc (gt (int .Values.predictor.replicas) 1) -}}
 {{- fail "predictor.replicas must be 1 with predictor.modelPvc: each replica saves what it learned to that volume, and replicas would overwrite each other's files (a ReadWriteOnce volume cannot even attach to two nodes)" -}}
 {{- end -}}
+{{- $own := .Values.tls.existingSecrets -}}
+{{- if and (or $own.scheduler $own.predictor $own.worker) (not (and $own.scheduler $own.predictor $own.worker)) -}}
+{{- fail "tls.existingSecrets: name a Secret for each of scheduler, predictor and worker, or for none" -}}
+{{- end -}}
+{{- if and .Values.tls.existingSecret $own.scheduler -}}
+{{- fail "tls.existingSecret (one Secret for every service) and tls.existingSecrets (one per service): set one of them" -}}
+{{- end -}}
 {{- if not (hasPrefix "/models/" $w.modelPath) -}}
 {{- fail (printf "worker.modelPath must be under /models/, where the model volume is mounted (got %q)" $w.modelPath) -}}
 {{- end -}}
