@@ -49,3 +49,16 @@ def test_a_gpu_worker_refuses_a_block_size_its_kernels_cannot_read():
         WorkerConfig(device="cuda", block_size=24)
     assert WorkerConfig(device="cuda", block_size=32).block_size == 32
     assert WorkerConfig(device="cpu", block_size=24).block_size == 24      # the CPU path reads any size
+
+
+def test_certificate_names_need_client_certificates():
+    """Names to check in certificates that no caller is asked for would be a check that never runs."""
+    import pytest
+
+    from services.scheduler.config import SchedulerConfig
+
+    with pytest.raises(ValueError, match="worker_mtls"):
+        SchedulerConfig.from_args(["--worker-cert-names", "alise-worker"])
+    cfg = SchedulerConfig.from_args(["--worker-cert-names", "alise-worker", "--worker-mtls", "--tls-cert", "c",
+                                     "--tls-key", "k", "--tls-ca", "a"])
+    assert cfg.worker_cert_names == "alise-worker"
