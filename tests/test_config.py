@@ -59,6 +59,10 @@ def test_certificate_names_need_client_certificates():
 
     with pytest.raises(ValueError, match="worker_mtls"):
         SchedulerConfig.from_args(["--worker-cert-names", "alise-worker"])
+    for blank in (" ", ",", " , "):       # names nothing: an empty list would turn the check off
+        with pytest.raises(ValueError, match="names no certificate"):
+            SchedulerConfig.from_args(["--worker-cert-names", blank, "--worker-mtls", "--tls-cert", "c",
+                                       "--tls-key", "k", "--tls-ca", "a"])
     cfg = SchedulerConfig.from_args(["--worker-cert-names", "alise-worker", "--worker-mtls", "--tls-cert", "c",
                                      "--tls-key", "k", "--tls-ca", "a"])
     assert cfg.worker_cert_names == "alise-worker"

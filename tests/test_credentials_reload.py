@@ -152,13 +152,19 @@ async def test_the_predictor_channel_follows_renewed_client_credentials(tmp_path
         replace_file(new.cert, live / "cert")                      # half a renewal: the pair does not load
         await client.predict("hello", 0, 16)
         assert client.channel is first                             # kept
-        for name in ("key", "ca"):
-            replace_file(getattr(new, name), live / name)
+        (tmp_path / "not-a-ca").write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+        replace_file(tmp_path / "not-a-ca", live / "ca")           # a CA file that does not load: kept too
+        replace_file(new.key, live / "key")
+        await client.predict("hello", 0, 16)
+        assert client.channel is first
+        replace_file(new.ca, live / "ca")
         await srv.stop(None)                                       # the predictor restarts with the new files
         srv = await predictor()
-        assert await client.predict("hello", 0, 16) is None        # (no Predictor service on this bare server)
-        await asyncio.wait_for(client.channel.channel_ready(), 30)  # a handshake with the new CA and certificate
+        await client.predict("hello", 0, 16)                       # (no Predictor service on this bare server)
         assert client.channel is not first
+        # connected at once, not inside the next prediction's 0.5-s timeout: a handshake with the new CA and certificate
+        await asyncio.wait_for(client.connecting, 30)
+        assert client.channel.get_state() is grpc.ChannelConnectivity.READY
     finally:
         await client.close()
         await srv.stop(None)

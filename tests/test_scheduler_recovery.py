@@ -265,3 +265,65 @@ async def test_a_job_longer_than_every_serving_workers_context_is_placed_to_fail
     assert await d.worker_joined(short)
     await d.tick()
     assert assigns(short) == [a]
+
+
+async def test_a_worker_that_leaves_with_a_job_still_recorded_on_it_stays_findable_by_the_sweep(dispatcher):
+    """Review, session 23: a job recorded in Redis as running on a worker that this scheduler had already let go (a
+    preemption report whose requeue Redis refused) was not requeued when the worker left, and the worker was dropped
+    from the registry the orphan sweep walks: the job stayed "running" for good, holding its tenant's slot."""
+    d = dispatcher
+    w = session(d)
+    assert await d.worker_joined(w)
+    [job] = await submitted(d, "a")
+    assert await d.store.claim(job, "w1")           # recorded on w1; this scheduler placed nothing there
+    await d.worker_lost(w)
+    assert "w1" in await d.store.known_workers()    # kept: a job is still recorded on it
+    assert await d.recover_orphans() == 1
+    state = await d.store.state(job)
+    assert state.status == "queued" and "w1" not in await d.store.known_workers()
+
+
+async def test_a_worker_that_registers_while_the_store_refuses_is_told_to_retry(dispatcher):
+    """Review, session 23: a join that met an unavailable (or fenced) job store ended the worker's call as UNKNOWN,
+    with a traceback in the scheduler's log; and a join refused for an id already connected ended it with no error."""
+    from alise.v1 import worker_pb2_grpc as wpb_grpc
+
+    from services.common.auth import ServiceTokenCheck, bearer_metadata
+    from services.common.grpc_server import build_server
+    from services.common.lenient import add_lenient_service
+    from services.scheduler.job_store import JobStore
+    from services.scheduler.worker_sessions import WorkerGateway
+
+    d = dispatcher
+    [job] = await submitted(d, "a")
+    await JobStore(d.store.r, leader="new").r.set(keys.SCHEDULER_LEASE, "new")
+    assert await JobStore(d.store.r, leader="new").claim(job, "w1")   # the successor's worker w1 runs it
+    d.store = JobStore(d.store.r, leader="old")                         # this scheduler's term ran out
+    server, _, port = build_server([], "127.0.0.1:0")
+    add_lenient_service(server, WorkerGateway(d, ServiceTokenCheck("t" * 32)), wpb, "WorkerGateway")
+    await server.start()
+    try:
+        register = wpb.WorkerMessage(register=wpb.WorkerRegister(
+            worker_id="w1", model=d.cfg.model_name, block_size=16, num_blocks=64, max_batch=4, max_model_len=2048))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = wpb_grpc.WorkerGatewayStub(channel).Connect(iter([register]), metadata=bearer_metadata("t" * 32))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in call:
+                    pass
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "job store" in err.value.details()
+        assert "w1" not in d.sessions
+        state = await d.store.state(job)
+        assert (state.status, state.worker) == ("running", "w1")       # the refused requeue changed nothing
+
+        async def taken(s):          # the id was taken between the gateway's own check and the join (a race)
+            return False
+
+        d.worker_joined = taken
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = wpb_grpc.WorkerGatewayStub(channel).Connect(iter([register]), metadata=bearer_metadata("t" * 32))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in call:
+                    pass
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "already connected" in err.value.details()
+    finally:
+        await server.stop(None)

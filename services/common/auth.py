@@ -87,8 +87,12 @@ def peer_cert_names(context) -> list[str]:
 
 
 def cert_names(value: str) -> tuple[str, ...]:
-    """A comma-separated list of certificate names, as flags give it."""
-    return tuple(n.strip() for n in value.split(",") if n.strip())
+    """A comma-separated list of certificate names, as flags give it. A value that names nothing (blanks, commas) is
+    refused: an empty list turns the check off, which a typo must not do silently."""
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    if value and not names:
+        raise ValueError(f"certificate names: {value!r} names no certificate")
+    return names
 
 
 class _BearerInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,

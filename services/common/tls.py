@@ -74,12 +74,14 @@ class TlsFiles:
                                                    require_client_authentication=require_client_cert)
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
-        """Read now, for the life of a channel (gRPC reconnects with them); a certificate and key that do not load
-        together fail here (ssl.SSLError), not at every handshake."""
+        """Read now, for the life of a channel (gRPC reconnects with them); a CA that does not load, or a certificate
+        and key that do not load together, fail here (ssl.SSLError), not at every handshake."""
+        ca = _read(self.ca)
+        ssl.create_default_context(cadata=ca.decode("ascii", errors="replace"))   # ssl.SSLError if it is no CA
         if not self.cert:
-            return grpc.ssl_channel_credentials(root_certificates=_read(self.ca))
+            return grpc.ssl_channel_credentials(root_certificates=ca)
         with checked_copy(self.cert, self.key) as (cert, key):
-            return grpc.ssl_channel_credentials(root_certificates=_read(self.ca), private_key=key.read_bytes(),
+            return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key.read_bytes(),
                                                 certificate_chain=cert.read_bytes())
 
     @property

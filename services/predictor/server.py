@@ -126,6 +126,10 @@ async def save_periodically(predictor: LengthPredictor, model_dir: Path, every_s
 
 async def serve(a: argparse.Namespace) -> None:
     service_token = read_service_token(a.service_token_file)
+    try:
+        callers = ServiceTokenCheck(service_token, cert_names(a.client_cert_names))
+    except ValueError as e:
+        raise SystemExit(f"--client-cert-names: {e}") from None
     if a.client_cert_names and not a.mtls:
         raise SystemExit("--client-cert-names needs --mtls (without it, callers present no certificate)")
     tls = TlsFiles(cert=a.tls_cert, key=a.tls_key, ca=a.tls_ca)
@@ -143,7 +147,6 @@ async def serve(a: argparse.Namespace) -> None:
     metrics.INDEX_ENTRIES.set_function(lambda: predictor.size)
     if a.metrics_port:
         start_http_server(a.metrics_port, addr=a.listen.rsplit(":", 1)[0])
-    callers = ServiceTokenCheck(service_token, cert_names(a.client_cert_names))
     add_lenient_service(server, PredictorServicer(predictor, callers), pb, "Predictor")
     await server.start()
     if probes is not None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from services.common.config_args import config_from_args
 from services.common.preempt_mode import PreemptMode
 from services.common.model_paths import DEFAULT_MODEL_NAME, default_model_dir
+from services.common.auth import cert_names
 from services.common.tls import TlsFiles
 from services.scheduler.policies import POLICIES
 from services.scheduler.policies.alise import AlisePolicy
@@ -104,7 +105,7 @@ class SchedulerConfig:
         object.__setattr__(self, "preempt_mode", PreemptMode(self.preempt_mode))   # its value ("swap") is accepted too
         if self.worker_mtls and not (self.tls_cert and self.tls_ca):
             raise ValueError("worker_mtls needs tls_cert, tls_key and tls_ca")
-        if self.worker_cert_names and not self.worker_mtls:
+        if cert_names(self.worker_cert_names) and not self.worker_mtls:
             raise ValueError("worker_cert_names needs worker_mtls (without it, workers present no certificate)")
         if self.default_max_tokens == 0:      # a cap under 256 must not need this flag too (the chart sets only the cap)
             object.__setattr__(self, "default_max_tokens", min(256, self.max_tokens_cap))

@@ -117,7 +117,7 @@ class Dispatcher:
 
     async def run(self) -> None:
         last_sweep = time.monotonic()
-        paused = False
+        paused = fenced = False
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.cfg.tick_s * 10)
@@ -138,8 +138,16 @@ class Dispatcher:
                     last_sweep = time.monotonic()
                     if n := await self.recover_orphans():
                         log.warning("requeued %d jobs left on workers that are gone", n)
-            except StoreFenced as e:      # the lease is another's now: leader_lease.keep() stops this scheduler
-                log.error("dispatch tick refused by the job store: %s", e)
+                if fenced:
+                    fenced = False
+                    log.warning("dispatching again: the job store accepts this scheduler's changes")
+            except StoreFenced as e:
+                # Redis does not name this scheduler as the lease's holder: another does (leader_lease.keep() then
+                # stops this one), or the key is gone (a Redis that lost it: keep() takes it again within a third
+                # of the term). Either way nothing was applied; the next tick tries again.
+                if not fenced:
+                    log.error("dispatching refused by the job store: %s", e)
+                fenced = True
                 await asyncio.sleep(self.cfg.tick_s)
             except Exception:  # noqa: BLE001 - one bad tick must not stop scheduling
                 log.exception("dispatch tick failed")

@@ -355,5 +355,8 @@ class JobStore:
     async def worker_job_ids(self, worker_id: str) -> list[str]:
         return [j.decode() for j in await self.r.smembers(keys.worker_jobs(worker_id))]
 
-    async def forget_worker(self, worker_id: str) -> None:
-        await self._run("forget_worker", keys=[keys.WORKERS, keys.worker(worker_id)], args=[worker_id])
+    async def forget_worker(self, worker_id: str) -> bool:
+        """Drop the worker from the registry, unless a job is still recorded on it (then False: the sweep goes on
+        finding it there)."""
+        return bool(await self._run("forget_worker", keys=[keys.WORKERS, keys.worker(worker_id),
+                                                           keys.worker_jobs(worker_id)], args=[worker_id]))

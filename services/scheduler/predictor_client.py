@@ -57,6 +57,9 @@ class PredictorClient:
         closing = asyncio.get_running_loop().create_task(old.close(grace=self.timeout_s))   # calls on it finish
         self._closing.add(closing)
         closing.add_done_callback(self._closing.discard)
+        if self.connecting is not None:
+            self.connecting.cancel()
+        self.connect_in_background()     # the handshake now, not inside the next prediction's timeout
         log.info("predictor channel reopened with the renewed TLS files")
 
     def connect_in_background(self) -> None:

@@ -22,6 +22,7 @@ from alise.v1 import worker_pb2 as wpb
 from alise.v1 import worker_pb2_grpc as wpb_grpc
 
 from services.common.lenient import BadMessage, reject_bad
+from services.scheduler.job_store import STORE_UNAVAILABLE
 
 if TYPE_CHECKING:
     from services.common.auth import ServiceTokenCheck
@@ -121,13 +122,11 @@ class WorkerGateway(wpb_grpc.WorkerGatewayServicer):
         try:
             # inside the try: if registering fails (Redis away), the session is dropped again, never left
             # behind as a ghost that keeps the real worker out
-            if not await self.d.worker_joined(session):
-                session.error = f"register.worker_id: {session.worker_id!r} is already connected"
-                return
-            reader = asyncio.create_task(self._read(session, request_iterator))
-            watchdog = asyncio.create_task(self._watch(session, self.d.cfg.worker_silence_s))
-            while (cmd := await session.outbox.get()) is not _CLOSE:
-                yield cmd
+            if await self._join(session):
+                reader = asyncio.create_task(self._read(session, request_iterator))
+                watchdog = asyncio.create_task(self._watch(session, self.d.cfg.worker_silence_s))
+                while (cmd := await session.outbox.get()) is not _CLOSE:
+                    yield cmd
         finally:
             for task in (reader, watchdog):
                 if task is not None:
@@ -135,6 +134,17 @@ class WorkerGateway(wpb_grpc.WorkerGatewayServicer):
             await self.d.worker_lost(session)
         if session.error:
             await context.abort(session.error_code, session.error)
+
+    async def _join(self, session: WorkerSession) -> bool:
+        """Whether the session joined; if not, session.error says why (the worker is told, and retries)."""
+        try:
+            if await self.d.worker_joined(session):
+                return True
+            session.error = f"register.worker_id: {session.worker_id!r} is already connected"
+        except STORE_UNAVAILABLE as e:      # before, the worker got UNKNOWN and the scheduler logged a traceback
+            session.error = f"job store unavailable ({type(e).__name__}): retry"
+            session.error_code = grpc.StatusCode.UNAVAILABLE
+        return False
 
     def _open(self, reg: wpb.WorkerRegister) -> WorkerSession | str:
         if not reg.worker_id:
