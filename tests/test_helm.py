@@ -6,6 +6,8 @@ from pathlib import Path
 
 import base64
 import json
+import re
+import shutil
 import subprocess
 
 import helm_python as helm
@@ -176,6 +178,48 @@ def test_tls_from_existing_secrets_one_per_service_or_one_for_all():
                         "existingSecrets": {"scheduler": "s-tls", "predictor": "p-tls", "worker": "w-tls"}}})
 
 
+def render_upgrade(tmp_path, cluster: dict[str, dict], values: dict | None = None) -> list[dict]:
+    """Render as `helm upgrade` does against a release whose Secrets are `cluster` (name -> object). The offline
+    renderer's `lookup` finds nothing, so this renders a copy of the chart whose lookups of Secrets read them here."""
+    chart = tmp_path / "alise"
+    shutil.copytree(CHART, chart)
+    for template in chart.glob("templates/*"):
+        text = template.read_text()
+        template.write_text(re.sub(r'lookup "v1" "Secret" (\.Release\.Namespace|\$ns) ', "get $.Values.cluster ", text))
+    schema = json.loads((chart / "values.schema.json").read_text())
+    schema["properties"]["cluster"] = {"type": "object"}
+    (chart / "values.schema.json").write_text(json.dumps(schema))
+    cluster = {"demo-alise-secrets": {}, **cluster}
+    out = helm.Chart.load(str(chart)).render({"auth": {"tenants": [TENANT]}, **(values or {}), "cluster": cluster},
+                                             name="demo", namespace="llm")
+    return [doc for name, text in out.items() if not name.endswith("NOTES.txt") for doc in yaml.safe_load_all(text) if doc]
+
+
+def tls_secrets(docs: list[dict]) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].startswith("demo-alise-tls")}
+
+
+def test_an_upgrade_keeps_the_certificates_it_made_and_an_older_release_keeps_its_one(tmp_path):
+    """The upgrade paths (review, session 23), which `helm template` cannot take: generated certificates are kept
+    while all three exist with the names asked for, made again (one new CA) when a name changes; a release of an
+    earlier chart version keeps its one shared certificate, as it is, with no name checks (its CA unchanged)."""
+    first = tls_secrets(render())
+    kept = tls_secrets(render_upgrade(tmp_path / "a", first))
+    assert {n: s["data"] for n, s in kept.items()} == {n: s["data"] for n, s in first.items()}
+    renamed = tls_secrets(render_upgrade(tmp_path / "b", first, {"tls": {"certNames": {
+        "scheduler": "alise-scheduler", "predictor": "alise-predictor", "worker": "gpu-worker"}}}))
+    assert renamed["demo-alise-tls-worker"]["metadata"]["annotations"] == {"alise.io/cert-name": "gpu-worker"}
+    assert len({s["data"]["ca.crt"] for s in renamed.values()}) == 1
+    assert renamed["demo-alise-tls"]["data"]["ca.crt"] != first["demo-alise-tls"]["data"]["ca.crt"]
+    old = {"metadata": {"name": "demo-alise-tls"}, "data": dict(first["demo-alise-tls"]["data"])}   # no annotation
+    docs = render_upgrade(tmp_path / "c", {"demo-alise-tls": old})
+    assert {n: s["data"] for n, s in tls_secrets(docs).items()} == {"demo-alise-tls": old["data"]}
+    pods = deployments(docs)
+    for n in ("scheduler", "predictor", "worker"):
+        assert next(v for v in pods[n]["volumes"] if v["name"] == "tls")["secret"]["secretName"] == "demo-alise-tls"
+        assert not any("cert-names" in a for a in pods[n]["containers"][0]["args"]), n
+
+
 def test_a_changed_tenant_list_rolls_the_scheduler():
     def checksum(tenants):
         sched = by_name(render(tenants=tenants), "Deployment", "demo-alise-scheduler")
@@ -195,6 +239,7 @@ def test_refuses_to_install_without_client_credentials():
 @pytest.mark.parametrize("values,message", [
     ({"worker": {"terminationGracePeriodSeconds": 30}}, "worker.terminationGracePeriodSeconds"),
     ({"scheduler": {"policy": "random"}}, "scheduler.policy"),
+    ({"tls": {"certNames": {"scheduler": " ", "predictor": "p", "worker": "w"}}}, "certNames"),   # would check nothing
     ({"redis": {"enabled": False}}, "redis.externalUrl"),
     ({"scheduler": {"modelName": "other"}}, "modelName"),
     ({"predictor": {"encoder": "bert"}}, "predictor.encoder"),

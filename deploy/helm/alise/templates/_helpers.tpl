@@ -57,22 +57,48 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 
-{{/* TLS: each service's Secret with tls.crt, tls.key and ca.crt, mounted at /etc/alise/tls. Generated (one CA, a
-certificate named for each service), or tls.existingSecrets (one per service), or tls.existingSecret (one for all:
-then services are told apart by nothing but the service token). (dict "root" . "service" "scheduler"). The
-scheduler's generated one keeps the chart's first name, <fullname>-tls: clients read ca.crt from it. */}}
-{{- define "alise.tlsSecretName" -}}
-{{- $v := .root.Values.tls -}}
-{{- if $v.existingSecret -}}{{ $v.existingSecret }}
-{{- else if (get $v.existingSecrets .service) -}}{{ get $v.existingSecrets .service }}
-{{- else -}}{{ include "alise.fullname" .root }}-tls{{ if ne .service "scheduler" }}-{{ .service }}{{ end }}
+{{/* TLS: where each service's tls.crt, tls.key and ca.crt come from (mounted at /etc/alise/tls), one of:
+- "shared": tls.existingSecret, one Secret for every service (no identity check between services);
+- "own": tls.existingSecrets, one per service;
+- "legacy": the one generated certificate of chart versions before per-service certificates, found in the running
+  release (<fullname>-tls without the alise.io/cert-name annotation): kept as it is, used as "shared", so an upgrade
+  changes no CA; delete that Secret and upgrade again to move to "generated" (NOTES.txt says so);
+- "generated": one CA and a certificate per service (secrets.yaml).
+Values read with defaults: `helm upgrade --reuse-values` from an older release has no existingSecrets or certNames. */}}
+{{- define "alise.tlsMode" -}}
+{{- $v := .Values.tls -}}
+{{- $own := $v.existingSecrets | default dict -}}
+{{- if $v.existingSecret -}}shared
+{{- else if $own.scheduler -}}own
+{{- else -}}
+{{- $found := lookup "v1" "Secret" .Release.Namespace (printf "%s-tls" (include "alise.fullname" .)) | default dict -}}
+{{- if and $found.data (not (hasKey ($found.metadata.annotations | default dict) "alise.io/cert-name")) -}}legacy
+{{- else -}}generated
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
-{{/* Whether each service has a certificate of its own (generated, or tls.existingSecrets), so that under mTLS the
-worker gateway and the predictor can check whose certificate a caller presents. */}}
+{{/* The Secret a service mounts: (dict "root" . "service" "scheduler"). The scheduler's generated one keeps the
+chart's first name, <fullname>-tls: clients read ca.crt from it. */}}
+{{- define "alise.tlsSecretName" -}}
+{{- $mode := include "alise.tlsMode" .root -}}
+{{- $fn := include "alise.fullname" .root -}}
+{{- if eq $mode "shared" -}}{{ .root.Values.tls.existingSecret }}
+{{- else if eq $mode "own" -}}{{ get .root.Values.tls.existingSecrets .service }}
+{{- else if or (eq $mode "legacy") (eq .service "scheduler") -}}{{ $fn }}-tls
+{{- else -}}{{ $fn }}-tls-{{ .service }}
+{{- end -}}
+{{- end -}}
+
+{{/* Whether each service has a certificate of its own, so that under mTLS the worker gateway and the predictor can
+check whose certificate a caller presents. */}}
 {{- define "alise.tlsPerService" -}}
-{{- if not .Values.tls.existingSecret }}true{{ end -}}
+{{- if has (include "alise.tlsMode" .) (list "own" "generated") }}true{{ end -}}
+{{- end -}}
+
+{{/* A service's certificate name (Common Name): (dict "root" . "service" "worker"). */}}
+{{- define "alise.certName" -}}
+{{- get (.root.Values.tls.certNames | default dict) .service | default (printf "alise-%s" .service) -}}
 {{- end -}}
 
 {{- define "alise.tlsVolume" -}}
@@ -99,7 +125,7 @@ certificate per service, `namesFlag` names the service whose certificate callers
 {{- if .root.Values.tls.mtls }}
 - {{ .mtlsFlag }}
 {{- if include "alise.tlsPerService" .root }}
-- {{ .namesFlag }}={{ get .root.Values.tls.certNames .caller }}
+- {{ .namesFlag }}={{ include "alise.certName" (dict "root" .root "service" .caller) }}
 {{- end }}
 {{- end }}
 {{- end }}

@@ -36,7 +36,7 @@
 {{- if and .Values.predictor.modelPvc (gt (int .Values.predictor.replicas) 1) -}}
 {{- fail "predictor.replicas must be 1 with predictor.modelPvc: each replica saves what it learned to that volume, and replicas would overwrite each other's files (a ReadWriteOnce volume cannot even attach to two nodes)" -}}
 {{- end -}}
-{{- $own := .Values.tls.existingSecrets -}}
+{{- $own := .Values.tls.existingSecrets | default dict -}}
 {{- if and (or $own.scheduler $own.predictor $own.worker) (not (and $own.scheduler $own.predictor $own.worker)) -}}
 {{- fail "tls.existingSecrets: name a Secret for each of scheduler, predictor and worker, or for none" -}}
 {{- end -}}
