@@ -163,3 +163,16 @@ def test_a_step_that_reads_a_one_token_prompt_reports_itself_mixed(probe_engine)
     assert first.shape.prefill_tokens == 0 and first.shape.mixed and "solo" in engine.probe_features
     assert not engine.step().shape.mixed                      # then a plain decode step
     engine.reset()
+
+
+def test_a_probe_whose_file_cannot_be_written_goes_on_learning(tmp_path):
+    """Review, session 23: the save (every SAVE_EVERY observations) runs inside an engine step, and a missing,
+    read-only or full volume raised there: the whole step failed, every job on the worker with it, every 64 jobs."""
+    from services.worker.length_probe import SAVE_EVERY
+
+    probe = LengthProbe(64, layer=3, device=torch.device("cpu"), dtype=torch.float32, dims=16,
+                        path=tmp_path / "missing-dir" / "probe.npz", min_observations=1)
+    rng = np.random.default_rng(0)
+    for i in range(SAVE_EVERY):
+        probe.observe(rng.standard_normal(16), 10 + i)
+    assert probe.count == SAVE_EVERY and probe.estimate(rng.standard_normal(16)) is not None

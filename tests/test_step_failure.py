@@ -347,3 +347,84 @@ async def test_a_refused_assignment_whose_flush_fails_leaves_the_engine_thread_s
         assert loop_thread.is_alive()
         loop_thread.submit(assign("after", ids, 0.0))                     # and it still serves
         assert (await next_message(outbox, "finished")).job_id == "after"
+
+
+async def test_a_preemption_whose_flush_fails_drops_every_job_and_says_so(model_dir, tokenizer):
+    """Review, session 23: a preemption's flush of the step in flight that raised was logged and ignored: nothing was
+    reported, the sequences after the failing one waited for a token that was lost (the next step fed token id 0 in
+    its place), and a job could be left never finishing."""
+    engine = build_engine(WorkerConfig(model_dir=str(model_dir), num_blocks=64, max_batch=8, token_budget=128))
+    async with engine_loop_running(engine) as (loop_thread, outbox):
+        ids = tokenizer.encode("Tell me a story.", add_special_tokens=False)
+        loop_thread.submit(assign("b", ids, 0.0, max_tokens=600))
+        await decoding_then_the_next_flush_fails(engine, loop_thread, outbox, ids)
+        loop_thread.submit(wpb.SchedulerCommand(preempt=wpb.PreemptJob(job_id="a", mode=wpb.PREEMPT_MODE_RECOMPUTE)))
+        failed = await next_message(outbox, "step_failed")
+        assert sorted(failed.job_ids) == ["a", "b"] and "simulated fault" in failed.error
+        assert not engine.seqs and engine.blocks.num_used == 0
+        loop_thread.submit(assign("after", ids, 0.0))                     # and it still serves
+        assert (await next_message(outbox, "finished")).job_id == "after"
+
+
+async def test_a_swap_whose_copy_fails_is_a_recompute_and_so_is_a_swap_back_that_fails(model_dir, tokenizer):
+    """Review, session 23: a swap out whose copy to host memory raised (the gather's temporary out of device memory)
+    left the job SWAPPED with nothing copied and nothing reported: the scheduler waited for it for good, and never
+    preempted on that worker again. A swap back in that raised failed the job's assignment as a failed step."""
+    engine = build_engine(WorkerConfig(model_dir=str(model_dir), num_blocks=64, max_batch=8, token_budget=128))
+    async with engine_loop_running(engine) as (loop_thread, outbox):
+        ids = tokenizer.encode("Tell me a story.", add_special_tokens=False)
+        cache = engine.runner.cache
+        copy_out, copy_in = cache.copy_out, cache.copy_in
+
+        def broken(*args):
+            raise RuntimeError("simulated: out of device memory")
+        loop_thread.submit(assign("a", ids, 0.0, max_tokens=40))
+        await next_message(outbox, "tokens", None)
+        cache.copy_out = broken
+        loop_thread.submit(wpb.SchedulerCommand(preempt=wpb.PreemptJob(job_id="a", mode=wpb.PREEMPT_MODE_SWAP)))
+        assert (await next_message(outbox, "preempted", "a")).mode == wpb.PREEMPT_MODE_RECOMPUTE
+        assert "a" not in engine.seqs and engine.blocks.num_swapped == 0 and engine.blocks.num_used == 0
+        cache.copy_out = copy_out
+        loop_thread.submit(assign("b", ids, 0.0, max_tokens=40))
+        await next_message(outbox, "tokens", None)
+        loop_thread.submit(wpb.SchedulerCommand(preempt=wpb.PreemptJob(job_id="b", mode=wpb.PREEMPT_MODE_SWAP)))
+        assert (await next_message(outbox, "preempted", "b")).mode == wpb.PREEMPT_MODE_SWAP
+        cache.copy_in = broken
+        loop_thread.submit(assign("b", ids, 0.0, max_tokens=40))         # resumed here: its copy back fails
+        done = await next_message(outbox, "finished", "b")
+        assert done.finish_reason == pb.FINISH_REASON_LENGTH            # recomputed from its tokens, to the end
+        assert not engine.seqs and engine.blocks.num_swapped == 0 and engine.blocks.num_used == 0
+
+
+async def test_a_worker_whose_device_is_broken_stops_serving(model_dir, tokenizer):
+    """Review, session 23: a worker whose device no longer ran anything (a CUDA error that leaves the context broken
+    for good) stayed registered and looked idle: it drew jobs and failed every one of them. Now a failed step is
+    followed by a check that the device still answers, and FATAL_FAILED_STEPS failures in a row stop it too."""
+    from services.worker.engine_loop import FATAL_FAILED_STEPS
+
+    ids = tokenizer.encode("Tell me a story.", add_special_tokens=False)
+
+    def always_fails(*args, **kwargs):
+        raise RuntimeError("simulated device fault")
+
+    for device_answers in (False, True):
+        engine = build_engine(WorkerConfig(model_dir=str(model_dir), num_blocks=64, max_batch=8, token_budget=128))
+        engine.device_answers = lambda answers=device_answers: answers
+        engine.runner.forward = always_fails
+        reasons: list[str] = []
+        loop_thread = EngineLoop(engine, report_interval_s=0.1, on_fatal=reasons.append)
+        outbox: asyncio.Queue = asyncio.Queue()
+        loop_thread.attach(asyncio.get_running_loop(), outbox)
+        loop_thread.start()
+        try:
+            failures = 0
+            while not reasons:
+                loop_thread.submit(assign(f"j{failures}", ids, 0.0))
+                await next_message(outbox, "step_failed")
+                failures += 1
+                assert failures <= FATAL_FAILED_STEPS
+            assert failures == (1 if not device_answers else FATAL_FAILED_STEPS)
+            assert "does not answer" in reasons[0] if not device_answers else "in a row" in reasons[0]
+        finally:
+            loop_thread.stop()
+            loop_thread.join(30)

@@ -10,6 +10,7 @@ abort and preempt first settle the step in flight (`flush`), so they act on full
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from services.worker.model_runner import SeqChunk
 from services.worker.sampler import sample
 from services.worker.sequence import Finish, Sampling, Sequence, SeqStatus
 from services.worker.step_scheduler import StepScheduler
+
+log = logging.getLogger("alise.worker")
 
 
 
@@ -197,8 +200,12 @@ class Engine:
         if mode is PreemptMode.PARK and self.sched.park(seq):
             return PreemptMode.PARK
         if mode is PreemptMode.SWAP and (moves := self.sched.swap_out(seq)) is not None:
-            self.runner.cache.copy_out(moves)
-            return PreemptMode.SWAP
+            try:
+                self.runner.cache.copy_out(moves)
+                return PreemptMode.SWAP
+            except Exception:  # noqa: BLE001 - e.g. the gather's temporary out of device memory: recompute it instead
+                # (before, the job stayed SWAPPED with a copy never made, unreported: the scheduler waited for good)
+                log.exception("swapping job %s out failed: it is preempted for recompute instead", job_id)
         # Recompute: the scheduler re-sends the job (prompt + output so far) when it resumes it.
         self._forget_for_recompute(seq)
         return PreemptMode.RECOMPUTE
@@ -221,8 +228,13 @@ class Engine:
         self.sched.forget_cached()
 
     def _resume_swapped(self, seq: Sequence) -> None:
-        if (moves := self.sched.swap_in(seq)) is not None:     # else no room: it is recomputed instead
+        if (moves := self.sched.swap_in(seq)) is None:          # no room: it is recomputed instead
+            return
+        try:
             self.runner.cache.copy_in(moves)
+        except Exception:  # noqa: BLE001 - its kept KV is lost, its tokens are not: computed again, here
+            log.exception("swapping job %s back in failed: it is recomputed instead", seq.job_id)
+            self.sched.recompute(seq)
 
     def _drop(self, seq: Sequence) -> None:
         self._parks_ordered.discard(seq.job_id)
@@ -261,6 +273,20 @@ class Engine:
         # this call's time is mostly the wait for the step it collected: report that step's make-up with it
         out.shape = collected.shape if collected is not None else None
         return out
+
+    def device_answers(self) -> bool:
+        """Whether the device still runs work (after a failed step): a CUDA error such as an illegal address or an Xid
+        leaves the context broken for good, so every later step would fail; one out of memory does not."""
+        device = self.runner.device
+        if device.type != "cuda":
+            return True
+        try:
+            torch.ones(1, device=device).add_(1).item()
+            torch.cuda.synchronize(device)
+            return True
+        except Exception:  # noqa: BLE001 - any error here means the context cannot be used
+            log.exception("the device does not answer after a failed step")
+            return False
 
     def salvage(self) -> StepOutput:
         """After a step raised: what it had settled before (returned once), leaving the step in flight alone (the

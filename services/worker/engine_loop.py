@@ -11,6 +11,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -27,6 +28,10 @@ from services.worker.token_batcher import TokenBatcher
 log = logging.getLogger("alise.worker.loop")
 STEP_SAMPLES = 64    # steps sent per load report: single steps, whose sizes vary, tell the step model's terms apart
 RESET = "reset"     # the session ended: drop every job (the scheduler requeues them)
+# Failed steps in a row, none succeeding in between, after which the device is taken for broken and the worker stops
+# serving. A request that breaks steps fails at most --max-step-failures of them (the scheduler's), and a device
+# that stopped answering is caught at its first failure (Engine.device_answers): this bound is the backstop.
+FATAL_FAILED_STEPS = 10
 
 
 @dataclass(frozen=True)
@@ -70,9 +75,13 @@ def describe(cmd) -> str:
 
 class EngineLoop(threading.Thread):
     def __init__(self, engine: Engine, report_interval_s: float, stream_updates_per_step: int = 0,
-                 heartbeat_s: float = 5.0):
+                 heartbeat_s: float = 5.0, on_fatal: Callable[[str], None] | None = None):
+        """on_fatal(reason): called once, from this thread, when the device is taken for broken (FATAL_FAILED_STEPS):
+        the worker must stop serving so that it is restarted (server.py)."""
         super().__init__(name="engine", daemon=True)
         self.engine = engine
+        self.on_fatal = on_fatal
+        self.failed_in_a_row = 0           # failed steps since the last one that succeeded
         self.batcher = TokenBatcher(stream_updates_per_step)
         self.report_interval_s = report_interval_s
         self.heartbeat_s = heartbeat_s     # an unchanged load is sent again after this long: the scheduler's liveness
@@ -113,6 +122,7 @@ class EngineLoop(threading.Thread):
             if self.engine.has_work:
                 try:
                     out = self.engine.step()
+                    self.failed_in_a_row = 0
                     self.clock.charge(EngineActivity.STEP)
                     self._emit_step(out)
                     self.clock.charge(EngineActivity.EMIT)
@@ -162,7 +172,7 @@ class EngineLoop(threading.Thread):
             self.engine.add(a.job_id, list(a.prompt_token_ids), sampling_from_proto(a.sampling),
                             list(a.output_token_ids), a.output_text, a.park_after_first_token)
         elif kind == "preempt":
-            self._preempt(cmd.preempt)
+            self._or_drop_all(partial(self._preempt, cmd.preempt), "preempting a job")
         elif kind == "abort":
             self._abort(cmd.abort.job_id)
         elif kind == "drain":
@@ -236,8 +246,26 @@ class EngineLoop(threading.Thread):
         charged = [j for j in in_step if not self.engine.seqs[j].sampled_here] or in_step
         self._send_held()                  # the tokens they made are real: the scheduler resumes after them
         self._reset()
+        self._check_device()               # before the report: whoever reads it may ask whether the worker goes on
         self._report_failed(job_ids, error, charged, in_step)
         self._report_kv_dropped(kv_lost)
+
+    def _check_device(self) -> None:
+        """A device that no longer answers, or steps failing FATAL_FAILED_STEPS times in a row with none succeeding,
+        mean a broken device: before, such a worker stayed registered and looked idle, so it drew jobs and failed
+        every one of them (charged, then failed for good) while its heartbeat kept it listed."""
+        self.failed_in_a_row += 1
+        if self.on_fatal is None or self.failed_in_a_row > FATAL_FAILED_STEPS:
+            return                         # (said once)
+        if not self.engine.device_answers():
+            reason = "the device does not answer after a failed step"
+        elif self.failed_in_a_row == FATAL_FAILED_STEPS:
+            reason = f"{FATAL_FAILED_STEPS} engine steps failed in a row"
+        else:
+            return
+        self.failed_in_a_row = FATAL_FAILED_STEPS + 1
+        log.critical("worker stops serving: %s", reason)
+        self.on_fatal(reason)
 
     def _report_kv_dropped(self, job_ids: list[str]) -> None:
         if job_ids:

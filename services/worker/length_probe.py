@@ -18,6 +18,7 @@ Written here rather than taken from scikit-learn: the fit is a running sum of ou
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -31,6 +32,8 @@ MIN_OBSERVATIONS = 64      # finished jobs before it estimates anything (ridge k
 MAX_ESTIMATE = 1 << 20     # tokens: an extrapolated exp() is clipped (no output is longer than a context)
 REFIT_EVERY = 16           # observations between solves
 SAVE_EVERY = 64            # observations between saves, when it has a path (a multiple of REFIT_EVERY)
+
+log = logging.getLogger("alise.worker")
 
 
 class LengthProbe:
@@ -77,7 +80,10 @@ class LengthProbe:
         if self.count % REFIT_EVERY == 0 or (self._weights is None and self.count >= self.min_observations):
             self._weights = self._solve()
         if self.path is not None and not self.read_only and self.count % SAVE_EVERY == 0:
-            self.save(self.path)
+            try:
+                self.save(self.path)
+            except OSError as e:    # a missing, read-only or full volume: learning goes on (this runs inside a step)
+                log.warning("length probe not saved to %s: %s", self.path, e)
 
     def estimate(self, features: np.ndarray) -> float | None:
         """Expected output tokens of a job whose prompt gave `features`; None while it has learned too little."""

@@ -80,22 +80,30 @@ async def serve(cfg: WorkerConfig, stop: asyncio.Event | None = None) -> None:
     server, health, port = build_server([], cfg.listen)
     await server.start()                  # health answers NOT_SERVING while the model loads
     engine = await asyncio.to_thread(build_engine, cfg)
-    loop_thread = EngineLoop(engine, cfg.load_report_s, cfg.stream_updates_per_step, cfg.heartbeat_s)
+    if stop is None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+    fatal: list[str] = []
+    loop = asyncio.get_running_loop()
+
+    def broken(reason: str) -> None:          # from the engine thread: stop serving, exit non-zero to be restarted
+        fatal.append(reason)
+        loop.call_soon_threadsafe(stop.set)
+
+    loop_thread = EngineLoop(engine, cfg.load_report_s, cfg.stream_updates_per_step, cfg.heartbeat_s, on_fatal=broken)
     loop_thread.start()
     register = wpb.WorkerMessage(register=wpb.WorkerRegister(
         worker_id=cfg.resolved_worker_id, model=cfg.model_name, block_size=engine.blocks.block_size,
         num_blocks=engine.blocks.num_total, max_batch=engine.sched.max_batch, max_model_len=engine.max_model_len,
         acks_aborts=True))
-    if stop is None:
-        stop = asyncio.Event()
-        install_stop_signals(stop)
     session_stop = asyncio.Event()
     session = asyncio.create_task(hold_session(cfg, loop_thread, register, session_stop, service_token))
     await set_health(health, [], SERVING)
     log.info("worker %s ready (health on port %d)", cfg.resolved_worker_id, port)
     await stop.wait()
     await set_health(health, [], NOT_SERVING)
-    await drain(loop_thread, cfg.drain_timeout_s)
+    if not fatal:                         # a broken device runs nothing more: its session's end requeues its jobs
+        await drain(loop_thread, cfg.drain_timeout_s)
     sched = engine.sched               # what the prefix cache saved over this worker's life (benchmarks read it here)
     log.info("prefix cache: %d of %d prompt tokens admitted from scratch were found cached",
              sched.cached_tokens, sched.admitted_tokens)
@@ -109,6 +117,8 @@ async def serve(cfg: WorkerConfig, stop: asyncio.Event | None = None) -> None:
     # join the engine thread: exiting while it is inside torch aborts the process (std::terminate)
     await asyncio.to_thread(loop_thread.join, 10)
     await server.stop(grace=1)
+    if fatal:
+        raise SystemExit(f"worker stopped: {fatal[0]}")        # non-zero: Kubernetes restarts it on a fresh context
 
 
 def main() -> None:

@@ -121,10 +121,16 @@ class StepScheduler:
             moves = self.blocks.swap_in(seq.job_id)
             self.resume(seq)
             return moves
+        self.recompute(seq)
+        return None
+
+    def recompute(self, seq: Sequence) -> None:
+        """Its kept KV is gone (no device room to swap it back, or the copy back failed): its blocks go back and it
+        computes its tokens again, from the next step it is planned in."""
+        self.remove(seq)
         self.blocks.free(seq.job_id)
         seq.reset_for_recompute()
         self.add(seq)
-        return None
 
     def record_computed(self, seq: Sequence) -> None:
         """A launched step wrote this sequence's KV: its full blocks whose tokens are known join the prefix cache."""
