@@ -283,12 +283,24 @@ async def test_a_worker_that_leaves_with_a_job_still_recorded_on_it_stays_findab
     assert state.status == "queued" and "w1" not in await d.store.known_workers()
 
 
+async def registration_refused(port: int, register: wpb.WorkerMessage) -> grpc.aio.AioRpcError:
+    """How the gateway ends a worker's Connect call that registers with `register` (it must end it with an error)."""
+    from alise.v1 import worker_pb2_grpc as wpb_grpc
+
+    from services.common.auth import bearer_metadata
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = wpb_grpc.WorkerGatewayStub(channel).Connect(iter([register]), metadata=bearer_metadata("t" * 32))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in call:
+                pass
+    return err.value
+
+
 async def test_a_worker_that_registers_while_the_store_refuses_is_told_to_retry(dispatcher):
     """Review, session 23: a join that met an unavailable (or fenced) job store ended the worker's call as UNKNOWN,
     with a traceback in the scheduler's log; and a join refused for an id already connected ended it with no error."""
-    from alise.v1 import worker_pb2_grpc as wpb_grpc
-
-    from services.common.auth import ServiceTokenCheck, bearer_metadata
+    from services.common.auth import ServiceTokenCheck
     from services.common.grpc_server import build_server
     from services.common.lenient import add_lenient_service
     from services.scheduler.job_store import JobStore
@@ -296,7 +308,7 @@ async def test_a_worker_that_registers_while_the_store_refuses_is_told_to_retry(
 
     d = dispatcher
     [job] = await submitted(d, "a")
-    await JobStore(d.store.r, leader="new").r.set(keys.SCHEDULER_LEASE, "new")
+    await d.store.r.set(keys.SCHEDULER_LEASE, "new")
     assert await JobStore(d.store.r, leader="new").claim(job, "w1")   # the successor's worker w1 runs it
     d.store = JobStore(d.store.r, leader="old")                         # this scheduler's term ran out
     server, _, port = build_server([], "127.0.0.1:0")
@@ -305,12 +317,8 @@ async def test_a_worker_that_registers_while_the_store_refuses_is_told_to_retry(
     try:
         register = wpb.WorkerMessage(register=wpb.WorkerRegister(
             worker_id="w1", model=d.cfg.model_name, block_size=16, num_blocks=64, max_batch=4, max_model_len=2048))
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            call = wpb_grpc.WorkerGatewayStub(channel).Connect(iter([register]), metadata=bearer_metadata("t" * 32))
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                async for _ in call:
-                    pass
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "job store" in err.value.details()
+        err = await registration_refused(port, register)
+        assert err.code() == grpc.StatusCode.UNAVAILABLE and "job store" in err.details()
         assert "w1" not in d.sessions
         state = await d.store.state(job)
         assert (state.status, state.worker) == ("running", "w1")       # the refused requeue changed nothing
@@ -319,11 +327,7 @@ async def test_a_worker_that_registers_while_the_store_refuses_is_told_to_retry(
             return False
 
         d.worker_joined = taken
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            call = wpb_grpc.WorkerGatewayStub(channel).Connect(iter([register]), metadata=bearer_metadata("t" * 32))
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                async for _ in call:
-                    pass
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "already connected" in err.value.details()
+        err = await registration_refused(port, register)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "already connected" in err.details()
     finally:
         await server.stop(None)
