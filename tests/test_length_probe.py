@@ -151,6 +151,11 @@ def test_a_job_preempted_by_recompute_keeps_its_features_and_a_one_token_prompt_
     assert "long" not in engine.probe_features
     engine.add("long", engine.tokenizer.encode(PROMPTS[2]), Sampling(max_tokens=40), output_ids=[11, 12])
     assert np.array_equal(engine.probe_features["long"], features)   # it can still teach the probe when it stops
+    # review, session 23: a new request that reuses the id of a job preempted here (and ended elsewhere) took that
+    # job's features, taught the probe another prompt's length with them and was estimated by them
+    engine.preempt("long", PreemptMode.RECOMPUTE)
+    engine.add("long", engine.tokenizer.encode(PROMPTS[1]), Sampling(max_tokens=40))
+    assert "long" not in engine.probe_features                         # read from its own prompt when it runs
     engine.reset()
 
 

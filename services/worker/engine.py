@@ -124,7 +124,7 @@ class Engine:
         self.probe_features: dict[str, object] = {}  # job -> its length-probe features (numpy), until it finishes
         # features of jobs preempted by recompute, for when they come back (long jobs are preempted most: without
         # this they would never teach the probe); the oldest are forgotten first
-        self._preempted_features: OrderedDict[str, object] = OrderedDict()
+        self._preempted_features: OrderedDict[str, tuple[int, object]] = OrderedDict()   # id -> (prompt digest, features)
         self.detok: dict[str, IncrementalDetokenizer] = {}
         self.num_preemptions = 0
         self._parks_ordered: set[str] = set()        # jobs the scheduler preempted by parking, until they park
@@ -157,8 +157,9 @@ class Engine:
         seq = Sequence(job_id, list(prompt_ids), sampling, output_ids=list(output_ids),
                        park_on_sample=park_after_first_token)
         self.seqs[job_id] = seq
-        if (kept := self._preempted_features.pop(job_id, None)) is not None:
-            self.probe_features[job_id] = kept
+        kept = self._preempted_features.pop(job_id, None)
+        if kept is not None and output_ids and kept[0] == hash(tuple(prompt_ids)):   # this job resumed, not a new one
+            self.probe_features[job_id] = kept[1]
         self.detok[job_id] = IncrementalDetokenizer(self.tokenizer, sampling.stop, seq.output_ids, output_text)
         if output_ids and (finish := self._finish_reason(seq, seq.output_ids[-1], self.detok[job_id])) is not None:
             # its recorded tokens already end it (its end was lost between the record of its last tokens and the
@@ -213,7 +214,8 @@ class Engine:
     def _forget_for_recompute(self, seq: Sequence) -> None:
         """The job leaves this worker to be recomputed later (here or elsewhere): its probe features are kept."""
         if (kept := self.probe_features.get(seq.job_id)) is not None:
-            self._preempted_features[seq.job_id] = kept
+            # with its prompt's digest: a new request may reuse the id once this job ended elsewhere
+            self._preempted_features[seq.job_id] = (hash(tuple(seq.prompt_ids)), kept)
             while len(self._preempted_features) > PREEMPTED_FEATURES_KEPT:
                 self._preempted_features.popitem(last=False)
         self._drop(seq)
