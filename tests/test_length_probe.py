@@ -181,3 +181,17 @@ def test_a_probe_whose_file_cannot_be_written_goes_on_learning(tmp_path):
     for i in range(SAVE_EVERY):
         probe.observe(rng.standard_normal(16), 10 + i)
     assert probe.count == SAVE_EVERY and probe.estimate(rng.standard_normal(16)) is not None
+
+
+def test_a_save_that_fails_half_way_leaves_no_part_behind(tmp_path, monkeypatch):
+    """A part written to a full volume must not keep its room (review of the mend above, session 23)."""
+    import os
+
+    probe = new_probe(tmp_path)
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError):
+        probe.save(tmp_path / "probe.npz")
+    assert list(tmp_path.iterdir()) == []

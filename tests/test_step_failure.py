@@ -420,11 +420,15 @@ async def test_a_worker_whose_device_is_broken_stops_serving(model_dir, tokenize
             failures = 0
             while not reasons:
                 loop_thread.submit(assign(f"j{failures}", ids, 0.0))
-                await next_message(outbox, "step_failed")
+                failed = await next_message(outbox, "step_failed")
                 failures += 1
                 assert failures <= FATAL_FAILED_STEPS
             assert failures == (1 if not device_answers else FATAL_FAILED_STEPS)
             assert "does not answer" in reasons[0] if not device_answers else "in a row" in reasons[0]
+            assert not failed.charged_job_ids           # the device's fault: the job is not charged with it
+            loop_thread.submit(assign("later", ids, 0.0))
+            assert not (await next_message(outbox, "step_failed")).charged_job_ids
+            assert len(reasons) == 1                    # said once
         finally:
             loop_thread.stop()
             loop_thread.join(30)

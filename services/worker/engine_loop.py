@@ -29,9 +29,10 @@ log = logging.getLogger("alise.worker.loop")
 STEP_SAMPLES = 64    # steps sent per load report: single steps, whose sizes vary, tell the step model's terms apart
 RESET = "reset"     # the session ended: drop every job (the scheduler requeues them)
 # Failed steps in a row, none succeeding in between, after which the device is taken for broken and the worker stops
-# serving. A request that breaks steps fails at most --max-step-failures of them (the scheduler's), and a device
-# that stopped answering is caught at its first failure (Engine.device_answers): this bound is the backstop.
-FATAL_FAILED_STEPS = 10
+# serving. A device that stopped answering is caught at its first failure (Engine.device_answers): this bound is the
+# backstop, well above what requests that break steps can chain on a healthy worker (each breaks at most the
+# scheduler's --max-step-failures, 2, before it fails: a dozen such requests in a row would be needed).
+FATAL_FAILED_STEPS = 32
 
 
 @dataclass(frozen=True)
@@ -76,12 +77,13 @@ def describe(cmd) -> str:
 class EngineLoop(threading.Thread):
     def __init__(self, engine: Engine, report_interval_s: float, stream_updates_per_step: int = 0,
                  heartbeat_s: float = 5.0, on_fatal: Callable[[str], None] | None = None):
-        """on_fatal(reason): called once, from this thread, when the device is taken for broken (FATAL_FAILED_STEPS):
-        the worker must stop serving so that it is restarted (server.py)."""
+        """on_fatal(reason): called once, from this thread, when the device is taken for broken (_device_broken): the
+        worker must stop serving so that it is restarted (server.py)."""
         super().__init__(name="engine", daemon=True)
         self.engine = engine
         self.on_fatal = on_fatal
-        self.failed_in_a_row = 0           # failed steps since the last one that succeeded
+        self.failed_in_a_row = 0           # failed steps since the last one that ran on the device and succeeded
+        self.fatal = ""                    # why the device was taken for broken ("": it was not)
         self.batcher = TokenBatcher(stream_updates_per_step)
         self.report_interval_s = report_interval_s
         self.heartbeat_s = heartbeat_s     # an unchanged load is sent again after this long: the scheduler's liveness
@@ -122,7 +124,8 @@ class EngineLoop(threading.Thread):
             if self.engine.has_work:
                 try:
                     out = self.engine.step()
-                    self.failed_in_a_row = 0
+                    if out.shape is not None:  # it ran something on the device
+                        self.failed_in_a_row = 0
                     self.clock.charge(EngineActivity.STEP)
                     self._emit_step(out)
                     self.clock.charge(EngineActivity.EMIT)
@@ -246,26 +249,31 @@ class EngineLoop(threading.Thread):
         charged = [j for j in in_step if not self.engine.seqs[j].sampled_here] or in_step
         self._send_held()                  # the tokens they made are real: the scheduler resumes after them
         self._reset()
-        self._check_device()               # before the report: whoever reads it may ask whether the worker goes on
+        if self._device_broken():          # the device's fault, not the jobs': none is charged with it
+            charged = []
         self._report_failed(job_ids, error, charged, in_step)
         self._report_kv_dropped(kv_lost)
 
-    def _check_device(self) -> None:
-        """A device that no longer answers, or steps failing FATAL_FAILED_STEPS times in a row with none succeeding,
-        mean a broken device: before, such a worker stayed registered and looked idle, so it drew jobs and failed
-        every one of them (charged, then failed for good) while its heartbeat kept it listed."""
+    def _device_broken(self) -> bool:
+        """Whether the device is taken for broken: it no longer answers, or FATAL_FAILED_STEPS steps failed in a row
+        with none succeeding. Before, such a worker stayed registered and looked idle, so it drew jobs and failed every
+        one of them (charged, then failed for good) while its heartbeat kept it listed. The first time, on_fatal is
+        told (once), and the worker stops serving."""
         self.failed_in_a_row += 1
-        if self.on_fatal is None or self.failed_in_a_row > FATAL_FAILED_STEPS:
-            return                         # (said once)
-        if not self.engine.device_answers():
-            reason = "the device does not answer after a failed step"
-        elif self.failed_in_a_row == FATAL_FAILED_STEPS:
-            reason = f"{FATAL_FAILED_STEPS} engine steps failed in a row"
-        else:
-            return
-        self.failed_in_a_row = FATAL_FAILED_STEPS + 1
-        log.critical("worker stops serving: %s", reason)
-        self.on_fatal(reason)
+        if not self.fatal:
+            if not self.engine.device_answers():
+                self.fatal = "the device does not answer after a failed step"
+            elif self.failed_in_a_row >= FATAL_FAILED_STEPS:
+                self.fatal = f"{FATAL_FAILED_STEPS} engine steps failed in a row"
+            else:
+                return False
+            log.critical("worker stops serving: %s", self.fatal)
+            if self.on_fatal is not None:
+                try:
+                    self.on_fatal(self.fatal)
+                except Exception:  # noqa: BLE001 - e.g. the event loop already closed at shutdown: the report goes on
+                    log.exception("could not stop the worker")
+        return True
 
     def _report_kv_dropped(self, job_ids: list[str]) -> None:
         if job_ids:

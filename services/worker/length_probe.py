@@ -109,9 +109,13 @@ class LengthProbe:
     # -- persistence (a restarted worker keeps what it learned) --------------------------------------
     def save(self, path: Path) -> None:
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")     # workers sharing a path never share it
-        np.savez(tmp, xx=self._xx, x=self._x, xy=self._xy, y=self._y, count=self.count,
-                 meta=np.array([self.layer, self.dims, self._seed, self._hidden]), model=np.array(self.model))
-        os.replace(tmp, path)
+        try:
+            np.savez(tmp, xx=self._xx, x=self._x, xy=self._xy, y=self._y, count=self.count,
+                     meta=np.array([self.layer, self.dims, self._seed, self._hidden]), model=np.array(self.model))
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)       # a part written to a full volume must not keep its room
+            raise
 
     def _load(self, path: Path) -> None:
         with np.load(path) as z:

@@ -110,6 +110,10 @@ async def serve(cfg: WorkerConfig, stop: asyncio.Event | None = None) -> None:
     if (late := late_variants()) is not None:
         log.info("kernel variants first used after warm-up: %d%s", sum(late.values()),
                  f" ({', '.join(f'{k} x{n}' for k, n in sorted(late.items()))})" if late else "")
+    if fatal:                             # the last failure's report is in the outbox: let it reach the scheduler
+        end = time.monotonic() + 2.0
+        while loop_thread.unsent() and time.monotonic() < end:
+            await asyncio.sleep(0.05)
     session_stop.set()
     session.cancel()
     await asyncio.gather(session, return_exceptions=True)
