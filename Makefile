@@ -14,7 +14,7 @@ run: $(VENV_STAMP) redis model
 	$(PY) -m services.launcher
 
 test: $(VENV_STAMP) redis model
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 venv: $(VENV_STAMP)
 

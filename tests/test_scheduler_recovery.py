@@ -283,6 +283,19 @@ async def test_a_worker_that_leaves_with_a_job_still_recorded_on_it_stays_findab
     assert state.status == "queued" and "w1" not in await d.store.known_workers()
 
 
+async def test_a_job_whose_record_is_gone_leaves_its_workers_entry_too(dispatcher):
+    """Since a worker with a job recorded on it stays listed for the sweep (above), an entry whose job record is gone
+    (an ended job's, or one Redis lost) must not keep it listed and counted as requeued at every sweep for good."""
+    d = dispatcher
+    [job] = await submitted(d, "a")
+    assert await d.store.claim(job, "w1")           # w1 never connected here
+    d.state.forget(job)
+    await d.store.r.delete(keys.job(job))           # its record lost
+    await d.recover_orphans()
+    assert await d.store.worker_job_ids("w1") == [] and "w1" not in await d.store.known_workers()
+    assert await d.recover_orphans() == 0
+
+
 async def registration_refused(port: int, register: wpb.WorkerMessage) -> grpc.aio.AioRpcError:
     """How the gateway ends a worker's Connect call that registers with `register` (it must end it with an error)."""
     from alise.v1 import worker_pb2_grpc as wpb_grpc

@@ -221,6 +221,9 @@ class Dispatcher:
         if preempted is not None and not self.state.knows(job_id):
             return                 # it ended (aborted) after we asked for the preemption: nothing to requeue
         if await self._record(job_id) is None:
+            # it ended, or its record is gone: only its entry on the worker goes (requeue.lua takes it out and
+            # requeues nothing), else the sweep would find it there, and keep the worker listed, for good
+            await self.store.requeue(job_id, worker_id, 0.0)
             return
         view = self.state.requeued_view(job_id, worker_id, preempted, counted)   # kv_on: who keeps its KV, if any
         cause = RequeueCause.PARKED if early else RequeueCause.PREEMPTED if counted else RequeueCause.RETURNED
