@@ -168,3 +168,15 @@ async def test_the_predictor_channel_follows_renewed_client_credentials(tmp_path
     finally:
         await client.close()
         await srv.stop(None)
+
+
+def test_a_ca_bundle_with_comments_in_any_script_loads(tmp_path):
+    """Trust bundles carry comments such as "# Issuer: ... Főtanúsítvány": gRPC reads past them, and the check that a
+    CA loads (review, session 23) must too, or the scheduler would not start and workers would never connect."""
+    from services.common.tls import TlsFiles
+
+    pki = dev_pki(tmp_path / "pki")
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes("# Issuer: CN=Főtanúsítvány\n".encode() + open(pki.ca, "rb").read())
+    assert TlsFiles(ca=str(bundle)).channel_credentials() is not None
+    assert TlsFiles(cert=pki.cert, key=pki.key, ca=str(bundle)).channel_credentials() is not None

@@ -14,7 +14,7 @@ from alise.v1 import worker_pb2 as wpb
 from alise.v1 import worker_pb2_grpc as wpb_grpc
 
 from services.common.auth import bearer_metadata, with_bearer
-from services.common.local_stack import wait_healthy
+from services.common.local_stack import CERT_NAMES, wait_healthy
 from services.common.tls import TlsFiles, dev_pki
 from services.common.tls import channel as tls_channel
 from tests.helpers import generate, request, stub_for
@@ -91,7 +91,7 @@ def test_a_service_accepts_only_the_certificates_of_the_services_that_call_it(st
         predictor = ppb_grpc.PredictorStub(tls_channel(f"127.0.0.1:{stack.predictor_port}", stack.service_tls[service]))
         with pytest.raises(grpc.RpcError) as err:
             predictor.Predict(ppb.PredictRequest(prompts=["hi"]), metadata=token, timeout=10)
-        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "alise-scheduler" in err.value.details()
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and CERT_NAMES["scheduler"] in err.value.details()
     as_scheduler = ppb_grpc.PredictorStub(tls_channel(f"127.0.0.1:{stack.predictor_port}", stack.service_tls["scheduler"]))
     assert len(as_scheduler.Predict(ppb.PredictRequest(prompts=["hi"]), metadata=token, timeout=60).predictions) == 1
     assert [w.worker_id for w in stub_for(stack).GetLoad(pb.LoadRequest()).workers] == ["worker-0"]

@@ -183,9 +183,12 @@ def render_upgrade(tmp_path, cluster: dict[str, dict], values: dict | None = Non
     renderer's `lookup` finds nothing, so this renders a copy of the chart whose lookups of Secrets read them here."""
     chart = tmp_path / "alise"
     shutil.copytree(CHART, chart)
+    replaced = 0
     for template in chart.glob("templates/*"):
-        text = template.read_text()
-        template.write_text(re.sub(r'lookup "v1" "Secret" (\.Release\.Namespace|\$ns) ', "get $.Values.cluster ", text))
+        text, n = re.subn(r'lookup "v1" "Secret" (\.Release\.Namespace|\$ns) ', "get $.Values.cluster ", template.read_text())
+        template.write_text(text)
+        replaced += n
+    assert replaced >= 4, "a lookup of the chart is spelled another way: this render would not see the cluster"
     schema = json.loads((chart / "values.schema.json").read_text())
     schema["properties"]["cluster"] = {"type": "object"}
     (chart / "values.schema.json").write_text(json.dumps(schema))

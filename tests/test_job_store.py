@@ -207,3 +207,15 @@ async def test_a_record_from_before_prompt_tokens_still_counts_its_prompt_when_i
     await store.claim("old", "w1")
     assert await store.finish("old", "w1", "length")
     assert (await store.state("old")).record.prompt_tokens == 3
+
+
+async def test_a_workers_entry_goes_only_for_a_job_that_does_not_run_there(store):
+    """drop_entry (review, session 23): what is left of an ended job, or of a lost record, goes; a job that runs on
+    that worker (a new request that reused the id and was placed there meanwhile) keeps its entry."""
+    await create(store, record("a", "fa"), 1.0)
+    assert await store.claim("a", "w1")
+    await store.drop_entry("a", "w1")
+    assert await store.worker_job_ids("w1") == ["a"]                   # it runs there
+    await store.r.sadd(keys.worker_jobs("w1"), "gone")                   # an entry whose record is gone
+    await store.drop_entry("gone", "w1")
+    assert await store.worker_job_ids("w1") == ["a"]

@@ -130,7 +130,7 @@ async def test_the_store_places_takes_back_and_forgets_only_for_the_lease_holder
     """The lease is a fence (review, session 22: it was not): a command of a scheduler whose term ran out, still on its
     way or sent by a process paused past its term, must change nothing once Redis names another holder. Also a call
     retried after the lease passed on replays what its first run did (run_once) rather than acting again."""
-    from services.scheduler.job_store import JobStore, StoreFenced
+    from services.scheduler.job_store import FENCE_ERROR, JobStore, StoreFenced
     from tests.test_job_store import create, record
 
     old, new = JobStore(r, leader="a"), JobStore(r, leader="b")
@@ -166,7 +166,7 @@ async def test_the_store_places_takes_back_and_forgets_only_for_the_lease_holder
     assert await claim(**call) == 1
     await r.set(keys.SCHEDULER_LEASE, "c")
     assert await claim(**call) == 1                               # replayed, not refused: it did happen
-    with pytest.raises(Exception, match="ALISE_FENCED"):
+    with pytest.raises(Exception, match=FENCE_ERROR):
         await claim(**{**call, "args": [*call["args"][:-1], "call-2"]})
 
 

@@ -208,11 +208,15 @@ class LocalStack:
     api_keys: dict[str, str] = field(default_factory=dict)
     tls: bool = False               # TLS on every link (a throwaway CA under secrets_dir); probes on plain ports
     mtls: bool = False              # and certificates required between services (worker gateway, predictor)
-    tls_files: TlsFiles | None = None   # the scheduler's (its CA is every service's)
     service_tls: dict[str, TlsFiles] = field(default_factory=dict)   # under TLS: service -> its own certificate
     worker_metrics: bool = False    # each worker serves Prometheus /metrics on a port of its own (metrics_ports)
     metrics_ports: dict[str, int] = field(default_factory=dict)   # worker name -> its /metrics port
     health_ports: dict[str, int] = field(default_factory=dict)    # under TLS: service -> its plaintext probe port
+
+    @property
+    def tls_files(self) -> TlsFiles | None:
+        """The scheduler's TLS files (their CA is every service's and what clients verify with); None without TLS."""
+        return self.service_tls.get("scheduler")
 
     @property
     def address(self) -> str:
@@ -259,8 +263,7 @@ class LocalStack:
             self.metrics_ports = {f"worker-{i}": port for i, port in enumerate(ports[6:])}
         if self.tls:
             # a certificate of its own for each service (its name is what the services it calls check), one CA
-            self.tls_files = dev_pki(self.secrets_dir / "tls", name=CERT_NAMES["scheduler"])
-            self.service_tls = {"scheduler": self.tls_files, **{
+            self.service_tls = {"scheduler": dev_pki(self.secrets_dir / "tls", name=CERT_NAMES["scheduler"]), **{
                 service: dev_cert(self.secrets_dir / "tls", CERT_NAMES[service]) for service in ("predictor", "worker")}}
             # one plaintext probe port per process: the scheduler's covers its client API and worker gateway
             self.health_ports = {"scheduler": ports[0], "gateway": ports[0], "predictor": ports[1]}

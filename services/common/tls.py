@@ -1,6 +1,6 @@
 """TLS on ALISE's gRPC links, and mutual TLS between its services.
 
-Each service takes the same three files (PEM): its certificate and key, and the CA that signs its peers.
+Each service takes three files (PEM): its own certificate and key, and the CA that signs its peers (one CA for all).
 - A server with a certificate serves TLS; with `require_client_cert` it accepts only callers presenting a
   certificate signed by the CA (mTLS: the scheduler's worker gateway, the predictor).
 - A client with a CA verifies the server it dials; if it has a certificate and key too, it presents them.
@@ -26,6 +26,9 @@ from services.common.keepalive import CHANNEL_OPTIONS
 from services.common.private_files import write_private
 
 log = logging.getLogger("alise.tls")
+LOAD_ERRORS = (OSError, ValueError, ssl.SSLError)     # what files that do not load (yet: mid-renewal) raise
+DEV_HOSTS = ("localhost", "127.0.0.1")
+_EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ class TlsFiles:
                 return None
             try:
                 fresh = configuration()
-            except (OSError, ValueError, ssl.SSLError) as e:
+            except LOAD_ERRORS as e:
                 log.error("TLS files changed but do not load; the last good ones stay: %s", e)
                 return None
             log.info("TLS certificate reloaded from %s", self.cert)
@@ -77,7 +80,8 @@ class TlsFiles:
         """Read now, for the life of a channel (gRPC reconnects with them); a CA that does not load, or a certificate
         and key that do not load together, fail here (ssl.SSLError), not at every handshake."""
         ca = _read(self.ca)
-        ssl.create_default_context(cadata=ca.decode("ascii", errors="replace"))   # ssl.SSLError if it is no CA
+        # ssl.SSLError if it holds no CA; a bundle's comments may hold other than ASCII, which gRPC reads past too
+        ssl.create_default_context(cadata=ca.decode("ascii", errors="ignore"))
         if not self.cert:
             return grpc.ssl_channel_credentials(root_certificates=ca)
         with checked_copy(self.cert, self.key) as (cert, key):
@@ -141,27 +145,25 @@ def health_only_server(servicer, listen: str) -> tuple[grpc.aio.Server, int]:
     return server, port
 
 
-def dev_pki(directory: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"), name: str = "alise-service") -> TlsFiles:
+def dev_pki(directory: Path, name: str = "alise-service", hosts: tuple[str, ...] = DEV_HOSTS) -> TlsFiles:
     """A throwaway CA and one certificate it signs, named `name`, valid for `hosts` as a server and as a client
     (a service on loopback uses it both ways). Made with the openssl command line: no Python crypto dependency for a
     development convenience."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    _openssl("req", "-x509", *ec, "-keyout", d / "ca.key", "-out", d / "ca.crt", "-days", "30",
+    _openssl("req", "-x509", *_EC_KEY, "-keyout", d / "ca.key", "-out", d / "ca.crt", "-days", "30",
              "-subj", "/CN=alise-dev-ca")
     (d / "ca.key").chmod(0o600)
     return dev_cert(d, name, hosts)
 
 
-def dev_cert(directory: Path, name: str, hosts: tuple[str, ...] = ("localhost", "127.0.0.1")) -> TlsFiles:
+def dev_cert(directory: Path, name: str, hosts: tuple[str, ...] = DEV_HOSTS) -> TlsFiles:
     """Another certificate from dev_pki's CA in `directory`, named `name` (its Common Name: the identity a service
     checks, ServiceTokenCheck's cert_names), in files named after it."""
     d = Path(directory)
     key, csr, cert, ext = (d / f"{name}.{suffix}" for suffix in ("key", "csr", "crt", "ext"))
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
     san = ",".join(f"IP:{h}" if h.replace(".", "").isdigit() else f"DNS:{h}" for h in hosts)
-    _openssl("req", *ec, "-keyout", key, "-out", csr, "-subj", f"/CN={name}")
+    _openssl("req", *_EC_KEY, "-keyout", key, "-out", csr, "-subj", f"/CN={name}")
     ext.write_text(f"subjectAltName={san}\nextendedKeyUsage=serverAuth,clientAuth\n")
     _openssl("x509", "-req", "-in", csr, "-CA", d / "ca.crt", "-CAkey", d / "ca.key", "-CAcreateserial", "-out", cert,
              "-days", "30", "-extfile", ext)

@@ -212,27 +212,26 @@ class Dispatcher:
         metrics.PREEMPTIONS.inc()
         s.send(preempt=wpb.PreemptJob(job_id=job_id, mode=self.cfg.preempt_mode.wire))
 
-    async def _requeue(self, job_id: str, worker_id: str, preempted: PreemptMode | None = None) -> None:
+    async def _requeue(self, job_id: str, worker_id: str, preempted: PreemptMode | None = None) -> bool:
         """Back to the queue from the worker: given back as `preempted` says (parked after its first token as asked,
-        or preempted), or (None) dropped there with its KV."""
+        or preempted), or (None) dropped there with its KV. Whether it went back (not when it had ended)."""
         early = preempted is not None and self.state.parking_on(job_id, worker_id)   # parked as asked, not preempted
         counted = preempted is not None and not early
         self.state.left_worker(job_id, worker_id)
         if preempted is not None and not self.state.knows(job_id):
-            return                 # it ended (aborted) after we asked for the preemption: nothing to requeue
+            return False           # it ended (aborted) after we asked for the preemption: nothing to requeue
         if await self._record(job_id) is None:
-            # it ended, or its record is gone: only its entry on the worker goes (requeue.lua takes it out and
-            # requeues nothing), else the sweep would find it there, and keep the worker listed, for good
-            await self.store.requeue(job_id, worker_id, 0.0)
-            return
+            await self.store.drop_entry(job_id, worker_id)      # it ended, or its record is gone
+            return False
         view = self.state.requeued_view(job_id, worker_id, preempted, counted)   # kv_on: who keeps its KV, if any
         cause = RequeueCause.PARKED if early else RequeueCause.PREEMPTED if counted else RequeueCause.RETURNED
         if not await self.store.requeue(job_id, worker_id, self.policy.queue_score(view, self.cost), view.kv_on, cause):
             if (st := await self.store.state(job_id)) is None or st.status in FINAL_STATUSES:
                 self.state.forget(job_id)        # it ended meanwhile: nothing left to remember
-            return
+            return False
         if preempted is not None:
             self.state.preempted(job_id, worker_id, preempted, counted)   # its kept KV remembered
+        return True
 
     # -- worker sessions -------------------------------------------------------------------------
     async def worker_joined(self, s: WorkerSession) -> bool:
@@ -294,8 +293,7 @@ class Dispatcher:
                 if worker_id in self.sessions:
                     continue
                 for job_id in await self.store.worker_job_ids(worker_id):
-                    await self._requeue(job_id, worker_id)
-                    n += 1
+                    n += await self._requeue(job_id, worker_id)
                 await self.store.forget_worker(worker_id)
         return n
 
@@ -308,14 +306,15 @@ class Dispatcher:
         strays = {j for j in await self.store.worker_job_ids(worker_id) if j not in placed}
         seen_before, self._strays[worker_id] = self._strays.get(worker_id, set()), strays
         confirmed = strays & seen_before
+        n = 0
         for job_id in confirmed:
             log.warning("job %s was recorded as running on worker %s, which was never sent it: requeued",
                         job_id, worker_id)
             if (s := self.sessions.get(worker_id)) is not None:
                 s.abort(job_id)
-            await self._requeue(job_id, worker_id)
+            n += await self._requeue(job_id, worker_id)
         self._strays[worker_id] -= confirmed
-        return len(confirmed)
+        return n
 
     async def on_worker_message(self, s: WorkerSession, msg: wpb.WorkerMessage) -> None:
         if (msg := s.current(msg)) is None:

@@ -28,6 +28,7 @@ import redis.exceptions
 from services.common.observations import MAX_ENTRIES
 from services.common.redis_client import REDIS_UNAVAILABLE, RETRY_SPAN_S
 from services.scheduler import keys
+from services.scheduler.keys import SCHEDULER_LEASE
 from services.scheduler.job_sampling import JobSampling
 
 LUA_DIR = Path(__file__).parent / "lua"
@@ -183,13 +184,12 @@ class _Once:
 # begun): that scheduler would requeue the jobs of its successor's workers, which then run twice. So each of these
 # checks, when it runs, that Redis names its caller as the lease's holder, and refuses otherwise (a fencing token).
 # A call carries the lease's key as its last key and the holder as its last argument (before a run_once call id).
-FENCED = ("claim", "requeue", "fail_step", "forget_worker")
+FENCED_SCRIPTS = ("claim", "requeue", "fail_step", "forget_worker")
 FENCE_ERROR = "ALISE_FENCED"
-LEASE_KEY = keys.SCHEDULER_LEASE
 
 
-def fenced(body: str, after_holder: int) -> str:
-    """A script's text that first checks the lease (FENCED); `after_holder`: arguments that follow the holder's."""
+def with_fence(body: str, after_holder: int) -> str:
+    """A script's text that first checks the lease (FENCED_SCRIPTS); `after_holder`: arguments that follow the holder's."""
     return ("local holder = redis.call('GET', KEYS[#KEYS])\n"
             f"if holder ~= ARGV[#ARGV - {after_holder}] then\n"
             f"  return redis.error_reply('{FENCE_ERROR} the lease of this job store is held by ' .. tostring(holder))\n"
@@ -197,7 +197,7 @@ def fenced(body: str, after_holder: int) -> str:
 
 
 class StoreFenced(Exception):
-    """The job store refused a change: this scheduler does not hold the lease now (FENCED). Nothing was applied."""
+    """The job store refused a change: this scheduler does not hold the lease now (FENCED_SCRIPTS). Nothing was applied."""
 
 
 # What a caller of the store treats as "cannot act on the store now, try later": Redis away, or not ours to change.
@@ -206,7 +206,7 @@ STORE_UNAVAILABLE = (*REDIS_UNAVAILABLE, StoreFenced)
 
 class JobStore:
     def __init__(self, client: aioredis.Redis, finished_ttl_s: int = 3600, leader: str = ""):
-        """leader: the lease holder this scheduler is (server.py); the FENCED scripts then refuse to run for it once
+        """leader: the lease holder this scheduler is (server.py); the FENCED_SCRIPTS scripts then refuse to run for it once
         Redis names another. "" (tests of the store alone): not fenced."""
         self.r = client
         self.ttl = finished_ttl_s
@@ -215,14 +215,14 @@ class JobStore:
         texts = {p.stem: (ended_job if p.stem in ENDING else "") + p.read_text()
                  for p in LUA_DIR.glob("*.lua") if not p.stem.startswith("_")}
         if leader:
-            texts = {name: fenced(text, int(name in ONCE)) if name in FENCED else text for name, text in texts.items()}
+            texts = {name: with_fence(text, int(name in ONCE)) if name in FENCED_SCRIPTS else text for name, text in texts.items()}
         self._scripts = {name: _Once(client.register_script(run_once(text))) if name in ONCE
                          else client.register_script(text) for name, text in texts.items()}
 
     async def _run(self, name: str, keys: list, args: list):
-        """Run a script; a FENCED one with the lease's key and this scheduler's name (StoreFenced if refused)."""
-        if self.leader and name in FENCED:
-            keys, args = [*keys, LEASE_KEY], [*args, self.leader]
+        """Run a script; a FENCED_SCRIPTS one with the lease's key and this scheduler's name (StoreFenced if refused)."""
+        if self.leader and name in FENCED_SCRIPTS:
+            keys, args = [*keys, SCHEDULER_LEASE], [*args, self.leader]
         try:
             return await self._scripts[name](keys=keys, args=args)
         except redis.exceptions.ResponseError as e:
@@ -355,8 +355,12 @@ class JobStore:
     async def worker_job_ids(self, worker_id: str) -> list[str]:
         return [j.decode() for j in await self.r.smembers(keys.worker_jobs(worker_id))]
 
-    async def forget_worker(self, worker_id: str) -> bool:
-        """Drop the worker from the registry, unless a job is still recorded on it (then False: the sweep goes on
-        finding it there)."""
-        return bool(await self._run("forget_worker", keys=[keys.WORKERS, keys.worker(worker_id),
-                                                           keys.worker_jobs(worker_id)], args=[worker_id]))
+    async def drop_entry(self, job_id: str, worker_id: str) -> None:
+        """Take the job out of the worker's job set unless it runs there (drop_entry.lua): what is left of an ended
+        job, or of one whose record is gone, would keep the worker listed for the orphan sweep for good."""
+        await self._run("drop_entry", keys=[keys.job(job_id), keys.worker_jobs(worker_id)], args=[job_id, worker_id])
+
+    async def forget_worker(self, worker_id: str) -> None:
+        """Drop the worker from the registry, unless a job is still recorded on it (the sweep goes on finding it)."""
+        await self._run("forget_worker", keys=[keys.WORKERS, keys.worker(worker_id), keys.worker_jobs(worker_id)],
+                        args=[worker_id])

@@ -7,7 +7,7 @@ before it recovers or serves anything and renews it every third of its term. Its
 lease is valid (renewed within a term: after that another may hold it), and the scheduler stops once someone else
 holds it. A scheduler that stops cleanly gives the lease back, so its successor starts at once; one that died leaves
 it to expire. The lease is also a fence: the store's scripts that place, take back or fail jobs check, as they run,
-that Redis names this scheduler as the holder (job_store.FENCED), so a command still on its way when the term ran
+that Redis names this scheduler as the holder (job_store.FENCED_SCRIPTS), so a command still on its way when the term ran
 out (redis-py retries for up to a minute; a process paused past its term goes on with what it had begun) changes
 nothing once the lease has lapsed or passed on. What it cannot fence is a worker: a command a worker has already
 received is carried out, and the worker's own reports are checked against the job's holder instead.

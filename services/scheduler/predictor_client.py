@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import ssl
 import time
 
 import grpc
@@ -39,28 +38,36 @@ class PredictorClient:
         self._closing: set[asyncio.Task] = set()        # channels replaced by _follow_files, closing gracefully
 
     def _follow_files(self) -> None:
-        """A renewed certificate or CA (cert-manager rewrites the mounted Secret) is used from the next prediction on.
-        gRPC keeps a channel's credentials for its life and reconnects with them, so before, once the predictor
-        restarted with a certificate of a new CA, or this scheduler's own certificate had expired, no prediction
-        came back until the scheduler restarted. Files that do not load keep the channel there is."""
-        if not self._files.paths or time.monotonic() - self._files_checked < FOLLOW_FILES_S:
-            return
-        self._files_checked = time.monotonic()
-        if not self._files.changed():
+        """A renewed certificate or CA (cert-manager rewrites the mounted Secret) is used from the next prediction on:
+        gRPC keeps a channel's credentials for its life and reconnects with them, so the predictor's next restart
+        with a certificate of a new CA, or this scheduler's own certificate expiring, would cut predictions off.
+        Files that do not load keep the channel there is. Never raises (a prediction's contract)."""
+        if not self._files_renewed():
             return
         try:
             channel = aio_channel(self.address, self.tls)
-        except (OSError, ValueError, ssl.SSLError) as e:
+        except Exception as e:  # noqa: BLE001 - files that do not load (yet): no prediction fails for them
             log.error("TLS files changed but do not load; the predictor channel keeps the last good ones: %s", e)
             return
+        self._reopen(channel)
+        log.info("predictor channel reopened with the renewed TLS files")
+
+    def _files_renewed(self) -> bool:
+        """Whether the TLS files changed; looked at no more often than every FOLLOW_FILES_S (a stat per file)."""
+        if not self._files.paths or time.monotonic() - self._files_checked < FOLLOW_FILES_S:
+            return False
+        self._files_checked = time.monotonic()
+        return self._files.changed()
+
+    def _reopen(self, channel: grpc.aio.Channel) -> None:
+        """Predict on `channel` from now on; calls on the old one finish (closed with the predictions' timeout as grace)."""
         old, self.channel, self.stub = self.channel, channel, pb_grpc.PredictorStub(channel)
-        closing = asyncio.get_running_loop().create_task(old.close(grace=self.timeout_s))   # calls on it finish
+        closing = asyncio.get_running_loop().create_task(old.close(grace=self.timeout_s))
         self._closing.add(closing)
         closing.add_done_callback(self._closing.discard)
         if self.connecting is not None:
             self.connecting.cancel()
         self.connect_in_background()     # the handshake now, not inside the next prediction's timeout
-        log.info("predictor channel reopened with the renewed TLS files")
 
     def connect_in_background(self) -> None:
         """Open the channel now, not at the first job: its connection (a TLS handshake with mTLS) would otherwise

@@ -103,7 +103,8 @@ MAX_BLOCKS_BOUND = 1 << 26        # 2^26 blocks of 16 tokens: a billion tokens o
 
 
 class WorkerGateway(wpb_grpc.WorkerGatewayServicer):
-    """Serves only workers presenting the internal service token, on a port of its own."""
+    """Serves only workers presenting the internal service token (and, under mTLS with names, a worker's certificate:
+    `auth`), on a port of its own."""
 
     def __init__(self, dispatcher: "Dispatcher", auth: "ServiceTokenCheck"):
         self.d = dispatcher

@@ -30,6 +30,11 @@ from services.worker.step_scheduler import StepScheduler
 log = logging.getLogger("alise.worker")
 
 
+def _prompt_key(prompt_ids) -> int:
+    """Tells one prompt from another within this process (a preempted job's kept features go to it alone)."""
+    return hash(tuple(prompt_ids))
+
+
 
 PREEMPTED_FEATURES_KEPT = 4096
 
@@ -158,7 +163,7 @@ class Engine:
                        park_on_sample=park_after_first_token)
         self.seqs[job_id] = seq
         kept = self._preempted_features.pop(job_id, None)
-        if kept is not None and output_ids and kept[0] == hash(tuple(prompt_ids)):   # this job resumed, not a new one
+        if kept is not None and output_ids and kept[0] == _prompt_key(prompt_ids):    # this job resumed, not a new one
             self.probe_features[job_id] = kept[1]
         self.detok[job_id] = IncrementalDetokenizer(self.tokenizer, sampling.stop, seq.output_ids, output_text)
         if output_ids and (finish := self._finish_reason(seq, seq.output_ids[-1], self.detok[job_id])) is not None:
@@ -215,7 +220,7 @@ class Engine:
         """The job leaves this worker to be recomputed later (here or elsewhere): its probe features are kept."""
         if (kept := self.probe_features.get(seq.job_id)) is not None:
             # with its prompt's digest: a new request may reuse the id once this job ended elsewhere
-            self._preempted_features[seq.job_id] = (hash(tuple(seq.prompt_ids)), kept)
+            self._preempted_features[seq.job_id] = (_prompt_key(seq.prompt_ids), kept)
             while len(self._preempted_features) > PREEMPTED_FEATURES_KEPT:
                 self._preempted_features.popitem(last=False)
         self._drop(seq)

@@ -77,7 +77,7 @@ def describe(cmd) -> str:
 class EngineLoop(threading.Thread):
     def __init__(self, engine: Engine, report_interval_s: float, stream_updates_per_step: int = 0,
                  heartbeat_s: float = 5.0, on_fatal: Callable[[str], None] | None = None):
-        """on_fatal(reason): called once, from this thread, when the device is taken for broken (_device_broken): the
+        """on_fatal(reason): called once, from this thread, when the device is taken for broken (_device_fault): the
         worker must stop serving so that it is restarted (server.py)."""
         super().__init__(name="engine", daemon=True)
         self.engine = engine
@@ -249,31 +249,33 @@ class EngineLoop(threading.Thread):
         charged = [j for j in in_step if not self.engine.seqs[j].sampled_here] or in_step
         self._send_held()                  # the tokens they made are real: the scheduler resumes after them
         self._reset()
-        if self._device_broken():          # the device's fault, not the jobs': none is charged with it
+        self.failed_in_a_row += 1
+        if not self.fatal and (reason := self._device_fault()):
+            self._declare_fatal(reason)
+        if self.fatal:                     # the device's fault, not the jobs': none is charged with it
             charged = []
         self._report_failed(job_ids, error, charged, in_step)
         self._report_kv_dropped(kv_lost)
 
-    def _device_broken(self) -> bool:
-        """Whether the device is taken for broken: it no longer answers, or FATAL_FAILED_STEPS steps failed in a row
-        with none succeeding. Before, such a worker stayed registered and looked idle, so it drew jobs and failed every
-        one of them (charged, then failed for good) while its heartbeat kept it listed. The first time, on_fatal is
-        told (once), and the worker stops serving."""
-        self.failed_in_a_row += 1
-        if not self.fatal:
-            if not self.engine.device_answers():
-                self.fatal = "the device does not answer after a failed step"
-            elif self.failed_in_a_row >= FATAL_FAILED_STEPS:
-                self.fatal = f"{FATAL_FAILED_STEPS} engine steps failed in a row"
-            else:
-                return False
-            log.critical("worker stops serving: %s", self.fatal)
-            if self.on_fatal is not None:
-                try:
-                    self.on_fatal(self.fatal)
-                except Exception:  # noqa: BLE001 - e.g. the event loop already closed at shutdown: the report goes on
-                    log.exception("could not stop the worker")
-        return True
+    def _device_fault(self) -> str:
+        """Why the device is to be taken for broken after a failed step ("": it is not): it no longer answers, or
+        FATAL_FAILED_STEPS steps failed in a row with none that ran on it succeeding. Such a worker would otherwise
+        stay registered and look idle, drawing jobs and failing every one of them."""
+        if not self.engine.device_answers():
+            return "the device does not answer after a failed step"
+        if self.failed_in_a_row >= FATAL_FAILED_STEPS:
+            return f"{FATAL_FAILED_STEPS} engine steps failed in a row"
+        return ""
+
+    def _declare_fatal(self, reason: str) -> None:
+        """Once: the worker is to stop serving (on_fatal, server.py) so that it is restarted on a fresh device."""
+        self.fatal = reason
+        log.critical("worker stops serving: %s", reason)
+        if self.on_fatal is not None:
+            try:
+                self.on_fatal(reason)
+            except Exception:  # noqa: BLE001 - e.g. the event loop already closed at shutdown: the report goes on
+                log.exception("could not stop the worker")
 
     def _report_kv_dropped(self, job_ids: list[str]) -> None:
         if job_ids:

@@ -1,7 +1,8 @@
 """Worker service: loads the model, then holds a session with the scheduler (reconnecting with backoff).
 
 On SIGTERM it turns NOT_SERVING, tells the scheduler it is draining, lets running jobs finish until the
-drain deadline, then closes the session; the scheduler requeues whatever was left.
+drain deadline, then closes the session; the scheduler requeues whatever was left. A device taken for broken
+(EngineLoop.fatal) stops it the same way, with a short drain, and it exits non-zero to be restarted.
 """
 from __future__ import annotations
 
@@ -62,6 +63,9 @@ async def hold_session(cfg: WorkerConfig, loop_thread: EngineLoop, register: wpb
             backoff = min(backoff * 2, 5.0)
 
 
+FATAL_DRAIN_S = 2.0       # a worker whose device is broken: long enough for its draining report and last messages
+
+
 async def drain(loop_thread: EngineLoop, deadline_s: float) -> None:
     loop_thread.submit(wpb.SchedulerCommand(drain=wpb.Drain(deadline_seconds=deadline_s)))
     end = time.monotonic() + deadline_s
@@ -83,14 +87,10 @@ async def serve(cfg: WorkerConfig, stop: asyncio.Event | None = None) -> None:
     if stop is None:
         stop = asyncio.Event()
         install_stop_signals(stop)
-    fatal: list[str] = []
     loop = asyncio.get_running_loop()
-
-    def broken(reason: str) -> None:          # from the engine thread: stop serving, exit non-zero to be restarted
-        fatal.append(reason)
-        loop.call_soon_threadsafe(stop.set)
-
-    loop_thread = EngineLoop(engine, cfg.load_report_s, cfg.stream_updates_per_step, cfg.heartbeat_s, on_fatal=broken)
+    # a broken device (EngineLoop.fatal, said from the engine thread) stops the worker, which exits non-zero
+    loop_thread = EngineLoop(engine, cfg.load_report_s, cfg.stream_updates_per_step, cfg.heartbeat_s,
+                             on_fatal=lambda _: loop.call_soon_threadsafe(stop.set))
     loop_thread.start()
     register = wpb.WorkerMessage(register=wpb.WorkerRegister(
         worker_id=cfg.resolved_worker_id, model=cfg.model_name, block_size=engine.blocks.block_size,
@@ -102,18 +102,15 @@ async def serve(cfg: WorkerConfig, stop: asyncio.Event | None = None) -> None:
     log.info("worker %s ready (health on port %d)", cfg.resolved_worker_id, port)
     await stop.wait()
     await set_health(health, [], NOT_SERVING)
-    if not fatal:                         # a broken device runs nothing more: its session's end requeues its jobs
-        await drain(loop_thread, cfg.drain_timeout_s)
+    # A broken device runs nothing more: its drain only stops the scheduler placing jobs here and lets the last
+    # failure's report out; the session's end requeues whatever it holds.
+    await drain(loop_thread, FATAL_DRAIN_S if loop_thread.fatal else cfg.drain_timeout_s)
     sched = engine.sched               # what the prefix cache saved over this worker's life (benchmarks read it here)
     log.info("prefix cache: %d of %d prompt tokens admitted from scratch were found cached",
              sched.cached_tokens, sched.admitted_tokens)
     if (late := late_variants()) is not None:
         log.info("kernel variants first used after warm-up: %d%s", sum(late.values()),
                  f" ({', '.join(f'{k} x{n}' for k, n in sorted(late.items()))})" if late else "")
-    if fatal:                             # the last failure's report is in the outbox: let it reach the scheduler
-        end = time.monotonic() + 2.0
-        while loop_thread.unsent() and time.monotonic() < end:
-            await asyncio.sleep(0.05)
     session_stop.set()
     session.cancel()
     await asyncio.gather(session, return_exceptions=True)
@@ -121,8 +118,8 @@ async def serve(cfg: WorkerConfig, stop: asyncio.Event | None = None) -> None:
     # join the engine thread: exiting while it is inside torch aborts the process (std::terminate)
     await asyncio.to_thread(loop_thread.join, 10)
     await server.stop(grace=1)
-    if fatal:
-        raise SystemExit(f"worker stopped: {fatal[0]}")        # non-zero: Kubernetes restarts it on a fresh context
+    if loop_thread.fatal:
+        raise SystemExit(f"worker stopped: {loop_thread.fatal}")   # non-zero: Kubernetes restarts it on a fresh context
 
 
 def main() -> None:

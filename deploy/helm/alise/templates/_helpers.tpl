@@ -72,7 +72,7 @@ Values read with defaults: `helm upgrade --reuse-values` from an older release h
 {{- else if $own.scheduler -}}own
 {{- else -}}
 {{- $found := lookup "v1" "Secret" .Release.Namespace (printf "%s-tls" (include "alise.fullname" .)) | default dict -}}
-{{- if and $found.data (not (hasKey ($found.metadata.annotations | default dict) "alise.io/cert-name")) -}}legacy
+{{- if and $found.data (not (hasKey ($found.metadata.annotations | default dict) (include "alise.certNameKey" .))) -}}legacy
 {{- else -}}generated
 {{- end -}}
 {{- end -}}
@@ -96,7 +96,12 @@ check whose certificate a caller presents. */}}
 {{- if has (include "alise.tlsMode" .) (list "own" "generated") }}true{{ end -}}
 {{- end -}}
 
-{{/* A service's certificate name (Common Name): (dict "root" . "service" "worker"). */}}
+{{/* The annotation on a generated TLS Secret that names its certificate (tells this chart's Secrets from those of
+versions before per-service certificates, and a changed tls.certNames from an unchanged one). */}}
+{{- define "alise.certNameKey" -}}alise.io/cert-name{{- end -}}
+
+{{/* A service's certificate name (Common Name): (dict "root" . "service" "worker"). The fallback repeats values.yaml's
+defaults for `helm upgrade --reuse-values` from a release whose values have no tls.certNames. */}}
 {{- define "alise.certName" -}}
 {{- get (.root.Values.tls.certNames | default dict) .service | default (printf "alise-%s" .service) -}}
 {{- end -}}
