@@ -130,7 +130,7 @@ async def test_the_store_places_takes_back_and_forgets_only_for_the_lease_holder
     """The lease is a fence (review, session 22: it was not): a command of a scheduler whose term ran out, still on its
     way or sent by a process paused past its term, must change nothing once Redis names another holder. Also a call
     retried after the lease passed on replays what its first run did (run_once) rather than acting again."""
-    from services.scheduler.job_store import FENCE_ERROR, JobStore, StoreFenced
+    from services.scheduler.job_store import FENCE_ERROR, CreateOutcome, JobStore, StoreFenced
     from tests.test_job_store import create, record
 
     old, new = JobStore(r, leader="a"), JobStore(r, leader="b")
@@ -157,7 +157,7 @@ async def test_the_store_places_takes_back_and_forgets_only_for_the_lease_holder
     assert await new.claim("j2", "w2") and await new.requeue("j1", "w1", 1.0)
     await new.forget_worker("w1")
     assert await new.known_workers() == ["w2"]
-    assert await create(old, record("j3", "f3"), 3.0) is not None   # clients' calls are not the holder's business
+    assert await create(old, record("j3", "f3"), 3.0) is CreateOutcome.CREATED   # clients' calls are not fenced
     assert await old.append_many("w2", [("j2", [7], "x")]) == [1]  # nor a worker's report on the job it holds
     # a claim whose reply was lost, retried by redis-py after the term: the retry reports what its first run did
     claim = new._scripts["claim"].script

@@ -263,8 +263,9 @@ class LocalStack:
             self.metrics_ports = {f"worker-{i}": port for i, port in enumerate(ports[6:])}
         if self.tls:
             # a certificate of its own for each service (its name is what the services it calls check), one CA
-            self.service_tls = {"scheduler": dev_pki(self.secrets_dir / "tls", name=CERT_NAMES["scheduler"]), **{
-                service: dev_cert(self.secrets_dir / "tls", CERT_NAMES[service]) for service in ("predictor", "worker")}}
+            pki = self.secrets_dir / "tls"
+            self.service_tls = {"scheduler": dev_pki(pki, name=CERT_NAMES["scheduler"]),
+                                **{service: dev_cert(pki, CERT_NAMES[service]) for service in ("predictor", "worker")}}
             # one plaintext probe port per process: the scheduler's covers its client API and worker gateway
             self.health_ports = {"scheduler": ports[0], "gateway": ports[0], "predictor": ports[1]}
         if self.redis_url is None:

@@ -189,7 +189,8 @@ FENCE_ERROR = "ALISE_FENCED"
 
 
 def with_fence(body: str, after_holder: int) -> str:
-    """A script's text that first checks the lease (FENCED_SCRIPTS); `after_holder`: arguments that follow the holder's."""
+    """A script's text that first checks the lease (FENCED_SCRIPTS); `after_holder`: how many arguments follow the
+    holder's (1: run_once's call id)."""
     return ("local holder = redis.call('GET', KEYS[#KEYS])\n"
             f"if holder ~= ARGV[#ARGV - {after_holder}] then\n"
             f"  return redis.error_reply('{FENCE_ERROR} the lease of this job store is held by ' .. tostring(holder))\n"
@@ -197,7 +198,7 @@ def with_fence(body: str, after_holder: int) -> str:
 
 
 class StoreFenced(Exception):
-    """The job store refused a change: this scheduler does not hold the lease now (FENCED_SCRIPTS). Nothing was applied."""
+    """The job store refused a change: this scheduler does not hold the lease now (FENCED_SCRIPTS); nothing applied."""
 
 
 # What a caller of the store treats as "cannot act on the store now, try later": Redis away, or not ours to change.
@@ -206,7 +207,7 @@ STORE_UNAVAILABLE = (*REDIS_UNAVAILABLE, StoreFenced)
 
 class JobStore:
     def __init__(self, client: aioredis.Redis, finished_ttl_s: int = 3600, leader: str = ""):
-        """leader: the lease holder this scheduler is (server.py); the FENCED_SCRIPTS scripts then refuse to run for it once
+        """leader: the lease holder this scheduler is (server.py); the FENCED_SCRIPTS then refuse to run for it once
         Redis names another. "" (tests of the store alone): not fenced."""
         self.r = client
         self.ttl = finished_ttl_s
@@ -215,12 +216,13 @@ class JobStore:
         texts = {p.stem: (ended_job if p.stem in ENDING else "") + p.read_text()
                  for p in LUA_DIR.glob("*.lua") if not p.stem.startswith("_")}
         if leader:
-            texts = {name: with_fence(text, int(name in ONCE)) if name in FENCED_SCRIPTS else text for name, text in texts.items()}
+            texts = {name: with_fence(text, after_holder=int(name in ONCE)) if name in FENCED_SCRIPTS else text
+                     for name, text in texts.items()}
         self._scripts = {name: _Once(client.register_script(run_once(text))) if name in ONCE
                          else client.register_script(text) for name, text in texts.items()}
 
     async def _run(self, name: str, keys: list, args: list):
-        """Run a script; a FENCED_SCRIPTS one with the lease's key and this scheduler's name (StoreFenced if refused)."""
+        """Run a script; one of FENCED_SCRIPTS with the lease's key and this scheduler's name (StoreFenced: refused)."""
         if self.leader and name in FENCED_SCRIPTS:
             keys, args = [*keys, SCHEDULER_LEASE], [*args, self.leader]
         try:

@@ -288,8 +288,8 @@ class Engine:
         if device.type != "cuda":
             return True
         try:
-            torch.ones(1, device=device).add_(1).item()
-            torch.cuda.synchronize(device)
+            torch.ones(1, device=device).add_(1)
+            torch.cuda.synchronize(device)      # a broken context raises here (sticky error)
             return True
         except Exception:  # noqa: BLE001 - any error here means the context cannot be used
             log.exception("the device does not answer after a failed step")
