@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -17,6 +18,8 @@ from services.common.local_stack import free_port
 from services.common.model_paths import cache_root
 from tests.helpers import wait_until
 
+STOP_BOUND_S = 3 * 20 + 10 + 30       # the launcher's bound on stopping its stack, and a margin
+
 
 def test_launcher_serves_the_cli_and_keeps_what_the_predictor_learned(tmp_path):
     cache = tmp_path / "cache"
@@ -25,8 +28,9 @@ def test_launcher_serves_the_cli_and_keeps_what_the_predictor_learned(tmp_path):
     http_port = free_port()
     env = {**os.environ, "ALISE_CACHE": str(cache), "ALISE_PORT": str(free_port()), "ALISE_HTTP_PORT": str(http_port)}
     launcher = start_launcher(env)
+    lines = []
     try:
-        read_until_serving(launcher)
+        lines = read_until_serving(launcher)
         second_make_run_keeps_to_its_own_files(env, cache)
         answer = subprocess.run([sys.executable, "-m", "client.cli", "generate", "--chat",
                                  "What is the capital of France?", "--max-tokens", "32"],
@@ -40,8 +44,7 @@ def test_launcher_serves_the_cli_and_keeps_what_the_predictor_learned(tmp_path):
         assert models.status_code == 200 and models.json()["data"][0]["id"]
         time.sleep(2.0)                                               # the predictor reads the stream
     finally:
-        launcher.send_signal(signal.SIGINT)                           # Ctrl-C
-        launcher.wait(60)
+        stop_launcher(launcher, lines)                                # Ctrl-C
     assert launcher.returncode == 0
     assert (cache / "predictor" / "index.npz").exists() and (cache / "predictor" / "meta.json").exists()
 
@@ -108,16 +111,35 @@ def read_until_serving(launcher: subprocess.Popen, timeout_s: float = 240) -> li
     raise AssertionError("launcher not serving in time")
 
 
+def stop_launcher(launcher: subprocess.Popen, lines: list[str] = ()) -> None:
+    """Ctrl-C, and wait past the launcher's own bound (each service gets 20 s of SIGTERM before SIGKILL, Redis 10
+    s). One CI run saw a second launcher still running 60 s after Ctrl-C, with nothing to tell why: a launcher that
+    does not stop is now killed and its last words (which service it waited on) and its services' logs shown."""
+    launcher.send_signal(signal.SIGINT)
+    try:
+        launcher.wait(STOP_BOUND_S)
+    except subprocess.TimeoutExpired:
+        for pid in [*child_pids(launcher.pid), launcher.pid]:           # no stack left running behind the test
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        said = launcher.stdout.read()
+        logs = [Path(m.group(1)) for line in lines if (m := re.search(r"logs (/\S+)\)", line))]
+        tails = "".join(f"\n--- {f}\n" + "".join(f.read_text(errors="replace").splitlines(True)[-15:])
+                        for d in logs for f in sorted(d.glob("*.log")))
+        raise AssertionError(f"the launcher did not stop within {STOP_BOUND_S} s of Ctrl-C; it said:\n{said[-4000:]}"
+                             f"{tails[-8000:]}") from None
+
+
 def second_make_run_keeps_to_its_own_files(env: dict, cache):
     """A second `make run` beside a live one serves with credentials of its own and leaves the files the CLI
     reads (address, API key, CA) to the first (the CLI test after this one still reaches the first)."""
     shared = {name: (cache / name).read_bytes() for name in ("address", "local/api-key", "local/tls/ca.crt")}
     second = start_launcher({**env, "ALISE_PORT": str(free_port()), "ALISE_HTTP_PORT": str(free_port())})
+    lines = []
     try:
         lines = read_until_serving(second)
         assert any(line.startswith("note: another `make run` serves") for line in lines), "".join(lines)
         assert {name: (cache / name).read_bytes() for name in shared} == shared
     finally:
-        second.send_signal(signal.SIGINT)
-        second.wait(60)
+        stop_launcher(second, lines)
     assert second.returncode == 0

@@ -147,10 +147,14 @@ class Service:
     def stop(self, timeout_s: float = 20) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
+        began = time.monotonic()
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout_s)
+            log.info("%s stopped in %.1f s", self.name, time.monotonic() - began)
         except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0f s of SIGTERM: killed (see %s)", self.name, timeout_s,
+                        self.log_path)
             self.proc.kill()
             self.proc.wait()
 
