@@ -9,9 +9,9 @@ bandwidth. Against it:
 A/B in the same run: "plain" is the graph of the cuBLAS path (separate norm / SiLU kernels), "no-pdl" the
 skinny-GEMM layers (skinny_gemm.py) without programmatic dependent launch (pdl.py), "sep-attn" the skinny layers
 without PDL and with rotary + KV write, attention and the split merge as three kernels (before
-paged_decode_rope), "old-split" the default with the context-split rule before 2026-12-04 (session 20: up to 16
-slices below 264 programs, 64-token chunks); the other columns run the default: skinny layers up to 32 rows (norm prologues up to 16) with
-PDL, one decode-attention kernel. Then a torch.profiler trace of graph replays lists the kernels of
+paged_decode_rope), "no-splitk" the default with no projection splitting K (the tuned split-K tiles of
+skinny_gemm_configs.json unused); the other columns run the default: skinny layers up to 32 rows (norm prologues up
+to 16) with PDL, one decode-attention kernel. Then a torch.profiler trace of graph replays lists the kernels of
 one decode step by total time.
 
     python -m bench.decode_floor --out decode_floor.json
@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 from bench.engine_bench import LLAMA3_8B, device_ceilings, timed
-from services.worker import attention
 from services.worker.config import WorkerConfig
 from services.worker.factory import build_engine
 from services.worker.fused_ops import rope_, rope_and_cache_
@@ -290,16 +289,15 @@ def main() -> None:
     if a.checks_only:
         a.out.write_text(json.dumps(res, indent=2))
         return exit_on_failed_checks(res)
-    # A/B: the graphs of the plain (cuBLAS) layers and of the skinny ones with PDL, of the batch sizes measured
-    # only (seconds, not a minute per variant); then (below) the default, every bucket
+    # A/B: the graphs of the plain (cuBLAS) layers, of the skinny ones without PDL, with attention in three kernels,
+    # and with no projection splitting K (the tuned split-K tiles unused), of the batch sizes measured only (seconds,
+    # not a minute per variant); then (below) the default, every bucket
     all_buckets = runner.graphs.buckets
-    split_rule = (attention.SPLIT_BELOW, attention.MAX_SPLITS, attention.LONG_CHUNKS_UP_TO)
+    split_k_counts = runner.skinny_counts
     for variant, rows, with_pdl, fused in (("plain", 0, False, True), ("no-pdl", skinny_rows, False, True),
-                                           ("sep-attn", skinny_rows, False, False), ("old-split", skinny_rows, True, True)):
+                                           ("sep-attn", skinny_rows, False, False), ("no-splitk", skinny_rows, True, True)):
         runner.skinny_rows, runner.skinny_pdl, runner.fuse_decode_attention = rows, with_pdl, fused
-        if variant == "old-split":          # the split rule before session 20: up to 16 slices below 264 programs,
-            attention.SPLIT_BELOW, attention.MAX_SPLITS, attention.LONG_CHUNKS_UP_TO = 264, 16, 0   # 64-token chunks
-            runner.split_counts = torch.zeros(264, dtype=torch.int32, device="cuda")
+        runner.skinny_counts = None if variant == "no-splitk" else split_k_counts
         runner.graphs.buckets = sorted(set(a.batches))
         runner.graphs.capture()
         if variant == "sep-attn":
@@ -317,8 +315,7 @@ def main() -> None:
                     bm.free(s)
     runner.graphs.buckets = all_buckets
     runner.skinny_rows, runner.skinny_pdl, runner.fuse_decode_attention = skinny_rows, True, True
-    attention.SPLIT_BELOW, attention.MAX_SPLITS, attention.LONG_CHUNKS_UP_TO = split_rule
-    runner.split_counts = attention.paged_decode_counts(torch.device("cuda"))
+    runner.skinny_counts = split_k_counts
     runner.graphs.capture()
     res["graph_check"] = {}
     for b in GRAPH_CHECK_BATCHES:      # the default graphs (skinny layers, PDL, one kernel) against three kernels
@@ -328,7 +325,7 @@ def main() -> None:
         res["graph_check"][b] = {"logits_rel_err": rel, "argmax_agree": agree, "ok": rel < GRAPH_TOLERANCE}
     print("decode graphs, one attention kernel + PDL against three kernels:", res["graph_check"], flush=True)
     print(f"{'ctx':>5} {'batch':>5} {'floor':>7} {'synced':>7} {'gpu':>7} {'served':>7} {'plain':>7} {'no-pdl':>7} "
-          f"{'sep-att':>7} {'old-spl':>7}   ratios synced/gpu/served/plain-gpu/no-pdl-gpu/sep-attn-gpu/old-split-gpu")
+          f"{'sep-att':>7} {'no-spk':>7}   ratios synced/gpu/served/plain-gpu/no-pdl-gpu/sep-attn-gpu/no-splitk-gpu")
     for ctx in a.contexts:
         for bsz in a.batches:
             seqs = [f"d{ctx}_{i}" for i in range(bsz)]
@@ -344,9 +341,9 @@ def main() -> None:
                 bm.free(s)
             served = served_step_ms(engine, bsz, ctx)
             plain, no_pdl, sep, old = (res["ab_gpu_ms"][v][f"{ctx}x{bsz}"]
-                                       for v in ("plain", "no-pdl", "sep-attn", "old-split"))
+                                       for v in ("plain", "no-pdl", "sep-attn", "no-splitk"))
             row = {"ctx": ctx, "batch": bsz, "floor_ms": floor, "synced_ms": synced, "gpu_ms": gpu, "served_ms": served,
-                   "plain_gpu_ms": plain, "no_pdl_gpu_ms": no_pdl, "sep_attn_gpu_ms": sep, "old_split_gpu_ms": old}
+                   "plain_gpu_ms": plain, "no_pdl_gpu_ms": no_pdl, "sep_attn_gpu_ms": sep, "no_splitk_gpu_ms": old}
             res["rows"].append(row)
             print(f"{ctx:>5} {bsz:>5} {floor:7.3f} {synced:7.3f} {gpu:7.3f} {served:7.3f} {plain:7.3f} {no_pdl:7.3f} "
                   f"{sep:7.3f} {old:7.3f}   {synced / floor:.3f} / {gpu / floor:.3f} / {served / floor:.3f} / "

@@ -1,4 +1,4 @@
-"""The paged attention kernels (decode and prefill) and the rotary + KV-write kernel checked on CPU under Triton's interpreter against their torch
+"""The paged attention kernels (decode and prefill), the rotary + KV-write kernel and the skinny GEMM's split-K checked on CPU under Triton's interpreter against their torch
 references, on small shapes: a way to test a kernel change before a GPU is at hand. Needs `triton` importable
 (pip install triton into any directory and put it on PYTHONPATH); the interpreter must be on before it is imported:
 
@@ -14,6 +14,7 @@ from bench.paged_prefill_bench import BLOCK, make_case
 from services.worker.attention import paged_decode_reference, paged_decode_rope, paged_decode_triton
 from services.worker.fused_ops import rope_, rope_and_cache_
 from services.worker.prefill_attention import paged_prefill_reference, paged_prefill_triton
+from services.worker.skinny_gemm import Epilogue, TileConfig, skinny_counts, skinny_linear
 
 TOLERANCE = 1e-5
 
@@ -67,6 +68,33 @@ def check_rope_cache(dtype: torch.dtype, heads: int = 8, kv: int = 2, dim: int =
     print(f"rotary + KV write, {dtype}: the same bits as rope_ and a cache write")
 
 
+def check_skinny_split(m: int = 5, n: int = 96, k: int = 256) -> float:
+    """skinny_linear with K split in 2 and 4 against the unsplit kernel, for each epilogue with the norm prologue,
+    over two launches sharing the counters (each tile's last program must reset its counter); fp32 here, so the
+    split's other order of additions differs only by rounding."""
+    gen = torch.Generator().manual_seed(m)
+    rnd = lambda *s: torch.randn(*s, generator=gen)        # noqa: E731
+    x, w, w2, r, nw = rnd(m, k), rnd(n, k) * 0.05, rnd(2 * n, k) * 0.05, rnd(m, n), rnd(k) * 0.1 + 1
+    sumsq = x.pow(2).sum(1)
+    counts = skinny_counts(torch.device("cpu"))
+    worst = 0.0
+    for split in (1, 2, 4):
+        cfg = TileConfig(16, 32, 32, 4, 2, split)
+        norm = dict(sumsq_in=sumsq, norm_w=nw, eps=1e-5, config=cfg, counts=counts)
+        acc = torch.zeros(m)
+        got = {"store": skinny_linear(x, w, **norm),
+               "silu_mul": skinny_linear(x, w2, epilogue=Epilogue.SILU_MUL, **norm),
+               "residual": skinny_linear(x, w, epilogue=Epilogue.RESIDUAL, residual=r, sumsq_out=acc, **norm)}
+        got["residual_sumsq"] = acc
+        if split == 1:
+            ref = got
+        err = max((got[key] - ref[key]).abs().max().item() / ref[key].abs().max().item() for key in ref)
+        assert not counts.any(), "a split launch left its arrival counters set"
+        print(f"skinny split-K {split}, {m} rows: max relative err {err:.1e} against no split")
+        worst = max(worst, err)
+    return worst
+
+
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (see the docstring)"
     worst = 0.0
@@ -89,6 +117,8 @@ def main() -> None:
         worst = max(worst, check_decode_rope(heads, kv))
     for dtype in (torch.float32, torch.float16):
         check_rope_cache(dtype)
+    for m in (1, 5, 16):
+        worst = max(worst, check_skinny_split(m))
     assert worst < TOLERANCE, f"a kernel disagrees with its reference: {worst:.1e}"
     print("all agree")
 

@@ -1,14 +1,17 @@
 """Skinny-GEMM kernels (services/worker/skinny_gemm.py): check them, tune their tiles, time them against cuBLAS.
 
 For the Llama-3-8B projections (qkv, o, gate_up, down, lm_head) at decode row counts:
-- check: each prologue / epilogue against torch (the plain path's own ops) on random data;
+- check: each prologue / epilogue against torch (the plain path's own ops) on random data, and with K split in 4
+  against no split;
 - tune: every tile config in a small grid, timed as the decode layers call it (with its prologue and epilogue),
   inside a CUDA graph over enough weight copies that they cannot sit in L2 (as in a real step, where each
   kernel reads a new weight); the best per (shape, row tile) is written to skinny_gemm_configs.json under this
   device's name (--write) and printed beside the cuBLAS GEMM alone (without the norm / SiLU / residual
-  kernels the skinny kernel absorbs).
+  kernels the skinny kernel absorbs). The short projections (SPLIT_SHAPES) also try tiles that split K
+  (SPLIT_GRID); --split-only times just those and the tile tuned now (a shorter run).
 
     python -m bench.skinny_gemm_bench --tune --write --out skinny.json
+    python -m bench.skinny_gemm_bench --tune --split-only --shapes qkv o down --rows 1 16 32 --write --out skinny.json
 """
 from __future__ import annotations
 
@@ -23,14 +26,18 @@ import torch.nn.functional as F
 
 from services.worker.fused_ops import rmsnorm_torch
 from services.worker.skinny_gemm import (MAX_ROWS, SHARED_MEMORY_BYTES, TUNED_CONFIGS, Epilogue, TileConfig,
-                                        block_m_for, shared_memory, skinny_linear)
+                                        block_m_for, config_for, shared_memory, skinny_counts, skinny_linear)
 
 # output width N (for gate_up: the activation's, half the weight's rows) and K
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (14336, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}
 ROWS = (1, 16)
-GRID = [(bn, bk, warps, stages) for bn, bk, warps, stages in
+GRID = [(bn, bk, warps, stages, 1) for bn, bk, warps, stages in
         itertools.product((32, 64, 128), (128, 256, 512), (4, 8), (3, 4, 5)) if warps == 4 or bn >= 64]
+# projections with too few column tiles to give each of the 132 SMs loads in flight (64-192) also try K split in
+# 2 or 4 (each program one slice; the tile's last one adds the partial sums and runs the epilogue)
+SPLIT_SHAPES = ("qkv", "o", "down")
+SPLIT_GRID = list(itertools.product((32, 64), (128, 256), (4,), (3, 4), (2, 4)))
 L2_FLUSH_BYTES = 400 << 20
 
 
@@ -39,8 +46,10 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def check(device) -> dict:
-    """Max relative error of each variant against the plain torch ops, and of cuBLAS bf16 against fp32 (scale)."""
+    """Max relative error of each variant against the plain torch ops, of cuBLAS bf16 against fp32 (scale), and of
+    each variant with K split in 4 against no split (bf16 rounding of other fp32 sums: ~1 bf16 ulp)."""
     gen = torch.Generator(device=device).manual_seed(0)
+    counts = skinny_counts(device)
     out = {}
     n, k, eps = 1024, 4096, 1e-5
     for m in (1, 5, 16, 64):        # 64: the largest tile skinny_linear takes (MAX_TILE_ROWS)
@@ -61,6 +70,16 @@ def check(device) -> dict:
         row["residual"] = rel_err(new, ref_new)
         row["residual_sumsq"] = rel_err(acc, ref_new.float().pow(2).sum(1))
         row["zeroed"] = bool((zero == 0).all())
+        split = dict(config=TileConfig(block_m_for(m), 32, 256, 4, 3, 4), counts=counts)
+        row["split_norm"] = rel_err(skinny_linear(x, w, sumsq_in=sumsq, norm_w=nw, eps=eps, **split),
+                                    skinny_linear(x, w, sumsq_in=sumsq, norm_w=nw, eps=eps))
+        row["split_silu_mul"] = rel_err(skinny_linear(x, w, epilogue=Epilogue.SILU_MUL, **split),
+                                        skinny_linear(x, w, epilogue=Epilogue.SILU_MUL))
+        acc_split = torch.zeros(m, device=device)
+        row["split_residual"] = rel_err(skinny_linear(x, w, epilogue=Epilogue.RESIDUAL, residual=r, sumsq_out=acc_split,
+                                                      **split), new)
+        row["split_sumsq"] = rel_err(acc_split, acc)
+        row["counters_reset"] = not bool(counts.any())
         out[m] = row
         print(f"check m={m}: " + ", ".join(f"{key} {v:.2e}" if isinstance(v, float) else f"{key} {v}"
                                              for key, v in row.items()), flush=True)
@@ -89,7 +108,7 @@ def graph_time_us(fn, copies: int, replays: int = 10) -> float:
     return statistics.median(times)
 
 
-def as_in_a_layer(name: str, m: int, n: int, k: int, device):
+def as_in_a_layer(name: str, m: int, n: int, k: int, device, counts: torch.Tensor):
     """The call the decode layers make for projection `name` (model_runner._layers_skinny) on random data, and
     the cuBLAS GEMM alone that it replaces: (skinny(w, cfg), cublas(w)). For gate_up, w has 2N rows."""
     rnd = lambda *s: torch.randn(*s, device=device, dtype=torch.bfloat16)       # noqa: E731
@@ -98,30 +117,41 @@ def as_in_a_layer(name: str, m: int, n: int, k: int, device):
     norm = dict(sumsq_in=sumsq, norm_w=nw, eps=1e-5) if m <= MAX_ROWS else {}
     cublas = lambda w: F.linear(x, w)                                              # noqa: E731
     if name == "qkv":
-        return lambda w, cfg: skinny_linear(x, w, **norm, zero=buf, config=cfg), cublas
+        return lambda w, cfg: skinny_linear(x, w, **norm, zero=buf, config=cfg, counts=counts), cublas
     if name == "gate_up":
-        return lambda w, cfg: skinny_linear(x, w, epilogue=Epilogue.SILU_MUL, **norm, zero=buf, config=cfg), cublas
+        return lambda w, cfg: skinny_linear(x, w, epilogue=Epilogue.SILU_MUL, **norm, zero=buf, config=cfg,
+                                            counts=counts), cublas
     if name == "lm_head":
-        return lambda w, cfg: skinny_linear(x, w, **norm, out_dtype=torch.float32, config=cfg), cublas
+        return lambda w, cfg: skinny_linear(x, w, **norm, out_dtype=torch.float32, config=cfg, counts=counts), cublas
     r = rnd(m, n)       # o, down: the residual epilogue
-    return lambda w, cfg: skinny_linear(x, w, epilogue=Epilogue.RESIDUAL, residual=r, sumsq_out=buf, config=cfg), cublas
+    return lambda w, cfg: skinny_linear(x, w, epilogue=Epilogue.RESIDUAL, residual=r, sumsq_out=buf, config=cfg,
+                                        counts=counts), cublas
 
 
-def tune(device, rows_to_time=ROWS) -> tuple[dict, list]:
+def tiles_to_try(name: str, m: int, n: int, k: int, split_only: bool) -> list[tuple]:
+    """The tile tuned now, the grid (unless split_only) and, for SPLIT_SHAPES, the split-K grid."""
+    now = tuple(config_for(m, n, k, torch.cuda.get_device_name())[1:])
+    tiles = [now, *([] if split_only else GRID), *(SPLIT_GRID if name in SPLIT_SHAPES else [])]
+    return list(dict.fromkeys(tiles))
+
+
+def tune(device, rows_to_time=ROWS, shapes=tuple(SHAPES), split_only: bool = False) -> tuple[dict, list]:
     best: dict[str, dict[str, list]] = {}
     rows = []
-    for name, (n, k) in SHAPES.items():
+    counts = skinny_counts(device)
+    for name in shapes:
+        n, k = SHAPES[name]
         w_tiles = 2 if name == "gate_up" else 1
         nbytes = w_tiles * n * k * 2
         copies = max(2, -(-L2_FLUSH_BYTES // nbytes))
         weights = [torch.randn(w_tiles * n, k, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         for m in rows_to_time:
-            skinny, cublas_call = as_in_a_layer(name, m, n, k, device)
+            skinny, cublas_call = as_in_a_layer(name, m, n, k, device, counts)
             cublas = graph_time_us(lambda i: cublas_call(weights[i]), copies)
             timings = []
-            for bn, bk, warps, stages in GRID:
-                cfg = TileConfig(block_m_for(m), bn, bk, warps, stages)
-                if k % bk or shared_memory(cfg, w_tiles) > SHARED_MEMORY_BYTES:
+            for bn, bk, warps, stages, split in tiles_to_try(name, m, n, k, split_only):
+                cfg = TileConfig(block_m_for(m), bn, bk, warps, stages, split)
+                if (k // split) % bk or shared_memory(cfg, w_tiles) > SHARED_MEMORY_BYTES:
                     continue
                 try:
                     us = graph_time_us(lambda i: skinny(weights[i], cfg), copies)
@@ -132,11 +162,14 @@ def tune(device, rows_to_time=ROWS) -> tuple[dict, list]:
             us, cfg = min(timings)
             # all ROWS share one row tile (padding rows are masked, not read): the last, fullest one decides
             best.setdefault(f"{n}x{k}", {})[str(cfg.block_m)] = list(cfg[1:])
+            unsplit = min((t for t in timings if t[1].split_k == 1), default=(float("nan"), None))
             row = {"shape": name, "n": n, "k": k, "m": m, "skinny_us": us, "config": list(cfg),
+                   "best_unsplit_us": unsplit[0], "best_unsplit_config": list(unsplit[1] or []),
                    "skinny_tb_s": nbytes / us / 1e6, "cublas_us": cublas, "cublas_tb_s": nbytes / cublas / 1e6}
             rows.append(row)
             print(f"{name:>8} m={m:<3} skinny {us:8.1f} us {row['skinny_tb_s']:.2f} TB/s {tuple(cfg)}   "
-                  f"cublas {cublas:8.1f} us {row['cublas_tb_s']:.2f} TB/s   ratio {us / cublas:.3f}", flush=True)
+                  f"cublas {cublas:8.1f} us {row['cublas_tb_s']:.2f} TB/s   ratio {us / cublas:.3f}   "
+                  f"best unsplit {unsplit[0]:8.1f} us", flush=True)
         del weights
     return best, rows
 
@@ -148,14 +181,17 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("skinny_gemm_bench.json"))
     p.add_argument("--rows", type=int, nargs="+", default=list(ROWS),
                    help="decode rows to tune and time (rows of one row tile share its config)")
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--split-only", action="store_true", help="time only the tile tuned now and the split-K grid")
     a = p.parse_args()
     device = torch.device("cuda")
     res = {"device": torch.cuda.get_device_name(), "check": check(device)}
     if a.tune:
-        res["tuned"], res["rows"] = tune(device, a.rows)
-        if a.write:
+        res["tuned"], res["rows"] = tune(device, a.rows, a.shapes, a.split_only)
+        if a.write:       # the shapes and row tiles tuned now replace theirs; the rest of the table stays
             table = json.loads(TUNED_CONFIGS.read_text()) if TUNED_CONFIGS.exists() else {}
-            table[res["device"]] = res["tuned"]
+            for shape, by_rows in res["tuned"].items():
+                table.setdefault(res["device"], {}).setdefault(shape, {}).update(by_rows)
             TUNED_CONFIGS.write_text(json.dumps(table, sort_keys=True).replace('}, "', '},\n "') + "\n")
     a.out.write_text(json.dumps(res, indent=2))
 

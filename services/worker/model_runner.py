@@ -28,7 +28,7 @@ from services.worker.kv_cache import PagedKVCache
 from services.worker.length_probe import LengthProbe
 from services.worker.prefill_attention import PrefillChunks, paged_prefill, plan_tiles
 from services.worker import pdl, skinny_gemm
-from services.worker.skinny_gemm import Epilogue, skinny_gemm_fits, skinny_gemm_on, skinny_linear
+from services.worker.skinny_gemm import Epilogue, skinny_counts, skinny_gemm_fits, skinny_gemm_on, skinny_linear
 from services.worker.table_rows import TableRows
 
 log = logging.getLogger("alise.worker.runner")
@@ -145,6 +145,8 @@ class ModelRunner:
         self.split_counts = paged_decode_counts(self.device) if self.fuse_decode_attention else None
         # decode batches up to this many rows run the skinny-GEMM layers (skinny_gemm.py); 0 = never
         self.skinny_rows = self._skinny_layer_rows()
+        # the arrival counters of the projections whose tuned tiles split K (skinny_gemm._skinny_kernel)
+        self.skinny_counts = skinny_counts(self.device) if self.skinny_rows else None
         # the skinny layers' kernels launch with programmatic dependent launch (pdl.py: 1-3% faster there)
         self.skinny_pdl = True
 
@@ -306,7 +308,7 @@ class ModelRunner:
         input from the rows' sums of squares that the previous projection's epilogue accumulated); past it, the
         norms are kernels of their own. sumsq[0] / [1]: rows' sums of squares of the residual stream after
         attention / after the MLP; each is zeroed by the projection before the one that accumulates into it."""
-        w, eps = self.norm_weights, self.eps
+        w, eps, counts = self.norm_weights, self.eps, self.skinny_counts
         sumsq = torch.empty(2, h.shape[0], dtype=torch.float32, device=h.device)
         prologue = h.shape[0] <= skinny_gemm.MAX_ROWS
 
@@ -319,13 +321,13 @@ class ModelRunner:
         residual = h
         for i, layer in enumerate(self.layers):
             x, norm = (rmsnorm(h, w[0], eps)[0], {}) if i == 0 else normed(residual, 2 * i, sumsq[1])
-            qkv = skinny_linear(x, self.qkv_w[i], **norm, zero=sumsq[0])
+            qkv = skinny_linear(x, self.qkv_w[i], **norm, zero=sumsq[0], counts=counts)
             residual = skinny_linear(attend(i, qkv).reshape(h.shape[0], -1), layer.self_attn.o_proj.weight,
-                                     epilogue=Epilogue.RESIDUAL, residual=residual, sumsq_out=sumsq[0])
+                                     epilogue=Epilogue.RESIDUAL, residual=residual, sumsq_out=sumsq[0], counts=counts)
             x, norm = normed(residual, 2 * i + 1, sumsq[0])
-            act = skinny_linear(x, self.gate_up_w[i], epilogue=Epilogue.SILU_MUL, **norm, zero=sumsq[1])
+            act = skinny_linear(x, self.gate_up_w[i], epilogue=Epilogue.SILU_MUL, **norm, zero=sumsq[1], counts=counts)
             residual = skinny_linear(act, layer.mlp.down_proj.weight, epilogue=Epilogue.RESIDUAL, residual=residual,
-                                     sumsq_out=sumsq[1])
+                                     sumsq_out=sumsq[1], counts=counts)
         x, norm = normed(residual, -1, sumsq[1])
         return skinny_linear(x, self.hf.lm_head.weight, **norm, out_dtype=torch.float32)
 

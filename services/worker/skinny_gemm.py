@@ -60,6 +60,7 @@ class TileConfig(NamedTuple):
     block_k: int
     num_warps: int
     num_stages: int
+    split_k: int = 1      # programs per column tile, each over 1/split_k of K (see _skinny_kernel)
 
 
 def skinny_gemm_on(device: torch.device) -> bool:
@@ -130,45 +131,9 @@ if triton is not None:
         return a
 
     @triton.jit
-    def _skinny_kernel(A, W, OUT, R, SUMSQ_IN, NORM_W, SUMSQ_OUT, ZERO,
-                       M, N, K, stride_a, stride_w, stride_o, eps,
-                       NORM: tl.constexpr, EPILOGUE: tl.constexpr, ZEROES: tl.constexpr, USE_PDL: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Program n: the n-th tile of columns of prologue(A) @ W^T over the whole K (no split-K), then the epilogue.
-        SILU_MUL: W is [gate; up] (2N rows); the tile's gate and up columns are both computed and combined."""
-        pid = tl.program_id(0)
-        rm = tl.arange(0, BLOCK_M)
-        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        m_ok = rm < M
-        n_ok = rn < N
-        a_ptrs = A + rm[:, None] * stride_a + rk[None, :]
-        w_ptrs = W + rn[:, None] * stride_w + rk[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        # the first K chunk of the weights is read before waiting on the previous kernel (weights never
-        # depend on it): with PDL, that overlaps the previous kernel's tail
-        w_mask = n_ok[:, None]
-        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
-        if EPILOGUE == 2:
-            w_up = tl.load(w_ptrs + N * stride_w, mask=w_mask, other=0.0)
-        if USE_PDL:
-            tl.extra.cuda.gdc_wait()
-        inv = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        if NORM:
-            inv = 1.0 / tl.sqrt(tl.load(SUMSQ_IN + rm, mask=m_ok, other=0.0) / K + eps)
-        a = _input_tile(a_ptrs, m_ok, NORM_W, 0, rk, inv, NORM)
-        acc += tl.dot(a, tl.trans(w))
-        if EPILOGUE == 2:
-            acc_up += tl.dot(a, tl.trans(w_up))
-        for k in range(BLOCK_K, K, BLOCK_K):
-            a = _input_tile(a_ptrs + k, m_ok, NORM_W, k, rk, inv, NORM)
-            acc += tl.dot(a, tl.trans(tl.load(w_ptrs + k, mask=w_mask, other=0.0)))
-            if EPILOGUE == 2:
-                acc_up += tl.dot(a, tl.trans(tl.load(w_ptrs + k + N * stride_w, mask=w_mask, other=0.0)))
-        if USE_PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-        out = acc.to(W.dtype.element_ty)                   # rounded like a bf16 GEMM's output
+    def _epilogue(acc, acc_up, OUT, R, SUMSQ_OUT, rm, rn, m_ok, n_ok, stride_o, dtype, EPILOGUE: tl.constexpr):
+        """The tile's output from its fp32 sums (acc_up: the up columns of SILU_MUL)."""
+        out = acc.to(dtype)                                # rounded like a bf16 GEMM's output
         o_offs = rm[:, None] * stride_o + rn[None, :]
         o_mask = m_ok[:, None] & n_ok[None, :]
         if EPILOGUE == 1:
@@ -184,8 +149,80 @@ if triton is not None:
             tl.store(OUT + o_offs, (act * up).to(out.dtype), mask=o_mask)
         else:
             tl.store(OUT + o_offs, out.to(OUT.dtype.element_ty), mask=o_mask)
+
+    @triton.jit
+    def _skinny_kernel(A, W, OUT, R, SUMSQ_IN, NORM_W, SUMSQ_OUT, ZERO, PART, COUNT,
+                       M, N, K, stride_a, stride_w, stride_o, eps,
+                       NORM: tl.constexpr, EPILOGUE: tl.constexpr, ZEROES: tl.constexpr, USE_PDL: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+        """Program (n, s): the n-th tile of columns of prologue(A) @ W^T over the s-th of SPLIT equal slices of K,
+        then the epilogue. SILU_MUL: W is [gate; up] (2N rows); the tile's gate and up columns are both computed
+        and combined. SPLIT > 1 (split-K without a reduction kernel): each program writes its fp32 partial sums
+        to PART ([2, SPLIT, M, N]: gate / up) and counts itself in at COUNT[n]; the tile's last program to arrive
+        adds the partials in slice order (the same sums whatever the arrival order), runs the epilogue and resets
+        the counter. It gives short projections (o, qkv: 64-128 column tiles on 132 SMs) more programs, so every
+        SM has loads in flight."""
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        k_len = K // SPLIT
+        k0 = split * k_len
+        rm = tl.arange(0, BLOCK_M)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        m_ok = rm < M
+        n_ok = rn < N
+        a_ptrs = A + rm[:, None] * stride_a + k0 + rk[None, :]
+        w_ptrs = W + rn[:, None] * stride_w + k0 + rk[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # the first K chunk of the weights is read before waiting on the previous kernel (weights never
+        # depend on it): with PDL, that overlaps the previous kernel's tail
+        w_mask = n_ok[:, None]
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        if EPILOGUE == 2:
+            w_up = tl.load(w_ptrs + N * stride_w, mask=w_mask, other=0.0)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+        inv = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        if NORM:
+            inv = 1.0 / tl.sqrt(tl.load(SUMSQ_IN + rm, mask=m_ok, other=0.0) / K + eps)
+        a = _input_tile(a_ptrs, m_ok, NORM_W, k0, rk, inv, NORM)
+        acc += tl.dot(a, tl.trans(w))
+        if EPILOGUE == 2:
+            acc_up += tl.dot(a, tl.trans(w_up))
+        for k in range(BLOCK_K, k_len, BLOCK_K):
+            a = _input_tile(a_ptrs + k, m_ok, NORM_W, k0 + k, rk, inv, NORM)
+            acc += tl.dot(a, tl.trans(tl.load(w_ptrs + k, mask=w_mask, other=0.0)))
+            if EPILOGUE == 2:
+                acc_up += tl.dot(a, tl.trans(tl.load(w_ptrs + k + N * stride_w, mask=w_mask, other=0.0)))
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        if SPLIT == 1:
+            _epilogue(acc, acc_up, OUT, R, SUMSQ_OUT, rm, rn, m_ok, n_ok, stride_o, W.dtype.element_ty, EPILOGUE)
+        else:
+            p_mask = m_ok[:, None] & n_ok[None, :]
+            p_offs = rm[:, None] * N + rn[None, :]
+            tl.store(PART + split * M * N + p_offs, acc, mask=p_mask)
+            if EPILOGUE == 2:
+                tl.store(PART + (SPLIT + split) * M * N + p_offs, acc_up, mask=p_mask)
+            # one thread arrives for the program: the CTA barriers order its other threads' partial writes before
+            # the release, and their reads of the other slices' after the acquire (as attention's split merge)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(COUNT + pid, 1, sem="acq_rel")
+            if arrived == SPLIT - 1:
+                tl.debug_barrier()
+                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                total_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for s in tl.static_range(SPLIT):
+                    total += tl.load(PART + s * M * N + p_offs, mask=p_mask, other=0.0, cache_modifier=".cg")
+                    if EPILOGUE == 2:
+                        total_up += tl.load(PART + (SPLIT + s) * M * N + p_offs, mask=p_mask, other=0.0,
+                                            cache_modifier=".cg")
+                _epilogue(total, total_up, OUT, R, SUMSQ_OUT, rm, rn, m_ok, n_ok, stride_o, W.dtype.element_ty,
+                          EPILOGUE)
+                tl.store(COUNT + pid, 0)
         if ZEROES:
-            if pid == 0:
+            if (pid == 0) & (split == 0):
                 tl.store(ZERO + rm, tl.zeros((BLOCK_M,), dtype=tl.float32), mask=m_ok)
 
 
@@ -199,39 +236,61 @@ def shared_memory(cfg: TileConfig, w_tiles: int = 1, elem: int = 2) -> int:
 
 
 def fit(cfg: TileConfig, k: int, w_tiles: int = 1) -> TileConfig:
-    """cfg with K chunks that divide K (skinny_gemm_fits checks >= 16) and buffers within shared memory."""
-    while k % cfg.block_k or (shared_memory(cfg, w_tiles) > SHARED_MEMORY_BYTES and cfg.block_k > 16):
+    """cfg with K slices of whole 16-wide chunks (skinny_gemm_fits checks K), K chunks that divide a slice, and
+    buffers within shared memory."""
+    while cfg.split_k > 1 and (k % cfg.split_k or (k // cfg.split_k) % 16):
+        cfg = cfg._replace(split_k=cfg.split_k // 2)
+    while (k // cfg.split_k) % cfg.block_k or (shared_memory(cfg, w_tiles) > SHARED_MEMORY_BYTES and cfg.block_k > 16):
         cfg = cfg._replace(block_k=cfg.block_k // 2)
     return cfg
+
+
+SPLIT_COUNTERS = 4096     # column tiles a split-K launch may have (o / qkv: 64-192; lm_head is never split)
+
+
+def skinny_counts(device: torch.device) -> torch.Tensor:
+    """The split-K arrival counters (zero between launches: each tile's last program resets its own). Launches that
+    share them must not overlap: the decode layers run their projections one after another on one stream."""
+    return torch.zeros(SPLIT_COUNTERS, dtype=torch.int32, device=device)
 
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, *, epilogue: Epilogue = Epilogue.STORE,
                   sumsq_in: torch.Tensor | None = None, norm_w: torch.Tensor | None = None, eps: float = 0.0,
                   residual: torch.Tensor | None = None, sumsq_out: torch.Tensor | None = None,
                   zero: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-                  config: TileConfig | None = None) -> torch.Tensor:
+                  config: TileConfig | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T for x [M, K], w [N, K] row-major (M <= 16), with:
 
     norm prologue when sumsq_in [M] is given: x is the residual stream, sumsq_in its rows' sums of squares,
     and rmsnorm(x) * norm_w [K] is what multiplies w;
     epilogue RESIDUAL: returns residual [M, N] + product (the new stream) and adds its rows' sums of squares to
     sumsq_out [M], which must be zero; SILU_MUL: w is [gate; up] ([2N, K]) and the result silu(gate) * up;
-    zero [M]: a buffer the kernel sets to zero (for a later epilogue)."""
+    zero [M]: a buffer the kernel sets to zero (for a later epilogue);
+    counts: skinny_counts' counters, for tiles that split K (without them K is not split)."""
     silu = epilogue == Epilogue.SILU_MUL
     m, n, k = x.shape[0], w.shape[0] // (2 if silu else 1), w.shape[1]
     assert x.stride(1) == 1 and w.stride(1) == 1 and x.shape[1] == k and m <= MAX_TILE_ROWS
-    cfg = fit(config or config_for(m, n, k, torch.cuda.get_device_name(x.device)), k, w_tiles=2 if silu else 1)
+    cfg = config or config_for(m, n, k, torch.cuda.get_device_name(x.device))
+    cfg = fit(cfg if counts is not None else cfg._replace(split_k=1), k, w_tiles=2 if silu else 1)
     out = torch.empty(m, n, dtype=out_dtype or w.dtype, device=x.device)
     if epilogue == Epilogue.RESIDUAL:
         assert residual is not None and residual.is_contiguous() and residual.shape == (m, n) and sumsq_out is not None
     dummy = out
+    tiles = triton.cdiv(n, cfg.block_n)
+    part = dummy
+    if cfg.split_k > 1:
+        if counts.dtype != torch.int32 or counts.numel() < tiles:
+            # not an assert: a short buffer would be written past its end (atomics), and python -O drops asserts
+            raise ValueError(f"counts: {counts.numel()} {counts.dtype} counters for {tiles} column tiles")
+        part = torch.empty(2 if silu else 1, cfg.split_k, m, n, dtype=torch.float32, device=x.device)
     pdl = pdl_on(x.device)
-    _skinny_kernel[(triton.cdiv(n, cfg.block_n),)](
+    _skinny_kernel[(tiles, cfg.split_k)](
         x, w, out, residual if residual is not None else dummy,
         sumsq_in if sumsq_in is not None else dummy, norm_w if norm_w is not None else dummy,
         sumsq_out if sumsq_out is not None else dummy, zero if zero is not None else dummy,
+        part, counts if counts is not None else dummy,
         m, n, k, x.stride(0), w.stride(0), out.stride(0), eps,
         NORM=sumsq_in is not None, EPILOGUE=int(epilogue), ZEROES=zero is not None, USE_PDL=pdl,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=cfg.split_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl)
     return out
