@@ -173,3 +173,40 @@ async def test_an_idle_worker_reports_its_load_every_heartbeat(model_dir):
         loop_thread.stop()
         loop_thread.join(30)
     assert len({r.SerializeToString() for r in reports}) == 1              # nothing changed between them
+
+
+async def test_work_that_cannot_run_waits_for_a_command_instead_of_spinning(model_dir, tokenizer):
+    """A job to be parked after its first token takes no parked KV: while a parked job's KV holds the room it needs
+    and nothing else runs, nothing can change until a command comes. The engine thread stepped at full speed
+    meanwhile (thousands of empty steps a second: a core spent; found by review). It now waits for a command, and
+    the one that frees the room (an abort) lets the waiting job run at once."""
+    engine = build_engine(WorkerConfig(model_dir=str(model_dir), num_blocks=8, max_batch=8, token_budget=128))
+    steps = 0
+    real_step = engine.step
+
+    def counted_step():
+        nonlocal steps
+        steps += 1
+        return real_step()
+
+    engine.step = counted_step
+    holder = tokenizer.encode("one two three four five six seven eight nine ten " * 7, add_special_tokens=False)
+    waiter = tokenizer.encode("alpha beta gamma delta epsilon " * 12, add_special_tokens=False)
+    block = engine.blocks.block_size
+    assert len(holder) // block + 1 + len(waiter) // block + 1 > engine.blocks.num_total >= len(waiter) // block + 1
+    async with engine_loop_running(engine) as (loop_thread, outbox):
+        loop_thread.submit(assign("holder", holder, 0.0, max_tokens=40))
+        await next_message(outbox, "tokens")
+        loop_thread.submit(wpb.SchedulerCommand(preempt=wpb.PreemptJob(job_id="holder", mode=wpb.PREEMPT_MODE_PARK)))
+        await next_message(outbox, "preempted", "holder")
+        early = assign("waiter", waiter, 0.0, max_tokens=8)
+        early.assign.park_after_first_token = True
+        loop_thread.submit(early)
+        await asyncio.sleep(0.5)                      # taken, and waiting for room
+        before = steps
+        await asyncio.sleep(1.0)
+        empty_steps = steps - before
+        loop_thread.submit(wpb.SchedulerCommand(abort=wpb.AbortJob(job_id="holder")))
+        await next_message(outbox, "preempted", "waiter")      # its first token, then parked
+    # one empty step per command wait (report_interval_s = 0.1 s): ~10 a second, not thousands
+    assert empty_steps <= 30, empty_steps

@@ -62,6 +62,9 @@ class StepOutput:
     kv_dropped: list[str] = field(default_factory=list)   # parked jobs whose KV was given up for room
     seconds: float = 0.0
     shape: "StepShape | None" = None      # what this call launched (None: nothing)
+    # nothing planned, launched or collected: what waits cannot run until a command (an unpark, an abort, a new
+    # job, a finish elsewhere) changes something, so the loop waits for one instead of stepping again at once
+    stalled: bool = False
 
 
 @dataclass(frozen=True)
@@ -276,6 +279,7 @@ class Engine:
             self._collect(launched, out)
             self._in_flight, collected = None, launched
         self._settled = StepOutput()
+        out.stalled = plan.empty and collected is None and not plan.preempted and not plan.evicted
         out.seconds = time.perf_counter() - started
         # this call's time is mostly the wait for the step it collected: report that step's make-up with it
         out.shape = collected.shape if collected is not None else None

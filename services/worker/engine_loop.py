@@ -119,11 +119,16 @@ class EngineLoop(threading.Thread):
 
     # -- the thread ------------------------------------------------------------------------------
     def run(self) -> None:
+        stalled = False
         while not self.stopped.is_set():
-            self._apply_commands(block=not self.engine.has_work)
+            # with no work, or work that cannot run (a job waiting for room that parked KV holds), wait for a
+            # command rather than turn at full speed (it spun a core while a parked job held the pool)
+            self._apply_commands(block=not self.engine.has_work or stalled)
+            stalled = False
             if self.engine.has_work:
                 try:
                     out = self.engine.step()
+                    stalled = out.stalled
                     if out.shape is not None:  # it ran something on the device
                         self.failed_in_a_row = 0
                     self.clock.charge(EngineActivity.STEP)
