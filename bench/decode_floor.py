@@ -340,15 +340,15 @@ def main() -> None:
             for s in seqs:
                 bm.free(s)
             served = served_step_ms(engine, bsz, ctx)
-            plain, no_pdl, sep, old = (res["ab_gpu_ms"][v][f"{ctx}x{bsz}"]
+            plain, no_pdl, sep, no_splitk = (res["ab_gpu_ms"][v][f"{ctx}x{bsz}"]
                                        for v in ("plain", "no-pdl", "sep-attn", "no-splitk"))
             row = {"ctx": ctx, "batch": bsz, "floor_ms": floor, "synced_ms": synced, "gpu_ms": gpu, "served_ms": served,
-                   "plain_gpu_ms": plain, "no_pdl_gpu_ms": no_pdl, "sep_attn_gpu_ms": sep, "no_splitk_gpu_ms": old}
+                   "plain_gpu_ms": plain, "no_pdl_gpu_ms": no_pdl, "sep_attn_gpu_ms": sep, "no_splitk_gpu_ms": no_splitk}
             res["rows"].append(row)
             print(f"{ctx:>5} {bsz:>5} {floor:7.3f} {synced:7.3f} {gpu:7.3f} {served:7.3f} {plain:7.3f} {no_pdl:7.3f} "
-                  f"{sep:7.3f} {old:7.3f}   {synced / floor:.3f} / {gpu / floor:.3f} / {served / floor:.3f} / "
+                  f"{sep:7.3f} {no_splitk:7.3f}   {synced / floor:.3f} / {gpu / floor:.3f} / {served / floor:.3f} / "
                   f"{plain / floor:.3f} / "
-                  f"{no_pdl / floor:.3f} / {sep / floor:.3f} / {old / floor:.3f}", flush=True)
+                  f"{no_pdl / floor:.3f} / {sep / floor:.3f} / {no_splitk / floor:.3f}", flush=True)
     for bsz, k in res["kernels"].items():
         print(f"\nbatch {bsz} (skinny layers unless named), ctx {a.contexts[0]}: {k['kernels_per_step']} kernels, {k['total_ms']:.3f} ms of kernel time")
         for name, ms, count in k["top"][:14]:

@@ -192,21 +192,25 @@ async def test_work_that_cannot_run_waits_for_a_command_instead_of_spinning(mode
     engine.step = counted_step
     holder = tokenizer.encode("one two three four five six seven eight nine ten " * 7, add_special_tokens=False)
     waiter = tokenizer.encode("alpha beta gamma delta epsilon " * 12, add_special_tokens=False)
-    block = engine.blocks.block_size
-    assert len(holder) // block + 1 + len(waiter) // block + 1 > engine.blocks.num_total >= len(waiter) // block + 1
+    blocks = lambda tokens: -(-tokens // engine.blocks.block_size)         # noqa: E731
+    # the parked holder (prompt and first token) leaves too little room for the waiter's prompt, which alone fits
+    assert blocks(len(holder) + 1) + blocks(len(waiter)) > engine.blocks.num_total >= blocks(len(waiter))
     async with engine_loop_running(engine) as (loop_thread, outbox):
-        loop_thread.submit(assign("holder", holder, 0.0, max_tokens=40))
-        await next_message(outbox, "tokens")
-        loop_thread.submit(wpb.SchedulerCommand(preempt=wpb.PreemptJob(job_id="holder", mode=wpb.PREEMPT_MODE_PARK)))
-        await next_message(outbox, "preempted", "holder")
-        early = assign("waiter", waiter, 0.0, max_tokens=8)
-        early.assign.park_after_first_token = True
-        loop_thread.submit(early)
-        await asyncio.sleep(0.5)                      # taken, and waiting for room
+        for job_id, ids in (("holder", holder), ("waiter", waiter)):
+            early = assign(job_id, ids, 0.0, max_tokens=8)
+            early.assign.park_after_first_token = True
+            loop_thread.submit(early)
+            if job_id == "holder":
+                await next_message(outbox, "preempted", "holder")     # parked after its first token, KV kept
+        await asyncio.sleep(0.5)                      # the waiter is taken, and waits for room
         before = steps
         await asyncio.sleep(1.0)
         empty_steps = steps - before
+        waited = []
+        while not outbox.empty():
+            waited.append(outgoing_message(outbox.get_nowait()))
         loop_thread.submit(wpb.SchedulerCommand(abort=wpb.AbortJob(job_id="holder")))
         await next_message(outbox, "preempted", "waiter")      # its first token, then parked
+    assert not tokens_of(waited, "waiter"), "the waiter ran before the room was freed: the test tests nothing"
     # one empty step per command wait (report_interval_s = 0.1 s): ~10 a second, not thousands
     assert empty_steps <= 30, empty_steps

@@ -13,14 +13,17 @@ import time
 from pathlib import Path
 
 import httpx2 as httpx           # the HTTP client the openai package uses
+import pytest
 
-from services.common.local_stack import free_port
+from services.common.local_stack import REDIS_STOP_S, SERVICE_STOP_S, free_port
 from services.common.model_paths import cache_root
 from tests.helpers import wait_until
 
-STOP_BOUND_S = 3 * 20 + 10 + 30       # the launcher's bound on stopping its stack, and a margin
+# the launcher's bound on stopping its stack (three services, one of them a worker, then Redis), and a margin
+STOP_BOUND_S = 3 * SERVICE_STOP_S + REDIS_STOP_S + 30
 
 
+@pytest.mark.timeout(900)      # two starts (up to 240 s each) and two stops (up to STOP_BOUND_S each) on a busy host
 def test_launcher_serves_the_cli_and_keeps_what_the_predictor_learned(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -111,7 +114,7 @@ def read_until_serving(launcher: subprocess.Popen, timeout_s: float = 240) -> li
     raise AssertionError("launcher not serving in time")
 
 
-def stop_launcher(launcher: subprocess.Popen, lines: list[str] = ()) -> None:
+def stop_launcher(launcher: subprocess.Popen, lines: list[str] | None = None) -> None:
     """Ctrl-C, and wait past the launcher's own bound (each service gets 20 s of SIGTERM before SIGKILL, Redis 10
     s). One CI run saw a second launcher still running 60 s after Ctrl-C, with nothing to tell why: a launcher that
     does not stop is now killed and its last words (which service it waited on) and its services' logs shown."""
@@ -122,8 +125,9 @@ def stop_launcher(launcher: subprocess.Popen, lines: list[str] = ()) -> None:
         for pid in [*child_pids(launcher.pid), launcher.pid]:           # no stack left running behind the test
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+        launcher.wait()
         said = launcher.stdout.read()
-        logs = [Path(m.group(1)) for line in lines if (m := re.search(r"logs (/\S+)\)", line))]
+        logs = [Path(m.group(1)) for line in lines or [] if (m := re.search(r"logs (/\S+)\)", line))]
         tails = "".join(f"\n--- {f}\n" + "".join(f.read_text(errors="replace").splitlines(True)[-15:])
                         for d in logs for f in sorted(d.glob("*.log")))
         raise AssertionError(f"the launcher did not stop within {STOP_BOUND_S} s of Ctrl-C; it said:\n{said[-4000:]}"

@@ -71,6 +71,10 @@ def wait_healthy(address: str, timeout_s: float, service: str = "") -> None:
     raise TimeoutError(f"{address} not healthy after {timeout_s}s")
 
 
+SERVICE_STOP_S = 20.0     # a service's time to stop after SIGTERM (a worker drains) before SIGKILL
+REDIS_STOP_S = 10.0
+
+
 class RedisServer:
     """A private redis-server on a free loopback port, in its own directory, with the append-only file on
     (fsync every second, as in production): a restarted Redis comes back with every job. `restart` keeps the
@@ -127,7 +131,7 @@ class RedisServer:
 
     def stop(self) -> None:
         self.proc.terminate()
-        self.proc.wait(10)
+        self.proc.wait(REDIS_STOP_S)
         if self._owns_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -144,7 +148,7 @@ class Service:
         self.proc = subprocess.Popen([sys.executable, "-m", *self.args], stdout=out, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
 
-    def stop(self, timeout_s: float = 20) -> None:
+    def stop(self, timeout_s: float = SERVICE_STOP_S) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
         began = time.monotonic()

@@ -138,7 +138,7 @@ class EngineLoop(threading.Thread):
                     log.exception("engine step failed; dropping all jobs and telling the scheduler")
                     self._step_failed(e)
                     self.clock.charge(EngineActivity.STEP)
-            if not self.engine.has_work:
+            if not self.engine.has_work or stalled:
                 self._send_held()          # nothing runs: nothing may wait for a later step
             self._report()
             self.clock.charge(EngineActivity.REPORT)

@@ -4,7 +4,7 @@ At decode batch sizes each weight byte is read once per step and the step is bou
 The plain path runs, per Llama layer, cuBLAS GEMMs (some with a split-K reduction kernel), two RMSNorms
 and a SiLU-and-mul: a dozen kernels, and at batch 1-64 their launches, gaps and extra passes cost ~20% of
 the step (docs/BENCHMARKS.md, "Decode step vs the memory-bandwidth floor"). Here one Triton kernel per
-projection streams the weight once, with no split-K, and absorbs the rest:
+projection streams the weight once, with no separate split-K reduction kernel, and absorbs the rest:
 
 - a **norm prologue**: the input is the residual stream; each row is RMS-normalised on the fly from its sum
   of squares, which the kernel that wrote the stream accumulated (so no separate norm kernel or pass);
@@ -158,7 +158,7 @@ if triton is not None:
         """Program (n, s): the n-th tile of columns of prologue(A) @ W^T over the s-th of SPLIT equal slices of K,
         then the epilogue. SILU_MUL: W is [gate; up] (2N rows); the tile's gate and up columns are both computed
         and combined. SPLIT > 1 (split-K without a reduction kernel): each program writes its fp32 partial sums
-        to PART ([2, SPLIT, M, N]: gate / up) and counts itself in at COUNT[n]; the tile's last program to arrive
+        to PART ([1, SPLIT, M, N]; SILU_MUL: [2, ...], gate then up) and counts itself in at COUNT[n]; the tile's last program to arrive
         adds the partials in slice order (the same sums whatever the arrival order), runs the epilogue and resets
         the counter. It gives short projections (o, qkv: 64-128 column tiles on 132 SMs) more programs, so every
         SM has loads in flight."""
@@ -250,7 +250,9 @@ SPLIT_COUNTERS = 4096     # column tiles a split-K launch may have (o / qkv: 64-
 
 def skinny_counts(device: torch.device) -> torch.Tensor:
     """The split-K arrival counters (zero between launches: each tile's last program resets its own). Launches that
-    share them must not overlap: the decode layers run their projections one after another on one stream."""
+    share them must not touch them at the same time: the decode layers run their projections one after another on
+    one stream, and under PDL, where the next launch starts early, it reaches PART and COUNT only after `gdc_wait`
+    (the previous launch has ended): nothing that touches them may move above it."""
     return torch.zeros(SPLIT_COUNTERS, dtype=torch.int32, device=device)
 
 
