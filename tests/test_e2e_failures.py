@@ -1,6 +1,7 @@
 """Failures through the live stack: scheduler restart, a lost worker, an unreachable predictor."""
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -129,3 +130,51 @@ def test_prometheus_metrics(stack_factory):
         return sample(scrape(worker_port), name, **model) or 0.0
     wait_until(lambda: counter("vllm:prefix_cache_hits_total") >= 16, 10)
     assert counter("vllm:prefix_cache_queries_total") > counter("vllm:prefix_cache_hits_total")
+
+
+def test_a_worker_whose_device_breaks_leaves_exits_non_zero_and_loses_no_job(stack_factory, model_dir, hf_model,
+                                                                               tokenizer, monkeypatch):
+    """The worker's own side of a broken device (server.py): its engine loop takes the device for broken after a
+    failed step, the worker stops serving, drains briefly and exits non-zero (to be restarted on a fresh device),
+    charging no job with the fault; the scheduler requeues what it held and another worker finishes it. Only the
+    engine loop's side had a test (test_step_failure.py); this path had none."""
+    from services.worker import server as worker_server
+    from services.worker.config import WorkerConfig
+
+    def always_fails(*args, **kwargs):
+        raise RuntimeError("simulated device fault")
+
+    def broken_engine(cfg):
+        engine = real_build_engine(cfg)
+        engine.runner.forward = always_fails
+        engine.device_answers = lambda: False           # as after a CUDA error that leaves the context broken
+        return engine
+
+    real_build_engine = worker_server.build_engine
+    monkeypatch.setattr(worker_server, "build_engine", broken_engine)
+    stack = stack_factory(num_workers=0)
+    monkeypatch.setenv("ALISE_SERVICE_TOKEN", stack.service_token)
+    cfg = WorkerConfig(scheduler=stack.gateway_address, worker_id="broken", model_dir=str(model_dir), num_blocks=64)
+    ended: list[BaseException] = []
+
+    def run_worker():
+        try:        # its own event loop, and a stop event of its own: signal handlers belong to the main thread
+            asyncio.run(worker_server.serve(cfg, asyncio.Event()))
+        except BaseException as e:  # noqa: BLE001 - SystemExit is what is expected
+            ended.append(e)
+
+    worker = threading.Thread(target=run_worker, daemon=True)
+    worker.start()
+    stub = stub_for(stack)
+    wait_until(lambda: len(stub.GetLoad(pb.LoadRequest()).workers) == 1, 120)
+    rid = f"broken-{time.time_ns()}"
+    t, result = generate_in_background(stub, request(PROMPT, rid, max_tokens=16, ignore_eos=True))
+    worker.join(120)
+    assert not worker.is_alive() and ended, "the worker did not stop"
+    assert isinstance(ended[0], SystemExit) and "does not answer" in str(ended[0].code), repr(ended[0])
+    wait_until(lambda: len(stub.GetLoad(pb.LoadRequest()).workers) == 0, 30)
+    assert job_status(stub, rid) == pb.JOB_STATUS_QUEUED            # requeued, not failed: it was not its fault
+    stack.add_worker()
+    t.join(300)
+    tokens, _, final = result["out"]
+    assert final.finish_reason == pb.FINISH_REASON_LENGTH and tokens == hf_greedy(hf_model, tokenizer, PROMPT, 16)
