@@ -26,6 +26,17 @@ def test_inner_sizes_must_be_whole_tensor_core_chunks():
     assert not skinny_gemm_fits(4096, 100)
 
 
+def test_split_k_tiles_are_fitted_to_whole_slices_of_k():
+    """Each program of a split-K tile reads K / split_k columns in chunks of block_k: a split that does not cut K into
+    whole 16-wide slices is halved (down to no split), then the chunks are narrowed to divide a slice."""
+    assert fit(TileConfig(16, 64, 256, 4, 4, 2), 4096) == TileConfig(16, 64, 256, 4, 4, 2)
+    assert fit(TileConfig(16, 64, 256, 4, 4, 4), 14336).split_k == 4          # 3584 = 14 x 256
+    assert fit(TileConfig(16, 64, 256, 4, 4, 3), 4096).split_k == 1           # 4096 / 3 is no whole slice
+    assert fit(TileConfig(16, 64, 256, 4, 4, 8), 96).split_k == 2             # 96 / 8 = 12 and 96 / 4 = 24: not 16-wide
+    assert fit(TileConfig(16, 32, 256, 4, 4, 4), 576) == TileConfig(16, 32, 16, 4, 4, 4)   # 144-wide slices
+    assert TileConfig(16, 32, 256, 4, 4).split_k == 1                          # four-number tiles do not split
+
+
 def test_committed_tuned_configs_are_well_formed_and_fit():
     table = json.loads(TUNED_CONFIGS.read_text())
     assert table, "no tuned device"
@@ -33,9 +44,10 @@ def test_committed_tuned_configs_are_well_formed_and_fit():
         for shape, by_rows in shapes.items():
             n, k = map(int, shape.split("x"))
             for rows, tiles in by_rows.items():
-                cfg = TileConfig(int(rows), *tiles)
-                assert len(tiles) == 4 and all(isinstance(t, int) and t > 0 for t in tiles), (device, shape)
-                assert k % cfg.block_k == 0, (device, shape, cfg)
+                cfg = TileConfig(int(rows), *tiles)          # [block_n, block_k, warps, stages(, split_k)]
+                assert len(tiles) in (4, 5) and all(isinstance(t, int) and t > 0 for t in tiles), (device, shape)
+                assert k % cfg.split_k == 0 and (k // cfg.split_k) % cfg.block_k == 0, (device, shape, cfg)
+                assert fit(cfg, k) == cfg, (device, shape, cfg)      # used as tuned, not cut down
                 assert shared_memory(cfg) <= SHARED_MEMORY_BYTES, (device, shape, cfg)   # SiLU's 2nd tile: fit()
 
 

@@ -158,9 +158,9 @@ if triton is not None:
         """Program (n, s): the n-th tile of columns of prologue(A) @ W^T over the s-th of SPLIT equal slices of K,
         then the epilogue. SILU_MUL: W is [gate; up] (2N rows); the tile's gate and up columns are both computed
         and combined. SPLIT > 1 (split-K without a reduction kernel): each program writes its fp32 partial sums
-        to PART ([1, SPLIT, M, N]; SILU_MUL: [2, ...], gate then up) and counts itself in at COUNT[n]; the tile's last program to arrive
-        adds the partials in slice order (the same sums whatever the arrival order), runs the epilogue and resets
-        the counter. It gives short projections (o, qkv: 64-128 column tiles on 132 SMs) more programs, so every
+        to PART ([1, SPLIT, M, N]; SILU_MUL: [2, ...], gate then up) and counts itself in at COUNT[n]; the tile's
+        last program to arrive adds the partials in slice order (the same sums whatever the arrival order), runs
+        the epilogue and resets the counter. It gives short projections (o, qkv: 64-128 column tiles on 132 SMs) more programs, so every
         SM has loads in flight."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
