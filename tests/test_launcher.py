@@ -9,6 +9,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -104,12 +105,15 @@ def start_launcher(env: dict) -> subprocess.Popen:
 
 
 def read_until_serving(launcher: subprocess.Popen, timeout_s: float = 240) -> list[str]:
+    """The launcher's lines up to 'ALISE is serving'; the list keeps growing with what it says after (read on a
+    thread of its own, so that the launcher never blocks on a full pipe, and its last words can be shown)."""
     lines, deadline = [], time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         line = launcher.stdout.readline()
         assert line, "launcher exited before serving:\n" + "".join(lines[-30:])
         lines.append(line)
         if "ALISE is serving" in line:
+            threading.Thread(target=lambda: lines.extend(launcher.stdout), daemon=True).start()
             return lines
     raise AssertionError("launcher not serving in time")
 
@@ -126,7 +130,8 @@ def stop_launcher(launcher: subprocess.Popen, lines: list[str] | None = None) ->
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         launcher.wait()
-        said = launcher.stdout.read()
+        time.sleep(1.0)                                                 # the reader takes the last lines
+        said = "".join((lines or [])[-60:])
         logs = [Path(m.group(1)) for line in lines or [] if (m := re.search(r"logs (/\S+)\)", line))]
         tails = "".join(f"\n--- {f}\n" + "".join(f.read_text(errors="replace").splitlines(True)[-15:])
                         for d in logs for f in sorted(d.glob("*.log")))
