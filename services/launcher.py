@@ -12,13 +12,12 @@ from typing import IO
 from urllib.parse import urlsplit
 
 from services.common.grpc_server import configure_logging
-from services.common.local_stack import LocalStack, free_port, port_is_free
+from services.common.local_stack import STOP_SIGNALS, LocalStack, free_port, port_is_free
 from services.common.model_paths import cache_root
 from services.common.private_files import write_private
 
 log = logging.getLogger("alise.launcher")
 DEFAULT_PORT = 50051
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def claim_shared_files(cache: Path) -> IO | None:

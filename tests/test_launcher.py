@@ -152,3 +152,26 @@ def second_make_run_keeps_to_its_own_files(env: dict, cache):
     finally:
         stop_launcher(second, lines)
     assert second.returncode == 0
+
+
+def test_a_stop_signal_inside_a_spawn_takes_effect_once_the_handle_is_kept():
+    """The launcher's handler raises while the stack starts. Raised inside Popen after the fork, it left the child
+    running with no handle to stop it (a launcher stopped while starting left a service alive: the test above,
+    flaky). Inside `signals_deferred` a stop signal waits until the block ends, once the handle is kept."""
+    from services.common.local_stack import signals_deferred
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, stop)
+    kept = None
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)          # arrives in the middle of the block
+                time.sleep(0.2)                               # (a handler runs between bytecodes: it would have)
+                kept = "the child's handle"
+        assert kept == "the child's handle"
+        assert signal.getsignal(signal.SIGTERM) is stop       # the launcher's handler is back
+    finally:
+        signal.signal(signal.SIGTERM, before)

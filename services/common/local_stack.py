@@ -4,6 +4,7 @@ Used by `make run` (services/launcher.py) and by the end-to-end tests, so both e
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +73,29 @@ def wait_healthy(address: str, timeout_s: float, service: str = "") -> None:
     raise TimeoutError(f"{address} not healthy after {timeout_s}s")
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Stop signals that arrive inside the block take effect when it ends. The launcher's handler raises while the
+    stack starts; raised inside Popen after the fork, it left a child running that nothing held a handle to, so
+    nothing stopped it (a flaky test showed it). Spawn and keep the handle inside the block. Only the main thread
+    can set handlers; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    before = {sig: signal.signal(sig, lambda sig, _: arrived.append(sig)) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)   # None: set outside Python
+        for sig in arrived[:1]:
+            signal.raise_signal(sig)
+
+
 SERVICE_STOP_S = 20.0     # a service's time to stop after SIGTERM (a worker drains) before SIGKILL
 REDIS_STOP_S = 10.0
 
@@ -89,8 +114,13 @@ class RedisServer:
         self.persist = persist
         self.dir = data_dir or tempfile.mkdtemp(prefix="alise-redis-")
         self._owns_dir = data_dir is None
-        self.proc = self._launch()
-        self._wait()
+        with signals_deferred():
+            self.proc = self._launch()
+        try:
+            self._wait()
+        except BaseException:      # interrupted (or failed) before the caller holds this server: stop it here
+            self.kill()
+            raise
 
     def _launch(self) -> subprocess.Popen:
         persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persist else ["--appendonly", "no"]
@@ -145,8 +175,9 @@ class Service:
 
     def start(self, env: dict[str, str]) -> None:
         out = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", *self.args], stdout=out, stderr=subprocess.STDOUT,
-                                     env=env, start_new_session=True)
+        with signals_deferred():
+            self.proc = subprocess.Popen([sys.executable, "-m", *self.args], stdout=out, stderr=subprocess.STDOUT,
+                                         env=env, start_new_session=True)
 
     def stop(self, timeout_s: float = SERVICE_STOP_S) -> None:
         if self.proc is None or self.proc.poll() is not None:
