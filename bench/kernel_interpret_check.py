@@ -1,6 +1,7 @@
-"""The paged attention kernels (decode and prefill), the rotary + KV-write kernel and the skinny GEMM's split-K checked on CPU under Triton's interpreter against their torch
-references, on small shapes: a way to test a kernel change before a GPU is at hand. Needs `triton` importable
-(pip install triton into any directory and put it on PYTHONPATH); the interpreter must be on before it is imported:
+"""The paged attention kernels (decode and prefill), the rotary + KV-write kernel and the skinny GEMM's split-K
+checked on CPU under Triton's interpreter against their torch references, on small shapes: a way to test a kernel
+change before a GPU is at hand. Needs `triton` importable (pip install triton into any directory and put it on
+PYTHONPATH); the interpreter must be on before it is imported:
 
     TRITON_INTERPRET=1 python -m bench.kernel_interpret_check
 """

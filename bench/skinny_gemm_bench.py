@@ -86,14 +86,15 @@ def check(device) -> dict:
         row["residual"] = rel_err(new, ref_new)
         row["residual_sumsq"] = rel_err(acc, ref_new.float().pow(2).sum(1))
         row["zeroed"] = bool((zero == 0).all())
-        split = dict(config=TileConfig(block_m_for(m), 32, 128, 4, 3, 4), counts=counts)   # 256-wide K chunks overflow at 64 rows
+        # K in 4 slices, in 128-wide chunks (256 overflows shared memory at 64 rows)
+        split = dict(config=TileConfig(block_m_for(m), 32, 128, 4, 3, 4), counts=counts)
         row["split_norm"] = rel_err(skinny_linear(x, w, sumsq_in=sumsq, norm_w=nw, eps=eps, **split),
                                     skinny_linear(x, w, sumsq_in=sumsq, norm_w=nw, eps=eps))
         row["split_silu_mul"] = rel_err(skinny_linear(x, w, epilogue=Epilogue.SILU_MUL, **split),
                                         skinny_linear(x, w, epilogue=Epilogue.SILU_MUL))
         acc_split = torch.zeros(m, device=device)
-        row["split_residual"] = rel_err(skinny_linear(x, w, epilogue=Epilogue.RESIDUAL, residual=r, sumsq_out=acc_split,
-                                                      **split), new)
+        row["split_residual"] = rel_err(skinny_linear(x, w, epilogue=Epilogue.RESIDUAL, residual=r,
+                                                      sumsq_out=acc_split, **split), new)
         row["split_sumsq"] = rel_err(acc_split, acc)
         row["counters_reset"] = not bool(counts.any())
         out[m] = row
@@ -210,7 +211,7 @@ def main() -> None:
     if a.tune:
         with pdl.forced(True):
             res["tuned"], res["rows"] = tune(device, a.rows, a.shapes, a.split_only)
-        if a.write and not failed:       # the shapes and row tiles tuned now replace theirs; the rest of the table stays
+        if a.write and not failed:       # the shapes and row tiles tuned now replace theirs; the rest stays
             table = json.loads(TUNED_CONFIGS.read_text()) if TUNED_CONFIGS.exists() else {}
             for shape, by_rows in res["tuned"].items():
                 table.setdefault(res["device"], {}).setdefault(shape, {}).update(by_rows)

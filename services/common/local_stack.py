@@ -92,8 +92,8 @@ def signals_deferred():
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)   # None: set outside Python
-        for sig in arrived[:1]:
-            signal.raise_signal(sig)
+        if arrived:
+            signal.raise_signal(arrived[0])          # as if it came now: the handler before the block runs
 
 
 SERVICE_STOP_S = 20.0     # a service's time to stop after SIGTERM (a worker drains) before SIGKILL

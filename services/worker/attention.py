@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from services.worker.arrival_counters import arrival_counters, require_counters
 from services.worker.pdl import pdl_on
 
 try:
@@ -220,10 +221,8 @@ def _launch_decode(q_src, stride_qb, stride_qh, num_heads, dim, k_cache, v_cache
     else:                                                       # unused: the kernel writes `out` directly
         m = l = acc = out
     self_combine = splits > 1 and counts is not None
-    if self_combine and (counts.dtype != torch.int32 or counts.numel() < bsz * num_kv):
-        # not an assert: a short buffer would be written past its end (atomics), and python -O drops asserts
-        raise ValueError(f"counts: {counts.numel()} {counts.dtype} counters for {bsz} x {num_kv} (row, KV head) "
-                         f"pairs; one int32 each is needed (paged_decode_counts)")
+    if self_combine:
+        require_counters(counts, bsz * num_kv, "(row, KV head) pairs (paged_decode_counts)")
     cos, sin, slots = rope if rope is not None else (out, out, context_lens)
     _paged_decode_kernel[(bsz, num_kv, splits)](
         q_src, k_cache, v_cache, block_tables, context_lens, out, m, l, acc, scale,
@@ -268,7 +267,7 @@ def paged_decode_rope(qkv, num_heads: int, cos, sin, slots, k_cache, v_cache, bl
 def paged_decode_counts(device: torch.device) -> torch.Tensor:
     """paged_decode_rope's arrival counters, one per (sequence, KV head): contexts are split only while there are
     fewer than SPLIT_BELOW of those (num_splits), so that many suffice."""
-    return torch.zeros(SPLIT_BELOW, dtype=torch.int32, device=device)
+    return arrival_counters(SPLIT_BELOW, device)
 
 
 def paged_decode_gather(q, k_cache, v_cache, block_tables, context_lens, block_size: int, scale: float):

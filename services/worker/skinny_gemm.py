@@ -16,11 +16,11 @@ projection streams the weight once, with no separate split-K reduction kernel, a
 The norm prologue serves batches of at most 16 rows (MAX_ROWS): every column tile recomputes the norm of its
 input rows, which is free at 16 rows but at 32-64 costs more than the norm kernel it replaces (batches of 17-32
 rows, LAYER_ROWS, run the same kernels with a norm kernel before qkv and gate_up) (a SiLU prologue on the down
-projection, tried first, was 5x slower than cuBLAS even at one row). A sum-of-squares buffer must be zero before the epilogue accumulates into it; the kernel two steps earlier
-zeroes it (`zero=`), which keeps every step one kernel and graph-capturable. Rounding follows transformers:
-matmul outputs and residual sums are rounded to the model dtype, norms are computed in fp32. The sums of
-squares are added in a varying order, so results can differ from the plain path in the last fp32 bit of a
-norm: within bf16 rounding, not bit-identical.
+projection, tried first, was 5x slower than cuBLAS even at one row). A sum-of-squares buffer must be zero before
+the epilogue accumulates into it; the kernel two steps earlier zeroes it (`zero=`), which keeps every step one
+kernel and graph-capturable. Rounding follows transformers: matmul outputs and residual sums are rounded to the
+model dtype, norms are computed in fp32. The sums of squares are added in a varying order, so results can differ
+from the plain path in the last fp32 bit of a norm: within bf16 rounding, not bit-identical.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import torch
 
+from services.worker.arrival_counters import arrival_counters, require_counters
 from services.worker.pdl import pdl_on
 
 try:
@@ -160,8 +161,8 @@ if triton is not None:
         and combined. SPLIT > 1 (split-K without a reduction kernel): each program writes its fp32 partial sums
         to PART ([1, SPLIT, M, N]; SILU_MUL: [2, ...], gate then up) and counts itself in at COUNT[n]; the tile's
         last program to arrive adds the partials in slice order (the same sums whatever the arrival order), runs
-        the epilogue and resets the counter. It gives short projections (o, qkv: 64-128 column tiles on 132 SMs) more programs, so every
-        SM has loads in flight."""
+        the epilogue and resets the counter. It gives short projections (o, qkv: 64-128 column tiles on 132 SMs)
+        more programs, so that every SM has loads in flight."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
         k_len = K // SPLIT
@@ -253,7 +254,7 @@ def skinny_counts(device: torch.device) -> torch.Tensor:
     share them must not touch them at the same time: the decode layers run their projections one after another on
     one stream, and under PDL, where the next launch starts early, it reaches PART and COUNT only after `gdc_wait`
     (the previous launch has ended): nothing that touches them may move above it."""
-    return torch.zeros(SPLIT_COUNTERS, dtype=torch.int32, device=device)
+    return arrival_counters(SPLIT_COUNTERS, device)
 
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, *, epilogue: Epilogue = Epilogue.STORE,
@@ -261,7 +262,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, *, epilogue: Epilogue = Epil
                   residual: torch.Tensor | None = None, sumsq_out: torch.Tensor | None = None,
                   zero: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
                   config: TileConfig | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T for x [M, K], w [N, K] row-major (M <= 16), with:
+    """x @ w.T for x [M, K], w [N, K] row-major (M <= MAX_TILE_ROWS), with:
 
     norm prologue when sumsq_in [M] is given: x is the residual stream, sumsq_in its rows' sums of squares,
     and rmsnorm(x) * norm_w [K] is what multiplies w;
@@ -281,9 +282,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, *, epilogue: Epilogue = Epil
     tiles = triton.cdiv(n, cfg.block_n)
     part = dummy
     if cfg.split_k > 1:
-        if counts.dtype != torch.int32 or counts.numel() < tiles:
-            # not an assert: a short buffer would be written past its end (atomics), and python -O drops asserts
-            raise ValueError(f"counts: {counts.numel()} {counts.dtype} counters for {tiles} column tiles")
+        require_counters(counts, tiles, "column tiles (skinny_counts)")
         part = torch.empty(2 if silu else 1, cfg.split_k, m, n, dtype=torch.float32, device=x.device)
     pdl = pdl_on(x.device)
     _skinny_kernel[(tiles, cfg.split_k)](
