@@ -4,6 +4,10 @@ For each (policy, rate) a fresh local stack is started (Redis, predictor, schedu
 the worker flags choose CPU or GPU) and primed with a burst of other requests; every run gets the same workload
 with the same arrival times. Each run's summary (JSON) and per-request rows (CSV) are written under --out, then
 the figures (PNG) and a markdown report (bench/sweep_report.py).
+
+`--side-by-side` runs the policies of a rate at the same time, each stack pinned to its own share of the CPUs
+(rotated from rate to rate): on a VM whose speed drifts by ~20% between runs minutes apart, runs one after another
+measure the drift more than the policy, while runs side by side see the same machine.
 """
 from __future__ import annotations
 
@@ -12,9 +16,10 @@ import asyncio
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
-from bench.process_cpu import cpu_share, process_cpu
+from bench.process_cpu import cpu_share, process_cpu, process_cpus
 from bench.serve import (Target, add_workload_arguments, arrival_fields, arrival_trace, load_workload, open_tokenizer,
                          run, save, worker_loads)
 from bench.serve_metrics import RequestResult, summarize, work_pace
@@ -43,6 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alternate", action="store_true",
                    help="run rate by rate, the policies in turn and their order reversed at every other rate, so "
                         "a machine that drifts (or a slow first run) does not favour one policy")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="run the policies of each rate at the same time, each stack pinned to its own equal share of "
+                        "this process's CPUs (the shares rotate from rate to rate), so that every policy meets the "
+                        "same machine speed; needs at least one CPU per policy")
     p.add_argument("--latency-bound", type=float, default=0.1, help="mean normalized latency bound (s/token)")
     p.add_argument("--out", type=Path, default=Path("sweep"))
 
@@ -55,15 +64,39 @@ def sweep(a: argparse.Namespace) -> list[Run]:
     trace = arrival_trace(a)           # read (and checked) once, before any stack starts
     for spec in a.policies:            # a variant without flags fails now, not after the runs before it
         variant_flags(spec, a.variant_worker_arg)
+    cpus = sorted(os.sched_getaffinity(0))
+    if a.side_by_side and len(cpus) < len(a.policies):
+        raise ValueError(f"--side-by-side: {len(a.policies)} policies need as many CPUs, this process has {len(cpus)}")
     runs = []
-    for policy, rate in run_order(a.policies, a.rates, a.alternate):
-        saved = load_run(a.out, policy, rate) if a.resume else None
-        summary, normalized = saved or one_run(a, policy, rate, prime, measured, percentiles, trace)
-        runs.append(Run(policy, rate, summary, normalized))
-        print(f"{summary['label']}: {summary['completed']}/{summary['requests']} done, mean normalized "
-              f"{summary['normalized_latency_s'].get('mean', float('nan')):.3f} s/token", flush=True)
+    for group in run_groups(a.policies, a.rates, a.alternate, a.side_by_side):
+        rate = group[0][1]
+        saved = [load_run(a.out, policy, rate) if a.resume else None for policy, _ in group]
+        if None in saved:  # a group runs whole: a policy run alone later would meet another machine speed
+            shares = cpu_shares(cpus, len(group), a.rates.index(rate)) if a.side_by_side else [()]
+            saved = run_together(a, [policy for policy, _ in group], rate, shares, prime, measured, percentiles,
+                                 trace)
+        for (policy, _), (summary, normalized) in zip(group, saved):
+            runs.append(Run(policy, rate, summary, normalized))
+            print(f"{summary['label']}: {summary['completed']}/{summary['requests']} done, mean normalized "
+                  f"{summary['normalized_latency_s'].get('mean', float('nan')):.3f} s/token", flush=True)
     report(runs, a.out, a.latency_bound)
     return runs
+
+
+def run_groups(policies: list[str], rates: list[float], alternate: bool, side_by_side: bool) -> list[list[tuple]]:
+    """The runs in the order they start, grouped by what runs at once: one (policy, rate) at a time, or with
+    --side-by-side every policy of a rate together."""
+    if side_by_side:
+        return [[(p, r) for p in policies] for r in rates]
+    return [[pair] for pair in run_order(policies, rates, alternate)]
+
+
+def cpu_shares(cpus: list[int], n: int, turn: int) -> list[tuple[int, ...]]:
+    """`cpus` cut into `n` equal shares (a remainder stays unused), rotated by `turn`: over n turns each runner
+    gets each share once, so a faster core (or one that also serves the benchmark client) favours nobody."""
+    size = len(cpus) // n
+    shares = [tuple(cpus[i * size:(i + 1) * size]) for i in range(n)]
+    return [shares[(i + turn) % n] for i in range(n)]
 
 
 def run_order(policies: list[str], rates: list[float], alternate: bool) -> list[tuple[str, float]]:
@@ -114,49 +147,75 @@ def saved_result(row: dict) -> RequestResult:
                          prompt_tokens=int(row["prompt_tokens"]), output_tokens=int(row["output_tokens"]),
                          ttft_s=opt(row["ttft_s"]), e2e_s=opt(row["e2e_s"]), queue_s=float(row["queue_s"]),
                          admit_s=opt(row.get("admit_s", "")),     # (not in runs saved before it was measured)
-                         preemptions=int(row["preemptions"]), predicted_output_tokens=int(row["predicted_output_tokens"]),
+                         preemptions=int(row["preemptions"]),
+                         predicted_output_tokens=int(row["predicted_output_tokens"]),
                          repredicted_output_tokens=int(row.get("repredicted_output_tokens") or 0),
                          finish_reason=row["finish_reason"])
 
 
-def one_run(a: argparse.Namespace, policy: str, rate: float, prime, measured, percentiles,
-            trace: list[float]) -> tuple[dict, tuple]:
-    """One (policy, rate) on a stack of its own: the same prompts sent again to a running stack would hit its
-    prefix cache and teach its predictor their lengths, so later runs would be flattered."""
+def run_together(a: argparse.Namespace, policies: list[str], rate: float, shares: list[tuple[int, ...]], prime,
+                 measured, percentiles, trace: list[float]) -> list[tuple[dict, tuple]]:
+    """Each policy at `rate` on a stack of its own, pinned to its share of the CPUs (`()`: unpinned), all measured
+    at once; (summary, normalized latencies) per policy. A stack of its own per run: the same prompts sent again to
+    a running stack would hit its prefix cache and teach its predictor their lengths, so later runs would be
+    flattered."""
+    stacks = []
+    try:
+        for policy, cpus in zip(policies, shares):
+            stacks.append(start_stack(a, policy, rate, cpus))
+        measures = asyncio.run(measure_together(a, stacks, rate, prime, measured, trace))
+    finally:
+        for stack in stacks:
+            stack.stop()
+    out = []
+    for policy, (results, duration, extras) in zip(policies, measures):
+        summary = summarize(results, duration, percentiles)
+        summary.update(label=run_label(policy, rate), policy=policy, request_rate=rate, **arrival_fields(a), **extras)
+        save(a.out / f"{summary['label']}.json", summary, results)
+        out.append((summary, tuple(r.normalized_s for r in results if r.ok and r.normalized_s is not None)))
+    return out
+
+
+def start_stack(a: argparse.Namespace, policy: str, rate: float, cpus: tuple[int, ...]):
     from services.common.local_stack import LocalStack
 
-    label = run_label(policy, rate)
     policy_name, variant_args = variant_flags(policy, a.variant_worker_arg)
     # with ignore_eos each request's max_tokens is its true length: the scheduler must not predict with it
     blind = ["--no-predict-within-max-tokens"] if a.ignore_eos else []
     # predictor and length probe learn online within the run but never save it: runs must not teach each other
-    stack = LocalStack(log_dir=a.out / f"stack-{label}", num_workers=a.workers,
-                       worker_args=["--length-probe-read-only", *a.worker_arg, *variant_args],
-                       scheduler_args=["--policy", policy_name, *blind, *a.scheduler_arg],
-                       predictor_args=["--read-only", *a.predictor_arg], worker_metrics=True).start(timeout_s=900)
-    try:
-        target = Target(stack.address, stack.api_key, str(stack.tls_files.ca) if stack.tls_files else "",
-                        chat=a.chat, max_tokens=a.max_tokens)
-        if prime:
-            asyncio.run(run(prime, target, rate=math.inf, burstiness=1.0, seed=a.seed, max_concurrency=0,
-                            ignore_eos=a.ignore_eos, label=f"prime-{label}", progress=False))
-        before, steps_before = process_cpu(stack), worker_steps(stack)
-        results, duration = asyncio.run(run(measured, target, rate=rate, burstiness=a.burstiness, seed=a.seed,
-                                            max_concurrency=a.max_concurrency, ignore_eos=a.ignore_eos, label=label,
-                                            trace=trace))
-        cpu = cpu_share(before, process_cpu(stack), duration)   # a process at one core limits the run
-        steps = steps_during(steps_before, worker_steps(stack))
+    return LocalStack(log_dir=a.out / f"stack-{run_label(policy, rate)}", num_workers=a.workers,
+                      worker_args=["--length-probe-read-only", *a.worker_arg, *variant_args],
+                      scheduler_args=["--policy", policy_name, *blind, *a.scheduler_arg],
+                      predictor_args=["--read-only", *a.predictor_arg], worker_metrics=True,
+                      cpus=cpus).start(timeout_s=900)
+
+
+async def measure_together(a: argparse.Namespace, stacks: list, rate: float, prime, measured,
+                           trace: list[float]) -> list[tuple[list[RequestResult], float, dict]]:
+    """Prime every stack, then send each the measured requests on one schedule, at once: (results, duration,
+    summary extras) per stack."""
+    targets = [Target(s.address, s.api_key, str(s.tls_files.ca) if s.tls_files else "", chat=a.chat,
+                      max_tokens=a.max_tokens) for s in stacks]
+    if prime:
+        await asyncio.gather(*(run(prime, t, rate=math.inf, burstiness=1.0, seed=a.seed, max_concurrency=0,
+                                   ignore_eos=a.ignore_eos, label=f"prime-{i}", progress=False)
+                               for i, t in enumerate(targets)))
+    before = [(process_cpu(s), worker_steps(s)) for s in stacks]
+    measures = await asyncio.gather(*(run(measured, t, rate=rate, burstiness=a.burstiness, seed=a.seed,
+                                          max_concurrency=a.max_concurrency, ignore_eos=a.ignore_eos,
+                                          label=f"run-{i}", trace=trace, progress=i == 0)
+                                      for i, t in enumerate(targets)))
+    out = []
+    for stack, target, (cpu_before, steps_before), (results, duration) in zip(stacks, targets, before, measures):
+        extras = {"cpu_share": cpu_share(cpu_before, process_cpu(stack), duration),  # one at a full core limits a run
+                  "step_times": steps_during(steps_before, worker_steps(stack)),
+                  "cpus": process_cpus(stack)}
         try:
-            workers = asyncio.run(worker_loads(target))  # what the scheduler learned of them (the simulator's cost)
+            extras["workers"] = await worker_loads(target)   # what the scheduler learned of them (the simulator's cost)
         except Exception as e:  # noqa: BLE001 - the run's results matter more than this extra
-            workers = [{"error": repr(e)}]
-    finally:
-        stack.stop()
-    summary = summarize(results, duration, percentiles)
-    summary.update(label=label, policy=policy, request_rate=rate, **arrival_fields(a), workers=workers,
-                   cpu_share=cpu, step_times=steps)
-    save(a.out / f"{label}.json", summary, results)
-    return summary, tuple(r.normalized_s for r in results if r.ok and r.normalized_s is not None)
+            extras["workers"] = [{"error": repr(e)}]
+        out.append((results, duration, extras))
+    return out
 
 
 def worker_steps(stack) -> dict[str, "StepHistogram | Exception"]:

@@ -47,11 +47,15 @@ def test_the_crossing_rate_is_read_between_the_swept_rates():
 
 
 def test_a_small_sweep_on_live_stacks_writes_runs_figures_and_report(tmp_path, model_dir):
+    import os
+
     out = tmp_path / "sweep"
-    code = cli_main(["bench", "sweep", "--dataset-name", "synthetic", "--num-prompts", "4", "--input-len", "16",
-                     "--output-len", "6", "--ignore-eos", "--policies", "fcfs", "alise", "--rates", "2", "8",
-                     "--prime", "2", "--worker-arg=--max-batch=8", "--out", str(out)])
-    assert code == 0
+    sweep = ["bench", "sweep", "--dataset-name", "synthetic", "--num-prompts", "4", "--input-len", "16",
+             "--output-len", "6", "--ignore-eos", "--policies", "fcfs", "alise", "--rates", "2", "8", "--prime", "2",
+             "--worker-arg=--max-batch=8", "--out", str(out)]
+    # the policies of a rate run at once, each stack on its own half of the CPUs (CI and the dev VM have 2)
+    assert cli_main([*sweep, "--side-by-side"]) == 0
+    half = len(os.sched_getaffinity(0)) // 2
     for policy in ("fcfs", "alise"):
         for rate in ("2", "8"):
             summary = json.loads((out / f"{policy}-r{rate}.json").read_text())
@@ -65,19 +69,29 @@ def test_a_small_sweep_on_live_stacks_writes_runs_figures_and_report(tmp_path, m
             assert 0 <= steps["share_over_s"]["0.05"] <= steps["share_over_s"]["0.002"] <= 1
             # and where the engine thread's time went, stepping or not (services/worker/metrics.EngineActivity)
             assert steps["engine_thread_s"]["step"] >= steps["steps"] * steps["mean_s"] * 0.99, steps
+            # every thread of every process of the stack stayed on one share, read from the live processes
+            shares = {tuple(cpus) for cpus in summary["cpus"].values()}
+            assert len(shares) == 1 and len(shares.pop()) == half, summary["cpus"]
+    share = {(p, r): json.loads((out / f"{p}-r{r}.json").read_text())["cpus"]["worker-0"]
+             for p in ("fcfs", "alise") for r in ("2", "8")}
+    assert not set(share["fcfs", "2"]) & set(share["alise", "2"])         # apart at the same time
+    assert share["fcfs", "2"] == share["alise", "8"] and share["alise", "2"] == share["fcfs", "8"]   # and rotated
     assert len(json.loads((out / "sweep.json").read_text())) == 4
     report = (out / "report.md").read_text()
     assert "| alise | 8 |" in report and "normalized_latency_vs_rate.png" in report
 
-    # --resume keeps the saved runs (no stack is started for them) and rebuilds the same report from them
+    # --resume keeps the saved runs (no stack is started for them) and runs only what is missing, here one run
+    # alone (unpinned: it may run on any CPU), then rebuilds the report from all of them
+    (out / "alise-r8.json").unlink()
     saved = {p.name: p.stat().st_mtime_ns for p in out.glob("*-r*.json")}
-    first = json.loads((out / "sweep.json").read_text())
+    first = {r["policy"] + str(r["rate"]): r for r in json.loads((out / "sweep.json").read_text())}
     (out / "report.md").unlink()
-    assert cli_main(["bench", "sweep", "--dataset-name", "synthetic", "--num-prompts", "4", "--input-len", "16",
-                     "--output-len", "6", "--ignore-eos", "--policies", "fcfs", "alise", "--rates", "2", "8",
-                     "--prime", "2", "--resume", "--out", str(out)]) == 0
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*-r*.json")} == saved
-    assert json.loads((out / "sweep.json").read_text()) == first
+    assert cli_main([*sweep, "--resume"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*-r*.json") if p.name in saved} == saved
+    again = json.loads((out / "alise-r8.json").read_text())
+    assert again["completed"] == 4 and set(again["cpus"]["worker-0"]) == os.sched_getaffinity(0)
+    rows = {r["policy"] + str(r["rate"]): r for r in json.loads((out / "sweep.json").read_text())}
+    assert {k: v for k, v in rows.items() if k != "alise8.0"} == {k: v for k, v in first.items() if k != "alise8.0"}
     assert "| alise | 8 |" in (out / "report.md").read_text()
     assert (out / "normalized_latency_cdf.png").stat().st_size > 1000
 
@@ -103,12 +117,29 @@ def test_work_pace_tells_a_level_backlog_from_a_growing_one():
 
 
 def test_alternate_order_runs_rate_by_rate_and_reverses_the_policies_every_other_rate():
-    from bench.sweep import run_order
+    from bench.sweep import run_groups, run_order
 
     assert run_order(["fcfs", "alise"], [1.0, 2.0], alternate=False) == [
         ("fcfs", 1.0), ("fcfs", 2.0), ("alise", 1.0), ("alise", 2.0)]
     assert run_order(["fcfs", "alise"], [1.0, 2.0, 3.0], alternate=True) == [
         ("fcfs", 1.0), ("alise", 1.0), ("alise", 2.0), ("fcfs", 2.0), ("fcfs", 3.0), ("alise", 3.0)]
+    # one run at a time, or side by side: every policy of a rate at once
+    assert run_groups(["fcfs", "alise"], [1.0, 2.0], alternate=False, side_by_side=False) == [
+        [("fcfs", 1.0)], [("fcfs", 2.0)], [("alise", 1.0)], [("alise", 2.0)]]
+    assert run_groups(["fcfs", "alise"], [1.0, 2.0], alternate=False, side_by_side=True) == [
+        [("fcfs", 1.0), ("alise", 1.0)], [("fcfs", 2.0), ("alise", 2.0)]]
+
+
+def test_side_by_side_runs_get_equal_cpu_shares_that_rotate_from_rate_to_rate():
+    from bench.sweep import cpu_shares
+
+    assert cpu_shares([0, 1], 2, turn=0) == [(0,), (1,)]
+    assert cpu_shares([0, 1], 2, turn=1) == [(1,), (0,)]
+    # three runners on eight CPUs: two each, two left over; over three turns each runner holds each share once
+    turns = [cpu_shares(list(range(8)), 3, turn) for turn in range(3)]
+    assert turns[0] == [(0, 1), (2, 3), (4, 5)]
+    for runner in range(3):
+        assert sorted(t[runner] for t in turns) == [(0, 1), (2, 3), (4, 5)]
 
 
 def test_a_policy_variant_runs_the_policy_with_its_own_worker_flags():

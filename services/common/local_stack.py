@@ -96,6 +96,22 @@ def signals_deferred():
             signal.raise_signal(arrived[0])          # as if it came now: the handler before the block runs
 
 
+@contextlib.contextmanager
+def pinned_to(cpus: tuple[int, ...]):
+    """Processes spawned inside the block run on `cpus` only (none given: wherever they may). A child inherits its
+    parent thread's CPU mask at the fork, so setting the calling thread's mask while it spawns pins every thread a
+    service will ever start, with no window in which one runs elsewhere."""
+    if not cpus:
+        yield
+        return
+    before = os.sched_getaffinity(0)         # pid 0: the calling thread only, on Linux
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 SERVICE_STOP_S = 20.0     # a service's time to stop after SIGTERM (a worker drains) before SIGKILL
 REDIS_STOP_S = 10.0
 
@@ -251,6 +267,9 @@ class LocalStack:
     worker_metrics: bool = False    # each worker serves Prometheus /metrics on a port of its own (metrics_ports)
     metrics_ports: dict[str, int] = field(default_factory=dict)   # worker name -> its /metrics port
     health_ports: dict[str, int] = field(default_factory=dict)    # under TLS: service -> its plaintext probe port
+    # every process of the stack (Redis too) runs on these CPUs only, its thread pools sized to them (none: anywhere);
+    # `alise bench sweep --side-by-side` gives each policy's stack its own share of the machine
+    cpus: tuple[int, ...] = ()
 
     @property
     def tls_files(self) -> TlsFiles | None:
@@ -293,6 +312,17 @@ class LocalStack:
         return flags
 
     def start(self, timeout_s: float = 180) -> "LocalStack":
+        with pinned_to(self.cpus):
+            self._spawn()
+        wait_healthy(self.health_address("scheduler"), timeout_s)
+        if not self.tls:
+            wait_healthy(self.gateway_address, timeout_s)
+        if self.with_predictor:
+            wait_healthy(self.health_address("predictor"), timeout_s)
+        self.wait_workers(self.num_workers, timeout_s)
+        return self
+
+    def _spawn(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.secrets_dir = self.secrets_dir or self.log_dir / "secrets"
         self.service_token, self.api_keys = write_credentials(self.secrets_dir, self.tenants)
@@ -317,6 +347,8 @@ class LocalStack:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                "ALISE_SERVICE_TOKEN": self.service_token, "ALISE_SCHEDULER_REDIS_URL": self.redis_url,
                "ALISE_PREDICTOR_REDIS_URL": self.redis_url}
+        if self.cpus:        # torch's and numpy's pools default to every CPU of the machine, not of the mask
+            env.update(OMP_NUM_THREADS=str(len(self.cpus)), MKL_NUM_THREADS=str(len(self.cpus)))
         if self.with_predictor:
             probes = ["--health-listen", self.health_address("predictor")] if self.tls else []
             self._add("predictor", ["services.predictor.server", "--listen", f"127.0.0.1:{self.predictor_port}",
@@ -329,13 +361,6 @@ class LocalStack:
         for svc in self.services.values():
             svc.start(env)
         self._env = env
-        wait_healthy(self.health_address("scheduler"), timeout_s)
-        if not self.tls:
-            wait_healthy(self.gateway_address, timeout_s)
-        if self.with_predictor:
-            wait_healthy(self.health_address("predictor"), timeout_s)
-        self.wait_workers(self.num_workers, timeout_s)
-        return self
 
     def scheduler_command(self) -> list[str]:
         probes = ["--health-listen", self.health_address("scheduler")] if self.tls else []
@@ -359,7 +384,8 @@ class LocalStack:
         if self.worker_metrics:
             self.metrics_ports[name] = self._unused_port()
         self._add(name, self.worker_command(int(name.split("-")[1])))
-        self.services[name].start(self._env)
+        with pinned_to(self.cpus):
+            self.services[name].start(self._env)
         return name
 
     def _unused_port(self) -> int:
@@ -373,7 +399,8 @@ class LocalStack:
     def restart(self, name: str, kill: bool = True) -> None:
         svc = self.services[name]
         svc.kill() if kill else svc.stop()
-        svc.start(self._env)
+        with pinned_to(self.cpus):
+            svc.start(self._env)
 
     def wait_workers(self, n: int, timeout_s: float) -> None:
         from alise.v1 import generate_pb2 as pb
