@@ -130,6 +130,23 @@ def test_a_job_back_without_a_first_token_keeps_its_arrival_place_for_prefill_ea
     assert [v.job_id for v in s.snapshot(0.0, []).fresh] == ["a", "b", "c"]
 
 
+def test_prefill_early_sees_a_higher_class_first_however_many_older_jobs_of_a_lower_one_wait():
+    """Regression (session 25 review): jobs without a first token were listed by arrival alone and a snapshot shows
+    the first `fresh_limit`: a high-priority job behind that many older low-priority ones was never prefilled early."""
+    s = state_with("w1")
+    for i in range(300):
+        s.track(JobFacts(job_id=f"low{i}", priority=0, created=float(i), prompt_len=10, max_tokens=100,
+                         pred_len=10.0, pred_p90=20.0, predicted=True))
+    s.track(JobFacts(job_id="high", priority=5, created=400.0, prompt_len=10, max_tokens=100, pred_len=10.0,
+                     pred_p90=20.0, predicted=True))
+    fresh = [v.job_id for v in s.snapshot(500.0, [], fresh_limit=256).fresh]
+    assert fresh[:3] == ["high", "low0", "low1"] and len(fresh) == 256
+    s.set_generated("high", 1)                                       # its first token: no longer fresh
+    assert [v.job_id for v in s.snapshot(500.0, [], fresh_limit=2).fresh] == ["low0", "low1"]
+    s.forget("low0")
+    assert [v.job_id for v in s.snapshot(500.0, [], fresh_limit=2).fresh] == ["low1", "low2"]
+
+
 def test_the_view_a_requeued_job_is_scored_by_is_the_one_it_will_have():
     from services.common.preempt_mode import PreemptMode
 

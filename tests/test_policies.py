@@ -75,6 +75,22 @@ def test_alise_does_not_preempt_for_similar_work_or_higher_priority_or_twice():
     assert policy.plan(busy, COST).preempt == ()
 
 
+@pytest.mark.parametrize("mode", ["recompute", "park"])
+def test_alise_never_preempts_a_job_that_aging_would_put_straight_back_in_the_freed_slot(mode):
+    """Regression (session 25 review): the victim test compared remaining seconds only. A victim that arrived long
+    before the waiting job still ranks ahead of it once requeued (aging), so it took the freed slot straight back:
+    a preemption spent, and with recompute a recompute paid, while the waiting job still waited."""
+    policy = make_policy("alise", preempt_mode=mode)
+    old = job("old", 3000, created=0, generated=10, running=True)
+    young = job("young", 300, created=60)            # 10x shorter, but 60 s younger: aging ranks `old` first
+    snap = Snapshot(1.7e9 + 60, (young,), (worker(running=[old]),))
+    assert policy.queue_score(policy.requeued(old, snap.workers[0]), COST) < policy.queue_score(young, COST)
+    assert policy.plan(snap, COST).preempt == ()
+    # the same two jobs arriving together: the short one ranks first once the long one is back, so it pays
+    together = Snapshot(1.7e9 + 60, (young._replace(created=old.created),), snap.workers)
+    assert policy.plan(together, COST).preempt == (("old", "w"),)
+
+
 def test_alise_never_preempts_on_prior_guesses():
     """Regression (issue 8.6): without predictions the queue is in arrival order, yet preemption compared
     prior-based times, so the same long jobs were preempted again and again."""
@@ -83,6 +99,22 @@ def test_alise_never_preempts_on_prior_guesses():
         running = job("long", 1000, generated=10, running=True, predicted=running_predicted)
         snap = Snapshot(0, (job("short", 5, predicted=waiting_predicted),), (worker(running=[running]),))
         assert policy.plan(snap, COST).preempt == ()
+
+
+@pytest.mark.parametrize("name", ["fcfs", "priority", "sjf", "alise", "mlfq"])
+def test_a_job_waiting_for_kv_room_is_not_overtaken_on_its_worker_by_jobs_behind_it(name):
+    """Regression (session 25 review): a job that found too few free blocks was passed over and the jobs behind it
+    were placed, taking each block that freed up: a long prompt (or a higher class) could wait for good."""
+    head = job("head", 5, priority=5, prompt_len=3000)                 # 188 blocks; 100 free of 400
+    behind = job("behind", 5, created=1, prompt_len=100)
+    w = replace(worker("w", slots=4, free_blocks=100), num_blocks=400)
+    assert make_policy(name).plan(Snapshot(1.7e9 + 2, (head, behind), (w,)), COST).assign == ()
+    # another worker still takes the jobs behind it; the one held is the one with the most room
+    w2 = replace(worker("w2", slots=4, free_blocks=50), num_blocks=400)
+    assert make_policy(name).plan(Snapshot(1.7e9 + 2, (head, behind), (w, w2)), COST).assign == (("behind", "w2"),)
+    # a worker whose whole pool could never hold the job is not held for it
+    small = replace(w, num_blocks=150)
+    assert make_policy(name).plan(Snapshot(1.7e9 + 2, (head, behind), (small,)), COST).assign == (("behind", "w"),)
 
 
 def test_placement_respects_slots_blocks_and_swap_affinity():
@@ -211,6 +243,20 @@ def test_alise_prefills_early_only_fresh_jobs_within_the_kv_share_and_the_parkin
     assert make_policy("alise", park_kv_share=0.5, max_parking=1).plan(by_age, COST).prefill_early == (("e", "w"),)
 
 
+def test_alise_prefills_early_only_on_a_worker_whose_context_holds_the_job():
+    """Regression (session 25 review): prefill-early chose by KV room alone. A worker with more free KV but a
+    shorter context got the long prompt, refused it, and the refusal was charged to the job as a failed step: after
+    two it failed, though the other worker could run it."""
+    small = WorkerView(worker_id="small", max_batch=1, free_blocks=950, block_size=16, num_blocks=1000,
+                       max_model_len=4096, running=(job("r1", 50, running=True),))
+    big = WorkerView(worker_id="big", max_batch=1, free_blocks=900, block_size=16, num_blocks=1000,
+                     max_model_len=32768, running=(job("r2", 50, running=True),))
+    long_prompt, short_prompt = job("long", 9, prompt_len=10_000), job("short", 9, prompt_len=100, created=1)
+    snap = Snapshot(1.7e9 + 5, (long_prompt, short_prompt), (small, big), fresh=(long_prompt, short_prompt))
+    assert make_policy("alise", park_kv_share=0.9).plan(snap, COST).prefill_early == (("long", "big"),
+                                                                                     ("short", "small"))
+
+
 def test_alise_prefills_early_only_jobs_that_have_waited_park_after_s():
     w = WorkerView(worker_id="w", max_batch=1, free_blocks=90, block_size=16, num_blocks=100,
                    running=(job("r", 50, running=True),))
@@ -333,7 +379,8 @@ def reference_victims(policy, snap, cost):
             for s, j in left:
                 if (s > best_s and j.predicted and j.priority <= waiting.priority and j.preemptions < policy.max_preemptions
                         and j.remaining_tokens >= policy.near_end_tokens
-                        and saving > policy.preempt_margin * len(left) * cost.preemption(j.prompt_len + j.generated)):
+                        and saving > policy.preempt_margin * len(left) * cost.preemption(j.prompt_len + j.generated)
+                        and policy.queue_score(policy.requeued(j, w), cost) > policy.queue_score(waiting, cost)):
                     best, best_s = (j, w), s
         return best
 
@@ -362,7 +409,8 @@ def test_an_alise_decision_estimates_each_running_job_once_however_many_workers_
     CountingCost.calls = 0
     plan = make_policy("alise", preempt_margin=0.0).plan(snap, CountingCost())
     assert len(plan.preempt) == 8                                 # one per worker
-    assert CountingCost.calls <= 8 * 64 + 10, CountingCost.calls
+    # and each running job's queue score once preempted (which must rank behind the waiting job) at most once
+    assert CountingCost.calls <= 2 * 8 * 64 + 10, CountingCost.calls
 
 
 def test_the_decision_cost_bench_times_full_workers_and_a_queue(capsys):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field, replace
-from itertools import islice
 from typing import Generic, Iterable, TypeVar
 
 from services.common.preempt_mode import PreemptMode
@@ -107,11 +106,42 @@ class _Job(Generic[R]):
         return self.generated < self.suspect_until
 
 
+class _FreshJobs:
+    """Jobs waiting for their first token: the higher priority class first, then in the order they came. Kept by
+    class so that a high-priority job behind hundreds of older low-priority ones is still among the first a
+    snapshot shows (prefill-early sees only the first `fresh_limit`)."""
+
+    def __init__(self) -> None:
+        self._by_class: dict[int, dict[str, float]] = {}      # priority -> job id -> arrival, in arrival order
+
+    def add(self, facts: JobFacts) -> None:
+        jobs = self._by_class.setdefault(facts.priority, {})
+        if facts.job_id in jobs:
+            return
+        late = bool(jobs) and facts.created < next(reversed(jobs.values()))
+        jobs[facts.job_id] = facts.created
+        if late:        # back without a first token (rare): at its arrival's place, the class's order rebuilt
+            self._by_class[facts.priority] = dict(sorted(jobs.items(), key=lambda kv: kv[1]))
+
+    def discard(self, facts: JobFacts) -> None:
+        if (jobs := self._by_class.get(facts.priority)) is not None:
+            jobs.pop(facts.job_id, None)
+            if not jobs:
+                del self._by_class[facts.priority]
+
+    def first(self, n: int) -> Iterable[str]:
+        for priority in sorted(self._by_class, reverse=True):
+            for job_id in self._by_class[priority]:
+                if n <= 0:
+                    return
+                n -= 1
+                yield job_id
+
+
 class LiveState(Generic[R]):
     def __init__(self, knee_share: float = 0.0) -> None:
         self._jobs: dict[str, _Job[R]] = {}
-        # jobs waiting for their first token, in the order they came (what prefill-early serves first)
-        self._fresh: dict[str, None] = {}
+        self._fresh = _FreshJobs()     # jobs waiting for their first token (what prefill-early serves first)
         self.workers: dict[str, WorkerState] = {}
         self.knee_share = knee_share   # admission by the throughput knee (worker_speed.py); 0 = up to max_batch
         self._slots_given = 0          # placements to run (not to park) so far: the queue's departures
@@ -123,12 +153,13 @@ class LiveState(Generic[R]):
         comes with what it has generated and how often it was preempted (the policies bound that count)."""
         self._jobs[facts.job_id] = _Job(facts, payload, generated, preemptions=preemptions)
         if generated == 0:
-            self._fresh[facts.job_id] = None
+            self._fresh.add(facts)
 
     def forget(self, job_id: str) -> R | None:
         """The job ended: drop it everywhere; returns its payload."""
         job = self._jobs.pop(job_id, None)
-        self._fresh.pop(job_id, None)
+        if job is not None:
+            self._fresh.discard(job.facts)
         for w in self.workers.values():
             w.jobs.pop(job_id, None)
             w.parking.discard(job_id)
@@ -160,7 +191,7 @@ class LiveState(Generic[R]):
         if (job := self._jobs.get(job_id)) is not None:
             job.generated = count
             if count:
-                self._fresh.pop(job_id, None)
+                self._fresh.discard(job.facts)
 
     def view(self, job_id: str, running: bool = False) -> JobView:
         # A waiting job's view stays valid across ticks (its tokens do not change while it waits): reuse it.
@@ -233,7 +264,7 @@ class LiveState(Generic[R]):
         resumes_parked = job.parked and job.kv_on == worker_id
         holder = job.kv_on
         self._drop_kept(job)
-        self._fresh.pop(job_id, None)
+        self._fresh.discard(job.facts)
         if park:
             worker.parking.add(job_id)
         else:
@@ -265,13 +296,8 @@ class LiveState(Generic[R]):
         if (job := self._jobs.get(job_id)) is not None:
             if job.kv_on == worker_id:
                 self._drop_kept(job)
-            if job.generated == 0 and job_id not in self._fresh:   # back without a first token (lost worker...)
-                self._refresh_in_order(job)
-
-    def _refresh_in_order(self, job: _Job) -> None:
-        """Back among the jobs without a first token at its arrival's place (rare: the whole order is rebuilt)."""
-        self._fresh[job.facts.job_id] = None
-        self._fresh = dict.fromkeys(sorted(self._fresh, key=lambda j: self._jobs[j].facts.created))
+            if job.generated == 0:                  # back without a first token (lost worker...)
+                self._fresh.add(job.facts)
 
     def kv_dropped(self, job_id: str, worker_id: str) -> None:
         """The worker gave up the KV it kept for the waiting job (a late report about an older copy changes nothing)."""
@@ -342,9 +368,10 @@ class LiveState(Generic[R]):
     # -- what a policy sees ------------------------------------------------------------------------
     def snapshot(self, now: float, queued_ids: Iterable[str], fresh_limit: int = 256) -> Snapshot:
         """The queue's head (`queued_ids`, in queue order) and, for prefill-early, up to `fresh_limit` waiting jobs
-        without a first token in the order they came (a job the queue ranks low is still among them)."""
+        without a first token, by priority class and then in the order they came (a job the queue ranks low is
+        still among them)."""
         queued = tuple(self.view(j) for j in queued_ids if j in self._jobs)
-        fresh = tuple(self.view(j) for j in islice(self._fresh, fresh_limit))
+        fresh = tuple(self.view(j) for j in self._fresh.first(fresh_limit))
         workers = tuple(
             WorkerView(worker_id=w.worker_id, max_batch=w.admit_limit, free_blocks=w.free_blocks,
                        block_size=w.block_size, draining=w.draining, preempting=bool(w.preempting),

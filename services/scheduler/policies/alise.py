@@ -19,7 +19,10 @@ worker is preempted only if all of these hold:
   (from the time model) times the batch size; the saving must exceed `preempt_margin` times it. In a large
   batch some job finishes soon and a recompute delays many, so preemption is rare there; with a few long
   jobs it pays;
-- the victim has been preempted fewer than `max_preemptions` times.
+- the victim has been preempted fewer than `max_preemptions` times;
+- once back in the queue, the victim ranks behind the waiting job. Aging can rank an older victim ahead of a
+  younger, much shorter job: preempting it would hand the freed slot straight back to it, spending one of its
+  preemptions and, with recompute, a recompute, for nothing.
 One preemption per worker is in flight at a time; the longest qualifying victim goes first. With preemption by
 parking (PreemptMode.PARK: the victim stops decoding but keeps its KV on the GPU, and resumes there at once) a
 preemption costs the victim no recompute, so only the ratio, the bound and the near-end rule limit it.
@@ -80,22 +83,26 @@ class AlisePolicy:
 
     def queue_score(self, job: JobView, cost: ExecTimeModel) -> float:
         # an unpredicted job carries the scheduler's prior as its prediction: ranked as that much work
-        work = job.remaining_seconds(cost)
+        return self._score(job, job.remaining_seconds(cost))
+
+    def _score(self, job: JobView, work: float) -> float:
         return -job.priority * PRIORITY_CLASS_SPAN + math.log(max(work, 1e-6)) + (job.created - SCORE_EPOCH) / self.aging_s
 
     def plan(self, snap: Snapshot, cost: ExecTimeModel) -> Plan:
         placement = Placement.greedy(snap)
         ranked = {}                        # worker id -> its running jobs, longest remaining first (built on demand)
+        requeued = {}                      # job id -> its queue score once preempted (built on demand)
         # never preempt for a prior guess (see _victim); a later, predicted job may
         preempt = preempt_for_waiting(placement.unplaced, list(snap.workers),
-                                      lambda waiting, workers: self._victim(waiting, workers, cost, ranked),
+                                      lambda waiting, workers: self._victim(waiting, workers, cost, ranked, requeued),
                                       skip=lambda waiting: not waiting.predicted)
         early = self._prefill_early(snap, {j for j, _ in placement.assign}) if self.park_kv_share > 0 else ()
         return Plan(assign=tuple(placement.assign), preempt=preempt, prefill_early=early)
 
     def _prefill_early(self, snap: Snapshot, assigned: set[str]) -> tuple[tuple[str, str], ...]:
-        """Waiting jobs without a first token, oldest first (TTFT goes by arrival, whatever a job's rank), to be
-        prefilled and parked where KV room allows."""
+        """Waiting jobs without a first token, by priority class and then oldest first (TTFT goes by arrival,
+        whatever a job's predicted rank), to be prefilled and parked where KV room allows, on a worker whose
+        context holds the job (another would refuse it, charging it a failed step)."""
         workers = snap.workers
         room = {w.worker_id: [self.park_kv_share * w.num_blocks - (w.num_blocks - w.free_blocks), self.max_parking - w.parking]
                 for w in workers if not w.draining}
@@ -107,7 +114,8 @@ class AlisePolicy:
                 continue                             # not yet (`fresh` is oldest first only roughly)
             if job.generated or job.kv_on or job.job_id in assigned or job.suspect:   # has its first token or KV,
                 continue                                                                 # runs now, or runs apart
-            fits = [wid for wid, (blocks, n) in room.items() if n > 0 and blocks >= by_id[wid].blocks_needed(job)]
+            fits = [wid for wid, (blocks, n) in room.items()
+                    if n > 0 and blocks >= by_id[wid].blocks_needed(job) and by_id[wid].holds_context(job)]
             if not fits:
                 continue                             # a shorter prompt further down may still fit
             wid = max(fits, key=lambda w: room[w][0])
@@ -116,15 +124,28 @@ class AlisePolicy:
             out.append((job.job_id, wid))
         return tuple(out)
 
+    def requeued(self, job: JobView, worker: WorkerView) -> JobView:
+        """A running job as it would wait again once preempted from `worker` (what its queue score would be)."""
+        return job._replace(running=False, kv_on=worker.worker_id if self.preempt_mode.keeps_kv else "",
+                            parked=self.preempt_mode is PreemptMode.PARK, preemptions=job.preemptions + 1)
+
+    def _requeued_score(self, job: JobView, worker: WorkerView, cost: ExecTimeModel, cache: dict[str, float]) -> float:
+        if (score := cache.get(job.job_id)) is None:
+            score = cache[job.job_id] = self.queue_score(self.requeued(job, worker), cost)
+        return score
+
     def _victim(self, waiting: JobView, workers: list[WorkerView], cost: ExecTimeModel,
-                ranked: dict[str, list[tuple[float, JobView]]]) -> tuple[JobView, WorkerView] | None:
+                ranked: dict[str, list[tuple[float, JobView]]],
+                requeued: dict[str, float]) -> tuple[JobView, WorkerView] | None:
         """The longest qualifying running job on any of `workers`, or None. `ranked` keeps each worker's running
         jobs by remaining time, longest first, across the calls of one plan: a plan with W full workers asks this
         up to W + 1 times, and recomputing every job's remaining time each time cost 62 ms a decision at 8
-        workers x 512 jobs (the scheduler's event loop, which relays every token, waits meanwhile)."""
+        workers x 512 jobs (the scheduler's event loop, which relays every token, waits meanwhile); `requeued` keeps
+        the candidates' queue scores once preempted the same way."""
         # (plan passes over a waiting job with only a prior: a prior is the same guess for every job, so
         # preempting on it only thrashes)
         need = waiting.remaining_seconds(cost)
+        waiting_score = self._score(waiting, need)
         best, best_s = None, self.preempt_ratio * need
         parks = self.preempt_mode is PreemptMode.PARK
         for w in workers:
@@ -143,7 +164,9 @@ class AlisePolicy:
                     break                            # the rest are shorter still
                 if (job.predicted and job.priority <= waiting.priority
                         and job.preemptions < self.max_preemptions and job.remaining_tokens >= self.near_end_tokens
-                        and (free_park or saving > self.preempt_margin * len(left) * cost.preemption(job.prompt_len + job.generated))):
+                        and (free_park or saving > self.preempt_margin * len(left) * cost.preemption(
+                            job.prompt_len + job.generated))
+                        and self._requeued_score(job, w, cost, requeued) > waiting_score):
                     best, best_s = (job, w), s
                     break                            # this worker's longest qualifying job
         return best

@@ -103,7 +103,9 @@ class _Room:
 @dataclass
 class Placement:
     """Greedy placement of queued jobs, in order, on workers with a free slot and enough KV blocks; at most one
-    suspect on a worker (LiveState.blame: if a step fails again, the worker's step holds one job to blame)."""
+    suspect on a worker (LiveState.blame: if a step fails again, the worker's step holds one job to blame). A job
+    that waits for KV room holds back the worker with the most room it could run on: no job behind it is placed
+    there until it is (what vLLM's queue does at its head), so no stream of smaller jobs can starve it."""
     assign: list[tuple[str, str]] = field(default_factory=list)
     unplaced: list[JobView] = field(default_factory=list)
 
@@ -125,6 +127,11 @@ class Placement:
             target = _pick_worker(job, room, by_id, longest)
             if target is None:
                 out.unplaced.append(job)
+                # the jobs behind it must not take the KV it waits for, or a long prompt (or a higher class) waits
+                # for good while shorter ones fill every block that frees up: its worker takes no one else now
+                if (held := _worker_to_hold(job, room, by_id)) is not None:
+                    slots -= room[held].slots
+                    room[held].slots = 0
                 continue
             room[target].slots -= 1
             slots -= 1
@@ -155,6 +162,14 @@ def preempt_for_waiting(unplaced: list[JobView], workers: list[WorkerView], vict
         out.append((job.job_id, worker.worker_id))
         open_workers.remove(worker)
     return tuple(out)
+
+
+def _worker_to_hold(job: JobView, room: dict[str, _Room], workers: dict[str, WorkerView]) -> str | None:
+    """Where a job that found no room waits for KV to free up: the worker with a free slot and the most KV room
+    whose context holds it and whose whole pool could (a pool of unknown size, 0, is never held)."""
+    could = [w for w, r in room.items() if r.slots > 0 and workers[w].holds_context(job)
+             and workers[w].blocks_needed(job) <= workers[w].num_blocks and not (job.suspect and r.suspect)]
+    return max(could, key=lambda w: room[w].blocks) if could else None
 
 
 def _pick_worker(job: JobView, room: dict[str, _Room], workers: dict[str, WorkerView],
