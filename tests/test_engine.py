@@ -68,6 +68,24 @@ def add_all(engine, tokenizer, n=24, **sampling):
                    Sampling(max_tokens=n, ignore_eos=True, **sampling))
 
 
+def test_the_load_counts_the_blocks_a_prompt_still_needs_as_promised(engine, tokenizer):
+    """Regression (session 25 review): the load report said only which blocks were in use. A prompt takes its blocks
+    chunk by chunk (a job in the line none yet), so every report showed the scheduler room already spoken for, and
+    it placed more jobs there than the worker could hold."""
+    from services.worker.block_manager import blocks_for
+
+    ids = (tokenizer.encode("The quick brown fox jumps over the lazy dog. ", add_special_tokens=False) * 80)[:700]
+    engine.add("long", ids, Sampling(max_tokens=4, ignore_eos=True))       # 700 tokens: three chunks of <= 256
+    need = blocks_for(len(ids) + 1, engine.blocks.block_size)
+    load = engine.load()
+    assert load.used_blocks == 0 and load.promised_blocks == need
+    engine.step()
+    load = engine.load()
+    assert 0 < load.used_blocks < need and load.used_blocks + load.promised_blocks == need
+    run_to_end(engine)
+    assert engine.load().promised_blocks == 0 and engine.blocks.num_used == 0
+
+
 def test_batched_greedy_matches_transformers(engine, tokenizer, references):
     add_all(engine, tokenizer)
     done = run_to_end(engine)

@@ -136,3 +136,15 @@ def test_worker_speed_refits_after_enough_new_rows():
     assert speed.model() is first                             # not enough new rows yet
     speed.observe(reports(TRUE, 1, seed=2)[0])
     assert speed.model() is not first
+
+
+def test_a_report_whose_time_is_not_a_finite_number_teaches_nothing():
+    """Regression (session 25 review): a row timed at infinity was kept, and the fit gave no model (admission fell
+    back to the max batch) until the row left the 512-row window."""
+    speed = WorkerSpeed(window=128)
+    speed.observe(StepSums(3, float("inf"), 30, 0, 3000))
+    speed.observe(StepSums(3, float("nan"), 30, 0, 3000))
+    for r in reports(TRUE, 16):
+        speed.observe(r)
+    got = speed.model()
+    assert got is not None and got.base_s == pytest.approx(TRUE.base_s, rel=0.1)

@@ -82,7 +82,9 @@ class WorkerSpeed:
         self._mixed = 0
 
     def observe(self, sums: StepSums) -> None:
-        if sums.steps > 0 and sums.seconds > 0:
+        # a row with no steps, no time, or a time that is not a number (a worker's clock or a bad report) teaches
+        # nothing; an infinite one kept in the window would leave the fit unsolvable until it fell out
+        if sums.steps > 0 and 0 < sums.seconds < math.inf:
             if len(self._rows) == self._rows.maxlen:
                 old = self._rows[0]           # about to fall out of the window
                 self._steps -= old.steps

@@ -110,6 +110,7 @@ class EngineLoad:
     running_tokens: int
     waiting_tokens: int
     num_preemptions: int
+    promised_blocks: int = 0           # blocks its sequences still need for the tokens they have (not yet taken)
     prefix_queried_tokens: int = 0     # tokens of sequences admitted from scratch, since start
     prefix_hit_tokens: int = 0         # of which found in the prefix cache
 
@@ -401,6 +402,13 @@ class Engine:
             return Finish.LENGTH
         return None
 
+    def _promised_blocks(self, running, waiting) -> int:
+        """Blocks the running and waiting sequences still need to hold their tokens and the next one (what the
+        scheduler promised them when it placed them): a prompt takes its blocks chunk by chunk, a job in the line
+        none yet, so `used_blocks` alone shows room that is already spoken for."""
+        return sum(self.blocks.extra_blocks(s.job_id, s.num_tokens + 1) for seqs in (running, waiting) for s in seqs
+                   if s.status is not SeqStatus.SWAPPED)
+
     def load(self) -> EngineLoad:
         running, waiting = self.sched.running, self.sched.waiting
         return EngineLoad(
@@ -414,6 +422,7 @@ class Engine:
             running_tokens=sum(s.num_tokens for s in running),
             waiting_tokens=sum(s.num_tokens for s in waiting),
             num_preemptions=self.num_preemptions,
+            promised_blocks=self._promised_blocks(running, waiting),
             prefix_queried_tokens=self.sched.admitted_tokens,
             prefix_hit_tokens=self.sched.cached_tokens,
         )

@@ -344,7 +344,7 @@ class EngineLoop(threading.Thread):
             total_blocks=load.total_blocks, swapped_blocks=load.swapped_blocks,
             running_tokens=load.running_tokens, waiting_tokens=load.waiting_tokens,
             iteration_seconds=self._step_seconds, num_preemptions=load.num_preemptions, draining=self.draining,
-            steps=steps)))
+            steps=steps, promised_blocks=load.promised_blocks)))
 
     def _send(self, msg: wpb.WorkerMessage) -> None:
         sink = self._sink
