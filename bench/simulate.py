@@ -32,6 +32,12 @@ from bench.sweep_report import Run, markdown, plot
 from bench.workloads import BenchRequest, Dataset, Limits, length_records, load, rendered_chat
 from services.common.preempt_mode import PreemptMode
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.exec_time import ExecTimeModel
+
+
+def exec_model_arg(text: str) -> ExecTimeModel:
+    t0, a, b = (float(x) for x in text.split(","))
+    return ExecTimeModel(t0, a, b)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,6 +83,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repredict-tau", type=float, default=0.0,
                    help="the worker's length probe: once a prompt is computed, its job is re-estimated with the "
                         "noise giving this Kendall tau (0 = off; measured live on CPU: 0.46)")
+    p.add_argument("--exec-model", type=exec_model_arg, default=ExecTimeModel(), metavar="T0,A,B",
+                   help="the time model the scheduler ranks jobs by: seconds per prefill token, decode seconds per "
+                        "token of context and per step (default: the scheduler's own defaults)")
     p.add_argument("--tick-s", type=float, default=0.0, help="scheduler decides at most once per tick (0 = every event)")
     p.add_argument("--reconsider-s", type=float, default=0.1, help="with jobs waiting, decide at least this often")
     p.add_argument("--latency-bound", type=float, default=0.1, help="mean normalized latency bound (s/token)")
@@ -205,7 +214,7 @@ def simulate_sweep(a: argparse.Namespace) -> list[Run]:
                             reconsider_s=a.reconsider_s, tick_s=a.tick_s, knee_share=a.knee_share,
                             max_preemptions=a.max_preemptions, aging_s=a.aging_s, park_kv_share=a.park_kv_share,
                             park_after_s=a.park_after_s, park_wait_factor=a.park_wait_factor, admit_s=a.admit_s,
-                            max_parking=a.max_parking,
+                            max_parking=a.max_parking, exec_model=a.exec_model,
                             admit_per_s=a.admit_per_s, record_itl=a.num_prompts <= ITL_MAX_REQUESTS,
                             reestimate=SimPredictor(PredictorKind.NOISY, probe_sigma, seed=a.seed + 1)
                             if probe_sigma is not None else None)

@@ -87,6 +87,7 @@ class SimConfig:
     admit_per_s: float = 0.0
     # keep every job's inter-token gaps (one float a token: off for very large runs, where only ITL is lost)
     record_itl: bool = True
+    exec_model: ExecTimeModel = field(default_factory=ExecTimeModel)   # what the scheduler ranks jobs by
 
     def __post_init__(self) -> None:
         if self.policy not in SIM_POLICIES:
@@ -200,7 +201,7 @@ class Simulation:
         self.cfg = cfg
         self.policy = make_policy("alise" if cfg.policy == ORACLE else cfg.policy, **policy_options(cfg))
         self.predictor = SimPredictor(PredictorKind.ORACLE) if cfg.policy == ORACLE else cfg.predictor
-        self.exec_model = ExecTimeModel()
+        self.exec_model = cfg.exec_model
         self.state: LiveState[None] = LiveState(knee_share=cfg.knee_share)
         self.workers = {f"w{i}": _Worker(f"w{i}", cfg.worker) for i in range(cfg.workers)}
         for w in self.workers.values():

@@ -1,8 +1,12 @@
 """The ALISE execution-time model and the expected remaining work of a job.
 
 Prefill of s prompt tokens costs s*T0; each decode step of a job with context c costs a*c + b, so n
-output tokens after a prompt of s cost about n*(a*s + b). Defaults are rough CPU numbers for SmolLM2;
-only the *ordering* of jobs depends on them, and a (later) profiler fits them per worker.
+output tokens after a prompt of s cost about n*(a*s + b). Defaults are rough CPU numbers for SmolLM2, and
+the scheduler ranks with them on every machine: only the *ordering* of jobs depends on them, and they are
+not fitted per worker (the workers' fitted step models, worker_speed.py, set admission, not rank). On an
+H200 they weigh a prompt token ~30x more against a decode step than the machine does; ranking with
+constants matched to the H200 changed alise's simulated mean and p99 by under 2% on the chat workload
+(`bench simulate --exec-model`, docs/BENCHMARKS.md), so the predicted output length is what decides rank.
 """
 from __future__ import annotations
 
