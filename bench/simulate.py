@@ -69,6 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="alise: ... and this many times the queue's mean wait now (0 = off)")
     p.add_argument("--max-parking", type=int, default=SchedulerConfig.max_parking,
                    help="alise: at most this many jobs on their way to be prefilled early on a worker at once")
+    p.add_argument("--due-after-s", type=float, default=SchedulerConfig.due_after_s,
+                   help="a job that has waited this long goes first in its class, by arrival (0 = off)")
     p.add_argument("--aging-s", type=float, default=SchedulerConfig.aging_s,
                    help="alise: waiting this long makes a job's predicted work count e times less")
     p.add_argument("--max-tokens", type=int, default=4096, help="max_tokens of every request")
@@ -214,7 +216,7 @@ def simulate_sweep(a: argparse.Namespace) -> list[Run]:
                             reconsider_s=a.reconsider_s, tick_s=a.tick_s, knee_share=a.knee_share,
                             max_preemptions=a.max_preemptions, aging_s=a.aging_s, park_kv_share=a.park_kv_share,
                             park_after_s=a.park_after_s, park_wait_factor=a.park_wait_factor, admit_s=a.admit_s,
-                            max_parking=a.max_parking, exec_model=a.exec_model,
+                            max_parking=a.max_parking, exec_model=a.exec_model, due_after_s=a.due_after_s,
                             admit_per_s=a.admit_per_s, record_itl=a.num_prompts <= ITL_MAX_REQUESTS,
                             reestimate=SimPredictor(PredictorKind.NOISY, probe_sigma, seed=a.seed + 1)
                             if probe_sigma is not None else None)

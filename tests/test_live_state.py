@@ -147,6 +147,25 @@ def test_prefill_early_sees_a_higher_class_first_however_many_older_jobs_of_a_lo
     assert [v.job_id for v in s.snapshot(500.0, [], fresh_limit=2).fresh] == ["low1", "low2"]
 
 
+def test_jobs_become_due_once_they_have_waited_due_after_s_and_only_waiting_ones_are_rescored():
+    s: LiveState = LiveState(due_after_s=10.0)
+    s.add_worker(WorkerState("w1", block_size=16, num_blocks=10, max_batch=2))
+    for i, j in enumerate("abc"):
+        s.track(JobFacts(job_id=j, priority=0, created=float(i), prompt_len=10, max_tokens=100, pred_len=10.0,
+                         pred_p90=20.0, predicted=True))
+    s.placed("a", "w1")
+    assert s.become_due(9.5) == [] and not s.view("b").due
+    assert s.become_due(11.0) == ["b"]          # a came first but runs: due from its next time in the queue
+    assert s.view("a", running=True).due and s.requeued_view("a", "w1", None, counted=False).due
+    assert s.view("b").due and not s.view("c").due
+    s.forget("c")
+    assert s.become_due(100.0) == [] and s.become_due(200.0) == []            # each job once; an ended one never
+    off: LiveState = LiveState()
+    off.track(JobFacts(job_id="x", priority=0, created=0.0, prompt_len=10, max_tokens=100, pred_len=10.0,
+                       pred_p90=20.0, predicted=True))
+    assert off.become_due(1e9) == [] and not off.view("x").due              # 0: never due, nothing kept for it
+
+
 def test_the_view_a_requeued_job_is_scored_by_is_the_one_it_will_have():
     from services.common.preempt_mode import PreemptMode
 

@@ -50,6 +50,24 @@ def test_aging_lets_an_old_long_job_overtake_new_short_ones():
     assert ordered("alise", [old_long, new_short]) == ["old-long", "new-short"]
 
 
+@pytest.mark.parametrize("name", ["alise", "sjf"])
+def test_a_due_job_goes_first_in_its_class_by_arrival(name):
+    long_due = job("long-due", 5000, created=0)._replace(due=True)
+    later_due = job("later-due", 1, created=5)._replace(due=True)
+    short = job("short", 1, created=10)
+    high = job("high", 5000, created=20, priority=1)
+    assert ordered(name, [short, later_due, high, long_due]) == ["high", "long-due", "later-due", "short"]
+
+
+def test_a_due_job_is_never_preempted_for_one_that_is_not():
+    policy = make_policy("alise")
+    running = job("long", 3000, generated=10, running=True)
+    snap = Snapshot(1.7e9, (job("short", 5),), (worker(running=[running]),))
+    assert policy.plan(snap, COST).preempt == (("long", "w"),)
+    due = replace(snap, workers=(worker(running=[running._replace(due=True)]),))
+    assert policy.plan(due, COST).preempt == ()
+
+
 def test_remaining_tokens_past_the_prediction():
     assert expected_remaining_tokens(100, 200, 10, 1000) == 90
     assert expected_remaining_tokens(100, 200, 150, 1000) == 50     # past the mean: expect p90
@@ -460,7 +478,7 @@ def test_the_scheduler_and_the_simulator_carry_every_policy_setting_with_the_sam
 
     sim = {f.name: f.default for f in dataclasses.fields(SimConfig)}
     live = {f.name: f.default for f in dataclasses.fields(SchedulerConfig)}
-    for name in POLICY_SETTINGS:
+    for name in (*POLICY_SETTINGS, "knee_share", "due_after_s"):     # and the live state's own settings
         assert name in sim and name in live, name
         assert sim[name] == live[name], name
     from services.scheduler.policies import POLICIES

@@ -343,3 +343,24 @@ async def test_a_worker_that_registers_while_the_store_refuses_is_told_to_retry(
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "already connected" in err.details()
     finally:
         await server.stop(None)
+
+
+async def test_a_job_that_has_waited_due_after_s_goes_first_in_the_queue_by_arrival(dispatcher_factory):
+    """The hard bound behind aging (session 25 review: aging alone bounds how much later an overtaking job may come,
+    not how long a job waits): once a job has waited due_after_s, the scheduler re-scores it in Redis, and no later
+    job of its class is placed before it, however short."""
+    d = await dispatcher_factory(policy="alise", due_after_s=5.0)
+    assert await d.submit(valid_request("long", max_tokens=1000), TENANT)
+    assert await d.submit(valid_request("short", max_tokens=2), TENANT)      # predicted 2 tokens: far less work
+    long_id, short_id = keys.job_id(TENANT.name, "long"), keys.job_id(TENANT.name, "short")
+    await d.snapshot()
+    assert await d.store.queue_head(2) == [short_id, long_id]               # shortest first, while neither is due
+
+    deadline = asyncio.get_running_loop().time() + 60
+    while True:
+        await d.snapshot()                        # each tick's snapshot re-scores the jobs that became due
+        if await d.store.queue_head(2) == [long_id, short_id]:
+            break
+        assert asyncio.get_running_loop().time() < deadline, "the job that came first never went first"
+        await asyncio.sleep(0.05)
+    assert d.state.view(long_id).due

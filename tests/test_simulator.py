@@ -147,6 +147,13 @@ def test_aging_bounds_how_long_a_flood_of_short_jobs_can_hold_back_a_long_one():
     # ~22 s of overtaking arrivals take ~30 s to serve (they come faster than they are served), plus its own 20 s
     assert bounded < 60.0, bounded
 
+    # the hard bound, without aging: due after 10 s, the long job goes next (behind the one short job running
+    # then, 0.2 s) and runs its own 20 s
+    cfg = SimConfig(policy="oracle", cost=IterationCost(base_s=0.1), worker=WorkerSpec(max_batch=1, num_blocks=100),
+                    predictor=SimPredictor(PredictorKind.ORACLE), reconsider_s=0.0, aging_s=1e9, due_after_s=10.0)
+    due = simulate(cfg, reqs)[0][0].e2e_s
+    assert 30.0 <= due <= 10.0 + 0.2 + 20.0 + 0.5, due
+
 
 def test_the_cli_writes_each_runs_json_and_the_report(tmp_path):
     import csv

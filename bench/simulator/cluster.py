@@ -74,6 +74,7 @@ class SimConfig:
     reconsider_s: float = 0.1         # with jobs waiting, the scheduler decides at least this often (load reports)
     tick_s: float = 0.0               # 0: decide at every event; > 0: at most once per tick (faster, coarser)
     knee_share: float = SchedulerConfig.knee_share       # admission by the throughput knee, as live; 0 = off
+    due_after_s: float = SchedulerConfig.due_after_s     # a job waiting this long goes by arrival, as live; 0 = off
     max_preemptions: int = SchedulerConfig.max_preemptions
     aging_s: float = SchedulerConfig.aging_s
     park_kv_share: float = SchedulerConfig.park_kv_share   # alise: prefill early and park (0 = off)
@@ -202,7 +203,7 @@ class Simulation:
         self.policy = make_policy("alise" if cfg.policy == ORACLE else cfg.policy, **policy_options(cfg))
         self.predictor = SimPredictor(PredictorKind.ORACLE) if cfg.policy == ORACLE else cfg.predictor
         self.exec_model = cfg.exec_model
-        self.state: LiveState[None] = LiveState(knee_share=cfg.knee_share)
+        self.state: LiveState[None] = LiveState(knee_share=cfg.knee_share, due_after_s=cfg.due_after_s)
         self.workers = {f"w{i}": _Worker(f"w{i}", cfg.worker) for i in range(cfg.workers)}
         for w in self.workers.values():
             self.state.add_worker(WorkerState(w.wid, cfg.worker.block_size, cfg.worker.num_blocks, cfg.worker.max_batch))
@@ -290,6 +291,10 @@ class Simulation:
                 set_generated(job.job_id, job.generated)
                 total += job.prompt_len + job.generated
             self.state.load_report(w.wid, w.used_blocks, False, w.report(), total / len(w.running) if w.running else 0.0)
+        for job_id in self.state.become_due(self.now):   # as the live dispatcher does: a new score, by arrival
+            if job_id in self.queued:
+                self._dequeue(job_id)
+                self._enqueue(self.jobs[job_id])
         snap = self.state.snapshot(self.now, [e[2] for e in self.queue[:QUEUE_LOOKAHEAD]])
         plan = self.policy.plan(snap, self.exec_model)
         for job_id, wid in plan.preempt:

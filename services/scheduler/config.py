@@ -1,6 +1,7 @@
 """Scheduler settings: one validated dataclass, from flags or environment variables."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from services.common.config_args import config_from_args
@@ -40,6 +41,10 @@ class SchedulerConfig:
     max_preemptions: int = 2                    # alise: a job is preempted at most this many times
     aging_s: float = AlisePolicy.aging_s        # alise: waiting this long makes predicted work count e times less
     knee_share: float = 0.99                    # admit up to the batch within this share of max throughput; 0 = off
+    # a job that has waited this long since it came is due: it goes first in its class, by arrival (alise and sjf;
+    # policies/base.due_score), so no later job of its class is placed before it. The hard bound on unfairness
+    # behind aging's relative one; 0 = off
+    due_after_s: float = 300.0
     # alise: a job that must wait for a decode slot is prefilled at once and parked on a worker (first token now,
     # KV kept) while the worker's KV in use stays under this share of its pool; 0 = off (policies/alise.py)
     park_kv_share: float = 0.8
@@ -90,6 +95,8 @@ class SchedulerConfig:
         AlisePolicy(park_after_s=self.park_after_s, park_wait_factor=self.park_wait_factor, max_parking=self.max_parking)
         if not self.aging_s > 0:
             raise ValueError("aging_s must be > 0")
+        if not 0 <= self.due_after_s < math.inf:
+            raise ValueError("due_after_s must be >= 0 and finite (0 = off)")
         if not self.http_header_timeout_s > 0:
             raise ValueError("http_header_timeout_s must be > 0")
         if not self.leader_lease_s > 0:

@@ -66,7 +66,7 @@ class Dispatcher:
         self._worker_turns = KeyedLocks()            # a worker id's sessions join, leave and are swept one at a time
         self._strays: dict[str, set[str]] = {}       # worker id -> strays the last sweep found there
         self.may_act = may_act                       # whether it may act on the store now (the server's lease)
-        self.state: LiveState[JobRecord] = LiveState(knee_share=cfg.knee_share)
+        self.state: LiveState[JobRecord] = LiveState(knee_share=cfg.knee_share, due_after_s=cfg.due_after_s)
         self.queued_work_s = 0.0                     # predicted seconds of queued work, as of the last tick
         self._wake = asyncio.Event()
 
@@ -175,9 +175,12 @@ class Dispatcher:
         metrics.PLACED.set(self.state.running())
 
     async def snapshot(self) -> Snapshot:
+        now = time.time()
+        for job_id in self.state.become_due(now):       # waited due_after_s: by arrival from now on
+            await self.store.rescore(job_id, self.policy.queue_score(self.state.view(job_id), self.cost))
         queued = [job_id for job_id in await self.store.queue_head(QUEUE_LOOKAHEAD)
                   if await self._record(job_id) is not None]
-        return self.state.snapshot(time.time(), queued)
+        return self.state.snapshot(now, queued)
 
     async def _assign(self, job_id: str, s: WorkerSession, park: bool = False) -> None:
         """Send the job to the worker; with `park`, to be prefilled there and parked after its first token."""

@@ -290,6 +290,10 @@ class JobStore:
         return bool(res[0]), res[1], res[2], res[3]
 
     # -- reads -----------------------------------------------------------------------------------
+    async def rescore(self, job_id: str, score: float) -> None:
+        """A new queue score for a job still in the queue (one placed or ended meanwhile is not put back)."""
+        await self.r.zadd(keys.QUEUE, {job_id: score}, xx=True)
+
     async def queue_head(self, n: int) -> list[str]:
         return [m.decode() for m in await self.r.zrange(keys.QUEUE, 0, n - 1)]
 

@@ -9,6 +9,7 @@ everything here can be rebuilt from it and from the workers' reports.
 """
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Generic, Iterable, TypeVar
@@ -57,9 +58,9 @@ class JobFacts:
 
 
 def job_view(f: JobFacts, generated: int = 0, running: bool = False, kv_on: str = "",
-             preemptions: int = 0, parked: bool = False, suspect: bool = False) -> JobView:
+             preemptions: int = 0, parked: bool = False, suspect: bool = False, due: bool = False) -> JobView:
     return JobView(f.job_id, f.priority, f.created, f.prompt_len, f.max_tokens, f.pred_len, f.pred_p90, f.predicted,
-                   generated, running, kv_on, f.pred_deciles, preemptions, parked, suspect)   # positional: the cheapest way
+                   generated, running, kv_on, f.pred_deciles, preemptions, parked, suspect, due)   # positional: fastest
 
 
 @dataclass
@@ -99,6 +100,7 @@ class _Job(Generic[R]):
     parked: bool = False           # ... on its GPU (else swapped out to its host memory)
     preemptions: int = 0
     suspect_until: int = 0         # a suspect until it has generated this many tokens (see LiveState.blame)
+    due: bool = False              # has waited due_after_s since it came (see LiveState.become_due)
     views: list = field(default_factory=lambda: [None, None])   # last views built (waiting, running)
 
     @property
@@ -139,8 +141,12 @@ class _FreshJobs:
 
 
 class LiveState(Generic[R]):
-    def __init__(self, knee_share: float = 0.0) -> None:
+    def __init__(self, knee_share: float = 0.0, due_after_s: float = 0.0) -> None:
         self._jobs: dict[str, _Job[R]] = {}
+        # a job that has waited this long since it came is due: ranked by arrival ahead of the rest of its class
+        # (policies/base.due_score); 0 = never. Jobs by arrival (a heap: recovered jobs come out of order) until then
+        self.due_after_s = due_after_s
+        self._not_due: list[tuple[float, str]] = []
         self._fresh = _FreshJobs()     # jobs waiting for their first token (what prefill-early serves first)
         self.workers: dict[str, WorkerState] = {}
         self.knee_share = knee_share   # admission by the throughput knee (worker_speed.py); 0 = up to max_batch
@@ -154,6 +160,22 @@ class LiveState(Generic[R]):
         self._jobs[facts.job_id] = _Job(facts, payload, generated, preemptions=preemptions)
         if generated == 0:
             self._fresh.add(facts)
+        if self.due_after_s > 0:
+            heapq.heappush(self._not_due, (facts.created, facts.job_id))
+
+    def become_due(self, now: float) -> list[str]:
+        """Mark the jobs that have waited due_after_s since they came as due; returns those of them waiting at the
+        scheduler now (their queue scores change: the caller re-scores them). A job placed on a worker then is
+        due from its next time in the queue on (a requeue scores its view, which says so)."""
+        out = []
+        while self._not_due and self._not_due[0][0] <= now - self.due_after_s:
+            _, job_id = heapq.heappop(self._not_due)
+            if (job := self._jobs.get(job_id)) is None or job.due:
+                continue                              # ended meanwhile
+            job.due = True
+            if not any(job_id in w.jobs or job_id in w.parking for w in self.workers.values()):
+                out.append(job_id)
+        return out
 
     def forget(self, job_id: str) -> R | None:
         """The job ended: drop it everywhere; returns its payload."""
@@ -197,10 +219,10 @@ class LiveState(Generic[R]):
         # A waiting job's view stays valid across ticks (its tokens do not change while it waits): reuse it.
         job = self._jobs[job_id]
         v = job.views[running]
-        if (v is None or v.generated != job.generated or v.kv_on != job.kv_on
-                or v.preemptions != job.preemptions or v.parked != job.parked or v.suspect != job.suspect):
+        if (v is None or v.generated != job.generated or v.kv_on != job.kv_on or v.preemptions != job.preemptions
+                or v.parked != job.parked or v.suspect != job.suspect or v.due != job.due):
             v = job.views[running] = job_view(job.facts, job.generated, running, job.kv_on, job.preemptions, job.parked,
-                                              job.suspect)
+                                              job.suspect, job.due)
         return v
 
     def blame(self, charged: Iterable[str], in_step: Iterable[str] = ()) -> set[str]:
@@ -325,7 +347,7 @@ class LiveState(Generic[R]):
         job = self._jobs[job_id]
         keeps = mode is not None and mode.keeps_kv
         return job_view(job.facts, job.generated, False, worker_id if keeps else "", job.preemptions + counted,
-                        mode is PreemptMode.PARK, job.suspect)
+                        mode is PreemptMode.PARK, job.suspect, job.due)
 
     def kept_kv(self, job_id: str, worker_id: str, parked: bool) -> None:
         """The worker keeps the job's KV (on its GPU when `parked`, else in host memory): placing it there again

@@ -6,6 +6,10 @@ ln(remaining_seconds) + created / aging_s is the same order, and that score neve
 The bound it gives is relative, so it holds whatever the scale of the time model: a job is overtaken only by
 jobs that are shorter by a factor exp(d / aging_s), d being how much later they arrived; e.g. with aging_s =
 15 (the default), a job that arrives 35 s later must be 10x shorter, one that arrives 69 s later 100x shorter.
+A hard bound on top (the scheduler's `due_after_s`): once a job has waited that long it is due, and due jobs go
+first in their class, by arrival (base.due_score). From then on no later job of its class is placed before it,
+and a due job is never preempted for one that is not (it would rank ahead of it once requeued; see below): its
+wait past due_after_s is what FCFS gives it among the jobs that came before it, plus the time a slot takes to free.
 
 Preemption only where it pays. When the best waiting job fits nowhere, a running job (the victim) on a full
 worker is preempted only if all of these hold:
@@ -51,7 +55,7 @@ from dataclasses import dataclass
 from services.common.preempt_mode import PreemptMode
 from services.scheduler.exec_time import ExecTimeModel
 from services.scheduler.policies.base import (PRIORITY_CLASS_SPAN, SCORE_EPOCH, JobView, Placement, Plan,
-                                              Snapshot, WorkerView, preempt_for_waiting)
+                                              Snapshot, WorkerView, due_score, preempt_for_waiting)
 
 
 @dataclass
@@ -86,6 +90,8 @@ class AlisePolicy:
         return self._score(job, job.remaining_seconds(cost))
 
     def _score(self, job: JobView, work: float) -> float:
+        if job.due:
+            return due_score(job)
         return -job.priority * PRIORITY_CLASS_SPAN + math.log(max(work, 1e-6)) + (job.created - SCORE_EPOCH) / self.aging_s
 
     def plan(self, snap: Snapshot, cost: ExecTimeModel) -> Plan:

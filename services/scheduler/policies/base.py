@@ -11,6 +11,15 @@ from services.scheduler.exec_time import ExecTimeModel, expected_remaining_token
 # Queue scores are ordered lowest first; a priority class outranks any amount of predicted work.
 PRIORITY_CLASS_SPAN = 1.0e12
 SCORE_EPOCH = 1.7e9            # keeps arrival times small, so scores stay precise in a float64
+# Within a class, a job that is due (has waited the scheduler's due_after_s) outranks every job that is not; due
+# jobs go by arrival. Below PRIORITY_CLASS_SPAN, above any score a policy gives a job that is not due.
+DUE_SPAN = 1.0e10
+
+
+def due_score(job: "JobView") -> float:
+    """The queue score of a due job: its class, then arrival. Once a job has waited due_after_s, no job of its class
+    that came after it is placed before it, whatever their predicted work."""
+    return -job.priority * PRIORITY_CLASS_SPAN - DUE_SPAN + (job.created - SCORE_EPOCH)
 
 
 class JobView(NamedTuple):
@@ -31,6 +40,7 @@ class JobView(NamedTuple):
     preemptions: int = 0       # times this scheduler has preempted it
     parked: bool = False       # that KV is on kv_on's GPU: resuming there is immediate and needs no new blocks
     suspect: bool = False      # was in a failed step with other jobs and no one to blame: runs with no other suspect
+    due: bool = False          # has waited the scheduler's due_after_s since it came: ranked by arrival (due_score)
 
     @property
     def remaining_tokens(self) -> float:
