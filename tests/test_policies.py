@@ -109,6 +109,31 @@ def test_alise_never_preempts_a_job_that_aging_would_put_straight_back_in_the_fr
     assert policy.plan(together, COST).preempt == (("old", "w"),)
 
 
+def test_alise_preempts_only_where_the_freed_slot_can_take_the_waiting_job():
+    """Regression (session 25 review): the victim was chosen without asking whether the waiting job could use the
+    slot: a worker whose context is too short for it, or whose KV would still be too full, preempted for nothing."""
+    policy = make_policy("alise")
+    running = job("long", 1000, generated=10, running=True)
+    waiting = job("short", 5, prompt_len=3000)                     # 188 blocks of 16
+    short_context = replace(worker(running=[running]), max_model_len=2048)
+    assert policy.plan(Snapshot(1.7e9, (waiting,), (short_context,)), COST).preempt == ()
+    full = worker(running=[running], free_blocks=10)                # 10 free + the victim's 2: not 188
+    assert policy.plan(Snapshot(1.7e9, (waiting,), (full,)), COST).preempt == ()
+    roomy = worker(running=[running], free_blocks=200)
+    assert policy.plan(Snapshot(1.7e9, (waiting,), (roomy,)), COST).preempt == (("long", "w"),)
+
+
+def test_a_waiting_job_with_no_victim_does_not_end_the_search_for_those_behind_it():
+    """Regression (session 25 review): the search stopped at the first waiting job that found no victim, taking the
+    jobs behind it to be longer; with aging a job further down (that came later) may be far shorter."""
+    policy = make_policy("alise")
+    running = job("long", 400, generated=10, running=True)
+    ahead = job("old-mid", 300, created=-200)         # ranked first (it came 200 s earlier), not 4x shorter
+    behind = job("new-short", 5)
+    snap = Snapshot(1.7e9, (ahead, behind), (worker(running=[running]),))
+    assert policy.plan(snap, COST).preempt == (("long", "w"),)
+
+
 def test_alise_never_preempts_on_prior_guesses():
     """Regression (issue 8.6): without predictions the queue is in arrival order, yet preemption compared
     prior-based times, so the same long jobs were preempted again and again."""
@@ -395,7 +420,9 @@ def reference_victims(policy, snap, cost):
             left = [(j.remaining_seconds(cost), j) for j in w.running]
             saving = min((s for s, _ in left), default=0.0)
             for s, j in left:
-                if (s > best_s and j.predicted and j.priority <= waiting.priority and j.preemptions < policy.max_preemptions
+                if (s > best_s and w.holds_context(waiting)
+                        and w.free_blocks + w.parked_blocks + w.blocks_needed(j) >= w.blocks_needed(waiting)
+                        and j.predicted and j.priority <= waiting.priority and j.preemptions < policy.max_preemptions
                         and j.remaining_tokens >= policy.near_end_tokens
                         and saving > policy.preempt_margin * len(left) * cost.preemption(j.prompt_len + j.generated)
                         and policy.queue_score(policy.requeued(j, w), cost) > policy.queue_score(waiting, cost)):

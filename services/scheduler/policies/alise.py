@@ -155,6 +155,8 @@ class AlisePolicy:
         best, best_s = None, self.preempt_ratio * need
         parks = self.preempt_mode is PreemptMode.PARK
         for w in workers:
+            if not w.holds_context(waiting):
+                continue                             # a slot freed here could not take it
             left = ranked.get(w.worker_id)
             if left is None:
                 left = ranked[w.worker_id] = sorted(((job.remaining_seconds(cost), job) for job in w.running),
@@ -165,10 +167,11 @@ class AlisePolicy:
             # parking costs nothing only if the waiting job fits without the worker dropping parked KV for it (the
             # victim's own, first of all): else it may cost a recompute, which must pay like any other
             free_park = parks and w.free_blocks >= w.blocks_needed(waiting)
+            room = w.free_blocks + w.parked_blocks - w.blocks_needed(waiting)   # the victim's KV must cover the rest
             for s, job in left:
                 if s <= best_s:
                     break                            # the rest are shorter still
-                if (job.predicted and job.priority <= waiting.priority
+                if (room + w.blocks_needed(job) >= 0 and job.predicted and job.priority <= waiting.priority
                         and job.preemptions < self.max_preemptions and job.remaining_tokens >= self.near_end_tokens
                         and (free_park or saving > self.preempt_margin * len(left) * cost.preemption(
                             job.prompt_len + job.generated))

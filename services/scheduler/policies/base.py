@@ -151,23 +151,29 @@ class Placement:
         return out
 
 
+MAX_MISSES = 8      # waiting jobs in a row with no victim before the search for preemptions ends
+
+
 def preempt_for_waiting(unplaced: list[JobView], workers: list[WorkerView], victim,
                         skip=lambda job: False) -> tuple[tuple[str, str], ...]:
     """(job id, worker id) preemptions for waiting jobs, in queue order: `victim(waiting, open_workers)` names a
     running job and its worker or None; one preemption per worker. Waiting jobs for which `skip` holds are passed
-    over; the first one with no victim ends the search (later ones rank lower and would find none either)."""
+    over; the search ends after `MAX_MISSES` waiting jobs in a row found no victim. (Not at the first: with aging
+    a job further down may be much shorter than one ahead of it, which came earlier.)"""
     open_workers = [w for w in workers if not (w.preempting or w.draining)]
     out = []
+    misses = 0
     for waiting in unplaced:
         if skip(waiting):
             continue
-        if waiting.suspect:
-            # it could not be placed beside another suspect, so a slot freed there would go to someone else; and
-            # its finding no victim says nothing of the jobs behind it
-            if (found := victim(waiting, [w for w in open_workers if not w.holds_suspect])) is None:
-                continue
-        elif (found := victim(waiting, open_workers)) is None:
-            break
+        # a suspect could not be placed beside another suspect, so a slot freed there would go to someone else
+        found = victim(waiting, [w for w in open_workers if not (waiting.suspect and w.holds_suspect)])
+        if found is None:
+            misses += 1
+            if misses >= MAX_MISSES:
+                break
+            continue
+        misses = 0
         job, worker = found
         out.append((job.job_id, worker.worker_id))
         open_workers.remove(worker)
