@@ -43,8 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictor-arg", action="append", default=[],
                    help="extra predictor flag (repeat), e.g. --predictor-arg=--model-dir=DIR (a trained predictor)")
     p.add_argument("--resume", action="store_true",
-                   help="keep the runs already saved under --out (same labels) and run only the missing ones: a "
-                        "sweep split over several sessions on one machine still makes one report")
+                   help="keep the runs already saved under --out (same labels, run the same way: side by side or "
+                        "not) and run only the missing ones (with --side-by-side, a rate's whole group): a sweep "
+                        "split over several sessions on one machine still makes one report")
     p.add_argument("--alternate", action="store_true",
                    help="run rate by rate, the policies in turn and their order reversed at every other rate, so "
                         "a machine that drifts (or a slow first run) does not favour one policy")
@@ -57,6 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def sweep(a: argparse.Namespace) -> list[Run]:
+    cpus = sorted(os.sched_getaffinity(0))
+    if a.side_by_side and len(cpus) < len(a.policies):
+        raise ValueError(f"--side-by-side: {len(a.policies)} policies need as many CPUs, this process has {len(cpus)}")
+    if a.side_by_side and any("cuda" in arg for arg in a.worker_arg):
+        raise ValueError("--side-by-side shares out CPUs only: GPU workers would share one GPU")
     a.out.mkdir(parents=True, exist_ok=True)
     workload = load_workload(a, open_tokenizer(a.tokenizer), extra=a.prime)
     prime, measured = workload[:a.prime], workload[a.prime:]
@@ -64,13 +70,12 @@ def sweep(a: argparse.Namespace) -> list[Run]:
     trace = arrival_trace(a)           # read (and checked) once, before any stack starts
     for spec in a.policies:            # a variant without flags fails now, not after the runs before it
         variant_flags(spec, a.variant_worker_arg)
-    cpus = sorted(os.sched_getaffinity(0))
-    if a.side_by_side and len(cpus) < len(a.policies):
-        raise ValueError(f"--side-by-side: {len(a.policies)} policies need as many CPUs, this process has {len(cpus)}")
     runs = []
     for group in run_groups(a.policies, a.rates, a.alternate, a.side_by_side):
         rate = group[0][1]
-        saved = [load_run(a.out, policy, rate) if a.resume else None for policy, _ in group]
+        # a saved run is kept only if it ran the same way (side by side or alone: the machine each had differs)
+        saved = [run if a.resume and (run := load_run(a.out, policy, rate)) is not None
+                 and run[0].get("side_by_side", False) == a.side_by_side else None for policy, _ in group]
         if None in saved:  # a group runs whole: a policy run alone later would meet another machine speed
             shares = cpu_shares(cpus, len(group), a.rates.index(rate)) if a.side_by_side else [()]
             saved = run_together(a, [policy for policy, _ in group], rate, shares, prime, measured, percentiles,
@@ -170,7 +175,8 @@ def run_together(a: argparse.Namespace, policies: list[str], rate: float, shares
     out = []
     for policy, (results, duration, extras) in zip(policies, measures):
         summary = summarize(results, duration, percentiles)
-        summary.update(label=run_label(policy, rate), policy=policy, request_rate=rate, **arrival_fields(a), **extras)
+        summary.update(label=run_label(policy, rate), policy=policy, request_rate=rate, **arrival_fields(a), **extras,
+                       side_by_side=a.side_by_side)
         save(a.out / f"{summary['label']}.json", summary, results)
         out.append((summary, tuple(r.normalized_s for r in results if r.ok and r.normalized_s is not None)))
     return out

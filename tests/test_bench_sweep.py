@@ -80,20 +80,29 @@ def test_a_small_sweep_on_live_stacks_writes_runs_figures_and_report(tmp_path, m
     report = (out / "report.md").read_text()
     assert "| alise | 8 |" in report and "normalized_latency_vs_rate.png" in report
 
-    # --resume keeps the saved runs (no stack is started for them) and runs only what is missing, here one run
-    # alone (unpinned: it may run on any CPU), then rebuilds the report from all of them
+    # --resume keeps the saved runs (no stack is started for them) and runs only what is missing: side by side, the
+    # rate's whole group (a policy run alone would meet another machine speed). The report is rebuilt from all.
     (out / "alise-r8.json").unlink()
-    saved = {p.name: p.stat().st_mtime_ns for p in out.glob("*-r*.json")}
+    mtimes = lambda: {p.name: p.stat().st_mtime_ns for p in out.glob("*-r*.json")}
+    before = mtimes()
     first = {r["policy"] + str(r["rate"]): r for r in json.loads((out / "sweep.json").read_text())}
     (out / "report.md").unlink()
-    assert cli_main([*sweep, "--resume"]) == 0
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*-r*.json") if p.name in saved} == saved
-    again = json.loads((out / "alise-r8.json").read_text())
-    assert again["completed"] == 4 and set(again["cpus"]["worker-0"]) == os.sched_getaffinity(0)
+    assert cli_main([*sweep, "--side-by-side", "--resume"]) == 0
+    after = mtimes()
+    assert after["fcfs-r2.json"] == before["fcfs-r2.json"] and after["alise-r2.json"] == before["alise-r2.json"]
+    assert after["fcfs-r8.json"] != before["fcfs-r8.json"]
     rows = {r["policy"] + str(r["rate"]): r for r in json.loads((out / "sweep.json").read_text())}
-    assert {k: v for k, v in rows.items() if k != "alise8.0"} == {k: v for k, v in first.items() if k != "alise8.0"}
+    assert rows["fcfs2.0"] == first["fcfs2.0"] and rows["alise2.0"] == first["alise2.0"]
+    again = json.loads((out / "alise-r8.json").read_text())
+    assert again["completed"] == 4 and again["side_by_side"] and len(again["cpus"]["worker-0"]) == half
     assert "| alise | 8 |" in (out / "report.md").read_text()
     assert (out / "normalized_latency_cdf.png").stat().st_size > 1000
+    # one at a time (the default), a run saved side by side is not kept: it runs again, alone, on every CPU
+    alone = [*sweep[:sweep.index("--policies")], "--policies", "fcfs", "--rates", "2", "--prime", "2",
+             "--worker-arg=--max-batch=8", "--out", str(out), "--resume"]
+    assert cli_main(alone) == 0
+    run = json.loads((out / "fcfs-r2.json").read_text())
+    assert not run["side_by_side"] and set(run["cpus"]["worker-0"]) == os.sched_getaffinity(0)
 
 
 def test_work_pace_tells_a_level_backlog_from_a_growing_one():
@@ -140,6 +149,12 @@ def test_side_by_side_runs_get_equal_cpu_shares_that_rotate_from_rate_to_rate():
     assert turns[0] == [(0, 1), (2, 3), (4, 5)]
     for runner in range(3):
         assert sorted(t[runner] for t in turns) == [(0, 1), (2, 3), (4, 5)]
+
+
+def test_side_by_side_refuses_gpu_workers_which_would_share_one_gpu(tmp_path):
+    with pytest.raises(ValueError, match="GPU workers would share one GPU"):
+        cli_main(["bench", "sweep", "--dataset-name", "synthetic", "--num-prompts", "2", "--policies", "fcfs",
+                  "--rates", "1", "--side-by-side", "--worker-arg=--device=cuda", "--out", str(tmp_path)])
 
 
 def test_a_policy_variant_runs_the_policy_with_its_own_worker_flags():

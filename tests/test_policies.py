@@ -5,7 +5,7 @@ import pytest
 
 from services.scheduler.exec_time import ExecTimeModel, expected_remaining_tokens
 from services.scheduler.policies import make_policy
-from services.scheduler.policies.base import JobView, Snapshot, WorkerView
+from services.scheduler.policies.base import JobView, Plan, Snapshot, WorkerView
 
 COST = ExecTimeModel()
 
@@ -158,6 +158,21 @@ def test_a_job_waiting_for_kv_room_is_not_overtaken_on_its_worker_by_jobs_behind
     # a worker whose whole pool could never hold the job is not held for it
     small = replace(w, num_blocks=150)
     assert make_policy(name).plan(Snapshot(1.7e9 + 2, (head, behind), (small,)), COST).assign == (("behind", "w"),)
+
+
+def test_a_worker_held_for_a_job_is_neither_preempted_on_nor_parked_on_for_the_jobs_behind_it():
+    """Review of the hold (session 25): a job left waiting only because its worker was held still found a victim
+    there, and prefill-early parked jobs there: each slot or block so freed went to someone else than the job
+    holding the worker, and parked KV delayed it."""
+    head = job("head", 5, priority=5, prompt_len=3000)                 # 188 blocks; 100 free of 400
+    behind = job("behind", 5, created=1, prompt_len=20)
+    w = replace(worker("w", slots=4, free_blocks=100, running=[job("long", 1000, generated=10, running=True)]),
+                num_blocks=400)
+    plan = make_policy("alise", park_kv_share=0.9).plan(Snapshot(1.7e9 + 2, (head, behind), (w,), fresh=(behind,)),
+                                                        COST)
+    assert plan == Plan()
+    # unheld (the head gone), the same worker takes it at once
+    assert make_policy("alise").plan(Snapshot(1.7e9 + 2, (behind,), (w,)), COST).assign == (("behind", "w"),)
 
 
 def test_placement_respects_slots_blocks_and_swap_affinity():
@@ -414,6 +429,8 @@ def reference_victims(policy, snap, cost):
     job, keeping the longest that qualifies (the first of equals)."""
     from services.scheduler.policies.base import Placement, preempt_for_waiting
 
+    placement = Placement.greedy(snap)
+
     def victim(waiting, workers):
         best, best_s = None, policy.preempt_ratio * waiting.remaining_seconds(cost)
         for w in workers:
@@ -421,7 +438,7 @@ def reference_victims(policy, snap, cost):
             saving = min((s for s, _ in left), default=0.0)
             for s, j in left:
                 if (s > best_s and w.holds_context(waiting)
-                        and w.free_blocks + w.parked_blocks + w.blocks_needed(j) >= w.blocks_needed(waiting)
+                        and placement.blocks_left[w.worker_id] + w.blocks_needed(j) >= w.blocks_needed(waiting)
                         and j.predicted and j.priority <= waiting.priority and j.preemptions < policy.max_preemptions
                         and j.remaining_tokens >= policy.near_end_tokens
                         and saving > policy.preempt_margin * len(left) * cost.preemption(j.prompt_len + j.generated)
@@ -429,8 +446,7 @@ def reference_victims(policy, snap, cost):
                     best, best_s = (j, w), s
         return best
 
-    return preempt_for_waiting(Placement.greedy(snap).unplaced, list(snap.workers), victim,
-                               skip=lambda waiting: not waiting.predicted)
+    return preempt_for_waiting(placement, list(snap.workers), victim, skip=lambda waiting: not waiting.predicted)
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -490,7 +506,7 @@ def test_mlfq_picks_the_same_victims_as_the_plain_search(seed):
                     best, best_level = (j, w), lvl
         return best
 
-    expected = preempt_for_waiting(Placement.greedy(snap).unplaced, list(snap.workers), deepest)
+    expected = preempt_for_waiting(Placement.greedy(snap), list(snap.workers), deepest)
     assert policy.plan(snap, COST).preempt == expected
     if seed in (0, 3, 6, 9):                     # clusters that do preempt (checked: the comparison is not all empty)
         assert expected

@@ -364,3 +364,23 @@ async def test_a_job_that_has_waited_due_after_s_goes_first_in_the_queue_by_arri
         assert asyncio.get_running_loop().time() < deadline, "the job that came first never went first"
         await asyncio.sleep(0.05)
     assert d.state.view(long_id).due
+
+
+async def test_a_job_deep_in_a_predecessors_queue_still_becomes_due(dispatcher_factory):
+    """Review of due_after_s (session 25): a scheduler reads jobs in from the queue's head (256 jobs), so a job a
+    predecessor left deeper than that was never known here and never became due: behind a stream of shorter jobs
+    it could wait for good. A new scheduler reads every queued job's arrival when it takes over."""
+    many = Tenant("t", "0" * 64, max_live_jobs=1000)
+    first = await dispatcher_factory(policy="alise", due_after_s=3.0)
+    assert await first.submit(valid_request("long", max_tokens=1000), many)
+    for i in range(300):                                  # shorter work: all ranked ahead of it
+        assert await first.submit(valid_request(f"short{i}", max_tokens=2), many)
+    long_id = keys.job_id(many.name, "long")
+    assert (await first.store.queue_head(301))[-1] == long_id
+    successor = await dispatcher_factory(policy="alise", due_after_s=3.0)     # the same Redis, nothing read yet
+    assert await successor.recover_arrivals() == 301
+    deadline = asyncio.get_running_loop().time() + 60
+    while (await successor.store.queue_head(1)) != [long_id]:
+        assert asyncio.get_running_loop().time() < deadline, "the job deep in the queue never became due"
+        await successor.snapshot()
+        await asyncio.sleep(0.05)

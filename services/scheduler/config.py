@@ -42,8 +42,8 @@ class SchedulerConfig:
     aging_s: float = AlisePolicy.aging_s        # alise: waiting this long makes predicted work count e times less
     knee_share: float = 0.99                    # admit up to the batch within this share of max throughput; 0 = off
     # a job that has waited this long since it came is due: it goes first in its class, by arrival (alise and sjf;
-    # policies/base.due_score), so no later job of its class is placed before it. The hard bound on unfairness
-    # behind aging's relative one; 0 = off
+    # policies/base.due_score), ahead of every job of its class that is not due, and where it finds no KV room it
+    # holds the worker it waits for. The hard bound on unfairness behind aging's relative one; 0 = off
     due_after_s: float = 300.0
     # alise: a job that must wait for a decode slot is prefilled at once and parked on a worker (first token now,
     # KV kept) while the worker's KV in use stays under this share of its pool; 0 = off (policies/alise.py)

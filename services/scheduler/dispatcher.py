@@ -176,11 +176,39 @@ class Dispatcher:
 
     async def snapshot(self) -> Snapshot:
         now = time.time()
-        for job_id in self.state.become_due(now):       # waited due_after_s: by arrival from now on
-            await self.store.rescore(job_id, self.policy.queue_score(self.state.view(job_id), self.cost))
+        await self._rescore_due(now)
         queued = [job_id for job_id in await self.store.queue_head(QUEUE_LOOKAHEAD)
                   if await self._record(job_id) is not None]
         return self.state.snapshot(now, queued)
+
+    async def _rescore_due(self, now: float) -> None:
+        """Jobs that have waited due_after_s go by arrival from now on: their scores in the queue change. One whose
+        new score did not land (Redis failed) is named again next tick."""
+        due = self.state.become_due(now)
+        done = 0
+        try:
+            for job_id in due:
+                if await self._record(job_id) is not None:      # a job a predecessor queued is read in here
+                    self.state.mark_due(job_id)
+                    await self.store.rescore(job_id, self.policy.queue_score(self.state.view(job_id), self.cost))
+                done += 1
+        finally:
+            if done < len(due):
+                self.state.not_due_yet(due[done:], now)
+
+    async def _rescore_if_due_since(self, job_id: str, scored_due: bool) -> None:
+        """A job scored for the queue, then put there after an await: if it became due meanwhile, `_rescore_due`
+        found it not yet back in the queue, so its new score is set here."""
+        if self.state.is_due(job_id) and not scored_due:
+            await self.store.rescore(job_id, self.policy.queue_score(self.state.view(job_id), self.cost))
+
+    async def recover_arrivals(self) -> int:
+        """Every job a predecessor left in the queue becomes due in time, however deep it waits: its arrival is
+        read now (the queue's head, where jobs are read in, may not reach it for a long while)."""
+        arrivals = await self.store.queued_arrivals() if self.cfg.due_after_s > 0 else []
+        for job_id, created in arrivals:
+            self.state.expect_queued(job_id, created)
+        return len(arrivals)
 
     async def _assign(self, job_id: str, s: WorkerSession, park: bool = False) -> None:
         """Send the job to the worker; with `park`, to be prefilled there and parked after its first token."""
@@ -234,6 +262,7 @@ class Dispatcher:
             return False
         if preempted is not None:
             self.state.preempted(job_id, worker_id, preempted, counted)   # its kept KV remembered
+        await self._rescore_if_due_since(job_id, view.due)
         return True
 
     # -- worker sessions -------------------------------------------------------------------------
@@ -393,12 +422,14 @@ class Dispatcher:
             log.warning("worker %s: no one job to blame for the failed step: its %d jobs are suspects and run apart "
                         "until one breaks a step alone", s.worker_id, len(named))
         for job_id in known:
-            score = self.policy.queue_score(self.state.view(job_id), self.cost)
-            outcome = await self.store.fail_step(job_id, s.worker_id, score, self.cfg.max_step_failures,
-                                                 charge=job_id in charged)
+            view = self.state.view(job_id)
+            outcome = await self.store.fail_step(job_id, s.worker_id, self.policy.queue_score(view, self.cost),
+                                                 self.cfg.max_step_failures, charge=job_id in charged)
             if outcome is StepFailureOutcome.FAILED:
                 metrics.FAILED.inc()
                 await self._complete(job_id)
+            else:
+                await self._rescore_if_due_since(job_id, view.due)
 
     async def _complete(self, job_id: str) -> None:
         rec = self.state.forget(job_id)

@@ -294,6 +294,15 @@ class JobStore:
         """A new queue score for a job still in the queue (one placed or ended meanwhile is not put back)."""
         await self.r.zadd(keys.QUEUE, {job_id: score}, xx=True)
 
+    async def queued_arrivals(self) -> list[tuple[str, float]]:
+        """(job id, arrival time) of every queued job (read once, when a scheduler takes over)."""
+        ids = [m.decode() for m in await self.r.zrange(keys.QUEUE, 0, -1)]
+        async with self.r.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(keys.job(job_id), "created")
+            created = await pipe.execute()
+        return [(job_id, float(c)) for job_id, c in zip(ids, created) if c is not None]
+
     async def queue_head(self, n: int) -> list[str]:
         return [m.decode() for m in await self.r.zrange(keys.QUEUE, 0, n - 1)]
 

@@ -16,7 +16,7 @@ from typing import Generic, Iterable, TypeVar
 
 from services.common.preempt_mode import PreemptMode
 from services.scheduler.exec_time import P90_OVER_GUESS
-from services.scheduler.policies.base import JobView, Snapshot, WorkerView
+from services.scheduler.policies.base import JobView, Snapshot, WorkerView, requeued_view
 from services.scheduler.worker_speed import StepSums, WorkerSpeed
 
 R = TypeVar("R")     # what the owner keeps with a job (the dispatcher: its JobRecord; the simulator: nothing)
@@ -147,6 +147,7 @@ class LiveState(Generic[R]):
         # (policies/base.due_score); 0 = never. Jobs by arrival (a heap: recovered jobs come out of order) until then
         self.due_after_s = due_after_s
         self._not_due: list[tuple[float, str]] = []
+        self._recovered: set[str] = set()      # queued jobs known only by id and arrival (expect_queued)
         self._fresh = _FreshJobs()     # jobs waiting for their first token (what prefill-early serves first)
         self.workers: dict[str, WorkerState] = {}
         self.knee_share = knee_share   # admission by the throughput knee (worker_speed.py); 0 = up to max_batch
@@ -163,19 +164,49 @@ class LiveState(Generic[R]):
         if self.due_after_s > 0:
             heapq.heappush(self._not_due, (facts.created, facts.job_id))
 
+    # -- due-ness: a job that has waited due_after_s goes by arrival (policies/base.due_score) --------------
+    def expect_queued(self, job_id: str, created: float) -> None:
+        """A job in Redis's queue that this scheduler has not read (a predecessor queued it): it becomes due like
+        the rest, although the queue's head, where jobs are read, may not reach it for a long time."""
+        if self.due_after_s > 0 and job_id not in self._jobs:
+            self._recovered.add(job_id)
+            heapq.heappush(self._not_due, (created, job_id))
+
     def become_due(self, now: float) -> list[str]:
-        """Mark the jobs that have waited due_after_s since they came as due; returns those of them waiting at the
-        scheduler now (their queue scores change: the caller re-scores them). A job placed on a worker then is
-        due from its next time in the queue on (a requeue scores its view, which says so)."""
+        """The jobs waiting at the scheduler that have waited due_after_s since they came: the caller marks each due
+        (`mark_due`) and re-scores it in the queue, or hands back those it could not (`not_due_yet`). A job placed
+        on a worker now is marked due here: a requeue scores its view, which says so."""
         out = []
         while self._not_due and self._not_due[0][0] <= now - self.due_after_s:
             _, job_id = heapq.heappop(self._not_due)
-            if (job := self._jobs.get(job_id)) is None or job.due:
-                continue                              # ended meanwhile
-            job.due = True
-            if not any(job_id in w.jobs or job_id in w.parking for w in self.workers.values()):
+            if (job := self._jobs.get(job_id)) is None:
+                if job_id in self._recovered:         # queued by a predecessor, never read here: the caller reads it
+                    self._recovered.discard(job_id)
+                    out.append(job_id)
+                continue                              # else it ended meanwhile
+            if job.due:
+                continue
+            if any(job_id in w.jobs or job_id in w.parking for w in self.workers.values()):
+                self.mark_due(job_id)
+            else:
                 out.append(job_id)
         return out
+
+    def mark_due(self, job_id: str) -> None:
+        if (job := self._jobs.get(job_id)) is not None:
+            job.due = True
+
+    def is_due(self, job_id: str) -> bool:
+        return (job := self._jobs.get(job_id)) is not None and job.due
+
+    def not_due_yet(self, job_ids: Iterable[str], now: float) -> None:
+        """Jobs `become_due` named whose new score did not reach the queue (Redis failed): named again next time."""
+        for job_id in job_ids:
+            if (job := self._jobs.get(job_id)) is not None:
+                job.due = False
+            else:
+                self._recovered.add(job_id)
+            heapq.heappush(self._not_due, (now - self.due_after_s, job_id))
 
     def forget(self, job_id: str) -> R | None:
         """The job ended: drop it everywhere; returns its payload."""
@@ -344,10 +375,7 @@ class LiveState(Generic[R]):
         """The view the job will have once back in the queue from the worker (given back as `mode` says, counted
         as a preemption or not; None: dropped there with its KV), for its queue score before the move is
         recorded (preempted() records it once Redis has it)."""
-        job = self._jobs[job_id]
-        keeps = mode is not None and mode.keeps_kv
-        return job_view(job.facts, job.generated, False, worker_id if keeps else "", job.preemptions + counted,
-                        mode is PreemptMode.PARK, job.suspect, job.due)
+        return requeued_view(self.view(job_id), worker_id, mode, counted)
 
     def kept_kv(self, job_id: str, worker_id: str, parked: bool) -> None:
         """The worker keeps the job's KV (on its GPU when `parked`, else in host memory): placing it there again

@@ -57,6 +57,7 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
     predictor = PredictorClient(cfg.predictor_address, cfg.predictor_timeout_s, service_token, cfg.tls)
     predictor.connect_in_background()
     dispatcher = Dispatcher(cfg, store, predictor, JobEventHub(), may_act=lease.valid)
+    await dispatcher.recover_arrivals()       # so that every queued job becomes due in time, however deep it waits
     recovered = await dispatcher.recover_orphans()
     if recovered:
         log.info("requeued %d jobs left running by a previous scheduler", recovered)

@@ -405,9 +405,10 @@ class Engine:
     def _promised_blocks(self, running, waiting) -> int:
         """Blocks the running and waiting sequences still need to hold their tokens and the next one (what the
         scheduler promised them when it placed them): a prompt takes its blocks chunk by chunk, a job in the line
-        none yet, so `used_blocks` alone shows room that is already spoken for."""
-        return sum(self.blocks.extra_blocks(s.job_id, s.num_tokens + 1) for seqs in (running, waiting) for s in seqs
-                   if s.status is not SeqStatus.SWAPPED)
+        none yet, so `used_blocks` alone shows room that is already spoken for. (A job in the line whose prompt
+        the prefix cache holds is counted whole until it is admitted: room shown too small for a while, not too
+        large.) Parked and swapped sequences are in neither list."""
+        return sum(self.blocks.extra_blocks(s.job_id, s.num_tokens + 1) for seqs in (running, waiting) for s in seqs)
 
     def load(self) -> EngineLoad:
         running, waiting = self.sched.running, self.sched.waiting

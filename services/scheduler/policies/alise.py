@@ -7,9 +7,10 @@ The bound it gives is relative, so it holds whatever the scale of the time model
 jobs that are shorter by a factor exp(d / aging_s), d being how much later they arrived; e.g. with aging_s =
 15 (the default), a job that arrives 35 s later must be 10x shorter, one that arrives 69 s later 100x shorter.
 A hard bound on top (the scheduler's `due_after_s`): once a job has waited that long it is due, and due jobs go
-first in their class, by arrival (base.due_score). From then on no later job of its class is placed before it,
-and a due job is never preempted for one that is not (it would rank ahead of it once requeued; see below): its
-wait past due_after_s is what FCFS gives it among the jobs that came before it, plus the time a slot takes to free.
+first in their class, by arrival (base.due_score). From then on it is offered each freed slot before any later job
+of its class (where it finds no KV room, no later job takes the worker it waits for), and it is never preempted
+for a job that is not due (it would rank ahead of it once requeued; see below): its wait past due_after_s is
+what FCFS gives it among the jobs that came before it, plus the time a slot takes to free.
 
 Preemption only where it pays. When the best waiting job fits nowhere, a running job (the victim) on a full
 worker is preempted only if all of these hold:
@@ -55,7 +56,7 @@ from dataclasses import dataclass
 from services.common.preempt_mode import PreemptMode
 from services.scheduler.exec_time import ExecTimeModel
 from services.scheduler.policies.base import (PRIORITY_CLASS_SPAN, SCORE_EPOCH, JobView, Placement, Plan,
-                                              Snapshot, WorkerView, due_score, preempt_for_waiting)
+                                              Snapshot, WorkerView, due_score, preempt_for_waiting, requeued_view)
 
 
 @dataclass
@@ -99,17 +100,20 @@ class AlisePolicy:
         ranked = {}                        # worker id -> its running jobs, longest remaining first (built on demand)
         requeued = {}                      # job id -> its queue score once preempted (built on demand)
         # never preempt for a prior guess (see _victim); a later, predicted job may
-        preempt = preempt_for_waiting(placement.unplaced, list(snap.workers),
-                                      lambda waiting, workers: self._victim(waiting, workers, cost, ranked, requeued),
+        preempt = preempt_for_waiting(placement, list(snap.workers),
+                                      lambda waiting, workers: self._victim(waiting, workers, cost, ranked, requeued,
+                                                                            placement.blocks_left),
                                       skip=lambda waiting: not waiting.predicted)
-        early = self._prefill_early(snap, {j for j, _ in placement.assign}) if self.park_kv_share > 0 else ()
+        early = self._prefill_early(snap, placement) if self.park_kv_share > 0 else ()
         return Plan(assign=tuple(placement.assign), preempt=preempt, prefill_early=early)
 
-    def _prefill_early(self, snap: Snapshot, assigned: set[str]) -> tuple[tuple[str, str], ...]:
+    def _prefill_early(self, snap: Snapshot, placement: Placement) -> tuple[tuple[str, str], ...]:
         """Waiting jobs without a first token, by priority class and then oldest first (TTFT goes by arrival,
         whatever a job's predicted rank), to be prefilled and parked where KV room allows, on a worker whose
-        context holds the job (another would refuse it, charging it a failed step)."""
-        workers = snap.workers
+        context holds the job (another would refuse it, charging it a failed step), and never on a worker held for
+        a job waiting for its KV room (parked KV there would delay it)."""
+        workers = [w for w in snap.workers if w.worker_id not in placement.held]
+        assigned = {j for j, _ in placement.assign}
         room = {w.worker_id: [self.park_kv_share * w.num_blocks - (w.num_blocks - w.free_blocks), self.max_parking - w.parking]
                 for w in workers if not w.draining}
         by_id = {w.worker_id: w for w in workers}
@@ -132,8 +136,7 @@ class AlisePolicy:
 
     def requeued(self, job: JobView, worker: WorkerView) -> JobView:
         """A running job as it would wait again once preempted from `worker` (what its queue score would be)."""
-        return job._replace(running=False, kv_on=worker.worker_id if self.preempt_mode.keeps_kv else "",
-                            parked=self.preempt_mode is PreemptMode.PARK, preemptions=job.preemptions + 1)
+        return requeued_view(job, worker.worker_id, self.preempt_mode, counted=True)
 
     def _requeued_score(self, job: JobView, worker: WorkerView, cost: ExecTimeModel, cache: dict[str, float]) -> float:
         if (score := cache.get(job.job_id)) is None:
@@ -141,8 +144,8 @@ class AlisePolicy:
         return score
 
     def _victim(self, waiting: JobView, workers: list[WorkerView], cost: ExecTimeModel,
-                ranked: dict[str, list[tuple[float, JobView]]],
-                requeued: dict[str, float]) -> tuple[JobView, WorkerView] | None:
+                ranked: dict[str, list[tuple[float, JobView]]], requeued: dict[str, float],
+                blocks_left: dict[str, int]) -> tuple[JobView, WorkerView] | None:
         """The longest qualifying running job on any of `workers`, or None. `ranked` keeps each worker's running
         jobs by remaining time, longest first, across the calls of one plan: a plan with W full workers asks this
         up to W + 1 times, and recomputing every job's remaining time each time cost 62 ms a decision at 8
@@ -167,7 +170,8 @@ class AlisePolicy:
             # parking costs nothing only if the waiting job fits without the worker dropping parked KV for it (the
             # victim's own, first of all): else it may cost a recompute, which must pay like any other
             free_park = parks and w.free_blocks >= w.blocks_needed(waiting)
-            room = w.free_blocks + w.parked_blocks - w.blocks_needed(waiting)   # the victim's KV must cover the rest
+            # KV room left after this plan's placements; the victim's blocks must cover the rest
+            room = blocks_left.get(w.worker_id, w.free_blocks + w.parked_blocks) - w.blocks_needed(waiting)
             for s, job in left:
                 if s <= best_s:
                     break                            # the rest are shorter still

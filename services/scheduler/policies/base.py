@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
+from services.common.preempt_mode import PreemptMode
 from services.scheduler.exec_time import ExecTimeModel, expected_remaining_tokens
 
 # Queue scores are ordered lowest first; a priority class outranks any amount of predicted work.
@@ -17,8 +18,9 @@ DUE_SPAN = 1.0e10
 
 
 def due_score(job: "JobView") -> float:
-    """The queue score of a due job: its class, then arrival. Once a job has waited due_after_s, no job of its class
-    that came after it is placed before it, whatever their predicted work."""
+    """The queue score of a due job: its class, then arrival. Once a job has waited due_after_s it is offered a slot
+    before every job of its class that came after it, whatever their predicted work (and where it finds no KV
+    room, no later job takes the worker it waits for: Placement)."""
     return -job.priority * PRIORITY_CLASS_SPAN - DUE_SPAN + (job.created - SCORE_EPOCH)
 
 
@@ -52,6 +54,14 @@ class JobView(NamedTuple):
         return cost.remaining(self.prompt_len + self.generated, self.remaining_tokens, not (self.running or self.parked))
 
 
+def requeued_view(job: JobView, worker_id: str, mode: PreemptMode | None, counted: bool) -> JobView:
+    """A job as it will wait again once back in the queue from `worker_id`: given back as `mode` says (None:
+    dropped there with its KV), counted as a preemption or not. What its queue score is computed from."""
+    keeps = mode is not None and mode.keeps_kv
+    return job._replace(running=False, kv_on=worker_id if keeps else "", parked=mode is PreemptMode.PARK,
+                        preemptions=job.preemptions + counted)
+
+
 @dataclass(frozen=True)
 class WorkerView:
     worker_id: str
@@ -82,7 +92,7 @@ class Snapshot:
     now: float
     queued: tuple[JobView, ...]        # in queue order (lowest score first)
     workers: tuple[WorkerView, ...]
-    fresh: tuple[JobView, ...] = ()    # waiting jobs without a first token, oldest first (for prefill-early)
+    fresh: tuple[JobView, ...] = ()    # waiting jobs without a first token, by class then arrival (prefill-early)
     mean_wait_s: float = 0.0           # how long a job waits for a decode slot now, on average (0: not known yet)
 
 
@@ -118,6 +128,12 @@ class Placement:
     there until it is (what vLLM's queue does at its head), so no stream of smaller jobs can starve it."""
     assign: list[tuple[str, str]] = field(default_factory=list)
     unplaced: list[JobView] = field(default_factory=list)
+    held: dict[str, str] = field(default_factory=dict)        # worker id -> the job waiting for its KV room
+    blocks_left: dict[str, int] = field(default_factory=dict)  # worker id -> KV room after these placements
+
+    def usable_by(self, job: JobView, workers: list[WorkerView]) -> list[WorkerView]:
+        """The workers a slot freed for `job` could go to: not one held for another job."""
+        return [w for w in workers if self.held.get(w.worker_id, job.job_id) == job.job_id]
 
     @classmethod
     def greedy(cls, snap: Snapshot) -> "Placement":
@@ -142,32 +158,37 @@ class Placement:
                 if (held := _worker_to_hold(job, room, by_id)) is not None:
                     slots -= room[held].slots
                     room[held].slots = 0
+                    out.held[held] = job.job_id
                 continue
             room[target].slots -= 1
             slots -= 1
             room[target].blocks -= by_id[target].blocks_needed(job)
             room[target].suspect |= job.suspect
             out.assign.append((job.job_id, target))
+        out.blocks_left = {wid: r.blocks for wid, r in room.items()}
         return out
 
 
 MAX_MISSES = 8      # waiting jobs in a row with no victim before the search for preemptions ends
 
 
-def preempt_for_waiting(unplaced: list[JobView], workers: list[WorkerView], victim,
+def preempt_for_waiting(placement: "Placement", workers: list[WorkerView], victim,
                         skip=lambda job: False) -> tuple[tuple[str, str], ...]:
-    """(job id, worker id) preemptions for waiting jobs, in queue order: `victim(waiting, open_workers)` names a
+    """(job id, worker id) preemptions for the jobs `placement` left waiting, in queue order:
+    `victim(waiting, open_workers)` names a
     running job and its worker or None; one preemption per worker. Waiting jobs for which `skip` holds are passed
     over; the search ends after `MAX_MISSES` waiting jobs in a row found no victim. (Not at the first: with aging
     a job further down may be much shorter than one ahead of it, which came earlier.)"""
     open_workers = [w for w in workers if not (w.preempting or w.draining)]
     out = []
     misses = 0
-    for waiting in unplaced:
+    for waiting in placement.unplaced:
         if skip(waiting):
             continue
-        # a suspect could not be placed beside another suspect, so a slot freed there would go to someone else
-        found = victim(waiting, [w for w in open_workers if not (waiting.suspect and w.holds_suspect)])
+        # a suspect could not be placed beside another suspect, nor anyone on a worker held for another job: a slot
+        # freed there would go to someone else
+        found = victim(waiting, [w for w in placement.usable_by(waiting, open_workers)
+                                 if not (waiting.suspect and w.holds_suspect)])
         if found is None:
             misses += 1
             if misses >= MAX_MISSES:
@@ -180,11 +201,16 @@ def preempt_for_waiting(unplaced: list[JobView], workers: list[WorkerView], vict
     return tuple(out)
 
 
+def _may_run(job: JobView, room: _Room, worker: WorkerView) -> bool:
+    """A free slot whose worker's context holds the job, and no second suspect beside one."""
+    return room.slots > 0 and worker.holds_context(job) and not (job.suspect and room.suspect)
+
+
 def _worker_to_hold(job: JobView, room: dict[str, _Room], workers: dict[str, WorkerView]) -> str | None:
-    """Where a job that found no room waits for KV to free up: the worker with a free slot and the most KV room
-    whose context holds it and whose whole pool could (a pool of unknown size, 0, is never held)."""
-    could = [w for w, r in room.items() if r.slots > 0 and workers[w].holds_context(job)
-             and workers[w].blocks_needed(job) <= workers[w].num_blocks and not (job.suspect and r.suspect)]
+    """Where a job that found no room waits for KV to free up: the worker with the most KV room where it may run
+    and whose whole pool could hold it (a pool of unknown size, 0, is never held)."""
+    could = [w for w, r in room.items() if _may_run(job, r, workers[w])
+             and workers[w].blocks_needed(job) <= workers[w].num_blocks]
     return max(could, key=lambda w: room[w].blocks) if could else None
 
 
@@ -196,8 +222,7 @@ def _pick_worker(job: JobView, room: dict[str, _Room], workers: dict[str, Worker
     if job.prompt_len + job.generated >= longest_context:    # nor its KV, where a pool caps the context
         fits = [w for w, r in room.items() if r.slots > 0]
         return max(fits, key=lambda w: room[w].slots) if fits else None
-    fits = [w for w, r in room.items() if r.slots > 0 and r.blocks >= workers[w].blocks_needed(job)
-            and workers[w].holds_context(job) and not (job.suspect and r.suspect)]
+    fits = [w for w, r in room.items() if _may_run(job, r, workers[w]) and r.blocks >= workers[w].blocks_needed(job)]
     if not fits:
         return None
     if job.kv_on in fits:               # its KV is already there: resume without recompute

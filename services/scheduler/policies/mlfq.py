@@ -40,7 +40,7 @@ class MlfqPolicy:
     def plan(self, snap: Snapshot, cost: ExecTimeModel) -> Plan:
         placement = Placement.greedy(snap)
         ranked = {}                        # worker id -> its running jobs, deepest level first (built on demand)
-        preempt = preempt_for_waiting(placement.unplaced, list(snap.workers),
+        preempt = preempt_for_waiting(placement, list(snap.workers),
                                       lambda waiting, workers: self._victim(waiting, workers, cost, ranked))
         return Plan(assign=tuple(placement.assign), preempt=preempt)
 
