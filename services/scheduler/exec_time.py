@@ -4,8 +4,8 @@ Prefill of s prompt tokens costs s*T0; each decode step of a job with context c 
 output tokens after a prompt of s cost about n*(a*s + b). Defaults are rough CPU numbers for SmolLM2, and
 the scheduler ranks with them on every machine: only the *ordering* of jobs depends on them, and they are
 not fitted per worker (the workers' fitted step models, worker_speed.py, set admission, not rank). On an
-H200 they weigh a prompt token ~30x more against a decode step than the machine does; ranking with
-constants matched to the H200 changed alise's simulated mean and p99 by under 2% on the chat workload
+H200 they weigh a prompt token 10-50x more against a decode step than the machine does; ranking with
+constants matched to the H200 changed alise's simulated mean by under 0.5% and its p99 by under 6% on the chat workload
 (`bench simulate --exec-model`, docs/BENCHMARKS.md), so the predicted output length is what decides rank.
 """
 from __future__ import annotations
