@@ -30,11 +30,15 @@ from bench.sweep_report import Run, markdown, plot
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_workload_arguments(p)
     p.add_argument("--policies", nargs="+", default=["fcfs", "alise"],
-                   help="policies to run; POLICY@VARIANT runs POLICY with VARIANT's --variant-worker-arg flags, as a "
+                   help="policies to run; POLICY@VARIANT runs POLICY with VARIANT's --variant-worker-arg and "
+                        "--variant-scheduler-arg flags, as a "
                         "run of its own (e.g. alise@noprobe), so variants alternate with the policies")
     p.add_argument("--variant-worker-arg", action="append", default=[], metavar="VARIANT=FLAG",
                    help="an extra worker flag for runs of POLICY@VARIANT only (repeat), e.g. "
                         "--variant-worker-arg=noprobe=--length-probe-layer=-2")
+    p.add_argument("--variant-scheduler-arg", action="append", default=[], metavar="VARIANT=FLAG",
+                   help="an extra scheduler flag for runs of POLICY@VARIANT only (repeat), e.g. "
+                        "--variant-scheduler-arg=noearly=--park-kv-share=0")
     p.add_argument("--rates", nargs="+", type=float, required=True, help="request rates (req/s) to sweep")
     p.add_argument("--prime", type=int, default=20, help="requests sent at once before a policy's runs")
     p.add_argument("--workers", type=int, default=1)
@@ -69,7 +73,7 @@ def sweep(a: argparse.Namespace) -> list[Run]:
     percentiles = [float(x) for x in a.percentiles.split(",")]
     trace = arrival_trace(a)           # read (and checked) once, before any stack starts
     for spec in a.policies:            # a variant without flags fails now, not after the runs before it
-        variant_flags(spec, a.variant_worker_arg)
+        variant_flags(spec, a.variant_worker_arg, a.variant_scheduler_arg)
     runs = []
     for group in run_groups(a.policies, a.rates, a.alternate, a.side_by_side):
         rate = group[0][1]
@@ -111,18 +115,21 @@ def run_order(policies: list[str], rates: list[float], alternate: bool) -> list[
     return [(p, r) for i, r in enumerate(rates) for p in (policies if i % 2 == 0 else policies[::-1])]
 
 
-def variant_flags(spec: str, variant_args: list[str]) -> tuple[str, list[str]]:
-    """'POLICY@VARIANT' -> (POLICY, the worker flags given for VARIANT); a plain 'POLICY' has none. A variant with
-    no flags is refused: it would run the plain policy under another name."""
+def variant_flags(spec: str, worker_args: list[str],
+                  scheduler_args: list[str] = ()) -> tuple[str, list[str], list[str]]:
+    """'POLICY@VARIANT' -> (POLICY, the worker flags and the scheduler flags given for VARIANT); a plain 'POLICY' has
+    none. A variant with no flags is refused: it would run the plain policy under another name."""
     policy, _, variant = spec.partition("@")
     if not variant:
-        return policy, []
-    if bad := [arg for arg in variant_args if not all(arg.partition("="))]:
-        raise ValueError(f"--variant-worker-arg {bad[0]!r}: expected VARIANT=FLAG")
-    flags = [arg.partition("=")[2] for arg in variant_args if arg.partition("=")[0] == variant]
-    if not flags:
-        raise ValueError(f"policy {spec!r}: no --variant-worker-arg {variant}=FLAG given")
-    return policy, flags
+        return policy, [], []
+    flags = []
+    for option, args in (("--variant-worker-arg", worker_args), ("--variant-scheduler-arg", scheduler_args)):
+        if bad := [arg for arg in args if not all(arg.partition("="))]:
+            raise ValueError(f"{option} {bad[0]!r}: expected VARIANT=FLAG")
+        flags.append([arg.partition("=")[2] for arg in args if arg.partition("=")[0] == variant])
+    if not any(flags):
+        raise ValueError(f"policy {spec!r}: no --variant-worker-arg or --variant-scheduler-arg {variant}=FLAG given")
+    return policy, *flags
 
 
 def run_label(policy: str, rate: float) -> str:
@@ -185,13 +192,13 @@ def run_together(a: argparse.Namespace, policies: list[str], rate: float, shares
 def start_stack(a: argparse.Namespace, policy: str, rate: float, cpus: tuple[int, ...]):
     from services.common.local_stack import LocalStack
 
-    policy_name, variant_args = variant_flags(policy, a.variant_worker_arg)
+    policy_name, worker_flags, scheduler_flags = variant_flags(policy, a.variant_worker_arg, a.variant_scheduler_arg)
     # with ignore_eos each request's max_tokens is its true length: the scheduler must not predict with it
     blind = ["--no-predict-within-max-tokens"] if a.ignore_eos else []
     # predictor and length probe learn online within the run but never save it: runs must not teach each other
     return LocalStack(log_dir=a.out / f"stack-{run_label(policy, rate)}", num_workers=a.workers,
-                      worker_args=["--length-probe-read-only", *a.worker_arg, *variant_args],
-                      scheduler_args=["--policy", policy_name, *blind, *a.scheduler_arg],
+                      worker_args=["--length-probe-read-only", *a.worker_arg, *worker_flags],
+                      scheduler_args=["--policy", policy_name, *blind, *a.scheduler_arg, *scheduler_flags],
                       predictor_args=["--read-only", *a.predictor_arg], worker_metrics=True,
                       cpus=cpus).start(timeout_s=900)
 
