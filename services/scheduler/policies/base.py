@@ -174,11 +174,10 @@ MAX_MISSES = 8      # waiting jobs in a row with no victim before the search for
 
 def preempt_for_waiting(placement: "Placement", workers: list[WorkerView], victim,
                         skip=lambda job: False) -> tuple[tuple[str, str], ...]:
-    """(job id, worker id) preemptions for the jobs `placement` left waiting, in queue order:
-    `victim(waiting, open_workers)` names a
-    running job and its worker or None; one preemption per worker. Waiting jobs for which `skip` holds are passed
-    over; the search ends after `MAX_MISSES` waiting jobs in a row found no victim. (Not at the first: with aging
-    a job further down may be much shorter than one ahead of it, which came earlier.)"""
+    """(job id, worker id) preemptions for the jobs `placement` left waiting, in queue order: `victim(waiting,
+    open_workers)` names a running job and its worker or None; one preemption per worker. Waiting jobs for which
+    `skip` holds are passed over; the search ends after `MAX_MISSES` waiting jobs in a row found no victim. (Not at
+    the first: with aging a job further down may be much shorter than one ahead of it, which came earlier.)"""
     open_workers = [w for w in workers if not (w.preempting or w.draining)]
     out = []
     misses = 0
