@@ -292,7 +292,6 @@ class Simulation:
                 total += job.prompt_len + job.generated
             self.state.load_report(w.wid, w.used_blocks, False, w.report(), total / len(w.running) if w.running else 0.0)
         for job_id in self.state.become_due(self.now):   # as the live dispatcher does: a new score, by arrival
-            self.state.mark_due(job_id)
             if job_id in self.queued:
                 self._dequeue(job_id)
                 self._enqueue(self.jobs[job_id])

@@ -188,8 +188,8 @@ class Dispatcher:
         done = 0
         try:
             for job_id in due:
-                if await self._record(job_id) is not None:      # a job a predecessor queued is read in here
-                    self.state.mark_due(job_id)
+                if await self._record(job_id) is not None:      # a job a predecessor queued is read in here,
+                    self.state.mark_due(job_id)                  # and marked (the rest are already)
                     await self.store.rescore(job_id, self.policy.queue_score(self.state.view(job_id), self.cost))
                 done += 1
         finally:

@@ -161,8 +161,7 @@ class LiveState(Generic[R]):
         self._jobs[facts.job_id] = _Job(facts, payload, generated, preemptions=preemptions)
         if generated == 0:
             self._fresh.add(facts)
-        if self.due_after_s > 0:
-            heapq.heappush(self._not_due, (facts.created, facts.job_id))
+        self._expect_due(facts.job_id, facts.created)
 
     # -- due-ness: a job that has waited due_after_s goes by arrival (policies/base.due_score) --------------
     def expect_queued(self, job_id: str, created: float) -> None:
@@ -170,12 +169,17 @@ class LiveState(Generic[R]):
         the rest, although the queue's head, where jobs are read, may not reach it for a long time."""
         if self.due_after_s > 0 and job_id not in self._jobs:
             self._recovered.add(job_id)
+            self._expect_due(job_id, created)
+
+    def _expect_due(self, job_id: str, created: float) -> None:
+        if self.due_after_s > 0:
             heapq.heappush(self._not_due, (created, job_id))
 
     def become_due(self, now: float) -> list[str]:
-        """The jobs waiting at the scheduler that have waited due_after_s since they came: the caller marks each due
-        (`mark_due`) and re-scores it in the queue, or hands back those it could not (`not_due_yet`). A job placed
-        on a worker now is marked due here: a requeue scores its view, which says so."""
+        """Marks due the jobs that have waited due_after_s since they came, and returns those waiting at the scheduler:
+        the caller re-scores each in the queue and hands back those it could not (`not_due_yet`, which unmarks
+        them). A job a predecessor queued that was never read here is returned unmarked: the caller reads it in
+        and marks it (`mark_due`). A job placed on a worker now needs no new score: a requeue scores its view."""
         out = []
         while self._not_due and self._not_due[0][0] <= now - self.due_after_s:
             _, job_id = heapq.heappop(self._not_due)
@@ -186,9 +190,8 @@ class LiveState(Generic[R]):
                 continue                              # else it ended meanwhile
             if job.due:
                 continue
-            if any(job_id in w.jobs or job_id in w.parking for w in self.workers.values()):
-                self.mark_due(job_id)
-            else:
+            job.due = True
+            if not any(job_id in w.jobs or job_id in w.parking for w in self.workers.values()):
                 out.append(job_id)
         return out
 
@@ -206,7 +209,7 @@ class LiveState(Generic[R]):
                 job.due = False
             else:
                 self._recovered.add(job_id)
-            heapq.heappush(self._not_due, (now - self.due_after_s, job_id))
+            self._expect_due(job_id, now - self.due_after_s)
 
     def forget(self, job_id: str) -> R | None:
         """The job ended: drop it everywhere; returns its payload."""
