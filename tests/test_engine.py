@@ -104,8 +104,11 @@ def test_chunked_prefill_and_tiny_pool_give_same_tokens(model_dir, tokenizer, re
     engine = make_engine(model_dir, token_budget=8, num_blocks=6)
     engine.overlap = overlap
     add_all(engine, tokenizer)
-    done = run_to_end(engine)
+    recomputed: list[str] = []
+    done = run_to_end(engine, on_step=lambda out: recomputed.extend(out.recomputed))
     assert engine.num_preemptions > 0
+    # each preemption for room is named, once, for the scheduler to count against the job's bound
+    assert len(recomputed) == engine.num_preemptions and set(recomputed) <= set(done)
     assert {p: done[f"j{i}"][0] for i, p in enumerate(PROMPTS)} == references
     assert engine.blocks.num_used == 0
 

@@ -214,3 +214,22 @@ async def test_work_that_cannot_run_waits_for_a_command_instead_of_spinning(mode
     assert not tokens_of(waited, "waiter"), "the waiter ran before the room was freed: the test tests nothing"
     # one empty step per command wait (report_interval_s = 0.1 s): ~10 a second, not thousands
     assert empty_steps <= 30, empty_steps
+
+
+async def test_a_job_preempted_for_room_is_one_with_preemptions_left_and_the_scheduler_is_told(model_dir, tokenizer):
+    """Two jobs outgrow a small pool. Out of room, the worker preempted the newest whatever its count (the bound the
+    scheduler keeps was unknown to it) and told no one. Now each assignment says how many preemptions the job has
+    left: the worker takes the newest with some left, and names each job it preempted for room."""
+    engine = build_engine(WorkerConfig(model_dir=str(model_dir), num_blocks=5, max_batch=8, token_budget=128))
+    ids = tokenizer.encode("one two three four five six seven eight nine ten eleven twelve", add_special_tokens=False)
+    per_job = -(-(len(ids) + 40) // engine.blocks.block_size)
+    assert 2 * per_job > engine.blocks.num_total >= per_job        # each fits alone, not both to their end
+    async with engine_loop_running(engine) as (loop_thread, outbox):
+        for job_id, left in (("older", 1), ("newer", 0)):
+            cmd = assign(job_id, ids, 0.0, max_tokens=40)
+            cmd.assign.preemptions_left = left
+            loop_thread.submit(cmd)
+        first = await next_message(outbox, "recomputed")
+        assert list(first.job_ids) == ["older"]                     # the newest, "newer", has none left
+        ended = {(await next_message(outbox, "finished")).job_id for _ in range(2)}
+        assert ended == {"older", "newer"}

@@ -384,3 +384,30 @@ async def test_a_job_deep_in_a_predecessors_queue_still_becomes_due(dispatcher_f
         assert asyncio.get_running_loop().time() < deadline, "the job deep in the queue never became due"
         await successor.snapshot()
         await asyncio.sleep(0.05)
+
+
+async def test_a_workers_own_preemptions_for_room_count_against_the_jobs_bound(dispatcher):
+    """Found by review (issue 11, "preemptions per job <= the configured bound"): a worker that preempted a job for
+    room told no one, so the job's count (what the policies bound, the client's num_preemptions) missed it and the
+    worker, which knew no bound, could recompute it again and again. Now the worker names it, the scheduler counts it
+    in Redis and in its state, and each assignment tells the worker how many preemptions the job has left."""
+    d = dispatcher
+    w = session(d)
+    assert await d.worker_joined(w)
+    [a] = await submitted(d, "a")
+    await d.tick()
+    [sent] = [cmd.assign for cmd in drain(w) if cmd.WhichOneof("kind") == "assign"]
+    assert sent.HasField("preemptions_left") and sent.preemptions_left == d.cfg.max_preemptions == 2
+
+    async def recomputed() -> None:
+        await d.on_worker_message(w, wpb.WorkerMessage(recomputed=wpb.JobsRecomputed(job_ids=[a])))
+
+    await recomputed()
+    assert d.state.preemptions(a) == 1
+    assert (await d.store.progress(a))[2] == 1 and (await d.store.state(a)).num_preemptions == 1  # a successor's count
+    await d.on_worker_message(w, wpb.WorkerMessage(preempted=wpb.JobPreempted(job_id=a, mode=wpb.PREEMPT_MODE_SWAP)))
+    await recomputed()                              # a late report: the job no longer runs there, nothing is counted
+    assert d.state.preemptions(a) == 2 and (await d.store.state(a)).num_preemptions == 2
+    await d.tick()                                  # resumed: none left
+    [again] = [cmd.assign for cmd in drain(w) if cmd.WhichOneof("kind") == "assign"]
+    assert again.job_id == a and again.HasField("preemptions_left") and again.preemptions_left == 0

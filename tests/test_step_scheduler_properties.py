@@ -1,7 +1,8 @@
 """The worker's step scheduler under random commands (add, park after the first token, park, resume, abort) and
 KV pressure, without a model: a step's last chunk of a sequence samples one token, as the engine does. Whatever
-happens, every sequence is in exactly one place, the blocks in use are exactly the blocks the live sequences hold,
-and once everything is finished or dropped the pool is empty."""
+happens (sequences with and without preemptions left under the scheduler's bound among them), every sequence is in
+exactly one place, the blocks in use are exactly the blocks the live sequences hold, and every job runs to its end,
+leaving the pool empty."""
 from __future__ import annotations
 
 from hypothesis import given, settings
@@ -23,11 +24,11 @@ class Harness:
         self.live: dict[str, Sequence] = {}
         self.n = 0
 
-    def add(self, prompt_len: int, max_tokens: int, park: bool) -> None:
+    def add(self, prompt_len: int, max_tokens: int, park: bool, preemptions_left: int | None = None) -> None:
         prompt_len = min(prompt_len, self.sched.max_model_len - 1)     # the engine refuses longer ones
         self.n += 1
         seq = Sequence(f"s{self.n}", [1] * prompt_len, Sampling(max_tokens=max_tokens, ignore_eos=True),
-                       park_on_sample=park)
+                       park_on_sample=park, preemptions_left=preemptions_left)
         self.live[seq.job_id] = seq
         self.sched.add(seq)
 
@@ -73,7 +74,8 @@ def test_park_resume_and_eviction_keep_every_block_accounted_for(ops, num_blocks
     h = Harness(num_blocks)
     for op, k, prompt_len, max_tokens in ops:
         if op in ("add", "add_park"):
-            h.add(prompt_len, max_tokens, park=op == "add_park")
+            # preemptions left under the scheduler's bound: none (an older scheduler), 0 or 1
+            h.add(prompt_len, max_tokens, park=op == "add_park", preemptions_left=(None, 0, 1)[k % 3])
         elif op == "step":
             h.step()
         elif op == "park" and (seq := h.pick(k, SeqStatus.RUNNING)) is not None:
@@ -212,3 +214,38 @@ def test_a_resumed_decode_already_planned_is_not_the_one_preempted_for_a_prompts
     plan = sched.schedule()
     assert [(c.seq.job_id, c.num_tokens) for c in plan.chunks] == [("d", 1)] and plan.preempted == [p]
     assert blocks.rows.row("d") is not None
+
+
+def preempted_for_room(left_older: int | None, left_newer: int | None) -> tuple[str, Sequence, Sequence]:
+    """Two sequences decode in a pool that holds two blocks each; the first to need a third makes the worker preempt
+    one for room. Returns the one preempted."""
+    h = Harness(num_blocks=4)
+    h.add(7, 20, park=False)
+    h.add(7, 20, park=False)
+    older, newer = h.live["s1"], h.live["s2"]
+    older.preemptions_left, newer.preemptions_left = left_older, left_newer
+    for _ in range(5):
+        plan = h.sched.schedule()
+        for c in plan.chunks:
+            if c.start + c.num_tokens == c.seq.num_tokens:
+                c.seq.output_ids.append(7)
+        if plan.preempted:
+            assert len(plan.preempted) == 1
+            h.check()
+            return plan.preempted[0].job_id, older, newer
+    raise AssertionError("no preemption for room")
+
+
+def test_the_worker_preempts_for_room_a_sequence_with_preemptions_left_under_its_bound():
+    # found by review (issue 11, "preemptions per job <= the configured bound"): out of KV the worker took the
+    # newest sequence whatever its count, so one job could be recomputed again and again. Now the newest with
+    # preemptions left goes first, and its count goes down.
+    victim, older, _ = preempted_for_room(left_older=1, left_newer=0)
+    assert victim == "s1" and older.preemptions_left == 0
+    victim, _, newer = preempted_for_room(left_older=None, left_newer=0)    # None: an older scheduler, no bound
+    assert victim == "s1"
+    victim, _, newer = preempted_for_room(left_older=1, left_newer=1)        # both may be: the newest, as before
+    assert victim == "s2" and newer.preemptions_left == 0
+    # none has any left: the newest all the same (a step that makes no room runs nothing), its count stays at 0
+    victim, _, newer = preempted_for_room(left_older=0, left_newer=0)
+    assert victim == "s2" and newer.preemptions_left == 0

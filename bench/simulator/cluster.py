@@ -336,8 +336,9 @@ class Simulation:
             for job in [j for j in w.running + w.waiting if j.job_id in w.to_preempt]:
                 self._preempt(w, job, self.cfg.preempt_mode)
             w.to_preempt.clear()
-        # Out of KV, the engine itself puts its newest job back in its own waiting line (recompute), as vLLM does;
-        # the scheduler is not told (it still counts the job as running there). They rejoin when blocks free up.
+        # Out of KV, the engine itself puts a job back in its own waiting line (recompute), as vLLM does: the newest
+        # with preemptions left under the bound, as the live worker does (step_scheduler._victim); the scheduler
+        # counts it (the job still runs there in its eyes). They rejoin when blocks free up.
         while w.waiting:
             self._kv_dropped(w, w.room_for(need := w.waiting[0].blocks(w.spec.block_size), only_if_enough=True))
             if not w.fits(need):
@@ -347,10 +348,12 @@ class Simulation:
             w.admit(job)
         self._kv_dropped(w, w.room_for(0))       # decode growth past the pool: parked KV goes first
         while len(w.running) > 1 and w.used_blocks > w.spec.num_blocks:
-            job = w.running[-1]
+            job = next((j for j in reversed(w.running) if self.state.preemptions(j.job_id) < self.cfg.max_preemptions),
+                       w.running[-1])
             w.release(job)
             job.computed = 0
             job.preemptions += 1
+            self.state.recomputed(job.job_id)
             w.waiting.insert(0, job)
         if not w.running:
             w.busy = False

@@ -38,7 +38,8 @@ class SchedulerConfig:
     model_dir: str = str(default_model_dir())   # tokenizer and chat template
     policy: str = "alise"
     preempt_mode: PreemptMode = PreemptMode.PARK  # park: KV kept on the GPU while room lasts, else recomputed
-    max_preemptions: int = 2                    # alise: a job is preempted at most this many times
+    # a job is preempted at most this many times: by alise and mlfq, and by a worker out of KV where it has a choice
+    max_preemptions: int = 2
     aging_s: float = AlisePolicy.aging_s        # alise: waiting this long makes predicted work count e times less
     knee_share: float = 0.99                    # admit up to the batch within this share of max throughput; 0 = off
     # a job that has waited this long since it came is due: it goes first in its class, by arrival (alise and sjf;

@@ -236,7 +236,8 @@ class Dispatcher:
             self.sessions[holder].abort(job_id)          # drop the stale copy of its KV
         s.send(assign=wpb.AssignJob(
             job_id=job_id, prompt_token_ids=rec.prompt_ids, output_token_ids=tokens, output_text=text,
-            sampling=rec.sampling.to_proto(), park_after_first_token=park))
+            sampling=rec.sampling.to_proto(), park_after_first_token=park,
+            preemptions_left=max(0, self.cfg.max_preemptions - self.state.preemptions(job_id))))
 
     def _preempt(self, job_id: str, s: WorkerSession) -> None:
         self.state.preempt_sent(job_id, s.worker_id)
@@ -368,6 +369,9 @@ class Dispatcher:
         elif kind == "kept_kv_dropped":
             for job_id in msg.kept_kv_dropped.job_ids:      # recomputed wherever it resumes
                 self.state.kv_dropped(job_id, s.worker_id)
+        elif kind == "recomputed":                           # preempted there for room: counted against its bound
+            for job_id in await self.store.count_recomputed(s.worker_id, list(msg.recomputed.job_ids)):
+                self.state.recomputed(job_id)
         elif kind == "load":
             s.load = ld = msg.load
             # blocks promised to its sequences are as good as used: else the scheduler would place more there

@@ -361,6 +361,12 @@ class JobStore:
                                                 args=[worker_id, *(repr(float(t)) for _, t in estimates)])
         return [estimates[int(i) - 1] for i in kept]
 
+    async def count_recomputed(self, worker_id: str, job_ids: list[str]) -> list[str]:
+        """Count a preemption on each job the worker preempted on its own for room (recomputed.lua), if it still runs
+        there; returns those counted."""
+        counted = await self._scripts["recomputed"](keys=[keys.job(j) for j in job_ids], args=[worker_id])
+        return [job_ids[int(i) - 1] for i in counted]
+
     async def heartbeat(self, worker_id: str, ttl_s: int) -> None:
         await self.r.expire(keys.worker(worker_id), ttl_s)
 

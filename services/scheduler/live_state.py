@@ -365,6 +365,16 @@ class LiveState(Generic[R]):
             w.parked.discard(job.facts.job_id)
         job.kv_on, job.parked = "", False
 
+    def recomputed(self, job_id: str) -> None:
+        """Its worker preempted the job on its own for room and keeps it, to recompute there (the job runs there
+        still): counted against its bound all the same."""
+        if (job := self._jobs.get(job_id)) is not None:
+            job.preemptions += 1
+
+    def preemptions(self, job_id: str) -> int:
+        """How many times the job has been preempted (what its bound counts)."""
+        return job.preemptions if (job := self._jobs.get(job_id)) is not None else 0
+
     def preempted(self, job_id: str, worker_id: str, mode: PreemptMode, counted: bool = True) -> None:
         """The worker gave the job back as `mode` says; `counted`: it was a preemption, which counts against the
         job's bound (not a park after its first token as asked: see parking_on, asked before left_worker)."""

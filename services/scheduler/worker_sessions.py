@@ -35,6 +35,7 @@ _CLOSE = object()
 # the lists of job ids (or of entries with a job_id) in each message that names several jobs; the first says
 # whether anything is left of it once aborted jobs are taken out
 _JOB_LISTS = {"tokens": ("deltas",), "estimates": ("estimates",), "kept_kv_dropped": ("job_ids",),
+              "recomputed": ("job_ids",),
               "step_failed": ("job_ids", "charged_job_ids", "in_step_job_ids")}
 
 

@@ -60,6 +60,7 @@ class StepOutput:
     estimates: list[LengthEstimate] = field(default_factory=list)
     parked: list[str] = field(default_factory=list)       # jobs parked after their first token (park_after_first_token)
     kv_dropped: list[str] = field(default_factory=list)   # parked jobs whose KV was given up for room
+    recomputed: list[str] = field(default_factory=list)   # running jobs preempted here for room, to recompute here
     seconds: float = 0.0
     shape: "StepShape | None" = None      # what this call launched (None: nothing)
     # nothing planned, launched or collected: what waits cannot run until a command (an unpark, an abort, a new
@@ -142,10 +143,14 @@ class Engine:
 
     # -- commands ------------------------------------------------------------------------------
     def add(self, job_id: str, prompt_ids: list[int], sampling: Sampling,
-            output_ids: list[int] = (), output_text: str = "", park_after_first_token: bool = False) -> None:
+            output_ids: list[int] = (), output_text: str = "", park_after_first_token: bool = False,
+            preemptions_left: int | None = None) -> None:
         """Start a job, or resume one this worker swapped out or parked earlier. With `park_after_first_token` the
-        job is parked (KV kept, no decoding) as soon as its next token is sampled, until it is added again."""
+        job is parked (KV kept, no decoding) as soon as its next token is sampled, until it is added again.
+        `preemptions_left`: how many more times it may be preempted here for room (None: no bound)."""
         seq = self.seqs.get(job_id)
+        if seq is not None and seq.status in (SeqStatus.SWAPPED, SeqStatus.PARKED):
+            seq.preemptions_left = preemptions_left          # the scheduler's count is the one that holds
         if seq is not None and seq.status is SeqStatus.SWAPPED:
             self._resume_swapped(seq)
             return
@@ -164,7 +169,7 @@ class Engine:
         if not all(0 <= t < self.vocab_size for t in (*prompt_ids, *output_ids)):
             raise ValueError(f"job {job_id}: token ids must be in [0, {self.vocab_size})")
         seq = Sequence(job_id, list(prompt_ids), sampling, output_ids=list(output_ids),
-                       park_on_sample=park_after_first_token)
+                       park_on_sample=park_after_first_token, preemptions_left=preemptions_left)
         self.seqs[job_id] = seq
         kept = self._preempted_features.pop(job_id, None)
         if kept is not None and output_ids and kept[0] == _prompt_key(prompt_ids):    # this job resumed, not a new one
@@ -266,8 +271,9 @@ class Engine:
         plan = self.sched.schedule()
         self.num_preemptions += len(plan.preempted)
         # Everything below lands in self._settled until the step is done: if it raises half-way, what it had
-        # settled (tokens, finishes, parks, parked KV given up) is real, and salvage() hands it out.
+        # settled (tokens, finishes, parks, parked KV given up, preemptions) is real, and salvage() hands it out.
         out = self._settled
+        out.recomputed.extend(seq.job_id for seq in plan.preempted)   # each counts against the job's bound
         for seq in plan.evicted:                        # parked KV given up for room: the scheduler recomputes them
             self._forget_for_recompute(seq)
             out.kv_dropped.append(seq.job_id)

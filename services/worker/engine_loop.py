@@ -178,7 +178,8 @@ class EngineLoop(threading.Thread):
         if kind == "assign":
             a = cmd.assign
             self.engine.add(a.job_id, list(a.prompt_token_ids), sampling_from_proto(a.sampling),
-                            list(a.output_token_ids), a.output_text, a.park_after_first_token)
+                            list(a.output_token_ids), a.output_text, a.park_after_first_token,
+                            a.preemptions_left if a.HasField("preemptions_left") else None)
         elif kind == "preempt":
             self._or_drop_all(partial(self._preempt, cmd.preempt), "preempting a job")
         elif kind == "abort":
@@ -309,6 +310,8 @@ class EngineLoop(threading.Thread):
         if out.estimates:               # before the tokens: the scheduler re-ranks the job as its first token arrives
             self._send(wpb.WorkerMessage(estimates=wpb.LengthEstimates(estimates=[
                 wpb.LengthEstimate(job_id=e.job_id, output_tokens=e.output_tokens) for e in out.estimates])))
+        if out.recomputed:              # before the finishes: the scheduler counts it only on a job still running here
+            self._send(wpb.WorkerMessage(recomputed=wpb.JobsRecomputed(job_ids=out.recomputed)))
         # a finished or parked job's tokens go out now, before the message that says it left the batch
         leaving = {j for j, _ in out.finished} | set(out.parked)
         self._send_tokens(self.batcher.step(out.deltas, leaving, len(self.engine.sched.running)))

@@ -59,6 +59,13 @@ class Sequence:
     sample_row: int = -1                   # row of the latest pending token in its step's sampled ids
     park_on_sample: bool = False           # park (keep the KV, stop decoding) once its next token is sampled
     sampled_here: bool = False             # a token of it was sampled on this worker (it has run a whole step)
+    # how many more times this worker may preempt it for room: the scheduler's bound less the job's preemptions so
+    # far (AssignJob.preemptions_left); None: no bound
+    preemptions_left: int | None = None
+
+    @property
+    def may_be_preempted(self) -> bool:
+        return self.preemptions_left is None or self.preemptions_left > 0
 
     @property
     def cache_salt(self) -> bytes:

@@ -167,11 +167,10 @@ class StepScheduler:
                     # step; recomputing it (or this one) now would throw away work a one-step wait saves
                     waits = True
                     break
-                # the newest not planned this step (decodes go first, so a resumed decode at the end of `running`
-                # may already be in the plan: preempting it would free blocks its chunk is about to write); at worst
-                # `seq` itself, which then waits
-                planned = {c.seq for c in chunks}           # only here: preemption is rare, planning is not
-                victim = next(s for s in reversed(self.running) if s not in planned)
+                victim = self._victim(seq, {c.seq for c in chunks})   # only here: preemption is rare, planning is not
+                if victim is None:
+                    waits = True                 # it keeps its KV, unplanned this step, while the planned ones run
+                    break
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is seq:
@@ -184,6 +183,18 @@ class StepScheduler:
             chunks += self._admit(budget, evicted)
         assert sum(c.num_tokens for c in chunks) <= self.token_budget
         return StepPlan(chunks, preempted, evicted)
+
+    def _victim(self, seq: Sequence, planned: set[Sequence]) -> Sequence | None:
+        """Whom to preempt for `seq`'s room: the newest running sequence not planned this step (decodes go first, so
+        a resumed decode at the end of `running` may already be in the plan: preempting it would free blocks its chunk
+        is about to write) that has preemptions left under the scheduler's bound; at worst `seq` itself, which then
+        waits. None when `seq` has none left and every other is planned: it waits without being preempted (the planned
+        ones run, and whichever of them needs room next finds it among the candidates). When none of several has any
+        left, the newest all the same (the scheduler sees the job's count pass its bound): a step must make room."""
+        candidates = [s for s in reversed(self.running) if s not in planned]
+        if (victim := next((s for s in candidates if s.may_be_preempted), None)) is not None:
+            return victim
+        return None if candidates == [seq] else candidates[0]
 
     def _decodes_first(self) -> list[Sequence]:
         """The running sequences, those with one token to compute (decodes) first, each group in admission order: a
@@ -265,6 +276,8 @@ class StepScheduler:
         return any(s.park_on_sample and s.num_pending for s in self.running)
 
     def _preempt(self, seq: Sequence) -> None:
+        if seq.preemptions_left:
+            seq.preemptions_left -= 1
         del self.running[seq]
         self.blocks.free(seq.job_id)
         seq.reset_for_recompute()

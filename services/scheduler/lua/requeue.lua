@@ -4,7 +4,8 @@
 -- ARGV[5] why (job_store.RequeueCause): 'preempted' by the scheduler, 'parked' after its first token as asked
 -- (prefill early: no preemption), 'returned' for another reason (its worker was lost or restarted).
 -- num_preemptions counts every time a job was handed back mid-way (what its client sees);
--- ordered_preemptions only the scheduler's own preemptions: the count the policies bound
+-- ordered_preemptions only the preemptions the bound counts: the scheduler's own (and a worker's for room, which
+-- recomputed.lua counts)
 local st = redis.call('HMGET', KEYS[1], 'status', 'worker')
 redis.call('SREM', KEYS[3], ARGV[1])
 if st[1] ~= 'running' or st[2] ~= ARGV[2] then return 0 end
