@@ -69,6 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="alise: ... and this many times the queue's mean wait now (0 = off)")
     p.add_argument("--max-parking", type=int, default=SchedulerConfig.max_parking,
                    help="alise: at most this many jobs on their way to be prefilled early on a worker at once")
+    p.add_argument("--early-tokens", type=int, default=SchedulerConfig.early_tokens,
+                   help="alise: a job prefilled early generates this many tokens before it parks")
     p.add_argument("--due-after-s", type=float, default=SchedulerConfig.due_after_s,
                    help="a job that has waited this long goes first in its class, by arrival (0 = off)")
     p.add_argument("--aging-s", type=float, default=SchedulerConfig.aging_s,
@@ -217,6 +219,7 @@ def simulate_sweep(a: argparse.Namespace) -> list[Run]:
                             max_preemptions=a.max_preemptions, aging_s=a.aging_s, park_kv_share=a.park_kv_share,
                             park_after_s=a.park_after_s, park_wait_factor=a.park_wait_factor, admit_s=a.admit_s,
                             max_parking=a.max_parking, exec_model=a.exec_model, due_after_s=a.due_after_s,
+                            early_tokens=a.early_tokens,
                             admit_per_s=a.admit_per_s, record_itl=a.num_prompts <= ITL_MAX_REQUESTS,
                             reestimate=SimPredictor(PredictorKind.NOISY, probe_sigma, seed=a.seed + 1)
                             if probe_sigma is not None else None)

@@ -34,12 +34,13 @@ def test_scheduler_times_refuse_negative_and_nan():
 
     for flags in (["--park-after-s", "-1"], ["--park-after-s", "nan"], ["--aging-s", "0"], ["--aging-s", "nan"],
                   ["--park-wait-factor", "-1"], ["--park-wait-factor", "nan"], ["--park-wait-factor", "inf"],
-                  ["--max-parking", "0"]):
+                  ["--max-parking", "0"], ["--early-tokens", "0"]):
         with pytest.raises((ValueError, SystemExit)):
             SchedulerConfig.from_args(flags)
     assert SchedulerConfig.from_args(["--park-after-s", "2.5"]).park_after_s == 2.5
     assert SchedulerConfig.from_args(["--park-wait-factor", "0"]).park_wait_factor == 0
     assert SchedulerConfig.from_args(["--max-parking", "4"]).max_parking == 4
+    assert SchedulerConfig.from_args(["--early-tokens", "32"]).early_tokens == 32
 
 
 def test_a_gpu_worker_refuses_a_block_size_its_kernels_cannot_read():

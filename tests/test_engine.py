@@ -7,7 +7,7 @@ import torch
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine, PreemptMode
 from services.worker.factory import build_engine
-from services.worker.sequence import Finish, Sampling
+from services.worker.sequence import Finish, Sampling, SeqStatus
 from tests.helpers import hf_greedy, hf_greedy_ids
 
 PROMPTS = [
@@ -222,6 +222,24 @@ def test_parked_kv_is_given_up_before_running_jobs_are_preempted(model_dir, toke
     # resumed by the scheduler: recomputed from its prompt and the token it sent, same output
     engine.add("parked", ids[PROMPTS[2]], Sampling(max_tokens=24, ignore_eos=True), first, tokenizer.decode(first))
     assert first + run_to_end(engine)["parked"][0] == references[PROMPTS[2]]
+    assert engine.blocks.num_used == 0
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_job_prefilled_early_generates_its_early_tokens_before_it_parks(model_dir, tokenizer, references, overlap):
+    """With early_tokens (the scheduler's --early-tokens) a job sent to be prefilled early decodes that many tokens
+    before it parks, so one whose whole output is that short ends there without waiting for a decode slot; resumed,
+    it goes on to the output it would have had uninterrupted."""
+    engine = make_engine(model_dir)
+    engine.overlap = overlap
+    ids = tokenizer.encode(PROMPTS[2], add_special_tokens=False)
+    engine.add("long", ids, Sampling(max_tokens=24, ignore_eos=True), park_after_first_token=True, early_tokens=5)
+    engine.add("short", ids, Sampling(max_tokens=3, ignore_eos=True), park_after_first_token=True, early_tokens=5)
+    first = run_until_parked(engine, "long")
+    assert first == references[PROMPTS[2]][:5] and engine.seqs["long"].status is SeqStatus.PARKED
+    assert "short" not in engine.seqs                        # it ended within its early tokens: never parked
+    engine.add("long", ids, Sampling(max_tokens=24, ignore_eos=True), first, tokenizer.decode(first))
+    assert first + run_to_end(engine)["long"][0] == references[PROMPTS[2]]
     assert engine.blocks.num_used == 0
 
 

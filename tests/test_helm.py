@@ -428,11 +428,11 @@ def test_the_scheduler_and_worker_accept_every_flag_the_chart_gives_them():
     from services.worker.config import WorkerConfig
 
     docs = render({"scheduler": {"parkWaitFactor": 2.5, "parkAfterSeconds": 1, "maxParking": 4, "agingSeconds": 40,
-                                 "dueAfterSeconds": 90}})
+                                 "dueAfterSeconds": 90, "earlyTokens": 16}})
     scheduler = by_name(docs, "Deployment", "demo-alise-scheduler")["spec"]["template"]["spec"]["containers"][0]
     cfg = SchedulerConfig.from_args([a for a in scheduler["args"] if a.startswith("--")])
-    assert (cfg.park_wait_factor, cfg.park_after_s, cfg.max_parking, cfg.aging_s, cfg.due_after_s) == (
-        2.5, 1.0, 4, 40.0, 90.0)
+    assert (cfg.park_wait_factor, cfg.park_after_s, cfg.max_parking, cfg.aging_s, cfg.due_after_s,
+            cfg.early_tokens) == (2.5, 1.0, 4, 40.0, 90.0, 16)
     worker = by_name(docs, "Deployment", "demo-alise-worker")["spec"]["template"]["spec"]["containers"][0]
     WorkerConfig.from_args([a for a in worker["args"] if a.startswith("--")])
     # a cap the schema accepts starts the scheduler too (review, session 22: under 256 it crash-looped)

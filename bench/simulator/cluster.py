@@ -81,6 +81,7 @@ class SimConfig:
     park_after_s: float = SchedulerConfig.park_after_s     # ... only jobs that have waited this long
     park_wait_factor: float = SchedulerConfig.park_wait_factor   # ... and this many times the queue's mean wait
     max_parking: int = SchedulerConfig.max_parking         # ... at most this many in flight to a worker at once
+    early_tokens: int = SchedulerConfig.early_tokens       # ... each generating this many tokens before it parks
     # the scheduler's admission (validate, tokenize, predict, write Redis): a request reaches the queue admit_s after
     # it arrives, and at most admit_per_s requests a second get through, in arrival order (0: no bound). Live on the
     # H200: ~25-40 ms, and about 200 a second (docs/BENCHMARKS.md)
@@ -136,7 +137,7 @@ class _Worker:
     to_preempt: set[str] = field(default_factory=set)     # asked by the scheduler, applied between iterations
     host_kv: dict[str, int] = field(default_factory=dict)  # swapped-out jobs: tokens of KV held in host memory
     parked: dict[str, _Job] = field(default_factory=dict)  # parked jobs: their KV blocks stay in used_blocks
-    park_after: set[str] = field(default_factory=set)      # jobs to park once their first token is sampled
+    park_after: dict[str, int] = field(default_factory=dict)   # jobs to park once they have generated this many
     decodes: list[_Job] = field(default_factory=list)               # this iteration: one token each
     prefills: list[tuple[_Job, int]] = field(default_factory=list)  # this iteration: (job, chunk of tokens)
     busy: bool = False
@@ -316,7 +317,7 @@ class Simulation:
             self.workers[holder].host_kv.pop(job.job_id, None)     # the stale copy of its KV is dropped
             self.workers[holder].drop_parked(job.job_id)
         if park:
-            w.park_after.add(job.job_id)
+            w.park_after[job.job_id] = job.generated + self.cfg.early_tokens
         if job.job_id in w.parked:                                 # resumed where it was parked: KV in place
             del w.parked[job.job_id]
             w.running.append(job)
@@ -421,11 +422,11 @@ class Simulation:
         for job in done:
             w.release(job)
             w.to_preempt.discard(job.job_id)
-            w.park_after.discard(job.job_id)
+            w.park_after.pop(job.job_id, None)
             self._finish(job)
-        if w.park_after:                          # sent to be parked after their first token: now they have it
-            for job in [j for j in w.running if j.job_id in w.park_after and j.generated > 0]:
-                w.park_after.discard(job.job_id)
+        if w.park_after:                          # sent to be parked after their first tokens: those that have them
+            for job in [j for j in w.running if job_generated_enough(j, w.park_after)]:
+                del w.park_after[job.job_id]
                 self._park(w, job, counted=False)
         self._start_step(w)
 
@@ -479,3 +480,8 @@ def simulate(cfg: SimConfig, requests: list[SimRequest]) -> tuple[list[RequestRe
     sim = Simulation(cfg, requests)
     results, duration = sim.run()
     return results, duration, sim.decisions
+
+
+def job_generated_enough(job: _Job, park_after: dict[str, int]) -> bool:
+    """A job sent to be prefilled early has generated the tokens it was to generate before it parks."""
+    return (n := park_after.get(job.job_id)) is not None and job.generated >= n

@@ -56,6 +56,9 @@ class SchedulerConfig:
     # alise: at most this many jobs on their way to be prefilled early on one worker at once: each brings a prompt
     # whose chunks share the worker's steps with its decodes, so a burst of them stretches every running job's step
     max_parking: int = 32
+    # alise: ... each generating this many tokens before it parks: a job whose output is that short ends there, so a
+    # short job the predictor ranks long (the normalized-latency tail) does not wait for a decode slot
+    early_tokens: int = 1
     max_tokens_cap: int = 2048
     # a request's max_tokens bounds its predicted length (it cannot run longer). Off for benchmarks that force
     # each output's length through max_tokens (ignore_eos): there it would tell the scheduler the true length
@@ -96,6 +99,8 @@ class SchedulerConfig:
         AlisePolicy(park_after_s=self.park_after_s, park_wait_factor=self.park_wait_factor, max_parking=self.max_parking)
         if not self.aging_s > 0:
             raise ValueError("aging_s must be > 0")
+        if self.early_tokens < 1:
+            raise ValueError("early_tokens must be >= 1 (park_kv_share 0 turns prefill-early off)")
         if not 0 <= self.due_after_s < math.inf:
             raise ValueError("due_after_s must be >= 0 and finite (0 = off)")
         if not self.http_header_timeout_s > 0:

@@ -237,6 +237,7 @@ class Dispatcher:
         s.send(assign=wpb.AssignJob(
             job_id=job_id, prompt_token_ids=rec.prompt_ids, output_token_ids=tokens, output_text=text,
             sampling=rec.sampling.to_proto(), park_after_first_token=park,
+            early_tokens=self.cfg.early_tokens if park else 0,
             preemptions_left=max(0, self.cfg.max_preemptions - self.state.preemptions(job_id))))
 
     def _preempt(self, job_id: str, s: WorkerSession) -> None:

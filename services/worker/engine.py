@@ -144,9 +144,10 @@ class Engine:
     # -- commands ------------------------------------------------------------------------------
     def add(self, job_id: str, prompt_ids: list[int], sampling: Sampling,
             output_ids: list[int] = (), output_text: str = "", park_after_first_token: bool = False,
-            preemptions_left: int | None = None) -> None:
+            preemptions_left: int | None = None, early_tokens: int = 1) -> None:
         """Start a job, or resume one this worker swapped out or parked earlier. With `park_after_first_token` the
-        job is parked (KV kept, no decoding) as soon as its next token is sampled, until it is added again.
+        job is parked (KV kept, no decoding) as soon as it has sampled `early_tokens` tokens (at least one), until it
+        is added again.
         `preemptions_left`: how many more times it may be preempted here for room (None: no bound)."""
         seq = self.seqs.get(job_id)
         if seq is not None and seq.status in (SeqStatus.SWAPPED, SeqStatus.PARKED):
@@ -169,7 +170,8 @@ class Engine:
         if not all(0 <= t < self.vocab_size for t in (*prompt_ids, *output_ids)):
             raise ValueError(f"job {job_id}: token ids must be in [0, {self.vocab_size})")
         seq = Sequence(job_id, list(prompt_ids), sampling, output_ids=list(output_ids),
-                       park_on_sample=park_after_first_token, preemptions_left=preemptions_left)
+                       park_on_sample=park_after_first_token, preemptions_left=preemptions_left,
+                       park_at_output=len(output_ids) + max(1, early_tokens) if park_after_first_token else 0)
         self.seqs[job_id] = seq
         kept = self._preempted_features.pop(job_id, None)
         if kept is not None and output_ids and kept[0] == _prompt_key(prompt_ids):    # this job resumed, not a new one
@@ -392,7 +394,7 @@ class Engine:
             self.sched.finish(seq, finish)
             self._drop(seq)
             out.finished.append((seq.job_id, finish))
-        elif seq.park_on_sample and self.sched.park(seq):
+        elif seq.park_on_sample and len(seq.output_ids) >= seq.park_at_output and self.sched.park(seq):
             out.parked.append(seq.job_id)
             if seq.job_id in self._parks_ordered:
                 self._parks_ordered.discard(seq.job_id)

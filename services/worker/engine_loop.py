@@ -179,7 +179,7 @@ class EngineLoop(threading.Thread):
             a = cmd.assign
             self.engine.add(a.job_id, list(a.prompt_token_ids), sampling_from_proto(a.sampling),
                             list(a.output_token_ids), a.output_text, a.park_after_first_token,
-                            a.preemptions_left if a.HasField("preemptions_left") else None)
+                            a.preemptions_left if a.HasField("preemptions_left") else None, a.early_tokens)
         elif kind == "preempt":
             self._or_drop_all(partial(self._preempt, cmd.preempt), "preempting a job")
         elif kind == "abort":

@@ -57,11 +57,17 @@ class Sequence:
     num_preemptions: int = 0
     num_pending: int = 0                   # sampled on the device, not yet appended to output_ids
     sample_row: int = -1                   # row of the latest pending token in its step's sampled ids
-    park_on_sample: bool = False           # park (keep the KV, stop decoding) once its next token is sampled
+    park_on_sample: bool = False           # park (keep the KV, stop decoding) once a token is sampled...
+    park_at_output: int = 0                # ... that brings its output to this many tokens (0: the next one)
     sampled_here: bool = False             # a token of it was sampled on this worker (it has run a whole step)
     # how many more times this worker may preempt it for room: the scheduler's bound less the job's preemptions so
     # far (AssignJob.preemptions_left); None: no bound
     preemptions_left: int | None = None
+
+    @property
+    def parks_on_pending(self) -> bool:
+        """Its token in flight, once collected, parks it: it is planned no further until resumed."""
+        return self.park_on_sample and len(self.output_ids) + self.num_pending >= self.park_at_output
 
     @property
     def may_be_preempted(self) -> bool:

@@ -72,7 +72,7 @@ class StepScheduler:
         if seq.status is not SeqStatus.RUNNING:
             return False
         del self.running[seq]
-        seq.status, seq.park_on_sample = SeqStatus.PARKED, False
+        seq.status, seq.park_on_sample, seq.park_at_output = SeqStatus.PARKED, False, 0
         self.parked[seq] = None
         return True
 
@@ -81,7 +81,7 @@ class StepScheduler:
         it has no token in flight or is not running (then nothing changes)."""
         if seq.status is not SeqStatus.RUNNING or not seq.num_pending:
             return False
-        seq.park_on_sample = True
+        seq.park_on_sample, seq.park_at_output = True, 0
         return True
 
     def unpark(self, seq: Sequence) -> None:
@@ -151,7 +151,7 @@ class StepScheduler:
             if seq not in self.running:          # preempted by an earlier iteration of this loop
                 continue
             n = min(seq.num_uncomputed, budget)
-            if n == 0 or (seq.num_pending and (seq.park_on_sample or seq.reaches_length(self.max_model_len))):
+            if n == 0 or (seq.num_pending and (seq.parks_on_pending or seq.reaches_length(self.max_model_len))):
                 continue
             if seq.park_on_sample and not self.blocks.can_grow(seq.job_id, seq.num_computed + n):
                 continue                         # on its way to be parked: it never takes KV from others, it waits
@@ -273,7 +273,7 @@ class StepScheduler:
 
     def _parking_soon(self) -> bool:
         """A running sequence will park when the step in flight is collected (ordered to, or after its first token)."""
-        return any(s.park_on_sample and s.num_pending for s in self.running)
+        return any(s.num_pending and s.parks_on_pending for s in self.running)
 
     def _preempt(self, seq: Sequence) -> None:
         if seq.preemptions_left:
