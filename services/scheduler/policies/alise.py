@@ -47,6 +47,12 @@ that many times the queue's current mean wait (Snapshot.mean_wait_s, by Little's
 wait is short and nearly every waiting job is prefilled soon; past it the mean wait grows with the backlog, so
 only the jobs SRPT leaves behind longer than FCFS would on average get their first token early, and their
 prompts no longer run ahead of the decodes of the jobs served first. The threshold is the larger of the two.
+Early tokens (the scheduler's `early_tokens`, sent with each job to prefill early): the job decodes that many
+tokens before it parks, so one whose whole output is that short ends there. A predictor that ranks a short job
+long leaves it waiting behind the queue, and such jobs make the normalized-latency tail; running every waiting
+job's first tokens finds them, as the first queue of an MLFQ does, while decode slots still go by predicted
+remaining time. With it, prefilling every waiting job (`park_wait_factor` 0, the default) measured better than the
+load-following threshold (docs/BENCHMARKS.md, "Early tokens live").
 """
 from __future__ import annotations
 
