@@ -24,11 +24,13 @@ class Harness:
         self.live: dict[str, Sequence] = {}
         self.n = 0
 
-    def add(self, prompt_len: int, max_tokens: int, park: bool, preemptions_left: int | None = None) -> None:
+    def add(self, prompt_len: int, max_tokens: int, park: bool, preemptions_left: int | None = None,
+            early_tokens: int = 1) -> None:
         prompt_len = min(prompt_len, self.sched.max_model_len - 1)     # the engine refuses longer ones
         self.n += 1
         seq = Sequence(f"s{self.n}", [1] * prompt_len, Sampling(max_tokens=max_tokens, ignore_eos=True),
-                       park_on_sample=park, preemptions_left=preemptions_left)
+                       park_on_sample=park, preemptions_left=preemptions_left,
+                       park_at_output=early_tokens if park else 0)
         self.live[seq.job_id] = seq
         self.sched.add(seq)
 
@@ -46,8 +48,8 @@ class Harness:
             if len(seq.output_ids) >= seq.sampling.max_tokens or seq.num_tokens >= self.sched.max_model_len:
                 self.sched.finish(seq, Finish.LENGTH)
                 self.drop(seq)
-            elif seq.park_on_sample:
-                assert self.sched.park(seq)
+            elif seq.park_on_sample and len(seq.output_ids) >= seq.park_at_output:
+                assert self.sched.park(seq)         # as the engine does once its early tokens are out
 
     def drop(self, seq: Sequence) -> None:
         self.sched.drop(seq)
@@ -74,8 +76,9 @@ def test_park_resume_and_eviction_keep_every_block_accounted_for(ops, num_blocks
     h = Harness(num_blocks)
     for op, k, prompt_len, max_tokens in ops:
         if op in ("add", "add_park"):
-            # preemptions left under the scheduler's bound: none (an older scheduler), 0 or 1
-            h.add(prompt_len, max_tokens, park=op == "add_park", preemptions_left=(None, 0, 1)[k % 3])
+            # preemptions left under the scheduler's bound: none (an older scheduler), 0 or 1; early tokens 1-4
+            h.add(prompt_len, max_tokens, park=op == "add_park", preemptions_left=(None, 0, 1)[k % 3],
+                  early_tokens=1 + k % 4)
         elif op == "step":
             h.step()
         elif op == "park" and (seq := h.pick(k, SeqStatus.RUNNING)) is not None:
@@ -249,3 +252,29 @@ def test_the_worker_preempts_for_room_a_sequence_with_preemptions_left_under_its
     # none has any left: the newest all the same (a step that makes no room runs nothing), its count stays at 0
     victim, _, newer = preempted_for_room(left_older=0, left_newer=0)
     assert victim == "s2" and newer.preemptions_left == 0
+
+
+def test_early_jobs_alone_in_a_full_pool_park_where_they_stand_instead_of_waiting_on_each_other():
+    # found by review (session 26): two jobs decoding their early tokens outgrew a 4-block pool; an early job never
+    # takes KV from others, so each waited for the other and every step planned nothing, for good (the engine then
+    # waits for a command the scheduler never sends: it counts neither job as running). Now a blocked early job
+    # with a token out parks where it stands, and its KV is the first given up for room.
+    h = Harness(num_blocks=4)
+    for _ in range(2):
+        h.add(7, 20, park=True, early_tokens=5)
+    parked = []
+    for _ in range(20):
+        plan = h.sched.schedule()
+        now_parked = getattr(plan, "parked", ())            # (a StepPlan before this mend had no such list)
+        assert plan.chunks or now_parked, "a step planned nothing and parked nothing"
+        parked += now_parked
+        for c in plan.chunks:
+            if c.start + c.num_tokens == c.seq.num_tokens:
+                c.seq.output_ids.append(7)
+                if len(c.seq.output_ids) >= c.seq.park_at_output:
+                    assert h.sched.park(c.seq)
+        h.check()
+        if not h.sched.running:
+            break
+    assert parked and not h.sched.running and len(h.sched.parked) == 2
+    assert all(0 < len(s.output_ids) < 5 for s in parked)    # stopped short of their early tokens

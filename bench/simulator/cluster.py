@@ -11,7 +11,7 @@ prefill chunks in admission order until the token budget is spent; a sequence wh
 samples a new one at the end of the iteration. Preemptions the scheduler asks for take effect between
 iterations. When decode growth would overflow the KV pool the worker first drops the KV of its most recently
 parked job (the scheduler, which holds it in its queue, recomputes it wherever it resumes it), then preempts its
-newest sequence (recompute). A job sent to be prefilled early is parked once its first token is sampled.
+newest sequence (recompute). A job sent to be prefilled early is parked once it has its early tokens.
 """
 from __future__ import annotations
 

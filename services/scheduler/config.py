@@ -46,7 +46,7 @@ class SchedulerConfig:
     # policies/base.due_score), ahead of every job of its class that is not due, and where it finds no KV room it
     # holds the worker it waits for. The hard bound on unfairness behind aging's relative one; 0 = off
     due_after_s: float = 300.0
-    # alise: a job that must wait for a decode slot is prefilled at once and parked on a worker (first token now,
+    # alise: a job that must wait for a decode slot is prefilled at once and parked on a worker (first tokens now,
     # KV kept) while the worker's KV in use stays under this share of its pool; 0 = off (policies/alise.py)
     park_kv_share: float = 0.8
     park_after_s: float = 0.0                   # alise: ... only jobs that have waited this long (0 = all)

@@ -211,7 +211,7 @@ class Dispatcher:
         return len(arrivals)
 
     async def _assign(self, job_id: str, s: WorkerSession, park: bool = False) -> None:
-        """Send the job to the worker; with `park`, to be prefilled there and parked after its first token."""
+        """Send the job to the worker; with `park`, to be prefilled there and parked after its early tokens."""
         if not await self.store.claim(job_id, s.worker_id):
             return                                       # aborted or taken meanwhile
         try:
@@ -246,7 +246,7 @@ class Dispatcher:
         s.send(preempt=wpb.PreemptJob(job_id=job_id, mode=self.cfg.preempt_mode.wire))
 
     async def _requeue(self, job_id: str, worker_id: str, preempted: PreemptMode | None = None) -> bool:
-        """Back to the queue from the worker: given back as `preempted` says (parked after its first token as asked,
+        """Back to the queue from the worker: given back as `preempted` says (parked after its early tokens as asked,
         or preempted), or (None) dropped there with its KV. Whether it went back (not when it had ended)."""
         early = preempted is not None and self.state.parking_on(job_id, worker_id)   # parked as asked, not preempted
         counted = preempted is not None and not early

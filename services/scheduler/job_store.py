@@ -107,7 +107,7 @@ class CreateOutcome(enum.IntEnum):
 class RequeueCause(str, enum.Enum):
     """Why a running job goes back to the queue (requeue.lua reads the value)."""
     PREEMPTED = "preempted"     # the scheduler ordered it: counts against the job's preemption bound
-    PARKED = "parked"           # parked after its first token as the scheduler asked (prefill early): no count
+    PARKED = "parked"           # parked after its early tokens as the scheduler asked (prefill early): no count
     RETURNED = "returned"       # its worker was lost or restarted, or left before it started: counted for the
                                 # client (num_preemptions), not against the bound
 

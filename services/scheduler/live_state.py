@@ -377,7 +377,7 @@ class LiveState(Generic[R]):
 
     def preempted(self, job_id: str, worker_id: str, mode: PreemptMode, counted: bool = True) -> None:
         """The worker gave the job back as `mode` says; `counted`: it was a preemption, which counts against the
-        job's bound (not a park after its first token as asked: see parking_on, asked before left_worker)."""
+        job's bound (not a park after its early tokens as asked: see parking_on, asked before left_worker)."""
         self.left_worker(job_id, worker_id)
         if (job := self._jobs.get(job_id)) is not None and counted:
             job.preemptions += 1

@@ -58,7 +58,7 @@ class StepOutput:
     deltas: list[TokenDelta] = field(default_factory=list)
     finished: list[tuple[str, Finish]] = field(default_factory=list)
     estimates: list[LengthEstimate] = field(default_factory=list)
-    parked: list[str] = field(default_factory=list)       # jobs parked after their first token (park_after_first_token)
+    parked: list[str] = field(default_factory=list)       # jobs parked after their early tokens (or stopped short)
     kv_dropped: list[str] = field(default_factory=list)   # parked jobs whose KV was given up for room
     recomputed: list[str] = field(default_factory=list)   # running jobs preempted here for room, to recompute here
     seconds: float = 0.0
@@ -276,6 +276,8 @@ class Engine:
         # settled (tokens, finishes, parks, parked KV given up, preemptions) is real, and salvage() hands it out.
         out = self._settled
         out.recomputed.extend(seq.job_id for seq in plan.preempted)   # each counts against the job's bound
+        for seq in plan.parked:                         # early jobs stopped short by a full pool
+            self._parked(seq, out)
         for seq in plan.evicted:                        # parked KV given up for room: the scheduler recomputes them
             self._forget_for_recompute(seq)
             out.kv_dropped.append(seq.job_id)
@@ -395,10 +397,13 @@ class Engine:
             self._drop(seq)
             out.finished.append((seq.job_id, finish))
         elif seq.park_on_sample and len(seq.output_ids) >= seq.park_at_output and self.sched.park(seq):
-            out.parked.append(seq.job_id)
-            if seq.job_id in self._parks_ordered:
-                self._parks_ordered.discard(seq.job_id)
-                self.num_preemptions += 1
+            self._parked(seq, out)
+
+    def _parked(self, seq: Sequence, out: StepOutput) -> None:
+        out.parked.append(seq.job_id)
+        if seq.job_id in self._parks_ordered:
+            self._parks_ordered.discard(seq.job_id)
+            self.num_preemptions += 1
 
     def _finish_reason(self, seq: Sequence, token: int, detok: IncrementalDetokenizer) -> Finish | None:
         if detok.stopped:
@@ -415,8 +420,11 @@ class Engine:
         scheduler promised them when it placed them): a prompt takes its blocks chunk by chunk, a job in the line
         none yet, so `used_blocks` alone shows room that is already spoken for. (A job in the line whose prompt
         the prefix cache holds is counted whole until it is admitted: room shown too small for a while, not too
-        large.) Parked and swapped sequences are in neither list."""
-        return sum(self.blocks.extra_blocks(s.job_id, s.num_tokens + 1) for seqs in (running, waiting) for s in seqs)
+        large.) A job sent to be prefilled early needs room for its early tokens. Parked and swapped sequences are in
+        neither list."""
+        return sum(self.blocks.extra_blocks(s.job_id, max(s.num_tokens + 1, s.num_tokens - len(s.output_ids)
+                                                          + s.park_at_output if s.park_on_sample else 0))
+                   for seqs in (running, waiting) for s in seqs)
 
     def load(self) -> EngineLoad:
         running, waiting = self.sched.running, self.sched.waiting

@@ -14,7 +14,9 @@ BlockManager (grow, free, swap, prefix cache); the engine asks it to (`swap_out`
 made every step O(batch^2), most of the host time at batch 128). A sequence whose pending token already
 ends it by length is skipped (the step that sampled that token finishes it); one with a pending token is
 never admitted from the waiting queue, since its tokens must all be known to prefill them. A sequence to be
-parked once its pending token arrives is skipped the same way, so it never samples a second one.
+parked once its pending token arrives is skipped the same way, so it never samples a second one. A job sent to be
+prefilled early decodes its early tokens (Sequence.park_at_output) and never takes KV from others: blocked by a
+full pool once it has a token out, it parks where it stands, its KV then the first given up for room.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ class StepPlan:
     chunks: list[ScheduledChunk]
     preempted: list[Sequence]          # sequences that lost their KV this step (recompute later)
     evicted: list[Sequence] = ()       # parked sequences whose KV was dropped for room (the engine forgets them)
+    parked: list[Sequence] = ()        # early jobs a full pool stopped short of their early tokens: parked now
 
     @property
     def empty(self) -> bool:
@@ -146,6 +149,8 @@ class StepScheduler:
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
         evicted: list[Sequence] = []
+        parked: list[Sequence] = []
+        waited = False                           # a sequence waits for room: no new one may take what frees up
         parking_soon = None                      # found on the first need: nothing below changes it
         for seq in self._decodes_first():
             if seq not in self.running:          # preempted by an earlier iteration of this loop
@@ -154,7 +159,12 @@ class StepScheduler:
             if n == 0 or (seq.num_pending and (seq.parks_on_pending or seq.reaches_length(self.max_model_len))):
                 continue
             if seq.park_on_sample and not self.blocks.can_grow(seq.job_id, seq.num_computed + n):
-                continue                         # on its way to be parked: it never takes KV from others, it waits
+                # on its way to be parked: it never takes KV from others. With a token out already (its first
+                # early token, at least) it parks now, its KV the first given up for room: early jobs alone in a
+                # full pool would otherwise wait on each other for good
+                if seq.output_ids and not seq.num_pending and self.park(seq):
+                    parked.append(seq)
+                continue
             waits = False
             while not self.blocks.can_grow(seq.job_id, seq.num_computed + n):
                 if self.parked:
@@ -169,7 +179,7 @@ class StepScheduler:
                     break
                 victim = self._victim(seq, {c.seq for c in chunks})   # only here: preemption is rare, planning is not
                 if victim is None:
-                    waits = True                 # it keeps its KV, unplanned this step, while the planned ones run
+                    waits = waited = True        # it keeps its KV, unplanned this step, while the planned ones run
                     break
                 self._preempt(victim)
                 preempted.append(victim)
@@ -179,22 +189,22 @@ class StepScheduler:
                 self.blocks.grow(seq.job_id, seq.num_computed + n)
                 chunks.append(self._plan_chunk(seq, n))
                 budget -= n
-        if not preempted:                        # a step that had to preempt admits nobody new
+        if not (preempted or waited):            # a step that had to preempt (or make one wait) admits nobody new
             chunks += self._admit(budget, evicted)
         assert sum(c.num_tokens for c in chunks) <= self.token_budget
-        return StepPlan(chunks, preempted, evicted)
+        return StepPlan(chunks, preempted, evicted, parked)
 
     def _victim(self, seq: Sequence, planned: set[Sequence]) -> Sequence | None:
         """Whom to preempt for `seq`'s room: the newest running sequence not planned this step (decodes go first, so
         a resumed decode at the end of `running` may already be in the plan: preempting it would free blocks its chunk
         is about to write) that has preemptions left under the scheduler's bound; at worst `seq` itself, which then
-        waits. None when `seq` has none left and every other is planned: it waits without being preempted (the planned
-        ones run, and whichever of them needs room next finds it among the candidates). When none of several has any
-        left, the newest all the same (the scheduler sees the job's count pass its bound): a step must make room."""
+        waits. When none has any left: None while some sequence is planned (`seq` waits, keeping its KV; the planned
+        ones run, and whichever of them needs room next finds it among the candidates), else the newest all the same
+        (the scheduler sees the job's count pass its bound): a step that plans nothing must make room."""
         candidates = [s for s in reversed(self.running) if s not in planned]
         if (victim := next((s for s in candidates if s.may_be_preempted), None)) is not None:
             return victim
-        return None if candidates == [seq] else candidates[0]
+        return None if planned else candidates[0]
 
     def _decodes_first(self) -> list[Sequence]:
         """The running sequences, those with one token to compute (decodes) first, each group in admission order: a
@@ -206,9 +216,10 @@ class StepScheduler:
         return [seq for seq in self.running if seq.num_uncomputed <= 1] + chunks
 
     def _admit(self, budget: int, evicted: list[Sequence]) -> list[ScheduledChunk]:
-        """Waiting sequences, in order, while the budget and the batch last. One to be parked after its first
-        token does not count against the batch (it leaves it after one prefill), takes no parked KV, and is passed
-        over while it does not fit; the others keep their order (once one of them must wait, the rest do)."""
+        """Waiting sequences, in order, while the budget and the batch last. One to be parked after its early
+        tokens does not count against the batch (it leaves it after its prefill and those few decodes: at most the
+        scheduler's max_parking of them ride beside a full batch), takes no parked KV, and is passed over while it
+        does not fit; the others keep their order (once one of them must wait, the rest do)."""
         admitted: list[ScheduledChunk] = []
         deferred: list[Sequence] = []
         parking = sum(1 for s in self.running if s.park_on_sample)
@@ -272,7 +283,7 @@ class StepScheduler:
         return seq
 
     def _parking_soon(self) -> bool:
-        """A running sequence will park when the step in flight is collected (ordered to, or after its first token)."""
+        """A running sequence will park when the step in flight is collected (ordered to, or after its early tokens)."""
         return any(s.num_pending and s.parks_on_pending for s in self.running)
 
     def _preempt(self, seq: Sequence) -> None:

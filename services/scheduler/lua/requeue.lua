@@ -1,7 +1,7 @@
 -- running on a worker -> queued again (preempted, or its worker was lost). Keeps generated tokens.
 -- KEYS[1] job hash, KEYS[2] queue zset, KEYS[3] worker's job set
 -- ARGV[1] job id, ARGV[2] worker id, ARGV[3] queue score, ARGV[4] worker holding its swapped KV ('' = none),
--- ARGV[5] why (job_store.RequeueCause): 'preempted' by the scheduler, 'parked' after its first token as asked
+-- ARGV[5] why (job_store.RequeueCause): 'preempted' by the scheduler, 'parked' after its early tokens as asked
 -- (prefill early: no preemption), 'returned' for another reason (its worker was lost or restarted).
 -- num_preemptions counts every time a job was handed back mid-way (what its client sees);
 -- ordered_preemptions only the preemptions the bound counts: the scheduler's own (and a worker's for room, which

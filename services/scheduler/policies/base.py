@@ -100,7 +100,7 @@ class Snapshot:
 class Plan:
     assign: tuple[tuple[str, str], ...] = ()     # (job id, worker id)
     preempt: tuple[tuple[str, str], ...] = ()    # (job id, worker id)
-    # (job id, worker id): prefill now, send the first token, then park with the KV kept until assigned again
+    # (job id, worker id): prefill now, send the first (early) tokens, then park with the KV kept until assigned again
     prefill_early: tuple[tuple[str, str], ...] = ()
 
 
