@@ -158,8 +158,14 @@ def test_ctrl_c_in_the_cli_aborts_the_job_at_once(stack):
 
     cli = [sys.executable, "-m", "client.cli", "--address", stack.address, "--api-key", stack.api_key]
     request_id = "cli-" + uuid.uuid4().hex[:8]
-    proc = subprocess.Popen([*cli, "generate", PROMPT, "--max-tokens", "2000", "--ignore-eos", "--request-id",
-                             request_id], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell starts a background job with SIGINT ignored and a child inherits that, so the CLI of a suite run as
+    # `make test &` never saw the Ctrl-C (session 26): it gets the disposition a terminal gives it
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([*cli, "generate", PROMPT, "--max-tokens", "2000", "--ignore-eos", "--request-id",
+                                 request_id], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, before if before is not None else signal.SIG_DFL)   # None: set outside Python
     stub = stub_for(stack)
     from alise.v1 import generate_pb2 as pb
     try:
