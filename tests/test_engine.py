@@ -243,6 +243,18 @@ def test_a_job_prefilled_early_generates_its_early_tokens_before_it_parks(model_
     assert engine.blocks.num_used == 0
 
 
+def test_a_job_to_prefill_early_is_promised_room_for_its_early_tokens(engine, tokenizer):
+    """The load report's promised blocks (what the scheduler counts as taken) cover a job's prompt and next token,
+    and for a job sent to be prefilled early, its early tokens too (found by review: they counted one token)."""
+    ids = tokenizer.encode(PROMPTS[2], add_special_tokens=False)
+    bs = engine.blocks.block_size
+    engine.add("plain", ids, Sampling(max_tokens=64, ignore_eos=True))
+    plain = engine.load().promised_blocks
+    assert plain == -(-(len(ids) + 1) // bs)
+    engine.add("early", ids, Sampling(max_tokens=64, ignore_eos=True), park_after_first_token=True, early_tokens=40)
+    assert engine.load().promised_blocks - plain == -(-(len(ids) + 40) // bs)
+
+
 def run_until_parked(engine: Engine, job_id: str) -> list[int]:
     tokens: list[int] = []
     for _ in range(1000):

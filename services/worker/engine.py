@@ -152,11 +152,10 @@ class Engine:
         seq = self.seqs.get(job_id)
         if seq is not None and seq.status in (SeqStatus.SWAPPED, SeqStatus.PARKED):
             seq.preemptions_left = preemptions_left          # the scheduler's count is the one that holds
-        if seq is not None and seq.status is SeqStatus.SWAPPED:
-            self._resume_swapped(seq)
-            return
-        if seq is not None and seq.status is SeqStatus.PARKED:
-            self.sched.unpark(seq)
+            if seq.status is SeqStatus.SWAPPED:
+                self._resume_swapped(seq)
+            else:
+                self.sched.unpark(seq)
             return
         if seq is not None:
             raise ValueError(f"job {job_id} is already on this worker")
@@ -422,9 +421,7 @@ class Engine:
         the prefix cache holds is counted whole until it is admitted: room shown too small for a while, not too
         large.) A job sent to be prefilled early needs room for its early tokens. Parked and swapped sequences are in
         neither list."""
-        return sum(self.blocks.extra_blocks(s.job_id, max(s.num_tokens + 1, s.num_tokens - len(s.output_ids)
-                                                          + s.park_at_output if s.park_on_sample else 0))
-                   for seqs in (running, waiting) for s in seqs)
+        return sum(self.blocks.extra_blocks(s.job_id, s.tokens_to_hold) for seqs in (running, waiting) for s in seqs)
 
     def load(self) -> EngineLoad:
         running, waiting = self.sched.running, self.sched.waiting

@@ -70,6 +70,14 @@ class Sequence:
         return self.park_on_sample and len(self.output_ids) + self.num_pending >= self.park_at_output
 
     @property
+    def tokens_to_hold(self) -> int:
+        """The tokens its KV must have room for: those it has and the next one, and for a job sent to be prefilled
+        early, its early tokens (what the scheduler promised it when it placed it)."""
+        if self.park_on_sample and self.park_at_output:
+            return max(self.num_tokens + 1, self.num_tokens - len(self.output_ids) + self.park_at_output)
+        return self.num_tokens + 1
+
+    @property
     def may_be_preempted(self) -> bool:
         return self.preemptions_left is None or self.preemptions_left > 0
 
