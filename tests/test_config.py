@@ -34,7 +34,7 @@ def test_scheduler_times_refuse_negative_and_nan():
 
     for flags in (["--park-after-s", "-1"], ["--park-after-s", "nan"], ["--aging-s", "0"], ["--aging-s", "nan"],
                   ["--park-wait-factor", "-1"], ["--park-wait-factor", "nan"], ["--park-wait-factor", "inf"],
-                  ["--max-parking", "0"], ["--early-tokens", "0"]):
+                  ["--max-parking", "0"], ["--early-tokens", "0"], ["--early-tokens", "100000"]):
         with pytest.raises((ValueError, SystemExit)):
             SchedulerConfig.from_args(flags)
     assert SchedulerConfig.from_args(["--park-after-s", "2.5"]).park_after_s == 2.5

@@ -102,8 +102,10 @@ class SchedulerConfig:
         AlisePolicy(park_after_s=self.park_after_s, park_wait_factor=self.park_wait_factor, max_parking=self.max_parking)
         if not self.aging_s > 0:
             raise ValueError("aging_s must be > 0")
-        if self.early_tokens < 1:
-            raise ValueError("early_tokens must be >= 1 (park_kv_share 0 turns prefill-early off)")
+        # more than any output would run every waiting job to its end beside the batch, out of SRPT's order
+        if not 1 <= self.early_tokens <= self.max_tokens_cap:
+            raise ValueError(f"early_tokens must be in [1, max_tokens_cap={self.max_tokens_cap}] "
+                             "(park_kv_share 0 turns prefill-early off)")
         if not 0 <= self.due_after_s < math.inf:
             raise ValueError("due_after_s must be >= 0 and finite (0 = off)")
         if not self.http_header_timeout_s > 0:
