@@ -3,6 +3,7 @@ the middle of a workload, or SIGSTOP a worker, with and without stop strings. Ev
 accepted, completed, lost (0), duplicated tokens (0), and text identical to an undisturbed run."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -173,15 +174,24 @@ def test_one_of_two_workers_sigkilled_under_load(stack_factory, reference):
 def stop_the_worker_until_it_leaves(stack, within_s: float, queued: list[bool]):
     """The fault: SIGSTOP the stack's only worker (it keeps its connection open, as a hung process or a cut-off node
     looks), wait until the scheduler drops it from the worker list, note whether its jobs went back to the queue,
-    then SIGCONT it."""
+    then SIGCONT it. The scheduler takes a worker off its list first and then requeues its jobs one by one (so no
+    new job is sent to it meanwhile): the statuses are read once they settle, not at the instant it leaves (CI's
+    stop 35 read them in between and saw them all still running)."""
     stub = stub_for(stack)
+
+    def statuses(ids):
+        return [job_status(stub, i) for i in ids]
 
     def during(ids):
         pid = stack.services["worker-0"].proc.pid
         os.kill(pid, signal.SIGSTOP)
         try:
             wait_until(lambda: len(stub.GetLoad(pb.LoadRequest()).workers) == 0, within_s, 0.2)
-            queued.extend(job_status(stub, i) == pb.JOB_STATUS_QUEUED for i in ids)
+            with contextlib.suppress(TimeoutError):
+                wait_until(lambda: all(s == pb.JOB_STATUS_QUEUED for s in statuses(ids)), 30, 0.2)
+            seen = statuses(ids)
+            print(f"\nstatuses once the worker left: {[pb.JobStatus.Name(s) for s in seen]}")
+            queued.extend(s == pb.JOB_STATUS_QUEUED for s in seen)
         finally:
             os.kill(pid, signal.SIGCONT)
     return during
