@@ -301,6 +301,25 @@ def test_alise_prefills_early_only_fresh_jobs_within_the_kv_share_and_the_parkin
     assert make_policy("alise", park_kv_share=0.5, max_parking=1).plan(by_age, COST).prefill_early == (("e", "w"),)
 
 
+def test_alise_prefills_early_only_where_the_early_tokens_fit_too():
+    """Regression (session 26 left it): the room check counted the prompt and one token, but a job prefilled early
+    decodes its early tokens before it parks, and the worker then found no room for them. 10 blocks of 16 under a
+    0.5 share leave 5: a 60-token prompt needs 4 blocks for its first token, 6 with 32 early tokens; a job allowed
+    only 8 tokens needs 5."""
+    w = WorkerView(worker_id="w", max_batch=1, free_blocks=10, block_size=16, num_blocks=10,
+                   running=(job("r", 50, running=True),))
+    fresh = (job("a", 9, prompt_len=60),)
+    snap = Snapshot(0, fresh, (w,), fresh=fresh)
+    early = lambda n, jobs=fresh: make_policy("alise", park_kv_share=0.5, early_tokens=n).plan(
+        replace(snap, queued=jobs, fresh=jobs), COST).prefill_early
+    assert early(1) == (("a", "w"),)
+    assert early(32) == ()
+    capped = (job("a", 9, prompt_len=60, max_tokens=8),)
+    assert early(32, capped) == (("a", "w"),)
+    with pytest.raises(ValueError, match="early_tokens"):
+        make_policy("alise", early_tokens=0)
+
+
 def test_alise_prefills_early_only_on_a_worker_whose_context_holds_the_job():
     """Regression (session 25 review): prefill-early chose by KV room alone. A worker with more free KV but a
     shorter context got the long prompt, refused it, and the refusal was charged to the job as a failed step: after

@@ -16,7 +16,7 @@ POLICIES = {"fcfs": FcfsPolicy, "priority": PriorityPolicy, "sjf": SjfPolicy, "a
 # The policy settings the scheduler's config and the simulator's both carry, under these same names: named once
 # here, so a new setting reaches the live scheduler and the simulator alike.
 POLICY_SETTINGS = ("max_preemptions", "aging_s", "preempt_mode", "park_kv_share", "park_after_s", "park_wait_factor",
-                   "max_parking")
+                   "max_parking", "early_tokens")
 
 
 def policy_options(settings) -> dict:

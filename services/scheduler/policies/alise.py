@@ -80,6 +80,7 @@ class AlisePolicy:
     max_parking: int = 32          # ... at most this many on their way to be parked on a worker at once
     park_after_s: float = 0.0      # ... only jobs that have waited this long (0: every waiting job)
     park_wait_factor: float = 0.0  # ... and this many times the queue's mean wait (0: off)
+    early_tokens: int = 1          # ... each decoding this many tokens before it parks: room is checked for them
     name: str = "alise"
     preemptive: bool = True
 
@@ -89,6 +90,8 @@ class AlisePolicy:
         for name in ("park_after_s", "park_wait_factor"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be >= 0 and finite, got {getattr(self, name)}")
+        if self.early_tokens < 1:
+            raise ValueError(f"early_tokens must be >= 1, got {self.early_tokens}")
         if self.max_parking < 1:
             raise ValueError(f"max_parking must be >= 1 (park_kv_share 0 turns prefill-early off), got {self.max_parking}")
 
@@ -130,12 +133,13 @@ class AlisePolicy:
                 continue                             # not yet (`fresh` is oldest first only roughly)
             if job.generated or job.kv_on or job.job_id in assigned or job.suspect:   # has its first token or KV,
                 continue                                                                 # runs now, or runs apart
+            need = {wid: by_id[wid].blocks_needed(job, self.early_tokens) for wid in room}
             fits = [wid for wid, (blocks, n) in room.items()
-                    if n > 0 and blocks >= by_id[wid].blocks_needed(job) and by_id[wid].holds_context(job)]
+                    if n > 0 and blocks >= need[wid] and by_id[wid].holds_context(job)]
             if not fits:
                 continue                             # a shorter prompt further down may still fit
             wid = max(fits, key=lambda w: room[w][0])
-            room[wid][0] -= by_id[wid].blocks_needed(job)
+            room[wid][0] -= need[wid]
             room[wid][1] -= 1
             out.append((job.job_id, wid))
         return tuple(out)

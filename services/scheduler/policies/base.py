@@ -79,8 +79,10 @@ class WorkerView:
     def holds_context(self, job: JobView) -> bool:
         return not self.max_model_len or job.prompt_len + job.generated < self.max_model_len
 
-    def blocks_needed(self, job: JobView) -> int:
-        return -(-(job.prompt_len + job.generated + 1) // self.block_size)
+    def blocks_needed(self, job: JobView, tokens: int = 1) -> int:
+        """KV blocks for `job` once it has computed `tokens` more (the next one by default; a job prefilled early
+        also decodes its early tokens, at most its max_tokens, before it parks)."""
+        return -(-(job.prompt_len + job.generated + max(1, min(tokens, job.max_tokens))) // self.block_size)
 
     @property
     def holds_suspect(self) -> bool:
