@@ -411,3 +411,29 @@ async def test_a_workers_own_preemptions_for_room_count_against_the_jobs_bound(d
     await d.tick()                                  # resumed: none left
     [again] = [cmd.assign for cmd in drain(w) if cmd.WhichOneof("kind") == "assign"]
     assert again.job_id == a and again.HasField("preemptions_left") and again.preemptions_left == 0
+
+
+async def test_a_preemption_order_that_crosses_the_workers_own_preemption_counts_one_loss(dispatcher):
+    """Session 26 left it (RELIABILITY.md, the seventh review): the scheduler orders a job off its worker while the
+    worker, out of room, preempts that job itself and reports it (JobsRecomputed). The order's answer came back as
+    a preemption and was counted again, so the job reached its bound one loss early. One loss counts once."""
+    d = dispatcher
+    w = session(d)
+    assert await d.worker_joined(w)
+    [a] = await submitted(d, "a")
+    await d.tick()
+    drain(w)
+    d._preempt(a, w)                                # the order is on its way ...
+    await d.on_worker_message(w, wpb.WorkerMessage(recomputed=wpb.JobsRecomputed(job_ids=[a])))   # ... crossing this
+    await d.on_worker_message(w, wpb.WorkerMessage(preempted=wpb.JobPreempted(job_id=a,
+                                                                               mode=wpb.PREEMPT_MODE_RECOMPUTE)))
+    assert d.state.preemptions(a) == 1
+    assert (await d.store.progress(a))[2] == 1 and (await d.store.state(a)).num_preemptions == 1
+    assert (await d.store.state(a)).status == "queued"
+    await d.tick()                                  # placed again, with one preemption left, and ordered off again:
+    [again] = [cmd.assign for cmd in drain(w) if cmd.WhichOneof("kind") == "assign"]
+    assert again.job_id == a and again.preemptions_left == 1
+    d._preempt(a, w)                                # an order nothing crossed counts as before
+    await d.on_worker_message(w, wpb.WorkerMessage(preempted=wpb.JobPreempted(job_id=a,
+                                                                               mode=wpb.PREEMPT_MODE_RECOMPUTE)))
+    assert d.state.preemptions(a) == 2 and (await d.store.progress(a))[2] == 2

@@ -354,7 +354,7 @@ class Simulation:
             w.release(job)
             job.computed = 0
             job.preemptions += 1
-            self.state.recomputed(job.job_id)
+            self.state.recomputed(job.job_id, w.wid)
             w.waiting.insert(0, job)
         if not w.running:
             w.busy = False
@@ -398,27 +398,28 @@ class Simulation:
             job.itl.append(self.now - job.last_token_s)
         job.last_token_s = self.now
 
+    def _sampled(self, w: _Worker, job: _Job, done: list[_Job]) -> None:
+        """`job` samples a token: the first after a fresh prompt is where the probe re-estimates its length (a prompt
+        whose last chunk left one token reaches here as a decode: before, it missed the re-estimate)."""
+        if job.generated == 0 and self.cfg.reestimate is not None:
+            job.repred_len = self.cfg.reestimate.predict(job.req.output_len).mean
+            self.state.repredict(job.job_id, job.repred_len)
+        self._token(job)
+        if (job.prompt_len + job.generated) % w.spec.block_size == 0:
+            w.used_blocks += 1                                          # the next token starts a new block
+        if job.generated >= job.stop_at:
+            done.append(job)
+
     def _step_end(self, w: _Worker) -> None:
-        done, bs = [], w.spec.block_size
-        for job in w.decodes:
+        done = []
+        for job in w.decodes:              # one token to compute: a decode, or a prompt's last token after its chunks
             job.computed += 1
-            self._token(job)                                            # (a one-token prompt has no prefill)
-            if (job.prompt_len + job.generated) % bs == 0:
-                w.used_blocks += 1                                      # the next token starts a new block
-            if job.generated >= job.stop_at:
-                done.append(job)
+            self._sampled(w, job, done)
         for job, n in w.prefills:
             job.computed += n
             w.computed_prompt(job)
             if job.computed == job.prompt_len + job.generated:         # its last token's KV is in: sample one
-                if job.generated == 0 and self.cfg.reestimate is not None:   # a fresh prompt: the probe reads it
-                    job.repred_len = self.cfg.reestimate.predict(job.req.output_len).mean
-                    self.state.repredict(job.job_id, job.repred_len)
-                self._token(job)
-                if (job.prompt_len + job.generated) % bs == 0:
-                    w.used_blocks += 1
-                if job.generated >= job.stop_at:
-                    done.append(job)
+                self._sampled(w, job, done)
         for job in done:
             w.release(job)
             w.to_preempt.discard(job.job_id)

@@ -249,7 +249,8 @@ class Dispatcher:
         """Back to the queue from the worker: given back as `preempted` says (parked after its early tokens as asked,
         or preempted), or (None) dropped there with its KV. Whether it went back (not when it had ended)."""
         early = preempted is not None and self.state.parking_on(job_id, worker_id)   # parked as asked, not preempted
-        counted = preempted is not None and not early
+        already = preempted is not None and self.state.loss_counted(job_id, worker_id)   # counted when reported
+        counted = preempted is not None and not early and not already
         self.state.left_worker(job_id, worker_id)
         if preempted is not None and not self.state.knows(job_id):
             return False           # it ended (aborted) after we asked for the preemption: nothing to requeue
@@ -257,7 +258,8 @@ class Dispatcher:
             await self.store.drop_entry(job_id, worker_id)      # it ended, or its record is gone
             return False
         view = self.state.requeued_view(job_id, worker_id, preempted, counted)   # kv_on: who keeps its KV, if any
-        cause = RequeueCause.PARKED if early else RequeueCause.PREEMPTED if counted else RequeueCause.RETURNED
+        cause = (RequeueCause.PARKED if early else RequeueCause.COUNTED if already
+                 else RequeueCause.PREEMPTED if counted else RequeueCause.RETURNED)
         if not await self.store.requeue(job_id, worker_id, self.policy.queue_score(view, self.cost), view.kv_on, cause):
             if (st := await self.store.state(job_id)) is None or st.status in FINAL_STATUSES:
                 self.state.forget(job_id)        # it ended meanwhile: nothing left to remember
@@ -372,7 +374,7 @@ class Dispatcher:
                 self.state.kv_dropped(job_id, s.worker_id)
         elif kind == "recomputed":                           # preempted there for room: counted against its bound
             for job_id in await self.store.count_recomputed(s.worker_id, list(msg.recomputed.job_ids)):
-                self.state.recomputed(job_id)
+                self.state.recomputed(job_id, s.worker_id)
         elif kind == "load":
             s.load = ld = msg.load
             # blocks promised to its sequences are as good as used: else the scheduler would place more there

@@ -110,6 +110,8 @@ class RequeueCause(str, enum.Enum):
     PARKED = "parked"           # parked after its early tokens as the scheduler asked (prefill early): no count
     RETURNED = "returned"       # its worker was lost or restarted, or left before it started: counted for the
                                 # client (num_preemptions), not against the bound
+    COUNTED = "counted"         # ordered off a worker that had preempted it for room meanwhile: that loss was
+                                # counted already (recomputed.lua), so neither count moves
 
 
 class StepFailureOutcome(enum.IntEnum):

@@ -73,6 +73,8 @@ class WorkerState:
     parking: set[str] = field(default_factory=set)       # sent here to be prefilled and parked, not yet back
     parked: set[str] = field(default_factory=set)        # waiting at the scheduler with their KV parked here
     preempting: set[str] = field(default_factory=set)    # preempt sent, not yet acknowledged
+    # ... and preempted by the worker for room meanwhile (counted then): the order crossed that report
+    counted_preempting: set[str] = field(default_factory=set)
     used_blocks: int = 0           # as of the worker's last load report
     reserved_blocks: int = 0       # promised to jobs placed since that report
     draining: bool = False
@@ -349,6 +351,7 @@ class LiveState(Generic[R]):
             w.jobs.pop(job_id, None)
             w.parking.discard(job_id)
             w.preempting.discard(job_id)
+            w.counted_preempting.discard(job_id)
         if (job := self._jobs.get(job_id)) is not None:
             if job.kv_on == worker_id:
                 self._drop_kept(job)
@@ -365,11 +368,19 @@ class LiveState(Generic[R]):
             w.parked.discard(job.facts.job_id)
         job.kv_on, job.parked = "", False
 
-    def recomputed(self, job_id: str) -> None:
+    def recomputed(self, job_id: str, worker_id: str) -> None:
         """Its worker preempted the job on its own for room and keeps it, to recompute there (the job runs there
-        still): counted against its bound all the same."""
+        still): counted against its bound all the same. If a preemption order is on its way, the job's loss is
+        counted now, once: the order's answer moves it without counting it again (see loss_counted)."""
         if (job := self._jobs.get(job_id)) is not None:
             job.preemptions += 1
+        if (w := self.workers.get(worker_id)) is not None and job_id in w.preempting:
+            w.counted_preempting.add(job_id)
+
+    def loss_counted(self, job_id: str, worker_id: str) -> bool:
+        """The job, ordered off the worker, was preempted there for room before the order arrived, and that was
+        counted: the order's answer is the same loss."""
+        return (w := self.workers.get(worker_id)) is not None and job_id in w.counted_preempting
 
     def preemptions(self, job_id: str) -> int:
         """How many times the job has been preempted (what its bound counts)."""
