@@ -278,3 +278,47 @@ def test_early_jobs_alone_in_a_full_pool_park_where_they_stand_instead_of_waitin
             break
     assert parked and not h.sched.running and len(h.sched.parked) == 2
     assert all(0 < len(s.output_ids) < 5 for s in parked)    # stopped short of their early tokens
+
+
+def waiting_for_room() -> tuple[Harness, Sequence, Sequence]:
+    """A 6-block pool (blocks of 4) where a prompt in chunks, `a`, needs 3 more blocks with 1 free, beside a planned
+    decode, `b`; neither has a preemption left under the scheduler's bound."""
+    h = Harness(num_blocks=6)
+    h.add(3, 50, park=False, preemptions_left=0)          # b: 1 block
+    h.add(30, 50, park=False, preemptions_left=0)         # a: 13 tokens (4 blocks) in the first step
+    b, a = h.live["s1"], h.live["s2"]
+    plan = h.sched.schedule()
+    assert [(c.seq, c.num_tokens) for c in plan.chunks] == [(b, 3), (a, 13)] and h.blocks.num_free == 1
+    b.output_ids.append(7)
+    return h, a, b
+
+
+def test_a_sequence_waiting_for_room_keeps_new_ones_from_taking_it():
+    # review of session 26 (mended in 788be09 without a test of its own): a step where a sequence waited for room
+    # still admitted new sequences, which took the blocks it waited for. A 2-token prompt arriving now fits the free
+    # block; it must wait too.
+    h, a, b = waiting_for_room()
+    h.add(2, 5, park=False)
+    plan = h.sched.schedule()
+    assert [c.seq for c in plan.chunks] == [b], "a new sequence was admitted while one waited for room"
+    assert a in h.sched.running and not plan.preempted and a.preemptions_left == 0
+    h.check()
+
+
+def test_with_no_preemption_left_under_the_bound_a_sequence_waits_while_another_runs():
+    # review of session 26 (mended in 788be09 without a test of its own): with no sequence left to preempt under
+    # the bound, the newest unplanned one was preempted all the same, past its bound, though the one needing room
+    # could wait while another ran. Three 1-block sequences fill a 3-block pool; b's next token fits its block, a's
+    # and c's need a new one.
+    h = Harness(num_blocks=3)
+    for prompt in (3, 4, 4):
+        h.add(prompt, 50, park=False, preemptions_left=0)
+    b, a, c = (h.live[f"s{i}"] for i in (1, 2, 3))
+    plan = h.sched.schedule()
+    assert [x.seq for x in plan.chunks] == [b, a, c] and h.blocks.num_free == 0
+    for seq in (b, a, c):
+        seq.output_ids.append(7)
+    plan = h.sched.schedule()
+    assert not plan.preempted, "a sequence was preempted past its bound while another could run"
+    assert [x.seq for x in plan.chunks] == [b] and {a, c} <= set(h.sched.running)
+    h.check()
