@@ -27,6 +27,13 @@ def test_numbers_come_from_flags_then_environment_then_defaults(monkeypatch):
     assert WorkerConfig.from_args([]).max_batch == 0          # auto
 
 
+def test_a_worker_gives_early_jobs_at_least_one_row():
+    assert WorkerConfig.from_args([]).early_rows == 32
+    assert WorkerConfig.from_args(["--early-rows", "4"]).early_rows == 4
+    with pytest.raises(ValueError, match="early_rows"):      # jobs sent to be prefilled early would never run
+        WorkerConfig.from_args(["--early-rows", "0"])
+
+
 def test_scheduler_times_refuse_negative_and_nan():
     import pytest
 

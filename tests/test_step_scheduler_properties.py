@@ -20,7 +20,8 @@ class Harness:
     def __init__(self, num_blocks: int):
         self.blocks = BlockManager(num_blocks=num_blocks, block_size=4)
         # as the engine sizes it: a sequence alone always fits the pool
-        self.sched = StepScheduler(self.blocks, max_batch=3, token_budget=16, max_model_len=num_blocks * 4)
+        self.sched = StepScheduler(self.blocks, max_batch=3, token_budget=16, max_model_len=num_blocks * 4,
+                                   early_rows=2)     # early jobs beyond two wait their turn
         self.live: dict[str, Sequence] = {}
         self.n = 0
 
@@ -322,3 +323,29 @@ def test_with_no_preemption_left_under_the_bound_a_sequence_waits_while_another_
     assert not plan.preempted, "a sequence was preempted past its bound while another could run"
     assert [x.seq for x in plan.chunks] == [b] and {a, c} <= set(h.sched.running)
     h.check()
+
+
+def test_early_jobs_beside_a_full_batch_take_at_most_early_rows():
+    # session 26 left it (RELIABILITY.md): early jobs rode beside a full batch without a bound of the worker's own,
+    # so a step could have more rows than the decode graphs were captured for (a GPU then ran it eagerly). Now at
+    # most `early_rows` of them run at once; the rest wait their turn at the worker, and run as the first park.
+    blocks = BlockManager(num_blocks=64, block_size=4)
+    sched = StepScheduler(blocks, max_batch=2, token_budget=64, max_model_len=64, early_rows=2)
+    seqs = [Sequence(f"n{i}", [1] * 3, Sampling(max_tokens=50, ignore_eos=True)) for i in range(2)]
+    seqs += [Sequence(f"e{i}", [1] * 3, Sampling(max_tokens=50, ignore_eos=True), park_on_sample=True,
+                      park_at_output=2) for i in range(4)]
+    for seq in seqs:
+        sched.add(seq)
+    seen_early = set()
+    for _ in range(12):
+        plan = sched.schedule()
+        rows = [c.seq for c in plan.chunks]
+        assert len(rows) <= 2 + 2 and sum(s.park_on_sample for s in sched.running) <= 2
+        seen_early |= {s.job_id for s in rows if s.park_on_sample}
+        for c in plan.chunks:
+            if c.start + c.num_tokens == c.seq.num_tokens:
+                c.seq.output_ids.append(7)
+                if c.seq.park_on_sample and len(c.seq.output_ids) >= c.seq.park_at_output:
+                    assert sched.park(c.seq)
+    assert seen_early == {"e0", "e1", "e2", "e3"} and len(sched.parked) == 4    # every one had its turn
+    assert [s.job_id for s in sched.running] == ["n0", "n1"]

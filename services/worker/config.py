@@ -33,6 +33,9 @@ class WorkerConfig:
     overlap_steps: bool = True           # GPU: plan and launch step N+1 while step N runs (engine.py)
     num_host_blocks: int = 512           # swap space in host memory
     max_batch: int = 0                   # sequences per step; 0 = auto (CPU 16; GPU from the KV pool's room)
+    # jobs sent to be prefilled early decode their early tokens beside a full batch, at most this many at once
+    # (the scheduler's max_parking bounds how many it sends); the decode graphs cover max_batch + early_rows
+    early_rows: int = 32
     token_budget: int = 0                # tokens per step (prefill chunks + decodes); 0 = auto (CPU 512, GPU 4096)
     max_model_len: int = 0               # 0: the model's context, capped by the KV pool
     stream_updates_per_step: int = 128   # job token updates sent per step on average (token_batcher.py); 0 = all
@@ -59,6 +62,8 @@ class WorkerConfig:
         for name in ("max_batch", "token_budget"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = auto)")
+        if self.early_rows < 1:
+            raise ValueError("early_rows must be >= 1 (a job sent to be prefilled early must get a row)")
         if self.num_blocks < 0:
             raise ValueError("num_blocks must be >= 0 (0 = auto)")
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -119,7 +119,7 @@ class EngineLoad:
 class Engine:
     def __init__(self, runner, blocks: BlockManager, tokenizer, *, eos_ids: set[int],
                  max_batch: int, token_budget: int, max_model_len: int, overlap: bool = False,
-                 probe: LengthProbe | None = None):
+                 probe: LengthProbe | None = None, early_rows: int = 32):
         self.runner = runner
         self.probe = probe                           # learns from finished jobs; each forward that needs it gets it
         self.blocks = blocks
@@ -129,7 +129,7 @@ class Engine:
         self.vocab_size = runner.hf.config.vocab_size
         self.overlap = overlap
         self.sched = StepScheduler(blocks, max_batch=max_batch, token_budget=token_budget,
-                                   max_model_len=max_model_len)
+                                   max_model_len=max_model_len, early_rows=early_rows)
         self.seqs: dict[str, Sequence] = {}          # every job this worker holds, in any state
         self.probe_features: dict[str, object] = {}  # job -> its length-probe features (numpy), until it finishes
         # features of jobs preempted by recompute, for when they come back (long jobs are preempted most: without

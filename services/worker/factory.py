@@ -90,14 +90,15 @@ def build_engine(cfg: WorkerConfig, model=None, tokenizer=None) -> Engine:
     if device.type == "cuda" and not cfg.enforce_eager:
         from services.worker.cuda_graphs import DecodeGraphs
 
-        runner.graphs = DecodeGraphs(runner, max_batch, max_len)
+        runner.graphs = DecodeGraphs(runner, max_batch + cfg.early_rows, max_len)   # early jobs ride beside the batch
         runner.graphs.capture()
     log.info("engine: %s on %s/%s, KV pool %d blocks x %d tokens, max_model_len %d, batch %d seqs / %d tokens",
              mc.model_type, cfg.device, cfg.dtype, num_blocks, cfg.block_size, max_len, max_batch, token_budget)
     engine = Engine(runner, blocks, tokenizer,
                     eos_ids=eos_token_ids(model, tokenizer), max_batch=max_batch,
                     token_budget=token_budget, max_model_len=max_len,
-                    overlap=cfg.overlap_steps and device.type == "cuda", probe=length_probe(cfg, mc, device, dtype))
+                    overlap=cfg.overlap_steps and device.type == "cuda", probe=length_probe(cfg, mc, device, dtype),
+                    early_rows=cfg.early_rows)
     if device.type == "cuda":
         warm_up(engine)
     return engine
@@ -161,4 +162,4 @@ def _fallback_engine(cfg: WorkerConfig, model, tokenizer) -> Engine:
     return Engine(FallbackRunner(model, cfg.block_size, num_blocks),
                   BlockManager(num_blocks, cfg.block_size, cfg.num_host_blocks), tokenizer,
                   eos_ids=eos_token_ids(model, tokenizer), max_batch=cfg.max_batch or CPU_BATCH,
-                  token_budget=cfg.token_budget or CPU_TOKEN_BUDGET, max_model_len=max_len)
+                  token_budget=cfg.token_budget or CPU_TOKEN_BUDGET, max_model_len=max_len, early_rows=cfg.early_rows)

@@ -49,9 +49,11 @@ class StepPlan:
 
 
 class StepScheduler:
-    def __init__(self, blocks: BlockManager, max_batch: int, token_budget: int, max_model_len: int):
+    def __init__(self, blocks: BlockManager, max_batch: int, token_budget: int, max_model_len: int,
+                 early_rows: int = 32):
         self.blocks = blocks
         self.max_batch = max_batch
+        self.early_rows = early_rows             # sequences decoding early tokens beside the batch, at most
         self.token_budget = token_budget
         self.max_model_len = max_model_len
         self.running: dict[Sequence, None] = {}  # admission order: the last one is preempted first
@@ -217,9 +219,10 @@ class StepScheduler:
 
     def _admit(self, budget: int, evicted: list[Sequence]) -> list[ScheduledChunk]:
         """Waiting sequences, in order, while the budget and the batch last. One to be parked after its early
-        tokens does not count against the batch (it leaves it after its prefill and those few decodes: at most the
-        scheduler's max_parking of them ride beside a full batch), takes no parked KV, and is passed over while it
-        does not fit; the others keep their order (once one of them must wait, the rest do)."""
+        tokens does not count against the batch (it leaves it after its prefill and those few decodes): at most
+        `early_rows` of them ride beside a full batch, so a step never has more than max_batch + early_rows rows
+        (what the decode graphs are captured for). It takes no parked KV, and is passed over while it does not fit
+        or those rows are taken; the others keep their order (once one of them must wait, the rest do)."""
         admitted: list[ScheduledChunk] = []
         deferred: list[Sequence] = []
         parking = sum(1 for s in self.running if s.park_on_sample)
@@ -231,6 +234,9 @@ class StepScheduler:
                 break
             if not seq.park_on_sample and (normal_blocked or len(self.running) - parking >= self.max_batch):
                 normal_blocked = True
+                deferred.append(seq)
+                continue
+            if seq.park_on_sample and parking >= self.early_rows:
                 deferred.append(seq)
                 continue
             fresh = seq.num_computed == 0 and not self.blocks.num_blocks_of(seq.job_id)
