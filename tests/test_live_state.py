@@ -4,9 +4,9 @@ from __future__ import annotations
 from services.scheduler.live_state import JobFacts, LiveState, WorkerState
 
 
-def facts(job_id: str, prompt_len: int = 30, pred: float = 10.0) -> JobFacts:
-    return JobFacts(job_id=job_id, priority=0, created=1.0, prompt_len=prompt_len, max_tokens=100, pred_len=pred,
-                    pred_p90=2 * pred, predicted=True)
+def facts(job_id: str, prompt_len: int = 30, pred: float = 10.0, max_tokens: int = 100) -> JobFacts:
+    return JobFacts(job_id=job_id, priority=0, created=1.0, prompt_len=prompt_len, max_tokens=max_tokens,
+                    pred_len=pred, pred_p90=2 * pred, predicted=True)
 
 
 def state_with(*worker_ids: str) -> LiveState:
@@ -250,3 +250,33 @@ def test_a_failure_with_a_suspect_beside_newcomers_is_charged_to_the_suspect():
     # (review: the suspect was charged for it)
     s.track(facts("m"))
     assert s.blame(["m"], in_step=["m"]) == {"m"}
+
+
+def test_a_job_sent_to_park_reserves_room_for_its_early_tokens_until_the_load_report():
+    """Review of session 27: the policy's prefill-early check counted the early tokens, but the placement reserved
+    the prompt and one token, so the ticks before the worker's next load report saw that room as free and could
+    fill it. 30 + 32 tokens in blocks of 16: 4 blocks (2 for the prompt alone); a job allowed 8 tokens: 3."""
+    s = state_with("w1")
+    s.track(facts("a", prompt_len=30))
+    s.placed("a", "w1", park=True, early_tokens=32)
+    assert s.workers["w1"].reserved_blocks == 4
+    s.track(facts("b", prompt_len=30, max_tokens=8))
+    s.placed("b", "w1", park=True, early_tokens=32)
+    assert s.workers["w1"].reserved_blocks == 4 + 3
+
+
+def test_a_preemption_order_never_answered_is_void_once_the_job_is_placed_again():
+    """Review of session 27: a preemption order the worker never answers (the job already parked or swapped there)
+    left the job in `preempting` for good; a later preemption for room then marked its next real order's answer as
+    counted already, and one loss went uncounted. Placing the job again clears both."""
+    s = state_with("w1")
+    s.track(facts("a"))
+    s.placed("a", "w1")
+    s.preempt_sent("a", "w1")
+    s.recomputed("a", "w1")
+    assert s.loss_counted("a", "w1")
+    s.placed("a", "w1")
+    assert not s.loss_counted("a", "w1") and "a" not in s.workers["w1"].preempting
+    s.preempt_sent("a", "w1")
+    s.forget("a")
+    assert "a" not in s.workers["w1"].preempting and "a" not in s.workers["w1"].counted_preempting

@@ -313,7 +313,7 @@ class Simulation:
 
     def _assign(self, job: _Job, w: _Worker, park: bool = False) -> None:
         self._dequeue(job.job_id)
-        if holder := self.state.placed(job.job_id, w.wid, park):
+        if holder := self.state.placed(job.job_id, w.wid, park, self.cfg.early_tokens):
             self.workers[holder].host_kv.pop(job.job_id, None)     # the stale copy of its KV is dropped
             self.workers[holder].drop_parked(job.job_id)
         if park:

@@ -232,7 +232,7 @@ class Dispatcher:
             await self._requeue(job_id, s.worker_id)
             return
         # no await from here on: worker_lost() either ran before (caught above) or will see this job
-        if holder := self.state.placed(job_id, s.worker_id, park):
+        if holder := self.state.placed(job_id, s.worker_id, park, self.cfg.early_tokens):
             self.sessions[holder].abort(job_id)          # drop the stale copy of its KV
         s.send(assign=wpb.AssignJob(
             job_id=job_id, prompt_token_ids=rec.prompt_ids, output_token_ids=tokens, output_text=text,

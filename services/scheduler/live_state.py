@@ -223,6 +223,7 @@ class LiveState(Generic[R]):
             w.parking.discard(job_id)
             w.parked.discard(job_id)
             w.preempting.discard(job_id)
+            w.counted_preempting.discard(job_id)      # an id may come back with a new request
         return job.payload if job else None
 
     def knows(self, job_id: str) -> bool:
@@ -315,10 +316,13 @@ class LiveState(Generic[R]):
                              else w.max_batch)
 
     # -- placement ---------------------------------------------------------------------------------
-    def placed(self, job_id: str, worker_id: str, park: bool = False) -> str:
-        """The job now runs on the worker (with `park`: is prefilled there, then parked); returns another worker
-        still holding a stale copy of its KV, if any."""
+    def placed(self, job_id: str, worker_id: str, park: bool = False, early_tokens: int = 0) -> str:
+        """The job now runs on the worker (with `park`: is prefilled there, decodes `early_tokens`, then parks);
+        returns another worker still holding a stale copy of its KV, if any."""
         job, worker = self._jobs[job_id], self.workers[worker_id]
+        # placed only once it left every worker: a preemption order that was never answered is void
+        worker.preempting.discard(job_id)
+        worker.counted_preempting.discard(job_id)
         resumes_parked = job.parked and job.kv_on == worker_id
         holder = job.kv_on
         self._drop_kept(job)
@@ -329,7 +333,10 @@ class LiveState(Generic[R]):
             worker.jobs[job_id] = None
             self._slots_given += 1
         if not resumes_parked:                           # a parked job's blocks are already in use there
-            worker.reserved_blocks += worker.blocks_for(job.facts.prompt_len + job.generated)
+            # until the worker's next load report; a job to park holds its early tokens too, as the policy's room
+            # check counts them (blocks_for counts the next token: the last early one)
+            early = min(early_tokens, job.facts.max_tokens - job.generated) if park else 0
+            worker.reserved_blocks += worker.blocks_for(job.facts.prompt_len + job.generated + max(0, early - 1))
         return holder if holder != worker_id and holder in self.workers else ""
 
     def placed_on(self, worker_id: str) -> set[str]:

@@ -82,7 +82,8 @@ class WorkerView:
     def blocks_needed(self, job: JobView, tokens: int = 1) -> int:
         """KV blocks for `job` once it has computed `tokens` more (the next one by default; a job prefilled early
         also decodes its early tokens, at most its max_tokens, before it parks)."""
-        return -(-(job.prompt_len + job.generated + max(1, min(tokens, job.max_tokens))) // self.block_size)
+        tokens = max(1, min(tokens, job.max_tokens - job.generated))
+        return -(-(job.prompt_len + job.generated + tokens) // self.block_size)
 
     @property
     def holds_suspect(self) -> bool:
