@@ -349,3 +349,11 @@ def test_early_jobs_beside_a_full_batch_take_at_most_early_rows():
                     assert sched.park(c.seq)
     assert seen_early == {"e0", "e1", "e2", "e3"} and len(sched.parked) == 4    # every one had its turn
     assert [s.job_id for s in sched.running] == ["n0", "n1"]
+
+
+def test_an_early_job_shorter_than_its_early_tokens_holds_room_only_to_its_end():
+    # review of session 27: the worker promised a job to prefill early room for all its early tokens even when its
+    # max_tokens ends it sooner (the scheduler's reservation stops at its end): 30 + 8 tokens, not 30 + 32
+    short = Sequence("s", [1] * 30, Sampling(max_tokens=8), park_on_sample=True, park_at_output=32)
+    long = Sequence("l", [1] * 30, Sampling(max_tokens=100), park_on_sample=True, park_at_output=32)
+    assert (short.tokens_to_hold, long.tokens_to_hold) == (38, 62)

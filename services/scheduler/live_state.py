@@ -16,7 +16,7 @@ from typing import Generic, Iterable, TypeVar
 
 from services.common.preempt_mode import PreemptMode
 from services.scheduler.exec_time import P90_OVER_GUESS
-from services.scheduler.policies.base import JobView, Snapshot, WorkerView, requeued_view
+from services.scheduler.policies.base import JobView, Snapshot, WorkerView, kv_blocks, requeued_view
 from services.scheduler.worker_speed import StepSums, WorkerSpeed
 
 R = TypeVar("R")     # what the owner keeps with a job (the dispatcher: its JobRecord; the simulator: nothing)
@@ -333,10 +333,9 @@ class LiveState(Generic[R]):
             worker.jobs[job_id] = None
             self._slots_given += 1
         if not resumes_parked:                           # a parked job's blocks are already in use there
-            # until the worker's next load report; a job to park holds its early tokens too, as the policy's room
-            # check counts them (blocks_for counts the next token: the last early one)
-            early = min(early_tokens, job.facts.max_tokens - job.generated) if park else 0
-            worker.reserved_blocks += worker.blocks_for(job.facts.prompt_len + job.generated + max(0, early - 1))
+            # until the worker's next load report; a job to park holds its early tokens too (the policy's check)
+            worker.reserved_blocks += kv_blocks(worker.block_size, job.facts.prompt_len, job.generated,
+                                                job.facts.max_tokens, early_tokens if park else 1)
         return holder if holder != worker_id and holder in self.workers else ""
 
     def placed_on(self, worker_id: str) -> set[str]:

@@ -73,8 +73,9 @@ class Sequence:
     def tokens_to_hold(self) -> int:
         """The tokens its KV must have room for: those it has and the next one, and for a job sent to be prefilled
         early, its early tokens (what the scheduler promised it when it placed it)."""
-        if self.park_on_sample and self.park_at_output:
-            return max(self.num_tokens + 1, self.num_tokens - len(self.output_ids) + self.park_at_output)
+        if self.park_on_sample and self.park_at_output:     # (a job that ends first holds no more than its end)
+            early_end = min(self.park_at_output, self.sampling.max_tokens)
+            return max(self.num_tokens + 1, self.num_tokens - len(self.output_ids) + early_end)
         return self.num_tokens + 1
 
     @property

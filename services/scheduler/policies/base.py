@@ -62,6 +62,14 @@ def requeued_view(job: JobView, worker_id: str, mode: PreemptMode | None, counte
                         preemptions=job.preemptions + counted)
 
 
+def kv_blocks(block_size: int, prompt_len: int, generated: int, max_tokens: int, tokens: int = 1) -> int:
+    """KV blocks a job holds once it has computed `tokens` more (the next one by default; a job prefilled early also
+    decodes its early tokens before it parks), never past what it may still generate. The one rule for the policy's
+    room checks and LiveState's reservations."""
+    tokens = max(1, min(tokens, max_tokens - generated))
+    return -(-(prompt_len + generated + tokens) // block_size)
+
+
 @dataclass(frozen=True)
 class WorkerView:
     worker_id: str
@@ -80,10 +88,7 @@ class WorkerView:
         return not self.max_model_len or job.prompt_len + job.generated < self.max_model_len
 
     def blocks_needed(self, job: JobView, tokens: int = 1) -> int:
-        """KV blocks for `job` once it has computed `tokens` more (the next one by default; a job prefilled early
-        also decodes its early tokens, at most its max_tokens, before it parks)."""
-        tokens = max(1, min(tokens, job.max_tokens - job.generated))
-        return -(-(job.prompt_len + job.generated + tokens) // self.block_size)
+        return kv_blocks(self.block_size, job.prompt_len, job.generated, job.max_tokens, tokens)
 
     @property
     def holds_suspect(self) -> bool:
