@@ -26,13 +26,13 @@ class WorkerConfig:
     dtype: str = "float32"
     random_weights: bool = False
     block_size: int = 16
-    num_blocks: int = 0                  # KV pool size; 0 = auto (CPU: 512, GPU: gpu_memory_utilization)
+    num_blocks: int = 0                  # KV pool size; 0 = auto (CPU: 1024, GPU: gpu_memory_utilization)
     gpu_memory_utilization: float = 0.90 # share of GPU memory for weights + activations + KV pool
     enforce_eager: bool = False          # GPU: no CUDA graphs for decode steps
     prefix_caching: bool = True          # reuse the KV of full blocks whose token prefix was seen before
     overlap_steps: bool = True           # GPU: plan and launch step N+1 while step N runs (engine.py)
     num_host_blocks: int = 512           # swap space in host memory
-    max_batch: int = 0                   # sequences per step; 0 = auto (CPU 16; GPU from the KV pool's room)
+    max_batch: int = 0                   # sequences per step; 0 = auto (CPU 48; GPU from the KV pool's room)
     # jobs sent to be prefilled early decode their early tokens beside a full batch, at most this many at once
     # (the scheduler's max_parking bounds how many it sends); the decode graphs cover max_batch + early_rows
     early_rows: int = 32
