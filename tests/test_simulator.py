@@ -259,6 +259,18 @@ def test_a_prompt_whose_history_is_cached_prefills_only_the_rest():
     assert b.ttft_s == 7.0
 
 
+def test_a_prompts_last_block_completed_by_a_one_token_last_chunk_joins_the_prefix_cache():
+    # 1 s a step plus 10 ms a prompt token, 47 prompt tokens a step. A's 48-token prompt (blocks k1 k2 k3) prefills
+    # 47 tokens, then its last one as a decode: that token completes k3. B (64 tokens: k1 k2 k3 k4) follows A and
+    # finds all three blocks cached: it prefills only its last 16 tokens (1.16 s), not 32 (1.32 s).
+    cost = IterationCost(base_s=1.0, per_prefill_token_s=0.01)
+    cfg = SimConfig(policy="fcfs", cost=cost, worker=WorkerSpec(max_batch=1, num_blocks=100, token_budget=47),
+                    predictor=SimPredictor(PredictorKind.ORACLE), reconsider_s=0.0, park_kv_share=0.0)
+    (a, b), _, _ = simulate(cfg, [SimRequest(0.0, 48, 2, prefix_keys=(1, 2, 3)),
+                                  SimRequest(0.0, 64, 1, prefix_keys=(1, 2, 3, 4))])
+    assert b.ttft_s - a.e2e_s == pytest.approx(1.16)
+
+
 def test_a_replayed_prediction_is_what_the_live_predictor_said_not_the_truth():
     """A (3 tokens) and B (1 token) arrive together, as in the first case above, but the live predictor said A is
     the short one: replaying its predictions, alise runs A first, as the live scheduler did; with the truth

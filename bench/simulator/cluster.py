@@ -414,6 +414,8 @@ class Simulation:
         done = []
         for job in w.decodes:              # one token to compute: a decode, or a prompt's last token after its chunks
             job.computed += 1
+            if job.generated == 0:         # that last token may complete the prompt's last block: it is cached too
+                w.computed_prompt(job)
             self._sampled(w, job, done)
         for job, n in w.prefills:
             job.computed += n
