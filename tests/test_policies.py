@@ -320,6 +320,19 @@ def test_alise_prefills_early_only_where_the_early_tokens_fit_too():
         make_policy("alise", early_tokens=0)
 
 
+def test_alise_sends_no_more_jobs_to_park_than_the_worker_runs_at_once():
+    """Regression (session 27 left it): a worker decodes at most its `early_rows` jobs on their way to park beside
+    a full batch; the policy sent up to `max_parking` (32), and the rest waited at the worker with no first token.
+    The worker below runs 2 at once and has 1 in flight: one more goes, the next waiting job stays queued."""
+    w = WorkerView(worker_id="w", max_batch=1, free_blocks=1000, block_size=16, num_blocks=1000, parking=1,
+                   early_rows=2, running=(job("r", 50, running=True),))
+    fresh = tuple(job(f"f{k}", 9, created=k) for k in range(3))
+    snap = Snapshot(1.7e9 + 5, fresh, (w,), fresh=fresh)
+    assert make_policy("alise", park_kv_share=0.9).plan(snap, COST).prefill_early == (("f0", "w"),)
+    said_none = replace(snap, workers=(replace(w, early_rows=0),))       # an older worker: max_parking alone
+    assert len(make_policy("alise", park_kv_share=0.9).plan(said_none, COST).prefill_early) == 3
+
+
 def test_alise_prefills_early_only_on_a_worker_whose_context_holds_the_job():
     """Regression (session 25 review): prefill-early chose by KV room alone. A worker with more free KV but a
     shorter context got the long prompt, refused it, and the refusal was charged to the job as a failed step: after

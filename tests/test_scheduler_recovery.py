@@ -345,6 +345,47 @@ async def test_a_worker_that_registers_while_the_store_refuses_is_told_to_retry(
         await server.stop(None)
 
 
+async def test_the_early_rows_a_worker_registers_with_reach_the_policys_view_and_a_negative_count_is_refused(
+        dispatcher):
+    """The worker says how many jobs on their way to park it decodes at once (`--early-rows`), so that the policy
+    sends no more (test_policies: test_alise_sends_no_more_jobs_to_park_than_the_worker_runs_at_once)."""
+    from alise.v1 import worker_pb2_grpc as wpb_grpc
+
+    from services.common.auth import ServiceTokenCheck, bearer_metadata
+    from services.common.grpc_server import build_server
+    from services.common.lenient import add_lenient_service
+    from services.scheduler.worker_sessions import WorkerGateway
+
+    d = dispatcher
+    server, _, port = build_server([], "127.0.0.1:0")
+    add_lenient_service(server, WorkerGateway(d, ServiceTokenCheck("t" * 32)), wpb, "WorkerGateway")
+    await server.start()
+    fields = dict(model=d.cfg.model_name, block_size=16, num_blocks=64, max_batch=4, max_model_len=2048)
+    try:
+        err = await registration_refused(port, wpb.WorkerMessage(register=wpb.WorkerRegister(
+            worker_id="w1", early_rows=-1, **fields)))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "early_rows" in err.details()
+        assert "w1" not in d.sessions
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            register = wpb.WorkerMessage(register=wpb.WorkerRegister(worker_id="w2", early_rows=3, **fields))
+            done = asyncio.Event()
+
+            async def messages():              # the session lasts while the worker's side of the stream is open
+                yield register
+                await done.wait()
+
+            call = wpb_grpc.WorkerGatewayStub(channel).Connect(messages(), metadata=bearer_metadata("t" * 32))
+            deadline = asyncio.get_running_loop().time() + 30
+            while "w2" not in d.sessions and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.02)
+            [view] = d.state.snapshot(0, []).workers
+            assert (view.worker_id, view.early_rows) == ("w2", 3)
+            done.set()
+            call.cancel()
+    finally:
+        await server.stop(None)
+
+
 async def test_a_job_that_has_waited_due_after_s_goes_first_in_the_queue_by_arrival(dispatcher_factory):
     """The hard bound behind aging (session 25 review: aging alone bounds how much later an overtaking job may come,
     not how long a job waits): once a job has waited due_after_s, the scheduler re-scores it in Redis, and no later

@@ -29,6 +29,7 @@ from services.scheduler.exec_time import ExecTimeModel
 from services.scheduler.live_state import JobFacts, LiveState, WorkerState
 from services.scheduler.policies import POLICIES, make_policy, policy_options
 from services.scheduler.worker_speed import StepSums
+from services.worker.config import WorkerConfig
 
 QUEUE_LOOKAHEAD = 256                 # as the live dispatcher: the policy sees the queue's head
 STEP_SAMPLES = 64                     # steps per load report, as a worker sends them (worker/engine_loop.py)
@@ -58,6 +59,7 @@ class WorkerSpec:
     num_blocks: int = 55_000          # an H200's ~885k-token KV pool for Llama-3-8B, in blocks of 16
     block_size: int = 16
     token_budget: int = 8192          # tokens per iteration (prefill chunks + decodes)
+    early_rows: int = WorkerConfig.early_rows   # jobs on their way to park decoding at once (the policy sends no more)
 
 
 @dataclass
@@ -207,7 +209,8 @@ class Simulation:
         self.state: LiveState[None] = LiveState(knee_share=cfg.knee_share, due_after_s=cfg.due_after_s)
         self.workers = {f"w{i}": _Worker(f"w{i}", cfg.worker) for i in range(cfg.workers)}
         for w in self.workers.values():
-            self.state.add_worker(WorkerState(w.wid, cfg.worker.block_size, cfg.worker.num_blocks, cfg.worker.max_batch))
+            self.state.add_worker(WorkerState(w.wid, cfg.worker.block_size, cfg.worker.num_blocks, cfg.worker.max_batch,
+                                              early_rows=cfg.worker.early_rows))
         self.jobs: dict[str, _Job] = {}
         self.queue: list[tuple[float, int, str]] = []     # (score, tie-break, job id), lowest first: Redis's ZSET
         self.queued: dict[str, tuple[float, int, str]] = {}

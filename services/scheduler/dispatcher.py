@@ -289,7 +289,7 @@ class Dispatcher:
                                                        "max_batch": str(s.max_batch)}, self.cfg.worker_ttl_s)
         self.sessions[s.worker_id] = s
         self.state.add_worker(WorkerState(s.worker_id, s.block_size, s.num_blocks, s.max_batch,
-                                          max_model_len=s.max_model_len))
+                                          max_model_len=s.max_model_len, early_rows=s.early_rows))
         log.info("worker %s joined (%d blocks of %d, batch %d)", s.worker_id, s.num_blocks, s.block_size, s.max_batch)
         self.wake()
         return True

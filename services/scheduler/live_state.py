@@ -80,6 +80,7 @@ class WorkerState:
     draining: bool = False
     admit_limit: int = 0           # sequences the policy may place here (the throughput knee); 0 = max_batch
     max_model_len: int = 0         # the longest context it runs (0: no bound but its KV)
+    early_rows: int = 0            # jobs it runs on their way to park at once (0: no bound of its own)
     speed: WorkerSpeed = field(default_factory=WorkerSpeed)
 
     def __post_init__(self) -> None:
@@ -456,7 +457,7 @@ class LiveState(Generic[R]):
             WorkerView(worker_id=w.worker_id, max_batch=w.admit_limit, free_blocks=w.free_blocks,
                        block_size=w.block_size, draining=w.draining, preempting=bool(w.preempting),
                        num_blocks=w.num_blocks, parking=len(w.parking), parked_blocks=self._parked_blocks(w),
-                       max_model_len=w.max_model_len,
+                       max_model_len=w.max_model_len, early_rows=w.early_rows,
                        running=tuple(self.view(j, running=True) for j in w.jobs if j in self._jobs))
             for w in self.workers.values())
         return Snapshot(now=now, queued=queued, workers=workers, fresh=fresh, mean_wait_s=self._mean_wait(now))

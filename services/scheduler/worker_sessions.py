@@ -53,6 +53,7 @@ class WorkerSession:
     error_code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT
     last_heard: float = field(default_factory=time.monotonic)     # when its last message arrived
     acks_aborts: bool = False      # the worker acknowledges aborts (an older build does not: nothing is awaited)
+    early_rows: int = 0            # jobs it runs on their way to park at once (0: an older build, no bound said)
     # job ids this session was told to abort, not yet acknowledged (a count: an id may be aborted twice)
     unacked_aborts: Counter = field(default_factory=Counter)
 
@@ -157,11 +158,13 @@ class WorkerGateway(wpb_grpc.WorkerGatewayServicer):
             return f"register.worker_id: {reg.worker_id!r} is already connected"
         if min(reg.block_size, reg.num_blocks, reg.max_batch, reg.max_model_len) <= 0:
             return "register: block_size, num_blocks, max_batch and max_model_len must be > 0"
+        if reg.early_rows < 0:
+            return "register.early_rows: must be >= 0"
         if reg.max_batch > MAX_BATCH_BOUND or reg.num_blocks > MAX_BLOCKS_BOUND or reg.block_size > 1024:
             return (f"register: max_batch <= {MAX_BATCH_BOUND}, num_blocks <= {MAX_BLOCKS_BOUND} and "
                     f"block_size <= 1024")
         return WorkerSession(reg.worker_id, reg.model, reg.block_size, reg.num_blocks, reg.max_batch,
-                             reg.max_model_len, acks_aborts=reg.acks_aborts)
+                             reg.max_model_len, acks_aborts=reg.acks_aborts, early_rows=reg.early_rows)
 
     @staticmethod
     async def _watch(session: WorkerSession, limit_s: float) -> None:

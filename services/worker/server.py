@@ -95,7 +95,7 @@ async def serve(cfg: WorkerConfig, stop: asyncio.Event | None = None) -> None:
     register = wpb.WorkerMessage(register=wpb.WorkerRegister(
         worker_id=cfg.resolved_worker_id, model=cfg.model_name, block_size=engine.blocks.block_size,
         num_blocks=engine.blocks.num_total, max_batch=engine.sched.max_batch, max_model_len=engine.max_model_len,
-        acks_aborts=True))
+        acks_aborts=True, early_rows=engine.sched.early_rows))
     session_stop = asyncio.Event()
     session = asyncio.create_task(hold_session(cfg, loop_thread, register, session_stop, service_token))
     await set_health(health, [], SERVING)

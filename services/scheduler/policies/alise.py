@@ -37,7 +37,8 @@ knee) use, so a job that must wait for a slot is prefilled at once and parked: i
 its decode waits, in queue order, for a slot. TTFT no longer depends on the rank a job's predicted length gives
 it, while decode slots still go to the shortest predicted work. Parked KV is bounded: a worker takes jobs to
 park while its KV in use (promised blocks included) stays under `park_kv_share` of its pool, at most
-`max_parking` in flight at a time; the worker gives parked KV back first when its pool runs short.
+`max_parking` in flight at a time (fewer where the worker said it runs fewer at once: its `early_rows`); the
+worker gives parked KV back first when its pool runs short.
 Prefilling early is work done now for a job that decodes later: past capacity, prefilling every arrival at
 once puts the prompts of jobs SRPT serves last ahead of the decodes of those it serves first (with ~550-token
 chat prompts at 1.35x capacity it cost the shortest half 20% in e2e, live and simulated). `park_after_s` keeps
@@ -123,7 +124,8 @@ class AlisePolicy:
         a job waiting for its KV room (parked KV there would delay it)."""
         workers = [w for w in snap.workers if w.worker_id not in placement.held]
         assigned = {j for j, _ in placement.assign}
-        room = {w.worker_id: [self.park_kv_share * w.num_blocks - (w.num_blocks - w.free_blocks), self.max_parking - w.parking]
+        room = {w.worker_id: [self.park_kv_share * w.num_blocks - (w.num_blocks - w.free_blocks),
+                              min(self.max_parking, w.early_rows or self.max_parking) - w.parking]
                 for w in workers if not w.draining}
         by_id = {w.worker_id: w for w in workers}
         out = []

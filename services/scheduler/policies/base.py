@@ -83,6 +83,7 @@ class WorkerView:
     parking: int = 0           # jobs sent here to be prefilled and parked, not back yet
     parked_blocks: int = 0     # KV of jobs parked here (in use, but the worker gives it up first when short)
     max_model_len: int = 0     # the longest context it runs (0: no bound but its KV)
+    early_rows: int = 0        # jobs it runs on their way to park at once; more wait there (0: no bound of its own)
 
     def holds_context(self, job: JobView) -> bool:
         return not self.max_model_len or job.prompt_len + job.generated < self.max_model_len
