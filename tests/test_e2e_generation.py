@@ -14,6 +14,7 @@ from alise.v1 import generate_pb2 as pb
 
 from services.common.auth import bearer_metadata
 from services.common.local_stack import LOCAL_TENANT
+from services.worker.config import WorkerConfig
 from tests.helpers import (generate, generate_in_background, hf_greedy, job_status, kv_idle, predictor_stub, request,
                            stub_for, wait_until)
 
@@ -304,6 +305,7 @@ def test_scheduler_learns_each_workers_step_model_from_its_load_reports(stub):
 
     w = wait_until(learned, 120)
     assert w.step_model.base_s > 0 and 1 <= w.admit_limit <= w.max_batch
+    assert w.early_rows == WorkerConfig.early_rows       # what the worker registered with (the policy's bound)
 
 
 def test_the_reattach_grace_runs_from_the_last_stream_leaving(stack_factory):

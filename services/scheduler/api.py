@@ -314,7 +314,8 @@ class AliseServicer(pb_grpc.AliseServicer):
     def _worker_view(self, s) -> pb.WorkerLoadView:
         view = pb.WorkerLoadView(worker_id=s.worker_id, running=s.load.running, waiting=s.load.waiting,
                                  used_blocks=s.load.used_blocks, total_blocks=s.num_blocks,
-                                 swapped_blocks=s.load.swapped_blocks, max_batch=s.max_batch, draining=s.load.draining)
+                                 swapped_blocks=s.load.swapped_blocks, max_batch=s.max_batch, draining=s.load.draining,
+                                 early_rows=s.early_rows)
         if (w := self.d.state.workers.get(s.worker_id)) is not None:
             view.admit_limit = w.admit_limit
             if (m := w.speed.model()) is not None:

@@ -34,7 +34,7 @@ class WorkerConfig:
     num_host_blocks: int = 512           # swap space in host memory
     max_batch: int = 0                   # sequences per step; 0 = auto (CPU 48; GPU from the KV pool's room)
     # jobs sent to be prefilled early decode their early tokens beside a full batch, at most this many at once
-    # (the scheduler's max_parking bounds how many it sends); the decode graphs cover max_batch + early_rows
+    # (it says this number when it registers, and the scheduler sends no more); the graphs cover max_batch + this
     early_rows: int = 32
     token_budget: int = 0                # tokens per step (prefill chunks + decodes); 0 = auto (CPU 512, GPU 4096)
     max_model_len: int = 0               # 0: the model's context, capped by the KV pool

@@ -26,7 +26,7 @@ from services.worker.sequence import Sampling
 log = logging.getLogger("alise.worker")
 # A CPU step's throughput rises up to 32-48 sequences and falls past them (bench/cpu_engine_speed.py --batches,
 # docs/BENCHMARKS.md): 48 is the worker's ceiling, and the scheduler's knee admission (worker_speed.knee) places
-# fewer where its fit of this worker's steps says they would buy nothing. The pool holds 48 chats of ~340 tokens.
+# fewer where its fit of this worker's steps says they would buy nothing. The pool holds 48 chats of ~330 tokens.
 CPU_DEFAULT_BLOCKS = 1024
 CPU_BATCH, CPU_TOKEN_BUDGET, GPU_TOKEN_BUDGET = 48, 512, 4096
 GPU_MAX_BATCH = 512                   # more buys little: past it a step is bound by reading the KV, not weights
