@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-blocks", type=int, default=55_000, help="KV blocks per worker")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--token-budget", type=int, default=8192, help="tokens per iteration")
+    p.add_argument("--early-rows", type=int, default=WorkerSpec.early_rows,
+                   help="jobs on their way to park a worker decodes at once, as the worker's --early-rows")
     p.add_argument("--cost", default="h200-llama3-8b", help=f"iteration cost: a preset ({', '.join(PRESETS)}) or JSON")
     p.add_argument("--preempt-mode", type=PreemptMode, choices=list(PreemptMode), default=SchedulerConfig.preempt_mode)
     p.add_argument("--knee-share", type=float, default=SchedulerConfig.knee_share,
@@ -207,7 +209,7 @@ def simulate_sweep(a: argparse.Namespace) -> list[Run]:
     recorded = recorded_predictions(a.predictions, lengths) if a.predictions else None
     predictor = predictor_for(a, [row[1] for row in lengths], recorded)
     probe_sigma = sigma_for_tau([row[1] for row in lengths], a.repredict_tau, a.seed + 1) if a.repredict_tau else None
-    spec = WorkerSpec(a.max_batch, a.num_blocks, a.block_size, a.token_budget)
+    spec = WorkerSpec(a.max_batch, a.num_blocks, a.block_size, a.token_budget, a.early_rows)
     percentiles = [float(x) for x in a.percentiles.split(",")]
     runs, trace = [], arrival_trace(a)
     for policy in a.policies:

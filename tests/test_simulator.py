@@ -271,6 +271,22 @@ def test_a_prompts_last_block_completed_by_a_one_token_last_chunk_joins_the_pref
     assert b.ttft_s - a.e2e_s == pytest.approx(1.16)
 
 
+def test_a_simulated_worker_takes_no_more_jobs_to_park_at_once_than_its_early_rows():
+    # A runs (max batch 1); three short jobs arrive at 0.5 s and are prefilled early (one early token each, then
+    # parked). With 3 early rows all three get their first token in the next step (1.5 s); with 1, one at a time:
+    # each takes a step to prefill and sample, and the next goes once it has parked.
+    def ttfts(rows: int) -> list[float]:
+        spec = WorkerSpec(max_batch=1, num_blocks=100, early_rows=rows)
+        cfg = SimConfig(policy="alise", cost=ONE_SECOND, worker=spec,
+                        predictor=SimPredictor(PredictorKind.ORACLE), reconsider_s=0.0, park_kv_share=0.9,
+                        early_tokens=1)
+        results, _, _ = simulate(cfg, [SimRequest(0.0, 16, 20)] + [SimRequest(0.5, 16, 5 + k) for k in range(3)])
+        return [r.ttft_s for r in results[1:]]
+
+    assert ttfts(3) == [1.5, 1.5, 1.5]
+    assert ttfts(1) == [1.5, 3.5, 5.5]
+
+
 def test_a_replayed_prediction_is_what_the_live_predictor_said_not_the_truth():
     """A (3 tokens) and B (1 token) arrive together, as in the first case above, but the live predictor said A is
     the short one: replaying its predictions, alise runs A first, as the live scheduler did; with the truth
