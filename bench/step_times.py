@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 STEP_METRIC = "alise:engine_step_seconds"
 THREAD_METRIC = "alise:engine_thread_seconds"     # the engine thread's wall time by activity (step, flush, idle, ...)
+# what the steps held, summed over steps (services/worker/metrics.py): the name each gets in a run's summary
+MADE_OF_METRICS = {"alise:step_rows": "rows", "alise:prefill_tokens": "prefill_tokens",
+                   "alise:step_context_tokens": "context_tokens", "alise:parked_kv_given_up": "parked_kv_given_up"}
 
 
 @dataclass(frozen=True)
@@ -21,24 +24,29 @@ class StepHistogram:
     count: float
     sum_s: float
     thread_s: tuple[tuple[str, float], ...] = ()     # (activity, engine thread seconds spent on it: cumulative)
+    made_of: tuple[tuple[str, float], ...] = ()      # (MADE_OF_METRICS name, its total over the steps: cumulative)
 
     def minus(self, earlier: "StepHistogram") -> "StepHistogram":
-        before, thread_before = dict(earlier.buckets), dict(earlier.thread_s)
+        before, thread_before, made_before = dict(earlier.buckets), dict(earlier.thread_s), dict(earlier.made_of)
         return StepHistogram(tuple((le, n - before.get(le, 0.0)) for le, n in self.buckets),
                              self.count - earlier.count, self.sum_s - earlier.sum_s,
-                             tuple((a, s - thread_before.get(a, 0.0)) for a, s in self.thread_s))
+                             tuple((a, s - thread_before.get(a, 0.0)) for a, s in self.thread_s),
+                             tuple((k, v - made_before.get(k, 0.0)) for k, v in self.made_of))
 
     def summary(self) -> dict:
         """Steps, their mean, the share that took longer than each bucket's bound, and the engine thread's seconds
-        by activity (where a worker spent the time it was not stepping)."""
+        by activity (where a worker spent the time it was not stepping), and what the steps held (rows, prefill and
+        context tokens, parked KV given up)."""
         if self.count < 0:      # a difference of two readings across a worker restart: its counters began again
             return {"error": "the worker's step counter went down between the readings (restarted?)"}
-        thread = {"engine_thread_s": dict(self.thread_s)} if self.thread_s else {}
+        extra = {"engine_thread_s": dict(self.thread_s)} if self.thread_s else {}
+        if self.made_of:
+            extra["made_of"] = {k: int(v) for k, v in self.made_of}
         if self.count == 0:
-            return {"steps": 0, **thread}
+            return {"steps": 0, **extra}
         return {"steps": int(self.count), "mean_s": self.sum_s / self.count,
                 "share_over_s": {f"{le:g}": 1.0 - n / self.count for le, n in self.buckets if le != float("inf")},
-                **thread}
+                **extra}
 
 
 def parse_step_histogram(text: str) -> StepHistogram:
@@ -48,8 +56,13 @@ def parse_step_histogram(text: str) -> StepHistogram:
 
     buckets: dict[float, float] = {}
     thread: dict[str, float] = {}
+    made_of: dict[str, float] = {}
     count = total = 0.0
     for family in text_string_to_metric_families(text):
+        if family.name in MADE_OF_METRICS:
+            name = MADE_OF_METRICS[family.name]
+            made_of[name] = sum(s.value for s in family.samples if s.name.endswith("_total"))
+            continue
         if family.name == THREAD_METRIC:
             for sample in family.samples:
                 if sample.name.endswith("_total"):
@@ -65,7 +78,8 @@ def parse_step_histogram(text: str) -> StepHistogram:
                 count += sample.value
             elif sample.name.endswith("_sum"):
                 total += sample.value
-    return StepHistogram(tuple(sorted(buckets.items())), count, total, tuple(sorted(thread.items())))
+    return StepHistogram(tuple(sorted(buckets.items())), count, total, tuple(sorted(thread.items())),
+                         tuple(sorted(made_of.items())))
 
 
 def read_step_histogram(port: int, host: str = "127.0.0.1", timeout_s: float = 10.0) -> StepHistogram:

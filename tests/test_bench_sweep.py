@@ -69,6 +69,8 @@ def test_a_small_sweep_on_live_stacks_writes_runs_figures_and_report(tmp_path, m
             assert 0 <= steps["share_over_s"]["0.05"] <= steps["share_over_s"]["0.002"] <= 1
             # and where the engine thread's time went, stepping or not (services/worker/metrics.EngineActivity)
             assert steps["engine_thread_s"]["step"] >= steps["steps"] * steps["mean_s"] * 0.99, steps
+            # and what the steps held: a row for each sequence a step ran, the prompts' tokens prefilled
+            assert steps["made_of"]["rows"] >= steps["steps"] and steps["made_of"]["prefill_tokens"] > 0, steps
             # every thread of every process of the stack stayed on one share, read from the live processes
             shares = {tuple(cpus) for cpus in summary["cpus"].values()}
             assert len(shares) == 1 and len(shares.pop()) == half, summary["cpus"]

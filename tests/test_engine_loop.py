@@ -47,6 +47,11 @@ async def test_the_engine_threads_time_is_accounted_for_by_activity(model_dir, t
     # the activities add up to the thread's wall time between the readings (up to one loop turn at either end)
     assert abs(sum(spent.values()) - (t1 - t0)) < 1.0, (spent, t1 - t0)
     assert run.summary()["engine_thread_s"] == spent
+    # what the steps held: both prompts prefilled (a swap recomputes nothing), a row for each sequence a step ran
+    made_of = run.summary()["made_of"]
+    assert made_of["prefill_tokens"] == 2 * len(ids), made_of
+    assert made_of["rows"] >= run.count and made_of["context_tokens"] >= made_of["rows"], made_of
+    assert made_of["parked_kv_given_up"] == 0, made_of
 
 
 async def collect_until(outbox: asyncio.Queue, kind: str, job_id: str) -> list[wpb.WorkerMessage]:

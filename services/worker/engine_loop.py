@@ -285,6 +285,7 @@ class EngineLoop(threading.Thread):
 
     def _report_kv_dropped(self, job_ids: list[str]) -> None:
         if job_ids:
+            metrics.PARKED_KV_GIVEN_UP.inc(len(job_ids))
             self._send(wpb.WorkerMessage(kept_kv_dropped=wpb.KeptKvDropped(job_ids=job_ids)))
 
     def _report_failed(self, job_ids: list[str], error: Exception, charged: list[str] | None = None,
@@ -306,6 +307,9 @@ class EngineLoop(threading.Thread):
                                                   prefill_tokens=out.shape.prefill_tokens,
                                                   context_tokens=out.shape.context_tokens,
                                                   mixed_steps=int(out.shape.mixed)))
+                metrics.STEP_ROWS.inc(out.shape.seqs)
+                metrics.PREFILL_TOKENS.inc(out.shape.prefill_tokens)
+                metrics.CONTEXT_TOKENS.inc(out.shape.context_tokens)
         metrics.GENERATED.inc(sum(len(d.token_ids) for d in out.deltas))
         if out.estimates:               # before the tokens: the scheduler re-ranks the job as its first token arrives
             self._send(wpb.WorkerMessage(estimates=wpb.LengthEstimates(estimates=[
