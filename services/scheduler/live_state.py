@@ -90,9 +90,6 @@ class WorkerState:
     def free_blocks(self) -> int:
         return self.num_blocks - self.used_blocks - self.reserved_blocks
 
-    def blocks_for(self, context_len: int) -> int:
-        return -(-(context_len + 1) // self.block_size)
-
 
 @dataclass
 class _Job(Generic[R]):
@@ -444,7 +441,8 @@ class LiveState(Generic[R]):
         return self.waiting() * span / max(given, 1)
 
     def _parked_blocks(self, w: WorkerState) -> int:
-        return sum(w.blocks_for(job.facts.prompt_len + job.generated) for j in w.parked if (job := self._jobs.get(j)))
+        return sum(kv_blocks(w.block_size, job.facts.prompt_len, job.generated, job.facts.max_tokens)
+                   for j in w.parked if (job := self._jobs.get(j)))
 
     # -- what a policy sees ------------------------------------------------------------------------
     def snapshot(self, now: float, queued_ids: Iterable[str], fresh_limit: int = 256) -> Snapshot:
