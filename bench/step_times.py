@@ -15,7 +15,7 @@ STEP_METRIC = "alise:engine_step_seconds"
 THREAD_METRIC = "alise:engine_thread_seconds"     # the engine thread's wall time by activity (step, flush, idle, ...)
 # what the steps held, summed over steps (services/worker/metrics.py): the name each gets in a run's summary
 MADE_OF_METRICS = {"alise:step_rows": "rows", "alise:prefill_tokens": "prefill_tokens",
-                   "alise:step_context_tokens": "context_tokens", "alise:parked_kv_given_up": "parked_kv_given_up"}
+                   "alise:step_context_tokens": "context_tokens", "alise:kept_kv_dropped": "kept_kv_dropped"}
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class StepHistogram:
     def summary(self) -> dict:
         """Steps, their mean, the share that took longer than each bucket's bound, and the engine thread's seconds
         by activity (where a worker spent the time it was not stepping), and what the steps held (rows, prefill and
-        context tokens, parked KV given up)."""
+        context tokens, kept KV dropped)."""
         if self.count < 0:      # a difference of two readings across a worker restart: its counters began again
             return {"error": "the worker's step counter went down between the readings (restarted?)"}
         extra = {"engine_thread_s": dict(self.thread_s)} if self.thread_s else {}

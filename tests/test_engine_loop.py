@@ -51,7 +51,7 @@ async def test_the_engine_threads_time_is_accounted_for_by_activity(model_dir, t
     made_of = run.summary()["made_of"]
     assert made_of["prefill_tokens"] == 2 * len(ids), made_of
     assert made_of["rows"] >= run.count and made_of["context_tokens"] >= made_of["rows"], made_of
-    assert made_of["parked_kv_given_up"] == 0, made_of
+    assert made_of["kept_kv_dropped"] == 0, made_of
 
 
 async def collect_until(outbox: asyncio.Queue, kind: str, job_id: str) -> list[wpb.WorkerMessage]:

@@ -127,6 +127,15 @@ async def test_scheduler_charges_a_failed_step_only_to_the_jobs_the_worker_names
     assert await d.store.r.hget(keys.job("t/a"), "step_failures") in (None, b"0")
 
 
+def kept_kv_dropped() -> int:
+    from prometheus_client import generate_latest
+
+    from bench.step_times import parse_step_histogram
+    from services.worker import metrics
+
+    return dict(parse_step_histogram(generate_latest(metrics.REGISTRY).decode()).made_of)["kept_kv_dropped"]
+
+
 async def test_what_a_failing_step_settled_before_it_raised_is_still_reported(model_dir, tokenizer):
     """Regression (review): a job parked after its first token in the same collect where a later job's token
     raised was dropped with no word: the scheduler kept it as running there for good."""
@@ -148,6 +157,7 @@ async def test_what_a_failing_step_settled_before_it_raised_is_still_reported(mo
             raise RuntimeError("simulated fault while collecting")
         append(seq, token, out)
     engine._append_token = faulty
+    dropped_before = kept_kv_dropped()
     loop_thread.start()
     try:
         seen = []
@@ -160,6 +170,7 @@ async def test_what_a_failing_step_settled_before_it_raised_is_still_reported(mo
         assert any(d.job_id == "p" and list(d.token_ids) for k, m in seen if k == "tokens" for d in m.deltas)
         assert list(seen[-1][1].job_ids) == ["x"]
         assert list((await next_message(outbox, "kept_kv_dropped")).job_ids) == ["p"]
+        assert kept_kv_dropped() == dropped_before + 1         # and counted in the worker's /metrics
         assert not engine.seqs and engine.blocks.num_used == 0
     finally:
         loop_thread.stop()

@@ -285,7 +285,7 @@ class EngineLoop(threading.Thread):
 
     def _report_kv_dropped(self, job_ids: list[str]) -> None:
         if job_ids:
-            metrics.PARKED_KV_GIVEN_UP.inc(len(job_ids))
+            metrics.KEPT_KV_DROPPED.inc(len(job_ids))
             self._send(wpb.WorkerMessage(kept_kv_dropped=wpb.KeptKvDropped(job_ids=job_ids)))
 
     def _report_failed(self, job_ids: list[str], error: Exception, charged: list[str] | None = None,

@@ -34,8 +34,8 @@ STEP_ROWS = _labelled(Counter, "alise:step_rows", "Sequences run by engine steps
 PREFILL_TOKENS = _labelled(Counter, "alise:prefill_tokens",
                            "Tokens computed by prefill: prompts, and contexts recomputed after a preemption")
 CONTEXT_TOKENS = _labelled(Counter, "alise:step_context_tokens", "KV tokens read by engine steps, summed over steps")
-PARKED_KV_GIVEN_UP = _labelled(Counter, "alise:parked_kv_given_up",
-                               "Parked jobs whose KV was given up for room (recomputed where they resume)")
+KEPT_KV_DROPPED = _labelled(Counter, "alise:kept_kv_dropped",
+                            "Jobs whose kept KV (parked, or swapped to host) was given up: recomputed where they resume")
 STEP = _labelled(Histogram, "alise:engine_step_seconds", "Wall time of one engine step",
                  # fine from 20 to 100 ms, where a GPU worker's steps under load fall (bench/step_times.py reads them)
                  buckets=(0.002, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2, 0.5, 1, 2))
