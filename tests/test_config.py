@@ -34,6 +34,16 @@ def test_a_worker_gives_early_jobs_at_least_one_row():
         WorkerConfig.from_args(["--early-rows", "0"])
 
 
+def test_a_worker_refuses_more_rows_than_any_engine_runs_before_it_sizes_anything():
+    """Left by the eighth review: `--early-rows` had no upper bound, and a huge value sized the decode graphs'
+    buffers past GPU memory at start. A step's rows (max batch + early rows) stop where the scheduler's
+    registration check does."""
+    assert WorkerConfig.from_args(["--max-batch", "4000", "--early-rows", "96"]).early_rows == 96
+    for flags in (["--early-rows", "5000"], ["--max-batch", "4096"]):
+        with pytest.raises(ValueError, match="max_batch \\+ early_rows must be <= 4096"):
+            WorkerConfig.from_args(flags)
+
+
 def test_scheduler_times_refuse_negative_and_nan():
     import pytest
 

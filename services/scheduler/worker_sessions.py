@@ -21,6 +21,7 @@ from alise.v1 import generate_pb2 as pb
 from alise.v1 import worker_pb2 as wpb
 from alise.v1 import worker_pb2_grpc as wpb_grpc
 
+from services.common.batch_limits import MAX_STEP_ROWS
 from services.common.lenient import BadMessage, reject_bad
 from services.scheduler.job_store import STORE_UNAVAILABLE
 
@@ -100,7 +101,7 @@ class WorkerSession:
         self.outbox.put_nowait(_CLOSE)
 
 
-MAX_BATCH_BOUND = 4096            # no engine runs more sequences at once; a larger claim is refused
+MAX_BATCH_BOUND = MAX_STEP_ROWS   # a larger claim is refused
 MAX_BLOCKS_BOUND = 1 << 26        # 2^26 blocks of 16 tokens: a billion tokens of KV
 
 

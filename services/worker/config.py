@@ -5,6 +5,7 @@ import os
 import socket
 from dataclasses import dataclass
 
+from services.common.batch_limits import MAX_STEP_ROWS
 from services.common.config_args import config_from_args
 from services.common.model_paths import DEFAULT_MODEL_NAME, default_model_dir
 from services.common.tls import TlsFiles
@@ -64,6 +65,8 @@ class WorkerConfig:
                 raise ValueError(f"{name} must be >= 0 (0 = auto)")
         if self.early_rows < 1:
             raise ValueError("early_rows must be >= 1 (a job sent to be prefilled early must get a row)")
+        if self.max_batch + self.early_rows > MAX_STEP_ROWS:      # before any memory is sized for them
+            raise ValueError(f"max_batch + early_rows must be <= {MAX_STEP_ROWS}, got {self.max_batch + self.early_rows}")
         if self.num_blocks < 0:
             raise ValueError("num_blocks must be >= 0 (0 = auto)")
         if not 0 < self.gpu_memory_utilization <= 1:
