@@ -5,6 +5,7 @@ session is played by the test (found by the session-22 review of the job state).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import grpc
 import pytest
@@ -309,24 +310,34 @@ async def registration_refused(port: int, register: wpb.WorkerMessage) -> grpc.a
     return err.value
 
 
-async def test_a_worker_that_registers_while_the_store_refuses_is_told_to_retry(dispatcher):
-    """Review, session 23: a join that met an unavailable (or fenced) job store ended the worker's call as UNKNOWN,
-    with a traceback in the scheduler's log; and a join refused for an id already connected ended it with no error."""
+@contextlib.asynccontextmanager
+async def gateway_serving(d):
+    """The dispatcher's worker gateway on a free port, with service token "t" * 32; yields the port."""
     from services.common.auth import ServiceTokenCheck
     from services.common.grpc_server import build_server
     from services.common.lenient import add_lenient_service
-    from services.scheduler.job_store import JobStore
     from services.scheduler.worker_sessions import WorkerGateway
+
+    server, _, port = build_server([], "127.0.0.1:0")
+    add_lenient_service(server, WorkerGateway(d, ServiceTokenCheck("t" * 32)), wpb, "WorkerGateway")
+    await server.start()
+    try:
+        yield port
+    finally:
+        await server.stop(None)
+
+
+async def test_a_worker_that_registers_while_the_store_refuses_is_told_to_retry(dispatcher):
+    """Review, session 23: a join that met an unavailable (or fenced) job store ended the worker's call as UNKNOWN,
+    with a traceback in the scheduler's log; and a join refused for an id already connected ended it with no error."""
+    from services.scheduler.job_store import JobStore
 
     d = dispatcher
     [job] = await submitted(d, "a")
     await d.store.r.set(keys.SCHEDULER_LEASE, "new")
     assert await JobStore(d.store.r, leader="new").claim(job, "w1")   # the successor's worker w1 runs it
     d.store = JobStore(d.store.r, leader="old")                         # this scheduler's term ran out
-    server, _, port = build_server([], "127.0.0.1:0")
-    add_lenient_service(server, WorkerGateway(d, ServiceTokenCheck("t" * 32)), wpb, "WorkerGateway")
-    await server.start()
-    try:
+    async with gateway_serving(d) as port:
         register = wpb.WorkerMessage(register=wpb.WorkerRegister(
             worker_id="w1", model=d.cfg.model_name, block_size=16, num_blocks=64, max_batch=4, max_model_len=2048))
         err = await registration_refused(port, register)
@@ -341,8 +352,6 @@ async def test_a_worker_that_registers_while_the_store_refuses_is_told_to_retry(
         d.worker_joined = taken
         err = await registration_refused(port, register)
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "already connected" in err.details()
-    finally:
-        await server.stop(None)
 
 
 async def test_the_early_rows_a_worker_registers_with_reach_the_policys_view_and_a_negative_count_is_refused(
@@ -351,17 +360,11 @@ async def test_the_early_rows_a_worker_registers_with_reach_the_policys_view_and
     sends no more (test_policies: test_alise_sends_no_more_jobs_to_park_than_the_worker_runs_at_once)."""
     from alise.v1 import worker_pb2_grpc as wpb_grpc
 
-    from services.common.auth import ServiceTokenCheck, bearer_metadata
-    from services.common.grpc_server import build_server
-    from services.common.lenient import add_lenient_service
-    from services.scheduler.worker_sessions import WorkerGateway
+    from services.common.auth import bearer_metadata
 
     d = dispatcher
-    server, _, port = build_server([], "127.0.0.1:0")
-    add_lenient_service(server, WorkerGateway(d, ServiceTokenCheck("t" * 32)), wpb, "WorkerGateway")
-    await server.start()
     fields = dict(model=d.cfg.model_name, block_size=16, num_blocks=64, max_batch=4, max_model_len=2048)
-    try:
+    async with gateway_serving(d) as port:
         err = await registration_refused(port, wpb.WorkerMessage(register=wpb.WorkerRegister(
             worker_id="w1", early_rows=-1, **fields)))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "early_rows" in err.details()
@@ -382,8 +385,6 @@ async def test_the_early_rows_a_worker_registers_with_reach_the_policys_view_and
             assert (view.worker_id, view.early_rows) == ("w2", 3)
             done.set()
             call.cancel()
-    finally:
-        await server.stop(None)
 
 
 async def test_a_job_that_has_waited_due_after_s_goes_first_in_the_queue_by_arrival(dispatcher_factory):
