@@ -37,6 +37,7 @@ class Harness:
 
     def step(self) -> None:
         plan = self.sched.schedule()
+        assert len(plan.chunks) <= self.sched.max_rows     # what the decode graphs are captured for
         # a sequence preempted in a step is never also in its plan (its chunk would write blocks it no longer holds)
         assert not {c.seq for c in plan.chunks} & set(plan.preempted)
         for seq in plan.evicted:                       # the engine forgets them (the scheduler recomputes them)
@@ -349,6 +350,35 @@ def test_early_jobs_beside_a_full_batch_take_at_most_early_rows():
                     assert sched.park(c.seq)
     assert seen_early == {"e0", "e1", "e2", "e3"} and len(sched.parked) == 4    # every one had its turn
     assert [s.job_id for s in sched.running] == ["n0", "n1"]
+
+
+def test_a_job_resumed_into_a_full_batch_waits_for_a_row_keeping_its_kv():
+    # session 28 left it (RELIABILITY.md): a resumed job joined `running` whatever its size, so a step could plan
+    # more rows than the decode graphs were captured for (a GPU then ran it eagerly, slower). Now the step plans at
+    # most max_batch + early_rows rows; the resumed job waits for a row with its KV, and takes the first one freed.
+    blocks = BlockManager(num_blocks=64, block_size=4)
+    sched = StepScheduler(blocks, max_batch=2, token_budget=64, max_model_len=64, early_rows=0)
+    a, b, c = (Sequence(x, [1] * 3, Sampling(max_tokens=50, ignore_eos=True)) for x in "abc")
+
+    def step(expected: list[Sequence]) -> None:
+        plan = sched.schedule()
+        assert [ch.seq for ch in plan.chunks] == expected and not plan.preempted
+        for ch in plan.chunks:
+            ch.seq.output_ids.append(7)
+
+    for seq in (a, b):
+        sched.add(seq)
+    step([a, b])
+    assert sched.park(a)
+    sched.add(c)
+    step([b, c])
+    sched.unpark(a)                                    # the scheduler resumes it into a full batch
+    held = blocks.table("a")
+    step([b, c])
+    assert a.status is SeqStatus.RUNNING and blocks.table("a") == held
+    sched.finish(b, Finish.STOP)
+    sched.drop(b)
+    step([c, a])                                       # the first row freed is its
 
 
 def test_an_early_job_shorter_than_its_early_tokens_holds_room_only_to_its_end():

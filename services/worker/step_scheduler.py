@@ -54,6 +54,8 @@ class StepScheduler:
         self.blocks = blocks
         self.max_batch = max_batch
         self.early_rows = early_rows             # sequences decoding early tokens beside the batch, at most
+        # the most rows a step plans, whatever the scheduler resumed: what the decode graphs are captured for
+        self.max_rows = max_batch + early_rows
         self.token_budget = token_budget
         self.max_model_len = max_model_len
         self.running: dict[Sequence, None] = {}  # admission order: the last one is preempted first
@@ -155,6 +157,10 @@ class StepScheduler:
         waited = False                           # a sequence waits for room: no new one may take what frees up
         parking_soon = None                      # found on the first need: nothing below changes it
         for seq in self._decodes_first():
+            if len(chunks) >= self.max_rows:
+                # resumed jobs can fill `running` past the rows a step runs (the scheduler resumes by its own
+                # count, which lags the worker's); the last resumed wait for a row, keeping their KV
+                break
             if seq not in self.running:          # preempted by an earlier iteration of this loop
                 continue
             n = min(seq.num_uncomputed, budget)
@@ -192,7 +198,7 @@ class StepScheduler:
                 chunks.append(self._plan_chunk(seq, n))
                 budget -= n
         if not (preempted or waited):            # a step that had to preempt (or make one wait) admits nobody new
-            chunks += self._admit(budget, evicted)
+            chunks += self._admit(budget, evicted, self.max_rows - len(chunks))
         assert sum(c.num_tokens for c in chunks) <= self.token_budget
         return StepPlan(chunks, preempted, evicted, parked)
 
@@ -217,17 +223,18 @@ class StepScheduler:
             return list(self.running)
         return [seq for seq in self.running if seq.num_uncomputed <= 1] + chunks
 
-    def _admit(self, budget: int, evicted: list[Sequence]) -> list[ScheduledChunk]:
+    def _admit(self, budget: int, evicted: list[Sequence], rows: int) -> list[ScheduledChunk]:
         """Waiting sequences, in order, while the budget and the batch last. One to be parked after its early
         tokens does not count against the batch (it leaves it after its prefill and those few decodes): at most
         `early_rows` of them ride beside a full batch, so a step never has more than max_batch + early_rows rows
         (what the decode graphs are captured for). It takes no parked KV, and is passed over while it does not fit
-        or those rows are taken; the others keep their order (once one of them must wait, the rest do)."""
+        or those rows are taken; the others keep their order (once one of them must wait, the rest do). At most
+        `rows` are admitted: those left in the step."""
         admitted: list[ScheduledChunk] = []
         deferred: list[Sequence] = []
         parking = sum(1 for s in self.running if s.park_on_sample)
         normal_blocked = False
-        while self.waiting and budget > 0:
+        while self.waiting and budget > 0 and len(admitted) < rows:
             seq = self.waiting.popleft()
             if seq.num_pending:                  # preempted while its last token was in flight: next step
                 self.waiting.appendleft(seq)
