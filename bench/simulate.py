@@ -25,7 +25,7 @@ from pathlib import Path
 from bench.serve import (add_arrival_arguments, add_dataset_arguments, arrival_fields, arrival_offsets, arrival_trace,
                          open_tokenizer, save)
 from bench.serve_metrics import summarize
-from bench.simulator.cluster import SIM_POLICIES, SimConfig, SimRequest, WorkerSpec, simulate
+from bench.simulator.cluster import SIM_POLICIES, SimConfig, SimRequest, Simulation, WorkerSpec, step_times
 from bench.simulator.cost import PRESETS, load_cost
 from bench.simulator.predictions import PredictorKind, SimPredictor, log_error_sigma, sigma_for_tau
 from bench.sweep_report import Run, markdown, plot
@@ -226,19 +226,21 @@ def simulate_sweep(a: argparse.Namespace) -> list[Run]:
                             reestimate=SimPredictor(PredictorKind.NOISY, probe_sigma, seed=a.seed + 1)
                             if probe_sigma is not None else None)
             started = time.perf_counter()
-            results, duration, decisions = simulate(cfg, requests)
+            sim = Simulation(cfg, requests)
+            results, duration = sim.run()
             wall = time.perf_counter() - started
             summary = summarize(results, duration, percentiles)
             label = f"{policy}-r{rate:g}"
             summary.update(label=label, policy=policy, request_rate=rate, **arrival_fields(a), simulated=True,
-                           wall_s=wall, decisions=decisions, workers=a.workers, cost=cost.to_json(),
+                           wall_s=wall, decisions=sim.decisions, workers=a.workers, cost=cost.to_json(),
+                           step_times=step_times(sim),
                            predictor={"kind": predictor.kind.value, "sigma": predictor.sigma},
                            repredict_sigma=probe_sigma)
             save(a.out / f"{label}.json", summary, results)     # and the per-request CSV, as a live run keeps
             runs.append(Run(policy, rate, summary, tuple(r.normalized_s for r in results if r.normalized_s is not None)))
             print(f"{label}: {len(results)} requests, mean normalized {summary['normalized_latency_s']['mean']:.4f} "
                   f"s/token, p99 {summary['normalized_latency_s']['p99']:.4f}, {summary['output_throughput']:.0f} "
-                  f"tok/s, simulated {duration:.1f} s in {wall:.1f} s wall ({decisions} decisions)", flush=True)
+                  f"tok/s, simulated {duration:.1f} s in {wall:.1f} s wall ({sim.decisions} decisions)", flush=True)
     write_report(runs, a, predictor, cost)
     return runs
 

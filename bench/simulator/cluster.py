@@ -119,6 +119,7 @@ class _Job:
     repred_len: float = 0.0           # the worker's re-estimate (0: none)
     generated: int = 0
     computed: int = 0                 # tokens whose KV is on the GPU of the worker running it
+    lookup_due: bool = False          # placed with a fresh prompt: look up the prefix cache again at its first chunk
     first_token_s: float | None = None
     first_placed_s: float | None = None
     preemptions: int = 0
@@ -128,6 +129,32 @@ class _Job:
 
     def blocks(self, block_size: int) -> int:
         return -(-(self.prompt_len + self.generated + 1) // block_size)
+
+
+@dataclass
+class StepTotals:
+    """What a worker's steps held over a run, summed: the same quantities a live run records from the worker's
+    counters (bench/step_times.py, `step_times.<worker>.made_of`), so a simulated run's work can be set beside a
+    live one's: where the two disagree on the work a policy makes, the simulator's verdict on it is suspect."""
+    steps: int = 0
+    seconds: float = 0.0
+    rows: int = 0
+    prefill_tokens: int = 0
+    context_tokens: int = 0
+    kept_kv_dropped: int = 0
+
+    def add(self, step: StepSums) -> None:
+        self.steps += step.steps
+        self.seconds += step.seconds
+        self.rows += step.seqs
+        self.prefill_tokens += step.prefill_tokens
+        self.context_tokens += step.context_tokens
+
+    def summary(self) -> dict:
+        """In a live run's shape: steps, their mean, and what they held."""
+        made_of = {"rows": self.rows, "prefill_tokens": self.prefill_tokens, "context_tokens": self.context_tokens,
+                   "kept_kv_dropped": self.kept_kv_dropped}
+        return {"steps": self.steps, "mean_s": self.seconds / self.steps if self.steps else 0.0, "made_of": made_of}
 
 
 @dataclass(eq=False)
@@ -146,6 +173,7 @@ class _Worker:
     extra_s: float = 0.0              # swap time to add to the next iteration
     used_blocks: int = 0              # KV blocks of the running jobs (prompt + generated + the next token)
     steps: list[StepSums] = field(default_factory=list)   # recent steps for the next load report, as a worker sends
+    totals: StepTotals = field(default_factory=lambda: StepTotals())   # every step of the run, summed
     # keys of the prompt blocks this worker has computed. Never evicted: the live pool (~885k tokens on an H200)
     # keeps far more than the recent conversations whose history a turn reuses
     prefix_cache: set[int] = field(default_factory=set)
@@ -329,7 +357,7 @@ class Simulation:
             job.computed = w.host_kv.pop(job.job_id)
             w.extra_s += self.cfg.cost.swap_per_token_s * job.computed
         else:
-            job.computed = w.cached_tokens(job)
+            job.computed, job.lookup_due = w.cached_tokens(job), True
         if job.first_placed_s is None:
             job.first_placed_s = self.now
         w.admit(job)
@@ -349,6 +377,7 @@ class Simulation:
                 break
             job = w.waiting.pop(0)
             job.computed = w.cached_tokens(job)    # as live, its prompt is looked up in the prefix cache again
+            job.lookup_due = True
             w.admit(job)
         self._kv_dropped(w, w.room_for(0))       # decode growth past the pool: parked KV goes first
         while len(w.running) > 1 and w.used_blocks > w.spec.num_blocks:
@@ -374,6 +403,11 @@ class Simulation:
         budget, prefills, prefill = budget - len(decodes), [], 0
         if budget > 0 and len(decodes) < len(w.running):
             for job in w.running:
+                if job.lookup_due:
+                    # the live worker looks a prompt up when it plans its first chunk (step_scheduler._admit), not
+                    # when the job reaches it: blocks computed meanwhile (an earlier turn of its conversation,
+                    # prefilled in the steps it waited for budget) are hits
+                    job.computed, job.lookup_due = max(job.computed, w.cached_tokens(job)), False
                 need = job.prompt_len + job.generated - job.computed
                 if need > 1:
                     n = min(need, budget)
@@ -387,7 +421,8 @@ class Simulation:
         mixed = bool(prefills)
         duration = self.cfg.cost.step(len(decodes) + len(prefills), prefill, context, mixed) + w.extra_s
         w.extra_s = 0.0
-        w.steps.append(StepSums(1, duration, len(decodes) + len(prefills), prefill, context, int(mixed)))
+        w.steps.append(step := StepSums(1, duration, len(decodes) + len(prefills), prefill, context, int(mixed)))
+        w.totals.add(step)
         if len(w.steps) > 2 * STEP_SAMPLES:
             del w.steps[:-STEP_SAMPLES]
         self._push(self.now + duration, _Event.STEP_END, w)
@@ -437,6 +472,7 @@ class Simulation:
         self._start_step(w)
 
     def _kv_dropped(self, w: _Worker, job_ids: list[str]) -> None:
+        w.totals.kept_kv_dropped += len(job_ids)
         for job_id in job_ids:                    # the worker tells the scheduler (KeptKvDropped)
             self.state.kv_dropped(job_id, w.wid)
 
@@ -486,6 +522,11 @@ def simulate(cfg: SimConfig, requests: list[SimRequest]) -> tuple[list[RequestRe
     sim = Simulation(cfg, requests)
     results, duration = sim.run()
     return results, duration, sim.decisions
+
+
+def step_times(sim: Simulation) -> dict[str, dict]:
+    """Each worker's step totals of a finished run, keyed as a live run's `step_times` (by worker)."""
+    return {w.wid: w.totals.summary() for w in sim.workers.values()}
 
 
 def job_generated_enough(job: _Job, park_after: dict[str, int]) -> bool:
