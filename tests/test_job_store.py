@@ -102,6 +102,22 @@ async def test_only_uncensored_lengths_reach_the_predictor_stream(store):
                         b"previous_reply_tokens": b"7"}]
 
 
+async def test_a_length_forced_by_ignore_eos_reaches_the_stream_only_when_asked(store):
+    # a benchmark with a random-weight model forces each output's length (ignore_eos, max_tokens): with
+    # learn_forced it teaches that length, as a natural stop does in serving; a cut without ignore_eos never does
+    def job(job_id, ignore_eos):
+        return JobRecord(job_id=job_id, prompt_ids=[1], prompt_text=f"prompt {job_id}", sampling=job_sampling(3, ignore_eos))
+
+    for job_id, ignore_eos, reason, learn in [("forced", True, "length", True), ("forced-off", True, "length", False),
+                                              ("cut", False, "length", True), ("forced-stop", True, "stop", True)]:
+        await create(store, job(job_id, ignore_eos), 1.0)
+        await store.claim(job_id, "w1")
+        await store.append_many("w1", [(job_id, [5, 6, 7], "abc")])
+        assert await store.finish(job_id, "w1", reason, learn_forced=learn)
+    entries = [fields for _, fields in await store.r.xrange(keys.OBSERVATIONS)]
+    assert [(f[b"job_id"], f[b"output_tokens"]) for f in entries] == [(b"forced", b"3")]
+
+
 async def test_create_admits_within_limits_and_recognises_a_retry(store):
     assert await create(store, record("t/a"), 1.0, tenant_live_limit=2) is CreateOutcome.CREATED
     assert await create(store, record("t/a"), 1.0) is CreateOutcome.SAME_REQUEST          # re-attach

@@ -354,6 +354,29 @@ async def test_a_worker_that_registers_while_the_store_refuses_is_told_to_retry(
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "already connected" in err.details()
 
 
+@pytest.mark.parametrize("learn", [False, True])
+async def test_a_benchmark_scheduler_teaches_the_predictor_lengths_forced_by_ignore_eos(dispatcher_factory, learn):
+    """With a random-weight model a benchmark forces each output to the workload's true length (ignore_eos,
+    max_tokens): with --learn-forced-lengths the finished job's length reaches the predictor's stream, so the
+    predictor learns online as in serving; without it (serving) a forced length is censored."""
+    from alise.v1 import generate_pb2 as pb
+
+    from services.common.observations import STREAM
+
+    d = await dispatcher_factory(policy="fcfs", learn_forced_lengths=learn)
+    w = session(d)
+    assert await d.worker_joined(w)
+    [a] = await submitted(d, "a")                     # ignore_eos, max_tokens 8
+    await d.tick()
+    assert assigns(w) == [a]
+    await d.on_worker_message(w, wpb.WorkerMessage(tokens=wpb.TokenEvents(
+        deltas=[wpb.TokenDelta(job_id=a, token_ids=list(range(8)), text="x" * 8)])))
+    await d.on_worker_message(w, wpb.WorkerMessage(finished=wpb.JobFinished(job_id=a,
+                                                                            finish_reason=pb.FINISH_REASON_LENGTH)))
+    assert (await d.store.state(a)).status == "finished"
+    assert [int(f[b"output_tokens"]) for _, f in await d.store.r.xrange(STREAM)] == ([8] if learn else [])
+
+
 async def test_the_early_rows_a_worker_registers_with_reach_the_policys_view_and_a_negative_count_is_refused(
         dispatcher):
     """The worker says how many jobs on their way to park it decodes at once (`--early-rows`), so that the policy

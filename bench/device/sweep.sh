@@ -3,7 +3,8 @@
 #   bash bench/device/sweep.sh NAME DATASET_NAME DATASET_PATH NUM_PROMPTS "POLICIES" "RATES" [more sweep flags]
 # e.g. bash bench/device/sweep.sh sg2000 sharegpt .bench-data/sharegpt_sample_1000.json 2000 "fcfs alise" "55 70"
 # PREDICTOR names the trained predictor under .bench-data (default `predictor`; `predictor_880` for the 3,000-request
-# held-out split of make_bundle.sh).
+# held-out split of make_bundle.sh). With --ignore-eos no output stops by itself, so the predictor learns nothing
+# online unless the scheduler is told to learn the forced lengths: add --scheduler-arg=--learn-forced-lengths.
 # Runs are kept under out/NAME while the machine stays warm (--resume skips the ones done), so a sweep longer
 # than one call goes on in the next call. Summaries, report and figures come back as $OUT/NAME.tar.xz.
 set -euo pipefail

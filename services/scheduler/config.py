@@ -66,6 +66,11 @@ class SchedulerConfig:
     # a request's max_tokens bounds its predicted length (it cannot run longer). Off for benchmarks that force
     # each output's length through max_tokens (ignore_eos): there it would tell the scheduler the true length
     predict_within_max_tokens: bool = True
+    # benchmarks only: a job run with ignore_eos to its max_tokens teaches the predictor that length. A benchmark
+    # with a random-weight model forces each output to the workload's true length that way, and the model never
+    # stops by itself, so without this the predictor never learns online there as it does in serving. Off in
+    # serving: any client could then teach the predictor lengths of its choosing
+    learn_forced_lengths: bool = False
     default_max_tokens: int = 0                 # a request without max_tokens; 0: min(256, max_tokens_cap)
     prior_output_tokens: float = 128.0          # used when the predictor is unreachable
     max_queued_jobs: int = 10_000               # queue bound: RESOURCE_EXHAUSTED beyond it

@@ -407,7 +407,8 @@ class Dispatcher:
 
     async def _on_finished(self, s: WorkerSession, ev: wpb.JobFinished) -> None:
         self.state.left_worker(ev.job_id, s.worker_id)   # also if it finished before our preempt arrived
-        if await self.store.finish(ev.job_id, s.worker_id, FINISH_NAMES[ev.finish_reason], stop_string=ev.stop_string):
+        if await self.store.finish(ev.job_id, s.worker_id, FINISH_NAMES[ev.finish_reason], stop_string=ev.stop_string,
+                                   learn_forced=self.cfg.learn_forced_lengths):
             await self._complete(ev.job_id)
 
     async def _on_step_failed(self, s: WorkerSession, ev: wpb.StepFailed) -> None:

@@ -274,13 +274,16 @@ class JobStore:
             args=[job_id, worker_id, score, max_failures, time.time(), self.ttl, "1" if charge else "0"])
         return StepFailureOutcome(int(res))
 
-    async def finish(self, job_id: str, worker_id: str, reason: str, stop_string: bool = False) -> bool:
+    async def finish(self, job_id: str, worker_id: str, reason: str, stop_string: bool = False,
+                     learn_forced: bool = False) -> bool:
         """A true (uncensored) output length also goes to the predictor's stream, atomically (finish.lua); not when
-        a client's stop string, not the model, ended a "stop" (JobFinished.stop_string: a cut, not a length to learn)."""
+        a client's stop string, not the model, ended a "stop" (JobFinished.stop_string: a cut, not a length to learn).
+        `learn_forced` (benchmarks only): a job run with ignore_eos to its max_tokens teaches its length too."""
         return bool(await self._scripts["finish"](
             keys=[keys.job(job_id), keys.worker_jobs(worker_id), keys.job_tokens(job_id), keys.job_text(job_id),
                   keys.OBSERVATIONS, keys.tenant_live(keys.tenant_of(job_id))],
-            args=[job_id, worker_id, reason, time.time(), self.ttl, MAX_ENTRIES, "1" if stop_string else "0"]))
+            args=[job_id, worker_id, reason, time.time(), self.ttl, MAX_ENTRIES, "1" if stop_string else "0",
+                  "1" if learn_forced else "0"]))
 
     async def abort(self, job_id: str) -> tuple[bool, str, str, str]:
         """Returns (aborted, previous status, worker, worker holding swapped KV)."""
