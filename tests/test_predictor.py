@@ -400,3 +400,29 @@ def test_stream_entries_outside_a_real_observations_bounds_are_not_learned():
     for bad in ({"output_tokens": "1" + "0" * 40}, {"output_tokens": str(MAX_OUTPUT_TOKENS + 1)},
                 {"previous_reply_tokens": "1" + "0" * 40}, {"prompt": "x" * (MAX_PROMPT_CHARS + 1)}):
         assert parse({**ok, **bad}) is None, bad
+
+
+def test_the_online_learning_replay_learns_only_what_has_finished_and_asks_as_the_scheduler(encoder, model_dir):
+    """bench/online_learning_replay.py: with a lag, what arrived that many requests before is learned, so the later
+    requests are ranked; without, every prediction is the prior. It asks about a chat as the scheduler does."""
+    from bench.online_learning_replay import as_the_scheduler_asks, replay, taus
+    from bench.workloads import BenchRequest
+    from services.scheduler.tokenizer import PromptTokenizer
+
+    topics = ["Rome", "Greece", "Egypt", "Persia", "China", "India", "Peru", "Mali", "Japan", "Norway"]
+    prompts, lengths = [], []
+    for i, topic in enumerate(topics * 3):
+        long_ = i % 2 == 0
+        prompts.append(f"Write a detailed essay about the history of {topic}." if long_
+                       else f"Answer yes or no: is {topic} in Europe?")
+        lengths.append(800 + i if long_ else 3 + i % 5)
+    previous = [0] * len(prompts)
+    blind = replay(LengthPredictor(encoder), prompts, previous, lengths, lag=None, chunk=5)
+    assert len(set(blind)) == 1                                   # the prior for every request
+    learning = replay(LengthPredictor(encoder), prompts, previous, lengths, lag=5, chunk=5)
+    assert taus(learning, lengths)[3] > 0.5                       # the last third is ranked
+    chat = BenchRequest("And Italy?", 5, history=(("user", "Capital of France?"), ("assistant", "Paris, of course.")),
+                        as_chat=True)
+    tok = PromptTokenizer(str(model_dir))
+    assert as_the_scheduler_asks(chat, tok) == ("And Italy?\nParis, of course.\nCapital of France?",
+                                                len(tok.encode("Paris, of course.")))

@@ -61,8 +61,15 @@ def validate(req: pb.GenerateRequest, cfg: SchedulerConfig, tok: PromptTokenizer
         raise InvalidRequest("prompt", f"{len(prompt_ids)} tokens; the context served is {max_model_len} tokens")
     sampling = _sampling(req.sampling, cfg, max_model_len - len(prompt_ids))
     fingerprint = hashlib.sha256(json.dumps([prompt_ids, sampling.as_dict(), req.priority]).encode()).hexdigest()[:32]
-    return ValidRequest(req.request_id or uuid.uuid4().hex, _predictor_text(req), prompt_ids, sampling, req.priority,
-                        _previous_reply_tokens(req, tok), fingerprint)
+    text, previous_reply_tokens = predictor_inputs(req, tok)
+    return ValidRequest(req.request_id or uuid.uuid4().hex, text, prompt_ids, sampling, req.priority,
+                        previous_reply_tokens, fingerprint)
+
+
+def predictor_inputs(req: pb.GenerateRequest, tok: PromptTokenizer) -> tuple[str, int]:
+    """What the length predictor is asked about a request: its text and its previous reply's tokens (also what
+    bench/online_learning_replay.py replays offline)."""
+    return _predictor_text(req), _previous_reply_tokens(req, tok)
 
 
 def clip(text: str, limit: int = 64) -> str:
