@@ -16,6 +16,7 @@ scheduler asks about it (services/scheduler/validation.predictor_inputs).
 from __future__ import annotations
 
 import argparse
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prime", type=int, default=20, help="the sweep's priming requests, sent first")
     p.add_argument("--lag", type=int, nargs="+", default=[600], help="requests between arrival and learning")
     p.add_argument("--chunk", type=int, default=20)
+    p.add_argument("--out-predictions", type=Path, default=None,
+                   help="write each lag's predictions here (PATH with the lag before its suffix) as a live run's "
+                        "per-request CSV: bench.simulate --predictions replays them")
     a = p.parse_args(argv)
     from transformers import AutoTokenizer
 
@@ -92,6 +96,18 @@ def main(argv: list[str] | None = None) -> None:
         label = "no online learning" if lag is None else f"learning {lag} requests after arrival"
         measured = taus(predicted[a.prime:], lengths[a.prime:])        # as the sweep reports: priming left out
         print(f"{label:40s} " + " ".join(f"{t:.3f}" for t in measured), flush=True)
+        if a.out_predictions:
+            tag = "no_learning" if lag is None else f"lag{lag}"
+            out = a.out_predictions.with_name(f"{a.out_predictions.stem}_{tag}{a.out_predictions.suffix}")
+            write_predictions(out, predicted[a.prime:], lengths[a.prime:])
+
+
+def write_predictions(path: Path, predicted: np.ndarray, lengths: list[int]) -> None:
+    """The columns of a live run's CSV that bench.simulate's --predictions reads (index: after the priming)."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "expected_output_tokens", "predicted_output_tokens"])
+        w.writerows((i, n, round(float(x))) for i, (x, n) in enumerate(zip(predicted, lengths)))
 
 
 if __name__ == "__main__":

@@ -402,10 +402,12 @@ def test_stream_entries_outside_a_real_observations_bounds_are_not_learned():
         assert parse({**ok, **bad}) is None, bad
 
 
-def test_the_online_learning_replay_learns_only_what_has_finished_and_asks_as_the_scheduler(encoder, model_dir):
+def test_the_online_learning_replay_learns_only_what_has_finished_and_asks_as_the_scheduler(encoder, model_dir,
+                                                                                             tmp_path):
     """bench/online_learning_replay.py: with a lag, what arrived that many requests before is learned, so the later
     requests are ranked; without, every prediction is the prior. It asks about a chat as the scheduler does."""
-    from bench.online_learning_replay import as_the_scheduler_asks, replay, taus
+    from bench.online_learning_replay import as_the_scheduler_asks, replay, taus, write_predictions
+    from bench.simulate import recorded_predictions
     from bench.workloads import BenchRequest
     from services.scheduler.tokenizer import PromptTokenizer
 
@@ -421,6 +423,9 @@ def test_the_online_learning_replay_learns_only_what_has_finished_and_asks_as_th
     assert len(set(blind)) == 1                                   # the prior for every request
     learning = replay(LengthPredictor(encoder), prompts, previous, lengths, lag=5, chunk=5)
     assert taus(learning, lengths)[3] > 0.5                       # the last third is ranked
+    write_predictions(tmp_path / "p.csv", learning, lengths)      # for the simulator to replay
+    rows = [(10, n, 0, ()) for n in lengths]                      # (prompt, output, ..): as bench.simulate's rows
+    assert recorded_predictions(tmp_path / "p.csv", rows) == [round(float(x)) for x in learning]
     chat = BenchRequest("And Italy?", 5, history=(("user", "Capital of France?"), ("assistant", "Paris, of course.")),
                         as_chat=True)
     tok = PromptTokenizer(str(model_dir))
