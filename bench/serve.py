@@ -188,8 +188,12 @@ def http_client(target: Target):
                                                                             max_keepalive_connections=None))
 
 
+STEP_SAMPLE_COLUMNS = ("steps", "seconds", "seqs", "prefill_tokens", "context_tokens", "mixed_steps")   # StepView's
+
+
 async def worker_loads(target: Target) -> list[dict]:
-    """The stack's workers as the scheduler sees them (GetLoad): KV, admission limit, learned step model."""
+    """The stack's workers as the scheduler sees them (GetLoad): KV, admission limit, learned step model, and a
+    sample of their steps (`python -m bench.simulator.calibrate --from-runs` fits the simulator's cost to it)."""
     from alise.v1 import generate_pb2 as pb
     from alise.v1 import generate_pb2_grpc as pb_grpc
     from google.protobuf.json_format import MessageToDict
@@ -197,8 +201,14 @@ async def worker_loads(target: Target) -> list[dict]:
     from services.common.tls import TlsFiles, aio_channel
 
     async with aio_channel(target.address, TlsFiles(ca=target.tls_ca)) as channel:
-        load = await pb_grpc.AliseStub(channel).GetLoad(pb.LoadRequest(), metadata=target.metadata, timeout=30)
-    return [MessageToDict(w, preserving_proto_field_name=True) for w in load.workers]
+        load = await pb_grpc.AliseStub(channel).GetLoad(pb.LoadRequest(step_sample=True), metadata=target.metadata, timeout=30)
+    workers = []
+    for w in load.workers:
+        view = MessageToDict(w, preserving_proto_field_name=True)
+        # rows of numbers, not dicts of strings (MessageToDict writes int64 as text): a run's JSON stays small
+        view["step_sample"] = [[getattr(r, f) for f in STEP_SAMPLE_COLUMNS] for r in w.step_sample]
+        workers.append(view)
+    return workers
 
 
 def _record_complete(res: RequestResult, done) -> None:

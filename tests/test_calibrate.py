@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 
 import pytest
@@ -20,6 +21,33 @@ def test_replay_fits_every_step_of_a_served_workload(tmp_path, model_dir, capsys
     assert 6 <= steps <= 20 + 30 + 10 + 5 + 6 + 4
     cost = json.loads(out.read_text())
     assert cost["base_s"] + cost["per_seq_s"] > 0 and all(cost[k] >= 0 for k in cost if k.endswith("_s"))
+
+
+def test_a_cost_is_fitted_to_the_step_samples_live_runs_saved(tmp_path, capsys):
+    # steps timed by a known cost (the sample alise bench saves per worker: bench/serve.py's STEP_SAMPLE_COLUMNS);
+    # the fit gives the cost back, with no engine built
+    rng = random.Random(0)
+    rows = []
+    for _ in range(400):
+        seqs, prefill = rng.randint(1, 300), rng.choice([0, 0, rng.randint(16, 2000)])
+        context = seqs * rng.randint(100, 1500)
+        seconds = 0.005 + 2e-5 * seqs + 3e-5 * prefill + 4e-8 * context + (0.007 if prefill else 0.0)
+        rows.append([1, seconds, seqs, prefill, context, int(prefill > 0)])
+    runs = [tmp_path / "a.json", tmp_path / "b.json"]
+    runs[0].write_text(json.dumps({"workers": [{"worker_id": "w0", "step_sample": rows[:200]}]}))
+    runs[1].write_text(json.dumps({"workers": [{"worker_id": "w0", "step_sample": rows[200:]}]}))
+    out = tmp_path / "cost.json"
+    main(["--from-runs", *map(str, runs), "--out", str(out)])
+    cost = json.loads(out.read_text())
+    assert cost["base_s"] == pytest.approx(0.005, rel=1e-3) and cost["per_seq_s"] == pytest.approx(2e-5, rel=1e-3)
+    assert cost["per_prefill_token_s"] == pytest.approx(3e-5, rel=1e-3)
+    assert cost["per_context_token_s"] == pytest.approx(4e-8, rel=1e-3)
+    assert cost["per_mixed_step_s"] == pytest.approx(0.007, rel=1e-3)
+    assert "400 steps fitted" in capsys.readouterr().out
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"workers": [{"worker_id": "w0", "step_model": {"base_s": 0.005}}]}))
+    with pytest.raises(SystemExit, match="old.json has no step_sample"):      # a run saved before: named
+        main(["--from-runs", str(old), "--out", str(out)])
 
 
 @pytest.mark.parametrize("rows,rate", [([], "5"), ([[10, 0]], "5"), ([[10, 3]], "0")])

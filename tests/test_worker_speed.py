@@ -6,7 +6,7 @@ import random
 import pytest
 
 from services.scheduler.live_state import LiveState, WorkerState
-from services.scheduler.worker_speed import REFIT_EVERY, StepModel, StepSums, WorkerSpeed, fit
+from services.scheduler.worker_speed import REFIT_EVERY, StepModel, StepSample, StepSums, WorkerSpeed, fit
 
 TRUE = StepModel(base_s=0.005, per_seq_s=1e-5, per_prefill_token_s=3e-5, per_context_token_s=2.5e-8)
 
@@ -25,6 +25,23 @@ def reports(model: StepModel, n: int, seed: int = 0, noise: float = 0.02) -> lis
             seconds += model.step(b, p, c) * (1 + rng.uniform(-noise, noise))
         out.append(StepSums(steps, seconds, seqs, prefill, context))
     return out
+
+
+def test_the_step_sample_is_bounded_and_keeps_the_whole_session_not_its_end():
+    # the window holds the last rows only (a drain at the end of a run, say); the sample, for calibrating the
+    # simulator, must hold the whole session's mix: rows from each part of it, about as many from each
+    speed = WorkerSpeed()
+    rows = [StepSums(1, 0.01 + i * 1e-6, 8, 0, 100) for i in range(20_000)]
+    for r in rows:
+        speed.observe(r)
+    kept = speed.sample()
+    assert len(kept) == 1024 and len(set(map(id, kept))) == 1024
+    quarters = [sum(1 for r in kept if q * 5000 <= round((r.seconds - 0.01) * 1e6) < (q + 1) * 5000) for q in range(4)]
+    assert all(180 <= n <= 330 for n in quarters), quarters      # 256 expected in each
+    small = StepSample(4)
+    for r in rows[:3]:
+        small.offer(r)
+    assert small.rows() == rows[:3]                              # fewer than its size: every row kept
 
 
 def test_fit_recovers_the_step_model_from_summed_reports():

@@ -15,6 +15,12 @@ with prefill chunks beside hundreds of decodes), which the controlled runs above
 
     python -m bench.simulator.calibrate --replay lengths.json --rate 35 --num-prompts 1500 --out cost.json \
         --device cuda --model-dir DIR --worker-arg dtype=bfloat16 --worker-arg random_weights=True
+
+Or (`--from-runs RUN.json ...`) no engine at all: the steps live benchmark runs already served, as their scheduler
+sampled them (`alise bench` saves each worker's `step_sample`, a uniform sample of the steps it reported): the
+serving mix of the machine the runs ran on, at no extra device time.
+
+    python -m bench.simulator.calibrate --from-runs out/sweep/fcfs-r42.json out/sweep/alise-r42.json --out cost.json
 """
 from __future__ import annotations
 
@@ -34,6 +40,10 @@ class StepSample:
     prefill_tokens: int
     context_tokens: int
     seconds: float
+
+    def row(self) -> tuple:
+        """As a fitted row: (steps, seconds, seqs, prefill tokens, context tokens, mixed steps)."""
+        return 1, self.seconds, self.seqs, self.prefill_tokens, self.context_tokens, int(self.prefill_tokens > 0)
 
 
 def _prompt(rng: random.Random, vocab: int, n: int) -> list[int]:
@@ -115,20 +125,55 @@ def replay_lengths(a: argparse.Namespace) -> list[tuple[int, int]]:
 def fit(samples: list[StepSample], swap_per_token_s: float = 0.0, source: str = "") -> IterationCost:
     """seconds ~ base + per_seq * seqs + per_prefill_token * prefill + per_context_token * context
     + per_mixed_step * (prefill > 0), all >= 0."""
+    return fit_rows([s.row() for s in samples], swap_per_token_s, source)
+
+
+def fit_rows(rows: list[tuple], swap_per_token_s: float = 0.0, source: str = "") -> IterationCost:
+    """The same fit to rows of (steps, seconds, seqs, prefill tokens, context tokens, mixed steps), each one step
+    or several summed (bench/serve.py's STEP_SAMPLE_COLUMNS): the base counts once a step, the mixed term once a
+    mixed step."""
     import numpy as np
     from scipy.optimize import nnls
 
-    a = np.array([[1.0, s.seqs, s.prefill_tokens, s.context_tokens, float(s.prefill_tokens > 0)] for s in samples])
-    y = np.array([s.seconds for s in samples])
-    scale = a.max(axis=0)                       # columns of similar size for a well-conditioned solve
+    a = np.array([[steps, seqs, prefill, context, mixed] for steps, _, seqs, prefill, context, mixed in rows], float)
+    y = np.array([row[1] for row in rows], float)
+    scale = np.maximum(a.max(axis=0), 1e-12)    # columns of similar size for a well-conditioned solve (none all 0)
     coef, _ = nnls(a / scale, y)
     coef = coef / scale
     return IterationCost(base_s=float(coef[0]), per_seq_s=float(coef[1]), per_prefill_token_s=float(coef[2]),
                          per_context_token_s=float(coef[3]), per_mixed_step_s=float(coef[4]), swap_per_token_s=swap_per_token_s, source=source)
 
 
+def run_rows(paths: list[Path]) -> list[tuple]:
+    """Every worker's step sample in these live runs' JSON (`alise bench`; runs from before it was saved have
+    none: refused, naming the file)."""
+    rows = []
+    for path in paths:
+        run = json.loads(path.read_text())
+        sample = [row for w in run.get("workers", []) for row in w.get("step_sample", [])]
+        if not sample:
+            raise SystemExit(f"--from-runs: {path} has no step_sample (a run saved before the scheduler kept one?)")
+        rows += [tuple(row) for row in sample]
+    return rows
+
+
+def report(cost: IterationCost, rows: list[tuple], out: Path) -> None:
+    """Write the fit and say how well it explains the steps it was fitted to."""
+    out.write_text(json.dumps(cost.to_json(), indent=2))
+    predicted = [steps * cost.base_s + cost.per_seq_s * seqs + cost.per_prefill_token_s * prefill
+                 + cost.per_context_token_s * context + cost.per_mixed_step_s * mixed
+                 for steps, _, seqs, prefill, context, mixed in rows]
+    measured = [row[1] for row in rows]
+    errors = sorted(abs(p - m) / m for p, m in zip(predicted, measured))
+    print(json.dumps(cost.to_json(), indent=2))
+    # what the simulator's accuracy rests on is the sum (the run's length); single steps are noisy
+    print(f"{len(rows)} steps fitted; relative error per step: median {errors[len(errors) // 2]:.0%}, worst "
+          f"{errors[-1]:.0%}; all of them {sum(predicted):.2f} s modelled vs {sum(measured):.2f} s measured -> {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--from-runs", nargs="+", type=Path, help="live runs' JSON: fit to their step samples, no engine")
     p.add_argument("--model-dir", help="default: the local SmolLM2")
     p.add_argument("--device", default="cpu")
     p.add_argument("--worker-arg", action="append", default=[], help="WorkerConfig field=value (repeat)")
@@ -144,6 +189,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
+    if a.from_runs:
+        rows = run_rows(a.from_runs)
+        names = ", ".join(path.name for path in a.from_runs)
+        report(fit_rows(rows, a.swap_per_token_s, source=f"fitted to {len(rows)} sampled steps of {names}"),
+               rows, a.out)
+        return
     lengths = replay_lengths(a) if a.replay else []       # checked before the model is built
 
     from services.common.model_paths import default_model_dir
@@ -163,14 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         samples = (prefill_samples(engine, rng, vocab, a.prefill_lens, a.reps)
                    + decode_samples(engine, rng, vocab, a.batches, a.decode_prompt_lens, a.steps))
     cost = fit(samples, a.swap_per_token_s, source=f"fitted to {len(samples)} steps of {cfg.model_dir} on {a.device}")
-    a.out.write_text(json.dumps(cost.to_json(), indent=2))
-    predicted = [cost.step(s.seqs, s.prefill_tokens, s.context_tokens, s.prefill_tokens > 0) for s in samples]
-    errors = sorted(abs(p - s.seconds) / s.seconds for p, s in zip(predicted, samples))
-    print(json.dumps(cost.to_json(), indent=2))
-    # what the simulator's accuracy rests on is the sum (the run's length); single steps are noisy
-    print(f"{len(samples)} steps fitted; relative error per step: median {errors[len(errors) // 2]:.0%}, worst "
-          f"{errors[-1]:.0%}; whole run {sum(predicted):.2f} s modelled vs {sum(s.seconds for s in samples):.2f} s "
-          f"measured -> {a.out}")
+    report(cost, [s.row() for s in samples], a.out)
 
 
 if __name__ == "__main__":

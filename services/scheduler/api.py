@@ -311,7 +311,7 @@ class AliseServicer(pb_grpc.AliseServicer):
         return pb.ServerInfo(model=self.d.cfg.model_name, max_model_len=self.d.context_limit(self.max_model_len),
                              max_tokens_cap=self.d.cfg.max_tokens_cap, policy=self.d.cfg.policy, version=VERSION)
 
-    def _worker_view(self, s) -> pb.WorkerLoadView:
+    def _worker_view(self, s, step_sample: bool = False) -> pb.WorkerLoadView:
         view = pb.WorkerLoadView(worker_id=s.worker_id, running=s.load.running, waiting=s.load.waiting,
                                  used_blocks=s.load.used_blocks, total_blocks=s.num_blocks,
                                  swapped_blocks=s.load.swapped_blocks, max_batch=s.max_batch, draining=s.load.draining,
@@ -323,11 +323,15 @@ class AliseServicer(pb_grpc.AliseServicer):
                                                           per_prefill_token_s=m.per_prefill_token_s,
                                                           per_context_token_s=m.per_context_token_s,
                                                           per_mixed_step_s=m.per_mixed_step_s))
+            if step_sample:
+                view.step_sample.extend(pb.StepView(steps=r.steps, seconds=r.seconds, seqs=r.seqs,
+                                                    prefill_tokens=r.prefill_tokens, context_tokens=r.context_tokens,
+                                                    mixed_steps=r.mixed_steps) for r in w.speed.sample())
         return view
 
     async def GetLoad(self, request, context):
         await self._tenant(request, context)
-        workers = [self._worker_view(s) for s in self.d.sessions.values()]
+        workers = [self._worker_view(s, request.step_sample) for s in self.d.sessions.values()]
         try:
             queued = await self.store.queue_length()
         except REDIS_UNAVAILABLE as e:

@@ -24,10 +24,12 @@ policy orders them. When the engine gets faster per sequence (k falls) the knee 
 from __future__ import annotations
 
 import math
+import random
 from collections import deque
 from dataclasses import dataclass
 
 WINDOW = 512           # step rows the model is fitted to
+SAMPLE = 1024          # step rows kept as a uniform sample of the whole session (GetLoad's step_sample)
 MIN_REPORTS = 8
 REFIT_EVERY = 64       # new rows before the model is solved again (a solve costs ~0.3 ms; steps come ~100/s)
 MAX_CONDITION = 1e6    # of the scaled design matrix: beyond it the reports do not separate the constants
@@ -75,6 +77,7 @@ class WorkerSpeed:
         if window < MIN_REPORTS:
             raise ValueError(f"window must be at least {MIN_REPORTS} rows, got {window}")
         self._rows: deque[StepSums] = deque(maxlen=window)
+        self._sample = StepSample(SAMPLE)
         self._model: StepModel | None = None
         self._new = 0                 # rows since the last solve
         # running totals over the rows, so that the share of mixed steps costs nothing per load report
@@ -90,9 +93,14 @@ class WorkerSpeed:
                 self._steps -= old.steps
                 self._mixed -= old.mixed_steps
             self._rows.append(sums)
+            self._sample.offer(sums)
             self._steps += sums.steps
             self._mixed += sums.mixed_steps
             self._new += 1
+
+    def sample(self) -> list[StepSums]:
+        """A uniform sample of every row observed since the worker joined (the window holds only the last ones)."""
+        return self._sample.rows()
 
     def mixed_share(self) -> float:
         """The share of the recent steps that were mixed."""
@@ -103,6 +111,27 @@ class WorkerSpeed:
             self._new = 0
             self._model = fit(list(self._rows))
         return self._model
+
+
+class StepSample:
+    """A uniform sample of a stream of rows (reservoir sampling, Vitter's algorithm R): each row seen so far is
+    kept with the same probability, in O(1) per row. Seeded, so a run gives the same sample each time."""
+
+    def __init__(self, size: int, seed: int = 0):
+        self.size = size
+        self.seen = 0
+        self._kept: list[StepSums] = []
+        self._rng = random.Random(seed)
+
+    def offer(self, row: StepSums) -> None:
+        self.seen += 1
+        if len(self._kept) < self.size:
+            self._kept.append(row)
+        elif (i := self._rng.randrange(self.seen)) < self.size:
+            self._kept[i] = row
+
+    def rows(self) -> list[StepSums]:
+        return list(self._kept)
 
 
 def fit(rows: list[StepSums]) -> StepModel | None:
