@@ -355,30 +355,45 @@ def test_early_jobs_beside_a_full_batch_take_at_most_early_rows():
 def test_a_job_resumed_into_a_full_batch_waits_for_a_row_keeping_its_kv():
     # session 28 left it (RELIABILITY.md): a resumed job joined `running` whatever its size, so a step could plan
     # more rows than the decode graphs were captured for (a GPU then ran it eagerly, slower). Now the step plans at
-    # most max_batch + early_rows rows; the resumed job waits for a row with its KV, and takes the first one freed.
+    # most max_batch + early_rows rows, the earliest admitted first: the resumed job waits for a row with its KV
+    # (not a prompt still being prefilled, which decodes-first order would have put last), and takes the first one
+    # freed; nor does a job to park take an early row the resumed one pushed past the step's rows.
     blocks = BlockManager(num_blocks=64, block_size=4)
-    sched = StepScheduler(blocks, max_batch=2, token_budget=64, max_model_len=64, early_rows=0)
-    a, b, c = (Sequence(x, [1] * 3, Sampling(max_tokens=50, ignore_eos=True)) for x in "abc")
+    sched = StepScheduler(blocks, max_batch=2, token_budget=16, max_model_len=64, early_rows=1)     # 3 rows a step
+    c, d, a = (Sequence(x, [1] * 3, Sampling(max_tokens=50, ignore_eos=True)) for x in "cda")
+    b = Sequence("b", [1] * 40, Sampling(max_tokens=50, ignore_eos=True))
+    e = Sequence("e", [1] * 3, Sampling(max_tokens=50, ignore_eos=True), park_on_sample=True, park_at_output=1)
 
-    def step(expected: list[Sequence]) -> None:
+    def step(expected: list[tuple[Sequence, int]]) -> None:
         plan = sched.schedule()
-        assert [ch.seq for ch in plan.chunks] == expected and not plan.preempted
+        assert [(ch.seq.job_id, ch.num_tokens) for ch in plan.chunks] == [(s.job_id, n) for s, n in expected]
+        assert not plan.preempted
         for ch in plan.chunks:
-            ch.seq.output_ids.append(7)
+            if ch.start + ch.num_tokens == ch.seq.num_tokens:
+                ch.seq.output_ids.append(7)
 
+    def ends(seq: Sequence) -> None:
+        sched.finish(seq, Finish.STOP)
+        sched.drop(seq)
+
+    for seq in (c, d):
+        sched.add(seq)
+    step([(c, 3), (d, 3)])
+    assert sched.park(c) and sched.park(d)
     for seq in (a, b):
         sched.add(seq)
-    step([a, b])
-    assert sched.park(a)
-    sched.add(c)
-    step([b, c])
-    sched.unpark(a)                                    # the scheduler resumes it into a full batch
-    held = blocks.table("a")
-    step([b, c])
-    assert a.status is SeqStatus.RUNNING and blocks.table("a") == held
-    sched.finish(b, Finish.STOP)
-    sched.drop(b)
-    step([c, a])                                       # the first row freed is its
+    step([(a, 3), (b, 13)])                            # b's prompt is under way
+    sched.unpark(c)                                    # the scheduler resumes c and d into a full batch
+    sched.unpark(d)
+    sched.add(e)                                       # and sends a job to park: no row is left for it
+    held = blocks.table("d")
+    step([(a, 1), (c, 1), (b, 14)])                    # the earliest admitted three: b's prompt goes on, d waits
+    step([(a, 1), (c, 1), (b, 13)])
+    assert d.status is SeqStatus.RUNNING and blocks.table("d") == held and e in sched.waiting
+    ends(a)
+    step([(b, 1), (c, 1), (d, 1)])                     # a's row is d's; e still has none
+    ends(b)
+    step([(c, 1), (d, 1), (e, 3)])                     # a row free: e runs its early token beside the batch
 
 
 def test_an_early_job_shorter_than_its_early_tokens_holds_room_only_to_its_end():

@@ -156,15 +156,11 @@ class StepScheduler:
         parked: list[Sequence] = []
         waited = False                           # a sequence waits for room: no new one may take what frees up
         parking_soon = None                      # found on the first need: nothing below changes it
-        for seq in self._decodes_first():
-            if len(chunks) >= self.max_rows:
-                # resumed jobs can fill `running` past the rows a step runs (the scheduler resumes by its own
-                # count, which lags the worker's); the last resumed wait for a row, keeping their KV
-                break
+        for seq in self._in_rows():
             if seq not in self.running:          # preempted by an earlier iteration of this loop
                 continue
             n = min(seq.num_uncomputed, budget)
-            if n == 0 or (seq.num_pending and (seq.parks_on_pending or seq.reaches_length(self.max_model_len))):
+            if n == 0 or not self._wants_row(seq):
                 continue
             if seq.park_on_sample and not self.blocks.can_grow(seq.job_id, seq.num_computed + n):
                 # on its way to be parked: it never takes KV from others. With a token out already (its first
@@ -213,6 +209,22 @@ class StepScheduler:
         if (victim := next((s for s in candidates if s.may_be_preempted), None)) is not None:
             return victim
         return None if planned else candidates[0]
+
+    def _wants_row(self, seq: Sequence) -> bool:
+        """It has tokens to compute this step (one with its token in flight that parks or ends with it has not)."""
+        return seq.num_uncomputed > 0 and not (
+            seq.num_pending and (seq.parks_on_pending or seq.reaches_length(self.max_model_len)))
+
+    def _in_rows(self) -> list[Sequence]:
+        """The running sequences this step may plan, decodes first. A step runs at most `max_rows` rows (what the
+        decode graphs are captured for). More can be running: the scheduler resumes jobs by its own count, which lags
+        the worker's. Then the earliest admitted of those with tokens to compute take the rows, so a resumed job
+        waits for a row, keeping its KV, rather than taking one from a prompt still being prefilled."""
+        order = self._decodes_first()
+        if len(self.running) <= self.max_rows:
+            return order
+        first = set([s for s in self.running if self._wants_row(s)][:self.max_rows])
+        return [s for s in order if s in first]
 
     def _decodes_first(self) -> list[Sequence]:
         """The running sequences, those with one token to compute (decodes) first, each group in admission order: a
