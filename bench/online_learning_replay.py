@@ -22,9 +22,14 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import kendalltau
 
+from alise.v1 import generate_pb2 as pb
+from transformers import AutoTokenizer
+
 from bench.workloads import BenchRequest, Dataset, load
 from services.predictor.encoder import load_encoder
 from services.predictor.length_predictor import LengthPredictor
+from services.scheduler.tokenizer import PromptTokenizer
+from services.scheduler.validation import predictor_inputs
 
 
 def load_predictor(model_dir: Path) -> LengthPredictor:
@@ -51,10 +56,6 @@ def replay(predictor: LengthPredictor, prompts: list[str], previous: list[int], 
 
 def as_the_scheduler_asks(req: BenchRequest, tok) -> tuple[str, int]:
     """(predictor text, previous reply tokens) of a request as the bench sends it (bench/serve.py)."""
-    from alise.v1 import generate_pb2 as pb
-
-    from services.scheduler.validation import predictor_inputs
-
     text = (dict(chat=pb.ChatConversation(messages=[pb.ChatMessage(**m) for m in req.messages()]))
             if req.as_chat else dict(prompt=req.prompt))
     return predictor_inputs(pb.GenerateRequest(**text), tok)
@@ -81,12 +82,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="write each lag's predictions here (PATH with the lag before its suffix) as a live run's "
                         "per-request CSV: bench.simulate --predictions replays them")
     a = p.parse_args(argv)
-    from transformers import AutoTokenizer
-
+    if a.chunk < 1 or min(a.lag) < 0:        # a negative lag would learn a length before predicting it
+        p.error("--chunk must be >= 1 and every --lag >= 0")
     tokenizer = AutoTokenizer.from_pretrained(a.tokenizer)
     requests = load(a.dataset_name, a.dataset_path, a.num + a.prime, tokenizer)
-    from services.scheduler.tokenizer import PromptTokenizer
-
     tok = PromptTokenizer(a.tokenizer)
     prompts, previous = map(list, zip(*(as_the_scheduler_asks(r, tok) for r in requests)))
     lengths = [r.output_tokens for r in requests]

@@ -25,7 +25,7 @@ from pathlib import Path
 from bench.serve import (add_arrival_arguments, add_dataset_arguments, arrival_fields, arrival_offsets, arrival_trace,
                          open_tokenizer, save)
 from bench.serve_metrics import summarize
-from bench.simulator.cluster import SIM_POLICIES, SimConfig, SimRequest, Simulation, WorkerSpec, step_times
+from bench.simulator.cluster import SIM_POLICIES, SimConfig, SimRequest, Simulation, WorkerSpec, step_totals
 from bench.simulator.cost import PRESETS, load_cost
 from bench.simulator.predictions import PredictorKind, SimPredictor, log_error_sigma, sigma_for_tau
 from bench.sweep_report import Run, markdown, plot
@@ -233,7 +233,7 @@ def simulate_sweep(a: argparse.Namespace) -> list[Run]:
             label = f"{policy}-r{rate:g}"
             summary.update(label=label, policy=policy, request_rate=rate, **arrival_fields(a), simulated=True,
                            wall_s=wall, decisions=sim.decisions, workers=a.workers, cost=cost.to_json(),
-                           step_times=step_times(sim),
+                           step_times=step_totals(sim),
                            predictor={"kind": predictor.kind.value, "sigma": predictor.sigma},
                            repredict_sigma=probe_sigma)
             save(a.out / f"{label}.json", summary, results)     # and the per-request CSV, as a live run keeps

@@ -198,7 +198,8 @@ def start_stack(a: argparse.Namespace, policy: str, rate: float, cpus: tuple[int
     # predictor and length probe learn online within the run but never save it: runs must not teach each other
     return LocalStack(log_dir=a.out / f"stack-{run_label(policy, rate)}", num_workers=a.workers,
                       worker_args=["--length-probe-read-only", *a.worker_arg, *worker_flags],
-                      scheduler_args=["--policy", policy_name, *blind, *a.scheduler_arg, *scheduler_flags],
+                      scheduler_args=["--policy", policy_name, "--serve-step-sample", *blind, *a.scheduler_arg,
+                                      *scheduler_flags],
                       predictor_args=["--read-only", *a.predictor_arg], worker_metrics=True,
                       cpus=cpus).start(timeout_s=900)
 

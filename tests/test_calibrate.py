@@ -33,6 +33,8 @@ def test_a_cost_is_fitted_to_the_step_samples_live_runs_saved(tmp_path, capsys):
         context = seqs * rng.randint(100, 1500)
         seconds = 0.005 + 2e-5 * seqs + 3e-5 * prefill + 4e-8 * context + (0.007 if prefill else 0.0)
         rows.append([1, seconds, seqs, prefill, context, int(prefill > 0)])
+    # a report's row may sum several steps: the base counts once a step, the mixed term once a mixed step
+    rows += [[3 * r[0], 3 * r[1], 3 * r[2], 3 * r[3], 3 * r[4], 3 * r[5]] for r in rows[:40]]
     runs = [tmp_path / "a.json", tmp_path / "b.json"]
     runs[0].write_text(json.dumps({"workers": [{"worker_id": "w0", "step_sample": rows[:200]}]}))
     runs[1].write_text(json.dumps({"workers": [{"worker_id": "w0", "step_sample": rows[200:]}]}))
@@ -43,7 +45,7 @@ def test_a_cost_is_fitted_to_the_step_samples_live_runs_saved(tmp_path, capsys):
     assert cost["per_prefill_token_s"] == pytest.approx(3e-5, rel=1e-3)
     assert cost["per_context_token_s"] == pytest.approx(4e-8, rel=1e-3)
     assert cost["per_mixed_step_s"] == pytest.approx(0.007, rel=1e-3)
-    assert "400 steps fitted" in capsys.readouterr().out
+    assert "440 steps fitted" in capsys.readouterr().out
     old = tmp_path / "old.json"
     old.write_text(json.dumps({"workers": [{"worker_id": "w0", "step_model": {"base_s": 0.005}}]}))
     with pytest.raises(SystemExit, match="old.json has no step_sample"):      # a run saved before: named

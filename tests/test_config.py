@@ -60,6 +60,7 @@ def test_scheduler_times_refuse_negative_and_nan():
     assert SchedulerConfig.from_args(["--early-tokens", "32"]).early_tokens == 32
     assert not SchedulerConfig.from_args([]).learn_forced_lengths                  # serving: off unless asked
     assert SchedulerConfig.from_args(["--learn-forced-lengths"]).learn_forced_lengths
+    assert not SchedulerConfig.from_args([]).serve_step_sample                     # benchmarks ask for it
 
 
 def test_a_gpu_worker_refuses_a_block_size_its_kernels_cannot_read():

@@ -108,14 +108,18 @@ async def test_a_length_forced_by_ignore_eos_reaches_the_stream_only_when_asked(
     def job(job_id, ignore_eos):
         return JobRecord(job_id=job_id, prompt_ids=[1], prompt_text=f"prompt {job_id}", sampling=job_sampling(3, ignore_eos))
 
-    for job_id, ignore_eos, reason, learn in [("forced", True, "length", True), ("forced-off", True, "length", False),
-                                              ("cut", False, "length", True), ("forced-stop", True, "stop", True)]:
+    cases = [("forced", True, "length", True, False), ("forced-off", True, "length", False, False),
+             ("cut", False, "length", True, False), ("forced-stop", True, "stop", True, False),
+             ("eos", False, "stop", True, False), ("stop-string", False, "stop", True, True),
+             ("forced-stop-string", True, "stop", True, True)]
+    for job_id, ignore_eos, reason, learn, stop_string in cases:
         await create(store, job(job_id, ignore_eos), 1.0)
         await store.claim(job_id, "w1")
         await store.append_many("w1", [(job_id, [5, 6, 7], "abc")])
-        assert await store.finish(job_id, "w1", reason, learn_forced=learn)
+        assert await store.finish(job_id, "w1", reason, stop_string=stop_string, learn_forced=learn)
     entries = [fields for _, fields in await store.r.xrange(keys.OBSERVATIONS)]
-    assert [(f[b"job_id"], f[b"output_tokens"]) for f in entries] == [(b"forced", b"3")]
+    # the forced length, and a natural stop as always; never a cut, a stop string, or a stop under ignore_eos
+    assert [(f[b"job_id"], f[b"output_tokens"]) for f in entries] == [(b"forced", b"3"), (b"eos", b"3")]
 
 
 async def test_create_admits_within_limits_and_recognises_a_retry(store):

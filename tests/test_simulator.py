@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from bench.simulator.cluster import SimConfig, SimRequest, Simulation, WorkerSpec, simulate, step_times
+from bench.simulator.cluster import SimConfig, SimRequest, Simulation, WorkerSpec, simulate, step_totals
 from bench.step_times import MADE_OF_METRICS
 from bench.simulator.cost import IterationCost
 from bench.simulator.predictions import PredictorKind, SimPredictor, kendall_tau, sigma_for_tau
@@ -273,9 +273,9 @@ def test_a_prompt_is_looked_up_in_the_prefix_cache_when_its_first_chunk_runs_not
     assert (a.ttft_s, a.e2e_s, b.ttft_s) == (3.0, 4.0, 5.0)
     # what the steps held, in a live run's terms: A's 48 prompt tokens and 15 of B's last 16 (its final one runs as
     # a decode row); rows: A in 4 steps, B in 2
-    totals = step_times(sim)["w0"]
-    assert totals["steps"] == 5 and totals["made_of"] == {"rows": 6, "prefill_tokens": 63,
-                                                          "context_tokens": totals["made_of"]["context_tokens"],
+    totals = step_totals(sim)["w0"]
+    # context read: A's chunks 16 + 32 + 48, its decode 49; B's chunk 32 + 15, its decode 48
+    assert totals["steps"] == 5 and totals["made_of"] == {"rows": 6, "prefill_tokens": 63, "context_tokens": 240,
                                                           "kept_kv_dropped": 0}
     assert set(totals["made_of"]) == set(MADE_OF_METRICS.values())
 

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from services.scheduler.live_state import LiveState, WorkerState
-from services.scheduler.worker_speed import REFIT_EVERY, StepModel, StepSample, StepSums, WorkerSpeed, fit
+from services.scheduler.worker_speed import REFIT_EVERY, StepModel, StepReservoir, StepSums, WorkerSpeed, fit
 
 TRUE = StepModel(base_s=0.005, per_seq_s=1e-5, per_prefill_token_s=3e-5, per_context_token_s=2.5e-8)
 
@@ -38,7 +38,7 @@ def test_the_step_sample_is_bounded_and_keeps_the_whole_session_not_its_end():
     assert len(kept) == 1024 and len(set(map(id, kept))) == 1024
     quarters = [sum(1 for r in kept if q * 5000 <= round((r.seconds - 0.01) * 1e6) < (q + 1) * 5000) for q in range(4)]
     assert all(180 <= n <= 330 for n in quarters), quarters      # 256 expected in each
-    small = StepSample(4)
+    small = StepReservoir(4)
     for r in rows[:3]:
         small.offer(r)
     assert small.rows() == rows[:3]                              # fewer than its size: every row kept

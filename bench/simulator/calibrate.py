@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,9 @@ def fit_rows(rows: list[tuple], swap_per_token_s: float = 0.0, source: str = "")
                          per_context_token_s=float(coef[3]), per_mixed_step_s=float(coef[4]), swap_per_token_s=swap_per_token_s, source=source)
 
 
+MIN_OF_EACH = 30        # mixed and decode-only steps a fit from samples wants at least, to tell their terms apart
+
+
 def run_rows(paths: list[Path]) -> list[tuple]:
     """Every worker's step sample in these live runs' JSON (`alise bench`; runs from before it was saved have
     none: refused, naming the file)."""
@@ -153,16 +157,20 @@ def run_rows(paths: list[Path]) -> list[tuple]:
         sample = [row for w in run.get("workers", []) for row in w.get("step_sample", [])]
         if not sample:
             raise SystemExit(f"--from-runs: {path} has no step_sample (a run saved before the scheduler kept one?)")
-        rows += [tuple(row) for row in sample]
+        rows += [tuple(row) for row in sample if row[0] >= 1 and row[1] > 0]     # the scheduler keeps no others
+    mixed = sum(1 for row in rows if row[5])
+    if min(mixed, len(rows) - mixed) < MIN_OF_EACH:
+        # a uniform sample of a decode-heavy run may hold few mixed steps (or of a prefill-heavy one, few pure
+        # decodes): the mixed term, and prefill's, then rest on too few rows to be told from the base
+        print(f"--from-runs: only {mixed} mixed and {len(rows) - mixed} decode-only steps sampled: the mixed-step "
+              f"and prefill terms are poorly determined; add runs with more of the fewer kind", file=sys.stderr)
     return rows
 
 
 def report(cost: IterationCost, rows: list[tuple], out: Path) -> None:
     """Write the fit and say how well it explains the steps it was fitted to."""
     out.write_text(json.dumps(cost.to_json(), indent=2))
-    predicted = [steps * cost.base_s + cost.per_seq_s * seqs + cost.per_prefill_token_s * prefill
-                 + cost.per_context_token_s * context + cost.per_mixed_step_s * mixed
-                 for steps, _, seqs, prefill, context, mixed in rows]
+    predicted = [cost.steps(steps, seqs, prefill, context, mixed) for steps, _, seqs, prefill, context, mixed in rows]
     measured = [row[1] for row in rows]
     errors = sorted(abs(p - m) / m for p, m in zip(predicted, measured))
     print(json.dumps(cost.to_json(), indent=2))

@@ -173,7 +173,7 @@ class _Worker:
     extra_s: float = 0.0              # swap time to add to the next iteration
     used_blocks: int = 0              # KV blocks of the running jobs (prompt + generated + the next token)
     steps: list[StepSums] = field(default_factory=list)   # recent steps for the next load report, as a worker sends
-    totals: StepTotals = field(default_factory=lambda: StepTotals())   # every step of the run, summed
+    totals: StepTotals = field(default_factory=StepTotals)   # every step of the run, summed
     # keys of the prompt blocks this worker has computed. Never evicted: the live pool (~885k tokens on an H200)
     # keeps far more than the recent conversations whose history a turn reuses
     prefix_cache: set[int] = field(default_factory=set)
@@ -524,7 +524,7 @@ def simulate(cfg: SimConfig, requests: list[SimRequest]) -> tuple[list[RequestRe
     return results, duration, sim.decisions
 
 
-def step_times(sim: Simulation) -> dict[str, dict]:
+def step_totals(sim: Simulation) -> dict[str, dict]:
     """Each worker's step totals of a finished run, keyed as a live run's `step_times` (by worker)."""
     return {w.wid: w.totals.summary() for w in sim.workers.values()}
 

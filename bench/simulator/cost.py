@@ -31,6 +31,11 @@ class IterationCost:
         return (self.base_s + self.per_seq_s * seqs + self.per_prefill_token_s * prefill_tokens
                 + self.per_context_token_s * context_tokens + (self.per_mixed_step_s if mixed else 0.0))
 
+    def steps(self, steps: int, seqs: int, prefill_tokens: int, context_tokens: int, mixed_steps: int) -> float:
+        """Several steps summed (a load report's row, bench.simulator.calibrate's fitted rows)."""
+        return (self.base_s * steps + self.per_seq_s * seqs + self.per_prefill_token_s * prefill_tokens
+                + self.per_context_token_s * context_tokens + self.per_mixed_step_s * mixed_steps)
+
     def to_json(self) -> dict:
         return asdict(self)
 

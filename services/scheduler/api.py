@@ -331,6 +331,10 @@ class AliseServicer(pb_grpc.AliseServicer):
 
     async def GetLoad(self, request, context):
         await self._tenant(request, context)
+        if request.step_sample and not self.d.cfg.serve_step_sample:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                "step_sample: this scheduler shows no client its step samples (--serve-step-sample, "
+                                "for benchmarks)")
         workers = [self._worker_view(s, request.step_sample) for s in self.d.sessions.values()]
         try:
             queued = await self.store.queue_length()

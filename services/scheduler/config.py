@@ -71,6 +71,9 @@ class SchedulerConfig:
     # stops by itself, so without this the predictor never learns online there as it does in serving. Off in
     # serving: any client could then teach the predictor lengths of its choosing
     learn_forced_lengths: bool = False
+    # benchmarks only: GetLoad(step_sample) answers with each worker's sampled steps (sizes, prefill tokens, times
+    # of every tenant's traffic together: finer than a tenant needs to see), which bench.simulator.calibrate fits to
+    serve_step_sample: bool = False
     default_max_tokens: int = 0                 # a request without max_tokens; 0: min(256, max_tokens_cap)
     prior_output_tokens: float = 128.0          # used when the predictor is unreachable
     max_queued_jobs: int = 10_000               # queue bound: RESOURCE_EXHAUSTED beyond it

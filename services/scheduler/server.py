@@ -88,6 +88,9 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
     await set_health(gateway_health, WORKER_SERVICES, SERVING)
     log.info("scheduler: clients on port %d (%d tenants), workers on port %d, policy %s", port, len(tenants),
              gateway_port, cfg.policy)
+    for flag, on in (("--learn-forced-lengths", cfg.learn_forced_lengths), ("--serve-step-sample", cfg.serve_step_sample)):
+        if on:
+            log.warning("scheduler: %s is on: a benchmark setting, not for serving", flag)
     if ready is not None:
         ready.set_result(port)
     await stop.wait()

@@ -77,7 +77,7 @@ class WorkerSpeed:
         if window < MIN_REPORTS:
             raise ValueError(f"window must be at least {MIN_REPORTS} rows, got {window}")
         self._rows: deque[StepSums] = deque(maxlen=window)
-        self._sample = StepSample(SAMPLE)
+        self._sample = StepReservoir(SAMPLE)
         self._model: StepModel | None = None
         self._new = 0                 # rows since the last solve
         # running totals over the rows, so that the share of mixed steps costs nothing per load report
@@ -113,7 +113,7 @@ class WorkerSpeed:
         return self._model
 
 
-class StepSample:
+class StepReservoir:
     """A uniform sample of a stream of rows (reservoir sampling, Vitter's algorithm R): each row seen so far is
     kept with the same probability, in O(1) per row. Seeded, so a run gives the same sample each time."""
 
