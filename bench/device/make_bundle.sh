@@ -97,8 +97,8 @@ done
 # Two bundles, so that each call carries what it needs within the 64 MiB a call may carry (each trained
 # predictor is ~28 MB): the usual one, and the one for 3,000-request runs. The training files stay here.
 # Redis's tools and docs stay out (only redis-server, a link to redis-check-rdb, runs there). The tracked tree
-# travels too: with docs/results (~13 MB by session 29) the 880 bundle and the wheels pass 64 MiB, so for those
-# calls move docs/results aside (`rm -rf docs/results`, then `git checkout -- docs/results`; never commit between).
+# travels too: with docs/results (~15 MB by session 29) either bundle and the wheels pass 64 MiB, so for every call
+# move docs/results aside (`rm -rf docs/results`, then `git checkout -- docs/results`; never commit between).
 lean=(--exclude="*/share/doc" --exclude="redis-benchmark" --exclude="redis-check-aof" --exclude="redis-cli")
 tar cJf bench-data.tar.xz "${lean[@]}" --exclude="*_rest*.json" --exclude="*_880*" --exclude=".unpacked-*" "$D"
 tar cJf bench-data-880.tar.xz "${lean[@]}" "$D/llama3-8b-shape" "$D/bin" "$D/redis" "$D/predictor_880" \
