@@ -282,6 +282,43 @@ def test_learning_adds_to_the_built_index_instead_of_rebuilding_it(monkeypatch):
     np.testing.assert_allclose(exact.search(q, 4)[0], rebuilt.search(q, 4)[0], rtol=1e-6)   # as if built anew
 
 
+def test_without_faiss_the_index_finds_the_same_neighbours_exactly(monkeypatch):
+    """The GPU benchmark machines carry no faiss wheel (it alone would pass the 64 MiB a device call carries): the
+    index then searches exactly in numpy, and must give what faiss's IndexFlatIP gives, learning included."""
+    import faiss
+
+    from services.predictor import knn_index
+    from services.predictor.knn_index import KnnIndex, exact_search
+
+    rng = np.random.default_rng(1)
+
+    def unit(n):
+        v = rng.normal(size=(n, 24)).astype(np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    base, queries = unit(500), unit(40)
+    flat = faiss.IndexFlatIP(24)
+    flat.add(base)
+    want_sims, want_ids = flat.search(queries, 7)
+    sims, ids = exact_search(base, queries, 7)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(sims, want_sims, rtol=1e-5, atol=1e-6)
+    extra = unit(10)
+    with_faiss, without = KnnIndex(24), KnnIndex(24)
+    for idx, have in ((with_faiss, True), (without, False)):
+        monkeypatch.setattr(knn_index, "HAVE_FAISS", have)
+        idx.add(base, list(range(1, 501)), [f"k{i}" for i in range(500)])
+        idx.search(queries[:1], 3)                                # built (with faiss), then learns more
+        idx.add(extra, list(range(600, 610)), [f"n{i}" for i in range(10)])
+    monkeypatch.setattr(knn_index, "HAVE_FAISS", True)
+    got_faiss = with_faiss.search(queries, 5)
+    monkeypatch.setattr(knn_index, "HAVE_FAISS", False)
+    got_numpy = without.search(queries, 5)
+    np.testing.assert_allclose(got_numpy[0], got_faiss[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got_numpy[1], got_faiss[1])
+    assert without._faiss is None                                 # nothing of faiss was built
+
+
 def test_static_encoder_is_a_faithful_fast_copy_of_minilm(encoder, tmp_path):
     from services.predictor.static_encoder import StaticEncoder, base_static_dir
 

@@ -84,9 +84,11 @@ if [ ! -f "$D/azure/AzureLLMInferenceTrace_code.csv" ]; then
 fi
 
 # 4. Wheels for Python 3.12 on x86-64 (the image's grpcio and protobuf are older than the generated modules need).
+#    No faiss (19 MB): the predictor's index searches exactly in numpy without it (services/predictor/knn_index.py).
 mkdir -p .whl
+rm -f .whl/faiss_cpu-*.whl                 # carried by bundles made before session 29
 for spec in grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2 \
-            redis==8.1.0 faiss-cpu==1.15.1 starlette==1.10.0 uvicorn==0.54.0; do
+            redis==8.1.0 starlette==1.10.0 uvicorn==0.54.0; do
     name=${spec%%==*}
     ls .whl/ | grep -qi "^${name//-/_}-" && continue
     $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -97,8 +99,7 @@ done
 # Two bundles, so that each call carries what it needs within the 64 MiB a call may carry (each trained
 # predictor is ~28 MB): the usual one, and the one for 3,000-request runs. The training files stay here.
 # Redis's tools and docs stay out (only redis-server, a link to redis-check-rdb, runs there). The tracked tree
-# travels too: with docs/results (~15 MB by session 29) either bundle and the wheels pass 64 MiB, so for every call
-# move docs/results aside (`rm -rf docs/results`, then `git checkout -- docs/results`; never commit between).
+# travels too (~15 MB by session 29): with it, a bundle and the wheels (~8.5 MB without faiss) a call carries ~52 MB.
 lean=(--exclude="*/share/doc" --exclude="redis-benchmark" --exclude="redis-check-aof" --exclude="redis-cli")
 tar cJf bench-data.tar.xz "${lean[@]}" --exclude="*_rest*.json" --exclude="*_880*" --exclude=".unpacked-*" "$D"
 tar cJf bench-data-880.tar.xz "${lean[@]}" "$D/llama3-8b-shape" "$D/bin" "$D/redis" "$D/predictor_880" \

@@ -10,10 +10,27 @@ The predictor learns about once a second under load, and searches hold the same 
 a rebuild: new entries go into grown-by-doubling buffers and into the built faiss index as they come. The index is
 rebuilt only when rows move (an eviction), when the exact index outgrows `exact_limit`, or when the IVF index has
 doubled since its cells were trained (so the cells still fit the data).
+
+Where faiss is not installed (the GPU benchmark machines: its wheel alone is ~19 MB of the 64 MiB a device call
+carries), the search is exact, in numpy, over the stored vectors: the same neighbours as IndexFlatIP, fine for the
+few thousand prompts a benchmark's index holds, slow for a production one past `exact_limit`.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
+
+HAVE_FAISS = importlib.util.find_spec("faiss") is not None
+
+
+def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, ids) of each query's k largest inner products, best first, as faiss.IndexFlatIP returns them."""
+    sims = np.asarray(queries, np.float32) @ np.asarray(vectors, np.float32).T
+    ids = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    top = np.take_along_axis(sims, ids, axis=1)
+    order = np.argsort(-top, axis=1, kind="stable")
+    return np.take_along_axis(top, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
 class KnnIndex:
@@ -127,7 +144,10 @@ class KnnIndex:
         """(similarities [n, k], log lengths [n, k]); missing neighbours have similarity -inf."""
         if len(self) == 0:
             return np.full((len(vecs), k), -np.inf, np.float32), np.zeros((len(vecs), k), np.float32)
-        sims, ids = self._index().search(vecs, min(k, len(self)))
+        if HAVE_FAISS:
+            sims, ids = self._index().search(vecs, min(k, len(self)))
+        else:
+            sims, ids = exact_search(self.vectors, vecs, min(k, len(self)))
         if sims.shape[1] < k:
             pad = k - sims.shape[1]
             sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf)
