@@ -28,8 +28,7 @@ class IterationCost:
     source: str = ""                  # where the numbers come from
 
     def step(self, seqs: int, prefill_tokens: int, context_tokens: int, mixed: bool = False) -> float:
-        return (self.base_s + self.per_seq_s * seqs + self.per_prefill_token_s * prefill_tokens
-                + self.per_context_token_s * context_tokens + (self.per_mixed_step_s if mixed else 0.0))
+        return self.steps(1, seqs, prefill_tokens, context_tokens, int(mixed))
 
     def steps(self, steps: int, seqs: int, prefill_tokens: int, context_tokens: int, mixed_steps: int) -> float:
         """Several steps summed (a load report's row, bench.simulator.calibrate's fitted rows)."""
