@@ -30,3 +30,15 @@ async def test_an_empty_queue_sends_the_chunk_as_it_is():
     alone = chunk(3, [4], "x")
     response, held = coalesce(alone, asyncio.Queue(), "f")
     assert response is alone.response and held is None
+
+
+async def test_a_chunk_past_a_gap_is_not_joined_but_handed_back_to_be_handled_on_its_own():
+    """Tokens a lost worker recorded without publishing their chunk leave a gap in the events: joining across it
+    sent the text after the gap as if it followed on, and the client never got the tokens in between (found by
+    review). The chunk past the gap comes back, so the stream reads the gap from Redis first."""
+    q: asyncio.Queue = asyncio.Queue()
+    for ev in (chunk(1, [6], "b"), chunk(3, [8], "d"), chunk(4, [9], "e")):
+        q.put_nowait(ev)
+    response, held = coalesce(chunk(0, [5], "a"), q, "f")
+    assert (list(response.chunk.token_ids), response.chunk.text) == ([5, 6], "ab")
+    assert held is not None and held.first_token == 3 and q.qsize() == 1

@@ -98,6 +98,45 @@ async def test_a_retry_that_leaves_while_re_attaching_still_leaves_its_job_to_be
     raise AssertionError("the job was left running with no stream and no abort pending")
 
 
+async def test_a_stream_gets_the_tokens_a_lost_worker_recorded_but_never_published(dispatcher_factory, model_dir):
+    """A worker's step reaches Redis (append) and is then published to the job's streams; a worker lost between the
+    two (its connection cut while the append's reply was on its way) left tokens the job has but no stream was sent.
+    The job resumed on another worker, whose first chunk starts past them, and the stream skipped them: the client
+    joined "A" and "C" while the job's text was "ABC" (found by review). Now a chunk past a gap reads the gap."""
+    d = await dispatcher_factory()
+    key = new_secret()
+    tok = PromptTokenizer(str(model_dir))
+    tenant = Tenant("t", digest(key))
+    api = AliseServicer(d, d.store, tok, tok.max_model_len, TenantRegistry([tenant]))
+    req = to_generate_request({"prompt": "Hello", "max_tokens": 8}, chat=False, request_id="g")
+    job_id = keys.job_id("t", "g")
+
+    async def follow() -> list:
+        return [r async for r in api.generate_for(tenant, req, HttpCallContext(f"Bearer {key}"))]
+
+    def tokens(ids: list[int], text: str) -> wpb.WorkerMessage:
+        return wpb.WorkerMessage(tokens=wpb.TokenEvents(deltas=[wpb.TokenDelta(job_id=job_id, token_ids=ids,
+                                                                                  text=text)]))
+
+    stream = asyncio.create_task(follow())
+    w1, w2 = (WorkerSession(w, d.cfg.model_name, block_size=16, num_blocks=100, max_batch=4, max_model_len=2048)
+              for w in ("w1", "w2"))
+    await d.worker_joined(w1)
+    await assigned(d, w1, job_id)
+    await d.on_worker_message(w1, tokens([1], "A"))
+    await d.store.append_many("w1", [(job_id, [2], "B")])     # recorded; its chunk was lost with the worker
+    await d.worker_lost(w1)
+    await d.worker_joined(w2)
+    await assigned(d, w2, job_id)
+    await d.on_worker_message(w2, tokens([3], "C"))
+    await d.on_worker_message(w2, wpb.WorkerMessage(finished=wpb.JobFinished(job_id=job_id, finish_reason=1)))
+    responses = await asyncio.wait_for(stream, 60)
+    chunks = [r.chunk for r in responses if r.HasField("chunk")]
+    assert "".join(c.text for c in chunks) == "ABC"
+    assert [t for c in chunks for t in c.token_ids] == [1, 2, 3]
+    assert responses[-1].complete.text == "ABC"
+
+
 async def wait_for(condition, timeout_s: float = 30.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while not condition():

@@ -25,7 +25,7 @@ from services.scheduler import keys, metrics
 from services.scheduler.metrics import metric_field
 from services.scheduler.dispatcher import Dispatcher
 from services.scheduler.job_events import coalesce
-from services.scheduler.job_messages import complete_message
+from services.scheduler.job_messages import complete_message, recorded_since
 from services.scheduler.job_store import FINAL_STATUSES, CreateOutcome, JobStore
 from services.scheduler.tenants import Tenant, TenantRegistry, TokenBucket
 from services.scheduler.tokenizer import PromptTokenizer
@@ -150,9 +150,9 @@ class AliseServicer(pb_grpc.AliseServicer):
             state = await self.store.state(job_id) if outcome is CreateOutcome.SAME_REQUEST else None
             seen, chars = 0, 0
             if state is not None:                  # re-attach: what the job has so far, then the rest
+                if so_far := recorded_since(state, 0, 0):
+                    yield so_far
                 seen, chars = len(state.token_ids), len(state.text)
-                if seen or state.text:
-                    yield pb.GenerateResponse(chunk=pb.GenerateChunk(text=state.text, token_ids=state.token_ids))
                 if state.status in FINAL_STATUSES:
                     done = True
                     yield pb.GenerateResponse(complete=complete_message(state))
@@ -214,13 +214,10 @@ class AliseServicer(pb_grpc.AliseServicer):
                 try:
                     event = await asyncio.wait_for(events.get(), LIVENESS_S)
                 except asyncio.TimeoutError:
-                    state = await self.store.state(job_id)
-                    if state is None or state.record.fingerprint != fingerprint:
-                        raise JobLost(job_id)
+                    state = await self._state_of(job_id, fingerprint)
                     if state.status in FINAL_STATUSES:
-                        if len(state.token_ids) > seen or len(state.text) > chars:
-                            yield pb.GenerateResponse(chunk=pb.GenerateChunk(text=state.text[chars:],
-                                                                             token_ids=state.token_ids[seen:]))
+                        if gap := recorded_since(state, seen, chars):
+                            yield gap
                         yield pb.GenerateResponse(complete=complete_message(state))
                         return
                     continue
@@ -229,12 +226,27 @@ class AliseServicer(pb_grpc.AliseServicer):
             if event.first_token < 0:
                 yield event.response
                 return
-            if event.first_token < seen:           # a re-attached stream already has these tokens
+            if event.first_token > seen:
+                # tokens Redis recorded whose chunk was never published: a worker lost between its step's append
+                # and the publish (the job resumed elsewhere with them). Read them before going on, so the stream
+                # never skips text the job has
+                state = await self._state_of(job_id, fingerprint)
+                if gap := recorded_since(state, seen, chars):
+                    yield gap
+                seen, chars = len(state.token_ids), len(state.text)
+            if event.first_token < seen:           # a re-attached stream (or the read above) already has these
                 continue
             response, held = coalesce(event, events, fingerprint)
             seen = event.first_token + len(response.chunk.token_ids)
             chars += len(response.chunk.text)
             yield response
+
+    async def _state_of(self, job_id: str, fingerprint: str):
+        """The job's state in Redis, or JobLost when it is gone or the id now names another request."""
+        state = await self.store.state(job_id)
+        if state is None or state.record.fingerprint != fingerprint:
+            raise JobLost(job_id)
+        return state
 
     def _left(self, job_id: str, fingerprint: str) -> None:
         """A client's stream left its job: free the job's slot and KV blocks after the re-attach grace, unless

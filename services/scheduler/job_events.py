@@ -47,19 +47,21 @@ class JobEventHub:
 
 
 def coalesce(event: JobEvent, events: asyncio.Queue, fingerprint: str) -> tuple[pb.GenerateResponse, JobEvent | None]:
-    """`event`'s chunk joined with the chunks queued behind it, and a completion found there (or None).
-    Chunks that queued up while the client read the last message go out as one: a slow reader gets fewer,
-    larger messages instead of falling further behind. With nothing queued, `event`'s own message is reused."""
+    """`event`'s chunk joined with the chunks queued behind it, and the event that has to be handled on its own
+    next (or None): a completion, or a chunk that does not follow on (tokens between were never published, see
+    `AliseServicer._follow`). Chunks that queued up while the client read the last message go out as one: a slow
+    reader gets fewer, larger messages instead of falling further behind. With nothing queued, `event`'s own
+    message is reused."""
     ids, text, merged = None, None, False
     while not events.empty():
         more = events.get_nowait()
         if more.fingerprint and more.fingerprint != fingerprint:
             continue
-        if more.first_token < 0:
-            return _joined(event, ids, text) if merged else event.response, more
         if ids is None:
             ids, text = list(event.response.chunk.token_ids), event.response.chunk.text
-        if more.first_token >= event.first_token + len(ids):
+        if more.first_token < 0 or more.first_token > event.first_token + len(ids):
+            return (_joined(event, ids, text) if merged else event.response), more
+        if more.first_token == event.first_token + len(ids):      # earlier ones were re-read from Redis already
             ids += more.response.chunk.token_ids
             text += more.response.chunk.text
             merged = True

@@ -33,3 +33,10 @@ def complete_message(state: JobState) -> pb.GenerateComplete:
         request_id=keys.request_id_of(state.record.job_id), finish_reason=REASONS.get(state.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
         usage=pb.Usage(prompt_tokens=state.record.prompt_tokens, completion_tokens=len(state.token_ids)),
         timings=timings(state), text=state.text)
+
+
+def recorded_since(state: JobState, seen: int, chars: int) -> pb.GenerateResponse | None:
+    """A chunk of what the job has recorded past token `seen` (text character `chars`), None if nothing."""
+    if len(state.token_ids) <= seen and len(state.text) <= chars:
+        return None
+    return pb.GenerateResponse(chunk=pb.GenerateChunk(text=state.text[chars:], token_ids=state.token_ids[seen:]))
