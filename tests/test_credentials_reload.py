@@ -44,6 +44,30 @@ def test_the_keys_file_is_followed_and_a_broken_version_keeps_the_last_good_one(
     assert not tenants.reload_if_changed() and tenants.find(second).name == "b"
 
 
+def test_a_limit_of_the_wrong_type_refuses_the_keys_file_naming_it(tmp_path, caplog):
+    """`"max_priority": "10"` (a string) loaded, and every request of that tenant then failed where its priority was
+    compared, as gRPC UNKNOWN (found by review). Now the file is refused, naming the field, at start and on reload
+    (where the last good version stays)."""
+    path = tmp_path / "keys.json"
+    key = add_tenant(path, "a")
+    tenants = TenantRegistry.load(path)
+    good = json.loads(path.read_text())
+    for field, value in (("max_priority", "10"), ("max_priority", True), ("burst", 2.5), ("max_live_jobs", None),
+                         ("requests_per_s", "20"), ("requests_per_s", float("nan"))):
+        bad = {"tenants": [good["tenants"][0] | {field: value}]}
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        try:
+            TenantRegistry.load(tmp_path / "bad.json")
+        except ValueError as e:
+            assert field in str(e), e
+        else:
+            raise AssertionError(f"{field}={value!r} was accepted")
+        replace_file(tmp_path / "bad.json", path)
+        caplog.clear()
+        assert not tenants.reload_if_changed() and tenants.find(key).max_priority == 0
+        assert "not reloaded" in caplog.text and field in caplog.text, caplog.text
+
+
 async def info(port: int, ca: bytes, key: str) -> grpc.StatusCode:
     async with grpc.aio.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(ca)) as channel:
         try:

@@ -140,6 +140,30 @@ async def test_create_admits_within_limits_and_recognises_a_retry(store):
     assert state.status == "queued" and state.token_ids == [] and state.text == ""        # nothing of the old job
 
 
+async def test_the_same_request_re_attaches_to_a_finished_job_but_starts_over_after_a_failure_or_an_abort(store):
+    """A retry of a request that ended without its answer re-attached to it and got the same failure (or the
+    aborted partial text) again for the job's whole TTL, though the client was told that sending it again starts
+    it over (found by review). A finished job's answer is still replayed."""
+    async def ended(job_id: str, how: str) -> None:
+        await create(store, record(job_id), 1.0)
+        await store.claim(job_id, "w1")
+        await store.append_many("w1", [(job_id, [5], "a")])
+        if how == "finished":
+            assert await store.finish(job_id, "w1", "length")
+        elif how == "failed":
+            assert await store.fail_step(job_id, "w1", 1.0, 1) is StepFailureOutcome.FAILED
+        else:
+            assert (await store.abort(job_id))[0]
+
+    for how, again in (("finished", CreateOutcome.SAME_REQUEST), ("failed", CreateOutcome.CREATED),
+                       ("aborted", CreateOutcome.CREATED)):
+        await ended(f"t/{how}", how)
+        assert await create(store, record(f"t/{how}"), 1.0) is again, how
+        state = await store.state(f"t/{how}")
+        expected = ("finished", [5]) if how == "finished" else ("queued", [])
+        assert (state.status, state.token_ids) == expected, how
+
+
 async def test_fail_step_requeues_then_fails(store):
     await create(store, record("t/a"), 1.0)
     await store.claim("t/a", "w1")

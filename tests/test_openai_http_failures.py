@@ -62,6 +62,49 @@ async def test_a_job_the_engine_failed_is_an_http_error_not_a_200(dispatcher_fac
                 assert '"error"' in events[-1] and '"finish_reason":"error"' not in r.text, r.text
 
 
+async def test_an_aborted_job_is_an_http_error_and_sending_it_again_starts_it_over(dispatcher_factory, model_dir):
+    """A job aborted (an Abort call) while an HTTP client waited came back as 200 with the partial text and
+    finish_reason "aborted", no OpenAI value; sending the same request again re-attached to the aborted job and got
+    the same 200 (found by review). Now a 409 (a stream: an error event), and the retry runs the request anew."""
+    d = await dispatcher_factory()
+    key = new_secret()
+    tok = PromptTokenizer(str(model_dir))
+    api = AliseServicer(d, d.store, tok, tok.max_model_len, TenantRegistry([Tenant("t", digest(key))]))
+    front = OpenAIFrontDoor(api, d.cfg.model_name)
+    session = WorkerSession("w1", d.cfg.model_name, block_size=16, num_blocks=100, max_batch=4, max_model_len=2048)
+    await d.worker_joined(session)
+    body = {"model": d.cfg.model_name, "prompt": "Hello", "max_tokens": 8}
+
+    def tokens(job_id: str, ids: list[int], text: str) -> wpb.WorkerMessage:
+        return wpb.WorkerMessage(tokens=wpb.TokenEvents(deltas=[wpb.TokenDelta(job_id=job_id, token_ids=ids,
+                                                                                  text=text)]))
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=front.app), base_url="http://alise") as client:
+        for request_id, stream in (("whole", False), ("streamed", True)):
+            headers = {"authorization": f"Bearer {key}", "x-request-id": request_id}
+            post = asyncio.create_task(client.post("/v1/completions", json=body | {"stream": stream},
+                                                   headers=headers, timeout=60))
+            job_id = keys.job_id("t", request_id)
+            await assigned(d, session, job_id)
+            await d.on_worker_message(session, tokens(job_id, [7], "OLD"))
+            assert (await d.abort(job_id))[0]
+            r = await asyncio.wait_for(post, 60)
+            if not stream:
+                assert r.status_code == 409, r.text
+                assert r.json()["error"]["type"] == "conflict_error" and r.headers["x-request-id"] == request_id
+            else:
+                events = [line for line in r.text.splitlines() if line.startswith("data: ")]
+                assert '"error"' in events[-1] and '"finish_reason":"aborted"' not in r.text, r.text
+            retry = asyncio.create_task(client.post("/v1/completions", json=body | {"stream": stream},
+                                                    headers=headers, timeout=60))
+            await assigned(d, session, job_id)                       # a new job: the worker is asked again
+            await d.on_worker_message(session, tokens(job_id, [8, 9], "yz"))
+            await d.on_worker_message(session, wpb.WorkerMessage(finished=wpb.JobFinished(job_id=job_id,
+                                                                                          finish_reason=1)))
+            r = await asyncio.wait_for(retry, 60)
+            assert r.status_code == 200 and "yz" in r.text and "OLD" not in r.text, r.text
+
+
 async def test_a_retry_that_leaves_while_re_attaching_still_leaves_its_job_to_be_aborted(dispatcher_factory, model_dir,
                                                                                         monkeypatch):
     """A stream drops (the job's abort is pending), a retry re-attaches (which cancels the pending abort) and leaves

@@ -186,10 +186,16 @@ def aborted_response(e: CallAborted, request_id: str | None = None, max_tokens_p
     return openai_error(status, kind, e.message, openai_param(field, max_tokens_param), headers)
 
 
-def failed_job_error(done: pb.GenerateComplete) -> tuple[int, str, str]:
-    """(HTTP status, type, message) for a job the engine failed on: an error, not a 200 with partial text."""
-    return 500, "server_error", (f"request {done.request_id}: the engine failed while serving it, after "
-                                 f"{done.usage.completion_tokens} tokens; sending it again starts it over")
+def unanswered_error(done: pb.GenerateComplete) -> tuple[int, str, str] | None:
+    """(HTTP status, type, message) for a job that ended without its answer: an error, not a 200 with partial text
+    and a finish_reason that is no OpenAI value ("error", "aborted"). None for an answer."""
+    made = f"after {done.usage.completion_tokens} tokens; sending it again starts it over"
+    if done.finish_reason == pb.FINISH_REASON_ERROR:
+        return 500, "server_error", f"request {done.request_id}: the engine failed while serving it, {made}"
+    if done.finish_reason == pb.FINISH_REASON_ABORTED:      # gRPC's ABORTED is HTTP's 409 (google.rpc.Code)
+        return 409, "conflict_error", (f"request {done.request_id}: aborted (an Abort call, or its client left for "
+                                       f"longer than the re-attach grace), {made}")
+    return None
 
 
 class BadField(ValueError):
@@ -404,8 +410,8 @@ class OpenAIFrontDoor:
             await events.aclose()
         if done is None:
             return openai_error(500, "internal_error", "the job ended without a result", headers=job)
-        if done.finish_reason == pb.FINISH_REASON_ERROR:
-            return openai_error(*failed_job_error(done), headers=job)
+        if unanswered := unanswered_error(done):
+            return openai_error(*unanswered, headers=job)
         finish = FINISH_NAMES.get(done.finish_reason, "stop")
         return JSONResponse(out.envelope([out.choice(done.text or "".join(text), finish, delta=False)], chunk=False,
                                          usage=_usage(done)), headers={"x-request-id": request_id})
@@ -423,8 +429,8 @@ class OpenAIFrontDoor:
                                                   usage=NO_USAGE if include_usage else None))
                     continue
                 done = response.complete
-                if done.finish_reason == pb.FINISH_REASON_ERROR:      # an error event, as for a refusal mid-stream
-                    status, kind, message = failed_job_error(done)
+                if unanswered := unanswered_error(done):      # an error event, as for a refusal mid-stream
+                    status, kind, message = unanswered
                     yield _event({"error": {"message": message, "type": kind, "param": None, "code": status}})
                     return
                 finish = FINISH_NAMES.get(done.finish_reason, "stop")

@@ -35,11 +35,18 @@ class Tenant:
     max_live_jobs: int = 256       # queued + running jobs at a time
 
     def __post_init__(self):
-        if not NAME_PATTERN.match(self.name):
+        if not isinstance(self.name, str) or not NAME_PATTERN.match(self.name):
             raise ValueError(f"tenant name {self.name!r}: lowercase letters, digits and '-', at most 63")
-        if not re.fullmatch(r"[0-9a-f]{64}", self.key_sha256):
+        if not isinstance(self.key_sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", self.key_sha256):
             raise ValueError(f"tenant {self.name}: key_sha256 must be 64 hex digits")
-        if self.requests_per_s <= 0 or self.burst < 1 or self.max_live_jobs < 1:
+        # the file is JSON: a limit written as a string ("10") or true would load, then break every request of the
+        # tenant where it is compared (a TypeError, gRPC UNKNOWN); refuse the file instead (found by review)
+        for name, kinds, what in (("max_priority", int, "an integer"), ("requests_per_s", (int, float), "a number"),
+                                  ("burst", int, "an integer"), ("max_live_jobs", int, "an integer")):
+            value = getattr(self, name)
+            if not isinstance(value, kinds) or isinstance(value, bool) or value != value:     # NaN != NaN
+                raise ValueError(f"tenant {self.name}: {name} must be {what}, not {value!r}")
+        if not self.requests_per_s > 0 or self.burst < 1 or self.max_live_jobs < 1:
             raise ValueError(f"tenant {self.name}: requests_per_s, burst and max_live_jobs must be positive")
 
 
