@@ -33,3 +33,16 @@ def test_a_secret_file_is_private_from_its_first_byte_even_over_a_readable_one(t
     assert path.read_text() == "s3cret" and path.stat().st_mode & 0o777 == 0o600
     write_private(tmp_path / "new", b"k")
     assert (tmp_path / "new").stat().st_mode & 0o777 == 0o600
+
+
+def test_the_bearer_scheme_is_read_in_any_case():
+    # review of session 30: only "Bearer " was read, so a client sending "bearer KEY" (the scheme is case-insensitive,
+    # RFC 9110 11.1) was refused as unauthenticated
+    from services.common.auth import presented_secret
+    from services.scheduler.openai_http import HttpCallContext
+
+    key = new_secret()
+    for header in (f"Bearer {key}", f"bearer {key}", f"BEARER  {key} "):
+        assert presented_secret(HttpCallContext(header)) == key, header
+    for header in ("Bearer", "Bearer  ", f"Basic {key}", key, None):
+        assert presented_secret(HttpCallContext(header)) is None, header

@@ -326,6 +326,60 @@ def test_with_no_preemption_left_under_the_bound_a_sequence_waits_while_another_
     h.check()
 
 
+def test_a_sequence_first_in_the_step_waits_rather_than_preempt_past_the_bound_one_that_fits_as_it_is():
+    # review of session 29: the fallback "nothing is planned, so preempt the newest all the same" was taken in the
+    # middle of the planning loop, before the sequences after the one needing room were looked at. a (one full
+    # block) needs a second; b's next token fits its own block (and ends it), so b runs and a waits, keeping its KV
+    h = Harness(num_blocks=2)
+    h.add(4, 4, park=False, preemptions_left=0)
+    h.add(2, 2, park=False, preemptions_left=0)
+    a, b = h.live["s1"], h.live["s2"]
+    plan = h.sched.schedule()
+    assert [(c.seq, c.num_tokens) for c in plan.chunks] == [(a, 4), (b, 2)] and h.blocks.num_free == 0
+    a.output_ids.append(7)
+    b.output_ids.append(7)
+    plan = h.sched.schedule()
+    assert not plan.preempted and b.preemptions_left == 0, "b was preempted past its bound though it could run"
+    assert [c.seq for c in plan.chunks] == [b] and a in h.sched.running
+    h.check()
+
+
+def waiting_beside_one_freeing_soon(b_max_tokens: int) -> tuple[Harness, Sequence, Sequence]:
+    """A 5-block pool: b (a 4-token prompt) and a prompt in chunks, a (12 of its 19 tokens), leave 1 block free; b's
+    token is in flight (overlapped scheduling plans the next step before the last one is collected). a's next chunk
+    needs 2 more blocks; a 3-token newcomer would fit the free one."""
+    h = Harness(num_blocks=5)
+    h.add(4, b_max_tokens, park=False)
+    h.add(19, 5, park=False)
+    b, a = h.live["s1"], h.live["s2"]
+    plan = h.sched.schedule()
+    assert [(c.seq, c.num_tokens) for c in plan.chunks] == [(b, 4), (a, 12)] and h.blocks.num_free == 1
+    b.num_pending = 1
+    h.add(3, 5, park=False)
+    return h, a, b
+
+
+def test_a_sequence_whose_token_in_flight_ends_it_is_not_preempted_for_room():
+    # review of session 29: b's token in flight ends it by length, so it is not planned, which made it the newest
+    # unplanned sequence but one, and a the victim of its own need: recomputed, its 12 prompt tokens thrown away (or,
+    # in other orders, b reported recomputed: a preemption charged to a job finishing in the same step), for blocks
+    # b gives back one step later anyway. Now a waits that step, and no newcomer takes the free block meanwhile
+    h, a, b = waiting_beside_one_freeing_soon(b_max_tokens=1)
+    plan = h.sched.schedule()
+    assert not plan.preempted and not plan.chunks, [c.seq.job_id for c in plan.chunks]
+    assert a in h.sched.running and a.num_computed == 12 and len(h.sched.waiting) == 1
+
+
+def test_while_a_sequence_waits_for_one_about_to_park_no_new_one_is_admitted():
+    # review of session 29: waiting one step for a job about to park (its KV becomes parked KV, given up first) did
+    # not stop admissions, so a newcomer took the free block and the waiting prompt was recomputed the step after
+    h, a, b = waiting_beside_one_freeing_soon(b_max_tokens=5)
+    assert h.sched.park_after_sample(b)                       # the scheduler orders b parked as its token lands
+    plan = h.sched.schedule()
+    assert not plan.preempted and not plan.chunks, [c.seq.job_id for c in plan.chunks]
+    assert a in h.sched.running and len(h.sched.waiting) == 1
+
+
 def test_early_jobs_beside_a_full_batch_take_at_most_early_rows():
     # session 26 left it (RELIABILITY.md): early jobs rode beside a full batch without a bound of the worker's own,
     # so a step could have more rows than the decode graphs were captured for (a GPU then ran it eagerly). Now at

@@ -37,10 +37,12 @@ def bearer_metadata(secret: str) -> tuple[tuple[str, str], ...]:
 
 
 def presented_secret(context) -> str | None:
-    """The bearer secret a caller sent, or None."""
+    """The bearer secret a caller sent, or None. The scheme's name is matched in any case (RFC 9110, 11.1)."""
     for key, value in context.invocation_metadata() or ():
-        if key == HEADER and isinstance(value, str) and value.startswith("Bearer "):
-            return value[len("Bearer "):].strip()
+        if key == HEADER and isinstance(value, str):
+            scheme, _, secret = value.partition(" ")
+            if scheme.lower() == "bearer" and secret.strip():
+                return secret.strip()
     return None
 
 

@@ -155,7 +155,7 @@ class StepScheduler:
         evicted: list[Sequence] = []
         parked: list[Sequence] = []
         waited = False                           # a sequence waits for room: no new one may take what frees up
-        parking_soon = None                      # found on the first need: nothing below changes it
+        freeing_soon = None                      # found on the first need: nothing below changes it
         for seq in self._in_rows():
             if seq not in self.running:          # preempted by an earlier iteration of this loop
                 continue
@@ -174,14 +174,16 @@ class StepScheduler:
                 if self.parked:
                     evicted.append(self._evict_parked())
                     continue
-                if parking_soon is None:
-                    parking_soon = self._parking_soon()
-                if parking_soon:
-                    # one parks as its token in flight is collected: its KV becomes parked KV, given up first, next
-                    # step; recomputing it (or this one) now would throw away work a one-step wait saves
-                    waits = True
+                if freeing_soon is None:
+                    freeing_soon = self._freeing_soon()
+                if freeing_soon:
+                    # one parks or ends as its token in flight is collected: its KV becomes parked KV (given up
+                    # first) or free, next step; recomputing it (or this one) now would throw away work a one-step
+                    # wait saves, and a new sequence admitted now would take that room (found by review: both were
+                    # done, the waiting prompt recomputed and a job ending anyway charged a preemption)
+                    waits = waited = True
                     break
-                victim = self._victim(seq, {c.seq for c in chunks})   # only here: preemption is rare, planning is not
+                victim = self._victim(seq, {c.seq for c in chunks}, budget)   # only here: preemption is rare
                 if victim is None:
                     waits = waited = True        # it keeps its KV, unplanned this step, while the planned ones run
                     break
@@ -198,17 +200,26 @@ class StepScheduler:
         assert sum(c.num_tokens for c in chunks) <= self.token_budget
         return StepPlan(chunks, preempted, evicted, parked)
 
-    def _victim(self, seq: Sequence, planned: set[Sequence]) -> Sequence | None:
+    def _victim(self, seq: Sequence, planned: set[Sequence], budget: int) -> Sequence | None:
         """Whom to preempt for `seq`'s room: the newest running sequence not planned this step (decodes go first, so
         a resumed decode at the end of `running` may already be in the plan: preempting it would free blocks its chunk
         is about to write) that has preemptions left under the scheduler's bound; at worst `seq` itself, which then
-        waits. When none has any left: None while some sequence is planned (`seq` waits, keeping its KV; the planned
-        ones run, and whichever of them needs room next finds it among the candidates), else the newest all the same
-        (the scheduler sees the job's count pass its bound): a step that plans nothing must make room."""
+        waits. When none has any left: None while some sequence is planned or can be (`seq` waits, keeping its KV;
+        the others run, and whichever of them needs room next finds it among the candidates), else the newest all
+        the same (the scheduler sees the job's count pass its bound): a step that can plan nothing must make room.
+        (Found by review: "can be" was missing, so a sequence first in the step's order preempted one past its
+        bound that a later turn of the loop would have planned without a new block.)"""
         candidates = [s for s in reversed(self.running) if s not in planned]
         if (victim := next((s for s in candidates if s.may_be_preempted), None)) is not None:
             return victim
-        return None if planned else candidates[0]
+        if planned or any(self._fits_as_it_is(s, budget) for s in self._in_rows() if s is not seq):
+            return None
+        return candidates[0]
+
+    def _fits_as_it_is(self, seq: Sequence, budget: int) -> bool:
+        """It can be planned this step in the blocks it holds (or the free ones)."""
+        return self._wants_row(seq) and self.blocks.can_grow(seq.job_id,
+                                                             seq.num_computed + min(seq.num_uncomputed, budget))
 
     def _wants_row(self, seq: Sequence) -> bool:
         """It has tokens to compute this step (one with its token in flight that parks or ends with it has not)."""
@@ -307,9 +318,11 @@ class StepScheduler:
         seq.reset_for_recompute()
         return seq
 
-    def _parking_soon(self) -> bool:
-        """A running sequence will park when the step in flight is collected (ordered to, or after its early tokens)."""
-        return any(s.num_pending and s.parks_on_pending for s in self.running)
+    def _freeing_soon(self) -> bool:
+        """A running sequence will park (ordered to, or after its early tokens) or end by length when the step in
+        flight is collected."""
+        return any(s.num_pending and (s.parks_on_pending or s.reaches_length(self.max_model_len))
+                   for s in self.running)
 
     def _preempt(self, seq: Sequence) -> None:
         if seq.preemptions_left:
