@@ -87,6 +87,7 @@ def test_stop_string_and_seeded_sampling(client, model):
     (dict(max_tokens="ten"), 400, "max_tokens"),
     (dict(max_tokens=-1), 400, "max_tokens"),
     (dict(n=2), 400, "n"),
+    (dict(n=0), 400, "n"),                  # review of session 30: taken as 1
     (dict(temperature=-1), 400, "temperature"),
     (dict(stop=[1, 2]), 400, "stop"),
     (dict(prompt="word " * 20000), 400, "prompt"),

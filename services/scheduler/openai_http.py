@@ -274,7 +274,7 @@ def to_generate_request(body: dict, chat: bool, request_id: str) -> pb.GenerateR
         if not isinstance(prompt, str):
             raise BadField("prompt", "must be a string (one prompt per request)")
         req.prompt = _unicode(prompt, "prompt")
-    if (_typed(body, "n", (int,), "an integer") or 1) != 1:
+    if _typed(body, "n", (int,), "an integer") not in (None, 1):          # 0 too: no choice is no answer
         raise BadField("n", "only n=1 is supported")
     s = req.sampling
     max_tokens_param = max_tokens_name(body)
