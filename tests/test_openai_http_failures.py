@@ -29,17 +29,27 @@ async def assigned(d, session: WorkerSession, job_id: str, timeout_s: float = 30
     raise TimeoutError(f"{job_id} was never assigned")
 
 
+async def http_front(d, model_dir) -> tuple[str, OpenAIFrontDoor, WorkerSession]:
+    """An API key of tenant "t", the HTTP front door of a servicer over dispatcher `d`, and a worker session joined."""
+    key = new_secret()
+    tok = PromptTokenizer(str(model_dir))
+    api = AliseServicer(d, d.store, tok, tok.max_model_len, TenantRegistry([Tenant("t", digest(key))]))
+    session = WorkerSession("w1", d.cfg.model_name, block_size=16, num_blocks=100, max_batch=4, max_model_len=2048)
+    await d.worker_joined(session)
+    return key, OpenAIFrontDoor(api, d.cfg.model_name), session
+
+
+def tokens(job_id: str, ids: list[int], text: str) -> wpb.WorkerMessage:
+    """A worker's report of a job's next tokens."""
+    return wpb.WorkerMessage(tokens=wpb.TokenEvents(deltas=[wpb.TokenDelta(job_id=job_id, token_ids=ids, text=text)]))
+
+
 async def test_a_job_the_engine_failed_is_an_http_error_not_a_200(dispatcher_factory, model_dir):
     """Before, a job failed by repeated engine failures came back as 200 with the partial text and a finish_reason
     ("error") that is no OpenAI value: clients took it for an answer and never retried (found by review). Now a
     500 with an OpenAI error and the request's id; a stream ends with an error event, not a finish chunk."""
     d = await dispatcher_factory(max_step_failures=1)
-    key = new_secret()
-    tok = PromptTokenizer(str(model_dir))
-    api = AliseServicer(d, d.store, tok, tok.max_model_len, TenantRegistry([Tenant("t", digest(key))]))
-    front = OpenAIFrontDoor(api, d.cfg.model_name)
-    session = WorkerSession("w1", d.cfg.model_name, block_size=16, num_blocks=100, max_batch=4, max_model_len=2048)
-    await d.worker_joined(session)
+    key, front, session = await http_front(d, model_dir)
     auth = {"authorization": f"Bearer {key}"}
     body = {"model": d.cfg.model_name, "prompt": "Hello", "max_tokens": 8}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=front.app), base_url="http://alise") as client:
@@ -48,8 +58,7 @@ async def test_a_job_the_engine_failed_is_an_http_error_not_a_200(dispatcher_fac
                                                    headers=auth | {"x-request-id": request_id}, timeout=60))
             job_id = keys.job_id("t", request_id)
             await assigned(d, session, job_id)
-            await d.on_worker_message(session, wpb.WorkerMessage(tokens=wpb.TokenEvents(deltas=[
-                wpb.TokenDelta(job_id=job_id, token_ids=[7], text="x")])))
+            await d.on_worker_message(session, tokens(job_id, [7], "x"))
             await d.on_worker_message(session, wpb.WorkerMessage(step_failed=wpb.StepFailed(
                 job_ids=[job_id], error="boom", charged_job_ids=[job_id], charges_named=True)))
             r = await asyncio.wait_for(post, 60)
@@ -67,18 +76,8 @@ async def test_an_aborted_job_is_an_http_error_and_sending_it_again_starts_it_ov
     finish_reason "aborted", no OpenAI value; sending the same request again re-attached to the aborted job and got
     the same 200 (found by review). Now a 409 (a stream: an error event), and the retry runs the request anew."""
     d = await dispatcher_factory()
-    key = new_secret()
-    tok = PromptTokenizer(str(model_dir))
-    api = AliseServicer(d, d.store, tok, tok.max_model_len, TenantRegistry([Tenant("t", digest(key))]))
-    front = OpenAIFrontDoor(api, d.cfg.model_name)
-    session = WorkerSession("w1", d.cfg.model_name, block_size=16, num_blocks=100, max_batch=4, max_model_len=2048)
-    await d.worker_joined(session)
+    key, front, session = await http_front(d, model_dir)
     body = {"model": d.cfg.model_name, "prompt": "Hello", "max_tokens": 8}
-
-    def tokens(job_id: str, ids: list[int], text: str) -> wpb.WorkerMessage:
-        return wpb.WorkerMessage(tokens=wpb.TokenEvents(deltas=[wpb.TokenDelta(job_id=job_id, token_ids=ids,
-                                                                                  text=text)]))
-
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=front.app), base_url="http://alise") as client:
         for request_id, stream in (("whole", False), ("streamed", True)):
             headers = {"authorization": f"Bearer {key}", "x-request-id": request_id}
@@ -157,21 +156,17 @@ async def test_a_stream_gets_the_tokens_a_lost_worker_recorded_but_never_publish
     async def follow() -> list:
         return [r async for r in api.generate_for(tenant, req, HttpCallContext(f"Bearer {key}"))]
 
-    def tokens(ids: list[int], text: str) -> wpb.WorkerMessage:
-        return wpb.WorkerMessage(tokens=wpb.TokenEvents(deltas=[wpb.TokenDelta(job_id=job_id, token_ids=ids,
-                                                                                  text=text)]))
-
     stream = asyncio.create_task(follow())
     w1, w2 = (WorkerSession(w, d.cfg.model_name, block_size=16, num_blocks=100, max_batch=4, max_model_len=2048)
               for w in ("w1", "w2"))
     await d.worker_joined(w1)
     await assigned(d, w1, job_id)
-    await d.on_worker_message(w1, tokens([1], "A"))
+    await d.on_worker_message(w1, tokens(job_id, [1], "A"))
     await d.store.append_many("w1", [(job_id, [2], "B")])     # recorded; its chunk was lost with the worker
     await d.worker_lost(w1)
     await d.worker_joined(w2)
     await assigned(d, w2, job_id)
-    await d.on_worker_message(w2, tokens([3], "C"))
+    await d.on_worker_message(w2, tokens(job_id, [3], "C"))
     await d.on_worker_message(w2, wpb.WorkerMessage(finished=wpb.JobFinished(job_id=job_id, finish_reason=1)))
     responses = await asyncio.wait_for(stream, 60)
     chunks = [r.chunk for r in responses if r.HasField("chunk")]
