@@ -71,10 +71,10 @@ async def test_a_job_the_engine_failed_is_an_http_error_not_a_200(dispatcher_fac
                 assert '"error"' in events[-1] and '"finish_reason":"error"' not in r.text, r.text
 
 
-async def test_an_aborted_job_is_an_http_error_and_sending_it_again_starts_it_over(dispatcher_factory, model_dir):
+async def test_an_aborted_job_is_an_http_error_not_a_200(dispatcher_factory, model_dir):
     """A job aborted (an Abort call) while an HTTP client waited came back as 200 with the partial text and
-    finish_reason "aborted", no OpenAI value; sending the same request again re-attached to the aborted job and got
-    the same 200 (found by review). Now a 409 (a stream: an error event), and the retry runs the request anew."""
+    finish_reason "aborted", no OpenAI value, and so did the same request sent again, which re-attaches to its job
+    (found by review). Now a 409 (a stream: an error event) both times; a new request id runs it anew."""
     d = await dispatcher_factory()
     key, front, session = await http_front(d, model_dir)
     body = {"model": d.cfg.model_name, "prompt": "Hello", "max_tokens": 8}
@@ -87,19 +87,21 @@ async def test_an_aborted_job_is_an_http_error_and_sending_it_again_starts_it_ov
             await assigned(d, session, job_id)
             await d.on_worker_message(session, tokens(job_id, [7], "OLD"))
             assert (await d.abort(job_id))[0]
-            r = await asyncio.wait_for(post, 60)
-            if not stream:
-                assert r.status_code == 409, r.text
-                assert r.json()["error"]["type"] == "conflict_error" and r.headers["x-request-id"] == request_id
-            else:
-                events = [line for line in r.text.splitlines() if line.startswith("data: ")]
-                assert '"error"' in events[-1] and '"finish_reason":"aborted"' not in r.text, r.text
+            for r in (await asyncio.wait_for(post, 60),
+                      await client.post("/v1/completions", json=body | {"stream": stream}, headers=headers, timeout=60)):
+                if not stream:
+                    assert r.status_code == 409, r.text
+                    assert r.json()["error"]["type"] == "conflict_error" and r.headers["x-request-id"] == request_id
+                else:
+                    events = [line for line in r.text.splitlines() if line.startswith("data: ")]
+                    assert '"error"' in events[-1] and '"finish_reason":"aborted"' not in r.text, r.text
+            renewed = f"{request_id}-2"
             retry = asyncio.create_task(client.post("/v1/completions", json=body | {"stream": stream},
-                                                    headers=headers, timeout=60))
-            await assigned(d, session, job_id)                       # a new job: the worker is asked again
-            await d.on_worker_message(session, tokens(job_id, [8, 9], "yz"))
-            await d.on_worker_message(session, wpb.WorkerMessage(finished=wpb.JobFinished(job_id=job_id,
-                                                                                          finish_reason=1)))
+                                                    headers=headers | {"x-request-id": renewed}, timeout=60))
+            await assigned(d, session, keys.job_id("t", renewed))
+            await d.on_worker_message(session, tokens(keys.job_id("t", renewed), [8, 9], "yz"))
+            await d.on_worker_message(session, wpb.WorkerMessage(finished=wpb.JobFinished(
+                job_id=keys.job_id("t", renewed), finish_reason=1)))
             r = await asyncio.wait_for(retry, 60)
             assert r.status_code == 200 and "yz" in r.text and "OLD" not in r.text, r.text
 

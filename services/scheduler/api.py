@@ -235,7 +235,8 @@ class AliseServicer(pb_grpc.AliseServicer):
                 if gap := recorded_since(state, seen, chars):
                     yield gap
                 seen, chars = len(state.token_ids), len(state.text)
-            if event.first_token < seen:           # a re-attached stream (or the read above) already has these
+                continue                           # Redis had this chunk before it was published: the read sent it
+            if event.first_token < seen:           # a re-attached stream already has these tokens
                 continue
             response, held = coalesce(event, events, fingerprint)
             seen = event.first_token + len(response.chunk.token_ids)

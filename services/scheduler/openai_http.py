@@ -189,7 +189,7 @@ def aborted_response(e: CallAborted, request_id: str | None = None, max_tokens_p
 def unanswered_error(done: pb.GenerateComplete) -> tuple[int, str, str] | None:
     """(HTTP status, type, message) for a job that ended without its answer: an error, not a 200 with partial text
     and a finish_reason that is no OpenAI value ("error", "aborted"). None for an answer."""
-    made = f"after {done.usage.completion_tokens} tokens; sending it again starts it over"
+    made = f"after {done.usage.completion_tokens} tokens; send it with a new request id to start it over"
     if done.finish_reason == pb.FINISH_REASON_ERROR:
         return 500, "server_error", f"request {done.request_id}: the engine failed while serving it, {made}"
     if done.finish_reason == pb.FINISH_REASON_ABORTED:      # gRPC's ABORTED is HTTP's 409 (google.rpc.Code)
