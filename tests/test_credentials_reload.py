@@ -66,6 +66,8 @@ def test_a_limit_of_the_wrong_type_refuses_the_keys_file_naming_it(tmp_path, cap
         caplog.clear()
         assert not tenants.reload_if_changed() and tenants.find(key).max_priority == 0
         assert "not reloaded" in caplog.text and field in caplog.text, caplog.text
+    (tmp_path / "whole.json").write_text(json.dumps({"tenants": [good["tenants"][0] | {"burst": 10.0}]}))
+    assert TenantRegistry.load(tmp_path / "whole.json").find(key).burst == 10      # 10.0 is a whole number
 
 
 async def info(port: int, ca: bytes, key: str) -> grpc.StatusCode:

@@ -44,6 +44,8 @@ class Tenant:
         for name, kinds, what in (("max_priority", int, "an integer"), ("requests_per_s", (int, float), "a number"),
                                   ("burst", int, "an integer"), ("max_live_jobs", int, "an integer")):
             value = getattr(self, name)
+            if kinds is int and isinstance(value, float) and value.is_integer():
+                object.__setattr__(self, name, value := int(value))          # JSON writers may write 10 as 10.0
             if not isinstance(value, kinds) or isinstance(value, bool) or value != value:     # NaN != NaN
                 raise ValueError(f"tenant {self.name}: {name} must be {what}, not {value!r}")
         if not self.requests_per_s > 0 or self.burst < 1 or self.max_live_jobs < 1:
