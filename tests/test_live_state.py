@@ -147,6 +147,19 @@ def test_prefill_early_sees_a_higher_class_first_however_many_older_jobs_of_a_lo
     assert [v.job_id for v in s.snapshot(500.0, [], fresh_limit=2).fresh] == ["low1", "low2"]
 
 
+def test_a_request_that_takes_an_ended_jobs_id_is_not_made_due_by_the_old_jobs_arrival():
+    # review of session 30: the old job's entry stayed in the due-heap after it ended, and when it came up the new
+    # job under that id was marked due at once, going by arrival ahead of jobs not due yet
+    s: LiveState = LiveState(due_after_s=10.0)
+    s.track(JobFacts(job_id="t/r", priority=0, created=0.0, prompt_len=10, max_tokens=100, pred_len=10.0,
+                     pred_p90=20.0, predicted=True))
+    s.forget("t/r")
+    s.track(JobFacts(job_id="t/r", priority=0, created=8.0, prompt_len=10, max_tokens=100, pred_len=10.0,
+                     pred_p90=20.0, predicted=True))
+    assert s.become_due(11.0) == [] and not s.is_due("t/r")
+    assert s.become_due(18.5) == ["t/r"] and s.is_due("t/r")
+
+
 def test_jobs_become_due_once_they_have_waited_due_after_s_and_only_waiting_ones_are_rescored():
     s: LiveState = LiveState(due_after_s=10.0)
     s.add_worker(WorkerState("w1", block_size=16, num_blocks=10, max_batch=2))

@@ -182,13 +182,13 @@ class LiveState(Generic[R]):
         and marks it (`mark_due`). A job placed on a worker now needs no new score: a requeue scores its view."""
         out = []
         while self._not_due and self._not_due[0][0] <= now - self.due_after_s:
-            _, job_id = heapq.heappop(self._not_due)
+            came, job_id = heapq.heappop(self._not_due)
             if (job := self._jobs.get(job_id)) is None:
                 if job_id in self._recovered:         # queued by a predecessor, never read here: the caller reads it
                     self._recovered.discard(job_id)
                     out.append(job_id)
                 continue                              # else it ended meanwhile
-            if job.due:
+            if job.due or job.facts.created > came:   # an ended job's entry, its id taken since by a newer request
                 continue
             job.due = True
             if not any(job_id in w.jobs or job_id in w.parking for w in self.workers.values()):
