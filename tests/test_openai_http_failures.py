@@ -87,8 +87,8 @@ async def test_an_aborted_job_is_an_http_error_not_a_200(dispatcher_factory, mod
             await assigned(d, session, job_id)
             await d.on_worker_message(session, tokens(job_id, [7], "OLD"))
             assert (await d.abort(job_id))[0]
-            for r in (await asyncio.wait_for(post, 60),
-                      await client.post("/v1/completions", json=body | {"stream": stream}, headers=headers, timeout=60)):
+            again = client.post("/v1/completions", json=body | {"stream": stream}, headers=headers, timeout=60)
+            for r in (await asyncio.wait_for(post, 60), await again):
                 if not stream:
                     assert r.status_code == 409, r.text
                     assert r.json()["error"]["type"] == "conflict_error" and r.headers["x-request-id"] == request_id
