@@ -145,9 +145,8 @@ class AliseServicer(pb_grpc.AliseServicer):
             # at any await below starts the grace again (before, leaving during the read of the job's state left
             # the job running with no stream and no abort pending)
             owner = True
-            if pending := self._pending_aborts.pop(job_id, None):
-                pending.cancel()                   # re-attached within the grace: the job goes on (or it ended
-                # and this request started a new job under its id, which the old job's abort must not end)
+            if outcome is CreateOutcome.SAME_REQUEST and (pending := self._pending_aborts.pop(job_id, None)):
+                pending.cancel()                   # re-attached within the grace: the job goes on
             state = await self.store.state(job_id) if outcome is CreateOutcome.SAME_REQUEST else None
             seen, chars = 0, 0
             if state is not None:                  # re-attach: what the job has so far, then the rest

@@ -61,7 +61,7 @@ def coalesce(event: JobEvent, events: asyncio.Queue, fingerprint: str) -> tuple[
             ids, text = list(event.response.chunk.token_ids), event.response.chunk.text
         if more.first_token < 0 or more.first_token > event.first_token + len(ids):
             return (_joined(event, ids, text) if merged else event.response), more
-        if more.first_token == event.first_token + len(ids):      # earlier ones were re-read from Redis already
+        if more.first_token == event.first_token + len(ids):      # one starting earlier repeats joined tokens
             ids += more.response.chunk.token_ids
             text += more.response.chunk.text
             merged = True

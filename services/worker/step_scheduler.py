@@ -222,9 +222,12 @@ class StepScheduler:
                                                              seq.num_computed + min(seq.num_uncomputed, budget))
 
     def _wants_row(self, seq: Sequence) -> bool:
-        """It has tokens to compute this step (one with its token in flight that parks or ends with it has not)."""
-        return seq.num_uncomputed > 0 and not (
-            seq.num_pending and (seq.parks_on_pending or seq.reaches_length(self.max_model_len)))
+        """It has tokens to compute this step (one whose token in flight parks or ends it has not)."""
+        return seq.num_uncomputed > 0 and not self._leaves_with_pending(seq)
+
+    def _leaves_with_pending(self, seq: Sequence) -> bool:
+        """Its token in flight, once collected, parks it or ends it by length: it is planned no further."""
+        return bool(seq.num_pending) and (seq.parks_on_pending or seq.reaches_length(self.max_model_len))
 
     def _in_rows(self) -> list[Sequence]:
         """The running sequences this step may plan, decodes first. A step runs at most `max_rows` rows (what the
@@ -321,8 +324,7 @@ class StepScheduler:
     def _freeing_soon(self) -> bool:
         """A running sequence will park (ordered to, or after its early tokens) or end by length when the step in
         flight is collected."""
-        return any(s.num_pending and (s.parks_on_pending or s.reaches_length(self.max_model_len))
-                   for s in self.running)
+        return any(self._leaves_with_pending(s) for s in self.running)
 
     def _preempt(self, seq: Sequence) -> None:
         if seq.preemptions_left:
