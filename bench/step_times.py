@@ -16,6 +16,9 @@ THREAD_METRIC = "alise:engine_thread_seconds"     # the engine thread's wall tim
 # what the steps held, summed over steps (services/worker/metrics.py): the name each gets in a run's summary
 MADE_OF_METRICS = {"alise:step_rows": "rows", "alise:prefill_tokens": "prefill_tokens",
                    "alise:step_context_tokens": "context_tokens", "alise:kept_kv_dropped": "kept_kv_dropped"}
+# on a GPU, the device's seconds: running decode-only steps, steps with prefill, and idle between back-to-back steps
+# waiting for the host (services/worker/metrics.py). Their sum against the steps' wall time says which one bounds
+DEVICE_STEP_METRIC, DEVICE_WAITED_METRIC = "alise:device_step_seconds", "alise:device_waited_seconds"
 
 
 @dataclass(frozen=True)
@@ -25,13 +28,15 @@ class StepHistogram:
     sum_s: float
     thread_s: tuple[tuple[str, float], ...] = ()     # (activity, engine thread seconds spent on it: cumulative)
     made_of: tuple[tuple[str, float], ...] = ()      # (MADE_OF_METRICS name, its total over the steps: cumulative)
+    device_s: tuple[tuple[str, float], ...] = ()     # ("decode" / "mixed" / "waited", device seconds: cumulative)
 
     def minus(self, earlier: "StepHistogram") -> "StepHistogram":
-        before, thread_before, made_before = dict(earlier.buckets), dict(earlier.thread_s), dict(earlier.made_of)
-        return StepHistogram(tuple((le, n - before.get(le, 0.0)) for le, n in self.buckets),
-                             self.count - earlier.count, self.sum_s - earlier.sum_s,
-                             tuple((a, s - thread_before.get(a, 0.0)) for a, s in self.thread_s),
-                             tuple((k, v - made_before.get(k, 0.0)) for k, v in self.made_of))
+        def minus(now, then):
+            then = dict(then)
+            return tuple((k, v - then.get(k, 0.0)) for k, v in now)
+        return StepHistogram(minus(self.buckets, earlier.buckets), self.count - earlier.count,
+                             self.sum_s - earlier.sum_s, minus(self.thread_s, earlier.thread_s),
+                             minus(self.made_of, earlier.made_of), minus(self.device_s, earlier.device_s))
 
     def summary(self) -> dict:
         """Steps, their mean, the share that took longer than each bucket's bound, and the engine thread's seconds
@@ -42,6 +47,8 @@ class StepHistogram:
         extra = {"engine_thread_s": dict(self.thread_s)} if self.thread_s else {}
         if self.made_of:
             extra["made_of"] = {k: int(v) for k, v in self.made_of}
+        if self.device_s:
+            extra["device_s"] = dict(self.device_s)
         if self.count == 0:
             return {"steps": 0, **extra}
         return {"steps": int(self.count), "mean_s": self.sum_s / self.count,
@@ -57,8 +64,15 @@ def parse_step_histogram(text: str) -> StepHistogram:
     buckets: dict[float, float] = {}
     thread: dict[str, float] = {}
     made_of: dict[str, float] = {}
+    device: dict[str, float] = {}
     count = total = 0.0
     for family in text_string_to_metric_families(text):
+        if family.name in (DEVICE_STEP_METRIC, DEVICE_WAITED_METRIC):
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    kind = sample.labels.get("step", "waited")
+                    device[kind] = device.get(kind, 0.0) + sample.value
+            continue
         if family.name in MADE_OF_METRICS:
             name = MADE_OF_METRICS[family.name]
             made_of[name] = sum(s.value for s in family.samples if s.name.endswith("_total"))
@@ -79,7 +93,7 @@ def parse_step_histogram(text: str) -> StepHistogram:
             elif sample.name.endswith("_sum"):
                 total += sample.value
     return StepHistogram(tuple(sorted(buckets.items())), count, total, tuple(sorted(thread.items())),
-                         tuple(sorted(made_of.items())))
+                         tuple(sorted(made_of.items())), tuple(sorted(device.items())))
 
 
 def read_step_histogram(port: int, host: str = "127.0.0.1", timeout_s: float = 10.0) -> StepHistogram:

@@ -204,7 +204,8 @@ def test_a_saved_run_reads_back_as_it_was_measured(tmp_path):
 def test_step_times_are_the_difference_of_two_readings_of_the_workers_histogram():
     from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-    from bench.step_times import STEP_METRIC, THREAD_METRIC, parse_step_histogram
+    from bench.step_times import (DEVICE_STEP_METRIC, DEVICE_WAITED_METRIC, STEP_METRIC, THREAD_METRIC,
+                                  parse_step_histogram)
 
     registry = CollectorRegistry()
     steps = Histogram(STEP_METRIC, "steps", ["model_name"], registry=registry, buckets=(0.01, 0.05))
@@ -224,5 +225,15 @@ def test_step_times_are_the_difference_of_two_readings_of_the_workers_histogram(
     thread.labels("m", "flush").inc(0.25)
     spent = parse_step_histogram(generate_latest(registry).decode()).minus(first).summary()["engine_thread_s"]
     assert spent == {"idle": pytest.approx(1.5), "flush": pytest.approx(0.25)}
+    # on a GPU, the device's seconds by step kind and its waits for the host, as differences too
+    device = Counter(DEVICE_STEP_METRIC, "device", ["model_name", "step"], registry=registry)
+    waited = Counter(DEVICE_WAITED_METRIC, "waited", ["model_name"], registry=registry)
+    device.labels("m", "decode").inc(3.0)
+    first = parse_step_histogram(generate_latest(registry).decode())
+    device.labels("m", "decode").inc(2.0)
+    device.labels("m", "mixed").inc(0.5)
+    waited.labels("m").inc(0.125)
+    spent = parse_step_histogram(generate_latest(registry).decode()).minus(first).summary()["device_s"]
+    assert spent == {"decode": pytest.approx(2.0), "mixed": pytest.approx(0.5), "waited": pytest.approx(0.125)}
     # read across a worker restart: the counters began again, so the difference means nothing
     assert "error" in before.minus(parse_step_histogram(generate_latest(registry).decode())).summary()

@@ -30,6 +30,13 @@ from services.worker.step_scheduler import StepScheduler
 log = logging.getLogger("alise.worker")
 
 
+def _timing_event():
+    """A CUDA event recorded now on the current stream, with timing (a few microseconds a step: two a step)."""
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
 def _prompt_key(prompt_ids) -> int:
     """Tells one prompt from another within this process (a preempted job's kept features go to it alone)."""
     return hash(tuple(prompt_ids))
@@ -63,6 +70,11 @@ class StepOutput:
     recomputed: list[str] = field(default_factory=list)   # running jobs preempted here for room, to recompute here
     seconds: float = 0.0
     shape: "StepShape | None" = None      # what this call launched (None: nothing)
+    # on a GPU, the step collected here: how long the device ran it, and how long it sat waiting for the host before
+    # it (after the step before it ended): host time the overlap of two steps did not hide
+    device_decode_s: float = 0.0      # ... a decode-only step (the CUDA graphs)
+    device_mixed_s: float = 0.0       # ... a step with prefill chunks (the eager path)
+    device_wait_s: float = 0.0
     # nothing planned, launched or collected: what waits cannot run until a command (an unpark, an abort, a new
     # job, a finish elsewhere) changes something, so the loop waits for one instead of stepping again at once
     stalled: bool = False
@@ -92,6 +104,8 @@ class LaunchedStep:
     shape: StepShape | None = None
     probed: list[Sequence] = field(default_factory=list)   # sequences whose prompt the length probe read...
     probe_host: torch.Tensor | None = None                  # ...and its [P, dims] features, on the host
+    began: object | None = None   # a timing torch.cuda.Event recorded before the step's device work (None on CPU)
+    chained: bool = False         # launched while the step before it was in flight: the device had it queued
 
     def token_ids(self) -> list[int]:
         if self.ready is not None:
@@ -140,6 +154,7 @@ class Engine:
         self._parks_ordered: set[str] = set()        # jobs the scheduler preempted by parking, until they park
         self._in_flight: LaunchedStep | None = None
         self._settled = StepOutput()                 # outputs of a step settled by a command, not yet returned
+        self._last_ready: object | None = None       # the last collected step's end on the device (its timing event)
 
     # -- commands ------------------------------------------------------------------------------
     def add(self, job_id: str, prompt_ids: list[int], sampling: Sampling,
@@ -238,7 +253,7 @@ class Engine:
     def reset(self) -> None:
         """Drop every job and whatever the device was computing for them (the session ended, or a step
         failed and the scheduler requeues them): nothing in flight is waited for."""
-        self._in_flight, self._settled = None, StepOutput()
+        self._in_flight, self._settled, self._last_ready = None, StepOutput(), None
         self._parks_ordered.clear()
         for seq in list(self.seqs.values()):
             self._drop(seq)
@@ -328,6 +343,7 @@ class Engine:
 
     def _launch(self, plan) -> LaunchedStep:
         prev = self._in_flight.sampled if self._in_flight is not None else None
+        began = _timing_event() if self.runner.device.type == "cuda" else None
         chunks, sampled, probed = [], [], []
         for c in plan.chunks:
             seq = c.seq
@@ -348,11 +364,9 @@ class Engine:
         shape = StepShape.of(plan.chunks, bool(probed))       # a probed step ran the mixed path
         probed = probed if features is not None else []
         if tokens.is_cuda:
-            ready = torch.cuda.Event()
             host = tokens.to("cpu", non_blocking=True)      # pinned destination: the copy does not block
             features = features.to("cpu", non_blocking=True) if features is not None else None
-            ready.record()
-            return LaunchedStep(sampled, tokens, host, ready, shape, probed, features)
+            return LaunchedStep(sampled, tokens, host, _timing_event(), shape, probed, features, began, prev is not None)
         return LaunchedStep(sampled, tokens, tokens, None, shape, probed, features)
 
     def _chunk(self, seq: Sequence, start: int, n: int) -> SeqChunk:
@@ -367,12 +381,27 @@ class Engine:
 
     def _collect(self, launched: LaunchedStep, out: StepOutput) -> None:
         tokens = launched.token_ids()                   # waits for the step: its probe features are in too
+        self._time_on_device(launched, out)
         if launched.probed:
             self._read_probe(launched.probed, launched.probe_host.numpy(), out)
         for seq, token in zip(launched.seqs, tokens):
             seq.num_pending -= 1
             if self.seqs.get(seq.job_id) is seq:        # else aborted or finished since it was launched
                 self._append_token(seq, token, out)
+
+    def _time_on_device(self, launched: LaunchedStep, out: StepOutput) -> None:
+        """The collected step's device time, and the device's wait for it since the step before it ended (only when
+        it was launched behind that step: otherwise the engine had nothing to run, or had flushed, meanwhile)."""
+        if launched.began is None or launched.ready is None:
+            return
+        seconds = launched.began.elapsed_time(launched.ready) / 1e3
+        if launched.shape is not None and launched.shape.mixed:
+            out.device_mixed_s += seconds
+        else:
+            out.device_decode_s += seconds
+        if launched.chained and self._last_ready is not None:
+            out.device_wait_s += max(0.0, self._last_ready.elapsed_time(launched.began) / 1e3)
+        self._last_ready = launched.ready
 
     def _read_probe(self, seqs: list[Sequence], features, out: StepOutput) -> None:
         for seq, x in zip(seqs, features):

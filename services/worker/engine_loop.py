@@ -299,6 +299,10 @@ class EngineLoop(threading.Thread):
         self.batcher.clear()
 
     def _emit_step(self, out: StepOutput) -> None:
+        if out.device_decode_s or out.device_mixed_s:      # the step it collected ran on a GPU (as a flush's may)
+            metrics.DEVICE_STEP.labels(step="decode").inc(out.device_decode_s)
+            metrics.DEVICE_STEP.labels(step="mixed").inc(out.device_mixed_s)
+            metrics.DEVICE_WAITED.inc(out.device_wait_s)
         if out.seconds:                    # a flush (before a preempt or abort) ran no step of its own
             self._step_seconds = 0.8 * self._step_seconds + 0.2 * out.seconds if self._step_seconds else out.seconds
             metrics.STEP.observe(out.seconds)

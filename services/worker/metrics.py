@@ -36,6 +36,13 @@ PREFILL_TOKENS = _labelled(Counter, "alise:prefill_tokens",
 CONTEXT_TOKENS = _labelled(Counter, "alise:step_context_tokens", "KV tokens read by engine steps, summed over steps")
 KEPT_KV_DROPPED = _labelled(Counter, "alise:kept_kv_dropped",
                             "Jobs whose kept KV (parked, or swapped to host) was given up: recomputed where they resume")
+# On a GPU: how long the device ran the steps, and how long it sat idle between two back-to-back steps, waiting for
+# the host (planning, launching, collecting, sending): the host time the overlap of steps did not hide. Their sum
+# against the step histogram's sum says whether the engine is bound by the device or by Python (bench/step_times.py)
+DEVICE_STEP = _labelled(Counter, "alise:device_step_seconds", "Device time of engine steps, by step kind",
+                        labels=("step",))
+DEVICE_WAITED = _labelled(Counter, "alise:device_waited_seconds",
+                          "Device idle between back-to-back engine steps, waiting for the host")
 STEP = _labelled(Histogram, "alise:engine_step_seconds", "Wall time of one engine step",
                  # fine from 20 to 100 ms, where a GPU worker's steps under load fall (bench/step_times.py reads them)
                  buckets=(0.002, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2, 0.5, 1, 2))
