@@ -1,10 +1,13 @@
 """The worker's step scheduler under random commands (add, park after the first token, park, resume, abort) and
-KV pressure, without a model: a step's last chunk of a sequence samples one token, as the engine does. Whatever
-happens (sequences with and without preemptions left under the scheduler's bound among them), every sequence is in
-exactly one place, the blocks in use are exactly the blocks the live sequences hold, and every job runs to its end,
-leaving the pool empty."""
+KV pressure, without a model: a step's last chunk of a sequence samples one token, as the engine does, either at
+once or, as the engine's overlapped steps do, collected only after the next step is planned (a token in flight,
+`num_pending`; a park ordered meanwhile waits for it, an abort collects it first). Whatever happens (sequences with
+and without preemptions left under the scheduler's bound among them), every sequence is in exactly one place, the
+blocks in use are exactly the blocks the live sequences hold, and every job runs to its end, leaving the pool
+empty."""
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,7 +20,9 @@ OPS = st.lists(st.tuples(st.sampled_from(["add", "add_park", "step", "step", "st
 
 
 class Harness:
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, overlap: bool = False):
+        self.overlap = overlap                         # tokens are collected a step later, as the engine's are
+        self.in_flight: list[Sequence] = []            # sampled by the last step, not yet collected
         self.blocks = BlockManager(num_blocks=num_blocks, block_size=4)
         # as the engine sizes it: a sequence alone always fits the pool
         self.sched = StepScheduler(self.blocks, max_batch=3, token_budget=16, max_model_len=num_blocks * 4,
@@ -40,18 +45,50 @@ class Harness:
         assert len(plan.chunks) <= self.sched.max_rows     # what the decode graphs are captured for
         # a sequence preempted in a step is never also in its plan (its chunk would write blocks it no longer holds)
         assert not {c.seq for c in plan.chunks} & set(plan.preempted)
+        # nor one whose token in flight parks it or ends it (its room frees a step later; recomputing it would charge
+        # a preemption to a job that parks or ends anyway, and throw its KV away)
+        assert not [s for s in plan.preempted if s.num_pending and (s.parks_on_pending
+                                                                    or s.reaches_length(self.sched.max_model_len))]
         for seq in plan.evicted:                       # the engine forgets them (the scheduler recomputes them)
+            assert not seq.num_pending                 # parked: nothing of it is in flight
             self.drop(seq)
+        launched = []
         for c in plan.chunks:
             seq = c.seq
+            assert seq.num_pending == 0 or c.num_tokens == 1     # a token in flight is fed to the next step alone
             if seq.job_id not in self.live or c.start + c.num_tokens != seq.num_tokens:
                 continue
-            seq.output_ids.append(7)                   # its last token's KV is in: it samples one
-            if len(seq.output_ids) >= seq.sampling.max_tokens or seq.num_tokens >= self.sched.max_model_len:
-                self.sched.finish(seq, Finish.LENGTH)
-                self.drop(seq)
-            elif seq.park_on_sample and len(seq.output_ids) >= seq.park_at_output:
-                assert self.sched.park(seq)         # as the engine does once its early tokens are out
+            if self.overlap:                           # its last token's KV is in: it samples one, on the device
+                seq.num_pending += 1
+                launched.append(seq)
+            else:
+                self.sample(seq)
+        if self.overlap:                               # the step before this one is collected after its launch
+            self.settle()
+            self.in_flight = launched
+
+    def settle(self) -> None:
+        """The step in flight is collected (after the next step's launch, or before an abort or a preemption)."""
+        in_flight, self.in_flight = self.in_flight, []
+        for seq in in_flight:
+            seq.num_pending -= 1
+            if self.live.get(seq.job_id) is seq:      # else aborted since it was launched
+                self.sample(seq)
+
+    def sample(self, seq: Sequence) -> None:
+        seq.output_ids.append(7)
+        if len(seq.output_ids) >= seq.sampling.max_tokens or seq.num_tokens >= self.sched.max_model_len:
+            self.sched.finish(seq, Finish.LENGTH)
+            self.drop(seq)
+        elif seq.park_on_sample and len(seq.output_ids) >= seq.park_at_output:
+            assert self.sched.park(seq)             # as the engine does once its early tokens are out (or ordered)
+
+    def park(self, seq: Sequence) -> None:
+        """The scheduler's preemption by parking, as the engine takes it: once its token in flight is collected
+        (Engine.park_when_sampled), else at once after the step in flight (the engine loop's flush)."""
+        if not self.sched.park_after_sample(seq):
+            self.settle()
+            self.sched.park(seq)
 
     def drop(self, seq: Sequence) -> None:
         self.sched.drop(seq)
@@ -72,10 +109,11 @@ class Harness:
                    for s in self.live.values() if s.job_id in self.blocks.rows)
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["sampled-at-once", "tokens-in-flight"])
 @settings(max_examples=150, deadline=None)
 @given(OPS, st.integers(6, 40))
-def test_park_resume_and_eviction_keep_every_block_accounted_for(ops, num_blocks):
-    h = Harness(num_blocks)
+def test_park_resume_and_eviction_keep_every_block_accounted_for(overlap, ops, num_blocks):
+    h = Harness(num_blocks, overlap)
     for op, k, prompt_len, max_tokens in ops:
         if op in ("add", "add_park"):
             # preemptions left under the scheduler's bound: none (an older scheduler), 0 or 1; early tokens 1-4
@@ -84,16 +122,17 @@ def test_park_resume_and_eviction_keep_every_block_accounted_for(ops, num_blocks
         elif op == "step":
             h.step()
         elif op == "park" and (seq := h.pick(k, SeqStatus.RUNNING)) is not None:
-            h.sched.park(seq)
+            h.park(seq)
         elif op == "resume" and (seq := h.pick(k, SeqStatus.PARKED)) is not None:
             h.sched.unpark(seq)
         elif op == "abort" and h.live:
+            h.settle()                                 # the engine collects the step in flight first
             h.drop(list(h.live.values())[k % len(h.live)])
         h.check()
     for seq in [s for s in h.live.values() if s.status is SeqStatus.PARKED]:
         h.sched.unpark(seq)                            # the scheduler resumes everything parked...
     for _ in range(10_000):                            # ...and every job runs to its end
-        if not (h.sched.running or h.sched.waiting):
+        if not (h.sched.running or h.sched.waiting or h.in_flight):
             break
         h.step()
         for seq in [s for s in h.live.values() if s.status is SeqStatus.PARKED]:
