@@ -67,6 +67,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a request reaches the scheduler's queue this long after it arrives (live H200: 25-40 ms)")
     p.add_argument("--admit-per-s", type=float, default=0.0,
                    help="the scheduler admits at most this many requests a second (live H200: ~200; 0 = no bound)")
+    p.add_argument("--report-lag-s", type=float, default=0.0,
+                   help="what a worker did (a finish, a park) reaches the scheduler this much later (live: ~a step)")
+    p.add_argument("--command-lag-s", type=float, default=0.0,
+                   help="what the scheduler decided (an assignment, a preemption) reaches a worker this much later")
     p.add_argument("--park-wait-factor", type=float, default=SchedulerConfig.park_wait_factor,
                    help="alise: ... and this many times the queue's mean wait now (0 = off)")
     p.add_argument("--max-parking", type=int, default=SchedulerConfig.max_parking,
@@ -221,8 +225,8 @@ def simulate_sweep(a: argparse.Namespace) -> list[Run]:
                             max_preemptions=a.max_preemptions, aging_s=a.aging_s, park_kv_share=a.park_kv_share,
                             park_after_s=a.park_after_s, park_wait_factor=a.park_wait_factor, admit_s=a.admit_s,
                             max_parking=a.max_parking, exec_model=a.exec_model, due_after_s=a.due_after_s,
-                            early_tokens=a.early_tokens,
-                            admit_per_s=a.admit_per_s, record_itl=a.num_prompts <= ITL_MAX_REQUESTS,
+                            early_tokens=a.early_tokens, admit_per_s=a.admit_per_s, report_lag_s=a.report_lag_s,
+                            command_lag_s=a.command_lag_s, record_itl=a.num_prompts <= ITL_MAX_REQUESTS,
                             reestimate=SimPredictor(PredictorKind.NOISY, probe_sigma, seed=a.seed + 1)
                             if probe_sigma is not None else None)
             started = time.perf_counter()

@@ -37,6 +37,18 @@ def test_fcfs_runs_in_arrival_order_and_srpt_runs_the_short_job_first():
     assert [(r.ttft_s, r.e2e_s) for r in srpt] == [(2.0, 4.0), (1.0, 1.0)]
 
 
+def test_messages_between_the_scheduler_and_a_worker_take_their_lags():
+    # fcfs, one slot, A (3 tokens) and B (1 token) at 0. With no lag: A at 0-3 s, B's prefill 3 -> 4 s (as above).
+    # The assignment of A reaches the worker 0.25 s late (A: 0.25 -> 3.25 s); A's finish reaches the scheduler
+    # 0.5 s after it, which then sends B, 0.25 s on the way: B's iteration runs 4.0 -> 5.0 s.
+    reqs = [SimRequest(0.0, 4, 3), SimRequest(0.0, 4, 1)]
+    results, duration = run("fcfs", reqs, report_lag_s=0.5, command_lag_s=0.25)
+    assert [(r.ttft_s, r.e2e_s, r.queue_s) for r in results] == [(1.25, 3.25, 0.0), (5.0, 5.0, 3.75)]
+    assert duration == 5.0
+    with pytest.raises(ValueError, match="report_lag_s"):
+        SimConfig(policy="fcfs", cost=ONE_SECOND, report_lag_s=-1.0)
+
+
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
 def test_a_short_arrival_preempts_a_long_job_at_the_next_iteration(mode):
     # A: 40 tokens from 0 s (token 1 at 1 s, token 2 at 2 s). B (1 token) arrives at 1.5 s: the scheduler asks for

@@ -89,6 +89,13 @@ class SimConfig:
     # H200: ~25-40 ms, and about 200 a second (docs/BENCHMARKS.md)
     admit_s: float = 0.0
     admit_per_s: float = 0.0
+    # messages between the scheduler and the workers: what a worker did (a job finished, parked, preempted, KV given
+    # up) reaches the scheduler report_lag_s later, and what the scheduler decided (an assignment, a preemption)
+    # reaches the worker command_lag_s later, applied at its next step. Live, a worker learns its step's tokens only
+    # when it collects them behind the next step's launch (overlapped steps), so report_lag_s is about one step; 0:
+    # at once, as before
+    report_lag_s: float = 0.0
+    command_lag_s: float = 0.0
     # keep every job's inter-token gaps (one float a token: off for very large runs, where only ITL is lost)
     record_itl: bool = True
     exec_model: ExecTimeModel = field(default_factory=ExecTimeModel)   # what the scheduler ranks jobs by
@@ -97,14 +104,16 @@ class SimConfig:
         if self.policy not in SIM_POLICIES:
             raise ValueError(f"policy {self.policy!r}: choose one of {', '.join(SIM_POLICIES)}")
         self.preempt_mode = PreemptMode(self.preempt_mode)     # its value ("swap") is accepted too
-        if not (0 <= self.admit_s < float("inf") and 0 <= self.admit_per_s < float("inf")):
-            raise ValueError("admit_s and admit_per_s must be >= 0 and finite")
+        for name in ("admit_s", "admit_per_s", "report_lag_s", "command_lag_s"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be >= 0 and finite")
 
 
-class _Event(IntEnum):                # at equal times: arrivals first, then iteration ends, then decisions
+class _Event(IntEnum):                # at equal times: arrivals first, then iteration ends, messages, decisions
     ARRIVE = 0
     STEP_END = 1
-    DECIDE = 2
+    MESSAGE = 2                       # a message between the scheduler and a worker arrives (report or command lag)
+    DECIDE = 3
 
 
 @dataclass(eq=False, slots=True)      # slots: the step loop reads these fields for every token simulated
@@ -265,6 +274,8 @@ class Simulation:
                 self._arrive(*obj)
             elif kind == _Event.STEP_END:
                 self._step_end(obj)
+            elif kind == _Event.MESSAGE:
+                obj()
             elif obj == self._decide_token:
                 self._decide_at = None
                 self._decide()
@@ -276,6 +287,13 @@ class Simulation:
     def _push(self, t: float, kind: _Event, obj: object) -> None:
         self._seq += 1
         heapq.heappush(self.events, (t, kind, self._seq, obj))
+
+    def _after(self, delay: float, deliver) -> None:
+        """`deliver()` now, or as a message `delay` later (messages sent with one lag keep their order)."""
+        if delay > 0:
+            self._push(self.now + delay, _Event.MESSAGE, deliver)
+        else:
+            deliver()
 
     def _schedule_decision(self) -> None:
         """Events at the same instant are decided on together; with tick_s, at most once per tick."""
@@ -329,24 +347,40 @@ class Simulation:
                 self._enqueue(self.jobs[job_id])
         snap = self.state.snapshot(self.now, [e[2] for e in self.queue[:QUEUE_LOOKAHEAD]])
         plan = self.policy.plan(snap, self.exec_model)
+        commands: dict[str, list] = {}      # worker id -> what this decision tells it, in order: one message
         for job_id, wid in plan.preempt:
             self.state.preempt_sent(job_id, wid)
-            self.workers[wid].to_preempt.add(job_id)
+            commands.setdefault(wid, []).append((job_id, None))
         for job_id, wid in plan.assign:
-            self._assign(self.jobs[job_id], self.workers[wid])
+            commands.setdefault(wid, []).append(self._assign(self.jobs[job_id], self.workers[wid]))
         for job_id, wid in plan.prefill_early:
-            self._assign(self.jobs[job_id], self.workers[wid], park=True)
-        for wid in dict.fromkeys(wid for _, wid in plan.assign + plan.prefill_early):   # an idle worker starts
-            if not self.workers[wid].busy:
-                self._start_step(self.workers[wid])
+            commands.setdefault(wid, []).append(self._assign(self.jobs[job_id], self.workers[wid], park=True))
+        for wid, sent in commands.items():
+            self._after(self.cfg.command_lag_s, lambda w=self.workers[wid], sent=sent: self._commands(w, sent))
         if self.queue and self.cfg.reconsider_s > 0:
             self._decide_no_later_than(self.now + self.cfg.reconsider_s)
 
-    def _assign(self, job: _Job, w: _Worker, park: bool = False) -> None:
+    def _assign(self, job: _Job, w: _Worker, park: bool = False) -> tuple[str, bool]:
         self._dequeue(job.job_id)
         if holder := self.state.placed(job.job_id, w.wid, park, self.cfg.early_tokens):
             self.workers[holder].host_kv.pop(job.job_id, None)     # the stale copy of its KV is dropped
             self.workers[holder].drop_parked(job.job_id)
+        if job.first_placed_s is None:
+            job.first_placed_s = self.now
+        return job.job_id, park
+
+    def _commands(self, w: _Worker, sent: list[tuple[str, bool | None]]) -> None:
+        """A worker gets one decision's commands: (job id, None) preempts that job between its steps, (job id,
+        park) takes it into its next step. An idle worker starts a step."""
+        for job_id, park in sent:
+            if park is None:
+                w.to_preempt.add(job_id)
+            else:
+                self._take(self.jobs[job_id], w, park)
+        if not w.busy and any(park is not None for _, park in sent):
+            self._start_step(w)
+
+    def _take(self, job: _Job, w: _Worker, park: bool) -> None:
         if park:
             w.park_after[job.job_id] = job.generated + self.cfg.early_tokens
         if job.job_id in w.parked:                                 # resumed where it was parked: KV in place
@@ -358,8 +392,6 @@ class Simulation:
             w.extra_s += self.cfg.cost.swap_per_token_s * job.computed
         else:
             job.computed, job.lookup_due = w.cached_tokens(job), True
-        if job.first_placed_s is None:
-            job.first_placed_s = self.now
         w.admit(job)
 
     # -- the workers -------------------------------------------------------------------------------
@@ -386,7 +418,7 @@ class Simulation:
             w.release(job)
             job.computed = 0
             job.preemptions += 1
-            self.state.recomputed(job.job_id, w.wid)
+            self._report(lambda j=job.job_id: self.state.recomputed(j, w.wid))
             w.waiting.insert(0, job)
         if not w.running:
             w.busy = False
@@ -441,7 +473,7 @@ class Simulation:
         whose last chunk left one token reaches here as a decode: before, it missed the re-estimate)."""
         if job.generated == 0 and self.cfg.reestimate is not None:
             job.repred_len = self.cfg.reestimate.predict(job.req.output_len).mean
-            self.state.repredict(job.job_id, job.repred_len)
+            self._report(lambda: self.state.repredict(job.job_id, job.repred_len))
         self._token(job)
         if (job.prompt_len + job.generated) % w.spec.block_size == 0:
             w.used_blocks += 1                                          # the next token starts a new block
@@ -474,16 +506,14 @@ class Simulation:
     def _kv_dropped(self, w: _Worker, job_ids: list[str]) -> None:
         w.totals.kept_kv_dropped += len(job_ids)
         for job_id in job_ids:                    # the worker tells the scheduler (KeptKvDropped)
-            self.state.kv_dropped(job_id, w.wid)
+            self._report(lambda j=job_id: self.state.kv_dropped(j, w.wid))
 
     def _park(self, w: _Worker, job: _Job, counted: bool) -> None:
         """The job stops decoding and keeps its KV on the worker; it waits in the scheduler's queue."""
         w.running.remove(job)
         w.parked[job.job_id] = job
         job.preemptions += counted
-        self.state.preempted(job.job_id, w.wid, PreemptMode.PARK, counted)
-        self.state.set_generated(job.job_id, job.generated)
-        self._enqueue(job)
+        self._report(lambda: self._requeue(job, w, PreemptMode.PARK, counted))
 
     def _preempt(self, w: _Worker, job: _Job, mode: PreemptMode) -> None:
         if mode is PreemptMode.PARK and job in w.running:
@@ -497,13 +527,22 @@ class Simulation:
         if mode is PreemptMode.SWAP:
             w.host_kv[job.job_id] = job.computed
             w.extra_s += self.cfg.cost.swap_per_token_s * job.computed
-        self.state.preempted(job.job_id, w.wid, PreemptMode.SWAP if mode is PreemptMode.SWAP else PreemptMode.RECOMPUTE)
         job.computed = 0
+        mode = PreemptMode.SWAP if mode is PreemptMode.SWAP else PreemptMode.RECOMPUTE
+        self._report(lambda: self._requeue(job, w, mode, True))
+
+    def _requeue(self, job: _Job, w: _Worker, mode: PreemptMode, counted: bool) -> None:
+        """The scheduler hears that the job left the worker's batch (parked, swapped out or to recompute)."""
+        self.state.preempted(job.job_id, w.wid, mode, counted)
         self.state.set_generated(job.job_id, job.generated)
         self._enqueue(job)
 
+    def _report(self, deliver) -> None:
+        """What a worker tells the scheduler reaches it report_lag_s later (in the order it was sent)."""
+        self._after(self.cfg.report_lag_s, deliver)
+
     def _finish(self, job: _Job) -> None:
-        self.state.forget(job.job_id)
+        self._report(lambda: self._forget(job.job_id))
         del self.jobs[job.job_id]
         r = job.req
         self.results.append(RequestResult(
@@ -514,6 +553,10 @@ class Simulation:
             predicted_output_tokens=round(job.pred_len) if job.predicted else 0,
             repredicted_output_tokens=round(job.repred_len),
             finish_reason="stop" if job.generated == r.output_len else "length"))
+
+    def _forget(self, job_id: str) -> None:
+        """The scheduler hears that the job finished: its slot is free."""
+        self.state.forget(job_id)
         self._dirty = True
 
 
