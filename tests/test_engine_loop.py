@@ -52,6 +52,11 @@ async def test_the_engine_threads_time_is_accounted_for_by_activity(model_dir, t
     assert made_of["prefill_tokens"] == 2 * len(ids), made_of
     assert made_of["rows"] >= run.count and made_of["context_tokens"] >= made_of["rows"], made_of
     assert made_of["kept_kv_dropped"] == 0, made_of
+    # of those, the decode-only steps: all but the two prompts' (a decodes after its prompt; so does b, for 3 tokens)
+    assert 3 <= made_of["decode_steps"] <= run.count - 2, (made_of, run.count)
+    assert made_of["decode_steps"] <= made_of["decode_rows"] <= made_of["rows"] - 2, made_of
+    assert made_of["decode_rows"] <= made_of["decode_context_tokens"] < made_of["context_tokens"], made_of
+    assert "device_s" not in run.summary()        # on CPU there is no device time to tell apart
 
 
 async def collect_until(outbox: asyncio.Queue, kind: str, job_id: str) -> list[wpb.WorkerMessage]:

@@ -314,6 +314,10 @@ class EngineLoop(threading.Thread):
                 metrics.STEP_ROWS.inc(out.shape.seqs)
                 metrics.PREFILL_TOKENS.inc(out.shape.prefill_tokens)
                 metrics.CONTEXT_TOKENS.inc(out.shape.context_tokens)
+                if not out.shape.mixed:
+                    metrics.DECODE_STEPS.inc()
+                    metrics.DECODE_ROWS.inc(out.shape.seqs)
+                    metrics.DECODE_CONTEXT.inc(out.shape.context_tokens)
         metrics.GENERATED.inc(sum(len(d.token_ids) for d in out.deltas))
         if out.estimates:               # before the tokens: the scheduler re-ranks the job as its first token arrives
             self._send(wpb.WorkerMessage(estimates=wpb.LengthEstimates(estimates=[

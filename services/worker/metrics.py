@@ -34,6 +34,12 @@ STEP_ROWS = _labelled(Counter, "alise:step_rows", "Sequences run by engine steps
 PREFILL_TOKENS = _labelled(Counter, "alise:prefill_tokens",
                            "Tokens computed by prefill: prompts, and contexts recomputed after a preemption")
 CONTEXT_TOKENS = _labelled(Counter, "alise:step_context_tokens", "KV tokens read by engine steps, summed over steps")
+# ... and of those, the decode-only steps (the CUDA graphs): with the device's time of these steps, a run's decode
+# speed against a step-time model that is linear in steps, rows and context (bench/step_times.py)
+DECODE_STEPS = _labelled(Counter, "alise:decode_steps", "Engine steps with no prefill (decodes only)")
+DECODE_ROWS = _labelled(Counter, "alise:decode_step_rows", "Sequences run by decode-only steps, summed over steps")
+DECODE_CONTEXT = _labelled(Counter, "alise:decode_step_context_tokens",
+                           "KV tokens read by decode-only steps, summed over steps")
 KEPT_KV_DROPPED = _labelled(Counter, "alise:kept_kv_dropped",
                             "Jobs whose kept KV (parked, or swapped to host) was given up: recomputed where they resume")
 # On a GPU: how long the device ran the steps, and how long it sat idle between two back-to-back steps, waiting for
