@@ -21,6 +21,8 @@ MADE_OF_METRICS = {"alise:step_rows": "rows", "alise:prefill_tokens": "prefill_t
 # on a GPU, the device's seconds: running decode-only steps, steps with prefill, and idle between back-to-back steps
 # waiting for the host (services/worker/metrics.py). Their sum against the steps' wall time says which one bounds
 DEVICE_STEP_METRIC, DEVICE_WAITED_METRIC = "alise:device_step_seconds", "alise:device_waited_seconds"
+# where placed jobs waited on the worker: delivery to the engine thread, its waiting line (services/worker/metrics.py)
+ASSIGNMENT_WAIT_METRIC = "alise:assignment_wait_seconds"
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class StepHistogram:
     thread_s: tuple[tuple[str, float], ...] = ()     # (activity, engine thread seconds spent on it: cumulative)
     made_of: tuple[tuple[str, float], ...] = ()      # (MADE_OF_METRICS name, its total over the steps: cumulative)
     device_s: tuple[tuple[str, float], ...] = ()     # ("decode" / "mixed" / "waited", device seconds: cumulative)
+    waits: tuple[tuple[str, float], ...] = ()        # ("<stage> count" / "<stage> sum", of ASSIGNMENT_WAIT_METRIC)
 
     def minus(self, earlier: "StepHistogram") -> "StepHistogram":
         def minus(now, then):
@@ -38,7 +41,8 @@ class StepHistogram:
             return tuple((k, v - then.get(k, 0.0)) for k, v in now)
         return StepHistogram(minus(self.buckets, earlier.buckets), self.count - earlier.count,
                              self.sum_s - earlier.sum_s, minus(self.thread_s, earlier.thread_s),
-                             minus(self.made_of, earlier.made_of), minus(self.device_s, earlier.device_s))
+                             minus(self.made_of, earlier.made_of), minus(self.device_s, earlier.device_s),
+                             minus(self.waits, earlier.waits))
 
     def summary(self) -> dict:
         """Steps, their mean, the share that took longer than each bucket's bound, and the engine thread's seconds
@@ -51,6 +55,12 @@ class StepHistogram:
             extra["made_of"] = {k: int(v) for k, v in self.made_of}
         if self.device_s:
             extra["device_s"] = dict(self.device_s)
+        waits = dict(self.waits)
+        if stages := sorted({k.rsplit(" ", 1)[0] for k in waits}):
+            extra["assignment_wait_s"] = {}
+            for stage in stages:
+                n = waits[f"{stage} count"]
+                extra["assignment_wait_s"][stage] = {"count": int(n), "mean_s": waits[f"{stage} sum"] / n if n else 0.0}
         if self.count == 0:
             return {"steps": 0, **extra}
         return {"steps": int(self.count), "mean_s": self.sum_s / self.count,
@@ -67,8 +77,15 @@ def parse_step_histogram(text: str) -> StepHistogram:
     thread: dict[str, float] = {}
     made_of: dict[str, float] = {}
     device: dict[str, float] = {}
+    waits: dict[str, float] = {}
     count = total = 0.0
     for family in text_string_to_metric_families(text):
+        if family.name == ASSIGNMENT_WAIT_METRIC:
+            for sample in family.samples:
+                if (part := sample.name.rsplit("_", 1)[-1]) in ("count", "sum"):
+                    key = f"{sample.labels['stage']} {part}"
+                    waits[key] = waits.get(key, 0.0) + sample.value
+            continue
         if family.name in (DEVICE_STEP_METRIC, DEVICE_WAITED_METRIC):
             for sample in family.samples:
                 if sample.name.endswith("_total"):
@@ -95,7 +112,7 @@ def parse_step_histogram(text: str) -> StepHistogram:
             elif sample.name.endswith("_sum"):
                 total += sample.value
     return StepHistogram(tuple(sorted(buckets.items())), count, total, tuple(sorted(thread.items())),
-                         tuple(sorted(made_of.items())), tuple(sorted(device.items())))
+                         tuple(sorted(made_of.items())), tuple(sorted(device.items())), tuple(sorted(waits.items())))
 
 
 def read_step_histogram(port: int, host: str = "127.0.0.1", timeout_s: float = 10.0) -> StepHistogram:

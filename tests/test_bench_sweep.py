@@ -204,8 +204,8 @@ def test_a_saved_run_reads_back_as_it_was_measured(tmp_path):
 def test_step_times_are_the_difference_of_two_readings_of_the_workers_histogram():
     from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-    from bench.step_times import (DEVICE_STEP_METRIC, DEVICE_WAITED_METRIC, STEP_METRIC, THREAD_METRIC,
-                                  parse_step_histogram)
+    from bench.step_times import (ASSIGNMENT_WAIT_METRIC, DEVICE_STEP_METRIC, DEVICE_WAITED_METRIC, STEP_METRIC,
+                                  THREAD_METRIC, parse_step_histogram)
 
     registry = CollectorRegistry()
     steps = Histogram(STEP_METRIC, "steps", ["model_name"], registry=registry, buckets=(0.01, 0.05))
@@ -235,5 +235,15 @@ def test_step_times_are_the_difference_of_two_readings_of_the_workers_histogram(
     waited.labels("m").inc(0.125)
     spent = parse_step_histogram(generate_latest(registry).decode()).minus(first).summary()["device_s"]
     assert spent == {"decode": pytest.approx(2.0), "mixed": pytest.approx(0.5), "waited": pytest.approx(0.125)}
+    # where placed jobs waited on the worker, by stage: counts and means of the run's observations
+    wait = Histogram(ASSIGNMENT_WAIT_METRIC, "wait", ["model_name", "stage"], registry=registry, buckets=(0.1, 1.0))
+    wait.labels("m", "delivery").observe(9.0)
+    first = parse_step_histogram(generate_latest(registry).decode())
+    for seconds in (0.01, 0.03):
+        wait.labels("m", "delivery").observe(seconds)
+    wait.labels("m", "waiting_line").observe(2.5)
+    spent = parse_step_histogram(generate_latest(registry).decode()).minus(first).summary()["assignment_wait_s"]
+    assert spent == {"delivery": {"count": 2, "mean_s": pytest.approx(0.02)},
+                     "waiting_line": {"count": 1, "mean_s": pytest.approx(2.5)}}
     # read across a worker restart: the counters began again, so the difference means nothing
     assert "error" in before.minus(parse_step_histogram(generate_latest(registry).decode())).summary()

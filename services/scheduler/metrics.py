@@ -38,6 +38,11 @@ TTFT = _labelled(Histogram, "vllm:time_to_first_token_seconds", "Accepted -> fir
 E2E = _labelled(Histogram, "vllm:e2e_request_latency_seconds", "Accepted -> finished", buckets=LATENCY_BUCKETS)
 QUEUE_TIME = _labelled(Histogram, "vllm:request_queue_time_seconds", "Accepted -> first placed on a worker",
                        buckets=LATENCY_BUCKETS)
+# A command for a worker (assign, preempt, abort, ...) from the dispatcher's send to its worker's stream taking it: a
+# busy event loop, or a stream held back by flow control, shows here as placements that reach workers late
+COMMAND_WAIT = _labelled(Histogram, "alise:worker_command_wait_seconds",
+                         "A command's wait between the dispatcher and its worker's stream", ("command",),
+                         buckets=LATENCY_BUCKETS)
 TPOT = _labelled(Histogram, "vllm:request_time_per_output_token_seconds",
                  "Per request: (end-to-end - TTFT) / (output tokens - 1)", buckets=PER_TOKEN_BUCKETS)
 PROMPT_TOKENS = _labelled(Counter, "vllm:prompt_tokens", "Prompt tokens of finished requests")

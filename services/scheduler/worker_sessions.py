@@ -23,6 +23,7 @@ from alise.v1 import worker_pb2_grpc as wpb_grpc
 
 from services.common.batch_limits import MAX_STEP_ROWS
 from services.common.lenient import BadMessage, reject_bad
+from services.scheduler import metrics
 from services.scheduler.job_store import STORE_UNAVAILABLE
 
 if TYPE_CHECKING:
@@ -31,6 +32,32 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("alise.scheduler.sessions")
 _CLOSE = object()
+
+
+class CommandOutbox:
+    """A worker's commands in the order sent, each timed from its send to its stream taking it
+    (alise:worker_command_wait_seconds)."""
+
+    def __init__(self):
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def put_nowait(self, command) -> None:
+        self._queue.put_nowait((time.monotonic(), command))
+
+    async def get(self):
+        return self._taken(*await self._queue.get())
+
+    def get_nowait(self):
+        return self._taken(*self._queue.get_nowait())
+
+    def empty(self) -> bool:
+        return self._queue.empty()
+
+    @staticmethod
+    def _taken(sent_at: float, command):
+        if isinstance(command, wpb.SchedulerCommand):
+            metrics.COMMAND_WAIT.labels(command=command.WhichOneof("kind")).observe(time.monotonic() - sent_at)
+        return command
 
 
 # the lists of job ids (or of entries with a job_id) in each message that names several jobs; the first says
@@ -48,7 +75,7 @@ class WorkerSession:
     num_blocks: int
     max_batch: int
     max_model_len: int
-    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    outbox: CommandOutbox = field(default_factory=CommandOutbox)
     load: wpb.LoadReport = field(default_factory=wpb.LoadReport)   # the worker's last report, as sent
     error: str = ""                # why the scheduler ended the session (sent to the worker as its status)
     error_code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT

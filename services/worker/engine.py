@@ -75,6 +75,8 @@ class StepOutput:
     device_decode_s: float = 0.0      # ... a decode-only step (the CUDA graphs)
     device_mixed_s: float = 0.0       # ... a step with prefill chunks (the eager path)
     device_wait_s: float = 0.0
+    # seconds each job assigned here waited in the worker's line before this step took it in (its first step here)
+    waited_in_line: list[float] = field(default_factory=list)
     # nothing planned, launched or collected: what waits cannot run until a command (an unpark, an abort, a new
     # job, a finish elsewhere) changes something, so the loop waits for one instead of stepping again at once
     stalled: bool = False
@@ -185,7 +187,8 @@ class Engine:
             raise ValueError(f"job {job_id}: token ids must be in [0, {self.vocab_size})")
         seq = Sequence(job_id, list(prompt_ids), sampling, output_ids=list(output_ids),
                        park_on_sample=park_after_first_token, preemptions_left=preemptions_left,
-                       park_at_output=len(output_ids) + max(1, early_tokens) if park_after_first_token else 0)
+                       park_at_output=len(output_ids) + max(1, early_tokens) if park_after_first_token else 0,
+                       arrived_at=time.perf_counter())
         self.seqs[job_id] = seq
         kept = self._preempted_features.pop(job_id, None)
         if kept is not None and output_ids and kept[0] == _prompt_key(prompt_ids):    # this job resumed, not a new one
@@ -290,6 +293,10 @@ class Engine:
         # settled (tokens, finishes, parks, parked KV given up, preemptions) is real, and salvage() hands it out.
         out = self._settled
         out.recomputed.extend(seq.job_id for seq in plan.preempted)   # each counts against the job's bound
+        for seq in plan.admitted:
+            if seq.arrived_at:                          # its first step here (not a recompute's return)
+                out.waited_in_line.append(started - seq.arrived_at)
+                seq.arrived_at = 0.0
         for seq in plan.parked:                         # early jobs stopped short by a full pool
             self._parked(seq, out)
         for seq in plan.evicted:                        # parked KV given up for room: the scheduler recomputes them
@@ -366,7 +373,8 @@ class Engine:
         if tokens.is_cuda:
             host = tokens.to("cpu", non_blocking=True)      # pinned destination: the copy does not block
             features = features.to("cpu", non_blocking=True) if features is not None else None
-            return LaunchedStep(sampled, tokens, host, _timing_event(), shape, probed, features, began, prev is not None)
+            return LaunchedStep(sampled, tokens, host, _timing_event(), shape, probed, features, began,
+                                chained=prev is not None)
         return LaunchedStep(sampled, tokens, tokens, None, shape, probed, features)
 
     def _chunk(self, seq: Sequence, start: int, n: int) -> SeqChunk:

@@ -36,6 +36,14 @@ FATAL_FAILED_STEPS = 32
 
 
 @dataclass(frozen=True)
+class Received:
+    """A scheduler command as it reached this worker, and when (time.monotonic): its wait for the engine thread is
+    measured when the thread takes it (alise:assignment_wait_seconds, stage "delivery")."""
+    command: wpb.SchedulerCommand
+    at: float
+
+
+@dataclass(frozen=True)
 class Attach:
     """A new session's outbox. Applied on the engine thread, in command order, so after the RESET of the session
     before it: what the engine produced for that session's jobs meanwhile (the rest of a step, their finishes) is
@@ -111,7 +119,7 @@ class EngineLoop(threading.Thread):
         return sink[1].qsize() if sink is not None else 0
 
     def submit(self, command) -> None:
-        self.commands.put(command)
+        self.commands.put(Received(command, time.monotonic()) if isinstance(command, wpb.SchedulerCommand) else command)
 
     def stop(self) -> None:
         self.stopped.set()
@@ -155,6 +163,9 @@ class EngineLoop(threading.Thread):
         except queue.Empty:
             return
         while cmd is not None:
+            if isinstance(cmd, Received):
+                metrics.ASSIGNMENT_WAIT.labels(stage="delivery").observe(time.monotonic() - cmd.at)
+                cmd = cmd.command
             try:
                 self._apply(cmd)
                 self.clock.charge(EngineActivity.COMMANDS)
@@ -299,6 +310,8 @@ class EngineLoop(threading.Thread):
         self.batcher.clear()
 
     def _emit_step(self, out: StepOutput) -> None:
+        for waited in out.waited_in_line:
+            metrics.ASSIGNMENT_WAIT.labels(stage="waiting_line").observe(waited)
         if out.device_decode_s or out.device_mixed_s:      # the step it collected ran on a GPU (as a flush's may)
             metrics.DEVICE_STEP.labels(step="decode").inc(out.device_decode_s)
             metrics.DEVICE_STEP.labels(step="mixed").inc(out.device_mixed_s)

@@ -63,6 +63,7 @@ class Sequence:
     # how many more times this worker may preempt it for room: the scheduler's bound less the job's preemptions so
     # far (AssignJob.preemptions_left); None: no bound
     preemptions_left: int | None = None
+    arrived_at: float = 0.0                # when an assignment brought it here (time.perf_counter); 0 once it ran
 
     @property
     def parks_on_pending(self) -> bool:

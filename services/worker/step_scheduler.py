@@ -42,6 +42,7 @@ class StepPlan:
     preempted: list[Sequence]          # sequences that lost their KV this step (recompute later)
     evicted: list[Sequence] = ()       # parked sequences whose KV was dropped for room (the engine forgets them)
     parked: list[Sequence] = ()        # early jobs a full pool stopped short of their early tokens: parked now
+    admitted: list[Sequence] = ()      # waiting sequences this step runs (their first chunk, or again after recompute)
 
     @property
     def empty(self) -> bool:
@@ -196,9 +197,12 @@ class StepScheduler:
                 chunks.append(self._plan_chunk(seq, n))
                 budget -= n
         if not (preempted or waited):            # a step that had to preempt (or make one wait) admits nobody new
-            chunks += self._admit(budget, evicted, self.max_rows - len(chunks))
+            admitted = self._admit(budget, evicted, self.max_rows - len(chunks))
+            chunks += admitted
+        else:
+            admitted = []
         assert sum(c.num_tokens for c in chunks) <= self.token_budget
-        return StepPlan(chunks, preempted, evicted, parked)
+        return StepPlan(chunks, preempted, evicted, parked, [c.seq for c in admitted])
 
     def _victim(self, seq: Sequence, planned: set[Sequence], budget: int) -> Sequence | None:
         """Whom to preempt for `seq`'s room: the newest running sequence not planned this step (decodes go first, so
