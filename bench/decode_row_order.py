@@ -51,7 +51,8 @@ class Batch:
         for row, w in enumerate(widths):
             self.tables[row, :w] = perm[at:at + w]
             at += w
-        self.qkv = torch.randn(LAYERS, len(ctx), (HEADS + 2 * KV) * DIM, generator=gen, device="cuda").to(torch.bfloat16)
+        rows = (HEADS + 2 * KV) * DIM
+        self.qkv = torch.randn(LAYERS, len(ctx), rows, generator=gen, device="cuda").to(torch.bfloat16)
         self.ctx = ctx
 
     def order(self, rows: list[int]) -> "Ordered":

@@ -71,6 +71,9 @@ def test_a_small_sweep_on_live_stacks_writes_runs_figures_and_report(tmp_path, m
             assert steps["engine_thread_s"]["step"] >= steps["steps"] * steps["mean_s"] * 0.99, steps
             # and what the steps held: a row for each sequence a step ran, the prompts' tokens prefilled
             assert steps["made_of"]["rows"] >= steps["steps"] and steps["made_of"]["prefill_tokens"] > 0, steps
+            # and where the placed jobs waited on the worker: each of the 4 came in a command and joined a step
+            waits = steps["assignment_wait_s"]
+            assert waits["delivery"]["count"] >= 4 and waits["waiting_line"]["count"] >= 4, waits
             # and the scheduler's sample of those steps, that bench.simulator.calibrate --from-runs fits a cost to
             sample = summary["workers"][0]["step_sample"]
             assert sample and all(len(row) == 6 and row[0] >= 1 and row[1] > 0 for row in sample), sample[:3]

@@ -49,6 +49,19 @@ def test_messages_between_the_scheduler_and_a_worker_take_their_lags():
         SimConfig(policy="fcfs", cost=ONE_SECOND, report_lag_s=-1.0)
 
 
+def test_kv_on_its_way_to_a_worker_counts_as_taken():
+    # Room for one job's KV (2 blocks of 16; each 16-token prompt takes 2 with its next token). A is placed at 0 and
+    # reaches the worker at 0.5 s; B arrives at 0.1 s, while A is on its way. B must wait for A's end (8.5 s), not be
+    # placed beside it on room that only looked free (the worker then had to preempt it for A's KV).
+    reqs = [SimRequest(0.0, 16, 8), SimRequest(0.1, 16, 8)]
+    cfg = SimConfig(policy="fcfs", cost=ONE_SECOND, worker=WorkerSpec(max_batch=2, num_blocks=2, block_size=16),
+                    predictor=SimPredictor(PredictorKind.ORACLE), reconsider_s=0.0, park_kv_share=0.0,
+                    command_lag_s=0.5)
+    results, duration, _ = simulate(cfg, reqs)
+    assert [(r.e2e_s, r.preemptions) for r in results] == [(8.5, 0), (17.0 - 0.1, 0)]
+    assert duration == 17.0
+
+
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
 def test_a_short_arrival_preempts_a_long_job_at_the_next_iteration(mode):
     # A: 40 tokens from 0 s (token 1 at 1 s, token 2 at 2 s). B (1 token) arrives at 1.5 s: the scheduler asks for
@@ -286,9 +299,11 @@ def test_a_prompt_is_looked_up_in_the_prefix_cache_when_its_first_chunk_runs_not
     # what the steps held, in a live run's terms: A's 48 prompt tokens and 15 of B's last 16 (its final one runs as
     # a decode row); rows: A in 4 steps, B in 2
     totals = step_totals(sim)["w0"]
-    # context read: A's chunks 16 + 32 + 48, its decode 49; B's chunk 32 + 15, its decode 48
+    # context read: A's chunks 16 + 32 + 48, its decode 49; B's chunk 32 + 15, its decode 48; the one decode-only
+    # step is B's last (A's decode shared its step with B's chunk)
     assert totals["steps"] == 5 and totals["made_of"] == {"rows": 6, "prefill_tokens": 63, "context_tokens": 240,
-                                                          "kept_kv_dropped": 0}
+                                                          "kept_kv_dropped": 0, "decode_steps": 1, "decode_rows": 1,
+                                                          "decode_context_tokens": 48}
     assert set(totals["made_of"]) == set(MADE_OF_METRICS.values())
 
 

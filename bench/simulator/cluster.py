@@ -189,6 +189,7 @@ class _Worker:
     busy: bool = False
     extra_s: float = 0.0              # swap time to add to the next iteration
     used_blocks: int = 0              # KV blocks of the running jobs (prompt + generated + the next token)
+    incoming_blocks: int = 0          # ... and of the jobs sent here and not yet taken (command_lag_s): reported too
     steps: list[StepSums] = field(default_factory=list)   # recent steps for the next load report, as a worker sends
     totals: StepTotals = field(default_factory=StepTotals)   # every step of the run, summed
     # keys of the prompt blocks this worker has computed. Never evicted: the live pool (~885k tokens on an H200)
@@ -348,47 +349,60 @@ class Simulation:
             for job in w.running:
                 set_generated(job.job_id, job.generated)
                 total += job.prompt_len + job.generated
-            self.state.load_report(w.wid, w.used_blocks, False, w.report(), total / len(w.running) if w.running else 0.0)
+            # as a live worker's report counts the KV it promised, this one counts what is on its way to it: else each
+            # decision within the command lag would see that room as free again
+            self.state.load_report(w.wid, w.used_blocks + w.incoming_blocks, False, w.report(),
+                                   total / len(w.running) if w.running else 0.0)
         for job_id in self.state.become_due(self.now):   # as the live dispatcher does: a new score, by arrival
             if job_id in self.queued:
                 self._dequeue(job_id)
                 self._enqueue(self.jobs[job_id])
         snap = self.state.snapshot(self.now, [e[2] for e in self.queue[:QUEUE_LOOKAHEAD]])
         plan = self.policy.plan(snap, self.exec_model)
-        commands: dict[str, list] = {}      # worker id -> what this decision tells it, in order: one message
-        for job_id, wid in plan.preempt:
-            self.state.preempt_sent(job_id, wid)
-            commands.setdefault(wid, []).append((job_id, None))
+        # worker id -> what this decision tells it: one message. Workers in the order of the plan's placements (an idle
+        # one starts its step as its message arrives: with no lag, in that order, as before messages had a lag)
+        commands: dict[str, list] = {}
         for job_id, wid in plan.assign:
             commands.setdefault(wid, []).append(self._assign(self.jobs[job_id], self.workers[wid]))
         for job_id, wid in plan.prefill_early:
             commands.setdefault(wid, []).append(self._assign(self.jobs[job_id], self.workers[wid], park=True))
+        for job_id, wid in plan.preempt:
+            self.state.preempt_sent(job_id, wid)
+            commands.setdefault(wid, []).append((job_id, None, 0))
         for wid, sent in commands.items():
             self._after(self.cfg.command_lag_s, lambda w=self.workers[wid], sent=sent: self._commands(w, sent))
         if self.queue and self.cfg.reconsider_s > 0:
             self._decide_no_later_than(self.now + self.cfg.reconsider_s)
 
-    def _assign(self, job: _Job, w: _Worker, park: bool = False) -> tuple[str, bool]:
+    def _assign(self, job: _Job, w: _Worker, park: bool = False) -> tuple[str, bool, int]:
+        """The scheduler places the job on `w`: (job id, park, the KV blocks it will take there) to send."""
         self._dequeue(job.job_id)
         if holder := self.state.placed(job.job_id, w.wid, park, self.cfg.early_tokens):
             self.workers[holder].host_kv.pop(job.job_id, None)     # the stale copy of its KV is dropped
             self.workers[holder].drop_parked(job.job_id)
         if job.first_placed_s is None:
             job.first_placed_s = self.now
-        return job.job_id, park
+        blocks = 0 if job.job_id in w.parked else job.blocks(w.spec.block_size)   # parked KV is counted already
+        w.incoming_blocks += blocks
+        return job.job_id, park, blocks
 
-    def _commands(self, w: _Worker, sent: list[tuple[str, bool | None]]) -> None:
-        """A worker gets one decision's commands: (job id, None) preempts that job between its steps, (job id,
-        park) takes it into its next step. An idle worker starts a step."""
-        for job_id, park in sent:
+    def _commands(self, w: _Worker, sent: list[tuple[str, bool | None, int]]) -> None:
+        """A worker gets one decision's commands: (job id, None, 0) preempts that job between its steps, (job id,
+        park, blocks) takes it into its next step. An idle worker starts a step."""
+        for job_id, park, blocks in sent:
             if park is None:
                 w.to_preempt.add(job_id)
             else:
+                w.incoming_blocks -= blocks
                 self._take(self.jobs[job_id], w, park)
-        if not w.busy and any(park is not None for _, park in sent):
+        if not w.busy and any(park is not None for _, park, _ in sent):
             self._start_step(w)
 
     def _take(self, job: _Job, w: _Worker, park: bool) -> None:
+        # a placement voids a preemption order for the job that was never answered (it left the batch by itself
+        # meanwhile, a park the scheduler heard of before it placed the job again), as the live worker, taking its
+        # commands in order, would have found nothing to preempt
+        w.to_preempt.discard(job.job_id)
         if park:
             w.park_after[job.job_id] = job.generated + self.cfg.early_tokens
         if job.job_id in w.parked:                                 # resumed where it was parked: KV in place

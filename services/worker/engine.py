@@ -70,8 +70,9 @@ class StepOutput:
     recomputed: list[str] = field(default_factory=list)   # running jobs preempted here for room, to recompute here
     seconds: float = 0.0
     shape: "StepShape | None" = None      # what this call launched (None: nothing)
-    # on a GPU, the step collected here: how long the device ran it, and how long it sat waiting for the host before
-    # it (after the step before it ended): host time the overlap of two steps did not hide
+    # on a GPU, the step collected here: how long the device ran it (from its inputs on the device to its sampled ids'
+    # copy; on the mixed path, launches the device outpaces count in), and how long the device sat idle before it
+    # after the step before it ended, waiting for the host: host time the overlap of two steps did not hide
     device_decode_s: float = 0.0      # ... a decode-only step (the CUDA graphs)
     device_mixed_s: float = 0.0       # ... a step with prefill chunks (the eager path)
     device_wait_s: float = 0.0
@@ -106,7 +107,7 @@ class LaunchedStep:
     shape: StepShape | None = None
     probed: list[Sequence] = field(default_factory=list)   # sequences whose prompt the length probe read...
     probe_host: torch.Tensor | None = None                  # ...and its [P, dims] features, on the host
-    began: object | None = None   # a timing torch.cuda.Event recorded before the step's device work (None on CPU)
+    began: object | None = None   # a timing torch.cuda.Event where its model work began (ModelRunner.inputs_ready)
     chained: bool = False         # launched while the step before it was in flight: the device had it queued
 
     def token_ids(self) -> list[int]:
@@ -350,7 +351,6 @@ class Engine:
 
     def _launch(self, plan) -> LaunchedStep:
         prev = self._in_flight.sampled if self._in_flight is not None else None
-        began = _timing_event() if self.runner.device.type == "cuda" else None
         chunks, sampled, probed = [], [], []
         for c in plan.chunks:
             seq = c.seq
@@ -363,6 +363,11 @@ class Engine:
         logits = self.runner.forward(chunks, prev, self.probe if probed else None)
         features = self.runner.take_probed() if probed else None
         tokens = sample(logits, [s.sampling for s in sampled], [len(s.output_ids) + s.num_pending for s in sampled])
+        host = ready = None
+        if tokens.is_cuda:            # the ids' copy is queued now, and its end marked, before more host work
+            host = tokens.to("cpu", non_blocking=True)      # pinned destination: the copy does not block
+            features = features.to("cpu", non_blocking=True) if features is not None else None
+            ready = _timing_event()
         for c in plan.chunks:         # the step is launched: its full blocks whose tokens the host knows join
             self.sched.record_computed(c.seq)   # the prefix cache (not before: a launch that raised wrote no KV)
         for row, seq in enumerate(sampled):
@@ -370,10 +375,8 @@ class Engine:
             seq.sample_row = row
         shape = StepShape.of(plan.chunks, bool(probed))       # a probed step ran the mixed path
         probed = probed if features is not None else []
-        if tokens.is_cuda:
-            host = tokens.to("cpu", non_blocking=True)      # pinned destination: the copy does not block
-            features = features.to("cpu", non_blocking=True) if features is not None else None
-            return LaunchedStep(sampled, tokens, host, _timing_event(), shape, probed, features, began,
+        if ready is not None:
+            return LaunchedStep(sampled, tokens, host, ready, shape, probed, features, self.runner.inputs_ready,
                                 chained=prev is not None)
         return LaunchedStep(sampled, tokens, tokens, None, shape, probed, features)
 

@@ -312,10 +312,6 @@ class EngineLoop(threading.Thread):
     def _emit_step(self, out: StepOutput) -> None:
         for waited in out.waited_in_line:
             metrics.ASSIGNMENT_WAIT.labels(stage="waiting_line").observe(waited)
-        if out.device_decode_s or out.device_mixed_s:      # the step it collected ran on a GPU (as a flush's may)
-            metrics.DEVICE_STEP.labels(step="decode").inc(out.device_decode_s)
-            metrics.DEVICE_STEP.labels(step="mixed").inc(out.device_mixed_s)
-            metrics.DEVICE_WAITED.inc(out.device_wait_s)
         if out.seconds:                    # a flush (before a preempt or abort) ran no step of its own
             self._step_seconds = 0.8 * self._step_seconds + 0.2 * out.seconds if self._step_seconds else out.seconds
             metrics.STEP.observe(out.seconds)
@@ -331,6 +327,12 @@ class EngineLoop(threading.Thread):
                     metrics.DECODE_STEPS.inc()
                     metrics.DECODE_ROWS.inc(out.shape.seqs)
                     metrics.DECODE_CONTEXT.inc(out.shape.context_tokens)
+                # on a GPU, the collected step's device time, counted with its shape (a step a flush collects before a
+                # preempt or abort is in neither: the two stay comparable)
+                if out.device_decode_s or out.device_mixed_s:
+                    metrics.DEVICE_STEP.labels(step="decode").inc(out.device_decode_s)
+                    metrics.DEVICE_STEP.labels(step="mixed").inc(out.device_mixed_s)
+                    metrics.DEVICE_WAITED.inc(out.device_wait_s)
         metrics.GENERATED.inc(sum(len(d.token_ids) for d in out.deltas))
         if out.estimates:               # before the tokens: the scheduler re-ranks the job as its first token arrives
             self._send(wpb.WorkerMessage(estimates=wpb.LengthEstimates(estimates=[

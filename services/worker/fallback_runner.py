@@ -34,6 +34,7 @@ class FallbackRunner:
     def __init__(self, hf_model, block_size: int, num_blocks: int):
         self.hf = hf_model
         self.device = next(hf_model.parameters()).device
+        self.inputs_ready = None        # its steps are not timed on the device (ModelRunner.inputs_ready)
         self.cache = NoPoolCache(block_size, num_blocks)
         self.graphs = None
         self._caches: dict[str, object] = {}

@@ -118,6 +118,7 @@ class ModelRunner:
         self.tables = tables        # the BlockManager's block tables (it writes them, we read)
         cfg = hf_model.config
         self.device = next(hf_model.parameters()).device
+        self.inputs_ready: torch.cuda.Event | None = None   # the last step's model work began here (GPU only)
         self.device_tables = DeviceTables(tables, self.device)   # their copy on the device, for the kernels
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
@@ -190,10 +191,21 @@ class ModelRunner:
         such a step runs the mixed path even when every chunk is one token (the graph captures no probe)."""
         if probe is None and all(len(c.token_ids) == 1 and c.wants_logits for c in chunks):
             batch = self.prepare_decode(chunks, prev_sampled)
+            self._inputs_are_ready()
             if self.graphs is not None and self.graphs.fits(len(chunks)):
                 return self.graphs.run(batch)
             return self.forward_decode(batch)
-        return self.forward_mixed(self.prepare_mixed(chunks, prev_sampled, probe is not None), probe)
+        batch = self.prepare_mixed(chunks, prev_sampled, probe is not None)
+        self._inputs_are_ready()
+        return self.forward_mixed(batch, probe)
+
+    def _inputs_are_ready(self) -> None:
+        """On a GPU, a timing event where the step's inputs are queued on the device and its model work begins
+        (`inputs_ready`): the host's preparation of the step lies before it, so the device's time for the step is
+        measured from here (engine.Engine._time_on_device)."""
+        if self.device.type == "cuda":
+            self.inputs_ready = torch.cuda.Event(enable_timing=True)
+            self.inputs_ready.record()
 
     # -- batch preparation (host side, numpy; one transfer per step) -------------------------------
     def _rows(self, chunks: list[SeqChunk]) -> np.ndarray:
