@@ -126,8 +126,9 @@ def test_park_resume_and_eviction_keep_every_block_accounted_for(overlap, ops, n
         elif op == "resume" and (seq := h.pick(k, SeqStatus.PARKED)) is not None:
             h.sched.unpark(seq)
         elif op == "abort" and h.live:
-            h.settle()                                 # the engine collects the step in flight first
-            h.drop(list(h.live.values())[k % len(h.live)])
+            h.settle()                                 # the engine collects the step in flight first...
+            if h.live:                                 # ...which may have ended the job
+                h.drop(list(h.live.values())[k % len(h.live)])
         h.check()
     for seq in [s for s in h.live.values() if s.status is SeqStatus.PARKED]:
         h.sched.unpark(seq)                            # the scheduler resumes everything parked...

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from alise.v1 import worker_pb2 as wpb
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.scheduler import metrics
 from services.scheduler.worker_sessions import CommandOutbox
