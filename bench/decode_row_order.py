@@ -55,9 +55,6 @@ class Batch:
         self.qkv = torch.randn(LAYERS, len(ctx), rows, generator=gen, device="cuda").to(torch.bfloat16)
         self.ctx = ctx
 
-    def order(self, rows: list[int]) -> "Ordered":
-        return Ordered(self, rows)
-
 
 class Ordered:
     """The batch with its rows launched in the order `rows` (a permutation of its row ids)."""
@@ -109,7 +106,7 @@ def main() -> None:
                       "longest_first": sorted(drawn, key=lambda r: -ctx[r])}
             timed, ref = {}, None
             for name, rows in orders.items():
-                o = b.order(rows)
+                o = Ordered(b, rows)
                 out = o.output_by_row()
                 if ref is None:
                     ref = out

@@ -33,7 +33,7 @@ class StepHistogram:
     thread_s: tuple[tuple[str, float], ...] = ()     # (activity, engine thread seconds spent on it: cumulative)
     made_of: tuple[tuple[str, float], ...] = ()      # (MADE_OF_METRICS name, its total over the steps: cumulative)
     device_s: tuple[tuple[str, float], ...] = ()     # ("decode" / "mixed" / "waited", device seconds: cumulative)
-    waits: tuple[tuple[str, float], ...] = ()        # ("<stage> count" / "<stage> sum", of ASSIGNMENT_WAIT_METRIC)
+    waits: tuple[tuple[tuple[str, str], float], ...] = ()   # ((stage, "count" / "sum"), of ASSIGNMENT_WAIT_METRIC)
 
     def minus(self, earlier: "StepHistogram") -> "StepHistogram":
         def minus(now, then):
@@ -56,11 +56,10 @@ class StepHistogram:
         if self.device_s:
             extra["device_s"] = dict(self.device_s)
         waits = dict(self.waits)
-        if stages := sorted({k.rsplit(" ", 1)[0] for k in waits}):
-            extra["assignment_wait_s"] = {}
-            for stage in stages:
-                n = waits[f"{stage} count"]
-                extra["assignment_wait_s"][stage] = {"count": int(n), "mean_s": waits[f"{stage} sum"] / n if n else 0.0}
+        if stages := sorted({stage for stage, _ in waits}):
+            counts = {stage: waits[stage, "count"] for stage in stages}
+            extra["assignment_wait_s"] = {stage: {"count": int(n), "mean_s": waits[stage, "sum"] / n if n else 0.0}
+                                          for stage, n in counts.items()}
         if self.count == 0:
             return {"steps": 0, **extra}
         return {"steps": int(self.count), "mean_s": self.sum_s / self.count,
@@ -83,7 +82,7 @@ def parse_step_histogram(text: str) -> StepHistogram:
         if family.name == ASSIGNMENT_WAIT_METRIC:
             for sample in family.samples:
                 if (part := sample.name.rsplit("_", 1)[-1]) in ("count", "sum"):
-                    key = f"{sample.labels['stage']} {part}"
+                    key = (sample.labels["stage"], part)
                     waits[key] = waits.get(key, 0.0) + sample.value
             continue
         if family.name in (DEVICE_STEP_METRIC, DEVICE_WAITED_METRIC):

@@ -63,12 +63,18 @@ async def test_a_job_the_engine_failed_is_an_http_error_not_a_200(dispatcher_fac
                 job_ids=[job_id], error="boom", charged_job_ids=[job_id], charges_named=True)))
             r = await asyncio.wait_for(post, 60)
             assert (await d.store.state(job_id)).status == "failed"
-            if not stream:
-                assert r.status_code == 500, r.text
-                assert r.json()["error"]["type"] == "server_error" and r.headers["x-request-id"] == request_id
-            else:
-                events = [line for line in r.text.splitlines() if line.startswith("data: ")]
-                assert '"error"' in events[-1] and '"finish_reason":"error"' not in r.text, r.text
+            assert_http_error(r, stream, request_id, 500, "server_error", "error")
+
+
+def assert_http_error(r, stream: bool, request_id: str, status: int, error_type: str, finish_reason: str) -> None:
+    """An OpenAI error, not a 200 with a finish_reason OpenAI does not have: as a status and body, or as a stream's
+    last event."""
+    if not stream:
+        assert r.status_code == status, r.text
+        assert r.json()["error"]["type"] == error_type and r.headers["x-request-id"] == request_id
+    else:
+        events = [line for line in r.text.splitlines() if line.startswith("data: ")]
+        assert '"error"' in events[-1] and f'"finish_reason":"{finish_reason}"' not in r.text, r.text
 
 
 async def test_an_aborted_job_is_an_http_error_not_a_200(dispatcher_factory, model_dir):
@@ -89,12 +95,7 @@ async def test_an_aborted_job_is_an_http_error_not_a_200(dispatcher_factory, mod
             assert (await d.abort(job_id))[0]
             again = client.post("/v1/completions", json=body | {"stream": stream}, headers=headers, timeout=60)
             for r in (await asyncio.wait_for(post, 60), await again):
-                if not stream:
-                    assert r.status_code == 409, r.text
-                    assert r.json()["error"]["type"] == "conflict_error" and r.headers["x-request-id"] == request_id
-                else:
-                    events = [line for line in r.text.splitlines() if line.startswith("data: ")]
-                    assert '"error"' in events[-1] and '"finish_reason":"aborted"' not in r.text, r.text
+                assert_http_error(r, stream, request_id, 409, "conflict_error", "aborted")
             renewed = f"{request_id}-2"
             retry = asyncio.create_task(client.post("/v1/completions", json=body | {"stream": stream},
                                                     headers=headers | {"x-request-id": renewed}, timeout=60))

@@ -116,6 +116,13 @@ class _Event(IntEnum):                # at equal times: arrivals first, then ite
     DECIDE = 3
 
 
+@dataclass
+class _Commands:
+    """One decision's message to a worker: jobs to take into its next step, jobs to preempt between its steps."""
+    take: list[tuple[str, bool, int]] = field(default_factory=list)   # (job id, park after early tokens, KV blocks)
+    preempt: list[str] = field(default_factory=list)
+
+
 @dataclass(eq=False, slots=True)      # slots: the step loop reads these fields for every token simulated
 class _Job:
     index: int
@@ -361,14 +368,14 @@ class Simulation:
         plan = self.policy.plan(snap, self.exec_model)
         # worker id -> what this decision tells it: one message. Workers in the order of the plan's placements (an idle
         # one starts its step as its message arrives: with no lag, in that order, as before messages had a lag)
-        commands: dict[str, list] = {}
+        commands: dict[str, _Commands] = {}
         for job_id, wid in plan.assign:
-            commands.setdefault(wid, []).append(self._assign(self.jobs[job_id], self.workers[wid]))
+            commands.setdefault(wid, _Commands()).take.append(self._assign(self.jobs[job_id], self.workers[wid]))
         for job_id, wid in plan.prefill_early:
-            commands.setdefault(wid, []).append(self._assign(self.jobs[job_id], self.workers[wid], park=True))
+            commands.setdefault(wid, _Commands()).take.append(self._assign(self.jobs[job_id], self.workers[wid], True))
         for job_id, wid in plan.preempt:
             self.state.preempt_sent(job_id, wid)
-            commands.setdefault(wid, []).append((job_id, None, 0))
+            commands.setdefault(wid, _Commands()).preempt.append(job_id)
         for wid, sent in commands.items():
             self._after(self.cfg.command_lag_s, lambda w=self.workers[wid], sent=sent: self._commands(w, sent))
         if self.queue and self.cfg.reconsider_s > 0:
@@ -386,16 +393,13 @@ class Simulation:
         w.incoming_blocks += blocks
         return job.job_id, park, blocks
 
-    def _commands(self, w: _Worker, sent: list[tuple[str, bool | None, int]]) -> None:
-        """A worker gets one decision's commands: (job id, None, 0) preempts that job between its steps, (job id,
-        park, blocks) takes it into its next step. An idle worker starts a step."""
-        for job_id, park, blocks in sent:
-            if park is None:
-                w.to_preempt.add(job_id)
-            else:
-                w.incoming_blocks -= blocks
-                self._take(self.jobs[job_id], w, park)
-        if not w.busy and any(park is not None for _, park, _ in sent):
+    def _commands(self, w: _Worker, sent: _Commands) -> None:
+        """A worker gets one decision's commands; an idle one given jobs starts a step."""
+        w.to_preempt.update(sent.preempt)
+        for job_id, park, blocks in sent.take:
+            w.incoming_blocks -= blocks
+            self._take(self.jobs[job_id], w, park)
+        if sent.take and not w.busy:
             self._start_step(w)
 
     def _take(self, job: _Job, w: _Worker, park: bool) -> None:

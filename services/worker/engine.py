@@ -73,8 +73,7 @@ class StepOutput:
     # on a GPU, the step collected here: how long the device ran it (from its inputs on the device to its sampled ids'
     # copy; on the mixed path, launches the device outpaces count in), and how long the device sat idle before it
     # after the step before it ended, waiting for the host: host time the overlap of two steps did not hide
-    device_decode_s: float = 0.0      # ... a decode-only step (the CUDA graphs)
-    device_mixed_s: float = 0.0       # ... a step with prefill chunks (the eager path)
+    device_s: float = 0.0             # (its kind, decode-only or mixed, is `shape`'s)
     device_wait_s: float = 0.0
     # seconds each job assigned here waited in the worker's line before this step took it in (its first step here)
     waited_in_line: list[float] = field(default_factory=list)
@@ -403,13 +402,9 @@ class Engine:
     def _time_on_device(self, launched: LaunchedStep, out: StepOutput) -> None:
         """The collected step's device time, and the device's wait for it since the step before it ended (only when
         it was launched behind that step: otherwise the engine had nothing to run, or had flushed, meanwhile)."""
-        if launched.began is None or launched.ready is None:
+        if launched.began is None:                      # on CPU, or a runner that does not time its steps
             return
-        seconds = launched.began.elapsed_time(launched.ready) / 1e3
-        if launched.shape is not None and launched.shape.mixed:
-            out.device_mixed_s += seconds
-        else:
-            out.device_decode_s += seconds
+        out.device_s += launched.began.elapsed_time(launched.ready) / 1e3
         if launched.chained and self._last_ready is not None:
             out.device_wait_s += max(0.0, self._last_ready.elapsed_time(launched.began) / 1e3)
         self._last_ready = launched.ready

@@ -37,7 +37,7 @@ FATAL_FAILED_STEPS = 32
 
 @dataclass(frozen=True)
 class Received:
-    """A scheduler command as it reached this worker, and when (time.monotonic): its wait for the engine thread is
+    """An assignment as it reached this worker, and when (time.monotonic): its wait for the engine thread is
     measured when the thread takes it (alise:assignment_wait_seconds, stage "delivery")."""
     command: wpb.SchedulerCommand
     at: float
@@ -119,7 +119,8 @@ class EngineLoop(threading.Thread):
         return sink[1].qsize() if sink is not None else 0
 
     def submit(self, command) -> None:
-        self.commands.put(Received(command, time.monotonic()) if isinstance(command, wpb.SchedulerCommand) else command)
+        assigned = isinstance(command, wpb.SchedulerCommand) and command.WhichOneof("kind") == "assign"
+        self.commands.put(Received(command, time.monotonic()) if assigned else command)
 
     def stop(self) -> None:
         self.stopped.set()
@@ -329,9 +330,8 @@ class EngineLoop(threading.Thread):
                     metrics.DECODE_CONTEXT.inc(out.shape.context_tokens)
                 # on a GPU, the collected step's device time, counted with its shape (a step a flush collects before a
                 # preempt or abort is in neither: the two stay comparable)
-                if out.device_decode_s or out.device_mixed_s:
-                    metrics.DEVICE_STEP.labels(step="decode").inc(out.device_decode_s)
-                    metrics.DEVICE_STEP.labels(step="mixed").inc(out.device_mixed_s)
+                if out.device_s:
+                    metrics.DEVICE_STEP.labels(step="mixed" if out.shape.mixed else "decode").inc(out.device_s)
                     metrics.DEVICE_WAITED.inc(out.device_wait_s)
         metrics.GENERATED.inc(sum(len(d.token_ids) for d in out.deltas))
         if out.estimates:               # before the tokens: the scheduler re-ranks the job as its first token arrives

@@ -49,9 +49,9 @@ DEVICE_STEP = _labelled(Counter, "alise:device_step_seconds", "Device time of en
                         labels=("step",))
 DEVICE_WAITED = _labelled(Counter, "alise:device_waited_seconds",
                           "Device idle between back-to-back engine steps, waiting for the host")
-# Where a placed job waits on its way into a step: "delivery", from a scheduler command's arrival at this worker to the
-# engine thread taking it (between steps), and "waiting_line", from an assigned job's arrival in the engine to the
-# first step that runs it (it waits there while the batch, the token budget or the KV pool is full)
+# Where a placed job waits on its way into a step: "delivery", from its assignment's arrival at this worker to the
+# engine thread taking it (between steps), and "waiting_line", from then to the first step that runs it (it waits
+# there while the batch, the token budget or the KV pool is full; a job dropped before it runs is not counted)
 ASSIGNMENT_WAIT = _labelled(Histogram, "alise:assignment_wait_seconds", "Where placed jobs wait on a worker",
                             labels=("stage",),
                             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
