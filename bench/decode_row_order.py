@@ -37,20 +37,27 @@ def contexts_from_run(path: str, batch: int, seed: int) -> list[int]:
 
 
 class Batch:
-    """Random caches for sequences of the given contexts (the new token last), shuffled blocks, every layer."""
+    """Random caches for sequences of the given contexts (the new token last), shuffled blocks, every layer.
+    shares[row] = (parent, n): the row's first n blocks are the parent row's (a prefix-cache hit, parent < row,
+    n below the row's own last block, which its new token is written to); (-1, 0) for none."""
 
-    def __init__(self, ctx: list[int], seed: int = 0):
+    def __init__(self, ctx: list[int], seed: int = 0, shares: list[tuple[int, int]] | None = None):
         gen = torch.Generator(device="cuda").manual_seed(seed)
+        shares = shares or [(-1, 0)] * len(ctx)
         widths = [-(-c // BLOCK) for c in ctx]
-        blocks, width = sum(widths), max(widths)
+        own = [w - n for w, (_, n) in zip(widths, shares)]
+        blocks, width = sum(own), max(widths)
         self.k = torch.randn(LAYERS, blocks * BLOCK, KV, DIM, generator=gen, device="cuda").to(torch.bfloat16)
         self.v = torch.randn(LAYERS, blocks * BLOCK, KV, DIM, generator=gen, device="cuda").to(torch.bfloat16)
         perm = torch.randperm(blocks, generator=gen, device="cuda").int()
         self.tables = torch.zeros(len(ctx), width, dtype=torch.int32, device="cuda")
         at = 0
-        for row, w in enumerate(widths):
-            self.tables[row, :w] = perm[at:at + w]
-            at += w
+        for row, (w, (parent, n)) in enumerate(zip(widths, shares)):
+            assert n < w and (n == 0 or 0 <= parent < row), (row, parent, n, w)
+            if n:
+                self.tables[row, :n] = self.tables[parent, :n]
+            self.tables[row, n:w] = perm[at:at + w - n]
+            at += w - n
         rows = (HEADS + 2 * KV) * DIM
         self.qkv = torch.randn(LAYERS, len(ctx), rows, generator=gen, device="cuda").to(torch.bfloat16)
         self.ctx = ctx

@@ -26,7 +26,8 @@ class Harness:
         self.blocks = BlockManager(num_blocks=num_blocks, block_size=4)
         # as the engine sizes it: a sequence alone always fits the pool
         self.sched = StepScheduler(self.blocks, max_batch=3, token_budget=16, max_model_len=num_blocks * 4,
-                                   early_rows=2)     # early jobs beyond two wait their turn
+                                   early_rows=2,      # early jobs beyond two wait their turn
+                                   group_prefix_rows=True)   # as a worker's: decode rows reordered by their tables
         self.live: dict[str, Sequence] = {}
         self.n = 0
 

@@ -102,6 +102,10 @@ class BlockManager:
         """The sequence's block ids (a copy; empty when it holds none)."""
         return self.rows.table(seq_id)
 
+    def prefix_order(self, seq_ids: list[str]) -> list[int]:
+        """An order of these sequences (positions in the list) with those sharing leading blocks together."""
+        return self.rows.prefix_order(seq_ids)
+
     def num_blocks_of(self, seq_id: str) -> int:
         return self.rows.length(seq_id)
 

@@ -135,7 +135,7 @@ class EngineLoad:
 class Engine:
     def __init__(self, runner, blocks: BlockManager, tokenizer, *, eos_ids: set[int],
                  max_batch: int, token_budget: int, max_model_len: int, overlap: bool = False,
-                 probe: LengthProbe | None = None, early_rows: int = 32):
+                 probe: LengthProbe | None = None, early_rows: int = 32, group_prefix_rows: bool = False):
         self.runner = runner
         self.probe = probe                           # learns from finished jobs; each forward that needs it gets it
         self.blocks = blocks
@@ -145,7 +145,8 @@ class Engine:
         self.vocab_size = runner.hf.config.vocab_size
         self.overlap = overlap
         self.sched = StepScheduler(blocks, max_batch=max_batch, token_budget=token_budget,
-                                   max_model_len=max_model_len, early_rows=early_rows)
+                                   max_model_len=max_model_len, early_rows=early_rows,
+                                   group_prefix_rows=group_prefix_rows)
         self.seqs: dict[str, Sequence] = {}          # every job this worker holds, in any state
         self.probe_features: dict[str, object] = {}  # job -> its length-probe features (numpy), until it finishes
         # features of jobs preempted by recompute, for when they come back (long jobs are preempted most: without

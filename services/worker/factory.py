@@ -101,7 +101,7 @@ def build_engine(cfg: WorkerConfig, model=None, tokenizer=None) -> Engine:
                     eos_ids=eos_token_ids(model, tokenizer), max_batch=max_batch,
                     token_budget=token_budget, max_model_len=max_len,
                     overlap=cfg.overlap_steps and device.type == "cuda", probe=length_probe(cfg, mc, device, dtype),
-                    early_rows=cfg.early_rows)
+                    early_rows=cfg.early_rows, group_prefix_rows=cfg.group_prefix_rows)
     if device.type == "cuda":
         warm_up(engine)
     return engine
@@ -165,4 +165,5 @@ def _fallback_engine(cfg: WorkerConfig, model, tokenizer) -> Engine:
     return Engine(FallbackRunner(model, cfg.block_size, num_blocks),
                   BlockManager(num_blocks, cfg.block_size, cfg.num_host_blocks), tokenizer,
                   eos_ids=eos_token_ids(model, tokenizer), max_batch=cfg.max_batch or CPU_BATCH,
-                  token_budget=cfg.token_budget or CPU_TOKEN_BUDGET, max_model_len=max_len, early_rows=cfg.early_rows)
+                  token_budget=cfg.token_budget or CPU_TOKEN_BUDGET, max_model_len=max_len, early_rows=cfg.early_rows,
+                  group_prefix_rows=cfg.group_prefix_rows)

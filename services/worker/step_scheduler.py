@@ -51,8 +51,9 @@ class StepPlan:
 
 class StepScheduler:
     def __init__(self, blocks: BlockManager, max_batch: int, token_budget: int, max_model_len: int,
-                 early_rows: int = 32):
+                 early_rows: int = 32, group_prefix_rows: bool = False):
         self.blocks = blocks
+        self.group_prefix_rows = group_prefix_rows
         self.max_batch = max_batch
         self.early_rows = early_rows             # sequences decoding early tokens beside the batch, at most
         # the most rows a step plans, whatever the scheduler resumed: what the decode graphs are captured for
@@ -202,7 +203,21 @@ class StepScheduler:
         else:
             admitted = []
         assert sum(c.num_tokens for c in chunks) <= self.token_budget
+        if self.group_prefix_rows:
+            chunks = self._prefix_grouped(chunks)
         return StepPlan(chunks, preempted, evicted, parked, [c.seq for c in admitted])
+
+    def _prefix_grouped(self, chunks: list[ScheduledChunk]) -> list[ScheduledChunk]:
+        """The decode rows reordered so that those sharing leading KV blocks are next to each other, the other
+        chunks after them as planned. The decode kernel runs one program per (row, KV head) in row order: a prefix
+        two rows share is read by programs running about at once, the second read likely from L2. Admission order
+        keeps a conversation's turns together only when they were admitted together (fcfs), not when a policy
+        orders them by predicted length or a parked job resumes (bench/decode_batch_order.py)."""
+        decodes = [c for c in chunks if c.num_tokens == 1]
+        if len(decodes) < 2:
+            return chunks
+        order = self.blocks.prefix_order([c.seq.job_id for c in decodes])
+        return [decodes[i] for i in order] + [c for c in chunks if c.num_tokens != 1]
 
     def _victim(self, seq: Sequence, planned: set[Sequence], budget: int) -> Sequence | None:
         """Whom to preempt for `seq`'s room: the newest running sequence not planned this step (decodes go first, so
