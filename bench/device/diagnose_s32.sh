@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Session 32 on the lent GPU: do rows that share prefix blocks run faster next to each other? First the decode
+# attention of live batches by row order (bench/decode_batch_order.py, the batches extracted from session 30's runs),
+# then alise at RATE with and without the worker's grouping of such rows (group_prefix_rows), the same arrivals, each
+# run's decode-only steps against session 30's fitted cost (device time over modelled; fewer = faster).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+case "$gpu" in *H200*) rate=${RATE:-55} ;; *) rate=${RATE:-48} ;; esac
+echo "gpu: $gpu, rate $rate, cpus: $(nproc), $(lscpu | grep "Model name" | head -1)"
+nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv
+if [ -z "${SKIP_ORDER:-}" ]; then
+    PYTHONPATH=$PWD timeout 150 python3 -m bench.decode_batch_order time \
+        --batches docs/results/h100_chat_2026-12-06_s32/batches.json --out "$OUT/decode_batch_order.json" 2>&1 \
+        | grep -v Warning
+fi
+export PREDICTOR=predictor_880
+for variant in ${VARIANTS:-grouped ungrouped}; do
+    flag=--worker-arg=--group-prefix-rows
+    [ "$variant" = ungrouped ] && flag=--worker-arg=--no-group-prefix-rows
+    SWEEP_TIMEOUT=${SWEEP_TIMEOUT:-190} bash bench/device/sweep.sh "G$variant" sharegpt-chat \
+        .bench-data/sharegpt_heldout_880.json "${N:-2000}" "${POLICIES:-alise}" "$rate" --ignore-eos \
+        --scheduler-arg=--learn-forced-lengths "$flag" 2>&1 | tail -3
+done
+for f in out/G*/*.json; do
+    python3 - "$f" <<'PY' 2>/dev/null
+import json, sys
+d = json.load(open(sys.argv[1]))
+s = d["step_times"]["worker-0"]
+m, dev = s["made_of"], s["device_s"]
+c = json.load(open("docs/results/h100_chat_2026-12-06_s30/sim/cost_h100_s30.json"))
+model = (m["decode_steps"] * c["base_s"] + m["decode_rows"] * c["per_seq_s"]
+         + m["decode_context_tokens"] * c["per_context_token_s"])
+print(sys.argv[1], "decode steps", m["decode_steps"], "rows/step %.0f" % (m["decode_rows"] / m["decode_steps"]),
+      "ctx/step %.0f" % (m["decode_context_tokens"] / m["decode_steps"]), "device/modelled %.4f" % (dev["decode"] / model),
+      "waited", round(dev["waited"], 2), "mean %.4f" % d["normalized_latency_s"]["mean"],
+      "tok/s %.0f" % d["output_throughput"], "admit %.3f" % d["admit_s"]["mean"], "ttft %.3f" % d["ttft_s"]["mean"])
+PY
+done
