@@ -15,14 +15,11 @@ if [ -z "${SKIP_ORDER:-}" ]; then
         | grep -v Warning
 fi
 export PREDICTOR=predictor_880
-for variant in ${VARIANTS:-grouped ungrouped}; do
-    flag=--worker-arg=--group-prefix-rows
-    [ "$variant" = ungrouped ] && flag=--worker-arg=--no-group-prefix-rows
-    SWEEP_TIMEOUT=${SWEEP_TIMEOUT:-190} bash bench/device/sweep.sh "G$variant" sharegpt-chat \
-        .bench-data/sharegpt_heldout_880.json "${N:-2000}" "${POLICIES:-alise}" "$rate" --ignore-eos \
-        --scheduler-arg=--learn-forced-lengths "$flag" 2>&1 | tail -3
-done
-for f in out/G*/*.json; do
+# alise@ug: the same policy with the worker's rows in admission order, a run of its own in the same sweep
+SWEEP_TIMEOUT=${SWEEP_TIMEOUT:-380} bash bench/device/sweep.sh G sharegpt-chat .bench-data/sharegpt_heldout_880.json \
+    "${N:-2000}" "${POLICIES:-alise alise@ug}" "$rate" --ignore-eos --scheduler-arg=--learn-forced-lengths \
+    --variant-worker-arg=ug=--no-group-prefix-rows 2>&1 | tail -3
+for f in out/G/*.json; do
     python3 - "$f" <<'PY' 2>/dev/null
 import json, sys
 d = json.load(open(sys.argv[1]))
