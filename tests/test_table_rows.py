@@ -23,15 +23,15 @@ def test_rows_grow_reuse_and_bump_the_version_of_each_row_written():
 
 
 
-def test_the_prefix_order_puts_tables_that_share_blocks_together_and_keeps_ties_in_order():
+def test_the_prefix_order_pulls_tables_that_share_blocks_to_their_first_and_keeps_the_rest_in_order():
     rows = TableRows(rows=2, width=2)
     # b2 hit b1's blocks after a1's copy of the first one (a1 and b1 were prefilled in one step, each with a copy)
     for seq, table in [("a1", [0, 5, 6, 7]), ("b1", [4, 9, 1, 2]), ("a2", [0, 5, 6, 7, 3]), ("x", []),
                        ("b2", [0, 9, 1, 2, 8]), ("a3", [0, 5, 6, 7]), ("short", [0, 5])]:
         rows.assign(seq, table)
     order = ["a1", "b1", "a2", "x", "b2", "a3", "short"]
-    assert [order[i] for i in rows.prefix_order(order)] == ["x", "short", "b2", "b1", "a1", "a2", "a3"]
-    assert [order[i] for i in rows.prefix_order(order, depth=1)] == ["x", "a1", "a2", "b2", "a3", "short", "b1"]
+    assert [order[i] for i in rows.prefix_order(order)] == ["a1", "a2", "a3", "b1", "b2", "x", "short"]
+    assert [order[i] for i in rows.prefix_order(order, depth=1)] == ["a1", "a2", "b2", "a3", "short", "b1", "x"]
 
 def test_changes_that_never_reached_the_device_are_sent_again():
     host = TableRows(rows=4, width=16)

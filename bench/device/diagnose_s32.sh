@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Session 32 on the lent GPU: do rows that share prefix blocks run faster next to each other? First the decode
 # attention of live batches by row order (bench/decode_batch_order.py, the batches extracted from session 30's runs),
-# then alise at RATE with and without the worker's grouping of such rows (group_prefix_rows), the same arrivals, each
-# run's decode-only steps against session 30's fitted cost (device time over modelled; fewer = faster).
+# then alise at RATE with and without the worker's grouping of such rows (group_prefix_rows), and fcfs, the same
+# arrivals (NAME: the sweep's folder under out/; SKIP_ORDER=1 skips the attention bench), each run's decode-only
+# steps against session 30's fitted cost (device time over modelled; fewer = faster).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
@@ -16,10 +17,11 @@ if [ -z "${SKIP_ORDER:-}" ]; then
 fi
 export PREDICTOR=predictor_880
 # alise@ug: the same policy with the worker's rows in admission order, a run of its own in the same sweep
-SWEEP_TIMEOUT=${SWEEP_TIMEOUT:-380} bash bench/device/sweep.sh G sharegpt-chat .bench-data/sharegpt_heldout_880.json \
-    "${N:-2000}" "${POLICIES:-alise alise@ug}" "$rate" --ignore-eos --scheduler-arg=--learn-forced-lengths \
+name=${NAME:-G3}
+SWEEP_TIMEOUT=${SWEEP_TIMEOUT:-540} bash bench/device/sweep.sh "$name" sharegpt-chat .bench-data/sharegpt_heldout_880.json \
+    "${N:-3000}" "${POLICIES:-alise@ug alise fcfs}" "$rate" --ignore-eos --scheduler-arg=--learn-forced-lengths \
     --variant-worker-arg=ug=--no-group-prefix-rows 2>&1 | tail -3
-for f in out/G/*.json; do
+for f in out/"$name"/*.json; do
     python3 - "$f" <<'PY' 2>/dev/null
 import json, sys
 d = json.load(open(sys.argv[1]))

@@ -83,16 +83,18 @@ class TableRows:
         self._free.extend(range(2 * old - 1, old - 1, -1))
 
     def prefix_order(self, seq_ids: list[str], depth: int = 4) -> list[int]:
-        """Positions of `seq_ids` (each holding a row) ordered by their `depth`-th block id, then the one before and
-        so on (a shorter table counts -1 there), ties in the given order: sequences that share a prefix of blocks
-        (prefix-cache hits) come next to each other. The deepest block decides, since the first ones may differ
-        while later ones are shared: two prompts prefilled in one step each hold a copy of a common system block,
-        and a later turn of the second one hits the first's copy and the second's own blocks after it. Past a
-        system prompt, a shared block means one conversation."""
+        """Positions of `seq_ids` (each holding a row) with those that share their `depth`-th block next to each
+        other: each such group where its first member is, members in the given order (a table shorter than that is
+        a group of its own). Prefix-cache blocks chain, so sharing a block means sharing the prefix up to it; past a
+        system prompt's few blocks, that is one conversation. The deep block, not the first: two prompts prefilled
+        in one step each hold a copy of a common system block, and a later turn of the second one then holds the
+        first's copy and the second's own blocks after it."""
         rows = np.fromiter((self._row_of[s] for s in seq_ids), np.int64, len(seq_ids))
         depth = min(depth, self.blocks.shape[1])
-        keys = np.where(np.arange(depth)[None, :] < self.lens[rows][:, None], self.blocks[rows, :depth], -1)
-        return np.lexsort((np.arange(len(rows)), *keys.T)).tolist()     # the last key (the deepest block) sorts first
+        at = np.arange(len(rows))
+        deep = np.where(self.lens[rows] >= depth, self.blocks[rows, depth - 1], -1 - at)
+        _, first, group = np.unique(deep, return_index=True, return_inverse=True)
+        return np.lexsort((at, first[group])).tolist()       # by the group's first position, then its own
 
     # -- reads (the runner's) ------------------------------------------------------------------
     def width(self, rows: np.ndarray, round_to: int = 1) -> int:
