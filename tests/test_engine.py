@@ -418,3 +418,31 @@ def test_a_resumed_job_whose_recorded_output_already_ends_it_ends_without_anothe
         "len": ([], Finish.LENGTH), "eos": ([], Finish.STOP), "stop": ([], Finish.STOP_STRING)}
     assert done["stop"][1] == so_far[-5:-3] and full.startswith(so_far)      # the text before the stop string only
     assert engine.blocks.num_used == 0 and not engine.seqs
+
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+def test_grouped_prefix_rows_give_each_job_its_own_tokens(model_dir, tokenizer, hf_model, overlap):
+    """With rows that share prefix blocks grouped (a step's rows out of admission order), each job still gets
+    transformers' greedy tokens: second turns, admitted in the other order while their first turns decode, share
+    those turns' blocks."""
+    engine = make_engine(model_dir, group_prefix_rows=True)
+    engine.overlap = overlap
+    tokens: dict[str, list[int]] = {}
+    collect = lambda out: [tokens.setdefault(d.job_id, []).extend(d.token_ids) for d in out.deltas]  # noqa: E731
+    prompts = {f"t1-{i}": tokenizer.encode(" ".join(3 * (PROMPTS[i:] + PROMPTS[:i])), add_special_tokens=False)
+               for i in range(3)}                       # over 4 blocks: rows are grouped by their 4th block
+    for job, ids in prompts.items():
+        engine.add(job, ids, Sampling(max_tokens=24, ignore_eos=True))
+    for _ in range(3):                                   # prefilled and decoding: their full blocks are cached
+        collect(engine.step())
+    before = engine.sched.cached_tokens
+    for job, ids in reversed(list(prompts.items())):
+        prompts[job.replace("t1", "t2")] = ids + tokenizer.encode(" Tell me more.", add_special_tokens=False)
+        engine.add(job.replace("t1", "t2"), prompts[job.replace("t1", "t2")], Sampling(max_tokens=24, ignore_eos=True))
+    collect(engine.step())                               # the second turns are admitted
+    jobs = list(prompts)                                 # admission order: t1-0, t1-1, t1-2, t2-2, t2-1, t2-0
+    assert [jobs[i] for i in engine.blocks.prefix_order(jobs)] == ["t1-0", "t2-0", "t1-1", "t2-1", "t1-2", "t2-2"]
+    run_to_end(engine, on_step=collect)
+    assert engine.sched.cached_tokens - before >= 3 * 64     # the second turns hit their first turns' blocks
+    assert {job: tokens[job] for job in prompts} == {job: hf_greedy_ids(hf_model, ids, 24) for job, ids in prompts.items()}

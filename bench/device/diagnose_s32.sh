@@ -16,11 +16,11 @@ if [ -z "${SKIP_ORDER:-}" ]; then
         | grep -v Warning
 fi
 export PREDICTOR=predictor_880
-# alise@ug: the same policy with the worker's rows in admission order, a run of its own in the same sweep
+# alise@g: the same policy with the worker's prefix-sharing rows grouped, a run of its own in the same sweep
 name=${NAME:-G3}
 SWEEP_TIMEOUT=${SWEEP_TIMEOUT:-540} bash bench/device/sweep.sh "$name" sharegpt-chat .bench-data/sharegpt_heldout_880.json \
-    "${N:-3000}" "${POLICIES:-alise@ug alise fcfs}" "$rate" --ignore-eos --scheduler-arg=--learn-forced-lengths \
-    --variant-worker-arg=ug=--no-group-prefix-rows 2>&1 | tail -3
+    "${N:-3000}" "${POLICIES:-alise alise@g fcfs}" "$rate" --ignore-eos --scheduler-arg=--learn-forced-lengths \
+    --variant-worker-arg=g=--group-prefix-rows 2>&1 | tail -3
 for f in out/"$name"/*.json; do
     python3 - "$f" <<'PY' 2>/dev/null
 import json, sys
