@@ -55,11 +55,8 @@ class StepHistogram:
             extra["made_of"] = {k: int(v) for k, v in self.made_of}
         if self.device_s:
             extra["device_s"] = dict(self.device_s)
-        waits = dict(self.waits)
-        if stages := sorted({stage for stage, _ in waits}):
-            counts = {stage: waits[stage, "count"] for stage in stages}
-            extra["assignment_wait_s"] = {stage: {"count": int(n), "mean_s": waits[stage, "sum"] / n if n else 0.0}
-                                          for stage, n in counts.items()}
+        if self.waits:
+            extra["assignment_wait_s"] = means_by_label(dict(self.waits))
         if self.count == 0:
             return {"steps": 0, **extra}
         return {"steps": int(self.count), "mean_s": self.sum_s / self.count,
@@ -80,10 +77,7 @@ def parse_step_histogram(text: str) -> StepHistogram:
     count = total = 0.0
     for family in text_string_to_metric_families(text):
         if family.name == ASSIGNMENT_WAIT_METRIC:
-            for sample in family.samples:
-                if (part := sample.name.rsplit("_", 1)[-1]) in ("count", "sum"):
-                    key = (sample.labels["stage"], part)
-                    waits[key] = waits.get(key, 0.0) + sample.value
+            waits = histogram_label_sums(family, "stage")
             continue
         if family.name in (DEVICE_STEP_METRIC, DEVICE_WAITED_METRIC):
             for sample in family.samples:
@@ -112,6 +106,23 @@ def parse_step_histogram(text: str) -> StepHistogram:
                 total += sample.value
     return StepHistogram(tuple(sorted(buckets.items())), count, total, tuple(sorted(thread.items())),
                          tuple(sorted(made_of.items())), tuple(sorted(device.items())), tuple(sorted(waits.items())))
+
+
+def histogram_label_sums(family, label: str) -> dict[tuple[str, str], float]:
+    """A histogram family's observations and their seconds by one label's value: {(value, "count" / "sum"): total}
+    (summed over the other labels, such as the model's)."""
+    out: dict[tuple[str, str], float] = {}
+    for sample in family.samples:
+        if (part := sample.name.rsplit("_", 1)[-1]) in ("count", "sum"):
+            key = (sample.labels[label], part)
+            out[key] = out.get(key, 0.0) + sample.value
+    return out
+
+
+def means_by_label(sums: dict[tuple[str, str], float]) -> dict[str, dict]:
+    """{value: {"count", "mean_s"}} of histogram_label_sums (or a difference of two of them)."""
+    return {value: {"count": int(n), "mean_s": sums.get((value, "sum"), 0.0) / n if n else 0.0}
+            for value, n in sorted((v, sums.get((v, "count"), 0.0)) for v in {v for v, _ in sums})}
 
 
 def read_step_histogram(port: int, host: str = "127.0.0.1", timeout_s: float = 10.0) -> StepHistogram:

@@ -23,6 +23,7 @@ from bench.process_cpu import cpu_share, process_cpu, process_cpus
 from bench.serve import (Target, add_workload_arguments, arrival_fields, arrival_trace, load_workload, open_tokenizer,
                          run, save, worker_loads)
 from bench.serve_metrics import RequestResult, summarize, work_pace
+from bench.scheduler_waits import SchedulerWaits, read_scheduler_waits
 from bench.step_times import StepHistogram, read_step_histogram
 from bench.sweep_report import Run, markdown, plot
 
@@ -201,7 +202,7 @@ def start_stack(a: argparse.Namespace, policy: str, rate: float, cpus: tuple[int
                       scheduler_args=["--policy", policy_name, "--serve-step-sample", *blind, *a.scheduler_arg,
                                       *scheduler_flags],
                       predictor_args=["--read-only", *a.predictor_arg], worker_metrics=True,
-                      cpus=cpus).start(timeout_s=900)
+                      scheduler_metrics=True, cpus=cpus).start(timeout_s=900)
 
 
 async def measure_together(a: argparse.Namespace, stacks: list, rate: float, prime, measured,
@@ -214,15 +215,17 @@ async def measure_together(a: argparse.Namespace, stacks: list, rate: float, pri
         await asyncio.gather(*(run(prime, t, rate=math.inf, burstiness=1.0, seed=a.seed, max_concurrency=0,
                                    ignore_eos=a.ignore_eos, label=f"prime-{i}", progress=False)
                                for i, t in enumerate(targets)))
-    before = [(process_cpu(s), worker_steps(s)) for s in stacks]
+    before = [(process_cpu(s), worker_steps(s), scheduler_waits(s)) for s in stacks]
     measures = await asyncio.gather(*(run(measured, t, rate=rate, burstiness=a.burstiness, seed=a.seed,
                                           max_concurrency=a.max_concurrency, ignore_eos=a.ignore_eos,
                                           label=f"run-{i}", trace=trace, progress=i == 0)
                                       for i, t in enumerate(targets)))
     out = []
-    for stack, target, (cpu_before, steps_before), (results, duration) in zip(stacks, targets, before, measures):
+    for stack, target, (cpu_before, steps_before, waits_before), (results, duration) in zip(stacks, targets, before,
+                                                                                         measures):
         extras = {"cpu_share": cpu_share(cpu_before, process_cpu(stack), duration),  # one at a full core limits a run
                   "step_times": steps_during(steps_before, worker_steps(stack)),
+                  "scheduler_waits": waits_during(waits_before, scheduler_waits(stack)),
                   "cpus": process_cpus(stack)}
         try:
             extras["workers"] = await worker_loads(target)   # what the scheduler learned of them (the simulator's cost)
@@ -241,6 +244,21 @@ def worker_steps(stack) -> dict[str, "StepHistogram | Exception"]:
         except Exception as e:  # noqa: BLE001 - reported in the run's JSON instead
             out[name] = e
     return out
+
+
+def scheduler_waits(stack) -> "SchedulerWaits | Exception":
+    """The scheduler's admission and command waits now (an unreadable reading as its error: the run matters more)."""
+    try:
+        return read_scheduler_waits(stack.scheduler_metrics_port)
+    except Exception as e:  # noqa: BLE001 - reported in the run's JSON instead
+        return e
+
+
+def waits_during(before: "SchedulerWaits | Exception", after: "SchedulerWaits | Exception") -> dict:
+    """The scheduler's waits between two readings (bench/scheduler_waits.py), or what kept them from being read."""
+    if isinstance(before, Exception) or isinstance(after, Exception):
+        return {"error": repr(before if isinstance(before, Exception) else after)}
+    return after.minus(before).summary()
 
 
 def steps_during(before: dict, after: dict) -> dict[str, dict]:

@@ -74,6 +74,10 @@ def test_a_small_sweep_on_live_stacks_writes_runs_figures_and_report(tmp_path, m
             # and where the placed jobs waited on the worker: each of the 4 came in a command and joined a step
             waits = steps["assignment_wait_s"]
             assert waits["delivery"]["count"] >= 4 and waits["waiting_line"]["count"] >= 4, waits
+            # and the scheduler's side: each request's admission by stage, each placement's wait for the stream
+            admission = summary["scheduler_waits"]["admission_s"]
+            assert all(admission[stage]["count"] >= 4 for stage in ("validate", "predict", "store")), admission
+            assert summary["scheduler_waits"]["command_wait_s"]["assign"]["count"] >= 4, summary["scheduler_waits"]
             # and the scheduler's sample of those steps, that bench.simulator.calibrate --from-runs fits a cost to
             sample = summary["workers"][0]["step_sample"]
             assert sample and all(len(row) == 6 and row[0] >= 1 and row[1] > 0 for row in sample), sample[:3]
@@ -250,3 +254,25 @@ def test_step_times_are_the_difference_of_two_readings_of_the_workers_histogram(
                      "waiting_line": {"count": 1, "mean_s": pytest.approx(2.5)}}
     # read across a worker restart: the counters began again, so the difference means nothing
     assert "error" in before.minus(parse_step_histogram(generate_latest(registry).decode())).summary()
+
+
+def test_scheduler_waits_are_the_difference_of_two_readings_by_stage_and_command():
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from bench.scheduler_waits import parse_scheduler_waits
+
+    registry = CollectorRegistry()
+    admission = Histogram("alise:admission_seconds", "a", ["model_name", "stage"], registry=registry, buckets=(0.1,))
+    command = Histogram("alise:worker_command_wait_seconds", "c", ["model_name", "command"], registry=registry,
+                        buckets=(0.1,))
+    admission.labels("m", "predict").observe(7.0)                      # before the run: not counted
+    before = parse_scheduler_waits(generate_latest(registry).decode())
+    for seconds in (0.2, 0.4):
+        admission.labels("m", "predict").observe(seconds)
+    admission.labels("m", "store").observe(0.003)
+    command.labels("m", "assign").observe(0.05)
+    run = parse_scheduler_waits(generate_latest(registry).decode()).minus(before).summary()
+    assert run == {"admission_s": {"predict": {"count": 2, "mean_s": pytest.approx(0.3)},
+                                   "store": {"count": 1, "mean_s": pytest.approx(0.003)}},
+                   "command_wait_s": {"assign": {"count": 1, "mean_s": pytest.approx(0.05)}}}
+    assert parse_scheduler_waits("# a page without them\n").summary() == {}

@@ -266,6 +266,8 @@ class LocalStack:
     service_tls: dict[str, TlsFiles] = field(default_factory=dict)   # under TLS: service -> its own certificate
     worker_metrics: bool = False    # each worker serves Prometheus /metrics on a port of its own (metrics_ports)
     metrics_ports: dict[str, int] = field(default_factory=dict)   # worker name -> its /metrics port
+    scheduler_metrics: bool = False  # the scheduler serves Prometheus /metrics on a port of its own
+    scheduler_metrics_port: int = 0
     health_ports: dict[str, int] = field(default_factory=dict)    # under TLS: service -> its plaintext probe port
     # every process of the stack (Redis too) runs on these CPUs only, its thread pools sized to them (none: anywhere);
     # `alise bench sweep --side-by-side` gives each policy's stack its own share of the machine
@@ -327,9 +329,11 @@ class LocalStack:
         self.secrets_dir = self.secrets_dir or self.log_dir / "secrets"
         self.service_token, self.api_keys = write_credentials(self.secrets_dir, self.tenants)
         # distinct: no two services of this stack share one (drawn at once: see free_ports)
-        ports = free_ports(6 + (self.num_workers if self.worker_metrics else 0))
+        ports = free_ports(7 + (self.num_workers if self.worker_metrics else 0))
         if self.worker_metrics:
-            self.metrics_ports = {f"worker-{i}": port for i, port in enumerate(ports[6:])}
+            self.metrics_ports = {f"worker-{i}": port for i, port in enumerate(ports[7:])}
+        if self.scheduler_metrics:
+            self.scheduler_metrics_port = ports[6]
         if self.tls:
             # a certificate of its own for each service (its name is what the services it calls check), one CA
             pki = self.secrets_dir / "tls"
@@ -368,7 +372,8 @@ class LocalStack:
                 "--api-keys-file", str(self.secrets_dir / "api-keys.json"),
                 "--predictor-address", f"127.0.0.1:{self.predictor_port}",
                 *self._tls_flags("scheduler", True, "--worker-mtls", "--worker-cert-names", CERT_NAMES["worker"]),
-                *probes, *self.scheduler_args]
+                *probes, *(["--metrics-port", str(self.scheduler_metrics_port)] if self.scheduler_metrics else []),
+                *self.scheduler_args]
 
     def worker_command(self, i: int) -> list[str]:
         port = self.metrics_ports.get(f"worker-{i}")
@@ -391,7 +396,7 @@ class LocalStack:
     def _unused_port(self) -> int:
         """A free port that no service of this stack was given (they may not all be bound yet)."""
         taken = {self.scheduler_port, self.gateway_port, self.predictor_port, *self.metrics_ports.values(),
-                 *self.health_ports.values()}
+                 *self.health_ports.values(), self.scheduler_metrics_port}
         while (port := free_ports(1)[0]) in taken:
             pass
         return port

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -92,6 +93,7 @@ class AliseServicer(pb_grpc.AliseServicer):
         return request.request_id
 
     async def _validate(self, request, tenant: Tenant, context) -> ValidRequest:
+        started = time.monotonic()
         try:
             # tokenizing (and rendering a chat template) is CPU work: keep the event loop free for others
             v = await asyncio.to_thread(validate, request, self.d.cfg, self.tok,
@@ -99,6 +101,7 @@ class AliseServicer(pb_grpc.AliseServicer):
         except InvalidRequest as e:
             metrics.REJECTED.labels(field=metric_field(e.field)).inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        metrics.ADMISSION.labels(stage=metrics.AdmissionStage.VALIDATE.value).observe(time.monotonic() - started)
         if v.priority > tenant.max_priority:
             metrics.REJECTED.labels(field="priority").inc()
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,

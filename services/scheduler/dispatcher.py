@@ -76,7 +76,10 @@ class Dispatcher:
         if self.cfg.max_queued_work_s and self.queued_work_s > self.cfg.max_queued_work_s:
             return CreateOutcome.WORK_FULL
         bound = self._prediction_bound(v.sampling.max_tokens)
+        started = time.monotonic()
         pred = await self.predictor.predict(v.prompt_text, v.previous_reply_tokens, bound)
+        predicted = time.monotonic()
+        metrics.ADMISSION.labels(stage=metrics.AdmissionStage.PREDICT.value).observe(predicted - started)
         mean = pred.mean if pred else self.cfg.prior_output_tokens
         rec = JobRecord(job_id=keys.job_id(tenant.name, v.request_id), fingerprint=v.fingerprint,
                         prompt_ids=v.prompt_ids, prompt_text=v.prompt_text, sampling=v.sampling, priority=v.priority, pred_len=mean,
@@ -86,6 +89,7 @@ class Dispatcher:
         rec.pred_time = self.cost.total(len(rec.prompt_ids), min(mean, bound))
         score = self.policy.queue_score(job_view(self._facts(rec)), self.cost)
         outcome = await self.store.create(rec, score, tenant.max_live_jobs, self.cfg.max_queued_jobs)
+        metrics.ADMISSION.labels(stage=metrics.AdmissionStage.STORE.value).observe(time.monotonic() - predicted)
         if outcome is CreateOutcome.CREATED:
             self.state.track(self._facts(rec), rec)
             self.wake()

@@ -8,6 +8,7 @@ workers' `vllm:num_requests_waiting / running` are per engine.
 from __future__ import annotations
 
 import re
+from enum import Enum
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -43,6 +44,18 @@ QUEUE_TIME = _labelled(Histogram, "vllm:request_queue_time_seconds", "Accepted -
 COMMAND_WAIT = _labelled(Histogram, "alise:worker_command_wait_seconds",
                          "A command's wait between the dispatcher and its worker's stream", ("command",),
                          buckets=LATENCY_BUCKETS)
+
+
+class AdmissionStage(str, Enum):
+    """Where a request's admission spends its time (alise:admission_seconds): before the job exists, its client waits."""
+    VALIDATE = "validate"    # checking and tokenizing it (a chat template rendered), on a worker thread of the loop
+    PREDICT = "predict"      # the predictor's answer (its wait for a batch included); none when the predictor is down
+    STORE = "store"          # scoring it and creating it in Redis (the tenant's and the queue's limits checked there)
+
+
+# A busy predictor or a slow Redis shows here as requests that take long to be accepted (clients see it in TTFT)
+ADMISSION = _labelled(Histogram, "alise:admission_seconds", "A request's admission by stage", ("stage",),
+                      buckets=LATENCY_BUCKETS)
 TPOT = _labelled(Histogram, "vllm:request_time_per_output_token_seconds",
                  "Per request: (end-to-end - TTFT) / (output tokens - 1)", buckets=PER_TOKEN_BUCKETS)
 PROMPT_TOKENS = _labelled(Counter, "vllm:prompt_tokens", "Prompt tokens of finished requests")

@@ -1,0 +1,48 @@
+"""Where the scheduler's time went during a run, from two readings of its /metrics: a request's admission by stage
+(validate, predict, store: services/scheduler/metrics.AdmissionStage) and its commands' wait for their worker's
+stream, by command. A run whose clients wait long to be accepted, or whose placements reach the worker late, says
+here which part of the scheduler's side was slow (a busy predictor, its event loop, Redis)."""
+from __future__ import annotations
+
+import urllib.request
+from dataclasses import dataclass
+
+from bench.step_times import histogram_label_sums, means_by_label
+
+# metric -> (its label, the name of its part of the run's summary)
+WAIT_METRICS = {"alise:admission_seconds": ("stage", "admission_s"),
+                "alise:worker_command_wait_seconds": ("command", "command_wait_s")}
+
+
+@dataclass(frozen=True)
+class SchedulerWaits:
+    sums: tuple[tuple[tuple[str, str, str], float], ...]     # ((metric, label value, "count" / "sum"), cumulative)
+
+    def minus(self, earlier: "SchedulerWaits") -> "SchedulerWaits":
+        then = dict(earlier.sums)
+        return SchedulerWaits(tuple((k, v - then.get(k, 0.0)) for k, v in self.sums))
+
+    def summary(self) -> dict:
+        """{"admission_s": {stage: {"count", "mean_s"}}, "command_wait_s": {command: ...}}: those observed."""
+        out = {}
+        for metric, (_, name) in WAIT_METRICS.items():
+            sums = {(value, part): v for (m, value, part), v in self.sums if m == metric}
+            if sums:
+                out[name] = means_by_label(sums)
+        return out
+
+
+def parse_scheduler_waits(text: str) -> SchedulerWaits:
+    from prometheus_client.parser import text_string_to_metric_families    # as bench.step_times: the CLI loads lazily
+
+    sums = []
+    for family in text_string_to_metric_families(text):
+        if family.name in WAIT_METRICS:
+            sums += [((family.name, value, part), v)
+                     for (value, part), v in histogram_label_sums(family, WAIT_METRICS[family.name][0]).items()]
+    return SchedulerWaits(tuple(sorted(sums)))
+
+
+def read_scheduler_waits(port: int, host: str = "127.0.0.1", timeout_s: float = 10.0) -> SchedulerWaits:
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout_s) as r:
+        return parse_scheduler_waits(r.read().decode())
