@@ -20,13 +20,11 @@ turn's full prompt blocks when both run.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import lzma
 import random
 from pathlib import Path
 
-BLOCK = 16
+from bench.decode_row_order import BLOCK, run_rows
 
 
 def conversations(dataset_path: str, tokenizer_dir: str, num: int, skip: int) -> list[int]:
@@ -71,9 +69,7 @@ def extract(a) -> None:
     conv = conversations(a.dataset_path, a.tokenizer, a.num_prompts, a.skip)
     out = []
     for path in a.runs:
-        opener = lzma.open if path.endswith(".xz") else open
-        with opener(path, "rt") as f:
-            rows = [r for r in csv.DictReader(f) if r["ok"] == "True"]
+        rows = run_rows(path)
         t, got = a.start, 0
         while got < a.per_run and t < a.end:
             b = running_batch(rows, conv, t, a.batch)

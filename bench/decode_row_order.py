@@ -24,14 +24,21 @@ import torch
 from bench.skinny_gemm_bench import graph_time_us
 from services.worker.attention import paged_decode_rope
 
-LAYERS, HEADS, KV, DIM, BLOCK = 4, 32, 8, 128, 16     # 4 cache layers of ~1 GB: nothing is served from L2 twice
+# 4 cache layers of ~1 GB: no layer's reads are served from L2 by the layer before (a block two rows share is
+# read twice within a layer: that is what bench/decode_batch_order.py measures)
+LAYERS, HEADS, KV, DIM, BLOCK = 4, 32, 8, 128, 16
+
+
+def run_rows(path: str) -> list[dict]:
+    """A live run's per-request CSV (.csv or .csv.xz): the rows of requests served."""
+    opener = lzma.open if path.endswith(".xz") else open
+    with opener(path, "rt") as f:
+        return [r for r in csv.DictReader(f) if r["ok"] == "True"]
 
 
 def contexts_from_run(path: str, batch: int, seed: int) -> list[int]:
     """`batch` contexts of requests of a run: prompt + a uniform share of the output (at least one token)."""
-    opener = lzma.open if path.endswith(".xz") else open
-    with opener(path, "rt") as f:
-        rows = [(int(r["prompt_tokens"]), int(r["output_tokens"])) for r in csv.DictReader(f) if r["ok"] == "True"]
+    rows = [(int(r["prompt_tokens"]), int(r["output_tokens"])) for r in run_rows(path)]
     rng = random.Random(seed)
     return [p + rng.randint(1, max(1, o)) for p, o in rng.sample(rows, batch)]
 

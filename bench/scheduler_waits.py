@@ -24,6 +24,8 @@ class SchedulerWaits:
 
     def summary(self) -> dict:
         """{"admission_s": {stage: {"count", "mean_s"}}, "command_wait_s": {command: ...}}: those observed."""
+        if any(v < 0 for (_, _, part), v in self.sums if part == "count"):   # readings across a scheduler restart
+            return {"error": "the scheduler's counts went down between the readings (restarted?)"}
         out = {}
         for metric, (_, name) in WAIT_METRICS.items():
             sums = {(value, part): v for (m, value, part), v in self.sums if m == metric}

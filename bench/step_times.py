@@ -120,9 +120,9 @@ def histogram_label_sums(family, label: str) -> dict[tuple[str, str], float]:
 
 
 def means_by_label(sums: dict[tuple[str, str], float]) -> dict[str, dict]:
-    """{value: {"count", "mean_s"}} of histogram_label_sums (or a difference of two of them)."""
-    return {value: {"count": int(n), "mean_s": sums.get((value, "sum"), 0.0) / n if n else 0.0}
-            for value, n in sorted((v, sums.get((v, "count"), 0.0)) for v in {v for v, _ in sums})}
+    """{value: {"count", "mean_s"}} of histogram_label_sums (or a difference of two of them), values observed."""
+    return {value: {"count": int(n), "mean_s": sums.get((value, "sum"), 0.0) / n}
+            for value, n in sorted((v, sums.get((v, "count"), 0.0)) for v in {v for v, _ in sums}) if n > 0}
 
 
 def read_step_histogram(port: int, host: str = "127.0.0.1", timeout_s: float = 10.0) -> StepHistogram:

@@ -20,10 +20,10 @@ import os
 from pathlib import Path
 
 from bench.process_cpu import cpu_share, process_cpu, process_cpus
+from bench.scheduler_waits import SchedulerWaits, read_scheduler_waits
 from bench.serve import (Target, add_workload_arguments, arrival_fields, arrival_trace, load_workload, open_tokenizer,
                          run, save, worker_loads)
 from bench.serve_metrics import RequestResult, summarize, work_pace
-from bench.scheduler_waits import SchedulerWaits, read_scheduler_waits
 from bench.step_times import StepHistogram, read_step_histogram
 from bench.sweep_report import Run, markdown, plot
 

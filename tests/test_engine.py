@@ -420,7 +420,6 @@ def test_a_resumed_job_whose_recorded_output_already_ends_it_ends_without_anothe
     assert engine.blocks.num_used == 0 and not engine.seqs
 
 
-
 @pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
 def test_grouped_prefix_rows_give_each_job_its_own_tokens(model_dir, tokenizer, hf_model, overlap):
     """With rows that share prefix blocks grouped (a step's rows out of admission order), each job still gets
@@ -445,4 +444,5 @@ def test_grouped_prefix_rows_give_each_job_its_own_tokens(model_dir, tokenizer, 
     assert [jobs[i] for i in engine.blocks.prefix_order(jobs)] == ["t1-0", "t2-0", "t1-1", "t2-1", "t1-2", "t2-2"]
     run_to_end(engine, on_step=collect)
     assert engine.sched.cached_tokens - before >= 3 * 64     # the second turns hit their first turns' blocks
-    assert {job: tokens[job] for job in prompts} == {job: hf_greedy_ids(hf_model, ids, 24) for job, ids in prompts.items()}
+    assert {job: tokens[job] for job in prompts} == {job: hf_greedy_ids(hf_model, ids, 24)
+                                                     for job, ids in prompts.items()}

@@ -20,22 +20,25 @@ OPS = st.lists(st.tuples(st.sampled_from(["add", "add_park", "step", "step", "st
 
 
 class Harness:
-    def __init__(self, num_blocks: int, overlap: bool = False):
+    def __init__(self, num_blocks: int, overlap: bool = False, prefix: bool = False):
         self.overlap = overlap                         # tokens are collected a step later, as the engine's are
         self.in_flight: list[Sequence] = []            # sampled by the last step, not yet collected
-        self.blocks = BlockManager(num_blocks=num_blocks, block_size=4)
+        # prefix: with the prefix cache, sequences of one prompt family share blocks, and a step's decode rows are
+        # grouped by the blocks they share (group_prefix_rows)
+        self.blocks = BlockManager(num_blocks=num_blocks, block_size=4, prefix_caching=prefix)
         # as the engine sizes it: a sequence alone always fits the pool
         self.sched = StepScheduler(self.blocks, max_batch=3, token_budget=16, max_model_len=num_blocks * 4,
                                    early_rows=2,      # early jobs beyond two wait their turn
-                                   group_prefix_rows=True)   # as a worker's: decode rows reordered by their tables
+                                   group_prefix_rows=prefix)
         self.live: dict[str, Sequence] = {}
         self.n = 0
 
     def add(self, prompt_len: int, max_tokens: int, park: bool, preemptions_left: int | None = None,
-            early_tokens: int = 1) -> None:
+            early_tokens: int = 1, family: int = 0) -> None:
         prompt_len = min(prompt_len, self.sched.max_model_len - 1)     # the engine refuses longer ones
         self.n += 1
-        seq = Sequence(f"s{self.n}", [1] * prompt_len, Sampling(max_tokens=max_tokens, ignore_eos=True),
+        # prompts of one family share their blocks through the prefix cache (when it is on)
+        seq = Sequence(f"s{self.n}", [1 + family] * prompt_len, Sampling(max_tokens=max_tokens, ignore_eos=True),
                        park_on_sample=park, preemptions_left=preemptions_left,
                        park_at_output=early_tokens if park else 0)
         self.live[seq.job_id] = seq
@@ -55,6 +58,7 @@ class Harness:
             self.drop(seq)
         launched = []
         for c in plan.chunks:
+            self.sched.record_computed(c.seq)          # its KV written: full blocks join the prefix cache
             seq = c.seq
             assert seq.num_pending == 0 or c.num_tokens == 1     # a token in flight is fed to the next step alone
             if seq.job_id not in self.live or c.start + c.num_tokens != seq.num_tokens:
@@ -104,22 +108,23 @@ class Harness:
         assert len(places) == len(set(map(id, places))) and {s.job_id for s in places} == set(self.live)
         assert all(s.status is SeqStatus.PARKED for s in self.sched.parked)
         assert all(s.status is SeqStatus.RUNNING for s in self.sched.running)
-        held = sum(len(self.blocks.table(s.job_id)) for s in self.live.values())
-        assert self.blocks.num_used == held
+        held = {b for s in self.live.values() for b in self.blocks.table(s.job_id)}     # shared blocks count once
+        assert self.blocks.num_used == len(held)
         assert all(self.blocks.rows.table(s.job_id) == self.blocks.table(s.job_id)
                    for s in self.live.values() if s.job_id in self.blocks.rows)
 
 
+@pytest.mark.parametrize("prefix", [False, True], ids=["own-blocks", "shared-prefixes"])
 @pytest.mark.parametrize("overlap", [False, True], ids=["sampled-at-once", "tokens-in-flight"])
 @settings(max_examples=150, deadline=None)
 @given(OPS, st.integers(6, 40))
-def test_park_resume_and_eviction_keep_every_block_accounted_for(overlap, ops, num_blocks):
-    h = Harness(num_blocks, overlap)
+def test_park_resume_and_eviction_keep_every_block_accounted_for(overlap, prefix, ops, num_blocks):
+    h = Harness(num_blocks, overlap, prefix)
     for op, k, prompt_len, max_tokens in ops:
         if op in ("add", "add_park"):
             # preemptions left under the scheduler's bound: none (an older scheduler), 0 or 1; early tokens 1-4
             h.add(prompt_len, max_tokens, park=op == "add_park", preemptions_left=(None, 0, 1)[k % 3],
-                  early_tokens=1 + k % 4)
+                  early_tokens=1 + k % 4, family=k % 5 % 3)
         elif op == "step":
             h.step()
         elif op == "park" and (seq := h.pick(k, SeqStatus.RUNNING)) is not None:

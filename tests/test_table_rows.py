@@ -1,5 +1,7 @@
 import numpy as np
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.worker.device_tables import DeviceTables
 from services.worker.table_rows import TableRows
@@ -22,7 +24,6 @@ def test_rows_grow_reuse_and_bump_the_version_of_each_row_written():
     assert np.flatnonzero(rows.version != before).tolist() == [freed]
 
 
-
 def test_the_prefix_order_pulls_tables_that_share_blocks_to_their_first_and_keeps_the_rest_in_order():
     rows = TableRows(rows=2, width=2)
     # b2 hit b1's blocks after a1's copy of the first one (a1 and b1 were prefilled in one step, each with a copy)
@@ -31,7 +32,9 @@ def test_the_prefix_order_pulls_tables_that_share_blocks_to_their_first_and_keep
         rows.assign(seq, table)
     order = ["a1", "b1", "a2", "x", "b2", "a3", "short"]
     assert [order[i] for i in rows.prefix_order(order)] == ["a1", "a2", "a3", "b1", "b2", "x", "short"]
+    assert rows.prefix_order(["a1", "a3"], depth=99) == [0, 1]      # deeper than any table: nothing to group
     assert [order[i] for i in rows.prefix_order(order, depth=1)] == ["a1", "a2", "b2", "a3", "short", "b1", "x"]
+
 
 def test_changes_that_never_reached_the_device_are_sent_again():
     host = TableRows(rows=4, width=16)
@@ -77,3 +80,21 @@ def test_the_device_copy_follows_every_change_through_growth_and_reuse():
             for sid, line in zip(ids, got.tolist()):
                 table = host.table(sid)
                 assert line[:len(table)] == table
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 5), max_size=6), min_size=1, max_size=12), st.integers(1, 4))
+def test_the_prefix_order_is_a_permutation_with_each_group_together_in_the_given_order(tables, depth):
+    rows = TableRows(rows=2, width=2)
+    ids = [f"s{i}" for i in range(len(tables))]
+    for seq, table in zip(ids, tables):
+        rows.assign(seq, table)
+    order = rows.prefix_order(ids, depth)
+    assert sorted(order) == list(range(len(ids)))
+    # a group: the tables that hold the same `depth`-th block; a shorter table is one of its own
+    group = [t[depth - 1] if len(t) >= depth else ("own", i) for i, t in enumerate(tables)]
+    runs = [group[i] for k, i in enumerate(order) if k == 0 or group[order[k - 1]] != group[i]]
+    assert len(runs) == len(set(runs))                         # each group's members are next to each other
+    assert all(a < b for a, b in zip(order, order[1:]) if group[a] == group[b])     # in the given order
+    firsts = [min(i for i in range(len(ids)) if group[i] == g) for g in runs]
+    assert firsts == sorted(firsts)                            # groups where their first member is

@@ -18,8 +18,8 @@ fi
 export PREDICTOR=predictor_880
 # alise@g: the same policy with the worker's prefix-sharing rows grouped, a run of its own in the same sweep
 name=${NAME:-G3}
-SWEEP_TIMEOUT=${SWEEP_TIMEOUT:-540} bash bench/device/sweep.sh "$name" sharegpt-chat .bench-data/sharegpt_heldout_880.json \
-    "${N:-3000}" "${POLICIES:-alise alise@g fcfs}" "$rate" --ignore-eos --scheduler-arg=--learn-forced-lengths \
+SWEEP_TIMEOUT=${SWEEP_TIMEOUT:-540} bash bench/device/sweep.sh "$name" sharegpt-chat \
+    .bench-data/sharegpt_heldout_880.json "${N:-3000}" "${POLICIES:-alise alise@g fcfs}" "$rate" --ignore-eos --scheduler-arg=--learn-forced-lengths \
     --variant-worker-arg=g=--group-prefix-rows 2>&1 | tail -3
 for f in out/"$name"/*.json; do
     python3 - "$f" <<'PY' 2>/dev/null
@@ -31,8 +31,10 @@ c = json.load(open("docs/results/h100_chat_2026-12-06_s30/sim/cost_h100_s30.json
 model = (m["decode_steps"] * c["base_s"] + m["decode_rows"] * c["per_seq_s"]
          + m["decode_context_tokens"] * c["per_context_token_s"])
 print(sys.argv[1], "decode steps", m["decode_steps"], "rows/step %.0f" % (m["decode_rows"] / m["decode_steps"]),
-      "ctx/step %.0f" % (m["decode_context_tokens"] / m["decode_steps"]), "device/modelled %.4f" % (dev["decode"] / model),
+      "ctx/step %.0f" % (m["decode_context_tokens"] / m["decode_steps"]),
+      "device/modelled %.4f" % (dev["decode"] / model),
       "waited", round(dev["waited"], 2), "mean %.4f" % d["normalized_latency_s"]["mean"],
       "tok/s %.0f" % d["output_throughput"], "admit %.3f" % d["admit_s"]["mean"], "ttft %.3f" % d["ttft_s"]["mean"])
+print("  scheduler's waits", d.get("scheduler_waits"), "worker's", s.get("assignment_wait_s"), "cores", d["cpu_share"])
 PY
 done

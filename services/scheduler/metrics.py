@@ -47,13 +47,14 @@ COMMAND_WAIT = _labelled(Histogram, "alise:worker_command_wait_seconds",
 
 
 class AdmissionStage(str, Enum):
-    """Where a request's admission spends its time (alise:admission_seconds): before the job exists, its client waits."""
-    VALIDATE = "validate"    # checking and tokenizing it (a chat template rendered), on a worker thread of the loop
-    PREDICT = "predict"      # the predictor's answer (its wait for a batch included); none when the predictor is down
-    STORE = "store"          # scoring it and creating it in Redis (the tenant's and the queue's limits checked there)
+    """Where a request spends its time on its way in (alise:admission_seconds): before its job exists, its client
+    waits."""
+    VALIDATE = "validate"    # checking and tokenizing a valid request (a chat template rendered), on a thread's turn
+    PREDICT = "predict"      # the Predict call (its wait for a batch included; a failed one up to its timeout)
+    STORE = "store"          # scoring it and the create call to Redis, whatever it answers (limits are checked there)
 
 
-# A busy predictor or a slow Redis shows here as requests that take long to be accepted (clients see it in TTFT)
+# A busy predictor, a busy event loop or a slow Redis shows here as requests slow to get in (clients see it in TTFT)
 ADMISSION = _labelled(Histogram, "alise:admission_seconds", "A request's admission by stage", ("stage",),
                       buckets=LATENCY_BUCKETS)
 TPOT = _labelled(Histogram, "vllm:request_time_per_output_token_seconds",

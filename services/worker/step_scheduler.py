@@ -208,9 +208,11 @@ class StepScheduler:
         return StepPlan(chunks, preempted, evicted, parked, [c.seq for c in admitted])
 
     def _prefix_grouped(self, chunks: list[ScheduledChunk]) -> list[ScheduledChunk]:
-        """The decode rows reordered so that those sharing leading KV blocks are next to each other, the other
-        chunks after them as planned. The decode kernel runs one program per (row, KV head) in row order: a prefix
-        two rows share is read by programs running about at once, the second read likely from L2. Admission order
+        """The one-token rows (decodes, and the rare prompt with one token left to compute) reordered so that those
+        sharing leading KV blocks are next to each other, the other chunks after them as planned (the runner lays a
+        mixed step out by chunk size, not by place). The decode kernel runs one program per (row, KV head) in row
+        order: a prefix two rows share is read by programs running about at once, the second read likely from L2.
+        Admission order
         keeps a conversation's turns together only when they were admitted together (fcfs), not when a policy
         orders them by predicted length or a parked job resumes (bench/decode_batch_order.py)."""
         decodes = [c for c in chunks if c.num_tokens == 1]

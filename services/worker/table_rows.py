@@ -88,9 +88,11 @@ class TableRows:
         a group of its own). Prefix-cache blocks chain, so sharing a block means sharing the prefix up to it; past a
         system prompt's few blocks, that is one conversation. The deep block, not the first: two prompts prefilled
         in one step each hold a copy of a common system block, and a later turn of the second one then holds the
-        first's copy and the second's own blocks after it."""
+        first's copy and the second's own blocks after it. A system prompt of `depth` blocks or more puts all its
+        tables in one group: then nothing moves."""
+        if depth > self.blocks.shape[1]:         # no table is that long: each is a group of its own
+            return list(range(len(seq_ids)))
         rows = np.fromiter((self._row_of[s] for s in seq_ids), np.int64, len(seq_ids))
-        depth = min(depth, self.blocks.shape[1])
         at = np.arange(len(rows))
         deep = np.where(self.lens[rows] >= depth, self.blocks[rows, depth - 1], -1 - at)
         _, first, group = np.unique(deep, return_index=True, return_inverse=True)
