@@ -20,6 +20,7 @@ import random
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from bench.serve import (add_arrival_arguments, add_dataset_arguments, arrival_fields, arrival_offsets, arrival_trace,
@@ -67,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a request reaches the scheduler's queue this long after it arrives (live H200: 25-40 ms)")
     p.add_argument("--admit-per-s", type=float, default=0.0,
                    help="the scheduler admits at most this many requests a second (live H200: ~200; 0 = no bound)")
+    p.add_argument("--over-batch-step-s", type=float, default=None,
+                   help="a decode-only step with more rows than the batch (early jobs beside a full batch) costs this "
+                        "much more than its rows say (H100, session 32: ~0.0035); default: the cost's own (0)")
     p.add_argument("--report-lag-s", type=float, default=0.0,
                    help="what a worker did (a finish, a park) reaches the scheduler this much later (live: ~a step)")
     p.add_argument("--command-lag-s", type=float, default=0.0,
@@ -205,6 +209,8 @@ def simulate_sweep(a: argparse.Namespace) -> list[Run]:
     if not lengths:
         raise SystemExit("the workload is empty")
     cost = load_cost(a.cost)
+    if a.over_batch_step_s is not None:
+        cost = replace(cost, over_batch_step_s=a.over_batch_step_s)
     if a.num_prompts > ITL_MAX_REQUESTS:
         print(f"more than {ITL_MAX_REQUESTS} requests: inter-token gaps are not kept (no ITL in the summaries)",
               file=sys.stderr)

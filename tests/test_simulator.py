@@ -409,3 +409,26 @@ def test_inter_token_gaps_are_recorded_and_a_preemption_shows_as_one_long_gap():
                                      predictor=SimPredictor(PredictorKind.ORACLE), reconsider_s=0.0,
                                      park_kv_share=0.0, record_itl=False), reqs)
     assert quiet[0].itl_s == [] and quiet[0].e2e_s == a.e2e_s
+
+
+def test_a_decode_step_with_more_rows_than_the_batch_pays_the_over_batch_cost():
+    assert IterationCost(base_s=1.0, over_batch_step_s=0.5).step(3, 0, 0, over_batch=True) == 1.5
+    assert IterationCost(base_s=1.0, over_batch_step_s=0.5).step(3, 10, 0, mixed=True, over_batch=True) == 1.0
+    # alise prefills waiting jobs early beside a full batch of 2: their early tokens make decode steps of 3-4 rows
+    steps = []
+
+    class Recorded(IterationCost):
+        def step(self, seqs, prefill_tokens, context_tokens, mixed=False, over_batch=False):
+            seconds = super().step(seqs, prefill_tokens, context_tokens, mixed, over_batch)
+            steps.append((seqs, mixed, seconds))
+            return seconds
+
+    reqs = [SimRequest(0.0, 8, 40), SimRequest(0.0, 8, 40), SimRequest(0.1, 8, 5), SimRequest(0.1, 8, 5)]
+    cfg = SimConfig(policy="alise", cost=Recorded(base_s=0.01, over_batch_step_s=0.5),
+                    worker=WorkerSpec(max_batch=2, num_blocks=100, early_rows=2), park_kv_share=0.8, early_tokens=2,
+                    predictor=SimPredictor(PredictorKind.ORACLE), reconsider_s=0.0)
+    simulate(cfg, reqs)
+    decodes = [(seqs, seconds) for seqs, mixed, seconds in steps if not mixed]
+    assert any(seqs > 2 for seqs, _ in decodes)
+    assert all(seconds == pytest.approx(0.51 if seqs > 2 else 0.01) for seqs, seconds in decodes)
+    assert all(seconds == pytest.approx(0.01) for _, mixed, seconds in steps if mixed)

@@ -477,9 +477,10 @@ class Simulation:
                         break
         w.decodes, w.prefills, w.busy = decodes, prefills, True
         mixed = bool(prefills)
-        duration = self.cfg.cost.step(len(decodes) + len(prefills), prefill, context, mixed) + w.extra_s
+        rows = len(decodes) + len(prefills)
+        duration = self.cfg.cost.step(rows, prefill, context, mixed, rows > self.cfg.worker.max_batch) + w.extra_s
         w.extra_s = 0.0
-        w.steps.append(step := StepSums(1, duration, len(decodes) + len(prefills), prefill, context, int(mixed)))
+        w.steps.append(step := StepSums(1, duration, rows, prefill, context, int(mixed)))
         w.totals.add(step)
         if len(w.steps) > 2 * STEP_SAMPLES:
             del w.steps[:-STEP_SAMPLES]

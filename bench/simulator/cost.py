@@ -7,6 +7,12 @@ replays a CUDA graph while a mixed one launches its kernels one by one. So
 
     step = base + per_seq * sequences + per_prefill_token * prefill tokens + per_context_token * context read
            + per_mixed_step * (1 if the step has prefill chunks)
+           + over_batch_step * (1 if a decode-only step has more rows than the batch)
+
+The last term is what the decode graph for more rows than the batch (early jobs beside a full batch) costs beyond
+its rows: on the H100 of sessions 30 and 32, steps of 417-448 rows took ~3.5 ms (13%) more than the rest of the
+model says, while those of 401-416 rows took 1.5 ms less (docs/BENCHMARKS.md, session 32). fcfs never has such
+steps; alise's early rows make up to a third of its large ones.
 
 Swapping a preempted job's KV to host memory (and back) costs `swap_per_token` per token each way.
 """
@@ -25,10 +31,14 @@ class IterationCost:
     per_context_token_s: float = 0.0
     swap_per_token_s: float = 0.0
     per_mixed_step_s: float = 0.0
+    over_batch_step_s: float = 0.0
     source: str = ""                  # where the numbers come from
 
-    def step(self, seqs: int, prefill_tokens: int, context_tokens: int, mixed: bool = False) -> float:
-        return self.steps(1, seqs, prefill_tokens, context_tokens, int(mixed))
+    def step(self, seqs: int, prefill_tokens: int, context_tokens: int, mixed: bool = False,
+             over_batch: bool = False) -> float:
+        """One step; over_batch: a decode-only step with more rows than the worker's batch."""
+        return (self.steps(1, seqs, prefill_tokens, context_tokens, int(mixed))
+                + (self.over_batch_step_s if over_batch and not mixed else 0.0))
 
     def steps(self, steps: int, seqs: int, prefill_tokens: int, context_tokens: int, mixed_steps: int) -> float:
         """Several steps summed (a load report's row, bench.simulator.calibrate's fitted rows)."""
