@@ -4,10 +4,7 @@
 # decode kernel's time by row order. The machine's CPUs and GPU clocks are printed first.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-case "$gpu" in *H200*) rate=${RATE:-55} ;; *) rate=${RATE:-48} ;; esac
-echo "gpu: $gpu, rate $rate, cpus: $(nproc), $(lscpu | grep "Model name" | head -1)"
-nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv
+source bench/device/machine.sh
 export PREDICTOR=predictor_880
 SWEEP_TIMEOUT=${SWEEP_TIMEOUT:-400} bash bench/device/sweep.sh "D$rate" sharegpt-chat \
     .bench-data/sharegpt_heldout_880.json 3000 "${POLICIES:-alise fcfs}" "$rate" --ignore-eos --alternate \

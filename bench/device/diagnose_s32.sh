@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# Session 32 on the lent GPU: do rows that share prefix blocks run faster next to each other? First the decode
-# attention of live batches by row order (bench/decode_batch_order.py, the batches extracted from session 30's runs),
-# then alise at RATE with and without the worker's grouping of such rows (group_prefix_rows), and fcfs, the same
-# arrivals (NAME: the sweep's folder under out/; SKIP_ORDER=1 skips the attention bench), each run's decode-only
-# steps against session 30's fitted cost (device time over modelled; fewer = faster).
+# Session 32 on the lent GPU, for the next one: why decode steps of more rows than the batch (the 448-row graph) cost
+# ~3.5 ms more than their rows say: cuBLAS's projection GEMMs at each bucket size (bench/decode_bucket_gemm.py);
+# with ORDER=1 the decode attention of live batches by row order (bench/decode_batch_order.py, measured in session
+# 32); with PRED_THREADS=1 the predictor's math threads under a paced load (bench/predictor_threads.py, no GPU
+# needed); then alise at RATE with and without the worker's grouping of rows that share prefix blocks
+# (group_prefix_rows), and fcfs, the same arrivals (NAME: the sweep's folder under out/; POLICIES, N), each run's
+# decode-only steps against session 30's fitted cost (device time over modelled) and where its waits were.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-case "$gpu" in *H200*) rate=${RATE:-55} ;; *) rate=${RATE:-48} ;; esac
-echo "gpu: $gpu, rate $rate, cpus: $(nproc), $(lscpu | grep "Model name" | head -1)"
-nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv
-if [ -z "${SKIP_ORDER:-}" ]; then
+source bench/device/machine.sh
+PYTHONPATH=$PWD timeout 120 python3 -m bench.decode_bucket_gemm --out "$OUT/decode_bucket_gemm.json" 2>&1 \
+    | grep -v Warning
+if [ -n "${PRED_THREADS:-}" ]; then
+    source bench/device/env.sh
+    timeout 150 python3 -m bench.predictor_threads --threads 1 4 16 --seconds 20
+fi
+if [ -n "${ORDER:-}" ]; then
     PYTHONPATH=$PWD timeout 150 python3 -m bench.decode_batch_order time \
         --batches docs/results/h100_chat_2026-12-06_s32/batches.json --out "$OUT/decode_batch_order.json" 2>&1 \
         | grep -v Warning
@@ -18,9 +23,9 @@ fi
 export PREDICTOR=predictor_880
 # alise@g: the same policy with the worker's prefix-sharing rows grouped, a run of its own in the same sweep
 name=${NAME:-G3}
-SWEEP_TIMEOUT=${SWEEP_TIMEOUT:-540} bash bench/device/sweep.sh "$name" sharegpt-chat \
-    .bench-data/sharegpt_heldout_880.json "${N:-3000}" "${POLICIES:-alise alise@g fcfs}" "$rate" --ignore-eos --scheduler-arg=--learn-forced-lengths \
-    --variant-worker-arg=g=--group-prefix-rows 2>&1 | tail -3
+SWEEP_TIMEOUT=${SWEEP_TIMEOUT:-420} bash bench/device/sweep.sh "$name" sharegpt-chat \
+    .bench-data/sharegpt_heldout_880.json "${N:-3000}" "${POLICIES:-alise alise@g fcfs}" "$rate" --ignore-eos \
+    --scheduler-arg=--learn-forced-lengths --variant-worker-arg=g=--group-prefix-rows 2>&1 | tail -3
 for f in out/"$name"/*.json; do
     python3 - "$f" <<'PY' 2>/dev/null
 import json, sys
