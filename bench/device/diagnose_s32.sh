@@ -3,9 +3,10 @@
 # ~3.5 ms more than their rows say: cuBLAS's projection GEMMs at each bucket size (bench/decode_bucket_gemm.py);
 # with ORDER=1 the decode attention of live batches by row order (bench/decode_batch_order.py, measured in session
 # 32); with PRED_THREADS=1 the predictor's math threads under a paced load (bench/predictor_threads.py, no GPU
-# needed); then alise at RATE with and without the worker's grouping of rows that share prefix blocks
-# (group_prefix_rows), and fcfs, the same arrivals (NAME: the sweep's folder under out/; POLICIES, N), each run's
-# decode-only steps against session 30's fitted cost (device time over modelled) and where its waits were.
+# needed); then alise at RATE, alise with 8 early rows instead of 32 (alise@er8: in simulation it never crosses into
+# the 448-row graph and has the lower mean), and fcfs, the same arrivals (alise@g: rows sharing prefix blocks grouped;
+# NAME: the sweep's folder under out/; POLICIES, N), each run's decode-only steps against session 30's fitted cost
+# (device time over modelled) and where its waits were.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source bench/device/machine.sh
@@ -21,11 +22,12 @@ if [ -n "${ORDER:-}" ]; then
         | grep -v Warning
 fi
 export PREDICTOR=predictor_880
-# alise@g: the same policy with the worker's prefix-sharing rows grouped, a run of its own in the same sweep
-name=${NAME:-G3}
+# a variant (policy@variant) is the same policy with its own worker flags, a run of its own in the same sweep
+name=${NAME:-E3}
 SWEEP_TIMEOUT=${SWEEP_TIMEOUT:-420} bash bench/device/sweep.sh "$name" sharegpt-chat \
-    .bench-data/sharegpt_heldout_880.json "${N:-3000}" "${POLICIES:-alise alise@g fcfs}" "$rate" --ignore-eos \
-    --scheduler-arg=--learn-forced-lengths --variant-worker-arg=g=--group-prefix-rows 2>&1 | tail -3
+    .bench-data/sharegpt_heldout_880.json "${N:-3000}" "${POLICIES:-alise alise@er8 fcfs}" "$rate" --ignore-eos \
+    --scheduler-arg=--learn-forced-lengths --variant-worker-arg=g=--group-prefix-rows \
+    --variant-worker-arg=er8=--early-rows=8 2>&1 | tail -3
 for f in out/"$name"/*.json; do
     python3 - "$f" <<'PY' 2>/dev/null
 import json, sys
