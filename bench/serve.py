@@ -188,7 +188,8 @@ def http_client(target: Target):
                                                                             max_keepalive_connections=None))
 
 
-STEP_SAMPLE_COLUMNS = ("steps", "seconds", "seqs", "prefill_tokens", "context_tokens", "mixed_steps")   # StepView's
+STEP_SAMPLE_COLUMNS = ("steps", "seconds", "seqs", "prefill_tokens", "context_tokens", "mixed_steps",  # StepView's
+                       "device_seconds")
 
 
 async def worker_loads(target: Target) -> list[dict]:

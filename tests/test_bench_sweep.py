@@ -80,7 +80,8 @@ def test_a_small_sweep_on_live_stacks_writes_runs_figures_and_report(tmp_path, m
             assert summary["scheduler_waits"]["command_wait_s"]["assign"]["count"] >= 4, summary["scheduler_waits"]
             # and the scheduler's sample of those steps, that bench.simulator.calibrate --from-runs fits a cost to
             sample = summary["workers"][0]["step_sample"]
-            assert sample and all(len(row) == 6 and row[0] >= 1 and row[1] > 0 for row in sample), sample[:3]
+            assert sample and all(len(row) == 7 and row[0] >= 1 and row[1] > 0 for row in sample), sample[:3]
+            assert all(row[6] == 0 for row in sample)        # a CPU worker's steps have no device time
             assert any(row[3] > 0 for row in sample) and all(row[2] >= row[0] for row in sample)  # prefills, rows
             # every thread of every process of the stack stayed on one share, read from the live processes
             shares = {tuple(cpus) for cpus in summary["cpus"].values()}

@@ -52,6 +52,29 @@ def test_a_cost_is_fitted_to_the_step_samples_live_runs_saved(tmp_path, capsys):
         main(["--from-runs", str(old), "--out", str(out)])
 
 
+
+def test_the_device_time_of_the_sampled_steps_can_be_fitted_instead_of_their_wall_time(tmp_path, capsys):
+    # a GPU worker's sample carries each step's device time (7th column): the wall time adds the host's share
+    rng = random.Random(1)
+    rows = []
+    for _ in range(300):
+        seqs, prefill = rng.randint(1, 300), rng.choice([0, 0, rng.randint(16, 2000)])
+        context = seqs * rng.randint(100, 1500)
+        device = 0.004 + 1e-5 * seqs + 3e-5 * prefill + 3e-8 * context + (0.006 if prefill else 0.0)
+        rows.append([1, device + rng.uniform(0.0, 0.004), seqs, prefill, context, int(prefill > 0), device])
+    run, out = tmp_path / "gpu.json", tmp_path / "cost.json"
+    run.write_text(json.dumps({"workers": [{"worker_id": "w0", "step_sample": rows}]}))
+    main(["--from-runs", str(run), "--device-time", "--out", str(out)])
+    cost = json.loads(out.read_text())
+    assert cost["base_s"] == pytest.approx(0.004, rel=1e-3) and cost["per_context_token_s"] == pytest.approx(3e-8, rel=1e-3)
+    assert cost["source"].startswith("fitted to the device time of 300 sampled steps")
+    main(["--from-runs", str(run), "--out", str(out)])                  # the wall time: the host's share in the base
+    assert json.loads(out.read_text())["base_s"] > 0.005
+    cpu = tmp_path / "cpu.json"
+    cpu.write_text(json.dumps({"workers": [{"worker_id": "w0", "step_sample": [r[:6] + [0.0] for r in rows]}]}))
+    with pytest.raises(SystemExit, match="no sampled step has a device time"):
+        main(["--from-runs", str(cpu), "--device-time", "--out", str(out)])
+
 @pytest.mark.parametrize("rows,rate", [([], "5"), ([[10, 0]], "5"), ([[10, 3]], "0")])
 def test_replay_refuses_an_empty_workload_or_no_rate_before_building_a_model(tmp_path, rows, rate):
     lengths = tmp_path / "lengths.json"

@@ -136,13 +136,23 @@ def fit_rows(rows: list[tuple], swap_per_token_s: float = 0.0, source: str = "")
     import numpy as np
     from scipy.optimize import nnls
 
-    a = np.array([[steps, seqs, prefill, context, mixed] for steps, _, seqs, prefill, context, mixed in rows], float)
+    a = np.array([[steps, seqs, prefill, context, mixed] for steps, _, seqs, prefill, context, mixed, *_ in rows],
+                 float)
     y = np.array([row[1] for row in rows], float)
     scale = np.maximum(a.max(axis=0), 1e-12)    # columns of similar size for a well-conditioned solve (none all 0)
     coef, _ = nnls(a / scale, y)
     coef = coef / scale
     return IterationCost(base_s=float(coef[0]), per_seq_s=float(coef[1]), per_prefill_token_s=float(coef[2]),
                          per_context_token_s=float(coef[3]), per_mixed_step_s=float(coef[4]), swap_per_token_s=swap_per_token_s, source=source)
+
+
+def device_time_rows(rows: list[tuple]) -> list[tuple]:
+    """The sampled rows with the device's seconds in place of the wall time (rows a GPU worker timed only)."""
+    timed = [(row[0], row[6], *row[2:6]) for row in rows if len(row) > 6 and row[6] > 0]
+    if not timed:
+        raise SystemExit("--device-time: no sampled step has a device time (runs of a CPU worker, or saved before "
+                         "samples carried it)")
+    return timed
 
 
 MIN_OF_EACH = 30        # mixed and decode-only steps a fit from samples wants at least, to tell their terms apart
@@ -170,7 +180,8 @@ def run_rows(paths: list[Path]) -> list[tuple]:
 def report(cost: IterationCost, rows: list[tuple], out: Path) -> None:
     """Write the fit and say how well it explains the steps it was fitted to."""
     out.write_text(json.dumps(cost.to_json(), indent=2))
-    predicted = [cost.steps(steps, seqs, prefill, context, mixed) for steps, _, seqs, prefill, context, mixed in rows]
+    predicted = [cost.steps(steps, seqs, prefill, context, mixed)
+                 for steps, _, seqs, prefill, context, mixed, *_ in rows]
     measured = [row[1] for row in rows]
     errors = sorted(abs(p - m) / m for p, m in zip(predicted, measured))
     print(json.dumps(cost.to_json(), indent=2))
@@ -182,6 +193,9 @@ def report(cost: IterationCost, rows: list[tuple], out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from-runs", nargs="+", type=Path, help="live runs' JSON: fit to their step samples, no engine")
+    p.add_argument("--device-time", action="store_true",
+                   help="--from-runs: fit the GPU's time running each step (its samples' device_seconds) instead of "
+                        "the engine's wall time, which the host's work between steps partly hides")
     p.add_argument("--model-dir", help="default: the local SmolLM2")
     p.add_argument("--device", default="cpu")
     p.add_argument("--worker-arg", action="append", default=[], help="WorkerConfig field=value (repeat)")
@@ -199,8 +213,11 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.from_runs:
         rows = run_rows(a.from_runs)
+        if a.device_time:
+            rows = device_time_rows(rows)
         names = ", ".join(path.name for path in a.from_runs)
-        report(fit_rows(rows, a.swap_per_token_s, source=f"fitted to {len(rows)} sampled steps of {names}"),
+        timed = "device time of " if a.device_time else ""
+        report(fit_rows(rows, a.swap_per_token_s, source=f"fitted to the {timed}{len(rows)} sampled steps of {names}"),
                rows, a.out)
         return
     lengths = replay_lengths(a) if a.replay else []       # checked before the model is built

@@ -342,7 +342,8 @@ class AliseServicer(pb_grpc.AliseServicer):
             if step_sample:
                 view.step_sample.extend(pb.StepView(steps=r.steps, seconds=r.seconds, seqs=r.seqs,
                                                     prefill_tokens=r.prefill_tokens, context_tokens=r.context_tokens,
-                                                    mixed_steps=r.mixed_steps) for r in w.speed.sample())
+                                                    mixed_steps=r.mixed_steps, device_seconds=r.device_seconds)
+                                      for r in w.speed.sample())
         return view
 
     async def GetLoad(self, request, context):

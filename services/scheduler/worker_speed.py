@@ -45,6 +45,7 @@ class StepSums:
     prefill_tokens: int
     context_tokens: int
     mixed_steps: int = 0          # of `steps`, those that ran prefill chunks
+    device_seconds: float = 0.0   # on a GPU, the device's time running them (seconds is the engine's wall time)
 
 
 @dataclass(frozen=True)
