@@ -23,14 +23,20 @@ def test_replay_fits_every_step_of_a_served_workload(tmp_path, model_dir, capsys
     assert cost["base_s"] + cost["per_seq_s"] > 0 and all(cost[k] >= 0 for k in cost if k.endswith("_s"))
 
 
+def step_shapes(rng: random.Random, n: int) -> list[tuple[int, int, int]]:
+    """(sequences, prefill tokens, context tokens) of n random steps, a third of them with prefill."""
+    shapes = []
+    for _ in range(n):
+        seqs, prefill = rng.randint(1, 300), rng.choice([0, 0, rng.randint(16, 2000)])
+        shapes.append((seqs, prefill, seqs * rng.randint(100, 1500)))
+    return shapes
+
+
 def test_a_cost_is_fitted_to_the_step_samples_live_runs_saved(tmp_path, capsys):
     # steps timed by a known cost (the sample alise bench saves per worker: bench/serve.py's STEP_SAMPLE_COLUMNS);
     # the fit gives the cost back, with no engine built
-    rng = random.Random(0)
     rows = []
-    for _ in range(400):
-        seqs, prefill = rng.randint(1, 300), rng.choice([0, 0, rng.randint(16, 2000)])
-        context = seqs * rng.randint(100, 1500)
+    for seqs, prefill, context in step_shapes(random.Random(0), 400):
         seconds = 0.005 + 2e-5 * seqs + 3e-5 * prefill + 4e-8 * context + (0.007 if prefill else 0.0)
         rows.append([1, seconds, seqs, prefill, context, int(prefill > 0)])
     # a report's row may sum several steps: the base counts once a step, the mixed term once a mixed step
@@ -52,21 +58,19 @@ def test_a_cost_is_fitted_to_the_step_samples_live_runs_saved(tmp_path, capsys):
         main(["--from-runs", str(old), "--out", str(out)])
 
 
-
 def test_the_device_time_of_the_sampled_steps_can_be_fitted_instead_of_their_wall_time(tmp_path, capsys):
     # a GPU worker's sample carries each step's device time (7th column): the wall time adds the host's share
     rng = random.Random(1)
     rows = []
-    for _ in range(300):
-        seqs, prefill = rng.randint(1, 300), rng.choice([0, 0, rng.randint(16, 2000)])
-        context = seqs * rng.randint(100, 1500)
+    for seqs, prefill, context in step_shapes(rng, 300):
         device = 0.004 + 1e-5 * seqs + 3e-5 * prefill + 3e-8 * context + (0.006 if prefill else 0.0)
         rows.append([1, device + rng.uniform(0.0, 0.004), seqs, prefill, context, int(prefill > 0), device])
     run, out = tmp_path / "gpu.json", tmp_path / "cost.json"
     run.write_text(json.dumps({"workers": [{"worker_id": "w0", "step_sample": rows}]}))
     main(["--from-runs", str(run), "--device-time", "--out", str(out)])
     cost = json.loads(out.read_text())
-    assert cost["base_s"] == pytest.approx(0.004, rel=1e-3) and cost["per_context_token_s"] == pytest.approx(3e-8, rel=1e-3)
+    assert cost["base_s"] == pytest.approx(0.004, rel=1e-3)
+    assert cost["per_context_token_s"] == pytest.approx(3e-8, rel=1e-3)
     assert cost["source"].startswith("fitted to the device time of 300 sampled steps")
     main(["--from-runs", str(run), "--out", str(out)])                  # the wall time: the host's share in the base
     assert json.loads(out.read_text())["base_s"] > 0.005
