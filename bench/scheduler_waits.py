@@ -4,10 +4,9 @@ stream, by command. A run whose clients wait long to be accepted, or whose place
 here which part of the scheduler's side was slow (a busy predictor, its event loop, Redis)."""
 from __future__ import annotations
 
-import urllib.request
 from dataclasses import dataclass
 
-from bench.step_times import histogram_label_sums, means_by_label
+from bench.step_times import histogram_label_sums, means_by_label, metrics_page
 
 # metric -> (its label, the name of its part of the run's summary)
 WAIT_METRICS = {"alise:admission_seconds": ("stage", "admission_s"),
@@ -45,6 +44,5 @@ def parse_scheduler_waits(text: str) -> SchedulerWaits:
     return SchedulerWaits(tuple(sorted(sums)))
 
 
-def read_scheduler_waits(port: int, host: str = "127.0.0.1", timeout_s: float = 10.0) -> SchedulerWaits:
-    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout_s) as r:
-        return parse_scheduler_waits(r.read().decode())
+def read_scheduler_waits(port: int) -> SchedulerWaits:
+    return parse_scheduler_waits(metrics_page(port))

@@ -121,10 +121,15 @@ def histogram_label_sums(family, label: str) -> dict[tuple[str, str], float]:
 
 def means_by_label(sums: dict[tuple[str, str], float]) -> dict[str, dict]:
     """{value: {"count", "mean_s"}} of histogram_label_sums (or a difference of two of them), values observed."""
-    return {value: {"count": int(n), "mean_s": sums.get((value, "sum"), 0.0) / n}
-            for value, n in sorted((v, sums.get((v, "count"), 0.0)) for v in {v for v, _ in sums}) if n > 0}
+    counts = {value: n for (value, part), n in sums.items() if part == "count" and n > 0}
+    return {value: {"count": int(n), "mean_s": sums.get((value, "sum"), 0.0) / n} for value, n in sorted(counts.items())}
 
 
-def read_step_histogram(port: int, host: str = "127.0.0.1", timeout_s: float = 10.0) -> StepHistogram:
+def metrics_page(port: int, host: str = "127.0.0.1", timeout_s: float = 10.0) -> str:
+    """A service's Prometheus /metrics page, as text."""
     with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout_s) as r:
-        return parse_step_histogram(r.read().decode())
+        return r.read().decode()
+
+
+def read_step_histogram(port: int) -> StepHistogram:
+    return parse_step_histogram(metrics_page(port))

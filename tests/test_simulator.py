@@ -427,8 +427,9 @@ def test_a_decode_step_with_more_rows_than_the_batch_pays_the_over_batch_cost():
     cfg = SimConfig(policy="alise", cost=Recorded(base_s=0.01, over_batch_step_s=0.5),
                     worker=WorkerSpec(max_batch=2, num_blocks=100, early_rows=2), park_kv_share=0.8, early_tokens=2,
                     predictor=SimPredictor(PredictorKind.ORACLE), reconsider_s=0.0)
-    simulate(cfg, reqs)
+    sim = Simulation(cfg, reqs)
+    sim.run()
     decodes = [(seqs, seconds) for seqs, mixed, seconds in steps if not mixed]
-    assert any(seqs > 2 for seqs, _ in decodes)
+    assert step_totals(sim)["w0"]["over_batch_steps"] == sum(seqs > 2 for seqs, _ in decodes) > 0
     assert all(seconds == pytest.approx(0.51 if seqs > 2 else 0.01) for seqs, seconds in decodes)
     assert all(seconds == pytest.approx(0.01) for _, mixed, seconds in steps if mixed)

@@ -24,10 +24,12 @@ class Harness:
         self.overlap = overlap                         # tokens are collected a step later, as the engine's are
         self.in_flight: list[Sequence] = []            # sampled by the last step, not yet collected
         # prefix: with the prefix cache, sequences of one prompt family share blocks, and a step's decode rows are
-        # grouped by the blocks they share (group_prefix_rows)
-        self.blocks = BlockManager(num_blocks=num_blocks, block_size=4, prefix_caching=prefix)
+        # grouped by the blocks they share (group_prefix_rows, by their 4th block: blocks of 2 tokens let prompts this
+        # short reach it, so the grouping moves rows in some schedules, not only in none)
+        bs = 2 if prefix else 4
+        self.blocks = BlockManager(num_blocks=num_blocks, block_size=bs, prefix_caching=prefix)
         # as the engine sizes it: a sequence alone always fits the pool
-        self.sched = StepScheduler(self.blocks, max_batch=3, token_budget=16, max_model_len=num_blocks * 4,
+        self.sched = StepScheduler(self.blocks, max_batch=3, token_budget=16, max_model_len=num_blocks * bs,
                                    early_rows=2,      # early jobs beyond two wait their turn
                                    group_prefix_rows=prefix)
         self.live: dict[str, Sequence] = {}
@@ -124,7 +126,7 @@ def test_park_resume_and_eviction_keep_every_block_accounted_for(overlap, prefix
         if op in ("add", "add_park"):
             # preemptions left under the scheduler's bound: none (an older scheduler), 0 or 1; early tokens 1-4
             h.add(prompt_len, max_tokens, park=op == "add_park", preemptions_left=(None, 0, 1)[k % 3],
-                  early_tokens=1 + k % 4, family=k % 5 % 3)
+                  early_tokens=1 + k % 4, family=k % 5 % 3)   # not k % 3: that is the bound
         elif op == "step":
             h.step()
         elif op == "park" and (seq := h.pick(k, SeqStatus.RUNNING)) is not None:

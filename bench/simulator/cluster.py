@@ -161,8 +161,9 @@ class StepTotals:
     decode_steps: int = 0             # of which with no prefill, and what those held
     decode_rows: int = 0
     decode_context_tokens: int = 0
+    over_batch_steps: int = 0         # decode-only steps with more rows than the batch (IterationCost.over_batch_step_s)
 
-    def add(self, step: StepSums) -> None:
+    def add(self, step: StepSums, over_batch: bool = False) -> None:
         self.steps += step.steps
         self.seconds += step.seconds
         self.rows += step.seqs
@@ -172,13 +173,15 @@ class StepTotals:
             self.decode_steps += step.steps
             self.decode_rows += step.seqs
             self.decode_context_tokens += step.context_tokens
+            self.over_batch_steps += over_batch
 
     def summary(self) -> dict:
         """In a live run's shape: steps, their mean, and what they held."""
         made_of = {"rows": self.rows, "prefill_tokens": self.prefill_tokens, "context_tokens": self.context_tokens,
                    "kept_kv_dropped": self.kept_kv_dropped, "decode_steps": self.decode_steps,
                    "decode_rows": self.decode_rows, "decode_context_tokens": self.decode_context_tokens}
-        return {"steps": self.steps, "mean_s": self.seconds / self.steps if self.steps else 0.0, "made_of": made_of}
+        return {"steps": self.steps, "mean_s": self.seconds / self.steps if self.steps else 0.0, "made_of": made_of,
+                "over_batch_steps": self.over_batch_steps}
 
 
 @dataclass(eq=False)
@@ -478,10 +481,11 @@ class Simulation:
         w.decodes, w.prefills, w.busy = decodes, prefills, True
         mixed = bool(prefills)
         rows = len(decodes) + len(prefills)
-        duration = self.cfg.cost.step(rows, prefill, context, mixed, rows > self.cfg.worker.max_batch) + w.extra_s
+        over_batch = rows > self.cfg.worker.max_batch
+        duration = self.cfg.cost.step(rows, prefill, context, mixed, over_batch) + w.extra_s
         w.extra_s = 0.0
         w.steps.append(step := StepSums(1, duration, rows, prefill, context, int(mixed)))
-        w.totals.add(step)
+        w.totals.add(step, over_batch and not mixed)
         if len(w.steps) > 2 * STEP_SAMPLES:
             del w.steps[:-STEP_SAMPLES]
         self._push(self.now + duration, _Event.STEP_END, w)

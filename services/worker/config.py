@@ -34,8 +34,8 @@ class WorkerConfig:
     overlap_steps: bool = True           # GPU: plan and launch step N+1 while step N runs (engine.py)
     # decode rows that share prefix blocks (turns of one conversation) launch next to each other, so the GPU reads
     # their shared KV about at once and the second read may come from L2 (step_scheduler._prefix_grouped). Off until
-    # a live run shows it faster: the kernel alone is 0-7% faster so on live batches, but an earlier form of it
-    # (rows by block id) ran large decode steps 3-9% slower live (docs/BENCHMARKS.md, session 32)
+    # a live run shows it faster: the attention kernel alone is 0-7% faster so on rebuilt live batches, while an
+    # earlier form of it (rows by block id) changed no live step's speed (docs/BENCHMARKS.md, session 32)
     group_prefix_rows: bool = False
     num_host_blocks: int = 512           # swap space in host memory
     max_batch: int = 0                   # sequences per step; 0 = auto (CPU 48; GPU from the KV pool's room)

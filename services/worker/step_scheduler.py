@@ -212,9 +212,8 @@ class StepScheduler:
         sharing leading KV blocks are next to each other, the other chunks after them as planned (the runner lays a
         mixed step out by chunk size, not by place). The decode kernel runs one program per (row, KV head) in row
         order: a prefix two rows share is read by programs running about at once, the second read likely from L2.
-        Admission order
-        keeps a conversation's turns together only when they were admitted together (fcfs), not when a policy
-        orders them by predicted length or a parked job resumes (bench/decode_batch_order.py)."""
+        Admission order keeps a conversation's turns together only when they were admitted together (fcfs), not when
+        a policy orders them by predicted length or a parked job resumes (bench/decode_batch_order.py)."""
         decodes = [c for c in chunks if c.num_tokens == 1]
         if len(decodes) < 2:
             return chunks
