@@ -1,9 +1,10 @@
 """The predictor's math threads under a paced load with online learning: CPU spent and Predict latency, by thread
 count. As in the service, predictions run on one thread (the batcher's) and learning on another (the observation
 feed's), each calling into torch, numpy and faiss; every thread count runs in a fresh process whose
-OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_THREADS say it before those libraries load (what the service does,
-services/predictor/server.py). A pool of math threads pays a wake-up per small operation once its threads have
-gone to sleep between paced requests, and the learning thread's calls get a pool of their own.
+OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_THREADS say it before those libraries load (the service sets
+none of them: its pools take the libraries' default, every core of the machine). A pool of math threads pays a
+wake-up per small operation once its threads have gone to sleep between paced requests, and the learning thread's
+calls get a pool of their own.
 
     python -m bench.predictor_threads --threads 1 2 --rate 48 --seconds 30
 """
