@@ -46,8 +46,7 @@ def gpu_replay_ms(runner, chunks, iters: int = 30) -> float:
     inputs = runner.prepare_decode(chunks)
     graphs = runner.graphs
     graphs.run(inputs)
-    n = len(chunks)
-    bucket = next(b for b in graphs.buckets if b >= n)
+    bucket = graphs.graph_for(len(chunks))
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(iters):

@@ -28,20 +28,4 @@ SWEEP_TIMEOUT=${SWEEP_TIMEOUT:-420} bash bench/device/sweep.sh "$name" sharegpt-
     .bench-data/sharegpt_heldout_880.json "${N:-3000}" "${POLICIES:-alise alise@er8 fcfs}" "$rate" --ignore-eos \
     --scheduler-arg=--learn-forced-lengths --variant-worker-arg=g=--group-prefix-rows \
     --variant-worker-arg=er8=--early-rows=8 2>&1 | tail -3
-for f in out/"$name"/*.json; do
-    python3 - "$f" <<'PY' 2>/dev/null
-import json, sys
-d = json.load(open(sys.argv[1]))
-s = d["step_times"]["worker-0"]
-m, dev = s["made_of"], s["device_s"]
-c = json.load(open("docs/results/h100_chat_2026-12-06_s30/sim/cost_h100_s30.json"))
-model = (m["decode_steps"] * c["base_s"] + m["decode_rows"] * c["per_seq_s"]
-         + m["decode_context_tokens"] * c["per_context_token_s"])
-print(sys.argv[1], "decode steps", m["decode_steps"], "rows/step %.0f" % (m["decode_rows"] / m["decode_steps"]),
-      "ctx/step %.0f" % (m["decode_context_tokens"] / m["decode_steps"]),
-      "device/modelled %.4f" % (dev["decode"] / model),
-      "waited", round(dev["waited"], 2), "mean %.4f" % d["normalized_latency_s"]["mean"],
-      "tok/s %.0f" % d["output_throughput"], "admit %.3f" % d["admit_s"]["mean"], "ttft %.3f" % d["ttft_s"]["mean"])
-print("  scheduler's waits", d.get("scheduler_waits"), "worker's", s.get("assignment_wait_s"), "cores", d["cpu_share"])
-PY
-done
+python3 bench/device/run_summary.py out/"$name"/*-r*.json

@@ -30,6 +30,9 @@ class WorkerConfig:
     num_blocks: int = 0                  # KV pool size; 0 = auto (CPU: 1024, GPU: gpu_memory_utilization)
     gpu_memory_utilization: float = 0.90 # share of GPU memory for weights + activations + KV pool
     enforce_eager: bool = False          # GPU: no CUDA graphs for decode steps
+    # GPU: time each decode graph once captured and replay a larger one for a bucket whose own is slower
+    # (cuBLAS's GEMM algorithm choice by row count: cuda_graphs.py)
+    timed_graph_buckets: bool = True
     prefix_caching: bool = True          # reuse the KV of full blocks whose token prefix was seen before
     overlap_steps: bool = True           # GPU: plan and launch step N+1 while step N runs (engine.py)
     # decode rows that share prefix blocks (turns of one conversation) launch next to each other, so the GPU reads

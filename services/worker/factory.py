@@ -93,7 +93,8 @@ def build_engine(cfg: WorkerConfig, model=None, tokenizer=None) -> Engine:
     if device.type == "cuda" and not cfg.enforce_eager:
         from services.worker.cuda_graphs import DecodeGraphs
 
-        runner.graphs = DecodeGraphs(runner, max_batch + cfg.early_rows, max_len)   # early jobs ride beside the batch
+        # early jobs ride beside the batch
+        runner.graphs = DecodeGraphs(runner, max_batch + cfg.early_rows, max_len, timed_buckets=cfg.timed_graph_buckets)
         runner.graphs.capture()
     log.info("engine: %s on %s/%s, KV pool %d blocks x %d tokens, max_model_len %d, batch %d seqs / %d tokens",
              mc.model_type, cfg.device, cfg.dtype, num_blocks, cfg.block_size, max_len, max_batch, token_budget)

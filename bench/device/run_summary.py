@@ -1,0 +1,34 @@
+"""Each run of a device sweep in a few lines (the diagnosis scripts run it on the lent GPU): its decode-only steps'
+device time against session 30's fitted cost, where its waits were, its latency, throughput and cores.
+
+    python3 bench/device/run_summary.py out/NAME/*.json
+"""
+import json
+import sys
+
+COST = "docs/results/h100_chat_2026-12-06_s30/sim/cost_h100_s30.json"
+
+
+def summary(path: str, cost: dict) -> str:
+    d = json.load(open(path))
+    s = d["step_times"]["worker-0"]
+    m, dev = s["made_of"], s["device_s"]
+    model = (m["decode_steps"] * cost["base_s"] + m["decode_rows"] * cost["per_seq_s"]
+             + m["decode_context_tokens"] * cost["per_context_token_s"])
+    lat = d["normalized_latency_s"]
+    return "\n".join((
+        f"{path} decode steps {m['decode_steps']} rows/step {m['decode_rows'] / m['decode_steps']:.0f} "
+        f"ctx/step {m['decode_context_tokens'] / m['decode_steps']:.0f} device/modelled {dev['decode'] / model:.4f} "
+        f"waited {dev['waited']:.2f} mean {lat['mean']:.4f} p99 {lat['p99']:.3f} tok/s {d['output_throughput']:.0f} "
+        f"admit {d['admit_s']['mean']:.3f} ttft {d['ttft_s']['mean']:.3f} ttft p99 {d['ttft_s']['p99']:.2f}",
+        f"  scheduler's waits {d.get('scheduler_waits')} worker's {s.get('assignment_wait_s')}",
+        f"  cores {d['cpu_share']}"))
+
+
+if __name__ == "__main__":
+    cost = json.load(open(COST))
+    for path in sys.argv[1:]:
+        try:
+            print(summary(path, cost))
+        except (KeyError, TypeError, ZeroDivisionError) as e:     # not a run, or one that failed part way
+            print(path, "no summary:", repr(e))
