@@ -78,7 +78,9 @@ def redis_url_env(container: dict, name: str) -> str:
 def test_predictor_encoder_and_observation_stream_are_wired():
     predictor = by_name(render({"predictor": {"encoder": "static"}}), "Deployment", "demo-alise-predictor")
     args = predictor["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--encoder=static" in args
+    assert "--encoder=static" in args and "--math-threads=1" in args
+    wider = by_name(render({"predictor": {"mathThreads": 4}}), "Deployment", "demo-alise-predictor")
+    assert "--math-threads=4" in wider["spec"]["template"]["spec"]["containers"][0]["args"]
     container = predictor["spec"]["template"]["spec"]["containers"][0]
     assert redis_url_env(container, "ALISE_PREDICTOR_REDIS_URL") == "redis://:$(REDIS_PASSWORD)@demo-alise-redis:6379/0"
 
@@ -382,6 +384,7 @@ def test_keda_scales_workers_on_queued_predicted_work_and_a_podmonitor_scrapes_e
     ({"worker": {"replicas": "four"}}, "worker.replicas"),
     ({"scheduler": {"httpPort": 70000}}, "scheduler.httpPort"),
     ({"worker": {"dtype": "int4"}}, "worker.dtype"),
+    ({"predictor": {"mathThreads": 0}}, "predictor.mathThreads"),
     ({"workers": {"replicas": 2}}, "workers"),                       # a typo of a top-level key
 ])
 def test_values_schema_rejects_wrong_types_and_unknown_keys(values, path):

@@ -124,7 +124,24 @@ async def save_periodically(predictor: LengthPredictor, model_dir: Path, every_s
             await asyncio.to_thread(predictor.save, model_dir)
 
 
+def limit_math_threads(n: int) -> None:
+    """torch's and faiss's OpenMP pools default to every core of the machine, whose idle threads spin between paced
+    predictions: 16 of them used 7-10 cores on the GPU machine to predict 48 prompts a second, where one thread
+    uses a tenth of a core and answers sooner (bench/predictor_threads.py, docs/BENCHMARKS.md)."""
+    import torch
+
+    torch.set_num_threads(n)
+    try:
+        import faiss
+    except ImportError:          # the kNN index then runs on numpy (knn_index.py)
+        return
+    faiss.omp_set_num_threads(n)
+
+
 async def serve(a: argparse.Namespace) -> None:
+    if a.math_threads < 1:
+        raise SystemExit(f"--math-threads must be >= 1, got {a.math_threads}")
+    limit_math_threads(a.math_threads)
     service_token = read_service_token(a.service_token_file)
     try:
         callers = ServiceTokenCheck(service_token, cert_names(a.client_cert_names))
@@ -203,6 +220,8 @@ def main() -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="encoder truncation (default: 256 MiniLM, 128 fine-tuned MiniLM, 512 static)")
     p.add_argument("--quantize", action="store_true", help="int8 dynamic quantization of a MiniLM encoder")
+    p.add_argument("--math-threads", type=int, default=1,
+                   help="threads of torch's and faiss's math pools (default 1: more only spin between requests)")
     asyncio.run(serve(p.parse_args()))
 
 
