@@ -1,12 +1,13 @@
 """The predictor's math threads under a paced load with online learning: CPU spent and Predict latency, by thread
 count. As in the service, predictions run on one thread (the batcher's) and learning on another (the observation
 feed's), each calling into torch, numpy and faiss; every thread count runs in a fresh process whose
-OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_THREADS say it before those libraries load (the service sets
-none of them: its pools take the libraries' default, every core of the machine). A pool of math threads pays a
+OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_THREADS say it before those libraries load, or with --in-process
+none of them, and the process limits its pools once loaded as the service does with --math-threads (session 33;
+before, the service set nothing and its pools took every core of the machine). A pool of math threads pays a
 wake-up per small operation once its threads have gone to sleep between paced requests, and the learning thread's
 calls get a pool of their own.
 
-    python -m bench.predictor_threads --threads 1 2 --rate 48 --seconds 30
+    python -m bench.predictor_threads --threads 1 2 --rate 48 --seconds 30 [--in-process]
 """
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ def measure(a) -> dict:
     from services.predictor.encoder import load_encoder
     from services.predictor.length_predictor import LengthPredictor, PredictorParams
 
+    if a.math_threads:              # as the service does it: its pools limited once loaded (--math-threads)
+        from services.predictor.server import limit_math_threads
+
+        limit_math_threads(a.math_threads)
     model = Path(a.model_dir)
     predictor = LengthPredictor(load_encoder("auto", model / "encoder", None, False),
                                 PredictorParams(prior_log_mean=math.log(128)))
@@ -62,7 +67,8 @@ def measure(a) -> dict:
     after, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - start
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     latencies.sort()
-    return {"threads": os.environ.get("OMP_NUM_THREADS"), "cores_used": round(cpu / wall, 3),
+    return {"threads": os.environ.get("OMP_NUM_THREADS"), "math_threads": a.math_threads,
+            "cores_used": round(cpu / wall, 3),
             "predict_p50_ms": round(latencies[len(latencies) // 2] * 1e3, 2),
             "predict_p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1e3, 2), "learned": predictor.size}
 
@@ -76,15 +82,20 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--model-dir", default=".bench-data/predictor_880")
     p.add_argument("--dataset-path", default=".bench-data/sharegpt_heldout_880.json")
+    p.add_argument("--in-process", action="store_true",
+                   help="no environment variables: each thread count set in the process as the service's "
+                        "--math-threads sets it (services/predictor/server.limit_math_threads)")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)     # a child: measure here
+    p.add_argument("--math-threads", type=int, default=0, help=argparse.SUPPRESS)    # the child's, --in-process
     a = p.parse_args()
     if a.one:
         print(json.dumps(measure(a)))
         return
     for n in a.threads:
-        env = {**os.environ, **{v: str(n) for v in THREAD_VARS}}
-        child = ["--rate", str(a.rate), "--batch", str(a.batch), "--learn", str(a.learn), "--seconds", str(a.seconds),
-                 "--model-dir", a.model_dir, "--dataset-path", a.dataset_path, "--one"]
+        env = {**os.environ, **({} if a.in_process else {v: str(n) for v in THREAD_VARS})}
+        child = [*(["--math-threads", str(n)] if a.in_process else []), "--rate", str(a.rate), "--batch", str(a.batch),
+                 "--learn", str(a.learn), "--seconds", str(a.seconds), "--model-dir", a.model_dir,
+                 "--dataset-path", a.dataset_path, "--one"]
         out = subprocess.run([sys.executable, "-m", "bench.predictor_threads", *child], env=env, check=True,
                              capture_output=True, text=True).stdout
         print(out.strip().splitlines()[-1], flush=True)

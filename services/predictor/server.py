@@ -125,17 +125,20 @@ async def save_periodically(predictor: LengthPredictor, model_dir: Path, every_s
 
 
 def limit_math_threads(n: int) -> None:
-    """torch's and faiss's OpenMP pools default to every core of the machine, whose idle threads spin between paced
-    predictions: 16 of them used 7-10 cores on the GPU machine to predict 48 prompts a second, where one thread
-    uses a tenth of a core and answers sooner (bench/predictor_threads.py, docs/BENCHMARKS.md)."""
+    """Every math thread pool in the process held to `n` threads: torch's, faiss's and numpy's (two OpenMP runtimes
+    and two OpenBLAS builds load here) default to every core of the machine, and their idle threads spin between
+    paced predictions: 16 of them used 7-15 cores on the GPU machine to predict 48 prompts a second, where one
+    thread used a quarter of a core and answered 5x sooner (bench/predictor_threads.py, docs/BENCHMARKS.md)."""
     import torch
+    from threadpoolctl import threadpool_limits
 
-    torch.set_num_threads(n)
+    torch.set_num_threads(n)      # torch keeps its own count besides its OpenMP runtime's
     try:
-        import faiss
-    except ImportError:          # the kNN index then runs on numpy (knn_index.py)
-        return
-    faiss.omp_set_num_threads(n)
+        import faiss              # loaded now, so that its OpenMP runtime and OpenBLAS are among the limited
+        faiss.omp_set_num_threads(n)
+    except ImportError:           # the kNN index then runs on numpy (knn_index.py)
+        pass
+    threadpool_limits(limits=n)   # the rest: numpy's OpenBLAS, faiss's, the OpenMP runtimes (kept for the process)
 
 
 async def serve(a: argparse.Namespace) -> None:
