@@ -1,6 +1,6 @@
 """Where the scheduler's time went during a run, from two readings of its /metrics: a request's admission by stage
-(validate, predict, store: services/scheduler/metrics.AdmissionStage) and its commands' wait for their worker's
-stream, by command. A run whose clients wait long to be accepted, or whose placements reach the worker late, says
+(validate, predict, store: services/scheduler/metrics.AdmissionStage), its commands' wait for their worker's
+stream, by command, and how late its event loop ran what was due. A run whose clients wait long to be accepted, or whose placements reach the worker late, says
 here which part of the scheduler's side was slow (a busy predictor, its event loop, Redis)."""
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 from bench.step_times import histogram_label_sums, means_by_label, metrics_page
 
-# metric -> (its label, the name of its part of the run's summary)
+# metric -> (its label, the name of its part of the run's summary; a metric of no label of its own sums as "all")
 WAIT_METRICS = {"alise:admission_seconds": ("stage", "admission_s"),
-                "alise:worker_command_wait_seconds": ("command", "command_wait_s")}
+                "alise:worker_command_wait_seconds": ("command", "command_wait_s"),
+                "alise:event_loop_lag_seconds": (None, "event_loop_lag_s")}
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,8 @@ class SchedulerWaits:
         return SchedulerWaits(tuple((k, v - then.get(k, 0.0)) for k, v in self.sums))
 
     def summary(self) -> dict:
-        """{"admission_s": {stage: {"count", "mean_s"}}, "command_wait_s": {command: ...}}: those observed."""
+        """{"admission_s": {stage: {"count", "mean_s"}}, "command_wait_s": {command: ...},
+        "event_loop_lag_s": {"all": ...}}: those observed."""
         if any(v < 0 for (_, _, part), v in self.sums if part == "count"):   # readings across a scheduler restart
             return {"error": "the scheduler's counts went down between the readings (restarted?)"}
         out = {}

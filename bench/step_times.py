@@ -108,13 +108,13 @@ def parse_step_histogram(text: str) -> StepHistogram:
                          tuple(sorted(made_of.items())), tuple(sorted(device.items())), tuple(sorted(waits.items())))
 
 
-def histogram_label_sums(family, label: str) -> dict[tuple[str, str], float]:
+def histogram_label_sums(family, label: str | None) -> dict[tuple[str, str], float]:
     """A histogram family's observations and their seconds by one label's value: {(value, "count" / "sum"): total}
-    (summed over the other labels, such as the model's)."""
+    (summed over the other labels, such as the model's; with no label, all of them as the value "all")."""
     out: dict[tuple[str, str], float] = {}
     for sample in family.samples:
         if (part := sample.name.rsplit("_", 1)[-1]) in ("count", "sum"):
-            key = (sample.labels[label], part)
+            key = (sample.labels[label] if label else "all", part)
             out[key] = out.get(key, 0.0) + sample.value
     return out
 

@@ -23,8 +23,9 @@ from bench.process_cpu import cpu_share, process_cpu, process_cpus
 from bench.scheduler_waits import SchedulerWaits, read_scheduler_waits
 from bench.serve import (Target, add_workload_arguments, arrival_fields, arrival_trace, load_workload, open_tokenizer,
                          run, save, worker_loads)
-from bench.serve_metrics import RequestResult, summarize, work_pace
+from bench.serve_metrics import RequestResult, distribution, summarize, work_pace
 from bench.step_times import StepHistogram, read_step_histogram
+from services.common.loop_lag import watch_loop_lag
 from bench.sweep_report import Run, markdown, plot
 
 
@@ -216,16 +217,22 @@ async def measure_together(a: argparse.Namespace, stacks: list, rate: float, pri
                                    ignore_eos=a.ignore_eos, label=f"prime-{i}", progress=False)
                                for i, t in enumerate(targets)))
     before = [(process_cpu(s), worker_steps(s), scheduler_waits(s)) for s in stacks]
-    measures = await asyncio.gather(*(run(measured, t, rate=rate, burstiness=a.burstiness, seed=a.seed,
-                                          max_concurrency=a.max_concurrency, ignore_eos=a.ignore_eos,
-                                          label=f"run-{i}", trace=trace, progress=i == 0)
-                                      for i, t in enumerate(targets)))
+    client_lags: list[float] = []        # the client's own event loop (one for every stack): a slow client shows here
+    watcher = asyncio.create_task(watch_loop_lag(client_lags.append))
+    try:
+        measures = await asyncio.gather(*(run(measured, t, rate=rate, burstiness=a.burstiness, seed=a.seed,
+                                              max_concurrency=a.max_concurrency, ignore_eos=a.ignore_eos,
+                                              label=f"run-{i}", trace=trace, progress=i == 0)
+                                          for i, t in enumerate(targets)))
+    finally:
+        watcher.cancel()
     out = []
     for stack, target, (cpu_before, steps_before, waits_before), (results, duration) in zip(stacks, targets, before,
                                                                                          measures):
         extras = {"cpu_share": cpu_share(cpu_before, process_cpu(stack), duration),  # one at a full core limits a run
                   "step_times": steps_during(steps_before, worker_steps(stack)),
                   "scheduler_waits": waits_during(waits_before, scheduler_waits(stack)),
+                  "client_loop_lag_s": lag_summary(client_lags),
                   "cpus": process_cpus(stack)}
         try:
             extras["workers"] = await worker_loads(target)   # what the scheduler learned of them (the simulator's cost)
@@ -233,6 +240,12 @@ async def measure_together(a: argparse.Namespace, stacks: list, rate: float, pri
             extras["workers"] = [{"error": repr(e)}]
         out.append((results, duration, extras))
     return out
+
+
+def lag_summary(lags: list[float]) -> dict:
+    """The client's event-loop lag over a run (services/common/loop_lag.py), seconds: how often it was watched, its
+    mean, median, p99 and worst."""
+    return {"count": len(lags), **distribution(lags, [99]), **({"max": max(lags)} if lags else {})}
 
 
 def worker_steps(stack) -> dict[str, "StepHistogram | Exception"]:

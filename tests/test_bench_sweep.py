@@ -78,6 +78,10 @@ def test_a_small_sweep_on_live_stacks_writes_runs_figures_and_report(tmp_path, m
             admission = summary["scheduler_waits"]["admission_s"]
             assert all(admission[stage]["count"] >= 4 for stage in ("validate", "predict", "store")), admission
             assert summary["scheduler_waits"]["command_wait_s"]["assign"]["count"] >= 4, summary["scheduler_waits"]
+            # and how late the scheduler's event loop and the client's ran what was due (a watcher every 50 ms)
+            assert summary["scheduler_waits"]["event_loop_lag_s"]["all"]["count"] >= 2, summary["scheduler_waits"]
+            client_lag = summary["client_loop_lag_s"]
+            assert client_lag["count"] >= 2 and 0 <= client_lag["mean"] <= client_lag["max"], client_lag
             # and the scheduler's sample of those steps, that bench.simulator.calibrate --from-runs fits a cost to
             sample = summary["workers"][0]["step_sample"]
             assert sample and all(len(row) == 7 and row[0] >= 1 and row[1] > 0 for row in sample), sample[:3]
@@ -266,14 +270,19 @@ def test_scheduler_waits_are_the_difference_of_two_readings_by_stage_and_command
     admission = Histogram("alise:admission_seconds", "a", ["model_name", "stage"], registry=registry, buckets=(0.1,))
     command = Histogram("alise:worker_command_wait_seconds", "c", ["model_name", "command"], registry=registry,
                         buckets=(0.1,))
+    lag = Histogram("alise:event_loop_lag_seconds", "l", ["model_name"], registry=registry, buckets=(0.1,))
     admission.labels("m", "predict").observe(7.0)                      # before the run: not counted
+    lag.labels("m").observe(3.0)
     before = parse_scheduler_waits(generate_latest(registry).decode())
     for seconds in (0.2, 0.4):
         admission.labels("m", "predict").observe(seconds)
     admission.labels("m", "store").observe(0.003)
     command.labels("m", "assign").observe(0.05)
+    for seconds in (0.01, 0.03):
+        lag.labels("m").observe(seconds)
     run = parse_scheduler_waits(generate_latest(registry).decode()).minus(before).summary()
     assert run == {"admission_s": {"predict": {"count": 2, "mean_s": pytest.approx(0.3)},
                                    "store": {"count": 1, "mean_s": pytest.approx(0.003)}},
-                   "command_wait_s": {"assign": {"count": 1, "mean_s": pytest.approx(0.05)}}}
+                   "command_wait_s": {"assign": {"count": 1, "mean_s": pytest.approx(0.05)}},
+                   "event_loop_lag_s": {"all": {"count": 2, "mean_s": pytest.approx(0.02)}}}
     assert parse_scheduler_waits("# a page without them\n").summary() == {}

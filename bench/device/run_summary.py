@@ -22,6 +22,7 @@ def summary(path: str, cost: dict) -> str:
         f"waited {dev['waited']:.2f} mean {lat['mean']:.4f} p99 {lat['p99']:.3f} tok/s {d['output_throughput']:.0f} "
         f"admit {d['admit_s']['mean']:.3f} ttft {d['ttft_s']['mean']:.3f} ttft p99 {d['ttft_s']['p99']:.2f}",
         f"  scheduler's waits {d.get('scheduler_waits')} worker's {s.get('assignment_wait_s')}",
+        f"  client's event-loop lag {d.get('client_loop_lag_s')}",
         f"  cores {d['cpu_share']}"))
 
 

@@ -57,6 +57,10 @@ class AdmissionStage(str, Enum):
 # A busy predictor, a busy event loop or a slow Redis shows here as requests slow to get in (clients see it in TTFT)
 ADMISSION = _labelled(Histogram, "alise:admission_seconds", "A request's admission by stage", ("stage",),
                       buckets=LATENCY_BUCKETS)
+# How late the scheduler's event loop runs what is due (services/common/loop_lag.py): a request's way in before and
+# after its admission stages, and its tokens' way out, wait this long in a loop that is behind
+EVENT_LOOP_LAG = _labelled(Histogram, "alise:event_loop_lag_seconds", "How late the event loop ran a due callback",
+                           buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 TPOT = _labelled(Histogram, "vllm:request_time_per_output_token_seconds",
                  "Per request: (end-to-end - TTFT) / (output tokens - 1)", buckets=PER_TOKEN_BUCKETS)
 PROMPT_TOKENS = _labelled(Counter, "vllm:prompt_tokens", "Prompt tokens of finished requests")

@@ -14,6 +14,7 @@ from alise.v1 import generate_pb2, worker_pb2
 from services.scheduler import metrics
 from services.common.auth import ServiceTokenCheck, cert_names, read_service_token
 from services.common.lenient import add_lenient_service
+from services.common.loop_lag import watch_loop_lag
 from services.common.file_versions import FileWatch
 from services.common.redis_client import connect
 from services.common.tls import health_only_server
@@ -84,6 +85,7 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
                  cfg.http_listen.rsplit(":", 1)[0], http[2])
     loop_task = asyncio.create_task(dispatcher.run())
     following = asyncio.create_task(follow_files(tenants, http, cfg))
+    lag_watch = asyncio.create_task(watch_loop_lag(lambda late: metrics.EVENT_LOOP_LAG.observe(late)))
     await set_health(health, CLIENT_SERVICES, SERVING)
     await set_health(gateway_health, WORKER_SERVICES, SERVING)
     log.info("scheduler: clients on port %d (%d tenants), workers on port %d, policy %s", port, len(tenants),
@@ -98,6 +100,7 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None, ready: 
     api.closing = True
     loop_task.cancel()
     following.cancel()
+    lag_watch.cancel()
     if http is not None:
         http[0].should_exit = True
         await http[1]
