@@ -79,6 +79,26 @@ def test_the_device_time_of_the_sampled_steps_can_be_fitted_instead_of_their_wal
     with pytest.raises(SystemExit, match="no sampled step has a device time"):
         main(["--from-runs", str(cpu), "--device-time", "--out", str(out)])
 
+
+def test_host_gaps_add_the_devices_mean_wait_per_step_to_a_device_time_fit(tmp_path):
+    # the device's timeline: its steps' own time, and 0.5 ms a step waiting for the host between them
+    rng = random.Random(2)
+    device = [(seqs, prefill, context, 0.004 + 1e-5 * seqs + 3e-8 * context)
+              for seqs, prefill, context in step_shapes(rng, 200)]
+    rows = [[1, t + 0.001, seqs, prefill, context, int(prefill > 0), t] for seqs, prefill, context, t in device]
+    run, out = tmp_path / "gpu.json", tmp_path / "cost.json"
+    run.write_text(json.dumps({"workers": [{"worker_id": "w0", "step_sample": rows}],
+                               "step_times": {"worker-0": {"steps": 4000, "device_s": {"waited": 2.0}}}}))
+    main(["--from-runs", str(run), "--device-time", "--host-gaps", "--out", str(out)])
+    cost = json.loads(out.read_text())
+    assert cost["base_s"] == pytest.approx(0.004 + 2.0 / 4000, rel=1e-3)
+    assert cost["source"].endswith("and 0.500 ms a step of the device waiting for the host")
+    with pytest.raises(SystemExit, match="goes with --device-time"):
+        main(["--from-runs", str(run), "--host-gaps", "--out", str(out)])
+    run.write_text(json.dumps({"workers": [{"worker_id": "w0", "step_sample": rows}]}))
+    with pytest.raises(SystemExit, match="no run has its worker's device waits"):
+        main(["--from-runs", str(run), "--device-time", "--host-gaps", "--out", str(out)])
+
 @pytest.mark.parametrize("rows,rate", [([], "5"), ([[10, 0]], "5"), ([[10, 3]], "0")])
 def test_replay_refuses_an_empty_workload_or_no_rate_before_building_a_model(tmp_path, rows, rate):
     lengths = tmp_path / "lengths.json"

@@ -29,7 +29,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.simulator.cost import IterationCost
@@ -146,6 +146,21 @@ def fit_rows(rows: list[tuple], swap_per_token_s: float = 0.0, source: str = "")
                          per_context_token_s=float(coef[3]), per_mixed_step_s=float(coef[4]), swap_per_token_s=swap_per_token_s, source=source)
 
 
+def host_gap_per_step(paths: list[Path]) -> float:
+    """The device's wait for the host between steps, per step, over these runs (each worker's `step_times`:
+    `device_s.waited` over `steps`): what a device-time fit leaves out of the time a run takes."""
+    waited = steps = 0.0
+    for path in paths:
+        for worker in json.loads(path.read_text()).get("step_times", {}).values():
+            if worker.get("device_s", {}).get("waited") is not None and worker.get("steps"):
+                waited += worker["device_s"]["waited"]
+                steps += worker["steps"]
+    if not steps:
+        raise SystemExit("--host-gaps: no run has its worker's device waits (runs of a CPU worker, or saved before "
+                         "step_times carried them)")
+    return waited / steps
+
+
 def device_time_rows(rows: list[tuple]) -> list[tuple]:
     """The sampled rows with the device's seconds in place of the wall time (rows a GPU worker timed only)."""
     timed = [(row[0], row[6], *row[2:6]) for row in rows if len(row) > 6 and row[6] > 0]
@@ -196,6 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device-time", action="store_true",
                    help="--from-runs: fit the GPU's time running each step (its samples' device_seconds) instead of "
                         "the engine's wall time, which the host's work between steps partly hides")
+    p.add_argument("--host-gaps", action="store_true",
+                   help="with --device-time: add the runs' mean wait of the device for the host per step to the base "
+                        "(the device's timeline: its steps and the gaps between them)")
     p.add_argument("--model-dir", help="default: the local SmolLM2")
     p.add_argument("--device", default="cpu")
     p.add_argument("--worker-arg", action="append", default=[], help="WorkerConfig field=value (repeat)")
@@ -217,8 +235,14 @@ def main(argv: list[str] | None = None) -> None:
             rows = device_time_rows(rows)
         names = ", ".join(path.name for path in a.from_runs)
         timed = "device time of " if a.device_time else ""
-        report(fit_rows(rows, a.swap_per_token_s, source=f"fitted to the {timed}{len(rows)} sampled steps of {names}"),
-               rows, a.out)
+        cost = fit_rows(rows, a.swap_per_token_s, source=f"fitted to the {timed}{len(rows)} sampled steps of {names}")
+        if a.host_gaps:
+            if not a.device_time:
+                raise SystemExit("--host-gaps goes with --device-time (the wall time already holds the gaps)")
+            gap = host_gap_per_step(a.from_runs)
+            cost = replace(cost, base_s=cost.base_s + gap, source=f"{cost.source}, and {gap * 1e3:.3f} ms a step "
+                                                                   "of the device waiting for the host")
+        report(cost, rows, a.out)
         return
     lengths = replay_lengths(a) if a.replay else []       # checked before the model is built
 
