@@ -6,8 +6,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.worker.cuda_graphs import (DEFAULT_BUCKETS, SPARE_ROWS, TIME_MARGIN, TWIN_FROM, TWIN_ROWS,
-                                         fastest_at_least, spare_sizes)
+from services.worker.cuda_graphs import TIME_MARGIN, fastest_at_least
 
 MS = 1e-3
 
@@ -43,18 +42,3 @@ def test_each_bucket_replays_the_fastest_graph_at_least_its_size_when_it_is_clea
             assert graph > size and seconds[graph] == seconds[fastest]
         else:
             assert graph == size
-
-
-def test_spare_graphs_past_the_largest_bucket_and_beside_each_large_one():
-    buckets = [b for b in DEFAULT_BUCKETS if b < 448] + [448]
-    assert spare_sizes(buckets) == [264, 296, 328, 360, 392, 424, 456, 480]
-    assert spare_sizes([1, 2, 4, 8]) == []          # small batches: the skinny kernels, no GEMM algorithm to dodge
-
-
-@given(st.integers(1, 4096))
-def test_spares_are_no_bucket_and_stay_within_an_eighth_past_the_largest(max_rows):
-    buckets = [b for b in DEFAULT_BUCKETS if b < max_rows] + [max_rows]
-    spares = spare_sizes(buckets)
-    assert not set(spares) & set(buckets) and spares == sorted(spares)
-    assert all(s <= max_rows * (1 + SPARE_ROWS) for s in spares)     # the static buffers' rows
-    assert all(s > max_rows or (s - TWIN_ROWS in buckets and s - TWIN_ROWS >= TWIN_FROM) for s in spares)

@@ -7,8 +7,7 @@ buffers; a batch is padded to the next bucket with rows that read and write only
 Each bucket's graph is timed once captured, and a bucket whose graph is slower than a larger one's sends its batches
 to the larger one: cuBLAS chooses a GEMM algorithm by the number of rows, and at some sizes a worse one (on an H100
 with the Llama-3-8B shape, the MLP's gate_up GEMM takes 1.8x as long at 448 rows as at 416 or 480, a decode step
-~4 ms more: docs/BENCHMARKS.md, session 33). Spare graphs, a bucket or two past the largest and one a few rows
-past each large bucket, give those a way out (spare_sizes).
+~4 ms more: docs/BENCHMARKS.md, session 33). A spare graph a bucket or two past the largest gives that one a way out.
 """
 from __future__ import annotations
 
@@ -23,9 +22,6 @@ log = logging.getLogger("alise.worker.graphs")
 # every 8 up to 64, then every 16 to 256, every 32 to 512, every 64 beyond: padding wastes < 1/8 of a step
 DEFAULT_BUCKETS = (1, 2, 4, *range(8, 64, 8), *range(64, 256, 16), *range(256, 512, 32), *range(512, 4097, 64))
 SPARE_ROWS = 1 / 8              # spare graphs up to this share past the largest bucket, for it to send its steps to
-# from this many rows the projections are cuBLAS GEMMs, whose algorithm changes with M not monotonically (416 rows
-# slower than 417 or 432 on an H100): each bucket also gets a spare graph this many rows larger to send steps to
-TWIN_FROM, TWIN_ROWS = 256, 8
 TIME_MARGIN = 0.03              # a larger graph takes a bucket's steps only when this much faster (not for noise)
 TIMED_REPLAYS = 5               # the fastest of these is a graph's time
 
@@ -44,22 +40,14 @@ def fastest_at_least(seconds: dict[int, float], margin: float = TIME_MARGIN) -> 
     return route
 
 
-def spare_sizes(buckets: list[int]) -> list[int]:
-    """Graphs captured only for buckets to send their steps to when faster: the default buckets up to SPARE_ROWS past
-    the largest, and a twin TWIN_ROWS larger than each bucket from TWIN_FROM rows."""
-    largest = max(buckets)
-    past = [b for b in DEFAULT_BUCKETS if largest < b <= largest * (1 + SPARE_ROWS)]
-    twins = [b + TWIN_ROWS for b in buckets if b >= TWIN_FROM]
-    return sorted(set(past + twins) - set(buckets))
-
-
 class DecodeGraphs:
     def __init__(self, runner: ModelRunner, max_batch: int, max_model_len: int, timed_buckets: bool = True):
         self.runner = runner
         self.buckets = [b for b in DEFAULT_BUCKETS if b < max_batch] + [max_batch]
         self.max_batch = max_batch
         # graphs captured beyond the batch, only for the largest bucket to send its steps to when faster
-        self.spares = spare_sizes(self.buckets) if timed_buckets else []
+        spare_limit = max_batch * (1 + SPARE_ROWS) if timed_buckets else max_batch
+        self.spares = [b for b in DEFAULT_BUCKETS if max_batch < b <= spare_limit]
         rows = max(self.buckets + self.spares)
         dev = runner.device
         self.width = -(-max_model_len // runner.block_size)
