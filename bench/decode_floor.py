@@ -29,6 +29,7 @@ import torch
 
 from bench.engine_bench import LLAMA3_8B, device_ceilings, timed
 from services.worker.config import WorkerConfig
+from services.worker.cuda_graphs import device_seconds
 from services.worker.factory import build_engine
 from services.worker.fused_ops import rope_, rope_and_cache_
 from services.worker.model_runner import SeqChunk, load_hf_model
@@ -46,16 +47,7 @@ def gpu_replay_ms(runner, chunks, iters: int = 30) -> float:
     inputs = runner.prepare_decode(chunks)
     graphs = runner.graphs
     graphs.run(inputs)
-    bucket = graphs.graph_for(len(chunks))
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        start.record()
-        graphs.graphs[bucket].replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return 1e3 * statistics.median(device_seconds(graphs.graphs[graphs.graph_for(len(chunks))].replay, iters))
 
 
 def served_step_ms(engine, batch: int, ctx: int, steps: int = 40) -> float:
@@ -226,6 +218,14 @@ def check_fused_decode_attention(runner, bm) -> dict:
     return res
 
 
+def logits_agreement(ours: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Largest logit difference relative to the largest reference logit, the share of rows with the same argmax,
+    and whether the difference is within GRAPH_TOLERANCE."""
+    rel = ((ours - ref).abs().max() / ref.abs().max()).item()
+    return {"logits_rel_err": rel, "argmax_agree": (ours.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+            "ok": rel < GRAPH_TOLERANCE}
+
+
 def graph_logits(runner, bm, batch: int, replays: int = 3) -> torch.Tensor:
     """The logits of a DecodeCase through the captured decode graphs, replayed `replays` times from the same cache
     (the last replay's; every replay must leave the arrival counters at zero)."""
@@ -253,8 +253,8 @@ def check_skinny_path(runner, bm, rows: int, batch: int = 8, ctx: int = 300) -> 
     for s in seqs:
         bm.free(s)
     plain, fused = out[0], out[rows]
-    return {"rows": rows, "logits_rel_err": ((fused - plain).abs().max() / plain.abs().max()).item(),
-            "argmax_agree": (fused.argmax(-1) == plain.argmax(-1)).float().mean().item()}
+    agreement = logits_agreement(fused, plain)
+    return {"rows": rows, "logits_rel_err": agreement["logits_rel_err"], "argmax_agree": agreement["argmax_agree"]}
 
 
 @torch.inference_mode()          # the device tables are inference tensors, updated in place
@@ -318,10 +318,7 @@ def main() -> None:
     runner.graphs.capture()
     res["graph_check"] = {}
     for b in GRAPH_CHECK_BATCHES:      # the default graphs (skinny layers, PDL, one kernel) against three kernels
-        ours, ref = graph_logits(runner, bm, b), sep_graph_logits[b]
-        rel = ((ours - ref).abs().max() / ref.abs().max()).item()
-        agree = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
-        res["graph_check"][b] = {"logits_rel_err": rel, "argmax_agree": agree, "ok": rel < GRAPH_TOLERANCE}
+        res["graph_check"][b] = logits_agreement(graph_logits(runner, bm, b), sep_graph_logits[b])
     print("decode graphs, one attention kernel + PDL against three kernels:", res["graph_check"], flush=True)
     print(f"{'ctx':>5} {'batch':>5} {'floor':>7} {'synced':>7} {'gpu':>7} {'served':>7} {'plain':>7} {'no-pdl':>7} "
           f"{'sep-att':>7} {'no-spk':>7}   ratios synced/gpu/served/plain-gpu/no-pdl-gpu/sep-attn-gpu/no-splitk-gpu")

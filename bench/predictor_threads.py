@@ -32,9 +32,9 @@ def measure(a) -> dict:
     from services.predictor.encoder import load_encoder
     from services.predictor.length_predictor import LengthPredictor, PredictorParams
 
-    if a.math_threads:              # as the service does it: its pools limited once loaded (--math-threads)
-        from services.predictor.server import limit_math_threads
+    from services.predictor.math_threads import limit_math_threads
 
+    if a.math_threads:              # as the service does it: its pools limited once loaded (--math-threads)
         limit_math_threads(a.math_threads)
     model = Path(a.model_dir)
     predictor = LengthPredictor(load_encoder("auto", model / "encoder", None, False),
@@ -46,6 +46,8 @@ def measure(a) -> dict:
     stop = threading.Event()
 
     def learn():
+        if a.math_threads:          # OpenMP's count is per thread: the service's learning threads set it too
+            limit_math_threads(a.math_threads)
         i = 0
         while not stop.wait(2.0):
             batch = prompts[i % len(prompts):i % len(prompts) + a.learn]

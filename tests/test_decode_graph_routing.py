@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.worker.cuda_graphs import TIME_MARGIN, fastest_at_least
+from services.worker.cuda_graphs import DEFAULT_BUCKETS, SPARE_ROWS, TIME_MARGIN, fastest_at_least, spare_sizes
 
 MS = 1e-3
 
@@ -42,3 +42,18 @@ def test_each_bucket_replays_the_fastest_graph_at_least_its_size_when_it_is_clea
             assert graph > size and seconds[graph] == seconds[fastest]
         else:
             assert graph == size
+
+
+def test_spare_graphs_past_the_largest_bucket_within_the_static_rows():
+    buckets = [b for b in DEFAULT_BUCKETS if b < 448] + [448]
+    assert spare_sizes(buckets, 2 * 448) == [480]
+    assert spare_sizes(buckets, 460) == []                       # no graph larger than the buffers hold
+    assert spare_sizes([1, 8, 16, 32, 64], 2 * 448) == []        # the next default bucket, 80, is more than 1/8 past
+
+
+@given(st.integers(1, 4096), st.integers(1, 8192))
+def test_spares_are_larger_than_every_bucket_and_fit(max_rows, rows):
+    buckets = [b for b in DEFAULT_BUCKETS if b < max_rows] + [max_rows]
+    spares = spare_sizes(buckets, rows)
+    assert all(max_rows < s <= min(rows, max_rows * (1 + SPARE_ROWS)) for s in spares)
+    assert spares == sorted(spares) and set(spares) <= set(DEFAULT_BUCKETS)

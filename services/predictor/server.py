@@ -29,6 +29,7 @@ from services.predictor import metrics
 from services.predictor.batcher import PredictBatcher
 from services.predictor.encoder import ENCODER_KINDS, load_encoder
 from services.predictor.length_predictor import LengthPredictor, PredictorParams
+from services.predictor.math_threads import limit_math_threads, math_executor
 from services.predictor.observation_feed import ObservationFeed
 
 log = logging.getLogger("alise.predictor")
@@ -124,27 +125,11 @@ async def save_periodically(predictor: LengthPredictor, model_dir: Path, every_s
             await asyncio.to_thread(predictor.save, model_dir)
 
 
-def limit_math_threads(n: int) -> None:
-    """Every math thread pool in the process held to `n` threads: torch's, faiss's and numpy's (two OpenMP runtimes
-    and two OpenBLAS builds load here) default to every core of the machine, and their idle threads spin between
-    paced predictions: 16 of them used 7-15 cores on the GPU machine to predict 48 prompts a second, where one
-    thread used a quarter of a core and answered 5x sooner (bench/predictor_threads.py, docs/BENCHMARKS.md)."""
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    torch.set_num_threads(n)      # torch keeps its own count besides its OpenMP runtime's
-    try:
-        import faiss              # loaded now, so that its OpenMP runtime and OpenBLAS are among the limited
-        faiss.omp_set_num_threads(n)
-    except ImportError:           # the kNN index then runs on numpy (knn_index.py)
-        pass
-    threadpool_limits(limits=n)   # the rest: numpy's OpenBLAS, faiss's, the OpenMP runtimes (kept for the process)
-
-
 async def serve(a: argparse.Namespace) -> None:
     if a.math_threads < 1:
         raise SystemExit(f"--math-threads must be >= 1, got {a.math_threads}")
-    limit_math_threads(a.math_threads)
+    limit_math_threads(a.math_threads)                  # this thread's
+    asyncio.get_running_loop().set_default_executor(math_executor(a.math_threads))     # those that predict and learn
     service_token = read_service_token(a.service_token_file)
     try:
         callers = ServiceTokenCheck(service_token, cert_names(a.client_cert_names))
@@ -224,7 +209,7 @@ def main() -> None:
                    help="encoder truncation (default: 256 MiniLM, 128 fine-tuned MiniLM, 512 static)")
     p.add_argument("--quantize", action="store_true", help="int8 dynamic quantization of a MiniLM encoder")
     p.add_argument("--math-threads", type=int, default=1,
-                   help="threads of torch's and faiss's math pools (default 1: more only spin between requests)")
+                   help="threads of the math pools (torch, faiss, numpy; default 1: more only spin between requests)")
     asyncio.run(serve(p.parse_args()))
 
 

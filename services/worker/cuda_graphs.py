@@ -40,27 +40,45 @@ def fastest_at_least(seconds: dict[int, float], margin: float = TIME_MARGIN) -> 
     return route
 
 
+def spare_sizes(buckets: list[int], rows: int) -> list[int]:
+    """Graphs captured only for the largest bucket to send its steps to when faster: the default buckets up to
+    SPARE_ROWS past it, within the static buffers' `rows`. (One per bucket, a few rows past each, was tried and left
+    out: each graph keeps its own logits, rows x vocabulary floats, ~1.4 GiB more for the Llama-3-8B shape.)"""
+    largest = max(buckets)
+    return [b for b in DEFAULT_BUCKETS if largest < b <= min(rows, largest * (1 + SPARE_ROWS))]
+
+
+def device_seconds(fn, replays: int) -> list[float]:
+    """The device's time of each of `replays` calls of fn (a graph's replay, a step), timed by CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(replays):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
 class DecodeGraphs:
     def __init__(self, runner: ModelRunner, max_batch: int, max_model_len: int, timed_buckets: bool = True):
         self.runner = runner
         self.buckets = [b for b in DEFAULT_BUCKETS if b < max_batch] + [max_batch]
         self.max_batch = max_batch
-        # graphs captured beyond the batch, only for the largest bucket to send its steps to when faster
-        spare_limit = max_batch * (1 + SPARE_ROWS) if timed_buckets else max_batch
-        self.spares = [b for b in DEFAULT_BUCKETS if max_batch < b <= spare_limit]
-        rows = max(self.buckets + self.spares)
+        self.timed_buckets = timed_buckets
+        # the static buffers hold the largest graph's rows, a spare one past the batch included
+        self.rows = max(self.buckets + spare_sizes(self.buckets, 2 * max_batch)) if timed_buckets else max_batch
         dev = runner.device
         self.width = -(-max_model_len // runner.block_size)
-        scratch = runner.cache.scratch_block
         self.static = DecodeInputs(
-            input_ids=torch.zeros(rows, dtype=torch.long, device=dev),
-            positions=torch.zeros(rows, dtype=torch.long, device=dev),
-            slots=torch.full((rows,), scratch * runner.block_size, dtype=torch.long, device=dev),
-            block_tables=torch.full((rows, self.width), scratch, dtype=torch.int32, device=dev),
-            context_lens=torch.ones(rows, dtype=torch.int32, device=dev))
+            input_ids=torch.zeros(self.rows, dtype=torch.long, device=dev),
+            positions=torch.zeros(self.rows, dtype=torch.long, device=dev),
+            slots=torch.empty(self.rows, dtype=torch.long, device=dev),
+            block_tables=torch.empty((self.rows, self.width), dtype=torch.int32, device=dev),
+            context_lens=torch.empty(self.rows, dtype=torch.int32, device=dev))
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        self.timed_buckets = timed_buckets
         self.replay_seconds: dict[int, float] = {}     # each graph's time on padding rows (timed_buckets only)
         self.route: dict[int, int] = {}                # bucket -> the size of the graph its steps replay
 
@@ -70,13 +88,23 @@ class DecodeGraphs:
     def _view(self, n: int) -> DecodeInputs:
         return DecodeInputs(*(t[:n] for t in vars(self.static).values()))
 
+    def _pad(self, start: int = 0) -> None:
+        """Rows from `start` on become padding: they read and write only the scratch block."""
+        s, scratch = self.static, self.runner.cache.scratch_block
+        s.slots[start:].fill_(scratch * self.runner.block_size)
+        s.context_lens[start:].fill_(1)
+        s.block_tables[start:].fill_(scratch)
+
     @torch.inference_mode()
     def capture(self) -> None:
+        """Captures a graph for every bucket (and, timed, the spares past the largest), and routes the buckets. May
+        be called again (after the buckets or the runner's kernels changed): everything is captured and timed anew."""
         started = time.perf_counter()
         pool = None
-        self.graphs, self.outputs = {}, {}
-        self.route = {b: b for b in self.buckets}
-        for n in sorted(self.buckets + self.spares, reverse=True):    # largest first: smaller ones reuse its memory
+        self._pad()                                      # whatever the last step left: warm-up and timing on padding
+        spares = spare_sizes(self.buckets, self.rows) if self.timed_buckets else []
+        self.graphs, self.outputs, self.replay_seconds = {}, {}, {}
+        for n in sorted(set(self.buckets + spares), reverse=True):    # largest first: smaller ones reuse its memory
             self.runner.forward_decode(self._view(n))    # warm up (Triton compile, cuBLAS handles)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -86,29 +114,19 @@ class DecodeGraphs:
             self.graphs[n] = graph
         torch.cuda.synchronize()
         log.info("captured %d decode graphs in %.1f s", len(self.graphs), time.perf_counter() - started)
-        if self.timed_buckets:
-            self._route_by_time()
+        self.route = self._route_by_time() if self.timed_buckets else {b: b for b in self.buckets}
 
-    def _route_by_time(self) -> None:
-        """Times every graph on padding rows (all the static buffers hold before the first step) and sends each
-        bucket's steps to the fastest graph of its size or larger (the others stay: they share one memory pool)."""
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for _ in range(3 * TIMED_REPLAYS):                 # clocks up before anything is timed
-            self.graphs[max(self.graphs)].replay()
-        for n, graph in self.graphs.items():
-            times = []
-            for _ in range(TIMED_REPLAYS):
-                start.record()
-                graph.replay()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            self.replay_seconds[n] = min(times)
-        self.route = {b: g for b, g in fastest_at_least(self.replay_seconds).items() if b in self.buckets}
-        for b, g in self.route.items():
+    def _route_by_time(self) -> dict[int, int]:
+        """Times every graph just captured on padding rows and sends each bucket's steps to the fastest graph of its
+        size or larger (the others stay: their memory is the shared pool's, but for their logits)."""
+        device_seconds(self.graphs[max(self.graphs)].replay, 3 * TIMED_REPLAYS)    # clocks up before any timing
+        self.replay_seconds = {n: min(device_seconds(g.replay, TIMED_REPLAYS)) for n, g in self.graphs.items()}
+        route = {b: g for b, g in fastest_at_least(self.replay_seconds).items() if b in self.buckets}
+        for b, g in route.items():
             if g != b:
                 log.info("decode steps of up to %d rows replay the %d-row graph (%.2f ms, its own %.2f ms)",
                          b, g, 1e3 * self.replay_seconds[g], 1e3 * self.replay_seconds[b])
+        return route
 
     def graph_for(self, rows: int) -> int:
         """The size of the graph a step of `rows` rows replays."""
