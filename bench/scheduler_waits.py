@@ -1,7 +1,8 @@
 """Where the scheduler's time went during a run, from two readings of its /metrics: a request's admission by stage
 (validate, predict, store: services/scheduler/metrics.AdmissionStage), its commands' wait for their worker's
-stream, by command, and how late its event loop ran what was due. A run whose clients wait long to be accepted, or whose placements reach the worker late, says
-here which part of the scheduler's side was slow (a busy predictor, its event loop, Redis)."""
+stream, by command, and how late its event loop ran what was due. A run whose clients wait long to be accepted,
+or whose placements reach the worker late, says here which part of the scheduler's side was slow (a busy
+predictor, its event loop, Redis)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

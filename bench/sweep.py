@@ -25,8 +25,8 @@ from bench.serve import (Target, add_workload_arguments, arrival_fields, arrival
                          run, save, worker_loads)
 from bench.serve_metrics import RequestResult, distribution, summarize, work_pace
 from bench.step_times import StepHistogram, read_step_histogram
-from services.common.loop_lag import watch_loop_lag
 from bench.sweep_report import Run, markdown, plot
+from services.common.loop_lag import watch_loop_lag
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -3,6 +3,7 @@ an idle loop."""
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 
 from services.common.loop_lag import watch_loop_lag
@@ -19,4 +20,4 @@ async def test_a_blocked_loop_shows_as_lag_and_an_idle_one_does_not():
         await asyncio.sleep(0.01)
     watcher.cancel()
     assert max(lags[len(idle):]) >= 0.4  # the watcher's next wake came that late
-    assert min(idle) < 0.4 and all(lag >= 0 for lag in lags)
+    assert statistics.median(idle) < 0.1  # idle, it woke about on time (a busy 2-core machine allowed for)

@@ -1,30 +1,40 @@
 #!/usr/bin/env bash
-# Session 33 on the lent GPU: decode graphs timed by bucket (a bucket whose graph is slower than a larger one's
-# replays the larger: bench/decode_graph_buckets.py prints each graph's time, the route, and steps of real contexts
-# on the routed graph against their own, logits checked), then alise, alise with 8 early rows (alise@er8) and fcfs at
-# RATE on the same arrivals (POLICIES, NAME, N; alise@nt: without the timing, as before session 33), each run's
-# decode steps' device time against session 30's fitted cost, and the route each run's worker logged. A machine
-# whose CPU side lags stops the call after its first run (MAX_ADMIT_S). NO_BUCKETS=1: the sweep only.
+# Session 33 on the lent GPU: alise, alise with 8 early rows (alise@er8) and fcfs at RATE on the same arrivals
+# (POLICIES, NAME, N; alise@nt: decode graphs not timed by bucket, as before session 33), each run's decode steps'
+# device time against session 30's fitted cost, its waits and event-loop lags, and the graph routes its worker
+# logged. One policy at a time (a sweep's --resume keeps the runs done): a machine whose requests take longer than
+# MAX_ADMIT_S to get in (its CPU side lags, session 33) stops the call after that run, its device time kept for a
+# better machine. BUCKETS=1 first runs bench/decode_graph_buckets.py (each graph's time, the route, steps of real
+# contexts on the routed graph against their own, logits checked; ~90 s).
 set -uo pipefail
+shopt -s nullglob
 cd "$(dirname "$0")/../.."
 source bench/device/machine.sh
-if [ -z "${NO_BUCKETS:-}" ]; then
+OUT=${OUT:-out}
+status=0
+if [ -n "${BUCKETS:-}" ]; then
     source bench/device/env.sh
-    timeout 200 python3 -m bench.decode_graph_buckets --out "$OUT/decode_graph_buckets.json" 2>&1 | grep -v Warning
+    timeout 200 python3 -m bench.decode_graph_buckets --out "$OUT/decode_graph_buckets.json" 2>&1 \
+        | grep -v Warning
+    [ "${PIPESTATUS[0]}" = 0 ] || { echo "decode_graph_buckets failed"; status=1; }
 fi
 export PREDICTOR=predictor_880
 name=${NAME:-F}
-# one policy at a time (a sweep's --resume keeps the runs done): after each, a machine whose requests take longer
-# than MAX_ADMIT_S to get in (its CPU side lags, session 33) stops the call, its device time kept for a better one
+max_admit=${MAX_ADMIT_S:-0.3}
 for policy in ${POLICIES:-alise alise@er8 fcfs}; do
     SWEEP_TIMEOUT=${SWEEP_TIMEOUT:-170} bash bench/device/sweep.sh "$name" sharegpt-chat \
         .bench-data/sharegpt_heldout_880.json "${N:-3000}" "$policy" "${RATES:-$rate}" \
         --ignore-eos --scheduler-arg=--learn-forced-lengths --variant-worker-arg=er8=--early-rows=8 \
         --variant-worker-arg=nt=--no-timed-graph-buckets 2>&1 | tail -2
-    for run in out/"$name/$policy"-r*.json; do
-        python3 bench/device/run_summary.py --max-admit-s "${MAX_ADMIT_S:-0.3}" "$run" \
-            || { echo "this machine lags ($run: admission past ${MAX_ADMIT_S:-0.3} s): stopping"; break 2; }
-    done
+    runs=(out/"$name/$policy"-r*.json)
+    [ ${#runs[@]} -gt 0 ] || { echo "$policy: no run saved"; status=1; continue; }
+    python3 bench/device/run_summary.py --max-admit-s "$max_admit" "${runs[@]}"
+    case $? in
+        0) ;;
+        3) echo "this machine lags ($policy: admission past $max_admit s at the mean): stopping"; status=3; break ;;
+        *) echo "$policy: its run could not be read"; status=1 ;;
+    esac
 done
 python3 bench/device/run_summary.py out/"$name"/*-r*.json
-grep -h "replay the" out/"$name"/stack-*/worker-0.log | sort | uniq -c
+grep -h "replay the" out/"$name"/stack-*/worker-0.log | sort | uniq -c || true
+exit "$status"

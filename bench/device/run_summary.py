@@ -2,7 +2,7 @@
 device time against session 30's fitted cost, where its waits were, its latency, throughput and cores.
 
     python3 bench/device/run_summary.py out/NAME/*.json
-    python3 bench/device/run_summary.py --max-admit-s 0.3 out/NAME/RUN.json     # exit 3: the machine lags
+    python3 bench/device/run_summary.py --max-admit-s 0.3 out/NAME/RUN.json ...  # exit 3: the machine lags
 """
 import json
 import sys
@@ -35,8 +35,8 @@ def lagging(path: str, max_admit_s: float) -> bool:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    if args[:1] == ["--max-admit-s"]:     # exit 3 if the run lagged (the diagnosis scripts stop there)
-        sys.exit(3 if lagging(args[2], float(args[1])) else 0)
+    if args[:1] == ["--max-admit-s"]:     # exit 3 if a run lagged (the diagnosis scripts stop there)
+        sys.exit(3 if any(lagging(path, float(args[1])) for path in args[2:]) else 0)
     cost = json.load(open(COST))
     for path in args:
         try:
