@@ -40,13 +40,14 @@ def fastest_at_least(seconds: dict[int, float], margin: float = TIME_MARGIN) -> 
     return route
 
 
-def spare_sizes(buckets: list[int], rows: int) -> list[int]:
+def spare_sizes(buckets: list[int], rows: int | None = None) -> list[int]:
     """Graphs captured only for the largest bucket to send its steps to when faster: the default buckets up to
-    SPARE_ROWS past it, within the static buffers' `rows`. (A spare a few rows past every large bucket would give
+    SPARE_ROWS past it, within the static buffers' `rows` when given. (A spare a few rows past every large bucket would give
     each a way out, but each graph keeps its own logits, rows x vocabulary floats: ~1.4 GiB more for the Llama-3-8B
     shape, beyond the activation reserve. Not done.)"""
     largest = max(buckets)
-    return [b for b in DEFAULT_BUCKETS if largest < b <= min(rows, largest * (1 + SPARE_ROWS))]
+    limit = largest * (1 + SPARE_ROWS) if rows is None else min(rows, largest * (1 + SPARE_ROWS))
+    return [b for b in DEFAULT_BUCKETS if largest < b <= limit]
 
 
 def device_seconds(fn, replays: int) -> list[float]:
@@ -69,15 +70,17 @@ class DecodeGraphs:
         self.max_batch = max_batch
         self.timed_buckets = timed_buckets
         # the static buffers hold the largest graph's rows, a spare one past the batch included
-        self.rows = max(self.buckets + spare_sizes(self.buckets, 2 * max_batch)) if timed_buckets else max_batch
+        self.rows = max(self.buckets + spare_sizes(self.buckets)) if timed_buckets else max_batch
         dev = runner.device
         self.width = -(-max_model_len // runner.block_size)
+        scratch = runner.cache.scratch_block
+        # every entry a valid block from the start: a step's rows overwrite only their tables' first columns
         self.static = DecodeInputs(
             input_ids=torch.zeros(self.rows, dtype=torch.long, device=dev),
             positions=torch.zeros(self.rows, dtype=torch.long, device=dev),
-            slots=torch.empty(self.rows, dtype=torch.long, device=dev),
-            block_tables=torch.empty((self.rows, self.width), dtype=torch.int32, device=dev),
-            context_lens=torch.empty(self.rows, dtype=torch.int32, device=dev))
+            slots=torch.full((self.rows,), scratch * runner.block_size, dtype=torch.long, device=dev),
+            block_tables=torch.full((self.rows, self.width), scratch, dtype=torch.int32, device=dev),
+            context_lens=torch.ones(self.rows, dtype=torch.int32, device=dev))
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.replay_seconds: dict[int, float] = {}     # each graph's time on padding rows (timed_buckets only)
@@ -89,12 +92,13 @@ class DecodeGraphs:
     def _view(self, n: int) -> DecodeInputs:
         return DecodeInputs(*(t[:n] for t in vars(self.static).values()))
 
-    def _pad(self, start: int = 0) -> None:
-        """Rows from `start` on become padding: they read and write only the scratch block."""
+    def _pad(self, start: int, end: int) -> None:
+        """Rows start..end become padding: a context of one token in the scratch block, which they read and write
+        (their tables' other columns are never read)."""
         s, scratch = self.static, self.runner.cache.scratch_block
-        s.slots[start:].fill_(scratch * self.runner.block_size)
-        s.context_lens[start:].fill_(1)
-        s.block_tables[start:].fill_(scratch)
+        s.slots[start:end].fill_(scratch * self.runner.block_size)
+        s.context_lens[start:end].fill_(1)
+        s.block_tables[start:end, 0].fill_(scratch)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -102,7 +106,7 @@ class DecodeGraphs:
         be called again (after the buckets or the runner's kernels changed): everything is captured and timed anew."""
         started = time.perf_counter()
         pool = None
-        self._pad()                                      # whatever the last step left: warm-up and timing on padding
+        self._pad(0, self.rows)                          # whatever the last step left: warm-up and timing on padding
         spares = spare_sizes(self.buckets, self.rows) if self.timed_buckets else []
         self.graphs, self.outputs, self.replay_seconds = {}, {}, {}
         for n in sorted(set(self.buckets + spares), reverse=True):    # largest first: smaller ones reuse its memory
@@ -136,17 +140,15 @@ class DecodeGraphs:
     def run(self, batch: DecodeInputs) -> torch.Tensor:
         """`batch` is already on the device: these are device-to-device copies into the static buffers."""
         n = batch.input_ids.shape[0]
-        bucket = self.graph_for(n)
-        s, scratch = self.static, self.runner.cache.scratch_block
+        size = self.graph_for(n)
+        s = self.static
         s.input_ids[:n].copy_(batch.input_ids)
         s.positions[:n].copy_(batch.positions)
         s.slots[:n].copy_(batch.slots)
         s.context_lens[:n].copy_(batch.context_lens)
         width = min(batch.block_tables.shape[1], self.width)    # columns past a table's end are never read
         s.block_tables[:n, :width].copy_(batch.block_tables[:, :width])
-        if n < bucket:                                   # padding rows: scratch block only
-            s.slots[n:bucket].fill_(scratch * self.runner.block_size)
-            s.context_lens[n:bucket].fill_(1)
-            s.block_tables[n:bucket, 0].fill_(scratch)
-        self.graphs[bucket].replay()
-        return self.outputs[bucket][:n]
+        if n < size:
+            self._pad(n, size)
+        self.graphs[size].replay()
+        return self.outputs[size][:n]
