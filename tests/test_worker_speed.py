@@ -44,6 +44,16 @@ def test_the_step_sample_is_bounded_and_keeps_the_whole_session_not_its_end():
     assert small.rows() == rows[:3]                              # fewer than its size: every row kept
 
 
+@pytest.mark.parametrize("device_s", [float("nan"), float("inf"), -1.0])
+def test_a_device_time_that_is_not_a_time_is_kept_as_unknown(device_s):
+    # a worker's report reaches the step sample (and from there `alise bench` and the simulator's calibration): a
+    # device time that is not a finite, non-negative number is a bad report, kept as 0 (a CPU worker's, unknown)
+    speed = WorkerSpeed()
+    speed.observe(StepSums(1, 0.02, 8, 0, 100, 0, device_s))
+    speed.observe(StepSums(1, 0.02, 8, 0, 100, 0, 0.015))
+    assert sorted(r.device_seconds for r in speed.sample()) == [0.0, 0.015]
+
+
 def test_fit_recovers_the_step_model_from_summed_reports():
     got = fit(reports(TRUE, 64))
     assert got is not None

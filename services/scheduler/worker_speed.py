@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 WINDOW = 512           # step rows the model is fitted to
 SAMPLE = 1024          # step rows kept as a uniform sample of the whole session (GetLoad's step_sample)
@@ -89,6 +89,8 @@ class WorkerSpeed:
         # a row with no steps, no time, or a time that is not a number (a worker's clock or a bad report) teaches
         # nothing; an infinite one kept in the window would leave the fit unsolvable until it fell out
         if sums.steps > 0 and 0 < sums.seconds < math.inf:
+            if not 0 <= sums.device_seconds < math.inf:     # likewise a device time: kept as unknown (0)
+                sums = replace(sums, device_seconds=0.0)
             if len(self._rows) == self._rows.maxlen:
                 old = self._rows[0]           # about to fall out of the window
                 self._steps -= old.steps
