@@ -10,10 +10,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source bench/device/machine.sh
+source bench/device/env.sh      # the bundle, the wheels, PYTHONPATH (run_summary imports bench)
 PYTHONPATH=$PWD timeout 120 python3 -m bench.decode_bucket_gemm --out "$OUT/decode_bucket_gemm.json" 2>&1 \
     | grep -v Warning
 if [ -n "${PRED_THREADS:-}" ]; then
-    source bench/device/env.sh
     timeout 150 python3 -m bench.predictor_threads --threads 1 4 16 --seconds 20
 fi
 if [ -n "${ORDER:-}" ]; then

@@ -10,10 +10,10 @@ set -uo pipefail
 shopt -s nullglob
 cd "$(dirname "$0")/../.."
 source bench/device/machine.sh
+source bench/device/env.sh      # the bundle, the wheels, PYTHONPATH (run_summary imports bench)
 OUT=${OUT:-out}
 status=0
 if [ -n "${BUCKETS:-}" ]; then
-    source bench/device/env.sh
     timeout 200 python3 -m bench.decode_graph_buckets --out "$OUT/decode_graph_buckets.json" 2>&1 \
         | grep -v Warning
     [ "${PIPESTATUS[0]}" = 0 ] || { echo "decode_graph_buckets failed"; status=1; }

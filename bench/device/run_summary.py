@@ -1,21 +1,22 @@
 """Each run of a device sweep in a few lines (the diagnosis scripts run it on the lent GPU): its decode-only steps'
 device time against session 30's fitted cost, where its waits were, its latency, throughput and cores.
 
-    python3 bench/device/run_summary.py out/NAME/*.json
+    python3 bench/device/run_summary.py out/NAME/*.json          # with bench importable (env.sh sets PYTHONPATH)
     python3 bench/device/run_summary.py --max-admit-s 0.3 out/NAME/RUN.json ...  # exit 3: the machine lags
 """
 import json
 import sys
 
+from bench.simulator.cost import IterationCost, load_cost
+
 COST = "docs/results/h100_chat_2026-12-06_s30/sim/cost_h100_s30.json"
 
 
-def summary(path: str, cost: dict) -> str:
+def summary(path: str, cost: IterationCost) -> str:
     d = json.load(open(path))
     s = d["step_times"]["worker-0"]
     m, dev = s["made_of"], s["device_s"]
-    model = (m["decode_steps"] * cost["base_s"] + m["decode_rows"] * cost["per_seq_s"]
-             + m["decode_context_tokens"] * cost["per_context_token_s"])
+    model = cost.steps(m["decode_steps"], m["decode_rows"], 0, m["decode_context_tokens"], 0)
     lat = d["normalized_latency_s"]
     return "\n".join((
         f"{path} decode steps {m['decode_steps']} rows/step {m['decode_rows'] / m['decode_steps']:.0f} "
@@ -37,7 +38,7 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     if args[:1] == ["--max-admit-s"]:     # exit 3 if a run lagged (the diagnosis scripts stop there)
         sys.exit(3 if any(lagging(path, float(args[1])) for path in args[2:]) else 0)
-    cost = json.load(open(COST))
+    cost = load_cost(COST)
     for path in args:
         try:
             print(summary(path, cost))

@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
+    if a.host_gaps and not a.device_time:
+        raise SystemExit("--host-gaps goes with --device-time (the wall time already holds the gaps)")
     if a.from_runs:
         rows = run_rows(a.from_runs)
         if a.device_time:
@@ -237,8 +239,6 @@ def main(argv: list[str] | None = None) -> None:
         timed = "device time of " if a.device_time else ""
         cost = fit_rows(rows, a.swap_per_token_s, source=f"fitted to the {timed}{len(rows)} sampled steps of {names}")
         if a.host_gaps:
-            if not a.device_time:
-                raise SystemExit("--host-gaps goes with --device-time (the wall time already holds the gaps)")
             gap = host_gap_per_step(a.from_runs)
             cost = replace(cost, base_s=cost.base_s + gap, source=f"{cost.source}, and {gap * 1e3:.3f} ms a step "
                                                                    "of the device waiting for the host")
