@@ -152,6 +152,33 @@ def load_run(out: Path, policy: str, rate: float) -> tuple[dict, tuple] | None:
     return summary, normalized
 
 
+def saved_runs(out: Path) -> list[Run]:
+    """Every run saved into `out` (by one sweep or by several calls of one), by policy then rate: a report can be
+    written again over runs that separate calls measured on one warm machine."""
+    runs = []
+    for path in out.glob("*-r*.json"):
+        policy, _, label_rate = path.stem.rpartition("-r")   # run_label's form; a policy variant may hold '-'
+        try:
+            rate = float(label_rate)
+        except ValueError:                                    # a JSON file of another kind
+            continue
+        if policy and (saved := load_run(out, policy, rate)) is not None:
+            runs.append(Run(policy, rate, *saved))
+    return sorted(runs, key=lambda r: (r.policy, r.rate))
+
+
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", type=Path, help="a sweep's --out folder: its saved runs (POLICY-rRATE.json and .csv)")
+    p.add_argument("--latency-bound", type=float, default=0.1, help="mean normalized latency bound (s/token)")
+
+
+def report_saved(a: argparse.Namespace) -> Path:
+    runs = saved_runs(a.dir)
+    if not runs:
+        raise ValueError(f"no saved runs (POLICY-rRATE.json with its .csv) in {a.dir}")
+    return report(runs, a.dir, a.latency_bound)
+
+
 def saved_result(row: dict) -> RequestResult:
     """A request as `save` wrote it to CSV (without its inter-token latencies)."""
     def opt(v: str) -> float | None:

@@ -187,6 +187,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_arguments(bench.add_parser("serve", help="load generator: a workload at a request rate against a stack"))
     sweep.add_arguments(bench.add_parser("sweep", help="rates x policies on local stacks started here, with a report"))
     simulate.add_arguments(bench.add_parser("simulate", help="rates x policies on a simulated cluster, with a report"))
+    sweep.add_report_arguments(bench.add_parser("report", help="the report of a sweep's saved runs, written again "
+                                                "(runs of several calls into one --out)"))
     return p
 
 
@@ -229,6 +231,15 @@ def main(argv: list[str] | None = None) -> int:
 
         runs = sweep(a)
         return 0 if all(r.summary["failed"] == 0 for r in runs) else 1
+    if a.command == "bench" and a.bench == "report":
+        from bench.sweep import report_saved
+
+        try:
+            report_saved(a)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     if a.command == "bench" and a.bench == "simulate":
         from bench.simulate import simulate_sweep
 

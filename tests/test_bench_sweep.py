@@ -286,3 +286,29 @@ def test_scheduler_waits_are_the_difference_of_two_readings_by_stage_and_command
                    "command_wait_s": {"assign": {"count": 1, "mean_s": pytest.approx(0.05)}},
                    "event_loop_lag_s": {"all": {"count": 2, "mean_s": pytest.approx(0.02)}}}
     assert parse_scheduler_waits("# a page without them\n").summary() == {}
+
+
+def test_the_report_is_written_again_over_runs_that_separate_calls_saved(tmp_path, capsys):
+    from bench.serve import save
+
+    def results(e2e: float) -> list[RequestResult]:
+        return [RequestResult(index=i, expected_output_tokens=10, start_s=0.1 * i, ok=True, prompt_tokens=5,
+                              output_tokens=10, ttft_s=0.2, e2e_s=e2e, queue_s=0.01, predicted_output_tokens=12,
+                              finish_reason="length") for i in range(4)]
+    # as two calls would leave them: fcfs at 44 and 46, a policy variant at 46 and 50, and files of other kinds
+    for label, e2e in (("fcfs-r44", 0.9), ("fcfs-r46", 1.2), ("alise@er8-r46", 0.5), ("alise@er8-r50", 0.8)):
+        r = results(e2e)
+        save(tmp_path / f"{label}.json", summarize(r, 2.0, [50, 99]), r)
+    (tmp_path / "sweep.json").write_text("[]")
+    (tmp_path / "alise-r48.json").write_text("{}")          # its CSV missing: not a saved run
+    assert cli_main(["bench", "report", str(tmp_path)]) == 0
+    runs = json.loads((tmp_path / "sweep.json").read_text())
+    assert [(r["policy"], r["rate"]) for r in runs] == [("alise@er8", 46), ("alise@er8", 50),
+                                                       ("fcfs", 44), ("fcfs", 46)]
+    report = (tmp_path / "report.md").read_text()
+    assert "| alise@er8 | 50 |" in report and "| fcfs | 44 |" in report
+    assert (tmp_path / "normalized_latency_vs_rate.png").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli_main(["bench", "report", str(empty)]) == 2
+    assert "no saved runs" in capsys.readouterr().err

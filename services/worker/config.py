@@ -9,6 +9,7 @@ from services.common.batch_limits import MAX_STEP_ROWS
 from services.common.config_args import config_from_args
 from services.common.model_paths import DEFAULT_MODEL_NAME, default_model_dir
 from services.common.tls import TlsFiles
+from services.worker.step_scheduler import DEFAULT_EARLY_ROWS
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class WorkerConfig:
     max_batch: int = 0                   # sequences per step; 0 = auto (CPU 48; GPU from the KV pool's room)
     # jobs sent to be prefilled early decode their early tokens beside a full batch, at most this many at once
     # (it says this number when it registers, and the scheduler sends no more); the graphs cover max_batch + this
-    early_rows: int = 32
+    early_rows: int = DEFAULT_EARLY_ROWS
     token_budget: int = 0                # tokens per step (prefill chunks + decodes); 0 = auto (CPU 512, GPU 4096)
     max_model_len: int = 0               # 0: the model's context, capped by the KV pool
     stream_updates_per_step: int = 128   # job token updates sent per step on average (token_batcher.py); 0 = all

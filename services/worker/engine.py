@@ -25,7 +25,7 @@ from services.worker.detokenizer import IncrementalDetokenizer
 from services.worker.model_runner import SeqChunk
 from services.worker.sampler import sample
 from services.worker.sequence import Finish, Sampling, Sequence, SeqStatus
-from services.worker.step_scheduler import StepScheduler
+from services.worker.step_scheduler import DEFAULT_EARLY_ROWS, StepScheduler
 
 log = logging.getLogger("alise.worker")
 
@@ -135,7 +135,8 @@ class EngineLoad:
 class Engine:
     def __init__(self, runner, blocks: BlockManager, tokenizer, *, eos_ids: set[int],
                  max_batch: int, token_budget: int, max_model_len: int, overlap: bool = False,
-                 probe: LengthProbe | None = None, early_rows: int = 32, group_prefix_rows: bool = False):
+                 probe: LengthProbe | None = None, early_rows: int = DEFAULT_EARLY_ROWS,
+                 group_prefix_rows: bool = False):
         self.runner = runner
         self.probe = probe                           # learns from finished jobs; each forward that needs it gets it
         self.blocks = blocks
