@@ -425,6 +425,23 @@ def test_a_release_named_for_the_chart_is_not_named_twice():
         assert f"{prefix}-scheduler" in names and f"{prefix}-worker" in names, (release, sorted(names))
 
 
+def test_the_charts_scheduling_defaults_are_the_services_own():
+    """A default measured and changed in the service (session 34: aging 30 s, 8 early rows) must not stay at its
+    old value in a Helm install."""
+    from services.scheduler.config import SchedulerConfig
+    from services.worker.config import WorkerConfig
+
+    docs = render()
+    scheduler = by_name(docs, "Deployment", "demo-alise-scheduler")["spec"]["template"]["spec"]["containers"][0]
+    cfg = SchedulerConfig.from_args([a for a in scheduler["args"] if a.startswith("--")])
+    own = SchedulerConfig()
+    assert (cfg.aging_s, cfg.due_after_s, cfg.max_parking, cfg.early_tokens, cfg.park_wait_factor) == \
+        (own.aging_s, own.due_after_s, own.max_parking, own.early_tokens, own.park_wait_factor)
+    worker = by_name(docs, "Deployment", "demo-alise-worker")["spec"]["template"]["spec"]["containers"][0]
+    assert WorkerConfig.from_args([a for a in worker["args"] if a.startswith("--")]).early_rows == \
+        WorkerConfig().early_rows
+
+
 def test_the_scheduler_and_worker_accept_every_flag_the_chart_gives_them():
     # a flag the chart renders that the service does not know (a typo, a renamed option) would crash the pod at start
     from services.scheduler.config import SchedulerConfig
