@@ -57,7 +57,10 @@ json.dump(al[:1200], open(f"{out}/alpaca_heldout_1200.json", "w"))
 json.dump(al[1200:], open(f"{out}/alpaca_rest.json", "w"))
 PY
 fi
-if [ ! -f "$D/predictor/meta.json" ]; then
+# a predictor trained before the previous-reply line (session 34) is trained again: it would rank chats worse
+fresh_predictor() { [ -f "$1/meta.json" ] && grep -q '"reply_turns"' "$1/params.json"; }
+if ! fresh_predictor "$D/predictor"; then
+    rm -rf "$D/predictor"           # no file of the old one (its fine-tuned encoder) may outlive it
     $PY -m services.predictor.train "$D/sharegpt_rest.json" "$D/alpaca_rest.json" --encoder static --out "$D/predictor"
 fi
 # 3b. For 3,000-request runs (`sharegpt-chat`: 3,020 turns with the priming ones): the first 880 conversations
@@ -72,7 +75,8 @@ json.dump(sg[:880], open(f"{out}/sharegpt_heldout_880.json", "w"))
 json.dump(sg[880:], open(f"{out}/sharegpt_rest_120.json", "w"))
 PY
 fi
-if [ ! -f "$D/predictor_880/meta.json" ]; then
+if ! fresh_predictor "$D/predictor_880"; then
+    rm -rf "$D/predictor_880"
     $PY -m services.predictor.train "$D/sharegpt_rest_120.json" "$D/alpaca_rest.json" --encoder static --out "$D/predictor_880"
 fi
 

@@ -27,7 +27,7 @@ from services.predictor.evaluation import (Split, baseline_mean, baseline_prompt
                                            metrics, split_by_prompt, tune)
 from services.common.predictor_text import prompt_key
 from services.predictor import length_mlp
-from services.predictor.length_mlp import side_features
+from services.predictor.length_mlp import has_previous_reply, side_features
 from services.predictor.length_predictor import LengthPredictor, PredictorParams
 
 log = logging.getLogger("alise.predictor.evaluate")
@@ -149,7 +149,7 @@ def evaluate_dataset(path: Path, encoder: Encoder, proto: Protocol, plot_dir: Pa
         "baseline_knn_only": evaluate_predictor(knn_only, t.test)[0],
         "baseline_mlp_only": evaluate_predictor(variant(t.pred, knn_weight=0.0), t.test)[0],
     }
-    if t.train.side[:, 2].any():       # conversations: what the previous-reply feature adds
+    if has_previous_reply(t.train.side).any():       # conversations: what the previous-reply feature adds
         res["ablation_no_previous_reply"] = evaluate_predictor(
             train_tuned(encoder, without_previous_reply(t.train))[0], without_previous_reply(t.test))[0]
     res["seconds"] = time.perf_counter() - started

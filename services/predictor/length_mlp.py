@@ -18,11 +18,24 @@ QUANTILES = torch.tensor([0.1, 0.5, 0.9])
 SIDE_DIM = 3
 
 
+PROMPT_SCALE, PREVIOUS_REPLY_SCALE = 8.0, 6.0    # log sizes divided by these sit near [0, 1] for the MLP
+
+
 def side_features(prompt_chars, previous_reply_tokens=None) -> np.ndarray:
     """[n, 3]: log prompt size, log previous reply tokens, whether there was a previous reply (0 = none)."""
     chars = np.asarray(prompt_chars, dtype=np.float32)
     prev = np.zeros_like(chars) if previous_reply_tokens is None else np.asarray(previous_reply_tokens, np.float32)
-    return np.stack([np.log1p(chars) / 8.0, np.log1p(prev) / 6.0, (prev > 0).astype(np.float32)], axis=1)
+    return np.stack([np.log1p(chars) / PROMPT_SCALE, np.log1p(prev) / PREVIOUS_REPLY_SCALE,
+                     (prev > 0).astype(np.float32)], axis=1)
+
+
+def has_previous_reply(side: np.ndarray) -> np.ndarray:
+    return np.asarray(side)[:, 2] > 0
+
+
+def previous_reply_log(side: np.ndarray) -> np.ndarray:
+    """ln(1 + the previous reply's tokens) of each request (0 where there was none)."""
+    return np.asarray(side)[:, 1] * PREVIOUS_REPLY_SCALE
 
 
 def without_previous_reply(side: np.ndarray) -> np.ndarray:

@@ -25,7 +25,8 @@ import torch
 from services.common.predictor_text import prompt_key
 from services.predictor.encoder import Encoder
 from services.predictor.knn_index import KnnIndex
-from services.predictor.length_mlp import SIDE_DIM, LengthMLP, features, fit, side_features
+from services.predictor.length_mlp import SIDE_DIM, LengthMLP, features, fit, has_previous_reply, side_features
+from services.predictor.reply_line import ReplyLine, fit_reply_line
 
 log = logging.getLogger("alise.predictor")
 Z10 = 1.2815516                                    # standard normal 90th percentile
@@ -51,6 +52,21 @@ class PredictorParams:
     sigma_scale: float = 1.0
     prior_log_mean: float = float(np.log(128))
     prior_log_std: float = 1.0
+    # a request with a previous reply in its conversation: share of the previous-reply line (reply_line.py) in its
+    # estimate, and the line as last fitted (reply_turns 0: none yet, not used). Saved files without these fields
+    # load with the line off.
+    reply_weight: float = 0.0
+    reply_a: float = 0.0
+    reply_b: float = 0.0
+    reply_sd: float = 1.0
+    reply_turns: int = 0
+
+    def reply_line(self) -> ReplyLine | None:
+        return ReplyLine(self.reply_a, self.reply_b, self.reply_sd, self.reply_turns) if self.reply_turns else None
+
+    def set_reply_line(self, line: ReplyLine | None) -> None:
+        if line is not None:             # too few turns to fit: the last line stays
+            self.reply_a, self.reply_b, self.reply_sd, self.reply_turns = line.a, line.b, line.sd, line.turns
 
 
 class LengthPredictor:
@@ -108,10 +124,13 @@ class LengthPredictor:
         has = n_neigh > 0
         beta = p.knn_weight if mlp_q is not None else 1.0
         mu = np.where(has, beta * knn_mu + (1 - beta) * base_mu, base_mu)
-        sd = np.where(has, beta * knn_sd + (1 - beta) * base_sd, base_sd) * p.sigma_scale
+        sd = np.where(has, beta * knn_sd + (1 - beta) * base_sd, base_sd)
         blend = "knn" if beta == 1.0 else base_src if beta == 0.0 else "blend"
         source = np.where(has, blend, base_src)
-        return mu, sd, n_neigh, source
+        if p.reply_weight > 0 and (line := p.reply_line()) is not None:
+            w = np.where(has_previous_reply(side), p.reply_weight, 0.0)
+            mu, sd = (1 - w) * mu + w * line.log_length(side), (1 - w) * sd + w * line.sd
+        return mu, sd * p.sigma_scale, n_neigh, source
 
     def mlp_quantiles(self, vecs, side) -> np.ndarray | None:
         if self.mlp is None:
@@ -137,6 +156,7 @@ class LengthPredictor:
             if val is not None:
                 x_val, y_val = features(val[0], val[1]), torch.from_numpy(np.log(np.asarray(val[2], np.float32)))
             fit(self.mlp, features(vecs, side), torch.from_numpy(log_len), x_val, y_val)
+            self.params.set_reply_line(fit_reply_line(np.asarray(side), log_len))
             self._replay = list(zip(vecs, np.asarray(side, np.float32), log_len))[-self.replay_size:]
             self.dirty = True
 
@@ -180,8 +200,10 @@ class LengthPredictor:
             val = np.arange(len(ys)) % 10 == 0
             epochs = max(5, min(300, 300 * 512 // len(ys)))   # a few hundred steps at most, few passes when large
             fit(mlp, x[~val], y[~val], x[val], y[val], epochs=epochs)
+            line = fit_reply_line(side, ys)            # the served model's replies, as the MLP follows them
             with self._lock:
                 self.mlp, self.dirty = mlp, True
+                self.params.set_reply_line(line)
         finally:
             self._training = False
 

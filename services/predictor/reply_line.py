@@ -1,0 +1,44 @@
+"""A conversation's next reply length from its previous reply's: ln L = a + b ln(1 + previous reply tokens).
+
+In chat traffic a request carries the conversation so far, and the assistant's previous reply there is the best
+single clue to how long the next one will be: on the 3,000 chat turns of the GPU benchmark its length alone ranks
+the next reply at Kendall tau 0.43, where the predictor's MLP, which has it as one input beside a 384-wide
+embedding and learned from a few hundred conversation turns, ranked the same requests at 0.28
+(docs/BENCHMARKS.md, session 34). So the predictor fits this line by least squares on the turns it has seen that
+had a previous reply, and blends it into its estimate for requests that have one (`PredictorParams.reply_weight`,
+chosen on validation data like the kNN weight). Hand-written: a two-parameter least-squares line is one
+`np.polyfit`; a library would add nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.predictor.length_mlp import has_previous_reply, previous_reply_log
+
+MIN_TURNS = 20          # fewer conversation turns than this fit no line (its slope would be noise)
+MIN_SD = 0.1            # a floor on the line's spread, as on the other parts' (a perfect fit is luck)
+
+
+@dataclass(frozen=True)
+class ReplyLine:
+    a: float            # intercept, log tokens
+    b: float            # slope on ln(1 + previous reply tokens)
+    sd: float           # residual standard deviation of log length
+    turns: int          # how many turns with a previous reply it was fitted on
+
+    def log_length(self, side: np.ndarray) -> np.ndarray:
+        return self.a + self.b * previous_reply_log(side)
+
+
+def fit_reply_line(side: np.ndarray, log_len: np.ndarray) -> ReplyLine | None:
+    """The line through the requests that had a previous reply, or None with too few of them (or all alike)."""
+    has = has_previous_reply(side)
+    if has.sum() < MIN_TURNS:
+        return None
+    x, y = previous_reply_log(side)[has], np.asarray(log_len, dtype=np.float64)[has]
+    if np.ptp(x) == 0:
+        return None
+    b, a = np.polyfit(x, y, 1)
+    return ReplyLine(float(a), float(b), max(float(np.std(y - (a + b * x))), MIN_SD), int(has.sum()))

@@ -1,0 +1,115 @@
+"""The previous-reply line of the length predictor (services/predictor/reply_line.py): fitted on conversation
+turns, blended into the estimate of requests that have a previous reply, chosen on validation, refitted online."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from services.predictor.encoder import Encoder
+from services.predictor.evaluation import Split, tune
+from services.predictor.length_mlp import side_features
+from services.predictor.length_predictor import LengthPredictor, PredictorParams
+from services.predictor.reply_line import MIN_TURNS, fit_reply_line
+
+
+def conversation_turns(rng, n: int, slope: float = 0.8, noise: float = 0.2):
+    """n turns whose length follows their previous reply's: ln L = 1 + slope ln(1 + prev) + noise."""
+    prev = rng.integers(5, 2000, size=n)
+    log_len = 1.0 + slope * np.log1p(prev) + noise * rng.standard_normal(n)
+    return prev, log_len
+
+
+def test_the_line_is_fitted_on_turns_with_a_previous_reply_only():
+    rng = np.random.default_rng(0)
+    prev, log_len = conversation_turns(rng, 300)
+    # first turns (no previous reply) of any length must not bend the line
+    side = side_features([100] * 400, list(prev) + [0] * 100)
+    line = fit_reply_line(side, np.concatenate([log_len, rng.uniform(0, 8, 100)]))
+    assert line is not None and line.turns == 300
+    assert line.b == pytest.approx(0.8, abs=0.05) and line.a == pytest.approx(1.0, abs=0.3)
+    assert line.sd == pytest.approx(0.2, abs=0.05)
+    assert np.allclose(line.log_length(side_features([1], [99])), line.a + line.b * np.log(100), atol=1e-4)
+
+
+def test_too_few_turns_or_one_previous_length_fit_no_line():
+    rng = np.random.default_rng(1)
+    prev, log_len = conversation_turns(rng, MIN_TURNS - 1)
+    assert fit_reply_line(side_features([10] * len(prev), prev), log_len) is None
+    assert fit_reply_line(side_features([10] * 50, [40] * 50), rng.uniform(2, 6, 50)) is None     # slope unknowable
+    assert fit_reply_line(side_features([10] * 50), rng.uniform(2, 6, 50)) is None                 # no conversation
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return Encoder()
+
+
+WORDS = ("river", "castle", "engine", "garden", "planet", "violin", "harbour", "desert", "library", "glacier",
+         "market", "falcon", "lantern", "canyon", "orchard", "compass")
+
+
+def questions(rng, n: int) -> list[str]:
+    """n different questions: their words, not their previous replies, are what the MLP's embedding sees."""
+    return [f"Tell me more about the {rng.choice(WORDS)} and the {rng.choice(WORDS)}, part {i}." for i in range(n)]
+
+
+def trained(encoder, rng, n: int = 240) -> tuple[LengthPredictor, np.ndarray, np.ndarray]:
+    """A predictor fitted on n turns of different questions whose length only the previous reply tells."""
+    prev, log_len = conversation_turns(rng, n)
+    prompts = questions(rng, n)
+    pred = LengthPredictor(encoder)
+    vecs = encoder.encode(prompts)
+    pred.fit(vecs, side_features([len(p) for p in prompts], prev), np.exp(log_len).round() + 1,
+             [f"k{i}" for i in range(n)])
+    return pred, prev, log_len
+
+
+def test_the_line_decides_for_requests_with_a_previous_reply_as_much_as_its_weight_says(encoder):
+    rng = np.random.default_rng(2)
+    pred, _, _ = trained(encoder, rng)
+    line = pred.params.reply_line()
+    assert line is not None and line.b == pytest.approx(0.8, abs=0.1)
+    pred.params.reply_weight = 0.0
+    off = pred.predict(["Please go on."] * 3, [10, 1000, 0])
+    pred.params.reply_weight = 1.0
+    on = pred.predict(["Please go on."] * 3, [10, 1000, 0])
+    side = side_features([len("Please go on.")] * 2, [10, 1000])
+    assert np.allclose(np.log([p.p50 for p in on[:2]]), line.log_length(side), atol=1e-3)   # the line alone
+    assert on[1].p50 / on[0].p50 > 10                     # 100x longer previous reply: ~40x longer at slope 0.8
+    assert on[2].p50 == pytest.approx(off[2].p50)         # a first turn: the line has no say
+
+
+def test_validation_chooses_the_weight_and_saved_files_without_it_load_with_the_line_off(encoder, tmp_path):
+    rng = np.random.default_rng(3)
+    pred, _, _ = trained(encoder, rng)
+    vprev, vlog = conversation_turns(rng, 80)
+    texts = questions(rng, 80)
+    val = Split(encoder.encode(texts), side_features([len(t) for t in texts], vprev), np.exp(vlog).round() + 1,
+                [f"v{i}" for i in range(80)], [f"v{i}" for i in range(80)])
+    chosen = tune(pred, val)
+    assert chosen["reply_weight"] >= 0.75 and chosen["val_kendall_tau"] > 0.6
+    first_turns = Split(val.vecs, side_features([len(t) for t in texts]), val.lengths, val.keys, val.groups)
+    assert tune(pred, first_turns)["reply_weight"] == 0.0          # nothing to choose it on: off
+    pred.save(tmp_path / "m")
+    older = json.loads((tmp_path / "m" / "params.json").read_text())
+    for field in ("reply_weight", "reply_a", "reply_b", "reply_sd", "reply_turns"):
+        older.pop(field)
+    (tmp_path / "m" / "params.json").write_text(json.dumps(older))
+    again = LengthPredictor(encoder)
+    again.load(tmp_path / "m")
+    assert again.params.reply_line() is None and again.params == PredictorParams(**older)
+
+
+def test_online_learning_refits_the_line_to_the_served_models_replies(encoder):
+    rng = np.random.default_rng(4)
+    pred, _, _ = trained(encoder, rng)
+    before = pred.params.reply_line()
+    pred.retrain_every = 200
+    prev, log_len = conversation_turns(rng, 600, slope=0.3)        # the served model's replies follow them less
+    for i in range(0, 600, 100):
+        pred.observe(["Please go on."] * 100, list(np.exp(log_len[i:i + 100]).round().astype(int) + 1),
+                     list(prev[i:i + 100]))
+    after = pred.params.reply_line()
+    assert after.turns > before.turns and after.b < before.b - 0.2
