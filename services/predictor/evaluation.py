@@ -68,14 +68,18 @@ def tune(pred: LengthPredictor, val: Split, ks=(4, 8, 16, 32), sims=(-1.0, 0.3, 
     mlp_q = pred.mlp_quantiles(val.vecs, val.side)
     if pred.params.reply_line() is None or not has_previous_reply(val.side).any():
         reply_weights = (0.0,)
+    def choose(k, thr, beta, reply) -> None:
+        p = pred.params
+        p.k, p.min_similarity, p.knn_weight, p.reply_weight = k, thr, beta, reply
+
     best = (-2.0, None)
-    for k, thr, beta, reply in itertools.product(ks, sims, betas, reply_weights):
-        pred.params.k, pred.params.min_similarity, pred.params.knn_weight, pred.params.reply_weight = k, thr, beta, reply
+    for setting in itertools.product(ks, sims, betas, reply_weights):
+        choose(*setting)
         mu, _, _, _ = pred.log_distribution(val.vecs, val.side, all_sims, all_logs, mlp_q)
         tau = kendalltau(mu, val.lengths).statistic
         if tau > best[0]:
-            best = (tau, (k, thr, beta, reply))
-    pred.params.k, pred.params.min_similarity, pred.params.knn_weight, pred.params.reply_weight = best[1]
+            best = (tau, setting)
+    choose(*best[1])
     pred.params.sigma_scale = 1.0
     mu, sd, _, _ = pred.log_distribution(val.vecs, val.side, all_sims, all_logs, mlp_q)
     z = (np.log(val.lengths) - mu) / sd                         # sigma_scale s: P(z <= 1.2816 s) = 0.9
