@@ -420,8 +420,8 @@ def test_evaluate_cli_splits_by_conversation_and_reports_every_baseline(tmp_path
     spread = report["repeats"][0]["kendall_tau"]["alise"]                    # two different held-out splits
     assert len(spread["values"]) == 2 and spread["mean"] == pytest.approx(np.mean(spread["values"]))
     assert r["split_by"] == "conversation" and r["test"] % 3 == 0 and r["examples"] == 180   # whole conversations
-    for name in ("alise", "ablation_no_previous_reply", "baseline_knn_only", "baseline_mlp_only",
-                 "baseline_prompt_length", "baseline_global_mean"):
+    for name in ("alise", "ablation_no_reply_line", "ablation_no_previous_reply", "baseline_knn_only",
+                 "baseline_mlp_only", "baseline_prompt_length", "baseline_global_mean"):
         assert {"kendall_tau", "spearman", "mae_tokens", "bucket_accuracy"} <= set(r[name])
     assert r["alise"]["kendall_tau"] > 0.5 and 0.85 <= r["alise"]["p90_coverage"] <= 1.0   # learnable from history
     assert (tmp_path / "predictor_scatter_chats.png").stat().st_size > 1000

@@ -137,7 +137,8 @@ def evaluate_dataset(path: Path, encoder: Encoder, proto: Protocol, plot_dir: Pa
         if tuned.val_tau > t.val_tau:                      # as train.py: only if it validates better
             t, encoder, encoder_used = tuned, tuned_encoder, "finetuned"
     ours, mu = evaluate_predictor(t.pred, t.test)
-    knn_only = variant(t.pred, knn_weight=1.0, min_similarity=-1.0)
+    # the parts alone: without the previous-reply line as well
+    knn_only = variant(t.pred, knn_weight=1.0, min_similarity=-1.0, reply_weight=0.0)
     knn_only.mlp = None
     res = {
         "dataset": path.name, "split_by": proto.split_by, "split_seed": proto.seed, "encoder_used": encoder_used, "examples": len(t.data.lengths),
@@ -147,9 +148,10 @@ def evaluate_dataset(path: Path, encoder: Encoder, proto: Protocol, plot_dir: Pa
         "baseline_global_mean": baseline_mean(t.train, t.test),
         "baseline_prompt_length": baseline_prompt_length(t.train, t.test),
         "baseline_knn_only": evaluate_predictor(knn_only, t.test)[0],
-        "baseline_mlp_only": evaluate_predictor(variant(t.pred, knn_weight=0.0), t.test)[0],
+        "baseline_mlp_only": evaluate_predictor(variant(t.pred, knn_weight=0.0, reply_weight=0.0), t.test)[0],
     }
     if has_previous_reply(t.train.side).any():       # conversations: what the previous-reply feature adds
+        res["ablation_no_reply_line"] = evaluate_predictor(variant(t.pred, reply_weight=0.0), t.test)[0]
         res["ablation_no_previous_reply"] = evaluate_predictor(
             train_tuned(encoder, without_previous_reply(t.train))[0], without_previous_reply(t.test))[0]
     res["seconds"] = time.perf_counter() - started
@@ -244,8 +246,8 @@ def spread(runs: list[dict]) -> dict:
 
 
 def print_table(report: dict) -> None:
-    rows = ("alise", "ablation_no_previous_reply", "baseline_knn_only", "baseline_mlp_only", "baseline_prompt_length",
-            "baseline_global_mean")
+    rows = ("alise", "ablation_no_reply_line", "ablation_no_previous_reply", "baseline_knn_only", "baseline_mlp_only",
+            "baseline_prompt_length", "baseline_global_mean")
     print(f"\n{'dataset':<34} {'predictor':<28} {'tau':>6} {'spear':>6} {'MAE':>7} {'MAElog':>6} {'bucket':>6} {'p90cov':>6}")
     for r in report["offline"]:
         for name in (n for n in rows if n in r):
