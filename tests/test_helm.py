@@ -435,8 +435,9 @@ def test_the_charts_scheduling_defaults_are_the_services_own():
     scheduler = by_name(docs, "Deployment", "demo-alise-scheduler")["spec"]["template"]["spec"]["containers"][0]
     cfg = SchedulerConfig.from_args([a for a in scheduler["args"] if a.startswith("--")])
     own = SchedulerConfig()
-    assert (cfg.aging_s, cfg.due_after_s, cfg.max_parking, cfg.early_tokens, cfg.park_wait_factor) == \
-        (own.aging_s, own.due_after_s, own.max_parking, own.early_tokens, own.park_wait_factor)
+    fields = ("aging_s", "due_after_s", "max_parking", "early_tokens", "park_wait_factor", "park_kv_share",
+              "park_after_s", "preempt_mode", "max_preemptions")
+    assert [getattr(cfg, f) for f in fields] == [getattr(own, f) for f in fields]
     worker = by_name(docs, "Deployment", "demo-alise-worker")["spec"]["template"]["spec"]["containers"][0]
     assert WorkerConfig.from_args([a for a in worker["args"] if a.startswith("--")]).early_rows == \
         WorkerConfig().early_rows

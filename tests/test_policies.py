@@ -100,7 +100,7 @@ def test_alise_never_preempts_a_job_that_aging_would_put_straight_back_in_the_fr
     a preemption spent, and with recompute a recompute paid, while the waiting job still waited."""
     policy = make_policy("alise", preempt_mode=mode)
     old = job("old", 3000, created=0, generated=10, running=True)
-    later = 3 * policy.aging_s                       # aging counts its work e^3 = 20x less than `old`'s
+    later = 3 * policy.aging_s                       # by then `old`'s work counts e^3 = 20x less (aging)
     young = job("young", 300, created=later)         # 10x shorter, but that much younger: aging ranks `old` first
     snap = Snapshot(1.7e9 + later, (young,), (worker(running=[old]),))
     assert policy.queue_score(policy.requeued(old, snap.workers[0]), COST) < policy.queue_score(young, COST)

@@ -11,7 +11,7 @@ from services.predictor.encoder import Encoder
 from services.predictor.evaluation import Split, tune
 from services.predictor.length_mlp import side_features
 from services.predictor.length_predictor import LengthPredictor, PredictorParams
-from services.predictor.reply_line import MIN_TURNS, fit_reply_line
+from services.predictor.reply_line import MIN_TURNS, SLOPE_RANGE, fit_reply_line
 
 
 def conversation_turns(rng, n: int, slope: float = 0.8, noise: float = 0.2):
@@ -113,3 +113,32 @@ def test_online_learning_refits_the_line_to_the_served_models_replies(encoder):
                      list(prev[i:i + 100]))
     after = pred.params.reply_line()
     assert after.turns > before.turns and after.b < before.b - 0.2
+
+
+def test_a_refit_on_few_turns_keeps_the_line_fitted_on_many_and_the_slope_stays_in_range():
+    """Review, session 34: after a restart the replay buffer is empty, and the first online refresh fitted the line
+    on the few turns served since, replacing the trained one; and nothing bounded the slope such a fit gives."""
+    rng = np.random.default_rng(5)
+    params = PredictorParams()
+    params.set_reply_line(fit_reply_line(side_features([9] * 259, conversation_turns(rng, 259)[0]),
+                                         conversation_turns(rng, 259)[1]))
+    assert params.reply_turns == 259
+    prev, log_len = conversation_turns(rng, 30, slope=0.1)
+    params.set_reply_line(fit_reply_line(side_features([9] * 30, prev), log_len))
+    assert params.reply_turns == 259                       # 30 turns do not replace 259
+    prev, log_len = conversation_turns(rng, 120, slope=0.1)
+    params.set_reply_line(fit_reply_line(side_features([9] * 120, prev), log_len))
+    assert params.reply_turns == 120 and params.reply_b < 0.3     # enough turns: the served model's line wins
+    steep = fit_reply_line(side_features([9] * 40, [10, 11] * 20), np.array([1.0, 6.0] * 20))
+    shrinking = fit_reply_line(side_features([9] * 40, [10, 1000] * 20), np.array([6.0, 1.0] * 20))
+    assert steep.b == SLOPE_RANGE[1] and shrinking.b == SLOPE_RANGE[0]
+
+
+def test_parameters_saved_by_a_newer_build_load_without_what_this_one_does_not_know(encoder, tmp_path, caplog):
+    pred, _, _ = trained(encoder, np.random.default_rng(6))
+    pred.save(tmp_path / "m")
+    newer = {**json.loads((tmp_path / "m" / "params.json").read_text()), "some_future_knob": 3}
+    (tmp_path / "m" / "params.json").write_text(json.dumps(newer))
+    again = LengthPredictor(encoder)
+    again.load(tmp_path / "m")
+    assert again.params == pred.params and "some_future_knob" in caplog.text

@@ -16,7 +16,7 @@ import copy
 import json
 import logging
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from services.common.predictor_text import prompt_key
 from services.predictor.encoder import Encoder
 from services.predictor.knn_index import KnnIndex
 from services.predictor.length_mlp import SIDE_DIM, LengthMLP, features, fit, has_previous_reply, side_features
-from services.predictor.reply_line import ReplyLine, fit_reply_line
+from services.predictor.reply_line import ReplyLine, fit_reply_line, replaces
 
 log = logging.getLogger("alise.predictor")
 Z10 = 1.2815516                                    # standard normal 90th percentile
@@ -53,9 +53,9 @@ class PredictorParams:
     prior_log_mean: float = float(np.log(128))
     prior_log_std: float = 1.0
     # a request with a previous reply in its conversation: share of the previous-reply line (reply_line.py) in its
-    # estimate, and the line as last fitted (reply_turns 0: none yet, not used). Saved files without these fields
-    # load with the line off.
-    reply_weight: float = 0.0
+    # estimate (training chooses it on validation; 0.5 for a predictor that starts empty and fits its line online),
+    # and the line as last fitted (reply_turns 0: none yet, not used; saved files without these fields load so)
+    reply_weight: float = 0.5
     reply_a: float = 0.0
     reply_b: float = 0.0
     reply_sd: float = 1.0
@@ -65,8 +65,16 @@ class PredictorParams:
         return ReplyLine(self.reply_a, self.reply_b, self.reply_sd, self.reply_turns) if self.reply_turns else None
 
     def set_reply_line(self, line: ReplyLine | None) -> None:
-        if line is not None:             # too few turns to fit: the last line stays
+        if replaces(line, self.reply_turns):           # else the line fitted on more turns stays
             self.reply_a, self.reply_b, self.reply_sd, self.reply_turns = line.a, line.b, line.sd, line.turns
+
+
+def params_from(saved: dict) -> PredictorParams:
+    """Saved parameters, without any this build does not know (saved by a newer one: it may be rolled back to)."""
+    known = {f.name for f in fields(PredictorParams)}
+    if unknown := sorted(set(saved) - known):
+        log.warning("predictor parameters %s are unknown to this build: ignored", ", ".join(unknown))
+    return PredictorParams(**{k: v for k, v in saved.items() if k in known})
 
 
 class LengthPredictor:
@@ -236,7 +244,7 @@ class LengthPredictor:
 
     def load(self, directory: Path) -> None:
         directory = Path(directory)
-        params = PredictorParams(**json.loads((directory / "params.json").read_text()))
+        params = params_from(json.loads((directory / "params.json").read_text()))
         meta = json.loads((directory / "meta.json").read_text()) if (directory / "meta.json").exists() else {}
         if meta.get("encoder", self.encoder.fingerprint) != self.encoder.fingerprint:
             raise ValueError(f"the index was built with encoder {meta['encoder']}, this predictor encodes with "

@@ -2,8 +2,9 @@
 
 In chat traffic a request carries the conversation so far, and the assistant's previous reply there is the best
 single clue to how long the next one will be: on the 3,000 chat turns of the GPU benchmark its length alone ranks
-the next reply at Kendall tau 0.43, where the predictor's MLP, which has it as one input beside a 384-wide
-embedding and learned from a few hundred conversation turns, ranked the same requests at 0.28
+the next reply at Kendall tau 0.43, where the live predictor (kNN and MLP blended, learning online; the MLP has
+that length as one input beside a 384-wide embedding and learned from a few hundred conversation turns) ranked the
+same requests at 0.28
 (docs/BENCHMARKS.md, session 34). So the predictor fits this line by least squares on the turns it has seen that
 had a previous reply, and blends it into its estimate for requests that have one (`PredictorParams.reply_weight`,
 chosen on validation data like the kNN weight). Hand-written: a two-parameter least-squares line is one
@@ -18,7 +19,11 @@ import numpy as np
 from services.predictor.length_mlp import has_previous_reply, previous_reply_log
 
 MIN_TURNS = 20          # fewer conversation turns than this fit no line (its slope would be noise)
+TRUSTED_TURNS = 100     # a line from this many turns replaces any other; one from fewer only a line from fewer still
 MIN_SD = 0.1            # a floor on the line's spread, as on the other parts' (a perfect fit is luck)
+# a longer previous reply never means a shorter next one, nor more than proportionally longer (ShareGPT: 0.51-0.54):
+# a slope outside this range is noise from few turns or a narrow range of previous lengths, and would extrapolate
+SLOPE_RANGE = (0.0, 1.5)
 
 
 @dataclass(frozen=True)
@@ -40,5 +45,12 @@ def fit_reply_line(side: np.ndarray, log_len: np.ndarray) -> ReplyLine | None:
     x, y = previous_reply_log(side)[has], np.asarray(log_len, dtype=np.float64)[has]
     if np.ptp(x) == 0:
         return None
-    b, a = np.polyfit(x, y, 1)
-    return ReplyLine(float(a), float(b), max(float(np.std(y - (a + b * x))), MIN_SD), int(has.sum()))
+    b = float(np.clip(np.polyfit(x, y, 1)[0], *SLOPE_RANGE))
+    a = float(y.mean() - b * x.mean())          # least squares for the intercept at that slope
+    return ReplyLine(a, b, max(float(np.std(y - (a + b * x))), MIN_SD), int(has.sum()))
+
+
+def replaces(new: ReplyLine | None, turns_now: int) -> bool:
+    """Whether a line just fitted should replace one fitted on `turns_now` turns (0: none). After a restart the
+    online refresh fits on the turns served since, which may be far fewer than the saved line was fitted on."""
+    return new is not None and new.turns >= min(turns_now, TRUSTED_TURNS)
