@@ -5,11 +5,10 @@ import os
 import socket
 from dataclasses import dataclass
 
-from services.common.batch_limits import MAX_STEP_ROWS
+from services.common.batch_limits import DEFAULT_EARLY_ROWS, MAX_STEP_ROWS
 from services.common.config_args import config_from_args
 from services.common.model_paths import DEFAULT_MODEL_NAME, default_model_dir
 from services.common.tls import TlsFiles
-from services.worker.step_scheduler import DEFAULT_EARLY_ROWS
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ from services.worker.detokenizer import IncrementalDetokenizer
 from services.worker.model_runner import SeqChunk
 from services.worker.sampler import sample
 from services.worker.sequence import Finish, Sampling, Sequence, SeqStatus
-from services.worker.step_scheduler import DEFAULT_EARLY_ROWS, StepScheduler
+from services.common.batch_limits import DEFAULT_EARLY_ROWS
+from services.worker.step_scheduler import StepScheduler
 
 log = logging.getLogger("alise.worker")
 

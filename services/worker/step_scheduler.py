@@ -23,14 +23,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from services.common.batch_limits import DEFAULT_EARLY_ROWS
 from services.worker.block_manager import BlockManager
 from services.worker.sequence import Finish, Sequence, SeqStatus
 
-# Jobs sent to be prefilled early that decode their early tokens beside a full batch, at most, by default. 8 rather
-# than 32: on two H100s at 48 and 52 req/s (Llama-3-8B shape, ShareGPT chat) alise's mean normalized latency was
-# 10-15% lower and its throughput 2-3% higher with 8, its TTFT p99 within 1.05x of fcfs's at 44-48 req/s
-# (docs/BENCHMARKS.md, sessions 33 and 34; in simulation 8 rows cost Alpaca's TTFT p99 near capacity, not yet live).
-DEFAULT_EARLY_ROWS = 8
 
 
 @dataclass(frozen=True)
