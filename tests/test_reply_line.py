@@ -91,7 +91,14 @@ def test_validation_chooses_the_weight_and_saved_files_without_it_load_with_the_
     chosen = tune(pred, val)
     assert chosen["reply_weight"] >= 0.75 and chosen["val_kendall_tau"] > 0.6
     first_turns = Split(val.vecs, side_features([len(t) for t in texts]), val.lengths, val.keys, val.groups)
-    assert tune(pred, first_turns)["reply_weight"] == 0.0          # nothing to choose it on: off
+    chosen_before = pred.params.reply_weight
+    # nothing to choose it on: left as it was, not turned off (review, session 34: a predictor trained on prompts
+    # alone was saved with weight 0 and never used the line it fitted online once chats came)
+    assert tune(pred, first_turns)["reply_weight"] == chosen_before
+    fresh = LengthPredictor(encoder)
+    fresh.fit(val.vecs[:30], first_turns.side[:30], val.lengths[:30], val.keys[:30])     # no conversation turns
+    assert fresh.params.reply_line() is None
+    assert tune(fresh, first_turns.take(list(range(30, 80))))["reply_weight"] == PredictorParams().reply_weight
     pred.save(tmp_path / "m")
     older = json.loads((tmp_path / "m" / "params.json").read_text())
     for field in ("reply_weight", "reply_a", "reply_b", "reply_sd", "reply_turns"):

@@ -63,11 +63,13 @@ def tune(pred: LengthPredictor, val: Split, ks=(4, 8, 16, 32), sims=(-1.0, 0.3, 
          betas=(0.0, 0.25, 0.5, 0.75, 1.0), reply_weights=(0.0, 0.25, 0.5, 0.75, 0.9, 1.0)) -> dict:
     """Choose k, similarity threshold, kNN weight and previous-reply weight by Kendall's tau on `val`, then scale
     sigma so that the p90 covers 90% of `val`. `pred` must already hold the training examples (and the
-    previous-reply line fitted on them: without one, or without conversation turns in `val`, its weight stays 0)."""
+    previous-reply line fitted on them: without one, or without conversation turns in `val`, its weight stays)."""
     all_sims, all_logs = pred.index.search(val.vecs, max(ks))
     mlp_q = pred.mlp_quantiles(val.vecs, val.side)
     if pred.params.reply_line() is None or not has_previous_reply(val.side).any():
-        reply_weights = (0.0,)
+        # nothing to choose it on: the weight stays as it is (the default), so a predictor trained without chats
+        # still uses the line it fits online once chat traffic comes
+        reply_weights = (pred.params.reply_weight,)
     def choose(k, thr, beta, reply) -> None:
         p = pred.params
         p.k, p.min_similarity, p.knn_weight, p.reply_weight = k, thr, beta, reply
