@@ -42,9 +42,9 @@ def fastest_at_least(seconds: dict[int, float], margin: float = TIME_MARGIN) -> 
 
 def spare_sizes(buckets: list[int], rows: int | None = None) -> list[int]:
     """Graphs captured only for the largest bucket to send its steps to when faster: the default buckets up to
-    SPARE_ROWS past it, within the static buffers' `rows` when given. (A spare a few rows past every large bucket would give
-    each a way out, but each graph keeps its own logits, rows x vocabulary floats: ~1.4 GiB more for the Llama-3-8B
-    shape, beyond the activation reserve. Not done.)"""
+    SPARE_ROWS past it, within the static buffers' `rows` when given. (A spare a few rows past every large bucket
+    would give each a way out, but each graph keeps its own logits, rows x vocabulary floats: ~1.4 GiB more for the
+    Llama-3-8B shape, beyond the activation reserve. Not done.)"""
     largest = max(buckets)
     limit = largest * (1 + SPARE_ROWS) if rows is None else min(rows, largest * (1 + SPARE_ROWS))
     return [b for b in DEFAULT_BUCKETS if largest < b <= limit]
