@@ -1,6 +1,10 @@
 """LiveState: the scheduler's one owner of placements, tokens and swapped KV, and the Snapshot built from it."""
 from __future__ import annotations
 
+import math
+
+import pytest
+
 from services.scheduler.live_state import JobFacts, LiveState, WorkerState
 
 
@@ -57,17 +61,37 @@ def test_snapshot_keeps_queue_order_and_skips_unknown_jobs():
     assert s.running() == 0
 
 
-def test_a_worker_reestimate_replaces_the_mean_and_keeps_the_predictors_spread():
+DECILE_Z = (-1.6449, -1.0364, -0.6745, -0.3853, -0.1257, 0.1257, 0.3853, 0.6745, 1.0364, 1.6449)
+
+
+def test_a_worker_reestimate_moves_the_predictors_median_there_and_keeps_its_spread():
+    """The predictor says a log-normal: mean exp(mu + s^2 / 2) above its median exp(mu). The worker's estimate is
+    a median (a regression of log length): the distribution moves until its median is there, the mean with it.
+    Moving the mean there instead put the job's median at 400 / exp(s^2 / 2) = 243 (s = 1): ranked 1.6x shorter
+    than a job predicted 400 at the prompt."""
     s = state_with("w1")
-    s.track(JobFacts(job_id="j", priority=0, created=1.0, prompt_len=30, max_tokens=1000, pred_len=10.0, pred_p90=20.0,
-                     predicted=True, pred_deciles=(2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0, 18.0, 20.0)))
+    median, sd = 10.0, 1.0
+    s.track(JobFacts(job_id="j", priority=0, created=1.0, prompt_len=30, max_tokens=1000,
+                     pred_len=median * math.exp(sd * sd / 2), pred_p90=median * math.exp(1.2816 * sd), predicted=True,
+                     pred_deciles=tuple(median * math.exp(z * sd) for z in DECILE_Z)))
     before = s.view("j", running=True)
-    assert before.remaining_tokens < 20
+    assert before.remaining_tokens < 40
     s.repredict("j", 400.0)
     after = s.view("j", running=True)                                       # the cached view was rebuilt
-    assert after.pred_len == 400.0 and after.pred_p90 == 800.0
-    assert after.pred_deciles == tuple(40.0 * q for q in before.pred_deciles)
-    assert after.remaining_tokens > 300
+    assert math.sqrt(after.pred_deciles[4] * after.pred_deciles[5]) == pytest.approx(400.0)
+    assert after.pred_deciles == pytest.approx(tuple(40.0 * q for q in before.pred_deciles))
+    assert after.pred_len == pytest.approx(40.0 * before.pred_len)
+    assert after.pred_p90 == pytest.approx(40.0 * before.pred_p90)
+    # ranked as a job the predictor had said 400 for at the prompt
+    fresh = JobFacts(job_id="k", priority=0, created=1.0, prompt_len=30, max_tokens=1000,
+                     pred_len=400.0 * math.exp(sd * sd / 2), pred_p90=400.0 * math.exp(1.2816 * sd), predicted=True,
+                     pred_deciles=tuple(400.0 * math.exp(z * sd) for z in DECILE_Z))
+    s.track(fresh)
+    assert after.remaining_tokens == pytest.approx(s.view("k", running=True).remaining_tokens)
+    s.track(JobFacts(job_id="j2", priority=0, created=1.0, prompt_len=30, max_tokens=1000, pred_len=10.0,
+                     pred_p90=20.0, predicted=True))
+    s.repredict("j2", 400.0)                                                # no deciles: the estimate is the mean
+    assert s.view("j2").pred_len == 400.0 and s.view("j2").pred_p90 == 800.0
     assert s.usable_estimate("j", 5000.0) == 1000.0                        # bounded by max_tokens, as predictions
     for bad in (0.0, -3.0, float("nan"), float("inf")):
         assert s.usable_estimate("j", bad) is None

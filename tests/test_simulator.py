@@ -242,7 +242,7 @@ def test_the_workers_reestimate_replaces_the_prediction_once_the_prompt_is_compu
     spec = WorkerSpec(max_batch=8, num_blocks=400, token_budget=512)
     means = {}
     for probe in (None, SimPredictor(PredictorKind.ORACLE)):
-        blind = SimPredictor(PredictorKind.NOISY, sigma=1.0, seed=1)      # a prompt predictor that ranks poorly
+        blind = SimPredictor(PredictorKind.NOISY, sigma=3.0, seed=1)      # a prompt predictor that ranks badly
         cfg = SimConfig(policy="alise", cost=cost, worker=spec, predictor=blind, reestimate=probe)
         sim = Simulation(cfg, reqs)
         results, _ = sim.run()

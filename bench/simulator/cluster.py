@@ -503,7 +503,7 @@ class Simulation:
         """`job` samples a token: the first after a fresh prompt is where the probe re-estimates its length (a prompt
         whose last chunk left one token reaches here as a decode: before, it missed the re-estimate)."""
         if job.generated == 0 and self.cfg.reestimate is not None:
-            job.repred_len = self.cfg.reestimate.predict(job.req.output_len).mean
+            job.repred_len = self.cfg.reestimate.predict(job.req.output_len).median   # the probe's is a median
             self._report(lambda: self.state.repredict(job.job_id, job.repred_len))
         self._token(job)
         if (job.prompt_len + job.generated) % w.spec.block_size == 0:

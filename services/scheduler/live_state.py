@@ -10,6 +10,7 @@ everything here can be rebuilt from it and from the workers' reports.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Generic, Iterable, TypeVar
@@ -46,15 +47,27 @@ class JobFacts:
     pred_deciles: tuple[float, ...] = ()
 
     def repredicted(self, output_tokens: float) -> "JobFacts":
-        """The worker's estimate of the whole output replaces the prompt predictor's mean; the predictor's spread
-        (p90, deciles) is kept in proportion, so E[L - g | L > g] still follows its shape. Like any prediction it
-        is bounded by max_tokens (the job cannot run longer)."""
+        """The worker's estimate of the whole output moves the prompt predictor's distribution: its spread (p90,
+        deciles) is kept in proportion, so E[L - g | L > g] still follows its shape. The estimate is a median (the
+        probe regresses log length, as the predictor does), so the distribution moves until its median is there:
+        the predictor's mean lies above its median (by exp(s^2 / 2), 1.5x at s = 0.9), and moving the mean there
+        instead ranked every re-estimated job that much shorter than the jobs waiting beside it. Like any
+        prediction it is bounded by max_tokens (the job cannot run longer)."""
         output_tokens = min(output_tokens, self.max_tokens)
-        ratio = output_tokens / self.pred_len if self.predicted and self.pred_len > 0 else 0.0
+        median = self.pred_median
+        ratio = output_tokens / median if self.predicted and median > 0 else 0.0
         if ratio > 0:
-            return replace(self, pred_len=output_tokens, pred_p90=self.pred_p90 * ratio,
+            return replace(self, pred_len=min(self.pred_len * ratio, self.max_tokens), pred_p90=self.pred_p90 * ratio,
                            pred_deciles=tuple(q * ratio for q in self.pred_deciles))
         return replace(self, pred_len=output_tokens, pred_p90=P90_OVER_GUESS * output_tokens, predicted=True, pred_deciles=())
+
+    @property
+    def pred_median(self) -> float:
+        """The predicted distribution's median: between its middle deciles (quantiles 0.45 and 0.55, symmetric in
+        log space); without deciles, the prediction itself."""
+        if len(self.pred_deciles) == 10:
+            return math.sqrt(self.pred_deciles[4] * self.pred_deciles[5])
+        return self.pred_len
 
 
 def job_view(f: JobFacts, generated: int = 0, running: bool = False, kv_on: str = "",

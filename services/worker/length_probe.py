@@ -86,7 +86,8 @@ class LengthProbe:
                 log.warning("length probe not saved to %s: %s", self.path, e)
 
     def estimate(self, features: np.ndarray) -> float | None:
-        """Expected output tokens of a job whose prompt gave `features`; None while it has learned too little."""
+        """Output tokens of a job whose prompt gave `features`, as exp of the regressed log length (a median, not a
+        mean); None while it has learned too little."""
         if self._weights is None:
             return None
         w, intercept = self._weights
