@@ -5,6 +5,7 @@ import math
 
 import pytest
 
+from services.common.log_normal import DECILE_Z, Z90
 from services.scheduler.live_state import JobFacts, LiveState, WorkerState
 
 
@@ -61,9 +62,6 @@ def test_snapshot_keeps_queue_order_and_skips_unknown_jobs():
     assert s.running() == 0
 
 
-DECILE_Z = (-1.6449, -1.0364, -0.6745, -0.3853, -0.1257, 0.1257, 0.3853, 0.6745, 1.0364, 1.6449)
-
-
 def test_a_worker_reestimate_moves_the_predictors_median_there_and_keeps_its_spread():
     """The predictor says a log-normal: mean exp(mu + s^2 / 2) above its median exp(mu). The worker's estimate is
     a median (a regression of log length): the distribution moves until its median is there, the mean with it.
@@ -72,7 +70,7 @@ def test_a_worker_reestimate_moves_the_predictors_median_there_and_keeps_its_spr
     s = state_with("w1")
     median, sd = 10.0, 1.0
     s.track(JobFacts(job_id="j", priority=0, created=1.0, prompt_len=30, max_tokens=1000,
-                     pred_len=median * math.exp(sd * sd / 2), pred_p90=median * math.exp(1.2816 * sd), predicted=True,
+                     pred_len=median * math.exp(sd * sd / 2), pred_p90=median * math.exp(Z90 * sd), predicted=True,
                      pred_deciles=tuple(median * math.exp(z * sd) for z in DECILE_Z)))
     before = s.view("j", running=True)
     assert before.remaining_tokens < 40
@@ -84,7 +82,7 @@ def test_a_worker_reestimate_moves_the_predictors_median_there_and_keeps_its_spr
     assert after.pred_p90 == pytest.approx(40.0 * before.pred_p90)
     # ranked as a job the predictor had said 400 for at the prompt
     fresh = JobFacts(job_id="k", priority=0, created=1.0, prompt_len=30, max_tokens=1000,
-                     pred_len=400.0 * math.exp(sd * sd / 2), pred_p90=400.0 * math.exp(1.2816 * sd), predicted=True,
+                     pred_len=400.0 * math.exp(sd * sd / 2), pred_p90=400.0 * math.exp(Z90 * sd), predicted=True,
                      pred_deciles=tuple(400.0 * math.exp(z * sd) for z in DECILE_Z))
     s.track(fresh)
     assert after.remaining_tokens == pytest.approx(s.view("k", running=True).remaining_tokens)

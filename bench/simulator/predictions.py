@@ -13,11 +13,8 @@ import random
 from dataclasses import dataclass
 from enum import Enum
 
+from services.common.log_normal import DECILE_Z, Z90, median_of
 from services.scheduler.exec_time import P90_OVER_GUESS
-
-# standard normal quantiles at 0.05, 0.15, ..., 0.95 (the real predictor's deciles)
-_Z = (-1.6449, -1.0364, -0.6745, -0.3853, -0.1257, 0.1257, 0.3853, 0.6745, 1.0364, 1.6449)
-_Z90 = 1.2816
 
 
 class PredictorKind(str, Enum):
@@ -39,8 +36,7 @@ class Prediction:
 
     @property
     def median(self) -> float:
-        """Between the middle deciles (symmetric in log space); the estimate itself where there are none."""
-        return math.sqrt(self.deciles[4] * self.deciles[5]) if len(self.deciles) == 10 else self.mean
+        return median_of(self.deciles, self.mean)
 
 
 @dataclass
@@ -73,8 +69,8 @@ class SimPredictor:
             median = true_len * math.exp(self._rng.gauss(0.0, self.sigma))   # noisy around the truth, and
             mean = median * math.exp(self.sigma ** 2 / 2)                    # said as the live one says it
         # the spread (p90, deciles) of log-normal errors of this sigma around the median
-        return Prediction(mean, median * math.exp(_Z90 * self.sigma),
-                          tuple(median * math.exp(z * self.sigma) for z in _Z), True)
+        return Prediction(mean, median * math.exp(Z90 * self.sigma),
+                          tuple(median * math.exp(z * self.sigma) for z in DECILE_Z), True)
 
 
 def log_error_sigma(predicted: list[float], true: list[int]) -> float:

@@ -12,7 +12,8 @@ import numpy as np
 from scipy.stats import kendalltau, spearmanr
 
 from services.predictor.length_mlp import has_previous_reply
-from services.predictor.length_predictor import Z10, LengthPredictor
+from services.common.log_normal import Z90
+from services.predictor.length_predictor import LengthPredictor
 
 BUCKETS = np.array([32, 128, 512])     # <32, 32-127, 128-511, >=512 tokens
 
@@ -63,7 +64,7 @@ def tune(pred: LengthPredictor, val: Split, ks=(4, 8, 16, 32), sims=(-1.0, 0.3, 
          betas=(0.0, 0.25, 0.5, 0.75, 1.0), reply_weights=(0.0, 0.25, 0.5, 0.75, 0.9, 1.0)) -> dict:
     """Choose k, similarity threshold, kNN weight and previous-reply weight by Kendall's tau on `val`, then scale
     sigma so that the p90 covers 90% of `val`. `pred` must already hold the training examples (and the
-    previous-reply line fitted on them: without one, or without conversation turns in `val`, its weight stays)."""
+    previous-reply line fitted on them: without one, or without conversation turns in `val`, its weight stays as it is)."""
     all_sims, all_logs = pred.index.search(val.vecs, max(ks))
     mlp_q = pred.mlp_quantiles(val.vecs, val.side)
     if pred.params.reply_line() is None or not has_previous_reply(val.side).any():
@@ -85,14 +86,14 @@ def tune(pred: LengthPredictor, val: Split, ks=(4, 8, 16, 32), sims=(-1.0, 0.3, 
     pred.params.sigma_scale = 1.0
     mu, sd, _, _ = pred.log_distribution(val.vecs, val.side, all_sims, all_logs, mlp_q)
     z = (np.log(val.lengths) - mu) / sd                         # sigma_scale s: P(z <= 1.2816 s) = 0.9
-    pred.params.sigma_scale = float(max(np.quantile(z, 0.9) / Z10, 0.2))
+    pred.params.sigma_scale = float(max(np.quantile(z, 0.9) / Z90, 0.2))
     return {"val_kendall_tau": float(best[0]), "k": best[1][0], "min_similarity": best[1][1],
             "knn_weight": best[1][2], "reply_weight": best[1][3], "sigma_scale": pred.params.sigma_scale}
 
 
 def evaluate_predictor(pred: LengthPredictor, test: Split) -> tuple[dict, np.ndarray]:
     mu, sd, _, _ = pred.log_distribution(test.vecs, test.side)
-    return metrics(mu, np.exp(mu + Z10 * sd), test.lengths), mu
+    return metrics(mu, np.exp(mu + Z90 * sd), test.lengths), mu
 
 
 def baseline_mean(train: Split, test: Split) -> dict:

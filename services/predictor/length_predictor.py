@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from services.common.log_normal import DECILE_Z, Z90
 from services.common.predictor_text import prompt_key
 from services.predictor.encoder import Encoder
 from services.predictor.knn_index import KnnIndex
@@ -29,8 +30,7 @@ from services.predictor.length_mlp import SIDE_DIM, LengthMLP, features, fit, ha
 from services.predictor.reply_line import ReplyLine, fit_reply_line, replaces
 
 log = logging.getLogger("alise.predictor")
-Z10 = 1.2815516                                    # standard normal 90th percentile
-DECILE_Z = np.array([-1.6449, -1.0364, -0.6745, -0.3853, -0.1257, 0.1257, 0.3853, 0.6745, 1.0364, 1.6449])
+_DECILE_Z = np.array(DECILE_Z)
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ class LengthPredictor:
         knn_sd = np.sqrt((w * (neigh_logs - knn_mu[:, None]) ** 2).sum(1) / wsum)
         knn_sd = np.maximum(knn_sd, 0.25)
         if mlp_q is not None:
-            base_mu, base_sd, base_src = mlp_q[:, 1], np.maximum((mlp_q[:, 2] - mlp_q[:, 0]) / (2 * Z10), 0.1), "mlp"
+            base_mu, base_sd, base_src = mlp_q[:, 1], np.maximum((mlp_q[:, 2] - mlp_q[:, 0]) / (2 * Z90), 0.1), "mlp"
         else:
             base_mu = np.full(len(vecs), p.prior_log_mean)
             base_sd, base_src = np.full(len(vecs), p.prior_log_std), "prior"
@@ -148,9 +148,9 @@ class LengthPredictor:
 
     @staticmethod
     def _prediction(mu: float, sigma: float, neighbours: int, source: str) -> Prediction:
-        q = np.exp(mu + sigma * np.array([-Z10, 0.0, Z10]))
+        q = np.exp(mu + sigma * np.array([-Z90, 0.0, Z90]))
         return Prediction(mean=float(np.exp(mu + sigma ** 2 / 2)), p10=float(q[0]), p50=float(q[1]), p90=float(q[2]),
-                          deciles=tuple(float(x) for x in np.exp(mu + sigma * DECILE_Z)),
+                          deciles=tuple(float(x) for x in np.exp(mu + sigma * _DECILE_Z)),
                           neighbours=int(neighbours), source=str(source))
 
     # -- learning --------------------------------------------------------------------------------------

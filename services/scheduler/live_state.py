@@ -10,11 +10,11 @@ everything here can be rebuilt from it and from the workers' reports.
 from __future__ import annotations
 
 import heapq
-import math
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Generic, Iterable, TypeVar
 
+from services.common.log_normal import median_of
 from services.common.preempt_mode import PreemptMode
 from services.scheduler.exec_time import P90_OVER_GUESS
 from services.scheduler.policies.base import JobView, Snapshot, WorkerView, kv_blocks, requeued_view
@@ -54,20 +54,12 @@ class JobFacts:
         instead ranked every re-estimated job that much shorter than the jobs waiting beside it. Like any
         prediction it is bounded by max_tokens (the job cannot run longer)."""
         output_tokens = min(output_tokens, self.max_tokens)
-        median = self.pred_median
+        median = median_of(self.pred_deciles, self.pred_len)
         ratio = output_tokens / median if self.predicted and median > 0 else 0.0
         if ratio > 0:
             return replace(self, pred_len=min(self.pred_len * ratio, self.max_tokens), pred_p90=self.pred_p90 * ratio,
                            pred_deciles=tuple(q * ratio for q in self.pred_deciles))
         return replace(self, pred_len=output_tokens, pred_p90=P90_OVER_GUESS * output_tokens, predicted=True, pred_deciles=())
-
-    @property
-    def pred_median(self) -> float:
-        """The predicted distribution's median: between its middle deciles (quantiles 0.45 and 0.55, symmetric in
-        log space); without deciles, the prediction itself."""
-        if len(self.pred_deciles) == 10:
-            return math.sqrt(self.pred_deciles[4] * self.pred_deciles[5])
-        return self.pred_len
 
 
 def job_view(f: JobFacts, generated: int = 0, running: bool = False, kv_on: str = "",
