@@ -19,13 +19,13 @@ import torch
 
 from services.worker.block_manager import BlockManager
 from services.worker.length_probe import LengthProbe
+from services.common.batch_limits import DEFAULT_EARLY_ROWS
 from services.common.preempt_mode import PreemptMode
 from services.common.sampling_limits import sampling_problem
 from services.worker.detokenizer import IncrementalDetokenizer
 from services.worker.model_runner import SeqChunk
 from services.worker.sampler import sample
 from services.worker.sequence import Finish, Sampling, Sequence, SeqStatus
-from services.common.batch_limits import DEFAULT_EARLY_ROWS
 from services.worker.step_scheduler import StepScheduler
 
 log = logging.getLogger("alise.worker")

@@ -28,7 +28,6 @@ from services.worker.block_manager import BlockManager
 from services.worker.sequence import Finish, Sequence, SeqStatus
 
 
-
 @dataclass(frozen=True)
 class ScheduledChunk:
     """`num_tokens` of `seq`'s tokens from `start` go into this step. Planning a chunk advances the sequence's
