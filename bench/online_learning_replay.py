@@ -29,7 +29,7 @@ from bench.workloads import BenchRequest, Dataset, load
 from services.predictor.encoder import load_encoder
 from services.predictor.length_predictor import LengthPredictor
 from services.scheduler.tokenizer import PromptTokenizer
-from services.scheduler.validation import predictor_inputs
+from services.scheduler.validation import PredictorInputs, predictor_inputs
 
 
 def load_predictor(model_dir: Path) -> LengthPredictor:
@@ -39,23 +39,29 @@ def load_predictor(model_dir: Path) -> LengthPredictor:
     return predictor
 
 
-def replay(predictor: LengthPredictor, prompts: list[str], previous: list[int], lengths: list[int],
+def replay(predictor: LengthPredictor, asked: list[PredictorInputs], lengths: list[int],
            lag: int | None, chunk: int) -> np.ndarray:
     """Each request's predicted mean length, predicted when it arrives; with `lag`, requests that arrived `lag`
     or more before are learned first (None: nothing is learned)."""
-    predicted = np.zeros(len(prompts))
+    predicted = np.zeros(len(asked))
     learned = 0
-    for start in range(0, len(prompts), chunk):
+    for start in range(0, len(asked), chunk):
         if lag is not None and (upto := max(0, start - lag)) > learned:
-            predictor.observe(prompts[learned:upto], lengths[learned:upto], previous[learned:upto])
+            predictor.observe(lengths=lengths[learned:upto], **columns(asked[learned:upto]))
             learned = upto
-        end = min(start + chunk, len(prompts))
-        predicted[start:end] = [p.mean for p in predictor.predict(prompts[start:end], previous[start:end])]
+        end = min(start + chunk, len(asked))
+        predicted[start:end] = [p.mean for p in predictor.predict(**columns(asked[start:end]))]
     return predicted
 
 
-def as_the_scheduler_asks(req: BenchRequest, tok) -> tuple[str, int]:
-    """(predictor text, previous reply tokens) of a request as the bench sends it (bench/serve.py)."""
+def columns(asked: list[PredictorInputs]) -> dict[str, list]:
+    """The predictor's per-request arguments, as lists."""
+    return {"prompts": [a.text for a in asked], "previous_reply_tokens": [a.previous_reply_tokens for a in asked],
+            "newest_message_chars": [a.newest_message_chars for a in asked]}
+
+
+def as_the_scheduler_asks(req: BenchRequest, tok) -> PredictorInputs:
+    """What the predictor is told about a request as the bench sends it (bench/serve.py)."""
     text = (dict(chat=pb.ChatConversation(messages=[pb.ChatMessage(**m) for m in req.messages()]))
             if req.as_chat else dict(prompt=req.prompt))
     return predictor_inputs(pb.GenerateRequest(**text), tok)
@@ -87,11 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(a.tokenizer)
     requests = load(a.dataset_name, a.dataset_path, a.num + a.prime, tokenizer)
     tok = PromptTokenizer(a.tokenizer)
-    prompts, previous = map(list, zip(*(as_the_scheduler_asks(r, tok) for r in requests)))
+    asked = [as_the_scheduler_asks(r, tok) for r in requests]
     lengths = [r.output_tokens for r in requests]
-    print(f"{len(prompts)} requests; Kendall tau over the run, then by thirds")
+    print(f"{len(asked)} requests; Kendall tau over the run, then by thirds")
     for lag in [None, *a.lag]:
-        predicted = replay(load_predictor(a.model_dir), prompts, previous, lengths, lag, a.chunk)   # fresh each
+        predicted = replay(load_predictor(a.model_dir), asked, lengths, lag, a.chunk)   # fresh each
         label = "no online learning" if lag is None else f"learning {lag} requests after arrival"
         measured = taus(predicted[a.prime:], lengths[a.prime:])        # as the sweep reports: priming left out
         print(f"{label:40s} " + " ".join(f"{t:.3f}" for t in measured), flush=True)

@@ -64,8 +64,9 @@ def test_chat_answer_equals_transformers_generate(stub, hf_model, tokenizer):
 
 
 def test_finished_chat_turn_teaches_the_predictor_through_the_stream(stack, stub, tokenizer):
-    """A chat turn's previous reply length reaches the predictor as a feature, and the finished job's true
-    length reaches it through the Redis stream (appended with the finish, read by the predictor)."""
+    """A chat turn's previous reply length and newest message's length reach the predictor as features, and the
+    finished job's true length reaches it through the Redis stream (appended with the finish, read by the
+    predictor) with both."""
     import redis
     from alise.v1 import predictor_pb2 as ppb
 
@@ -87,13 +88,15 @@ def test_finished_chat_turn_teaches_the_predictor_through_the_stream(stack, stub
     job = r.hgetall(keys.job(job_id))
     prev = len(tokenizer.encode(reply, add_special_tokens=False))
     assert int(job["previous_reply_tokens"]) == prev and "prompt_text" not in job   # an ended job keeps no prompt
+    assert int(job["newest_message_chars"]) == len("And of Italy?")
     entries = {f["job_id"]: f for _, f in r.xrange(STREAM)}
     assert keys.job_id(LOCAL_TENANT, cut.request_id) not in entries         # cut at max_tokens: not a true length
     seen = entries[job_id]
     assert int(seen["output_tokens"]) == len(tokens) and int(seen["previous_reply_tokens"]) == prev
+    assert int(seen["newest_message_chars"]) == len("And of Italy?")
     assert seen["prompt"].startswith("And of Italy?")                      # the newest turn first
     predictor = predictor_stub(f"127.0.0.1:{stack.predictor_port}", stack.service_token)
-    ask = ppb.PredictRequest(prompts=[seen["prompt"]], previous_reply_tokens=[prev])
+    ask = ppb.PredictRequest(prompts=[seen["prompt"]], previous_reply_tokens=[prev], newest_message_chars=[13])
     wait_until(lambda: predictor.Predict(ask).predictions[0].neighbours >= 1, timeout=30)
 
 

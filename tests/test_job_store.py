@@ -89,7 +89,7 @@ async def test_abort_from_queue_and_from_running(store):
 async def test_only_uncensored_lengths_reach_the_predictor_stream(store):
     def chat(job_id, ignore_eos):
         return JobRecord(job_id=job_id, prompt_ids=[1], prompt_text=f"prompt {job_id}", previous_reply_tokens=7,
-                         sampling=job_sampling(8, ignore_eos))
+                         newest_message_chars=11, sampling=job_sampling(8, ignore_eos))
 
     for job_id, ignore_eos, reason, stop_string in [("eos", False, "stop", False), ("cut", False, "length", False),
                                                     ("forced", True, "stop", False), ("stop-string", False, "stop", True)]:
@@ -99,7 +99,7 @@ async def test_only_uncensored_lengths_reach_the_predictor_stream(store):
         assert await store.finish(job_id, "w1", reason, stop_string=stop_string)   # a client's stop string: a cut
     entries = [fields for _, fields in await store.r.xrange(keys.OBSERVATIONS)]
     assert entries == [{b"job_id": b"eos", b"prompt": b"prompt eos", b"output_tokens": b"3",
-                        b"previous_reply_tokens": b"7"}]
+                        b"previous_reply_tokens": b"7", b"newest_message_chars": b"11"}]
 
 
 async def test_a_length_forced_by_ignore_eos_reaches_the_stream_only_when_asked(store):

@@ -102,9 +102,17 @@ def test_service_persists_online_learning_and_survives_a_corrupt_file(tmp_path):
         stub.Predict(ppb.PredictRequest(prompts=["a", "b"], previous_reply_tokens=[3]))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "previous_reply_tokens" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
-        stub.Observe(ppb.ObserveRequest(observations=[ppb.Observation(prompt="a", output_tokens=3,
-                                                                      previous_reply_tokens=-1)]))
-    assert err.value.details().startswith("observations[0].previous_reply_tokens")
+        stub.Predict(ppb.PredictRequest(prompts=["a", "b"], newest_message_chars=[3, 4, 5]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "newest_message_chars" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Predict(ppb.PredictRequest(prompts=["a", "b"], newest_message_chars=[3, -4]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith(
+        "newest_message_chars[1]")
+    for name in ("previous_reply_tokens", "newest_message_chars"):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Observe(ppb.ObserveRequest(observations=[ppb.Observation(prompt="a", output_tokens=3, **{name: -1})]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith(f"observations[0].{name}")
     raw = ppb.PredictRequest(prompts=["AAAA"]).SerializeToString().replace(b"AAAA", b"\xff\xfe\xfd\xfc")
     with pytest.raises(grpc.RpcError) as err:
         channel.unary_unary("/alise.v1.Predictor/Predict")(raw)
@@ -344,11 +352,11 @@ def test_concurrent_calls_are_served_in_one_batch_with_the_same_answers(encoder)
     pred = LengthPredictor(encoder)
     pred.observe(["Write a long poem about the sea.", "Reply with one word."], [400, 1])
     prompts = [f"Write a poem about the sea, version {i}." for i in range(10)] + ["Reply with one word: yes?"]
-    alone = [pred.predict([p], [i])[0] for i, p in enumerate(prompts)]
+    alone = [pred.predict([p], [i], [7 * i])[0] for i, p in enumerate(prompts)]
     batcher = PredictBatcher(pred)
 
     async def many():
-        return await asyncio.gather(*(batcher.predict([p], [i]) for i, p in enumerate(prompts)))
+        return await asyncio.gather(*(batcher.predict([p], [i], [7 * i]) for i, p in enumerate(prompts)))
 
     together = [r[0] for r in asyncio.run(many())]
     assert batcher.calls == len(prompts) and batcher.batches < len(prompts)       # coalesced
@@ -366,14 +374,14 @@ def test_a_caller_that_gives_up_does_not_hang_the_others_in_its_batch(encoder):
     gate = threading.Event()
     pred = LengthPredictor(encoder)
     slow_predict = pred.predict
-    pred.predict = lambda prompts, prev=None: (gate.wait(30), slow_predict(prompts, prev))[1]
+    pred.predict = lambda prompts, prev=None, newest=None: (gate.wait(30), slow_predict(prompts, prev, newest))[1]
     batcher = PredictBatcher(pred)
 
     async def scenario():
-        first = asyncio.ensure_future(batcher.predict(["warm the batcher up"], [0]))   # holds the encoder
+        first = asyncio.ensure_future(batcher.predict(["warm the batcher up"], [0], [0]))   # holds the encoder
         await asyncio.sleep(0.05)
-        quitter = asyncio.ensure_future(batcher.predict(["I give up early"], [0]))
-        stayer = asyncio.ensure_future(batcher.predict(["I wait for my answer"], [0]))
+        quitter = asyncio.ensure_future(batcher.predict(["I give up early"], [0], [0]))
+        stayer = asyncio.ensure_future(batcher.predict(["I wait for my answer"], [0], [0]))
         await asyncio.sleep(0.05)
         quitter.cancel()                              # its deadline passed while queued behind `first`
         gate.set()
@@ -433,9 +441,11 @@ def test_stream_entries_outside_a_real_observations_bounds_are_not_learned():
     from services.common.observations import MAX_OUTPUT_TOKENS, MAX_PROMPT_CHARS, parse
 
     ok = {"prompt": "Say hi.", "output_tokens": "2", "previous_reply_tokens": "0"}
-    assert parse(ok) is not None
+    assert parse(ok) is not None and parse(ok).newest_message_chars == 0       # an entry from before the field
+    assert parse({**ok, "newest_message_chars": "7"}).newest_message_chars == 7
     for bad in ({"output_tokens": "1" + "0" * 40}, {"output_tokens": str(MAX_OUTPUT_TOKENS + 1)},
-                {"previous_reply_tokens": "1" + "0" * 40}, {"prompt": "x" * (MAX_PROMPT_CHARS + 1)}):
+                {"previous_reply_tokens": "1" + "0" * 40}, {"prompt": "x" * (MAX_PROMPT_CHARS + 1)},
+                {"newest_message_chars": "-1"}, {"newest_message_chars": str(MAX_PROMPT_CHARS + 1)}):
         assert parse({**ok, **bad}) is None, bad
 
 
@@ -447,6 +457,7 @@ def test_the_online_learning_replay_learns_only_what_has_finished_and_asks_as_th
     from bench.simulate import recorded_predictions
     from bench.workloads import BenchRequest
     from services.scheduler.tokenizer import PromptTokenizer
+    from services.scheduler.validation import PredictorInputs
 
     topics = ["Rome", "Greece", "Egypt", "Persia", "China", "India", "Peru", "Mali", "Japan", "Norway"]
     prompts, lengths = [], []
@@ -455,10 +466,10 @@ def test_the_online_learning_replay_learns_only_what_has_finished_and_asks_as_th
         prompts.append(f"Write a detailed essay about the history of {topic}." if long_
                        else f"Answer yes or no: is {topic} in Europe?")
         lengths.append(800 + i if long_ else 3 + i % 5)
-    previous = [0] * len(prompts)
-    blind = replay(LengthPredictor(encoder), prompts, previous, lengths, lag=None, chunk=5)
+    asked = [PredictorInputs(p, 0, 0) for p in prompts]
+    blind = replay(LengthPredictor(encoder), asked, lengths, lag=None, chunk=5)
     assert len(set(blind)) == 1                                   # the prior for every request
-    learning = replay(LengthPredictor(encoder), prompts, previous, lengths, lag=5, chunk=5)
+    learning = replay(LengthPredictor(encoder), asked, lengths, lag=5, chunk=5)
     assert taus(learning, lengths)[3] > 0.5                       # the last third is ranked
     write_predictions(tmp_path / "p.csv", learning, lengths)      # for the simulator to replay
     rows = [(10, n, 0, ()) for n in lengths]                      # (prompt, output, ..): as bench.simulate's rows
@@ -466,5 +477,5 @@ def test_the_online_learning_replay_learns_only_what_has_finished_and_asks_as_th
     chat = BenchRequest("And Italy?", 5, history=(("user", "Capital of France?"), ("assistant", "Paris, of course.")),
                         as_chat=True)
     tok = PromptTokenizer(str(model_dir))
-    assert as_the_scheduler_asks(chat, tok) == ("And Italy?\nParis, of course.\nCapital of France?",
-                                                len(tok.encode("Paris, of course.")))
+    assert as_the_scheduler_asks(chat, tok) == PredictorInputs("And Italy?\nParis, of course.\nCapital of France?",
+                                                               len(tok.encode("Paris, of course.")), len("And Italy?"))

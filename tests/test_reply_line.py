@@ -1,5 +1,6 @@
-"""The previous-reply line of the length predictor (services/predictor/reply_line.py): fitted on conversation
-turns, blended into the estimate of requests that have a previous reply, chosen on validation, refitted online."""
+"""The conversation line of the length predictor (services/predictor/reply_line.py): fitted on conversation turns
+(the previous reply's length and the newest message's), blended into the estimate of requests that have a previous
+reply, chosen on validation, refitted online."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ import pytest
 
 from services.predictor.encoder import Encoder
 from services.predictor.evaluation import Split, tune
-from services.predictor.length_mlp import side_features
+from services.predictor.length_mlp import NEWEST_MESSAGE_LOG_CAP, side_features
 from services.predictor.length_predictor import LengthPredictor, PredictorParams
 from services.predictor.reply_line import MIN_TURNS, SLOPE_RANGE, fit_reply_line
 
@@ -31,6 +32,38 @@ def test_the_line_is_fitted_on_turns_with_a_previous_reply_only():
     assert line.b == pytest.approx(0.8, abs=0.05) and line.a == pytest.approx(1.0, abs=0.3)
     assert line.sd == pytest.approx(0.2, abs=0.05)
     assert np.allclose(line.log_length(side_features([1], [99])), line.a + line.b * np.log(100), atol=1e-4)
+
+
+def turns_with_newest_messages(rng, n: int, c: float = 0.3):
+    """n turns whose length follows their previous reply's and, below the cap, their newest message's length."""
+    prev, log_len = conversation_turns(rng, n, slope=0.5)
+    newest = rng.integers(1, 80, size=n)         # most below the cap, where the length says something
+    return prev, newest, log_len + c * np.minimum(np.log1p(newest), NEWEST_MESSAGE_LOG_CAP)
+
+
+def test_the_newest_messages_length_is_the_lines_third_term():
+    """Session 36: "Thanks!" after a long reply was predicted as long as the reply before it (the live p99 tail)."""
+    rng = np.random.default_rng(7)
+    prev, newest, log_len = turns_with_newest_messages(rng, 400)
+    line = fit_reply_line(side_features([100] * 400, prev, newest), log_len)
+    assert line.c == pytest.approx(0.3, abs=0.05) and line.b == pytest.approx(0.5, abs=0.05)
+    assert line.sd == pytest.approx(0.2, abs=0.05)                         # the term explains its share
+    thanks, question = line.log_length(side_features([100] * 2, [800, 800], [len("Thanks!"), 200]))
+    assert question - thanks == pytest.approx(0.3 * (NEWEST_MESSAGE_LOG_CAP - np.log1p(7)), abs=0.1)
+
+
+def test_unknown_newest_messages_fit_and_use_the_line_without_the_term():
+    """A newest message of 0 characters is unknown (observations from a scheduler before the field, a client that
+    does not say): it counts as an ordinary message, and a line fitted only on such turns is the two-term one."""
+    rng = np.random.default_rng(8)
+    prev, log_len = conversation_turns(rng, 300)
+    unknown = fit_reply_line(side_features([100] * 300, prev, [0] * 300), log_len)
+    two_terms = fit_reply_line(side_features([100] * 300, prev), log_len)
+    assert unknown.c == 0.0 and (unknown.a, unknown.b) == pytest.approx((two_terms.a, two_terms.b))
+    line = fit_reply_line(side_features([100] * 300, *turns_with_newest_messages(rng, 300)[:2]),
+                          turns_with_newest_messages(np.random.default_rng(8), 300)[2])
+    said, unsaid = line.log_length(side_features([9] * 2, [500, 500], [300, 0]))
+    assert said == pytest.approx(unsaid)                                  # unknown: as a message past the cap
 
 
 def test_too_few_turns_or_one_previous_length_fit_no_line():
@@ -107,6 +140,20 @@ def test_validation_chooses_the_weight_and_saved_files_without_it_load_with_the_
     again = LengthPredictor(encoder)
     again.load(tmp_path / "m")
     assert again.params.reply_line() is None and again.params == PredictorParams(**older)
+
+
+def test_the_predictor_learns_the_newest_messages_term_online_and_keeps_it_saved(encoder, tmp_path):
+    rng = np.random.default_rng(9)
+    pred = LengthPredictor(encoder, retrain_every=200)
+    prev, newest, log_len = turns_with_newest_messages(rng, 400, c=0.5)
+    pred.observe(questions(rng, 400), list(np.exp(log_len).round().astype(int) + 1), list(prev), list(newest))
+    assert pred.params.reply_c == pytest.approx(0.5, abs=0.1)
+    pred.params.reply_weight = 1.0
+    pred.save(tmp_path / "m")
+    again = LengthPredictor(encoder)
+    again.load(tmp_path / "m")
+    thanks, question = again.predict(["Thanks!", "Thanks!"], [600, 600], [7, 300])
+    assert question.p50 / thanks.p50 == pytest.approx(np.exp(0.5 * (NEWEST_MESSAGE_LOG_CAP - np.log1p(7))), rel=0.2)
 
 
 def test_online_learning_refits_the_line_to_the_served_models_replies(encoder):

@@ -24,6 +24,7 @@ class Observation:
     prompt: str
     output_tokens: int
     previous_reply_tokens: int
+    newest_message_chars: int = 0      # 0: unknown (an entry from a scheduler before the field) or not a chat
 
 
 def parse(fields: dict) -> Observation | None:
@@ -31,9 +32,11 @@ def parse(fields: dict) -> Observation | None:
     f = {(k.decode() if isinstance(k, bytes) else k): (v.decode(errors="replace") if isinstance(v, bytes) else v)
          for k, v in fields.items()}
     try:
-        obs = Observation(f["prompt"], int(f["output_tokens"]), int(f.get("previous_reply_tokens", 0)))
+        obs = Observation(f["prompt"], int(f["output_tokens"]), int(f.get("previous_reply_tokens", 0)),
+                          int(f.get("newest_message_chars", 0)))
     except (KeyError, ValueError):
         return None
     usable = (0 < len(obs.prompt) <= MAX_PROMPT_CHARS and 0 < obs.output_tokens <= MAX_OUTPUT_TOKENS
-              and 0 <= obs.previous_reply_tokens <= MAX_OUTPUT_TOKENS)
+              and 0 <= obs.previous_reply_tokens <= MAX_OUTPUT_TOKENS
+              and 0 <= obs.newest_message_chars <= MAX_PROMPT_CHARS)
     return obs if usable else None

@@ -18,6 +18,7 @@ from services.predictor.length_predictor import LengthPredictor, Prediction
 class _Call:
     prompts: list[str]
     previous: list[int]
+    newest: list[int]
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -30,8 +31,9 @@ class PredictBatcher:
         self.batches = 0                      # how many encoder batches served how many calls (metrics, tests)
         self.calls = 0
 
-    async def predict(self, prompts: list[str], previous: list[int]) -> list[Prediction]:
-        call = _Call(prompts, previous)
+    async def predict(self, prompts: list[str], previous: list[int], newest: list[int]) -> list[Prediction]:
+        """previous, newest: each prompt's previous reply tokens and newest message characters (0: none)."""
+        call = _Call(prompts, previous, newest)
         self._pending.append(call)
         if not self._running:
             self._running = True
@@ -47,7 +49,8 @@ class PredictBatcher:
                 try:
                     with metrics.BATCH_SECONDS.time():
                         preds = await asyncio.to_thread(self.predictor.predict, prompts,
-                                                        [n for c in batch for n in c.previous])
+                                                        [n for c in batch for n in c.previous],
+                                                        [n for c in batch for n in c.newest])
                 except Exception as e:  # noqa: BLE001 - every waiting call gets the error, none hangs
                     for c in batch:
                         if not c.done.done():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from services.common.predictor_text import predictor_text, prompt_key
+from services.common.predictor_text import NEWEST_CHARS, predictor_text, prompt_key
 
 USER_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bard", "bing"}
@@ -25,6 +25,7 @@ class Example:
     source: str
     previous_reply: str = ""     # the assistant's reply before this request, in a conversation
     conversation: str = ""       # id of the conversation the request belongs to, if any
+    newest_message_chars: int = 0    # in a conversation: the user's newest message, as the scheduler counts it
 
     @property
     def group(self) -> str:
@@ -36,14 +37,17 @@ class Example:
 def _sharegpt(records, source: str) -> Iterator[Example]:
     for n, rec in enumerate(records):
         history: list[str] = []
-        previous_reply = ""
+        previous_reply = newest = ""
         conversation = f"{source}:{rec.get('id', n)}"
         for turn in rec.get("conversations", []):
             role, text = turn.get("from", "").lower(), turn.get("value", "")
             if role in ASSISTANT_ROLES and history and text.strip():
-                yield Example(predictor_text(history), text, source, previous_reply, conversation)
+                yield Example(predictor_text(history), text, source, previous_reply, conversation,
+                              min(len(newest), NEWEST_CHARS))
             if role in ASSISTANT_ROLES:
                 previous_reply = text
+            if role in USER_ROLES:
+                newest = text
             history.append(text)
 
 

@@ -42,7 +42,7 @@ def embed_dataset(path: Path, encoder: Encoder, tokenizer, limit: int | None,
     lengths = np.array(count_tokens(tokenizer, [e.response for e in examples]), dtype=np.float32)
     previous = count_tokens(tokenizer, [e.previous_reply for e in examples], empty=0)
     vecs = encoder.encode(prompts)
-    side = side_features([len(p) for p in prompts], previous)
+    side = side_features([len(p) for p in prompts], previous, [e.newest_message_chars for e in examples])
     keys = [prompt_key(p) for p in prompts]
     return Split(vecs, side, lengths, keys, [e.group for e in examples] if split_by == "conversation" else keys), prompts
 
@@ -165,13 +165,15 @@ def evaluate_dataset(path: Path, encoder: Encoder, proto: Protocol, plot_dir: Pa
 def online(path: Path, encoder: Encoder, tokenizer, limit: int | None, chunk: int = 50, window: int = 500) -> dict:
     """Stream the dataset in order: predict each chunk, then learn its true lengths. Tau per window."""
     data, prompts = embed_dataset(path, encoder, tokenizer, limit)
-    previous = count_tokens(tokenizer, [e.previous_reply for e in load_examples(path)[:limit]], empty=0)
+    examples = load_examples(path)[:limit]
+    previous = count_tokens(tokenizer, [e.previous_reply for e in examples], empty=0)
+    newest = [e.newest_message_chars for e in examples]
     pred = LengthPredictor(encoder, retrain_every=256)
     mus = []
     for i in range(0, len(prompts), chunk):
-        batch, prev = prompts[i:i + chunk], previous[i:i + chunk]
-        mus += [np.log(p.p50) for p in pred.predict(batch, prev)]
-        pred.observe(batch, [int(x) for x in data.lengths[i:i + chunk]], prev)
+        batch, prev, new = prompts[i:i + chunk], previous[i:i + chunk], newest[i:i + chunk]
+        mus += [np.log(p.p50) for p in pred.predict(batch, prev, new)]
+        pred.observe(batch, [int(x) for x in data.lengths[i:i + chunk]], prev, new)
     mus = np.array(mus)
     windows = [metrics(mus[i:i + window], None, data.lengths[i:i + window])["kendall_tau"]
                for i in range(0, len(mus) - window + 1, window)]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from scipy.stats import kendalltau
 
 from services.predictor.encoder import minilm_path
-from services.predictor.length_mlp import SIDE_DIM
+from services.predictor.length_mlp import SIDE_DIM, mlp_side
 
 log = logging.getLogger("alise.predictor.finetune")
 
@@ -29,7 +29,7 @@ log = logging.getLogger("alise.predictor.finetune")
 @dataclass
 class RankingData:
     prompts: list[str]
-    side: np.ndarray        # [n, SIDE_DIM]
+    side: np.ndarray        # length_mlp.side_features
     lengths: np.ndarray     # true output tokens
 
     def take(self, idx) -> "RankingData":
@@ -50,7 +50,7 @@ class RankHead(torch.nn.Module):
                     if hidden else torch.nn.Linear(d, 1))
 
     def forward(self, emb: torch.Tensor, side: np.ndarray) -> torch.Tensor:
-        return self.net(torch.cat([emb, torch.as_tensor(side, dtype=emb.dtype)], dim=1)).squeeze(-1)
+        return self.net(torch.cat([emb, torch.as_tensor(mlp_side(side), dtype=emb.dtype)], dim=1)).squeeze(-1)
 
 
 def ranking_loss(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

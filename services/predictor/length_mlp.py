@@ -1,7 +1,8 @@
 """The MLP fallback: prompt embedding + request side features -> quantiles 10/50/90 of log output length.
 
 Side features are what a request says besides its words: its size, and in a conversation the length of the
-assistant's previous reply (a strong hint: replies in one conversation tend to be alike in length).
+assistant's previous reply (a strong hint: replies in one conversation tend to be alike in length) and of the
+user's newest message (the conversation line's third term, reply_line.py; the MLP sees the first SIDE_DIM only).
 
 Quantile (pinball) loss gives a distribution, not just a point; the heads are monotone by construction
 (p10 = p50 - softplus, p90 = p50 + softplus).
@@ -15,18 +16,27 @@ import torch.nn.functional as F
 QUANTILES = torch.tensor([0.1, 0.5, 0.9])
 
 
+# The MLP's side inputs: the first three columns. The newest message's column is the conversation line's only: a
+# saved MLP keeps loading, and the line is where that length pays (docs/BENCHMARKS.md, session 36).
 SIDE_DIM = 3
 
 
 PROMPT_SCALE, PREVIOUS_REPLY_SCALE = 8.0, 6.0    # log sizes divided by these sit near [0, 1] for the MLP
+# ln(1 + characters) of the newest message, capped: "hey" (1.4), "Thanks!" (2.1), "This is wrong." (2.7) ask for
+# short replies after a long one, while past ~50 characters (4.0) a message's length says little more
+NEWEST_MESSAGE_LOG_CAP = 4.0
 
 
-def side_features(prompt_chars, previous_reply_tokens=None) -> np.ndarray:
-    """[n, 3]: log prompt size, log previous reply tokens, whether there was a previous reply (0 = none)."""
+def side_features(prompt_chars, previous_reply_tokens=None, newest_message_chars=None) -> np.ndarray:
+    """[n, 4]: log prompt size, log previous reply tokens, whether there was a previous reply (0 = none), and the
+    newest message's capped log size (newest_message_log). A newest message of 0 characters is unknown (a client
+    or an observation from before the field) and counts as an ordinary one: the cap."""
     chars = np.asarray(prompt_chars, dtype=np.float32)
     prev = np.zeros_like(chars) if previous_reply_tokens is None else np.asarray(previous_reply_tokens, np.float32)
+    newest = np.zeros_like(chars) if newest_message_chars is None else np.asarray(newest_message_chars, np.float32)
+    newest_log = np.where(newest > 0, np.minimum(np.log1p(newest), NEWEST_MESSAGE_LOG_CAP), NEWEST_MESSAGE_LOG_CAP)
     return np.stack([np.log1p(chars) / PROMPT_SCALE, np.log1p(prev) / PREVIOUS_REPLY_SCALE,
-                     (prev > 0).astype(np.float32)], axis=1)
+                     (prev > 0).astype(np.float32), newest_log.astype(np.float32)], axis=1)
 
 
 def has_previous_reply(side: np.ndarray) -> np.ndarray:
@@ -38,13 +48,23 @@ def previous_reply_log(side: np.ndarray) -> np.ndarray:
     return np.asarray(side)[:, 1] * PREVIOUS_REPLY_SCALE
 
 
+def newest_message_log(side: np.ndarray) -> np.ndarray:
+    """min(ln(1 + the newest message's characters), NEWEST_MESSAGE_LOG_CAP) of each request."""
+    return np.asarray(side)[:, 3].astype(np.float64)
+
+
 def without_previous_reply(side: np.ndarray) -> np.ndarray:
     """The same requests as if none had a previous reply (the ablation in evaluate.py)."""
-    return side * np.array([1.0, 0.0, 0.0], np.float32)
+    return side * np.array([1.0, 0.0, 0.0, 1.0], np.float32)
+
+
+def mlp_side(side: np.ndarray) -> np.ndarray:
+    """The side features the MLP (and the fine-tuning head) reads: the first SIDE_DIM."""
+    return np.asarray(side)[:, :SIDE_DIM]
 
 
 def features(vecs: np.ndarray, side: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.concatenate([vecs, side], axis=1).astype(np.float32))
+    return torch.from_numpy(np.concatenate([vecs, mlp_side(side)], axis=1).astype(np.float32))
 
 
 class LengthMLP(torch.nn.Module):

@@ -60,13 +60,17 @@ class PredictorParams:
     reply_b: float = 0.0
     reply_sd: float = 1.0
     reply_turns: int = 0
+    reply_c: float = 0.0           # the newest message's term (saved files from before it load without it)
 
     def reply_line(self) -> ReplyLine | None:
-        return ReplyLine(self.reply_a, self.reply_b, self.reply_sd, self.reply_turns) if self.reply_turns else None
+        if not self.reply_turns:
+            return None
+        return ReplyLine(self.reply_a, self.reply_b, self.reply_sd, self.reply_turns, self.reply_c)
 
     def set_reply_line(self, line: ReplyLine | None) -> None:
         if replaces(line, self.reply_turns):           # else the line fitted on more turns stays
             self.reply_a, self.reply_b, self.reply_sd, self.reply_turns = line.a, line.b, line.sd, line.turns
+            self.reply_c = line.c
 
 
 def params_from(saved: dict) -> PredictorParams:
@@ -98,9 +102,9 @@ class LengthPredictor:
         return len(self.index)
 
     # -- prediction ----------------------------------------------------------------------------------
-    def predict(self, prompts: list[str], previous_reply_tokens=None) -> list[Prediction]:
+    def predict(self, prompts: list[str], previous_reply_tokens=None, newest_message_chars=None) -> list[Prediction]:
         vecs = self.encoder.encode(prompts)
-        side = side_features([len(p) for p in prompts], previous_reply_tokens)
+        side = side_features([len(p) for p in prompts], previous_reply_tokens, newest_message_chars)
         with self._lock:
             return self.predict_embedded(vecs, side)
 
@@ -168,13 +172,13 @@ class LengthPredictor:
             self._replay = list(zip(vecs, np.asarray(side, np.float32), log_len))[-self.replay_size:]
             self.dirty = True
 
-    def observe(self, prompts: list[str], lengths: list[int], previous_reply_tokens=None,
+    def observe(self, prompts: list[str], lengths: list[int], previous_reply_tokens=None, newest_message_chars=None,
                 stream_position: str | None = None) -> int:
         """Learn true lengths. `stream_position`: the stream entry these end at, saved with what was learned."""
         if not prompts:
             return self._advance(stream_position)
         vecs = self.encoder.encode(prompts)
-        side = side_features([len(p) for p in prompts], previous_reply_tokens)
+        side = side_features([len(p) for p in prompts], previous_reply_tokens, newest_message_chars)
         with self._lock:
             if stream_position is not None:
                 self.stream_position = stream_position

@@ -53,7 +53,8 @@ class ObservationFeed:
         position = last.decode() if isinstance(last, bytes) else last
         try:
             self.predictor.observe([o.prompt for o in obs], [o.output_tokens for o in obs],
-                                   [o.previous_reply_tokens for o in obs], stream_position=position)
+                                   [o.previous_reply_tokens for o in obs], [o.newest_message_chars for o in obs],
+                                   stream_position=position)
         except Exception:  # noqa: BLE001 - a batch that cannot be learned must not end learning for good
             log.exception("could not learn from %d observations; skipped", len(obs))
             self.predictor.observe([], [], stream_position=position)

@@ -1,4 +1,5 @@
-"""A conversation's next reply length from its previous reply's: ln L = a + b ln(1 + previous reply tokens).
+"""A conversation's next reply length from its previous reply's and the newest message's:
+ln L = a + b ln(1 + previous reply tokens) + c min(ln(1 + newest message characters), 4).
 
 In chat traffic a request carries the conversation so far, and the assistant's previous reply there is the best
 single clue to how long the next one will be: on the 3,000 chat turns of the GPU benchmark its length alone ranks
@@ -7,8 +8,13 @@ that length as one input beside a 384-wide embedding and learned from a few hund
 same requests at 0.28
 (docs/BENCHMARKS.md, session 34). So the predictor fits this line by least squares on the turns it has seen that
 had a previous reply, and blends it into its estimate for requests that have one (`PredictorParams.reply_weight`,
-chosen on validation data like the kNN weight). Hand-written: a two-parameter least-squares line is one
-`np.polyfit`; a library would add nothing.
+chosen on validation data like the kNN weight).
+
+The third term is for "Thanks!", "hey", "This is wrong." after a long reply: on the GPU benchmark's chat turns
+with a previous reply, a newest message under 30 characters is answered with a median of 172 tokens against 274 for
+the rest, and by the previous reply alone both were predicted ~300; those short jobs, queued behind longer ones,
+made the live p99 of normalized latency (docs/BENCHMARKS.md, sessions 35 and 36). Hand-written: a three-column least squares is one `np.linalg.lstsq`; a
+library would add nothing.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.predictor.length_mlp import has_previous_reply, previous_reply_log
+from services.predictor.length_mlp import has_previous_reply, newest_message_log, previous_reply_log
 
 MIN_TURNS = 20          # fewer conversation turns than this fit no line (its slope would be noise)
 TRUSTED_TURNS = 100     # a line from this many turns replaces any other; one from fewer only a line from fewer still
@@ -32,9 +38,10 @@ class ReplyLine:
     b: float            # slope on ln(1 + previous reply tokens)
     sd: float           # residual standard deviation of log length
     turns: int          # how many turns with a previous reply it was fitted on
+    c: float = 0.0      # slope on the newest message's capped log size (0: a line fitted before the term)
 
     def log_length(self, side: np.ndarray) -> np.ndarray:
-        return self.a + self.b * previous_reply_log(side)
+        return self.a + self.b * previous_reply_log(side) + self.c * newest_message_log(side)
 
 
 def fit_reply_line(side: np.ndarray, log_len: np.ndarray) -> ReplyLine | None:
@@ -42,12 +49,24 @@ def fit_reply_line(side: np.ndarray, log_len: np.ndarray) -> ReplyLine | None:
     has = has_previous_reply(side)
     if has.sum() < MIN_TURNS:
         return None
-    x, y = previous_reply_log(side)[has], np.asarray(log_len, dtype=np.float64)[has]
+    x, m = previous_reply_log(side)[has], newest_message_log(side)[has]
+    y = np.asarray(log_len, dtype=np.float64)[has]
     if np.ptp(x) == 0:
         return None
-    b = float(np.clip(np.polyfit(x, y, 1)[0], *SLOPE_RANGE))
-    a = float(y.mean() - b * x.mean())          # least squares for the intercept at that slope
-    return ReplyLine(a, b, max(float(np.std(y - (a + b * x))), MIN_SD), int(has.sum()))
+    # newest messages all alike (or all unknown): the term's slope is unknowable, so the line goes without it
+    terms = [x, m] if np.ptp(m) > 0 else [x]
+    b = float(np.clip(_least_squares(terms, y)[1], *SLOPE_RANGE))
+    # the intercept (and c) by least squares at that slope: the same fit unless the slope was clipped
+    rest = _least_squares(terms[1:], y - b * x)
+    a, c = float(rest[0]), float(rest[1]) if len(rest) > 1 else 0.0
+    fitted = a + b * x + c * m
+    return ReplyLine(a, b, max(float(np.std(y - fitted)), MIN_SD), int(has.sum()), c)
+
+
+def _least_squares(columns: list[np.ndarray], y: np.ndarray) -> np.ndarray:
+    """Coefficients of y on an intercept and the columns, intercept first."""
+    design = np.column_stack([np.ones(len(y)), *columns])
+    return np.linalg.lstsq(design, y, rcond=None)[0]
 
 
 def replaces(new: ReplyLine | None, turns_now: int) -> bool:

@@ -57,14 +57,9 @@ class PredictorServicer:
         for i, p in enumerate(prompts):
             if len(p) > MAX_PROMPT_CHARS:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompts[{i}]: over {MAX_PROMPT_CHARS} chars")
-        previous = list(request.previous_reply_tokens) or [0] * len(prompts)
-        if len(previous) != len(prompts):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"previous_reply_tokens: {len(previous)} values for {len(prompts)} prompts (one each, or none)")
-        for i, n in enumerate(previous):
-            if n < 0:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"previous_reply_tokens[{i}]: must be >= 0")
-        preds = await self.batcher.predict(prompts, previous)
+        previous = await per_prompt(request.previous_reply_tokens, "previous_reply_tokens", len(prompts), context)
+        newest = await per_prompt(request.newest_message_chars, "newest_message_chars", len(prompts), context)
+        preds = await self.batcher.predict(prompts, previous, newest)
         return pb.PredictResponse(predictions=[
             pb.LengthPrediction(mean=x.mean, p10=x.p10, p50=x.p50, p90=x.p90, neighbours=x.neighbours,
                                 deciles=x.deciles, source=x.source) for x in preds])
@@ -84,15 +79,27 @@ class PredictorServicer:
                                     f"observations[{i}].prompt: over {MAX_PROMPT_CHARS} chars")
             if not o.prompt:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"observations[{i}].prompt: must not be empty")
-            if o.previous_reply_tokens < 0:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"observations[{i}].previous_reply_tokens: must be >= 0")
+            for name in ("previous_reply_tokens", "newest_message_chars"):
+                if getattr(o, name) < 0:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"observations[{i}].{name}: must be >= 0")
         if not obs:
             return pb.ObserveResponse(index_size=self.p.size)
         size = await asyncio.to_thread(self.p.observe, [o.prompt for o in obs], [o.output_tokens for o in obs],
-                                       [o.previous_reply_tokens for o in obs])
+                                       [o.previous_reply_tokens for o in obs], [o.newest_message_chars for o in obs])
         metrics.LEARNED.labels("observe").inc(len(obs))
         return pb.ObserveResponse(index_size=size)
+
+
+async def per_prompt(values, name: str, prompts: int, context) -> list[int]:
+    """A per-prompt count of a PredictRequest: one >= 0 for each prompt, or none (0 for all: none or unknown)."""
+    values = list(values) or [0] * prompts
+    if len(values) != prompts:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"{name}: {len(values)} values for {prompts} prompts (one each, or none)")
+    for i, n in enumerate(values):
+        if n < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name}[{i}]: must be >= 0")
+    return values
 
 
 def load_or_empty(predictor: LengthPredictor, model_dir: Path | None) -> None:

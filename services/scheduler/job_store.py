@@ -45,6 +45,7 @@ class JobRecord:
     priority: int = 0
     fingerprint: str = ""              # digest of the request: a retry with the same id re-attaches
     previous_reply_tokens: int = 0     # chat: the assistant's previous reply (a predictor feature)
+    newest_message_chars: int = 0      # chat: characters of the user's newest message (a predictor feature)
     created: float = field(default_factory=time.time)
     pred_len: float = 0.0              # predicted output tokens (mean)
     pred_p90: float = 0.0
@@ -73,6 +74,7 @@ class JobRecord:
             pred_len=float(f["pred_len"]), pred_p90=float(f["pred_p90"]), pred_time=float(f["pred_time"]),
             pred_deciles=json.loads(f.get("pred_deciles", "[]")),
             previous_reply_tokens=int(f.get("previous_reply_tokens", 0)),
+            newest_message_chars=int(f.get("newest_message_chars", 0)),
             predicted=f["predicted"] == "1", fingerprint=f.get("fingerprint", ""),
             repred_len=float(f.get("repred_len", 0.0)), prompt_tokens=int(f.get("prompt_tokens", 0)),
         )

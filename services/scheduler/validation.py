@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from alise.v1 import generate_pb2 as pb
 from jinja2.exceptions import TemplateError
 
-from services.common.predictor_text import predictor_text
+from services.common.predictor_text import NEWEST_CHARS, predictor_text
 from services.common.sampling_limits import sampling_problem
 from services.scheduler.job_sampling import JobSampling
 from services.scheduler.config import SchedulerConfig
@@ -42,6 +42,15 @@ class ValidRequest:
     priority: int
     previous_reply_tokens: int = 0    # chat: tokens of the assistant's last reply (predictor feature)
     fingerprint: str = ""             # identity of the request: a retry with the same id and fingerprint re-attaches
+    newest_message_chars: int = 0     # chat: characters of the user's newest message (predictor feature)
+
+
+@dataclass(frozen=True)
+class PredictorInputs:
+    """What the length predictor is told about a request (also what bench/online_learning_replay.py replays)."""
+    text: str                         # services/common/predictor_text.py: the newest message, then the history
+    previous_reply_tokens: int        # chat: tokens of the assistant's last reply (0: none)
+    newest_message_chars: int         # chat: characters of the user's newest message, as the predictor reads it
 
 
 def validate(req: pb.GenerateRequest, cfg: SchedulerConfig, tok: PromptTokenizer,
@@ -61,15 +70,13 @@ def validate(req: pb.GenerateRequest, cfg: SchedulerConfig, tok: PromptTokenizer
         raise InvalidRequest("prompt", f"{len(prompt_ids)} tokens; the context served is {max_model_len} tokens")
     sampling = _sampling(req.sampling, cfg, max_model_len - len(prompt_ids))
     fingerprint = hashlib.sha256(json.dumps([prompt_ids, sampling.as_dict(), req.priority]).encode()).hexdigest()[:32]
-    text, previous_reply_tokens = predictor_inputs(req, tok)
-    return ValidRequest(req.request_id or uuid.uuid4().hex, text, prompt_ids, sampling, req.priority,
-                        previous_reply_tokens, fingerprint)
+    inputs = predictor_inputs(req, tok)
+    return ValidRequest(req.request_id or uuid.uuid4().hex, inputs.text, prompt_ids, sampling, req.priority,
+                        inputs.previous_reply_tokens, fingerprint, inputs.newest_message_chars)
 
 
-def predictor_inputs(req: pb.GenerateRequest, tok: PromptTokenizer) -> tuple[str, int]:
-    """What the length predictor is asked about a request: its text and its previous reply's tokens (also what
-    bench/online_learning_replay.py replays offline)."""
-    return _predictor_text(req), _previous_reply_tokens(req, tok)
+def predictor_inputs(req: pb.GenerateRequest, tok: PromptTokenizer) -> PredictorInputs:
+    return PredictorInputs(_predictor_text(req), _previous_reply_tokens(req, tok), _newest_message_chars(req))
 
 
 def clip(text: str, limit: int = 64) -> str:
@@ -103,6 +110,15 @@ def _previous_reply_tokens(req: pb.GenerateRequest, tok: PromptTokenizer) -> int
         return 0
     replies = [m.content for m in req.chat.messages if m.role == "assistant" and m.content.strip()]
     return len(tok.encode(replies[-1])) if replies else 0
+
+
+def _newest_message_chars(req: pb.GenerateRequest) -> int:
+    """A short message after a long reply ("Thanks!", "go on") asks for a short answer: its length is a hint the
+    predictor's conversation line uses. Counted as predictor_text reads the message (at most NEWEST_CHARS)."""
+    if req.WhichOneof("input") != "chat":
+        return 0
+    users = [m.content for m in req.chat.messages if m.role == "user"]
+    return min(len(users[-1]), NEWEST_CHARS) if users else 0
 
 
 def _model_text(req: pb.GenerateRequest, tok: PromptTokenizer) -> str:

@@ -17,13 +17,14 @@ redis.call('SREM', KEYS[2], ARGV[1])
 redis.call('SREM', KEYS[6], ARGV[1])
 for i = 1, 4 do if i ~= 2 then redis.call('EXPIRE', KEYS[i], ARGV[5]) end end
 if (ARGV[3] == 'stop' and ARGV[7] ~= '1') or (ARGV[3] == 'length' and ARGV[8] == '1') then
-  local f = redis.call('HMGET', KEYS[1], 'prompt_text', 'previous_reply_tokens', 'sampling')
+  local f = redis.call('HMGET', KEYS[1], 'prompt_text', 'previous_reply_tokens', 'sampling', 'newest_message_chars')
   local ok, sampling = pcall(cjson.decode, f[3] or '{}')
   local forced = ok and sampling['ignore_eos'] == true
   -- a natural stop (no ignore_eos), or a length ignore_eos forced (reached with ARGV[8] == '1' only)
   if ok and ((ARGV[3] == 'stop' and not forced) or (ARGV[3] == 'length' and forced)) then
     redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', 'job_id', ARGV[1], 'prompt', f[1],
-               'output_tokens', math.floor(redis.call('STRLEN', KEYS[3]) / 4), 'previous_reply_tokens', f[2] or '0')
+               'output_tokens', math.floor(redis.call('STRLEN', KEYS[3]) / 4), 'previous_reply_tokens', f[2] or '0',
+               'newest_message_chars', f[4] or '0')
   end
 end
 drop_prompt(KEYS[1])                                      -- _ended_job.lua
