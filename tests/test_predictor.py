@@ -394,10 +394,13 @@ def test_a_caller_that_gives_up_does_not_hang_the_others_in_its_batch(encoder):
 def test_predict_does_not_wait_for_an_online_mlp_refresh(encoder):
     import threading
 
+    from services.predictor.length_mlp import side_features
+
     rng = np.random.default_rng(1)
     pred = LengthPredictor(encoder, retrain_every=1)
     vecs = rng.standard_normal((40_000, encoder.dim)).astype(np.float32)
-    pred._replay = [(v, np.zeros(3, np.float32), 4.0) for v in vecs]          # a large buffer: a slow refresh
+    side = side_features([16])[0]
+    pred._replay = [(v, side, 4.0) for v in vecs]          # a large buffer: a slow refresh
     learner = threading.Thread(target=pred.observe, args=(["Tell me a story."], [300]))
     learner.start()
     wait_until(lambda: pred._training, 30, interval=0.001)
