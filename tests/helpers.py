@@ -146,9 +146,9 @@ def generate_in_background(stub, req: pb.GenerateRequest, timeout: float = 300):
 
 def valid_request(request_id: str, max_tokens: int = 8):
     """A request as validation hands it to the dispatcher (for tests that drive the dispatcher directly)."""
-    from services.scheduler.validation import ValidRequest
+    from services.scheduler.validation import PredictorInputs, ValidRequest
 
-    return ValidRequest(request_id=request_id, prompt_text="hi", prompt_ids=[1, 2, 3], priority=0,
+    return ValidRequest(request_id=request_id, predictor=PredictorInputs("hi"), prompt_ids=[1, 2, 3], priority=0,
                         fingerprint=request_id,
                         sampling=job_sampling(max_tokens, ignore_eos=True))
 

@@ -20,6 +20,7 @@ from services.common.tls import dev_pki
 from services.scheduler import server
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.tenants import TenantRegistry, add_tenant
+from services.scheduler.validation import PredictorInputs
 
 
 def replace_file(src, dst) -> None:
@@ -176,17 +177,17 @@ async def test_the_predictor_channel_follows_renewed_client_credentials(tmp_path
         await asyncio.wait_for(client.channel.channel_ready(), 30)
         first = client.channel
         replace_file(new.cert, live / "cert")                      # half a renewal: the pair does not load
-        await client.predict("hello", 0, 0, 16)
+        await client.predict(PredictorInputs("hello"), 16)
         assert client.channel is first                             # kept
         (tmp_path / "not-a-ca").write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
         replace_file(tmp_path / "not-a-ca", live / "ca")           # a CA file that does not load: kept too
         replace_file(new.key, live / "key")
-        await client.predict("hello", 0, 0, 16)
+        await client.predict(PredictorInputs("hello"), 16)
         assert client.channel is first
         replace_file(new.ca, live / "ca")
         await srv.stop(None)                                       # the predictor restarts with the new files
         srv = await predictor()
-        await client.predict("hello", 0, 0, 16)                       # (no Predictor service on this bare server)
+        await client.predict(PredictorInputs("hello"), 16)                       # (no Predictor service on this bare server)
         assert client.channel is not first
         # connected at once, not inside the next prediction's 0.5-s timeout: a handshake with the new CA and certificate
         await asyncio.wait_for(client.connecting, 30)

@@ -132,7 +132,8 @@ def test_fuzz_predictor_requests_and_bytes(stack):
             attempts = [lambda: stub.Predict(ppb.PredictRequest(prompts=prompts, previous_reply_tokens=numbers,
                                                                 newest_message_chars=numbers[::-1])),
                         lambda: stub.Observe(ppb.ObserveRequest(observations=[
-                            ppb.Observation(prompt=p, output_tokens=n, previous_reply_tokens=n, newest_message_chars=~n)
+                            ppb.Observation(prompt=p, output_tokens=n, previous_reply_tokens=n,
+                                            newest_message_chars=n & 0x7FFFFFFF)   # >= 0: some are learned
                             for p, n in zip(prompts, numbers)])),
                         lambda: raw[method](data, metadata=bearer_metadata(stack.service_token), timeout=60)]
             for attempt in attempts:

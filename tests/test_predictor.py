@@ -18,7 +18,7 @@ from services.common.local_stack import free_port, wait_healthy
 from tests.helpers import predictor_stub, wait_until
 from services.predictor.datasets import load_examples
 from services.predictor.encoder import Encoder
-from services.predictor.length_predictor import LengthPredictor
+from services.predictor.length_predictor import LengthPredictor, PredictorParams
 
 
 def test_dataset_formats(tmp_path):
@@ -38,6 +38,30 @@ def test_dataset_formats(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([{"foo": 1}]))
     with pytest.raises(ValueError, match="unknown format"):
         load_examples(tmp_path / "bad.json")
+
+
+def test_training_examples_see_a_conversation_as_the_scheduler_asks_about_it(tmp_path, model_dir):
+    """The predictor learns from ShareGPT turns what the scheduler will tell it about a chat: the same text, and the
+    newest message counted the same (the user's last message, clipped as predictor_text clips it)."""
+    from alise.v1 import generate_pb2 as gpb
+
+    from services.common.predictor_text import NEWEST_CHARS
+    from services.scheduler.tokenizer import PromptTokenizer
+    from services.scheduler.validation import predictor_inputs
+
+    turns = [("human", "Tell me about Rome, in detail please."), ("gpt", "Rome was founded... " * 20),
+             ("human", "Thanks!"), ("gpt", "You are welcome."), ("human", "x" * (NEWEST_CHARS + 10)), ("gpt", "Ok.")]
+    (tmp_path / "sg.json").write_text(json.dumps([{"id": "c", "conversations": [
+        {"from": r, "value": v} for r, v in turns]}]))
+    examples = load_examples(tmp_path / "sg.json")
+    assert [e.newest_message_chars for e in examples] == [37, 7, NEWEST_CHARS]
+    tok = PromptTokenizer(str(model_dir))
+    roles = {"human": "user", "gpt": "assistant"}
+    for n, example in zip((1, 3, 5), examples):
+        chat = gpb.ChatConversation(messages=[gpb.ChatMessage(role=roles[r], content=v) for r, v in turns[:n]])
+        asked = predictor_inputs(gpb.GenerateRequest(chat=chat), tok)
+        assert (asked.text, asked.newest_message_chars) == (example.prompt, example.newest_message_chars)
+    assert predictor_inputs(gpb.GenerateRequest(prompt="Thanks!"), tok).newest_message_chars == 0   # not a chat
 
 
 @pytest.fixture(scope="module")
@@ -104,15 +128,17 @@ def test_service_persists_online_learning_and_survives_a_corrupt_file(tmp_path):
     with pytest.raises(grpc.RpcError) as err:
         stub.Predict(ppb.PredictRequest(prompts=["a", "b"], newest_message_chars=[3, 4, 5]))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "newest_message_chars" in err.value.details()
-    with pytest.raises(grpc.RpcError) as err:
-        stub.Predict(ppb.PredictRequest(prompts=["a", "b"], newest_message_chars=[3, -4]))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith(
-        "newest_message_chars[1]")
     for name in ("previous_reply_tokens", "newest_message_chars"):
-        with pytest.raises(grpc.RpcError) as err:
-            stub.Observe(ppb.ObserveRequest(observations=[ppb.Observation(prompt="a", output_tokens=3, **{name: -1})]))
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert err.value.details().startswith(f"observations[0].{name}")
+        for bad in (-1, 2 ** 31 - 1):                       # past any real reply or message
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Predict(ppb.PredictRequest(prompts=["a", "b"], **{name: [3, bad]}))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert err.value.details().startswith(f"{name}[1]: must be in [0, ")
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Observe(ppb.ObserveRequest(observations=[ppb.Observation(prompt="a", output_tokens=3,
+                                                                              **{name: bad})]))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert err.value.details().startswith(f"observations[0].{name}")
     raw = ppb.PredictRequest(prompts=["AAAA"]).SerializeToString().replace(b"AAAA", b"\xff\xfe\xfd\xfc")
     with pytest.raises(grpc.RpcError) as err:
         channel.unary_unary("/alise.v1.Predictor/Predict")(raw)
@@ -349,14 +375,17 @@ def test_concurrent_calls_are_served_in_one_batch_with_the_same_answers(encoder)
 
     from services.predictor.batcher import PredictBatcher
 
-    pred = LengthPredictor(encoder)
+    # a conversation line that decides alone: each answer depends on its own previous reply and newest message
+    params = PredictorParams(reply_weight=1.0, reply_a=3.0, reply_b=0.5, reply_c=0.4, reply_sd=0.5, reply_turns=100)
+    pred = LengthPredictor(encoder, params)
     pred.observe(["Write a long poem about the sea.", "Reply with one word."], [400, 1])
     prompts = [f"Write a poem about the sea, version {i}." for i in range(10)] + ["Reply with one word: yes?"]
-    alone = [pred.predict([p], [i], [7 * i])[0] for i, p in enumerate(prompts)]
+    alone = [pred.predict([p], [50], [5 * i + 1])[0] for i, p in enumerate(prompts)]
+    assert len({round(a.p50, 3) for a in alone}) == len(prompts)
     batcher = PredictBatcher(pred)
 
     async def many():
-        return await asyncio.gather(*(batcher.predict([p], [i], [7 * i]) for i, p in enumerate(prompts)))
+        return await asyncio.gather(*(batcher.predict([p], [50], [5 * i + 1]) for i, p in enumerate(prompts)))
 
     together = [r[0] for r in asyncio.run(many())]
     assert batcher.calls == len(prompts) and batcher.batches < len(prompts)       # coalesced
@@ -441,14 +470,14 @@ def test_evaluate_cli_splits_by_conversation_and_reports_every_baseline(tmp_path
 def test_stream_entries_outside_a_real_observations_bounds_are_not_learned():
     """Observe refuses lengths past MAX_OUTPUT_TOKENS; the stream did not: an entry of 10^40 tokens was learned as a
     log length of inf, and the next MLP refresh turned every prediction into NaN (found by review)."""
-    from services.common.observations import MAX_OUTPUT_TOKENS, MAX_PROMPT_CHARS, parse
+    from services.common.observations import MAX_NEWEST_MESSAGE_CHARS, MAX_OUTPUT_TOKENS, MAX_PROMPT_CHARS, parse
 
     ok = {"prompt": "Say hi.", "output_tokens": "2", "previous_reply_tokens": "0"}
     assert parse(ok) is not None and parse(ok).newest_message_chars == 0       # an entry from before the field
     assert parse({**ok, "newest_message_chars": "7"}).newest_message_chars == 7
     for bad in ({"output_tokens": "1" + "0" * 40}, {"output_tokens": str(MAX_OUTPUT_TOKENS + 1)},
                 {"previous_reply_tokens": "1" + "0" * 40}, {"prompt": "x" * (MAX_PROMPT_CHARS + 1)},
-                {"newest_message_chars": "-1"}, {"newest_message_chars": str(MAX_PROMPT_CHARS + 1)}):
+                {"newest_message_chars": "-1"}, {"newest_message_chars": str(MAX_NEWEST_MESSAGE_CHARS + 1)}):
         assert parse({**ok, **bad}) is None, bad
 
 

@@ -12,7 +12,7 @@ from services.predictor.encoder import Encoder
 from services.predictor.evaluation import Split, tune
 from services.predictor.length_mlp import NEWEST_MESSAGE_LOG_CAP, side_features
 from services.predictor.length_predictor import LengthPredictor, PredictorParams
-from services.predictor.reply_line import MIN_TURNS, SLOPE_RANGE, fit_reply_line
+from services.predictor.reply_line import MIN_TURNS, NEWEST_SLOPE_RANGE, SLOPE_RANGE, fit_reply_line
 
 
 def conversation_turns(rng, n: int, slope: float = 0.8, noise: float = 0.2):
@@ -58,12 +58,26 @@ def test_unknown_newest_messages_fit_and_use_the_line_without_the_term():
     rng = np.random.default_rng(8)
     prev, log_len = conversation_turns(rng, 300)
     unknown = fit_reply_line(side_features([100] * 300, prev, [0] * 300), log_len)
-    two_terms = fit_reply_line(side_features([100] * 300, prev), log_len)
-    assert unknown.c == 0.0 and (unknown.a, unknown.b) == pytest.approx((two_terms.a, two_terms.b))
-    line = fit_reply_line(side_features([100] * 300, *turns_with_newest_messages(rng, 300)[:2]),
-                          turns_with_newest_messages(np.random.default_rng(8), 300)[2])
-    said, unsaid = line.log_length(side_features([9] * 2, [500, 500], [300, 0]))
+    assert unknown.c == 0.0 and [unknown.b, unknown.a] == pytest.approx(np.polyfit(np.log1p(prev), log_len, 1))
+    prev, newest, log_len = turns_with_newest_messages(rng, 300)
+    line = fit_reply_line(side_features([100] * 300, prev, newest), log_len)
+    said, unsaid, short = line.log_length(side_features([9] * 3, [500] * 3, [300, 0, 5]))
+    assert line.c > 0.2 and short < said - 0.4
     assert said == pytest.approx(unsaid)                                  # unknown: as a message past the cap
+    # the term is 0 past the cap: a build that ignores c (rolled back to) predicts ordinary turns the same
+    assert said == pytest.approx(line.a + line.b * np.log1p(500), abs=1e-4)
+
+
+def test_the_newest_messages_slope_is_fitted_only_from_enough_short_messages_and_bounded():
+    """Review, session 36: one short message among few turns gave the term any slope (c = +-8 from one residual)."""
+    rng = np.random.default_rng(10)
+    prev, log_len = conversation_turns(rng, 60)
+    few_short = np.array([300] * 41 + [40] * (MIN_TURNS - 1))     # one short of enough turns below the cap
+    assert fit_reply_line(side_features([9] * 60, prev, few_short), log_len + 3 * (few_short < 50)).c == 0.0
+    newest = rng.integers(1, 80, size=60)
+    term = np.minimum(np.log1p(newest), NEWEST_MESSAGE_LOG_CAP)
+    assert fit_reply_line(side_features([9] * 60, prev, newest), log_len + 5 * term).c == NEWEST_SLOPE_RANGE[1]
+    assert fit_reply_line(side_features([9] * 60, prev, newest), log_len - 2 * term).c == NEWEST_SLOPE_RANGE[0]
 
 
 def test_too_few_turns_or_one_previous_length_fit_no_line():

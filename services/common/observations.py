@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.common.predictor_text import NEWEST_CHARS
+
 STREAM = "alise:observations"
 MAX_ENTRIES = 100_000          # approximate trim (XADD MAXLEN ~): what a new predictor replica can learn from
 # Bounds of a real observation, the same for the stream and the predictor's Observe call: an entry outside them
 # is not learned (a length of 10^40 would turn the MLP's weights to NaN, and every prediction with them)
 MAX_PROMPT_CHARS = 200_000
 MAX_OUTPUT_TOKENS = 1 << 17    # longer than any served context
+MAX_NEWEST_MESSAGE_CHARS = NEWEST_CHARS     # what the scheduler counts of a newest message at most
 
 
 @dataclass(frozen=True)
@@ -38,5 +41,5 @@ def parse(fields: dict) -> Observation | None:
         return None
     usable = (0 < len(obs.prompt) <= MAX_PROMPT_CHARS and 0 < obs.output_tokens <= MAX_OUTPUT_TOKENS
               and 0 <= obs.previous_reply_tokens <= MAX_OUTPUT_TOKENS
-              and 0 <= obs.newest_message_chars <= MAX_PROMPT_CHARS)
+              and 0 <= obs.newest_message_chars <= MAX_NEWEST_MESSAGE_CHARS)
     return obs if usable else None

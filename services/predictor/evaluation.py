@@ -21,7 +21,7 @@ BUCKETS = np.array([32, 128, 512])     # <32, 32-127, 128-511, >=512 tokens
 @dataclass
 class Split:
     vecs: np.ndarray
-    side: np.ndarray           # length_mlp.side_features: prompt size, previous reply
+    side: np.ndarray           # length_mlp.side_features: prompt size, previous reply, newest message
     lengths: np.ndarray
     keys: list[str]            # prompt identity (index de-duplication)
     groups: list[str]          # split unit: a conversation, or the prompt itself

@@ -4,7 +4,7 @@ A pre-trained sentence encoder places prompts by topic, not by how long their an
 (MiniLM, or the static encoder of static_encoder.py) is trained end to end with a small head on the served
 model's true lengths: a pairwise logistic ranking loss (every pair in a batch whose lengths differ) plus a
 small regression term on standardised log length. The head also sees the request's side features
-(length_mlp.side_features: prompt size, previous reply), so the encoder learns what those do not already
+(length_mlp.side_features the MLP reads: prompt size, previous reply), so the encoder learns what those do not already
 say. The fine-tuned encoder then serves both the kNN index and the MLP. Small enough for 2 CPU cores:
 early stopping on validation Kendall's tau, MiniLM prompts truncated to `max_tokens`.
 """

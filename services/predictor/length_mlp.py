@@ -29,14 +29,14 @@ NEWEST_MESSAGE_LOG_CAP = 4.0
 
 def side_features(prompt_chars, previous_reply_tokens=None, newest_message_chars=None) -> np.ndarray:
     """[n, 4]: log prompt size, log previous reply tokens, whether there was a previous reply (0 = none), and the
-    newest message's capped log size (newest_message_log). A newest message of 0 characters is unknown (a client
-    or an observation from before the field) and counts as an ordinary one: the cap."""
+    newest message's term (newest_message_log). A newest message of 0 characters is unknown (a client or an
+    observation from before the field) and counts as an ordinary one, past the cap."""
     chars = np.asarray(prompt_chars, dtype=np.float32)
     prev = np.zeros_like(chars) if previous_reply_tokens is None else np.asarray(previous_reply_tokens, np.float32)
     newest = np.zeros_like(chars) if newest_message_chars is None else np.asarray(newest_message_chars, np.float32)
-    newest_log = np.where(newest > 0, np.minimum(np.log1p(newest), NEWEST_MESSAGE_LOG_CAP), NEWEST_MESSAGE_LOG_CAP)
+    below_cap = np.minimum(np.log1p(np.maximum(newest, 0)), NEWEST_MESSAGE_LOG_CAP) - NEWEST_MESSAGE_LOG_CAP
     return np.stack([np.log1p(chars) / PROMPT_SCALE, np.log1p(prev) / PREVIOUS_REPLY_SCALE,
-                     (prev > 0).astype(np.float32), newest_log.astype(np.float32)], axis=1)
+                     (prev > 0).astype(np.float32), np.where(newest > 0, below_cap, 0.0).astype(np.float32)], axis=1)
 
 
 def has_previous_reply(side: np.ndarray) -> np.ndarray:
@@ -49,13 +49,14 @@ def previous_reply_log(side: np.ndarray) -> np.ndarray:
 
 
 def newest_message_log(side: np.ndarray) -> np.ndarray:
-    """min(ln(1 + the newest message's characters), NEWEST_MESSAGE_LOG_CAP) of each request."""
+    """min(ln(1 + the newest message's characters), NEWEST_MESSAGE_LOG_CAP) - NEWEST_MESSAGE_LOG_CAP of each request:
+    0 for a message past the cap (or unknown), down to -4 for an empty one."""
     return np.asarray(side)[:, 3].astype(np.float64)
 
 
 def without_previous_reply(side: np.ndarray) -> np.ndarray:
     """The same requests as if none had a previous reply (the ablation in evaluate.py)."""
-    return side * np.array([1.0, 0.0, 0.0, 1.0], np.float32)
+    return side * np.array([1.0, 0.0, 0.0, 0.0], np.float32)
 
 
 def mlp_side(side: np.ndarray) -> np.ndarray:

@@ -13,8 +13,11 @@ chosen on validation data like the kNN weight).
 The third term is for "Thanks!", "hey", "This is wrong." after a long reply: on the GPU benchmark's chat turns
 with a previous reply, a newest message under 30 characters is answered with a median of 172 tokens against 274 for
 the rest, and by the previous reply alone both were predicted ~300; those short jobs, queued behind longer ones,
-made the live p99 of normalized latency (docs/BENCHMARKS.md, sessions 35 and 36). Hand-written: a three-column least squares is one `np.linalg.lstsq`; a
-library would add nothing.
+made the live p99 of normalized latency (docs/BENCHMARKS.md, sessions 35 and 36). The term is 0 for a message past
+the cap (or unknown) and negative below it, so `a` means the same with or without it: a build from before the term
+that loads these parameters (it ignores c) predicts ordinary turns as this one does.
+
+Hand-written: a three-column least squares is one `np.linalg.lstsq`; a library would add nothing.
 """
 from __future__ import annotations
 
@@ -30,6 +33,9 @@ MIN_SD = 0.1            # a floor on the line's spread, as on the other parts' (
 # a longer previous reply never means a shorter next one, nor more than proportionally longer (ShareGPT: 0.51-0.54):
 # a slope outside this range is noise from few turns or a narrow range of previous lengths, and would extrapolate
 SLOPE_RANGE = (0.0, 1.5)
+# a shorter newest message never asks for a longer reply, nor shortens it more than proportionally to its length
+# (fitted on ShareGPT: 0.18-0.19); outside this range c is noise, e.g. from one short message among few turns
+NEWEST_SLOPE_RANGE = (0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,7 @@ class ReplyLine:
     b: float            # slope on ln(1 + previous reply tokens)
     sd: float           # residual standard deviation of log length
     turns: int          # how many turns with a previous reply it was fitted on
-    c: float = 0.0      # slope on the newest message's capped log size (0: a line fitted before the term)
+    c: float = 0.0      # slope on the newest message's term, length_mlp.newest_message_log (0: none fitted)
 
     def log_length(self, side: np.ndarray) -> np.ndarray:
         return self.a + self.b * previous_reply_log(side) + self.c * newest_message_log(side)
@@ -53,12 +59,13 @@ def fit_reply_line(side: np.ndarray, log_len: np.ndarray) -> ReplyLine | None:
     y = np.asarray(log_len, dtype=np.float64)[has]
     if np.ptp(x) == 0:
         return None
-    # newest messages all alike (or all unknown): the term's slope is unknowable, so the line goes without it
-    terms = [x, m] if np.ptp(m) > 0 else [x]
-    b = float(np.clip(_least_squares(terms, y)[1], *SLOPE_RANGE))
-    # the intercept (and c) by least squares at that slope: the same fit unless the slope was clipped
-    rest = _least_squares(terms[1:], y - b * x)
-    a, c = float(rest[0]), float(rest[1]) if len(rest) > 1 else 0.0
+    # too few turns with a short newest message (most are past the cap, or unknown): its slope would be noise, so the
+    # line goes without the term
+    with_term = (m < 0).sum() >= MIN_TURNS
+    coef = _least_squares([x, m] if with_term else [x], y)
+    b = float(np.clip(coef[1], *SLOPE_RANGE))
+    c = float(np.clip(coef[2], *NEWEST_SLOPE_RANGE)) if with_term else 0.0
+    a = float((y - b * x - c * m).mean())       # least squares for the intercept at those slopes
     fitted = a + b * x + c * m
     return ReplyLine(a, b, max(float(np.std(y - fitted)), MIN_SD), int(has.sum()), c)
 

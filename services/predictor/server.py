@@ -24,7 +24,7 @@ from services.common.tls import TlsFiles, health_only_server
 from services.common.grpc_server import (SERVING, build_server, configure_logging, install_stop_signals,
                                          set_health)
 from services.common.lenient import add_lenient_service, reject_bad
-from services.common.observations import MAX_OUTPUT_TOKENS, MAX_PROMPT_CHARS
+from services.common.observations import MAX_NEWEST_MESSAGE_CHARS, MAX_OUTPUT_TOKENS, MAX_PROMPT_CHARS
 from services.predictor import metrics
 from services.predictor.batcher import PredictBatcher
 from services.predictor.encoder import ENCODER_KINDS, load_encoder
@@ -35,6 +35,8 @@ from services.predictor.observation_feed import ObservationFeed
 log = logging.getLogger("alise.predictor")
 SERVICE = pb.DESCRIPTOR.services_by_name["Predictor"].full_name
 MAX_BATCH = 1024
+# a prompt's conversation counts (PredictRequest, Observation): the bounds of a real one
+PER_PROMPT_BOUNDS = {"previous_reply_tokens": MAX_OUTPUT_TOKENS, "newest_message_chars": MAX_NEWEST_MESSAGE_CHARS}
 
 
 class PredictorServicer:
@@ -79,9 +81,10 @@ class PredictorServicer:
                                     f"observations[{i}].prompt: over {MAX_PROMPT_CHARS} chars")
             if not o.prompt:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"observations[{i}].prompt: must not be empty")
-            for name in ("previous_reply_tokens", "newest_message_chars"):
-                if getattr(o, name) < 0:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"observations[{i}].{name}: must be >= 0")
+            for name, most in PER_PROMPT_BOUNDS.items():
+                if not 0 <= getattr(o, name) <= most:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"observations[{i}].{name}: must be in [0, {most}]")
         if not obs:
             return pb.ObserveResponse(index_size=self.p.size)
         size = await asyncio.to_thread(self.p.observe, [o.prompt for o in obs], [o.output_tokens for o in obs],
@@ -91,14 +94,15 @@ class PredictorServicer:
 
 
 async def per_prompt(values, name: str, prompts: int, context) -> list[int]:
-    """A per-prompt count of a PredictRequest: one >= 0 for each prompt, or none (0 for all: none or unknown)."""
-    values = list(values) or [0] * prompts
+    """A per-prompt count of a PredictRequest: one within its bounds for each prompt, or none (0 for all: none or
+    unknown)."""
+    values, most = list(values) or [0] * prompts, PER_PROMPT_BOUNDS[name]
     if len(values) != prompts:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                             f"{name}: {len(values)} values for {prompts} prompts (one each, or none)")
     for i, n in enumerate(values):
-        if n < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name}[{i}]: must be >= 0")
+        if not 0 <= n <= most:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name}[{i}]: must be in [0, {most}]")
     return values
 
 

@@ -77,15 +77,17 @@ class Dispatcher:
             return CreateOutcome.WORK_FULL
         bound = self._prediction_bound(v.sampling.max_tokens)
         started = time.monotonic()
-        pred = await self.predictor.predict(v.prompt_text, v.previous_reply_tokens, v.newest_message_chars, bound)
+        pred = await self.predictor.predict(v.predictor, bound)
         predicted = time.monotonic()
         metrics.ADMISSION.labels(stage=metrics.AdmissionStage.PREDICT.value).observe(predicted - started)
         mean = pred.mean if pred else self.cfg.prior_output_tokens
         rec = JobRecord(job_id=keys.job_id(tenant.name, v.request_id), fingerprint=v.fingerprint,
-                        prompt_ids=v.prompt_ids, prompt_text=v.prompt_text, sampling=v.sampling, priority=v.priority, pred_len=mean,
+                        prompt_ids=v.prompt_ids, prompt_text=v.predictor.text, sampling=v.sampling,
+                        priority=v.priority, pred_len=mean,
                         pred_p90=pred.p90 if pred else P90_OVER_GUESS * mean, predicted=pred is not None,
                         pred_deciles=list(pred.deciles) if pred else [],
-                        previous_reply_tokens=v.previous_reply_tokens, newest_message_chars=v.newest_message_chars)
+                        previous_reply_tokens=v.predictor.previous_reply_tokens,
+                        newest_message_chars=v.predictor.newest_message_chars)
         rec.pred_time = self.cost.total(len(rec.prompt_ids), min(mean, bound))
         score = self.policy.queue_score(job_view(self._facts(rec)), self.cost)
         outcome = await self.store.create(rec, score, tenant.max_live_jobs, self.cfg.max_queued_jobs)

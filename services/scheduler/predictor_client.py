@@ -19,6 +19,7 @@ from services.common.auth import bearer_metadata
 from services.common.file_versions import FileWatch
 from services.common.tls import TlsFiles, aio_channel
 from services.scheduler import metrics
+from services.scheduler.validation import PredictorInputs
 
 log = logging.getLogger("alise.scheduler.predictor")
 FOLLOW_FILES_S = 5.0      # how often a prediction first checks whether the TLS files were renewed
@@ -74,11 +75,10 @@ class PredictorClient:
         count against that job's predictor timeout and, on a busy host, make it miss its prediction."""
         self.connecting = asyncio.get_running_loop().create_task(self.channel.channel_ready())
 
-    async def predict(self, prompt: str, previous_reply_tokens: int, newest_message_chars: int,
-                      max_tokens: int) -> pb.LengthPrediction | None:
+    async def predict(self, asked: PredictorInputs, max_tokens: int) -> pb.LengthPrediction | None:
         """The predicted length, bounded to [1, max_tokens] (a job cannot run longer), or None."""
-        req = pb.PredictRequest(prompts=[prompt], previous_reply_tokens=[previous_reply_tokens],
-                                newest_message_chars=[newest_message_chars])
+        req = pb.PredictRequest(prompts=[asked.text], previous_reply_tokens=[asked.previous_reply_tokens],
+                                newest_message_chars=[asked.newest_message_chars])
         self._follow_files()
         try:
             resp = await self.stub.Predict(req, timeout=self.timeout_s, metadata=self.metadata)

@@ -34,23 +34,21 @@ class InvalidRequest(ValueError):
 
 
 @dataclass(frozen=True)
-class ValidRequest:
-    request_id: str
-    prompt_text: str          # what the predictor embeds: the user's words, without the chat template
-    prompt_ids: list[int]
-    sampling: JobSampling
-    priority: int
-    previous_reply_tokens: int = 0    # chat: tokens of the assistant's last reply (predictor feature)
-    fingerprint: str = ""             # identity of the request: a retry with the same id and fingerprint re-attaches
-    newest_message_chars: int = 0     # chat: characters of the user's newest message (predictor feature)
+class PredictorInputs:
+    """What the length predictor is told about a request (also what bench/online_learning_replay.py replays)."""
+    text: str                         # services/common/predictor_text.py: the user's words, without the chat template
+    previous_reply_tokens: int = 0    # chat: tokens of the assistant's last reply (0: none)
+    newest_message_chars: int = 0     # chat: characters of the user's newest message (0: none or unknown)
 
 
 @dataclass(frozen=True)
-class PredictorInputs:
-    """What the length predictor is told about a request (also what bench/online_learning_replay.py replays)."""
-    text: str                         # services/common/predictor_text.py: the newest message, then the history
-    previous_reply_tokens: int        # chat: tokens of the assistant's last reply (0: none)
-    newest_message_chars: int         # chat: characters of the user's newest message, as the predictor reads it
+class ValidRequest:
+    request_id: str
+    predictor: PredictorInputs
+    prompt_ids: list[int]
+    sampling: JobSampling
+    priority: int
+    fingerprint: str = ""             # identity of the request: a retry with the same id and fingerprint re-attaches
 
 
 def validate(req: pb.GenerateRequest, cfg: SchedulerConfig, tok: PromptTokenizer,
@@ -70,9 +68,8 @@ def validate(req: pb.GenerateRequest, cfg: SchedulerConfig, tok: PromptTokenizer
         raise InvalidRequest("prompt", f"{len(prompt_ids)} tokens; the context served is {max_model_len} tokens")
     sampling = _sampling(req.sampling, cfg, max_model_len - len(prompt_ids))
     fingerprint = hashlib.sha256(json.dumps([prompt_ids, sampling.as_dict(), req.priority]).encode()).hexdigest()[:32]
-    inputs = predictor_inputs(req, tok)
-    return ValidRequest(req.request_id or uuid.uuid4().hex, inputs.text, prompt_ids, sampling, req.priority,
-                        inputs.previous_reply_tokens, fingerprint, inputs.newest_message_chars)
+    return ValidRequest(req.request_id or uuid.uuid4().hex, predictor_inputs(req, tok), prompt_ids, sampling,
+                        req.priority, fingerprint)
 
 
 def predictor_inputs(req: pb.GenerateRequest, tok: PromptTokenizer) -> PredictorInputs:
@@ -114,7 +111,8 @@ def _previous_reply_tokens(req: pb.GenerateRequest, tok: PromptTokenizer) -> int
 
 def _newest_message_chars(req: pb.GenerateRequest) -> int:
     """A short message after a long reply ("Thanks!", "go on") asks for a short answer: its length is a hint the
-    predictor's conversation line uses. Counted as predictor_text reads the message (at most NEWEST_CHARS)."""
+    predictor's conversation line uses. The user's last message, at most NEWEST_CHARS (as predictor_text keeps of
+    the newest message); the predictor's training examples (services/predictor/datasets.py) count the same."""
     if req.WhichOneof("input") != "chat":
         return 0
     users = [m.content for m in req.chat.messages if m.role == "user"]
