@@ -187,7 +187,7 @@ async def test_the_predictor_channel_follows_renewed_client_credentials(tmp_path
         replace_file(new.ca, live / "ca")
         await srv.stop(None)                                       # the predictor restarts with the new files
         srv = await predictor()
-        await client.predict(PredictorInputs("hello"), 16)                       # (no Predictor service on this bare server)
+        await client.predict(PredictorInputs("hello"), 16)         # (no Predictor service on this bare server)
         assert client.channel is not first
         # connected at once, not inside the next prediction's 0.5-s timeout: a handshake with the new CA and certificate
         await asyncio.wait_for(client.connecting, 30)

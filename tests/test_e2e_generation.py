@@ -96,7 +96,8 @@ def test_finished_chat_turn_teaches_the_predictor_through_the_stream(stack, stub
     assert int(seen["newest_message_chars"]) == len("And of Italy?")
     assert seen["prompt"].startswith("And of Italy?")                      # the newest turn first
     predictor = predictor_stub(f"127.0.0.1:{stack.predictor_port}", stack.service_token)
-    ask = ppb.PredictRequest(prompts=[seen["prompt"]], previous_reply_tokens=[prev], newest_message_chars=[len("And of Italy?")])
+    ask = ppb.PredictRequest(prompts=[seen["prompt"]], previous_reply_tokens=[prev],
+                             newest_message_chars=[len("And of Italy?")])
     wait_until(lambda: predictor.Predict(ask).predictions[0].neighbours >= 1, timeout=30)
 
 
