@@ -1,5 +1,5 @@
 """A conversation's next reply length from its previous reply's and the newest message's:
-ln L = a + b ln(1 + previous reply tokens) + c min(ln(1 + newest message characters), 4).
+ln L = a + b ln(1 + previous reply tokens) + c (min(ln(1 + newest message characters), 4) - 4).
 
 In chat traffic a request carries the conversation so far, and the assistant's previous reply there is the best
 single clue to how long the next one will be: on the 3,000 chat turns of the GPU benchmark its length alone ranks
