@@ -17,6 +17,12 @@ def predictor_text(turns: list[str]) -> str:
     return (newest + "\n" + history).strip() if history else newest
 
 
+def newest_message_chars(message: str) -> int:
+    """The newest user message's length as the predictor is told it (its conversation line's third term): what
+    predictor_text keeps of it. The scheduler counts a chat's, the dataset readers a training turn's, the same way."""
+    return min(len(message), NEWEST_CHARS)
+
+
 def prompt_key(prompt: str) -> str:
     """Identity of a prompt for de-duplication and train/test splits (case and outer spaces ignored)."""
     import hashlib

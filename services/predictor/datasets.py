@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from services.common.predictor_text import NEWEST_CHARS, predictor_text, prompt_key
+from services.common.predictor_text import newest_message_chars, predictor_text, prompt_key
 
 USER_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bard", "bing"}
@@ -43,7 +43,7 @@ def _sharegpt(records, source: str) -> Iterator[Example]:
             role, text = turn.get("from", "").lower(), turn.get("value", "")
             if role in ASSISTANT_ROLES and history and text.strip():
                 yield Example(predictor_text(history), text, source, previous_reply, conversation,
-                              min(len(newest), NEWEST_CHARS))
+                              newest_message_chars(newest))
             if role in ASSISTANT_ROLES:
                 previous_reply = text
             if role in USER_ROLES:

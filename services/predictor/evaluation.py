@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import kendalltau, spearmanr
 
-from services.predictor.length_mlp import has_previous_reply
 from services.common.log_normal import Z90
+from services.predictor.length_mlp import has_previous_reply
 from services.predictor.length_predictor import LengthPredictor
 
 BUCKETS = np.array([32, 128, 512])     # <32, 32-127, 128-511, >=512 tokens
@@ -64,7 +64,8 @@ def tune(pred: LengthPredictor, val: Split, ks=(4, 8, 16, 32), sims=(-1.0, 0.3, 
          betas=(0.0, 0.25, 0.5, 0.75, 1.0), reply_weights=(0.0, 0.25, 0.5, 0.75, 0.9, 1.0)) -> dict:
     """Choose k, similarity threshold, kNN weight and previous-reply weight by Kendall's tau on `val`, then scale
     sigma so that the p90 covers 90% of `val`. `pred` must already hold the training examples (and the
-    previous-reply line fitted on them: without one, or without conversation turns in `val`, its weight stays as it is)."""
+    previous-reply line fitted on them: without one, or without conversation turns in `val`, its weight stays as
+    it is)."""
     all_sims, all_logs = pred.index.search(val.vecs, max(ks))
     mlp_q = pred.mlp_quantiles(val.vecs, val.side)
     if pred.params.reply_line() is None or not has_previous_reply(val.side).any():

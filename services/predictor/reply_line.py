@@ -64,6 +64,8 @@ def fit_reply_line(side: np.ndarray, log_len: np.ndarray) -> ReplyLine | None:
     with_term = (m < 0).sum() >= MIN_TURNS
     coef = _least_squares([x, m] if with_term else [x], y)
     b = float(np.clip(coef[1], *SLOPE_RANGE))
+    # c stays the joint fit's where b was clipped: refitted at the clipped b, it would take up what b could not say
+    # (short messages tend to follow short replies) and run to its bound (tried in session 36's re-read)
     c = float(np.clip(coef[2], *NEWEST_SLOPE_RANGE)) if with_term else 0.0
     a = float((y - b * x - c * m).mean())       # least squares for the intercept at those slopes
     fitted = a + b * x + c * m

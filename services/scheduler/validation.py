@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from alise.v1 import generate_pb2 as pb
 from jinja2.exceptions import TemplateError
 
-from services.common.predictor_text import NEWEST_CHARS, predictor_text
+from services.common.predictor_text import newest_message_chars, predictor_text
 from services.common.sampling_limits import sampling_problem
 from services.scheduler.job_sampling import JobSampling
 from services.scheduler.config import SchedulerConfig
@@ -111,12 +111,11 @@ def _previous_reply_tokens(req: pb.GenerateRequest, tok: PromptTokenizer) -> int
 
 def _newest_message_chars(req: pb.GenerateRequest) -> int:
     """A short message after a long reply ("Thanks!", "go on") asks for a short answer: its length is a hint the
-    predictor's conversation line uses. The user's last message, at most NEWEST_CHARS (as predictor_text keeps of
-    the newest message); the predictor's training examples (services/predictor/datasets.py) count the same."""
+    predictor's conversation line uses: the user's last message (0 for a prompt or a chat without one)."""
     if req.WhichOneof("input") != "chat":
         return 0
     users = [m.content for m in req.chat.messages if m.role == "user"]
-    return min(len(users[-1]), NEWEST_CHARS) if users else 0
+    return newest_message_chars(users[-1]) if users else 0
 
 
 def _model_text(req: pb.GenerateRequest, tok: PromptTokenizer) -> str:
