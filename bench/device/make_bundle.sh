@@ -104,7 +104,8 @@ done
 # Two bundles, so that each call carries what it needs within the 64 MiB a call may carry (each trained
 # predictor is ~28 MB): the usual one, and the one for 3,000-request runs. The training files stay here.
 # Redis's tools and docs stay out (only redis-server, a link to redis-check-rdb, runs there). The tracked tree
-# travels too (~15 MB by session 29): with it, a bundle and the wheels (~8.5 MB without faiss) a call carries ~52 MB.
+# travels too (~15 MB by session 29, ~34 MB by session 37): past 64 MiB with a bundle and the wheels (~8.5 MB
+# without faiss), so the bundle goes alone in a first call (bench/device/unpack.sh says how).
 lean=(--exclude="*/share/doc" --exclude="redis-benchmark" --exclude="redis-check-aof" --exclude="redis-cli")
 tar cJf bench-data.tar.xz "${lean[@]}" --exclude="*_rest*.json" --exclude="*_880*" --exclude=".unpacked-*" "$D"
 tar cJf bench-data-880.tar.xz "${lean[@]}" "$D/llama3-8b-shape" "$D/bin" "$D/redis" "$D/predictor_880" \
