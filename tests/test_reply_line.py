@@ -134,10 +134,11 @@ def test_validation_chooses_the_weight_and_saved_files_without_it_load_with_the_
     vprev, vlog = conversation_turns(rng, 80)
     texts = questions(rng, 80)
     val = Split(encoder.encode(texts), side_features([len(t) for t in texts], vprev), np.exp(vlog).round() + 1,
-                [f"v{i}" for i in range(80)], [f"v{i}" for i in range(80)])
+                [f"v{i}" for i in range(80)], [f"v{i}" for i in range(80)], np.zeros((80, encoder.dim)))
     chosen = tune(pred, val)
     assert chosen["reply_weight"] >= 0.75 and chosen["val_kendall_tau"] > 0.6
-    first_turns = Split(val.vecs, side_features([len(t) for t in texts]), val.lengths, val.keys, val.groups)
+    first_turns = Split(val.vecs, side_features([len(t) for t in texts]), val.lengths, val.keys, val.groups,
+                        val.message_vecs)
     chosen_before = pred.params.reply_weight
     # nothing to choose it on: left as it was, not turned off (review, session 34: a predictor trained on prompts
     # alone was saved with weight 0 and never used the line it fitted online once chats came)

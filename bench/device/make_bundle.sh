@@ -57,9 +57,9 @@ json.dump(al[:1200], open(f"{out}/alpaca_heldout_1200.json", "w"))
 json.dump(al[1200:], open(f"{out}/alpaca_rest.json", "w"))
 PY
 fi
-# a predictor trained before the conversation line (session 34) or its newest-message term (session 36) is trained
-# again: it would rank chats worse
-fresh_predictor() { [ -f "$1/meta.json" ] && grep -qs '"reply_c"' "$1/params.json"; }
+# a predictor trained before the conversation line (session 34), its newest-message term (session 36) or the short
+# messages' index (session 37) is trained again: it would rank chats worse
+fresh_predictor() { [ -f "$1/meta.json" ] && [ -f "$1/messages.npz" ] && grep -qs '"reply_c"' "$1/params.json"; }
 if ! fresh_predictor "$D/predictor"; then
     rm -rf "$D/predictor"           # no file of the old one (its fine-tuned encoder) may outlive it
     $PY -m services.predictor.train "$D/sharegpt_rest.json" "$D/alpaca_rest.json" --encoder static --out "$D/predictor"

@@ -17,6 +17,14 @@ def predictor_text(turns: list[str]) -> str:
     return (newest + "\n" + history).strip() if history else newest
 
 
+def newest_message(text: str, chars: int) -> str:
+    """The newest message of a predictor text (predictor_text) whose newest message had `chars` characters: its
+    first `chars` characters. predictor_text strips the text's leading spaces, so for a message that began with
+    some, a few characters of the history follow it here: a message is looked at only when short, and what matters
+    about it is its words."""
+    return text[:max(chars, 0)]
+
+
 def newest_message_chars(message: str) -> int:
     """The newest user message's length as the predictor is told it (its conversation line's third term): what
     predictor_text keeps of it. The scheduler counts a chat's, the dataset readers a training turn's, the same way."""

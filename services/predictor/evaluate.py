@@ -29,6 +29,7 @@ from services.common.predictor_text import prompt_key
 from services.predictor import length_mlp
 from services.predictor.length_mlp import has_previous_reply, side_features
 from services.predictor.length_predictor import LengthPredictor, PredictorParams
+from services.predictor.message_index import is_short, message_vectors
 
 log = logging.getLogger("alise.predictor.evaluate")
 
@@ -42,9 +43,12 @@ def embed_dataset(path: Path, encoder: Encoder, tokenizer, limit: int | None,
     lengths = np.array(count_tokens(tokenizer, [e.response for e in examples]), dtype=np.float32)
     previous = count_tokens(tokenizer, [e.previous_reply for e in examples], empty=0)
     vecs = encoder.encode(prompts)
-    side = side_features([len(p) for p in prompts], previous, [e.newest_message_chars for e in examples])
+    newest = [e.newest_message_chars for e in examples]
+    side = side_features([len(p) for p in prompts], previous, newest)
     keys = [prompt_key(p) for p in prompts]
-    return Split(vecs, side, lengths, keys, [e.group for e in examples] if split_by == "conversation" else keys), prompts
+    messages = message_vectors(encoder, prompts, newest, side)
+    return Split(vecs, side, lengths, keys, [e.group for e in examples] if split_by == "conversation" else keys,
+                 messages), prompts
 
 
 def train_tuned(encoder: Encoder, train: Split, val_frac: float = 0.2) -> tuple[LengthPredictor, dict]:
@@ -52,16 +56,18 @@ def train_tuned(encoder: Encoder, train: Split, val_frac: float = 0.2) -> tuple[
     fit_idx, val_idx = split_by_prompt(train.groups, val_frac, seed=1)
     fit_part, val = train.take(fit_idx), train.take(val_idx)
     pred = LengthPredictor(encoder)
-    pred.fit(fit_part.vecs, fit_part.side, fit_part.lengths, fit_part.keys, val=(val.vecs, val.side, val.lengths))
+    pred.fit(fit_part.vecs, fit_part.side, fit_part.lengths, fit_part.keys, val=(val.vecs, val.side, val.lengths),
+             message_vecs=fit_part.message_vecs)
     chosen = tune(pred, val)
     pred.index.add(val.vecs, val.lengths, val.keys)           # the final index knows every training prompt
+    pred.messages.add(val.message_vecs, val.side, val.lengths, val.keys)
     return pred, chosen
 
 
 def variant(pred: LengthPredictor, **overrides) -> LengthPredictor:
     """The same trained parts under other parameters (the kNN-only and MLP-only baselines)."""
     other = LengthPredictor(pred.encoder, PredictorParams(**{**vars(pred.params), **overrides}))
-    other.index, other.mlp = pred.index, pred.mlp
+    other.index, other.mlp, other.messages = pred.index, pred.mlp, pred.messages
     return other
 
 
@@ -137,8 +143,8 @@ def evaluate_dataset(path: Path, encoder: Encoder, proto: Protocol, plot_dir: Pa
         if tuned.val_tau > t.val_tau:                      # as train.py: only if it validates better
             t, encoder, encoder_used = tuned, tuned_encoder, "finetuned"
     ours, mu = evaluate_predictor(t.pred, t.test)
-    # the parts alone: without the previous-reply line as well
-    knn_only = variant(t.pred, knn_weight=1.0, min_similarity=-1.0, reply_weight=0.0)
+    # the parts alone: without the previous-reply line and the short messages' votes as well
+    knn_only = variant(t.pred, knn_weight=1.0, min_similarity=-1.0, reply_weight=0.0, message_weight=0.0)
     knn_only.mlp = None
     res = {
         "dataset": path.name, "split_by": proto.split_by, "split_seed": proto.seed, "encoder_used": encoder_used, "examples": len(t.data.lengths),
@@ -148,8 +154,11 @@ def evaluate_dataset(path: Path, encoder: Encoder, proto: Protocol, plot_dir: Pa
         "baseline_global_mean": baseline_mean(t.train, t.test),
         "baseline_prompt_length": baseline_prompt_length(t.train, t.test),
         "baseline_knn_only": evaluate_predictor(knn_only, t.test)[0],
-        "baseline_mlp_only": evaluate_predictor(variant(t.pred, knn_weight=0.0, reply_weight=0.0), t.test)[0],
+        "baseline_mlp_only": evaluate_predictor(variant(t.pred, knn_weight=0.0, reply_weight=0.0, message_weight=0.0),
+                                                t.test)[0],
     }
+    if is_short(t.train.side).any():                  # conversations with short messages: what their votes add
+        res["ablation_no_short_messages"] = evaluate_predictor(variant(t.pred, message_weight=0.0), t.test)[0]
     if has_previous_reply(t.train.side).any():       # conversations: what the previous-reply feature adds
         res["ablation_no_reply_line"] = evaluate_predictor(variant(t.pred, reply_weight=0.0), t.test)[0]
         res["ablation_no_previous_reply"] = evaluate_predictor(
@@ -248,8 +257,8 @@ def spread(runs: list[dict]) -> dict:
 
 
 def print_table(report: dict) -> None:
-    rows = ("alise", "ablation_no_reply_line", "ablation_no_previous_reply", "baseline_knn_only", "baseline_mlp_only",
-            "baseline_prompt_length", "baseline_global_mean")
+    rows = ("alise", "ablation_no_short_messages", "ablation_no_reply_line", "ablation_no_previous_reply",
+            "baseline_knn_only", "baseline_mlp_only", "baseline_prompt_length", "baseline_global_mean")
     print(f"\n{'dataset':<34} {'predictor':<28} {'tau':>6} {'spear':>6} {'MAE':>7} {'MAElog':>6} {'bucket':>6} {'p90cov':>6}")
     for r in report["offline"]:
         for name in (n for n in rows if n in r):

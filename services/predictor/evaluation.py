@@ -25,16 +25,17 @@ class Split:
     lengths: np.ndarray
     keys: list[str]            # prompt identity (index de-duplication)
     groups: list[str]          # split unit: a conversation, or the prompt itself
+    message_vecs: np.ndarray   # message_index.message_vectors: the short newest messages alone (zeros elsewhere)
 
     def take(self, idx) -> "Split":
         return Split(self.vecs[idx], self.side[idx], self.lengths[idx], [self.keys[i] for i in idx],
-                     [self.groups[i] for i in idx])
+                     [self.groups[i] for i in idx], self.message_vecs[idx])
 
     @staticmethod
     def concat(parts: list["Split"]) -> "Split":
         return Split(np.concatenate([p.vecs for p in parts]), np.concatenate([p.side for p in parts]),
                      np.concatenate([p.lengths for p in parts]), [k for p in parts for k in p.keys],
-                     [g for p in parts for g in p.groups])
+                     [g for p in parts for g in p.groups], np.concatenate([p.message_vecs for p in parts]))
 
 
 def split_by_prompt(keys: list[str], test_frac: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -68,6 +69,7 @@ def tune(pred: LengthPredictor, val: Split, ks=(4, 8, 16, 32), sims=(-1.0, 0.3, 
     it is)."""
     all_sims, all_logs = pred.index.search(val.vecs, max(ks))
     mlp_q = pred.mlp_quantiles(val.vecs, val.side)
+    votes = pred.messages.votes(val.message_vecs, val.side)
     if pred.params.reply_line() is None or not has_previous_reply(val.side).any():
         # nothing to choose it on: the weight stays as it is (the default), so a predictor trained without chats
         # still uses the line it fits online once chat traffic comes
@@ -79,13 +81,13 @@ def tune(pred: LengthPredictor, val: Split, ks=(4, 8, 16, 32), sims=(-1.0, 0.3, 
     best = (-2.0, None)
     for setting in itertools.product(ks, sims, betas, reply_weights):
         choose(*setting)
-        mu, _, _, _ = pred.log_distribution(val.vecs, val.side, all_sims, all_logs, mlp_q)
+        mu, _, _, _ = pred.log_distribution(val.vecs, val.side, all_sims, all_logs, mlp_q, votes)
         tau = kendalltau(mu, val.lengths).statistic
         if tau > best[0]:
             best = (tau, setting)
     choose(*best[1])
     pred.params.sigma_scale = 1.0
-    mu, sd, _, _ = pred.log_distribution(val.vecs, val.side, all_sims, all_logs, mlp_q)
+    mu, sd, _, _ = pred.log_distribution(val.vecs, val.side, all_sims, all_logs, mlp_q, votes)
     z = (np.log(val.lengths) - mu) / sd                         # sigma_scale s: P(z <= 1.2816 s) = 0.9
     pred.params.sigma_scale = float(max(np.quantile(z, 0.9) / Z90, 0.2))
     return {"val_kendall_tau": float(best[0]), "k": best[1][0], "min_similarity": best[1][1],
@@ -93,7 +95,7 @@ def tune(pred: LengthPredictor, val: Split, ks=(4, 8, 16, 32), sims=(-1.0, 0.3, 
 
 
 def evaluate_predictor(pred: LengthPredictor, test: Split) -> tuple[dict, np.ndarray]:
-    mu, sd, _, _ = pred.log_distribution(test.vecs, test.side)
+    mu, sd, _, _ = pred.log_distribution(test.vecs, test.side, votes=pred.messages.votes(test.message_vecs, test.side))
     return metrics(mu, np.exp(mu + Z90 * sd), test.lengths), mu
 
 

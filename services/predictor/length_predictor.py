@@ -27,6 +27,7 @@ from services.common.predictor_text import prompt_key
 from services.predictor.encoder import Encoder
 from services.predictor.knn_index import KnnIndex
 from services.predictor.length_mlp import SIDE_DIM, LengthMLP, features, fit, has_previous_reply, side_features
+from services.predictor.message_index import MessageIndex, MessageVotes, message_vectors
 from services.predictor.reply_line import ReplyLine, fit_reply_line, replaces
 
 log = logging.getLogger("alise.predictor")
@@ -61,6 +62,10 @@ class PredictorParams:
     reply_sd: float = 1.0
     reply_turns: int = 0
     reply_c: float = 0.0           # the newest message's term (saved files from before it load without it)
+    # a request whose newest message is short: the most its similar short messages' replies may weigh in its estimate
+    # (message_index.py). Not chosen on validation: the training sets hold too few short messages for that; on the
+    # GPU benchmark's chat turns 0.35-0.65 simulated alike (docs/BENCHMARKS.md, session 37)
+    message_weight: float = 0.5
 
     def reply_line(self) -> ReplyLine | None:
         if not self.reply_turns:
@@ -87,6 +92,7 @@ class LengthPredictor:
         self.encoder = encoder
         self.params = params or PredictorParams()
         self.index = KnnIndex(encoder.dim, max_entries=max_entries)
+        self.messages = MessageIndex(encoder.dim, max_entries=max_entries)   # short newest messages alone
         self.mlp: LengthMLP | None = None
         self.replay_size = replay_size
         self.retrain_every = retrain_every
@@ -105,16 +111,19 @@ class LengthPredictor:
     def predict(self, prompts: list[str], previous_reply_tokens=None, newest_message_chars=None) -> list[Prediction]:
         vecs = self.encoder.encode(prompts)
         side = side_features([len(p) for p in prompts], previous_reply_tokens, newest_message_chars)
+        message_vecs = message_vectors(self.encoder, prompts, newest_message_chars, side)
         with self._lock:
-            return self.predict_embedded(vecs, side)
+            return self.predict_embedded(vecs, side, self.messages.votes(message_vecs, side))
 
-    def predict_embedded(self, vecs: np.ndarray, side: np.ndarray) -> list[Prediction]:
-        mu, sigma, n_neigh, source = self.log_distribution(vecs, side)
+    def predict_embedded(self, vecs: np.ndarray, side: np.ndarray,
+                         votes: MessageVotes | None = None) -> list[Prediction]:
+        mu, sigma, n_neigh, source = self.log_distribution(vecs, side, votes=votes)
         return [self._prediction(m, s, n, src) for m, s, n, src in zip(mu, sigma, n_neigh, source)]
 
-    def log_distribution(self, vecs, side, sims=None, neigh_logs=None, mlp_q=None):
+    def log_distribution(self, vecs, side, sims=None, neigh_logs=None, mlp_q=None, votes: MessageVotes | None = None):
         """Per prompt: (mu, sigma) of log length, neighbour count and source. Precomputed neighbours and
-        MLP outputs may be passed (hyper-parameter search evaluates many settings on the same ones)."""
+        MLP outputs may be passed (hyper-parameter search evaluates many settings on the same ones), and the
+        short messages' votes (MessageIndex.votes; none: no request's message is looked at)."""
         p = self.params
         if sims is None:
             sims, neigh_logs = self.index.search(vecs, p.k)
@@ -142,6 +151,9 @@ class LengthPredictor:
         if p.reply_weight > 0 and (line := p.reply_line()) is not None:
             w = np.where(has_previous_reply(side), p.reply_weight, 0.0)
             mu, sd = (1 - w) * mu + w * line.log_length(side), (1 - w) * sd + w * line.sd
+        if votes is not None and p.message_weight > 0:
+            w = votes.weight(p.message_weight)
+            mu = (1 - w) * mu + w * votes.mu
         return mu, sd * p.sigma_scale, n_neigh, source
 
     def mlp_quantiles(self, vecs, side) -> np.ndarray | None:
@@ -158,11 +170,14 @@ class LengthPredictor:
                           neighbours=int(neighbours), source=str(source))
 
     # -- learning --------------------------------------------------------------------------------------
-    def fit(self, vecs, side, lengths, keys, val=None) -> None:
-        """Offline: build the index from all examples and train the MLP (early stopping on `val`)."""
+    def fit(self, vecs, side, lengths, keys, val=None, message_vecs=None) -> None:
+        """Offline: build the index from all examples and train the MLP (early stopping on `val`); with
+        `message_vecs` (message_index.message_vectors of the examples), the short messages' index too."""
         log_len = np.log(np.asarray(lengths, dtype=np.float32))
         with self._lock:
             self.index.add(vecs, lengths, keys)
+            if message_vecs is not None:
+                self.messages.add(message_vecs, side, lengths, keys)
             self.mlp = self._new_mlp()
             x_val = y_val = None
             if val is not None:
@@ -179,10 +194,13 @@ class LengthPredictor:
             return self._advance(stream_position)
         vecs = self.encoder.encode(prompts)
         side = side_features([len(p) for p in prompts], previous_reply_tokens, newest_message_chars)
+        message_vecs = message_vectors(self.encoder, prompts, newest_message_chars, side)
+        keys = [prompt_key(p) for p in prompts]
         with self._lock:
             if stream_position is not None:
                 self.stream_position = stream_position
-            self.index.add(vecs, lengths, [prompt_key(p) for p in prompts])
+            self.index.add(vecs, lengths, keys)
+            self.messages.add(message_vecs, side, lengths, keys)
             self._replay += list(zip(vecs, side, np.log(np.asarray(lengths, np.float32))))
             self._replay = self._replay[-self.replay_size:]
             self._since_retrain += len(prompts)
@@ -225,7 +243,7 @@ class LengthPredictor:
             return LengthMLP(dim=self.encoder.dim + SIDE_DIM)
 
     # -- persistence -----------------------------------------------------------------------------------
-    STATE_FILES = ("index.npz", "mlp.pt", "params.json", "meta.json")
+    STATE_FILES = ("index.npz", "messages.npz", "mlp.pt", "params.json", "meta.json")
 
     def save(self, directory: Path) -> None:
         """Write the learned state next to (never over) a fine-tuned `encoder/` the directory may hold."""
@@ -233,6 +251,7 @@ class LengthPredictor:
         directory.mkdir(parents=True, exist_ok=True)
         with self._lock:
             np.savez(directory / "index.npz.tmp.npz", **self.index.state())
+            np.savez(directory / "messages.npz.tmp.npz", **self.messages.state())
             if self.mlp is not None:
                 torch.save(self.mlp.state_dict(), directory / "mlp.pt.tmp")
             (directory / "params.json.tmp").write_text(json.dumps(asdict(self.params), indent=2))
@@ -241,6 +260,7 @@ class LengthPredictor:
             self.dirty = False
         # renames are atomic: a crash mid-save leaves the previous files, never half-written ones
         (directory / "index.npz.tmp.npz").replace(directory / "index.npz")
+        (directory / "messages.npz.tmp.npz").replace(directory / "messages.npz")
         if self.mlp is not None:
             (directory / "mlp.pt.tmp").replace(directory / "mlp.pt")
         (directory / "params.json.tmp").replace(directory / "params.json")
@@ -256,6 +276,10 @@ class LengthPredictor:
         position = meta.get("stream_position", "0")
         with np.load(directory / "index.npz", allow_pickle=False) as z:
             state = {k: z[k] for k in z.files}
+        messages = MessageIndex(self.encoder.dim, max_entries=self.index.max_entries)
+        if (directory / "messages.npz").exists():    # else saved before the short messages' index: it starts empty
+            with np.load(directory / "messages.npz", allow_pickle=False) as z:
+                messages.load_state({k: z[k] for k in z.files})
         mlp = None
         if (directory / "mlp.pt").exists():
             mlp = self._new_mlp()
@@ -263,5 +287,6 @@ class LengthPredictor:
             mlp.eval()
         with self._lock:
             self.index.load_state(state)
+            self.messages = messages
             self.params, self.mlp, self.stream_position = params, mlp, position
             self._replay = []

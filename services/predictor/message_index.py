@@ -1,0 +1,100 @@
+"""What short user messages were answered with: a kNN over the newest message alone, for chat turns whose newest
+message is short ("Thanks!", "hey", "continue", "Is that it?").
+
+A chat turn's predictor text is its newest message followed by up to 2,000 characters of history
+(predictor_text.py), so for a message of a few words the embedding, and with it the main index's neighbours and
+the MLP, is mostly the previous reply's; and the conversation line (reply_line.py) knows only the message's
+length, which cannot tell "Thanks!" (answered in a sentence) from "continue" (answered at length). Here the message
+is embedded alone and looked up among the short messages seen before: their replies' lengths are a vote, blended
+into the estimate with a weight that grows with the number of similar messages found. The index learns from every
+finished turn, so what a "thank you" gets is known from the first few seen.
+
+On the GPU benchmark's chat turns this lowered the simulated p99 of normalized latency by 8-17% at 44-60 req/s
+(mean -1 to -3%) with the live run's predictions; the jobs that made that tail were short replies to such messages,
+predicted 200-400 tokens (docs/BENCHMARKS.md, session 37).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.common.predictor_text import newest_message
+from services.predictor.knn_index import KnnIndex
+from services.predictor.length_mlp import newest_message_log
+
+K = 16                  # neighbours looked at
+MIN_SIMILARITY = 0.5    # ... of which those at least this similar vote ("Thanks!" and "thank you": 0.67 in MiniLM)
+# the weight a vote gets: message_weight * n / (n + PRIOR_VOTES) for n similar messages found, so a lone neighbour
+# moves the estimate little and many agreeing ones move it up to message_weight
+PRIOR_VOTES = 4.0
+MIN_SD = 0.25           # the votes' spread is floored as the main kNN's is
+
+
+def is_short(side: np.ndarray) -> np.ndarray:
+    """Requests whose newest message is short: below the conversation line's cap (~54 characters; a message of
+    unknown length, 0, is not)."""
+    return newest_message_log(side) < 0
+
+
+def message_vectors(encoder, prompts: list[str], newest_message_chars, side: np.ndarray) -> np.ndarray:
+    """The embedding of each request's newest message alone where it is short (is_short of its side features),
+    zeros elsewhere: one more encoder call, on a few words, for the short ones only."""
+    out = np.zeros((len(prompts), encoder.dim), dtype=np.float32)
+    short = np.flatnonzero(is_short(side))
+    if len(short):
+        out[short] = encoder.encode([newest_message(prompts[i], int(newest_message_chars[i])) for i in short])
+    return out
+
+
+@dataclass(frozen=True)
+class MessageVotes:
+    """Per request: the votes' log-length mean and spread, and the number of similar messages (0: no vote)."""
+    mu: np.ndarray
+    sd: np.ndarray
+    count: np.ndarray
+
+    @staticmethod
+    def none(n: int) -> "MessageVotes":
+        return MessageVotes(np.zeros(n), np.ones(n), np.zeros(n, dtype=np.int64))
+
+    def weight(self, message_weight: float) -> np.ndarray:
+        return message_weight * self.count / (self.count + PRIOR_VOTES)
+
+
+class MessageIndex:
+    """Short messages' embeddings with their replies' lengths. Keyed by the whole turn's predictor text, so the
+    same words in two conversations are two votes (a repeated turn updates its own)."""
+
+    def __init__(self, dim: int, max_entries: int = 1_000_000):
+        self.index = KnnIndex(dim, max_entries=max_entries)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def add(self, message_vecs: np.ndarray, side: np.ndarray, lengths, keys: list[str]) -> None:
+        """Learn the short ones among these requests (message_vecs: their message_vectors)."""
+        short = np.flatnonzero(is_short(side))
+        if len(short):
+            self.index.add(np.asarray(message_vecs)[short], np.asarray(lengths)[short], [keys[i] for i in short])
+
+    def votes(self, message_vecs: np.ndarray, side: np.ndarray) -> MessageVotes:
+        """The similar short messages' votes for each request with a short message (no vote for the rest)."""
+        out = MessageVotes.none(len(side))
+        short = np.flatnonzero(is_short(side))
+        if not len(short) or not len(self):
+            return out
+        sims, logs = self.index.search(np.asarray(message_vecs, np.float32)[short], K)
+        w = np.where(sims >= MIN_SIMILARITY, sims, 0.0)
+        count = (w > 0).sum(1)
+        wsum = np.maximum(w.sum(1), 1e-9)
+        mu = (w * logs).sum(1) / wsum
+        sd = np.maximum(np.sqrt((w * (logs - mu[:, None]) ** 2).sum(1) / wsum), MIN_SD)
+        out.mu[short], out.sd[short], out.count[short] = mu, sd, count
+        return out
+
+    def state(self) -> dict:
+        return self.index.state()
+
+    def load_state(self, state: dict) -> None:
+        self.index.load_state(state)
