@@ -12,23 +12,21 @@ NEWEST_CHARS = 32_768
 
 def predictor_text(turns: list[str]) -> str:
     """turns: the conversation so far, oldest first, ending with the user's newest message."""
-    newest, earlier = turns[-1][:NEWEST_CHARS], [t for t in turns[:-1] if t.strip()]
+    newest, earlier = turns[-1].strip()[:NEWEST_CHARS], [t for t in turns[:-1] if t.strip()]
     history = "\n".join(reversed(earlier))[:HISTORY_CHARS]
     return (newest + "\n" + history).strip() if history else newest
 
 
 def newest_message(text: str, chars: int) -> str:
-    """The newest message of a predictor text (predictor_text) whose newest message had `chars` characters: its
-    first `chars` characters. predictor_text strips the text's leading spaces, so for a message that began with
-    some, a few characters of the history follow it here: a message is looked at only when short, and what matters
-    about it is its words."""
+    """The newest message of a predictor text (predictor_text) whose newest message had `chars` characters (as
+    newest_message_chars counts it): its first `chars` characters, the message without its outer spaces."""
     return text[:max(chars, 0)]
 
 
 def newest_message_chars(message: str) -> int:
     """The newest user message's length as the predictor is told it (its conversation line's third term): what
     predictor_text keeps of it. The scheduler counts a chat's, the dataset readers a training turn's, the same way."""
-    return min(len(message), NEWEST_CHARS)
+    return min(len(message.strip()), NEWEST_CHARS)
 
 
 def prompt_key(prompt: str) -> str:

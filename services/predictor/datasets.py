@@ -46,8 +46,7 @@ def _sharegpt(records, source: str) -> Iterator[Example]:
                               newest_message_chars(newest))
             if role in ASSISTANT_ROLES:
                 previous_reply = text
-            if role in USER_ROLES:
-                newest = text
+            newest = text if role in USER_ROLES else ""     # a user's message only while it is the last turn
             history.append(text)
 
 

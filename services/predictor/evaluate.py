@@ -60,7 +60,7 @@ def train_tuned(encoder: Encoder, train: Split, val_frac: float = 0.2) -> tuple[
              message_vecs=fit_part.message_vecs)
     chosen = tune(pred, val)
     pred.index.add(val.vecs, val.lengths, val.keys)           # the final index knows every training prompt
-    pred.messages.add(val.message_vecs, val.side, val.lengths, val.keys)
+    pred.messages.add(val.message_vecs, val.side, val.lengths)
     return pred, chosen
 
 

@@ -142,8 +142,13 @@ class KnnIndex:
 
     def search(self, vecs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities [n, k], log lengths [n, k]); missing neighbours have similarity -inf."""
+        sims, ids = self.neighbours(vecs, k)
+        return sims, self.log_lengths[np.maximum(ids, 0)]
+
+    def neighbours(self, vecs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities [n, k], entry ids [n, k]); a missing neighbour has similarity -inf and id -1."""
         if len(self) == 0:
-            return np.full((len(vecs), k), -np.inf, np.float32), np.zeros((len(vecs), k), np.float32)
+            return np.full((len(vecs), k), -np.inf, np.float32), np.full((len(vecs), k), -1)
         if HAVE_FAISS:
             sims, ids = self._index().search(vecs, min(k, len(self)))
         else:
@@ -153,7 +158,7 @@ class KnnIndex:
             sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf)
             ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
         sims = np.where(ids >= 0, sims, -np.inf)
-        return sims.astype(np.float32), self.log_lengths[np.maximum(ids, 0)]
+        return sims.astype(np.float32), ids
 
     def state(self) -> dict:
         return {"vectors": self.vectors, "log_lengths": self.log_lengths,

@@ -55,8 +55,9 @@ def newest_message_log(side: np.ndarray) -> np.ndarray:
 
 
 def without_previous_reply(side: np.ndarray) -> np.ndarray:
-    """The same requests as if none had a previous reply (the ablation in evaluate.py)."""
-    return side * np.array([1.0, 0.0, 0.0, 0.0], np.float32)
+    """The same requests as if none had a previous reply (the ablation in evaluate.py). The newest message's column
+    stays: without a previous reply the line has no say, and the short messages' votes still do."""
+    return side * np.array([1.0, 0.0, 0.0, 1.0], np.float32)
 
 
 def mlp_side(side: np.ndarray) -> np.ndarray:

@@ -177,7 +177,7 @@ class LengthPredictor:
         with self._lock:
             self.index.add(vecs, lengths, keys)
             if message_vecs is not None:
-                self.messages.add(message_vecs, side, lengths, keys)
+                self.messages.add(message_vecs, side, lengths)
             self.mlp = self._new_mlp()
             x_val = y_val = None
             if val is not None:
@@ -200,7 +200,7 @@ class LengthPredictor:
             if stream_position is not None:
                 self.stream_position = stream_position
             self.index.add(vecs, lengths, keys)
-            self.messages.add(message_vecs, side, lengths, keys)
+            self.messages.add(message_vecs, side, lengths)
             self._replay += list(zip(vecs, side, np.log(np.asarray(lengths, np.float32))))
             self._replay = self._replay[-self.replay_size:]
             self._since_retrain += len(prompts)

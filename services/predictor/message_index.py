@@ -17,18 +17,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import hashlib
+
 import numpy as np
 
 from services.common.predictor_text import newest_message
 from services.predictor.knn_index import KnnIndex
 from services.predictor.length_mlp import newest_message_log
 
-K = 16                  # neighbours looked at
+K = 16                  # distinct messages looked at
 MIN_SIMILARITY = 0.5    # ... of which those at least this similar vote ("Thanks!" and "thank you": 0.67 in MiniLM)
-# the weight a vote gets: message_weight * n / (n + PRIOR_VOTES) for n similar messages found, so a lone neighbour
-# moves the estimate little and many agreeing ones move it up to message_weight
+# the weight the votes get: message_weight * n / (n + PRIOR_VOTES) for n sightings of similar messages, so one odd
+# sighting moves the estimate little and many move it up to message_weight
 PRIOR_VOTES = 4.0
-MIN_SD = 0.25           # the votes' spread is floored as the main kNN's is
 
 
 def is_short(side: np.ndarray) -> np.ndarray:
@@ -49,22 +50,26 @@ def message_vectors(encoder, prompts: list[str], newest_message_chars, side: np.
 
 @dataclass(frozen=True)
 class MessageVotes:
-    """Per request: the votes' log-length mean and spread, and the number of similar messages (0: no vote)."""
+    """Per request: the votes' log length (a sightings- and similarity-weighted mean) and how many sightings of
+    similar messages cast them (0: no vote)."""
     mu: np.ndarray
-    sd: np.ndarray
     count: np.ndarray
-
-    @staticmethod
-    def none(n: int) -> "MessageVotes":
-        return MessageVotes(np.zeros(n), np.ones(n), np.zeros(n, dtype=np.int64))
 
     def weight(self, message_weight: float) -> np.ndarray:
         return message_weight * self.count / (self.count + PRIOR_VOTES)
 
 
+def message_key(vec: np.ndarray) -> str:
+    """One entry per message as the encoder sees it: an identical embedding (the same words; with an uncased
+    encoder, in any case) is the same message, whose replies' lengths the entry averages."""
+    return hashlib.sha1(np.asarray(vec, np.float16).tobytes()).hexdigest()
+
+
 class MessageIndex:
-    """Short messages' embeddings with their replies' lengths. Keyed by the whole turn's predictor text, so the
-    same words in two conversations are two votes (a repeated turn updates its own)."""
+    """Short messages' embeddings with the mean log length of their replies and how often each was seen. Keyed by
+    the message (message_key), not by the turn: every sighting of "Thanks!" counts in one entry, so its vote follows
+    all of them. Keyed by turn, the 16 nearest of a thousand identical "Thanks!" were whichever the search returned
+    among equals (with faiss the oldest), and its vote froze on its first 16 sightings (review, session 37)."""
 
     def __init__(self, dim: int, max_entries: int = 1_000_000):
         self.index = KnnIndex(dim, max_entries=max_entries)
@@ -72,25 +77,26 @@ class MessageIndex:
     def __len__(self) -> int:
         return len(self.index)
 
-    def add(self, message_vecs: np.ndarray, side: np.ndarray, lengths, keys: list[str]) -> None:
+    def add(self, message_vecs: np.ndarray, side: np.ndarray, lengths) -> None:
         """Learn the short ones among these requests (message_vecs: their message_vectors)."""
         short = np.flatnonzero(is_short(side))
         if len(short):
-            self.index.add(np.asarray(message_vecs)[short], np.asarray(lengths)[short], [keys[i] for i in short])
+            vecs = np.asarray(message_vecs)[short]
+            self.index.add(vecs, np.asarray(lengths)[short], [message_key(v) for v in vecs])
 
     def votes(self, message_vecs: np.ndarray, side: np.ndarray) -> MessageVotes:
         """The similar short messages' votes for each request with a short message (no vote for the rest)."""
-        out = MessageVotes.none(len(side))
+        out = MessageVotes(np.zeros(len(side)), np.zeros(len(side)))
         short = np.flatnonzero(is_short(side))
         if not len(short) or not len(self):
             return out
-        sims, logs = self.index.search(np.asarray(message_vecs, np.float32)[short], K)
-        w = np.where(sims >= MIN_SIMILARITY, sims, 0.0)
-        count = (w > 0).sum(1)
-        wsum = np.maximum(w.sum(1), 1e-9)
-        mu = (w * logs).sum(1) / wsum
-        sd = np.maximum(np.sqrt((w * (logs - mu[:, None]) ** 2).sum(1) / wsum), MIN_SD)
-        out.mu[short], out.sd[short], out.count[short] = mu, sd, count
+        sims, ids = self.index.neighbours(np.asarray(message_vecs, np.float32)[short], K)
+        similar = sims >= MIN_SIMILARITY                         # never a missing neighbour (-inf)
+        seen = np.where(similar, self.index.counts[np.maximum(ids, 0)], 0.0)
+        w = np.where(similar, sims, 0.0) * seen
+        logs = self.index.log_lengths[np.maximum(ids, 0)]
+        out.mu[short] = (w * logs).sum(1) / np.maximum(w.sum(1), 1e-9)
+        out.count[short] = seen.sum(1)
         return out
 
     def state(self) -> dict:

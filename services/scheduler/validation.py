@@ -111,11 +111,12 @@ def _previous_reply_tokens(req: pb.GenerateRequest, tok: PromptTokenizer) -> int
 
 def _newest_message_chars(req: pb.GenerateRequest) -> int:
     """A short message after a long reply ("Thanks!", "go on") asks for a short answer: its length is a hint the
-    predictor's conversation line uses: the user's last message (0 for a prompt or a chat without one)."""
-    if req.WhichOneof("input") != "chat":
+    predictor's conversation line uses, and the predictor reads the message itself from the head of its text. So
+    only a chat that ends with the user's message has one (0 for a prompt, or a chat ending with a tool's result or
+    an assistant's prefill, whose head is not the user's words: review, session 37)."""
+    if req.WhichOneof("input") != "chat" or not req.chat.messages or req.chat.messages[-1].role != "user":
         return 0
-    users = [m.content for m in req.chat.messages if m.role == "user"]
-    return newest_message_chars(users[-1]) if users else 0
+    return newest_message_chars(req.chat.messages[-1].content)
 
 
 def _model_text(req: pb.GenerateRequest, tok: PromptTokenizer) -> str:
