@@ -64,7 +64,7 @@ class PredictorParams:
     reply_c: float = 0.0           # the newest message's term (saved files from before it load without it)
     # a request whose newest message is short: the most its similar short messages' replies may weigh in its estimate
     # (message_index.py). Not chosen on validation: the training sets hold too few short messages for that; on the
-    # GPU benchmark's chat turns 0.35-0.65 simulated alike (docs/BENCHMARKS.md, session 37)
+    # GPU benchmark's chat turns 0.35-0.8 simulated alike (docs/BENCHMARKS.md, session 37)
     message_weight: float = 0.5
 
     def reply_line(self) -> ReplyLine | None:
@@ -195,11 +195,10 @@ class LengthPredictor:
         vecs = self.encoder.encode(prompts)
         side = side_features([len(p) for p in prompts], previous_reply_tokens, newest_message_chars)
         message_vecs = message_vectors(self.encoder, prompts, newest_message_chars, side)
-        keys = [prompt_key(p) for p in prompts]
         with self._lock:
             if stream_position is not None:
                 self.stream_position = stream_position
-            self.index.add(vecs, lengths, keys)
+            self.index.add(vecs, lengths, [prompt_key(p) for p in prompts])
             self.messages.add(message_vecs, side, lengths)
             self._replay += list(zip(vecs, side, np.log(np.asarray(lengths, np.float32))))
             self._replay = self._replay[-self.replay_size:]

@@ -6,18 +6,17 @@ A chat turn's predictor text is its newest message followed by up to 2,000 chara
 the MLP, is mostly the previous reply's; and the conversation line (reply_line.py) knows only the message's
 length, which cannot tell "Thanks!" (answered in a sentence) from "continue" (answered at length). Here the message
 is embedded alone and looked up among the short messages seen before: their replies' lengths are a vote, blended
-into the estimate with a weight that grows with the number of similar messages found. The index learns from every
+into the estimate with a weight that grows with how often similar messages were seen. The index learns from every
 finished turn, so what a "thank you" gets is known from the first few seen.
 
-On the GPU benchmark's chat turns this lowered the simulated p99 of normalized latency by 8-17% at 44-60 req/s
-(mean -1 to -3%) with the live run's predictions; the jobs that made that tail were short replies to such messages,
-predicted 200-400 tokens (docs/BENCHMARKS.md, session 37).
+On the GPU benchmark's chat turns this lowered the simulated p99 of normalized latency by 10-22% at 44-64 req/s
+(mean -2 to -3%); the jobs that made that tail were short replies to such messages, predicted 200-600 tokens
+(docs/BENCHMARKS.md, session 37).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 
