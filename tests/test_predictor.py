@@ -270,6 +270,8 @@ def test_index_deduplicates_and_evicts_oldest_first():
 
     idx = KnnIndex(4, max_entries=10)
     v = np.eye(4, dtype=np.float32)
+    sims, logs = idx.search(v[:1], 3)                             # empty: no neighbour (a predictor's first call)
+    assert np.isneginf(sims).all() and not logs.any() and (idx.neighbours(v[:1], 3)[1] == -1).all()
     idx.add(v[:2], [10, 20], ["a", "b"])
     idx.add(v[:1], [40], ["a"])                                   # same prompt again: running mean in log space
     assert len(idx) == 2 and np.exp(idx.log_lengths[0]) == pytest.approx(20.0)

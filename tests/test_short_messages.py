@@ -176,21 +176,25 @@ def test_the_service_learns_the_votes_from_observations_and_keeps_them_over_a_re
             newest_message_chars=[10, 9])).predictions
         return more.mean / thanks.mean
 
-    proc, stub = start()
     rng = np.random.default_rng(2)
     observations = []
     for i in range(80):
         thanks = i % 2 == 0
         message = (THANKS if thanks else GO_ON)[rng.integers(10)]
+        tokens = int(rng.integers(10, 20) if thanks else rng.integers(500, 700))
         observations.append(ppb.Observation(prompt=chat_turn(message, i), previous_reply_tokens=800,
-                                            newest_message_chars=len(message),
-                                            output_tokens=int(rng.integers(10, 20) if thanks else rng.integers(500, 700))))
-    stub.Observe(ppb.ObserveRequest(observations=observations))
-    learned = ask(stub)
-    assert learned > 3                                # the same words, told apart by what they were answered with
-    proc.terminate()
-    proc.wait(30)                                     # SIGTERM saves what was learned
+                                            newest_message_chars=len(message), output_tokens=tokens))
     proc, stub = start()
-    assert ask(stub) == pytest.approx(learned, rel=1e-3)
-    proc.terminate()
-    proc.wait(30)
+    try:
+        stub.Observe(ppb.ObserveRequest(observations=observations))
+        learned = ask(stub)
+        assert learned > 3                            # the same words, told apart by what they were answered with
+    finally:
+        proc.terminate()
+        proc.wait(30)                                 # SIGTERM saves what was learned
+    proc, stub = start()
+    try:
+        assert ask(stub) == pytest.approx(learned, rel=1e-3)
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -143,6 +143,8 @@ class KnnIndex:
     def search(self, vecs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities [n, k], log lengths [n, k]); missing neighbours have similarity -inf."""
         sims, ids = self.neighbours(vecs, k)
+        if len(self) == 0:
+            return sims, np.zeros(ids.shape, np.float32)
         return sims, self.log_lengths[np.maximum(ids, 0)]
 
     def neighbours(self, vecs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
