@@ -42,7 +42,9 @@ def test_dataset_formats(tmp_path):
 
 def test_training_examples_see_a_conversation_as_the_scheduler_asks_about_it(tmp_path, model_dir):
     """The predictor learns from ShareGPT turns what the scheduler will tell it about a chat: the same text, and the
-    newest message counted the same (the user's last message, clipped as predictor_text clips it)."""
+    newest message counted the same (the user's last message without its outer spaces, clipped as predictor_text
+    clips it; none where the last turn is not the user's: review, session 37, the reader counted the user's earlier
+    message under a second assistant turn, and a message's outer spaces)."""
     from alise.v1 import generate_pb2 as gpb
 
     from services.common.predictor_text import NEWEST_CHARS
@@ -50,14 +52,15 @@ def test_training_examples_see_a_conversation_as_the_scheduler_asks_about_it(tmp
     from services.scheduler.validation import predictor_inputs
 
     turns = [("human", "Tell me about Rome, in detail please."), ("gpt", "Rome was founded... " * 20),
-             ("human", "Thanks!"), ("gpt", "You are welcome."), ("human", "x" * (NEWEST_CHARS + 10)), ("gpt", "Ok.")]
+             ("human", "  Thanks! "), ("gpt", "You are welcome."), ("human", "x" * (NEWEST_CHARS + 10)), ("gpt", "Ok."),
+             ("gpt", "And one more thing.")]
     (tmp_path / "sg.json").write_text(json.dumps([{"id": "c", "conversations": [
         {"from": r, "value": v} for r, v in turns]}]))
     examples = load_examples(tmp_path / "sg.json")
-    assert [e.newest_message_chars for e in examples] == [37, 7, NEWEST_CHARS]
+    assert [e.newest_message_chars for e in examples] == [37, 7, NEWEST_CHARS, 0]
     tok = PromptTokenizer(str(model_dir))
     roles = {"human": "user", "gpt": "assistant"}
-    for n, example in zip((1, 3, 5), examples):
+    for n, example in zip((1, 3, 5, 6), examples, strict=True):
         chat = gpb.ChatConversation(messages=[gpb.ChatMessage(role=roles[r], content=v) for r, v in turns[:n]])
         asked = predictor_inputs(gpb.GenerateRequest(chat=chat), tok)
         assert (asked.text, asked.newest_message_chars) == (example.prompt, example.newest_message_chars)

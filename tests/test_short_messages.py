@@ -17,7 +17,7 @@ from services.common.auth import with_bearer
 from services.common.local_stack import free_port, wait_healthy
 from services.common.predictor_text import newest_message, newest_message_chars, predictor_text
 from services.predictor.encoder import Encoder
-from services.predictor.length_mlp import side_features
+from services.predictor.length_mlp import side_features, without_previous_reply
 from services.predictor.length_predictor import LengthPredictor
 from services.predictor.message_index import MessageIndex, is_short, message_vectors
 
@@ -53,6 +53,9 @@ def teach(pred: LengthPredictor, rng, n: int = 80) -> None:
 def test_a_message_is_short_below_the_lines_cap_and_an_unknown_one_is_not():
     side = side_features([100] * 5, [50] * 5, [0, 1, 53, 54, 5000])
     assert list(is_short(side)) == [False, True, True, False, False]
+    # the evaluation's no-previous-reply ablation takes the reply away, not the message (review, session 37: it
+    # zeroed the message's column too, and with it the votes)
+    assert list(is_short(without_previous_reply(side))) == list(is_short(side))
 
 
 def test_the_newest_message_is_read_back_from_the_head_of_the_predictor_text():
