@@ -32,8 +32,8 @@ from services.common.loop_lag import watch_loop_lag
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_workload_arguments(p)
     p.add_argument("--policies", nargs="+", default=["fcfs", "alise"],
-                   help="policies to run; POLICY@VARIANT runs POLICY with VARIANT's --variant-worker-arg and "
-                        "--variant-scheduler-arg flags, as a "
+                   help="policies to run; POLICY@VARIANT runs POLICY with VARIANT's --variant-worker-arg, "
+                        "--variant-scheduler-arg and --variant-predictor-arg flags, as a "
                         "run of its own (e.g. alise@noprobe), so variants alternate with the policies")
     p.add_argument("--variant-worker-arg", action="append", default=[], metavar="VARIANT=FLAG",
                    help="an extra worker flag for runs of POLICY@VARIANT only (repeat), e.g. "
@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant-scheduler-arg", action="append", default=[], metavar="VARIANT=FLAG",
                    help="an extra scheduler flag for runs of POLICY@VARIANT only (repeat), e.g. "
                         "--variant-scheduler-arg=noearly=--park-kv-share=0")
+    p.add_argument("--variant-predictor-arg", action="append", default=[], metavar="VARIANT=FLAG",
+                   help="an extra predictor flag for runs of POLICY@VARIANT only (repeat), e.g. "
+                        "--variant-predictor-arg=novotes=--message-weight=0")
     p.add_argument("--rates", nargs="+", type=float, required=True, help="request rates (req/s) to sweep")
     p.add_argument("--prime", type=int, default=20, help="requests sent at once before a policy's runs")
     p.add_argument("--workers", type=int, default=1)
@@ -75,7 +78,7 @@ def sweep(a: argparse.Namespace) -> list[Run]:
     percentiles = [float(x) for x in a.percentiles.split(",")]
     trace = arrival_trace(a)           # read (and checked) once, before any stack starts
     for spec in a.policies:            # a variant without flags fails now, not after the runs before it
-        variant_flags(spec, a.variant_worker_arg, a.variant_scheduler_arg)
+        variant_flags(spec, a.variant_worker_arg, a.variant_scheduler_arg, a.variant_predictor_arg)
     runs = []
     for group in run_groups(a.policies, a.rates, a.alternate, a.side_by_side):
         rate = group[0][1]
@@ -117,20 +120,22 @@ def run_order(policies: list[str], rates: list[float], alternate: bool) -> list[
     return [(p, r) for i, r in enumerate(rates) for p in (policies if i % 2 == 0 else policies[::-1])]
 
 
-def variant_flags(spec: str, worker_args: list[str],
-                  scheduler_args: list[str] = ()) -> tuple[str, list[str], list[str]]:
-    """'POLICY@VARIANT' -> (POLICY, the worker flags and the scheduler flags given for VARIANT); a plain 'POLICY' has
-    none. A variant with no flags is refused: it would run the plain policy under another name."""
+def variant_flags(spec: str, worker_args: list[str], scheduler_args: list[str] = (),
+                  predictor_args: list[str] = ()) -> tuple[str, list[str], list[str], list[str]]:
+    """'POLICY@VARIANT' -> (POLICY, the worker, scheduler and predictor flags given for VARIANT); a plain 'POLICY'
+    has none. A variant with no flags is refused: it would run the plain policy under another name."""
     policy, _, variant = spec.partition("@")
     if not variant:
-        return policy, [], []
+        return policy, [], [], []
     flags = []
-    for option, args in (("--variant-worker-arg", worker_args), ("--variant-scheduler-arg", scheduler_args)):
+    for option, args in (("--variant-worker-arg", worker_args), ("--variant-scheduler-arg", scheduler_args),
+                         ("--variant-predictor-arg", predictor_args)):
         if bad := [arg for arg in args if not all(arg.partition("="))]:
             raise ValueError(f"{option} {bad[0]!r}: expected VARIANT=FLAG")
         flags.append([arg.partition("=")[2] for arg in args if arg.partition("=")[0] == variant])
     if not any(flags):
-        raise ValueError(f"policy {spec!r}: no --variant-worker-arg or --variant-scheduler-arg {variant}=FLAG given")
+        raise ValueError(f"policy {spec!r}: no --variant-worker-arg, --variant-scheduler-arg or "
+                         f"--variant-predictor-arg {variant}=FLAG given")
     return policy, *flags
 
 
@@ -221,7 +226,8 @@ def run_together(a: argparse.Namespace, policies: list[str], rate: float, shares
 def start_stack(a: argparse.Namespace, policy: str, rate: float, cpus: tuple[int, ...]):
     from services.common.local_stack import LocalStack
 
-    policy_name, worker_flags, scheduler_flags = variant_flags(policy, a.variant_worker_arg, a.variant_scheduler_arg)
+    policy_name, worker_flags, scheduler_flags, predictor_flags = variant_flags(
+        policy, a.variant_worker_arg, a.variant_scheduler_arg, a.variant_predictor_arg)
     # with ignore_eos each request's max_tokens is its true length: the scheduler must not predict with it
     blind = ["--no-predict-within-max-tokens"] if a.ignore_eos else []
     # predictor and length probe learn online within the run but never save it: runs must not teach each other
@@ -229,7 +235,7 @@ def start_stack(a: argparse.Namespace, policy: str, rate: float, cpus: tuple[int
                       worker_args=["--length-probe-read-only", *a.worker_arg, *worker_flags],
                       scheduler_args=["--policy", policy_name, "--serve-step-sample", *blind, *a.scheduler_arg,
                                       *scheduler_flags],
-                      predictor_args=["--read-only", *a.predictor_arg], worker_metrics=True,
+                      predictor_args=["--read-only", *a.predictor_arg, *predictor_flags], worker_metrics=True,
                       scheduler_metrics=True, cpus=cpus).start(timeout_s=900)
 
 

@@ -175,23 +175,27 @@ def test_side_by_side_refuses_gpu_workers_which_would_share_one_gpu(tmp_path):
                   "--rates", "1", "--side-by-side", "--worker-arg=--device=cuda", "--out", str(tmp_path)])
 
 
-def test_a_policy_variant_runs_the_policy_with_its_own_worker_and_scheduler_flags():
+def test_a_policy_variant_runs_the_policy_with_its_own_worker_scheduler_and_predictor_flags():
     from bench.sweep import variant_flags
 
     args = ["noprobe=--length-probe-layer=-2", "big=--num-blocks=2048", "noprobe=--max-batch=8"]
     sched = ["noearly=--park-kv-share=0", "noprobe=--aging-s=30"]
-    assert variant_flags("alise", args, sched) == ("alise", [], [])
-    assert variant_flags("alise@noprobe", args, sched) == (
-        "alise", ["--length-probe-layer=-2", "--max-batch=8"], ["--aging-s=30"])
-    assert variant_flags("fcfs@big", args, sched) == ("fcfs", ["--num-blocks=2048"], [])
-    assert variant_flags("alise@noearly", args, sched) == ("alise", [], ["--park-kv-share=0"])
-    with pytest.raises(ValueError, match="no --variant-worker-arg or --variant-scheduler-arg typo=FLAG"):
-        variant_flags("alise@typo", args, sched)
+    pred = ["novotes=--message-weight=0", "noprobe=--prior=64"]
+    assert variant_flags("alise", args, sched, pred) == ("alise", [], [], [])
+    assert variant_flags("alise@noprobe", args, sched, pred) == (
+        "alise", ["--length-probe-layer=-2", "--max-batch=8"], ["--aging-s=30"], ["--prior=64"])
+    assert variant_flags("fcfs@big", args, sched, pred) == ("fcfs", ["--num-blocks=2048"], [], [])
+    assert variant_flags("alise@noearly", args, sched, pred) == ("alise", [], ["--park-kv-share=0"], [])
+    assert variant_flags("alise@novotes", args, sched, pred) == ("alise", [], [], ["--message-weight=0"])
+    with pytest.raises(ValueError, match="no --variant-worker-arg, --variant-scheduler-arg or "
+                                         "--variant-predictor-arg typo=FLAG"):
+        variant_flags("alise@typo", args, sched, pred)
     for bad in ("noprobe", "noprobe=", "=--max-batch=8"):     # no flag, or no variant: refused, not passed on
-        with pytest.raises(ValueError, match="--variant-worker-arg .*expected VARIANT=FLAG"):
-            variant_flags("alise@noprobe", [*args, bad], sched)
-        with pytest.raises(ValueError, match="--variant-scheduler-arg .*expected VARIANT=FLAG"):
-            variant_flags("alise@noprobe", args, [*sched, bad])
+        for i, option in enumerate(("worker", "scheduler", "predictor")):
+            lists = [list(args), list(sched), list(pred)]
+            lists[i].append(bad)
+            with pytest.raises(ValueError, match=f"--variant-{option}-arg .*expected VARIANT=FLAG"):
+                variant_flags("alise@noprobe", *lists)
 
 
 def test_a_saved_run_reads_back_as_it_was_measured(tmp_path):

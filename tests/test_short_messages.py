@@ -152,6 +152,20 @@ def test_the_votes_are_saved_and_a_predictor_saved_without_them_loads_with_none(
     assert len(older.messages) == 0 and older.predict(*asked)[0].mean == pytest.approx(pred.predict(*asked)[0].mean)
 
 
+def test_an_unreadable_messages_file_empties_the_votes_only(encoder, tmp_path):
+    """Review, session 37: a corrupt messages.npz made load() fail, and the server set the whole state aside."""
+    pred = LengthPredictor(encoder, retrain_every=10_000)
+    teach(pred, np.random.default_rng(3))
+    pred.save(tmp_path / "m")
+    for garbage in (b"not a zip", b""):
+        (tmp_path / "m" / "messages.npz").write_bytes(garbage)
+        again = LengthPredictor(encoder)
+        again.load(tmp_path / "m")
+        assert len(again.index) == len(pred.index) > 0 and len(again.messages) == 0
+        assert (tmp_path / "m" / "messages.npz.unreadable").read_bytes() == garbage
+        assert not (tmp_path / "m" / "messages.npz").exists()
+
+
 def test_training_puts_only_the_short_messages_in_their_index(encoder):
     texts = [chat_turn(m, i) for i, m in enumerate(("Thanks!", "x" * 120, "go on"))]
     chars = [7, 120, 5]
@@ -165,18 +179,20 @@ def test_training_puts_only_the_short_messages_in_their_index(encoder):
 def test_the_service_learns_the_votes_from_observations_and_keeps_them_over_a_restart(tmp_path):
     model_dir = tmp_path / "predictor"
 
-    def start():
+    def start(*flags):
         port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "services.predictor.server", "--listen", f"127.0.0.1:{port}",
-                                 "--model-dir", str(model_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                 "--model-dir", str(model_dir), *flags], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
         wait_healthy(f"127.0.0.1:{port}", 90)
         channel = with_bearer(grpc.insecure_channel(f"127.0.0.1:{port}"), os.environ["ALISE_SERVICE_TOKEN"])
         return proc, ppb_grpc.PredictorStub(channel)
 
-    def ask(stub) -> float:
+    def ask(stub, voted=True) -> float:
         thanks, more = stub.Predict(ppb.PredictRequest(
             prompts=[chat_turn("Thank you!", 99), chat_turn("Continue.", 99)], previous_reply_tokens=[800, 800],
             newest_message_chars=[10, 9])).predictions
+        assert thanks.source.endswith("+messages") == voted          # says when the votes moved an estimate
         return more.mean / thanks.mean
 
     rng = np.random.default_rng(2)
@@ -201,3 +217,12 @@ def test_the_service_learns_the_votes_from_observations_and_keeps_them_over_a_re
     finally:
         proc.terminate()
         proc.wait(30)
+    proc, stub = start("--message-weight=0", "--read-only")     # the benchmark's A/B: the same state, votes off
+    try:
+        assert ask(stub, voted=False) < learned / 2
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    refused = subprocess.run([sys.executable, "-m", "services.predictor.server", "--message-weight=1.5"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "--message-weight must be within [0, 1], got 1.5" in refused.stderr

@@ -42,7 +42,7 @@ class Prediction:
     p90: float
     deciles: tuple[float, ...]     # quantiles at 0.05, 0.15, ..., 0.95
     neighbours: int
-    source: str                    # knn | mlp | blend | prior
+    source: str                    # knn | mlp | blend | prior, with "+messages" where short messages' votes moved it
 
 
 @dataclass
@@ -115,6 +115,13 @@ class LengthPredictor:
         with self._lock:
             return self.predict_embedded(vecs, side, self.messages.votes(message_vecs, side))
 
+    def set_message_weight(self, weight: float) -> None:
+        """An operator's weight for the short messages' votes (0: off), over the one saved with the state."""
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"message weight must be within [0, 1], got {weight}")
+        with self._lock:
+            self.params.message_weight = weight
+
     def predict_embedded(self, vecs: np.ndarray, side: np.ndarray,
                          votes: MessageVotes | None = None) -> list[Prediction]:
         mu, sigma, n_neigh, source = self.log_distribution(vecs, side, votes=votes)
@@ -154,6 +161,7 @@ class LengthPredictor:
         if votes is not None and p.message_weight > 0:
             w = votes.weight(p.message_weight)
             mu = (1 - w) * mu + w * votes.mu
+            source = np.where(w > 0, np.char.add(source, "+messages"), source)
         return mu, sd * p.sigma_scale, n_neigh, source
 
     def mlp_quantiles(self, vecs, side) -> np.ndarray | None:
@@ -265,6 +273,19 @@ class LengthPredictor:
         (directory / "params.json.tmp").replace(directory / "params.json")
         (directory / "meta.json.tmp").replace(directory / "meta.json")
 
+    def _read_messages(self, directory: Path) -> tuple[MessageIndex, Exception | None]:
+        """The short messages' index, empty when saved before it existed or unreadable (with the error): the votes
+        are a refinement learned again from traffic, so a corrupt file of theirs must not cost the main index."""
+        messages = MessageIndex(self.encoder.dim, max_entries=self.index.max_entries)
+        if not (directory / "messages.npz").exists():
+            return messages, None
+        try:
+            with np.load(directory / "messages.npz", allow_pickle=False) as z:
+                messages.load_state({k: z[k] for k in z.files})
+        except Exception as e:  # noqa: BLE001 - any unreadable file: zip, array or shape errors alike
+            return MessageIndex(self.encoder.dim, max_entries=self.index.max_entries), e
+        return messages, None
+
     def load(self, directory: Path) -> None:
         directory = Path(directory)
         params = params_from(json.loads((directory / "params.json").read_text()))
@@ -275,10 +296,7 @@ class LengthPredictor:
         position = meta.get("stream_position", "0")
         with np.load(directory / "index.npz", allow_pickle=False) as z:
             state = {k: z[k] for k in z.files}
-        messages = MessageIndex(self.encoder.dim, max_entries=self.index.max_entries)
-        if (directory / "messages.npz").exists():    # else saved before the short messages' index: it starts empty
-            with np.load(directory / "messages.npz", allow_pickle=False) as z:
-                messages.load_state({k: z[k] for k in z.files})
+        messages, unreadable = self._read_messages(directory)
         mlp = None
         if (directory / "mlp.pt").exists():
             mlp = self._new_mlp()
@@ -289,3 +307,7 @@ class LengthPredictor:
             self.messages = messages
             self.params, self.mlp, self.stream_position = params, mlp, position
             self._replay = []
+        if unreadable is not None:      # set aside once the rest has loaded: else the server sets all of it aside
+            (directory / "messages.npz").replace(directory / "messages.npz.unreadable")
+            log.error("cannot read %s (%r): the short messages' votes start empty, the rest of the state loaded; "
+                      "the file is kept as messages.npz.unreadable", directory / "messages.npz", unreadable)

@@ -139,6 +139,8 @@ async def save_periodically(predictor: LengthPredictor, model_dir: Path, every_s
 async def serve(a: argparse.Namespace) -> None:
     if a.math_threads < 1:
         raise SystemExit(f"--math-threads must be >= 1, got {a.math_threads}")
+    if a.message_weight is not None and not 0.0 <= a.message_weight <= 1.0:
+        raise SystemExit(f"--message-weight must be within [0, 1], got {a.message_weight}")
     limit_math_threads(a.math_threads)                  # this thread's
     asyncio.get_running_loop().set_default_executor(math_executor(a.math_threads))     # those that predict and learn
     service_token = read_service_token(a.service_token_file)
@@ -160,6 +162,8 @@ async def serve(a: argparse.Namespace) -> None:
     log.info("encoder: %s (%d dims)", type(encoder).__name__, encoder.dim)
     predictor = LengthPredictor(encoder, PredictorParams(prior_log_mean=math.log(a.prior)))
     load_or_empty(predictor, a.model_dir)
+    if a.message_weight is not None:
+        predictor.set_message_weight(a.message_weight)
     metrics.INDEX_ENTRIES.set_function(lambda: predictor.size)
     if a.metrics_port:
         start_http_server(a.metrics_port, addr=a.listen.rsplit(":", 1)[0])
@@ -213,6 +217,9 @@ def main() -> None:
                    help="never write --model-dir: learn online in memory only (benchmark runs must not teach the "
                         "next run the lengths of the same prompts)")
     p.add_argument("--prior", type=float, default=128.0, help="output tokens assumed before anything is learned")
+    p.add_argument("--message-weight", type=float, default=None,
+                   help="the most a short newest message's votes weigh in its estimate, 0-1 (0: off; default: the "
+                        "trained state's, 0.5 when none); saved with the state unless --read-only")
     p.add_argument("--encoder", choices=ENCODER_KINDS, default="auto",
                    help="auto: what train.py saved in --model-dir/encoder, else stock MiniLM; static: the fast "
                         "static encoder (thousands of prompts/s on 2 cores)")
