@@ -23,8 +23,10 @@ fi
 export PREDICTOR=predictor_880
 name=${NAME:-F}
 max_admit=${MAX_ADMIT_S:-0.3}
+# a 3,000-request run at 44 req/s (start, prime, arrivals, drain) took 165-175 s on session 38's H100: 170 s cut
+# one off and lost it; two policies a call fit in the 600 s a call may run
 for policy in ${POLICIES:-fcfs alise alise@ag15}; do
-    SWEEP_TIMEOUT=${SWEEP_TIMEOUT:-170} bash bench/device/sweep.sh "$name" sharegpt-chat \
+    SWEEP_TIMEOUT=${SWEEP_TIMEOUT:-210} bash bench/device/sweep.sh "$name" sharegpt-chat \
         .bench-data/sharegpt_heldout_880.json "${N:-3000}" "$policy" "${RATES:-$rate}" \
         --ignore-eos --scheduler-arg=--learn-forced-lengths --variant-worker-arg=er8=--early-rows=8 \
         --variant-worker-arg=er32=--early-rows=32 --variant-scheduler-arg=ag15=--aging-s=15 \

@@ -164,6 +164,7 @@ async def serve(a: argparse.Namespace) -> None:
     load_or_empty(predictor, a.model_dir)
     if a.message_weight is not None:
         predictor.set_message_weight(a.message_weight)
+        log.info("--message-weight: the short messages' votes weigh at most %g", a.message_weight)
     metrics.INDEX_ENTRIES.set_function(lambda: predictor.size)
     if a.metrics_port:
         start_http_server(a.metrics_port, addr=a.listen.rsplit(":", 1)[0])
