@@ -223,20 +223,25 @@ def run_together(a: argparse.Namespace, policies: list[str], rate: float, shares
     return out
 
 
-def start_stack(a: argparse.Namespace, policy: str, rate: float, cpus: tuple[int, ...]):
-    from services.common.local_stack import LocalStack
-
+def stack_flags(a: argparse.Namespace, policy: str) -> tuple[list[str], list[str], list[str]]:
+    """The worker's, scheduler's and predictor's flags for a run of `policy` (POLICY or POLICY@VARIANT)."""
     policy_name, worker_flags, scheduler_flags, predictor_flags = variant_flags(
         policy, a.variant_worker_arg, a.variant_scheduler_arg, a.variant_predictor_arg)
     # with ignore_eos each request's max_tokens is its true length: the scheduler must not predict with it
     blind = ["--no-predict-within-max-tokens"] if a.ignore_eos else []
     # predictor and length probe learn online within the run but never save it: runs must not teach each other
+    return (["--length-probe-read-only", *a.worker_arg, *worker_flags],
+            ["--policy", policy_name, "--serve-step-sample", *blind, *a.scheduler_arg, *scheduler_flags],
+            ["--read-only", *a.predictor_arg, *predictor_flags])
+
+
+def start_stack(a: argparse.Namespace, policy: str, rate: float, cpus: tuple[int, ...]):
+    from services.common.local_stack import LocalStack
+
+    worker_args, scheduler_args, predictor_args = stack_flags(a, policy)
     return LocalStack(log_dir=a.out / f"stack-{run_label(policy, rate)}", num_workers=a.workers,
-                      worker_args=["--length-probe-read-only", *a.worker_arg, *worker_flags],
-                      scheduler_args=["--policy", policy_name, "--serve-step-sample", *blind, *a.scheduler_arg,
-                                      *scheduler_flags],
-                      predictor_args=["--read-only", *a.predictor_arg, *predictor_flags], worker_metrics=True,
-                      scheduler_metrics=True, cpus=cpus).start(timeout_s=900)
+                      worker_args=worker_args, scheduler_args=scheduler_args, predictor_args=predictor_args,
+                      worker_metrics=True, scheduler_metrics=True, cpus=cpus).start(timeout_s=900)
 
 
 async def measure_together(a: argparse.Namespace, stacks: list, rate: float, prime, measured,

@@ -198,6 +198,23 @@ def test_a_policy_variant_runs_the_policy_with_its_own_worker_scheduler_and_pred
                 variant_flags("alise@noprobe", *lists)
 
 
+def test_a_variants_flags_reach_its_stacks_services_and_only_its_own():
+    import argparse
+
+    from bench.sweep import add_arguments, stack_flags
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    a = p.parse_args(["--dataset-name", "synthetic", "--rates", "1", "--ignore-eos", "--predictor-arg=--prior=64",
+                      "--variant-predictor-arg=nv=--message-weight=0", "--variant-worker-arg=big=--num-blocks=9"])
+    worker, scheduler, predictor = stack_flags(a, "alise@nv")
+    assert predictor == ["--read-only", "--prior=64", "--message-weight=0"]    # never saves, whatever the variant
+    assert scheduler[:2] == ["--policy", "alise"] and "--no-predict-within-max-tokens" in scheduler
+    assert "--num-blocks=9" not in worker and worker[0] == "--length-probe-read-only"
+    assert stack_flags(a, "alise")[2] == ["--read-only", "--prior=64"]
+    assert "--num-blocks=9" in stack_flags(a, "fcfs@big")[0]
+
+
 def test_a_saved_run_reads_back_as_it_was_measured(tmp_path):
     from bench.serve import save
     from bench.sweep import load_run

@@ -152,6 +152,23 @@ def test_the_votes_are_saved_and_a_predictor_saved_without_them_loads_with_none(
     assert len(older.messages) == 0 and older.predict(*asked)[0].mean == pytest.approx(pred.predict(*asked)[0].mean)
 
 
+def test_an_operators_message_weight_is_used_but_never_saved(encoder, tmp_path):
+    """Review, session 38: the override was written into params.json, so a restart without it kept it."""
+    pred = LengthPredictor(encoder, retrain_every=10_000)
+    teach(pred, np.random.default_rng(4))
+    asked = ([chat_turn("Thanks!!", 5)], [800], [8])
+    voted = pred.predict(*asked)[0]
+    pred.set_message_weight(0.0)
+    off = pred.predict(*asked)[0]
+    assert off.mean > 1.2 * voted.mean and not off.source.endswith("+messages")
+    pred.save(tmp_path / "m")
+    again = LengthPredictor(encoder)
+    again.load(tmp_path / "m")
+    assert again.params.message_weight == 0.5 and again.predict(*asked)[0].mean == pytest.approx(voted.mean)
+    with pytest.raises(ValueError, match="within \\[0, 1\\]"):
+        pred.set_message_weight(float("nan"))
+
+
 def test_an_unreadable_messages_file_empties_the_votes_only(encoder, tmp_path):
     """Review, session 37: a corrupt messages.npz made load() fail, and the server set the whole state aside."""
     pred = LengthPredictor(encoder, retrain_every=10_000)
@@ -164,6 +181,16 @@ def test_an_unreadable_messages_file_empties_the_votes_only(encoder, tmp_path):
         assert len(again.index) == len(pred.index) > 0 and len(again.messages) == 0
         assert (tmp_path / "m" / "messages.npz.unreadable").read_bytes() == garbage
         assert not (tmp_path / "m" / "messages.npz").exists()
+        (tmp_path / "m" / "messages.npz.unreadable").unlink()
+    # review, session 38: where it cannot be set aside (here a folder is in the way; a read-only volume alike),
+    # the state loaded must stay loaded: load failing would make the server set every good file aside
+    (tmp_path / "m" / "messages.npz").write_bytes(b"not a zip")
+    (tmp_path / "m" / "messages.npz.unreadable").mkdir()
+    (tmp_path / "m" / "messages.npz.unreadable" / "x").write_text("x")
+    again = LengthPredictor(encoder)
+    again.load(tmp_path / "m")
+    assert len(again.index) == len(pred.index) and len(again.messages) == 0
+    assert (tmp_path / "m" / "messages.npz").read_bytes() == b"not a zip"
 
 
 def test_training_puts_only_the_short_messages_in_their_index(encoder):

@@ -102,6 +102,7 @@ class LengthPredictor:
         self.dirty = False
         self.stream_position = "0"     # last observation-stream entry learned (observation_feed.py)
         self._training = False         # an MLP refresh is running (at most one at a time)
+        self._message_weight: float | None = None   # an operator's override of params.message_weight (not saved)
 
     @property
     def size(self) -> int:
@@ -116,11 +117,17 @@ class LengthPredictor:
             return self.predict_embedded(vecs, side, self.messages.votes(message_vecs, side))
 
     def set_message_weight(self, weight: float) -> None:
-        """An operator's weight for the short messages' votes (0: off), over the one saved with the state."""
+        """An operator's weight for the short messages' votes (0: off), used instead of the state's while this
+        process runs. Kept apart from params: saving writes the trained weight, so a restart without the override
+        predicts as trained again (review, session 38)."""
         if not 0.0 <= weight <= 1.0:
             raise ValueError(f"message weight must be within [0, 1], got {weight}")
         with self._lock:
-            self.params.message_weight = weight
+            self._message_weight = weight
+
+    @property
+    def message_weight(self) -> float:
+        return self.params.message_weight if self._message_weight is None else self._message_weight
 
     def predict_embedded(self, vecs: np.ndarray, side: np.ndarray,
                          votes: MessageVotes | None = None) -> list[Prediction]:
@@ -158,8 +165,8 @@ class LengthPredictor:
         if p.reply_weight > 0 and (line := p.reply_line()) is not None:
             w = np.where(has_previous_reply(side), p.reply_weight, 0.0)
             mu, sd = (1 - w) * mu + w * line.log_length(side), (1 - w) * sd + w * line.sd
-        if votes is not None and p.message_weight > 0:
-            w = votes.weight(p.message_weight)
+        if votes is not None and self.message_weight > 0:
+            w = votes.weight(self.message_weight)
             mu = (1 - w) * mu + w * votes.mu
             source = np.where(w > 0, np.char.add(source, "+messages"), source)
         return mu, sd * p.sigma_scale, n_neigh, source
@@ -308,6 +315,10 @@ class LengthPredictor:
             self.params, self.mlp, self.stream_position = params, mlp, position
             self._replay = []
         if unreadable is not None:      # set aside once the rest has loaded: else the server sets all of it aside
-            (directory / "messages.npz").replace(directory / "messages.npz.unreadable")
-            log.error("cannot read %s (%r): the short messages' votes start empty, the rest of the state loaded; "
-                      "the file is kept as messages.npz.unreadable", directory / "messages.npz", unreadable)
+            log.error("cannot read %s (%r): the short messages' votes start empty, the rest of the state loaded",
+                      directory / "messages.npz", unreadable)
+            try:      # the state is in place: a rename that fails (a read-only volume) must not make load fail
+                (directory / "messages.npz").replace(directory / "messages.npz.unreadable")
+                log.error("the unreadable file is kept as messages.npz.unreadable")
+            except OSError as e:
+                log.error("cannot keep it as messages.npz.unreadable (%r): it stays where it is", e)

@@ -220,7 +220,7 @@ def main() -> None:
     p.add_argument("--prior", type=float, default=128.0, help="output tokens assumed before anything is learned")
     p.add_argument("--message-weight", type=float, default=None,
                    help="the most a short newest message's votes weigh in its estimate, 0-1 (0: off; default: the "
-                        "trained state's, 0.5 when none); saved with the state unless --read-only")
+                        "trained state's, 0.5 when none); for this run only: the state saves its own weight")
     p.add_argument("--encoder", choices=ENCODER_KINDS, default="auto",
                    help="auto: what train.py saved in --model-dir/encoder, else stock MiniLM; static: the fast "
                         "static encoder (thousands of prompts/s on 2 cores)")
