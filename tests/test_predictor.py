@@ -187,6 +187,19 @@ def test_service_persists_online_learning_and_survives_a_corrupt_file(tmp_path):
     assert (model_dir / "index.npz.unreadable").read_bytes() == b"garbage"     # kept aside, not overwritten
 
 
+def test_setting_state_aside_never_fails_a_start(tmp_path):
+    """Review, session 38: a file that could not be renamed (a read-only volume; here a folder in the way) raised out
+    of the server's start, so a corrupt state became a crash loop."""
+    from services.predictor.length_predictor import LengthPredictor, set_aside
+
+    for name in ("index.npz", "params.json"):
+        (tmp_path / name).write_bytes(b"garbage")
+    (tmp_path / "index.npz.unreadable").mkdir()
+    (tmp_path / "index.npz.unreadable" / "x").write_text("x")
+    assert set_aside(tmp_path, LengthPredictor.STATE_FILES) == ["params.json.unreadable"]
+    assert (tmp_path / "index.npz").read_bytes() == b"garbage" and not (tmp_path / "params.json").exists()
+
+
 def test_learns_from_the_observation_stream_and_resumes_where_it_saved(redis_server, tmp_path):
     import redis
 

@@ -252,4 +252,5 @@ def test_the_service_learns_the_votes_from_observations_and_keeps_them_over_a_re
         proc.wait(30)
     refused = subprocess.run([sys.executable, "-m", "services.predictor.server", "--message-weight=1.5"],
                              capture_output=True, text=True, timeout=120)
-    assert refused.returncode != 0 and "--message-weight must be within [0, 1], got 1.5" in refused.stderr
+    assert refused.returncode != 0
+    assert "--message-weight: message weight must be within [0, 1], got 1.5" in refused.stderr

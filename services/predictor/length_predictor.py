@@ -165,8 +165,8 @@ class LengthPredictor:
         if p.reply_weight > 0 and (line := p.reply_line()) is not None:
             w = np.where(has_previous_reply(side), p.reply_weight, 0.0)
             mu, sd = (1 - w) * mu + w * line.log_length(side), (1 - w) * sd + w * line.sd
-        if votes is not None and self.message_weight > 0:
-            w = votes.weight(self.message_weight)
+        if votes is not None and (weight := self.message_weight) > 0:
+            w = votes.weight(weight)
             mu = (1 - w) * mu + w * votes.mu
             source = np.where(w > 0, np.char.add(source, "+messages"), source)
         return mu, sd * p.sigma_scale, n_neigh, source
@@ -315,10 +315,21 @@ class LengthPredictor:
             self.params, self.mlp, self.stream_position = params, mlp, position
             self._replay = []
         if unreadable is not None:      # set aside once the rest has loaded: else the server sets all of it aside
-            log.error("cannot read %s (%r): the short messages' votes start empty, the rest of the state loaded",
-                      directory / "messages.npz", unreadable)
-            try:      # the state is in place: a rename that fails (a read-only volume) must not make load fail
-                (directory / "messages.npz").replace(directory / "messages.npz.unreadable")
-                log.error("the unreadable file is kept as messages.npz.unreadable")
-            except OSError as e:
-                log.error("cannot keep it as messages.npz.unreadable (%r): it stays where it is", e)
+            log.error("cannot read %s (%r): the short messages' votes start empty, the rest of the state loaded; "
+                      "kept as %s", directory / "messages.npz", unreadable, set_aside(directory, ["messages.npz"]))
+
+
+def set_aside(directory: Path, names) -> list[str]:
+    """Rename these state files, unreadable, to NAME.unreadable (never delete what may be recovered by hand); the
+    names they now have. One that cannot be renamed (a read-only volume) stays where it is, logged: setting state
+    aside must never fail a start, or a corrupt file becomes a crash loop."""
+    kept = []
+    for name in names:
+        if not (directory / name).exists():
+            continue
+        try:
+            (directory / name).replace(directory / f"{name}.unreadable")
+            kept.append(f"{name}.unreadable")
+        except OSError as e:
+            log.error("cannot set %s aside (%r): it stays where it is", directory / name, e)
+    return kept

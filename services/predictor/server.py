@@ -28,7 +28,7 @@ from services.common.observations import MAX_NEWEST_MESSAGE_CHARS, MAX_OUTPUT_TO
 from services.predictor import metrics
 from services.predictor.batcher import PredictBatcher
 from services.predictor.encoder import ENCODER_KINDS, load_encoder
-from services.predictor.length_predictor import LengthPredictor, PredictorParams
+from services.predictor.length_predictor import LengthPredictor, PredictorParams, set_aside
 from services.predictor.math_threads import limit_math_threads, math_executor
 from services.predictor.observation_feed import ObservationFeed
 
@@ -114,19 +114,9 @@ def load_or_empty(predictor: LengthPredictor, model_dir: Path | None) -> None:
         predictor.load(model_dir)
         log.info("loaded predictor from %s: %d prompts, params %s", model_dir, predictor.size, predictor.params)
     except Exception as e:  # noqa: BLE001 - a corrupt file must not become a crash loop
-        kept = set_aside(model_dir)
+        kept = set_aside(model_dir, LengthPredictor.STATE_FILES)
         log.error("cannot read predictor at %s (%r): starting empty; the unreadable files are kept as %s",
                   model_dir, e, kept)              # load() changes nothing until everything has been read
-
-
-def set_aside(model_dir: Path) -> list[str]:
-    """Rename unreadable state files (never overwrite what may still be recovered by hand)."""
-    kept = []
-    for name in LengthPredictor.STATE_FILES:
-        if (model_dir / name).exists():
-            (model_dir / name).replace(model_dir / f"{name}.unreadable")
-            kept.append(f"{name}.unreadable")
-    return kept
 
 
 async def save_periodically(predictor: LengthPredictor, model_dir: Path, every_s: float) -> None:
@@ -139,8 +129,6 @@ async def save_periodically(predictor: LengthPredictor, model_dir: Path, every_s
 async def serve(a: argparse.Namespace) -> None:
     if a.math_threads < 1:
         raise SystemExit(f"--math-threads must be >= 1, got {a.math_threads}")
-    if a.message_weight is not None and not 0.0 <= a.message_weight <= 1.0:
-        raise SystemExit(f"--message-weight must be within [0, 1], got {a.message_weight}")
     limit_math_threads(a.math_threads)                  # this thread's
     asyncio.get_running_loop().set_default_executor(math_executor(a.math_threads))     # those that predict and learn
     service_token = read_service_token(a.service_token_file)
@@ -161,10 +149,13 @@ async def serve(a: argparse.Namespace) -> None:
         encoder = load_encoder("minilm", None, a.max_prompt_tokens, a.quantize)
     log.info("encoder: %s (%d dims)", type(encoder).__name__, encoder.dim)
     predictor = LengthPredictor(encoder, PredictorParams(prior_log_mean=math.log(a.prior)))
-    load_or_empty(predictor, a.model_dir)
-    if a.message_weight is not None:
-        predictor.set_message_weight(a.message_weight)
+    if a.message_weight is not None:          # kept apart from the state loaded next, which does not replace it
+        try:
+            predictor.set_message_weight(a.message_weight)
+        except ValueError as e:
+            raise SystemExit(f"--message-weight: {e}") from None
         log.info("--message-weight: the short messages' votes weigh at most %g", a.message_weight)
+    load_or_empty(predictor, a.model_dir)
     metrics.INDEX_ENTRIES.set_function(lambda: predictor.size)
     if a.metrics_port:
         start_http_server(a.metrics_port, addr=a.listen.rsplit(":", 1)[0])
