@@ -18,7 +18,7 @@ from services.common.local_stack import free_port, wait_healthy
 from tests.helpers import predictor_stub, wait_until
 from services.predictor.datasets import load_examples
 from services.predictor.encoder import Encoder
-from services.predictor.length_predictor import LengthPredictor, PredictorParams
+from services.predictor.length_predictor import Basis, LengthPredictor, PredictorParams
 
 
 def test_dataset_formats(tmp_path):
@@ -75,7 +75,7 @@ def encoder():
 def test_learns_ranks_and_persists(encoder, tmp_path):
     pred = LengthPredictor(encoder)
     first = pred.predict(["Write a detailed essay about the history of Rome."])[0]
-    assert first.source == "prior" and first.neighbours == 0
+    assert first.basis is Basis.PRIOR and first.neighbours == 0 and not first.message_votes
     pred.observe(["Write a detailed essay about the history of Greece.", "Answer yes or no: is water wet?"], [800, 3])
     long_, short = pred.predict(["Write a detailed essay about the history of Rome.", "Answer yes or no: is water cold?"])
     assert long_.neighbours >= 1 and long_.p50 > 300 and short.p50 < 30
@@ -181,7 +181,7 @@ def test_service_persists_online_learning_and_survives_a_corrupt_file(tmp_path):
     (model_dir / "index.npz").write_bytes(b"garbage")  # corrupt: an error in the log and a clean empty start
     proc, stub, _ = start()
     p = stub.Predict(ppb.PredictRequest(prompts=["Tell me a long story."])).predictions[0]
-    assert p.source == "prior" and p.p50 == pytest.approx(40)          # the configured prior, not a default
+    assert p.basis == ppb.PREDICTION_BASIS_PRIOR and p.p50 == pytest.approx(40)          # the configured prior, not a default
     proc.terminate()
     assert b"cannot read predictor" in proc.communicate(timeout=30)[1]
     assert (model_dir / "index.npz.unreadable").read_bytes() == b"garbage"     # kept aside, not overwritten
@@ -275,7 +275,7 @@ def test_train_cli_then_serve(tmp_path, encoder_args):
         stub = predictor_stub(f"127.0.0.1:{port}")
         short, long_ = stub.Predict(ppb.PredictRequest(prompts=["Write 1 sentences about snow.",
                                                                  "Write 32 sentences about snow."])).predictions
-        assert short.source != "prior" and long_.p50 > short.p50
+        assert short.basis not in (ppb.PREDICTION_BASIS_PRIOR, ppb.PREDICTION_BASIS_UNSPECIFIED) and long_.p50 > short.p50
     finally:
         proc.terminate()
         proc.wait(30)

@@ -160,7 +160,7 @@ def test_an_operators_message_weight_is_used_but_never_saved(encoder, tmp_path):
     voted = pred.predict(*asked)[0]
     pred.set_message_weight(0.0)
     off = pred.predict(*asked)[0]
-    assert off.mean > 1.2 * voted.mean and not off.source.endswith("+messages")
+    assert off.mean > 1.2 * voted.mean and voted.message_votes and not off.message_votes
     pred.save(tmp_path / "m")
     again = LengthPredictor(encoder)
     again.load(tmp_path / "m")
@@ -219,7 +219,7 @@ def test_the_service_learns_the_votes_from_observations_and_keeps_them_over_a_re
         thanks, more = stub.Predict(ppb.PredictRequest(
             prompts=[chat_turn("Thank you!", 99), chat_turn("Continue.", 99)], previous_reply_tokens=[800, 800],
             newest_message_chars=[10, 9])).predictions
-        assert thanks.source.endswith("+messages") == voted          # says when the votes moved an estimate
+        assert thanks.message_votes == voted         # says when the votes moved an estimate
         return more.mean / thanks.mean
 
     rng = np.random.default_rng(2)

@@ -17,6 +17,7 @@ import json
 import logging
 import threading
 from dataclasses import asdict, dataclass, fields
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,21 @@ log = logging.getLogger("alise.predictor")
 _DECILE_Z = np.array(DECILE_Z)
 
 
+class Basis(Enum):
+    """What a prediction's median comes from (its wire form: predictor.proto's PredictionBasis)."""
+    KNN = "knn"        # similar past prompts
+    MLP = "mlp"        # the MLP, none similar enough (or knn_weight 0)
+    BLEND = "blend"    # both, weighted by knn_weight
+    PRIOR = "prior"    # neither: the configured prior (an empty predictor)
+
+
+@dataclass(frozen=True)
+class Origins:
+    """Per prompt of a batch: its prediction's basis, and whether short messages' votes moved it."""
+    basis: list[Basis]
+    voted: np.ndarray                # bool
+
+
 @dataclass(frozen=True)
 class Prediction:
     mean: float
@@ -42,7 +58,8 @@ class Prediction:
     p90: float
     deciles: tuple[float, ...]     # quantiles at 0.05, 0.15, ..., 0.95
     neighbours: int
-    source: str                    # knn | mlp | blend | prior, with "+messages" where short messages' votes moved it
+    basis: Basis
+    message_votes: bool            # short messages' votes moved it
 
 
 @dataclass
@@ -131,11 +148,12 @@ class LengthPredictor:
 
     def predict_embedded(self, vecs: np.ndarray, side: np.ndarray,
                          votes: MessageVotes | None = None) -> list[Prediction]:
-        mu, sigma, n_neigh, source = self.log_distribution(vecs, side, votes=votes)
-        return [self._prediction(m, s, n, src) for m, s, n, src in zip(mu, sigma, n_neigh, source)]
+        mu, sigma, n_neigh, origins = self.log_distribution(vecs, side, votes=votes)
+        return [self._prediction(m, s, n, b, bool(v))
+                for m, s, n, b, v in zip(mu, sigma, n_neigh, origins.basis, origins.voted)]
 
     def log_distribution(self, vecs, side, sims=None, neigh_logs=None, mlp_q=None, votes: MessageVotes | None = None):
-        """Per prompt: (mu, sigma) of log length, neighbour count and source. Precomputed neighbours and
+        """Per prompt: (mu, sigma) of log length, neighbour count, and Origins. Precomputed neighbours and
         MLP outputs may be passed (hyper-parameter search evaluates many settings on the same ones), and the
         short messages' votes (MessageIndex.votes; none: no request's message is looked at)."""
         p = self.params
@@ -152,24 +170,25 @@ class LengthPredictor:
         knn_sd = np.sqrt((w * (neigh_logs - knn_mu[:, None]) ** 2).sum(1) / wsum)
         knn_sd = np.maximum(knn_sd, 0.25)
         if mlp_q is not None:
-            base_mu, base_sd, base_src = mlp_q[:, 1], np.maximum((mlp_q[:, 2] - mlp_q[:, 0]) / (2 * Z90), 0.1), "mlp"
+            base_mu, base_sd, base = mlp_q[:, 1], np.maximum((mlp_q[:, 2] - mlp_q[:, 0]) / (2 * Z90), 0.1), Basis.MLP
         else:
             base_mu = np.full(len(vecs), p.prior_log_mean)
-            base_sd, base_src = np.full(len(vecs), p.prior_log_std), "prior"
+            base_sd, base = np.full(len(vecs), p.prior_log_std), Basis.PRIOR
         has = n_neigh > 0
         beta = p.knn_weight if mlp_q is not None else 1.0
         mu = np.where(has, beta * knn_mu + (1 - beta) * base_mu, base_mu)
         sd = np.where(has, beta * knn_sd + (1 - beta) * base_sd, base_sd)
-        blend = "knn" if beta == 1.0 else base_src if beta == 0.0 else "blend"
-        source = np.where(has, blend, base_src)
+        blend = Basis.KNN if beta == 1.0 else base if beta == 0.0 else Basis.BLEND
+        basis = [blend if h else base for h in has]
+        voted = np.zeros(len(vecs), dtype=bool)
         if p.reply_weight > 0 and (line := p.reply_line()) is not None:
             w = np.where(has_previous_reply(side), p.reply_weight, 0.0)
             mu, sd = (1 - w) * mu + w * line.log_length(side), (1 - w) * sd + w * line.sd
         if votes is not None and (weight := self.message_weight) > 0:
             w = votes.weight(weight)
             mu = (1 - w) * mu + w * votes.mu
-            source = np.where(w > 0, np.char.add(source, "+messages"), source)
-        return mu, sd * p.sigma_scale, n_neigh, source
+            voted = w > 0
+        return mu, sd * p.sigma_scale, n_neigh, Origins(basis, voted)
 
     def mlp_quantiles(self, vecs, side) -> np.ndarray | None:
         if self.mlp is None:
@@ -178,11 +197,11 @@ class LengthPredictor:
             return self.mlp(features(vecs, side)).numpy()
 
     @staticmethod
-    def _prediction(mu: float, sigma: float, neighbours: int, source: str) -> Prediction:
+    def _prediction(mu: float, sigma: float, neighbours: int, basis: Basis, voted: bool) -> Prediction:
         q = np.exp(mu + sigma * np.array([-Z90, 0.0, Z90]))
         return Prediction(mean=float(np.exp(mu + sigma ** 2 / 2)), p10=float(q[0]), p50=float(q[1]), p90=float(q[2]),
                           deciles=tuple(float(x) for x in np.exp(mu + sigma * _DECILE_Z)),
-                          neighbours=int(neighbours), source=str(source))
+                          neighbours=int(neighbours), basis=basis, message_votes=voted)
 
     # -- learning --------------------------------------------------------------------------------------
     def fit(self, vecs, side, lengths, keys, val=None, message_vecs=None) -> None:

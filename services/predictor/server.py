@@ -28,13 +28,14 @@ from services.common.observations import MAX_NEWEST_MESSAGE_CHARS, MAX_OUTPUT_TO
 from services.predictor import metrics
 from services.predictor.batcher import PredictBatcher
 from services.predictor.encoder import ENCODER_KINDS, load_encoder
-from services.predictor.length_predictor import LengthPredictor, PredictorParams, set_aside
+from services.predictor.length_predictor import Basis, LengthPredictor, PredictorParams, set_aside
 from services.predictor.math_threads import limit_math_threads, math_executor
 from services.predictor.observation_feed import ObservationFeed
 
 log = logging.getLogger("alise.predictor")
 SERVICE = pb.DESCRIPTOR.services_by_name["Predictor"].full_name
 MAX_BATCH = 1024
+WIRE_BASIS = {b: pb.PredictionBasis.Value(f"PREDICTION_BASIS_{b.name}") for b in Basis}   # a missing one fails here
 # a prompt's conversation counts (PredictRequest, Observation): the bounds of a real one
 PER_PROMPT_BOUNDS = {"previous_reply_tokens": MAX_OUTPUT_TOKENS, "newest_message_chars": MAX_NEWEST_MESSAGE_CHARS}
 
@@ -64,7 +65,8 @@ class PredictorServicer:
         preds = await self.batcher.predict(prompts, previous, newest)
         return pb.PredictResponse(predictions=[
             pb.LengthPrediction(mean=x.mean, p10=x.p10, p50=x.p50, p90=x.p90, neighbours=x.neighbours,
-                                deciles=x.deciles, source=x.source) for x in preds])
+                                deciles=x.deciles, basis=WIRE_BASIS[x.basis], message_votes=x.message_votes)
+            for x in preds])
 
     async def Observe(self, request, context):
         await self.auth.require(context)

@@ -112,4 +112,5 @@ def bounded(p: pb.LengthPrediction, max_tokens: int) -> pb.LengthPrediction | No
         return min(max(v, 1.0), float(max_tokens))
 
     return pb.LengthPrediction(mean=bound(p.mean), p10=bound(p.p10), p50=bound(p.p50), p90=bound(p.p90),
-                               neighbours=p.neighbours, deciles=[bound(d) for d in p.deciles], source=p.source)
+                               neighbours=p.neighbours, deciles=[bound(d) for d in p.deciles], basis=p.basis,
+                               message_votes=p.message_votes)
