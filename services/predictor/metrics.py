@@ -9,3 +9,5 @@ BATCH_PROMPTS = Histogram("alise:predictor_batch_prompts", "Prompts per coalesce
                           buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
 LEARNED = Counter("alise:predictor_observations", "True lengths learned", ["source"])    # stream | observe
 INDEX_ENTRIES = Gauge("alise:predictor_index_entries", "Prompts in the retrieval index")
+KIND_SLOPE = Gauge("alise:predictor_kind_slope", "How much of a prediction's difference from its kind's centre is "
+                   "served (1: all; kind_reliability.py), learned from finished jobs", ["kind"])

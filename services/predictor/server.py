@@ -28,6 +28,7 @@ from services.common.observations import MAX_NEWEST_MESSAGE_CHARS, MAX_OUTPUT_TO
 from services.predictor import metrics
 from services.predictor.batcher import PredictBatcher
 from services.predictor.encoder import ENCODER_KINDS, load_encoder
+from services.predictor.kind_reliability import RequestKind
 from services.predictor.length_predictor import Basis, LengthPredictor, PredictorParams, set_aside
 from services.predictor.math_threads import limit_math_threads, math_executor
 from services.predictor.observation_feed import ObservationFeed
@@ -157,8 +158,13 @@ async def serve(a: argparse.Namespace) -> None:
         except ValueError as e:
             raise SystemExit(f"--message-weight: {e}") from None
         log.info("--message-weight: the short messages' votes weigh at most %g", a.message_weight)
+    if a.no_kind_pull:
+        predictor.pull_by_kind = False
+        log.info("--no-kind-pull: predictions served as the model gives them, whatever their kind's reliability")
     load_or_empty(predictor, a.model_dir)
     metrics.INDEX_ENTRIES.set_function(lambda: predictor.size)
+    for kind in RequestKind:
+        metrics.KIND_SLOPE.labels(kind.value).set_function(lambda kind=kind: predictor.reliability.slope(kind))
     if a.metrics_port:
         start_http_server(a.metrics_port, addr=a.listen.rsplit(":", 1)[0])
     add_lenient_service(server, PredictorServicer(predictor, callers), pb, "Predictor")
@@ -214,6 +220,9 @@ def main() -> None:
     p.add_argument("--message-weight", type=float, default=None,
                    help="the most a short newest message's votes weigh in its estimate, 0-1 (0: off; default: the "
                         "trained state's, 0.5 when none); for this run only: the state saves its own weight")
+    p.add_argument("--no-kind-pull", action="store_true",
+                   help="serve predictions as the model gives them: not pulled toward their kind's centre where the "
+                        "model ranks that kind poorly (services/predictor/kind_reliability.py)")
     p.add_argument("--encoder", choices=ENCODER_KINDS, default="auto",
                    help="auto: what train.py saved in --model-dir/encoder, else stock MiniLM; static: the fast "
                         "static encoder (thousands of prompts/s on 2 cores)")

@@ -1,0 +1,114 @@
+"""Predictions pulled toward their kind's centre where the predictor ranks that kind poorly
+(services/predictor/kind_reliability.py): a first message the predictor cannot rank waits like an average job
+instead of behind every later turn predicted shorter."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.common.predictor_text import prompt_key
+from services.predictor.encoder import Encoder
+from services.predictor.kind_reliability import KindReliability, RequestKind, kinds_of
+from services.predictor.length_mlp import side_features
+from services.predictor.length_predictor import LengthPredictor
+
+FIRST, LATER = RequestKind.FIRST_MESSAGE, RequestKind.LATER_TURN
+
+
+def finished(rel: KindReliability, kind: RequestKind, n: int, ranked: bool, rng) -> None:
+    """n finished jobs of `kind`, predicted between e^3 and e^7 tokens: their lengths follow the predictions
+    (`ranked`) or have nothing to do with them."""
+    mu = rng.uniform(3, 7, n)
+    true = mu + rng.normal(0, 0.2, n) if ranked else rng.uniform(3, 7, n)
+    rel.record([kind] * n, mu, np.exp(true).round().astype(int))
+
+
+def test_a_kind_ranked_poorly_is_pulled_to_its_centre_and_one_ranked_well_is_kept():
+    rng = np.random.default_rng(0)
+    rel = KindReliability(window=400, min_pairs=50)
+    mu = np.array([3.0, 7.0])
+    finished(rel, FIRST, 49, ranked=False, rng=rng)
+    finished(rel, LATER, 400, ranked=True, rng=rng)
+    assert np.allclose(rel.pull(mu, [FIRST, FIRST]), mu)           # 49 pairs: not known yet, left alone
+    finished(rel, FIRST, 351, ranked=False, rng=rng)
+    first = rel.pull(mu, [FIRST, FIRST])
+    assert rel.slope(FIRST) < 0.25 and first[1] - first[0] < 1.0   # 4 log units apart said, under 1 served
+    assert abs(first.mean() - 5.0) < 0.3                            # around the kind's own mean prediction
+    assert np.allclose(rel.pull(mu, [LATER, LATER]), mu) and rel.slope(LATER) == 1.0
+
+
+def test_a_single_kind_keeps_its_spread_however_it_is_ranked():
+    """Pulling every kind alike would only weaken the predictions against the policy's aging."""
+    rel = KindReliability(window=400, min_pairs=50)
+    finished(rel, FIRST, 400, ranked=False, rng=np.random.default_rng(1))
+    assert rel.slope(FIRST) == 1.0 and np.allclose(rel.pull(np.array([3.0, 7.0]), [FIRST] * 2), [3.0, 7.0])
+
+
+def test_the_window_follows_the_predictor_as_it_gets_better():
+    rng = np.random.default_rng(2)
+    rel = KindReliability(window=200, min_pairs=50)
+    finished(rel, LATER, 200, ranked=True, rng=rng)
+    finished(rel, FIRST, 200, ranked=False, rng=rng)
+    assert rel.slope(FIRST) < 0.25
+    finished(rel, FIRST, 200, ranked=True, rng=rng)                 # the old pairs have left the window
+    assert rel.slope(FIRST) > 0.9
+
+
+def test_pairs_with_no_length_or_no_prediction_are_left_out():
+    rel = KindReliability(window=100, min_pairs=2)
+    rel.record([FIRST] * 3, np.array([np.nan, 4.0, np.inf]), [10, 0, 10])
+    rel.record([LATER] * 2, np.array([3.0, 6.0]), [20, 400])
+    assert FIRST not in rel._fit and rel.slope(FIRST) == 1.0
+
+
+def test_kinds_come_from_whether_a_reply_came_before():
+    side = side_features([100, 100, 100], [0, 350, 1], [0, 12, 0])
+    assert kinds_of(side) == [FIRST, LATER, LATER]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return Encoder()
+
+
+def test_the_pair_is_what_was_said_at_admission_not_what_is_said_at_the_end(encoder):
+    """Predicted again when a job finishes, a prompt comes from a predictor that has learned more since (and in a
+    conversation, its earlier turns): it overrated the predictor and pulled half as much, simulated."""
+    pred = LengthPredictor(encoder)
+    asked = ["Write a limerick about a cat.", "Explain quantum tunnelling in depth."]
+    said = [p.p50 for p in pred.predict(asked)]
+    keys = [prompt_key(p) for p in asked]
+    assert np.allclose(np.exp(pred.reliability.said(keys)), said)   # remembered, then forgotten once read
+    assert np.isnan(pred.reliability.said(keys)).all()
+    pred.predict(asked)
+    pred.observe(asked, [30, 900])
+    assert np.isnan(pred.reliability.said(keys)).all()              # read when the jobs were learned
+
+
+def test_served_first_messages_are_pulled_once_they_prove_hard_to_rank(encoder):
+    """End to end in the predictor: later turns whose length follows their text, first messages whose length does
+    not. Once both kinds have finished, first messages are served closer together than the model says them, and
+    later turns as it says them."""
+    rng = np.random.default_rng(3)
+    pred = LengthPredictor(encoder, retrain_every=10_000)
+    words = ["a haiku", "one line", "a short note", "a long essay", "a detailed report", "a full chapter"]
+    sizes = [12, 15, 20, 600, 800, 1000]
+    later = [(f"Now write {w} about topic {i}.", n) for i in range(40) for w, n in zip(words, sizes)]
+    first = [(f"Write {words[i % 6]} about item {i}.", int(rng.integers(12, 1000))) for i in range(240)]
+    for batch, previous in ((later, 300), (first, 0)):          # asked, then learned, as jobs are
+        for start in range(0, len(batch), 20):
+            texts, lengths = zip(*batch[start:start + 20])
+            pred.predict(list(texts), [previous] * len(texts))
+            pred.observe(list(texts), list(lengths), [previous] * len(texts))
+    assert pred.reliability.slope(LATER) == 1.0 and pred.reliability.slope(FIRST) < 0.5
+
+    def served(prompts, previous):
+        return np.log([p.p50 for p in pred.predict(prompts, [previous] * len(prompts))])
+
+    probe_first = [f"Write {w} about item 999." for w in words]
+    probe_later = [f"Now write {w} about topic 999." for w in words]
+    pulled_first, pulled_later = served(probe_first, 0), served(probe_later, 300)
+    pred.pull_by_kind = False
+    said_first, said_later = served(probe_first, 0), served(probe_later, 300)
+    assert np.ptp(pulled_first) < 0.5 * np.ptp(said_first)
+    assert np.allclose(pulled_later, said_later) and np.ptp(said_later) > 2.0     # ranked well: kept
