@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.common.predictor_text import prompt_key
 from services.predictor.encoder import Encoder
 from services.predictor.kind_reliability import KindReliability, RequestKind, kinds_of
 from services.predictor.length_mlp import side_features
@@ -16,11 +15,13 @@ FIRST, LATER = RequestKind.FIRST_MESSAGE, RequestKind.LATER_TURN
 
 
 def finished(rel: KindReliability, kind: RequestKind, n: int, ranked: bool, rng) -> None:
-    """n finished jobs of `kind`, predicted between e^3 and e^7 tokens: their lengths follow the predictions
+    """n jobs of `kind` predicted between e^3 and e^7 tokens, then finished: their lengths follow the predictions
     (`ranked`) or have nothing to do with them."""
     mu = rng.uniform(3, 7, n)
     true = mu + rng.normal(0, 0.2, n) if ranked else rng.uniform(3, 7, n)
-    rel.record([kind] * n, mu, np.exp(true).round().astype(int))
+    keys = [f"{kind.value}-{rng.integers(1 << 62)}" for _ in range(n)]
+    rel.remember(keys, mu)
+    rel.record(keys, [kind] * n, np.exp(true).round().astype(int))
 
 
 def test_a_kind_ranked_poorly_is_pulled_to_its_centre_and_one_ranked_well_is_kept():
@@ -54,11 +55,24 @@ def test_the_window_follows_the_predictor_as_it_gets_better():
     assert rel.slope(FIRST) > 0.9
 
 
-def test_pairs_with_no_length_or_no_prediction_are_left_out():
+def test_a_job_with_no_length_or_no_prediction_of_this_process_is_left_out():
+    """A job predicted before a restart, or by another replica, has no prediction said here: what would be said now,
+    by a predictor that has learned since, would overrate it (review, session 39: it was predicted again, under the
+    predictor's lock, for every batch with one such job)."""
     rel = KindReliability(window=100, min_pairs=2)
-    rel.record([FIRST] * 3, np.array([np.nan, 4.0, np.inf]), [10, 0, 10])
-    rel.record([LATER] * 2, np.array([3.0, 6.0]), [20, 400])
-    assert FIRST not in rel._fit and rel.slope(FIRST) == 1.0
+    rel.remember(["a", "b", "c"], np.array([np.nan, 4.0, 5.0]))
+    rel.record(["a", "b", "c", "never-said"], [FIRST] * 4, [10, 0, 20, 30])
+    assert rel.pairs(FIRST) == [(5.0, pytest.approx(np.log(20)))]
+    rel.record(["c"], [FIRST], [40])                       # the same text again (a retry, "hi"): still remembered
+    assert len(rel.pairs(FIRST)) == 2
+
+
+def test_nothing_is_pulled_while_no_kind_is_ranked_well():
+    rng = np.random.default_rng(4)
+    rel = KindReliability(window=400, min_pairs=100)
+    finished(rel, FIRST, 400, ranked=False, rng=rng)
+    finished(rel, LATER, 400, ranked=False, rng=rng)       # both near 0: their ratio would be chance
+    assert rel.slope(FIRST) == rel.slope(LATER) == 1.0
 
 
 def test_kinds_come_from_whether_a_reply_came_before():
@@ -76,13 +90,13 @@ def test_the_pair_is_what_was_said_at_admission_not_what_is_said_at_the_end(enco
     conversation, its earlier turns): it overrated the predictor and pulled half as much, simulated."""
     pred = LengthPredictor(encoder)
     asked = ["Write a limerick about a cat.", "Explain quantum tunnelling in depth."]
-    said = [p.p50 for p in pred.predict(asked)]
-    keys = [prompt_key(p) for p in asked]
-    assert np.allclose(np.exp(pred.reliability.said(keys)), said)   # remembered, then forgotten once read
-    assert np.isnan(pred.reliability.said(keys)).all()
-    pred.predict(asked)
+    said = [p.p50 for p in pred.predict(asked)]                     # an empty predictor: its prior for both
+    pred.observe(["Write a limerick about a dog.", "Explain quantum tunnelling in detail."], [30, 900])
+    vecs, side = encoder.encode(asked), side_features([len(p) for p in asked])
+    now = [p.p50 for p in pred.predict_embedded(vecs, side)]         # (without keys: nothing remembered)
+    assert now != pytest.approx(said)                                # it would say something else now
     pred.observe(asked, [30, 900])
-    assert np.isnan(pred.reliability.said(keys)).all()              # read when the jobs were learned
+    assert [x for x, _ in pred.reliability.pairs(FIRST)[-2:]] == pytest.approx(np.log(said))
 
 
 def test_served_first_messages_are_pulled_once_they_prove_hard_to_rank(encoder):
@@ -107,8 +121,11 @@ def test_served_first_messages_are_pulled_once_they_prove_hard_to_rank(encoder):
 
     probe_first = [f"Write {w} about item 999." for w in words]
     probe_later = [f"Now write {w} about topic 999." for w in words]
-    pulled_first, pulled_later = served(probe_first, 0), served(probe_later, 300)
-    pred.pull_by_kind = False
+    pred.set_pull_by_kind(False)
     said_first, said_later = served(probe_first, 0), served(probe_later, 300)
+    pred.set_pull_by_kind(True)
+    pulled_first, pulled_later = served(probe_first, 0), served(probe_later, 300)
     assert np.ptp(pulled_first) < 0.5 * np.ptp(said_first)
     assert np.allclose(pulled_later, said_later) and np.ptp(said_later) > 2.0     # ranked well: kept
+    pred.observe(probe_first, [100] * 6)          # what is remembered of them is what the model said, not the pull
+    assert [x for x, _ in pred.reliability.pairs(FIRST)[-6:]] == pytest.approx(said_first)

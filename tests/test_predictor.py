@@ -181,7 +181,7 @@ def test_service_persists_online_learning_and_survives_a_corrupt_file(tmp_path):
     (model_dir / "index.npz").write_bytes(b"garbage")  # corrupt: an error in the log and a clean empty start
     proc, stub, _ = start()
     p = stub.Predict(ppb.PredictRequest(prompts=["Tell me a long story."])).predictions[0]
-    assert p.basis == ppb.PREDICTION_BASIS_PRIOR and p.p50 == pytest.approx(40)          # the configured prior, not a default
+    assert p.basis == ppb.PREDICTION_BASIS_PRIOR and p.p50 == pytest.approx(40)   # the configured prior, not a default
     proc.terminate()
     assert b"cannot read predictor" in proc.communicate(timeout=30)[1]
     assert (model_dir / "index.npz.unreadable").read_bytes() == b"garbage"     # kept aside, not overwritten
@@ -236,6 +236,7 @@ def test_learns_from_the_observation_stream_and_resumes_where_it_saved(redis_ser
     scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
     assert 'alise:predictor_observations_total{source="stream"} 2.0' in scraped
     assert "alise:predictor_index_entries 2.0" in scraped and "alise:predictor_batch_prompts_count" in scraped
+    assert 'alise:predictor_kind_slope{kind="first_message"} 1.0' in scraped      # too few finished to pull by
     proc.terminate()
     proc.wait(30)
     assert json.loads((model_dir / "meta.json").read_text())["stream_position"] == last   # saved with the index
@@ -275,7 +276,8 @@ def test_train_cli_then_serve(tmp_path, encoder_args):
         stub = predictor_stub(f"127.0.0.1:{port}")
         short, long_ = stub.Predict(ppb.PredictRequest(prompts=["Write 1 sentences about snow.",
                                                                  "Write 32 sentences about snow."])).predictions
-        assert short.basis not in (ppb.PREDICTION_BASIS_PRIOR, ppb.PREDICTION_BASIS_UNSPECIFIED) and long_.p50 > short.p50
+        assert short.basis not in (ppb.PREDICTION_BASIS_PRIOR, ppb.PREDICTION_BASIS_UNSPECIFIED)
+        assert long_.p50 > short.p50
     finally:
         proc.terminate()
         proc.wait(30)

@@ -1,10 +1,10 @@
 """How much a prediction's differences are worth, per kind of request, learned from finished jobs.
 
-The predictor ranks some kinds of request far worse than others: on live chat, a conversation's first message
-(no reply before it, so nothing but its text to go by) at Kendall tau 0.13, a later turn at 0.44
-(docs/BENCHMARKS.md, session 39). A first message predicted at 500 tokens is then about as likely to be short as
-one predicted at 150, yet SRPT serves it after every later turn predicted at 300: such jobs made most of the
-normalized-latency tail (short answers to long first messages, waiting 10-20 s for their first token).
+The predictor ranks some kinds of request far worse than others: replaying chat3000 as the benchmarks send it, a
+conversation's first message (no reply before it, so nothing but its text to go by) at Kendall tau 0.13, a later
+turn at 0.44 (docs/BENCHMARKS.md, session 39). A first message predicted at 500 tokens is then about as likely to
+be short as one predicted at 150, yet SRPT serves it after every later turn predicted at 300: such jobs made most
+of the normalized-latency tail (short answers to long first messages, waiting 10-20 s for their first token).
 
 For each kind, the last `window` finished jobs' (predicted log length, true log length) pairs give the slope of the
 true on the predicted: how many log units of true length one log unit of prediction is worth within that kind.
@@ -13,16 +13,20 @@ relative to the best-ranked kind's: mu' = c + b (mu - c). The best-ranked kind k
 one ranked worse is drawn to its centre, where its jobs wait about as long as an average job and, among
 themselves, go more by arrival (the policy's aging). Relative, because pulling every kind alike only weakens the
 predictions against aging, whose strength `aging_s` sets: with Alpaca alone (one kind, tau 0.44), an absolute
-pull simulated 1-3% worse in mean and 4-7% worse in p99. The centre is the kind's own mean prediction, not its mean true length, so the
-kinds keep their places relative to each other (a fit that also moved each kind to its true mean, with or without
-stretching the well-ranked kind, simulated worse than none). Until a kind has `min_pairs` pairs, its predictions
-are left as they are. The pairs are kept in memory only: after a restart the pull starts again at `min_pairs`.
-The prediction of a pair is the one served when the job was admitted (remembered by prompt, before any pull):
-one made again when the job finishes comes from a predictor that has learned more since, and overrates it
-(simulated, the pull then gained half as much).
+pull simulated 0.5-2.5% worse in mean and 4-7% worse in p99. The centre is the kind's own mean prediction, not its
+mean true length, so the kinds keep their places relative to each other (a fit that also moved each kind to its
+true mean, with or without stretching the well-ranked kind, simulated worse than none). Until a kind has
+`min_pairs` pairs, or while no kind's slope reaches MIN_BEST_SLOPE, predictions are left as they are.
 
-Simulated on chat3000 (replayed predictions, 44 / 48 / 60 req/s): mean normalized latency -2 to -5%, p99 -2 to
--18% (one replay +5% at 44), TTFT p99 and the longest tenth within +4%.
+The prediction of a pair is the one said when the job was admitted (remembered by prompt, before any pull): one
+made again when the job finishes comes from a predictor that has learned more since, and overrates it (simulated,
+the pull then gained half as much), so a job this process did not predict is left out. The pairs are kept in
+memory only: after a restart the pull starts again at `min_pairs`. Only natural stops teach the predictor (the
+scheduler's observations), so a kind whose jobs are often cut by max_tokens is fitted on the rest of them.
+
+Simulated on chat3000 (44 / 48 / 60 req/s, replayed predictions): mean normalized latency -2 to -4%, p99 -8 / +2 /
+-19% (emulated on two live runs' predictions: -9 to +4%), TTFT p99 -1 to +12% (1.06-1.08x fcfs), the longest tenth
+within +1.5%.
 """
 from __future__ import annotations
 
@@ -32,6 +36,11 @@ from enum import Enum
 import numpy as np
 
 from services.predictor.length_mlp import has_previous_reply
+
+
+# below this, even the best-ranked kind's slope is mostly noise (its standard error at 50 pairs is ~0.2), and a
+# ratio of two such slopes would pull a kind by chance
+MIN_BEST_SLOPE = 0.3
 
 
 class RequestKind(Enum):
@@ -56,25 +65,31 @@ class KindReliability:
         self._remembered = remembered
 
     def remember(self, keys: list[str], mu: np.ndarray) -> None:
-        """What was predicted for these prompts (before any pull), for when their jobs finish."""
+        """What was predicted for these prompts (before any pull), for when their jobs finish. Kept until evicted,
+        not dropped once read: jobs with the same text ("hi", a retry) share one entry."""
         for key, m in zip(keys, mu):
             self._said[key] = float(m)
             self._said.move_to_end(key)
         while len(self._said) > self._remembered:
             self._said.popitem(last=False)
 
-    def said(self, keys: list[str]) -> np.ndarray:
-        """The remembered predictions of these prompts, forgotten once read (NaN: none remembered)."""
-        return np.array([self._said.pop(key, np.nan) for key in keys], dtype=np.float64)
-
-    def record(self, kinds: list[RequestKind], predicted_mu: np.ndarray, true_lengths) -> None:
-        """Finished jobs: what was predicted for them (log median, before any pull) against what they generated."""
-        for kind, mu, n in zip(kinds, predicted_mu, true_lengths):
-            if n > 0 and np.isfinite(mu):
-                self._pairs[kind].append((float(mu), float(np.log(n))))
+    def record(self, keys: list[str], kinds: list[RequestKind], true_lengths) -> None:
+        """Finished jobs: what was predicted for them at admission (log median, before any pull) against what they
+        generated. A job this process did not predict (admitted before a restart, or by another replica) is left
+        out: what the predictor would say of it now, having learned since, overrates it."""
+        for key, kind, n in zip(keys, kinds, true_lengths):
+            mu = self._said.get(key)
+            if mu is not None and n > 0 and np.isfinite(mu):
+                self._pairs[kind].append((mu, float(np.log(n))))
+        fit = dict(self._fit)
         for kind in set(kinds):
             if len(self._pairs[kind]) >= self.min_pairs:
-                self._fit[kind] = self._centre_and_slope(kind)
+                fit[kind] = self._centre_and_slope(kind)
+        self._fit = fit                    # swapped whole: a metrics scrape may read it from another thread
+
+    def pairs(self, kind: RequestKind) -> list[tuple[float, float]]:
+        """The (predicted, true) log-length pairs the kind's fit stands on, oldest first."""
+        return list(self._pairs[kind])
 
     def _centre_and_slope(self, kind: RequestKind) -> tuple[float, float]:
         x, y = np.asarray(self._pairs[kind]).T
@@ -86,10 +101,11 @@ class KindReliability:
         """How much of a prediction's difference from its kind's centre is served: 1 for the best-ranked kind (and
         for any kind while fewer than min_pairs of it have finished), its slope relative to that kind's for the
         others; 0: all of the kind at its centre."""
-        best = max((s for _, s in self._fit.values()), default=0.0)
-        if kind not in self._fit or best <= 0:
-            return 1.0                     # not known yet, or no kind ranked at all: nothing to prefer
-        return self._fit[kind][1] / best
+        fit = self._fit
+        best = max((s for _, s in fit.values()), default=0.0)
+        if kind not in fit or best < MIN_BEST_SLOPE:
+            return 1.0                     # not known yet, or no kind ranked well: nothing to prefer
+        return fit[kind][1] / best
 
     def pull(self, mu: np.ndarray, kinds: list[RequestKind]) -> np.ndarray:
         """The log medians `mu` of requests of `kinds`, each pulled toward its kind's centre by slope(kind)."""

@@ -26,7 +26,7 @@ import torch
 from services.common.log_normal import DECILE_Z, Z90
 from services.common.predictor_text import prompt_key
 from services.predictor.encoder import Encoder
-from services.predictor.kind_reliability import KindReliability, kinds_of
+from services.predictor.kind_reliability import KindReliability, RequestKind, kinds_of
 from services.predictor.knn_index import KnnIndex
 from services.predictor.length_mlp import SIDE_DIM, LengthMLP, features, fit, has_previous_reply, side_features
 from services.predictor.message_index import MessageIndex, MessageVotes, message_vectors
@@ -122,7 +122,7 @@ class LengthPredictor:
         self._training = False         # an MLP refresh is running (at most one at a time)
         self._message_weight: float | None = None   # an operator's override of params.message_weight (not saved)
         self.reliability = KindReliability()          # finished jobs' predictions against their lengths, by kind
-        self.pull_by_kind = True                      # serve each kind's predictions pulled by its reliability
+        self._pull_by_kind = True                     # serve each kind's predictions pulled by its reliability
 
     @property
     def size(self) -> int:
@@ -133,9 +133,9 @@ class LengthPredictor:
         vecs = self.encoder.encode(prompts)
         side = side_features([len(p) for p in prompts], previous_reply_tokens, newest_message_chars)
         message_vecs = message_vectors(self.encoder, prompts, newest_message_chars, side)
+        keys = [prompt_key(p) for p in prompts]
         with self._lock:
-            return self.predict_embedded(vecs, side, self.messages.votes(message_vecs, side),
-                                         keys=[prompt_key(p) for p in prompts])
+            return self.predict_embedded(vecs, side, self.messages.votes(message_vecs, side), keys=keys)
 
     def set_message_weight(self, weight: float) -> None:
         """An operator's weight for the short messages' votes (0: off), used instead of the state's while this
@@ -145,6 +145,16 @@ class LengthPredictor:
             raise ValueError(f"message weight must be within [0, 1], got {weight}")
         with self._lock:
             self._message_weight = weight
+
+    def set_pull_by_kind(self, on: bool) -> None:
+        """Serve each kind's predictions pulled by its reliability (kind_reliability.py), or as the model says."""
+        with self._lock:
+            self._pull_by_kind = on
+
+    def kind_slope(self, kind: RequestKind) -> float:
+        """How much of its predictions' spread a kind is served with (1: all), for metrics."""
+        with self._lock:
+            return self.reliability.slope(kind)
 
     @property
     def message_weight(self) -> float:
@@ -156,7 +166,7 @@ class LengthPredictor:
         mu, sigma, n_neigh, origins = self.log_distribution(vecs, side, votes=votes)
         if keys is not None:
             self.reliability.remember(keys, mu)
-        if self.pull_by_kind:
+        if self._pull_by_kind:
             mu = self.reliability.pull(mu, kinds_of(side))
         return [self._prediction(m, s, n, b, bool(v))
                 for m, s, n, b, v in zip(mu, sigma, n_neigh, origins.basis, origins.voted)]
@@ -238,17 +248,11 @@ class LengthPredictor:
         vecs = self.encoder.encode(prompts)
         side = side_features([len(p) for p in prompts], previous_reply_tokens, newest_message_chars)
         message_vecs = message_vectors(self.encoder, prompts, newest_message_chars, side)
+        keys = [prompt_key(p) for p in prompts]
         with self._lock:
             if stream_position is not None:
                 self.stream_position = stream_position
-            # how far its estimates of each kind held: what it said of these at admission (else what it would say
-            # now, before learning them: a predictor restarted or one told of jobs it never saw)
-            keys = [prompt_key(p) for p in prompts]
-            said = self.reliability.said(keys)
-            if np.isnan(said).any():
-                now = self.log_distribution(vecs, side, votes=self.messages.votes(message_vecs, side))[0]
-                said = np.where(np.isnan(said), now, said)
-            self.reliability.record(kinds_of(side), said, lengths)
+            self.reliability.record(keys, kinds_of(side), lengths)    # how far what it said of them held
             self.index.add(vecs, lengths, keys)
             self.messages.add(message_vecs, side, lengths)
             self._replay += list(zip(vecs, side, np.log(np.asarray(lengths, np.float32))))

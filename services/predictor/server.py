@@ -159,12 +159,12 @@ async def serve(a: argparse.Namespace) -> None:
             raise SystemExit(f"--message-weight: {e}") from None
         log.info("--message-weight: the short messages' votes weigh at most %g", a.message_weight)
     if a.no_kind_pull:
-        predictor.pull_by_kind = False
+        predictor.set_pull_by_kind(False)
         log.info("--no-kind-pull: predictions served as the model gives them, whatever their kind's reliability")
     load_or_empty(predictor, a.model_dir)
     metrics.INDEX_ENTRIES.set_function(lambda: predictor.size)
     for kind in RequestKind:
-        metrics.KIND_SLOPE.labels(kind.value).set_function(lambda kind=kind: predictor.reliability.slope(kind))
+        metrics.KIND_SLOPE.labels(kind.value).set_function(lambda kind=kind: predictor.kind_slope(kind))
     if a.metrics_port:
         start_http_server(a.metrics_port, addr=a.listen.rsplit(":", 1)[0])
     add_lenient_service(server, PredictorServicer(predictor, callers), pb, "Predictor")
