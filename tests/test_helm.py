@@ -81,6 +81,14 @@ def test_predictor_encoder_and_observation_stream_are_wired():
     assert "--encoder=static" in args and "--math-threads=1" in args
     wider = by_name(render({"predictor": {"mathThreads": 4}}), "Deployment", "demo-alise-predictor")
     assert "--math-threads=4" in wider["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--no-kind-pull" not in args
+    unpulled = by_name(render({"predictor": {"kindPull": False, "quantize": True, "modelPvc": "pvc"}}), "Deployment",
+                       "demo-alise-predictor")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--no-kind-pull" in unpulled
+    # and the predictor knows every flag the chart gives it (an unknown one would crash the pod at start)
+    from services.predictor.server import arg_parser
+    a = arg_parser().parse_args([x for x in unpulled if x.startswith("--")])
+    assert a.no_kind_pull and a.quantize and a.encoder == "auto"
     container = predictor["spec"]["template"]["spec"]["containers"][0]
     assert redis_url_env(container, "ALISE_PREDICTOR_REDIS_URL") == "redis://:$(REDIS_PASSWORD)@demo-alise-redis:6379/0"
 

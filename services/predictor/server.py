@@ -193,8 +193,7 @@ async def serve(a: argparse.Namespace) -> None:
         log.info("read-only: what was learned online is not saved")
 
 
-def main() -> None:
-    configure_logging()
+def arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="ALISE output-length predictor")
     p.add_argument("--listen", default="127.0.0.1:50052")
     p.add_argument("--model-dir", type=Path, default=None, help="trained predictor; online learning is saved here")
@@ -231,7 +230,12 @@ def main() -> None:
     p.add_argument("--quantize", action="store_true", help="int8 dynamic quantization of a MiniLM encoder")
     p.add_argument("--math-threads", type=int, default=1,
                    help="threads of the math pools (torch, faiss, numpy; default 1: more only spin between requests)")
-    asyncio.run(serve(p.parse_args()))
+    return p
+
+
+def main() -> None:
+    configure_logging()
+    asyncio.run(serve(arg_parser().parse_args()))
 
 
 if __name__ == "__main__":
