@@ -14,6 +14,11 @@ from services.predictor.length_predictor import LengthPredictor
 FIRST, LATER = RequestKind.FIRST_MESSAGE, RequestKind.LATER_TURN
 
 
+def side_of(kind: RequestKind, n: int) -> np.ndarray:
+    """Side features of n requests of `kind` (a later turn is one with a previous reply)."""
+    return side_features([100] * n, [300 if kind is LATER else 0] * n)
+
+
 def finished(rel: KindReliability, kind: RequestKind, n: int, ranked: bool, rng) -> None:
     """n jobs of `kind` predicted between e^3 and e^7 tokens, then finished: their lengths follow the predictions
     (`ranked`) or have nothing to do with them."""
@@ -21,7 +26,7 @@ def finished(rel: KindReliability, kind: RequestKind, n: int, ranked: bool, rng)
     true = mu + rng.normal(0, 0.2, n) if ranked else rng.uniform(3, 7, n)
     keys = [f"{kind.value}-{rng.integers(1 << 62)}" for _ in range(n)]
     rel.remember(keys, mu)
-    rel.record(keys, [kind] * n, np.exp(true).round().astype(int))
+    rel.record(keys, side_of(kind, n), np.exp(true).round().astype(int))
 
 
 def test_a_kind_ranked_poorly_is_pulled_to_its_centre_and_one_ranked_well_is_kept():
@@ -30,19 +35,21 @@ def test_a_kind_ranked_poorly_is_pulled_to_its_centre_and_one_ranked_well_is_kep
     mu = np.array([3.0, 7.0])
     finished(rel, FIRST, 49, ranked=False, rng=rng)
     finished(rel, LATER, 400, ranked=True, rng=rng)
-    assert np.allclose(rel.pull(mu, [FIRST, FIRST]), mu)           # 49 pairs: not known yet, left alone
+    assert np.allclose(rel.pull(mu, side_of(FIRST, 2)), mu)        # 49 pairs: not known yet, left alone
     finished(rel, FIRST, 351, ranked=False, rng=rng)
-    first = rel.pull(mu, [FIRST, FIRST])
+    first = rel.pull(mu, side_of(FIRST, 2))
     assert rel.slope(FIRST) < 0.25 and first[1] - first[0] < 1.0   # 4 log units apart said, under 1 served
     assert abs(first.mean() - 5.0) < 0.3                            # around the kind's own mean prediction
-    assert np.allclose(rel.pull(mu, [LATER, LATER]), mu) and rel.slope(LATER) == 1.0
+    assert np.allclose(rel.pull(mu, side_of(LATER, 2)), mu) and rel.slope(LATER) == 1.0
+    both = rel.pull(np.concatenate([mu, mu]), np.concatenate([side_of(FIRST, 2), side_of(LATER, 2)]))
+    assert np.allclose(both, np.concatenate([first, mu]))         # a mixed batch: each request by its own kind
 
 
 def test_a_single_kind_keeps_its_spread_however_it_is_ranked():
     """Pulling every kind alike would only weaken the predictions against the policy's aging."""
     rel = KindReliability(window=400, min_pairs=50)
     finished(rel, FIRST, 400, ranked=False, rng=np.random.default_rng(1))
-    assert rel.slope(FIRST) == 1.0 and np.allclose(rel.pull(np.array([3.0, 7.0]), [FIRST] * 2), [3.0, 7.0])
+    assert rel.slope(FIRST) == 1.0 and np.allclose(rel.pull(np.array([3.0, 7.0]), side_of(FIRST, 2)), [3.0, 7.0])
 
 
 def test_the_window_follows_the_predictor_as_it_gets_better():
@@ -61,9 +68,9 @@ def test_a_job_with_no_length_or_no_prediction_of_this_process_is_left_out():
     predictor's lock, for every batch with one such job)."""
     rel = KindReliability(window=100, min_pairs=2)
     rel.remember(["a", "b", "c"], np.array([np.nan, 4.0, 5.0]))
-    rel.record(["a", "b", "c", "never-said"], [FIRST] * 4, [10, 0, 20, 30])
+    rel.record(["a", "b", "c", "never-said"], side_of(FIRST, 4), [10, 0, 20, 30])
     assert rel.pairs(FIRST) == [(5.0, pytest.approx(np.log(20)))]
-    rel.record(["c"], [FIRST], [40])                       # the same text again (a retry, "hi"): still remembered
+    rel.record(["c"], side_of(FIRST, 1), [40])                       # the same text again (a retry, "hi"): still remembered
     assert len(rel.pairs(FIRST)) == 2
 
 
@@ -77,7 +84,8 @@ def test_nothing_is_pulled_while_no_kind_is_ranked_well():
 
 def test_kinds_come_from_whether_a_reply_came_before():
     side = side_features([100, 100, 100], [0, 350, 1], [0, 12, 0])
-    assert kinds_of(side) == [FIRST, LATER, LATER]
+    masks = kinds_of(side)
+    assert list(masks[FIRST]) == [True, False, False] and list(masks[LATER]) == [False, True, True]
 
 
 @pytest.fixture(scope="module")

@@ -48,9 +48,10 @@ class RequestKind(Enum):
     LATER_TURN = "later_turn"          # a chat turn after an assistant's reply (whose length the predictor reads)
 
 
-def kinds_of(side: np.ndarray) -> list[RequestKind]:
-    """Each request's kind, from its side features (length_mlp.side_features)."""
-    return [RequestKind.LATER_TURN if later else RequestKind.FIRST_MESSAGE for later in has_previous_reply(side)]
+def kinds_of(side: np.ndarray) -> dict[RequestKind, np.ndarray]:
+    """Which requests (side features: length_mlp.side_features) are of each kind, as masks."""
+    later = has_previous_reply(side)
+    return {RequestKind.FIRST_MESSAGE: ~later, RequestKind.LATER_TURN: later}
 
 
 class KindReliability:
@@ -60,6 +61,9 @@ class KindReliability:
         self.min_pairs = min_pairs
         self._pairs = {kind: deque(maxlen=window) for kind in RequestKind}
         self._fit: dict[RequestKind, tuple[float, float]] = {}     # kind -> (centre, slope), once min_pairs
+        # kind -> (centre, slope relative to the best kind's) for the kinds pulled: what every Predict applies, so
+        # worked out once per observation batch, not per request; both swapped whole (a metrics scrape reads them)
+        self._pulled: dict[RequestKind, tuple[float, float]] = {}
         # prompt key -> log median served at admission; ~20 minutes of admissions at 50 a second
         self._said: OrderedDict[str, float] = OrderedDict()
         self._remembered = remembered
@@ -73,19 +77,24 @@ class KindReliability:
         while len(self._said) > self._remembered:
             self._said.popitem(last=False)
 
-    def record(self, keys: list[str], kinds: list[RequestKind], true_lengths) -> None:
+    def record(self, keys: list[str], side: np.ndarray, true_lengths) -> None:
         """Finished jobs: what was predicted for them at admission (log median, before any pull) against what they
         generated. A job this process did not predict (admitted before a restart, or by another replica) is left
         out: what the predictor would say of it now, having learned since, overrates it."""
-        for key, kind, n in zip(keys, kinds, true_lengths):
-            mu = self._said.get(key)
-            if mu is not None and n > 0 and np.isfinite(mu):
-                self._pairs[kind].append((mu, float(np.log(n))))
+        said = np.array([self._said.get(key, np.nan) for key in keys], dtype=np.float64)
+        true = np.asarray(true_lengths, dtype=np.float64)
+        usable = np.isfinite(said) & (true > 0)
         fit = dict(self._fit)
-        for kind in set(kinds):
+        for kind, mask in kinds_of(side).items():
+            if not (mask & usable).any():
+                continue
+            self._pairs[kind].extend(zip(said[mask & usable], np.log(true[mask & usable])))
             if len(self._pairs[kind]) >= self.min_pairs:
                 fit[kind] = self._centre_and_slope(kind)
-        self._fit = fit                    # swapped whole: a metrics scrape may read it from another thread
+        best = max((slope for _, slope in fit.values()), default=0.0)
+        self._fit = fit
+        self._pulled = ({} if best < MIN_BEST_SLOPE else     # no kind ranked well: nothing to prefer
+                        {kind: (centre, slope / best) for kind, (centre, slope) in fit.items() if slope < best})
 
     def pairs(self, kind: RequestKind) -> list[tuple[float, float]]:
         """The (predicted, true) log-length pairs the kind's fit stands on, oldest first."""
@@ -93,25 +102,21 @@ class KindReliability:
 
     def _centre_and_slope(self, kind: RequestKind) -> tuple[float, float]:
         x, y = np.asarray(self._pairs[kind]).T
-        var = x.var()
-        slope = float(np.mean((x - x.mean()) * (y - y.mean())) / var) if var > 1e-12 else 0.0
-        return float(x.mean()), min(max(slope, 0.0), 1.0)
+        slope = np.polyfit(x, y, 1)[0] if np.ptp(x) > 0 else 0.0     # all said alike: they tell nothing apart
+        return float(x.mean()), float(np.clip(slope, 0.0, 1.0))
 
     def slope(self, kind: RequestKind) -> float:
         """How much of a prediction's difference from its kind's centre is served: 1 for the best-ranked kind (and
         for any kind while fewer than min_pairs of it have finished), its slope relative to that kind's for the
         others; 0: all of the kind at its centre."""
-        fit = self._fit
-        best = max((s for _, s in fit.values()), default=0.0)
-        if kind not in fit or best < MIN_BEST_SLOPE:
-            return 1.0                     # not known yet, or no kind ranked well: nothing to prefer
-        return fit[kind][1] / best
+        return self._pulled.get(kind, (0.0, 1.0))[1]
 
-    def pull(self, mu: np.ndarray, kinds: list[RequestKind]) -> np.ndarray:
-        """The log medians `mu` of requests of `kinds`, each pulled toward its kind's centre by slope(kind)."""
+    def pull(self, mu: np.ndarray, side: np.ndarray) -> np.ndarray:
+        """The log medians `mu` of requests with side features `side`, each pulled toward its kind's centre by
+        slope(kind)."""
         out = np.array(mu, dtype=np.float64)
-        for i, kind in enumerate(kinds):
-            if (slope := self.slope(kind)) < 1.0:
-                centre = self._fit[kind][0]
-                out[i] = centre + slope * (out[i] - centre)
+        if self._pulled:
+            masks = kinds_of(side)
+            for kind, (centre, slope) in self._pulled.items():
+                out[masks[kind]] = centre + slope * (out[masks[kind]] - centre)
         return out

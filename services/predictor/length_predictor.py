@@ -26,7 +26,7 @@ import torch
 from services.common.log_normal import DECILE_Z, Z90
 from services.common.predictor_text import prompt_key
 from services.predictor.encoder import Encoder
-from services.predictor.kind_reliability import KindReliability, RequestKind, kinds_of
+from services.predictor.kind_reliability import KindReliability, RequestKind
 from services.predictor.knn_index import KnnIndex
 from services.predictor.length_mlp import SIDE_DIM, LengthMLP, features, fit, has_previous_reply, side_features
 from services.predictor.message_index import MessageIndex, MessageVotes, message_vectors
@@ -167,7 +167,7 @@ class LengthPredictor:
         if keys is not None:
             self.reliability.remember(keys, mu)
         if self._pull_by_kind:
-            mu = self.reliability.pull(mu, kinds_of(side))
+            mu = self.reliability.pull(mu, side)
         return [self._prediction(m, s, n, b, bool(v))
                 for m, s, n, b, v in zip(mu, sigma, n_neigh, origins.basis, origins.voted)]
 
@@ -252,7 +252,7 @@ class LengthPredictor:
         with self._lock:
             if stream_position is not None:
                 self.stream_position = stream_position
-            self.reliability.record(keys, kinds_of(side), lengths)    # how far what it said of them held
+            self.reliability.record(keys, side, lengths)    # how far what it said of them held
             self.index.add(vecs, lengths, keys)
             self.messages.add(message_vecs, side, lengths)
             self._replay += list(zip(vecs, side, np.log(np.asarray(lengths, np.float32))))
