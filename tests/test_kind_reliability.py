@@ -104,7 +104,7 @@ def test_the_pair_is_what_was_said_at_admission_not_what_is_said_at_the_end(enco
     now = [p.p50 for p in pred.predict_embedded(vecs, side)]         # (without keys: nothing remembered)
     assert now != pytest.approx(said)                                # it would say something else now
     pred.observe(asked, [30, 900])
-    assert [x for x, _ in pred.reliability.pairs(FIRST)[-2:]] == pytest.approx(np.log(said))
+    assert [x for x, _ in pred.kind_pairs(FIRST)[-2:]] == pytest.approx(np.log(said))
 
 
 def test_served_first_messages_are_pulled_once_they_prove_hard_to_rank(encoder):
@@ -122,7 +122,7 @@ def test_served_first_messages_are_pulled_once_they_prove_hard_to_rank(encoder):
             texts, lengths = zip(*batch[start:start + 20])
             pred.predict(list(texts), [previous] * len(texts))
             pred.observe(list(texts), list(lengths), [previous] * len(texts))
-    assert pred.reliability.slope(LATER) == 1.0 and pred.reliability.slope(FIRST) < 0.5
+    assert pred.kind_slope(LATER) == 1.0 and pred.kind_slope(FIRST) < 0.5
 
     def served(prompts, previous):
         return np.log([p.p50 for p in pred.predict(prompts, [previous] * len(prompts))])
@@ -136,4 +136,4 @@ def test_served_first_messages_are_pulled_once_they_prove_hard_to_rank(encoder):
     assert np.ptp(pulled_first) < 0.5 * np.ptp(said_first)
     assert np.allclose(pulled_later, said_later) and np.ptp(said_later) > 2.0     # ranked well: kept
     pred.observe(probe_first, [100] * 6)          # what is remembered of them is what the model said, not the pull
-    assert [x for x, _ in pred.reliability.pairs(FIRST)[-6:]] == pytest.approx(said_first)
+    assert [x for x, _ in pred.kind_pairs(FIRST)[-6:]] == pytest.approx(said_first)

@@ -121,7 +121,7 @@ class LengthPredictor:
         self.stream_position = "0"     # last observation-stream entry learned (observation_feed.py)
         self._training = False         # an MLP refresh is running (at most one at a time)
         self._message_weight: float | None = None   # an operator's override of params.message_weight (not saved)
-        self.reliability = KindReliability()          # finished jobs' predictions against their lengths, by kind
+        self._reliability = KindReliability()          # finished jobs' predictions against their lengths, by kind
         self._pull_by_kind = True                     # serve each kind's predictions pulled by its reliability
 
     @property
@@ -154,7 +154,12 @@ class LengthPredictor:
     def kind_slope(self, kind: RequestKind) -> float:
         """How much of its predictions' spread a kind is served with (1: all), for metrics."""
         with self._lock:
-            return self.reliability.slope(kind)
+            return self._reliability.slope(kind)
+
+    def kind_pairs(self, kind: RequestKind) -> list[tuple[float, float]]:
+        """The (log median said at admission, true log length) pairs of a kind's finished jobs, oldest first."""
+        with self._lock:
+            return self._reliability.pairs(kind)
 
     @property
     def message_weight(self) -> float:
@@ -165,9 +170,9 @@ class LengthPredictor:
         """`keys`: the prompts' keys, to remember what was said of them until their jobs finish (observe)."""
         mu, sigma, n_neigh, origins = self.log_distribution(vecs, side, votes=votes)
         if keys is not None:
-            self.reliability.remember(keys, mu)
+            self._reliability.remember(keys, mu)
         if self._pull_by_kind:
-            mu = self.reliability.pull(mu, side)
+            mu = self._reliability.pull(mu, side)
         return [self._prediction(m, s, n, b, bool(v))
                 for m, s, n, b, v in zip(mu, sigma, n_neigh, origins.basis, origins.voted)]
 
@@ -252,7 +257,7 @@ class LengthPredictor:
         with self._lock:
             if stream_position is not None:
                 self.stream_position = stream_position
-            self.reliability.record(keys, side, lengths)    # how far what it said of them held
+            self._reliability.record(keys, side, lengths)    # how far what it said of them held
             self.index.add(vecs, lengths, keys)
             self.messages.add(message_vecs, side, lengths)
             self._replay += list(zip(vecs, side, np.log(np.asarray(lengths, np.float32))))
