@@ -1,0 +1,80 @@
+"""A run's jobs by the predictor's kind of request (services/predictor/kind_reliability.py: a conversation's first
+message, a later turn): per kind, how many, the Kendall tau of predicted against true output length, the mean and
+p99 normalized latency, and how many of the run's worst jobs by normalized latency are of that kind. Session 40
+read with it that the pull by kind cut first messages' p99 to about a third and left the tail to later turns.
+
+    python -m bench.kind_breakdown --dataset-path .bench-data/sharegpt_heldout_880.json \
+        --tokenizer .bench-data/llama3-8b-shape out/KP/alise-r44.csv [more.csv or .csv.xz ...]
+
+The runs' requests are rebuilt from the dataset as the sweep sent them (`--prime` requests first, not in the CSV).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from transformers import AutoTokenizer
+
+from bench.online_learning_replay import as_the_scheduler_asks
+from bench.run_over_time import read_run
+from bench.serve_metrics import RequestResult, kendall_tau
+from bench.workloads import Dataset, load
+from services.predictor.kind_reliability import RequestKind, kinds_of
+from services.predictor.length_mlp import side_features
+from services.scheduler.tokenizer import PromptTokenizer
+from services.scheduler.validation import PredictorInputs
+
+WORST = 30
+
+
+def request_kinds(asked: list[PredictorInputs]) -> list[RequestKind]:
+    """Each request's kind, as the predictor tells it from what the scheduler sends."""
+    side = side_features([len(a.text) for a in asked], [a.previous_reply_tokens for a in asked],
+                         [a.newest_message_chars for a in asked])
+    masks = kinds_of(side)
+    return [next(kind for kind, mask in masks.items() if mask[i]) for i in range(len(asked))]
+
+
+def breakdown(results: list[RequestResult], kinds: list[RequestKind], worst: int = WORST) -> dict[RequestKind, dict]:
+    """Per kind (`kinds[index]` for each result's index): jobs, kendall_tau, mean, p99, among_worst."""
+    done = [r for r in results if r.ok and r.normalized_s is not None]
+    worst_ones = {r.index for r in sorted(done, key=lambda r: r.normalized_s, reverse=True)[:worst]}
+    out = {}
+    for kind in RequestKind:
+        jobs = [r for r in done if kinds[r.index] is kind]
+        if not jobs:
+            continue
+        norm = np.array([r.normalized_s for r in jobs])
+        out[kind] = {"jobs": len(jobs),
+                     "kendall_tau": kendall_tau([r.predicted_output_tokens for r in jobs],
+                                                [r.output_tokens for r in jobs]),
+                     "mean": float(norm.mean()), "p99": float(np.percentile(norm, 99)),
+                     "among_worst": sum(r.index in worst_ones for r in jobs)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path, help="a run's per-request CSV (`alise bench`), or it xz-compressed")
+    p.add_argument("--dataset-name", type=Dataset, choices=list(Dataset), default=Dataset.SHAREGPT_CHAT)
+    p.add_argument("--dataset-path", type=Path, required=True, help="the dataset the runs were sent from")
+    p.add_argument("--tokenizer", required=True, help="the served model's tokenizer, as the sweep's")
+    p.add_argument("--prime", type=int, default=20, help="the sweep's priming requests, sent first")
+    p.add_argument("--worst", type=int, default=WORST, help="how many of the worst jobs to count by kind")
+    a = p.parse_args(argv)
+    runs = {path: read_run(path) for path in a.runs}
+    num = max(r.index for results in runs.values() for r in results) + 1
+    requests = load(a.dataset_name, a.dataset_path, num + a.prime, AutoTokenizer.from_pretrained(a.tokenizer))
+    tok = PromptTokenizer(a.tokenizer)
+    kinds = request_kinds([as_the_scheduler_asks(r, tok) for r in requests[a.prime:]])
+    for path, results in runs.items():
+        print(path)
+        for kind, s in breakdown(results, kinds, a.worst).items():
+            tau = "n/a" if s["kendall_tau"] is None else f"{s['kendall_tau']:.3f}"
+            print(f"  {kind.value:14s} {s['jobs']:5d} jobs  tau {tau}  normalized mean {s['mean']:.4f} "
+                  f"p99 {s['p99']:.3f}  among the worst {a.worst}: {s['among_worst']}")
+
+
+if __name__ == "__main__":
+    main()
