@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = {path: read_run(path) for path in a.runs}
     num = max(r.index for results in runs.values() for r in results) + 1
     requests = load(a.dataset_name, a.dataset_path, num + a.prime, AutoTokenizer.from_pretrained(a.tokenizer))
+    if len(requests) < num + a.prime:       # another dataset, or another tokenizer's length limits
+        p.error(f"{a.dataset_path} gives {len(requests)} requests; the runs need {a.prime} priming + {num}")
     tok = PromptTokenizer(a.tokenizer)
     kinds = request_kinds([as_the_scheduler_asks(r, tok) for r in requests[a.prime:]])
     for path, results in runs.items():

@@ -58,3 +58,18 @@ def test_the_command_rebuilds_the_runs_requests_from_the_dataset(tmp_path, model
     out = capsys.readouterr().out
     assert "first_message      2 jobs" in out and "later_turn         2 jobs" in out
     assert "among the worst 1: 1" in out.splitlines()[1]          # the slowest (index 3): the third first message
+
+
+def test_runs_that_the_dataset_cannot_have_sent_are_refused(tmp_path, model_dir, capsys):
+    dataset = tmp_path / "chat.json"
+    dataset.write_text(json.dumps([{"conversations": [{"from": "human", "value": "Hi?"},
+                                                      {"from": "gpt", "value": "Hello."}]}]))
+    run = tmp_path / "run.csv"
+    with run.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[n for n in RequestResult.__dataclass_fields__ if n != "itl_s"],
+                           extrasaction="ignore")
+        w.writeheader()
+        w.writerow({**result(3, 5, 1.0, 5).__dict__, "admit_s": ""})
+    with pytest.raises(SystemExit):
+        main([str(run), "--dataset-path", str(dataset), "--tokenizer", str(model_dir), "--prime", "0"])
+    assert "requests; the runs need 0 priming + 4" in capsys.readouterr().err
