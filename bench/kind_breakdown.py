@@ -28,11 +28,25 @@ from services.scheduler.validation import PredictorInputs
 WORST = 30
 
 
+def asked_in_runs(dataset: Dataset, path: Path, tokenizer: str, num: int, prime: int) -> list[PredictorInputs]:
+    """What the predictor was told about each of a sweep's `num` measured requests (its `prime` ones left out),
+    rebuilt from the dataset it sent them from."""
+    requests = load(dataset, path, num + prime, AutoTokenizer.from_pretrained(tokenizer))
+    if len(requests) < num + prime:       # another dataset, or another tokenizer's length limits
+        raise ValueError(f"{path} gives {len(requests)} requests; the runs need {prime} priming + {num}")
+    tok = PromptTokenizer(tokenizer)
+    return [as_the_scheduler_asks(r, tok) for r in requests[prime:]]
+
+
+def side_of(asked: list[PredictorInputs]) -> np.ndarray:
+    """The predictor's side features of these requests (length_mlp.side_features)."""
+    return side_features([len(a.text) for a in asked], [a.previous_reply_tokens for a in asked],
+                         [a.newest_message_chars for a in asked])
+
+
 def request_kinds(asked: list[PredictorInputs]) -> list[RequestKind]:
     """Each request's kind, as the predictor tells it from what the scheduler sends."""
-    side = side_features([len(a.text) for a in asked], [a.previous_reply_tokens for a in asked],
-                         [a.newest_message_chars for a in asked])
-    masks = kinds_of(side)
+    masks = kinds_of(side_of(asked))
     return [next(kind for kind, mask in masks.items() if mask[i]) for i in range(len(asked))]
 
 
@@ -54,22 +68,26 @@ def breakdown(results: list[RequestResult], kinds: list[RequestKind], worst: int
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", type=Path, help="a run's per-request CSV (`alise bench`), or it xz-compressed")
+def dataset_args(p: argparse.ArgumentParser) -> None:
+    """The flags that say which dataset a sweep sent its runs from, and how."""
     p.add_argument("--dataset-name", type=Dataset, choices=list(Dataset), default=Dataset.SHAREGPT_CHAT)
     p.add_argument("--dataset-path", type=Path, required=True, help="the dataset the runs were sent from")
     p.add_argument("--tokenizer", required=True, help="the served model's tokenizer, as the sweep's")
     p.add_argument("--prime", type=int, default=20, help="the sweep's priming requests, sent first")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path, help="a run's per-request CSV (`alise bench`), or it xz-compressed")
+    dataset_args(p)
     p.add_argument("--worst", type=int, default=WORST, help="how many of the worst jobs to count by kind")
     a = p.parse_args(argv)
     runs = {path: read_run(path) for path in a.runs}
     num = max(r.index for results in runs.values() for r in results) + 1
-    requests = load(a.dataset_name, a.dataset_path, num + a.prime, AutoTokenizer.from_pretrained(a.tokenizer))
-    if len(requests) < num + a.prime:       # another dataset, or another tokenizer's length limits
-        p.error(f"{a.dataset_path} gives {len(requests)} requests; the runs need {a.prime} priming + {num}")
-    tok = PromptTokenizer(a.tokenizer)
-    kinds = request_kinds([as_the_scheduler_asks(r, tok) for r in requests[a.prime:]])
+    try:
+        kinds = request_kinds(asked_in_runs(a.dataset_name, a.dataset_path, a.tokenizer, num, a.prime))
+    except ValueError as e:
+        p.error(str(e))
     for path, results in runs.items():
         print(path)
         for kind, s in breakdown(results, kinds, a.worst).items():

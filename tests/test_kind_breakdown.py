@@ -1,13 +1,17 @@
 """bench/kind_breakdown.py: a run's jobs by the predictor's kind of request, rebuilt from the dataset the sweep sent
-them from, so the claim that first messages left the tail (session 40) can be read again from a saved run."""
+them from, so the claim that first messages left the tail (session 40) can be read again from a saved run; and
+bench/kind_pull_replay.py: what the pull would have served for a run recorded without it."""
 from __future__ import annotations
 
 import csv
 import json
 
+import numpy as np
 import pytest
 
-from bench.kind_breakdown import breakdown, main, request_kinds
+from bench import kind_pull_replay
+from bench.kind_breakdown import breakdown, main, request_kinds, side_of
+from bench.serve import save
 from bench.serve_metrics import RequestResult
 from services.predictor.kind_reliability import RequestKind
 from services.scheduler.validation import PredictorInputs
@@ -47,14 +51,10 @@ def test_the_command_rebuilds_the_runs_requests_from_the_dataset(tmp_path, model
                                         {"from": "gpt", "value": "You are welcome."}]} for i in range(3)]
     dataset = tmp_path / "chat.json"
     dataset.write_text(json.dumps(conversations))
-    run = tmp_path / "run.csv"
-    fields = list(RequestResult.__dataclass_fields__)
-    with run.open("w", newline="") as f:       # priming took the first turn: later, first, later, first
-        w = csv.DictWriter(f, fieldnames=[n for n in fields if n != "itl_s"], extrasaction="ignore")
-        w.writeheader()
-        for i in range(4):
-            w.writerow({**result(i, 5, 1.0 + i, 5).__dict__, "admit_s": "", "repredicted_output_tokens": 0})
-    main([str(run), "--dataset-path", str(dataset), "--tokenizer", str(model_dir), "--prime", "1", "--worst", "1"])
+    save(tmp_path / "run.json", {}, [result(i, 5, 1.0 + i, 5) for i in range(4)])   # as a sweep writes a run
+    # priming took the first turn: later, first, later, first
+    main([str(tmp_path / "run.csv"), "--dataset-path", str(dataset), "--tokenizer", str(model_dir), "--prime", "1",
+          "--worst", "1"])
     out = capsys.readouterr().out
     assert "first_message      2 jobs" in out and "later_turn         2 jobs" in out
     assert "among the worst 1: 1" in out.splitlines()[1]          # the slowest (index 3): the third first message
@@ -64,12 +64,39 @@ def test_runs_that_the_dataset_cannot_have_sent_are_refused(tmp_path, model_dir,
     dataset = tmp_path / "chat.json"
     dataset.write_text(json.dumps([{"conversations": [{"from": "human", "value": "Hi?"},
                                                       {"from": "gpt", "value": "Hello."}]}]))
-    run = tmp_path / "run.csv"
-    with run.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[n for n in RequestResult.__dataclass_fields__ if n != "itl_s"],
-                           extrasaction="ignore")
-        w.writeheader()
-        w.writerow({**result(3, 5, 1.0, 5).__dict__, "admit_s": ""})
+    save(tmp_path / "run.json", {}, [result(3, 5, 1.0, 5)])
     with pytest.raises(SystemExit):
-        main([str(run), "--dataset-path", str(dataset), "--tokenizer", str(model_dir), "--prime", "0"])
+        main([str(tmp_path / "run.csv"), "--dataset-path", str(dataset), "--tokenizer", str(model_dir), "--prime", "0"])
     assert "requests; the runs need 0 priming + 4" in capsys.readouterr().err
+
+
+def test_a_run_recorded_without_the_pull_is_served_as_the_pull_would_have():
+    """First messages predicted at random, later turns predicted right: once enough of both have been learned (600
+    requests after arrival), the first messages' predictions are drawn together and the later turns' kept."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    later = rng.random(n) < 0.7
+    lengths = np.exp(rng.uniform(2, 7, n)).round().astype(int) + 1
+    predicted = np.where(later, lengths, np.exp(rng.uniform(2, 7, n)).round() + 1)
+    asked = [PredictorInputs("a question", 300 if t else 0) for t in later]
+    served = kind_pull_replay.pulled(predicted, lengths, side_of(asked), lag=600)
+    settled = np.arange(n) >= 1400                              # past the lag and the pairs a fit needs
+    assert np.allclose(served[~settled & (np.arange(n) < 600)], predicted[~settled & (np.arange(n) < 600)])
+    assert np.allclose(served[settled & later], predicted[settled & later])
+    spread = [np.ptp(np.log(x[settled & ~later])) for x in (predicted, served)]
+    assert spread[1] < 0.5 * spread[0]
+
+
+def test_the_pull_replay_writes_what_the_simulator_replays(tmp_path, model_dir):
+    conversations = [{"conversations": [{"from": "human", "value": f"Question {i}?"},
+                                        {"from": "gpt", "value": "An answer. " * (i + 1)},
+                                        {"from": "human", "value": "Thanks!"},
+                                        {"from": "gpt", "value": "You are welcome."}]} for i in range(3)]
+    dataset = tmp_path / "chat.json"
+    dataset.write_text(json.dumps(conversations))
+    save(tmp_path / "run.json", {}, [result(i, 5 + i, 1.0, 40 + i) for i in range(4)])
+    kind_pull_replay.main([str(tmp_path / "run.csv"), "--dataset-path", str(dataset), "--tokenizer", str(model_dir),
+                           "--prime", "1", "--out", str(tmp_path / "pulled.csv")])
+    rows = list(csv.DictReader((tmp_path / "pulled.csv").open()))
+    assert [(int(r["index"]), int(r["expected_output_tokens"])) for r in rows] == [(i, 5 + i) for i in range(4)]
+    assert [int(r["predicted_output_tokens"]) for r in rows] == [40 + i for i in range(4)]   # too few to pull
