@@ -25,6 +25,16 @@ def result(index: int, output_tokens: int, e2e_s: float, predicted: int) -> Requ
                          predicted_output_tokens=predicted)
 
 
+def three_conversations(tmp_path):
+    """A ShareGPT file of 3 conversations of 2 turns each: in order, first message, later turn, first, later, ..."""
+    conversations = [{"conversations": [{"from": "human", "value": f"Question {i}?"},
+                                        {"from": "gpt", "value": "An answer. " * (i + 1)},
+                                        {"from": "human", "value": "Thanks!"},
+                                        {"from": "gpt", "value": "You are welcome."}]} for i in range(3)]
+    (tmp_path / "chat.json").write_text(json.dumps(conversations))
+    return tmp_path / "chat.json"
+
+
 def test_a_request_with_a_reply_before_it_is_a_later_turn():
     asked = [PredictorInputs("Hi there"), PredictorInputs("And then?\nAn answer.\nHi", 3, 9),
              PredictorInputs("Thanks", 0, 6)]
@@ -45,12 +55,7 @@ def test_each_kind_counts_its_own_jobs_and_its_share_of_the_worst():
 
 
 def test_the_command_rebuilds_the_runs_requests_from_the_dataset(tmp_path, model_dir, capsys):
-    conversations = [{"conversations": [{"from": "human", "value": f"Question {i}?"},
-                                        {"from": "gpt", "value": "An answer. " * (i + 1)},
-                                        {"from": "human", "value": "Thanks!"},
-                                        {"from": "gpt", "value": "You are welcome."}]} for i in range(3)]
-    dataset = tmp_path / "chat.json"
-    dataset.write_text(json.dumps(conversations))
+    dataset = three_conversations(tmp_path)
     save(tmp_path / "run.json", {}, [result(i, 5, 1.0 + i, 5) for i in range(4)])   # as a sweep writes a run
     # priming took the first turn: later, first, later, first
     main([str(tmp_path / "run.csv"), "--dataset-path", str(dataset), "--tokenizer", str(model_dir), "--prime", "1",
@@ -88,12 +93,7 @@ def test_a_run_recorded_without_the_pull_is_served_as_the_pull_would_have():
 
 
 def test_the_pull_replay_writes_what_the_simulator_replays(tmp_path, model_dir):
-    conversations = [{"conversations": [{"from": "human", "value": f"Question {i}?"},
-                                        {"from": "gpt", "value": "An answer. " * (i + 1)},
-                                        {"from": "human", "value": "Thanks!"},
-                                        {"from": "gpt", "value": "You are welcome."}]} for i in range(3)]
-    dataset = tmp_path / "chat.json"
-    dataset.write_text(json.dumps(conversations))
+    dataset = three_conversations(tmp_path)
     save(tmp_path / "run.json", {}, [result(i, 5 + i, 1.0, 40 + i) for i in range(4)])
     kind_pull_replay.main([str(tmp_path / "run.csv"), "--dataset-path", str(dataset), "--tokenizer", str(model_dir),
                            "--prime", "1", "--out", str(tmp_path / "pulled.csv")])
