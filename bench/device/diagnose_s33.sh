@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Session 33 on the lent GPU: alise, alise with 8 early rows (alise@er8) and fcfs at RATE on the same arrivals
 # (POLICIES, NAME, N; alise@nt: decode graphs not timed by bucket, as before session 33; since session 34 8 early
-# rows and 30 s of aging are the defaults: alise@er32 and alise@ag15 run the old ones; alise@nv: no short messages'
-# votes, session 38; alise@np: predictions not pulled by their kind's reliability, session 39; alise@ag45: aging 45 s,
-# simulated better with the pull, session 40), each run's decode steps' device time against session 30's fitted cost,
-# its waits and event-loop lags, and the graph routes its worker logged. One policy at a time (a sweep's --resume
-# keeps the runs done): a machine whose requests take longer than MAX_ADMIT_S to get in (its CPU side lags, session
-# 33) stops the call after that run, its device time kept for a better machine. BUCKETS=1 first runs
-# bench/decode_graph_buckets.py (each graph's time, the route, steps of real contexts on the routed graph against
-# their own, logits checked; ~90 s).
+# rows are the default: alise@er32 runs the old 32; alise@ag15 / alise@ag30 / alise@ag45: aging 15 s (until session
+# 34), 30 s (until session 41, when 45 s, now the default, was measured better live with the pull); alise@nv: no
+# short messages' votes, session 38; alise@np: predictions not pulled by their kind's reliability, session 39),
+# each run's decode steps' device time against session 30's fitted cost, its waits and event-loop lags, and the
+# graph routes its worker logged. One policy at a time (a sweep's --resume keeps the runs done): a machine whose
+# requests take longer than MAX_ADMIT_S to get in (its CPU side lags, session 33) stops the call after that run, its
+# device time kept for a better machine. BUCKETS=1 first runs bench/decode_graph_buckets.py (each graph's time, the
+# route, steps of real contexts on the routed graph against their own, logits checked; ~90 s).
 set -uo pipefail
 shopt -s nullglob
 cd "$(dirname "$0")/../.."
@@ -31,7 +31,7 @@ for policy in ${POLICIES:-fcfs alise alise@ag15}; do
         .bench-data/sharegpt_heldout_880.json "${N:-3000}" "$policy" "${RATES:-$rate}" \
         --ignore-eos --scheduler-arg=--learn-forced-lengths --variant-worker-arg=er8=--early-rows=8 \
         --variant-worker-arg=er32=--early-rows=32 --variant-scheduler-arg=ag15=--aging-s=15 \
-        --variant-scheduler-arg=ag45=--aging-s=45 \
+        --variant-scheduler-arg=ag45=--aging-s=45 --variant-scheduler-arg=ag30=--aging-s=30 \
         --variant-worker-arg=nt=--no-timed-graph-buckets --variant-predictor-arg=nv=--message-weight=0 \
         --variant-predictor-arg=np=--no-kind-pull 2>&1 | tail -2
     runs=(out/"$name/$policy"-r*.json)

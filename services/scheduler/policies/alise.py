@@ -5,7 +5,7 @@ e times less for every aging_s seconds it has waited. `now` is common to every j
 ln(remaining_seconds) + created / aging_s is the same order, and that score never changes while a job waits.
 The bound it gives is relative, so it holds whatever the scale of the time model: a job is overtaken only by
 jobs that are shorter by a factor exp(d / aging_s), d being how much later they arrived; e.g. with aging_s =
-30 (the default), a job that arrives 69 s later must be 10x shorter, one that arrives 138 s later 100x shorter.
+45 (the default), a job that arrives 104 s later must be 10x shorter, one that arrives 207 s later 100x shorter.
 A hard bound on top (the scheduler's `due_after_s`): once a job has waited that long it is due, and due jobs go
 first in their class, by arrival (base.due_score). From then on it is offered each freed slot before any later job
 of its class (where it finds no KV room, no later job takes the worker it waits for), and it is never preempted
@@ -72,9 +72,10 @@ class AlisePolicy:
     # only has to keep long jobs from falling far behind FCFS. A predictor whose estimates are compressed towards
     # the middle (live on chat: ln-spread 0.5 against the true 1.06) leaves little predicted work between jobs,
     # and a short aging_s then orders the backlog by arrival: 30 s (15 until session 34) lowered the simulated
-    # mean 2-8% on chat3000 with TTFT p99 within 1.23x and the longest tenth within 1.25x of fcfs's on chat3000
-    # and len3000 (docs/BENCHMARKS.md, "How strong the aging" and session 34; simulated, not yet live)
-    aging_s: float = 30.0
+    # mean 2-8% on chat3000. 45 s since session 41, once first messages were pulled toward their kind's centre
+    # (session 39): live on one H100, mean -5% / -13% / -8% and p99 -17% / -21% / -9% against 30 s at 44 / 64 /
+    # 68 req/s, TTFT p99 1.29x and the longest tenth 1.18x of fcfs's at 44 (docs/BENCHMARKS.md, "Aging 45 s live")
+    aging_s: float = 45.0
     preempt_ratio: float = 4.0     # preempt only when the running job is this many times longer
     preempt_margin: float = 2.0    # ... and the wait saved is this many times the victim's preemption cost
     max_preemptions: int = 2       # ... and it was preempted fewer times than this
