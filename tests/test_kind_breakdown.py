@@ -1,15 +1,17 @@
 """bench/kind_breakdown.py: a run's jobs by the predictor's kind of request, rebuilt from the dataset the sweep sent
-them from, so the claim that first messages left the tail (session 40) can be read again from a saved run; and
-bench/kind_pull_replay.py: what the pull would have served for a run recorded without it."""
+them from, so the claim that first messages left the tail (session 40) can be read again from a saved run;
+bench/kind_pull_replay.py: what the pull would have served for a run recorded without it; and
+bench/kind_truth_replay.py: a run's predictions with one kind's made true."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
-from bench import kind_pull_replay
+from bench import kind_pull_replay, kind_truth_replay
 from bench.kind_breakdown import breakdown, main, request_kinds, side_of
 from bench.serve import save
 from bench.serve_metrics import RequestResult
@@ -100,3 +102,15 @@ def test_the_pull_replay_writes_what_the_simulator_replays(tmp_path, model_dir):
     rows = list(csv.DictReader((tmp_path / "pulled.csv").open()))
     assert [(int(r["index"]), int(r["expected_output_tokens"])) for r in rows] == [(i, 5 + i) for i in range(4)]
     assert [int(r["predicted_output_tokens"]) for r in rows] == [40 + i for i in range(4)]   # too few to pull
+
+
+@pytest.mark.parametrize("kind, predicted", [(LATER, [5, 41, 7, 43, 44]), (FIRST, [40, 6, 42, 8, 44])])
+def test_the_truth_replay_makes_one_kinds_predictions_true(tmp_path, model_dir, kind, predicted):
+    dataset = three_conversations(tmp_path)       # after 1 priming request: later, first, later, first, later
+    failed = dataclasses.replace(result(4, 9, 1.0, 44), ok=False, output_tokens=0)     # no length: kept as said
+    save(tmp_path / "run.json", {}, [result(i, 5 + i, 1.0, 40 + i) for i in range(4)] + [failed])
+    kind_truth_replay.main([str(tmp_path / "run.csv"), "--dataset-path", str(dataset), "--tokenizer",
+                            str(model_dir), "--prime", "1", "--kind", kind.value, "--out", str(tmp_path / "t.csv")])
+    rows = list(csv.DictReader((tmp_path / "t.csv").open()))
+    assert [int(r["expected_output_tokens"]) for r in rows] == [5, 6, 7, 8, 9]
+    assert [int(r["predicted_output_tokens"]) for r in rows] == predicted
