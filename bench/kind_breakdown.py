@@ -76,6 +76,14 @@ def dataset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prime", type=int, default=20, help="the sweep's priming requests, sent first")
 
 
+def asked_as_flagged(p: argparse.ArgumentParser, a: argparse.Namespace, num: int) -> list[PredictorInputs]:
+    """asked_in_runs from the flags of dataset_args; a dataset that cannot have sent the runs is a usage error."""
+    try:
+        return asked_in_runs(a.dataset_name, a.dataset_path, a.tokenizer, num, a.prime)
+    except ValueError as e:
+        p.error(str(e))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="a run's per-request CSV (`alise bench`), or it xz-compressed")
@@ -84,10 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     runs = {path: read_run(path) for path in a.runs}
     num = max(r.index for results in runs.values() for r in results) + 1
-    try:
-        kinds = request_kinds(asked_in_runs(a.dataset_name, a.dataset_path, a.tokenizer, num, a.prime))
-    except ValueError as e:
-        p.error(str(e))
+    kinds = request_kinds(asked_as_flagged(p, a, num))
     for path, results in runs.items():
         print(path)
         for kind, s in breakdown(results, kinds, a.worst).items():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.kind_breakdown import asked_in_runs, dataset_args, side_of
+from bench.kind_breakdown import asked_as_flagged, dataset_args, side_of
 from bench.online_learning_replay import write_predictions
 from bench.run_over_time import read_run
 from services.predictor.kind_reliability import KindReliability
@@ -53,10 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--lag must be >= 0 (a negative lag would learn a length before its prediction)")
     results = read_run(a.run)
     num = max(r.index for r in results) + 1
-    try:
-        side = side_of(asked_in_runs(a.dataset_name, a.dataset_path, a.tokenizer, num, a.prime))
-    except ValueError as e:
-        p.error(str(e))
+    side = side_of(asked_as_flagged(p, a, num))
     predicted, lengths, asked = np.zeros(num), np.zeros(num, dtype=np.int64), [0] * num
     for r in results:                        # a failed request has no length: never learned, pulled all the same
         predicted[r.index], lengths[r.index] = r.predicted_output_tokens, r.output_tokens if r.ok else 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench.kind_breakdown import asked_in_runs, dataset_args, request_kinds
+from bench.kind_breakdown import asked_as_flagged, dataset_args, request_kinds
 from bench.online_learning_replay import write_predictions
 from bench.run_over_time import read_run
 from services.predictor.kind_reliability import RequestKind
@@ -41,10 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     results = read_run(a.run)
     num = max(r.index for r in results) + 1
-    try:
-        kinds = request_kinds(asked_in_runs(a.dataset_name, a.dataset_path, a.tokenizer, num, a.prime))
-    except ValueError as e:
-        p.error(str(e))
+    kinds = request_kinds(asked_as_flagged(p, a, num))
     predicted, asked = with_truth_for(results, kinds, a.kind)
     write_predictions(a.out, predicted, asked)
     print(f"{num} predictions, {a.kind.value}'s the true lengths: {a.out}")
