@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
-import lzma
 from pathlib import Path
 
+from bench.serve import open_run_csv
 from bench.sweep import saved_result
 
 PARTS = 10
@@ -35,8 +34,8 @@ def by_arrival(results: list, parts: int = PARTS) -> list[dict]:
 
 
 def read_run(path: Path) -> list:
-    text = lzma.open(path, "rt").read() if path.suffix == ".xz" else path.read_text()
-    return [saved_result(row) for row in csv.DictReader(io.StringIO(text))]
+    with open_run_csv(path) as f:
+        return [saved_result(row) for row in csv.DictReader(f)]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import csv
 import json
+import lzma
 import math
 import random
 import sys
@@ -399,6 +400,12 @@ def bench_serve(a: argparse.Namespace, target: Target) -> dict:
     if a.save_result:
         save(a.save_result, summary, results)
     return summary
+
+
+def open_run_csv(path: Path):
+    """A run's per-request CSV as `save` wrote it, or that CSV xz-compressed (.csv.xz, as docs/results keeps them),
+    open for text."""
+    return lzma.open(path, "rt", newline="") if path.suffix == ".xz" else path.open(newline="")
 
 
 def save(path: Path, summary: dict, results: list[RequestResult]) -> None:

@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.serve import (add_arrival_arguments, add_dataset_arguments, arrival_fields, arrival_offsets, arrival_trace,
-                         open_tokenizer, save)
+                         open_run_csv, open_tokenizer, save)
 from bench.serve_metrics import summarize
 from bench.simulator.cluster import SIM_POLICIES, SimConfig, SimRequest, Simulation, WorkerSpec, step_totals
 from bench.simulator.cost import PRESETS, load_cost
@@ -163,7 +163,7 @@ def recorded_predictions(path: Path, rows: list[Row]) -> list[float]:
     for the output length the row has, so a CSV of another workload or skip is refused. A live job the predictor
     did not answer for carries the scheduler's prior in the CSV and is replayed as that guess (the CSV cannot tell
     it apart; none of the 2,000 in the H200 runs of 2026-12-03)."""
-    with path.open(newline="") as f:
+    with open_run_csv(path) as f:
         reader = csv.DictReader(f)
         missing = {"index", "expected_output_tokens", "predicted_output_tokens"} - set(reader.fieldnames or ())
         if missing:

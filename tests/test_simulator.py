@@ -381,6 +381,7 @@ def test_a_replayed_prediction_keeps_its_value_and_gets_the_spread_of_the_live_e
 def test_the_cli_replays_a_live_runs_predictions_and_refuses_another_workloads(tmp_path):
     import csv
     import json
+    import lzma
 
     from bench.simulate import main
 
@@ -400,6 +401,12 @@ def test_the_cli_replays_a_live_runs_predictions_and_refuses_another_workloads(t
     # the live predictions rank the jobs by index, not by length: the tau the summary reports is theirs
     assert summary["predictor_kendall_tau"] == pytest.approx(
         kendall_tau([40 - i for i in range(30)], [4 + i % 7 for i in range(30)]), abs=1e-9)
+    # a run kept xz-compressed (docs/results/*/*.csv.xz) replays the same
+    (tmp_path / "live.csv.xz").write_bytes(lzma.compress(live.read_bytes()))
+    main(common + ["--predictor", "replay", "--predictions", str(tmp_path / "live.csv.xz"), "--out",
+                   str(tmp_path / "xz")])
+    assert json.loads((tmp_path / "xz" / "alise-rinf.json").read_text())["predictor_kendall_tau"] == pytest.approx(
+        summary["predictor_kendall_tau"], abs=1e-9)
     with pytest.raises(SystemExit, match="request 0 asked 4 output tokens"):
         main(common + ["--predictor", "replay", "--predictions", str(live), "--skip", "1"])
     with pytest.raises(SystemExit, match="go together"):
