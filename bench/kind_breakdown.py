@@ -11,6 +11,7 @@ The runs' requests are rebuilt from the dataset as the sweep sent them (`--prime
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,24 @@ def breakdown(results: list[RequestResult], kinds: list[RequestKind], worst: int
                                                 [r.output_tokens for r in jobs]),
                      "mean": float(norm.mean()), "p99": float(np.percentile(norm, 99)),
                      "among_worst": sum(r.index in worst_ones for r in jobs)}
+    return out
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A run's requests by index: what the predictor said, the true length (0 where the request failed: it has
+    none), and the length the request asked for (what bench.simulate checks a workload by)."""
+    predicted: np.ndarray
+    lengths: np.ndarray
+    asked: list[int]
+
+
+def recorded(results: list[RequestResult]) -> Recorded:
+    num = max(r.index for r in results) + 1
+    out = Recorded(np.zeros(num), np.zeros(num, dtype=np.int64), [0] * num)
+    for r in results:
+        out.predicted[r.index], out.asked[r.index] = r.predicted_output_tokens, r.expected_output_tokens
+        out.lengths[r.index] = r.output_tokens if r.ok else 0
     return out
 
 

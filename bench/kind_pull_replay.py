@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.kind_breakdown import asked_as_flagged, dataset_args, side_of
+from bench.kind_breakdown import asked_as_flagged, dataset_args, recorded, side_of
 from bench.online_learning_replay import write_predictions
 from bench.run_over_time import read_run
 from services.predictor.kind_reliability import KindReliability
@@ -51,15 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.lag < 0:
         p.error("--lag must be >= 0 (a negative lag would learn a length before its prediction)")
-    results = read_run(a.run)
-    num = max(r.index for r in results) + 1
-    side = side_of(asked_as_flagged(p, a, num))
-    predicted, lengths, asked = np.zeros(num), np.zeros(num, dtype=np.int64), [0] * num
-    for r in results:                        # a failed request has no length: never learned, pulled all the same
-        predicted[r.index], lengths[r.index] = r.predicted_output_tokens, r.output_tokens if r.ok else 0
-        asked[r.index] = r.expected_output_tokens          # what bench.simulate checks the workload by
-    write_predictions(a.out, pulled(predicted, lengths, side, a.lag), asked)
-    print(f"{num} predictions pulled as served, lengths learned {a.lag} requests after arrival: {a.out}")
+    run = recorded(read_run(a.run))          # a failed request has no length: never learned, pulled all the same
+    side = side_of(asked_as_flagged(p, a, len(run.asked)))
+    write_predictions(a.out, pulled(run.predicted, run.lengths, side, a.lag), run.asked)
+    print(f"{len(run.asked)} predictions pulled as served, lengths learned {a.lag} requests after arrival: {a.out}")
 
 
 if __name__ == "__main__":

@@ -14,21 +14,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench.kind_breakdown import asked_as_flagged, dataset_args, request_kinds
+import numpy as np
+
+from bench.kind_breakdown import Recorded, asked_as_flagged, dataset_args, recorded, request_kinds
 from bench.online_learning_replay import write_predictions
 from bench.run_over_time import read_run
 from services.predictor.kind_reliability import RequestKind
 
 
-def with_truth_for(results: list, kinds: list[RequestKind], kind: RequestKind) -> tuple[list[float], list[int]]:
-    """(predictions, lengths asked) by request index: the run's own predictions, the truth for `kind`'s requests."""
-    num = max(r.index for r in results) + 1
-    predicted, asked = [0.0] * num, [0] * num
-    for r in results:
-        true = r.ok and kinds[r.index] is kind
-        predicted[r.index] = r.output_tokens if true else r.predicted_output_tokens
-        asked[r.index] = r.expected_output_tokens              # what bench.simulate checks the workload by
-    return predicted, asked
+def with_truth_for(run: Recorded, kinds: list[RequestKind], kind: RequestKind) -> np.ndarray:
+    """The run's own predictions by request index, the true length for `kind`'s requests that have one."""
+    made_true = np.array([k is kind for k in kinds]) & (run.lengths > 0)
+    return np.where(made_true, run.lengths, run.predicted)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,12 +36,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="the kind whose predictions become the true lengths")
     p.add_argument("--out", type=Path, required=True, help="the predictions, as bench.simulate reads them")
     a = p.parse_args(argv)
-    results = read_run(a.run)
-    num = max(r.index for r in results) + 1
-    kinds = request_kinds(asked_as_flagged(p, a, num))
-    predicted, asked = with_truth_for(results, kinds, a.kind)
-    write_predictions(a.out, predicted, asked)
-    print(f"{num} predictions, {a.kind.value}'s the true lengths: {a.out}")
+    run = recorded(read_run(a.run))
+    kinds = request_kinds(asked_as_flagged(p, a, len(run.asked)))
+    write_predictions(a.out, with_truth_for(run, kinds, a.kind), run.asked)
+    print(f"{len(run.asked)} predictions, {a.kind.value}'s the true lengths: {a.out}")
 
 
 if __name__ == "__main__":
