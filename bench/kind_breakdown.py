@@ -51,8 +51,18 @@ def request_kinds(asked: list[PredictorInputs]) -> list[RequestKind]:
     return [next(kind for kind, mask in masks.items() if mask[i]) for i in range(len(asked))]
 
 
-def breakdown(results: list[RequestResult], kinds: list[RequestKind], worst: int = WORST) -> dict[RequestKind, dict]:
-    """Per kind (`kinds[index]` for each result's index): jobs, kendall_tau, mean, p99, among_worst."""
+@dataclass(frozen=True)
+class KindStats:
+    jobs: int
+    kendall_tau: float | None      # of predicted against true output length; None: too few jobs to rank
+    mean: float                    # normalized latency (s / output token)
+    p99: float
+    among_worst: int               # of the run's `worst` jobs by normalized latency, how many are of this kind
+
+
+def breakdown(results: list[RequestResult], kinds: list[RequestKind],
+              worst: int = WORST) -> dict[RequestKind, KindStats]:
+    """Per kind (`kinds[index]` for each result's index), over the requests served."""
     done = [r for r in results if r.ok and r.normalized_s is not None]
     worst_ones = {r.index for r in sorted(done, key=lambda r: r.normalized_s, reverse=True)[:worst]}
     out = {}
@@ -61,11 +71,10 @@ def breakdown(results: list[RequestResult], kinds: list[RequestKind], worst: int
         if not jobs:
             continue
         norm = np.array([r.normalized_s for r in jobs])
-        out[kind] = {"jobs": len(jobs),
-                     "kendall_tau": kendall_tau([r.predicted_output_tokens for r in jobs],
-                                                [r.output_tokens for r in jobs]),
-                     "mean": float(norm.mean()), "p99": float(np.percentile(norm, 99)),
-                     "among_worst": sum(r.index in worst_ones for r in jobs)}
+        out[kind] = KindStats(len(jobs), kendall_tau([r.predicted_output_tokens for r in jobs],
+                                                     [r.output_tokens for r in jobs]),
+                              float(norm.mean()), float(np.percentile(norm, 99)),
+                              sum(r.index in worst_ones for r in jobs))
     return out
 
 
@@ -115,9 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     for path, results in runs.items():
         print(path)
         for kind, s in breakdown(results, kinds, a.worst).items():
-            tau = "n/a" if s["kendall_tau"] is None else f"{s['kendall_tau']:.3f}"
-            print(f"  {kind.value:14s} {s['jobs']:5d} jobs  tau {tau}  normalized mean {s['mean']:.4f} "
-                  f"p99 {s['p99']:.3f}  among the worst {a.worst}: {s['among_worst']}")
+            tau = "n/a" if s.kendall_tau is None else f"{s.kendall_tau:.3f}"
+            print(f"  {kind.value:14s} {s.jobs:5d} jobs  tau {tau}  normalized mean {s.mean:.4f} "
+                  f"p99 {s.p99:.3f}  among the worst {a.worst}: {s.among_worst}")
 
 
 if __name__ == "__main__":

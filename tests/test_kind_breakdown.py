@@ -50,10 +50,10 @@ def test_each_kind_counts_its_own_jobs_and_its_share_of_the_worst():
               [result(10 + i, 10 + i, 0.5, 10 + i) for i in range(10)]
     results.append(RequestResult(index=5, expected_output_tokens=3, start_s=0.0, ok=False, error="UNAVAILABLE"))
     s = breakdown(results, kinds, worst=4)
-    assert s[FIRST]["jobs"] == 10 and s[LATER]["jobs"] == 10            # the failed one is left out
-    assert s[FIRST]["kendall_tau"] == pytest.approx(-1.0) and s[LATER]["kendall_tau"] == pytest.approx(1.0)
-    assert s[FIRST]["among_worst"] == 4 and s[LATER]["among_worst"] == 0
-    assert s[FIRST]["mean"] > s[LATER]["mean"] and s[FIRST]["p99"] >= s[FIRST]["mean"]
+    assert s[FIRST].jobs == 10 and s[LATER].jobs == 10            # the failed one is left out
+    assert s[FIRST].kendall_tau == pytest.approx(-1.0) and s[LATER].kendall_tau == pytest.approx(1.0)
+    assert s[FIRST].among_worst == 4 and s[LATER].among_worst == 0
+    assert s[FIRST].mean > s[LATER].mean and s[FIRST].p99 >= s[FIRST].mean
 
 
 def test_the_command_rebuilds_the_runs_requests_from_the_dataset(tmp_path, model_dir, capsys):
