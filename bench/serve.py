@@ -190,7 +190,7 @@ def http_client(target: Target):
 
 
 STEP_SAMPLE_COLUMNS = ("steps", "seconds", "seqs", "prefill_tokens", "context_tokens", "mixed_steps",  # StepView's
-                       "device_seconds")
+                       "device_seconds", "prefill_pairs")
 
 
 async def worker_loads(target: Target) -> list[dict]:

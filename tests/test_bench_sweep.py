@@ -84,8 +84,10 @@ def test_a_small_sweep_on_live_stacks_writes_runs_figures_and_report(tmp_path, m
             assert client_lag["count"] >= 2 and 0 <= client_lag["mean"] <= client_lag["max"], client_lag
             # and the scheduler's sample of those steps, that bench.simulator.calibrate --from-runs fits a cost to
             sample = summary["workers"][0]["step_sample"]
-            assert sample and all(len(row) == 7 and row[0] >= 1 and row[1] > 0 for row in sample), sample[:3]
+            assert sample and all(len(row) == 8 and row[0] >= 1 and row[1] > 0 for row in sample), sample[:3]
             assert all(row[6] == 0 for row in sample)        # a CPU worker's steps have no device time
+            # prefill attention's query-key pairs: a chunk of n tokens has at least n(n+1)/2 >= n; decodes none
+            assert all(row[7] >= row[3] if row[3] else row[7] == 0 for row in sample), sample[:3]
             assert any(row[3] > 0 for row in sample) and all(row[2] >= row[0] for row in sample)  # prefills, rows
             # every thread of every process of the stack stayed on one share, read from the live processes
             shares = {tuple(cpus) for cpus in summary["cpus"].values()}

@@ -58,6 +58,26 @@ def test_a_cost_is_fitted_to_the_step_samples_live_runs_saved(tmp_path, capsys):
         main(["--from-runs", str(old), "--out", str(out)])
 
 
+def test_prefill_attention_over_cached_history_is_fitted_apart_from_prefill_tokens(tmp_path):
+    # chat turns: the same prefill tokens cost more after a longer cached history (the 8th column: query-key pairs)
+    rng, rows = random.Random(3), []
+    for seqs, prefill, context in step_shapes(rng, 400):
+        history = rng.choice([0, 500, 4000]) if prefill else 0
+        pairs, context = prefill * history + prefill * (prefill + 1) // 2, context + history
+        seconds = 0.005 + 2e-5 * seqs + 3e-5 * prefill + 4e-8 * context + (0.007 if prefill else 0.0) + 2e-10 * pairs
+        rows.append([1, seconds, seqs, prefill, context, int(prefill > 0), 0.0, pairs])
+    run, out = tmp_path / "chat.json", tmp_path / "cost.json"
+    run.write_text(json.dumps({"workers": [{"worker_id": "w0", "step_sample": rows}]}))
+    main(["--from-runs", str(run), "--out", str(out)])
+    cost = json.loads(out.read_text())
+    assert cost["per_prefill_pair_s"] == pytest.approx(2e-10, rel=1e-3)
+    assert cost["per_prefill_token_s"] == pytest.approx(3e-5, rel=1e-3)
+    # a run saved before the worker counted pairs (7 columns) fits without them, as before
+    run.write_text(json.dumps({"workers": [{"worker_id": "w0", "step_sample": [r[:7] for r in rows]}]}))
+    main(["--from-runs", str(run), "--out", str(out)])
+    assert json.loads(out.read_text())["per_prefill_pair_s"] == 0.0
+
+
 def test_the_device_time_of_the_sampled_steps_can_be_fitted_instead_of_their_wall_time(tmp_path, capsys):
     # a GPU worker's sample carries each step's device time (7th column): the wall time adds the host's share
     rng = random.Random(1)

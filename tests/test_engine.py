@@ -349,6 +349,27 @@ def test_prefix_cache_hits_give_the_same_tokens(engine, tokenizer, hf_model):
     assert tokens == hf_greedy_ids(hf_model, second, 24)
 
 
+def test_steps_count_the_attention_pairs_of_a_turns_prefill_over_its_cached_history(engine, tokenizer):
+    """Each step reports its prefill chunks' query-key pairs (the simulator's step cost fits them): however the
+    prompt is chunked, a prompt of P tokens whose first H come from the prefix cache computes P(P+1)/2 - H(H+1)/2."""
+    ids = tokenizer.encode(" ".join(PROMPTS * 12), add_special_tokens=False)
+    pairs = lambda n: n * (n + 1) // 2
+    shapes = []
+    engine.add("t1", ids, Sampling(max_tokens=8, ignore_eos=True))
+    answer = run_to_end(engine, on_step=lambda out: shapes.append(out.shape))["t1"][0]
+    budget = engine.sched.token_budget
+    assert len(ids) > budget and len(ids) % budget != 1        # chunked, and no chunk of one token (a decode's size)
+    assert sum(s.prefill_pairs for s in shapes if s) == pairs(len(ids))
+    assert all(s.prefill_pairs == 0 for s in shapes if s and not s.prefill_tokens)      # decodes attend as context
+    second, before, shapes[:] = ids + answer + tokenizer.encode(" Tell me more.", add_special_tokens=False), \
+        engine.sched.cached_tokens, []
+    engine.add("t2", second, Sampling(max_tokens=4, ignore_eos=True))
+    run_to_end(engine, on_step=lambda out: shapes.append(out.shape))
+    hit = engine.sched.cached_tokens - before
+    assert hit > 0 and (len(second) - hit) % budget != 1
+    assert sum(s.prefill_pairs for s in shapes if s) == pairs(len(second)) - pairs(hit)
+
+
 def test_reset_forgets_the_prefix_cache(engine, tokenizer):
     """After a failed step the worker resets; blocks registered by that step may hold no KV, so no later
     request may hit them."""

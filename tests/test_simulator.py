@@ -330,6 +330,19 @@ def test_a_prompts_last_block_completed_by_a_one_token_last_chunk_joins_the_pref
     assert b.ttft_s - a.e2e_s == pytest.approx(1.16)
 
 
+def test_a_turns_prefill_pays_for_its_attention_over_the_cached_history():
+    # 1 s a step plus 0.1 ms a query-key pair of prefill attention. A's 48-token prompt (k1 k2 k3) is computed in
+    # one chunk (48 * 49 / 2 pairs); B (64 tokens: k1 k2 k3 k4) finds A's blocks cached and prefills its last 16
+    # tokens, each attending to the 48 cached and to the new ones up to itself: 16 * 48 + 16 * 17 / 2 = 904 pairs
+    cost = IterationCost(base_s=1.0, per_prefill_pair_s=1e-4)
+    cfg = SimConfig(policy="fcfs", cost=cost, worker=WorkerSpec(max_batch=1, num_blocks=100, token_budget=100),
+                    predictor=SimPredictor(PredictorKind.ORACLE), reconsider_s=0.0, park_kv_share=0.0)
+    (a, b), _, _ = simulate(cfg, [SimRequest(0.0, 48, 2, prefix_keys=(1, 2, 3)),
+                                  SimRequest(0.0, 64, 1, prefix_keys=(1, 2, 3, 4))])
+    assert a.ttft_s == pytest.approx(1.1176)
+    assert b.ttft_s - a.e2e_s == pytest.approx(1.0904)
+
+
 def test_a_simulated_worker_takes_no_more_jobs_to_park_at_once_than_its_early_rows():
     # A runs (max batch 1); three short jobs arrive at 0.5 s and are prefilled early (one early token each, then
     # parked). With 3 early rows all three get their first token in the next step (1.5 s); with 1, one at a time:
@@ -439,8 +452,8 @@ def test_a_decode_step_with_more_rows_than_the_batch_pays_the_over_batch_cost():
     steps = []
 
     class Recorded(IterationCost):
-        def step(self, seqs, prefill_tokens, context_tokens, mixed=False, over_batch=False):
-            seconds = super().step(seqs, prefill_tokens, context_tokens, mixed, over_batch)
+        def step(self, seqs, prefill_tokens, context_tokens, mixed=False, over_batch=False, prefill_pairs=0):
+            seconds = super().step(seqs, prefill_tokens, context_tokens, mixed, over_batch, prefill_pairs)
             steps.append((seqs, mixed, seconds))
             return seconds
 

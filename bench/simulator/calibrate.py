@@ -33,25 +33,44 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.simulator.cost import IterationCost
+from services.common.attention_pairs import prefill_pairs
 
 
 @dataclass(frozen=True)
-class StepSample:
+class StepRow:
+    """One engine step, or several summed, as fitted: its make-up and its time (a live run's sampled row, or one
+    timed here)."""
+    steps: int
+    seconds: float
     seqs: int
     prefill_tokens: int
     context_tokens: int
-    seconds: float
+    mixed_steps: int
+    device_seconds: float = 0.0    # a GPU worker's device time for it (0: not timed so)
+    prefill_pairs: int = 0         # query-key pairs of its prefill attention (services/worker/engine.py StepShape)
 
-    def row(self) -> tuple:
-        """As a fitted row: (steps, seconds, seqs, prefill tokens, context tokens, mixed steps)."""
-        return 1, self.seconds, self.seqs, self.prefill_tokens, self.context_tokens, int(self.prefill_tokens > 0)
+    @classmethod
+    def sampled(cls, values: list) -> "StepRow":
+        """A row of a run's step_sample, in bench/serve.py's STEP_SAMPLE_COLUMNS order (runs saved before the later
+        columns existed have fewer: those count as not measured, 0)."""
+        return cls(*values)
+
+    @classmethod
+    def timed(cls, seqs: int, prefill_tokens: int, context_tokens: int, seconds: float,
+              prefill_pairs: int) -> "StepRow":
+        """One step this module ran and timed."""
+        return cls(1, seconds, seqs, prefill_tokens, context_tokens, int(prefill_tokens > 0), 0.0, prefill_pairs)
+
+    def features(self) -> list[float]:
+        """Its column of each fitted constant, in IterationCost.steps's order."""
+        return [self.steps, self.seqs, self.prefill_tokens, self.context_tokens, self.mixed_steps, self.prefill_pairs]
 
 
 def _prompt(rng: random.Random, vocab: int, n: int) -> list[int]:
     return [rng.randrange(100, vocab) for _ in range(n)]
 
 
-def prefill_samples(engine, rng, vocab: int, prompt_lens: list[int], reps: int) -> list[StepSample]:
+def prefill_samples(engine, rng, vocab: int, prompt_lens: list[int], reps: int) -> list[StepRow]:
     from services.worker.sequence import Sampling
 
     out = []
@@ -61,11 +80,11 @@ def prefill_samples(engine, rng, vocab: int, prompt_lens: list[int], reps: int) 
             started = time.perf_counter()
             while engine.has_work:
                 engine.step()
-            out.append(StepSample(1, p, p, time.perf_counter() - started))
+            out.append(StepRow.timed(1, p, p, time.perf_counter() - started, prefill_pairs(0, p)))
     return out
 
 
-def decode_samples(engine, rng, vocab: int, batches: list[int], prompt_lens: list[int], steps: int) -> list[StepSample]:
+def decode_samples(engine, rng, vocab: int, batches: list[int], prompt_lens: list[int], steps: int) -> list[StepRow]:
     from services.worker.sequence import Sampling
 
     out = []
@@ -84,7 +103,7 @@ def decode_samples(engine, rng, vocab: int, batches: list[int], prompt_lens: lis
                 res = engine.step()
                 seconds = time.perf_counter() - started
                 if sum(len(d.token_ids) for d in res.deltas) == b:  # a full decode step (none finished or joined)
-                    out.append(StepSample(b, 0, context, seconds))
+                    out.append(StepRow.timed(b, 0, context, seconds, 0))
                 for d in res.deltas:
                     generated[d.job_id] += len(d.token_ids)
             while engine.has_work:
@@ -92,7 +111,7 @@ def decode_samples(engine, rng, vocab: int, batches: list[int], prompt_lens: lis
     return out
 
 
-def replay_samples(engine, rng, vocab: int, lengths: list[tuple[int, int]], rate: float, seed: int) -> list[StepSample]:
+def replay_samples(engine, rng, vocab: int, lengths: list[tuple[int, int]], rate: float, seed: int) -> list[StepRow]:
     """Serve `lengths` arriving at `rate` per second; one sample per engine step of the whole run."""
     from bench.serve import arrival_offsets
     from services.worker.sequence import Sampling
@@ -111,7 +130,7 @@ def replay_samples(engine, rng, vocab: int, lengths: list[tuple[int, int]], rate
         res = engine.step()
         if res.seconds and res.shape is not None:
             s = res.shape
-            out.append(StepSample(s.seqs, s.prefill_tokens, s.context_tokens, res.seconds))
+            out.append(StepRow.timed(s.seqs, s.prefill_tokens, s.context_tokens, res.seconds, s.prefill_pairs))
     return out
 
 
@@ -123,27 +142,22 @@ def replay_lengths(a: argparse.Namespace) -> list[tuple[int, int]]:
     return lengths
 
 
-def fit(samples: list[StepSample], swap_per_token_s: float = 0.0, source: str = "") -> IterationCost:
+def fit(rows: list[StepRow], swap_per_token_s: float = 0.0, source: str = "") -> IterationCost:
     """seconds ~ base + per_seq * seqs + per_prefill_token * prefill + per_context_token * context
-    + per_mixed_step * (prefill > 0), all >= 0."""
-    return fit_rows([s.row() for s in samples], swap_per_token_s, source)
-
-
-def fit_rows(rows: list[tuple], swap_per_token_s: float = 0.0, source: str = "") -> IterationCost:
-    """The same fit to rows of (steps, seconds, seqs, prefill tokens, context tokens, mixed steps), each one step
-    or several summed (bench/serve.py's STEP_SAMPLE_COLUMNS): the base counts once a step, the mixed term once a
-    mixed step."""
+    + per_mixed_step * (prefill > 0) + per_prefill_pair * prefill attention's pairs, all >= 0, over rows of one
+    step or several summed: the base counts once a step, the mixed term once a mixed step. Rows without their
+    pairs (runs saved before the worker counted them) fit that constant as 0."""
     import numpy as np
     from scipy.optimize import nnls
 
-    a = np.array([[steps, seqs, prefill, context, mixed] for steps, _, seqs, prefill, context, mixed, *_ in rows],
-                 float)
-    y = np.array([row[1] for row in rows], float)
+    a = np.array([row.features() for row in rows], float)
+    y = np.array([row.seconds for row in rows], float)
     scale = np.maximum(a.max(axis=0), 1e-12)    # columns of similar size for a well-conditioned solve (none all 0)
     coef, _ = nnls(a / scale, y)
-    coef = coef / scale
-    return IterationCost(base_s=float(coef[0]), per_seq_s=float(coef[1]), per_prefill_token_s=float(coef[2]),
-                         per_context_token_s=float(coef[3]), per_mixed_step_s=float(coef[4]), swap_per_token_s=swap_per_token_s, source=source)
+    base, per_seq, per_prefill, per_context, per_mixed, per_pair = (float(c) for c in coef / scale)
+    return IterationCost(base_s=base, per_seq_s=per_seq, per_prefill_token_s=per_prefill,
+                         per_context_token_s=per_context, per_mixed_step_s=per_mixed, per_prefill_pair_s=per_pair,
+                         swap_per_token_s=swap_per_token_s, source=source)
 
 
 def host_gap_per_step(paths: list[Path]) -> float:
@@ -161,9 +175,9 @@ def host_gap_per_step(paths: list[Path]) -> float:
     return waited / steps
 
 
-def device_time_rows(rows: list[tuple]) -> list[tuple]:
+def device_time_rows(rows: list[StepRow]) -> list[StepRow]:
     """The sampled rows with the device's seconds in place of the wall time (rows a GPU worker timed only)."""
-    timed = [(row[0], row[6], *row[2:6]) for row in rows if len(row) > 6 and row[6] > 0]
+    timed = [replace(row, seconds=row.device_seconds) for row in rows if row.device_seconds > 0]
     if not timed:
         raise SystemExit("--device-time: no sampled step has a device time (runs of a CPU worker, or saved before "
                          "samples carried it)")
@@ -173,7 +187,7 @@ def device_time_rows(rows: list[tuple]) -> list[tuple]:
 MIN_OF_EACH = 30        # mixed and decode-only steps a fit from samples wants at least, to tell their terms apart
 
 
-def run_rows(paths: list[Path]) -> list[tuple]:
+def run_rows(paths: list[Path]) -> list[StepRow]:
     """Every worker's step sample in these live runs' JSON (`alise bench`; runs from before it was saved have
     none: refused, naming the file)."""
     rows = []
@@ -182,8 +196,8 @@ def run_rows(paths: list[Path]) -> list[tuple]:
         sample = [row for w in run.get("workers", []) for row in w.get("step_sample", [])]
         if not sample:
             raise SystemExit(f"--from-runs: {path} has no step_sample (a run saved before the scheduler kept one?)")
-        rows += [tuple(row) for row in sample if row[0] >= 1 and row[1] > 0]     # the scheduler keeps no others
-    mixed = sum(1 for row in rows if row[5])
+        rows += [StepRow.sampled(row) for row in sample if row[0] >= 1 and row[1] > 0]   # the scheduler keeps no others
+    mixed = sum(1 for row in rows if row.mixed_steps)
     if min(mixed, len(rows) - mixed) < MIN_OF_EACH:
         # a uniform sample of a decode-heavy run may hold few mixed steps (or of a prefill-heavy one, few pure
         # decodes): the mixed term, and prefill's, then rest on too few rows to be told from the base
@@ -192,12 +206,11 @@ def run_rows(paths: list[Path]) -> list[tuple]:
     return rows
 
 
-def report(cost: IterationCost, rows: list[tuple], out: Path) -> None:
+def report(cost: IterationCost, rows: list[StepRow], out: Path) -> None:
     """Write the fit and say how well it explains the steps it was fitted to."""
     out.write_text(json.dumps(cost.to_json(), indent=2))
-    predicted = [cost.steps(steps, seqs, prefill, context, mixed)
-                 for steps, _, seqs, prefill, context, mixed, *_ in rows]
-    measured = [row[1] for row in rows]
+    predicted = [cost.steps(*row.features()) for row in rows]
+    measured = [row.seconds for row in rows]
     errors = sorted(abs(p - m) / m for p, m in zip(predicted, measured))
     print(json.dumps(cost.to_json(), indent=2))
     # what the simulator's accuracy rests on is the sum (the run's length); single steps are noisy
@@ -237,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
             rows = device_time_rows(rows)
         names = ", ".join(path.name for path in a.from_runs)
         timed = "device time of " if a.device_time else ""
-        cost = fit_rows(rows, a.swap_per_token_s, source=f"fitted to the {timed}{len(rows)} sampled steps of {names}")
+        cost = fit(rows, a.swap_per_token_s, source=f"fitted to the {timed}{len(rows)} sampled steps of {names}")
         if a.host_gaps:
             gap = host_gap_per_step(a.from_runs)
             cost = replace(cost, base_s=cost.base_s + gap, source=f"{cost.source}, and {gap * 1e3:.3f} ms a step "
@@ -263,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         samples = (prefill_samples(engine, rng, vocab, a.prefill_lens, a.reps)
                    + decode_samples(engine, rng, vocab, a.batches, a.decode_prompt_lens, a.steps))
     cost = fit(samples, a.swap_per_token_s, source=f"fitted to {len(samples)} steps of {cfg.model_dir} on {a.device}")
-    report(cost, [s.row() for s in samples], a.out)
+    report(cost, samples, a.out)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from enum import IntEnum
 from bench.serve_metrics import RequestResult
 from bench.simulator.cost import IterationCost
 from bench.simulator.predictions import PredictorKind, SimPredictor
+from services.common.attention_pairs import prefill_pairs
 from services.common.preempt_mode import PreemptMode
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.exec_time import ExecTimeModel
@@ -461,7 +462,7 @@ class Simulation:
             if j.prompt_len + j.generated - j.computed == 1:
                 decodes.append(j)
                 context += j.computed + 1
-        budget, prefills, prefill = budget - len(decodes), [], 0
+        budget, prefills, prefill, pairs = budget - len(decodes), [], 0, 0
         if budget > 0 and len(decodes) < len(w.running):
             for job in w.running:
                 if job.lookup_due:
@@ -474,6 +475,7 @@ class Simulation:
                     n = min(need, budget)
                     prefills.append((job, n))
                     prefill += n
+                    pairs += prefill_pairs(job.computed, n)
                     context += job.computed + n
                     budget -= n
                     if budget <= 0:
@@ -482,9 +484,9 @@ class Simulation:
         mixed = bool(prefills)
         rows = len(decodes) + len(prefills)
         over_batch = rows > self.cfg.worker.max_batch
-        duration = self.cfg.cost.step(rows, prefill, context, mixed, over_batch) + w.extra_s
+        duration = self.cfg.cost.step(rows, prefill, context, mixed, over_batch, pairs) + w.extra_s
         w.extra_s = 0.0
-        w.steps.append(step := StepSums(1, duration, rows, prefill, context, int(mixed)))
+        w.steps.append(step := StepSums(1, duration, rows, prefill, context, int(mixed), prefill_pairs=pairs))
         w.totals.add(step, over_batch and not mixed)
         if len(w.steps) > 2 * STEP_SAMPLES:
             del w.steps[:-STEP_SAMPLES]

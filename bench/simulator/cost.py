@@ -7,7 +7,12 @@ replays a CUDA graph while a mixed one launches its kernels one by one. So
 
     step = base + per_seq * sequences + per_prefill_token * prefill tokens + per_context_token * context read
            + per_mixed_step * (1 if the step has prefill chunks)
+           + per_prefill_pair * query-key pairs of the prefill chunks' attention
            + over_batch_step * (1 if a decode-only step has more rows than the batch)
+
+The pairs term is what a chat turn's history costs its prefill: a chunk of n new tokens after s cached ones
+attends to n * s + n * (n + 1) / 2 pairs, which its n tokens and its s + n context leave out (each decode reads
+its context once, a prefill chunk once per new token). Costs fitted before the worker counted pairs have it 0.
 
 The last term is what the decode graph for more rows than the batch (early jobs beside a full batch) costs beyond
 its rows: on the H100 of sessions 30 and 32, steps of 417-448 rows took ~3.5 ms (13%) more than the rest of the
@@ -32,18 +37,21 @@ class IterationCost:
     swap_per_token_s: float = 0.0
     per_mixed_step_s: float = 0.0
     over_batch_step_s: float = 0.0
+    per_prefill_pair_s: float = 0.0
     source: str = ""                  # where the numbers come from
 
     def step(self, seqs: int, prefill_tokens: int, context_tokens: int, mixed: bool = False,
-             over_batch: bool = False) -> float:
+             over_batch: bool = False, prefill_pairs: int = 0) -> float:
         """One step; over_batch: a decode-only step with more rows than the worker's batch."""
-        return (self.steps(1, seqs, prefill_tokens, context_tokens, int(mixed))
+        return (self.steps(1, seqs, prefill_tokens, context_tokens, int(mixed), prefill_pairs)
                 + (self.over_batch_step_s if over_batch and not mixed else 0.0))
 
-    def steps(self, steps: int, seqs: int, prefill_tokens: int, context_tokens: int, mixed_steps: int) -> float:
+    def steps(self, steps: int, seqs: int, prefill_tokens: int, context_tokens: int, mixed_steps: int,
+              prefill_pairs: int = 0) -> float:
         """Several steps summed (a load report's row, bench.simulator.calibrate's fitted rows)."""
         return (self.base_s * steps + self.per_seq_s * seqs + self.per_prefill_token_s * prefill_tokens
-                + self.per_context_token_s * context_tokens + self.per_mixed_step_s * mixed_steps)
+                + self.per_context_token_s * context_tokens + self.per_mixed_step_s * mixed_steps
+                + self.per_prefill_pair_s * prefill_pairs)
 
     def to_json(self) -> dict:
         return asdict(self)

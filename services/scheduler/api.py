@@ -342,7 +342,8 @@ class AliseServicer(pb_grpc.AliseServicer):
             if step_sample:
                 view.step_sample.extend(pb.StepView(steps=r.steps, seconds=r.seconds, seqs=r.seqs,
                                                     prefill_tokens=r.prefill_tokens, context_tokens=r.context_tokens,
-                                                    mixed_steps=r.mixed_steps, device_seconds=r.device_seconds)
+                                                    mixed_steps=r.mixed_steps, device_seconds=r.device_seconds,
+                                                    prefill_pairs=r.prefill_pairs)
                                       for r in w.speed.sample())
         return view
 

@@ -385,7 +385,7 @@ class Dispatcher:
             s.load = ld = msg.load
             # blocks promised to its sequences are as good as used: else the scheduler would place more there
             steps = [StepSums(t.steps, t.seconds, t.seqs, t.prefill_tokens, t.context_tokens, t.mixed_steps,
-                              t.device_seconds) for t in ld.steps]
+                              t.device_seconds, t.prefill_pairs) for t in ld.steps]
             self.state.load_report(s.worker_id, ld.used_blocks + ld.promised_blocks, ld.draining, steps,
                                    ld.running_tokens / ld.running if ld.running else 0.0)
             await self.store.heartbeat(s.worker_id, self.cfg.worker_ttl_s)

@@ -46,6 +46,8 @@ class StepSums:
     context_tokens: int
     mixed_steps: int = 0          # of `steps`, those that ran prefill chunks
     device_seconds: float = 0.0   # on a GPU, the device's time running them (seconds is the engine's wall time)
+    prefill_pairs: int = 0        # query-key pairs their prefill chunks' attention computed (sampled for the
+                                  # simulator's step cost; the admission model here does not fit it)
 
 
 @dataclass(frozen=True)

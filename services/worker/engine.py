@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.common.attention_pairs import prefill_pairs
 from services.worker.block_manager import BlockManager
 from services.worker.length_probe import LengthProbe
 from services.common.batch_limits import DEFAULT_EARLY_ROWS
@@ -90,11 +91,16 @@ class StepShape:
     prefill_tokens: int
     context_tokens: int
     mixed: bool               # ran the mixed (eager) path: prefill chunks, or a prompt the length probe read
+    # query-key pairs of the prefill chunks' attention: a chunk of n tokens after s cached (a chat turn's history)
+    # costs n * s + n * (n + 1) / 2 of them, which neither its tokens nor its context (s + n) tell apart
+    prefill_pairs: int = 0
 
     @classmethod
     def of(cls, chunks, probed: bool = False) -> "StepShape":
-        prefill = sum(c.num_tokens for c in chunks if c.num_tokens > 1)
-        return cls(len(chunks), prefill, sum(c.start + c.num_tokens for c in chunks), prefill > 0 or probed)
+        prefill = [c for c in chunks if c.num_tokens > 1]
+        tokens = sum(c.num_tokens for c in prefill)
+        pairs = sum(prefill_pairs(c.start, c.num_tokens) for c in prefill)
+        return cls(len(chunks), tokens, sum(c.start + c.num_tokens for c in chunks), tokens > 0 or probed, pairs)
 
 
 @dataclass

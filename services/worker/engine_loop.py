@@ -320,7 +320,8 @@ class EngineLoop(threading.Thread):
                 self._steps.append(wpb.StepTotals(steps=1, seconds=out.seconds, seqs=out.shape.seqs,
                                                   prefill_tokens=out.shape.prefill_tokens,
                                                   context_tokens=out.shape.context_tokens,
-                                                  mixed_steps=int(out.shape.mixed), device_seconds=out.device_s))
+                                                  mixed_steps=int(out.shape.mixed), device_seconds=out.device_s,
+                                                  prefill_pairs=out.shape.prefill_pairs))
                 metrics.STEP_ROWS.inc(out.shape.seqs)
                 metrics.PREFILL_TOKENS.inc(out.shape.prefill_tokens)
                 metrics.CONTEXT_TOKENS.inc(out.shape.context_tokens)
