@@ -76,6 +76,10 @@ def test_prefill_attention_over_cached_history_is_fitted_apart_from_prefill_toke
     run.write_text(json.dumps({"workers": [{"worker_id": "w0", "step_sample": [r[:7] for r in rows]}]}))
     main(["--from-runs", str(run), "--out", str(out)])
     assert json.loads(out.read_text())["per_prefill_pair_s"] == 0.0
+    both = tmp_path / "counted.json"             # but never beside one that does: its prefills would look cheap
+    both.write_text(json.dumps({"workers": [{"worker_id": "w0", "step_sample": rows}]}))
+    with pytest.raises(SystemExit, match=r"some do not \(saved before the worker counted them: chat.json\)"):
+        main(["--from-runs", str(run), str(both), "--out", str(out)])
 
 
 def test_the_device_time_of_the_sampled_steps_can_be_fitted_instead_of_their_wall_time(tmp_path, capsys):

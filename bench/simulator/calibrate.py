@@ -184,19 +184,26 @@ def device_time_rows(rows: list[StepRow]) -> list[StepRow]:
     return timed
 
 
+PAIRS_COLUMN = 8        # a sampled row's columns once it counts its prefill attention's pairs (STEP_SAMPLE_COLUMNS)
 MIN_OF_EACH = 30        # mixed and decode-only steps a fit from samples wants at least, to tell their terms apart
 
 
 def run_rows(paths: list[Path]) -> list[StepRow]:
     """Every worker's step sample in these live runs' JSON (`alise bench`; runs from before it was saved have
     none: refused, naming the file)."""
-    rows = []
+    rows, counted = [], {}
     for path in paths:
         run = json.loads(path.read_text())
         sample = [row for w in run.get("workers", []) for row in w.get("step_sample", [])]
         if not sample:
             raise SystemExit(f"--from-runs: {path} has no step_sample (a run saved before the scheduler kept one?)")
         rows += [StepRow.sampled(row) for row in sample if row[0] >= 1 and row[1] > 0]   # the scheduler keeps no others
+        counted[path.name] = all(len(row) >= PAIRS_COLUMN for row in sample)
+    if len(set(counted.values())) > 1:
+        # an older run's prefill steps would count as attending to nothing: the pairs' constant would come out low
+        raise SystemExit("--from-runs: some runs count their steps' prefill attention pairs and some do not (saved "
+                         f"before the worker counted them: {', '.join(n for n, c in counted.items() if not c)}); "
+                         "fit each kind apart")
     mixed = sum(1 for row in rows if row.mixed_steps)
     if min(mixed, len(rows) - mixed) < MIN_OF_EACH:
         # a uniform sample of a decode-heavy run may hold few mixed steps (or of a prefill-heavy one, few pure
