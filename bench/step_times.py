@@ -15,7 +15,8 @@ STEP_METRIC = "alise:engine_step_seconds"
 THREAD_METRIC = "alise:engine_thread_seconds"     # the engine thread's wall time by activity (step, flush, idle, ...)
 # what the steps held, summed over steps (services/worker/metrics.py): the name each gets in a run's summary
 MADE_OF_METRICS = {"alise:step_rows": "rows", "alise:prefill_tokens": "prefill_tokens",
-                   "alise:step_context_tokens": "context_tokens", "alise:kept_kv_dropped": "kept_kv_dropped",
+                   "alise:step_context_tokens": "context_tokens", "alise:prefill_attention_pairs": "prefill_pairs",
+                   "alise:kept_kv_dropped": "kept_kv_dropped",
                    "alise:decode_steps": "decode_steps", "alise:decode_step_rows": "decode_rows",
                    "alise:decode_step_context_tokens": "decode_context_tokens"}
 # on a GPU, the device's seconds: running decode-only steps, steps with prefill, and idle between back-to-back steps

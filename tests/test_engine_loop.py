@@ -11,6 +11,7 @@ from alise.v1 import worker_pb2 as wpb
 from prometheus_client import generate_latest
 
 from bench.step_times import parse_step_histogram
+from services.common.attention_pairs import prefill_pairs
 from services.worker import metrics
 from services.worker.config import WorkerConfig
 from services.worker.factory import build_engine
@@ -50,6 +51,7 @@ async def test_the_engine_threads_time_is_accounted_for_by_activity(model_dir, t
     # what the steps held: both prompts prefilled (a swap recomputes nothing), a row for each sequence a step ran
     made_of = run.summary()["made_of"]
     assert made_of["prefill_tokens"] == 2 * len(ids), made_of
+    assert made_of["prefill_pairs"] == 2 * prefill_pairs(0, len(ids)), made_of      # each prompt attends to itself
     assert made_of["rows"] >= run.count and made_of["context_tokens"] >= made_of["rows"], made_of
     assert made_of["kept_kv_dropped"] == 0, made_of
     # of those, the decode-only steps: all but the two prompts' (a decodes after its prompt; so does b, for 3 tokens)

@@ -311,9 +311,11 @@ def test_a_prompt_is_looked_up_in_the_prefix_cache_when_its_first_chunk_runs_not
     # a decode row); rows: A in 4 steps, B in 2
     totals = step_totals(sim)["w0"]
     # context read: A's chunks 16 + 32 + 48, its decode 49; B's chunk 32 + 15, its decode 48; the one decode-only
-    # step is B's last (A's decode shared its step with B's chunk)
+    # step is B's last (A's decode shared its step with B's chunk). Prefill attention: A's 48 * 49 / 2 pairs, B's 15
+    # tokens after 32 cached 15 * 32 + 15 * 16 / 2
     assert totals["steps"] == 5 and totals["made_of"] == {"rows": 6, "prefill_tokens": 63, "context_tokens": 240,
-                                                          "kept_kv_dropped": 0, "decode_steps": 1, "decode_rows": 1,
+                                                          "prefill_pairs": 1176 + 600, "kept_kv_dropped": 0,
+                                                          "decode_steps": 1, "decode_rows": 1,
                                                           "decode_context_tokens": 48}
     assert set(totals["made_of"]) == set(MADE_OF_METRICS.values())
 

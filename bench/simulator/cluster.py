@@ -158,6 +158,7 @@ class StepTotals:
     rows: int = 0
     prefill_tokens: int = 0
     context_tokens: int = 0
+    prefill_pairs: int = 0
     kept_kv_dropped: int = 0
     decode_steps: int = 0             # of which with no prefill, and what those held
     decode_rows: int = 0
@@ -170,6 +171,7 @@ class StepTotals:
         self.rows += step.seqs
         self.prefill_tokens += step.prefill_tokens
         self.context_tokens += step.context_tokens
+        self.prefill_pairs += step.prefill_pairs
         if not step.mixed_steps:
             self.decode_steps += step.steps
             self.decode_rows += step.seqs
@@ -179,7 +181,7 @@ class StepTotals:
     def summary(self) -> dict:
         """In a live run's shape: steps, their mean, and what they held."""
         made_of = {"rows": self.rows, "prefill_tokens": self.prefill_tokens, "context_tokens": self.context_tokens,
-                   "kept_kv_dropped": self.kept_kv_dropped, "decode_steps": self.decode_steps,
+                   "prefill_pairs": self.prefill_pairs, "kept_kv_dropped": self.kept_kv_dropped, "decode_steps": self.decode_steps,
                    "decode_rows": self.decode_rows, "decode_context_tokens": self.decode_context_tokens}
         return {"steps": self.steps, "mean_s": self.seconds / self.steps if self.steps else 0.0, "made_of": made_of,
                 "over_batch_steps": self.over_batch_steps}

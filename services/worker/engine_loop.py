@@ -325,6 +325,7 @@ class EngineLoop(threading.Thread):
                 metrics.STEP_ROWS.inc(out.shape.seqs)
                 metrics.PREFILL_TOKENS.inc(out.shape.prefill_tokens)
                 metrics.CONTEXT_TOKENS.inc(out.shape.context_tokens)
+                metrics.PREFILL_PAIRS.inc(out.shape.prefill_pairs)
                 if not out.shape.mixed:
                     metrics.DECODE_STEPS.inc()
                     metrics.DECODE_ROWS.inc(out.shape.seqs)

@@ -34,6 +34,8 @@ STEP_ROWS = _labelled(Counter, "alise:step_rows", "Sequences run by engine steps
 PREFILL_TOKENS = _labelled(Counter, "alise:prefill_tokens",
                            "Tokens computed by prefill: prompts, and contexts recomputed after a preemption")
 CONTEXT_TOKENS = _labelled(Counter, "alise:step_context_tokens", "KV tokens read by engine steps, summed over steps")
+PREFILL_PAIRS = _labelled(Counter, "alise:prefill_attention_pairs",
+                          "Query-key pairs computed by prefill chunks' attention (over cached history and themselves)")
 # ... and of those, the decode-only steps (the CUDA graphs): with the device's time of these steps, a run's decode
 # speed against a step-time model that is linear in steps, rows and context (bench/step_times.py)
 DECODE_STEPS = _labelled(Counter, "alise:decode_steps", "Engine steps with no prefill (decodes only)")
