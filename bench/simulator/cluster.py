@@ -181,8 +181,9 @@ class StepTotals:
     def summary(self) -> dict:
         """In a live run's shape: steps, their mean, and what they held."""
         made_of = {"rows": self.rows, "prefill_tokens": self.prefill_tokens, "context_tokens": self.context_tokens,
-                   "prefill_pairs": self.prefill_pairs, "kept_kv_dropped": self.kept_kv_dropped, "decode_steps": self.decode_steps,
-                   "decode_rows": self.decode_rows, "decode_context_tokens": self.decode_context_tokens}
+                   "prefill_pairs": self.prefill_pairs, "kept_kv_dropped": self.kept_kv_dropped,
+                   "decode_steps": self.decode_steps, "decode_rows": self.decode_rows,
+                   "decode_context_tokens": self.decode_context_tokens}
         return {"steps": self.steps, "mean_s": self.seconds / self.steps if self.steps else 0.0, "made_of": made_of,
                 "over_batch_steps": self.over_batch_steps}
 
