@@ -478,7 +478,8 @@ class Simulation:
                     n = min(need, budget)
                     prefills.append((job, n))
                     prefill += n
-                    pairs += prefill_pairs(job.computed, n)
+                    if n > 1:                 # as the worker counts: a one-token chunk attends as a decode row does
+                        pairs += prefill_pairs(job.computed, n)
                     context += job.computed + n
                     budget -= n
                     if budget <= 0:
