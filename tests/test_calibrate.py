@@ -15,12 +15,17 @@ def test_replay_fits_every_step_of_a_served_workload(tmp_path, model_dir, capsys
     lengths.write_text(json.dumps([[20, 5], [30, 6], [10, 4]]))
     out = tmp_path / "cost.json"
     main(["--model-dir", str(model_dir), "--replay", str(lengths), "--rate", "50", "--out", str(out)])
-    steps = int(re.search(r"(\d+) steps fitted", capsys.readouterr().out).group(1))
+    printed = capsys.readouterr().out
+    steps = int(re.search(r"(\d+) steps fitted", printed).group(1))
     # every request's prompt and each of its tokens after the first need a step of their own at least once: at
     # least the longest output's steps, at most one step per token of the whole workload
     assert 6 <= steps <= 20 + 30 + 10 + 5 + 6 + 4
     cost = json.loads(out.read_text())
-    assert cost["base_s"] + cost["per_seq_s"] > 0 and all(cost[k] >= 0 for k in cost if k.endswith("_s"))
+    assert all(cost[k] >= 0 for k in cost if k.endswith("_s")) and any(cost[k] > 0 for k in cost if k.endswith("_s"))
+    # and the fit accounts for the run's time. Which constants carry it is not asserted: on a dozen noisy steps of a
+    # busy machine the fixed part may go to the prefill, context or attention terms (seen once in a full suite run)
+    modelled, measured = map(float, re.search(r"([\d.]+) s modelled vs ([\d.]+) s measured", printed).groups())
+    assert measured > 0 and abs(modelled - measured) <= 0.25 * measured, printed
 
 
 def step_shapes(rng: random.Random, n: int) -> list[tuple[int, int, int]]:
