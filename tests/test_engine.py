@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from services.common.attention_pairs import prefill_pairs
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine, PreemptMode
 from services.worker.factory import build_engine
@@ -353,7 +354,7 @@ def test_steps_count_the_attention_pairs_of_a_turns_prefill_over_its_cached_hist
     """Each step reports its prefill chunks' query-key pairs (the simulator's step cost fits them): however the
     prompt is chunked, a prompt of P tokens whose first H come from the prefix cache computes P(P+1)/2 - H(H+1)/2."""
     ids = tokenizer.encode(" ".join(PROMPTS * 12), add_special_tokens=False)
-    pairs = lambda n: n * (n + 1) // 2
+    pairs = lambda n: prefill_pairs(0, n)
     shapes = []
     engine.add("t1", ids, Sampling(max_tokens=8, ignore_eos=True))
     answer = run_to_end(engine, on_step=lambda out: shapes.append(out.shape))["t1"][0]
@@ -368,6 +369,21 @@ def test_steps_count_the_attention_pairs_of_a_turns_prefill_over_its_cached_hist
     hit = engine.sched.cached_tokens - before
     assert hit > 0 and (len(second) - hit) % budget != 1
     assert sum(s.prefill_pairs for s in shapes if s) == pairs(len(second)) - pairs(hit)
+
+
+def test_a_prompt_chunk_the_token_budget_cuts_to_one_token_counts_as_the_prefill_it_runs_as(model_dir):
+    """Budget 2: A's 2-token prompt fills the first step; then A decodes beside one token of B's 3-token prompt a
+    step. That chunk samples nothing and runs the mixed path: the step reports it as prefill (tokens, pairs, mixed).
+    B's last prompt token samples, as a decode row does (no prefill), but the length probe reads it: mixed too."""
+    engine = make_engine(model_dir, token_budget=2, max_batch=2)
+    engine.add("a", [101, 102], Sampling(max_tokens=3, ignore_eos=True))
+    engine.add("b", [201, 202, 203], Sampling(max_tokens=1, ignore_eos=True))
+    shapes = []
+    run_to_end(engine, on_step=lambda out: shapes.append(out.shape))
+    shapes = [s for s in shapes if s]
+    assert sum(s.prefill_tokens for s in shapes) == 2 + 1 + 1
+    assert sum(s.prefill_pairs for s in shapes) == prefill_pairs(0, 2) + prefill_pairs(0, 1) + prefill_pairs(1, 1)
+    assert sum(s.mixed for s in shapes) == 4
 
 
 def test_reset_forgets_the_prefix_cache(engine, tokenizer):

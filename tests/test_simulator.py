@@ -345,14 +345,16 @@ def test_a_turns_prefill_pays_for_its_attention_over_the_cached_history():
     assert b.ttft_s - a.e2e_s == pytest.approx(1.0904)
 
 
-def test_a_prompt_chunk_the_budget_cuts_to_one_token_counts_no_prefill_pairs_as_live():
+def test_a_prompt_chunk_the_budget_cuts_to_one_token_is_a_prefill_as_live():
     # token budget 2: A's 2-token prompt fills step 1 (3 pairs); then A decodes and B's 3-token prompt gets one token
-    # of budget a step. The live worker counts such a chunk as a decode row (StepShape.of): no pairs, as here
+    # of budget a step. Such a chunk samples nothing: the live worker runs it on the mixed path and counts it as a
+    # prefill (SeqChunk.decodes), 1 then 2 pairs; B's last token, which samples, is a decode row
     cfg = SimConfig(policy="fcfs", cost=ONE_SECOND, worker=WorkerSpec(max_batch=2, num_blocks=100, token_budget=2),
                     predictor=SimPredictor(PredictorKind.ORACLE), reconsider_s=0.0, park_kv_share=0.0)
     sim = Simulation(cfg, [SimRequest(0.0, 2, 3), SimRequest(0.0, 3, 1)])
     sim.run()
-    assert step_totals(sim)["w0"]["made_of"]["prefill_pairs"] == 3
+    made_of = step_totals(sim)["w0"]["made_of"]
+    assert (made_of["prefill_tokens"], made_of["prefill_pairs"], made_of["decode_steps"]) == (4, 3 + 1 + 2, 1)
 
 
 def test_a_simulated_worker_takes_no_more_jobs_to_park_at_once_than_its_early_rows():

@@ -478,8 +478,7 @@ class Simulation:
                     n = min(need, budget)
                     prefills.append((job, n))
                     prefill += n
-                    if n > 1:                 # as the worker counts: a one-token chunk attends as a decode row does
-                        pairs += prefill_pairs(job.computed, n)
+                    pairs += prefill_pairs(job.computed, n)     # a chunk that samples nothing: a prefill
                     context += job.computed + n
                     budget -= n
                     if budget <= 0:

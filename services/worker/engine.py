@@ -96,11 +96,14 @@ class StepShape:
     prefill_pairs: int = 0
 
     @classmethod
-    def of(cls, chunks, probed: bool = False) -> "StepShape":
-        prefill = [c for c in chunks if c.num_tokens > 1]
-        tokens = sum(c.num_tokens for c in prefill)
-        pairs = sum(prefill_pairs(c.start, c.num_tokens) for c in prefill)
-        return cls(len(chunks), tokens, sum(c.start + c.num_tokens for c in chunks), tokens > 0 or probed, pairs)
+    def of(cls, chunks: list[SeqChunk]) -> "StepShape":
+        """The runner's chunks of a step, told apart as it runs them (SeqChunk.decodes); a chunk the length probe
+        reads runs the mixed path too."""
+        prefill = [c for c in chunks if not c.decodes]
+        tokens = sum(len(c.token_ids) for c in prefill)
+        pairs = sum(prefill_pairs(c.start, len(c.token_ids)) for c in prefill)
+        return cls(len(chunks), tokens, sum(c.start + len(c.token_ids) for c in chunks),
+                   bool(prefill) or any(c.probe for c in chunks), pairs)
 
 
 @dataclass
@@ -381,7 +384,7 @@ class Engine:
         for row, seq in enumerate(sampled):
             seq.num_pending += 1
             seq.sample_row = row
-        shape = StepShape.of(plan.chunks, bool(probed))       # a probed step ran the mixed path
+        shape = StepShape.of(chunks)
         probed = probed if features is not None else []
         if ready is not None:
             return LaunchedStep(sampled, tokens, host, ready, shape, probed, features, self.runner.inputs_ready,

@@ -47,6 +47,12 @@ class SeqChunk:
     prev_row: int = -1          # >= 0: a decode whose token is still on the device, row of the last step's ids
     probe: bool = False         # it completes a fresh prompt: take the length probe's features at its last token
 
+    @property
+    def decodes(self) -> bool:
+        """A decode row: one token that samples the next (a step of only these replays a CUDA graph). A prompt chunk
+        the token budget cut to one token samples nothing: it runs the mixed path, as a prefill."""
+        return len(self.token_ids) == 1 and self.wants_logits
+
 
 @dataclass
 class MixedInputs:
@@ -189,7 +195,7 @@ class ModelRunner:
         whose token was sampled by the previous (maybe still running) step reads it from `prev_sampled`.
         With `probe` (given when some chunk is marked `probe`), that chunk's features wait in `take_probed`;
         such a step runs the mixed path even when every chunk is one token (the graph captures no probe)."""
-        if probe is None and all(len(c.token_ids) == 1 and c.wants_logits for c in chunks):
+        if probe is None and all(c.decodes for c in chunks):
             batch = self.prepare_decode(chunks, prev_sampled)
             self._inputs_are_ready()
             if self.graphs is not None and self.graphs.fits(len(chunks)):
