@@ -8,6 +8,7 @@ import re
 import pytest
 
 from bench.simulator.calibrate import main
+from services.common.attention_pairs import prefill_pairs
 
 
 def test_replay_fits_every_step_of_a_served_workload(tmp_path, model_dir, capsys):
@@ -68,7 +69,7 @@ def test_prefill_attention_over_cached_history_is_fitted_apart_from_prefill_toke
     rng, rows = random.Random(3), []
     for seqs, prefill, context in step_shapes(rng, 400):
         history = rng.choice([0, 500, 4000]) if prefill else 0
-        pairs, context = prefill * history + prefill * (prefill + 1) // 2, context + history
+        pairs, context = prefill_pairs(history, prefill), context + history
         seconds = 0.005 + 2e-5 * seqs + 3e-5 * prefill + 4e-8 * context + (0.007 if prefill else 0.0) + 2e-10 * pairs
         rows.append([1, seconds, seqs, prefill, context, int(prefill > 0), 0.0, pairs])
     run, out = tmp_path / "chat.json", tmp_path / "cost.json"

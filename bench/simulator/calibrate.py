@@ -188,13 +188,13 @@ PAIRS_COLUMN = 8        # a sampled row's columns once it counts its prefill att
 MIN_OF_EACH = 30        # mixed and decode-only steps a fit from samples wants at least, to tell their terms apart
 
 
-def counts_pairs(sample: list[list]) -> bool:
-    """Whether a run's worker counted its prefill attention's pairs: every row has the column, and a run with prefill
-    shows some (a worker that counts them reports at least a prefill chunk's tokens; a client newer than the worker
-    would write the column as zeros)."""
-    if not all(len(row) >= PAIRS_COLUMN for row in sample):
+def counts_pairs(sample: list[list], rows: list[StepRow]) -> bool:
+    """Whether a run's worker counted its prefill attention's pairs: every sampled row has the column, and a run
+    with prefill shows some (a worker that counts them reports at least a prefill chunk's tokens; a client newer than
+    the worker would write the column as zeros)."""
+    if not all(len(values) >= PAIRS_COLUMN for values in sample):
         return False
-    return any(row[PAIRS_COLUMN - 1] > 0 for row in sample) or not any(row[3] > 0 for row in sample)
+    return any(row.prefill_pairs > 0 for row in rows) or not any(row.prefill_tokens > 0 for row in rows)
 
 
 def run_rows(paths: list[Path]) -> list[StepRow]:
@@ -206,8 +206,9 @@ def run_rows(paths: list[Path]) -> list[StepRow]:
         sample = [row for w in run.get("workers", []) for row in w.get("step_sample", [])]
         if not sample:
             raise SystemExit(f"--from-runs: {path} has no step_sample (a run saved before the scheduler kept one?)")
-        rows += [StepRow.sampled(row) for row in sample if row[0] >= 1 and row[1] > 0]   # the scheduler keeps no others
-        counted[str(path)] = counts_pairs(sample)
+        kept = [row for row in map(StepRow.sampled, sample) if row.steps >= 1 and row.seconds > 0]   # as the scheduler
+        counted[str(path)] = counts_pairs(sample, kept)
+        rows += kept
     if len(set(counted.values())) > 1:
         # an older run's prefill steps would count as attending to nothing: the pairs' constant would come out low
         raise SystemExit("--from-runs: some runs count their steps' prefill attention pairs and some do not (saved "
