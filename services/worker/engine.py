@@ -99,11 +99,16 @@ class StepShape:
     def of(cls, chunks: list[SeqChunk]) -> "StepShape":
         """The runner's chunks of a step, told apart as it runs them (SeqChunk.decodes); a chunk the length probe
         reads runs the mixed path too."""
-        prefill = [c for c in chunks if not c.decodes]
-        tokens = sum(len(c.token_ids) for c in prefill)
-        pairs = sum(prefill_pairs(c.start, len(c.token_ids)) for c in prefill)
-        return cls(len(chunks), tokens, sum(c.start + len(c.token_ids) for c in chunks),
-                   bool(prefill) or any(c.probe for c in chunks), pairs)
+        tokens = pairs = context = 0
+        probed = False
+        for c in chunks:              # one pass: this runs every step, over up to max-batch chunks
+            n = len(c.token_ids)
+            context += c.start + n
+            probed |= c.probe
+            if not c.decodes:
+                tokens += n
+                pairs += prefill_pairs(c.start, n)
+        return cls(len(chunks), tokens, context, tokens > 0 or probed, pairs)
 
 
 @dataclass
