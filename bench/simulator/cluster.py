@@ -11,7 +11,9 @@ prefill chunks in admission order until the token budget is spent; a sequence wh
 samples a new one at the end of the iteration. Preemptions the scheduler asks for take effect between
 iterations. When decode growth would overflow the KV pool the worker first drops the KV of its most recently
 parked job (the scheduler, which holds it in its queue, recomputes it wherever it resumes it), then preempts its
-newest sequence (recompute). A job sent to be prefilled early is parked once it has its early tokens.
+newest sequence (recompute). A job sent to be prefilled early is parked once it has its early tokens. Blocks a
+job computed stay cached after it leaves and are handed out, least recently freed first, once no free block is
+left (prefix_cache.py); a chat turn finds its history's leading blocks there and computes only the rest.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from enum import IntEnum
 from bench.serve_metrics import RequestResult
 from bench.simulator.cost import IterationCost
 from bench.simulator.predictions import PredictorKind, SimPredictor
+from bench.simulator.prefix_cache import PrefixCache
 from services.common.attention_pairs import prefill_pairs
 from services.common.preempt_mode import PreemptMode
 from services.scheduler.config import SchedulerConfig
@@ -136,6 +139,7 @@ class _Job:
     repred_len: float = 0.0           # the worker's re-estimate (0: none)
     generated: int = 0
     computed: int = 0                 # tokens whose KV is on the GPU of the worker running it
+    held: int = 0                     # of its prompt's block keys, how many lead its table there (_Worker.hold)
     lookup_due: bool = False          # placed with a fresh prompt: look up the prefix cache again at its first chunk
     first_token_s: float | None = None
     first_placed_s: float | None = None
@@ -206,40 +210,53 @@ class _Worker:
     incoming_blocks: int = 0          # ... and of the jobs sent here and not yet taken (command_lag_s): reported too
     steps: list[StepSums] = field(default_factory=list)   # recent steps for the next load report, as a worker sends
     totals: StepTotals = field(default_factory=StepTotals)   # every step of the run, summed
-    # keys of the prompt blocks this worker has computed. Never evicted: the live pool (~885k tokens on an H200)
-    # keeps far more than the recent conversations whose history a turn reuses
-    prefix_cache: set[int] = field(default_factory=set)
+    prefix_cache: PrefixCache = field(default_factory=PrefixCache)
 
     def report(self) -> list[StepSums]:
         steps, self.steps = self.steps[-STEP_SAMPLES:], []
         return steps
 
     def admit(self, job: _Job) -> None:
+        """The job runs here with `computed` tokens of KV (found cached, kept from before, or none)."""
         self.running.append(job)
         self.used_blocks += job.blocks(self.spec.block_size)
+        self.hold(job)
+        self.evict_cached()
 
     def cached_tokens(self, job: _Job) -> int:
         """Tokens of the job's context found in this worker's prefix cache (at least one is always computed)."""
-        hits = 0
-        for key in job.req.prefix_keys:
-            if key not in self.prefix_cache:
-                break
-            hits += 1
+        hits = self.prefix_cache.hits(job.req.prefix_keys)
         return min(hits * self.spec.block_size, job.prompt_len + job.generated - 1)
 
-    def computed_prompt(self, job: _Job) -> None:
-        """The job's prompt blocks computed so far join the prefix cache."""
-        if job.req.prefix_keys:
-            self.prefix_cache.update(job.req.prefix_keys[:min(job.computed, job.prompt_len) // self.spec.block_size])
+    def hold(self, job: _Job) -> None:
+        """The job's table holds the blocks of its prompt computed so far: found cached, or joining the cache."""
+        now = min(job.computed, job.prompt_len) // self.spec.block_size
+        if (keys := job.req.prefix_keys) and now != job.held:
+            now = min(now, len(keys))
+            self.prefix_cache.hold(keys, job.held, now)
+            job.held = now
+
+    def let_go(self, job: _Job) -> None:
+        """The job's blocks here are freed: its full ones stay cached, evictable."""
+        full = job.computed // self.spec.block_size
+        self.prefix_cache.release(job.req.prefix_keys[:job.held], max(0, full - job.held))
+        job.held = 0
+
+    def evict_cached(self) -> None:
+        """Cached blocks nobody holds are handed out once the free ones run out (used + evictable > the pool)."""
+        if (over := self.used_blocks + self.prefix_cache.evictable - self.spec.num_blocks) > 0:
+            self.prefix_cache.evict(over)
 
     def release(self, job: _Job) -> None:
         self.running.remove(job)
         self.used_blocks -= job.blocks(self.spec.block_size)
+        self.let_go(job)
 
     def drop_parked(self, job_id: str) -> None:
         """A parked job's KV is given back (for room, or the job resumes elsewhere)."""
         if (job := self.parked.pop(job_id, None)) is not None:
             self.used_blocks -= job.blocks(self.spec.block_size)
+            self.let_go(job)
             job.computed = 0
 
     def room_for(self, blocks: int, only_if_enough: bool = False) -> list[str]:
@@ -444,6 +461,7 @@ class Simulation:
             job.computed = w.cached_tokens(job)    # as live, its prompt is looked up in the prefix cache again
             job.lookup_due = True
             w.admit(job)
+        w.evict_cached()                          # decode growth takes free blocks, then cached ones
         self._kv_dropped(w, w.room_for(0))       # decode growth past the pool: parked KV goes first
         while len(w.running) > 1 and w.used_blocks > w.spec.num_blocks:
             job = next((j for j in reversed(w.running) if self.state.preemptions(j.job_id) < self.cfg.max_preemptions),
@@ -473,6 +491,7 @@ class Simulation:
                     # when the job reaches it: blocks computed meanwhile (an earlier turn of its conversation,
                     # prefilled in the steps it waited for budget) are hits
                     job.computed, job.lookup_due = max(job.computed, w.cached_tokens(job)), False
+                    w.hold(job)
                 need = job.prompt_len + job.generated - job.computed
                 if need > 1:
                     n = min(need, budget)
@@ -521,11 +540,11 @@ class Simulation:
         for job in w.decodes:              # one token to compute: a decode, or a prompt's last token after its chunks
             job.computed += 1
             if job.generated == 0:         # that last token may complete the prompt's last block: it is cached too
-                w.computed_prompt(job)
+                w.hold(job)
             self._sampled(w, job, done)
         for job, n in w.prefills:
             job.computed += n
-            w.computed_prompt(job)
+            w.hold(job)
             if job.computed == job.prompt_len + job.generated:         # its last token's KV is in: sample one
                 self._sampled(w, job, done)
         for job in done:
