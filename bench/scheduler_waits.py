@@ -1,8 +1,9 @@
 """Where the scheduler's time went during a run, from two readings of its /metrics: a request's admission by stage
 (validate, predict, store: services/scheduler/metrics.AdmissionStage), its commands' wait for their worker's
-stream, by command, and how late its event loop ran what was due. A run whose clients wait long to be accepted,
-or whose placements reach the worker late, says here which part of the scheduler's side was slow (a busy
-predictor, its event loop, Redis)."""
+stream, by command, how late its event loop ran what was due, and how long its workers' messages took from their
+engines to it and to be acted on. A run whose clients wait long to be accepted, whose placements reach the worker
+late, or whose tokens and finishes reach the scheduler late says here which part was slow (a busy predictor, its
+event loop, Redis, a reader behind)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,7 +13,8 @@ from bench.step_times import histogram_label_sums, means_by_label, metrics_page
 # metric -> (its label, the name of its part of the run's summary; a metric of no label of its own sums as "all")
 WAIT_METRICS = {"alise:admission_seconds": ("stage", "admission_s"),
                 "alise:worker_command_wait_seconds": ("command", "command_wait_s"),
-                "alise:event_loop_lag_seconds": (None, "event_loop_lag_s")}
+                "alise:event_loop_lag_seconds": (None, "event_loop_lag_s"),
+                "alise:worker_message_lag_seconds": ("stage", "worker_message_lag_s")}
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,7 @@ class SchedulerWaits:
 
     def summary(self) -> dict:
         """{"admission_s": {stage: {"count", "mean_s"}}, "command_wait_s": {command: ...},
-        "event_loop_lag_s": {"all": ...}}: those observed."""
+        "event_loop_lag_s": {"all": ...}, "worker_message_lag_s": {"received" / "handled": ...}}: those observed."""
         if any(v < 0 for (_, _, part), v in self.sums if part == "count"):   # readings across a scheduler restart
             return {"error": "the scheduler's counts went down between the readings (restarted?)"}
         out = {}

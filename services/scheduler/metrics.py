@@ -61,6 +61,27 @@ ADMISSION = _labelled(Histogram, "alise:admission_seconds", "A request's admissi
 # after its admission stages, and its tokens' way out, wait this long in a loop that is behind
 EVENT_LOOP_LAG = _labelled(Histogram, "alise:event_loop_lag_seconds", "How late the event loop ran a due callback",
                            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+
+
+class MessageLagStage(str, Enum):
+    """How far behind the scheduler is with what workers tell it (alise:worker_message_lag_seconds), counted from
+    when the worker's engine produced the message: a first token stamped late, a finish acted on late (its slot
+    given to the next job late) show here."""
+    RECEIVED = "received"    # taken off the worker's stream (the worker's own send, the network, a reader behind)
+    HANDLED = "handled"      # acted on: Redis updated, clients' streams fed, the dispatcher woken
+
+
+WORKER_MESSAGE_LAG = _labelled(Histogram, "alise:worker_message_lag_seconds",
+                               "A worker's message from its engine to the scheduler, by stage", ("stage",),
+                               buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+
+
+def observe_message_lag(stage: MessageLagStage, sent_unix_s: float, now: float) -> None:
+    """A stamped message's lag at `stage` (clocks a little apart across hosts: never below 0)."""
+    if sent_unix_s > 0:
+        WORKER_MESSAGE_LAG.labels(stage=stage.value).observe(max(0.0, now - sent_unix_s))
+
+
 TPOT = _labelled(Histogram, "vllm:request_time_per_output_token_seconds",
                  "Per request: (end-to-end - TTFT) / (output tokens - 1)", buckets=PER_TOKEN_BUCKETS)
 PROMPT_TOKENS = _labelled(Counter, "vllm:prompt_tokens", "Prompt tokens of finished requests")

@@ -69,9 +69,12 @@ def token_events(deltas) -> wpb.WorkerMessage:
 
 
 def outgoing_message(item) -> wpb.WorkerMessage:
-    """An outbox item as sent: a message, or a function that builds one (token events: hundreds of deltas
-    at large batches, so they are turned into protobuf off the engine thread)."""
-    return item() if callable(item) else item
+    """An outbox item as sent: (a message, or a function that builds one (token events: hundreds of deltas
+    at large batches, so they are turned into protobuf off the engine thread); when the engine produced it)."""
+    what, produced_at = item
+    msg = what() if callable(what) else what
+    msg.sent_unix_s = produced_at
+    return msg
 
 
 def describe(cmd) -> str:
@@ -382,4 +385,4 @@ class EngineLoop(threading.Thread):
         sink = self._sink
         if sink is not None:
             loop, outbox = sink
-            loop.call_soon_threadsafe(outbox.put_nowait, msg)
+            loop.call_soon_threadsafe(outbox.put_nowait, (msg, time.time()))
