@@ -14,7 +14,8 @@ from bench.step_times import histogram_label_sums, means_by_label, metrics_page
 WAIT_METRICS = {"alise:admission_seconds": ("stage", "admission_s"),
                 "alise:worker_command_wait_seconds": ("command", "command_wait_s"),
                 "alise:event_loop_lag_seconds": (None, "event_loop_lag_s"),
-                "alise:worker_message_lag_seconds": ("stage", "worker_message_lag_s")}
+                "alise:worker_message_lag_seconds": ("stage", "worker_message_lag_s"),
+                "alise:worker_message_handling_seconds": ("kind", "worker_message_handling_s")}
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,8 @@ class SchedulerWaits:
 
     def summary(self) -> dict:
         """{"admission_s": {stage: {"count", "mean_s"}}, "command_wait_s": {command: ...},
-        "event_loop_lag_s": {"all": ...}, "worker_message_lag_s": {"received" / "handled": ...}}: those observed."""
+        "event_loop_lag_s": {"all": ...}, "worker_message_lag_s": {"outbox" / "received" / "handled": ...},
+        "worker_message_handling_s": {kind: ...}}: those observed."""
         if any(v < 0 for (_, _, part), v in self.sums if part == "count"):   # readings across a scheduler restart
             return {"error": "the scheduler's counts went down between the readings (restarted?)"}
         out = {}

@@ -82,9 +82,13 @@ def test_a_small_sweep_on_live_stacks_writes_runs_figures_and_report(tmp_path, m
             assert summary["scheduler_waits"]["event_loop_lag_s"]["all"]["count"] >= 2, summary["scheduler_waits"]
             # and how long the worker's messages (4 jobs' tokens and finishes at least) took to reach the scheduler and
             # to be acted on, from when its engine produced them (one machine: one clock)
+            # (a reading may fall between one message's stages: a count apart)
             lag = summary["scheduler_waits"]["worker_message_lag_s"]
-            assert lag["received"]["count"] >= 8 and lag["handled"]["count"] == lag["received"]["count"], lag
-            assert 0 <= lag["received"]["mean_s"] <= lag["handled"]["mean_s"] < 30, lag
+            assert lag["received"]["count"] >= 8 and 0 <= lag["received"]["count"] - lag["handled"]["count"] <= 1, lag
+            assert 0 <= lag["outbox"]["mean_s"] <= lag["received"]["mean_s"] <= lag["handled"]["mean_s"] < 30, lag
+            # and how long the scheduler took over each kind: its tokens and finishes at least
+            handling = summary["scheduler_waits"]["worker_message_handling_s"]
+            assert handling["tokens"]["count"] >= 4 and handling["finished"]["count"] >= 4, handling
             client_lag = summary["client_loop_lag_s"]
             assert client_lag["count"] >= 2 and 0 <= client_lag["mean"] <= client_lag["max"], client_lag
             # and the scheduler's sample of those steps, that bench.simulator.calibrate --from-runs fits a cost to

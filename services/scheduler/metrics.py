@@ -67,19 +67,30 @@ class MessageLagStage(str, Enum):
     """How far behind the scheduler is with what workers tell it (alise:worker_message_lag_seconds), counted from
     when the worker's engine produced the message: a first token stamped late, a finish acted on late (its slot
     given to the next job late) show here."""
-    RECEIVED = "received"    # taken off the worker's stream (the worker's own send, the network, a reader behind)
+    OUTBOX = "outbox"        # taken from the worker's outbox by its stream (its event loop, or the stream, behind)
+    RECEIVED = "received"    # taken off the stream by the scheduler (the network, the scheduler's reader behind)
     HANDLED = "handled"      # acted on: Redis updated, clients' streams fed, the dispatcher woken
 
 
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 WORKER_MESSAGE_LAG = _labelled(Histogram, "alise:worker_message_lag_seconds",
                                "A worker's message from its engine to the scheduler, by stage", ("stage",),
-                               buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+                               buckets=LAG_BUCKETS)
+# The scheduler reads a worker's messages one at a time: one slow to handle holds back every message behind it
+WORKER_MESSAGE_HANDLING = _labelled(Histogram, "alise:worker_message_handling_seconds",
+                                    "The scheduler's handling of a worker's message, by kind", ("kind",),
+                                    buckets=LAG_BUCKETS)
 
 
-def observe_message_lag(stage: MessageLagStage, sent_unix_s: float, now: float) -> None:
-    """A stamped message's lag at `stage` (clocks a little apart across hosts: never below 0)."""
-    if sent_unix_s > 0:
-        WORKER_MESSAGE_LAG.labels(stage=stage.value).observe(max(0.0, now - sent_unix_s))
+def observe_worker_message(msg, received_unix_s: float, handled_unix_s: float) -> None:
+    """A worker's message's lag by stage (stamped by a worker that stamps them; clocks a little apart across hosts
+    never make one below 0) and its handling time here."""
+    if (produced := msg.produced_unix_s) > 0:
+        for stage, at in ((MessageLagStage.OUTBOX, msg.left_outbox_unix_s), (MessageLagStage.RECEIVED, received_unix_s),
+                          (MessageLagStage.HANDLED, handled_unix_s)):
+            if at > 0:
+                WORKER_MESSAGE_LAG.labels(stage=stage.value).observe(max(0.0, at - produced))
+    WORKER_MESSAGE_HANDLING.labels(kind=msg.WhichOneof("kind") or "none").observe(handled_unix_s - received_unix_s)
 
 
 TPOT = _labelled(Histogram, "vllm:request_time_per_output_token_seconds",

@@ -212,9 +212,9 @@ class WorkerGateway(wpb_grpc.WorkerGatewayServicer):
                     session.error = f"{msg.field}: {msg.problem}"
                     log.warning("worker %s sent a bad message (%s): session ended", session.worker_id, session.error)
                     return
-                metrics.observe_message_lag(metrics.MessageLagStage.RECEIVED, msg.sent_unix_s, time.time())
+                received = time.time()
                 await self.d.on_worker_message(session, msg)
-                metrics.observe_message_lag(metrics.MessageLagStage.HANDLED, msg.sent_unix_s, time.time())
+                metrics.observe_worker_message(msg, received, time.time())
         except Exception as e:  # noqa: BLE001 - any failure of the stream ends the session
             if not isinstance(e, asyncio.CancelledError):
                 log.warning("worker %s stream failed: %r", session.worker_id, e)

@@ -69,11 +69,12 @@ def token_events(deltas) -> wpb.WorkerMessage:
 
 
 def outgoing_message(item) -> wpb.WorkerMessage:
-    """An outbox item as sent: (a message, or a function that builds one (token events: hundreds of deltas
-    at large batches, so they are turned into protobuf off the engine thread); when the engine produced it)."""
+    """An outbox item as the stream takes it: (a message, or a function that builds one (token events: hundreds of
+    deltas at large batches, so they are turned into protobuf off the engine thread); when the engine produced it),
+    stamped with that time and now."""
     what, produced_at = item
     msg = what() if callable(what) else what
-    msg.sent_unix_s = produced_at
+    msg.produced_unix_s, msg.left_outbox_unix_s = produced_at, time.time()
     return msg
 
 
