@@ -35,3 +35,17 @@ def test_a_hit_on_an_evictable_block_takes_it_out_of_the_line():
     assert cache.evictable == 1
     cache.evict(1)                                # block 2 goes: 1 is held
     assert cache.hits((1, 2)) == 1
+
+
+def test_a_block_several_tables_hold_is_one_block_of_the_pool():
+    # as the worker's block manager counts references: the simulated worker's pool_used subtracts `shared`
+    cache = PrefixCache()
+    cache.hold((1, 2), 0, 2)
+    cache.hold((1, 2, 3), 0, 3)
+    cache.hold((1,), 0, 1)
+    assert cache.shared == 3                      # 1 held three times, 2 twice
+    cache.release((1, 2), 0)
+    assert cache.shared == 1
+    cache.release((1,), 0)
+    cache.release((1, 2, 3), 0)
+    assert cache.shared == 0 and cache.evictable == 3

@@ -206,7 +206,7 @@ class _Worker:
     prefills: list[tuple[_Job, int]] = field(default_factory=list)  # this iteration: (job, chunk of tokens)
     busy: bool = False
     extra_s: float = 0.0              # swap time to add to the next iteration
-    used_blocks: int = 0              # KV blocks of the running jobs (prompt + generated + the next token)
+    used_blocks: int = 0              # KV blocks of the running jobs (prompt + generated + the next token), per job
     incoming_blocks: int = 0          # ... and of the jobs sent here and not yet taken (command_lag_s): reported too
     steps: list[StepSums] = field(default_factory=list)   # recent steps for the next load report, as a worker sends
     totals: StepTotals = field(default_factory=StepTotals)   # every step of the run, summed
@@ -215,6 +215,12 @@ class _Worker:
     def report(self) -> list[StepSums]:
         steps, self.steps = self.steps[-STEP_SAMPLES:], []
         return steps
+
+    @property
+    def pool_used(self) -> int:
+        """Blocks taken from the pool: a cached prefix block that several jobs hold is one block (the worker's
+        block manager counts references; before session 43 the simulator counted it once per job)."""
+        return self.used_blocks - self.prefix_cache.shared
 
     def admit(self, job: _Job) -> None:
         """The job runs here with `computed` tokens of KV (found cached, kept from before, or none)."""
@@ -244,7 +250,7 @@ class _Worker:
 
     def evict_cached(self) -> None:
         """Cached blocks nobody holds are handed out once the free ones run out (used + evictable > the pool)."""
-        if (over := self.used_blocks + self.prefix_cache.evictable - self.spec.num_blocks) > 0:
+        if (over := self.pool_used + self.prefix_cache.evictable - self.spec.num_blocks) > 0:
             self.prefix_cache.evict(over)
 
     def release(self, job: _Job) -> None:
@@ -265,16 +271,16 @@ class _Worker:
         as the worker's step scheduler does (_evict_for): KV given up for a job that still cannot start is lost
         for nothing. Decode growth (blocks=0) drops what it can: the alternative is preempting a running job."""
         parked = sum(j.blocks(self.spec.block_size) for j in self.parked.values()) if only_if_enough else 0
-        if only_if_enough and self.used_blocks + blocks - parked > self.spec.num_blocks:
+        if only_if_enough and self.pool_used + blocks - parked > self.spec.num_blocks:
             return []
         dropped = []
-        while self.used_blocks + blocks > self.spec.num_blocks and self.parked:
+        while self.pool_used + blocks > self.spec.num_blocks and self.parked:
             dropped.append(job_id := next(reversed(self.parked)))
             self.drop_parked(job_id)
         return dropped
 
     def fits(self, blocks: int) -> bool:
-        return self.used_blocks + blocks <= self.spec.num_blocks
+        return self.pool_used + blocks <= self.spec.num_blocks
 
 
 class Simulation:
@@ -382,7 +388,7 @@ class Simulation:
                 total += job.prompt_len + job.generated
             # as a live worker's report counts the KV it promised, this one counts what is on its way to it: else each
             # decision within the command lag would see that room as free again
-            self.state.load_report(w.wid, w.used_blocks + w.incoming_blocks, False, w.report(),
+            self.state.load_report(w.wid, w.pool_used + w.incoming_blocks, False, w.report(),
                                    total / len(w.running) if w.running else 0.0)
         for job_id in self.state.become_due(self.now):   # as the live dispatcher does: a new score, by arrival
             if job_id in self.queued:
@@ -450,6 +456,7 @@ class Simulation:
             for job in [j for j in w.running + w.waiting if j.job_id in w.to_preempt]:
                 self._preempt(w, job, self.cfg.preempt_mode)
             w.to_preempt.clear()
+        w.evict_cached()      # the last step's decode growth took free blocks, then cached ones, before any lookup here
         # Out of KV, the engine itself puts a job back in its own waiting line (recompute), as vLLM does: the newest
         # with preemptions left under the bound, as the live worker does (step_scheduler._victim); the scheduler
         # counts it (the job still runs there in its eyes). They rejoin when blocks free up.
@@ -461,9 +468,8 @@ class Simulation:
             job.computed = w.cached_tokens(job)    # as live, its prompt is looked up in the prefix cache again
             job.lookup_due = True
             w.admit(job)
-        w.evict_cached()                          # decode growth takes free blocks, then cached ones
         self._kv_dropped(w, w.room_for(0))       # decode growth past the pool: parked KV goes first
-        while len(w.running) > 1 and w.used_blocks > w.spec.num_blocks:
+        while len(w.running) > 1 and w.pool_used > w.spec.num_blocks:
             job = next((j for j in reversed(w.running) if self.state.preemptions(j.job_id) < self.cfg.max_preemptions),
                        w.running[-1])
             w.release(job)

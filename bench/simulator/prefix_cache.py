@@ -23,6 +23,7 @@ class PrefixCache:
         self._holders: dict[int, int] = {}                     # key -> tables holding its block (> 0)
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, held by none: least recently released first
         self._unnamed = itertools.count(-1, -1)                 # keys of blocks no prompt can name (outputs)
+        self.shared = 0                 # holders beyond the first, summed: blocks each job counts that the pool has once
 
     @property
     def evictable(self) -> int:
@@ -48,6 +49,7 @@ class PrefixCache:
         for key in keys[held:now]:
             if (n := self._holders.get(key)) is not None:
                 self._holders[key] = n + 1
+                self.shared += 1
             else:
                 self._evictable.pop(key, None)
                 self._holders[key] = 1
@@ -61,6 +63,7 @@ class PrefixCache:
         for key in keys:
             if (n := self._holders[key]) > 1:
                 self._holders[key] = n - 1
+                self.shared -= 1
             else:
                 del self._holders[key]
                 self._evictable[key] = None
