@@ -6,6 +6,9 @@
 #   device call 1: carry ["bench-data.tar.xz"], command: bash bench/device/unpack.sh
 # By session 42 the tracked tree alone was ~42 MB (docs/results ~38 MB), so even call 1 passed 64 MiB: move
 # docs/results out of the tree for that call (`mv docs/results /tmp/hold/`, back after it); it needs none of it.
+# Session 43 unpacked and ran in one call: docs/results moved out but for the one file run_summary.py reads
+# (h100_chat_2026-12-06_s30/sim/cost_h100_s30.json, copied back in), carry ["bench-data-880.tar.xz", ".whl",
+# "alise/v1"] (~40 MB), `bash bench/device/unpack.sh && ... diagnose_s33.sh`: one machine start fewer.
 cd "$(dirname "$0")/../.." || exit 1
 for bundle in bench-data*.tar.xz; do
     [ -e "$bundle" ] || continue
