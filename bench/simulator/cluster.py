@@ -236,9 +236,8 @@ class _Worker:
 
     def hold(self, job: _Job) -> None:
         """The job's table holds the blocks of its prompt computed so far: found cached, or joining the cache."""
-        now = min(job.computed, job.prompt_len) // self.spec.block_size
-        if (keys := job.req.prefix_keys) and now != job.held:
-            now = min(now, len(keys))
+        keys = job.req.prefix_keys
+        if (now := min(min(job.computed, job.prompt_len) // self.spec.block_size, len(keys))) > job.held:
             self.prefix_cache.hold(keys, job.held, now)
             job.held = now
 

@@ -14,15 +14,15 @@ line, so they join it here as keys nothing looks up.
 """
 from __future__ import annotations
 
-import itertools
 from collections import OrderedDict
 
 
 class PrefixCache:
     def __init__(self) -> None:
         self._holders: dict[int, int] = {}                     # key -> tables holding its block (> 0)
-        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, held by none: least recently released first
-        self._unnamed = itertools.count(-1, -1)                 # keys of blocks no prompt can name (outputs)
+        # cached, held by none, least recently released first; a block no prompt can name (generated tokens) under a
+        # key of its own (an object: no prompt's key can equal it)
+        self._evictable: OrderedDict[object, None] = OrderedDict()
         self.shared = 0                 # holders beyond the first, summed: blocks each job counts that the pool has once
 
     @property
@@ -44,8 +44,8 @@ class PrefixCache:
         return n
 
     def hold(self, keys: tuple[int, ...], held: int, now: int) -> None:
-        """A job's table held the blocks of keys[:held] and holds keys[:now]: a block found cached leaves the
-        evictable line; one computed joins the cache as held."""
+        """A job's table held the blocks of keys[:held] and now holds keys[:now] (now >= held: a table grows until
+        `release`): a block found cached leaves the evictable line; one computed joins the cache as held."""
         for key in keys[held:now]:
             if (n := self._holders.get(key)) is not None:
                 self._holders[key] = n + 1
@@ -53,7 +53,6 @@ class PrefixCache:
             else:
                 self._evictable.pop(key, None)
                 self._holders[key] = 1
-        self.release(keys[now:held], 0)
 
     def release(self, keys: tuple[int, ...], other_blocks: int) -> None:
         """A job lets go of its prompt blocks `keys` and `other_blocks` full blocks after them: they join the
@@ -68,7 +67,7 @@ class PrefixCache:
                 del self._holders[key]
                 self._evictable[key] = None
         for _ in range(other_blocks):
-            self._evictable[next(self._unnamed)] = None
+            self._evictable[object()] = None
 
     def evict(self, n: int) -> None:
         """Hand out the n least recently released blocks (their keys are forgotten)."""
