@@ -3,6 +3,7 @@ turns those, with when it received and handled the message, into alise:worker_me
 alise:worker_message_handling_seconds by kind."""
 from __future__ import annotations
 
+import math
 import time
 from functools import partial
 
@@ -43,3 +44,11 @@ def test_the_scheduler_observes_each_stage_from_when_the_engine_produced_the_mes
     assert sample("alise:worker_message_handling_seconds_count", kind="finished") == handled_before + 2
     metrics.observe_worker_message(wpb.WorkerMessage(load=wpb.LoadReport(), produced_unix_s=10.0), 9.0, 9.5)
     assert sample(total, stage="received") - before["received"][1] == 1.0       # clamped at 0
+    # stamps that are no time (a broken worker clock): not counted, the sums stay finite
+    counted = sample(count, stage="outbox")
+    for bad in (float("nan"), float("inf")):
+        metrics.observe_worker_message(wpb.WorkerMessage(load=wpb.LoadReport(), produced_unix_s=bad), 9.0, 9.5)
+        metrics.observe_worker_message(wpb.WorkerMessage(load=wpb.LoadReport(), produced_unix_s=8.0,
+                                                         left_outbox_unix_s=bad), 9.0, 9.5)
+    assert sample(count, stage="outbox") == counted
+    assert all(math.isfinite(sample(total, stage=stage)) for stage in before)

@@ -7,6 +7,7 @@ workers' `vllm:num_requests_waiting / running` are per engine.
 """
 from __future__ import annotations
 
+import math
 import re
 from enum import Enum
 
@@ -84,11 +85,12 @@ WORKER_MESSAGE_HANDLING = _labelled(Histogram, "alise:worker_message_handling_se
 
 def observe_worker_message(msg, received_unix_s: float, handled_unix_s: float) -> None:
     """A worker's message's lag by stage (stamped by a worker that stamps them; clocks a little apart across hosts
-    never make one below 0) and its handling time here."""
-    if (produced := msg.produced_unix_s) > 0:
+    never make one below 0; a stamp that is not a finite time is not counted: one inf would make the sum inf for good)
+    and its handling time here."""
+    if 0 < (produced := msg.produced_unix_s) < math.inf:
         for stage, at in ((MessageLagStage.OUTBOX, msg.left_outbox_unix_s), (MessageLagStage.RECEIVED, received_unix_s),
                           (MessageLagStage.HANDLED, handled_unix_s)):
-            if at > 0:
+            if 0 < at < math.inf:
                 WORKER_MESSAGE_LAG.labels(stage=stage.value).observe(max(0.0, at - produced))
     WORKER_MESSAGE_HANDLING.labels(kind=msg.WhichOneof("kind") or "none").observe(handled_unix_s - received_unix_s)
 
