@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from bench.process_cpu import cpu_share, process_cpu, process_cpus
+from bench.run_timeline import sample_timeline
 from bench.scheduler_waits import SchedulerWaits, read_scheduler_waits
 from bench.serve import (Target, add_workload_arguments, arrival_fields, arrival_trace, load_workload, open_tokenizer,
                          run, save, worker_loads)
@@ -257,21 +258,24 @@ async def measure_together(a: argparse.Namespace, stacks: list, rate: float, pri
     before = [(process_cpu(s), worker_steps(s), scheduler_waits(s)) for s in stacks]
     client_lags: list[float] = []        # the client's own event loop (one for every stack): a slow client shows here
     watcher = asyncio.create_task(watch_loop_lag(client_lags.append))
+    timelines: list[list[dict]] = [[] for _ in stacks]     # each stack's run second by second (bench/run_timeline.py)
+    samplers = [asyncio.create_task(sample_timeline(s, line.append)) for s, line in zip(stacks, timelines)]
     try:
         measures = await asyncio.gather(*(run(measured, t, rate=rate, burstiness=a.burstiness, seed=a.seed,
                                               max_concurrency=a.max_concurrency, ignore_eos=a.ignore_eos,
                                               label=f"run-{i}", trace=trace, progress=i == 0)
                                           for i, t in enumerate(targets)))
     finally:
-        watcher.cancel()
+        for task in (watcher, *samplers):
+            task.cancel()
     out = []
-    for stack, target, (cpu_before, steps_before, waits_before), (results, duration) in zip(stacks, targets, before,
-                                                                                         measures):
+    for stack, target, (cpu_before, steps_before, waits_before), (results, duration), timeline in zip(
+            stacks, targets, before, measures, timelines):
         extras = {"cpu_share": cpu_share(cpu_before, process_cpu(stack), duration),  # one at a full core limits a run
                   "step_times": steps_during(steps_before, worker_steps(stack)),
                   "scheduler_waits": waits_during(waits_before, scheduler_waits(stack)),
                   "client_loop_lag_s": lag_summary(client_lags),
-                  "cpus": process_cpus(stack)}
+                  "cpus": process_cpus(stack), "timeline": timeline}
         try:
             extras["workers"] = await worker_loads(target)   # what the scheduler learned of them (the simulator's cost)
         except Exception as e:  # noqa: BLE001 - the run's results matter more than this extra

@@ -89,6 +89,12 @@ def test_a_small_sweep_on_live_stacks_writes_runs_figures_and_report(tmp_path, m
             # and how long the scheduler took over each kind: its tokens and finishes at least
             handling = summary["scheduler_waits"]["worker_message_handling_s"]
             assert handling["tokens"]["count"] >= 4 and handling["finished"]["count"] >= 4, handling
+            # and how long its reader waited for each message (its idle time)
+            assert summary["scheduler_waits"]["worker_reader_wait_s"]["all"]["count"] >= 8, summary["scheduler_waits"]
+            # and the run second by second (bench/run_timeline.py): however many seconds it lasted, in order
+            line = summary["timeline"]
+            assert [p["t_s"] for p in line] == sorted(p["t_s"] for p in line), line
+            assert all(p["cpu_share"]["scheduler"] >= 0 and p["placed"] >= 0 for p in line), line
             client_lag = summary["client_loop_lag_s"]
             assert client_lag["count"] >= 2 and 0 <= client_lag["mean"] <= client_lag["max"], client_lag
             # and the scheduler's sample of those steps, that bench.simulator.calibrate --from-runs fits a cost to

@@ -82,6 +82,13 @@ WORKER_MESSAGE_HANDLING = _labelled(Histogram, "alise:worker_message_handling_se
                                     "The scheduler's handling of a worker's message, by kind", ("kind",),
                                     buckets=LAG_BUCKETS)
 
+# How long a worker's reader waited for that worker's next message: its share of a second is the reader's idle
+# time. Messages that arrive late (alise:worker_message_lag_seconds) while the reader never waits were held back by
+# the scheduler itself; late while it waits, by the worker or the stream between.
+WORKER_READER_WAIT = _labelled(Histogram, "alise:worker_reader_wait_seconds",
+                               "How long the scheduler's reader of a worker's stream waited for its next message",
+                               buckets=LAG_BUCKETS)
+
 
 def observe_worker_message(msg, received_unix_s: float, handled_unix_s: float) -> None:
     """A worker's message's lag by stage (stamped by a worker that stamps them; clocks a little apart across hosts

@@ -206,8 +206,10 @@ class WorkerGateway(wpb_grpc.WorkerGatewayServicer):
 
     async def _read(self, session: WorkerSession, request_iterator) -> None:
         try:
+            waited_from = time.monotonic()
             async for msg in request_iterator:
                 session.last_heard = time.monotonic()
+                metrics.WORKER_READER_WAIT.observe(session.last_heard - waited_from)
                 if isinstance(msg, BadMessage):
                     session.error = f"{msg.field}: {msg.problem}"
                     log.warning("worker %s sent a bad message (%s): session ended", session.worker_id, session.error)
@@ -215,6 +217,7 @@ class WorkerGateway(wpb_grpc.WorkerGatewayServicer):
                 received = time.time()
                 await self.d.on_worker_message(session, msg)
                 metrics.observe_worker_message(msg, received, time.time())
+                waited_from = time.monotonic()
         except Exception as e:  # noqa: BLE001 - any failure of the stream ends the session
             if not isinstance(e, asyncio.CancelledError):
                 log.warning("worker %s stream failed: %r", session.worker_id, e)

@@ -1,0 +1,59 @@
+"""A run second by second: each service's CPU share, the scheduler's queued and placed jobs, how late its workers'
+messages reached it by stage, how long it took to handle them by kind and how long its readers sat idle. The
+run's totals (bench/scheduler_waits.py) say that messages came late; this says when: in stalls or all along,
+with the load, and whether the scheduler (its reader never idle) or what is before it held them back.
+
+Sampled from /proc and the scheduler's /metrics page by `alise bench sweep` while requests go out; reading the
+page costs the scheduler a few milliseconds a second."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from bench.process_cpu import cpu_share, process_cpu
+from bench.scheduler_waits import parse_scheduler_waits
+from bench.step_times import metrics_page
+
+GAUGES = {"alise:num_requests_queued": "queued", "alise:num_requests_placed": "placed"}
+PERIOD_S = 1.0
+
+
+def read_gauges(text: str) -> dict[str, float]:
+    """The scheduler's queued and placed jobs now, from its /metrics page (summed over models)."""
+    from prometheus_client.parser import text_string_to_metric_families     # as bench.step_times: loaded lazily
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name in GAUGES:
+            out[GAUGES[family.name]] = sum(s.value for s in family.samples)
+    return out
+
+
+def reading(stack) -> tuple[float, dict[str, float], str]:
+    """(when, each process's CPU seconds so far, the scheduler's /metrics page): one point of the timeline."""
+    return time.monotonic(), process_cpu(stack), metrics_page(stack.scheduler_metrics_port)
+
+
+def interval(start: float, earlier: tuple, later: tuple) -> dict:
+    """What happened between two readings: {"t_s" (the later's seconds since start), "cpu_share", "queued",
+    "placed", "scheduler_waits"} (the waits as bench/scheduler_waits.py sums them, over this interval only)."""
+    (t0, cpu0, page0), (t1, cpu1, page1) = earlier, later
+    waits = parse_scheduler_waits(page1).minus(parse_scheduler_waits(page0)).summary()
+    return {"t_s": round(t1 - start, 3), "cpu_share": cpu_share(cpu0, cpu1, t1 - t0), **read_gauges(page1),
+            "scheduler_waits": waits}
+
+
+async def sample_timeline(stack, sink: Callable[[dict], None], period_s: float = PERIOD_S) -> None:
+    """Until cancelled, hand `sink` one interval (above) every period_s. A reading that fails (the stack going
+    down) ends the timeline, not the run."""
+    start = time.monotonic()
+    try:
+        earlier = await asyncio.to_thread(reading, stack)
+        while True:
+            await asyncio.sleep(period_s)
+            later = await asyncio.to_thread(reading, stack)
+            sink(interval(start, earlier, later))
+            earlier = later
+    except (OSError, ValueError):       # the page or /proc unreadable: what was sampled stays
+        return
