@@ -57,3 +57,36 @@ async def sample_timeline(stack, sink: Callable[[dict], None], period_s: float =
             earlier = later
     except (OSError, ValueError):       # the page or /proc unreadable: what was sampled stays
         return
+
+
+def rows(timeline: list[dict]) -> list[str]:
+    """One line a second: time, CPU of scheduler and worker-0, queued and placed, the messages' lag by stage,
+    tokens' and finishes' handling (ms) and the reader's idle share."""
+    head = "t_s  cpu_sched cpu_w0 queued placed  msgs lag_outbox lag_recv lag_handled  tok_ms fin_ms  idle"
+    out = [head]
+    for p in timeline:
+        waits = p.get("scheduler_waits", {})
+        lag = waits.get("worker_message_lag_s", {})
+        handling = waits.get("worker_message_handling_s", {})
+        idle = waits.get("worker_reader_wait_s", {}).get("all", {})
+        mean = lambda part, key: part.get(key, {}).get("mean_s", float("nan"))      # noqa: E731
+        out.append(f"{p['t_s']:5.1f} {p['cpu_share'].get('scheduler', 0):6.2f} {p['cpu_share'].get('worker-0', 0):6.2f}"
+                   f" {p.get('queued', 0):6.0f} {p.get('placed', 0):6.0f} {lag.get('received', {}).get('count', 0):5d}"
+                   f" {mean(lag, 'outbox'):9.3f} {mean(lag, 'received'):8.3f} {mean(lag, 'handled'):8.3f}"
+                   f" {1e3 * mean(handling, 'tokens'):8.1f} {1e3 * mean(handling, 'finished'):6.1f}"
+                   f" {idle.get('count', 0) * idle.get('mean_s', 0):5.2f}")
+    return out
+
+
+def main() -> None:
+    """python -m bench.run_timeline out/sweep/alise-r64.json [more.json]: each run's timeline, a line a second."""
+    import json
+    import sys
+
+    for path in sys.argv[1:]:
+        print(path)
+        print("\n".join(rows(json.load(open(path)).get("timeline", []))))
+
+
+if __name__ == "__main__":
+    main()
