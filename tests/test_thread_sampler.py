@@ -31,3 +31,17 @@ def test_a_busy_thread_is_sampled_with_its_cpu_time_and_its_function(tmp_path):
     assert thread["samples"] >= 20 and thread["cpu_s"] > 0
     assert dict(thread["inclusive"])["test_thread_sampler.py:spin"] >= 20
     assert report["gil_probe"]["wakeups"] > 0
+
+
+def test_a_folder_given_gets_one_file_per_process_named_by_its_service(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "profiles"
+    code = ("from services.common import thread_sampler; import os, time; "
+            "thread_sampler.start_from_env('scheduler'); time.sleep(0.3); print(os.getpid())")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ALISE_PROFILE_THREADS": f"{folder}/"},
+                          capture_output=True, text=True, timeout=120, check=True)
+    report = json.loads((folder / f"scheduler-{done.stdout.strip()}.json").read_text())
+    assert report["seconds"] > 0 and "MainThread" in report["threads"]

@@ -14,6 +14,7 @@ from alise.v1 import generate_pb2, worker_pb2
 from services.scheduler import metrics
 from services.common.auth import ServiceTokenCheck, cert_names, read_service_token
 from services.common.lenient import add_lenient_service
+from services.common import thread_sampler
 from services.common.loop_lag import watch_loop_lag
 from services.common.file_versions import FileWatch
 from services.common.redis_client import connect
@@ -137,6 +138,7 @@ async def follow_files(tenants: TenantRegistry, http, cfg: SchedulerConfig) -> N
 
 def main() -> None:
     configure_logging()
+    thread_sampler.start_from_env("scheduler")    # benchmarks only: ALISE_PROFILE_THREADS (thread_sampler.py)
     asyncio.run(serve(SchedulerConfig.from_args()))
 
 
