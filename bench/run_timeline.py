@@ -61,20 +61,23 @@ async def sample_timeline(stack, sink: Callable[[dict], None], period_s: float =
 
 def rows(timeline: list[dict]) -> list[str]:
     """One line a second: time, CPU of scheduler and worker-0, queued and placed, the messages' lag by stage,
-    tokens' and finishes' handling (ms) and the reader's idle share."""
-    head = "t_s  cpu_sched cpu_w0 queued placed  msgs lag_outbox lag_recv lag_handled  tok_ms fin_ms  idle"
+    tokens' and finishes' handling (ms), the reader's idle share, the dispatch loop's passes and their mean (ms)."""
+    head = ("t_s  cpu_sched cpu_w0 queued placed  msgs lag_outbox lag_recv lag_handled  tok_ms fin_ms  idle"
+            " ticks tick_ms")
     out = [head]
     for p in timeline:
         waits = p.get("scheduler_waits", {})
         lag = waits.get("worker_message_lag_s", {})
         handling = waits.get("worker_message_handling_s", {})
         idle = waits.get("worker_reader_wait_s", {}).get("all", {})
+        ticks = waits.get("dispatch_tick_s", {}).get("all", {})
         mean = lambda part, key: part.get(key, {}).get("mean_s", float("nan"))      # noqa: E731
         out.append(f"{p['t_s']:5.1f} {p['cpu_share'].get('scheduler', 0):6.2f} {p['cpu_share'].get('worker-0', 0):6.2f}"
                    f" {p.get('queued', 0):6.0f} {p.get('placed', 0):6.0f} {lag.get('received', {}).get('count', 0):5d}"
                    f" {mean(lag, 'outbox'):9.3f} {mean(lag, 'received'):8.3f} {mean(lag, 'handled'):8.3f}"
                    f" {1e3 * mean(handling, 'tokens'):8.1f} {1e3 * mean(handling, 'finished'):6.1f}"
-                   f" {idle.get('count', 0) * idle.get('mean_s', 0):5.2f}")
+                   f" {idle.get('count', 0) * idle.get('mean_s', 0):5.2f}"
+                   f" {ticks.get('count', 0):5d} {1e3 * ticks.get('mean_s', float('nan')):7.2f}")
     return out
 
 

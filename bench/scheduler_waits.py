@@ -16,7 +16,8 @@ WAIT_METRICS = {"alise:admission_seconds": ("stage", "admission_s"),
                 "alise:event_loop_lag_seconds": (None, "event_loop_lag_s"),
                 "alise:worker_message_lag_seconds": ("stage", "worker_message_lag_s"),
                 "alise:worker_message_handling_seconds": ("kind", "worker_message_handling_s"),
-                "alise:worker_reader_wait_seconds": (None, "worker_reader_wait_s")}
+                "alise:worker_reader_wait_seconds": (None, "worker_reader_wait_s"),
+                "alise:dispatch_tick_seconds": (None, "dispatch_tick_s")}
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,8 @@ class SchedulerWaits:
     def summary(self) -> dict:
         """{"admission_s": {stage: {"count", "mean_s"}}, "command_wait_s": {command: ...},
         "event_loop_lag_s": {"all": ...}, "worker_message_lag_s": {"outbox" / "received" / "handled": ...},
-        "worker_message_handling_s": {kind: ...}, "worker_reader_wait_s": {"all": ...}}: those observed."""
+        "worker_message_handling_s": {kind: ...}, "worker_reader_wait_s": {"all": ...},
+        "dispatch_tick_s": {"all": ...}}: those observed."""
         if any(v < 0 for (_, _, part), v in self.sums if part == "count"):   # readings across a scheduler restart
             return {"error": "the scheduler's counts went down between the readings (restarted?)"}
         out = {}

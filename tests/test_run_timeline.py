@@ -6,7 +6,7 @@ from prometheus_client import generate_latest
 
 from alise.v1 import worker_pb2 as wpb
 
-from bench.run_timeline import interval
+from bench.run_timeline import interval, rows
 from services.scheduler import metrics
 
 
@@ -22,6 +22,7 @@ def test_an_interval_holds_what_the_scheduler_did_between_two_readings_only():
         metrics.WORKER_READER_WAIT.observe(waited)
     metrics.observe_worker_message(wpb.WorkerMessage(finished=wpb.JobFinished(job_id="t/a"), produced_unix_s=100.0,
                                                      left_outbox_unix_s=100.5), 101.0, 101.25)
+    metrics.DISPATCH_TICK.observe(0.125)
     metrics.PLACED.set(7)
     metrics.QUEUED.set(2)
     got = interval(8.0, earlier, (12.0, {"scheduler": 6.0, "worker-0": 5.0}, page()))
@@ -32,3 +33,5 @@ def test_an_interval_holds_what_the_scheduler_did_between_two_readings_only():
     assert waits["worker_message_lag_s"]["outbox"] == {"count": 1, "mean_s": 0.5}
     assert waits["worker_message_lag_s"]["handled"] == {"count": 1, "mean_s": 1.25}
     assert waits["worker_message_handling_s"] == {"finished": {"count": 1, "mean_s": 0.25}}
+    assert waits["dispatch_tick_s"]["all"] == {"count": 1, "mean_s": 0.125}
+    assert any(line.startswith("  4.0 ") for line in rows([got]))

@@ -139,7 +139,9 @@ class Dispatcher:
                 paused = False
                 log.warning("dispatching again: the lease is renewed")
             try:
+                started = time.monotonic()
                 await self.tick()
+                metrics.DISPATCH_TICK.observe(time.monotonic() - started)
                 if time.monotonic() - last_sweep > ORPHAN_SWEEP_S:   # defence in depth, see recover_orphans
                     last_sweep = time.monotonic()
                     if n := await self.recover_orphans():

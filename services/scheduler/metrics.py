@@ -89,6 +89,11 @@ WORKER_READER_WAIT = _labelled(Histogram, "alise:worker_reader_wait_seconds",
                                "How long the scheduler's reader of a worker's stream waited for its next message",
                                buckets=LAG_BUCKETS)
 
+# One pass of the dispatch loop (snapshot, plan, its commands): the loop runs one after every admission and every
+# worker message that changes placements, back to back when they come faster than passes take
+DISPATCH_TICK = _labelled(Histogram, "alise:dispatch_tick_seconds", "One pass of the dispatch loop, wall time",
+                          buckets=LAG_BUCKETS)
+
 
 def observe_worker_message(msg, received_unix_s: float, handled_unix_s: float) -> None:
     """A worker's message's lag by stage (stamped by a worker that stamps them; clocks a little apart across hosts
