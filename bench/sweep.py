@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from bench.process_cpu import cpu_share, process_cpu, process_cpus
+from bench.redis_commands import commands_during, read_commandstats
 from bench.run_timeline import sample_timeline
 from bench.scheduler_waits import SchedulerWaits, read_scheduler_waits
 from bench.serve import (Target, add_workload_arguments, arrival_fields, arrival_trace, load_workload, open_tokenizer,
@@ -256,6 +257,7 @@ async def measure_together(a: argparse.Namespace, stacks: list, rate: float, pri
                                    ignore_eos=a.ignore_eos, label=f"prime-{i}", progress=False)
                                for i, t in enumerate(targets)))
     before = [(process_cpu(s), worker_steps(s), scheduler_waits(s)) for s in stacks]
+    redis_before = [redis_commands(s) for s in stacks]
     client_lags: list[float] = []        # the client's own event loop (one for every stack): a slow client shows here
     watcher = asyncio.create_task(watch_loop_lag(client_lags.append))
     timelines: list[list[dict]] = [[] for _ in stacks]     # each stack's run second by second (bench/run_timeline.py)
@@ -269,13 +271,14 @@ async def measure_together(a: argparse.Namespace, stacks: list, rate: float, pri
         for task in (watcher, *samplers):
             task.cancel()
     out = []
-    for stack, target, (cpu_before, steps_before, waits_before), (results, duration), timeline in zip(
-            stacks, targets, before, measures, timelines):
+    for stack, target, (cpu_before, steps_before, waits_before), (results, duration), timeline, commands_before in zip(
+            stacks, targets, before, measures, timelines, redis_before):
         extras = {"cpu_share": cpu_share(cpu_before, process_cpu(stack), duration),  # one at a full core limits a run
                   "step_times": steps_during(steps_before, worker_steps(stack)),
                   "scheduler_waits": waits_during(waits_before, scheduler_waits(stack)),
                   "client_loop_lag_s": lag_summary(client_lags),
-                  "cpus": process_cpus(stack), "timeline": timeline}
+                  "cpus": process_cpus(stack), "timeline": timeline,
+                  "redis_commands": redis_commands(stack, commands_before, len(results))}
         try:
             extras["workers"] = await worker_loads(target)   # what the scheduler learned of them (the simulator's cost)
         except Exception as e:  # noqa: BLE001 - the run's results matter more than this extra
@@ -288,6 +291,18 @@ def lag_summary(lags: list[float]) -> dict:
     """The client's event-loop lag over a run (services/common/loop_lag.py), seconds: how often it was watched, its
     mean, median, p99 and worst."""
     return {"count": len(lags), **distribution(lags, [99]), **({"max": max(lags)} if lags else {})}
+
+
+def redis_commands(stack, before: dict | None = None, requests: int = 0) -> dict:
+    """The stack's Redis commands so far (before=None), or since `before` per command (bench/redis_commands.py); an
+    unreadable Redis as its error (the run matters more)."""
+    try:
+        now = read_commandstats(stack.redis_url)
+    except Exception as e:  # noqa: BLE001 - reported in the run's JSON instead
+        return {"error": repr(e)}
+    if before is None:
+        return now
+    return {"error": before["error"]} if "error" in before else commands_during(before, now, requests)
 
 
 def worker_steps(stack) -> dict[str, "StepHistogram | Exception"]:
