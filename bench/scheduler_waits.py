@@ -17,9 +17,7 @@ WAIT_METRICS = {"alise:admission_seconds": ("stage", "admission_s"),
                 "alise:worker_message_lag_seconds": ("stage", "worker_message_lag_s"),
                 "alise:worker_message_handling_seconds": ("kind", "worker_message_handling_s"),
                 "alise:worker_reader_wait_seconds": (None, "worker_reader_wait_s"),
-                "alise:dispatch_tick_seconds": (None, "dispatch_tick_s"),
-                # (a count, not seconds: its "mean_s" is the mean number of messages a pass handled)
-                "alise:worker_message_batch_size": (None, "worker_message_batch")}
+                "alise:dispatch_tick_seconds": (None, "dispatch_tick_s")}
 
 
 @dataclass(frozen=True)

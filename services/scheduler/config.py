@@ -93,9 +93,6 @@ class SchedulerConfig:
     # streams that may follow one job at once (the first and its re-attached retries): each gets every token, and
     # a client re-sending the same request must not open streams without bound (max_live_jobs bounds the jobs)
     max_streams_per_job: int = 4
-    # a worker's messages that piled up while the scheduler handled the ones before are handled in one pass, at most
-    # this many: their tokens merged per job (one job-store call, one client message per job). 1 = one at a time
-    worker_message_batch: int = 64
     tick_s: float = 0.05
     # one scheduler acts on a job store at a time: it holds a lease in Redis, renewed every third of this term. A
     # successor waits at most this long after a scheduler that died (one that stops cleanly gives it back)
@@ -127,8 +124,6 @@ class SchedulerConfig:
             raise ValueError("worker_silence_s must be > 0")
         if not self.reattach_grace_s >= 0:
             raise ValueError("reattach_grace_s must be >= 0")
-        if self.worker_message_batch < 1:
-            raise ValueError("worker_message_batch must be >= 1")
         if self.max_streams_per_job < 1:
             raise ValueError("max_streams_per_job must be >= 1")
         if self.max_preemptions < 0:

@@ -31,8 +31,7 @@ from services.scheduler.policies.base import Snapshot
 from services.scheduler.predictor_client import PredictorClient
 from services.scheduler.tenants import Tenant
 from services.scheduler.validation import ValidRequest
-from services.scheduler.token_merge import TokenDelta, TokenMerge
-from services.scheduler.worker_sessions import WorkerSession, named_jobs
+from services.scheduler.worker_sessions import WorkerSession
 from services.scheduler.worker_speed import StepSums
 
 log = logging.getLogger("alise.scheduler")
@@ -362,30 +361,14 @@ class Dispatcher:
         return n
 
     async def on_worker_message(self, s: WorkerSession, msg: wpb.WorkerMessage) -> None:
-        await self.on_worker_messages(s, [msg])
-
-    async def on_worker_messages(self, s: WorkerSession, msgs: list[wpb.WorkerMessage]) -> None:
-        """A worker's messages in the order it sent them, in one pass: their token deltas joined per job
-        (token_merge.py), each other message handled in its place once the tokens of the jobs it names are recorded.
-        A scheduler behind its workers so does less work per token instead of falling further behind (handled one
-        by one, session 44's H100 at 64 req/s heard its worker 8 s late)."""
-        pending = TokenMerge()
-        for msg in msgs:
-            if msg.WhichOneof("kind") == "tokens":
-                # No tick per engine step: token counts only refine remaining-time estimates, which the
-                # periodic tick picks up; placement changes come with the messages below.
-                if (msg := s.current(msg)) is not None:      # (none about jobs aborted there)
-                    pending.add(msg.tokens.deltas)
-                continue
-            if named := pending.take(named_jobs(msg)):
-                await self._on_tokens(s, named)
-            if (msg := s.current(msg)) is not None:          # (an abort's acknowledgement is taken in there)
-                await self._on_other(s, msg)
-        if rest := pending.take_all():
-            await self._on_tokens(s, rest)
-
-    async def _on_other(self, s: WorkerSession, msg: wpb.WorkerMessage) -> None:
+        if (msg := s.current(msg)) is None:
+            return                                           # about jobs aborted there, or an abort's acknowledgement
         kind = msg.WhichOneof("kind")
+        if kind == "tokens":
+            # No tick per engine step: token counts only refine remaining-time estimates, which the
+            # periodic tick picks up; placement changes come with the messages below.
+            await self._on_tokens(s, msg.tokens)
+            return
         if kind == "finished":
             await self._on_finished(s, msg.finished)
         elif kind == "preempted":
@@ -420,9 +403,8 @@ class Dispatcher:
             for job_id, tokens in await self.store.repredict(worker_id, usable):
                 self.state.repredict(job_id, tokens)
 
-    async def _on_tokens(self, s: WorkerSession, deltas: list[TokenDelta]) -> None:
-        # an abort sent while these waited in the merge: what the worker said of that job is stale (worker_sessions)
-        deltas = [d for d in deltas if d[0] not in s.unacked_aborts]
+    async def _on_tokens(self, s: WorkerSession, ev: wpb.TokenEvents) -> None:
+        deltas = [(d.job_id, list(d.token_ids), d.text) for d in ev.deltas]
         counts = await self.store.append_many(s.worker_id, deltas)
         for (job_id, token_ids, text), count in zip(deltas, counts):
             if count:

@@ -95,30 +95,16 @@ DISPATCH_TICK = _labelled(Histogram, "alise:dispatch_tick_seconds", "One pass of
                           buckets=LAG_BUCKETS)
 
 
-# How many of a worker's messages one pass handled: more than one when they piled up while the pass before ran
-WORKER_MESSAGE_BATCH = _labelled(Histogram, "alise:worker_message_batch_size",
-                                 "A worker's messages handled in one pass of the dispatcher",
-                                 buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-
-
-def observe_worker_message(msg, received_unix_s: float, handled_unix_s: float, handling_s: float | None = None) -> None:
+def observe_worker_message(msg, received_unix_s: float, handled_unix_s: float) -> None:
     """A worker's message's lag by stage (stamped by a worker that stamps them; clocks a little apart across hosts
     never make one below 0; a stamp that is not a finite time is not counted: one inf would make the sum inf for good)
-    and its handling time here (the pass that handled it; by default from its receipt)."""
+    and its handling time here."""
     if 0 < (produced := msg.produced_unix_s) < math.inf:
         for stage, at in ((MessageLagStage.OUTBOX, msg.left_outbox_unix_s), (MessageLagStage.RECEIVED, received_unix_s),
                           (MessageLagStage.HANDLED, handled_unix_s)):
             if 0 < at < math.inf:
                 WORKER_MESSAGE_LAG.labels(stage=stage.value).observe(max(0.0, at - produced))
-    WORKER_MESSAGE_HANDLING.labels(kind=msg.WhichOneof("kind") or "none").observe(
-        handled_unix_s - received_unix_s if handling_s is None else handling_s)
-
-
-def observe_worker_messages(batch: list, started_unix_s: float, handled_unix_s: float) -> None:
-    """One pass over a batch of (message, received at) of a worker: each message's lags, the pass as its handling."""
-    WORKER_MESSAGE_BATCH.observe(len(batch))
-    for msg, received in batch:
-        observe_worker_message(msg, received, handled_unix_s, handled_unix_s - started_unix_s)
+    WORKER_MESSAGE_HANDLING.labels(kind=msg.WhichOneof("kind") or "none").observe(handled_unix_s - received_unix_s)
 
 
 TPOT = _labelled(Histogram, "vllm:request_time_per_output_token_seconds",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -65,50 +65,6 @@ class CommandOutbox:
 _JOB_LISTS = {"tokens": ("deltas",), "estimates": ("estimates",), "kept_kv_dropped": ("job_ids",),
               "recomputed": ("job_ids",),
               "step_failed": ("job_ids", "charged_job_ids", "in_step_job_ids")}
-
-
-def named_jobs(msg: wpb.WorkerMessage) -> list[str]:
-    """The jobs a worker's message is about (none for a load report)."""
-    kind = msg.WhichOneof("kind")
-    if kind in ("finished", "preempted"):
-        return [getattr(msg, kind).job_id]
-    body = getattr(msg, kind) if kind in _JOB_LISTS else None
-    return [x if isinstance(x, str) else x.job_id for name in _JOB_LISTS.get(kind, ()) for x in getattr(body, name)]
-
-
-class MessageInbox:
-    """A worker's messages as its stream delivers them, until the dispatcher takes them, several at a time: the
-    stream is read while the messages before are handled, so what piled up meanwhile is handled in one pass. Full,
-    it stops the reading, and HTTP/2 flow control holds the worker back instead of memory growing here. One reader
-    and one taker: each waits only when the other has something to do."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.items: deque = deque()
-        self.ended = False
-        self.changed = asyncio.Event()
-
-    async def put(self, item) -> None:
-        while len(self.items) >= self.capacity:
-            self.changed.clear()
-            await self.changed.wait()
-        self.items.append(item)
-        self.changed.set()
-
-    def end(self) -> None:
-        """Nothing more comes: the taker gets what is left, then None."""
-        self.ended = True
-        self.changed.set()
-
-    async def take(self, most: int) -> list | None:
-        while not self.items:
-            if self.ended:
-                return None
-            self.changed.clear()
-            await self.changed.wait()
-        batch = [self.items.popleft() for _ in range(min(most, len(self.items)))]
-        self.changed.set()                 # room again for a reader held back
-        return batch
 
 
 @dataclass
@@ -249,25 +205,6 @@ class WorkerGateway(wpb_grpc.WorkerGatewayServicer):
         session.close()
 
     async def _read(self, session: WorkerSession, request_iterator) -> None:
-        """Hand the worker's messages to the dispatcher in order, those that piled up during a pass in the next
-        (the stream is read meanwhile by `_receive`); when the stream ends, what came before it is handled first."""
-        batch_most = self.d.cfg.worker_message_batch
-        inbox = MessageInbox(4 * batch_most)
-        receiver = asyncio.create_task(self._receive(session, request_iterator, inbox))
-        try:
-            while (batch := await inbox.take(batch_most)) is not None:
-                started = time.time()
-                await self.d.on_worker_messages(session, [msg for msg, _ in batch])
-                metrics.observe_worker_messages(batch, started, time.time())
-        except Exception as e:  # noqa: BLE001 - any failure of the dispatcher's handling ends the session
-            if not isinstance(e, asyncio.CancelledError):
-                log.warning("worker %s: handling its messages failed: %r", session.worker_id, e)
-        finally:
-            receiver.cancel()
-            session.close()
-
-    @staticmethod
-    async def _receive(session: WorkerSession, request_iterator, inbox: MessageInbox) -> None:
         try:
             waited_from = time.monotonic()
             async for msg in request_iterator:
@@ -277,10 +214,12 @@ class WorkerGateway(wpb_grpc.WorkerGatewayServicer):
                     session.error = f"{msg.field}: {msg.problem}"
                     log.warning("worker %s sent a bad message (%s): session ended", session.worker_id, session.error)
                     return
-                await inbox.put((msg, time.time()))
+                received = time.time()
+                await self.d.on_worker_message(session, msg)
+                metrics.observe_worker_message(msg, received, time.time())
                 waited_from = time.monotonic()
         except Exception as e:  # noqa: BLE001 - any failure of the stream ends the session
             if not isinstance(e, asyncio.CancelledError):
                 log.warning("worker %s stream failed: %r", session.worker_id, e)
         finally:
-            inbox.end()
+            session.close()
