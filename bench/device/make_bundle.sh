@@ -93,7 +93,7 @@ fi
 mkdir -p .whl
 rm -f .whl/faiss_cpu-*.whl                 # carried by bundles made before session 29
 for spec in grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2 \
-            redis==8.1.0 starlette==1.10.0 uvicorn==0.54.0; do
+            redis==8.1.0 hiredis==3.5.0 starlette==1.10.0 uvicorn==0.54.0; do
     name=${spec%%==*}
     ls .whl/ | grep -qi "^${name//-/_}-" && continue
     $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
