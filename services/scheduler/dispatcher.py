@@ -142,6 +142,8 @@ class Dispatcher:
                 started = time.monotonic()
                 await self.tick()
                 metrics.DISPATCH_TICK.observe(time.monotonic() - started)
+                # what wakes the loop meanwhile is decided by the next pass, after the gap
+                await asyncio.sleep(self.cfg.dispatch_gap_s - (time.monotonic() - started))
                 if time.monotonic() - last_sweep > ORPHAN_SWEEP_S:   # defence in depth, see recover_orphans
                     last_sweep = time.monotonic()
                     if n := await self.recover_orphans():
