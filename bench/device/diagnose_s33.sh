@@ -4,7 +4,8 @@
 # rows are the default: alise@er32 runs the old 32; alise@ag15 / alise@ag30 / alise@ag45: aging 15 s (until session
 # 34), 30 s (until session 41, when 45 s, now the default, was measured better live with the pull); alise@nv: no
 # short messages' votes, session 38; alise@np: predictions not pulled by their kind's reliability, session 39;
-# alise@g0: a dispatch pass for every event, as before session 44),
+# alise@g0: a dispatch pass for every event, as before session 44; alise@su64: at most ~64 jobs' tokens to their
+# clients a step, half the scheduler's stream writes at 128+ running),
 # each run's decode steps' device time against session 30's fitted cost, its waits and event-loop lags, and the
 # graph routes its worker logged. One policy at a time (a sweep's --resume keeps the runs done): a machine whose
 # requests take longer than MAX_ADMIT_S to get in (its CPU side lags, session 33) stops the call after that run, its
@@ -34,7 +35,8 @@ for policy in ${POLICIES:-fcfs alise alise@ag15}; do
         --variant-worker-arg=er32=--early-rows=32 --variant-scheduler-arg=ag15=--aging-s=15 \
         --variant-scheduler-arg=ag45=--aging-s=45 --variant-scheduler-arg=ag30=--aging-s=30 \
         --variant-worker-arg=nt=--no-timed-graph-buckets --variant-predictor-arg=nv=--message-weight=0 \
-        --variant-predictor-arg=np=--no-kind-pull --variant-scheduler-arg=g0=--dispatch-gap-s=0 2>&1 | tail -2
+        --variant-predictor-arg=np=--no-kind-pull --variant-scheduler-arg=g0=--dispatch-gap-s=0 \
+        --variant-worker-arg=su64=--stream-updates-per-step=64 2>&1 | tail -2
     runs=(out/"$name/$policy"-r*.json)
     [ ${#runs[@]} -gt 0 ] || { echo "$policy: no run saved"; status=1; continue; }
     python3 bench/device/run_summary.py --max-admit-s "$max_admit" "${runs[@]}"
