@@ -22,6 +22,8 @@ def commands_during(before: dict, after: dict, requests: int) -> dict[str, dict[
     """Each command's calls and Redis microseconds between two readings, and its calls per request; busiest first."""
     out = {}
     for name, now in after.items():
+        if name == "info":             # the benchmark's own reading of these counts
+            continue
         then = before.get(name, {"calls": 0.0, "usec": 0.0})
         if (calls := now["calls"] - then["calls"]) > 0:
             out[name] = {"calls": int(calls), "usec": int(now["usec"] - then["usec"]),

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 from bench.process_cpu import cpu_share, process_cpu
-from bench.scheduler_waits import parse_scheduler_waits
+from bench.scheduler_waits import SchedulerWaits, parse_scheduler_waits
 from bench.step_times import metrics_page
 
 GAUGES = {"alise:num_requests_queued": "queued", "alise:num_requests_placed": "placed"}
@@ -30,23 +31,30 @@ def read_gauges(text: str) -> dict[str, float]:
     return out
 
 
-def reading(stack) -> tuple[float, dict[str, float], str]:
-    """(when, each process's CPU seconds so far, the scheduler's /metrics page): one point of the timeline."""
-    return time.monotonic(), process_cpu(stack), metrics_page(stack.scheduler_metrics_port)
+class Reading(NamedTuple):
+    at: float                      # monotonic seconds
+    cpu: dict[str, float]          # each process's CPU seconds so far
+    waits: SchedulerWaits          # the scheduler's wait histograms so far
+    gauges: dict[str, float]       # its queued and placed jobs now
 
 
-def interval(start: float, earlier: tuple, later: tuple) -> dict:
+def reading(stack) -> Reading:
+    """One point of the timeline: /proc and the scheduler's /metrics page, read and parsed (in a thread: the
+    client's event loop sends the run's requests meanwhile)."""
+    page = metrics_page(stack.scheduler_metrics_port)
+    return Reading(time.monotonic(), process_cpu(stack), parse_scheduler_waits(page), read_gauges(page))
+
+
+def interval(start: float, earlier: Reading, later: Reading) -> dict:
     """What happened between two readings: {"t_s" (the later's seconds since start), "cpu_share", "queued",
     "placed", "scheduler_waits"} (the waits as bench/scheduler_waits.py sums them, over this interval only)."""
-    (t0, cpu0, page0), (t1, cpu1, page1) = earlier, later
-    waits = parse_scheduler_waits(page1).minus(parse_scheduler_waits(page0)).summary()
-    return {"t_s": round(t1 - start, 3), "cpu_share": cpu_share(cpu0, cpu1, t1 - t0), **read_gauges(page1),
-            "scheduler_waits": waits}
+    return {"t_s": round(later.at - start, 3), "cpu_share": cpu_share(earlier.cpu, later.cpu, later.at - earlier.at),
+            **later.gauges, "scheduler_waits": later.waits.minus(earlier.waits).summary()}
 
 
 async def sample_timeline(stack, sink: Callable[[dict], None], period_s: float = PERIOD_S) -> None:
     """Until cancelled, hand `sink` one interval (above) every period_s. A reading that fails (the stack going
-    down) ends the timeline, not the run."""
+    down) ends the timeline with {"t_s", "error"}, not the run."""
     start = time.monotonic()
     try:
         earlier = await asyncio.to_thread(reading, stack)
@@ -55,17 +63,21 @@ async def sample_timeline(stack, sink: Callable[[dict], None], period_s: float =
             later = await asyncio.to_thread(reading, stack)
             sink(interval(start, earlier, later))
             earlier = later
-    except (OSError, ValueError):       # the page or /proc unreadable: what was sampled stays
-        return
+    except Exception as e:  # noqa: BLE001 - the run's results matter more than its timeline
+        sink({"t_s": round(time.monotonic() - start, 3), "error": repr(e)})
 
 
 def rows(timeline: list[dict]) -> list[str]:
     """One line a second: time, CPU of scheduler and worker-0, queued and placed, the messages' lag by stage,
-    tokens' and finishes' handling (ms), the reader's idle share, the dispatch loop's passes and their mean (ms)."""
-    head = ("t_s  cpu_sched cpu_w0 queued placed  msgs lag_outbox lag_recv lag_handled  tok_ms fin_ms  idle"
+    tokens' and finishes' handling (ms), the seconds the workers' readers sat idle (summed over workers: near the
+    interval's length for each worker whose reader keeps up), the dispatch loop's passes and their mean (ms)."""
+    head = ("t_s  cpu_sched cpu_w0 queued placed  msgs lag_outbox lag_recv lag_handled  tok_ms fin_ms idle_s"
             " ticks tick_ms")
     out = [head]
     for p in timeline:
+        if "error" in p:
+            out.append(f"{p['t_s']:5.1f} the timeline ended: {p['error']}")
+            continue
         waits = p.get("scheduler_waits", {})
         lag = waits.get("worker_message_lag_s", {})
         handling = waits.get("worker_message_handling_s", {})

@@ -45,3 +45,19 @@ def test_a_folder_given_gets_one_file_per_process_named_by_its_service(tmp_path)
                           capture_output=True, text=True, timeout=120, check=True)
     report = json.loads((folder / f"scheduler-{done.stdout.strip()}.json").read_text())
     assert report["seconds"] > 0 and "MainThread" in report["threads"]
+
+
+def test_a_file_given_is_written_by_the_worker_only_never_by_two_processes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "threads.json"
+    for service, takes_file in (("scheduler", False), ("worker", True)):
+        code = ("from services.common import thread_sampler; import time; "
+                f"print(thread_sampler.start_from_env({service!r}, takes_file={takes_file}) is not None); "
+                "time.sleep(0.3)")
+        done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ALISE_PROFILE_THREADS": str(out)},
+                              capture_output=True, text=True, timeout=120, check=True)
+        assert done.stdout.strip() == str(takes_file) and out.exists() == takes_file
+    assert json.loads(out.read_text())["seconds"] > 0

@@ -6,7 +6,7 @@ Python stack (`sys._current_frames`) and, at the end, reads each thread's CPU se
 measures how long a thread that wants the GIL waits for it: a probe thread sleeps 5 ms and times how late it wakes.
 
     ALISE_PROFILE_THREADS=/tmp/worker_threads.json python -m services.worker.server ...
-    ALISE_PROFILE_THREADS=/tmp/profiles/ alise bench sweep ...      (a file per service of each stack)
+    ALISE_PROFILE_THREADS=/tmp/profiles/ alise bench sweep ...      (a file per profiled service of each stack)
 
 writes, at exit, per thread: CPU seconds, samples, the functions most often on its stack (inclusive) and at
 its top (exclusive), plus the probe's GIL wait. SIGUSR2 starts the counts afresh (a benchmark sends it when
@@ -146,16 +146,19 @@ class ThreadSampler(threading.Thread):
         self.out.write_text(json.dumps(self.report(), indent=1))
 
 
-def start_from_env(service: str) -> ThreadSampler | None:
-    """Starts the sampler when ALISE_PROFILE_THREADS names an output file; it writes the file at exit. A name that
-    ends in "/" is a folder: each process writes SERVICE-PID.json there (a whole stack started with the variable
-    set, as `alise bench sweep` starts one, profiles every service)."""
+def start_from_env(service: str, takes_file: bool = False) -> ThreadSampler | None:
+    """Starts the sampler when ALISE_PROFILE_THREADS is set; it writes its report at exit. A name that ends in "/"
+    is a folder: each process that starts the sampler writes SERVICE-PID.json there (a stack started with the
+    variable set, as `alise bench sweep` starts one, profiles its worker and scheduler). Any other name is one file,
+    written by the service that `takes_file` only (the worker), so that two processes never write one file."""
     path = os.environ.get(ENV)
     if not path:
         return None
     if path.endswith("/"):
         Path(path).mkdir(parents=True, exist_ok=True)
         path = f"{path}{service}-{os.getpid()}.json"
+    elif not takes_file:
+        return None
     sampler = ThreadSampler(Path(path))
     sampler.start()
     atexit.register(sampler.finish)

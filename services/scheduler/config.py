@@ -130,7 +130,8 @@ class SchedulerConfig:
         if not self.reattach_grace_s >= 0:
             raise ValueError("reattach_grace_s must be >= 0")
         if not 0 <= self.dispatch_gap_s <= self.tick_s:
-            raise ValueError("dispatch_gap_s must be in [0, tick_s]")
+            raise ValueError(f"dispatch_gap_s must be in [0, tick_s]: {self.dispatch_gap_s} with tick_s "
+                             f"{self.tick_s} (a shorter tick_s needs a dispatch_gap_s as short)")
         if self.max_streams_per_job < 1:
             raise ValueError("max_streams_per_job must be >= 1")
         if self.max_preemptions < 0:

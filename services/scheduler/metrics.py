@@ -89,8 +89,8 @@ WORKER_READER_WAIT = _labelled(Histogram, "alise:worker_reader_wait_seconds",
                                "How long the scheduler's reader of a worker's stream waited for its next message",
                                buckets=LAG_BUCKETS)
 
-# One pass of the dispatch loop (snapshot, plan, its commands): the loop runs one after every admission and every
-# worker message that changes placements, back to back when they come faster than passes take
+# One pass of the dispatch loop (snapshot, plan, its commands): one follows admissions and worker messages that
+# change placements, at least dispatch_gap_s after the pass before (events meanwhile are decided together)
 DISPATCH_TICK = _labelled(Histogram, "alise:dispatch_tick_seconds", "One pass of the dispatch loop, wall time",
                           buckets=LAG_BUCKETS)
 

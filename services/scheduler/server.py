@@ -138,7 +138,7 @@ async def follow_files(tenants: TenantRegistry, http, cfg: SchedulerConfig) -> N
 
 def main() -> None:
     configure_logging()
-    thread_sampler.start_from_env("scheduler")    # benchmarks only: ALISE_PROFILE_THREADS (thread_sampler.py)
+    thread_sampler.start_from_env("scheduler")    # benchmarks only: ALISE_PROFILE_THREADS=DIR/ (thread_sampler.py)
     asyncio.run(serve(SchedulerConfig.from_args()))
 
 

@@ -124,7 +124,7 @@ async def serve(cfg: WorkerConfig, stop: asyncio.Event | None = None) -> None:
 
 def main() -> None:
     configure_logging()
-    thread_sampler.start_from_env("worker")   # benchmarks only: ALISE_PROFILE_THREADS=out.json (thread_sampler.py)
+    thread_sampler.start_from_env("worker", takes_file=True)    # benchmarks only (thread_sampler.py)
     asyncio.run(serve(WorkerConfig.from_args()))
 
 
