@@ -67,6 +67,26 @@ async def sample_timeline(stack, sink: Callable[[dict], None], period_s: float =
         sink({"t_s": round(time.monotonic() - start, 3), "error": repr(e)})
 
 
+def while_arriving(timeline: list[dict], until_s: float) -> dict:
+    """A run's timeline in a few numbers: while its requests arrived (the intervals ending by until_s) the
+    scheduler's mean CPU share, dispatch passes a second and its readers' idle seconds a second; over the whole run
+    the worst second's mean message lag (received) and when it was. {} for a run without a timeline."""
+    line = [p for p in timeline if "error" not in p]
+    arriving = [p for p in line if p["t_s"] <= until_s] or line[:1]
+    if not arriving:
+        return {}
+    received = lambda p: p["scheduler_waits"].get("worker_message_lag_s", {}).get("received", {})      # noqa: E731
+    total = lambda p, name: (lambda w: w.get("count", 0) * w.get("mean_s", 0.0))(                   # noqa: E731
+        p["scheduler_waits"].get(name, {}).get("all", {}))
+    worst = max(line, key=lambda p: received(p).get("mean_s", 0.0))
+    n = len(arriving)
+    return {"scheduler_cpu": sum(p["cpu_share"].get("scheduler", 0.0) for p in arriving) / n,
+            "passes_per_s": sum(p["scheduler_waits"].get("dispatch_tick_s", {}).get("all", {}).get("count", 0)
+                                for p in arriving) / n,
+            "reader_idle_s_per_s": sum(total(p, "worker_reader_wait_s") for p in arriving) / n,
+            "worst_lag_s": received(worst).get("mean_s", 0.0), "worst_lag_at_s": worst["t_s"]}
+
+
 def rows(timeline: list[dict]) -> list[str]:
     """One line a second: time, CPU of scheduler and worker-0, queued and placed, the messages' lag by stage,
     tokens' and finishes' handling (ms), the seconds the workers' readers sat idle (summed over workers: near the

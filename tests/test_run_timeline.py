@@ -12,7 +12,7 @@ from prometheus_client import generate_latest, start_http_server
 from alise.v1 import worker_pb2 as wpb
 
 from bench.redis_commands import commands_during
-from bench.run_timeline import Reading, interval, read_gauges, rows, sample_timeline
+from bench.run_timeline import Reading, interval, read_gauges, rows, sample_timeline, while_arriving
 from bench.scheduler_waits import parse_scheduler_waits
 from services.common.local_stack import free_port
 from services.scheduler import metrics
@@ -89,3 +89,18 @@ def test_a_runs_redis_commands_are_the_differences_busiest_first_without_the_ben
              "info": {"calls": 2.0, "usec": 18.0}, "del": {"calls": 0.0, "usec": 0.0}}
     assert commands_during(before, after, requests=4) == {
         "evalsha": {"calls": 8, "usec": 800, "per_request": 2.0}, "get": {"calls": 4, "usec": 20, "per_request": 1.0}}
+
+
+def test_a_timeline_while_requests_arrive_in_a_few_numbers():
+    def second(t: float, cpu: float, passes: int, idle: float, lag: float) -> dict:
+        return {"t_s": t, "cpu_share": {"scheduler": cpu}, "placed": 1,
+                "scheduler_waits": {"dispatch_tick_s": {"all": {"count": passes, "mean_s": 0.01}},
+                                    "worker_reader_wait_s": {"all": {"count": 10, "mean_s": idle / 10}},
+                                    "worker_message_lag_s": {"received": {"count": 10, "mean_s": lag}}}}
+
+    line = [second(1.0, 0.5, 40, 0.9, 0.01), second(2.0, 1.1, 60, 0.3, 2.0), second(3.0, 0.2, 10, 1.0, 5.0),
+            {"t_s": 3.5, "error": "gone"}]
+    got = while_arriving(line, until_s=2.0)          # the third second came after the arrivals: its lag counts
+    assert got["scheduler_cpu"] == 0.8 and got["passes_per_s"] == 50
+    assert abs(got["reader_idle_s_per_s"] - 0.6) < 1e-9 and (got["worst_lag_s"], got["worst_lag_at_s"]) == (5.0, 3.0)
+    assert while_arriving([], 10.0) == {} and while_arriving([{"t_s": 1.0, "error": "x"}], 10.0) == {}

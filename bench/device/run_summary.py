@@ -7,6 +7,7 @@ device time against session 30's fitted cost, where its waits were, its latency,
 import json
 import sys
 
+from bench.run_timeline import while_arriving
 from bench.simulator.cost import IterationCost, load_cost
 
 COST = "docs/results/h100_chat_2026-12-06_s30/sim/cost_h100_s30.json"
@@ -18,6 +19,8 @@ def summary(path: str, cost: IterationCost) -> str:
     m, dev = s["made_of"], s["device_s"]
     model = cost.steps(m["decode_steps"], m["decode_rows"], 0, m["decode_context_tokens"], 0)
     lat = d["normalized_latency_s"]
+    arrivals_end_s = d["requests"] / d["request_rate"]
+    arriving = {k: round(v, 3) for k, v in while_arriving(d.get("timeline", []), arrivals_end_s).items()}
     return "\n".join((
         f"{path} decode steps {m['decode_steps']} rows/step {m['decode_rows'] / m['decode_steps']:.0f} "
         f"ctx/step {m['decode_context_tokens'] / m['decode_steps']:.0f} device/modelled {dev['decode'] / model:.4f} "
@@ -25,6 +28,7 @@ def summary(path: str, cost: IterationCost) -> str:
         f"admit {d['admit_s']['mean']:.3f} ttft {d['ttft_s']['mean']:.3f} ttft p99 {d['ttft_s']['p99']:.2f}",
         f"  scheduler's waits {d.get('scheduler_waits')} worker's {s.get('assignment_wait_s')}",
         f"  client's event-loop lag {d.get('client_loop_lag_s')}",
+        f"  timeline while arriving (bench/run_timeline.py) {arriving}",
         f"  cores {d['cpu_share']}"))
 
 
