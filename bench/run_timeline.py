@@ -13,22 +13,20 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from bench.process_cpu import cpu_share, process_cpu
-from bench.scheduler_waits import SchedulerWaits, parse_scheduler_waits
+from bench.scheduler_waits import SchedulerWaits, waits_of
 from bench.step_times import metrics_page
 
 GAUGES = {"alise:num_requests_queued": "queued", "alise:num_requests_placed": "placed"}
 PERIOD_S = 1.0
 
 
-def read_gauges(text: str) -> dict[str, float]:
-    """The scheduler's queued and placed jobs now, from its /metrics page (summed over models)."""
+def read_page(text: str) -> tuple[SchedulerWaits, dict[str, float]]:
+    """The scheduler's waits so far and its queued and placed jobs now (summed over models), from one parse of its
+    /metrics page."""
     from prometheus_client.parser import text_string_to_metric_families     # as bench.step_times: loaded lazily
 
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name in GAUGES:
-            out[GAUGES[family.name]] = sum(s.value for s in family.samples)
-    return out
+    families = list(text_string_to_metric_families(text))
+    return waits_of(families), {GAUGES[f.name]: sum(s.value for s in f.samples) for f in families if f.name in GAUGES}
 
 
 class Reading(NamedTuple):
@@ -42,7 +40,7 @@ def reading(stack) -> Reading:
     """One point of the timeline: /proc and the scheduler's /metrics page, read and parsed (in a thread: the
     client's event loop sends the run's requests meanwhile)."""
     page = metrics_page(stack.scheduler_metrics_port)
-    return Reading(time.monotonic(), process_cpu(stack), parse_scheduler_waits(page), read_gauges(page))
+    return Reading(time.monotonic(), process_cpu(stack), *read_page(page))
 
 
 def interval(start: float, earlier: Reading, later: Reading) -> dict:
@@ -67,6 +65,16 @@ async def sample_timeline(stack, sink: Callable[[dict], None], period_s: float =
         sink({"t_s": round(time.monotonic() - start, 3), "error": repr(e)})
 
 
+def part(p: dict, metric: str, label: str = "all") -> dict:
+    """One interval's {"count", "mean_s"} of a scheduler wait (bench/scheduler_waits.py names), {} if none."""
+    return p["scheduler_waits"].get(metric, {}).get(label, {})
+
+
+def seconds(w: dict) -> float:
+    """The seconds a wait's observations add up to."""
+    return w.get("count", 0) * w.get("mean_s", 0.0)
+
+
 def while_arriving(timeline: list[dict], until_s: float) -> dict:
     """A run's timeline in a few numbers: while its requests arrived (the intervals ending by until_s) the
     scheduler's mean CPU share, dispatch passes a second and its readers' idle seconds a second; over the whole run
@@ -75,16 +83,13 @@ def while_arriving(timeline: list[dict], until_s: float) -> dict:
     arriving = [p for p in line if p["t_s"] <= until_s] or line[:1]
     if not arriving:
         return {}
-    received = lambda p: p["scheduler_waits"].get("worker_message_lag_s", {}).get("received", {})      # noqa: E731
-    total = lambda p, name: (lambda w: w.get("count", 0) * w.get("mean_s", 0.0))(                   # noqa: E731
-        p["scheduler_waits"].get(name, {}).get("all", {}))
-    worst = max(line, key=lambda p: received(p).get("mean_s", 0.0))
+    lag = lambda p: part(p, "worker_message_lag_s", "received").get("mean_s", 0.0)      # noqa: E731
+    worst = max(line, key=lag)
     n = len(arriving)
     return {"scheduler_cpu": sum(p["cpu_share"].get("scheduler", 0.0) for p in arriving) / n,
-            "passes_per_s": sum(p["scheduler_waits"].get("dispatch_tick_s", {}).get("all", {}).get("count", 0)
-                                for p in arriving) / n,
-            "reader_idle_s_per_s": sum(total(p, "worker_reader_wait_s") for p in arriving) / n,
-            "worst_lag_s": received(worst).get("mean_s", 0.0), "worst_lag_at_s": worst["t_s"]}
+            "passes_per_s": sum(part(p, "dispatch_tick_s").get("count", 0) for p in arriving) / n,
+            "reader_idle_s_per_s": sum(seconds(part(p, "worker_reader_wait_s")) for p in arriving) / n,
+            "worst_lag_s": lag(worst), "worst_lag_at_s": worst["t_s"]}
 
 
 def rows(timeline: list[dict]) -> list[str]:
@@ -98,18 +103,14 @@ def rows(timeline: list[dict]) -> list[str]:
         if "error" in p:
             out.append(f"{p['t_s']:5.1f} the timeline ended: {p['error']}")
             continue
-        waits = p.get("scheduler_waits", {})
-        lag = waits.get("worker_message_lag_s", {})
-        handling = waits.get("worker_message_handling_s", {})
-        idle = waits.get("worker_reader_wait_s", {}).get("all", {})
-        ticks = waits.get("dispatch_tick_s", {}).get("all", {})
-        mean = lambda part, key: part.get(key, {}).get("mean_s", float("nan"))      # noqa: E731
+        mean = lambda metric, label="all": part(p, metric, label).get("mean_s", float("nan"))      # noqa: E731
+        lag, handling = "worker_message_lag_s", "worker_message_handling_s"
         out.append(f"{p['t_s']:5.1f} {p['cpu_share'].get('scheduler', 0):6.2f} {p['cpu_share'].get('worker-0', 0):6.2f}"
-                   f" {p.get('queued', 0):6.0f} {p.get('placed', 0):6.0f} {lag.get('received', {}).get('count', 0):5d}"
-                   f" {mean(lag, 'outbox'):9.3f} {mean(lag, 'received'):8.3f} {mean(lag, 'handled'):8.3f}"
-                   f" {1e3 * mean(handling, 'tokens'):8.1f} {1e3 * mean(handling, 'finished'):6.1f}"
-                   f" {idle.get('count', 0) * idle.get('mean_s', 0):5.2f}"
-                   f" {ticks.get('count', 0):5d} {1e3 * ticks.get('mean_s', float('nan')):7.2f}")
+                   f" {p.get('queued', 0):6.0f} {p.get('placed', 0):6.0f}"
+                   f" {part(p, lag, 'received').get('count', 0):5d} {mean(lag, 'outbox'):9.3f}"
+                   f" {mean(lag, 'received'):8.3f} {mean(lag, 'handled'):8.3f} {1e3 * mean(handling, 'tokens'):8.1f}"
+                   f" {1e3 * mean(handling, 'finished'):6.1f} {seconds(part(p, 'worker_reader_wait_s')):5.2f}"
+                   f" {part(p, 'dispatch_tick_s').get('count', 0):5d} {1e3 * mean('dispatch_tick_s'):7.2f}")
     return out
 
 

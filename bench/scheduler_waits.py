@@ -46,8 +46,13 @@ class SchedulerWaits:
 def parse_scheduler_waits(text: str) -> SchedulerWaits:
     from prometheus_client.parser import text_string_to_metric_families    # as bench.step_times: the CLI loads lazily
 
+    return waits_of(text_string_to_metric_families(text))
+
+
+def waits_of(families) -> SchedulerWaits:
+    """The waits among a /metrics page's parsed families."""
     sums = []
-    for family in text_string_to_metric_families(text):
+    for family in families:
         if family.name in WAIT_METRICS:
             sums += [((family.name, value, part), v)
                      for (value, part), v in histogram_label_sums(family, WAIT_METRICS[family.name][0]).items()]

@@ -256,8 +256,7 @@ async def measure_together(a: argparse.Namespace, stacks: list, rate: float, pri
         await asyncio.gather(*(run(prime, t, rate=math.inf, burstiness=1.0, seed=a.seed, max_concurrency=0,
                                    ignore_eos=a.ignore_eos, label=f"prime-{i}", progress=False)
                                for i, t in enumerate(targets)))
-    before = [(process_cpu(s), worker_steps(s), scheduler_waits(s)) for s in stacks]
-    redis_before = [redis_commands(s) for s in stacks]
+    before = [(process_cpu(s), worker_steps(s), scheduler_waits(s), redis_commands(s)) for s in stacks]
     client_lags: list[float] = []        # the client's own event loop (one for every stack): a slow client shows here
     watcher = asyncio.create_task(watch_loop_lag(client_lags.append))
     timelines: list[list[dict]] = [[] for _ in stacks]     # each stack's run second by second (bench/run_timeline.py)
@@ -271,14 +270,14 @@ async def measure_together(a: argparse.Namespace, stacks: list, rate: float, pri
         for task in (watcher, *samplers):
             task.cancel()
     out = []
-    for stack, target, (cpu_before, steps_before, waits_before), (results, duration), timeline, commands_before in zip(
-            stacks, targets, before, measures, timelines, redis_before):
+    for stack, target, (cpu_before, steps_before, waits_before, commands_before), (results, duration), timeline in zip(
+            stacks, targets, before, measures, timelines):
         extras = {"cpu_share": cpu_share(cpu_before, process_cpu(stack), duration),  # one at a full core limits a run
                   "step_times": steps_during(steps_before, worker_steps(stack)),
                   "scheduler_waits": waits_during(waits_before, scheduler_waits(stack)),
                   "client_loop_lag_s": lag_summary(client_lags),
                   "cpus": process_cpus(stack), "timeline": timeline,
-                  "redis_commands": redis_commands(stack, commands_before, len(results))}
+                  "redis_commands": commands_between(commands_before, redis_commands(stack), len(results))}
         try:
             extras["workers"] = await worker_loads(target)   # what the scheduler learned of them (the simulator's cost)
         except Exception as e:  # noqa: BLE001 - the run's results matter more than this extra
@@ -293,16 +292,19 @@ def lag_summary(lags: list[float]) -> dict:
     return {"count": len(lags), **distribution(lags, [99]), **({"max": max(lags)} if lags else {})}
 
 
-def redis_commands(stack, before: dict | None = None, requests: int = 0) -> dict:
-    """The stack's Redis commands so far (before=None), or since `before` per command (bench/redis_commands.py); an
-    unreadable Redis as its error (the run matters more)."""
+def redis_commands(stack) -> "dict | Exception":
+    """The stack's Redis commands so far, by command (an unreadable Redis as its error: the run matters more)."""
     try:
-        now = read_commandstats(stack.redis_url)
+        return read_commandstats(stack.redis_url)
     except Exception as e:  # noqa: BLE001 - reported in the run's JSON instead
-        return {"error": repr(e)}
-    if before is None:
-        return now
-    return {"error": before["error"]} if "error" in before else commands_during(before, now, requests)
+        return e
+
+
+def commands_between(before: "dict | Exception", after: "dict | Exception", requests: int) -> dict:
+    """The Redis commands between two readings (bench/redis_commands.py), or what kept them from being read."""
+    if isinstance(before, Exception) or isinstance(after, Exception):
+        return {"error": repr(before if isinstance(before, Exception) else after)}
+    return commands_during(before, after, requests)
 
 
 def worker_steps(stack) -> dict[str, "StepHistogram | Exception"]:

@@ -93,10 +93,12 @@ def test_a_small_sweep_on_live_stacks_writes_runs_figures_and_report(tmp_path, m
             assert summary["scheduler_waits"]["worker_reader_wait_s"]["all"]["count"] >= 8, summary["scheduler_waits"]
             # and its dispatch loop's passes (admissions, finishes, the periodic pass; at least dispatch_gap_s apart)
             assert summary["scheduler_waits"]["dispatch_tick_s"]["all"]["count"] >= 4, summary["scheduler_waits"]
-            # and the run second by second (bench/run_timeline.py): however many seconds it lasted, in order
+            # and the run second by second (bench/run_timeline.py): a reading a second or so, none failed
             line = summary["timeline"]
-            assert [p["t_s"] for p in line] == sorted(p["t_s"] for p in line), line
+            assert len(line) >= summary["duration_s"] // 2 - 1 and not any("error" in p for p in line), line
             assert all(p["cpu_share"]["scheduler"] >= 0 and p["placed"] >= 0 for p in line), line
+            # and the Redis commands the run took: the tokens' append script among them
+            assert summary["redis_commands"]["evalsha"]["calls"] >= 4, summary["redis_commands"]
             client_lag = summary["client_loop_lag_s"]
             assert client_lag["count"] >= 2 and 0 <= client_lag["mean"] <= client_lag["max"], client_lag
             # and the scheduler's sample of those steps, that bench.simulator.calibrate --from-runs fits a cost to

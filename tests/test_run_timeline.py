@@ -12,8 +12,7 @@ from prometheus_client import generate_latest, start_http_server
 from alise.v1 import worker_pb2 as wpb
 
 from bench.redis_commands import commands_during
-from bench.run_timeline import Reading, interval, read_gauges, rows, sample_timeline, while_arriving
-from bench.scheduler_waits import parse_scheduler_waits
+from bench.run_timeline import Reading, interval, read_page, rows, sample_timeline, while_arriving
 from services.common.local_stack import free_port
 from services.scheduler import metrics
 
@@ -24,7 +23,7 @@ def page() -> str:
 
 def read(at: float, cpu: dict[str, float]) -> Reading:
     text = page()
-    return Reading(at, cpu, parse_scheduler_waits(text), read_gauges(text))
+    return Reading(at, cpu, *read_page(text))
 
 
 def test_an_interval_holds_what_the_scheduler_did_between_two_readings_only():
